@@ -1,0 +1,960 @@
+"""The cluster's persistent store: users, roles, resources, locks and audit.
+
+Theory of operation
+-------------------
+One SQLite file in the cluster's state directory, opened by the server and,
+at the same time, by ``wicket-cluster`` CLI commands. So:
+
+* WAL journal: readers never block the writer and vice versa; with
+  ``synchronous=NORMAL`` a commit is an append to the WAL (durable across a
+  process crash; the last commits may be lost on power loss, which is the
+  usual trade for a WAL store).
+* ``busy_timeout`` of 5 s: when both processes write at once, one waits
+  instead of failing. Every write opens with ``BEGIN IMMEDIATE`` so the write
+  lock is taken up front; a read-then-upgrade transaction could instead fail
+  with SQLITE_BUSY without waiting at all.
+* The API is synchronous. The async server calls it through
+  ``trio.to_thread.run_sync`` behind a ``CapacityLimiter(1)``; the single
+  connection is opened with ``check_same_thread=False`` and every method holds
+  an internal lock, so the object is also safe from several threads.
+* Transactions are explicit (the connection is in autocommit mode), so
+  Python's sqlite3 module never opens or commits one behind our back.
+
+The file holds password hashes and TOTP secrets, so it is created 0600 and an
+existing file readable by others is refused (as the CA keys are). SQLite
+creates ``-wal`` and ``-shm`` with the mode of the database file. No umask is
+touched: it is process-wide, and other threads may be creating files.
+
+Schema changes are :data:`MIGRATIONS`, applied in order inside one
+transaction when the file is opened; the version is ``PRAGMA user_version``.
+
+Change detection. The server caches locks, roles, resources and users and
+must notice a lock written by the CLI within about two seconds. It polls
+:meth:`Store.change_counter` every half second: a counter in the ``meta``
+table that triggers bump on every write to those four tables, whichever
+process made it. Triggers rather than code, so no write path can forget.
+(Audit writes and TOTP step updates do not bump it: they happen at every
+login and would make every poller reload.) Read the counter *before*
+reloading: a change that lands in between is then just picked up again on the
+next tick. :meth:`Store.data_version` is SQLite's even cheaper "did another
+connection commit anything" number, useful as a pre-check.
+
+The store never sees a plaintext password: it takes encoded hashes only, and
+refuses a value that does not look like one. Secrets stay out of reprs and
+error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import attrs
+
+__all__ = [
+    "AlreadyExists",
+    "AuditEvent",
+    "Lock",
+    "MIGRATIONS",
+    "NotFound",
+    "Resource",
+    "RoleRecord",
+    "SchemaTooNew",
+    "Store",
+    "StoreError",
+    "User",
+    "validate_name",
+]
+
+log = logging.getLogger(__name__)
+
+Source = Literal["config", "cli"]
+_SOURCES = ("config", "cli")
+
+_BUSY_TIMEOUT_S = 5.0
+_PRUNE_BATCH = 10_000
+_MAX_QUERY_LIMIT = 100_000
+_MAX_AUDIT_FIELDS_BYTES = 256 * 1024
+_MAX_TEXT = 1024
+
+
+# --- errors --------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (I/O, corruption, concurrency)."""
+
+
+class AlreadyExists(StoreError):
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"{kind} {name!r} already exists")
+        self.kind = kind
+        self.name = name
+
+
+class NotFound(StoreError):
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"{kind} {name!r} does not exist")
+        self.kind = kind
+        self.name = name
+
+
+class SchemaTooNew(StoreError):
+    def __init__(self, path: Path, found: int, known: int) -> None:
+        super().__init__(
+            f"{path} has schema version {found}, but this wicket knows only up to "
+            f"version {known}: upgrade wicket (a newer version wrote this file)"
+        )
+        self.path = path
+        self.found = found
+        self.known = known
+
+
+# --- validation ----------------------------------------------------------------
+
+# Names of users, roles and resources. Starting with a letter or digit keeps
+# '.', '..' and '-flag' look-alikes out (names end up in paths and CLI args).
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
+_KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}", re.ASCII)
+_LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", re.ASCII)
+_EVENT_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*", re.ASCII)
+_EVENT_PREFIX_RE = re.compile(r"[a-z0-9_.]*", re.ASCII)
+_FIELD_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}", re.ASCII)
+_ADDRESS_RE = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})", re.ASCII
+)
+
+
+def validate_name(kind: str, value: object) -> str:
+    """Return *value* if it is a valid user/role/resource name, else raise ValueError.
+
+    1 to 64 characters of ``[a-z0-9._-]``, starting with a letter or digit.
+    """
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise ValueError(
+            f"invalid {kind} name {value!r}: use 1-64 characters of a-z 0-9 . _ - "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _check_text(what: str, value: object, *, max_len: int = _MAX_TEXT, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if len(value) > max_len or (not value and not empty):
+        raise ValueError(f"{what} must be {0 if empty else 1} to {max_len} characters")
+    return value
+
+
+def _check_time(what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite epoch time in seconds")
+    return float(value)
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else _check_time("now", now)
+
+
+def _check_source(value: object) -> str:
+    if value not in _SOURCES:
+        raise ValueError(f"source must be 'config' or 'cli', not {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_roles(roles: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(roles, str):  # a lone string would iterate into letters
+        raise TypeError("roles must be a list of role names, not a string")
+    out = tuple(validate_name("role", r) for r in roles)
+    if len(set(out)) != len(out):
+        raise ValueError("roles must not repeat")
+    return out
+
+
+def _check_password_hash(value: object) -> str:
+    # A guard against a caller passing the password itself: never echo it.
+    if not isinstance(value, str) or not value.startswith("$argon2id$") or len(value) > 512:
+        raise ValueError(
+            "password_hash must be an encoded Argon2id hash (see passwords.hash_password)"
+        )
+    return value
+
+
+def _check_totp_secret(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or not 16 <= len(value) <= 64:
+        raise ValueError("totp_secret must be 16 to 64 bytes")
+    return value
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: object) -> str:
+    # Canonical form (sorted, compact) so equal content is equal text: the
+    # put_* upserts compare text to skip no-op writes.
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+        allow_nan=False, default=_json_default,
+    )
+
+
+def _audit_json_default(value: object) -> object:
+    # An audit event is worth more than strict typing: an odd value (a Path,
+    # an enum, a datetime) is recorded as its str() rather than lost.
+    return dict(value) if isinstance(value, Mapping) else str(value)
+
+
+def _freeze_spec(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only private copy of a JSON object (errors early if not JSON)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"spec must be a mapping, not {type(value).__name__}")
+    try:
+        copy = json.loads(_dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"spec must be JSON-serialisable: {exc}") from None
+    return MappingProxyType(copy)
+
+
+def _freeze_labels(value: Mapping[str, str]) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"labels must be a mapping, not {type(value).__name__}")
+    for key, val in value.items():
+        if not isinstance(key, str) or _LABEL_KEY_RE.fullmatch(key) is None:
+            raise ValueError(f"invalid label key {key!r}: 1-63 characters of A-Z a-z 0-9 . _ / -")
+        if not isinstance(val, str) or len(val) > 256:
+            raise ValueError(f"label {key!r} must have a string value of at most 256 characters")
+    return MappingProxyType(dict(value))
+
+
+def _check_address(_inst: object, _attr: object, value: object) -> None:
+    match = _ADDRESS_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise ValueError(f"invalid address {value!r}: expected host:port or [ipv6]:port")
+
+
+# --- records -------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class User:
+    name: str = attrs.field(validator=lambda _i, _a, v: validate_name("user", v))
+    roles: tuple[str, ...] = attrs.field(converter=tuple)
+    created_at: float
+    password_hash: str = attrs.field(repr=False)
+    totp_secret: bytes | None = attrs.field(default=None, repr=False)
+    # The step of the last accepted TOTP code (replay protection).
+    totp_last_step: int | None = None
+    # Derived from totp_secret; a field (not a property) so it shows in reprs.
+    totp_enrolled: bool = attrs.field(
+        default=attrs.Factory(lambda self: self.totp_secret is not None, takes_self=True)
+    )
+
+    @totp_enrolled.validator
+    def _check_enrolled(self, _attr: object, value: bool) -> None:
+        if value != (self.totp_secret is not None):
+            raise ValueError("totp_enrolled must match whether totp_secret is set")
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class RoleRecord:
+    """A role as stored. The spec is opaque here; the RBAC code interprets it."""
+
+    name: str = attrs.field(validator=lambda _i, _a, v: validate_name("role", v))
+    # Read-only view; dict(record.spec) gives a plain dict.
+    spec: Mapping[str, Any] = attrs.field(converter=_freeze_spec, hash=False)
+    source: Source = attrs.field(validator=lambda _i, _a, v: _check_source(v))
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Resource:
+    """Something behind the cluster that users dial (a database, an SSH host)."""
+
+    name: str = attrs.field(validator=lambda _i, _a, v: validate_name("resource", v))
+    kind: str = attrs.field(
+        validator=attrs.validators.matches_re(_KIND_RE)  # e.g. 'tcp', 'postgres', 'ssh'
+    )
+    address: str = attrs.field(validator=_check_address)
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_labels, hash=False)
+    spec: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_spec, hash=False)
+    source: Source = attrs.field(default="cli", validator=lambda _i, _a, v: _check_source(v))
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Lock:
+    user: str
+    reason: str
+    created_by: str
+    created_at: float
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class AuditEvent:
+    id: int
+    time: float
+    event: str
+    user: str | None
+    fields: Mapping[str, Any] = attrs.field(converter=_freeze_spec, hash=False)
+
+
+# --- schema --------------------------------------------------------------------
+
+_JSON_OBJECT = "CHECK (json_valid({col}) AND json_type({col}) = 'object')"
+
+
+def _counter_triggers(table: str, update_of: str | None = None) -> tuple[str, ...]:
+    bump = "UPDATE meta SET value = value + 1 WHERE key = 'change_counter';"
+    update = f"UPDATE OF {update_of}" if update_of else "UPDATE"
+    return tuple(
+        f"CREATE TRIGGER {table}_{name}_bump AFTER {op} ON {table} BEGIN {bump} END"
+        for name, op in (("insert", "INSERT"), ("update", update), ("delete", "DELETE"))
+    )
+
+
+# MIGRATIONS[i] takes the schema from version i to i + 1. Append-only: a
+# released migration is never edited, or existing files and new ones diverge.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
+        "INSERT INTO meta (key, value) VALUES ('change_counter', 0)",
+        """CREATE TABLE users (
+            name           TEXT PRIMARY KEY NOT NULL,
+            password_hash  TEXT NOT NULL,
+            totp_secret    BLOB,
+            totp_last_step INTEGER,
+            roles          TEXT NOT NULL DEFAULT '[]'
+                           CHECK (json_valid(roles) AND json_type(roles) = 'array'),
+            created_at     REAL NOT NULL
+        )""",
+        f"""CREATE TABLE roles (
+            name       TEXT PRIMARY KEY NOT NULL,
+            spec       TEXT NOT NULL {_JSON_OBJECT.format(col="spec")},
+            source     TEXT NOT NULL CHECK (source IN ('config', 'cli')),
+            updated_at REAL NOT NULL
+        )""",
+        f"""CREATE TABLE resources (
+            name       TEXT PRIMARY KEY NOT NULL,
+            kind       TEXT NOT NULL,
+            address    TEXT NOT NULL,
+            labels     TEXT NOT NULL {_JSON_OBJECT.format(col="labels")},
+            spec       TEXT NOT NULL {_JSON_OBJECT.format(col="spec")},
+            source     TEXT NOT NULL CHECK (source IN ('config', 'cli')),
+            updated_at REAL NOT NULL
+        )""",
+        # No foreign key to users: a lock may name an identity that has no
+        # local password row (a bot, a future SSO user), and it must survive
+        # the user being deleted and re-created.
+        """CREATE TABLE locks (
+            user_name  TEXT PRIMARY KEY NOT NULL,
+            reason     TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        # AUTOINCREMENT: ids are never reused after pruning, so a reader
+        # tailing by id never sees an old id come back with a new event.
+        f"""CREATE TABLE audit (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            time      REAL NOT NULL,
+            event     TEXT NOT NULL,
+            user_name TEXT,
+            fields    TEXT NOT NULL DEFAULT '{{}}' {_JSON_OBJECT.format(col="fields")}
+        )""",
+        "CREATE INDEX audit_time ON audit (time)",
+        "CREATE INDEX audit_user_time ON audit (user_name, time)",
+        "CREATE INDEX audit_event_time ON audit (event, time)",
+        # The login rate limiter counts recent failures per client host (the
+        # address without the port, which changes with every connection).
+        "CREATE INDEX audit_event_client_host_time"
+        " ON audit (event, json_extract(fields, '$.client_host'), time)",
+        # totp_last_step moves at every TOTP login and is not cached: excluded.
+        *_counter_triggers("users", "name, password_hash, totp_secret, roles"),
+        *_counter_triggers("roles"),
+        *_counter_triggers("resources"),
+        *_counter_triggers("locks"),
+    ),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    latest = len(MIGRATIONS)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > latest:
+        raise SchemaTooNew(path, version, latest)
+    if version == latest:
+        return  # the common case: no write lock taken
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the write lock: another process may have just migrated.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > latest:
+            raise SchemaTooNew(path, version, latest)
+        for index in range(version, latest):
+            for statement in MIGRATIONS[index]:
+                conn.execute(statement)
+        # user_version lives in the file header, which is part of the transaction.
+        conn.execute(f"PRAGMA user_version = {int(latest)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if version < latest:
+        log.info("store migrated path=%s from_version=%d to_version=%d", path, version, latest)
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the database file 0600, or check an existing one is private."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for candidate in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            try:
+                mode = stat.S_IMODE(candidate.stat().st_mode)
+            except FileNotFoundError:
+                continue
+            if mode & 0o077:
+                raise StoreError(
+                    f"{candidate} is accessible by other users (mode {mode:o}) and holds "
+                    f"password hashes; run: chmod 600 {candidate}"
+                ) from None
+        return
+    except FileNotFoundError:
+        raise StoreError(f"cannot create {path}: directory {path.parent} does not exist") from None
+    except OSError as exc:
+        raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # exact, whatever the umask removed
+    finally:
+        os.close(fd)
+
+
+# --- row conversion ------------------------------------------------------------
+
+
+def _user(row: sqlite3.Row) -> User:
+    return User(
+        name=row["name"],
+        roles=json.loads(row["roles"]),
+        created_at=row["created_at"],
+        password_hash=row["password_hash"],
+        totp_secret=row["totp_secret"],
+        totp_last_step=row["totp_last_step"],
+    )
+
+
+def _role(row: sqlite3.Row) -> RoleRecord:
+    return RoleRecord(name=row["name"], spec=json.loads(row["spec"]), source=row["source"])
+
+
+def _resource(row: sqlite3.Row) -> Resource:
+    return Resource(
+        name=row["name"], kind=row["kind"], address=row["address"],
+        labels=json.loads(row["labels"]), spec=json.loads(row["spec"]), source=row["source"],
+    )
+
+
+def _lock(row: sqlite3.Row) -> Lock:
+    return Lock(
+        user=row["user_name"], reason=row["reason"],
+        created_by=row["created_by"], created_at=row["created_at"],
+    )
+
+
+def _audit(row: sqlite3.Row) -> AuditEvent:
+    return AuditEvent(
+        id=row["id"], time=row["time"], event=row["event"],
+        user=row["user_name"], fields=json.loads(row["fields"]),
+    )
+
+
+# --- the store -----------------------------------------------------------------
+
+
+class Store:
+    """A handle on the cluster's SQLite store. Create with :meth:`Store.open`.
+
+    Methods raise :class:`StoreError` (or a subclass) for store problems and
+    ValueError/TypeError for invalid arguments. Every ``now`` defaults to the
+    current time; tests pass it explicitly.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._path = path
+        self._mutex = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (creating and migrating if needed) the store at *path*."""
+        path = Path(path)
+        _prepare_file(path)
+        try:
+            conn = sqlite3.connect(
+                str(path), timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from None
+        try:
+            conn.row_factory = sqlite3.Row
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(
+                    f"{path}: cannot use WAL journal mode (got {mode!r}); "
+                    "put the state directory on a local file system"
+                )
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            _migrate(conn, path)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot open {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"<Store {str(self._path)!r} {state}>"
+
+    # -- plumbing --
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._mutex:
+            conn = self._live()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self._path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding SQLite's write lock from the start."""
+        with self._mutex:
+            conn = self._live()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self._path}: {exc}") from exc
+
+    def _live(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"store {self._path} is closed")
+        return self._conn
+
+    # -- change detection --
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: differs between two calls iff
+        another connection (another Store, another process) committed in
+        between. This connection's own commits do not change it."""
+        with self._read() as conn:
+            return conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def change_counter(self) -> int:
+        """A number that grows with every committed change to users, roles,
+        resources or locks, from any connection (one indexed row read)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'change_counter'").fetchone()
+            return row[0]
+
+    # -- users --
+
+    def add_user(
+        self,
+        name: str,
+        password_hash: str,
+        roles: Iterable[str] = (),
+        totp_secret: bytes | None = None,
+        now: float | None = None,
+    ) -> User:
+        """Create a user; raise :class:`AlreadyExists` if the name is taken."""
+        user = User(
+            name=validate_name("user", name),
+            roles=_check_roles(roles),
+            created_at=_now(now),
+            password_hash=_check_password_hash(password_hash),
+            totp_secret=_check_totp_secret(totp_secret),
+        )
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO users (name, password_hash, totp_secret, roles, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (user.name, user.password_hash, user.totp_secret, _dumps(list(user.roles)),
+                     user.created_at),
+                )
+            except sqlite3.IntegrityError as exc:
+                # Only the primary key means "taken"; any other constraint
+                # failure is a real error and is reported as one.
+                if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise
+                raise AlreadyExists("user", name) from None
+        return user
+
+    def get_user(self, name: str) -> User | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _user(row)
+
+    def list_users(self) -> list[User]:
+        with self._read() as conn:
+            return [_user(r) for r in conn.execute("SELECT * FROM users ORDER BY name")]
+
+    def _update_user(self, name: str, assignments: str, params: tuple[Any, ...]) -> None:
+        with self._write() as conn:
+            cursor = conn.execute(f"UPDATE users SET {assignments} WHERE name = ?", (*params, name))
+            if cursor.rowcount == 0:
+                raise NotFound("user", name)
+
+    def set_user_roles(self, name: str, roles: Iterable[str]) -> None:
+        self._update_user(name, "roles = ?", (_dumps(list(_check_roles(roles))),))
+
+    def set_password_hash(self, name: str, password_hash: str) -> None:
+        self._update_user(name, "password_hash = ?", (_check_password_hash(password_hash),))
+
+    def set_totp_secret(self, name: str, totp_secret: bytes | None) -> None:
+        """Enrol (or with None, un-enrol) TOTP; forgets the last accepted step."""
+        self._update_user(
+            name, "totp_secret = ?, totp_last_step = NULL", (_check_totp_secret(totp_secret),)
+        )
+
+    def set_totp_last_step(self, name: str, step: int) -> bool:
+        """Record *step* as the last accepted TOTP step, only if it is newer.
+
+        Returns False if the stored step is already >= *step*: another login
+        (perhaps in another cluster process) accepted this code first, and
+        this login must be refused. The compare-and-set is one SQL statement,
+        so two processes cannot both win.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError("TOTP step must be a non-negative integer")
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE users SET totp_last_step = ?"
+                " WHERE name = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+                (step, name, step),
+            )
+            if cursor.rowcount:
+                return True
+            if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound("user", name)
+            return False
+
+    def delete_user(self, name: str) -> bool:
+        """Delete a user; False if there was none. Any lock on the name stays."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+
+    # -- roles --
+
+    def put_role(
+        self, name: str, spec: Mapping[str, Any], source: Source, now: float | None = None
+    ) -> bool:
+        """Create or replace a role; True if anything changed.
+
+        Writing identical content is a no-op (no change_counter bump), so
+        syncing roles from the config file at every start does not make every
+        server process reload.
+        """
+        role = RoleRecord(name=name, spec=spec, source=source)
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO roles (name, spec, source, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                "   spec = excluded.spec, source = excluded.source,"
+                "   updated_at = excluded.updated_at"
+                " WHERE spec IS NOT excluded.spec OR source IS NOT excluded.source",
+                (role.name, _dumps(role.spec), role.source, _now(now)),
+            )
+            return cursor.rowcount > 0
+
+    def get_role(self, name: str) -> RoleRecord | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM roles WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _role(row)
+
+    def list_roles(self) -> list[RoleRecord]:
+        with self._read() as conn:
+            return [_role(r) for r in conn.execute("SELECT * FROM roles ORDER BY name")]
+
+    def delete_role(self, name: str) -> bool:
+        """Delete a role; False if there was none. Users naming it keep the
+        name (an unknown role grants nothing)."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM roles WHERE name = ?", (name,)).rowcount > 0
+
+    # -- resources --
+
+    def put_resource(self, resource: Resource, now: float | None = None) -> bool:
+        """Create or replace a resource; True if anything changed (see put_role)."""
+        if not isinstance(resource, Resource):
+            raise TypeError(f"expected a Resource, not {type(resource).__name__}")
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO resources (name, kind, address, labels, spec, source, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                "   kind = excluded.kind, address = excluded.address, labels = excluded.labels,"
+                "   spec = excluded.spec, source = excluded.source,"
+                "   updated_at = excluded.updated_at"
+                " WHERE kind IS NOT excluded.kind OR address IS NOT excluded.address"
+                "   OR labels IS NOT excluded.labels OR spec IS NOT excluded.spec"
+                "   OR source IS NOT excluded.source",
+                (resource.name, resource.kind, resource.address, _dumps(resource.labels),
+                 _dumps(resource.spec), resource.source, _now(now)),
+            )
+            return cursor.rowcount > 0
+
+    def get_resource(self, name: str) -> Resource | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM resources WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _resource(row)
+
+    def list_resources(self, kind: str | None = None) -> list[Resource]:
+        with self._read() as conn:
+            if kind is None:
+                rows = conn.execute("SELECT * FROM resources ORDER BY name")
+            else:
+                rows = conn.execute("SELECT * FROM resources WHERE kind = ? ORDER BY name", (kind,))
+            return [_resource(r) for r in rows]
+
+    def delete_resource(self, name: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM resources WHERE name = ?", (name,)).rowcount > 0
+
+    # -- locks --
+
+    def lock_user(self, user: str, reason: str, created_by: str, now: float | None = None) -> Lock:
+        """Lock *user* out (new logins and, via the poller, live sessions).
+
+        Locking an already locked user replaces the reason, author and time:
+        the newest decision is the one an operator wants to read.
+        """
+        lock = Lock(
+            user=validate_name("user", user),
+            reason=_check_text("lock reason", reason, empty=True),
+            created_by=_check_text("lock created_by", created_by, max_len=256),
+            created_at=_now(now),
+        )
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO locks (user_name, reason, created_by, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user_name) DO UPDATE SET reason = excluded.reason,"
+                "   created_by = excluded.created_by, created_at = excluded.created_at",
+                (lock.user, lock.reason, lock.created_by, lock.created_at),
+            )
+        return lock
+
+    def unlock_user(self, user: str) -> bool:
+        """Remove a lock; False if the user was not locked."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM locks WHERE user_name = ?", (user,)).rowcount > 0
+
+    def get_lock(self, user: str) -> Lock | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM locks WHERE user_name = ?", (user,)).fetchone()
+        return None if row is None else _lock(row)
+
+    def list_locks(self) -> list[Lock]:
+        with self._read() as conn:
+            return [_lock(r) for r in conn.execute("SELECT * FROM locks ORDER BY user_name")]
+
+    # -- audit --
+
+    def append_audit(
+        self,
+        event: str,
+        user: str | None,
+        fields: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Append an audit event; return its id.
+
+        *event* is dotted lower case (``login.failed``). *user* is free text
+        up to 256 characters (a failed login may name a user that does not
+        exist); the caller keeps secrets out of *fields*.
+        """
+        if not isinstance(event, str) or len(event) > 64 or _EVENT_RE.fullmatch(event) is None:
+            raise ValueError(f"invalid audit event name {event!r}: expected e.g. 'login.failed'")
+        if user is not None:
+            _check_text("audit user", user, max_len=256)
+        if fields is not None and not isinstance(fields, Mapping):
+            raise TypeError(f"audit fields must be a mapping, not {type(fields).__name__}")
+        try:
+            text = json.dumps(
+                dict(fields or {}), separators=(",", ":"), ensure_ascii=False,
+                allow_nan=False, default=_audit_json_default,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"audit fields for {event} are not JSON-serialisable: {exc}") from None
+        if len(text.encode("utf-8")) > _MAX_AUDIT_FIELDS_BYTES:
+            raise ValueError(
+                f"audit fields for {event} exceed {_MAX_AUDIT_FIELDS_BYTES} bytes; truncate them"
+            )
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO audit (time, event, user_name, fields) VALUES (?, ?, ?, ?)",
+                (_now(now), event, user, text),
+            )
+            return cursor.lastrowid
+
+    @staticmethod
+    def _audit_filters(
+        *,
+        since: float | None,
+        user: str | None,
+        event: str | None = None,
+        event_prefix: str | None = None,
+        field: tuple[str, str | int] | None = None,
+        after_id: int | None = None,
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            clauses.append("time >= ?")
+            params.append(_check_time("since", since))
+        if user is not None:
+            clauses.append("user_name = ?")
+            params.append(user)
+        if event is not None:
+            clauses.append("event = ?")
+            params.append(event)
+        if event_prefix:
+            if not isinstance(event_prefix, str) or not _EVENT_PREFIX_RE.fullmatch(event_prefix):
+                raise ValueError(f"invalid audit event prefix {event_prefix!r}")
+            # A range, so the (event, time) index serves it. Event names use
+            # only characters below U+007F, so prefix + U+007F bounds every
+            # name that starts with the prefix.
+            clauses.append("event >= ? AND event < ?")
+            params += [event_prefix, event_prefix + "\x7f"]
+        if after_id is not None:
+            clauses.append("id > ?")
+            params.append(int(after_id))
+        if field is not None:
+            key, value = field
+            if not isinstance(key, str) or _FIELD_KEY_RE.fullmatch(key) is None:
+                raise ValueError(f"invalid audit field name {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise TypeError(f"audit field {key!r} can be matched only against str or int")
+            # The JSON path is inlined (the key is validated above) because
+            # SQLite uses an expression index only when the expression in the
+            # query is textually the same, path literal included.
+            clauses.append(f"json_extract(fields, '$.{key}') = ?")
+            params.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        return where, params
+
+    def query_audit(
+        self,
+        since: float | None = None,
+        user: str | None = None,
+        event_prefix: str | None = None,
+        limit: int = 1000,
+        *,
+        after_id: int | None = None,
+        latest: bool = False,
+    ) -> list[AuditEvent]:
+        """Audit events matching every given filter, in id (append) order.
+
+        At most *limit* events: the oldest matches, or with ``latest=True``
+        the newest ones (still returned oldest first). ``after_id`` pages
+        forward or tails the log: pass the last id seen.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise ValueError(f"limit must be an integer from 1 to {_MAX_QUERY_LIMIT}")
+        if not 1 <= limit <= _MAX_QUERY_LIMIT:
+            raise ValueError(f"limit must be an integer from 1 to {_MAX_QUERY_LIMIT}")
+        where, params = self._audit_filters(
+            since=since, user=user, event_prefix=event_prefix, after_id=after_id
+        )
+        order = "DESC" if latest else "ASC"
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM audit{where} ORDER BY id {order} LIMIT ?", (*params, limit)
+            ).fetchall()
+        events = [_audit(r) for r in rows]
+        if latest:
+            events.reverse()
+        return events
+
+    def count_audit(
+        self,
+        event: str,
+        user: str | None = None,
+        since: float | None = None,
+        *,
+        field: tuple[str, str | int] | None = None,
+    ) -> int:
+        """Count events named exactly *event*, optionally only those for
+        *user*, at or after *since*, and whose top-level JSON field equals a
+        value: ``field=("client_host", "192.0.2.7")``.
+
+        None means "any" for *user*, not "no user". Counting by
+        ``client_host`` is served by an index, for the login rate limiter;
+        other fields work but scan the event's rows in the time window.
+        """
+        where, params = self._audit_filters(since=since, user=user, event=event, field=field)
+        with self._read() as conn:
+            return conn.execute(f"SELECT count(*) FROM audit{where}", params).fetchone()[0]
+
+    def prune_audit(self, before: float) -> int:
+        """Delete audit events older than *before*; return how many.
+
+        Deletes in batches, each its own transaction, so a large prune never
+        holds the write lock long enough to stall logins in other processes.
+        """
+        cutoff = _check_time("before", before)
+        total = 0
+        while True:
+            with self._write() as conn:
+                deleted = conn.execute(
+                    "DELETE FROM audit WHERE id IN"
+                    " (SELECT id FROM audit WHERE time < ? ORDER BY time LIMIT ?)",
+                    (cutoff, _PRUNE_BATCH),
+                ).rowcount
+            total += deleted
+            if deleted < _PRUNE_BATCH:
+                return total
