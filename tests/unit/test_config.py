@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from gateway.cluster import config as cfg
+from gateway.durations import format_duration, parse_duration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_config_parses():
+    c = cfg.load(ROOT / "config" / "cluster.toml")
+    assert c.name == "example"
+    assert c.listen == ("0.0.0.0", 3025)
+    assert {r.name for r in c.roles} == {"developer", "oncall"}
+    assert c.resources[0].labels == {"env": "dev", "team": "platform"}
+    assert c.session_ttl == 8 * 3600
+
+
+def test_relative_state_dir(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[cluster]\nstate_dir = "state"\n')
+    c = cfg.load(p)
+    assert c.state_dir == tmp_path / "state"
+    assert c.audit_jsonl == tmp_path / "state" / "audit.jsonl"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[cluster]\n", "cluster.state_dir: required"),
+        ('[cluster]\nstate_dir="s"\nlisten="nope"\n', "cluster.listen"),
+        ('[cluster]\nstate_dir="s"\nsession_ttl="10h"\nmax_session_ttl="1h"\n', "cluster.session_ttl"),
+        ('[cluster]\nstate_dir="s"\nbogus=1\n', "cluster.bogus: unknown key"),
+        ('[cluster]\nstate_dir="s"\nname="Bad Name"\n', "cluster.name"),
+        ('[cluster]\nstate_dir="s"\n[resources.x]\nkind="tcp"\n', "resources.x.address"),
+        ('[cluster]\nstate_dir="s"\n[resources.x]\nkind="ftp"\naddress="a:1"\n', "kind 'ftp'"),
+        ('[cluster]\nstate_dir="s"\n[roles.r]\nallow=[{}]\n', "roles.r"),
+        ('[cluster]\nstate_dir="s"\n[login]\nmax_failures=0\n', "login.max_failures"),
+        ('[nope]\n', "unknown section"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, text, match):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=match) as err:
+        cfg.load(p)
+    assert str(p) in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="no such file"):
+        cfg.load(tmp_path / "missing.toml")
+
+
+def test_hostport():
+    assert cfg.parse_hostport("[::1]:5") == ("::1", 5)
+    assert cfg.parse_hostport(":5", default_host="h") == ("h", 5)
+    for bad in ("x", "x:", "x:99999", ":5"):
+        with pytest.raises(ValueError):
+            cfg.parse_hostport(bad)
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("1h30m", 5400), ("8h", 28800), ("250ms", 0.25),
+                                           ("2d", 172800), ("15", 15), (7, 7)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "h", "1x", "-5", "1h 30m", True, -1])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_format_duration():
+    assert format_duration(5400) == "1h30m"
+    assert format_duration(61) == "1m01s"
+    assert format_duration(-3) == "0s"
