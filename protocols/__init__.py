@@ -1,0 +1,45 @@
+"""Sans-I/O protocol engines: bytes in, events out, bytes to send.
+
+Nothing in this package awaits, opens sockets, touches TLS or reads a clock;
+the I/O lives in ``gateway/``. Each protocol raises only the two error
+families of :mod:`protocols.errors`.
+"""
+
+from protocols.buffer import ReceiveBuffer
+from protocols.dial import (
+    DIAL_VERSION,
+    MAX_FRAME,
+    NEED_DATA,
+    PAUSED,
+    SUPPORTED_VERSIONS,
+    DialAccept,
+    DialConnection,
+    DialError,
+    DialEvent,
+    DialRequest,
+    Role,
+    State,
+    refusal_for,
+)
+from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DIAL_VERSION",
+    "MAX_FRAME",
+    "NEED_DATA",
+    "PAUSED",
+    "SUPPORTED_VERSIONS",
+    "DialAccept",
+    "DialConnection",
+    "DialError",
+    "DialEvent",
+    "DialRequest",
+    "ErrorCode",
+    "LocalProtocolError",
+    "ProtocolError",
+    "ReceiveBuffer",
+    "RemoteProtocolError",
+    "Role",
+    "State",
+    "refusal_for",
+]
