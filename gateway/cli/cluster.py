@@ -1,0 +1,428 @@
+"""``wicket-cluster``: run the cluster and administer its store.
+
+Administration commands open the same SQLite store as the running cluster
+(which notices their changes within half a second), so they work whether or
+not the cluster is running. Exit codes: 0 ok, 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from gateway.cluster import config as cfg
+from gateway.cluster.audit import AuditLog
+from gateway.cluster.passwords import check_password_policy, hash_password, new_totp_secret, totp_uri
+from gateway.cluster.rbac import Role, RoleError
+from gateway.cluster.store import AlreadyExists, Resource, Store
+from gateway.durations import parse_duration
+
+CONFIG_ENV = "WICKET_CLUSTER_CONFIG"
+
+
+def config_option(f: Callable) -> Callable:
+    return click.option(
+        "--config", "config_path", envvar=CONFIG_ENV, required=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help=f"Cluster config file (TOML; see config/cluster.toml). Env: {CONFIG_ENV}.",
+    )(f)
+
+
+def format_option(f: Callable) -> Callable:
+    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="Output format (json for scripts).")(f)
+
+
+def load_config(path: Path) -> cfg.ClusterConfig:
+    try:
+        return cfg.load(path)
+    except cfg.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _Admin:
+    """The store (and audit log) of the cluster a config names."""
+
+    def __init__(self, path: Path) -> None:
+        self.config = load_config(path)
+        db = self.config.state_dir / "wicket.db"
+        if not db.exists():
+            raise click.ClickException(
+                f"no cluster state in {self.config.state_dir}; run `wicket-cluster start --config {path}` "
+                f"once to create it"
+            )
+        self.store = Store.open(db)
+        self.audit = AuditLog(self.store, self.config.audit_jsonl)
+
+    def __enter__(self) -> "_Admin":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.audit.close()
+        self.store.close()
+
+
+def _emit(fmt: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "-"
+    if isinstance(value, float):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return str(value)
+
+
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
+        out[key] = value
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wicket")
+def main() -> None:
+    """Run a Wicket cluster (CA, login API, proxy, audit) and administer it."""
+
+
+@main.command()
+@config_option
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info",
+              show_default=True)
+@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Once listening, write {address, pin} as JSON here (for supervisors and tests).")
+def start(config_path: Path, log_format: str, log_level: str, ready_file: Path | None) -> None:
+    """Run the cluster in the foreground (SIGTERM or Ctrl-C stops it cleanly)."""
+    import functools
+
+    import trio
+
+    from gateway import logs
+    from gateway.cluster.core import Cluster
+    from gateway.cluster.server import serve
+
+    logs.setup(log_format, log_level)
+    config = load_config(config_path)
+    try:
+        cluster = Cluster.open(config)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot open cluster state in {config.state_dir}: {exc}") from None
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            host, port = (await nursery.start(functools.partial(serve, cluster)))[:2]
+            if ready_file is not None:
+                address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                doc = {"address": address, "pin": cluster.host_ca.pin, "cluster": config.name}
+                tmp = ready_file.with_name(ready_file.name + ".tmp")
+                tmp.write_text(json.dumps(doc))
+                tmp.replace(ready_file)
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        host, port = config.listen
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    finally:
+        cluster.close()
+
+
+@main.group()
+def ca() -> None:
+    """The cluster's certificate authorities."""
+
+
+@ca.command("pin")
+@config_option
+def ca_pin(config_path: Path) -> None:
+    """Print the pin gateways pass to `wicket login --ca-pin`."""
+    from gateway.identity import pki
+
+    config = load_config(config_path)
+    path = config.state_dir / "host_ca.crt"
+    if not path.exists():
+        raise click.ClickException(f"no host CA in {config.state_dir}; start the cluster once to create it")
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    click.echo(pki.public_key_pin(cert.public_key()))
+
+
+# -- users -------------------------------------------------------------------
+
+
+@main.group()
+def users() -> None:
+    """Add, list, lock and unlock users."""
+
+
+@users.command("add")
+@config_option
+@click.argument("name")
+@click.option("--roles", default="", help="Comma-separated role names.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--totp", is_flag=True, help="Enrol TOTP and print the otpauth:// URI for an authenticator app.")
+def users_add(config_path: Path, name: str, roles: str, password_stdin: bool, totp: bool) -> None:
+    """Create user NAME."""
+    try:
+        cfg.validate_name("user", name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    role_list = [r for r in (x.strip() for x in roles.split(",")) if r]
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = click.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True)
+    else:
+        raise click.UsageError("no terminal to prompt on: pass --password-stdin and pipe the password")
+    try:
+        check_password_policy(password)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _Admin(config_path) as admin:
+        missing = [r for r in role_list if admin.store.get_role(r) is None]
+        if missing:
+            click.echo(f"warning: role(s) {', '.join(missing)} do not exist yet", err=True)
+        secret = new_totp_secret() if totp else None
+        try:
+            admin.store.add_user(name, hash_password(password), role_list, totp_secret=secret, now=time.time())
+        except AlreadyExists:
+            raise click.ClickException(f"user {name} already exists") from None
+        admin.audit.write("user.add", name, {"roles": role_list, "totp": totp})
+    click.echo(f"user {name} added with roles: {', '.join(role_list) or '(none)'}")
+    if secret is not None:
+        click.echo("TOTP enrolled; add this URI to an authenticator app (it is shown once):")
+        click.echo(totp_uri(secret, name, admin.config.name))
+
+
+@users.command("ls")
+@config_option
+@format_option
+def users_ls(config_path: Path, fmt: str) -> None:
+    """List users."""
+    with _Admin(config_path) as admin:
+        locks = {lock.user: lock for lock in admin.store.list_locks()}
+        rows = [
+            {"name": u.name, "roles": list(u.roles), "totp": u.totp_enrolled,
+             "locked": locks[u.name].reason if u.name in locks else None, "created": u.created_at}
+            for u in admin.store.list_users()
+        ]
+    _emit(fmt, rows, ["name", "roles", "totp", "locked", "created"])
+
+
+@users.command("lock")
+@config_option
+@click.argument("name")
+@click.option("--reason", required=True, help="Why (shown to the user and in the audit log).")
+def users_lock(config_path: Path, name: str, reason: str) -> None:
+    """Lock user NAME: refuse new dials now, cut live sessions within 2 seconds."""
+    import getpass
+
+    with _Admin(config_path) as admin:
+        if admin.store.get_user(name) is None:
+            raise click.ClickException(f"no user {name}")
+        by = getpass.getuser()
+        admin.store.lock_user(name, reason, by, time.time())
+        admin.audit.write("user.lock", name, {"reason": reason, "by": by})
+    click.echo(f"user {name} locked")
+
+
+@users.command("unlock")
+@config_option
+@click.argument("name")
+def users_unlock(config_path: Path, name: str) -> None:
+    """Unlock user NAME."""
+    import getpass
+
+    with _Admin(config_path) as admin:
+        if not admin.store.unlock_user(name):
+            raise click.ClickException(f"user {name} is not locked")
+        admin.audit.write("user.unlock", name, {"by": getpass.getuser()})
+    click.echo(f"user {name} unlocked")
+
+
+# -- roles -------------------------------------------------------------------
+
+
+@main.group()
+def roles() -> None:
+    """Define and list roles (allow/deny by resource name and labels)."""
+
+
+@roles.command("add")
+@config_option
+@click.argument("name")
+@click.option("--allow-resources", default="", help="Comma-separated name globs to allow.")
+@click.option("--allow-label", multiple=True, help="KEY=GLOB a resource must carry to be allowed (repeatable).")
+@click.option("--deny-resources", default="", help="Comma-separated name globs to deny (deny wins).")
+@click.option("--deny-label", multiple=True, help="KEY=GLOB that denies a resource (repeatable).")
+@click.option("--max-session-ttl", default=None, help="Cap on certificate lifetime, e.g. 1h.")
+def roles_add(config_path: Path, name: str, allow_resources: str, allow_label: tuple[str, ...],
+              deny_resources: str, deny_label: tuple[str, ...], max_session_ttl: str | None) -> None:
+    """Create or replace role NAME."""
+
+    def rule(resources: str, labels: tuple[str, ...]) -> list[dict[str, Any]]:
+        spec: dict[str, Any] = {}
+        names = [r.strip() for r in resources.split(",") if r.strip()]
+        if names:
+            spec["resources"] = names
+        if labels:
+            spec["labels"] = _labels(labels)
+        return [spec] if spec else []
+
+    spec: dict[str, Any] = {"allow": rule(allow_resources, allow_label),
+                            "deny": rule(deny_resources, deny_label)}
+    if max_session_ttl:
+        spec["max_session_ttl"] = max_session_ttl
+    try:
+        cfg.validate_name("role", name)
+        role = Role.from_spec(name, spec)
+    except (RoleError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with _Admin(config_path) as admin:
+        admin.store.put_role(name, role.to_spec(), "cli")
+        admin.audit.write("role.put", None, {"role": name, "spec": role.to_spec()})
+    click.echo(f"role {name} saved")
+
+
+@roles.command("ls")
+@config_option
+@format_option
+def roles_ls(config_path: Path, fmt: str) -> None:
+    """List roles."""
+    with _Admin(config_path) as admin:
+        rows = [{"name": r.name, "source": r.source, **_role_row(r.spec)} for r in admin.store.list_roles()]
+    _emit(fmt, rows, ["name", "allow", "deny", "max_session_ttl", "source"])
+
+
+def _role_row(spec: dict[str, Any]) -> dict[str, Any]:
+    def show(rules: list[dict[str, Any]]) -> str:
+        return "; ".join(" ".join(f"{k}={_cell(v)}" for k, v in r.items()) for r in rules) or "-"
+
+    ttl = spec.get("max_session_ttl")
+    return {"allow": show(spec.get("allow", [])), "deny": show(spec.get("deny", [])),
+            "max_session_ttl": None if ttl is None else f"{parse_duration(ttl):.0f}s"}
+
+
+# -- resources ---------------------------------------------------------------
+
+
+@main.group()
+def resources() -> None:
+    """Register and list resources."""
+
+
+@resources.command("add")
+@config_option
+@click.argument("name")
+@click.option("--kind", type=click.Choice(list(cfg.RESOURCE_KINDS)), default="tcp", show_default=True)
+@click.option("--address", required=True, help="HOST:PORT of the upstream, as the cluster reaches it.")
+@click.option("--label", multiple=True, help="KEY=VALUE label (repeatable).")
+def resources_add(config_path: Path, name: str, kind: str, address: str, label: tuple[str, ...]) -> None:
+    """Create or replace resource NAME."""
+    try:
+        cfg.validate_resource(name, kind, address)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _Admin(config_path) as admin:
+        admin.store.put_resource(Resource(name=name, kind=kind, address=address, labels=_labels(label),
+                                          spec={}, source="cli"))
+        admin.audit.write("resource.put", None, {"resource": name, "kind": kind, "address": address})
+    click.echo(f"resource {name} ({kind} {address}) saved")
+
+
+@resources.command("ls")
+@config_option
+@format_option
+def resources_ls(config_path: Path, fmt: str) -> None:
+    """List resources."""
+    with _Admin(config_path) as admin:
+        rows = [{"name": r.name, "kind": r.kind, "address": r.address, "labels": dict(r.labels),
+                 "source": r.source} for r in admin.store.list_resources()]
+    _emit(fmt, rows, ["name", "kind", "address", "labels", "source"])
+
+
+@resources.command("rm")
+@config_option
+@click.argument("name")
+def resources_rm(config_path: Path, name: str) -> None:
+    """Remove resource NAME."""
+    with _Admin(config_path) as admin:
+        if not admin.store.delete_resource(name):
+            raise click.ClickException(f"no resource {name}")
+        admin.audit.write("resource.delete", None, {"resource": name})
+    click.echo(f"resource {name} removed")
+
+
+# -- audit -------------------------------------------------------------------
+
+
+def _since(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return time.time() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter("expected a duration (30m, 2h) or an ISO time", param_hint="--since") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+@main.command()
+@config_option
+@click.option("--since", help="Only events newer than this: a duration ago (30m, 2h) or an ISO time.")
+@click.option("--user", help="Only this user's events.")
+@click.option("--event", "event_prefix", help="Only events starting with this (e.g. session., dial.denied).")
+@click.option("--limit", type=click.IntRange(1, 100000), default=1000, show_default=True)
+@format_option
+def audit(config_path: Path, since: str | None, user: str | None, event_prefix: str | None,
+          limit: int, fmt: str) -> None:
+    """Show the audit log."""
+    with _Admin(config_path) as admin:
+        events = admin.store.query_audit(since=_since(since), user=user, event_prefix=event_prefix, limit=limit)
+    if fmt == "json":
+        for e in events:
+            click.echo(json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user,
+                                   **dict(e.fields)}, separators=(",", ":"), default=str))
+        return
+    for e in events:
+        when = dt.datetime.fromtimestamp(e.time, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        details = " ".join(
+            f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+            for k, v in dict(e.fields).items()
+        )
+        click.echo(f"{when}Z {e.event:15} {e.user or '-':12} {details}")
+
+
+if __name__ == "__main__":
+    main()

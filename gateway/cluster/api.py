@@ -1,0 +1,249 @@
+"""The cluster's HTTP/1.1 API (ALPN ``http/1.1``): login, renew, whoami,
+resources, health, ca.
+
+Login and health (and ``ca``, which serves only public data a gateway checks
+against its pin) need no client certificate; everything else needs a valid
+session certificate, checked on every request (expiry and locks included).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+import trio
+
+from gateway import __version__
+from gateway.cluster import rbac
+from gateway.cluster.core import Cluster
+from gateway.identity.pki import utcnow
+from gateway.cluster.passwords import (
+    InvalidPasswordHash,
+    burn_password_time,
+    verify_password,
+    verify_totp,
+)
+from gateway.identity import pki
+from gateway.net.http import HTTPError, Request, Response
+from protocols.errors import ErrorCode
+
+log = logging.getLogger("wicket.cluster.api")
+
+MIN_TTL = 1.0
+
+# typed error code -> HTTP status
+_STATUS = {
+    ErrorCode.CERT_REQUIRED: 401,
+    ErrorCode.CERT_EXPIRED: 401,
+    ErrorCode.CERT_INVALID: 401,
+    ErrorCode.ACCESS_DENIED: 403,
+    ErrorCode.USER_LOCKED: 403,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.RATE_LIMITED: 429,
+}
+
+
+def cert_http_error(exc: pki.CertError) -> HTTPError:
+    return HTTPError(_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+
+
+class API:
+    def __init__(self, cluster: Cluster, *, peer_cert: bytes | None, client_addr: str) -> None:
+        self.cluster = cluster
+        self.peer_cert = peer_cert
+        self.client_addr = client_addr
+
+    async def __call__(self, request: Request) -> Response:
+        route = {
+            ("GET", "/v1/health"): self.health,
+            ("GET", "/v1/ca"): self.ca,
+            ("POST", "/v1/login"): self.login,
+            ("POST", "/v1/renew"): self.renew,
+            ("GET", "/v1/whoami"): self.whoami,
+            ("GET", "/v1/resources"): self.resources,
+        }.get((request.method, request.path.split("?", 1)[0]))
+        if route is None:
+            raise HTTPError(404, "not_found", f"no route {request.method} {request.path}")
+        return await route(request)
+
+    # -- unauthenticated -------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return Response(status=200, body={"status": "ok", "cluster": self.cluster.config.name,
+                                          "version": __version__})
+
+    async def ca(self, request: Request) -> Response:
+        return Response(status=200, body={
+            "cluster": self.cluster.config.name,
+            "host_ca": self.cluster.host_ca_pem(),
+            "pin": self.cluster.host_ca.pin,
+        })
+
+    async def login(self, request: Request) -> Response:
+        body = request.json()
+        user_name = body.get("user")
+        password = body.get("password")
+        if not isinstance(user_name, str) or not isinstance(password, str) or not user_name:
+            raise HTTPError(400, "bad_request", "login needs `user` and `password` strings")
+        if len(user_name) > 64 or len(password) > 1024:
+            raise HTTPError(400, "bad_request", "user or password too long")
+        public_key = self._public_key(body.get("public_key"))
+        await self._check_rate(user_name)
+
+        user = await self.cluster.db(self.cluster.store.get_user, user_name)
+        if user is None:
+            await trio.to_thread.run_sync(burn_password_time, password)
+            return await self._login_failed(user_name, "unknown user")
+        try:
+            ok = await trio.to_thread.run_sync(verify_password, user.password_hash, password)
+        except InvalidPasswordHash:
+            log.error("password_hash_corrupt user=%s action=%s", user_name,
+                      "reset the password with `wicket-cluster users add` after removing the user")
+            ok = False
+        if not ok:
+            return await self._login_failed(user_name, "wrong password")
+        if user.totp_secret is not None:
+            code = body.get("totp_code")
+            if not isinstance(code, str) or not code:
+                await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
+                                         client_host=self.client_host, reason="totp code missing")
+                raise HTTPError(401, "totp_required",
+                                "this user has TOTP enrolled: pass --totp-code with the current code")
+            step = verify_totp(user.totp_secret, code, now=time.time(), last_step=user.totp_last_step)
+            if step is None or not await self.cluster.db(
+                self.cluster.store.set_totp_last_step, user_name, step
+            ):
+                return await self._login_failed(user_name, "wrong or reused totp code")
+        lock = await self.cluster.db(self.cluster.store.get_lock, user_name)
+        if lock is not None:
+            await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
+                                     client_host=self.client_host, reason="user locked")
+            raise HTTPError(403, "user_locked",
+                            f"user {user_name} is locked ({lock.reason}); ask an administrator to unlock")
+        roles = await self.cluster.roles_of(user)
+        now = utcnow()
+        return await self._issue(user_name, roles, public_key, body.get("ttl_seconds"),
+                                 now=now, auth_time=now, event="login.ok")
+
+    # -- authenticated -------------------------------------------------------
+
+    async def _identify(self):
+        try:
+            return await self.cluster.identify(self.peer_cert)
+        except pki.CertError as exc:
+            raise cert_http_error(exc) from None
+
+    async def renew(self, request: Request) -> Response:
+        """A fresh certificate for a (new or the same) key, with current roles,
+        never past the end of the original login's maximum session."""
+        identity, user, roles = await self._identify()
+        body = request.json()
+        public_key = self._public_key(body.get("public_key"))
+        auth_time = identity.auth_time or identity.not_before
+        return await self._issue(user.name, await self.cluster.roles_of(user), public_key,
+                                 body.get("ttl_seconds"), now=utcnow(), auth_time=auth_time,
+                                 event="login.renew")
+
+    async def whoami(self, request: Request) -> Response:
+        identity, user, roles = await self._identify()
+        return Response(status=200, body={
+            "user": identity.user,
+            "roles": [r.name for r in roles],
+            "kind": identity.kind,
+            "cluster": identity.cluster,
+            "expires_at": identity.not_after.isoformat(),
+            "remaining_seconds": int(identity.remaining(utcnow()).total_seconds()),
+        })
+
+    async def resources(self, request: Request) -> Response:
+        identity, user, roles = await self._identify()
+        items = []
+        for res in await self.cluster.db(self.cluster.store.list_resources):
+            if rbac.visible(roles, res.name, res.labels):
+                item: dict[str, Any] = {"name": res.name, "kind": res.kind, "labels": dict(res.labels)}
+                params = rbac.allowed_params(roles, res.name, res.labels)
+                if params:
+                    item["allowed"] = params
+                items.append(item)
+        return Response(status=200, body={"resources": items})
+
+    # -- helpers ---------------------------------------------------------------
+
+    async def _check_rate(self, user_name: str) -> None:
+        cfg = self.cluster.config
+        since = time.time() - cfg.login_failure_window
+        store = self.cluster.store
+        by_user = await self.cluster.db(store.count_audit, "login.failed", user=user_name, since=since)
+        by_addr = await self.cluster.db(
+            store.count_audit, "login.failed", since=since, field=("client_host", self.client_host)
+        )
+        if by_user >= cfg.login_max_failures or by_addr >= 4 * cfg.login_max_failures:
+            await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
+                                     client_host=self.client_host, reason="rate limited")
+            raise HTTPError(
+                429, "rate_limited",
+                f"too many failed logins; try again in {int(cfg.login_failure_window)} seconds",
+                retry_after=cfg.login_failure_window,
+            )
+
+    def _public_key(self, pem: Any):
+        if not isinstance(pem, str) or len(pem) > 4096:
+            raise HTTPError(400, "bad_request", "public_key must be a PEM public key")
+        try:
+            return self.cluster.public_key_from_pem(pem)
+        except pki.CertError as exc:
+            raise cert_http_error(exc) from None
+
+    @property
+    def client_host(self) -> str:
+        return self.client_addr.rsplit(":", 1)[0]
+
+    async def _login_failed(self, user_name: str, reason: str) -> Response:
+        await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
+                                 client_host=self.client_host, reason=reason)
+        # One message whatever the reason: do not reveal which users exist.
+        raise HTTPError(401, "access_denied", "invalid user name, password or TOTP code")
+
+    async def _issue(self, user_name, roles, public_key, requested_ttl, *, now: dt.datetime,
+                     auth_time: dt.datetime, event: str) -> Response:
+        cfg = self.cluster.config
+        ttl = cfg.session_ttl
+        if requested_ttl is not None:
+            if not isinstance(requested_ttl, (int, float)) or isinstance(requested_ttl, bool) \
+                    or requested_ttl < MIN_TTL:
+                raise HTTPError(400, "bad_request", f"ttl_seconds must be a number >= {MIN_TTL}")
+            ttl = float(requested_ttl)
+        caps = [cfg.max_session_ttl]
+        role_cap = rbac.session_ttl_cap(roles)
+        if role_cap is not None:
+            caps.append(role_cap)
+        ttl = min([ttl, *caps])
+        not_after = now + dt.timedelta(seconds=ttl)
+        # A renewal never outlives the login it descends from.
+        latest = auth_time + dt.timedelta(seconds=min(caps))
+        if not_after > latest:
+            not_after = latest
+        if not_after <= now:
+            raise HTTPError(401, "cert_expired", "the login this session came from has reached its "
+                            "maximum lifetime; run `wicket login` again")
+        identity = pki.Identity(
+            user=user_name, roles=tuple(r.name for r in roles), cluster=cfg.name, kind="person",
+            not_before=now - dt.timedelta(minutes=1), not_after=not_after, auth_time=auth_time,
+        )
+        try:
+            cert = self.cluster.user_ca.issue_session_cert(public_key, identity)
+        except pki.CertError as exc:
+            raise cert_http_error(exc) from None
+        await self.cluster.audit(event, user_name, client_addr=self.client_addr,
+                                 roles=list(identity.roles), serial=format(cert.serial_number, "x"),
+                                 expires_at=not_after.isoformat())
+        return Response(status=200, body={
+            "certificate": pki.cert_to_pem(cert).decode("ascii"),
+            "host_ca": self.cluster.host_ca_pem(),
+            "user": user_name,
+            "roles": list(identity.roles),
+            "cluster": cfg.name,
+            "expires_at": not_after.isoformat(),
+        })

@@ -1,0 +1,34 @@
+"""The audit trail: every event goes to the store and, if configured, to a
+JSON-lines file (one object per line, append-only, mode 0600) that log
+shippers can tail. Synchronous; the server calls it on the store's thread."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.cluster.store import Store
+
+
+class AuditLog:
+    def __init__(self, store: Store, jsonl: Path | None) -> None:
+        self.store = store
+        self._file = None
+        if jsonl is not None:
+            fd = os.open(jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._file = os.fdopen(fd, "a", buffering=1)
+
+    def write(self, event: str, user: str | None, fields: dict[str, Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.store.append_audit(event, user, fields, now)
+        if self._file is not None:
+            line = {"time": round(now, 6), "event": event, "user": user, **fields}
+            self._file.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,239 @@
+"""The cluster's state in one object: config, store, CAs, live sessions.
+
+Everything here is shared by the API route and the data routes. The store is
+synchronous SQLite; every call goes through :meth:`Cluster.db`, which runs it
+on a worker thread one at a time, so the event loop never blocks on a disk
+sync. The CLI (another process) writes to the same store; the lock watcher
+notices its changes through the store's change counter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import secrets
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import attrs
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.cluster import config as cfg
+from gateway.cluster.audit import AuditLog
+from gateway.cluster.rbac import Role
+from gateway.cluster.store import Resource, Store, User
+from gateway.identity import pki, tlsconf
+from gateway.identity.pki import utcnow
+from protocols.errors import ErrorCode
+
+log = logging.getLogger("wicket.cluster")
+T = TypeVar("T")
+
+LOCK_POLL_INTERVAL = 0.5
+HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
+
+
+@attrs.define(eq=False)
+class LiveSession:
+    id: str
+    user: str
+    resource: str
+    kind: str
+    started: float
+    cancel_scope: trio.CancelScope
+    end_reason: str | None = None
+
+
+def ensure_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+class Cluster:
+    """Open with :meth:`open`; one per process."""
+
+    def __init__(self, config: cfg.ClusterConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._limiter = trio.CapacityLimiter(1)
+        self.sessions: dict[str, LiveSession] = {}
+        now = utcnow()
+        state = config.state_dir
+        self.user_ca = pki.CertificateAuthority.load_or_create(
+            state, "user_ca", f"{config.name} user CA", now=now
+        )
+        self.host_ca = pki.CertificateAuthority.load_or_create(
+            state, "host_ca", f"{config.name} host CA", now=now
+        )
+        self.ssh_user_ca = pki.load_or_create_ssh_ca(state)
+        self.host_cert_path, self.host_key_path = self._ensure_host_cert(now)
+        self.server_context = tlsconf.cluster_server_context(
+            self.host_cert_path, self.host_key_path, state / "user_ca.crt"
+        )
+        self.audit_log = AuditLog(store, config.audit_jsonl)
+
+    @classmethod
+    def open(cls, config: cfg.ClusterConfig) -> "Cluster":
+        ensure_private_dir(config.state_dir)
+        store = Store.open(config.state_dir / "wicket.db")
+        try:
+            cluster = cls(config, store)
+            cluster._sync_config()
+        except BaseException:
+            store.close()
+            raise
+        return cluster
+
+    def close(self) -> None:
+        self.audit_log.close()
+        self.store.close()
+
+    # -- start-up ------------------------------------------------------------
+
+    def _ensure_host_cert(self, now: dt.datetime) -> tuple[Path, Path]:
+        """Issue the listener's certificate from the host CA, again whenever
+        the configured names change or it nears its end."""
+        state = self.config.state_dir
+        cert_path, key_path = state / "host.crt", state / "host.key"
+        names = list(self.config.public_names)
+        if cert_path.exists() and key_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            try:
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                have = {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
+                    str(v) for v in san.get_values_for_type(x509.IPAddress)
+                }
+            except x509.ExtensionNotFound:
+                have = set()
+            fresh = cert.not_valid_after_utc - now > HOST_CERT_RENEW_BEFORE
+            if have == set(names) and fresh and cert.issuer == self.host_ca.cert.subject:
+                return cert_path, key_path
+        key = pki.generate_key()
+        cert = self.host_ca.issue_host_cert(key.public_key(), names, now=now)
+        pki.write_private(key_path, pki.key_to_pem(key))
+        # The chain includes the host CA so a gateway can verify against the pin.
+        pki.write_public(cert_path, pki.cert_to_pem(cert) + self.host_ca.pem)
+        return cert_path, key_path
+
+    def _sync_config(self) -> None:
+        """Roles and resources declared in the config file are (re)written to
+        the store on every start, marked source=config; the CLI's own survive."""
+        declared_roles = {role.name for role in self.config.roles}
+        declared_resources = {spec.name for spec in self.config.resources}
+        # What an earlier config declared and this one no longer does goes.
+        for record in self.store.list_roles():
+            if record.source == "config" and record.name not in declared_roles:
+                self.store.delete_role(record.name)
+        for resource in self.store.list_resources():
+            if resource.source == "config" and resource.name not in declared_resources:
+                self.store.delete_resource(resource.name)
+        for role in self.config.roles:
+            self.store.put_role(role.name, role.to_spec(), "config")
+        for spec in self.config.resources:
+            self.store.put_resource(
+                Resource(
+                    name=spec.name,
+                    kind=spec.kind,
+                    address=spec.address,
+                    labels=dict(spec.labels),
+                    spec=dict(spec.extra),
+                    source="config",
+                )
+            )
+
+    # -- store access --------------------------------------------------------
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
+
+    async def audit(self, event: str, user: str | None, **fields: Any) -> None:
+        await self.db(self.audit_log.write, event, user, fields)
+
+    async def roles_of(self, user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
+        """The user's current roles (intersected with those in a certificate,
+        so removing a role from a user takes effect before the cert expires)."""
+        names = [r for r in user.roles if claimed is None or r in claimed]
+        roles = []
+        for name in names:
+            record = await self.db(self.store.get_role, name)
+            if record is None:
+                log.warning("role_missing user=%s role=%s action=%s", user.name, name,
+                            "create the role or remove it from the user")
+                continue
+            roles.append(Role.from_spec(name, record.spec))
+        return roles
+
+    # -- who is on the other end of a TLS connection -------------------------
+
+    async def identify(self, der_cert: bytes | None) -> tuple[pki.Identity, User, list[Role]]:
+        """Turn a verified peer certificate into a live identity, or raise
+        :class:`pki.CertError` with the typed code to send back."""
+        if not der_cert:
+            raise pki.CertError(
+                ErrorCode.CERT_REQUIRED,
+                "this route needs a session certificate; run `wicket login` first",
+            )
+        cert = x509.load_der_x509_certificate(der_cert)
+        identity = pki.identity_from_cert(cert)
+        if identity.cluster != self.config.name:
+            raise pki.CertError(ErrorCode.CERT_INVALID, "certificate is for another cluster")
+        pki.check_validity(identity, utcnow())
+        user = await self.db(self.store.get_user, identity.user)
+        if user is None:
+            raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
+        lock = await self.db(self.store.get_lock, identity.user)
+        if lock is not None:
+            raise pki.CertError(
+                ErrorCode.USER_LOCKED,
+                f"user {identity.user} is locked ({lock.reason}); ask an administrator to unlock",
+            )
+        return identity, user, await self.roles_of(user, identity.roles)
+
+    # -- live sessions -------------------------------------------------------
+
+    def new_session(self, user: str, resource: str, kind: str) -> LiveSession:
+        session = LiveSession(
+            id=secrets.token_hex(8),
+            user=user,
+            resource=resource,
+            kind=kind,
+            started=time.time(),
+            cancel_scope=trio.CancelScope(),
+        )
+        self.sessions[session.id] = session
+        return session
+
+    def end_session(self, session: LiveSession) -> None:
+        self.sessions.pop(session.id, None)
+
+    async def watch_locks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Cut the live sessions of users who get locked (within 2 s of the
+        lock: we poll the store's change counter every 0.5 s)."""
+        seen = await self.db(self.store.change_counter)
+        task_status.started()
+        while True:
+            await trio.sleep(LOCK_POLL_INTERVAL)
+            counter = await self.db(self.store.change_counter)
+            if counter == seen:
+                continue
+            seen = counter
+            locks = {lock.user: lock for lock in await self.db(self.store.list_locks)}
+            for session in list(self.sessions.values()):
+                if session.user in locks and not session.cancel_scope.cancel_called:
+                    session.end_reason = "user_locked"
+                    log.info("session_cut session=%s user=%s reason=user_locked", session.id, session.user)
+                    session.cancel_scope.cancel()
+
+    def host_ca_pem(self) -> str:
+        return self.host_ca.pem.decode("ascii")
+
+    def public_key_from_pem(self, pem: str):
+        try:
+            return serialization.load_pem_public_key(pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError, TypeError):
+            raise pki.CertError(ErrorCode.BAD_REQUEST, "public_key is not a PEM public key") from None

@@ -1,0 +1,107 @@
+"""The cluster's one TLS 1.3 listener: handshake, then ALPN picks the route.
+
+Each connection lives in its own task under the handler nursery; a graceful
+stop (SIGTERM/SIGINT) closes the listener, gives live connections a short
+grace period, then cancels them, so audit ``session.end`` records still get
+written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from gateway.cluster.api import API
+from gateway.cluster.core import Cluster
+from gateway.cluster.dial import handle_tcp
+from gateway.identity import tlsconf
+from gateway.net.http import serve_http
+from gateway.net.tls import accept_tls
+
+log = logging.getLogger("wicket.cluster")
+
+HANDSHAKE_TIMEOUT = 10.0
+GRACE_PERIOD = 2.0
+
+
+def _addr(sockname) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
+    client_addr = _addr(tcp.socket.getpeername())
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            stream = await accept_tls(tcp, cluster.server_context)
+    except trio.TooSlowError:
+        log.info("handshake_timeout client=%s", client_addr)
+        await tcp.aclose()
+        return
+    except (trio.BrokenResourceError, OSError) as exc:
+        # Wrong CA, TLS 1.2, no shared ALPN...: the peer sees a TLS alert.
+        log.info("handshake_failed client=%s error=%s", client_addr, exc.__cause__ or exc)
+        await tcp.aclose()
+        return
+    async with stream:
+        alpn = stream.selected_alpn_protocol()
+        if alpn == tlsconf.ALPN_TCP:
+            await handle_tcp(cluster, stream, kind="tcp", client_addr=client_addr)
+        elif alpn == tlsconf.ALPN_HTTP:
+            api = API(cluster, peer_cert=stream.getpeercert(binary_form=True), client_addr=client_addr)
+            try:
+                await serve_http(stream, api)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        else:
+            log.info("no_route client=%s alpn=%s", client_addr, alpn)
+
+
+async def serve(
+    cluster: Cluster,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+    handle_signals: bool = True,
+) -> None:
+    host, port = cluster.config.listen
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    async with trio.open_nursery() as outer:
+        await outer.start(cluster.watch_locks)
+        async with trio.open_nursery() as handlers:
+
+            async def run_listener(listener: trio.SocketListener) -> None:
+                async with listener:
+                    while True:
+                        tcp = await listener.accept()
+                        handlers.start_soon(handle_connection, cluster, tcp)
+
+            accept_scope = trio.CancelScope()
+
+            async def accept_all() -> None:
+                with accept_scope:
+                    async with trio.open_nursery() as n:
+                        for listener in listeners:
+                            n.start_soon(run_listener, listener)
+
+            handlers.start_soon(accept_all)
+            log.info("cluster_listening cluster=%s address=%s pin=%s", cluster.config.name,
+                     _addr(bound), cluster.host_ca.pin)
+            task_status.started(bound)
+            if handle_signals:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("cluster_stopping signal=%s live_sessions=%d",
+                                 signal.Signals(signum).name, len(cluster.sessions))
+                        break
+            else:
+                await trio.sleep_forever()
+            accept_scope.cancel()
+            handlers.cancel_scope.deadline = trio.current_time() + GRACE_PERIOD
+            for session in list(cluster.sessions.values()):
+                session.end_reason = "cluster_stopping"
+                session.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+    log.info("cluster_stopped")
