@@ -1,0 +1,286 @@
+"""``wicket``: log in to a cluster and open local ports to its resources.
+
+Exit codes scripts can trust:
+  0 ok · 1 other error · 2 usage · 3 not logged in or session expired ·
+  4 refused (bad credentials, access denied, locked, rate limited) ·
+  5 the cluster could not be reached or verified
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import trio
+
+from gateway.durations import format_duration, parse_duration
+from gateway.identity import pki
+from gateway.identity.pki import utcnow
+from gateway.local import client, profile as profiles
+from gateway.local.profile import Profile, ProfileError
+
+EXIT_NOT_LOGGED_IN = 3
+EXIT_REFUSED = 4
+EXIT_UNREACHABLE = 5
+
+_REFUSED = {"access_denied", "user_locked", "rate_limited", "totp_required", "bad_request"}
+_EXPIRED = {"cert_expired", "cert_invalid", "cert_required"}
+
+
+class WicketError(click.ClickException):
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _cluster_error(exc: client.ClusterError) -> WicketError:
+    if exc.code in _EXPIRED:
+        return WicketError(exc.message, EXIT_NOT_LOGGED_IN)
+    if exc.code in _REFUSED:
+        return WicketError(exc.message, EXIT_REFUSED)
+    if exc.code in ("unreachable", "tls_failed"):
+        return WicketError(exc.message, EXIT_UNREACHABLE)
+    if exc.code == "cert_invalid":
+        return WicketError(exc.message, EXIT_UNREACHABLE)
+    return WicketError(exc.message)
+
+
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return trio.run(fn, *args)
+    except client.ClusterError as exc:
+        raise _cluster_error(exc) from None
+    except ProfileError as exc:
+        raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
+
+
+def _load_profile() -> Profile:
+    try:
+        return Profile.load()
+    except ProfileError as exc:
+        raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
+
+
+def format_option(f: Callable) -> Callable:
+    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="Output format (json for scripts).")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wicket")
+def main() -> None:
+    """Wicket gateway: one login, then localhost ports to every resource you may reach.
+
+    Profile directory: $WICKET_HOME (default ~/.wicket).
+    """
+
+
+@main.command()
+@click.argument("address")
+@click.option("--user", required=True, help="Your user name on the cluster.")
+@click.option("--ca-pin", help="sha256:... pin of the cluster CA (from `wicket-cluster ca pin`).")
+@click.option("--insecure", is_flag=True, help="Trust the cluster CA without checking a pin (not for production).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--totp-code", help="Current TOTP code, if your user has TOTP enrolled.")
+@click.option("--ttl", help="Ask for a shorter session (e.g. 1h); the cluster caps it by your roles.")
+@format_option
+def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_stdin: bool,
+          totp_code: str | None, ttl: str | None, fmt: str) -> None:
+    """Log in to the cluster at ADDRESS (HOST:PORT) and store a session certificate."""
+    from gateway.cluster.config import parse_hostport
+
+    try:
+        parse_hostport(address)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ADDRESS") from None
+    ttl_seconds = None
+    if ttl:
+        try:
+            ttl_seconds = parse_duration(ttl)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    pin = None
+    if ca_pin:
+        try:
+            pin = pki.normalize_pin(ca_pin)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ca-pin") from None
+    interactive = sys.stdin.isatty()
+
+    ca = _run(client.fetch_ca, address)
+    if pin is not None:
+        if pin != ca.pin:
+            raise WicketError(
+                f"the cluster at {address} presented CA {ca.pin}, which does not match --ca-pin {pin}. "
+                f"Someone may be intercepting the connection, or the pin is wrong: check it with "
+                f"`wicket-cluster ca pin` on the cluster.",
+                EXIT_UNREACHABLE,
+            )
+    elif insecure:
+        click.echo(f"WARNING: --insecure: trusting cluster CA {ca.pin} without checking a pin", err=True)
+    else:
+        click.echo(f"The cluster at {address} (name {ca.name!r}) presented CA\n  pin:         {ca.pin}\n"
+                   f"  fingerprint: {ca.fingerprint}", err=True)
+        if not interactive:
+            raise WicketError("cannot confirm the cluster CA without a terminal: pass --ca-pin "
+                              "(from `wicket-cluster ca pin`) or --insecure", EXIT_UNREACHABLE)
+        if not click.confirm("Trust this cluster?", default=False, err=True):
+            raise WicketError("not trusted; nothing was saved", EXIT_REFUSED)
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif interactive:
+        password = click.prompt(f"Password for {user}", hide_input=True, err=True)
+    else:
+        raise click.UsageError("no terminal to prompt on: pass --password-stdin and pipe the password")
+
+    key = pki.generate_key()
+    public_pem = key.public_key().public_bytes(
+        pki.serialization.Encoding.PEM, pki.serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+    async def do_login() -> dict[str, Any]:
+        return await client.login(address, ca, user=user, password=password, totp_code=totp_code,
+                                  ttl_seconds=ttl_seconds, public_key_pem=public_pem)
+
+    answer = _run(do_login)
+    home = profiles.wicket_home()
+    profile = Profile.save(
+        home, cluster_addr=address, cluster_name=answer["cluster"], user=answer["user"], ca_pin=ca.pin,
+        key_pem=pki.key_to_pem(key), cert_pem=answer["certificate"].encode("ascii"), ca_pem=ca.pem,
+    )
+    identity = profile.identity()
+    left = identity.remaining(utcnow()).total_seconds()
+    if fmt == "json":
+        click.echo(json.dumps(_status_doc(profile, identity)))
+    else:
+        click.echo(f"Logged in to {answer['cluster']} ({address}) as {identity.user}; roles: "
+                   f"{', '.join(identity.roles) or '(none)'}; valid for {format_duration(left)}. "
+                   f"Profile: {home}")
+
+
+def _status_doc(profile: Profile, identity: pki.Identity) -> dict[str, Any]:
+    now = utcnow()
+    return {
+        "cluster": profile.cluster_name,
+        "address": profile.cluster_addr,
+        "user": identity.user,
+        "roles": list(identity.roles),
+        "kind": identity.kind,
+        "expires_at": identity.not_after.isoformat(),
+        "remaining_seconds": max(0, int(identity.remaining(now).total_seconds())),
+        "expired": now >= identity.not_after,
+        "profile": str(profile.home),
+    }
+
+
+@main.command()
+@format_option
+def status(fmt: str) -> None:
+    """Who you are logged in as, your roles and the time left (exit 3 if expired)."""
+    profile = _load_profile()
+    doc = _status_doc(profile, profile.identity())
+    if fmt == "json":
+        click.echo(json.dumps(doc))
+    else:
+        left = "expired" if doc["expired"] else f"{format_duration(doc['remaining_seconds'])} left"
+        click.echo(f"Cluster: {doc['cluster']} ({doc['address']})\nUser:    {doc['user']}\n"
+                   f"Roles:   {', '.join(doc['roles']) or '(none)'}\n"
+                   f"Valid:   until {doc['expires_at']} ({left})")
+    if doc["expired"]:
+        sys.exit(EXIT_NOT_LOGGED_IN)
+
+
+@main.command("ls")
+@format_option
+def ls(fmt: str) -> None:
+    """Resources you may reach, with their kind and labels."""
+    profile = _load_profile()
+    try:
+        profile.check_fresh(utcnow())
+    except ProfileError as exc:
+        raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
+    doc = _run(client.api_call, profile, "GET", "/v1/resources")
+    items = doc.get("resources", [])
+    if fmt == "json":
+        click.echo(json.dumps(items))
+        return
+    if not items:
+        click.echo("No resources are available to you.")
+        return
+    width = max(4, *(len(i["name"]) for i in items))
+    click.echo(f"{'NAME'.ljust(width)}  KIND      LABELS")
+    for i in items:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(i.get("labels", {}).items())) or "-"
+        click.echo(f"{i['name'].ljust(width)}  {i['kind'].ljust(8)}  {labels}")
+
+
+@main.command()
+def logout() -> None:
+    """Delete the session key and certificate."""
+    home = profiles.wicket_home()
+    if profiles.remove(home):
+        click.echo(f"Logged out (removed the session key and certificate from {home}).")
+    else:
+        click.echo("Not logged in.")
+
+
+@main.group()
+def proxy() -> None:
+    """Open a local port to a resource."""
+
+
+@proxy.command("tcp")
+@click.argument("name")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Local port; 0 picks a free one and prints it.")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Local address to listen on.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def proxy_tcp(name: str, port: int, bind: str, log_format: str) -> None:
+    """Relay connections on a local port to TCP resource NAME."""
+    from gateway import logs
+    from gateway.local.proxy import TcpProxy, run_listener
+
+    logs.setup(log_format)
+    profile = _load_profile()
+    try:
+        identity = profile.check_fresh(utcnow())
+    except ProfileError as exc:
+        raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
+    tcp = TcpProxy(profile, name)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            host, bound_port = (await nursery.start(
+                functools.partial(run_listener, tcp.handle, host=bind, port=port)
+            ))[:2]
+            left = format_duration(identity.remaining(utcnow()).total_seconds())
+            click.echo(f"Proxying {name} on {host}:{bound_port} as {identity.user} (session valid for {left}). "
+                       f"Ctrl-C stops.", err=True)
+            click.echo(json.dumps({"resource": name, "host": host, "port": bound_port})
+                       if log_format == "json" else f"listening on {host}:{bound_port}")
+            sys.stdout.flush()
+
+    try:
+        trio.run(serve)
+    except OSError as exc:
+        raise WicketError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".wicket-demo"),
+              show_default=True, help="Where the demo cluster keeps its state.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="Local port for the demo resource.")
+def demo(state_dir: Path, port: int) -> None:
+    """Embedded default: a local cluster, a demo resource, a logged-in gateway."""
+    from gateway.local.demo import run_demo
+
+    run_demo(state_dir.resolve(), port)
+
+
+if __name__ == "__main__":
+    main()

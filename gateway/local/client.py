@@ -1,0 +1,196 @@
+"""Talking to the cluster from the gateway: CA bootstrap, login, API calls,
+and dials on data routes.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import attrs
+import trio
+from cryptography import x509
+
+from gateway.cluster.config import parse_hostport
+from gateway.identity import pki, tlsconf
+from gateway.local.profile import Profile, ProfileError, expired_message
+from gateway.net.http import HTTPClient, HTTPError
+from gateway.net.tls import TLSStream, open_tls_connection
+from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role
+from protocols.errors import ErrorCode, ProtocolError
+
+CONNECT_TIMEOUT = 15.0
+DIAL_TIMEOUT = 20.0
+
+
+class ClusterError(Exception):
+    """Something the person must act on; ``code`` is the typed error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@attrs.frozen(slots=True)
+class ClusterCA:
+    name: str
+    pem: bytes
+    pin: str
+    fingerprint: str
+
+
+async def _connect(host: str, port: int, ctx: ssl.SSLContext, server_hostname: str | None,
+                   session: ssl.SSLSession | None = None) -> TLSStream:
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await open_tls_connection(host, port, ctx, server_hostname=server_hostname,
+                                             session=session)
+    except trio.TooSlowError:
+        raise ClusterError("unreachable", f"no answer from the cluster at {host}:{port} "
+                           f"within {CONNECT_TIMEOUT:.0f}s; check the address and the network") from None
+    except OSError as exc:
+        raise ClusterError("unreachable", f"cannot reach the cluster at {host}:{port}: "
+                           f"{exc.strerror or exc}; is `wicket-cluster start` running there?") from None
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise ClusterError(
+                "cert_invalid",
+                f"the cluster at {host}:{port} presented a certificate we do not trust "
+                f"({cause.verify_message}); if the cluster was re-created, log in again with its new pin",
+            ) from None
+        raise ClusterError("tls_failed", f"TLS with the cluster at {host}:{port} failed: "
+                           f"{cause or exc}") from None
+
+
+async def fetch_ca(address: str) -> ClusterCA:
+    """Fetch the cluster's host CA over an unauthenticated TLS connection; the
+    caller accepts it only if it matches the pin."""
+    host, port = parse_hostport(address)
+    stream = await _connect(host, port, tlsconf.bootstrap_context(), None)
+    async with stream:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            doc = await HTTPClient(stream, host).request("GET", "/v1/ca")
+    try:
+        pem = doc["host_ca"].encode("ascii")
+        cert = x509.load_pem_x509_certificate(pem)
+    except (KeyError, AttributeError, ValueError):
+        raise ClusterError("bad_answer", "the cluster sent no usable CA certificate") from None
+    return ClusterCA(
+        name=str(doc.get("cluster", "")),
+        pem=pem,
+        pin=pki.public_key_pin(cert.public_key()),
+        fingerprint=pki.cert_fingerprint(cert),
+    )
+
+
+async def login(
+    address: str,
+    ca: ClusterCA,
+    *,
+    user: str,
+    password: str,
+    totp_code: str | None,
+    ttl_seconds: float | None,
+    public_key_pem: str,
+) -> dict[str, Any]:
+    host, port = parse_hostport(address)
+    ctx = tlsconf.gateway_client_context(ca.pem, alpn=(tlsconf.ALPN_HTTP,))
+    stream = await _connect(host, port, ctx, host)
+    body: dict[str, Any] = {"user": user, "password": password, "public_key": public_key_pem}
+    if totp_code:
+        body["totp_code"] = totp_code
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    async with stream:
+        with trio.fail_after(60):
+            return await _api(HTTPClient(stream, host), "POST", "/v1/login", body)
+
+
+async def _api(client: HTTPClient, method: str, path: str, body: Any = None) -> Any:
+    try:
+        return await client.request(method, path, body)
+    except HTTPError as exc:
+        raise ClusterError(exc.code, exc.message) from None
+
+
+async def api_call(profile: Profile, method: str, path: str, body: Any = None) -> Any:
+    stream = await _connect(profile.host, profile.port, profile.client_context((tlsconf.ALPN_HTTP,)),
+                            profile.host)
+    async with stream:
+        with trio.fail_after(60):
+            return await _api(HTTPClient(stream, profile.host), method, path, body)
+
+
+class DialRefused(Exception):
+    def __init__(self, error: DialError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@attrs.frozen(slots=True)
+class Dialed:
+    stream: TLSStream
+    accept: DialAccept
+    trailing: bytes  # the first upstream bytes, which arrived with the accept
+
+
+class Dialer:
+    """Opens data-route connections for one profile, reusing one TLS context
+    (and the last session ticket, so later dials resume: one round trip less)."""
+
+    def __init__(self, profile: Profile, alpn: str) -> None:
+        self.profile = profile
+        self.alpn = alpn
+        self._cert_stamp: tuple[int, int] | None = None
+        self._ctx: ssl.SSLContext
+        self.identity: pki.Identity
+        self._session: ssl.SSLSession | None = None
+        self._reload_if_changed()
+
+    def _reload_if_changed(self) -> None:
+        """Pick up a new certificate (``wicket login`` while a proxy runs)
+        with one stat() per dial instead of re-reading files every time."""
+        st = self.profile.cert_path.stat()
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._cert_stamp:
+            self._ctx = self.profile.client_context((self.alpn,))
+            self.identity = self.profile.identity()
+            self._session = None
+            self._cert_stamp = stamp
+
+    def check_fresh(self) -> pki.Identity:
+        """The current identity, or :class:`ProfileError` if it expired."""
+        self._reload_if_changed()
+        if pki.utcnow() >= self.identity.not_after:
+            raise ProfileError(expired_message(self.profile.cluster_addr, self.identity))
+        return self.identity
+
+    async def dial(self, request: DialRequest) -> Dialed:
+        with trio.fail_after(DIAL_TIMEOUT):
+            stream = await _connect(self.profile.host, self.profile.port, self._ctx,
+                                    self.profile.host, self._session)
+            try:
+                conn = DialConnection(Role.CLIENT)
+                await stream.send_all(conn.send(request))
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                        continue
+                    break
+            except ProtocolError as exc:
+                await stream.aclose()
+                raise DialRefused(DialError(code=ErrorCode.INTERNAL_ERROR,
+                                            message=f"the cluster broke the dial protocol: {exc}")) from None
+            except BaseException:
+                await stream.aclose()
+                raise
+        if stream.session is not None:
+            self._session = stream.session
+        if isinstance(event, DialError):
+            await stream.aclose()
+            raise DialRefused(event)
+        trailing, _eof = conn.trailing_data
+        return Dialed(stream=stream, accept=event, trailing=trailing)
+

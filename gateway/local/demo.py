@@ -1,0 +1,169 @@
+"""``wicket demo``: the embedded default, everything on this machine.
+
+1. a TCP echo server stands in for the demo resource (``demo-echo``);
+2. a real cluster process (``wicket-cluster start``) with SQLite state in the
+   state directory, the demo resource and a ``demo`` role in its config;
+3. a ``demo`` user (random password kept 0600 in the state directory);
+4. ``wicket login`` as that user, pinned to the cluster's CA, into a profile
+   inside the state directory (your ~/.wicket is not touched);
+5. the gateway listening for the demo resource, and the line to try it.
+
+Ctrl-C stops the gateway and the cluster. Running it again reuses the state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import trio
+
+from gateway.cluster.core import ensure_private_dir
+from gateway.identity import pki
+
+CLUSTER_CONFIG = """\
+# Written by `wicket demo`; see config/cluster.toml for every option.
+[cluster]
+name = "demo"
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+session_ttl = "8h"
+
+[roles.demo]
+max_session_ttl = "8h"
+[[roles.demo.allow]]
+labels = {{ env = "demo" }}
+
+[resources.demo-echo]
+kind = "tcp"
+address = "127.0.0.1:{echo_port}"
+labels = {{ env = "demo" }}
+"""
+
+
+def _step(msg: str) -> None:
+    click.echo(click.style("==> ", fg="green", bold=True) + msg, err=True)
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            async for chunk in stream:
+                await stream.send_all(chunk)
+            await stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _wicket_cluster() -> list[str]:
+    return [sys.executable, "-m", "gateway.cli.cluster"]
+
+
+def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return json.loads(ready.read_text())
+        if proc.poll() is not None:
+            raise click.ClickException(
+                f"the demo cluster exited with {proc.returncode}; its log:\n{log_path.read_text()[-3000:]}"
+            )
+        time.sleep(0.05)
+    raise click.ClickException(f"the demo cluster did not start within {timeout:.0f}s; see {log_path}")
+
+
+def run_demo(state: Path, port: int) -> None:
+    ensure_private_dir(state)
+    cluster_state, home = state / "cluster", state / "home"
+    config_path, ready = state / "cluster.toml", state / "cluster.ready"
+    log_path = state / "cluster.log"
+    children: list[subprocess.Popen] = []
+
+    async def main() -> None:
+        from gateway.local.profile import Profile
+        from gateway.local.proxy import TcpProxy, run_listener
+
+        async with trio.open_nursery() as nursery:
+            echo_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            echo_port = echo_listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, _echo, echo_listeners)
+            _step(f"demo resource: an echo server on 127.0.0.1:{echo_port}")
+
+            config_path.write_text(CLUSTER_CONFIG.format(state=cluster_state, echo_port=echo_port))
+            ready.unlink(missing_ok=True)
+            _step(f"starting the cluster (state: {cluster_state}, log: {log_path})")
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [*_wicket_cluster(), "start", "--config", str(config_path), "--ready-file", str(ready)],
+                    stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                )
+            children.append(proc)
+            try:
+                info = await trio.to_thread.run_sync(_wait_ready, proc, ready, log_path)
+                address, pin = info["address"], info["pin"]
+                _step(f"cluster up at {address}, CA pin {pin}")
+
+                password_file = state / "demo-password"
+                if not password_file.exists():
+                    password = secrets.token_urlsafe(18)
+                    pki.write_private(password_file, password.encode())
+                    subprocess.run(
+                        [*_wicket_cluster(), "users", "add", "demo", "--roles", "demo", "--password-stdin",
+                         "--config", str(config_path)],
+                        input=password + "\n", text=True, check=True, capture_output=True,
+                    )
+                    _step("created user demo (password in demo-password, mode 0600)")
+                env = {**os.environ, "WICKET_HOME": str(home)}
+                subprocess.run(
+                    [sys.executable, "-m", "gateway.cli.wicket", "login", address, "--user", "demo",
+                     "--ca-pin", pin, "--password-stdin"],
+                    input=password_file.read_text() + "\n", text=True, check=True, env=env,
+                )
+                os.environ["WICKET_HOME"] = str(home)
+                proxy = TcpProxy(Profile.load(home), "demo-echo")
+                host, bound = (await nursery.start(_listen, proxy.handle, port))[:2]
+                click.echo(
+                    f"\nThe gateway is listening for demo-echo on {host}:{bound}. Try it:\n\n"
+                    f"  python3 -c \"import socket; s = socket.create_connection(('{host}', {bound})); "
+                    f"s.sendall(b'hello wicket'); print(s.recv(100))\"\n\n"
+                    f"Use the CLI against this demo:  WICKET_HOME={home} wicket ls\n"
+                    f"Audit log:  wicket-cluster audit --config {config_path}\n"
+                    f"Ctrl-C stops the gateway and the cluster.\n"
+                )
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+            finally:
+                proc.terminate()
+                try:
+                    await trio.to_thread.run_sync(proc.wait, 10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                nursery.cancel_scope.cancel()
+        _step("stopped")
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        pass
+    finally:
+        for proc in children:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+async def _listen(handler, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from gateway.local.proxy import run_listener
+
+    await run_listener(handler, host="127.0.0.1", port=port, task_status=task_status, handle_signals=False)

@@ -1,0 +1,104 @@
+"""``wicket proxy tcp``: a local listener relaying each connection to a
+resource over the mutual-TLS ``tcp`` route.
+
+Each accepted client gets its own dial. A refused dial (denied, expired,
+unknown resource, unreachable upstream) is logged with what to do next and
+the client's connection is closed; other clients are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from gateway.identity import tlsconf
+from gateway.local.client import ClusterError, Dialer, DialRefused
+from gateway.local.profile import Profile, ProfileError
+from gateway.net.relay import relay
+from protocols.dial import DialRequest
+from protocols.errors import ErrorCode
+
+log = logging.getLogger("wicket.proxy")
+
+_NEXT_STEP = {
+    ErrorCode.CERT_EXPIRED: "run `wicket login` again",
+    ErrorCode.CERT_INVALID: "run `wicket login` again",
+    ErrorCode.CERT_REQUIRED: "run `wicket login` again",
+    ErrorCode.ACCESS_DENIED: "ask a cluster administrator for a role that allows it",
+    ErrorCode.USER_LOCKED: "ask a cluster administrator to unlock your user",
+    ErrorCode.RESOURCE_NOT_FOUND: "`wicket ls` lists the resources you can reach",
+    ErrorCode.UPSTREAM_UNREACHABLE: "the resource is down or unreachable from the cluster",
+}
+
+
+def _addr(sockname) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TcpProxy:
+    def __init__(self, profile: Profile, resource: str) -> None:
+        self.profile = profile
+        self.resource = resource
+        self.dialer = Dialer(profile, tlsconf.ALPN_TCP)
+        self.active = 0
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        client_addr = _addr(client.socket.getpeername())
+        async with client:
+            try:
+                self.dialer.check_fresh()
+                dialed = await self.dialer.dial(DialRequest(resource=self.resource, client_addr=client_addr))
+            except ProfileError as exc:
+                log.warning("dial_refused resource=%s client=%s code=cert_expired message=%r",
+                            self.resource, client_addr, str(exc))
+                return
+            except DialRefused as exc:
+                err = exc.error
+                log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r",
+                            self.resource, client_addr, err.raw_code or err.code.value, err.message,
+                            _NEXT_STEP.get(err.code, "see the cluster's audit log"))
+                return
+            except (ClusterError, trio.TooSlowError) as exc:
+                log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
+                            getattr(exc, "message", None) or "the cluster did not answer in time")
+                return
+            self.active += 1
+            try:
+                async with dialed.stream:
+                    if dialed.trailing:
+                        await client.send_all(dialed.trailing)
+                    stats = await relay(client, dialed.stream)
+                log.info("session_end resource=%s client=%s session=%s sent=%d received=%d%s",
+                         self.resource, client_addr, dialed.accept.session_id, stats.a_to_b,
+                         stats.b_to_a + len(dialed.trailing),
+                         f" error={stats.error!r}" if stats.error else "")
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("session_broken resource=%s client=%s error=%s", self.resource, client_addr, exc)
+            finally:
+                self.active -= 1
+
+
+async def run_listener(
+    handler,
+    *,
+    host: str,
+    port: int,
+    task_status=trio.TASK_STATUS_IGNORED,
+    handle_signals: bool = True,
+) -> None:
+    """Listen on ``host:port`` and serve each connection with ``handler``
+    until SIGINT/SIGTERM (or cancellation). Started value: the bound address."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        task_status.started(bound)
+        if handle_signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("proxy_stopping signal=%s", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
