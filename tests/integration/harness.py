@@ -1,0 +1,206 @@
+"""Real processes for integration tests: a cluster, gateways, upstreams.
+
+Everything here starts an actual OS process over real sockets and waits for
+readiness by polling with a deadline (a ready file, a line on stdout), never
+by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+PASSWORD = "correct horse battery staple"
+
+
+def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0, what: str = "condition",
+             interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WICKET_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A child process whose output goes to a log file we can read back."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log_path = log
+        self._log = open(log, "ab")
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
+                                      stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+
+    def read_line(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        assert self.popen.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.popen.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"process exited ({self.popen.wait()}):\n{self.log()}")
+            m = re.search(pattern, line)
+            if m:
+                return m
+        raise TimeoutError(f"no line matching {pattern!r}:\n{self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+                raise AssertionError(f"{self.popen.args} ignored signal {sig}:\n{self.log()}")
+        if self.popen.stdout:
+            self.popen.stdout.close()
+        self._log.close()
+        return self.popen.returncode
+
+
+class Echo:
+    def __init__(self, tmp: Path) -> None:
+        self.proc = Proc([PY, "-m", "tests.servers.echo"], tmp / "echo.log", _env())
+        m = self.proc.read_line(r"listening on ([\d.]+):(\d+)")
+        self.host, self.port = m.group(1), int(m.group(2))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+CONFIG = """\
+[cluster]
+name = "test"
+state_dir = "{state}"
+listen = "127.0.0.1:{port}"
+session_ttl = "1h"
+max_session_ttl = "2h"
+
+[login]
+max_failures = 5
+failure_window = "5m"
+
+[roles.dev]
+[[roles.dev.allow]]
+labels = {{ env = "dev" }}
+
+[roles.nothing-dev]
+[[roles.nothing-dev.allow]]
+resources = ["*"]
+[[roles.nothing-dev.deny]]
+labels = {{ env = "dev" }}
+
+[resources.echo]
+kind = "tcp"
+address = "{echo}"
+labels = {{ env = "dev" }}
+"""
+
+
+class Cluster:
+    def __init__(self, tmp: Path, echo: Echo) -> None:
+        self.tmp = tmp
+        self.state = tmp / "cluster-state"
+        self.config = tmp / "cluster.toml"
+        self.port = 0
+        self.config.write_text(CONFIG.format(state=self.state, port=0, echo=echo.address))
+        self.proc: Proc | None = None
+        self.start()
+
+    def start(self) -> None:
+        ready = self.tmp / "cluster.ready"
+        ready.unlink(missing_ok=True)
+        self.proc = Proc([PY, "-m", "gateway.cli.cluster", "start", "--config", str(self.config),
+                          "--ready-file", str(ready)], self.tmp / "cluster.log", _env())
+
+        def is_ready():
+            if self.proc.popen.poll() is not None:
+                raise RuntimeError(f"cluster exited:\n{self.proc.log()}")
+            return ready.exists() and json.loads(ready.read_text())
+
+        info = wait_for(is_ready, what="cluster ready file")
+        self.address, self.pin = info["address"], info["pin"]
+        # Restart on the same port: gateways keep the address they logged in to.
+        self.port = int(self.address.rsplit(":", 1)[1])
+        self.config.write_text(re.sub(r'listen = "127.0.0.1:\d+"', f'listen = "127.0.0.1:{self.port}"',
+                                      self.config.read_text()))
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        return self.proc.stop()
+
+    def admin(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([PY, "-m", "gateway.cli.cluster", *args, "--config", str(self.config)],
+                           input=input, text=True, capture_output=True, env=_env(), cwd=ROOT, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"wicket-cluster {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+        return r
+
+    def add_user(self, name: str, roles: str, *extra: str) -> subprocess.CompletedProcess:
+        return self.admin("users", "add", name, "--roles", roles, "--password-stdin", *extra,
+                          input=PASSWORD + "\n")
+
+    def audit(self, **filters: str) -> list[dict]:
+        args = ["audit", "--format", "json"]
+        for k, v in filters.items():
+            args += [f"--{k}", v]
+        return [json.loads(line) for line in self.admin(*args).stdout.splitlines() if line]
+
+
+class Gateway:
+    """A user's profile directory and the wicket commands run against it."""
+
+    def __init__(self, tmp: Path, cluster: Cluster, name: str) -> None:
+        self.home = tmp / f"home-{name}"
+        self.tmp = tmp
+        self.cluster = cluster
+        self.user = name
+        self.proxies: list[Proc] = []
+
+    def env(self) -> dict[str, str]:
+        return _env(WICKET_HOME=str(self.home))
+
+    def run(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "gateway.cli.wicket", *args], input=input, text=True,
+                              capture_output=True, env=self.env(), cwd=ROOT, timeout=60)
+
+    def login(self, *extra: str, password: str = PASSWORD, pin: str | None = None) -> subprocess.CompletedProcess:
+        return self.run("login", self.cluster.address, "--user", self.user, "--ca-pin",
+                        pin or self.cluster.pin, "--password-stdin", *extra, input=password + "\n")
+
+    def proxy_tcp(self, resource: str) -> tuple[Proc, int]:
+        log = self.tmp / f"proxy-{self.user}-{resource}-{len(self.proxies)}.log"
+        proc = Proc([PY, "-m", "gateway.cli.wicket", "proxy", "tcp", resource, "--port", "0"], log, self.env())
+        self.proxies.append(proc)
+        port = int(proc.read_line(r"listening on [\d.]+:(\d+)").group(1))
+        return proc, port
+
+    def stop(self) -> None:
+        for p in self.proxies:
+            p.stop()

@@ -1,0 +1,352 @@
+"""The tcp route end to end: a real cluster process, the real `wicket` CLI and
+gateway process, a real echo upstream, clients over loopback sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import time
+
+import pytest
+import trio
+
+from tests.integration.harness import wait_for
+
+
+async def connect(port: int) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def roundtrip(port: int, payload: bytes) -> bytes:
+    async with await connect(port) as s:
+        await s.send_all(payload)
+        await s.send_eof()
+        out = bytearray()
+        async for chunk in s:
+            out += chunk
+        return bytes(out)
+
+
+async def refused(port: int) -> bool:
+    """The gateway closed the connection without relaying anything (a FIN, or
+    a reset because our bytes were left unread)."""
+    try:
+        return await roundtrip(port, b"hello") == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+def test_login_status_ls(make_gateway, cluster):
+    gw = make_gateway("dev")
+    st = gw.run("status", "--format", "json")
+    assert st.returncode == 0, st.stderr
+    doc = json.loads(st.stdout)
+    assert doc["user"] == gw.user and doc["roles"] == ["dev"] and doc["cluster"] == "test"
+    assert 3500 < doc["remaining_seconds"] <= 3600
+    ls = gw.run("ls", "--format", "json")
+    assert ls.returncode == 0, ls.stderr
+    assert json.loads(ls.stdout) == [{"name": "echo", "kind": "tcp", "labels": {"env": "dev"}}]
+    text = gw.run("ls")
+    assert "echo" in text.stdout and "env=dev" in text.stdout
+    # The key never left this machine and is private; the profile has no secret.
+    assert (gw.home / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert (gw.home).stat().st_mode & 0o777 == 0o700
+    assert "PRIVATE" not in (gw.home / "profile.json").read_text()
+    events = cluster.audit(user=gw.user, event="login")
+    assert [e["event"] for e in events] == ["login.ok"]
+
+
+def test_logout(make_gateway):
+    gw = make_gateway("dev")
+    assert gw.run("logout").returncode == 0
+    assert not (gw.home / "key.pem").exists()
+    st = gw.run("status")
+    assert st.returncode == 3 and "wicket login" in st.stderr
+
+
+async def test_bulk_100mib_each_way(make_gateway):
+    gw = make_gateway("dev")
+    _, port = gw.proxy_tcp("echo")
+    size = 100 * 1024 * 1024
+    rnd = random.Random(1)
+    block = rnd.randbytes(1 << 20)
+    sent, got = hashlib.sha256(), hashlib.sha256()
+    received = 0
+    async with await connect(port) as s:
+
+        async def send():
+            for i in range(size // len(block)):
+                chunk = block[i % 7 :] + block[: i % 7]  # vary content per MiB
+                sent.update(chunk)
+                await s.send_all(chunk)
+            await s.send_eof()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(send)
+            async for chunk in s:
+                got.update(chunk)
+                received += len(chunk)
+    assert received == size
+    assert got.hexdigest() == sent.hexdigest()
+
+
+async def test_half_close_is_carried(make_gateway):
+    gw = make_gateway("dev")
+    _, port = gw.proxy_tcp("echo")
+    # The echo server only answers EOF with EOF after echoing: if our
+    # shutdown(SHUT_WR) were not carried, this would hang (and time out).
+    with trio.fail_after(20):
+        assert await roundtrip(port, b"half-close works") == b"half-close works"
+        assert await roundtrip(port, b"") == b""
+
+
+async def test_200_concurrent_connections(make_gateway):
+    gw = make_gateway("dev")
+    _, port = gw.proxy_tcp("echo")
+    results = {}
+
+    async def one(i: int) -> None:
+        payload = os.urandom(1000 + i * 37)
+        results[i] = (await roundtrip(port, payload)) == payload
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as n:
+            for i in range(200):
+                n.start_soon(one, i)
+    assert len(results) == 200 and all(results.values())
+
+
+async def test_role_that_denies(make_gateway, cluster):
+    gw = make_gateway("nothing-dev")
+    assert json.loads(gw.run("ls", "--format", "json").stdout) == []
+    proc, port = gw.proxy_tcp("echo")
+    with trio.fail_after(20):
+        assert await refused(port)
+    wait_for(lambda: "code=access_denied" in proc.log(), what="denial in gateway log")
+    log = proc.log()
+    assert "nothing-dev" in log and "ask a cluster administrator" in log
+    denied = cluster.audit(user=gw.user, event="dial.denied")
+    assert denied and denied[-1]["code"] == "access_denied" and "nothing-dev" in denied[-1]["reason"]
+
+
+async def test_unknown_resource(make_gateway, cluster):
+    gw = make_gateway("dev")
+    proc, port = gw.proxy_tcp("no-such-thing")
+    with trio.fail_after(20):
+        assert await refused(port)
+    wait_for(lambda: "code=resource_not_found" in proc.log(), what="not-found in gateway log")
+
+
+def test_wrong_ca_pin(make_gateway):
+    gw = make_gateway("dev", login=False)
+    r = gw.login(pin="sha256:" + "ab" * 32)
+    assert r.returncode == 5
+    assert "does not match" in r.stderr and "wicket-cluster ca pin" in r.stderr
+    assert not (gw.home / "key.pem").exists()
+
+
+def test_login_without_pin_needs_terminal_or_insecure(make_gateway, cluster):
+    gw = make_gateway("dev", login=False)
+    r = gw.run("login", cluster.address, "--user", gw.user, "--password-stdin", input="x\n")
+    assert r.returncode == 5 and "--ca-pin" in r.stderr and cluster.pin in r.stderr
+    r = gw.run("login", cluster.address, "--user", gw.user, "--password-stdin", "--insecure",
+               input="correct horse battery staple\n")
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: --insecure" in r.stderr
+
+
+def test_bad_password_and_rate_limit(make_gateway, cluster):
+    gw = make_gateway("dev", login=False)
+    for _ in range(5):
+        r = gw.login(password="wrong password!!")
+        assert r.returncode == 4 and "invalid user name, password or TOTP code" in r.stderr
+    r = gw.login()  # the right password, but too many failures: refused
+    assert r.returncode == 4 and "too many failed logins" in r.stderr
+    reasons = [e["reason"] for e in cluster.audit(user=gw.user, event="login.failed")]
+    assert reasons.count("wrong password") == 5 and "rate limited" in reasons
+    # An unknown user gets the same answer as a wrong password.
+    r = gw.run("login", cluster.address, "--user", "nobody-here", "--ca-pin", cluster.pin,
+               "--password-stdin", input="whatever it is\n")
+    assert r.returncode == 4 and "invalid user name, password or TOTP code" in r.stderr
+
+
+def test_totp_login(tmp_path, cluster):
+    import base64
+    from urllib.parse import parse_qs, urlparse
+
+    from cryptography.hazmat.primitives.hashes import SHA1
+    from cryptography.hazmat.primitives.twofactor.totp import TOTP
+
+    from tests.integration.harness import Gateway
+
+    r = cluster.add_user("tina", "dev", "--totp")
+    uri = next(line for line in r.stdout.splitlines() if line.startswith("otpauth://totp/"))
+    assert "issuer=test" in uri
+    b32 = parse_qs(urlparse(uri).query)["secret"][0]
+    secret = base64.b32decode(b32 + "=" * (-len(b32) % 8), casefold=True)
+    gw = Gateway(tmp_path, cluster, "tina")
+    r = gw.login()
+    assert r.returncode == 4 and "--totp-code" in r.stderr
+    code = TOTP(secret, 6, SHA1(), 30).generate(time.time()).decode()
+    r = gw.login("--totp-code", code)
+    assert r.returncode == 0, r.stderr
+    r = gw.login("--totp-code", code)  # a code works once
+    assert r.returncode == 4
+    assert cluster.audit(user="tina", event="user.add")[-1]["totp"] is True
+
+
+async def test_expired_certificate(make_gateway, cluster):
+    gw = make_gateway("dev", login=False)
+    r = gw.login("--ttl", "3s")
+    assert r.returncode == 0, r.stderr
+    proc, port = gw.proxy_tcp("echo")
+    wait_for(lambda: gw.run("status").returncode == 3, timeout=30, what="the certificate to expire",
+             interval=0.2)
+    with trio.fail_after(20):
+        assert await refused(port)
+    wait_for(lambda: "wicket login" in proc.log() and "expired" in proc.log(), what="expiry in gateway log")
+
+
+async def test_expired_certificate_refused_by_cluster(make_gateway, cluster):
+    """The cluster refuses an expired certificate with a typed error, even when
+    a gateway does not check its own clock first."""
+    from gateway.identity import tlsconf
+    from gateway.local.client import Dialer, DialRefused
+    from gateway.local.profile import Profile
+    from protocols.dial import DialRequest
+    from protocols.errors import ErrorCode
+
+    gw = make_gateway("dev", login=False)
+    assert gw.login("--ttl", "2s").returncode == 0
+    profile = Profile.load(gw.home)
+    wait_for(lambda: gw.run("status").returncode == 3, timeout=30, what="expiry", interval=0.2)
+    with pytest.raises(DialRefused) as err:
+        await Dialer(profile, tlsconf.ALPN_TCP).dial(DialRequest(resource="echo"))
+    assert err.value.error.code is ErrorCode.CERT_EXPIRED
+    assert "wicket login" in err.value.error.message
+
+
+async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
+    gw = make_gateway("dev")
+    proc, port = gw.proxy_tcp("echo")
+    async with await connect(port) as s:
+        await s.send_all(b"ping")
+        assert await s.receive_some(100) == b"ping"
+        cluster.admin("users", "lock", gw.user, "--reason", "incident 42")
+        locked_at = time.monotonic()
+        with trio.fail_after(2.0):  # the spec: live sessions end within 2 s
+            while True:
+                try:
+                    data = await s.receive_some(100)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+        elapsed = time.monotonic() - locked_at
+    assert elapsed < 2.0
+    with trio.fail_after(20):
+        assert await refused(port)
+    wait_for(lambda: "code=user_locked" in proc.log(), what="lock refusal in gateway log")
+    assert "incident 42" in proc.log()
+    ended = cluster.audit(user=gw.user, event="session.end")
+    assert ended[-1]["reason"] == "user_locked"
+    assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4
+    cluster.admin("users", "unlock", gw.user)
+    with trio.fail_after(20):
+        assert await roundtrip(port, b"back") == b"back"
+    events = [e["event"] for e in cluster.audit(user=gw.user)]
+    assert "user.lock" in events and "user.unlock" in events
+
+
+async def test_session_audit(make_gateway, cluster):
+    gw = make_gateway("dev")
+    _, port = gw.proxy_tcp("echo")
+    assert await roundtrip(port, b"a" * 5000) == b"a" * 5000
+
+    def ended():
+        return [e for e in cluster.audit(user=gw.user, event="session.end")]
+
+    end = wait_for(ended, what="session.end audit event")[-1]
+    assert end["bytes_from_client"] == 5000 and end["bytes_to_client"] == 5000
+    assert end["duration"] >= 0 and end["resource"] == "echo"
+    start = cluster.audit(user=gw.user, event="session.start")[-1]
+    assert start["session_id"] == end["session_id"]
+    allowed = cluster.audit(user=gw.user, event="dial.allowed")[-1]
+    assert allowed["reason"] == "allowed by role 'dev'"
+    jsonl = (cluster.state / "audit.jsonl").read_text()
+    assert end["session_id"] in jsonl
+    assert (cluster.state / "audit.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_cluster_cli(cluster):
+    r = cluster.admin("resources", "add", "web", "--kind", "tcp", "--address", "127.0.0.1:9", "--label", "env=dev")
+    assert "saved" in r.stdout
+    rows = json.loads(cluster.admin("resources", "ls", "--format", "json").stdout)
+    assert {"name": "web", "kind": "tcp", "address": "127.0.0.1:9", "labels": {"env": "dev"},
+            "source": "cli"} in rows
+    assert cluster.admin("ca", "pin").stdout.strip() == cluster.pin
+    r = cluster.admin("users", "add", "Bad Name", "--password-stdin", input="x" * 20 + "\n", check=False)
+    assert r.returncode == 2
+    r = cluster.admin("users", "add", "shorty", "--password-stdin", input="short\n", check=False)
+    assert r.returncode == 1 and "12" in r.stderr
+    r = cluster.admin("roles", "add", "readers", "--allow-label", "env=dev", "--max-session-ttl", "1h")
+    roles = {x["name"]: x for x in json.loads(cluster.admin("roles", "ls", "--format", "json").stdout)}
+    assert roles["readers"]["source"] == "cli" and roles["dev"]["source"] == "config"
+    users = json.loads(cluster.admin("users", "ls", "--format", "json").stdout)
+    assert all("password" not in json.dumps(u) for u in users)
+
+
+def test_cluster_restart_keeps_state(tmp_path, echo):
+    from tests.integration.harness import Cluster, Gateway
+
+    c = Cluster(tmp_path, echo)
+    try:
+        c.add_user("carol", "dev")
+        gw = Gateway(tmp_path, c, "carol")
+        assert gw.login().returncode == 0
+        pin = c.pin
+        assert c.stop() == 0  # SIGTERM: a clean stop
+        assert "cluster_stopped" in c.proc.log()
+        c.start()
+        assert c.pin == pin  # the CAs survived
+        assert gw.run("ls", "--format", "json").returncode == 0  # the old certificate still works
+        assert gw.login().returncode == 0  # and a new login works
+        assert [u["name"] for u in json.loads(c.admin("users", "ls", "--format", "json").stdout)] == ["carol"]
+        assert (c.state / "wicket.db").stat().st_mode & 0o777 == 0o600
+        for key in ("user_ca.key", "host_ca.key", "host.key", "ssh_user_ca"):
+            assert (c.state / key).stat().st_mode & 0o777 == 0o600
+    finally:
+        c.stop()
+
+
+def test_cluster_health_without_cert(cluster):
+    import ssl
+
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection((host, int(port))) as raw, ctx.wrap_socket(raw) as s:
+        assert s.version() == "TLSv1.3"
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert b'"status":"ok"' in s.recv(4096)
+        s.sendall(b"GET /v1/whoami HTTP/1.1\r\nhost: x\r\n\r\n")
+        answer = s.recv(4096)
+        assert b"401" in answer.split(b"\r\n")[0] and b"cert_required" in answer
+
+
+def test_tls12_refused(cluster):
+    import ssl
+
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((host, int(port))) as raw:
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(raw).close()
