@@ -220,6 +220,41 @@ def ls(fmt: str) -> None:
 
 
 @main.command()
+@click.option("--ttl", help="Ask for a shorter session (e.g. 1h).")
+@format_option
+def renew(ttl: str | None, fmt: str) -> None:
+    """Swap the session certificate for a fresh one (new key, current roles)
+    without a password, up to the maximum session of the original login."""
+    profile = _load_profile()
+    try:
+        profile.check_fresh(utcnow())
+    except ProfileError as exc:
+        raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
+    body: dict[str, Any] = {}
+    if ttl:
+        try:
+            body["ttl_seconds"] = parse_duration(ttl)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    key = pki.generate_key()
+    body["public_key"] = key.public_key().public_bytes(
+        pki.serialization.Encoding.PEM, pki.serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+    answer = _run(client.api_call, profile, "POST", "/v1/renew", body)
+    profile = Profile.save(
+        profile.home, cluster_addr=profile.cluster_addr, cluster_name=profile.cluster_name,
+        user=profile.user, ca_pin=profile.ca_pin, key_pem=pki.key_to_pem(key),
+        cert_pem=answer["certificate"].encode("ascii"), ca_pem=profile.ca_path.read_bytes(),
+    )
+    identity = profile.identity()
+    if fmt == "json":
+        click.echo(json.dumps(_status_doc(profile, identity)))
+    else:
+        left = format_duration(identity.remaining(utcnow()).total_seconds())
+        click.echo(f"Renewed: {identity.user}, roles {', '.join(identity.roles) or '(none)'}, valid for {left}.")
+
+
+@main.command()
 def logout() -> None:
     """Delete the session key and certificate."""
     home = profiles.wicket_home()

@@ -59,6 +59,18 @@ def test_login_status_ls(make_gateway, cluster):
     assert [e["event"] for e in events] == ["login.ok"]
 
 
+def test_renew(make_gateway, cluster):
+    gw = make_gateway("dev")
+    before = (gw.home / "key.pem").read_bytes()
+    r = gw.run("renew", "--ttl", "10m", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert 500 < json.loads(r.stdout)["remaining_seconds"] <= 600
+    assert (gw.home / "key.pem").read_bytes() != before  # a new key each time
+    assert (gw.home / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert gw.run("ls").returncode == 0
+    assert cluster.audit(user=gw.user, event="login.renew")
+
+
 def test_logout(make_gateway):
     gw = make_gateway("dev")
     assert gw.run("logout").returncode == 0
