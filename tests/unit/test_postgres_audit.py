@@ -1,0 +1,449 @@
+"""protocols.postgres.audit: audit events from relayed frontend and backend streams."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols.errors import LocalProtocolError, RemoteProtocolError
+from protocols.postgres import messages as m
+from protocols.postgres.audit import (
+    BackendAuditor, BindEvent, CommandCompleteEvent, CopyDataEvent, CopyDirection,
+    CopyDoneEvent, CopyFailEvent, CopyResponseEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
+    FunctionCallEvent, MessageEvent, ParseEvent, QueryEvent, ReadyForQueryEvent, TerminateEvent,
+)
+from protocols.postgres.messages import NEED_DATA, ConnectionClosed
+
+fuzz = settings(derandomize=True, database=None, deadline=None, max_examples=200)
+IN, OUT = CopyDirection.IN, CopyDirection.OUT
+FEEDS = ("whole", "bytewise")
+
+
+def split(data: bytes, how: str) -> list[bytes]:
+    if how == "whole":
+        return [data] if data else []
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def pump(auditor: FrontendAuditor | BackendAuditor, chunks: Iterable[bytes]) -> list[object]:
+    events: list[object] = []
+    for chunk in chunks:
+        auditor.receive_data(chunk)
+        while (event := auditor.next_event()) is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, ConnectionClosed):
+                break
+    return events
+
+
+def enc(*messages: object) -> bytes:
+    return b"".join(x.encode() for x in messages)  # type: ignore[attr-defined]
+
+
+# --- frontend -----------------------------------------------------------------------------
+
+SESSION = enc(
+    m.Query(text="select 1"),
+    m.Parse(statement="s1", text="select $1::int", param_types=(23,)),
+    m.Bind(portal="p1", statement="s1", param_formats=(0,), values=(b"42",)),
+    m.Describe(kind="P", name="p1"),
+    m.Execute(portal="p1", max_rows=0),
+    m.Sync(),
+    m.Query(text="copy t from stdin"),
+    m.CopyData(data=b"1\n"), m.CopyData(data=b"22\n"), m.CopyData(data=b""),
+    m.CopyDone(),
+    m.Query(text="copy t from stdin"),
+    m.CopyData(data=b"x"),
+    m.CopyFail(message="nope"),
+    m.FunctionCall(oid=952, arg_formats=(1,), args=(b"\x00\x00\x00\x01",), result_format=1),
+    m.Close(kind="S", name="s1"),
+    m.Flush(),
+    m.Terminate(),
+)
+SESSION_EVENTS = [
+    QueryEvent(text="select 1", truncated=False, size=9),
+    ParseEvent(statement="s1", text="select $1::int", truncated=False, size=24, param_types=1),
+    BindEvent(portal="p1", statement="s1", param_count=1, param_formats=(0,), values=None,
+              truncated=False, size=20),
+    ExecuteEvent(portal="p1", max_rows=0),
+    QueryEvent(text="copy t from stdin", truncated=False, size=18),
+    CopyDataEvent(direction=IN, messages=3, bytes=5),
+    CopyDoneEvent(direction=IN),
+    QueryEvent(text="copy t from stdin", truncated=False, size=18),
+    CopyDataEvent(direction=IN, messages=1, bytes=1),
+    CopyFailEvent(message="nope", truncated=False),
+    FunctionCallEvent(oid=952, arg_count=1, size=20),
+    TerminateEvent(),
+]
+
+
+@pytest.mark.parametrize("how", FEEDS)
+@pytest.mark.parametrize("eof", (False, True))
+def test_frontend_session(how: str, eof: bool) -> None:
+    auditor = FrontendAuditor()
+    # Bytes after Terminate are not parsed (the server stops reading too).
+    events = pump(auditor, split(SESSION + b"\xff garbage", how) + ([b""] if eof else []))
+    assert events == SESSION_EVENTS + ([ConnectionClosed(clean=True)] if eof else [])
+    assert auditor.messages_seen == 18
+    assert auditor.bytes_seen == len(SESSION) + 9
+
+
+def test_frontend_report_all_and_bind_values() -> None:
+    auditor = FrontendAuditor(report_all=True, bind_values=True, max_value=3)
+    bind = m.Bind(portal="", statement="s", param_formats=(0, 1, 0),
+                  values=(b"12345", None, b"ab"), result_formats=(1,))
+    data = enc(bind,
+               m.Describe(kind="S", name="s"), m.Sync(), m.Flush(), m.Close(kind="P"))
+    data += b"p\x00\x00\x00\x08pw\x00\x00"  # never looked into, only counted
+    events = pump(auditor, [data])
+    assert events == [
+        BindEvent(portal="", statement="s", param_count=3, param_formats=(0, 1, 0),
+                  values=(b"123", None, b"ab"), truncated=True, size=len(bind.encode()) - 5),
+        MessageEvent(type_code=b"D", size=3), MessageEvent(type_code=b"S", size=0),
+        MessageEvent(type_code=b"H", size=0), MessageEvent(type_code=b"C", size=2),
+        MessageEvent(type_code=b"p", size=4),
+    ]
+    assert "12345" not in repr(BindEvent(portal="", statement="", param_count=1,
+                                         param_formats=(), values=(b"12345",),
+                                         truncated=False, size=0))
+
+
+def test_frontend_text_is_truncated() -> None:
+    auditor = FrontendAuditor(max_text=10)
+    events = pump(auditor, [enc(m.Query(text="select 1234567890"),
+                                m.Parse(statement="x" * 20, text="abcdefghijk"),
+                                m.CopyFail(message="f" * 11))])
+    assert events == [
+        QueryEvent(text="select 123", truncated=True, size=18),
+        ParseEvent(statement="x" * 10, text="abcdefghij", truncated=True, size=35,
+                   param_types=0),
+        CopyFailEvent(message="f" * 10, truncated=True),
+    ]
+
+
+def test_frontend_text_in_any_encoding() -> None:
+    # client_encoding may be LATIN1: never fail over text.
+    latin1 = m.frame(b"Q", "select 'café'".encode("latin-1") + b"\x00")
+    [event] = pump(FrontendAuditor(), [latin1])
+    assert isinstance(event, QueryEvent) and event.text == "select 'caf\ufffd'"
+
+
+def huge(type_code: bytes, head: bytes, total: int, filler: bytes = b"x") -> Iterable[bytes]:
+    """A message of ``total`` body bytes, ``head`` first, yielded in 64 KiB chunks
+    without ever being built whole."""
+    yield type_code + struct.pack(">I", 4 + total) + head
+    left = total - len(head)
+    block = filler * 65536
+    while left > 0:
+        step = min(left, 65536)
+        yield block[:step]
+        left -= step
+
+
+def test_oversized_query_keeps_a_prefix() -> None:
+    auditor = FrontendAuditor(max_text=100, max_message=1000)
+    text = b"select '" + b"y" * 5000 + b"'\x00"
+    events = pump(auditor, [m.frame(b"Q", text), m.Sync().encode()])
+    assert events == [QueryEvent(text="select '" + "y" * 92, truncated=True, size=len(text))]
+
+
+def test_oversized_parse_and_bind() -> None:
+    auditor = FrontendAuditor(max_text=16, max_message=64, bind_values=True)
+    parse = m.Parse(statement="s", text="t" * 2000, param_types=(23,)).encode()
+    named = m.Parse(statement="n" * 2000, text="x").encode()
+    bind = m.Bind(portal="p", statement="s", param_formats=(1,),
+                  values=(b"v" * 10, b"w" * 5000)).encode()
+    many_types = m.Parse(statement="s", text="t", param_types=(23,) * 1000).encode()
+    cut_names = m.Bind(portal="p" * 2000, statement="s").encode()
+    cut_statement = m.Bind(portal="", statement="s" * 2000).encode()
+    events = pump(auditor, [parse + named + many_types + bind + cut_names + cut_statement])
+    assert events == [
+        ParseEvent(statement="s", text="t" * 16, truncated=True, size=len(parse) - 5,
+                   param_types=None),
+        ParseEvent(statement="n" * 16, text="", truncated=True, size=len(named) - 5,
+                   param_types=None),
+        ParseEvent(statement="s", text="t", truncated=True, size=len(many_types) - 5,
+                   param_types=1000),
+        BindEvent(portal="p", statement="s", param_count=2, param_formats=(1,),
+                  values=(b"v" * 10, b"w" * 256), truncated=True, size=len(bind) - 5),
+        BindEvent(portal="p" * 16, statement="", param_count=None, param_formats=(),
+                  values=(), truncated=True, size=len(cut_names) - 5),
+        BindEvent(portal="", statement="s" * 16, param_count=None, param_formats=(),
+                  values=(), truncated=True, size=len(cut_statement) - 5),
+    ]
+
+
+def test_oversized_other_messages() -> None:
+    auditor = FrontendAuditor(max_text=4, max_message=8)
+    fcall = m.FunctionCall(oid=7, args=(b"a" * 3000,)).encode()
+    execute = m.Execute(portal="e" * 3000).encode()
+    fail = m.CopyFail(message="f" * 3000).encode()
+    describe = m.Describe(kind="S", name="d" * 3000).encode()
+    events = pump(auditor, [fcall + execute + fail + describe])
+    assert events == [
+        FunctionCallEvent(oid=7, arg_count=1, size=len(fcall) - 5),
+        ExecuteEvent(portal="eeee", max_rows=0),
+        CopyFailEvent(message="ffff", truncated=True),
+    ]
+
+
+def test_50_mib_bind_and_100_mib_copy_in_bounded_memory() -> None:
+    auditor = FrontendAuditor()
+    size = 50 * 1024 * 1024
+    # Bind: portal, statement, one format code (binary), one value of
+    # ``size - 24`` bytes, then no result format codes.
+    head = b"portal\x00stmt\x00" + b"\x00\x01\x00\x01\x00\x01" + struct.pack(">i", size - 24)
+    tracemalloc.start()
+    try:
+        events: list[object] = []
+        # The value's zero bytes run on into the (zero) result format count.
+        for chunk in huge(b"B", head, size, filler=b"\x00"):
+            events += pump(auditor, [chunk])
+        copy = 100 * 1024 * 1024
+        for _ in range(100):
+            for chunk in huge(b"d", b"", copy // 100):
+                events += pump(auditor, [chunk])
+        events += pump(auditor, [m.CopyDone().encode(), b""])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024  # the 1 MiB-bounded prefix plus chunks, not 50 MiB
+    assert events == [
+        BindEvent(portal="portal", statement="stmt", param_count=1, param_formats=(1,),
+                  values=None, truncated=True, size=size),
+        CopyDataEvent(direction=IN, messages=100, bytes=copy),
+        CopyDoneEvent(direction=IN),
+        ConnectionClosed(clean=True),
+    ]
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"?\x00\x00\x00\x04", "invalid frontend message type"),
+    (b"Q\x00\x00\x00\x03", "invalid message length"),
+    (b"S\x00\x00\x00\x05x", "invalid length"),
+    (b"X\x00\x00\x00\x05x", "invalid length"),
+    (m.frame(b"Q", b"select 1"), "without its NUL"),
+    (m.frame(b"Q", b"a\x00b"), "trailing"),
+    (m.frame(b"P", b"s\x00q\x00\x00"), "truncated"),
+    (m.frame(b"B", b"\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00"), "format count"),
+    (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\xff\xff\xff\xfe\x00\x00"), "negative length"),
+    (m.frame(b"B", b"\x00\x00\x00\x01\x00\x07\x00\x00\x00\x00"), "format code"),
+    (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x0aab"), "truncated"),
+    (m.frame(b"E", b"\x00\x00\x00"), "truncated"),
+    (m.frame(b"D", b"X\x00"), "statement or a portal"),
+    (m.frame(b"F", b"\x00\x00\x00\x01\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00"), "format count"),
+    (m.frame(b"F", b"\x00\x00\x00\x01\x00\x00\x00\x01\xff\xff\xff\xf0\x00\x00"),
+     "negative length"),
+    (m.frame(b"F", b"\x00\x00\x00\x01\x00\x00\x00\x00\x00\x05"), "result format"),
+])
+def test_frontend_malformed(data: bytes, words: str) -> None:
+    auditor = FrontendAuditor()
+    # Events before the error come out first.
+    assert pump(auditor, [m.Query(text="ok").encode()]) == [
+        QueryEvent(text="ok", truncated=False, size=3)]
+    auditor.receive_data(m.Query(text="before").encode() + data + m.Sync().encode())
+    assert auditor.next_event() == QueryEvent(text="before", truncated=False, size=7)
+    with pytest.raises(RemoteProtocolError) as info:
+        auditor.next_event()
+    assert words in info.value.message and info.value.wire_hint == "08P01"
+    # Poisoned: more bytes are ignored, the error repeats, EOF adds nothing.
+    auditor.receive_data(m.Query(text="after").encode())
+    auditor.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        auditor.next_event()
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_frontend_eof(how: str) -> None:
+    auditor = FrontendAuditor()
+    data = enc(m.Query(text="copy"), m.CopyData(data=b"abc"))
+    events = pump(auditor, split(data + m.CopyData(data=b"abcdef").encode()[:7], how) + [b""])
+    assert events == [QueryEvent(text="copy", truncated=False, size=5),
+                      CopyDataEvent(direction=IN, messages=2, bytes=9),
+                      ConnectionClosed(clean=False)]
+    assert auditor.next_event() == ConnectionClosed(clean=False)
+    auditor.receive_data(b"")  # a second EOF is harmless
+    with pytest.raises(LocalProtocolError):
+        auditor.receive_data(b"x")
+
+
+def test_auditor_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        FrontendAuditor(max_text=0)
+    with pytest.raises(ValueError):
+        BackendAuditor(max_message=0)
+
+
+@fuzz
+@given(cuts=st.lists(st.integers(min_value=1, max_value=len(SESSION) - 1), max_size=20))
+def test_frontend_any_chunking(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(SESSION)]
+    chunks = [SESSION[a:b] for a, b in zip(bounds, bounds[1:]) if a < b]
+    assert pump(FrontendAuditor(), chunks) == SESSION_EVENTS
+
+
+@fuzz
+@given(data=st.binary(max_size=200), eof=st.booleans(), small=st.booleans())
+def test_frontend_fuzz(data: bytes, eof: bool, small: bool) -> None:
+    auditor = FrontendAuditor(max_text=4, max_message=16) if small else FrontendAuditor(
+        report_all=True, bind_values=True)
+    try:
+        pump(auditor, [data] + ([b""] if eof else []))
+    except RemoteProtocolError:
+        pass
+
+
+@fuzz
+@given(messages=st.lists(st.sampled_from([
+    m.Query(text="q" * 30), m.Parse(statement="s" * 20, text="t" * 30, param_types=(1, 2)),
+    m.Bind(portal="p", statement="s", param_formats=(1,), values=(b"v" * 30, None)),
+    m.Execute(portal="e" * 30), m.FunctionCall(oid=1, args=(b"a" * 30,)),
+    m.CopyFail(message="f" * 30), m.Describe(kind="S", name="d" * 30),
+]), max_size=6), cut=st.integers(min_value=0, max_value=400))
+def test_frontend_fuzz_small_limits(messages: list[object], cut: int) -> None:
+    # Limits that force the prefix path: whatever the cut, never a crash.
+    data = enc(*messages)
+    if not data:
+        return
+    auditor = FrontendAuditor(max_text=3, max_message=8)
+    events = pump(auditor, [data[:cut], data[cut:]] if 0 < cut < len(data) else [data])
+    assert len(events) == len(messages) - sum(isinstance(x, m.Describe) for x in messages)
+
+
+# --- backend --------------------------------------------------------------------------------
+
+
+ERROR = m.ErrorResponse.create(severity="ERROR", sqlstate="42P01",
+                               message='relation "nope" does not exist', P="15")
+BACKEND_SESSION = enc(
+    m.ParameterStatus(name="a", value="b"),  # skipped
+    ERROR,
+    m.ReadyForQuery(status="I"),
+    m.CommandComplete(tag="SELECT 1"),
+    m.CopyOutResponse(format=0, column_formats=(0, 0)),
+    m.CopyData(data=b"1\t2\n"), m.CopyData(data=b"3\t4\n"),
+    m.CopyDone(),
+    m.CommandComplete(tag="COPY 2"),
+    m.CopyInResponse(format=1, column_formats=(1,)),
+    m.CopyBothResponse(),
+    m.NoticeResponse.create(severity="NOTICE", sqlstate="00000", message="n"),  # skipped
+    m.ReadyForQuery(status="T"),
+) + b"D\x00\x00\x00\x0a\x00\x01\x00\x00\x00\x00" + b"~\x00\x00\x00\x04"  # DataRow, unknown
+BACKEND_EVENTS = [
+    ErrorEvent(severity="ERROR", sqlstate="42P01", message='relation "nope" does not exist',
+               truncated=False),
+    ReadyForQueryEvent(status="I"),
+    CommandCompleteEvent(tag="SELECT 1"),
+    CopyResponseEvent(direction=OUT, format=0, columns=2),
+    CopyDataEvent(direction=OUT, messages=2, bytes=8),
+    CopyDoneEvent(direction=OUT),
+    CommandCompleteEvent(tag="COPY 2"),
+    CopyResponseEvent(direction=IN, format=1, columns=1),
+    CopyResponseEvent(direction=CopyDirection.BOTH, format=0, columns=0),
+    ReadyForQueryEvent(status="T"),
+]
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_backend_session(how: str) -> None:
+    auditor = BackendAuditor()
+    events = pump(auditor, split(BACKEND_SESSION, how) + [b""])
+    assert events == BACKEND_EVENTS + [ConnectionClosed(clean=True)]
+
+
+def test_backend_error_fields() -> None:
+    old = m.ErrorResponse(fields={"S": "ERROR", "M": "m"})
+    nothing = m.ErrorResponse(fields={})
+    events = pump(BackendAuditor(max_text=5), [enc(old, nothing, ERROR)])
+    assert events == [
+        ErrorEvent(severity="ERROR", sqlstate=None, message="m", truncated=False),
+        ErrorEvent(severity=None, sqlstate=None, message="", truncated=False),
+        ErrorEvent(severity="ERROR", sqlstate="42P01", message="relat", truncated=True),
+    ]
+
+
+def test_backend_oversized_messages() -> None:
+    auditor = BackendAuditor(max_text=8, max_message=16)
+    early = m.ErrorResponse(fields={"S": "ERROR", "C": "XX000", "M": "x" * 5000})
+    late = m.ErrorResponse(fields={"M": "y" * 2000, "S": "FATAL"})
+    # A prefix (max_text + 1 KiB) that ends right after a whole field.
+    cut_code = m.ErrorResponse(fields={"D": "d" * 1030, "M": "m"})
+    tag = m.CommandComplete(tag="T" * 3000)
+    copy = m.CopyOutResponse(format=1, column_formats=(1,) * 1000)
+    events = pump(auditor, [enc(early, late, cut_code, tag, copy)])
+    assert events == [
+        ErrorEvent(severity="ERROR", sqlstate="XX000", message="x" * 8, truncated=True),
+        ErrorEvent(severity=None, sqlstate=None, message="y" * 8, truncated=True),
+        ErrorEvent(severity=None, sqlstate=None, message="", truncated=True),
+        CommandCompleteEvent(tag="T" * 8),
+        CopyResponseEvent(direction=OUT, format=1, columns=-1),
+    ]
+
+
+@pytest.mark.parametrize("data", [
+    b"Z\x00\x00\x00\x04",
+    b"Z\x00\x00\x00\x05X",
+    b"c\x00\x00\x00\x05x",
+    m.frame(b"E", b"SERROR\x00"),
+    m.frame(b"E", b"SERROR"),
+    m.frame(b"C", b"tag"),
+    m.frame(b"C", b"tag\x00x"),
+    m.frame(b"H", b"\x02\x00\x00"),
+    m.frame(b"H", b"\x00\x00\x01\x00\x03"),
+    m.frame(b"G", b"\x00\x00\x00x"),
+    b"D\x00\x00\x00\x02",
+])
+def test_backend_malformed(data: bytes) -> None:
+    auditor = BackendAuditor()
+    auditor.receive_data(data)
+    with pytest.raises(RemoteProtocolError) as info:
+        auditor.next_event()
+    assert info.value.wire_hint == "08P01"
+
+
+def test_backend_100_mib_copy_out() -> None:
+    auditor = BackendAuditor()
+    events = pump(auditor, [m.CopyOutResponse().encode()])
+    for _ in range(4):
+        for chunk in huge(b"d", b"", 25 * 1024 * 1024):
+            events += pump(auditor, [chunk])
+    events += pump(auditor, [b"D\x00\x00\x00\x06\x00\x00" * 3, m.CopyDone().encode()])
+    assert events == [CopyResponseEvent(direction=OUT, format=0, columns=0),
+                      CopyDataEvent(direction=OUT, messages=4, bytes=100 * 1024 * 1024),
+                      CopyDoneEvent(direction=OUT)]
+
+
+@fuzz
+@given(cuts=st.lists(st.integers(min_value=1, max_value=len(BACKEND_SESSION) - 1),
+                     max_size=20))
+def test_backend_any_chunking(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(BACKEND_SESSION)]
+    chunks = [BACKEND_SESSION[a:b] for a, b in zip(bounds, bounds[1:]) if a < b]
+    assert pump(BackendAuditor(), chunks) == BACKEND_EVENTS
+
+
+@fuzz
+@given(data=st.binary(max_size=200), eof=st.booleans(), small=st.booleans())
+def test_backend_fuzz(data: bytes, eof: bool, small: bool) -> None:
+    auditor = BackendAuditor(max_text=4, max_message=8) if small else BackendAuditor()
+    try:
+        pump(auditor, [data] + ([b""] if eof else []))
+    except RemoteProtocolError:
+        pass
+
+
+@fuzz
+@given(messages=st.lists(st.sampled_from([
+    ERROR, m.CommandComplete(tag="INSERT 0 1"), m.CopyOutResponse(column_formats=(0, 0, 0)),
+    m.ReadyForQuery(), m.CopyData(data=b"row"), m.CopyDone(),
+    m.ErrorResponse(fields={"M": "m" * 40, "S": "ERROR", "C": "XX000"}),
+]), max_size=8), cut=st.integers(min_value=0, max_value=500))
+def test_backend_fuzz_small_limits(messages: list[object], cut: int) -> None:
+    data = enc(*messages)
+    auditor = BackendAuditor(max_text=3, max_message=6)
+    pump(auditor, [data[:cut], data[cut:]] if 0 < cut < len(data) else [data])
