@@ -173,6 +173,25 @@ def ca_pin(config_path: Path) -> None:
     click.echo(pki.public_key_pin(cert.public_key()))
 
 
+_CA_FILES = {"host": "host_ca.crt", "user": "user_ca.crt", "db-client": "db_client_ca.crt",
+             "ssh-user": "ssh_user_ca.pub"}
+
+
+@ca.command("show")
+@config_option
+@click.argument("which", type=click.Choice(list(_CA_FILES)))
+def ca_show(config_path: Path, which: str) -> None:
+    """Print a CA's public certificate (or SSH public key).
+
+    db-client is what a database's ssl_ca_file must trust for `auth = cert`;
+    ssh-user is what sshd's TrustedUserCAKeys must list."""
+    config = load_config(config_path)
+    path = config.state_dir / _CA_FILES[which]
+    if not path.exists():
+        raise click.ClickException(f"no {which} CA in {config.state_dir}; start the cluster once to create it")
+    click.echo(path.read_text(), nl=False)
+
+
 # -- users -------------------------------------------------------------------
 
 
@@ -343,15 +362,31 @@ def resources() -> None:
 @click.option("--kind", type=click.Choice(list(cfg.RESOURCE_KINDS)), default="tcp", show_default=True)
 @click.option("--address", required=True, help="HOST:PORT of the upstream, as the cluster reaches it.")
 @click.option("--label", multiple=True, help="KEY=VALUE label (repeatable).")
-def resources_add(config_path: Path, name: str, kind: str, address: str, label: tuple[str, ...]) -> None:
+@click.option("--tls", type=click.Choice(["disable", "require", "verify-full"]),
+              help="postgres: TLS to the server (default verify-full).")
+@click.option("--ca-file", help="postgres: CA that signed the server's certificate (for verify-full).")
+@click.option("--server-name", help="postgres: name to verify in the server's certificate.")
+@click.option("--auth", type=click.Choice(["cert", "password"]),
+              help="postgres: how the cluster logs in upstream (default cert).")
+@click.option("--password-ref", multiple=True,
+              help="postgres, auth=password: DB_USER=env:NAME or DB_USER=file:PATH ('*' for any user).")
+def resources_add(config_path: Path, name: str, kind: str, address: str, label: tuple[str, ...],
+                  tls: str | None, ca_file: str | None, server_name: str | None, auth: str | None,
+                  password_ref: tuple[str, ...]) -> None:
     """Create or replace resource NAME."""
+    spec: dict[str, Any] = {}
+    for key, value in (("tls", tls), ("ca_file", ca_file), ("server_name", server_name), ("auth", auth)):
+        if value is not None:
+            spec[key] = value
+    if password_ref:
+        spec["passwords"] = _labels(password_ref)
     try:
-        cfg.validate_resource(name, kind, address)
+        spec = cfg.validate_resource(name, kind, address, spec)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     with _Admin(config_path) as admin:
         admin.store.put_resource(Resource(name=name, kind=kind, address=address, labels=_labels(label),
-                                          spec={}, source="cli"))
+                                          spec=spec, source="cli"))
         admin.audit.write("resource.put", None, {"resource": name, "kind": kind, "address": address})
     click.echo(f"resource {name} ({kind} {address}) saved")
 
@@ -403,13 +438,15 @@ def _since(value: str | None) -> float | None:
 @click.option("--since", help="Only events newer than this: a duration ago (30m, 2h) or an ISO time.")
 @click.option("--user", help="Only this user's events.")
 @click.option("--event", "event_prefix", help="Only events starting with this (e.g. session., dial.denied).")
-@click.option("--limit", type=click.IntRange(1, 100000), default=1000, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100000), default=1000, show_default=True,
+              help="Show at most this many of the newest matching events.")
 @format_option
 def audit(config_path: Path, since: str | None, user: str | None, event_prefix: str | None,
           limit: int, fmt: str) -> None:
     """Show the audit log."""
     with _Admin(config_path) as admin:
-        events = admin.store.query_audit(since=_since(since), user=user, event_prefix=event_prefix, limit=limit)
+        events = admin.store.query_audit(since=_since(since), user=user, event_prefix=event_prefix, limit=limit,
+                                         latest=True)
     if fmt == "json":
         for e in events:
             click.echo(json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user,

@@ -269,33 +269,30 @@ def proxy() -> None:
     """Open a local port to a resource."""
 
 
-@proxy.command("tcp")
-@click.argument("name")
-@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
-              help="Local port; 0 picks a free one and prints it.")
-@click.option("--bind", default="127.0.0.1", show_default=True, help="Local address to listen on.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def proxy_tcp(name: str, port: int, bind: str, log_format: str) -> None:
-    """Relay connections on a local port to TCP resource NAME."""
-    from gateway import logs
-    from gateway.local.proxy import TcpProxy, run_listener
+def _listen_options(f: Callable) -> Callable:
+    f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                     show_default=True, help="Log lines as key=value text or JSON.")(f)
+    f = click.option("--bind", default="127.0.0.1", show_default=True, help="Local address to listen on.")(f)
+    f = click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+                     help="Local port; 0 picks a free one and prints it.")(f)
+    return f
 
-    logs.setup(log_format)
-    profile = _load_profile()
-    try:
-        identity = profile.check_fresh(utcnow())
-    except ProfileError as exc:
-        raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
-    tcp = TcpProxy(profile, name)
+
+def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identity: pki.Identity,
+           try_line: Callable[[str, int], str]) -> None:
+    """Listen and serve until Ctrl-C / SIGTERM; print the address (stdout)
+    and the line to try (stderr)."""
+    from gateway.local.proxy import run_listener
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             host, bound_port = (await nursery.start(
-                functools.partial(run_listener, tcp.handle, host=bind, port=port)
+                functools.partial(run_listener, handler, host=bind, port=port)
             ))[:2]
             left = format_duration(identity.remaining(utcnow()).total_seconds())
             click.echo(f"Proxying {name} on {host}:{bound_port} as {identity.user} (session valid for {left}). "
                        f"Ctrl-C stops.", err=True)
+            click.echo(try_line(host, bound_port), err=True)
             click.echo(json.dumps({"resource": name, "host": host, "port": bound_port})
                        if log_format == "json" else f"listening on {host}:{bound_port}")
             sys.stdout.flush()
@@ -304,6 +301,63 @@ def proxy_tcp(name: str, port: int, bind: str, log_format: str) -> None:
         trio.run(serve)
     except OSError as exc:
         raise WicketError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+
+
+def _fresh_identity(profile: Profile) -> pki.Identity:
+    try:
+        return profile.check_fresh(utcnow())
+    except ProfileError as exc:
+        raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
+
+
+@proxy.command("tcp")
+@click.argument("name")
+@_listen_options
+def proxy_tcp(name: str, port: int, bind: str, log_format: str) -> None:
+    """Relay connections on a local port to TCP resource NAME."""
+    from gateway import logs
+    from gateway.local.proxy import TcpProxy
+
+    logs.setup(log_format)
+    profile = _load_profile()
+    identity = _fresh_identity(profile)
+    tcp = TcpProxy(profile, name)
+    _serve(name, tcp.handle, bind=bind, port=port, log_format=log_format, identity=identity,
+           try_line=lambda host, p: f"Try: nc {host} {p}")
+
+
+@proxy.command("db")
+@click.argument("name")
+@_listen_options
+@click.option("--db-user", help="Database user for every connection (default: what the client asks for).")
+@click.option("--db-name", help="Database for every connection (default: what the client asks for).")
+@click.option("--local-tls", is_flag=True,
+              help="Offer TLS to local clients (sslmode=require / verify-full) with the gateway's local CA.")
+def proxy_db(name: str, port: int, bind: str, log_format: str, db_user: str | None, db_name: str | None,
+             local_tls: bool) -> None:
+    """Serve PostgreSQL resource NAME on a local port: no password asked,
+    the cluster logs in upstream as the db user."""
+    from gateway import logs
+    from gateway.identity import tlsconf
+    from gateway.local.client import Dialer
+    from gateway.local.localtls import local_server_context
+    from gateway.local.pg import PostgresProxy
+
+    logs.setup(log_format)
+    profile = _load_profile()
+    identity = _fresh_identity(profile)
+    tls_context, ca_path = (local_server_context(profile.home) if local_tls else (None, None))
+    pg = PostgresProxy(Dialer(profile, tlsconf.ALPN_POSTGRES), name, db_user=db_user, db_name=db_name,
+                       tls_context=tls_context)
+
+    def try_line(host: str, p: int) -> str:
+        user = db_user or identity.user
+        conninfo = f"host={host} port={p} user={user} dbname={db_name or user}"
+        if local_tls:
+            conninfo += f" sslmode=verify-full sslrootcert={ca_path}"
+        return f'Try: psql "{conninfo}"'
+
+    _serve(name, pg.handle, bind=bind, port=port, log_format=log_format, identity=identity, try_line=try_line)
 
 
 @main.command()

@@ -28,6 +28,10 @@ class AuditLog:
             line = {"time": round(now, 6), "event": event, "user": user, **fields}
             self._file.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
 
+    def write_many(self, events: list[tuple[str, str | None, dict[str, Any], float]]) -> None:
+        for event, user, fields, now in events:
+            self.write(event, user, fields, now)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -13,11 +13,12 @@ from typing import Any, Mapping
 
 import attrs
 
+from gateway.cluster import resource_specs
 from gateway.cluster.rbac import Role, RoleError
 from gateway.durations import parse_duration
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-RESOURCE_KINDS = ("tcp",)
+RESOURCE_KINDS = resource_specs.KINDS
 
 
 class ConfigError(ValueError):
@@ -76,13 +77,16 @@ def validate_name(what: str, name: str) -> str:
     return name
 
 
-def validate_resource(name: str, kind: str, address: str) -> None:
+def validate_resource(name: str, kind: str, address: str, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Check a resource; return its normalized kind-specific settings."""
     validate_name("resource", name)
-    if kind not in RESOURCE_KINDS:
-        raise ValueError(f"resource {name!r}: kind {kind!r} is not one of {', '.join(RESOURCE_KINDS)}")
     host, port = parse_hostport(address)
     if port == 0:
         raise ValueError(f"resource {name!r}: address needs a port other than 0")
+    try:
+        return resource_specs.check(kind, spec or {})
+    except resource_specs.SpecError as exc:
+        raise ValueError(f"resource {name!r}: {exc}") from None
 
 
 def load(path: Path) -> ClusterConfig:
@@ -190,11 +194,11 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
         ):
             raise fail(f"resources.{rname}.labels", "expected a table of string = string")
+        extra = {k: v for k, v in spec.items() if k not in ("kind", "address", "labels")}
         try:
-            validate_resource(rname, kind, address)
+            extra = validate_resource(rname, kind, address, extra)
         except ValueError as exc:
             raise fail(f"resources.{rname}", str(exc)) from None
-        extra = {k: v for k, v in spec.items() if k not in ("kind", "address", "labels")}
         resources.append(ResourceSpec(name=rname, kind=kind, address=address, labels=dict(labels), extra=extra))
 
     return ClusterConfig(

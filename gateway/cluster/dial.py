@@ -1,4 +1,4 @@
-"""The cluster's data routes: read the dial, decide, connect, relay.
+"""The cluster's data routes: read the dial, decide, open the upstream, relay.
 
 Theory of operation
 -------------------
@@ -12,26 +12,35 @@ byte moves, the cluster checks, in order:
 3. the resource exists (``resource_not_found``) and is of the route's kind;
 4. the user's roles allow it with these parameters, deny winning
    (``access_denied`` with the reason);
-5. the upstream answers within the connect timeout (``upstream_unreachable``).
+5. the route's kind opens the upstream (TCP connect; for PostgreSQL also TLS
+   and the login as the db user), or refuses (``upstream_unreachable``...).
 
 Any refusal is a typed DialError frame, audited as ``dial.denied``. On
-success the cluster answers DialAccept and relays; the session runs inside a
-cancel scope registered with :class:`~gateway.cluster.core.Cluster`, so a lock
-cancels it, and its deadline is the certificate's expiry.
+success the cluster answers DialAccept, sends whatever the kind produced for
+the client first (PostgreSQL: AuthenticationOk ... ReadyForQuery), and
+relays. The session runs inside a cancel scope registered with
+:class:`~gateway.cluster.core.Cluster`, so a lock cancels it, and its
+deadline is the certificate's expiry.
+
+What differs per kind lives in a :class:`RouteKind`; this module is the one
+place the checks and the session bookkeeping are written.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
+import attrs
 import trio
 
 from gateway.cluster import rbac
 from gateway.cluster.config import parse_hostport
-from gateway.cluster.core import Cluster
-from gateway.identity.pki import utcnow
+from gateway.cluster.core import Cluster, LiveSession
+from gateway.cluster.store import Resource
 from gateway.identity import pki
+from gateway.identity.pki import utcnow
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
@@ -43,11 +52,98 @@ DIAL_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 READ_CHUNK = 64 * 1024
 
+Tap = Callable[[bytes], None]
+
 
 class Refused(Exception):
+    """Turn the dial down with a typed error (and audit why)."""
+
     def __init__(self, code: ErrorCode, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.reason = code, message, reason or message
+
+
+@attrs.define(eq=False)
+class Opened:
+    """An upstream ready for the relay."""
+
+    upstream: trio.abc.HalfCloseableStream
+    #: Bytes for the gateway right after the accept (e.g. the server's
+    #: AuthenticationOk ... ReadyForQuery after the cluster logged in).
+    first_bytes: bytes = b""
+    #: Called with every chunk gateway -> upstream / upstream -> gateway.
+    tap_client: Tap | None = None
+    tap_server: Tap | None = None
+    #: Called once the relay is over (flush an auditor, say).
+    finish: Callable[[], None] | None = None
+    #: Extra fields for session.start.
+    details: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+class RouteKind(Protocol):
+    kind: str
+
+    def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
+        """Validate/complete the dial parameters that RBAC will see."""
+
+    async def open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
+                   session: LiveSession) -> Opened:
+        """Open the upstream (raise :class:`Refused`)."""
+
+    async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
+                      identity: pki.Identity) -> str | None:
+        """Handle a control dial (no session: e.g. a PostgreSQL cancel).
+        Return None if ``request`` is an ordinary dial, else an audit reason."""
+
+
+async def connect_tcp(resource: Resource) -> trio.SocketStream:
+    host, port = parse_hostport(resource.address)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise Refused(
+            ErrorCode.UPSTREAM_UNREACHABLE,
+            f"{resource.name} ({resource.address}) is not reachable from the cluster: "
+            f"{getattr(exc, 'strerror', None) or type(exc).__name__}; check that it is running",
+        ) from None
+
+
+class TcpKind:
+    kind = "tcp"
+
+    def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
+        return dict(request.params)
+
+    async def open(self, cluster, resource, params, session) -> Opened:
+        return Opened(upstream=await connect_tcp(resource))
+
+    async def control(self, cluster, resource, request, identity) -> str | None:
+        return None
+
+
+class TappedStream(trio.abc.HalfCloseableStream):
+    """Shows every received chunk to ``tap`` (the audit parsers) unchanged."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, tap: Tap) -> None:
+        self.inner, self._tap = inner, tap
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self._tap(data)
+        return data
+
+    async def send_all(self, data) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def read_dial(stream: TLSStream, conn: DialConnection) -> DialRequest:
@@ -57,13 +153,12 @@ async def read_dial(stream: TLSStream, conn: DialConnection) -> DialRequest:
             if event is NEED_DATA:
                 conn.receive_data(await stream.receive_some(READ_CHUNK))
                 continue
-            if isinstance(event, DialRequest):
-                return event
-            raise RemoteProtocolError("expected a dial request", code=ErrorCode.BAD_REQUEST)
+            assert isinstance(event, DialRequest)  # a server connection yields nothing else
+            return event
 
 
-async def handle_tcp(cluster: Cluster, stream: TLSStream, *, kind: str, client_addr: str) -> None:
-    """Serve one data-route connection for resources of ``kind``."""
+async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, client_addr: str) -> None:
+    """Serve one data-route connection for resources of ``kind.kind``."""
     conn = DialConnection(Role.SERVER)
     try:
         request = await read_dial(stream, conn)
@@ -75,9 +170,9 @@ async def handle_tcp(cluster: Cluster, stream: TLSStream, *, kind: str, client_a
         return
 
     user_name = None
-    audit_fields = {
+    audit_fields: dict[str, Any] = {
         "resource": request.resource,
-        "kind": kind,
+        "kind": kind.kind,
         "client_addr": client_addr,
         "local_client": request.client_addr,
         "params": dict(request.params),
@@ -94,13 +189,15 @@ async def handle_tcp(cluster: Cluster, stream: TLSStream, *, kind: str, client_a
                 ErrorCode.RESOURCE_NOT_FOUND,
                 f"no resource named {request.resource!r}; `wicket ls` lists the ones you can reach",
             )
-        if resource.kind != kind:
+        if resource.kind != kind.kind:
             raise Refused(
                 ErrorCode.BAD_REQUEST,
-                f"resource {resource.name!r} is of kind {resource.kind}, not {kind}; "
-                f"use `wicket proxy {resource.kind} {resource.name}`",
+                f"resource {resource.name!r} is of kind {resource.kind}, not {kind.kind}; "
+                f"use `wicket proxy {'db' if resource.kind == 'postgres' else resource.kind} {resource.name}`",
             )
-        decision = rbac.decide(roles, resource.name, resource.labels, dict(request.params))
+        params = kind.check_params(request, identity)
+        audit_fields["params"] = params
+        decision = rbac.decide(roles, resource.name, resource.labels, params)
         if not decision.allowed:
             raise Refused(
                 ErrorCode.ACCESS_DENIED,
@@ -108,42 +205,56 @@ async def handle_tcp(cluster: Cluster, stream: TLSStream, *, kind: str, client_a
                 f"that allows it",
                 reason=decision.reason,
             )
-        host, port = parse_hostport(resource.address)
+        control = await kind.control(cluster, resource, request, identity)
+        if control is not None:
+            await cluster.audit("dial.control", user_name, **audit_fields, reason=control)
+            await _send_quietly(stream, conn.send(DialAccept(session_id="-")))
+            return
+        session = cluster.new_session(user_name, resource.name, kind.kind)
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as exc:
-            raise Refused(
-                ErrorCode.UPSTREAM_UNREACHABLE,
-                f"{resource.name} ({resource.address}) is not reachable from the cluster: "
-                f"{getattr(exc, 'strerror', None) or type(exc).__name__}; check that it is running",
-            ) from None
+            opened = await kind.open(cluster, resource, params, session)
+        except BaseException:
+            cluster.end_session(session)
+            raise
     except Refused as refusal:
         await cluster.audit("dial.denied", user_name, **audit_fields, code=refusal.code.value,
                             reason=refusal.reason)
         await _send_quietly(stream, conn.send(DialError(code=refusal.code, message=refusal.message)))
         return
 
-    session = cluster.new_session(user_name, resource.name, kind)
     await cluster.audit("dial.allowed", user_name, **audit_fields, session_id=session.id,
                         reason=decision.reason)
+    await _run_session(cluster, stream, conn, session, opened, identity, client_addr)
+
+
+async def _run_session(cluster: Cluster, stream: TLSStream, conn: DialConnection, session: LiveSession,
+                       opened: Opened, identity: pki.Identity, client_addr: str) -> None:
     counters = RelayCounters()
     trailing = b""
     stats = None
+    upstream = opened.upstream
     async with upstream:
         started = time.monotonic()
-        await cluster.audit("session.start", user_name, session_id=session.id,
-                            resource=resource.name, kind=kind, client_addr=client_addr)
+        await cluster.audit("session.start", session.user, session_id=session.id, resource=session.resource,
+                            kind=session.kind, client_addr=client_addr, **opened.details)
         try:
             if cluster.config.disconnect_expired_cert:
                 left = (identity.not_after - utcnow()).total_seconds()
                 session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
-            await stream.send_all(conn.send(DialAccept(session_id=session.id)))
-            trailing, _eof = conn.trailing_data
             with session.cancel_scope:
+                await stream.send_all(conn.send(DialAccept(session_id=session.id)) + opened.first_bytes)
+                trailing, _eof = conn.trailing_data
                 if trailing:
+                    if opened.tap_client:
+                        opened.tap_client(trailing)
                     await upstream.send_all(trailing)
-                stats = await relay(stream, upstream, counters=counters, names=("gateway", "upstream"))
+                a: trio.abc.HalfCloseableStream = stream
+                b: trio.abc.HalfCloseableStream = upstream
+                if opened.tap_client:
+                    a = TappedStream(stream, opened.tap_client)
+                if opened.tap_server:
+                    b = TappedStream(upstream, opened.tap_server)
+                stats = await relay(a, b, counters=counters, names=("gateway", "upstream"))
             if session.cancel_scope.cancelled_caught and session.end_reason is None:
                 session.end_reason = "cert_expired"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -151,11 +262,13 @@ async def handle_tcp(cluster: Cluster, stream: TLSStream, *, kind: str, client_a
         finally:
             cluster.end_session(session)
             with trio.CancelScope(shield=True):
+                if opened.finish:
+                    opened.finish()
                 await cluster.audit(
-                    "session.end", user_name, session_id=session.id, resource=resource.name,
-                    kind=kind,
+                    "session.end", session.user, session_id=session.id, resource=session.resource,
+                    kind=session.kind,
                     bytes_from_client=len(trailing) + counters.a_to_b,
-                    bytes_to_client=counters.b_to_a,
+                    bytes_to_client=len(opened.first_bytes) + counters.b_to_a,
                     duration=round(time.monotonic() - started, 3),
                     reason=session.end_reason or (stats.error if stats and stats.error else "closed"),
                 )

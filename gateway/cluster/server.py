@@ -15,7 +15,8 @@ import trio
 
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
-from gateway.cluster.dial import handle_tcp
+from gateway.cluster.dial import TcpKind, handle_route
+from gateway.cluster.postgres import PostgresKind
 from gateway.identity import tlsconf
 from gateway.net.http import serve_http
 from gateway.net.tls import accept_tls
@@ -23,6 +24,7 @@ from gateway.net.tls import accept_tls
 log = logging.getLogger("wicket.cluster")
 
 HANDSHAKE_TIMEOUT = 10.0
+ROUTES = {tlsconf.ALPN_TCP: TcpKind(), tlsconf.ALPN_POSTGRES: PostgresKind()}
 GRACE_PERIOD = 2.0
 
 
@@ -47,8 +49,8 @@ async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
         return
     async with stream:
         alpn = stream.selected_alpn_protocol()
-        if alpn == tlsconf.ALPN_TCP:
-            await handle_tcp(cluster, stream, kind="tcp", client_addr=client_addr)
+        if alpn in ROUTES:
+            await handle_route(cluster, stream, ROUTES[alpn], client_addr=client_addr)
         elif alpn == tlsconf.ALPN_HTTP:
             api = API(cluster, peer_cert=stream.getpeercert(binary_form=True), client_addr=client_addr)
             try:
@@ -70,6 +72,7 @@ async def serve(
     bound = listeners[0].socket.getsockname()
     async with trio.open_nursery() as outer:
         await outer.start(cluster.watch_locks)
+        await outer.start(cluster.run_audit_flusher)
         async with trio.open_nursery() as handlers:
 
             async def run_listener(listener: trio.SocketListener) -> None:

@@ -304,6 +304,17 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
 
+    def issue_client_cert(self, public_key, common_name: str, *, now: dt.datetime,
+                          ttl: dt.timedelta) -> x509.Certificate:
+        """A plain client certificate (CN only), e.g. for a database's
+        ``cert`` authentication as ``common_name``."""
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        return (
+            self._builder(subject, public_key, now - _BACKDATE, now + ttl)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+
     def issue_host_cert(
         self, public_key, names: Iterable[str], *, now: dt.datetime, days: int = 365
     ) -> x509.Certificate:

@@ -21,7 +21,8 @@ from pathlib import Path
 #: ALPN protocol ids on the cluster's listener.
 ALPN_HTTP = "http/1.1"
 ALPN_TCP = "wicket-tcp"
-ALPN_ROUTES = (ALPN_HTTP, ALPN_TCP)
+ALPN_POSTGRES = "wicket-postgres"
+ALPN_ROUTES = (ALPN_HTTP, ALPN_TCP, ALPN_POSTGRES)
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (x509_vfy.h); not exported by Python's ssl.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000

@@ -22,7 +22,7 @@ from protocols.errors import ErrorCode
 
 log = logging.getLogger("wicket.proxy")
 
-_NEXT_STEP = {
+NEXT_STEP = {
     ErrorCode.CERT_EXPIRED: "run `wicket login` again",
     ErrorCode.CERT_INVALID: "run `wicket login` again",
     ErrorCode.CERT_REQUIRED: "run `wicket login` again",
@@ -33,8 +33,8 @@ _NEXT_STEP = {
 }
 
 
-def _addr(sockname) -> str:
-    host, port = sockname[0], sockname[1]
+def peer_addr(stream: trio.SocketStream) -> str:
+    host, port = stream.socket.getpeername()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -46,7 +46,7 @@ class TcpProxy:
         self.active = 0
 
     async def handle(self, client: trio.SocketStream) -> None:
-        client_addr = _addr(client.socket.getpeername())
+        client_addr = peer_addr(client)
         async with client:
             try:
                 self.dialer.check_fresh()
@@ -59,7 +59,7 @@ class TcpProxy:
                 err = exc.error
                 log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r",
                             self.resource, client_addr, err.raw_code or err.code.value, err.message,
-                            _NEXT_STEP.get(err.code, "see the cluster's audit log"))
+                            NEXT_STEP.get(err.code, "see the cluster's audit log"))
                 return
             except (ClusterError, trio.TooSlowError) as exc:
                 log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,

@@ -124,12 +124,13 @@ labels = {{ env = "dev" }}
 
 
 class Cluster:
-    def __init__(self, tmp: Path, echo: Echo) -> None:
+    def __init__(self, tmp: Path, echo: Echo, *, extra_config: str = "", env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.state = tmp / "cluster-state"
         self.config = tmp / "cluster.toml"
         self.port = 0
-        self.config.write_text(CONFIG.format(state=self.state, port=0, echo=echo.address))
+        self.env = env or {}
+        self.config.write_text(CONFIG.format(state=self.state, port=0, echo=echo.address) + extra_config)
         self.proc: Proc | None = None
         self.start()
 
@@ -137,7 +138,7 @@ class Cluster:
         ready = self.tmp / "cluster.ready"
         ready.unlink(missing_ok=True)
         self.proc = Proc([PY, "-m", "gateway.cli.cluster", "start", "--config", str(self.config),
-                          "--ready-file", str(ready)], self.tmp / "cluster.log", _env())
+                          "--ready-file", str(ready)], self.tmp / "cluster.log", _env(**self.env))
 
         def is_ready():
             if self.proc.popen.poll() is not None:
@@ -195,8 +196,12 @@ class Gateway:
                         pin or self.cluster.pin, "--password-stdin", *extra, input=password + "\n")
 
     def proxy_tcp(self, resource: str) -> tuple[Proc, int]:
+        return self.proxy("tcp", resource)
+
+    def proxy(self, kind: str, resource: str, *extra: str) -> tuple[Proc, int]:
         log = self.tmp / f"proxy-{self.user}-{resource}-{len(self.proxies)}.log"
-        proc = Proc([PY, "-m", "gateway.cli.wicket", "proxy", "tcp", resource, "--port", "0"], log, self.env())
+        proc = Proc([PY, "-m", "gateway.cli.wicket", "proxy", kind, resource, "--port", "0", *extra], log,
+                    self.env())
         self.proxies.append(proc)
         port = int(proc.read_line(r"listening on [\d.]+:(\d+)").group(1))
         return proc, port

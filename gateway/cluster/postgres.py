@@ -1,0 +1,314 @@
+"""The cluster as PostgreSQL's front door (route ``wicket-postgres``).
+
+The cluster logs in to the real server *as the requested db user*, with
+credentials the client never sees:
+
+* ``auth = "cert"``: over TLS, a client certificate with CN = db user,
+  signed for this one connection (5 minutes of validity) by the cluster's
+  database client CA, which the server's ``ssl_ca_file`` trusts and its
+  pg_hba.conf names with the ``cert`` method. No password exists anywhere.
+  The key and certificate live only in memory (an anonymous memfd handed to
+  OpenSSL), never on disk.
+* ``auth = "password"``: SCRAM-SHA-256 (verifying the server's signature) or
+  md5, with the secret from the cluster's environment or a file.
+
+The gateway then receives the server's AuthenticationOk ... ReadyForQuery
+as the first bytes behind the dial accept. If the server refuses (wrong
+database, pg_hba), its own ErrorResponse goes to the client verbatim, so
+psql prints the server's message and SQLSTATE.
+
+Every statement is audited from a copy of the relayed bytes: simple Query,
+Parse (statement text), Bind (parameter count; values only if configured),
+Execute, COPY direction and size, and the server's errors.
+
+A cancel arrives as a control dial naming the session: only the user who
+owns that session may cancel it, and the cluster sends the CancelRequest with
+the upstream backend's real key, which never leaves the cluster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import ssl
+from typing import Any
+
+import trio
+
+from gateway.cluster import resource_specs
+from gateway.cluster.core import Cluster, LiveSession
+from gateway.cluster.dial import CONNECT_TIMEOUT, Opened, Refused, connect_tcp
+from gateway.cluster.store import Resource
+from gateway.identity import pki
+from gateway.net.tls import TLSStream
+from protocols.dial import DialRequest
+from protocols.errors import ErrorCode, ProtocolError
+from protocols.postgres import (
+    NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, ConnectionClosed, CopyDataEvent,
+    CopyDirection, CopyDoneEvent, CopyFailEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
+    FunctionCallEvent, ParseEvent, QueryEvent, SSLRequest, StartupRelay, UpstreamLogin, UpstreamLoginError,
+    parse_ssl_answer,
+)
+from protocols.postgres.scram import AuthMethod
+
+log = logging.getLogger("wicket.cluster.postgres")
+
+LOGIN_TIMEOUT = 30.0
+DB_CERT_TTL = dt.timedelta(minutes=5)
+#: PBKDF2 rounds a server may ask for: its default is 4096; more would let a
+#: hostile upstream burn the cluster's CPU on every login.
+MAX_SCRAM_ITERATIONS = 100_000
+#: Startup parameters a client may pass through to the server.
+_BLOCKED_PARAMS = {"user", "database", "replication"}
+
+PARAM_DB_USER, PARAM_DB_NAME, PARAM_CANCEL = "db_user", "db_name", "cancel"
+_BLANK_KEY = BackendKeyData(process_id=0, secret_key=bytes(4))
+PG_PREFIX = "pg."
+
+
+def _memfd_pem(data: bytes) -> tuple[int, str]:
+    fd = os.memfd_create("wicket-db-cert", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd, f"/proc/self/fd/{fd}"
+
+
+class PostgresKind:
+    kind = "postgres"
+
+    def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
+        params = dict(request.params)
+        if PARAM_CANCEL in params:
+            return {PARAM_CANCEL: params[PARAM_CANCEL]}
+        db_user = params.get(PARAM_DB_USER) or identity.user
+        out = {PARAM_DB_USER: db_user, PARAM_DB_NAME: params.get(PARAM_DB_NAME) or db_user}
+        for key, value in params.items():
+            if key.startswith(PG_PREFIX):
+                name = key[len(PG_PREFIX):]
+                if name == "replication" and value.lower() not in ("false", "off", "no", "0"):
+                    raise Refused(ErrorCode.BAD_REQUEST,
+                                  "replication connections are not supported through Wicket")
+                if name not in _BLOCKED_PARAMS:
+                    out[key] = value
+        return out
+
+    # -- control dials ---------------------------------------------------------
+
+    async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
+                      identity: pki.Identity) -> str | None:
+        session_id = request.params.get(PARAM_CANCEL)
+        if session_id is None:
+            return None
+        session = cluster.sessions.get(session_id)
+        # Same answer for "no such session" and "not yours": a cancel key must
+        # not tell anyone which sessions exist.
+        if session is None or session.user != identity.user or session.resource != resource.name:
+            raise Refused(ErrorCode.ACCESS_DENIED, "no such session of yours to cancel",
+                          reason=f"cancel of unknown or foreign session {session_id!r}")
+        key = session.extra.get("backend_key")
+        if key is None:
+            raise Refused(ErrorCode.BAD_REQUEST, "the session has no cancel key")
+        upstream = await connect_tcp(resource)
+        async with upstream:
+            await upstream.send_all(CancelRequest(process_id=key.process_id,
+                                                  secret_key=key.secret_key).encode())
+            # The server closes without answering; wait for that (bounded).
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                try:
+                    while await upstream.receive_some(1024):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        return f"cancel of session {session_id}"
+
+    # -- sessions ----------------------------------------------------------------
+
+    def _tls_context(self, cluster: Cluster, spec: resource_specs.PostgresSpec, db_user: str) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # what PostgreSQL 15 servers speak
+        if spec.tls == "verify-full":
+            ctx.load_verify_locations(cafile=str(spec.ca_file))
+            ctx.check_hostname = True
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        else:  # "require": encrypted, server not authenticated (libpq's meaning)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if spec.auth == "cert":
+            now = pki.utcnow()
+            key = pki.generate_key()
+            ca = cluster.db_client_ca
+            cert = ca.issue_client_cert(key.public_key(), db_user, now=now, ttl=DB_CERT_TTL)
+            fd_cert, cert_path = _memfd_pem(pki.cert_to_pem(cert))
+            fd_key, key_path = _memfd_pem(pki.key_to_pem(key))
+            try:
+                ctx.load_cert_chain(cert_path, key_path)
+            finally:
+                os.close(fd_cert)
+                os.close(fd_key)
+        return ctx
+
+    async def open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
+                   session: LiveSession) -> Opened:
+        spec = resource_specs.postgres(resource.spec)
+        db_user, db_name = params[PARAM_DB_USER], params[PARAM_DB_NAME]
+        password = None
+        if spec.auth == "password":
+            try:
+                password = spec.password_for(db_user)
+            except resource_specs.SpecError as exc:
+                log.error("pg_password_missing resource=%s error=%s", resource.name, exc)
+                raise Refused(ErrorCode.ACCESS_DENIED,
+                              f"the cluster has no credentials for db user {db_user!r} on {resource.name}; "
+                              f"ask an administrator", reason=str(exc)) from None
+        tcp = await connect_tcp(resource)
+        stream: trio.abc.HalfCloseableStream = tcp
+        try:
+            with trio.fail_after(LOGIN_TIMEOUT):
+                if spec.tls != "disable":
+                    stream = await self._start_tls(cluster, tcp, spec, resource, db_user)
+                login = UpstreamLogin(
+                    user=db_user, database=db_name, password=password,
+                    parameters={k[len(PG_PREFIX):]: v for k, v in params.items() if k.startswith(PG_PREFIX)},
+                    # Never send a cleartext password over an unencrypted link.
+                    methods={AuthMethod.TRUST, AuthMethod.MD5, AuthMethod.SCRAM_SHA_256}
+                    | ({AuthMethod.CLEARTEXT} if spec.tls != "disable" else set()),
+                    max_iterations=MAX_SCRAM_ITERATIONS,
+                )
+                try:
+                    ready = await self._login(stream, login)
+                except UpstreamLoginError as exc:
+                    if exc.response is None:
+                        raise Refused(exc.code, f"logging in to {resource.name} failed: {exc.message}") from None
+                    # The server said no in its own words: the client gets them verbatim.
+                    log.info("pg_login_refused resource=%s db_user=%s sqlstate=%s", resource.name, db_user,
+                             exc.wire_hint)
+                    return Opened(upstream=stream, first_bytes=exc.response.encode(),
+                                  details={"db_user": db_user, "db_name": db_name,
+                                           "login_error": f"{exc.wire_hint} {exc.message}"})
+        except trio.TooSlowError:
+            await stream.aclose()
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                          f"{resource.name} did not complete the login within {LOGIN_TIMEOUT:.0f}s") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        session.extra["backend_key"] = ready.backend_key
+        trailing, _ = login.trailing_data
+        auditor = SessionAuditor(cluster, session)
+        # The backend's real cancel key stays here: the gateway gets a blank
+        # one (and hands its client a key of its own).
+        client_bytes = StartupRelay(_BLANK_KEY).feed(ready.client_bytes)
+        return Opened(upstream=stream, first_bytes=client_bytes + trailing,
+                      tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
+                      details={"db_user": db_user, "db_name": db_name, "auth": ready.method.value})
+
+    async def _start_tls(self, cluster: Cluster, tcp: trio.SocketStream, spec, resource: Resource,
+                         db_user: str) -> TLSStream:
+        await tcp.send_all(SSLRequest().encode())
+        answer = await tcp.receive_some(1)  # exactly one byte (CVE-2021-23222)
+        try:
+            accepted = parse_ssl_answer(answer)
+        except ProtocolError:
+            accepted = None
+        if not accepted:
+            await tcp.aclose()
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                          f"{resource.name} does not accept TLS connections, and the resource requires TLS "
+                          f"(tls = {spec.tls!r})")
+        server_name = spec.server_name or resource.address.rpartition(":")[0].strip("[]")
+        stream = TLSStream(tcp, self._tls_context(cluster, spec, db_user), server_side=False,
+                           server_hostname=server_name if spec.tls == "verify-full" else None)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await stream.aclose()
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                          f"TLS with {resource.name} failed: {exc.__cause__ or exc}") from None
+        return stream
+
+    async def _login(self, stream: trio.abc.HalfCloseableStream, login: UpstreamLogin):
+        while True:
+            # next_event() may queue an answer (our password, a SCRAM
+            # message): send it before waiting for the server's next move.
+            event = login.next_event()
+            out = login.data_to_send()
+            if out:
+                await stream.send_all(out)
+            if event is NEED_DATA:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError as exc:
+                    raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                                  f"the server closed the connection during login: {exc}") from None
+                login.receive_data(data)
+                continue
+            return event
+
+
+class SessionAuditor:
+    """Turns a session's two byte streams into audit events (batched)."""
+
+    def __init__(self, cluster: Cluster, session: LiveSession) -> None:
+        self.cluster, self.session = cluster, session
+        self.front = FrontendAuditor()
+        self.back = BackendAuditor()
+        self.copy_in = 0
+        self.copy_out = 0
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self.cluster.audit_soon(event, self.session.user, session_id=self.session.id,
+                                resource=self.session.resource, **fields)
+
+    def from_client(self, data: bytes) -> None:
+        self._feed(self.front, self._client_event, data, "client")
+
+    def from_server(self, data: bytes) -> None:
+        self._feed(self.back, self._server_event, data, "server")
+
+    def _feed(self, auditor, handler, data: bytes, side: str) -> None:
+        """Give ``data`` (b"" at EOF) to ``auditor`` and handle every event
+        it completes."""
+        try:
+            auditor.receive_data(data)
+            while True:
+                event = auditor.next_event()
+                if event is NEED_DATA or isinstance(event, ConnectionClosed):
+                    return
+                handler(event)
+        except ProtocolError as exc:
+            # What we cannot parse we cannot audit: end the session.
+            self._emit("pg.protocol_error", side=side, error=exc.message)
+            raise trio.BrokenResourceError(f"unparseable PostgreSQL {side} stream: {exc.message}") from None
+
+    def _client_event(self, e: object) -> None:
+        if isinstance(e, QueryEvent):
+            self._emit("pg.query", query=e.text, truncated=e.truncated)
+        elif isinstance(e, ParseEvent):
+            self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated)
+        elif isinstance(e, BindEvent):
+            self._emit("pg.bind", portal=e.portal, statement=e.statement, param_count=e.param_count)
+        elif isinstance(e, ExecuteEvent):
+            self._emit("pg.execute", portal=e.portal)
+        elif isinstance(e, FunctionCallEvent):
+            self._emit("pg.function_call", oid=e.oid)
+        elif isinstance(e, CopyDataEvent):
+            self.copy_in += e.bytes
+        elif isinstance(e, (CopyDoneEvent, CopyFailEvent)):
+            self._emit("pg.copy", direction="in", bytes=self.copy_in,
+                       failed=isinstance(e, CopyFailEvent))
+            self.copy_in = 0
+
+    def _server_event(self, e: object) -> None:
+        if isinstance(e, ErrorEvent):
+            self._emit("pg.error", sqlstate=e.sqlstate, severity=e.severity, message=e.message)
+        elif isinstance(e, CopyDataEvent) and e.direction is CopyDirection.OUT:
+            self.copy_out += e.bytes
+        elif isinstance(e, CopyDoneEvent) and e.direction is CopyDirection.OUT:
+            self._emit("pg.copy", direction="out", bytes=self.copy_out, failed=False)
+            self.copy_out = 0
+
+    def finish(self) -> None:
+        if self.copy_in:
+            self._emit("pg.copy", direction="in", bytes=self.copy_in, failed=True)
+        if self.copy_out:
+            self._emit("pg.copy", direction="out", bytes=self.copy_out, failed=True)

@@ -1,0 +1,403 @@
+"""PostgreSQL end to end: a real PostgreSQL 15, the real cluster and gateway
+processes, and real clients (psql, pgbench, psycopg 3, asyncpg)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.integration.harness import Cluster, Echo, Gateway, PASSWORD, wait_for
+
+psycopg = pytest.importorskip("psycopg")
+asyncpg = pytest.importorskip("asyncpg")
+
+from gateway.local.pgserver import PgServer, find_bindir  # noqa: E402
+
+try:
+    find_bindir()
+except Exception as exc:  # pragma: no cover - a machine without PostgreSQL
+    pytest.skip(f"PostgreSQL server not installed: {exc}", allow_module_level=True)
+
+PG_PW = "scram secret for pwuser"
+MD5_PW = "md5 secret for md5user"
+
+ROLES = """
+[roles.pg]
+[[roles.pg.allow]]
+resources = ["pg*"]
+db_users = ["app", "pwuser", "md5user"]
+db_names = ["*"]
+[[roles.pg.deny]]
+resources = ["pg*"]
+db_names = ["template*"]
+
+[roles.pg-app-only]
+[[roles.pg-app-only.allow]]
+resources = ["pg"]
+db_users = ["app"]
+db_names = ["app"]
+"""
+
+
+@pytest.fixture(scope="module")
+def pg_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pg")
+    echo = Echo(tmp)
+    md5_file = tmp / "md5.pass"
+    md5_file.write_text(MD5_PW + "\n")
+    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_PG_PW": PG_PW})
+    server = PgServer(tmp / "pgserver", client_ca_pem=(cluster.state / "db_client_ca.crt").read_bytes(),
+                      hba_extra="hostssl all pwuser 127.0.0.1/32 scram-sha-256\n"
+                                "host all md5user 127.0.0.1/32 md5\n")
+    server.start()
+    server.sql("CREATE ROLE app LOGIN")
+    server.sql("CREATE DATABASE app OWNER app")
+    server.sql(f"CREATE ROLE pwuser LOGIN PASSWORD '{PG_PW}'")
+    server.sql(f"SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD '{MD5_PW}'")
+    server.sql("GRANT ALL ON DATABASE app TO pwuser, md5user")
+    server.sql("GRANT ALL ON SCHEMA public TO pwuser, md5user", dbname="app")
+    ca = str(server.server_ca_path)
+    cluster.admin("resources", "add", "pg", "--kind", "postgres", "--address", server.address,
+                  "--ca-file", ca, "--server-name", "localhost", "--label", "env=dev")
+    cluster.admin("resources", "add", "pg-pw", "--kind", "postgres", "--address", server.address,
+                  "--ca-file", ca, "--server-name", "localhost", "--auth", "password",
+                  "--password-ref", "pwuser=env:WICKET_TEST_PG_PW")
+    cluster.admin("resources", "add", "pg-md5", "--kind", "postgres", "--address", server.address,
+                  "--tls", "disable", "--auth", "password", "--password-ref", f"md5user=file:{md5_file}")
+    cluster.admin("resources", "add", "pg-down", "--kind", "postgres", "--address", "127.0.0.1:9",
+                  "--tls", "require")
+    yield cluster, server
+    server.stop()
+    cluster.stop()
+    echo.proc.stop()
+
+
+_n = iter(range(1, 10_000))
+
+
+@pytest.fixture(scope="module")
+def gw(pg_env, tmp_path_factory):
+    """A user with role pg, logged in, with a db proxy to resource pg."""
+    cluster, _ = pg_env
+    g = _gateway(cluster, tmp_path_factory.mktemp("gw"), "pg")
+    yield g
+    g.stop()
+
+
+def _gateway(cluster, tmp, roles: str) -> Gateway:
+    name = f"pguser{next(_n)}"
+    cluster.add_user(name, roles)
+    g = Gateway(tmp, cluster, name)
+    r = g.login()
+    assert r.returncode == 0, r.stderr
+    return g
+
+
+@pytest.fixture(scope="module")
+def pg_port(gw):
+    _, port = gw.proxy("db", "pg")
+    return port
+
+
+def dsn(port: int, user: str = "app", db: str = "app", **extra: str) -> str:
+    parts = {"host": "127.0.0.1", "port": str(port), "user": user, "dbname": db, **extra}
+    return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def psql(port: int, *args: str, user: str = "app", db: str = "app", extra: dict | None = None,
+         input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-tA", dsn(port, user, db, **(extra or {})), *args],
+                          capture_output=True, text=True, timeout=120, input=input,
+                          env={**os.environ, "PGCONNECT_TIMEOUT": "30", **(env or {})})
+
+
+# -- psql and pgbench ------------------------------------------------------------
+
+
+def test_psql_no_password(pg_port):
+    r = psql(pg_port, "-c", "select current_user, current_database()")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "app|app"
+
+
+def test_psql_script_and_copy(pg_port, tmp_path):
+    script = tmp_path / "s.sql"
+    data = tmp_path / "in.csv"
+    out = tmp_path / "out.csv"
+    data.write_text("".join(f"{i},row {i}\n" for i in range(5000)))
+    script.write_text(
+        "drop table if exists t_copy;\n"
+        "create table t_copy (id int, name text);\n"
+        f"\\copy t_copy from '{data}' with csv\n"
+        f"\\copy (select * from t_copy order by id) to '{out}' with csv\n"
+        "select count(*) from t_copy;\n"
+    )
+    r = psql(pg_port, "-f", str(script))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "5000"
+    assert out.read_text() == data.read_text()
+
+
+def test_pgbench(pg_port):
+    env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(pg_port), "PGUSER": "app", "PGDATABASE": "app"}
+
+    def bench(*args: str) -> str:
+        r = subprocess.run(["pgbench", *args], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    bench("-i", "-s", "1", "-q")
+    assert "number of transactions actually processed: 400/400" in bench("-S", "-c", "4", "-t", "100")
+    assert "number of transactions actually processed: 400/400" in bench("-S", "-M", "prepared", "-c", "4",
+                                                                         "-t", "100")
+    assert "number of transactions actually processed: 100/100" in bench("-S", "-C", "-c", "2", "-t", "50")
+
+
+# -- drivers ---------------------------------------------------------------------
+
+
+def test_psycopg_queries_and_listen_notify(pg_port):
+    with psycopg.connect(dsn(pg_port), autocommit=True) as conn:
+        assert conn.execute("select %s::int + 1", (41,)).fetchone() == (42,)
+        conn.execute("listen wicket_channel")
+        with psycopg.connect(dsn(pg_port), autocommit=True) as other:
+            other.execute("select pg_notify('wicket_channel', 'hello')")
+        note = next(conn.notifies(timeout=30, stop_after=1))
+        assert (note.channel, note.payload) == ("wicket_channel", "hello")
+
+
+def test_psycopg_cancel(pg_port):
+    with psycopg.connect(dsn(pg_port)) as conn:
+        t = threading.Timer(0.5, conn.cancel)
+        started = time.monotonic()
+        t.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(60)")
+        assert time.monotonic() - started < 30
+        conn.rollback()
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_fifty_mib_row(pg_port):
+    with psycopg.connect(dsn(pg_port)) as conn:
+        (value,) = conn.execute("select repeat('x', 50 * 1024 * 1024)").fetchone()
+        assert len(value) == 50 * 1024 * 1024
+
+
+def test_asyncpg_prepared_timeout_and_copy(pg_port):
+    # asyncpg is an asyncio library: run it in its own loop (the suite is trio).
+    import asyncio
+
+    asyncio.run(_asyncpg_session(pg_port))
+
+
+async def _asyncpg_session(pg_port: int) -> None:
+    import asyncio
+
+    conn = await asyncpg.connect(host="127.0.0.1", port=pg_port, user="app", database="app", ssl=False)
+    try:
+        stmt = await conn.prepare("select $1::int * 2")
+        assert [await stmt.fetchval(i) for i in range(5)] == [0, 2, 4, 6, 8]
+        # asyncpg's timeout sends a CancelRequest through the gateway; the
+        # connection is usable again only once the server really cancelled.
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await conn.execute("select pg_sleep(60)", timeout=0.5)
+        assert await conn.fetchval("select 1") == 1
+        assert time.monotonic() - started < 30
+
+        await conn.execute("drop table if exists t_big; create table t_big (line text)")
+        size = 100 * 1024 * 1024
+        line = b"y" * 1023 + b"\n"
+        sent = hashlib.sha256()
+
+        async def source():
+            for _ in range(size // len(line) // 256):
+                chunk = line * 256
+                sent.update(chunk)
+                yield chunk
+
+        await conn.copy_to_table("t_big", source=source(), format="text")
+        assert await conn.fetchval("select count(*) from t_big") == size // len(line)
+        got = hashlib.sha256()
+        total = 0
+
+        async def sink(chunk: bytes) -> None:
+            nonlocal total
+            got.update(chunk)
+            total += len(chunk)
+
+        await conn.copy_from_table("t_big", output=sink, format="text")
+        assert total == size and got.hexdigest() == sent.hexdigest()
+    finally:
+        await conn.close()
+
+
+# -- upstream auth modes and local TLS --------------------------------------------
+
+
+def test_scram_and_md5_upstream(gw):
+    _, port_pw = gw.proxy("db", "pg-pw")
+    r = psql(port_pw, "-c", "select current_user", user="pwuser")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "pwuser"
+    _, port_md5 = gw.proxy("db", "pg-md5", "--db-user", "md5user")
+    r = psql(port_md5, "-c", "select current_user, current_database()", user="whoever", db="app")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "md5user|app"
+
+
+def test_local_tls_verify_full(gw):
+    _, port = gw.proxy("db", "pg", "--local-tls")
+    ca = gw.home / "local-ca.crt"
+    for host in ("localhost", "127.0.0.1"):
+        r = subprocess.run(["psql", "-X", "-tA", f"host={host} port={port} user=app dbname=app sslmode=verify-full "
+                            f"sslrootcert={ca}", "-c", "select 1"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    with psycopg.connect(dsn(port, sslmode="verify-full", sslrootcert=str(ca), host="localhost")) as conn:
+        assert conn.info.pgconn.ssl_in_use
+    assert (gw.home / "local-ca.key").stat().st_mode & 0o777 == 0o600
+
+
+# -- every error path, as the client's own error ------------------------------------
+
+
+def _expect_fatal(r: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "FATAL" in r.stderr
+    for p in phrases:
+        assert p in r.stderr, r.stderr
+
+
+def connect_error(port: int, user: str = "app", db: str = "app") -> tuple[str | None, str]:
+    """(SQLSTATE, message) of a refused connection, as a driver sees it
+    (asyncpg exposes the server's SQLSTATE on connection errors; libpq does not)."""
+    import asyncio
+
+    async def attempt():
+        try:
+            conn = await asyncpg.connect(host="127.0.0.1", port=port, user=user, database=db, ssl=False,
+                                         timeout=60)
+        except asyncpg.PostgresError as exc:
+            return exc.sqlstate, str(exc)
+        await conn.close()
+        return None, ""
+
+    return asyncio.run(attempt())
+
+
+def test_denied_db_user(pg_env, tmp_path):
+    cluster, _ = pg_env
+    g = _gateway(cluster, tmp_path, "pg-app-only")
+    try:
+        _, port = g.proxy("db", "pg")
+        r = psql(port, "-c", "select 1", user="pwuser")
+        _expect_fatal(r, "access to pg denied", "ask")
+        assert connect_error(port, user="pwuser")[0] == "28000"
+        with pytest.raises(psycopg.OperationalError, match="denied"):
+            psycopg.connect(dsn(port, user="pwuser"))
+        assert psql(port, "-c", "select 1").returncode == 0  # app/app is allowed
+        _expect_fatal(psql(port, "-c", "select 1", db="postgres"), "denied")
+    finally:
+        g.stop()
+    denied = cluster.audit(user=g.user, event="dial.denied")
+    assert any(e["params"].get("db_user") == "pwuser" for e in denied)
+
+
+def test_unknown_resource_and_unreachable(gw):
+    _, port = gw.proxy("db", "pg-nope")
+    sqlstate, message = connect_error(port)
+    assert sqlstate == "3D000" and "wicket ls" in message
+    _expect_fatal(psql(port, "-c", "select 1"), "no resource named 'pg-nope'")
+    _, port = gw.proxy("db", "pg-down")
+    sqlstate, message = connect_error(port)
+    assert sqlstate == "08006" and "not reachable" in message
+    _expect_fatal(psql(port, "-c", "select 1"), "not reachable from the cluster")
+
+
+def test_upstream_error_is_native(pg_port):
+    r = psql(pg_port, "-c", "select 1", db="no_such_db")
+    assert r.returncode == 2
+    assert 'database "no_such_db" does not exist' in r.stderr
+
+
+def test_expired_certificate(pg_env, tmp_path):
+    cluster, _ = pg_env
+    name = f"pguser{next(_n)}"
+    cluster.add_user(name, "pg")
+    g = Gateway(tmp_path, cluster, name)
+    try:
+        assert g.login("--ttl", "3s").returncode == 0
+        _, port = g.proxy("db", "pg")
+        wait_for(lambda: g.run("status").returncode == 3, timeout=30, what="expiry", interval=0.2)
+        sqlstate, message = connect_error(port)
+        assert sqlstate == "28000" and "wicket login" in message
+        _expect_fatal(psql(port, "-c", "select 1"), "expired", "wicket login")
+    finally:
+        g.stop()
+
+
+def test_malformed_startup_gets_error_and_gateway_keeps_serving(pg_port):
+    import socket
+    import struct
+
+    with socket.create_connection(("127.0.0.1", pg_port), timeout=30) as s:
+        s.sendall(struct.pack(">II", 8, 0x00020000))  # protocol 2.0: unsupported
+        answer = s.recv(4096)
+    assert answer[:1] == b"E" and b"0A000" in answer
+    with socket.create_connection(("127.0.0.1", pg_port), timeout=30) as s:
+        s.sendall(struct.pack(">I", 100_000))  # an absurd startup length
+        answer = s.recv(4096)
+    assert answer[:1] == b"E" and b"08P01" in answer
+    assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
+
+
+# -- audit -------------------------------------------------------------------------
+
+
+def test_statements_are_audited(pg_env, gw, pg_port):
+    cluster, _ = pg_env
+    marker = f"audit_marker_{next(_n)}"
+    assert psql(pg_port, "-c", f"select '{marker}'").returncode == 0
+    with psycopg.connect(dsn(pg_port)) as conn:
+        conn.execute(f"select %s::text as {marker}_x", ("secret-param-value",))
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute(f"select * from {marker}_missing")
+
+    def events():
+        return [e for e in cluster.audit(user=gw.user) if marker in json.dumps(e)]
+
+    found = wait_for(lambda: len(events()) >= 4 and events(), what="statement audit events")
+    kinds = {e["event"] for e in found}
+    assert {"pg.query", "pg.parse", "pg.error"} <= kinds, kinds
+    assert "secret-param-value" not in json.dumps(cluster.audit(user=gw.user))
+    err = next(e for e in found if e["event"] == "pg.error")
+    assert err["sqlstate"] == "42P01"
+    ends = cluster.audit(user=gw.user, event="session.end")
+    assert ends and all(e["kind"] == "postgres" for e in ends)
+
+
+def test_copy_is_audited(pg_env, gw, pg_port):
+    cluster, _ = pg_env
+    assert psql(pg_port, "-c", "drop table if exists t_audit_copy; create table t_audit_copy (x int)").returncode == 0
+    r = psql(pg_port, "-c", "\\copy t_audit_copy from stdin", input="1\n2\n3\n")
+    assert r.returncode == 0, r.stderr
+    r = psql(pg_port, "-c", "\\copy t_audit_copy to stdout")
+    assert r.stdout.split() == ["1", "2", "3"]
+    copies = wait_for(lambda: [e for e in cluster.audit(user=gw.user, event="pg.copy")][-2:] or None,
+                      what="copy audit")
+    assert {c["direction"] for c in cluster.audit(user=gw.user, event="pg.copy")} >= {"in", "out"}
+
+
+def test_ls_shows_db_users(gw):
+    items = json.loads(gw.run("ls", "--format", "json").stdout)
+    pg = next(i for i in items if i["name"] == "pg")
+    assert pg["kind"] == "postgres"
+    assert pg["allowed"]["db_user"] == ["app", "pwuser", "md5user"]
