@@ -363,9 +363,11 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, db_user: str | No
 @main.command()
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".wicket-demo"),
               show_default=True, help="Where the demo cluster keeps its state.")
-@click.option("--port", type=click.IntRange(0, 65535), default=0, help="Local port for the demo resource.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="Local port for the demo PostgreSQL (0 picks a free one).")
 def demo(state_dir: Path, port: int) -> None:
-    """Embedded default: a local cluster, a demo resource, a logged-in gateway."""
+    """Embedded default: a local cluster, a throwaway PostgreSQL and a TCP
+    echo resource, a logged-in gateway, and the psql line to paste."""
     from gateway.local.demo import run_demo
 
     run_demo(state_dir.resolve(), port)

@@ -1,14 +1,17 @@
 """``wicket demo``: the embedded default, everything on this machine.
 
-1. a TCP echo server stands in for the demo resource (``demo-echo``);
-2. a real cluster process (``wicket-cluster start``) with SQLite state in the
-   state directory, the demo resource and a ``demo`` role in its config;
+1. a real cluster process (``wicket-cluster start``) with SQLite state in the
+   state directory and a ``demo`` role in its config;
+2. a throwaway PostgreSQL (``initdb`` in the state directory) whose
+   ``cert`` authentication trusts the cluster's database client CA,
+   registered as resource ``demo-pg``; and a TCP echo server as ``demo-echo``;
 3. a ``demo`` user (random password kept 0600 in the state directory);
 4. ``wicket login`` as that user, pinned to the cluster's CA, into a profile
    inside the state directory (your ~/.wicket is not touched);
-5. the gateway listening for the demo resource, and the line to try it.
+5. the gateway serving both, and the psql line to paste.
 
-Ctrl-C stops the gateway and the cluster. Running it again reuses the state.
+Ctrl-C stops the gateway, PostgreSQL and the cluster. Running it again
+reuses the state.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ session_ttl = "8h"
 max_session_ttl = "8h"
 [[roles.demo.allow]]
 labels = {{ env = "demo" }}
+db_users = ["demo"]
+db_names = ["demo"]
 
 [resources.demo-echo]
 kind = "tcp"
@@ -87,14 +92,18 @@ def run_demo(state: Path, port: int) -> None:
     children: list[subprocess.Popen] = []
 
     async def main() -> None:
+        from gateway.identity import tlsconf
+        from gateway.local.client import Dialer
+        from gateway.local.pg import PostgresProxy
+        from gateway.local.pgserver import PgServer
         from gateway.local.profile import Profile
-        from gateway.local.proxy import TcpProxy, run_listener
+        from gateway.local.proxy import TcpProxy
 
+        pg: PgServer | None = None
         async with trio.open_nursery() as nursery:
             echo_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             echo_port = echo_listeners[0].socket.getsockname()[1]
             nursery.start_soon(trio.serve_listeners, _echo, echo_listeners)
-            _step(f"demo resource: an echo server on 127.0.0.1:{echo_port}")
 
             config_path.write_text(CLUSTER_CONFIG.format(state=cluster_state, echo_port=echo_port))
             ready.unlink(missing_ok=True)
@@ -110,15 +119,21 @@ def run_demo(state: Path, port: int) -> None:
                 address, pin = info["address"], info["pin"]
                 _step(f"cluster up at {address}, CA pin {pin}")
 
+                _step("starting a throwaway PostgreSQL that trusts the cluster's database client CA")
+                pg = PgServer(state / "postgres",
+                              client_ca_pem=(cluster_state / "db_client_ca.crt").read_bytes())
+                await trio.to_thread.run_sync(pg.start)
+                await trio.to_thread.run_sync(_prepare_database, pg)
+                _admin(config_path, "resources", "add", "demo-pg", "--kind", "postgres", "--address", pg.address,
+                       "--ca-file", str(pg.server_ca_path), "--server-name", "localhost", "--label", "env=demo")
+                _step(f"PostgreSQL {pg.address} registered as resource demo-pg (certificate auth, verify-full)")
+
                 password_file = state / "demo-password"
                 if not password_file.exists():
                     password = secrets.token_urlsafe(18)
                     pki.write_private(password_file, password.encode())
-                    subprocess.run(
-                        [*_wicket_cluster(), "users", "add", "demo", "--roles", "demo", "--password-stdin",
-                         "--config", str(config_path)],
-                        input=password + "\n", text=True, check=True, capture_output=True,
-                    )
+                    _admin(config_path, "users", "add", "demo", "--roles", "demo", "--password-stdin",
+                           input=password + "\n")
                     _step("created user demo (password in demo-password, mode 0600)")
                 env = {**os.environ, "WICKET_HOME": str(home)}
                 subprocess.run(
@@ -127,25 +142,35 @@ def run_demo(state: Path, port: int) -> None:
                     input=password_file.read_text() + "\n", text=True, check=True, env=env,
                 )
                 os.environ["WICKET_HOME"] = str(home)
-                proxy = TcpProxy(Profile.load(home), "demo-echo")
-                host, bound = (await nursery.start(_listen, proxy.handle, port))[:2]
+                profile = Profile.load(home)
+                db = PostgresProxy(Dialer(profile, tlsconf.ALPN_POSTGRES), "demo-pg")
+                host, db_port = (await nursery.start(_listen, db.handle, port))[:2]
+                echo = TcpProxy(profile, "demo-echo")
+                _, echo_local = (await nursery.start(_listen, echo.handle, 0))[:2]
                 click.echo(
-                    f"\nThe gateway is listening for demo-echo on {host}:{bound}. Try it:\n\n"
-                    f"  python3 -c \"import socket; s = socket.create_connection(('{host}', {bound})); "
+                    f"\nThe gateway is serving PostgreSQL resource demo-pg on {host}:{db_port}. Paste this:\n\n"
+                    f'  psql "host={host} port={db_port} user=demo dbname=demo"\n\n'
+                    f"(no password: the cluster logs in to PostgreSQL with a certificate it signs per connection)\n"
+                    f"A plain TCP resource, demo-echo, is on {host}:{echo_local}:\n\n"
+                    f"  python3 -c \"import socket; s = socket.create_connection(('{host}', {echo_local})); "
                     f"s.sendall(b'hello wicket'); print(s.recv(100))\"\n\n"
                     f"Use the CLI against this demo:  WICKET_HOME={home} wicket ls\n"
-                    f"Audit log:  wicket-cluster audit --config {config_path}\n"
-                    f"Ctrl-C stops the gateway and the cluster.\n"
+                    f"Audit log (every statement):  wicket-cluster audit --config {config_path}\n"
+                    f"Ctrl-C stops the gateway, PostgreSQL and the cluster.\n"
                 )
+                sys.stdout.flush()
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
                         break
             finally:
-                proc.terminate()
-                try:
-                    await trio.to_thread.run_sync(proc.wait, 10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                with trio.CancelScope(shield=True):
+                    if pg is not None:
+                        await trio.to_thread.run_sync(pg.stop)
+                    proc.terminate()
+                    try:
+                        await trio.to_thread.run_sync(proc.wait, 10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
                 nursery.cancel_scope.cancel()
         _step("stopped")
 
@@ -161,6 +186,21 @@ def run_demo(state: Path, port: int) -> None:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def _admin(config_path: Path, *args: str, input: str | None = None) -> None:
+    r = subprocess.run([*_wicket_cluster(), *args, "--config", str(config_path)], input=input, text=True,
+                       capture_output=True)
+    if r.returncode != 0:
+        raise click.ClickException(f"wicket-cluster {args[0]} {args[1]} failed: {r.stderr.strip()}")
+
+
+def _prepare_database(pg) -> None:
+    """The demo's db user and database (idempotent)."""
+    exists = pg.sql("SELECT 1 FROM pg_roles WHERE rolname = 'demo'").strip()
+    if not exists:
+        pg.sql("CREATE ROLE demo LOGIN")
+        pg.sql("CREATE DATABASE demo OWNER demo")
 
 
 async def _listen(handler, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:

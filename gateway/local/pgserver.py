@@ -4,7 +4,8 @@ loopback port. Used by ``wicket demo`` and by the integration tests.
 
 PostgreSQL refuses to run as root; when we are root the server runs as the
 ``postgres`` system user (created by Debian's package), in a data directory
-that user owns.
+that user owns (under a fresh directory in /tmp if the requested one is not
+reachable by other users).
 """
 
 from __future__ import annotations
@@ -98,11 +99,16 @@ class PgServer:
         if self.run_as:
             os.chown(path, self._uid, self._gid)
 
-    def _cmd(self, *args: str) -> list[str]:
-        return (["runuser", "-u", self.run_as, "--"] if self.run_as else []) + list(args)
+    def _as_user(self) -> dict:
+        # Popen switches user itself (no su/runuser in between), so the pid
+        # we hold is the server's and our signals reach it.
+        if not self.run_as:
+            return {}
+        return {"user": self._uid, "group": self._gid, "extra_groups": [], "cwd": "/"}
 
     def _run(self, *args: str, input: str | None = None) -> str:
-        r = subprocess.run(self._cmd(*args), capture_output=True, text=True, input=input, timeout=120)
+        r = subprocess.run(list(args), capture_output=True, text=True, input=input, timeout=120,
+                           **self._as_user())
         if r.returncode != 0:
             raise PgServerError(f"{Path(args[0]).name} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
         return r.stdout
@@ -132,8 +138,7 @@ class PgServer:
         self._write(self.datadir / "client-ca.crt", self._client_ca_pem, 0o644)
         self.server_ca_path.write_bytes(server_ca.pem)
         conf = (
-            f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
-            f"unix_socket_directories = '{self.sockdir}'\n"
+            "\nlisten_addresses = '127.0.0.1'\n"
             "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
             "ssl_ca_file = 'client-ca.crt'\nssl_min_protocol_version = 'TLSv1.2'\n"
             "max_connections = 300\nshared_buffers = 64MB\nfsync = off\n"
@@ -156,8 +161,11 @@ class PgServer:
         self.init()
         log = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
-            self._cmd(str(self.bindir / "postgres"), "-D", str(self.datadir)),
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            # Port and socket directory on the command line, so a data
+            # directory can be started again on another free port.
+            [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(self.port),
+             "-k", str(self.sockdir)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, **self._as_user(),
         )
         log.close()
         deadline = time.monotonic() + timeout

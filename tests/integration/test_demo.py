@@ -12,9 +12,11 @@ def test_demo_end_to_end(tmp_path):
     state = tmp_path / "demo"
     proc = Proc([PY, "-m", "gateway.cli.wicket", "demo", "--state-dir", str(state)], tmp_path / "demo.log", _env())
     try:
-        m = proc.read_line(r"listening for demo-echo on ([\d.]+):(\d+)", timeout=60)
+        psql_line = proc.read_line(r'^\s+(psql "host=.*")$', timeout=120).group(1)
+        out = subprocess.run(psql_line + ' -X -tA -c "select current_user, current_database()"', shell=True,
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "demo|demo", out.stderr
         line = proc.read_line(r"^\s+(python3 -c .*)$").group(1)
-        assert m.group(2) in line
         out = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=30)
         assert out.stdout.strip() == "b'hello wicket'", out.stderr
         assert (state / "demo-password").stat().st_mode & 0o777 == 0o600
