@@ -401,3 +401,41 @@ def test_ls_shows_db_users(gw):
     pg = next(i for i in items if i["name"] == "pg")
     assert pg["kind"] == "postgres"
     assert pg["allowed"]["db_user"] == ["app", "pwuser", "md5user"]
+
+
+def test_forged_cancel_cancels_nothing(pg_port):
+    """A CancelRequest with a key this gateway did not hand out is ignored."""
+    with psycopg.connect(dsn(pg_port)) as conn:
+        pid = conn.info.backend_pid
+        t = threading.Timer(0.2, lambda: _send_cancel(pg_port, pid, b"\x00\x01\x02\x03"))
+        t.start()
+        assert conn.execute("select pg_sleep(1), 'done'").fetchone()[1] == "done"
+        t.join()
+
+
+def _send_cancel(port: int, pid: int, secret: bytes) -> None:
+    import socket
+    import struct
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(struct.pack(">IIi", 16, 80877102, pid) + secret)
+        s.recv(10)
+
+
+async def test_cancel_of_another_users_session_is_refused(pg_env, gw, tmp_path):
+    """The cluster lets only a session's owner cancel it."""
+    from gateway.identity import tlsconf
+    from gateway.local.client import Dialer, DialRefused
+    from gateway.local.profile import Profile
+    from protocols.dial import DialRequest
+    from protocols.errors import ErrorCode
+
+    cluster, _ = pg_env
+    intruder = _gateway(cluster, tmp_path, "pg")
+    try:
+        dialer = Dialer(Profile.load(intruder.home), tlsconf.ALPN_POSTGRES)
+        with pytest.raises(DialRefused) as err:
+            await dialer.dial(DialRequest(resource="pg", params={"cancel": "0123456789abcdef"}))
+        assert err.value.error.code is ErrorCode.ACCESS_DENIED
+    finally:
+        intruder.stop()
