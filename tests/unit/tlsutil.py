@@ -1,0 +1,173 @@
+"""A throwaway PKI for TLS tests: one CA, a server and a client certificate.
+
+ECDSA P-256 throughout (fast to generate, what the cluster itself uses).
+Python's ``ssl`` loads certificates and keys only from files, so everything is
+written under a directory the caller owns (pytest's ``tmp_path``); the PEM
+bytes are also kept in memory for tests that want them.
+
+The contexts built here mirror the production wire (TLS 1.3 only, mutual,
+ALPN) without importing ``gateway.identity``: these tests are about the
+stream, not about how production contexts are configured.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+SERVER_NAME = "cluster.test"
+ALPN = "wicket-test"
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class TestPKI:
+    __test__ = False  # not a pytest test class, despite the name
+
+    ca_pem: bytes
+    ca_file: Path
+    server_chain: Path
+    server_key: Path
+    client_chain: Path
+    client_key: Path
+    client_cert_der: bytes
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    *,
+    server: bool,
+    now: dt.datetime,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False
+        )
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def make_pki(directory: Path, *, client_name: str = "alice") -> TestPKI:
+    """Create a CA plus server (for :data:`SERVER_NAME`) and client certs under
+    ``directory``."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("wicket test CA"))
+        .issuer_name(_name("wicket test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.pem").write_bytes(ca_pem)
+
+    paths: dict[str, Path] = {}
+    client_der = b""
+    for role, common_name in (("server", SERVER_NAME), ("client", client_name)):
+        cert, key = _leaf(ca_cert, ca_key, common_name, server=role == "server", now=now)
+        if role == "client":
+            client_der = cert.public_bytes(serialization.Encoding.DER)
+        chain = directory / f"{role}.pem"
+        chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(directory / f"{role}.key", key)
+        paths[f"{role}_chain"] = chain
+        paths[f"{role}_key"] = directory / f"{role}.key"
+    return TestPKI(ca_pem=ca_pem, ca_file=directory / "ca.pem", client_cert_der=client_der,
+                   **paths)
+
+
+def server_context(
+    pki: TestPKI,
+    *,
+    alpn: tuple[str, ...] = (ALPN,),
+    require_client_cert: bool = True,
+    minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+    num_tickets: int = 2,
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = minimum_version
+    ctx.load_cert_chain(pki.server_chain, pki.server_key)
+    ctx.load_verify_locations(cafile=str(pki.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    ctx.set_alpn_protocols(list(alpn))
+    ctx.num_tickets = num_tickets
+    return ctx
+
+
+def client_context(
+    pki: TestPKI,
+    *,
+    alpn: tuple[str, ...] = (ALPN,),
+    with_cert: bool = True,
+    minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+    maximum_version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED,
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = minimum_version
+    ctx.maximum_version = maximum_version
+    ctx.load_verify_locations(cadata=pki.ca_pem.decode("ascii"))
+    if with_cert:
+        ctx.load_cert_chain(pki.client_chain, pki.client_key)
+    ctx.set_alpn_protocols(list(alpn))
+    return ctx
