@@ -150,15 +150,16 @@ class PostgresProxy:
             async with dialed.stream:
                 relay_startup = StartupRelay(key)
                 out = early + relay_startup.feed(dialed.trailing)
-                while not relay_startup.done:
+                with trio.fail_after(STARTUP_TIMEOUT):
+                    while not relay_startup.done:
+                        if out:
+                            await client.send_all(out)
+                        data = await dialed.stream.receive_some(READ)
+                        if not data:
+                            break
+                        out = relay_startup.feed(data)
                     if out:
                         await client.send_all(out)
-                    data = await dialed.stream.receive_some(READ)
-                    if not data:
-                        break
-                    out = relay_startup.feed(data)
-                if out:
-                    await client.send_all(out)
                 if not relay_startup.done:
                     err = relay_startup.error
                     log.info("pg_login_refused resource=%s client=%s db_user=%s sqlstate=%s message=%r",
@@ -175,6 +176,9 @@ class PostgresProxy:
             log.warning("pg_session_broken resource=%s client=%s error=%s", self.resource, client_addr, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("pg_session_broken resource=%s client=%s error=%s", self.resource, client_addr, exc)
+        except trio.TooSlowError:
+            log.warning("pg_startup_timeout resource=%s client=%s session=%s", self.resource, client_addr,
+                        session_id)
         finally:
             self._keys.pop(key.process_id, None)
 
