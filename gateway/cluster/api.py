@@ -160,7 +160,7 @@ class API:
     async def resources(self, request: Request) -> Response:
         identity, user, roles = await self._identify()
         items = []
-        for res in await self.cluster.db(self.cluster.store.list_resources):
+        for res in (await self.cluster.snapshot()).resources.values():
             if rbac.visible(roles, res.name, res.labels):
                 item: dict[str, Any] = {"name": res.name, "kind": res.kind, "labels": dict(res.labels)}
                 params = rbac.allowed_params(roles, res.name, res.labels)

@@ -35,9 +35,19 @@ log = logging.getLogger("wicket.cluster")
 T = TypeVar("T")
 
 LOCK_POLL_INTERVAL = 0.5
+IDENTITY_CACHE = 4096
 AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
+
+
+@attrs.frozen(slots=True)
+class Snapshot:
+    counter: int
+    users: dict[str, User]
+    locks: dict[str, Any]
+    roles: dict[str, Role]
+    resources: dict[str, Resource]
 
 
 @attrs.define(eq=False)
@@ -67,6 +77,13 @@ class Cluster:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
         self.sessions: dict[str, LiveSession] = {}
+        # A second connection, used only from the event loop for the cheap
+        # freshness check (the worker thread owns the first).
+        self._reader = Store.open(config.state_dir / "wicket.db")
+        self._snapshot: Snapshot | None = None
+        # Parsed identities of recent certificates (parsing is pure, and a
+        # gateway presents the same certificate on every dial).
+        self._identities: dict[bytes, pki.Identity] = {}
         self._audit_pending: list[tuple[str, str | None, dict[str, Any], float]] = []
         self._audit_wakeup = trio.Event()
         now = utcnow()
@@ -104,6 +121,7 @@ class Cluster:
 
     def close(self) -> None:
         self.audit_log.close()
+        self._reader.close()
         self.store.close()
 
     # -- start-up ------------------------------------------------------------
@@ -196,18 +214,51 @@ class Cluster:
     async def roles_of(self, user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
         """The user's current roles (intersected with those in a certificate,
         so removing a role from a user takes effect before the cert expires)."""
-        names = [r for r in user.roles if claimed is None or r in claimed]
+        snap = await self.snapshot()
         roles = []
-        for name in names:
-            record = await self.db(self.store.get_role, name)
-            if record is None:
+        for name in user.roles:
+            if claimed is not None and name not in claimed:
+                continue
+            if name not in snap.roles:
                 log.warning("role_missing user=%s role=%s action=%s", user.name, name,
                             "create the role or remove it from the user")
                 continue
-            roles.append(Role.from_spec(name, record.spec))
+            roles.append(snap.roles[name])
         return roles
 
     # -- who is on the other end of a TLS connection -------------------------
+
+    # -- the access snapshot -------------------------------------------------
+
+    def _load_snapshot(self) -> "Snapshot":
+        # The counter first: a change racing with this load makes the next
+        # check see a newer counter and load again.
+        counter = self.store.change_counter()
+        roles = {}
+        for record in self.store.list_roles():
+            try:
+                roles[record.name] = Role.from_spec(record.name, record.spec)
+            except ValueError as exc:
+                log.error("role_invalid role=%s error=%s action=%s", record.name, exc, "fix the role")
+        return Snapshot(
+            counter=counter,
+            users={u.name: u for u in self.store.list_users()},
+            locks={lock.user: lock for lock in self.store.list_locks()},
+            roles=roles,
+            resources={r.name: r for r in self.store.list_resources()},
+        )
+
+    async def snapshot(self) -> "Snapshot":
+        """Users, locks, roles and resources as of now.
+
+        Checking freshness is one indexed read on a connection of the event
+        loop's own (WAL readers never wait for writers), so a lock written by
+        the CLI a moment ago refuses the very next dial; the tables are
+        re-read, on the worker thread, only after something changed."""
+        counter = self._reader.change_counter()
+        if self._snapshot is None or counter != self._snapshot.counter:
+            self._snapshot = await self.db(self._load_snapshot)
+        return self._snapshot
 
     async def identify(self, der_cert: bytes | None) -> tuple[pki.Identity, User, list[Role]]:
         """Turn a verified peer certificate into a live identity, or raise
@@ -217,15 +268,20 @@ class Cluster:
                 ErrorCode.CERT_REQUIRED,
                 "this route needs a session certificate; run `wicket login` first",
             )
-        cert = x509.load_der_x509_certificate(der_cert)
-        identity = pki.identity_from_cert(cert)
+        identity = self._identities.get(der_cert)
+        if identity is None:
+            identity = pki.identity_from_cert(x509.load_der_x509_certificate(der_cert))
+            if len(self._identities) >= IDENTITY_CACHE:
+                self._identities.clear()
+            self._identities[der_cert] = identity
         if identity.cluster != self.config.name:
             raise pki.CertError(ErrorCode.CERT_INVALID, "certificate is for another cluster")
         pki.check_validity(identity, utcnow())
-        user = await self.db(self.store.get_user, identity.user)
+        snap = await self.snapshot()
+        user = snap.users.get(identity.user)
         if user is None:
             raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
-        lock = await self.db(self.store.get_lock, identity.user)
+        lock = snap.locks.get(identity.user)
         if lock is not None:
             raise pki.CertError(
                 ErrorCode.USER_LOCKED,
@@ -252,16 +308,11 @@ class Cluster:
 
     async def watch_locks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Cut the live sessions of users who get locked (within 2 s of the
-        lock: we poll the store's change counter every 0.5 s)."""
-        seen = await self.db(self.store.change_counter)
+        lock: the snapshot's freshness is checked every 0.5 s)."""
         task_status.started()
         while True:
             await trio.sleep(LOCK_POLL_INTERVAL)
-            counter = await self.db(self.store.change_counter)
-            if counter == seen:
-                continue
-            seen = counter
-            locks = {lock.user: lock for lock in await self.db(self.store.list_locks)}
+            locks = (await self.snapshot()).locks
             for session in list(self.sessions.values()):
                 if session.user in locks and not session.cancel_scope.cancel_called:
                     session.end_reason = "user_locked"

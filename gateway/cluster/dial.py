@@ -183,7 +183,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
         except pki.CertError as exc:
             raise Refused(exc.code, exc.message) from None
         user_name = identity.user
-        resource = await cluster.db(cluster.store.get_resource, request.resource)
+        resource = (await cluster.snapshot()).resources.get(request.resource)
         if resource is None:
             raise Refused(
                 ErrorCode.RESOURCE_NOT_FOUND,
@@ -207,7 +207,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
             )
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
-            await cluster.audit("dial.control", user_name, **audit_fields, reason=control)
+            cluster.audit_soon("dial.control", user_name, **audit_fields, reason=control)
             await _send_quietly(stream, conn.send(DialAccept(session_id="-")))
             return
         session = cluster.new_session(user_name, resource.name, kind.kind)
@@ -217,13 +217,13 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
             cluster.end_session(session)
             raise
     except Refused as refusal:
-        await cluster.audit("dial.denied", user_name, **audit_fields, code=refusal.code.value,
-                            reason=refusal.reason)
+        cluster.audit_soon("dial.denied", user_name, **audit_fields, code=refusal.code.value,
+                           reason=refusal.reason)
         await _send_quietly(stream, conn.send(DialError(code=refusal.code, message=refusal.message)))
         return
 
-    await cluster.audit("dial.allowed", user_name, **audit_fields, session_id=session.id,
-                        reason=decision.reason)
+    cluster.audit_soon("dial.allowed", user_name, **audit_fields, session_id=session.id,
+                       reason=decision.reason)
     await _run_session(cluster, stream, conn, session, opened, identity, client_addr)
 
 
@@ -235,8 +235,8 @@ async def _run_session(cluster: Cluster, stream: TLSStream, conn: DialConnection
     upstream = opened.upstream
     async with upstream:
         started = time.monotonic()
-        await cluster.audit("session.start", session.user, session_id=session.id, resource=session.resource,
-                            kind=session.kind, client_addr=client_addr, **opened.details)
+        cluster.audit_soon("session.start", session.user, session_id=session.id, resource=session.resource,
+                           kind=session.kind, client_addr=client_addr, **opened.details)
         try:
             if cluster.config.disconnect_expired_cert:
                 left = (identity.not_after - utcnow()).total_seconds()
@@ -261,17 +261,16 @@ async def _run_session(cluster: Cluster, stream: TLSStream, conn: DialConnection
             session.end_reason = f"error: {exc}"
         finally:
             cluster.end_session(session)
-            with trio.CancelScope(shield=True):
-                if opened.finish:
-                    opened.finish()
-                await cluster.audit(
-                    "session.end", session.user, session_id=session.id, resource=session.resource,
-                    kind=session.kind,
-                    bytes_from_client=len(trailing) + counters.a_to_b,
-                    bytes_to_client=len(opened.first_bytes) + counters.b_to_a,
-                    duration=round(time.monotonic() - started, 3),
-                    reason=session.end_reason or (stats.error if stats and stats.error else "closed"),
-                )
+            if opened.finish:
+                opened.finish()
+            cluster.audit_soon(
+                "session.end", session.user, session_id=session.id, resource=session.resource,
+                kind=session.kind,
+                bytes_from_client=len(trailing) + counters.a_to_b,
+                bytes_to_client=len(opened.first_bytes) + counters.b_to_a,
+                duration=round(time.monotonic() - started, 3),
+                reason=session.end_reason or (stats.error if stats and stats.error else "closed"),
+            )
 
 
 async def _send_quietly(stream: TLSStream, data: bytes) -> None:

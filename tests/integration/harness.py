@@ -173,6 +173,12 @@ class Cluster:
             args += [f"--{k}", v]
         return [json.loads(line) for line in self.admin(*args).stdout.splitlines() if line]
 
+    def wait_audit(self, predicate: Callable[[list[dict]], bool] = bool, **filters: str) -> list[dict]:
+        """The audit events matching ``filters`` once ``predicate`` holds for
+        them (dial and session events reach the store in batches)."""
+        return wait_for(lambda: (lambda evs: predicate(evs) and evs)(self.audit(**filters)),
+                        what=f"audit events {filters}", interval=0.1)
+
 
 class Gateway:
     """A user's profile directory and the wicket commands run against it."""

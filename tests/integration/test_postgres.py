@@ -307,7 +307,7 @@ def test_denied_db_user(pg_env, tmp_path):
         _expect_fatal(psql(port, "-c", "select 1", db="postgres"), "denied")
     finally:
         g.stop()
-    denied = cluster.audit(user=g.user, event="dial.denied")
+    denied = cluster.wait_audit(user=g.user, event="dial.denied")
     assert any(e["params"].get("db_user") == "pwuser" for e in denied)
 
 
@@ -380,7 +380,7 @@ def test_statements_are_audited(pg_env, gw, pg_port):
     assert "secret-param-value" not in json.dumps(cluster.audit(user=gw.user))
     err = next(e for e in found if e["event"] == "pg.error")
     assert err["sqlstate"] == "42P01"
-    ends = cluster.audit(user=gw.user, event="session.end")
+    ends = cluster.wait_audit(user=gw.user, event="session.end")
     assert ends and all(e["kind"] == "postgres" for e in ends)
 
 
@@ -391,9 +391,7 @@ def test_copy_is_audited(pg_env, gw, pg_port):
     assert r.returncode == 0, r.stderr
     r = psql(pg_port, "-c", "\\copy t_audit_copy to stdout")
     assert r.stdout.split() == ["1", "2", "3"]
-    copies = wait_for(lambda: [e for e in cluster.audit(user=gw.user, event="pg.copy")][-2:] or None,
-                      what="copy audit")
-    assert {c["direction"] for c in cluster.audit(user=gw.user, event="pg.copy")} >= {"in", "out"}
+    cluster.wait_audit(lambda evs: {c["direction"] for c in evs} >= {"in", "out"}, user=gw.user, event="pg.copy")
 
 
 def test_ls_shows_db_users(gw):

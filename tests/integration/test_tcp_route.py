@@ -140,7 +140,7 @@ async def test_role_that_denies(make_gateway, cluster):
     wait_for(lambda: "code=access_denied" in proc.log(), what="denial in gateway log")
     log = proc.log()
     assert "nothing-dev" in log and "ask a cluster administrator" in log
-    denied = cluster.audit(user=gw.user, event="dial.denied")
+    denied = cluster.wait_audit(user=gw.user, event="dial.denied")
     assert denied and denied[-1]["code"] == "access_denied" and "nothing-dev" in denied[-1]["reason"]
 
 
@@ -263,13 +263,14 @@ async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
         assert await refused(port)
     wait_for(lambda: "code=user_locked" in proc.log(), what="lock refusal in gateway log")
     assert "incident 42" in proc.log()
-    ended = cluster.audit(user=gw.user, event="session.end")
+    ended = cluster.wait_audit(user=gw.user, event="session.end")
     assert ended[-1]["reason"] == "user_locked"
     assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4
     cluster.admin("users", "unlock", gw.user)
     with trio.fail_after(20):
         assert await roundtrip(port, b"back") == b"back"
-    events = [e["event"] for e in cluster.audit(user=gw.user)]
+    events = [e["event"] for e in cluster.wait_audit(lambda evs: len([e for e in evs if e["event"] == "session.end"]) >= 2,
+                                                     user=gw.user)]
     assert "user.lock" in events and "user.unlock" in events
 
 
