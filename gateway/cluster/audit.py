@@ -29,8 +29,14 @@ class AuditLog:
             self._file.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
 
     def write_many(self, events: list[tuple[str, str | None, dict[str, Any], float]]) -> None:
-        for event, user, fields, now in events:
-            self.write(event, user, fields, now)
+        """One store transaction for the whole batch, then the JSON lines."""
+        self.store.append_audit_many(events)
+        if self._file is not None:
+            self._file.write("".join(
+                json.dumps({"time": round(now, 6), "event": event, "user": user, **fields},
+                           separators=(",", ":"), default=str) + "\n"
+                for event, user, fields, now in events
+            ))
 
     def close(self) -> None:
         if self._file is not None:

@@ -817,6 +817,31 @@ class Store:
         up to 256 characters (a failed login may name a user that does not
         exist); the caller keeps secrets out of *fields*.
         """
+        row = self._audit_row(event, user, fields, now)
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO audit (time, event, user_name, fields) VALUES (?, ?, ?, ?)", row
+            )
+            return cursor.lastrowid
+
+    def append_audit_many(
+        self, events: Iterable[tuple[str, str | None, Mapping[str, Any] | None, float | None]]
+    ) -> None:
+        """Append several events (event, user, fields, now) in one
+        transaction: a busy cluster's statement log costs one commit per
+        batch, not per statement. All or none are written."""
+        rows = [self._audit_row(*e) for e in events]
+        if not rows:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO audit (time, event, user_name, fields) VALUES (?, ?, ?, ?)", rows
+            )
+
+    @staticmethod
+    def _audit_row(
+        event: str, user: str | None, fields: Mapping[str, Any] | None, now: float | None
+    ) -> tuple[float, str, str | None, str]:
         if not isinstance(event, str) or len(event) > 64 or _EVENT_RE.fullmatch(event) is None:
             raise ValueError(f"invalid audit event name {event!r}: expected e.g. 'login.failed'")
         if user is not None:
@@ -834,12 +859,7 @@ class Store:
             raise ValueError(
                 f"audit fields for {event} exceed {_MAX_AUDIT_FIELDS_BYTES} bytes; truncate them"
             )
-        with self._write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO audit (time, event, user_name, fields) VALUES (?, ?, ?, ?)",
-                (_now(now), event, user, text),
-            )
-            return cursor.lastrowid
+        return (_now(now), event, user, text)
 
     @staticmethod
     def _audit_filters(

@@ -186,7 +186,9 @@ class Dialer:
             except BaseException:
                 await stream.aclose()
                 raise
-        if stream.session is not None:
+        # A resumed session's ticket stays good for later dials; only a full
+        # handshake needs its fresh ticket saved (reading .session costs).
+        if self._session is None or not stream.session_reused:
             self._session = stream.session
         if isinstance(event, DialError):
             await stream.aclose()

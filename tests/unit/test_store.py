@@ -645,3 +645,19 @@ async def test_used_from_trio_worker_threads(store: Store) -> None:
             nursery.start_soon(append, i)
     count = await trio.to_thread.run_sync(store.count_audit, "dial.allowed", limiter=limiter)
     assert count == 10
+
+
+def test_append_audit_many_is_one_ordered_transaction(store: Store) -> None:
+    store.append_audit_many([
+        ("session.start", "alice", {"n": 1}, 10.0),
+        ("pg.query", "alice", {"query": "select 1"}, 11.0),
+        ("session.end", "alice", None, 12.0),
+    ])
+    events = store.query_audit(user="alice")
+    assert [e.event for e in events] == ["session.start", "pg.query", "session.end"]
+    assert dict(events[1].fields) == {"query": "select 1"}
+    # One bad event and nothing of the batch is written.
+    with pytest.raises(ValueError):
+        store.append_audit_many([("ok.event", None, None, 1.0), ("Bad Event", None, None, 2.0)])
+    assert len(store.query_audit()) == 3
+    store.append_audit_many([])
