@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of Wicket's relay: ``./dev bench`` (see README.md)."""
