@@ -361,7 +361,7 @@ class Haproxy(BenchPath):
 # -- wicket -----------------------------------------------------------------
 
 _CLUSTER_CONFIG = """\
-# Written by benchmarks/paths.py: one cluster, one user, one tcp resource.
+# Written by benchmarks/paths.py: one cluster, one user, one resource.
 [cluster]
 name = "bench"
 state_dir = "{state}"
@@ -373,11 +373,13 @@ max_session_ttl = "8h"
 [roles.bench]
 [[roles.bench.allow]]
 resources = ["upstream"]
+db_users = ["*"]
+db_names = ["*"]
 
 [resources.upstream]
-kind = "tcp"
+kind = "{kind}"
 address = "127.0.0.1:{port}"
-"""
+{settings}"""
 
 _PASSWORD = "benchmark password, thrown away with the run"
 
@@ -398,8 +400,13 @@ class Wicket(BenchPath):
     entry_label = "gateway"
     exit_label = "cluster"
 
-    def __init__(self, work: Path, upstream_port: int) -> None:
+    def __init__(self, work: Path, upstream_port: int, *, kind: str = "tcp", settings: str = "",
+                 cluster_env: dict[str, str] | None = None) -> None:
+        """``kind``/``settings``: the resource (``settings`` are extra TOML
+        lines, e.g. a postgres resource's tls and auth); the gateway runs
+        ``wicket proxy tcp`` or, for postgres, ``wicket proxy db``."""
         super().__init__()
+        self.kind, self.settings, self.cluster_env = kind, settings, cluster_env or {}
         self._started(self._start, work, upstream_port)
 
     def _run(self, args: list[str], env: dict[str, str], what: str) -> None:
@@ -413,11 +420,12 @@ class Wicket(BenchPath):
             raise RuntimeError("gateway/net/relay.py does not exist yet")
         work.mkdir(parents=True, exist_ok=True)
         config = work / "cluster.toml"
-        config.write_text(_CLUSTER_CONFIG.format(state=work / "cluster-state", port=upstream_port))
+        config.write_text(_CLUSTER_CONFIG.format(state=work / "cluster-state", port=upstream_port,
+                                                 kind=self.kind, settings=self.settings))
         ready = work / "cluster.ready"
         self.cluster = Child("wicket-cluster", [PY, "-m", "gateway.cli.cluster", "start", "--config",
                                                 str(config), "--ready-file", str(ready)],
-                             work / "cluster.log", env=_wicket_env())
+                             work / "cluster.log", env={**_wicket_env(), **self.cluster_env})
         self.children.append(self.cluster)
 
         def is_ready():
@@ -430,7 +438,8 @@ class Wicket(BenchPath):
         home = work / "home"
         self._run(["gateway.cli.wicket", "login", info["address"], "--user", "bench", "--ca-pin", info["pin"],
                    "--password-stdin"], _wicket_env(home), "wicket login")
-        self.gateway = Child("wicket proxy", [PY, "-m", "gateway.cli.wicket", "proxy", "tcp", "upstream",
+        proxy = "db" if self.kind == "postgres" else self.kind
+        self.gateway = Child("wicket proxy", [PY, "-m", "gateway.cli.wicket", "proxy", proxy, "upstream",
                                               "--port", "0"],
                              work / "gateway.log", stdout_pipe=True, env=_wicket_env(home))
         self.children.append(self.gateway)
