@@ -86,7 +86,8 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+        return ",".join(f"{k}={'|'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                        for k, v in sorted(value.items())) or "-"
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) or "-"
     if isinstance(value, float):
@@ -94,14 +95,23 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    out = {}
+def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
+    out = []
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
-        out[key] = value
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        out.append((key, value))
     return out
+
+
+def _labels(values: tuple[str, ...], option: str = "--label") -> dict[str, str]:
+    pairs = _pairs(values, option)
+    keys = [k for k, _ in pairs]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise click.BadParameter(f"{', '.join(sorted(dup))} given more than once", param_hint=option)
+    return dict(pairs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,7 +155,8 @@ def start(config_path: Path, log_format: str, log_level: str, ready_file: Path |
 
     try:
         trio.run(run)
-    except OSError as exc:
+    except* OSError as group:
+        exc = group.exceptions[0]
         host, port = config.listen
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     finally:
@@ -297,25 +308,41 @@ def roles() -> None:
 @config_option
 @click.argument("name")
 @click.option("--allow-resources", default="", help="Comma-separated name globs to allow.")
-@click.option("--allow-label", multiple=True, help="KEY=GLOB a resource must carry to be allowed (repeatable).")
+@click.option("--allow-label", multiple=True,
+              help="KEY=GLOB an allowed resource must carry (repeatable; the same key twice means either value).")
+@click.option("--db-users", default="", help="Comma-separated db user globs the allow rule grants (postgres).")
+@click.option("--db-names", default="", help="Comma-separated database globs the allow rule grants (postgres).")
 @click.option("--deny-resources", default="", help="Comma-separated name globs to deny (deny wins).")
-@click.option("--deny-label", multiple=True, help="KEY=GLOB that denies a resource (repeatable).")
+@click.option("--deny-label", multiple=True, help="KEY=GLOB that denies a resource (repeatable; each denies on its own).")
 @click.option("--max-session-ttl", default=None, help="Cap on certificate lifetime, e.g. 1h.")
 def roles_add(config_path: Path, name: str, allow_resources: str, allow_label: tuple[str, ...],
-              deny_resources: str, deny_label: tuple[str, ...], max_session_ttl: str | None) -> None:
-    """Create or replace role NAME."""
+              db_users: str, db_names: str, deny_resources: str, deny_label: tuple[str, ...],
+              max_session_ttl: str | None) -> None:
+    """Create or replace role NAME.
 
-    def rule(resources: str, labels: tuple[str, ...]) -> list[dict[str, Any]]:
-        spec: dict[str, Any] = {}
-        names = [r.strip() for r in resources.split(",") if r.strip()]
-        if names:
-            spec["resources"] = names
-        if labels:
-            spec["labels"] = _labels(labels)
-        return [spec] if spec else []
+    The allow flags make one rule (a resource must match all of them); every
+    deny flag is a rule of its own, so each one denies by itself."""
 
-    spec: dict[str, Any] = {"allow": rule(allow_resources, allow_label),
-                            "deny": rule(deny_resources, deny_label)}
+    def globs(text: str) -> list[str]:
+        return [g.strip() for g in text.split(",") if g.strip()]
+
+    allow: dict[str, Any] = {}
+    if globs(allow_resources):
+        allow["resources"] = globs(allow_resources)
+    if allow_label:
+        labels: dict[str, list[str]] = {}
+        for key, value in _pairs(allow_label, "--allow-label"):
+            labels.setdefault(key, []).append(value)
+        allow["labels"] = labels
+    if globs(db_users):
+        allow["db_users"] = globs(db_users)
+    if globs(db_names):
+        allow["db_names"] = globs(db_names)
+    deny: list[dict[str, Any]] = []
+    if globs(deny_resources):
+        deny.append({"resources": globs(deny_resources)})
+    deny += [{"labels": {key: value}} for key, value in _pairs(deny_label, "--deny-label")]
+    spec: dict[str, Any] = {"allow": [allow] if allow else [], "deny": deny}
     if max_session_ttl:
         spec["max_session_ttl"] = max_session_ttl
     try:
@@ -379,7 +406,7 @@ def resources_add(config_path: Path, name: str, kind: str, address: str, label: 
         if value is not None:
             spec[key] = value
     if password_ref:
-        spec["passwords"] = _labels(password_ref)
+        spec["passwords"] = _labels(password_ref, "--password-ref")
     try:
         spec = cfg.validate_resource(name, kind, address, spec)
     except ValueError as exc:
@@ -415,6 +442,12 @@ def resources_rm(config_path: Path, name: str) -> None:
 
 
 # -- audit -------------------------------------------------------------------
+
+
+def _printable(text: str) -> str:
+    """Audit text comes from peers (user names, SQL): escape control
+    characters so nothing in it can drive the administrator's terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _since(value: str | None) -> float | None:
@@ -454,11 +487,12 @@ def audit(config_path: Path, since: str | None, user: str | None, event_prefix: 
         return
     for e in events:
         when = dt.datetime.fromtimestamp(e.time, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        user = _printable(e.user or "-")
         details = " ".join(
             f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
             for k, v in dict(e.fields).items()
         )
-        click.echo(f"{when}Z {e.event:15} {e.user or '-':12} {details}")
+        click.echo(f"{when}Z {e.event:15} {user:12} {_printable(details)}")
 
 
 if __name__ == "__main__":

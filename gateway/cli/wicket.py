@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import h11
 import trio
 
 from gateway.durations import format_duration, parse_duration
@@ -22,13 +23,14 @@ from gateway.identity import pki
 from gateway.identity.pki import utcnow
 from gateway.local import client, profile as profiles
 from gateway.local.profile import Profile, ProfileError
+from gateway.net.http import HTTPError
 
 EXIT_NOT_LOGGED_IN = 3
 EXIT_REFUSED = 4
 EXIT_UNREACHABLE = 5
 
 _REFUSED = {"access_denied", "user_locked", "rate_limited", "totp_required", "bad_request"}
-_EXPIRED = {"cert_expired", "cert_invalid", "cert_required"}
+_EXPIRED = {"cert_expired", "cert_required"}
 
 
 class WicketError(click.ClickException):
@@ -42,9 +44,7 @@ def _cluster_error(exc: client.ClusterError) -> WicketError:
         return WicketError(exc.message, EXIT_NOT_LOGGED_IN)
     if exc.code in _REFUSED:
         return WicketError(exc.message, EXIT_REFUSED)
-    if exc.code in ("unreachable", "tls_failed"):
-        return WicketError(exc.message, EXIT_UNREACHABLE)
-    if exc.code == "cert_invalid":
+    if exc.code in ("unreachable", "tls_failed", "bad_answer", "cert_invalid"):
         return WicketError(exc.message, EXIT_UNREACHABLE)
     return WicketError(exc.message)
 
@@ -56,6 +56,10 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
         raise _cluster_error(exc) from None
     except ProfileError as exc:
         raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
+    except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+            HTTPError) as exc:
+        raise WicketError(f"the conversation with the cluster broke off ({type(exc).__name__}: {exc}); "
+                          f"check that it is running and try again", EXIT_UNREACHABLE) from None
 
 
 def _load_profile() -> Profile:
@@ -183,7 +187,12 @@ def _status_doc(profile: Profile, identity: pki.Identity) -> dict[str, Any]:
 def status(fmt: str) -> None:
     """Who you are logged in as, your roles and the time left (exit 3 if expired)."""
     profile = _load_profile()
-    doc = _status_doc(profile, profile.identity())
+    try:
+        identity = profile.identity()
+    except (OSError, ValueError, pki.CertError) as exc:
+        raise WicketError(f"the login in {profile.home} is unreadable ({exc}); run `wicket login` again",
+                          EXIT_NOT_LOGGED_IN) from None
+    doc = _status_doc(profile, identity)
     if fmt == "json":
         click.echo(json.dumps(doc))
     else:
@@ -299,7 +308,8 @@ def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identit
 
     try:
         trio.run(serve)
-    except OSError as exc:
+    except* OSError as group:
+        exc = group.exceptions[0]
         raise WicketError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
 
 

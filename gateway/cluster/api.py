@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from typing import Any
 
@@ -90,20 +91,43 @@ class API:
         if len(user_name) > 64 or len(password) > 1024:
             raise HTTPError(400, "bad_request", "user or password too long")
         public_key = self._public_key(body.get("public_key"))
-        await self._check_rate(user_name)
+        inflight = self.cluster.login_attempts
+        keys = (("user", user_name), ("host", self.client_host))
+        # Attempts in progress count against the limit too, so a burst of
+        # parallel guesses cannot all slip in before the first is recorded.
+        for key in keys:
+            inflight[key] += 1
+        try:
+            await self._check_rate(user_name, inflight[keys[0]] - 1, inflight[keys[1]] - 1)
+            return await self._login_checked(body, user_name, password, public_key)
+        finally:
+            for key in keys:
+                inflight[key] -= 1
+                if not inflight[key]:
+                    del inflight[key]
 
+    async def _login_checked(self, body: dict[str, Any], user_name: str, password: str, public_key) -> Response:
+        limiter = self.cluster.password_limiter
         user = await self.cluster.db(self.cluster.store.get_user, user_name)
         if user is None:
-            await trio.to_thread.run_sync(burn_password_time, password)
+            await trio.to_thread.run_sync(burn_password_time, password, limiter=limiter)
             return await self._login_failed(user_name, "unknown user")
         try:
-            ok = await trio.to_thread.run_sync(verify_password, user.password_hash, password)
+            ok = await trio.to_thread.run_sync(verify_password, user.password_hash, password, limiter=limiter)
         except InvalidPasswordHash:
             log.error("password_hash_corrupt user=%s action=%s", user_name,
                       "reset the password with `wicket-cluster users add` after removing the user")
+            await trio.to_thread.run_sync(burn_password_time, password, limiter=limiter)
             ok = False
         if not ok:
             return await self._login_failed(user_name, "wrong password")
+        # Locked? Say so before a TOTP code is spent on a refused login.
+        lock = await self.cluster.db(self.cluster.store.get_lock, user_name)
+        if lock is not None:
+            await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
+                                     client_host=self.client_host, reason="user locked")
+            raise HTTPError(403, "user_locked",
+                            f"user {user_name} is locked ({lock.reason}); ask an administrator to unlock")
         if user.totp_secret is not None:
             code = body.get("totp_code")
             if not isinstance(code, str) or not code:
@@ -116,12 +140,6 @@ class API:
                 self.cluster.store.set_totp_last_step, user_name, step
             ):
                 return await self._login_failed(user_name, "wrong or reused totp code")
-        lock = await self.cluster.db(self.cluster.store.get_lock, user_name)
-        if lock is not None:
-            await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
-                                     client_host=self.client_host, reason="user locked")
-            raise HTTPError(403, "user_locked",
-                            f"user {user_name} is locked ({lock.reason}); ask an administrator to unlock")
         roles = await self.cluster.roles_of(user)
         now = utcnow()
         return await self._issue(user_name, roles, public_key, body.get("ttl_seconds"),
@@ -171,7 +189,7 @@ class API:
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _check_rate(self, user_name: str) -> None:
+    async def _check_rate(self, user_name: str, user_inflight: int, host_inflight: int) -> None:
         cfg = self.cluster.config
         since = time.time() - cfg.login_failure_window
         store = self.cluster.store
@@ -179,9 +197,12 @@ class API:
         by_addr = await self.cluster.db(
             store.count_audit, "login.failed", since=since, field=("client_host", self.client_host)
         )
-        if by_user >= cfg.login_max_failures or by_addr >= 4 * cfg.login_max_failures:
-            await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
-                                     client_host=self.client_host, reason="rate limited")
+        if by_user + user_inflight >= cfg.login_max_failures or \
+                by_addr + host_inflight >= 4 * cfg.login_max_failures:
+            # Audited, but not as a failure: refusals must not extend the
+            # lockout, or anyone could keep a named user out for ever.
+            await self.cluster.audit("login.rate_limited", user_name, client_addr=self.client_addr,
+                                     client_host=self.client_host)
             raise HTTPError(
                 429, "rate_limited",
                 f"too many failed logins; try again in {int(cfg.login_failure_window)} seconds",
@@ -212,7 +233,7 @@ class API:
         ttl = cfg.session_ttl
         if requested_ttl is not None:
             if not isinstance(requested_ttl, (int, float)) or isinstance(requested_ttl, bool) \
-                    or requested_ttl < MIN_TTL:
+                    or not math.isfinite(requested_ttl) or requested_ttl < MIN_TTL:
                 raise HTTPError(400, "bad_request", f"ttl_seconds must be a number >= {MIN_TTL}")
             ttl = float(requested_ttl)
         caps = [cfg.max_session_ttl]

@@ -9,6 +9,7 @@ notices its changes through the store's change counter.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any, Callable, TypeVar
 import attrs
 import trio
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from gateway.cluster import config as cfg
@@ -36,6 +38,7 @@ T = TypeVar("T")
 
 LOCK_POLL_INTERVAL = 0.5
 IDENTITY_CACHE = 4096
+MAX_CONNECTIONS = 20_000
 AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
@@ -77,6 +80,12 @@ class Cluster:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
         self.sessions: dict[str, LiveSession] = {}
+        # Bounds on what peers can make us hold: connections in progress, and
+        # Argon2 hashes (19 MiB each) computing at once.
+        self.connection_slots = trio.Semaphore(MAX_CONNECTIONS)
+        self.password_limiter = trio.CapacityLimiter(4)
+        # Logins in progress per ("user", name) and ("host", address).
+        self.login_attempts: collections.Counter = collections.Counter()
         # A second connection, used only from the event loop for the cheap
         # freshness check (the worker thread owns the first).
         self._reader = Store.open(config.state_dir / "wicket.db")
@@ -197,7 +206,17 @@ class Cluster:
     async def flush_audit(self) -> None:
         while self._audit_pending:
             batch, self._audit_pending = self._audit_pending, []
-            await self.db(self.audit_log.write_many, batch)
+            try:
+                await self.db(self.audit_log.write_many, batch)
+            except Exception:
+                # One bad event must not lose the batch or stop auditing:
+                # write them one by one and log what cannot be written.
+                for event in batch:
+                    try:
+                        await self.db(self.audit_log.write_many, [event])
+                    except Exception:
+                        log.exception("audit_write_failed event=%s user=%s action=%s", event[0], event[1],
+                                      "check the store (disk full? permissions?)")
 
     async def run_audit_flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -324,6 +343,9 @@ class Cluster:
 
     def public_key_from_pem(self, pem: str):
         try:
-            return serialization.load_pem_public_key(pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError, TypeError):
+            key = serialization.load_pem_public_key(pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm):
             raise pki.CertError(ErrorCode.BAD_REQUEST, "public_key is not a PEM public key") from None
+        if not pki.acceptable_session_key(key):
+            raise pki.CertError(ErrorCode.BAD_REQUEST, "session keys must be ECDSA P-256 or Ed25519")
+        return key

@@ -69,7 +69,11 @@ PG_PREFIX = "pg."
 
 def _memfd_pem(data: bytes) -> tuple[int, str]:
     fd = os.memfd_create("wicket-db-cert", os.MFD_CLOEXEC)
-    os.write(fd, data)
+    try:
+        os.write(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd, f"/proc/self/fd/{fd}"
 
 
@@ -82,9 +86,15 @@ class PostgresKind:
             return {PARAM_CANCEL: params[PARAM_CANCEL]}
         db_user = params.get(PARAM_DB_USER) or identity.user
         out = {PARAM_DB_USER: db_user, PARAM_DB_NAME: params.get(PARAM_DB_NAME) or db_user}
+        for what, value in out.items():
+            # PostgreSQL identifiers: at most 63 bytes, never NUL.
+            if len(value.encode()) > 63 or "\x00" in value:
+                raise Refused(ErrorCode.BAD_REQUEST, f"{what} must be 1-63 bytes without NUL")
         for key, value in params.items():
             if key.startswith(PG_PREFIX):
                 name = key[len(PG_PREFIX):]
+                if not name or "\x00" in name or "\x00" in value or name.startswith("_pq_."):
+                    raise Refused(ErrorCode.BAD_REQUEST, f"startup parameter {name!r} is not allowed")
                 if name == "replication" and value.lower() not in ("false", "off", "no", "0"):
                     raise Refused(ErrorCode.BAD_REQUEST,
                                   "replication connections are not supported through Wicket")
@@ -110,15 +120,15 @@ class PostgresKind:
             raise Refused(ErrorCode.BAD_REQUEST, "the session has no cancel key")
         upstream = await connect_tcp(resource)
         async with upstream:
-            await upstream.send_all(CancelRequest(process_id=key.process_id,
-                                                  secret_key=key.secret_key).encode())
-            # The server closes without answering; wait for that (bounded).
-            with trio.move_on_after(CONNECT_TIMEOUT):
-                try:
+            try:
+                await upstream.send_all(CancelRequest(process_id=key.process_id,
+                                                      secret_key=key.secret_key).encode())
+                # The server closes without answering; wait for that (bounded).
+                with trio.move_on_after(CONNECT_TIMEOUT):
                     while await upstream.receive_some(1024):
                         pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise Refused(ErrorCode.UPSTREAM_UNREACHABLE, f"sending the cancel failed: {exc}") from None
         return f"cancel of session {session_id}"
 
     # -- sessions ----------------------------------------------------------------
@@ -149,6 +159,16 @@ class PostgresKind:
 
     async def open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
                    session: LiveSession) -> Opened:
+        try:
+            return await self._open(cluster, resource, params, session)
+        except (ProtocolError, ValueError, OSError, ssl.SSLError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as exc:
+            log.warning("pg_open_failed resource=%s error=%r", resource.name, exc)
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                          f"talking to {resource.name} failed: {getattr(exc, 'message', None) or exc}") from None
+
+    async def _open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
+                    session: LiveSession) -> Opened:
         spec = resource_specs.postgres(resource.spec)
         db_user, db_name = params[PARAM_DB_USER], params[PARAM_DB_NAME]
         password = None
@@ -170,8 +190,9 @@ class PostgresKind:
                     user=db_user, database=db_name, password=password,
                     parameters={k[len(PG_PREFIX):]: v for k, v in params.items() if k.startswith(PG_PREFIX)},
                     # Never send a cleartext password over an unencrypted link.
+                    # A cleartext password only to a server we verified.
                     methods={AuthMethod.TRUST, AuthMethod.MD5, AuthMethod.SCRAM_SHA_256}
-                    | ({AuthMethod.CLEARTEXT} if spec.tls != "disable" else set()),
+                    | ({AuthMethod.CLEARTEXT} if spec.tls == "verify-full" else set()),
                     max_iterations=MAX_SCRAM_ITERATIONS,
                 )
                 try:

@@ -8,6 +8,7 @@ written.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 
@@ -34,7 +35,22 @@ def _addr(sockname) -> str:
 
 
 async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
-    client_addr = _addr(tcp.socket.getpeername())
+    """One connection. Whatever goes wrong stays with it: a bug or a hostile
+    peer ends this connection (logged), never the cluster."""
+    try:
+        async with cluster.connection_slots:
+            await _handle_connection(cluster, tcp)
+    except Exception:
+        log.exception("connection_failed action=%s", "report this as a bug with the traceback")
+        await tcp.aclose()
+
+
+async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
+    try:
+        client_addr = _addr(tcp.socket.getpeername())
+    except OSError:  # reset before we looked
+        await tcp.aclose()
+        return
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream = await accept_tls(tcp, cluster.server_context)
@@ -49,16 +65,16 @@ async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
         return
     async with stream:
         alpn = stream.selected_alpn_protocol()
-        if alpn in ROUTES:
-            await handle_route(cluster, stream, ROUTES[alpn], client_addr=client_addr)
-        elif alpn == tlsconf.ALPN_HTTP:
-            api = API(cluster, peer_cert=stream.getpeercert(binary_form=True), client_addr=client_addr)
-            try:
+        try:
+            if alpn in ROUTES:
+                await handle_route(cluster, stream, ROUTES[alpn], client_addr=client_addr)
+            elif alpn == tlsconf.ALPN_HTTP:
+                api = API(cluster, peer_cert=stream.getpeercert(binary_form=True), client_addr=client_addr)
                 await serve_http(stream, api)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        else:
-            log.info("no_route client=%s alpn=%s", client_addr, alpn)
+            else:
+                log.info("no_route client=%s alpn=%s", client_addr, alpn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 async def serve(
@@ -75,19 +91,13 @@ async def serve(
         await outer.start(cluster.run_audit_flusher)
         async with trio.open_nursery() as handlers:
 
-            async def run_listener(listener: trio.SocketListener) -> None:
-                async with listener:
-                    while True:
-                        tcp = await listener.accept()
-                        handlers.start_soon(handle_connection, cluster, tcp)
-
             accept_scope = trio.CancelScope()
 
             async def accept_all() -> None:
+                # serve_listeners backs off on EMFILE/ENFILE instead of dying.
                 with accept_scope:
-                    async with trio.open_nursery() as n:
-                        for listener in listeners:
-                            n.start_soon(run_listener, listener)
+                    await trio.serve_listeners(functools.partial(handle_connection, cluster), listeners,
+                                               handler_nursery=handlers)
 
             handlers.start_soon(accept_all)
             log.info("cluster_listening cluster=%s address=%s pin=%s", cluster.config.name,

@@ -192,6 +192,12 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
     return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
 
 
+def acceptable_session_key(public_key: object) -> bool:
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return True
+    return isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)
+
+
 def normalize_pin(pin: str) -> str:
     """Accept ``sha256:HEX`` (any case, optional colons in the hex)."""
     algo, sep, digest = pin.strip().partition(":")
@@ -280,7 +286,7 @@ class CertificateAuthority:
 
     def issue_session_cert(self, public_key, identity: Identity) -> x509.Certificate:
         """Sign a session certificate carrying ``identity`` for ``public_key``."""
-        if not isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+        if not acceptable_session_key(public_key):
             raise CertError(ErrorCode.BAD_REQUEST, "session keys must be ECDSA P-256 or Ed25519")
         subject = x509.Name(
             [

@@ -20,7 +20,9 @@ from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, N
 from protocols.errors import ErrorCode, ProtocolError
 
 CONNECT_TIMEOUT = 15.0
-DIAL_TIMEOUT = 20.0
+# Longer than the cluster's own worst case (10 s to connect upstream plus 30 s
+# to log in), so its typed answer arrives rather than our timeout.
+DIAL_TIMEOUT = 60.0
 
 
 class ClusterError(Exception):
@@ -72,13 +74,18 @@ async def fetch_ca(address: str) -> ClusterCA:
         with trio.fail_after(CONNECT_TIMEOUT):
             doc = await HTTPClient(stream, host).request("GET", "/v1/ca")
     try:
-        pem = doc["host_ca"].encode("ascii")
-        cert = x509.load_pem_x509_certificate(pem)
-    except (KeyError, AttributeError, ValueError):
+        received = doc["host_ca"].encode("ascii")
+        certs = x509.load_pem_x509_certificates(received)
+    except (KeyError, AttributeError, ValueError, UnicodeEncodeError):
         raise ClusterError("bad_answer", "the cluster sent no usable CA certificate") from None
+    if len(certs) != 1:
+        # Only what the pin covers may be trusted: an extra certificate in the
+        # bundle would be trusted too, unpinned.
+        raise ClusterError("bad_answer", "the cluster sent more than one CA certificate; refusing it")
+    cert = certs[0]
     return ClusterCA(
         name=str(doc.get("cluster", "")),
-        pem=pem,
+        pem=pki.cert_to_pem(cert),  # re-encoded: exactly the pinned certificate, nothing else
         pin=pki.public_key_pin(cert.public_key()),
         fingerprint=pki.cert_fingerprint(cert),
     )
@@ -151,13 +158,18 @@ class Dialer:
     def _reload_if_changed(self) -> None:
         """Pick up a new certificate (``wicket login`` while a proxy runs)
         with one stat() per dial instead of re-reading files every time."""
-        st = self.profile.cert_path.stat()
-        stamp = (st.st_mtime_ns, st.st_ino)
-        if stamp != self._cert_stamp:
-            self._ctx = self.profile.client_context((self.alpn,))
-            self.identity = self.profile.identity()
-            self._session = None
-            self._cert_stamp = stamp
+        try:
+            st = self.profile.cert_path.stat()
+            stamp = (st.st_mtime_ns, st.st_ino)
+            if stamp != self._cert_stamp:
+                self._ctx = self.profile.client_context((self.alpn,))
+                self.identity = self.profile.identity()
+                self._session = None
+                self._cert_stamp = stamp
+        except (OSError, ValueError, ssl.SSLError, pki.CertError) as exc:
+            raise ProfileError(
+                f"the login in {self.profile.home} is gone or unreadable ({exc}); run `wicket login` again"
+            ) from None
 
     def check_fresh(self) -> pki.Identity:
         """The current identity, or :class:`ProfileError` if it expired."""

@@ -122,7 +122,11 @@ class PostgresProxy:
             "db_name": self.db_name or startup.parameters.get("database") or db_user,
         }
         for key, value in list(startup.parameters.items())[:MAX_FORWARDED_PARAMS]:
-            if key not in ("user", "database") and not key.startswith("_pq_.") and len(value) <= 1024:
+            # What does not fit the dial's limits is not forwarded (the
+            # server would not know such a parameter anyway).
+            if key in ("user", "database") or key.startswith("_pq_.") or not key:
+                continue
+            if len("pg." + key) <= 64 and len(value) <= 1024:
                 params["pg." + key] = value
         return params
 

@@ -34,7 +34,10 @@ NEXT_STEP = {
 
 
 def peer_addr(stream: trio.SocketStream) -> str:
-    host, port = stream.socket.getpeername()[:2]
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:  # the client already reset the connection
+        return "unknown"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -93,8 +96,19 @@ async def run_listener(
     until SIGINT/SIGTERM (or cancellation). Started value: the bound address."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
+
+    async def guarded(stream: trio.SocketStream) -> None:
+        # One client's trouble, even a bug, ends that client's connection
+        # only: every other client keeps its session.
+        try:
+            await handler(stream)
+        except Exception:
+            log.exception("connection_failed client=%s action=%s", peer_addr(stream),
+                          "report this as a bug with the traceback")
+            await stream.aclose()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        nursery.start_soon(trio.serve_listeners, guarded, listeners)
         task_status.started(bound)
         if handle_signals:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

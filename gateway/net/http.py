@@ -29,6 +29,10 @@ class HTTPError(Exception):
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 @attrs.frozen(slots=True, kw_only=True)
 class Request:
     method: str
@@ -40,8 +44,8 @@ class Request:
         if not self.body:
             return {}
         try:
-            value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+            value = json.loads(self.body, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise HTTPError(400, "bad_request", "the request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise HTTPError(400, "bad_request", "the request body must be a JSON object")
@@ -124,7 +128,12 @@ async def serve_http(
         except trio.TooSlowError:
             return
         close = response.status >= 400 and conn.their_state != h11.DONE
-        await _send_response(conn, stream, response, close=close)
+        try:
+            # A peer that never reads our answer must not hold us forever.
+            with trio.fail_after(request_timeout):
+                await _send_response(conn, stream, response, close=close)
+        except trio.TooSlowError:
+            return
         if close or conn.our_state is h11.MUST_CLOSE:
             return
         try:

@@ -437,3 +437,15 @@ async def test_cancel_of_another_users_session_is_refused(pg_env, gw, tmp_path):
         assert err.value.error.code is ErrorCode.ACCESS_DENIED
     finally:
         intruder.stop()
+
+
+def test_odd_startup_parameters_do_not_break_the_gateway(pg_port):
+    import socket
+    import struct
+
+    params = b"user\x00app\x00database\x00app\x00" + b"x" * 70 + b"\x00v\x00\x00"
+    with socket.create_connection(("127.0.0.1", pg_port), timeout=30) as s:
+        s.sendall(struct.pack(">II", 8 + len(params), 0x00030000) + params)
+        answer = s.recv(65536)
+    assert answer[:1] in (b"R", b"E")  # logged in (the odd parameter dropped) or told why
+    assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"

@@ -178,11 +178,33 @@ def test_bad_password_and_rate_limit(make_gateway, cluster):
     r = gw.login()  # the right password, but too many failures: refused
     assert r.returncode == 4 and "too many failed logins" in r.stderr
     reasons = [e["reason"] for e in cluster.audit(user=gw.user, event="login.failed")]
-    assert reasons.count("wrong password") == 5 and "rate limited" in reasons
+    assert reasons == ["wrong password"] * 5  # refusals do not extend the lockout
+    assert cluster.audit(user=gw.user, event="login.rate_limited")
     # An unknown user gets the same answer as a wrong password.
     r = gw.run("login", cluster.address, "--user", "nobody-here", "--ca-pin", cluster.pin,
                "--password-stdin", input="whatever it is\n")
     assert r.returncode == 4 and "invalid user name, password or TOTP code" in r.stderr
+
+
+async def test_parallel_guesses_are_rate_limited(cluster, tmp_path):
+    """A burst of concurrent wrong passwords cannot all be tried before the
+    first failure is recorded."""
+    from tests.integration.harness import Gateway
+
+    cluster.add_user("burst", "dev")
+    gw = Gateway(tmp_path, cluster, "burst")
+    results: list[int] = []
+
+    async def guess() -> None:
+        r = await trio.to_thread.run_sync(lambda: gw.login(password="not the password!!"))
+        results.append(r.returncode)
+
+    async with trio.open_nursery() as n:
+        for _ in range(12):
+            n.start_soon(guess)
+    assert len(results) == 12 and set(results) == {4}
+    failures = cluster.audit(user="burst", event="login.failed")
+    assert len(failures) <= 5  # the limit, not twelve tries
 
 
 def test_totp_login(tmp_path, cluster):
@@ -363,3 +385,52 @@ def test_tls12_refused(cluster):
     with socket.create_connection((host, int(port))) as raw:
         with pytest.raises(ssl.SSLError):
             ctx.wrap_socket(raw).close()
+
+
+def _raw_api(cluster, method: str, path: str, body: bytes) -> bytes:
+    import ssl
+
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection((host, int(port)), timeout=30) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
+                  f"content-type: application/json\r\n\r\n".encode() + body)
+        return s.recv(65536)
+
+
+def test_hostile_peers_cannot_take_the_cluster_down(cluster):
+    import struct
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    host, port = cluster.address.rsplit(":", 1)
+    for _ in range(3):  # connect and reset at once
+        s = socket.create_connection((host, int(port)))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    bodies = [
+        b"[" * 30000 + b"]" * 30000,  # deep nesting
+        json.dumps({"user": "x", "password": "y" * 12, "public_key": p384}).encode(),  # wrong curve
+        json.dumps({"user": "x", "password": "y", "public_key": "-----BEGIN PUBLIC KEY-----\nAAAA\n"
+                    "-----END PUBLIC KEY-----\n"}).encode(),
+        b'{"user": "x", "password": "y", "ttl_seconds": NaN}',
+    ]
+    for body in bodies:
+        answer = _raw_api(cluster, "POST", "/v1/login", body)
+        assert answer.split(b"\r\n")[0].split()[1] in (b"400", b"413"), answer[:200]
+    assert b'"status":"ok"' in _raw_api(cluster, "GET", "/v1/health", b"")
+
+
+def test_roles_add_deny_flags_each_deny(cluster):
+    cluster.admin("roles", "add", "careful", "--allow-resources", "*", "--deny-label", "env=prod",
+                  "--deny-label", "env=staging", "--db-users", "app")
+    role = next(r for r in json.loads(cluster.admin("roles", "ls", "--format", "json").stdout)
+                if r["name"] == "careful")
+    assert role["deny"] == "labels=env=prod; labels=env=staging"
+    assert "db_users=app" in role["allow"]
