@@ -89,11 +89,14 @@ def main() -> None:
 @click.option("--ca-pin", help="sha256:... pin of the cluster CA (from `wicket-cluster ca pin`).")
 @click.option("--insecure", is_flag=True, help="Trust the cluster CA without checking a pin (not for production).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@click.option("--totp-code", help="Current TOTP code, if your user has TOTP enrolled.")
+@click.option("--totp-code", help="Current TOTP code, if your user has TOTP enrolled (visible in ps; "
+              "prefer --totp-stdin).")
+@click.option("--totp-stdin", is_flag=True,
+              help="Read the TOTP code from standard input (the line after the password with --password-stdin).")
 @click.option("--ttl", help="Ask for a shorter session (e.g. 1h); the cluster caps it by your roles.")
 @format_option
 def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_stdin: bool,
-          totp_code: str | None, ttl: str | None, fmt: str) -> None:
+          totp_code: str | None, totp_stdin: bool, ttl: str | None, fmt: str) -> None:
     """Log in to the cluster at ADDRESS (HOST:PORT) and store a session certificate."""
     from gateway.cluster.config import parse_hostport
 
@@ -141,6 +144,9 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
         password = click.prompt(f"Password for {user}", hide_input=True, err=True)
     else:
         raise click.UsageError("no terminal to prompt on: pass --password-stdin and pipe the password")
+
+    if totp_stdin:
+        totp_code = sys.stdin.readline().strip()
 
     key = pki.generate_key()
     public_pem = key.public_key().public_bytes(
@@ -279,12 +285,30 @@ def proxy() -> None:
 
 
 def _listen_options(f: Callable) -> Callable:
+    f = click.option("--allow-non-loopback", is_flag=True,
+                     help="Allow --bind on an address other hosts can reach (they would use YOUR identity).")(f)
     f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                      show_default=True, help="Log lines as key=value text or JSON.")(f)
     f = click.option("--bind", default="127.0.0.1", show_default=True, help="Local address to listen on.")(f)
     f = click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
                      help="Local port; 0 picks a free one and prints it.")(f)
     return f
+
+
+def _check_bind(bind: str, allow_non_loopback: bool) -> None:
+    import ipaddress
+
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return
+    if not allow_non_loopback:
+        raise click.BadParameter(
+            f"{bind} is reachable from other hosts, and anyone there would act as you; pass "
+            f"--allow-non-loopback if that is really what you want", param_hint="--bind")
+    click.echo(f"WARNING: listening on {bind}: whoever reaches it acts with your identity", err=True)
 
 
 def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identity: pki.Identity,
@@ -323,11 +347,12 @@ def _fresh_identity(profile: Profile) -> pki.Identity:
 @proxy.command("tcp")
 @click.argument("name")
 @_listen_options
-def proxy_tcp(name: str, port: int, bind: str, log_format: str) -> None:
+def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool) -> None:
     """Relay connections on a local port to TCP resource NAME."""
     from gateway import logs
     from gateway.local.proxy import TcpProxy
 
+    _check_bind(bind, allow_non_loopback)
     logs.setup(log_format)
     profile = _load_profile()
     identity = _fresh_identity(profile)
@@ -343,8 +368,8 @@ def proxy_tcp(name: str, port: int, bind: str, log_format: str) -> None:
 @click.option("--db-name", help="Database for every connection (default: what the client asks for).")
 @click.option("--local-tls", is_flag=True,
               help="Offer TLS to local clients (sslmode=require / verify-full) with the gateway's local CA.")
-def proxy_db(name: str, port: int, bind: str, log_format: str, db_user: str | None, db_name: str | None,
-             local_tls: bool) -> None:
+def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool, db_user: str | None,
+             db_name: str | None, local_tls: bool) -> None:
     """Serve PostgreSQL resource NAME on a local port: no password asked,
     the cluster logs in upstream as the db user."""
     from gateway import logs
@@ -353,6 +378,7 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, db_user: str | No
     from gateway.local.localtls import local_server_context
     from gateway.local.pg import PostgresProxy
 
+    _check_bind(bind, allow_non_loopback)
     logs.setup(log_format)
     profile = _load_profile()
     identity = _fresh_identity(profile)

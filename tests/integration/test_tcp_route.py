@@ -13,7 +13,7 @@ import time
 import pytest
 import trio
 
-from tests.integration.harness import wait_for
+from tests.integration.harness import PASSWORD, wait_for
 
 
 async def connect(port: int) -> trio.SocketStream:
@@ -225,7 +225,8 @@ def test_totp_login(tmp_path, cluster):
     r = gw.login()
     assert r.returncode == 4 and "--totp-code" in r.stderr
     code = TOTP(secret, 6, SHA1(), 30).generate(time.time()).decode()
-    r = gw.login("--totp-code", code)
+    r = gw.run("login", cluster.address, "--user", "tina", "--ca-pin", cluster.pin, "--password-stdin",
+               "--totp-stdin", input=f"{PASSWORD}\n{code}\n")
     assert r.returncode == 0, r.stderr
     r = gw.login("--totp-code", code)  # a code works once
     assert r.returncode == 4
