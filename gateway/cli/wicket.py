@@ -227,11 +227,16 @@ def ls(fmt: str) -> None:
     if not items:
         click.echo("No resources are available to you.")
         return
-    width = max(4, *(len(i["name"]) for i in items))
-    click.echo(f"{'NAME'.ljust(width)}  KIND      LABELS")
+    rows = []
     for i in items:
         labels = ",".join(f"{k}={v}" for k, v in sorted(i.get("labels", {}).items())) or "-"
-        click.echo(f"{i['name'].ljust(width)}  {i['kind'].ljust(8)}  {labels}")
+        allowed = i.get("allowed", {})
+        grants = " ".join(f"{k}s={','.join(v)}" for k, v in sorted(allowed.items())) or "-"
+        rows.append((i["name"], i["kind"], labels, grants))
+    header = ("NAME", "KIND", "LABELS", "ALLOWED")
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(3)]
+    for row in [header, *rows]:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[3])
 
 
 @main.command()

@@ -399,6 +399,8 @@ def test_ls_shows_db_users(gw):
     pg = next(i for i in items if i["name"] == "pg")
     assert pg["kind"] == "postgres"
     assert pg["allowed"]["db_user"] == ["app", "pwuser", "md5user"]
+    text = gw.run("ls").stdout
+    assert "db_users=app,pwuser,md5user" in text and "db_names=*" in text
 
 
 def test_forged_cancel_cancels_nothing(pg_port):
