@@ -20,7 +20,7 @@ from gateway.cluster import config as cfg
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.passwords import check_password_policy, hash_password, new_totp_secret, totp_uri
 from gateway.cluster.rbac import Role, RoleError
-from gateway.cluster.store import AlreadyExists, Resource, Store
+from gateway.cluster.store import AlreadyExists, Resource, Store, StoreError
 from gateway.durations import parse_duration
 
 CONFIG_ENV = "WICKET_CLUSTER_CONFIG"
@@ -141,7 +141,7 @@ def start(config_path: Path, log_format: str, log_level: str, ready_file: Path |
     config = load_config(config_path)
     try:
         cluster = Cluster.open(config)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         raise click.ClickException(f"cannot open cluster state in {config.state_dir}: {exc}") from None
     async def run() -> None:
         async with trio.open_nursery() as nursery:
