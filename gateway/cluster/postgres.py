@@ -63,6 +63,7 @@ MAX_SCRAM_ITERATIONS = 100_000
 _BLOCKED_PARAMS = {"user", "database", "replication"}
 
 PARAM_DB_USER, PARAM_DB_NAME, PARAM_CANCEL = "db_user", "db_name", "cancel"
+MAX_PORTALS = 1024
 _BLANK_KEY = BackendKeyData(process_id=0, secret_key=bytes(4))
 PG_PREFIX = "pg."
 
@@ -275,6 +276,7 @@ class SessionAuditor:
         self.back = BackendAuditor()
         self.copy_in = 0
         self.copy_out = 0
+        self.portals: dict[str, tuple[str, int | None]] = {}
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.cluster.audit_soon(event, self.session.user, session_id=self.session.id,
@@ -307,9 +309,14 @@ class SessionAuditor:
         elif isinstance(e, ParseEvent):
             self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated)
         elif isinstance(e, BindEvent):
-            self._emit("pg.bind", portal=e.portal, statement=e.statement, param_count=e.param_count)
+            # Remembered, not written: the Execute that runs the portal says
+            # what ran (one event per execution instead of two).
+            if len(self.portals) >= MAX_PORTALS:
+                self.portals.clear()
+            self.portals[e.portal] = (e.statement, e.param_count)
         elif isinstance(e, ExecuteEvent):
-            self._emit("pg.execute", portal=e.portal)
+            statement, params = self.portals.get(e.portal, (None, None))
+            self._emit("pg.execute", portal=e.portal, statement=statement, param_count=params)
         elif isinstance(e, FunctionCallEvent):
             self._emit("pg.function_call", oid=e.oid)
         elif isinstance(e, CopyDataEvent):

@@ -451,3 +451,17 @@ def test_odd_startup_parameters_do_not_break_the_gateway(pg_port):
         answer = s.recv(65536)
     assert answer[:1] in (b"R", b"E")  # logged in (the odd parameter dropped) or told why
     assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
+
+
+def test_extended_protocol_execution_is_audited_once(pg_env, gw, pg_port):
+    cluster, _ = pg_env
+    marker = f"exec_marker_{next(_n)}"
+    with psycopg.connect(dsn(pg_port)) as conn:
+        conn.execute(f"select %s::int as {marker}", (7,), prepare=True)
+    parses = cluster.wait_audit(lambda evs: any(marker in e.get("query", "") for e in evs),
+                                user=gw.user, event="pg.parse")
+    statement = next(e["statement"] for e in parses if marker in e.get("query", ""))
+    executes = cluster.wait_audit(lambda evs: any(e["statement"] == statement for e in evs),
+                                  user=gw.user, event="pg.execute")
+    run = next(e for e in executes if e["statement"] == statement)
+    assert run["param_count"] == 1
