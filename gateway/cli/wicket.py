@@ -8,7 +8,6 @@ Exit codes scripts can trust:
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -317,16 +316,23 @@ def _check_bind(bind: str, allow_non_loopback: bool) -> None:
 
 
 def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identity: pki.Identity,
-           try_line: Callable[[str, int], str]) -> None:
+           try_line: Callable[[str, int], str], dialer=None) -> None:
     """Listen and serve until Ctrl-C / SIGTERM; print the address (stdout)
     and the line to try (stderr)."""
     from gateway.local.proxy import run_listener
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            host, bound_port = (await nursery.start(
-                functools.partial(run_listener, handler, host=bind, port=port)
-            ))[:2]
+
+            async def listen(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await run_listener(handler, host=bind, port=port, task_status=task_status)
+                nursery.cancel_scope.cancel()  # a signal stopped the listener: stop the pool too
+
+            host, bound_port = (await nursery.start(listen))[:2]
+            if dialer is not None:
+                # Ready connections to the cluster: a client pays only the
+                # dial's round trip, not a TLS handshake.
+                await nursery.start(dialer.run_pool)
             left = format_duration(identity.remaining(utcnow()).total_seconds())
             click.echo(f"Proxying {name} on {host}:{bound_port} as {identity.user} (session valid for {left}). "
                        f"Ctrl-C stops.", err=True)
@@ -363,7 +369,7 @@ def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopba
     identity = _fresh_identity(profile)
     tcp = TcpProxy(profile, name)
     _serve(name, tcp.handle, bind=bind, port=port, log_format=log_format, identity=identity,
-           try_line=lambda host, p: f"Try: nc {host} {p}")
+           try_line=lambda host, p: f"Try: nc {host} {p}", dialer=tcp.dialer)
 
 
 @proxy.command("db")
@@ -398,7 +404,8 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopbac
             conninfo += f" sslmode=verify-full sslrootcert={ca_path}"
         return f'Try: psql "{conninfo}"'
 
-    _serve(name, pg.handle, bind=bind, port=port, log_format=log_format, identity=identity, try_line=try_line)
+    _serve(name, pg.handle, bind=bind, port=port, log_format=log_format, identity=identity, try_line=try_line,
+           dialer=pg.dialer)
 
 
 @main.command()

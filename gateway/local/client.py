@@ -144,7 +144,16 @@ class Dialed:
 
 class Dialer:
     """Opens data-route connections for one profile, reusing one TLS context
-    (and the last session ticket, so later dials resume: one round trip less)."""
+    (and the last session ticket, so later dials resume: one round trip less).
+
+    With :meth:`run_pool` running, a few connections are kept handshaken and
+    ready, so a client's connection costs only the dial frame's round trip.
+    A pooled connection is used only while younger than ``POOL_MAX_AGE`` (the
+    cluster waits ``10 s`` for a dial frame); older ones are closed and
+    replaced. A pooled connection the cluster dropped meanwhile is retried
+    once on a fresh one."""
+
+    POOL_MAX_AGE = 5.0
 
     def __init__(self, profile: Profile, alpn: str) -> None:
         self.profile = profile
@@ -153,7 +162,51 @@ class Dialer:
         self._ctx: ssl.SSLContext
         self.identity: pki.Identity
         self._session: ssl.SSLSession | None = None
+        self._pool: list[tuple[float, ssl.SSLContext, TLSStream]] = []
+        self._pool_wakeup = trio.Event()
+        self.pool_hits = 0
         self._reload_if_changed()
+
+    async def run_pool(self, size: int = 2, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep ``size`` ready connections until cancelled."""
+        task_status.started()
+        try:
+            while True:
+                now = trio.current_time()
+                for item in [i for i in self._pool if now - i[0] > self.POOL_MAX_AGE or i[1] is not self._ctx]:
+                    self._pool.remove(item)
+                    await item[2].aclose()
+                while len(self._pool) < size:
+                    ctx = self._ctx
+                    try:
+                        stream = await _connect(self.profile.host, self.profile.port, ctx,
+                                                self.profile.host, self._session)
+                    except ClusterError:
+                        break  # the dials themselves will report it; try again later
+                    self._pool.append((trio.current_time(), ctx, stream))
+                self._pool_wakeup = trio.Event()
+                with trio.move_on_after(self.POOL_MAX_AGE / 2):
+                    await self._pool_wakeup.wait()
+        finally:
+            pool, self._pool = self._pool, []
+            with trio.CancelScope(shield=True):
+                for _, _, stream in pool:
+                    await stream.aclose()
+
+    @property
+    def pool_ready(self) -> int:
+        return len(self._pool)
+
+    def _take_pooled(self) -> TLSStream | None:
+        now = trio.current_time()
+        while self._pool:
+            created, ctx, stream = self._pool.pop()  # the newest
+            if now - created <= self.POOL_MAX_AGE and ctx is self._ctx:
+                self._pool_wakeup.set()
+                return stream
+            self._pool.insert(0, (created, ctx, stream))  # run_pool closes it
+            break
+        return None
 
     def _reload_if_changed(self) -> None:
         """Pick up a new certificate (``wicket login`` while a proxy runs)
@@ -179,9 +232,22 @@ class Dialer:
         return self.identity
 
     async def dial(self, request: DialRequest) -> Dialed:
+        pooled = self._take_pooled()
+        if pooled is not None:
+            try:
+                result = await self._dial_on(pooled, request)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the cluster let it go meanwhile: dial afresh
+            else:
+                self.pool_hits += 1
+                return result
         with trio.fail_after(DIAL_TIMEOUT):
             stream = await _connect(self.profile.host, self.profile.port, self._ctx,
                                     self.profile.host, self._session)
+        return await self._dial_on(stream, request)
+
+    async def _dial_on(self, stream: TLSStream, request: DialRequest) -> Dialed:
+        with trio.fail_after(DIAL_TIMEOUT):
             try:
                 conn = DialConnection(Role.CLIENT)
                 await stream.send_all(conn.send(request))

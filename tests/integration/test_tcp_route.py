@@ -435,3 +435,29 @@ def test_roles_add_deny_flags_each_deny(cluster):
                 if r["name"] == "careful")
     assert role["deny"] == "labels=env=prod; labels=env=staging"
     assert "db_users=app" in role["allow"]
+
+
+async def test_warm_pool_serves_dials_and_drops_stale(make_gateway):
+    from gateway.identity import tlsconf
+    from gateway.local.client import Dialer
+    from gateway.local.profile import Profile
+    from protocols.dial import DialRequest
+
+    gw = make_gateway("dev")
+    dialer = Dialer(Profile.load(gw.home), tlsconf.ALPN_TCP)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dialer.run_pool, 2)
+        with trio.fail_after(20):
+            while dialer.pool_ready < 2:
+                await trio.sleep(0.01)
+        dialed = await dialer.dial(DialRequest(resource="echo"))
+        async with dialed.stream:
+            await dialed.stream.send_all(b"pooled")
+            assert await dialed.stream.receive_some(100) == b"pooled"
+        assert dialer.pool_hits == 1
+        dialer.POOL_MAX_AGE = 0.0  # every ready connection is now too old to use
+        dialed = await dialer.dial(DialRequest(resource="echo"))
+        await dialed.stream.aclose()
+        assert dialer.pool_hits == 1  # a fresh connection served it
+        nursery.cancel_scope.cancel()
+    assert dialer.pool_ready == 0  # closed on the way out
