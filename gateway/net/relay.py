@@ -50,7 +50,7 @@ __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay"]
 #: are not delayed by it.
 DEFAULT_BUFFER_SIZE = 256 * 1024
 
-_INITIAL_BUFFER = 16 * 1024
+_INITIAL_BUFFER = 2 * 1024
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
