@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from gateway.cli.common import format_option, read_password
 from gateway.cluster import config as cfg
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.passwords import check_password_policy, hash_password, new_totp_secret, totp_uri
@@ -32,11 +32,6 @@ def config_option(f: Callable) -> Callable:
         type=click.Path(dir_okay=False, path_type=Path),
         help=f"Cluster config file (TOML; see config/cluster.toml). Env: {CONFIG_ENV}.",
     )(f)
-
-
-def format_option(f: Callable) -> Callable:
-    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="Output format (json for scripts).")(f)
 
 
 def load_config(path: Path) -> cfg.ClusterConfig:
@@ -224,12 +219,7 @@ def users_add(config_path: Path, name: str, roles: str, password_stdin: bool, to
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="NAME") from None
     role_list = [r for r in (x.strip() for x in roles.split(",")) if r]
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif sys.stdin.isatty():
-        password = click.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True)
-    else:
-        raise click.UsageError("no terminal to prompt on: pass --password-stdin and pipe the password")
+    password = read_password(f"Password for {name}", from_stdin=password_stdin, confirm=True)
     try:
         check_password_policy(password)
     except ValueError as exc:

@@ -17,6 +17,7 @@ import click
 import h11
 import trio
 
+from gateway.cli.common import format_option, read_password
 from gateway.durations import format_duration, parse_duration
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
@@ -66,11 +67,6 @@ def _load_profile() -> Profile:
         return Profile.load()
     except ProfileError as exc:
         raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
-
-
-def format_option(f: Callable) -> Callable:
-    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="Output format (json for scripts).")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,12 +133,7 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
         if not click.confirm("Trust this cluster?", default=False, err=True):
             raise WicketError("not trusted; nothing was saved", EXIT_REFUSED)
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif interactive:
-        password = click.prompt(f"Password for {user}", hide_input=True, err=True)
-    else:
-        raise click.UsageError("no terminal to prompt on: pass --password-stdin and pipe the password")
+    password = read_password(f"Password for {user}", from_stdin=password_stdin)
 
     if totp_stdin:
         totp_code = sys.stdin.readline().strip()

@@ -25,6 +25,7 @@ import trio.testing
 from gateway.net.relay import RelayCounters, RelayStats, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
+from tests.unit.tlsutil import read_exactly, read_until_eof
 
 HANG = 60  # seconds before a stuck test fails instead of hanging
 
@@ -38,21 +39,6 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def read_until_eof(stream, max_bytes=None) -> bytes:
-    parts = []
-    while data := await stream.receive_some(max_bytes):
-        parts.append(data)
-    return b"".join(parts)
-
-
-async def read_exactly(stream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        data = await stream.receive_some(n - len(buf))
-        if not data:
-            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += data
-    return bytes(buf)
 
 
 def reset_on_close(stream: trio.SocketStream) -> None:

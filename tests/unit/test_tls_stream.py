@@ -21,6 +21,7 @@ import trio.testing
 
 from gateway.net.tls import DEFAULT_RECEIVE_SIZE, TLSStream, accept_tls, open_tls_connection
 from tests.unit import tlsutil
+from tests.unit.tlsutil import read_exactly, read_until_eof
 
 HANG = 20  # seconds before a stuck test fails instead of hanging
 
@@ -76,20 +77,6 @@ async def tls_pair(server_ctx, client_ctx, **kw):
         await server.aclose()
 
 
-async def read_until_eof(stream, max_bytes=None) -> bytes:
-    parts = []
-    while data := await stream.receive_some(max_bytes):
-        parts.append(data)
-    return b"".join(parts)
-
-
-async def read_exactly(stream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        data = await stream.receive_some(n - len(buf))
-        assert data, "unexpected EOF"
-        buf += data
-    return bytes(buf)
 
 
 def set_linger_zero(sock) -> None:

@@ -171,3 +171,22 @@ def client_context(
         ctx.load_cert_chain(pki.client_chain, pki.client_key)
     ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+async def read_until_eof(stream, max_bytes=None) -> bytes:
+    """Everything ``stream`` sends until its EOF."""
+    parts = []
+    while data := await stream.receive_some(max_bytes):
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def read_exactly(stream, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``stream``; an early EOF fails the test."""
+    buf = bytearray()
+    while len(buf) < n:
+        data = await stream.receive_some(n - len(buf))
+        if not data:
+            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += data
+    return bytes(buf)
