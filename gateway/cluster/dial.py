@@ -122,30 +122,6 @@ class TcpKind:
         return None
 
 
-class TappedStream(trio.abc.HalfCloseableStream):
-    """Shows every received chunk to ``tap`` (the audit parsers) unchanged."""
-
-    def __init__(self, inner: trio.abc.HalfCloseableStream, tap: Tap) -> None:
-        self.inner, self._tap = inner, tap
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self.inner.receive_some(max_bytes)
-        self._tap(data)
-        return data
-
-    async def send_all(self, data) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def read_dial(stream: TLSStream, conn: DialConnection) -> DialRequest:
     with trio.fail_after(DIAL_TIMEOUT):
         while True:
@@ -248,13 +224,8 @@ async def _run_session(cluster: Cluster, stream: TLSStream, conn: DialConnection
                     if opened.tap_client:
                         opened.tap_client(trailing)
                     await upstream.send_all(trailing)
-                a: trio.abc.HalfCloseableStream = stream
-                b: trio.abc.HalfCloseableStream = upstream
-                if opened.tap_client:
-                    a = TappedStream(stream, opened.tap_client)
-                if opened.tap_server:
-                    b = TappedStream(upstream, opened.tap_server)
-                stats = await relay(a, b, counters=counters, names=("gateway", "upstream"))
+                stats = await relay(stream, upstream, counters=counters, names=("gateway", "upstream"),
+                                    taps=(opened.tap_client, opened.tap_server))
             if session.cancel_scope.cancelled_caught and session.end_reason is None:
                 session.end_reason = "cert_expired"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

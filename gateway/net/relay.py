@@ -1,5 +1,14 @@
 """Relay bytes between two half-closeable streams, both ways, until both end.
 
+Two implementations, one contract. When both streams are plain sockets or
+our own TLS streams (every relay in production), they are handed to the
+process's relay engine (:mod:`gateway.net.engine`): a dedicated epoll loop
+that moves the bytes without any trio task per session. Any other stream
+(a memory stream in a test, a stream in an odd state) is relayed by the
+task-based loop below. ``WICKET_RELAY=trio`` in the environment forces the
+task-based loop everywhere, to compare the two.
+
+
 This is the hot path after a session's startup phase: client <-> gateway
 (plain TCP) and gateway <-> cluster (TLS) on one side, cluster (TLS) <->
 upstream (plain TCP) on the other. One function serves every pairing,
@@ -28,8 +37,13 @@ Semantics
   audit log either way. Other exceptions (bugs) propagate.
 - Cancellation from outside propagates as usual (``trio.Cancelled``); pass a
   :class:`RelayCounters` to still know how many bytes moved by then.
-- The relay never closes either stream: the caller opened them and closes
-  them (``async with``), whatever the outcome.
+- The caller opened the streams and closes them (``async with``), whatever
+  the outcome. The engine takes over the descriptors of the streams it
+  relays and closes them when the relay ends; the streams are then already
+  closed and their ``aclose`` does nothing.
+- ``taps`` (one per side, or ``None``) are shown every chunk received from
+  that side, in order, in trio's thread, before the relay returns: the
+  audit parsers read the session this way.
 
 Counting. A byte is counted once ``send_all`` has handed it to the
 destination, so the counts are what actually left toward each side.
@@ -38,10 +52,13 @@ destination, so the counts are what actually left toward each side.
 from __future__ import annotations
 
 import errno
+import os
 from typing import Awaitable, Callable
 
 import attrs
 import trio
+
+from gateway.net import engine as engine_mod
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay"]
 
@@ -110,6 +127,9 @@ def _receiver(stream: trio.abc.ReceiveStream) -> Callable[[memoryview], Awaitabl
     return generic_receive_into
 
 
+Tap = Callable[[bytes], None]
+
+
 async def relay(
     a: trio.abc.HalfCloseableStream,
     b: trio.abc.HalfCloseableStream,
@@ -117,6 +137,7 @@ async def relay(
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     counters: RelayCounters | None = None,
     names: tuple[str, str] = ("a", "b"),
+    taps: tuple[Tap | None, Tap | None] = (None, None),
 ) -> RelayStats:
     """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both directions end.
 
@@ -126,10 +147,14 @@ async def relay(
         raise ValueError("buffer_size must be >= 1")
     if counters is None:
         counters = RelayCounters()
+    if (buffer_size == DEFAULT_BUFFER_SIZE and os.environ.get("WICKET_RELAY") != "trio"
+            and engine_mod.eligible(a) and engine_mod.eligible(b)):
+        error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps)
+        return RelayStats(a_to_b=counters.a_to_b, b_to_a=counters.b_to_a, error=error)
     errors: list[str] = []
 
     async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
-                   src_name: str, dst_name: str, forward: bool,
+                   src_name: str, dst_name: str, forward: bool, tap: Tap | None,
                    cancel_scope: trio.CancelScope) -> None:
         receive_into, send = _receiver(src), dst.send_all
         # Start small and double while reads fill the buffer: an interactive
@@ -143,6 +168,8 @@ async def relay(
                 n = await receive_into(buffer)
                 if not n:
                     break
+                if tap is not None:
+                    tap(bytes(buffer[:n]))
                 failed = send_failed
                 await send(buffer[:n])
                 failed = receive_failed
@@ -160,8 +187,8 @@ async def relay(
 
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
-        nursery.start_soon(pump, a, b, names[0], names[1], True, scope)
-        nursery.start_soon(pump, b, a, names[1], names[0], False, scope)
+        nursery.start_soon(pump, a, b, names[0], names[1], True, taps[0], scope)
+        nursery.start_soon(pump, b, a, names[1], names[0], False, taps[1], scope)
     return RelayStats(
         a_to_b=counters.a_to_b,
         b_to_a=counters.b_to_a,

@@ -250,6 +250,30 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return self._obj.server_side
 
     # ------------------------------------------------------------------
+    # Handing the connection over (to :mod:`gateway.net.engine`).
+
+    def detachable(self) -> bool:
+        """Whether :meth:`detach` may be called now: handshake done, no
+        operation in progress, nothing half-sent or stashed, neither side
+        closed, not broken."""
+        return (
+            self._handshake_done and not self._closed and self._broken is None
+            and not (self._receiving or self._sending or self._flushing)
+            and self._tail is None and not self._stash
+            and not (self._peer_closed or self._eof_sent or self._tcp_eof)
+        )
+
+    def detach(self) -> tuple[int, tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]]:
+        """Give up the connection: return the socket's descriptor (now the
+        caller's to close) and the TLS state. The stream is closed after
+        this; ``aclose`` does nothing."""
+        if not self.detachable():
+            raise trio.BusyResourceError("this TLS stream is not in a state that can be handed over")
+        fd = self._sock.detach()
+        self._closed = True
+        return fd, (self._obj, self._incoming, self._outgoing)
+
+    # ------------------------------------------------------------------
     # Low-level helpers. None of them yields unless it says so.
 
     def _fd(self) -> int:

@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from gateway.net.engine import engine
 from gateway.net.relay import RelayCounters, RelayStats, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
@@ -102,8 +103,6 @@ async def test_socket_streams_half_close_and_counts():
             nursery.start_soon(send)
             assert await read_until_eof(client) == payload
     assert result == [RelayStats(a_to_b=len(payload), b_to_a=len(payload))]
-    # The relay closes nothing: that is the caller's job.
-    assert all(s.socket.fileno() != -1 for s in streams)
     for s in streams:
         await s.aclose()
 
@@ -251,7 +250,9 @@ class Path:
         async with tls:
             header = await read_exactly(tls, 4)  # the "dial"
             (cid,) = struct.unpack(">I", header)
-            self.cluster_tls[cid] = tls
+            # A second descriptor for the same connection, to "crash" it
+            # from outside while the relay owns the first one.
+            self.cluster_tls[cid] = os.dup(tls.transport_stream.socket.fileno())
             upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
             async with upstream:
                 await upstream.send_all(header)
@@ -390,8 +391,18 @@ async def client_session(path: Path, gateway_port: int, sc: Scenario) -> None:
             # The cluster's socket vanishes under its TLS stream: no
             # close_notify. The gateway reports a truncation (or a reset)
             # and closes the client's connection.
-            path.cluster_tls[sc.cid].transport_stream.socket.close()
+            crash(path.cluster_tls.pop(sc.cid))
             assert await read_until_eof(stream) == b""
+
+
+def crash(fd: int) -> None:
+    """What the kernel does to a crashed process's connection: both
+    directions end at once, with no TLS close_notify."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.close()
 
 
 def check_outcome(path: Path, sc: Scenario) -> None:
@@ -436,6 +447,7 @@ async def run_stress(pki, *, seed: int, count: int, max_size: int) -> None:
         client_ctx=tlsutil.client_context(pki),
         scenarios={sc.cid: sc for sc in scenarios},
     )
+    engine()  # its epoll and wake-up descriptors live as long as the process
     fds_before = open_fds()
     listeners = [
         (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] for _ in range(3)
@@ -464,6 +476,8 @@ async def run_stress(pki, *, seed: int, count: int, max_size: int) -> None:
                 servers.cancel_scope.cancel()  # stop accepting, close the listeners
             # Here every handler finishes on its own: nothing else is cancelled.
 
+    for fd in path.cluster_tls.values():
+        os.close(fd)
     for sc in scenarios:
         check_outcome(path, sc)
     assert open_fds() == fds_before, "a socket was left open"

@@ -1,0 +1,180 @@
+"""The relay engine (gateway/net/engine.py) on its own: what the stress run
+in test_relay.py does not pin down. Taps see every byte in order before the
+relay returns, a receiver that stops reading bounds what the engine holds,
+cancellation closes promptly and cleanly, and many sessions leave nothing
+behind in the engine's tables, its epoll set or the process's descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+
+from gateway.net.engine import engine
+from gateway.net.relay import RelayCounters, relay
+from gateway.net.tls import accept_tls, open_tls_connection
+from tests.unit import tlsutil
+from tests.unit.tlsutil import read_exactly, read_until_eof
+
+HANG = 60
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return tlsutil.make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def tcp_pair(listener) -> tuple[trio.SocketStream, trio.SocketStream]:
+    port = listener.socket.getsockname()[1]
+    near = await trio.open_tcp_stream("127.0.0.1", port)
+    far = await listener.accept()
+    return near, far
+
+
+async def tls_pair(pki, listener):
+    """(client TLSStream, server TLSStream) over loopback, handshaken."""
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        server: list = []
+
+        async def accept() -> None:
+            server.append(await accept_tls(await listener.accept(), tlsutil.server_context(pki)))
+
+        nursery.start_soon(accept)
+        client = await open_tls_connection(
+            "127.0.0.1", port, tlsutil.client_context(pki), server_hostname=tlsutil.SERVER_NAME
+        )
+    return client, server[0]
+
+
+async def test_taps_see_every_byte_in_order_before_the_relay_returns(pki):
+    # client (plain) -> [relay: plain | TLS] -> TLS peer, as the cluster
+    # runs a PostgreSQL session with its audit parsers on both sides.
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_plain = await tcp_pair(listener)
+        relay_tls, far_tls = await tls_pair(pki, listener)
+    seen_a: list[bytes] = []
+    seen_b: list[bytes] = []
+    up = random.Random(5).randbytes(3 * 1024 * 1024 + 17)
+    down = random.Random(6).randbytes(1024 * 1024 + 3)
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            stats: list = []
+
+            async def run_relay() -> None:
+                stats.append(await relay(relay_plain, relay_tls, names=("client", "server"),
+                                         taps=(seen_a.append, seen_b.append)))
+
+            async def far_side() -> None:
+                assert await read_until_eof(far_tls) == up
+                await far_tls.send_all(down)
+                await far_tls.send_eof()
+
+            nursery.start_soon(run_relay)
+            nursery.start_soon(far_side)
+            await client.send_all(up)
+            await client.send_eof()
+            assert await read_until_eof(client) == down
+    assert b"".join(seen_a) == up and b"".join(seen_b) == down
+    assert (stats[0].a_to_b, stats[0].b_to_a, stats[0].error) == (len(up), len(down), None)
+    for s in (client, relay_plain, relay_tls, far_tls):
+        await s.aclose()
+
+
+async def test_a_receiver_that_stops_reading_bounds_what_the_engine_holds():
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_a = await tcp_pair(listener)
+        relay_b, server = await tcp_pair(listener)
+    counters = RelayCounters()
+    sent = 0
+    chunk = b"x" * 65536
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: relay(relay_a, relay_b, counters=counters))
+            # The server reads nothing. The client can push only what the
+            # four socket buffers and the engine's one pending write hold,
+            # then blocks: nothing grows without bound.
+            while True:
+                with trio.move_on_after(1) as scope:
+                    await client.send_all(chunk)
+                if scope.cancelled_caught:
+                    break
+                sent += len(chunk)
+                assert sent < 64 * 1024 * 1024, "the relay buffered without bound"
+            held = [len(end.tail) for end in engine()._ends.values() if end.tail is not None]
+            assert held and max(held) <= 256 * 1024 + 16 * 1024, held
+            # Reading resumes the flow and everything arrives, once, in order.
+            await client.send_eof()
+            got = await read_until_eof(server)
+            assert counters.a_to_b == len(got) >= sent
+            assert got == b"x" * len(got)
+            await server.send_eof()
+            assert await read_until_eof(client) == b""
+    for s in (client, server):
+        await s.aclose()
+
+
+async def test_cancellation_closes_at_once_and_the_tls_peer_sees_a_clean_end(pki):
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_plain = await tcp_pair(listener)
+        relay_tls, far_tls = await tls_pair(pki, listener)
+    counters = RelayCounters()
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def run_relay() -> None:
+                with scope:
+                    await relay(relay_plain, relay_tls, counters=counters)
+
+            nursery.start_soon(run_relay)
+            await client.send_all(b"hello")
+            assert await read_exactly(far_tls, 5) == b"hello"
+            scope.cancel()
+            # The TLS side got close_notify (a clean EOF, not a truncation)
+            # and the plain side a FIN.
+            assert await read_until_eof(far_tls) == b""
+            assert await read_until_eof(client) == b""
+    assert counters.a_to_b == 5
+    for s in (client, far_tls):
+        await s.aclose()
+
+
+async def test_many_sessions_leave_nothing_behind(pki):
+    eng = engine()
+    fds_before = open_fds()
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    rounds, width = 5, 40
+    with trio.fail_after(HANG):
+        async with listener:
+            for _ in range(rounds):
+                async with trio.open_nursery() as nursery:
+                    for i in range(width):
+                        client, relay_plain = await tcp_pair(listener)
+                        relay_tls, far_tls = await tls_pair(pki, listener)
+
+                        async def session(client=client, a=relay_plain, b=relay_tls, far=far_tls, i=i):
+                            async with client, a, b, far:
+                                async with trio.open_nursery() as inner:
+                                    inner.start_soon(relay, a, b)
+                                    payload = bytes([i]) * (i * 997)
+                                    await client.send_all(payload)
+                                    await client.send_eof()
+                                    assert await read_until_eof(far) == payload
+                                    await far.send_eof()
+                                    assert await read_until_eof(client) == b""
+
+                        nursery.start_soon(session)
+    assert eng._ends == {} and eng._again == []
+    assert open_fds() == fds_before
