@@ -78,6 +78,8 @@ once, and re-raises.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -97,6 +99,10 @@ log = logging.getLogger(__name__)
 
 #: Bytes one direction may move per turn before the loop serves others.
 PUMP_BUDGET = 1024 * 1024
+
+#: After this many sessions ended (and at least as many as are still live),
+#: hand freed heap back to the kernel; see :func:`_trim_heap`.
+TRIM_AFTER = 256
 
 _READ = 256 * 1024  # plaintext read per step (and the scratch size)
 _CIPHER = _READ + 8 * 1024  # ciphertext read per recv: one read plus record overhead
@@ -136,7 +142,7 @@ class _End:
         self.fd = sock.fileno()
         self.name = name
         self.obj, self.incoming, self.outgoing = tls if tls is not None else (None, None, None)
-        self.peer: _End = self
+        self.peer: _End | None = None
         self.session: _Session | None = None
         self.tap = tap
         self.forward = True  # data read here counts as a_to_b
@@ -194,6 +200,7 @@ class RelayEngine:
         self._epoll.register(self._wake_fd, _IN)
         self._ends: dict[int, _End] = {}
         self._again: list[_End] = []  # directions to pump without an event
+        self._ended_since_trim = 0
         self._plain = memoryview(bytearray(_READ))
         self._cipher = memoryview(bytearray(_CIPHER))
         self._thread = threading.Thread(target=self._run, name="wicket-relay", daemon=True)
@@ -257,18 +264,22 @@ class RelayEngine:
                 again, self._again = self._again, []
                 for end in again:
                     self._guarded(end, _IN)
+                if self._ended_since_trim >= max(TRIM_AFTER, len(ends) // 2):
+                    self._ended_since_trim = 0
+                    _trim_heap()
 
     def _guarded(self, end: _End, ev: int) -> None:
         session = end.session
         if session is None or session.finished:
             return
+        peer = end.peer
         try:
             if ev & (_OUT | _ALWAYS) and end.tail is not None:
                 self._flush(end)
             if ev & (_IN | _ALWAYS):
                 self._pump(end)
             self._update(end)
-            self._update(end.peer)
+            self._update(peer)
         except _Failure as exc:
             self._finish(session, str(exc), clean_close=True)
         except Exception as exc:  # a bug: end this session, keep serving the others
@@ -306,6 +317,7 @@ class RelayEngine:
     def _finish(self, session: _Session, error: str | None, *, clean_close: bool) -> None:
         session.finished = True
         session.error = error
+        self._ended_since_trim += 1
         for end in (session.a, session.b):
             self._ends.pop(end.fd, None)
             if end.registered:
@@ -317,7 +329,11 @@ class RelayEngine:
             if clean_close:
                 self._close_notify_nowait(end)
             end.sock.close()
-            end.session = None
+            # Break the cycles (end <-> peer, end <-> session): the OpenSSL
+            # state hanging off them is freed now, by reference counting,
+            # not whenever the cyclic collector next gets to it.
+            end.session = end.peer = end.tap = None
+            end.obj = end.incoming = end.outgoing = None
             end.tail = end.carry = None
         try:
             session.token.run_sync_soon(session.done.set)
@@ -604,6 +620,34 @@ def _in_trio(token: trio.lowlevel.TrioToken, tap: Tap | None) -> Tap | None:
         token.run_sync_soon(call, data)
 
     return schedule
+
+
+def _load_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc's ``malloc_trim``).
+
+    A burst of sessions leaves OpenSSL's per-connection state and the
+    sessions' objects freed but still resident: glibc returns memory to the
+    kernel only from the top of a heap, and each thread has its own heap.
+    Without this, a gateway that once held 10,000 connections keeps that
+    much resident for good, which looks exactly like a leak. With it, RSS
+    falls back once they close. Costs about a millisecond per call on a
+    large heap, and runs only after many sessions ended."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 _engine: RelayEngine | None = None

@@ -131,6 +131,65 @@ async def test_200_concurrent_connections(make_gateway):
     assert len(results) == 200 and all(results.values())
 
 
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_idle_connections_memory_is_bounded_and_given_back(make_gateway, cluster):
+    """Resources, not speed: what an idle relayed connection costs each relay
+    process, and that it all goes away when the connections close (no growth
+    from one burst to the next). Bounds are generous; benchmarks/ has the
+    real figures."""
+    gw = make_gateway("dev")
+    proc, port = gw.proxy_tcp("echo")
+    pids = {"gateway": proc.popen.pid, "cluster": cluster.proc.popen.pid}
+    count = 300
+
+    async def burst() -> tuple[dict, dict]:
+        streams = []
+        try:
+            for _ in range(count):
+                s = await connect(port)
+                streams.append(s)
+                await s.send_all(b"?")  # established end to end, then idle
+                assert await s.receive_some(1) == b"?"
+            held = {name: rss_kib(pid) for name, pid in pids.items()}
+        finally:
+            for s in streams:
+                await s.aclose()
+        return held, {name: fd_count(pid) for name, pid in pids.items()}
+
+    with trio.fail_after(120):
+        await roundtrip(port, b"warm up")  # the pool, the caches, the engine thread
+        fds_idle = {name: fd_count(pid) for name, pid in pids.items()}
+        before = {name: rss_kib(pid) for name, pid in pids.items()}
+        after = []
+        for _ in range(4):
+            held, _ = await burst()
+            for name in pids:
+                per_connection = (held[name] - before[name]) / count
+                assert per_connection < 96, (name, per_connection)
+            # Every relay closes its two sockets (and the gateway's warm pool
+            # refills to where it was).
+            wait_for(lambda: all(fd_count(pid) <= fds_idle[name] + 2 for name, pid in pids.items()),
+                     what="the relays closing their sockets")
+            after.append({name: rss_kib(pid) for name, pid in pids.items()})
+    for name in pids:
+        # From the second burst on, nothing should pile up. (Before the
+        # relay engine broke its reference cycles, each burst left ~30 KiB
+        # per connection behind until the next full garbage collection.)
+        growth = after[3][name] - after[1][name]
+        assert growth < count * 16, (name, [a[name] for a in after])
+
+
 async def test_role_that_denies(make_gateway, cluster):
     gw = make_gateway("nothing-dev")
     assert json.loads(gw.run("ls", "--format", "json").stdout) == []
