@@ -56,6 +56,7 @@ __all__ = [
     "DIAL_VERSION", "SUPPORTED_VERSIONS", "MAX_FRAME", "DEFAULT_MAX_BUFFER_SIZE",
     "FrameType", "Role", "State", "Signal", "NEED_DATA", "PAUSED",
     "DialRequest", "DialAccept", "DialError", "DialEvent", "DialConnection", "refusal_for",
+    "encode_event", "decode_event",
 ]
 
 DIAL_VERSION: Final = 1
@@ -441,6 +442,35 @@ def _decode(frame_type: int, body: bytes) -> DialEvent:
         return cls._from_body(obj)
     except LocalProtocolError as exc:
         raise RemoteProtocolError(f"malformed {cls.__name__}: {exc.message}") from exc
+
+
+def encode_event(event: DialEvent) -> bytes:
+    """One whole dial frame for ``event``, outside any exchange: how the
+    multiplexed connection (protocols.mux) carries dial events in its own
+    OPEN and REPLY frames. Raises :class:`LocalProtocolError` if it is too
+    large."""
+    if not isinstance(event, (DialRequest, DialAccept, DialError)):
+        raise LocalProtocolError(f"not a dial event: {type(event).__name__}")
+    return _encode(event)
+
+
+def decode_event(frame: bytes) -> DialEvent:
+    """The event in ``frame``, which must be exactly one whole dial frame,
+    checked as strictly as a :class:`DialConnection` checks it. Raises
+    :class:`RemoteProtocolError` (code ``unsupported_version`` for another
+    version)."""
+    if len(frame) < _HEADER.size:
+        raise RemoteProtocolError(f"a dial frame is at least {_HEADER.size} bytes, not {len(frame)}")
+    length, version, frame_type = _HEADER.unpack_from(frame)
+    if version not in SUPPORTED_VERSIONS:
+        raise RemoteProtocolError(
+            f"dial protocol version {version} is not supported "
+            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})",
+            code=ErrorCode.UNSUPPORTED_VERSION,
+        )
+    if length != len(frame) - _LENGTH.size or length > MAX_FRAME:
+        raise RemoteProtocolError(f"dial frame length {length} does not match its {len(frame)} bytes")
+    return _decode(frame_type, frame[_HEADER.size:])
 
 
 # --- the connection ----------------------------------------------------------
