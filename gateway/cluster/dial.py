@@ -41,10 +41,13 @@ from gateway.cluster.core import Cluster, LiveSession
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
+from gateway.net.engine import engine
+from gateway.net.muxlink import MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
 from protocols.errors import ErrorCode, RemoteProtocolError
+from protocols.mux import Role as MuxRole
 
 log = logging.getLogger("wicket.cluster.dial")
 
@@ -122,6 +125,9 @@ class TcpKind:
         return None
 
 
+TCP = TcpKind()
+
+
 async def read_dial(stream: TLSStream, conn: DialConnection) -> DialRequest:
     with trio.fail_after(DIAL_TIMEOUT):
         while True:
@@ -144,7 +150,77 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
         return
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
         return
+    outcome = await _decide(cluster, stream.getpeercert(binary_form=True), request, kind, client_addr)
+    if isinstance(outcome, (DialAccept, DialError)):
+        await _send_quietly(stream, conn.send(outcome))
+        return
+    session, opened, identity = outcome
+    upstream = opened.upstream
 
+    async def run(counters: RelayCounters) -> str | None:
+        await stream.send_all(conn.send(DialAccept(session_id=session.id)) + opened.first_bytes)
+        counters.b_to_a += len(opened.first_bytes)
+        trailing, _eof = conn.trailing_data
+        if trailing:
+            if opened.tap_client:
+                opened.tap_client(trailing)
+            await upstream.send_all(trailing)
+            counters.a_to_b += len(trailing)
+        stats = await relay(stream, upstream, counters=counters, names=("gateway", "upstream"),
+                            taps=(opened.tap_client, opened.tap_server))
+        return stats.error
+
+    await _run_session(cluster, session, opened, identity, client_addr, run)
+
+
+async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -> None:
+    """Serve a multiplexed connection (protocols/mux.py): each stream is a
+    tcp-route dial, decided and audited exactly as on its own connection."""
+    cert = stream.getpeercert(binary_form=True)
+    async with trio.open_nursery() as nursery:
+
+        def on_open(st: Stream, request: DialRequest) -> None:
+            nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr)
+
+        link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
+                       on_open=on_open)
+        try:
+            await link.closed.wait()
+        finally:
+            link.close("the cluster is stopping")
+    log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
+
+
+async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest,
+                       cert: bytes | None, client_addr: str) -> None:
+    try:
+        async with cluster.connection_slots:
+            outcome = await _decide(cluster, cert, request, TCP, client_addr)
+            if isinstance(outcome, DialAccept):  # a control dial: none exist for tcp
+                outcome = DialError(code=ErrorCode.BAD_REQUEST, message="no control dials on this route")
+            if isinstance(outcome, DialError):
+                link.refuse(st, outcome)
+                return
+            session, opened, identity = outcome
+
+            async def run(counters: RelayCounters) -> str | None:
+                if not link.accept(st, DialAccept(session_id=session.id), opened.upstream, counters):
+                    return st.error or "the gateway ended the stream before it started"
+                return await link.wait(st)
+
+            await _run_session(cluster, session, opened, identity, client_addr, run)
+    except Exception:
+        log.exception("mux_session_failed client=%s action=%s", client_addr,
+                      "report this as a bug with the traceback")
+        link.refuse(st, DialError(code=ErrorCode.INTERNAL_ERROR, message="internal error in the cluster"))
+
+
+async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
+                  client_addr: str) -> tuple[LiveSession, Opened, pki.Identity] | DialAccept | DialError:
+    """Every check of the module docstring, in order, then open the
+    upstream. Returns the refusal (audited as ``dial.denied``), a DialAccept
+    for a control dial, or the live session with its upstream (audited as
+    ``dial.allowed``)."""
     user_name = None
     audit_fields: dict[str, Any] = {
         "resource": request.resource,
@@ -155,7 +231,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
     }
     try:
         try:
-            identity, user, roles = await cluster.identify(stream.getpeercert(binary_form=True))
+            identity, user, roles = await cluster.identify(cert)
         except pki.CertError as exc:
             raise Refused(exc.code, exc.message) from None
         user_name = identity.user
@@ -184,8 +260,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
             cluster.audit_soon("dial.control", user_name, **audit_fields, reason=control)
-            await _send_quietly(stream, conn.send(DialAccept(session_id="-")))
-            return
+            return DialAccept(session_id="-")
         session = cluster.new_session(user_name, resource.name, kind.kind)
         try:
             opened = await kind.open(cluster, resource, params, session)
@@ -195,21 +270,20 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
     except Refused as refusal:
         cluster.audit_soon("dial.denied", user_name, **audit_fields, code=refusal.code.value,
                            reason=refusal.reason)
-        await _send_quietly(stream, conn.send(DialError(code=refusal.code, message=refusal.message)))
-        return
-
+        return DialError(code=refusal.code, message=refusal.message)
     cluster.audit_soon("dial.allowed", user_name, **audit_fields, session_id=session.id,
                        reason=decision.reason)
-    await _run_session(cluster, stream, conn, session, opened, identity, client_addr)
+    return session, opened, identity
 
 
-async def _run_session(cluster: Cluster, stream: TLSStream, conn: DialConnection, session: LiveSession,
-                       opened: Opened, identity: pki.Identity, client_addr: str) -> None:
+async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, identity: pki.Identity,
+                       client_addr: str, run: Callable[[RelayCounters], Awaitable[str | None]]) -> None:
+    """The session's bookkeeping around ``run`` (which relays and returns
+    the relay's error): session.start/end, the cancel scope a lock or the
+    certificate's expiry cuts, the kind's finish hook."""
     counters = RelayCounters()
-    trailing = b""
-    stats = None
-    upstream = opened.upstream
-    async with upstream:
+    error = None
+    async with opened.upstream:
         started = time.monotonic()
         cluster.audit_soon("session.start", session.user, session_id=session.id, resource=session.resource,
                            kind=session.kind, client_addr=client_addr, **opened.details)
@@ -218,14 +292,7 @@ async def _run_session(cluster: Cluster, stream: TLSStream, conn: DialConnection
                 left = (identity.not_after - utcnow()).total_seconds()
                 session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
             with session.cancel_scope:
-                await stream.send_all(conn.send(DialAccept(session_id=session.id)) + opened.first_bytes)
-                trailing, _eof = conn.trailing_data
-                if trailing:
-                    if opened.tap_client:
-                        opened.tap_client(trailing)
-                    await upstream.send_all(trailing)
-                stats = await relay(stream, upstream, counters=counters, names=("gateway", "upstream"),
-                                    taps=(opened.tap_client, opened.tap_server))
+                error = await run(counters)
             if session.cancel_scope.cancelled_caught and session.end_reason is None:
                 session.end_reason = "cert_expired"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -237,10 +304,10 @@ async def _run_session(cluster: Cluster, stream: TLSStream, conn: DialConnection
             cluster.audit_soon(
                 "session.end", session.user, session_id=session.id, resource=session.resource,
                 kind=session.kind,
-                bytes_from_client=len(trailing) + counters.a_to_b,
-                bytes_to_client=len(opened.first_bytes) + counters.b_to_a,
+                bytes_from_client=counters.a_to_b,
+                bytes_to_client=counters.b_to_a,
                 duration=round(time.monotonic() - started, 3),
-                reason=session.end_reason or (stats.error if stats and stats.error else "closed"),
+                reason=session.end_reason or error or "closed",
             )
 
 

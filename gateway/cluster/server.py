@@ -16,7 +16,7 @@ import trio
 
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
-from gateway.cluster.dial import TcpKind, handle_route
+from gateway.cluster.dial import TCP, handle_mux, handle_route
 from gateway.cluster.postgres import PostgresKind
 from gateway.identity import tlsconf
 from gateway.net.http import serve_http
@@ -25,7 +25,7 @@ from gateway.net.tls import accept_tls
 log = logging.getLogger("wicket.cluster")
 
 HANDSHAKE_TIMEOUT = 10.0
-ROUTES = {tlsconf.ALPN_TCP: TcpKind(), tlsconf.ALPN_POSTGRES: PostgresKind()}
+ROUTES = {tlsconf.ALPN_TCP: TCP, tlsconf.ALPN_POSTGRES: PostgresKind()}
 GRACE_PERIOD = 2.0
 
 
@@ -68,6 +68,8 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
         try:
             if alpn in ROUTES:
                 await handle_route(cluster, stream, ROUTES[alpn], client_addr=client_addr)
+            elif alpn == tlsconf.ALPN_MUX:
+                await handle_mux(cluster, stream, client_addr=client_addr)
             elif alpn == tlsconf.ALPN_HTTP:
                 api = API(cluster, peer_cert=stream.getpeercert(binary_form=True), client_addr=client_addr)
                 await serve_http(stream, api)

@@ -22,7 +22,9 @@ from pathlib import Path
 ALPN_HTTP = "http/1.1"
 ALPN_TCP = "wicket-tcp"
 ALPN_POSTGRES = "wicket-postgres"
-ALPN_ROUTES = (ALPN_HTTP, ALPN_TCP, ALPN_POSTGRES)
+#: Many tcp sessions over one connection (protocols/mux.py).
+ALPN_MUX = "wicket-mux"
+ALPN_ROUTES = (ALPN_HTTP, ALPN_TCP, ALPN_POSTGRES, ALPN_MUX)
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (x509_vfy.h); not exported by Python's ssl.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000

@@ -15,9 +15,12 @@ from gateway.cluster.config import parse_hostport
 from gateway.identity import pki, tlsconf
 from gateway.local.profile import Profile, ProfileError, expired_message
 from gateway.net.http import HTTPClient, HTTPError
+from gateway.net.engine import engine
+from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.tls import TLSStream, open_tls_connection
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role
 from protocols.errors import ErrorCode, ProtocolError
+from protocols.mux import Role as MuxRole
 
 CONNECT_TIMEOUT = 15.0
 # Longer than the cluster's own worst case (10 s to connect upstream plus 30 s
@@ -274,3 +277,100 @@ class Dialer:
         trailing, _eof = conn.trailing_data
         return Dialed(stream=stream, accept=event, trailing=trailing)
 
+
+
+class MuxDialer:
+    """tcp-route sessions as streams of one multiplexed connection to the
+    cluster (protocols/mux.py): after the first connection, a session costs
+    one small frame each way, no TLS handshake and no socket to the cluster.
+
+    The connection is opened with the profile's current certificate. After a
+    ``wicket login`` or ``renew`` replaced it, new sessions go over a new
+    connection, and the old one is closed once its sessions are over. A
+    connection that failed (cluster restarted, network) is replaced on the
+    next dial; :meth:`run_pool` opens it ahead of the first client and
+    reopens it when it fails."""
+
+    RETRY_DELAY = 1.0
+
+    def __init__(self, profile: Profile) -> None:
+        self.dialer = Dialer(profile, tlsconf.ALPN_MUX)
+        self._link: MuxLink | None = None
+        self._link_ctx: ssl.SSLContext | None = None
+        self._draining: list[MuxLink] = []
+        self._lock = trio.Lock()
+
+    def check_fresh(self) -> pki.Identity:
+        return self.dialer.check_fresh()
+
+    def _usable(self) -> MuxLink | None:
+        link = self._link
+        if link is not None and link.failed is None and self._link_ctx is self.dialer._ctx:
+            return link
+        return None
+
+    async def link(self) -> MuxLink:
+        """The current connection, opened if needed."""
+        link = self._usable()
+        if link is not None:
+            return link
+        async with self._lock:
+            link = self._usable()
+            if link is not None:
+                return link
+            d = self.dialer
+            ctx = d._ctx
+            with trio.fail_after(DIAL_TIMEOUT):
+                stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
+            old, self._link, self._link_ctx = self._link, MuxLink(
+                engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"), ctx
+            if old is not None and old.failed is None:
+                self._draining.append(old)
+            for drained in [o for o in self._draining if o.failed is not None or not len(o)]:
+                drained.close("replaced by a connection with the renewed certificate")
+                self._draining.remove(drained)
+            return self._link
+
+    async def open(self, request: DialRequest) -> tuple[MuxLink, Stream, DialAccept]:
+        """Ask for a session; raises :class:`DialRefused` or
+        :class:`ClusterError` as :meth:`Dialer.dial` does."""
+        for attempt in range(2):
+            link = await self.link()
+            try:
+                stream = link.open(request)
+            except LinkClosed:
+                continue
+            try:
+                with trio.fail_after(DIAL_TIMEOUT):
+                    await stream.replied.wait()
+            except BaseException:
+                link.abandon(stream, "the client's connection ended before the session started")
+                raise
+            if isinstance(stream.reply, DialAccept):
+                return link, stream, stream.reply
+            if isinstance(stream.reply, DialError):
+                raise DialRefused(stream.reply)
+            if link.failed is None or attempt:
+                break
+            # The connection failed under a dial nobody answered yet: the
+            # cluster never started that session, so one retry is safe.
+        raise ClusterError("unreachable", f"the connection to the cluster failed ({link.failed}); "
+                           f"is `wicket-cluster start` still running?")
+
+    async def run_pool(self, size: int = 1, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the connection open until cancelled (``size`` is ignored:
+        one connection carries every session)."""
+        task_status.started()
+        try:
+            while True:
+                try:
+                    link = await self.link()
+                except (ClusterError, ProfileError, trio.TooSlowError):
+                    await trio.sleep(self.RETRY_DELAY)  # the dials report it; try again later
+                    continue
+                await link.closed.wait()
+                await trio.sleep(self.RETRY_DELAY)  # do not spin on a cluster that keeps refusing
+        finally:
+            for link in [self._link, *self._draining]:
+                if link is not None:
+                    link.close("the gateway is stopping")

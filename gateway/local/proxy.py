@@ -14,9 +14,9 @@ import signal
 import trio
 
 from gateway.identity import tlsconf
-from gateway.local.client import ClusterError, Dialer, DialRefused
+from gateway.local.client import ClusterError, DialRefused, MuxDialer
 from gateway.local.profile import Profile, ProfileError
-from gateway.net.relay import relay
+from gateway.net.relay import RelayCounters
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode
 
@@ -42,10 +42,13 @@ def peer_addr(stream: trio.SocketStream) -> str:
 
 
 class TcpProxy:
+    """Each client connection is a stream of the gateway's one multiplexed
+    connection to the cluster (see :class:`MuxDialer`)."""
+
     def __init__(self, profile: Profile, resource: str) -> None:
         self.profile = profile
         self.resource = resource
-        self.dialer = Dialer(profile, tlsconf.ALPN_TCP)
+        self.dialer = MuxDialer(profile)
         self.active = 0
 
     async def handle(self, client: trio.SocketStream) -> None:
@@ -53,7 +56,8 @@ class TcpProxy:
         async with client:
             try:
                 self.dialer.check_fresh()
-                dialed = await self.dialer.dial(DialRequest(resource=self.resource, client_addr=client_addr))
+                link, stream, accept = await self.dialer.open(
+                    DialRequest(resource=self.resource, client_addr=client_addr))
             except ProfileError as exc:
                 log.warning("dial_refused resource=%s client=%s code=cert_expired message=%r",
                             self.resource, client_addr, str(exc))
@@ -69,17 +73,12 @@ class TcpProxy:
                             getattr(exc, "message", None) or "the cluster did not answer in time")
                 return
             self.active += 1
+            counters = RelayCounters()
             try:
-                async with dialed.stream:
-                    if dialed.trailing:
-                        await client.send_all(dialed.trailing)
-                    stats = await relay(client, dialed.stream)
+                error = await link.attach(stream, client, counters)
                 log.info("session_end resource=%s client=%s session=%s sent=%d received=%d%s",
-                         self.resource, client_addr, dialed.accept.session_id, stats.a_to_b,
-                         stats.b_to_a + len(dialed.trailing),
-                         f" error={stats.error!r}" if stats.error else "")
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("session_broken resource=%s client=%s error=%s", self.resource, client_addr, exc)
+                         self.resource, client_addr, accept.session_id, counters.a_to_b,
+                         counters.b_to_a, f" error={error!r}" if error else "")
             finally:
                 self.active -= 1
 

@@ -132,7 +132,7 @@ class _End:
     what is waiting to be written to it."""
 
     __slots__ = (
-        "sock", "fd", "name", "obj", "incoming", "outgoing", "peer", "session", "tap", "forward",
+        "sock", "fd", "name", "obj", "incoming", "outgoing", "peer", "session", "tap", "forward", "owner",
         "tail", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
         "tcp_eof", "failed", "error_pending",
     )
@@ -146,6 +146,9 @@ class _End:
         self.session: _Session | None = None
         self.tap = tap
         self.forward = True  # data read here counts as a_to_b
+        # Not None for the ends of a multiplexed connection and its streams
+        # (gateway/net/muxlink.py), which handles their events itself.
+        self.owner = None
         self.tail: memoryview | None = None  # bytes for this socket the kernel has not taken
         self.carry: bytearray | None = None  # plaintext read here, not yet handed to the peer
         self.mask = 0
@@ -230,7 +233,7 @@ class RelayEngine:
             # Both directions start with a pump in the engine's thread:
             # bytes may already wait inside a TLS object, not in the kernel.
             self._again += (end_a, end_b)
-        os.eventfd_write(self._wake_fd, 1)
+        self.wake()
         try:
             await session.done.wait()
         except BaseException:
@@ -239,6 +242,10 @@ class RelayEngine:
                     self._finish(session, "cancelled", clean_close=True)
             raise
         return session.error
+
+    def wake(self) -> None:
+        """Make the engine's thread look at ``_again`` now."""
+        os.eventfd_write(self._wake_fd, 1)
 
     # ------------------------------------------------------------------
     # The engine's thread.
@@ -269,6 +276,9 @@ class RelayEngine:
                     _trim_heap()
 
     def _guarded(self, end: _End, ev: int) -> None:
+        if end.owner is not None:
+            end.owner.on_ready(end, ev)
+            return
         session = end.session
         if session is None or session.finished:
             return
@@ -301,6 +311,10 @@ class RelayEngine:
             mask |= _IN
         if end.tail is not None:
             mask |= _OUT
+        self.set_mask(end, mask)
+
+    def set_mask(self, end: _End, mask: int) -> None:
+        """Register ``end`` in the epoll set for ``mask`` (0: not at all)."""
         if mask == end.mask and end.registered == bool(mask):
             return
         if not mask:
@@ -313,6 +327,18 @@ class RelayEngine:
             self._epoll.register(end.fd, mask)
             end.registered = True
         end.mask = mask
+
+    def forget(self, end: _End) -> None:
+        """Drop ``end`` from the tables and the epoll set (not closing it)."""
+        if self._ends.get(end.fd) is end:
+            del self._ends[end.fd]
+        if end.registered:
+            try:
+                self._epoll.unregister(end.fd)
+            except OSError:
+                pass
+            end.registered = False
+        self._ended_since_trim += 1
 
     def _finish(self, session: _Session, error: str | None, *, clean_close: bool) -> None:
         session.finished = True

@@ -1,0 +1,530 @@
+"""A multiplexed gateway <-> cluster connection, run by the relay engine.
+
+Theory of operation
+-------------------
+:mod:`protocols.mux` says what goes on the wire; this module moves it. A
+:class:`MuxLink` owns one TLS connection (an engine ``_End`` whose
+``owner`` is the link) and, per session, a :class:`Stream` bound to a plain
+socket (the client's on the gateway, the upstream's on the cluster; another
+``_End`` owned by the link). The engine's thread calls :meth:`MuxLink.on_ready`
+for all of them, under the engine's lock; trio's thread calls the other
+public methods, which take the same lock.
+
+Moving bytes, in the engine's thread:
+
+- socket -> connection: read at most the stream's send window, frame it as
+  DATA, encrypt, write. While the connection's socket has a tail (the
+  kernel would not take more), streams stop reading and queue in
+  ``blocked``; the tail draining resumes them. Sessions share the TCP
+  connection's flow control this way, and each is also held to its window.
+- connection -> socket: the link reads the connection whenever it is
+  readable (never blocked by a slow stream), decrypts, parses, and writes
+  each DATA payload to its stream's socket at once; what the socket does
+  not take waits in that end's tail, at most one window's worth, because
+  the peer may not send more than we acknowledged. Bytes are acknowledged
+  (WINDOW) only once the kernel took them.
+- FIN carries a half-close each way (``shutdown(SHUT_WR)`` after the tail);
+  a socket error or a cancelled session sends RESET; a stream is over once
+  FIN went both ways and its tail is empty.
+- Whatever ends the connection (EOF, TLS or protocol error, ``close``) ends
+  every stream on it, with that reason.
+
+trio's side: the gateway calls :meth:`MuxLink.open` then, on a DialAccept,
+:meth:`MuxLink.attach` with the client's socket; the cluster gets each
+OPEN through ``on_open`` (in trio's thread), decides, and calls
+:meth:`MuxLink.accept` with the upstream socket or :meth:`MuxLink.refuse`.
+Both then await :meth:`MuxLink.wait`, which returns the error that ended
+the stream, or ``None`` after a clean end.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Callable
+
+import trio
+
+from gateway.net.engine import PUMP_BUDGET, RelayEngine, _ALWAYS, _End, _Failure, _IN, _OUT, _detach
+from gateway.net.tls import TLSStream
+from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
+from protocols.errors import RemoteProtocolError
+from protocols.mux import (
+    MuxConnection,
+    Role,
+    StreamData,
+    StreamFin,
+    StreamOpened,
+    StreamReplied,
+    StreamReset,
+    StreamWindow,
+)
+
+__all__ = ["LinkClosed", "MuxLink", "Stream"]
+
+log = logging.getLogger(__name__)
+
+
+class LinkClosed(Exception):
+    """The multiplexed connection is over; open a new one."""
+
+
+class Stream:
+    """One session on a link. ``counters`` (a RelayCounters) count
+    ``a_to_b`` from the gateway's side to the upstream's, as the relay does."""
+
+    __slots__ = ("sid", "end", "early", "early_fin", "reply", "replied", "done", "error", "finished",
+                 "counters", "name")
+
+    def __init__(self, sid: int, name: str) -> None:
+        self.sid = sid
+        self.name = name  # the socket's side, for error messages
+        self.end: _End | None = None
+        self.early: bytearray | None = None  # DATA that came before attach (gateway)
+        self.early_fin = False
+        self.reply: DialAccept | DialError | None = None
+        self.replied = trio.Event()
+        self.done = trio.Event()
+        self.error: str | None = None
+        self.finished = False
+        self.counters = None
+
+
+class MuxLink:
+    """See the module docstring. Create it in trio's thread."""
+
+    def __init__(self, engine: RelayEngine, tls: TLSStream, role: Role, *, name: str,
+                 socket_name: str, on_open: Callable[[Stream, DialRequest], None] | None = None) -> None:
+        self.engine = engine
+        self.role = role
+        self.name = name
+        self.socket_name = socket_name
+        self.conn = MuxConnection(role)
+        self.streams: dict[int, Stream] = {}
+        self.blocked: dict[_End, None] = {}  # an ordered set
+        self.token = trio.lowlevel.current_trio_token()
+        self.on_open = on_open
+        self.failed: str | None = None
+        self.closed = trio.Event()
+        sock, tls_state = _detach(tls)
+        self.end = _End(sock, name, tls_state, None)
+        self.end.owner = self
+        with engine._lock:
+            engine._ends[self.end.fd] = self.end
+            engine._again.append(self.end)  # bytes may already wait inside the TLS object
+        engine.wake()
+
+    # ------------------------------------------------------------------
+    # trio's thread.
+
+    def open(self, request: DialRequest) -> Stream:
+        """(gateway) Ask for a session; await ``stream.replied`` next."""
+        with self.engine._lock:
+            if self.failed is not None:
+                raise LinkClosed(self.failed)
+            sid, frame = self.conn.send_open(request)
+            stream = Stream(sid, self.socket_name)
+            self.streams[sid] = stream
+            self._send_guarded(frame)
+            if self.failed is not None:
+                raise LinkClosed(self.failed)
+        return stream
+
+    async def attach(self, stream: Stream, sock: trio.SocketStream, counters) -> str | None:
+        """(gateway) Relay ``sock`` on an accepted stream until it ends."""
+        raw, _ = _detach(sock)
+        with self.engine._lock:
+            if stream.finished:
+                raw.close()
+                return stream.error
+            self._bind(stream, raw, counters)
+            if stream.early:
+                data, stream.early = bytes(stream.early), None
+                self._run_guarded(stream.end, lambda: self._to_socket(stream, data))
+            if stream.early_fin and not stream.finished:
+                stream.end.eof_wanted = True
+                self._run_guarded(stream.end, lambda: self._after_write(stream))
+        self.engine.wake()
+        return await self.wait(stream)
+
+    def accept(self, stream: Stream, reply: DialAccept, sock: trio.SocketStream, counters) -> bool:
+        """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` for
+        it; False if the stream or the link ended meanwhile (``sock`` is
+        closed then)."""
+        raw, _ = _detach(sock)
+        with self.engine._lock:
+            if stream.finished or self.failed is not None:
+                raw.close()
+                return False
+            self._bind(stream, raw, counters)
+            self._send_guarded(self.conn.send_reply(stream.sid, reply))
+            if stream.finished:
+                return False
+        self.engine.wake()
+        return True
+
+    def refuse(self, stream: Stream, error: DialError) -> None:
+        """(cluster) Turn the OPEN down."""
+        with self.engine._lock:
+            if stream.finished or self.failed is not None:
+                return
+            self._send_guarded(self.conn.send_reply(stream.sid, error))
+            self._finish(stream, error.message, reset=False)
+
+    async def wait(self, stream: Stream) -> str | None:
+        """Until the stream is over: its error, or None. If cancelled, the
+        stream is reset (the other side learns why) and closed at once."""
+        try:
+            await stream.done.wait()
+        except BaseException:
+            with self.engine._lock:
+                if not stream.finished:
+                    self._finish(stream, "cancelled", reset=True)
+            raise
+        return stream.error
+
+    def abandon(self, stream: Stream, reason: str) -> None:
+        """(gateway) Give up a stream before attaching it: reset it."""
+        with self.engine._lock:
+            self._finish(stream, reason, reset=True)
+
+    def close(self, reason: str) -> None:
+        """End the link and every stream on it."""
+        with self.engine._lock:
+            self._fail(reason)
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def _bind(self, stream: Stream, raw: socket.socket, counters) -> None:
+        end = _End(raw, stream.name, None, None)
+        end.owner = self
+        end.session = stream  # for the owner: which stream this socket is
+        stream.end = end
+        stream.counters = counters
+        self.engine._ends[end.fd] = end
+        self.engine._again.append(end)
+
+    def _send_guarded(self, frame: bytes) -> None:
+        try:
+            self._send(frame)
+        except _Failure as exc:
+            self._fail(str(exc))
+
+    def _run_guarded(self, end: _End, action) -> None:
+        try:
+            action()
+            self._update(end)
+        except _Failure as exc:
+            self._failure(end, exc)
+
+    # ------------------------------------------------------------------
+    # The engine's thread (or trio's, holding the lock).
+
+    def on_ready(self, end: _End, ev: int) -> None:
+        try:
+            if end is self.end:
+                self._on_link(ev)
+            elif end.session is not None:
+                self._on_stream(end.session, ev)
+        except _Failure as exc:
+            self._failure(end, exc)
+        except RemoteProtocolError as exc:
+            self._fail(f"{self.name}: broke the multiplexing protocol: {exc}")
+        except Exception as exc:  # a bug: end this link, keep serving the others
+            log.exception("mux_link_error link=%s", self.name)
+            self._fail(f"internal error in the relay engine: {exc!r}")
+
+    def _failure(self, end: _End, exc: _Failure) -> None:
+        if end is self.end or self.end.failed:
+            self._fail(str(exc))
+        elif end.session is not None:
+            self._finish(end.session, str(exc), reset=True)
+
+    def _on_link(self, ev: int) -> None:
+        end = self.end
+        if self.failed is not None:
+            return
+        if ev & (_OUT | _ALWAYS) and end.tail is not None:
+            try:
+                rest = self.engine._write_some(end, end.tail)
+            except OSError as exc:
+                end.failed = True
+                raise _Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
+            end.tail = rest if rest else None
+            if end.tail is None and self.blocked:
+                self.engine._again.extend(self.blocked)
+                self.blocked.clear()
+        if ev & (_IN | _ALWAYS):
+            plain = self.engine._plain
+            budget = PUMP_BUDGET
+            conn = self.conn
+            while True:
+                n = self.engine._read_tls(end, plain)
+                if n < 0:
+                    break
+                if n == 0:
+                    raise _Failure(f"{self.name}: closed the multiplexed connection")
+                conn.receive_data(plain[:n])
+                while (event := conn.next_event()) is not NEED_DATA:
+                    self._dispatch(event)
+                    if self.failed is not None:
+                        return
+                budget -= n
+                if budget <= 0:
+                    self.engine._again.append(end)
+                    break
+                if n < len(plain):
+                    break
+        self._update_link()
+
+    def _dispatch(self, event) -> None:
+        if isinstance(event, StreamData):
+            stream = self.streams.get(event.stream)
+            if stream is None:
+                return
+            if stream.end is None:  # accepted, not yet attached (gateway)
+                if stream.early is None:
+                    stream.early = bytearray()
+                stream.early += event.data
+                return
+            self._on_stream_guarded(stream, lambda: self._to_socket(stream, event.data))
+        elif isinstance(event, StreamWindow):
+            stream = self.streams.get(event.stream)
+            if stream is not None and stream.end is not None:
+                self._on_stream_guarded(stream, lambda: self._pump(stream))
+        elif isinstance(event, StreamFin):
+            stream = self.streams.get(event.stream)
+            if stream is None:
+                return
+            if stream.end is None:
+                stream.early_fin = True
+                return
+            stream.end.eof_wanted = True
+            self._on_stream_guarded(stream, lambda: self._after_write(stream))
+        elif isinstance(event, StreamReset):
+            stream = self.streams.get(event.stream)
+            if stream is not None:
+                self._finish(stream, f"{self.name}: reset the stream: {event.reason}", reset=False)
+        elif isinstance(event, StreamOpened):
+            stream = Stream(event.stream, self.socket_name)
+            self.streams[event.stream] = stream
+            if self.on_open is None:
+                self._send(self.conn.send_reply(event.stream, DialError(message="no streams here")))
+                return
+            self.token.run_sync_soon(self._call_on_open, stream, event.request)
+        elif isinstance(event, StreamReplied):
+            stream = self.streams.get(event.stream)
+            if stream is None:
+                return
+            stream.reply = event.reply
+            if isinstance(event.reply, DialError):
+                self._finish(stream, event.reply.message, reset=False)
+            else:
+                self.token.run_sync_soon(stream.replied.set)
+
+    def _call_on_open(self, stream: Stream, request: DialRequest) -> None:
+        try:
+            self.on_open(stream, request)
+        except Exception:
+            log.exception("mux_on_open_failed link=%s", self.name)
+            self.refuse(stream, DialError(message="internal error"))
+
+    def _on_stream_guarded(self, stream: Stream, action) -> None:
+        """Run a step for one stream; its own socket's failure ends only it."""
+        end = stream.end
+        try:
+            action()
+            if not stream.finished:
+                self._done_yet(stream)
+            if not stream.finished:
+                self._update(end)
+        except _Failure as exc:
+            if self.end.failed:
+                raise
+            self._finish(stream, str(exc), reset=True)
+
+    def _on_stream(self, stream: Stream, ev: int) -> None:
+        end = stream.end
+        if stream.finished or end is None:
+            return
+        if ev & (_OUT | _ALWAYS) and end.tail is not None:
+            self._flush(stream)
+        if ev & (_IN | _ALWAYS) and not stream.finished:
+            self._pump(stream)
+        if not stream.finished:
+            self._done_yet(stream)
+        if not stream.finished:
+            self._update(end)
+        self._update_link()
+
+    def _pump(self, stream: Stream) -> None:
+        """socket -> connection, within the window and the budget."""
+        end = stream.end
+        conn, link_end = self.conn, self.end
+        plain = self.engine._plain
+        budget = PUMP_BUDGET
+        gateway = self.role is Role.GATEWAY
+        while not end.in_done:
+            if link_end.tail is not None:
+                self.blocked[end] = None
+                return
+            window = conn.send_window(stream.sid)
+            if window <= 0:
+                return
+            want = min(window, len(plain))
+            try:
+                n = end.sock.recv_into(plain, want)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                end.failed = True
+                raise _Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
+            if not n:
+                end.in_done = True
+                self._send(conn.send_fin(stream.sid))
+                return
+            if gateway:
+                stream.counters.a_to_b += n
+            else:
+                stream.counters.b_to_a += n
+            self._send(conn.send_data(stream.sid, plain[:n]))
+            budget -= n
+            if budget <= 0:
+                self.engine._again.append(end)
+                return
+            if n < want:
+                return
+
+    def _to_socket(self, stream: Stream, data: bytes) -> None:
+        """connection -> socket: write now, keep the rest in the tail."""
+        end = stream.end
+        if end.tail is not None:
+            end.tail = memoryview(bytes(end.tail) + data)
+            return
+        try:
+            rest = self.engine._write_some(end, memoryview(data))
+        except OSError as exc:
+            end.failed = True
+            raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+        if rest:
+            end.tail = rest
+        self._written(stream, len(data) - len(rest))
+
+    def _flush(self, stream: Stream) -> None:
+        end = stream.end
+        before = len(end.tail)
+        try:
+            rest = self.engine._write_some(end, end.tail)
+        except OSError as exc:
+            end.failed = True
+            raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+        end.tail = rest if rest else None
+        self._written(stream, before - len(rest))
+        self._after_write(stream)
+
+    def _written(self, stream: Stream, n: int) -> None:
+        if not n:
+            return
+        if self.role is Role.GATEWAY:
+            stream.counters.b_to_a += n
+        else:
+            stream.counters.a_to_b += n
+        self._send(self.conn.acknowledge(stream.sid, n))
+
+    def _after_write(self, stream: Stream) -> None:
+        """The peer's FIN becomes ours to the socket once its tail is gone."""
+        end = stream.end
+        if end.tail is None and end.eof_wanted and not end.eof_sent:
+            end.eof_sent = True
+            try:
+                end.sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    end.failed = True
+                    raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
+
+    def _done_yet(self, stream: Stream) -> None:
+        end = stream.end
+        if end is not None and end.in_done and end.eof_sent and end.tail is None:
+            self._finish(stream, None, reset=False)
+
+    def _send(self, frame: bytes) -> None:
+        """Encrypt ``frame`` and write it to the connection (after its tail)."""
+        if not frame or self.failed is not None:
+            return
+        end = self.end
+        try:
+            end.obj.write(frame)
+        except Exception as exc:
+            end.failed = True
+            raise _Failure(f"{self.name}: send failed: TLS error: {exc}") from None
+        self.engine._write(end, memoryview(end.outgoing.read()), copy=False)
+
+    def _update(self, end: _End) -> None:
+        stream = end.session
+        if stream is None or stream.finished:
+            return
+        mask = 0
+        if not end.in_done and not end.failed and self.conn.send_window(stream.sid) > 0:
+            if self.end.tail is None:
+                mask |= _IN
+            else:
+                self.blocked[end] = None  # resumed when the connection drains
+        if end.tail is not None:
+            mask |= _OUT
+        self.engine.set_mask(end, mask)
+
+    def _update_link(self) -> None:
+        if self.failed is not None:
+            return
+        end = self.end
+        self.engine.set_mask(end, (_IN if not end.failed else 0) | (_OUT if end.tail is not None else 0))
+
+    def _finish(self, stream: Stream, error: str | None, *, reset: bool) -> None:
+        if stream.finished:
+            return
+        stream.finished = True
+        stream.error = error
+        self.streams.pop(stream.sid, None)
+        if reset and self.failed is None:
+            try:
+                self._send(self.conn.send_reset(stream.sid, error or "closed"))
+            except _Failure as exc:
+                self._fail(str(exc))
+        end = stream.end
+        if end is not None:
+            self.blocked.pop(end, None)
+            self.engine.forget(end)
+            end.sock.close()
+            end.owner = end.session = None
+            end.tail = None
+            stream.end = None
+        stream.early = None
+        token = self.token
+        try:
+            token.run_sync_soon(stream.replied.set)
+            token.run_sync_soon(stream.done.set)
+        except trio.RunFinishedError:
+            pass
+
+    def _fail(self, reason: str) -> None:
+        """End the link: every stream, then the connection."""
+        if self.failed is not None:
+            return
+        self.failed = reason
+        for stream in list(self.streams.values()):
+            self._finish(stream, reason, reset=False)
+        end = self.end
+        self.engine.forget(end)
+        self.engine._close_notify_nowait(end)
+        end.sock.close()
+        end.owner = None
+        end.obj = end.incoming = end.outgoing = None
+        end.tail = None
+        self.blocked.clear()
+        try:
+            self.token.run_sync_soon(self.closed.set)
+        except trio.RunFinishedError:
+            pass
