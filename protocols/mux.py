@@ -37,13 +37,20 @@ acknowledges bytes once it has passed them on (written them to the
 session's socket), so a slow reader holds back its own stream only, never
 the connection: the receiver never stops reading the connection, and what it
 buffers for one stream is bounded by the window. DATA beyond the window is
-a protocol error. Receivers acknowledge in batches (once half a window is
-due), so a stream of small messages does not double the frame count.
+a protocol error. Receivers acknowledge in batches (once a quarter of a
+window is due), so a stream of small messages does not double the frame
+count, and a bulk one keeps three quarters of a window in flight.
 
 Any protocol error ends the whole connection (and with it its streams).
 
 Theory of operation
 -------------------
+A DATA payload is handed on as it arrives, in as many :class:`StreamData`
+events as it takes, not once the whole frame is in: a bulk frame is never
+buffered whole, and its first bytes reach the socket while the rest is
+still on the wire. The header is checked (window, stream state) before any
+of it is delivered.
+
 :class:`MuxConnection` is sans-I/O, in the h11 manner: ``receive_data`` takes
 plaintext from the TLS connection, ``next_event`` returns one event or
 ``NEED_DATA``, and the ``send_*`` methods return the bytes to write. It keeps
@@ -74,14 +81,14 @@ __all__ = [
 ALPN: Final = "wicket-mux"
 
 HEADER: Final = struct.Struct(">BII")  # type, stream, length
-INITIAL_WINDOW: Final = 256 * 1024
-MAX_DATA: Final = 64 * 1024
+INITIAL_WINDOW: Final = 512 * 1024
+MAX_DATA: Final = 256 * 1024
 MAX_CONTROL: Final = 4 + 65536  # one whole dial frame
 MAX_REASON: Final = 1024
 MAX_STREAM_ID: Final = 2**32 - 1
 MAX_WINDOW: Final = 2**31 - 1
 _WINDOW = struct.Struct(">I")
-_ACK_AT = INITIAL_WINDOW // 2  # acknowledge once this much is due
+_ACK_AT = INITIAL_WINDOW // 4  # acknowledge once this much is due
 
 
 class FrameType(enum.IntEnum):
@@ -114,8 +121,9 @@ class StreamReplied:
 
 @attrs.frozen(slots=True)
 class StreamData:
+    """Payload bytes, as a read-only memoryview: no copy is made of them."""
     stream: int
-    data: bytes
+    data: memoryview
 
 
 @attrs.frozen(slots=True)
@@ -165,11 +173,18 @@ class MuxConnection:
 
     def __init__(self, role: Role) -> None:
         self.role = role
-        self._buf = bytearray()
+        # Received, not yet parsed: an immutable bytes object, so DATA
+        # payloads can be handed out as memoryviews of it (no copy) that stay
+        # valid whatever arrives next.
+        self._buf = b""
         self._pos = 0
         self._streams: dict[int, _Stream] = {}
         self._last_id = 0  # the highest stream id opened so far
         self._error: RemoteProtocolError | None = None
+        # The DATA frame being delivered: its stream (None: skip, the stream
+        # ended) and how many payload bytes are still to come.
+        self._data_stream: int | None = None
+        self._data_left = 0
 
     # -- introspection ---------------------------------------------------
 
@@ -192,10 +207,13 @@ class MuxConnection:
         is the I/O layer's business, it ends every stream)."""
         if self._error is not None:
             raise _remote(f"the connection already failed: {self._error}")
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
+        if self._pos == len(self._buf):
+            self._buf = bytes(data)
+        else:
+            # Only a partial header or control frame is ever left over
+            # (DATA is handed on as it arrives), so this join is small.
+            self._buf = self._buf[self._pos:] + bytes(data)
+        self._pos = 0
 
     def next_event(self) -> MuxEvent | Literal[Signal.NEED_DATA]:
         """The next event, or ``NEED_DATA``. Raises
@@ -214,41 +232,49 @@ class MuxConnection:
 
     def _next(self) -> MuxEvent | Literal[Signal.NEED_DATA] | None:
         buf, pos = self._buf, self._pos
+        if self._data_left:
+            take = min(len(buf) - pos, self._data_left)
+            if not take:
+                return NEED_DATA
+            self._data_left -= take
+            self._pos = pos + take
+            if self._data_stream is None:
+                return None  # skipping the payload of an ended stream
+            return StreamData(self._data_stream, memoryview(buf)[pos:pos + take])
         if len(buf) - pos < HEADER.size:
-            self._compact()
             return NEED_DATA
         kind, stream, length = HEADER.unpack_from(buf, pos)
-        limit = MAX_DATA if kind == FrameType.DATA else MAX_CONTROL
-        if length > limit:
-            raise _remote(f"frame of type {kind} is {length} bytes long; the limit is {limit}")
+        if kind == FrameType.DATA:
+            if length > MAX_DATA:
+                raise _remote(f"DATA frame is {length} bytes long; the limit is {MAX_DATA}")
+            self._pos = pos + HEADER.size
+            self._data_stream = self._check_data(stream, length)
+            self._data_left = length
+            return None
+        if length > MAX_CONTROL:
+            raise _remote(f"frame of type {kind} is {length} bytes long; the limit is {MAX_CONTROL}")
         end = pos + HEADER.size + length
         if len(buf) < end:
-            self._compact()
             return NEED_DATA
-        payload = bytes(buf[pos + HEADER.size:end])
+        payload = buf[pos + HEADER.size:end]
         self._pos = end
         return self._handle(kind, stream, payload)
 
-    def _compact(self) -> None:
-        # Keep only the unparsed tail; called when waiting for more, so the
-        # buffer never holds more than one frame plus one read.
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
+    def _check_data(self, stream_id: int, length: int) -> int | None:
+        """A DATA header: the stream to deliver to, None to skip it."""
+        s = self._live(stream_id, "DATA")
+        if s is None:
+            return None
+        if not length:
+            raise _remote(f"empty DATA frame on stream {stream_id}")
+        if not s.accepted or s.remote_fin:
+            raise _remote(f"DATA on stream {stream_id} " + ("after FIN" if s.remote_fin else "before it was accepted"))
+        if length > s.recv_window:
+            raise _remote(f"DATA on stream {stream_id} exceeds its window ({length} > {s.recv_window})")
+        s.recv_window -= length
+        return stream_id
 
     def _handle(self, kind: int, stream_id: int, payload: bytes) -> MuxEvent | None:
-        if kind == FrameType.DATA:
-            s = self._live(stream_id, "DATA")
-            if s is None:
-                return None
-            if not payload:
-                raise _remote(f"empty DATA frame on stream {stream_id}")
-            if not s.accepted or s.remote_fin:
-                raise _remote(f"DATA on stream {stream_id} " + ("after FIN" if s.remote_fin else "before it was accepted"))
-            if len(payload) > s.recv_window:
-                raise _remote(f"DATA on stream {stream_id} exceeds its window ({len(payload)} > {s.recv_window})")
-            s.recv_window -= len(payload)
-            return StreamData(stream_id, payload)
         if kind == FrameType.WINDOW:
             s = self._live(stream_id, "WINDOW")
             if s is None:
@@ -353,6 +379,17 @@ class MuxConnection:
         else:
             s.accepted = True
         return _frame(FrameType.REPLY, stream_id, payload)
+
+    def send_data_header(self, stream_id: int, n: int) -> bytes:
+        """The header of one DATA frame of ``n`` bytes (at most MAX_DATA and
+        the window), for a caller that has the payload in its own buffer
+        right behind room for the header (no copy of the payload)."""
+        s = self._sendable(stream_id)
+        if not 0 < n <= min(s.send_window, MAX_DATA):
+            raise _local(f"{n} bytes do not fit one DATA frame on stream {stream_id} "
+                         f"(window {s.send_window})")
+        s.send_window -= n
+        return HEADER.pack(FrameType.DATA, stream_id, n)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> bytes:
         """DATA frames for ``data`` (split at MAX_DATA); at most

@@ -105,6 +105,7 @@ PUMP_BUDGET = 1024 * 1024
 TRIM_AFTER = 256
 
 _READ = 256 * 1024  # plaintext read per step (and the scratch size)
+FRAME_HEADROOM = 16
 _CIPHER = _READ + 8 * 1024  # ciphertext read per recv: one read plus record overhead
 _MAX_EVENTS = 1024
 
@@ -206,6 +207,8 @@ class RelayEngine:
         self._ended_since_trim = 0
         self._plain = memoryview(bytearray(_READ))
         self._cipher = memoryview(bytearray(_CIPHER))
+        # A read with room in front for a frame header (gateway/net/muxlink.py).
+        self._framed = memoryview(bytearray(FRAME_HEADROOM + _READ))
         self._thread = threading.Thread(target=self._run, name="wicket-relay", daemon=True)
         self._thread.start()
 

@@ -51,6 +51,8 @@ from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import RemoteProtocolError
 from protocols.mux import (
+    HEADER,
+    MAX_DATA,
     MuxConnection,
     Role,
     StreamData,
@@ -280,7 +282,7 @@ class MuxLink:
         self._update_link()
 
     def _dispatch(self, event) -> None:
-        if isinstance(event, StreamData):
+        if type(event) is StreamData:
             stream = self.streams.get(event.stream)
             if stream is None:
                 return
@@ -289,11 +291,20 @@ class MuxLink:
                     stream.early = bytearray()
                 stream.early += event.data
                 return
-            self._on_stream_guarded(stream, lambda: self._to_socket(stream, event.data))
+            try:
+                self._to_socket(stream, event.data)
+                if stream.end.tail is not None and not stream.end.mask & _OUT:
+                    self._update(stream.end)  # wait for the socket to take the rest
+            except _Failure as exc:
+                self._stream_failed(stream, exc)
         elif isinstance(event, StreamWindow):
             stream = self.streams.get(event.stream)
             if stream is not None and stream.end is not None:
-                self._on_stream_guarded(stream, lambda: self._pump(stream))
+                try:
+                    self._pump(stream)
+                    self._update(stream.end)
+                except _Failure as exc:
+                    self._stream_failed(stream, exc)
         elif isinstance(event, StreamFin):
             stream = self.streams.get(event.stream)
             if stream is None:
@@ -302,7 +313,13 @@ class MuxLink:
                 stream.early_fin = True
                 return
             stream.end.eof_wanted = True
-            self._on_stream_guarded(stream, lambda: self._after_write(stream))
+            try:
+                self._after_write(stream)
+                self._done_yet(stream)
+                if not stream.finished:
+                    self._update(stream.end)
+            except _Failure as exc:
+                self._stream_failed(stream, exc)
         elif isinstance(event, StreamReset):
             stream = self.streams.get(event.stream)
             if stream is not None:
@@ -324,26 +341,19 @@ class MuxLink:
             else:
                 self.token.run_sync_soon(stream.replied.set)
 
+    def _stream_failed(self, stream: Stream, exc: _Failure) -> None:
+        """One stream's socket failed: reset that stream. A failure of the
+        connection itself (while sending a frame) ends the link instead."""
+        if self.end.failed:
+            raise exc
+        self._finish(stream, str(exc), reset=True)
+
     def _call_on_open(self, stream: Stream, request: DialRequest) -> None:
         try:
             self.on_open(stream, request)
         except Exception:
             log.exception("mux_on_open_failed link=%s", self.name)
             self.refuse(stream, DialError(message="internal error"))
-
-    def _on_stream_guarded(self, stream: Stream, action) -> None:
-        """Run a step for one stream; its own socket's failure ends only it."""
-        end = stream.end
-        try:
-            action()
-            if not stream.finished:
-                self._done_yet(stream)
-            if not stream.finished:
-                self._update(end)
-        except _Failure as exc:
-            if self.end.failed:
-                raise
-            self._finish(stream, str(exc), reset=True)
 
     def _on_stream(self, stream: Stream, ev: int) -> None:
         end = stream.end
@@ -360,22 +370,24 @@ class MuxLink:
         self._update_link()
 
     def _pump(self, stream: Stream) -> None:
-        """socket -> connection, within the window and the budget."""
+        """socket -> connection, within the window and the budget. Each read
+        lands right behind room for its DATA header, so the frame is
+        encrypted straight from the read buffer, never copied."""
         end = stream.end
         conn, link_end = self.conn, self.end
-        plain = self.engine._plain
+        framed = self.engine._framed
+        payload = framed[HEADER.size:]
         budget = PUMP_BUDGET
         gateway = self.role is Role.GATEWAY
         while not end.in_done:
             if link_end.tail is not None:
                 self.blocked[end] = None
                 return
-            window = conn.send_window(stream.sid)
-            if window <= 0:
+            want = min(conn.send_window(stream.sid), MAX_DATA, len(payload))
+            if want <= 0:
                 return
-            want = min(window, len(plain))
             try:
-                n = end.sock.recv_into(plain, want)
+                n = end.sock.recv_into(payload, want)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -389,7 +401,8 @@ class MuxLink:
                 stream.counters.a_to_b += n
             else:
                 stream.counters.b_to_a += n
-            self._send(conn.send_data(stream.sid, plain[:n]))
+            framed[:HEADER.size] = conn.send_data_header(stream.sid, n)
+            self._send(framed[:HEADER.size + n])
             budget -= n
             if budget <= 0:
                 self.engine._again.append(end)
