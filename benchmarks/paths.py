@@ -159,6 +159,9 @@ class BenchPath:
     name = "?"
     entry_label = "entry"
     exit_label = "exit"
+    #: Sockets a relay process of this path holds per client connection:
+    #: what the open-files limit divides by (see run.py's idle levels).
+    sockets_per_connection = 2
 
     def __init__(self) -> None:
         self.port = 0
@@ -393,6 +396,9 @@ def _wicket_env(home: Path | None = None) -> dict[str, str]:
 
 
 class Wicket(BenchPath):
+    # The gateway holds the client's socket, the cluster the upstream's: the
+    # sessions share one multiplexed connection between them.
+    sockets_per_connection = 1
     """``wicket-cluster start`` and ``wicket proxy tcp``, run the way a user
     runs them (default log level), each in its own process group."""
 

@@ -85,6 +85,7 @@ class Bench:
         self.all_paths = dict(paths)
         self.foreign: dict[str, float] = {}
         self.current = "warm-up"
+        self.capped: dict[tuple[str, int], int] = {}  # (path, level asked) -> connections held
 
     def order(self, rnd: int) -> list[str]:
         """Paths in a different order every round, so drift hits all alike."""
@@ -280,7 +281,11 @@ class Bench:
         self.detail[name]["idle"] = info
         prev_level, prev_rss = 0, base
         try:
-            for level in self.args.idle:
+            cap = (self.args.nofile_hard - 600) // path.sockets_per_connection
+            for asked in self.args.idle:
+                level = min(asked, cap)
+                if level < asked:
+                    self.capped[(name, asked)] = level
                 secs = holder.fill(level)
                 time.sleep(1.0)  # let every hop finish its bookkeeping
                 path.check()
@@ -300,10 +305,10 @@ class Bench:
                                                 if k in ("Rss", "Pss", "Private_Dirty", "Anonymous")}
                                          for role, pid in pids.items()},
                 }
-                self.metric(f"idle_{level}_entry", name, per["entry"])
-                self.metric(f"idle_{level}_exit", name, per["exit"])
-                self.metric(f"idle_{level}", name, per["entry"] + per["exit"])
-                self.metric(f"idle_{level}_rate", name, level / secs)
+                self.metric(f"idle_{asked}_entry", name, per["entry"])
+                self.metric(f"idle_{asked}_exit", name, per["exit"])
+                self.metric(f"idle_{asked}", name, per["entry"] + per["exit"])
+                self.metric(f"idle_{asked}_rate", name, level / secs)
                 prev_level, prev_rss = level, rss
                 log(f"idle {name}: {level} connections held (opened in {secs:.1f} s, "
                     f"{level / secs:.0f}/s); KiB/conn entry {per['entry']:.1f}, exit {per['exit']:.1f}")
@@ -451,6 +456,9 @@ def render_table(doc: dict, args) -> str:
                           for n in names if doc["paths"][n].get("entry"))
     notes = [f"({doc['date']}; ratio in brackets = path / stunnel; ↑ higher is better, ↓ lower is better; "
              f"MB = 10^6 bytes)", names_map]
+    for c in doc.get("idle_capped", []):
+        notes.append(f"{c['path']}: @{c['asked']} held {c['held']} connections (two sockets per connection "
+                     f"in each relay process; open-files hard limit {args.nofile_hard})")
     for n, p in doc["paths"].items():
         if p["status"] == "error":
             notes.append(f"{n}: not measured: {p['error']}")
@@ -566,12 +574,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     hard = raise_nofile()  # children inherit the raised soft limit
-    # Each relay process holds two sockets per connection: stay under the
-    # hard limit we cannot raise (no CAP_SYS_RESOURCE in a container).
-    cap = (hard - 600) // 2
-    if max(args.idle) > cap:
-        log(f"open-files hard limit is {hard}: idle levels above {cap} are capped to {cap}")
-        args.idle = sorted({min(x, cap) for x in args.idle})
+    # A C relay process holds two sockets per connection, Wicket's one (see
+    # BenchPath.sockets_per_connection): each path's idle levels stay under
+    # the hard limit we cannot raise (no CAP_SYS_RESOURCE in a container).
+    args.nofile_hard = hard
+    if max(args.idle) > (hard - 600) // 2:
+        log(f"open-files hard limit is {hard}: a path holding two sockets per connection is held at "
+            f"{(hard - 600) // 2} connections where a level asks for more (noted under the table)")
     work = Path(tempfile.mkdtemp(prefix="wicket-bench-"))
     started = time.monotonic()
     doc = {
@@ -634,6 +643,7 @@ def main(argv=None) -> int:
                 bench.run_test(test)
         doc["metrics"] = {k: {p: round(v, 3) for p, v in vals.items()} for k, vals in bench.metrics.items()}
         doc["detail"] = bench.detail
+        doc["idle_capped"] = [{"path": n, "asked": a, "held": h} for (n, a), h in bench.capped.items()]
         # CPUs' worth of work done by processes other than ours, per test
         # (other jobs, kernel threads such as ksoftirqd): should be near 0.
         doc["other_load_cpus"] = bench.foreign
