@@ -147,7 +147,6 @@ class MuxLink:
             if stream.early_fin and not stream.finished:
                 stream.end.eof_wanted = True
                 self._run_guarded(stream.end, lambda: self._after_write(stream))
-        self.engine.wake()
         return await self.wait(stream)
 
     def accept(self, stream: Stream, reply: DialAccept, sock: trio.SocketStream, counters) -> bool:
@@ -163,7 +162,6 @@ class MuxLink:
             self._send_guarded(self.conn.send_reply(stream.sid, reply))
             if stream.finished:
                 return False
-        self.engine.wake()
         return True
 
     def refuse(self, stream: Stream, error: DialError) -> None:
@@ -206,7 +204,9 @@ class MuxLink:
         stream.end = end
         stream.counters = counters
         self.engine._ends[end.fd] = end
-        self.engine._again.append(end)
+        # Registered from this thread (epoll is thread-safe): the engine
+        # sees whatever the socket already holds without being woken.
+        self._update(end)
 
     def _send_guarded(self, frame: bytes) -> None:
         try:
