@@ -611,7 +611,7 @@ def main(argv=None) -> int:
                 elif name == "stunnel":
                     p = Stunnel(work, pki, port)
                 elif name == "haproxy":
-                    p = Haproxy(work, pki, port, maxconn=max(args.idle) + 100)
+                    p = Haproxy(work, pki, port, maxconn=min(max(args.idle), (hard - 600) // 2) + 100)
                 else:
                     p = Wicket(work / "wicket", port)
             except Exception as exc:  # the constructor stopped whatever it had started
