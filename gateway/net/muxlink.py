@@ -49,7 +49,7 @@ import trio
 from gateway.net.engine import PUMP_BUDGET, RelayEngine, _ALWAYS, _End, _Failure, _IN, _OUT, _detach
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
-from protocols.errors import RemoteProtocolError
+from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.mux import (
     HEADER,
     MAX_DATA,
@@ -63,9 +63,13 @@ from protocols.mux import (
     StreamWindow,
 )
 
-__all__ = ["LinkClosed", "MuxLink", "Stream"]
+__all__ = ["MAX_STREAMS", "LinkClosed", "MuxLink", "Stream"]
 
 log = logging.getLogger(__name__)
+
+#: Streams one connection may have open at once; more are refused
+#: (``rate_limited``) without costing anything.
+MAX_STREAMS = 32768
 
 
 class LinkClosed(Exception):
@@ -125,7 +129,11 @@ class MuxLink:
         with self.engine._lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
-            sid, frame = self.conn.send_open(request)
+            try:
+                sid, frame = self.conn.send_open(request)
+            except LocalProtocolError as exc:  # stream ids used up, after 2**32 - 1 sessions
+                self._fail(str(exc))
+                raise LinkClosed(self.failed) from None
             stream = Stream(sid, self.socket_name)
             self.streams[sid] = stream
             self._send_guarded(frame)
@@ -215,9 +223,10 @@ class MuxLink:
             self._fail(str(exc))
 
     def _run_guarded(self, end: _End, action) -> None:
+        stream = end.session
         try:
             action()
-            self._update(end)
+            self._settle(stream)
         except _Failure as exc:
             self._failure(end, exc)
 
@@ -294,15 +303,15 @@ class MuxLink:
             try:
                 self._to_socket(stream, event.data)
                 if stream.end.tail is not None and not stream.end.mask & _OUT:
-                    self._update(stream.end)  # wait for the socket to take the rest
+                    self._settle(stream)  # wait for the socket to take the rest
             except _Failure as exc:
                 self._stream_failed(stream, exc)
         elif isinstance(event, StreamWindow):
             stream = self.streams.get(event.stream)
             if stream is not None and stream.end is not None:
                 try:
-                    self._pump(stream)
-                    self._update(stream.end)
+                    self._pump(stream)  # may read the socket's EOF: settle
+                    self._settle(stream)
                 except _Failure as exc:
                     self._stream_failed(stream, exc)
         elif isinstance(event, StreamFin):
@@ -315,9 +324,7 @@ class MuxLink:
             stream.end.eof_wanted = True
             try:
                 self._after_write(stream)
-                self._done_yet(stream)
-                if not stream.finished:
-                    self._update(stream.end)
+                self._settle(stream)
             except _Failure as exc:
                 self._stream_failed(stream, exc)
         elif isinstance(event, StreamReset):
@@ -325,11 +332,22 @@ class MuxLink:
             if stream is not None:
                 self._finish(stream, f"{self.name}: reset the stream: {event.reason}", reset=False)
         elif isinstance(event, StreamOpened):
+            refusal = None
+            if self.on_open is None:
+                refusal = DialError(code=ErrorCode.BAD_REQUEST, message="this side does not accept streams")
+            elif len(self.streams) >= MAX_STREAMS:
+                # Each stream costs the cluster a task and, once accepted,
+                # an upstream socket: a gateway cannot make it hold more.
+                refusal = DialError(
+                    code=ErrorCode.RATE_LIMITED,
+                    message=f"too many sessions on one connection (the limit is {MAX_STREAMS}); "
+                            f"close some and try again",
+                )
+            if refusal is not None:
+                self._send(self.conn.send_reply(event.stream, refusal))
+                return
             stream = Stream(event.stream, self.socket_name)
             self.streams[event.stream] = stream
-            if self.on_open is None:
-                self._send(self.conn.send_reply(event.stream, DialError(message="no streams here")))
-                return
             self.token.run_sync_soon(self._call_on_open, stream, event.request)
         elif isinstance(event, StreamReplied):
             stream = self.streams.get(event.stream)
@@ -353,7 +371,7 @@ class MuxLink:
             self.on_open(stream, request)
         except Exception:
             log.exception("mux_on_open_failed link=%s", self.name)
-            self.refuse(stream, DialError(message="internal error"))
+            self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR, message="internal error in the cluster"))
 
     def _on_stream(self, stream: Stream, ev: int) -> None:
         end = stream.end
@@ -363,10 +381,7 @@ class MuxLink:
             self._flush(stream)
         if ev & (_IN | _ALWAYS) and not stream.finished:
             self._pump(stream)
-        if not stream.finished:
-            self._done_yet(stream)
-        if not stream.finished:
-            self._update(end)
+        self._settle(stream)
         self._update_link()
 
     def _pump(self, stream: Stream) -> None:
@@ -458,10 +473,19 @@ class MuxLink:
                     end.failed = True
                     raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
 
-    def _done_yet(self, stream: Stream) -> None:
+    def _settle(self, stream: Stream) -> None:
+        """After anything that may have changed a stream's state: finish it
+        if both directions are over, else make its epoll interest match.
+        Every path that reads, writes, or takes a FIN or a WINDOW ends here."""
+        if stream.finished:
+            return
         end = stream.end
-        if end is not None and end.in_done and end.eof_sent and end.tail is None:
+        if end is None:
+            return
+        if end.in_done and end.eof_sent and end.tail is None:
             self._finish(stream, None, reset=False)
+        else:
+            self._update(end)
 
     def _send(self, frame: bytes) -> None:
         """Encrypt ``frame`` and write it to the connection (after its tail)."""
