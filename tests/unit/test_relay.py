@@ -1,7 +1,8 @@
 """The relay: small cases on memory and socket streams, then a randomized
-stress run through the real hot path:
+stress run through the real hot path, twice:
 
     client -> [gateway relay] -> TLS 1.3 -> [cluster relay] -> upstream
+    client -> [gateway link] => one multiplexed TLS 1.3 connection => [cluster link] -> upstream
 
 on loopback, many connections at once, each following a scenario (echo,
 upload, download, client reset, upstream reset, session cut, cluster crash) with seeded
@@ -23,9 +24,12 @@ import trio
 import trio.testing
 
 from gateway.net.engine import engine
+from gateway.net.muxlink import MuxLink
 from gateway.net.relay import RelayCounters, RelayStats, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
+from protocols.dial import DialAccept, DialRequest
+from protocols.mux import Role as MuxRole
 from tests.unit.tlsutil import read_exactly, read_until_eof
 
 HANG = 60  # seconds before a stuck test fails instead of hanging
@@ -492,3 +496,142 @@ async def test_stress_through_gateway_tls_cluster(pki, seed):
 @pytest.mark.parametrize("seed", range(10, 16))
 async def test_stress_heavy(pki, seed):
     await run_stress(pki, seed=seed, count=240, max_size=8 * 1024 * 1024)
+
+
+# ----------------------------------------------------------------------
+# The same scenarios over the multiplexed connection: every session is a
+# stream of one TLS connection between a gateway link and a cluster link
+# (gateway/net/muxlink.py), as `wicket proxy tcp` runs them. A crash of that
+# connection ends every stream on it, so "cluster_crash" is left to
+# tests/unit/test_muxlink.py.
+
+MUX_KINDS = tuple(k for k in KINDS if k != "cluster_crash")
+
+
+@attrs.define
+class MuxPath:
+    scenarios: dict[int, Scenario]
+    upstream_port: int = 0
+    gateway_link: MuxLink | None = None
+    cluster_link: MuxLink | None = None
+    gateway_results: dict[int, tuple] = attrs.Factory(dict)
+    cluster_results: dict[int, tuple] = attrs.Factory(dict)
+    cluster_scopes: dict[int, trio.CancelScope] = attrs.Factory(dict)
+    nursery: trio.Nursery | None = None
+
+    async def gateway(self, client: trio.SocketStream) -> None:
+        async with client:
+            header = await read_exactly(client, 4)
+            (cid,) = struct.unpack(">I", header)
+            stream = self.gateway_link.open(DialRequest(resource=str(cid)))
+            await stream.replied.wait()
+            assert isinstance(stream.reply, DialAccept), stream.reply
+            counters = RelayCounters()
+            error = await self.gateway_link.attach(stream, client, counters)
+            self.gateway_results[cid] = (error, counters)
+
+    def on_open(self, stream, request: DialRequest) -> None:
+        self.nursery.start_soon(self.cluster, stream, request)
+
+    async def cluster(self, stream, request: DialRequest) -> None:
+        cid = int(request.resource)
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+        async with upstream:
+            await upstream.send_all(struct.pack(">I", cid))
+            counters = RelayCounters()
+            self.cluster_results[cid] = (None, counters)
+            with trio.CancelScope() as scope:
+                self.cluster_scopes[cid] = scope
+                assert self.cluster_link.accept(stream, DialAccept(session_id=str(cid)), upstream, counters)
+                self.cluster_results[cid] = (await self.cluster_link.wait(stream), counters)
+
+    async def upstream(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            (cid,) = struct.unpack(">I", await read_exactly(stream, 4))
+            sc = self.scenarios[cid]
+            await UPSTREAM[sc.kind](sc, stream)
+
+
+def check_mux_outcome(path: MuxPath, sc: Scenario) -> None:
+    gw_error, gw = path.gateway_results[sc.cid]
+    cl_error, cl = path.cluster_results[sc.cid]
+    assert sc.upstream_ok, sc.kind
+    if sc.kind in ("echo", "upload", "download_first"):
+        back = {"echo": len(sc.upload), "upload": 32, "download_first": len(sc.download)}[sc.kind]
+        expected = RelayCounters(a_to_b=len(sc.upload), b_to_a=back)
+        assert (gw_error, gw) == (None, expected), sc.kind
+        assert (cl_error, cl) == (None, expected), sc.kind
+    elif sc.kind == "client_reset":
+        assert gw_error.startswith("client: receive failed"), gw_error
+        assert "reset the stream" in cl_error, cl_error
+        assert (gw.a_to_b, gw.b_to_a) == (cl.a_to_b, cl.b_to_a) == (sc.part, 3)
+    elif sc.kind == "upstream_reset":
+        assert cl_error.startswith("upstream: receive failed") and "reset" in cl_error.lower(), cl_error
+        assert "reset the stream" in gw_error, gw_error
+        assert (gw.a_to_b, gw.b_to_a) == (cl.a_to_b, cl.b_to_a) == (sc.part, 0)
+    elif sc.kind == "cut":
+        assert cl_error is None  # cancelled: the wait raised, only the counters
+        assert "reset the stream: cancelled" in gw_error, gw_error
+        assert (cl.a_to_b, cl.b_to_a) == (gw.a_to_b, gw.b_to_a) == (sc.part, 3)
+
+
+async def run_mux_stress(pki, *, seed: int, count: int, max_size: int) -> None:
+    scenarios = [sc for sc in make_scenarios(seed, count * len(KINDS) // len(MUX_KINDS), max_size)
+                 if sc.kind in MUX_KINDS][:count]
+    path = MuxPath(scenarios={sc.cid: sc for sc in scenarios})
+    engine()
+    fds_before = open_fds()
+    gateway_l, link_l, upstream_l = [(await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] for _ in range(3)]
+    path.upstream_port = upstream_l.socket.getsockname()[1]
+    gateway_port = gateway_l.socket.getsockname()[1]
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as handlers:
+            path.nursery = handlers
+            async with link_l:
+                port = link_l.socket.getsockname()[1]
+                async with trio.open_nursery() as n:
+                    accepted: list = []
+
+                    async def accept() -> None:
+                        accepted.append(await accept_tls(await link_l.accept(), tlsutil.server_context(pki)))
+
+                    n.start_soon(accept)
+                    gw_tls = await open_tls_connection("127.0.0.1", port, tlsutil.client_context(pki),
+                                                       server_hostname=tlsutil.SERVER_NAME)
+            path.cluster_link = MuxLink(engine(), accepted[0], MuxRole.CLUSTER, name="gateway",
+                                        socket_name="upstream", on_open=path.on_open)
+            path.gateway_link = MuxLink(engine(), gw_tls, MuxRole.GATEWAY, name="cluster", socket_name="client")
+            async with trio.open_nursery() as servers:
+
+                async def accept_loop(listener, handler) -> None:
+                    async with listener:
+                        while True:
+                            handlers.start_soon(handler, await listener.accept())
+
+                servers.start_soon(accept_loop, gateway_l, path.gateway)
+                servers.start_soon(accept_loop, upstream_l, path.upstream)
+                async with trio.open_nursery() as clients:
+                    for sc in scenarios:
+                        clients.start_soon(client_session, path, gateway_port, sc)
+                servers.cancel_scope.cancel()
+            # Every stream's handlers finish on their own; then the link.
+            while len(path.gateway_results) < len(scenarios) or len(path.cluster_link):
+                await trio.sleep(0.01)
+            path.gateway_link.close("test over")
+            await path.cluster_link.closed.wait()
+
+    for sc in scenarios:
+        check_mux_outcome(path, sc)
+    assert open_fds() == fds_before, "a socket was left open"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_stress_through_the_multiplexed_connection(pki, seed):
+    await run_mux_stress(pki, seed=seed, count=36, max_size=512 * 1024)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("seed", range(10, 14))
+async def test_stress_mux_heavy(pki, seed):
+    await run_mux_stress(pki, seed=seed, count=240, max_size=8 * 1024 * 1024)
