@@ -177,6 +177,18 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     """Serve a multiplexed connection (protocols/mux.py): each stream is a
     tcp-route dial, decided and audited exactly as on its own connection."""
     cert = stream.getpeercert(binary_form=True)
+    # The connection lives as long as the identity it was opened with. One
+    # without a valid identity lives only long enough to answer its first
+    # dial with the typed refusal (as a dial on its own connection would),
+    # so it cannot hold one of the cluster's connection slots for long.
+    try:
+        identity, _user, _roles = await cluster.identify(cert)
+        lifetime = (identity.not_after - utcnow()).total_seconds() if cluster.config.disconnect_expired_cert \
+            else float("inf")
+        expiry = "the session certificate expired"
+    except pki.CertError as exc:
+        lifetime = DIAL_TIMEOUT
+        expiry = f"no valid session certificate ({exc.code.value})"
     async with trio.open_nursery() as nursery:
 
         def on_open(st: Stream, request: DialRequest) -> None:
@@ -184,10 +196,14 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
 
         link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
                        on_open=on_open)
+        reason = "the cluster is stopping"
         try:
-            await link.closed.wait()
+            with trio.move_on_after(max(0.0, lifetime)) as timer:
+                await link.closed.wait()
+            if timer.cancelled_caught:
+                reason = expiry
         finally:
-            link.close("the cluster is stopping")
+            link.close(reason)
     log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
 
 

@@ -323,6 +323,50 @@ async def test_expired_certificate_refused_by_cluster(make_gateway, cluster):
     assert "wicket login" in err.value.error.message
 
 
+async def test_expired_certificate_refused_on_the_multiplexed_connection(make_gateway, cluster):
+    """The same typed refusal when the dial is a stream of the multiplexed
+    connection (what `wicket proxy tcp` uses)."""
+    from gateway.local.client import DialRefused, MuxDialer
+    from gateway.local.profile import Profile
+    from protocols.dial import DialRequest
+    from protocols.errors import ErrorCode
+
+    gw = make_gateway("dev", login=False)
+    assert gw.login("--ttl", "2s").returncode == 0
+    dialer = MuxDialer(Profile.load(gw.home))
+    wait_for(lambda: gw.run("status").returncode == 3, timeout=30, what="expiry", interval=0.2)
+    with pytest.raises(DialRefused) as err:
+        await dialer.open(DialRequest(resource="echo"))
+    assert err.value.error.code is ErrorCode.CERT_EXPIRED
+    dialer._link.close("test over")
+
+
+def test_multiplexed_connection_without_certificate_gets_a_typed_refusal(cluster):
+    import ssl
+
+    from protocols.dial import DialError, DialRequest
+    from protocols.errors import ErrorCode
+    from protocols.mux import NEED_DATA, MuxConnection, Role, StreamReplied
+
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["wicket-mux"])
+    conn = MuxConnection(Role.GATEWAY)
+    with socket.create_connection((host, int(port))) as raw, ctx.wrap_socket(raw) as s:
+        assert s.selected_alpn_protocol() == "wicket-mux"
+        s.settimeout(20)
+        sid, data = conn.send_open(DialRequest(resource="echo"))
+        s.sendall(data)
+        while (event := conn.next_event()) is NEED_DATA:
+            chunk = s.recv(65536)
+            assert chunk, "the cluster closed the connection without answering"
+            conn.receive_data(chunk)
+        assert isinstance(event, StreamReplied) and isinstance(event.reply, DialError)
+        assert event.reply.code is ErrorCode.CERT_REQUIRED
+
+
 async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
     gw = make_gateway("dev")
     proc, port = gw.proxy_tcp("echo")
