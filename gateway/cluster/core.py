@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import secrets
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -93,8 +94,14 @@ class Cluster:
         # Parsed identities of recent certificates (parsing is pure, and a
         # gateway presents the same certificate on every dial).
         self._identities: dict[bytes, pki.Identity] = {}
-        self._audit_pending: list[tuple[str, str | None, dict[str, Any], float]] = []
+        # Appended to from trio's thread and from the relay engine's (the
+        # PostgreSQL auditors run there): a deque, drained with popleft.
+        self._audit_pending: collections.deque[tuple[str, str | None, dict[str, Any], float]] = \
+            collections.deque()
         self._audit_wakeup = trio.Event()
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread: int | None = None
+        self._wake_requested = False
         now = utcnow()
         state = config.state_dir
         self.user_ca = pki.CertificateAuthority.load_or_create(
@@ -198,14 +205,28 @@ class Cluster:
 
     def audit_soon(self, event: str, user: str | None, **fields: Any) -> None:
         """Queue a high-volume event (a statement); written within
-        AUDIT_FLUSH_INTERVAL, in order, many per transaction."""
+        AUDIT_FLUSH_INTERVAL, in order, many per transaction. Safe to call
+        from any thread (the relay engine's audit taps do)."""
         self._audit_pending.append((event, user, fields, time.time()))
         if len(self._audit_pending) >= AUDIT_BATCH:
-            self._audit_wakeup.set()
+            if threading.get_ident() == self._trio_thread:
+                self._audit_wakeup.set()
+            elif self._trio_token is not None and not self._wake_requested:
+                self._wake_requested = True
+                try:
+                    self._trio_token.run_sync_soon(self._wake_flusher)
+                except trio.RunFinishedError:
+                    pass
+
+    def _wake_flusher(self) -> None:
+        self._wake_requested = False
+        self._audit_wakeup.set()
 
     async def flush_audit(self) -> None:
-        while self._audit_pending:
-            batch, self._audit_pending = self._audit_pending, []
+        pending = self._audit_pending
+        while pending:
+            # popleft, not a swap: another thread may append meanwhile.
+            batch = [pending.popleft() for _ in range(len(pending))]
             try:
                 await self.db(self.audit_log.write_many, batch)
             except Exception:
@@ -219,6 +240,8 @@ class Cluster:
                                       "check the store (disk full? permissions?)")
 
     async def run_audit_flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         task_status.started()
         try:
             while True:

@@ -63,7 +63,11 @@ Threads. trio's thread hands a session over in :meth:`RelayEngine.relay`
 (detaching the sockets from their trio objects, so the engine owns the
 descriptors and closes them) and awaits an event; the engine reports the
 end with ``TrioToken.run_sync_soon``. Tap callbacks (the audit parsers) are
-called in trio's thread the same way, in order, with a copy of the bytes.
+called in the engine's thread, in order, with a copy of the bytes, before
+those bytes are forwarded; a tap that raises ends the session (what cannot
+be audited does not pass). So a tap must be safe to call from another
+thread than trio's: the cluster's auditors only parse and queue events
+(``Cluster.audit_soon`` is thread-safe).
 A single lock guards the engine's tables: the engine takes it for each
 batch of events, trio's thread takes it to register or abort a session.
 Every socket call is non-blocking, so nobody holds the lock for long, and
@@ -224,8 +228,8 @@ class RelayEngine:
         await trio.lowlevel.checkpoint_if_cancelled()
         sock_a, tls_a = _detach(a)
         sock_b, tls_b = _detach(b)
-        end_a = _End(sock_a, names[0], tls_a, _in_trio(token, taps[0]))
-        end_b = _End(sock_b, names[1], tls_b, _in_trio(token, taps[1]))
+        end_a = _End(sock_a, names[0], tls_a, taps[0])
+        end_b = _End(sock_b, names[1], tls_b, taps[1])
         end_a.peer, end_b.peer = end_b, end_a
         end_b.forward = False
         session = _Session(end_a, end_b, counters, token)
@@ -509,7 +513,12 @@ class RelayEngine:
 
     def _deliver(self, src: _End, dst: _End, data: memoryview) -> None:
         if src.tap is not None:
-            src.tap(bytes(data))
+            try:
+                src.tap(bytes(data))
+            except Exception as exc:
+                # What the tap (an audit parser) cannot take must not pass:
+                # the session ends here, before these bytes are forwarded.
+                raise _Failure(f"{src.name}: {exc}") from None
         counters = src.session.counters
         if src.forward:
             counters.a_to_b += len(data)
@@ -632,23 +641,6 @@ class RelayEngine:
         if end.carry:
             # That plaintext goes to the other side as soon as it can take it.
             self._again.append(end)
-
-
-def _in_trio(token: trio.lowlevel.TrioToken, tap: Tap | None) -> Tap | None:
-    """Run ``tap`` in trio's thread (the audit parsers live there)."""
-    if tap is None:
-        return None
-
-    def call(data: bytes) -> None:
-        try:
-            tap(data)
-        except Exception:
-            log.exception("relay_tap_failed")
-
-    def schedule(data: bytes) -> None:
-        token.run_sync_soon(call, data)
-
-    return schedule
 
 
 def _load_malloc_trim():

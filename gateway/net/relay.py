@@ -42,8 +42,10 @@ Semantics
   relays and closes them when the relay ends; the streams are then already
   closed and their ``aclose`` does nothing.
 - ``taps`` (one per side, or ``None``) are shown every chunk received from
-  that side, in order, in trio's thread, before the relay returns: the
-  audit parsers read the session this way.
+  that side, in order, before it is forwarded and before the relay returns:
+  the audit parsers read the session this way. A tap that raises ends the
+  relay with that error. The engine calls taps from its own thread, so
+  they must not touch trio.
 
 Counting. A byte is counted once ``send_all`` has handed it to the
 destination, so the counts are what actually left toward each side.

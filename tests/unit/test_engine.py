@@ -178,3 +178,33 @@ async def test_many_sessions_leave_nothing_behind(pki):
                         nursery.start_soon(session)
     assert eng._ends == {} and eng._again == []
     assert open_fds() == fds_before
+
+
+async def test_a_tap_that_raises_ends_the_session_before_those_bytes_pass():
+    # An audit parser that cannot parse a chunk: the session must end there,
+    # and the chunk must not reach the other side (what cannot be audited
+    # does not pass).
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_a = await tcp_pair(listener)
+        relay_b, server = await tcp_pair(listener)
+
+    def tap(data: bytes) -> None:
+        if b"evil" in data:
+            raise ValueError("unparseable stream")
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            stats: list = []
+
+            async def run_relay() -> None:
+                stats.append(await relay(relay_a, relay_b, names=("client", "server"), taps=(tap, None)))
+
+            nursery.start_soon(run_relay)
+            await client.send_all(b"fine")
+            assert await read_exactly(server, 4) == b"fine"
+            await client.send_all(b"evil")
+            assert await read_until_eof(server) == b""
+    assert stats[0].error == "client: unparseable stream" and stats[0].a_to_b == 4
+    for s in (client, server):
+        await s.aclose()
