@@ -350,12 +350,22 @@ class MuxDialer:
                 return link, stream, stream.reply
             if isinstance(stream.reply, DialError):
                 raise DialRefused(stream.reply)
-            if link.failed is None or attempt:
+            if link.failed is None:
+                raise ClusterError("internal_error", f"the cluster ended the session before answering: "
+                                   f"{stream.error}")
+            if attempt:
                 break
             # The connection failed under a dial nobody answered yet: the
             # cluster never started that session, so one retry is safe.
         raise ClusterError("unreachable", f"the connection to the cluster failed ({link.failed}); "
                            f"is `wicket-cluster start` still running?")
+
+    def release(self, link: MuxLink) -> None:
+        """A session on ``link`` is over: close ``link`` if it was replaced
+        (a renewed certificate) and this was its last session."""
+        if link in self._draining and not len(link):
+            self._draining.remove(link)
+            link.close("replaced by a connection with the renewed certificate")
 
     async def run_pool(self, size: int = 1, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the connection open until cancelled (``size`` is ignored:

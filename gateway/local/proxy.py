@@ -81,6 +81,7 @@ class TcpProxy:
                          counters.b_to_a, f" error={error!r}" if error else "")
             finally:
                 self.active -= 1
+                self.dialer.release(link)
 
 
 async def run_listener(

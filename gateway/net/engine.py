@@ -138,7 +138,7 @@ class _End:
 
     __slots__ = (
         "sock", "fd", "name", "obj", "incoming", "outgoing", "peer", "session", "tap", "forward", "owner",
-        "tail", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
+        "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
         "tcp_eof", "failed", "error_pending",
     )
 
@@ -155,6 +155,10 @@ class _End:
         # (gateway/net/muxlink.py), which handles their events itself.
         self.owner = None
         self.tail: memoryview | None = None  # bytes for this socket the kernel has not taken
+        # Queued behind the tail (a list, so appending costs no copy of what
+        # is already queued); non-empty only while there is a tail.
+        self.more: list[bytes] = []
+        self.more_bytes = 0
         self.carry: bytearray | None = None  # plaintext read here, not yet handed to the peer
         self.mask = 0
         self.registered = False
@@ -368,6 +372,7 @@ class RelayEngine:
             end.session = end.peer = end.tap = None
             end.obj = end.incoming = end.outgoing = None
             end.tail = end.carry = None
+            end.more = []
         try:
             session.token.run_sync_soon(session.done.set)
         except trio.RunFinishedError:
@@ -383,7 +388,7 @@ class RelayEngine:
         except ssl.SSLError:
             pass
         try:
-            for data in (end.tail, end.outgoing.read()):
+            for data in (end.tail, *end.more, end.outgoing.read()):
                 if data is not None and self._write_some(end, memoryview(data)):
                     break
         except OSError:
@@ -538,7 +543,8 @@ class RelayEngine:
         """Write ``data`` to ``dst`` after its tail; keep what the kernel
         does not take (a copy, when ``data`` is a scratch buffer)."""
         if dst.tail is not None:
-            dst.tail = memoryview(bytes(dst.tail) + bytes(data))
+            dst.more.append(bytes(data))
+            dst.more_bytes += len(data)
             return
         try:
             rest = self._write_some(dst, data)
@@ -558,21 +564,44 @@ class RelayEngine:
             pass
         return data
 
+    def drain(self, end: _End) -> int:
+        """Write ``end``'s tail, then what is queued behind it, as far as the
+        kernel takes it; return how many bytes went. Raises ``OSError``."""
+        written = 0
+        while end.tail is not None:
+            before = len(end.tail)
+            rest = self._write_some(end, end.tail)
+            written += before - len(rest)
+            if rest:
+                end.tail = rest
+                return written
+            if end.more:
+                end.tail = memoryview(b"".join(end.more))
+                end.more, end.more_bytes = [], 0
+            else:
+                end.tail = None
+        return written
+
+    @staticmethod
+    def backlog(end: _End) -> int:
+        """Bytes waiting for ``end``'s socket."""
+        return 0 if end.tail is None else len(end.tail) + end.more_bytes
+
     def _flush(self, end: _End) -> None:
         """EPOLLOUT: write the tail; once it is gone, send a pending EOF and
         let the direction into this end read again."""
         try:
-            rest = self._write_some(end, end.tail)
+            self.drain(end)
         except OSError as exc:
             end.failed = True
             if end.eof_wanted and end.peer_closed:
                 # Only our close_notify was left, and the peer had sent its
                 # own and gone: both directions are over.
                 end.tail = None
+                end.more = []
                 end.eof_sent = True
                 return
             raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
-        end.tail = rest if rest else None
         if end.tail is not None:
             return
         if end.eof_wanted and not end.eof_sent:

@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 #: (``rate_limited``) without costing anything.
 MAX_STREAMS = 32768
 
+#: Bytes waiting for the connection's socket above which the link stops
+#: reading it: what a peer that sends but does not read (every OPEN, DATA
+#: and FIN makes us answer) can make us hold.
+LINK_BACKLOG = 1024 * 1024
+
 
 class LinkClosed(Exception):
     """The multiplexed connection is over; open a new one."""
@@ -257,22 +262,24 @@ class MuxLink:
         end = self.end
         if self.failed is not None:
             return
+        engine = self.engine
         if ev & (_OUT | _ALWAYS) and end.tail is not None:
             try:
-                rest = self.engine._write_some(end, end.tail)
+                engine.drain(end)
             except OSError as exc:
                 end.failed = True
                 raise _Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
-            end.tail = rest if rest else None
             if end.tail is None and self.blocked:
-                self.engine._again.extend(self.blocked)
+                engine._again.extend(self.blocked)
                 self.blocked.clear()
+            if engine.backlog(end) < LINK_BACKLOG:
+                ev |= _IN  # reading may have been held back: catch up now
         if ev & (_IN | _ALWAYS):
-            plain = self.engine._plain
+            plain = engine._plain
             budget = PUMP_BUDGET
             conn = self.conn
-            while True:
-                n = self.engine._read_tls(end, plain)
+            while engine.backlog(end) < LINK_BACKLOG:
+                n = engine._read(end, plain)  # reports a TLS error that came with data
                 if n < 0:
                     break
                 if n == 0:
@@ -284,9 +291,9 @@ class MuxLink:
                         return
                 budget -= n
                 if budget <= 0:
-                    self.engine._again.append(end)
+                    engine._again.append(end)
                     break
-                if n < len(plain):
+                if n < len(plain) and end.error_pending is None and not end.peer_closed:
                     break
         self._update_link()
 
@@ -429,7 +436,7 @@ class MuxLink:
         """connection -> socket: write now, keep the rest in the tail."""
         end = stream.end
         if end.tail is not None:
-            end.tail = memoryview(bytes(end.tail) + data)
+            self.engine._write(end, data, copy=True)  # queued; acknowledged once written
             return
         try:
             rest = self.engine._write_some(end, memoryview(data))
@@ -442,14 +449,12 @@ class MuxLink:
 
     def _flush(self, stream: Stream) -> None:
         end = stream.end
-        before = len(end.tail)
         try:
-            rest = self.engine._write_some(end, end.tail)
+            written = self.engine.drain(end)
         except OSError as exc:
             end.failed = True
             raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
-        end.tail = rest if rest else None
-        self._written(stream, before - len(rest))
+        self._written(stream, written)
         self._after_write(stream)
 
     def _written(self, stream: Stream, n: int) -> None:
@@ -498,6 +503,10 @@ class MuxLink:
             end.failed = True
             raise _Failure(f"{self.name}: send failed: TLS error: {exc}") from None
         self.engine._write(end, memoryview(end.outgoing.read()), copy=False)
+        if end.tail is not None and not end.mask & _OUT:
+            # Also when trio's thread sent this (an OPEN, a REPLY, a RESET):
+            # the engine must hear when the socket can take the rest.
+            self._update_link()
 
     def _update(self, end: _End) -> None:
         stream = end.session
@@ -517,7 +526,8 @@ class MuxLink:
         if self.failed is not None:
             return
         end = self.end
-        self.engine.set_mask(end, (_IN if not end.failed else 0) | (_OUT if end.tail is not None else 0))
+        reading = not end.failed and self.engine.backlog(end) < LINK_BACKLOG
+        self.engine.set_mask(end, (_IN if reading else 0) | (_OUT if end.tail is not None else 0))
 
     def _finish(self, stream: Stream, error: str | None, *, reset: bool) -> None:
         if stream.finished:
@@ -537,6 +547,7 @@ class MuxLink:
             end.sock.close()
             end.owner = end.session = None
             end.tail = None
+            end.more = []
             stream.end = None
         stream.early = None
         token = self.token
@@ -560,7 +571,9 @@ class MuxLink:
         end.owner = None
         end.obj = end.incoming = end.outgoing = None
         end.tail = None
+        end.more = []
         self.blocked.clear()
+        self.on_open = None  # it holds the link: let both go now
         try:
             self.token.run_sync_soon(self.closed.set)
         except trio.RunFinishedError:

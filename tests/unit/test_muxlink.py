@@ -223,3 +223,69 @@ async def test_a_client_reset_resets_the_stream_and_the_upstream_is_closed(pki):
         await pair.upstreams["a"].aclose()
         await pair.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_frames_sent_from_trios_thread_drain_when_the_peer_reads_again(pki):
+    # An OPEN the kernel takes only in part becomes the connection's tail;
+    # the engine must then wait for EPOLLOUT, even though trio's thread,
+    # not the engine's, wrote it. (It once did not: the dial hung.)
+    import socket
+
+    from protocols.mux import NEED_DATA, MuxConnection
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        gw_tls, far = await tls_pair(pki, listener)
+    gw_tls.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    far.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    request = DialRequest(resource="r" * 100, client_addr="x" * 100)
+    sent = 0
+    with trio.fail_after(HANG):
+        while not link.end.registered:  # the engine's first look at the link is over
+            await trio.sleep(0.01)
+        while link.end.tail is None:  # until the kernel stops taking them
+            link.open(request)
+            sent += 1
+        conn = MuxConnection(Role.CLUSTER)
+        got = 0
+        while got < sent:
+            data = await far.receive_some(65536)
+            assert data, "the link closed"
+            conn.receive_data(data)
+            while conn.next_event() is not NEED_DATA:
+                got += 1
+    assert got == sent
+    link.close("test over")
+    await far.aclose()
+
+
+async def test_a_peer_that_does_not_read_cannot_grow_the_links_backlog(pki, monkeypatch):
+    # Every OPEN gets a REPLY; a peer that sends OPENs and reads nothing
+    # makes the cluster's link queue replies. Past LINK_BACKLOG the link
+    # stops reading the peer (TCP pushes back) instead of queueing more.
+    import socket
+
+    from protocols.mux import MuxConnection
+
+    monkeypatch.setattr(muxlink, "LINK_BACKLOG", 64 * 1024)
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener, trio.open_nursery() as nursery:
+        peer, cl_tls = await tls_pair(pki, listener)
+        cl_tls.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+        def refuse_all(stream, request) -> None:
+            link.refuse(stream, DialError(code=ErrorCode.ACCESS_DENIED, message="no " * 100))
+
+        link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
+                       on_open=refuse_all)
+        conn = MuxConnection(Role.GATEWAY)
+        with trio.move_on_after(3):  # send until TCP stops taking more
+            while True:
+                _, frame = conn.send_open(DialRequest(resource="r"))
+                await peer.send_all(frame)
+        assert engine().backlog(link.end) < muxlink.LINK_BACKLOG + 2 * 65536
+        link.close("test over")
+        await peer.aclose()
+        nursery.cancel_scope.cancel()
