@@ -340,7 +340,8 @@ class RelayEngine:
         end.mask = mask
 
     def forget(self, end: _End) -> None:
-        """Drop ``end`` from the tables and the epoll set (not closing it)."""
+        """Drop ``end`` from the tables and the epoll set (not closing it);
+        counted towards the next heap trim."""
         if self._ends.get(end.fd) is end:
             del self._ends[end.fd]
         if end.registered:
@@ -354,15 +355,8 @@ class RelayEngine:
     def _finish(self, session: _Session, error: str | None, *, clean_close: bool) -> None:
         session.finished = True
         session.error = error
-        self._ended_since_trim += 1
         for end in (session.a, session.b):
-            self._ends.pop(end.fd, None)
-            if end.registered:
-                try:
-                    self._epoll.unregister(end.fd)
-                except OSError:
-                    pass
-                end.registered = False
+            self.forget(end)
             if clean_close:
                 self._close_notify_nowait(end)
             end.sock.close()
