@@ -62,6 +62,17 @@ class Pair:
         if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters):
             self.results[request.resource] = await self.cluster.wait(stream)
 
+    def attach_soon(self, stream, near: trio.SocketStream) -> list:
+        """Attach ``near`` to ``stream`` in the background; the list gets
+        the stream's result when it ends."""
+        result: list = []
+
+        async def attach() -> None:
+            result.append(await self.gateway.attach(stream, near, RelayCounters()))
+
+        self.nursery.start_soon(attach)
+        return result
+
     async def close(self) -> None:
         """End the link from the gateway's side and wait until both sides
         let go of their sockets."""
@@ -159,12 +170,7 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
         pair = Pair(nursery, listener, gw_tls, cl_tls)
         with trio.fail_after(HANG):
             client, stream, near = await pair.session("a")
-            result: list = []
-
-            async def attach() -> None:
-                result.append(await pair.gateway.attach(stream, near, RelayCounters()))
-
-            nursery.start_soon(attach)
+            result = pair.attach_soon(stream, near)
             await client.send_all(b"ping")
             assert await read_exactly(pair.upstreams["a"], 4) == b"ping"
             ends = [pair.gateway.end, pair.cluster.end, stream.end,
@@ -200,12 +206,7 @@ async def test_a_client_reset_resets_the_stream_and_the_upstream_is_closed(pki):
         pair = Pair(nursery, listener, gw_tls, cl_tls)
         with trio.fail_after(HANG):
             client, stream, near = await pair.session("a", tcp=True)
-            result: list = []
-
-            async def attach() -> None:
-                result.append(await pair.gateway.attach(stream, near, RelayCounters()))
-
-            nursery.start_soon(attach)
+            result = pair.attach_soon(stream, near)
             await client.send_all(b"x")
             assert await read_exactly(pair.upstreams["a"], 1) == b"x"
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
