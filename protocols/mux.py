@@ -25,11 +25,15 @@ Both directions carry frames::
                        more DATA bytes off the stream
 
 Streams. Only the gateway opens streams, with ids strictly increasing from
-1. After a DialError reply the stream is over. After a DialAccept both sides
-may send DATA and then FIN; a stream ends when both sides sent FIN, or on a
-RESET from either side. Frames for a stream id that was used and has ended
-are ignored (they crossed a RESET on the wire); frames for an id never
-opened are a protocol error.
+1. The gateway may send DATA (within the window) and FIN right behind its
+OPEN, without waiting for the REPLY: a client's first bytes travel with the
+OPEN, so a session starts one round trip sooner. The cluster holds them until
+it decides and passes them on only after accepting; a DialError reply ends
+the stream and discards them. The cluster sends DATA and FIN only after its
+DialAccept. A stream ends when both sides sent FIN, or on a RESET from either
+side. Frames for a stream id that was used and has ended are ignored (they
+crossed a DialError or a RESET on the wire); frames for an id never opened
+are a protocol error.
 
 Flow control. Each side may have at most INITIAL_WINDOW bytes of DATA per
 stream that the receiver has not yet acknowledged with WINDOW. A receiver
@@ -267,7 +271,7 @@ class MuxConnection:
             return None
         if not length:
             raise _remote(f"empty DATA frame on stream {stream_id}")
-        if not s.accepted or s.remote_fin:
+        if s.remote_fin or not (s.accepted or self.role is Role.CLUSTER):
             raise _remote(f"DATA on stream {stream_id} " + ("after FIN" if s.remote_fin else "before it was accepted"))
         if length > s.recv_window:
             raise _remote(f"DATA on stream {stream_id} exceeds its window ({length} > {s.recv_window})")
@@ -290,7 +294,7 @@ class MuxConnection:
             s = self._live(stream_id, "FIN")
             if s is None:
                 return None
-            if payload or not s.accepted or s.remote_fin:
+            if payload or s.remote_fin or not (s.accepted or self.role is Role.CLUSTER):
                 raise _remote(f"unexpected FIN on stream {stream_id}")
             s.remote_fin = True
             self._maybe_over(stream_id, s)
@@ -439,7 +443,7 @@ class MuxConnection:
 
     def _sendable(self, stream_id: int) -> _Stream:
         s = self._streams.get(stream_id)
-        if s is None or not s.accepted or s.local_fin:
+        if s is None or s.local_fin or not (s.accepted or self.role is Role.GATEWAY):
             raise _local(f"stream {stream_id} cannot carry DATA or FIN now")
         return s
 

@@ -359,7 +359,7 @@ def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopba
     profile = _load_profile()
     identity = _fresh_identity(profile)
     tcp = TcpProxy(profile, name)
-    _serve(name, tcp.handle, bind=bind, port=port, log_format=log_format, identity=identity,
+    _serve(name, tcp, bind=bind, port=port, log_format=log_format, identity=identity,
            try_line=lambda host, p: f"Try: nc {host} {p}", dialer=tcp.dialer)
 
 

@@ -66,6 +66,22 @@ class LiveSession:
     # Kind-specific state other dials may need (PostgreSQL: the upstream
     # backend's key, for routing a cancel).
     extra: dict[str, Any] = attrs.field(factory=dict)
+    # Ends a session the relay engine runs without a trio task (a mux
+    # stream started in the engine's thread); others are cut by their scope.
+    cut: Callable[[str], None] | None = None
+    cancelled: bool = False
+
+    def cancel(self, reason: str) -> None:
+        """End the session (from trio's thread), with ``reason`` in its
+        session.end event."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.end_reason = reason
+        if self.cut is not None:
+            self.cut(reason)
+        else:
+            self.cancel_scope.cancel()
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -254,9 +270,12 @@ class Cluster:
                 await self.flush_audit()
 
     async def roles_of(self, user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
+        return self.roles_in(await self.snapshot(), user, claimed)
+
+    @staticmethod
+    def roles_in(snap: "Snapshot", user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
         """The user's current roles (intersected with those in a certificate,
         so removing a role from a user takes effect before the cert expires)."""
-        snap = await self.snapshot()
         roles = []
         for name in user.roles:
             if claimed is not None and name not in claimed:
@@ -297,14 +316,27 @@ class Cluster:
         loop's own (WAL readers never wait for writers), so a lock written by
         the CLI a moment ago refuses the very next dial; the tables are
         re-read, on the worker thread, only after something changed."""
-        counter = self._reader.change_counter()
-        if self._snapshot is None or counter != self._snapshot.counter:
-            self._snapshot = await self.db(self._load_snapshot)
-        return self._snapshot
+        snap = self.fresh_snapshot()
+        if snap is None:
+            snap = self._snapshot = await self.db(self._load_snapshot)
+        return snap
+
+    def fresh_snapshot(self) -> "Snapshot | None":
+        """The snapshot if nothing changed since it was loaded (one indexed
+        read, without blocking on writers; any thread), else None."""
+        snap = self._snapshot
+        if snap is None or self._reader.change_counter() != snap.counter:
+            return None
+        return snap
 
     async def identify(self, der_cert: bytes | None) -> tuple[pki.Identity, User, list[Role]]:
         """Turn a verified peer certificate into a live identity, or raise
         :class:`pki.CertError` with the typed code to send back."""
+        return self.identify_in(await self.snapshot(), der_cert)
+
+    def identify_in(self, snap: "Snapshot", der_cert: bytes | None) -> tuple[pki.Identity, User, list[Role]]:
+        """:meth:`identify` against ``snap`` (pure but for the parse cache;
+        any thread)."""
         if not der_cert:
             raise pki.CertError(
                 ErrorCode.CERT_REQUIRED,
@@ -319,7 +351,6 @@ class Cluster:
         if identity.cluster != self.config.name:
             raise pki.CertError(ErrorCode.CERT_INVALID, "certificate is for another cluster")
         pki.check_validity(identity, utcnow())
-        snap = await self.snapshot()
         user = snap.users.get(identity.user)
         if user is None:
             raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
@@ -329,7 +360,7 @@ class Cluster:
                 ErrorCode.USER_LOCKED,
                 f"user {identity.user} is locked ({lock.reason}); ask an administrator to unlock",
             )
-        return identity, user, await self.roles_of(user, identity.roles)
+        return identity, user, self.roles_in(snap, user, identity.roles)
 
     # -- live sessions -------------------------------------------------------
 
@@ -356,10 +387,9 @@ class Cluster:
             await trio.sleep(LOCK_POLL_INTERVAL)
             locks = (await self.snapshot()).locks
             for session in list(self.sessions.values()):
-                if session.user in locks and not session.cancel_scope.cancel_called:
-                    session.end_reason = "user_locked"
+                if session.user in locks and not session.cancelled:
                     log.info("session_cut session=%s user=%s reason=user_locked", session.id, session.user)
-                    session.cancel_scope.cancel()
+                    session.cancel("user_locked")
 
     def host_ca_pem(self) -> str:
         return self.host_ca.pem.decode("ascii")

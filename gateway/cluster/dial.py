@@ -28,7 +28,10 @@ place the checks and the session bookkeeping are written.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
+import socket
 import time
 from typing import Any, Awaitable, Callable, Mapping, Protocol
 
@@ -37,7 +40,7 @@ import trio
 
 from gateway.cluster import rbac
 from gateway.cluster.config import parse_hostport
-from gateway.cluster.core import Cluster, LiveSession
+from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
@@ -99,17 +102,33 @@ class RouteKind(Protocol):
         Return None if ``request`` is an ordinary dial, else an audit reason."""
 
 
+def unreachable(resource: Resource, why: str) -> Refused:
+    return Refused(
+        ErrorCode.UPSTREAM_UNREACHABLE,
+        f"{resource.name} ({resource.address}) is not reachable from the cluster: {why}; "
+        f"check that it is running",
+    )
+
+
 async def connect_tcp(resource: Resource) -> trio.SocketStream:
     host, port = parse_hostport(resource.address)
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             return await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
-        raise Refused(
-            ErrorCode.UPSTREAM_UNREACHABLE,
-            f"{resource.name} ({resource.address}) is not reachable from the cluster: "
-            f"{getattr(exc, 'strerror', None) or type(exc).__name__}; check that it is running",
-        ) from None
+        raise unreachable(resource, getattr(exc, "strerror", None) or type(exc).__name__) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def literal_address(address: str) -> tuple[int, tuple] | None:
+    """(family, sockaddr) for a resource address whose host is an IP
+    literal; None for a name, which needs resolving."""
+    host, port = parse_hostport(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (socket.AF_INET6, (host, port, 0, 0)) if ip.version == 6 else (socket.AF_INET, (host, port))
 
 
 class TcpKind:
@@ -189,10 +208,16 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     except pki.CertError as exc:
         lifetime = DIAL_TIMEOUT
         expiry = f"no valid session certificate ({exc.code.value})"
+    token = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
 
-        def on_open(st: Stream, request: DialRequest) -> None:
-            nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr)
+        def in_trio(link: MuxLink, st: Stream, request: DialRequest) -> None:
+            if link.failed is None:
+                nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr)
+
+        def on_open(link: MuxLink, st: Stream, request: DialRequest) -> None:  # the engine's thread
+            if not _start_in_engine(cluster, link, st, request, cert, client_addr):
+                token.run_sync_soon(in_trio, link, st, request)
 
         link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
                        on_open=on_open)
@@ -202,6 +227,10 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 await link.closed.wait()
             if timer.cancelled_caught:
                 reason = expiry
+                with link.engine._lock:
+                    for st in link.streams.values():
+                        if isinstance(st.context, _EngineSession) and st.context.session.end_reason is None:
+                            st.context.session.end_reason = "cert_expired"
         finally:
             link.close(reason)
     log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
@@ -231,65 +260,168 @@ async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: Dia
         link.refuse(st, DialError(code=ErrorCode.INTERNAL_ERROR, message="internal error in the cluster"))
 
 
+@attrs.define(eq=False)
+class _DialAudit:
+    """What a dial's audit events say, gathered as the checks go."""
+
+    fields: dict[str, Any]
+    user: str | None = None
+
+    @classmethod
+    def of(cls, request: DialRequest, kind: RouteKind, client_addr: str) -> "_DialAudit":
+        return cls({
+            "resource": request.resource,
+            "kind": kind.kind,
+            "client_addr": client_addr,
+            "local_client": request.client_addr,
+            "params": dict(request.params),
+        })
+
+    def denied(self, cluster: Cluster, refusal: Refused) -> DialError:
+        cluster.audit_soon("dial.denied", self.user, **self.fields, code=refusal.code.value, reason=refusal.reason)
+        return DialError(code=refusal.code, message=refusal.message)
+
+    def allowed(self, cluster: Cluster, session: LiveSession, decision: rbac.Decision) -> None:
+        cluster.audit_soon("dial.allowed", self.user, **self.fields, session_id=session.id, reason=decision.reason)
+
+
+def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
+               audit: _DialAudit) -> tuple[pki.Identity, Resource, dict[str, str], rbac.Decision]:
+    """Checks 1 to 4 of the module docstring against ``snap``; raises
+    :class:`Refused`. Blocks on nothing, so the relay engine's thread runs it
+    too (:func:`_start_in_engine`)."""
+    try:
+        identity, _user, roles = cluster.identify_in(snap, cert)
+    except pki.CertError as exc:
+        raise Refused(exc.code, exc.message) from None
+    audit.user = identity.user
+    resource = snap.resources.get(request.resource)
+    if resource is None:
+        raise Refused(
+            ErrorCode.RESOURCE_NOT_FOUND,
+            f"no resource named {request.resource!r}; `wicket ls` lists the ones you can reach",
+        )
+    if resource.kind != kind.kind:
+        raise Refused(
+            ErrorCode.BAD_REQUEST,
+            f"resource {resource.name!r} is of kind {resource.kind}, not {kind.kind}; "
+            f"use `wicket proxy {'db' if resource.kind == 'postgres' else resource.kind} {resource.name}`",
+        )
+    params = kind.check_params(request, identity)
+    audit.fields["params"] = params
+    decision = rbac.decide(roles, resource.name, resource.labels, params)
+    if not decision.allowed:
+        raise Refused(
+            ErrorCode.ACCESS_DENIED,
+            f"access to {resource.name} denied: {decision.reason}; ask an administrator for a role "
+            f"that allows it",
+            reason=decision.reason,
+        )
+    return identity, resource, params, decision
+
+
 async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
                   client_addr: str) -> tuple[LiveSession, Opened, pki.Identity] | DialAccept | DialError:
     """Every check of the module docstring, in order, then open the
     upstream. Returns the refusal (audited as ``dial.denied``), a DialAccept
     for a control dial, or the live session with its upstream (audited as
     ``dial.allowed``)."""
-    user_name = None
-    audit_fields: dict[str, Any] = {
-        "resource": request.resource,
-        "kind": kind.kind,
-        "client_addr": client_addr,
-        "local_client": request.client_addr,
-        "params": dict(request.params),
-    }
+    audit = _DialAudit.of(request, kind, client_addr)
     try:
-        try:
-            identity, user, roles = await cluster.identify(cert)
-        except pki.CertError as exc:
-            raise Refused(exc.code, exc.message) from None
-        user_name = identity.user
-        resource = (await cluster.snapshot()).resources.get(request.resource)
-        if resource is None:
-            raise Refused(
-                ErrorCode.RESOURCE_NOT_FOUND,
-                f"no resource named {request.resource!r}; `wicket ls` lists the ones you can reach",
-            )
-        if resource.kind != kind.kind:
-            raise Refused(
-                ErrorCode.BAD_REQUEST,
-                f"resource {resource.name!r} is of kind {resource.kind}, not {kind.kind}; "
-                f"use `wicket proxy {'db' if resource.kind == 'postgres' else resource.kind} {resource.name}`",
-            )
-        params = kind.check_params(request, identity)
-        audit_fields["params"] = params
-        decision = rbac.decide(roles, resource.name, resource.labels, params)
-        if not decision.allowed:
-            raise Refused(
-                ErrorCode.ACCESS_DENIED,
-                f"access to {resource.name} denied: {decision.reason}; ask an administrator for a role "
-                f"that allows it",
-                reason=decision.reason,
-            )
+        identity, resource, params, decision = _authorize(cluster, await cluster.snapshot(), cert, request,
+                                                          kind, audit)
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
-            cluster.audit_soon("dial.control", user_name, **audit_fields, reason=control)
+            cluster.audit_soon("dial.control", audit.user, **audit.fields, reason=control)
             return DialAccept(session_id="-")
-        session = cluster.new_session(user_name, resource.name, kind.kind)
+        session = cluster.new_session(audit.user, resource.name, kind.kind)
         try:
             opened = await kind.open(cluster, resource, params, session)
         except BaseException:
             cluster.end_session(session)
             raise
     except Refused as refusal:
-        cluster.audit_soon("dial.denied", user_name, **audit_fields, code=refusal.code.value,
-                           reason=refusal.reason)
-        return DialError(code=refusal.code, message=refusal.message)
-    cluster.audit_soon("dial.allowed", user_name, **audit_fields, session_id=session.id,
-                       reason=decision.reason)
+        return audit.denied(cluster, refusal)
+    audit.allowed(cluster, session, decision)
     return session, opened, identity
+
+
+@attrs.define(eq=False, slots=True)
+class _EngineSession:
+    """A mux stream's session run by the relay engine alone (no trio task)."""
+
+    session: LiveSession
+    started: float
+    client_addr: str
+
+
+def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest, cert: bytes | None,
+                     client_addr: str) -> bool:
+    """(the engine's thread, under its lock) Decide an OPEN and connect the
+    upstream without trio, as :func:`_mux_session` would: same checks, same
+    audit events. False if this one needs trio: the access snapshot is
+    stale (reloading it reads the store), the upstream's host is a name to
+    resolve, or the cluster is at its session limit."""
+    snap = cluster.fresh_snapshot()
+    if snap is None or len(cluster.sessions) >= MAX_CONNECTIONS:
+        return False
+    audit = _DialAudit.of(request, TCP, client_addr)
+    try:
+        _identity, resource, _params, decision = _authorize(cluster, snap, cert, request, TCP, audit)
+    except Refused as refusal:
+        link.refuse(st, audit.denied(cluster, refusal))
+        return True
+    target = literal_address(resource.address)
+    if target is None:
+        return False
+    session = cluster.new_session(audit.user, resource.name, TCP.kind)
+
+    def connected(sock: socket.socket | None, error: str | None) -> None:
+        if sock is None:
+            cluster.end_session(session)
+            link.refuse(st, audit.denied(cluster, unreachable(resource, error)))
+            return
+        audit.allowed(cluster, session, decision)
+        _audit_start(cluster, session, client_addr, {})
+        es = st.context = _EngineSession(session, time.monotonic(), client_addr)
+        if st.finished or link.failed is not None:  # the gateway gave up meanwhile
+            sock.close()
+            _engine_session_ended(cluster, es, RelayCounters(), st.error or "the gateway ended the stream "
+                                  "before it started")
+            return
+        session.cut = functools.partial(link.cut, st)
+        st.notify = functools.partial(_engine_stream_ended, cluster)
+        link.accept(st, DialAccept(session_id=session.id), sock, RelayCounters())
+
+    link.engine.connect(target[0], target[1], CONNECT_TIMEOUT, connected)
+    return True
+
+
+def _engine_stream_ended(cluster: Cluster, link: MuxLink, st: Stream) -> None:
+    _engine_session_ended(cluster, st.context, st.counters, st.error)
+
+
+def _engine_session_ended(cluster: Cluster, es: _EngineSession, counters: RelayCounters, error: str | None) -> None:
+    session = es.session
+    session.cut = None
+    cluster.end_session(session)
+    _audit_end(cluster, session, counters, es.started, session.end_reason or error or "closed")
+
+
+def _audit_start(cluster: Cluster, session: LiveSession, client_addr: str, details: Mapping[str, Any]) -> None:
+    cluster.audit_soon("session.start", session.user, session_id=session.id, resource=session.resource,
+                       kind=session.kind, client_addr=client_addr, **details)
+
+
+def _audit_end(cluster: Cluster, session: LiveSession, counters: RelayCounters, started: float, reason: str) -> None:
+    cluster.audit_soon(
+        "session.end", session.user, session_id=session.id, resource=session.resource,
+        kind=session.kind,
+        bytes_from_client=counters.a_to_b,
+        bytes_to_client=counters.b_to_a,
+        duration=round(time.monotonic() - started, 3),
+        reason=reason,
+    )
 
 
 async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, identity: pki.Identity,
@@ -301,8 +433,7 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
     error = None
     async with opened.upstream:
         started = time.monotonic()
-        cluster.audit_soon("session.start", session.user, session_id=session.id, resource=session.resource,
-                           kind=session.kind, client_addr=client_addr, **opened.details)
+        _audit_start(cluster, session, client_addr, opened.details)
         try:
             if cluster.config.disconnect_expired_cert:
                 left = (identity.not_after - utcnow()).total_seconds()
@@ -317,14 +448,7 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
             cluster.end_session(session)
             if opened.finish:
                 opened.finish()
-            cluster.audit_soon(
-                "session.end", session.user, session_id=session.id, resource=session.resource,
-                kind=session.kind,
-                bytes_from_client=counters.a_to_b,
-                bytes_to_client=counters.b_to_a,
-                duration=round(time.monotonic() - started, 3),
-                reason=session.end_reason or error or "closed",
-            )
+            _audit_end(cluster, session, counters, started, session.end_reason or error or "closed")
 
 
 async def _send_quietly(stream: TLSStream, data: bytes) -> None:

@@ -116,7 +116,6 @@ async def serve(
             accept_scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + GRACE_PERIOD
             for session in list(cluster.sessions.values()):
-                session.end_reason = "cluster_stopping"
-                session.cancel_scope.cancel()
+                session.cancel("cluster_stopping")
         outer.cancel_scope.cancel()
     log.info("cluster_stopped")

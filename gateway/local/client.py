@@ -4,7 +4,9 @@ and dials on data routes.
 
 from __future__ import annotations
 
+import os
 import ssl
+import time
 from typing import Any
 
 import attrs
@@ -16,7 +18,7 @@ from gateway.identity import pki, tlsconf
 from gateway.local.profile import Profile, ProfileError, expired_message
 from gateway.net.http import HTTPClient, HTTPError
 from gateway.net.engine import engine
-from gateway.net.muxlink import LinkClosed, MuxLink, Stream
+from gateway.net.muxlink import MuxLink
 from gateway.net.tls import TLSStream, open_tls_connection
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role
 from protocols.errors import ErrorCode, ProtocolError
@@ -162,6 +164,8 @@ class Dialer:
         self.profile = profile
         self.alpn = alpn
         self._cert_stamp: tuple[int, int] | None = None
+        self._cert_file = str(profile.cert_path)
+        self._not_after = 0.0
         self._ctx: ssl.SSLContext
         self.identity: pki.Identity
         self._session: ssl.SSLSession | None = None
@@ -220,12 +224,22 @@ class Dialer:
             if stamp != self._cert_stamp:
                 self._ctx = self.profile.client_context((self.alpn,))
                 self.identity = self.profile.identity()
+                self._not_after = self.identity.not_after.timestamp()
                 self._session = None
                 self._cert_stamp = stamp
         except (OSError, ValueError, ssl.SSLError, pki.CertError) as exc:
             raise ProfileError(
                 f"the login in {self.profile.home} is gone or unreadable ({exc}); run `wicket login` again"
             ) from None
+
+    def unchanged(self) -> bool:
+        """Whether the login on disk is still the one loaded, and in date
+        (no reload: for a thread other than trio's)."""
+        try:
+            st = os.stat(self._cert_file)
+        except OSError:
+            return False
+        return (st.st_mtime_ns, st.st_ino) == self._cert_stamp and time.time() < self._not_after
 
     def check_fresh(self) -> pki.Identity:
         """The current identity, or :class:`ProfileError` if it expired."""
@@ -331,34 +345,15 @@ class MuxDialer:
                 self._draining.remove(drained)
             return self._link
 
-    async def open(self, request: DialRequest) -> tuple[MuxLink, Stream, DialAccept]:
-        """Ask for a session; raises :class:`DialRefused` or
-        :class:`ClusterError` as :meth:`Dialer.dial` does."""
-        for attempt in range(2):
-            link = await self.link()
-            try:
-                stream = link.open(request)
-            except LinkClosed:
-                continue
-            try:
-                with trio.fail_after(DIAL_TIMEOUT):
-                    await stream.replied.wait()
-            except BaseException:
-                link.abandon(stream, "the client's connection ended before the session started")
-                raise
-            if isinstance(stream.reply, DialAccept):
-                return link, stream, stream.reply
-            if isinstance(stream.reply, DialError):
-                raise DialRefused(stream.reply)
-            if link.failed is None:
-                raise ClusterError("internal_error", f"the cluster ended the session before answering: "
-                                   f"{stream.error}")
-            if attempt:
-                break
-            # The connection failed under a dial nobody answered yet: the
-            # cluster never started that session, so one retry is safe.
-        raise ClusterError("unreachable", f"the connection to the cluster failed ({link.failed}); "
-                           f"is `wicket-cluster start` still running?")
+    def ready_link(self) -> MuxLink | None:
+        """The current connection, if a session may start on it right now
+        without trio: it is up, and the login on disk is the one it was
+        opened with and still in date (one stat). Any thread may ask."""
+        link = self._link
+        if (link is None or link.failed is not None or self._link_ctx is not self.dialer._ctx
+                or not self.dialer.unchanged()):
+            return None
+        return link
 
     def release(self, link: MuxLink) -> None:
         """A session on ``link`` is over: close ``link`` if it was replaced

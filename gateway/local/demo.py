@@ -146,7 +146,7 @@ def run_demo(state: Path, port: int) -> None:
                 db = PostgresProxy(Dialer(profile, tlsconf.ALPN_POSTGRES), "demo-pg")
                 host, db_port = (await nursery.start(_listen, db.handle, port))[:2]
                 echo = TcpProxy(profile, "demo-echo")
-                _, echo_local = (await nursery.start(_listen, echo.handle, 0))[:2]
+                _, echo_local = (await nursery.start(_listen, echo, 0))[:2]
                 click.echo(
                     f"\nThe gateway is serving PostgreSQL resource demo-pg on {host}:{db_port}. Paste this:\n\n"
                     f'  psql "host={host} port={db_port} user=demo dbname=demo"\n\n'

@@ -1,23 +1,36 @@
 """``wicket proxy tcp``: a local listener relaying each connection to a
-resource over the mutual-TLS ``tcp`` route.
+resource as a stream of the gateway's multiplexed connection to the cluster.
 
-Each accepted client gets its own dial. A refused dial (denied, expired,
-unknown resource, unreachable upstream) is logged with what to do next and
-the client's connection is closed; other clients are unaffected.
+Theory of operation
+-------------------
+The listening socket belongs to the relay engine (gateway/net/engine.py):
+its thread accepts each client and, while the connection to the cluster is
+up and the login on disk unchanged and in date, starts the session there and
+then, with :meth:`MuxLink.start`: the OPEN goes out with the client's first
+bytes behind it, and nothing waits for trio. Everything else takes the slow
+path through trio: opening (or reopening) the connection to the cluster,
+picking up a renewed login, reporting an expired one.
+
+The end of every session, refused or relayed, is queued to trio, which logs
+it (a refusal with what to do next) in batches; other clients are
+unaffected by one client's trouble.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
+import socket
 
 import trio
 
-from gateway.identity import tlsconf
-from gateway.local.client import ClusterError, DialRefused, MuxDialer
+from gateway.local.client import DIAL_TIMEOUT, ClusterError, MuxDialer
 from gateway.local.profile import Profile, ProfileError
+from gateway.net.engine import engine
+from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.relay import RelayCounters
-from protocols.dial import DialRequest
+from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 
 log = logging.getLogger("wicket.proxy")
@@ -33,55 +46,149 @@ NEXT_STEP = {
 }
 
 
-def peer_addr(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:  # the client already reset the connection
-        return "unknown"
+def format_addr(addr) -> str:
+    host, port = addr[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def peer_addr(stream: trio.SocketStream) -> str:
+    try:
+        return format_addr(stream.socket.getpeername())
+    except OSError:  # the client already reset the connection
+        return "unknown"
+
+
 class TcpProxy:
-    """Each client connection is a stream of the gateway's one multiplexed
-    connection to the cluster (see :class:`MuxDialer`)."""
+    """Serves one resource; see the module docstring. Pass the object to
+    :func:`run_listener`."""
 
     def __init__(self, profile: Profile, resource: str) -> None:
         self.profile = profile
         self.resource = resource
         self.dialer = MuxDialer(profile)
-        self.active = 0
+        self.engine = engine()
+        self.started = 0  # sessions started / ended (under the engine's lock)
+        self.ended = 0
+        self._ended: collections.deque[tuple[MuxLink, Stream]] = collections.deque()
+        self._report_pending = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
 
-    async def handle(self, client: trio.SocketStream) -> None:
-        client_addr = peer_addr(client)
-        async with client:
+    @property
+    def active(self) -> int:
+        return self.started - self.ended
+
+    async def serve_listeners(self, listeners: list[trio.SocketListener], *,
+                              task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on ``listeners`` (in the relay engine) until cancelled."""
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            accepting = []
+            try:
+                for listener in listeners:
+                    sock = socket.socket(fileno=listener.socket.detach())
+                    accepting.append(self.engine.listen(sock, self._on_accept))
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                for acceptor in accepting:
+                    acceptor.close()
+
+    # -- the engine's thread (or trio's, holding the engine's lock) --------
+
+    def _on_accept(self, sock: socket.socket, addr) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = self.dialer.ready_link()
+        if link is not None:
+            try:
+                self._start(link, sock, addr)
+                return
+            except LinkClosed:
+                pass
+        try:
+            self._token.run_sync_soon(self._spawn_slow, sock, addr)
+        except trio.RunFinishedError:
+            sock.close()
+
+    def _spawn_slow(self, sock: socket.socket, addr) -> None:  # trio's thread
+        try:
+            self._nursery.start_soon(self._start_slowly, sock, addr)
+        except RuntimeError:  # stopping: the nursery takes no more
+            sock.close()
+
+    def _start(self, link: MuxLink, sock: socket.socket, addr) -> None:
+        client_addr = format_addr(addr)
+        with self.engine._lock:
+            self.started += 1
+            try:
+                link.start(DialRequest(resource=self.resource, client_addr=client_addr), sock,
+                           RelayCounters(), self._on_end, reply_timeout=DIAL_TIMEOUT, context=client_addr)
+            except LinkClosed:
+                self.started -= 1
+                raise
+
+    def _on_end(self, link: MuxLink, stream: Stream) -> None:
+        self.ended += 1
+        self._ended.append((link, stream))
+        if not self._report_pending:
+            self._report_pending = True
+            try:
+                self._token.run_sync_soon(self._report)
+            except trio.RunFinishedError:
+                pass
+
+    # -- trio's thread -----------------------------------------------------
+
+    async def _start_slowly(self, sock: socket.socket, addr) -> None:
+        """No connection ready (or a new login on disk): get one, then start
+        the session as the engine would have."""
+        client_addr = format_addr(addr)
+        try:
             try:
                 self.dialer.check_fresh()
-                link, stream, accept = await self.dialer.open(
-                    DialRequest(resource=self.resource, client_addr=client_addr))
+                for attempt in range(2):
+                    link = await self.dialer.link()
+                    try:
+                        self._start(link, sock, addr)
+                        return
+                    except LinkClosed:
+                        if attempt:
+                            raise ClusterError("unreachable", f"the connection to the cluster failed "
+                                               f"({link.failed}); is `wicket-cluster start` still running?")
             except ProfileError as exc:
                 log.warning("dial_refused resource=%s client=%s code=cert_expired message=%r",
                             self.resource, client_addr, str(exc))
-                return
-            except DialRefused as exc:
-                err = exc.error
-                log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r",
-                            self.resource, client_addr, err.raw_code or err.code.value, err.message,
-                            NEXT_STEP.get(err.code, "see the cluster's audit log"))
-                return
             except (ClusterError, trio.TooSlowError) as exc:
                 log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
                             getattr(exc, "message", None) or "the cluster did not answer in time")
-                return
-            self.active += 1
-            counters = RelayCounters()
-            try:
-                error = await link.attach(stream, client, counters)
-                log.info("session_end resource=%s client=%s session=%s sent=%d received=%d%s",
-                         self.resource, client_addr, accept.session_id, counters.a_to_b,
-                         counters.b_to_a, f" error={error!r}" if error else "")
-            finally:
-                self.active -= 1
-                self.dialer.release(link)
+        except BaseException:
+            sock.close()
+            raise
+        sock.close()
+
+    def _report(self) -> None:
+        self._report_pending = False
+        ended = self._ended
+        while ended:
+            link, stream = ended.popleft()
+            self._log_end(stream)
+            self.dialer.release(link)
+
+    def _log_end(self, stream: Stream) -> None:
+        reply, client_addr = stream.reply, stream.context
+        if isinstance(reply, DialAccept):
+            counters = stream.counters
+            log.info("session_end resource=%s client=%s session=%s sent=%d received=%d%s",
+                     self.resource, client_addr, reply.session_id, counters.a_to_b, counters.b_to_a,
+                     f" error={stream.error!r}" if stream.error else "")
+        elif isinstance(reply, DialError):
+            log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r",
+                        self.resource, client_addr, reply.raw_code or reply.code.value, reply.message,
+                        NEXT_STEP.get(reply.code, "see the cluster's audit log"))
+        else:
+            log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
+                        stream.error or "the session ended before the cluster answered")
 
 
 async def run_listener(
@@ -93,7 +200,9 @@ async def run_listener(
     handle_signals: bool = True,
 ) -> None:
     """Listen on ``host:port`` and serve each connection with ``handler``
-    until SIGINT/SIGTERM (or cancellation). Started value: the bound address."""
+    (an async function of a trio stream, or an object with its own
+    ``serve_listeners``) until SIGINT/SIGTERM (or cancellation). Started
+    value: the bound address."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
 
@@ -108,7 +217,11 @@ async def run_listener(
             await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, guarded, listeners)
+        serve = getattr(handler, "serve_listeners", None)
+        if serve is not None:  # it accepts by itself (TcpProxy: in the relay engine)
+            await nursery.start(serve, listeners)
+        else:
+            nursery.start_soon(trio.serve_listeners, guarded, listeners)
         task_status.started(bound)
         if handle_signals:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -70,6 +70,16 @@ thread than trio's: the cluster's auditors only parse and queue events
 (``Cluster.audit_soon`` is thread-safe).
 A single lock guards the engine's tables: the engine takes it for each
 batch of events, trio's thread takes it to register or abort a session.
+It is re-entrant, so an owner's callback (running under it in the engine's
+thread) may call the same public methods trio's thread does.
+
+Beyond relaying, the engine can do the few per-connection steps that need no
+decision from trio, so that a new session costs no trip through trio's
+scheduler and no hand-off of the GIL between the two threads:
+:meth:`RelayEngine.listen` accepts connections and hands each to a callback
+in the engine's thread, :meth:`RelayEngine.connect` opens a TCP connection
+without blocking, and :meth:`RelayEngine.call_later` runs a callback after a
+delay (the timeouts of both).
 Every socket call is non-blocking, so nobody holds the lock for long, and
 a stale epoll event (a descriptor closed and reused in between) costs a
 harmless EAGAIN. The GIL is released around every system call, so trio's
@@ -85,19 +95,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import heapq
+import itertools
 import logging
 import os
 import select
 import socket
 import ssl
 import threading
+import time
 from typing import Callable
 
 import trio
 
 from gateway.net.tls import TLSStream
 
-__all__ = ["PUMP_BUDGET", "RelayEngine", "engine", "eligible"]
+__all__ = ["PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +125,12 @@ _READ = 256 * 1024  # plaintext read per step (and the scratch size)
 FRAME_HEADROOM = 16
 _CIPHER = _READ + 8 * 1024  # ciphertext read per recv: one read plus record overhead
 _MAX_EVENTS = 1024
+
+#: Connections one listener accepts per turn of the loop.
+ACCEPT_BATCH = 64
+#: How long a listener pauses after running out of descriptors or memory.
+ACCEPT_BACKOFF = 0.1
+_ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ALWAYS = select.EPOLLERR | select.EPOLLHUP
@@ -183,6 +202,103 @@ class _Session:
         self.finished = False
 
 
+class Timer:
+    """A callback :meth:`RelayEngine.call_later` will run; ``cancel`` it
+    (with the engine's lock held) if it is no longer wanted."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn: Callable[[], None] | None = fn
+
+    def cancel(self) -> None:
+        self.fn = None
+
+
+class _Listener:
+    """A listening socket the engine accepts on (:meth:`RelayEngine.listen`)."""
+
+    def __init__(self, engine: "RelayEngine", sock: socket.socket, on_accept) -> None:
+        self.engine = engine
+        self.on_accept = on_accept
+        sock.setblocking(False)
+        self.end = _End(sock, "listener", None, None)
+        self.end.owner = self
+        self.closed = False
+
+    def on_ready(self, end: _End, ev: int) -> None:
+        accept = end.sock.accept
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    # Out of descriptors or memory: stop accepting for a
+                    # moment (level-triggered epoll would spin), as trio's
+                    # serve_listeners does; the clients wait in the backlog.
+                    log.warning("accept_failed error=%s action=%s", exc.strerror or exc,
+                                "raise the open files limit (ulimit -n) or close connections")
+                    self.engine.set_mask(end, 0)
+                    self.engine.call_later(ACCEPT_BACKOFF, self._resume)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone already
+            sock.setblocking(False)
+            try:
+                self.on_accept(sock, addr)
+            except Exception:
+                log.exception("accept_handler_failed action=report this as a bug with the traceback")
+                sock.close()
+
+    def _resume(self) -> None:
+        if not self.closed:
+            self.engine.set_mask(self.end, _IN)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (any thread)."""
+        with self.engine._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.engine.forget(self.end)
+            self.end.sock.close()
+            self.end.owner = None
+
+
+class _Connecting:
+    """A non-blocking connect in progress (:meth:`RelayEngine.connect`)."""
+
+    def __init__(self, engine: "RelayEngine", sock: socket.socket, done, timeout: float) -> None:
+        self.engine = engine
+        self.done = done
+        self.end = _End(sock, "connecting", None, None)
+        self.end.owner = self
+        self.timer = engine.call_later(timeout, self._timed_out)
+
+    def on_ready(self, end: _End, ev: int) -> None:
+        err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err and not ev & _ALWAYS:
+            self._end(end.sock, None)
+        else:
+            self._end(None, os.strerror(err) if err else "connection failed")
+
+    def _timed_out(self) -> None:
+        self._end(None, "timed out")
+
+    def _end(self, sock: socket.socket | None, error: str | None) -> None:
+        end, done = self.end, self.done
+        if done is None:
+            return
+        self.done = None
+        self.timer.cancel()
+        self.engine.forget(end)
+        end.owner = None
+        if sock is None:
+            end.sock.close()
+        done(sock, error)
+
+
 def eligible(stream: object) -> bool:
     """Whether the engine can take ``stream`` over: a connected socket
     stream, or one of our TLS streams between operations with nothing
@@ -206,8 +322,10 @@ class RelayEngine:
     """See the module docstring. Use :func:`engine` for the process's one."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._epoll = select.epoll()
+        self._timers: list[tuple[float, int, Timer]] = []  # a heap
+        self._timer_seq = itertools.count()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
         self._ends: dict[int, _End] = {}
@@ -258,6 +376,53 @@ class RelayEngine:
         """Make the engine's thread look at ``_again`` now."""
         os.eventfd_write(self._wake_fd, 1)
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        """Run ``fn`` in the engine's thread, under the lock, after
+        ``delay`` seconds (any thread may call this)."""
+        timer = Timer(fn)
+        with self._lock:
+            when = time.monotonic() + delay
+            first = not self._timers or when < self._timers[0][0]
+            heapq.heappush(self._timers, (when, next(self._timer_seq), timer))
+        if first and threading.get_ident() != self._thread.ident:
+            self.wake()  # its poll may be sleeping past the new deadline
+        return timer
+
+    def listen(self, sock: socket.socket, on_accept: Callable[[socket.socket, object], None]) -> _Listener:
+        """Accept on the listening ``sock`` in the engine's thread: each
+        new connection (non-blocking) goes to ``on_accept(sock, address)``,
+        called under the lock. ``close()`` the result to stop."""
+        listener = _Listener(self, sock, on_accept)
+        with self._lock:
+            self._ends[listener.end.fd] = listener.end
+            self.set_mask(listener.end, _IN)
+        return listener
+
+    def connect(self, family: int, address: tuple, timeout: float,
+                done: Callable[[socket.socket | None, str | None], None]) -> None:
+        """Open a TCP connection to ``address`` without blocking; then
+        ``done(sock, None)`` with the connected non-blocking socket (with
+        TCP_NODELAY), or ``done(None, reason)``, in the engine's thread under
+        the lock (or in the calling thread, if it fails at once)."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(address)
+        except OSError as exc:
+            sock.close()
+            done(None, exc.strerror or str(exc))
+            return
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            done(None, os.strerror(err))
+            return
+        with self._lock:
+            connecting = _Connecting(self, sock, done, timeout)
+            self._ends[connecting.end.fd] = connecting.end
+            # Also when connect_ex already succeeded: EPOLLOUT comes at once.
+            self.set_mask(connecting.end, _OUT)
+
     # ------------------------------------------------------------------
     # The engine's thread.
 
@@ -265,9 +430,18 @@ class RelayEngine:
         poll = self._epoll.poll
         ends = self._ends
         wake_fd = self._wake_fd
+        timers = self._timers
         while True:
-            events = poll(0 if self._again else -1, _MAX_EVENTS)
+            if self._again:
+                timeout = 0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            else:
+                timeout = -1
+            events = poll(timeout, _MAX_EVENTS)
             with self._lock:
+                if timers:
+                    self._run_timers()
                 for fd, ev in events:
                     if fd == wake_fd:
                         try:
@@ -285,6 +459,18 @@ class RelayEngine:
                 if self._ended_since_trim >= max(TRIM_AFTER, len(ends) // 2):
                     self._ended_since_trim = 0
                     _trim_heap()
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            fn = heapq.heappop(timers)[2].fn
+            if fn is None:
+                continue  # cancelled
+            try:
+                fn()
+            except Exception:
+                log.exception("relay_engine_timer_failed")
 
     def _guarded(self, end: _End, ev: int) -> None:
         if end.owner is not None:

@@ -29,12 +29,20 @@ Moving bytes, in the engine's thread:
 - Whatever ends the connection (EOF, TLS or protocol error, ``close``) ends
   every stream on it, with that reason.
 
-trio's side: the gateway calls :meth:`MuxLink.open` then, on a DialAccept,
-:meth:`MuxLink.attach` with the client's socket; the cluster gets each
-OPEN through ``on_open`` (in trio's thread), decides, and calls
-:meth:`MuxLink.accept` with the upstream socket or :meth:`MuxLink.refuse`.
-Both then await :meth:`MuxLink.wait`, which returns the error that ended
-the stream, or ``None`` after a clean end.
+Sessions: the gateway calls :meth:`MuxLink.start` with the client's socket,
+which sends the OPEN and relays the socket at once: the client's first bytes
+follow the OPEN without waiting for the REPLY (protocols/mux.py allows it),
+and a refusal closes the socket. The cluster gets each OPEN through
+``on_open(link, stream, request)``, called in the engine's thread under the
+lock (it must not block: it decides at once, or hands the stream to trio;
+it may run before the constructor returns), and calls
+:meth:`MuxLink.accept` with the upstream socket, which passes on the bytes
+that came early, or :meth:`MuxLink.refuse`. A stream's end is reported to its
+``notify(link, stream)`` callback (in whichever thread ended it, under the
+lock), or, without one, to :meth:`MuxLink.wait` in trio, which returns the
+error that ended the stream, or ``None`` after a clean end. All the public
+methods may be called from trio's thread or from a callback in the engine's
+thread (the engine's lock is re-entrant).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from typing import Callable
 
 import trio
 
-from gateway.net.engine import PUMP_BUDGET, RelayEngine, _ALWAYS, _End, _Failure, _IN, _OUT, _detach
+from gateway.net.engine import PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -83,30 +91,35 @@ class LinkClosed(Exception):
 
 class Stream:
     """One session on a link. ``counters`` (a RelayCounters) count
-    ``a_to_b`` from the gateway's side to the upstream's, as the relay does."""
+    ``a_to_b`` from the gateway's side to the upstream's, as the relay does.
+    ``context`` is the owner's (the client's address, the cluster's live
+    session)."""
 
-    __slots__ = ("sid", "end", "early", "early_fin", "reply", "replied", "done", "error", "finished",
-                 "counters", "name")
+    __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
+                 "counters", "name", "notify", "timer", "context")
 
-    def __init__(self, sid: int, name: str) -> None:
+    def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
         self.name = name  # the socket's side, for error messages
         self.end: _End | None = None
-        self.early: bytearray | None = None  # DATA that came before attach (gateway)
+        self.early: bytearray | None = None  # DATA that came before the accept (cluster)
         self.early_fin = False
         self.reply: DialAccept | DialError | None = None
-        self.replied = trio.Event()
-        self.done = trio.Event()
+        self.done: trio.Event | None = None  # for wait()
         self.error: str | None = None
         self.finished = False
         self.counters = None
+        self.notify = notify
+        self.timer: Timer | None = None  # the REPLY's deadline (gateway)
+        self.context = None
 
 
 class MuxLink:
     """See the module docstring. Create it in trio's thread."""
 
     def __init__(self, engine: RelayEngine, tls: TLSStream, role: Role, *, name: str,
-                 socket_name: str, on_open: Callable[[Stream, DialRequest], None] | None = None) -> None:
+                 socket_name: str,
+                 on_open: Callable[["MuxLink", Stream, DialRequest], None] | None = None) -> None:
         self.engine = engine
         self.role = role
         self.name = name
@@ -129,8 +142,15 @@ class MuxLink:
     # ------------------------------------------------------------------
     # trio's thread.
 
-    def open(self, request: DialRequest) -> Stream:
-        """(gateway) Ask for a session; await ``stream.replied`` next."""
+    def start(self, request: DialRequest, sock: socket.socket, counters,
+              notify: Callable[["MuxLink", Stream], None], *, reply_timeout: float,
+              context=None) -> Stream:
+        """(gateway) Open a stream for ``request`` and relay ``sock`` (a
+        connected non-blocking socket, now the link's) on it at once. A
+        refusal, or no REPLY within ``reply_timeout`` seconds, ends the
+        stream and closes ``sock``; ``notify(link, stream)`` hears of the end
+        (``stream.reply`` says which). Raises :class:`LinkClosed` (``sock``
+        is still the caller's then)."""
         with self.engine._lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
@@ -139,34 +159,28 @@ class MuxLink:
             except LocalProtocolError as exc:  # stream ids used up, after 2**32 - 1 sessions
                 self._fail(str(exc))
                 raise LinkClosed(self.failed) from None
-            stream = Stream(sid, self.socket_name)
-            self.streams[sid] = stream
             self._send_guarded(frame)
             if self.failed is not None:
                 raise LinkClosed(self.failed)
+            stream = Stream(sid, self.socket_name, notify)
+            stream.context = context
+            self.streams[sid] = stream
+            stream.timer = self.engine.call_later(reply_timeout, lambda: self._overdue(stream, reply_timeout))
+            self._bind(stream, sock, counters)
+            # What the client sent already goes right behind the OPEN.
+            self._run_guarded(stream.end, lambda: self._pump(stream))
         return stream
 
-    async def attach(self, stream: Stream, sock: trio.SocketStream, counters) -> str | None:
-        """(gateway) Relay ``sock`` on an accepted stream until it ends."""
-        raw, _ = _detach(sock)
-        with self.engine._lock:
-            if stream.finished:
-                raw.close()
-                return stream.error
-            self._bind(stream, raw, counters)
-            if stream.early:
-                data, stream.early = bytes(stream.early), None
-                self._run_guarded(stream.end, lambda: self._to_socket(stream, data))
-            if stream.early_fin and not stream.finished:
-                stream.end.eof_wanted = True
-                self._run_guarded(stream.end, lambda: self._after_write(stream))
-        return await self.wait(stream)
+    def _overdue(self, stream: Stream, timeout: float) -> None:
+        if stream.reply is None and not stream.finished:
+            self._finish(stream, f"the cluster did not answer within {timeout:.0f}s", reset=True)
 
-    def accept(self, stream: Stream, reply: DialAccept, sock: trio.SocketStream, counters) -> bool:
+    def accept(self, stream: Stream, reply: DialAccept, sock: trio.SocketStream | socket.socket,
+               counters) -> bool:
         """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` for
-        it; False if the stream or the link ended meanwhile (``sock`` is
-        closed then)."""
-        raw, _ = _detach(sock)
+        it, starting with what the gateway sent early; False if the stream
+        or the link ended meanwhile (``sock`` is closed then)."""
+        raw = sock if isinstance(sock, socket.socket) else _detach(sock)[0]
         with self.engine._lock:
             if stream.finished or self.failed is not None:
                 raw.close()
@@ -175,6 +189,12 @@ class MuxLink:
             self._send_guarded(self.conn.send_reply(stream.sid, reply))
             if stream.finished:
                 return False
+            if stream.early:
+                data, stream.early = bytes(stream.early), None
+                self._run_guarded(stream.end, lambda: self._to_socket(stream, data))
+            if stream.early_fin and not stream.finished:
+                stream.end.eof_wanted = True
+                self._run_guarded(stream.end, lambda: self._after_write(stream))
         return True
 
     def refuse(self, stream: Stream, error: DialError) -> None:
@@ -188,8 +208,14 @@ class MuxLink:
     async def wait(self, stream: Stream) -> str | None:
         """Until the stream is over: its error, or None. If cancelled, the
         stream is reset (the other side learns why) and closed at once."""
+        with self.engine._lock:
+            if stream.done is None and not stream.finished:
+                stream.done = trio.Event()
         try:
-            await stream.done.wait()
+            if stream.done is None:
+                await trio.lowlevel.checkpoint()
+            else:
+                await stream.done.wait()
         except BaseException:
             with self.engine._lock:
                 if not stream.finished:
@@ -197,8 +223,8 @@ class MuxLink:
             raise
         return stream.error
 
-    def abandon(self, stream: Stream, reason: str) -> None:
-        """(gateway) Give up a stream before attaching it: reset it."""
+    def cut(self, stream: Stream, reason: str) -> None:
+        """End a stream now (both ways), telling the other side why."""
         with self.engine._lock:
             self._finish(stream, reason, reset=True)
 
@@ -302,7 +328,7 @@ class MuxLink:
             stream = self.streams.get(event.stream)
             if stream is None:
                 return
-            if stream.end is None:  # accepted, not yet attached (gateway)
+            if stream.end is None:  # sent ahead of our accept (cluster)
                 if stream.early is None:
                     stream.early = bytearray()
                 stream.early += event.data
@@ -355,16 +381,22 @@ class MuxLink:
                 return
             stream = Stream(event.stream, self.socket_name)
             self.streams[event.stream] = stream
-            self.token.run_sync_soon(self._call_on_open, stream, event.request)
+            try:
+                self.on_open(self, stream, event.request)
+            except Exception:
+                log.exception("mux_on_open_failed link=%s", self.name)
+                self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR,
+                                              message="internal error in the cluster"))
         elif isinstance(event, StreamReplied):
             stream = self.streams.get(event.stream)
             if stream is None:
                 return
             stream.reply = event.reply
+            if stream.timer is not None:
+                stream.timer.cancel()
+                stream.timer = None
             if isinstance(event.reply, DialError):
                 self._finish(stream, event.reply.message, reset=False)
-            else:
-                self.token.run_sync_soon(stream.replied.set)
 
     def _stream_failed(self, stream: Stream, exc: _Failure) -> None:
         """One stream's socket failed: reset that stream. A failure of the
@@ -372,13 +404,6 @@ class MuxLink:
         if self.end.failed:
             raise exc
         self._finish(stream, str(exc), reset=True)
-
-    def _call_on_open(self, stream: Stream, request: DialRequest) -> None:
-        try:
-            self.on_open(stream, request)
-        except Exception:
-            log.exception("mux_on_open_failed link=%s", self.name)
-            self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR, message="internal error in the cluster"))
 
     def _on_stream(self, stream: Stream, ev: int) -> None:
         end = stream.end
@@ -550,12 +575,19 @@ class MuxLink:
             end.more = []
             stream.end = None
         stream.early = None
-        token = self.token
-        try:
-            token.run_sync_soon(stream.replied.set)
-            token.run_sync_soon(stream.done.set)
-        except trio.RunFinishedError:
-            pass
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        if stream.notify is not None:
+            try:
+                stream.notify(self, stream)
+            except Exception:
+                log.exception("mux_notify_failed link=%s", self.name)
+        elif stream.done is not None:
+            try:
+                self.token.run_sync_soon(stream.done.set)
+            except trio.RunFinishedError:
+                pass
 
     def _fail(self, reason: str) -> None:
         """End the link: every stream, then the connection."""

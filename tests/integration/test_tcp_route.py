@@ -326,19 +326,30 @@ async def test_expired_certificate_refused_by_cluster(make_gateway, cluster):
 async def test_expired_certificate_refused_on_the_multiplexed_connection(make_gateway, cluster):
     """The same typed refusal when the dial is a stream of the multiplexed
     connection (what `wicket proxy tcp` uses)."""
-    from gateway.local.client import DialRefused, MuxDialer
+    import socket
+
+    from gateway.local.client import MuxDialer
     from gateway.local.profile import Profile
-    from protocols.dial import DialRequest
+    from gateway.net.relay import RelayCounters
+    from protocols.dial import DialError, DialRequest
     from protocols.errors import ErrorCode
 
     gw = make_gateway("dev", login=False)
     assert gw.login("--ttl", "2s").returncode == 0
     dialer = MuxDialer(Profile.load(gw.home))
     wait_for(lambda: gw.run("status").returncode == 3, timeout=30, what="expiry", interval=0.2)
-    with pytest.raises(DialRefused) as err:
-        await dialer.open(DialRequest(resource="echo"))
-    assert err.value.error.code is ErrorCode.CERT_EXPIRED
-    dialer._link.close("test over")
+    link = await dialer.link()
+    near, far = socket.socketpair()
+    near.setblocking(False)
+    ended, token = trio.Event(), trio.lowlevel.current_trio_token()
+    stream = link.start(DialRequest(resource="echo"), near, RelayCounters(),
+                        lambda _link, _stream: token.run_sync_soon(ended.set), reply_timeout=30)
+    with trio.fail_after(20):
+        await ended.wait()
+    assert isinstance(stream.reply, DialError) and stream.reply.code is ErrorCode.CERT_EXPIRED
+    assert far.recv(10) == b""  # the refusal closed the client's socket
+    far.close()
+    link.close("test over")
 
 
 def test_multiplexed_connection_without_certificate_gets_a_typed_refusal(cluster):
@@ -564,3 +575,48 @@ async def test_warm_pool_serves_dials_and_drops_stale(make_gateway):
         assert dialer.pool_hits == 1  # a fresh connection served it
         nursery.cancel_scope.cancel()
     assert dialer.pool_ready == 0  # closed on the way out
+
+
+async def test_a_named_host_and_an_unreachable_upstream(make_gateway, cluster, echo):
+    """The cluster starts a session in its relay engine when the upstream's
+    address is an IP literal, and through trio (which resolves it) when it
+    is a name: both relay, and both report an upstream that is down the same
+    way."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]  # nothing listens there once closed
+    for name, address in [("echo-named", f"localhost:{echo.port}"), ("dead-literal", f"127.0.0.1:{dead_port}"),
+                          ("dead-named", f"localhost:{dead_port}")]:
+        cluster.admin("resources", "add", name, "--kind", "tcp", "--address", address, "--label", "env=dev")
+    gw = make_gateway("dev")
+    _, port = gw.proxy_tcp("echo-named")
+    with trio.fail_after(20):
+        assert await roundtrip(port, b"by name") == b"by name"
+    for name in ("dead-literal", "dead-named"):
+        proc, port = gw.proxy_tcp(name)
+        with trio.fail_after(20):
+            assert await refused(port)
+        wait_for(lambda: "code=upstream_unreachable" in proc.log(), what=f"{name}: refusal in the gateway log")
+        assert "is not reachable from the cluster" in proc.log()
+        denied = cluster.wait_audit(lambda evs: any(e["resource"] == name for e in evs), user=gw.user,
+                                    event="dial.denied")
+        assert [e["code"] for e in denied if e["resource"] == name] == ["upstream_unreachable"], denied
+
+
+async def test_certificate_expiry_ends_a_live_session(make_gateway, cluster):
+    gw = make_gateway("dev", login=False)
+    assert gw.login("--ttl", "4s").returncode == 0
+    _, port = gw.proxy_tcp("echo")
+    async with await connect(port) as s:
+        await s.send_all(b"ping")
+        assert await s.receive_some(100) == b"ping"
+        with trio.fail_after(20):  # held open until the certificate's end cuts it
+            while True:
+                try:
+                    if not await s.receive_some(100):
+                        break
+                except trio.BrokenResourceError:
+                    break
+    ended = cluster.wait_audit(user=gw.user, event="session.end")
+    assert ended[-1]["reason"] == "cert_expired", ended[-1]
+    assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4

@@ -208,3 +208,111 @@ async def test_a_tap_that_raises_ends_the_session_before_those_bytes_pass():
     assert stats[0].error == "client: unparseable stream" and stats[0].a_to_b == 4
     for s in (client, server):
         await s.aclose()
+
+
+# ----------------------------------------------------------------------
+# What the engine does besides relaying: timers, connect, accept.
+
+class FromEngine:
+    """Collects what callbacks in the engine's thread report, for trio."""
+
+    def __init__(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.items: list = []
+        self.changed = trio.Event()
+
+    def __call__(self, *item) -> None:  # the engine's thread
+        self.token.run_sync_soon(self._add, item[0] if len(item) == 1 else item)
+
+    def _add(self, item) -> None:
+        self.items.append(item)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(self, count: int) -> list:
+        with trio.fail_after(HANG):
+            while len(self.items) < count:
+                await self.changed.wait()
+        return self.items
+
+
+def listening(backlog: int = 8):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    return sock
+
+
+async def test_timers_run_in_deadline_order_and_a_cancelled_one_never():
+    eng = engine()
+    seen = FromEngine()
+    cancelled = eng.call_later(0.02, lambda: seen("cancelled"))
+    eng.call_later(0.03, lambda: seen("third"))
+    eng.call_later(0.01, lambda: seen("second"))
+    eng.call_later(0, lambda: seen("first"))
+    with eng._lock:
+        cancelled.cancel()
+    eng.call_later(0.05, lambda: seen("after the cancelled one was due"))
+    assert await seen.wait_for(4) == ["first", "second", "third", "after the cancelled one was due"]
+
+
+async def test_connect_reports_a_connected_socket_or_why_not():
+    import socket
+
+    eng = engine()
+    seen = FromEngine()
+    listener = listening()
+    eng.connect(socket.AF_INET, listener.getsockname(), 10, seen)
+    (sock, error), = await seen.wait_for(1)
+    assert error is None and not sock.getblocking()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    accepted, _ = listener.accept()
+    sock.send(b"hi")
+    assert accepted.recv(2) == b"hi"
+    for s in (sock, accepted):
+        s.close()
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    eng.connect(socket.AF_INET, ("127.0.0.1", port), 10, seen)
+    assert (await seen.wait_for(2))[1] == (None, "Connection refused")
+
+
+async def test_connect_gives_up_after_its_timeout():
+    # A listener whose accept queue is full drops further SYNs: the connect
+    # neither succeeds nor fails until our timeout.
+    import socket
+
+    eng = engine()
+    listener = listening(0)
+    fillers = []
+    for _ in range(2):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    seen = FromEngine()
+    eng.connect(socket.AF_INET, listener.getsockname(), 0.2, seen)
+    assert await seen.wait_for(1) == [(None, "timed out")]
+    assert not any(type(e.owner).__name__ == "_Connecting" for e in eng._ends.values())
+    for s in (*fillers, listener):
+        s.close()
+
+
+async def test_listen_hands_each_connection_to_the_callback_until_closed():
+    import socket
+
+    eng = engine()
+    seen = FromEngine()
+    sock = listening(64)
+    address = sock.getsockname()
+    acceptor = eng.listen(sock, seen)
+    clients = [socket.create_connection(address) for _ in range(3)]
+    accepted = await seen.wait_for(3)
+    assert sorted(a[1] for a in accepted) == sorted(c.getsockname() for c in clients)
+    assert all(not a[0].getblocking() for a in accepted)
+    acceptor.close()
+    assert sock.fileno() == -1 and acceptor.end.fd not in eng._ends
+    for s in (*clients, *(a[0] for a in accepted)):
+        s.close()

@@ -61,6 +61,33 @@ def opened_pair(how: str = "whole") -> tuple[MuxConnection, MuxConnection, int]:
 
 
 @pytest.mark.parametrize("how", ["whole", "bytewise"])
+def test_the_gateway_may_send_data_and_fin_behind_its_open(how):
+    gw, cl = MuxConnection(Role.GATEWAY), MuxConnection(Role.CLUSTER)
+    sid, data = gw.send_open(REQUEST)
+    wire = data + gw.send_data(sid, b"early") + gw.send_fin(sid) + b"\x03"  # + the next frame's start
+    assert events(cl, wire, how) == [StreamOpened(sid, REQUEST), StreamData(sid, b"early"), StreamFin(sid)]
+    # Accepted: the cluster answers, then sends its own DATA and FIN.
+    events(gw, cl.send_reply(sid, DialAccept(session_id="s")) + cl.send_data(sid, b"late") + cl.send_fin(sid),
+           how)
+    assert not gw.is_live(sid) and not cl.is_live(sid)
+
+
+def test_early_data_after_a_refusal_is_ignored_and_beyond_the_window_is_an_error():
+    gw, cl = MuxConnection(Role.GATEWAY), MuxConnection(Role.CLUSTER)
+    sid, data = gw.send_open(REQUEST)
+    events(cl, data)
+    refusal = cl.send_reply(sid, DialError(code=ErrorCode.ACCESS_DENIED, message="no"))
+    # Crossing on the wire: the gateway's early bytes arrive after the refusal.
+    assert events(cl, gw.send_data(sid, b"x" * 10) + gw.send_fin(sid)) == []
+    assert events(gw, refusal) == [StreamReplied(sid, DialError(code=ErrorCode.ACCESS_DENIED, message="no"))]
+    gw, cl = MuxConnection(Role.GATEWAY), MuxConnection(Role.CLUSTER)
+    sid, data = gw.send_open(REQUEST)
+    with pytest.raises(RemoteProtocolError, match="exceeds its window"):
+        events(cl, data + frame(FrameType.DATA, sid, b"x" * MAX_DATA) * (INITIAL_WINDOW // MAX_DATA)
+               + frame(FrameType.DATA, sid, b"x"))
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
 def test_a_session_round_trips_and_ends_with_fin_both_ways(how):
     gw, cl, sid = opened_pair(how)
     assert events(cl, gw.send_data(sid, b"hello"), how) == [StreamData(sid, b"hello")]
@@ -235,8 +262,12 @@ def test_local_misuse_is_a_local_error():
     with pytest.raises(LocalProtocolError):
         gw.send_reply(1, DialAccept(session_id="s"))
     sid, _ = gw.send_open(REQUEST)
+    cl.receive_data(_)
+    cl.next_event()
     with pytest.raises(LocalProtocolError):
-        gw.send_data(sid, b"x")  # not accepted yet
+        cl.send_data(sid, b"x")  # the cluster sends only after its DialAccept
+    with pytest.raises(LocalProtocolError):
+        cl.send_fin(sid)
     with pytest.raises(LocalProtocolError):
         gw.send_data(99, b"x")
     gw, cl, sid = opened_pair()

@@ -6,7 +6,9 @@ tests/integration/test_tcp_route.py."""
 
 from __future__ import annotations
 
+import collections
 import random
+import socket
 
 import pytest
 import trio
@@ -36,21 +38,48 @@ def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return trio.SocketStream(a), trio.SocketStream(b)
 
 
+class Started:
+    """A gateway stream started from trio on ``sock`` (which the link
+    takes over), as `wicket proxy tcp` starts one from the engine's thread;
+    ``await ended()`` returns the error that ended it, or None."""
+
+    def __init__(self, link: MuxLink, request: DialRequest, sock: trio.SocketStream) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.event = trio.Event()
+        self.counters = RelayCounters()
+        raw = socket.socket(fileno=sock.socket.detach())
+        raw.setblocking(False)
+        try:
+            self.stream = link.start(request, raw, self.counters, self._notify, reply_timeout=HANG)
+        except LinkClosed:
+            raw.close()
+            raise
+
+    def _notify(self, link: MuxLink, stream) -> None:  # any thread
+        self.token.run_sync_soon(self.event.set)
+
+    async def ended(self) -> str | None:
+        await self.event.wait()
+        return self.stream.error
+
+
 class Pair:
     """Both ends of one link, plus what the cluster side did."""
 
     def __init__(self, nursery: trio.Nursery, listener, gateway_tls, cluster_tls) -> None:
         self.listener = listener
         self.nursery = nursery
+        self.token = trio.lowlevel.current_trio_token()
         self.upstreams: dict[str, trio.SocketStream] = {}
+        self.accepted: dict[str, trio.Event] = collections.defaultdict(trio.Event)
         self.results: dict[str, str | None] = {}
         self.cluster_counters: dict[str, RelayCounters] = {}
         self.cluster = MuxLink(engine(), cluster_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
                                on_open=self.on_open)
         self.gateway = MuxLink(engine(), gateway_tls, Role.GATEWAY, name="cluster", socket_name="client")
 
-    def on_open(self, stream, request: DialRequest) -> None:
-        self.nursery.start_soon(self.decide, stream, request)
+    def on_open(self, link, stream, request: DialRequest) -> None:  # the engine's thread
+        self.token.run_sync_soon(self.nursery.start_soon, self.decide, stream, request)
 
     async def decide(self, stream, request: DialRequest) -> None:
         if request.resource == "nope":
@@ -60,18 +89,8 @@ class Pair:
         self.upstreams[request.resource] = far
         counters = self.cluster_counters[request.resource] = RelayCounters()
         if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters):
+            self.accepted[request.resource].set()
             self.results[request.resource] = await self.cluster.wait(stream)
-
-    def attach_soon(self, stream, near: trio.SocketStream) -> list:
-        """Attach ``near`` to ``stream`` in the background; the list gets
-        the stream's result when it ends."""
-        result: list = []
-
-        async def attach() -> None:
-            result.append(await self.gateway.attach(stream, near, RelayCounters()))
-
-        self.nursery.start_soon(attach)
-        return result
 
     async def close(self) -> None:
         """End the link from the gateway's side and wait until both sides
@@ -83,14 +102,15 @@ class Pair:
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
-    async def session(self, resource: str, *, tcp: bool = False):
-        """(client socket, stream, gateway-side socket) for an accepted
-        session; ``tcp`` for a real TCP client (one that can send a reset)."""
-        stream = self.gateway.open(DialRequest(resource=resource))
-        await stream.replied.wait()
-        assert isinstance(stream.reply, DialAccept), stream.reply
+    async def session(self, resource: str, *, tcp: bool = False, accepted: bool = True):
+        """(client socket, Started) for a session; waits until the cluster
+        side accepted it unless ``accepted`` is False. ``tcp`` for a real TCP
+        client (one that can send a reset)."""
         near, far = await tcp_pair(self.listener) if tcp else socket_pair()
-        return far, stream, near
+        started = Started(self.gateway, DialRequest(resource=resource), near)
+        if accepted:
+            await self.accepted[resource].wait()
+        return far, started
 
 
 async def test_sessions_flow_both_ways_with_half_close(pki):
@@ -102,14 +122,17 @@ async def test_sessions_flow_both_ways_with_half_close(pki):
         done: dict[str, str | None] = {}
 
         async def one(resource: str, data: bytes) -> None:
-            client, stream, near = await pair.session(resource)
-            counters = RelayCounters()
+            # The client's bytes go out before the cluster accepts: they
+            # follow the OPEN, and the cluster passes them on once it has.
+            client, started = await pair.session(resource, accepted=False)
+            await client.send_all(data[:1000])
             async with trio.open_nursery() as inner:
 
-                async def attach() -> None:
-                    done[resource] = await pair.gateway.attach(stream, near, counters)
+                async def wait() -> None:
+                    done[resource] = await started.ended()
 
-                inner.start_soon(attach)
+                inner.start_soon(wait)
+                await pair.accepted[resource].wait()
                 upstream = pair.upstreams[resource]
 
                 async def echo() -> None:
@@ -119,9 +142,10 @@ async def test_sessions_flow_both_ways_with_half_close(pki):
                     await upstream.send_eof()
 
                 inner.start_soon(echo)
-                await client.send_all(data)
+                await client.send_all(data[1000:])
                 await client.send_eof()
                 assert await read_until_eof(client) == data[::-1]
+            counters = started.counters
             assert (counters.a_to_b, counters.b_to_a) == (len(data), len(data))
             await client.aclose()
             await upstream.aclose()
@@ -148,17 +172,20 @@ async def test_refusals_and_the_stream_limit(pki, monkeypatch):
         gw_tls, cl_tls = await tls_pair(pki, listener)
         pair = Pair(nursery, listener, gw_tls, cl_tls)
         with trio.fail_after(HANG):
-            refused = pair.gateway.open(DialRequest(resource="nope"))
-            await refused.replied.wait()
-            assert isinstance(refused.reply, DialError) and refused.reply.code is ErrorCode.ACCESS_DENIED
-            assert refused.finished
-            client, first, near = await pair.session("one")  # the one stream allowed
-            second = pair.gateway.open(DialRequest(resource="two"))
-            await second.replied.wait()
-            assert isinstance(second.reply, DialError) and second.reply.code is ErrorCode.RATE_LIMITED
-            pair.gateway.abandon(first, "the test changed its mind")
-            await client.aclose()
-            await near.aclose()
+            client0, refused = await pair.session("nope", accepted=False)
+            assert await refused.ended() == "not you"
+            reply = refused.stream.reply
+            assert isinstance(reply, DialError) and reply.code is ErrorCode.ACCESS_DENIED
+            assert await read_until_eof(client0) == b""  # the refusal closed the client's socket
+            client, first = await pair.session("one")  # the one stream allowed
+            client2, second = await pair.session("two", accepted=False)
+            await second.ended()
+            reply = second.stream.reply
+            assert isinstance(reply, DialError) and reply.code is ErrorCode.RATE_LIMITED
+            pair.gateway.cut(first.stream, "the test changed its mind")
+            assert await first.ended() == "the test changed its mind"
+            for c in (client0, client, client2):
+                await c.aclose()
         await pair.close()
         nursery.cancel_scope.cancel()
 
@@ -169,8 +196,8 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
         gw_tls, cl_tls = await tls_pair(pki, listener)
         pair = Pair(nursery, listener, gw_tls, cl_tls)
         with trio.fail_after(HANG):
-            client, stream, near = await pair.session("a")
-            result = pair.attach_soon(stream, near)
+            client, started = await pair.session("a")
+            stream = started.stream
             await client.send_all(b"ping")
             assert await read_exactly(pair.upstreams["a"], 4) == b"ping"
             ends = [pair.gateway.end, pair.cluster.end, stream.end,
@@ -180,12 +207,12 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
             # The client sees its connection end; the gateway's stream
             # reports why.
             assert await read_until_eof(client) == b""
-            while not result:
-                await trio.sleep(0.01)
-            assert "closed the multiplexed connection" in result[0]
+            assert "closed the multiplexed connection" in await started.ended()
             await pair.gateway.closed.wait()
+            near, far = socket_pair()
             with pytest.raises(LinkClosed):
-                pair.gateway.open(DialRequest(resource="b"))
+                Started(pair.gateway, DialRequest(resource="b"), near)
+            await far.aclose()
             assert await read_until_eof(pair.upstreams["a"]) == b""
         await client.aclose()
         await pair.upstreams["a"].aclose()
@@ -197,7 +224,6 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
 
 
 async def test_a_client_reset_resets_the_stream_and_the_upstream_is_closed(pki):
-    import socket
     import struct
 
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
@@ -205,22 +231,22 @@ async def test_a_client_reset_resets_the_stream_and_the_upstream_is_closed(pki):
         gw_tls, cl_tls = await tls_pair(pki, listener)
         pair = Pair(nursery, listener, gw_tls, cl_tls)
         with trio.fail_after(HANG):
-            client, stream, near = await pair.session("a", tcp=True)
-            result = pair.attach_soon(stream, near)
+            client, started = await pair.session("a", tcp=True)
             await client.send_all(b"x")
             assert await read_exactly(pair.upstreams["a"], 1) == b"x"
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await client.aclose()  # a TCP RST
             assert await read_until_eof(pair.upstreams["a"]) == b""
-            while not result or "a" not in pair.results:
+            error = await started.ended()
+            assert error.startswith("client: receive failed"), error
+            while "a" not in pair.results:
                 await trio.sleep(0.01)
-            assert result[0].startswith("client: receive failed"), result[0]
             assert "reset the stream" in pair.results["a"], pair.results["a"]
             # The link itself carries on.
-            client2, stream2, near2 = await pair.session("b")
-            pair.gateway.abandon(stream2, "done")
+            client2, started2 = await pair.session("b")
+            pair.gateway.cut(started2.stream, "done")
+            await started2.ended()
             await client2.aclose()
-            await near2.aclose()
         await pair.upstreams["a"].aclose()
         await pair.close()
         nursery.cancel_scope.cancel()
@@ -230,8 +256,6 @@ async def test_frames_sent_from_trios_thread_drain_when_the_peer_reads_again(pki
     # An OPEN the kernel takes only in part becomes the connection's tail;
     # the engine must then wait for EPOLLOUT, even though trio's thread,
     # not the engine's, wrote it. (It once did not: the dial hung.)
-    import socket
-
     from protocols.mux import NEED_DATA, MuxConnection
 
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
@@ -242,11 +266,14 @@ async def test_frames_sent_from_trios_thread_drain_when_the_peer_reads_again(pki
     link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
     request = DialRequest(resource="r" * 100, client_addr="x" * 100)
     sent = 0
+    clients = []
     with trio.fail_after(HANG):
         while not link.end.registered:  # the engine's first look at the link is over
             await trio.sleep(0.01)
         while link.end.tail is None:  # until the kernel stops taking them
-            link.open(request)
+            near, client = socket_pair()
+            clients.append(client)
+            Started(link, request, near)
             sent += 1
         conn = MuxConnection(Role.CLUSTER)
         got = 0
@@ -259,14 +286,14 @@ async def test_frames_sent_from_trios_thread_drain_when_the_peer_reads_again(pki
     assert got == sent
     link.close("test over")
     await far.aclose()
+    for client in clients:
+        await client.aclose()
 
 
 async def test_a_peer_that_does_not_read_cannot_grow_the_links_backlog(pki, monkeypatch):
     # Every OPEN gets a REPLY; a peer that sends OPENs and reads nothing
     # makes the cluster's link queue replies. Past LINK_BACKLOG the link
     # stops reading the peer (TCP pushes back) instead of queueing more.
-    import socket
-
     from protocols.mux import MuxConnection
 
     monkeypatch.setattr(muxlink, "LINK_BACKLOG", 64 * 1024)
@@ -276,7 +303,7 @@ async def test_a_peer_that_does_not_read_cannot_grow_the_links_backlog(pki, monk
         cl_tls.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         peer.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
-        def refuse_all(stream, request) -> None:
+        def refuse_all(link, stream, request) -> None:
             link.refuse(stream, DialError(code=ErrorCode.ACCESS_DENIED, message="no " * 100))
 
         link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",

@@ -31,6 +31,7 @@ from tests.unit import tlsutil
 from protocols.dial import DialAccept, DialRequest
 from protocols.mux import Role as MuxRole
 from tests.unit.tlsutil import read_exactly, read_until_eof
+from tests.unit.test_muxlink import Started
 
 HANG = 60  # seconds before a stuck test fails instead of hanging
 
@@ -518,20 +519,19 @@ class MuxPath:
     cluster_results: dict[int, tuple] = attrs.Factory(dict)
     cluster_scopes: dict[int, trio.CancelScope] = attrs.Factory(dict)
     nursery: trio.Nursery | None = None
+    token: trio.lowlevel.TrioToken | None = None
 
     async def gateway(self, client: trio.SocketStream) -> None:
         async with client:
             header = await read_exactly(client, 4)
             (cid,) = struct.unpack(">I", header)
-            stream = self.gateway_link.open(DialRequest(resource=str(cid)))
-            await stream.replied.wait()
-            assert isinstance(stream.reply, DialAccept), stream.reply
-            counters = RelayCounters()
-            error = await self.gateway_link.attach(stream, client, counters)
-            self.gateway_results[cid] = (error, counters)
+            started = Started(self.gateway_link, DialRequest(resource=str(cid)), client)
+            error = await started.ended()
+            assert isinstance(started.stream.reply, DialAccept), started.stream.reply
+            self.gateway_results[cid] = (error, started.counters)
 
-    def on_open(self, stream, request: DialRequest) -> None:
-        self.nursery.start_soon(self.cluster, stream, request)
+    def on_open(self, link, stream, request: DialRequest) -> None:  # the engine's thread
+        self.token.run_sync_soon(self.nursery.start_soon, self.cluster, stream, request)
 
     async def cluster(self, stream, request: DialRequest) -> None:
         cid = int(request.resource)
@@ -588,6 +588,7 @@ async def run_mux_stress(pki, *, seed: int, count: int, max_size: int) -> None:
     with trio.fail_after(HANG):
         async with trio.open_nursery() as handlers:
             path.nursery = handlers
+            path.token = trio.lowlevel.current_trio_token()
             async with link_l:
                 port = link_l.socket.getsockname()[1]
                 async with trio.open_nursery() as n:
