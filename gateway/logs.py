@@ -7,18 +7,26 @@ time, level and logger. No call site passes a secret.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import sys
+import threading
 import time
 
 
 class _KVFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second, self._stamp = -1, ""
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname.lower():7} {record.name}: {record.getMessage()}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        line = f"{self._stamp}.{int(record.msecs):03d}Z {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        if record.exc_text:
+            line += "\n" + record.exc_text
         return line
 
 
@@ -30,14 +38,71 @@ class _JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exc"] = record.exc_text
         return json.dumps(doc, separators=(",", ":"))
 
 
+class _Handoff(logging.Handler):
+    """Renders the message in the thread that logs and queues the record;
+    a writer thread writes what queued every ``FLUSH_INTERVAL``, in one
+    write. So a thread that logs (trio's, the relay engine's) never blocks on
+    a slow stderr (a stalled journald, a full pipe), and a line costs it the
+    record and a queue append: no wake-up of another thread per line."""
+
+    FLUSH_INTERVAL = 0.05
+
+    def __init__(self, stream, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.stream = stream
+        self.formatter = formatter
+        self.records: collections.deque[logging.LogRecord] = collections.deque()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="wicket-log", daemon=True)
+        self.thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:  # the traceback's frames must not outlive this call
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        self.records.append(record)
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.FLUSH_INTERVAL):
+            self.write_queued()
+        self.write_queued()
+
+    def write_queued(self) -> None:
+        records, lines = self.records, []
+        while records:
+            record = records.popleft()
+            try:
+                lines.append(self.formatter.format(record) + "\n")
+            except Exception:
+                self.handleError(record)
+        if lines:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except Exception:  # stderr closed: nowhere left to say so
+                pass
+
+    def close(self) -> None:
+        """Write what is still queued and stop the writer thread."""
+        self.stopping.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+        super().close()
+
+
+_TRACEBACKS = logging.Formatter()
+
+
 def setup(fmt: str = "text", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JSONFormatter() if fmt == "json" else _KVFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = [_Handoff(sys.stderr, _JSONFormatter() if fmt == "json" else _KVFormatter())]
     root.setLevel(level.upper())

@@ -11,14 +11,14 @@ bytes behind it, and nothing waits for trio. Everything else takes the slow
 path through trio: opening (or reopening) the connection to the cluster,
 picking up a renewed login, reporting an expired one.
 
-The end of every session, refused or relayed, is queued to trio, which logs
-it (a refusal with what to do next) in batches; other clients are
+The end of every session, refused or relayed, is logged from the thread that
+saw it (a refusal with what to do next); gateway/logs.py hands the line to a
+writer thread, so no thread here waits for stderr. Other clients are
 unaffected by one client's trouble.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import signal
 import socket
@@ -69,8 +69,6 @@ class TcpProxy:
         self.engine = engine()
         self.started = 0  # sessions started / ended (under the engine's lock)
         self.ended = 0
-        self._ended: collections.deque[tuple[MuxLink, Stream]] = collections.deque()
-        self._report_pending = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -130,11 +128,12 @@ class TcpProxy:
 
     def _on_end(self, link: MuxLink, stream: Stream) -> None:
         self.ended += 1
-        self._ended.append((link, stream))
-        if not self._report_pending:
-            self._report_pending = True
+        self._log_end(stream)  # queued for the log's writer thread: cheap here
+        if link is not self.dialer._link:
+            # A replaced connection (a renewed login) closes after its last
+            # session: trio's business, as is everything about connections.
             try:
-                self._token.run_sync_soon(self._report)
+                self._token.run_sync_soon(self.dialer.release, link)
             except trio.RunFinishedError:
                 pass
 
@@ -166,14 +165,6 @@ class TcpProxy:
             sock.close()
             raise
         sock.close()
-
-    def _report(self) -> None:
-        self._report_pending = False
-        ended = self._ended
-        while ended:
-            link, stream = ended.popleft()
-            self._log_end(stream)
-            self.dialer.release(link)
 
     def _log_end(self, stream: Stream) -> None:
         reply, client_addr = stream.reply, stream.context

@@ -102,6 +102,7 @@ import os
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import Callable
@@ -125,6 +126,9 @@ _READ = 256 * 1024  # plaintext read per step (and the scratch size)
 FRAME_HEADROOM = 16
 _CIPHER = _READ + 8 * 1024  # ciphertext read per recv: one read plus record overhead
 _MAX_EVENTS = 1024
+
+#: How long another thread may keep the GIL while the engine waits for it.
+SWITCH_INTERVAL = 0.0005
 
 #: Connections one listener accepts per turn of the loop.
 ACCEPT_BATCH = 64
@@ -335,6 +339,11 @@ class RelayEngine:
         self._cipher = memoryview(bytearray(_CIPHER))
         # A read with room in front for a frame header (gateway/net/muxlink.py).
         self._framed = memoryview(bytearray(FRAME_HEADROOM + _READ))
+        # Another thread running Python (trio's, a store worker encoding a
+        # batch of audit events) keeps the GIL until it blocks or for the
+        # switch interval, 5 ms by default: a relayed byte would wait that
+        # long. Asking for the GIL back sooner costs the busy thread little.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, name="wicket-relay", daemon=True)
         self._thread.start()
 
