@@ -221,6 +221,11 @@ def _audit_json_default(value: object) -> object:
     return dict(value) if isinstance(value, Mapping) else str(value)
 
 
+# Built once: json.dumps with any option builds a new encoder per call.
+_AUDIT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                               default=_audit_json_default)
+
+
 def _freeze_spec(value: Mapping[str, Any]) -> Mapping[str, Any]:
     """A read-only private copy of a JSON object (errors early if not JSON)."""
     if not isinstance(value, Mapping):
@@ -826,17 +831,19 @@ class Store:
 
     def append_audit_many(
         self, events: Iterable[tuple[str, str | None, Mapping[str, Any] | None, float | None]]
-    ) -> None:
+    ) -> list[tuple[float, str, str | None, str]]:
         """Append several events (event, user, fields, now) in one
         transaction: a busy cluster's statement log costs one commit per
-        batch, not per statement. All or none are written."""
+        batch, not per statement. All or none are written. Returns the rows
+        as stored: (time, event, user, fields as JSON text)."""
         rows = [self._audit_row(*e) for e in events]
         if not rows:
-            return
+            return rows
         with self._write() as conn:
             conn.executemany(
                 "INSERT INTO audit (time, event, user_name, fields) VALUES (?, ?, ?, ?)", rows
             )
+        return rows
 
     @staticmethod
     def _audit_row(
@@ -849,10 +856,7 @@ class Store:
         if fields is not None and not isinstance(fields, Mapping):
             raise TypeError(f"audit fields must be a mapping, not {type(fields).__name__}")
         try:
-            text = json.dumps(
-                dict(fields or {}), separators=(",", ":"), ensure_ascii=False,
-                allow_nan=False, default=_audit_json_default,
-            )
+            text = _AUDIT_JSON.encode(dict(fields or {}))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"audit fields for {event} are not JSON-serialisable: {exc}") from None
         if len(text.encode("utf-8")) > _MAX_AUDIT_FIELDS_BYTES:

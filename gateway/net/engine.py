@@ -128,7 +128,7 @@ _CIPHER = _READ + 8 * 1024  # ciphertext read per recv: one read plus record ove
 _MAX_EVENTS = 1024
 
 #: How long another thread may keep the GIL while the engine waits for it.
-SWITCH_INTERVAL = 0.0005
+SWITCH_INTERVAL = 0.0001
 
 #: Connections one listener accepts per turn of the loop.
 ACCEPT_BATCH = 64
