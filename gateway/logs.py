@@ -51,17 +51,24 @@ class _Handoff(logging.Handler):
     record and a queue append: no wake-up of another thread per line."""
 
     FLUSH_INTERVAL = 0.05
+    CLOSE_TIMEOUT = 5.0
+    #: Records that may wait for a stalled stderr; more are counted and dropped.
+    MAX_QUEUED = 100_000
 
     def __init__(self, stream, formatter: logging.Formatter) -> None:
         super().__init__()
         self.stream = stream
         self.formatter = formatter
         self.records: collections.deque[logging.LogRecord] = collections.deque()
+        self.dropped = 0
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="wicket-log", daemon=True)
         self.thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) >= self.MAX_QUEUED:
+            self.dropped += 1  # stderr has stalled: memory must not grow with it
+            return
         record.msg = record.getMessage()
         record.args = None
         if record.exc_info:  # the traceback's frames must not outlive this call
@@ -76,6 +83,12 @@ class _Handoff(logging.Handler):
 
     def write_queued(self) -> None:
         records, lines = self.records, []
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            lines.append(self.formatter.format(logging.makeLogRecord({
+                "name": "wicket.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"log_lines_dropped count={dropped} reason=stderr did not take them in time",
+            })) + "\n")
         while records:
             record = records.popleft()
             try:
@@ -93,7 +106,7 @@ class _Handoff(logging.Handler):
         """Write what is still queued and stop the writer thread."""
         self.stopping.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.thread.join()
+            self.thread.join(self.CLOSE_TIMEOUT)  # a stalled stderr must not hold up the exit
         super().close()
 
 

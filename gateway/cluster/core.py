@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway.cluster import config as cfg
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.rbac import Role
-from gateway.cluster.store import Resource, Store, User
+from gateway.cluster.store import Resource, Store, StoreError, User
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
 from protocols.errors import ErrorCode
@@ -106,6 +106,10 @@ class Cluster:
         # A second connection, used only from the event loop for the cheap
         # freshness check (the worker thread owns the first).
         self._reader = Store.open(config.state_dir / "wicket.db")
+        # And one for the relay engine's thread, which must never wait on
+        # the file (every session's bytes would wait with it): if SQLite is
+        # busy, the dial takes trio's path instead.
+        self._engine_reader = Store.open(config.state_dir / "wicket.db", busy_timeout=0.0)
         self._snapshot: Snapshot | None = None
         # Parsed identities of recent certificates (parsing is pure, and a
         # gateway presents the same certificate on every dial).
@@ -154,6 +158,7 @@ class Cluster:
     def close(self) -> None:
         self.audit_log.close()
         self._reader.close()
+        self._engine_reader.close()
         self.store.close()
 
     # -- start-up ------------------------------------------------------------
@@ -316,16 +321,21 @@ class Cluster:
         loop's own (WAL readers never wait for writers), so a lock written by
         the CLI a moment ago refuses the very next dial; the tables are
         re-read, on the worker thread, only after something changed."""
-        snap = self.fresh_snapshot()
-        if snap is None:
+        snap = self._snapshot
+        if snap is None or self._reader.change_counter() != snap.counter:
             snap = self._snapshot = await self.db(self._load_snapshot)
         return snap
 
     def fresh_snapshot(self) -> "Snapshot | None":
-        """The snapshot if nothing changed since it was loaded (one indexed
-        read, without blocking on writers; any thread), else None."""
+        """(the relay engine's thread) The snapshot if nothing changed since
+        it was loaded (one indexed read that never waits), else None."""
         snap = self._snapshot
-        if snap is None or self._reader.change_counter() != snap.counter:
+        if snap is None:
+            return None
+        try:
+            if self._engine_reader.change_counter() != snap.counter:
+                return None
+        except StoreError:  # busy: let trio's path wait for it
             return None
         return snap
 

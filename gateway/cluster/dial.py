@@ -45,7 +45,7 @@ from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
 from gateway.net.engine import engine
-from gateway.net.muxlink import MuxLink, Stream
+from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
@@ -56,6 +56,10 @@ log = logging.getLogger("wicket.cluster.dial")
 
 DIAL_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
+#: Streams a multiplexed connection without a valid certificate may have
+#: open: enough for its dials to get their typed refusals, not enough for
+#: it to make the cluster hold much (each may carry a window of early data).
+UNAUTHENTICATED_STREAMS = 8
 READ_CHUNK = 64 * 1024
 
 Tap = Callable[[bytes], None]
@@ -115,8 +119,10 @@ async def connect_tcp(resource: Resource) -> trio.SocketStream:
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             return await trio.open_tcp_stream(host, port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise unreachable(resource, getattr(exc, "strerror", None) or type(exc).__name__) from None
+    except trio.TooSlowError:
+        raise unreachable(resource, "timed out") from None
+    except OSError as exc:
+        raise unreachable(resource, exc.strerror or str(exc)) from None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -200,6 +206,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     # without a valid identity lives only long enough to answer its first
     # dial with the typed refusal (as a dial on its own connection would),
     # so it cannot hold one of the cluster's connection slots for long.
+    max_streams = MAX_STREAMS
     try:
         identity, _user, _roles = await cluster.identify(cert)
         lifetime = (identity.not_after - utcnow()).total_seconds() if cluster.config.disconnect_expired_cert \
@@ -208,6 +215,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     except pki.CertError as exc:
         lifetime = DIAL_TIMEOUT
         expiry = f"no valid session certificate ({exc.code.value})"
+        max_streams = UNAUTHENTICATED_STREAMS
     token = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
 
@@ -220,7 +228,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 token.run_sync_soon(in_trio, link, st, request)
 
         link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
-                       on_open=on_open)
+                       on_open=on_open, max_streams=max_streams)
         reason = "the cluster is stopping"
         try:
             with trio.move_on_after(max(0.0, lifetime)) as timer:
@@ -363,7 +371,7 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     stale (reloading it reads the store), the upstream's host is a name to
     resolve, or the cluster is at its session limit."""
     snap = cluster.fresh_snapshot()
-    if snap is None or len(cluster.sessions) >= MAX_CONNECTIONS:
+    if snap is None:
         return False
     audit = _DialAudit.of(request, TCP, client_addr)
     try:
@@ -372,24 +380,29 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
         link.refuse(st, audit.denied(cluster, refusal))
         return True
     target = literal_address(resource.address)
-    if target is None:
+    if target is None or len(cluster.sessions) >= MAX_CONNECTIONS:
         return False
     session = cluster.new_session(audit.user, resource.name, TCP.kind)
+    es = st.context = _EngineSession(session, time.monotonic(), client_addr)
+    # From now on a lock or a stop cuts the stream, even while the upstream
+    # is still connecting (``connected`` then finds it finished). Both run
+    # under the engine's lock, so neither can slip between the other's steps.
+    session.cut = functools.partial(link.cut, st)
 
     def connected(sock: socket.socket | None, error: str | None) -> None:
         if sock is None:
+            session.cut = None
             cluster.end_session(session)
             link.refuse(st, audit.denied(cluster, unreachable(resource, error)))
             return
         audit.allowed(cluster, session, decision)
         _audit_start(cluster, session, client_addr, {})
-        es = st.context = _EngineSession(session, time.monotonic(), client_addr)
-        if st.finished or link.failed is not None:  # the gateway gave up meanwhile
+        es.started = time.monotonic()
+        if st.finished or link.failed is not None:  # cut, or the gateway gave up, meanwhile
             sock.close()
             _engine_session_ended(cluster, es, RelayCounters(), st.error or "the gateway ended the stream "
                                   "before it started")
             return
-        session.cut = functools.partial(link.cut, st)
         st.notify = functools.partial(_engine_stream_ended, cluster)
         link.accept(st, DialAccept(session_id=session.id), sock, RelayCounters())
 

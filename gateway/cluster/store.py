@@ -507,13 +507,14 @@ class Store:
         self._mutex = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path) -> Store:
-        """Open (creating and migrating if needed) the store at *path*."""
+    def open(cls, path: Path, *, busy_timeout: float = _BUSY_TIMEOUT_S) -> Store:
+        """Open (creating and migrating if needed) the store at *path*.
+        *busy_timeout*: how long a call may wait for another writer."""
         path = Path(path)
         _prepare_file(path)
         try:
             conn = sqlite3.connect(
-                str(path), timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {path}: {exc}") from None

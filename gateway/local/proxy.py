@@ -128,7 +128,7 @@ class TcpProxy:
 
     def _on_end(self, link: MuxLink, stream: Stream) -> None:
         self.ended += 1
-        self._log_end(stream)  # queued for the log's writer thread: cheap here
+        self._log_end(link, stream)  # queued for the log's writer thread: cheap here
         if link is not self.dialer._link:
             # A replaced connection (a renewed login) closes after its last
             # session: trio's business, as is everything about connections.
@@ -166,7 +166,7 @@ class TcpProxy:
             raise
         sock.close()
 
-    def _log_end(self, stream: Stream) -> None:
+    def _log_end(self, link: MuxLink, stream: Stream) -> None:
         reply, client_addr = stream.reply, stream.context
         if isinstance(reply, DialAccept):
             counters = stream.counters
@@ -178,8 +178,10 @@ class TcpProxy:
                         self.resource, client_addr, reply.raw_code or reply.code.value, reply.message,
                         NEXT_STEP.get(reply.code, "see the cluster's audit log"))
         else:
-            log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
-                        stream.error or "the session ended before the cluster answered")
+            error = stream.error or "the session ended before the cluster answered"
+            if link.failed is not None:
+                error += "; is `wicket-cluster start` still running?"
+            log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr, error)
 
 
 async def run_listener(

@@ -210,13 +210,16 @@ class Timer:
     """A callback :meth:`RelayEngine.call_later` will run; ``cancel`` it
     (with the engine's lock held) if it is no longer wanted."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "engine")
 
-    def __init__(self, fn: Callable[[], None]) -> None:
+    def __init__(self, fn: Callable[[], None], engine: "RelayEngine") -> None:
         self.fn: Callable[[], None] | None = fn
+        self.engine = engine
 
     def cancel(self) -> None:
-        self.fn = None
+        if self.fn is not None:
+            self.fn = None
+            self.engine._cancelled_timers += 1
 
 
 class _Listener:
@@ -282,10 +285,17 @@ class _Connecting:
 
     def on_ready(self, end: _End, ev: int) -> None:
         err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if not err and not ev & _ALWAYS:
-            self._end(end.sock, None)
-        else:
-            self._end(None, os.strerror(err) if err else "connection failed")
+        if err:
+            self._end(None, os.strerror(err))
+            return
+        try:
+            end.sock.getpeername()
+        except OSError:
+            # Not connected yet, and no error: a stale event (meant for a
+            # socket closed earlier in this batch whose descriptor this one
+            # reuses). Keep waiting for the real one.
+            return
+        self._end(end.sock, None)
 
     def _timed_out(self) -> None:
         self._end(None, "timed out")
@@ -300,7 +310,10 @@ class _Connecting:
         end.owner = None
         if sock is None:
             end.sock.close()
-        done(sock, error)
+        try:
+            done(sock, error)
+        except Exception:
+            log.exception("connect_callback_failed action=report this as a bug with the traceback")
 
 
 def eligible(stream: object) -> bool:
@@ -329,6 +342,7 @@ class RelayEngine:
         self._lock = threading.RLock()
         self._epoll = select.epoll()
         self._timers: list[tuple[float, int, Timer]] = []  # a heap
+        self._cancelled_timers = 0  # cancelled ones still in the heap
         self._timer_seq = itertools.count()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
@@ -388,8 +402,15 @@ class RelayEngine:
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
         """Run ``fn`` in the engine's thread, under the lock, after
         ``delay`` seconds (any thread may call this)."""
-        timer = Timer(fn)
+        timer = Timer(fn, self)
         with self._lock:
+            timers = self._timers
+            if self._cancelled_timers > max(1024, len(timers) // 2):
+                # Cancelled timers wait in the heap until their deadline (a
+                # REPLY's is a minute away): drop them once they are most of it.
+                timers[:] = [t for t in timers if t[2].fn is not None]
+                heapq.heapify(timers)
+                self._cancelled_timers = 0
             when = time.monotonic() + delay
             first = not self._timers or when < self._timers[0][0]
             heapq.heappush(self._timers, (when, next(self._timer_seq), timer))
@@ -413,7 +434,11 @@ class RelayEngine:
         ``done(sock, None)`` with the connected non-blocking socket (with
         TCP_NODELAY), or ``done(None, reason)``, in the engine's thread under
         the lock (or in the calling thread, if it fails at once)."""
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors, say
+            done(None, exc.strerror or str(exc))
+            return
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -473,9 +498,12 @@ class RelayEngine:
         timers = self._timers
         now = time.monotonic()
         while timers and timers[0][0] <= now:
-            fn = heapq.heappop(timers)[2].fn
+            timer = heapq.heappop(timers)[2]
+            fn = timer.fn
             if fn is None:
+                self._cancelled_timers = max(0, self._cancelled_timers - 1)
                 continue  # cancelled
+            timer.fn = None
             try:
                 fn()
             except Exception:
@@ -483,7 +511,11 @@ class RelayEngine:
 
     def _guarded(self, end: _End, ev: int) -> None:
         if end.owner is not None:
-            end.owner.on_ready(end, ev)
+            try:
+                end.owner.on_ready(end, ev)
+            except Exception:  # a bug: keep the engine (every other session) running
+                log.exception("relay_engine_error owner=%s", type(end.owner).__name__)
+                self.forget(end)
             return
         session = end.session
         if session is None or session.finished:

@@ -119,7 +119,8 @@ class MuxLink:
 
     def __init__(self, engine: RelayEngine, tls: TLSStream, role: Role, *, name: str,
                  socket_name: str,
-                 on_open: Callable[["MuxLink", Stream, DialRequest], None] | None = None) -> None:
+                 on_open: Callable[["MuxLink", Stream, DialRequest], None] | None = None,
+                 max_streams: int | None = None) -> None:
         self.engine = engine
         self.role = role
         self.name = name
@@ -129,6 +130,7 @@ class MuxLink:
         self.blocked: dict[_End, None] = {}  # an ordered set
         self.token = trio.lowlevel.current_trio_token()
         self.on_open = on_open
+        self.max_streams = MAX_STREAMS if max_streams is None else max_streams
         self.failed: str | None = None
         self.closed = trio.Event()
         sock, tls_state = _detach(tls)
@@ -368,12 +370,12 @@ class MuxLink:
             refusal = None
             if self.on_open is None:
                 refusal = DialError(code=ErrorCode.BAD_REQUEST, message="this side does not accept streams")
-            elif len(self.streams) >= MAX_STREAMS:
+            elif len(self.streams) >= self.max_streams:
                 # Each stream costs the cluster a task and, once accepted,
                 # an upstream socket: a gateway cannot make it hold more.
                 refusal = DialError(
                     code=ErrorCode.RATE_LIMITED,
-                    message=f"too many sessions on one connection (the limit is {MAX_STREAMS}); "
+                    message=f"too many sessions on one connection (the limit is {self.max_streams}); "
                             f"close some and try again",
                 )
             if refusal is not None:

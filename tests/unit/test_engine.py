@@ -316,3 +316,65 @@ async def test_listen_hands_each_connection_to_the_callback_until_closed():
     assert sock.fileno() == -1 and acceptor.end.fd not in eng._ends
     for s in (*clients, *(a[0] for a in accepted)):
         s.close()
+
+
+async def test_connect_ignores_a_stale_event_and_reports_running_out_of_descriptors(monkeypatch):
+    import errno
+    import select
+    import socket
+
+    from gateway.net import engine as engine_module
+
+    eng = engine()
+    listener = listening(0)
+    fillers = []
+    for _ in range(2):  # a full accept queue: our connect stays in progress
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    seen = FromEngine()
+    eng.connect(socket.AF_INET, listener.getsockname(), HANG, seen)
+    with eng._lock:
+        (connecting,) = [e for e in eng._ends.values() if type(e.owner).__name__ == "_Connecting"]
+        # An event meant for an earlier socket with the same descriptor.
+        connecting.owner.on_ready(connecting, select.EPOLLOUT)
+        assert connecting.owner is not None and not seen.items  # still waiting
+        connecting.owner._timed_out()
+    assert await seen.wait_for(1) == [(None, "timed out")]
+
+    def no_more(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(engine_module.socket, "socket", no_more)
+    eng.connect(socket.AF_INET, listener.getsockname(), HANG, seen)
+    assert (await seen.wait_for(2))[1] == (None, "Too many open files")
+    monkeypatch.undo()
+    for s in (*fillers, listener):
+        s.close()
+
+
+async def test_a_failing_callback_does_not_stop_the_engine():
+    import socket
+
+    eng = engine()
+    listener = listening()
+
+    def broken(sock, error):
+        raise RuntimeError("a bug in a callback")
+
+    eng.connect(socket.AF_INET, listener.getsockname(), HANG, broken)
+    seen = FromEngine()
+    eng.connect(socket.AF_INET, listener.getsockname(), HANG, seen)  # the engine still serves
+    (sock, error), = await seen.wait_for(1)
+    assert error is None
+    sock.close()
+    listener.close()
+
+
+def test_cancelled_timers_do_not_pile_up_in_the_heap():
+    eng = engine()
+    with eng._lock:
+        for _ in range(5000):
+            eng.call_later(3600, lambda: None).cancel()
+        assert len(eng._timers) <= 2 * 1024 + 2

@@ -54,3 +54,20 @@ def test_lines_from_any_thread_are_written_in_order_with_tracebacks(root, fmt):
         assert second.endswith("warning wicket.test: from another thread n=2")
         assert "error   wicket.test: failed n=3\nTraceback" in third and "ValueError: boom" in third
         assert "below the level" not in lines
+
+
+def test_a_stalled_stderr_bounds_what_waits_and_says_how_much_it_dropped(root, monkeypatch):
+    monkeypatch.setattr(logs._Handoff, "FLUSH_INTERVAL", 3600)  # the writer never gets to it
+    monkeypatch.setattr(logs._Handoff, "MAX_QUEUED", 3)
+    logs.setup("text")
+    out = io.StringIO()
+    handler = root.handlers[0]
+    handler.stream = out
+    log = logging.getLogger("wicket.test")
+    for i in range(10):
+        log.info("line n=%d", i)
+    assert len(handler.records) == 3
+    handler.close()
+    lines = out.getvalue().splitlines()
+    assert "log_lines_dropped count=7" in lines[0]
+    assert [line.rsplit(" ", 1)[1] for line in lines[1:]] == ["n=0", "n=1", "n=2"]

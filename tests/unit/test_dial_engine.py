@@ -1,0 +1,100 @@
+"""The cluster deciding a multiplexed dial in the relay engine's thread
+(gateway/cluster/dial.py, ``_start_in_engine``), over a real pair of links:
+what happens between the decision and the upstream's connect. The checks
+themselves (``_authorize``) and the trio path are tested end to end in
+tests/integration/test_tcp_route.py; here the cluster is a small stand-in
+with the same session and audit calls."""
+
+from __future__ import annotations
+
+import socket
+import time
+import types
+
+import attrs
+import pytest
+import trio
+
+from gateway.cluster import dial
+from gateway.cluster.core import LiveSession
+from gateway.net.engine import engine
+from gateway.net.muxlink import MuxLink
+from protocols.dial import DialRequest
+from protocols.mux import Role
+from tests.unit import tlsutil
+from tests.unit.test_engine import tls_pair
+from tests.unit.test_muxlink import HANG, Started, socket_pair
+from tests.unit.tlsutil import read_until_eof
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return tlsutil.make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@attrs.define
+class StandIn:
+    """What _start_in_engine uses of a Cluster."""
+
+    sessions: dict = attrs.Factory(dict)
+    events: list = attrs.Factory(list)
+
+    def fresh_snapshot(self):
+        return object()
+
+    def new_session(self, user, resource, kind) -> LiveSession:
+        session = LiveSession(id=f"s{len(self.events)}", user=user, resource=resource, kind=kind,
+                              started=time.time(), cancel_scope=trio.CancelScope())
+        self.sessions[session.id] = session
+        return session
+
+    def end_session(self, session) -> None:
+        self.sessions.pop(session.id, None)
+
+    def audit_soon(self, event, user, **fields) -> None:
+        self.events.append((event, fields))
+
+
+async def test_a_lock_while_the_upstream_connects_cuts_the_session(pki, monkeypatch):
+    resource = types.SimpleNamespace(name="echo", address="127.0.0.1:9", labels={})
+
+    def authorize(cluster, snap, cert, request, kind, audit):
+        audit.user = "alice"
+        return None, resource, {}, types.SimpleNamespace(reason="allowed by role 'dev'")
+
+    monkeypatch.setattr(dial, "_authorize", authorize)
+    eng = engine()
+    connects: list = []
+    monkeypatch.setattr(eng, "connect", lambda family, address, timeout, done: connects.append(done))
+    cluster = StandIn()
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        gw_tls, cl_tls = await tls_pair(pki, listener)
+
+    def on_open(link, stream, request) -> None:  # the engine's thread
+        assert dial._start_in_engine(cluster, link, stream, request, b"cert", "gw")
+
+    cluster_link = MuxLink(eng, cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream", on_open=on_open)
+    gateway_link = MuxLink(eng, gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    near, client = socket_pair()
+    started = Started(gateway_link, DialRequest(resource="echo"), near)
+    with trio.fail_after(HANG):
+        while not connects:  # the OPEN reached the cluster; its connect is "in flight"
+            await trio.sleep(0.01)
+        (session,) = cluster.sessions.values()
+        session.cancel("user_locked")  # what watch_locks does, from trio's thread
+        assert "user_locked" in await started.ended()  # the gateway got the RESET
+        assert await read_until_eof(client) == b""
+        upstream, far = socket.socketpair()
+        with eng._lock:
+            connects[0](upstream, None)  # the connect completes after all
+    assert upstream.fileno() == -1  # closed, never relayed
+    assert [e for e, _ in cluster.events] == ["dial.allowed", "session.start", "session.end"]
+    assert cluster.events[-1][1]["reason"] == "user_locked"
+    assert not cluster.sessions and not len(cluster_link)
+    for s in (far,):
+        s.close()
+    await client.aclose()
+    gateway_link.close("test over")
+    with trio.fail_after(HANG):
+        await cluster_link.closed.wait()
