@@ -25,9 +25,9 @@ Both directions carry frames::
                        more DATA bytes off the stream
 
 Streams. Only the gateway opens streams, with ids strictly increasing from
-1. The gateway may send DATA (within the window) and FIN right behind its
-OPEN, without waiting for the REPLY: a client's first bytes travel with the
-OPEN, so a session starts one round trip sooner. The cluster holds them until
+1. The gateway may send DATA (at most EARLY_DATA bytes) and FIN right behind
+its OPEN, without waiting for the REPLY: a client's first bytes travel with
+the OPEN, so a session starts one round trip sooner. The cluster holds them until
 it decides and passes them on only after accepting; a DialError reply ends
 the stream and discards them. The cluster sends DATA and FIN only after its
 DialAccept. A stream ends when both sides sent FIN, or on a RESET from either
@@ -77,7 +77,7 @@ from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest, Signal
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
-    "ALPN", "HEADER", "INITIAL_WINDOW", "MAX_DATA", "MAX_REASON", "MAX_STREAM_ID", "NEED_DATA",
+    "ALPN", "EARLY_DATA", "HEADER", "INITIAL_WINDOW", "MAX_DATA", "MAX_REASON", "MAX_STREAM_ID", "NEED_DATA",
     "FrameType", "Role", "MuxConnection", "MuxEvent",
     "StreamOpened", "StreamReplied", "StreamData", "StreamFin", "StreamReset", "StreamWindow",
 ]
@@ -85,7 +85,8 @@ __all__ = [
 ALPN: Final = "wicket-mux"
 
 HEADER: Final = struct.Struct(">BII")  # type, stream, length
-INITIAL_WINDOW: Final = 512 * 1024
+INITIAL_WINDOW: Final = 2 * 1024 * 1024
+EARLY_DATA: Final = 64 * 1024  # DATA the gateway may send on a stream before its REPLY
 MAX_DATA: Final = 256 * 1024
 MAX_CONTROL: Final = 4 + 65536  # one whole dial frame
 MAX_REASON: Final = 1024
@@ -153,15 +154,26 @@ MuxEvent = Union[StreamOpened, StreamReplied, StreamData, StreamFin, StreamReset
 
 
 class _Stream:
-    __slots__ = ("accepted", "send_window", "recv_window", "unacked", "local_fin", "remote_fin")
+    __slots__ = ("accepted", "send_window", "recv_window", "unacked", "local_fin", "remote_fin", "early_left")
 
     def __init__(self) -> None:
         self.accepted = False  # a DialAccept went (cluster) or came (gateway)
+        self.early_left = EARLY_DATA  # DATA the gateway may still send before the REPLY
         self.send_window = INITIAL_WINDOW  # DATA we may still send
         self.recv_window = INITIAL_WINDOW  # DATA the peer may still send
         self.unacked = 0  # DATA passed on but not yet acknowledged with WINDOW
         self.local_fin = False
         self.remote_fin = False
+
+    def window(self) -> int:
+        """DATA that may be sent now: the window, and before the REPLY also
+        what is left of EARLY_DATA."""
+        return self.send_window if self.accepted else min(self.send_window, self.early_left)
+
+    def spend(self, n: int) -> None:
+        self.send_window -= n
+        if not self.accepted:
+            self.early_left -= n
 
 
 def _remote(message: str) -> RemoteProtocolError:
@@ -202,7 +214,7 @@ class MuxConnection:
     def send_window(self, stream: int) -> int:
         """DATA bytes we may send on ``stream`` now (0 if it is over)."""
         s = self._streams.get(stream)
-        return s.send_window if s is not None and not s.local_fin else 0
+        return 0 if s is None or s.local_fin else s.window()
 
     # -- receiving -------------------------------------------------------
 
@@ -275,6 +287,10 @@ class MuxConnection:
             raise _remote(f"DATA on stream {stream_id} " + ("after FIN" if s.remote_fin else "before it was accepted"))
         if length > s.recv_window:
             raise _remote(f"DATA on stream {stream_id} exceeds its window ({length} > {s.recv_window})")
+        if not s.accepted:
+            if length > s.early_left:
+                raise _remote(f"more than {EARLY_DATA} bytes of DATA on stream {stream_id} before its REPLY")
+            s.early_left -= length
         s.recv_window -= length
         return stream_id
 
@@ -389,10 +405,10 @@ class MuxConnection:
         the window), for a caller that has the payload in its own buffer
         right behind room for the header (no copy of the payload)."""
         s = self._sendable(stream_id)
-        if not 0 < n <= min(s.send_window, MAX_DATA):
+        if not 0 < n <= min(s.window(), MAX_DATA):
             raise _local(f"{n} bytes do not fit one DATA frame on stream {stream_id} "
-                         f"(window {s.send_window})")
-        s.send_window -= n
+                         f"(window {s.window()})")
+        s.spend(n)
         return HEADER.pack(FrameType.DATA, stream_id, n)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> bytes:
@@ -400,9 +416,9 @@ class MuxConnection:
         ``send_window(stream_id)`` bytes."""
         s = self._sendable(stream_id)
         n = len(data)
-        if not 0 < n <= s.send_window:
-            raise _local(f"{n} bytes do not fit stream {stream_id}'s window ({s.send_window})")
-        s.send_window -= n
+        if not 0 < n <= s.window():
+            raise _local(f"{n} bytes do not fit stream {stream_id}'s window ({s.window()})")
+        s.spend(n)
         if n <= MAX_DATA:
             return HEADER.pack(FrameType.DATA, stream_id, n) + data
         out = bytearray()

@@ -399,6 +399,13 @@ class MuxLink:
                 stream.timer = None
             if isinstance(event.reply, DialError):
                 self._finish(stream, event.reply.message, reset=False)
+            elif stream.end is not None:
+                # Its window may have been held at EARLY_DATA: read on now.
+                try:
+                    self._pump(stream)
+                    self._settle(stream)
+                except _Failure as exc:
+                    self._stream_failed(stream, exc)
 
     def _stream_failed(self, stream: Stream, exc: _Failure) -> None:
         """One stream's socket failed: reset that stream. A failure of the

@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest, encode_event
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.mux import (
+    EARLY_DATA,
     HEADER,
     INITIAL_WINDOW,
     MAX_DATA,
@@ -72,7 +73,7 @@ def test_the_gateway_may_send_data_and_fin_behind_its_open(how):
     assert not gw.is_live(sid) and not cl.is_live(sid)
 
 
-def test_early_data_after_a_refusal_is_ignored_and_beyond_the_window_is_an_error():
+def test_early_data_after_a_refusal_is_ignored_and_its_limits():
     gw, cl = MuxConnection(Role.GATEWAY), MuxConnection(Role.CLUSTER)
     sid, data = gw.send_open(REQUEST)
     events(cl, data)
@@ -80,11 +81,25 @@ def test_early_data_after_a_refusal_is_ignored_and_beyond_the_window_is_an_error
     # Crossing on the wire: the gateway's early bytes arrive after the refusal.
     assert events(cl, gw.send_data(sid, b"x" * 10) + gw.send_fin(sid)) == []
     assert events(gw, refusal) == [StreamReplied(sid, DialError(code=ErrorCode.ACCESS_DENIED, message="no"))]
+    # Before the REPLY the gateway may send EARLY_DATA bytes, no more.
     gw, cl = MuxConnection(Role.GATEWAY), MuxConnection(Role.CLUSTER)
     sid, data = gw.send_open(REQUEST)
+    assert gw.send_window(sid) == EARLY_DATA
+    data += gw.send_data(sid, b"x" * EARLY_DATA)
+    assert gw.send_window(sid) == 0
+    with pytest.raises(LocalProtocolError):
+        gw.send_data(sid, b"x")
+    events(cl, data)
+    with pytest.raises(RemoteProtocolError, match="before its REPLY"):
+        events(cl, frame(FrameType.DATA, sid, b"x"))
+    # After it, the whole window (what was sent early counts against it).
+    gw, cl = MuxConnection(Role.GATEWAY), MuxConnection(Role.CLUSTER)
+    sid, data = gw.send_open(REQUEST)
+    events(cl, data + gw.send_data(sid, b"x" * 10))
+    events(gw, cl.send_reply(sid, DialAccept(session_id="s")))
+    assert gw.send_window(sid) == INITIAL_WINDOW - 10
     with pytest.raises(RemoteProtocolError, match="exceeds its window"):
-        events(cl, data + frame(FrameType.DATA, sid, b"x" * MAX_DATA) * (INITIAL_WINDOW // MAX_DATA)
-               + frame(FrameType.DATA, sid, b"x"))
+        events(cl, frame(FrameType.DATA, sid, b"x" * MAX_DATA) * (INITIAL_WINDOW // MAX_DATA))
 
 
 @pytest.mark.parametrize("how", ["whole", "bytewise"])

@@ -122,15 +122,19 @@ async def test_sessions_flow_both_ways_with_half_close(pki):
         done: dict[str, str | None] = {}
 
         async def one(resource: str, data: bytes) -> None:
-            # The client's bytes go out before the cluster accepts: they
-            # follow the OPEN, and the cluster passes them on once it has.
+            # The client sends everything at once: up to EARLY_DATA of it
+            # follows the OPEN, the rest once the cluster accepted.
             client, started = await pair.session(resource, accepted=False)
-            await client.send_all(data[:1000])
             async with trio.open_nursery() as inner:
+
+                async def send() -> None:
+                    await client.send_all(data)
+                    await client.send_eof()
 
                 async def wait() -> None:
                     done[resource] = await started.ended()
 
+                inner.start_soon(send)
                 inner.start_soon(wait)
                 await pair.accepted[resource].wait()
                 upstream = pair.upstreams[resource]
@@ -142,8 +146,6 @@ async def test_sessions_flow_both_ways_with_half_close(pki):
                     await upstream.send_eof()
 
                 inner.start_soon(echo)
-                await client.send_all(data[1000:])
-                await client.send_eof()
                 assert await read_until_eof(client) == data[::-1]
             counters = started.counters
             assert (counters.a_to_b, counters.b_to_a) == (len(data), len(data))
