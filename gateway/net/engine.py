@@ -433,7 +433,8 @@ class RelayEngine:
         """Open a TCP connection to ``address`` without blocking; then
         ``done(sock, None)`` with the connected non-blocking socket (with
         TCP_NODELAY), or ``done(None, reason)``, in the engine's thread under
-        the lock (or in the calling thread, if it fails at once)."""
+        the lock, or right away in the calling thread when the outcome is
+        known at once (a loopback connect usually is)."""
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # out of descriptors, say
@@ -450,6 +451,15 @@ class RelayEngine:
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             done(None, os.strerror(err))
+            return
+        try:
+            sock.getpeername()
+        except OSError:
+            pass  # in progress: epoll says when it is done
+        else:
+            # Already connected, as a loopback connect always is: no need
+            # to wait for the event (and pay a turn of the loop for it).
+            done(sock, None)
             return
         with self._lock:
             connecting = _Connecting(self, sock, done, timeout)

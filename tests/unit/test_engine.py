@@ -279,12 +279,12 @@ async def test_connect_reports_a_connected_socket_or_why_not():
     assert (await seen.wait_for(2))[1] == (None, "Connection refused")
 
 
-async def test_connect_gives_up_after_its_timeout():
-    # A listener whose accept queue is full drops further SYNs: the connect
-    # neither succeeds nor fails until our timeout.
+def full_listener():
+    """A listener whose accept queue is full, so it drops further SYNs: a
+    connect to it neither succeeds nor fails for a while. Also returns the
+    connections that fill it."""
     import socket
 
-    eng = engine()
     listener = listening(0)
     fillers = []
     for _ in range(2):
@@ -292,6 +292,14 @@ async def test_connect_gives_up_after_its_timeout():
         s.setblocking(False)
         s.connect_ex(listener.getsockname())
         fillers.append(s)
+    return listener, fillers
+
+
+async def test_connect_gives_up_after_its_timeout():
+    import socket
+
+    eng = engine()
+    listener, fillers = full_listener()
     seen = FromEngine()
     eng.connect(socket.AF_INET, listener.getsockname(), 0.2, seen)
     assert await seen.wait_for(1) == [(None, "timed out")]
@@ -326,13 +334,7 @@ async def test_connect_ignores_a_stale_event_and_reports_running_out_of_descript
     from gateway.net import engine as engine_module
 
     eng = engine()
-    listener = listening(0)
-    fillers = []
-    for _ in range(2):  # a full accept queue: our connect stays in progress
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(listener.getsockname())
-        fillers.append(s)
+    listener, fillers = full_listener()  # our connect stays in progress
     seen = FromEngine()
     eng.connect(socket.AF_INET, listener.getsockname(), HANG, seen)
     with eng._lock:
@@ -358,18 +360,21 @@ async def test_a_failing_callback_does_not_stop_the_engine():
     import socket
 
     eng = engine()
-    listener = listening()
+    full, fillers = full_listener()
+    seen = FromEngine()
 
     def broken(sock, error):
+        seen("broken called")
         raise RuntimeError("a bug in a callback")
 
-    eng.connect(socket.AF_INET, listener.getsockname(), HANG, broken)
-    seen = FromEngine()
+    eng.connect(socket.AF_INET, full.getsockname(), 0.05, broken)  # ends in the engine's thread
+    assert await seen.wait_for(1) == ["broken called"]
+    listener = listening()
     eng.connect(socket.AF_INET, listener.getsockname(), HANG, seen)  # the engine still serves
-    (sock, error), = await seen.wait_for(1)
+    sock, error = (await seen.wait_for(2))[1]
     assert error is None
-    sock.close()
-    listener.close()
+    for s in (sock, listener, full, *fillers):
+        s.close()
 
 
 def test_cancelled_timers_do_not_pile_up_in_the_heap():
