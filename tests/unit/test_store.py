@@ -661,3 +661,34 @@ def test_append_audit_many_is_one_ordered_transaction(store: Store) -> None:
         store.append_audit_many([("ok.event", None, None, 1.0), ("Bad Event", None, None, 2.0)])
     assert len(store.query_audit()) == 3
     store.append_audit_many([])
+
+
+def test_audit_jsonl_lines_from_two_writers_never_interleave(tmp_path: Path) -> None:
+    # The cluster and the admin CLI append to one file, each from its own
+    # descriptor (as two processes do): every line stays whole.
+    import json
+
+    from gateway.cluster.audit import AuditLog
+
+    jsonl = tmp_path / "audit.jsonl"
+    logs = [AuditLog(Store.open(tmp_path / f"w{i}.db"), jsonl) for i in range(2)]
+    big = {"statement": "x" * 20_000, "params": {"é": "ü"}}
+
+    def writer(log: AuditLog, who: str) -> None:
+        for i in range(20):
+            log.write_many([("session.statement", who, {**big, "n": i}, 1.0)] * 10)
+
+    threads = [threading.Thread(target=writer, args=(log, f"user{i}")) for i, log in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = jsonl.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 * 20 * 10
+    docs = [json.loads(line) for line in lines]
+    assert {d["user"] for d in docs} == {"user0", "user1"}
+    assert all(d["params"] == {"é": "ü"} and d["event"] == "session.statement" for d in docs)
+    assert stat.S_IMODE(jsonl.stat().st_mode) == 0o600
+    for log in logs:
+        log.close()
+        log.store.close()
