@@ -479,12 +479,14 @@ class RelayEngine:
             if self._again:
                 timeout = 0
             elif timers:
-                timeout = max(0.0, timers[0][0] - time.monotonic())
+                with self._lock:
+                    self._drop_cancelled()
+                timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else -1
             else:
                 timeout = -1
             events = poll(timeout, _MAX_EVENTS)
             with self._lock:
-                if timers:
+                if timers and timers[0][0] <= time.monotonic():
                     self._run_timers()
                 for fd, ev in events:
                     if fd == wake_fd:
@@ -500,9 +502,18 @@ class RelayEngine:
                 again, self._again = self._again, []
                 for end in again:
                     self._guarded(end, _IN)
-                if self._ended_since_trim >= max(TRIM_AFTER, len(ends) // 2):
+                if self._ended_since_trim >= TRIM_AFTER and self._ended_since_trim >= len(ends) // 2:
                     self._ended_since_trim = 0
                     _trim_heap()
+
+    def _drop_cancelled(self) -> None:
+        """Pop cancelled timers off the top of the heap: an established
+        session's loop then pays nothing for a REPLY timer cancelled long
+        before its deadline."""
+        timers = self._timers
+        while timers and timers[0][2].fn is None:
+            heapq.heappop(timers)
+            self._cancelled_timers = max(0, self._cancelled_timers - 1)
 
     def _run_timers(self) -> None:
         timers = self._timers

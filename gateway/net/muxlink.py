@@ -306,7 +306,7 @@ class MuxLink:
             plain = engine._plain
             budget = PUMP_BUDGET
             conn = self.conn
-            while engine.backlog(end) < LINK_BACKLOG:
+            while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
                 n = engine._read(end, plain)  # reports a TLS error that came with data
                 if n < 0:
                     break
@@ -560,8 +560,13 @@ class MuxLink:
         if self.failed is not None:
             return
         end = self.end
-        reading = not end.failed and self.engine.backlog(end) < LINK_BACKLOG
-        self.engine.set_mask(end, (_IN if reading else 0) | (_OUT if end.tail is not None else 0))
+        if end.tail is None:  # the usual case, checked without a call
+            mask = 0 if end.failed else _IN
+        else:
+            reading = not end.failed and len(end.tail) + end.more_bytes < LINK_BACKLOG
+            mask = (_IN if reading else 0) | _OUT
+        if mask != end.mask or end.registered != bool(mask):
+            self.engine.set_mask(end, mask)
 
     def _finish(self, stream: Stream, error: str | None, *, reset: bool) -> None:
         if stream.finished:
