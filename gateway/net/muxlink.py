@@ -306,23 +306,36 @@ class MuxLink:
             plain = engine._plain
             budget = PUMP_BUDGET
             conn = self.conn
-            while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
+            last = False
+            while True:
+                # Frames already received go first. Past LINK_BACKLOG the
+                # rest wait in ``conn``, unparsed, until our socket drains
+                # (EPOLLOUT brings us back here): however much one read
+                # brought, a peer that does not read cannot make us answer
+                # more than one frame beyond the limit.
+                while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    self._dispatch(event)
+                    if self.failed is not None:
+                        return
+                else:
+                    break
+                if last:
+                    break
                 n = engine._read(end, plain)  # reports a TLS error that came with data
                 if n < 0:
                     break
                 if n == 0:
                     raise _Failure(f"{self.name}: closed the multiplexed connection")
                 conn.receive_data(plain[:n])
-                while (event := conn.next_event()) is not NEED_DATA:
-                    self._dispatch(event)
-                    if self.failed is not None:
-                        return
                 budget -= n
                 if budget <= 0:
                     engine._again.append(end)
-                    break
-                if n < len(plain) and end.error_pending is None and not end.peer_closed:
-                    break
+                    last = True
+                elif n < len(plain) and end.error_pending is None and not end.peer_closed:
+                    last = True  # the kernel is empty: dispatch this, then wait for epoll
         self._update_link()
 
     def _dispatch(self, event) -> None:
