@@ -630,3 +630,22 @@ async def test_certificate_expiry_ends_a_live_session(make_gateway, cluster):
     ended = cluster.wait_audit(user=gw.user, event="session.end")
     assert ended[-1]["reason"] == "cert_expired", ended[-1]
     assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4
+
+
+def test_login_upgrades_a_hash_made_with_older_parameters(make_gateway, cluster, monkeypatch):
+    from gateway.cluster import passwords
+    from gateway.cluster.store import Store
+
+    gw = make_gateway("dev", login=False)
+    monkeypatch.setattr(passwords, "TIME_COST", passwords.TIME_COST + 1)  # "older" parameters
+    old = passwords.hash_password(PASSWORD)
+    monkeypatch.undo()
+    with Store.open(cluster.state / "wicket.db") as store:
+        store.set_password_hash(gw.user, old)
+        assert passwords.needs_rehash(store.get_user(gw.user).password_hash)
+    assert gw.login().returncode == 0
+    with Store.open(cluster.state / "wicket.db") as store:
+        new = store.get_user(gw.user).password_hash
+    assert new != old and not passwords.needs_rehash(new)
+    assert passwords.verify_password(new, PASSWORD)
+    assert gw.login().returncode == 0  # and the new one works
