@@ -154,11 +154,13 @@ MuxEvent = Union[StreamOpened, StreamReplied, StreamData, StreamFin, StreamReset
 
 
 class _Stream:
-    __slots__ = ("accepted", "send_window", "recv_window", "unacked", "local_fin", "remote_fin", "early_left")
+    __slots__ = ("accepted", "send_window", "recv_window", "unacked", "local_fin", "remote_fin", "early_left",
+                 "early_in")
 
     def __init__(self) -> None:
         self.accepted = False  # a DialAccept went (cluster) or came (gateway)
-        self.early_left = EARLY_DATA  # DATA the gateway may still send before the REPLY
+        self.early_left = EARLY_DATA  # (gateway) DATA we may still send before the REPLY
+        self.early_in = EARLY_DATA  # (cluster) DATA the gateway may still send before our REPLY
         self.send_window = INITIAL_WINDOW  # DATA we may still send
         self.recv_window = INITIAL_WINDOW  # DATA the peer may still send
         self.unacked = 0  # DATA passed on but not yet acknowledged with WINDOW
@@ -288,9 +290,9 @@ class MuxConnection:
         if length > s.recv_window:
             raise _remote(f"DATA on stream {stream_id} exceeds its window ({length} > {s.recv_window})")
         if not s.accepted:
-            if length > s.early_left:
+            if length > s.early_in:
                 raise _remote(f"more than {EARLY_DATA} bytes of DATA on stream {stream_id} before its REPLY")
-            s.early_left -= length
+            s.early_in -= length
         s.recv_window -= length
         return stream_id
 

@@ -143,23 +143,25 @@ class API:
             ):
                 return await self._login_failed(user_name, "wrong or reused totp code")
         if needs_rehash(user.password_hash):
-            await self._rehash(user_name, password)
+            await self._rehash(user_name, user.password_hash, password)
         roles = await self.cluster.roles_of(user)
         now = utcnow()
         return await self._issue(user_name, roles, public_key, body.get("ttl_seconds"),
                                  now=now, auth_time=now, event="login.ok")
 
-    async def _rehash(self, user_name: str, password: str) -> None:
-        """The stored hash was made with older parameters: store one made
-        with today's, now that we hold the verified password. A failure
-        here costs the upgrade, never the login."""
+    async def _rehash(self, user_name: str, old: str, password: str) -> None:
+        """The stored hash was made with weaker parameters: store one made
+        with today's, now that we hold the verified password, unless the
+        password changed meanwhile. A failure here costs the upgrade, never
+        the login."""
         try:
             new = await trio.to_thread.run_sync(hash_password, password, limiter=self.cluster.password_limiter)
-            await self.cluster.db(self.cluster.store.set_password_hash, user_name, new)
+            replaced = await self.cluster.db(self.cluster.store.replace_password_hash, user_name, old, new)
         except Exception as exc:
             log.warning("password_rehash_failed user=%s error=%s", user_name, type(exc).__name__)
             return
-        log.info("password_rehashed user=%s reason=hash made with older parameters", user_name)
+        if replaced:
+            log.info("password_rehashed user=%s reason=hash made with weaker parameters", user_name)
 
     # -- authenticated -------------------------------------------------------
 

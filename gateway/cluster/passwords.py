@@ -197,17 +197,18 @@ def verify_password(encoded: str, password: str) -> bool:
 
 
 def needs_rehash(encoded: str) -> bool:
-    """True if *encoded* was made with other parameters than today's defaults.
+    """True if *encoded* was made with weaker parameters than today's
+    defaults (less memory or time, a shorter salt or digest).
 
     The login path re-hashes the password it just verified when this is true,
-    so raising the defaults upgrades users as they log in.
+    so raising the defaults upgrades users as they log in. A stronger hash
+    (made by a newer version, or by hand) is left alone: never downgraded.
     """
     try:
         m, t, p, salt, digest = _parse(encoded)
     except InvalidPasswordHash:
         return True
-    current = (MEMORY_KIB, TIME_COST, LANES, SALT_BYTES, HASH_BYTES)
-    return (m, t, p, len(salt), len(digest)) != current
+    return m < MEMORY_KIB or t < TIME_COST or len(salt) < SALT_BYTES or len(digest) < HASH_BYTES
 
 
 # A well-formed hash with today's parameters that no password matches in

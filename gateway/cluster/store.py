@@ -661,6 +661,14 @@ class Store:
     def set_password_hash(self, name: str, password_hash: str) -> None:
         self._update_user(name, "password_hash = ?", (_check_password_hash(password_hash),))
 
+    def replace_password_hash(self, name: str, old: str, new: str) -> bool:
+        """Set *new* only if the stored hash is still *old* (a re-hash at
+        login must not undo a password change made meanwhile)."""
+        with self._write() as conn:
+            cursor = conn.execute("UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
+                                  (_check_password_hash(new), name, old))
+            return cursor.rowcount == 1
+
     def set_totp_secret(self, name: str, totp_secret: bytes | None) -> None:
         """Enrol (or with None, un-enrol) TOTP; forgets the last accepted step."""
         self._update_user(

@@ -434,7 +434,8 @@ class RelayEngine:
         ``done(sock, None)`` with the connected non-blocking socket (with
         TCP_NODELAY), or ``done(None, reason)``, in the engine's thread under
         the lock, or right away in the calling thread when the outcome is
-        known at once (a loopback connect usually is)."""
+        known at once (a loopback connect usually is): call it with the lock
+        held, so ``done`` always runs under it."""
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # out of descriptors, say
@@ -459,7 +460,10 @@ class RelayEngine:
         else:
             # Already connected, as a loopback connect always is: no need
             # to wait for the event (and pay a turn of the loop for it).
-            done(sock, None)
+            try:
+                done(sock, None)
+            except Exception:
+                log.exception("connect_callback_failed action=report this as a bug with the traceback")
             return
         with self._lock:
             connecting = _Connecting(self, sock, done, timeout)

@@ -191,6 +191,9 @@ class MuxLink:
             self._send_guarded(self.conn.send_reply(stream.sid, reply))
             if stream.finished:
                 return False
+            # The stream may send from now on (it could not before its
+            # REPLY): bind's epoll interest predates that.
+            self._update(stream.end)
             if stream.early:
                 data, stream.early = bytes(stream.early), None
                 self._run_guarded(stream.end, lambda: self._to_socket(stream, data))

@@ -637,7 +637,7 @@ def test_login_upgrades_a_hash_made_with_older_parameters(make_gateway, cluster,
     from gateway.cluster.store import Store
 
     gw = make_gateway("dev", login=False)
-    monkeypatch.setattr(passwords, "TIME_COST", passwords.TIME_COST + 1)  # "older" parameters
+    monkeypatch.setattr(passwords, "TIME_COST", passwords.TIME_COST - 1)  # older, weaker parameters
     old = passwords.hash_password(PASSWORD)
     monkeypatch.undo()
     with Store.open(cluster.state / "wicket.db") as store:

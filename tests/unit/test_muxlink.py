@@ -321,3 +321,41 @@ async def test_a_peer_that_does_not_read_cannot_grow_the_links_backlog(pki, monk
         link.close("test over")
         await peer.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_accepted_after_a_full_early_window_reads_its_upstream(pki):
+    # The gateway's first frame is exactly EARLY_DATA long and the cluster
+    # accepts between its header and its payload: from the REPLY on, the
+    # stream may send, so the upstream must be read. (It once was not: the
+    # epoll interest was computed before the REPLY and never again.)
+    import select
+
+    from protocols.mux import EARLY_DATA, NEED_DATA, MuxConnection, StreamData
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        peer, cl_tls = await tls_pair(pki, listener)
+    opened: list = []
+    link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
+                   on_open=lambda _link, stream, _request: opened.append(stream))
+    gw = MuxConnection(Role.GATEWAY)
+    sid, frame = gw.send_open(DialRequest(resource="r"))
+    await peer.send_all(frame + gw.send_data_header(sid, EARLY_DATA))  # the payload comes later
+    with trio.fail_after(HANG):
+        while not opened or link.conn._data_left != EARLY_DATA:  # the header is parsed
+            await trio.sleep(0.01)
+        near, upstream = socket_pair()
+        assert link.accept(opened[0], DialAccept(session_id="s"), near, RelayCounters())
+        assert opened[0].end.mask & select.EPOLLIN
+        await peer.send_all(b"x" * EARLY_DATA)
+        assert len(await read_exactly(upstream, EARLY_DATA)) == EARLY_DATA
+        await upstream.send_all(b"response")
+        got = b""
+        while b"response" not in got:
+            gw.receive_data(await peer.receive_some(65536))
+            while (event := gw.next_event()) is not NEED_DATA:
+                if isinstance(event, StreamData):
+                    got += bytes(event.data)
+    link.close("test over")
+    await peer.aclose()
+    await upstream.aclose()

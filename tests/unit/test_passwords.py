@@ -155,7 +155,8 @@ def test_other_valid_params_still_verify() -> None:
 
 def test_needs_rehash(stored: str) -> None:
     assert needs_rehash(stored) is False
-    assert needs_rehash(_phc(t=3)) is True
+    assert needs_rehash(_phc(t=1)) is True  # weaker: upgraded at the next login
+    assert needs_rehash(_phc(t=3)) is False  # stronger: never downgraded
     assert needs_rehash("garbage") is True
 
 

@@ -692,3 +692,18 @@ def test_audit_jsonl_lines_from_two_writers_never_interleave(tmp_path: Path) -> 
     for log in logs:
         log.close()
         log.store.close()
+
+
+def test_replace_password_hash_only_over_the_hash_it_expects(store: Store) -> None:
+    from gateway.cluster.passwords import hash_password
+
+    store.add_user("alice", DUMMY_HASH)
+    changed_meanwhile = hash_password("a new password")
+    store.set_password_hash("alice", changed_meanwhile)
+    # A re-hash computed from the old hash must not undo that change.
+    assert store.replace_password_hash("alice", DUMMY_HASH, hash_password("the old one")) is False
+    assert store.get_user("alice").password_hash == changed_meanwhile
+    upgraded = hash_password("a new password")
+    assert store.replace_password_hash("alice", changed_meanwhile, upgraded) is True
+    assert store.get_user("alice").password_hash == upgraded
+    assert store.replace_password_hash("nobody", DUMMY_HASH, upgraded) is False
