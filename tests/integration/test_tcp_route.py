@@ -482,6 +482,47 @@ def test_cluster_restart_keeps_state(tmp_path, echo):
         c.stop()
 
 
+async def test_the_proxy_rides_out_a_cluster_restart(tmp_path, echo):
+    """A running `wicket proxy tcp` loses its multiplexed connection when the
+    cluster stops: live sessions end, new clients are turned away with a
+    log line saying why, and once the cluster is back the proxy reconnects
+    by itself."""
+    from tests.integration.harness import Cluster, Gateway
+
+    c = Cluster(tmp_path, echo)
+    try:
+        c.add_user("dave", "dev")
+        gw = Gateway(tmp_path, c, "dave")
+        assert gw.login().returncode == 0
+        proc, port = gw.proxy_tcp("echo")
+        async with await connect(port) as live:
+            await live.send_all(b"before")
+            assert await live.receive_some(100) == b"before"
+            assert c.stop() == 0
+            with trio.fail_after(20):  # the live session ends with the cluster
+                while True:
+                    try:
+                        if not await live.receive_some(100):
+                            break
+                    except trio.BrokenResourceError:
+                        break
+        with trio.fail_after(20):
+            assert await refused(port)
+        wait_for(lambda: "dial_failed" in proc.log(), what="the refusal in the gateway log")
+        assert "wicket-cluster start" in proc.log()  # what to check
+        c.start()
+        with trio.fail_after(30):
+            while True:  # the proxy reconnects on its own (at most once a second)
+                try:
+                    if await roundtrip(port, b"after") == b"after":
+                        break
+                except trio.BrokenResourceError:
+                    pass
+                await trio.sleep(0.2)
+    finally:
+        c.stop()
+
+
 def test_cluster_health_without_cert(cluster):
     import ssl
 

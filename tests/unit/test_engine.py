@@ -383,3 +383,29 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap():
         for _ in range(5000):
             eng.call_later(3600, lambda: None).cancel()
         assert len(eng._timers) <= 2 * 1024 + 2
+
+
+async def test_a_listener_out_of_descriptors_pauses_then_accepts_what_waited():
+    import errno
+    import socket
+
+    class OutOfDescriptorsOnce(socket.socket):
+        failures = 0
+
+        def accept(self):
+            if not OutOfDescriptorsOnce.failures:
+                OutOfDescriptorsOnce.failures += 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    eng = engine()
+    seen = FromEngine()
+    plain = listening()
+    sock = OutOfDescriptorsOnce(fileno=plain.detach())
+    acceptor = eng.listen(sock, seen)
+    client = socket.create_connection(sock.getsockname())
+    (accepted, address), = await seen.wait_for(1)  # after the pause, not lost
+    assert OutOfDescriptorsOnce.failures == 1 and address == client.getsockname()
+    acceptor.close()
+    for s in (accepted, client):
+        s.close()
