@@ -48,7 +48,7 @@ from protocols.postgres import (
     NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, ConnectionClosed, CopyDataEvent,
     CopyDirection, CopyDoneEvent, CopyFailEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
     FunctionCallEvent, ParseEvent, QueryEvent, SSLRequest, StartupRelay, UpstreamLogin, UpstreamLoginError,
-    parse_ssl_answer,
+    parse_ssl_answer, replication_requested,
 )
 from protocols.postgres.scram import AuthMethod
 
@@ -96,7 +96,7 @@ class PostgresKind:
                 name = key[len(PG_PREFIX):]
                 if not name or "\x00" in name or "\x00" in value or name.startswith("_pq_."):
                     raise Refused(ErrorCode.BAD_REQUEST, f"startup parameter {name!r} is not allowed")
-                if name == "replication" and value.lower() not in ("false", "off", "no", "0"):
+                if name == "replication" and replication_requested(value):
                     raise Refused(ErrorCode.BAD_REQUEST,
                                   "replication connections are not supported through Wicket")
                 if name not in _BLOCKED_PARAMS:

@@ -37,7 +37,7 @@ from gateway.net.tls import TLSStream
 from protocols.dial import DialError, DialRequest
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocols.postgres import (
-    NEED_DATA, BackendKeyData, CancelRequest, ConnectionClosed, DirectTLS, GSSENCRequest, SSLRequest,
+    NEED_DATA, BackendKeyData, CancelRequest, ConnectionClosed, DirectTLS, GSSENCRequest, SqlState, SSLRequest,
     StartupConnection, StartupMessage, StartupRelay, error_response_for, negotiation_for,
 )
 
@@ -104,6 +104,13 @@ class PostgresProxy:
             elif isinstance(event, ConnectionClosed):
                 return None, client, b""
             elif isinstance(event, StartupMessage):
+                if event.wants_replication:
+                    # Turned away here, in the client's terms, before any
+                    # dial (the cluster refuses it too).
+                    raise RemoteProtocolError(
+                        "replication connections are not supported through Wicket; "
+                        "connect to the server directly for replication",
+                        code=ErrorCode.BAD_REQUEST, wire_hint=SqlState.FEATURE_NOT_SUPPORTED)
                 negotiation = negotiation_for(event)
                 early = negotiation.encode() if negotiation is not None else b""
                 trailing, _ = conn.trailing_data

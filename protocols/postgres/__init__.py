@@ -28,7 +28,7 @@ from protocols.postgres.messages import (
     ErrorResponse,
     GSSENCRequest, NegotiateProtocolVersion, NoticeResponse, ParameterStatus, ReadyForQuery,
     Signal, SqlState, SSLRequest, StartupMessage, error_code_for_sqlstate, error_response_for,
-    parse_ssl_answer,
+    parse_ssl_answer, replication_requested,
 )
 from protocols.postgres.scram import (
     AuthMethod, LoginReady, LoginState, ScramSHA256Client, UpstreamLogin, UpstreamLoginError,
@@ -42,7 +42,7 @@ __all__ = [
     "SSLRequest", "GSSENCRequest", "CancelRequest", "StartupMessage", "AuthenticationOk",
     "ParameterStatus", "BackendKeyData", "ReadyForQuery", "ErrorResponse", "NoticeResponse",
     "NegotiateProtocolVersion", "SqlState", "error_response_for", "error_code_for_sqlstate",
-    "parse_ssl_answer",
+    "parse_ssl_answer", "replication_requested",
     # gateway
     "StartupConnection", "State", "DirectTLS", "negotiation_for",
     "StartupRelay",

@@ -52,7 +52,7 @@ __all__ = [
     "SqlState", "SQLSTATE_FOR_CODE", "error_code_for_sqlstate", "protocol_violation",
     # untyped startup packets
     "SSLRequest", "GSSENCRequest", "CancelRequest", "StartupMessage", "StartupPacket",
-    "decode_startup_packet", "parse_ssl_answer",
+    "decode_startup_packet", "parse_ssl_answer", "replication_requested",
     # backend messages
     "AuthenticationOk", "AuthenticationCleartextPassword", "AuthenticationMD5Password",
     "AuthenticationSASL", "AuthenticationSASLContinue", "AuthenticationSASLFinal",
@@ -396,6 +396,10 @@ class StartupMessage:
         return self.parameters.get("replication")
 
     @property
+    def wants_replication(self) -> bool:
+        return replication_requested(self.replication)
+
+    @property
     def protocol_options(self) -> Mapping[str, str]:
         """The ``_pq_.*`` protocol extensions asked for (we support none)."""
         return MappingProxyType({k: v for k, v in self.parameters.items()
@@ -688,6 +692,12 @@ class NoticeResponse(_Fields):
     type_code = b"N"
     _severities = _NOTICE_SEVERITIES
     fields: Mapping[str, str] = _map_field(validator=_check_fields)
+
+
+def replication_requested(value: str | None) -> bool:
+    """Whether a ``replication`` startup parameter asks for a replication
+    connection (PostgreSQL reads false/off/no/0 as an ordinary one)."""
+    return value is not None and value.lower() not in ("false", "off", "no", "0")
 
 
 def error_response_for(error: Exception, *, message: str | None = None,

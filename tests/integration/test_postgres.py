@@ -359,6 +359,18 @@ def test_malformed_startup_gets_error_and_gateway_keeps_serving(pg_port):
     assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
 
 
+def test_replication_is_refused_as_not_supported(pg_port):
+    import socket
+    import struct
+
+    body = b"user\x00app\x00database\x00app\x00replication\x00database\x00\x00"
+    with socket.create_connection(("127.0.0.1", pg_port), timeout=30) as s:
+        s.sendall(struct.pack(">II", 8 + len(body), 3 << 16) + body)
+        answer = s.recv(4096)
+    assert answer[:1] == b"E" and b"C0A000" in answer and b"replication connections" in answer
+    assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
+
+
 # -- audit -------------------------------------------------------------------------
 
 

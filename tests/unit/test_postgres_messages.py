@@ -525,3 +525,10 @@ def test_fuzz_splitter(data: bytes, cut: int) -> None:
         split_all(splitter, [data[:cut], data[cut:]])
     except RemoteProtocolError:
         pass
+
+
+def test_replication_requested_reads_the_parameter_as_postgresql_does():
+    from protocols.postgres import replication_requested
+
+    assert not any(replication_requested(v) for v in (None, "false", "OFF", "no", "0"))
+    assert all(replication_requested(v) for v in ("true", "on", "database", "1", "yes"))
