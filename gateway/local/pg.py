@@ -28,7 +28,6 @@ import ssl
 
 import trio
 
-from gateway.identity import tlsconf
 from gateway.local.client import ClusterError, Dialer, DialRefused
 from gateway.local.profile import ProfileError
 from gateway.local.proxy import NEXT_STEP, peer_addr

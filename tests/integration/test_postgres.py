@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.integration.harness import Cluster, Echo, Gateway, PASSWORD, wait_for
+from tests.integration.harness import Cluster, Echo, Gateway, wait_for
 
 psycopg = pytest.importorskip("psycopg")
 asyncpg = pytest.importorskip("asyncpg")
