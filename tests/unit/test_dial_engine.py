@@ -22,7 +22,7 @@ from gateway.net.muxlink import MuxLink
 from protocols.dial import DialRequest
 from protocols.mux import Role
 from tests.unit import tlsutil
-from tests.unit.test_engine import tls_pair
+from tests.unit.test_engine import tls_connection
 from tests.unit.test_muxlink import HANG, Started, socket_pair
 from tests.unit.tlsutil import read_until_eof
 
@@ -67,9 +67,7 @@ async def test_a_lock_while_the_upstream_connects_cuts_the_session(pki, monkeypa
     connects: list = []
     monkeypatch.setattr(eng, "connect", lambda family, address, timeout, done: connects.append(done))
     cluster = StandIn()
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener:
-        gw_tls, cl_tls = await tls_pair(pki, listener)
+    gw_tls, cl_tls = await tls_connection(pki)
 
     def on_open(link, stream, request) -> None:  # the engine's thread
         assert dial._start_in_engine(cluster, link, stream, request, b"cert", "gw")

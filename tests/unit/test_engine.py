@@ -54,6 +54,14 @@ async def tls_pair(pki, listener):
     return client, server[0]
 
 
+async def tls_connection(pki):
+    """A handshaken (client, server) TLS pair over loopback, the listener
+    already closed."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        return await tls_pair(pki, listener)
+
+
 async def test_taps_see_every_byte_in_order_before_the_relay_returns(pki):
     # client (plain) -> [relay: plain | TLS] -> TLS peer, as the cluster
     # runs a PostgreSQL session with its audit parsers on both sides.

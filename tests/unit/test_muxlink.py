@@ -21,7 +21,7 @@ from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 from protocols.mux import Role
 from tests.unit import tlsutil
-from tests.unit.test_engine import tcp_pair, tls_pair
+from tests.unit.test_engine import tcp_pair, tls_connection, tls_pair
 from tests.unit.tlsutil import read_exactly, read_until_eof
 
 HANG = 60
@@ -260,9 +260,7 @@ async def test_frames_sent_from_trios_thread_drain_when_the_peer_reads_again(pki
     # not the engine's, wrote it. (It once did not: the dial hung.)
     from protocols.mux import NEED_DATA, MuxConnection
 
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener:
-        gw_tls, far = await tls_pair(pki, listener)
+    gw_tls, far = await tls_connection(pki)
     gw_tls.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     far.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
@@ -332,9 +330,7 @@ async def test_a_stream_accepted_after_a_full_early_window_reads_its_upstream(pk
 
     from protocols.mux import EARLY_DATA, NEED_DATA, MuxConnection, StreamData
 
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener:
-        peer, cl_tls = await tls_pair(pki, listener)
+    peer, cl_tls = await tls_connection(pki)
     opened: list = []
     link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
                    on_open=lambda _link, stream, _request: opened.append(stream))
