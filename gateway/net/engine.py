@@ -479,15 +479,8 @@ class RelayEngine:
         ends = self._ends
         wake_fd = self._wake_fd
         timers = self._timers
+        timeout = -1
         while True:
-            if self._again:
-                timeout = 0
-            elif timers:
-                with self._lock:
-                    self._drop_cancelled()
-                timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else -1
-            else:
-                timeout = -1
             events = poll(timeout, _MAX_EVENTS)
             with self._lock:
                 if timers and timers[0][0] <= time.monotonic():
@@ -509,6 +502,15 @@ class RelayEngine:
                 if self._ended_since_trim >= TRIM_AFTER and self._ended_since_trim >= len(ends) // 2:
                     self._ended_since_trim = 0
                     _trim_heap()
+                # The next poll's timeout, decided under the lock: another
+                # thread adding work or an earlier timer wakes us anyway.
+                if self._again:
+                    timeout = 0
+                elif timers:
+                    self._drop_cancelled()
+                    timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else -1
+                else:
+                    timeout = -1
 
     def _drop_cancelled(self) -> None:
         """Pop cancelled timers off the top of the heap: an established
