@@ -3,11 +3,13 @@ gateway process, a real echo upstream, clients over loopback sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import socket
+import ssl
 import time
 
 import pytest
@@ -28,6 +30,19 @@ async def roundtrip(port: int, payload: bytes) -> bytes:
         async for chunk in s:
             out += chunk
         return bytes(out)
+
+
+@contextlib.contextmanager
+def unverified_tls(cluster, alpn: str, timeout: float | None = None):
+    """A TLS connection to the cluster that checks nothing and presents no
+    certificate: what an anonymous peer can do."""
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols([alpn])
+    with socket.create_connection((host, int(port)), timeout=timeout) as raw, ctx.wrap_socket(raw) as s:
+        yield s
 
 
 async def refused(port: int) -> bool:
@@ -353,19 +368,12 @@ async def test_expired_certificate_refused_on_the_multiplexed_connection(make_ga
 
 
 def test_multiplexed_connection_without_certificate_gets_a_typed_refusal(cluster):
-    import ssl
-
     from protocols.dial import DialError, DialRequest
     from protocols.errors import ErrorCode
     from protocols.mux import NEED_DATA, MuxConnection, Role, StreamReplied
 
-    host, port = cluster.address.rsplit(":", 1)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["wicket-mux"])
     conn = MuxConnection(Role.GATEWAY)
-    with socket.create_connection((host, int(port))) as raw, ctx.wrap_socket(raw) as s:
+    with unverified_tls(cluster, "wicket-mux") as s:
         assert s.selected_alpn_protocol() == "wicket-mux"
         s.settimeout(20)
         # Each dial with early bytes behind it, as a gateway sends them: all
@@ -524,14 +532,7 @@ async def test_the_proxy_rides_out_a_cluster_restart(tmp_path, echo):
 
 
 def test_cluster_health_without_cert(cluster):
-    import ssl
-
-    host, port = cluster.address.rsplit(":", 1)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
-    with socket.create_connection((host, int(port))) as raw, ctx.wrap_socket(raw) as s:
+    with unverified_tls(cluster, "http/1.1") as s:
         assert s.version() == "TLSv1.3"
         s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
         assert b'"status":"ok"' in s.recv(4096)
@@ -541,8 +542,6 @@ def test_cluster_health_without_cert(cluster):
 
 
 def test_tls12_refused(cluster):
-    import ssl
-
     host, port = cluster.address.rsplit(":", 1)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -554,14 +553,7 @@ def test_tls12_refused(cluster):
 
 
 def _raw_api(cluster, method: str, path: str, body: bytes) -> bytes:
-    import ssl
-
-    host, port = cluster.address.rsplit(":", 1)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
-    with socket.create_connection((host, int(port)), timeout=30) as raw, ctx.wrap_socket(raw) as s:
+    with unverified_tls(cluster, "http/1.1", timeout=30) as s:
         s.sendall(f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
                   f"content-type: application/json\r\n\r\n".encode() + body)
         return s.recv(65536)
