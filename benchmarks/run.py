@@ -128,7 +128,8 @@ class Bench:
         a = self.args
         rounds = a.rounds
         per = a.size * MiB // rounds
-        acc = {n: {"up_s": 0.0, "down_s": 0.0, "bytes": 0, "cpu": {}, "up_rates": [], "down_rates": []}
+        acc = {n: {"up_s": 0.0, "down_s": 0.0, "bytes": 0, "cpu": {}, "cpu_up": {}, "cpu_down": {},
+                  "up_rates": [], "down_rates": []}
                for n in self.paths}
         for r in range(rounds):
             for name in self.order(r):
@@ -146,6 +147,8 @@ class Bench:
                 st["down_rates"].append(per / down / MB)
                 _add(st["cpu"], cu)
                 _add(st["cpu"], cd)
+                _add(st["cpu_up"], cu)
+                _add(st["cpu_down"], cd)
                 log(f"bulk round {r + 1}/{rounds} {name}: up {per / up / MB:.0f} MB/s, "
                     f"down {per / down / MB:.0f} MB/s")
         for name, st in acc.items():
@@ -170,6 +173,11 @@ class Bench:
                 "download_MBps_per_round": [round(x, 1) for x in st["down_rates"]],
                 "cpu_seconds": {k: round(v, 3) for k, v in st["cpu"].items()},
                 "cpu_utilisation": {k: round(v / wall, 3) for k, v in st["cpu"].items()},
+                # Per direction: where upload and download differ, and why.
+                "cpu_seconds_per_GiB_upload": {k: round(v / (gib / 2), 3) for k, v in st["cpu_up"].items()},
+                "cpu_seconds_per_GiB_download": {k: round(v / (gib / 2), 3) for k, v in st["cpu_down"].items()},
+                "cpu_utilisation_upload": {k: round(v / st["up_s"], 3) for k, v in st["cpu_up"].items()},
+                "cpu_utilisation_download": {k: round(v / st["down_s"], 3) for k, v in st["cpu_down"].items()},
                 "wall_seconds": round(wall, 3),
             }
 
