@@ -126,7 +126,8 @@ class StreamReplied:
 
 @attrs.frozen(slots=True)
 class StreamData:
-    """Payload bytes, as a read-only memoryview: no copy is made of them."""
+    """Payload bytes, as a memoryview: no copy is made of them. Valid until
+    :meth:`MuxConnection.release` if they came in borrowed."""
     stream: int
     data: memoryview
 
@@ -191,10 +192,11 @@ class MuxConnection:
 
     def __init__(self, role: Role) -> None:
         self.role = role
-        # Received, not yet parsed: an immutable bytes object, so DATA
-        # payloads can be handed out as memoryviews of it (no copy) that stay
-        # valid whatever arrives next.
-        self._buf = b""
+        # Received, not yet parsed. Normally an immutable bytes object, so
+        # DATA payloads can be handed out as memoryviews of it (no copy) that
+        # stay valid whatever arrives next; the caller's own memory between
+        # a borrowed receive_data and release().
+        self._buf: bytes | bytearray | memoryview = b""
         self._pos = 0
         self._streams: dict[int, _Stream] = {}
         self._last_id = 0  # the highest stream id opened so far
@@ -220,18 +222,32 @@ class MuxConnection:
 
     # -- receiving -------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview, *, borrowed: bool = False) -> None:
         """Add plaintext from the connection (not b"": the connection's end
-        is the I/O layer's business, it ends every stream)."""
+        is the I/O layer's business, it ends every stream).
+
+        ``borrowed=True`` skips the copy: ``data`` must then stay unchanged
+        until :meth:`release` is called, and the payloads of the
+        :class:`StreamData` events parsed from it are only valid until then
+        (copy what you keep). A relay reading into one scratch buffer saves
+        a copy of every byte this way."""
         if self._error is not None:
             raise _remote(f"the connection already failed: {self._error}")
         if self._pos == len(self._buf):
-            self._buf = bytes(data)
+            self._buf = data if borrowed else bytes(data)
         else:
             # Only a partial header or control frame is ever left over
-            # (DATA is handed on as it arrives), so this join is small.
-            self._buf = self._buf[self._pos:] + bytes(data)
+            # (DATA is handed on as it arrives), so this join is rare and
+            # small, unless the caller stopped taking events.
+            self._buf = bytes(self._buf[self._pos:]) + bytes(data)
         self._pos = 0
+
+    def release(self) -> None:
+        """Stop relying on borrowed bytes (see :meth:`receive_data`): keep a
+        copy of whatever is not parsed yet."""
+        if type(self._buf) is not bytes:
+            self._buf = bytes(self._buf[self._pos:])
+            self._pos = 0
 
     def next_event(self) -> MuxEvent | Literal[Signal.NEED_DATA]:
         """The next event, or ``NEED_DATA``. Raises
@@ -274,7 +290,7 @@ class MuxConnection:
         end = pos + HEADER.size + length
         if len(buf) < end:
             return NEED_DATA
-        payload = buf[pos + HEADER.size:end]
+        payload = bytes(buf[pos + HEADER.size:end])  # no copy of a bytes slice
         self._pos = end
         return self._handle(kind, stream, payload)
 

@@ -351,6 +351,9 @@ class RelayEngine:
         self._ended_since_trim = 0
         self._plain = memoryview(bytearray(_READ))
         self._cipher = memoryview(bytearray(_CIPHER))
+        # The multiplexed connections' plaintext, parsed in place
+        # (MuxLink._on_link is the only reader; it never nests).
+        self._link_plain = memoryview(bytearray(_READ))
         # A read with room in front for a frame header (gateway/net/muxlink.py).
         self._framed = memoryview(bytearray(FRAME_HEADROOM + _READ))
         # Another thread running Python (trio's, a store worker encoding a

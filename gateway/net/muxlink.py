@@ -84,6 +84,10 @@ MAX_STREAMS = 32768
 #: and FIN makes us answer) can make us hold.
 LINK_BACKLOG = 1024 * 1024
 
+#: DATA pieces for one stream written with one ``sendmsg`` at most (IOV_MAX
+#: is 1024; a peer sending tiny frames must not make us exceed it).
+GATHER_MAX = 64
+
 
 class LinkClosed(Exception):
     """The multiplexed connection is over; open a new one."""
@@ -128,6 +132,13 @@ class MuxLink:
         self.conn = MuxConnection(role)
         self.streams: dict[int, Stream] = {}
         self.blocked: dict[_End, None] = {}  # an ordered set
+        # DATA received for one stream in this pass over the connection's
+        # bytes, not written yet: written with one system call (a read of
+        # the connection usually holds the end of one frame and the start
+        # of the next). Views of the engine's scratch buffer: written or
+        # copied before the next read.
+        self.gathered_for: Stream | None = None
+        self.gathered: list[memoryview] = []
         self.token = trio.lowlevel.current_trio_token()
         self.on_open = on_open
         self.max_streams = MAX_STREAMS if max_streams is None else max_streams
@@ -195,8 +206,8 @@ class MuxLink:
             # REPLY): bind's epoll interest predates that.
             self._update(stream.end)
             if stream.early:
-                data, stream.early = bytes(stream.early), None
-                self._run_guarded(stream.end, lambda: self._to_socket(stream, data))
+                data, stream.early = memoryview(stream.early), None
+                self._run_guarded(stream.end, lambda: self._to_socket(stream, [data]))
             if stream.early_fin and not stream.finished:
                 stream.end.eof_wanted = True
                 self._run_guarded(stream.end, lambda: self._after_write(stream))
@@ -306,43 +317,61 @@ class MuxLink:
             if engine.backlog(end) < LINK_BACKLOG:
                 ev |= _IN  # reading may have been held back: catch up now
         if ev & (_IN | _ALWAYS):
-            plain = engine._plain
+            # Plaintext is read into the engine's scratch buffer and parsed
+            # there without a copy (borrowed): whatever is still needed is
+            # written or copied before the next read, and ``release`` keeps
+            # what is not parsed yet.
+            plain = engine._link_plain
             budget = PUMP_BUDGET
             conn = self.conn
             last = False
-            while True:
-                # Frames already received go first. Past LINK_BACKLOG the
-                # rest wait in ``conn``, unparsed, until our socket drains
-                # (EPOLLOUT brings us back here): however much one read
-                # brought, a peer that does not read cannot make us answer
-                # more than one frame beyond the limit.
-                while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
-                    event = conn.next_event()
-                    if event is NEED_DATA:
+            try:
+                while True:
+                    # Frames already received go first. Past LINK_BACKLOG the
+                    # rest wait in ``conn``, unparsed, until our socket drains
+                    # (EPOLLOUT brings us back here): however much one read
+                    # brought, a peer that does not read cannot make us answer
+                    # more than one frame beyond the limit.
+                    while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
+                        event = conn.next_event()
+                        if event is NEED_DATA:
+                            break
+                        self._dispatch(event)
+                        if self.failed is not None:
+                            return
+                    else:
                         break
-                    self._dispatch(event)
-                    if self.failed is not None:
-                        return
-                else:
-                    break
-                if last:
-                    break
-                n = engine._read(end, plain)  # reports a TLS error that came with data
-                if n < 0:
-                    break
-                if n == 0:
-                    raise _Failure(f"{self.name}: closed the multiplexed connection")
-                conn.receive_data(plain[:n])
-                budget -= n
-                if budget <= 0:
-                    engine._again.append(end)
-                    last = True
-                elif n < len(plain) and end.error_pending is None and not end.peer_closed:
-                    last = True  # the kernel is empty: dispatch this, then wait for epoll
+                    if last:
+                        break
+                    if self.gathered_for is not None:
+                        self._deliver()
+                    conn.release()
+                    n = engine._read(end, plain)  # reports a TLS error that came with data
+                    if n < 0:
+                        break
+                    if n == 0:
+                        raise _Failure(f"{self.name}: closed the multiplexed connection")
+                    conn.receive_data(plain[:n], borrowed=True)
+                    budget -= n
+                    if budget <= 0:
+                        engine._again.append(end)
+                        last = True
+                    elif n < len(plain) and end.error_pending is None and not end.peer_closed:
+                        last = True  # the kernel is empty: dispatch this, then wait for epoll
+                if self.gathered_for is not None:
+                    self._deliver()
+            finally:
+                conn.release()
         self._update_link()
 
     def _dispatch(self, event) -> None:
+        gathered_for = self.gathered_for
         if type(event) is StreamData:
+            if gathered_for is not None:
+                if gathered_for.sid == event.stream and len(self.gathered) < GATHER_MAX:
+                    self.gathered.append(event.data)
+                    return
+                self._deliver()
             stream = self.streams.get(event.stream)
             if stream is None:
                 return
@@ -351,13 +380,12 @@ class MuxLink:
                     stream.early = bytearray()
                 stream.early += event.data
                 return
-            try:
-                self._to_socket(stream, event.data)
-                if stream.end.tail is not None and not stream.end.mask & _OUT:
-                    self._settle(stream)  # wait for the socket to take the rest
-            except _Failure as exc:
-                self._stream_failed(stream, exc)
-        elif isinstance(event, StreamWindow):
+            self.gathered_for = stream
+            self.gathered.append(event.data)
+            return
+        if gathered_for is not None:  # every other event comes after that DATA
+            self._deliver()
+        if isinstance(event, StreamWindow):
             stream = self.streams.get(event.stream)
             if stream is not None and stream.end is not None:
                 try:
@@ -482,20 +510,47 @@ class MuxLink:
             if n < want:
                 return
 
-    def _to_socket(self, stream: Stream, data: bytes) -> None:
-        """connection -> socket: write now, keep the rest in the tail."""
-        end = stream.end
-        if end.tail is not None:
-            self.engine._write(end, data, copy=True)  # queued; acknowledged once written
+    def _deliver(self) -> None:
+        """Write the DATA gathered for one stream (see ``gathered``)."""
+        stream, pieces = self.gathered_for, self.gathered
+        self.gathered_for, self.gathered = None, []
+        if stream.finished:
             return
         try:
-            rest = self.engine._write_some(end, memoryview(data))
+            self._to_socket(stream, pieces)
+            if stream.end.tail is not None and not stream.end.mask & _OUT:
+                self._settle(stream)  # wait for the socket to take the rest
+        except _Failure as exc:
+            self._stream_failed(stream, exc)
+
+    def _to_socket(self, stream: Stream, pieces: list[memoryview]) -> None:
+        """connection -> socket: write now (several pieces with one
+        ``sendmsg``), keep a copy of the rest in the tail."""
+        end = stream.end
+        engine = self.engine
+        if end.tail is not None:
+            for piece in pieces:
+                engine._write(end, piece, copy=True)  # queued; acknowledged once written
+            return
+        try:
+            if len(pieces) == 1:
+                data = pieces[0]
+                rest = engine._write_some(end, data)
+                sent = len(data) - len(rest)
+                if rest:
+                    end.tail = memoryview(bytes(rest))
+            else:
+                try:
+                    sent = end.sock.sendmsg(pieces)
+                except BlockingIOError:
+                    sent = 0
+                rest = _unsent(pieces, sent)
+                if rest:
+                    end.tail = memoryview(rest)
         except OSError as exc:
             end.failed = True
             raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
-        if rest:
-            end.tail = rest
-        self._written(stream, len(data) - len(rest))
+        self._written(stream, sent)
 
     def _flush(self, stream: Stream) -> None:
         end = stream.end
@@ -635,8 +690,18 @@ class MuxLink:
         end.tail = None
         end.more = []
         self.blocked.clear()
+        self.gathered_for, self.gathered = None, []
         self.on_open = None  # it holds the link: let both go now
         try:
             self.token.run_sync_soon(self.closed.set)
         except trio.RunFinishedError:
             pass
+
+
+def _unsent(pieces: list[memoryview], sent: int) -> bytes:
+    """A copy of what ``sendmsg(pieces)`` did not send."""
+    for i, piece in enumerate(pieces):
+        if sent < len(piece):
+            return b"".join([piece[sent:], *pieces[i + 1:]])
+        sent -= len(piece)
+    return b""

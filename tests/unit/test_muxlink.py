@@ -355,3 +355,63 @@ async def test_a_stream_accepted_after_a_full_early_window_reads_its_upstream(pk
     link.close("test over")
     await peer.aclose()
     await upstream.aclose()
+
+
+async def test_many_small_frames_in_one_read_reach_each_upstream_in_order(pki, monkeypatch):
+    # One read of the connection holds many DATA frames; a stream's run of
+    # them is written with one sendmsg (at most GATHER_MAX pieces), from a
+    # scratch buffer the next read overwrites. Small upstream buffers force
+    # partial writes, so what the kernel did not take must have been copied.
+    from protocols.mux import NEED_DATA, MuxConnection, StreamReplied
+
+    monkeypatch.setattr(muxlink, "GATHER_MAX", 5)
+    peer, cl_tls = await tls_connection(pki)
+    opened: list = []
+    link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
+                   on_open=lambda _link, stream, _request: opened.append(stream))
+    gw = MuxConnection(Role.GATEWAY)
+    sids = [gw.send_open(DialRequest(resource=f"r{i}")) for i in range(2)]
+    await peer.send_all(b"".join(frame for _, frame in sids))
+    upstreams = []
+    with trio.fail_after(HANG):
+        while len(opened) < 2:
+            await trio.sleep(0.01)
+        for stream in opened:
+            near, far = socket_pair()
+            near.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            assert link.accept(stream, DialAccept(session_id="s"), near, RelayCounters())
+            upstreams.append(far)
+        replied = 0
+        while replied < 2:  # the gateway side may send the whole window from here on
+            gw.receive_data(await peer.receive_some(65536))
+            while (event := gw.next_event()) is not NEED_DATA:
+                replied += isinstance(event, StreamReplied)
+        rng = random.Random(7)
+        expected = {sid: bytearray() for sid, _ in sids}
+        wire = bytearray()
+        while len(wire) < 600_000:
+            sid = sids[rng.random() < 0.3][0]  # runs of one stream, interleaved
+            payload = rng.randbytes(rng.choice([1, 9, 100, 3000]))
+            expected[sid] += payload
+            wire += gw.send_data(sid, payload)
+        for sid, _ in sids:
+            wire += gw.send_fin(sid)
+
+        async def read(far, sid) -> None:
+            assert await read_until_eof(far) == expected[sid]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, bytes(wire))
+            for far, (sid, _) in zip(upstreams, sids):
+                nursery.start_soon(read, far, sid)
+    link.close("test over")
+    await peer.aclose()
+    for far in upstreams:
+        await far.aclose()
+
+
+def test_what_a_partial_sendmsg_left_is_copied_whole():
+    pieces = [memoryview(b"abc"), memoryview(b""), memoryview(b"d"), memoryview(b"efgh")]
+    whole = b"abcdefgh"
+    for sent in range(len(whole) + 1):
+        assert muxlink._unsent(pieces, sent) == whole[sent:]
