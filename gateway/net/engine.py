@@ -790,7 +790,7 @@ class RelayEngine:
             raise _Failure(f"{dst.name}: send failed: TLS error: {_ssl_text(exc)}") from None
         self._write(dst, memoryview(dst.outgoing.read()), copy=False)
 
-    def _write(self, dst: _End, data: memoryview, *, copy: bool) -> None:
+    def _write(self, dst: _End, data: memoryview | bytes, *, copy: bool) -> None:
         """Write ``data`` to ``dst`` after its tail; keep what the kernel
         does not take (a copy, when ``data`` is a scratch buffer)."""
         if dst.tail is not None:

@@ -18,11 +18,13 @@ Moving bytes, in the engine's thread:
   ``blocked``; the tail draining resumes them. Sessions share the TCP
   connection's flow control this way, and each is also held to its window.
 - connection -> socket: the link reads the connection whenever it is
-  readable (never blocked by a slow stream), decrypts, parses, and writes
-  each DATA payload to its stream's socket at once; what the socket does
-  not take waits in that end's tail, at most one window's worth, because
-  the peer may not send more than we acknowledged. Bytes are acknowledged
-  (WINDOW) only once the kernel took them.
+  readable (never blocked by a slow stream), decrypts into a scratch
+  buffer, parses it there without a copy, and writes each stream's DATA to
+  its socket at once: the DATA of one stream that came in one read (a read
+  usually ends inside a frame) goes out in one ``sendmsg``. What the socket
+  does not take is copied into that end's tail, at most one window's worth,
+  because the peer may not send more than we acknowledged. Bytes are
+  acknowledged (WINDOW) only once the kernel took them.
 - FIN carries a half-close each way (``shutdown(SHUT_WR)`` after the tail);
   a socket error or a cancelled session sends RESET; a stream is over once
   FIN went both ways and its tail is empty.
@@ -333,7 +335,14 @@ class MuxLink:
                     # brought, a peer that does not read cannot make us answer
                     # more than one frame beyond the limit.
                     while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
-                        event = conn.next_event()
+                        try:
+                            event = conn.next_event()
+                        except RemoteProtocolError:
+                            # What came before the bad frame is authentic:
+                            # it goes out before the link ends.
+                            if self.gathered_for is not None:
+                                self._deliver()
+                            raise
                         if event is NEED_DATA:
                             break
                         self._dispatch(event)
@@ -344,7 +353,9 @@ class MuxLink:
                     if last:
                         break
                     if self.gathered_for is not None:
-                        self._deliver()
+                        self._deliver()  # may end the link (a RESET it could not send)
+                        if self.failed is not None:
+                            return
                     conn.release()
                     n = engine._read(end, plain)  # reports a TLS error that came with data
                     if n < 0:
@@ -529,8 +540,8 @@ class MuxLink:
         end = stream.end
         engine = self.engine
         if end.tail is not None:
-            for piece in pieces:
-                engine._write(end, piece, copy=True)  # queued; acknowledged once written
+            # Queued (one copy of the run); acknowledged once written.
+            engine._write(end, b"".join(pieces), copy=True)
             return
         try:
             if len(pieces) == 1:

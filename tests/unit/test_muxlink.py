@@ -357,57 +357,141 @@ async def test_a_stream_accepted_after_a_full_early_window_reads_its_upstream(pk
     await upstream.aclose()
 
 
+class RawGateway:
+    """A cluster-side MuxLink driven by a hand-made gateway: the test writes
+    the frames (``gw`` makes them) and owns the upstream ends."""
+
+    def __init__(self, peer, link: MuxLink, gw, sids: list[int], upstreams: list, ended: list) -> None:
+        self.peer, self.link, self.gw, self.sids, self.upstreams, self.ended = peer, link, gw, sids, upstreams, ended
+
+    @classmethod
+    async def open(cls, pki, streams: int, *, sndbuf: int | None = None) -> "RawGateway":
+        from protocols.mux import NEED_DATA, MuxConnection, StreamReplied
+
+        peer, cl_tls = await tls_connection(pki)
+        opened: list = []
+        ended: list = []
+        link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
+                       on_open=lambda _link, stream, _request: opened.append(stream))
+        gw = MuxConnection(Role.GATEWAY)
+        sids = [gw.send_open(DialRequest(resource=f"r{i}")) for i in range(streams)]
+        await peer.send_all(b"".join(frame for _, frame in sids))
+        while len(opened) < streams:
+            await trio.sleep(0.01)
+        upstreams = []
+        for stream in opened:
+            near, far = socket_pair()
+            if sndbuf is not None:
+                near.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            stream.notify = lambda _link, st: ended.append((st.sid, st.error))
+            assert link.accept(stream, DialAccept(session_id="s"), near, RelayCounters())
+            upstreams.append(far)
+        replied = 0
+        while replied < streams:  # the gateway side may send the whole window from here on
+            gw.receive_data(await peer.receive_some(65536))
+            while (event := gw.next_event()) is not NEED_DATA:
+                replied += isinstance(event, StreamReplied)
+        return cls(peer, link, gw, [sid for sid, _ in sids], upstreams, ended)
+
+    async def close(self) -> None:
+        self.link.close("test over")
+        await self.peer.aclose()
+        for far in self.upstreams:
+            await far.aclose()
+
+
 async def test_many_small_frames_in_one_read_reach_each_upstream_in_order(pki, monkeypatch):
     # One read of the connection holds many DATA frames; a stream's run of
     # them is written with one sendmsg (at most GATHER_MAX pieces), from a
     # scratch buffer the next read overwrites. Small upstream buffers force
     # partial writes, so what the kernel did not take must have been copied.
-    from protocols.mux import NEED_DATA, MuxConnection, StreamReplied
-
     monkeypatch.setattr(muxlink, "GATHER_MAX", 5)
-    peer, cl_tls = await tls_connection(pki)
-    opened: list = []
-    link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
-                   on_open=lambda _link, stream, _request: opened.append(stream))
-    gw = MuxConnection(Role.GATEWAY)
-    sids = [gw.send_open(DialRequest(resource=f"r{i}")) for i in range(2)]
-    await peer.send_all(b"".join(frame for _, frame in sids))
-    upstreams = []
     with trio.fail_after(HANG):
-        while len(opened) < 2:
-            await trio.sleep(0.01)
-        for stream in opened:
-            near, far = socket_pair()
-            near.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-            assert link.accept(stream, DialAccept(session_id="s"), near, RelayCounters())
-            upstreams.append(far)
-        replied = 0
-        while replied < 2:  # the gateway side may send the whole window from here on
-            gw.receive_data(await peer.receive_some(65536))
-            while (event := gw.next_event()) is not NEED_DATA:
-                replied += isinstance(event, StreamReplied)
+        raw = await RawGateway.open(pki, 2, sndbuf=16384)
         rng = random.Random(7)
-        expected = {sid: bytearray() for sid, _ in sids}
+        expected = {sid: bytearray() for sid in raw.sids}
         wire = bytearray()
         while len(wire) < 600_000:
-            sid = sids[rng.random() < 0.3][0]  # runs of one stream, interleaved
+            sid = raw.sids[rng.random() < 0.3]  # runs of one stream, interleaved
             payload = rng.randbytes(rng.choice([1, 9, 100, 3000]))
             expected[sid] += payload
-            wire += gw.send_data(sid, payload)
-        for sid, _ in sids:
-            wire += gw.send_fin(sid)
+            wire += raw.gw.send_data(sid, payload)
+        for sid in raw.sids:
+            wire += raw.gw.send_fin(sid)
 
         async def read(far, sid) -> None:
             assert await read_until_eof(far) == expected[sid]
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.send_all, bytes(wire))
-            for far, (sid, _) in zip(upstreams, sids):
+            nursery.start_soon(raw.peer.send_all, bytes(wire))
+            for far, sid in zip(raw.upstreams, raw.sids):
                 nursery.start_soon(read, far, sid)
-    link.close("test over")
-    await peer.aclose()
-    for far in upstreams:
-        await far.aclose()
+        await raw.close()
+
+
+async def test_a_gathered_write_that_fails_resets_only_its_stream(pki):
+    with trio.fail_after(HANG):
+        raw = await RawGateway.open(pki, 2)
+        await raw.upstreams[0].aclose()  # its upstream is gone: sendmsg fails (EPIPE)
+        wire, expected = bytearray(), bytearray()
+        for i in range(50):
+            wire += raw.gw.send_data(raw.sids[0], b"lost" * 3)
+            expected += b"kept %d;" % i
+            wire += raw.gw.send_data(raw.sids[1], b"kept %d;" % i)
+        wire += raw.gw.send_fin(raw.sids[1])
+        await raw.peer.send_all(bytes(wire))
+        assert await read_until_eof(raw.upstreams[1]) == bytes(expected)
+        assert raw.link.failed is None
+        assert [sid for sid, _ in raw.ended] == [raw.sids[0]] and "send failed" in raw.ended[0][1]
+        await raw.close()
+
+
+async def test_data_before_a_protocol_error_is_delivered_then_the_link_ends(pki):
+    from protocols.mux import HEADER
+
+    with trio.fail_after(HANG):
+        raw = await RawGateway.open(pki, 1)
+        wire = raw.gw.send_data(raw.sids[0], b"authentic") + HEADER.pack(99, raw.sids[0], 0)
+        await raw.peer.send_all(wire)
+        assert await read_until_eof(raw.upstreams[0]) == b"authentic"
+        await raw.link.closed.wait()
+        assert "broke the multiplexing protocol" in raw.link.failed
+        await raw.close()
+
+
+async def test_a_link_that_fails_while_delivering_reads_no_more(pki, monkeypatch):
+    # The upstream's write fails, and so does the RESET that should tell
+    # the gateway: the link is over, and must not touch its socket again.
+    from gateway.net.engine import _Failure
+    from protocols.mux import FrameType
+
+    with trio.fail_after(HANG):
+        raw = await RawGateway.open(pki, 1)
+        link, eng = raw.link, raw.link.engine
+        reads_after_failure = []
+        real_read, real_send = eng._read, link._send
+
+        def read(end, view):
+            if end is link.end and link.failed is not None:
+                reads_after_failure.append(link.failed)
+            return real_read(end, view)
+
+        def send(frame) -> None:
+            if frame and frame[0] == FrameType.RESET:
+                link.end.failed = True
+                raise _Failure("gateway: send failed: simulated")
+            real_send(frame)
+
+        monkeypatch.setattr(eng, "_read", read)
+        monkeypatch.setattr(link, "_send", send)
+        await raw.upstreams[0].aclose()
+        # Two frames, then more bytes: the read that brought the frames is
+        # not the last, so the loop would read again after delivering.
+        await raw.peer.send_all(raw.gw.send_data(raw.sids[0], b"a" * 9) * 2)
+        await raw.peer.send_eof()
+        await link.closed.wait()
+        assert "simulated" in link.failed and not reads_after_failure
+        await raw.close()
 
 
 def test_what_a_partial_sendmsg_left_is_copied_whole():
