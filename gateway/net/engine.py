@@ -349,6 +349,9 @@ class RelayEngine:
         self._ends: dict[int, _End] = {}
         self._again: list[_End] = []  # directions to pump without an event
         self._ended_since_trim = 0
+        # Bytes the multiplexed connections hold for slow stream sockets
+        # (gateway/net/muxlink.py, HELD_LIMIT), under the lock.
+        self.held = 0
         self._plain = memoryview(bytearray(_READ))
         self._cipher = memoryview(bytearray(_CIPHER))
         # The multiplexed connections' plaintext, parsed in place

@@ -23,8 +23,9 @@ Moving bytes, in the engine's thread:
   its socket at once: the DATA of one stream that came in one read (a read
   usually ends inside a frame) goes out in one ``sendmsg``. What the socket
   does not take is copied into that end's tail, at most one window's worth,
-  because the peer may not send more than we acknowledged. Bytes are
-  acknowledged (WINDOW) only once the kernel took them.
+  because the peer may not send more than we acknowledged; the sum over
+  streams is bounded too (LINK_HELD, HELD_LIMIT: past them a stream is
+  reset). Bytes are acknowledged (WINDOW) only once the kernel took them.
 - FIN carries a half-close each way (``shutdown(SHUT_WR)`` after the tail);
   a socket error or a cancelled session sends RESET; a stream is over once
   FIN went both ways and its tail is empty.
@@ -86,6 +87,16 @@ MAX_STREAMS = 32768
 #: and FIN makes us answer) can make us hold.
 LINK_BACKLOG = 1024 * 1024
 
+#: Bytes a process may hold for stream sockets that do not take DATA as fast
+#: as it comes (their tails, and early data waiting for a decision), per
+#: connection and in all. Each stream alone is held to its window (2 MiB);
+#: these bound the sum, so that servers that stopped reading, times many
+#: streams, cannot exhaust the cluster's memory. A stream that would go
+#: past either is reset, with the reason.
+LINK_HELD = 128 * 1024 * 1024
+HELD_LIMIT = 512 * 1024 * 1024
+_MiB = 1024 * 1024
+
 #: DATA pieces for one stream written with one ``sendmsg`` at most (IOV_MAX
 #: is 1024; a peer sending tiny frames must not make us exceed it).
 GATHER_MAX = 64
@@ -102,7 +113,7 @@ class Stream:
     session)."""
 
     __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
-                 "counters", "name", "notify", "timer", "context")
+                 "counters", "name", "notify", "timer", "context", "held")
 
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
@@ -118,6 +129,7 @@ class Stream:
         self.notify = notify
         self.timer: Timer | None = None  # the REPLY's deadline (gateway)
         self.context = None
+        self.held = 0  # bytes in ``early`` and the socket's tail (see LINK_HELD)
 
 
 class MuxLink:
@@ -145,6 +157,7 @@ class MuxLink:
         self.on_open = on_open
         self.max_streams = MAX_STREAMS if max_streams is None else max_streams
         self.failed: str | None = None
+        self.held = 0  # over this link's streams (see LINK_HELD)
         self.closed = trio.Event()
         sock, tls_state = _detach(tls)
         self.end = _End(sock, name, tls_state, None)
@@ -209,6 +222,7 @@ class MuxLink:
             self._update(stream.end)
             if stream.early:
                 data, stream.early = memoryview(stream.early), None
+                self._unhold(stream, len(data))  # _to_socket holds what the socket does not take
                 self._run_guarded(stream.end, lambda: self._to_socket(stream, [data]))
             if stream.early_fin and not stream.finished:
                 stream.end.eof_wanted = True
@@ -387,6 +401,11 @@ class MuxLink:
             if stream is None:
                 return
             if stream.end is None:  # sent ahead of our accept (cluster)
+                try:
+                    self._hold(stream, len(event.data))
+                except _Failure as exc:
+                    self._finish(stream, str(exc), reset=True)
+                    return
                 if stream.early is None:
                     stream.early = bytearray()
                 stream.early += event.data
@@ -541,27 +560,50 @@ class MuxLink:
         engine = self.engine
         if end.tail is not None:
             # Queued (one copy of the run); acknowledged once written.
-            engine._write(end, b"".join(pieces), copy=True)
+            data = b"".join(pieces)
+            self._hold(stream, len(data))
+            engine._write(end, data, copy=True)
             return
         try:
             if len(pieces) == 1:
                 data = pieces[0]
-                rest = engine._write_some(end, data)
+                rest = bytes(engine._write_some(end, data))
                 sent = len(data) - len(rest)
-                if rest:
-                    end.tail = memoryview(bytes(rest))
             else:
                 try:
                     sent = end.sock.sendmsg(pieces)
                 except BlockingIOError:
                     sent = 0
                 rest = _unsent(pieces, sent)
-                if rest:
-                    end.tail = memoryview(rest)
         except OSError as exc:
             end.failed = True
             raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
         self._written(stream, sent)
+        if rest:
+            self._hold(stream, len(rest))
+            end.tail = memoryview(rest)
+
+    def _hold(self, stream: Stream, n: int) -> None:
+        """Count ``n`` more bytes held for ``stream``'s socket; past
+        LINK_HELD or HELD_LIMIT raise :class:`_Failure` (the stream is reset)."""
+        engine = self.engine
+        if self.held + n > LINK_HELD:
+            where, limit = "for the sessions of one connection", LINK_HELD
+        elif engine.held + n > HELD_LIMIT:
+            where, limit = "in all", HELD_LIMIT
+        else:
+            self.held += n
+            engine.held += n
+            stream.held += n
+            return
+        raise _Failure(f"{stream.name}: does not take data as fast as it comes, and the relay already holds "
+                       f"{limit / _MiB:g} MiB {where} for sockets that do not (its limit); "
+                       f"the session was reset")
+
+    def _unhold(self, stream: Stream, n: int) -> None:
+        self.held -= n
+        self.engine.held -= n
+        stream.held -= n
 
     def _flush(self, stream: Stream) -> None:
         end = stream.end
@@ -570,6 +612,7 @@ class MuxLink:
         except OSError as exc:
             end.failed = True
             raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+        self._unhold(stream, written)  # every byte of a stream's tail was held
         self._written(stream, written)
         self._after_write(stream)
 
@@ -671,6 +714,8 @@ class MuxLink:
             end.more = []
             stream.end = None
         stream.early = None
+        if stream.held:
+            self._unhold(stream, stream.held)
         if stream.timer is not None:
             stream.timer.cancel()
             stream.timer = None

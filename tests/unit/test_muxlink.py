@@ -494,6 +494,76 @@ async def test_a_link_that_fails_while_delivering_reads_no_more(pki, monkeypatch
         await raw.close()
 
 
+async def resets_seen(peer, gw, count: int) -> dict[int, str]:
+    """Read the link's frames (as the gateway) until ``count`` RESETs came."""
+    from protocols.mux import NEED_DATA, StreamReset
+
+    resets: dict[int, str] = {}
+    while len(resets) < count:
+        gw.receive_data(await peer.receive_some(65536))
+        while (event := gw.next_event()) is not NEED_DATA:
+            if isinstance(event, StreamReset):
+                resets[event.stream] = event.reason
+    return resets
+
+
+@pytest.mark.parametrize("limit", ["LINK_HELD", "HELD_LIMIT"])
+async def test_what_slow_upstreams_make_the_relay_hold_is_bounded(pki, monkeypatch, limit):
+    # Three upstreams that do not read, 200 KiB sent to each, 300 KiB
+    # allowed: the first stream is held whole; the two that would go past
+    # the limit are reset with the reason, and the first still gets every
+    # byte once its upstream reads.
+    held_before = engine().held
+    with trio.fail_after(HANG):
+        raw = await RawGateway.open(pki, 3, sndbuf=4096)
+        if limit == "LINK_HELD":
+            monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
+        else:
+            monkeypatch.setattr(muxlink, "HELD_LIMIT", held_before + 300 * 1024)
+        payload = random.Random(3).randbytes(200 * 1024)
+        wire = b"".join(raw.gw.send_data(sid, payload) + raw.gw.send_fin(sid) for sid in raw.sids)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raw.peer.send_all, wire)
+            resets = await resets_seen(raw.peer, raw.gw, 2)
+        assert sorted(resets) == raw.sids[1:]
+        for reason in resets.values():
+            assert "does not take data as fast as it comes" in reason and "0.292969 MiB" in reason
+            assert ("one connection" in reason) == (limit == "LINK_HELD")
+        assert raw.link.held <= 300 * 1024
+        assert await read_until_eof(raw.upstreams[0]) == payload
+        while raw.link.held:  # the FIN and the accounting follow the last byte
+            await trio.sleep(0.01)
+        assert engine().held == held_before
+        await raw.close()
+
+
+async def test_early_data_counts_against_what_the_relay_holds(pki, monkeypatch):
+    from protocols.mux import EARLY_DATA, MuxConnection
+
+    monkeypatch.setattr(muxlink, "LINK_HELD", EARLY_DATA + EARLY_DATA // 2)
+    held_before = engine().held
+    peer, cl_tls = await tls_connection(pki)
+    opened: list = []
+    link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
+                   on_open=lambda _link, stream, _request: opened.append(stream))
+    gw = MuxConnection(Role.GATEWAY)
+    wire = b""
+    for _ in range(2):  # two streams the cluster has not decided yet, a full early window each
+        sid, frame = gw.send_open(DialRequest(resource="r"))
+        wire += frame + gw.send_data(sid, b"e" * EARLY_DATA)
+    with trio.fail_after(HANG):
+        await peer.send_all(wire)
+        assert list(await resets_seen(peer, gw, 1)) == [2]
+        assert link.held == EARLY_DATA
+        near, upstream = socket_pair()
+        assert link.accept(opened[0], DialAccept(session_id="s"), near, RelayCounters())
+        assert await read_exactly(upstream, EARLY_DATA) == b"e" * EARLY_DATA
+        assert link.held == 0 and engine().held == held_before
+    link.close("test over")
+    await peer.aclose()
+    await upstream.aclose()
+
+
 def test_what_a_partial_sendmsg_left_is_copied_whole():
     pieces = [memoryview(b"abc"), memoryview(b""), memoryview(b"d"), memoryview(b"efgh")]
     whole = b"abcdefgh"
