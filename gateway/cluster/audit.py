@@ -5,6 +5,7 @@ shippers can tail. Synchronous; the server calls it on the store's thread."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -12,8 +13,14 @@ from typing import Any
 
 from gateway.cluster.store import Store
 
+log = logging.getLogger(__name__)
 
 _TEXT = json.JSONEncoder(ensure_ascii=False).encode
+
+#: JSON lines kept for the file while it cannot take them (disk full, say):
+#: the store has every event already, and the file catches up on a later
+#: write. Past this, the oldest lines are dropped (and counted).
+JSONL_BACKLOG = 16 * 1024 * 1024
 
 
 def _line(now: float, event: str, user: str | None, fields: str) -> str:
@@ -30,6 +37,8 @@ class AuditLog:
     def __init__(self, store: Store, jsonl: Path | None) -> None:
         self.store = store
         self._fd: int | None = None
+        self._unwritten = bytearray()  # lines the file has not taken yet
+        self.jsonl_dropped = 0  # lines lost because that backlog was full
         if jsonl is not None:
             self._fd = os.open(jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
@@ -40,13 +49,38 @@ class AuditLog:
         """One store transaction for the whole batch, then the JSON lines,
         each spliced from the fields' JSON the store made (one encoding
         per event, not two: a busy cluster writes thousands a second)."""
-        rows = self.store.append_audit_many(events)
+        rows = self.store.append_audit_many(events)  # all or none: raising here, it wrote none
         if self._fd is not None and rows:
-            data = memoryview("".join(_line(*row) for row in rows).encode("utf-8"))
-            while data:  # a regular file takes it all at once; a full disk may not
-                data = data[os.write(self._fd, data):]
+            self._to_file("".join(_line(*row) for row in rows).encode("utf-8"))
+
+    def _to_file(self, data: bytes) -> None:
+        """Append lines to the file, after any it could not take before.
+        Never raises: the events are in the store already, and a caller
+        retrying the batch would store them twice."""
+        failing = bool(self._unwritten)
+        self._unwritten += data
+        try:
+            while self._unwritten:  # a regular file takes it all at once; a full disk may not
+                del self._unwritten[:os.write(self._fd, self._unwritten)]
+        except OSError as exc:
+            if len(self._unwritten) > JSONL_BACKLOG:
+                cut = self._unwritten.find(b"\n", len(self._unwritten) - JSONL_BACKLOG) + 1
+                self.jsonl_dropped += self._unwritten.count(b"\n", 0, cut)
+                del self._unwritten[:cut]
+            if not failing:
+                log.error("audit_jsonl_write_failed error=%s action=%s", exc.strerror or exc,
+                          "free disk space or fix the file's permissions; the store has every event "
+                          "and the file catches up on the next write")
+            return
+        if failing:
+            log.warning("audit_jsonl_caught_up dropped_lines=%d", self.jsonl_dropped)
 
     def close(self) -> None:
         if self._fd is not None:
+            if self._unwritten:
+                self._to_file(b"")
+                if self._unwritten:
+                    log.error("audit_jsonl_lines_lost lines=%d action=%s", self._unwritten.count(b"\n"),
+                              "they are in the store: `wicket-cluster audit` shows them")
             os.close(self._fd)
             self._fd = None

@@ -694,6 +694,46 @@ def test_audit_jsonl_lines_from_two_writers_never_interleave(tmp_path: Path) -> 
         log.store.close()
 
 
+def test_audit_jsonl_that_cannot_be_written_catches_up_and_never_duplicates(tmp_path: Path, monkeypatch,
+                                                                           caplog) -> None:
+    # The file fails after the store committed (disk full: /dev/full in
+    # its place). write_many must not raise (a caller retrying the batch
+    # would store it twice); the file gets the lines once it can.
+    import json
+
+    from gateway.cluster import audit
+
+    jsonl = tmp_path / "audit.jsonl"
+    log = audit.AuditLog(Store.open(tmp_path / "a.db"), jsonl)
+    real = os.dup(log._fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, log._fd)
+    log.write_many([("test.event", "u", {"n": 1}, 1.0), ("test.event", "u", {"n": 2}, 2.0)])
+    log.write_many([("test.event", "u", {"n": 3}, 3.0)])
+    assert "audit_jsonl_write_failed" in caplog.text and caplog.text.count("audit_jsonl_write_failed") == 1
+    assert jsonl.read_text() == ""
+    os.dup2(real, log._fd)
+    log.write_many([("test.event", "u", {"n": 4}, 4.0)])
+    assert [json.loads(line)["n"] for line in jsonl.read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(e.fields["n"] for e in log.store.query_audit()) == [1, 2, 3, 4]  # each once
+    assert "audit_jsonl_caught_up dropped_lines=0" in caplog.text
+
+    # Past JSONL_BACKLOG the oldest whole lines go, and are counted.
+    monkeypatch.setattr(audit, "JSONL_BACKLOG", 100)
+    os.dup2(full, log._fd)
+    log.write_many([("test.event", "u", {"n": n}, 5.0) for n in range(5, 15)])
+    os.dup2(real, log._fd)
+    log.write_many([("test.event", "u", {"n": 15}, 6.0)])
+    kept = [json.loads(line)["n"] for line in jsonl.read_text().splitlines()][4:]
+    assert 1 <= len(kept) < 11 and kept == list(range(16 - len(kept), 16))  # the newest, in order
+    assert log.jsonl_dropped == 11 - len(kept)
+    assert sorted(e.fields["n"] for e in log.store.query_audit()) == list(range(1, 16))
+    for fd in (real, full):
+        os.close(fd)
+    log.close()
+    log.store.close()
+
+
 def test_replace_password_hash_only_over_the_hash_it_expects(store: Store) -> None:
     from gateway.cluster.passwords import hash_password
 
