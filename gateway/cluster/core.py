@@ -97,6 +97,10 @@ class Cluster:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
         self.sessions: dict[str, LiveSession] = {}
+        # Upstream connects the relay engine still waits for (a _Connecting
+        # each; touched under the engine's lock): the cluster gives up on
+        # them when it stops, so that their dials are on record.
+        self.engine_connects: set[Any] = set()
         # Bounds on what peers can make us hold: connections in progress, and
         # Argon2 hashes (19 MiB each) computing at once.
         self.connection_slots = trio.Semaphore(MAX_CONNECTIONS)

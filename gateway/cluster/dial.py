@@ -114,6 +114,36 @@ def unreachable(resource: Resource, why: str) -> Refused:
     )
 
 
+#: What an engine connect given up on says (``connected`` tells it apart).
+ABANDONED = "abandoned"
+
+
+def abandoned(resource: Resource) -> Refused:
+    """The dial was allowed, but given up before the upstream answered."""
+    return Refused(
+        ErrorCode.UPSTREAM_UNREACHABLE,
+        f"the cluster gave up on {resource.name} ({resource.address}) before it answered: the cluster is "
+        f"stopping, or the connection from the gateway ended; try again",
+        reason=ABANDONED,
+    )
+
+
+def _cancellation(exc: BaseException) -> bool:
+    """``exc`` is trio cancelling us, perhaps from inside a nursery (an
+    exception group of nothing but Cancelled, as trio.open_tcp_stream's)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
+def abandon_engine_connects(cluster: Cluster) -> None:
+    """(trio's thread) Give up on every upstream connect the relay engine
+    still waits for: each dial is refused and audited now, not after the
+    audit log's last flush."""
+    for connecting in list(cluster.engine_connects):
+        connecting.cancel(ABANDONED)
+
+
 async def connect_tcp(resource: Resource) -> trio.SocketStream:
     host, port = parse_hostport(resource.address)
     try:
@@ -345,8 +375,10 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
         session = cluster.new_session(audit.user, resource.name, kind.kind)
         try:
             opened = await kind.open(cluster, resource, params, session)
-        except BaseException:
+        except BaseException as exc:
             cluster.end_session(session)
+            if _cancellation(exc):  # stopping: the dial still goes on record
+                audit.denied(cluster, abandoned(resource))
             raise
     except Refused as refusal:
         return audit.denied(cluster, refusal)
@@ -390,10 +422,12 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     session.cut = functools.partial(link.cut, st)
 
     def connected(sock: socket.socket | None, error: str | None) -> None:
+        cluster.engine_connects.difference_update(in_flight)
         if sock is None:
             session.cut = None
             cluster.end_session(session)
-            link.refuse(st, audit.denied(cluster, unreachable(resource, error)))
+            refusal = abandoned(resource) if error is ABANDONED else unreachable(resource, error)
+            link.refuse(st, audit.denied(cluster, refusal))
             return
         audit.allowed(cluster, session, decision)
         _audit_start(cluster, session, client_addr, {})
@@ -406,7 +440,11 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
         st.notify = functools.partial(_engine_stream_ended, cluster)
         link.accept(st, DialAccept(session_id=session.id), sock, RelayCounters())
 
-    link.engine.connect(target[0], target[1], CONNECT_TIMEOUT, connected)
+    in_flight: list = []
+    connecting = link.engine.connect(target[0], target[1], CONNECT_TIMEOUT, connected)
+    if connecting is not None:  # ``connected`` runs later, in this thread, under the same lock
+        in_flight.append(connecting)
+        cluster.engine_connects.add(connecting)
     return True
 
 

@@ -16,7 +16,7 @@ import trio
 
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
-from gateway.cluster.dial import TCP, handle_mux, handle_route
+from gateway.cluster.dial import TCP, abandon_engine_connects, handle_mux, handle_route
 from gateway.cluster.postgres import PostgresKind
 from gateway.identity import tlsconf
 from gateway.net.http import serve_http
@@ -117,5 +117,6 @@ async def serve(
             handlers.cancel_scope.deadline = trio.current_time() + GRACE_PERIOD
             for session in list(cluster.sessions.values()):
                 session.cancel("cluster_stopping")
+            abandon_engine_connects(cluster)
         outer.cancel_scope.cancel()
     log.info("cluster_stopped")

@@ -300,6 +300,12 @@ class _Connecting:
     def _timed_out(self) -> None:
         self._end(None, "timed out")
 
+    def cancel(self, reason: str) -> None:
+        """Give up now (any thread): ``done(None, reason)``, unless it is
+        done already."""
+        with self.engine._lock:
+            self._end(None, reason)
+
     def _end(self, sock: socket.socket | None, error: str | None) -> None:
         end, done = self.end, self.done
         if done is None:
@@ -435,18 +441,19 @@ class RelayEngine:
         return listener
 
     def connect(self, family: int, address: tuple, timeout: float,
-                done: Callable[[socket.socket | None, str | None], None]) -> None:
+                done: Callable[[socket.socket | None, str | None], None]) -> _Connecting | None:
         """Open a TCP connection to ``address`` without blocking; then
         ``done(sock, None)`` with the connected non-blocking socket (with
         TCP_NODELAY), or ``done(None, reason)``, in the engine's thread under
         the lock, or right away in the calling thread when the outcome is
         known at once (a loopback connect usually is): call it with the lock
-        held, so ``done`` always runs under it."""
+        held, so ``done`` always runs under it. Returns the connect still in
+        progress (``cancel()`` it to give up), or None if ``done`` ran."""
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # out of descriptors, say
             done(None, exc.strerror or str(exc))
-            return
+            return None
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -454,11 +461,11 @@ class RelayEngine:
         except OSError as exc:
             sock.close()
             done(None, exc.strerror or str(exc))
-            return
+            return None
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             done(None, os.strerror(err))
-            return
+            return None
         try:
             sock.getpeername()
         except OSError:
@@ -470,12 +477,13 @@ class RelayEngine:
                 done(sock, None)
             except Exception:
                 log.exception("connect_callback_failed action=report this as a bug with the traceback")
-            return
+            return None
         with self._lock:
             connecting = _Connecting(self, sock, done, timeout)
             self._ends[connecting.end.fd] = connecting.end
             # Also when connect_ex already succeeded: EPOLLOUT comes at once.
             self.set_mask(connecting.end, _OUT)
+        return connecting
 
     # ------------------------------------------------------------------
     # The engine's thread.

@@ -531,6 +531,53 @@ async def test_the_proxy_rides_out_a_cluster_restart(tmp_path, echo):
         c.stop()
 
 
+def _connecting_to(port: int) -> int:
+    """How many sockets on this machine are in SYN-SENT towards ``port``."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                n += fields[3] == "02" and int(fields[2].rsplit(":", 1)[1], 16) == port
+    return n
+
+
+async def test_dials_still_connecting_when_the_cluster_stops_are_on_record(tmp_path, echo):
+    """An upstream that neither answers nor refuses (its accept queue is
+    full); the cluster stops while connecting to it, in its relay engine (an
+    IP literal) and in trio (a name). Both dials are audited as given up,
+    in the store, by the time the cluster has stopped."""
+    from tests.integration.harness import Cluster, Gateway
+    from tests.unit.test_engine import full_listener
+
+    listener, fillers = full_listener()
+    port = listener.getsockname()[1]
+    c = Cluster(tmp_path, echo)
+    try:
+        c.add_user("erin", "dev")
+        for name, address in [("slow-literal", f"127.0.0.1:{port}"), ("slow-named", f"localhost:{port}")]:
+            c.admin("resources", "add", name, "--kind", "tcp", "--address", address, "--label", "env=dev")
+        gw = Gateway(tmp_path, c, "erin")
+        assert gw.login().returncode == 0
+        clients = []
+        for name in ("slow-literal", "slow-named"):
+            _, proxy_port = gw.proxy_tcp(name)
+            clients.append(await connect(proxy_port))
+            await clients[-1].send_all(b"hello")
+            wait_for(lambda: _connecting_to(port) >= len(clients), what=f"{name}: the cluster connecting")
+        assert c.stop() == 0
+        denied = {e["resource"]: e for e in c.audit(event="dial.denied")}
+        for name in ("slow-literal", "slow-named"):
+            assert denied[name]["code"] == "upstream_unreachable" and denied[name]["reason"] == "abandoned"
+        for client in clients:
+            await client.aclose()
+    finally:
+        c.stop()
+        listener.close()
+        for s in fillers:
+            s.close()
+
+
 def test_cluster_health_without_cert(cluster):
     with unverified_tls(cluster, "http/1.1") as s:
         assert s.version() == "TLSv1.3"

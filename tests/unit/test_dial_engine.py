@@ -38,6 +38,7 @@ class StandIn:
 
     sessions: dict = attrs.Factory(dict)
     events: list = attrs.Factory(list)
+    engine_connects: set = attrs.Factory(set)
 
     def fresh_snapshot(self):
         return object()
@@ -96,3 +97,49 @@ async def test_a_lock_while_the_upstream_connects_cuts_the_session(pki, monkeypa
     gateway_link.close("test over")
     with trio.fail_after(HANG):
         await cluster_link.closed.wait()
+
+
+async def test_a_connect_given_up_at_shutdown_is_on_record_at_once(pki, monkeypatch):
+    # The upstream neither answers nor refuses (a full accept queue). When
+    # the cluster stops it gives up on the connect, and the dial is audited
+    # then, before the audit log's last flush, not whenever the connect
+    # would have timed out.
+    from tests.unit.test_engine import full_listener
+
+    listener, fillers = full_listener()
+    host, port = listener.getsockname()
+    resource = types.SimpleNamespace(name="slow", address=f"{host}:{port}", labels={})
+
+    def authorize(cluster, snap, cert, request, kind, audit):
+        audit.user = "alice"
+        return None, resource, {}, types.SimpleNamespace(reason="allowed by role 'dev'")
+
+    monkeypatch.setattr(dial, "_authorize", authorize)
+    eng = engine()
+    cluster = StandIn()
+    gw_tls, cl_tls = await tls_connection(pki)
+
+    def on_open(link, stream, request) -> None:  # the engine's thread
+        assert dial._start_in_engine(cluster, link, stream, request, b"cert", "gw")
+
+    cluster_link = MuxLink(eng, cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream", on_open=on_open)
+    gateway_link = MuxLink(eng, gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    near, client = socket_pair()
+    started = Started(gateway_link, DialRequest(resource="slow"), near)
+    with trio.fail_after(HANG):
+        while not cluster.engine_connects:
+            await trio.sleep(0.01)
+        for session in list(cluster.sessions.values()):  # as the server stops
+            session.cancel("cluster_stopping")
+        dial.abandon_engine_connects(cluster)
+        assert [(e, f["code"], f["reason"]) for e, f in cluster.events] == [
+            ("dial.denied", "upstream_unreachable", dial.ABANDONED)]
+        assert not cluster.engine_connects and not cluster.sessions
+        assert "cluster_stopping" in await started.ended()
+    await client.aclose()
+    gateway_link.close("test over")
+    with trio.fail_after(HANG):
+        await cluster_link.closed.wait()
+    listener.close()
+    for s in fillers:
+        s.close()
