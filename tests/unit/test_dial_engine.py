@@ -56,47 +56,66 @@ class StandIn:
         self.events.append((event, fields))
 
 
+@attrs.define
+class EngineDial:
+    """One mux dial decided by _start_in_engine (checks stubbed: alice may
+    reach ``resource``): both links, the gateway's session, its client."""
+
+    cluster: StandIn
+    cluster_link: MuxLink
+    gateway_link: MuxLink
+    started: Started
+    client: trio.SocketStream
+
+    @classmethod
+    async def open(cls, pki, monkeypatch, resource) -> "EngineDial":
+        def authorize(cluster, snap, cert, request, kind, audit):
+            audit.user = "alice"
+            return None, resource, {}, types.SimpleNamespace(reason="allowed by role 'dev'")
+
+        monkeypatch.setattr(dial, "_authorize", authorize)
+        cluster = StandIn()
+        gw_tls, cl_tls = await tls_connection(pki)
+
+        def on_open(link, stream, request) -> None:  # the engine's thread
+            assert dial._start_in_engine(cluster, link, stream, request, b"cert", "gw")
+
+        cluster_link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
+                               on_open=on_open)
+        gateway_link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+        near, client = socket_pair()
+        started = Started(gateway_link, DialRequest(resource=resource.name), near)
+        return cls(cluster, cluster_link, gateway_link, started, client)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        self.gateway_link.close("test over")
+        with trio.fail_after(HANG):
+            await self.cluster_link.closed.wait()
+
+
 async def test_a_lock_while_the_upstream_connects_cuts_the_session(pki, monkeypatch):
-    resource = types.SimpleNamespace(name="echo", address="127.0.0.1:9", labels={})
-
-    def authorize(cluster, snap, cert, request, kind, audit):
-        audit.user = "alice"
-        return None, resource, {}, types.SimpleNamespace(reason="allowed by role 'dev'")
-
-    monkeypatch.setattr(dial, "_authorize", authorize)
     eng = engine()
     connects: list = []
     monkeypatch.setattr(eng, "connect", lambda family, address, timeout, done: connects.append(done))
-    cluster = StandIn()
-    gw_tls, cl_tls = await tls_connection(pki)
-
-    def on_open(link, stream, request) -> None:  # the engine's thread
-        assert dial._start_in_engine(cluster, link, stream, request, b"cert", "gw")
-
-    cluster_link = MuxLink(eng, cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream", on_open=on_open)
-    gateway_link = MuxLink(eng, gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
-    near, client = socket_pair()
-    started = Started(gateway_link, DialRequest(resource="echo"), near)
+    d = await EngineDial.open(pki, monkeypatch, types.SimpleNamespace(name="echo", address="127.0.0.1:9",
+                                                                      labels={}))
     with trio.fail_after(HANG):
         while not connects:  # the OPEN reached the cluster; its connect is "in flight"
             await trio.sleep(0.01)
-        (session,) = cluster.sessions.values()
+        (session,) = d.cluster.sessions.values()
         session.cancel("user_locked")  # what watch_locks does, from trio's thread
-        assert "user_locked" in await started.ended()  # the gateway got the RESET
-        assert await read_until_eof(client) == b""
+        assert "user_locked" in await d.started.ended()  # the gateway got the RESET
+        assert await read_until_eof(d.client) == b""
         upstream, far = socket.socketpair()
         with eng._lock:
             connects[0](upstream, None)  # the connect completes after all
     assert upstream.fileno() == -1  # closed, never relayed
-    assert [e for e, _ in cluster.events] == ["dial.allowed", "session.start", "session.end"]
-    assert cluster.events[-1][1]["reason"] == "user_locked"
-    assert not cluster.sessions and not len(cluster_link)
-    for s in (far,):
-        s.close()
-    await client.aclose()
-    gateway_link.close("test over")
-    with trio.fail_after(HANG):
-        await cluster_link.closed.wait()
+    assert [e for e, _ in d.cluster.events] == ["dial.allowed", "session.start", "session.end"]
+    assert d.cluster.events[-1][1]["reason"] == "user_locked"
+    assert not d.cluster.sessions and not len(d.cluster_link)
+    far.close()
+    await d.close()
 
 
 async def test_a_connect_given_up_at_shutdown_is_on_record_at_once(pki, monkeypatch):
@@ -108,38 +127,19 @@ async def test_a_connect_given_up_at_shutdown_is_on_record_at_once(pki, monkeypa
 
     listener, fillers = full_listener()
     host, port = listener.getsockname()
-    resource = types.SimpleNamespace(name="slow", address=f"{host}:{port}", labels={})
-
-    def authorize(cluster, snap, cert, request, kind, audit):
-        audit.user = "alice"
-        return None, resource, {}, types.SimpleNamespace(reason="allowed by role 'dev'")
-
-    monkeypatch.setattr(dial, "_authorize", authorize)
-    eng = engine()
-    cluster = StandIn()
-    gw_tls, cl_tls = await tls_connection(pki)
-
-    def on_open(link, stream, request) -> None:  # the engine's thread
-        assert dial._start_in_engine(cluster, link, stream, request, b"cert", "gw")
-
-    cluster_link = MuxLink(eng, cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream", on_open=on_open)
-    gateway_link = MuxLink(eng, gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
-    near, client = socket_pair()
-    started = Started(gateway_link, DialRequest(resource="slow"), near)
+    d = await EngineDial.open(pki, monkeypatch, types.SimpleNamespace(name="slow", address=f"{host}:{port}",
+                                                                      labels={}))
     with trio.fail_after(HANG):
-        while not cluster.engine_connects:
+        while not d.cluster.engine_connects:
             await trio.sleep(0.01)
-        for session in list(cluster.sessions.values()):  # as the server stops
+        for session in list(d.cluster.sessions.values()):  # as the server stops
             session.cancel("cluster_stopping")
-        dial.abandon_engine_connects(cluster)
-        assert [(e, f["code"], f["reason"]) for e, f in cluster.events] == [
+        dial.abandon_engine_connects(d.cluster)
+        assert [(e, f["code"], f["reason"]) for e, f in d.cluster.events] == [
             ("dial.denied", "upstream_unreachable", dial.ABANDONED)]
-        assert not cluster.engine_connects and not cluster.sessions
-        assert "cluster_stopping" in await started.ended()
-    await client.aclose()
-    gateway_link.close("test over")
-    with trio.fail_after(HANG):
-        await cluster_link.closed.wait()
+        assert not d.cluster.engine_connects and not d.cluster.sessions
+        assert "cluster_stopping" in await d.started.ended()
+    await d.close()
     listener.close()
     for s in fillers:
         s.close()
