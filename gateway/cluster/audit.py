@@ -38,7 +38,9 @@ class AuditLog:
         self.store = store
         self._fd: int | None = None
         self._unwritten = bytearray()  # lines the file has not taken yet
+        self._midline = False  # the file ends inside a line: _unwritten starts with its rest
         self.jsonl_dropped = 0  # lines lost because that backlog was full
+        self._dropped_reported = 0
         if jsonl is not None:
             self._fd = os.open(jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
@@ -58,29 +60,38 @@ class AuditLog:
         Never raises: the events are in the store already, and a caller
         retrying the batch would store them twice."""
         failing = bool(self._unwritten)
-        self._unwritten += data
+        unwritten = self._unwritten
+        unwritten += data
         try:
-            while self._unwritten:  # a regular file takes it all at once; a full disk may not
-                del self._unwritten[:os.write(self._fd, self._unwritten)]
+            while unwritten:  # a regular file takes it all at once; a full disk may not
+                n = os.write(self._fd, unwritten)
+                self._midline = n < len(unwritten) and unwritten[n - 1] != 0x0A
+                del unwritten[:n]
         except OSError as exc:
-            if len(self._unwritten) > JSONL_BACKLOG:
-                cut = self._unwritten.find(b"\n", len(self._unwritten) - JSONL_BACKLOG) + 1
-                self.jsonl_dropped += self._unwritten.count(b"\n", 0, cut)
-                del self._unwritten[:cut]
+            if len(unwritten) > JSONL_BACKLOG:
+                # Drop the oldest whole lines; never the rest of a line the
+                # file has begun (the next line would be glued onto it).
+                head = unwritten.find(b"\n") + 1 if self._midline else 0
+                cut = unwritten.find(b"\n", max(head, len(unwritten) - JSONL_BACKLOG)) + 1
+                if cut > head:
+                    self.jsonl_dropped += unwritten.count(b"\n", head, cut)
+                    del unwritten[head:cut]
             if not failing:
                 log.error("audit_jsonl_write_failed error=%s action=%s", exc.strerror or exc,
                           "free disk space or fix the file's permissions; the store has every event "
                           "and the file catches up on the next write")
             return
         if failing:
-            log.warning("audit_jsonl_caught_up dropped_lines=%d", self.jsonl_dropped)
+            log.warning("audit_jsonl_caught_up dropped_lines=%d", self.jsonl_dropped - self._dropped_reported)
+            self._dropped_reported = self.jsonl_dropped
 
     def close(self) -> None:
         if self._fd is not None:
             if self._unwritten:
                 self._to_file(b"")
-                if self._unwritten:
-                    log.error("audit_jsonl_lines_lost lines=%d action=%s", self._unwritten.count(b"\n"),
+                lost = self._unwritten.count(b"\n") + self.jsonl_dropped - self._dropped_reported
+                if lost:
+                    log.error("audit_jsonl_lines_lost lines=%d action=%s", lost,
                               "they are in the store: `wicket-cluster audit` shows them")
             os.close(self._fd)
             self._fd = None

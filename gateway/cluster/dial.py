@@ -118,13 +118,14 @@ def unreachable(resource: Resource, why: str) -> Refused:
 ABANDONED = "abandoned"
 
 
-def abandoned(resource: Resource) -> Refused:
-    """The dial was allowed, but given up before the upstream answered."""
+def abandoned(resource: Resource, why: str | None) -> Refused:
+    """The dial was allowed, but its session was cut (``why``: the live
+    session's end reason, cluster_stopping say) before it was set up."""
     return Refused(
         ErrorCode.UPSTREAM_UNREACHABLE,
-        f"the cluster gave up on {resource.name} ({resource.address}) before it answered: the cluster is "
-        f"stopping, or the connection from the gateway ended; try again",
-        reason=ABANDONED,
+        f"the session to {resource.name} was cut ({why or 'the cluster is stopping'}) before it was set up; "
+        f"try again",
+        reason=why or ABANDONED,
     )
 
 
@@ -140,8 +141,9 @@ def abandon_engine_connects(cluster: Cluster) -> None:
     """(trio's thread) Give up on every upstream connect the relay engine
     still waits for: each dial is refused and audited now, not after the
     audit log's last flush."""
-    for connecting in list(cluster.engine_connects):
-        connecting.cancel(ABANDONED)
+    with engine()._lock:  # the engine's thread adds and removes them under it
+        for connecting in list(cluster.engine_connects):
+            connecting.cancel(ABANDONED)
 
 
 async def connect_tcp(resource: Resource) -> trio.SocketStream:
@@ -378,7 +380,7 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
         except BaseException as exc:
             cluster.end_session(session)
             if _cancellation(exc):  # stopping: the dial still goes on record
-                audit.denied(cluster, abandoned(resource))
+                audit.denied(cluster, abandoned(resource, session.end_reason))
             raise
     except Refused as refusal:
         return audit.denied(cluster, refusal)
@@ -426,7 +428,7 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
         if sock is None:
             session.cut = None
             cluster.end_session(session)
-            refusal = abandoned(resource) if error is ABANDONED else unreachable(resource, error)
+            refusal = abandoned(resource, session.end_reason) if error is ABANDONED else unreachable(resource, error)
             link.refuse(st, audit.denied(cluster, refusal))
             return
         audit.allowed(cluster, session, decision)

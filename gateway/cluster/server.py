@@ -118,5 +118,8 @@ async def serve(
             for session in list(cluster.sessions.values()):
                 session.cancel("cluster_stopping")
             abandon_engine_connects(cluster)
+        # Dials that came in on still-open links during the grace period
+        # may have started connects since; the links are closed now.
+        abandon_engine_connects(cluster)
         outer.cancel_scope.cancel()
     log.info("cluster_stopped")

@@ -584,21 +584,27 @@ class MuxLink:
             end.tail = memoryview(rest)
 
     def _hold(self, stream: Stream, n: int) -> None:
-        """Count ``n`` more bytes held for ``stream``'s socket; past
-        LINK_HELD or HELD_LIMIT raise :class:`_Failure` (the stream is reset)."""
+        """Count ``n`` more bytes held for ``stream``'s socket. Past
+        LINK_HELD or HELD_LIMIT the stream of this link that holds the most
+        is reset to make room (a stuck one, rather than one that met a full
+        socket once), or, if that is this one, raise :class:`_Failure`."""
         engine = self.engine
-        if self.held + n > LINK_HELD:
-            where, limit = "for the sessions of one connection", LINK_HELD
-        elif engine.held + n > HELD_LIMIT:
-            where, limit = "in all", HELD_LIMIT
-        else:
-            self.held += n
-            engine.held += n
-            stream.held += n
-            return
-        raise _Failure(f"{stream.name}: does not take data as fast as it comes, and the relay already holds "
-                       f"{limit / _MiB:g} MiB {where} for sockets that do not (its limit); "
-                       f"the session was reset")
+        while True:
+            if self.held + n > LINK_HELD:
+                where, limit = "for the sessions of one connection", LINK_HELD
+            elif engine.held + n > HELD_LIMIT:
+                where, limit = "in all", HELD_LIMIT
+            else:
+                self.held += n
+                engine.held += n
+                stream.held += n
+                return
+            reason = (f"does not take data as fast as it comes, and the relay already holds "
+                      f"{limit / _MiB:g} MiB {where} for sockets that do not (its limit); the session was reset")
+            most = max(self.streams.values(), key=lambda s: s.held, default=stream)
+            if most is stream or most.held <= stream.held + n or self.failed is not None:
+                raise _Failure(f"{stream.name}: {reason}")
+            self._finish(most, f"{most.name}: {reason}", reset=True)
 
     def _unhold(self, stream: Stream, n: int) -> None:
         self.held -= n

@@ -568,7 +568,7 @@ async def test_dials_still_connecting_when_the_cluster_stops_are_on_record(tmp_p
         assert c.stop() == 0
         denied = {e["resource"]: e for e in c.audit(event="dial.denied")}
         for name in ("slow-literal", "slow-named"):
-            assert denied[name]["code"] == "upstream_unreachable" and denied[name]["reason"] == "abandoned"
+            assert denied[name]["code"] == "upstream_unreachable" and denied[name]["reason"] == "cluster_stopping"
         for client in clients:
             await client.aclose()
     finally:

@@ -136,7 +136,7 @@ async def test_a_connect_given_up_at_shutdown_is_on_record_at_once(pki, monkeypa
             session.cancel("cluster_stopping")
         dial.abandon_engine_connects(d.cluster)
         assert [(e, f["code"], f["reason"]) for e, f in d.cluster.events] == [
-            ("dial.denied", "upstream_unreachable", dial.ABANDONED)]
+            ("dial.denied", "upstream_unreachable", "cluster_stopping")]
         assert not d.cluster.engine_connects and not d.cluster.sessions
         assert "cluster_stopping" in await d.started.ended()
     await d.close()
