@@ -91,8 +91,8 @@ LINK_BACKLOG = 1024 * 1024
 #: as it comes (their tails, and early data waiting for a decision), per
 #: connection and in all. Each stream alone is held to its window (2 MiB);
 #: these bound the sum, so that servers that stopped reading, times many
-#: streams, cannot exhaust the cluster's memory. A stream that would go
-#: past either is reset, with the reason.
+#: streams, cannot exhaust the cluster's memory. Past either, the stream
+#: holding the most is reset, with the reason.
 LINK_HELD = 128 * 1024 * 1024
 HELD_LIMIT = 512 * 1024 * 1024
 _MiB = 1024 * 1024
