@@ -496,6 +496,16 @@ async def test_a_link_that_fails_while_delivering_reads_no_more(pki, monkeypatch
         await raw.close()
 
 
+async def held_becomes(link: MuxLink, value: int) -> None:
+    """Until the link holds ``value`` bytes for its streams' sockets (read
+    under the engine's lock: it counts after the bytes move)."""
+    while True:
+        with link.engine._lock:
+            if link.held == value:
+                return
+        await trio.sleep(0.01)
+
+
 async def resets_seen(peer, gw, count: int) -> dict[int, str]:
     """Read the link's frames (as the gateway) until ``count`` RESETs came."""
     from protocols.mux import NEED_DATA, StreamReset
@@ -537,8 +547,7 @@ async def test_what_slow_upstreams_make_the_relay_hold_is_bounded(pki, monkeypat
             assert ("one connection" in reason) == (limit == "LINK_HELD")
         assert raw.link.held <= 300 * 1024
         assert await read_until_eof(raw.upstreams[raw.sids.index(kept)]) == payload
-        while raw.link.held:  # the FIN and the accounting follow the last byte
-            await trio.sleep(0.01)
+        await held_becomes(raw.link, 0)  # the accounting follows the last byte
         assert engine().held == held_before
         await raw.close()
 
@@ -575,12 +584,16 @@ async def test_early_data_counts_against_what_the_relay_holds(pki, monkeypatch):
         wire += frame + gw.send_data(sid, b"e" * EARLY_DATA)
     with trio.fail_after(HANG):
         await peer.send_all(wire)
-        assert list(await resets_seen(peer, gw, 1)) == [2]
-        assert link.held == EARLY_DATA
+        # One of them is reset (which, depends on how the second one's
+        # bytes were cut into reads: the one holding the most goes).
+        (reset,) = await resets_seen(peer, gw, 1)
+        await held_becomes(link, EARLY_DATA)  # the survivor's, all of it
+        (survivor,) = [st for st in opened if st.sid != reset]
         near, upstream = socket_pair()
-        assert link.accept(opened[0], DialAccept(session_id="s"), near, RelayCounters())
+        assert link.accept(survivor, DialAccept(session_id="s"), near, RelayCounters())
         assert await read_exactly(upstream, EARLY_DATA) == b"e" * EARLY_DATA
-        assert link.held == 0 and engine().held == held_before
+        await held_becomes(link, 0)
+        assert engine().held == held_before
     link.close("test over")
     await peer.aclose()
     await upstream.aclose()
