@@ -7,6 +7,7 @@ behind in the engine's tables, its epoll set or the process's descriptors.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
@@ -417,3 +418,30 @@ async def test_a_listener_out_of_descriptors_pauses_then_accepts_what_waited():
     acceptor.close()
     for s in (accepted, client):
         s.close()
+
+
+@pytest.mark.skipif(tlsutil.OPENSSL is None, reason="needs the openssl command (requirements/apt.txt)")
+async def test_key_updates_from_a_tls_peer_are_answered_in_order(pki):
+    # openssl s_client as the TLS peer of a relayed session sends KeyUpdates,
+    # asking for ours back or not. Bytes keep flowing both ways after each.
+    # OpenSSL puts our KeyUpdate ahead of the next record we write: it must
+    # reach the peer, in order, or that record is garbage to it (dropping
+    # it makes this test fail).
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener, trio.open_nursery() as nursery:
+        peer = await tlsutil.start_s_client(nursery, pki, listener.socket.getsockname()[1])
+        with trio.fail_after(HANG):
+            relay_tls = await accept_tls(await listener.accept(), tlsutil.server_context(pki))
+            client, relay_plain = await tcp_pair(listener)
+            nursery.start_soon(functools.partial(relay, relay_plain, relay_tls, counters=RelayCounters()))
+            await peer.send(b"first\n")
+            assert await read_exactly(client, 6) == b"first\n"
+            for n, ask in ((1, True), (2, False), (3, True)):
+                await peer.key_update(ask=ask)
+                await peer.send(b"after %d\n" % n)
+                assert await read_exactly(client, 8) == b"after %d\n" % n
+                await client.send_all(b"reply %d\n" % n)
+                await peer.until_shown(b"reply %d\n" % n)
+            await client.aclose()
+            await peer.close()
+        nursery.cancel_scope.cancel()

@@ -604,3 +604,38 @@ def test_what_a_partial_sendmsg_left_is_copied_whole():
     whole = b"abcdefgh"
     for sent in range(len(whole) + 1):
         assert muxlink._unsent(pieces, sent) == whole[sent:]
+
+
+@pytest.mark.skipif(tlsutil.OPENSSL is None, reason="needs the openssl command (requirements/apt.txt)")
+async def test_key_updates_on_the_multiplexed_connection(pki):
+    # openssl s_client plays the gateway, writing mux frames made here, and
+    # sends KeyUpdates (asking for ours back, or not): the stream keeps
+    # flowing both ways after each, our DATA under our new keys.
+    from gateway.net.tls import accept_tls
+    from protocols.mux import MuxConnection
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    opened: list = []
+    gw = MuxConnection(Role.GATEWAY)
+    async with listener, trio.open_nursery() as nursery:
+        peer = await tlsutil.start_s_client(nursery, pki, listener.socket.getsockname()[1])
+        with trio.fail_after(HANG):
+            cl_tls = await accept_tls(await listener.accept(), tlsutil.server_context(pki))
+            link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
+                           on_open=lambda _link, stream, _request: opened.append(stream))
+            sid, frame = gw.send_open(DialRequest(resource="r"))
+            await peer.send(frame)
+            while not opened:
+                await trio.sleep(0.01)
+            near, upstream = socket_pair()
+            assert link.accept(opened[0], DialAccept(session_id="s"), near, RelayCounters())
+            for n, ask in ((1, True), (2, False), (3, True)):
+                await peer.key_update(ask=ask)
+                await peer.send(gw.send_data(sid, b"up %d;" % n))
+                assert await read_exactly(upstream, 5) == b"up %d;" % n
+                await upstream.send_all(b"down %d;" % n)
+                await peer.until_shown(b"down %d;" % n)  # inside a DATA frame
+            link.close("test over")
+            await upstream.aclose()
+            await peer.close()
+        nursery.cancel_scope.cancel()

@@ -13,10 +13,14 @@ stream, not about how production contexts are configured.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import shutil
 import ssl
+import subprocess
 from pathlib import Path
 
 import attrs
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -190,3 +194,46 @@ async def read_exactly(stream, n: int) -> bytes:
             raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
         buf += data
     return bytes(buf)
+
+
+OPENSSL = shutil.which("openssl")
+
+
+class SClient:
+    """``openssl s_client`` connected with TLS 1.3 and the test PKI's client
+    certificate: the one client that can send a KeyUpdate on demand (no
+    Python API can). Start it with :func:`start_s_client`."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.shown = b""  # its stdout and stderr so far
+
+    async def send(self, data: bytes) -> None:
+        await self.proc.stdin.send_all(data)
+
+    async def key_update(self, *, ask: bool) -> None:
+        """Send a KeyUpdate (asking for the peer's, or not). The command
+        must be a read of its own: s_client drops the rest of that read."""
+        done = self.shown.count(b"KEYUPDATE")
+        await self.send(b"K\n" if ask else b"k\n")
+        await self.until_shown(b"KEYUPDATE", done + 1)
+
+    async def until_shown(self, text: bytes, times: int = 1) -> None:
+        while self.shown.count(text) < times:
+            chunk = await self.proc.stdout.receive_some(65536)
+            assert chunk, f"s_client ended before showing {text!r}: {self.shown[-300:]!r}"
+            self.shown += chunk
+
+    async def close(self) -> None:
+        await self.proc.stdin.aclose()
+        await self.proc.wait()
+
+
+async def start_s_client(nursery: trio.Nursery, pki: TestPKI, port: int) -> SClient:
+    proc = await nursery.start(functools.partial(
+        trio.run_process,
+        [OPENSSL or "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-servername", SERVER_NAME,
+         "-CAfile", str(pki.ca_file), "-cert", str(pki.client_chain), "-key", str(pki.client_key),
+         "-verify_return_error"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False))
+    return SClient(proc)
