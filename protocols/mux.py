@@ -290,7 +290,7 @@ class MuxConnection:
         end = pos + HEADER.size + length
         if len(buf) < end:
             return NEED_DATA
-        payload = bytes(buf[pos + HEADER.size:end])  # no copy of a bytes slice
+        payload = bytes(buf[pos + HEADER.size:end])  # a slice of bytes is not copied twice
         self._pos = end
         return self._handle(kind, stream, payload)
 

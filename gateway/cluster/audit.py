@@ -78,11 +78,12 @@ class AuditLog:
                     del unwritten[head:cut]
             if not failing:
                 log.error("audit_jsonl_write_failed error=%s action=%s", exc.strerror or exc,
-                          "free disk space or fix the file's permissions; the store has every event "
-                          "and the file catches up on the next write")
+                          "free disk space or fix the file's permissions; the store has every "
+                          "event and the file catches up on the next write")
             return
         if failing:
-            log.warning("audit_jsonl_caught_up dropped_lines=%d", self.jsonl_dropped - self._dropped_reported)
+            log.warning("audit_jsonl_caught_up dropped_lines=%d",
+                        self.jsonl_dropped - self._dropped_reported)
             self._dropped_reported = self.jsonl_dropped
 
     def close(self) -> None:

@@ -119,13 +119,13 @@ ABANDONED = "abandoned"
 
 
 def abandoned(resource: Resource, why: str | None) -> Refused:
-    """The dial was allowed, but its session was cut (``why``: the live
-    session's end reason, cluster_stopping say) before it was set up."""
+    """The dial was allowed, but given up before its session was set up
+    (``why``: the live session's end reason, cluster_stopping say)."""
+    why = why or ABANDONED
     return Refused(
         ErrorCode.UPSTREAM_UNREACHABLE,
-        f"the session to {resource.name} was cut ({why or 'the cluster is stopping'}) before it was set up; "
-        f"try again",
-        reason=why or ABANDONED,
+        f"the session to {resource.name} was given up before it was set up ({why}); try again",
+        reason=why,
     )
 
 
@@ -428,7 +428,10 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
         if sock is None:
             session.cut = None
             cluster.end_session(session)
-            refusal = abandoned(resource, session.end_reason) if error is ABANDONED else unreachable(resource, error)
+            if error is ABANDONED:
+                refusal = abandoned(resource, session.end_reason)
+            else:
+                refusal = unreachable(resource, error)
             link.refuse(st, audit.denied(cluster, refusal))
             return
         audit.allowed(cluster, session, decision)

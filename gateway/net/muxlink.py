@@ -600,7 +600,8 @@ class MuxLink:
                 stream.held += n
                 return
             reason = (f"does not take data as fast as it comes, and the relay already holds "
-                      f"{limit / _MiB:g} MiB {where} for sockets that do not (its limit); the session was reset")
+                      f"{limit / _MiB:g} MiB {where} for sockets that do not (its limit); "
+                      f"the session was reset")
             most = max(self.streams.values(), key=lambda s: s.held, default=stream)
             if most is stream or most.held <= stream.held + n or self.failed is not None:
                 raise _Failure(f"{stream.name}: {reason}")
