@@ -393,8 +393,7 @@ class _EngineSession:
     """A mux stream's session run by the relay engine alone (no trio task)."""
 
     session: LiveSession
-    started: float
-    client_addr: str
+    started: float = 0.0  # when the upstream connected (the session's start)
 
 
 def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest, cert: bytes | None,
@@ -417,7 +416,7 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     if target is None or len(cluster.sessions) >= MAX_CONNECTIONS:
         return False
     session = cluster.new_session(audit.user, resource.name, TCP.kind)
-    es = st.context = _EngineSession(session, time.monotonic(), client_addr)
+    es = st.context = _EngineSession(session)
     # From now on a lock or a stop cuts the stream, even while the upstream
     # is still connecting (``connected`` then finds it finished). Both run
     # under the engine's lock, so neither can slip between the other's steps.

@@ -349,11 +349,8 @@ class MuxDialer:
         """The current connection, if a session may start on it right now
         without trio: it is up, and the login on disk is the one it was
         opened with and still in date (one stat). Any thread may ask."""
-        link = self._link
-        if (link is None or link.failed is not None or self._link_ctx is not self.dialer._ctx
-                or not self.dialer.unchanged()):
-            return None
-        return link
+        link = self._usable()
+        return link if link is not None and self.dialer.unchanged() else None
 
     def release(self, link: MuxLink) -> None:
         """A session on ``link`` is over: close ``link`` if it was replaced
