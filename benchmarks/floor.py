@@ -22,6 +22,9 @@ from pathlib import Path
 
 from benchmarks import load, procstat
 from benchmarks.paths import Stunnel, Upstream, Wicket, free_port, make_pki
+from benchmarks.run import pct
+
+WARMUP = 200  # load.round_trips' own warm-up exchanges, which run under the CPU meter too
 
 
 def _minimal_pair(pki: dict[str, Path], upstream_port: int) -> tuple[list[subprocess.Popen], int]:
@@ -63,21 +66,23 @@ def main(argv=None) -> int:
         }
         samples: dict[str, list[float]] = {name: [] for name in paths}
         cpu = dict.fromkeys(paths, 0.0)
+        metered = dict.fromkeys(paths, 0)
         names = list(paths)
         for rnd in range(args.rounds):
             for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                 address, pids = paths[name]
                 before = sum(procstat.cpu_seconds(pid) for pid in pids)
-                samples[name] += load.round_trips(address, args.count)
+                samples[name] += load.round_trips(address, args.count, warmup=WARMUP)
                 cpu[name] += sum(procstat.cpu_seconds(pid) for pid in pids) - before
-        base = sorted(samples["stunnel"])[len(samples["stunnel"]) // 2]
+                metered[name] += args.count + WARMUP
+        base = pct(samples["stunnel"], 50)
         print(f"\n| 64 B round trip ({args.rounds} x {args.count}) | p50 µs | p99 µs | relay CPU per round trip µs |")
         print("|---|---:|---:|---:|")
         for name, s in samples.items():
-            s.sort()
-            p50, p99 = s[len(s) // 2], s[int(len(s) * 0.99)]
+            p50 = pct(s, 50)
             ratio = "" if name == "stunnel" else f" ({p50 / base:.2f}x)"
-            print(f"| {name} | {p50 * 1e6:.0f}{ratio} | {p99 * 1e6:.0f} | {cpu[name] / len(s) * 1e6:.0f} |")
+            print(f"| {name} | {p50 * 1e6:.0f}{ratio} | {pct(s, 99) * 1e6:.0f} | "
+                  f"{cpu[name] / metered[name] * 1e6:.0f} |")
         return 0
     finally:
         for proc in minimal:
