@@ -54,6 +54,16 @@ async def refused(port: int) -> bool:
         return True
 
 
+async def until_closed(stream) -> None:
+    """Read until the gateway ends the connection (EOF, or a reset)."""
+    while True:
+        try:
+            if not await stream.receive_some(100):
+                return
+        except trio.BrokenResourceError:
+            return
+
+
 def test_login_status_ls(make_gateway, cluster):
     gw = make_gateway("dev")
     st = gw.run("status", "--format", "json")
@@ -405,13 +415,7 @@ async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
         cluster.admin("users", "lock", gw.user, "--reason", "incident 42")
         locked_at = time.monotonic()
         with trio.fail_after(2.0):  # the spec: live sessions end within 2 s
-            while True:
-                try:
-                    data = await s.receive_some(100)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
+            await until_closed(s)
         elapsed = time.monotonic() - locked_at
     assert elapsed < 2.0
     with trio.fail_after(20):
@@ -508,12 +512,7 @@ async def test_the_proxy_rides_out_a_cluster_restart(tmp_path, echo):
             assert await live.receive_some(100) == b"before"
             assert c.stop() == 0
             with trio.fail_after(20):  # the live session ends with the cluster
-                while True:
-                    try:
-                        if not await live.receive_some(100):
-                            break
-                    except trio.BrokenResourceError:
-                        break
+                await until_closed(live)
         with trio.fail_after(20):
             assert await refused(port)
         wait_for(lambda: "dial_failed" in proc.log(), what="the refusal in the gateway log")
@@ -701,12 +700,7 @@ async def test_certificate_expiry_ends_a_live_session(make_gateway, cluster):
         await s.send_all(b"ping")
         assert await s.receive_some(100) == b"ping"
         with trio.fail_after(20):  # held open until the certificate's end cuts it
-            while True:
-                try:
-                    if not await s.receive_some(100):
-                        break
-                except trio.BrokenResourceError:
-                    break
+            await until_closed(s)
     ended = cluster.wait_audit(user=gw.user, event="session.end")
     assert ended[-1]["reason"] == "cert_expired", ended[-1]
     assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4

@@ -12,7 +12,6 @@ import time
 import types
 
 import attrs
-import pytest
 import trio
 
 from gateway.cluster import dial
@@ -21,15 +20,9 @@ from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
 from protocols.dial import DialRequest
 from protocols.mux import Role
-from tests.unit import tlsutil
 from tests.unit.test_engine import tls_connection
 from tests.unit.test_muxlink import HANG, Started, socket_pair
 from tests.unit.tlsutil import read_until_eof
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return tlsutil.make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @attrs.define

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import socket
 
 import pytest
 import trio
@@ -21,11 +22,6 @@ from tests.unit import tlsutil
 from tests.unit.tlsutil import read_exactly, read_until_eof
 
 HANG = 60
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return tlsutil.make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def open_fds() -> int:
@@ -246,8 +242,6 @@ class FromEngine:
 
 
 def listening(backlog: int = 8):
-    import socket
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(backlog)
@@ -268,8 +262,6 @@ async def test_timers_run_in_deadline_order_and_a_cancelled_one_never():
 
 
 async def test_connect_reports_a_connected_socket_or_why_not():
-    import socket
-
     eng = engine()
     seen = FromEngine()
     listener = listening()
@@ -292,8 +284,6 @@ def full_listener():
     """A listener whose accept queue is full, so it drops further SYNs: a
     connect to it neither succeeds nor fails for a while. Also returns the
     connections that fill it."""
-    import socket
-
     listener = listening(0)
     fillers = []
     for _ in range(2):
@@ -305,8 +295,6 @@ def full_listener():
 
 
 async def test_connect_gives_up_after_its_timeout():
-    import socket
-
     eng = engine()
     listener, fillers = full_listener()
     seen = FromEngine()
@@ -318,8 +306,6 @@ async def test_connect_gives_up_after_its_timeout():
 
 
 async def test_listen_hands_each_connection_to_the_callback_until_closed():
-    import socket
-
     eng = engine()
     seen = FromEngine()
     sock = listening(64)
@@ -338,8 +324,6 @@ async def test_listen_hands_each_connection_to_the_callback_until_closed():
 async def test_connect_ignores_a_stale_event_and_reports_running_out_of_descriptors(monkeypatch):
     import errno
     import select
-    import socket
-
     from gateway.net import engine as engine_module
 
     eng = engine()
@@ -366,8 +350,6 @@ async def test_connect_ignores_a_stale_event_and_reports_running_out_of_descript
 
 
 async def test_a_failing_callback_does_not_stop_the_engine():
-    import socket
-
     eng = engine()
     full, fillers = full_listener()
     seen = FromEngine()
@@ -396,8 +378,6 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap():
 
 async def test_a_listener_out_of_descriptors_pauses_then_accepts_what_waited():
     import errno
-    import socket
-
     class OutOfDescriptorsOnce(socket.socket):
         failures = 0
 

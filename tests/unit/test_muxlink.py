@@ -28,11 +28,6 @@ from tests.unit.tlsutil import read_exactly, read_until_eof
 HANG = 60
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return tlsutil.make_pki(tmp_path_factory.mktemp("pki"))
-
-
 def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     """A connected pair of stream sockets (AF_UNIX: the engine takes any)."""
     a, b = trio.socket.socketpair()

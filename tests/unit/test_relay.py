@@ -36,11 +36,6 @@ from tests.unit.test_muxlink import Started
 HANG = 60  # seconds before a stuck test fails instead of hanging
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return tlsutil.make_pki(tmp_path_factory.mktemp("pki"))
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

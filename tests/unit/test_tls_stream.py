@@ -27,11 +27,6 @@ HANG = 20  # seconds before a stuck test fails instead of hanging
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return tlsutil.make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def server_ctx(pki):
     return tlsutil.server_context(pki)
 
