@@ -65,24 +65,33 @@ def main(argv=None) -> int:
             "wicket": (wicket.address, list(wicket.pids().values())),
         }
         samples: dict[str, list[float]] = {name: [] for name in paths}
-        cpu = dict.fromkeys(paths, 0.0)
+        user = dict.fromkeys(paths, 0.0)
+        system = dict.fromkeys(paths, 0.0)
         metered = dict.fromkeys(paths, 0)
         names = list(paths)
+
+        def times(pids: list[int]) -> tuple[float, float]:
+            both = [procstat.cpu_times(pid) for pid in pids]
+            return sum(u for u, _ in both), sum(s for _, s in both)
+
         for rnd in range(args.rounds):
             for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                 address, pids = paths[name]
-                before = sum(procstat.cpu_seconds(pid) for pid in pids)
+                u0, s0 = times(pids)
                 samples[name] += load.round_trips(address, args.count, warmup=WARMUP)
-                cpu[name] += sum(procstat.cpu_seconds(pid) for pid in pids) - before
+                u1, s1 = times(pids)
+                user[name] += u1 - u0
+                system[name] += s1 - s0
                 metered[name] += args.count + WARMUP
         base = pct(samples["stunnel"], 50)
-        print(f"\n| 64 B round trip ({args.rounds} x {args.count}) | p50 µs | p99 µs | relay CPU per round trip µs |")
-        print("|---|---:|---:|---:|")
+        print(f"\n| 64 B round trip ({args.rounds} x {args.count}) | p50 µs | p99 µs "
+              f"| relay CPU per round trip µs: user | system |")
+        print("|---|---:|---:|---:|---:|")
         for name, s in samples.items():
             p50 = pct(s, 50)
             ratio = "" if name == "stunnel" else f" ({p50 / base:.2f}x)"
             print(f"| {name} | {p50 * 1e6:.0f}{ratio} | {pct(s, 99) * 1e6:.0f} | "
-                  f"{cpu[name] / metered[name] * 1e6:.0f} |")
+                  f"{user[name] / metered[name] * 1e6:.0f} | {system[name] / metered[name] * 1e6:.0f} |")
         return 0
     finally:
         for proc in minimal:

@@ -8,14 +8,19 @@ import resource
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all its threads), in seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the whole process (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name is in parentheses and may contain spaces: split after it.
     fields = stat[stat.rindex(b")") + 2:].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all its threads), in seconds."""
+    return sum(cpu_times(pid))
 
 
 def self_cpu_seconds() -> float:
