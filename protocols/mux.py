@@ -93,6 +93,9 @@ MAX_REASON: Final = 1024
 MAX_STREAM_ID: Final = 2**32 - 1
 MAX_WINDOW: Final = 2**31 - 1
 _WINDOW = struct.Struct(">I")
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
 _ACK_AT = INITIAL_WINDOW // 4  # acknowledge once this much is due
 
 
@@ -103,6 +106,9 @@ class FrameType(enum.IntEnum):
     FIN = 4
     RESET = 5
     WINDOW = 6
+
+
+_DATA: Final = int(FrameType.DATA)
 
 
 class Role(enum.Enum):
@@ -212,13 +218,19 @@ class MuxConnection:
         """Streams not yet over."""
         return len(self._streams)
 
+    def unparsed(self) -> int:
+        """Bytes received and not yet turned into events."""
+        return len(self._buf) - self._pos
+
     def is_live(self, stream: int) -> bool:
         return stream in self._streams
 
     def send_window(self, stream: int) -> int:
         """DATA bytes we may send on ``stream`` now (0 if it is over)."""
         s = self._streams.get(stream)
-        return 0 if s is None or s.local_fin else s.window()
+        if s is None or s.local_fin:
+            return 0
+        return s.send_window if s.accepted else s.window()
 
     # -- receiving -------------------------------------------------------
 
@@ -246,7 +258,7 @@ class MuxConnection:
         """Stop relying on borrowed bytes (see :meth:`receive_data`): keep a
         copy of whatever is not parsed yet."""
         if type(self._buf) is not bytes:
-            self._buf = bytes(self._buf[self._pos:])
+            self._buf = bytes(self._buf[self._pos:]) if self._pos < len(self._buf) else b""
             self._pos = 0
 
     def next_event(self) -> MuxEvent | Literal[Signal.NEED_DATA]:
@@ -266,25 +278,32 @@ class MuxConnection:
 
     def _next(self) -> MuxEvent | Literal[Signal.NEED_DATA] | None:
         buf, pos = self._buf, self._pos
-        if self._data_left:
-            take = min(len(buf) - pos, self._data_left)
-            if not take:
+        left = self._data_left
+        if not left:
+            if len(buf) - pos < _HEADER_SIZE:
                 return NEED_DATA
-            self._data_left -= take
-            self._pos = pos + take
-            if self._data_stream is None:
-                return None  # skipping the payload of an ended stream
-            return StreamData(self._data_stream, memoryview(buf)[pos:pos + take])
-        if len(buf) - pos < HEADER.size:
-            return NEED_DATA
-        kind, stream, length = HEADER.unpack_from(buf, pos)
-        if kind == FrameType.DATA:
+            kind, stream, length = _unpack_header(buf, pos)
+            if kind != _DATA:
+                return self._control(buf, pos, kind, stream, length)
             if length > MAX_DATA:
                 raise _remote(f"DATA frame is {length} bytes long; the limit is {MAX_DATA}")
-            self._pos = pos + HEADER.size
+            pos += _HEADER_SIZE
+            self._pos = pos
             self._data_stream = self._check_data(stream, length)
-            self._data_left = length
-            return None
+            left = self._data_left = length
+        # The payload, or as much of it as is here.
+        take = len(buf) - pos
+        if not take:
+            return NEED_DATA
+        if take > left:
+            take = left
+        self._data_left = left - take
+        self._pos = pos + take
+        if self._data_stream is None:
+            return None  # skipping the payload of an ended stream
+        return StreamData(self._data_stream, memoryview(buf)[pos:pos + take])
+
+    def _control(self, buf, pos: int, kind: int, stream: int, length: int) -> MuxEvent | Literal[Signal.NEED_DATA] | None:
         if length > MAX_CONTROL:
             raise _remote(f"frame of type {kind} is {length} bytes long; the limit is {MAX_CONTROL}")
         end = pos + HEADER.size + length
@@ -296,6 +315,10 @@ class MuxConnection:
 
     def _check_data(self, stream_id: int, length: int) -> int | None:
         """A DATA header: the stream to deliver to, None to skip it."""
+        s = self._streams.get(stream_id)
+        if s is not None and s.accepted and not s.remote_fin and 0 < length <= s.recv_window:
+            s.recv_window -= length  # an established stream's DATA, checked at once
+            return stream_id
         s = self._live(stream_id, "DATA")
         if s is None:
             return None
@@ -422,12 +445,16 @@ class MuxConnection:
         """The header of one DATA frame of ``n`` bytes (at most MAX_DATA and
         the window), for a caller that has the payload in its own buffer
         right behind room for the header (no copy of the payload)."""
+        s = self._streams.get(stream_id)
+        if s is not None and s.accepted and not s.local_fin and 0 < n <= s.send_window and n <= MAX_DATA:
+            s.send_window -= n  # an established stream's DATA, checked at once
+            return _pack_header(_DATA, stream_id, n)
         s = self._sendable(stream_id)
-        if not 0 < n <= min(s.window(), MAX_DATA):
-            raise _local(f"{n} bytes do not fit one DATA frame on stream {stream_id} "
-                         f"(window {s.window()})")
+        window = s.window()
+        if not 0 < n <= window or n > MAX_DATA:
+            raise _local(f"{n} bytes do not fit one DATA frame on stream {stream_id} (window {window})")
         s.spend(n)
-        return HEADER.pack(FrameType.DATA, stream_id, n)
+        return _pack_header(_DATA, stream_id, n)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> bytes:
         """DATA frames for ``data`` (split at MAX_DATA); at most

@@ -124,6 +124,7 @@ TRIM_AFTER = 256
 
 _READ = 256 * 1024  # plaintext read per step (and the scratch size)
 FRAME_HEADROOM = 16
+_NOTHING = memoryview(b"")  # what _write_some returns when the kernel took everything
 _CIPHER = _READ + 8 * 1024  # ciphertext read per recv: one read plus record overhead
 _MAX_EVENTS = 1024
 
@@ -160,7 +161,7 @@ class _End:
     what is waiting to be written to it."""
 
     __slots__ = (
-        "sock", "fd", "name", "obj", "incoming", "outgoing", "peer", "session", "tap", "forward", "owner",
+        "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward", "owner",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
         "tcp_eof", "failed", "error_pending",
     )
@@ -170,6 +171,10 @@ class _End:
         self.fd = sock.fileno()
         self.name = name
         self.obj, self.incoming, self.outgoing = tls if tls is not None else (None, None, None)
+        # The C object behind the SSLObject: its read, write and pending are
+        # the same calls without a Python frame around each (they are on
+        # every message's path). ``obj`` itself if that ever moves.
+        self.ssl = getattr(self.obj, "_sslobj", self.obj)
         self.peer: _End | None = None
         self.session: _Session | None = None
         self.tap = tap
@@ -500,19 +505,18 @@ class RelayEngine:
                 if timers and timers[0][0] <= time.monotonic():
                     self._run_timers()
                 for fd, ev in events:
-                    if fd == wake_fd:
+                    end = ends.get(fd)
+                    if end is not None:
+                        self._guarded(end, ev)
+                    elif fd == wake_fd:
                         try:
                             os.eventfd_read(wake_fd)
                         except BlockingIOError:
                             pass
-                        continue
-                    end = ends.get(fd)
-                    if end is None:
-                        continue
-                    self._guarded(end, ev)
-                again, self._again = self._again, []
-                for end in again:
-                    self._guarded(end, _IN)
+                if self._again:
+                    again, self._again = self._again, []
+                    for end in again:
+                        self._guarded(end, _IN)
                 if self._ended_since_trim >= TRIM_AFTER and self._ended_since_trim >= len(ends) // 2:
                     self._ended_since_trim = 0
                     _trim_heap()
@@ -632,7 +636,7 @@ class RelayEngine:
             # state hanging off them is freed now, by reference counting,
             # not whenever the cyclic collector next gets to it.
             end.session = end.peer = end.tap = None
-            end.obj = end.incoming = end.outgoing = None
+            end.obj = end.ssl = end.incoming = end.outgoing = None
             end.tail = end.carry = None
             end.more = []
         try:
@@ -692,9 +696,6 @@ class RelayEngine:
     def _read(self, src: _End, view: memoryview) -> int:
         """Read plaintext from ``src`` into ``view``: the count, 0 for EOF,
         -1 if it would block. Raises :class:`_Failure`."""
-        if src.error_pending is not None:
-            src.failed = True
-            raise _Failure(src.error_pending)
         if src.obj is None:
             try:
                 return src.sock.recv_into(view)
@@ -706,20 +707,25 @@ class RelayEngine:
         return self._read_tls(src, view)
 
     def _read_tls(self, src: _End, view: memoryview) -> int:
-        obj, incoming = src.obj, src.incoming
+        """:meth:`_read` for a TLS end. An error that came with data is
+        reported by the next call, once that data is passed on."""
+        if src.error_pending is not None:
+            src.failed = True
+            raise _Failure(src.error_pending)
         if src.peer_closed:
             return 0
+        ssl_obj, incoming = src.ssl, src.incoming
         limit = len(view)
         total = 0
         more_in_kernel = False
         cipher = self._cipher
-        read = obj.read
+        read = ssl_obj.read
         while True:
             try:
                 # SSL_read costs a raised exception when it can only say
                 # "want read": skip it when no complete record can be waiting.
-                while total < limit and (incoming.pending or incoming.eof or obj.pending()):
-                    n = read(limit - total, view[total:])
+                while total < limit and (incoming.pending or incoming.eof or ssl_obj.pending()):
+                    n = read(limit - total, view[total:] if total else view)
                     if not n:
                         src.peer_closed = True
                         break
@@ -795,11 +801,11 @@ class RelayEngine:
             self._write(dst, data, copy=True)
             return
         try:
-            dst.obj.write(data)
+            dst.ssl.write(data)
         except ssl.SSLError as exc:
             dst.failed = True
             raise _Failure(f"{dst.name}: send failed: TLS error: {_ssl_text(exc)}") from None
-        self._write(dst, memoryview(dst.outgoing.read()), copy=False)
+        self._write(dst, dst.outgoing.read(), copy=False)
 
     def _write(self, dst: _End, data: memoryview | bytes, *, copy: bool) -> None:
         """Write ``data`` to ``dst`` after its tail; keep what the kernel
@@ -814,17 +820,21 @@ class RelayEngine:
             dst.failed = True
             raise _Failure(f"{dst.name}: send failed: {exc.strerror or exc}") from None
         if rest:
-            dst.tail = memoryview(bytes(rest)) if copy else rest
+            dst.tail = memoryview(bytes(rest) if copy else rest)
 
     @staticmethod
-    def _write_some(end: _End, data: memoryview) -> memoryview:
+    def _write_some(end: _End, data: memoryview | bytes) -> memoryview | bytes:
+        """Send as much of ``data`` as the kernel takes; the rest (empty if
+        it took everything, as it nearly always does: one call then)."""
         send = end.sock.send
         try:
-            while data:
-                data = data[send(data):]
+            n = send(data)
+            while n < len(data):
+                data = data[n:]
+                n = send(data)
         except BlockingIOError:
-            pass
-        return data
+            return data
+        return _NOTHING
 
     def drain(self, end: _End) -> int:
         """Write ``end``'s tail, then what is queued behind it, as far as the

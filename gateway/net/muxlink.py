@@ -97,6 +97,8 @@ LINK_HELD = 128 * 1024 * 1024
 HELD_LIMIT = 512 * 1024 * 1024
 _MiB = 1024 * 1024
 
+_HEADER_SIZE = HEADER.size
+
 #: DATA pieces for one stream written with one ``sendmsg`` at most (IOV_MAX
 #: is 1024; a peer sending tiny frames must not make us exceed it).
 GATHER_MAX = 64
@@ -141,6 +143,11 @@ class MuxLink:
                  max_streams: int | None = None) -> None:
         self.engine = engine
         self.role = role
+        self.gateway = role is Role.GATEWAY
+        # Where _pump reads a stream's bytes: right behind room for a DATA
+        # header in the engine's buffer, so a frame is sent without a copy.
+        self.payload = engine._framed[_HEADER_SIZE:]
+        self.room = min(MAX_DATA, len(self.payload))
         self.name = name
         self.socket_name = socket_name
         self.conn = MuxConnection(role)
@@ -341,37 +348,41 @@ class MuxLink:
             budget = PUMP_BUDGET
             conn = self.conn
             last = False
+            # Frames left unparsed by the last pass (rare) go first.
+            parse = conn.unparsed()
             try:
                 while True:
-                    # Frames already received go first. Past LINK_BACKLOG the
-                    # rest wait in ``conn``, unparsed, until our socket drains
-                    # (EPOLLOUT brings us back here): however much one read
-                    # brought, a peer that does not read cannot make us answer
-                    # more than one frame beyond the limit.
-                    while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
-                        try:
-                            event = conn.next_event()
-                        except RemoteProtocolError:
-                            # What came before the bad frame is authentic:
-                            # it goes out before the link ends.
-                            if self.gathered_for is not None:
-                                self._deliver()
-                            raise
-                        if event is NEED_DATA:
+                    if parse:
+                        # Past LINK_BACKLOG the rest wait in ``conn``,
+                        # unparsed, until our socket drains (EPOLLOUT brings
+                        # us back here): however much one read brought, a
+                        # peer that does not read cannot make us answer more
+                        # than one frame beyond the limit.
+                        while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
+                            try:
+                                event = conn.next_event()
+                            except RemoteProtocolError:
+                                # What came before the bad frame is authentic:
+                                # it goes out before the link ends.
+                                if self.gathered_for is not None:
+                                    self._deliver()
+                                raise
+                            if event is NEED_DATA:
+                                break
+                            self._dispatch(event)
+                            if self.failed is not None:
+                                return
+                        else:
                             break
-                        self._dispatch(event)
-                        if self.failed is not None:
-                            return
-                    else:
-                        break
-                    if last:
-                        break
-                    if self.gathered_for is not None:
-                        self._deliver()  # may end the link (a RESET it could not send)
-                        if self.failed is not None:
-                            return
-                    conn.release()
-                    n = engine._read(end, plain)  # reports a TLS error that came with data
+                        if last:
+                            break
+                        if self.gathered_for is not None:
+                            self._deliver()  # may end the link (a RESET it could not send)
+                            if self.failed is not None:
+                                return
+                        conn.release()
+                    parse = True
+                    n = engine._read_tls(end, plain)  # reports a TLS error that came with data
                     if n < 0:
                         break
                     if n == 0:
@@ -387,7 +398,8 @@ class MuxLink:
                     self._deliver()
             finally:
                 conn.release()
-        self._update_link()
+        if end.tail is not None or end.mask != _IN or end.failed:  # else as it was
+            self._update_link()
 
     def _dispatch(self, event) -> None:
         gathered_for = self.gathered_for
@@ -492,53 +504,70 @@ class MuxLink:
         end = stream.end
         if stream.finished or end is None:
             return
-        if ev & (_OUT | _ALWAYS) and end.tail is not None:
-            self._flush(stream)
-        if ev & (_IN | _ALWAYS) and not stream.finished:
-            self._pump(stream)
+        if ev == _IN and end.mask == _IN and end.tail is None:
+            # The usual event: bytes to read, nothing queued for the socket,
+            # and epoll set to wait for more (not so for a stream resumed
+            # from ``blocked``). A pump that only emptied the socket changed
+            # nothing that _settle and _update_link look at.
+            if self._pump(stream):
+                return
+        else:
+            if ev & (_OUT | _ALWAYS) and end.tail is not None:
+                self._flush(stream)
+            if ev & (_IN | _ALWAYS) and not stream.finished:
+                self._pump(stream)
         self._settle(stream)
         self._update_link()
 
-    def _pump(self, stream: Stream) -> None:
+    def _pump(self, stream: Stream) -> bool:
         """socket -> connection, within the window and the budget. Each read
         lands right behind room for its DATA header, so the frame is
-        encrypted straight from the read buffer, never copied."""
+        encrypted straight from the read buffer, never copied. True if it
+        stopped only because the socket was empty, with the window open and
+        the connection's socket taking everything (nothing to settle)."""
         end = stream.end
         conn, link_end = self.conn, self.end
-        framed = self.engine._framed
-        payload = framed[HEADER.size:]
+        engine = self.engine
+        framed, payload, room = engine._framed, self.payload, self.room
         budget = PUMP_BUDGET
-        gateway = self.role is Role.GATEWAY
+        gateway = self.gateway
+        sid = stream.sid
         while not end.in_done:
             if link_end.tail is not None:
                 self.blocked[end] = None
-                return
-            want = min(conn.send_window(stream.sid), MAX_DATA, len(payload))
-            if want <= 0:
-                return
+                return False
+            want = conn.send_window(sid)
+            if want > room:
+                want = room
+            elif want <= 0:
+                return False
             try:
                 n = end.sock.recv_into(payload, want)
             except BlockingIOError:
-                return
+                return True
             except OSError as exc:
                 end.failed = True
                 raise _Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
             if not n:
                 end.in_done = True
                 self._send(conn.send_fin(stream.sid))
-                return
+                return False
             if gateway:
                 stream.counters.a_to_b += n
             else:
                 stream.counters.b_to_a += n
-            framed[:HEADER.size] = conn.send_data_header(stream.sid, n)
-            self._send(framed[:HEADER.size + n])
+            framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
+            self._send(framed[:_HEADER_SIZE + n])
             budget -= n
             if budget <= 0:
-                self.engine._again.append(end)
-                return
+                engine._again.append(end)
+                return False
             if n < want:
-                return
+                # The socket is empty (the window is not: n < want): epoll
+                # says when there is more. Reading again now would only cost
+                # an EAGAIN, a syscall and a raised exception.
+                return link_end.tail is None
+        return False
 
     def _deliver(self) -> None:
         """Write the DATA gathered for one stream (see ``gathered``)."""
@@ -567,8 +596,9 @@ class MuxLink:
         try:
             if len(pieces) == 1:
                 data = pieces[0]
-                rest = bytes(engine._write_some(end, data))
+                rest = engine._write_some(end, data)
                 sent = len(data) - len(rest)
+                rest = bytes(rest) if rest else None
             else:
                 try:
                     sent = end.sock.sendmsg(pieces)
@@ -626,11 +656,13 @@ class MuxLink:
     def _written(self, stream: Stream, n: int) -> None:
         if not n:
             return
-        if self.role is Role.GATEWAY:
+        if self.gateway:
             stream.counters.b_to_a += n
         else:
             stream.counters.a_to_b += n
-        self._send(self.conn.acknowledge(stream.sid, n))
+        frame = self.conn.acknowledge(stream.sid, n)
+        if frame:  # once a quarter of a window is due
+            self._send(frame)
 
     def _after_write(self, stream: Stream) -> None:
         """The peer's FIN becomes ours to the socket once its tail is gone."""
@@ -664,11 +696,11 @@ class MuxLink:
             return
         end = self.end
         try:
-            end.obj.write(frame)
+            end.ssl.write(frame)
         except Exception as exc:
             end.failed = True
             raise _Failure(f"{self.name}: send failed: TLS error: {exc}") from None
-        self.engine._write(end, memoryview(end.outgoing.read()), copy=False)
+        self.engine._write(end, end.outgoing.read(), copy=False)
         if end.tail is not None and not end.mask & _OUT:
             # Also when trio's thread sent this (an OPEN, a REPLY, a RESET):
             # the engine must hear when the socket can take the rest.
@@ -749,7 +781,7 @@ class MuxLink:
         self.engine._close_notify_nowait(end)
         end.sock.close()
         end.owner = None
-        end.obj = end.incoming = end.outgoing = None
+        end.obj = end.ssl = end.incoming = end.outgoing = None
         end.tail = None
         end.more = []
         self.blocked.clear()
