@@ -348,8 +348,9 @@ class MuxLink:
             budget = PUMP_BUDGET
             conn = self.conn
             last = False
-            # Frames left unparsed by the last pass (rare) go first.
-            parse = conn.unparsed()
+            # Frames left unparsed by the last pass (rare) go first; with a
+            # tail, parsing first also checks LINK_BACKLOG before any read.
+            parse = end.tail is not None or conn.unparsed()
             try:
                 while True:
                     if parse:
