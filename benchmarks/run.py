@@ -86,6 +86,9 @@ class Bench:
         self.foreign: dict[str, float] = {}
         self.current = "warm-up"
         self.capped: dict[tuple[str, int], int] = {}  # (path, level asked) -> connections held
+        # metric -> path -> round -> value: the figure each interleaved round
+        # gave (see per_round_ratios).
+        self.rounds: dict[str, dict[str, dict[int, float]]] = {}
 
     def order(self, rnd: int) -> list[str]:
         """Paths in a different order every round, so drift hits all alike."""
@@ -145,6 +148,8 @@ class Bench:
                 st["bytes"] += 2 * per
                 st["up_rates"].append(per / up / MB)
                 st["down_rates"].append(per / down / MB)
+                self.round_figure("bulk_up", name, r, per / up / MB)
+                self.round_figure("bulk_down", name, r, per / down / MB)
                 _add(st["cpu"], cu)
                 _add(st["cpu"], cd)
                 _add(st["cpu_up"], cu)
@@ -223,6 +228,7 @@ class Bench:
                 s = r_[0]
                 samples[name] += s
                 _add(cpu[name], r_[1])
+                self.round_figure("rtt_p50", name, r, pct(s, 50) * 1e6)
                 log(f"latency round {r + 1}/{a.rounds} {name}: p50 {pct(s, 50) * 1e6:.0f} µs, "
                     f"p99 {pct(s, 99) * 1e6:.0f} µs")
         for name, s in samples.items():
@@ -252,6 +258,7 @@ class Bench:
                 s, c = r_
                 samples[name] += s
                 _add(cpu[name], c)
+                self.round_figure("conn_p50", name, r, pct(s, 50) * 1e3)
                 log(f"connect round {r + 1}/{a.rounds} {name}: p50 {pct(s, 50) * 1e3:.2f} ms, "
                     f"p99 {pct(s, 99) * 1e3:.2f} ms")
         for name, s in samples.items():
@@ -361,6 +368,25 @@ class Bench:
     def metric(self, key: str, path: str, value: float) -> None:
         self.metrics.setdefault(key, {})[path] = value
 
+    def round_figure(self, key: str, path: str, rnd: int, value: float) -> None:
+        self.rounds.setdefault(key, {}).setdefault(path, {})[rnd] = value
+
+    def per_round_ratios(self, ref: str = "stunnel") -> dict[str, dict[str, list[float]]]:
+        """metric -> path -> its ratio to ``ref`` in each round both measured.
+        A round's paths run back to back, so a ratio within one round is
+        spared most of the drift that moves this machine's absolute figures
+        by 15 % between rounds: the spread of these ratios says how firmly a
+        pooled ratio in the table stands."""
+        out: dict[str, dict[str, list[float]]] = {}
+        for key, by_path in self.rounds.items():
+            base = by_path.get(ref, {})
+            for path, values in by_path.items():
+                if path != ref:
+                    ratios = [round(v / base[r], 3) for r, v in sorted(values.items()) if base.get(r)]
+                    if ratios:
+                        out.setdefault(key, {})[path] = ratios
+        return out
+
 
 def wakeup_probe(upstream: Upstream, count: int = 3000) -> dict[str, float]:
     """Round-trip p50 on the direct path with the client and the upstream
@@ -464,6 +490,12 @@ def render_table(doc: dict, args) -> str:
                           for n in names if doc["paths"][n].get("entry"))
     notes = [f"({doc['date']}; ratio in brackets = path / stunnel; ↑ higher is better, ↓ lower is better; "
              f"MB = 10^6 bytes)", names_map]
+    labels = {key: label for key, label, *_ in ROWS}
+    for key, by_path in doc.get("per_round_ratios", {}).items():
+        spreads = [f"{n} {min(r):.2f}-{max(r):.2f}x" for n, r in by_path.items() if n in names and len(r) > 1]
+        if spreads:
+            notes.append(f"{labels.get(key, key)}, ratio within each of {len(next(iter(by_path.values())))} "
+                         f"interleaved rounds (min-max): " + ", ".join(spreads))
     for c in doc.get("idle_capped", []):
         notes.append(f"{c['path']}: @{c['asked']} held {c['held']} connections (two sockets per connection "
                      f"in each relay process; open-files hard limit {args.nofile_hard})")
@@ -651,6 +683,7 @@ def main(argv=None) -> int:
                 bench.run_test(test)
         doc["metrics"] = {k: {p: round(v, 3) for p, v in vals.items()} for k, vals in bench.metrics.items()}
         doc["detail"] = bench.detail
+        doc["per_round_ratios"] = bench.per_round_ratios()
         doc["idle_capped"] = [{"path": n, "asked": a, "held": h} for (n, a), h in bench.capped.items()]
         # CPUs' worth of work done by processes other than ours, per test
         # (other jobs, kernel threads such as ksoftirqd): should be near 0.
