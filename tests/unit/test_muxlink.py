@@ -594,6 +594,44 @@ async def test_early_data_counts_against_what_the_relay_holds(pki, monkeypatch):
     await upstream.aclose()
 
 
+async def test_a_stream_held_back_by_a_full_connection_reads_again_once_it_drains(pki):
+    # While the connection's socket is full, streams with bytes to send are
+    # parked (``blocked``, epoll interest in their sockets dropped). Once it
+    # drains they are pumped again; a parked stream whose socket is empty by
+    # then must get its epoll interest back, or what its upstream sends
+    # later is never read.
+    from protocols.mux import NEED_DATA, StreamData
+
+    with trio.fail_after(HANG):
+        raw = await RawGateway.open(pki, 1)
+        raw.link.end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        raw.peer.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        (upstream,) = raw.upstreams
+        first = random.Random(3).randbytes(256 * 1024)  # within the stream's window
+        got = bytearray()
+
+        async def read_peer(until: int) -> None:
+            while len(got) < until:
+                data = await raw.peer.receive_some(65536)
+                assert data, "the link closed"
+                raw.gw.receive_data(data)
+                while (event := raw.gw.next_event()) is not NEED_DATA:
+                    if isinstance(event, StreamData):
+                        got.extend(event.data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upstream.send_all, first)
+            while not raw.link.blocked:  # the connection is full: the stream is parked
+                await trio.sleep(0.01)
+            await read_peer(len(first))
+        while raw.link.blocked or raw.link.end.tail is not None:
+            await trio.sleep(0.01)
+        await upstream.send_all(b"later")
+        await read_peer(len(first) + 5)
+        assert got == first + b"later"
+        await raw.close()
+
+
 def test_what_a_partial_sendmsg_left_is_copied_whole():
     pieces = [memoryview(b"abc"), memoryview(b""), memoryview(b"d"), memoryview(b"efgh")]
     whole = b"abcdefgh"
