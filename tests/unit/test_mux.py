@@ -46,7 +46,10 @@ def events(conn: MuxConnection, data: bytes, how: str = "whole") -> list:
     ``borrowed`` feeds 7 bytes at a time the way the relay does: through
     one scratch buffer, without a copy, released and then scribbled over
     before the next chunk (so a frame header is cut, and a payload kept by
-    mistake instead of copied would show up as garbage)."""
+    mistake instead of copied would show up as garbage).
+
+    Every time, ``unparsed() == 0`` must mean NEED_DATA: the relay stops
+    asking for events on that alone."""
     out = []
     step = len(data) if how == "whole" else 1 if how == "bytewise" else 7
     scratch = bytearray(max(step, 1))
@@ -57,7 +60,12 @@ def events(conn: MuxConnection, data: bytes, how: str = "whole") -> list:
             conn.receive_data(memoryview(scratch)[:len(chunk)], borrowed=True)
         else:
             conn.receive_data(chunk)
-        while (event := conn.next_event()) is not NEED_DATA:
+        while True:
+            all_parsed = conn.unparsed() == 0
+            event = conn.next_event()
+            if event is NEED_DATA:
+                break
+            assert not all_parsed, event
             if isinstance(event, StreamData):
                 event = StreamData(event.stream, bytes(event.data))  # what a relay writes or copies now
                 if out and isinstance(out[-1], StreamData) and out[-1].stream == event.stream:
@@ -136,7 +144,9 @@ def test_trailing_bytes_of_the_next_frame_wait_for_the_rest():
     two = gw.send_data(sid, b"one") + gw.send_fin(sid)
     cut = len(two) - 2
     assert events(cl, two[:cut]) == [StreamData(sid, b"one")]
+    assert cl.unparsed() == HEADER.size - 2  # the FIN's header, but for its last two bytes
     assert events(cl, two[cut:]) == [StreamFin(sid)]
+    assert cl.unparsed() == 0
 
 
 def test_large_data_is_split_into_frames_of_at_most_max_data():
