@@ -567,10 +567,18 @@ class RelayEngine:
             return
         peer = end.peer
         try:
-            if ev & (_OUT | _ALWAYS) and end.tail is not None:
-                self._flush(end)
-            if ev & (_IN | _ALWAYS):
-                self._pump(end)
+            if ev == _IN and end.mask == _IN and end.tail is None:
+                # The usual event: bytes to read, nothing queued here, and
+                # epoll set to wait for more (not so for a direction pumped
+                # from ``_again`` at the start). A pump that only emptied
+                # the socket changed nothing _update looks at, on either end.
+                if self._pump(end):
+                    return
+            else:
+                if ev & (_OUT | _ALWAYS) and end.tail is not None:
+                    self._flush(end)
+                if ev & (_IN | _ALWAYS):
+                    self._pump(end)
             self._update(end)
             self._update(peer)
         except _Failure as exc:
@@ -662,28 +670,30 @@ class RelayEngine:
 
     # -- moving bytes ---------------------------------------------------
 
-    def _pump(self, src: _End) -> None:
-        """Move bytes from ``src`` to its peer; see the module docstring."""
+    def _pump(self, src: _End) -> bool:
+        """Move bytes from ``src`` to its peer; see the module docstring.
+        True if it stopped only because ``src`` had nothing more, with
+        nothing left queued for either end."""
         dst = src.peer
         budget = PUMP_BUDGET
         plain = self._plain
         while not src.in_done and dst.tail is None:
             if budget <= 0:
                 self._again.append(src)
-                return
+                return False
             if src.carry:
                 data = memoryview(src.carry)
                 src.carry = None
             else:
                 n = self._read(src, plain)
                 if n < 0:
-                    return
+                    return src.tail is None  # reading TLS may have queued a KeyUpdate answer
                 if n == 0:
                     src.in_done = True
                     dst.eof_wanted = True
                     if dst.tail is None:
                         self._send_eof(dst)
-                    return
+                    return False
                 data = plain[:n]
             self._deliver(src, dst, data)
             budget -= len(data)
@@ -691,7 +701,8 @@ class RelayEngine:
                 # A short read emptied the kernel (and OpenSSL): epoll says
                 # when there is more. Reading again now would only cost an
                 # EAGAIN, which is a syscall and a raised exception.
-                return
+                return dst.tail is None and src.tail is None
+        return False
 
     def _read(self, src: _End, view: memoryview) -> int:
         """Read plaintext from ``src`` into ``view``: the count, 0 for EOF,
