@@ -748,12 +748,8 @@ class RelayEngine:
             except ssl.SSLError as exc:
                 message = _TRUNCATED if isinstance(exc, ssl.SSLEOFError) else f"TLS error: {_ssl_text(exc)}"
                 self._flush_protocol_output(src)  # the alert tells the peer why
-                error = f"{src.name}: receive failed: {message}"
-                if total:
-                    src.error_pending = error
-                    break
-                src.failed = True
-                raise _Failure(error) from None
+                _receive_failed(src, f"{src.name}: receive failed: {message}", total)
+                break
             if total == limit or src.peer_closed:
                 break
             if total and not more_in_kernel:
@@ -768,12 +764,8 @@ class RelayEngine:
             except BlockingIOError:
                 break
             except OSError as exc:
-                error = f"{src.name}: receive failed: {exc.strerror or exc}"
-                if total:
-                    src.error_pending = error
-                    break
-                src.failed = True
-                raise _Failure(error) from None
+                _receive_failed(src, f"{src.name}: receive failed: {exc.strerror or exc}", total)
+                break
             if n:
                 incoming.write(cipher[:n])
                 more_in_kernel = n == len(cipher)
@@ -953,6 +945,16 @@ class RelayEngine:
         if end.carry:
             # That plaintext goes to the other side as soon as it can take it.
             self._again.append(end)
+
+
+def _receive_failed(src: _End, error: str, got: int) -> None:
+    """A read of ``src`` failed after ``got`` bytes of plaintext: with none,
+    raise :class:`_Failure` now; else the error waits in ``error_pending``
+    for the next read, so the bytes that came before it are passed on."""
+    if not got:
+        src.failed = True
+        raise _Failure(error) from None  # the text says it all; no chained traceback
+    src.error_pending = error
 
 
 def _load_malloc_trim():
