@@ -29,7 +29,19 @@ WARMUP = 200  # load.round_trips' own warm-up exchanges, which run under the CPU
 
 def _minimal_pair(pki: dict[str, Path], upstream_port: int) -> tuple[list[subprocess.Popen], int]:
     entry_port, exit_port = free_port(), free_port()
-    procs = []
+    procs: list[subprocess.Popen] = []
+    try:
+        _start_minimal(procs, pki, upstream_port, entry_port, exit_port)
+    except BaseException:
+        for proc in procs:  # not the caller's to stop yet
+            proc.kill()
+            proc.wait()
+        raise
+    return procs, entry_port
+
+
+def _start_minimal(procs: list[subprocess.Popen], pki: dict[str, Path], upstream_port: int, entry_port: int,
+                   exit_port: int) -> None:
     for mode, listen, target, who in (("exit", exit_port, upstream_port, "server"),
                                       ("entry", entry_port, exit_port, "client")):
         proc = subprocess.Popen(
@@ -39,7 +51,6 @@ def _minimal_pair(pki: dict[str, Path], upstream_port: int) -> tuple[list[subpro
         procs.append(proc)
         if proc.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"minrelay {mode} did not start")
-    return procs, entry_port
 
 
 def main(argv=None) -> int:

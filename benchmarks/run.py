@@ -494,8 +494,8 @@ def render_table(doc: dict, args) -> str:
     for key, by_path in doc.get("per_round_ratios", {}).items():
         spreads = [f"{n} {min(r):.2f}-{max(r):.2f}x" for n, r in by_path.items() if n in names and len(r) > 1]
         if spreads:
-            notes.append(f"{labels.get(key, key)}, ratio within each of {len(next(iter(by_path.values())))} "
-                         f"interleaved rounds (min-max): " + ", ".join(spreads))
+            notes.append(f"{labels.get(key, key)}, ratio within each interleaved round (min-max): "
+                         + ", ".join(spreads))
     for c in doc.get("idle_capped", []):
         notes.append(f"{c['path']}: @{c['asked']} held {c['held']} connections (two sockets per connection "
                      f"in each relay process; open-files hard limit {args.nofile_hard})")
