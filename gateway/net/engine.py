@@ -570,8 +570,9 @@ class RelayEngine:
             if ev == _IN and end.mask == _IN and end.tail is None:
                 # The usual event: bytes to read, nothing queued here, and
                 # epoll set to wait for more (not so for a direction pumped
-                # from ``_again`` before it was first registered). A pump that only emptied
-                # the socket changed nothing _update looks at, on either end.
+                # from ``_again`` before it was first registered). A pump
+                # that only emptied the socket changed nothing _update looks
+                # at, on either end.
                 if self._pump(end):
                     return
             else:
