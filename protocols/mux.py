@@ -303,7 +303,9 @@ class MuxConnection:
             return None  # skipping the payload of an ended stream
         return StreamData(self._data_stream, memoryview(buf)[pos:pos + take])
 
-    def _control(self, buf, pos: int, kind: int, stream: int, length: int) -> MuxEvent | Literal[Signal.NEED_DATA] | None:
+    def _control(self, buf, pos: int, kind: int, stream: int,
+                 length: int) -> MuxEvent | Literal[Signal.NEED_DATA] | None:
+        """A frame other than DATA, whose header starts at ``pos``."""
         if length > MAX_CONTROL:
             raise _remote(f"frame of type {kind} is {length} bytes long; the limit is {MAX_CONTROL}")
         end = pos + HEADER.size + length

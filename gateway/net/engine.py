@@ -161,7 +161,8 @@ class _End:
     what is waiting to be written to it."""
 
     __slots__ = (
-        "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward", "owner",
+        "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward",
+        "owner",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
         "tcp_eof", "failed", "error_pending",
     )
