@@ -26,9 +26,9 @@ a :class:`~protocols.errors.RemoteProtocolError` instead of our memory.
 
 from __future__ import annotations
 
-from protocols.errors import ErrorCode, RemoteProtocolError
+from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
-__all__ = ["ReceiveBuffer"]
+__all__ = ["BufferedReceiver", "ReceiveBuffer"]
 
 
 class ReceiveBuffer:
@@ -118,3 +118,38 @@ class ReceiveBuffer:
             raise ValueError(f"cannot read a negative number of bytes ({n})")
         end = self._pos + n
         return end if end <= len(self._data) else None
+
+
+class BufferedReceiver:
+    """The receiving half the sans-I/O connections here share: bytes go into
+    ``self._buffer`` (a :class:`ReceiveBuffer`), ``b""`` is the peer's EOF,
+    and a peer that sends more than the buffer may hold does not make
+    :meth:`receive_data` raise (the caller only fed us bytes): the
+    connection is poisoned instead, through :meth:`_overflowed`, and the
+    next ``next_event()`` says so. A subclass sets ``_buffer``, ``_eof``
+    and ``_error`` (None until the connection fails)."""
+
+    __slots__ = ()
+
+    _buffer: ReceiveBuffer
+    _eof: bool
+    _error: object
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("receive_data() got bytes after EOF (b'')")
+        if self._error is not None:
+            return  # poisoned: nothing will be parsed again, so keep nothing
+        try:
+            self._buffer.feed(data)
+        except RemoteProtocolError as exc:
+            self._overflowed(exc)
+
+    def _overflowed(self, exc: RemoteProtocolError) -> None:
+        """Poison the connection with ``exc`` (the buffer's cap was hit), in
+        the subclass's own terms."""
+        raise NotImplementedError

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Final, Literal, NoReturn, Union, cast
 
 import attrs
 
-from protocols.buffer import ReceiveBuffer
+from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -476,7 +476,7 @@ def decode_event(frame: bytes) -> DialEvent:
 # --- the connection ----------------------------------------------------------
 
 
-class DialConnection:
+class DialConnection(BufferedReceiver):
     """One end of one dial exchange; see the module docstring."""
 
     def __init__(self, our_role: Role, *, max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE) -> None:
@@ -510,23 +510,8 @@ class DialConnection:
 
     # -- receiving ----------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes from the peer; ``b""`` means the peer closed its side.
-
-        Never raises for the peer's sake: a peer that sends too much poisons
-        the connection, and the next next_event() call says so.
-        """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("receive_data() got bytes after EOF (b'')")
-        if self._error is not None:
-            return  # poisoned: nothing will be parsed again, so keep nothing
-        try:
-            self._buffer.feed(data)
-        except RemoteProtocolError as exc:
-            self._poison(exc)
+    def _overflowed(self, exc: RemoteProtocolError) -> None:
+        self._poison(exc)
 
     def next_event(self) -> DialEvent | Literal[Signal.NEED_DATA, Signal.PAUSED]:
         """The peer's dial event, NEED_DATA, or PAUSED once it has arrived.

@@ -41,7 +41,7 @@ from typing import Final, Literal, Union
 
 import attrs
 
-from protocols.buffer import ReceiveBuffer
+from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.postgres.messages import (
     HEADER, MAX_CANCEL_KEY, MAX_STARTUP_PACKET, MIN_CANCEL_KEY, NEED_DATA, PAUSED,
@@ -100,7 +100,7 @@ _AFTER: Final[Mapping[type, State]] = MappingProxyType({
 })
 
 
-class StartupConnection:
+class StartupConnection(BufferedReceiver):
     """The client's startup packets, read by the gateway; see the module doc."""
 
     def __init__(self, *, max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE) -> None:
@@ -130,21 +130,11 @@ class StartupConnection:
 
     # -- receiving ------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes from the client (decrypted ones once TLS is up); ``b""``
-        means the client closed. Too much data poisons the connection, and
-        the next next_event() says so."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("receive_data() got bytes after EOF (b'')")
-        if self._error is not None:
-            return
-        try:
-            self._buffer.feed(data)
-        except RemoteProtocolError as exc:
-            self._poison(protocol_violation(exc.message))
+    # receive_data (BufferedReceiver): bytes from the client, decrypted ones
+    # once TLS is up.
+
+    def _overflowed(self, exc: RemoteProtocolError) -> None:
+        self._poison(protocol_violation(exc.message))
 
     def next_event(self) -> StartupEvent | Literal[Signal.NEED_DATA, Signal.PAUSED]:
         """The client's next packet, NEED_DATA, or PAUSED while an answer is

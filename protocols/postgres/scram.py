@@ -49,7 +49,7 @@ from typing import Final, Literal
 
 import attrs
 
-from protocols.buffer import ReceiveBuffer
+from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.postgres.messages import (
     HEADER, AuthenticationCleartextPassword, AuthenticationMD5Password, AuthenticationOk,
@@ -355,7 +355,7 @@ def _rejected(message: str) -> UpstreamLoginError:
 _Handler = Callable[["UpstreamLogin", object], LoginState]
 
 
-class UpstreamLogin:
+class UpstreamLogin(BufferedReceiver):
     """Log in to an upstream server as ``user``; see the module docstring.
 
     ``password`` may be None when the server is expected not to ask (trust,
@@ -414,19 +414,10 @@ class UpstreamLogin:
         self._outbox.clear()
         return out
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes from the server; ``b""`` when it closed."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("receive_data() got bytes after EOF (b'')")
-        if self._error is not None:
-            return
-        try:
-            self._buffer.feed(data)
-        except RemoteProtocolError as exc:
-            self._fail(_upstream_error(exc.message))
+    # receive_data (BufferedReceiver): bytes from the server.
+
+    def _overflowed(self, exc: RemoteProtocolError) -> None:
+        self._fail(_upstream_error(exc.message))
 
     def next_event(self) -> LoginReady | Literal[Signal.NEED_DATA, Signal.PAUSED]:
         """NEED_DATA, a LoginReady (once), then PAUSED. Each call handles
