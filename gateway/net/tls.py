@@ -169,6 +169,24 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+class _OneAtATime:
+    """Entered by one task at a time; a second gets trio.BusyResourceError."""
+
+    __slots__ = ("busy", "message")
+
+    def __init__(self, message: str) -> None:
+        self.busy = False
+        self.message = message
+
+    def __enter__(self) -> None:
+        if self.busy:
+            raise trio.BusyResourceError(self.message)
+        self.busy = True
+
+    def __exit__(self, *exc_info) -> None:
+        self.busy = False
+
+
 class TLSStream(trio.abc.HalfCloseableStream):
     """A TLS connection over a connected :class:`trio.SocketStream`.
 
@@ -203,8 +221,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
         self._handshake_done = False
         self._handshake_lock = trio.Lock()
-        self._receiving = False
-        self._sending = False
+        # One task at a time on each side (trio's rule for streams).
+        self._receiving = _OneAtATime("another task is already receiving on this TLS stream")
+        self._sending = _OneAtATime("another task is already sending on this TLS stream")
         self._flushing = False  # a sending-side task is awaiting inside _flush
         self._tail: memoryview | None = None  # ciphertext out of _outgoing, not yet sent
         self._stash = bytearray()  # plaintext decrypted early by send_eof
@@ -258,7 +277,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         closed, not broken."""
         return (
             self._handshake_done and not self._closed and self._broken is None
-            and not (self._receiving or self._sending or self._flushing)
+            and not (self._receiving.busy or self._sending.busy or self._flushing)
             and self._tail is None and not self._stash
             and not (self._peer_closed or self._eof_sent or self._tcp_eof)
         )
@@ -471,8 +490,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if limit < 1:
                 raise ValueError("max_bytes must be >= 1")
             limit = min(limit, DEFAULT_RECEIVE_SIZE)
-        self._enter_receive()
-        try:
+        with self._receiving:
             await checkpoint_if_cancelled()
             plain = self._plain_buf
             n, waited = await self._receive_into(plain, limit)
@@ -481,8 +499,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await cancel_shielded_checkpoint()
             return data
-        finally:
-            self._receiving = False
 
     async def receive_into(self, buffer: memoryview | bytearray) -> int:
         """Like :meth:`receive_some`, but decrypt straight into ``buffer``
@@ -493,29 +509,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 view = view.cast("B")
             if not len(view):
                 raise ValueError("buffer must not be empty")
-            self._enter_receive()
-            try:
+            with self._receiving:
                 await checkpoint_if_cancelled()
                 n, waited = await self._receive_into(view, len(view))
                 if not waited:
                     await cancel_shielded_checkpoint()
                 return n
-            finally:
-                self._receiving = False
-
-    def _enter_receive(self) -> None:
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this TLS stream")
-        self._receiving = True
 
     async def _receive_into(self, view: memoryview, limit: int) -> tuple[int, bool]:
         """The receive path shared by both public methods: fill ``view`` with
         up to ``limit`` bytes. Returns (count, whether it yielded); the
         caller adds the final checkpoint if it did not."""
-        waited = False
-        if not self._handshake_done:
-            await self.do_handshake()
-            waited = True
+        waited = await self._handshake_first()
         if self._stash:
             n = min(limit, len(self._stash))
             view[:n] = self._stash[:n]
@@ -574,18 +579,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``; returns once the ciphertext is
         in the kernel's send buffer."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this TLS stream")
-        self._sending = True
-        try:
+        with self._sending:
             await checkpoint_if_cancelled()
             self._check_open()
             if self._eof_sent:
                 raise trio.ClosedResourceError("can't send data after sending EOF")
-            waited = False
-            if not self._handshake_done:
-                await self.do_handshake()
-                waited = True
+            waited = await self._handshake_first()
             write = self._obj.write
             with memoryview(data) as view:
                 if view.ndim != 1 or view.itemsize != 1:
@@ -600,33 +599,27 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         waited = True
             if not waited:
                 await cancel_shielded_checkpoint()
-        finally:
-            self._sending = False
+
+    async def _handshake_first(self) -> bool:
+        """Complete the handshake if it has not been; whether that waited."""
+        if self._handshake_done:
+            return False
+        await self.do_handshake()
+        return True
 
     async def wait_send_all_might_not_block(self) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this TLS stream")
-        self._sending = True
-        try:
+        with self._sending:
             await checkpoint_if_cancelled()
             self._check_open()
             await wait_writable(self._fd())
-        finally:
-            self._sending = False
 
     async def send_eof(self) -> None:
         """Send close_notify, then shut down the TCP write side; receiving
         still works until the peer's own close_notify. Idempotent."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this TLS stream")
-        self._sending = True
-        try:
+        with self._sending:
             await checkpoint_if_cancelled()
             self._check_open()
-            waited = False
-            if not self._handshake_done:
-                await self.do_handshake()
-                waited = True
+            waited = await self._handshake_first()
             if not self._eof_sent:
                 self._stash_pending_plaintext()
                 try:
@@ -652,8 +645,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     # deliver our close_notify is not an error.
             if not waited:
                 await cancel_shielded_checkpoint()
-        finally:
-            self._sending = False
 
     def _stash_pending_plaintext(self) -> None:
         """Decrypt every complete record waiting in ``_incoming`` into
