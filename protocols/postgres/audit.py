@@ -262,6 +262,23 @@ class _Fields:
             raise protocol_violation(f"{self._what} has an invalid format code")
         return codes
 
+    def counted(self, a_value: str) -> tuple[tuple[int, ...], int]:
+        """Format codes, then how many values follow (Bind's parameters,
+        FunctionCall's arguments: ``a_value`` names one, "a parameter")."""
+        formats = self.formats()
+        count = self.number(2, signed=False)
+        if len(formats) not in (0, 1, count):
+            noun = a_value.split()[-1]
+            raise protocol_violation(f"{self._what} has a format count that matches no {noun} count")
+        return formats, count
+
+    def length(self, a_value: str) -> int:
+        """One value's length; -1 is NULL."""
+        size = self.number(4)
+        if size < -1:
+            raise protocol_violation(f"{self._what} has {a_value} of negative length")
+        return size
+
     def end(self) -> None:
         if self._complete and self._pos != len(self._data):
             raise protocol_violation(f"{self._what} has unexpected trailing bytes")
@@ -438,15 +455,9 @@ class FrontendAuditor(_Auditor):
             statement, whole = r.cstring()
             if not whole:
                 raise _Cut
-            formats = r.formats()
-            count = r.number(2, signed=False)
-            if len(formats) not in (0, 1, count):
-                raise protocol_violation("Bind has a parameter format count that matches "
-                                         "no parameter count")
+            formats, count = r.counted("a parameter")
             for _ in range(count):
-                size = r.number(4)
-                if size < -1:
-                    raise protocol_violation("Bind has a parameter of negative length")
+                size = r.length("a parameter")
                 if size == -1:
                     values.append(None)
                     continue
@@ -480,16 +491,9 @@ class FrontendAuditor(_Auditor):
         oid = r.number(4, signed=False)  # the prefix always holds these 4 bytes
         count: int | None = None
         try:
-            formats = r.formats()
-            count = r.number(2, signed=False)
-            if len(formats) not in (0, 1, count):
-                raise protocol_violation("FunctionCall has a format count that matches "
-                                         "no argument count")
+            _, count = r.counted("an argument")
             for _ in range(count):
-                size = r.number(4)
-                if size < -1:
-                    raise protocol_violation("FunctionCall has an argument of negative length")
-                r.raw(max(size, 0))
+                r.raw(max(r.length("an argument"), 0))
             if r.number(2) not in (0, 1):
                 raise protocol_violation("FunctionCall has an invalid result format")
             r.end()
