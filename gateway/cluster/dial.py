@@ -44,7 +44,7 @@ from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
-from gateway.net.engine import engine
+from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import TLSStream
@@ -437,7 +437,7 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
         _audit_start(cluster, session, client_addr, {})
         es.started = time.monotonic()
         if st.finished or link.failed is not None:  # cut, or the gateway gave up, meanwhile
-            sock.close()
+            reset_and_close(sock)
             _engine_session_ended(cluster, es, RelayCounters(), st.error or "the gateway ended the stream "
                                   "before it started")
             return

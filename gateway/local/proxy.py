@@ -27,7 +27,7 @@ import trio
 
 from gateway.local.client import DIAL_TIMEOUT, ClusterError, MuxDialer
 from gateway.local.profile import Profile, ProfileError
-from gateway.net.engine import engine
+from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.relay import RelayCounters
 from protocols.dial import DialAccept, DialError, DialRequest
@@ -107,13 +107,13 @@ class TcpProxy:
         try:
             self._token.run_sync_soon(self._spawn_slow, sock, addr)
         except trio.RunFinishedError:
-            sock.close()
+            reset_and_close(sock)
 
     def _spawn_slow(self, sock: socket.socket, addr) -> None:  # trio's thread
         try:
             self._nursery.start_soon(self._start_slowly, sock, addr)
         except RuntimeError:  # stopping: the nursery takes no more
-            sock.close()
+            reset_and_close(sock)
 
     def _start(self, link: MuxLink, sock: socket.socket, addr) -> None:
         client_addr = format_addr(addr)
@@ -162,9 +162,9 @@ class TcpProxy:
                 log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
                             getattr(exc, "message", None) or "the cluster did not answer in time")
         except BaseException:
-            sock.close()
+            reset_and_close(sock)
             raise
-        sock.close()
+        reset_and_close(sock)  # no session: the client sees an abort, not an empty answer
 
     def _log_end(self, link: MuxLink, stream: Stream) -> None:
         reply, client_addr = stream.reply, stream.context

@@ -55,9 +55,13 @@ TLS rules kept from :mod:`gateway.net.tls`:
   into ``carry`` (``unwrap`` would otherwise fail on it and lose it).
 - A close_notify we cannot deliver after the peer sent its own and went
   away is not an error.
-- Closing a session that did not end cleanly (an error on the other side,
-  or cancellation) sends close_notify on a healthy TLS side if it fits in the
-  kernel buffer now, so the far end sees a clean end, then closes.
+- A session that did not end cleanly (an error on either side, a tap that
+  refused bytes, cancellation) is *aborted*: both sockets are closed with a
+  TCP RST (:func:`reset_and_close`) and no close_notify, so neither peer can
+  take a cut stream for a complete one (a FIN, or a close_notify, would say
+  "that was everything"). A reset is passed on as a reset, hop by hop, as
+  stunnel and haproxy do. Only a session whose directions both ended with an
+  EOF closes gracefully.
 
 Threads. trio's thread hands a session over in :meth:`RelayEngine.relay`
 (detaching the sockets from their trio objects, so the engine owns the
@@ -86,8 +90,8 @@ harmless EAGAIN. The GIL is released around every system call, so trio's
 thread stays responsive while the engine is busy.
 
 Cancellation. If the awaiting task is cancelled (a lock cuts the session,
-the server stops), it aborts the session under the lock, which closes it at
-once, and re-raises.
+the server stops), it aborts the session under the lock, which resets both
+sockets at once, and re-raises.
 """
 
 from __future__ import annotations
@@ -109,9 +113,9 @@ from typing import Callable
 
 import trio
 
-from gateway.net.tls import TLSStream
+from gateway.net.tls import LINGER_RESET, TLSStream
 
-__all__ = ["PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible"]
+__all__ = ["PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,17 @@ _TRUNCATED = (
 )
 
 Tap = Callable[[bytes], None]
+
+
+def reset_and_close(sock: socket.socket) -> None:
+    """Close ``sock`` with a TCP RST instead of a FIN (SO_LINGER 0): what a
+    relay does to a connection whose other half was cut, so that its peer
+    sees an abort, not an end. Anything still unsent is dropped."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass  # already reset by the peer, or not connected: close() is all there is
+    sock.close()
 
 
 class _Failure(Exception):
@@ -409,7 +424,7 @@ class RelayEngine:
         except BaseException:
             with self._lock:
                 if not session.finished:
-                    self._finish(session, "cancelled", clean_close=True)
+                    self._finish(session, "cancelled")
             raise
         return session.error
 
@@ -584,10 +599,10 @@ class RelayEngine:
             self._update(end)
             self._update(peer)
         except _Failure as exc:
-            self._finish(session, str(exc), clean_close=True)
+            self._finish(session, str(exc))
         except Exception as exc:  # a bug: end this session, keep serving the others
             log.exception("relay_engine_error session_sides=%s,%s", session.a.name, session.b.name)
-            self._finish(session, f"internal error in the relay engine: {exc!r}", clean_close=False)
+            self._finish(session, f"internal error in the relay engine: {exc!r}")
 
     def _update(self, end: _End) -> None:
         """Make the epoll registration match what the end waits for, and
@@ -597,7 +612,7 @@ class RelayEngine:
             return
         a, b = session.a, session.b
         if a.in_done and b.in_done and a.eof_sent and b.eof_sent and a.tail is None and b.tail is None:
-            self._finish(session, None, clean_close=False)
+            self._finish(session, None)
             return
         mask = 0
         if not end.in_done and end.peer.tail is None and not end.failed:
@@ -634,14 +649,17 @@ class RelayEngine:
             end.registered = False
         self._ended_since_trim += 1
 
-    def _finish(self, session: _Session, error: str | None, *, clean_close: bool) -> None:
+    def _finish(self, session: _Session, error: str | None) -> None:
+        """End ``session``: a graceful close after a clean end (``error`` is
+        None), else an abort of both sides (see the module docstring)."""
         session.finished = True
         session.error = error
         for end in (session.a, session.b):
             self.forget(end)
-            if clean_close:
-                self._close_notify_nowait(end)
-            end.sock.close()
+            if error is None:
+                end.sock.close()
+            else:
+                reset_and_close(end.sock)
             # Break the cycles (end <-> peer, end <-> session): the OpenSSL
             # state hanging off them is freed now, by reference counting,
             # not whenever the cyclic collector next gets to it.
@@ -652,22 +670,6 @@ class RelayEngine:
         try:
             session.token.run_sync_soon(session.done.set)
         except trio.RunFinishedError:
-            pass
-
-    def _close_notify_nowait(self, end: _End) -> None:
-        """On an unclean end, tell a healthy TLS peer that we are done, if
-        that fits in the kernel now (as ``TLSStream.aclose``)."""
-        if end.obj is None or end.failed or end.eof_sent:
-            return
-        try:
-            end.obj.unwrap()
-        except ssl.SSLError:
-            pass
-        try:
-            for data in (end.tail, *end.more, end.outgoing.read()):
-                if data is not None and self._write_some(end, memoryview(data)):
-                    break
-        except OSError:
             pass
 
     # -- moving bytes ---------------------------------------------------

@@ -28,7 +28,9 @@ Moving bytes, in the engine's thread:
   reset). Bytes are acknowledged (WINDOW) only once the kernel took them.
 - FIN carries a half-close each way (``shutdown(SHUT_WR)`` after the tail);
   a socket error or a cancelled session sends RESET; a stream is over once
-  FIN went both ways and its tail is empty.
+  FIN went both ways and its tail is empty. A stream that ends any other way
+  (RESET either way, a refusal, the connection's end) resets its socket
+  (TCP RST), so the client or upstream sees an abort, never a clean EOF.
 - Whatever ends the connection (EOF, TLS or protocol error, ``close``) ends
   every stream on it, with that reason.
 
@@ -53,11 +55,14 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 from typing import Callable
 
 import trio
 
-from gateway.net.engine import PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach
+from gateway.net.engine import (
+    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, reset_and_close,
+)
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -218,7 +223,7 @@ class MuxLink:
         raw = sock if isinstance(sock, socket.socket) else _detach(sock)[0]
         with self.engine._lock:
             if stream.finished or self.failed is not None:
-                raw.close()
+                reset_and_close(raw)  # the session was cut while it connected
                 return False
             self._bind(stream, raw, counters)
             self._send_guarded(self.conn.send_reply(stream.sid, reply))
@@ -750,7 +755,10 @@ class MuxLink:
         if end is not None:
             self.blocked.pop(end, None)
             self.engine.forget(end)
-            end.sock.close()
+            if error is None:
+                end.sock.close()
+            else:
+                reset_and_close(end.sock)  # an abort is passed on as one
             end.owner = end.session = None
             end.tail = None
             end.more = []
@@ -781,7 +789,7 @@ class MuxLink:
             self._finish(stream, reason, reset=False)
         end = self.end
         self.engine.forget(end)
-        self.engine._close_notify_nowait(end)
+        _close_notify_nowait(end)
         end.sock.close()
         end.owner = None
         end.obj = end.ssl = end.incoming = end.outgoing = None
@@ -794,6 +802,24 @@ class MuxLink:
             self.token.run_sync_soon(self.closed.set)
         except trio.RunFinishedError:
             pass
+
+
+def _close_notify_nowait(end: _End) -> None:
+    """Tell a healthy TLS peer that the connection is over, if that fits in
+    the kernel now (as ``TLSStream.aclose``). Every stream on it has ended
+    already: the peer ends those it still has as failed."""
+    if end.obj is None or end.failed or end.eof_sent:
+        return
+    try:
+        end.obj.unwrap()
+    except ssl.SSLError:
+        pass
+    try:
+        for data in (end.tail, *end.more, end.outgoing.read()):
+            if data is not None and RelayEngine._write_some(end, memoryview(data)):
+                break
+    except OSError:
+        pass
 
 
 def _unsent(pieces: list[memoryview], sent: int) -> bytes:

@@ -37,6 +37,10 @@ Semantics
   audit log either way. Other exceptions (bugs) propagate.
 - Cancellation from outside propagates as usual (``trio.Cancelled``); pass a
   :class:`RelayCounters` to still know how many bytes moved by then.
+- A relay that did not end cleanly (a failure, cancellation, a bug) aborts
+  both streams: their close is a TCP RST, with no TLS close_notify, so each
+  peer sees the stream cut rather than ended (a FIN would tell a client that
+  a truncated transfer was complete). A reset is passed on as a reset.
 - The caller opened the streams and closes them (``async with``), whatever
   the outcome. The engine takes over the descriptors of the streams it
   relays and closes them when the relay ends; the streams are then already
@@ -55,12 +59,14 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Awaitable, Callable
 
 import attrs
 import trio
 
 from gateway.net import engine as engine_mod
+from gateway.net.tls import LINGER_RESET
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay"]
 
@@ -132,6 +138,19 @@ def _receiver(stream: trio.abc.ReceiveStream) -> Callable[[memoryview], Awaitabl
 Tap = Callable[[bytes], None]
 
 
+def _reset_on_close(stream: trio.abc.Stream) -> None:
+    """Make the caller's ``aclose`` of ``stream`` an abort (TCP RST, no
+    close_notify) when it is a socket or one of our TLS streams."""
+    reset_on_close = getattr(stream, "reset_on_close", None)
+    if reset_on_close is not None:  # TLSStream
+        reset_on_close()
+    elif isinstance(stream, trio.SocketStream):
+        try:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except (OSError, trio.ClosedResourceError):
+            pass
+
+
 async def relay(
     a: trio.abc.HalfCloseableStream,
     b: trio.abc.HalfCloseableStream,
@@ -187,10 +206,18 @@ async def relay(
             errors.append(f"{failed}: {exc or type(exc).__name__}")
             cancel_scope.cancel()
 
-    async with trio.open_nursery() as nursery:
-        scope = nursery.cancel_scope
-        nursery.start_soon(pump, a, b, names[0], names[1], True, taps[0], scope)
-        nursery.start_soon(pump, b, a, names[1], names[0], False, taps[1], scope)
+    try:
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            nursery.start_soon(pump, a, b, names[0], names[1], True, taps[0], scope)
+            nursery.start_soon(pump, b, a, names[1], names[0], False, taps[1], scope)
+    except BaseException:
+        _reset_on_close(a)
+        _reset_on_close(b)
+        raise
+    if errors:
+        _reset_on_close(a)
+        _reset_on_close(b)
     return RelayStats(
         a_to_b=counters.a_to_b,
         b_to_a=counters.b_to_a,

@@ -108,6 +108,7 @@ import operator
 import os
 import socket
 import ssl
+import struct
 import threading
 
 import trio
@@ -121,6 +122,7 @@ from trio.lowlevel import (
 
 __all__ = [
     "DEFAULT_RECEIVE_SIZE",
+    "LINGER_RESET",
     "SEND_CHUNK",
     "TLSStream",
     "accept_tls",
@@ -138,6 +140,9 @@ SEND_CHUNK = 256 * 1024
 # Ciphertext read from the kernel per ``readv``: enough for a full plaintext
 # read plus the per-record overhead (at most 256 bytes per 16 KiB record).
 _RECV_CHUNK = DEFAULT_RECEIVE_SIZE + 8 * 1024
+
+#: SO_LINGER on, 0 s: ``close()`` sends a TCP RST and drops what is unsent.
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 _TRUNCATED = (
     "the peer closed the TCP connection without a TLS close_notify, so the "
@@ -232,6 +237,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._tcp_eof = False  # the socket reported EOF
         self._broken: trio.BrokenResourceError | None = None
         self._closed = False
+        self._abort = False  # aclose resets the connection instead of ending it
 
     # ------------------------------------------------------------------
     # Introspection (valid once the handshake is done).
@@ -659,17 +665,26 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # ------------------------------------------------------------------
     # Closing.
 
+    def reset_on_close(self) -> None:
+        """Make ``aclose`` an abort: no close_notify, and a TCP RST instead
+        of a FIN, so the peer learns that the stream was cut, not ended (a
+        relay whose other side failed does this)."""
+        self._abort = True
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+
     async def aclose(self) -> None:
         """Send close_notify if it fits in the kernel buffer now (without
-        waiting for the peer's), then close the socket. Idempotent; the
-        socket is closed even if this is cancelled."""
+        waiting for the peer's), then close the socket; after
+        :meth:`reset_on_close`, reset it instead. Idempotent; the socket is
+        closed even if this is cancelled."""
         if self._closed:
             await checkpoint()
             return
         self._closed = True
         try:
             if self._handshake_done and not self._eof_sent and self._broken is None \
-                    and not self._flushing:
+                    and not self._flushing and not self._abort:
                 try:
                     self._obj.unwrap()
                 except ssl.SSLError:

@@ -20,9 +20,9 @@ from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
 from protocols.dial import DialRequest
 from protocols.mux import Role
-from tests.unit.test_engine import tls_connection
-from tests.unit.test_muxlink import HANG, Started, socket_pair
-from tests.unit.tlsutil import read_until_eof
+from tests.unit.test_engine import tcp_pair, tls_connection
+from tests.unit.test_muxlink import HANG, Started
+from tests.unit.tlsutil import read_until_reset
 
 
 @attrs.define
@@ -76,7 +76,10 @@ class EngineDial:
         cluster_link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
                                on_open=on_open)
         gateway_link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
-        near, client = socket_pair()
+        # Over TCP, so that an abort is visible to the client as a reset.
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        async with listener:
+            near, client = await tcp_pair(listener)
         started = Started(gateway_link, DialRequest(resource=resource.name), near)
         return cls(cluster, cluster_link, gateway_link, started, client)
 
@@ -99,7 +102,7 @@ async def test_a_lock_while_the_upstream_connects_cuts_the_session(pki, monkeypa
         (session,) = d.cluster.sessions.values()
         session.cancel("user_locked")  # what watch_locks does, from trio's thread
         assert "user_locked" in await d.started.ended()  # the gateway got the RESET
-        assert await read_until_eof(d.client) == b""
+        assert await read_until_reset(d.client) == b""
         upstream, far = socket.socketpair()
         with eng._lock:
             connects[0](upstream, None)  # the connect completes after all

@@ -19,7 +19,7 @@ from gateway.net.engine import engine
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
-from tests.unit.tlsutil import read_exactly, read_until_eof
+from tests.unit.tlsutil import read_exactly, read_until_eof, read_until_reset
 
 HANG = 60
 
@@ -129,7 +129,7 @@ async def test_a_receiver_that_stops_reading_bounds_what_the_engine_holds():
         await s.aclose()
 
 
-async def test_cancellation_closes_at_once_and_the_tls_peer_sees_a_clean_end(pki):
+async def test_cancellation_resets_both_sides_at_once(pki):
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     async with listener:
         client, relay_plain = await tcp_pair(listener)
@@ -147,10 +147,10 @@ async def test_cancellation_closes_at_once_and_the_tls_peer_sees_a_clean_end(pki
             await client.send_all(b"hello")
             assert await read_exactly(far_tls, 5) == b"hello"
             scope.cancel()
-            # The TLS side got close_notify (a clean EOF, not a truncation)
-            # and the plain side a FIN.
-            assert await read_until_eof(far_tls) == b""
-            assert await read_until_eof(client) == b""
+            # A cut session is an abort on both sides: a TCP RST, and no
+            # close_notify on the TLS side (which would make it a clean end).
+            assert await read_until_reset(far_tls) == b""
+            assert await read_until_reset(client) == b""
     assert counters.a_to_b == 5
     for s in (client, far_tls):
         await s.aclose()
@@ -209,7 +209,7 @@ async def test_a_tap_that_raises_ends_the_session_before_those_bytes_pass():
             await client.send_all(b"fine")
             assert await read_exactly(server, 4) == b"fine"
             await client.send_all(b"evil")
-            assert await read_until_eof(server) == b""
+            assert await read_until_reset(server) == b""
     assert stats[0].error == "client: unparseable stream" and stats[0].a_to_b == 4
     for s in (client, server):
         await s.aclose()

@@ -23,7 +23,7 @@ from protocols.errors import ErrorCode
 from protocols.mux import Role
 from tests.unit import tlsutil
 from tests.unit.test_engine import tcp_pair, tls_connection, tls_pair
-from tests.unit.tlsutil import read_exactly, read_until_eof
+from tests.unit.tlsutil import read_exactly, read_until_eof, read_until_reset
 
 HANG = 60
 
@@ -32,6 +32,15 @@ def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     """A connected pair of stream sockets (AF_UNIX: the engine takes any)."""
     a, b = trio.socket.socketpair()
     return trio.SocketStream(a), trio.SocketStream(b)
+
+
+def loopback_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A connected pair of TCP sockets on loopback: unlike AF_UNIX, a reset
+    (an aborted stream) is seen as one."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return tuple(trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in (a, b))
 
 
 class Started:
@@ -81,7 +90,7 @@ class Pair:
         if request.resource == "nope":
             self.cluster.refuse(stream, DialError(code=ErrorCode.ACCESS_DENIED, message="not you"))
             return
-        near, far = socket_pair()
+        near, far = loopback_pair()
         self.upstreams[request.resource] = far
         counters = self.cluster_counters[request.resource] = RelayCounters()
         if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters):
@@ -170,11 +179,11 @@ async def test_refusals_and_the_stream_limit(pki, monkeypatch):
         gw_tls, cl_tls = await tls_pair(pki, listener)
         pair = Pair(nursery, listener, gw_tls, cl_tls)
         with trio.fail_after(HANG):
-            client0, refused = await pair.session("nope", accepted=False)
+            client0, refused = await pair.session("nope", accepted=False, tcp=True)
             assert await refused.ended() == "not you"
             reply = refused.stream.reply
             assert isinstance(reply, DialError) and reply.code is ErrorCode.ACCESS_DENIED
-            assert await read_until_eof(client0) == b""  # the refusal closed the client's socket
+            assert await read_until_reset(client0) == b""  # the refusal reset the client's socket
             client, first = await pair.session("one")  # the one stream allowed
             client2, second = await pair.session("two", accepted=False)
             await second.ended()
@@ -194,7 +203,7 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
         gw_tls, cl_tls = await tls_pair(pki, listener)
         pair = Pair(nursery, listener, gw_tls, cl_tls)
         with trio.fail_after(HANG):
-            client, started = await pair.session("a")
+            client, started = await pair.session("a", tcp=True)
             stream = started.stream
             await client.send_all(b"ping")
             assert await read_exactly(pair.upstreams["a"], 4) == b"ping"
@@ -202,16 +211,16 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
                     *(st.end for st in pair.cluster.streams.values())]
             assert all(e is not None for e in ends)
             pair.cluster.close("the cluster is stopping")
-            # The client sees its connection end; the gateway's stream
-            # reports why.
-            assert await read_until_eof(client) == b""
+            # The client sees its connection reset (not a clean end); the
+            # gateway's stream reports why.
+            assert await read_until_reset(client) == b""
             assert "closed the multiplexed connection" in await started.ended()
             await pair.gateway.closed.wait()
             near, far = socket_pair()
             with pytest.raises(LinkClosed):
                 Started(pair.gateway, DialRequest(resource="b"), near)
             await far.aclose()
-            assert await read_until_eof(pair.upstreams["a"]) == b""
+            assert await read_until_reset(pair.upstreams["a"]) == b""
         await client.aclose()
         await pair.upstreams["a"].aclose()
         nursery.cancel_scope.cancel()
@@ -221,7 +230,7 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
     assert not any(e in ends for e in engine()._ends.values())
 
 
-async def test_a_client_reset_resets_the_stream_and_the_upstream_is_closed(pki):
+async def test_a_client_reset_resets_the_stream_and_the_upstream(pki):
     import struct
 
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
@@ -234,7 +243,7 @@ async def test_a_client_reset_resets_the_stream_and_the_upstream_is_closed(pki):
             assert await read_exactly(pair.upstreams["a"], 1) == b"x"
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await client.aclose()  # a TCP RST
-            assert await read_until_eof(pair.upstreams["a"]) == b""
+            assert await read_until_reset(pair.upstreams["a"]) == b""  # passed on as one
             error = await started.ended()
             assert error.startswith("client: receive failed"), error
             while "a" not in pair.results:
@@ -361,7 +370,9 @@ class RawGateway:
         self.peer, self.link, self.gw, self.sids, self.upstreams, self.ended = peer, link, gw, sids, upstreams, ended
 
     @classmethod
-    async def open(cls, pki, streams: int, *, sndbuf: int | None = None) -> "RawGateway":
+    async def open(cls, pki, streams: int, *, sndbuf: int | None = None, tcp: bool = False) -> "RawGateway":
+        """``tcp``: the upstreams are TCP connections, which can tell a reset
+        from an EOF (else AF_UNIX pairs)."""
         from protocols.mux import NEED_DATA, MuxConnection, StreamReplied
 
         peer, cl_tls = await tls_connection(pki)
@@ -376,7 +387,7 @@ class RawGateway:
             await trio.sleep(0.01)
         upstreams = []
         for stream in opened:
-            near, far = socket_pair()
+            near, far = loopback_pair() if tcp else socket_pair()
             if sndbuf is not None:
                 near.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             stream.notify = lambda _link, st: ended.append((st.sid, st.error))
@@ -446,10 +457,10 @@ async def test_data_before_a_protocol_error_is_delivered_then_the_link_ends(pki)
     from protocols.mux import HEADER
 
     with trio.fail_after(HANG):
-        raw = await RawGateway.open(pki, 1)
+        raw = await RawGateway.open(pki, 1, tcp=True)
         wire = raw.gw.send_data(raw.sids[0], b"authentic") + HEADER.pack(99, raw.sids[0], 0)
         await raw.peer.send_all(wire)
-        assert await read_until_eof(raw.upstreams[0]) == b"authentic"
+        assert await read_until_reset(raw.upstreams[0]) == b"authentic"
         await raw.link.closed.wait()
         assert "broke the multiplexing protocol" in raw.link.failed
         await raw.close()

@@ -7,7 +7,8 @@ stress run through the real hot path, twice:
 on loopback, many connections at once, each following a scenario (echo,
 upload, download, client reset, upstream reset, session cut, cluster crash) with seeded
 random chunk sizes and scheduling. Every byte must arrive once and in order,
-every relay must end the way the scenario says, and no descriptor may leak.
+every relay must end the way the scenario says (an abort reaches both ends as
+a TCP reset, never as a clean EOF), and no descriptor may leak.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
 from protocols.dial import DialAccept, DialRequest
 from protocols.mux import Role as MuxRole
-from tests.unit.tlsutil import read_exactly, read_until_eof
+from tests.unit.tlsutil import read_exactly, read_until_eof, read_until_reset
+from tests.unit.test_engine import tcp_pair, tls_pair
 from tests.unit.test_muxlink import Started
 
 HANG = 60  # seconds before a stuck test fails instead of hanging
@@ -151,6 +153,48 @@ async def test_outside_cancellation_propagates_and_counters_stay_readable():
     assert counters == RelayCounters(a_to_b=3, b_to_a=2)
 
 
+@pytest.mark.parametrize("how", ["reset", "cancel"])
+@pytest.mark.parametrize("implementation", ["engine", "trio"])
+async def test_an_aborted_relay_resets_both_sides(pki, monkeypatch, how, implementation):
+    # The same contract from both implementations: a relay that did not end
+    # cleanly (a peer's reset, cancellation) resets the plain side and the
+    # TLS side, with no close_notify, so neither peer takes the cut stream
+    # for a complete one.
+    if implementation == "trio":
+        monkeypatch.setenv("WICKET_RELAY", "trio")
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_plain = await tcp_pair(listener)
+        relay_tls, far_tls = await tls_pair(pki, listener)
+    result: list[RelayStats] = []
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def run_relay() -> None:
+                with scope:
+                    async with relay_plain, relay_tls:  # as every caller does
+                        result.append(await relay(relay_plain, relay_tls, names=("client", "cluster")))
+
+            nursery.start_soon(run_relay)
+            await far_tls.send_all(b"hello")
+            assert await read_exactly(client, 5) == b"hello"
+            if how == "reset":
+                reset_on_close(client)
+                await client.aclose()
+            else:
+                scope.cancel()
+                assert await read_until_reset(client) == b""
+            assert await read_until_reset(far_tls) == b""
+    if how == "reset":
+        (stats,) = result
+        assert stats.error.startswith("client: receive failed") and "reset" in stats.error, stats
+    else:
+        assert result == []
+    for s in (client, far_tls):
+        await s.aclose()
+
+
 async def test_buffer_size_must_be_positive():
     a, b = trio.testing.memory_stream_pair()
     with pytest.raises(ValueError):
@@ -250,9 +294,12 @@ class Path:
         async with tls:
             header = await read_exactly(tls, 4)  # the "dial"
             (cid,) = struct.unpack(">I", header)
-            # A second descriptor for the same connection, to "crash" it
-            # from outside while the relay owns the first one.
-            self.cluster_tls[cid] = os.dup(tls.transport_stream.socket.fileno())
+            if self.scenarios[cid].kind == "cluster_crash":
+                # A second descriptor for the same connection, to "crash" it
+                # from outside while the relay owns the first one. (Only
+                # here: while it is open, closing the relay's descriptor
+                # neither resets nor ends the connection.)
+                self.cluster_tls[cid] = os.dup(tls.transport_stream.socket.fileno())
             upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
             async with upstream:
                 await upstream.send_all(header)
@@ -303,9 +350,8 @@ async def upstream_download_first(sc: Scenario, stream) -> None:
 async def upstream_client_reset(sc: Scenario, stream) -> None:
     assert await read_exactly(stream, sc.part) == sc.upload[:sc.part]
     await stream.send_all(b"ack")
-    # The client resets; the gateway closes its TLS stream cleanly, and the
-    # cluster carries that here as an EOF.
-    assert await read_until_eof(stream) == b""
+    # The client resets: the reset comes through as a reset, not an EOF.
+    assert await read_until_reset(stream) == b""
     sc.upstream_ok = True
 
 
@@ -318,15 +364,15 @@ async def upstream_reset(sc: Scenario, stream) -> None:
 async def upstream_cut(sc: Scenario, stream) -> None:
     assert await read_exactly(stream, sc.part) == sc.upload[:sc.part]
     await stream.send_all(b"ack")
-    # The cluster cancels the session and closes this connection.
-    assert await read_until_eof(stream) == b""
+    # The cluster cancels the session and resets this connection.
+    assert await read_until_reset(stream) == b""
     sc.upstream_ok = True
 
 
 async def upstream_cluster_crash(sc: Scenario, stream) -> None:
     assert await read_exactly(stream, sc.part) == sc.upload[:sc.part]
     await stream.send_all(b"ack")
-    assert await read_until_eof(stream) == b""
+    assert await read_until_reset(stream) == b""
     sc.upstream_ok = True
 
 
@@ -377,22 +423,22 @@ async def client_session(path: Path, gateway_port: int, sc: Scenario) -> None:
             reset_on_close(stream)
         elif kind == "upstream_reset":
             await send_chunks(stream, sc.upload[:sc.part], sc.rng)
-            # The cluster sees the reset and closes its TLS stream; the
-            # gateway passes that on as an EOF.
-            assert await read_until_eof(stream) == b""
+            # The cluster sees the reset and passes it on: a reset on
+            # every hop, never a clean EOF.
+            assert await read_until_reset(stream) == b""
         elif kind == "cut":
             await send_chunks(stream, sc.upload[:sc.part], sc.rng)
             assert await read_exactly(stream, 3) == b"ack"
             path.cluster_scopes[sc.cid].cancel()
-            assert await read_until_eof(stream) == b""
+            assert await read_until_reset(stream) == b""
         elif kind == "cluster_crash":
             await send_chunks(stream, sc.upload[:sc.part], sc.rng)
             assert await read_exactly(stream, 3) == b"ack"
             # The cluster's socket vanishes under its TLS stream: no
             # close_notify. The gateway reports a truncation (or a reset)
-            # and closes the client's connection.
+            # and resets the client's connection.
             crash(path.cluster_tls.pop(sc.cid))
-            assert await read_until_eof(stream) == b""
+            assert await read_until_reset(stream) == b""
 
 
 def crash(fd: int) -> None:
@@ -422,17 +468,20 @@ def check_outcome(path: Path, sc: Scenario) -> None:
     elif sc.kind == "client_reset":
         assert gw.a_to_b == sc.part and gw.b_to_a == 3
         assert gw.error and gw.error.startswith("client: receive failed"), gw.error
-        # The gateway closed its TLS stream cleanly: a normal end there.
-        assert cl == RelayStats(a_to_b=sc.part, b_to_a=3)
+        # The gateway reset its TLS connection in turn.
+        assert (cl.a_to_b, cl.b_to_a) == (sc.part, 3)
+        assert cl.error and cl.error.startswith("gateway: receive failed") and "reset" in cl.error, cl.error
     elif sc.kind == "upstream_reset":
         assert cl is not None and cl.a_to_b == sc.part and cl.b_to_a == 0
         assert cl.error and cl.error.startswith("upstream: receive failed"), cl.error
         assert "reset" in cl.error.lower(), cl.error
-        assert gw == RelayStats(a_to_b=sc.part, b_to_a=0)  # a clean end here
+        assert (gw.a_to_b, gw.b_to_a) == (sc.part, 0)
+        assert gw.error and gw.error.startswith("cluster: receive failed") and "reset" in gw.error, gw.error
     elif sc.kind == "cut":
         assert cl is None  # cancelled: no stats, only the live counters
         assert counters == RelayCounters(a_to_b=sc.part, b_to_a=3)
-        assert gw == RelayStats(a_to_b=sc.part, b_to_a=3)
+        assert (gw.a_to_b, gw.b_to_a) == (sc.part, 3)
+        assert gw.error and gw.error.startswith("cluster: receive failed") and "reset" in gw.error, gw.error
     elif sc.kind == "cluster_crash":
         assert gw.error and gw.error.startswith("cluster: receive failed"), gw.error
         assert cl is not None and cl.error and cl.error.startswith("gateway: receive failed")

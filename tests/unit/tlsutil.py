@@ -185,6 +185,22 @@ async def read_until_eof(stream, max_bytes=None) -> bytes:
     return b"".join(parts)
 
 
+async def read_until_reset(stream, max_bytes=None) -> bytes:
+    """Everything ``stream`` sends until the connection is reset (a TCP
+    RST, or a TLS stream whose socket was reset); a clean EOF fails the
+    test, since it would tell a client that a cut stream was complete."""
+    parts = []
+    try:
+        while data := await stream.receive_some(max_bytes):
+            parts.append(data)
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConnectionResetError):
+            return b"".join(parts)
+        raise AssertionError(f"not a reset: {exc!r} (cause {cause!r})") from exc
+    raise AssertionError(f"a clean EOF after {sum(map(len, parts))} bytes, where a reset was due")
+
+
 async def read_exactly(stream, n: int) -> bytes:
     """Exactly ``n`` bytes from ``stream``; an early EOF fails the test."""
     buf = bytearray()
