@@ -10,12 +10,14 @@ import os
 import random
 import socket
 import ssl
+import struct
 import time
 
 import pytest
 import trio
 
 from tests.integration.harness import PASSWORD, wait_for
+from tests.unit.tlsutil import read_exactly, read_until_reset
 
 
 async def connect(port: int) -> trio.SocketStream:
@@ -46,22 +48,22 @@ def unverified_tls(cluster, alpn: str, timeout: float | None = None):
 
 
 async def refused(port: int) -> bool:
-    """The gateway closed the connection without relaying anything (a FIN, or
-    a reset because our bytes were left unread)."""
+    """The gateway reset the connection without relaying anything. A session
+    that cannot start is an abort, never a clean (empty) end; our send may
+    meet the reset already (EPIPE)."""
     try:
-        return await roundtrip(port, b"hello") == b""
-    except trio.BrokenResourceError:
-        return True
+        got = await roundtrip(port, b"hello")
+    except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, (ConnectionResetError, BrokenPipeError)):
+            return True
+        raise
+    raise AssertionError(f"a clean end after {got!r}, where a reset was due")
 
 
-async def until_closed(stream) -> None:
-    """Read until the gateway ends the connection (EOF, or a reset)."""
-    while True:
-        try:
-            if not await stream.receive_some(100):
-                return
-        except trio.BrokenResourceError:
-            return
+async def until_reset(stream) -> None:
+    """Read until the gateway resets the connection, as it does to a cut
+    session; a clean EOF fails the test."""
+    await read_until_reset(stream, 100)
 
 
 def test_login_status_ls(make_gateway, cluster):
@@ -213,6 +215,48 @@ async def test_idle_connections_memory_is_bounded_and_given_back(make_gateway, c
         # per connection behind until the next full garbage collection.)
         growth = after[3][name] - after[1][name]
         assert growth < count * 16, (name, [a[name] for a in after])
+
+
+async def test_a_reset_is_passed_on_as_a_reset_both_ways(make_gateway, cluster):
+    """An abort is never turned into a clean end on the way: an upstream that
+    resets reaches the client as a reset, and a client's reset reaches the
+    upstream as one, each after the bytes sent before it."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    upstream_port = listener.socket.getsockname()[1]
+    cluster.admin("resources", "add", "resetter", "--kind", "tcp", "--address", f"127.0.0.1:{upstream_port}",
+                  "--label", "env=dev")
+    gw = make_gateway("dev")
+    proc, port = gw.proxy_tcp("resetter")
+    async with listener:
+        with trio.fail_after(20):
+            # The upstream resets after answering.
+            async with await connect(port) as client:
+                await client.send_all(b"ping")
+                upstream = await listener.accept()
+                assert await read_exactly(upstream, 4) == b"ping"
+                await upstream.send_all(b"last words")
+                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await upstream.aclose()
+                assert await read_until_reset(client) == b"last words"
+            # The client resets after being answered.
+            async with await connect(port) as client:
+                await client.send_all(b"ping")
+                upstream = await listener.accept()
+                async with upstream:
+                    assert await read_exactly(upstream, 4) == b"ping"
+                    await upstream.send_all(b"pong")
+                    assert await read_exactly(client, 4) == b"pong"
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    await client.aclose()
+                    assert await read_until_reset(upstream) == b""
+    wait_for(lambda: proc.log().count("session_end") >= 2, what="both session ends in the gateway log")
+    ends = [line for line in proc.log().splitlines() if "session_end" in line]
+    assert "reset the stream" in ends[0] and "upstream: receive failed" in ends[0], ends[0]
+    assert "client: receive failed" in ends[1], ends[1]
+    ended = cluster.wait_audit(lambda evs: len(evs) >= 2, user=gw.user, event="session.end")
+    assert [(e["bytes_from_client"], e["bytes_to_client"]) for e in ended] == [(4, 10), (4, 4)]
+    assert ended[0]["reason"] == "upstream: receive failed: Connection reset by peer", ended[0]
+    assert ended[1]["reason"] == "gateway: reset the stream: client: receive failed: Connection reset by peer"
 
 
 async def test_role_that_denies(make_gateway, cluster):
@@ -415,7 +459,7 @@ async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
         cluster.admin("users", "lock", gw.user, "--reason", "incident 42")
         locked_at = time.monotonic()
         with trio.fail_after(2.0):  # the spec: live sessions end within 2 s
-            await until_closed(s)
+            await until_reset(s)
         elapsed = time.monotonic() - locked_at
     assert elapsed < 2.0
     with trio.fail_after(20):
@@ -512,7 +556,7 @@ async def test_the_proxy_rides_out_a_cluster_restart(tmp_path, echo):
             assert await live.receive_some(100) == b"before"
             assert c.stop() == 0
             with trio.fail_after(20):  # the live session ends with the cluster
-                await until_closed(live)
+                await until_reset(live)
         with trio.fail_after(20):
             assert await refused(port)
         wait_for(lambda: "dial_failed" in proc.log(), what="the refusal in the gateway log")
@@ -606,8 +650,6 @@ def _raw_api(cluster, method: str, path: str, body: bytes) -> bytes:
 
 
 def test_hostile_peers_cannot_take_the_cluster_down(cluster):
-    import struct
-
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -700,7 +742,7 @@ async def test_certificate_expiry_ends_a_live_session(make_gateway, cluster):
         await s.send_all(b"ping")
         assert await s.receive_some(100) == b"ping"
         with trio.fail_after(20):  # held open until the certificate's end cuts it
-            await until_closed(s)
+            await until_reset(s)
     ended = cluster.wait_audit(user=gw.user, event="session.end")
     assert ended[-1]["reason"] == "cert_expired", ended[-1]
     assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4
