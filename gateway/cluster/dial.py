@@ -47,6 +47,7 @@ from gateway.identity.pki import utcnow
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay
+from gateway.net.tcp import keep_alive
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
 from protocols.errors import ErrorCode, RemoteProtocolError
@@ -150,7 +151,9 @@ async def connect_tcp(resource: Resource) -> trio.SocketStream:
     host, port = parse_hostport(resource.address)
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            return await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port)
+        keep_alive(stream.socket)  # a server that vanished ends its session (gateway/net/tcp.py)
+        return stream
     except trio.TooSlowError:
         raise unreachable(resource, "timed out") from None
     except OSError as exc:
@@ -433,6 +436,7 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
                 refusal = unreachable(resource, error)
             link.refuse(st, audit.denied(cluster, refusal))
             return
+        keep_alive(sock)
         audit.allowed(cluster, session, decision)
         _audit_start(cluster, session, client_addr, {})
         es.started = time.monotonic()

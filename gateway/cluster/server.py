@@ -20,6 +20,7 @@ from gateway.cluster.dial import TCP, abandon_engine_connects, handle_mux, handl
 from gateway.cluster.postgres import PostgresKind
 from gateway.identity import tlsconf
 from gateway.net.http import serve_http
+from gateway.net.tcp import keep_alive
 from gateway.net.tls import accept_tls
 
 log = logging.getLogger("wicket.cluster")
@@ -51,6 +52,7 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
     except OSError:  # reset before we looked
         await tcp.aclose()
         return
+    keep_alive(tcp.socket)  # a gateway that vanished ends its sessions (gateway/net/tcp.py)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream = await accept_tls(tcp, cluster.server_context)

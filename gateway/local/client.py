@@ -19,6 +19,7 @@ from gateway.local.profile import Profile, ProfileError, expired_message
 from gateway.net.http import HTTPClient, HTTPError
 from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
+from gateway.net.tcp import keep_alive
 from gateway.net.tls import TLSStream, open_tls_connection
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role
 from protocols.errors import ErrorCode, ProtocolError
@@ -50,8 +51,10 @@ async def _connect(host: str, port: int, ctx: ssl.SSLContext, server_hostname: s
                    session: ssl.SSLSession | None = None) -> TLSStream:
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            return await open_tls_connection(host, port, ctx, server_hostname=server_hostname,
-                                             session=session)
+            stream = await open_tls_connection(host, port, ctx, server_hostname=server_hostname,
+                                               session=session)
+        keep_alive(stream.transport_stream.socket)  # a cluster that vanished is noticed (gateway/net/tcp.py)
+        return stream
     except trio.TooSlowError:
         raise ClusterError("unreachable", f"no answer from the cluster at {host}:{port} "
                            f"within {CONNECT_TIMEOUT:.0f}s; check the address and the network") from None

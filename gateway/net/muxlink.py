@@ -63,6 +63,7 @@ import trio
 from gateway.net.engine import (
     PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, reset_and_close,
 )
+from gateway.net.tcp import LINK_USER_TIMEOUT, keep_alive
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -172,6 +173,9 @@ class MuxLink:
         self.held = 0  # over this link's streams (see LINK_HELD)
         self.closed = trio.Event()
         sock, tls_state = _detach(tls)
+        # A peer that vanished must end the link, not leave it open forever
+        # (gateway/net/tcp.py): the cluster would keep every session on it.
+        keep_alive(sock, user_timeout=LINK_USER_TIMEOUT)
         self.end = _End(sock, name, tls_state, None)
         self.end.owner = self
         with engine._lock:

@@ -83,6 +83,27 @@ class Proc:
         return self.popen.returncode
 
 
+def established_timers(port: int) -> list[int]:
+    """The kernel's timer kind (0 none, 1 retransmit, 2 keepalive) of every
+    established TCP connection on this machine with ``port`` at either end."""
+    timers = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                ends = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16))
+                if fields[3] == "01" and port in ends:
+                    timers.append(int(fields[5].split(":")[0], 16))
+    return timers
+
+
+def keepalive_everywhere(port: int) -> bool:
+    """Some connections with ``port`` at one end are established, and each
+    end of each has its keepalive timer running (none is left unprobed)."""
+    timers = established_timers(port)
+    return len(timers) >= 2 and set(timers) == {2}
+
+
 class Echo:
     def __init__(self, tmp: Path) -> None:
         self.proc = Proc([PY, "-m", "tests.servers.echo"], tmp / "echo.log", _env())

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.integration.harness import Cluster, Echo, Gateway, wait_for
+from tests.integration.harness import Cluster, Echo, Gateway, keepalive_everywhere, wait_for
 
 psycopg = pytest.importorskip("psycopg")
 asyncpg = pytest.importorskip("asyncpg")
@@ -142,6 +142,18 @@ def test_psql_script_and_copy(pg_port, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "5000"
     assert out.read_text() == data.read_text()
+
+
+def test_connections_off_the_machine_are_probed_when_quiet(pg_env, pg_port):
+    """While a session is open, every connection between the gateway and the
+    cluster (the session's and the warm pool's) and between the cluster and
+    PostgreSQL has keepalive on at both ends (gateway/net/tcp.py)."""
+    cluster, server = pg_env
+    with psycopg.connect(dsn(pg_port)) as conn:
+        conn.execute("select 1")
+        for port in (int(cluster.address.rsplit(":", 1)[1]), int(server.address.rsplit(":", 1)[1])):
+            wait_for(lambda: keepalive_everywhere(port), what=f"keepalive on every connection to port {port}",
+                     interval=0.1)
 
 
 def test_pgbench(pg_port):

@@ -16,7 +16,7 @@ import time
 import pytest
 import trio
 
-from tests.integration.harness import PASSWORD, wait_for
+from tests.integration.harness import PASSWORD, keepalive_everywhere, wait_for
 from tests.unit.tlsutil import read_exactly, read_until_reset
 
 
@@ -257,6 +257,19 @@ async def test_a_reset_is_passed_on_as_a_reset_both_ways(make_gateway, cluster):
     assert [(e["bytes_from_client"], e["bytes_to_client"]) for e in ended] == [(4, 10), (4, 4)]
     assert ended[0]["reason"] == "upstream: receive failed: Connection reset by peer", ended[0]
     assert ended[1]["reason"] == "gateway: reset the stream: client: receive failed: Connection reset by peer"
+
+
+async def test_connections_to_the_cluster_are_probed_when_quiet(make_gateway, cluster):
+    """Both ends of every gateway <-> cluster connection (here the proxy's
+    multiplexed one, opened ahead of the first client) have keepalive on:
+    a peer that vanished is noticed (gateway/net/tcp.py)."""
+    gw = make_gateway("dev")
+    _, port = gw.proxy_tcp("echo")
+    with trio.fail_after(20):
+        assert await roundtrip(port, b"hi") == b"hi"
+    cluster_port = int(cluster.address.rsplit(":", 1)[1])
+    wait_for(lambda: keepalive_everywhere(cluster_port),
+             what="keepalive timers on both ends of every connection to the cluster", interval=0.1)
 
 
 async def test_role_that_denies(make_gateway, cluster):

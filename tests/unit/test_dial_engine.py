@@ -139,3 +139,36 @@ async def test_a_connect_given_up_at_shutdown_is_on_record_at_once(pki, monkeypa
     listener.close()
     for s in fillers:
         s.close()
+
+
+def keepalive_of(sock) -> tuple[int, int]:
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+
+
+async def test_upstream_connections_are_probed_when_quiet(pki, monkeypatch):
+    # Both ways of connecting an upstream (the engine's, for an IP literal,
+    # and trio's, for a name) turn keepalive on: a server that vanished ends
+    # its session instead of holding it forever (gateway/net/tcp.py).
+    from gateway.net import tcp
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        d = await EngineDial.open(pki, monkeypatch, types.SimpleNamespace(name="up", address=f"127.0.0.1:{port}",
+                                                                          labels={}))
+        with trio.fail_after(HANG):
+            upstream = await listener.accept()
+            while not len(d.cluster_link) or next(iter(d.cluster_link.streams.values())).end is None:
+                await trio.sleep(0.01)
+        (stream,) = d.cluster_link.streams.values()
+        assert keepalive_of(stream.end.sock) == (1, tcp.KEEPALIVE_IDLE)
+        # No user timeout there: a server may stop reading for as long as it likes.
+        assert stream.end.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+        await upstream.aclose()
+        await d.close()
+
+        by_name = await dial.connect_tcp(types.SimpleNamespace(name="named", address=f"localhost:{port}"))
+        async with by_name:
+            assert keepalive_of(by_name.socket) == (1, tcp.KEEPALIVE_IDLE)
+            (await listener.accept()).socket.close()

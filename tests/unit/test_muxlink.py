@@ -683,3 +683,45 @@ async def test_key_updates_on_the_multiplexed_connection(pki):
             await upstream.aclose()
             await peer.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_link_sockets_probe_a_quiet_peer_and_bound_unacknowledged_data(pki):
+    # Both ends of a link: keepalive probes after 30 s of quiet, and data
+    # unacknowledged for 90 s ends the connection (gateway/net/tcp.py).
+    from gateway.net import tcp
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener, trio.open_nursery() as nursery:
+        gw_tls, cl_tls = await tls_pair(pki, listener)
+        pair = Pair(nursery, listener, gw_tls, cl_tls)
+        for link in (pair.gateway, pair.cluster):
+            sock = link.end.sock
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == tcp.KEEPALIVE_IDLE
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == tcp.KEEPALIVE_INTERVAL
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == tcp.KEEPALIVE_COUNT
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == tcp.LINK_USER_TIMEOUT * 1000
+        await pair.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_stops_reading_the_link_ends_it_after_the_user_timeout(pki, monkeypatch):
+    # A gateway that is gone (or stuck) shuts its receive window for good:
+    # the cluster's link must end (every stream on it with it) instead of
+    # holding them forever. With the timeout cut to 1 s for the test.
+    monkeypatch.setattr(muxlink, "LINK_USER_TIMEOUT", 1)
+    with trio.fail_after(HANG):
+        raw = await RawGateway.open(pki, 1, tcp=True)
+        raw.peer.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # The upstream sends more than the peer's buffers hold; the peer
+        # (the test) never reads again.
+        upstream = raw.upstreams[0]
+        try:
+            while True:
+                await upstream.send_all(b"d" * 65536)
+        except trio.BrokenResourceError as exc:  # the stream ended with the link: reset
+            assert isinstance(exc.__cause__, ConnectionResetError), exc
+        await raw.link.closed.wait()
+        assert "Connection timed out" in raw.link.failed, raw.link.failed
+        assert raw.ended and "Connection timed out" in raw.ended[0][1], raw.ended
+        await raw.close()

@@ -1,0 +1,69 @@
+"""TCP options for the connections that leave the machine.
+
+A peer that vanishes without a FIN or a RST (its host crashed or lost power,
+a laptop went to sleep, a NAT or load balancer forgot the flow) leaves a
+connection that looks open forever: nothing is ever read from it again, and
+nothing written to it is ever refused. On the cluster that would hold the
+gateway's connection, every session on it and each session's upstream
+connection (the database's backend too) without end; on the gateway, new
+sessions would be sent into a connection nobody reads.
+
+So every connection between the gateway and the cluster, and every upstream
+connection the cluster opens, gets TCP keepalive: after
+:data:`KEEPALIVE_IDLE` seconds without traffic the kernel sends a probe, every
+:data:`KEEPALIVE_INTERVAL` seconds, and after :data:`KEEPALIVE_COUNT`
+unanswered probes the connection fails with ``ETIMEDOUT`` (a reset, to the
+relays: the session ends as aborted, see docs/wire.md). A peer that is only
+quiet answers every probe from its kernel, and the probes keep idle flows
+alive in NATs and load balancers (whose idle timeouts are minutes: 350 s on
+an AWS NLB, 4 min on Azure's), so an idle session survives them.
+
+Keepalive only probes an idle connection. Data that the peer never
+acknowledges is retransmitted for about 15 minutes by default before the
+kernel gives up, so the multiplexed gateway <-> cluster connection also gets
+``TCP_USER_TIMEOUT`` (:data:`LINK_USER_TIMEOUT`): data unacknowledged for that
+long, or a receive window shut for that long, ends it (and a new one is
+opened for the next session), rather than every new session waiting on a
+connection nobody reads. Both sides always read that connection
+(docs/wire.md), so a window shut that long means a peer that is gone or
+stuck. A connection that carries one session (the PostgreSQL route) and an
+upstream connection do not get it: there a shut window is back-pressure
+from a client or a server that reads slowly (a result paged in ``less``),
+which may last as long as it likes.
+
+The local side (a client on localhost) needs none of this: a loopback peer
+cannot vanish without its kernel closing the connection.
+"""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "keep_alive"]
+
+#: Seconds without traffic before the first probe.
+KEEPALIVE_IDLE = 30
+#: Seconds between probes.
+KEEPALIVE_INTERVAL = 10
+#: Unanswered probes after which the connection fails (so a vanished peer is
+#: noticed 30 + 6 x 10 = 90 s after the connection went quiet).
+KEEPALIVE_COUNT = 6
+#: Seconds that data may stay unacknowledged (or the peer's window shut) on
+#: the multiplexed gateway <-> cluster connection before it fails.
+LINK_USER_TIMEOUT = 90
+
+
+def keep_alive(sock, *, user_timeout: float | None = None) -> None:
+    """Turn on keepalive probing for ``sock`` (a stdlib or trio socket) and,
+    with ``user_timeout`` (seconds), bound how long sent data may stay
+    unacknowledged. A socket that already failed (reset meanwhile) is left
+    as it is: its next read or write reports that."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        if user_timeout is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+    except OSError:
+        pass
