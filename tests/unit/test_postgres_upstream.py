@@ -1,0 +1,111 @@
+"""The cluster's TLS client contexts for PostgreSQL upstreams: what each holds
+(the server check, a client certificate for the db user) and when one is
+reused or built again."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import types
+
+import pytest
+
+from gateway.cluster import postgres
+from gateway.cluster.resource_specs import PostgresSpec
+from gateway.identity import pki as wpki
+from tests.unit import tlsutil
+
+
+@pytest.fixture
+def cluster():
+    """What the contexts need of a cluster: its database client CA."""
+    return types.SimpleNamespace(db_client_ca=wpki.CertificateAuthority.create("db client CA", now=wpki.utcnow()))
+
+
+def handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> dict:
+    """A TLS handshake between the two contexts in memory; the client
+    certificate as the server saw it."""
+    pipes = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(pipes[0], pipes[1], server_hostname=tlsutil.SERVER_NAME)
+    server = server_ctx.wrap_bio(pipes[2], pipes[3], server_side=True)
+    done = set()
+    for _ in range(10):
+        for name, obj in (("client", client), ("server", server)):
+            try:
+                obj.do_handshake()
+                done.add(name)
+            except ssl.SSLWantReadError:
+                pass
+        pipes[2].write(pipes[1].read())
+        pipes[0].write(pipes[3].read())
+        if done == {"client", "server"}:
+            return server.getpeercert()
+    raise AssertionError("the handshake did not finish")
+
+
+def db_server_context(pki, cluster) -> ssl.SSLContext:
+    """A PostgreSQL server's side: its certificate, and client certificates
+    checked against the cluster's database client CA."""
+    ctx = tlsutil.server_context(pki, require_client_cert=False, minimum_version=ssl.TLSVersion.TLSv1_2)
+    ctx.load_verify_locations(cadata=wpki.cert_to_pem(cluster.db_client_ca.cert).decode())
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def common_name(peercert: dict) -> str:
+    return dict(item[0] for item in peercert["subject"])["commonName"]
+
+
+def test_a_context_serves_its_db_user_until_half_the_certificate_is_used(pki, cluster, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(postgres.time, "monotonic", lambda: clock[0])
+    contexts = postgres._ClientContexts()
+    spec = PostgresSpec(tls="verify-full", ca_file=pki.ca_file, auth="cert")
+    app = contexts.get(cluster, spec, "app")
+    assert common_name(handshake(app, db_server_context(pki, cluster))) == "app"
+    assert contexts.get(cluster, spec, "app") is app
+    other = contexts.get(cluster, spec, "reporting")
+    assert other is not app and common_name(handshake(other, db_server_context(pki, cluster))) == "reporting"
+    clock[0] += postgres.CONTEXT_REUSE.total_seconds() - 1
+    assert contexts.get(cluster, spec, "app") is app
+    clock[0] += 1
+    renewed = contexts.get(cluster, spec, "app")
+    assert renewed is not app and common_name(handshake(renewed, db_server_context(pki, cluster))) == "app"
+
+
+def test_a_replaced_ca_file_is_read_again(pki, cluster, tmp_path):
+    contexts = postgres._ClientContexts()
+    ca_file = tmp_path / "server-ca.pem"
+    other_ca = wpki.CertificateAuthority.create("some other CA", now=wpki.utcnow())
+    ca_file.write_bytes(wpki.cert_to_pem(other_ca.cert))
+    spec = PostgresSpec(tls="verify-full", ca_file=ca_file, auth="password")
+    distrusting = contexts.get(cluster, spec, "app")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(distrusting, db_server_context(pki, cluster))
+    fixed = tmp_path / "server-ca.pem.new"  # the administrator fixes the file, as tools do: a new
+    fixed.write_bytes(pki.ca_pem)  # file renamed over the old one
+    os.replace(fixed, ca_file)
+    trusting = contexts.get(cluster, spec, "app")
+    assert trusting is not distrusting
+    handshake(trusting, tlsutil.server_context(pki, require_client_cert=False,
+                                               minimum_version=ssl.TLSVersion.TLSv1_2))
+    os.remove(ca_file)  # a missing file is reported, not served from the cache
+    with pytest.raises(FileNotFoundError):
+        contexts.get(cluster, spec, "app")
+
+
+def test_contexts_without_a_client_certificate_are_shared_by_db_users(pki, cluster):
+    contexts = postgres._ClientContexts()
+    spec = PostgresSpec(tls="require", auth="password")
+    assert contexts.get(cluster, spec, "app") is contexts.get(cluster, spec, "reporting")
+    assert contexts.get(cluster, PostgresSpec(tls="verify-full", ca_file=pki.ca_file, auth="password"),
+                        "app") is not contexts.get(cluster, spec, "app")
+
+
+def test_the_cache_is_bounded(pki, cluster):
+    contexts = postgres._ClientContexts(limit=3)
+    spec = PostgresSpec(tls="require", auth="cert")
+    for i in range(10):
+        contexts.get(cluster, spec, f"user{i}")
+        assert len(contexts._entries) <= 3
+    assert contexts.get(cluster, spec, "user9") is contexts.get(cluster, spec, "user9")
