@@ -150,7 +150,7 @@ def run_demo(state: Path, port: int) -> None:
                 click.echo(
                     f"\nThe gateway is serving PostgreSQL resource demo-pg on {host}:{db_port}. Paste this:\n\n"
                     f'  psql "host={host} port={db_port} user=demo dbname=demo"\n\n'
-                    f"(no password: the cluster logs in to PostgreSQL with a certificate it signs per connection)\n"
+                    f"(no password: the cluster logs in to PostgreSQL with a short-lived certificate it signs)\n"
                     f"A plain TCP resource, demo-echo, is on {host}:{echo_local}:\n\n"
                     f"  python3 -c \"import socket; s = socket.create_connection(('{host}', {echo_local})); "
                     f"s.sendall(b'hello wicket'); print(s.recv(100))\"\n\n"
