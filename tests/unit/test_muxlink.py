@@ -118,11 +118,22 @@ class Pair:
         return far, started
 
 
-async def test_sessions_flow_both_ways_with_half_close(pki):
+@contextlib.asynccontextmanager
+async def linked(pki):
+    """Both ends of a fresh link over loopback (a :class:`Pair`); closed,
+    with every upstream, when the block ends (a link a test closed already
+    is left as it is)."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     async with listener, trio.open_nursery() as nursery:
         gw_tls, cl_tls = await tls_pair(pki, listener)
         pair = Pair(nursery, listener, gw_tls, cl_tls)
+        yield pair
+        await pair.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_sessions_flow_both_ways_with_half_close(pki):
+    async with linked(pki) as pair:
         payloads = {f"r{i}": random.Random(i).randbytes(i * 300_007 + 1) for i in range(4)}
         done: dict[str, str | None] = {}
 
@@ -168,16 +179,11 @@ async def test_sessions_flow_both_ways_with_half_close(pki):
         assert len(done) == len(payloads)
         assert set(done.values()) == {None} and set(pair.results.values()) == {None}
         assert len(pair.gateway) == len(pair.cluster) == 0
-        await pair.close()
-        nursery.cancel_scope.cancel()
 
 
 async def test_refusals_and_the_stream_limit(pki, monkeypatch):
     monkeypatch.setattr(muxlink, "MAX_STREAMS", 1)
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener, trio.open_nursery() as nursery:
-        gw_tls, cl_tls = await tls_pair(pki, listener)
-        pair = Pair(nursery, listener, gw_tls, cl_tls)
+    async with linked(pki) as pair:
         with trio.fail_after(HANG):
             client0, refused = await pair.session("nope", accepted=False, tcp=True)
             assert await refused.ended() == "not you"
@@ -193,15 +199,10 @@ async def test_refusals_and_the_stream_limit(pki, monkeypatch):
             assert await first.ended() == "the test changed its mind"
             for c in (client0, client, client2):
                 await c.aclose()
-        await pair.close()
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener, trio.open_nursery() as nursery:
-        gw_tls, cl_tls = await tls_pair(pki, listener)
-        pair = Pair(nursery, listener, gw_tls, cl_tls)
+    async with linked(pki) as pair:
         with trio.fail_after(HANG):
             client, started = await pair.session("a", tcp=True)
             stream = started.stream
@@ -223,7 +224,6 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
             assert await read_until_reset(pair.upstreams["a"]) == b""
         await client.aclose()
         await pair.upstreams["a"].aclose()
-        nursery.cancel_scope.cancel()
     # Every socket of both links and of the stream is closed, and the engine
     # holds none of them.
     assert all(e.sock.fileno() == -1 for e in ends)
@@ -233,10 +233,7 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
 async def test_a_client_reset_resets_the_stream_and_the_upstream(pki):
     import struct
 
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener, trio.open_nursery() as nursery:
-        gw_tls, cl_tls = await tls_pair(pki, listener)
-        pair = Pair(nursery, listener, gw_tls, cl_tls)
+    async with linked(pki) as pair:
         with trio.fail_after(HANG):
             client, started = await pair.session("a", tcp=True)
             await client.send_all(b"x")
@@ -255,8 +252,6 @@ async def test_a_client_reset_resets_the_stream_and_the_upstream(pki):
             await started2.ended()
             await client2.aclose()
         await pair.upstreams["a"].aclose()
-        await pair.close()
-        nursery.cancel_scope.cancel()
 
 
 async def test_frames_sent_from_trios_thread_drain_when_the_peer_reads_again(pki):
@@ -690,10 +685,7 @@ async def test_link_sockets_probe_a_quiet_peer_and_bound_unacknowledged_data(pki
     # unacknowledged for 90 s ends the connection (gateway/net/tcp.py).
     from gateway.net import tcp
 
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener, trio.open_nursery() as nursery:
-        gw_tls, cl_tls = await tls_pair(pki, listener)
-        pair = Pair(nursery, listener, gw_tls, cl_tls)
+    async with linked(pki) as pair:
         for link in (pair.gateway, pair.cluster):
             sock = link.end.sock
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
@@ -701,8 +693,6 @@ async def test_link_sockets_probe_a_quiet_peer_and_bound_unacknowledged_data(pki
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == tcp.KEEPALIVE_INTERVAL
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == tcp.KEEPALIVE_COUNT
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == tcp.LINK_USER_TIMEOUT * 1000
-        await pair.close()
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_peer_that_stops_reading_the_link_ends_it_after_the_user_timeout(pki, monkeypatch):
