@@ -715,6 +715,9 @@ async def test_warm_pool_serves_dials_and_drops_stale(make_gateway):
         assert dialer.pool_hits == 1
         dialer.POOL_MAX_AGE = 0.0  # every ready connection is now too old to use
         dialed = await dialer.dial(DialRequest(resource="echo"))
+        # ... resuming the TLS session of an earlier one (the cluster issues
+        # one ticket per handshake; the dialer keeps the first).
+        assert dialed.stream.session_reused
         await dialed.stream.aclose()
         assert dialer.pool_hits == 1  # a fresh connection served it
         nursery.cancel_scope.cancel()
