@@ -83,11 +83,15 @@ class _ClientContexts:
     client CA and, for ``auth = "cert"``, the db user. One with a client
     certificate is reused for half the certificate's validity
     (:data:`CONTEXT_REUSE`), so the certificate a server checks always has
-    minutes left; the key never leaves memory either way."""
+    minutes left; the key never leaves memory either way. That half is
+    counted on both clocks: the monotonic one (which a wall-clock step
+    does not move) and the wall clock (which goes on while the machine is
+    suspended, as a certificate's validity does)."""
 
     def __init__(self, limit: int = 256) -> None:
         self._limit = limit
-        self._entries: dict[tuple, tuple[ssl.SSLContext, float]] = {}
+        # key -> (context, monotonic deadline, wall-clock deadline)
+        self._entries: dict[tuple, tuple[ssl.SSLContext, float, float]] = {}
 
     def get(self, cluster: Cluster, spec: resource_specs.PostgresSpec, db_user: str) -> ssl.SSLContext:
         ca_file = None
@@ -96,21 +100,22 @@ class _ClientContexts:
                 st = os.stat(spec.ca_file)
             except OSError:
                 return _build_context(cluster, spec, db_user)  # it reports the missing file
-            ca_file = (str(spec.ca_file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            ca_file = (str(spec.ca_file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         key = (spec.tls, ca_file, spec.auth, cluster.db_client_ca.cert.serial_number,
                db_user if spec.auth == "cert" else None)
-        now = time.monotonic()
+        mono, wall = time.monotonic(), time.time()
         entry = self._entries.get(key)
-        if entry is not None and now < entry[1]:
+        if entry is not None and mono < entry[1] and wall < entry[2]:
             return entry[0]
         ctx = _build_context(cluster, spec, db_user)
         self._entries.pop(key, None)
         if len(self._entries) >= self._limit:
             # Drop the stale ones; if none is, the oldest (dicts keep order).
-            self._entries = {k: v for k, v in self._entries.items() if now < v[1]}
+            self._entries = {k: v for k, v in self._entries.items() if mono < v[1] and wall < v[2]}
             while len(self._entries) >= self._limit:
                 del self._entries[next(iter(self._entries))]
-        self._entries[key] = (ctx, now + CONTEXT_REUSE.total_seconds())
+        reuse = CONTEXT_REUSE.total_seconds()
+        self._entries[key] = (ctx, mono + reuse, wall + reuse)
         return ctx
 
 

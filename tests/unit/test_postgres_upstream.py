@@ -56,9 +56,16 @@ def common_name(peercert: dict) -> str:
     return dict(item[0] for item in peercert["subject"])["commonName"]
 
 
-def test_a_context_serves_its_db_user_until_half_the_certificate_is_used(pki, cluster, monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(postgres.time, "monotonic", lambda: clock[0])
+@pytest.fixture
+def clocks(monkeypatch):
+    """The monotonic and the wall clock as the contexts see them: [mono, wall]."""
+    now = [1000.0, 1.8e9]
+    monkeypatch.setattr(postgres.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(postgres.time, "time", lambda: now[1])
+    return now
+
+
+def test_a_context_serves_its_db_user_until_half_the_certificate_is_used(pki, cluster, clocks):
     contexts = postgres._ClientContexts()
     spec = PostgresSpec(tls="verify-full", ca_file=pki.ca_file, auth="cert")
     app = contexts.get(cluster, spec, "app")
@@ -66,11 +73,30 @@ def test_a_context_serves_its_db_user_until_half_the_certificate_is_used(pki, cl
     assert contexts.get(cluster, spec, "app") is app
     other = contexts.get(cluster, spec, "reporting")
     assert other is not app and common_name(handshake(other, db_server_context(pki, cluster))) == "reporting"
-    clock[0] += postgres.CONTEXT_REUSE.total_seconds() - 1
+    reuse = postgres.CONTEXT_REUSE.total_seconds()
+    clocks[0] += reuse - 1
+    clocks[1] += reuse - 1
     assert contexts.get(cluster, spec, "app") is app
-    clock[0] += 1
+    clocks[0] += 1
+    clocks[1] += 1
     renewed = contexts.get(cluster, spec, "app")
     assert renewed is not app and common_name(handshake(renewed, db_server_context(pki, cluster))) == "app"
+
+
+@pytest.mark.parametrize("step", ["suspended", "clock_set_back"])
+def test_either_clock_ends_a_contexts_reuse(pki, cluster, clocks, step):
+    # A machine suspended for 10 minutes: the monotonic clock stood still,
+    # but the certificate (wall-clock validity) expired meanwhile. A wall
+    # clock set back: the certificate's age is still counted.
+    contexts = postgres._ClientContexts()
+    spec = PostgresSpec(tls="require", auth="cert")
+    app = contexts.get(cluster, spec, "app")
+    if step == "suspended":
+        clocks[1] += 600
+    else:
+        clocks[1] -= 3600
+        clocks[0] += postgres.CONTEXT_REUSE.total_seconds()
+    assert contexts.get(cluster, spec, "app") is not app
 
 
 def test_a_replaced_ca_file_is_read_again(pki, cluster, tmp_path):
