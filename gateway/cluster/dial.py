@@ -46,7 +46,7 @@ from gateway.identity import pki
 from gateway.identity.pki import utcnow
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
-from gateway.net.relay import RelayCounters, relay
+from gateway.net.relay import RelayCounters, relay, reset_on_close
 from gateway.net.tcp import keep_alive
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
@@ -218,14 +218,21 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
     upstream = opened.upstream
 
     async def run(counters: RelayCounters) -> str | None:
-        await stream.send_all(conn.send(DialAccept(session_id=session.id)) + opened.first_bytes)
-        counters.b_to_a += len(opened.first_bytes)
-        trailing, _eof = conn.trailing_data
-        if trailing:
-            if opened.tap_client:
-                opened.tap_client(trailing)
-            await upstream.send_all(trailing)
-            counters.a_to_b += len(trailing)
+        try:
+            await stream.send_all(conn.send(DialAccept(session_id=session.id)) + opened.first_bytes)
+            counters.b_to_a += len(opened.first_bytes)
+            trailing, _eof = conn.trailing_data
+            if trailing:
+                if opened.tap_client:
+                    opened.tap_client(trailing)
+                await upstream.send_all(trailing)
+                counters.a_to_b += len(trailing)
+        except BaseException:
+            # Cut (a lock, the certificate's end) or broken before the relay
+            # began: an abort on both sides, as the relay would make it.
+            reset_on_close(stream)
+            reset_on_close(upstream)
+            raise
         stats = await relay(stream, upstream, counters=counters, names=("gateway", "upstream"),
                             taps=(opened.tap_client, opened.tap_server))
         return stats.error

@@ -68,7 +68,7 @@ import trio
 from gateway.net import engine as engine_mod
 from gateway.net.tls import LINGER_RESET
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay"]
+__all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay", "reset_on_close"]
 
 #: The most read at once in each direction. Large, so a bulk transfer costs
 #: few wake-ups; a stream returns what it has, so small interactive messages
@@ -138,9 +138,10 @@ def _receiver(stream: trio.abc.ReceiveStream) -> Callable[[memoryview], Awaitabl
 Tap = Callable[[bytes], None]
 
 
-def _reset_on_close(stream: trio.abc.Stream) -> None:
+def reset_on_close(stream: trio.abc.Stream) -> None:
     """Make the caller's ``aclose`` of ``stream`` an abort (TCP RST, no
-    close_notify) when it is a socket or one of our TLS streams."""
+    close_notify) when it is a socket or one of our TLS streams; nothing for
+    a stream the engine took over (it resets those itself)."""
     reset_on_close = getattr(stream, "reset_on_close", None)
     if reset_on_close is not None:  # TLSStream
         reset_on_close()
@@ -170,7 +171,14 @@ async def relay(
         counters = RelayCounters()
     if (buffer_size == DEFAULT_BUFFER_SIZE and os.environ.get("WICKET_RELAY") != "trio"
             and engine_mod.eligible(a) and engine_mod.eligible(b)):
-        error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps)
+        try:
+            error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps)
+        except BaseException:
+            # Cancelled before the engine took the sockets: the caller's
+            # close must still be an abort.
+            reset_on_close(a)
+            reset_on_close(b)
+            raise
         return RelayStats(a_to_b=counters.a_to_b, b_to_a=counters.b_to_a, error=error)
     errors: list[str] = []
 
@@ -212,12 +220,12 @@ async def relay(
             nursery.start_soon(pump, a, b, names[0], names[1], True, taps[0], scope)
             nursery.start_soon(pump, b, a, names[1], names[0], False, taps[1], scope)
     except BaseException:
-        _reset_on_close(a)
-        _reset_on_close(b)
+        reset_on_close(a)
+        reset_on_close(b)
         raise
     if errors:
-        _reset_on_close(a)
-        _reset_on_close(b)
+        reset_on_close(a)
+        reset_on_close(b)
     return RelayStats(
         a_to_b=counters.a_to_b,
         b_to_a=counters.b_to_a,

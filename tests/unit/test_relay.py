@@ -153,7 +153,7 @@ async def test_outside_cancellation_propagates_and_counters_stay_readable():
     assert counters == RelayCounters(a_to_b=3, b_to_a=2)
 
 
-@pytest.mark.parametrize("how", ["reset", "cancel"])
+@pytest.mark.parametrize("how", ["reset", "cancel", "cancelled_before_it_began"])
 @pytest.mark.parametrize("implementation", ["engine", "trio"])
 async def test_an_aborted_relay_resets_both_sides(pki, monkeypatch, how, implementation):
     # The same contract from both implementations: a relay that did not end
@@ -176,6 +176,14 @@ async def test_an_aborted_relay_resets_both_sides(pki, monkeypatch, how, impleme
                     async with relay_plain, relay_tls:  # as every caller does
                         result.append(await relay(relay_plain, relay_tls, names=("client", "cluster")))
 
+            if how == "cancelled_before_it_began":
+                scope.cancel()
+                nursery.start_soon(run_relay)
+                assert await read_until_reset(client) == b""
+                assert await read_until_reset(far_tls) == b""
+                await client.aclose()
+                await far_tls.aclose()
+                return
             nursery.start_soon(run_relay)
             await far_tls.send_all(b"hello")
             assert await read_exactly(client, 5) == b"hello"
