@@ -61,7 +61,12 @@ TLS rules kept from :mod:`gateway.net.tls`:
   take a cut stream for a complete one (a FIN, or a close_notify, would say
   "that was everything"). A reset is passed on as a reset, hop by hop, as
   stunnel and haproxy do. Only a session whose directions both ended with an
-  EOF closes gracefully.
+  EOF closes gracefully. When the abort came from the other side (its
+  reset, a truncation), the bytes that came before it still reach this
+  side's peer first, as they would over one TCP connection: the socket
+  writes what it still holds and is reset once the peer's kernel has
+  acknowledged all of it (:meth:`RelayEngine.abort`, at most
+  :data:`ABORT_DRAIN` seconds). A cut (a lock, cancellation) resets at once.
 
 Threads. trio's thread hands a session over in :meth:`RelayEngine.relay`
 (detaching the sockets from their trio objects, so the engine owns the
@@ -99,6 +104,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import heapq
 import itertools
 import logging
@@ -107,6 +113,7 @@ import select
 import socket
 import ssl
 import sys
+import termios
 import threading
 import time
 from typing import Callable
@@ -115,7 +122,7 @@ import trio
 
 from gateway.net.tls import LINGER_RESET, TLSStream
 
-__all__ = ["PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close"]
+__all__ = ["ABORT_DRAIN", "PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +141,14 @@ _MAX_EVENTS = 1024
 
 #: How long another thread may keep the GIL while the engine waits for it.
 SWITCH_INTERVAL = 0.0001
+
+#: How long a socket whose session the other side aborted may take to hand
+#: its peer the bytes that came before the abort; then it is reset anyway.
+ABORT_DRAIN = 5.0
+#: How often such a socket is asked whether its peer has acknowledged
+#: everything (SIOCOUTQ): first after this, then twice as long each time.
+_DRAIN_POLL = 0.002
+_DRAIN_POLL_MAX = 0.1
 
 #: Connections one listener accepts per turn of the loop.
 ACCEPT_BATCH = 64
@@ -161,6 +176,66 @@ def reset_and_close(sock: socket.socket) -> None:
     except OSError:
         pass  # already reset by the peer, or not connected: close() is all there is
     sock.close()
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes written to ``sock`` that its peer's kernel has not acknowledged
+    yet (SIOCOUTQ); 0 if the socket cannot say (it is broken: nothing more
+    will be delivered anyway)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder,
+                              signed=True)
+    except OSError:
+        return 0
+
+
+class _Draining:
+    """The owner of a socket whose session was aborted by the other side:
+    it writes what is still queued for the socket, waits until the peer's
+    kernel has acknowledged all of it, then resets the connection, within
+    :data:`ABORT_DRAIN` seconds."""
+
+    __slots__ = ("engine", "end", "deadline", "timer", "delay")
+
+    def __init__(self, engine: "RelayEngine", end: "_End") -> None:
+        self.engine, self.end = engine, end
+        self.deadline = time.monotonic() + ABORT_DRAIN
+        self.delay = _DRAIN_POLL
+        end.owner = self
+        end.session = None
+        engine._ends[end.fd] = end
+        engine.set_mask(end, _OUT if end.tail is not None else 0)
+        self.timer = engine.call_later(self.delay, self._check)
+
+    def on_ready(self, end: "_End", ev: int) -> None:
+        try:
+            self.engine.drain(end)
+        except OSError:
+            self._reset()
+            return
+        if end.tail is None:
+            self.engine.set_mask(end, 0)
+
+    def _check(self) -> None:
+        end = self.end
+        if end is None:
+            return
+        if time.monotonic() >= self.deadline or (end.tail is None and not _unacknowledged(end.sock)):
+            self._reset()
+            return
+        self.delay = min(2 * self.delay, _DRAIN_POLL_MAX)
+        self.timer = self.engine.call_later(self.delay, self._check)
+
+    def _reset(self) -> None:
+        end, self.end = self.end, None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.engine.forget(end)
+        reset_and_close(end.sock)
+        end.owner = None
+        end.tail = None
+        end.more = []
 
 
 class _Failure(Exception):
@@ -599,7 +674,7 @@ class RelayEngine:
             self._update(end)
             self._update(peer)
         except _Failure as exc:
-            self._finish(session, str(exc))
+            self._finish(session, str(exc), drain=True)
         except Exception as exc:  # a bug: end this session, keep serving the others
             log.exception("relay_engine_error session_sides=%s,%s", session.a.name, session.b.name)
             self._finish(session, f"internal error in the relay engine: {exc!r}")
@@ -649,24 +724,40 @@ class RelayEngine:
             end.registered = False
         self._ended_since_trim += 1
 
-    def _finish(self, session: _Session, error: str | None) -> None:
+    def abort(self, end: _End, *, drain: bool) -> bool:
+        """Reset ``end``'s connection (already forgotten by its owner), at
+        once, or with ``drain`` once what is queued for it has reached its
+        peer (see :class:`_Draining`). True if it drains: its tail is then
+        the drainer's, and the caller must leave it alone. Under the lock."""
+        if drain and not end.failed and (end.tail is not None or _unacknowledged(end.sock)):
+            _Draining(self, end)
+            return True
+        reset_and_close(end.sock)
+        return False
+
+    def _finish(self, session: _Session, error: str | None, *, drain: bool = False) -> None:
         """End ``session``: a graceful close after a clean end (``error`` is
-        None), else an abort of both sides (see the module docstring)."""
+        None), else an abort of both sides (see the module docstring); with
+        ``drain`` (the abort came from one side), a side that did not fail
+        first delivers what it holds."""
         session.finished = True
         session.error = error
         for end in (session.a, session.b):
             self.forget(end)
+            draining = False
             if error is None:
                 end.sock.close()
             else:
-                reset_and_close(end.sock)
+                draining = self.abort(end, drain=drain)
             # Break the cycles (end <-> peer, end <-> session): the OpenSSL
             # state hanging off them is freed now, by reference counting,
             # not whenever the cyclic collector next gets to it.
             end.session = end.peer = end.tap = None
             end.obj = end.ssl = end.incoming = end.outgoing = None
-            end.tail = end.carry = None
-            end.more = []
+            end.carry = None
+            if not draining:
+                end.tail = None
+                end.more = []
         try:
             session.token.run_sync_soon(session.done.set)
         except trio.RunFinishedError:

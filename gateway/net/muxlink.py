@@ -30,7 +30,9 @@ Moving bytes, in the engine's thread:
   a socket error or a cancelled session sends RESET; a stream is over once
   FIN went both ways and its tail is empty. A stream that ends any other way
   (RESET either way, a refusal, the connection's end) resets its socket
-  (TCP RST), so the client or upstream sees an abort, never a clean EOF.
+  (TCP RST), so the client or upstream sees an abort, never a clean EOF;
+  when the abort came from the other side, after the bytes that came
+  before it (``RelayEngine.abort``).
 - Whatever ends the connection (EOF, TLS or protocol error, ``close``) ends
   every stream on it, with that reason.
 
@@ -759,13 +761,18 @@ class MuxLink:
         if end is not None:
             self.blocked.pop(end, None)
             self.engine.forget(end)
+            draining = False
             if error is None:
                 end.sock.close()
             else:
-                reset_and_close(end.sock)  # an abort is passed on as one
-            end.owner = end.session = None
-            end.tail = None
-            end.more = []
+                # An abort is passed on as one. One that came from the other
+                # side (its RESET, the connection's end) first delivers what
+                # came before it; one of ours (a failed socket, a cut) at once.
+                draining = self.engine.abort(end, drain=not reset)
+            if not draining:
+                end.owner = end.session = None
+                end.tail = None
+                end.more = []
             stream.end = None
         stream.early = None
         if stream.held:

@@ -425,3 +425,44 @@ async def test_key_updates_from_a_tls_peer_are_answered_in_order(pki):
             await client.aclose()
             await peer.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_bytes_that_came_before_a_reset_reach_a_slow_reader_first(pki):
+    # The TLS peer sends and resets at once. The relay holds part of those
+    # bytes (its tail, its socket's send queue) when it reads the reset:
+    # the slow plain-side reader must still get every byte, then the reset.
+    import struct
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_plain = await tcp_pair(listener)
+        relay_tls, far_tls = await tls_pair(pki, listener)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    payload = random.Random(12).randbytes(600 * 1024)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            stats: list = []
+
+            async def run_relay() -> None:
+                stats.append(await relay(relay_plain, relay_tls, names=("client", "server")))
+
+            async def send_and_reset() -> None:
+                await far_tls.send_all(payload)
+                far_tls.transport_stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                far_tls.transport_stream.socket.close()  # a reset, no close_notify
+
+            nursery.start_soon(run_relay)
+            nursery.start_soon(send_and_reset)
+            got = bytearray()
+            try:
+                while data := await client.receive_some(4096):  # a slow reader
+                    got += data
+                    await trio.lowlevel.checkpoint()
+            except trio.BrokenResourceError as exc:
+                assert isinstance(exc.__cause__, ConnectionResetError), exc
+            else:
+                raise AssertionError("a clean EOF where a reset was due")
+            assert bytes(got) == payload
+    assert stats[0].error.startswith("server: receive failed") and "reset" in stats[0].error, stats
+    await client.aclose()
+    await far_tls.aclose()

@@ -715,3 +715,27 @@ async def test_a_peer_that_stops_reading_the_link_ends_it_after_the_user_timeout
         assert "Connection timed out" in raw.link.failed, raw.link.failed
         assert raw.ended and "Connection timed out" in raw.ended[0][1], raw.ended
         await raw.close()
+
+
+async def test_bytes_that_came_before_a_reset_reach_a_slow_client_first(pki):
+    # The upstream sends a response and resets. Over one TCP connection the
+    # client could read the whole response before the reset; through the
+    # link it must too, although the gateway still holds part of it (in its
+    # tail and its socket's send queue) when the RESET arrives.
+    import struct
+
+    payload = random.Random(11).randbytes(1536 * 1024)  # under one window, over what the client buffers
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            client, started = await pair.session("a", tcp=True)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            upstream = pair.upstreams["a"]
+            await upstream.send_all(payload)
+            while pair.cluster_counters["a"].b_to_a < len(payload):  # all of it read and sent on
+                await trio.sleep(0.01)
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await upstream.aclose()
+            assert "reset the stream" in await started.ended()
+            # Only now does the client read: everything, then the reset.
+            assert await read_until_reset(client) == payload
+            await client.aclose()
