@@ -40,7 +40,10 @@ direction *from* an end to its peer is pumped by :meth:`RelayEngine._pump`:
 Epoll interest follows from that state: EPOLLIN while the direction out of
 an end may read, EPOLLOUT while the end has a tail. An end that wants
 neither is removed from the set, because epoll reports a hang-up whatever
-the mask, and a level-triggered hang-up nobody consumes would spin.
+the mask, and a level-triggered hang-up nobody consumes would spin; except
+an end that sent its EOF while we still owe it data or ours, which stays
+registered for errors only (``_WATCH``), so that a peer that vanished
+meanwhile ends the session (:func:`_failed_quietly` consumes the event).
 
 TLS rules kept from :mod:`gateway.net.tls`:
 - Reading can make OpenSSL write (a KeyUpdate answer, an alert): after every
@@ -158,6 +161,13 @@ _ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ALWAYS = select.EPOLLERR | select.EPOLLHUP
+#: The interest of a socket we neither read nor write now but must hear
+#: fail: one that sent us its EOF while we owe it more (a half-closed,
+#: quiet session), so that keepalive's verdict on a peer that vanished
+#: (gateway/net/tcp.py) ends the session. Only errors and hang-ups are
+#: reported for it, and a hang-up only comes with an error here (our side
+#: of the socket is still open for writing).
+_WATCH = select.EPOLLERR
 
 _TRUNCATED = (
     "the peer closed the TCP connection without a TLS close_notify, so the "
@@ -671,6 +681,7 @@ class RelayEngine:
                     self._flush(end)
                 if ev & (_IN | _ALWAYS):
                     self._pump(end)
+                _failed_quietly(end, ev)
             self._update(end)
             self._update(peer)
         except _Failure as exc:
@@ -694,7 +705,7 @@ class RelayEngine:
             mask |= _IN
         if end.tail is not None:
             mask |= _OUT
-        self.set_mask(end, mask)
+        self.set_mask(end, mask or watch_mask(end))
 
     def set_mask(self, end: _End, mask: int) -> None:
         """Register ``end`` in the epoll set for ``mask`` (0: not at all)."""
@@ -1040,6 +1051,26 @@ class RelayEngine:
         if end.carry:
             # That plaintext goes to the other side as soon as it can take it.
             self._again.append(end)
+
+
+def watch_mask(end: _End) -> int:
+    """The interest for an end that wants neither to read nor to write:
+    ``_WATCH`` if it sent its EOF and we still owe it ours, else none."""
+    return _WATCH if end.in_done and not end.eof_sent and end.tail is None and not end.failed else 0
+
+
+def _failed_quietly(end: _End, ev: int) -> None:
+    """An error or hang-up on an end we only watch (``_WATCH``): raise
+    :class:`_Failure` with what the socket says (keepalive's "Connection
+    timed out", a reset). Ends with any other interest meet their errors
+    in their reads and writes."""
+    if ev & _ALWAYS and end.mask == _WATCH:
+        try:
+            code = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            code = exc.errno or 0
+        end.failed = True
+        raise _Failure(f"{end.name}: connection failed: {os.strerror(code) if code else 'closed by the peer'}")
 
 
 def _receive_failed(src: _End, error: str, got: int) -> None:

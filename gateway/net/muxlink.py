@@ -63,7 +63,8 @@ from typing import Callable
 import trio
 
 from gateway.net.engine import (
-    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, reset_and_close,
+    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, reset_and_close,
+    watch_mask,
 )
 from gateway.net.tcp import LINK_USER_TIMEOUT, keep_alive
 from gateway.net.tls import TLSStream
@@ -530,6 +531,8 @@ class MuxLink:
                 self._flush(stream)
             if ev & (_IN | _ALWAYS) and not stream.finished:
                 self._pump(stream)
+            if not stream.finished:
+                _failed_quietly(end, ev)
         self._settle(stream)
         self._update_link()
 
@@ -732,7 +735,7 @@ class MuxLink:
                 self.blocked[end] = None  # resumed when the connection drains
         if end.tail is not None:
             mask |= _OUT
-        self.engine.set_mask(end, mask)
+        self.engine.set_mask(end, mask or watch_mask(end))
 
     def _update_link(self) -> None:
         if self.failed is not None:

@@ -466,3 +466,32 @@ async def test_bytes_that_came_before_a_reset_reach_a_slow_reader_first(pki):
     assert stats[0].error.startswith("server: receive failed") and "reset" in stats[0].error, stats
     await client.aclose()
     await far_tls.aclose()
+
+
+async def test_a_half_closed_quiet_session_hears_its_peer_fail(pki):
+    # The server answered and half-closed; the client sends nothing more.
+    # The relay neither reads nor writes the server's socket now, yet its
+    # failure (a reset here; keepalive's timeout for a vanished host) must
+    # end the session.
+    import struct
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_a = await tcp_pair(listener)
+        relay_b, server = await tcp_pair(listener)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            stats: list = []
+
+            async def run_relay() -> None:
+                stats.append(await relay(relay_a, relay_b, names=("client", "server")))
+
+            nursery.start_soon(run_relay)
+            await server.send_all(b"bye")
+            await server.send_eof()
+            assert await read_until_eof(client) == b"bye"
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await server.aclose()
+    # (A reset after the peer's FIN reads as EPIPE: "Broken pipe".)
+    assert stats[0].error.startswith("server: connection failed: "), stats
+    await client.aclose()

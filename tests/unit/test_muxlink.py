@@ -434,7 +434,10 @@ async def test_many_small_frames_in_one_read_reach_each_upstream_in_order(pki, m
 async def test_a_gathered_write_that_fails_resets_only_its_stream(pki):
     with trio.fail_after(HANG):
         raw = await RawGateway.open(pki, 2)
-        await raw.upstreams[0].aclose()  # its upstream is gone: sendmsg fails (EPIPE)
+        # Its upstream takes nothing more: sendmsg fails (EPIPE). (Not a
+        # close: that would also end our reading side, and the socket's
+        # watch could see the failure before any write meets it.)
+        raw.upstreams[0].socket.shutdown(socket.SHUT_RD)
         wire, expected = bytearray(), bytearray()
         for i in range(50):
             wire += raw.gw.send_data(raw.sids[0], b"lost" * 3)
@@ -738,4 +741,26 @@ async def test_bytes_that_came_before_a_reset_reach_a_slow_client_first(pki):
             assert "reset the stream" in await started.ended()
             # Only now does the client read: everything, then the reset.
             assert await read_until_reset(client) == payload
+            await client.aclose()
+
+
+async def test_a_half_closed_quiet_stream_hears_its_upstream_fail(pki):
+    # The upstream answered and half-closed; the client sends nothing more.
+    # Nobody reads or writes the upstream's socket now, yet its failure (a
+    # reset here; keepalive's timeout for a vanished host) must end the
+    # session instead of leaving it open for good.
+    import struct
+
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            client, started = await pair.session("a", tcp=True)
+            upstream = pair.upstreams["a"]
+            await upstream.send_all(b"bye")
+            await upstream.send_eof()
+            assert await read_until_eof(client) == b"bye"
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await upstream.aclose()
+            error = await started.ended()
+            # (A reset after the peer's FIN reads as EPIPE: "Broken pipe".)
+            assert "reset the stream: upstream: connection failed: " in error, error
             await client.aclose()
