@@ -20,6 +20,7 @@ from gateway.cluster.dial import TCP, abandon_engine_connects, handle_mux, handl
 from gateway.cluster.postgres import PostgresKind
 from gateway.identity import tlsconf
 from gateway.net.http import serve_http
+from gateway.net.relay import reset_on_close
 from gateway.net.tcp import keep_alive
 from gateway.net.tls import accept_tls
 
@@ -43,6 +44,7 @@ async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
             await _handle_connection(cluster, tcp)
     except Exception:
         log.exception("connection_failed action=%s", "report this as a bug with the traceback")
+        reset_on_close(tcp)  # cut short, not ended
         await tcp.aclose()
 
 

@@ -29,7 +29,7 @@ from gateway.local.client import DIAL_TIMEOUT, ClusterError, MuxDialer
 from gateway.local.profile import Profile, ProfileError
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
-from gateway.net.relay import RelayCounters
+from gateway.net.relay import RelayCounters, reset_on_close
 from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 
@@ -207,6 +207,7 @@ async def run_listener(
         except Exception:
             log.exception("connection_failed client=%s action=%s", peer_addr(stream),
                           "report this as a bug with the traceback")
+            reset_on_close(stream)  # cut short, not ended
             await stream.aclose()
 
     async with trio.open_nursery() as nursery:

@@ -362,7 +362,7 @@ class _Listener:
                 self.on_accept(sock, addr)
             except Exception:
                 log.exception("accept_handler_failed action=report this as a bug with the traceback")
-                sock.close()
+                reset_and_close(sock)  # cut short, not ended
 
     def _resume(self) -> None:
         if not self.closed:

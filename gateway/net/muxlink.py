@@ -39,7 +39,7 @@ Moving bytes, in the engine's thread:
 Sessions: the gateway calls :meth:`MuxLink.start` with the client's socket,
 which sends the OPEN and relays the socket at once: the client's first bytes
 follow the OPEN without waiting for the REPLY (protocols/mux.py allows it),
-and a refusal closes the socket. The cluster gets each OPEN through
+and a refusal resets the socket. The cluster gets each OPEN through
 ``on_open(link, stream, request)``, called in the engine's thread under the
 lock (it must not block: it decides at once, or hands the stream to trio;
 it may run before the constructor returns), and calls
@@ -195,7 +195,7 @@ class MuxLink:
         """(gateway) Open a stream for ``request`` and relay ``sock`` (a
         connected non-blocking socket, now the link's) on it at once. A
         refusal, or no REPLY within ``reply_timeout`` seconds, ends the
-        stream and closes ``sock``; ``notify(link, stream)`` hears of the end
+        stream and resets ``sock``; ``notify(link, stream)`` hears of the end
         (``stream.reply`` says which). Raises :class:`LinkClosed` (``sock``
         is still the caller's then)."""
         with self.engine._lock:
@@ -226,7 +226,7 @@ class MuxLink:
                counters) -> bool:
         """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` for
         it, starting with what the gateway sent early; False if the stream
-        or the link ended meanwhile (``sock`` is closed then)."""
+        or the link ended meanwhile (``sock`` is reset then)."""
         raw = sock if isinstance(sock, socket.socket) else _detach(sock)[0]
         with self.engine._lock:
             if stream.finished or self.failed is not None:

@@ -85,7 +85,8 @@ Closing. ``aclose`` is prompt: it sends close_notify only if that fits in the
 kernel buffer right now, never waits for the peer's, and always closes the
 socket, even when cancelled. For a graceful end that waits until the
 close_notify is in the kernel, under the caller's deadline, call ``send_eof``
-first (the relay does).
+first (the relay does). After ``reset_on_close`` it is an abort instead: no
+close_notify, and a TCP RST (what a relay does when the other side failed).
 
 Errors. OpenSSL errors and socket errors become
 :class:`trio.BrokenResourceError` whose ``__cause__`` is the original exception

@@ -12,6 +12,7 @@ import time
 import types
 
 import attrs
+import pytest
 import trio
 
 from gateway.cluster import dial
@@ -103,10 +104,14 @@ async def test_a_lock_while_the_upstream_connects_cuts_the_session(pki, monkeypa
         session.cancel("user_locked")  # what watch_locks does, from trio's thread
         assert "user_locked" in await d.started.ended()  # the gateway got the RESET
         assert await read_until_reset(d.client) == b""
-        upstream, far = socket.socketpair()
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            upstream = socket.create_connection(server.getsockname())
+            far, _ = server.accept()
         with eng._lock:
             connects[0](upstream, None)  # the connect completes after all
-    assert upstream.fileno() == -1  # closed, never relayed
+    assert upstream.fileno() == -1  # never relayed, and reset: the upstream saw a cut, not an end
+    with pytest.raises(ConnectionResetError):
+        far.recv(1)
     assert [e for e, _ in d.cluster.events] == ["dial.allowed", "session.start", "session.end"]
     assert d.cluster.events[-1][1]["reason"] == "user_locked"
     assert not d.cluster.sessions and not len(d.cluster_link)
