@@ -188,10 +188,21 @@ def reset_and_close(sock: socket.socket) -> None:
     sock.close()
 
 
+_TCP_CLOSE = 7  # linux/tcp_states.h
+
+
 def _unacknowledged(sock: socket.socket) -> int:
     """Bytes written to ``sock`` that its peer's kernel has not acknowledged
-    yet (SIOCOUTQ); 0 if the socket cannot say (it is broken: nothing more
-    will be delivered anyway)."""
+    yet (SIOCOUTQ); 0 if the connection failed (a reset, keepalive's
+    timeout: nothing more will be delivered, although the count may stay
+    up) or the socket cannot say."""
+    try:
+        # tcpi_state, the first byte of TCP_INFO: a reset or timed-out
+        # connection is CLOSE for good (SO_ERROR would say so only once).
+        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE:
+            return 0
+    except OSError:
+        pass  # not TCP (a test's AF_UNIX pair): SIOCOUTQ alone
     try:
         return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder,
                               signed=True)
@@ -203,28 +214,55 @@ class _Draining:
     """The owner of a socket whose session was aborted by the other side:
     it writes what is still queued for the socket, waits until the peer's
     kernel has acknowledged all of it, then resets the connection, within
-    :data:`ABORT_DRAIN` seconds."""
+    :data:`ABORT_DRAIN` seconds. The socket is set to reset on close from
+    the start, so a process that exits meanwhile resets it too, never ends
+    it with a FIN. ``release(n)`` (if given) hears of each ``n`` bytes of
+    the ``held`` it owned that are gone (written, or dropped at the end),
+    so that the owner's memory limits keep counting them until then."""
 
-    __slots__ = ("engine", "end", "deadline", "timer", "delay")
+    __slots__ = ("engine", "end", "deadline", "timer", "delay", "held", "release")
 
-    def __init__(self, engine: "RelayEngine", end: "_End") -> None:
+    def __init__(self, engine: "RelayEngine", end: "_End", held: int = 0,
+                 release: Callable[[int], None] | None = None) -> None:
         self.engine, self.end = engine, end
+        self.held, self.release = held, release
         self.deadline = time.monotonic() + ABORT_DRAIN
         self.delay = _DRAIN_POLL
+        try:
+            end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass
         end.owner = self
         end.session = None
         engine._ends[end.fd] = end
-        engine.set_mask(end, _OUT if end.tail is not None else 0)
+        # Errors and hang-ups reach on_ready whatever the mask: a peer that
+        # fails meanwhile ends the wait.
+        engine.set_mask(end, _OUT if end.tail is not None else _WATCH)
         self.timer = engine.call_later(self.delay, self._check)
 
     def on_ready(self, end: "_End", ev: int) -> None:
+        if ev & select.EPOLLERR:
+            self._reset()  # the peer is gone: nothing more will be delivered
+            return
+        if ev & select.EPOLLHUP and end.tail is None:
+            # Both directions shut (our FIN went out before the abort), not
+            # a failure: what is unacknowledged may still arrive; the timer
+            # watches it from here.
+            self.engine.set_mask(end, 0)
+            return
         try:
-            self.engine.drain(end)
+            self._released(self.engine.drain(end))
         except OSError:
             self._reset()
             return
         if end.tail is None:
-            self.engine.set_mask(end, 0)
+            self.engine.set_mask(end, _WATCH)
+
+    def _released(self, n: int) -> None:
+        n = min(n, self.held)
+        if n and self.release is not None:
+            self.held -= n
+            self.release(n)
 
     def _check(self) -> None:
         end = self.end
@@ -241,11 +279,17 @@ class _Draining:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._released(self.held)
         self.engine.forget(end)
         reset_and_close(end.sock)
         end.owner = None
         end.tail = None
         end.more = []
+
+
+class _Cut(Exception):
+    """Ends a session on our own account (a tap that refused bytes): both
+    sides are reset at once, with this message."""
 
 
 class _Failure(Exception):
@@ -486,7 +530,9 @@ class RelayEngine:
                     taps: tuple[Tap | None, Tap | None] = (None, None)):
         """Relay between two :func:`eligible` streams until both directions
         end or one fails; returns the error text or ``None``. Takes the
-        streams' descriptors: they are closed when this returns."""
+        streams' descriptors: they are closed when this returns (or, after
+        an abort that came from one side, the other is reset within
+        :data:`ABORT_DRAIN` seconds; see :meth:`abort`)."""
         token = trio.lowlevel.current_trio_token()
         await trio.lowlevel.checkpoint_if_cancelled()
         sock_a, tls_a = _detach(a)
@@ -686,6 +732,8 @@ class RelayEngine:
             self._update(peer)
         except _Failure as exc:
             self._finish(session, str(exc), drain=True)
+        except _Cut as exc:
+            self._finish(session, str(exc))
         except Exception as exc:  # a bug: end this session, keep serving the others
             log.exception("relay_engine_error session_sides=%s,%s", session.a.name, session.b.name)
             self._finish(session, f"internal error in the relay engine: {exc!r}")
@@ -735,13 +783,16 @@ class RelayEngine:
             end.registered = False
         self._ended_since_trim += 1
 
-    def abort(self, end: _End, *, drain: bool) -> bool:
+    def abort(self, end: _End, *, drain: bool, held: int = 0,
+              release: Callable[[int], None] | None = None) -> bool:
         """Reset ``end``'s connection (already forgotten by its owner), at
         once, or with ``drain`` once what is queued for it has reached its
-        peer (see :class:`_Draining`). True if it drains: its tail is then
-        the drainer's, and the caller must leave it alone. Under the lock."""
-        if drain and not end.failed and (end.tail is not None or _unacknowledged(end.sock)):
-            _Draining(self, end)
+        peer (see :class:`_Draining`, which takes ``held`` and ``release``).
+        True if it drains: its tail is then the drainer's, and the caller
+        must leave it alone. Under the lock."""
+        if drain and not end.failed and end.error_pending is None \
+                and (end.tail is not None or _unacknowledged(end.sock)):
+            _Draining(self, end, held, release)
             return True
         reset_and_close(end.sock)
         return False
@@ -900,7 +951,7 @@ class RelayEngine:
             except Exception as exc:
                 # What the tap (an audit parser) cannot take must not pass:
                 # the session ends here, before these bytes are forwarded.
-                raise _Failure(f"{src.name}: {exc}") from None
+                raise _Cut(f"{src.name}: {exc}") from None
         counters = src.session.counters
         if src.forward:
             counters.a_to_b += len(data)

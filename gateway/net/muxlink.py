@@ -280,9 +280,10 @@ class MuxLink:
             self._finish(stream, reason, reset=True)
 
     def close(self, reason: str) -> None:
-        """End the link and every stream on it."""
+        """End the link and every stream on it: a cut, so every stream's
+        socket is reset at once."""
         with self.engine._lock:
-            self._fail(reason)
+            self._fail(reason, drain=False)
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -327,7 +328,7 @@ class MuxLink:
             self._fail(f"{self.name}: broke the multiplexing protocol: {exc}")
         except Exception as exc:  # a bug: end this link, keep serving the others
             log.exception("mux_link_error link=%s", self.name)
-            self._fail(f"internal error in the relay engine: {exc!r}")
+            self._fail(f"internal error in the relay engine: {exc!r}", drain=False)
 
     def _failure(self, end: _End, exc: _Failure) -> None:
         if end is self.end or self.end.failed:
@@ -659,6 +660,11 @@ class MuxLink:
         self.engine.held -= n
         stream.held -= n
 
+    def _released(self, n: int) -> None:
+        """A drainer (an aborted stream's socket) let go of ``n`` bytes."""
+        self.held -= n
+        self.engine.held -= n
+
     def _flush(self, stream: Stream) -> None:
         end = stream.end
         try:
@@ -749,7 +755,11 @@ class MuxLink:
         if mask != end.mask or end.registered != bool(mask):
             self.engine.set_mask(end, mask)
 
-    def _finish(self, stream: Stream, error: str | None, *, reset: bool) -> None:
+    def _finish(self, stream: Stream, error: str | None, *, reset: bool, drain: bool | None = None) -> None:
+        """End ``stream``; with ``reset``, tell the other side (RESET). Its
+        socket closes after a clean end, else is reset: with ``drain``
+        (default: when the abort came from the other side, ``not reset``)
+        once the bytes that came before the abort have reached its peer."""
         if stream.finished:
             return
         stream.finished = True
@@ -771,8 +781,12 @@ class MuxLink:
                 # An abort is passed on as one. One that came from the other
                 # side (its RESET, the connection's end) first delivers what
                 # came before it; one of ours (a failed socket, a cut) at once.
-                draining = self.engine.abort(end, drain=not reset)
-            if not draining:
+                # What it holds counts against the limits until it is gone.
+                draining = self.engine.abort(end, drain=not reset if drain is None else drain,
+                                             held=stream.held, release=self._released)
+            if draining:
+                stream.held = 0  # the drainer's now
+            else:
                 end.owner = end.session = None
                 end.tail = None
                 end.more = []
@@ -794,13 +808,15 @@ class MuxLink:
             except trio.RunFinishedError:
                 pass
 
-    def _fail(self, reason: str) -> None:
-        """End the link: every stream, then the connection."""
+    def _fail(self, reason: str, *, drain: bool = True) -> None:
+        """End the link: every stream, then the connection. ``drain``: the
+        streams' sockets first deliver what they hold (the connection
+        failed under us), or not (we close it)."""
         if self.failed is not None:
             return
         self.failed = reason
         for stream in list(self.streams.values()):
-            self._finish(stream, reason, reset=False)
+            self._finish(stream, reason, reset=False, drain=drain)
         end = self.end
         self.engine.forget(end)
         _close_notify_nowait(end)

@@ -11,11 +11,12 @@ import functools
 import os
 import random
 import socket
+import time
 
 import pytest
 import trio
 
-from gateway.net.engine import engine
+from gateway.net.engine import _unacknowledged, engine
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
@@ -448,6 +449,10 @@ async def test_bytes_that_came_before_a_reset_reach_a_slow_reader_first(pki):
 
             async def send_and_reset() -> None:
                 await far_tls.send_all(payload)
+                # All of it in the relay's hands (acknowledged): a reset
+                # drops what the sender's own kernel still holds.
+                while _unacknowledged(far_tls.transport_stream.socket):
+                    await trio.sleep(0.01)
                 far_tls.transport_stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 far_tls.transport_stream.socket.close()  # a reset, no close_notify
 
@@ -495,3 +500,28 @@ async def test_a_half_closed_quiet_session_hears_its_peer_fail(pki):
     # (A reset after the peer's FIN reads as EPIPE: "Broken pipe".)
     assert stats[0].error.startswith("server: connection failed: "), stats
     await client.aclose()
+
+
+def test_a_reset_socket_has_nothing_left_to_deliver():
+    # After a reset, Linux keeps SIOCOUTQ up (the sequence numbers stay) but
+    # nothing more will go out: a drain must not wait for it.
+    import struct
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        near = socket.create_connection(server.getsockname())
+        far, _ = server.accept()
+    with near, far:
+        far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        near.setblocking(False)
+        try:
+            while True:
+                near.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        assert _unacknowledged(near) > 0  # far reads nothing: the data waits
+        far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        far.close()
+        deadline = time.monotonic() + HANG
+        while _unacknowledged(near) and time.monotonic() < deadline:  # the reset's arrival
+            time.sleep(0.001)
+        assert _unacknowledged(near) == 0

@@ -740,7 +740,13 @@ async def test_bytes_that_came_before_a_reset_reach_a_slow_client_first(pki):
             await upstream.aclose()
             assert "reset the stream" in await started.ended()
             # Only now does the client read: everything, then the reset.
+            with engine()._lock:
+                held_before = engine().held - pair.gateway.held
             assert await read_until_reset(client) == payload
+            # What the drain held counted against the limits until it went.
+            await held_becomes(pair.gateway, 0)
+            with engine()._lock:
+                assert engine().held == held_before
             await client.aclose()
 
 
