@@ -1075,7 +1075,11 @@ class RelayEngine:
         try:
             end.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            if exc.errno != errno.ENOTCONN and not (end.peer_closed or end.in_done):
+            # Not an error only after a TLS peer's close_notify: it may drop
+            # the connection then. Otherwise (ENOTCONN included) the peer
+            # reset the connection, perhaps after its own EOF, and what we
+            # sent may not have been read: an abort, not an end.
+            if not end.peer_closed:
                 end.failed = True
                 raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
 

@@ -54,7 +54,6 @@ thread (the engine's lock is re-entrant).
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import ssl
@@ -695,9 +694,10 @@ class MuxLink:
             try:
                 end.sock.shutdown(socket.SHUT_WR)
             except OSError as exc:
-                if exc.errno != errno.ENOTCONN:
-                    end.failed = True
-                    raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
+                # ENOTCONN too: the peer reset the connection (perhaps after
+                # its own FIN), and what we sent may not have been read.
+                end.failed = True
+                raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
 
     def _settle(self, stream: Stream) -> None:
         """After anything that may have changed a stream's state: finish it
