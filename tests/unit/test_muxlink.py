@@ -770,3 +770,25 @@ async def test_a_half_closed_quiet_stream_hears_its_upstream_fail(pki):
             # (A reset after the peer's FIN reads as EPIPE: "Broken pipe".)
             assert "reset the stream: upstream: connection failed: " in error, error
             await client.aclose()
+
+
+async def test_closing_the_link_cuts_its_streams_at_once(pki):
+    # Our own close (the certificate's end, the process stopping) is a cut:
+    # a stream's socket is reset at once, even with bytes still held for a
+    # slow client, not drained as after the peer's abort.
+    from gateway.net.engine import _Draining
+
+    payload = random.Random(13).randbytes(1536 * 1024)
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            client, started = await pair.session("a", tcp=True)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            await pair.upstreams["a"].send_all(payload)
+            while pair.cluster_counters["a"].b_to_a < len(payload):
+                await trio.sleep(0.01)
+            pair.gateway.close("the gateway is stopping")
+            with engine()._lock:
+                assert not [e for e in engine()._ends.values() if isinstance(e.owner, _Draining)]
+            assert "the gateway is stopping" in await started.ended()
+            assert len(await read_until_reset(client)) < len(payload)
+            await client.aclose()
