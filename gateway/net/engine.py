@@ -123,7 +123,7 @@ from typing import Callable
 
 import trio
 
-from gateway.net.tls import LINGER_RESET, TLSStream
+from gateway.net.tls import TLSStream, linger_reset
 
 __all__ = ["ABORT_DRAIN", "PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close"]
 
@@ -181,10 +181,7 @@ def reset_and_close(sock: socket.socket) -> None:
     """Close ``sock`` with a TCP RST instead of a FIN (SO_LINGER 0): what a
     relay does to a connection whose other half was cut, so that its peer
     sees an abort, not an end. Anything still unsent is dropped."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    except OSError:
-        pass  # already reset by the peer, or not connected: close() is all there is
+    linger_reset(sock)
     sock.close()
 
 
@@ -228,10 +225,7 @@ class _Draining:
         self.held, self.release = held, release
         self.deadline = time.monotonic() + ABORT_DRAIN
         self.delay = _DRAIN_POLL
-        try:
-            end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        except OSError:
-            pass
+        linger_reset(end.sock)
         end.owner = self
         end.session = None
         engine._ends[end.fd] = end

@@ -59,14 +59,13 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from typing import Awaitable, Callable
 
 import attrs
 import trio
 
 from gateway.net import engine as engine_mod
-from gateway.net.tls import LINGER_RESET
+from gateway.net.tls import linger_reset
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay", "reset_on_close"]
 
@@ -146,10 +145,7 @@ def reset_on_close(stream: trio.abc.Stream) -> None:
     if reset_on_close is not None:  # TLSStream
         reset_on_close()
     elif isinstance(stream, trio.SocketStream):
-        try:
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        except (OSError, trio.ClosedResourceError):
-            pass
+        linger_reset(stream.socket)
 
 
 async def relay(

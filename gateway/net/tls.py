@@ -123,7 +123,7 @@ from trio.lowlevel import (
 
 __all__ = [
     "DEFAULT_RECEIVE_SIZE",
-    "LINGER_RESET",
+    "linger_reset",
     "SEND_CHUNK",
     "TLSStream",
     "accept_tls",
@@ -143,7 +143,14 @@ SEND_CHUNK = 256 * 1024
 _RECV_CHUNK = DEFAULT_RECEIVE_SIZE + 8 * 1024
 
 #: SO_LINGER on, 0 s: ``close()`` sends a TCP RST and drops what is unsent.
-LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def linger_reset(sock) -> None:
+    """Make ``close()`` of ``sock`` (a stdlib or trio socket) send a TCP RST
+    instead of a FIN; one already closed or reset is left as it is."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 _TRUNCATED = (
     "the peer closed the TCP connection without a TLS close_notify, so the "
@@ -671,8 +678,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         of a FIN, so the peer learns that the stream was cut, not ended (a
         relay whose other side failed does this)."""
         self._abort = True
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        linger_reset(self._sock)
 
     async def aclose(self) -> None:
         """Send close_notify if it fits in the kernel buffer now (without
