@@ -4,6 +4,7 @@ and dials on data routes.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
@@ -19,7 +20,7 @@ from gateway.local.profile import Profile, ProfileError, expired_message
 from gateway.net.http import HTTPClient, HTTPError
 from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
-from gateway.net.tcp import keep_alive
+from gateway.net.tcp import SLEEP_LIMIT, keep_alive, time_suspended
 from gateway.net.tls import TLSStream, open_tls_connection
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role
 from protocols.errors import ErrorCode, ProtocolError
@@ -29,6 +30,8 @@ CONNECT_TIMEOUT = 15.0
 # Longer than the cluster's own worst case (10 s to connect upstream plus 30 s
 # to log in), so its typed answer arrives rather than our timeout.
 DIAL_TIMEOUT = 60.0
+
+log = logging.getLogger("wicket.client")
 
 
 class ClusterError(Exception):
@@ -158,8 +161,9 @@ class Dialer:
     ready, so a client's connection costs only the dial frame's round trip.
     A pooled connection is used only while younger than ``POOL_MAX_AGE`` (the
     cluster waits ``10 s`` for a dial frame); older ones are closed and
-    replaced. A pooled connection the cluster dropped meanwhile is retried
-    once on a fresh one."""
+    replaced, and so is one opened before the machine slept (see
+    gateway/net/tcp.py). A pooled connection the cluster dropped meanwhile
+    is retried once on a fresh one."""
 
     POOL_MAX_AGE = 5.0
 
@@ -172,7 +176,8 @@ class Dialer:
         self._ctx: ssl.SSLContext
         self.identity: pki.Identity
         self._session: ssl.SSLSession | None = None
-        self._pool: list[tuple[float, ssl.SSLContext, TLSStream]] = []
+        # (created, time_suspended() then, context, stream)
+        self._pool: list[tuple[float, float, ssl.SSLContext, TLSStream]] = []
         self._pool_wakeup = trio.Event()
         self.pool_hits = 0
         self._reload_if_changed()
@@ -182,10 +187,9 @@ class Dialer:
         task_status.started()
         try:
             while True:
-                now = trio.current_time()
-                for item in [i for i in self._pool if now - i[0] > self.POOL_MAX_AGE or i[1] is not self._ctx]:
+                for item in [i for i in self._pool if not self._fresh(*i[:3])]:
                     self._pool.remove(item)
-                    await item[2].aclose()
+                    await item[3].aclose()
                 while len(self._pool) < size:
                     ctx = self._ctx
                     try:
@@ -193,29 +197,33 @@ class Dialer:
                                                 self.profile.host, self._session)
                     except ClusterError:
                         break  # the dials themselves will report it; try again later
-                    self._pool.append((trio.current_time(), ctx, stream))
+                    self._pool.append((trio.current_time(), time_suspended(), ctx, stream))
                 self._pool_wakeup = trio.Event()
                 with trio.move_on_after(self.POOL_MAX_AGE / 2):
                     await self._pool_wakeup.wait()
         finally:
             pool, self._pool = self._pool, []
             with trio.CancelScope(shield=True):
-                for _, _, stream in pool:
+                for *_, stream in pool:
                     await stream.aclose()
 
     @property
     def pool_ready(self) -> int:
-        return len(self._pool)
+        """Connections ready to carry a dial now."""
+        return sum(self._fresh(*item[:3]) for item in self._pool)
+
+    def _fresh(self, created: float, slept: float, ctx: ssl.SSLContext) -> bool:
+        """Whether a pooled connection may still carry a dial."""
+        return (trio.current_time() - created <= self.POOL_MAX_AGE and ctx is self._ctx
+                and time_suspended() - slept <= SLEEP_LIMIT)
 
     def _take_pooled(self) -> TLSStream | None:
-        now = trio.current_time()
-        while self._pool:
-            created, ctx, stream = self._pool.pop()  # the newest
-            if now - created <= self.POOL_MAX_AGE and ctx is self._ctx:
-                self._pool_wakeup.set()
-                return stream
-            self._pool.insert(0, (created, ctx, stream))  # run_pool closes it
-            break
+        if self._pool:
+            self._pool_wakeup.set()  # run_pool: make up for it, or replace them all
+            item = self._pool.pop()  # the newest
+            if self._fresh(*item[:3]):
+                return item[3]
+            self._pool.insert(0, item)  # run_pool closes it
         return None
 
     def _reload_if_changed(self) -> None:
@@ -302,11 +310,12 @@ class MuxDialer:
     one small frame each way, no TLS handshake and no socket to the cluster.
 
     The connection is opened with the profile's current certificate. After a
-    ``wicket login`` or ``renew`` replaced it, new sessions go over a new
-    connection, and the old one is closed once its sessions are over. A
-    connection that failed (cluster restarted, network) is replaced on the
-    next dial; :meth:`run_pool` opens it ahead of the first client and
-    reopens it when it fails."""
+    ``wicket login`` or ``renew`` replaced it, or after the machine slept
+    (the cluster will have let go of it meanwhile: gateway/net/tcp.py), new
+    sessions go over a new connection, and the old one is closed once its
+    sessions are over. A connection that failed (cluster restarted,
+    network) is replaced on the next dial; :meth:`run_pool` opens it ahead
+    of the first client and reopens it when it fails."""
 
     RETRY_DELAY = 1.0
 
@@ -314,7 +323,8 @@ class MuxDialer:
         self.dialer = Dialer(profile, tlsconf.ALPN_MUX)
         self._link: MuxLink | None = None
         self._link_ctx: ssl.SSLContext | None = None
-        self._draining: list[MuxLink] = []
+        self._link_slept = 0.0  # time_suspended() when it was opened
+        self._draining: dict[MuxLink, str] = {}  # replaced, and why: closed after their last session
         self._lock = trio.Lock()
 
     def check_fresh(self) -> pki.Identity:
@@ -322,7 +332,8 @@ class MuxDialer:
 
     def _usable(self) -> MuxLink | None:
         link = self._link
-        if link is not None and link.failed is None and self._link_ctx is self.dialer._ctx:
+        if (link is not None and link.failed is None and self._link_ctx is self.dialer._ctx
+                and time_suspended() - self._link_slept <= SLEEP_LIMIT):
             return link
         return None
 
@@ -339,13 +350,19 @@ class MuxDialer:
             ctx = d._ctx
             with trio.fail_after(DIAL_TIMEOUT):
                 stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
-            old, self._link, self._link_ctx = self._link, MuxLink(
-                engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"), ctx
+            old, slept = self._link, time_suspended()
             if old is not None and old.failed is None:
-                self._draining.append(old)
+                if slept - self._link_slept > SLEEP_LIMIT:
+                    log.info("cluster_reconnect reason=suspended slept=%.0fs sessions=%d",
+                             slept - self._link_slept, len(old))
+                    self._draining[old] = "replaced after the machine slept"
+                else:
+                    self._draining[old] = "replaced by a connection with the renewed certificate"
+            self._link_slept = slept  # before _link: the engine's thread reads them without the lock
+            self._link, self._link_ctx = MuxLink(
+                engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"), ctx
             for drained in [o for o in self._draining if o.failed is not None or not len(o)]:
-                drained.close("replaced by a connection with the renewed certificate")
-                self._draining.remove(drained)
+                drained.close(self._draining.pop(drained))
             return self._link
 
     def ready_link(self) -> MuxLink | None:
@@ -357,10 +374,9 @@ class MuxDialer:
 
     def release(self, link: MuxLink) -> None:
         """A session on ``link`` is over: close ``link`` if it was replaced
-        (a renewed certificate) and this was its last session."""
+        (a renewed certificate, a sleep) and this was its last session."""
         if link in self._draining and not len(link):
-            self._draining.remove(link)
-            link.close("replaced by a connection with the renewed certificate")
+            link.close(self._draining.pop(link))
 
     async def run_pool(self, size: int = 1, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the connection open until cancelled (``size`` is ignored:

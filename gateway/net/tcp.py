@@ -33,13 +33,25 @@ which may last as long as it likes.
 
 The local side (a client on localhost) needs none of this: a loopback peer
 cannot vanish without its kernel closing the connection.
+
+A suspended machine is the gateway's everyday case of all this: a laptop
+shut for lunch. While it sleeps the cluster's probes go unanswered, so after
+90 s the cluster has let go of the connection; on waking, the gateway's end
+still looks open, and its first new session would go into a connection that
+the cluster answers with a reset at best, or, after a move to another
+network, never answers at all. :func:`time_suspended` lets the gateway see
+that it slept (``CLOCK_BOOTTIME`` counts the time spent suspended,
+``CLOCK_MONOTONIC`` does not) and send new sessions over a new connection
+instead (gateway/local/client.py).
 """
 
 from __future__ import annotations
 
 import socket
+import time
 
-__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "keep_alive"]
+__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT",
+           "keep_alive", "time_suspended"]
 
 #: Seconds without traffic before the first probe.
 KEEPALIVE_IDLE = 30
@@ -51,6 +63,9 @@ KEEPALIVE_COUNT = 6
 #: Seconds that data may stay unacknowledged (or the peer's window shut) on
 #: the multiplexed gateway <-> cluster connection before it fails.
 LINK_USER_TIMEOUT = 90
+#: Seconds of suspension after which a connection to the cluster is not
+#: trusted with new sessions (see the module docstring).
+SLEEP_LIMIT = 5.0
 
 
 def keep_alive(sock, *, user_timeout: float | None = None) -> None:
@@ -67,3 +82,9 @@ def keep_alive(sock, *, user_timeout: float | None = None) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
     except OSError:
         pass
+
+
+def time_suspended() -> float:
+    """Seconds this machine has spent suspended since it booted. Only
+    differences mean anything: compare with an earlier reading."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - time.clock_gettime(time.CLOCK_MONOTONIC)

@@ -434,6 +434,56 @@ async def test_expired_certificate_refused_on_the_multiplexed_connection(make_ga
     link.close("test over")
 
 
+async def test_sessions_after_a_sleep_take_a_new_multiplexed_connection(make_gateway, monkeypatch):
+    """After the machine slept, the cluster has let go of the multiplexed
+    connection (its keepalive probes went unanswered) or the network under
+    it changed: new sessions go over a new connection at once, while the
+    sessions already on the old one keep it until they end."""
+    import socket
+
+    from gateway.local import client
+    from gateway.local.profile import Profile
+    from gateway.net.relay import RelayCounters
+    from protocols.dial import DialRequest
+
+    asleep = [0.0]
+    monkeypatch.setattr(client, "time_suspended", lambda: asleep[0])
+    gw = make_gateway("dev")
+    dialer = client.MuxDialer(Profile.load(gw.home))
+    first = await dialer.link()
+    near, far = socket.socketpair()
+    near.setblocking(False)
+    far = trio.socket.from_stdlib_socket(far)
+    ended, token = trio.Event(), trio.lowlevel.current_trio_token()
+    first.start(DialRequest(resource="echo"), near, RelayCounters(),
+                lambda _link, _stream: token.run_sync_soon(ended.set), reply_timeout=30)
+
+    async def echoed(data: bytes) -> None:
+        await far.send(data)
+        got = b""
+        with trio.fail_after(20):
+            while len(got) < len(data):
+                got += await far.recv(100)
+        assert got == data
+
+    await echoed(b"before")
+    asleep[0] += 2.0  # a blink is not a sleep
+    assert dialer.ready_link() is first
+    asleep[0] += 3600.0  # an hour with the lid shut
+    assert dialer.ready_link() is None  # the engine hands new clients to trio
+    second = await dialer.link()
+    assert second is not first and dialer.ready_link() is second
+    assert first.failed is None  # its session goes on
+    await echoed(b"after")
+    far.close()
+    with trio.fail_after(20):
+        await ended.wait()
+    dialer.release(first)  # what the proxy does when a session on it ends
+    assert first.failed == "replaced after the machine slept"
+    assert second.failed is None
+    second.close("test over")
+
+
 def test_multiplexed_connection_without_certificate_gets_a_typed_refusal(cluster):
     from protocols.dial import DialError, DialRequest
     from protocols.errors import ErrorCode
@@ -695,33 +745,48 @@ def test_roles_add_deny_flags_each_deny(cluster):
     assert "db_users=app" in role["allow"]
 
 
-async def test_warm_pool_serves_dials_and_drops_stale(make_gateway):
+@pytest.mark.parametrize("stale", ["too old", "from before a sleep"])
+async def test_warm_pool_serves_dials_and_drops_stale(make_gateway, monkeypatch, stale):
     from gateway.identity import tlsconf
-    from gateway.local.client import Dialer
+    from gateway.local import client
     from gateway.local.profile import Profile
     from protocols.dial import DialRequest
 
+    asleep = [0.0]
+    monkeypatch.setattr(client, "time_suspended", lambda: asleep[0])
     gw = make_gateway("dev")
-    dialer = Dialer(Profile.load(gw.home), tlsconf.ALPN_TCP)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(dialer.run_pool, 2)
+    dialer = client.Dialer(Profile.load(gw.home), tlsconf.ALPN_TCP)
+
+    async def pool_filled() -> None:
         with trio.fail_after(20):
             while dialer.pool_ready < 2:
                 await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dialer.run_pool, 2)
+        await pool_filled()
         dialed = await dialer.dial(DialRequest(resource="echo"))
         async with dialed.stream:
             await dialed.stream.send_all(b"pooled")
             assert await dialed.stream.receive_some(100) == b"pooled"
         assert dialer.pool_hits == 1
-        dialer.POOL_MAX_AGE = 0.0  # every ready connection is now too old to use
+        if stale == "too old":
+            dialer.POOL_MAX_AGE = 0.0  # every ready connection is now too old to use
+        else:
+            asleep[0] += 600.0  # the machine slept: the cluster has let go of them
         dialed = await dialer.dial(DialRequest(resource="echo"))
         # ... resuming the TLS session of an earlier one (the cluster issues
         # one ticket per handshake; the dialer keeps the first).
         assert dialed.stream.session_reused
         await dialed.stream.aclose()
         assert dialer.pool_hits == 1  # a fresh connection served it
+        if stale == "from before a sleep":
+            await pool_filled()  # that dial woke the pool, which replaced them
+            dialed = await dialer.dial(DialRequest(resource="echo"))
+            await dialed.stream.aclose()
+            assert dialer.pool_hits == 2
         nursery.cancel_scope.cancel()
-    assert dialer.pool_ready == 0  # closed on the way out
+    assert not dialer._pool  # closed on the way out
 
 
 async def test_a_named_host_and_an_unreachable_upstream(make_gateway, cluster, echo):
