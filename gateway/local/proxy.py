@@ -9,7 +9,9 @@ up and the login on disk unchanged and in date, starts the session there and
 then, with :meth:`MuxLink.start`: the OPEN goes out with the client's first
 bytes behind it, and nothing waits for trio. Everything else takes the slow
 path through trio: opening (or reopening) the connection to the cluster,
-picking up a renewed login, reporting an expired one.
+picking up a renewed login, reporting an expired one, and starting again on
+a new connection a session whose connection died before the cluster saw it
+(``MuxLink.start``'s ``retry``: the client notices nothing).
 
 The end of every session, refused or relayed, is logged from the thread that
 saw it (a refusal with what to do next); gateway/logs.py hands the line to a
@@ -34,6 +36,10 @@ from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 
 log = logging.getLogger("wicket.proxy")
+
+#: A session to start again: its counters, the bytes already read from the
+#: client and whether the client's EOF was among them.
+_Resume = tuple[RelayCounters, bytes, bool]
 
 NEXT_STEP = {
     ErrorCode.CERT_EXPIRED: "run `wicket login` again",
@@ -109,22 +115,44 @@ class TcpProxy:
         except trio.RunFinishedError:
             reset_and_close(sock)
 
-    def _spawn_slow(self, sock: socket.socket, addr) -> None:  # trio's thread
+    def _spawn_slow(self, sock: socket.socket, addr, resume: _Resume | None = None) -> None:  # trio's thread
         try:
-            self._nursery.start_soon(self._start_slowly, sock, addr)
+            self._nursery.start_soon(self._start_slowly, sock, addr, resume)
         except RuntimeError:  # stopping: the nursery takes no more
             reset_and_close(sock)
 
-    def _start(self, link: MuxLink, sock: socket.socket, addr) -> None:
+    def _start(self, link: MuxLink, sock: socket.socket, addr, resume: _Resume | None = None) -> None:
+        """Start the session on ``link``; ``resume``: again, after its first
+        connection died before the cluster saw it (once only)."""
         client_addr = format_addr(addr)
+        if resume is None:
+            counters, early, fin = RelayCounters(), b"", False
+
+            def retry(sock: socket.socket, early: bytes, fin: bool, reason: str) -> None:
+                self._again(sock, addr, (counters, early, fin), reason)
+        else:
+            (counters, early, fin), retry = resume, None
         with self.engine._lock:
             self.started += 1
             try:
                 link.start(DialRequest(resource=self.resource, client_addr=client_addr), sock,
-                           RelayCounters(), self._on_end, reply_timeout=DIAL_TIMEOUT, context=client_addr)
+                           counters, self._on_end, reply_timeout=DIAL_TIMEOUT, context=client_addr,
+                           retry=retry, early=early, early_fin=fin)
             except LinkClosed:
                 self.started -= 1
                 raise
+
+    def _again(self, sock: socket.socket, addr, resume: _Resume, reason: str) -> None:
+        """(under the engine's lock) The session's connection died before the
+        cluster saw it: start it again on a new one, from trio."""
+        self.started -= 1  # it starts again
+        log.info("session_retry resource=%s client=%s reason=%r", self.resource, format_addr(addr),
+                 f"the connection to the cluster failed before the cluster saw this session ({reason}); "
+                 f"starting it on a new connection")
+        try:
+            self._token.run_sync_soon(self._spawn_slow, sock, addr, resume)
+        except trio.RunFinishedError:
+            reset_and_close(sock)
 
     def _on_end(self, link: MuxLink, stream: Stream) -> None:
         self.ended += 1
@@ -139,9 +167,9 @@ class TcpProxy:
 
     # -- trio's thread -----------------------------------------------------
 
-    async def _start_slowly(self, sock: socket.socket, addr) -> None:
-        """No connection ready (or a new login on disk): get one, then start
-        the session as the engine would have."""
+    async def _start_slowly(self, sock: socket.socket, addr, resume: _Resume | None = None) -> None:
+        """No connection ready (or a new login on disk, or ``resume``): get
+        one, then start the session as the engine would have."""
         client_addr = format_addr(addr)
         try:
             try:
@@ -149,7 +177,7 @@ class TcpProxy:
                 for attempt in range(2):
                     link = await self.dialer.link()
                     try:
-                        self._start(link, sock, addr)
+                        self._start(link, sock, addr, resume)
                         return
                     except LinkClosed:
                         if attempt:

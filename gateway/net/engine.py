@@ -107,7 +107,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import heapq
 import itertools
 import logging
@@ -116,13 +115,13 @@ import select
 import socket
 import ssl
 import sys
-import termios
 import threading
 import time
 from typing import Callable
 
 import trio
 
+from gateway.net.tcp import TCP_CLOSE, unacknowledged
 from gateway.net.tls import TLSStream, linger_reset
 
 __all__ = ["ABORT_DRAIN", "PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close"]
@@ -185,9 +184,6 @@ def reset_and_close(sock: socket.socket) -> None:
     sock.close()
 
 
-_TCP_CLOSE = 7  # linux/tcp_states.h
-
-
 def _unacknowledged(sock: socket.socket) -> int:
     """Bytes written to ``sock`` that its peer's kernel has not acknowledged
     yet (SIOCOUTQ); 0 if the connection failed (a reset, keepalive's
@@ -196,15 +192,11 @@ def _unacknowledged(sock: socket.socket) -> int:
     try:
         # tcpi_state, the first byte of TCP_INFO: a reset or timed-out
         # connection is CLOSE for good (SO_ERROR would say so only once).
-        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE:
+        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE:
             return 0
     except OSError:
         pass  # not TCP (a test's AF_UNIX pair): SIOCOUTQ alone
-    try:
-        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder,
-                              signed=True)
-    except OSError:
-        return 0
+    return unacknowledged(sock) or 0
 
 
 class _Draining:

@@ -34,7 +34,14 @@ Moving bytes, in the engine's thread:
   when the abort came from the other side, after the bytes that came
   before it (``RelayEngine.abort``).
 - Whatever ends the connection (EOF, TLS or protocol error, ``close``) ends
-  every stream on it, with that reason.
+  every stream on it, with that reason, but one: a stream whose OPEN the
+  cluster's kernel never acknowledged, on a connection that is over for good
+  (a reset came, or it timed out), cannot have been acted on, nor anything
+  sent after it. The gateway gets such a stream back through its ``retry``
+  callback, with the client's socket as it is and the bytes already read
+  from it, to start it again on another connection: a session started into
+  a connection that was already dead (the cluster's host restarted, a
+  middlebox forgot the flow) goes through instead of being reset.
 
 Sessions: the gateway calls :meth:`MuxLink.start` with the client's socket,
 which sends the OPEN and relays the socket at once: the client's first bytes
@@ -65,7 +72,7 @@ from gateway.net.engine import (
     PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, reset_and_close,
     watch_mask,
 )
-from gateway.net.tcp import LINK_USER_TIMEOUT, keep_alive
+from gateway.net.tcp import LINK_USER_TIMEOUT, final_acknowledged, keep_alive, written
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -123,7 +130,7 @@ class Stream:
     session)."""
 
     __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
-                 "counters", "name", "notify", "timer", "context", "held")
+                 "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent")
 
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
@@ -140,6 +147,13 @@ class Stream:
         self.timer: Timer | None = None  # the REPLY's deadline (gateway)
         self.context = None
         self.held = 0  # bytes in ``early`` and the socket's tail (see LINK_HELD)
+        # (gateway) Until the REPLY, for a start on another connection: the
+        # owner's callback, where the OPEN ends in the connection's bytes
+        # (as tcp.final_acknowledged counts them), and a copy of the DATA
+        # sent on the stream.
+        self.retry: Callable[[socket.socket, bytes, bool, str], None] | None = None
+        self.opened = 0
+        self.sent: bytearray | None = None
 
 
 class MuxLink:
@@ -190,13 +204,22 @@ class MuxLink:
 
     def start(self, request: DialRequest, sock: socket.socket, counters,
               notify: Callable[["MuxLink", Stream], None], *, reply_timeout: float,
-              context=None) -> Stream:
+              context=None, retry: Callable[[socket.socket, bytes, bool, str], None] | None = None,
+              early: bytes = b"", early_fin: bool = False) -> Stream:
         """(gateway) Open a stream for ``request`` and relay ``sock`` (a
         connected non-blocking socket, now the link's) on it at once. A
         refusal, or no REPLY within ``reply_timeout`` seconds, ends the
         stream and resets ``sock``; ``notify(link, stream)`` hears of the end
         (``stream.reply`` says which). Raises :class:`LinkClosed` (``sock``
-        is still the caller's then)."""
+        is still the caller's then).
+
+        If the connection dies before the cluster could have seen the OPEN
+        (see the module docstring), the stream ends without a word to
+        ``notify`` and ``retry(sock, early, early_fin, reason)`` gets
+        ``sock`` back (in the engine's thread, under the lock), with the
+        bytes already read from it, whether its EOF was, and why the
+        connection ended: pass the first three to ``start`` on another link
+        (``early`` is at most EARLY_DATA bytes)."""
         with self.engine._lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
@@ -210,11 +233,22 @@ class MuxLink:
                 raise LinkClosed(self.failed)
             stream = Stream(sid, self.socket_name, notify)
             stream.context = context
+            if retry is not None:
+                opened = written(self.end.sock)  # the OPEN is in the kernel, or queued behind
+                if opened is not None:
+                    stream.retry, stream.sent = retry, bytearray(early)
+                    stream.opened = opened + self.engine.backlog(self.end)
             self.streams[sid] = stream
             stream.timer = self.engine.call_later(reply_timeout, lambda: self._overdue(stream, reply_timeout))
             self._bind(stream, sock, counters)
-            # What the client sent already goes right behind the OPEN.
-            self._run_guarded(stream.end, lambda: self._pump(stream))
+            if early:  # read from the socket for an OPEN on another link
+                self._send_guarded(self.conn.send_data_header(sid, len(early)) + early)
+            if early_fin and not stream.finished:
+                stream.end.in_done = True
+                self._send_guarded(self.conn.send_fin(sid))
+            if not stream.finished:
+                # What the client sent already goes right behind the OPEN.
+                self._run_guarded(stream.end, lambda: self._pump(stream))
         return stream
 
     def _overdue(self, stream: Stream, timeout: float) -> None:
@@ -495,6 +529,7 @@ class MuxLink:
             if stream is None:
                 return
             stream.reply = event.reply
+            stream.retry = stream.sent = None
             if stream.timer is not None:
                 stream.timer.cancel()
                 stream.timer = None
@@ -571,6 +606,8 @@ class MuxLink:
                 return False
             if gateway:
                 stream.counters.a_to_b += n
+                if stream.sent is not None:  # no REPLY yet: kept for a retry
+                    stream.sent += payload[:n]
             else:
                 stream.counters.b_to_a += n
             framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
@@ -808,6 +845,27 @@ class MuxLink:
             except trio.RunFinishedError:
                 pass
 
+    def _give_back(self, stream: Stream, reason: str) -> None:
+        """(gateway) End ``stream``, which the cluster never saw, and hand
+        its socket to its ``retry`` callback (see :meth:`start`)."""
+        stream.finished = True
+        stream.error = reason
+        self.streams.pop(stream.sid, None)
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        end, stream.end = stream.end, None
+        self.blocked.pop(end, None)
+        self.engine.forget(end)
+        end.owner = end.session = None
+        retry, early = stream.retry, bytes(stream.sent)
+        stream.retry = stream.sent = None
+        try:
+            retry(end.sock, early, end.in_done, reason)
+        except Exception:
+            log.exception("mux_retry_failed link=%s", self.name)
+            reset_and_close(end.sock)
+
     def _fail(self, reason: str, *, drain: bool = True) -> None:
         """End the link: every stream, then the connection. ``drain``: the
         streams' sockets first deliver what they hold (the connection
@@ -815,8 +873,14 @@ class MuxLink:
         if self.failed is not None:
             return
         self.failed = reason
+        # Where the cluster's kernel stopped acknowledging, if the
+        # connection is over for good: no later byte can still arrive.
+        acked = final_acknowledged(self.end.sock) if self.gateway and drain else None
         for stream in list(self.streams.values()):
-            self._finish(stream, reason, reset=False, drain=drain)
+            if acked is not None and stream.retry is not None and acked < stream.opened:
+                self._give_back(stream, reason)
+            else:
+                self._finish(stream, reason, reset=False, drain=drain)
         end = self.end
         self.engine.forget(end)
         _close_notify_nowait(end)

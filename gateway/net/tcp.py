@@ -47,11 +47,14 @@ instead (gateway/local/client.py).
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import sys
+import termios
 import time
 
-__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT",
-           "keep_alive", "time_suspended"]
+__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT", "TCP_CLOSE",
+           "final_acknowledged", "keep_alive", "time_suspended", "unacknowledged", "written"]
 
 #: Seconds without traffic before the first probe.
 KEEPALIVE_IDLE = 30
@@ -66,6 +69,12 @@ LINK_USER_TIMEOUT = 90
 #: Seconds of suspension after which a connection to the cluster is not
 #: trusted with new sessions (see the module docstring).
 SLEEP_LIMIT = 5.0
+
+#: tcpi_state of a connection that is over for good (reset, or timed out):
+#: linux/tcp_states.h.
+TCP_CLOSE = 7
+# struct tcp_info: tcpi_bytes_acked (u64, Linux >= 4.1) and where it ends.
+_ACKED_AT, _ACKED_END = 120, 128
 
 
 def keep_alive(sock, *, user_timeout: float | None = None) -> None:
@@ -88,3 +97,45 @@ def time_suspended() -> float:
     """Seconds this machine has spent suspended since it booted. Only
     differences mean anything: compare with an earlier reading."""
     return time.clock_gettime(time.CLOCK_BOOTTIME) - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def _info(sock) -> bytes | None:
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _ACKED_END)
+    except OSError:
+        return None  # not TCP (a test's AF_UNIX pair)
+    return info if len(info) >= _ACKED_END else None
+
+
+def _acked(info: bytes) -> int:
+    return int.from_bytes(info[_ACKED_AT:_ACKED_END], sys.byteorder)
+
+
+def written(sock) -> int | None:
+    """Where the bytes written to ``sock`` so far end, counted as
+    :func:`final_acknowledged` counts: acknowledged ones plus those the
+    kernel still holds (SIOCOUTQ). None if the socket cannot say."""
+    info = _info(sock)
+    queued = unacknowledged(sock)
+    return None if info is None or queued is None else _acked(info) + queued
+
+
+def unacknowledged(sock) -> int | None:
+    """Bytes written to ``sock`` that its peer's kernel has not acknowledged
+    yet, sent or not (SIOCOUTQ); None if the socket cannot say."""
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+    except OSError:
+        return None
+
+
+def final_acknowledged(sock) -> int | None:
+    """For a connection that is over for good (TCP state CLOSE: a reset came,
+    or it timed out), where the bytes its peer's kernel acknowledged end: a
+    byte written at or past that point never reached the peer's process, and
+    never will. None while the connection lives (an acknowledgement may still
+    come), or if the socket cannot say."""
+    info = _info(sock)
+    if info is None or info[0] != TCP_CLOSE:
+        return None
+    return _acked(info)

@@ -104,6 +104,43 @@ def keepalive_everywhere(port: int) -> bool:
     return len(timers) >= 2 and set(timers) == {2}
 
 
+def vanish_on_exit(pid: int, port: int) -> int:
+    """Make the established connections of process ``pid`` on local port
+    ``port`` close without a word when the process dies (no FIN, no reset),
+    as if its machine had lost power: a peer learns that the connection is
+    gone only from the reset its next segment meets. Returns how many.
+    (Each socket is borrowed with pidfd_getfd and put in TCP_REPAIR mode;
+    that needs root, as the tests run in CI.)"""
+    import ctypes
+    import socket
+
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and fields[1] == f"0100007F:{port:04X}":
+                inodes.add(fields[9])
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    done = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                mine = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd (Linux >= 5.6)
+                if mine < 0:
+                    raise OSError(ctypes.get_errno(), f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+                with socket.socket(fileno=mine) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+                done += 1
+    finally:
+        os.close(pidfd)
+    return done
+
+
 class Echo:
     def __init__(self, tmp: Path) -> None:
         self.proc = Proc([PY, "-m", "tests.servers.echo"], tmp / "echo.log", _env())

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import ssl
 import struct
@@ -633,6 +634,40 @@ async def test_the_proxy_rides_out_a_cluster_restart(tmp_path, echo):
                 except trio.BrokenResourceError:
                     pass
                 await trio.sleep(0.2)
+    finally:
+        c.stop()
+
+
+async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(tmp_path, echo):
+    """The cluster's machine went down without a word (power, a kernel
+    panic) and came back while the proxy sat idle: the proxy's multiplexed
+    connection still looks open. The next client's session goes into it,
+    meets a reset before the cluster's kernel acknowledged anything, so the
+    cluster cannot have seen it: the proxy starts it again on a new
+    connection, and the client notices nothing. The cluster records it
+    once."""
+    from tests.integration.harness import Cluster, Gateway, vanish_on_exit
+
+    c = Cluster(tmp_path, echo)
+    try:
+        c.add_user("fay", "dev")
+        gw = Gateway(tmp_path, c, "fay")
+        assert gw.login().returncode == 0
+        proc, port = gw.proxy_tcp("echo")
+        assert await roundtrip(port, b"before") == b"before"
+        c.wait_audit(lambda events: len(events) == 1, event="session.start")  # stored before the crash
+        assert vanish_on_exit(c.proc.popen.pid, c.port) == 1  # the one multiplexed connection
+        c.proc.popen.kill()
+        c.stop()
+        c.start()
+        with trio.fail_after(30):
+            assert await roundtrip(port, b"after the crash") == b"after the crash"
+        retried = wait_for(lambda: re.search(r"session_retry .*Connection reset by peer.*", proc.log()),
+                           what="the retry in the proxy's log")
+        assert "starting it on a new connection" in retried.group(0)
+        c.stop()  # its audit log complete
+        starts = c.audit(event="session.start")
+        assert len(starts) == 2, starts  # one before the crash, and the retried one once
     finally:
         c.stop()
 

@@ -792,3 +792,114 @@ async def test_closing_the_link_cuts_its_streams_at_once(pki):
             assert "the gateway is stopping" in await started.ended()
             assert len(await read_until_reset(client)) < len(payload)
             await client.aclose()
+
+
+class Retries:
+    """A gateway stream's ``retry`` and ``notify`` callbacks, recorded."""
+
+    def __init__(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.given_back: list[tuple[socket.socket, bytes, bool, str]] = []
+        self.ended: list[str | None] = []
+        self.event = trio.Event()
+
+    def retry(self, sock: socket.socket, early: bytes, fin: bool, reason: str) -> None:  # any thread
+        self.given_back.append((sock, early, fin, reason))
+        self.token.run_sync_soon(self.event.set)
+
+    def notify(self, link: MuxLink, stream) -> None:  # any thread
+        self.ended.append(stream.error)
+        self.token.run_sync_soon(self.event.set)
+
+
+def raw_socket(stream: trio.SocketStream) -> socket.socket:
+    raw = socket.socket(fileno=stream.socket.detach())
+    raw.setblocking(False)
+    return raw
+
+
+async def test_a_session_the_cluster_never_saw_starts_again_on_another_connection(pki):
+    # The cluster's host forgot the connection (it restarted, or a middlebox
+    # lost the flow) and the gateway does not know yet: the OPEN and the
+    # client's first bytes meet a reset, unacknowledged. The cluster cannot
+    # have acted on them, so the stream is handed back with the client's
+    # socket and those bytes, and goes through on another connection whole:
+    # the client notices nothing.
+    gw_tls, cl_tls = await tls_connection(pki)
+    dead = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    tlsutil.vanish(cl_tls.transport_stream.socket)
+    client, near = loopback_pair()
+    await client.send_all(b"hello")
+    calls = Retries()
+    with trio.fail_after(HANG):
+        dead.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
+                   reply_timeout=HANG, retry=calls.retry)
+        await calls.event.wait()
+        await dead.closed.wait()
+    assert not calls.ended  # no end to report: the session goes on
+    [(sock, early, fin, reason)] = calls.given_back
+    assert (early, fin) == (b"hello", False) and "reset" in reason, (early, fin, reason)
+    assert not dead.streams and sock.fileno() != -1
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            counters = RelayCounters()
+            pair.gateway.start(DialRequest(resource="b"), sock, counters, calls.notify, reply_timeout=HANG,
+                               early=early, early_fin=fin)
+            await pair.accepted["b"].wait()
+            upstream = pair.upstreams["b"]
+            await client.send_all(b", again")
+            await client.send_eof()
+            assert await read_until_eof(upstream) == b"hello, again"
+            await upstream.send_all(b"world")
+            await upstream.send_eof()
+            assert await read_until_eof(client) == b"world"
+            # A session resumed after its client's EOF came: the FIN follows
+            # the bytes.
+            other, near = loopback_pair()
+            pair.gateway.start(DialRequest(resource="c"), raw_socket(near), RelayCounters(), calls.notify,
+                               reply_timeout=HANG, early=b"bye", early_fin=True)
+            await pair.accepted["c"].wait()
+            assert await read_until_eof(pair.upstreams["c"]) == b"bye"
+            await pair.upstreams["c"].send_eof()
+            assert await read_until_eof(other) == b""
+            while len(calls.ended) < 2:
+                await trio.sleep(0.01)
+        assert calls.ended == [None, None] and len(calls.given_back) == 1
+        await client.aclose()
+        await other.aclose()
+
+
+async def test_a_session_the_cluster_may_have_seen_is_not_started_again(pki):
+    # The cluster's kernel acknowledged the OPEN and the client's first
+    # bytes (its process read them: it may have connected the upstream and
+    # passed them on), then the connection was reset. Starting the session
+    # again could repeat those bytes: the client's connection is reset, as
+    # for every other stream on a connection that failed.
+    from gateway.net import tcp
+    from protocols.mux import NEED_DATA, MuxConnection, StreamData
+
+    gw_tls, cl_tls = await tls_connection(pki)
+    link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    client, near = loopback_pair()
+    await client.send_all(b"hello")
+    calls = Retries()
+    with trio.fail_after(HANG):
+        link.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
+                   reply_timeout=HANG, retry=calls.retry)
+        cluster = MuxConnection(Role.CLUSTER)
+        while not isinstance(event := cluster.next_event(), StreamData):
+            if event is NEED_DATA:
+                cluster.receive_data(await cl_tls.receive_some(65536))
+        sock = cl_tls.transport_stream.socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)  # no delayed acknowledgement
+        while tcp.unacknowledged(link.end.sock):
+            await trio.sleep(0.001)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        sock.close()
+        assert await read_until_reset(client) == b""
+        await calls.event.wait()
+        await link.closed.wait()
+    assert not calls.given_back
+    [error] = calls.ended
+    assert "reset" in error, error
+    await client.aclose()

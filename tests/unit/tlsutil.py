@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import shutil
+import socket
 import ssl
 import subprocess
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -253,3 +256,22 @@ async def start_s_client(nursery: trio.Nursery, pki: TestPKI, port: int) -> SCli
          "-verify_return_error"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False))
     return SClient(proc)
+
+
+TCP_REPAIR = 19  # linux/tcp.h
+
+
+def vanish(sock) -> None:
+    """Close ``sock`` (stdlib or trio, TCP) without a word to its peer: no
+    FIN, no reset, as if its host had lost power. Its peer's connection looks
+    open until it sends, and then meets a reset from this host's kernel,
+    which knows the connection no more. (TCP_REPAIR mode closes silently; it
+    needs CAP_NET_ADMIN, which the test machines' root has.)"""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    except PermissionError:
+        why = "TCP_REPAIR needs CAP_NET_ADMIN: run the tests as root"
+        if os.environ.get("CI"):
+            pytest.fail(why)  # CI runs them all
+        pytest.skip(why)
+    sock.close()
