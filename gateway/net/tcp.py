@@ -26,17 +26,24 @@ long, or a receive window shut for that long, ends it (and a new one is
 opened for the next session), rather than every new session waiting on a
 connection nobody reads. Both sides always read that connection
 (docs/wire.md), so a window shut that long means a peer that is gone or
-stuck. A connection that carries one session (the PostgreSQL route) and an
-upstream connection do not get it: there a shut window is back-pressure
-from a client or a server that reads slowly (a result paged in ``less``),
-which may last as long as it likes.
+stuck. It is shorter than a session's wait for the cluster's answer (60 s):
+a session sent into a connection that no longer reaches anyone (the network
+under it changed) is then handed back when the connection times out, since
+the cluster never acknowledged it, and goes through on a new connection
+(gateway/net/muxlink.py) instead of failing after a minute. It also takes
+over from the probe count on that connection: a quiet peer that vanished
+is given up at the second unanswered probe, 40 s after it went quiet. A
+connection that carries one session (the PostgreSQL route) and an upstream
+connection do not get it: there a shut window is back-pressure from a
+client or a server that reads slowly (a result paged in ``less``), which
+may last as long as it likes.
 
 The local side (a client on localhost) needs none of this: a loopback peer
 cannot vanish without its kernel closing the connection.
 
 A suspended machine is the gateway's everyday case of all this: a laptop
-shut for lunch. While it sleeps the cluster's probes go unanswered, so after
-90 s the cluster has let go of the connection; on waking, the gateway's end
+shut for lunch. While it sleeps the cluster's probes go unanswered, so within
+a minute the cluster has let go of the connection; on waking, the gateway's end
 still looks open, and its first new session would go into a connection that
 the cluster answers with a reset at best, or, after a move to another
 network, never answers at all. :func:`time_suspended` lets the gateway see
@@ -61,11 +68,13 @@ KEEPALIVE_IDLE = 30
 #: Seconds between probes.
 KEEPALIVE_INTERVAL = 10
 #: Unanswered probes after which the connection fails (so a vanished peer is
-#: noticed 30 + 6 x 10 = 90 s after the connection went quiet).
+#: noticed 30 + 6 x 10 = 90 s after the connection went quiet; 40 s on the
+#: multiplexed connection, where LINK_USER_TIMEOUT decides).
 KEEPALIVE_COUNT = 6
 #: Seconds that data may stay unacknowledged (or the peer's window shut) on
-#: the multiplexed gateway <-> cluster connection before it fails.
-LINK_USER_TIMEOUT = 90
+#: the multiplexed gateway <-> cluster connection before it fails; shorter
+#: than gateway/local/client.py's DIAL_TIMEOUT (see the module docstring).
+LINK_USER_TIMEOUT = 30
 #: Seconds of suspension after which a connection to the cluster is not
 #: trusted with new sessions (see the module docstring).
 SLEEP_LIMIT = 5.0

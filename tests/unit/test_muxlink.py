@@ -685,8 +685,13 @@ async def test_key_updates_on_the_multiplexed_connection(pki):
 
 async def test_link_sockets_probe_a_quiet_peer_and_bound_unacknowledged_data(pki):
     # Both ends of a link: keepalive probes after 30 s of quiet, and data
-    # unacknowledged for 90 s ends the connection (gateway/net/tcp.py).
+    # unacknowledged for 30 s ends the connection (gateway/net/tcp.py):
+    # sooner than a session gives up waiting for its REPLY, so a session sent
+    # into a connection that reaches nobody any more is handed back in time.
+    from gateway.local.client import DIAL_TIMEOUT
     from gateway.net import tcp
+
+    assert tcp.LINK_USER_TIMEOUT < DIAL_TIMEOUT
 
     async with linked(pki) as pair:
         for link in (pair.gateway, pair.cluster):
@@ -903,3 +908,62 @@ async def test_a_session_the_cluster_may_have_seen_is_not_started_again(pki):
     [error] = calls.ended
     assert "reset" in error, error
     await client.aclose()
+
+
+async def test_a_session_sent_into_a_connection_that_times_out_starts_again(pki, monkeypatch):
+    # Nothing sent on the connection is acknowledged any more (the network
+    # under it changed; here: a cluster that stopped reading, its window
+    # shut). A session started meanwhile waits behind; when the connection
+    # times out (LINK_USER_TIMEOUT, cut to 1 s), its OPEN was never
+    # acknowledged, so it is handed back to start again elsewhere, while the
+    # session the cluster had accepted is reset.
+    import fcntl
+
+    from protocols.mux import NEED_DATA, MuxConnection, StreamOpened
+
+    SIOCOUTQNSD = 0x894B  # bytes in the send queue not sent yet
+
+    def unsent(sock: socket.socket) -> int:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, bytes(4)), "little")
+
+    monkeypatch.setattr(muxlink, "LINK_USER_TIMEOUT", 1)
+    gw_tls, cl_tls = await tls_connection(pki)
+    cl_tls.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    calls = Retries()
+    flooder, near = loopback_pair()
+    with trio.fail_after(HANG):
+        link.start(DialRequest(resource="flood"), raw_socket(near), RelayCounters(), calls.notify,
+                   reply_timeout=HANG)
+        cluster = MuxConnection(Role.CLUSTER)
+        while not isinstance(event := cluster.next_event(), StreamOpened):
+            if event is NEED_DATA:
+                cluster.receive_data(await cl_tls.receive_some(65536))
+        await cl_tls.send_all(cluster.send_reply(event.stream, DialAccept(session_id="f")))
+        async with trio.open_nursery() as nursery:
+            async def flood() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while True:
+                        await flooder.send_all(b"x" * 65536)
+
+            nursery.start_soon(flood)
+            while not unsent(link.end.sock):  # the cluster's window is shut
+                await trio.sleep(0.01)
+            client, near = loopback_pair()
+            await client.send_all(b"hello")
+            link.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
+                       reply_timeout=HANG, retry=calls.retry)
+            await link.closed.wait()
+            nursery.cancel_scope.cancel()
+        assert "timed out" in link.failed, link.failed
+        [(sock, early, fin, reason)] = calls.given_back
+        assert "timed out" in reason
+        # Held back behind the full connection, it had read nothing yet: the
+        # client's bytes still wait in its socket, for the next connection.
+        assert (early, fin) == (b"", False) and sock.recv(100, socket.MSG_PEEK) == b"hello"
+        [error] = calls.ended  # the flood's session
+        assert "timed out" in error
+    sock.close()
+    for s in (client, flooder):
+        await s.aclose()
+    await cl_tls.aclose()
