@@ -187,18 +187,21 @@ class Dialer:
         task_status.started()
         try:
             while True:
+                self._pool_wakeup = trio.Event()  # before the work: a dial meanwhile wakes the next wait
                 for item in [i for i in self._pool if not self._fresh(*i[:3])]:
                     self._pool.remove(item)
                     await item[3].aclose()
                 while len(self._pool) < size:
                     ctx = self._ctx
+                    # Read before connecting: a sleep during the handshake
+                    # counts as after it, so the connection is not trusted.
+                    created, slept = trio.current_time(), time_suspended()
                     try:
                         stream = await _connect(self.profile.host, self.profile.port, ctx,
                                                 self.profile.host, self._session)
                     except ClusterError:
                         break  # the dials themselves will report it; try again later
-                    self._pool.append((trio.current_time(), time_suspended(), ctx, stream))
-                self._pool_wakeup = trio.Event()
+                    self._pool.append((created, slept, ctx, stream))
                 with trio.move_on_after(self.POOL_MAX_AGE / 2):
                     await self._pool_wakeup.wait()
         finally:
@@ -318,22 +321,34 @@ class MuxDialer:
     of the first client and reopens it when it fails."""
 
     RETRY_DELAY = 1.0
+    #: How often :meth:`run_pool` checks that the connection is still the
+    #: one to use (the machine may have slept): on the monotonic clock, which
+    #: stops during a sleep, so this long after waking at most.
+    CHECK_INTERVAL = 5.0
 
     def __init__(self, profile: Profile) -> None:
         self.dialer = Dialer(profile, tlsconf.ALPN_MUX)
-        self._link: MuxLink | None = None
-        self._link_ctx: ssl.SSLContext | None = None
-        self._link_slept = 0.0  # time_suspended() when it was opened
+        # The connection, the TLS context it was opened with, and
+        # time_suspended() before it was opened: one tuple, replaced whole,
+        # since the engine's thread reads it without the lock.
+        self._current: tuple[MuxLink, ssl.SSLContext, float] | None = None
         self._draining: dict[MuxLink, str] = {}  # replaced, and why: closed after their last session
         self._lock = trio.Lock()
 
     def check_fresh(self) -> pki.Identity:
         return self.dialer.check_fresh()
 
+    @property
+    def _link(self) -> MuxLink | None:
+        current = self._current
+        return None if current is None else current[0]
+
     def _usable(self) -> MuxLink | None:
-        link = self._link
-        if (link is not None and link.failed is None and self._link_ctx is self.dialer._ctx
-                and time_suspended() - self._link_slept <= SLEEP_LIMIT):
+        current = self._current
+        if current is None:
+            return None
+        link, ctx, slept = current
+        if link.failed is None and ctx is self.dialer._ctx and time_suspended() - slept <= SLEEP_LIMIT:
             return link
         return None
 
@@ -348,22 +363,22 @@ class MuxDialer:
                 return link
             d = self.dialer
             ctx = d._ctx
+            slept = time_suspended()  # before connecting: see Dialer.run_pool
             with trio.fail_after(DIAL_TIMEOUT):
                 stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
-            old, slept = self._link, time_suspended()
-            if old is not None and old.failed is None:
-                if slept - self._link_slept > SLEEP_LIMIT:
+            old = self._current
+            if old is not None and old[0].failed is None:
+                if time_suspended() - old[2] > SLEEP_LIMIT:
                     log.info("cluster_reconnect reason=suspended slept=%.0fs sessions=%d",
-                             slept - self._link_slept, len(old))
-                    self._draining[old] = "replaced after the machine slept"
+                             time_suspended() - old[2], len(old[0]))
+                    self._draining[old[0]] = "replaced after the machine slept"
                 else:
-                    self._draining[old] = "replaced by a connection with the renewed certificate"
-            self._link_slept = slept  # before _link: the engine's thread reads them without the lock
-            self._link, self._link_ctx = MuxLink(
-                engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"), ctx
+                    self._draining[old[0]] = "replaced by a connection with the renewed certificate"
+            self._current = (MuxLink(engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"),
+                             ctx, slept)
             for drained in [o for o in self._draining if o.failed is not None or not len(o)]:
                 drained.close(self._draining.pop(drained))
-            return self._link
+            return self._current[0]
 
     def ready_link(self) -> MuxLink | None:
         """The current connection, if a session may start on it right now
@@ -380,7 +395,8 @@ class MuxDialer:
 
     async def run_pool(self, size: int = 1, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the connection open until cancelled (``size`` is ignored:
-        one connection carries every session)."""
+        one connection carries every session): reopen it when it fails, and
+        replace it after a sleep before the next client comes."""
         task_status.started()
         try:
             while True:
@@ -389,8 +405,10 @@ class MuxDialer:
                 except (ClusterError, ProfileError, trio.TooSlowError):
                     await trio.sleep(self.RETRY_DELAY)  # the dials report it; try again later
                     continue
-                await link.closed.wait()
-                await trio.sleep(self.RETRY_DELAY)  # do not spin on a cluster that keeps refusing
+                with trio.move_on_after(self.CHECK_INTERVAL):
+                    await link.closed.wait()
+                if link.failed is not None:
+                    await trio.sleep(self.RETRY_DELAY)  # do not spin on a cluster that keeps refusing
         finally:
             for link in [self._link, *self._draining]:
                 if link is not None:
