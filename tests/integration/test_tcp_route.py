@@ -4,6 +4,7 @@ gateway process, a real echo upstream, clients over loopback sockets."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -51,11 +52,14 @@ def unverified_tls(cluster, alpn: str, timeout: float | None = None):
 async def refused(port: int) -> bool:
     """The gateway reset the connection without relaying anything. A session
     that cannot start is an abort, never a clean (empty) end; our send may
-    meet the reset already (EPIPE)."""
+    meet the reset already (EPIPE), and so may our EOF (ENOTCONN: after a
+    reset, where after a clean end it would succeed)."""
     try:
         got = await roundtrip(port, b"hello")
     except trio.BrokenResourceError as exc:
         if isinstance(exc.__cause__, (ConnectionResetError, BrokenPipeError)):
+            return True
+        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOTCONN:
             return True
         raise
     raise AssertionError(f"a clean end after {got!r}, where a reset was due")
@@ -485,6 +489,32 @@ async def test_sessions_after_a_sleep_take_a_new_multiplexed_connection(make_gat
     second.close("test over")
 
 
+async def test_the_proxy_replaces_its_connection_after_a_sleep_before_any_client(make_gateway, monkeypatch):
+    """Waking, the proxy opens the new connection by itself (within
+    CHECK_INTERVAL on the monotonic clock), so the first client after the
+    sleep starts at once, in the relay engine."""
+    from gateway.local import client
+    from gateway.local.profile import Profile
+
+    asleep = [0.0]
+    monkeypatch.setattr(client, "time_suspended", lambda: asleep[0])
+    gw = make_gateway("dev")
+    dialer = client.MuxDialer(Profile.load(gw.home))
+    dialer.CHECK_INTERVAL = 0.05
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dialer.run_pool)
+        with trio.fail_after(20):
+            while (first := dialer.ready_link()) is None:
+                await trio.sleep(0.01)
+            asleep[0] += 600.0
+            while (second := dialer.ready_link()) is None:
+                await trio.sleep(0.01)
+            await first.closed.wait()  # it had no session: closed at once
+        assert second is not first and first.failed == "replaced after the machine slept"
+        nursery.cancel_scope.cancel()
+    assert second.failed == "the gateway is stopping"
+
+
 def test_multiplexed_connection_without_certificate_gets_a_typed_refusal(cluster):
     from protocols.dial import DialError, DialRequest
     from protocols.errors import ErrorCode
@@ -808,7 +838,11 @@ async def test_warm_pool_serves_dials_and_drops_stale(make_gateway, monkeypatch,
         if stale == "too old":
             dialer.POOL_MAX_AGE = 0.0  # every ready connection is now too old to use
         else:
-            asleep[0] += 600.0  # the machine slept: the cluster has let go of them
+            # The machine slept: the cluster has let go of them. (And the
+            # pool's own sweep, every POOL_MAX_AGE / 2, is now too rare to
+            # refill it below: only the dial's wake-up can.)
+            dialer.POOL_MAX_AGE = 3600.0
+            asleep[0] += 600.0
         dialed = await dialer.dial(DialRequest(resource="echo"))
         # ... resuming the TLS session of an earlier one (the cluster issues
         # one ticket per handshake; the dialer keeps the first).
