@@ -294,7 +294,7 @@ class _End:
         "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward",
         "owner",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
-        "tcp_eof", "failed", "error_pending",
+        "tcp_eof", "failed", "error_pending", "os_error",
     )
 
     def __init__(self, sock: socket.socket, name: str, tls: tuple | None, tap: Tap | None) -> None:
@@ -328,6 +328,7 @@ class _End:
         self.tcp_eof = False  # TLS: the socket reported EOF
         self.failed = False  # an operation on this end failed
         self.error_pending: str | None = None  # an error to report after delivering data
+        self.os_error: int | None = None  # the errno a read or write of the socket failed with
 
 
 class _Session:
@@ -857,6 +858,7 @@ class RelayEngine:
                 return -1
             except OSError as exc:
                 src.failed = True
+                src.os_error = exc.errno
                 raise _Failure(f"{src.name}: receive failed: {exc.strerror or exc}") from None
         return self._read_tls(src, view)
 
@@ -907,6 +909,7 @@ class RelayEngine:
             except BlockingIOError:
                 break
             except OSError as exc:
+                src.os_error = exc.errno
                 _receive_failed(src, f"{src.name}: receive failed: {exc.strerror or exc}", total)
                 break
             if n:
@@ -964,6 +967,7 @@ class RelayEngine:
             rest = self._write_some(dst, data)
         except OSError as exc:
             dst.failed = True
+            dst.os_error = exc.errno
             raise _Failure(f"{dst.name}: send failed: {exc.strerror or exc}") from None
         if rest:
             dst.tail = memoryview(bytes(rest) if copy else rest)
@@ -1111,6 +1115,7 @@ def _failed_quietly(end: _End, ev: int) -> None:
         except OSError as exc:
             code = exc.errno or 0
         end.failed = True
+        end.os_error = code or None
         raise _Failure(f"{end.name}: connection failed: {os.strerror(code) if code else 'closed by the peer'}")
 
 

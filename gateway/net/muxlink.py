@@ -34,14 +34,14 @@ Moving bytes, in the engine's thread:
   when the abort came from the other side, after the bytes that came
   before it (``RelayEngine.abort``).
 - Whatever ends the connection (EOF, TLS or protocol error, ``close``) ends
-  every stream on it, with that reason, but one: a stream whose OPEN the
-  cluster's kernel never acknowledged, on a connection that is over for good
-  (a reset came, or it timed out), cannot have been acted on, nor anything
-  sent after it. The gateway gets such a stream back through its ``retry``
-  callback, with the client's socket as it is and the bytes already read
-  from it, to start it again on another connection: a session started into
-  a connection that was already dead (the cluster's host restarted, a
-  middlebox forgot the flow) goes through instead of being reset.
+  every stream on it, with that reason, but one: on a connection that ended
+  with a reset, a stream whose OPEN the cluster's kernel never acknowledged
+  cannot have had its bytes passed on (docs/wire.md says why). The gateway
+  gets such a stream back through its ``retry`` callback, with the client's
+  socket as it is and the bytes already read from it, to start it again on
+  another connection: a session sent into a connection that was already
+  dead (the cluster's host restarted, a middlebox forgot the flow) goes
+  through instead of being reset.
 
 Sessions: the gateway calls :meth:`MuxLink.start` with the client's socket,
 which sends the OPEN and relays the socket at once: the client's first bytes
@@ -61,6 +61,7 @@ thread (the engine's lock is re-entrant).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -213,13 +214,14 @@ class MuxLink:
         (``stream.reply`` says which). Raises :class:`LinkClosed` (``sock``
         is still the caller's then).
 
-        If the connection dies before the cluster could have seen the OPEN
+        If the connection is reset before the cluster acknowledged the OPEN
         (see the module docstring), the stream ends without a word to
         ``notify`` and ``retry(sock, early, early_fin, reason)`` gets
-        ``sock`` back (in the engine's thread, under the lock), with the
-        bytes already read from it, whether its EOF was, and why the
-        connection ended: pass the first three to ``start`` on another link
-        (``early`` is at most EARLY_DATA bytes)."""
+        ``sock`` back (in whichever thread saw the reset, under the lock,
+        maybe before ``start`` returns), with the bytes already read from
+        it, whether its EOF was, and why the connection ended: pass the
+        first three to ``start`` on another link (``early`` is at most
+        EARLY_DATA bytes). Use ``retry`` with ``notify``, not :meth:`wait`."""
         with self.engine._lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
@@ -379,6 +381,7 @@ class MuxLink:
                 engine.drain(end)
             except OSError as exc:
                 end.failed = True
+                end.os_error = exc.errno
                 raise _Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
             if end.tail is None and self.blocked:
                 engine._again.extend(self.blocked)
@@ -529,7 +532,9 @@ class MuxLink:
             if stream is None:
                 return
             stream.reply = event.reply
-            stream.retry = stream.sent = None
+            if stream.sent is not None:
+                self._unhold(stream, len(stream.sent))
+                stream.retry = stream.sent = None
             if stream.timer is not None:
                 stream.timer.cancel()
                 stream.timer = None
@@ -607,6 +612,7 @@ class MuxLink:
             if gateway:
                 stream.counters.a_to_b += n
                 if stream.sent is not None:  # no REPLY yet: kept for a retry
+                    self._hold(stream, n)
                     stream.sent += payload[:n]
             else:
                 stream.counters.b_to_a += n
@@ -828,7 +834,7 @@ class MuxLink:
                 end.tail = None
                 end.more = []
             stream.end = None
-        stream.early = None
+        stream.early = stream.retry = stream.sent = None
         if stream.held:
             self._unhold(stream, stream.held)
         if stream.timer is not None:
@@ -860,6 +866,8 @@ class MuxLink:
         end.owner = end.session = None
         retry, early = stream.retry, bytes(stream.sent)
         stream.retry = stream.sent = None
+        if stream.held:
+            self._unhold(stream, stream.held)
         try:
             retry(end.sock, early, end.in_done, reason)
         except Exception:
@@ -873,9 +881,13 @@ class MuxLink:
         if self.failed is not None:
             return
         self.failed = reason
-        # Where the cluster's kernel stopped acknowledging, if the
-        # connection is over for good: no later byte can still arrive.
-        acked = final_acknowledged(self.end.sock) if self.gateway and drain else None
+        # Where the cluster's kernel stopped acknowledging, if a reset ended
+        # the connection: no later byte can still arrive. Not after a
+        # timeout: a return path that lost only the acknowledgements (and
+        # the REPLY) looks the same, with the cluster reading all along.
+        acked = None
+        if self.gateway and drain and self.end.os_error == errno.ECONNRESET:
+            acked = final_acknowledged(self.end.sock)
         for stream in list(self.streams.values()):
             if acked is not None and stream.retry is not None and acked < stream.opened:
                 self._give_back(stream, reason)

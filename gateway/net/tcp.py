@@ -27,12 +27,13 @@ opened for the next session), rather than every new session waiting on a
 connection nobody reads. Both sides always read that connection
 (docs/wire.md), so a window shut that long means a peer that is gone or
 stuck. It is shorter than a session's wait for the cluster's answer (60 s):
-a session sent into a connection that no longer reaches anyone (the network
-under it changed) is then handed back when the connection times out, since
-the cluster never acknowledged it, and goes through on a new connection
-(gateway/net/muxlink.py) instead of failing after a minute. It also takes
-over from the probe count on that connection: a quiet peer that vanished
-is given up at the second unanswered probe, 40 s after it went quiet. A
+sessions sent into a connection that no longer reaches anyone (the network
+under it changed) fail after 30 s rather than a minute, and the next ones go
+over a new connection. (They are not started again, as after a reset: a path
+that lost only what comes back times out the same way, with the cluster
+acting on everything; gateway/net/muxlink.py.) It also takes over from the
+probe count on that connection: a quiet peer that vanished is given up at
+the second unanswered probe, 40 s after it went quiet. A
 connection that carries one session (the PostgreSQL route) and an upstream
 connection do not get it: there a shut window is back-pressure from a
 client or a server that reads slowly (a result paged in ``less``), which
