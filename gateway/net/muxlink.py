@@ -221,7 +221,10 @@ class MuxLink:
         maybe before ``start`` returns), with the bytes already read from
         it, whether its EOF was, and why the connection ended: pass the
         first three to ``start`` on another link (``early`` is at most
-        EARLY_DATA bytes). Use ``retry`` with ``notify``, not :meth:`wait`."""
+        EARLY_DATA bytes). Use ``retry`` with ``notify``, not :meth:`wait`;
+        a session started with ``early`` is not started again."""
+        if retry is not None and (early or early_fin):
+            raise ValueError("pass retry or early, not both: a session is started again once at most")
         with self.engine._lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
@@ -238,7 +241,7 @@ class MuxLink:
             if retry is not None:
                 opened = written(self.end.sock)  # the OPEN is in the kernel, or queued behind
                 if opened is not None:
-                    stream.retry, stream.sent = retry, bytearray(early)
+                    stream.retry, stream.sent = retry, bytearray()
                     stream.opened = opened + self.engine.backlog(self.end)
             self.streams[sid] = stream
             stream.timer = self.engine.call_later(reply_timeout, lambda: self._overdue(stream, reply_timeout))
@@ -610,10 +613,12 @@ class MuxLink:
                 self._send(conn.send_fin(stream.sid))
                 return False
             if gateway:
-                stream.counters.a_to_b += n
                 if stream.sent is not None:  # no REPLY yet: kept for a retry
                     self._hold(stream, n)
+                    if stream.finished:  # making room ended the link, and this stream with it
+                        return False
                     stream.sent += payload[:n]
+                stream.counters.a_to_b += n
             else:
                 stream.counters.b_to_a += n
             framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
@@ -696,6 +701,8 @@ class MuxLink:
             if most is stream or most.held <= stream.held + n or self.failed is not None:
                 raise _Failure(f"{stream.name}: {reason}")
             self._finish(most, f"{most.name}: {reason}", reset=True)
+            if stream.finished:  # its RESET could not be sent: the link, and this stream, ended
+                return
 
     def _unhold(self, stream: Stream, n: int) -> None:
         self.held -= n

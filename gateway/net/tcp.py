@@ -32,8 +32,9 @@ under it changed) fail after 30 s rather than a minute, and the next ones go
 over a new connection. (They are not started again, as after a reset: a path
 that lost only what comes back times out the same way, with the cluster
 acting on everything; gateway/net/muxlink.py.) It also takes over from the
-probe count on that connection: a quiet peer that vanished is given up at
-the second unanswered probe, 40 s after it went quiet. A
+probe count on that connection: a quiet peer that vanished is given up
+after one unanswered probe, when the second is due, 40 s after it went
+quiet. A
 connection that carries one session (the PostgreSQL route) and an upstream
 connection do not get it: there a shut window is back-pressure from a
 client or a server that reads slowly (a result paged in ``less``), which

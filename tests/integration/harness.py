@@ -109,10 +109,12 @@ def vanish_on_exit(pid: int, port: int) -> int:
     ``port`` close without a word when the process dies (no FIN, no reset),
     as if its machine had lost power: a peer learns that the connection is
     gone only from the reset its next segment meets. Returns how many.
-    (Each socket is borrowed with pidfd_getfd and put in TCP_REPAIR mode;
-    that needs root, as the tests run in CI.)"""
+    (Each socket is borrowed with pidfd_getfd and put in TCP_REPAIR mode by
+    tests/unit/tlsutil.py's vanish, which closes only the borrowed copy.)"""
     import ctypes
     import socket
+
+    from tests.unit.tlsutil import vanish
 
     inodes = set()
     with open("/proc/net/tcp") as f:
@@ -133,8 +135,7 @@ def vanish_on_exit(pid: int, port: int) -> int:
                 mine = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd (Linux >= 5.6)
                 if mine < 0:
                     raise OSError(ctypes.get_errno(), f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
-                with socket.socket(fileno=mine) as sock:
-                    sock.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+                vanish(socket.socket(fileno=mine))
                 done += 1
     finally:
         os.close(pidfd)
