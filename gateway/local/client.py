@@ -313,17 +313,19 @@ class MuxDialer:
     one small frame each way, no TLS handshake and no socket to the cluster.
 
     The connection is opened with the profile's current certificate. After a
-    ``wicket login`` or ``renew`` replaced it, or after the machine slept
-    (the cluster will have let go of it meanwhile: gateway/net/tcp.py), new
-    sessions go over a new connection, and the old one is closed once its
-    sessions are over. A connection that failed (cluster restarted,
+    ``wicket login`` or ``renew`` replaced it, after the machine slept (the
+    cluster will have let go of it meanwhile), or once it stopped getting
+    answers (the network changed under it: gateway/net/tcp.py), new sessions
+    go over a new connection, and the old one is closed once its sessions
+    are over. A connection that failed (cluster restarted,
     network) is replaced on the next dial; :meth:`run_pool` opens it ahead
     of the first client and reopens it when it fails."""
 
     RETRY_DELAY = 1.0
     #: How often :meth:`run_pool` checks that the connection is still the
-    #: one to use (the machine may have slept): on the monotonic clock, which
-    #: stops during a sleep, so this long after waking at most.
+    #: one to use (the machine may have slept, the connection stalled): on
+    #: the monotonic clock, which stops during a sleep, so this long after
+    #: waking at most.
     CHECK_INTERVAL = 5.0
 
     def __init__(self, profile: Profile) -> None:
@@ -348,7 +350,8 @@ class MuxDialer:
         if current is None:
             return None
         link, ctx, slept = current
-        if link.failed is None and ctx is self.dialer._ctx and time_suspended() - slept <= SLEEP_LIMIT:
+        if (link.failed is None and ctx is self.dialer._ctx and time_suspended() - slept <= SLEEP_LIMIT
+                and not link.stalled()):
             return link
         return None
 
@@ -372,6 +375,9 @@ class MuxDialer:
                     log.info("cluster_reconnect reason=suspended slept=%.0fs sessions=%d",
                              time_suspended() - old[2], len(old[0]))
                     self._draining[old[0]] = "replaced after the machine slept"
+                elif old[0].stalled():
+                    log.info("cluster_reconnect reason=stalled sessions=%d", len(old[0]))
+                    self._draining[old[0]] = "replaced: it stopped getting answers from the cluster"
                 else:
                     self._draining[old[0]] = "replaced by a connection with the renewed certificate"
             self._current = (MuxLink(engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"),

@@ -73,7 +73,7 @@ from gateway.net.engine import (
     PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, reset_and_close,
     watch_mask,
 )
-from gateway.net.tcp import LINK_USER_TIMEOUT, final_acknowledged, keep_alive, written
+from gateway.net.tcp import LINK_USER_TIMEOUT, final_acknowledged, keep_alive, stalled, written
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -325,6 +325,12 @@ class MuxLink:
 
     def __len__(self) -> int:
         return len(self.streams)
+
+    def stalled(self) -> bool:
+        """Whether the connection has stopped getting answers (see
+        gateway/net/tcp.py): better not trusted with new sessions. Any
+        thread may ask."""
+        return stalled(self.end.sock)
 
     def _bind(self, stream: Stream, raw: socket.socket, counters) -> None:
         end = _End(raw, stream.name, None, None)

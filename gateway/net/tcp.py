@@ -52,6 +52,14 @@ network, never answers at all. :func:`time_suspended` lets the gateway see
 that it slept (``CLOCK_BOOTTIME`` counts the time spent suspended,
 ``CLOCK_MONOTONIC`` does not) and send new sessions over a new connection
 instead (gateway/local/client.py).
+
+The network can also change under an awake machine (another Wi-Fi, a VPN
+coming up): the connection then stops getting answers, and each session
+sent into it would wait for the user timeout. :func:`stalled` says so long
+before: the kernel has retransmitted the oldest unacknowledged data (or
+probed a shut window) :data:`STALL_BACKOFF` times in a row without an
+answer, which a working path, even a lossy one, all but never does. The
+gateway then sends new sessions over a new connection too.
 """
 
 from __future__ import annotations
@@ -62,8 +70,8 @@ import sys
 import termios
 import time
 
-__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT", "TCP_CLOSE",
-           "final_acknowledged", "keep_alive", "time_suspended", "unacknowledged", "written"]
+__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT", "STALL_BACKOFF",
+           "TCP_CLOSE", "final_acknowledged", "keep_alive", "stalled", "time_suspended", "unacknowledged", "written"]
 
 #: Seconds without traffic before the first probe.
 KEEPALIVE_IDLE = 30
@@ -81,10 +89,17 @@ LINK_USER_TIMEOUT = 30
 #: trusted with new sessions (see the module docstring).
 SLEEP_LIMIT = 5.0
 
+#: Retransmission timeouts in a row (tcpi_backoff) after which a connection
+#: counts as no longer answered: 0.2 + 0.4 + 0.8 s at the least, with
+#: nothing acknowledged.
+STALL_BACKOFF = 3
+
 #: tcpi_state of a connection that is over for good (reset, or timed out):
 #: linux/tcp_states.h.
 TCP_CLOSE = 7
-# struct tcp_info: tcpi_bytes_acked (u64, Linux >= 4.1) and where it ends.
+# struct tcp_info: tcpi_backoff (u8), tcpi_bytes_acked (u64, Linux >= 4.1)
+# and where it ends.
+_BACKOFF_AT = 4
 _ACKED_AT, _ACKED_END = 120, 128
 
 
@@ -150,3 +165,14 @@ def final_acknowledged(sock) -> int | None:
     if info is None or info[0] != TCP_CLOSE:
         return None
     return _acked(info)
+
+
+def stalled(sock) -> bool:
+    """Whether ``sock``'s connection has stopped getting answers: the kernel
+    has waited out :data:`STALL_BACKOFF` retransmission timeouts in a row
+    (see the module docstring). False if the socket cannot say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BACKOFF_AT + 1)
+    except OSError:
+        return False
+    return len(info) > _BACKOFF_AT and info[_BACKOFF_AT] >= STALL_BACKOFF

@@ -439,20 +439,28 @@ async def test_expired_certificate_refused_on_the_multiplexed_connection(make_ga
     link.close("test over")
 
 
-async def test_sessions_after_a_sleep_take_a_new_multiplexed_connection(make_gateway, monkeypatch):
+@pytest.mark.parametrize("why", ["slept", "stalled"])
+async def test_sessions_after_a_sleep_or_a_stall_take_a_new_multiplexed_connection(make_gateway, monkeypatch,
+                                                                                   why):
     """After the machine slept, the cluster has let go of the multiplexed
-    connection (its keepalive probes went unanswered) or the network under
-    it changed: new sessions go over a new connection at once, while the
-    sessions already on the old one keep it until they end."""
+    connection (its keepalive probes went unanswered); once the connection
+    stops getting answers (the network changed under it), sessions sent into
+    it would wait for nothing. Either way new sessions go over a new
+    connection at once, while the sessions already on the old one keep it
+    until they end. (The stall itself, as the kernel reports it, is
+    tests/unit/test_muxlink.py's.)"""
     import socket
 
     from gateway.local import client
     from gateway.local.profile import Profile
+    from gateway.net.muxlink import MuxLink
     from gateway.net.relay import RelayCounters
     from protocols.dial import DialRequest
 
     asleep = [0.0]
     monkeypatch.setattr(client, "time_suspended", lambda: asleep[0])
+    stalled: set = set()
+    monkeypatch.setattr(MuxLink, "stalled", lambda link: link in stalled)
     gw = make_gateway("dev")
     dialer = client.MuxDialer(Profile.load(gw.home))
     first = await dialer.link()
@@ -474,7 +482,10 @@ async def test_sessions_after_a_sleep_take_a_new_multiplexed_connection(make_gat
     await echoed(b"before")
     asleep[0] += 2.0  # a blink is not a sleep
     assert dialer.ready_link() is first
-    asleep[0] += 3600.0  # an hour with the lid shut
+    if why == "slept":
+        asleep[0] += 3600.0  # an hour with the lid shut
+    else:
+        stalled.add(first)
     assert dialer.ready_link() is None  # the engine hands new clients to trio
     second = await dialer.link()
     assert second is not first and dialer.ready_link() is second
@@ -484,7 +495,8 @@ async def test_sessions_after_a_sleep_take_a_new_multiplexed_connection(make_gat
     with trio.fail_after(20):
         await ended.wait()
     dialer.release(first)  # what the proxy does when a session on it ends
-    assert first.failed == "replaced after the machine slept"
+    assert first.failed == {"slept": "replaced after the machine slept",
+                            "stalled": "replaced: it stopped getting answers from the cluster"}[why]
     assert second.failed is None
     second.close("test over")
 

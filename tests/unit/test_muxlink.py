@@ -910,6 +910,34 @@ async def test_a_session_the_cluster_may_have_seen_is_not_started_again(pki):
     await client.aclose()
 
 
+async def flooded_link(pki) -> tuple[MuxLink, object, trio.SocketStream]:
+    """A gateway link to a hand-made cluster that accepted one session and
+    will read no more (its receive buffer cut to the least): (link, the
+    cluster's end, the session's client). Sending on the client through
+    :func:`flood` shuts the cluster's window."""
+    from protocols.mux import NEED_DATA, MuxConnection, StreamOpened
+
+    gw_tls, cl_tls = await tls_connection(pki)
+    cl_tls.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    flooder, near = loopback_pair()
+    link.start(DialRequest(resource="flood"), raw_socket(near), RelayCounters(), lambda *_: None,
+               reply_timeout=HANG)
+    cluster = MuxConnection(Role.CLUSTER)
+    with trio.fail_after(HANG):
+        while not isinstance(event := cluster.next_event(), StreamOpened):
+            if event is NEED_DATA:
+                cluster.receive_data(await cl_tls.receive_some(65536))
+        await cl_tls.send_all(cluster.send_reply(event.stream, DialAccept(session_id="f")))
+    return link, cl_tls, flooder
+
+
+async def flood(client: trio.SocketStream) -> None:
+    with contextlib.suppress(trio.BrokenResourceError):
+        while True:
+            await client.send_all(b"x" * 65536)
+
+
 async def test_a_session_sent_into_a_connection_that_times_out_is_not_started_again(pki, monkeypatch):
     # Nothing sent on the connection is acknowledged any more (here: a
     # cluster that stopped reading, its window shut). A session started
@@ -920,34 +948,17 @@ async def test_a_session_sent_into_a_connection_that_times_out_is_not_started_ag
     # cluster reading and acting on everything all along.
     import fcntl
 
-    from protocols.mux import NEED_DATA, MuxConnection, StreamOpened
-
     SIOCOUTQNSD = 0x894B  # bytes in the send queue not sent yet
 
     def unsent(sock: socket.socket) -> int:
         return int.from_bytes(fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, bytes(4)), "little")
 
     monkeypatch.setattr(muxlink, "LINK_USER_TIMEOUT", 1)
-    gw_tls, cl_tls = await tls_connection(pki)
-    cl_tls.transport_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    link, cl_tls, flooder = await flooded_link(pki)
     calls = Retries()
-    flooder, near = loopback_pair()
     with trio.fail_after(HANG):
-        link.start(DialRequest(resource="flood"), raw_socket(near), RelayCounters(), calls.notify,
-                   reply_timeout=HANG)
-        cluster = MuxConnection(Role.CLUSTER)
-        while not isinstance(event := cluster.next_event(), StreamOpened):
-            if event is NEED_DATA:
-                cluster.receive_data(await cl_tls.receive_some(65536))
-        await cl_tls.send_all(cluster.send_reply(event.stream, DialAccept(session_id="f")))
         async with trio.open_nursery() as nursery:
-            async def flood() -> None:
-                with contextlib.suppress(trio.BrokenResourceError):
-                    while True:
-                        await flooder.send_all(b"x" * 65536)
-
-            nursery.start_soon(flood)
+            nursery.start_soon(flood, flooder)
             while not unsent(link.end.sock):  # the cluster's window is shut
                 await trio.sleep(0.01)
             client, near = loopback_pair()
@@ -959,7 +970,30 @@ async def test_a_session_sent_into_a_connection_that_times_out_is_not_started_ag
         assert "timed out" in link.failed, link.failed
         assert await read_until_reset(client) == b""
         assert not calls.given_back
-        assert len(calls.ended) == 2 and all("timed out" in error for error in calls.ended), calls.ended
+        [error] = calls.ended
+        assert "timed out" in error
     for s in (client, flooder):
         await s.aclose()
+    await cl_tls.aclose()
+
+
+async def test_a_connection_whose_peer_stopped_answering_says_it_stalled(pki):
+    # Nothing sent is acknowledged any more (here: a cluster that stopped
+    # reading, its window shut; the kernel probes it and backs off): within
+    # seconds, long before the user timeout, the link reports a stall, and
+    # the gateway sends new sessions elsewhere.
+    from gateway.net import tcp
+
+    link, cl_tls, flooder = await flooded_link(pki)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood, flooder)
+            assert not link.stalled()
+            while not link.stalled():
+                await trio.sleep(0.05)
+            info = link.end.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+            assert info[4] >= tcp.STALL_BACKOFF and link.failed is None
+            nursery.cancel_scope.cancel()
+    link.close("test over")
+    await flooder.aclose()
     await cl_tls.aclose()
