@@ -34,9 +34,10 @@ Moving bytes, in the engine's thread:
   when the abort came from the other side, after the bytes that came
   before it (``RelayEngine.abort``).
 - Whatever ends the connection (EOF, TLS or protocol error, ``close``) ends
-  every stream on it, with that reason, but one: on a connection that ended
-  with a reset, a stream whose OPEN the cluster's kernel never acknowledged
-  cannot have had its bytes passed on (docs/wire.md says why). The gateway
+  every stream on it, with that reason, but one: a stream whose OPEN never
+  left this machine, or, on a connection that ended with a reset, was never
+  acknowledged by the cluster's kernel, cannot have had its bytes passed on
+  (docs/wire.md says why). The gateway
   gets such a stream back through its ``retry`` callback, with the client's
   socket as it is and the bytes already read from it, to start it again on
   another connection: a session sent into a connection that was already
@@ -73,7 +74,7 @@ from gateway.net.engine import (
     PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, reset_and_close,
     watch_mask,
 )
-from gateway.net.tcp import LINK_USER_TIMEOUT, final_acknowledged, keep_alive, stalled, written
+from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, written
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -150,7 +151,7 @@ class Stream:
         self.held = 0  # bytes in ``early`` and the socket's tail (see LINK_HELD)
         # (gateway) Until the REPLY, for a start on another connection: the
         # owner's callback, where the OPEN ends in the connection's bytes
-        # (as tcp.final_acknowledged counts them), and a copy of the DATA
+        # (as tcp.final_marks counts them), and a copy of the DATA
         # sent on the stream.
         self.retry: Callable[[socket.socket, bytes, bool, str], None] | None = None
         self.opened = 0
@@ -214,7 +215,7 @@ class MuxLink:
         (``stream.reply`` says which). Raises :class:`LinkClosed` (``sock``
         is still the caller's then).
 
-        If the connection is reset before the cluster acknowledged the OPEN
+        If the connection ends before the cluster could have read the OPEN
         (see the module docstring), the stream ends without a word to
         ``notify`` and ``retry(sock, early, early_fin, reason)`` gets
         ``sock`` back (in whichever thread saw the reset, under the lock,
@@ -894,15 +895,17 @@ class MuxLink:
         if self.failed is not None:
             return
         self.failed = reason
-        # Where the cluster's kernel stopped acknowledging, if a reset ended
-        # the connection: no later byte can still arrive. Not after a
-        # timeout: a return path that lost only the acknowledgements (and
-        # the REPLY) looks the same, with the cluster reading all along.
-        acked = None
-        if self.gateway and drain and self.end.os_error == errno.ECONNRESET:
-            acked = final_acknowledged(self.end.sock)
+        # If the connection is over for good, where what the cluster cannot
+        # have read begins: after a reset, what its kernel did not
+        # acknowledge (its host holds the connection no more); after anything
+        # else (a timeout: a path that lost only what comes back looks the
+        # same, with the cluster reading all along), what never left.
+        unseen = None
+        marks = final_marks(self.end.sock) if self.gateway and drain else None
+        if marks is not None:
+            unseen = marks[0] if self.end.os_error == errno.ECONNRESET else marks[1]
         for stream in list(self.streams.values()):
-            if acked is not None and stream.retry is not None and acked < stream.opened:
+            if unseen is not None and stream.retry is not None and unseen < stream.opened:
                 self._give_back(stream, reason)
             else:
                 self._finish(stream, reason, reset=False, drain=drain)

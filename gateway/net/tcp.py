@@ -28,10 +28,11 @@ connection nobody reads. Both sides always read that connection
 (docs/wire.md), so a window shut that long means a peer that is gone or
 stuck. It is shorter than a session's wait for the cluster's answer (60 s):
 sessions sent into a connection that no longer reaches anyone (the network
-under it changed) fail after 30 s rather than a minute, and the next ones go
-over a new connection. (They are not started again, as after a reset: a path
-that lost only what comes back times out the same way, with the cluster
-acting on everything; gateway/net/muxlink.py.) It also takes over from the
+under it changed) end after 30 s rather than a minute, and the next ones go
+over a new connection. (Those that never left this machine start again on
+it; the others are reset, since a path that lost only what comes back times
+out the same way, with the cluster acting on everything;
+gateway/net/muxlink.py.) It also takes over from the
 probe count on that connection: a quiet peer that vanished is given up
 after one unanswered probe, when the second is due, 40 s after it went
 quiet. A
@@ -71,7 +72,7 @@ import termios
 import time
 
 __all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT", "STALL_BACKOFF",
-           "TCP_CLOSE", "final_acknowledged", "keep_alive", "stalled", "time_suspended", "unacknowledged", "written"]
+           "TCP_CLOSE", "final_marks", "keep_alive", "stalled", "time_suspended", "unacknowledged", "written"]
 
 #: Seconds without traffic before the first probe.
 KEEPALIVE_IDLE = 30
@@ -139,7 +140,7 @@ def _acked(info: bytes) -> int:
 
 def written(sock) -> int | None:
     """Where the bytes written to ``sock`` so far end, counted as
-    :func:`final_acknowledged` counts: acknowledged ones plus those the
+    :func:`final_marks` counts: acknowledged ones plus those the
     kernel still holds (SIOCOUTQ). None if the socket cannot say."""
     info = _info(sock)
     queued = unacknowledged(sock)
@@ -149,22 +150,35 @@ def written(sock) -> int | None:
 def unacknowledged(sock) -> int | None:
     """Bytes written to ``sock`` that its peer's kernel has not acknowledged
     yet, sent or not (SIOCOUTQ); None if the socket cannot say."""
+    return _ioctl_int(sock, termios.TIOCOUTQ)
+
+
+_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes written, not sent yet
+
+
+def _ioctl_int(sock, request: int) -> int | None:
     try:
-        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), request, bytes(4)), sys.byteorder, signed=True)
     except OSError:
         return None
 
 
-def final_acknowledged(sock) -> int | None:
+def final_marks(sock) -> tuple[int, int] | None:
     """For a connection that is over for good (TCP state CLOSE: a reset came,
-    or it timed out), where the bytes its peer's kernel acknowledged end: a
-    byte written at or past that point never reached the peer's process, and
-    never will. None while the connection lives (an acknowledgement may still
-    come), or if the socket cannot say."""
+    or it timed out), ``(acknowledged, sent)``: where the bytes its peer's
+    kernel acknowledged end, and where the bytes that ever left this machine
+    end (acknowledged + SIOCOUTQ - SIOCOUTQNSD: the kernel keeps both counts
+    after the end). Nothing past either can still arrive. None while the
+    connection lives (more may yet be sent and acknowledged), or if the
+    socket cannot say."""
     info = _info(sock)
     if info is None or info[0] != TCP_CLOSE:
         return None
-    return _acked(info)
+    queued, unsent = unacknowledged(sock), _ioctl_int(sock, _SIOCOUTQNSD)
+    if queued is None or unsent is None:
+        return None
+    acked = _acked(info)
+    return acked, acked + queued - unsent
 
 
 def stalled(sock) -> bool:

@@ -938,14 +938,13 @@ async def flood(client: trio.SocketStream) -> None:
             await client.send_all(b"x" * 65536)
 
 
-async def test_a_session_sent_into_a_connection_that_times_out_is_not_started_again(pki, monkeypatch):
+async def test_a_session_that_never_left_a_connection_that_timed_out_starts_again(pki, monkeypatch):
     # Nothing sent on the connection is acknowledged any more (here: a
     # cluster that stopped reading, its window shut). A session started
-    # meanwhile waits behind, and when the connection times out
-    # (LINK_USER_TIMEOUT, cut to 1 s) its OPEN was never acknowledged. Yet
-    # it is reset, not handed back: a path that lost only what comes back
-    # (acknowledgements, the REPLY) times out the same way, with the
-    # cluster reading and acting on everything all along.
+    # meanwhile waits behind, never sent (past the shut window), and when
+    # the connection times out (LINK_USER_TIMEOUT, cut to 1 s) it is handed
+    # back: what never left this machine cannot have been read. The session
+    # whose bytes did leave is reset (see the next test for why).
     import fcntl
 
     SIOCOUTQNSD = 0x894B  # bytes in the send queue not sent yet
@@ -968,12 +967,50 @@ async def test_a_session_sent_into_a_connection_that_times_out_is_not_started_ag
             await link.closed.wait()
             nursery.cancel_scope.cancel()
         assert "timed out" in link.failed, link.failed
-        assert await read_until_reset(client) == b""
-        assert not calls.given_back
-        [error] = calls.ended
-        assert "timed out" in error
+        [(sock, early, fin, reason)] = calls.given_back
+        assert "timed out" in reason
+        # Held back behind the full connection, it had read nothing yet: the
+        # client's bytes still wait in its socket, for the next connection.
+        assert (early, fin) == (b"", False) and sock.recv(100, socket.MSG_PEEK) == b"hello"
+    sock.close()
     for s in (client, flooder):
         await s.aclose()
+    await cl_tls.aclose()
+
+
+@pytest.mark.parametrize("ended_by, reached, started_again", [
+    ("reset", "the cluster's kernel", False),
+    ("reset", "the wire, unacknowledged", True),
+    ("reset", "nowhere", True),
+    ("timeout", "the cluster's kernel", False),
+    ("timeout", "the wire, unacknowledged", False),  # the acknowledgements may be what got lost
+    ("timeout", "nowhere", True),
+])
+async def test_which_sessions_of_a_dead_connection_start_again(pki, monkeypatch, ended_by, reached,
+                                                               started_again):
+    # The rule of docs/wire.md, case by case, with the kernel's final counts
+    # (acknowledged, sent) placed around where the stream's OPEN ends.
+    import errno
+
+    gw_tls, cl_tls = await tls_connection(pki)
+    link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    client, near = loopback_pair()
+    calls = Retries()
+    stream = link.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
+                        reply_timeout=HANG, retry=calls.retry)
+    opened = stream.opened
+    marks = {"the cluster's kernel": (opened, opened), "the wire, unacknowledged": (opened - 1, opened),
+             "nowhere": (opened - 1, opened - 1)}[reached]
+    monkeypatch.setattr(muxlink, "final_marks", lambda sock: marks)
+    with engine()._lock:
+        link.end.os_error = errno.ECONNRESET if ended_by == "reset" else errno.ETIMEDOUT
+        link._fail(f"cluster: receive failed: {ended_by}")
+    with trio.fail_after(HANG):
+        await calls.event.wait()
+    assert len(calls.given_back) == started_again and len(calls.ended) == (not started_again)
+    for sock, *_ in calls.given_back:
+        sock.close()
+    await client.aclose()
     await cl_tls.aclose()
 
 
