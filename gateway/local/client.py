@@ -367,19 +367,22 @@ class MuxDialer:
             d = self.dialer
             ctx = d._ctx
             slept = time_suspended()  # before connecting: see Dialer.run_pool
-            with trio.fail_after(DIAL_TIMEOUT):
-                stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
             old = self._current
+            why = None  # why the old one goes, as it stands now (it may change during the connect)
             if old is not None and old[0].failed is None:
-                if time_suspended() - old[2] > SLEEP_LIMIT:
+                if slept - old[2] > SLEEP_LIMIT:
                     log.info("cluster_reconnect reason=suspended slept=%.0fs sessions=%d",
-                             time_suspended() - old[2], len(old[0]))
-                    self._draining[old[0]] = "replaced after the machine slept"
+                             slept - old[2], len(old[0]))
+                    why = "replaced after the machine slept"
                 elif old[0].stalled():
                     log.info("cluster_reconnect reason=stalled sessions=%d", len(old[0]))
-                    self._draining[old[0]] = "replaced: it stopped getting answers from the cluster"
+                    why = "replaced: it stopped getting answers from the cluster"
                 else:
-                    self._draining[old[0]] = "replaced by a connection with the renewed certificate"
+                    why = "replaced by a connection with the renewed certificate"
+            with trio.fail_after(DIAL_TIMEOUT):
+                stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
+            if why is not None and old[0].failed is None:
+                self._draining[old[0]] = why
             self._current = (MuxLink(engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"),
                              ctx, slept)
             for drained in [o for o in self._draining if o.failed is not None or not len(o)]:

@@ -57,10 +57,12 @@ instead (gateway/local/client.py).
 The network can also change under an awake machine (another Wi-Fi, a VPN
 coming up): the connection then stops getting answers, and each session
 sent into it would wait for the user timeout. :func:`stalled` says so long
-before: the kernel has retransmitted the oldest unacknowledged data (or
-probed a shut window) :data:`STALL_BACKOFF` times in a row without an
-answer, which a working path, even a lossy one, all but never does. The
-gateway then sends new sessions over a new connection too.
+before: the kernel has waited out :data:`STALL_BACKOFF` retransmission
+timeouts in a row, and nothing at all has come back for
+:data:`STALL_SILENCE` seconds, which a working path, even a lossy one, all
+but never shows. (The first alone is not enough: probing a window that a
+live peer keeps shut backs off the same way, but each probe is answered.)
+The gateway then sends new sessions over a new connection too.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ import termios
 import time
 
 __all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT", "STALL_BACKOFF",
-           "TCP_CLOSE", "final_marks", "keep_alive", "stalled", "time_suspended", "unacknowledged", "written"]
+           "STALL_SILENCE", "TCP_CLOSE", "final_marks", "keep_alive", "stalled", "time_suspended", "unacknowledged", "written"]
 
 #: Seconds without traffic before the first probe.
 KEEPALIVE_IDLE = 30
@@ -94,13 +96,16 @@ SLEEP_LIMIT = 5.0
 #: counts as no longer answered: 0.2 + 0.4 + 0.8 s at the least, with
 #: nothing acknowledged.
 STALL_BACKOFF = 3
+#: Seconds without any acknowledgement (tcpi_last_ack_recv) that go with it.
+STALL_SILENCE = 1.0
 
 #: tcpi_state of a connection that is over for good (reset, or timed out):
 #: linux/tcp_states.h.
 TCP_CLOSE = 7
-# struct tcp_info: tcpi_backoff (u8), tcpi_bytes_acked (u64, Linux >= 4.1)
-# and where it ends.
+# struct tcp_info: tcpi_backoff (u8), tcpi_last_ack_recv (u32, ms),
+# tcpi_bytes_acked (u64, Linux >= 4.1) and where it ends.
 _BACKOFF_AT = 4
+_LAST_ACK_AT = 56
 _ACKED_AT, _ACKED_END = 120, 128
 
 
@@ -166,11 +171,12 @@ def _ioctl_int(sock, request: int) -> int | None:
 def final_marks(sock) -> tuple[int, int] | None:
     """For a connection that is over for good (TCP state CLOSE: a reset came,
     or it timed out), ``(acknowledged, sent)``: where the bytes its peer's
-    kernel acknowledged end, and where the bytes that ever left this machine
-    end (acknowledged + SIOCOUTQ - SIOCOUTQNSD: the kernel keeps both counts
-    after the end). Nothing past either can still arrive. None while the
-    connection lives (more may yet be sent and acknowledged), or if the
-    socket cannot say."""
+    kernel acknowledged end, and where the bytes TCP ever handed down to be
+    sent end (snd_nxt: acknowledged + SIOCOUTQ - SIOCOUTQNSD; the kernel
+    keeps both counts after the end). Nothing past either can still arrive.
+    ``sent`` may count a packet that was dropped below TCP (a driver, a
+    tunnel): a count too high, the safe way. None while the connection lives
+    (more may yet be sent and acknowledged), or if the socket cannot say."""
     info = _info(sock)
     if info is None or info[0] != TCP_CLOSE:
         return None
@@ -183,10 +189,12 @@ def final_marks(sock) -> tuple[int, int] | None:
 
 def stalled(sock) -> bool:
     """Whether ``sock``'s connection has stopped getting answers: the kernel
-    has waited out :data:`STALL_BACKOFF` retransmission timeouts in a row
-    (see the module docstring). False if the socket cannot say."""
+    has waited out :data:`STALL_BACKOFF` retransmission timeouts in a row,
+    with nothing acknowledged for :data:`STALL_SILENCE` seconds (see the
+    module docstring). False if the socket cannot say."""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BACKOFF_AT + 1)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _LAST_ACK_AT + 4)
     except OSError:
         return False
-    return len(info) > _BACKOFF_AT and info[_BACKOFF_AT] >= STALL_BACKOFF
+    return (len(info) >= _LAST_ACK_AT + 4 and info[_BACKOFF_AT] >= STALL_BACKOFF
+            and int.from_bytes(info[_LAST_ACK_AT:_LAST_ACK_AT + 4], sys.byteorder) >= STALL_SILENCE * 1000)

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import random
 import socket
+import sys
 
 import pytest
 import trio
@@ -1014,23 +1015,46 @@ async def test_which_sessions_of_a_dead_connection_start_again(pki, monkeypatch,
     await cl_tls.aclose()
 
 
-async def test_a_connection_whose_peer_stopped_answering_says_it_stalled(pki):
-    # Nothing sent is acknowledged any more (here: a cluster that stopped
-    # reading, its window shut; the kernel probes it and backs off): within
-    # seconds, long before the user timeout, the link reports a stall, and
-    # the gateway sends new sessions elsewhere.
+async def test_a_cluster_that_stops_reading_is_not_taken_for_a_stall(pki):
+    # A cluster that stopped reading the connection (its window shut) makes
+    # the kernel back off as a dead path does (tcpi_backoff), but it answers
+    # every probe: that is back-pressure, or a stuck peer, not a network
+    # that went away, and the link keeps its place.
     from gateway.net import tcp
 
     link, cl_tls, flooder = await flooded_link(pki)
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flood, flooder)
-            assert not link.stalled()
-            while not link.stalled():
+            while link.end.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[4] < tcp.STALL_BACKOFF:
                 await trio.sleep(0.05)
-            info = link.end.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-            assert info[4] >= tcp.STALL_BACKOFF and link.failed is None
+            assert not link.stalled()
             nursery.cancel_scope.cancel()
     link.close("test over")
     await flooder.aclose()
     await cl_tls.aclose()
+
+
+@pytest.mark.parametrize("backoff, silent_ms, stalled", [
+    (3, 1500, True),   # retransmitted 3 times in a row, nothing back for 1.5 s: the path is gone
+    (6, 20000, True),
+    (3, 200, False),   # backing off, but answered 0.2 s ago: a shut window, a live peer
+    (2, 5000, False),  # not backed off enough yet
+    (0, 60000, False), # merely quiet: nothing outstanding
+])
+def test_a_stall_is_backing_off_with_nothing_coming_back(backoff, silent_ms, stalled):
+    from gateway.net import tcp
+
+    class Sock:
+        def getsockopt(self, level, option, size):
+            info = bytearray(size)
+            info[4] = backoff
+            info[56:60] = silent_ms.to_bytes(4, sys.byteorder)
+            return bytes(info)
+
+    class Closed:
+        def getsockopt(self, *args):
+            raise OSError(9, "Bad file descriptor")
+
+    assert tcp.stalled(Sock()) is stalled
+    assert tcp.stalled(Closed()) is False
