@@ -2,9 +2,21 @@ import itertools
 
 import pytest
 
+from tests.integration import harness
 from tests.integration.harness import Cluster, Echo, Gateway
 
 _names = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Whatever a test started and did not stop (a Gateway's proxies, a
+    Cluster of its own) is stopped when it ends, after its own fixtures:
+    a stray ``wicket proxy`` would retry its cluster's port for good, and
+    disturb whichever later test gets that port."""
+    before = len(harness.LIVE)
+    yield
+    harness.stop_started_since(before)
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 class Proc:
-    """A child process whose output goes to a log file we can read back."""
+    """A child process whose output goes to a log file we can read back.
+    Every one still running is in :data:`LIVE` (see :func:`stop_started_since`)."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
         self.log_path = log
         self._log = open(log, "ab")
         self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
                                       stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+        LIVE.append(self)
 
     def read_line(self, pattern: str, timeout: float = 30.0) -> re.Match:
         deadline = time.monotonic() + timeout
@@ -69,6 +71,8 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self in LIVE:
+            LIVE.remove(self)
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
             try:
@@ -81,6 +85,22 @@ class Proc:
             self.popen.stdout.close()
         self._log.close()
         return self.popen.returncode
+
+
+#: The processes started and not stopped yet, oldest first.
+LIVE: list[Proc] = []
+
+
+def stop_started_since(count: int) -> list[str]:
+    """Stop the processes started after the first ``count`` of :data:`LIVE`
+    that are still there; their command lines. A test that leaves a ``wicket
+    proxy`` running leaves it retrying its cluster's port once a second for
+    good: once a later test's listener gets that port, the stray proxy's
+    TLS handshakes land in it."""
+    left = LIVE[count:]
+    for proc in reversed(left):
+        proc.stop()
+    return [" ".join(map(str, proc.popen.args)) for proc in left]
 
 
 def established_timers(port: int) -> list[int]:
