@@ -824,6 +824,17 @@ def raw_socket(stream: trio.SocketStream) -> socket.socket:
     return raw
 
 
+async def retrying_session(link: MuxLink) -> tuple[trio.SocketStream, Retries, muxlink.Stream]:
+    """A client that sent b"hello", its session started on ``link`` with a
+    ``retry``: (the client's end, what the callbacks heard, the stream)."""
+    client, near = loopback_pair()
+    await client.send_all(b"hello")
+    calls = Retries()
+    stream = link.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
+                        reply_timeout=HANG, retry=calls.retry)
+    return client, calls, stream
+
+
 async def test_a_session_the_cluster_never_saw_starts_again_on_another_connection(pki):
     # The cluster's host forgot the connection (it restarted, or a middlebox
     # lost the flow) and the gateway does not know yet: the OPEN and the
@@ -834,12 +845,8 @@ async def test_a_session_the_cluster_never_saw_starts_again_on_another_connectio
     gw_tls, cl_tls = await tls_connection(pki)
     dead = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
     tlsutil.vanish(cl_tls.transport_stream.socket)
-    client, near = loopback_pair()
-    await client.send_all(b"hello")
-    calls = Retries()
     with trio.fail_after(HANG):
-        dead.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
-                   reply_timeout=HANG, retry=calls.retry)
+        client, calls, _ = await retrying_session(dead)
         await calls.event.wait()
         await dead.closed.wait()
     assert not calls.ended  # no end to report: the session goes on
@@ -886,12 +893,8 @@ async def test_a_session_the_cluster_may_have_seen_is_not_started_again(pki):
 
     gw_tls, cl_tls = await tls_connection(pki)
     link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
-    client, near = loopback_pair()
-    await client.send_all(b"hello")
-    calls = Retries()
     with trio.fail_after(HANG):
-        link.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
-                   reply_timeout=HANG, retry=calls.retry)
+        client, calls, _ = await retrying_session(link)
         cluster = MuxConnection(Role.CLUSTER)
         while not isinstance(event := cluster.next_event(), StreamData):
             if event is NEED_DATA:
@@ -955,16 +958,12 @@ async def test_a_session_that_never_left_a_connection_that_timed_out_starts_agai
 
     monkeypatch.setattr(muxlink, "LINK_USER_TIMEOUT", 1)
     link, cl_tls, flooder = await flooded_link(pki)
-    calls = Retries()
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flood, flooder)
             while not unsent(link.end.sock):  # the cluster's window is shut
                 await trio.sleep(0.01)
-            client, near = loopback_pair()
-            await client.send_all(b"hello")
-            link.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
-                       reply_timeout=HANG, retry=calls.retry)
+            client, calls, _ = await retrying_session(link)
             await link.closed.wait()
             nursery.cancel_scope.cancel()
         assert "timed out" in link.failed, link.failed
@@ -995,10 +994,7 @@ async def test_which_sessions_of_a_dead_connection_start_again(pki, monkeypatch,
 
     gw_tls, cl_tls = await tls_connection(pki)
     link = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
-    client, near = loopback_pair()
-    calls = Retries()
-    stream = link.start(DialRequest(resource="a"), raw_socket(near), RelayCounters(), calls.notify,
-                        reply_timeout=HANG, retry=calls.retry)
+    client, calls, stream = await retrying_session(link)
     opened = stream.opened
     marks = {"the cluster's kernel": (opened, opened), "the wire, unacknowledged": (opened - 1, opened),
              "nowhere": (opened - 1, opened - 1)}[reached]
