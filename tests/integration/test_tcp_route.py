@@ -644,43 +644,56 @@ def test_cluster_restart_keeps_state(tmp_path, echo):
         c.stop()
 
 
-async def test_the_proxy_rides_out_a_cluster_restart(tmp_path, echo):
+@pytest.fixture
+def own_cluster(tmp_path, echo):
+    """A cluster of the test's own, to stop, crash and restart."""
+    from tests.integration.harness import Cluster
+
+    c = Cluster(tmp_path, echo)
+    yield c
+    c.stop()
+
+
+def own_proxy(cluster, tmp_path, user: str):
+    """``wicket proxy tcp echo`` for a new user of ``cluster``, logged in:
+    (the proxy's process, its port)."""
+    from tests.integration.harness import Gateway
+
+    cluster.add_user(user, "dev")
+    gw = Gateway(tmp_path, cluster, user)
+    assert gw.login().returncode == 0
+    return gw.proxy_tcp("echo")
+
+
+async def test_the_proxy_rides_out_a_cluster_restart(own_cluster, tmp_path):
     """A running `wicket proxy tcp` loses its multiplexed connection when the
     cluster stops: live sessions end, new clients are turned away with a
     log line saying why, and once the cluster is back the proxy reconnects
     by itself."""
-    from tests.integration.harness import Cluster, Gateway
-
-    c = Cluster(tmp_path, echo)
-    try:
-        c.add_user("dave", "dev")
-        gw = Gateway(tmp_path, c, "dave")
-        assert gw.login().returncode == 0
-        proc, port = gw.proxy_tcp("echo")
-        async with await connect(port) as live:
-            await live.send_all(b"before")
-            assert await live.receive_some(100) == b"before"
-            assert c.stop() == 0
-            with trio.fail_after(20):  # the live session ends with the cluster
-                await until_reset(live)
-        with trio.fail_after(20):
-            assert await refused(port)
-        wait_for(lambda: "dial_failed" in proc.log(), what="the refusal in the gateway log")
-        assert "wicket-cluster start" in proc.log()  # what to check
-        c.start()
-        with trio.fail_after(30):
-            while True:  # the proxy reconnects on its own (at most once a second)
-                try:
-                    if await roundtrip(port, b"after") == b"after":
-                        break
-                except trio.BrokenResourceError:
-                    pass
-                await trio.sleep(0.2)
-    finally:
-        c.stop()
+    c = own_cluster
+    proc, port = own_proxy(c, tmp_path, "dave")
+    async with await connect(port) as live:
+        await live.send_all(b"before")
+        assert await live.receive_some(100) == b"before"
+        assert c.stop() == 0
+        with trio.fail_after(20):  # the live session ends with the cluster
+            await until_reset(live)
+    with trio.fail_after(20):
+        assert await refused(port)
+    wait_for(lambda: "dial_failed" in proc.log(), what="the refusal in the gateway log")
+    assert "wicket-cluster start" in proc.log()  # what to check
+    c.start()
+    with trio.fail_after(30):
+        while True:  # the proxy reconnects on its own (at most once a second)
+            try:
+                if await roundtrip(port, b"after") == b"after":
+                    break
+            except trio.BrokenResourceError:
+                pass
+            await trio.sleep(0.2)
 
 
-async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(tmp_path, echo):
+async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(own_cluster, tmp_path):
     """The cluster's machine went down without a word (power, a kernel
     panic) and came back while the proxy sat idle: the proxy's multiplexed
     connection still looks open. The next client's session goes into it,
@@ -688,30 +701,24 @@ async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(tmp_p
     cluster cannot have seen it: the proxy starts it again on a new
     connection, and the client notices nothing. The cluster records it
     once."""
-    from tests.integration.harness import Cluster, Gateway, vanish_on_exit
+    from tests.integration.harness import vanish_on_exit
 
-    c = Cluster(tmp_path, echo)
-    try:
-        c.add_user("fay", "dev")
-        gw = Gateway(tmp_path, c, "fay")
-        assert gw.login().returncode == 0
-        proc, port = gw.proxy_tcp("echo")
-        assert await roundtrip(port, b"before") == b"before"
-        c.wait_audit(lambda events: len(events) == 1, event="session.start")  # stored before the crash
-        assert vanish_on_exit(c.proc.popen.pid, c.port) == 1  # the one multiplexed connection
-        c.proc.popen.kill()
-        c.stop()
-        c.start()
-        with trio.fail_after(30):
-            assert await roundtrip(port, b"after the crash") == b"after the crash"
-        retried = wait_for(lambda: re.search(r"session_retry .*Connection reset by peer.*", proc.log()),
-                           what="the retry in the proxy's log")
-        assert "starting it on a new connection" in retried.group(0)
-        c.stop()  # its audit log complete
-        starts = c.audit(event="session.start")
-        assert len(starts) == 2, starts  # one before the crash, and the retried one once
-    finally:
-        c.stop()
+    c = own_cluster
+    proc, port = own_proxy(c, tmp_path, "fay")
+    assert await roundtrip(port, b"before") == b"before"
+    c.wait_audit(lambda events: len(events) == 1, event="session.start")  # stored before the crash
+    assert vanish_on_exit(c.proc.popen.pid, c.port) == 1  # the one multiplexed connection
+    c.proc.popen.kill()
+    c.stop()
+    c.start()
+    with trio.fail_after(30):
+        assert await roundtrip(port, b"after the crash") == b"after the crash"
+    retried = wait_for(lambda: re.search(r"session_retry .*Connection reset by peer.*", proc.log()),
+                       what="the retry in the proxy's log")
+    assert "starting it on a new connection" in retried.group(0)
+    c.stop()  # its audit log complete
+    starts = c.audit(event="session.start")
+    assert len(starts) == 2, starts  # one before the crash, and the retried one once
 
 
 def _connecting_to(port: int) -> int:
