@@ -153,6 +153,17 @@ class Dialed:
     trailing: bytes  # the first upstream bytes, which arrived with the accept
 
 
+@attrs.frozen(slots=True)
+class _Pooled:
+    """A ready connection of the warm pool, and what decides whether it may
+    still carry a dial."""
+
+    created: float  # trio.current_time() before it was opened
+    slept: float  # time_suspended() then
+    ctx: ssl.SSLContext
+    stream: TLSStream
+
+
 class Dialer:
     """Opens data-route connections for one profile, reusing one TLS context
     (and the last session ticket, so later dials resume: one round trip less).
@@ -176,8 +187,7 @@ class Dialer:
         self._ctx: ssl.SSLContext
         self.identity: pki.Identity
         self._session: ssl.SSLSession | None = None
-        # (created, time_suspended() then, context, stream)
-        self._pool: list[tuple[float, float, ssl.SSLContext, TLSStream]] = []
+        self._pool: list[_Pooled] = []
         self._pool_wakeup = trio.Event()
         self.pool_hits = 0
         self._reload_if_changed()
@@ -188,9 +198,9 @@ class Dialer:
         try:
             while True:
                 self._pool_wakeup = trio.Event()  # before the work: a dial meanwhile wakes the next wait
-                for item in [i for i in self._pool if not self._fresh(*i[:3])]:
+                for item in [i for i in self._pool if not self._fresh(i)]:
                     self._pool.remove(item)
-                    await item[3].aclose()
+                    await item.stream.aclose()
                 while len(self._pool) < size:
                     ctx = self._ctx
                     # Read before connecting: a sleep during the handshake
@@ -201,31 +211,31 @@ class Dialer:
                                                 self.profile.host, self._session)
                     except ClusterError:
                         break  # the dials themselves will report it; try again later
-                    self._pool.append((created, slept, ctx, stream))
+                    self._pool.append(_Pooled(created, slept, ctx, stream))
                 with trio.move_on_after(self.POOL_MAX_AGE / 2):
                     await self._pool_wakeup.wait()
         finally:
             pool, self._pool = self._pool, []
             with trio.CancelScope(shield=True):
-                for *_, stream in pool:
-                    await stream.aclose()
+                for item in pool:
+                    await item.stream.aclose()
 
     @property
     def pool_ready(self) -> int:
         """Connections ready to carry a dial now."""
-        return sum(self._fresh(*item[:3]) for item in self._pool)
+        return sum(self._fresh(item) for item in self._pool)
 
-    def _fresh(self, created: float, slept: float, ctx: ssl.SSLContext) -> bool:
+    def _fresh(self, item: _Pooled) -> bool:
         """Whether a pooled connection may still carry a dial."""
-        return (trio.current_time() - created <= self.POOL_MAX_AGE and ctx is self._ctx
-                and time_suspended() - slept <= SLEEP_LIMIT)
+        return (trio.current_time() - item.created <= self.POOL_MAX_AGE and item.ctx is self._ctx
+                and time_suspended() - item.slept <= SLEEP_LIMIT)
 
     def _take_pooled(self) -> TLSStream | None:
         if self._pool:
             self._pool_wakeup.set()  # run_pool: make up for it, or replace them all
             item = self._pool.pop()  # the newest
-            if self._fresh(*item[:3]):
-                return item[3]
+            if self._fresh(item):
+                return item.stream
             self._pool.insert(0, item)  # run_pool closes it
         return None
 

@@ -192,9 +192,6 @@ def stalled(sock) -> bool:
     has waited out :data:`STALL_BACKOFF` retransmission timeouts in a row,
     with nothing acknowledged for :data:`STALL_SILENCE` seconds (see the
     module docstring). False if the socket cannot say."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _LAST_ACK_AT + 4)
-    except OSError:
-        return False
-    return (len(info) >= _LAST_ACK_AT + 4 and info[_BACKOFF_AT] >= STALL_BACKOFF
+    info = _info(sock)
+    return (info is not None and info[_BACKOFF_AT] >= STALL_BACKOFF
             and int.from_bytes(info[_LAST_ACK_AT:_LAST_ACK_AT + 4], sys.byteorder) >= STALL_SILENCE * 1000)
