@@ -26,7 +26,10 @@ direction *from* an end to its peer is pumped by :meth:`RelayEngine._pump`:
 
 1. plaintext the end produced earlier but could not deliver (``carry``)
    goes first; then decrypt what is already in the incoming BIO, and read
-   the socket only when that is empty (as :mod:`gateway.net.tls` does);
+   the socket only when that is empty (as :mod:`gateway.net.tls` does),
+   filling the plaintext buffer while the last receive filled its own (the
+   kernel holds more): a bulk transfer then moves whole buffers, one write
+   to the peer each, rather than a buffer and then its leftover;
 2. hand it to the peer: encrypt it into the peer's SSLObject (or take it
    as is for plain TCP) and write it to the peer's socket at once;
 3. whatever the peer's kernel buffer does not take becomes ``peer.tail``,
@@ -294,7 +297,7 @@ class _End:
         "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward",
         "owner",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
-        "tcp_eof", "failed", "error_pending", "os_error",
+        "tcp_eof", "failed", "error_pending", "os_error", "kernel_full",
     )
 
     def __init__(self, sock: socket.socket, name: str, tls: tuple | None, tap: Tap | None) -> None:
@@ -329,6 +332,9 @@ class _End:
         self.failed = False  # an operation on this end failed
         self.error_pending: str | None = None  # an error to report after delivering data
         self.os_error: int | None = None  # the errno a read or write of the socket failed with
+        # TLS: the last receive filled the buffer, so the kernel likely holds
+        # more: a read that already has some plaintext receives again.
+        self.kernel_full = False
 
 
 class _Session:
@@ -873,7 +879,6 @@ class RelayEngine:
         ssl_obj, incoming = src.ssl, src.incoming
         limit = len(view)
         total = 0
-        more_in_kernel = False
         cipher = self._cipher
         read = ssl_obj.read
         while True:
@@ -897,7 +902,7 @@ class RelayEngine:
                 break
             if total == limit or src.peer_closed:
                 break
-            if total and not more_in_kernel:
+            if total and not src.kernel_full:
                 break
             if src.tcp_eof:
                 # write_eof was fed and OpenSSL still wants data: unreachable
@@ -907,6 +912,7 @@ class RelayEngine:
             try:
                 n = src.sock.recv_into(cipher)
             except BlockingIOError:
+                src.kernel_full = False
                 break
             except OSError as exc:
                 src.os_error = exc.errno
@@ -914,11 +920,11 @@ class RelayEngine:
                 break
             if n:
                 incoming.write(cipher[:n])
-                more_in_kernel = n == len(cipher)
+                src.kernel_full = n == len(cipher)
             else:
                 src.tcp_eof = True
                 incoming.write_eof()
-                more_in_kernel = False
+                src.kernel_full = False
         if src.outgoing.pending:
             self._flush_protocol_output(src)
         if total:
