@@ -280,6 +280,10 @@ def proxy() -> None:
 
 
 def _listen_options(f: Callable) -> Callable:
+    f = click.option("--wait-for-cluster", type=click.FloatRange(0, 3600), default=client.RIDE_OUT,
+                     show_default=True, metavar="SECONDS",
+                     help="How long a new client waits while the cluster cannot be reached (restarting, not up "
+                          "yet, the network switching) before it is turned away; 0 turns it away at once.")(f)
     f = click.option("--allow-non-loopback", is_flag=True,
                      help="Allow --bind on an address other hosts can reach (they would use YOUR identity).")(f)
     f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
@@ -349,7 +353,8 @@ def _fresh_identity(profile: Profile) -> pki.Identity:
 @proxy.command("tcp")
 @click.argument("name")
 @_listen_options
-def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool) -> None:
+def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
+              wait_for_cluster: float) -> None:
     """Relay connections on a local port to TCP resource NAME."""
     from gateway import logs
     from gateway.local.proxy import TcpProxy
@@ -358,7 +363,7 @@ def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopba
     logs.setup(log_format)
     profile = _load_profile()
     identity = _fresh_identity(profile)
-    tcp = TcpProxy(profile, name)
+    tcp = TcpProxy(profile, name, wait_for_cluster=wait_for_cluster)
     _serve(name, tcp, bind=bind, port=port, log_format=log_format, identity=identity,
            try_line=lambda host, p: f"Try: nc {host} {p}", dialer=tcp.dialer)
 
@@ -370,8 +375,8 @@ def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopba
 @click.option("--db-name", help="Database for every connection (default: what the client asks for).")
 @click.option("--local-tls", is_flag=True,
               help="Offer TLS to local clients (sslmode=require / verify-full) with the gateway's local CA.")
-def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool, db_user: str | None,
-             db_name: str | None, local_tls: bool) -> None:
+def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
+             wait_for_cluster: float, db_user: str | None, db_name: str | None, local_tls: bool) -> None:
     """Serve PostgreSQL resource NAME on a local port: no password asked,
     the cluster logs in upstream as the db user."""
     from gateway import logs
@@ -386,7 +391,7 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopbac
     identity = _fresh_identity(profile)
     tls_context, ca_path = (local_server_context(profile.home) if local_tls else (None, None))
     pg = PostgresProxy(Dialer(profile, tlsconf.ALPN_POSTGRES), name, db_user=db_user, db_name=db_name,
-                       tls_context=tls_context)
+                       tls_context=tls_context, wait_for_cluster=wait_for_cluster)
 
     def try_line(host: str, p: int) -> str:
         user = db_user or identity.user

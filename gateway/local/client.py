@@ -4,11 +4,12 @@ and dials on data routes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import ssl
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import attrs
 import trio
@@ -31,15 +32,57 @@ CONNECT_TIMEOUT = 15.0
 # to log in), so its typed answer arrives rather than our timeout.
 DIAL_TIMEOUT = 60.0
 
+#: How long a new session waits, by default, while the cluster cannot be
+#: reached at all (it is restarting, not up yet, the network is switching)
+#: before the client is turned away; `wicket proxy --wait-for-cluster`.
+RIDE_OUT = 10.0
+#: The first pause between attempts meanwhile, doubled up to the last.
+RIDE_OUT_PAUSES = (0.1, 1.0)
+#: What a connect meets then: an answer at once, not a silence (that one
+#: already waited CONNECT_TIMEOUT).
+_NOT_NOW = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ENETUNREACH,
+            errno.EHOSTUNREACH, errno.ENETDOWN}
+
 log = logging.getLogger("wicket.client")
+
+T = TypeVar("T")
 
 
 class ClusterError(Exception):
-    """Something the person must act on; ``code`` is the typed error."""
+    """Something the person must act on; ``code`` is the typed error.
+    ``passing``: the cluster could not be reached right now, in a way that
+    may pass within seconds (refused, reset, no route), so trying again is
+    worth it."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, passing: bool = False) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.passing = code, message, passing
+
+
+async def ride_out(attempt: Callable[[], Awaitable[T]], wait: float,
+                   on_wait: Callable[[ClusterError], None] | None = None) -> T:
+    """``attempt()``, again while it fails with a :class:`ClusterError` that
+    may pass (a cluster restarting or not up yet), for up to ``wait``
+    seconds: pauses of 0.1 s, doubling to 1 s. ``on_wait`` hears the first
+    such failure (to say why the client waits). The last failure is raised,
+    saying how long it waited."""
+    pause, longest = RIDE_OUT_PAUSES
+    deadline = trio.current_time() + wait
+    waited = False
+    while True:
+        try:
+            return await attempt()
+        except ClusterError as exc:
+            if not exc.passing or trio.current_time() + pause > deadline:
+                if waited:
+                    exc.message = f"waited {wait:g}s for the cluster: {exc.message}"
+                    exc.args = (exc.message,)
+                raise
+            if not waited and on_wait is not None:
+                on_wait(exc)
+            waited = True
+        await trio.sleep(pause)
+        pause = min(pause * 2, longest)
 
 
 @attrs.frozen(slots=True)
@@ -62,8 +105,11 @@ async def _connect(host: str, port: int, ctx: ssl.SSLContext, server_hostname: s
         raise ClusterError("unreachable", f"no answer from the cluster at {host}:{port} "
                            f"within {CONNECT_TIMEOUT:.0f}s; check the address and the network") from None
     except OSError as exc:
+        errors = _os_errors(exc)
+        reason = "; ".join(sorted({os.strerror(e.errno) if e.errno else e.strerror or str(e) for e in errors}))
         raise ClusterError("unreachable", f"cannot reach the cluster at {host}:{port}: "
-                           f"{exc.strerror or exc}; is `wicket-cluster start` running there?") from None
+                           f"{reason}; is `wicket-cluster start` running there?",
+                           passing=all(e.errno in _NOT_NOW for e in errors)) from None
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -74,6 +120,23 @@ async def _connect(host: str, port: int, ctx: ssl.SSLContext, server_hostname: s
             ) from None
         raise ClusterError("tls_failed", f"TLS with the cluster at {host}:{port} failed: "
                            f"{cause or exc}") from None
+
+
+def log_waiting(resource: str, client_addr: str, wait: float, exc: ClusterError) -> None:
+    """The log line of a session that waits for the cluster (:func:`ride_out`)."""
+    log.info("cluster_wait resource=%s client=%s wait=%gs error=%r", resource, client_addr, wait, exc.message)
+
+
+def _os_errors(exc: OSError) -> list[OSError]:
+    """What each connect attempt met: trio raises one OSError without an
+    errno for all of them (an address may resolve to several), its cause a
+    group of the attempts' own."""
+    group = exc.__cause__
+    if exc.errno is None and isinstance(group, ExceptionGroup):
+        inner = [e for e in group.exceptions if isinstance(e, OSError)]
+        if inner:
+            return inner
+    return [exc]
 
 
 async def fetch_ca(address: str) -> ClusterCA:

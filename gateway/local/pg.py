@@ -28,7 +28,7 @@ import ssl
 
 import trio
 
-from gateway.local.client import ClusterError, Dialer, DialRefused
+from gateway.local.client import RIDE_OUT, ClusterError, Dialer, DialRefused, log_waiting, ride_out
 from gateway.local.profile import ProfileError
 from gateway.local.proxy import NEXT_STEP, peer_addr
 from gateway.net.relay import relay
@@ -49,9 +49,11 @@ MAX_FORWARDED_PARAMS = 24
 
 class PostgresProxy:
     def __init__(self, dialer: Dialer, resource: str, *, db_user: str | None = None,
-                 db_name: str | None = None, tls_context: ssl.SSLContext | None = None) -> None:
+                 db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
+                 wait_for_cluster: float = RIDE_OUT) -> None:
         self.dialer = dialer
         self.resource = resource
+        self.wait_for_cluster = wait_for_cluster
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
         # Our cancel key -> the cluster session it stands for.
@@ -140,8 +142,9 @@ class PostgresProxy:
         params = self._params(startup)
         try:
             self.dialer.check_fresh()
-            dialed = await self.dialer.dial(
-                DialRequest(resource=self.resource, params=params, client_addr=client_addr))
+            request = DialRequest(resource=self.resource, params=params, client_addr=client_addr)
+            dialed = await ride_out(lambda: self.dialer.dial(request), self.wait_for_cluster,
+                                    lambda exc: log_waiting(self.resource, client_addr, self.wait_for_cluster, exc))
         except ProfileError as exc:
             await self._refuse(client, client_addr, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
             return
@@ -150,8 +153,11 @@ class PostgresProxy:
             return
         except (ClusterError, trio.TooSlowError) as exc:
             message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
+            # The cluster, not the resource, is what could not be reached:
+            # the message says what to check, and no hint about the resource.
             await self._refuse(client, client_addr,
-                               DialError(code=ErrorCode.UPSTREAM_UNREACHABLE, message=message))
+                               DialError(code=ErrorCode.UPSTREAM_UNREACHABLE, message=message),
+                               hint="check that the Wicket cluster is running and reachable from this machine")
             return
         key = BackendKeyData(process_id=secrets.randbelow(2**31 - 1) + 1, secret_key=secrets.token_bytes(4))
         session_id = dialed.accept.session_id
@@ -192,8 +198,10 @@ class PostgresProxy:
         finally:
             self._keys.pop(key.process_id, None)
 
-    async def _refuse(self, client, client_addr: str, error: DialError) -> None:
-        hint = NEXT_STEP.get(error.code)
+    async def _refuse(self, client, client_addr: str, error: DialError, *, hint: str | None = None) -> None:
+        """Turn the client away with ``error`` in its own protocol; ``hint``:
+        the next step, by default the one for ``error.code``."""
+        hint = hint or NEXT_STEP.get(error.code)
         log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
                     client_addr, error.raw_code or error.code.value, error.message, hint)
         await _send_and_close(client, error_response_for(error, hint=hint).encode())

@@ -8,8 +8,10 @@ its thread accepts each client and, while the connection to the cluster is
 up and the login on disk unchanged and in date, starts the session there and
 then, with :meth:`MuxLink.start`: the OPEN goes out with the client's first
 bytes behind it, and nothing waits for trio. Everything else takes the slow
-path through trio: opening (or reopening) the connection to the cluster,
-picking up a renewed login, reporting an expired one, and starting again on
+path through trio: opening (or reopening) the connection to the cluster
+(while the cluster cannot be reached at all, a restart or a network
+switching, the client waits up to ``wait_for_cluster`` seconds rather than
+being turned away at once), picking up a renewed login, reporting an expired one, and starting again on
 a new connection a session whose connection died before the cluster saw it
 (``MuxLink.start``'s ``retry``: the client notices nothing).
 
@@ -27,7 +29,7 @@ import socket
 
 import trio
 
-from gateway.local.client import DIAL_TIMEOUT, ClusterError, MuxDialer
+from gateway.local.client import DIAL_TIMEOUT, RIDE_OUT, ClusterError, MuxDialer, log_waiting, ride_out
 from gateway.local.profile import Profile, ProfileError
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
@@ -68,9 +70,10 @@ class TcpProxy:
     """Serves one resource; see the module docstring. Pass the object to
     :func:`run_listener`."""
 
-    def __init__(self, profile: Profile, resource: str) -> None:
+    def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
         self.profile = profile
         self.resource = resource
+        self.wait_for_cluster = wait_for_cluster
         self.dialer = MuxDialer(profile)
         self.engine = engine()
         self.started = 0  # sessions started / ended (under the engine's lock)
@@ -175,7 +178,9 @@ class TcpProxy:
             try:
                 self.dialer.check_fresh()
                 for attempt in range(2):
-                    link = await self.dialer.link()
+                    link = await ride_out(self.dialer.link, self.wait_for_cluster,
+                                          lambda exc: log_waiting(self.resource, client_addr,
+                                                                  self.wait_for_cluster, exc))
                     try:
                         self._start(link, sock, addr, resume)
                         return

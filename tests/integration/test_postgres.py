@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -331,6 +332,30 @@ def test_unknown_resource_and_unreachable(gw):
     sqlstate, message = connect_error(port)
     assert sqlstate == "08006" and "not reachable" in message
     _expect_fatal(psql(port, "-c", "select 1"), "not reachable from the cluster")
+
+
+def test_a_cluster_that_cannot_be_reached_is_waited_for_then_a_native_error(pg_env, tmp_path):
+    # The profile points at a port nobody listens on: every connect is
+    # refused at once, as while the cluster restarts. The client waits for
+    # --wait-for-cluster, then gets why as its own error.
+    cluster, _ = pg_env
+    g = _gateway(cluster, tmp_path, "pg")
+    try:
+        profile = g.home / "profile.json"
+        doc = json.loads(profile.read_text())
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
+            profile.write_text(json.dumps(doc))
+            proc, port = g.proxy("db", "pg", "--wait-for-cluster", "0.5")
+            sqlstate, message = connect_error(port)
+        assert sqlstate == "08006"
+        assert "waited 0.5s for the cluster" in message and "Connection refused" in message
+        assert "wicket-cluster start" in message  # what to check
+        assert "Wicket cluster is running" in message and "resource is down" not in message
+        assert "cluster_wait" in proc.log()
+    finally:
+        g.stop()
 
 
 def test_upstream_error_is_native(pg_port):

@@ -667,11 +667,18 @@ def own_proxy(cluster, tmp_path, user: str):
 
 async def test_the_proxy_rides_out_a_cluster_restart(own_cluster, tmp_path):
     """A running `wicket proxy tcp` loses its multiplexed connection when the
-    cluster stops: live sessions end, new clients are turned away with a
-    log line saying why, and once the cluster is back the proxy reconnects
-    by itself."""
+    cluster stops: live sessions end. A client that comes while the cluster
+    is down waits for it (``--wait-for-cluster``, a log line says why) and
+    gets its session once the cluster is back; one whose wait runs out is
+    turned away with a log line saying what to check."""
+    from tests.integration.harness import Gateway
+
     c = own_cluster
-    proc, port = own_proxy(c, tmp_path, "dave")
+    c.add_user("dave", "dev")
+    gw = Gateway(tmp_path, c, "dave")
+    assert gw.login().returncode == 0
+    proc, port = gw.proxy("tcp", "echo", "--wait-for-cluster", "120")
+    hasty, hasty_port = gw.proxy("tcp", "echo", "--wait-for-cluster", "0.5")
     async with await connect(port) as live:
         await live.send_all(b"before")
         assert await live.receive_some(100) == b"before"
@@ -679,18 +686,17 @@ async def test_the_proxy_rides_out_a_cluster_restart(own_cluster, tmp_path):
         with trio.fail_after(20):  # the live session ends with the cluster
             await until_reset(live)
     with trio.fail_after(20):
-        assert await refused(port)
-    wait_for(lambda: "dial_failed" in proc.log(), what="the refusal in the gateway log")
-    assert "wicket-cluster start" in proc.log()  # what to check
-    c.start()
-    with trio.fail_after(30):
-        while True:  # the proxy reconnects on its own (at most once a second)
-            try:
-                if await roundtrip(port, b"after") == b"after":
-                    break
-            except trio.BrokenResourceError:
-                pass
-            await trio.sleep(0.2)
+        assert await refused(hasty_port)
+    turned_away = wait_for(lambda: re.search(r"dial_failed .*", hasty.log()), what="the refusal in the log")
+    assert "Connection refused" in turned_away.group(0) and "waited 0.5s for the cluster" in turned_away.group(0)
+    assert "wicket-cluster start" in turned_away.group(0)  # what to check
+    async with await connect(port) as waiting:
+        await waiting.send_all(b"while it was down")
+        wait_for(lambda: "cluster_wait" in proc.log(), what="the wait in the proxy's log")
+        c.start()
+        with trio.fail_after(60):
+            assert await read_exactly(waiting, 17) == b"while it was down"
+    assert "dial_failed" not in proc.log()
 
 
 async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(own_cluster, tmp_path):
