@@ -492,8 +492,8 @@ class MuxConnection:
         return _frame(FrameType.RESET, stream_id, payload)
 
     def acknowledge(self, stream_id: int, n: int) -> bytes:
-        """We passed ``n`` received bytes on: a WINDOW frame once half a
-        window is due, else b""."""
+        """We passed ``n`` received bytes on: a WINDOW frame once a quarter
+        of a window is due, else b""."""
         s = self._streams.get(stream_id)
         if s is None or s.remote_fin:
             return b""  # the peer sends no more: nothing to acknowledge

@@ -480,6 +480,8 @@ class MuxLink:
                 except _Failure as exc:
                     self._finish(stream, str(exc), reset=True)
                     return
+                if stream.finished:  # making room ended the link, and this stream with it
+                    return
                 if stream.early is None:
                     stream.early = bytearray()
                 stream.early += event.data
@@ -649,21 +651,25 @@ class MuxLink:
             return
         try:
             self._to_socket(stream, pieces)
-            if stream.end.tail is not None and not stream.end.mask & _OUT:
+            if not stream.finished and stream.end.tail is not None and not stream.end.mask & _OUT:
                 self._settle(stream)  # wait for the socket to take the rest
         except _Failure as exc:
             self._stream_failed(stream, exc)
 
     def _to_socket(self, stream: Stream, pieces: list[memoryview]) -> None:
         """connection -> socket: write now (several pieces with one
-        ``sendmsg``), keep a copy of the rest in the tail."""
+        ``sendmsg``), keep a copy of the rest in the tail. Making room for
+        that copy may end the link, and this stream with it (see
+        :meth:`_hold`): its socket is then no longer its own, and the rest
+        goes nowhere."""
         end = stream.end
         engine = self.engine
         if end.tail is not None:
             # Queued (one copy of the run); acknowledged once written.
             data = b"".join(pieces)
             self._hold(stream, len(data))
-            engine._write(end, data, copy=True)
+            if not stream.finished:
+                engine._write(end, data, copy=True)
             return
         try:
             if len(pieces) == 1:
@@ -683,7 +689,8 @@ class MuxLink:
         self._written(stream, sent)
         if rest:
             self._hold(stream, len(rest))
-            end.tail = memoryview(rest)
+            if not stream.finished:
+                end.tail = memoryview(rest)
 
     def _hold(self, stream: Stream, n: int) -> None:
         """Count ``n`` more bytes held for ``stream``'s socket. Past

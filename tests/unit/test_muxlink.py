@@ -573,6 +573,33 @@ async def test_at_the_limit_the_stream_holding_the_most_is_reset(pki, monkeypatc
         await raw.close()
 
 
+async def test_making_room_on_a_connection_that_fails_ends_the_stream_cleanly(pki, monkeypatch, caplog):
+    # As above, but the connection's socket fails when the RESET that makes
+    # room goes out: the link ends, and with it the stream whose bytes
+    # wanted the room. Those bytes go nowhere (its socket was handed to a
+    # drainer); before, they became the tail of a socket no longer its own,
+    # and a stream without a socket raised AttributeError (a bug, logged).
+    monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
+    with trio.fail_after(HANG):
+        raw = await RawGateway.open(pki, 2, sndbuf=4096)
+        stuck, other = raw.sids
+        await raw.peer.send_all(raw.gw.send_data(stuck, b"s" * 280 * 1024))
+        while raw.link.held < 200 * 1024:
+            await trio.sleep(0.01)
+        with raw.link.engine._lock:
+            raw.link.end.sock.shutdown(socket.SHUT_WR)  # the next frame out fails
+        await raw.peer.send_all(raw.gw.send_data(other, b"o" * 100 * 1024))
+        while len(raw.ended) < 2:
+            await trio.sleep(0.01)
+        assert "send failed" in raw.link.failed
+        errors = dict(raw.ended)
+        assert "does not take data as fast as it comes" in errors[stuck]  # the room made
+        assert "send failed" in errors[other]  # the link's end
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+        await held_becomes(raw.link, 0)
+        await raw.close()
+
+
 async def test_early_data_counts_against_what_the_relay_holds(pki, monkeypatch):
     from protocols.mux import EARLY_DATA, MuxConnection
 
