@@ -409,6 +409,10 @@ class MuxDialer:
         self._current: tuple[MuxLink, ssl.SSLContext, float] | None = None
         self._draining: dict[MuxLink, str] = {}  # replaced, and why: closed after their last session
         self._lock = trio.Lock()
+        # Connects that failed, and the last one's error: what a caller who
+        # waited for the lock meanwhile gets too (see :meth:`link`).
+        self._failures = 0
+        self._failure: ClusterError | None = None
 
     def check_fresh(self) -> pki.Identity:
         return self.dialer.check_fresh()
@@ -433,10 +437,18 @@ class MuxDialer:
         link = self._usable()
         if link is not None:
             return link
+        failures = self._failures
         async with self._lock:
             link = self._usable()
             if link is not None:
                 return link
+            failure = self._failure
+            if self._failures != failures and failure is not None:
+                # A connect failed while this caller waited for its turn: that
+                # is the answer for now. Trying again at once would make each
+                # waiting client wait a whole CONNECT_TIMEOUT of its own, one
+                # after the other, for a cluster that does not answer.
+                raise ClusterError(failure.code, failure.message, passing=failure.passing)
             d = self.dialer
             ctx = d._ctx
             slept = time_suspended()  # before connecting: see Dialer.run_pool
@@ -452,8 +464,13 @@ class MuxDialer:
                     why = "replaced: it stopped getting answers from the cluster"
                 else:
                     why = "replaced by a connection with the renewed certificate"
-            with trio.fail_after(DIAL_TIMEOUT):
-                stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
+            try:
+                with trio.fail_after(DIAL_TIMEOUT):
+                    stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
+            except ClusterError as exc:
+                self._failures += 1
+                self._failure = exc
+                raise
             if why is not None and old[0].failed is None:
                 self._draining[old[0]] = why
             self._current = (MuxLink(engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"),

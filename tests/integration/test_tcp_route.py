@@ -17,6 +17,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from tests.integration.harness import PASSWORD, keepalive_everywhere, wait_for
 from tests.unit.tlsutil import read_exactly, read_until_reset
@@ -499,6 +500,40 @@ async def test_sessions_after_a_sleep_or_a_stall_take_a_new_multiplexed_connecti
                             "stalled": "replaced: it stopped getting answers from the cluster"}[why]
     assert second.failed is None
     second.close("test over")
+
+
+async def test_clients_waiting_for_a_connect_that_fails_share_its_answer(make_gateway, monkeypatch):
+    """A cluster that does not answer (a network dropping packets) costs a
+    connect its CONNECT_TIMEOUT. Clients that came while that connect was
+    under way get its failure when it fails, rather than each trying again
+    in turn and waiting a timeout of its own."""
+    from gateway.local import client
+    from gateway.local.profile import Profile
+
+    dialer = client.MuxDialer(Profile.load(make_gateway("dev").home))
+    attempts, give_up = [], trio.Event()
+
+    async def silent_cluster(*args, **kwargs):
+        attempts.append(args)
+        await give_up.wait()  # the timeout, as long as the test likes
+        raise client.ClusterError("unreachable", "no answer from the cluster within 15s")
+
+    monkeypatch.setattr(client, "_connect", silent_cluster)
+    failed: list[str] = []
+
+    async def one_client() -> None:
+        with pytest.raises(client.ClusterError) as info:
+            await dialer.link()
+        failed.append(info.value.message)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(one_client)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(attempts) == 1
+            give_up.set()
+    assert len(attempts) == 1 and failed == ["no answer from the cluster within 15s"] * 5
 
 
 async def test_the_proxy_replaces_its_connection_after_a_sleep_before_any_client(make_gateway, monkeypatch):
