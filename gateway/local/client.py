@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import ssl
 import time
 from typing import Any, Awaitable, Callable, TypeVar
@@ -38,6 +39,8 @@ DIAL_TIMEOUT = 60.0
 RIDE_OUT = 10.0
 #: The first pause between attempts meanwhile, doubled up to the last.
 RIDE_OUT_PAUSES = (0.1, 1.0)
+#: Clients of one proxy that may wait so at once.
+WAITING_MAX = 512
 #: What a connect meets then: an answer at once, not a silence (that one
 #: already waited CONNECT_TIMEOUT).
 _NOT_NOW = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ENETUNREACH,
@@ -59,30 +62,75 @@ class ClusterError(Exception):
         self.code, self.message, self.passing = code, message, passing
 
 
-async def ride_out(attempt: Callable[[], Awaitable[T]], wait: float,
-                   on_wait: Callable[[ClusterError], None] | None = None) -> T:
+class ClientGone(Exception):
+    """The client left while it waited for the cluster (:func:`ride_out`)."""
+
+
+async def ride_out(attempt: Callable[[], Awaitable[T]], deadline: float,
+                   on_wait: Callable[[ClusterError], None] | None = None,
+                   gone: Callable[[], bool] | None = None) -> T:
     """``attempt()``, again while it fails with a :class:`ClusterError` that
-    may pass (a cluster restarting or not up yet), for up to ``wait``
-    seconds: pauses of 0.1 s, doubling to 1 s. ``on_wait`` hears the first
-    such failure (to say why the client waits). The last failure is raised,
-    saying how long it waited."""
+    may pass (a cluster restarting or not up yet), until ``deadline`` (trio
+    time): pauses of 0.1 s, doubling to 1 s, and a last attempt at the
+    deadline. ``on_wait`` hears the first such failure (to say why the
+    client waits). The last failure is raised, saying how long it waited.
+    (An attempt started before the deadline may take its own timeouts.)
+    Raises :class:`ClientGone` instead once ``gone()`` says so (asked
+    before each further attempt)."""
     pause, longest = RIDE_OUT_PAUSES
-    deadline = trio.current_time() + wait
+    started = trio.current_time()
     waited = False
     while True:
         try:
             return await attempt()
         except ClusterError as exc:
-            if not exc.passing or trio.current_time() + pause > deadline:
-                if waited:
-                    exc.message = f"waited {wait:g}s for the cluster: {exc.message}"
-                    exc.args = (exc.message,)
-                raise
+            left = deadline - trio.current_time()
+            if not exc.passing or left <= 0:
+                if not waited:
+                    raise
+                # A new error: the one caught may be another waiter's too.
+                raise ClusterError(exc.code, f"waited {round(trio.current_time() - started, 1):g}s for the cluster: "
+                                             f"{exc.message}", passing=exc.passing) from None
             if not waited and on_wait is not None:
                 on_wait(exc)
             waited = True
-        await trio.sleep(pause)
+        await trio.sleep(min(pause, left))
         pause = min(pause * 2, longest)
+        if gone is not None and gone():
+            raise ClientGone()
+
+
+class WaitRoom:
+    """Where one proxy's new clients wait for a cluster that cannot be
+    reached (:func:`ride_out`): each for up to ``wait`` seconds, and at most
+    WAITING_MAX at once (past that, clients that gave up and came again
+    must not pile up sockets and tasks: the next is turned away at once)."""
+
+    def __init__(self, resource: str, wait: float) -> None:
+        self.resource, self.wait = resource, wait
+        self.waiting = 0
+
+    def deadline(self, client_addr: str) -> float:
+        """Until when a client arriving now may wait (trio time)."""
+        now = trio.current_time()
+        if self.waiting >= WAITING_MAX:
+            log.warning("cluster_wait_full resource=%s client=%s waiting=%d", self.resource, client_addr,
+                        self.waiting)
+            return now
+        return now + self.wait
+
+    async def ride_out(self, attempt: Callable[[], Awaitable[T]], deadline: float, client_addr: str,
+                       gone: Callable[[], bool]) -> T:
+        """:func:`ride_out`, counted, with the log line of a client that waits."""
+        def on_wait(exc: ClusterError) -> None:
+            log.info("cluster_wait resource=%s client=%s wait=%gs error=%r", self.resource, client_addr,
+                     max(0.0, deadline - trio.current_time()), exc.message)
+
+        self.waiting += 1
+        try:
+            return await ride_out(attempt, deadline, on_wait, gone)
+        finally:
+            self.waiting -= 1
 
 
 @attrs.frozen(slots=True)
@@ -106,10 +154,10 @@ async def _connect(host: str, port: int, ctx: ssl.SSLContext, server_hostname: s
                            f"within {CONNECT_TIMEOUT:.0f}s; check the address and the network") from None
     except OSError as exc:
         errors = _os_errors(exc)
-        reason = "; ".join(sorted({os.strerror(e.errno) if e.errno else e.strerror or str(e) for e in errors}))
+        reason = "; ".join(sorted({_reason(e) for e in errors}))
         raise ClusterError("unreachable", f"cannot reach the cluster at {host}:{port}: "
                            f"{reason}; is `wicket-cluster start` running there?",
-                           passing=all(e.errno in _NOT_NOW for e in errors)) from None
+                           passing=all(_passing(e) for e in errors)) from None
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -118,13 +166,29 @@ async def _connect(host: str, port: int, ctx: ssl.SSLContext, server_hostname: s
                 f"the cluster at {host}:{port} presented a certificate we do not trust "
                 f"({cause.verify_message}); if the cluster was re-created, log in again with its new pin",
             ) from None
+        # Cut off during the handshake (EOF, reset): a cluster stopping
+        # drops what it had not accepted yet, and that passes too. A TLS
+        # alert (a certificate refused, no shared protocol) does not.
+        cut = isinstance(cause, ssl.SSLEOFError) or (isinstance(cause, OSError)
+                                                      and not isinstance(cause, ssl.SSLError) and _passing(cause))
         raise ClusterError("tls_failed", f"TLS with the cluster at {host}:{port} failed: "
-                           f"{cause or exc}") from None
+                           f"{cause or exc}", passing=cut) from None
 
 
-def log_waiting(resource: str, client_addr: str, wait: float, exc: ClusterError) -> None:
-    """The log line of a session that waits for the cluster (:func:`ride_out`)."""
-    log.info("cluster_wait resource=%s client=%s wait=%gs error=%r", resource, client_addr, wait, exc.message)
+def _reason(exc: OSError) -> str:
+    """What went wrong, in the system's words (trio puts the address in
+    front of them; a resolver error's errno is its own, negative)."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
+
+
+def _passing(exc: OSError) -> bool:
+    """Whether an error connecting may pass within seconds (see ``_NOT_NOW``;
+    a resolver that cannot answer right now too)."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN
+    return exc.errno in _NOT_NOW
 
 
 def _os_errors(exc: OSError) -> list[OSError]:
@@ -409,10 +473,11 @@ class MuxDialer:
         self._current: tuple[MuxLink, ssl.SSLContext, float] | None = None
         self._draining: dict[MuxLink, str] = {}  # replaced, and why: closed after their last session
         self._lock = trio.Lock()
-        # Connects that failed, and the last one's error: what a caller who
-        # waited for the lock meanwhile gets too (see :meth:`link`).
+        # Connects that failed, and the last one's error with the TLS context
+        # it used: what a caller who waited for the lock meanwhile gets too,
+        # if it would connect with the same (see :meth:`link`).
         self._failures = 0
-        self._failure: ClusterError | None = None
+        self._failure: tuple[ClusterError, ssl.SSLContext] | None = None
 
     def check_fresh(self) -> pki.Identity:
         return self.dialer.check_fresh()
@@ -442,14 +507,14 @@ class MuxDialer:
             link = self._usable()
             if link is not None:
                 return link
-            failure = self._failure
-            if self._failures != failures and failure is not None:
+            d = self.dialer
+            if self._failures != failures and self._failure is not None and self._failure[1] is d._ctx:
                 # A connect failed while this caller waited for its turn: that
                 # is the answer for now. Trying again at once would make each
                 # waiting client wait a whole CONNECT_TIMEOUT of its own, one
                 # after the other, for a cluster that does not answer.
+                failure = self._failure[0]
                 raise ClusterError(failure.code, failure.message, passing=failure.passing)
-            d = self.dialer
             ctx = d._ctx
             slept = time_suspended()  # before connecting: see Dialer.run_pool
             old = self._current
@@ -469,7 +534,7 @@ class MuxDialer:
                     stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
             except ClusterError as exc:
                 self._failures += 1
-                self._failure = exc
+                self._failure = (exc, ctx)
                 raise
             if why is not None and old[0].failed is None:
                 self._draining[old[0]] = why

@@ -28,10 +28,11 @@ import ssl
 
 import trio
 
-from gateway.local.client import RIDE_OUT, ClusterError, Dialer, DialRefused, log_waiting, ride_out
+from gateway.local.client import RIDE_OUT, ClientGone, ClusterError, Dialer, DialRefused, WaitRoom
 from gateway.local.profile import ProfileError
 from gateway.local.proxy import NEXT_STEP, peer_addr
 from gateway.net.relay import relay
+from gateway.net.tcp import peer_left
 from gateway.net.tls import TLSStream
 from protocols.dial import DialError, DialRequest
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
@@ -45,6 +46,7 @@ log = logging.getLogger("wicket.proxy.postgres")
 STARTUP_TIMEOUT = 60.0
 READ = 65536
 MAX_FORWARDED_PARAMS = 24
+_BY_CODE = object()  # _refuse's default hint: the next step for the error's code
 
 
 class PostgresProxy:
@@ -53,7 +55,7 @@ class PostgresProxy:
                  wait_for_cluster: float = RIDE_OUT) -> None:
         self.dialer = dialer
         self.resource = resource
-        self.wait_for_cluster = wait_for_cluster
+        self.room = WaitRoom(resource, wait_for_cluster)
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
         # Our cancel key -> the cluster session it stands for.
@@ -76,7 +78,7 @@ class PostgresProxy:
             await client.aclose()
             return
         async with client:
-            await self._session(client, client_addr, startup, early)
+            await self._session(client, client_addr, startup, early, tcp.socket)
 
     async def _startup(self, tcp: trio.SocketStream, client_addr: str):
         """Read up to the StartupMessage. Returns (startup or None, the client
@@ -138,13 +140,17 @@ class PostgresProxy:
                 params["pg." + key] = value
         return params
 
-    async def _session(self, client, client_addr: str, startup: StartupMessage, early: bytes) -> None:
+    async def _session(self, client, client_addr: str, startup: StartupMessage, early: bytes, sock) -> None:
         params = self._params(startup)
         try:
             self.dialer.check_fresh()
             request = DialRequest(resource=self.resource, params=params, client_addr=client_addr)
-            dialed = await ride_out(lambda: self.dialer.dial(request), self.wait_for_cluster,
-                                    lambda exc: log_waiting(self.resource, client_addr, self.wait_for_cluster, exc))
+            # A client waits for its answer in silence: its FIN means it left.
+            dialed = await self.room.ride_out(lambda: self.dialer.dial(request), self.room.deadline(client_addr),
+                                              client_addr, lambda: peer_left(sock, eof=True))
+        except ClientGone:
+            log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
+            return
         except ProfileError as exc:
             await self._refuse(client, client_addr, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
             return
@@ -153,11 +159,13 @@ class PostgresProxy:
             return
         except (ClusterError, trio.TooSlowError) as exc:
             message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
-            # The cluster, not the resource, is what could not be reached:
-            # the message says what to check, and no hint about the resource.
+            # The cluster, not the resource, is what failed: the message says
+            # what to do, with no hint about the resource.
+            unreachable = getattr(exc, "code", "unreachable") == "unreachable"
             await self._refuse(client, client_addr,
                                DialError(code=ErrorCode.UPSTREAM_UNREACHABLE, message=message),
-                               hint="check that the Wicket cluster is running and reachable from this machine")
+                               hint="check that the Wicket cluster is running and reachable from this machine"
+                               if unreachable else None)
             return
         key = BackendKeyData(process_id=secrets.randbelow(2**31 - 1) + 1, secret_key=secrets.token_bytes(4))
         session_id = dialed.accept.session_id
@@ -198,10 +206,13 @@ class PostgresProxy:
         finally:
             self._keys.pop(key.process_id, None)
 
-    async def _refuse(self, client, client_addr: str, error: DialError, *, hint: str | None = None) -> None:
+    async def _refuse(self, client, client_addr: str, error: DialError, *,
+                      hint: str | None | object = _BY_CODE) -> None:
         """Turn the client away with ``error`` in its own protocol; ``hint``:
-        the next step, by default the one for ``error.code``."""
-        hint = hint or NEXT_STEP.get(error.code)
+        the next step (None: the message says it), by default the one for
+        ``error.code``."""
+        if hint is _BY_CODE:
+            hint = NEXT_STEP.get(error.code)
         log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
                     client_addr, error.raw_code or error.code.value, error.message, hint)
         await _send_and_close(client, error_response_for(error, hint=hint).encode())

@@ -29,11 +29,12 @@ import socket
 
 import trio
 
-from gateway.local.client import DIAL_TIMEOUT, RIDE_OUT, ClusterError, MuxDialer, log_waiting, ride_out
+from gateway.local.client import DIAL_TIMEOUT, RIDE_OUT, ClientGone, ClusterError, MuxDialer, WaitRoom
 from gateway.local.profile import Profile, ProfileError
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.relay import RelayCounters, reset_on_close
+from gateway.net.tcp import peer_left
 from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 
@@ -73,7 +74,7 @@ class TcpProxy:
     def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
         self.profile = profile
         self.resource = resource
-        self.wait_for_cluster = wait_for_cluster
+        self.room = WaitRoom(resource, wait_for_cluster)
         self.dialer = MuxDialer(profile)
         self.engine = engine()
         self.started = 0  # sessions started / ended (under the engine's lock)
@@ -177,10 +178,12 @@ class TcpProxy:
         try:
             try:
                 self.dialer.check_fresh()
+                deadline = self.room.deadline(client_addr)
                 for attempt in range(2):
-                    link = await ride_out(self.dialer.link, self.wait_for_cluster,
-                                          lambda exc: log_waiting(self.resource, client_addr,
-                                                                  self.wait_for_cluster, exc))
+                    # A client may send and half-close before its session
+                    # starts: only a reset says it left.
+                    link = await self.room.ride_out(self.dialer.link, deadline, client_addr,
+                                                    lambda: peer_left(sock, eof=False))
                     try:
                         self._start(link, sock, addr, resume)
                         return
@@ -191,6 +194,8 @@ class TcpProxy:
             except ProfileError as exc:
                 log.warning("dial_refused resource=%s client=%s code=cert_expired message=%r",
                             self.resource, client_addr, str(exc))
+            except ClientGone:
+                log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
             except (ClusterError, trio.TooSlowError) as exc:
                 log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
                             getattr(exc, "message", None) or "the cluster did not answer in time")

@@ -68,13 +68,15 @@ The gateway then sends new sessions over a new connection too.
 from __future__ import annotations
 
 import fcntl
+import os
 import socket
 import sys
 import termios
 import time
 
 __all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "LINK_USER_TIMEOUT", "SLEEP_LIMIT", "STALL_BACKOFF",
-           "STALL_SILENCE", "TCP_CLOSE", "final_marks", "keep_alive", "stalled", "time_suspended", "unacknowledged", "written"]
+           "STALL_SILENCE", "TCP_CLOSE", "final_marks", "keep_alive", "peer_left", "stalled", "time_suspended",
+           "unacknowledged", "written"]
 
 #: Seconds without traffic before the first probe.
 KEEPALIVE_IDLE = 30
@@ -195,3 +197,22 @@ def stalled(sock) -> bool:
     info = _info(sock)
     return (info is not None and info[_BACKOFF_AT] >= STALL_BACKOFF
             and int.from_bytes(info[_LAST_ACK_AT:_LAST_ACK_AT + 4], sys.byteorder) >= STALL_SILENCE * 1000)
+
+
+def peer_left(sock, *, eof: bool) -> bool:
+    """Whether the peer is gone, asked without taking a byte: it reset the
+    connection, or, with ``eof``, sent its FIN (for a peer that never
+    half-closes before it has its answer, such as a PostgreSQL client).
+    ``sock``: a socket, or anything with a ``fileno()`` (a trio socket)."""
+    own = isinstance(sock, socket.socket)
+    s = sock if own else socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        data = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:  # reset (or no longer usable): gone either way
+        return True
+    finally:
+        if not own:
+            s.close()
+    return eof and not data

@@ -723,7 +723,8 @@ async def test_the_proxy_rides_out_a_cluster_restart(own_cluster, tmp_path):
     with trio.fail_after(20):
         assert await refused(hasty_port)
     turned_away = wait_for(lambda: re.search(r"dial_failed .*", hasty.log()), what="the refusal in the log")
-    assert "Connection refused" in turned_away.group(0) and "waited 0.5s for the cluster" in turned_away.group(0)
+    assert "Connection refused" in turned_away.group(0)
+    assert re.search(r"waited [\d.]+s for the cluster", turned_away.group(0))
     assert "wicket-cluster start" in turned_away.group(0)  # what to check
     async with await connect(port) as waiting:
         await waiting.send_all(b"while it was down")

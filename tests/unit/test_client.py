@@ -1,19 +1,24 @@
 """gateway/local/client.py without a cluster: which failures to reach the
-cluster a new session waits out (:func:`ride_out`), and for how long. Time
-is trio's mock clock, so the waits cost nothing; the real thing (a cluster
-restarted under a running proxy) is in tests/integration/test_tcp_route.py.
+cluster a new session waits out (:func:`ride_out`, :class:`WaitRoom`), for
+how long, and what the person is told. Time is trio's mock clock, so the
+waits cost nothing; the real thing (a cluster restarted under a running
+proxy) is in tests/integration/test_tcp_route.py.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import struct
+import time
 
 import pytest
 import trio
 import trio.testing
 
-from gateway.local.client import ClusterError, _connect, ride_out
+from gateway.local import client
+from gateway.local.client import ClientGone, ClusterError, WaitRoom, _connect, _reason, ride_out
+from gateway.net.tcp import peer_left
 
 
 def refused() -> ClusterError:
@@ -39,22 +44,46 @@ def autojump_clock():
     return trio.testing.MockClock(autojump_threshold=0)
 
 
+def within(seconds: float) -> float:
+    return trio.current_time() + seconds
+
+
 async def test_a_cluster_back_within_the_wait_is_ridden_out(autojump_clock):
     attempt, heard = Attempts(refused(), refused(), refused()), []
-    assert await ride_out(attempt, 10, heard.append) == "up"
+    assert await ride_out(attempt, within(10), heard.append) == "up"
     start = attempt.times[0]
     assert [round(t - start, 3) for t in attempt.times] == [0, 0.1, 0.3, 0.7]  # pauses double
     assert len(heard) == 1  # the first failure is reported, once
 
 
-async def test_a_cluster_still_down_is_given_up_on_after_the_wait(autojump_clock):
+async def test_a_cluster_still_down_is_given_up_on_after_a_last_attempt_at_the_deadline(autojump_clock):
     attempt = Attempts(*[refused() for _ in range(100)])
     start = trio.current_time()
     with pytest.raises(ClusterError) as info:
-        await ride_out(attempt, 5, None)
-    assert 4 <= trio.current_time() - start <= 5
-    assert max(b - a for a, b in zip(attempt.times, attempt.times[1:])) == pytest.approx(1.0)  # at most 1 s apart
-    assert "Connection refused" in str(info.value) and "waited 5s for the cluster" in str(info.value)
+        await ride_out(attempt, within(5), None)
+    assert trio.current_time() - start == pytest.approx(5)
+    times = [round(t - start, 3) for t in attempt.times]
+    assert times[:6] == [0, 0.1, 0.3, 0.7, 1.5, 2.5] and times[-1] == 5  # at most 1 s apart, the last on time
+    assert info.value.message == "waited 5s for the cluster: cannot reach the cluster: Connection refused"
+    assert info.value.passing
+
+
+async def test_waiters_sharing_one_failure_each_say_how_long_they_waited(autojump_clock):
+    # MuxDialer.link hands one connect's failure to every client that waited
+    # for it; each client's own message must not compound the others'.
+    shared = refused()
+    messages = []
+
+    async def one(wait: float) -> None:
+        with pytest.raises(ClusterError) as info:
+            await ride_out(Attempts(*[shared] * 100), within(wait), None)
+        messages.append(info.value.message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, 2)
+        nursery.start_soon(one, 3)
+    assert messages == [f"waited {n}s for the cluster: cannot reach the cluster: Connection refused" for n in (2, 3)]
+    assert shared.message == "cannot reach the cluster: Connection refused"
 
 
 async def test_failures_that_will_not_pass_are_reported_at_once(autojump_clock):
@@ -63,7 +92,7 @@ async def test_failures_that_will_not_pass_are_reported_at_once(autojump_clock):
     failure = ClusterError("cert_invalid", "the cluster presented a certificate we do not trust")
     attempt = Attempts(failure)
     with pytest.raises(ClusterError) as info:
-        await ride_out(attempt, 10, None)
+        await ride_out(attempt, within(10), None)
     assert info.value is failure and "waited" not in info.value.message
     assert len(attempt.times) == 1
 
@@ -71,8 +100,42 @@ async def test_failures_that_will_not_pass_are_reported_at_once(autojump_clock):
 async def test_no_wait_means_one_attempt(autojump_clock):
     attempt = Attempts(refused())
     with pytest.raises(ClusterError) as info:
-        await ride_out(attempt, 0, None)
+        await ride_out(attempt, within(0), None)
     assert len(attempt.times) == 1 and "waited" not in info.value.message
+
+
+async def test_a_client_that_left_stops_its_wait(autojump_clock):
+    attempt = Attempts(*[refused() for _ in range(100)])
+    with pytest.raises(ClientGone):
+        await ride_out(attempt, within(10), None, lambda: len(attempt.times) == 3)
+    assert len(attempt.times) == 3
+
+
+async def test_past_the_limit_of_waiting_clients_the_next_is_turned_away_at_once(autojump_clock, monkeypatch):
+    monkeypatch.setattr(client, "WAITING_MAX", 2)
+    room, outcomes = WaitRoom("r", 10), []
+    cluster_back = trio.Event()
+
+    async def attempt() -> str:
+        if not cluster_back.is_set():
+            raise refused()
+        return "up"
+
+    async def one(name: str) -> None:
+        try:
+            outcomes.append((name, await room.ride_out(attempt, room.deadline(name), name, lambda: False)))
+        except ClusterError as exc:
+            outcomes.append((name, exc.message))
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b"):
+            nursery.start_soon(one, name)
+        await trio.testing.wait_all_tasks_blocked()
+        assert room.waiting == 2
+        await one("c")  # the room is full: one attempt, no wait
+        cluster_back.set()
+    assert outcomes == [("c", "cannot reach the cluster: Connection refused"), ("a", "up"), ("b", "up")]
+    assert room.waiting == 0
 
 
 async def test_a_refused_connect_may_pass_and_says_why():
@@ -86,3 +149,57 @@ async def test_a_refused_connect_may_pass_and_says_why():
     assert info.value.passing
     assert info.value.message == (f"cannot reach the cluster at 127.0.0.1:{port}: Connection refused; "
                                   f"is `wicket-cluster start` running there?")
+
+
+async def test_a_connection_cut_during_the_handshake_may_pass():
+    # A cluster that is stopping drops the connections it had not accepted
+    # yet: the handshake meets an EOF or a reset, which a restart ends.
+    for linger in (False, True):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+
+            async def drop() -> None:
+                await trio.lowlevel.wait_readable(listener)
+                conn, _ = listener.accept()
+                if linger:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drop)
+                with pytest.raises(ClusterError) as info:
+                    await _connect("127.0.0.1", listener.getsockname()[1], ssl.create_default_context(),
+                                   "localhost")
+        assert info.value.code == "tls_failed" and info.value.passing, info.value.message
+
+
+def test_resolver_errors_are_in_the_resolvers_words():
+    assert _reason(socket.gaierror(socket.EAI_NONAME, "Name or service not known")) == "Name or service not known"
+    assert not client._passing(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert client._passing(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
+    assert _reason(ConnectionRefusedError(111, "Error connecting to ('h', 1): Connection refused")) == \
+        "Connection refused"
+
+
+def test_a_peer_that_left_is_told_from_one_that_only_half_closed():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def pair():
+            a = socket.create_connection(listener.getsockname())
+            b, _ = listener.accept()
+            return a, b
+
+        a, b = pair()
+        with a, b:
+            assert not peer_left(b, eof=True)  # quiet
+            a.sendall(b"x")
+            a.shutdown(socket.SHUT_WR)
+            assert not peer_left(b, eof=True) and b.recv(1) == b"x"  # data first, and not taken
+            assert peer_left(b, eof=True) and not peer_left(b, eof=False)  # now only its FIN
+        a, b = pair()
+        with trio.socket.from_stdlib_socket(b) as b:  # a trio socket too
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            a.close()  # a reset
+            deadline = time.monotonic() + 10  # the RST is on its way through loopback
+            while not peer_left(b, eof=False):
+                assert time.monotonic() < deadline
