@@ -557,16 +557,23 @@ async def test_what_slow_upstreams_make_the_relay_hold_is_bounded(pki, monkeypat
         await raw.close()
 
 
-async def test_at_the_limit_the_stream_holding_the_most_is_reset(pki, monkeypatch):
-    # A stuck stream holds about 280 KiB; 100 KiB more for another would
-    # pass the limit: the stuck one makes room, the other is relayed.
+async def near_the_limit(pki, monkeypatch) -> RawGateway:
+    """Two streams, LINK_HELD at 300 KiB, and the first one stuck holding
+    about 280 KiB (its upstream does not read): 100 KiB more for the
+    second would pass the limit."""
     monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
+    raw = await RawGateway.open(pki, 2, sndbuf=4096)
+    await raw.peer.send_all(raw.gw.send_data(raw.sids[0], b"s" * 280 * 1024))
+    while raw.link.held < 200 * 1024:
+        await trio.sleep(0.01)
+    return raw
+
+
+async def test_at_the_limit_the_stream_holding_the_most_is_reset(pki, monkeypatch):
+    # The stuck one makes room, the other is relayed.
     with trio.fail_after(HANG):
-        raw = await RawGateway.open(pki, 2, sndbuf=4096)
+        raw = await near_the_limit(pki, monkeypatch)
         stuck, other = raw.sids
-        await raw.peer.send_all(raw.gw.send_data(stuck, b"s" * 280 * 1024))
-        while raw.link.held < 200 * 1024:
-            await trio.sleep(0.01)
         await raw.peer.send_all(raw.gw.send_data(other, b"o" * 100 * 1024) + raw.gw.send_fin(other))
         assert list(await resets_seen(raw.peer, raw.gw, 1)) == [stuck]
         assert await read_until_eof(raw.upstreams[1]) == b"o" * 100 * 1024
@@ -579,13 +586,9 @@ async def test_making_room_on_a_connection_that_fails_ends_the_stream_cleanly(pk
     # wanted the room. Those bytes go nowhere (its socket was handed to a
     # drainer); before, they became the tail of a socket no longer its own,
     # and a stream without a socket raised AttributeError (a bug, logged).
-    monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
     with trio.fail_after(HANG):
-        raw = await RawGateway.open(pki, 2, sndbuf=4096)
+        raw = await near_the_limit(pki, monkeypatch)
         stuck, other = raw.sids
-        await raw.peer.send_all(raw.gw.send_data(stuck, b"s" * 280 * 1024))
-        while raw.link.held < 200 * 1024:
-            await trio.sleep(0.01)
         with raw.link.engine._lock:
             raw.link.end.sock.shutdown(socket.SHUT_WR)  # the next frame out fails
         await raw.peer.send_all(raw.gw.send_data(other, b"o" * 100 * 1024))
