@@ -124,6 +124,7 @@ from typing import Callable
 
 import trio
 
+from gateway.net import tlskeys
 from gateway.net.tcp import TCP_CLOSE, unacknowledged
 from gateway.net.tls import TLSStream, linger_reset
 
@@ -297,7 +298,7 @@ class _End:
         "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward",
         "owner",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
-        "tcp_eof", "failed", "error_pending", "os_error", "kernel_full",
+        "tcp_eof", "failed", "error_pending", "os_error", "kernel_full", "records", "rekey_at", "key_update",
     )
 
     def __init__(self, sock: socket.socket, name: str, tls: tuple | None, tap: Tap | None) -> None:
@@ -335,6 +336,12 @@ class _End:
         # TLS: the last receive filled the buffer, so the kernel likely holds
         # more: a read that already has some plaintext receives again.
         self.kernel_full = False
+        # TLS: records written under the current key, and when to ask for a
+        # new one (gateway/net/tlskeys.py); how (None: not looked up yet,
+        # False: not possible here).
+        self.records = 0
+        self.rekey_at = tlskeys.UPDATE_AFTER
+        self.key_update: Callable[[], None] | None | bool = None
 
 
 class _Session:
@@ -955,11 +962,14 @@ class RelayEngine:
         if dst.obj is None:
             self._write(dst, data, copy=True)
             return
+        if dst.records >= dst.rekey_at:
+            rekey(dst)  # right before a write, which sends the KeyUpdate: see tlskeys.rekey
         try:
             dst.ssl.write(data)
         except ssl.SSLError as exc:
             dst.failed = True
             raise _Failure(f"{dst.name}: send failed: TLS error: {_ssl_text(exc)}") from None
+        dst.records += (len(data) + 16383) >> 14  # tlskeys.records, inline: every message pays it
         self._write(dst, dst.outgoing.read(), copy=False)
 
     def _write(self, dst: _End, data: memoryview | bytes, *, copy: bool) -> None:
@@ -1102,6 +1112,18 @@ class RelayEngine:
         if end.carry:
             # That plaintext goes to the other side as soon as it can take it.
             self._again.append(end)
+
+
+def rekey(end: _End) -> None:
+    """:func:`tlskeys.rekey` for an end; raises :class:`_Failure`."""
+    try:
+        tlskeys.rekey(end, end.obj, end.name)
+    except tlskeys.KeysWornOut as exc:
+        end.failed = True
+        raise _Failure(str(exc)) from None
+    except ssl.SSLError as exc:
+        end.failed = True
+        raise _Failure(f"{end.name}: send failed: TLS error: {_ssl_text(exc)}") from None
 
 
 def watch_mask(end: _End) -> int:

@@ -71,8 +71,8 @@ from typing import Callable
 import trio
 
 from gateway.net.engine import (
-    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, reset_and_close,
-    watch_mask,
+    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, rekey,
+    reset_and_close, watch_mask,
 )
 from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, written
 from gateway.net.tls import TLSStream
@@ -782,11 +782,14 @@ class MuxLink:
         if not frame or self.failed is not None:
             return
         end = self.end
+        if end.records >= end.rekey_at:
+            rekey(end)  # right before a write, which sends the KeyUpdate: see tlskeys.rekey
         try:
             end.ssl.write(frame)
         except Exception as exc:
             end.failed = True
             raise _Failure(f"{self.name}: send failed: TLS error: {exc}") from None
+        end.records += (len(frame) + 16383) >> 14  # tlskeys.records, inline: every frame pays it
         self.engine._write(end, end.outgoing.read(), copy=False)
         if end.tail is not None and not end.mask & _OUT:
             # Also when trio's thread sent this (an OPEN, a REPLY, a RESET):

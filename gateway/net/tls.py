@@ -121,6 +121,8 @@ from trio.lowlevel import (
     wait_writable,
 )
 
+from gateway.net import tlskeys
+
 __all__ = [
     "DEFAULT_RECEIVE_SIZE",
     "linger_reset",
@@ -246,6 +248,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._broken: trio.BrokenResourceError | None = None
         self._closed = False
         self._abort = False  # aclose resets the connection instead of ending it
+        # Records written under the current key, and when to ask for a new
+        # one (gateway/net/tlskeys.py; the engine keeps its own count after
+        # a detach, with room to spare for the few records written before).
+        self.records = 0
+        self.rekey_at = tlskeys.UPDATE_AFTER
+        self.key_update = None
 
     # ------------------------------------------------------------------
     # Introspection (valid once the handshake is done).
@@ -605,10 +613,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     view = view.cast("B")
                 for start in range(0, len(view), SEND_CHUNK):
                     self._check_open()
+                    chunk = view[start:start + SEND_CHUNK]
                     try:
-                        write(view[start:start + SEND_CHUNK])
+                        if self.records >= self.rekey_at:
+                            tlskeys.rekey(self, self._obj, "TLS stream")
+                        write(chunk)
+                        self.records += tlskeys.records(len(chunk))
                     except ssl.SSLError as exc:
                         raise self._ssl_error(exc) from exc
+                    except tlskeys.KeysWornOut as exc:
+                        raise self._fail(str(exc), None) from None
                     if await self._flush():
                         waited = True
             if not waited:

@@ -134,7 +134,8 @@ async def test_past_the_limit_of_waiting_clients_the_next_is_turned_away_at_once
         assert room.waiting == 2
         await one("c")  # the room is full: one attempt, no wait
         cluster_back.set()
-    assert outcomes == [("c", "cannot reach the cluster: Connection refused"), ("a", "up"), ("b", "up")]
+    assert outcomes[0] == ("c", "cannot reach the cluster: Connection refused")
+    assert sorted(outcomes[1:]) == [("a", "up"), ("b", "up")]
     assert room.waiting == 0
 
 
@@ -171,7 +172,9 @@ async def test_a_connection_cut_during_the_handshake_may_pass():
                 with pytest.raises(ClusterError) as info:
                     await _connect("127.0.0.1", listener.getsockname()[1], ssl.create_default_context(),
                                    "localhost")
-        assert info.value.code == "tls_failed" and info.value.passing, info.value.message
+        # (A reset may even come before the handshake's first read: a
+        # connect error then, and one that may pass all the same.)
+        assert info.value.passing, info.value.message
 
 
 def test_resolver_errors_are_in_the_resolvers_words():

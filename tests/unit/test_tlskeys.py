@@ -1,0 +1,220 @@
+"""TLS 1.3 key updates (gateway/net/tlskeys.py): OpenSSL's updater found
+safely behind the stdlib's SSLObject, and every relay path asking for one
+after its share of records, so that no key protects more than TLS allows.
+The peers count the KeyUpdate messages they read (OpenSSL's message
+callback, a private hook of the ssl module, used here only to watch)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import struct
+
+import pytest
+import trio
+
+from gateway.net import tlskeys
+from gateway.net.relay import RelayCounters
+from protocols.dial import DialRequest
+from tests.unit import tlsutil
+from tests.unit.test_engine import _memory_tls_pair, tls_connection
+from tests.unit.test_muxlink import HANG, Started, linked, socket_pair
+from tests.unit.tlsutil import read_exactly
+
+
+def records_in(ciphertext: bytes) -> int:
+    n = pos = 0
+    while pos < len(ciphertext):
+        pos += 5 + struct.unpack_from(">H", ciphertext, pos + 3)[0]
+        n += 1
+    return n
+
+
+def test_an_update_goes_out_in_front_of_the_next_record_and_is_answered(pki):
+    client, server = _memory_tls_pair(pki)
+    for sender, receiver in ((client, server), (server, client)):
+        update = tlskeys.key_updater(sender[0])
+        assert update is not None  # this CPython's layout was recognised
+        update()
+        sender[0].write(b"after the update")
+        wire = sender[2].read()
+        assert records_in(wire) == 2  # the KeyUpdate, then the data under the new key
+        receiver[1].write(wire)
+        assert receiver[0].read(100) == b"after the update"
+        # It asked for the peer's update too: the answer precedes its next record.
+        receiver[0].write(b"answer")
+        wire = receiver[2].read()
+        assert records_in(wire) == 2
+        sender[1].write(wire)
+        assert sender[0].read(100) == b"answer"
+
+
+def test_records_counts_what_openssl_writes():
+    assert [tlskeys.records(n) for n in (1, 16384, 16385, 256 * 1024)] == [1, 1, 2, 16]
+
+
+class KeyUpdatesRead:
+    """Contexts whose connections count the KeyUpdate messages they read."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in ("server_context", "client_context"):
+            make = getattr(tlsutil, name)
+            monkeypatch.setattr(tlsutil, name, lambda pki, *a, _make=make, **k: self._watched(_make(pki, *a, **k)))
+
+    def _watched(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        def seen(conn, direction, version, content_type, msg_type, data) -> None:
+            if direction == "read" and content_type == ssl._TLSContentType.HANDSHAKE \
+                    and msg_type == ssl._TLSMessageType.KEY_UPDATE:
+                self.count += 1
+
+        ctx._msg_callback = seen
+        return ctx
+
+
+async def echo_through_a_link(pki, messages: int) -> None:
+    """``messages`` round trips of 100 bytes through a fresh link."""
+    async with linked(pki) as pair:
+        near, far = socket_pair()
+        started = Started(pair.gateway, DialRequest(resource="r"), near)
+        await pair.accepted["r"].wait()
+        upstream = pair.upstreams["r"]
+        for i in range(messages):
+            message = b"%0100d" % i
+            await far.send_all(message)
+            assert await read_exactly(upstream, 100) == message
+            await upstream.send_all(message)
+            assert await read_exactly(far, 100) == message
+        await far.aclose()
+        await upstream.aclose()
+        await started.ended()
+
+
+async def test_the_multiplexed_connection_updates_its_keys_every_so_many_records(pki, monkeypatch):
+    monkeypatch.setattr(tlskeys, "UPDATE_AFTER", 50)
+    watch = KeyUpdatesRead(monkeypatch)
+    with trio.fail_after(HANG):
+        await echo_through_a_link(pki, 300)  # 300 records each way, a few more for control frames
+    # Each side asked after each 50 of its records and answered the other's:
+    # at least 6 updates read by each side.
+    assert watch.count >= 12
+
+
+async def test_a_relayed_tls_session_updates_its_keys(pki, monkeypatch):
+    # The engine's other TLS path (a session relayed as is: PostgreSQL's).
+    from gateway.net.relay import relay
+    from tests.unit.test_engine import tcp_pair
+
+    monkeypatch.setattr(tlskeys, "UPDATE_AFTER", 8)
+    watch = KeyUpdatesRead(monkeypatch)
+    payload = bytes(range(256)) * 4096  # 1 MiB: 64 full records
+    with trio.fail_after(HANG):
+        tls_near, tls_far = await tls_connection(pki)
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        async with listener, trio.open_nursery() as nursery:
+            client, relay_plain = await tcp_pair(listener)
+            nursery.start_soon(lambda: relay(relay_plain, tls_near, counters=RelayCounters()))
+
+            async def send() -> None:
+                await client.send_all(payload)
+                await client.send_eof()
+
+            nursery.start_soon(send)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await tls_far.receive_some(65536)
+            assert got == payload
+            await tls_far.send_eof()
+            await client.aclose()
+    # The count is checked after each write (up to 256 KiB, 16 records): a
+    # key protects at most UPDATE_AFTER records plus one write's.
+    assert watch.count >= 3
+
+
+async def test_a_tls_stream_updates_its_keys(pki, monkeypatch):
+    monkeypatch.setattr(tlskeys, "UPDATE_AFTER", 8)
+    watch = KeyUpdatesRead(monkeypatch)
+    payload = bytes(range(256)) * 4096
+    with trio.fail_after(HANG):
+        near, far = await tls_connection(pki)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(near.send_all, payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await far.receive_some(65536)
+        assert got == payload
+        await near.aclose()
+        await far.aclose()
+    assert watch.count >= 3  # after each chunk of 256 KiB but the last
+
+
+async def test_an_update_due_after_the_last_write_does_not_block_the_close(pki, monkeypatch):
+    # OpenSSL holds a connection "in init" from the moment an update is asked
+    # for until the KeyUpdate is written; a close_notify asked for meanwhile
+    # fails (SHUTDOWN_WHILE_IN_INIT). So the update is asked for right before
+    # a write, never after the write that reached the count: here the last
+    # chunk reaches it exactly, and the close must still go out.
+    from gateway.net.tls import SEND_CHUNK
+
+    monkeypatch.setattr(tlskeys, "UPDATE_AFTER", tlskeys.records(SEND_CHUNK))
+    with trio.fail_after(HANG):
+        near, far = await tls_connection(pki)
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await near.send_all(b"x" * SEND_CHUNK)
+                await near.send_eof()
+
+            nursery.start_soon(send)
+            got = bytearray()
+            while chunk := await far.receive_some(65536):
+                got += chunk
+        assert len(got) == SEND_CHUNK  # then the close_notify: a clean end
+        await near.aclose()
+        await far.aclose()
+
+
+async def test_without_an_updater_a_connection_ends_before_its_key_wears_out(pki, monkeypatch, caplog):
+    monkeypatch.setattr(tlskeys, "UPDATE_AFTER", 50)
+    monkeypatch.setattr(tlskeys, "MAX_RECORDS", 120)
+    monkeypatch.setattr(tlskeys, "key_updater", lambda obj: None)
+    caplog.set_level(logging.WARNING)
+    with trio.fail_after(HANG):
+        async with linked(pki) as pair:
+            near, far = socket_pair()
+            started = Started(pair.gateway, DialRequest(resource="r"), near)
+            await pair.accepted["r"].wait()
+            upstream = pair.upstreams["r"]
+            with pytest.raises(trio.BrokenResourceError):
+                for i in range(200):  # one record each way per message: past 120 on both sides
+                    await far.send_all(b"%0100d" % i)
+                    await read_exactly(upstream, 100)
+                    await upstream.send_all(b"%0100d" % i)
+                    await read_exactly(far, 100)
+            assert "as many as it may, and could not ask for a new key" in await started.ended()
+            await far.aclose()
+    assert "tls_key_update_unavailable" in caplog.text
+
+
+def test_a_peer_that_is_not_tls_1_3_gets_no_updater(pki):
+    # Key updates are TLS 1.3's; the gateway and cluster speak nothing else,
+    # but the updater must not be handed out for an older protocol.
+    server_ctx = tlsutil.server_context(pki)
+    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    client_ctx = tlsutil.client_context(pki)
+    client_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client_ctx.wrap_bio(incoming, outgoing, server_hostname=tlsutil.SERVER_NAME)
+    s = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for obj, out, peer_in in ((c, outgoing, s_in), (s, s_out, incoming)):
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            peer_in.write(out.read())
+    assert c.version() == "TLSv1.2"
+    assert tlskeys.key_updater(c) is None
