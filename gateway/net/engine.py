@@ -298,7 +298,8 @@ class _End:
         "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward",
         "owner",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
-        "tcp_eof", "failed", "error_pending", "os_error", "kernel_full", "records", "rekey_at", "key_update",
+        "tcp_eof", "failed", "error_pending", "os_error", "kernel_full",
+        "records", "rekey_at", "key_update", "shift",
     )
 
     def __init__(self, sock: socket.socket, name: str, tls: tuple | None, tap: Tap | None) -> None:
@@ -342,6 +343,7 @@ class _End:
         self.records = 0
         self.rekey_at = tlskeys.UPDATE_AFTER
         self.key_update: Callable[[], None] | None | bool = None
+        self.shift = 14 if self.obj is None else tlskeys.record_shift(self.obj)  # see tlskeys.records
 
 
 class _Session:
@@ -815,7 +817,7 @@ class RelayEngine:
             # state hanging off them is freed now, by reference counting,
             # not whenever the cyclic collector next gets to it.
             end.session = end.peer = end.tap = None
-            end.obj = end.ssl = end.incoming = end.outgoing = None
+            end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
             end.carry = None
             if not draining:
                 end.tail = None
@@ -969,7 +971,7 @@ class RelayEngine:
         except ssl.SSLError as exc:
             dst.failed = True
             raise _Failure(f"{dst.name}: send failed: TLS error: {_ssl_text(exc)}") from None
-        dst.records += (len(data) + 16383) >> 14  # tlskeys.records, inline: every message pays it
+        dst.records += (len(data) >> dst.shift) + 1  # tlskeys.records, inline: every message pays it
         self._write(dst, dst.outgoing.read(), copy=False)
 
     def _write(self, dst: _End, data: memoryview | bytes, *, copy: bool) -> None:

@@ -789,7 +789,7 @@ class MuxLink:
         except Exception as exc:
             end.failed = True
             raise _Failure(f"{self.name}: send failed: TLS error: {exc}") from None
-        end.records += (len(frame) + 16383) >> 14  # tlskeys.records, inline: every frame pays it
+        end.records += (len(frame) >> end.shift) + 1  # tlskeys.records, inline: every frame pays it
         self.engine._write(end, end.outgoing.read(), copy=False)
         if end.tail is not None and not end.mask & _OUT:
             # Also when trio's thread sent this (an OPEN, a REPLY, a RESET):
@@ -924,7 +924,7 @@ class MuxLink:
         _close_notify_nowait(end)
         end.sock.close()
         end.owner = None
-        end.obj = end.ssl = end.incoming = end.outgoing = None
+        end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
         end.tail = None
         end.more = []
         self.blocked.clear()

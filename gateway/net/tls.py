@@ -254,6 +254,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.records = 0
         self.rekey_at = tlskeys.UPDATE_AFTER
         self.key_update = None
+        self.shift = 14  # tlskeys.records; set from the handshake's outcome
 
     # ------------------------------------------------------------------
     # Introspection (valid once the handshake is done).
@@ -494,6 +495,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     raise error from exc
             # Our last flight (and a server's session tickets).
             await self._flush()
+            self.shift = tlskeys.record_shift(self._obj)
             self._handshake_done = True
 
     # ------------------------------------------------------------------
@@ -618,7 +620,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         if self.records >= self.rekey_at:
                             tlskeys.rekey(self, self._obj, "TLS stream")
                         write(chunk)
-                        self.records += tlskeys.records(len(chunk))
+                        self.records += tlskeys.records(len(chunk), self.shift)
                     except ssl.SSLError as exc:
                         raise self._ssl_error(exc) from exc
                     except tlskeys.KeysWornOut as exc:

@@ -537,29 +537,6 @@ def test_a_reset_socket_has_nothing_left_to_deliver():
         assert _unacknowledged(near) == 0
 
 
-def _memory_tls_pair(pki):
-    """A handshaken (client, server) pair of SSLObjects over memory BIOs, each
-    as the (obj, incoming, outgoing) triple an engine end takes."""
-    import ssl
-
-    sides = []
-    for context, server in ((tlsutil.client_context(pki), False), (tlsutil.server_context(pki), True)):
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = context.wrap_bio(incoming, outgoing, server_side=server,
-                               server_hostname=None if server else tlsutil.SERVER_NAME)
-        sides.append((obj, incoming, outgoing))
-    done = [False, False]
-    while not all(done):
-        for i, (obj, _, outgoing) in enumerate(sides):
-            try:
-                obj.do_handshake()
-                done[i] = True
-            except ssl.SSLWantReadError:
-                pass
-            sides[1 - i][1].write(outgoing.read())
-    return sides
-
-
 def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
     # A read of TLS stops at the size of the plaintext buffer, which leaves
     # the tail of the last receive decrypted or buffered in OpenSSL. The next
@@ -568,7 +545,7 @@ def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
     # the other socket and a trip through epoll for every read.
     from gateway.net.engine import _CIPHER, _End
 
-    client, server = _memory_tls_pair(pki)
+    client, server = tlsutil.memory_pair(pki)
     size = 256 * 1024
     payload = os.urandom(4 * size)
     server[0].write(payload)

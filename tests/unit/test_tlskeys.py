@@ -2,7 +2,8 @@
 safely behind the stdlib's SSLObject, and every relay path asking for one
 after its share of records, so that no key protects more than TLS allows.
 The peers count the KeyUpdate messages they read (OpenSSL's message
-callback, a private hook of the ssl module, used here only to watch)."""
+callback, a private hook of the ssl module, used here only to watch); each
+side updates its own sending key."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from gateway.net import tlskeys
 from gateway.net.relay import RelayCounters
 from protocols.dial import DialRequest
 from tests.unit import tlsutil
-from tests.unit.test_engine import _memory_tls_pair, tls_connection
-from tests.unit.test_muxlink import HANG, Started, linked, socket_pair
+from tests.unit.test_engine import tls_connection
+from tests.unit.test_muxlink import HANG, Started, linked, loopback_pair, socket_pair
 from tests.unit.tlsutil import read_exactly
 
 
@@ -30,8 +31,8 @@ def records_in(ciphertext: bytes) -> int:
     return n
 
 
-def test_an_update_goes_out_in_front_of_the_next_record_and_is_answered(pki):
-    client, server = _memory_tls_pair(pki)
+def test_an_update_goes_out_in_front_of_the_next_record(pki):
+    client, server = tlsutil.memory_pair(pki)
     for sender, receiver in ((client, server), (server, client)):
         update = tlskeys.key_updater(sender[0])
         assert update is not None  # this CPython's layout was recognised
@@ -41,16 +42,59 @@ def test_an_update_goes_out_in_front_of_the_next_record_and_is_answered(pki):
         assert records_in(wire) == 2  # the KeyUpdate, then the data under the new key
         receiver[1].write(wire)
         assert receiver[0].read(100) == b"after the update"
-        # It asked for the peer's update too: the answer precedes its next record.
+        # Each side updates its own sending key; the peer was not asked to.
         receiver[0].write(b"answer")
         wire = receiver[2].read()
-        assert records_in(wire) == 2
+        assert records_in(wire) == 1
         sender[1].write(wire)
         assert sender[0].read(100) == b"answer"
 
 
-def test_records_counts_what_openssl_writes():
-    assert [tlskeys.records(n) for n in (1, 16384, 16385, 256 * 1024)] == [1, 1, 2, 16]
+def test_a_refused_update_leaves_no_error_behind_for_other_connections(pki):
+    # OpenSSL's error queue is per thread: an error left there is reported
+    # by the next call on *any* connection of the engine's thread.
+    first, _ = tlsutil.memory_pair(pki)
+    other, _ = tlsutil.memory_pair(pki)
+    update = tlskeys.key_updater(first[0])
+    update()
+    with pytest.raises(ssl.SSLError, match="refused"):
+        update()  # one is already on its way (OpenSSL: still in init)
+    with pytest.raises(ssl.SSLWantReadError):
+        other[0].read(100)  # nothing to read, and nothing else to say
+
+
+def test_records_are_never_undercounted():
+    assert [tlskeys.records(n) for n in (1, 16383, 16384, 256 * 1024)] == [1, 1, 2, 17]
+    assert tlskeys.records(16384, 9) >= 16384 // 512
+
+
+def test_a_smaller_record_size_the_client_negotiated_is_counted(pki):
+    # A local PostgreSQL client may ask for max_fragment_length (RFC 6066):
+    # OpenSSL then cuts every 16 KiB write into 32 records of 512 bytes.
+    import ctypes
+
+    client_ctx = tlsutil.client_context(pki)
+    lib = ctypes.CDLL(ssl._ssl.__file__)
+    ctx_ptr = ctypes.c_void_p.from_address(id(client_ctx) + object.__basicsize__).value
+    assert lib.SSL_CTX_set_tlsext_max_fragment_length(ctypes.c_void_p(ctx_ptr), 1) == 1  # 512 bytes
+    client, server = tlsutil.memory_pair(pki, client_ctx=client_ctx)
+    assert tlskeys.record_shift(server[0]) == tlskeys.record_shift(client[0]) == 9
+    server[0].write(b"x" * 16384)
+    assert records_in(server[2].read()) == 32 <= tlskeys.records(16384, 9)
+    plain, _ = tlsutil.memory_pair(pki)
+    assert tlskeys.record_shift(plain[0]) == 14
+
+
+def test_what_has_no_such_limit_is_left_alone(pki):
+    # TLS 1.2 (a local PostgreSQL client or server may speak it) has no
+    # KeyUpdate: its connections are neither updated nor cut.
+    class Counts:
+        records, rekey_at, key_update = tlskeys.MAX_RECORDS, tlskeys.UPDATE_AFTER, None
+
+    for side in tlsutil.memory_pair(pki, version=ssl.TLSVersion.TLSv1_2):
+        state = Counts()
+        tlskeys.rekey(state, side[0], "test")
+        assert state.rekey_at == tlskeys.NEVER and state.key_update is False
 
 
 class KeyUpdatesRead:
@@ -181,7 +225,7 @@ async def test_without_an_updater_a_connection_ends_before_its_key_wears_out(pki
     caplog.set_level(logging.WARNING)
     with trio.fail_after(HANG):
         async with linked(pki) as pair:
-            near, far = socket_pair()
+            near, far = loopback_pair()  # TCP: the cut is seen as a reset
             started = Started(pair.gateway, DialRequest(resource="r"), near)
             await pair.accepted["r"].wait()
             upstream = pair.upstreams["r"]
@@ -191,30 +235,6 @@ async def test_without_an_updater_a_connection_ends_before_its_key_wears_out(pki
                     await read_exactly(upstream, 100)
                     await upstream.send_all(b"%0100d" % i)
                     await read_exactly(far, 100)
-            assert "as many as it may, and could not ask for a new key" in await started.ended()
+            assert "as many as it may, and could not get a new key" in await started.ended()
             await far.aclose()
     assert "tls_key_update_unavailable" in caplog.text
-
-
-def test_a_peer_that_is_not_tls_1_3_gets_no_updater(pki):
-    # Key updates are TLS 1.3's; the gateway and cluster speak nothing else,
-    # but the updater must not be handed out for an older protocol.
-    server_ctx = tlsutil.server_context(pki)
-    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    client_ctx = tlsutil.client_context(pki)
-    client_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = client_ctx.wrap_bio(incoming, outgoing, server_hostname=tlsutil.SERVER_NAME)
-    s = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for obj, out, peer_in in ((c, outgoing, s_in), (s, s_out, incoming)):
-            try:
-                obj.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            peer_in.write(out.read())
-    assert c.version() == "TLSv1.2"
-    assert tlskeys.key_updater(c) is None

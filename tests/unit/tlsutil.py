@@ -275,3 +275,30 @@ def vanish(sock) -> None:
             pytest.fail(why)  # CI runs them all
         pytest.skip(why)
     sock.close()
+
+
+def memory_pair(pki: TestPKI, *, client_ctx: ssl.SSLContext | None = None,
+                version: ssl.TLSVersion | None = None):
+    """A handshaken (client, server) pair of SSLObjects over memory BIOs, each
+    as the (obj, incoming, outgoing) triple a relay engine end takes.
+    ``version``: the one protocol version both sides allow."""
+    contexts = [client_ctx or client_context(pki), server_context(pki)]
+    if version is not None:
+        for ctx in contexts:
+            ctx.minimum_version = ctx.maximum_version = version
+    sides = []
+    for context, server in zip(contexts, (False, True)):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(incoming, outgoing, server_side=server,
+                               server_hostname=None if server else SERVER_NAME)
+        sides.append((obj, incoming, outgoing))
+    done = [False, False]
+    while not all(done):
+        for i, (obj, _, outgoing) in enumerate(sides):
+            try:
+                obj.do_handshake()
+                done[i] = True
+            except ssl.SSLWantReadError:
+                pass
+            sides[1 - i][1].write(outgoing.read())
+    return sides
