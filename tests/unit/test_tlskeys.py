@@ -139,8 +139,8 @@ async def test_the_multiplexed_connection_updates_its_keys_every_so_many_records
     watch = KeyUpdatesRead(monkeypatch)
     with trio.fail_after(HANG):
         await echo_through_a_link(pki, 300)  # 300 records each way, a few more for control frames
-    # Each side asked after each 50 of its records and answered the other's:
-    # at least 6 updates read by each side.
+    # Each side updates its key after each 50 of its records: at least 6
+    # updates read by each side.
     assert watch.count >= 12
 
 
@@ -164,14 +164,11 @@ async def test_a_relayed_tls_session_updates_its_keys(pki, monkeypatch):
                 await client.send_eof()
 
             nursery.start_soon(send)
-            got = bytearray()
-            while len(got) < len(payload):
-                got += await tls_far.receive_some(65536)
-            assert got == payload
+            assert await read_exactly(tls_far, len(payload)) == payload
             await tls_far.send_eof()
             await client.aclose()
-    # The count is checked after each write (up to 256 KiB, 16 records): a
-    # key protects at most UPDATE_AFTER records plus one write's.
+    # The count is checked before each write (up to 256 KiB, 17 records
+    # counted): a key protects at most UPDATE_AFTER records plus one write's.
     assert watch.count >= 3
 
 
@@ -183,13 +180,10 @@ async def test_a_tls_stream_updates_its_keys(pki, monkeypatch):
         near, far = await tls_connection(pki)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(near.send_all, payload)
-            got = bytearray()
-            while len(got) < len(payload):
-                got += await far.receive_some(65536)
-        assert got == payload
+            assert await read_exactly(far, len(payload)) == payload
         await near.aclose()
         await far.aclose()
-    assert watch.count >= 3  # after each chunk of 256 KiB but the last
+    assert watch.count >= 3  # before each chunk of 256 KiB but the first
 
 
 async def test_an_update_due_after_the_last_write_does_not_block_the_close(pki, monkeypatch):
