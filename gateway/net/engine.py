@@ -306,7 +306,9 @@ class _End:
         self.sock = sock
         self.fd = sock.fileno()
         self.name = name
-        self.obj, self.incoming, self.outgoing = tls if tls is not None else (None, None, None)
+        # ``tls``: (SSLObject, incoming BIO, outgoing BIO[, records written
+        # under the current key so far]), as _detach hands it over.
+        self.obj, self.incoming, self.outgoing, *written = tls if tls is not None else (None, None, None)
         # The C object behind the SSLObject: its read, write and pending are
         # the same calls without a Python frame around each (they are on
         # every message's path). ``obj`` itself if that ever moves.
@@ -340,7 +342,7 @@ class _End:
         # TLS: records written under the current key, and when to ask for a
         # new one (gateway/net/tlskeys.py); how (None: not looked up yet,
         # False: not possible here).
-        self.records = 0
+        self.records = written[0] if written else 0
         self.rekey_at = tlskeys.UPDATE_AFTER
         self.key_update: Callable[[], None] | None | bool = None
         self.shift = 14 if self.obj is None else tlskeys.record_shift(self.obj)  # see tlskeys.records
@@ -486,6 +488,7 @@ def eligible(stream: object) -> bool:
 def _detach(stream) -> tuple[socket.socket, tuple | None]:
     if isinstance(stream, TLSStream):
         fd, tls = stream.detach()
+        tls = (*tls, stream.records)  # the count goes on (gateway/net/tlskeys.py)
     else:
         fd, tls = stream.socket.detach(), None
     sock = socket.socket(fileno=fd)

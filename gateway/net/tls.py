@@ -249,8 +249,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._abort = False  # aclose resets the connection instead of ending it
         # Records written under the current key, and when to ask for a new
-        # one (gateway/net/tlskeys.py; the engine keeps its own count after
-        # a detach, with room to spare for the few records written before).
+        # one (gateway/net/tlskeys.py; after a detach the engine counts on).
         self.records = 0
         self.rekey_at = tlskeys.UPDATE_AFTER
         self.key_update = None

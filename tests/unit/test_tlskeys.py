@@ -232,3 +232,21 @@ async def test_without_an_updater_a_connection_ends_before_its_key_wears_out(pki
             assert "as many as it may, and could not get a new key" in await started.ended()
             await far.aclose()
     assert "tls_key_update_unavailable" in caplog.text
+
+
+async def test_the_count_goes_on_when_the_engine_takes_a_connection_over(pki):
+    # The records a TLSStream wrote before the relay engine took its
+    # connection over (a dial, a PostgreSQL start-up) count against the key.
+    from gateway.net.engine import _detach, _End
+
+    with trio.fail_after(HANG):
+        near, far = await tls_connection(pki)
+        await near.send_all(b"x" * 100_000)  # 7 records
+        assert await read_exactly(far, 100_000)
+        written = near.records
+        assert written >= 7
+        sock, tls = _detach(near)
+        end = _End(sock, "tls", tls, None)
+        assert end.records == written
+        sock.close()
+        await far.aclose()
