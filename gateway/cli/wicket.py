@@ -280,7 +280,7 @@ def proxy() -> None:
 
 
 def _listen_options(f: Callable) -> Callable:
-    f = click.option("--wait-for-cluster", type=click.FloatRange(0, 3600), default=client.RIDE_OUT,
+    f = click.option("--wait-for-cluster", type=click.FloatRange(0, 300), default=client.RIDE_OUT,
                      show_default=True, metavar="SECONDS",
                      help="How long a new client waits while the cluster cannot be reached (restarting, not up "
                           "yet, the network switching) before it is turned away; 0 turns it away at once.")(f)

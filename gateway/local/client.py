@@ -89,8 +89,9 @@ async def ride_out(attempt: Callable[[], Awaitable[T]], deadline: float,
                 if not waited:
                     raise
                 # A new error: the one caught may be another waiter's too.
-                raise ClusterError(exc.code, f"waited {round(trio.current_time() - started, 1):g}s for the cluster: "
-                                             f"{exc.message}", passing=exc.passing) from None
+                waited_for = round(trio.current_time() - started, 1)
+                raise ClusterError(exc.code, f"waited {waited_for:g}s for the cluster: {exc.message}",
+                                   passing=exc.passing) from None
             if not waited and on_wait is not None:
                 on_wait(exc)
             waited = True
@@ -104,33 +105,38 @@ class WaitRoom:
     """Where one proxy's new clients wait for a cluster that cannot be
     reached (:func:`ride_out`): each for up to ``wait`` seconds, and at most
     WAITING_MAX at once (past that, clients that gave up and came again
-    must not pile up sockets and tasks: the next is turned away at once)."""
+    must not pile up sockets and tasks: the next is turned away at once).
+    Only clients that met a failure that may pass count as waiting."""
 
     def __init__(self, resource: str, wait: float) -> None:
         self.resource, self.wait = resource, wait
         self.waiting = 0
 
-    def deadline(self, client_addr: str) -> float:
+    def deadline(self) -> float:
         """Until when a client arriving now may wait (trio time)."""
-        now = trio.current_time()
-        if self.waiting >= WAITING_MAX:
-            log.warning("cluster_wait_full resource=%s client=%s waiting=%d", self.resource, client_addr,
-                        self.waiting)
-            return now
-        return now + self.wait
+        return trio.current_time() + self.wait
 
     async def ride_out(self, attempt: Callable[[], Awaitable[T]], deadline: float, client_addr: str,
                        gone: Callable[[], bool]) -> T:
         """:func:`ride_out`, counted, with the log line of a client that waits."""
+        waits = False
+
         def on_wait(exc: ClusterError) -> None:
+            nonlocal waits
+            if self.waiting >= WAITING_MAX:
+                log.warning("cluster_wait_full resource=%s client=%s waiting=%d", self.resource, client_addr,
+                            self.waiting)
+                raise exc  # turned away at once, with the failure as it is
+            self.waiting += 1
+            waits = True
             log.info("cluster_wait resource=%s client=%s wait=%gs error=%r", self.resource, client_addr,
                      max(0.0, deadline - trio.current_time()), exc.message)
 
-        self.waiting += 1
         try:
             return await ride_out(attempt, deadline, on_wait, gone)
         finally:
-            self.waiting -= 1
+            if waits:
+                self.waiting -= 1
 
 
 @attrs.frozen(slots=True)
@@ -473,11 +479,12 @@ class MuxDialer:
         self._current: tuple[MuxLink, ssl.SSLContext, float] | None = None
         self._draining: dict[MuxLink, str] = {}  # replaced, and why: closed after their last session
         self._lock = trio.Lock()
-        # Connects that failed, and the last one's error with the TLS context
-        # it used: what a caller who waited for the lock meanwhile gets too,
-        # if it would connect with the same (see :meth:`link`).
+        # Connects that failed, and the last one's error (code, message,
+        # passing) with the TLS context it used: what a caller who waited for
+        # the lock meanwhile gets too, if it would connect with the same (see
+        # :meth:`link`). Plain values: the exception would keep its frames.
         self._failures = 0
-        self._failure: tuple[ClusterError, ssl.SSLContext] | None = None
+        self._failure: tuple[str, str, bool, ssl.SSLContext] | None = None
 
     def check_fresh(self) -> pki.Identity:
         return self.dialer.check_fresh()
@@ -508,13 +515,13 @@ class MuxDialer:
             if link is not None:
                 return link
             d = self.dialer
-            if self._failures != failures and self._failure is not None and self._failure[1] is d._ctx:
+            if self._failures != failures and self._failure is not None and self._failure[3] is d._ctx:
                 # A connect failed while this caller waited for its turn: that
                 # is the answer for now. Trying again at once would make each
                 # waiting client wait a whole CONNECT_TIMEOUT of its own, one
                 # after the other, for a cluster that does not answer.
-                failure = self._failure[0]
-                raise ClusterError(failure.code, failure.message, passing=failure.passing)
+                code, message, passing, _ctx = self._failure
+                raise ClusterError(code, message, passing=passing)
             ctx = d._ctx
             slept = time_suspended()  # before connecting: see Dialer.run_pool
             old = self._current
@@ -534,8 +541,9 @@ class MuxDialer:
                     stream = await _connect(d.profile.host, d.profile.port, ctx, d.profile.host, d._session)
             except ClusterError as exc:
                 self._failures += 1
-                self._failure = (exc, ctx)
+                self._failure = (exc.code, exc.message, exc.passing, ctx)
                 raise
+            self._failure = None
             if why is not None and old[0].failed is None:
                 self._draining[old[0]] = why
             self._current = (MuxLink(engine(), stream, MuxRole.GATEWAY, name="cluster", socket_name="client"),

@@ -146,7 +146,7 @@ class PostgresProxy:
             self.dialer.check_fresh()
             request = DialRequest(resource=self.resource, params=params, client_addr=client_addr)
             # A client waits for its answer in silence: its FIN means it left.
-            dialed = await self.room.ride_out(lambda: self.dialer.dial(request), self.room.deadline(client_addr),
+            dialed = await self.room.ride_out(lambda: self.dialer.dial(request), self.room.deadline(),
                                               client_addr, lambda: peer_left(sock, eof=True))
         except ClientGone:
             log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
@@ -161,7 +161,7 @@ class PostgresProxy:
             message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
             # The cluster, not the resource, is what failed: the message says
             # what to do, with no hint about the resource.
-            unreachable = getattr(exc, "code", "unreachable") == "unreachable"
+            unreachable = getattr(exc, "code", "unreachable") == "unreachable" or getattr(exc, "passing", False)
             await self._refuse(client, client_addr,
                                DialError(code=ErrorCode.UPSTREAM_UNREACHABLE, message=message),
                                hint="check that the Wicket cluster is running and reachable from this machine"

@@ -178,7 +178,7 @@ class TcpProxy:
         try:
             try:
                 self.dialer.check_fresh()
-                deadline = self.room.deadline(client_addr)
+                deadline = self.room.deadline()
                 for attempt in range(2):
                     # A client may send and half-close before its session
                     # starts: only a reset says it left.

@@ -1126,9 +1126,6 @@ def rekey(end: _End) -> None:
     except tlskeys.KeysWornOut as exc:
         end.failed = True
         raise _Failure(str(exc)) from None
-    except ssl.SSLError as exc:
-        end.failed = True
-        raise _Failure(f"{end.name}: send failed: TLS error: {_ssl_text(exc)}") from None
 
 
 def watch_mask(end: _End) -> int:

@@ -104,6 +104,7 @@ STALL_SILENCE = 1.0
 #: tcpi_state of a connection that is over for good (reset, or timed out):
 #: linux/tcp_states.h.
 TCP_CLOSE = 7
+_TCP_CLOSE_WAIT = 8  # the peer's FIN arrived
 # struct tcp_info: tcpi_backoff (u8), tcpi_last_ack_recv (u32, ms),
 # tcpi_bytes_acked (u64, Linux >= 4.1) and where it ends.
 _BACKOFF_AT = 4
@@ -200,10 +201,17 @@ def stalled(sock) -> bool:
 
 
 def peer_left(sock, *, eof: bool) -> bool:
-    """Whether the peer is gone, asked without taking a byte: it reset the
-    connection, or, with ``eof``, sent its FIN (for a peer that never
-    half-closes before it has its answer, such as a PostgreSQL client).
-    ``sock``: a socket, or anything with a ``fileno()`` (a trio socket)."""
+    """Whether the peer is gone: it reset the connection, or, with ``eof``,
+    sent its FIN (for a peer that never half-closes before it has its
+    answer, such as a PostgreSQL client; one that closes a TLS connection
+    sends a close_notify first, so the FIN is read from the connection's
+    state, not from the bytes). ``sock``: a socket, or anything with
+    ``fileno()`` and ``getsockopt`` (a trio socket). Takes no byte."""
+    info = _info(sock)
+    if info is not None:
+        state = info[0]
+        return state == TCP_CLOSE or (eof and state == _TCP_CLOSE_WAIT)
+    # Not TCP (a test's AF_UNIX pair): ask the socket, without taking a byte.
     own = isinstance(sock, socket.socket)
     s = sock if own else socket.socket(fileno=os.dup(sock.fileno()))
     try:

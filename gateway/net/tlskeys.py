@@ -19,9 +19,10 @@ only once the layout is confirmed by what is known independently: the
 struct's context pointer must be the address of the object's own
 ``SSLContext``, and OpenSSL must agree that this ``SSL`` belongs to that
 context's ``SSL_CTX`` (itself read from the context's struct). Any mismatch
-(another interpreter, another layout) and there is no updater: the engine
-then ends such a connection before it reaches :data:`MAX_RECORDS` instead,
-and says why. The function is looked up through the ``_ssl`` module's own
+(another interpreter, another layout) and there is no updater: such a
+connection is ended instead at its first write once it has written
+:data:`MAX_RECORDS` records (past it by one write's records at most, far
+below the limit), and the log says why. The function is looked up through the ``_ssl`` module's own
 handle, so it comes from the very libssl that made the ``SSL``.
 """
 

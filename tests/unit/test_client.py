@@ -123,7 +123,7 @@ async def test_past_the_limit_of_waiting_clients_the_next_is_turned_away_at_once
 
     async def one(name: str) -> None:
         try:
-            outcomes.append((name, await room.ride_out(attempt, room.deadline(name), name, lambda: False)))
+            outcomes.append((name, await room.ride_out(attempt, room.deadline(), name, lambda: False)))
         except ClusterError as exc:
             outcomes.append((name, exc.message))
 
@@ -136,6 +136,27 @@ async def test_past_the_limit_of_waiting_clients_the_next_is_turned_away_at_once
         cluster_back.set()
     assert outcomes[0] == ("c", "cannot reach the cluster: Connection refused")
     assert sorted(outcomes[1:]) == [("a", "up"), ("b", "up")]
+    assert room.waiting == 0
+
+
+async def test_only_clients_that_wait_count_against_the_limit(autojump_clock, monkeypatch):
+    # A dial that is merely slow (a healthy cluster, a long PostgreSQL
+    # login) is not waiting for the cluster: it must not fill the room.
+    monkeypatch.setattr(client, "WAITING_MAX", 1)
+    room, done = WaitRoom("r", 10), trio.Event()
+
+    async def slow_but_fine() -> str:
+        await done.wait()
+        return "up"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(room.ride_out, slow_but_fine, room.deadline(), "slow", lambda: False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert room.waiting == 0
+        attempt = Attempts(refused(), refused())
+        assert await room.ride_out(attempt, room.deadline(), "waits", lambda: False) == "up"
+        assert len(attempt.times) == 3  # it was let in to wait
+        done.set()
     assert room.waiting == 0
 
 
@@ -186,6 +207,11 @@ def test_resolver_errors_are_in_the_resolvers_words():
 
 
 def test_a_peer_that_left_is_told_from_one_that_only_half_closed():
+    def until(predicate) -> None:
+        deadline = time.monotonic() + 10  # what the peer did is on its way through loopback
+        while not predicate():
+            assert time.monotonic() < deadline
+
     with socket.create_server(("127.0.0.1", 0)) as listener:
         def pair():
             a = socket.create_connection(listener.getsockname())
@@ -197,12 +223,17 @@ def test_a_peer_that_left_is_told_from_one_that_only_half_closed():
             assert not peer_left(b, eof=True)  # quiet
             a.sendall(b"x")
             a.shutdown(socket.SHUT_WR)
-            assert not peer_left(b, eof=True) and b.recv(1) == b"x"  # data first, and not taken
-            assert peer_left(b, eof=True) and not peer_left(b, eof=False)  # now only its FIN
+            # Its FIN (after data, or after a TLS close_notify) counts where
+            # asked for, and nothing was taken from the socket.
+            until(lambda: peer_left(b, eof=True))
+            assert not peer_left(b, eof=False) and b.recv(1) == b"x"
         a, b = pair()
         with trio.socket.from_stdlib_socket(b) as b:  # a trio socket too
             a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             a.close()  # a reset
-            deadline = time.monotonic() + 10  # the RST is on its way through loopback
-            while not peer_left(b, eof=False):
-                assert time.monotonic() < deadline
+            until(lambda: peer_left(b, eof=False))
+    a, b = socket.socketpair()  # not TCP: the socket itself is asked
+    with a, b:
+        assert not peer_left(b, eof=True)
+        a.shutdown(socket.SHUT_WR)
+        assert peer_left(b, eof=True) and not peer_left(b, eof=False)

@@ -537,6 +537,9 @@ def test_a_reset_socket_has_nothing_left_to_deliver():
         assert _unacknowledged(near) == 0
 
 
+SNDBUF = 212992  # net.core.wmem_max's usual default: what any kernel grants
+
+
 def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
     # A read of TLS stops at the size of the plaintext buffer, which leaves
     # the tail of the last receive decrypted or buffered in OpenSSL. The next
@@ -550,18 +553,24 @@ def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
     payload = os.urandom(4 * size)
     server[0].write(payload)
     ciphertext = server[2].read()
+    assert len(ciphertext) > 3 * _CIPHER  # several receives' worth
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        for s in (ours, theirs):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * size)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * size)
-        theirs.sendall(ciphertext)
-        assert len(ciphertext) > 3 * _CIPHER  # several receives' worth
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)  # the kernel may grant less
+        if theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _CIPHER * 3 // 2:
+            pytest.skip("this kernel's socket buffers hold less than one and a half receives")
         ours.setblocking(False)
+        theirs.setblocking(False)
+        left = memoryview(ciphertext)
         end = _End(ours, "tls", client, None)
         view = memoryview(bytearray(size))
         got = []
         while sum(got) < len(payload):
+            while left:  # the peer keeps the socket full
+                try:
+                    left = left[theirs.send(left):]
+                except BlockingIOError:
+                    break
             n = engine()._read_tls(end, view)
             assert n > 0
             got.append(n)
