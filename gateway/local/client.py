@@ -139,6 +139,29 @@ class WaitRoom:
                 self.waiting -= 1
 
 
+class _Outage:
+    """What a gateway's background connects (the warm pool, the multiplexed
+    connection) saw of the cluster, logged at its turns only: one line when
+    connecting starts failing, one when it works again, none per attempt
+    between (a sidecar's log says when the cluster went away, and for how
+    long, before any client came)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        if self.since is None:
+            self.since = trio.current_time()
+            log.warning("cluster_unreachable error=%r action=%r",
+                        getattr(exc, "message", None) or "the cluster did not answer in time",
+                        "retrying every few seconds; meanwhile new clients wait up to --wait-for-cluster")
+
+    def ended(self) -> None:
+        if self.since is not None:
+            log.info("cluster_reachable_again after=%.1fs", trio.current_time() - self.since)
+            self.since = None
+
+
 @attrs.frozen(slots=True)
 class ClusterCA:
     name: str
@@ -328,6 +351,7 @@ class Dialer:
     async def run_pool(self, size: int = 2, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep ``size`` ready connections until cancelled."""
         task_status.started()
+        outage = _Outage()
         try:
             while True:
                 self._pool_wakeup = trio.Event()  # before the work: a dial meanwhile wakes the next wait
@@ -342,8 +366,10 @@ class Dialer:
                     try:
                         stream = await _connect(self.profile.host, self.profile.port, ctx,
                                                 self.profile.host, self._session)
-                    except ClusterError:
-                        break  # the dials themselves will report it; try again later
+                    except ClusterError as exc:
+                        outage.failed(exc)
+                        break  # the dials themselves report it to their clients; try again later
+                    outage.ended()
                     self._pool.append(_Pooled(created, slept, ctx, stream))
                 with trio.move_on_after(self.POOL_MAX_AGE / 2):
                     await self._pool_wakeup.wait()
@@ -570,13 +596,19 @@ class MuxDialer:
         one connection carries every session): reopen it when it fails, and
         replace it after a sleep before the next client comes."""
         task_status.started()
+        outage = _Outage()
         try:
             while True:
                 try:
                     link = await self.link()
-                except (ClusterError, ProfileError, trio.TooSlowError):
+                except (ClusterError, trio.TooSlowError) as exc:
+                    outage.failed(exc)
+                    await trio.sleep(self.RETRY_DELAY)  # the dials report it to their clients; try again later
+                    continue
+                except ProfileError:
                     await trio.sleep(self.RETRY_DELAY)  # the dials report it; try again later
                     continue
+                outage.ended()
                 with trio.move_on_after(self.CHECK_INTERVAL):
                     await link.closed.wait()
                 if link.failed is not None:

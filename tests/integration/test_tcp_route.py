@@ -705,7 +705,8 @@ async def test_the_proxy_rides_out_a_cluster_restart(own_cluster, tmp_path):
     cluster stops: live sessions end. A client that comes while the cluster
     is down waits for it (``--wait-for-cluster``, a log line says why) and
     gets its session once the cluster is back; one whose wait runs out is
-    turned away with a log line saying what to check."""
+    turned away with a log line saying what to check. The proxy's log says
+    when the cluster went away and when it came back, once each."""
     from tests.integration.harness import Gateway
 
     c = own_cluster
@@ -720,6 +721,8 @@ async def test_the_proxy_rides_out_a_cluster_restart(own_cluster, tmp_path):
         assert c.stop() == 0
         with trio.fail_after(20):  # the live session ends with the cluster
             await until_reset(live)
+    # Its log says when the cluster went away, once, before any client came.
+    wait_for(lambda: "cluster_unreachable" in proc.log(), what="the outage in the proxy's log")
     with trio.fail_after(20):
         assert await refused(hasty_port)
     turned_away = wait_for(lambda: re.search(r"dial_failed .*", hasty.log()), what="the refusal in the log")
@@ -733,6 +736,8 @@ async def test_the_proxy_rides_out_a_cluster_restart(own_cluster, tmp_path):
         with trio.fail_after(60):
             assert await read_exactly(waiting, 17) == b"while it was down"
     assert "dial_failed" not in proc.log()
+    wait_for(lambda: "cluster_reachable_again" in proc.log(), what="the outage's end in the log")
+    assert proc.log().count("cluster_unreachable") == 1  # not a line per attempt
 
 
 async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(own_cluster, tmp_path):
