@@ -11,9 +11,10 @@ bytes behind it, and nothing waits for trio. Everything else takes the slow
 path through trio: opening (or reopening) the connection to the cluster
 (while the cluster cannot be reached at all, a restart or a network
 switching, the client waits up to ``wait_for_cluster`` seconds rather than
-being turned away at once), picking up a renewed login, reporting an expired one, and starting again on
-a new connection a session whose connection died before the cluster saw it
-(``MuxLink.start``'s ``retry``: the client notices nothing).
+being turned away at once), picking up a renewed login, reporting an
+expired one, and starting again on a new connection a session whose
+connection died before the cluster saw it (``MuxLink.start``'s ``retry``:
+the client notices nothing).
 
 The end of every session, refused or relayed, is logged from the thread that
 saw it (a refusal with what to do next); gateway/logs.py hands the line to a
