@@ -82,7 +82,8 @@ async def test_waiters_sharing_one_failure_each_say_how_long_they_waited(autojum
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one, 2)
         nursery.start_soon(one, 3)
-    assert messages == [f"waited {n}s for the cluster: cannot reach the cluster: Connection refused" for n in (2, 3)]
+    refusal = "cannot reach the cluster: Connection refused"
+    assert messages == [f"waited {n}s for the cluster: {refusal}" for n in (2, 3)]
     assert shared.message == "cannot reach the cluster: Connection refused"
 
 
