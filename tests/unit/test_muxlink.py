@@ -24,7 +24,7 @@ from protocols.errors import ErrorCode
 from protocols.mux import Role
 from tests.unit import tlsutil
 from tests.unit.test_engine import tcp_pair, tls_connection, tls_pair
-from tests.unit.tlsutil import read_exactly, read_until_eof, read_until_reset
+from tests.unit.tlsutil import ask_and_answer, read_exactly, read_until_eof, read_until_reset
 
 HANG = 60
 
@@ -890,12 +890,7 @@ async def test_a_session_the_cluster_never_saw_starts_again_on_another_connectio
                                early=early, early_fin=fin)
             await pair.accepted["b"].wait()
             upstream = pair.upstreams["b"]
-            await client.send_all(b", again")
-            await client.send_eof()
-            assert await read_until_eof(upstream) == b"hello, again"
-            await upstream.send_all(b"world")
-            await upstream.send_eof()
-            assert await read_until_eof(client) == b"world"
+            assert await ask_and_answer(client, upstream, b", again", b"world") == b"hello, again"
             # A session resumed after its client's EOF came: the FIN follows
             # the bytes.
             other, near = loopback_pair()

@@ -31,7 +31,7 @@ from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
 from protocols.dial import DialAccept, DialRequest
 from protocols.mux import Role as MuxRole
-from tests.unit.tlsutil import read_exactly, read_until_eof, read_until_reset
+from tests.unit.tlsutil import ask_and_answer, read_exactly, read_until_eof, read_until_reset
 from tests.unit.test_engine import tcp_pair, tls_pair
 from tests.unit.test_muxlink import Started
 
@@ -64,12 +64,7 @@ async def test_half_close_is_carried_and_the_reply_comes_back():
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_relay)
-            await client.send_all(b"question")
-            await client.send_eof()
-            assert await read_until_eof(server) == b"question"
-            await server.send_all(b"answer")
-            await server.send_eof()
-            assert await read_until_eof(client) == b"answer"
+            assert await ask_and_answer(client, server, b"question", b"answer") == b"question"
     assert result == [RelayStats(a_to_b=8, b_to_a=6, error=None)]
 
 

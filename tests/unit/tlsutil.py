@@ -204,6 +204,19 @@ async def read_until_reset(stream, max_bytes=None) -> bytes:
     raise AssertionError(f"a clean EOF after {sum(map(len, parts))} bytes, where a reset was due")
 
 
+async def ask_and_answer(client, server, question: bytes, answer: bytes) -> bytes:
+    """A half-closed exchange through a relay: the client sends ``question``
+    and its EOF, the server reads to EOF, then sends ``answer`` and its EOF,
+    which the client must read whole. Returns what the server read."""
+    await client.send_all(question)
+    await client.send_eof()
+    got = await read_until_eof(server)
+    await server.send_all(answer)
+    await server.send_eof()
+    assert await read_until_eof(client) == answer
+    return got
+
+
 async def read_exactly(stream, n: int) -> bytes:
     """Exactly ``n`` bytes from ``stream``; an early EOF fails the test."""
     buf = bytearray()
