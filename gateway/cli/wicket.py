@@ -93,7 +93,7 @@ def main() -> None:
 def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_stdin: bool,
           totp_code: str | None, totp_stdin: bool, ttl: str | None, fmt: str) -> None:
     """Log in to the cluster at ADDRESS (HOST:PORT) and store a session certificate."""
-    from gateway.cluster.config import parse_hostport
+    from gateway.addresses import parse_hostport
 
     try:
         parse_hostport(address)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import attrs
 
+from gateway.addresses import parse_hostport
 from gateway.cluster import resource_specs
 from gateway.cluster.rbac import Role, RoleError
 from gateway.durations import parse_duration
@@ -23,23 +24,6 @@ RESOURCE_KINDS = resource_specs.KINDS
 
 class ConfigError(ValueError):
     pass
-
-
-def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` (or ``:port`` with a default host)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        if default_host is None:
-            raise ValueError(f"{text!r} has no host")
-        host = default_host
-    p = int(port)
-    if not 0 <= p <= 65535:
-        raise ValueError(f"port {p} is out of range")
-    return host, p
 
 
 @attrs.frozen(slots=True, kw_only=True)

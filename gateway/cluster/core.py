@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import logging
-import os
 import secrets
 import threading
 import time
@@ -32,6 +31,7 @@ from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource, Store, StoreError, User
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
+from gateway.private_files import ensure_private_dir
 from protocols.errors import ErrorCode
 
 log = logging.getLogger("wicket.cluster")
@@ -82,11 +82,6 @@ class LiveSession:
             self.cut(reason)
         else:
             self.cancel_scope.cancel()
-
-
-def ensure_private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
 
 
 class Cluster:

@@ -39,7 +39,7 @@ import attrs
 import trio
 
 from gateway.cluster import rbac
-from gateway.cluster.config import parse_hostport
+from gateway.addresses import parse_hostport
 from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
 from gateway.identity import pki

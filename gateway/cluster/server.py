@@ -14,6 +14,7 @@ import signal
 
 import trio
 
+from gateway.addresses import format_addr
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
 from gateway.cluster.dial import TCP, abandon_engine_connects, handle_mux, handle_route
@@ -31,11 +32,6 @@ ROUTES = {tlsconf.ALPN_TCP: TCP, tlsconf.ALPN_POSTGRES: PostgresKind()}
 GRACE_PERIOD = 2.0
 
 
-def _addr(sockname) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
     """One connection. Whatever goes wrong stays with it: a bug or a hostile
     peer ends this connection (logged), never the cluster."""
@@ -50,7 +46,7 @@ async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
 
 async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
     try:
-        client_addr = _addr(tcp.socket.getpeername())
+        client_addr = format_addr(tcp.socket.getpeername())
     except OSError:  # reset before we looked
         await tcp.aclose()
         return
@@ -107,7 +103,7 @@ async def serve(
 
             handlers.start_soon(accept_all)
             log.info("cluster_listening cluster=%s address=%s pin=%s", cluster.config.name,
-                     _addr(bound), cluster.host_ca.pin)
+                     format_addr(bound), cluster.host_ca.pin)
             task_status.started(bound)
             if handle_signals:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

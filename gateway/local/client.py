@@ -16,7 +16,7 @@ import attrs
 import trio
 from cryptography import x509
 
-from gateway.cluster.config import parse_hostport
+from gateway.addresses import parse_hostport
 from gateway.identity import pki, tlsconf
 from gateway.local.profile import Profile, ProfileError, expired_message
 from gateway.net.http import HTTPClient, HTTPError

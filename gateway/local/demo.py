@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 import trio
 
-from gateway.cluster.core import ensure_private_dir
+from gateway.private_files import ensure_private_dir
 from gateway.identity import pki
 
 CLUSTER_CONFIG = """\

@@ -16,13 +16,14 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.identity import pki
+from gateway.private_files import ensure_private_dir
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def ensure_local_tls(home: Path) -> tuple[Path, Path, Path]:
     """(ca_cert, server_cert, server_key) paths, created or renewed as needed."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_dir(home)
     now = pki.utcnow()
     ca = pki.CertificateAuthority.load_or_create(home, "local-ca", "Wicket local gateway CA", now=now)
     cert_path, key_path = home / "local-server.crt", home / "local-server.key"

@@ -21,6 +21,7 @@ import attrs
 from cryptography import x509
 
 from gateway.identity import pki, tlsconf
+from gateway.private_files import ensure_private_dir
 
 PROFILE_VERSION = 1
 
@@ -130,8 +131,7 @@ class Profile:
         cert_pem: bytes,
         ca_pem: bytes,
     ) -> "Profile":
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(home, 0o700)
+        ensure_private_dir(home)
         pki.write_private(home / "key.pem", key_pem)
         pki.write_public(home / "cert.pem", cert_pem)
         pki.write_public(home / "cluster-ca.pem", ca_pem)

@@ -30,6 +30,7 @@ import socket
 
 import trio
 
+from gateway.addresses import format_addr
 from gateway.local.client import DIAL_TIMEOUT, RIDE_OUT, ClientGone, ClusterError, MuxDialer, WaitRoom
 from gateway.local.profile import Profile, ProfileError
 from gateway.net.engine import engine, reset_and_close
@@ -54,11 +55,6 @@ NEXT_STEP = {
     ErrorCode.RESOURCE_NOT_FOUND: "`wicket ls` lists the resources you can reach",
     ErrorCode.UPSTREAM_UNREACHABLE: "the resource is down or unreachable from the cluster",
 }
-
-
-def format_addr(addr) -> str:
-    host, port = addr[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def peer_addr(stream: trio.SocketStream) -> str:

@@ -54,14 +54,6 @@ def test_missing_file(tmp_path):
         cfg.load(tmp_path / "missing.toml")
 
 
-def test_hostport():
-    assert cfg.parse_hostport("[::1]:5") == ("::1", 5)
-    assert cfg.parse_hostport(":5", default_host="h") == ("h", 5)
-    for bad in ("x", "x:", "x:99999", ":5"):
-        with pytest.raises(ValueError):
-            cfg.parse_hostport(bad)
-
-
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("1h30m", 5400), ("8h", 28800), ("250ms", 0.25),
                                            ("2d", 172800), ("15", 15), (7, 7)])
 def test_durations(text, seconds):
