@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import click
 
+from gateway import kinds
 from gateway.cli.common import format_option, read_password
 from gateway.cluster import config as cfg
 from gateway.cluster.audit import AuditLog
@@ -107,6 +108,32 @@ def _labels(values: tuple[str, ...], option: str = "--label") -> dict[str, str]:
     if dup:
         raise click.BadParameter(f"{', '.join(sorted(dup))} given more than once", param_hint=option)
     return dict(pairs)
+
+
+def _spec_flags() -> dict[str, tuple[Any, list[str]]]:
+    """Every kind's ``resources add`` flags (gateway/kinds.py), each once:
+    option -> (its SpecFlag, the kinds that take it)."""
+    flags: dict[str, tuple[Any, list[str]]] = {}
+    for kind in kinds.KINDS.values():
+        for flag in kind.spec.flags:
+            flags.setdefault(flag.option, (flag, []))[1].append(kind.name)
+    return flags
+
+
+def spec_options(f: Callable) -> Callable:
+    for option, (flag, names) in reversed(_spec_flags().items()):
+        f = click.option(option, f"spec_{flag.key}", multiple=flag.table,
+                         type=click.Choice(flag.choices) if flag.choices else None,
+                         help=f"{', '.join(names)}: {flag.help}")(f)
+    return f
+
+
+def param_options(f: Callable) -> Callable:
+    for param in reversed(kinds.params()):
+        users = ", ".join(k.name for k in kinds.KINDS.values() if param in k.params)
+        f = click.option(param.role_option, f"param_{param.role_key}", default="",
+                         help=f"Comma-separated {param.help} ({users}).")(f)
+    return f
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -300,14 +327,13 @@ def roles() -> None:
 @click.option("--allow-resources", default="", help="Comma-separated name globs to allow.")
 @click.option("--allow-label", multiple=True,
               help="KEY=GLOB an allowed resource must carry (repeatable; the same key twice means either value).")
-@click.option("--db-users", default="", help="Comma-separated db user globs the allow rule grants (postgres).")
-@click.option("--db-names", default="", help="Comma-separated database globs the allow rule grants (postgres).")
+@param_options
 @click.option("--deny-resources", default="", help="Comma-separated name globs to deny (deny wins).")
 @click.option("--deny-label", multiple=True, help="KEY=GLOB that denies a resource (repeatable; each denies on its own).")
 @click.option("--max-session-ttl", default=None, help="Cap on certificate lifetime, e.g. 1h.")
 def roles_add(config_path: Path, name: str, allow_resources: str, allow_label: tuple[str, ...],
-              db_users: str, db_names: str, deny_resources: str, deny_label: tuple[str, ...],
-              max_session_ttl: str | None) -> None:
+              deny_resources: str, deny_label: tuple[str, ...], max_session_ttl: str | None,
+              **params: str) -> None:
     """Create or replace role NAME.
 
     The allow flags make one rule (a resource must match all of them); every
@@ -324,10 +350,9 @@ def roles_add(config_path: Path, name: str, allow_resources: str, allow_label: t
         for key, value in _pairs(allow_label, "--allow-label"):
             labels.setdefault(key, []).append(value)
         allow["labels"] = labels
-    if globs(db_users):
-        allow["db_users"] = globs(db_users)
-    if globs(db_names):
-        allow["db_names"] = globs(db_names)
+    for param in kinds.params():
+        if globs(params[f"param_{param.role_key}"]):
+            allow[param.role_key] = globs(params[f"param_{param.role_key}"])
     deny: list[dict[str, Any]] = []
     if globs(deny_resources):
         deny.append({"resources": globs(deny_resources)})
@@ -376,27 +401,21 @@ def resources() -> None:
 @resources.command("add")
 @config_option
 @click.argument("name")
-@click.option("--kind", type=click.Choice(list(cfg.RESOURCE_KINDS)), default="tcp", show_default=True)
+@click.option("--kind", type=click.Choice(list(kinds.KINDS)), default="tcp", show_default=True,
+              help="; ".join(f"{k.name}: {k.summary}" for k in kinds.KINDS.values()) + ".")
 @click.option("--address", required=True, help="HOST:PORT of the upstream, as the cluster reaches it.")
 @click.option("--label", multiple=True, help="KEY=VALUE label (repeatable).")
-@click.option("--tls", type=click.Choice(["disable", "require", "verify-full"]),
-              help="postgres: TLS to the server (default verify-full).")
-@click.option("--ca-file", help="postgres: CA that signed the server's certificate (for verify-full).")
-@click.option("--server-name", help="postgres: name to verify in the server's certificate.")
-@click.option("--auth", type=click.Choice(["cert", "password"]),
-              help="postgres: how the cluster logs in upstream (default cert).")
-@click.option("--password-ref", multiple=True,
-              help="postgres, auth=password: DB_USER=env:NAME or DB_USER=file:PATH ('*' for any user).")
+@spec_options
 def resources_add(config_path: Path, name: str, kind: str, address: str, label: tuple[str, ...],
-                  tls: str | None, ca_file: str | None, server_name: str | None, auth: str | None,
-                  password_ref: tuple[str, ...]) -> None:
+                  **values: Any) -> None:
     """Create or replace resource NAME."""
     spec: dict[str, Any] = {}
-    for key, value in (("tls", tls), ("ca_file", ca_file), ("server_name", server_name), ("auth", auth)):
-        if value is not None:
-            spec[key] = value
-    if password_ref:
-        spec["passwords"] = _labels(password_ref, "--password-ref")
+    for option, (flag, _names) in _spec_flags().items():
+        value = values[f"spec_{flag.key}"]
+        if flag.table and value:
+            spec[flag.key] = _labels(value, option)
+        elif not flag.table and value is not None:
+            spec[flag.key] = value
     try:
         spec = cfg.validate_resource(name, kind, address, spec)
     except ValueError as exc:

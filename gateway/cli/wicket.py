@@ -380,7 +380,7 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopbac
     """Serve PostgreSQL resource NAME on a local port: no password asked,
     the cluster logs in upstream as the db user."""
     from gateway import logs
-    from gateway.identity import tlsconf
+    from gateway import kinds
     from gateway.local.client import Dialer
     from gateway.local.localtls import local_server_context
     from gateway.local.pg import PostgresProxy
@@ -390,7 +390,7 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopbac
     profile = _load_profile()
     identity = _fresh_identity(profile)
     tls_context, ca_path = (local_server_context(profile.home) if local_tls else (None, None))
-    pg = PostgresProxy(Dialer(profile, tlsconf.ALPN_POSTGRES), name, db_user=db_user, db_name=db_name,
+    pg = PostgresProxy(Dialer(profile, kinds.POSTGRES.alpn), name, db_user=db_user, db_name=db_name,
                        tls_context=tls_context, wait_for_cluster=wait_for_cluster)
 
     def try_line(host: str, p: int) -> str:

@@ -13,13 +13,13 @@ from typing import Any, Mapping
 
 import attrs
 
+from gateway import kinds
 from gateway.addresses import parse_hostport
 from gateway.cluster import resource_specs
 from gateway.cluster.rbac import Role, RoleError
 from gateway.durations import parse_duration
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-RESOURCE_KINDS = resource_specs.KINDS
 
 
 class ConfigError(ValueError):
@@ -68,8 +68,8 @@ def validate_resource(name: str, kind: str, address: str, spec: Mapping[str, Any
     if port == 0:
         raise ValueError(f"resource {name!r}: address needs a port other than 0")
     try:
-        return resource_specs.check(kind, spec or {})
-    except resource_specs.SpecError as exc:
+        return kinds.get(kind).spec.check(spec or {})
+    except (kinds.UnknownKind, resource_specs.SpecError) as exc:
         raise ValueError(f"resource {name!r}: {exc}") from None
 
 

@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from gateway import kinds
 from gateway.cluster import config as cfg
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.rbac import Role
@@ -138,7 +139,8 @@ class Cluster:
         self.ssh_user_ca = pki.load_or_create_ssh_ca(state)
         self.host_cert_path, self.host_key_path = self._ensure_host_cert(now)
         self.server_context = tlsconf.cluster_server_context(
-            self.host_cert_path, self.host_key_path, state / "user_ca.crt"
+            self.host_cert_path, self.host_key_path, state / "user_ca.crt",
+            alpn=(tlsconf.ALPN_HTTP, tlsconf.ALPN_MUX, *kinds.alpn_ids()),
         )
         self.audit_log = AuditLog(store, config.audit_jsonl)
 

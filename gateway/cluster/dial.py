@@ -39,6 +39,7 @@ import attrs
 import trio
 
 from gateway.cluster import rbac
+from gateway import kinds
 from gateway.addresses import parse_hostport
 from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
@@ -355,7 +356,7 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
         raise Refused(
             ErrorCode.BAD_REQUEST,
             f"resource {resource.name!r} is of kind {resource.kind}, not {kind.kind}; "
-            f"use `wicket proxy {'db' if resource.kind == 'postgres' else resource.kind} {resource.name}`",
+            f"use `{kinds.proxy_command(resource.kind)} {resource.name}`",
         )
     params = kind.check_params(request, identity)
     audit.fields["params"] = params

@@ -3,15 +3,11 @@
 The cluster logs in to the real server *as the requested db user*, with
 credentials the client never sees:
 
-* ``auth = "cert"``: over TLS, a client certificate with CN = db user,
-  valid for 5 minutes, signed by the cluster's database client CA, which the
-  server's ``ssl_ca_file`` trusts and its pg_hba.conf names with the
-  ``cert`` method. No password exists anywhere. The key and certificate
-  live only in memory (an anonymous memfd handed to OpenSSL), never on disk.
-  The TLS context holding them serves that db user's new connections for
-  half the certificate's validity (:class:`_ClientContexts`): building one
-  costs ~1.5 ms of CPU (OpenSSL 3 parses the CA file and the key anew each
-  time), more than the rest of the cluster's work for a connection.
+* ``auth = "cert"``: over TLS, a short-lived client certificate with CN =
+  db user, signed by the cluster's database client CA, which the server's
+  ``ssl_ca_file`` trusts and its pg_hba.conf names with the ``cert``
+  method. No password exists anywhere; the key lives only in memory
+  (gateway/cluster/upstream_auth.py, shared by every database kind).
 * ``auth = "password"``: SCRAM-SHA-256 (verifying the server's signature) or
   md5, with the secret from the cluster's environment or a file.
 
@@ -31,11 +27,8 @@ the upstream backend's real key, which never leaves the cluster.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import os
 import ssl
-import time
 from typing import Any
 
 import trio
@@ -44,6 +37,7 @@ from gateway.cluster import resource_specs
 from gateway.cluster.core import Cluster, LiveSession
 from gateway.cluster.dial import CONNECT_TIMEOUT, Opened, Refused, connect_tcp
 from gateway.cluster.store import Resource
+from gateway.cluster.upstream_auth import ClientContexts
 from gateway.identity import pki
 from gateway.net.tls import TLSStream
 from protocols.dial import DialRequest
@@ -59,10 +53,6 @@ from protocols.postgres.scram import AuthMethod
 log = logging.getLogger("wicket.cluster.postgres")
 
 LOGIN_TIMEOUT = 30.0
-DB_CERT_TTL = dt.timedelta(minutes=5)
-#: How long one client certificate (and its TLS context) serves new
-#: connections: half its validity.
-CONTEXT_REUSE = DB_CERT_TTL / 2
 #: PBKDF2 rounds a server may ask for: its default is 4096; more would let a
 #: hostile upstream burn the cluster's CPU on every login.
 MAX_SCRAM_ITERATIONS = 100_000
@@ -75,90 +65,11 @@ _BLANK_KEY = BackendKeyData(process_id=0, secret_key=bytes(4))
 PG_PREFIX = "pg."
 
 
-class _ClientContexts:
-    """TLS client contexts for upstream PostgreSQL connections, reused while
-    they are fresh. A context depends on the resource's TLS settings, the
-    CA file's contents (its identity on disk, checked with one ``stat`` per
-    use, so a replaced file is read again at once), the cluster's database
-    client CA and, for ``auth = "cert"``, the db user. One with a client
-    certificate is reused for half the certificate's validity
-    (:data:`CONTEXT_REUSE`), so the certificate a server checks always has
-    minutes left; the key never leaves memory either way. That half is
-    counted on both clocks: the monotonic one (which a wall-clock step
-    does not move) and the wall clock (which goes on while the machine is
-    suspended, as a certificate's validity does)."""
-
-    def __init__(self, limit: int = 256) -> None:
-        self._limit = limit
-        # key -> (context, monotonic deadline, wall-clock deadline)
-        self._entries: dict[tuple, tuple[ssl.SSLContext, float, float]] = {}
-
-    def get(self, cluster: Cluster, spec: resource_specs.PostgresSpec, db_user: str) -> ssl.SSLContext:
-        ca_file = None
-        if spec.tls == "verify-full":
-            try:
-                st = os.stat(spec.ca_file)
-            except OSError:
-                return _build_context(cluster, spec, db_user)  # it reports the missing file
-            ca_file = (str(spec.ca_file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        key = (spec.tls, ca_file, spec.auth, cluster.db_client_ca.cert.serial_number,
-               db_user if spec.auth == "cert" else None)
-        mono, wall = time.monotonic(), time.time()
-        entry = self._entries.get(key)
-        if entry is not None and mono < entry[1] and wall < entry[2]:
-            return entry[0]
-        ctx = _build_context(cluster, spec, db_user)
-        self._entries.pop(key, None)
-        if len(self._entries) >= self._limit:
-            # Drop the stale ones; if none is, the oldest (dicts keep order).
-            self._entries = {k: v for k, v in self._entries.items() if mono < v[1] and wall < v[2]}
-            while len(self._entries) >= self._limit:
-                del self._entries[next(iter(self._entries))]
-        reuse = CONTEXT_REUSE.total_seconds()
-        self._entries[key] = (ctx, mono + reuse, wall + reuse)
-        return ctx
-
-
-def _build_context(cluster: Cluster, spec: resource_specs.PostgresSpec, db_user: str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # what PostgreSQL 15 servers speak
-    if spec.tls == "verify-full":
-        ctx.load_verify_locations(cafile=str(spec.ca_file))
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:  # "require": encrypted, server not authenticated (libpq's meaning)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if spec.auth == "cert":
-        now = pki.utcnow()
-        key = pki.generate_key()
-        ca = cluster.db_client_ca
-        cert = ca.issue_client_cert(key.public_key(), db_user, now=now, ttl=DB_CERT_TTL)
-        fd_cert, cert_path = _memfd_pem(pki.cert_to_pem(cert))
-        fd_key, key_path = _memfd_pem(pki.key_to_pem(key))
-        try:
-            ctx.load_cert_chain(cert_path, key_path)
-        finally:
-            os.close(fd_cert)
-            os.close(fd_key)
-    return ctx
-
-
-def _memfd_pem(data: bytes) -> tuple[int, str]:
-    fd = os.memfd_create("wicket-db-cert", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, data)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, f"/proc/self/fd/{fd}"
-
-
 class PostgresKind:
     kind = "postgres"
 
     def __init__(self) -> None:
-        self._contexts = _ClientContexts()
+        self._contexts = ClientContexts()
 
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         params = dict(request.params)
@@ -225,7 +136,7 @@ class PostgresKind:
 
     async def _open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
                     session: LiveSession) -> Opened:
-        spec = resource_specs.postgres(resource.spec)
+        spec = resource_specs.DatabaseSpec.of(resource.spec)
         db_user, db_name = params[PARAM_DB_USER], params[PARAM_DB_NAME]
         password = None
         if spec.auth == "password":
@@ -292,9 +203,9 @@ class PostgresKind:
             raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
                           f"{resource.name} does not accept TLS connections, and the resource requires TLS "
                           f"(tls = {spec.tls!r})")
-        server_name = spec.server_name or resource.address.rpartition(":")[0].strip("[]")
-        stream = TLSStream(tcp, self._contexts.get(cluster, spec, db_user), server_side=False,
-                           server_hostname=server_name if spec.tls == "verify-full" else None)
+        stream = TLSStream(tcp, self._contexts.get(cluster.db_client_ca, spec, db_user), server_side=False,
+                           server_hostname=spec.server_hostname(resource.address)
+                           if spec.tls == "verify-full" else None)
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
@@ -320,6 +231,9 @@ class PostgresKind:
                 login.receive_data(data)
                 continue
             return event
+
+
+POSTGRES = PostgresKind()
 
 
 class SessionAuditor:

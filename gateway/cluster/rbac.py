@@ -7,7 +7,8 @@ criterion it gives matches:
 * ``resources``: glob patterns over the resource name (``"web-*"``);
 * ``labels``: for each key, glob patterns over that label's value
   (``{env = ["dev", "staging"]}``); a resource without the key does not match;
-* parameter lists (``db_users``, ``db_names``, ``logins``): glob patterns over
+* parameter lists (``db_users``, ``db_names``: each kind's registry entry in
+  gateway/kinds.py names the ones its dials carry): glob patterns over
   the dial parameter of the same meaning. For an *allow* rule, a dial that
   carries such a parameter is allowed only by a rule that lists it; for a
   *deny* rule, the rule hits when the parameter matches.
@@ -25,10 +26,11 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
+from gateway import kinds
 from gateway.durations import parse_duration
 
 #: rule key -> dial parameter it constrains
-PARAM_KEYS = {"db_users": "db_user", "db_names": "db_name", "logins": "login"}
+PARAM_KEYS = {param.role_key: param.name for param in kinds.params()}
 
 
 class RoleError(ValueError):
@@ -206,7 +208,7 @@ def session_ttl_cap(roles: Iterable[Role]) -> float | None:
 
 
 def allowed_params(roles: Iterable[Role], name: str, labels: Mapping[str, str]) -> dict[str, list[str]]:
-    """Parameter globs (db users, db names, logins) the allow rules grant on a resource."""
+    """Parameter globs (db users, db names...) the allow rules grant on a resource."""
     out: dict[str, list[str]] = {}
     for role in roles:
         for rule in role.allow:

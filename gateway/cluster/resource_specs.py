@@ -1,30 +1,35 @@
 """Kind-specific resource settings, validated once (config file and CLI).
 
 A resource is ``name``, ``kind``, ``address`` and ``labels``; everything else
-is the kind's own settings, kept in the store's ``spec`` column. This module
-says which settings each kind takes and turns them into a frozen object.
+is the kind's own settings, kept in the store's ``spec`` column. A kind names
+its :class:`Schema` in its registry entry (gateway/kinds.py): how to check
+the settings, how to turn the stored dict into a frozen object, and which
+``wicket-cluster resources add`` flags set them.
 
-PostgreSQL (``kind = "postgres"``)::
+Two schemas exist. ``tcp`` takes no settings (:data:`NO_SETTINGS`). Every
+database kind shares :data:`DATABASE`, how the cluster reaches and logs in to
+the server as the db user a client asks for::
 
     tls = "verify-full"      # disable | require | verify-full (default)
-    ca_file = "/etc/wicket/pg-server-ca.crt"   # required for verify-full
+    ca_file = "/etc/wicket/db-server-ca.crt"   # required for verify-full
     server_name = "db.internal"                # default: the address's host
     auth = "cert"            # cert (default) | password
     # auth = "password": where the cluster finds each db user's password.
     # Never from the client. "*" is the fallback for any db user.
-    passwords = { app = "env:APP_DB_PASSWORD", "*" = "file:/etc/wicket/pg.pass" }
+    passwords = { app = "env:APP_DB_PASSWORD", "*" = "file:/etc/wicket/db.pass" }
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 
 TLS_MODES = ("disable", "require", "verify-full")
 AUTH_MODES = ("cert", "password")
+SECRET_SCHEMES = ("env", "file")
 
 
 class SpecError(ValueError):
@@ -32,12 +37,80 @@ class SpecError(ValueError):
 
 
 @attrs.frozen(slots=True, kw_only=True)
-class PostgresSpec:
+class SpecFlag:
+    """A ``wicket-cluster resources add`` option that sets one setting."""
+
+    key: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    #: Repeatable KEY=VALUE, making a table (``passwords``).
+    table: bool = False
+    #: The option's name; default ``--`` + the key with dashes.
+    flag: str | None = None
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.key.replace("_", "-")
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Schema:
+    """What a kind's settings are: ``check`` validates a raw dict (raising
+    :class:`SpecError` naming the key) and returns the dict to store;
+    ``parse`` turns a stored dict into the object the kind works with."""
+
+    check: Callable[[Mapping[str, Any]], dict[str, Any]]
+    parse: Callable[[Mapping[str, Any]], Any]
+    flags: tuple[SpecFlag, ...] = ()
+
+
+def _no_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
+    if spec:
+        raise SpecError(f"this kind takes no settings beyond address and labels (got {', '.join(sorted(spec))})")
+    return {}
+
+
+NO_SETTINGS = Schema(check=_no_settings, parse=lambda spec: None)
+
+
+def resolve_secret(ref: str, what: str) -> str:
+    """The secret an ``env:NAME`` or ``file:PATH`` reference points at.
+    Raises :class:`SpecError` naming the reference and ``what`` it is for,
+    never the secret."""
+    scheme, _, where = ref.partition(":")
+    if scheme == "env":
+        value = os.environ.get(where)
+        if value is None:
+            raise SpecError(f"environment variable {where} ({what}) is not set")
+        return value
+    try:
+        return Path(where).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise SpecError(f"cannot read the file {where} ({what}): {exc.strerror}") from None
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class DatabaseSpec:
+    """How the cluster reaches a database server and logs in as a db user
+    (shared by every database kind; gateway/cluster/upstream_auth.py builds
+    the TLS side of it)."""
+
     tls: str = "verify-full"
     ca_file: Path | None = None
     server_name: str | None = None
     auth: str = "cert"
     passwords: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> "DatabaseSpec":
+        """The stored spec of a database resource as an object."""
+        return cls(
+            tls=spec.get("tls", "verify-full"),
+            ca_file=Path(spec["ca_file"]) if spec.get("ca_file") else None,
+            server_name=spec.get("server_name"),
+            auth=spec.get("auth", "cert"),
+            passwords=tuple(sorted(dict(spec.get("passwords", {})).items())),
+        )
 
     def password_for(self, db_user: str) -> str:
         """Resolve the secret reference for ``db_user`` (env: or file:).
@@ -46,19 +119,14 @@ class PostgresSpec:
         ref = refs.get(db_user) or refs.get("*")
         if ref is None:
             raise SpecError(f"no password configured for db user {db_user!r}")
-        scheme, _, where = ref.partition(":")
-        if scheme == "env":
-            value = os.environ.get(where)
-            if value is None:
-                raise SpecError(f"environment variable {where} (password of {db_user!r}) is not set")
-            return value
-        try:
-            return Path(where).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise SpecError(f"cannot read the password file for {db_user!r}: {exc.strerror}") from None
+        return resolve_secret(ref, f"password of {db_user!r}")
+
+    def server_hostname(self, address: str) -> str:
+        """The name to verify in the server's certificate."""
+        return self.server_name or address.rpartition(":")[0].strip("[]")
 
 
-def _postgres(spec: Mapping[str, Any]) -> dict[str, Any]:
+def _database(spec: Mapping[str, Any]) -> dict[str, Any]:
     known = {"tls", "ca_file", "server_name", "auth", "passwords"}
     unknown = set(spec) - known
     if unknown:
@@ -88,7 +156,8 @@ def _postgres(spec: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(passwords, Mapping):
         raise SpecError('passwords: expected a table of db_user = "env:NAME" or "file:PATH"')
     for user, ref in passwords.items():
-        if not isinstance(ref, str) or ref.partition(":")[0] not in ("env", "file") or not ref.partition(":")[2]:
+        scheme, _, where = ref.partition(":") if isinstance(ref, str) else ("", "", "")
+        if scheme not in SECRET_SCHEMES or not where:
             raise SpecError(f'passwords.{user}: expected "env:NAME" or "file:PATH" (the secret itself never '
                             f"goes in the config)")
     if auth == "password" and not passwords:
@@ -98,33 +167,15 @@ def _postgres(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_CHECKERS = {"tcp": lambda spec: _no_settings(spec), "postgres": _postgres}
-
-
-def _no_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
-    if spec:
-        raise SpecError(f"tcp resources take no settings beyond address and labels (got {', '.join(sorted(spec))})")
-    return {}
-
-
-KINDS = tuple(_CHECKERS)
-
-
-def check(kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate ``spec`` for ``kind``; return the normalized dict to store."""
-    try:
-        checker = _CHECKERS[kind]
-    except KeyError:
-        raise SpecError(f"kind {kind!r} is not one of {', '.join(KINDS)}") from None
-    return checker(spec)
-
-
-def postgres(spec: Mapping[str, Any]) -> PostgresSpec:
-    """The stored spec of a postgres resource as an object."""
-    return PostgresSpec(
-        tls=spec.get("tls", "verify-full"),
-        ca_file=Path(spec["ca_file"]) if spec.get("ca_file") else None,
-        server_name=spec.get("server_name"),
-        auth=spec.get("auth", "cert"),
-        passwords=tuple(sorted(dict(spec.get("passwords", {})).items())),
-    )
+DATABASE = Schema(
+    check=_database,
+    parse=DatabaseSpec.of,
+    flags=(
+        SpecFlag(key="tls", choices=TLS_MODES, help="TLS to the server (default verify-full)."),
+        SpecFlag(key="ca_file", help="CA that signed the server's certificate (for verify-full)."),
+        SpecFlag(key="server_name", help="name to verify in the server's certificate."),
+        SpecFlag(key="auth", choices=AUTH_MODES, help="how the cluster logs in upstream (default cert)."),
+        SpecFlag(key="passwords", flag="--password-ref", table=True,
+                 help="auth=password: DB_USER=env:NAME or DB_USER=file:PATH ('*' for any user)."),
+    ),
+)

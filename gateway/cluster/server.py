@@ -14,11 +14,11 @@ import signal
 
 import trio
 
+from gateway import kinds
 from gateway.addresses import format_addr
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
-from gateway.cluster.dial import TCP, abandon_engine_connects, handle_mux, handle_route
-from gateway.cluster.postgres import PostgresKind
+from gateway.cluster.dial import abandon_engine_connects, handle_mux, handle_route
 from gateway.identity import tlsconf
 from gateway.net.http import serve_http
 from gateway.net.relay import reset_on_close
@@ -28,7 +28,6 @@ from gateway.net.tls import accept_tls
 log = logging.getLogger("wicket.cluster")
 
 HANDSHAKE_TIMEOUT = 10.0
-ROUTES = {tlsconf.ALPN_TCP: TCP, tlsconf.ALPN_POSTGRES: PostgresKind()}
 GRACE_PERIOD = 2.0
 
 
@@ -65,9 +64,10 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
         return
     async with stream:
         alpn = stream.selected_alpn_protocol()
+        kind = kinds.by_alpn(alpn)
         try:
-            if alpn in ROUTES:
-                await handle_route(cluster, stream, ROUTES[alpn], client_addr=client_addr)
+            if kind is not None:
+                await handle_route(cluster, stream, kind.route(), client_addr=client_addr)
             elif alpn == tlsconf.ALPN_MUX:
                 await handle_mux(cluster, stream, client_addr=client_addr)
             elif alpn == tlsconf.ALPN_HTTP:
@@ -86,6 +86,8 @@ async def serve(
     handle_signals: bool = True,
 ) -> None:
     host, port = cluster.config.listen
+    for kind in kinds.KINDS.values():
+        kind.route()  # imported now, not on a client's first dial
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
     async with trio.open_nursery() as outer:

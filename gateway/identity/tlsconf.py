@@ -18,13 +18,11 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-#: ALPN protocol ids on the cluster's listener.
+#: ALPN protocol ids on the cluster's listener that belong to no kind. Each
+#: kind's own data route has one more (its registry entry, gateway/kinds.py).
 ALPN_HTTP = "http/1.1"
-ALPN_TCP = "wicket-tcp"
-ALPN_POSTGRES = "wicket-postgres"
-#: Many tcp sessions over one connection (protocols/mux.py).
+#: Many sessions over one connection (protocols/mux.py).
 ALPN_MUX = "wicket-mux"
-ALPN_ROUTES = (ALPN_HTTP, ALPN_TCP, ALPN_POSTGRES, ALPN_MUX)
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (x509_vfy.h); not exported by Python's ssl.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
@@ -40,9 +38,7 @@ def _base(purpose: int) -> ssl.SSLContext:
     return ctx
 
 
-def cluster_server_context(
-    cert_chain: Path, key: Path, user_ca: Path, alpn: tuple[str, ...] = ALPN_ROUTES
-) -> ssl.SSLContext:
+def cluster_server_context(cert_chain: Path, key: Path, user_ca: Path, alpn: tuple[str, ...]) -> ssl.SSLContext:
     ctx = _base(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert_chain, key)
     ctx.load_verify_locations(cafile=str(user_ca))

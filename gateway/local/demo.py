@@ -92,7 +92,7 @@ def run_demo(state: Path, port: int) -> None:
     children: list[subprocess.Popen] = []
 
     async def main() -> None:
-        from gateway.identity import tlsconf
+        from gateway import kinds
         from gateway.local.client import Dialer
         from gateway.local.pg import PostgresProxy
         from gateway.local.pgserver import PgServer
@@ -143,7 +143,7 @@ def run_demo(state: Path, port: int) -> None:
                 )
                 os.environ["WICKET_HOME"] = str(home)
                 profile = Profile.load(home)
-                db = PostgresProxy(Dialer(profile, tlsconf.ALPN_POSTGRES), "demo-pg")
+                db = PostgresProxy(Dialer(profile, kinds.POSTGRES.alpn), "demo-pg")
                 host, db_port = (await nursery.start(_listen, db.handle, port))[:2]
                 echo = TcpProxy(profile, "demo-echo")
                 _, echo_local = (await nursery.start(_listen, echo, 0))[:2]

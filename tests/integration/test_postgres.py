@@ -473,7 +473,7 @@ def _send_cancel(port: int, pid: int, secret: bytes) -> None:
 
 async def test_cancel_of_another_users_session_is_refused(pg_env, gw, tmp_path):
     """The cluster lets only a session's owner cancel it."""
-    from gateway.identity import tlsconf
+    from gateway import kinds
     from gateway.local.client import Dialer, DialRefused
     from gateway.local.profile import Profile
     from protocols.dial import DialRequest
@@ -482,7 +482,7 @@ async def test_cancel_of_another_users_session_is_refused(pg_env, gw, tmp_path):
     cluster, _ = pg_env
     intruder = _gateway(cluster, tmp_path, "pg")
     try:
-        dialer = Dialer(Profile.load(intruder.home), tlsconf.ALPN_POSTGRES)
+        dialer = Dialer(Profile.load(intruder.home), kinds.POSTGRES.alpn)
         with pytest.raises(DialRefused) as err:
             await dialer.dial(DialRequest(resource="pg", params={"cancel": "0123456789abcdef"}))
         assert err.value.error.code is ErrorCode.ACCESS_DENIED

@@ -395,7 +395,7 @@ async def test_expired_certificate(make_gateway, cluster):
 async def test_expired_certificate_refused_by_cluster(make_gateway, cluster):
     """The cluster refuses an expired certificate with a typed error, even when
     a gateway does not check its own clock first."""
-    from gateway.identity import tlsconf
+    from gateway import kinds
     from gateway.local.client import Dialer, DialRefused
     from gateway.local.profile import Profile
     from protocols.dial import DialRequest
@@ -406,7 +406,7 @@ async def test_expired_certificate_refused_by_cluster(make_gateway, cluster):
     profile = Profile.load(gw.home)
     wait_for(lambda: gw.run("status").returncode == 3, timeout=30, what="expiry", interval=0.2)
     with pytest.raises(DialRefused) as err:
-        await Dialer(profile, tlsconf.ALPN_TCP).dial(DialRequest(resource="echo"))
+        await Dialer(profile, kinds.TCP.alpn).dial(DialRequest(resource="echo"))
     assert err.value.error.code is ErrorCode.CERT_EXPIRED
     assert "wicket login" in err.value.error.message
 
@@ -878,7 +878,7 @@ def test_roles_add_deny_flags_each_deny(cluster):
 
 @pytest.mark.parametrize("stale", ["too old", "from before a sleep"])
 async def test_warm_pool_serves_dials_and_drops_stale(make_gateway, monkeypatch, stale):
-    from gateway.identity import tlsconf
+    from gateway import kinds
     from gateway.local import client
     from gateway.local.profile import Profile
     from protocols.dial import DialRequest
@@ -886,7 +886,7 @@ async def test_warm_pool_serves_dials_and_drops_stale(make_gateway, monkeypatch,
     asleep = [0.0]
     monkeypatch.setattr(client, "time_suspended", lambda: asleep[0])
     gw = make_gateway("dev")
-    dialer = client.Dialer(Profile.load(gw.home), tlsconf.ALPN_TCP)
+    dialer = client.Dialer(Profile.load(gw.home), kinds.TCP.alpn)
 
     async def pool_filled() -> None:
         with trio.fail_after(20):

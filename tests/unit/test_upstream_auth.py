@@ -1,4 +1,4 @@
-"""The cluster's TLS client contexts for PostgreSQL upstreams: what each holds
+"""The cluster's TLS client contexts for database upstreams: what each holds
 (the server check, a client certificate for the db user) and when one is
 reused or built again."""
 
@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from gateway.cluster import postgres
-from gateway.cluster.resource_specs import PostgresSpec
+from gateway.cluster import upstream_auth
+from gateway.cluster.resource_specs import DatabaseSpec
 from gateway.identity import pki as wpki
 from tests.unit import tlsutil
 
@@ -60,26 +60,26 @@ def common_name(peercert: dict) -> str:
 def clocks(monkeypatch):
     """The monotonic and the wall clock as the contexts see them: [mono, wall]."""
     now = [1000.0, 1.8e9]
-    monkeypatch.setattr(postgres.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(postgres.time, "time", lambda: now[1])
+    monkeypatch.setattr(upstream_auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(upstream_auth.time, "time", lambda: now[1])
     return now
 
 
 def test_a_context_serves_its_db_user_until_half_the_certificate_is_used(pki, cluster, clocks):
-    contexts = postgres._ClientContexts()
-    spec = PostgresSpec(tls="verify-full", ca_file=pki.ca_file, auth="cert")
-    app = contexts.get(cluster, spec, "app")
+    contexts = upstream_auth.ClientContexts()
+    spec = DatabaseSpec(tls="verify-full", ca_file=pki.ca_file, auth="cert")
+    app = contexts.get(cluster.db_client_ca, spec, "app")
     assert common_name(handshake(app, db_server_context(pki, cluster))) == "app"
-    assert contexts.get(cluster, spec, "app") is app
-    other = contexts.get(cluster, spec, "reporting")
+    assert contexts.get(cluster.db_client_ca, spec, "app") is app
+    other = contexts.get(cluster.db_client_ca, spec, "reporting")
     assert other is not app and common_name(handshake(other, db_server_context(pki, cluster))) == "reporting"
-    reuse = postgres.CONTEXT_REUSE.total_seconds()
+    reuse = upstream_auth.CONTEXT_REUSE.total_seconds()
     clocks[0] += reuse - 1
     clocks[1] += reuse - 1
-    assert contexts.get(cluster, spec, "app") is app
+    assert contexts.get(cluster.db_client_ca, spec, "app") is app
     clocks[0] += 1
     clocks[1] += 1
-    renewed = contexts.get(cluster, spec, "app")
+    renewed = contexts.get(cluster.db_client_ca, spec, "app")
     assert renewed is not app and common_name(handshake(renewed, db_server_context(pki, cluster))) == "app"
 
 
@@ -88,50 +88,78 @@ def test_either_clock_ends_a_contexts_reuse(pki, cluster, clocks, step):
     # A machine suspended for 10 minutes: the monotonic clock stood still,
     # but the certificate (wall-clock validity) expired meanwhile. A wall
     # clock set back: the certificate's age is still counted.
-    contexts = postgres._ClientContexts()
-    spec = PostgresSpec(tls="require", auth="cert")
-    app = contexts.get(cluster, spec, "app")
+    contexts = upstream_auth.ClientContexts()
+    spec = DatabaseSpec(tls="require", auth="cert")
+    app = contexts.get(cluster.db_client_ca, spec, "app")
     if step == "suspended":
         clocks[1] += 600
     else:
         clocks[1] -= 3600
-        clocks[0] += postgres.CONTEXT_REUSE.total_seconds()
-    assert contexts.get(cluster, spec, "app") is not app
+        clocks[0] += upstream_auth.CONTEXT_REUSE.total_seconds()
+    assert contexts.get(cluster.db_client_ca, spec, "app") is not app
 
 
 def test_a_replaced_ca_file_is_read_again(pki, cluster, tmp_path):
-    contexts = postgres._ClientContexts()
+    contexts = upstream_auth.ClientContexts()
     ca_file = tmp_path / "server-ca.pem"
     other_ca = wpki.CertificateAuthority.create("some other CA", now=wpki.utcnow())
     ca_file.write_bytes(wpki.cert_to_pem(other_ca.cert))
-    spec = PostgresSpec(tls="verify-full", ca_file=ca_file, auth="password")
-    distrusting = contexts.get(cluster, spec, "app")
+    spec = DatabaseSpec(tls="verify-full", ca_file=ca_file, auth="password")
+    distrusting = contexts.get(cluster.db_client_ca, spec, "app")
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(distrusting, db_server_context(pki, cluster))
     fixed = tmp_path / "server-ca.pem.new"  # the administrator fixes the file, as tools do: a new
     fixed.write_bytes(pki.ca_pem)  # file renamed over the old one
     os.replace(fixed, ca_file)
-    trusting = contexts.get(cluster, spec, "app")
+    trusting = contexts.get(cluster.db_client_ca, spec, "app")
     assert trusting is not distrusting
     handshake(trusting, tlsutil.server_context(pki, require_client_cert=False,
                                                minimum_version=ssl.TLSVersion.TLSv1_2))
     os.remove(ca_file)  # a missing file is reported, not served from the cache
     with pytest.raises(FileNotFoundError):
-        contexts.get(cluster, spec, "app")
+        contexts.get(cluster.db_client_ca, spec, "app")
 
 
 def test_contexts_without_a_client_certificate_are_shared_by_db_users(pki, cluster):
-    contexts = postgres._ClientContexts()
-    spec = PostgresSpec(tls="require", auth="password")
-    assert contexts.get(cluster, spec, "app") is contexts.get(cluster, spec, "reporting")
-    assert contexts.get(cluster, PostgresSpec(tls="verify-full", ca_file=pki.ca_file, auth="password"),
-                        "app") is not contexts.get(cluster, spec, "app")
+    contexts = upstream_auth.ClientContexts()
+    spec = DatabaseSpec(tls="require", auth="password")
+    assert contexts.get(cluster.db_client_ca, spec, "app") is contexts.get(cluster.db_client_ca, spec, "reporting")
+    assert contexts.get(cluster.db_client_ca, DatabaseSpec(tls="verify-full", ca_file=pki.ca_file, auth="password"),
+                        "app") is not contexts.get(cluster.db_client_ca, spec, "app")
 
 
 def test_the_cache_is_bounded(pki, cluster):
-    contexts = postgres._ClientContexts(limit=3)
-    spec = PostgresSpec(tls="require", auth="cert")
+    contexts = upstream_auth.ClientContexts(limit=3)
+    spec = DatabaseSpec(tls="require", auth="cert")
     for i in range(10):
-        contexts.get(cluster, spec, f"user{i}")
+        contexts.get(cluster.db_client_ca, spec, f"user{i}")
         assert len(contexts._entries) <= 3
-    assert contexts.get(cluster, spec, "user9") is contexts.get(cluster, spec, "user9")
+    assert contexts.get(cluster.db_client_ca, spec, "user9") is contexts.get(cluster.db_client_ca, spec, "user9")
+
+
+def test_a_db_users_key_never_touches_the_disk(pki, cluster, tmp_path, monkeypatch):
+    # The key and certificate reach OpenSSL through anonymous memory files,
+    # closed once loaded: no file is made, and no descriptor stays open.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    before = set(os.listdir("/proc/self/fd"))
+    ctx = upstream_auth.build_context(cluster.db_client_ca, DatabaseSpec(tls="require", auth="cert"), "app")
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert list(tmp_path.iterdir()) == []
+    assert common_name(handshake(ctx, db_server_context(pki, cluster))) == "app"
+
+
+def test_database_spec_resolves_secret_references(tmp_path, monkeypatch):
+    secret = tmp_path / "pass"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("APP_DB_PASSWORD", "from-env")
+    spec = DatabaseSpec.of({"tls": "require", "auth": "password",
+                            "passwords": {"app": "env:APP_DB_PASSWORD", "*": f"file:{secret}"}})
+    assert spec.password_for("app") == "from-env"
+    assert spec.password_for("other") == "s3cret"
+    monkeypatch.delenv("APP_DB_PASSWORD")
+    with pytest.raises(ValueError, match="APP_DB_PASSWORD") as info:
+        spec.password_for("app")
+    assert "s3cret" not in str(info.value)
+    assert DatabaseSpec.of({"server_name": "db.internal"}).server_hostname("10.0.0.1:5432") == "db.internal"
+    assert DatabaseSpec.of({}).server_hostname("[::1]:5432") == "::1"
