@@ -136,10 +136,16 @@ def param_options(f: Callable) -> Callable:
     return f
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "WICKET_CLUSTER"})
 @click.version_option(package_name="wicket")
 def main() -> None:
-    """Run a Wicket cluster (CA, login API, proxy, audit) and administer it."""
+    """Run a Wicket cluster (CA, login API, proxy, audit) and administer it.
+
+    Every option can also come from the environment, as WICKET_CLUSTER_,
+    the command's words and the option's name in capitals with underscores
+    (WICKET_CLUSTER_START_LOG_FORMAT=json); --config is
+    WICKET_CLUSTER_CONFIG. An option on the command line wins.
+    """
 
 
 @main.command()

@@ -69,12 +69,17 @@ def _load_profile() -> Profile:
         raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "WICKET"})
 @click.version_option(package_name="wicket")
 def main() -> None:
     """Wicket gateway: one login, then localhost ports to every resource you may reach.
 
     Profile directory: $WICKET_HOME (default ~/.wicket).
+
+    Every option can also come from the environment, as WICKET_, the
+    command's words and the option's name in capitals with underscores
+    (WICKET_PROXY_DB_PORT=15432 for `wicket proxy db --port`); an option on
+    the command line wins.
     """
 
 
