@@ -371,9 +371,11 @@ def test_expired_certificate(pg_env, tmp_path):
     cluster.add_user(name, "pg")
     g = Gateway(tmp_path, cluster, name)
     try:
-        assert g.login("--ttl", "3s").returncode == 0
+        # Long enough for the proxy to start on a busy machine (it refuses
+        # to start on an expired login), short enough to wait out.
+        assert g.login("--ttl", "10s").returncode == 0
         _, port = g.proxy("db", "pg")
-        wait_for(lambda: g.run("status").returncode == 3, timeout=30, what="expiry", interval=0.2)
+        wait_for(lambda: g.run("status").returncode == 3, timeout=40, what="expiry", interval=0.2)
         sqlstate, message = connect_error(port)
         assert sqlstate == "28000" and "wicket login" in message
         _expect_fatal(psql(port, "-c", "select 1"), "expired", "wicket login")
@@ -474,7 +476,7 @@ def _send_cancel(port: int, pid: int, secret: bytes) -> None:
 async def test_cancel_of_another_users_session_is_refused(pg_env, gw, tmp_path):
     """The cluster lets only a session's owner cancel it."""
     from gateway import kinds
-    from gateway.local.client import Dialer, DialRefused
+    from gateway.local.dialer import Dialer, DialRefused
     from gateway.local.profile import Profile
     from protocols.dial import DialRequest
     from protocols.errors import ErrorCode
