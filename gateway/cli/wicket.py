@@ -21,7 +21,9 @@ from gateway.cli.common import format_option, read_password
 from gateway.durations import format_duration, parse_duration
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
-from gateway.local import client, profile as profiles
+from gateway.local import api, profile as profiles
+from gateway.local.connect import ClusterError
+from gateway.local.waitroom import RIDE_OUT
 from gateway.local.profile import Profile, ProfileError
 from gateway.net.http import HTTPError
 
@@ -39,7 +41,7 @@ class WicketError(click.ClickException):
         self.exit_code = exit_code
 
 
-def _cluster_error(exc: client.ClusterError) -> WicketError:
+def _cluster_error(exc: ClusterError) -> WicketError:
     if exc.code in _EXPIRED:
         return WicketError(exc.message, EXIT_NOT_LOGGED_IN)
     if exc.code in _REFUSED:
@@ -52,7 +54,7 @@ def _cluster_error(exc: client.ClusterError) -> WicketError:
 def _run(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return trio.run(fn, *args)
-    except client.ClusterError as exc:
+    except ClusterError as exc:
         raise _cluster_error(exc) from None
     except ProfileError as exc:
         raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
@@ -118,7 +120,7 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
             raise click.BadParameter(str(exc), param_hint="--ca-pin") from None
     interactive = sys.stdin.isatty()
 
-    ca = _run(client.fetch_ca, address)
+    ca = _run(api.fetch_ca, address)
     if pin is not None:
         if pin != ca.pin:
             raise WicketError(
@@ -149,7 +151,7 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
     ).decode("ascii")
 
     async def do_login() -> dict[str, Any]:
-        return await client.login(address, ca, user=user, password=password, totp_code=totp_code,
+        return await api.login(address, ca, user=user, password=password, totp_code=totp_code,
                                   ttl_seconds=ttl_seconds, public_key_pem=public_pem)
 
     answer = _run(do_login)
@@ -214,7 +216,7 @@ def ls(fmt: str) -> None:
         profile.check_fresh(utcnow())
     except ProfileError as exc:
         raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
-    doc = _run(client.api_call, profile, "GET", "/v1/resources")
+    doc = _run(api.api_call, profile, "GET", "/v1/resources")
     items = doc.get("resources", [])
     if fmt == "json":
         click.echo(json.dumps(items))
@@ -255,7 +257,7 @@ def renew(ttl: str | None, fmt: str) -> None:
     body["public_key"] = key.public_key().public_bytes(
         pki.serialization.Encoding.PEM, pki.serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode("ascii")
-    answer = _run(client.api_call, profile, "POST", "/v1/renew", body)
+    answer = _run(api.api_call, profile, "POST", "/v1/renew", body)
     profile = Profile.save(
         profile.home, cluster_addr=profile.cluster_addr, cluster_name=profile.cluster_name,
         user=profile.user, ca_pin=profile.ca_pin, key_pem=pki.key_to_pem(key),
@@ -285,7 +287,7 @@ def proxy() -> None:
 
 
 def _listen_options(f: Callable) -> Callable:
-    f = click.option("--wait-for-cluster", type=click.FloatRange(0, 300), default=client.RIDE_OUT,
+    f = click.option("--wait-for-cluster", type=click.FloatRange(0, 300), default=RIDE_OUT,
                      show_default=True, metavar="SECONDS",
                      help="How long a new client waits while the cluster cannot be reached (restarting, not up "
                           "yet, the network switching) before it is turned away; 0 turns it away at once.")(f)
@@ -386,7 +388,7 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopbac
     the cluster logs in upstream as the db user."""
     from gateway import logs
     from gateway import kinds
-    from gateway.local.client import Dialer
+    from gateway.local.dialer import Dialer
     from gateway.local.localtls import local_server_context
     from gateway.local.pg import PostgresProxy
 

@@ -48,7 +48,7 @@ def cluster_server_context(cert_chain: Path, key: Path, user_ca: Path, alpn: tup
     # A session ticket lets a gateway resume (one round trip and the
     # certificate checks less per connection). One is enough: the gateway
     # keeps the first it gets and resumes every later connection with it
-    # (gateway/local/client.py). Each ticket costs the cluster ~60 us after
+    # (gateway/local/dialer.py). Each ticket costs the cluster ~60 us after
     # a resumption and ~300 us after a full handshake here (OpenSSL 3.0
     # encodes the session, client certificate included, into it).
     ctx.num_tickets = 1

@@ -93,7 +93,7 @@ def run_demo(state: Path, port: int) -> None:
 
     async def main() -> None:
         from gateway import kinds
-        from gateway.local.client import Dialer
+        from gateway.local.dialer import Dialer
         from gateway.local.pg import PostgresProxy
         from gateway.local.pgserver import PgServer
         from gateway.local.profile import Profile

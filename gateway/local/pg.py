@@ -28,7 +28,9 @@ import ssl
 
 import trio
 
-from gateway.local.client import RIDE_OUT, ClientGone, ClusterError, Dialer, DialRefused, WaitRoom
+from gateway.local.connect import ClusterError
+from gateway.local.dialer import Dialer, DialRefused
+from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
 from gateway.local.profile import ProfileError
 from gateway.local.proxy import NEXT_STEP, peer_addr
 from gateway.net.relay import relay

@@ -31,7 +31,9 @@ import socket
 import trio
 
 from gateway.addresses import format_addr
-from gateway.local.client import DIAL_TIMEOUT, RIDE_OUT, ClientGone, ClusterError, MuxDialer, WaitRoom
+from gateway.local.connect import ClusterError
+from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
+from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
 from gateway.local.profile import Profile, ProfileError
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream

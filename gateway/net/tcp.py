@@ -52,7 +52,7 @@ the cluster answers with a reset at best, or, after a move to another
 network, never answers at all. :func:`time_suspended` lets the gateway see
 that it slept (``CLOCK_BOOTTIME`` counts the time spent suspended,
 ``CLOCK_MONOTONIC`` does not) and send new sessions over a new connection
-instead (gateway/local/client.py).
+instead (gateway/local/dialer.py).
 
 The network can also change under an awake machine (another Wi-Fi, a VPN
 coming up): the connection then stops getting answers, and each session
@@ -88,7 +88,7 @@ KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 6
 #: Seconds that data may stay unacknowledged (or the peer's window shut) on
 #: the multiplexed gateway <-> cluster connection before it fails; shorter
-#: than gateway/local/client.py's DIAL_TIMEOUT (see the module docstring).
+#: than gateway/local/dialer.py's DIAL_TIMEOUT (see the module docstring).
 LINK_USER_TIMEOUT = 30
 #: Seconds of suspension after which a connection to the cluster is not
 #: trusted with new sessions (see the module docstring).

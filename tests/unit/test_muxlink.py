@@ -719,7 +719,7 @@ async def test_link_sockets_probe_a_quiet_peer_and_bound_unacknowledged_data(pki
     # unacknowledged for 30 s ends the connection (gateway/net/tcp.py):
     # sooner than a session gives up waiting for its REPLY, so a session sent
     # into a connection that reaches nobody any more is handed back in time.
-    from gateway.local.client import DIAL_TIMEOUT
+    from gateway.local.dialer import DIAL_TIMEOUT
     from gateway.net import tcp
 
     assert tcp.LINK_USER_TIMEOUT < DIAL_TIMEOUT
