@@ -40,6 +40,7 @@ from protocols.postgres import (
     NEED_DATA, BackendKeyData, CancelRequest, ConnectionClosed, DirectTLS, GSSENCRequest, SqlState, SSLRequest,
     StartupConnection, StartupMessage, StartupRelay, error_response_for, negotiation_for,
 )
+from protocols.postgres.options import session_parameters
 
 log = logging.getLogger("wicket.proxy.postgres")
 
@@ -114,6 +115,8 @@ class PostgresProxy:
                         "replication connections are not supported through Wicket; "
                         "connect to the server directly for replication",
                         code=ErrorCode.BAD_REQUEST, wire_hint=SqlState.FEATURE_NOT_SUPPORTED)
+                # Settings outside the allowlist, likewise (42501).
+                session_parameters(event.parameters)
                 negotiation = negotiation_for(event)
                 early = negotiation.encode() if negotiation is not None else b""
                 trailing, _ = conn.trailing_data
