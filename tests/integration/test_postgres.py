@@ -449,6 +449,14 @@ def test_other_settings_are_refused_naming_the_setting(pg_port):
     assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
 
 
+def test_startup_refusals_reach_a_client_that_negotiated_tls(gw):
+    _, port = gw.proxy("db", "pg", "--local-tls")
+    r = psql(port, "-c", "select 1", extra={"sslmode": "require"}, env={"PGOPTIONS": "-c log_statement=none"})
+    _expect_fatal(r, 'FATAL:  setting "log_statement"')
+    r = psql(port, "-c", "select 1", extra={"sslmode": "require", "replication": "database"})
+    _expect_fatal(r, "FATAL:  replication connections are not supported through Wicket")
+
+
 async def test_the_cluster_refuses_other_settings_from_any_gateway(pg_env, gw):
     """A gateway that does not check (an old or a modified one) meets the
     same allowlist in the cluster, and the refusal is audited."""
