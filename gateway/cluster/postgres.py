@@ -48,6 +48,7 @@ from protocols.postgres import (
     FunctionCallEvent, ParseEvent, QueryEvent, SSLRequest, StartupRelay, UpstreamLogin, UpstreamLoginError,
     parse_ssl_answer, replication_requested,
 )
+from protocols.postgres.options import session_parameters
 from protocols.postgres.scram import AuthMethod
 
 log = logging.getLogger("wicket.cluster.postgres")
@@ -81,6 +82,7 @@ class PostgresKind:
             # PostgreSQL identifiers: at most 63 bytes, never NUL.
             if len(value.encode()) > 63 or "\x00" in value:
                 raise Refused(ErrorCode.BAD_REQUEST, f"{what} must be 1-63 bytes without NUL")
+        startup: dict[str, str] = {}
         for key, value in params.items():
             if key.startswith(PG_PREFIX):
                 name = key[len(PG_PREFIX):]
@@ -90,7 +92,15 @@ class PostgresKind:
                     raise Refused(ErrorCode.BAD_REQUEST,
                                   "replication connections are not supported through Wicket")
                 if name not in _BLOCKED_PARAMS:
-                    out[key] = value
+                    startup[name] = value
+        # Only allowlisted settings reach the server, `options` rebuilt from
+        # what was checked. The gateway checks first (so its client hears
+        # 42501); this is what a modified gateway cannot get round.
+        try:
+            settings = session_parameters(startup)
+        except ProtocolError as exc:
+            raise Refused(exc.code, exc.message) from None
+        out.update((PG_PREFIX + name, value) for name, value in settings.items())
         return out
 
     # -- control dials ---------------------------------------------------------

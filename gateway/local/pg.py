@@ -42,6 +42,7 @@ from protocols.postgres import (
     NEED_DATA, BackendKeyData, CancelRequest, ConnectionClosed, DirectTLS, GSSENCRequest, SqlState, SSLRequest,
     StartupConnection, StartupMessage, StartupRelay, error_response_for, negotiation_for,
 )
+from protocols.postgres.options import session_parameters
 
 log = logging.getLogger("wicket.proxy.postgres")
 
@@ -66,15 +67,16 @@ class PostgresProxy:
     async def handle(self, tcp: trio.SocketStream) -> None:
         client_addr = peer_addr(tcp)
         client: trio.abc.HalfCloseableStream = tcp
+        secured: list[TLSStream] = []  # the TLS stream, once negotiated: a refusal goes through it
         try:
             with trio.fail_after(STARTUP_TIMEOUT):
-                startup, client, early = await self._startup(tcp, client_addr)
+                startup, client, early = await self._startup(tcp, client_addr, secured)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
             await client.aclose()
             return
         except ProtocolError as exc:
             log.info("pg_startup_rejected client=%s error=%s", client_addr, exc)
-            await _send_and_close(client, error_response_for(exc).encode())
+            await _send_and_close(secured[0] if secured else client, error_response_for(exc).encode())
             return
         if startup is None:
             await client.aclose()
@@ -82,7 +84,7 @@ class PostgresProxy:
         async with client:
             await self._session(client, client_addr, startup, early, tcp.socket)
 
-    async def _startup(self, tcp: trio.SocketStream, client_addr: str):
+    async def _startup(self, tcp: trio.SocketStream, client_addr: str, secured: list[TLSStream]):
         """Read up to the StartupMessage. Returns (startup or None, the client
         stream (TLS if negotiated), bytes to send before the server's)."""
         conn = StartupConnection()
@@ -97,6 +99,7 @@ class PostgresProxy:
                 if accept:
                     client = TLSStream(tcp, self.tls_context, server_side=True)
                     await client.do_handshake()
+                    secured.append(client)
             elif isinstance(event, GSSENCRequest):
                 await client.send_all(conn.answer_gssenc())
             elif isinstance(event, CancelRequest):
@@ -116,6 +119,8 @@ class PostgresProxy:
                         "replication connections are not supported through Wicket; "
                         "connect to the server directly for replication",
                         code=ErrorCode.BAD_REQUEST, wire_hint=SqlState.FEATURE_NOT_SUPPORTED)
+                # Settings outside the allowlist, likewise (42501).
+                session_parameters(event.parameters)
                 negotiation = negotiation_for(event)
                 early = negotiation.encode() if negotiation is not None else b""
                 trailing, _ = conn.trailing_data

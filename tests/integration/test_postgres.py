@@ -289,15 +289,16 @@ def _expect_fatal(r: subprocess.CompletedProcess, *phrases: str) -> None:
         assert p in r.stderr, r.stderr
 
 
-def connect_error(port: int, user: str = "app", db: str = "app") -> tuple[str | None, str]:
+def connect_error(port: int, user: str = "app", db: str = "app", **connect) -> tuple[str | None, str]:
     """(SQLSTATE, message) of a refused connection, as a driver sees it
-    (asyncpg exposes the server's SQLSTATE on connection errors; libpq does not)."""
+    (asyncpg exposes the server's SQLSTATE on connection errors; libpq does not).
+    ``connect``: more for asyncpg.connect (server_settings, say)."""
     import asyncio
 
     async def attempt():
         try:
             conn = await asyncpg.connect(host="127.0.0.1", port=port, user=user, database=db, ssl=False,
-                                         timeout=60)
+                                         timeout=60, **connect)
         except asyncpg.PostgresError as exc:
             return exc.sqlstate, str(exc)
         await conn.close()
@@ -398,16 +399,86 @@ def test_malformed_startup_gets_error_and_gateway_keeps_serving(pg_port):
     assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
 
 
-def test_replication_is_refused_as_not_supported(pg_port):
+@pytest.mark.parametrize("mode", ["database", "true"])  # logical (psql), physical (pg_receivewal)
+def test_replication_is_refused_as_not_supported(pg_port, mode):
     import socket
     import struct
 
-    body = b"user\x00app\x00database\x00app\x00replication\x00database\x00\x00"
+    body = b"user\x00app\x00database\x00app\x00replication\x00" + mode.encode() + b"\x00\x00"
     with socket.create_connection(("127.0.0.1", pg_port), timeout=30) as s:
         s.sendall(struct.pack(">II", 8 + len(body), 3 << 16) + body)
         answer = s.recv(4096)
-    assert answer[:1] == b"E" and b"C0A000" in answer and b"replication connections" in answer
+    assert answer[:1] == b"E" and b"SFATAL" in answer and b"C0A000" in answer
+    assert b"replication connections are not supported through Wicket" in answer
     assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
+
+
+def test_replication_clients_are_told_why(pg_port, tmp_path):
+    why = "FATAL:  replication connections are not supported through Wicket; connect to the server directly"
+    _expect_fatal(psql(pg_port, "-c", "select 1", extra={"replication": "database"}), why)
+    for tool in (["pg_receivewal", "--no-loop", "-D", str(tmp_path)], ["pg_basebackup", "-D", str(tmp_path / "b")]):
+        r = subprocess.run([*tool, "-d", dsn(pg_port)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PGCONNECT_TIMEOUT": "30"})
+        assert r.returncode == 1 and why in r.stderr, (tool, r.stderr)
+
+
+# -- settings at connection start --------------------------------------------------
+
+
+def test_allowed_settings_pass(pg_port):
+    r = psql(pg_port, "-c", "show search_path", "-c", "show statement_timeout",
+             env={"PGOPTIONS": "-c search_path=public"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["public", "0"]
+    r = psql(pg_port, "-c", "show search_path", "-c", "show statement_timeout",
+             env={"PGOPTIONS": r'-csearch_path="my\ schema",public --statement-timeout=7s'})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ['"my schema",public', "7s"]
+    sqlstate, _ = connect_error(pg_port, server_settings={"DateStyle": "German", "search_path": "public"})
+    assert sqlstate is None  # asyncpg sends settings as start-up parameters of their own
+
+
+def test_other_settings_are_refused_naming_the_setting(pg_port):
+    r = psql(pg_port, "-c", "select 1", env={"PGOPTIONS": "-c log_statement=none"})
+    _expect_fatal(r, 'setting "log_statement" in the options start-up parameter is not allowed when connecting '
+                     "through Wicket", "remove it from PGOPTIONS")
+    for settings in ({"options": "-c search_path=public -c log_statement=none"}, {"log_statement": "none"},
+                     {"options": "--local-preload-libraries=x"}):
+        sqlstate, message = connect_error(pg_port, server_settings=settings)
+        assert sqlstate == "42501" and "not allowed when connecting through Wicket" in message, message
+    sqlstate, message = connect_error(pg_port, server_settings={"options": "-c search_path"})
+    assert sqlstate == "42601" and "needs a value" in message
+    assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
+
+
+def test_startup_refusals_reach_a_client_that_negotiated_tls(gw):
+    _, port = gw.proxy("db", "pg", "--local-tls")
+    r = psql(port, "-c", "select 1", extra={"sslmode": "require"}, env={"PGOPTIONS": "-c log_statement=none"})
+    _expect_fatal(r, 'FATAL:  setting "log_statement"')
+    r = psql(port, "-c", "select 1", extra={"sslmode": "require", "replication": "database"})
+    _expect_fatal(r, "FATAL:  replication connections are not supported through Wicket")
+
+
+async def test_the_cluster_refuses_other_settings_from_any_gateway(pg_env, gw):
+    """A gateway that does not check (an old or a modified one) meets the
+    same allowlist in the cluster, and the refusal is audited."""
+    from gateway import kinds
+    from gateway.local.client import Dialer, DialRefused
+    from gateway.local.profile import Profile
+    from protocols.dial import DialRequest
+    from protocols.errors import ErrorCode
+
+    cluster, _ = pg_env
+    dialer = Dialer(Profile.load(gw.home), kinds.POSTGRES.alpn)
+    marker = f"marker{next(_n)}"
+    with pytest.raises(DialRefused) as err:
+        await dialer.dial(DialRequest(resource="pg", params={
+            "db_user": "app", "pg.application_name": marker, "pg.options": "-c log_statement=none"}))
+    assert err.value.error.code is ErrorCode.ACCESS_DENIED
+    assert 'setting "log_statement"' in err.value.error.message
+    denied = cluster.wait_audit(lambda evs: any(e["params"].get("pg.application_name") == marker for e in evs),
+                                user=gw.user, event="dial.denied")
+    assert any('"log_statement"' in e["reason"] for e in denied), denied
 
 
 # -- audit -------------------------------------------------------------------------

@@ -988,3 +988,44 @@ def test_login_upgrades_a_hash_made_with_older_parameters(make_gateway, cluster,
     assert new != old and not passwords.needs_rehash(new)
     assert passwords.verify_password(new, PASSWORD)
     assert gw.login().returncode == 0  # and the new one works
+
+
+def test_login_upgrades_an_old_hash_only_once_totp_passed(tmp_path, cluster, monkeypatch):
+    import base64
+    from urllib.parse import parse_qs, urlparse
+
+    from cryptography.hazmat.primitives.hashes import SHA1
+    from cryptography.hazmat.primitives.twofactor.totp import TOTP
+
+    from gateway.cluster import passwords
+    from gateway.cluster.store import Store
+    from tests.integration.harness import Gateway
+
+    r = cluster.add_user("tom", "dev", "--totp")
+    b32 = parse_qs(urlparse(next(line for line in r.stdout.splitlines()
+                                 if line.startswith("otpauth://totp/"))).query)["secret"][0]
+    totp = TOTP(base64.b32decode(b32 + "=" * (-len(b32) % 8), casefold=True), 6, SHA1(), 30)
+    monkeypatch.setattr(passwords, "MEMORY_KIB", passwords.MEMORY_KIB // 2)  # older, weaker parameters
+    old = passwords.hash_password(PASSWORD)
+    monkeypatch.undo()
+    with Store.open(cluster.state / "wicket.db") as store:
+        store.set_password_hash("tom", old)
+
+    def stored() -> str:
+        with Store.open(cluster.state / "wicket.db") as store:
+            return store.get_user("tom").password_hash
+
+    gw = Gateway(tmp_path, cluster, "tom")
+    now = time.time()
+    code, wrong = totp.generate(now).decode(), "000000"
+    if wrong == code:
+        wrong = "111111"
+    assert gw.login().returncode == 4  # the right password, no code: not upgraded
+    assert gw.login("--totp-code", wrong).returncode == 4
+    assert stored() == old
+    assert gw.login("--totp-code", code).returncode == 0
+    new = stored()
+    assert new != old and not passwords.needs_rehash(new) and passwords.verify_password(new, PASSWORD)
+    # And the new hash logs in (the next step's code: this one is spent).
+    assert gw.login("--totp-code", totp.generate(now + 30).decode()).returncode == 0
+    assert stored() == new

@@ -734,39 +734,6 @@ def test_audit_jsonl_that_cannot_be_written_catches_up_and_never_duplicates(tmp_
     log.store.close()
 
 
-def test_audit_jsonl_line_cut_by_a_full_disk_is_finished_first(tmp_path: Path, monkeypatch) -> None:
-    # The disk fills in the middle of a line: the rest of that line is
-    # never dropped to make room (the next line would be glued onto it).
-    import errno
-    import json
-
-    from gateway.cluster import audit
-
-    jsonl = tmp_path / "audit.jsonl"
-    log = audit.AuditLog(Store.open(tmp_path / "a.db"), jsonl)
-    monkeypatch.setattr(audit, "JSONL_BACKLOG", 100)
-    real_write, state = os.write, {"room": 20}
-
-    def write(fd, data):
-        if fd != log._fd or state["room"] is None:
-            return real_write(fd, data)
-        if not state["room"]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        n = real_write(fd, bytes(data[:state["room"]]))
-        state["room"] -= n
-        return n
-
-    monkeypatch.setattr(audit.os, "write", write)
-    log.write_many([("test.event", "u", {"n": n}, 1.0) for n in range(10)])
-    state["room"] = None  # space again
-    log.write_many([("test.event", "u", {"n": 10}, 2.0)])
-    numbers = [json.loads(line)["n"] for line in jsonl.read_text().splitlines()]  # every line whole
-    assert numbers[0] == 0 and numbers[-1] == 10 and numbers == sorted(numbers)
-    assert log.jsonl_dropped == 11 - len(numbers)
-    log.close()
-    log.store.close()
-
-
 def test_replace_password_hash_only_over_the_hash_it_expects(store: Store) -> None:
     from gateway.cluster.passwords import hash_password
 
