@@ -463,7 +463,7 @@ async def test_the_cluster_refuses_other_settings_from_any_gateway(pg_env, gw):
     """A gateway that does not check (an old or a modified one) meets the
     same allowlist in the cluster, and the refusal is audited."""
     from gateway import kinds
-    from gateway.local.client import Dialer, DialRefused
+    from gateway.local.dialer import Dialer, DialRefused
     from gateway.local.profile import Profile
     from protocols.dial import DialRequest
     from protocols.errors import ErrorCode
