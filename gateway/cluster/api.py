@@ -48,8 +48,25 @@ _STATUS = {
 }
 
 
+#: The next step for a refused certificate. The cluster's refusals say
+#: what happened; on a dial the gateway adds the next step, while the API's
+#: answers are shown as they are, so they get it here (once either way).
+_NEXT_STEP = {
+    ErrorCode.CERT_EXPIRED: "run `wicket login` again",
+    ErrorCode.USER_LOCKED: "ask an administrator to unlock it",
+    ErrorCode.ACCESS_DENIED: "ask an administrator",
+}
+
+
 def cert_http_error(exc: pki.CertError) -> HTTPError:
     return HTTPError(_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+
+
+def identify_http_error(exc: pki.CertError) -> HTTPError:
+    """A refused certificate on an API call, with the next step."""
+    step = _NEXT_STEP.get(exc.code)
+    message = exc.message if step is None or step in exc.message else f"{exc.message}; {step}"
+    return HTTPError(_STATUS.get(exc.code, 500), exc.code.value, message)
 
 
 class API:
@@ -129,7 +146,7 @@ class API:
             await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
                                      client_host=self.client_host, reason="user locked")
             raise HTTPError(403, "user_locked",
-                            f"user {user_name} is locked ({lock.reason}); ask an administrator to unlock")
+                            f"user {user_name} is locked ({lock.reason}); {_NEXT_STEP[ErrorCode.USER_LOCKED]}")
         if user.totp_secret is not None:
             code = body.get("totp_code")
             if not isinstance(code, str) or not code:
@@ -147,7 +164,7 @@ class API:
         roles = await self.cluster.roles_of(user)
         now = utcnow()
         return await self._issue(user_name, roles, public_key, body.get("ttl_seconds"),
-                                 now=now, auth_time=now, event="login.ok")
+                                 now=now, auth_time=now, event="login.ok", generation=user.cert_generation)
 
     async def _rehash(self, user_name: str, old: str, password: str) -> None:
         """The stored hash was made with weaker parameters: store one made
@@ -169,7 +186,7 @@ class API:
         try:
             return await self.cluster.identify(self.peer_cert)
         except pki.CertError as exc:
-            raise cert_http_error(exc) from None
+            raise identify_http_error(exc) from None
 
     async def renew(self, request: Request) -> Response:
         """A fresh certificate for a (new or the same) key, with current roles,
@@ -180,7 +197,7 @@ class API:
         auth_time = identity.auth_time or identity.not_before
         return await self._issue(user.name, await self.cluster.roles_of(user), public_key,
                                  body.get("ttl_seconds"), now=utcnow(), auth_time=auth_time,
-                                 event="login.renew")
+                                 event="login.renew", generation=user.cert_generation)
 
     async def whoami(self, request: Request) -> Response:
         identity, user, roles = await self._identify()
@@ -246,7 +263,7 @@ class API:
         raise HTTPError(401, "access_denied", "invalid user name, password or TOTP code")
 
     async def _issue(self, user_name, roles, public_key, requested_ttl, *, now: dt.datetime,
-                     auth_time: dt.datetime, event: str) -> Response:
+                     auth_time: dt.datetime, event: str, generation: int) -> Response:
         cfg = self.cluster.config
         ttl = cfg.session_ttl
         if requested_ttl is not None:
@@ -270,6 +287,7 @@ class API:
         identity = pki.Identity(
             user=user_name, roles=tuple(r.name for r in roles), cluster=cfg.name, kind="person",
             not_before=now - dt.timedelta(minutes=1), not_after=not_after, auth_time=auth_time,
+            generation=generation,
         )
         try:
             cert = self.cluster.user_ca.issue_session_cert(public_key, identity)

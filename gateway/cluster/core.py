@@ -53,6 +53,10 @@ class Snapshot:
     locks: dict[str, Any]
     roles: dict[str, Role]
     resources: dict[str, Resource]
+    #: Serials of revoked certificates that have not expired yet.
+    revoked: frozenset[int] = frozenset()
+    #: user -> why their certificates were last revoked at once.
+    revocations: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -71,6 +75,9 @@ class LiveSession:
     # stream started in the engine's thread); others are cut by their scope.
     cut: Callable[[str], None] | None = None
     cancelled: bool = False
+    # The certificate the session was allowed with (set once allowed): a
+    # revocation of it cuts the session.
+    identity: pki.Identity | None = None
 
     def cancel(self, reason: str) -> None:
         """End the session (from trio's thread), with ``reason`` in its
@@ -313,6 +320,8 @@ class Cluster:
             locks={lock.user: lock for lock in self.store.list_locks()},
             roles=roles,
             resources={r.name: r for r in self.store.list_resources()},
+            revoked=frozenset(r.serial for r in self.store.list_revoked_certs(live_at=time.time())),
+            revocations=self.store.revocation_reasons(),
         )
 
     async def snapshot(self) -> "Snapshot":
@@ -353,25 +362,54 @@ class Cluster:
                 ErrorCode.CERT_REQUIRED,
                 "this route needs a session certificate; run `wicket login` first",
             )
+        identity = self.parse_identity(der_cert)
+        if identity.cluster != self.config.name:
+            raise pki.CertError(ErrorCode.CERT_INVALID, "certificate is for another cluster")
+        pki.check_validity(identity, utcnow())
+        user = self.check_standing(snap, identity)
+        return identity, user, self.roles_in(snap, user, identity.roles)
+
+    def parse_identity(self, der_cert: bytes) -> pki.Identity:
+        """The identity a certificate claims (OpenSSL verified its chain;
+        nothing else is checked here); :class:`pki.CertError` if unreadable."""
         identity = self._identities.get(der_cert)
         if identity is None:
             identity = pki.identity_from_cert(x509.load_der_x509_certificate(der_cert))
             if len(self._identities) >= IDENTITY_CACHE:
                 self._identities.clear()
             self._identities[der_cert] = identity
-        if identity.cluster != self.config.name:
-            raise pki.CertError(ErrorCode.CERT_INVALID, "certificate is for another cluster")
-        pki.check_validity(identity, utcnow())
+        return identity
+
+    def claimed_user(self, der_cert: bytes | None) -> str | None:
+        """Whom a refused certificate names (an expired one, a locked
+        user's), for the audit: a claim, since the checks refused it."""
+        if not der_cert:
+            return None
+        try:
+            return self.parse_identity(der_cert).user
+        except (pki.CertError, ValueError):
+            return None
+
+    @staticmethod
+    def check_standing(snap: "Snapshot", identity: pki.Identity) -> User:
+        """The certificate's user, if they still exist, are not locked and
+        the certificate is not revoked; else :class:`pki.CertError`. The
+        messages say what happened; the next step is added by whoever shows
+        them (the gateway for a dial, :mod:`api` for the API), once."""
         user = snap.users.get(identity.user)
         if user is None:
             raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
         lock = snap.locks.get(identity.user)
         if lock is not None:
-            raise pki.CertError(
-                ErrorCode.USER_LOCKED,
-                f"user {identity.user} is locked ({lock.reason}); ask an administrator to unlock",
-            )
-        return identity, user, self.roles_in(snap, user, identity.roles)
+            raise pki.CertError(ErrorCode.USER_LOCKED, f"user {identity.user} is locked ({lock.reason})")
+        # cert_expired: every gateway knows it means "log in again".
+        if identity.generation < user.cert_generation:
+            why = snap.revocations.get(identity.user, "revoked by an administrator")
+            raise pki.CertError(ErrorCode.CERT_EXPIRED, f"this session certificate was revoked ({why})")
+        if identity.serial in snap.revoked:
+            raise pki.CertError(ErrorCode.CERT_EXPIRED,
+                                "this session certificate was revoked (`wicket-cluster certs revoke`)")
+        return user
 
     # -- live sessions -------------------------------------------------------
 
@@ -391,16 +429,31 @@ class Cluster:
         self.sessions.pop(session.id, None)
 
     async def watch_locks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Cut the live sessions of users who get locked (within 2 s of the
-        lock: the snapshot's freshness is checked every 0.5 s)."""
+        """Cut the live sessions of users who get locked or removed, and of
+        certificates that get revoked (within 2 s: the snapshot's freshness
+        is checked every 0.5 s)."""
         task_status.started()
         while True:
             await trio.sleep(LOCK_POLL_INTERVAL)
-            locks = (await self.snapshot()).locks
+            snap = await self.snapshot()
             for session in list(self.sessions.values()):
-                if session.user in locks and not session.cancelled:
-                    log.info("session_cut session=%s user=%s reason=user_locked", session.id, session.user)
-                    session.cancel("user_locked")
+                reason = None if session.cancelled else self.cut_reason(snap, session)
+                if reason is not None:
+                    log.info("session_cut session=%s user=%s reason=%s", session.id, session.user, reason)
+                    session.cancel(reason)
+
+    @staticmethod
+    def cut_reason(snap: "Snapshot", session: LiveSession) -> str | None:
+        """Why ``session`` must end now (its session.end reason), or None."""
+        if session.user in snap.locks:
+            return "user_locked"
+        if session.identity is None:  # not allowed yet: checked once it is
+            return None
+        try:
+            Cluster.check_standing(snap, session.identity)
+        except pki.CertError as exc:
+            return "user_removed" if exc.code is ErrorCode.ACCESS_DENIED else "cert_revoked"
+        return None
 
     def host_ca_pem(self) -> str:
         return self.host_ca.pem.decode("ascii")

@@ -317,6 +317,7 @@ class _DialAudit:
 
     fields: dict[str, Any]
     user: str | None = None
+    identity: pki.Identity | None = None
 
     @classmethod
     def of(cls, request: DialRequest, kind: RouteKind, client_addr: str) -> "_DialAudit":
@@ -333,6 +334,7 @@ class _DialAudit:
         return DialError(code=refusal.code, message=refusal.message)
 
     def allowed(self, cluster: Cluster, session: LiveSession, decision: rbac.Decision) -> None:
+        session.identity = self.identity  # from now on, revoking it cuts the session
         cluster.audit_soon("dial.allowed", self.user, **self.fields, session_id=session.id, reason=decision.reason)
 
 
@@ -344,8 +346,14 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
     try:
         identity, _user, roles = cluster.identify_in(snap, cert)
     except pki.CertError as exc:
+        # On record under the user the certificate names (so `audit --user`
+        # finds a locked user's or an expired certificate's dials), marked
+        # as a claim: the certificate was refused.
+        audit.user = cluster.claimed_user(cert)
+        if audit.user is not None:
+            audit.fields["user_claimed"] = True
         raise Refused(exc.code, exc.message) from None
-    audit.user = identity.user
+    audit.user, audit.identity = identity.user, identity
     resource = snap.resources.get(request.resource)
     if resource is None:
         raise Refused(

@@ -92,6 +92,10 @@ class Identity:
     # outlive that login's maximum session.
     auth_time: dt.datetime | None = None
     serial: int = 0
+    # The user's certificate generation at issue: the cluster refuses a
+    # certificate whose generation is below the user's current one (a lock,
+    # a new password or a removal revoked it). Absent (0) before any.
+    generation: int = 0
 
     def to_document(self) -> bytes:
         doc = {
@@ -104,6 +108,8 @@ class Identity:
         }
         if self.auth_time is not None:
             doc["auth_time"] = int(self.auth_time.timestamp())
+        if self.generation:
+            doc["gen"] = self.generation
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     def remaining(self, now: dt.datetime) -> dt.timedelta:
@@ -383,11 +389,18 @@ def identity_from_cert(cert: x509.Certificate) -> Identity:
             not_after=cert.not_valid_after_utc,
             auth_time=_timestamp(doc.get("auth_time")),
             serial=cert.serial_number,
+            generation=_generation(doc.get("gen", 0)),
         )
     except CertError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CertError(ErrorCode.CERT_INVALID, f"identity extension is malformed: {exc}") from None
+
+
+def _generation(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise TypeError("gen must be a non-negative integer")
+    return value
 
 
 def _timestamp(value: object) -> dt.datetime | None:

@@ -618,6 +618,7 @@ async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
     assert ended[-1]["reason"] == "user_locked"
     assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4
     cluster.admin("users", "unlock", gw.user)
+    assert gw.login().returncode == 0  # the lock revoked the old certificate (test_revocation.py)
     with trio.fail_after(20):
         assert await roundtrip(port, b"back") == b"back"
     events = [e["event"] for e in cluster.wait_audit(lambda evs: len([e for e in evs if e["event"] == "session.end"]) >= 2,
