@@ -8,10 +8,13 @@ byte moves, the cluster checks, in order:
 
 1. a session certificate was presented, is for this cluster, readable and in
    its validity window (``cert_required`` / ``cert_invalid`` / ``cert_expired``);
-2. the user still exists and is not locked (``access_denied`` / ``user_locked``);
-3. the resource exists (``resource_not_found``) and is of the route's kind;
+2. the user still exists and is not locked, the certificate not revoked
+   (``access_denied`` / ``user_locked`` / ``cert_expired``);
+3. the resource exists and the user's roles reach it at all, else
+   ``access_denied`` the same way for both (no one learns what exists); it
+   is of the route's kind (``bad_request``);
 4. the user's roles allow it with these parameters, deny winning
-   (``access_denied`` with the reason);
+   (``access_denied`` naming the parameters; the audit has the role and rule);
 5. the route's kind opens the upstream (TCP connect; for PostgreSQL also TLS
    and the login as the db user), or refuses (``upstream_unreachable``...).
 
@@ -355,11 +358,15 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
         raise Refused(exc.code, exc.message) from None
     audit.user, audit.identity = identity.user, identity
     resource = snap.resources.get(request.resource)
+    # Unknown, and there but out of the user's reach, look the same to the
+    # user (one code, one message); the audit's reason tells them apart.
     if resource is None:
-        raise Refused(
-            ErrorCode.RESOURCE_NOT_FOUND,
-            f"no resource named {request.resource!r}; `wicket ls` lists the ones you can reach",
-        )
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, request.resource, None),
+                      reason=f"no resource named {request.resource!r}")
+    if not rbac.visible(roles, resource.name, resource.labels):
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels),
+                      reason=rbac.decide(roles, resource.name, resource.labels).reason)
+    # The user can see this one (`wicket ls` shows its kind): say which.
     if resource.kind != kind.kind:
         raise Refused(
             ErrorCode.BAD_REQUEST,
@@ -370,12 +377,10 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
     audit.fields["params"] = params
     decision = rbac.decide(roles, resource.name, resource.labels, params)
     if not decision.allowed:
-        raise Refused(
-            ErrorCode.ACCESS_DENIED,
-            f"access to {resource.name} denied: {decision.reason}; ask an administrator for a role "
-            f"that allows it",
-            reason=decision.reason,
-        )
+        # The next step is the gateway's to add (it knows the client's
+        # protocol), so the message says only what happened.
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
+                      reason=decision.reason)
     return identity, resource, params, decision
 
 
