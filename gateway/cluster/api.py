@@ -35,6 +35,8 @@ from protocols.errors import ErrorCode
 log = logging.getLogger("wicket.cluster.api")
 
 MIN_TTL = 1.0
+#: Beyond any cap a cluster would set (ten years): a bound for the arithmetic.
+MAX_TTL = 10 * 365 * 86400.0
 
 # typed error code -> HTTP status
 _STATUS = {
@@ -67,6 +69,19 @@ def identify_http_error(exc: pki.CertError) -> HTTPError:
     step = _NEXT_STEP.get(exc.code)
     message = exc.message if step is None or step in exc.message else f"{exc.message}; {step}"
     return HTTPError(_STATUS.get(exc.code, 500), exc.code.value, message)
+
+
+def _ttl_seconds(value: Any) -> float | None:
+    """The requested ``ttl_seconds`` (None: the default), checked before
+    any arithmetic: JSON numbers are unbounded (``1e400`` is infinity, a
+    400-digit integer overflows a float)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not MIN_TTL <= value <= MAX_TTL or not math.isfinite(value):
+        raise HTTPError(400, "bad_request", f"ttl_seconds must be a number of seconds from {MIN_TTL:.0f} "
+                        f"to {MAX_TTL:.0f} (the cluster caps it further)")
+    return float(value)
 
 
 class API:
@@ -103,6 +118,7 @@ class API:
 
     async def login(self, request: Request) -> Response:
         body = request.json()
+        _ttl_seconds(body.get("ttl_seconds"))  # refused before a password or TOTP check is spent
         user_name = body.get("user")
         password = body.get("password")
         if not isinstance(user_name, str) or not isinstance(password, str) or not user_name:
@@ -265,12 +281,9 @@ class API:
     async def _issue(self, user_name, roles, public_key, requested_ttl, *, now: dt.datetime,
                      auth_time: dt.datetime, event: str, generation: int) -> Response:
         cfg = self.cluster.config
-        ttl = cfg.session_ttl
-        if requested_ttl is not None:
-            if not isinstance(requested_ttl, (int, float)) or isinstance(requested_ttl, bool) \
-                    or not math.isfinite(requested_ttl) or requested_ttl < MIN_TTL:
-                raise HTTPError(400, "bad_request", f"ttl_seconds must be a number >= {MIN_TTL}")
-            ttl = float(requested_ttl)
+        ttl = _ttl_seconds(requested_ttl)
+        if ttl is None:
+            ttl = cfg.session_ttl
         caps = [cfg.max_session_ttl]
         role_cap = rbac.session_ttl_cap(roles)
         if role_cap is not None:

@@ -203,5 +203,13 @@ class HTTPClient:
             event.status_code,
             str(err.get("code", "internal_error")),
             str(err.get("message", f"HTTP {event.status_code}")),
-            retry_after=err.get("retry_after"),
+            retry_after=_seconds(err.get("retry_after")),
         )
+
+
+def _seconds(value: Any) -> float | None:
+    """A delay the peer sent, if it is a sane one (JSON numbers are
+    unbounded: ``1e400`` is infinity); else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+        return None
+    return float(value)

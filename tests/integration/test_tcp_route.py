@@ -895,6 +895,24 @@ def test_hostile_peers_cannot_take_the_cluster_down(cluster):
     assert b'"status":"ok"' in _raw_api(cluster, "GET", "/v1/health", b"")
 
 
+def test_every_number_in_a_login_is_checked(make_gateway, cluster):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    gw = make_gateway("dev", login=False)
+    key = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    head = json.dumps({"user": gw.user, "password": PASSWORD, "public_key": key})[:-1]
+    # Infinity, an integer no float holds, a float past any cap, the wrong types.
+    for ttl in ("1e400", "1" + "0" * 400, "-1e400", "1e300", "true", '"60"', "0.5", "[]"):
+        answer = _raw_api(cluster, "POST", "/v1/login", f'{head}, "ttl_seconds": {ttl}}}'.encode())
+        assert answer.split(b"\r\n")[0].split()[1] == b"400", (ttl, answer[:300])
+        assert b"ttl_seconds must be a number of seconds" in answer, answer
+    ok = _raw_api(cluster, "POST", "/v1/login", f'{head}, "ttl_seconds": 60}}'.encode())
+    assert ok.split(b"\r\n")[0].split()[1] == b"200", ok[:300]
+    assert "Traceback" not in cluster.proc.log()
+
+
 def test_roles_add_deny_flags_each_deny(cluster):
     cluster.admin("roles", "add", "careful", "--allow-resources", "*", "--deny-label", "env=prod",
                   "--deny-label", "env=staging", "--db-users", "app")
