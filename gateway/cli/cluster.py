@@ -512,9 +512,12 @@ def resources_add(config_path: Path, name: str, kind: str, address: str, label: 
         spec = cfg.validate_resource(name, kind, address, spec)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    try:
+        resource = Resource(name=name, kind=kind, address=address, labels=_labels(label), spec=spec, source="cli")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--label") from None
     with _Admin(config_path) as admin:
-        admin.store.put_resource(Resource(name=name, kind=kind, address=address, labels=_labels(label),
-                                          spec=spec, source="cli"))
+        admin.store.put_resource(resource)
         admin.audit.write("resource.put", None, {"resource": name, "kind": kind, "address": address})
     click.echo(f"resource {name} ({kind} {address}) saved")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from gateway import __version__
+from gateway import __version__, printable
 from gateway.cluster import rbac
 from gateway.cluster.core import Cluster
 from gateway.identity.pki import utcnow
@@ -125,6 +125,8 @@ class API:
             raise HTTPError(400, "bad_request", "login needs `user` and `password` strings")
         if len(user_name) > 64 or len(password) > 1024:
             raise HTTPError(400, "bad_request", "user or password too long")
+        if not printable.is_clean(user_name):
+            raise HTTPError(400, "bad_request", "user names have no control characters")
         public_key = self._public_key(body.get("public_key"))
         inflight = self.cluster.login_attempts
         keys = (("user", user_name), ("host", self.client_host))

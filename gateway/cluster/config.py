@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from gateway import kinds
+from gateway import kinds, printable
 from gateway.addresses import parse_hostport
 from gateway.cluster import resource_specs
 from gateway.cluster.rbac import Role, RoleError
@@ -178,6 +178,10 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
         ):
             raise fail(f"resources.{rname}.labels", "expected a table of string = string")
+        for key, value in labels.items():
+            if not printable.is_clean(value):
+                raise fail(f"resources.{rname}.labels.{key}",
+                           f"contains a control character ({printable.first_unsafe(value)}); use printable text")
         extra = {k: v for k, v in spec.items() if k not in ("kind", "address", "labels")}
         try:
             extra = validate_resource(rname, kind, address, extra)

@@ -42,7 +42,7 @@ import attrs
 import trio
 
 from gateway.cluster import rbac
-from gateway import kinds
+from gateway import kinds, printable
 from gateway.addresses import parse_hostport
 from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
@@ -357,6 +357,7 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
             audit.fields["user_claimed"] = True
         raise Refused(exc.code, exc.message) from None
     audit.user, audit.identity = identity.user, identity
+    _refuse_control_characters("resource", request.resource)
     resource = snap.resources.get(request.resource)
     # Unknown, and there but out of the user's reach, look the same to the
     # user (one code, one message); the audit's reason tells them apart.
@@ -375,6 +376,8 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
         )
     params = kind.check_params(request, identity)
     audit.fields["params"] = params
+    for key, value in rbac.constrained(params).items():
+        _refuse_control_characters(key, value)
     decision = rbac.decide(roles, resource.name, resource.labels, params)
     if not decision.allowed:
         # The next step is the gateway's to add (it knows the client's
@@ -382,6 +385,15 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
         raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
                       reason=decision.reason)
     return identity, resource, params, decision
+
+
+def _refuse_control_characters(what: str, name: str) -> None:
+    """Names (a resource, a db user, a db name) with a control character
+    are refused outright: no glob may match them, and they are no one's."""
+    if not printable.is_clean(name):
+        raise Refused(ErrorCode.BAD_REQUEST,
+                      f"{what} {printable.escape(name)!r} contains a control character "
+                      f"({printable.first_unsafe(name)}); names with control characters are refused")
 
 
 async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
-from gateway import kinds
+from gateway import kinds, printable
 from gateway.durations import parse_duration
 
 #: rule key -> dial parameter it constrains
@@ -43,12 +43,18 @@ def _globs(role: str, where: str, value: Any) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise RoleError(f"role {role!r}: {where} must be a string or a list of non-empty strings")
+    for glob in value:
+        if not printable.is_clean(glob):
+            raise RoleError(f"role {role!r}: {where}: {printable.escape(glob)!r} contains a control character "
+                            f"({printable.first_unsafe(glob)}); globs match none")
     return tuple(value)
 
 
 def _match(value: str, patterns: Iterable[str]) -> bool:
     # fnmatchcase: resource names are case-sensitive, whatever the platform.
-    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+    # No glob matches a control character (`*` would match a newline, and
+    # "ro_\n<forged log line>" would pass for an "ro_*" db user).
+    return printable.is_clean(value) and any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
 
 @attrs.frozen(slots=True, kw_only=True)

@@ -63,6 +63,8 @@ from typing import Any, Literal
 
 import attrs
 
+from gateway import printable
+
 __all__ = [
     "AlreadyExists",
     "AuditEvent",
@@ -246,6 +248,9 @@ def _freeze_labels(value: Mapping[str, str]) -> Mapping[str, str]:
             raise ValueError(f"invalid label key {key!r}: 1-63 characters of A-Z a-z 0-9 . _ / -")
         if not isinstance(val, str) or len(val) > 256:
             raise ValueError(f"label {key!r} must have a string value of at most 256 characters")
+        if not printable.is_clean(val):
+            raise ValueError(f"label {key!r}: the value contains a control character "
+                             f"({printable.first_unsafe(val)}); use printable text")
     return MappingProxyType(dict(value))
 
 

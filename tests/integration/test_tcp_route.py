@@ -913,6 +913,16 @@ def test_every_number_in_a_login_is_checked(make_gateway, cluster):
     assert "Traceback" not in cluster.proc.log()
 
 
+def test_a_user_name_with_control_characters_is_refused_and_logged_escaped(cluster):
+    forged = "eve\n2026-01-01T00:00:00.000Z login_ok user=admin"
+    body = json.dumps({"user": forged, "password": PASSWORD, "public_key": "x"}).encode()
+    answer = _raw_api(cluster, "POST", "/v1/login", body)
+    assert answer.split(b"\r\n")[0].split()[1] == b"400" and b"control characters" in answer, answer[:300]
+    # A db user cannot pass an "ro_*" glob with one, nor forge a line in
+    # the cluster's log or its audit.jsonl (tests/unit/test_printable.py).
+    assert not any(line.startswith("2026-01-01T00:00:00.000Z") for line in cluster.proc.log().splitlines())
+
+
 def test_roles_add_deny_flags_each_deny(cluster):
     cluster.admin("roles", "add", "careful", "--allow-resources", "*", "--deny-label", "env=prod",
                   "--deny-label", "env=staging", "--db-users", "app")

@@ -77,3 +77,14 @@ def test_a_parameter_denial_names_only_what_roles_constrain_and_no_next_step():
     # The gateway adds the next step, once.
     assert "administrator" not in message and "ask" not in message
     assert "application_name" not in reason
+
+
+@pytest.mark.parametrize(("resource", "params", "what"), [
+    ("web\n2026-01-01 forged", {}, "resource"),
+    ("pg", {"db_user": "ro_\n<forged line>", "db_name": "app"}, "db_user"),
+    ("pg", {"db_user": "app", "db_name": "app\u202e"}, "db_name"),
+])
+def test_names_with_control_characters_are_refused(resource, params, what):
+    code, message, _ = refusal(resource, POSTGRES, **params)
+    assert code is ErrorCode.BAD_REQUEST and message.startswith(what) and "control character" in message
+    assert "\n" not in message and "\u202e" not in message  # the message itself is safe to log
