@@ -232,12 +232,23 @@ class CertificateAuthority:
         return cert_to_pem(self.cert)
 
     @classmethod
-    def create(cls, common_name: str, *, now: dt.datetime, years: int = 10) -> "CertificateAuthority":
+    def create(cls, common_name: str, *, now: dt.datetime, years: int = 10,
+               permitted: Iterable[str] | None = None) -> "CertificateAuthority":
+        """A new self-signed CA. ``permitted``: the only names (DNS names
+        and IP addresses) it may vouch for, as X.509 name constraints
+        (RFC 5280 §4.2.1.10, critical): a copy of its key then cannot
+        pass for any other server with a client that trusts it."""
         key = generate_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        builder = x509.CertificateBuilder()
+        if permitted is not None:
+            builder = builder.add_extension(
+                x509.NameConstraints(permitted_subtrees=[_subtree(n) for n in permitted], excluded_subtrees=None),
+                critical=True,
+            )
         cert = (
-            x509.CertificateBuilder()
+            builder
             .subject_name(name)
             .issuer_name(name)
             .public_key(key.public_key())
@@ -261,7 +272,8 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(
-        cls, directory: Path, stem: str, common_name: str, *, now: dt.datetime
+        cls, directory: Path, stem: str, common_name: str, *, now: dt.datetime,
+        permitted: Iterable[str] | None = None,
     ) -> "CertificateAuthority":
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
         if cert_path.exists() and key_path.exists():
@@ -269,7 +281,7 @@ class CertificateAuthority:
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             return cls(cert, key)
-        ca = cls.create(common_name, now=now)
+        ca = cls.create(common_name, now=now, permitted=permitted)
         write_private(key_path, key_to_pem(ca.key))
         write_public(cert_path, ca.pem)
         return ca
@@ -347,6 +359,21 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
+
+
+def _subtree(name: str) -> x509.GeneralName:
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return x509.DNSName(name)
+    return x509.IPAddress(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"))
+
+
+def name_constraints(cert: x509.Certificate) -> x509.NameConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _check_private_mode(path: Path) -> None:

@@ -2,8 +2,10 @@
 
 The cluster's API is a handful of JSON endpoints; h11 does the protocol, this
 module only moves its bytes over a trio stream, with every input bounded:
-request heads by h11's ``max_incomplete_event_size``, bodies by ``max_body``,
-and time by the caller's deadlines (``fail_after`` around each request read).
+heads to :data:`MAX_HEAD` (h11's ``max_incomplete_event_size`` bounds only a
+head that is still incomplete; one that arrives whole in a read is measured
+here), bodies by ``max_body``, and time by the caller's deadlines
+(``fail_after`` around each request read).
 """
 
 from __future__ import annotations
@@ -70,6 +72,24 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
         conn.receive_data(await stream.receive_some(READ_CHUNK))
 
 
+async def _read_head(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+    """The next request or response head (or ConnectionClosed), refused
+    with 431 if it is over MAX_HEAD bytes, however it arrived: h11 checks
+    only a head it is still waiting for, so a whole one in a single read
+    would pass."""
+    held = len(conn.trailing_data[0])  # bytes already in h11's buffer (pipelined)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(READ_CHUNK)
+            held += len(data)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, (h11.Request, h11.Response)) and held - len(conn.trailing_data[0]) > MAX_HEAD:
+            raise HTTPError(431, "bad_request", f"HTTP head larger than {MAX_HEAD} bytes")
+        return event
+
+
 async def _read_body(conn: h11.Connection, stream: trio.abc.Stream, limit: int) -> bytes:
     parts, size = [], 0
     while True:
@@ -99,7 +119,7 @@ async def serve_http(
     for _ in range(max_requests):
         try:
             with trio.fail_after(request_timeout):
-                event = await _next_event(conn, stream)
+                event = await _read_head(conn, stream)
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 assert isinstance(event, h11.Request)
@@ -187,7 +207,7 @@ class HTTPClient:
         data += self._conn.send(h11.Data(data=payload)) if payload else b""
         data += self._conn.send(h11.EndOfMessage())
         await self._stream.send_all(data)
-        event = await _next_event(self._conn, self._stream)
+        event = await _read_head(self._conn, self._stream)
         if isinstance(event, h11.ConnectionClosed):
             raise HTTPError(502, "internal_error", "the cluster closed the connection without answering")
         assert isinstance(event, h11.Response)

@@ -895,6 +895,14 @@ def test_hostile_peers_cannot_take_the_cluster_down(cluster):
     assert b'"status":"ok"' in _raw_api(cluster, "GET", "/v1/health", b"")
 
 
+def test_a_20_kib_request_head_in_one_read_is_refused(cluster):
+    with unverified_tls(cluster, "http/1.1", timeout=30) as s:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 20 * 1024 + b"\r\n\r\n")
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"status":"ok"' in _raw_api(cluster, "GET", "/v1/health", b"")
+
+
 def test_every_number_in_a_login_is_checked(make_gateway, cluster):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -31,3 +31,46 @@ async def _answer_with(body: bytes) -> HTTPError:
 async def test_a_retry_after_from_the_network_is_checked(number, seen):
     err = await _answer_with(b'{"error":{"code":"rate_limited","message":"slow down","retry_after":%s}}' % number)
     assert err.code == "rate_limited" and err.retry_after == seen
+
+
+async def _serve_one(raw: bytes, chunk: int | None = None) -> bytes:
+    """What serve_http answers to ``raw``, sent whole or ``chunk`` bytes at a time."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+
+    async def handler(request):
+        return Response(status=200, body={"path": request.path})
+
+    async def server() -> None:
+        async with server_end:  # the caller of serve_http closes the stream
+            await serve_http(server_end, handler)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        step = chunk or len(raw)
+        for i in range(0, len(raw), step):
+            await client_end.send_all(raw[i:i + step])
+        await client_end.send_eof()
+        answer = bytearray()
+        with trio.fail_after(10):
+            while chunk_in := await client_end.receive_some():
+                answer += chunk_in
+    return bytes(answer)
+
+
+def _request(head_size: int, body: bytes = b"") -> bytes:
+    start = b"POST /v1/health HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n" % len(body)
+    padding = head_size - len(start) - len(b"x-pad: \r\n\r\n")
+    return start + b"x-pad: " + b"a" * padding + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("chunk", [None, 4096])
+async def test_a_head_over_16_kib_is_refused_however_it_arrives(chunk):
+    raw = _request(20 * 1024, b"{}")
+    assert len(raw) < 65536  # one read of the server's
+    answer = await _serve_one(raw, chunk)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+
+
+async def test_a_head_of_16_kib_with_its_body_in_the_same_read_is_served():
+    answer = await _serve_one(_request(MAX_HEAD, b"{}"))
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
