@@ -30,6 +30,7 @@ from gateway.cluster import config as cfg
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource, Store, StoreError, User
+from gateway.cluster.tally import Tally
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
 from gateway.private_files import ensure_private_dir
@@ -126,6 +127,9 @@ class Cluster:
         self._audit_pending: collections.deque[tuple[str, str | None, dict[str, Any], float]] = \
             collections.deque()
         self._audit_wakeup = trio.Event()
+        # Handshakes refused for a certificate from an unknown CA: audited
+        # once per source and minute (gateway/cluster/tally.py).
+        self.unknown_ca = Tally()
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._wake_requested = False
@@ -251,6 +255,17 @@ class Cluster:
         self._wake_requested = False
         self._audit_wakeup.set()
 
+    def note_unknown_ca(self, client_host: str, error: str) -> None:
+        """(trio's thread) A handshake refused: the peer's certificate is
+        not from the user CA. Audited later, counted with the others from
+        its source in the same minute."""
+        self.unknown_ca.note(client_host, error, time.time())
+
+    def _queue_tallies(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._audit_pending.append(("handshake.refused", None, {"reason": "unknown_ca", **record},
+                                        record["last_seen"]))
+
     async def flush_audit(self) -> None:
         pending = self._audit_pending
         while pending:
@@ -277,8 +292,11 @@ class Cluster:
                 with trio.move_on_after(AUDIT_FLUSH_INTERVAL):
                     await self._audit_wakeup.wait()
                 self._audit_wakeup = trio.Event()
+                if self.unknown_ca:
+                    self._queue_tallies(self.unknown_ca.due(time.time()))
                 await self.flush_audit()
         finally:
+            self._queue_tallies(self.unknown_ca.drain())
             with trio.CancelScope(shield=True):
                 await self.flush_audit()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import ssl
 
 import trio
 
@@ -59,7 +60,11 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
         return
     except (trio.BrokenResourceError, OSError) as exc:
         # Wrong CA, TLS 1.2, no shared ALPN...: the peer sees a TLS alert.
-        log.info("handshake_failed client=%s error=%s", client_addr, exc.__cause__ or exc)
+        cause = exc.__cause__ or exc
+        log.info("handshake_failed client=%s error=%s", client_addr, cause)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            # A certificate the user CA did not sign: someone trying keys.
+            cluster.note_unknown_ca(client_addr.rsplit(":", 1)[0], cause.verify_message or str(cause))
         await tcp.aclose()
         return
     async with stream:

@@ -135,3 +135,33 @@ def test_passwd_refuses_a_weak_password_and_an_unknown_user(make_gateway, cluste
     assert weak.returncode == 1
     ghost = cluster.admin("users", "passwd", "ghost", "--password-stdin", input=PASSWORD + "\n", check=False)
     assert ghost.returncode == 1 and "no user ghost" in ghost.stderr
+
+
+def test_handshakes_with_a_certificate_from_another_ca_are_audited_per_source_and_minute(echo, tmp_path):
+    import socket
+    import ssl
+
+    from tests.integration.harness import Cluster
+    from tests.unit import tlsutil
+
+    cluster = Cluster(tmp_path, echo)  # its own: stopping it writes what it counted
+    foreign = tlsutil.make_pki(tmp_path / "foreign", client_name="mallory")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.load_cert_chain(foreign.client_chain, foreign.client_key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    host, port = cluster.address.rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=20) as raw, ctx.wrap_socket(raw) as s:
+            try:  # TLS 1.3: the client's certificate is judged after its handshake ends
+                s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert s.recv(4096) == b""
+            except (ssl.SSLError, ConnectionResetError):
+                pass
+    wait_for(lambda: cluster.proc.log().count("handshake_failed") >= 3, what="three refused handshakes")
+    assert cluster.stop() == 0
+    events = cluster.audit(event="handshake.refused")
+    # One event for the minute (two if the three straddled a minute's end).
+    assert 1 <= len(events) <= 2 and sum(e["count"] for e in events) == 3, events
+    assert all(e["client_host"] == "127.0.0.1" and e["reason"] == "unknown_ca" and e["user"] is None
+               for e in events)

@@ -629,6 +629,10 @@ async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
         assert await refused(port)
     wait_for(lambda: "code=user_locked" in proc.log(), what="lock refusal in gateway log")
     assert "incident 42" in proc.log()
+    # The refused dial is on record under the user the certificate names.
+    refusals = cluster.wait_audit(lambda evs: any(e["code"] == "user_locked" for e in evs), user=gw.user,
+                                  event="dial.denied")
+    assert all(e["user_claimed"] is True for e in refusals if e["code"] == "user_locked")
     ended = cluster.wait_audit(user=gw.user, event="session.end")
     assert ended[-1]["reason"] == "user_locked"
     assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4
