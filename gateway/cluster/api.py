@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from gateway import __version__, printable
-from gateway.cluster import rbac
+from gateway.cluster import login_limits, rbac
 from gateway.cluster.core import Cluster
 from gateway.identity.pki import utcnow
 from gateway.cluster.passwords import (
@@ -129,7 +129,7 @@ class API:
             raise HTTPError(400, "bad_request", "user names have no control characters")
         public_key = self._public_key(body.get("public_key"))
         inflight = self.cluster.login_attempts
-        keys = (("user", user_name), ("host", self.client_host))
+        keys = (("pair", user_name, self.client_host), ("host", self.client_host))
         # Attempts in progress count against the limit too, so a burst of
         # parallel guesses cannot all slip in before the first is recorded.
         for key in keys:
@@ -242,25 +242,37 @@ class API:
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _check_rate(self, user_name: str, user_inflight: int, host_inflight: int) -> None:
+    async def _check_rate(self, user_name: str, pair_inflight: int, host_inflight: int) -> None:
+        """Refuse (429, with how long to wait) an attempt that comes too
+        soon after failures from this user and address, or from this
+        address (gateway/cluster/login_limits.py)."""
         cfg = self.cluster.config
-        since = time.time() - cfg.login_failure_window
-        store = self.cluster.store
-        by_user = await self.cluster.db(store.count_audit, "login.failed", user=user_name, since=since)
-        by_addr = await self.cluster.db(
-            store.count_audit, "login.failed", since=since, field=("client_host", self.client_host)
+        now = time.time()
+        since = now - cfg.login_failure_window
+        store, host = self.cluster.store, ("client_host", self.client_host)
+        pair = await self.cluster.db(store.last_audit, "login.failed", user=user_name, since=since, field=host)
+        address = await self.cluster.db(store.last_audit, "login.failed", since=since, field=host)
+        waits = (
+            login_limits.wait(pair[0] + pair_inflight, pair[1], cfg.login_max_failures,
+                              cfg.login_failure_window, now),
+            login_limits.wait(address[0] + host_inflight, address[1],
+                              login_limits.ADDRESS_FACTOR * cfg.login_max_failures, cfg.login_failure_window, now),
         )
-        if by_user + user_inflight >= cfg.login_max_failures or \
-                by_addr + host_inflight >= 4 * cfg.login_max_failures:
-            # Audited, but not as a failure: refusals must not extend the
-            # lockout, or anyone could keep a named user out for ever.
-            await self.cluster.audit("login.rate_limited", user_name, client_addr=self.client_addr,
-                                     client_host=self.client_host)
-            raise HTTPError(
-                429, "rate_limited",
-                f"too many failed logins; try again in {int(cfg.login_failure_window)} seconds",
-                retry_after=cfg.login_failure_window,
-            )
+        wait = max(waits)
+        if wait <= 0:
+            return
+        scope = "user_and_address" if waits[0] >= waits[1] else "address"
+        # Audited, but not as a failure: refusals must not make the wait grow.
+        log.warning("login_throttled user=%s client_host=%s scope=%s failures=%d wait=%.0f", user_name,
+                    self.client_host, scope, pair[0] if scope == "user_and_address" else address[0], wait)
+        await self.cluster.audit("login.rate_limited", user_name, client_addr=self.client_addr,
+                                 client_host=self.client_host, scope=scope, failures_from_address=address[0],
+                                 failures_for_user_from_address=pair[0], retry_after=round(wait, 1))
+        raise HTTPError(
+            429, "rate_limited",
+            f"too many failed logins from this address; try again in {math.ceil(wait)} seconds",
+            retry_after=wait,
+        )
 
     def _public_key(self, pem: Any):
         if not isinstance(pem, str) or len(pem) > 4096:

@@ -1141,6 +1141,17 @@ class Store:
         with self._read() as conn:
             return conn.execute(f"SELECT count(*) FROM audit{where}", params).fetchone()[0]
 
+    def last_audit(
+        self, event: str, user: str | None = None, since: float | None = None,
+        *, field: tuple[str, str | int] | None = None,
+    ) -> tuple[int, float | None]:
+        """(how many, time of the newest) of the events :meth:`count_audit`
+        would count."""
+        where, params = self._audit_filters(since=since, user=user, event=event, field=field)
+        with self._read() as conn:
+            count, newest = conn.execute(f"SELECT count(*), max(time) FROM audit{where}", params).fetchone()
+        return count, newest
+
     def prune_audit(self, before: float) -> int:
         """Delete audit events older than *before*; return how many.
 

@@ -355,6 +355,60 @@ def test_bad_password_and_rate_limit(make_gateway, cluster):
     assert r.returncode == 4 and "invalid user name, password or TOTP code" in r.stderr
 
 
+def _login_from(cluster, source: str, user: str, password: str, totp_code: str | None = None) -> tuple[int, dict]:
+    """A login over the API from the loopback address ``source``: (status, answer)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    body = {"user": user, "password": password, "public_key": key}
+    if totp_code is not None:
+        body["totp_code"] = totp_code
+    payload = json.dumps(body).encode()
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0)) as raw, \
+            ctx.wrap_socket(raw) as s:
+        s.sendall(b"POST /v1/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n" % len(payload) + payload)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"content-length: (\d+)", answer, re.I).group(1)):
+            chunk = s.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    head, body_bytes = answer.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body_bytes)
+
+
+def test_failures_from_one_address_do_not_keep_the_user_out_of_another(cluster):
+    import base64
+    from urllib.parse import parse_qs, urlparse
+
+    from cryptography.hazmat.primitives.hashes import SHA1
+    from cryptography.hazmat.primitives.twofactor.totp import TOTP
+
+    r = cluster.add_user("tom", "dev", "--totp")
+    uri = next(line for line in r.stdout.splitlines() if line.startswith("otpauth://totp/"))
+    b32 = parse_qs(urlparse(uri).query)["secret"][0]
+    secret = base64.b32decode(b32 + "=" * (-len(b32) % 8), casefold=True)
+    # Someone at 127.0.0.3 guesses tom's password, past the limit.
+    for _ in range(5):
+        assert _login_from(cluster, "127.0.0.3", "tom", "a wrong guess!!")[0] == 401
+    status, answer = _login_from(cluster, "127.0.0.3", "tom", "another guess!!")
+    assert status == 429 and 0 < answer["error"]["retry_after"] <= 10, answer
+    # Tom, with his password and a TOTP code, from another address: in at once.
+    code = TOTP(secret, 6, SHA1(), 30).generate(time.time()).decode()
+    status, answer = _login_from(cluster, "127.0.0.4", "tom", PASSWORD, code)
+    assert status == 200 and answer["user"] == "tom", answer
+    # The pattern is on record: who, from where, how many failures.
+    limited = cluster.audit(user="tom", event="login.rate_limited")[-1]
+    assert limited["client_host"] == "127.0.0.3" and limited["failures_for_user_from_address"] == 5
+
+
 async def test_parallel_guesses_are_rate_limited(cluster, tmp_path):
     """A burst of concurrent wrong passwords cannot all be tried before the
     first failure is recorded."""
