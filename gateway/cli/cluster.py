@@ -586,8 +586,7 @@ def audit(config_path: Path, since: str | None, user: str | None, event_prefix: 
                                          latest=True)
     if fmt == "json":
         for e in events:
-            click.echo(json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user,
-                                   **dict(e.fields)}, separators=(",", ":"), default=str))
+            click.echo(_json_line(e))
         return
     for e in events:
         when = dt.datetime.fromtimestamp(e.time, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -597,6 +596,54 @@ def audit(config_path: Path, since: str | None, user: str | None, event_prefix: 
             for k, v in dict(e.fields).items()
         )
         click.echo(f"{when}Z {e.event:15} {user:12} {_printable(details)}")
+
+
+def _json_line(e: Any) -> str:
+    return json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user, **dict(e.fields)},
+                      separators=(",", ":"), default=str)
+
+
+_EXPORT_PAGE = 10_000
+
+
+@main.command("audit-export")
+@config_option
+@click.option("--since", help="Only events newer than this: a duration ago (30d) or an ISO time.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this new file (created 0600; an existing one is not overwritten) "
+                   "instead of standard output.")
+def audit_export(config_path: Path, since: str | None, output: Path | None) -> None:
+    """Export the store's audit events as JSON lines, oldest first (the form
+    of `audit --format json`), e.g. to archive them before `[audit] keep`
+    prunes them. Reads in pages: any size."""
+    import os
+    import sys
+
+    if output is not None:
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise click.ClickException(f"{output} exists; export to a new file") from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot create {output}: {exc.strerror}") from None
+        out = os.fdopen(fd, "w", encoding="utf-8")
+    else:
+        out = sys.stdout
+    count, after = 0, None
+    try:
+        with _Admin(config_path) as admin:
+            start = _since(since)
+            while True:
+                page = admin.store.query_audit(since=start, after_id=after, limit=_EXPORT_PAGE)
+                out.writelines(_json_line(e) + "\n" for e in page)
+                count += len(page)
+                if len(page) < _EXPORT_PAGE:
+                    break
+                after = page[-1].id
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    click.echo(f"{count} audit events exported" + (f" to {output}" if output else ""), err=True)
 
 
 if __name__ == "__main__":

@@ -262,12 +262,16 @@ class API:
         if wait <= 0:
             return
         scope = "user_and_address" if waits[0] >= waits[1] else "address"
-        # Audited, but not as a failure: refusals must not make the wait grow.
-        log.warning("login_throttled user=%s client_host=%s scope=%s failures=%d wait=%.0f", user_name,
-                    self.client_host, scope, pair[0] if scope == "user_and_address" else address[0], wait)
-        await self.cluster.audit("login.rate_limited", user_name, client_addr=self.client_addr,
-                                 client_host=self.client_host, scope=scope, failures_from_address=address[0],
-                                 failures_for_user_from_address=pair[0], retry_after=round(wait, 1))
+        # Audited, but not as a failure: refusals must not make the wait
+        # grow. The first per user, address and minute now, in full; the
+        # rest as one count when the minute is over (a client that keeps
+        # trying must not fill the disk).
+        if self.cluster.note_login_refusal(user_name, self.client_host):
+            log.warning("login_throttled user=%s client_host=%s scope=%s failures=%d wait=%.0f", user_name,
+                        self.client_host, scope, pair[0] if scope == "user_and_address" else address[0], wait)
+            await self.cluster.audit("login.rate_limited", user_name, client_addr=self.client_addr,
+                                     client_host=self.client_host, scope=scope, failures_from_address=address[0],
+                                     failures_for_user_from_address=pair[0], retry_after=round(wait, 1))
         raise HTTPError(
             429, "rate_limited",
             f"too many failed logins from this address; try again in {math.ceil(wait)} seconds",

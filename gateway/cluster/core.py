@@ -45,6 +45,8 @@ MAX_CONNECTIONS = 20_000
 AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
+#: How often the store's audit is pruned to ``[audit] keep`` (and at start).
+RETENTION_INTERVAL = 3600.0
 
 
 @attrs.frozen(slots=True)
@@ -130,6 +132,9 @@ class Cluster:
         # Handshakes refused for a certificate from an unknown CA: audited
         # once per source and minute (gateway/cluster/tally.py).
         self.unknown_ca = Tally()
+        # Logins refused by the rate limit: the first per user, address and
+        # minute is audited at once, the rest as one count.
+        self.login_refusals = Tally()
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._wake_requested = False
@@ -261,10 +266,32 @@ class Cluster:
         its source in the same minute."""
         self.unknown_ca.note(client_host, error, time.time())
 
-    def _queue_tallies(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            self._audit_pending.append(("handshake.refused", None, {"reason": "unknown_ca", **record},
-                                        record["last_seen"]))
+    def note_login_refusal(self, user: str, client_host: str) -> bool:
+        """(trio's thread) A login refused by the rate limit; True if it is
+        the first for this user and address this minute (audit that one
+        now: the rest are audited as one count when the minute is over)."""
+        return self.login_refusals.note((user, client_host), "", time.time())
+
+    def _queue_tallies(self, now: float | None) -> None:
+        """Audit the tallies' records of windows that are over (``now``
+        None: all of them, the cluster is stopping)."""
+        def over(tally: Tally) -> list[dict[str, Any]]:
+            return tally.drain() if now is None else tally.due(now)
+
+        queue = self._audit_pending
+        for r in over(self.unknown_ca):
+            queue.append(("handshake.refused", None, {
+                "reason": "unknown_ca", "client_host": r["key"], "count": r["count"], "first_seen": r["first_seen"],
+                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"], "error": r["error"],
+            }, r["last_seen"]))
+        for r in over(self.login_refusals):
+            if r["count"] < 2:  # the first was audited when it happened
+                continue
+            user, host = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])  # the overflow: "*"
+            queue.append(("login.rate_limited", user, {
+                "client_host": host, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
+                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"],
+            }, r["last_seen"]))
 
     async def flush_audit(self) -> None:
         pending = self._audit_pending
@@ -292,13 +319,32 @@ class Cluster:
                 with trio.move_on_after(AUDIT_FLUSH_INTERVAL):
                     await self._audit_wakeup.wait()
                 self._audit_wakeup = trio.Event()
-                if self.unknown_ca:
-                    self._queue_tallies(self.unknown_ca.due(time.time()))
+                if self.unknown_ca or self.login_refusals:
+                    self._queue_tallies(time.time())
                 await self.flush_audit()
         finally:
-            self._queue_tallies(self.unknown_ca.drain())
+            self._queue_tallies(None)
             with trio.CancelScope(shield=True):
                 await self.flush_audit()
+
+    async def run_retention(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Prune the store at start and every hour: audit events older than
+        ``[audit] keep`` (if set), and revocations of certificates that have
+        expired anyway."""
+        task_status.started()
+        keep = self.config.audit_keep
+        while True:
+            now = time.time()
+            try:
+                revoked = await self.db(self.store.prune_revoked_certs, now)
+                pruned = 0 if keep is None else await self.db(self.store.prune_audit, now - keep)
+            except (StoreError, OSError) as exc:
+                log.error("retention_failed error=%s action=%s", exc, "check the store; retrying in an hour")
+            else:
+                if pruned or revoked:
+                    log.info("retention_pruned audit_events=%d revocations=%d keep=%s", pruned, revoked,
+                             "forever" if keep is None else f"{keep:.0f}s")
+            await trio.sleep(RETENTION_INTERVAL)
 
     async def roles_of(self, user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
         return self.roles_in(await self.snapshot(), user, claimed)

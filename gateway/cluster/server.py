@@ -98,6 +98,7 @@ async def serve(
     async with trio.open_nursery() as outer:
         await outer.start(cluster.watch_locks)
         await outer.start(cluster.run_audit_flusher)
+        await outer.start(cluster.run_retention)
         async with trio.open_nursery() as handlers:
 
             accept_scope = trio.CancelScope()
