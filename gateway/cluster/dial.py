@@ -357,7 +357,12 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
             audit.fields["user_claimed"] = True
         raise Refused(exc.code, exc.message) from None
     audit.user, audit.identity = identity.user, identity
-    _refuse_control_characters("resource", request.resource)
+    # A name with a control character (a resource, a db user, a db name) is
+    # no one's, and no glob may match it: refused outright.
+    for what, name in (("resource", request.resource), *rbac.constrained(request.params).items()):
+        if not printable.is_clean(name):
+            raise Refused(ErrorCode.BAD_REQUEST, f"{what} {printable.escape(name)!r} contains a control "
+                          f"character ({printable.first_unsafe(name)}); names with control characters are refused")
     resource = snap.resources.get(request.resource)
     # Unknown, and there but out of the user's reach, look the same to the
     # user (one code, one message); the audit's reason tells them apart.
@@ -376,8 +381,6 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
         )
     params = kind.check_params(request, identity)
     audit.fields["params"] = params
-    for key, value in rbac.constrained(params).items():
-        _refuse_control_characters(key, value)
     decision = rbac.decide(roles, resource.name, resource.labels, params)
     if not decision.allowed:
         # The next step is the gateway's to add (it knows the client's
@@ -385,15 +388,6 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
         raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
                       reason=decision.reason)
     return identity, resource, params, decision
-
-
-def _refuse_control_characters(what: str, name: str) -> None:
-    """Names (a resource, a db user, a db name) with a control character
-    are refused outright: no glob may match them, and they are no one's."""
-    if not printable.is_clean(name):
-        raise Refused(ErrorCode.BAD_REQUEST,
-                      f"{what} {printable.escape(name)!r} contains a control character "
-                      f"({printable.first_unsafe(name)}); names with control characters are refused")
 
 
 async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
