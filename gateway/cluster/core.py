@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import kinds
 from gateway.cluster import config as cfg
+from gateway.cluster.admission import AddressSlots
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource, Store, StoreError, User
@@ -110,6 +111,8 @@ class Cluster:
         # Bounds on what peers can make us hold: connections in progress, and
         # Argon2 hashes (19 MiB each) computing at once.
         self.connection_slots = trio.Semaphore(MAX_CONNECTIONS)
+        # Connections per address that have not shown a session certificate.
+        self.unauthenticated = AddressSlots()
         self.password_limiter = trio.CapacityLimiter(4)
         # Logins in progress per ("user", name) and ("host", address).
         self.login_attempts: collections.Counter = collections.Counter()

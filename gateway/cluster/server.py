@@ -17,6 +17,7 @@ import trio
 
 from gateway import kinds
 from gateway.addresses import format_addr
+from gateway.cluster.admission import Slot
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
 from gateway.cluster.dial import abandon_engine_connects, handle_mux, handle_route
@@ -50,6 +51,18 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
     except OSError:  # reset before we looked
         await tcp.aclose()
         return
+    slot = cluster.unauthenticated.take(client_addr.rsplit(":", 1)[0])
+    if slot is None:  # its address holds too many already (gateway/cluster/admission.py)
+        reset_on_close(tcp)
+        await tcp.aclose()
+        return
+    try:
+        await _serve_connection(cluster, tcp, client_addr, slot)
+    finally:
+        slot.release()
+
+
+async def _serve_connection(cluster: Cluster, tcp: trio.SocketStream, client_addr: str, slot: Slot) -> None:
     keep_alive(tcp.socket)  # a gateway that vanished ends its sessions (gateway/net/tcp.py)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -67,6 +80,8 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
             cluster.note_unknown_ca(client_addr.rsplit(":", 1)[0], cause.verify_message or str(cause))
         await tcp.aclose()
         return
+    if stream.getpeercert(binary_form=True):
+        slot.release()  # a certificate of the user CA: no longer counted
     async with stream:
         alpn = stream.selected_alpn_protocol()
         kind = kinds.by_alpn(alpn)

@@ -19,6 +19,9 @@ import trio
 
 MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024
+#: Requests and seconds one keep-alive connection is served (then closed).
+MAX_REQUESTS = 100
+MAX_LIFETIME = 300.0
 READ_CHUNK = 64 * 1024
 
 
@@ -112,13 +115,22 @@ async def serve_http(
     handler: Handler,
     *,
     request_timeout: float = 30.0,
-    max_requests: int = 1000,
+    max_requests: int = MAX_REQUESTS,
+    max_lifetime: float = MAX_LIFETIME,
 ) -> None:
-    """Serve keep-alive requests on ``stream`` until the peer is done."""
+    """Serve keep-alive requests on ``stream`` until the peer is done, at
+    most ``max_requests`` of them and for at most ``max_lifetime`` seconds:
+    a connection that sends a request now and then must not hold one of
+    the server's descriptors for ever. The last answer says
+    ``connection: close``; a client opens a new connection for more."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    for _ in range(max_requests):
+    end = trio.current_time() + max_lifetime
+    for served in range(max_requests):
+        left = end - trio.current_time()
+        if left <= 0:
+            return
         try:
-            with trio.fail_after(request_timeout):
+            with trio.fail_after(min(request_timeout, left)):
                 event = await _read_head(conn, stream)
                 if isinstance(event, h11.ConnectionClosed):
                     return
@@ -147,7 +159,8 @@ async def serve_http(
             return
         except trio.TooSlowError:
             return
-        close = response.status >= 400 and conn.their_state != h11.DONE
+        close = (response.status >= 400 and conn.their_state != h11.DONE) or served + 1 == max_requests \
+            or trio.current_time() >= end
         try:
             # A peer that never reads our answer must not hold us forever.
             with trio.fail_after(request_timeout):

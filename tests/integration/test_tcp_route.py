@@ -953,6 +953,39 @@ def test_hostile_peers_cannot_take_the_cluster_down(cluster):
     assert b'"status":"ok"' in _raw_api(cluster, "GET", "/v1/health", b"")
 
 
+def _health_from(cluster, source: str) -> bool:
+    """A health request over TLS from loopback address ``source`` is answered."""
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0)) as raw, \
+                ctx.wrap_socket(raw) as s:
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+            return b'"status":"ok"' in s.recv(4096)
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_one_address_cannot_hold_the_clusters_connections(cluster):
+    from gateway.cluster.admission import UNAUTHENTICATED_PER_ADDRESS
+
+    host, port = cluster.address.rsplit(":", 1)
+    idle = []
+    try:
+        # Connections that never start their handshake, as many as the cap.
+        for _ in range(UNAUTHENTICATED_PER_ADDRESS):
+            idle.append(socket.create_connection((host, int(port)), timeout=10, source_address=("127.0.0.9", 0)))
+        wait_for(lambda: not _health_from(cluster, "127.0.0.9"), what="the cap to refuse more from 127.0.0.9")
+        assert _health_from(cluster, "127.0.0.10")  # everyone else is served
+        assert "connections_refused client_host=127.0.0.9" in cluster.proc.log()
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: _health_from(cluster, "127.0.0.9"), what="127.0.0.9 served again")
+
+
 def test_a_20_kib_request_head_in_one_read_is_refused(cluster):
     with unverified_tls(cluster, "http/1.1", timeout=30) as s:
         s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 20 * 1024 + b"\r\n\r\n")

@@ -74,3 +74,41 @@ async def test_a_head_over_16_kib_is_refused_however_it_arrives(chunk):
 async def test_a_head_of_16_kib_with_its_body_in_the_same_read_is_served():
     answer = await _serve_one(_request(MAX_HEAD, b"{}"))
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+
+
+async def _keep_alive_client(client_end, every: float, limit: int) -> int:
+    """Send a health request every ``every`` seconds on one connection
+    until it is closed; how many were answered."""
+    answered = 0
+    for _ in range(limit):
+        try:
+            await client_end.send_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        except trio.BrokenResourceError:
+            return answered
+        data = await client_end.receive_some()
+        if not data:
+            return answered
+        answered += 1
+        if b"connection: close" in data.lower():
+            return answered
+        await trio.sleep(every)
+    return answered
+
+
+@pytest.mark.parametrize(("every", "max_requests", "expected"), [(25.0, 1000, 12), (0.0, 5, 5)])
+async def test_a_keep_alive_connection_has_a_lifetime_and_a_request_budget(autojump_clock, every, max_requests,
+                                                                          expected):
+    client_end, server_end = trio.testing.memory_stream_pair()
+
+    async def handler(request):
+        return Response(status=200, body={"status": "ok"})
+
+    async def server() -> None:
+        async with server_end:
+            await serve_http(server_end, handler, max_requests=max_requests, max_lifetime=300.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        start = trio.current_time()
+        assert await _keep_alive_client(client_end, every, 10_000) == expected
+        assert trio.current_time() - start <= 300.0
