@@ -391,21 +391,21 @@ def test_failures_from_one_address_do_not_keep_the_user_out_of_another(cluster):
     from cryptography.hazmat.primitives.hashes import SHA1
     from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
-    r = cluster.add_user("tom", "dev", "--totp")
+    r = cluster.add_user("roamer", "dev", "--totp")
     uri = next(line for line in r.stdout.splitlines() if line.startswith("otpauth://totp/"))
     b32 = parse_qs(urlparse(uri).query)["secret"][0]
     secret = base64.b32decode(b32 + "=" * (-len(b32) % 8), casefold=True)
-    # Someone at 127.0.0.3 guesses tom's password, past the limit.
+    # Someone at 127.0.0.3 guesses the password, past the limit.
     for _ in range(5):
-        assert _login_from(cluster, "127.0.0.3", "tom", "a wrong guess!!")[0] == 401
-    status, answer = _login_from(cluster, "127.0.0.3", "tom", "another guess!!")
+        assert _login_from(cluster, "127.0.0.3", "roamer", "a wrong guess!!")[0] == 401
+    status, answer = _login_from(cluster, "127.0.0.3", "roamer", "another guess!!")
     assert status == 429 and 0 < answer["error"]["retry_after"] <= 10, answer
-    # Tom, with his password and a TOTP code, from another address: in at once.
+    # The user, with the password and a TOTP code, from another address: in at once.
     code = TOTP(secret, 6, SHA1(), 30).generate(time.time()).decode()
-    status, answer = _login_from(cluster, "127.0.0.4", "tom", PASSWORD, code)
-    assert status == 200 and answer["user"] == "tom", answer
+    status, answer = _login_from(cluster, "127.0.0.4", "roamer", PASSWORD, code)
+    assert status == 200 and answer["user"] == "roamer", answer
     # The pattern is on record: who, from where, how many failures.
-    limited = cluster.audit(user="tom", event="login.rate_limited")[-1]
+    limited = cluster.audit(user="roamer", event="login.rate_limited")[-1]
     assert limited["client_host"] == "127.0.0.3" and limited["failures_for_user_from_address"] == 5
 
 
