@@ -3,6 +3,11 @@
 Call sites log with printf-style ``"event key=%s key2=%s"`` messages so the
 text form stays grep-able; the JSON form wraps the rendered message with the
 time, level and logger. No call site passes a secret.
+
+Values may come from peers (a db user, a resource name): the text form
+writes control and bidirectional-control characters escaped
+(gateway/printable.py), so a value cannot forge a line or reorder what a
+reader sees; the JSON form escapes them as JSON (ASCII only).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import sys
 import threading
 import time
 
+from gateway.printable import escape, is_clean
+
 
 class _KVFormatter(logging.Formatter):
     def __init__(self) -> None:
@@ -24,9 +31,10 @@ class _KVFormatter(logging.Formatter):
         second = int(record.created)
         if second != self._second:  # one strftime per second, not per line
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        line = f"{self._stamp}.{int(record.msecs):03d}Z {record.levelname.lower():7} {record.name}: {record.getMessage()}"
-        if record.exc_text:
-            line += "\n" + record.exc_text
+        line = f"{self._stamp}.{int(record.msecs):03d}Z {record.levelname.lower():7} {record.name}: " \
+               f"{escape(record.getMessage())}"
+        if record.exc_text:  # a traceback's lines stay lines; what is in them is escaped
+            line += "".join("\n" + escape(part) for part in record.exc_text.split("\n"))
         return line
 
 
@@ -40,7 +48,7 @@ class _JSONFormatter(logging.Formatter):
         }
         if record.exc_text:
             doc["exc"] = record.exc_text
-        return json.dumps(doc, separators=(",", ":"))
+        return json.dumps(doc, separators=(",", ":"))  # ensure_ascii: every such character escaped
 
 
 class _Handoff(logging.Handler):
@@ -110,7 +118,39 @@ class _Handoff(logging.Handler):
         super().close()
 
 
-_TRACEBACKS = logging.Formatter()
+class _Tracebacks(logging.Formatter):
+    """Tracebacks whose exception messages are escaped: a message may hold
+    a peer's text, and a newline in it must not make a line of its own
+    (the traceback's own line breaks stay)."""
+
+    def formatException(self, ei) -> str:
+        text = super().formatException(ei)
+        for message in _messages(ei[1]):
+            if not is_clean(message):
+                text = text.replace(message, escape(message))
+        return text
+
+
+def _messages(exc: BaseException | None, limit: int = 64) -> list[str]:
+    """The messages of ``exc``, its causes, contexts and (in a group) members."""
+    out: list[str] = []
+    todo, seen = [exc], set()
+    while todo and len(seen) < limit:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        try:
+            out.append(str(current))
+        except Exception:  # a __str__ that fails: the traceback says so itself
+            pass
+        todo += [current.__cause__, current.__context__]
+        if isinstance(current, BaseExceptionGroup):
+            todo += current.exceptions
+    return out
+
+
+_TRACEBACKS = _Tracebacks()
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:

@@ -21,7 +21,7 @@ from gateway.cluster import config as cfg
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.passwords import check_password_policy, hash_password, new_totp_secret, totp_uri
 from gateway.cluster.rbac import Role, RoleError
-from gateway.cluster.store import AlreadyExists, Resource, Store, StoreError
+from gateway.cluster.store import AlreadyExists, NotFound, Resource, Store, StoreError, parse_serial, serial_text
 from gateway.durations import parse_duration
 
 CONFIG_ENV = "WICKET_CLUSTER_CONFIG"
@@ -236,7 +236,16 @@ def ca_show(config_path: Path, which: str) -> None:
 
 @main.group()
 def users() -> None:
-    """Add, list, lock and unlock users."""
+    """Add, list, lock, unlock and remove users; set passwords."""
+
+
+def _new_password(prompt: str, from_stdin: bool) -> str:
+    password = read_password(prompt, from_stdin=from_stdin, confirm=True)
+    try:
+        check_password_policy(password)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    return password
 
 
 @users.command("add")
@@ -252,11 +261,7 @@ def users_add(config_path: Path, name: str, roles: str, password_stdin: bool, to
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="NAME") from None
     role_list = [r for r in (x.strip() for x in roles.split(",")) if r]
-    password = read_password(f"Password for {name}", from_stdin=password_stdin, confirm=True)
-    try:
-        check_password_policy(password)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    password = _new_password(f"Password for {name}", password_stdin)
     with _Admin(config_path) as admin:
         missing = [r for r in role_list if admin.store.get_role(r) is None]
         if missing:
@@ -293,7 +298,9 @@ def users_ls(config_path: Path, fmt: str) -> None:
 @click.argument("name")
 @click.option("--reason", required=True, help="Why (shown to the user and in the audit log).")
 def users_lock(config_path: Path, name: str, reason: str) -> None:
-    """Lock user NAME: refuse new dials now, cut live sessions within 2 seconds."""
+    """Lock user NAME: refuse new dials now, cut live sessions within 2
+    seconds, and revoke every certificate issued so far (after an unlock
+    the user logs in again)."""
     import getpass
 
     with _Admin(config_path) as admin:
@@ -301,8 +308,8 @@ def users_lock(config_path: Path, name: str, reason: str) -> None:
             raise click.ClickException(f"no user {name}")
         by = getpass.getuser()
         admin.store.lock_user(name, reason, by, time.time())
-        admin.audit.write("user.lock", name, {"reason": reason, "by": by})
-    click.echo(f"user {name} locked")
+        admin.audit.write("user.lock", name, {"reason": reason, "by": by, "certificates": "revoked"})
+    click.echo(f"user {name} locked; their certificates are revoked")
 
 
 @users.command("unlock")
@@ -316,7 +323,86 @@ def users_unlock(config_path: Path, name: str) -> None:
         if not admin.store.unlock_user(name):
             raise click.ClickException(f"user {name} is not locked")
         admin.audit.write("user.unlock", name, {"by": getpass.getuser()})
-    click.echo(f"user {name} unlocked")
+    click.echo(f"user {name} unlocked; certificates from before the lock stay revoked: "
+               f"the user runs `wicket login` again")
+
+
+@users.command("passwd")
+@config_option
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the new password from standard input.")
+def users_passwd(config_path: Path, name: str, password_stdin: bool) -> None:
+    """Set user NAME's password. Revokes every certificate issued so far
+    (live sessions are cut within 2 seconds): the user logs in again."""
+    import getpass
+
+    password = _new_password(f"New password for {name}", password_stdin)
+    with _Admin(config_path) as admin:
+        try:
+            admin.store.set_password_hash(name, hash_password(password), now=time.time())
+        except NotFound:
+            raise click.ClickException(f"no user {name}") from None
+        admin.audit.write("user.passwd", name, {"by": getpass.getuser(), "certificates": "revoked"})
+    click.echo(f"password of {name} set; their certificates are revoked")
+
+
+@users.command("rm")
+@config_option
+@click.argument("name")
+def users_rm(config_path: Path, name: str) -> None:
+    """Remove user NAME. Revokes their certificates (also for a user later
+    created with the same name); live sessions are cut within 2 seconds."""
+    import getpass
+
+    with _Admin(config_path) as admin:
+        if not admin.store.delete_user(name, now=time.time()):
+            raise click.ClickException(f"no user {name}")
+        admin.audit.write("user.delete", name, {"by": getpass.getuser(), "certificates": "revoked"})
+    click.echo(f"user {name} removed; their certificates are revoked")
+
+
+# -- certificates --------------------------------------------------------------
+
+
+@main.group()
+def certs() -> None:
+    """Revoke single session certificates."""
+
+
+@certs.command("revoke")
+@config_option
+@click.argument("serial")
+@click.option("--reason", default="", help="Why (kept in the audit log).")
+def certs_revoke(config_path: Path, serial: str, reason: str) -> None:
+    """Revoke the session certificate with SERIAL (hex, as the audit's
+    login.ok and login.renew events show it): dials and API calls with it
+    are refused at once, its live sessions cut within 2 seconds."""
+    import getpass
+
+    try:
+        number = parse_serial(serial)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="SERIAL") from None
+    with _Admin(config_path) as admin:
+        issued = admin.store.find_issued_cert(number)
+        if issued is None:
+            raise click.ClickException(
+                f"no certificate with serial {serial_text(number)} in the audit log (login.ok, login.renew): "
+                f"check the serial (`wicket-cluster audit --event login.`); one older than the audit "
+                f"log has expired anyway")
+        expires = issued.fields.get("expires_at")
+        try:
+            expires_at = dt.datetime.fromisoformat(expires).timestamp() if isinstance(expires, str) else None
+        except ValueError:
+            expires_at = None
+        by = getpass.getuser()
+        now = time.time()
+        if not admin.store.revoke_cert(number, user=issued.user, reason=reason, revoked_by=by,
+                                       expires_at=expires_at, now=now):
+            raise click.ClickException(f"certificate {serial_text(number)} is already revoked")
+        admin.store.prune_revoked_certs(now)
+        admin.audit.write("cert.revoke", issued.user, {"serial": serial_text(number), "reason": reason, "by": by})
+    click.echo(f"certificate {serial_text(number)} of {issued.user} revoked")
 
 
 # -- roles -------------------------------------------------------------------
@@ -426,9 +512,12 @@ def resources_add(config_path: Path, name: str, kind: str, address: str, label: 
         spec = cfg.validate_resource(name, kind, address, spec)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    try:
+        resource = Resource(name=name, kind=kind, address=address, labels=_labels(label), spec=spec, source="cli")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--label") from None
     with _Admin(config_path) as admin:
-        admin.store.put_resource(Resource(name=name, kind=kind, address=address, labels=_labels(label),
-                                          spec=spec, source="cli"))
+        admin.store.put_resource(resource)
         admin.audit.write("resource.put", None, {"resource": name, "kind": kind, "address": address})
     click.echo(f"resource {name} ({kind} {address}) saved")
 
@@ -497,8 +586,7 @@ def audit(config_path: Path, since: str | None, user: str | None, event_prefix: 
                                          latest=True)
     if fmt == "json":
         for e in events:
-            click.echo(json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user,
-                                   **dict(e.fields)}, separators=(",", ":"), default=str))
+            click.echo(_json_line(e))
         return
     for e in events:
         when = dt.datetime.fromtimestamp(e.time, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -508,6 +596,54 @@ def audit(config_path: Path, since: str | None, user: str | None, event_prefix: 
             for k, v in dict(e.fields).items()
         )
         click.echo(f"{when}Z {e.event:15} {user:12} {_printable(details)}")
+
+
+def _json_line(e: Any) -> str:
+    return json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user, **dict(e.fields)},
+                      separators=(",", ":"), default=str)
+
+
+_EXPORT_PAGE = 10_000
+
+
+@main.command("audit-export")
+@config_option
+@click.option("--since", help="Only events newer than this: a duration ago (30d) or an ISO time.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this new file (created 0600; an existing one is not overwritten) "
+                   "instead of standard output.")
+def audit_export(config_path: Path, since: str | None, output: Path | None) -> None:
+    """Export the store's audit events as JSON lines, oldest first (the form
+    of `audit --format json`), e.g. to archive them before `[audit] keep`
+    prunes them. Reads in pages: any size."""
+    import os
+    import sys
+
+    if output is not None:
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise click.ClickException(f"{output} exists; export to a new file") from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot create {output}: {exc.strerror}") from None
+        out = os.fdopen(fd, "w", encoding="utf-8")
+    else:
+        out = sys.stdout
+    count, after = 0, None
+    try:
+        with _Admin(config_path) as admin:
+            start = _since(since)
+            while True:
+                page = admin.store.query_audit(since=start, after_id=after, limit=_EXPORT_PAGE)
+                out.writelines(_json_line(e) + "\n" for e in page)
+                count += len(page)
+                if len(page) < _EXPORT_PAGE:
+                    break
+                after = page[-1].id
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    click.echo(f"{count} audit events exported" + (f" to {output}" if output else ""), err=True)
 
 
 if __name__ == "__main__":

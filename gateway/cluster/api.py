@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
-from gateway import __version__
-from gateway.cluster import rbac
+from gateway import __version__, printable
+from gateway.cluster import login_limits, rbac
 from gateway.cluster.core import Cluster
 from gateway.identity.pki import utcnow
 from gateway.cluster.passwords import (
@@ -35,6 +35,8 @@ from protocols.errors import ErrorCode
 log = logging.getLogger("wicket.cluster.api")
 
 MIN_TTL = 1.0
+#: Beyond any cap a cluster would set (ten years): a bound for the arithmetic.
+MAX_TTL = 10 * 365 * 86400.0
 
 # typed error code -> HTTP status
 _STATUS = {
@@ -48,8 +50,38 @@ _STATUS = {
 }
 
 
+#: The next step for a refused certificate. The cluster's refusals say
+#: what happened; on a dial the gateway adds the next step, while the API's
+#: answers are shown as they are, so they get it here (once either way).
+_NEXT_STEP = {
+    ErrorCode.CERT_EXPIRED: "run `wicket login` again",
+    ErrorCode.USER_LOCKED: "ask an administrator to unlock it",
+    ErrorCode.ACCESS_DENIED: "ask an administrator",
+}
+
+
 def cert_http_error(exc: pki.CertError) -> HTTPError:
     return HTTPError(_STATUS.get(exc.code, 500), exc.code.value, exc.message)
+
+
+def identify_http_error(exc: pki.CertError) -> HTTPError:
+    """A refused certificate on an API call, with the next step."""
+    step = _NEXT_STEP.get(exc.code)
+    message = exc.message if step is None or step in exc.message else f"{exc.message}; {step}"
+    return HTTPError(_STATUS.get(exc.code, 500), exc.code.value, message)
+
+
+def _ttl_seconds(value: Any) -> float | None:
+    """The requested ``ttl_seconds`` (None: the default), checked before
+    any arithmetic: JSON numbers are unbounded (``1e400`` is infinity, a
+    400-digit integer overflows a float)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not MIN_TTL <= value <= MAX_TTL or not math.isfinite(value):
+        raise HTTPError(400, "bad_request", f"ttl_seconds must be a number of seconds from {MIN_TTL:.0f} "
+                        f"to {MAX_TTL:.0f} (the cluster caps it further)")
+    return float(value)
 
 
 class API:
@@ -86,15 +118,18 @@ class API:
 
     async def login(self, request: Request) -> Response:
         body = request.json()
+        _ttl_seconds(body.get("ttl_seconds"))  # refused before a password or TOTP check is spent
         user_name = body.get("user")
         password = body.get("password")
         if not isinstance(user_name, str) or not isinstance(password, str) or not user_name:
             raise HTTPError(400, "bad_request", "login needs `user` and `password` strings")
         if len(user_name) > 64 or len(password) > 1024:
             raise HTTPError(400, "bad_request", "user or password too long")
+        if not printable.is_clean(user_name):
+            raise HTTPError(400, "bad_request", "user names have no control characters")
         public_key = self._public_key(body.get("public_key"))
         inflight = self.cluster.login_attempts
-        keys = (("user", user_name), ("host", self.client_host))
+        keys = (("pair", user_name, self.client_host), ("host", self.client_host))
         # Attempts in progress count against the limit too, so a burst of
         # parallel guesses cannot all slip in before the first is recorded.
         for key in keys:
@@ -129,7 +164,7 @@ class API:
             await self.cluster.audit("login.failed", user_name, client_addr=self.client_addr,
                                      client_host=self.client_host, reason="user locked")
             raise HTTPError(403, "user_locked",
-                            f"user {user_name} is locked ({lock.reason}); ask an administrator to unlock")
+                            f"user {user_name} is locked ({lock.reason}); {_NEXT_STEP[ErrorCode.USER_LOCKED]}")
         if user.totp_secret is not None:
             code = body.get("totp_code")
             if not isinstance(code, str) or not code:
@@ -147,7 +182,7 @@ class API:
         roles = await self.cluster.roles_of(user)
         now = utcnow()
         return await self._issue(user_name, roles, public_key, body.get("ttl_seconds"),
-                                 now=now, auth_time=now, event="login.ok")
+                                 now=now, auth_time=now, event="login.ok", generation=user.cert_generation)
 
     async def _rehash(self, user_name: str, old: str, password: str) -> None:
         """The stored hash was made with weaker parameters: store one made
@@ -169,7 +204,7 @@ class API:
         try:
             return await self.cluster.identify(self.peer_cert)
         except pki.CertError as exc:
-            raise cert_http_error(exc) from None
+            raise identify_http_error(exc) from None
 
     async def renew(self, request: Request) -> Response:
         """A fresh certificate for a (new or the same) key, with current roles,
@@ -180,7 +215,7 @@ class API:
         auth_time = identity.auth_time or identity.not_before
         return await self._issue(user.name, await self.cluster.roles_of(user), public_key,
                                  body.get("ttl_seconds"), now=utcnow(), auth_time=auth_time,
-                                 event="login.renew")
+                                 event="login.renew", generation=user.cert_generation)
 
     async def whoami(self, request: Request) -> Response:
         identity, user, roles = await self._identify()
@@ -207,25 +242,41 @@ class API:
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _check_rate(self, user_name: str, user_inflight: int, host_inflight: int) -> None:
+    async def _check_rate(self, user_name: str, pair_inflight: int, host_inflight: int) -> None:
+        """Refuse (429, with how long to wait) an attempt that comes too
+        soon after failures from this user and address, or from this
+        address (gateway/cluster/login_limits.py)."""
         cfg = self.cluster.config
-        since = time.time() - cfg.login_failure_window
-        store = self.cluster.store
-        by_user = await self.cluster.db(store.count_audit, "login.failed", user=user_name, since=since)
-        by_addr = await self.cluster.db(
-            store.count_audit, "login.failed", since=since, field=("client_host", self.client_host)
+        now = time.time()
+        since = now - cfg.login_failure_window
+        store, host = self.cluster.store, ("client_host", self.client_host)
+        pair = await self.cluster.db(store.last_audit, "login.failed", user=user_name, since=since, field=host)
+        address = await self.cluster.db(store.last_audit, "login.failed", since=since, field=host)
+        waits = (
+            login_limits.wait(pair[0] + pair_inflight, pair[1], cfg.login_max_failures,
+                              cfg.login_failure_window, now),
+            login_limits.wait(address[0] + host_inflight, address[1],
+                              login_limits.ADDRESS_FACTOR * cfg.login_max_failures, cfg.login_failure_window, now),
         )
-        if by_user + user_inflight >= cfg.login_max_failures or \
-                by_addr + host_inflight >= 4 * cfg.login_max_failures:
-            # Audited, but not as a failure: refusals must not extend the
-            # lockout, or anyone could keep a named user out for ever.
+        wait = max(waits)
+        if wait <= 0:
+            return
+        scope = "user_and_address" if waits[0] >= waits[1] else "address"
+        # Audited, but not as a failure: refusals must not make the wait
+        # grow. The first per user, address and minute now, in full; the
+        # rest as one count when the minute is over (a client that keeps
+        # trying must not fill the disk).
+        if self.cluster.note_login_refusal(user_name, self.client_host):
+            log.warning("login_throttled user=%s client_host=%s scope=%s failures=%d wait=%.0f", user_name,
+                        self.client_host, scope, pair[0] if scope == "user_and_address" else address[0], wait)
             await self.cluster.audit("login.rate_limited", user_name, client_addr=self.client_addr,
-                                     client_host=self.client_host)
-            raise HTTPError(
-                429, "rate_limited",
-                f"too many failed logins; try again in {int(cfg.login_failure_window)} seconds",
-                retry_after=cfg.login_failure_window,
-            )
+                                     client_host=self.client_host, scope=scope, failures_from_address=address[0],
+                                     failures_for_user_from_address=pair[0], retry_after=round(wait, 1))
+        raise HTTPError(
+            429, "rate_limited",
+            f"too many failed logins from this address; try again in {math.ceil(wait)} seconds",
+            retry_after=wait,
+        )
 
     def _public_key(self, pem: Any):
         if not isinstance(pem, str) or len(pem) > 4096:
@@ -246,14 +297,11 @@ class API:
         raise HTTPError(401, "access_denied", "invalid user name, password or TOTP code")
 
     async def _issue(self, user_name, roles, public_key, requested_ttl, *, now: dt.datetime,
-                     auth_time: dt.datetime, event: str) -> Response:
+                     auth_time: dt.datetime, event: str, generation: int) -> Response:
         cfg = self.cluster.config
-        ttl = cfg.session_ttl
-        if requested_ttl is not None:
-            if not isinstance(requested_ttl, (int, float)) or isinstance(requested_ttl, bool) \
-                    or not math.isfinite(requested_ttl) or requested_ttl < MIN_TTL:
-                raise HTTPError(400, "bad_request", f"ttl_seconds must be a number >= {MIN_TTL}")
-            ttl = float(requested_ttl)
+        ttl = _ttl_seconds(requested_ttl)
+        if ttl is None:
+            ttl = cfg.session_ttl
         caps = [cfg.max_session_ttl]
         role_cap = rbac.session_ttl_cap(roles)
         if role_cap is not None:
@@ -270,6 +318,7 @@ class API:
         identity = pki.Identity(
             user=user_name, roles=tuple(r.name for r in roles), cluster=cfg.name, kind="person",
             not_before=now - dt.timedelta(minutes=1), not_after=not_after, auth_time=auth_time,
+            generation=generation,
         )
         try:
             cert = self.cluster.user_ca.issue_session_cert(public_key, identity)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cluster.store import Store
+from gateway.printable import escape_json
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,11 @@ def _lock(fd: int) -> bool:
 
 
 def _line(now: float, event: str, user: str | None, fields: str) -> str:
-    """One JSON line: time, event and user, then the fields' members."""
+    """One JSON line: time, event and user, then the fields' members, with
+    control and bidirectional-control characters as \\u escapes (the same
+    JSON; a line stays a line and reads as what it holds)."""
     head = f'{{"time":{round(now, 6)!r},"event":{_TEXT(event)},"user":{_TEXT(user)}'
-    return f"{head}}}\n" if fields == "{}" else f"{head},{fields[1:]}\n"
+    return escape_json(f"{head}}}" if fields == "{}" else f"{head},{fields[1:]}") + "\n"
 
 
 class AuditLog:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from gateway import kinds
+from gateway import kinds, printable
 from gateway.addresses import parse_hostport
 from gateway.cluster import resource_specs
 from gateway.cluster.rbac import Role, RoleError
@@ -47,6 +47,8 @@ class ClusterConfig:
     login_max_failures: int
     login_failure_window: float
     audit_jsonl: Path | None
+    #: How long the store keeps audit events (None: for ever).
+    audit_keep: float | None = None
     disconnect_expired_cert: bool
     roles: tuple[Role, ...]
     resources: tuple[ResourceSpec, ...]
@@ -89,9 +91,9 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
     def fail(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: {msg}")
 
-    unknown = set(raw) - {"cluster", "login", "roles", "resources"}
+    unknown = set(raw) - {"cluster", "login", "audit", "roles", "resources"}
     if unknown:
-        raise fail(", ".join(sorted(unknown)), "unknown section (expected cluster, login, roles, resources)")
+        raise fail(", ".join(sorted(unknown)), "unknown section (expected cluster, login, audit, roles, resources)")
     c = raw.get("cluster", {})
     if not isinstance(c, Mapping):
         raise fail("cluster", "must be a table")
@@ -152,6 +154,11 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
         raise fail("login.max_failures", "expected a positive integer")
     window = get_duration(login, "failure_window", "5m", "login")
 
+    audit_table = raw.get("audit", {})
+    if not isinstance(audit_table, Mapping) or set(audit_table) - {"keep"}:
+        raise fail("audit", 'expected a table with keep (e.g. keep = "90d")')
+    keep = None if "keep" not in audit_table else get_duration(audit_table, "keep", "", "audit")
+
     roles_raw = raw.get("roles", {})
     if not isinstance(roles_raw, Mapping):
         raise fail("roles", "must be a table of role tables")
@@ -178,6 +185,10 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
         ):
             raise fail(f"resources.{rname}.labels", "expected a table of string = string")
+        for key, value in labels.items():
+            if not printable.is_clean(value):
+                raise fail(f"resources.{rname}.labels.{key}",
+                           f"contains a control character ({printable.first_unsafe(value)}); use printable text")
         extra = {k: v for k, v in spec.items() if k not in ("kind", "address", "labels")}
         try:
             extra = validate_resource(rname, kind, address, extra)
@@ -196,6 +207,7 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
         login_max_failures=max_failures,
         login_failure_window=window,
         audit_jsonl=audit_path,
+        audit_keep=keep,
         disconnect_expired_cert=dec,
         roles=tuple(roles),
         resources=tuple(resources),

@@ -27,9 +27,11 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import kinds
 from gateway.cluster import config as cfg
+from gateway.cluster.admission import AddressSlots
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource, Store, StoreError, User
+from gateway.cluster.tally import Tally
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
 from gateway.private_files import ensure_private_dir
@@ -44,6 +46,8 @@ MAX_CONNECTIONS = 20_000
 AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
+#: How often the store's audit is pruned to ``[audit] keep`` (and at start).
+RETENTION_INTERVAL = 3600.0
 
 
 @attrs.frozen(slots=True)
@@ -53,6 +57,10 @@ class Snapshot:
     locks: dict[str, Any]
     roles: dict[str, Role]
     resources: dict[str, Resource]
+    #: Serials of revoked certificates that have not expired yet.
+    revoked: frozenset[int] = frozenset()
+    #: user -> why their certificates were last revoked at once.
+    revocations: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -71,6 +79,9 @@ class LiveSession:
     # stream started in the engine's thread); others are cut by their scope.
     cut: Callable[[str], None] | None = None
     cancelled: bool = False
+    # The certificate the session was allowed with (set once allowed): a
+    # revocation of it cuts the session.
+    identity: pki.Identity | None = None
 
     def cancel(self, reason: str) -> None:
         """End the session (from trio's thread), with ``reason`` in its
@@ -100,6 +111,8 @@ class Cluster:
         # Bounds on what peers can make us hold: connections in progress, and
         # Argon2 hashes (19 MiB each) computing at once.
         self.connection_slots = trio.Semaphore(MAX_CONNECTIONS)
+        # Connections per address that have not shown a session certificate.
+        self.unauthenticated = AddressSlots()
         self.password_limiter = trio.CapacityLimiter(4)
         # Logins in progress per ("user", name) and ("host", address).
         self.login_attempts: collections.Counter = collections.Counter()
@@ -119,6 +132,12 @@ class Cluster:
         self._audit_pending: collections.deque[tuple[str, str | None, dict[str, Any], float]] = \
             collections.deque()
         self._audit_wakeup = trio.Event()
+        # Handshakes refused for a certificate from an unknown CA: audited
+        # once per source and minute (gateway/cluster/tally.py).
+        self.unknown_ca = Tally()
+        # Logins refused by the rate limit: the first per user, address and
+        # minute is audited at once, the rest as one count.
+        self.login_refusals = Tally()
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._wake_requested = False
@@ -244,6 +263,39 @@ class Cluster:
         self._wake_requested = False
         self._audit_wakeup.set()
 
+    def note_unknown_ca(self, client_host: str, error: str) -> None:
+        """(trio's thread) A handshake refused: the peer's certificate is
+        not from the user CA. Audited later, counted with the others from
+        its source in the same minute."""
+        self.unknown_ca.note(client_host, error, time.time())
+
+    def note_login_refusal(self, user: str, client_host: str) -> bool:
+        """(trio's thread) A login refused by the rate limit; True if it is
+        the first for this user and address this minute (audit that one
+        now: the rest are audited as one count when the minute is over)."""
+        return self.login_refusals.note((user, client_host), "", time.time())
+
+    def _queue_tallies(self, now: float | None) -> None:
+        """Audit the tallies' records of windows that are over (``now``
+        None: all of them, the cluster is stopping)."""
+        def over(tally: Tally) -> list[dict[str, Any]]:
+            return tally.drain() if now is None else tally.due(now)
+
+        queue = self._audit_pending
+        for r in over(self.unknown_ca):
+            queue.append(("handshake.refused", None, {
+                "reason": "unknown_ca", "client_host": r["key"], "count": r["count"], "first_seen": r["first_seen"],
+                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"], "error": r["error"],
+            }, r["last_seen"]))
+        for r in over(self.login_refusals):
+            if r["count"] < 2:  # the first was audited when it happened
+                continue
+            user, host = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])  # the overflow: "*"
+            queue.append(("login.rate_limited", user, {
+                "client_host": host, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
+                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"],
+            }, r["last_seen"]))
+
     async def flush_audit(self) -> None:
         pending = self._audit_pending
         while pending:
@@ -270,10 +322,32 @@ class Cluster:
                 with trio.move_on_after(AUDIT_FLUSH_INTERVAL):
                     await self._audit_wakeup.wait()
                 self._audit_wakeup = trio.Event()
+                if self.unknown_ca or self.login_refusals:
+                    self._queue_tallies(time.time())
                 await self.flush_audit()
         finally:
+            self._queue_tallies(None)
             with trio.CancelScope(shield=True):
                 await self.flush_audit()
+
+    async def run_retention(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Prune the store at start and every hour: audit events older than
+        ``[audit] keep`` (if set), and revocations of certificates that have
+        expired anyway."""
+        task_status.started()
+        keep = self.config.audit_keep
+        while True:
+            now = time.time()
+            try:
+                revoked = await self.db(self.store.prune_revoked_certs, now)
+                pruned = 0 if keep is None else await self.db(self.store.prune_audit, now - keep)
+            except (StoreError, OSError) as exc:
+                log.error("retention_failed error=%s action=%s", exc, "check the store; retrying in an hour")
+            else:
+                if pruned or revoked:
+                    log.info("retention_pruned audit_events=%d revocations=%d keep=%s", pruned, revoked,
+                             "forever" if keep is None else f"{keep:.0f}s")
+            await trio.sleep(RETENTION_INTERVAL)
 
     async def roles_of(self, user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
         return self.roles_in(await self.snapshot(), user, claimed)
@@ -313,6 +387,8 @@ class Cluster:
             locks={lock.user: lock for lock in self.store.list_locks()},
             roles=roles,
             resources={r.name: r for r in self.store.list_resources()},
+            revoked=frozenset(r.serial for r in self.store.list_revoked_certs(live_at=time.time())),
+            revocations=self.store.revocation_reasons(),
         )
 
     async def snapshot(self) -> "Snapshot":
@@ -353,25 +429,54 @@ class Cluster:
                 ErrorCode.CERT_REQUIRED,
                 "this route needs a session certificate; run `wicket login` first",
             )
+        identity = self.parse_identity(der_cert)
+        if identity.cluster != self.config.name:
+            raise pki.CertError(ErrorCode.CERT_INVALID, "certificate is for another cluster")
+        pki.check_validity(identity, utcnow())
+        user = self.check_standing(snap, identity)
+        return identity, user, self.roles_in(snap, user, identity.roles)
+
+    def parse_identity(self, der_cert: bytes) -> pki.Identity:
+        """The identity a certificate claims (OpenSSL verified its chain;
+        nothing else is checked here); :class:`pki.CertError` if unreadable."""
         identity = self._identities.get(der_cert)
         if identity is None:
             identity = pki.identity_from_cert(x509.load_der_x509_certificate(der_cert))
             if len(self._identities) >= IDENTITY_CACHE:
                 self._identities.clear()
             self._identities[der_cert] = identity
-        if identity.cluster != self.config.name:
-            raise pki.CertError(ErrorCode.CERT_INVALID, "certificate is for another cluster")
-        pki.check_validity(identity, utcnow())
+        return identity
+
+    def claimed_user(self, der_cert: bytes | None) -> str | None:
+        """Whom a refused certificate names (an expired one, a locked
+        user's), for the audit: a claim, since the checks refused it."""
+        if not der_cert:
+            return None
+        try:
+            return self.parse_identity(der_cert).user
+        except (pki.CertError, ValueError):
+            return None
+
+    @staticmethod
+    def check_standing(snap: "Snapshot", identity: pki.Identity) -> User:
+        """The certificate's user, if they still exist, are not locked and
+        the certificate is not revoked; else :class:`pki.CertError`. The
+        messages say what happened; the next step is added by whoever shows
+        them (the gateway for a dial, :mod:`api` for the API), once."""
         user = snap.users.get(identity.user)
         if user is None:
             raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
         lock = snap.locks.get(identity.user)
         if lock is not None:
-            raise pki.CertError(
-                ErrorCode.USER_LOCKED,
-                f"user {identity.user} is locked ({lock.reason}); ask an administrator to unlock",
-            )
-        return identity, user, self.roles_in(snap, user, identity.roles)
+            raise pki.CertError(ErrorCode.USER_LOCKED, f"user {identity.user} is locked ({lock.reason})")
+        # cert_expired: every gateway knows it means "log in again".
+        if identity.generation < user.cert_generation:
+            why = snap.revocations.get(identity.user, "revoked by an administrator")
+            raise pki.CertError(ErrorCode.CERT_EXPIRED, f"this session certificate was revoked ({why})")
+        if identity.serial in snap.revoked:
+            raise pki.CertError(ErrorCode.CERT_EXPIRED,
+                                "this session certificate was revoked (`wicket-cluster certs revoke`)")
+        return user
 
     # -- live sessions -------------------------------------------------------
 
@@ -391,16 +496,31 @@ class Cluster:
         self.sessions.pop(session.id, None)
 
     async def watch_locks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Cut the live sessions of users who get locked (within 2 s of the
-        lock: the snapshot's freshness is checked every 0.5 s)."""
+        """Cut the live sessions of users who get locked or removed, and of
+        certificates that get revoked (within 2 s: the snapshot's freshness
+        is checked every 0.5 s)."""
         task_status.started()
         while True:
             await trio.sleep(LOCK_POLL_INTERVAL)
-            locks = (await self.snapshot()).locks
+            snap = await self.snapshot()
             for session in list(self.sessions.values()):
-                if session.user in locks and not session.cancelled:
-                    log.info("session_cut session=%s user=%s reason=user_locked", session.id, session.user)
-                    session.cancel("user_locked")
+                reason = None if session.cancelled else self.cut_reason(snap, session)
+                if reason is not None:
+                    log.info("session_cut session=%s user=%s reason=%s", session.id, session.user, reason)
+                    session.cancel(reason)
+
+    @staticmethod
+    def cut_reason(snap: "Snapshot", session: LiveSession) -> str | None:
+        """Why ``session`` must end now (its session.end reason), or None."""
+        if session.user in snap.locks:
+            return "user_locked"
+        if session.identity is None:  # not allowed yet: checked once it is
+            return None
+        try:
+            Cluster.check_standing(snap, session.identity)
+        except pki.CertError as exc:
+            return "user_removed" if exc.code is ErrorCode.ACCESS_DENIED else "cert_revoked"
+        return None
 
     def host_ca_pem(self) -> str:
         return self.host_ca.pem.decode("ascii")

@@ -8,10 +8,13 @@ byte moves, the cluster checks, in order:
 
 1. a session certificate was presented, is for this cluster, readable and in
    its validity window (``cert_required`` / ``cert_invalid`` / ``cert_expired``);
-2. the user still exists and is not locked (``access_denied`` / ``user_locked``);
-3. the resource exists (``resource_not_found``) and is of the route's kind;
+2. the user still exists and is not locked, the certificate not revoked
+   (``access_denied`` / ``user_locked`` / ``cert_expired``);
+3. the resource exists and the user's roles reach it at all, else
+   ``access_denied`` the same way for both (no one learns what exists); it
+   is of the route's kind (``bad_request``);
 4. the user's roles allow it with these parameters, deny winning
-   (``access_denied`` with the reason);
+   (``access_denied`` naming the parameters; the audit has the role and rule);
 5. the route's kind opens the upstream (TCP connect; for PostgreSQL also TLS
    and the login as the db user), or refuses (``upstream_unreachable``...).
 
@@ -39,7 +42,7 @@ import attrs
 import trio
 
 from gateway.cluster import rbac
-from gateway import kinds
+from gateway import kinds, printable
 from gateway.addresses import parse_hostport
 from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
@@ -317,6 +320,7 @@ class _DialAudit:
 
     fields: dict[str, Any]
     user: str | None = None
+    identity: pki.Identity | None = None
 
     @classmethod
     def of(cls, request: DialRequest, kind: RouteKind, client_addr: str) -> "_DialAudit":
@@ -333,6 +337,7 @@ class _DialAudit:
         return DialError(code=refusal.code, message=refusal.message)
 
     def allowed(self, cluster: Cluster, session: LiveSession, decision: rbac.Decision) -> None:
+        session.identity = self.identity  # from now on, revoking it cuts the session
         cluster.audit_soon("dial.allowed", self.user, **self.fields, session_id=session.id, reason=decision.reason)
 
 
@@ -344,14 +349,30 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
     try:
         identity, _user, roles = cluster.identify_in(snap, cert)
     except pki.CertError as exc:
+        # On record under the user the certificate names (so `audit --user`
+        # finds a locked user's or an expired certificate's dials), marked
+        # as a claim: the certificate was refused.
+        audit.user = cluster.claimed_user(cert)
+        if audit.user is not None:
+            audit.fields["user_claimed"] = True
         raise Refused(exc.code, exc.message) from None
-    audit.user = identity.user
+    audit.user, audit.identity = identity.user, identity
+    # A name with a control character (a resource, a db user, a db name) is
+    # no one's, and no glob may match it: refused outright.
+    for what, name in (("resource", request.resource), *rbac.constrained(request.params).items()):
+        if not printable.is_clean(name):
+            raise Refused(ErrorCode.BAD_REQUEST, f"{what} {printable.escape(name)!r} contains a control "
+                          f"character ({printable.first_unsafe(name)}); names with control characters are refused")
     resource = snap.resources.get(request.resource)
+    # Unknown, and there but out of the user's reach, look the same to the
+    # user (one code, one message); the audit's reason tells them apart.
     if resource is None:
-        raise Refused(
-            ErrorCode.RESOURCE_NOT_FOUND,
-            f"no resource named {request.resource!r}; `wicket ls` lists the ones you can reach",
-        )
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, request.resource, None),
+                      reason=f"no resource named {request.resource!r}")
+    if not rbac.visible(roles, resource.name, resource.labels):
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels),
+                      reason=rbac.decide(roles, resource.name, resource.labels).reason)
+    # The user can see this one (`wicket ls` shows its kind): say which.
     if resource.kind != kind.kind:
         raise Refused(
             ErrorCode.BAD_REQUEST,
@@ -362,12 +383,10 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
     audit.fields["params"] = params
     decision = rbac.decide(roles, resource.name, resource.labels, params)
     if not decision.allowed:
-        raise Refused(
-            ErrorCode.ACCESS_DENIED,
-            f"access to {resource.name} denied: {decision.reason}; ask an administrator for a role "
-            f"that allows it",
-            reason=decision.reason,
-        )
+        # The next step is the gateway's to add (it knows the client's
+        # protocol), so the message says only what happened.
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
+                      reason=decision.reason)
     return identity, resource, params, decision
 
 

@@ -155,8 +155,8 @@ class PostgresKind:
             except resource_specs.SpecError as exc:
                 log.error("pg_password_missing resource=%s error=%s", resource.name, exc)
                 raise Refused(ErrorCode.ACCESS_DENIED,
-                              f"the cluster has no credentials for db user {db_user!r} on {resource.name}; "
-                              f"ask an administrator", reason=str(exc)) from None
+                              f"the cluster has no credentials for db user {db_user!r} on {resource.name}",
+                              reason=str(exc)) from None
         tcp = await connect_tcp(resource)
         stream: trio.abc.HalfCloseableStream = tcp
         try:

@@ -15,8 +15,9 @@ criterion it gives matches:
 
 A dial is allowed when at least one allow rule of the user's roles matches and
 no deny rule of any of the user's roles does: **deny always wins**, whichever
-role it comes from. Decisions carry a reason that goes to the audit log and,
-worded for a person, back to the client.
+role it comes from. Decisions carry a reason (naming the role and rule) for
+the audit log only; what the person dialling is told is :func:`refusal`,
+which names neither, and only the parameters roles constrain.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
-from gateway import kinds
+from gateway import kinds, printable
 from gateway.durations import parse_duration
 
 #: rule key -> dial parameter it constrains
@@ -42,12 +43,18 @@ def _globs(role: str, where: str, value: Any) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise RoleError(f"role {role!r}: {where} must be a string or a list of non-empty strings")
+    for glob in value:
+        if not printable.is_clean(glob):
+            raise RoleError(f"role {role!r}: {where}: {printable.escape(glob)!r} contains a control character "
+                            f"({printable.first_unsafe(glob)}); globs match none")
     return tuple(value)
 
 
 def _match(value: str, patterns: Iterable[str]) -> bool:
     # fnmatchcase: resource names are case-sensitive, whatever the platform.
-    return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+    # No glob matches a control character (`*` would match a newline, and
+    # "ro_\n<forged log line>" would pass for an "ro_*" db user).
+    return printable.is_clean(value) and any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -186,9 +193,35 @@ def decide(
     if not roles:
         return Decision(False, "the user has no roles")
     if selected:
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
-        return Decision(False, f"no role allows {shown} on this resource")
+        return Decision(False, f"no role allows {_shown(params)} on this resource")
     return Decision(False, f"no role of the user ({', '.join(r.name for r in roles)}) allows this resource")
+
+
+def constrained(params: Mapping[str, str]) -> dict[str, str]:
+    """The dial parameters roles constrain (``db_user``, ``db_name``), of
+    all those a dial carries (``pg.application_name``... are not checked)."""
+    return {k: v for k, v in params.items() if k in _CONSTRAINED}
+
+
+_CONSTRAINED = frozenset(PARAM_KEYS.values())
+
+
+def _shown(params: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(constrained(params).items()))
+
+
+def refusal(roles: Iterable[Role], name: str, labels: Mapping[str, str] | None,
+            params: Mapping[str, str] | None = None) -> str:
+    """What the person dialling is told when a dial to ``name`` is refused
+    (``labels`` None: no such resource). A resource their roles cannot
+    reach reads exactly as one that does not exist, so a refusal tells no
+    one what exists; one they can reach (``wicket ls`` shows it) names the
+    parameters refused. No role or rule is named: the audit has those."""
+    prefix = f"access to {name!r} denied"
+    if labels is None or not visible(roles, name, labels):
+        return f"{prefix}: no such resource, or none of your roles reaches it"
+    shown = _shown(params or {})
+    return f"{prefix}: none of your roles allows {shown or 'this dial'} on it"
 
 
 def visible(roles: Iterable[Role], name: str, labels: Mapping[str, str]) -> bool:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import ssl
 
 import trio
 
 from gateway import kinds
 from gateway.addresses import format_addr
+from gateway.cluster.admission import Slot
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
 from gateway.cluster.dial import abandon_engine_connects, handle_mux, handle_route
@@ -49,6 +51,18 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
     except OSError:  # reset before we looked
         await tcp.aclose()
         return
+    slot = cluster.unauthenticated.take(client_addr.rsplit(":", 1)[0])
+    if slot is None:  # its address holds too many already (gateway/cluster/admission.py)
+        reset_on_close(tcp)
+        await tcp.aclose()
+        return
+    try:
+        await _serve_connection(cluster, tcp, client_addr, slot)
+    finally:
+        slot.release()
+
+
+async def _serve_connection(cluster: Cluster, tcp: trio.SocketStream, client_addr: str, slot: Slot) -> None:
     keep_alive(tcp.socket)  # a gateway that vanished ends its sessions (gateway/net/tcp.py)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -59,9 +73,15 @@ async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
         return
     except (trio.BrokenResourceError, OSError) as exc:
         # Wrong CA, TLS 1.2, no shared ALPN...: the peer sees a TLS alert.
-        log.info("handshake_failed client=%s error=%s", client_addr, exc.__cause__ or exc)
+        cause = exc.__cause__ or exc
+        log.info("handshake_failed client=%s error=%s", client_addr, cause)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            # A certificate the user CA did not sign: someone trying keys.
+            cluster.note_unknown_ca(client_addr.rsplit(":", 1)[0], cause.verify_message or str(cause))
         await tcp.aclose()
         return
+    if stream.getpeercert(binary_form=True):
+        slot.release()  # a certificate of the user CA: no longer counted
     async with stream:
         alpn = stream.selected_alpn_protocol()
         kind = kinds.by_alpn(alpn)
@@ -93,6 +113,7 @@ async def serve(
     async with trio.open_nursery() as outer:
         await outer.start(cluster.watch_locks)
         await outer.start(cluster.run_audit_flusher)
+        await outer.start(cluster.run_retention)
         async with trio.open_nursery() as handlers:
 
             accept_scope = trio.CancelScope()

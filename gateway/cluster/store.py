@@ -28,11 +28,11 @@ touched: it is process-wide, and other threads may be creating files.
 Schema changes are :data:`MIGRATIONS`, applied in order inside one
 transaction when the file is opened; the version is ``PRAGMA user_version``.
 
-Change detection. The server caches locks, roles, resources and users and
-must notice a lock written by the CLI within about two seconds. It polls
-:meth:`Store.change_counter` every half second: a counter in the ``meta``
-table that triggers bump on every write to those four tables, whichever
-process made it. Triggers rather than code, so no write path can forget.
+Change detection. The server caches locks, roles, resources, users and
+revocations and must notice a lock written by the CLI within about two
+seconds. It polls :meth:`Store.change_counter` every half second: a counter
+in the ``meta`` table that triggers bump on every write to those tables,
+whichever process made it. Triggers rather than code, so no write path can forget.
 (Audit writes and TOTP step updates do not bump it: they happen at every
 login and would make every poller reload.) Read the counter *before*
 reloading: a change that lands in between is then just picked up again on the
@@ -63,6 +63,8 @@ from typing import Any, Literal
 
 import attrs
 
+from gateway import printable
+
 __all__ = [
     "AlreadyExists",
     "AuditEvent",
@@ -70,6 +72,7 @@ __all__ = [
     "MIGRATIONS",
     "NotFound",
     "Resource",
+    "RevokedCert",
     "RoleRecord",
     "SchemaTooNew",
     "Store",
@@ -245,6 +248,9 @@ def _freeze_labels(value: Mapping[str, str]) -> Mapping[str, str]:
             raise ValueError(f"invalid label key {key!r}: 1-63 characters of A-Z a-z 0-9 . _ / -")
         if not isinstance(val, str) or len(val) > 256:
             raise ValueError(f"label {key!r} must have a string value of at most 256 characters")
+        if not printable.is_clean(val):
+            raise ValueError(f"label {key!r}: the value contains a control character "
+                             f"({printable.first_unsafe(val)}); use printable text")
     return MappingProxyType(dict(value))
 
 
@@ -270,6 +276,9 @@ class User:
     totp_enrolled: bool = attrs.field(
         default=attrs.Factory(lambda self: self.totp_secret is not None, takes_self=True)
     )
+    # Session certificates issued with a lower generation are revoked (a
+    # lock, a new password, a removal bumped it); see revoke_user_certs.
+    cert_generation: int = 0
 
     @totp_enrolled.validator
     def _check_enrolled(self, _attr: object, value: bool) -> None:
@@ -307,6 +316,19 @@ class Lock:
     reason: str
     created_by: str
     created_at: float
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class RevokedCert:
+    """One session certificate revoked by its serial (``certs revoke``)."""
+
+    serial: int
+    user: str | None
+    reason: str
+    revoked_by: str
+    revoked_at: float
+    # When the certificate ends anyway; the row can go after that.
+    expires_at: float | None
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -393,6 +415,32 @@ MIGRATIONS: list[tuple[str, ...]] = [
         *_counter_triggers("resources"),
         *_counter_triggers("locks"),
     ),
+    (
+        # Revocation. A row per user who ever had certificates revoked at
+        # once (a lock, a new password, a removal): a session certificate
+        # carries the user's generation when it was issued, and one below
+        # the current generation is refused. No foreign key to users: the
+        # generation must outlive a removal, or re-creating the name would
+        # revive the old certificates.
+        """CREATE TABLE user_revocations (
+            user_name  TEXT PRIMARY KEY NOT NULL,
+            generation INTEGER NOT NULL CHECK (generation > 0),
+            reason     TEXT NOT NULL,
+            revoked_at REAL NOT NULL
+        )""",
+        # Single certificates, by serial (lower-case hex, as the audit
+        # records it: serials are 159-bit, more than an SQLite integer).
+        """CREATE TABLE revoked_certs (
+            serial     TEXT PRIMARY KEY NOT NULL,
+            user_name  TEXT,
+            reason     TEXT NOT NULL,
+            revoked_by TEXT NOT NULL,
+            revoked_at REAL NOT NULL,
+            expires_at REAL
+        )""",
+        *_counter_triggers("user_revocations"),
+        *_counter_triggers("revoked_certs"),
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -454,6 +502,13 @@ def _prepare_file(path: Path) -> None:
 # --- row conversion ------------------------------------------------------------
 
 
+# Users with their certificate generation (0: never revoked).
+_USERS = (
+    "SELECT users.*, coalesce(r.generation, 0) AS cert_generation"
+    " FROM users LEFT JOIN user_revocations AS r ON r.user_name = users.name"
+)
+
+
 def _user(row: sqlite3.Row) -> User:
     return User(
         name=row["name"],
@@ -462,6 +517,29 @@ def _user(row: sqlite3.Row) -> User:
         password_hash=row["password_hash"],
         totp_secret=row["totp_secret"],
         totp_last_step=row["totp_last_step"],
+        cert_generation=row["cert_generation"],
+    )
+
+
+def serial_text(serial: int) -> str:
+    """A certificate serial as the audit and the store write it."""
+    return format(serial, "x")
+
+
+def parse_serial(text: str) -> int:
+    """A serial as an administrator may paste it: hex, any case, an
+    optional ``0x`` and colons (as openssl prints it)."""
+    digits = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not 1 <= len(digits) <= 40 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(f"invalid certificate serial {text!r}: expected up to 40 hex digits, "
+                         "as the audit's login.ok events show it")
+    return int(digits, 16)
+
+
+def _revoked(row: sqlite3.Row) -> RevokedCert:
+    return RevokedCert(
+        serial=int(row["serial"], 16), user=row["user_name"], reason=row["reason"],
+        revoked_by=row["revoked_by"], revoked_at=row["revoked_at"], expires_at=row["expires_at"],
     )
 
 
@@ -642,12 +720,12 @@ class Store:
 
     def get_user(self, name: str) -> User | None:
         with self._read() as conn:
-            row = conn.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(f"{_USERS} WHERE name = ?", (name,)).fetchone()
         return None if row is None else _user(row)
 
     def list_users(self) -> list[User]:
         with self._read() as conn:
-            return [_user(r) for r in conn.execute("SELECT * FROM users ORDER BY name")]
+            return [_user(r) for r in conn.execute(f"{_USERS} ORDER BY name")]
 
     def _update_user(self, name: str, assignments: str, params: tuple[Any, ...]) -> None:
         with self._write() as conn:
@@ -658,8 +736,14 @@ class Store:
     def set_user_roles(self, name: str, roles: Iterable[str]) -> None:
         self._update_user(name, "roles = ?", (_dumps(list(_check_roles(roles))),))
 
-    def set_password_hash(self, name: str, password_hash: str) -> None:
-        self._update_user(name, "password_hash = ?", (_check_password_hash(password_hash),))
+    def set_password_hash(self, name: str, password_hash: str, now: float | None = None) -> int:
+        """A new password: it revokes every certificate issued before it
+        (whoever had the old one may hold one). Returns the new generation."""
+        hashed = _check_password_hash(password_hash)
+        with self._write() as conn:
+            if conn.execute("UPDATE users SET password_hash = ? WHERE name = ?", (hashed, name)).rowcount == 0:
+                raise NotFound("user", name)
+            return self._revoke_generation(conn, name, "password changed", _now(now))
 
     def replace_password_hash(self, name: str, old: str, new: str) -> bool:
         """Set *new* only if the stored hash is still *old* (a re-hash at
@@ -697,10 +781,89 @@ class Store:
                 raise NotFound("user", name)
             return False
 
-    def delete_user(self, name: str) -> bool:
-        """Delete a user; False if there was none. Any lock on the name stays."""
+    def delete_user(self, name: str, now: float | None = None) -> bool:
+        """Delete a user and revoke their certificates (a user re-created
+        under the name does not inherit them); False if there was none. Any
+        lock on the name stays."""
+        when = _now(now)
         with self._write() as conn:
-            return conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+            if conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
+                return False
+            self._revoke_generation(conn, name, "user removed", when)
+            return True
+
+    # -- revocation --
+
+    @staticmethod
+    def _revoke_generation(conn: sqlite3.Connection, user: str, reason: str, now: float) -> int:
+        return conn.execute(
+            "INSERT INTO user_revocations (user_name, generation, reason, revoked_at) VALUES (?, 1, ?, ?)"
+            " ON CONFLICT (user_name) DO UPDATE SET generation = generation + 1,"
+            "   reason = excluded.reason, revoked_at = excluded.revoked_at"
+            " RETURNING generation",
+            (user, reason, now),
+        ).fetchone()[0]
+
+    def revoke_user_certs(self, user: str, reason: str, now: float | None = None) -> int:
+        """Revoke every certificate issued to *user* so far: bump their
+        generation (certificates carry the one they were issued with).
+        Returns the new generation."""
+        validate_name("user", user)
+        _check_text("revocation reason", reason)
+        when = _now(now)
+        with self._write() as conn:
+            return self._revoke_generation(conn, user, reason, when)
+
+    def revocation_reasons(self) -> dict[str, str]:
+        """user -> why their certificates were last revoked at once."""
+        with self._read() as conn:
+            return dict(conn.execute("SELECT user_name, reason FROM user_revocations").fetchall())
+
+    def revoke_cert(
+        self, serial: int, *, user: str | None, reason: str, revoked_by: str,
+        expires_at: float | None, now: float | None = None,
+    ) -> bool:
+        """Revoke one certificate by serial; False if it already was."""
+        if isinstance(serial, bool) or not isinstance(serial, int) or not 0 < serial < 1 << 160:
+            raise ValueError("a certificate serial is a positive integer below 2**160")
+        _check_text("revocation reason", reason, empty=True)
+        _check_text("revoked_by", revoked_by, max_len=256)
+        row = (serial_text(serial), user, reason, revoked_by, _now(now),
+               None if expires_at is None else _check_time("expires_at", expires_at))
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO revoked_certs (serial, user_name, reason, revoked_by, revoked_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING", row,
+            )
+            return cursor.rowcount > 0
+
+    def list_revoked_certs(self, *, live_at: float | None = None) -> list[RevokedCert]:
+        """Revoked certificates; with *live_at*, only those not yet expired then."""
+        with self._read() as conn:
+            if live_at is None:
+                rows = conn.execute("SELECT * FROM revoked_certs ORDER BY revoked_at")
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM revoked_certs WHERE expires_at IS NULL OR expires_at > ?"
+                    " ORDER BY revoked_at", (_check_time("live_at", live_at),))
+            return [_revoked(r) for r in rows]
+
+    def prune_revoked_certs(self, before: float) -> int:
+        """Forget revocations of certificates that expired before *before*."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM revoked_certs WHERE expires_at < ?",
+                                (_check_time("before", before),)).rowcount
+
+    def find_issued_cert(self, serial: int) -> AuditEvent | None:
+        """The audit event that issued the certificate with *serial*
+        (``login.ok`` or ``login.renew``), if the audit still has it."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT * FROM audit WHERE event IN ('login.ok', 'login.renew')"
+                " AND json_extract(fields, '$.serial') = ? ORDER BY id DESC LIMIT 1",
+                (serial_text(serial),),
+            ).fetchone()
+        return None if row is None else _audit(row)
 
     # -- roles --
 
@@ -782,7 +945,10 @@ class Store:
     # -- locks --
 
     def lock_user(self, user: str, reason: str, created_by: str, now: float | None = None) -> Lock:
-        """Lock *user* out (new logins and, via the poller, live sessions).
+        """Lock *user* out (new logins and, via the poller, live sessions),
+        and revoke every certificate issued to them so far, in the same
+        transaction: an unlock does not revive a certificate that may have
+        been stolen (the user logs in again).
 
         Locking an already locked user replaces the reason, author and time:
         the newest decision is the one an operator wants to read.
@@ -800,6 +966,8 @@ class Store:
                 "   created_by = excluded.created_by, created_at = excluded.created_at",
                 (lock.user, lock.reason, lock.created_by, lock.created_at),
             )
+            self._revoke_generation(conn, lock.user, f"user locked: {lock.reason}"[:_MAX_TEXT],
+                                    lock.created_at)
         return lock
 
     def unlock_user(self, user: str) -> bool:
@@ -972,6 +1140,17 @@ class Store:
         where, params = self._audit_filters(since=since, user=user, event=event, field=field)
         with self._read() as conn:
             return conn.execute(f"SELECT count(*) FROM audit{where}", params).fetchone()[0]
+
+    def last_audit(
+        self, event: str, user: str | None = None, since: float | None = None,
+        *, field: tuple[str, str | int] | None = None,
+    ) -> tuple[int, float | None]:
+        """(how many, time of the newest) of the events :meth:`count_audit`
+        would count."""
+        where, params = self._audit_filters(since=since, user=user, event=event, field=field)
+        with self._read() as conn:
+            count, newest = conn.execute(f"SELECT count(*), max(time) FROM audit{where}", params).fetchone()
+        return count, newest
 
     def prune_audit(self, before: float) -> int:
         """Delete audit events older than *before*; return how many.

@@ -92,6 +92,10 @@ class Identity:
     # outlive that login's maximum session.
     auth_time: dt.datetime | None = None
     serial: int = 0
+    # The user's certificate generation at issue: the cluster refuses a
+    # certificate whose generation is below the user's current one (a lock,
+    # a new password or a removal revoked it). Absent (0) before any.
+    generation: int = 0
 
     def to_document(self) -> bytes:
         doc = {
@@ -104,6 +108,8 @@ class Identity:
         }
         if self.auth_time is not None:
             doc["auth_time"] = int(self.auth_time.timestamp())
+        if self.generation:
+            doc["gen"] = self.generation
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     def remaining(self, now: dt.datetime) -> dt.timedelta:
@@ -226,12 +232,23 @@ class CertificateAuthority:
         return cert_to_pem(self.cert)
 
     @classmethod
-    def create(cls, common_name: str, *, now: dt.datetime, years: int = 10) -> "CertificateAuthority":
+    def create(cls, common_name: str, *, now: dt.datetime, years: int = 10,
+               permitted: Iterable[str] | None = None) -> "CertificateAuthority":
+        """A new self-signed CA. ``permitted``: the only names (DNS names
+        and IP addresses) it may vouch for, as X.509 name constraints
+        (RFC 5280 §4.2.1.10, critical): a copy of its key then cannot
+        pass for any other server with a client that trusts it."""
         key = generate_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        builder = x509.CertificateBuilder()
+        if permitted is not None:
+            builder = builder.add_extension(
+                x509.NameConstraints(permitted_subtrees=[_subtree(n) for n in permitted], excluded_subtrees=None),
+                critical=True,
+            )
         cert = (
-            x509.CertificateBuilder()
+            builder
             .subject_name(name)
             .issuer_name(name)
             .public_key(key.public_key())
@@ -255,7 +272,8 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(
-        cls, directory: Path, stem: str, common_name: str, *, now: dt.datetime
+        cls, directory: Path, stem: str, common_name: str, *, now: dt.datetime,
+        permitted: Iterable[str] | None = None,
     ) -> "CertificateAuthority":
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
         if cert_path.exists() and key_path.exists():
@@ -263,7 +281,7 @@ class CertificateAuthority:
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             return cls(cert, key)
-        ca = cls.create(common_name, now=now)
+        ca = cls.create(common_name, now=now, permitted=permitted)
         write_private(key_path, key_to_pem(ca.key))
         write_public(cert_path, ca.pem)
         return ca
@@ -343,6 +361,21 @@ class CertificateAuthority:
         )
 
 
+def _subtree(name: str) -> x509.GeneralName:
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return x509.DNSName(name)
+    return x509.IPAddress(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"))
+
+
+def name_constraints(cert: x509.Certificate) -> x509.NameConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 def _check_private_mode(path: Path) -> None:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
@@ -383,11 +416,18 @@ def identity_from_cert(cert: x509.Certificate) -> Identity:
             not_after=cert.not_valid_after_utc,
             auth_time=_timestamp(doc.get("auth_time")),
             serial=cert.serial_number,
+            generation=_generation(doc.get("gen", 0)),
         )
     except CertError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CertError(ErrorCode.CERT_INVALID, f"identity extension is malformed: {exc}") from None
+
+
+def _generation(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise TypeError("gen must be a non-negative integer")
+    return value
 
 
 def _timestamp(value: object) -> dt.datetime | None:

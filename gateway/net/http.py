@@ -2,8 +2,10 @@
 
 The cluster's API is a handful of JSON endpoints; h11 does the protocol, this
 module only moves its bytes over a trio stream, with every input bounded:
-request heads by h11's ``max_incomplete_event_size``, bodies by ``max_body``,
-and time by the caller's deadlines (``fail_after`` around each request read).
+heads to :data:`MAX_HEAD` (h11's ``max_incomplete_event_size`` bounds only a
+head that is still incomplete; one that arrives whole in a read is measured
+here), bodies by ``max_body``, and time by the caller's deadlines
+(``fail_after`` around each request read).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import trio
 
 MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024
+#: Requests and seconds one keep-alive connection is served (then closed).
+MAX_REQUESTS = 100
+MAX_LIFETIME = 300.0
 READ_CHUNK = 64 * 1024
 
 
@@ -70,6 +75,24 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
         conn.receive_data(await stream.receive_some(READ_CHUNK))
 
 
+async def _read_head(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+    """The next request or response head (or ConnectionClosed), refused
+    with 431 if it is over MAX_HEAD bytes, however it arrived: h11 checks
+    only a head it is still waiting for, so a whole one in a single read
+    would pass."""
+    held = len(conn.trailing_data[0])  # bytes already in h11's buffer (pipelined)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(READ_CHUNK)
+            held += len(data)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, (h11.Request, h11.Response)) and held - len(conn.trailing_data[0]) > MAX_HEAD:
+            raise HTTPError(431, "bad_request", f"HTTP head larger than {MAX_HEAD} bytes")
+        return event
+
+
 async def _read_body(conn: h11.Connection, stream: trio.abc.Stream, limit: int) -> bytes:
     parts, size = [], 0
     while True:
@@ -92,14 +115,23 @@ async def serve_http(
     handler: Handler,
     *,
     request_timeout: float = 30.0,
-    max_requests: int = 1000,
+    max_requests: int = MAX_REQUESTS,
+    max_lifetime: float = MAX_LIFETIME,
 ) -> None:
-    """Serve keep-alive requests on ``stream`` until the peer is done."""
+    """Serve keep-alive requests on ``stream`` until the peer is done, at
+    most ``max_requests`` of them and for at most ``max_lifetime`` seconds:
+    a connection that sends a request now and then must not hold one of
+    the server's descriptors for ever. The last answer says
+    ``connection: close``; a client opens a new connection for more."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    for _ in range(max_requests):
+    end = trio.current_time() + max_lifetime
+    for served in range(max_requests):
+        left = end - trio.current_time()
+        if left <= 0:
+            return
         try:
-            with trio.fail_after(request_timeout):
-                event = await _next_event(conn, stream)
+            with trio.fail_after(min(request_timeout, left)):
+                event = await _read_head(conn, stream)
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 assert isinstance(event, h11.Request)
@@ -127,7 +159,8 @@ async def serve_http(
             return
         except trio.TooSlowError:
             return
-        close = response.status >= 400 and conn.their_state != h11.DONE
+        close = (response.status >= 400 and conn.their_state != h11.DONE) or served + 1 == max_requests \
+            or trio.current_time() >= end
         try:
             # A peer that never reads our answer must not hold us forever.
             with trio.fail_after(request_timeout):
@@ -187,7 +220,7 @@ class HTTPClient:
         data += self._conn.send(h11.Data(data=payload)) if payload else b""
         data += self._conn.send(h11.EndOfMessage())
         await self._stream.send_all(data)
-        event = await _next_event(self._conn, self._stream)
+        event = await _read_head(self._conn, self._stream)
         if isinstance(event, h11.ConnectionClosed):
             raise HTTPError(502, "internal_error", "the cluster closed the connection without answering")
         assert isinstance(event, h11.Response)
@@ -203,5 +236,13 @@ class HTTPClient:
             event.status_code,
             str(err.get("code", "internal_error")),
             str(err.get("message", f"HTTP {event.status_code}")),
-            retry_after=err.get("retry_after"),
+            retry_after=_seconds(err.get("retry_after")),
         )
+
+
+def _seconds(value: Any) -> float | None:
+    """A delay the peer sent, if it is a sane one (JSON numbers are
+    unbounded: ``1e400`` is infinity); else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86400:
+        return None
+    return float(value)

@@ -313,7 +313,9 @@ def test_denied_db_user(pg_env, tmp_path):
     try:
         _, port = g.proxy("db", "pg")
         r = psql(port, "-c", "select 1", user="pwuser")
-        _expect_fatal(r, "access to pg denied", "ask")
+        _expect_fatal(r, "access to 'pg' denied: none of your roles allows db_name=app, db_user=pwuser on it")
+        assert r.stderr.count("administrator") == 1, r.stderr  # what to do, once
+        assert "application_name" not in r.stderr and "pg-app-only" not in r.stderr
         assert connect_error(port, user="pwuser")[0] == "28000"
         with pytest.raises(psycopg.OperationalError, match="denied"):
             psycopg.connect(dsn(port, user="pwuser"))
@@ -328,8 +330,9 @@ def test_denied_db_user(pg_env, tmp_path):
 def test_unknown_resource_and_unreachable(gw):
     _, port = gw.proxy("db", "pg-nope")
     sqlstate, message = connect_error(port)
-    assert sqlstate == "3D000" and "wicket ls" in message
-    _expect_fatal(psql(port, "-c", "select 1"), "no resource named 'pg-nope'")
+    # As a resource out of the user's reach: no one learns what exists.
+    assert sqlstate == "28000" and "no such resource, or none of your roles reaches it" in message
+    _expect_fatal(psql(port, "-c", "select 1"), "access to 'pg-nope' denied")
     _, port = gw.proxy("db", "pg-down")
     sqlstate, message = connect_error(port)
     assert sqlstate == "08006" and "not reachable" in message

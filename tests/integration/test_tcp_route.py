@@ -293,17 +293,32 @@ async def test_role_that_denies(make_gateway, cluster):
         assert await refused(port)
     wait_for(lambda: "code=access_denied" in proc.log(), what="denial in gateway log")
     log = proc.log()
-    assert "nothing-dev" in log and "ask a cluster administrator" in log
+    # What to do, once; the role and its rule only in the audit.
+    assert log.count("ask a cluster administrator") == 1 and "nothing-dev" not in log, log
     denied = cluster.wait_audit(user=gw.user, event="dial.denied")
     assert denied and denied[-1]["code"] == "access_denied" and "nothing-dev" in denied[-1]["reason"]
 
 
-async def test_unknown_resource(make_gateway, cluster):
-    gw = make_gateway("dev")
-    proc, port = gw.proxy_tcp("no-such-thing")
+def _refusal(log: str, name: str) -> str:
+    """The code and message of a refusal in a gateway's log, its resource's name blanked."""
+    line = re.search(r"dial_refused .*? (code=\S+ message=.*?) next_step", log).group(1)
+    return line.replace(repr(name), "NAME")
+
+
+async def test_unknown_resource_looks_like_one_out_of_reach(make_gateway, cluster):
+    gw = make_gateway("nothing-dev")
+    unknown, unknown_port = gw.proxy_tcp("no-such-thing")
+    denied, denied_port = gw.proxy_tcp("echo")
     with trio.fail_after(20):
-        assert await refused(port)
-    wait_for(lambda: "code=resource_not_found" in proc.log(), what="not-found in gateway log")
+        assert await refused(unknown_port) and await refused(denied_port)
+    wait_for(lambda: "dial_refused" in unknown.log() and "dial_refused" in denied.log(), what="refusals in logs")
+    told = _refusal(unknown.log(), "no-such-thing")
+    assert told == _refusal(denied.log(), "echo")
+    assert "code=access_denied" in told and "nothing-dev" not in told
+    reasons = {e["resource"]: e["reason"] for e in cluster.wait_audit(
+        lambda evs: len(evs) >= 2, user=gw.user, event="dial.denied")}
+    assert reasons["no-such-thing"] == "no resource named 'no-such-thing'"
+    assert "nothing-dev" in reasons["echo"]
 
 
 def test_wrong_ca_pin(make_gateway):
@@ -338,6 +353,60 @@ def test_bad_password_and_rate_limit(make_gateway, cluster):
     r = gw.run("login", cluster.address, "--user", "nobody-here", "--ca-pin", cluster.pin,
                "--password-stdin", input="whatever it is\n")
     assert r.returncode == 4 and "invalid user name, password or TOTP code" in r.stderr
+
+
+def _login_from(cluster, source: str, user: str, password: str, totp_code: str | None = None) -> tuple[int, dict]:
+    """A login over the API from the loopback address ``source``: (status, answer)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    body = {"user": user, "password": password, "public_key": key}
+    if totp_code is not None:
+        body["totp_code"] = totp_code
+    payload = json.dumps(body).encode()
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0)) as raw, \
+            ctx.wrap_socket(raw) as s:
+        s.sendall(b"POST /v1/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n" % len(payload) + payload)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"content-length: (\d+)", answer, re.I).group(1)):
+            chunk = s.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    head, body_bytes = answer.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body_bytes)
+
+
+def test_failures_from_one_address_do_not_keep_the_user_out_of_another(cluster):
+    import base64
+    from urllib.parse import parse_qs, urlparse
+
+    from cryptography.hazmat.primitives.hashes import SHA1
+    from cryptography.hazmat.primitives.twofactor.totp import TOTP
+
+    r = cluster.add_user("roamer", "dev", "--totp")
+    uri = next(line for line in r.stdout.splitlines() if line.startswith("otpauth://totp/"))
+    b32 = parse_qs(urlparse(uri).query)["secret"][0]
+    secret = base64.b32decode(b32 + "=" * (-len(b32) % 8), casefold=True)
+    # Someone at 127.0.0.3 guesses the password, past the limit.
+    for _ in range(5):
+        assert _login_from(cluster, "127.0.0.3", "roamer", "a wrong guess!!")[0] == 401
+    status, answer = _login_from(cluster, "127.0.0.3", "roamer", "another guess!!")
+    assert status == 429 and 0 < answer["error"]["retry_after"] <= 10, answer
+    # The user, with the password and a TOTP code, from another address: in at once.
+    code = TOTP(secret, 6, SHA1(), 30).generate(time.time()).decode()
+    status, answer = _login_from(cluster, "127.0.0.4", "roamer", PASSWORD, code)
+    assert status == 200 and answer["user"] == "roamer", answer
+    # The pattern is on record: who, from where, how many failures.
+    limited = cluster.audit(user="roamer", event="login.rate_limited")[-1]
+    assert limited["client_host"] == "127.0.0.3" and limited["failures_for_user_from_address"] == 5
 
 
 async def test_parallel_guesses_are_rate_limited(cluster, tmp_path):
@@ -614,10 +683,15 @@ async def test_lock_cuts_live_session_and_refuses_new(make_gateway, cluster):
         assert await refused(port)
     wait_for(lambda: "code=user_locked" in proc.log(), what="lock refusal in gateway log")
     assert "incident 42" in proc.log()
+    # The refused dial is on record under the user the certificate names.
+    refusals = cluster.wait_audit(lambda evs: any(e["code"] == "user_locked" for e in evs), user=gw.user,
+                                  event="dial.denied")
+    assert all(e["user_claimed"] is True for e in refusals if e["code"] == "user_locked")
     ended = cluster.wait_audit(user=gw.user, event="session.end")
     assert ended[-1]["reason"] == "user_locked"
     assert ended[-1]["bytes_from_client"] == 4 and ended[-1]["bytes_to_client"] == 4
     cluster.admin("users", "unlock", gw.user)
+    assert gw.login().returncode == 0  # the lock revoked the old certificate (test_revocation.py)
     with trio.fail_after(20):
         assert await roundtrip(port, b"back") == b"back"
     events = [e["event"] for e in cluster.wait_audit(lambda evs: len([e for e in evs if e["event"] == "session.end"]) >= 2,
@@ -877,6 +951,75 @@ def test_hostile_peers_cannot_take_the_cluster_down(cluster):
         answer = _raw_api(cluster, "POST", "/v1/login", body)
         assert answer.split(b"\r\n")[0].split()[1] in (b"400", b"413"), answer[:200]
     assert b'"status":"ok"' in _raw_api(cluster, "GET", "/v1/health", b"")
+
+
+def _health_from(cluster, source: str) -> bool:
+    """A health request over TLS from loopback address ``source`` is answered."""
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0)) as raw, \
+                ctx.wrap_socket(raw) as s:
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+            return b'"status":"ok"' in s.recv(4096)
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_one_address_cannot_hold_the_clusters_connections(cluster):
+    from gateway.cluster.admission import UNAUTHENTICATED_PER_ADDRESS
+
+    host, port = cluster.address.rsplit(":", 1)
+    idle = []
+    try:
+        # Connections that never start their handshake, as many as the cap.
+        for _ in range(UNAUTHENTICATED_PER_ADDRESS):
+            idle.append(socket.create_connection((host, int(port)), timeout=10, source_address=("127.0.0.9", 0)))
+        wait_for(lambda: not _health_from(cluster, "127.0.0.9"), what="the cap to refuse more from 127.0.0.9")
+        assert _health_from(cluster, "127.0.0.10")  # everyone else is served
+        assert "connections_refused client_host=127.0.0.9" in cluster.proc.log()
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: _health_from(cluster, "127.0.0.9"), what="127.0.0.9 served again")
+
+
+def test_a_20_kib_request_head_in_one_read_is_refused(cluster):
+    with unverified_tls(cluster, "http/1.1", timeout=30) as s:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 20 * 1024 + b"\r\n\r\n")
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"status":"ok"' in _raw_api(cluster, "GET", "/v1/health", b"")
+
+
+def test_every_number_in_a_login_is_checked(make_gateway, cluster):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    gw = make_gateway("dev", login=False)
+    key = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    head = json.dumps({"user": gw.user, "password": PASSWORD, "public_key": key})[:-1]
+    # Infinity, an integer no float holds, a float past any cap, the wrong types.
+    for ttl in ("1e400", "1" + "0" * 400, "-1e400", "1e300", "true", '"60"', "0.5", "[]"):
+        answer = _raw_api(cluster, "POST", "/v1/login", f'{head}, "ttl_seconds": {ttl}}}'.encode())
+        assert answer.split(b"\r\n")[0].split()[1] == b"400", (ttl, answer[:300])
+        assert b"ttl_seconds must be a number of seconds" in answer, answer
+    ok = _raw_api(cluster, "POST", "/v1/login", f'{head}, "ttl_seconds": 60}}'.encode())
+    assert ok.split(b"\r\n")[0].split()[1] == b"200", ok[:300]
+    assert "Traceback" not in cluster.proc.log()
+
+
+def test_a_user_name_with_control_characters_is_refused_and_logged_escaped(cluster):
+    forged = "eve\n2026-01-01T00:00:00.000Z login_ok user=admin"
+    body = json.dumps({"user": forged, "password": PASSWORD, "public_key": "x"}).encode()
+    answer = _raw_api(cluster, "POST", "/v1/login", body)
+    assert answer.split(b"\r\n")[0].split()[1] == b"400" and b"control characters" in answer, answer[:300]
+    # A db user cannot pass an "ro_*" glob with one, nor forge a line in
+    # the cluster's log or its audit.jsonl (tests/unit/test_printable.py).
+    assert not any(line.startswith("2026-01-01T00:00:00.000Z") for line in cluster.proc.log().splitlines())
 
 
 def test_roles_add_deny_flags_each_deny(cluster):

@@ -36,8 +36,13 @@ def test_relative_state_dir(tmp_path):
         ('[cluster]\nstate_dir="s"\n[resources.x]\nkind="tcp"\n', "resources.x.address"),
         ('[cluster]\nstate_dir="s"\n[resources.x]\nkind="ftp"\naddress="a:1"\n', "kind 'ftp'"),
         ('[cluster]\nstate_dir="s"\n[roles.r]\nallow=[{}]\n', "roles.r"),
+        ('[cluster]\nstate_dir="s"\n[resources.x]\naddress="a:1"\nlabels={env="dev\\u202e"}\n',
+         "resources.x.labels.env: contains a control character"),
+        ('[cluster]\nstate_dir="s"\n[roles.r]\nallow=[{resources=["a\\n*"]}]\n', "control character"),
         ('[cluster]\nstate_dir="s"\n[login]\nmax_failures=0\n', "login.max_failures"),
         ('[nope]\n', "unknown section"),
+        ('[cluster]\nstate_dir="s"\n[audit]\nkeep="forever"\n', "audit.keep"),
+        ('[cluster]\nstate_dir="s"\n[audit]\nkept="90d"\n', "audit: expected a table with keep"),
         ("not toml [", "not valid TOML"),
     ],
 )
@@ -70,3 +75,11 @@ def test_format_duration():
     assert format_duration(5400) == "1h30m"
     assert format_duration(61) == "1m01s"
     assert format_duration(-3) == "0s"
+
+
+def test_audit_keep(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[cluster]\nstate_dir = "s"\n')
+    assert cfg.load(p).audit_keep is None  # for ever, unless told
+    p.write_text('[cluster]\nstate_dir = "s"\n[audit]\nkeep = "90d"\n')
+    assert cfg.load(p).audit_keep == 90 * 86400

@@ -99,10 +99,22 @@ def test_resigned_by_attacker_key(ca):
         pki.verify_session_cert(cert, ca.cert, now=NOW)
 
 
+def test_the_certificate_generation_round_trips_and_defaults_to_zero(ca):
+    key = pki.generate_key()
+    cert = ca.issue_session_cert(key.public_key(), make_identity(generation=3))
+    assert pki.verify_session_cert(cert, ca.cert, now=NOW).generation == 3
+    # Certificates from before generations existed carry none: generation 0.
+    assert b'"gen"' not in make_identity().to_document()
+    cert = ca.issue_session_cert(key.public_key(), make_identity())
+    assert pki.verify_session_cert(cert, ca.cert, now=NOW).generation == 0
+
+
 @pytest.mark.parametrize(
     "payload",
     [b"not json", b"[1,2]", b'{"v":2,"user":"a","roles":[],"cluster":"c"}', b'{"v":1,"roles":[],"cluster":"c"}',
-     b'{"v":1,"user":5,"roles":[],"cluster":"c"}', b'{"v":1,"user":"a","roles":"x","cluster":"c","auth_time":"x"}'],
+     b'{"v":1,"user":5,"roles":[],"cluster":"c"}', b'{"v":1,"user":"a","roles":"x","cluster":"c","auth_time":"x"}',
+     b'{"v":1,"user":"a","roles":[],"cluster":"c","gen":-1}', b'{"v":1,"user":"a","roles":[],"cluster":"c","gen":"2"}',
+     b'{"v":1,"user":"a","roles":[],"cluster":"c","gen":true}'],
 )
 def test_malformed_identity_documents(ca, payload):
     key = pki.generate_key()

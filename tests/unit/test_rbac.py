@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.cluster.rbac import Role, RoleError, allowed_params, decide, session_ttl_cap, visible
+from gateway.cluster.rbac import Role, RoleError, allowed_params, decide, refusal, session_ttl_cap, visible
 
 
 def role(name, **spec):
@@ -88,3 +88,12 @@ def test_spec_roundtrip():
 def test_bad_specs(spec, match):
     with pytest.raises(RoleError, match=match):
         Role.from_spec("r", spec)
+
+
+def test_reasons_and_refusals_show_only_the_parameters_roles_constrain():
+    params = {"db_user": "other", "db_name": "x", "pg.application_name": "psql"}
+    assert decide([DB], "pg", {}, params).reason == "no role allows db_name=x, db_user=other on this resource"
+    assert refusal([DB], "pg", {}, params) == \
+        "access to 'pg' denied: none of your roles allows db_name=x, db_user=other on it"
+    # Out of reach reads as unknown.
+    assert refusal([DB], "other", {}) == refusal([DB], "other", None)

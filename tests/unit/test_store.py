@@ -472,9 +472,10 @@ def test_another_connection_sees_writes(db_path: Path) -> None:
         version, counter = server.data_version(), server.change_counter()
         own_version = cli.data_version()
         cli.lock_user("alice", "compromised", "admin")
-        # The server's poller notices, and finds the lock.
+        # The server's poller notices, and finds the lock (one transaction:
+        # the lock and the revocation of the user's certificates).
         assert server.data_version() != version
-        assert server.change_counter() == counter + 1
+        assert server.change_counter() > counter
         assert server.get_lock("alice").reason == "compromised"
         # data_version reports other connections' commits, not our own.
         assert cli.data_version() == own_version
@@ -747,3 +748,82 @@ def test_replace_password_hash_only_over_the_hash_it_expects(store: Store) -> No
     assert store.replace_password_hash("alice", changed_meanwhile, upgraded) is True
     assert store.get_user("alice").password_hash == upgraded
     assert store.replace_password_hash("nobody", DUMMY_HASH, upgraded) is False
+
+
+# --- revocation ------------------------------------------------------------------
+
+
+def test_lock_password_and_removal_each_revoke_the_certificates_issued_before(store: Store) -> None:
+    store.add_user("alice", HASH, [], now=1.0)
+    assert store.get_user("alice").cert_generation == 0
+    store.lock_user("alice", "laptop stolen", "admin", now=2.0)
+    assert store.get_user("alice").cert_generation == 1
+    # An unlock does not give the old generation back.
+    store.unlock_user("alice")
+    assert store.get_user("alice").cert_generation == 1
+    assert store.revocation_reasons() == {"alice": "user locked: laptop stolen"}
+    assert store.set_password_hash("alice", OTHER_HASH, now=3.0) == 2
+    assert [u.cert_generation for u in store.list_users()] == [2]
+    assert store.revocation_reasons() == {"alice": "password changed"}
+    # Removing revokes too, and a user re-created under the name starts
+    # past every generation the old one had.
+    assert store.delete_user("alice", now=4.0) is True
+    store.add_user("alice", HASH, [], now=5.0)
+    assert store.get_user("alice").cert_generation == 3
+    assert store.revoke_user_certs("alice", "by hand", now=6.0) == 4
+
+
+def test_a_login_rehash_does_not_revoke(store: Store) -> None:
+    store.add_user("alice", HASH, [], now=1.0)
+    assert store.replace_password_hash("alice", HASH, OTHER_HASH)
+    assert store.get_user("alice").cert_generation == 0
+
+
+def test_revocations_bump_the_change_counter(db_path: Path) -> None:
+    with Store.open(db_path) as server, Store.open(db_path) as cli:
+        cli.add_user("alice", HASH, [], now=1.0)
+        counter = server.change_counter()
+        cli.revoke_user_certs("alice", "by hand", now=2.0)
+        assert server.change_counter() > counter
+        counter = server.change_counter()
+        cli.revoke_cert(0xABC, user="alice", reason="", revoked_by="admin", expires_at=10.0, now=2.0)
+        assert server.change_counter() > counter
+
+
+def test_revoked_certificates_by_serial(store: Store) -> None:
+    serial = (1 << 158) + 0xABC  # serials are up to 159 bits: text in the store
+    assert store.revoke_cert(serial, user="alice", reason="lost", revoked_by="admin", expires_at=100.0, now=1.0)
+    assert not store.revoke_cert(serial, user="alice", reason="again", revoked_by="admin", expires_at=100.0)
+    store.revoke_cert(7, user=None, reason="", revoked_by="admin", expires_at=None, now=2.0)
+    assert [r.serial for r in store.list_revoked_certs()] == [serial, 7]
+    assert store.list_revoked_certs()[0].reason == "lost"
+    # Once a certificate has expired its revocation no longer matters.
+    assert [r.serial for r in store.list_revoked_certs(live_at=200.0)] == [7]
+    assert store.prune_revoked_certs(200.0) == 1
+    assert [r.serial for r in store.list_revoked_certs()] == [7]
+    for bad in (0, -1, 1 << 160, True, "abc"):
+        with pytest.raises(ValueError):
+            store.revoke_cert(bad, user=None, reason="", revoked_by="admin", expires_at=None)
+
+
+def test_find_issued_cert_and_parse_serial(store: Store) -> None:
+    store.append_audit("login.ok", "alice", {"serial": "abc", "expires_at": "2026-01-01T00:00:00+00:00"}, now=1.0)
+    store.append_audit("login.failed", "bob", {"serial": "abd"}, now=2.0)
+    found = store.find_issued_cert(0xABC)
+    assert found is not None and found.user == "alice"
+    assert store.find_issued_cert(0xABD) is None  # only issuing events count
+    assert store_mod.parse_serial("0xAB:C") == 0xABC
+    with pytest.raises(ValueError, match="hex digits"):
+        store_mod.parse_serial("xyz")
+
+
+def test_version_one_file_migrates_with_its_users(db_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store_mod, "MIGRATIONS", MIGRATIONS[:1])
+    with Store.open(db_path) as s:
+        s.add_user("alice", HASH, ["dev"], now=1.0)
+    monkeypatch.undo()
+    with Store.open(db_path) as s:
+        assert _user_version(db_path) == len(MIGRATIONS)
+        assert s.get_user("alice").cert_generation == 0
+        s.lock_user("alice", "x", "admin", now=2.0)
+        assert s.get_user("alice").cert_generation == 1

@@ -1,0 +1,61 @@
+"""The audit cannot be flooded and does not grow for ever: refused logins
+are counted per user, address and minute; `[audit] keep` prunes the store;
+`audit-export` archives it. A cluster of its own (stopping it writes what
+it counted)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+
+import pytest
+
+from gateway.cluster.store import Store
+from tests.integration.harness import PASSWORD, Cluster, wait_for
+from tests.integration.test_tcp_route import _login_from
+
+
+@pytest.fixture
+def own_cluster(tmp_path, echo):
+    c = Cluster(tmp_path, echo, extra_config='\n[audit]\nkeep = "1h"\n')
+    yield c
+    if c.proc.popen.poll() is None:
+        c.stop()
+
+
+def test_repeated_login_refusals_are_one_event_per_user_address_and_minute(own_cluster):
+    cluster = own_cluster
+    cluster.add_user("pat", "dev")
+    for _ in range(5):
+        assert _login_from(cluster, "127.0.0.6", "pat", "a wrong guess!!")[0] == 401
+    for _ in range(30):  # a client that keeps on trying
+        assert _login_from(cluster, "127.0.0.6", "pat", PASSWORD)[0] == 429
+    # The first refusal is on record at once, in full; the rest are counted.
+    first = cluster.audit(user="pat", event="login.rate_limited")
+    assert 1 <= len(first) <= 2 and "repeats" not in first[0] and first[0]["scope"] == "user_and_address"
+    assert cluster.stop() == 0
+    events = cluster.audit(user="pat", event="login.rate_limited")
+    # 30 refusals: one event each minute they spanned, plus a count of the rest.
+    assert len(events) <= 4 and sum(e.get("repeats", 1) for e in events) == 30, events
+    assert all(e["client_host"] == "127.0.0.6" for e in events)
+
+
+def test_keep_prunes_the_store_and_export_archives_it(own_cluster, tmp_path):
+    cluster = own_cluster
+    assert cluster.stop() == 0
+    with Store.open(cluster.state / "wicket.db") as store:
+        store.append_audit("login.ok", "old", {"note": "two hours ago"}, now=time.time() - 7200)
+        store.append_audit("login.ok", "recent", {"note": "a minute ago"}, now=time.time() - 60)
+    archive = tmp_path / "archive.jsonl"
+    r = cluster.admin("audit-export", "--output", str(archive))
+    assert "audit events exported" in r.stderr
+    exported = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert [e["user"] for e in exported if e["event"] == "login.ok"] == ["old", "recent"]
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+    again = cluster.admin("audit-export", "--output", str(archive), check=False)
+    assert again.returncode == 1 and "exists" in again.stderr
+    cluster.start()  # prunes at start
+    wait_for(lambda: not cluster.audit(user="old"), what="the old event to be pruned")
+    assert cluster.audit(user="recent")
+    assert "retention_pruned audit_events=1" in cluster.proc.log()
