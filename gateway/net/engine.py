@@ -128,7 +128,7 @@ from gateway.net import tlskeys
 from gateway.net.tcp import TCP_CLOSE, unacknowledged
 from gateway.net.tls import TLSStream, linger_reset
 
-__all__ = ["ABORT_DRAIN", "PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close"]
+__all__ = ["ABORT_DRAIN", "PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close", "seal"]
 
 log = logging.getLogger(__name__)
 
@@ -866,6 +866,20 @@ class RelayEngine:
                 return dst.tail is None and src.tail is None
         return False
 
+    def read_into(self, src: _End, view: memoryview) -> int:
+        """:meth:`_read`, after the plaintext ``src`` holds in ``carry``
+        (stashed before its close_notify went out): for an owner that needs
+        the bytes in its own buffer (gateway/net/muxlink.py)."""
+        carry = src.carry
+        if carry:
+            n = min(len(carry), len(view))
+            view[:n] = carry[:n]
+            del carry[:n]
+            if not carry:
+                src.carry = None
+            return n
+        return self._read(src, view)
+
     def _read(self, src: _End, view: memoryview) -> int:
         """Read plaintext from ``src`` into ``view``: the count, 0 for EOF,
         -1 if it would block. Raises :class:`_Failure`."""
@@ -967,15 +981,7 @@ class RelayEngine:
         if dst.obj is None:
             self._write(dst, data, copy=True)
             return
-        if dst.records >= dst.rekey_at:
-            rekey(dst)  # right before a write, which sends the KeyUpdate: see tlskeys.rekey
-        try:
-            dst.ssl.write(data)
-        except ssl.SSLError as exc:
-            dst.failed = True
-            raise _Failure(f"{dst.name}: send failed: TLS error: {_ssl_text(exc)}") from None
-        dst.records += (len(data) >> dst.shift) + 1  # tlskeys.records, inline: every message pays it
-        self._write(dst, dst.outgoing.read(), copy=False)
+        self._write(dst, seal(dst, data), copy=False)
 
     def _write(self, dst: _End, data: memoryview | bytes, *, copy: bool) -> None:
         """Write ``data`` to ``dst`` after its tail; keep what the kernel
@@ -1117,6 +1123,20 @@ class RelayEngine:
         if end.carry:
             # That plaintext goes to the other side as soon as it can take it.
             self._again.append(end)
+
+
+def seal(end: _End, data) -> bytes:
+    """Encrypt ``data`` for the TLS ``end``: the records to write to its
+    socket (a key update first when one is due). Raises :class:`_Failure`."""
+    if end.records >= end.rekey_at:
+        rekey(end)  # right before a write, which sends the KeyUpdate: see tlskeys.rekey
+    try:
+        end.ssl.write(data)
+    except ssl.SSLError as exc:
+        end.failed = True
+        raise _Failure(f"{end.name}: send failed: TLS error: {_ssl_text(exc)}") from None
+    end.records += (len(data) >> end.shift) + 1  # tlskeys.records, inline: every message pays it
+    return end.outgoing.read()
 
 
 def rekey(end: _End) -> None:

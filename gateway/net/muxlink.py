@@ -71,8 +71,8 @@ from typing import Callable
 import trio
 
 from gateway.net.engine import (
-    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, rekey,
-    reset_and_close, watch_mask,
+    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly,
+    reset_and_close, seal, watch_mask,
 )
 from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, written
 from gateway.net.tls import TLSStream
@@ -132,7 +132,8 @@ class Stream:
     session)."""
 
     __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
-                 "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent")
+                 "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent",
+                 "tap_in", "flushed", "sealed", "control")
 
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
@@ -156,6 +157,18 @@ class Stream:
         self.retry: Callable[[socket.socket, bytes, bool, str], None] | None = None
         self.opened = 0
         self.sent: bytearray | None = None
+        # Shown every chunk from the connection before it goes to the
+        # socket (the cluster's audit parsers, the gateway's look at a
+        # session's start-up); one that raises resets the stream. The other
+        # direction's tap is the socket end's own (``_End.tap``).
+        self.tap_in: Callable[[bytes], None] | None = None
+        # Set once the socket has taken everything written to it so far
+        # (see :meth:`MuxLink.flushed`).
+        self.flushed: trio.Event | None = None
+        # A TLS socket: plaintext sealed into records that wait in its tail,
+        # acknowledged once they are written.
+        self.sealed = 0
+        self.control = False  # (gateway) a control dial: no session, the REPLY is all
 
 
 class MuxLink:
@@ -206,7 +219,7 @@ class MuxLink:
 
     def start(self, request: DialRequest, sock: socket.socket, counters,
               notify: Callable[["MuxLink", Stream], None], *, reply_timeout: float,
-              context=None, retry: Callable[[socket.socket, bytes, bool, str], None] | None = None,
+              context=None, retry: Callable[[socket.socket | None, bytes, bool, str], None] | None = None,
               early: bytes = b"", early_fin: bool = False) -> Stream:
         """(gateway) Open a stream for ``request`` and relay ``sock`` (a
         connected non-blocking socket, now the link's) on it at once. A
@@ -227,25 +240,8 @@ class MuxLink:
         if retry is not None and (early or early_fin):
             raise ValueError("pass retry or early, not both: a session is started again once at most")
         with self.engine._lock:
-            if self.failed is not None:
-                raise LinkClosed(self.failed)
-            try:
-                sid, frame = self.conn.send_open(request)
-            except LocalProtocolError as exc:  # stream ids used up, after 2**32 - 1 sessions
-                self._fail(str(exc))
-                raise LinkClosed(self.failed) from None
-            self._send_guarded(frame)
-            if self.failed is not None:
-                raise LinkClosed(self.failed)
-            stream = Stream(sid, self.socket_name, notify)
-            stream.context = context
-            if retry is not None:
-                opened = written(self.end.sock)  # the OPEN is in the kernel, or queued behind
-                if opened is not None:
-                    stream.retry, stream.sent = retry, bytearray()
-                    stream.opened = opened + self.engine.backlog(self.end)
-            self.streams[sid] = stream
-            stream.timer = self.engine.call_later(reply_timeout, lambda: self._overdue(stream, reply_timeout))
+            stream = self._open(request, notify, reply_timeout, context, retry)
+            sid = stream.sid
             self._bind(stream, sock, counters)
             if early:  # read from the socket for an OPEN on another link
                 self._send_guarded(self.conn.send_data_header(sid, len(early)) + early)
@@ -257,35 +253,129 @@ class MuxLink:
                 self._run_guarded(stream.end, lambda: self._pump(stream))
         return stream
 
+    def open(self, request: DialRequest, *, reply_timeout: float, context=None,
+             retry: Callable[[socket.socket | None, bytes, bool, str], None] | None = None) -> Stream:
+        """(gateway) Open a stream for ``request`` without a socket yet:
+        await :meth:`reply`, then :meth:`bind` the client's socket (the
+        cluster's first bytes wait until then), or turn the client away in
+        its own protocol. ``retry(None, b"", False, reason)``: as for
+        :meth:`start`. Raises :class:`LinkClosed`."""
+        with self.engine._lock:
+            stream = self._open(request, None, reply_timeout, context, retry)
+            stream.done = trio.Event()
+        return stream
+
+    async def reply(self, stream: Stream) -> DialAccept | DialError | None:
+        """(gateway) The cluster's answer to :meth:`open`; None if the
+        stream ended first (``stream.error`` says why). If cancelled, the
+        stream is reset."""
+        try:
+            if stream.reply is None and not stream.finished:
+                await stream.done.wait()
+        except BaseException:
+            self.cut(stream, "cancelled")
+            raise
+        return stream.reply
+
+    def bind(self, stream: Stream, client: trio.SocketStream | TLSStream, counters, *,
+             tap_in: Callable[[bytes], None] | None = None) -> bool:
+        """(gateway) Relay ``client`` (its socket is the link's now; one of
+        our TLS streams: the link carries its records) on a stream that
+        :meth:`open` started and the cluster accepted; end it with
+        :meth:`wait`. ``tap_in`` sees every chunk of the cluster's bytes
+        before the client does. False if the stream ended meanwhile (the
+        socket is reset then)."""
+        sock, tls = _detach(client)
+        with self.engine._lock:
+            if stream.finished or self.failed is not None:
+                reset_and_close(sock)
+                return False
+            stream.tap_in = tap_in
+            stream.done = None  # now for wait()
+            self._attach(stream, sock, counters, tls, None)
+            if not stream.finished:
+                self._run_guarded(stream.end, lambda: self._pump(stream))
+            return True
+
+    def _open(self, request: DialRequest, notify, reply_timeout: float, context, retry) -> Stream:
+        """(under the lock) Send the OPEN and register the stream, with its
+        REPLY's deadline and what a ``retry`` needs. Raises
+        :class:`LinkClosed`."""
+        if self.failed is not None:
+            raise LinkClosed(self.failed)
+        try:
+            sid, frame = self.conn.send_open(request)
+        except LocalProtocolError as exc:  # stream ids used up, after 2**32 - 1 sessions
+            self._fail(str(exc))
+            raise LinkClosed(self.failed) from None
+        self._send_guarded(frame)
+        if self.failed is not None:
+            raise LinkClosed(self.failed)
+        stream = Stream(sid, self.socket_name, notify)
+        stream.context = context
+        if retry is not None:
+            opened = written(self.end.sock)  # the OPEN is in the kernel, or queued behind
+            if opened is not None:
+                stream.retry, stream.sent = retry, bytearray()
+                stream.opened = opened + self.engine.backlog(self.end)
+        self.streams[sid] = stream
+        stream.timer = self.engine.call_later(reply_timeout, lambda: self._overdue(stream, reply_timeout))
+        return stream
+
     def _overdue(self, stream: Stream, timeout: float) -> None:
         if stream.reply is None and not stream.finished:
             self._finish(stream, f"the cluster did not answer within {timeout:.0f}s", reset=True)
 
-    def accept(self, stream: Stream, reply: DialAccept, sock: trio.SocketStream | socket.socket,
-               counters) -> bool:
-        """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` for
-        it, starting with what the gateway sent early; False if the stream
-        or the link ended meanwhile (``sock`` is reset then)."""
-        raw = sock if isinstance(sock, socket.socket) else _detach(sock)[0]
+    def accept(self, stream: Stream, reply: DialAccept,
+               sock: trio.SocketStream | TLSStream | socket.socket | None,
+               counters, *, first: bytes = b"", taps: tuple[Callable[[bytes], None] | None, ...] = (None, None)
+               ) -> bool:
+        """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` (a
+        socket, or one of our TLS streams: the link carries its records) for
+        it: ``first`` goes to the gateway right behind the REPLY, then what
+        the gateway sent early goes to ``sock``. ``taps``: (shown the
+        gateway's bytes, shown the socket's), as ``relay``'s. False if the
+        stream or the link ended meanwhile (``sock`` is reset then).
+        Without ``sock`` (an upstream that already said no and left:
+        ``first`` is its answer) the stream ends after ``first`` and FIN."""
+        raw, tls = (sock, None) if sock is None or isinstance(sock, socket.socket) else _detach(sock)
         with self.engine._lock:
             if stream.finished or self.failed is not None:
-                reset_and_close(raw)  # the session was cut while it connected
+                if raw is not None:
+                    reset_and_close(raw)  # the session was cut while it connected
                 return False
-            self._bind(stream, raw, counters)
-            self._send_guarded(self.conn.send_reply(stream.sid, reply))
+            frames = self.conn.send_reply(stream.sid, reply)
+            if first:
+                frames += self.conn.send_data(stream.sid, first)
+                counters.b_to_a += len(first)
+            if raw is None:
+                self._send_guarded(frames + self.conn.send_fin(stream.sid))
+                stream.counters = counters
+                self._finish(stream, None, reset=False)
+                return True
+            self._send_guarded(frames)
             if stream.finished:
+                reset_and_close(raw)
                 return False
-            # The stream may send from now on (it could not before its
-            # REPLY): bind's epoll interest predates that.
-            self._update(stream.end)
-            if stream.early:
-                data, stream.early = memoryview(stream.early), None
-                self._unhold(stream, len(data))  # _to_socket holds what the socket does not take
-                self._run_guarded(stream.end, lambda: self._to_socket(stream, [data]))
-            if stream.early_fin and not stream.finished:
-                stream.end.eof_wanted = True
-                self._run_guarded(stream.end, lambda: self._after_write(stream))
+            stream.tap_in = taps[0]
+            self._attach(stream, raw, counters, tls, taps[1])
         return True
+
+    def _attach(self, stream: Stream, raw: socket.socket, counters, tls: tuple | None, tap) -> None:
+        """(under the lock) Bind ``raw`` to an answered stream and hand it
+        what came for it meanwhile (the bytes, the FIN)."""
+        self._bind(stream, raw, counters, tls, tap)
+        if tls is not None:
+            # Bytes may already wait inside the TLS object, not in the kernel.
+            self.engine._again.append(stream.end)
+            self.engine.wake()
+        if stream.early:
+            data, stream.early = memoryview(stream.early), None
+            self._unhold(stream, len(data))  # _to_socket holds what the socket does not take
+            self._run_guarded(stream.end, lambda: self._to_socket(stream, [data]))
+        if stream.early_fin and not stream.finished:
+            stream.end.eof_wanted = True
+            self._run_guarded(stream.end, lambda: self._after_write(stream))
 
     def refuse(self, stream: Stream, error: DialError) -> None:
         """(cluster) Turn the OPEN down."""
@@ -294,6 +384,61 @@ class MuxLink:
                 return
             self._send_guarded(self.conn.send_reply(stream.sid, error))
             self._finish(stream, error.message, reset=False)
+
+    def answer(self, stream: Stream, reply: DialAccept | DialError) -> None:
+        """(cluster) Answer a control OPEN (one that asks for no session: a
+        cancel): the REPLY, and with an accept our FIN, and the stream is
+        over (the gateway's FIN came with its OPEN)."""
+        if isinstance(reply, DialError):
+            self.refuse(stream, reply)
+            return
+        with self.engine._lock:
+            if stream.finished or self.failed is not None:
+                return
+            self._send_guarded(self.conn.send_reply(stream.sid, reply))
+            if self.failed is None:
+                self._send_guarded(self.conn.send_fin(stream.sid))
+            self._finish(stream, None, reset=False)
+
+    async def control(self, request: DialRequest, *, after: Stream | None = None,
+                      timeout: float) -> DialAccept | DialError:
+        """(gateway) A control dial (no session: a cancel) on a stream of its
+        own, and the cluster's answer. ``after``: a session whose bytes the
+        client sent before this must reach the cluster first: what its
+        socket holds is read and sent ahead of the OPEN, and the cluster
+        acts once it has written all of it (:meth:`flushed`). Raises
+        :class:`LinkClosed` (also when no answer came within ``timeout``
+        seconds)."""
+        with self.engine._lock:
+            if self.failed is not None:
+                raise LinkClosed(self.failed)
+            if after is not None and not after.finished and after.end is not None:
+                self._run_guarded(after.end, lambda: self._pump(after))
+            stream = self._open(request, None, timeout, None, None)
+            stream.control = True
+            stream.done = trio.Event()
+            self._send_guarded(self.conn.send_fin(stream.sid))
+            if self.failed is not None:
+                raise LinkClosed(self.failed)
+        try:
+            await stream.done.wait()
+        finally:
+            with self.engine._lock:
+                self._finish(stream, "cancelled", reset=True)  # nothing if it is over
+        if stream.reply is None:
+            raise LinkClosed(stream.error or self.failed or "the stream ended without an answer")
+        return stream.reply
+
+    def flushed(self, stream: Stream) -> trio.Event | None:
+        """(cluster, the engine's thread or under its lock) An event set once
+        ``stream``'s socket has taken every byte that came for it so far, or
+        None if it has (or the stream is over)."""
+        end = stream.end
+        if stream.finished or end is None or (end.tail is None and not stream.early):
+            return None
+        if stream.flushed is None:
+            stream.flushed = trio.Event()
+        return stream.flushed
 
     async def wait(self, stream: Stream) -> str | None:
         """Until the stream is over: its error, or None. If cancelled, the
@@ -333,8 +478,9 @@ class MuxLink:
         thread may ask."""
         return stalled(self.end.sock)
 
-    def _bind(self, stream: Stream, raw: socket.socket, counters) -> None:
-        end = _End(raw, stream.name, None, None)
+    def _bind(self, stream: Stream, raw: socket.socket, counters, tls: tuple | None = None,
+              tap: Callable[[bytes], None] | None = None) -> None:
+        end = _End(raw, stream.name, tls, tap)
         end.owner = self
         end.session = stream  # for the owner: which stream this socket is
         stream.end = end
@@ -552,6 +698,13 @@ class MuxLink:
                 stream.timer = None
             if isinstance(event.reply, DialError):
                 self._finish(stream, event.reply.message, reset=False)
+            elif stream.control:  # the answer is all (see control)
+                self._finish(stream, None, reset=False)
+            elif stream.done is not None:  # opened without a socket: reply() hears of it
+                try:
+                    self.token.run_sync_soon(stream.done.set)
+                except trio.RunFinishedError:
+                    pass
             elif stream.end is not None:
                 # Its window may have been held at EARLY_DATA: read on now.
                 try:
@@ -610,13 +763,20 @@ class MuxLink:
                 want = room
             elif want <= 0:
                 return False
-            try:
-                n = end.sock.recv_into(payload, want)
-            except BlockingIOError:
-                return True
-            except OSError as exc:
-                end.failed = True
-                raise _Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
+            if end.obj is None:
+                try:
+                    n = end.sock.recv_into(payload, want)
+                except BlockingIOError:
+                    return True
+                except OSError as exc:
+                    end.failed = True
+                    raise _Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
+            else:
+                n = engine.read_into(end, payload[:want])  # reading may queue a KeyUpdate answer
+                if n < 0:
+                    return end.tail is None
+            if n and end.tap is not None:
+                _show(end.tap, payload[:n], end.name)
             if not n:
                 end.in_done = True
                 self._send(conn.send_fin(stream.sid))
@@ -640,7 +800,7 @@ class MuxLink:
                 # The socket is empty (the window is not: n < want): epoll
                 # says when there is more. Reading again now would only cost
                 # an EAGAIN, a syscall and a raised exception.
-                return link_end.tail is None
+                return link_end.tail is None and end.tail is None
         return False
 
     def _deliver(self) -> None:
@@ -664,6 +824,15 @@ class MuxLink:
         goes nowhere."""
         end = stream.end
         engine = self.engine
+        if stream.tap_in is not None:
+            for piece in pieces:
+                tap = stream.tap_in  # a tap may let go of the stream midway (the gateway's start-up watch)
+                if tap is None:
+                    break
+                _show(tap, piece, end.name)
+        if end.obj is not None:
+            self._to_tls(stream, pieces)
+            return
         if end.tail is not None:
             # Queued (one copy of the run); acknowledged once written.
             data = b"".join(pieces)
@@ -691,6 +860,30 @@ class MuxLink:
             self._hold(stream, len(rest))
             if not stream.finished:
                 end.tail = memoryview(rest)
+
+    def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
+        """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
+        records at once; what the kernel does not take waits in the tail
+        (held, as ciphertext), and its plaintext is acknowledged once the
+        tail has drained."""
+        end = stream.end
+        n = sum(len(piece) for piece in pieces)
+        records = seal(end, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if end.tail is None:
+            try:
+                rest = self.engine._write_some(end, records)
+            except OSError as exc:
+                end.failed = True
+                raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            if not rest:
+                self._written(stream, n)
+                return
+        else:
+            rest = records
+        stream.sealed += n
+        self._hold(stream, len(rest))
+        if not stream.finished:
+            self.engine._write(end, rest, copy=False)
 
     def _hold(self, stream: Stream, n: int) -> None:
         """Count ``n`` more bytes held for ``stream``'s socket. Past
@@ -735,8 +928,16 @@ class MuxLink:
         except OSError as exc:
             end.failed = True
             raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
-        self._unhold(stream, written)  # every byte of a stream's tail was held
-        self._written(stream, written)
+        # Every byte of a stream's tail was held, but for what reading TLS
+        # made OpenSSL write (a KeyUpdate answer).
+        self._unhold(stream, min(written, stream.held))
+        if end.obj is None:
+            self._written(stream, written)
+        elif end.tail is None and stream.sealed:
+            sealed, stream.sealed = stream.sealed, 0
+            self._written(stream, sealed)
+        if end.tail is None and stream.flushed is not None:
+            self._set_flushed(stream)
         self._after_write(stream)
 
     def _written(self, stream: Stream, n: int) -> None:
@@ -751,17 +952,19 @@ class MuxLink:
             self._send(frame)
 
     def _after_write(self, stream: Stream) -> None:
-        """The peer's FIN becomes ours to the socket once its tail is gone."""
+        """The peer's FIN becomes ours to the socket once its tail is gone
+        (a TLS socket's close_notify first, which may leave a tail of its
+        own: we come back here once that has drained)."""
         end = stream.end
         if end.tail is None and end.eof_wanted and not end.eof_sent:
-            end.eof_sent = True
-            try:
-                end.sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                # ENOTCONN too: the peer reset the connection (perhaps after
-                # its own FIN), and what we sent may not have been read.
-                end.failed = True
-                raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
+            self.engine._send_eof(end)
+
+    def _set_flushed(self, stream: Stream) -> None:
+        event, stream.flushed = stream.flushed, None
+        try:
+            self.token.run_sync_soon(event.set)
+        except trio.RunFinishedError:
+            pass
 
     def _settle(self, stream: Stream) -> None:
         """After anything that may have changed a stream's state: finish it
@@ -782,15 +985,7 @@ class MuxLink:
         if not frame or self.failed is not None:
             return
         end = self.end
-        if end.records >= end.rekey_at:
-            rekey(end)  # right before a write, which sends the KeyUpdate: see tlskeys.rekey
-        try:
-            end.ssl.write(frame)
-        except Exception as exc:
-            end.failed = True
-            raise _Failure(f"{self.name}: send failed: TLS error: {exc}") from None
-        end.records += (len(frame) >> end.shift) + 1  # tlskeys.records, inline: every frame pays it
-        self.engine._write(end, end.outgoing.read(), copy=False)
+        self.engine._write(end, seal(end, frame), copy=False)
         if end.tail is not None and not end.mask & _OUT:
             # Also when trio's thread sent this (an OPEN, a REPLY, a RESET):
             # the engine must hear when the socket can take the rest.
@@ -857,8 +1052,13 @@ class MuxLink:
                 end.owner = end.session = None
                 end.tail = None
                 end.more = []
+            # A TLS socket's state is freed now, by reference counting.
+            end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
+            end.carry = end.tap = None
             stream.end = None
-        stream.early = stream.retry = stream.sent = None
+        stream.early = stream.retry = stream.sent = stream.tap_in = None
+        if stream.flushed is not None:
+            self._set_flushed(stream)
         if stream.held:
             self._unhold(stream, stream.held)
         if stream.timer is not None:
@@ -885,18 +1085,25 @@ class MuxLink:
             stream.timer.cancel()
             stream.timer = None
         end, stream.end = stream.end, None
-        self.blocked.pop(end, None)
-        self.engine.forget(end)
-        end.owner = end.session = None
+        if end is not None:
+            self.blocked.pop(end, None)
+            self.engine.forget(end)
+            end.owner = end.session = None
         retry, early = stream.retry, bytes(stream.sent)
         stream.retry = stream.sent = None
         if stream.held:
             self._unhold(stream, stream.held)
+        if stream.done is not None:  # opened without a socket: reply() hears of it
+            try:
+                self.token.run_sync_soon(stream.done.set)
+            except trio.RunFinishedError:
+                pass
         try:
-            retry(end.sock, early, end.in_done, reason)
+            retry(None if end is None else end.sock, early, end is not None and end.in_done, reason)
         except Exception:
             log.exception("mux_retry_failed link=%s", self.name)
-            reset_and_close(end.sock)
+            if end is not None:
+                reset_and_close(end.sock)
 
     def _fail(self, reason: str, *, drain: bool = True) -> None:
         """End the link: every stream, then the connection. ``drain``: the
@@ -952,6 +1159,15 @@ def _close_notify_nowait(end: _End) -> None:
                 break
     except OSError:
         pass
+
+
+def _show(tap: Callable[[bytes], None], data: memoryview, name: str) -> None:
+    """Show ``data`` to a tap; what it refuses (an audit parser that cannot
+    parse it) must not pass: the stream is reset."""
+    try:
+        tap(bytes(data))
+    except Exception as exc:
+        raise _Failure(f"{name}: {exc}") from None
 
 
 def _unsent(pieces: list[memoryview], sent: int) -> bytes:
