@@ -387,8 +387,6 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopbac
     """Serve PostgreSQL resource NAME on a local port: no password asked,
     the cluster logs in upstream as the db user."""
     from gateway import logs
-    from gateway import kinds
-    from gateway.local.dialer import Dialer
     from gateway.local.localtls import local_server_context
     from gateway.local.pg import PostgresProxy
 
@@ -397,7 +395,7 @@ def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopbac
     profile = _load_profile()
     identity = _fresh_identity(profile)
     tls_context, ca_path = (local_server_context(profile.home) if local_tls else (None, None))
-    pg = PostgresProxy(Dialer(profile, kinds.POSTGRES.alpn), name, db_user=db_user, db_name=db_name,
+    pg = PostgresProxy(profile, name, db_user=db_user, db_name=db_name,
                        tls_context=tls_context, wait_for_cluster=wait_for_cluster)
 
     def try_line(host: str, p: int) -> str:

@@ -48,7 +48,7 @@ from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
-from gateway.net.engine import engine, reset_and_close
+from gateway.net.engine import eligible, engine, reset_and_close
 from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay, reset_on_close
 from gateway.net.tcp import keep_alive
@@ -109,6 +109,12 @@ class RouteKind(Protocol):
                       identity: pki.Identity) -> str | None:
         """Handle a control dial (no session: e.g. a PostgreSQL cancel).
         Return None if ``request`` is an ordinary dial, else an audit reason."""
+
+    def acts_on(self, cluster: Cluster, request: DialRequest) -> LiveSession | None:
+        """The live session a control dial acts on (a cancel's), if any: on
+        a multiplexed connection it is decided only once every byte that
+        came for that session before it has reached the upstream. Called
+        in the relay engine's thread: blocks on nothing."""
 
 
 def unreachable(resource: Resource, why: str) -> Refused:
@@ -188,6 +194,9 @@ class TcpKind:
     async def control(self, cluster, resource, request, identity) -> str | None:
         return None
 
+    def acts_on(self, cluster, request) -> LiveSession | None:
+        return None
+
 
 TCP = TcpKind()
 
@@ -246,7 +255,12 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
 
 async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -> None:
     """Serve a multiplexed connection (protocols/mux.py): each stream is a
-    tcp-route dial, decided and audited exactly as on its own connection."""
+    dial for a resource of any kind (gateway/kinds.py), decided and audited
+    exactly as on its own connection. A tcp stream is started in the relay
+    engine's thread when it can be (:func:`_start_in_engine`); the others go
+    through trio (the kind's ``open``: PostgreSQL's TLS and login), then the
+    engine relays them."""
+    routes = {name: kind.route() for name, kind in kinds.KINDS.items()}
     cert = stream.getpeercert(binary_form=True)
     # The connection lives as long as the identity it was opened with. One
     # without a valid identity lives only long enough to answer its first
@@ -265,13 +279,13 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     token = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
 
-        def in_trio(link: MuxLink, st: Stream, request: DialRequest) -> None:
+        def in_trio(link: MuxLink, st: Stream, request: DialRequest, after: trio.Event | None) -> None:
             if link.failed is None:
-                nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr)
+                nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after)
 
         def on_open(link: MuxLink, st: Stream, request: DialRequest) -> None:  # the engine's thread
             if not _start_in_engine(cluster, link, st, request, cert, client_addr):
-                token.run_sync_soon(in_trio, link, st, request)
+                token.run_sync_soon(in_trio, link, st, request, _after(cluster, link, request, routes))
 
         link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
                        on_open=on_open, max_streams=max_streams)
@@ -290,20 +304,46 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
 
 
+def _after(cluster: Cluster, link: MuxLink, request: DialRequest,
+           routes: Mapping[str, RouteKind]) -> trio.Event | None:
+    """(the engine's thread) For a control dial that acts on a session of
+    this connection (a cancel): set once the bytes that came for it before
+    this OPEN have been written to its upstream (``MuxLink.flushed``), so
+    the control cannot overtake them. None: nothing to wait for."""
+    for kind in routes.values():
+        session = kind.acts_on(cluster, request)
+        if session is not None:
+            on = session.extra.get("stream")
+            if on is not None and on[0] is link:
+                return link.flushed(on[1])
+    return None
+
+
 async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest,
-                       cert: bytes | None, client_addr: str) -> None:
+                       cert: bytes | None, client_addr: str, routes: Mapping[str, RouteKind],
+                       after: trio.Event | None = None) -> None:
     try:
         async with cluster.connection_slots:
-            outcome = await _decide(cluster, cert, request, TCP, client_addr)
-            if isinstance(outcome, DialAccept):  # a control dial: none exist for tcp
-                outcome = DialError(code=ErrorCode.BAD_REQUEST, message="no control dials on this route")
-            if isinstance(outcome, DialError):
-                link.refuse(st, outcome)
+            if after is not None:
+                with trio.move_on_after(DIAL_TIMEOUT):
+                    await after.wait()
+            resource = (await cluster.snapshot()).resources.get(request.resource)
+            # A resource of a kind this route does not carry is refused by
+            # the checks, as being of another kind than tcp.
+            kind = routes.get(resource.kind, TCP) if resource is not None else TCP
+            outcome = await _decide(cluster, cert, request, kind, client_addr)
+            if not isinstance(outcome, tuple):  # a refusal, or a control dial's answer
+                link.answer(st, outcome)
                 return
             session, opened, identity = outcome
+            session.extra["stream"] = (link, st)
+            # An upstream that refused the login and left cannot be handed
+            # over: its answer (``first_bytes``) is all there is to relay.
+            upstream = opened.upstream if eligible(opened.upstream) else None
 
             async def run(counters: RelayCounters) -> str | None:
-                if not link.accept(st, DialAccept(session_id=session.id), opened.upstream, counters):
+                if not link.accept(st, DialAccept(session_id=session.id), upstream, counters,
+                                   first=opened.first_bytes, taps=(opened.tap_client, opened.tap_server)):
                     return st.error or "the gateway ended the stream before it started"
                 return await link.wait(st)
 
@@ -436,6 +476,9 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     snap = cluster.fresh_snapshot()
     if snap is None:
         return False
+    resource = snap.resources.get(request.resource)
+    if resource is not None and resource.kind != TCP.kind:
+        return False  # its kind's open is trio's
     audit = _DialAudit.of(request, TCP, client_addr)
     try:
         _identity, resource, _params, decision = _authorize(cluster, snap, cert, request, TCP, audit)

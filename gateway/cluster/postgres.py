@@ -28,6 +28,7 @@ the upstream backend's real key, which never leaves the cluster.
 from __future__ import annotations
 
 import logging
+import secrets
 import ssl
 from typing import Any
 
@@ -132,6 +133,10 @@ class PostgresKind:
                 raise Refused(ErrorCode.UPSTREAM_UNREACHABLE, f"sending the cancel failed: {exc}") from None
         return f"cancel of session {session_id}"
 
+    def acts_on(self, cluster: Cluster, request: DialRequest) -> LiveSession | None:
+        session = cluster.sessions.get(request.params.get(PARAM_CANCEL, ""))
+        return session if session is not None and session.kind == self.kind else None
+
     # -- sessions ----------------------------------------------------------------
 
     async def open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
@@ -193,9 +198,14 @@ class PostgresKind:
         session.extra["backend_key"] = ready.backend_key
         trailing, _ = login.trailing_data
         auditor = SessionAuditor(cluster, session)
-        # The backend's real cancel key stays here: the gateway gets a blank
-        # one (and hands its client a key of its own).
-        client_bytes = StartupRelay(_BLANK_KEY).feed(ready.client_bytes)
+        # The backend's real secret stays here: the client gets the real
+        # process id (what pg_backend_pid() says, as NOTIFY's sender and
+        # pools expect) with a secret of our own, which only its gateway
+        # checks before it asks us to cancel.
+        real = ready.backend_key
+        client_key = _BLANK_KEY if real is None else BackendKeyData(process_id=real.process_id,
+                                                                    secret_key=secrets.token_bytes(4))
+        client_bytes = StartupRelay(client_key).feed(ready.client_bytes)
         return Opened(upstream=stream, first_bytes=client_bytes + trailing,
                       tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
                       details={"db_user": db_user, "db_name": db_name, "auth": ready.method.value})

@@ -92,8 +92,6 @@ def run_demo(state: Path, port: int) -> None:
     children: list[subprocess.Popen] = []
 
     async def main() -> None:
-        from gateway import kinds
-        from gateway.local.dialer import Dialer
         from gateway.local.pg import PostgresProxy
         from gateway.local.pgserver import PgServer
         from gateway.local.profile import Profile
@@ -143,7 +141,7 @@ def run_demo(state: Path, port: int) -> None:
                 )
                 os.environ["WICKET_HOME"] = str(home)
                 profile = Profile.load(home)
-                db = PostgresProxy(Dialer(profile, kinds.POSTGRES.alpn), "demo-pg")
+                db = PostgresProxy(profile, "demo-pg")
                 host, db_port = (await nursery.start(_listen, db.handle, port))[:2]
                 echo = TcpProxy(profile, "demo-echo")
                 _, echo_local = (await nursery.start(_listen, echo, 0))[:2]

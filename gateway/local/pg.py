@@ -6,34 +6,43 @@ Per client connection:
    with the gateway's local CA under ``--local-tls``), GSSENCRequest ``N``,
    a CancelRequest routed (below), then the StartupMessage gives the db user
    and database (``--db-user`` / ``--db-name`` override them when given);
-2. we dial the cluster on the ``wicket-postgres`` route with those as
-   parameters; a refusal becomes a FATAL ErrorResponse with a fitting
-   SQLSTATE and a hint saying what to do, which psql and every driver print;
+2. we open a stream on the gateway's multiplexed connection to the cluster
+   (``wicket-mux``, as ``wicket proxy tcp`` does: no TLS handshake per
+   client) with those as the dial's parameters, waiting out a cluster that
+   cannot be reached for a while (:class:`WaitRoom`); a refusal becomes a
+   FATAL ErrorResponse with a fitting SQLSTATE and a hint saying what to
+   do, which psql and every driver print;
 3. the cluster logs in upstream and sends the server's AuthenticationOk ...
-   ReadyForQuery; we pass it on with BackendKeyData swapped for a key we
-   made, then relay bytes both ways untouched.
+   ReadyForQuery on the stream; the relay engine carries it to the client,
+   untouched, and every byte after it both ways. A look at those first
+   bytes (in the engine's thread) notes the cancel key the client got.
 
-Cancel: the client quotes our key on a new connection; if it matches a live
-session of this gateway (constant-time compare), we send a control dial
-naming the cluster session, and the cluster, after checking the session is
-this user's, cancels upstream with the real key. A key this gateway did not
-hand out cancels nothing.
+Cancel: the key the client gets is the server's real process id (what
+``pg_backend_pid()`` says) with a secret the cluster made up; the real
+secret never leaves the cluster. A client quotes the key on a new
+connection; if it matches a live session of this gateway (process id, then
+the secret in constant time), we send a control dial naming the cluster
+session on the same multiplexed connection, right behind what the client
+sent on that session (:meth:`MuxLink.control`), and the cluster, after
+checking the session is this user's and writing those bytes upstream,
+cancels with the real key. So a cancel never overtakes its query. A key
+this gateway did not hand out cancels nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import ssl
 
 import trio
 
 from gateway.local.connect import ClusterError
-from gateway.local.dialer import Dialer, DialRefused
+from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
+from gateway.local.profile import Profile, ProfileError
 from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
-from gateway.local.profile import ProfileError
 from gateway.local.proxy import NEXT_STEP, peer_addr
-from gateway.net.relay import relay
+from gateway.net.muxlink import LinkClosed, MuxLink, Stream
+from gateway.net.relay import RelayCounters
 from gateway.net.tcp import peer_left
 from gateway.net.tls import TLSStream
 from protocols.dial import DialError, DialRequest
@@ -53,16 +62,16 @@ _BY_CODE = object()  # _refuse's default hint: the next step for the error's cod
 
 
 class PostgresProxy:
-    def __init__(self, dialer: Dialer, resource: str, *, db_user: str | None = None,
+    def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
                  db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
                  wait_for_cluster: float = RIDE_OUT) -> None:
-        self.dialer = dialer
+        self.dialer = MuxDialer(profile)
         self.resource = resource
         self.room = WaitRoom(resource, wait_for_cluster)
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
-        # Our cancel key -> the cluster session it stands for.
-        self._keys: dict[int, tuple[BackendKeyData, str]] = {}
+        # The key a client got (its process id) -> its session, for a cancel.
+        self._keys: dict[int, _Session] = {}
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         client_addr = peer_addr(tcp)
@@ -149,20 +158,15 @@ class PostgresProxy:
 
     async def _session(self, client, client_addr: str, startup: StartupMessage, early: bytes, sock) -> None:
         params = self._params(startup)
+        request = DialRequest(resource=self.resource, params=params, client_addr=client_addr)
         try:
             self.dialer.check_fresh()
-            request = DialRequest(resource=self.resource, params=params, client_addr=client_addr)
-            # A client waits for its answer in silence: its FIN means it left.
-            dialed = await self.room.ride_out(lambda: self.dialer.dial(request), self.room.deadline(),
-                                              client_addr, lambda: peer_left(sock, eof=True))
+            link, stream = await self._open(request, client_addr, sock)
         except ClientGone:
             log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
             return
         except ProfileError as exc:
             await self._refuse(client, client_addr, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
-            return
-        except DialRefused as exc:
-            await self._refuse(client, client_addr, exc.error)
             return
         except (ClusterError, trio.TooSlowError) as exc:
             message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
@@ -174,44 +178,68 @@ class PostgresProxy:
                                hint="check that the Wicket cluster is running and reachable from this machine"
                                if unreachable else None)
             return
-        key = BackendKeyData(process_id=secrets.randbelow(2**31 - 1) + 1, secret_key=secrets.token_bytes(4))
-        session_id = dialed.accept.session_id
-        self._keys[key.process_id] = (key, session_id)
+        if isinstance(stream.reply, DialError):
+            await self._refuse(client, client_addr, stream.reply)
+            return
+        session = _Session(self, link, stream, client_addr, params)
+        counters = RelayCounters()
         try:
-            async with dialed.stream:
-                relay_startup = StartupRelay(key)
-                out = early + relay_startup.feed(dialed.trailing)
-                with trio.fail_after(STARTUP_TIMEOUT):
-                    while not relay_startup.done:
-                        if out:
-                            await client.send_all(out)
-                        data = await dialed.stream.receive_some(READ)
-                        if not data:
-                            break
-                        out = relay_startup.feed(data)
-                    if out:
-                        await client.send_all(out)
-                if not relay_startup.done:
-                    err = relay_startup.error
-                    log.info("pg_login_refused resource=%s client=%s db_user=%s sqlstate=%s message=%r",
-                             self.resource, client_addr, params["db_user"],
-                             err.fields.get("C") if err else None, err.fields.get("M") if err else None)
-                    return
-                log.info("pg_session_start resource=%s client=%s db_user=%s db_name=%s session=%s",
-                         self.resource, client_addr, params["db_user"], params["db_name"], session_id)
-                stats = await relay(client, dialed.stream, names=("client", "cluster"))
-                log.info("pg_session_end resource=%s client=%s session=%s sent=%d received=%d%s",
-                         self.resource, client_addr, session_id, stats.a_to_b, stats.b_to_a,
-                         f" error={stats.error!r}" if stats.error else "")
-        except ProtocolError as exc:
-            log.warning("pg_session_broken resource=%s client=%s error=%s", self.resource, client_addr, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("pg_session_broken resource=%s client=%s error=%s", self.resource, client_addr, exc)
-        except trio.TooSlowError:
-            log.warning("pg_startup_timeout resource=%s client=%s session=%s", self.resource, client_addr,
-                        session_id)
+            if early:  # NegotiateProtocolVersion, before the server's first byte
+                await client.send_all(early)
+            if not link.bind(stream, client, counters, tap_in=session.watch):
+                return
+            error = await link.wait(stream)
+        except BaseException:
+            link.cut(stream, "cancelled")
+            raise
         finally:
-            self._keys.pop(key.process_id, None)
+            session.forget()
+            self.dialer.release(link)
+        if not session.started:
+            err = session.startup.error
+            log.info("pg_login_refused resource=%s client=%s db_user=%s sqlstate=%s message=%r error=%r",
+                     self.resource, client_addr, params["db_user"], err.fields.get("C") if err else None,
+                     err.fields.get("M") if err else None, error)
+            return
+        log.info("pg_session_end resource=%s client=%s session=%s sent=%d received=%d%s",
+                 self.resource, client_addr, session.id, counters.a_to_b, counters.b_to_a,
+                 f" error={error!r}" if error else "")
+
+    async def _open(self, request: DialRequest, client_addr: str, sock) -> tuple[MuxLink, Stream]:
+        """A stream for ``request`` and the cluster's answer (in
+        ``stream.reply``), on the connection to the cluster, waiting for one
+        if need be; once more on a new connection if the first died before
+        the cluster could have seen the OPEN. Raises ClusterError,
+        ClientGone, ProfileError."""
+        deadline = self.room.deadline()
+        closed = 0
+        retried = False
+        while True:
+            # A client waits for its answer in silence: its FIN means it left.
+            link = await self.room.ride_out(self.dialer.link, deadline, client_addr,
+                                            lambda: peer_left(sock, eof=True))
+            given_back: list[str] = []  # the connection died before the cluster saw the OPEN: why
+            try:
+                stream = link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr,
+                                   retry=None if retried else lambda _s, _e, _f, why: given_back.append(why))
+            except LinkClosed:
+                closed += 1
+                if closed > 1:
+                    raise ClusterError("unreachable", f"the connection to the cluster failed ({link.failed}); "
+                                       f"is `wicket-cluster start` still running?") from None
+                continue
+            if await link.reply(stream) is not None:
+                return link, stream
+            if given_back:
+                log.info("session_retry resource=%s client=%s reason=%r", self.resource, client_addr,
+                         f"the connection to the cluster failed before the cluster saw this session "
+                         f"({given_back[0]}); starting it on a new connection")
+                retried = True
+                continue
+            error = stream.error or "the session ended before the cluster answered"
+            if link.failed is not None:
+                error += "; is `wicket-cluster start` still running?"
+            raise ClusterError("unreachable", error)
 
     async def _refuse(self, client, client_addr: str, error: DialError, *,
                       hint: str | None | object = _BY_CODE) -> None:
@@ -225,23 +253,54 @@ class PostgresProxy:
         await _send_and_close(client, error_response_for(error, hint=hint).encode())
 
     async def _cancel(self, cancel: CancelRequest, client_addr: str) -> None:
-        entry = self._keys.get(cancel.process_id)
-        if entry is None or not entry[0].matches(cancel):
+        session = self._keys.get(cancel.process_id)
+        if session is None or not session.key.matches(cancel):
             log.info("pg_cancel_ignored client=%s reason=unknown key", client_addr)
             return
-        session_id = entry[1]
+        request = DialRequest(resource=self.resource, params={"cancel": session.id}, client_addr=client_addr)
         try:
-            dialed = await self.dialer.dial(DialRequest(resource=self.resource, params={"cancel": session_id},
-                                                        client_addr=client_addr))
-            await dialed.stream.aclose()
-        except DialRefused as exc:
-            log.warning("pg_cancel_refused session=%s code=%s message=%r", session_id,
-                        exc.error.code.value, exc.error.message)
+            reply = await session.link.control(request, after=session.stream, timeout=DIAL_TIMEOUT)
+        except LinkClosed as exc:
+            log.warning("pg_cancel_failed session=%s error=%s", session.id, exc)
             return
-        except (ClusterError, ProfileError, trio.TooSlowError) as exc:
-            log.warning("pg_cancel_failed session=%s error=%s", session_id, exc)
+        if isinstance(reply, DialError):
+            log.warning("pg_cancel_refused session=%s code=%s message=%r", session.id,
+                        reply.code.value, reply.message)
             return
-        log.info("pg_cancel_sent client=%s session=%s", client_addr, session_id)
+        log.info("pg_cancel_sent client=%s session=%s", client_addr, session.id)
+
+
+class _Session:
+    """A session on its way: what the gateway sees of the cluster's first
+    bytes (:meth:`watch`, a tap in the relay engine's thread, until
+    ReadyForQuery), the cancel key the client got, and where to send a
+    cancel."""
+
+    def __init__(self, proxy: PostgresProxy, link: MuxLink, stream: Stream, client_addr: str,
+                 params: dict[str, str]) -> None:
+        self.proxy, self.link, self.stream = proxy, link, stream
+        self.id = stream.reply.session_id
+        self.client_addr, self.params = client_addr, params
+        self.startup = StartupRelay(None)  # passes the bytes on untouched; notes the key and an error
+        self.key: BackendKeyData | None = None
+        self.started = False
+
+    def watch(self, data: bytes) -> None:
+        startup = self.startup
+        startup.feed(data)
+        if self.key is None and startup.upstream_key is not None:
+            self.key = startup.upstream_key
+            self.proxy._keys[self.key.process_id] = self
+        if startup.done:
+            self.started = True
+            self.stream.tap_in = None  # the rest is the session's: not looked at
+            p = self.params
+            log.info("pg_session_start resource=%s client=%s db_user=%s db_name=%s session=%s",
+                     self.proxy.resource, self.client_addr, p["db_user"], p["db_name"], self.id)
+
+    def forget(self) -> None:
+        if self.key is not None and self.proxy._keys.get(self.key.process_id) is self:
+            del self.proxy._keys[self.key.process_id]
 
 
 async def _send_and_close(stream: trio.abc.HalfCloseableStream, data: bytes) -> None:

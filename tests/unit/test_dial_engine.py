@@ -35,7 +35,7 @@ class StandIn:
     engine_connects: set = attrs.Factory(set)
 
     def fresh_snapshot(self):
-        return object()
+        return types.SimpleNamespace(resources={})  # the checks are stubbed; no resource of another kind
 
     def new_session(self, user, resource, kind) -> LiveSession:
         session = LiveSession(id=f"s{len(self.events)}", user=user, resource=resource, kind=kind,
