@@ -413,7 +413,7 @@ class MuxLink:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
             if after is not None and not after.finished and after.end is not None:
-                self._run_guarded(after.end, lambda: self._pump(after))
+                self._run_guarded(after.end, lambda: self._pump(after, urgent=True))
             stream = self._open(request, None, timeout, None, None)
             stream.control = True
             stream.done = trio.Event()
@@ -741,12 +741,14 @@ class MuxLink:
         self._settle(stream)
         self._update_link()
 
-    def _pump(self, stream: Stream) -> bool:
+    def _pump(self, stream: Stream, urgent: bool = False) -> bool:
         """socket -> connection, within the window and the budget. Each read
         lands right behind room for its DATA header, so the frame is
         encrypted straight from the read buffer, never copied. True if it
         stopped only because the socket was empty, with the window open and
-        the connection's socket taking everything (nothing to settle)."""
+        the connection's socket taking everything (nothing to settle).
+        ``urgent``: read even while the connection's socket is backed up
+        (what must go before a control frame; still within the window)."""
         end = stream.end
         conn, link_end = self.conn, self.end
         engine = self.engine
@@ -755,7 +757,7 @@ class MuxLink:
         gateway = self.gateway
         sid = stream.sid
         while not end.in_done:
-            if link_end.tail is not None:
+            if link_end.tail is not None and not urgent:
                 self.blocked[end] = None
                 return False
             want = conn.send_window(sid)

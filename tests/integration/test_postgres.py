@@ -186,6 +186,18 @@ def test_psycopg_queries_and_listen_notify(pg_port):
         assert (note.channel, note.payload) == ("wicket_channel", "hello")
 
 
+def test_the_client_gets_the_real_backend_pid(pg_port):
+    """PQbackendPID is the server's process id (NOTIFY's self-filtering,
+    pg_terminate_backend of one's own backend and pools rely on it); only
+    the cancel secret is the cluster's own."""
+    with psycopg.connect(dsn(pg_port), autocommit=True) as conn:
+        assert conn.info.backend_pid == conn.execute("select pg_backend_pid()").fetchone()[0]
+        conn.execute("listen own")
+        conn.execute("notify own, 'me'")
+        note = next(conn.notifies(timeout=30, stop_after=1))
+        assert note.pid == conn.info.backend_pid
+
+
 def test_psycopg_cancel(pg_port):
     with psycopg.connect(dsn(pg_port)) as conn:
         t = threading.Timer(0.5, conn.cancel)
@@ -590,3 +602,88 @@ def test_extended_protocol_execution_is_audited_once(pg_env, gw, pg_port):
                                   user=gw.user, event="pg.execute")
     run = next(e for e in executes if e["statement"] == statement)
     assert run["param_count"] == 1
+
+
+
+class SlowServer:
+    """Just enough of a PostgreSQL server to log in (trust) and take one
+    query, read slowly (64 KiB every 10 ms) so that the relays hold the rest
+    of it; and a CancelRequest, noting how much of the query had arrived
+    (read, or waiting in the socket) when the cancel came."""
+
+    PID, SECRET = 4242, b"s3cr"
+
+    def __init__(self, query_size: int) -> None:
+        self.query_size = query_size
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.received = 0
+        self.at_cancel: list[tuple[int, bool]] = []  # (query bytes by then, key right)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        from protocols.postgres import AuthenticationOk, BackendKeyData, ReadyForQuery
+
+        session, _ = self.listener.accept()
+        startup_len = int.from_bytes(session.recv(4, socket.MSG_WAITALL), "big")
+        session.recv(startup_len - 4, socket.MSG_WAITALL)
+        session.sendall(AuthenticationOk().encode() + BackendKeyData(process_id=self.PID, secret_key=self.SECRET)
+                        .encode() + ReadyForQuery(status="I").encode())
+        self.listener.settimeout(0.01)
+        deadline = time.monotonic() + 60
+        while self.received < self.query_size + 5 and time.monotonic() < deadline:
+            with self.lock:
+                data = session.recv(65536)
+                if not data:
+                    break
+                self.received += len(data)
+            try:
+                cancel, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with self.lock:
+                session.setblocking(False)
+                try:  # what had arrived when the cancel came: read, and in the socket
+                    while data := session.recv(1 << 20):
+                        self.received += len(data)
+                except BlockingIOError:
+                    pass
+                session.setblocking(True)
+            packet = cancel.recv(16, socket.MSG_WAITALL)
+            self.at_cancel.append((self.received, packet[8:] == self.PID.to_bytes(4, "big") + self.SECRET))
+            cancel.close()
+        session.close()
+
+
+def test_a_cancel_waits_for_the_query_it_follows(pg_env, gw):
+    """A cancel sent right after its query reaches the server only once every
+    byte of the query has been written to the server's socket, however slowly
+    the server reads: the gateway sends it behind the session's bytes, and the
+    cluster waits until they are written. The client gets the server's real
+    process id; the secret it quotes is not the server's, yet the server
+    gets the real one."""
+    from protocols.postgres import CancelRequest, StartupMessage, StartupRelay
+
+    cluster, _ = pg_env
+    query = b"select 1 -- " + b"x" * (1536 * 1024)
+    server = SlowServer(len(query) + 1)
+    cluster.admin("resources", "add", "pg-slow", "--kind", "postgres", "--address", server.address,
+                  "--tls", "disable", "--auth", "password", "--password-ref", "app=env:WICKET_TEST_PG_PW")
+    _, port = gw.proxy("db", "pg-slow")
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(StartupMessage(parameters={"user": "app", "database": "app"}).encode())
+        startup = StartupRelay(None)
+        client.settimeout(30)
+        while not startup.done:
+            startup.feed(client.recv(65536))
+        key = startup.upstream_key
+        assert key.process_id == SlowServer.PID and key.secret_key != SlowServer.SECRET
+        client.sendall(b"Q" + (len(query) + 5).to_bytes(4, "big") + query + b"\0")  # written: in the kernel
+        with socket.create_connection(("127.0.0.1", port)) as cancel:
+            cancel.sendall(CancelRequest(process_id=key.process_id, secret_key=key.secret_key).encode())
+            cancel.settimeout(30)
+            assert cancel.recv(1) == b""  # the gateway closes once the cluster answered
+        server.thread.join(60)
+    assert server.at_cancel == [(len(query) + 6, True)]
