@@ -1,4 +1,5 @@
-"""The cluster as PostgreSQL's front door (route ``wicket-postgres``).
+"""The cluster as PostgreSQL's front door (a stream of ``wicket-mux``, or
+the ``wicket-postgres`` route that older gateways dial).
 
 The cluster logs in to the real server *as the requested db user*, with
 credentials the client never sees:
@@ -12,9 +13,10 @@ credentials the client never sees:
   md5, with the secret from the cluster's environment or a file.
 
 The gateway then receives the server's AuthenticationOk ... ReadyForQuery
-as the first bytes behind the dial accept. If the server refuses (wrong
-database, pg_hba), its own ErrorResponse goes to the client verbatim, so
-psql prints the server's message and SQLSTATE.
+as the first bytes behind the dial accept, with BackendKeyData's secret
+replaced by one made for the session (the process id is the server's).
+If the server refuses (wrong database, pg_hba), its own ErrorResponse goes
+to the client verbatim, so psql prints the server's message and SQLSTATE.
 
 Every statement is audited from a copy of the relayed bytes: simple Query,
 Parse (statement text), Bind (parameter count; values only if configured),
@@ -22,7 +24,9 @@ Execute, COPY direction and size, and the server's errors.
 
 A cancel arrives as a control dial naming the session: only the user who
 owns that session may cancel it, and the cluster sends the CancelRequest with
-the upstream backend's real key, which never leaves the cluster.
+the upstream backend's real key, which never leaves the cluster. On the
+multiplexed connection it waits until the bytes that came for the session
+before it are written upstream (``acts_on``; gateway/cluster/dial.py).
 """
 
 from __future__ import annotations

@@ -58,6 +58,25 @@ lock), or, without one, to :meth:`MuxLink.wait` in trio, which returns the
 error that ended the stream, or ``None`` after a clean end. All the public
 methods may be called from trio's thread or from a callback in the engine's
 thread (the engine's lock is re-entrant).
+
+A stream's socket may speak TLS (a PostgreSQL server with ``tls =
+require``, a client of ``--local-tls``): its end then carries the
+SSLObject, and the link reads and writes plaintext through the engine's
+TLS code (``read_into``, ``seal``, ``_send_eof``), the same that serves the
+link's own connection. What the kernel does not take of the records is the
+tail, held as ciphertext; its plaintext is acknowledged once it drained.
+Taps (the cluster's audit parsers; the gateway's look at a PostgreSQL
+session's first bytes) see each direction's plaintext before it moves on;
+one that raises resets the stream.
+
+Where the gateway must answer a refusal in the client's own protocol, it
+:meth:`MuxLink.open` s a stream without a socket, awaits :meth:`MuxLink.reply`,
+then :meth:`MuxLink.bind` s the client's socket (the cluster's first bytes
+wait in ``early`` meanwhile, as the gateway's do on the cluster). A control
+dial (a cancel) is a stream without a socket whose REPLY is all
+(:meth:`MuxLink.control`); it goes behind what the client had sent on the
+session it acts on, and :meth:`MuxLink.flushed` lets the cluster wait until
+that has been written to the session's socket.
 """
 
 from __future__ import annotations
