@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
+from benchmarks.procstat import thread_cpu
 from gateway.local.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +41,40 @@ WORKLOADS = {"select": ["-S", "-c", "4", "-j", "2"], "connect": ["-S", "-C", "-c
 _PW_ENV = "WICKET_BENCH_PG_PASSWORD"
 
 
-def _pgbench(port: int, user: str, args: list[str], seconds: int) -> float:
+def _pgbench(port: int, user: str, args: list[str], seconds: int) -> tuple[float, int]:
+    """(TPS, transactions)."""
     env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": user, "PGDATABASE": "bench"}
     r = subprocess.run(["pgbench", "-n", "-T", str(seconds), *args], capture_output=True, text=True,
                        env=env, timeout=seconds + 120)
     if r.returncode != 0:
         raise RuntimeError(f"pgbench {' '.join(args)} on port {port} failed: {r.stderr.strip()[-500:]}")
     m = re.search(r"tps = ([\d.]+)", r.stdout)
-    if not m:
+    n = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
+    if not m or not n:
         raise RuntimeError(f"no tps in pgbench output:\n{r.stdout}")
-    return float(m.group(1))
+    return float(m.group(1)), int(n.group(1))
+
+
+def _cpu(wicket) -> dict[str, dict[str, float]]:
+    """CPU seconds so far of a Wicket pair's processes, per thread name."""
+    return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": thread_cpu(wicket.cluster.pid)}
+
+
+def _cpu_table(cpu: dict[str, dict[str, dict[str, float]]], txns: dict[str, int]) -> list[str]:
+    """Rows: µs of CPU per -S transaction, per process and thread."""
+    rows = ["", "| CPU per -S transaction, µs (all rounds) | thread | " + " | ".join(cpu) + " |",
+            "|---|---|" + "---:|" * len(cpu)]
+    for proc in ("gateway", "cluster"):
+        names = sorted({t for path in cpu.values() for t in path[proc]})
+        for name in ["(all)", *names]:
+            cells = []
+            for path, by_proc in cpu.items():
+                used = by_proc[proc]
+                seconds = sum(used.values()) if name == "(all)" else used.get(name, 0.0)
+                cells.append(f"{seconds / max(txns[path], 1) * 1e6:.0f}")
+            if name == "(all)" or any(c != "0" for c in cells):
+                rows.append(f"| {proc} | {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -100,19 +125,32 @@ def main(argv=None) -> int:
         routes = {"direct": (pg_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
         results: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PATHS} for w in WORKLOADS}
+        wickets = {"wicket": w_plain, "wicket-tls": w_tls}
+        # CPU of the Wicket processes over the -S runs, per thread name.
+        cpu = {p: {"gateway": {}, "cluster": {}} for p in wickets}
+        txns = {p: 0 for p in wickets}
         for rnd in range(args.rounds):
             order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
             for workload, wargs in WORKLOADS.items():
                 for path in order:
                     port, user = routes[path]
-                    tps = _pgbench(port, user, wargs, args.seconds)
+                    before = _cpu(wickets[path]) if workload == "select" and path in wickets else None
+                    tps, n = _pgbench(port, user, wargs, args.seconds)
+                    if before is not None:
+                        after = _cpu(wickets[path])
+                        txns[path] += n
+                        for proc, used in after.items():
+                            for name, seconds in used.items():
+                                total = cpu[path][proc]
+                                total[name] = total.get(name, 0.0) + seconds - before[proc].get(name, 0.0)
                     results[workload][path].append(tps)
                     print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:7} "
                           f"{path:10} {tps:10.0f} tps", flush=True)
         medians = {w: {p: sorted(v)[len(v) // 2] for p, v in r.items()} for w, r in results.items()}
         if args.format == "json":
             print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "tps": results,
-                              "median_tps": medians}, indent=2))
+                              "median_tps": medians, "select_cpu_seconds": cpu, "select_transactions": txns},
+                             indent=2))
         else:
             print(f"\n| pgbench (median of {args.rounds} x {args.seconds}s) | " + " | ".join(PATHS) + " |")
             print("|---|" + "---:|" * len(PATHS))
@@ -121,6 +159,7 @@ def main(argv=None) -> int:
                 base = m["stunnel"]
                 cells = [f"{m[p]:.0f}" + ("" if p == "stunnel" else f" ({m[p] / base:.2f}x)") for p in PATHS]
                 print(f"| {labels[w]} | " + " | ".join(cells) + " |")
+            print("\n".join(_cpu_table(cpu, txns)))
         return 0
     finally:
         for path in reversed(started):

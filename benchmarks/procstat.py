@@ -71,3 +71,24 @@ def machine_busy_seconds() -> float:
     # cpu user nice system idle iowait irq softirq steal guest guest_nice
     user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
     return (user + nice + system + irq + softirq) / _TICK
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """utime + stime per thread name (threads of one name summed), in
+    seconds: where a process's CPU goes (the relay engine's thread is
+    ``wicket-relay``; trio's is the process's own name)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # it ended meanwhile
+        name = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+        fields = stat[stat.rindex(b")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out

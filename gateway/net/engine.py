@@ -646,6 +646,7 @@ class RelayEngine:
     # The engine's thread.
 
     def _run(self) -> None:
+        _name_thread(b"wicket-relay")
         poll = self._epoll.poll
         ends = self._ends
         wake_fd = self._wake_fd
@@ -1191,6 +1192,15 @@ def _load_malloc_trim():
 
 
 _malloc_trim = _load_malloc_trim()
+
+
+def _name_thread(name: bytes) -> None:
+    """Give the calling thread ``name`` where the system shows it (``top
+    -H``, /proc/PID/task/TID/comm): Python does not pass thread names on."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError, TypeError):
+        pass  # not Linux, or no libc: only the name is missing
 
 
 def _trim_heap() -> None:
