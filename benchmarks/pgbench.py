@@ -60,9 +60,9 @@ def _cpu(wicket) -> dict[str, dict[str, float]]:
     return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": thread_cpu(wicket.cluster.pid)}
 
 
-def _cpu_table(cpu: dict[str, dict[str, dict[str, float]]], txns: dict[str, int]) -> list[str]:
-    """Rows: µs of CPU per -S transaction, per process and thread."""
-    rows = ["", "| CPU per -S transaction, µs (all rounds) | thread | " + " | ".join(cpu) + " |",
+def _cpu_table(label: str, cpu: dict[str, dict[str, dict[str, float]]], txns: dict[str, int]) -> list[str]:
+    """Rows: µs of CPU per transaction, per process and thread."""
+    rows = ["", f"| CPU per {label} transaction, µs (all rounds) | thread | " + " | ".join(cpu) + " |",
             "|---|---|" + "---:|" * len(cpu)]
     for proc in ("gateway", "cluster"):
         names = sorted({t for path in cpu.values() for t in path[proc]})
@@ -126,22 +126,22 @@ def main(argv=None) -> int:
                   "wicket-tls": (w_tls.port, "benchcert")}
         results: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PATHS} for w in WORKLOADS}
         wickets = {"wicket": w_plain, "wicket-tls": w_tls}
-        # CPU of the Wicket processes over the -S runs, per thread name.
-        cpu = {p: {"gateway": {}, "cluster": {}} for p in wickets}
-        txns = {p: 0 for p in wickets}
+        # CPU of the Wicket processes per workload, per thread name.
+        cpu = {w: {p: {"gateway": {}, "cluster": {}} for p in wickets} for w in WORKLOADS}
+        txns = {w: {p: 0 for p in wickets} for w in WORKLOADS}
         for rnd in range(args.rounds):
             order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
             for workload, wargs in WORKLOADS.items():
                 for path in order:
                     port, user = routes[path]
-                    before = _cpu(wickets[path]) if workload == "select" and path in wickets else None
+                    before = _cpu(wickets[path]) if path in wickets else None
                     tps, n = _pgbench(port, user, wargs, args.seconds)
                     if before is not None:
                         after = _cpu(wickets[path])
-                        txns[path] += n
+                        txns[workload][path] += n
                         for proc, used in after.items():
                             for name, seconds in used.items():
-                                total = cpu[path][proc]
+                                total = cpu[workload][path][proc]
                                 total[name] = total.get(name, 0.0) + seconds - before[proc].get(name, 0.0)
                     results[workload][path].append(tps)
                     print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:7} "
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         medians = {w: {p: sorted(v)[len(v) // 2] for p, v in r.items()} for w, r in results.items()}
         if args.format == "json":
             print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "tps": results,
-                              "median_tps": medians, "select_cpu_seconds": cpu, "select_transactions": txns},
+                              "median_tps": medians, "cpu_seconds": cpu, "transactions": txns},
                              indent=2))
         else:
             print(f"\n| pgbench (median of {args.rounds} x {args.seconds}s) | " + " | ".join(PATHS) + " |")
@@ -159,7 +159,8 @@ def main(argv=None) -> int:
                 base = m["stunnel"]
                 cells = [f"{m[p]:.0f}" + ("" if p == "stunnel" else f" ({m[p] / base:.2f}x)") for p in PATHS]
                 print(f"| {labels[w]} | " + " | ".join(cells) + " |")
-            print("\n".join(_cpu_table(cpu, txns)))
+            for w, label in (("select", "-S"), ("connect", "-S -C")):
+                print("\n".join(_cpu_table(label, cpu[w], txns[w])))
         return 0
     finally:
         for path in reversed(started):
