@@ -88,6 +88,9 @@ class Pair:
         self.token.run_sync_soon(self.nursery.start_soon, self.decide, stream, request)
 
     async def decide(self, stream, request: DialRequest) -> None:
+        if request.params.get("control"):  # a control dial: the answer is all
+            self.cluster.answer(stream, DialAccept(session_id="-"))
+            return
         if request.resource == "nope":
             self.cluster.refuse(stream, DialError(code=ErrorCode.ACCESS_DENIED, message="not you"))
             return
@@ -1079,3 +1082,67 @@ def test_a_stall_is_backing_off_with_nothing_coming_back(backoff, silent_ms, sta
 
     assert tcp.stalled(Sock()) is stalled
     assert tcp.stalled(Closed()) is False
+
+
+async def test_a_stream_opened_before_its_socket(pki):
+    # `wicket proxy db`'s way: the REPLY first (a refusal is then answered
+    # in the client's own protocol), the client's socket after it; the
+    # cluster's first bytes wait for the socket.
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            refused = pair.gateway.open(DialRequest(resource="nope"), reply_timeout=HANG)
+            assert isinstance(await pair.gateway.reply(refused), DialError) and refused.finished
+            stream = pair.gateway.open(DialRequest(resource="b"), reply_timeout=HANG)
+            assert await pair.gateway.reply(stream) == DialAccept(session_id="b")
+            await pair.upstreams["b"].send_all(b"welcome")  # before the gateway has a socket for it
+            while pair.cluster_counters["b"].b_to_a < 7:
+                await trio.sleep(0.001)
+            client, near = loopback_pair()
+            seen: list[bytes] = []
+            assert pair.gateway.bind(stream, near, RelayCounters(), tap_in=seen.append)
+            assert await read_until_eof_or(client, 7) == b"welcome"
+            assert await ask_and_answer(client, pair.upstreams["b"], b"hello", b"bye") == b"hello"
+            assert await pair.gateway.wait(stream) is None
+        assert b"".join(seen) == b"welcomebye"
+        await client.aclose()
+
+
+async def test_a_stream_opened_without_a_socket_is_handed_back_when_the_cluster_never_saw_it(pki):
+    gw_tls, cl_tls = await tls_connection(pki)
+    dead = MuxLink(engine(), gw_tls, Role.GATEWAY, name="cluster", socket_name="client")
+    tlsutil.vanish(cl_tls.transport_stream.socket)
+    calls = Retries()
+    with trio.fail_after(HANG):
+        stream = dead.open(DialRequest(resource="a"), reply_timeout=HANG, retry=calls.retry)
+        assert await dead.reply(stream) is None
+        await dead.closed.wait()
+    [(sock, early, fin, reason)] = calls.given_back
+    assert (sock, early, fin) == (None, b"", False) and "reset" in reason, reason
+
+
+async def test_a_control_dial_is_answered_and_leaves_its_session_alone(pki):
+    # A cancel: a stream of its own whose REPLY is all, sent behind what the
+    # client had sent on the session it names (the ordering itself is
+    # tests/integration/test_postgres.py's, against a slow server).
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            client, started = await pair.session("s", tcp=True)
+            await client.send_all(b"select")
+            reply = await pair.gateway.control(DialRequest(resource="s", params={"control": "1"}),
+                                               after=started.stream, timeout=HANG)
+            assert reply == DialAccept(session_id="-")
+            assert len(pair.gateway.streams) == 1 and len(pair.cluster.streams) == 1
+            assert await ask_and_answer(client, pair.upstreams["s"], b" 1", b"1") == b"select 1"
+            assert await started.ended() is None
+        await client.aclose()
+
+
+async def read_until_eof_or(stream, n: int) -> bytes:
+    """Read until ``n`` bytes or EOF."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
