@@ -327,11 +327,12 @@ async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: Dia
             if after is not None:
                 with trio.move_on_after(DIAL_TIMEOUT):
                     await after.wait()
-            resource = (await cluster.snapshot()).resources.get(request.resource)
+            snap = await cluster.snapshot()
+            resource = snap.resources.get(request.resource)
             # A resource of a kind this route does not carry is refused by
             # the checks, as being of another kind than tcp.
             kind = routes.get(resource.kind, TCP) if resource is not None else TCP
-            outcome = await _decide(cluster, cert, request, kind, client_addr)
+            outcome = await _decide(cluster, cert, request, kind, client_addr, snap)
             if not isinstance(outcome, tuple):  # a refusal, or a control dial's answer
                 link.answer(st, outcome)
                 return
@@ -431,15 +432,18 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
 
 
 async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
-                  client_addr: str) -> tuple[LiveSession, Opened, pki.Identity] | DialAccept | DialError:
+                  client_addr: str, snap: Snapshot | None = None
+                  ) -> tuple[LiveSession, Opened, pki.Identity] | DialAccept | DialError:
     """Every check of the module docstring, in order, then open the
     upstream. Returns the refusal (audited as ``dial.denied``), a DialAccept
     for a control dial, or the live session with its upstream (audited as
-    ``dial.allowed``)."""
+    ``dial.allowed``). ``snap``: the access snapshot, if the caller just
+    read it."""
     audit = _DialAudit.of(request, kind, client_addr)
     try:
-        identity, resource, params, decision = _authorize(cluster, await cluster.snapshot(), cert, request,
-                                                          kind, audit)
+        if snap is None:
+            snap = await cluster.snapshot()
+        identity, resource, params, decision = _authorize(cluster, snap, cert, request, kind, audit)
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
             cluster.audit_soon("dial.control", audit.user, **audit.fields, reason=control)
