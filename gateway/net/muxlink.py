@@ -719,12 +719,13 @@ class MuxLink:
                 self._finish(stream, event.reply.message, reset=False)
             elif stream.control:  # the answer is all (see control)
                 self._finish(stream, None, reset=False)
-            elif stream.done is not None:  # opened without a socket: reply() hears of it
-                try:
-                    self.token.run_sync_soon(stream.done.set)
-                except trio.RunFinishedError:
-                    pass
-            elif stream.end is not None:
+            elif stream.end is None:  # opened without a socket (open): reply() hears of it
+                if stream.done is not None:
+                    try:
+                        self.token.run_sync_soon(stream.done.set)
+                    except trio.RunFinishedError:
+                        pass
+            else:
                 # Its window may have been held at EARLY_DATA: read on now.
                 try:
                     self._pump(stream)
