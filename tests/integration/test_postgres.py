@@ -687,3 +687,24 @@ def test_a_cancel_waits_for_the_query_it_follows(pg_env, gw):
             assert cancel.recv(1) == b""  # the gateway closes once the cluster answered
         server.thread.join(60)
     assert server.at_cancel == [(len(query) + 6, True)]
+
+
+def test_a_lock_cuts_a_live_session_on_the_multiplexed_connection(pg_env, tmp_path):
+    """A PostgreSQL session is a stream of the multiplexed connection: a lock
+    still ends it within 2 s, and its session.end says why."""
+    cluster, _ = pg_env
+    g = _gateway(cluster, tmp_path, "pg")
+    try:
+        _, port = g.proxy("db", "pg")
+        with psycopg.connect(dsn(port), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+            cluster.admin("users", "lock", g.user, "--reason", "incident 43")
+            with pytest.raises(psycopg.OperationalError):  # cut: not 30 s later, with a row
+                conn.execute("select pg_sleep(30)")
+        ended = cluster.wait_audit(user=g.user, event="session.end")
+        assert ended[-1]["reason"] == "user_locked" and ended[-1]["kind"] == "postgres"
+        started = cluster.audit(user=g.user, event="session.start")
+        assert started[-1]["session_id"] == ended[-1]["session_id"] and started[-1]["db_user"] == "app"
+    finally:
+        cluster.admin("users", "unlock", g.user)
+        g.stop()
