@@ -37,10 +37,10 @@ import ssl
 import trio
 
 from gateway.local.connect import ClusterError
-from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
+from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import Profile, ProfileError
-from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
-from gateway.local.proxy import NEXT_STEP, peer_addr
+from gateway.local.proxy import NEXT_STEP, MuxRoute, peer_addr
+from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.relay import RelayCounters
 from gateway.net.tcp import peer_left
@@ -61,13 +61,11 @@ MAX_FORWARDED_PARAMS = 24
 _BY_CODE = object()  # _refuse's default hint: the next step for the error's code
 
 
-class PostgresProxy:
+class PostgresProxy(MuxRoute):
     def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
                  db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
                  wait_for_cluster: float = RIDE_OUT) -> None:
-        self.dialer = MuxDialer(profile)
-        self.resource = resource
-        self.room = WaitRoom(resource, wait_for_cluster)
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster)
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
         # The key a client got (its process id) -> its session, for a cancel.
@@ -212,22 +210,16 @@ class PostgresProxy:
         the cluster could have seen the OPEN. Raises ClusterError,
         ClientGone, ProfileError."""
         deadline = self.room.deadline()
-        closed = 0
         retried = False
         while True:
-            # A client waits for its answer in silence: its FIN means it left.
-            link = await self.room.ride_out(self.dialer.link, deadline, client_addr,
-                                            lambda: peer_left(sock, eof=True))
             given_back: list[str] = []  # the connection died before the cluster saw the OPEN: why
-            try:
-                stream = link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr,
-                                   retry=None if retried else lambda _s, _e, _f, why: given_back.append(why))
-            except LinkClosed:
-                closed += 1
-                if closed > 1:
-                    raise ClusterError("unreachable", f"the connection to the cluster failed ({link.failed}); "
-                                       f"is `wicket-cluster start` still running?") from None
-                continue
+
+            def start(link: MuxLink) -> tuple[MuxLink, Stream]:
+                return link, link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr,
+                                       retry=None if retried else lambda _s, _e, _f, why: given_back.append(why))
+
+            # A client waits for its answer in silence: its FIN means it left.
+            link, stream = await self.on_link(start, deadline, client_addr, lambda: peer_left(sock, eof=True))
             if await link.reply(stream) is not None:
                 return link, stream
             if given_back:
@@ -248,8 +240,7 @@ class PostgresProxy:
         ``error.code``."""
         if hint is _BY_CODE:
             hint = NEXT_STEP.get(error.code)
-        log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
-                    client_addr, error.raw_code or error.code.value, error.message, hint)
+        self.log_refused(client_addr, error, hint)
         await _send_and_close(client, error_response_for(error, hint=hint).encode())
 
     async def _cancel(self, cancel: CancelRequest, client_addr: str) -> None:

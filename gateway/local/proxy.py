@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from typing import Callable, TypeVar
 
 import trio
 
@@ -43,6 +44,8 @@ from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 
 log = logging.getLogger("wicket.proxy")
+
+T = TypeVar("T")
 
 #: A session to start again: its counters, the bytes already read from the
 #: client and whether the client's EOF was among them.
@@ -66,15 +69,47 @@ def peer_addr(stream: trio.SocketStream) -> str:
         return "unknown"
 
 
-class TcpProxy:
-    """Serves one resource; see the module docstring. Pass the object to
-    :func:`run_listener`."""
+class MuxRoute:
+    """What every kind's local route shares (``TcpProxy``, and
+    gateway/local/pg.py's ``PostgresProxy``): its sessions are streams of
+    the profile's multiplexed connection; while none can be opened, a new
+    client waits in the :class:`WaitRoom`; refusals and failures are logged
+    alike, with what to do next."""
 
     def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
         self.profile = profile
         self.resource = resource
         self.room = WaitRoom(resource, wait_for_cluster)
         self.dialer = MuxDialer(profile)
+
+    async def on_link(self, start: Callable[[MuxLink], T], deadline: float, client_addr: str,
+                      gone: Callable[[], bool]) -> T:
+        """``start(link)`` on the connection to the cluster, waiting for one
+        (until ``deadline``, while ``gone()`` says the client is still
+        there); once more on a new one if that one closed meanwhile
+        (``start`` raised :class:`LinkClosed`). Raises ClusterError,
+        ClientGone."""
+        for attempt in range(2):
+            link = await self.room.ride_out(self.dialer.link, deadline, client_addr, gone)
+            try:
+                return start(link)
+            except LinkClosed:
+                if attempt:
+                    raise ClusterError("unreachable", f"the connection to the cluster failed ({link.failed}); "
+                                       f"is `wicket-cluster start` still running?") from None
+        raise AssertionError("unreachable")
+
+    def log_refused(self, client_addr: str, error: DialError, next_step: str | None) -> None:
+        log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
+                    client_addr, error.raw_code or error.code.value, error.message, next_step)
+
+
+class TcpProxy(MuxRoute):
+    """Serves one resource; see the module docstring. Pass the object to
+    :func:`run_listener`."""
+
+    def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster)
         self.engine = engine()
         self.started = 0  # sessions started / ended (under the engine's lock)
         self.ended = 0
@@ -177,19 +212,11 @@ class TcpProxy:
         try:
             try:
                 self.dialer.check_fresh()
-                deadline = self.room.deadline()
-                for attempt in range(2):
-                    # A client may send and half-close before its session
-                    # starts: only a reset says it left.
-                    link = await self.room.ride_out(self.dialer.link, deadline, client_addr,
-                                                    lambda: peer_left(sock, eof=False))
-                    try:
-                        self._start(link, sock, addr, resume)
-                        return
-                    except LinkClosed:
-                        if attempt:
-                            raise ClusterError("unreachable", f"the connection to the cluster failed "
-                                               f"({link.failed}); is `wicket-cluster start` still running?")
+                # A client may send and half-close before its session
+                # starts: only a reset says it left.
+                await self.on_link(lambda link: self._start(link, sock, addr, resume), self.room.deadline(),
+                                   client_addr, lambda: peer_left(sock, eof=False))
+                return
             except ProfileError as exc:
                 log.warning("dial_refused resource=%s client=%s code=cert_expired message=%r",
                             self.resource, client_addr, str(exc))
@@ -211,9 +238,7 @@ class TcpProxy:
                      self.resource, client_addr, reply.session_id, counters.a_to_b, counters.b_to_a,
                      f" error={stream.error!r}" if stream.error else "")
         elif isinstance(reply, DialError):
-            log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r",
-                        self.resource, client_addr, reply.raw_code or reply.code.value, reply.message,
-                        NEXT_STEP.get(reply.code, "see the cluster's audit log"))
+            self.log_refused(client_addr, reply, NEXT_STEP.get(reply.code, "see the cluster's audit log"))
         else:
             error = stream.error or "the session ended before the cluster answered"
             if link.failed is not None:
