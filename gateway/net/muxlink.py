@@ -891,7 +891,10 @@ class MuxLink:
         end = stream.end
         n = sum(len(piece) for piece in pieces)
         records = seal(end, pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        if end.tail is None:
+        queued = end.tail is not None
+        if queued:
+            rest = records
+        else:
             try:
                 rest = self.engine._write_some(end, records)
             except OSError as exc:
@@ -900,12 +903,17 @@ class MuxLink:
             if not rest:
                 self._written(stream, n)
                 return
-        else:
-            rest = records
+        # Acknowledged once the tail has drained (_flush), which is why the
+        # tail is set here and not through engine._write: that would try
+        # the socket again and, finding room, leave no tail to drain.
         stream.sealed += n
         self._hold(stream, len(rest))
-        if not stream.finished:
-            self.engine._write(end, rest, copy=False)
+        if stream.finished:
+            return
+        if queued:
+            self.engine._write(end, rest, copy=False)  # behind the tail
+        else:
+            end.tail = memoryview(rest)
 
     def _hold(self, stream: Stream, n: int) -> None:
         """Count ``n`` more bytes held for ``stream``'s socket. Past
