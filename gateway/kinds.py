@@ -46,6 +46,28 @@ DB_NAME = Param(name="db_name", role_key="db_names", help="database globs the al
 
 
 @attrs.frozen(slots=True, kw_only=True)
+class ProxyOption:
+    """A `wicket proxy` option of the kind's own (``--db-user``), passed to
+    its gateway route by ``name``."""
+
+    name: str
+    help: str
+    is_flag: bool = False
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+DATABASE_PROXY_OPTIONS = (
+    ProxyOption(name="db_user", help="Database user for every connection (default: what the client asks for)."),
+    ProxyOption(name="db_name", help="Database for every connection (default: what the client asks for)."),
+    ProxyOption(name="local_tls", is_flag=True,
+                help="Offer TLS to local clients (sslmode=require / verify-full) with the gateway's local CA."),
+)
+
+
+@attrs.frozen(slots=True, kw_only=True)
 class Kind:
     name: str
     #: One line for help texts and `wicket ls`.
@@ -60,12 +82,27 @@ class Kind:
     params: tuple[Param, ...] = ()
     #: "module:attribute" of the cluster's RouteKind for this kind.
     cluster_route: str
+    #: "module:attribute" of the gateway's route factory: called with the
+    #: profile, the resource's name, the identity, ``wait_for_cluster``,
+    #: ``local_users`` and the kind's proxy options, it returns a
+    #: gateway.local.proxy.Listening.
+    gateway_route: str
+    #: The kind's own `wicket proxy` options.
+    proxy_options: tuple[ProxyOption, ...] = ()
     is_database: bool = False
 
     def route(self) -> Any:
         """The cluster's strategy for this kind, imported on first use."""
-        module, _, attr = self.cluster_route.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _load(self.cluster_route)
+
+    def local_route(self) -> Any:
+        """The gateway's route factory for this kind, imported on first use."""
+        return _load(self.gateway_route)
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 TCP = Kind(
@@ -75,6 +112,7 @@ TCP = Kind(
     proxy_verb="tcp",
     spec=NO_SETTINGS,
     cluster_route="gateway.cluster.dial:TCP",
+    gateway_route="gateway.local.proxy:tcp_route",
 )
 
 POSTGRES = Kind(
@@ -85,6 +123,8 @@ POSTGRES = Kind(
     spec=DATABASE,
     params=(DB_USER, DB_NAME),
     cluster_route="gateway.cluster.postgres:POSTGRES",
+    gateway_route="gateway.local.pg:postgres_route",
+    proxy_options=DATABASE_PROXY_OPTIONS,
     is_database=True,
 )
 
@@ -121,6 +161,18 @@ def params() -> tuple[Param, ...]:
         for param in kind.params:
             seen.setdefault(param.name, param)
     return tuple(seen.values())
+
+
+def proxy_verbs() -> dict[str, tuple[Kind, ...]]:
+    """`wicket proxy` verbs and the kinds each serves: every kind's
+    ``proxy_verb`` (database kinds share ``db``) and, where that differs,
+    its own name (``wicket proxy postgres``)."""
+    verbs: dict[str, list[Kind]] = {}
+    for kind in KINDS.values():
+        verbs.setdefault(kind.proxy_verb, []).append(kind)
+        if kind.name != kind.proxy_verb:
+            verbs.setdefault(kind.name, []).append(kind)
+    return {verb: tuple(served) for verb, served in verbs.items()}
 
 
 def proxy_command(kind_name: str) -> str:

@@ -17,6 +17,7 @@ import click
 import h11
 import trio
 
+from gateway import kinds
 from gateway.cli.common import format_option, read_password
 from gateway.durations import format_duration, parse_duration
 from gateway.identity import pki
@@ -291,6 +292,11 @@ def _listen_options(f: Callable) -> Callable:
                      show_default=True, metavar="SECONDS",
                      help="How long a new client waits while the cluster cannot be reached (restarting, not up "
                           "yet, the network switching) before it is turned away; 0 turns it away at once.")(f)
+    f = click.option("--allow-any-local-user", is_flag=True,
+                     help="Let every local user connect (they act with YOUR identity); by default only "
+                          "processes of your own uid (and root) may.")(f)
+    f = click.option("--allow-uid", type=click.IntRange(0), multiple=True, metavar="UID",
+                     help="Also let processes of this local uid connect (repeatable).")(f)
     f = click.option("--allow-non-loopback", is_flag=True,
                      help="Allow --bind on an address other hosts can reach (they would use YOUR identity).")(f)
     f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
@@ -357,56 +363,58 @@ def _fresh_identity(profile: Profile) -> pki.Identity:
         raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
 
 
-@proxy.command("tcp")
-@click.argument("name")
-@_listen_options
-def proxy_tcp(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
-              wait_for_cluster: float) -> None:
-    """Relay connections on a local port to TCP resource NAME."""
-    from gateway import logs
-    from gateway.local.proxy import TcpProxy
-
-    _check_bind(bind, allow_non_loopback)
-    logs.setup(log_format)
-    profile = _load_profile()
-    identity = _fresh_identity(profile)
-    tcp = TcpProxy(profile, name, wait_for_cluster=wait_for_cluster)
-    _serve(name, tcp, bind=bind, port=port, log_format=log_format, identity=identity,
-           try_line=lambda host, p: f"Try: nc {host} {p}", dialer=tcp.dialer)
+def _kind_for(verb: str, served: tuple, name: str, profile: Profile):
+    """The kind of resource ``name`` among those ``verb`` serves: known at
+    once when only one is, else asked of the cluster."""
+    if len(served) == 1:
+        return served[0]
+    doc = _run(api.api_call, profile, "GET", "/v1/resources")
+    for resource in doc.get("resources", []):
+        if resource.get("name") == name:
+            for kind in served:
+                if kind.name == resource.get("kind"):
+                    return kind
+            raise WicketError(f"{name} is a {resource.get('kind')} resource; use "
+                              f"`{kinds.proxy_command(resource.get('kind'))} {name}`", 2)
+    raise WicketError(f"no resource named {name!r} that you can reach; `wicket ls` lists them", EXIT_REFUSED)
 
 
-@proxy.command("db")
-@click.argument("name")
-@_listen_options
-@click.option("--db-user", help="Database user for every connection (default: what the client asks for).")
-@click.option("--db-name", help="Database for every connection (default: what the client asks for).")
-@click.option("--local-tls", is_flag=True,
-              help="Offer TLS to local clients (sslmode=require / verify-full) with the gateway's local CA.")
-def proxy_db(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
-             wait_for_cluster: float, db_user: str | None, db_name: str | None, local_tls: bool) -> None:
-    """Serve PostgreSQL resource NAME on a local port: no password asked,
-    the cluster logs in upstream as the db user."""
-    from gateway import logs
-    from gateway.local.localtls import local_server_context
-    from gateway.local.pg import PostgresProxy
+def _proxy_command(verb: str, served: tuple) -> click.Command:
+    """`wicket proxy VERB NAME` for the kinds in ``served`` (gateway/kinds.py)."""
+    options = {option.name: option for kind in served for option in kind.proxy_options}
 
-    _check_bind(bind, allow_non_loopback)
-    logs.setup(log_format)
-    profile = _load_profile()
-    identity = _fresh_identity(profile)
-    tls_context, ca_path = (local_server_context(profile.home) if local_tls else (None, None))
-    pg = PostgresProxy(profile, name, db_user=db_user, db_name=db_name,
-                       tls_context=tls_context, wait_for_cluster=wait_for_cluster)
+    def command(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
+                wait_for_cluster: float, allow_uid: tuple[int, ...], allow_any_local_user: bool,
+                **values: Any) -> None:
+        from gateway import logs
+        from gateway.net.peercred import LocalUsers
 
-    def try_line(host: str, p: int) -> str:
-        user = db_user or identity.user
-        conninfo = f"host={host} port={p} user={user} dbname={db_name or user}"
-        if local_tls:
-            conninfo += f" sslmode=verify-full sslrootcert={ca_path}"
-        return f'Try: psql "{conninfo}"'
+        _check_bind(bind, allow_non_loopback)
+        logs.setup(log_format)
+        profile = _load_profile()
+        identity = _fresh_identity(profile)
+        kind = _kind_for(verb, served, name, profile)
+        mine = {o.name for o in kind.proxy_options}
+        stray = [options[k].option for k, v in values.items() if v and k not in mine]
+        if stray:
+            raise click.UsageError(f"{', '.join(stray)} does not apply to {kind.name} resources")
+        local_users = LocalUsers(uids=LocalUsers().uids | set(allow_uid), anyone=allow_any_local_user)
+        route = kind.local_route()(profile, name, identity, wait_for_cluster=wait_for_cluster,
+                                   local_users=local_users, **{k: v for k, v in values.items() if k in mine})
+        _serve(name, route.handler, bind=bind, port=port, log_format=log_format, identity=identity,
+               try_line=route.try_line, dialer=route.dialer)
 
-    _serve(name, pg.handle, bind=bind, port=port, log_format=log_format, identity=identity, try_line=try_line,
-           dialer=pg.dialer)
+    for option in reversed(list(options.values())):
+        command = click.option(option.option, is_flag=option.is_flag, help=option.help)(command)
+    command = _listen_options(command)
+    command = click.argument("name")(command)
+    names = " or ".join(kind.name for kind in served)
+    about = "\n\n".join(f"{kind.name}: {kind.summary}." for kind in served)
+    return click.command(verb, help=f"Open a local port to {names} resource NAME.\n\n{about}")(command)
+
+
+for _verb, _served in kinds.proxy_verbs().items():
+    proxy.add_command(_proxy_command(_verb, _served))
 
 
 @main.command()

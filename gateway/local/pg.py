@@ -39,9 +39,11 @@ import trio
 from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import Profile, ProfileError
-from gateway.local.proxy import NEXT_STEP, MuxRoute, peer_addr
+from gateway.local.localtls import local_server_context
+from gateway.local.proxy import NEXT_STEP, Listening, MuxRoute, peer_addr
 from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
+from gateway.net.peercred import LocalUsers
 from gateway.net.relay import RelayCounters
 from gateway.net.tcp import peer_left
 from gateway.net.tls import TLSStream
@@ -64,8 +66,8 @@ _BY_CODE = object()  # _refuse's default hint: the next step for the error's cod
 class PostgresProxy(MuxRoute):
     def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
                  db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
-                 wait_for_cluster: float = RIDE_OUT) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster)
+                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
         # The key a client got (its process id) -> its session, for a cancel.
@@ -73,11 +75,15 @@ class PostgresProxy(MuxRoute):
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         client_addr = peer_addr(tcp)
+        # Another local user is told why in its own protocol, after its
+        # startup packet; its cancel requests cancel nothing.
+        stranger = self.stranger(tcp.socket, client_addr)
         client: trio.abc.HalfCloseableStream = tcp
         secured: list[TLSStream] = []  # the TLS stream, once negotiated: a refusal goes through it
         try:
             with trio.fail_after(STARTUP_TIMEOUT):
-                startup, client, early = await self._startup(tcp, client_addr, secured)
+                startup, client, early = await self._startup(tcp, client_addr, secured,
+                                                             may_cancel=stranger is None)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
             await client.aclose()
             return
@@ -89,9 +95,14 @@ class PostgresProxy(MuxRoute):
             await client.aclose()
             return
         async with client:
+            if stranger is not None:
+                await self._refuse(client, client_addr, DialError(code=ErrorCode.ACCESS_DENIED, message=stranger),
+                                   hint=None)
+                return
             await self._session(client, client_addr, startup, early, tcp.socket)
 
-    async def _startup(self, tcp: trio.SocketStream, client_addr: str, secured: list[TLSStream]):
+    async def _startup(self, tcp: trio.SocketStream, client_addr: str, secured: list[TLSStream], *,
+                       may_cancel: bool = True):
         """Read up to the StartupMessage. Returns (startup or None, the client
         stream (TLS if negotiated), bytes to send before the server's)."""
         conn = StartupConnection()
@@ -110,7 +121,8 @@ class PostgresProxy(MuxRoute):
             elif isinstance(event, GSSENCRequest):
                 await client.send_all(conn.answer_gssenc())
             elif isinstance(event, CancelRequest):
-                await self._cancel(event, client_addr)
+                if may_cancel:
+                    await self._cancel(event, client_addr)
                 return None, client, b""
             elif isinstance(event, DirectTLS):
                 log.info("pg_direct_tls_refused client=%s hint=%s", client_addr,
@@ -259,6 +271,24 @@ class PostgresProxy(MuxRoute):
                         reply.code.value, reply.message)
             return
         log.info("pg_cancel_sent client=%s session=%s", client_addr, session.id)
+
+
+def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
+                   local_users: LocalUsers | None = None, db_user: str | None = None,
+                   db_name: str | None = None, local_tls: bool = False) -> Listening:
+    """The postgres kind's local route (gateway/kinds.py)."""
+    tls_context, ca_path = local_server_context(profile.home) if local_tls else (None, None)
+    pg = PostgresProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
+                       wait_for_cluster=wait_for_cluster, local_users=local_users)
+
+    def try_line(host: str, port: int) -> str:
+        user = db_user or identity.user
+        conninfo = f"host={host} port={port} user={user} dbname={db_name or user}"
+        if local_tls:
+            conninfo += f" sslmode=verify-full sslrootcert={ca_path}"
+        return f'Try: psql "{conninfo}"'
+
+    return Listening(handler=pg.handle, dialer=pg.dialer, try_line=try_line)
 
 
 class _Session:

@@ -27,7 +27,9 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+
+import attrs
 
 import trio
 
@@ -38,6 +40,7 @@ from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
 from gateway.local.profile import Profile, ProfileError
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
+from gateway.net.peercred import LocalUsers
 from gateway.net.relay import RelayCounters, reset_on_close
 from gateway.net.tcp import peer_left
 from protocols.dial import DialAccept, DialError, DialRequest
@@ -62,6 +65,18 @@ NEXT_STEP = {
 }
 
 
+@attrs.frozen(slots=True, kw_only=True)
+class Listening:
+    """What `wicket proxy` needs of a kind's local route (each kind's
+    ``gateway_route`` factory in gateway/kinds.py makes one): the handler
+    for :func:`run_listener`, the dialer whose connection to keep open, and
+    the line that tells a person which client command to try."""
+
+    handler: Any
+    dialer: MuxDialer
+    try_line: Callable[[str, int], str]
+
+
 def peer_addr(stream: trio.SocketStream) -> str:
     try:
         return format_addr(stream.socket.getpeername())
@@ -74,13 +89,25 @@ class MuxRoute:
     gateway/local/pg.py's ``PostgresProxy``): its sessions are streams of
     the profile's multiplexed connection; while none can be opened, a new
     client waits in the :class:`WaitRoom`; refusals and failures are logged
-    alike, with what to do next."""
+    alike, with what to do next. Only the local users ``local_users`` lets
+    in get a session (by default the gateway's owner: another local user
+    would act with the owner's identity; gateway/net/peercred.py)."""
 
-    def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
+    def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT,
+                 local_users: LocalUsers | None = None) -> None:
         self.profile = profile
         self.resource = resource
         self.room = WaitRoom(resource, wait_for_cluster)
         self.dialer = MuxDialer(profile)
+        self.local_users = local_users or LocalUsers()
+
+    def stranger(self, sock: socket.socket, client_addr: str) -> str | None:
+        """Why the client on ``sock`` may not use this gateway (logged), or
+        None. Any thread may ask."""
+        refusal = self.local_users.refusal(sock)
+        if refusal is not None:
+            log.warning("local_user_refused resource=%s client=%s reason=%r", self.resource, client_addr, refusal)
+        return refusal
 
     async def on_link(self, start: Callable[[MuxLink], T], deadline: float, client_addr: str,
                       gone: Callable[[], bool]) -> T:
@@ -108,8 +135,9 @@ class TcpProxy(MuxRoute):
     """Serves one resource; see the module docstring. Pass the object to
     :func:`run_listener`."""
 
-    def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster)
+    def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT,
+                 local_users: LocalUsers | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
         self.engine = engine()
         self.started = 0  # sessions started / ended (under the engine's lock)
         self.ended = 0
@@ -140,6 +168,9 @@ class TcpProxy(MuxRoute):
     # -- the engine's thread (or trio's, holding the engine's lock) --------
 
     def _on_accept(self, sock: socket.socket, addr) -> None:
+        if self.stranger(sock, format_addr(addr)) is not None:
+            reset_and_close(sock)  # a tcp client has no protocol to be told in: the log says why
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link = self.dialer.ready_link()
         if link is not None:
@@ -244,6 +275,13 @@ class TcpProxy(MuxRoute):
             if link.failed is not None:
                 error += "; is `wicket-cluster start` still running?"
             log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr, error)
+
+
+def tcp_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
+              local_users: LocalUsers | None = None) -> Listening:
+    """The tcp kind's local route (gateway/kinds.py)."""
+    tcp = TcpProxy(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+    return Listening(handler=tcp, dialer=tcp.dialer, try_line=lambda host, port: f"Try: nc {host} {port}")
 
 
 async def run_listener(

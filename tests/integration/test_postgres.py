@@ -708,3 +708,28 @@ def test_a_lock_cuts_a_live_session_on_the_multiplexed_connection(pg_env, tmp_pa
     finally:
         cluster.admin("users", "unlock", g.user)
         g.stop()
+
+
+NOBODY = 65534
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess:
+    """``argv`` run by a process of uid nobody (another local user)."""
+    def drop() -> None:
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, preexec_fn=drop, cwd="/",
+                          env={"PATH": os.environ["PATH"], "PGCONNECT_TIMEOUT": "30", "HOME": "/"})
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+def test_another_local_user_is_told_no_in_its_own_protocol(gw, pg_port):
+    """A gateway acts with its owner's identity: psql run by another local
+    user gets a FATAL saying why (and the owner's gateway keeps serving its
+    owner); --allow-uid lets that user in."""
+    r = _as_nobody("psql", "-X", "-tA", dsn(pg_port), "-c", "select 1")
+    _expect_fatal(r, f"uid {NOBODY}", f"--allow-uid {NOBODY}")
+    assert psql(pg_port, "-c", "select 1").stdout.strip() == "1"
+    _, open_port = gw.proxy("db", "pg", "--allow-uid", str(NOBODY))
+    r = _as_nobody("psql", "-X", "-tA", dsn(open_port), "-c", "select current_user")
+    assert r.returncode == 0 and r.stdout.strip() == "app", r.stderr

@@ -1177,3 +1177,23 @@ def test_login_upgrades_an_old_hash_only_once_totp_passed(tmp_path, cluster, mon
     # And the new hash logs in (the next step's code: this one is spent).
     assert gw.login("--totp-code", totp.generate(now + 30).decode()).returncode == 0
     assert stored() == new
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+async def test_another_local_user_is_refused_and_the_log_says_why(make_gateway):
+    import subprocess
+    import sys
+
+    gw = make_gateway("dev")
+    proc, port = gw.proxy_tcp("echo")
+    nobody = 65534
+    # The reset may meet the client at any step after the connect.
+    script = (f"import os, socket\nos.setgid({nobody}); os.setuid({nobody})\n"
+              f"s = socket.socket(); s.connect(('127.0.0.1', {port}))\n"
+              f"try:\n    s.sendall(b'hello'); s.shutdown(socket.SHUT_WR); print(repr(s.recv(100)))\n"
+              f"except (ConnectionResetError, BrokenPipeError, OSError):\n    print('reset')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.stdout.strip() == "reset", (r.stdout, r.stderr)
+    wait_for(lambda: "local_user_refused" in proc.log() and f"uid {nobody}" in proc.log(),
+             what="the refusal in the proxy's log")
+    assert await roundtrip(port, b"mine") == b"mine"  # the owner is served as before
