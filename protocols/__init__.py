@@ -22,6 +22,7 @@ from protocols.dial import (
     refusal_for,
 )
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocols.signals import ConnectionClosed, Signal
 
 __all__ = [
     "DIAL_VERSION",
@@ -29,6 +30,7 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "SUPPORTED_VERSIONS",
+    "ConnectionClosed",
     "DialAccept",
     "DialConnection",
     "DialError",
@@ -40,6 +42,7 @@ __all__ = [
     "ReceiveBuffer",
     "RemoteProtocolError",
     "Role",
+    "Signal",
     "State",
     "refusal_for",
 ]

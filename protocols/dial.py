@@ -51,6 +51,7 @@ import attrs
 
 from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocols.signals import NEED_DATA, PAUSED, Signal
 
 __all__ = [
     "DIAL_VERSION", "SUPPORTED_VERSIONS", "MAX_FRAME", "DEFAULT_MAX_BUFFER_SIZE",
@@ -154,20 +155,6 @@ _ON_PEER_ERROR: Final[Mapping[tuple[Role, State], State]] = {
 _HAS_SENT: Final = frozenset({State.AWAIT_ANSWER, State.ACCEPTED, State.REFUSED})
 
 
-class Signal(enum.Enum):
-    """What next_event() returns when it has no event."""
-
-    NEED_DATA = "NEED_DATA"  # feed more bytes (or EOF), then ask again
-    PAUSED = "PAUSED"  # the peer's frame is in; the rest is trailing_data
-
-    def __repr__(self) -> str:
-        return self.name
-
-    __str__ = __repr__
-
-
-NEED_DATA: Final = Signal.NEED_DATA
-PAUSED: Final = Signal.PAUSED
 
 
 # --- validation ----------------------------------------------------------

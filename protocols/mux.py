@@ -73,8 +73,9 @@ from typing import Final, Literal, Union
 
 import attrs
 
-from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest, Signal, decode_event, encode_event
+from protocols.dial import DialAccept, DialError, DialRequest, decode_event, encode_event
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from protocols.signals import NEED_DATA, Signal
 
 __all__ = [
     "ALPN", "EARLY_DATA", "HEADER", "INITIAL_WINDOW", "MAX_DATA", "MAX_REASON", "MAX_STREAM_ID", "NEED_DATA",

@@ -34,7 +34,6 @@ text. Error messages never echo peer bytes.
 
 from __future__ import annotations
 
-import enum
 import hmac
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +43,7 @@ from typing import Any, ClassVar, Final, NoReturn, Self, Union
 import attrs
 
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from protocols.signals import NEED_DATA, PAUSED, ConnectionClosed, Signal
 
 __all__ = [
     # constants
@@ -1155,31 +1155,6 @@ def decode_frontend(type_code: bytes, body: bytes) -> FrontendMessage:
 
 
 # --- streaming framing ----------------------------------------------------------
-
-
-class Signal(enum.Enum):
-    """What a next_event() returns when it has no event (shared by every
-    sans-I/O object in this package)."""
-
-    NEED_DATA = "NEED_DATA"  # feed more bytes (or EOF), then ask again
-    PAUSED = "PAUSED"  # nothing more to parse: an answer is owed, or the phase is over
-
-    def __repr__(self) -> str:
-        return self.name
-
-    __str__ = __repr__
-
-
-NEED_DATA: Final = Signal.NEED_DATA
-PAUSED: Final = Signal.PAUSED
-
-
-@attrs.frozen(kw_only=True)
-class ConnectionClosed:
-    """The peer hung up (EOF). ``clean`` is False when that cut a message in
-    half (parsers that treat a half message as an error raise instead)."""
-
-    clean: bool = True
 
 
 @attrs.frozen(slots=True)
