@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import protocols
 from protocols import dial, mux, signals
-from protocols.postgres import audit, frontend, messages, scram
+from protocols.postgres import frontend, messages, scram
 import protocols.postgres as postgres
 
 
 def test_every_module_hands_out_the_same_objects() -> None:
-    for module in (protocols, dial, mux, postgres, messages, frontend, audit, scram):
+    for module in (protocols, dial, mux, postgres, messages, frontend, scram):
         assert getattr(module, "NEED_DATA") is signals.NEED_DATA, module.__name__
     for module in (protocols, dial, postgres, messages, frontend, scram):
         assert getattr(module, "PAUSED") is signals.PAUSED, module.__name__
