@@ -43,7 +43,7 @@ import attrs
 
 from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import LocalProtocolError, RemoteProtocolError
-from protocols.framing import POSTGRES_STARTUP, FrameSplitter
+from protocols.framing import POSTGRES_MESSAGE, POSTGRES_STARTUP, FrameSplitter
 from protocols.postgres.messages import (
     HEADER, MAX_CANCEL_KEY, MAX_STARTUP_PACKET, MIN_CANCEL_KEY, NEED_DATA, PAUSED,
     BackendKeyData, CancelRequest, ConnectionClosed, ErrorResponse, GSSENCRequest,
@@ -355,9 +355,7 @@ class StartupRelay:
 
     def _start(self, out: bytearray) -> None:
         type_code, length = HEADER.unpack(self._header)
-        if length < 4:
-            raise protocol_violation(f"invalid message length {length}")
-        body = length - 4
+        body = POSTGRES_MESSAGE.frame_size(length, POSTGRES_MESSAGE.max_length) - 5
         held = (type_code == b"K" and body <= _KEY_MAX_BODY) or type_code == b"Z" or (
             type_code == b"E" and body <= _ERROR_MAX_BODY)
         self._type = type_code

@@ -351,6 +351,7 @@ def test_relay_streams_big_messages() -> None:
 
 @pytest.mark.parametrize("data", [
     b"S\x00\x00\x00\x03",  # length below 4
+    b"S\x40\x00\x00\x00",  # 1 GiB: more than a server may send
     b"K\x00\x00\x00\x04",  # empty BackendKeyData
     b"K\x00\x00\x00\x0b\x00\x00\x00\x01abc",  # 3-byte key
     b"K" + struct.pack(">I", 4 + 4 + 257) + b"\x00" * 261,  # key too long
