@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from protocols.auditor import StreamAuditor
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.framing import MYSQL_PACKET, Frame
-from protocols.signals import NEED_DATA, ConnectionClosed
-from tests.unit.protocols.feeding import FEEDS, fuzz, split
+from protocols.signals import ConnectionClosed
+from tests.unit.protocols.feeding import FEEDS, fuzz, pump, split
 
 COM_QUIT, COM_QUERY = 0x01, 0x03
 
@@ -38,15 +38,6 @@ def packet(seq: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "little") + bytes([seq]) + payload
 
 
-def pump(auditor: StreamAuditor, chunks: list[bytes]) -> list[object]:
-    events = []
-    for chunk in chunks:
-        auditor.receive_data(chunk)
-        while (event := auditor.next_event()) is not NEED_DATA:
-            events.append(event)
-            if isinstance(event, ConnectionClosed):
-                break
-    return events
 
 
 SESSION = (packet(0, bytes([COM_QUERY]) + b"select 1") + packet(1, b"x" * 40)

@@ -7,7 +7,7 @@ import tracemalloc
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -17,28 +17,14 @@ from protocols.postgres.audit import (
     CopyDoneEvent, CopyFailEvent, CopyResponseEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
     FunctionCallEvent, MessageEvent, ParseEvent, QueryEvent, ReadyForQueryEvent, TerminateEvent,
 )
-from protocols.postgres.messages import NEED_DATA, ConnectionClosed
+from protocols.postgres.messages import ConnectionClosed
+from tests.unit.protocols.feeding import FEEDS, fuzz, pump, split
 
-fuzz = settings(derandomize=True, database=None, deadline=None, max_examples=200)
 IN, OUT = CopyDirection.IN, CopyDirection.OUT
-FEEDS = ("whole", "bytewise")
 
 
-def split(data: bytes, how: str) -> list[bytes]:
-    if how == "whole":
-        return [data] if data else []
-    return [data[i : i + 1] for i in range(len(data))]
 
 
-def pump(auditor: FrontendAuditor | BackendAuditor, chunks: Iterable[bytes]) -> list[object]:
-    events: list[object] = []
-    for chunk in chunks:
-        auditor.receive_data(chunk)
-        while (event := auditor.next_event()) is not NEED_DATA:
-            events.append(event)
-            if isinstance(event, ConnectionClosed):
-                break
-    return events
 
 
 def enc(*messages: object) -> bytes:
