@@ -2,9 +2,13 @@
 
 Nothing in this package awaits, opens sockets, touches TLS or reads a clock;
 the I/O lives in ``gateway/``. Each protocol raises only the two error
-families of :mod:`protocols.errors`.
+families of :mod:`protocols.errors`, answers ``next_event()`` with the one
+set of :mod:`protocols.signals`, reads length-prefixed frames with
+:mod:`protocols.framing`, and audits a relayed stream on
+:mod:`protocols.auditor`.
 """
 
+from protocols.auditor import StreamAuditor
 from protocols.buffer import ReceiveBuffer
 from protocols.dial import (
     DIAL_VERSION,
@@ -22,6 +26,7 @@ from protocols.dial import (
     refusal_for,
 )
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocols.framing import Frame, FrameLayout, FrameSplitter
 from protocols.signals import ConnectionClosed, Signal
 
 __all__ = [
@@ -37,6 +42,9 @@ __all__ = [
     "DialEvent",
     "DialRequest",
     "ErrorCode",
+    "Frame",
+    "FrameLayout",
+    "FrameSplitter",
     "LocalProtocolError",
     "ProtocolError",
     "ReceiveBuffer",
@@ -44,5 +52,6 @@ __all__ = [
     "Role",
     "Signal",
     "State",
+    "StreamAuditor",
     "refusal_for",
 ]

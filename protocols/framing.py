@@ -108,7 +108,7 @@ class FrameLayout:
 
     @_length.default
     def _length_struct(self) -> struct.Struct | None:
-        start, end = self._field_span(self.length_field)
+        start, _ = self._field_span(self.length_field)
         code = self._codes()[self.length_field]
         if code.endswith("s"):
             return None  # read with int.from_bytes (MySQL's three bytes)

@@ -7,26 +7,40 @@ Theory of operation
 -------------------
 The relay copies every client -> server byte (after the startup phase) into a
 :class:`FrontendAuditor` and every server -> client byte into a
-:class:`BackendAuditor`, in whatever chunks it read them. Each is h11 style:
-``receive_data(bytes)`` (``b""`` for EOF), then ``next_event()`` until it
-returns ``NEED_DATA``. ``receive_data`` parses eagerly and never keeps a
-reference to the chunk, so the relay may reuse its buffers.
+:class:`BackendAuditor`, in whatever chunks it read them. Both are
+:class:`~protocols.auditor.StreamAuditor`\s over the PostgreSQL frame layout
+(``receive_data``, then ``next_event()`` until ``NEED_DATA``; no reference
+to a chunk is kept, so the relay may reuse its buffers).
 
-Memory is bounded whatever the peer sends. A :class:`~.messages.FrameSplitter`
-keeps a message whole only when it is at most ``max_message`` bytes (1 MiB by
-default) and keeps just a prefix (``max_text`` + 1 KiB) of a larger one: the
-event then carries what the prefix held and ``truncated=True``, and the rest
-of the body streams past uncounted except for its length. CopyData and
-DataRow bodies are never kept at all; consecutive CopyData messages are
-summed into one :class:`CopyDataEvent` (messages and bytes), handed out when
-the run ends. Statement text is cut to ``max_text`` bytes, with a flag.
-Password messages ('p') are never looked into.
+This runs on every message of every session, so each message is read only
+as far as an event needs it (issue 14):
+
+* server -> client: only ErrorResponse and COPY are read (and, with
+  ``completions``, CommandComplete and ReadyForQuery). DataRow,
+  RowDescription and everything else are skipped by their length, unread
+  and uncopied.
+* client -> server: Query, Parse, Execute, FunctionCall and CopyFail are
+  read; Bind up to its parameter count (its values only with
+  ``bind_values``); Sync, Flush, Describe, Close and password messages
+  ('p', never looked into) are skipped by their length unless
+  ``report_all`` asks for them.
+* CopyData is never kept: consecutive CopyData messages are counted from
+  their headers and summed into one :class:`CopyDataEvent` (messages and
+  bytes), handed out when the run ends.
+
+Memory is bounded whatever the peer sends: a message is kept whole only
+when it is at most ``max_message`` bytes (1 MiB by default), else as a
+prefix (``max_text`` + 1 KiB): the event then carries what the prefix held
+and ``truncated=True``, and the rest of the body streams past uncounted
+except for its length. Statement text is cut to ``max_text`` bytes, with a
+flag.
 
 Text is decoded as UTF-8 with replacement: the session's client_encoding
-may be anything, and an audit record must never fail over it. Framing and
-layout, though, are checked as strictly as the server checks them, so a
-malformed stream raises RemoteProtocolError (08P01) once the events before
-it have been handed out; the auditor is then poisoned.
+may be anything, and an audit record must never fail over it. Framing, and
+the layout of what is read, are checked as strictly as the server checks
+them, so a malformed stream raises RemoteProtocolError (08P01) once the
+events before it have been handed out; the auditor is then poisoned. What
+is skipped unread is not checked.
 """
 
 from __future__ import annotations
