@@ -7,8 +7,8 @@ Theory of operation
 -------------------
 The relay copies every client -> server byte (after the startup phase) into a
 :class:`FrontendAuditor` and every server -> client byte into a
-:class:`BackendAuditor`, in whatever chunks it read them. Both are
-:class:`~protocols.auditor.StreamAuditor`\s over the PostgreSQL frame layout
+:class:`BackendAuditor`, in whatever chunks it read them. Both are built on
+:class:`~protocols.auditor.StreamAuditor`, over the PostgreSQL frame layout
 (``receive_data``, then ``next_event()`` until ``NEED_DATA``; no reference
 to a chunk is kept, so the relay may reuse its buffers).
 
