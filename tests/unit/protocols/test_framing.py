@@ -104,6 +104,14 @@ def test_mysql_length_is_three_bytes_little_endian() -> None:
     assert MYSQL_PACKET.byteorder == "little" and MYSQL_PACKET.length_end == 3
 
 
+def test_a_header_may_skip_the_fields_nobody_reads() -> None:
+    # MongoDB's header with requestID and responseTo as pad bytes.
+    layout = FrameLayout(name="op", header="<i8xi", length_field=0, kind_field=1, uncounted=0,
+                         max_length=100)
+    frames, _ = read_all(FrameSplitter(layout), [mongo(2013, b"abc")])
+    assert frames == [Frame(2013, 3, b"abc")] and layout.length_end == 4
+
+
 def test_the_length_is_checked_as_soon_as_it_is_in() -> None:
     # Only the length field of a frame over the cap: no waiting for the rest.
     splitter = FrameSplitter(DIAL_FRAME)

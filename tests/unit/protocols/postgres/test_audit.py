@@ -225,6 +225,9 @@ VALUES = {"bind_values": True}
     (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\xff\xff\xff\xfe\x00\x00"), "negative length",
      VALUES),
     (m.frame(b"B", b"\x00\x00\x00\x01\x00\x07\x00\x00\x00\x00"), "format code"),
+    (m.frame(b"B", b"portal"), "without its NUL"),
+    (m.frame(b"B", b"\x00\x00\x00"), "truncated"),  # no format count
+    (m.frame(b"B", b"\x00\x00\x00\x01\x00\x00"), "truncated"),  # no parameter count
     (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x0aab"), "truncated", VALUES),
     (m.frame(b"E", b"\x00\x00\x00"), "truncated"),
     (m.frame(b"D", b"X\x00"), "statement or a portal", {"report_all": True}),
