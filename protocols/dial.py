@@ -51,6 +51,8 @@ import attrs
 
 from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocols.framing import DIAL_FRAME, FrameSplitter
+from protocols.signals import NEED_DATA, PAUSED, Signal
 
 __all__ = [
     "DIAL_VERSION", "SUPPORTED_VERSIONS", "MAX_FRAME", "DEFAULT_MAX_BUFFER_SIZE",
@@ -61,7 +63,7 @@ __all__ = [
 
 DIAL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final[tuple[int, ...]] = (1,)
-MAX_FRAME: Final = 65536  # largest allowed value of the length field
+MAX_FRAME: Final = DIAL_FRAME.max_length  # largest allowed value of the length field (65536)
 # What a connection buffers at most: one whole frame, plus room for the
 # relayed protocol's first bytes that may share reads with it (a client may
 # pipeline them right behind its request). A caller that reads at most 64 KiB
@@ -70,7 +72,7 @@ MAX_FRAME: Final = 65536  # largest allowed value of the length field
 DEFAULT_MAX_BUFFER_SIZE: Final = 256 * 1024
 
 _LENGTH = struct.Struct(">I")
-_HEADER = struct.Struct(">IBB")  # length, version, type
+_HEADER = DIAL_FRAME.header  # length, version, type
 _PREFIX = _LENGTH.size + 1  # enough to judge length and version
 
 MAX_RESOURCE: Final = 253  # a DNS name's limit, so a resource name can be a host name
@@ -154,20 +156,6 @@ _ON_PEER_ERROR: Final[Mapping[tuple[Role, State], State]] = {
 _HAS_SENT: Final = frozenset({State.AWAIT_ANSWER, State.ACCEPTED, State.REFUSED})
 
 
-class Signal(enum.Enum):
-    """What next_event() returns when it has no event."""
-
-    NEED_DATA = "NEED_DATA"  # feed more bytes (or EOF), then ask again
-    PAUSED = "PAUSED"  # the peer's frame is in; the rest is trailing_data
-
-    def __repr__(self) -> str:
-        return self.name
-
-    __str__ = __repr__
-
-
-NEED_DATA: Final = Signal.NEED_DATA
-PAUSED: Final = Signal.PAUSED
 
 
 # --- validation ----------------------------------------------------------
@@ -489,6 +477,7 @@ class DialConnection(BufferedReceiver):
         self.their_role: Final = Role.SERVER if our_role is Role.CLIENT else Role.CLIENT
         self._states = {Role.CLIENT: State.SEND_REQUEST, Role.SERVER: State.AWAIT_REQUEST}
         self._buffer = ReceiveBuffer(max_buffer_size)
+        self._splitter = FrameSplitter(DIAL_FRAME, max_length=MAX_FRAME)
         self._eof = False
         self._error: RemoteProtocolError | None = None
 
@@ -555,27 +544,22 @@ class DialConnection(BufferedReceiver):
         buf = self._buffer
         # Decisions need length *and* version: a newer peer's frame may be
         # larger than ours allow, and it must hear "unsupported version", not
-        # "too large", however the bytes happen to be chunked.
+        # "too large", however the bytes happen to be chunked. (A length too
+        # short to hold a version makes a bad frame whatever follows it.)
         prefix = buf.peek(_PREFIX)
         if prefix is None:
             return self._short(None)
-        (length,) = _LENGTH.unpack_from(prefix)
         version = prefix[_LENGTH.size]
-        if length < 2:
-            raise RemoteProtocolError(f"dial frame length {length} is below the minimum of 2")
-        if version not in SUPPORTED_VERSIONS:
+        if version not in SUPPORTED_VERSIONS and DIAL_FRAME.length_of(prefix) >= 2:
             raise RemoteProtocolError(
                 f"dial protocol version {version} is not supported "
                 f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})",
                 code=ErrorCode.UNSUPPORTED_VERSION,
             )
-        if length > MAX_FRAME:
-            raise RemoteProtocolError(f"dial frame length {length} exceeds the maximum {MAX_FRAME}")
-        frame = buf.consume_exactly(_LENGTH.size + length)
+        frame = self._splitter.read_frame(buf)  # judges the length
         if frame is None:
-            return self._short(_LENGTH.size + length)
-        buf.commit()
-        return _decode(frame[_PREFIX], frame[_HEADER.size :])
+            return self._short(_LENGTH.size + DIAL_FRAME.length_of(prefix))
+        return _decode(frame.kind, frame.body)
 
     def _short(self, frame_size: int | None) -> Literal[Signal.NEED_DATA]:
         if not self._eof:

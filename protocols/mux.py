@@ -55,6 +55,15 @@ buffered whole, and its first bytes reach the socket while the rest is
 still on the wire. The header is checked (window, stream state) before any
 of it is delivered.
 
+The header layout, its errors and NEED_DATA are the shared ones
+(:data:`protocols.framing.MUX_FRAME`, :mod:`protocols.signals`), but not the
+splitter's buffer: a relay hands its read buffer over ``borrowed`` and gets
+DATA back as memoryviews into it, pieces of a frame as they come, so the
+bytes of a session are never copied here. A
+:class:`~protocols.framing.FrameSplitter` copies what it keeps and yields
+whole frames; this is the per-message hot path of every session, and a
+micro-benchmark (tests/unit/protocols/microbench.py) keeps it honest.
+
 :class:`MuxConnection` is sans-I/O, in the h11 manner: ``receive_data`` takes
 plaintext from the TLS connection, ``next_event`` returns one event or
 ``NEED_DATA``, and the ``send_*`` methods return the bytes to write. It keeps
@@ -73,8 +82,10 @@ from typing import Final, Literal, Union
 
 import attrs
 
-from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest, Signal, decode_event, encode_event
+from protocols.dial import DialAccept, DialError, DialRequest, decode_event, encode_event
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from protocols.framing import MUX_FRAME
+from protocols.signals import NEED_DATA, Signal
 
 __all__ = [
     "ALPN", "EARLY_DATA", "HEADER", "INITIAL_WINDOW", "MAX_DATA", "MAX_REASON", "MAX_STREAM_ID", "NEED_DATA",
@@ -84,7 +95,7 @@ __all__ = [
 
 ALPN: Final = "wicket-mux"
 
-HEADER: Final = struct.Struct(">BII")  # type, stream, length
+HEADER: Final = MUX_FRAME.header  # type, stream, length
 INITIAL_WINDOW: Final = 2 * 1024 * 1024
 EARLY_DATA: Final = 64 * 1024  # DATA the gateway may send on a stream before its REPLY
 MAX_DATA: Final = 256 * 1024
@@ -185,9 +196,7 @@ class _Stream:
             self.early_left -= n
 
 
-def _remote(message: str) -> RemoteProtocolError:
-    return RemoteProtocolError(message, code=ErrorCode.BAD_REQUEST)
-
+_remote = MUX_FRAME.error  # the peer broke the protocol: BAD_REQUEST
 
 def _local(message: str) -> LocalProtocolError:
     return LocalProtocolError(message, code=ErrorCode.INTERNAL_ERROR)

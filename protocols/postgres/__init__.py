@@ -1,7 +1,8 @@
 """protocols.postgres: the PostgreSQL wire protocol (3.0), sans-I/O.
 
-* :mod:`.messages`: message classes with ``encode()``, decoders, the
-  streaming :class:`FrameSplitter`, SQLSTATE vocabulary and refusals.
+* :mod:`.messages`: one module per job: framing, startup packets, frontend
+  and backend message classes with ``encode()`` and decoders, the SQLSTATE
+  vocabulary and refusals.
 * :mod:`.frontend`: the gateway playing the server to a local client:
   :class:`StartupConnection` (SSLRequest, GSSENCRequest, direct TLS,
   CancelRequest, StartupMessage), :func:`negotiation_for`, and

@@ -7,41 +7,55 @@ Theory of operation
 -------------------
 The relay copies every client -> server byte (after the startup phase) into a
 :class:`FrontendAuditor` and every server -> client byte into a
-:class:`BackendAuditor`, in whatever chunks it read them. Each is h11 style:
-``receive_data(bytes)`` (``b""`` for EOF), then ``next_event()`` until it
-returns ``NEED_DATA``. ``receive_data`` parses eagerly and never keeps a
-reference to the chunk, so the relay may reuse its buffers.
+:class:`BackendAuditor`, in whatever chunks it read them. Both are built on
+:class:`~protocols.auditor.StreamAuditor`, over the PostgreSQL frame layout
+(``receive_data``, then ``next_event()`` until ``NEED_DATA``; no reference
+to a chunk is kept, so the relay may reuse its buffers).
 
-Memory is bounded whatever the peer sends. A :class:`~.messages.FrameSplitter`
-keeps a message whole only when it is at most ``max_message`` bytes (1 MiB by
-default) and keeps just a prefix (``max_text`` + 1 KiB) of a larger one: the
-event then carries what the prefix held and ``truncated=True``, and the rest
-of the body streams past uncounted except for its length. CopyData and
-DataRow bodies are never kept at all; consecutive CopyData messages are
-summed into one :class:`CopyDataEvent` (messages and bytes), handed out when
-the run ends. Statement text is cut to ``max_text`` bytes, with a flag.
-Password messages ('p') are never looked into.
+This runs on every message of every session, so each message is read only
+as far as an event needs it (issue 14):
+
+* server -> client: only ErrorResponse and COPY are read (and, with
+  ``completions``, CommandComplete and ReadyForQuery). DataRow,
+  RowDescription and everything else are skipped by their length, unread
+  and uncopied.
+* client -> server: Query, Parse, Execute, FunctionCall and CopyFail are
+  read; Bind up to its parameter count (its values only with
+  ``bind_values``); Sync, Flush, Describe, Close and password messages
+  ('p', never looked into) are skipped by their length unless
+  ``report_all`` asks for them.
+* CopyData is never kept: consecutive CopyData messages are counted from
+  their headers and summed into one :class:`CopyDataEvent` (messages and
+  bytes), handed out when the run ends.
+
+Memory is bounded whatever the peer sends: a message is kept whole only
+when it is at most ``max_message`` bytes (1 MiB by default), else as a
+prefix (``max_text`` + 1 KiB): the event then carries what the prefix held
+and ``truncated=True``, and the rest of the body streams past uncounted
+except for its length. Statement text is cut to ``max_text`` bytes, with a
+flag.
 
 Text is decoded as UTF-8 with replacement: the session's client_encoding
-may be anything, and an audit record must never fail over it. Framing and
-layout, though, are checked as strictly as the server checks them, so a
-malformed stream raises RemoteProtocolError (08P01) once the events before
-it have been handed out; the auditor is then poisoned.
+may be anything, and an audit record must never fail over it. Framing, and
+the layout of what is read, are checked as strictly as the server checks
+them, so a malformed stream raises RemoteProtocolError (08P01) once the
+events before it have been handed out; the auditor is then poisoned. What
+is skipped unread is not checked.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
+import struct
 from collections.abc import Callable
 from typing import Final, Literal, NoReturn, Union
 
 import attrs
 
-from protocols.errors import LocalProtocolError, RemoteProtocolError
+from protocols.auditor import StreamAuditor
+from protocols.framing import POSTGRES_MESSAGE, Frame
 from protocols.postgres.messages import (
-    FRONTEND_TYPES, MAX_MESSAGE_LENGTH, NEED_DATA, ConnectionClosed, Frame, FrameSplitter, Signal,
-    protocol_violation,
+    FRONTEND_TYPES, MAX_MESSAGE_LENGTH, ConnectionClosed, Signal, protocol_violation,
 )
 
 __all__ = [
@@ -55,6 +69,8 @@ __all__ = [
 DEFAULT_MAX_TEXT: Final = 16 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1024 * 1024
 _PREFIX_SLACK: Final = 1024  # room for names and counts ahead of the text
+_U16 = struct.Struct(">H")
+_I32 = struct.Struct(">i")
 
 
 class CopyDirection(enum.Enum):
@@ -292,66 +308,25 @@ def _text(data: bytes, limit: int) -> tuple[str, bool]:
 # --- the auditors --------------------------------------------------------------------
 
 
-class _Auditor:
-    """Shared machinery: a splitter, an event queue, the CopyData run, EOF."""
+class _Auditor(StreamAuditor):
+    """What both directions share: PostgreSQL framing, the bounds, and the
+    CopyData run (counted from the headers, bodies skipped unseen)."""
 
     _direction: CopyDirection
 
     def __init__(self, *, max_text: int, max_message: int, max_length: int) -> None:
         if max_text < 1 or max_message < 1:
             raise ValueError("max_text and max_message must be positive")
+        super().__init__(POSTGRES_MESSAGE, max_length=max_length)
         self._max_text = max_text
         self._max_message = max_message
         self._prefix = max_text + _PREFIX_SLACK
-        self._splitter = FrameSplitter(self._keep, max_length=max_length)
-        self._events: deque[object] = deque()
         self._copy_messages = 0
         self._copy_bytes = 0
-        self._ended = False  # a Terminate was seen: stop parsing
-        self._eof = False
-        self._closed: ConnectionClosed | None = None
-        self._error: RemoteProtocolError | None = None
-        self.messages_seen = 0
-        self.bytes_seen = 0
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Parse a copy of the next bytes of the stream; ``b""`` for EOF.
-        Never raises for the peer's sake: next_event() does, in order."""
-        if not data:
-            if not self._eof:
-                self._eof = True
-                if self._error is None:
-                    self._flush_copy()
-                    self._closed = ConnectionClosed(clean=self._splitter.at_boundary)
-            return
-        if self._eof:
-            raise LocalProtocolError("receive_data() got bytes after EOF (b'')")
-        self.bytes_seen += len(data)
-        if self._error is not None or self._ended:
-            return
-        try:
-            for frame in self._splitter.feed(data):
-                self.messages_seen += 1
-                if frame.type_code == b"d":
-                    self._copy_messages += 1
-                    self._copy_bytes += frame.body_length
-                    continue
-                self._flush_copy()
-                self._on_frame(frame)
-                if self._ended:
-                    break
-        except RemoteProtocolError as exc:
-            self._error = exc
-
-    def next_event(self) -> object:
-        if self._events:
-            return self._events.popleft()
-        if self._error is not None:
-            err = self._error
-            raise RemoteProtocolError(err.message, code=err.code, wire_hint=err.wire_hint) from err
-        if self._closed is not None:
-            return self._closed
-        return NEED_DATA
+    def _count_copy(self, size: int) -> None:
+        self._copy_messages += 1
+        self._copy_bytes += size
 
     def _flush_copy(self) -> None:
         if self._copy_messages:
@@ -360,25 +335,28 @@ class _Auditor:
                                               bytes=self._copy_bytes))
             self._copy_messages = self._copy_bytes = 0
 
+    _on_eof = _flush_copy
+
     def _whole_or_prefix(self, size: int) -> int:
         return size if size <= self._max_message else self._prefix
 
-    # Provided by each subclass: how much of a message to keep (or raise, for
-    # a type the stream may not carry), and what a kept frame means.
-    _keep: Callable[[bytes, int], int]
-    _on_frame: Callable[[Frame], None]
 
-
-# Frontend messages with no body at all.
+# How much of each frontend message the events need. Bodies of the types in
+# _EMPTY_FRONTEND must be empty; _QUIET ones make no event of their own and
+# are skipped by their length unless report_all asks for a MessageEvent.
 _EMPTY_FRONTEND: Final = frozenset({b"S", b"H", b"c", b"X"})
+_QUIET: Final = frozenset({b"S", b"H", b"D", b"C", b"p"})
 
 
 class FrontendAuditor(_Auditor):
     """Audit events from the client -> server stream (after startup).
 
-    ``bind_values`` adds Bind parameter values to BindEvent (each cut to
-    ``max_value`` bytes); ``report_all`` adds a MessageEvent for every
-    message that has no event of its own.
+    Query, Parse, Execute, FunctionCall, CopyFail and CopyDone make events;
+    Bind is read up to its parameter count (the values only with
+    ``bind_values``, each cut to ``max_value`` bytes). Sync, Flush, Describe,
+    Close and password messages are skipped by their length, unless
+    ``report_all`` asks for a MessageEvent for each (Describe and Close are
+    then checked too).
     """
 
     _direction = CopyDirection.IN
@@ -392,23 +370,30 @@ class FrontendAuditor(_Auditor):
         self._max_value = max_value
         self._report_all = report_all
 
-    def next_event(self) -> FrontendEvent | Literal[Signal.NEED_DATA]:  # type: ignore[override]
+    def next_event(self) -> FrontendEvent | Literal[Signal.NEED_DATA]:
         """The next event, or NEED_DATA; after EOF, ConnectionClosed forever.
         Raises RemoteProtocolError (08P01) for a malformed stream."""
-        return super().next_event()  # type: ignore[return-value]
+        return super().next_event()  # type: ignore[no-any-return]
 
-    def _keep(self, type_code: bytes, size: int) -> int:
+    def _keep(self, type_code: bytes, size: int) -> int | None:
+        if type_code == b"d":
+            self._count_copy(size)
+            return None
         if type_code not in FRONTEND_TYPES:
             raise protocol_violation(f"invalid frontend message type {type_code!r}")
-        if type_code in _EMPTY_FRONTEND:
-            if size:
-                raise protocol_violation(f"invalid length for message type {type_code!r}")
-            return 0
-        if type_code in (b"d", b"p"):
-            return 0  # CopyData is counted; password messages are never read
+        if type_code in _EMPTY_FRONTEND and size:
+            raise protocol_violation(f"invalid length for message type {type_code!r}")
+        if type_code in _QUIET:
+            if not self._report_all:
+                return None
+            return 0 if type_code in (b"S", b"H", b"p") else self._whole_or_prefix(size)
+        if type_code == b"B" and not self._bind_values:
+            return min(size, self._prefix)  # the count comes before the values
         return self._whole_or_prefix(size)
 
     def _on_frame(self, frame: Frame) -> None:
+        if self._copy_messages:
+            self._flush_copy()
         handler = _FRONTEND_HANDLERS.get(frame.type_code)
         event = handler(self, frame) if handler is not None else None
         if event is None and self._report_all:
@@ -442,6 +427,10 @@ class FrontendAuditor(_Auditor):
                           param_types=count)
 
     def _bind(self, frame: Frame) -> BindEvent:
+        if not self._bind_values and frame.complete:
+            event = self._bind_head(frame)
+            if event is not None:
+                return event
         r = _Fields(frame, "Bind")
         portal = statement = b""
         count: int | None = None
@@ -456,18 +445,9 @@ class FrontendAuditor(_Auditor):
             if not whole:
                 raise _Cut
             formats, count = r.counted("a parameter")
-            for _ in range(count):
-                size = r.length("a parameter")
-                if size == -1:
-                    values.append(None)
-                    continue
-                value, whole = r.partial(size)
-                values.append(value[: self._max_value])
-                cut = cut or size > self._max_value
-                if not whole:
-                    raise _Cut
-            r.formats()  # result column formats
-            r.end()
+            # Without the values, the event lacks nothing but what was never
+            # read: it is whole if the message was.
+            cut = self._bind_values_of(r, count, values) if self._bind_values else not frame.complete
         except _Cut:
             cut = True
         return BindEvent(portal=_text(portal, self._max_text)[0],
@@ -476,7 +456,56 @@ class FrontendAuditor(_Auditor):
                          values=tuple(values) if self._bind_values else None,
                          truncated=cut, size=frame.body_length)
 
+    def _bind_head(self, frame: Frame) -> BindEvent | None:
+        """The common case of :meth:`_bind`, without its reader: a whole Bind
+        read only up to its parameter count. None if anything is off (the
+        reader then says what)."""
+        body = frame.body
+        portal_end = body.find(b"\x00")
+        statement_end = body.find(b"\x00", portal_end + 1)
+        if portal_end < 0 or statement_end < 0:
+            return None
+        pos = statement_end + 1
+        if len(body) < pos + 2:
+            return None
+        (n_formats,) = _U16.unpack_from(body, pos)
+        count_at = pos + 2 + 2 * n_formats
+        if len(body) < count_at + 2:
+            return None
+        formats = struct.unpack_from(f">{n_formats}h", body, pos + 2) if n_formats else ()
+        (count,) = _U16.unpack_from(body, count_at)
+        if any(code not in (0, 1) for code in formats) or n_formats not in (0, 1, count):
+            return None
+        limit = self._max_text
+        return BindEvent(portal=_text(body[:portal_end], limit)[0],
+                         statement=_text(body[portal_end + 1 : statement_end], limit)[0],
+                         param_count=count, param_formats=formats, values=None,
+                         truncated=False, size=frame.body_length)
+
+    def _bind_values_of(self, r: _Fields, count: int, values: list[bytes | None]) -> bool:
+        """Read Bind's ``count`` values (and the rest of it) into ``values``;
+        whether any was cut to max_value."""
+        cut = False
+        for _ in range(count):
+            size = r.length("a parameter")
+            if size == -1:
+                values.append(None)
+                continue
+            value, whole = r.partial(size)
+            values.append(value[: self._max_value])
+            cut = cut or size > self._max_value
+            if not whole:
+                raise _Cut
+        r.formats()  # result column formats
+        r.end()
+        return cut
+
     def _execute(self, frame: Frame) -> ExecuteEvent:
+        body = frame.body
+        end = len(body) - 5
+        if end >= 0 and body.find(b"\x00") == end:  # the common case, whole
+            return ExecuteEvent(portal=_text(body[:end], self._max_text)[0],
+                                max_rows=_I32.unpack_from(body, end + 1)[0])
         r = _Fields(frame, "Execute")
         portal, _ = r.cstring()
         try:
@@ -512,7 +541,8 @@ class FrontendAuditor(_Auditor):
         return CopyFailEvent(message=text, truncated=cut or not whole)
 
     def _target(self, frame: Frame) -> None:
-        # Describe and Close: checked, but reported only as a MessageEvent.
+        # Describe and Close (read only for report_all): checked, but
+        # reported only as a MessageEvent.
         r = _Fields(frame, "Describe" if frame.type_code == b"D" else "Close")
         if r.raw(1) not in (b"S", b"P"):
             raise protocol_violation("Describe/Close must name a statement or a portal")
@@ -539,37 +569,48 @@ _FRONTEND_HANDLERS: Final[dict[bytes, Callable[[FrontendAuditor, Frame], object]
 
 _COPY_RESPONSES: Final = {b"G": CopyDirection.IN, b"H": CopyDirection.OUT,
                           b"W": CopyDirection.BOTH}
-_AUDITED_BACKEND: Final = frozenset({b"E", b"C", b"Z", b"c", *_COPY_RESPONSES})
+# What the backend auditor reads: errors and COPY; with ``completions``,
+# CommandComplete and ReadyForQuery too. Everything else (DataRow,
+# RowDescription, BindComplete, notices...) is skipped by its length.
+_BACKEND_READ: Final = frozenset({b"E", b"c", b"d", *_COPY_RESPONSES})
+_COMPLETIONS: Final = frozenset({b"C", b"Z"})
 
 
 class BackendAuditor(_Auditor):
     """Audit events from the server -> client stream (after startup):
-    errors, command tags, COPY starts, CopyData totals, ReadyForQuery.
-    Message types it does not know are skipped (a newer server may add some)."""
+    errors, COPY starts, CopyData totals and CopyDone; with
+    ``completions=True`` also CommandComplete and ReadyForQuery (a decode per
+    statement and per transaction that the cluster's audit does not need).
+    Every other message, known or not (a newer server may add some), is
+    skipped by its length, unread."""
 
     _direction = CopyDirection.OUT
 
     def __init__(self, *, max_text: int = DEFAULT_MAX_TEXT,
-                 max_message: int = DEFAULT_MAX_MESSAGE,
+                 max_message: int = DEFAULT_MAX_MESSAGE, completions: bool = False,
                  max_length: int = MAX_MESSAGE_LENGTH) -> None:
         super().__init__(max_text=max_text, max_message=max_message, max_length=max_length)
+        self._read = _BACKEND_READ | _COMPLETIONS if completions else _BACKEND_READ
 
-    def next_event(self) -> BackendEvent | Literal[Signal.NEED_DATA]:  # type: ignore[override]
+    def next_event(self) -> BackendEvent | Literal[Signal.NEED_DATA]:
         """The next event, or NEED_DATA; after EOF, ConnectionClosed forever.
         Raises RemoteProtocolError (08P01) for a malformed stream."""
-        return super().next_event()  # type: ignore[return-value]
+        return super().next_event()  # type: ignore[no-any-return]
 
-    def _keep(self, type_code: bytes, size: int) -> int:
+    def _keep(self, type_code: bytes, size: int) -> int | None:
+        if type_code not in self._read:
+            return None  # DataRow, RowDescription, ...: the per-row path is this
+        if type_code == b"d":
+            self._count_copy(size)
+            return None
         if (type_code == b"Z" and size != 1) or (type_code == b"c" and size):
             raise protocol_violation(f"invalid length for message type {type_code!r}")
-        if type_code in (b"E", b"C", b"Z") or type_code in _COPY_RESPONSES:
-            return self._whole_or_prefix(size)
-        return 0  # DataRow, RowDescription, notices, ...: not audited
+        return self._whole_or_prefix(size)
 
     def _on_frame(self, frame: Frame) -> None:
+        if self._copy_messages:
+            self._flush_copy()
         type_code = frame.type_code
-        if type_code not in _AUDITED_BACKEND:
-            return
         r = _Fields(frame, f"backend message {type_code!r}")
         if type_code == b"E":
             self._events.append(self._error_event(r))

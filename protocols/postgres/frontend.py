@@ -43,6 +43,7 @@ import attrs
 
 from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import LocalProtocolError, RemoteProtocolError
+from protocols.framing import POSTGRES_MESSAGE, POSTGRES_STARTUP, FrameSplitter
 from protocols.postgres.messages import (
     HEADER, MAX_CANCEL_KEY, MAX_STARTUP_PACKET, MIN_CANCEL_KEY, NEED_DATA, PAUSED,
     BackendKeyData, CancelRequest, ConnectionClosed, ErrorResponse, GSSENCRequest,
@@ -108,6 +109,7 @@ class StartupConnection(BufferedReceiver):
             raise ValueError(f"max_buffer_size must hold a whole startup packet "
                              f"({MAX_STARTUP_PACKET} bytes)")
         self._buffer = ReceiveBuffer(max_buffer_size)
+        self._splitter = FrameSplitter(POSTGRES_STARTUP)
         self._state = State.AWAIT_PACKET
         self._ssl_done = False  # an SSLRequest was answered (or TLS is up)
         self._gss_done = False  # a GSSENCRequest was answered (or TLS is up)
@@ -181,15 +183,11 @@ class StartupConnection(BufferedReceiver):
             # As a length this would be over 350 MB: it can only be a TLS
             # record, from a client that skips the SSLRequest.
             return DirectTLS()
-        length = int.from_bytes(head, "big")
-        if not 8 <= length <= MAX_STARTUP_PACKET:
-            raise protocol_violation("invalid length of startup packet")
-        packet = buf.consume_exactly(length)
+        packet = self._splitter.read_frame(buf)  # judges the length (08P01)
         if packet is None:
             return self._short()
-        buf.commit()
         self._fresh = False
-        return self._check(decode_startup_packet(packet[4:]))
+        return self._check(decode_startup_packet(packet.body))
 
     def _check(self, event: StartupEvent) -> StartupEvent:
         flag = _REFUSED_WHEN.get(type(event))
@@ -357,9 +355,7 @@ class StartupRelay:
 
     def _start(self, out: bytearray) -> None:
         type_code, length = HEADER.unpack(self._header)
-        if length < 4:
-            raise protocol_violation(f"invalid message length {length}")
-        body = length - 4
+        body = POSTGRES_MESSAGE.frame_size(length, POSTGRES_MESSAGE.max_length) - 5
         held = (type_code == b"K" and body <= _KEY_MAX_BODY) or type_code == b"Z" or (
             type_code == b"E" and body <= _ERROR_MAX_BODY)
         self._type = type_code

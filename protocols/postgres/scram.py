@@ -51,12 +51,13 @@ import attrs
 
 from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from protocols.framing import POSTGRES_MESSAGE, FrameSplitter
 from protocols.postgres.messages import (
-    HEADER, AuthenticationCleartextPassword, AuthenticationMD5Password, AuthenticationOk,
+    AuthenticationCleartextPassword, AuthenticationMD5Password, AuthenticationOk,
     AuthenticationOther, AuthenticationSASL, AuthenticationSASLContinue, AuthenticationSASLFinal,
     BackendKeyData, ErrorResponse, NegotiateProtocolVersion, NoticeResponse, ParameterStatus,
     NEED_DATA, PAUSED, PasswordMessage, ReadyForQuery, SASLInitialResponse, SASLResponse, Signal,
-    SqlState, StartupMessage, decode_backend, error_code_for_sqlstate,
+    SqlState, StartupMessage, decode_backend, error_code_for_sqlstate, frame,
 )
 
 __all__ = [
@@ -389,6 +390,7 @@ class UpstreamLogin(BufferedReceiver):
         self._nonce = scram_nonce
         # The buffer holds unparsed bytes: a couple of messages at most.
         self._buffer = ReceiveBuffer(2 * (max_message_size + 5))
+        self._splitter = FrameSplitter(POSTGRES_MESSAGE, max_length=max_message_size + 4)
         self._state = LoginState.AWAIT_AUTH
         self._status = "I"
         self._method = AuthMethod.TRUST
@@ -464,20 +466,11 @@ class UpstreamLogin(BufferedReceiver):
         self._state = LoginState.ERROR
 
     def _read_message(self) -> tuple[bytes, object] | None:
-        buf = self._buffer
-        head = buf.peek(5)
-        if head is None:
+        message = self._splitter.read_frame(self._buffer)  # judges the length
+        if message is None:
             return None
-        type_code, length = HEADER.unpack(head)
-        if not 4 <= length <= self._max_message + 4:
-            raise _upstream_error(f"the upstream server sent a message of invalid length "
-                                  f"{length} during login")
-        raw = buf.consume_exactly(1 + length)
-        if raw is None:
-            return None
-        buf.commit()
-        message = decode_backend(type_code, raw[5:])
-        return raw, message
+        type_code, _, body = message
+        return frame(type_code, body), decode_backend(type_code, body)
 
     def _handle(self, item: tuple[bytes, object]) -> None:
         raw, message = item

@@ -7,7 +7,7 @@ import struct
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -16,19 +16,14 @@ from protocols.postgres.frontend import (
     DirectTLS, StartupConnection, StartupRelay, State, negotiation_for,
 )
 from protocols.postgres.messages import NEED_DATA, PAUSED, ConnectionClosed
+from tests.unit.protocols.feeding import FEEDS, fuzz, split
 
-fuzz = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 
 STARTUP = m.StartupMessage(parameters={"user": "alice", "database": "orders",
                                        "application_name": "psql", "client_encoding": "UTF8"})
-FEEDS = ("whole", "bytewise")
 TRAILING = (b"", m.Query(text="select 1").encode())
 
 
-def split(data: bytes, how: str) -> list[bytes]:
-    if how == "whole":
-        return [data] if data else []
-    return [data[i : i + 1] for i in range(len(data))]
 
 
 def pump(conn: StartupConnection, chunks: Iterable[bytes]) -> list[object]:
@@ -351,6 +346,7 @@ def test_relay_streams_big_messages() -> None:
 
 @pytest.mark.parametrize("data", [
     b"S\x00\x00\x00\x03",  # length below 4
+    b"S\x40\x00\x00\x00",  # 1 GiB: more than a server may send
     b"K\x00\x00\x00\x04",  # empty BackendKeyData
     b"K\x00\x00\x00\x0b\x00\x00\x00\x01abc",  # 3-byte key
     b"K" + struct.pack(">I", 4 + 4 + 257) + b"\x00" * 261,  # key too long

@@ -7,7 +7,7 @@ import struct
 from collections.abc import Callable, Iterable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.dial import (
@@ -15,8 +15,8 @@ from protocols.dial import (
     DialAccept, DialConnection, DialError, DialRequest, Role, State, refusal_for,
 )
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from tests.unit.protocols.feeding import FEEDS, fuzz, split
 
-fuzz = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 
 REQUEST = DialRequest(resource="orders-db", params={"db_user": "alice", "db_name": "orders"},
                       client_addr="127.0.0.1:50123")
@@ -36,12 +36,6 @@ def frame(body: bytes | str | object, *, ftype: int = 1, version: int = DIAL_VER
     return struct.pack(">IBB", length, version, ftype) + body
 
 
-def split(data: bytes, how: str) -> list[bytes]:
-    if how == "whole":
-        return [data]
-    if how == "bytewise":
-        return [data[i : i + 1] for i in range(len(data))]
-    raise AssertionError(how)
 
 
 def pump(conn: DialConnection, chunks: Iterable[bytes]) -> list[object]:
@@ -71,7 +65,6 @@ def server_error(data: bytes, how: str = "whole") -> tuple[DialConnection, Remot
     return conn, first_error(conn, split(data, how))
 
 
-FEEDS = ("whole", "bytewise")
 TRAILING = (b"", b"\x00\x00\x00\x08\x00\x03\x00\x00\x00\x00relayed bytes, not a dial frame")
 
 

@@ -10,18 +10,18 @@ import struct
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.postgres import messages as m
 from protocols.postgres.messages import NEED_DATA, PAUSED
+from tests.unit.protocols.feeding import fuzz, split
 from protocols.postgres.scram import (
     AuthMethod, LoginReady, LoginState, ScramSHA256Client, UpstreamLogin, UpstreamLoginError,
     md5_password, saslprep,
 )
 
-fuzz = settings(derandomize=True, database=None, deadline=None, max_examples=200)
 
 # RFC 7677 section 3: user "user", password "pencil".
 RFC_NONCE = "rOprNGfwEbeRWgbNEkqO"
@@ -242,10 +242,6 @@ def after_ok(status: str = "I") -> bytes:
             + KEY.encode() + m.ReadyForQuery(status=status).encode())
 
 
-def split(data: bytes, how: str) -> list[bytes]:
-    if how == "whole":
-        return [data]
-    return [data[i : i + 1] for i in range(len(data))]
 
 
 class Run:

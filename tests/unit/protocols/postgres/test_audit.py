@@ -7,7 +7,7 @@ import tracemalloc
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -17,28 +17,14 @@ from protocols.postgres.audit import (
     CopyDoneEvent, CopyFailEvent, CopyResponseEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
     FunctionCallEvent, MessageEvent, ParseEvent, QueryEvent, ReadyForQueryEvent, TerminateEvent,
 )
-from protocols.postgres.messages import NEED_DATA, ConnectionClosed
+from protocols.postgres.messages import ConnectionClosed
+from tests.unit.protocols.feeding import FEEDS, fuzz, pump, split
 
-fuzz = settings(derandomize=True, database=None, deadline=None, max_examples=200)
 IN, OUT = CopyDirection.IN, CopyDirection.OUT
-FEEDS = ("whole", "bytewise")
 
 
-def split(data: bytes, how: str) -> list[bytes]:
-    if how == "whole":
-        return [data] if data else []
-    return [data[i : i + 1] for i in range(len(data))]
 
 
-def pump(auditor: FrontendAuditor | BackendAuditor, chunks: Iterable[bytes]) -> list[object]:
-    events: list[object] = []
-    for chunk in chunks:
-        auditor.receive_data(chunk)
-        while (event := auditor.next_event()) is not NEED_DATA:
-            events.append(event)
-            if isinstance(event, ConnectionClosed):
-                break
-    return events
 
 
 def enc(*messages: object) -> bytes:
@@ -222,27 +208,36 @@ def test_50_mib_bind_and_100_mib_copy_in_bounded_memory() -> None:
     ]
 
 
-@pytest.mark.parametrize("data, words", [
+VALUES = {"bind_values": True}
+
+
+@pytest.mark.parametrize("data, words, options", [case if len(case) == 3 else (*case, {}) for case in [
     (b"?\x00\x00\x00\x04", "invalid frontend message type"),
-    (b"Q\x00\x00\x00\x03", "invalid message length"),
+    (b"Q\x00\x00\x00\x03", "length 3 is below the minimum of 4"),
     (b"S\x00\x00\x00\x05x", "invalid length"),
     (b"X\x00\x00\x00\x05x", "invalid length"),
     (m.frame(b"Q", b"select 1"), "without its NUL"),
     (m.frame(b"Q", b"a\x00b"), "trailing"),
     (m.frame(b"P", b"s\x00q\x00\x00"), "truncated"),
     (m.frame(b"B", b"\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00"), "format count"),
-    (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\xff\xff\xff\xfe\x00\x00"), "negative length"),
+    # The values (and what follows them) are only read when they are reported,
+    # Describe and Close only when every message is.
+    (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\xff\xff\xff\xfe\x00\x00"), "negative length",
+     VALUES),
     (m.frame(b"B", b"\x00\x00\x00\x01\x00\x07\x00\x00\x00\x00"), "format code"),
-    (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x0aab"), "truncated"),
+    (m.frame(b"B", b"portal"), "without its NUL"),
+    (m.frame(b"B", b"\x00\x00\x00"), "truncated"),  # no format count
+    (m.frame(b"B", b"\x00\x00\x00\x01\x00\x00"), "truncated"),  # no parameter count
+    (m.frame(b"B", b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x0aab"), "truncated", VALUES),
     (m.frame(b"E", b"\x00\x00\x00"), "truncated"),
-    (m.frame(b"D", b"X\x00"), "statement or a portal"),
+    (m.frame(b"D", b"X\x00"), "statement or a portal", {"report_all": True}),
     (m.frame(b"F", b"\x00\x00\x00\x01\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00"), "format count"),
     (m.frame(b"F", b"\x00\x00\x00\x01\x00\x00\x00\x01\xff\xff\xff\xf0\x00\x00"),
      "negative length"),
     (m.frame(b"F", b"\x00\x00\x00\x01\x00\x00\x00\x00\x00\x05"), "result format"),
-])
-def test_frontend_malformed(data: bytes, words: str) -> None:
-    auditor = FrontendAuditor()
+]])
+def test_frontend_malformed(data: bytes, words: str, options: dict[str, bool]) -> None:
+    auditor = FrontendAuditor(**options)
     # Events before the error come out first.
     assert pump(auditor, [m.Query(text="ok").encode()]) == [
         QueryEvent(text="ok", truncated=False, size=3)]
@@ -351,9 +346,22 @@ BACKEND_EVENTS = [
 
 @pytest.mark.parametrize("how", FEEDS)
 def test_backend_session(how: str) -> None:
-    auditor = BackendAuditor()
+    auditor = BackendAuditor(completions=True)
     events = pump(auditor, split(BACKEND_SESSION, how) + [b""])
     assert events == BACKEND_EVENTS + [ConnectionClosed(clean=True)]
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_backend_skips_completions_by_default(how: str) -> None:
+    # What the cluster audits: errors and COPY. CommandComplete and
+    # ReadyForQuery are skipped by their length, like DataRow, and so are
+    # their flaws (the cost of checking them is a decode per statement).
+    auditor = BackendAuditor()
+    events = pump(auditor, split(BACKEND_SESSION + b"Z\x00\x00\x00\x05X", how) + [b""])
+    completions = (CommandCompleteEvent, ReadyForQueryEvent)
+    assert events == [e for e in BACKEND_EVENTS if not isinstance(e, completions)] + [
+        ConnectionClosed(clean=True)]
+    assert auditor.messages_seen == 16
 
 
 def test_backend_error_fields() -> None:
@@ -368,7 +376,7 @@ def test_backend_error_fields() -> None:
 
 
 def test_backend_oversized_messages() -> None:
-    auditor = BackendAuditor(max_text=8, max_message=16)
+    auditor = BackendAuditor(max_text=8, max_message=16, completions=True)
     early = m.ErrorResponse(fields={"S": "ERROR", "C": "XX000", "M": "x" * 5000})
     late = m.ErrorResponse(fields={"M": "y" * 2000, "S": "FATAL"})
     # A prefix (max_text + 1 KiB) that ends right after a whole field.
@@ -399,7 +407,7 @@ def test_backend_oversized_messages() -> None:
     b"D\x00\x00\x00\x02",
 ])
 def test_backend_malformed(data: bytes) -> None:
-    auditor = BackendAuditor()
+    auditor = BackendAuditor(completions=True)
     auditor.receive_data(data)
     with pytest.raises(RemoteProtocolError) as info:
         auditor.next_event()
@@ -424,13 +432,13 @@ def test_backend_100_mib_copy_out() -> None:
 def test_backend_any_chunking(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(BACKEND_SESSION)]
     chunks = [BACKEND_SESSION[a:b] for a, b in zip(bounds, bounds[1:]) if a < b]
-    assert pump(BackendAuditor(), chunks) == BACKEND_EVENTS
+    assert pump(BackendAuditor(completions=True), chunks) == BACKEND_EVENTS
 
 
 @fuzz
 @given(data=st.binary(max_size=200), eof=st.booleans(), small=st.booleans())
 def test_backend_fuzz(data: bytes, eof: bool, small: bool) -> None:
-    auditor = BackendAuditor(max_text=4, max_message=8) if small else BackendAuditor()
+    auditor = BackendAuditor(max_text=4, max_message=8) if small else BackendAuditor(completions=True)
     try:
         pump(auditor, [data] + ([b""] if eof else []))
     except RemoteProtocolError:
