@@ -1,0 +1,312 @@
+"""The gateway's side of the connection phase: it plays the server to a local client.
+
+Spec: MySQL Source Code Documentation, "Client/Server Protocol", Connection
+Phase (Initial Handshake, SSL, Authentication Method Switch,
+caching_sha2_password's fast authentication); MariaDB docs, "Connection".
+
+Theory of operation
+-------------------
+The gateway knows who the user is from the session certificate, so it
+takes any password, or none: what it must get right is everything else the
+client will rely on afterwards, because once the connection phase is over
+the command phase is relayed byte for byte between the client and the
+upstream. So :class:`GatewayHandshake` greets the client with the
+**upstream's** version string, charset and status, and the upstream's
+capabilities minus what the gateway cannot carry (CLIENT_SSL unless local
+TLS is on, compression unless asked for, and the client-only bits), with a
+fresh nonce; the capabilities the client answers with (intersected with
+those) are what the cluster then asks the upstream for::
+
+    we: Handshake (seq 0)
+    client: SSLRequest (1)        -> StartTLS: start_tls(), TLS handshake,
+                                     then the response comes as seq 2
+    client: HandshakeResponse41   -> plugin mysql_native_password,
+                                     caching_sha2_password or
+                                     mysql_clear_password: ClientLogin
+                                  -> any other (client_ed25519, dialog,
+                                     sha256_password, ...): we send
+                                     AuthSwitchRequest(mysql_native_password)
+    client: AuthSwitchResponse    -> ClientLogin
+    we: accept(): [AuthMoreData 0x03 (caching_sha2 fast auth success)] OK
+        or refuse(): ERR
+
+h11 style: ``receive_data`` / ``next_event`` / ``data_to_send``. A client
+that breaks the protocol gets a RemoteProtocolError whose ``wire_hint`` is
+the MySQL error number to answer with (:meth:`GatewayHandshake.refuse`
+still works on a poisoned connection, with the right sequence id, so the
+client hears an ERR it can print rather than a dropped connection).
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Mapping
+from typing import Final, Literal, Union
+
+import attrs
+
+from protocols.buffer import BufferedReceiver, ReceiveBuffer
+from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocols.mysql import auth
+from protocols.mysql.constants import ERRNO_FOR_CODE, Capability, ErrorNumber
+from protocols.mysql.messages import (
+    AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
+    ServerInfo, SSLRequest, StartTLS,
+)
+from protocols.mysql.packets import PacketChannel, malformed
+from protocols.signals import NEED_DATA, PAUSED, ConnectionClosed, Signal
+
+__all__ = [
+    "GATEWAY_DROPS", "HandshakeState", "ClientLogin", "GatewayHandshake", "advertised",
+    "err_for", "new_scramble",
+]
+
+#: Capabilities the gateway never advertises: TLS and compression are its
+#: own decisions (parameters), the rest are client-side options or
+#: exchanges the gateway does not implement.
+GATEWAY_DROPS: Final = (Capability.SSL | Capability.COMPRESS
+                        | Capability.ZSTD_COMPRESSION_ALGORITHM
+                        | Capability.SSL_VERIFY_SERVER_CERT | Capability.REMEMBER_OPTIONS
+                        | Capability.MULTI_FACTOR_AUTHENTICATION
+                        | Capability.CAPABILITY_EXTENSION
+                        # Result sets without column definitions: the
+                        # auditor follows result sets by their metadata.
+                        | Capability.OPTIONAL_RESULTSET_METADATA
+                        | Capability.MARIADB_CACHE_METADATA)
+#: What the gateway's own connection phase needs.
+_GATEWAY_NEEDS: Final = (Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION
+                         | Capability.PLUGIN_AUTH)
+#: Plugins whose first answer the gateway takes as it is.
+_ONE_SHOT: Final = frozenset({auth.NATIVE_PASSWORD, auth.CACHING_SHA2_PASSWORD,
+                              auth.CLEAR_PASSWORD})
+_DEFAULT_MAX_MESSAGE: Final = 64 * 1024
+_TLS_HANDSHAKE: Final = 0x16
+
+
+def advertised(server: Capability, *, tls: bool, compression: bool = False,
+               drop: Capability = Capability(0)) -> Capability:
+    """The capabilities to greet a client with, for an upstream that has
+    ``server``: what it has, minus what the gateway cannot carry."""
+    caps = (server & ~GATEWAY_DROPS & ~drop) | _GATEWAY_NEEDS
+    if tls:
+        caps |= Capability.SSL
+    if compression:
+        caps |= server & Capability.COMPRESS
+    return caps
+
+
+def new_scramble() -> bytes:
+    """20 random printable bytes (servers avoid NUL: some clients treat the
+    nonce as a C string)."""
+    return bytes(33 + secrets.randbelow(94) for _ in range(auth.SCRAMBLE_LENGTH))
+
+
+def err_for(exc: ProtocolError) -> ErrPacket:
+    """The ERR a client should see for ``exc``: its wire hint when that is
+    an error number, else the number for its code."""
+    errno = exc.wire_hint if isinstance(exc.wire_hint, int) else ERRNO_FOR_CODE.get(
+        exc.code, ErrorNumber.ER_INTERNAL_ERROR)
+    return ErrPacket.of(errno, exc.message)
+
+
+class HandshakeState(enum.Enum):
+    AWAIT_RESPONSE = "AWAIT_RESPONSE"  # the greeting went out
+    TLS_DUE = "TLS_DUE"  # an SSLRequest came: start_tls()
+    AWAIT_SWITCH_RESPONSE = "AWAIT_SWITCH_RESPONSE"  # we asked for mysql_native_password
+    VERDICT_DUE = "VERDICT_DUE"  # ClientLogin handed out: accept() or refuse()
+    DONE = "DONE"
+    CLOSED = "CLOSED"  # the client hung up
+    ERROR = "ERROR"
+
+
+@attrs.frozen(kw_only=True)
+class ClientLogin:
+    """The client's login, its password (if any) set aside.
+    ``capabilities`` are the client's, within what we advertised: what the
+    session must run with upstream."""
+
+    username: str
+    database: str | None
+    capabilities: Capability
+    charset: int
+    max_packet_size: int
+    attributes: Mapping[str, str] = attrs.field(hash=False, repr=lambda m: repr(dict(m)))
+    plugin: str
+    tls: bool
+
+
+HandshakeEvent = Union[StartTLS, ClientLogin, ConnectionClosed]
+
+
+class GatewayHandshake(BufferedReceiver):
+    """The connection phase with a local client; see the module docstring."""
+
+    def __init__(self, server: ServerInfo, *, connection_id: int, tls: bool = False,
+                 compression: bool = False, drop: Capability = Capability(0),
+                 scramble: bytes | None = None,
+                 max_message_size: int = _DEFAULT_MAX_MESSAGE) -> None:
+        self._scramble = new_scramble() if scramble is None else scramble
+        if len(self._scramble) != auth.SCRAMBLE_LENGTH or b"\x00" in self._scramble:
+            raise ValueError("the scramble is 20 bytes without NUL")
+        self._caps = advertised(server.capabilities, tls=tls, compression=compression,
+                                drop=drop)
+        self._tls_offered = tls
+        self._tls = False
+        self._channel = PacketChannel(max_packet=max_message_size, what="client")
+        self._buffer = ReceiveBuffer(2 * (max_message_size + 4))
+        greeting = Handshake(server_version=server.server_version, connection_id=connection_id,
+                             auth_plugin_data=self._scramble + b"\x00", capabilities=self._caps,
+                             charset=server.charset, status=server.status,
+                             auth_plugin=auth.NATIVE_PASSWORD)
+        self._outbox = bytearray(self._channel.write(greeting.encode()))
+        self._state = HandshakeState.AWAIT_RESPONSE
+        self._response: HandshakeResponse | None = None
+        self._plugin = auth.NATIVE_PASSWORD
+        self._fast_auth = False
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def state(self) -> HandshakeState:
+        return self._state
+
+    @property
+    def capabilities(self) -> Capability:
+        """What the greeting advertised."""
+        return self._caps
+
+    def __repr__(self) -> str:
+        return f"<GatewayHandshake {self._state.name} tls={self._tls}>"
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def _overflowed(self, exc: RemoteProtocolError) -> None:
+        self._poison(RemoteProtocolError(exc.message, code=ErrorCode.BAD_REQUEST,
+                                         wire_hint=int(ErrorNumber.ER_NET_PACKET_TOO_LARGE)))
+
+    def _poison(self, exc: RemoteProtocolError) -> None:
+        self._error = exc
+        self._state = HandshakeState.ERROR
+
+    def next_event(self) -> HandshakeEvent | Literal[Signal.NEED_DATA, Signal.PAUSED]:
+        """StartTLS, ClientLogin, ConnectionClosed, NEED_DATA, or PAUSED
+        while a call of ours is due and once done. Raises
+        RemoteProtocolError (wire_hint: the error number) for a bad client."""
+        if self._error is not None:
+            err = self._error
+            raise RemoteProtocolError(err.message, code=err.code, wire_hint=err.wire_hint) from err
+        if self._state is HandshakeState.CLOSED:
+            return ConnectionClosed(clean=True)
+        if self._state not in (HandshakeState.AWAIT_RESPONSE,
+                               HandshakeState.AWAIT_SWITCH_RESPONSE):
+            return PAUSED
+        try:
+            payload = self._channel.read(self._buffer)
+            if payload is None:
+                if not self._eof:
+                    return NEED_DATA
+                if self._buffer or not self._channel.at_boundary:
+                    malformed("the client hung up in the middle of a packet",
+                              ErrorNumber.ER_NET_READ_ERROR)
+                self._state = HandshakeState.CLOSED
+                return ConnectionClosed(clean=True)
+            if self._state is HandshakeState.AWAIT_SWITCH_RESPONSE:
+                return self._login()  # any answer will do: we take any password
+            return self._on_response(payload)
+        except RemoteProtocolError as exc:
+            self._poison(exc)
+            raise
+
+    def _on_response(self, payload: bytes) -> HandshakeEvent:
+        message = HandshakeResponse.decode(payload)
+        if isinstance(message, SSLRequest):
+            if not self._tls_offered or self._tls:
+                malformed("an SSLRequest where TLS was not offered",
+                          ErrorNumber.ER_HANDSHAKE_ERROR)
+            self._state = HandshakeState.TLS_DUE
+            return StartTLS()
+        if Capability.SSL in message.capabilities and not self._tls:
+            malformed("the client claims TLS without an SSLRequest",
+                      ErrorNumber.ER_HANDSHAKE_ERROR)
+        self._response = message
+        if Capability.PLUGIN_AUTH in message.capabilities and message.auth_plugin:
+            self._plugin = message.auth_plugin
+        if self._plugin in _ONE_SHOT:
+            self._fast_auth = (self._plugin == auth.CACHING_SHA2_PASSWORD
+                               and bool(message.auth_response))
+            return self._login()
+        # A plugin we do not take at its first word: switch to the one we do.
+        self._plugin = auth.NATIVE_PASSWORD
+        self._outbox += self._channel.write(AuthSwitchRequest(
+            plugin=auth.NATIVE_PASSWORD, data=self._scramble + b"\x00").encode())
+        self._state = HandshakeState.AWAIT_SWITCH_RESPONSE
+        return self.next_event()
+
+    def _login(self) -> ClientLogin:
+        response = self._response
+        assert response is not None
+        self._state = HandshakeState.VERDICT_DUE
+        return ClientLogin(username=response.username, database=response.database or None,
+                           capabilities=response.capabilities & self._caps,
+                           charset=response.charset,
+                           max_packet_size=response.max_packet_size,
+                           attributes=response.attributes or {}, plugin=self._plugin,
+                           tls=self._tls)
+
+    def start_tls(self) -> bytes:
+        """After StartTLS: the bytes received since the SSLRequest, which
+        open the client's TLS handshake (feed them to the TLS object first);
+        feed decrypted bytes from then on."""
+        if self._state is not HandshakeState.TLS_DUE:
+            raise LocalProtocolError(f"start_tls() in state {self._state.name}")
+        hello = self._buffer.take_all()
+        if hello and hello[0] != _TLS_HANDSHAKE:
+            exc = RemoteProtocolError("the client sent plaintext after its SSLRequest",
+                                      code=ErrorCode.BAD_REQUEST,
+                                      wire_hint=int(ErrorNumber.ER_HANDSHAKE_ERROR))
+            self._poison(exc)
+            raise exc
+        self._tls = True
+        self._state = HandshakeState.AWAIT_RESPONSE
+        return hello
+
+    def accept(self, ok: OkPacket | None = None) -> bytes:
+        """Let the client in: [caching_sha2's fast auth success] then ``ok``
+        (by default an OK with the upstream's status). Returns the bytes to
+        send; ``trailing_data`` then holds what the client sent after."""
+        self._expect_verdict("accept")
+        out = bytearray()
+        if self._fast_auth:
+            out += self._channel.write(AuthMoreData(data=auth.FAST_AUTH_SUCCESS).encode())
+        assert self._response is not None
+        out += self._channel.write((ok or OkPacket()).encode(
+            self._response.capabilities & self._caps))
+        self._state = HandshakeState.DONE
+        return bytes(out)
+
+    def refuse(self, error: ErrPacket) -> bytes:
+        """Turn the client away with ``error`` (also after a
+        RemoteProtocolError); close the connection after sending it."""
+        if self._state not in (HandshakeState.ERROR, HandshakeState.VERDICT_DUE,
+                               HandshakeState.AWAIT_RESPONSE,
+                               HandshakeState.AWAIT_SWITCH_RESPONSE):
+            raise LocalProtocolError(f"refuse() in state {self._state.name}")
+        if self._state is not HandshakeState.ERROR:
+            self._state = HandshakeState.DONE
+        self._channel.abandon()
+        return self._channel.write(error.encode())
+
+    def _expect_verdict(self, what: str) -> None:
+        if self._state is not HandshakeState.VERDICT_DUE:
+            raise LocalProtocolError(f"{what}() in state {self._state.name}")
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        """Bytes the client sent after the connection phase, and EOF."""
+        if self._state is not HandshakeState.DONE:
+            raise LocalProtocolError("no trailing data before the connection phase is over")
+        return self._buffer.peek(len(self._buffer)) or b"", self._eof
