@@ -46,15 +46,14 @@ from typing import Final, Literal, Union
 
 import attrs
 
-from protocols.buffer import BufferedReceiver, ReceiveBuffer
-from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from protocols.errors import ErrorCode, RemoteProtocolError
 from protocols.mysql import auth
 from protocols.mysql.constants import Capability, ErrorNumber
 from protocols.mysql.messages import (
     AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
     ServerInfo, SSLRequest, StartTLS,
 )
-from protocols.mysql.packets import PacketChannel
+from protocols.mysql.phase import ConnectionPhase
 from protocols.signals import NEED_DATA, PAUSED, Signal
 
 __all__ = [
@@ -127,8 +126,11 @@ def _refuse(message: str) -> RemoteProtocolError:
 _Handler = Callable[["UpstreamLogin", bytes], Union[LoginEvent, None]]
 
 
-class UpstreamLogin(BufferedReceiver):
+class UpstreamLogin(ConnectionPhase[LoginState]):
     """Log in to an upstream server as ``user``; see the module docstring."""
+
+    _DONE = LoginState.DONE
+    _ERROR = LoginState.ERROR
 
     def __init__(self, *, user: str, password: str | bytes | None = None,
                  database: str | None = None, tls: bool = False,
@@ -137,6 +139,8 @@ class UpstreamLogin(BufferedReceiver):
                  plugins: Collection[str] = ALL_PLUGINS,
                  server_public_key: bytes | None = None, request_public_key: bool = False,
                  max_packet_size: int = 1 << 24, max_message_size: int = 64 * 1024) -> None:
+        super().__init__(LoginState.AWAIT_HANDSHAKE, max_message_size=max_message_size,
+                         peer="upstream server")
         unknown = set(plugins) - ALL_PLUGINS
         if unknown:
             raise ValueError(f"unsupported auth plugins: {sorted(unknown)}")
@@ -152,29 +156,14 @@ class UpstreamLogin(BufferedReceiver):
         self._public_key = server_public_key
         self._request_key = request_public_key
         self._max_packet_size = max_packet_size
-        self._channel = PacketChannel(max_packet=max_message_size, what="upstream server")
-        self._buffer = ReceiveBuffer(2 * (max_message_size + 4))
-        self._outbox = bytearray()
-        self._state = LoginState.AWAIT_HANDSHAKE
         self._handshake: Handshake | None = None
         self._caps = Capability(0)
         self._plugin = ""
         self._nonce = b""
         self._switches = 0
-        self._eof = False
-        self._error: RemoteProtocolError | None = None
-
-    @property
-    def state(self) -> LoginState:
-        return self._state
 
     def __repr__(self) -> str:
         return f"<UpstreamLogin {self._state.name} plugin={self._plugin or '-'}>"
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._outbox)
-        self._outbox.clear()
-        return out
 
     def _overflowed(self, exc: RemoteProtocolError) -> None:
         self._fail(_upstream_error(exc.message, ErrorNumber.ER_NET_PACKET_TOO_LARGE))
@@ -184,15 +173,12 @@ class UpstreamLogin(BufferedReceiver):
             # The codec blames "the peer": here that is the server, and the
             # client on the other end hears "the upstream failed".
             exc = _upstream_error(exc.message, exc.wire_hint or ErrorNumber.ER_HANDSHAKE_ERROR)
-        self._error = exc
-        self._state = LoginState.ERROR
+        self._poison(exc)
 
     def next_event(self) -> LoginEvent | Literal[Signal.NEED_DATA, Signal.PAUSED]:
         """StartTLS, LoginReady or LoginRefused, NEED_DATA, or PAUSED (while
         TLS is due, and once done). Call data_to_send() after it."""
-        if self._error is not None:
-            err = self._error
-            raise RemoteProtocolError(err.message, code=err.code, wire_hint=err.wire_hint) from err
+        self._raise_if_poisoned()
         if self._state in (LoginState.TLS_DUE, LoginState.DONE):
             return PAUSED
         try:
@@ -214,20 +200,12 @@ class UpstreamLogin(BufferedReceiver):
         """The TLS handshake is done: the HandshakeResponse41 goes out (over
         TLS). Raises RemoteProtocolError if the server sent plaintext after
         its handshake, where only the TLS handshake may come."""
-        if self._state is not LoginState.TLS_DUE:
-            raise LocalProtocolError(f"tls_started() in state {self._state.name}")
+        self._expect(LoginState.TLS_DUE, "tls_started")
         if self._buffer:
             self._fail(_upstream_error("the upstream server sent plaintext before TLS"))
             raise self._error  # type: ignore[misc]
         self._tls = True
         self._respond_to_handshake()
-
-    @property
-    def trailing_data(self) -> tuple[bytes, bool]:
-        """Bytes the server sent after its OK (to relay), and EOF."""
-        if self._state is not LoginState.DONE:
-            raise LocalProtocolError("no trailing data before the login is over")
-        return self._buffer.peek(len(self._buffer)) or b"", self._eof
 
     # -- the exchange ----------------------------------------------------------------
 
@@ -258,7 +236,7 @@ class UpstreamLogin(BufferedReceiver):
         self._caps = caps
         self._nonce = handshake.scramble
         if self._tls_wanted:
-            self._outbox += self._channel.write(SSLRequest(
+            self._send(SSLRequest(
                 capabilities=caps, max_packet_size=self._max_packet_size,
                 charset=self._charset_for(handshake)).encode())
             self._state = LoginState.TLS_DUE
@@ -287,7 +265,7 @@ class UpstreamLogin(BufferedReceiver):
             charset=self._charset_for(handshake), username=self._user, auth_response=data,
             database=self._database, auth_plugin=plugin if plugin_auth else None,
             attributes=self._attributes if Capability.CONNECT_ATTRS in self._caps else None)
-        self._outbox += self._channel.write(response.encode())
+        self._send(response.encode())
         self._state = LoginState.AWAIT_AUTH
 
     def _answer(self, plugin: str, nonce: bytes) -> bytes:
@@ -322,7 +300,7 @@ class UpstreamLogin(BufferedReceiver):
         if request.plugin != auth.CLIENT_ED25519 and data.endswith(b"\x00"):
             data = data[:-1]
         self._nonce = data
-        self._outbox += self._channel.write(self._answer(request.plugin, data))
+        self._send(self._answer(request.plugin, data))
         self._state = LoginState.AWAIT_AUTH
 
     def _on_more_data(self, payload: bytes) -> None:
@@ -339,11 +317,11 @@ class UpstreamLogin(BufferedReceiver):
             raise _refuse("the upstream server wants caching_sha2_password's full "
                           "authentication and no password is configured")
         if self._tls:
-            self._outbox += self._channel.write(auth.clear_password(self._password))
+            self._send(auth.clear_password(self._password))
         elif self._public_key is not None:
             self._send_encrypted(self._public_key)
         elif self._request_key:
-            self._outbox += self._channel.write(auth.REQUEST_PUBLIC_KEY)
+            self._send(auth.REQUEST_PUBLIC_KEY)
             self._state = LoginState.AWAIT_PUBLIC_KEY
         else:
             raise _refuse("the upstream server wants caching_sha2_password's full "
@@ -354,7 +332,7 @@ class UpstreamLogin(BufferedReceiver):
 
     def _send_encrypted(self, pem: bytes) -> None:
         assert self._password is not None
-        self._outbox += self._channel.write(
+        self._send(
             auth.rsa_encrypt_password(self._password, self._nonce, pem))
         self._state = LoginState.AWAIT_AUTH
 

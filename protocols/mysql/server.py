@@ -46,7 +46,6 @@ from typing import Final, Literal, Union
 
 import attrs
 
-from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocols.mysql import auth
 from protocols.mysql.constants import ERRNO_FOR_CODE, Capability, ErrorNumber
@@ -54,7 +53,8 @@ from protocols.mysql.messages import (
     AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
     ServerInfo, SSLRequest, StartTLS,
 )
-from protocols.mysql.packets import PacketChannel, malformed
+from protocols.mysql.packets import malformed
+from protocols.mysql.phase import ConnectionPhase
 from protocols.signals import NEED_DATA, PAUSED, ConnectionClosed, Signal
 
 __all__ = [
@@ -139,13 +139,18 @@ class ClientLogin:
 HandshakeEvent = Union[StartTLS, ClientLogin, ConnectionClosed]
 
 
-class GatewayHandshake(BufferedReceiver):
+class GatewayHandshake(ConnectionPhase[HandshakeState]):
     """The connection phase with a local client; see the module docstring."""
+
+    _DONE = HandshakeState.DONE
+    _ERROR = HandshakeState.ERROR
 
     def __init__(self, server: ServerInfo, *, connection_id: int, tls: bool = False,
                  compression: bool = False, drop: Capability = Capability(0),
                  scramble: bytes | None = None,
                  max_message_size: int = _DEFAULT_MAX_MESSAGE) -> None:
+        super().__init__(HandshakeState.AWAIT_RESPONSE, max_message_size=max_message_size,
+                         peer="client")
         self._scramble = new_scramble() if scramble is None else scramble
         if len(self._scramble) != auth.SCRAMBLE_LENGTH or b"\x00" in self._scramble:
             raise ValueError("the scramble is 20 bytes without NUL")
@@ -153,23 +158,14 @@ class GatewayHandshake(BufferedReceiver):
                                 drop=drop)
         self._tls_offered = tls
         self._tls = False
-        self._channel = PacketChannel(max_packet=max_message_size, what="client")
-        self._buffer = ReceiveBuffer(2 * (max_message_size + 4))
         greeting = Handshake(server_version=server.server_version, connection_id=connection_id,
                              auth_plugin_data=self._scramble + b"\x00", capabilities=self._caps,
                              charset=server.charset, status=server.status,
                              auth_plugin=auth.NATIVE_PASSWORD)
-        self._outbox = bytearray(self._channel.write(greeting.encode()))
-        self._state = HandshakeState.AWAIT_RESPONSE
+        self._send(greeting.encode())
         self._response: HandshakeResponse | None = None
         self._plugin = auth.NATIVE_PASSWORD
         self._fast_auth = False
-        self._eof = False
-        self._error: RemoteProtocolError | None = None
-
-    @property
-    def state(self) -> HandshakeState:
-        return self._state
 
     @property
     def capabilities(self) -> Capability:
@@ -179,26 +175,15 @@ class GatewayHandshake(BufferedReceiver):
     def __repr__(self) -> str:
         return f"<GatewayHandshake {self._state.name} tls={self._tls}>"
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._outbox)
-        self._outbox.clear()
-        return out
-
     def _overflowed(self, exc: RemoteProtocolError) -> None:
         self._poison(RemoteProtocolError(exc.message, code=ErrorCode.BAD_REQUEST,
                                          wire_hint=int(ErrorNumber.ER_NET_PACKET_TOO_LARGE)))
-
-    def _poison(self, exc: RemoteProtocolError) -> None:
-        self._error = exc
-        self._state = HandshakeState.ERROR
 
     def next_event(self) -> HandshakeEvent | Literal[Signal.NEED_DATA, Signal.PAUSED]:
         """StartTLS, ClientLogin, ConnectionClosed, NEED_DATA, or PAUSED
         while a call of ours is due and once done. Raises
         RemoteProtocolError (wire_hint: the error number) for a bad client."""
-        if self._error is not None:
-            err = self._error
-            raise RemoteProtocolError(err.message, code=err.code, wire_hint=err.wire_hint) from err
+        self._raise_if_poisoned()
         if self._state is HandshakeState.CLOSED:
             return ConnectionClosed(clean=True)
         if self._state not in (HandshakeState.AWAIT_RESPONSE,
@@ -241,7 +226,7 @@ class GatewayHandshake(BufferedReceiver):
             return self._login()
         # A plugin we do not take at its first word: switch to the one we do.
         self._plugin = auth.NATIVE_PASSWORD
-        self._outbox += self._channel.write(AuthSwitchRequest(
+        self._send(AuthSwitchRequest(
             plugin=auth.NATIVE_PASSWORD, data=self._scramble + b"\x00").encode())
         self._state = HandshakeState.AWAIT_SWITCH_RESPONSE
         return self.next_event()
@@ -261,15 +246,12 @@ class GatewayHandshake(BufferedReceiver):
         """After StartTLS: the bytes received since the SSLRequest, which
         open the client's TLS handshake (feed them to the TLS object first);
         feed decrypted bytes from then on."""
-        if self._state is not HandshakeState.TLS_DUE:
-            raise LocalProtocolError(f"start_tls() in state {self._state.name}")
+        self._expect(HandshakeState.TLS_DUE, "start_tls")
         hello = self._buffer.take_all()
         if hello and hello[0] != _TLS_HANDSHAKE:
-            exc = RemoteProtocolError("the client sent plaintext after its SSLRequest",
-                                      code=ErrorCode.BAD_REQUEST,
-                                      wire_hint=int(ErrorNumber.ER_HANDSHAKE_ERROR))
-            self._poison(exc)
-            raise exc
+            self._poison_and_raise(RemoteProtocolError(
+                "the client sent plaintext after its SSLRequest", code=ErrorCode.BAD_REQUEST,
+                wire_hint=int(ErrorNumber.ER_HANDSHAKE_ERROR)))
         self._tls = True
         self._state = HandshakeState.AWAIT_RESPONSE
         return hello
@@ -278,7 +260,7 @@ class GatewayHandshake(BufferedReceiver):
         """Let the client in: [caching_sha2's fast auth success] then ``ok``
         (by default an OK with the upstream's status). Returns the bytes to
         send; ``trailing_data`` then holds what the client sent after."""
-        self._expect_verdict("accept")
+        self._expect(HandshakeState.VERDICT_DUE, "accept")
         out = bytearray()
         if self._fast_auth:
             out += self._channel.write(AuthMoreData(data=auth.FAST_AUTH_SUCCESS).encode())
@@ -300,13 +282,3 @@ class GatewayHandshake(BufferedReceiver):
         self._channel.abandon()
         return self._channel.write(error.encode())
 
-    def _expect_verdict(self, what: str) -> None:
-        if self._state is not HandshakeState.VERDICT_DUE:
-            raise LocalProtocolError(f"{what}() in state {self._state.name}")
-
-    @property
-    def trailing_data(self) -> tuple[bytes, bool]:
-        """Bytes the client sent after the connection phase, and EOF."""
-        if self._state is not HandshakeState.DONE:
-            raise LocalProtocolError("no trailing data before the connection phase is over")
-        return self._buffer.peek(len(self._buffer)) or b"", self._eof
