@@ -1,0 +1,283 @@
+"""Audit events from the server's side of a relayed MySQL session (command phase).
+
+Spec: MySQL Source Code Documentation, "Client/Server Protocol", Command
+Phase: COM_QUERY Response (Text Resultset, LOCAL INFILE Request),
+COM_STMT_PREPARE Response, COM_STMT_EXECUTE Response (Binary Protocol
+Resultset), Multi-Resultset, COM_STMT_FETCH, COM_FIELD_LIST,
+COM_CHANGE_USER; Generic Response Packets (OK_Packet, ERR_Packet,
+EOF_Packet); MariaDB docs, "ERR_Packet" (progress reports).
+
+Theory of operation
+-------------------
+Reported: ERR packets (code, SQLSTATE, message) and LOCAL INFILE requests
+(the file name); everything else is skipped. The catch is telling an ERR
+(0xFF) or a LOCAL INFILE request (0xFB) from row data, which can start with
+the same bytes (0xFB is a NULL first column). So :class:`ResponseAuditor`
+follows each response's structure, knowing from the shared
+:class:`~.commands.CommandTracker` which command it answers::
+
+    RESULT:  OK | ERR | 0xFB file name | column count, N column definitions,
+             [EOF], rows ..., EOF or OK(0xFE) or ERR;
+             another result follows while the status says MORE_RESULTS_EXISTS
+    PREPARE: ERR | PREPARE_OK, P parameter and C column definitions, each
+             run followed by EOF unless CLIENT_DEPRECATE_EOF
+    ROWS:    rows ..., EOF/OK(0xFE) or ERR        (COM_STMT_FETCH)
+
+Column definitions are skipped by count, unseen. Of a row only the first 24
+bytes are kept: enough to tell a row from an EOF, an OK(0xFE) or an ERR,
+whose code and SQLSTATE fit in them (an ERR in the middle of a result set,
+rare, may have its message cut; one that is a whole response is kept up to
+``max_message``). A terminator with CURSOR_EXISTS ends the response (the
+rows come later, through COM_STMT_FETCH). MariaDB's progress reports (ERR
+0xFFFF) are skipped. The packet after one of 2^24-1 bytes continues it and
+is never interpreted. Sequence ids run on consecutively within a response
+(a gap is ER_NET_PACKETS_OUT_OF_ORDER), except where the client speaks in
+between (after a LOCAL INFILE request, in COM_CHANGE_USER's exchange).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, Union
+
+import attrs
+
+from protocols.auditor import StreamAuditor
+from protocols.framing import MYSQL_PACKET, Frame
+from protocols.mysql.commands import DEFAULT_MAX_MESSAGE, CommandTracker, Expect
+from protocols.mysql.constants import MAX_PAYLOAD, Command, ErrorNumber, ServerStatus
+from protocols.mysql.packets import Cut, Reader, malformed
+from protocols.signals import ConnectionClosed
+
+__all__ = ["ErrorEvent", "LocalInfileRequestEvent", "ResponseAuditEvent", "ResponseAuditor"]
+
+_ROW_PREFIX: Final = 24
+_MAX_FILE_NAME: Final = 4096
+_EOF_MAX: Final = 9
+
+
+@attrs.frozen(kw_only=True)
+class ErrorEvent:
+    """An ERR packet: the command (or, mid-result, the result set) failed."""
+
+    errno: int
+    sqlstate: str | None
+    message: str
+    truncated: bool
+
+
+@attrs.frozen(kw_only=True)
+class LocalInfileRequestEvent:
+    """The server asks the client for a file (LOAD DATA LOCAL INFILE)."""
+
+    file_name: str
+    truncated: bool
+
+
+ResponseAuditEvent = Union[ErrorEvent, LocalInfileRequestEvent, ConnectionClosed]
+
+
+class _Phase(enum.Enum):
+    IDLE = "IDLE"  # between responses
+    FIRST = "FIRST"  # a response's (or a further result's) first packet
+    DEFINITIONS = "DEFINITIONS"  # column/parameter definitions, skipped by count
+    DEFINITIONS_EOF = "DEFINITIONS_EOF"  # the EOF after a run of definitions
+    ROWS = "ROWS"  # rows until a terminator
+    INFILE_RESULT = "INFILE_RESULT"  # the OK/ERR after the client's file
+    AUTH = "AUTH"  # COM_CHANGE_USER's exchange
+    STREAM = "STREAM"  # skipped to the end of the session
+
+
+class ResponseAuditor(StreamAuditor):
+    """Server -> client bytes of a session's command phase, as audit events."""
+
+    def __init__(self, tracker: CommandTracker, *,
+                 max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        if max_message < _ROW_PREFIX:
+            raise ValueError(f"max_message must be at least {_ROW_PREFIX}")
+        super().__init__(MYSQL_PACKET)
+        self._tracker = tracker
+        self._max_message = max_message
+        self._phase = _Phase.IDLE
+        self._command = 0
+        self._expect = Expect.SIMPLE
+        self._runs: list[int] = []  # definition runs still to come (PREPARE: params, columns)
+        self._left = 0  # definitions left in the current run
+        self._seq = -1  # the id the next packet must carry; -1: any
+        self._continues = False
+
+    # -- keeping: decided from the header alone ----------------------------------------
+
+    def _keep(self, seq: int, length: int) -> int | None:
+        continues, self._continues = self._continues, length == MAX_PAYLOAD
+        if continues:
+            self._check_seq(seq)
+            return None
+        if self._phase is _Phase.IDLE:
+            self._start_response()
+        self._check_seq(seq)
+        phase = self._phase
+        if phase is _Phase.DEFINITIONS:
+            self._left -= 1
+            if not self._left:
+                self._end_run()
+            return None
+        if phase is _Phase.STREAM:
+            return None
+        if phase is _Phase.ROWS:
+            return _ROW_PREFIX
+        if phase is _Phase.DEFINITIONS_EOF:
+            return _EOF_MAX
+        return min(length, self._max_message)
+
+    def _check_seq(self, seq: int) -> None:
+        if self._seq >= 0 and seq != self._seq:
+            malformed(f"the server sent packet {seq} where {self._seq} was due (packets "
+                      f"out of order)", ErrorNumber.ER_NET_PACKETS_OUT_OF_ORDER)
+        self._seq = -1 if self._phase in (_Phase.AUTH, _Phase.INFILE_RESULT) else (seq + 1) & 0xFF
+
+    def _start_response(self) -> None:
+        if not self._tracker.pending:
+            malformed("the server sent a packet no command asked for")
+        self._command, self._expect = self._tracker.pending.popleft()
+        self._seq = -1
+        self._phase = {Expect.ROWS: _Phase.ROWS, Expect.AUTH: _Phase.AUTH,
+                       Expect.STREAM: _Phase.STREAM}.get(self._expect, _Phase.FIRST)
+        if self._expect is Expect.FIELDS:
+            self._phase = _Phase.ROWS  # definitions until EOF: the same test as rows
+
+    def _end_run(self) -> None:
+        if self._tracker.deprecate_eof:
+            self._phase = self._after_definitions()
+        else:
+            self._phase = _Phase.DEFINITIONS_EOF
+
+    def _after_definitions(self) -> _Phase:
+        while self._runs:
+            self._left = self._runs.pop(0)
+            if self._left:
+                return _Phase.DEFINITIONS
+        if self._expect is Expect.PREPARE:
+            self._done()
+            return _Phase.IDLE
+        return _Phase.ROWS
+
+    def _done(self) -> None:
+        self._phase = _Phase.IDLE
+        self._seq = -1
+
+    # -- reading the packets kept ----------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        body = frame.body
+        first = body[0] if body else -1
+        if first == 0xFF and self._phase is not _Phase.STREAM:
+            self._on_err(frame)
+            return
+        handler = _HANDLERS[self._phase]
+        handler(self, frame, first)
+
+    def _on_err(self, frame: Frame) -> None:
+        # A kept ERR is whole or at least 24 bytes long: its code and
+        # SQLSTATE are always there.
+        reader = Reader(frame.body, "an ERR packet")
+        reader.skip(1)
+        errno = reader.int2()
+        if errno == 0xFFFF:  # MariaDB progress report: not an answer
+            return
+        sqlstate = None
+        if reader.peek() == 0x23:  # '#'
+            reader.skip(1)
+            sqlstate = reader.raw(5).decode("ascii", "replace")
+        message = reader.rest().decode("utf-8", "replace")
+        self._events.append(ErrorEvent(errno=errno, sqlstate=sqlstate, message=message,
+                                       truncated=not frame.complete))
+        self._done()
+
+    def _on_first(self, frame: Frame, first: int) -> None:
+        if first == 0x00:
+            if self._expect is Expect.PREPARE:
+                self._on_prepare_ok(frame)
+            else:
+                self._terminated(frame)
+        elif first == 0xFE and frame.body_length < _EOF_MAX:
+            self._terminated(frame)
+        elif first == 0xFB and self._command == Command.QUERY:
+            name = frame.body[1 : 1 + _MAX_FILE_NAME]
+            self._events.append(LocalInfileRequestEvent(
+                file_name=name.decode("utf-8", "replace"),
+                truncated=frame.body_length - 1 > _MAX_FILE_NAME))
+            self._tracker.infile = True
+            self._phase = _Phase.INFILE_RESULT
+            self._seq = -1
+        elif self._expect is Expect.RESULT:
+            reader = Reader(frame.body, "a column count")
+            columns = reader.lenenc_int()
+            reader.end()
+            if not 0 < columns <= 0xFFFF:
+                reader.fail(f"a result set of {columns} columns")
+            self._runs, self._left = [], columns
+            self._phase = _Phase.DEFINITIONS
+        else:  # COM_STATISTICS' text, or whatever a simple command got
+            self._done()
+
+    def _on_prepare_ok(self, frame: Frame) -> None:
+        reader = Reader(frame.body, "a COM_STMT_PREPARE_OK")
+        reader.skip(1)
+        statement, columns, params = reader.int4(), reader.int2(), reader.int2()
+        self._tracker.prepared(statement, params)
+        self._runs = [params, columns]
+        self._phase = self._after_definitions()
+
+    def _terminated(self, frame: Frame) -> None:
+        """An OK or EOF ends this result: another may follow."""
+        status = self._status_of(frame)
+        if status & ServerStatus.MORE_RESULTS_EXISTS and not status & (
+                ServerStatus.CURSOR_EXISTS):
+            self._phase = _Phase.FIRST
+        else:
+            self._done()
+
+    @staticmethod
+    def _status_of(frame: Frame) -> int:
+        reader = Reader(frame.body, "an OK or EOF packet", complete=frame.complete)
+        try:
+            if reader.int1() == 0xFE and frame.body_length < _EOF_MAX:
+                reader.skip(2)  # warnings
+                return reader.int2()
+            reader.lenenc_int()
+            reader.lenenc_int()
+            return reader.int2()
+        except Cut:
+            return 0
+
+    def _on_definitions_eof(self, frame: Frame, first: int) -> None:
+        if first != 0xFE or frame.body_length >= _EOF_MAX:
+            Reader(b"", "a result set").fail("definitions not followed by EOF")
+        if self._expect is Expect.RESULT and self._status_of(frame) & ServerStatus.CURSOR_EXISTS:
+            self._done()  # the rows come with COM_STMT_FETCH
+            return
+        self._phase = self._after_definitions()
+
+    def _on_row(self, frame: Frame, first: int) -> None:
+        if first == 0xFE and (frame.body_length < _EOF_MAX or (
+                self._tracker.deprecate_eof and frame.body_length < MAX_PAYLOAD)):
+            self._terminated(frame)
+
+    def _on_infile_result(self, frame: Frame, first: int) -> None:
+        # The client's auditor ends the transfer (its empty packet): the
+        # server only answers after it.
+        self._terminated(frame)
+
+    def _on_auth(self, frame: Frame, first: int) -> None:
+        if first == 0x00:
+            self._done()
+
+
+_HANDLERS: Final = {
+    _Phase.FIRST: ResponseAuditor._on_first,
+    _Phase.DEFINITIONS_EOF: ResponseAuditor._on_definitions_eof,
+    _Phase.ROWS: ResponseAuditor._on_row,
+    _Phase.INFILE_RESULT: ResponseAuditor._on_infile_result,
+    _Phase.AUTH: ResponseAuditor._on_auth,
+}

@@ -1,0 +1,98 @@
+"""A relayed MySQL session for the auditor tests: both directions' auditors
+joined by one tracker, fed in the order a relay would feed them, and
+builders for the packets either side sends."""
+
+from __future__ import annotations
+
+from protocols.mysql.commands import CommandAuditor, CommandTracker
+from protocols.mysql.constants import Capability, Command
+from protocols.mysql.packets import lenenc_bytes
+from protocols.mysql.responses import ResponseAuditor
+from protocols.signals import NEED_DATA, ConnectionClosed
+from tests.unit.protocols.feeding import split
+
+CAPS = (Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION | Capability.PLUGIN_AUTH
+        | Capability.MULTI_RESULTS | Capability.PS_MULTI_RESULTS)
+MODERN = CAPS | Capability.DEPRECATE_EOF | Capability.SESSION_TRACK
+
+
+def pkt(seq: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "little") + bytes([seq]) + payload
+
+
+def command(code: int, body: bytes = b"") -> bytes:
+    return pkt(0, bytes([code]) + body)
+
+
+def query(text: str) -> bytes:
+    return command(Command.QUERY, text.encode())
+
+
+def ok(seq: int, status: int = 2, header: int = 0x00) -> bytes:
+    return pkt(seq, bytes([header]) + b"\x00\x00" + status.to_bytes(2, "little") + b"\x00\x00")
+
+
+def eof(seq: int, status: int = 2) -> bytes:
+    return pkt(seq, b"\xfe\x00\x00" + status.to_bytes(2, "little"))
+
+
+def err(seq: int, errno: int = 1064, message: str = "You have an error") -> bytes:
+    return pkt(seq, b"\xff" + errno.to_bytes(2, "little") + b"#42000" + message.encode())
+
+
+COLUMN = (lenenc_bytes(b"def") + lenenc_bytes(b"shop") + lenenc_bytes(b"t") * 2
+          + lenenc_bytes(b"c") * 2 + b"\x0c\x21\x00\xff\x00\x00\x00\xfd\x00\x00\x00\x00\x00")
+
+
+def definitions(count: int, seq: int, *, deprecate_eof: bool) -> tuple[bytes, int]:
+    """``count`` column definitions numbered after ``seq``, and their EOF
+    unless DEPRECATE_EOF; and the last id used."""
+    out = bytearray()
+    for _ in range(count):
+        seq += 1
+        out += pkt(seq, COLUMN)
+    if not deprecate_eof:
+        seq += 1
+        out += eof(seq)
+    return bytes(out), seq
+
+
+def result_set(rows: list[bytes], *, deprecate_eof: bool, status: int = 2,
+               columns: int = 2, start: int = 1) -> bytes:
+    """A text result set: count, definitions, [EOF], rows, EOF or OK(0xFE)."""
+    seq = start
+    out = bytearray(pkt(seq, bytes([columns])))
+    defs, seq = definitions(columns, seq, deprecate_eof=deprecate_eof)
+    out += defs
+    for row in rows:
+        seq += 1
+        out += pkt(seq, row)
+    seq += 1
+    out += ok(seq, status, header=0xFE) if deprecate_eof else eof(seq, status)
+    return bytes(out)
+
+
+class Session:
+    """The two auditors of one session, sharing a tracker."""
+
+    def __init__(self, capabilities: Capability = MODERN, **limits: int) -> None:
+        self.tracker = CommandTracker(capabilities)
+        self.commands = CommandAuditor(self.tracker, **limits)
+        self.responses = ResponseAuditor(self.tracker)
+
+    @staticmethod
+    def _pump(auditor: CommandAuditor | ResponseAuditor, data: bytes, how: str) -> list[object]:
+        events: list[object] = []
+        for chunk in split(data, how) if data else [b""]:
+            auditor.receive_data(chunk)
+            while (event := auditor.next_event()) is not NEED_DATA:
+                events.append(event)
+                if isinstance(event, ConnectionClosed):
+                    return events
+        return events
+
+    def client(self, data: bytes, how: str = "whole") -> list[object]:
+        return self._pump(self.commands, data, how)
+
+    def server(self, data: bytes, how: str = "whole") -> list[object]:
+        return self._pump(self.responses, data, how)

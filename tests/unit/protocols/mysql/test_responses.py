@@ -1,0 +1,215 @@
+"""protocols.mysql.responses: the server's answers followed, ERRs and LOCAL
+INFILE requests told from row data."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols.errors import RemoteProtocolError
+from protocols.mysql.commands import CommandTracker
+from protocols.mysql.constants import Command, ErrorNumber, ServerStatus
+from protocols.mysql.responses import ErrorEvent, LocalInfileRequestEvent, ResponseAuditor
+from protocols.signals import ConnectionClosed
+from tests.unit.protocols.feeding import FEEDS, fuzz, malformed
+from tests.unit.protocols.mysql.session import (
+    CAPS, COLUMN, MODERN, Session, command, definitions, eof, err, ok, pkt, query, result_set,
+)
+
+SYNTAX = ErrorEvent(errno=1064, sqlstate="42000", message="You have an error", truncated=False)
+MORE = ServerStatus.AUTOCOMMIT | ServerStatus.MORE_RESULTS_EXISTS
+# Rows that start like a LOCAL INFILE request would (a NULL first column),
+# or like an OK with DEPRECATE_EOF off (0x00: a binary row). A row cannot
+# start 0xFE below 16 MiB: see test_sixteen_mib_rows_are_followed.
+TRICKY_ROWS = [b"\xfb\x01x", b"\xfbabcdefghijklmnopqrstuvwxyz", b"\x00\x00\x01", b"\x01a"]
+
+
+@pytest.mark.parametrize("how", FEEDS)
+@pytest.mark.parametrize("deprecate_eof", [True, False])
+def test_errors_are_told_from_rows(how: str, deprecate_eof: bool) -> None:
+    session = Session(MODERN if deprecate_eof else CAPS)
+    session.client(query("select * from t") + query("selec") + query("do 1"))
+    stream = (result_set(TRICKY_ROWS, deprecate_eof=deprecate_eof) + err(1) + ok(1)
+              + query("trailing")[:3])
+    assert session.server(stream, how) == [SYNTAX]
+    assert not session.tracker.pending
+
+
+def test_an_err_in_the_middle_of_a_result_set() -> None:
+    session = Session()
+    session.client(query("select * from big") + query("select 1"))
+    long_message = "Query execution was interrupted, maximum statement execution time exceeded"
+    broken = result_set([b"\x01a"], deprecate_eof=True)[:-11]  # drop the terminator
+    events = session.server(broken + err(5, 3024, long_message) + err(1))
+    first = events[0]
+    assert isinstance(first, ErrorEvent) and first.errno == 3024 and first.sqlstate == "42000"
+    assert first.truncated and long_message.startswith(first.message)
+    assert events[1] == SYNTAX
+
+
+def test_multiple_results() -> None:
+    session = Session()
+    session.client(query("call p()") + query("x"))
+    stream = (result_set([b"\x01a"], deprecate_eof=True, status=MORE)
+              + ok(6, MORE) + result_set([], deprecate_eof=True, start=7)
+              + err(1))
+    assert session.server(stream) == [SYNTAX]
+
+
+def test_local_infile_request() -> None:
+    session = Session()
+    session.client(query("load data local infile '/etc/hosts' into table t"))
+    assert session.server(pkt(1, b"\xfb/etc/hosts")) == [
+        LocalInfileRequestEvent(file_name="/etc/hosts", truncated=False)]
+    assert session.tracker.infile
+    session.client(pkt(2, b"127.0.0.1 localhost\n") + pkt(3, b""))
+    session.client(query("x"))
+    assert session.server(ok(4) + err(1)) == [SYNTAX]
+    # A NULL first column in a row is not a request.
+    session.client(query("select null"))
+    assert session.server(result_set([b"\xfb"], deprecate_eof=True, columns=1)) == []
+    assert not session.tracker.infile
+
+
+def test_a_long_file_name_is_cut() -> None:
+    session = Session()
+    session.client(query("load data local infile 'x' into table t"))
+    (event,) = session.server(pkt(1, b"\xfb" + b"n" * 5000))
+    assert isinstance(event, LocalInfileRequestEvent) and event.truncated
+    assert len(event.file_name) == 4096
+
+
+@pytest.mark.parametrize("deprecate_eof", [True, False])
+def test_prepare_and_execute(deprecate_eof: bool) -> None:
+    session = Session(MODERN if deprecate_eof else CAPS)
+    session.client(command(Command.STMT_PREPARE, b"select ?, a from t where b = ?"))
+    params, seq = definitions(2, 1, deprecate_eof=deprecate_eof)
+    columns, _ = definitions(1, seq, deprecate_eof=deprecate_eof)
+    prepared = pkt(1, b"\x00" + struct.pack("<IHHxH", 3, 1, 2, 0))
+    assert session.server(prepared + params + columns) == []
+    assert session.tracker.params(3) == 2
+    session.client(command(Command.STMT_EXECUTE, struct.pack("<IBI", 3, 0, 1)) + query("x"))
+    stream = result_set([b"\x00\x00\x01"], deprecate_eof=deprecate_eof, columns=1) + err(1)
+    assert session.server(stream) == [SYNTAX]
+
+
+def test_a_prepare_that_fails() -> None:
+    session = Session()
+    session.client(command(Command.STMT_PREPARE, b"selec"))
+    assert session.server(err(1)) == [SYNTAX]
+    session.client(command(Command.STMT_PREPARE, b"select 1"))
+    assert session.server(pkt(1, b"\x00" + struct.pack("<IHHxH", 4, 0, 0, 0))) == []
+    assert session.tracker.params(4) == 0 and not session.tracker.pending
+
+
+@pytest.mark.parametrize("deprecate_eof", [True, False])
+def test_cursors_and_fetch(deprecate_eof: bool) -> None:
+    session = Session(MODERN if deprecate_eof else CAPS)
+    session.client(command(Command.STMT_EXECUTE, struct.pack("<IBI", 3, 1, 1)))
+    cursor = ServerStatus.AUTOCOMMIT | ServerStatus.CURSOR_EXISTS
+    stream = pkt(1, b"\x01") + pkt(2, COLUMN)
+    stream += ok(3, cursor, header=0xFE) if deprecate_eof else eof(3, cursor)
+    assert session.server(stream) == [] and not session.tracker.pending
+    session.client(command(Command.STMT_FETCH, struct.pack("<II", 3, 10)) + query("x"))
+    last = ok(3, ServerStatus.LAST_ROW_SENT, 0xFE) if deprecate_eof else eof(3)
+    assert session.server(pkt(1, b"\x00\x00\x01") + pkt(2, b"\x00\x00\x02") + last
+                          + err(1)) == [SYNTAX]
+
+
+def test_field_list_statistics_and_simple_commands() -> None:
+    session = Session(CAPS)
+    session.client(command(Command.FIELD_LIST, b"t\x00") + command(Command.STATISTICS)
+                   + command(Command.SET_OPTION, b"\x00\x00") + command(Command.PING)
+                   + query("x"))
+    stream = (pkt(1, COLUMN) + pkt(2, COLUMN) + eof(3) + pkt(1, b"Uptime: 5  Threads: 1")
+              + eof(1) + ok(1) + err(1))
+    assert session.server(stream) == [SYNTAX]
+
+
+def test_change_user_exchange() -> None:
+    session = Session()
+    session.client(command(Command.CHANGE_USER, b"bob\x00\x00") + pkt(2, b"a" * 20)
+                   + query("x"))
+    switch = pkt(1, b"\xfemysql_native_password\x00" + b"n" * 21)
+    assert session.server(switch + ok(3) + err(1)) == [SYNTAX]
+    session.client(command(Command.CHANGE_USER, b"eve\x00\x00"))
+    denied = pkt(1, b"\xff\x15\x04#28000Access denied")
+    assert session.server(denied) == [ErrorEvent(errno=1045, sqlstate="28000",
+                                                 message="Access denied", truncated=False)]
+
+
+def test_mariadb_progress_reports_are_skipped() -> None:
+    session = Session()
+    session.client(query("alter table t engine=innodb"))
+    progress = pkt(1, b"\xff\xff\xff\x01\x01\x00\x10\x00\x00")
+    assert session.server(progress + ok(2)) == [] and not session.tracker.pending
+
+
+def test_streams_without_an_end() -> None:
+    session = Session()
+    session.client(command(Command.BINLOG_DUMP, b"\x04\x00\x00\x00\x00\x00\x01\x00\x00\x00"))
+    assert session.server(pkt(1, b"\x00event") + pkt(2, b"\xff\x00\x00x")) == []
+
+
+def test_sixteen_mib_rows_are_followed() -> None:
+    session = Session()
+    session.client(query("select blob") + query("x"))
+    row = b"\xfe" + b"\x00" * (2**24 - 2)  # a full packet that starts like an OK
+    stream = (pkt(1, b"\x01") + pkt(2, COLUMN) + pkt(3, row) + pkt(4, b"\xff\x00")
+              + ok(5, header=0xFE) + err(1))
+    assert session.server(stream) == [SYNTAX]
+
+
+@pytest.mark.parametrize(("stream", "words", "hint"), [
+    (err(1), "no command asked", ErrorNumber.ER_MALFORMED_PACKET),
+    (pkt(1, b"\x01") + pkt(3, COLUMN), "out of order", ErrorNumber.ER_NET_PACKETS_OUT_OF_ORDER),
+    (pkt(1, b"\x00\x01"), "truncated", ErrorNumber.ER_MALFORMED_PACKET),
+    (pkt(1, b"\xfc\x00\x00"), "0 columns", ErrorNumber.ER_MALFORMED_PACKET),
+    (pkt(1, b"\x01") + pkt(2, COLUMN) + pkt(3, b"\x01a"), "not followed by EOF",
+     ErrorNumber.ER_MALFORMED_PACKET),
+])
+def test_malformed_responses(stream: bytes, words: str, hint: int) -> None:
+    session = Session(CAPS)
+    if words != "no command asked":
+        session.client(query("select 1"))
+    err_ = malformed(session.server, stream)
+    assert words in err_.message and err_.wire_hint == hint
+
+
+def test_eof_and_bounds() -> None:
+    session = Session()
+    session.client(query("select 1"))
+    assert session.server(pkt(1, b"\x01")[:3]) == []
+    assert session.server(b"") == [ConnectionClosed(clean=False)]
+    with pytest.raises(ValueError):
+        ResponseAuditor(CommandTracker(CAPS), max_message=10)
+
+
+@fuzz
+@given(st.binary(max_size=200))
+def test_random_server_bytes_raise_only_protocol_errors(data: bytes) -> None:
+    session = Session()
+    session.client(query("select 1") + command(Command.STMT_PREPARE, b"x")
+                   + command(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00"))
+    try:
+        session.server(data, "bytewise")
+        session.server(b"")
+    except RemoteProtocolError:
+        pass
+
+
+@fuzz
+@given(st.lists(st.sampled_from([
+    result_set([b"\x01a"], deprecate_eof=True), err(1), ok(1), pkt(1, b"\xfbf"),
+    ok(1, MORE), pkt(2, COLUMN), pkt(1, b"\x00" + struct.pack("<IHHxH", 1, 1, 1, 0)),
+]), max_size=6))
+def test_shuffled_responses_raise_only_protocol_errors(parts: list[bytes]) -> None:
+    session = Session()
+    session.client(query("a") + query("b") + command(Command.STMT_PREPARE, b"c") + query("d"))
+    try:
+        session.server(b"".join(parts))
+    except RemoteProtocolError:
+        pass
