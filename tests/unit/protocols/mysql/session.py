@@ -8,8 +8,7 @@ from protocols.mysql.commands import CommandAuditor, CommandTracker
 from protocols.mysql.constants import Capability, Command
 from protocols.mysql.packets import lenenc_bytes
 from protocols.mysql.responses import ResponseAuditor
-from protocols.signals import NEED_DATA, ConnectionClosed
-from tests.unit.protocols.feeding import split
+from tests.unit.protocols.feeding import pump, split
 
 CAPS = (Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION | Capability.PLUGIN_AUTH
         | Capability.MULTI_RESULTS | Capability.PS_MULTI_RESULTS)
@@ -80,19 +79,9 @@ class Session:
         self.commands = CommandAuditor(self.tracker, **limits)
         self.responses = ResponseAuditor(self.tracker)
 
-    @staticmethod
-    def _pump(auditor: CommandAuditor | ResponseAuditor, data: bytes, how: str) -> list[object]:
-        events: list[object] = []
-        for chunk in split(data, how) if data else [b""]:
-            auditor.receive_data(chunk)
-            while (event := auditor.next_event()) is not NEED_DATA:
-                events.append(event)
-                if isinstance(event, ConnectionClosed):
-                    return events
-        return events
-
     def client(self, data: bytes, how: str = "whole") -> list[object]:
-        return self._pump(self.commands, data, how)
+        """Feed client bytes (``b""``: EOF) to their auditor; its events."""
+        return pump(self.commands, split(data, how) if data else [b""])
 
     def server(self, data: bytes, how: str = "whole") -> list[object]:
-        return self._pump(self.responses, data, how)
+        return pump(self.responses, split(data, how) if data else [b""])
