@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -288,3 +290,56 @@ def test_upstream_login_against_the_gateway(tls: bool, plugins: set[str]) -> Non
             login.receive_data(hs.accept(OkPacket(status=2)))
     assert isinstance(result, LoginReady) and result.ok == OkPacket(status=2)
     assert result.server.server_version == "8.0.36" and result.tls is tls
+
+
+# --- what PyMySQL sends, built by hand the way its _request_authentication does ------------
+
+
+def pymysql_answer(hello: Handshake, *, tls: bool) -> list[bytes]:
+    """PyMySQL 1.2's packets for ``hello``, user "app", password "pw", db
+    "shop", TLS preferred: struct.pack("<iIB23s", flags, 2**24-1, charset,
+    b"") as the head; then fields chosen by the *server's* capabilities."""
+    flags = (1 | 4 | 1 << 9 | 1 << 13 | 1 << 15 | 1 << 17 | 1 << 19 | 1 << 20 | 1 << 21
+             | 1 << 3)  # CAPABILITIES | MULTI_RESULTS | CONNECT_WITH_DB
+    server = hello.capabilities.value
+    packets, seq = [], 1
+    if tls and server & Capability.SSL.value:
+        flags |= Capability.SSL.value
+        packets.append(pkt(seq, struct.pack("<iIB23s", flags, 2**24 - 1, 45, b"")))
+        seq += 1
+    data = struct.pack("<iIB23s", flags, 2**24 - 1, 45, b"") + b"app\x00"
+    scramble = auth.native_password(b"pw", hello.scramble)
+    if server & Capability.PLUGIN_AUTH_LENENC_CLIENT_DATA.value:
+        data += bytes([len(scramble)]) + scramble  # _lenenc_int of 20
+    else:
+        data += struct.pack("B", len(scramble)) + scramble
+    if server & Capability.CONNECT_WITH_DB.value:
+        data += b"shop\x00"
+    if server & Capability.PLUGIN_AUTH.value:
+        data += b"mysql_native_password\x00"
+    if server & Capability.CONNECT_ATTRS.value:
+        attrs = b"".join(bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in (
+            (b"_client_name", b"pymysql"), (b"_client_version", b"1.2.0"), (b"_pid", b"4242")))
+        data += bytes([len(attrs)]) + attrs
+    packets.append(pkt(seq, data))
+    return packets
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest.mark.parametrize("upstream_caps", [UPSTREAM_CAPS, UPSTREAM_CAPS & ~Capability.CONNECT_ATTRS])
+def test_pymysql_gets_in(tls: bool, upstream_caps: Capability) -> None:
+    upstream = ServerInfo(server_version="10.11.6-MariaDB", capabilities=upstream_caps)
+    hs = GatewayHandshake(upstream, connection_id=5, tls=tls)
+    ((_, greeting),) = iter_packets(hs.data_to_send())
+    answer = pymysql_answer(Handshake.decode(greeting), tls=True)  # it always prefers TLS
+    if tls:
+        assert events_of(hs, [answer[0]]) == [StartTLS()]
+        assert hs.start_tls() == b""
+    (login,) = events_of(hs, answer[-1:])
+    assert isinstance(login, ClientLogin) and login.username == "app"
+    assert login.database == "shop" and login.tls is tls
+    if Capability.CONNECT_ATTRS in upstream_caps:
+        assert login.attributes["_client_name"] == "pymysql"
+    else:  # its flag says CONNECT_ATTRS, but it sends none to such a server
+        assert dict(login.attributes) == {}
+    assert [seq for seq, _ in iter_packets(hs.accept())] == [3 if tls else 2]
