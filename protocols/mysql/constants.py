@@ -20,6 +20,7 @@ from protocols.errors import ErrorCode
 __all__ = [
     "Capability", "ServerStatus", "Command", "ErrorNumber", "SQLSTATE_OF",
     "ERRNO_FOR_CODE", "MAX_PAYLOAD", "DEFAULT_CHARSET", "UTF8MB4_GENERAL_CI",
+    "is_client_errno",
 ]
 
 #: A packet's payload is at most this long; one this long is continued by
@@ -176,7 +177,10 @@ class ErrorNumber(enum.IntEnum):
     ER_MUST_CHANGE_PASSWORD_LOGIN = 1862
     ER_USER_LIMIT_REACHED = 1226
     ER_INTERNAL_ERROR = 1815
-    # Client-side numbers (errmsg.h): what the mysql client says itself.
+    ER_CONNECT_TO_FOREIGN_DATA_SOURCE = 1429
+    # Client-side numbers (errmsg.h): what a client library says itself.
+    # Wire hints only, never in an ERR packet: MariaDB's protocol reserves
+    # 2000-2999 and 5000-5999 for clients and calls such an ERR malformed.
     CR_CONN_HOST_ERROR = 2003
     CR_SERVER_LOST = 2013
     CR_VERSION_ERROR = 2007
@@ -201,6 +205,11 @@ SQLSTATE_OF: Final[Mapping[int, str]] = MappingProxyType({
     ErrorNumber.ER_USER_LIMIT_REACHED: "42000",
 })
 
+def is_client_errno(errno: int) -> bool:
+    """Whether ``errno`` is a client library's own (never sent in an ERR)."""
+    return 2000 <= errno <= 2999 or 5000 <= errno <= 5999
+
+
 #: What a typed refusal (the dial's ErrorCode) becomes in an ERR packet.
 ERRNO_FOR_CODE: Final[Mapping[ErrorCode, ErrorNumber]] = MappingProxyType({
     ErrorCode.ACCESS_DENIED: ErrorNumber.ER_ACCESS_DENIED_ERROR,
@@ -209,7 +218,7 @@ ERRNO_FOR_CODE: Final[Mapping[ErrorCode, ErrorNumber]] = MappingProxyType({
     ErrorCode.CERT_INVALID: ErrorNumber.ER_ACCESS_DENIED_ERROR,
     ErrorCode.CERT_REQUIRED: ErrorNumber.ER_ACCESS_DENIED_ERROR,
     ErrorCode.USER_LOCKED: ErrorNumber.ER_ACCOUNT_HAS_BEEN_LOCKED,
-    ErrorCode.UPSTREAM_UNREACHABLE: ErrorNumber.CR_CONN_HOST_ERROR,
+    ErrorCode.UPSTREAM_UNREACHABLE: ErrorNumber.ER_CONNECT_TO_FOREIGN_DATA_SOURCE,
     ErrorCode.BAD_REQUEST: ErrorNumber.ER_HANDSHAKE_ERROR,
     ErrorCode.UNSUPPORTED_VERSION: ErrorNumber.ER_NOT_SUPPORTED_AUTH_MODE,
     ErrorCode.RATE_LIMITED: ErrorNumber.ER_CON_COUNT_ERROR,

@@ -48,7 +48,7 @@ import attrs
 
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocols.mysql import auth
-from protocols.mysql.constants import ERRNO_FOR_CODE, Capability, ErrorNumber
+from protocols.mysql.constants import ERRNO_FOR_CODE, Capability, ErrorNumber, is_client_errno
 from protocols.mysql.messages import (
     AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
     ServerInfo, SSLRequest, StartTLS,
@@ -104,9 +104,14 @@ def new_scramble() -> bytes:
 
 def err_for(exc: ProtocolError) -> ErrPacket:
     """The ERR a client should see for ``exc``: its wire hint when that is
-    an error number, else the number for its code."""
-    errno = exc.wire_hint if isinstance(exc.wire_hint, int) else ERRNO_FOR_CODE.get(
-        exc.code, ErrorNumber.ER_INTERNAL_ERROR)
+    a server error number, else the number for its code (a client-side
+    number such as 2013 is a hint, never an ERR: MariaDB clients would
+    call it malformed)."""
+    hint = exc.wire_hint
+    if isinstance(hint, int) and not is_client_errno(hint):
+        errno = hint
+    else:
+        errno = ERRNO_FOR_CODE.get(exc.code, ErrorNumber.ER_INTERNAL_ERROR)
     return ErrPacket.of(errno, exc.message)
 
 

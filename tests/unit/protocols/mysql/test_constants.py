@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protocols.errors import ErrorCode
 from protocols.mysql.constants import (
-    ERRNO_FOR_CODE, SQLSTATE_OF, Capability, ErrorNumber, ServerStatus,
+    ERRNO_FOR_CODE, SQLSTATE_OF, Capability, ErrorNumber, ServerStatus, is_client_errno,
 )
 
 
@@ -32,4 +32,6 @@ def test_error_numbers_carry_the_servers_sqlstates() -> None:
 def test_every_refusal_code_has_an_error_number() -> None:
     assert set(ERRNO_FOR_CODE) == set(ErrorCode)
     assert ERRNO_FOR_CODE[ErrorCode.ACCESS_DENIED] == 1045
-    assert ERRNO_FOR_CODE[ErrorCode.UPSTREAM_UNREACHABLE] == 2003
+    assert ERRNO_FOR_CODE[ErrorCode.UPSTREAM_UNREACHABLE] == 1429
+    assert not any(is_client_errno(errno) for errno in ERRNO_FOR_CODE.values())
+    assert is_client_errno(ErrorNumber.CR_SERVER_LOST) and not is_client_errno(1045)

@@ -203,7 +203,10 @@ def test_err_for_codes_without_a_number() -> None:
     assert (err.errno, err.sqlstate, err.message) == (1045, "28000", "denied")
     unreachable = err_for(RemoteProtocolError("down", code=ErrorCode.UPSTREAM_UNREACHABLE,
                                               wire_hint="08006"))
-    assert unreachable.errno == 2003
+    assert unreachable.errno == 1429
+    lost = err_for(RemoteProtocolError("lost", code=ErrorCode.UPSTREAM_UNREACHABLE,
+                                       wire_hint=ErrorNumber.CR_SERVER_LOST))
+    assert lost.errno == 1429  # a client-side number never goes into an ERR
 
 
 @pytest.mark.parametrize(("data", "hint"), [
