@@ -20,7 +20,7 @@ from protocols.errors import ErrorCode
 __all__ = [
     "Capability", "ServerStatus", "Command", "ErrorNumber", "SQLSTATE_OF",
     "ERRNO_FOR_CODE", "MAX_PAYLOAD", "DEFAULT_CHARSET", "UTF8MB4_GENERAL_CI",
-    "is_client_errno",
+    "is_client_errno", "CLIENT_MYSQL",
 ]
 
 #: A packet's payload is at most this long; one this long is continued by

@@ -28,8 +28,9 @@ from typing import Final
 
 import attrs
 
+from protocols.errors import LocalProtocolError
 from protocols.mysql.constants import (
-    CLIENT_MYSQL, DEFAULT_CHARSET, Capability, ErrorNumber, ServerStatus,
+    CLIENT_MYSQL, DEFAULT_CHARSET, SQLSTATE_OF, Capability, ErrorNumber, ServerStatus,
 )
 from protocols.mysql.packets import Reader, invalid, lenenc_bytes, lenenc_int, nul_bytes
 
@@ -338,8 +339,8 @@ class HandshakeResponse:
             return cls(capabilities=caps, max_packet_size=max_packet_size, charset=charset,
                        username=username, auth_response=auth, database=database,
                        auth_plugin=plugin, attributes=attributes, zstd_level=zstd)
-        except Exception as exc:  # the class's own checks, on peer data
-            reader.fail(str(exc))
+        except LocalProtocolError as exc:  # the class's own checks, on peer data
+            reader.fail(exc.message)
 
 
 def _decode_attributes(block: bytes) -> dict[str, str]:
@@ -472,7 +473,6 @@ class ErrPacket:
     @classmethod
     def of(cls, errno: int, message: str) -> ErrPacket:
         """An ERR with the SQLSTATE servers send with ``errno``."""
-        from protocols.mysql.constants import SQLSTATE_OF  # noqa: PLC0415
         return cls(errno=errno, sqlstate=SQLSTATE_OF.get(errno, "HY000"), message=message)
 
     def encode(self) -> bytes:

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from protocols.errors import RemoteProtocolError
 from protocols.mysql.commands import CommandTracker
 from protocols.mysql.constants import Command, ErrorNumber, ServerStatus
+from protocols.mysql.commands import LocalInfileDataEvent, QueryEvent
+from protocols.mysql.packets import iter_packets
 from protocols.mysql.responses import ErrorEvent, LocalInfileRequestEvent, ResponseAuditor
 from protocols.signals import ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, malformed
@@ -213,3 +215,59 @@ def test_shuffled_responses_raise_only_protocol_errors(parts: list[bytes]) -> No
         session.server(b"".join(parts))
     except RemoteProtocolError:
         pass
+
+
+# --- whole sessions, generated: the auditors report exactly what was in them -------------
+
+KINDS = st.sampled_from(["ok", "err", "rows", "infile", "multi", "broken"])
+
+
+def exchange(index: int, kind: str, rows: list[bytes], deprecate_eof: bool,
+             ) -> tuple[bytes, bytes, list[object], list[object]]:
+    """A COM_QUERY and its answer: (client bytes after the query, server
+    bytes, the client's events after the query, the server's events)."""
+    error = ErrorEvent(errno=1000 + index, sqlstate="42000", message=f"e{index}",
+                       truncated=False)
+    if kind == "ok":
+        return b"", ok(1), [], []
+    if kind == "err":
+        return b"", err(1, 1000 + index, f"e{index}"), [], [error]
+    if kind == "rows":
+        return b"", result_set(rows, deprecate_eof=deprecate_eof), [], []
+    if kind == "infile":
+        # The file's second packet has id 0 and looks like a COM_QUERY.
+        contents = pkt(2, b"a,b\n") + pkt(0, b"\x03drop table t") + pkt(4, b"")
+        return (contents, pkt(1, b"\xfbf.csv") + ok(5),
+                [LocalInfileDataEvent(bytes=17, packets=2)],
+                [LocalInfileRequestEvent(file_name="f.csv", truncated=False)])
+    if kind == "multi":
+        first = result_set(rows, deprecate_eof=deprecate_eof, status=MORE)
+        start = len(list(iter_packets(first))) + 1
+        # The second statement of a multi-statement query fails.
+        return b"", first + err(start, 1000 + index, f"e{index}"), [], [error]
+    # "broken": an ERR where the next row would be.
+    whole = result_set(rows, deprecate_eof=deprecate_eof)
+    packets = list(iter_packets(whole))[:-1]
+    body = b"".join(pkt(seq, payload) for seq, payload in packets)
+    return b"", body + err(len(packets) + 1, 1000 + index, f"e{index}"), [], [error]
+
+
+@fuzz
+@given(st.lists(st.tuples(KINDS, st.lists(st.sampled_from(TRICKY_ROWS), max_size=4)),
+                max_size=6), st.booleans(), st.sampled_from(FEEDS))
+def test_generated_sessions_report_exactly_their_events(
+        script: list[tuple[str, list[bytes]]], deprecate_eof: bool, how: str) -> None:
+    session = Session(MODERN if deprecate_eof else CAPS)
+    for index, (kind, rows) in enumerate(script):
+        text = f"q{index}"
+        assert session.client(query(text), how) == [
+            QueryEvent(text=text, truncated=False, size=len(text) + 1)]
+        more_client, server, client_events, server_events = exchange(index, kind, rows,
+                                                                     deprecate_eof)
+        if kind == "infile":  # the request reaches the client before its file
+            assert session.server(server[:10], how) == server_events
+            assert session.client(more_client, how) == client_events
+            assert session.server(server[10:], how) == []
+        else:
+            assert session.server(server, how) == server_events
+        assert not session.tracker.pending and not session.tracker.infile
