@@ -5,7 +5,8 @@
 * :mod:`.packets`: packets (3-byte length, sequence id, 16 MiB
   continuation), the field codec (length-encoded integers and strings),
   :class:`PacketChannel`.
-* :mod:`.messages`: the connection-phase messages and OK/ERR/EOF.
+* :mod:`.messages`: the connection-phase messages; :mod:`.generic`: OK,
+  ERR, EOF; :mod:`.fields`: the text and validators they share.
 * :mod:`.auth` and :mod:`.ed25519`: the client side of the auth plugins.
 * :mod:`.client`: the cluster logging in upstream: :class:`UpstreamLogin`.
 * :mod:`.server`: the gateway playing the server: :class:`GatewayHandshake`.
@@ -35,9 +36,10 @@ from protocols.mysql.commands import (
 from protocols.mysql.constants import (
     MAX_PAYLOAD, Capability, Command, ErrorNumber, ServerStatus,
 )
+from protocols.mysql.generic import EofPacket, ErrPacket, OkPacket
 from protocols.mysql.messages import (
-    AuthMoreData, AuthSwitchRequest, EofPacket, ErrPacket, Handshake, HandshakeResponse,
-    OkPacket, ServerInfo, SSLRequest, StartTLS,
+    AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse, ServerInfo, SSLRequest,
+    StartTLS,
 )
 from protocols.mysql.packets import PacketChannel, encode_packets
 from protocols.mysql.responses import ErrorEvent, LocalInfileRequestEvent, ResponseAuditor

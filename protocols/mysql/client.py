@@ -49,9 +49,10 @@ import attrs
 from protocols.errors import ErrorCode, RemoteProtocolError
 from protocols.mysql import auth
 from protocols.mysql.constants import Capability, ErrorNumber
+from protocols.mysql.generic import ErrPacket, OkPacket
 from protocols.mysql.messages import (
-    AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
-    ServerInfo, SSLRequest, StartTLS,
+    AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse, ServerInfo, SSLRequest,
+    StartTLS,
 )
 from protocols.mysql.phase import ConnectionPhase
 from protocols.signals import NEED_DATA, PAUSED, Signal
@@ -168,12 +169,14 @@ class UpstreamLogin(ConnectionPhase[LoginState]):
     def _overflowed(self, exc: RemoteProtocolError) -> None:
         self._fail(_upstream_error(exc.message, ErrorNumber.ER_NET_PACKET_TOO_LARGE))
 
-    def _fail(self, exc: RemoteProtocolError) -> None:
+    def _fail(self, exc: RemoteProtocolError) -> RemoteProtocolError:
+        """Poison the login with ``exc`` in upstream terms; returns what it stored."""
         if exc.code is not ErrorCode.UPSTREAM_UNREACHABLE:
             # The codec blames "the peer": here that is the server, and the
             # client on the other end hears "the upstream failed".
             exc = _upstream_error(exc.message, exc.wire_hint or ErrorNumber.ER_HANDSHAKE_ERROR)
         self._poison(exc)
+        return exc
 
     def next_event(self) -> LoginEvent | Literal[Signal.NEED_DATA, Signal.PAUSED]:
         """StartTLS, LoginReady or LoginRefused, NEED_DATA, or PAUSED (while
@@ -193,8 +196,10 @@ class UpstreamLogin(ConnectionPhase[LoginState]):
                 if event is not None:
                     return event
         except RemoteProtocolError as exc:
-            self._fail(exc)
-            raise self._error from exc  # type: ignore[misc]
+            stored = self._fail(exc)
+            if stored is exc:
+                raise
+            raise stored from exc
 
     def tls_started(self) -> None:
         """The TLS handshake is done: the HandshakeResponse41 goes out (over
@@ -202,8 +207,7 @@ class UpstreamLogin(ConnectionPhase[LoginState]):
         its handshake, where only the TLS handshake may come."""
         self._expect(LoginState.TLS_DUE, "tls_started")
         if self._buffer:
-            self._fail(_upstream_error("the upstream server sent plaintext before TLS"))
-            raise self._error  # type: ignore[misc]
+            raise self._fail(_upstream_error("the upstream server sent plaintext before TLS"))
         self._tls = True
         self._respond_to_handshake()
 

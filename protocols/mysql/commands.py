@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 from typing import Final, Union
 
 import attrs
@@ -72,7 +73,7 @@ class Expect(enum.Enum):
     STREAM = "STREAM"  # no end the auditor can see (COM_BINLOG_DUMP, COM_CLONE)
 
 
-_EXPECT: Final = {
+_EXPECT: Final[Mapping[int, Expect]] = {
     Command.QUERY: Expect.RESULT, Command.STMT_EXECUTE: Expect.RESULT,
     Command.PROCESS_INFO: Expect.RESULT, Command.MARIADB_STMT_BULK_EXECUTE: Expect.RESULT,
     Command.STMT_PREPARE: Expect.PREPARE, Command.STMT_FETCH: Expect.ROWS,
@@ -109,7 +110,7 @@ class CommandTracker:
         if len(self.pending) >= self._max_pending:
             malformed(f"the client sent over {self._max_pending} commands without waiting "
                       f"for an answer")
-        self.pending.append((command, _EXPECT.get(command, Expect.SIMPLE)))  # type: ignore[call-overload]
+        self.pending.append((command, _EXPECT.get(command, Expect.SIMPLE)))
 
     def prepared(self, statement_id: int, params: int) -> None:
         if len(self._statements) < self._max_statements:

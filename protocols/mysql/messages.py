@@ -1,11 +1,10 @@
-"""The connection-phase messages and the generic responses (OK, ERR, EOF).
+"""The connection-phase messages (OK, ERR and EOF are :mod:`.generic`).
 
 Spec: MySQL Source Code Documentation, "Client/Server Protocol":
 Connection Phase Packets (Protocol::HandshakeV10, Protocol::SSLRequest,
 Protocol::HandshakeResponse41, Protocol::AuthSwitchRequest,
-Protocol::AuthMoreData), Generic Response Packets (OK_Packet, ERR_Packet,
-EOF_Packet); MariaDB Server docs, "Connection" (the extended capabilities in
-the filler bytes) and "ERR_Packet" (progress reports).
+Protocol::AuthMoreData); MariaDB Server docs, "Connection" (the extended
+capabilities in the filler bytes).
 
 Each message is a small frozen class with ``encode(...)`` returning its
 payload (packets and sequence ids are :mod:`.packets`' business) and a
@@ -13,11 +12,7 @@ payload (packets and sequence ids are :mod:`.packets`' business) and a
 flags take them as an argument: what the *peer* said it can do, or what
 both agreed. A bad message cannot be built (LocalProtocolError); a bad one
 received is a RemoteProtocolError whose wire hint is ER_HANDSHAKE_ERROR
-(1043) in the connection phase, ER_MALFORMED_PACKET (1835) otherwise.
-
-Text fields are decoded as UTF-8 with ``surrogateescape``: lossless, so a
-decoded message encodes back to the same bytes whatever charset the peer
-used, and a name that is not UTF-8 never matches an RBAC rule by accident.
+(1043). Text is decoded as :mod:`.fields` says (lossless).
 """
 
 from __future__ import annotations
@@ -30,14 +25,14 @@ import attrs
 
 from protocols.errors import LocalProtocolError
 from protocols.mysql.constants import (
-    CLIENT_MYSQL, DEFAULT_CHARSET, SQLSTATE_OF, Capability, ErrorNumber, ServerStatus,
+    CLIENT_MYSQL, DEFAULT_CHARSET, Capability, ErrorNumber, ServerStatus,
 )
-from protocols.mysql.packets import Reader, invalid, lenenc_bytes, lenenc_int, nul_bytes
+from protocols.mysql.fields import frozen, no_nul, text, to_capabilities, uint, wire
+from protocols.mysql.packets import Reader, invalid, lenenc_bytes, nul_bytes
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_ATTRIBUTES_LENGTH", "text", "wire", "Handshake", "SSLRequest",
-    "HandshakeResponse", "AuthSwitchRequest", "AuthMoreData", "OkPacket", "ErrPacket",
-    "EofPacket", "is_eof", "ServerInfo", "StartTLS",
+    "PROTOCOL_VERSION", "MAX_ATTRIBUTES_LENGTH", "Handshake", "SSLRequest",
+    "HandshakeResponse", "AuthSwitchRequest", "AuthMoreData", "ServerInfo", "StartTLS",
 ]
 
 PROTOCOL_VERSION: Final = 10
@@ -45,37 +40,6 @@ PROTOCOL_VERSION: Final = 10
 MAX_ATTRIBUTES_LENGTH: Final = 65536
 _HANDSHAKE: Final = ErrorNumber.ER_HANDSHAKE_ERROR
 _SSL_REQUEST_SIZE: Final = 32
-_frozen = attrs.frozen(kw_only=True)
-
-
-def text(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
-
-
-def wire(value: str) -> bytes:
-    return value.encode("utf-8", "surrogateescape")
-
-
-def _caps(value: object) -> Capability:
-    if isinstance(value, Capability):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        invalid("capabilities must be a Capability or a non-negative int")
-    return Capability.of(value)
-
-
-def _uint(bits: int):  # type: ignore[no-untyped-def]
-    def check(_inst: object, attr: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
-            invalid(f"{attr.name} must be an integer in 0..2^{bits}-1")
-    return check
-
-
-def _no_nul(_inst: object, attr: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
-    if value is not None and (not isinstance(value, str) or "\x00" in value):
-        invalid(f"{attr.name} must be a string without NUL")
-
-
 def _freeze(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
     return None if value is None else MappingProxyType(dict(value))
 
@@ -89,7 +53,7 @@ def _capability_filler(caps: Capability) -> bytes:
 # --- the server's greeting ---------------------------------------------------------
 
 
-@_frozen
+@frozen
 class StartTLS:
     """An event both roles hand out: switch this connection to TLS now.
 
@@ -100,33 +64,33 @@ class StartTLS:
     run the TLS handshake as the server. No answer precedes TLS in MySQL."""
 
 
-@_frozen
+@frozen
 class ServerInfo:
     """What a server says of itself in its handshake, minus the nonce: the
     upstream's values the gateway repeats to its clients (GUI tools and
     ORMs switch behaviour on the version string)."""
 
-    server_version: str = attrs.field(validator=_no_nul)
-    capabilities: Capability = attrs.field(converter=_caps)
-    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=_uint(8))
-    status: int = attrs.field(default=ServerStatus.AUTOCOMMIT, validator=_uint(16))
-    connection_id: int = attrs.field(default=0, validator=_uint(32))
+    server_version: str = attrs.field(validator=no_nul)
+    capabilities: Capability = attrs.field(converter=to_capabilities)
+    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=uint(8))
+    status: int = attrs.field(default=ServerStatus.AUTOCOMMIT, validator=uint(16))
+    connection_id: int = attrs.field(default=0, validator=uint(32))
 
 
-@_frozen
+@frozen
 class Handshake:
     """Protocol::HandshakeV10, the server's first packet.
 
     ``auth_plugin_data`` is both parts of the plugin data as sent (a 20-byte
     scramble and MySQL's NUL); :attr:`scramble` is the nonce without it."""
 
-    server_version: str = attrs.field(validator=_no_nul)
-    connection_id: int = attrs.field(validator=_uint(32))
+    server_version: str = attrs.field(validator=no_nul)
+    connection_id: int = attrs.field(validator=uint(32))
     auth_plugin_data: bytes = attrs.field(repr=False)
-    capabilities: Capability = attrs.field(converter=_caps)
-    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=_uint(8))
-    status: int = attrs.field(default=ServerStatus.AUTOCOMMIT, validator=_uint(16))
-    auth_plugin: str | None = attrs.field(default="mysql_native_password", validator=_no_nul)
+    capabilities: Capability = attrs.field(converter=to_capabilities)
+    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=uint(8))
+    status: int = attrs.field(default=ServerStatus.AUTOCOMMIT, validator=uint(16))
+    auth_plugin: str | None = attrs.field(default="mysql_native_password", validator=no_nul)
 
     def __attrs_post_init__(self) -> None:
         if not 8 <= len(self.auth_plugin_data) <= 255:
@@ -210,14 +174,14 @@ def _response_head(caps: Capability, max_packet_size: int, charset: int) -> byte
             + bytes([charset]) + b"\x00" * 19 + _capability_filler(caps))
 
 
-@_frozen
+@frozen
 class SSLRequest:
     """Protocol::SSLRequest: the first 32 bytes of a HandshakeResponse41,
     with CLIENT_SSL; the TLS handshake follows at once, no answer comes."""
 
-    capabilities: Capability = attrs.field(converter=_caps)
-    max_packet_size: int = attrs.field(default=1 << 24, validator=_uint(32))
-    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=_uint(8))
+    capabilities: Capability = attrs.field(converter=to_capabilities)
+    max_packet_size: int = attrs.field(default=1 << 24, validator=uint(32))
+    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=uint(8))
 
     def __attrs_post_init__(self) -> None:
         if Capability.SSL not in self.capabilities:
@@ -235,7 +199,7 @@ def _attributes(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
     return _freeze(value)
 
 
-@_frozen
+@frozen
 class HandshakeResponse:
     """Protocol::HandshakeResponse41.
 
@@ -245,13 +209,13 @@ class HandshakeResponse:
     encoding: length-encoded (PLUGIN_AUTH_LENENC_CLIENT_DATA), one length
     byte (SECURE_CONNECTION) or NUL-terminated."""
 
-    capabilities: Capability = attrs.field(converter=_caps)
-    max_packet_size: int = attrs.field(default=1 << 24, validator=_uint(32))
-    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=_uint(8))
-    username: str = attrs.field(validator=_no_nul)
+    capabilities: Capability = attrs.field(converter=to_capabilities)
+    max_packet_size: int = attrs.field(default=1 << 24, validator=uint(32))
+    charset: int = attrs.field(default=DEFAULT_CHARSET, validator=uint(8))
+    username: str = attrs.field(validator=no_nul)
     auth_response: bytes = attrs.field(default=b"", repr=False)
-    database: str | None = attrs.field(default=None, validator=_no_nul)
-    auth_plugin: str | None = attrs.field(default=None, validator=_no_nul)
+    database: str | None = attrs.field(default=None, validator=no_nul)
+    auth_plugin: str | None = attrs.field(default=None, validator=no_nul)
     attributes: Mapping[str, str] | None = attrs.field(
         default=None, converter=_attributes, hash=False,
         repr=lambda m: "None" if m is None else repr(dict(m)))
@@ -358,11 +322,11 @@ def _decode_attributes(block: bytes) -> dict[str, str]:
 # --- authentication exchange ---------------------------------------------------------
 
 
-@_frozen
+@frozen
 class AuthSwitchRequest:
     """Protocol::AuthSwitchRequest (0xFE): use ``plugin`` with ``data``."""
 
-    plugin: str = attrs.field(validator=_no_nul)
+    plugin: str = attrs.field(validator=no_nul)
     data: bytes = attrs.field(default=b"", repr=False)
 
     def encode(self) -> bytes:
@@ -379,7 +343,7 @@ class AuthSwitchRequest:
         return cls(plugin=plugin, data=reader.rest())
 
 
-@_frozen
+@frozen
 class AuthMoreData:
     """Protocol::AuthMoreData (0x01): more bytes for the current plugin."""
 
@@ -394,130 +358,3 @@ class AuthMoreData:
         if reader.int1() != 0x01:
             reader.fail("not an AuthMoreData")
         return cls(data=reader.rest())
-
-
-# --- generic responses ---------------------------------------------------------------
-
-
-@_frozen
-class OkPacket:
-    """OK_Packet (0x00; 0xFE when it ends a result set under
-    CLIENT_DEPRECATE_EOF). ``session_state`` is the raw session state
-    information, present when ``status`` has SESSION_STATE_CHANGED."""
-
-    affected_rows: int = attrs.field(default=0, validator=_uint(64))
-    last_insert_id: int = attrs.field(default=0, validator=_uint(64))
-    status: int = attrs.field(default=ServerStatus.AUTOCOMMIT, validator=_uint(16))
-    warnings: int = attrs.field(default=0, validator=_uint(16))
-    info: bytes = b""
-    session_state: bytes | None = None
-    header: int = attrs.field(default=0x00)
-
-    def __attrs_post_init__(self) -> None:
-        if self.header not in (0x00, 0xFE):
-            invalid("an OK packet's header is 0x00 or 0xFE")
-        if (self.session_state is not None) != bool(
-                self.status & ServerStatus.SESSION_STATE_CHANGED):
-            invalid("session_state is given exactly when SESSION_STATE_CHANGED is set")
-
-    def encode(self, capabilities: Capability) -> bytes:
-        out = bytearray([self.header])
-        out += lenenc_int(self.affected_rows) + lenenc_int(self.last_insert_id)
-        out += self.status.to_bytes(2, "little") + self.warnings.to_bytes(2, "little")
-        if Capability.SESSION_TRACK in capabilities:
-            if self.info or self.session_state is not None:
-                out += lenenc_bytes(self.info)
-            if self.session_state is not None:
-                out += lenenc_bytes(self.session_state)
-        else:
-            out += self.info
-        return bytes(out)
-
-    @classmethod
-    def decode(cls, payload: bytes, capabilities: Capability) -> OkPacket:
-        reader = Reader(payload, "the OK packet")
-        header = reader.int1()
-        if header not in (0x00, 0xFE):
-            reader.fail("not an OK packet")
-        affected, insert_id = reader.lenenc_int(), reader.lenenc_int()
-        status, warnings = reader.int2(), reader.int2()
-        state = None
-        if Capability.SESSION_TRACK in capabilities:
-            info = b"" if reader.at_end() else reader.lenenc_bytes()
-            if status & ServerStatus.SESSION_STATE_CHANGED:
-                state = reader.lenenc_bytes()
-            reader.end()
-        else:
-            info = reader.rest()
-            status &= ~ServerStatus.SESSION_STATE_CHANGED
-        return cls(affected_rows=affected, last_insert_id=insert_id, status=status,
-                   warnings=warnings, info=info, session_state=state, header=header)
-
-
-@_frozen
-class ErrPacket:
-    """ERR_Packet (0xFF). ``sqlstate`` is None when the server left out the
-    '#' marker (before PROTOCOL_41, or some early handshake errors)."""
-
-    errno: int = attrs.field(validator=_uint(16))
-    sqlstate: str | None = "HY000"
-    message: str = ""
-
-    def __attrs_post_init__(self) -> None:
-        if self.sqlstate is not None and not (len(self.sqlstate) == 5 and
-                                              self.sqlstate.isascii()):
-            invalid("a SQLSTATE is 5 ASCII characters")
-        if self.errno == 0xFFFF:
-            invalid("error number 0xFFFF is MariaDB's progress report, not an error")
-
-    @classmethod
-    def of(cls, errno: int, message: str) -> ErrPacket:
-        """An ERR with the SQLSTATE servers send with ``errno``."""
-        return cls(errno=errno, sqlstate=SQLSTATE_OF.get(errno, "HY000"), message=message)
-
-    def encode(self) -> bytes:
-        marker = b"" if self.sqlstate is None else b"#" + self.sqlstate.encode("ascii")
-        return b"\xff" + self.errno.to_bytes(2, "little") + marker + wire(self.message)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> ErrPacket:
-        reader = Reader(payload, "the ERR packet")
-        if reader.int1() != 0xFF:
-            reader.fail("not an ERR packet")
-        errno = reader.int2()
-        if errno == 0xFFFF:
-            reader.fail("a progress report where an error was due")
-        sqlstate = None
-        if reader.peek() == 0x23:  # '#'
-            reader.skip(1)
-            raw = reader.raw(5)
-            if not raw.isascii():
-                reader.fail("the SQLSTATE is not ASCII")
-            sqlstate = raw.decode("ascii")
-        return cls(errno=errno, sqlstate=sqlstate, message=text(reader.rest()))
-
-
-@_frozen
-class EofPacket:
-    """EOF_Packet (0xFE, under 9 bytes)."""
-
-    warnings: int = attrs.field(default=0, validator=_uint(16))
-    status: int = attrs.field(default=ServerStatus.AUTOCOMMIT, validator=_uint(16))
-
-    def encode(self) -> bytes:
-        return b"\xfe" + self.warnings.to_bytes(2, "little") + self.status.to_bytes(2, "little")
-
-    @classmethod
-    def decode(cls, payload: bytes) -> EofPacket:
-        if not is_eof(payload):
-            Reader(payload, "the EOF packet").fail("not an EOF packet")
-        reader = Reader(payload[1:], "the EOF packet")
-        packet = cls(warnings=reader.int2(), status=reader.int2())
-        reader.end()
-        return packet
-
-
-def is_eof(payload: bytes) -> bool:
-    """0xFE in a packet under 9 bytes is an EOF (a longer one is a row or a
-    length-encoded integer): the spec's own test."""
-    return payload[:1] == b"\xfe" and len(payload) < 9

@@ -49,9 +49,10 @@ import attrs
 from protocols.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocols.mysql import auth
 from protocols.mysql.constants import ERRNO_FOR_CODE, Capability, ErrorNumber, is_client_errno
+from protocols.mysql.generic import ErrPacket, OkPacket
 from protocols.mysql.messages import (
-    AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
-    ServerInfo, SSLRequest, StartTLS,
+    AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse, ServerInfo, SSLRequest,
+    StartTLS,
 )
 from protocols.mysql.packets import malformed
 from protocols.mysql.phase import ConnectionPhase

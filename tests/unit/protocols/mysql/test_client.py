@@ -13,9 +13,9 @@ from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.mysql import auth, ed25519
 from protocols.mysql.client import LoginReady, LoginRefused, LoginState, UpstreamLogin
 from protocols.mysql.constants import Capability, ErrorNumber
+from protocols.mysql.generic import ErrPacket, OkPacket
 from protocols.mysql.messages import (
-    AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
-    SSLRequest, StartTLS,
+    AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse, SSLRequest, StartTLS,
 )
 from protocols.mysql.packets import iter_packets
 from protocols.signals import NEED_DATA, PAUSED
@@ -42,7 +42,8 @@ def greeting(plugin: str = auth.NATIVE_PASSWORD, caps: Capability = SERVER_CAPS)
 OK = OkPacket(status=2).encode(SERVER_CAPS)
 
 
-def drive(login: UpstreamLogin, chunks: list[bytes]) -> tuple[list[object], list[tuple[int, bytes]]]:
+def drive(login: UpstreamLogin,
+          chunks: list[bytes]) -> tuple[list[object], list[tuple[int, bytes]]]:
     """Feed ``chunks``; answer StartTLS at once; collect events and what was sent."""
     events: list[object] = []
     sent = bytearray(login.data_to_send())

@@ -12,18 +12,12 @@ from hypothesis import strategies as st
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.mysql.constants import Capability, ErrorNumber, ServerStatus
 from protocols.mysql.messages import (
-    MAX_ATTRIBUTES_LENGTH, AuthMoreData, AuthSwitchRequest, EofPacket, ErrPacket, Handshake,
-    HandshakeResponse, OkPacket, ServerInfo, SSLRequest, is_eof,
+    MAX_ATTRIBUTES_LENGTH, AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse,
+    ServerInfo, SSLRequest,
 )
 from protocols.mysql.packets import lenenc_bytes
 from tests.unit.protocols.feeding import fuzz, malformed
-
-
-def payload(dump: str) -> bytes:
-    """A packet's payload from a hex dump that starts with its 4-byte header."""
-    raw = bytes.fromhex(dump.replace(" ", ""))
-    assert int.from_bytes(raw[:3], "little") == len(raw) - 4
-    return raw[4:]
+from tests.unit.protocols.mysql.samples import names, payload
 
 
 # A MySQL 5.7.18 server's greeting, as captured in a packet trace.
@@ -36,10 +30,6 @@ MYSQL_50 = payload(
     "41 00 00 00 0a 35 2e 30 2e 32 32 2d 63 6f 6d 6d 75 6e 69 74 79 2d 6e 74 00 01 00 00 00"
     "7e 37 33 3a 69 25 78 4f 00 2c a2 08 02 00 00 00 00 00 00 00 00 00 00 00 00 00 00"
     "61 7c 69 78 42 7b 6a 21 61 49 29 2d 00")
-# dev.mysql.com, ERR_Packet, OK_Packet and EOF_Packet examples.
-ERR_EXAMPLE = payload("17000001ff48042348593030304e6f207461626c65732075736564")
-OK_EXAMPLE = payload("0700000200000002000000")
-EOF_EXAMPLE = payload("050000 05fe00000200".replace(" ", ""))
 # dev.mysql.com, HandshakeResponse320's example: a pre-4.1 client.
 RESPONSE_320 = payload("1100000185240000006f6c640047445343515952 5f".replace(" ", ""))
 
@@ -107,7 +97,8 @@ def test_handshake_validation() -> None:
                    {"capabilities": -1}, {"capabilities": "x"}):
         with pytest.raises(LocalProtocolError):
             Handshake(**{**base, **change})  # type: ignore[arg-type]
-    assert Handshake(**{**base, "capabilities": 0x80200}).capabilities == (  # type: ignore[arg-type]
+    from_bits = Handshake(**{**base, "capabilities": 0x80200})  # type: ignore[arg-type]
+    assert from_bits.capabilities == (
         Capability.PROTOCOL_41 | Capability.PLUGIN_AUTH)
 
 
@@ -178,7 +169,8 @@ def test_fields_a_client_leaves_off_read_as_empty() -> None:
 ])
 def test_response_validation(change: dict[str, object]) -> None:
     with pytest.raises(LocalProtocolError):
-        HandshakeResponse(**{"capabilities": CLIENT_CAPS, "username": "u", **change})  # type: ignore[arg-type]
+        fields = {"capabilities": CLIENT_CAPS, "username": "u", **change}
+        HandshakeResponse(**fields)  # type: ignore[arg-type]
 
 
 def test_attributes_are_bounded() -> None:
@@ -197,14 +189,14 @@ def test_pre_41_clients_are_refused() -> None:
     assert err.wire_hint == ErrorNumber.ER_HANDSHAKE_ERROR and "4.1" in err.message
 
 
-def test_text_that_is_not_utf8_survives_a_round_trip() -> None:
+def testnames_that_is_not_utf8_survives_a_round_trip() -> None:
     response = HandshakeResponse(capabilities=CLIENT_CAPS, username="caf\udce9",
                                  auth_plugin="")
     assert response.encode()[32:37] == b"caf\xe9\x00"
     assert HandshakeResponse.decode(response.encode()).username == "caf\udce9"
 
 
-# --- authentication exchange and generic responses -------------------------------------
+# --- authentication exchange -----------------------------------------------------------
 
 
 def test_auth_switch_and_more_data() -> None:
@@ -218,61 +210,10 @@ def test_auth_switch_and_more_data() -> None:
     assert "not an AuthMoreData" in malformed(AuthMoreData.decode, b"\x02").message
 
 
-def test_ok_example_and_session_tracking() -> None:
-    ok = OkPacket.decode(OK_EXAMPLE, Capability.PROTOCOL_41)
-    assert ok == OkPacket(status=ServerStatus.AUTOCOMMIT)
-    assert ok.encode(Capability.PROTOCOL_41) == OK_EXAMPLE
-    tracked = Capability.PROTOCOL_41 | Capability.SESSION_TRACK
-    assert OkPacket.decode(OK_EXAMPLE, tracked) == ok  # no info at all: empty
-    changed = OkPacket(affected_rows=300, last_insert_id=1 << 40, warnings=2, info=b"Rows: 1",
-                       status=ServerStatus.SESSION_STATE_CHANGED, session_state=b"\x01\x05\x04shop",
-                       header=0xFE)
-    assert OkPacket.decode(changed.encode(tracked), tracked) == changed
-    info_only = OkPacket(info=b"hello")
-    assert OkPacket.decode(info_only.encode(tracked), tracked) == info_only
-    assert OkPacket.decode(info_only.encode(Capability(0)), Capability(0)) == info_only
-    # Without SESSION_TRACK the flag cannot be honoured: it is dropped.
-    assert OkPacket.decode(changed.encode(tracked), Capability(0)).session_state is None
-    assert "trailing" in malformed(OkPacket.decode, OK_EXAMPLE + b"\x00x", tracked).message
-    assert "not an OK" in malformed(OkPacket.decode, b"\x01", tracked).message
-    for bad in ({"header": 1}, {"session_state": b""}, {"affected_rows": -1}):
-        with pytest.raises(LocalProtocolError):
-            OkPacket(**bad)  # type: ignore[arg-type]
-
-
-def test_err_example_and_the_optional_sqlstate() -> None:
-    err = ErrPacket.decode(ERR_EXAMPLE)
-    assert err == ErrPacket(errno=1096, sqlstate="HY000", message="No tables used")
-    assert err.encode() == ERR_EXAMPLE
-    early = ErrPacket.decode(b"\xff\x10\x04Too many connections")
-    assert early.errno == 1040 and early.sqlstate is None
-    assert early.encode() == b"\xff\x10\x04Too many connections"
-    assert ErrPacket.of(1045, "no").sqlstate == "28000"
-    assert ErrPacket.of(1234, "no").sqlstate == "HY000"
-    assert "progress" in malformed(ErrPacket.decode, b"\xff\xff\xff\x01\x02").message
-    assert "not ASCII" in malformed(ErrPacket.decode, b"\xff\x01\x00#\xe9\xe9\xe9\xe9\xe9").message
-    assert "not an ERR" in malformed(ErrPacket.decode, b"\x00").message
-    for bad in ({"sqlstate": "123"}, {"errno": 0xFFFF}, {"errno": 1 << 16}):
-        with pytest.raises(LocalProtocolError):
-            ErrPacket(**{"errno": 1, **bad})  # type: ignore[arg-type]
-
-
-def test_eof_example() -> None:
-    eof = EofPacket.decode(EOF_EXAMPLE)
-    assert eof == EofPacket(warnings=0, status=ServerStatus.AUTOCOMMIT)
-    assert eof.encode() == EOF_EXAMPLE and is_eof(EOF_EXAMPLE)
-    assert not is_eof(b"\xfe" + b"\x00" * 8)  # a lenenc integer or a row
-    assert "not an EOF" in malformed(EofPacket.decode, b"\xfe" + b"\x00" * 8).message
-    assert "trailing" in malformed(EofPacket.decode, EOF_EXAMPLE + b"\x00").message
-
-
 # --- fuzzing --------------------------------------------------------------------------------
 
 DECODERS: list[Callable[[bytes], object]] = [
     Handshake.decode, HandshakeResponse.decode, AuthSwitchRequest.decode, AuthMoreData.decode,
-    ErrPacket.decode, EofPacket.decode,
-    lambda data: OkPacket.decode(data, Capability.SESSION_TRACK),
-    lambda data: OkPacket.decode(data, Capability(0)),
 ]
 
 
@@ -300,13 +241,9 @@ def test_mutated_examples_raise_only_protocol_errors(decode: Callable[[bytes], o
         pass
 
 
-_text = st.text(alphabet=st.characters(blacklist_characters="\x00",
-                                       blacklist_categories=("Cs",)), max_size=20)
-
-
 @fuzz
-@given(st.integers(0, 2**64 - 1).map(Capability.of), _text, st.binary(max_size=40),
-       st.one_of(st.none(), _text), st.one_of(st.none(), st.dictionaries(_text, _text,
+@given(st.integers(0, 2**64 - 1).map(Capability.of), names, st.binary(max_size=40),
+       st.one_of(st.none(), names), st.one_of(st.none(), st.dictionaries(names, names,
                                                                           max_size=3)))
 def test_response_round_trips(caps: Capability, user: str, auth: bytes, database: str | None,
                               attributes: dict[str, str] | None) -> None:
@@ -327,7 +264,7 @@ def test_response_round_trips(caps: Capability, user: str, auth: bytes, database
 
 
 @fuzz
-@given(st.integers(0, 2**32 - 1), st.binary(min_size=20, max_size=20), _text,
+@given(st.integers(0, 2**32 - 1), st.binary(min_size=20, max_size=20), names,
        st.integers(0, 2**64 - 1).map(Capability.of))
 def test_handshake_round_trips(conn: int, nonce: bytes, version: str, caps: Capability) -> None:
     caps |= Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION
@@ -340,38 +277,8 @@ def test_handshake_round_trips(conn: int, nonce: bytes, version: str, caps: Capa
 
 
 @fuzz
-@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 0xFFFF),
-       st.integers(0, 0xFFFF), st.binary(max_size=30), st.one_of(st.none(), st.binary(max_size=30)),
-       st.sampled_from([0x00, 0xFE]), st.booleans())
-def test_ok_round_trips(affected: int, insert_id: int, status: int, warnings: int, info: bytes,
-                        state: bytes | None, header: int, tracked: bool) -> None:
-    caps = Capability.PROTOCOL_41 | (Capability.SESSION_TRACK if tracked else Capability(0))
-    if state is None or not tracked:
-        status &= ~ServerStatus.SESSION_STATE_CHANGED
-        state = None
-    else:
-        status |= ServerStatus.SESSION_STATE_CHANGED
-    ok = OkPacket(affected_rows=affected, last_insert_id=insert_id, status=status,
-                  warnings=warnings, info=info, session_state=state, header=header)
-    assert OkPacket.decode(ok.encode(caps), caps) == ok
-
-
-@fuzz
-@given(st.integers(0, 0xFFFE), st.one_of(st.none(), st.text("0123456789ABCDEFHYS", min_size=5,
-                                                             max_size=5)), _text)
-def test_err_round_trips(errno: int, sqlstate: str | None, message: str) -> None:
-    if sqlstate is None and message.startswith("#"):
-        message = " " + message  # a '#' there reads as the marker, as servers intend
-    err = ErrPacket(errno=errno, sqlstate=sqlstate, message=message)
-    assert ErrPacket.decode(err.encode()) == err
-
-
-@fuzz
-@given(_text, st.binary(max_size=40), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF))
-def test_auth_exchange_and_eof_round_trip(plugin: str, data: bytes, warnings: int,
-                                          status: int) -> None:
+@given(names, st.binary(max_size=40))
+def test_auth_exchange_round_trips(plugin: str, data: bytes) -> None:
     switch = AuthSwitchRequest(plugin=plugin, data=data)
     assert AuthSwitchRequest.decode(switch.encode()) == switch
     assert AuthMoreData.decode(AuthMoreData(data=data).encode()) == AuthMoreData(data=data)
-    eof = EofPacket(warnings=warnings, status=status)
-    assert EofPacket.decode(eof.encode()) == eof

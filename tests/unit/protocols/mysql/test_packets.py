@@ -34,7 +34,8 @@ def read_all(channel: PacketChannel, chunks: list[bytes], cap: int = 1 << 26) ->
 
 LENENC = [(0, b"\x00"), (250, b"\xfa"), (251, b"\xfc\xfb\x00"), (0xFFFF, b"\xfc\xff\xff"),
           (0x10000, b"\xfd\x00\x00\x01"), (0xFFFFFF, b"\xfd\xff\xff\xff"),
-          (1 << 24, b"\xfe\x00\x00\x00\x01\x00\x00\x00\x00"), ((1 << 64) - 1, b"\xfe" + b"\xff" * 8)]
+          (1 << 24, b"\xfe\x00\x00\x00\x01\x00\x00\x00\x00"),
+          ((1 << 64) - 1, b"\xfe" + b"\xff" * 8)]
 
 
 @pytest.mark.parametrize(("value", "wire"), LENENC)

@@ -12,9 +12,10 @@ from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.mysql import auth
 from protocols.mysql.client import LoginReady, UpstreamLogin
 from protocols.mysql.constants import Capability, ErrorNumber, ServerStatus
+from protocols.mysql.generic import ErrPacket, OkPacket
 from protocols.mysql.messages import (
-    AuthMoreData, AuthSwitchRequest, ErrPacket, Handshake, HandshakeResponse, OkPacket,
-    ServerInfo, SSLRequest, StartTLS,
+    AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse, ServerInfo, SSLRequest,
+    StartTLS,
 )
 from protocols.mysql.packets import iter_packets
 from protocols.mysql.server import (
@@ -43,7 +44,8 @@ def pkt(seq: int, payload: bytes) -> bytes:
 
 
 def gateway(**kwargs: object) -> GatewayHandshake:
-    return GatewayHandshake(UPSTREAM, connection_id=99, scramble=SCRAMBLE, **kwargs)  # type: ignore[arg-type]
+    return GatewayHandshake(UPSTREAM, connection_id=99, scramble=SCRAMBLE,
+                            **kwargs)  # type: ignore[arg-type]
 
 
 def client_response(plugin: str = auth.NATIVE_PASSWORD, data: bytes = b"x" * 20,
@@ -72,7 +74,8 @@ def test_the_greeting_repeats_the_upstream() -> None:
     assert hello.charset == 255 and hello.status == ServerStatus.AUTOCOMMIT
     assert hello.scramble == SCRAMBLE and hello.auth_plugin == auth.NATIVE_PASSWORD
     assert hello.capabilities == hs.capabilities
-    assert Capability.SSL not in hello.capabilities and Capability.COMPRESS not in hello.capabilities
+    assert Capability.SSL not in hello.capabilities
+    assert Capability.COMPRESS not in hello.capabilities
     assert Capability.OPTIONAL_RESULTSET_METADATA not in hello.capabilities
     assert Capability.QUERY_ATTRIBUTES in hello.capabilities
     assert "AWAIT_RESPONSE" in repr(hs)
@@ -329,7 +332,8 @@ def pymysql_answer(hello: Handshake, *, tls: bool) -> list[bytes]:
 
 
 @pytest.mark.parametrize("tls", [False, True])
-@pytest.mark.parametrize("upstream_caps", [UPSTREAM_CAPS, UPSTREAM_CAPS & ~Capability.CONNECT_ATTRS])
+@pytest.mark.parametrize("upstream_caps",
+                         [UPSTREAM_CAPS, UPSTREAM_CAPS & ~Capability.CONNECT_ATTRS])
 def test_pymysql_gets_in(tls: bool, upstream_caps: Capability) -> None:
     upstream = ServerInfo(server_version="10.11.6-MariaDB", capabilities=upstream_caps)
     hs = GatewayHandshake(upstream, connection_id=5, tls=tls)
