@@ -75,6 +75,9 @@ class ServerInfo:
     charset: int = attrs.field(default=DEFAULT_CHARSET, validator=uint(8))
     status: int = attrs.field(default=ServerStatus.AUTOCOMMIT, validator=uint(16))
     connection_id: int = attrs.field(default=0, validator=uint(32))
+    #: The plugin the greeting names (mysql_native_password, or MySQL 8's
+    #: caching_sha2_password), None when the server has no PLUGIN_AUTH.
+    auth_plugin: str | None = attrs.field(default=None, validator=no_nul)
 
 
 @frozen
@@ -109,7 +112,7 @@ class Handshake:
     def info(self) -> ServerInfo:
         return ServerInfo(server_version=self.server_version, capabilities=self.capabilities,
                           charset=self.charset, status=self.status,
-                          connection_id=self.connection_id)
+                          connection_id=self.connection_id, auth_plugin=self.auth_plugin)
 
     @property
     def is_mariadb(self) -> bool:

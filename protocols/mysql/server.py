@@ -25,7 +25,9 @@ those) are what the cluster then asks the upstream for::
                                      mysql_clear_password: ClientLogin
                                   -> any other (client_ed25519, dialog,
                                      sha256_password, ...): we send
-                                     AuthSwitchRequest(mysql_native_password)
+                                     AuthSwitchRequest(the greeting's plugin:
+                                     the upstream's if it is one of the
+                                     first two, else mysql_native_password)
     client: AuthSwitchResponse    -> ClientLogin
     we: accept(): [AuthMoreData 0x03 (caching_sha2 fast auth success)] OK
         or refuse(): ERR
@@ -81,6 +83,8 @@ _GATEWAY_NEEDS: Final = (Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION
 #: Plugins whose first answer the gateway takes as it is.
 _ONE_SHOT: Final = frozenset({auth.NATIVE_PASSWORD, auth.CACHING_SHA2_PASSWORD,
                               auth.CLEAR_PASSWORD})
+#: Plugins the greeting may name: the ones whose nonce is the handshake's.
+_GREETINGS: Final = frozenset({auth.NATIVE_PASSWORD, auth.CACHING_SHA2_PASSWORD})
 _DEFAULT_MAX_MESSAGE: Final = 64 * 1024
 _TLS_HANDSHAKE: Final = 0x16
 
@@ -119,7 +123,7 @@ def err_for(exc: ProtocolError) -> ErrPacket:
 class HandshakeState(enum.Enum):
     AWAIT_RESPONSE = "AWAIT_RESPONSE"  # the greeting went out
     TLS_DUE = "TLS_DUE"  # an SSLRequest came: start_tls()
-    AWAIT_SWITCH_RESPONSE = "AWAIT_SWITCH_RESPONSE"  # we asked for mysql_native_password
+    AWAIT_SWITCH_RESPONSE = "AWAIT_SWITCH_RESPONSE"  # we asked for the greeting's plugin
     VERDICT_DUE = "VERDICT_DUE"  # ClientLogin handed out: accept() or refuse()
     DONE = "DONE"
     CLOSED = "CLOSED"  # the client hung up
@@ -164,13 +168,17 @@ class GatewayHandshake(ConnectionPhase[HandshakeState]):
                                 drop=drop)
         self._tls_offered = tls
         self._tls = False
+        # The upstream's own plugin when it is one we take at its first word
+        # (MySQL 8 clients expect caching_sha2_password from a MySQL 8).
+        self._greeting_plugin = (server.auth_plugin if server.auth_plugin in _GREETINGS
+                                 else auth.NATIVE_PASSWORD)
         greeting = Handshake(server_version=server.server_version, connection_id=connection_id,
                              auth_plugin_data=self._scramble + b"\x00", capabilities=self._caps,
                              charset=server.charset, status=server.status,
-                             auth_plugin=auth.NATIVE_PASSWORD)
+                             auth_plugin=self._greeting_plugin)
         self._send(greeting.encode())
         self._response: HandshakeResponse | None = None
-        self._plugin = auth.NATIVE_PASSWORD
+        self._plugin = self._greeting_plugin
         self._fast_auth = False
 
     @property
@@ -206,7 +214,9 @@ class GatewayHandshake(ConnectionPhase[HandshakeState]):
                 self._state = HandshakeState.CLOSED
                 return ConnectionClosed(clean=True)
             if self._state is HandshakeState.AWAIT_SWITCH_RESPONSE:
-                return self._login()  # any answer will do: we take any password
+                # Any answer will do: we take any password.
+                self._fast_auth = self._plugin == auth.CACHING_SHA2_PASSWORD and bool(payload)
+                return self._login()
             return self._on_response(payload)
         except RemoteProtocolError as exc:
             self._poison(exc)
@@ -224,16 +234,17 @@ class GatewayHandshake(ConnectionPhase[HandshakeState]):
             malformed("the client claims TLS without an SSLRequest",
                       ErrorNumber.ER_HANDSHAKE_ERROR)
         self._response = message
-        if Capability.PLUGIN_AUTH in message.capabilities and message.auth_plugin:
-            self._plugin = message.auth_plugin
+        self._plugin = auth.NATIVE_PASSWORD  # what a client without PLUGIN_AUTH speaks
+        if Capability.PLUGIN_AUTH in message.capabilities:
+            self._plugin = message.auth_plugin or self._greeting_plugin
         if self._plugin in _ONE_SHOT:
             self._fast_auth = (self._plugin == auth.CACHING_SHA2_PASSWORD
                                and bool(message.auth_response))
             return self._login()
-        # A plugin we do not take at its first word: switch to the one we do.
-        self._plugin = auth.NATIVE_PASSWORD
+        # A plugin we do not take at its first word: switch to the greeting's.
+        self._plugin = self._greeting_plugin
         self._send(AuthSwitchRequest(
-            plugin=auth.NATIVE_PASSWORD, data=self._scramble + b"\x00").encode())
+            plugin=self._plugin, data=self._scramble + b"\x00").encode())
         self._state = HandshakeState.AWAIT_SWITCH_RESPONSE
         return self.next_event()
 

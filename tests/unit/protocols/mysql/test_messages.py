@@ -46,7 +46,8 @@ def test_mysql_57_greeting() -> None:
     assert hello.encode() == MYSQL_57
     assert hello.info == ServerInfo(server_version="5.7.18-log",
                                     capabilities=hello.capabilities, charset=33, status=2,
-                                    connection_id=0x297A12)
+                                    connection_id=0x297A12,
+                                    auth_plugin="mysql_native_password")
 
 
 def test_mysql_50_greeting_without_plugin_auth() -> None:

@@ -350,3 +350,34 @@ def test_pymysql_gets_in(tls: bool, upstream_caps: Capability) -> None:
     else:  # its flag says CONNECT_ATTRS, but it sends none to such a server
         assert dict(login.attributes) == {}
     assert [seq for seq, _ in iter_packets(hs.accept())] == [3 if tls else 2]
+
+
+MYSQL8 = ServerInfo(server_version="8.0.36", capabilities=UPSTREAM_CAPS,
+                    auth_plugin=auth.CACHING_SHA2_PASSWORD)
+
+
+def test_a_mysql_8_upstream_greets_with_caching_sha2() -> None:
+    hs = GatewayHandshake(MYSQL8, connection_id=1, scramble=SCRAMBLE)
+    ((_, payload),) = iter_packets(hs.data_to_send())
+    assert Handshake.decode(payload).auth_plugin == auth.CACHING_SHA2_PASSWORD
+    # A client answering with that plugin by default (an empty name) gets
+    # fast-auth success; one that starts with another plugin is switched to it.
+    (login,) = events_of(hs, [pkt(1, client_response("", b"s" * 32))])
+    assert isinstance(login, ClientLogin) and login.plugin == auth.CACHING_SHA2_PASSWORD
+    assert [p[:2] for _, p in iter_packets(hs.accept())] == [b"\x01\x03", b"\x00\x00"]
+    hs = GatewayHandshake(MYSQL8, connection_id=1, scramble=SCRAMBLE)
+    hs.data_to_send()
+    events_of(hs, [pkt(1, client_response(auth.CLIENT_ED25519, b""))])
+    ((_, switch),) = iter_packets(hs.data_to_send())
+    assert AuthSwitchRequest.decode(switch).plugin == auth.CACHING_SHA2_PASSWORD
+    (login,) = events_of(hs, [pkt(3, b"s" * 32)])
+    assert isinstance(login, ClientLogin) and login.plugin == auth.CACHING_SHA2_PASSWORD
+    assert [seq for seq, _ in iter_packets(hs.accept())] == [4, 5]
+
+
+def test_an_upstream_plugin_we_cannot_greet_with_falls_back_to_native() -> None:
+    odd = ServerInfo(server_version="10.11.6-MariaDB", capabilities=UPSTREAM_CAPS,
+                     auth_plugin=auth.CLIENT_ED25519)
+    hs = GatewayHandshake(odd, connection_id=1)
+    ((_, payload),) = iter_packets(hs.data_to_send())
+    assert Handshake.decode(payload).auth_plugin == auth.NATIVE_PASSWORD
