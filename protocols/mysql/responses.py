@@ -30,7 +30,9 @@ rare, may have its message cut; one that is a whole response is kept up to
 ``max_message``). A terminator with CURSOR_EXISTS ends the response (the
 rows come later, through COM_STMT_FETCH). MariaDB's progress reports (ERR
 0xFFFF) are skipped. The packet after one of 2^24-1 bytes continues it and
-is never interpreted. Sequence ids run on consecutively within a response
+is never interpreted. With no command pending only an ERR may come (MySQL 8
+explains an idle timeout with one before it closes). Sequence ids run on
+consecutively within a response
 (a gap is ER_NET_PACKETS_OUT_OF_ORDER), except where the client speaks in
 between (after a LOCAL INFILE request, in COM_CHANGE_USER's exchange).
 """
@@ -86,6 +88,7 @@ class _Phase(enum.Enum):
     INFILE_RESULT = "INFILE_RESULT"  # the OK/ERR after the client's file
     AUTH = "AUTH"  # COM_CHANGE_USER's exchange
     STREAM = "STREAM"  # skipped to the end of the session
+    UNSOLICITED = "UNSOLICITED"  # a packet with no command pending: only an ERR may come
 
 
 class ResponseAuditor(StreamAuditor):
@@ -138,7 +141,11 @@ class ResponseAuditor(StreamAuditor):
 
     def _start_response(self) -> None:
         if not self._tracker.pending:
-            malformed("the server sent a packet no command asked for")
+            # MySQL 8 says why it drops an idle connection with an ERR of
+            # its own (4031); anything else is out of turn.
+            self._command, self._expect, self._phase = -1, Expect.SIMPLE, _Phase.UNSOLICITED
+            self._seq = -1
+            return
         self._command, self._expect = self._tracker.pending.popleft()
         self._seq = -1
         self._phase = {Expect.ROWS: _Phase.ROWS, Expect.AUTH: _Phase.AUTH,
@@ -269,6 +276,9 @@ class ResponseAuditor(StreamAuditor):
         # server only answers after it.
         self._terminated(frame)
 
+    def _on_unsolicited(self, frame: Frame, first: int) -> None:
+        malformed("the server sent a packet no command asked for")
+
     def _on_auth(self, frame: Frame, first: int) -> None:
         if first == 0x00:
             self._done()
@@ -280,4 +290,5 @@ _HANDLERS: Final = {
     _Phase.ROWS: ResponseAuditor._on_row,
     _Phase.INFILE_RESULT: ResponseAuditor._on_infile_result,
     _Phase.AUTH: ResponseAuditor._on_auth,
+    _Phase.UNSOLICITED: ResponseAuditor._on_unsolicited,
 }

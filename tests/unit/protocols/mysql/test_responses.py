@@ -166,7 +166,7 @@ def test_sixteen_mib_rows_are_followed() -> None:
 
 
 @pytest.mark.parametrize(("stream", "words", "hint"), [
-    (err(1), "no command asked", ErrorNumber.ER_MALFORMED_PACKET),
+    (ok(1), "no command asked", ErrorNumber.ER_MALFORMED_PACKET),
     (pkt(1, b"\x01") + pkt(3, COLUMN), "out of order", ErrorNumber.ER_NET_PACKETS_OUT_OF_ORDER),
     (pkt(1, b"\x00\x01"), "truncated", ErrorNumber.ER_MALFORMED_PACKET),
     (pkt(1, b"\xfc\x00\x00"), "0 columns", ErrorNumber.ER_MALFORMED_PACKET),
@@ -179,6 +179,16 @@ def test_malformed_responses(stream: bytes, words: str, hint: int) -> None:
         session.client(query("select 1"))
     err_ = malformed(session.server, stream)
     assert words in err_.message and err_.wire_hint == hint
+
+
+def test_an_unsolicited_err_is_reported() -> None:
+    session = Session()
+    timeout = pkt(0, b"\xff\xbf\x0f#HY000The client was disconnected by the server because of "
+                  b"inactivity.")
+    (event,) = session.server(timeout)
+    assert isinstance(event, ErrorEvent) and event.errno == 4031
+    session.client(query("select 1"))
+    assert session.server(err(1)) == [SYNTAX]
 
 
 def test_eof_and_bounds() -> None:
