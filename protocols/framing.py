@@ -270,6 +270,7 @@ class FrameSplitter:
         length_field, kind_field = layout.length_field, layout.kind_field
         lowest, highest = layout.min_length, self.max_length
         to_body = layout.uncounted - header_size
+        byteorder = layout.byteorder  # for a three-byte length field (MySQL's)
         keep_of = self._keep
         pos, end = 0, len(data)
         while pos < end:
@@ -299,7 +300,7 @@ class FrameSplitter:
                 self._header.clear()
             length = fields[length_field]
             if type(length) is bytes:
-                length = int.from_bytes(length, layout.byteorder)
+                length = int.from_bytes(length, byteorder)
             if not lowest <= length <= highest:
                 layout.frame_size(length, highest)  # raises, saying which bound
             self.frames += 1

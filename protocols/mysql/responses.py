@@ -23,8 +23,9 @@ follows each response's structure, knowing from the shared
              run followed by EOF unless CLIENT_DEPRECATE_EOF
     ROWS:    rows ..., EOF/OK(0xFE) or ERR        (COM_STMT_FETCH)
 
-Column definitions are skipped by count, unseen. Of a row only the first 24
-bytes are kept: enough to tell a row from an EOF, an OK(0xFE) or an ERR,
+Column definitions are skipped by count, unseen. Of a row over 512 bytes
+only the first 24 are kept (a shorter one is cheaper to take whole):
+enough to tell a row from an EOF, an OK(0xFE) or an ERR,
 whose code and SQLSTATE fit in them (an ERR in the middle of a result set,
 rare, may have its message cut; one that is a whole response is kept up to
 ``max_message``). A terminator with CURSOR_EXISTS ends the response (the
@@ -40,6 +41,7 @@ between (after a LOCAL INFILE request, in COM_CHANGE_USER's exchange).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Final, Union
 
 import attrs
@@ -54,8 +56,12 @@ from protocols.signals import ConnectionClosed
 __all__ = ["ErrorEvent", "LocalInfileRequestEvent", "ResponseAuditEvent", "ResponseAuditor"]
 
 _ROW_PREFIX: Final = 24
+_SHORT_ROW: Final = 512
 _MAX_FILE_NAME: Final = 4096
 _EOF_MAX: Final = 9
+# Plain ints: an IntFlag operation per packet costs more than the rest.
+_MORE_RESULTS: Final = int(ServerStatus.MORE_RESULTS_EXISTS)
+_CURSOR: Final = int(ServerStatus.CURSOR_EXISTS)
 
 
 @attrs.frozen(kw_only=True)
@@ -128,7 +134,9 @@ class ResponseAuditor(StreamAuditor):
         if phase is _Phase.STREAM:
             return None
         if phase is _Phase.ROWS:
-            return _ROW_PREFIX
+            # A short row whole is the splitter's fast path; of a long one
+            # only the prefix that tells a row from an EOF, OK or ERR.
+            return length if length <= _SHORT_ROW else _ROW_PREFIX
         if phase is _Phase.DEFINITIONS_EOF:
             return _EOF_MAX
         return min(length, self._max_message)
@@ -148,10 +156,7 @@ class ResponseAuditor(StreamAuditor):
             return
         self._command, self._expect = self._tracker.pending.popleft()
         self._seq = -1
-        self._phase = {Expect.ROWS: _Phase.ROWS, Expect.AUTH: _Phase.AUTH,
-                       Expect.STREAM: _Phase.STREAM}.get(self._expect, _Phase.FIRST)
-        if self._expect is Expect.FIELDS:
-            self._phase = _Phase.ROWS  # definitions until EOF: the same test as rows
+        self._phase = _FIRST_PHASE.get(self._expect, _Phase.FIRST)
 
     def _end_run(self) -> None:
         if self._tracker.deprecate_eof:
@@ -218,9 +223,12 @@ class ResponseAuditor(StreamAuditor):
             self._phase = _Phase.INFILE_RESULT
             self._seq = -1
         elif self._expect is Expect.RESULT:
-            reader = Reader(frame.body, "a column count")
-            columns = reader.lenenc_int()
-            reader.end()
+            if frame.body_length == 1 and first < 0xFB:
+                columns = first  # the common case: under 251 columns
+            else:
+                reader = Reader(frame.body, "a column count")
+                columns = reader.lenenc_int()
+                reader.end()
             if not 0 < columns <= 0xFFFF:
                 reader.fail(f"a result set of {columns} columns")
             self._runs, self._left = [], columns
@@ -239,15 +247,18 @@ class ResponseAuditor(StreamAuditor):
     def _terminated(self, frame: Frame) -> None:
         """An OK or EOF ends this result: another may follow."""
         status = self._status_of(frame)
-        if status & ServerStatus.MORE_RESULTS_EXISTS and not status & (
-                ServerStatus.CURSOR_EXISTS):
+        if status & _MORE_RESULTS and not status & _CURSOR:
             self._phase = _Phase.FIRST
         else:
             self._done()
 
     @staticmethod
     def _status_of(frame: Frame) -> int:
-        reader = Reader(frame.body, "an OK or EOF packet", complete=frame.complete)
+        body = frame.body
+        if len(body) >= 5 and body[1] < 0xFB and body[2] < 0xFB:
+            # The common case: an EOF, or an OK whose two counts fit a byte.
+            return body[3] | body[4] << 8
+        reader = Reader(body, "an OK or EOF packet", complete=frame.complete)
         try:
             if reader.int1() == 0xFE and frame.body_length < _EOF_MAX:
                 reader.skip(2)  # warnings
@@ -261,7 +272,7 @@ class ResponseAuditor(StreamAuditor):
     def _on_definitions_eof(self, frame: Frame, first: int) -> None:
         if first != 0xFE or frame.body_length >= _EOF_MAX:
             Reader(b"", "a result set").fail("definitions not followed by EOF")
-        if self._expect is Expect.RESULT and self._status_of(frame) & ServerStatus.CURSOR_EXISTS:
+        if self._expect is Expect.RESULT and self._status_of(frame) & _CURSOR:
             self._done()  # the rows come with COM_STMT_FETCH
             return
         self._phase = self._after_definitions()
@@ -283,6 +294,13 @@ class ResponseAuditor(StreamAuditor):
         if first == 0x00:
             self._done()
 
+
+# The phase a response starts in, by what its command expects (FIELDS:
+# definitions until an EOF, the same test as rows).
+_FIRST_PHASE: Final[Mapping[Expect, _Phase]] = {
+    Expect.ROWS: _Phase.ROWS, Expect.FIELDS: _Phase.ROWS, Expect.AUTH: _Phase.AUTH,
+    Expect.STREAM: _Phase.STREAM,
+}
 
 _HANDLERS: Final = {
     _Phase.FIRST: ResponseAuditor._on_first,
