@@ -53,8 +53,8 @@ from protocols.mysql import auth
 from protocols.mysql.constants import ERRNO_FOR_CODE, Capability, ErrorNumber, is_client_errno
 from protocols.mysql.generic import ErrPacket, OkPacket
 from protocols.mysql.messages import (
-    AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse, ServerInfo, SSLRequest,
-    StartTLS,
+    MAX_ATTRIBUTES_LENGTH, AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse,
+    ServerInfo, SSLRequest, StartTLS,
 )
 from protocols.mysql.packets import malformed
 from protocols.mysql.phase import ConnectionPhase
@@ -85,7 +85,8 @@ _ONE_SHOT: Final = frozenset({auth.NATIVE_PASSWORD, auth.CACHING_SHA2_PASSWORD,
                               auth.CLEAR_PASSWORD})
 #: Plugins the greeting may name: the ones whose nonce is the handshake's.
 _GREETINGS: Final = frozenset({auth.NATIVE_PASSWORD, auth.CACHING_SHA2_PASSWORD})
-_DEFAULT_MAX_MESSAGE: Final = 64 * 1024
+#: A HandshakeResponse41 with the most connection attributes servers take.
+_DEFAULT_MAX_MESSAGE: Final = MAX_ATTRIBUTES_LENGTH + 4096
 _TLS_HANDSHAKE: Final = 0x16
 
 

@@ -17,7 +17,8 @@ from protocols.mysql.messages import (
     AuthMoreData, AuthSwitchRequest, Handshake, HandshakeResponse, ServerInfo, SSLRequest,
     StartTLS,
 )
-from protocols.mysql.packets import iter_packets
+from protocols.mysql.messages import MAX_ATTRIBUTES_LENGTH
+from protocols.mysql.packets import encode_packets, iter_packets
 from protocols.mysql.server import (
     ClientLogin, GatewayHandshake, HandshakeState, advertised, err_for, new_scramble,
 )
@@ -381,3 +382,12 @@ def test_an_upstream_plugin_we_cannot_greet_with_falls_back_to_native() -> None:
     hs = GatewayHandshake(odd, connection_id=1)
     ((_, payload),) = iter_packets(hs.data_to_send())
     assert Handshake.decode(payload).auth_plugin == auth.NATIVE_PASSWORD
+
+
+def test_the_largest_attributes_a_server_takes_fit() -> None:
+    caps = CLIENT_CAPS | Capability.CONNECT_ATTRS
+    big = {"k": "v" * (MAX_ATTRIBUTES_LENGTH - 8)}
+    response = HandshakeResponse(capabilities=caps, username="u", auth_plugin="",
+                                 attributes=big).encode()
+    (login,) = events_of(gateway(), [encode_packets(response, 1)[0]])
+    assert isinstance(login, ClientLogin) and login.attributes == big
