@@ -1,0 +1,1 @@
+"""MongoDB's wire protocol, sans-I/O: BSON, wire messages, commands, audit."""

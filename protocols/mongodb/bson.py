@@ -1,0 +1,664 @@
+"""BSON, every type of the spec, strictly: bytes to plain Python values and back.
+
+Spec: bsonspec.org "BSON Specification Version 1.1"; the decode rules and
+test data of mongodb/specifications ``source/bson-corpus/bson-corpus.md``;
+Decimal128's string form from ``source/bson-decimal128/decimal128.md``
+(IEEE 754-2008 decimal128, BID encoding, "to-scientific-string").
+
+Theory of operation
+-------------------
+A document decodes to a ``dict`` (key order kept), an array to a ``list``,
+and each value to the plainest Python value that round-trips:
+
+==============  ==========================  ==============  =======================
+BSON            Python                      BSON            Python
+==============  ==========================  ==============  =======================
+double          float                       regex           :class:`Regex`
+string          str                         DBPointer       :class:`DBPointer`
+document        dict                        JavaScript      :class:`Code`
+array           list                        symbol          :class:`Symbol`
+binary 0x00     bytes                       code w/ scope   :class:`CodeWithScope`
+binary other    :class:`Binary`             int32           int
+undefined       :data:`UNDEFINED`           timestamp       :class:`Timestamp`
+ObjectId        :class:`ObjectId`           int64           :class:`Int64` (an int)
+bool            bool                        decimal128      :class:`Decimal128`
+datetime        :class:`DateTime`           min/max key     :data:`MIN_KEY`/:data:`MAX_KEY`
+null            None
+==============  ==========================  ==============  =======================
+
+so ``encode(decode(b)) == b`` for every canonical document (the corpus
+checks this for each of its ``canonical_bson`` cases). A plain ``int``
+encodes as int32 when it fits and int64 otherwise; ``Int64`` always as int64.
+
+Decoding is strict, because what we decode decides what a user may do (a
+command's ``$db``): every length must agree with the bytes it covers and
+with its enclosing document; strings and keys are NUL-terminated, valid
+UTF-8; booleans are 0 or 1; a document's keys are unique (two ``$db`` would
+let a client show the auditor one database and the server another); no byte
+may follow the top-level document. Anything else is a
+:class:`~protocols.errors.RemoteProtocolError` with MongoDB's InvalidBSON
+(22) as the wire hint. Nesting is bounded (``max_depth``, as the server
+bounds it) and so is a document's declared size (``max_size``), so a hostile
+peer can cost neither the stack nor memory beyond the bytes it sent.
+"""
+
+from __future__ import annotations
+
+import decimal
+import enum
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import attrs
+
+from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_SIZE", "DEFAULT_MAX_DEPTH", "INVALID_BSON",
+    "Int64", "Binary", "ObjectId", "DateTime", "Regex", "DBPointer", "Code", "Symbol",
+    "CodeWithScope", "Timestamp", "Decimal128", "Constant", "UNDEFINED", "MIN_KEY", "MAX_KEY",
+    "decode", "decode_at", "encode", "type_name",
+]
+
+#: The server's maxBSONObjectSize (16 MiB) plus its 16 KiB allowance for a
+#: command wrapped around a document of that size.
+DEFAULT_MAX_SIZE: Final = 16 * 1024 * 1024 + 16 * 1024
+#: The server's own bound on nesting (BSONDepth's default maximum).
+DEFAULT_MAX_DEPTH: Final = 200
+#: MongoDB's error code for malformed BSON.
+INVALID_BSON: Final = 22
+
+_I32 = struct.Struct("<i")
+_I64 = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
+
+
+# Comparisons, not ``in range(...)``: for an int subclass (an IntEnum, say)
+# range's membership test falls back to iterating the whole range.
+def _is_int32(value: int) -> bool:
+    return -(2**31) <= value < 2**31
+
+
+def _is_int64(value: int) -> bool:
+    return -(2**63) <= value < 2**63
+
+
+def _int64(_instance: object, _attr: object, value: int) -> None:
+    if not _is_int64(value):
+        raise ValueError(f"{value} does not fit an int64")
+
+
+def _invalid(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"invalid BSON: {message}", code=ErrorCode.BAD_REQUEST,
+                               wire_hint=INVALID_BSON)
+
+
+# --- the types Python lacks ---------------------------------------------------------
+
+
+class Int64(int):
+    """An int that encodes as BSON int64 even when it would fit an int32."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Int64({int(self)})"
+
+
+def _bytes_of(value: object) -> bytes:
+    return bytes(value)  # type: ignore[call-overload]
+
+
+@attrs.frozen
+class Binary:
+    """Binary data of a subtype other than 0 (generic binary is plain bytes).
+    For the old binary subtype 2, ``data`` is the payload inside its own
+    length prefix."""
+
+    subtype: int = attrs.field(validator=attrs.validators.and_(
+        attrs.validators.instance_of(int), attrs.validators.in_(range(256))))
+    data: bytes = attrs.field(converter=_bytes_of)
+
+
+@attrs.frozen
+class ObjectId:
+    """A 12-byte ObjectId."""
+
+    binary: bytes = attrs.field(converter=_bytes_of)
+
+    @binary.validator
+    def _twelve(self, _attr: object, value: bytes) -> None:
+        if len(value) != 12:
+            raise ValueError("an ObjectId is 12 bytes")
+
+    def __str__(self) -> str:
+        return self.binary.hex()
+
+
+@attrs.frozen
+class DateTime:
+    """UTC milliseconds since the Unix epoch (any int64: beyond Python's datetime)."""
+
+    millis: int = attrs.field(validator=_int64)
+
+
+@attrs.frozen
+class Regex:
+    """A regular expression and its option letters (canonically sorted)."""
+
+    pattern: str
+    flags: str = ""
+
+
+@attrs.frozen
+class DBPointer:
+    """The deprecated DBPointer: a namespace and an ObjectId."""
+
+    namespace: str
+    id: ObjectId
+
+
+@attrs.frozen
+class Code:
+    """JavaScript code."""
+
+    code: str
+
+
+@attrs.frozen
+class Symbol:
+    """The deprecated symbol type: a string that is not a str."""
+
+    name: str
+
+
+@attrs.frozen
+class CodeWithScope:
+    """JavaScript code with its scope document."""
+
+    code: str
+    scope: Mapping[str, Any] = attrs.field(hash=False)
+
+
+@attrs.frozen
+class Timestamp:
+    """The internal replication timestamp: seconds and an ordinal."""
+
+    time: int = attrs.field(validator=attrs.validators.in_(range(2**32)))
+    increment: int = attrs.field(validator=attrs.validators.in_(range(2**32)))
+
+
+_DEC_BIAS: Final = 6176
+_DEC_MAX_COEFFICIENT: Final = 10**34 - 1
+
+
+@attrs.frozen
+class Decimal128:
+    """An IEEE 754-2008 decimal128 (BID encoding), kept as its 16 raw bytes
+    (little-endian, as on the wire). ``str()`` follows the spec's string rules."""
+
+    raw: bytes = attrs.field(converter=_bytes_of)
+
+    @raw.validator
+    def _sixteen(self, _attr: object, value: bytes) -> None:
+        if len(value) != 16:
+            raise ValueError("a Decimal128 is 16 bytes")
+
+    def __str__(self) -> str:
+        # decimal128.md, "To String Representation": NaN has no sign; a
+        # combination field of 11 (other than NaN/Infinity) puts the
+        # coefficient over 10**34 - 1, which is non-canonical and reads as 0.
+        low, high = struct.unpack("<QQ", self.raw)
+        sign = high >> 63
+        if (high >> 58) & 0x1F == 0x1F:
+            return "NaN"
+        if (high >> 58) & 0x1F == 0x1E:
+            return "-Infinity" if sign else "Infinity"
+        if (high >> 61) & 0x3 == 0x3:
+            exponent = (high >> 47) & 0x3FFF
+            coefficient = 0
+        else:
+            exponent = (high >> 49) & 0x3FFF
+            coefficient = ((high & 0x1FFFFFFFFFFFF) << 64) | low
+            if coefficient > _DEC_MAX_COEFFICIENT:
+                coefficient = 0
+        digits = tuple(int(d) for d in str(coefficient))
+        # Python's decimal prints the same to-scientific-string the spec asks for.
+        return str(decimal.Decimal((sign, digits, exponent - _DEC_BIAS)))
+
+
+class Constant(enum.Enum):
+    """The BSON values that are only a type."""
+
+    UNDEFINED = 0x06
+    MIN_KEY = 0xFF
+    MAX_KEY = 0x7F
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+UNDEFINED: Final = Constant.UNDEFINED
+MIN_KEY: Final = Constant.MIN_KEY
+MAX_KEY: Final = Constant.MAX_KEY
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+class _Decoder:
+    """One decode: the bytes and the nesting bound. Each reader takes the
+    value's start and the end it must fit in, and returns (value, next)."""
+
+    __slots__ = ("data", "max_depth")
+
+    def __init__(self, data: bytes, max_depth: int) -> None:
+        self.data = data
+        self.max_depth = max_depth
+
+    def document(self, pos: int, limit: int, depth: int, array: bool = False
+                 ) -> tuple[Any, int]:
+        if depth > self.max_depth:
+            raise _invalid(f"nested deeper than {self.max_depth} levels")
+        data = self.data
+        if limit - pos < 5:
+            raise _invalid("a document is cut short")
+        (length,) = _I32.unpack_from(data, pos)
+        if length < 5:
+            raise _invalid(f"a document's length {length} is below 5")
+        if length > limit - pos:
+            raise _invalid(f"a document's length {length} exceeds the {limit - pos} "
+                           f"bytes it may take")
+        end = pos + length
+        if data[end - 1]:
+            raise _invalid("a document does not end with NUL")
+        body_end = end - 1
+        items: list[Any] = []
+        keys: set[str] = set()
+        pos += 4
+        readers = _READERS
+        while pos < body_end:
+            kind = data[pos]
+            key_end = data.find(b"\x00", pos + 1, body_end)
+            if kind == 0:
+                raise _invalid("a document ends before its length says")
+            if key_end < 0:
+                raise _invalid("a key is not NUL-terminated inside its document")
+            key = _utf8(data[pos + 1 : key_end], "a key")
+            reader = readers.get(kind)
+            if reader is None:
+                raise _invalid(f"unknown element type 0x{kind:02x}")
+            value, pos = reader(self, key_end + 1, body_end, depth)
+            if array:
+                items.append(value)
+            else:
+                if key in keys:
+                    raise _invalid(f"the key {key[:64]!r} appears twice in one document")
+                keys.add(key)
+                items.append((key, value))
+        return (items if array else dict(items)), end
+
+    def _fixed(self, pos: int, limit: int, size: int, what: str) -> int:
+        if limit - pos < size:
+            raise _invalid(f"{what} is cut short")
+        return pos + size
+
+    def double(self, pos: int, limit: int, _depth: int) -> tuple[float, int]:
+        end = self._fixed(pos, limit, 8, "a double")
+        return _F64.unpack_from(self.data, pos)[0], end
+
+    def string(self, pos: int, limit: int, _depth: int = 0, what: str = "a string"
+               ) -> tuple[str, int]:
+        data = self.data
+        self._fixed(pos, limit, 4, f"{what}'s length")
+        (length,) = _I32.unpack_from(data, pos)
+        if length < 1 or length > limit - pos - 4:
+            raise _invalid(f"{what}'s length {length} does not fit its document")
+        end = pos + 4 + length
+        if data[end - 1]:
+            raise _invalid(f"{what} is not NUL-terminated")
+        return _utf8(data[pos + 4 : end - 1], what), end
+
+    def cstring(self, pos: int, limit: int, what: str) -> tuple[str, int]:
+        end = self.data.find(b"\x00", pos, limit)
+        if end < 0:
+            raise _invalid(f"{what} is not NUL-terminated")
+        return _utf8(self.data[pos:end], what), end + 1
+
+    def embedded(self, pos: int, limit: int, depth: int) -> tuple[Any, int]:
+        return self.document(pos, limit, depth + 1)
+
+    def array(self, pos: int, limit: int, depth: int) -> tuple[Any, int]:
+        # Array keys ("0", "1", ...) are not checked: the corpus calls
+        # arrays with wrong keys degenerate, not invalid.
+        return self.document(pos, limit, depth + 1, array=True)
+
+    def binary(self, pos: int, limit: int, _depth: int) -> tuple[bytes | Binary, int]:
+        data = self.data
+        self._fixed(pos, limit, 5, "a binary's header")
+        (length,) = _I32.unpack_from(data, pos)
+        subtype = data[pos + 4]
+        if length < 0 or length > limit - pos - 5:
+            raise _invalid(f"a binary's length {length} does not fit its document")
+        start, end = pos + 5, pos + 5 + length
+        if subtype == 0:
+            return data[start:end], end
+        if subtype == 2:  # the old binary: a second length inside
+            if length < 4 or _I32.unpack_from(data, start)[0] != length - 4:
+                raise _invalid("an old binary (subtype 2)'s inner length disagrees")
+            start += 4
+        return Binary(subtype, data[start:end]), end
+
+    def undefined(self, pos: int, _limit: int, _depth: int) -> tuple[Constant, int]:
+        return UNDEFINED, pos
+
+    def object_id(self, pos: int, limit: int, _depth: int) -> tuple[ObjectId, int]:
+        end = self._fixed(pos, limit, 12, "an ObjectId")
+        return ObjectId(self.data[pos:end]), end
+
+    def boolean(self, pos: int, limit: int, _depth: int) -> tuple[bool, int]:
+        end = self._fixed(pos, limit, 1, "a boolean")
+        byte = self.data[pos]
+        if byte > 1:
+            raise _invalid(f"a boolean is {byte}, not 0 or 1")
+        return byte == 1, end
+
+    def datetime(self, pos: int, limit: int, _depth: int) -> tuple[DateTime, int]:
+        end = self._fixed(pos, limit, 8, "a datetime")
+        return DateTime(_I64.unpack_from(self.data, pos)[0]), end
+
+    def null(self, pos: int, _limit: int, _depth: int) -> tuple[None, int]:
+        return None, pos
+
+    def regex(self, pos: int, limit: int, _depth: int) -> tuple[Regex, int]:
+        pattern, pos = self.cstring(pos, limit, "a regex pattern")
+        flags, pos = self.cstring(pos, limit, "a regex's options")
+        return Regex(pattern, flags), pos
+
+    def db_pointer(self, pos: int, limit: int, _depth: int) -> tuple[DBPointer, int]:
+        namespace, pos = self.string(pos, limit, what="a DBPointer's namespace")
+        oid, pos = self.object_id(pos, limit, 0)
+        return DBPointer(namespace, oid), pos
+
+    def code(self, pos: int, limit: int, _depth: int) -> tuple[Code, int]:
+        text, pos = self.string(pos, limit, what="JavaScript code")
+        return Code(text), pos
+
+    def symbol(self, pos: int, limit: int, _depth: int) -> tuple[Symbol, int]:
+        text, pos = self.string(pos, limit, what="a symbol")
+        return Symbol(text), pos
+
+    def code_with_scope(self, pos: int, limit: int, depth: int) -> tuple[CodeWithScope, int]:
+        data = self.data
+        self._fixed(pos, limit, 4, "code with scope")
+        (length,) = _I32.unpack_from(data, pos)
+        # The smallest: its length, an empty string (5) and an empty scope (5).
+        if length < 14 or length > limit - pos:
+            raise _invalid(f"code with scope's length {length} does not fit its document")
+        end = pos + length
+        text, inner = self.string(pos + 4, end, what="code with scope's code")
+        scope, inner = self.document(inner, end, depth + 1)
+        if inner != end:
+            raise _invalid("code with scope's length disagrees with its parts")
+        return CodeWithScope(text, scope), end
+
+    def int32(self, pos: int, limit: int, _depth: int) -> tuple[int, int]:
+        end = self._fixed(pos, limit, 4, "an int32")
+        return _I32.unpack_from(self.data, pos)[0], end
+
+    def timestamp(self, pos: int, limit: int, _depth: int) -> tuple[Timestamp, int]:
+        end = self._fixed(pos, limit, 8, "a timestamp")
+        (both,) = _U64.unpack_from(self.data, pos)
+        return Timestamp(both >> 32, both & 0xFFFFFFFF), end
+
+    def int64(self, pos: int, limit: int, _depth: int) -> tuple[Int64, int]:
+        end = self._fixed(pos, limit, 8, "an int64")
+        return Int64(_I64.unpack_from(self.data, pos)[0]), end
+
+    def decimal128(self, pos: int, limit: int, _depth: int) -> tuple[Decimal128, int]:
+        end = self._fixed(pos, limit, 16, "a decimal128")
+        return Decimal128(self.data[pos:end]), end
+
+    def min_key(self, pos: int, _limit: int, _depth: int) -> tuple[Constant, int]:
+        return MIN_KEY, pos
+
+    def max_key(self, pos: int, _limit: int, _depth: int) -> tuple[Constant, int]:
+        return MAX_KEY, pos
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid(f"{what} is not valid UTF-8") from None
+
+
+_Reader = Callable[[_Decoder, int, int, int], tuple[Any, int]]
+_READERS: Final[dict[int, _Reader]] = {
+    0x01: _Decoder.double, 0x02: _Decoder.string, 0x03: _Decoder.embedded,
+    0x04: _Decoder.array, 0x05: _Decoder.binary, 0x06: _Decoder.undefined,
+    0x07: _Decoder.object_id, 0x08: _Decoder.boolean, 0x09: _Decoder.datetime,
+    0x0A: _Decoder.null, 0x0B: _Decoder.regex, 0x0C: _Decoder.db_pointer,
+    0x0D: _Decoder.code, 0x0E: _Decoder.symbol, 0x0F: _Decoder.code_with_scope,
+    0x10: _Decoder.int32, 0x11: _Decoder.timestamp, 0x12: _Decoder.int64,
+    0x13: _Decoder.decimal128, 0xFF: _Decoder.min_key, 0x7F: _Decoder.max_key,
+}
+
+
+def decode_at(data: bytes, pos: int = 0, end: int | None = None, *,
+              max_size: int = DEFAULT_MAX_SIZE,
+              max_depth: int = DEFAULT_MAX_DEPTH) -> tuple[dict[str, Any], int]:
+    """The document at ``data[pos:]`` (which must end by ``end``) and where
+    it ends: for documents that follow one another (OP_MSG sequences)."""
+    if end is None:
+        end = len(data)
+    limit = min(end, pos + max_size)
+    if end - pos >= 4 and _I32.unpack_from(data, pos)[0] > max_size:
+        raise _invalid(f"a document of {_I32.unpack_from(data, pos)[0]} bytes exceeds the "
+                       f"maximum of {max_size}")
+    doc, after = _Decoder(data, max_depth).document(pos, limit, 0)
+    return doc, after
+
+
+def decode(data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_SIZE,
+           max_depth: int = DEFAULT_MAX_DEPTH) -> dict[str, Any]:
+    """The one document ``data`` holds; RemoteProtocolError (InvalidBSON) if
+    it is malformed, too large, too deep, or followed by anything."""
+    data = bytes(data)
+    doc, end = decode_at(data, 0, max_size=max_size, max_depth=max_depth)
+    if end != len(data):
+        raise _invalid(f"{len(data) - end} bytes follow the document")
+    return doc
+
+
+# --- encoding -----------------------------------------------------------------------
+
+
+def _refuse(message: str) -> LocalProtocolError:
+    return LocalProtocolError(f"cannot encode as BSON: {message}", code=ErrorCode.BAD_REQUEST)
+
+
+def _utf8_of(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _refuse(f"{what} holds a lone surrogate, which UTF-8 cannot") from None
+
+
+class _Encoder:
+    __slots__ = ("out", "max_depth")
+
+    def __init__(self, max_depth: int) -> None:
+        self.out = bytearray()
+        self.max_depth = max_depth
+
+    def document(self, items: Any, depth: int) -> None:
+        if depth > self.max_depth:
+            raise _refuse(f"nested deeper than {self.max_depth} levels")
+        out = self.out
+        start = len(out)
+        out += b"\x00\x00\x00\x00"
+        for key, value in items:
+            if not isinstance(key, str):
+                raise _refuse(f"a key must be a str, not {type(key).__name__}")
+            raw_key = _utf8_of(key, "a key")
+            if b"\x00" in raw_key:
+                raise _refuse("a key cannot contain NUL")
+            tag = len(out)
+            out.append(0)
+            out += raw_key
+            out.append(0)
+            out[tag] = self.value(value, depth)
+        out.append(0)
+        out[start : start + 4] = _I32.pack(len(out) - start)
+
+    def cstring(self, text: str, what: str) -> None:
+        raw = _utf8_of(text, what)
+        if b"\x00" in raw:
+            raise _refuse(f"{what} cannot contain NUL")
+        self.out += raw + b"\x00"
+
+    def string(self, text: str) -> None:
+        raw = _utf8_of(text, "a string")
+        self.out += _I32.pack(len(raw) + 1) + raw + b"\x00"
+
+    def value(self, value: Any, depth: int) -> int:
+        """Append ``value``; its element type."""
+        out = self.out
+        kind = type(value)
+        if kind is bool:
+            out.append(1 if value else 0)
+            return 0x08
+        if kind is Int64:
+            out += _I64.pack(value)
+            return 0x12
+        if isinstance(value, int):
+            if _is_int32(value):
+                out += _I32.pack(value)
+                return 0x10
+            if _is_int64(value):
+                out += _I64.pack(value)
+                return 0x12
+            raise _refuse(f"{value} does not fit an int64")
+        if isinstance(value, float):
+            out += _F64.pack(value)
+            return 0x01
+        if isinstance(value, str):
+            self.string(value)
+            return 0x02
+        if isinstance(value, Mapping):
+            self.document(value.items(), depth + 1)
+            return 0x03
+        if isinstance(value, (list, tuple)):
+            self.document(((str(i), v) for i, v in enumerate(value)), depth + 1)
+            return 0x04
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            raw = bytes(value)
+            out += _I32.pack(len(raw)) + b"\x00" + raw
+            return 0x05
+        if value is None:
+            return 0x0A
+        writer = _WRITERS.get(kind)
+        if writer is None:
+            raise _refuse(f"no BSON type for {kind.__name__}")
+        return writer(self, value, depth)
+
+    def binary(self, value: Binary, _depth: int) -> int:
+        data = value.data
+        if value.subtype == 2:
+            data = _I32.pack(len(data)) + data
+        self.out += _I32.pack(len(data)) + bytes([value.subtype]) + data
+        return 0x05
+
+    def constant(self, value: Constant, _depth: int) -> int:
+        return value.value
+
+    def object_id(self, value: ObjectId, _depth: int) -> int:
+        self.out += value.binary
+        return 0x07
+
+    def datetime(self, value: DateTime, _depth: int) -> int:
+        self.out += _I64.pack(value.millis)
+        return 0x09
+
+    def regex(self, value: Regex, _depth: int) -> int:
+        self.cstring(value.pattern, "a regex pattern")
+        self.cstring(value.flags, "a regex's options")
+        return 0x0B
+
+    def db_pointer(self, value: DBPointer, _depth: int) -> int:
+        self.string(value.namespace)
+        self.out += value.id.binary
+        return 0x0C
+
+    def code(self, value: Code, _depth: int) -> int:
+        self.string(value.code)
+        return 0x0D
+
+    def symbol(self, value: Symbol, _depth: int) -> int:
+        self.string(value.name)
+        return 0x0E
+
+    def code_with_scope(self, value: CodeWithScope, depth: int) -> int:
+        out = self.out
+        start = len(out)
+        out += b"\x00\x00\x00\x00"
+        self.string(value.code)
+        self.document(value.scope.items(), depth + 1)
+        out[start : start + 4] = _I32.pack(len(out) - start)
+        return 0x0F
+
+    def timestamp(self, value: Timestamp, _depth: int) -> int:
+        self.out += _U64.pack(value.time << 32 | value.increment)
+        return 0x11
+
+    def decimal128(self, value: Decimal128, _depth: int) -> int:
+        self.out += value.raw
+        return 0x13
+
+
+_WRITERS: Final[dict[type, Callable[[_Encoder, Any, int], int]]] = {
+    Binary: _Encoder.binary, Constant: _Encoder.constant, ObjectId: _Encoder.object_id,
+    DateTime: _Encoder.datetime, Regex: _Encoder.regex, DBPointer: _Encoder.db_pointer,
+    Code: _Encoder.code, Symbol: _Encoder.symbol, CodeWithScope: _Encoder.code_with_scope,
+    Timestamp: _Encoder.timestamp, Decimal128: _Encoder.decimal128,
+}
+
+
+def encode(document: Mapping[str, Any], *, max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
+    """``document`` as BSON; LocalProtocolError for a value BSON cannot hold
+    (an int over 64 bits, a NUL in a key, an unknown type, too deep)."""
+    if not isinstance(document, Mapping):
+        raise _refuse(f"a document must be a mapping, not {type(document).__name__}")
+    encoder = _Encoder(max_depth)
+    encoder.document(document.items(), 0)
+    return bytes(encoder.out)
+
+
+# --- type names, for shapes ----------------------------------------------------------
+
+_NAMES: Final[dict[type, str]] = {
+    float: "double", str: "string", dict: "document", list: "array", bytes: "binary",
+    Binary: "binary", ObjectId: "objectId", bool: "bool", DateTime: "datetime",
+    type(None): "null", Regex: "regex", DBPointer: "dbPointer", Code: "code", Symbol: "symbol",
+    CodeWithScope: "codeWithScope", int: "int32", Timestamp: "timestamp", Int64: "int64",
+    Decimal128: "decimal128",
+}
+_CONSTANT_NAMES: Final = {UNDEFINED: "undefined", MIN_KEY: "minKey", MAX_KEY: "maxKey"}
+
+
+def type_name(value: Any) -> str:
+    """The BSON type name of a decoded value ("int32", "string", "objectId",
+    ...): what an audit shows in place of the value."""
+    if isinstance(value, Constant):
+        return _CONSTANT_NAMES[value]
+    name = _NAMES.get(type(value))
+    if name is None:
+        if isinstance(value, int):
+            return "int32" if _is_int32(value) else "int64"
+        raise _refuse(f"no BSON type for {type(value).__name__}")
+    if name == "int32" and not _is_int32(value):
+        return "int64"
+    return name
