@@ -35,7 +35,8 @@ grows past it) into the message inside. snappy and zstd raise
 ``compression`` list it answers a ``hello`` with, so a client never uses them.
 
 Errors are RemoteProtocolError with a MongoDB code as the wire hint:
-ProtocolError (17) by default, InvalidBSON (22) from a document.
+ProtocolError (17) by default, InvalidBSON (22) from a document,
+ChecksumMismatch (288), ZLibError (147).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Final, Literal, Union
 
 import attrs
@@ -57,7 +58,7 @@ from protocols.signals import NEED_DATA, ConnectionClosed, Signal
 
 __all__ = [
     "OP_REPLY", "OP_QUERY", "OP_COMPRESSED", "OP_MSG", "DEFAULT_MAX_MESSAGE_SIZE",
-    "PROTOCOL_ERROR", "ILLEGAL_OP_MSG_FLAG",
+    "PROTOCOL_ERROR", "ILLEGAL_OP_MSG_FLAG", "CHECKSUM_MISMATCH", "ZLIB_ERROR",
     "CHECKSUM_PRESENT", "MORE_TO_COME", "EXHAUST_ALLOWED",
     "Compressor", "SUPPORTED_COMPRESSORS", "DocumentSequence", "OpMsg", "OpQuery", "OpReply", "OpCompressed",
     "Message", "UnsupportedCompressor", "MessageReader",
@@ -74,6 +75,8 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 48_000_000
 #: MongoDB error codes these errors carry as their wire hint.
 PROTOCOL_ERROR: Final = 17
 ILLEGAL_OP_MSG_FLAG: Final = 223
+CHECKSUM_MISMATCH: Final = 288
+ZLIB_ERROR: Final = 147
 
 # OP_MSG flagBits (OP_MSG.md, "flagBits").
 CHECKSUM_PRESENT: Final = 1 << 0
@@ -278,13 +281,15 @@ def _cstring(body: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
 
 
 def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
-                 max_depth: int = bson.DEFAULT_MAX_DEPTH, sequences: bool = True
+                 max_depth: int = bson.DEFAULT_MAX_DEPTH,
+                 sequences: bool | Collection[str] = True
                  ) -> tuple[int, dict[str, Any], list[tuple[str, list[Any], int]]]:
     """An OP_MSG body (after the header) as (flagBits, command body,
     [(identifier, documents, count)]); checks everything OpMsg does but the
-    checksum. With ``sequences=False`` the documents of kind-1 sections are
-    walked by their lengths and not decoded (their list stays empty), which
-    is what an auditor wants of a 1,000-document insert."""
+    checksum. The documents of kind-1 sections are decoded if ``sequences``
+    is True or names their identifier; others are walked by their lengths
+    and not decoded (their list stays empty): what an auditor wants of a
+    1,000-document insert, while it reads an update's filters."""
     if len(body) < 5:
         raise _error("an OP_MSG is shorter than its flags and one section")
     (flags,) = _U32.unpack_from(body)
@@ -320,8 +325,9 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
                 raise _error("a document sequence has an empty identifier")
             documents: list[Any] = []
             count = 0
+            wanted = sequences if isinstance(sequences, bool) else identifier in sequences
             while pos < stop:
-                if sequences:
+                if wanted:
                     doc, pos = bson.decode_at(body, pos, stop, max_size=max_document_size,
                                               max_depth=max_depth)
                     documents.append(doc)
@@ -360,7 +366,8 @@ def _op_msg(request_id: int, response_to: int, body: bytes, limits: _Limits,
     if len(body) >= 9 and body[0] & CHECKSUM_PRESENT and header is not None:
         (expected,) = _U32.unpack_from(body, len(body) - 4)
         if crc32c(memoryview(body)[:-4], crc32c(header)) != expected:
-            raise _error("an OP_MSG's CRC-32C checksum does not match its bytes")
+            raise _error("an OP_MSG's CRC-32C checksum does not match its bytes",
+                         CHECKSUM_MISMATCH)
     flags, command, found = split_op_msg(body, max_document_size=limits.max_document_size,
                                          max_depth=limits.max_depth)
     return OpMsg(request_id=request_id, response_to=response_to, body=command,
@@ -472,10 +479,10 @@ def decompress(message: OpCompressed, *, max_message_size: int = DEFAULT_MAX_MES
         try:
             body = inflater.decompress(message.payload, size)
         except zlib.error:
-            raise _error("an OP_COMPRESSED's zlib data is corrupt", 147) from None
+            raise _error("an OP_COMPRESSED's zlib data is corrupt", ZLIB_ERROR) from None
         if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
             raise _error("an OP_COMPRESSED's zlib data does not inflate to exactly its "
-                         "declared size", 147)
+                         "declared size", ZLIB_ERROR)
     else:
         raise UnsupportedCompressor(message.compressor_id)
     if len(body) != size:
