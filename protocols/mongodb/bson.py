@@ -47,7 +47,7 @@ from __future__ import annotations
 import decimal
 import enum
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 import attrs
@@ -58,7 +58,7 @@ __all__ = [
     "DEFAULT_MAX_SIZE", "DEFAULT_MAX_DEPTH", "INVALID_BSON",
     "Int64", "Binary", "ObjectId", "DateTime", "Regex", "DBPointer", "Code", "Symbol",
     "CodeWithScope", "Timestamp", "Decimal128", "Constant", "UNDEFINED", "MIN_KEY", "MAX_KEY",
-    "decode", "decode_at", "encode", "type_name",
+    "decode", "decode_at", "encode", "type_name", "elements", "decode_element",
 ]
 
 #: The server's maxBSONObjectSize (16 MiB) plus its 16 KiB allowance for a
@@ -471,6 +471,76 @@ def decode(data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_
     if end != len(data):
         raise _invalid(f"{len(data) - end} bytes follow the document")
     return doc
+
+
+# --- a document's top level, without decoding it ------------------------------------
+
+_FIXED: Final = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8,
+                 0x12: 8, 0x13: 16, 0xFF: 0, 0x7F: 0}
+_COUNTED: Final = {0x02: 4, 0x0D: 4, 0x0E: 4, 0x0C: 16, 0x05: 5, 0x03: 0, 0x04: 0, 0x0F: 0}
+
+
+def _value_end(data: bytes, kind: int, pos: int, limit: int) -> int | None:
+    """Where the value of type ``kind`` at ``pos`` ends, from its length
+    alone; None if that is past ``limit``."""
+    size = _FIXED.get(kind)
+    if size is None:
+        extra = _COUNTED.get(kind)
+        if extra is None:
+            if kind != 0x0B:
+                raise _invalid(f"unknown element type 0x{kind:02x}")
+            first = data.find(b"\x00", pos, limit)
+            second = data.find(b"\x00", first + 1, limit) if first >= 0 else -1
+            return None if second < 0 else second + 1
+        if limit - pos < 4:
+            return None
+        (length,) = _I32.unpack_from(data, pos)
+        if length < 0:
+            raise _invalid(f"a value's length {length} is negative")
+        size = length + extra
+    return pos + size if pos + size <= limit else None
+
+
+def elements(data: bytes, pos: int = 0, end: int | None = None
+             ) -> Iterator[tuple[str, int, int, int]]:
+    """The top-level elements of the document at ``data[pos:end]`` as (key,
+    type, value start, value end), each value skipped by its length, not
+    decoded (nor checked beyond its length). The document may be a prefix
+    (an auditor keeps only the start of a large reply): iteration then stops
+    at the first element that does not fit."""
+    if end is None:
+        end = len(data)
+    if end - pos < 4:
+        return
+    (length,) = _I32.unpack_from(data, pos)
+    if length < 5:
+        raise _invalid(f"a document's length {length} is below 5")
+    limit = min(end, pos + length - 1)
+    pos += 4
+    while pos < limit:
+        kind = data[pos]
+        if kind == 0:
+            return
+        key_end = data.find(b"\x00", pos + 1, limit)
+        if key_end < 0:
+            return
+        value_end = _value_end(data, kind, key_end + 1, limit)
+        if value_end is None:
+            return
+        yield _utf8(data[pos + 1 : key_end], "a key"), kind, key_end + 1, value_end
+        pos = value_end
+
+
+def decode_element(data: bytes, kind: int, start: int, end: int, *,
+                   max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """The value of type ``kind`` that :func:`elements` found at ``start``."""
+    reader = _READERS.get(kind)
+    if reader is None:
+        raise _invalid(f"unknown element type 0x{kind:02x}")
+    value, stop = reader(_Decoder(data, max_depth), start, end, 0)
+    if stop != end:
+        raise _invalid("a value's length disagrees with its bytes")
+    return value
 
 
 # --- encoding -----------------------------------------------------------------------

@@ -62,7 +62,7 @@ __all__ = [
     "CHECKSUM_PRESENT", "MORE_TO_COME", "EXHAUST_ALLOWED",
     "Compressor", "SUPPORTED_COMPRESSORS", "DocumentSequence", "OpMsg", "OpQuery", "OpReply", "OpCompressed",
     "Message", "UnsupportedCompressor", "MessageReader",
-    "decode_message", "decompress", "compress", "split_op_msg",
+    "decode_message", "decompress", "compress", "split_op_msg", "protocol_error",
 ]
 
 OP_REPLY: Final = 1
@@ -98,7 +98,9 @@ def _INT32(_instance: object, attribute: Any, value: int) -> None:
         raise ValueError(f"{attribute.name} must fit an int32")
 
 
-def _error(message: str, hint: int = PROTOCOL_ERROR) -> RemoteProtocolError:
+def protocol_error(message: str, hint: int = PROTOCOL_ERROR) -> RemoteProtocolError:
+    """A malformed MongoDB message: RemoteProtocolError with ``hint``, a
+    MongoDB error code (ProtocolError, 17, by default)."""
     return RemoteProtocolError(message, code=ErrorCode.BAD_REQUEST, wire_hint=hint)
 
 
@@ -273,11 +275,11 @@ class _Limits:
 def _cstring(body: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
     stop = body.find(b"\x00", pos, end)
     if stop < 0:
-        raise _error(f"{what} is not NUL-terminated")
+        raise protocol_error(f"{what} is not NUL-terminated")
     try:
         return body[pos:stop].decode("utf-8"), stop + 1
     except UnicodeDecodeError:
-        raise _error(f"{what} is not valid UTF-8", bson.INVALID_BSON) from None
+        raise protocol_error(f"{what} is not valid UTF-8", bson.INVALID_BSON) from None
 
 
 def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
@@ -291,17 +293,17 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
     and not decoded (their list stays empty): what an auditor wants of a
     1,000-document insert, while it reads an update's filters."""
     if len(body) < 5:
-        raise _error("an OP_MSG is shorter than its flags and one section")
+        raise protocol_error("an OP_MSG is shorter than its flags and one section")
     (flags,) = _U32.unpack_from(body)
     unknown = flags & 0xFFFF & ~_KNOWN_REQUIRED
     if unknown:
-        raise _error(f"an OP_MSG sets required flag bits we do not know (0x{unknown:04x})",
+        raise protocol_error(f"an OP_MSG sets required flag bits we do not know (0x{unknown:04x})",
                      ILLEGAL_OP_MSG_FLAG)
     end = len(body)
     if flags & CHECKSUM_PRESENT:
         end -= 4
         if end < 5:
-            raise _error("an OP_MSG with a checksum is too short to hold it")
+            raise protocol_error("an OP_MSG with a checksum is too short to hold it")
     pos = 4
     command: dict[str, Any] | None = None
     found: list[tuple[str, list[Any], int]] = []
@@ -310,19 +312,19 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
         pos += 1
         if kind == 0:
             if command is not None:
-                raise _error("an OP_MSG has two body (kind 0) sections")
+                raise protocol_error("an OP_MSG has two body (kind 0) sections")
             command, pos = bson.decode_at(body, pos, end, max_size=max_document_size,
                                           max_depth=max_depth)
         elif kind == 1:
             if end - pos < 4:
-                raise _error("a document sequence is cut short")
+                raise protocol_error("a document sequence is cut short")
             (size,) = _I32.unpack_from(body, pos)
             if size < 5 or size > end - pos:
-                raise _error(f"a document sequence's size {size} does not fit its message")
+                raise protocol_error(f"a document sequence's size {size} does not fit its message")
             stop = pos + size
             identifier, pos = _cstring(body, pos + 4, stop, "a sequence identifier")
             if not identifier:
-                raise _error("a document sequence has an empty identifier")
+                raise protocol_error("a document sequence has an empty identifier")
             documents: list[Any] = []
             count = 0
             wanted = sequences if isinstance(sequences, bool) else identifier in sequences
@@ -336,13 +338,13 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
                 count += 1
             found.append((identifier, documents, count))
         else:
-            raise _error(f"an OP_MSG section of unknown kind {kind}")
+            raise protocol_error(f"an OP_MSG section of unknown kind {kind}")
     if command is None:
-        raise _error("an OP_MSG has no body (kind 0) section")
+        raise protocol_error("an OP_MSG has no body (kind 0) section")
     names = set(command)
     for identifier, _, _ in found:
         if identifier in names:
-            raise _error(f"the document sequence {identifier[:64]!r} appears twice, or also "
+            raise protocol_error(f"the document sequence {identifier[:64]!r} appears twice, or also "
                          f"as a body field")
         names.add(identifier)
     return flags, command, found
@@ -351,10 +353,10 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
 def _skip_document(body: bytes, pos: int, stop: int, max_size: int) -> int:
     """Past the document at ``pos`` by its length (checked, not decoded)."""
     if stop - pos < 5:
-        raise _error("a document is cut short", bson.INVALID_BSON)
+        raise protocol_error("a document is cut short", bson.INVALID_BSON)
     (size,) = _I32.unpack_from(body, pos)
     if not 5 <= size <= min(stop - pos, max_size) or body[pos + size - 1]:
-        raise _error(f"a document's length {size} does not fit its sequence",
+        raise protocol_error(f"a document's length {size} does not fit its sequence",
                      bson.INVALID_BSON)
     return pos + size
 
@@ -366,7 +368,7 @@ def _op_msg(request_id: int, response_to: int, body: bytes, limits: _Limits,
     if len(body) >= 9 and body[0] & CHECKSUM_PRESENT and header is not None:
         (expected,) = _U32.unpack_from(body, len(body) - 4)
         if crc32c(memoryview(body)[:-4], crc32c(header)) != expected:
-            raise _error("an OP_MSG's CRC-32C checksum does not match its bytes",
+            raise protocol_error("an OP_MSG's CRC-32C checksum does not match its bytes",
                          CHECKSUM_MISMATCH)
     flags, command, found = split_op_msg(body, max_document_size=limits.max_document_size,
                                          max_depth=limits.max_depth)
@@ -381,13 +383,13 @@ def _op_msg(request_id: int, response_to: int, body: bytes, limits: _Limits,
 
 def _op_query(request_id: int, response_to: int, body: bytes, limits: _Limits) -> OpQuery:
     if len(body) < 4:
-        raise _error("an OP_QUERY is cut short")
+        raise protocol_error("an OP_QUERY is cut short")
     (flags,) = _I32.unpack_from(body)
     if flags & ~_QUERY_FLAGS:
-        raise _error(f"an OP_QUERY sets reserved flag bits (0x{flags & ~_QUERY_FLAGS:08x})")
+        raise protocol_error(f"an OP_QUERY sets reserved flag bits (0x{flags & ~_QUERY_FLAGS:08x})")
     collection, pos = _cstring(body, 4, len(body), "an OP_QUERY's collection name")
     if len(body) - pos < _QUERY_TAIL.size:
-        raise _error("an OP_QUERY is cut short")
+        raise protocol_error("an OP_QUERY is cut short")
     skip, limit = _QUERY_TAIL.unpack_from(body, pos)
     query, pos = bson.decode_at(body, pos + _QUERY_TAIL.size, max_size=limits.max_document_size,
                                 max_depth=limits.max_depth)
@@ -396,14 +398,14 @@ def _op_query(request_id: int, response_to: int, body: bytes, limits: _Limits) -
         fields, pos = bson.decode_at(body, pos, max_size=limits.max_document_size,
                                      max_depth=limits.max_depth)
     if pos != len(body):
-        raise _error(f"{len(body) - pos} bytes follow an OP_QUERY's documents")
+        raise protocol_error(f"{len(body) - pos} bytes follow an OP_QUERY's documents")
     return OpQuery(request_id=request_id, response_to=response_to, flags=flags,
                    collection=collection, skip=skip, limit=limit, query=query, fields=fields)
 
 
 def _op_reply(request_id: int, response_to: int, body: bytes, limits: _Limits) -> OpReply:
     if len(body) < _REPLY_HEAD.size:
-        raise _error("an OP_REPLY is cut short")
+        raise protocol_error("an OP_REPLY is cut short")
     flags, cursor_id, starting_from, count = _REPLY_HEAD.unpack_from(body)
     documents = []
     pos = _REPLY_HEAD.size
@@ -412,7 +414,7 @@ def _op_reply(request_id: int, response_to: int, body: bytes, limits: _Limits) -
                                   max_depth=limits.max_depth)
         documents.append(doc)
     if count != len(documents):
-        raise _error(f"an OP_REPLY says {count} documents and holds {len(documents)}")
+        raise protocol_error(f"an OP_REPLY says {count} documents and holds {len(documents)}")
     return OpReply(request_id=request_id, response_to=response_to, flags=flags,
                    cursor_id=cursor_id, starting_from=starting_from, documents=documents)
 
@@ -420,12 +422,12 @@ def _op_reply(request_id: int, response_to: int, body: bytes, limits: _Limits) -
 def _op_compressed(request_id: int, response_to: int, body: bytes,
                    limits: _Limits) -> OpCompressed:
     if len(body) < _COMPRESSED_HEAD.size:
-        raise _error("an OP_COMPRESSED is cut short")
+        raise protocol_error("an OP_COMPRESSED is cut short")
     original, size, compressor = _COMPRESSED_HEAD.unpack_from(body)
     if original == OP_COMPRESSED:
-        raise _error("an OP_COMPRESSED holds another OP_COMPRESSED")
+        raise protocol_error("an OP_COMPRESSED holds another OP_COMPRESSED")
     if not 0 <= size <= limits.max_message_size - HEADER.size:
-        raise _error(f"an OP_COMPRESSED's uncompressed size {size} is over the message cap")
+        raise protocol_error(f"an OP_COMPRESSED's uncompressed size {size} is over the message cap")
     return OpCompressed(request_id=request_id, response_to=response_to,
                         original_opcode=original, uncompressed_size=size,
                         compressor_id=compressor, payload=body[_COMPRESSED_HEAD.size :])
@@ -440,7 +442,7 @@ def _decode(op_code: int, request_id: int, response_to: int, body: bytes, limits
         return _op_msg(request_id, response_to, body, limits, header)
     decoder = _DECODERS.get(op_code)
     if decoder is None:
-        raise _error(f"unsupported opCode {op_code} (this codec speaks OP_MSG, and "
+        raise protocol_error(f"unsupported opCode {op_code} (this codec speaks OP_MSG, and "
                      f"OP_QUERY/OP_REPLY for a first hello)")
     return decoder(request_id, response_to, body, limits)  # type: ignore[operator]
 
@@ -452,12 +454,12 @@ def decode_message(data: bytes | bytearray | memoryview, *,
     """Exactly one whole message, header included."""
     data = bytes(data)
     if len(data) < HEADER.size:
-        raise _error("a message is shorter than its header")
+        raise protocol_error("a message is shorter than its header")
     length, request_id, response_to, op_code = HEADER.unpack_from(data)
     if length != len(data):
-        raise _error(f"a message's length {length} is not its {len(data)} bytes")
+        raise protocol_error(f"a message's length {length} is not its {len(data)} bytes")
     if length > max_message_size:
-        raise _error(f"a message of {length} bytes exceeds the maximum of {max_message_size}")
+        raise protocol_error(f"a message of {length} bytes exceeds the maximum of {max_message_size}")
     limits = _Limits(max_message_size=max_message_size, max_document_size=max_document_size,
                      max_depth=max_depth)
     return _decode(op_code, request_id, response_to, data[HEADER.size :], limits,
@@ -471,7 +473,7 @@ def decompress(message: OpCompressed, *, max_message_size: int = DEFAULT_MAX_MES
     ids; UnsupportedCompressor for snappy, zstd or an unknown compressor."""
     size = message.uncompressed_size
     if not 0 <= size <= max_message_size - HEADER.size:
-        raise _error(f"an OP_COMPRESSED's uncompressed size {size} is over the message cap")
+        raise protocol_error(f"an OP_COMPRESSED's uncompressed size {size} is over the message cap")
     if message.compressor_id == Compressor.NOOP:
         body = message.payload
     elif message.compressor_id == Compressor.ZLIB:
@@ -479,14 +481,14 @@ def decompress(message: OpCompressed, *, max_message_size: int = DEFAULT_MAX_MES
         try:
             body = inflater.decompress(message.payload, size)
         except zlib.error:
-            raise _error("an OP_COMPRESSED's zlib data is corrupt", ZLIB_ERROR) from None
+            raise protocol_error("an OP_COMPRESSED's zlib data is corrupt", ZLIB_ERROR) from None
         if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
-            raise _error("an OP_COMPRESSED's zlib data does not inflate to exactly its "
+            raise protocol_error("an OP_COMPRESSED's zlib data does not inflate to exactly its "
                          "declared size", ZLIB_ERROR)
     else:
         raise UnsupportedCompressor(message.compressor_id)
     if len(body) != size:
-        raise _error(f"an OP_COMPRESSED inflates to {len(body)} bytes, not its declared {size}")
+        raise protocol_error(f"an OP_COMPRESSED inflates to {len(body)} bytes, not its declared {size}")
     header = _header(HEADER.size + size, message.request_id, message.response_to,
                      message.original_opcode)
     return decode_message(header + body, max_message_size=max_message_size,
@@ -534,7 +536,7 @@ class MessageReader(BufferedReceiver):
         self._error: RemoteProtocolError | None = None
 
     def _overflowed(self, exc: RemoteProtocolError) -> None:
-        self._error = _error(f"the peer sent more than one message's worth of bytes "
+        self._error = protocol_error(f"the peer sent more than one message's worth of bytes "
                              f"ahead ({exc.message})")
 
     def next_event(self) -> Message | ConnectionClosed | Literal[Signal.NEED_DATA]:

@@ -310,3 +310,48 @@ def test_nan_round_trips_bit_for_bit() -> None:
     data = doc(element(0x01, "d", bytes.fromhex("120000000000F87F")))
     value = bson.decode(data)["d"]
     assert math.isnan(value) and bson.encode({"d": value}) == data
+
+
+# --- the top level, walked by lengths ---------------------------------------------------
+
+WALKED = bson.encode({"d": 1.5, "s": "x", "doc": {"a": [1]}, "bin": b"ab", "u": UNDEFINED,
+                      "oid": OID, "t": True, "dt": DateTime(0), "n": None,
+                      "r": Regex("a", "i"), "p": DBPointer("n.c", OID), "c": Code("f"),
+                      "sym": Symbol("s"), "cws": CodeWithScope("f", {"x": 1}), "i": 1,
+                      "ts": Timestamp(time=1, increment=2), "l": Int64(1),
+                      "dec": Decimal128(bytes(16)), "min": MIN_KEY, "max": MAX_KEY})
+
+
+def test_elements_walk_every_type_by_its_length() -> None:
+    walked = {key: bson.decode_element(WALKED, kind, start, end)
+              for key, kind, start, end in bson.elements(WALKED)}
+    assert walked == bson.decode(WALKED)
+
+
+def test_elements_of_a_prefix_stop_at_the_cut() -> None:
+    for cut in range(len(WALKED)):
+        keys = [key for key, *_ in bson.elements(WALKED[:cut])]
+        assert keys == list(bson.decode(WALKED))[: len(keys)]
+    # A regex cut inside its options, a counted value cut inside its length.
+    regex = bson.encode({"r": Regex("abc", "i")})
+    assert list(bson.elements(regex[:12])) == []
+    assert list(bson.elements(bson.encode({"s": "x"})[:9])) == []
+
+
+@pytest.mark.parametrize("data, words", [
+    (struct.pack("<i", 4), "below 5"),
+    (doc(element(0x20, "x", b"")), "unknown element type"),
+    (doc(element(0x02, "s", struct.pack("<i", -1))), "negative"),
+    (doc(b"\x0a\xff\x00"), "UTF-8"),
+])
+def test_elements_still_check_what_they_read(data: bytes, words: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        list(bson.elements(data))
+    assert words in info.value.message
+
+
+def test_decode_element_checks_the_span() -> None:
+    data = doc(element(0x10, "i", struct.pack("<i", 1)))
+    ((_, kind, start, end),) = bson.elements(data)
+    malformed(partial(bson.decode_element, data, kind, start), end + 1)
+    malformed(partial(bson.decode_element, data, 0x20, start), end)
