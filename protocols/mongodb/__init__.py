@@ -1,1 +1,31 @@
-"""MongoDB's wire protocol, sans-I/O: BSON, wire messages, commands, audit."""
+"""MongoDB's wire protocol, sans-I/O: bytes in, events out, bytes to send.
+
+``bson`` (the value format), ``wire`` (messages and a message reader),
+``commands`` (what a command touches; error replies), ``audit`` (the
+cluster's streaming auditors), ``crc32c`` (OP_MSG checksums). The names
+below are the ones the gateway and the cluster use.
+"""
+
+from protocols.mongodb.audit import (
+    ClientAuditor, CommandEvent, ErrorReplyEvent, ServerAuditor, UnauditedMessageEvent,
+)
+from protocols.mongodb.bson import decode as decode_bson
+from protocols.mongodb.bson import encode as encode_bson
+from protocols.mongodb.commands import (
+    ERROR_CODES, Command, Namespace, error_code_for, error_document, error_reply, view,
+    view_message,
+)
+from protocols.mongodb.wire import (
+    DEFAULT_MAX_MESSAGE_SIZE, SUPPORTED_COMPRESSORS, Compressor, DocumentSequence, Message,
+    MessageReader, OpCompressed, OpMsg, OpQuery, OpReply, UnsupportedCompressor, compress,
+    decode_message, decompress,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
+    "ClientAuditor", "Command", "CommandEvent", "Compressor", "DocumentSequence",
+    "ErrorReplyEvent", "Message", "MessageReader", "Namespace", "OpCompressed", "OpMsg",
+    "OpQuery", "OpReply", "ServerAuditor", "UnauditedMessageEvent", "UnsupportedCompressor",
+    "compress", "decode_bson", "decode_message", "decompress", "encode_bson", "error_code_for",
+    "error_document", "error_reply", "view", "view_message",
+]
