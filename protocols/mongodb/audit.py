@@ -113,6 +113,19 @@ def _ids(frame: Frame) -> tuple[int, int, int]:
     return _IDS.unpack_from(frame.body)  # type: ignore[return-value]
 
 
+def _whole(frame: Frame) -> bytes:
+    """The message a whole frame holds, its length put back in front."""
+    return struct.pack("<i", frame.body_length + 4) + frame.body
+
+
+def _command_event(request_id: int, command: Command, flags: int, size: int,
+                   truncated: bool = False) -> CommandEvent:
+    return CommandEvent(request_id=request_id, command=command,
+                        more_to_come=bool(flags & wire.MORE_TO_COME),
+                        exhaust_allowed=bool(flags & wire.EXHAUST_ALLOWED), size=size,
+                        truncated=truncated)
+
+
 class ClientAuditor(StreamAuditor):
     """Command events from the client -> server stream; see the module doc."""
 
@@ -128,36 +141,25 @@ class ClientAuditor(StreamAuditor):
     def _on_frame(self, frame: Frame) -> None:
         request_id, _, op_code = _ids(frame)
         size = frame.body_length + 4
-        header = struct.pack("<i", size) + frame.body[: _IDS.size]
         body = frame.body[_IDS.size :]
         if not frame.complete:
             self._events.append(self._partial(request_id, op_code, body, size))
-            return
-        if op_code == wire.OP_COMPRESSED:
-            message = wire.decode_message(header + body, max_message_size=self._max_message_size)
-            assert isinstance(message, wire.OpCompressed)
-            inner = wire.decompress(message, max_message_size=self._max_message_size)
-            self._audit(request_id, inner, size)
             return
         if op_code == wire.OP_MSG:
             flags, command, found = wire.split_op_msg(body, sequences=_WITH_FILTERS)
             counts = {name: (docs if name in _WITH_FILTERS else count)
                       for name, docs, count in found}
-            self._events.append(CommandEvent(
-                request_id=request_id, command=commands.view(command, counts),
-                more_to_come=bool(flags & wire.MORE_TO_COME),
-                exhaust_allowed=bool(flags & wire.EXHAUST_ALLOWED), size=size))
+            self._events.append(_command_event(request_id, commands.view(command, counts),
+                                               flags, size))
             return
-        self._audit(request_id, wire.decode_message(header + body), size)
-
-    def _audit(self, request_id: int, message: wire.Message, size: int) -> None:
-        if isinstance(message, (wire.OpMsg, wire.OpQuery)):
-            self._events.append(CommandEvent(
-                request_id=request_id, command=commands.view_message(message),
-                more_to_come=getattr(message, "more_to_come", False),
-                exhaust_allowed=getattr(message, "exhaust_allowed", False), size=size))
-        else:
+        message = wire.decode_message(_whole(frame), max_message_size=self._max_message_size)
+        if isinstance(message, wire.OpCompressed):
+            message = wire.decompress(message, max_message_size=self._max_message_size)
+        if isinstance(message, wire.OpReply):
             raise wire.protocol_error("a client sent an OP_REPLY, which only servers send")
+        flags = message.flag_bits if isinstance(message, wire.OpMsg) else 0
+        self._events.append(_command_event(request_id, commands.view_message(message), flags,
+                                           size))
 
     def _partial(self, request_id: int, op_code: int, body: bytes, size: int) -> Any:
         """A message kept in part: its command, if its body section is first
@@ -169,10 +171,8 @@ class ClientAuditor(StreamAuditor):
             except RemoteProtocolError:
                 command = None  # the body section itself goes past the prefix
             if command is not None:
-                return CommandEvent(request_id=request_id, command=commands.view(command),
-                                    more_to_come=bool(flags & wire.MORE_TO_COME),
-                                    exhaust_allowed=bool(flags & wire.EXHAUST_ALLOWED),
-                                    size=size, truncated=True)
+                return _command_event(request_id, commands.view(command), flags, size,
+                                      truncated=True)
         return UnauditedMessageEvent(request_id=request_id, op_code=op_code, size=size)
 
 
@@ -196,9 +196,7 @@ class ServerAuditor(StreamAuditor):
         if op_code == wire.OP_COMPRESSED:
             if not frame.complete:
                 return  # a large compressed reply: a batch, not an error
-            header = struct.pack("<i", frame.body_length + 4) + body[:start]
-            message = wire.decode_message(header + body[start:],
-                                          max_message_size=self._max_message_size)
+            message = wire.decode_message(_whole(frame), max_message_size=self._max_message_size)
             assert isinstance(message, wire.OpCompressed)
             if message.uncompressed_size > self._max_reply:
                 return

@@ -17,19 +17,8 @@ from protocols.mongodb.audit import (
 )
 from protocols.mongodb.commands import Command, error_reply
 from protocols.mongodb.wire import DocumentSequence, OpMsg, OpQuery, OpReply
-from protocols.signals import NEED_DATA, ConnectionClosed
-from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, split
-
-
-def pump(auditor: Any, chunks: list[bytes]) -> list[object]:
-    events: list[object] = []
-    for chunk in chunks:
-        auditor.receive_data(chunk)
-        while (event := auditor.next_event()) is not NEED_DATA:
-            events.append(event)
-            if isinstance(event, ConnectionClosed):
-                return events
-    return events
+from protocols.signals import ConnectionClosed
+from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, pump, split
 
 
 HELLO = OpQuery(request_id=1, collection="admin.$cmd", query={"isMaster": 1, "helloOk": True})

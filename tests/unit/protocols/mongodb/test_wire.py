@@ -20,7 +20,7 @@ from protocols.mongodb.wire import (
     OpMsg, OpQuery, OpReply, UnsupportedCompressor,
 )
 from protocols.signals import NEED_DATA, ConnectionClosed
-from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, split
+from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, pump, split
 
 
 def raw_message(op_code: int, body: bytes, request_id: int = 1, response_to: int = 0) -> bytes:
@@ -84,17 +84,6 @@ def test_every_message_round_trips(message: wire.Message) -> None:
     raw = message.encode()
     assert wire.decode_message(raw) == message
     assert wire.decode_message(raw).encode() == raw
-
-
-def pump(reader: MessageReader, chunks: list[bytes]) -> list[object]:
-    events: list[object] = []
-    for chunk in chunks:
-        reader.receive_data(chunk)
-        while (event := reader.next_event()) is not NEED_DATA:
-            events.append(event)
-            if isinstance(event, ConnectionClosed):
-                return events
-    return events
 
 
 STREAM = b"".join(m.encode() for m in MESSAGES)
