@@ -187,6 +187,8 @@ def test_compressed_replies() -> None:
                             wire.compress(big_error).encode(),
                             wire.compress(OK_BATCH, wire.Compressor.NOOP).encode()])
     assert events == SERVER_EVENTS[:1]
+    noisy = OpMsg(body={"ok": 1, "b": bytes(range(256)) * 4})
+    assert pump(ServerAuditor(max_reply=100), [wire.compress(noisy).encode()]) == []
     auditor = ServerAuditor()
     snappy = wire.OpCompressed(original_opcode=wire.OP_MSG, uncompressed_size=1,
                                compressor_id=3, payload=b"x")

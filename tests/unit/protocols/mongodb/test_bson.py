@@ -94,6 +94,11 @@ def test_special_values_print_as_the_spec_says() -> None:
     assert str(Decimal128(b"\x01" + bytes(13) + b"\x40\x30")) == "1"  # exponent 0
     assert str(Decimal128(bytes(15) + b"\x7c")) == "NaN"
     assert str(Decimal128(bytes(15) + b"\xf8")) == "-Infinity"
+    # Non-canonical encodings read as zero (decimal128.md): the "11" form,
+    # and a coefficient over 10**34 - 1.
+    assert str(Decimal128(bytes(14) + b"\x10\x6c")) == "0"
+    assert str(Decimal128(b"\xff" * 14 + b"\x11\x6c")) == "0E+3"
+    assert str(Decimal128(b"\xff" * 14 + b"\x41\x30")) == "0"
 
 
 @pytest.mark.parametrize("bad", [
@@ -175,6 +180,9 @@ def test_size_is_bounded_before_the_bytes_arrive() -> None:
      "NUL"),
     (doc(element(0x03, "d", struct.pack("<i", 4) + b"\x00")), "below 5"),
     (doc(b"\x10a"), "key"),
+    (doc(element(0x01, "d", b"\x00" * 4)), "a double is cut short"),
+    (doc(element(0x02, "s", struct.pack("<i", 50) + b"ab\x00")), "does not fit"),
+    (doc(element(0x02, "s", struct.pack("<i", 3) + b"abc")), "not NUL-terminated"),
     (doc(b"\x00\x00"), "ends before"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_malformed_documents(data: bytes, words: str) -> None:
@@ -336,6 +344,7 @@ def test_elements_of_a_prefix_stop_at_the_cut() -> None:
     regex = bson.encode({"r": Regex("abc", "i")})
     assert list(bson.elements(regex[:12])) == []
     assert list(bson.elements(bson.encode({"s": "x"})[:9])) == []
+    assert list(bson.elements(doc(b"\x10ab"))) == []  # a key cut short
 
 
 @pytest.mark.parametrize("data, words", [
