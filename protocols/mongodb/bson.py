@@ -520,7 +520,7 @@ def elements(data: bytes, pos: int = 0, end: int | None = None
     while pos < limit:
         kind = data[pos]
         if kind == 0:
-            return
+            raise _invalid("a document ends before its length says")
         key_end = data.find(b"\x00", pos + 1, limit)
         if key_end < 0:
             return

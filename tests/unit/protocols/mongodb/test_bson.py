@@ -352,6 +352,7 @@ def test_elements_of_a_prefix_stop_at_the_cut() -> None:
     (doc(element(0x20, "x", b"")), "unknown element type"),
     (doc(element(0x02, "s", struct.pack("<i", -1))), "negative"),
     (doc(b"\x0a\xff\x00"), "UTF-8"),
+    (doc(b"\x00\x00"), "ends before"),
 ])
 def test_elements_still_check_what_they_read(data: bytes, words: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:
