@@ -8,7 +8,8 @@ Authentication; RFC 5802 (SCRAM), RFC 7677 (SCRAM-SHA-256), RFC 4013
 Theory of operation
 -------------------
 :class:`ScramSHA256Client` is the SCRAM exchange alone (no channel binding:
-the gs2 header is ``n,,``), three calls in a fixed order. It checks the
+the gs2 header is ``n,,``), three calls in a fixed order; its core, shared
+with MongoDB, is :class:`protocols.scram.ScramClient`. It checks the
 server's signature, so a server that does not know the password (an
 impostor) cannot make the login succeed.
 
@@ -34,15 +35,8 @@ millisecond); ``max_iterations`` bounds what a hostile server can ask for.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import hashlib
-import hmac
-import re
-import secrets
-import stringprep
-import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
 from typing import Final, Literal
@@ -52,6 +46,7 @@ import attrs
 from protocols.buffer import BufferedReceiver, ReceiveBuffer
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.framing import POSTGRES_MESSAGE, FrameSplitter
+from protocols.scram import DEFAULT_MAX_ITERATIONS, ScramClient, saslprep
 from protocols.postgres.messages import (
     AuthenticationCleartextPassword, AuthenticationMD5Password, AuthenticationOk,
     AuthenticationOther, AuthenticationSASL, AuthenticationSASLContinue, AuthenticationSASLFinal,
@@ -67,9 +62,6 @@ __all__ = [
 ]
 
 SCRAM_SHA_256: Final = "SCRAM-SHA-256"
-DEFAULT_MAX_ITERATIONS: Final = 1_000_000  # the server's default is 4096
-_GS2_HEADER: Final = b"n,,"  # no channel binding, no authzid (RFC 5802 section 7)
-_ERROR_VALUE = re.compile(r"[a-z0-9-]{1,64}")
 
 
 def _upstream_error(message: str) -> RemoteProtocolError:
@@ -79,35 +71,6 @@ def _upstream_error(message: str) -> RemoteProtocolError:
 
 
 # --- password preparation -------------------------------------------------------
-
-
-def saslprep(text: str) -> str:
-    """RFC 4013 SASLprep, as PostgreSQL applies it to passwords: unassigned
-    code points are prohibited (the "stored strings" profile). Raises
-    ValueError for a string SASLprep rejects."""
-    if all(" " <= ch <= "~" for ch in text):
-        return text  # printable ASCII: every step is the identity
-    # 1. Map: non-ASCII spaces to SPACE, "commonly mapped to nothing" to nothing.
-    mapped = "".join(" " if stringprep.in_table_c12(ch) else ch
-                     for ch in text if not stringprep.in_table_b1(ch))
-    # 2. Normalize with NFKC. The server hashed the verifier with its own,
-    # current Unicode tables, so current ones match it best.
-    out = unicodedata.normalize("NFKC", mapped)
-    # 3. Prohibit (RFC 4013 section 2.3), and 2.5: unassigned code points.
-    for ch in out:
-        if (stringprep.in_table_c12(ch) or stringprep.in_table_c21_c22(ch)
-                or stringprep.in_table_c3(ch) or stringprep.in_table_c4(ch)
-                or stringprep.in_table_c5(ch) or stringprep.in_table_c6(ch)
-                or stringprep.in_table_c7(ch) or stringprep.in_table_c8(ch)
-                or stringprep.in_table_c9(ch) or stringprep.in_table_a1(ch)):
-            raise ValueError("the string has a character SASLprep prohibits")
-    # 4. Bidirectional text (RFC 3454 section 6).
-    if any(stringprep.in_table_d1(ch) for ch in out):
-        if any(stringprep.in_table_d2(ch) for ch in out):
-            raise ValueError("the string mixes right-to-left and left-to-right text")
-        if not (stringprep.in_table_d1(out[0]) and stringprep.in_table_d1(out[-1])):
-            raise ValueError("right-to-left text must start and end right-to-left")
-    return out
 
 
 def _scram_password(password: str | bytes) -> bytes:
@@ -134,38 +97,10 @@ def md5_password(user: str | bytes, password: str | bytes, salt: bytes) -> bytes
     return b"md5" + hashlib.md5(inner + salt).hexdigest().encode("ascii")
 
 
-# --- SCRAM-SHA-256 ------------------------------------------------------------------
+# --- SCRAM-SHA-256 (the shared core in protocols/scram.py) ----------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise _upstream_error(f"the server's SCRAM {what} is not valid base64") from None
-
-
-def _hmac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
-
-
-def _valid_nonce(nonce: str) -> bool:
-    # RFC 5802: printable ASCII except ",".
-    return bool(nonce) and all("!" <= ch <= "~" and ch != "," for ch in nonce)
-
-
-class _ScramStep(enum.Enum):
-    FIRST = "FIRST"
-    FINAL = "FINAL"
-    VERIFY = "VERIFY"
-    DONE = "DONE"
-    FAILED = "FAILED"
-
-
-class ScramSHA256Client:
+class ScramSHA256Client(ScramClient):
     """The client half of one SCRAM-SHA-256 exchange (RFC 5802 / 7677).
 
     Call :meth:`client_first`, then :meth:`client_final` with the server's
@@ -174,100 +109,13 @@ class ScramSHA256Client:
     raise RemoteProtocolError (UPSTREAM_UNREACHABLE, SQLSTATE 08006); calls
     out of order raise LocalProtocolError. PostgreSQL ignores the SCRAM user
     name (the StartupMessage's counts) and libpq sends an empty one: so do we
-    unless told otherwise.
+    unless told otherwise. The password is prepared as libpq prepares it.
     """
-
-    mechanism: Final = SCRAM_SHA_256
 
     def __init__(self, password: str | bytes, *, username: str = "", nonce: str | None = None,
                  max_iterations: int = DEFAULT_MAX_ITERATIONS) -> None:
-        if nonce is None:
-            nonce = _b64(secrets.token_bytes(18))
-        if not _valid_nonce(nonce):
-            raise ValueError("a SCRAM nonce is printable ASCII without ','")
-        self._password = _scram_password(password)
-        name = username.replace("=", "=3D").replace(",", "=2C")
-        self._client_first_bare = f"n={name},r={nonce}".encode("utf-8")
-        self._nonce = nonce
-        self._max_iterations = max_iterations
-        self._step = _ScramStep.FIRST
-        self._server_signature = b""
-
-    def __repr__(self) -> str:
-        return f"<ScramSHA256Client {self._step.name}>"
-
-    @property
-    def done(self) -> bool:
-        """True once the server's signature has verified."""
-        return self._step is _ScramStep.DONE
-
-    def _advance(self, expected: _ScramStep, then: _ScramStep) -> None:
-        if self._step is not expected:
-            raise LocalProtocolError(f"SCRAM step out of order (at {self._step.name})")
-        self._step = then
-
-    def client_first(self) -> bytes:
-        """The client-first-message (the SASLInitialResponse's data)."""
-        self._advance(_ScramStep.FIRST, _ScramStep.FINAL)
-        return _GS2_HEADER + self._client_first_bare
-
-    def client_final(self, server_first: bytes) -> bytes:
-        """The client-final-message, with our proof, for ``server_first``."""
-        self._advance(_ScramStep.FINAL, _ScramStep.FAILED)
-        try:
-            text = server_first.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _upstream_error("the server's first SCRAM message is not UTF-8") from None
-        parts = text.split(",")
-        if parts[0].startswith("m="):
-            raise _upstream_error("the server demands a SCRAM extension we do not know")
-        if len(parts) < 3 or not (parts[0].startswith("r=") and parts[1].startswith("s=")
-                                  and parts[2].startswith("i=")):
-            raise _upstream_error("the server's first SCRAM message is malformed")
-        nonce = parts[0][2:]
-        if (not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce)
-                or not _valid_nonce(nonce)):
-            raise _upstream_error("the server's SCRAM nonce does not extend ours")
-        salt = _unb64(parts[1][2:], "salt")
-        iterations = parts[2][2:]
-        if not salt:
-            raise _upstream_error("the server's SCRAM salt is empty")
-        if not (iterations.isascii() and iterations.isdigit()) or not (
-                1 <= int(iterations) <= self._max_iterations):
-            raise _upstream_error(f"the server's SCRAM iteration count is not an integer "
-                                  f"in 1..{self._max_iterations}")
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, int(iterations))
-        client_key = _hmac(salted, b"Client Key")
-        stored_key = hashlib.sha256(client_key).digest()
-        without_proof = f"c={_b64(_GS2_HEADER)},r={nonce}".encode("ascii")
-        auth_message = self._client_first_bare + b"," + server_first + b"," + without_proof
-        signature = _hmac(stored_key, auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature))
-        self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
-        self._step = _ScramStep.VERIFY
-        return without_proof + b",p=" + _b64(proof).encode("ascii")
-
-    def verify_server_final(self, server_final: bytes) -> None:
-        """Check the server-final-message; raises unless it proves the server
-        knows the password."""
-        self._advance(_ScramStep.VERIFY, _ScramStep.FAILED)
-        try:
-            text = server_final.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _upstream_error("the server's final SCRAM message is not UTF-8") from None
-        first = text.split(",")[0]
-        if first.startswith("e="):
-            value = first[2:]
-            shown = value if _ERROR_VALUE.fullmatch(value) else "(unprintable)"
-            raise _upstream_error(f"the server ended SCRAM with an error: {shown}")
-        if not first.startswith("v="):
-            raise _upstream_error("the server's final SCRAM message is malformed")
-        if not hmac.compare_digest(_unb64(first[2:], "signature"), self._server_signature):
-            raise _upstream_error(
-                "the server's SCRAM signature is wrong: it does not know the password "
-                "(a misconfigured or impostor server)"
-            )
-        self._step = _ScramStep.DONE
+        super().__init__(_scram_password(password), mechanism=SCRAM_SHA_256, username=username,
+                         nonce=nonce, max_iterations=max_iterations, error=_upstream_error)
 
 
 # --- the whole login ------------------------------------------------------------------

@@ -4,7 +4,6 @@ replies from the server's, fed whole, a byte at a time, with trailing data."""
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 import pytest
 from hypothesis import given
