@@ -2,7 +2,8 @@
 
 ``bson`` (the value format), ``wire`` (messages and a message reader),
 ``commands`` (what a command touches; error replies), ``audit`` (the
-cluster's streaming auditors), ``crc32c`` (OP_MSG checksums). The names
+cluster's streaming auditors), ``scram`` (the cluster's upstream login),
+``crc32c`` (OP_MSG checksums). The names
 below are the ones the gateway and the cluster use.
 """
 
@@ -15,6 +16,7 @@ from protocols.mongodb.commands import (
     ERROR_CODES, Command, Namespace, error_code_for, error_document, error_reply, view,
     view_message,
 )
+from protocols.mongodb.scram import ScramLogin, ScramLoginError, password_digest
 from protocols.mongodb.wire import (
     DEFAULT_MAX_MESSAGE_SIZE, SUPPORTED_COMPRESSORS, Compressor, DocumentSequence, Message,
     MessageReader, OpCompressed, OpMsg, OpQuery, OpReply, UnsupportedCompressor, compress,
@@ -25,7 +27,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
     "ClientAuditor", "Command", "CommandEvent", "Compressor", "DocumentSequence",
     "ErrorReplyEvent", "Message", "MessageReader", "Namespace", "OpCompressed", "OpMsg",
-    "OpQuery", "OpReply", "ServerAuditor", "UnauditedMessageEvent", "UnsupportedCompressor",
+    "OpQuery", "OpReply", "ScramLogin", "ScramLoginError", "ServerAuditor", "UnauditedMessageEvent", "UnsupportedCompressor",
     "compress", "decode_bson", "decode_message", "decompress", "encode_bson", "error_code_for",
-    "error_document", "error_reply", "view", "view_message",
+    "error_document", "error_reply", "password_digest", "view", "view_message",
 ]
