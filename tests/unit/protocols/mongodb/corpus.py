@@ -1,5 +1,6 @@
-"""The official BSON corpus (mongodb/specifications, source/bson-corpus/tests),
-read from where the developer put it: see README.md beside this file."""
+"""Test data from outside: the official BSON corpus (mongodb/specifications,
+source/bson-corpus/tests), read from where the developer put it (README.md
+beside this file), and byte captures of real driver traffic (captures/)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def valid_cases() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
 
 def decode_error_cases() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     return _cases("decodeErrors")
+
+
+CAPTURES = Path(__file__).parent / "captures"
+
+
+def captured_streams() -> list[tuple[str, bytes]]:
+    out = []
+    for path in sorted(CAPTURES.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            out.append((f"{path.stem}#{record['conn']}", bytes.fromhex(record["stream"])))
+    return out

@@ -18,6 +18,7 @@ from protocols.mongodb.commands import Command, error_reply
 from protocols.mongodb.wire import DocumentSequence, OpMsg, OpQuery, OpReply
 from protocols.signals import ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, pump, split
+from tests.unit.protocols.mongodb.corpus import captured_streams
 
 
 HELLO = OpQuery(request_id=1, collection="admin.$cmd", query={"isMaster": 1, "helloOk": True})
@@ -235,3 +236,25 @@ def test_any_split_of_a_client_stream_gives_the_same_events(messages: list[wire.
     chunks = [raw[i : i + step] for i in range(0, len(raw), step)]
     expected = [CLIENT_EVENTS[CLIENT.index(m)] for m in messages]
     assert pump(ClientAuditor(), chunks + [b""]) == expected + [ConnectionClosed(clean=True)]
+
+
+# --- real driver traffic -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, stream", captured_streams(), ids=lambda v: v if isinstance(v, str) else "")
+def test_pymongo_session_is_audited(name: str, stream: bytes) -> None:
+    events = pump(ClientAuditor(), split(stream, "bytewise") + [b""])
+    assert events[-1] == ConnectionClosed(clean=True)
+    commands = [e.command for e in events[:-1]]
+    if len(commands) == 1:  # the monitoring connection: a hello
+        assert commands[0].name == "ismaster"
+        return
+    assert [c.name for c in commands] == ["ismaster", "find", "insert", "update", "delete",
+                                          "aggregate", "insert", "endSessions"]
+    find, insert, update, delete, aggregate, unacknowledged = commands[1:7]
+    assert find.filters == ({"age": {"$gt": "int32"}, "name": "string"},)
+    assert (insert.collection, insert.documents) == ("users", 3)
+    assert update.filters == ({"name": "string"},) and delete.filters == ({"age": {"$lt": "int32"}},)
+    assert aggregate.databases == {"app", "reports"} and aggregate.pipeline == ("$match", "$merge")
+    assert events[6].more_to_come and not events[5].more_to_come
+    assert "bob" not in repr(events) and "s" * 20 not in repr(events)

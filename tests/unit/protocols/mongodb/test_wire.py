@@ -21,6 +21,7 @@ from protocols.mongodb.wire import (
 )
 from protocols.signals import NEED_DATA, ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, pump, split
+from tests.unit.protocols.mongodb.corpus import captured_streams
 
 
 def raw_message(op_code: int, body: bytes, request_id: int = 1, response_to: int = 0) -> bytes:
@@ -328,3 +329,17 @@ def test_op_msg_round_trips_through_a_reader(body: dict[str, Any], sequences: di
         assert isinstance(decoded, OpCompressed)
         decoded = wire.decompress(decoded)
     assert decoded == message and events[1:] == [ConnectionClosed(clean=True)]
+
+
+# --- real driver traffic (captures/README.md) -------------------------------------------
+
+@pytest.mark.parametrize("name, stream", captured_streams(), ids=lambda v: v if isinstance(v, str) else "")
+def test_pymongo_traffic_decodes_and_encodes_back_to_the_same_bytes(name: str,
+                                                                    stream: bytes) -> None:
+    messages = pump(MessageReader(), split(stream, "whole") + [b""])
+    assert messages[-1] == ConnectionClosed(clean=True)
+    assert b"".join(m.encode() for m in messages[:-1]) == stream
+    for message in messages[:-1]:
+        if isinstance(message, OpCompressed):
+            assert message.compressor_id == Compressor.ZLIB
+            assert isinstance(wire.decompress(message), OpMsg)
