@@ -27,7 +27,8 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
     "ClientAuditor", "Command", "CommandEvent", "Compressor", "DocumentSequence",
     "ErrorReplyEvent", "Message", "MessageReader", "Namespace", "OpCompressed", "OpMsg",
-    "OpQuery", "OpReply", "ScramLogin", "ScramLoginError", "ServerAuditor", "UnauditedMessageEvent", "UnsupportedCompressor",
+    "OpQuery", "OpReply", "ScramLogin", "ScramLoginError", "ServerAuditor",
+    "UnauditedMessageEvent", "UnsupportedCompressor",
     "compress", "decode_bson", "decode_message", "decompress", "encode_bson", "error_code_for",
     "error_document", "error_reply", "password_digest", "view", "view_message",
 ]

@@ -126,17 +126,25 @@ def _command_event(request_id: int, command: Command, flags: int, size: int,
                         truncated=truncated)
 
 
-class ClientAuditor(StreamAuditor):
+class _MessageAuditor(StreamAuditor):
+    """What both directions share: messages framed after their length, each
+    kept up to ``keep`` bytes."""
+
+    def __init__(self, keep: int, max_message_size: int) -> None:
+        super().__init__(MESSAGE_AFTER_LENGTH, max_length=max_message_size)
+        self._keep_at_most = keep
+        self._max_message_size = max_message_size
+
+    def _keep(self, _kind: None, body_length: int) -> int:
+        return min(body_length, self._keep_at_most)
+
+
+class ClientAuditor(_MessageAuditor):
     """Command events from the client -> server stream; see the module doc."""
 
     def __init__(self, *, max_message: int = DEFAULT_MAX_MESSAGE,
                  max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE) -> None:
-        super().__init__(MESSAGE_AFTER_LENGTH, max_length=max_message_size)
-        self._max_message = max_message
-        self._max_message_size = max_message_size
-
-    def _keep(self, _kind: None, body_length: int) -> int:
-        return min(body_length, self._max_message)
+        super().__init__(max_message, max_message_size)
 
     def _on_frame(self, frame: Frame) -> None:
         request_id, _, op_code = _ids(frame)
@@ -176,18 +184,13 @@ class ClientAuditor(StreamAuditor):
         return UnauditedMessageEvent(request_id=request_id, op_code=op_code, size=size)
 
 
-class ServerAuditor(StreamAuditor):
+class ServerAuditor(_MessageAuditor):
     """Error replies from the server -> client stream; see the module doc."""
 
     def __init__(self, *, max_reply: int = DEFAULT_MAX_REPLY, max_text: int = DEFAULT_MAX_TEXT,
                  max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE) -> None:
-        super().__init__(MESSAGE_AFTER_LENGTH, max_length=max_message_size)
-        self._max_reply = max_reply
+        super().__init__(max_reply, max_message_size)
         self._max_text = max_text
-        self._max_message_size = max_message_size
-
-    def _keep(self, _kind: None, body_length: int) -> int:
-        return min(body_length, self._max_reply)
 
     def _on_frame(self, frame: Frame) -> None:
         _, response_to, op_code = _ids(frame)
@@ -198,7 +201,7 @@ class ServerAuditor(StreamAuditor):
                 return  # a large compressed reply: a batch, not an error
             message = wire.decode_message(_whole(frame), max_message_size=self._max_message_size)
             assert isinstance(message, wire.OpCompressed)
-            if message.uncompressed_size > self._max_reply:
+            if message.uncompressed_size > self._keep_at_most:
                 return
             body = wire.decompress(message, max_message_size=self._max_message_size).encode()[4:]
             op_code = message.original_opcode

@@ -307,7 +307,8 @@ def view_message(message: OpMsg | OpQuery) -> Command:
 
 _BY_ERROR_CODE: Final = {
     ErrorCode.ACCESS_DENIED: "Unauthorized", ErrorCode.RESOURCE_NOT_FOUND: "Unauthorized",
-    ErrorCode.CERT_EXPIRED: "ReauthenticationRequired", ErrorCode.CERT_INVALID: "AuthenticationFailed",
+    ErrorCode.CERT_EXPIRED: "ReauthenticationRequired",
+    ErrorCode.CERT_INVALID: "AuthenticationFailed",
     ErrorCode.CERT_REQUIRED: "AuthenticationFailed", ErrorCode.USER_LOCKED: "AuthenticationFailed",
     ErrorCode.UPSTREAM_UNREACHABLE: "HostUnreachable", ErrorCode.BAD_REQUEST: "ProtocolError",
     ErrorCode.UNSUPPORTED_VERSION: "CommandNotSupported", ErrorCode.RATE_LIMITED: "Unauthorized",

@@ -60,7 +60,8 @@ __all__ = [
     "OP_REPLY", "OP_QUERY", "OP_COMPRESSED", "OP_MSG", "DEFAULT_MAX_MESSAGE_SIZE",
     "PROTOCOL_ERROR", "ILLEGAL_OP_MSG_FLAG", "CHECKSUM_MISMATCH", "ZLIB_ERROR",
     "CHECKSUM_PRESENT", "MORE_TO_COME", "EXHAUST_ALLOWED",
-    "Compressor", "SUPPORTED_COMPRESSORS", "DocumentSequence", "OpMsg", "OpQuery", "OpReply", "OpCompressed",
+    "Compressor", "SUPPORTED_COMPRESSORS", "DocumentSequence", "OpMsg", "OpQuery", "OpReply",
+    "OpCompressed",
     "Message", "UnsupportedCompressor", "MessageReader",
     "decode_message", "decompress", "compress", "split_op_msg", "protocol_error",
 ]
@@ -344,7 +345,8 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
     names = set(command)
     for identifier, _, _ in found:
         if identifier in names:
-            raise protocol_error(f"the document sequence {identifier[:64]!r} appears twice, or also "
+            raise protocol_error(f"the document sequence {identifier[:64]!r} appears twice, "
+                                 f"or also"
                          f"as a body field")
         names.add(identifier)
     return flags, command, found
@@ -459,7 +461,8 @@ def decode_message(data: bytes | bytearray | memoryview, *,
     if length != len(data):
         raise protocol_error(f"a message's length {length} is not its {len(data)} bytes")
     if length > max_message_size:
-        raise protocol_error(f"a message of {length} bytes exceeds the maximum of {max_message_size}")
+        raise protocol_error(f"a message of {length} bytes exceeds the maximum of "
+                             f"{max_message_size}")
     limits = _Limits(max_message_size=max_message_size, max_document_size=max_document_size,
                      max_depth=max_depth)
     return _decode(op_code, request_id, response_to, data[HEADER.size :], limits,
@@ -488,7 +491,8 @@ def decompress(message: OpCompressed, *, max_message_size: int = DEFAULT_MAX_MES
     else:
         raise UnsupportedCompressor(message.compressor_id)
     if len(body) != size:
-        raise protocol_error(f"an OP_COMPRESSED inflates to {len(body)} bytes, not its declared {size}")
+        raise protocol_error(f"an OP_COMPRESSED inflates to {len(body)} bytes, not its "
+                             f"declared {size}")
     header = _header(HEADER.size + size, message.request_id, message.response_to,
                      message.original_opcode)
     return decode_message(header + body, max_message_size=max_message_size,

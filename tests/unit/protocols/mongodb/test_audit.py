@@ -241,7 +241,8 @@ def test_any_split_of_a_client_stream_gives_the_same_events(messages: list[wire.
 # --- real driver traffic -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, stream", captured_streams(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name, stream", captured_streams(),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_pymongo_session_is_audited(name: str, stream: bytes) -> None:
     events = pump(ClientAuditor(), split(stream, "bytewise") + [b""])
     assert events[-1] == ConnectionClosed(clean=True)
@@ -254,7 +255,8 @@ def test_pymongo_session_is_audited(name: str, stream: bytes) -> None:
     find, insert, update, delete, aggregate, unacknowledged = commands[1:7]
     assert find.filters == ({"age": {"$gt": "int32"}, "name": "string"},)
     assert (insert.collection, insert.documents) == ("users", 3)
-    assert update.filters == ({"name": "string"},) and delete.filters == ({"age": {"$lt": "int32"}},)
+    assert update.filters == ({"name": "string"},)
+    assert delete.filters == ({"age": {"$lt": "int32"}},)
     assert aggregate.databases == {"app", "reports"} and aggregate.pipeline == ("$match", "$merge")
     assert events[6].more_to_come and not events[5].more_to_come
     assert "bob" not in repr(events) and "s" * 20 not in repr(events)

@@ -16,8 +16,8 @@ from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.mongodb import bson, wire
 from protocols.mongodb.crc32c import crc32c
 from protocols.mongodb.wire import (
-    OP_COMPRESSED, OP_MSG, OP_QUERY, OP_REPLY, Compressor, DocumentSequence, MessageReader, OpCompressed,
-    OpMsg, OpQuery, OpReply, UnsupportedCompressor,
+    OP_COMPRESSED, OP_MSG, OP_QUERY, OP_REPLY, Compressor, DocumentSequence, MessageReader,
+    OpCompressed, OpMsg, OpQuery, OpReply, UnsupportedCompressor,
 )
 from protocols.signals import NEED_DATA, ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, pump, split
@@ -232,7 +232,8 @@ def test_bad_compressed_payloads() -> None:
     # Declared smaller than it inflates to: zlib stops at the declared size.
     err = malformed(wire.decompress, compressed(packed, len(body) - 1))
     assert "exactly" in err.message and err.wire_hint == 147
-    assert "not its declared" in malformed(wire.decompress, compressed(packed, len(body) + 1)).message
+    err = malformed(wire.decompress, compressed(packed, len(body) + 1))
+    assert "not its declared" in err.message
     assert "exactly" in malformed(wire.decompress, compressed(packed + b"x", len(body))).message
     assert "not its declared" in malformed(wire.decompress, compressed(body, 3, 0)).message
     assert "cap" in malformed(partial(wire.decompress, max_message_size=30),
@@ -333,7 +334,8 @@ def test_op_msg_round_trips_through_a_reader(body: dict[str, Any], sequences: di
 
 # --- real driver traffic (captures/README.md) -------------------------------------------
 
-@pytest.mark.parametrize("name, stream", captured_streams(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name, stream", captured_streams(),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_pymongo_traffic_decodes_and_encodes_back_to_the_same_bytes(name: str,
                                                                     stream: bytes) -> None:
     messages = pump(MessageReader(), split(stream, "whole") + [b""])
