@@ -20,8 +20,9 @@ around it, so a 15 MiB insert is kept; a 48 MB bulk write keeps its first
 ``max_message`` bytes). An OP_MSG gives a :class:`CommandEvent`: the
 :class:`~protocols.mongodb.commands.Command` (name, ``$db``, collection,
 namespaces, filter shapes; never a value) from its body, while document
-sequences are counted by their lengths and only ``updates``/``deletes`` are
-decoded for their filters (never an insert's documents).
+sequences are counted by their lengths and only ``updates``/``deletes`` (for
+their filters) and bulkWrite's ``nsInfo`` are decoded (never an insert's
+documents).
 ``more_to_come`` marks an unacknowledged write (no reply will come);
 ``exhaust_allowed`` a request the server may answer many times. A legacy
 OP_QUERY on ``db.$cmd`` (the first hello) is a command too; zlib/noop
@@ -71,7 +72,9 @@ DEFAULT_MAX_MESSAGE: Final = bson.DEFAULT_MAX_SIZE + 64 * 1024
 DEFAULT_MAX_REPLY: Final = 64 * 1024
 DEFAULT_MAX_TEXT: Final = 1024
 _IDS = struct.Struct("<iii")  # requestID, responseTo, opCode
-_WITH_FILTERS: Final = frozenset({"updates", "deletes"})
+# The document sequences an audit decodes: update and delete statements (for
+# their filters) and bulkWrite's nsInfo (for the namespaces it writes to).
+_DECODED: Final = frozenset({"updates", "deletes", "nsInfo"})
 
 
 @attrs.frozen(kw_only=True)
@@ -154,8 +157,8 @@ class ClientAuditor(_MessageAuditor):
             self._events.append(self._partial(request_id, op_code, body, size))
             return
         if op_code == wire.OP_MSG:
-            flags, command, found = wire.split_op_msg(body, sequences=_WITH_FILTERS)
-            counts = {name: (docs if name in _WITH_FILTERS else count)
+            flags, command, found = wire.split_op_msg(body, sequences=_DECODED)
+            counts = {name: (docs if name in _DECODED else count)
                       for name, docs, count in found}
             self._events.append(_command_event(request_id, commands.view(command, counts),
                                                flags, size))

@@ -14,7 +14,8 @@ Theory of operation
 value is usually the collection) and the counts of its document sequences,
 and returns a :class:`Command`: name, ``$db``, collection, every other
 namespace it reads from or writes to (``$out``/``$merge`` targets,
-``$lookup`` from another database, ``renameCollection``'s two), and for the
+``$lookup`` from another database, ``renameCollection``'s two, a
+``bulkWrite``'s ``nsInfo``, a ``mapReduce``'s ``out``), and for the
 audit the *shape* of its filters: keys and operators kept, every value
 replaced by its BSON type name (``{"age": {"$gt": "int32"}}``), never a
 value. :attr:`Command.databases` is every database it touches, what a role
@@ -222,6 +223,16 @@ class _Pipeline:
         raise _bad("a stage's target must be a collection name or {db, coll}")
 
 
+def _namespace(full: str) -> Namespace:
+    """``db.collection`` (a collection name may hold dots; a database never)."""
+    database, _, collection = full.partition(".")
+    return Namespace(database, collection or None)
+
+
+def _documents(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
 def _statement_filters(statements: Iterable[Any]) -> list[Any]:
     return [s.get("q") for s in statements if isinstance(s, Mapping) and "q" in s]
 
@@ -273,9 +284,25 @@ def view(body: Mapping[str, Any], sequences: Mapping[str, Any] | None = None, *,
     if name == "renameCollection":
         for key, target in (("renameCollection", reads), ("to", writes)):
             full = body.get(key)
-            if isinstance(full, str) and "." in full:
-                db, _, coll = full.partition(".")
-                target.append(Namespace(db, coll))
+            if isinstance(full, str):
+                target.append(_namespace(full))
+    elif name == "bulkWrite":
+        # MongoDB 8.0: one command writes to any collection of any database
+        # its nsInfo names; ops counts the writes.
+        for info in _documents(sequences.get("nsInfo", body.get("nsInfo"))):
+            if isinstance(info, Mapping) and isinstance(info.get("ns"), str):
+                writes.append(_namespace(info["ns"]))
+        ops = sequences.get("ops", body.get("ops"))
+        documents = ops if isinstance(ops, int) else len(_documents(ops))
+    elif name in ("mapReduce", "mapreduce"):
+        out = body.get("out")
+        if isinstance(out, str):
+            writes.append(Namespace(database, out))
+        elif isinstance(out, Mapping) and "inline" not in out:
+            target = next((v for k, v in out.items() if k in ("replace", "merge", "reduce")),
+                          None)
+            writes.append(Namespace(_text(out.get("db", database), "mapReduce's out.db"),
+                                    target if isinstance(target, str) else None))
     mechanism = body.get("mechanism") if name == "saslStart" else None
     return Command(name=name, database=database, collection=collection,
                    filters=[shape(f) for f in filters[:MAX_FILTERS]],

@@ -346,7 +346,7 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
     for identifier, _, _ in found:
         if identifier in names:
             raise protocol_error(f"the document sequence {identifier[:64]!r} appears twice, "
-                                 f"or also"
+                                 f"or also "
                          f"as a body field")
         names.add(identifier)
     return flags, command, found

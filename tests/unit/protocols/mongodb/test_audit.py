@@ -260,3 +260,11 @@ def test_pymongo_session_is_audited(name: str, stream: bytes) -> None:
     assert aggregate.databases == {"app", "reports"} and aggregate.pipeline == ("$match", "$merge")
     assert events[6].more_to_come and not events[5].more_to_come
     assert "bob" not in repr(events) and "s" * 20 not in repr(events)
+
+
+def test_bulk_write_namespaces_come_from_its_sequences() -> None:
+    bulk = OpMsg(request_id=30, body={"bulkWrite": 1, "$db": "admin"}, sequences=[
+        DocumentSequence(identifier="ops", documents=[{"insert": 0, "document": {"s": "x"}}] * 2),
+        DocumentSequence(identifier="nsInfo", documents=[{"ns": "hr.salaries"}])])
+    (event,) = pump(ClientAuditor(), [bulk.encode()])
+    assert event.command.databases == {"admin", "hr"} and event.command.documents == 2

@@ -182,3 +182,32 @@ def test_any_body_is_viewed_or_refused_remotely(body: dict[str, Any], with_db: b
     except RemoteProtocolError:
         return
     assert cmd.database == "app"
+
+
+def test_bulk_write_touches_every_namespace_it_names() -> None:
+    body = {"bulkWrite": 1, "$db": "admin"}
+    sequences = {"ops": [{"insert": 0, "document": {"a": 1}}, {"insert": 1, "document": {}}],
+                 "nsInfo": [{"ns": "app.users"}, {"ns": "audit.log"}, "junk"]}
+    cmd = view(body, sequences)
+    assert cmd.writes_to == (Namespace("app", "users"), Namespace("audit", "log"))
+    assert cmd.databases == {"admin", "app", "audit"} and cmd.documents == 2
+    assert view({"bulkWrite": 1, "$db": "admin"}, {"ops": 5}).documents == 5
+    assert view({"bulkWrite": 1, "ops": "x", "$db": "admin"}).documents == 0
+
+
+@pytest.mark.parametrize("out, target", [
+    ("results", Namespace("app", "results")),
+    ({"replace": "r", "db": "other"}, Namespace("other", "r")),
+    ({"merge": "m"}, Namespace("app", "m")),
+    ({"db": "x", "sharded": True}, Namespace("x", None)),
+    ({"inline": 1}, None),
+])
+def test_map_reduce_output(out: Any, target: Namespace | None) -> None:
+    cmd = view({"mapReduce": "src", "map": bson.Code("f"), "reduce": bson.Code("g"), "out": out,
+                "$db": "app"})
+    assert cmd.writes_to == (() if target is None else (target,))
+
+
+def test_rename_collection_without_a_dot() -> None:
+    assert view({"renameCollection": "a", "to": "b.y", "$db": "admin"}).databases == {
+        "admin", "a", "b"}
