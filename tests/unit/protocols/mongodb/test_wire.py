@@ -108,6 +108,13 @@ def test_trailing_data_waits_for_the_rest(how: str) -> None:
     assert pump(reader, [b""]) == [ConnectionClosed(clean=False)]
 
 
+def test_checksums_can_be_left_to_the_server() -> None:
+    raw = bytearray(FIND.encode())
+    raw[-1] ^= 0xFF
+    assert "checksum" in malformed(pump, MessageReader(), [bytes(raw)]).message
+    assert pump(MessageReader(verify_checksums=False), [bytes(raw)]) == [FIND]
+
+
 def test_a_bad_message_poisons_the_reader_after_the_good_ones() -> None:
     reader = MessageReader()
     reader.receive_data(INSERT.encode() + raw_message(9999, b"") + FIND.encode())
