@@ -1,7 +1,8 @@
 """MongoDB's wire protocol, sans-I/O: bytes in, events out, bytes to send.
 
 ``bson`` (the value format), ``wire`` (messages and a message reader),
-``commands`` (what a command touches; error replies), ``audit`` (the
+``commands`` (what a command touches; error replies), ``handshake`` (the
+gateway's hello), ``audit`` (the
 cluster's streaming auditors), ``scram`` (the cluster's upstream login),
 ``crc32c`` (OP_MSG checksums). The names
 below are the ones the gateway and the cluster use.
@@ -13,9 +14,10 @@ from protocols.mongodb.audit import (
 from protocols.mongodb.bson import decode as decode_bson
 from protocols.mongodb.bson import encode as encode_bson
 from protocols.mongodb.commands import (
-    ERROR_CODES, Command, Namespace, error_code_for, error_document, error_reply, view,
-    view_message,
+    ERROR_CODES, Command, Namespace, error_code_for, error_document, error_reply, reply_to,
+    view, view_message,
 )
+from protocols.mongodb.handshake import ClientHello, client_hello, gateway_hello
 from protocols.mongodb.scram import ScramLogin, ScramLoginError, password_digest
 from protocols.mongodb.wire import (
     DEFAULT_MAX_MESSAGE_SIZE, SUPPORTED_COMPRESSORS, Compressor, DocumentSequence, Message,
@@ -25,10 +27,11 @@ from protocols.mongodb.wire import (
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
-    "ClientAuditor", "Command", "CommandEvent", "Compressor", "DocumentSequence",
+    "ClientAuditor", "ClientHello", "Command", "CommandEvent", "Compressor", "DocumentSequence",
     "ErrorReplyEvent", "Message", "MessageReader", "Namespace", "OpCompressed", "OpMsg",
     "OpQuery", "OpReply", "ScramLogin", "ScramLoginError", "ServerAuditor",
     "UnauditedMessageEvent", "UnsupportedCompressor",
     "compress", "decode_bson", "decode_message", "decompress", "encode_bson", "error_code_for",
-    "error_document", "error_reply", "password_digest", "view", "view_message",
+    "error_document", "error_reply", "client_hello", "gateway_hello", "password_digest",
+    "reply_to", "view", "view_message",
 ]

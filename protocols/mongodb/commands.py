@@ -41,7 +41,7 @@ from protocols.mongodb.wire import OpMsg, OpQuery, OpReply
 __all__ = [
     "ERROR_CODES", "AUTH_COMMANDS", "HANDSHAKE_COMMANDS", "MAX_SHAPE_DEPTH", "MAX_SHAPE_KEYS",
     "MAX_FILTERS", "Namespace", "Command", "shape", "view", "view_message", "error_document",
-    "error_reply", "error_code_for",
+    "error_reply", "error_code_for", "reply_to",
 ]
 
 #: MongoDB error codes the gateway and the cluster answer with, by codeName
@@ -357,13 +357,17 @@ def error_document(errmsg: str, code: int | str) -> dict[str, Any]:
     return {"ok": 0.0, "errmsg": errmsg, "code": number, "codeName": name}
 
 
+def reply_to(request: OpMsg | OpQuery, body: Mapping[str, Any], *,
+             request_id: int = 0) -> OpMsg | OpReply:
+    """``body`` as the reply to ``request``, in its own kind: an OP_MSG
+    answers an OP_MSG, an OP_REPLY a legacy OP_QUERY (whose command reply is
+    one document, with ok: 0 for an error, not QueryFailure)."""
+    if isinstance(request, OpQuery):
+        return OpReply(request_id=request_id, response_to=request.request_id, documents=[body])
+    return OpMsg(request_id=request_id, response_to=request.request_id, body=body)
+
+
 def error_reply(request: OpMsg | OpQuery, errmsg: str, code: int | str, *,
                 request_id: int = 0) -> OpMsg | OpReply:
-    """The error reply to ``request``, in its own kind: an OP_MSG answers an
-    OP_MSG, an OP_REPLY a legacy OP_QUERY (a command reply there is one
-    document with ok: 0, not QueryFailure)."""
-    document = error_document(errmsg, code)
-    if isinstance(request, OpQuery):
-        return OpReply(request_id=request_id, response_to=request.request_id,
-                       documents=[document])
-    return OpMsg(request_id=request_id, response_to=request.request_id, body=document)
+    """The error reply to ``request`` (see :func:`reply_to`)."""
+    return reply_to(request, error_document(errmsg, code), request_id=request_id)
