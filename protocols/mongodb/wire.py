@@ -15,8 +15,10 @@ message). :class:`MessageReader` frames a stream with the shared
 :data:`~protocols.framing.MONGODB_MESSAGE`), capped at the server's
 ``maxMessageSizeBytes``, and turns each message into a frozen event:
 :class:`OpMsg`, :class:`OpQuery`, :class:`OpReply` or :class:`OpCompressed`.
-Each event's ``encode()`` gives its bytes back; for a decoded event that is
-the bytes it was decoded from, except that an OP_MSG checksum is recomputed.
+Each event's ``encode()`` gives its bytes back; for a decoded event those
+are the bytes it was decoded from when its body section came first (drivers
+send it first; the sections' order carries no meaning) and its checksum, if
+any, was right: the checksum is recomputed.
 
 OP_MSG rules enforced (OP_MSG.md): flag bits 0-15 are required ones: any we
 do not know is an error (IllegalOpMsgFlag, 223); unknown optional bits
@@ -24,8 +26,8 @@ do not know is an error (IllegalOpMsgFlag, 223); unknown optional bits
 body), any number of kind-1 document sequences with unique identifiers that
 do not also appear in the body; any other kind is an error. With
 checksumPresent, the last four bytes are the CRC-32C of everything before
-them, header included: verified when reading, written when encoding with
-``checksum=True``.
+them, header included: verified when reading (unless a reader is told to
+leave that to the server), written when encoding with ``checksum=True``.
 
 OP_COMPRESSED is handed out as it is (a relay may carry it end to end);
 :func:`decompress` opens a zlib or noop one (bounded by its declared
