@@ -93,7 +93,7 @@ from gateway.net.engine import (
     PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly,
     reset_and_close, seal, watch_mask,
 )
-from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, written
+from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, unread, written
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -134,6 +134,13 @@ HELD_LIMIT = 512 * 1024 * 1024
 _MiB = 1024 * 1024
 
 _HEADER_SIZE = HEADER.size
+
+#: A cancel (a control dial after a session) waits until the engine has read
+#: what the client had sent on the session before it, polling every
+#: CONTROL_DRAIN_PAUSE, for CONTROL_DRAIN_LIMIT at most: a server that reads
+#: a huge query slowly holds the stream's window shut meanwhile.
+CONTROL_DRAIN_PAUSE = 0.005
+CONTROL_DRAIN_LIMIT = 10.0
 
 #: DATA pieces for one stream written with one ``sendmsg`` at most (IOV_MAX
 #: is 1024; a peer sending tiny frames must not make us exceed it).
@@ -428,6 +435,8 @@ class MuxLink:
         acts once it has written all of it (:meth:`flushed`). Raises
         :class:`LinkClosed` (also when no answer came within ``timeout``
         seconds)."""
+        if after is not None:
+            await self._read_up(after, min(timeout, CONTROL_DRAIN_LIMIT))
         with self.engine._lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
@@ -447,6 +456,28 @@ class MuxLink:
         if stream.reply is None:
             raise LinkClosed(stream.error or self.failed or "the stream ended without an answer")
         return stream.reply
+
+    async def _read_up(self, stream: Stream, limit: float) -> None:
+        """Until the engine has read what the client had sent on ``stream``
+        when this was called: its socket's queue, and what the client's
+        kernel still held for it (that moves in as the queue drains). The
+        stream's window may hold the engine back (a server reading slowly),
+        so this polls, for ``limit`` seconds at most."""
+        with trio.move_on_after(limit):
+            while True:
+                with self.engine._lock:
+                    end = stream.end
+                    if stream.finished or end is None or end.in_done or self.failed is not None:
+                        return
+                    waiting = unread(end.sock)
+                if not waiting:
+                    # Once more after a pause: what the client's kernel held
+                    # back while our queue was full comes in now.
+                    await trio.sleep(CONTROL_DRAIN_PAUSE)
+                    with self.engine._lock:
+                        if stream.finished or stream.end is None or not unread(stream.end.sock):
+                            return
+                await trio.sleep(CONTROL_DRAIN_PAUSE)
 
     def flushed(self, stream: Stream) -> trio.Event | None:
         """(cluster, the engine's thread or under its lock) An event set once

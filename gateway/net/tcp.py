@@ -161,6 +161,12 @@ def unacknowledged(sock) -> int | None:
     return _ioctl_int(sock, termios.TIOCOUTQ)
 
 
+def unread(sock) -> int | None:
+    """Bytes that arrived on ``sock`` and wait to be read (SIOCINQ); None
+    if the socket cannot say."""
+    return _ioctl_int(sock, termios.FIONREAD)
+
+
 _SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes written, not sent yet
 
 

@@ -672,7 +672,12 @@ def test_a_cancel_waits_for_the_query_it_follows(pg_env, gw):
     cluster.admin("resources", "add", "pg-slow", "--kind", "postgres", "--address", server.address,
                   "--tls", "disable", "--auth", "password", "--password-ref", "app=env:WICKET_TEST_PG_PW")
     _, port = gw.proxy("db", "pg-slow")
-    with socket.create_connection(("127.0.0.1", port)) as client:
+    with socket.socket() as client:
+        # A big send buffer: sendall returns while much of the query still
+        # waits in this kernel for the gateway to read it. It was sent, so
+        # the cancel must still come after it.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        client.connect(("127.0.0.1", port))
         client.sendall(StartupMessage(parameters={"user": "app", "database": "app"}).encode())
         startup = StartupRelay(None)
         client.settimeout(30)
