@@ -48,6 +48,10 @@ AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
 #: How often the store's audit is pruned to ``[audit] keep`` (and at start).
 RETENTION_INTERVAL = 3600.0
+#: Audit events deleted per transaction (and per turn on the store's thread)
+#: when pruning: a few milliseconds, so logins waiting for the store, here
+#: or in another process, wait no longer than that.
+RETENTION_BATCH = 1000
 
 
 @attrs.frozen(slots=True)
@@ -340,7 +344,7 @@ class Cluster:
             now = time.time()
             try:
                 revoked = await self.db(self.store.prune_revoked_certs, now)
-                pruned = 0 if keep is None else await self.db(self.store.prune_audit, now - keep)
+                pruned = 0 if keep is None else await self.prune_audit(now - keep)
             except (StoreError, OSError) as exc:
                 log.error("retention_failed error=%s action=%s", exc, "check the store; retrying in an hour")
             else:
@@ -348,6 +352,18 @@ class Cluster:
                     log.info("retention_pruned audit_events=%d revocations=%d keep=%s", pruned, revoked,
                              "forever" if keep is None else f"{keep:.0f}s")
             await trio.sleep(RETENTION_INTERVAL)
+
+    async def prune_audit(self, before: float) -> int:
+        """Delete the store's audit events older than ``before``; how many.
+        One batch per transaction and per turn on the store's thread (whose
+        limiter hands turns out in order), so a first prune of millions of
+        rows never keeps a login from its store reads for more than a batch."""
+        total = 0
+        while True:
+            deleted = await self.db(self.store.prune_audit_batch, before, RETENTION_BATCH)
+            total += deleted
+            if deleted < RETENTION_BATCH:
+                return total
 
     async def roles_of(self, user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
         return self.roles_in(await self.snapshot(), user, claimed)

@@ -1157,16 +1157,58 @@ class Store:
 
         Deletes in batches, each its own transaction, so a large prune never
         holds the write lock long enough to stall logins in other processes.
+        (The running cluster calls :meth:`prune_audit_batch` itself, one
+        batch per turn on its store thread, so its own logins get turns in
+        between too.)
         """
-        cutoff = _check_time("before", before)
         total = 0
         while True:
-            with self._write() as conn:
-                deleted = conn.execute(
-                    "DELETE FROM audit WHERE id IN"
-                    " (SELECT id FROM audit WHERE time < ? ORDER BY time LIMIT ?)",
-                    (cutoff, _PRUNE_BATCH),
-                ).rowcount
+            deleted = self.prune_audit_batch(before)
             total += deleted
             if deleted < _PRUNE_BATCH:
                 return total
+
+    def prune_audit_batch(self, before: float, limit: int = _PRUNE_BATCH) -> int:
+        """Delete up to *limit* of the oldest audit events older than
+        *before*, in one transaction; return how many (fewer than *limit*:
+        none older is left)."""
+        cutoff = _check_time("before", before)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError("limit must be a positive integer")
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM audit WHERE id IN"
+                " (SELECT id FROM audit WHERE time < ? ORDER BY time LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
+
+    def iter_audit(
+        self, since: float | None = None, until: float | None = None, *, page: int = 1000
+    ) -> Iterator[AuditEvent]:
+        """Every audit event with ``since <= time < until`` (either bound
+        optional), in id (append) order, read *page* events at a time: an
+        export of any size holds one page in memory, and each read is its
+        own short statement (no read transaction held open while the caller
+        writes the events out, which would keep the WAL from being
+        checkpointed)."""
+        if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= _MAX_QUERY_LIMIT:
+            raise ValueError(f"page must be an integer from 1 to {_MAX_QUERY_LIMIT}")
+        # "+time": not the time index. Pages follow the primary key, so each
+        # one starts where the last stopped; through the time index, every
+        # page would sort all the remaining matches again.
+        clauses, params = ["id > ?"], [0]
+        if since is not None:
+            clauses.append("+time >= ?")
+            params.append(_check_time("since", since))
+        if until is not None:
+            clauses.append("+time < ?")
+            params.append(_check_time("until", until))
+        query = f"SELECT * FROM audit WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(query, (*params, page)).fetchall()
+            events = [_audit(r) for r in rows]
+            yield from events
+            if len(rows) < page:
+                return
+            params[0] = events[-1].id
