@@ -17,7 +17,7 @@ from gateway import kinds, printable
 from gateway.addresses import parse_hostport
 from gateway.cluster import resource_specs
 from gateway.cluster.rbac import Role, RoleError
-from gateway.durations import parse_duration
+from gateway.durations import format_duration, parse_duration
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -158,6 +158,10 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
     if not isinstance(audit_table, Mapping) or set(audit_table) - {"keep"}:
         raise fail("audit", 'expected a table with keep (e.g. keep = "90d")')
     keep = None if "keep" not in audit_table else get_duration(audit_table, "keep", "", "audit")
+    if keep is not None and keep < window:
+        # The login limit counts recent failures in the store's audit.
+        raise fail("audit.keep", f"must be at least login.failure_window ({format_duration(window)}): "
+                                 "the login limit counts the failures it keeps")
 
     roles_raw = raw.get("roles", {})
     if not isinstance(roles_raw, Mapping):
