@@ -7,11 +7,14 @@ not the cluster is running. Exit codes: 0 ok, 1 error, 2 usage.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
+import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import click
 
@@ -554,7 +557,9 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
-def _since(value: str | None) -> float | None:
+def _when(value: str | None, option: str = "--since") -> float | None:
+    """A point in time from a duration ago (30m, 2h) or an ISO time (UTC
+    unless it says otherwise)."""
     if not value:
         return None
     try:
@@ -564,29 +569,36 @@ def _since(value: str | None) -> float | None:
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter("expected a duration (30m, 2h) or an ISO time", param_hint="--since") from None
+        raise click.BadParameter("expected a duration (30m, 2h) or an ISO time", param_hint=option) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return when.timestamp()
 
 
-@main.command()
-@config_option
+@main.group(invoke_without_command=True)
+@click.option("--config", "config_path", envvar=CONFIG_ENV, type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Cluster config file (TOML; see config/cluster.toml). Env: {CONFIG_ENV}.")
 @click.option("--since", help="Only events newer than this: a duration ago (30m, 2h) or an ISO time.")
 @click.option("--user", help="Only this user's events.")
 @click.option("--event", "event_prefix", help="Only events starting with this (e.g. session., dial.denied).")
 @click.option("--limit", type=click.IntRange(1, 100000), default=1000, show_default=True,
               help="Show at most this many of the newest matching events.")
 @format_option
-def audit(config_path: Path, since: str | None, user: str | None, event_prefix: str | None,
-          limit: int, fmt: str) -> None:
-    """Show the audit log."""
+@click.pass_context
+def audit(ctx: click.Context, config_path: Path | None, since: str | None, user: str | None,
+          event_prefix: str | None, limit: int, fmt: str) -> None:
+    """Show the audit log (`audit export` writes all of it out)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        raise click.UsageError("Missing option '--config' (or set WICKET_CLUSTER_CONFIG).")
     with _Admin(config_path) as admin:
-        events = admin.store.query_audit(since=_since(since), user=user, event_prefix=event_prefix, limit=limit,
+        events = admin.store.query_audit(since=_when(since), user=user, event_prefix=event_prefix, limit=limit,
                                          latest=True)
     if fmt == "json":
         for e in events:
-            click.echo(_json_line(e))
+            click.echo(json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user,
+                                   **dict(e.fields)}, separators=(",", ":"), default=str))
         return
     for e in events:
         when = dt.datetime.fromtimestamp(e.time, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -598,51 +610,68 @@ def audit(config_path: Path, since: str | None, user: str | None, event_prefix: 
         click.echo(f"{when}Z {e.event:15} {user:12} {_printable(details)}")
 
 
-def _json_line(e: Any) -> str:
-    return json.dumps({"id": e.id, "time": e.time, "event": e.event, "user": e.user, **dict(e.fields)},
-                      separators=(",", ":"), default=str)
+#: The columns of `audit export --format csv`; jsonl has the same members.
+EXPORT_COLUMNS = ("id", "time", "utc", "event", "user", "fields")
 
 
-_EXPORT_PAGE = 10_000
+def _export_record(e: Any) -> dict[str, Any]:
+    utc = dt.datetime.fromtimestamp(e.time, dt.timezone.utc).isoformat(timespec="microseconds")
+    return {"id": e.id, "time": e.time, "utc": utc, "event": e.event, "user": e.user, "fields": dict(e.fields)}
 
 
-@main.command("audit-export")
+def _open_export(output: Path | None) -> TextIO:
+    if output is None:
+        return sys.stdout
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise click.ClickException(f"{output} exists; export to a new file") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot create {output}: {exc.strerror}") from None
+    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+
+@audit.command("export")
 @config_option
-@click.option("--since", help="Only events newer than this: a duration ago (30d) or an ISO time.")
+@click.option("--since", help="Only events at or after this: a duration ago (30d) or an ISO time.")
+@click.option("--until", help="Only events before this: a duration ago or an ISO time.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+              help="jsonl: one JSON object per line; csv: a header row, fields as JSON text.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this new file (created 0600; an existing one is not overwritten) "
                    "instead of standard output.")
-def audit_export(config_path: Path, since: str | None, output: Path | None) -> None:
-    """Export the store's audit events as JSON lines, oldest first (the form
-    of `audit --format json`), e.g. to archive them before `[audit] keep`
-    prunes them. Reads in pages: any size."""
-    import os
-    import sys
-
-    if output is not None:
+def audit_export(config_path: Path, since: str | None, until: str | None, fmt: str, output: Path | None) -> None:
+    """Write every audit event in the store (in a time window, if given),
+    oldest first, each with its id, time (epoch seconds and UTC), event,
+    user and fields as stored. Reads page by page: any size, little
+    memory. E.g. to archive what `[audit] keep` will prune."""
+    start, end = _when(since), _when(until, "--until")
+    if start is not None and end is not None and end <= start:
+        raise click.BadParameter("must be later than --since", param_hint="--until")
+    count = 0
+    with _Admin(config_path) as admin:
+        out = _open_export(output)
         try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise click.ClickException(f"{output} exists; export to a new file") from None
-        except OSError as exc:
-            raise click.ClickException(f"cannot create {output}: {exc.strerror}") from None
-        out = os.fdopen(fd, "w", encoding="utf-8")
-    else:
-        out = sys.stdout
-    count, after = 0, None
-    try:
-        with _Admin(config_path) as admin:
-            start = _since(since)
-            while True:
-                page = admin.store.query_audit(since=start, after_id=after, limit=_EXPORT_PAGE)
-                out.writelines(_json_line(e) + "\n" for e in page)
-                count += len(page)
-                if len(page) < _EXPORT_PAGE:
-                    break
-                after = page[-1].id
-    finally:
-        if out is not sys.stdout:
-            out.close()
+            if fmt == "csv":
+                writer = csv.writer(out, lineterminator="\n")
+                writer.writerow(EXPORT_COLUMNS)
+            for e in admin.store.iter_audit(start, end):
+                record = _export_record(e)
+                if fmt == "csv":
+                    record["fields"] = json.dumps(record["fields"], ensure_ascii=False, separators=(",", ":"))
+                    writer.writerow(record.values())
+                else:
+                    out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n")
+                count += 1
+            out.flush()
+        except BrokenPipeError:
+            # `| head`: the reader has what it wanted. Keep Python's exit from
+            # flushing into the closed pipe again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
+        finally:
+            if out is not sys.stdout:
+                out.close()
     click.echo(f"{count} audit events exported" + (f" to {output}" if output else ""), err=True)
 
 

@@ -1,10 +1,13 @@
 """The audit cannot be flooded and does not grow for ever: refused logins
 are counted per user, address and minute; `[audit] keep` prunes the store;
-`audit-export` archives it. A cluster of its own (stopping it writes what
+`audit export` writes it out. A cluster of its own (stopping it writes what
 it counted)."""
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import io
 import json
 import stat
 import time
@@ -48,14 +51,40 @@ def test_keep_prunes_the_store_and_export_archives_it(own_cluster, tmp_path):
         store.append_audit("login.ok", "old", {"note": "two hours ago"}, now=time.time() - 7200)
         store.append_audit("login.ok", "recent", {"note": "a minute ago"}, now=time.time() - 60)
     archive = tmp_path / "archive.jsonl"
-    r = cluster.admin("audit-export", "--output", str(archive))
+    r = cluster.admin("audit", "export", "--output", str(archive))
     assert "audit events exported" in r.stderr
     exported = [json.loads(line) for line in archive.read_text().splitlines()]
     assert [e["user"] for e in exported if e["event"] == "login.ok"] == ["old", "recent"]
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
-    again = cluster.admin("audit-export", "--output", str(archive), check=False)
+    again = cluster.admin("audit", "export", "--output", str(archive), check=False)
     assert again.returncode == 1 and "exists" in again.stderr
     cluster.start()  # prunes at start
     wait_for(lambda: not cluster.audit(user="old"), what="the old event to be pruned")
     assert cluster.audit(user="recent")
     assert "retention_pruned audit_events=1" in cluster.proc.log()
+
+
+def test_export_round_trips_in_both_formats_within_its_window(own_cluster):
+    cluster = own_cluster
+    assert cluster.stop() == 0
+    now = time.time()
+    awkward = {"sql": 'SELECT \'a,b\'\n, "q" -- é ✓', "n": 3, "nested": {"list": [1, None, True]}}
+    with Store.open(cluster.state / "wicket.db") as store:
+        store.append_audit_many([("pg.query", f"u{i}", {**awkward, "i": i}, now - 3600 + i) for i in range(2500)])
+        store.append_audit("login.ok", "later", {}, now=now - 60)
+        stored = [e for e in store.query_audit(limit=100_000) if now - 3600 + 100 <= e.time < now - 120]
+    assert len(stored) == 2400
+    window = ("--since", dt.datetime.fromtimestamp(now - 3600 + 100, dt.timezone.utc).isoformat(),
+              "--until", "2m")
+
+    def as_stored(records):
+        return [(int(r["id"]), float(r["time"]), r["event"], r["user"] or None, r["fields"]) for r in records]
+
+    expected = [(e.id, e.time, e.event, e.user, dict(e.fields)) for e in stored]
+    jsonl = cluster.admin("audit", "export", *window).stdout
+    assert as_stored(json.loads(line) for line in jsonl.splitlines()) == expected
+    rows = list(csv.DictReader(io.StringIO(cluster.admin("audit", "export", *window, "--format", "csv").stdout)))
+    assert as_stored({**r, "fields": json.loads(r["fields"])} for r in rows) == expected
+    assert rows[0]["utc"].startswith(dt.datetime.fromtimestamp(stored[0].time, dt.timezone.utc).strftime("%Y-%m-%dT%H"))
+    bad = cluster.admin("audit", "export", "--since", "1h", "--until", "2h", check=False)
+    assert bad.returncode == 2 and "--until" in bad.stderr
