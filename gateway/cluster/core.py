@@ -31,7 +31,7 @@ from gateway.cluster.admission import AddressSlots
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource, Store, StoreError, User
-from gateway.cluster.tally import Tally
+from gateway.cluster.tally import OVERFLOW, Tally
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
 from gateway.private_files import ensure_private_dir
@@ -52,6 +52,9 @@ RETENTION_INTERVAL = 3600.0
 #: when pruning: a few milliseconds, so logins waiting for the store, here
 #: or in another process, wait no longer than that.
 RETENTION_BATCH = 1000
+#: User names one client address gets audited by name per minute when its
+#: logins are refused by the rate limit; the rest are counted together.
+LOGIN_REFUSAL_USERS = 10
 
 
 @attrs.frozen(slots=True)
@@ -140,8 +143,11 @@ class Cluster:
         # once per source and minute (gateway/cluster/tally.py).
         self.unknown_ca = Tally()
         # Logins refused by the rate limit: the first per user, address and
-        # minute is audited at once, the rest as one count.
-        self.login_refusals = Tally()
+        # minute is audited at once, the rest as one count; past
+        # LOGIN_REFUSAL_USERS user names from one address in a minute, the
+        # address's others are counted together (a client may name a new
+        # user on every try).
+        self.login_refusals = Tally(max_per_group=LOGIN_REFUSAL_USERS)
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._wake_requested = False
@@ -277,7 +283,7 @@ class Cluster:
         """(trio's thread) A login refused by the rate limit; True if it is
         the first for this user and address this minute (audit that one
         now: the rest are audited as one count when the minute is over)."""
-        return self.login_refusals.note((user, client_host), "", time.time())
+        return self.login_refusals.note((user, client_host), "", time.time(), group=client_host)
 
     def _queue_tallies(self, now: float | None) -> None:
         """Audit the tallies' records of windows that are over (``now``
@@ -295,10 +301,11 @@ class Cluster:
             if r["count"] < 2:  # the first was audited when it happened
                 continue
             user, host = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])  # the overflow: "*"
-            queue.append(("login.rate_limited", user, {
-                "client_host": host, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
-                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"],
-            }, r["last_seen"]))
+            fields = {"client_host": host, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
+                      "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}
+            if user == OVERFLOW:  # the address's users past LOGIN_REFUSAL_USERS, together
+                user, fields["other_users"] = None, True
+            queue.append(("login.rate_limited", user, fields, r["last_seen"]))
 
     async def flush_audit(self) -> None:
         pending = self._audit_pending

@@ -8,7 +8,12 @@ them per key (a source address; a user and address) and window (a minute
 of the clock) and hands back one record per key and window once the window
 is over: how many, the first and last time, and the first detail. A flood
 of many keys is bounded too: past :data:`MAX_SOURCES` keys, the rest are
-counted together under the key :data:`OVERFLOW`.
+counted together under the key :data:`OVERFLOW`; and a caller may name a
+group for each key (the client address of a user and address) and cap the
+keys of one group in a window: past ``max_per_group``, the group's new keys
+are counted together under ``(OVERFLOW, group)``. Without that, a client
+past its address's limit could name a new user on every try, and every
+try would be the first of its key.
 
 Pure and synchronous (callers pass ``now``); the cluster notes refusals and
 collects what is due from trio's thread.
@@ -16,6 +21,7 @@ collects what is due from trio's thread.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Hashable
 from typing import Any
 
@@ -35,17 +41,27 @@ class _Count:
 
 
 class Tally:
-    def __init__(self, *, window: float = WINDOW, max_sources: int = MAX_SOURCES) -> None:
+    def __init__(self, *, window: float = WINDOW, max_sources: int = MAX_SOURCES,
+                 max_per_group: int | None = None) -> None:
         self.window = window
         self.max_sources = max_sources
+        self.max_per_group = max_per_group
         self._counts: dict[tuple[float, Hashable], _Count] = {}
+        # Keys by name per (window start, group), while the window is open.
+        self._group_keys: collections.Counter[tuple[float, Hashable]] = collections.Counter()
 
-    def note(self, key: Hashable, error: str, now: float) -> bool:
+    def note(self, key: Hashable, error: str, now: float, *, group: Hashable = None) -> bool:
         """Count one refusal; True if it is the first of its key in its
         window (a caller may record that one at once)."""
         start = now - now % self.window
         slot = (start, key)
         count = self._counts.get(slot)
+        if count is None and group is not None and self.max_per_group is not None:
+            if self._group_keys[(start, group)] >= self.max_per_group:
+                slot = (start, (OVERFLOW, group))
+                count = self._counts.get(slot)
+            else:
+                self._group_keys[(start, group)] += 1
         if count is None and len(self._counts) >= self.max_sources:
             slot = (start, OVERFLOW)
             count = self._counts.get(slot)
@@ -59,10 +75,13 @@ class Tally:
     def due(self, now: float) -> list[dict[str, Any]]:
         """Records of the windows over by ``now`` (each once), oldest first."""
         over = [slot for slot in self._counts if slot[0] + self.window <= now]
+        for window in [window for window in self._group_keys if window[0] + self.window <= now]:
+            del self._group_keys[window]
         return [self._record(slot) for slot in sorted(over, key=_order)]
 
     def drain(self) -> list[dict[str, Any]]:
         """Every record, over or not (the cluster is stopping)."""
+        self._group_keys.clear()
         return [self._record(slot) for slot in sorted(self._counts, key=_order)]
 
     def _record(self, slot: tuple[float, Hashable]) -> dict[str, Any]:

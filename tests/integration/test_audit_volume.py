@@ -9,6 +9,9 @@ import csv
 import datetime as dt
 import io
 import json
+import re
+import socket
+import ssl
 import stat
 import time
 
@@ -42,6 +45,65 @@ def test_repeated_login_refusals_are_one_event_per_user_address_and_minute(own_c
     # 30 refusals: one event each minute they spanned, plus a count of the rest.
     assert len(events) <= 4 and sum(e.get("repeats", 1) for e in events) == 30, events
     assert all(e["client_host"] == "127.0.0.6" for e in events)
+
+
+def test_a_flood_naming_a_new_user_each_time_is_a_bounded_number_of_rows(own_cluster):
+    """Past its address's limit, a client names a new user on every try:
+    each would be the first of its user and address, and audited in full."""
+    from gateway.cluster.core import LOGIN_REFUSAL_USERS
+
+    cluster = own_cluster
+    for i in range(20):  # the address's limit: four times max_failures, across users
+        assert _login_from(cluster, "127.0.0.7", f"ghost{i}", "a wrong guess!!")[0] == 401
+    # The address waits 10 s from its last failure: a keep-alive connection
+    # sends the flood well within that.
+    flood = 300
+    statuses = _logins_on_one_connection(cluster, "127.0.0.7", [f"flood{i}" for i in range(flood)], deadline=8.0)
+    assert statuses == [429] * flood
+    assert cluster.stop() == 0
+    events = [e for e in cluster.audit(event="login.rate_limited") if e["client_host"] == "127.0.0.7"]
+    # Per minute the flood spans: LOGIN_REFUSAL_USERS users by name and one
+    # row for the others, each at once and then with a count of its repeats.
+    minutes = 1 + int(max(e["time"] for e in events) // 60 - min(e["time"] for e in events) // 60)
+    assert len(events) <= 2 * (LOGIN_REFUSAL_USERS + 1) * minutes and minutes <= 3, events
+    assert sum(e.get("repeats", 1) for e in events) == flood, events
+    assert any(e.get("other_users") is True and e["user"] is None for e in events)
+
+
+def _logins_on_one_connection(cluster, source: str, users: list[str], *, deadline: float) -> list[int]:
+    """Log in as each of ``users`` in turn, one request after another on one
+    keep-alive API connection from ``source``; the statuses. Fails past
+    ``deadline`` seconds."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    host, port = cluster.address.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    end = time.monotonic() + deadline
+    statuses: list[int] = []
+    with socket.create_connection((host, int(port)), timeout=deadline, source_address=(source, 0)) as raw, \
+            ctx.wrap_socket(raw) as s:
+        buffered = b""
+        for user in users:
+            payload = json.dumps({"user": user, "password": PASSWORD, "public_key": key}).encode()
+            s.sendall(b"POST /v1/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n" % len(payload) + payload)
+            while True:
+                assert time.monotonic() < end, f"{len(statuses)} answers in {deadline}s"
+                head, sep, rest = buffered.partition(b"\r\n\r\n")
+                length = re.search(rb"content-length: (\d+)", head, re.I) if sep else None
+                if length and len(rest) >= int(length.group(1)):
+                    statuses.append(int(head.split()[1]))
+                    buffered = rest[int(length.group(1)):]
+                    break
+                chunk = s.recv(65536)
+                assert chunk, f"the cluster closed the connection after {len(statuses)} answers"
+                buffered += chunk
+    return statuses
 
 
 def test_keep_prunes_the_store_and_export_archives_it(own_cluster, tmp_path):

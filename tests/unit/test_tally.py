@@ -34,3 +34,18 @@ def test_keys_of_any_shape():
     tally.note(("alice", "192.0.2.1"), "", 1.0)
     tally.note(("bob", "192.0.2.1"), "", 2.0)
     assert [(r["key"], r["count"]) for r in tally.drain()] == [("*", 1), (("alice", "192.0.2.1"), 1)]
+
+
+def test_a_group_names_its_first_keys_and_counts_the_rest_together():
+    """A client past its address's login limit names a new user on every
+    try: each would be the first of its key, and audited in full."""
+    tally = Tally(window=60.0, max_per_group=2)
+    firsts = [tally.note((f"user{i}", "192.0.2.1"), "", 10.0 + i, group="192.0.2.1") for i in range(50)]
+    assert firsts == [True, True, True] + [False] * 47  # two by name, then the group's overflow once
+    assert tally.note(("user0", "192.0.2.1"), "", 59.5, group="192.0.2.1") is False  # a named key counts on
+    assert tally.note(("other", "192.0.2.2"), "", 59.6, group="192.0.2.2") is True  # another group
+    records = {r["key"]: r["count"] for r in tally.due(60.0)}
+    assert records == {("user0", "192.0.2.1"): 2, ("user1", "192.0.2.1"): 1, (OVERFLOW, "192.0.2.1"): 48,
+                       ("other", "192.0.2.2"): 1}
+    # A new window names keys again.
+    assert tally.note(("user9", "192.0.2.1"), "", 125.0, group="192.0.2.1") is True
