@@ -60,7 +60,7 @@ class Tally:
             if self._group_keys[(start, group)] >= self.max_per_group:
                 slot = (start, (OVERFLOW, group))
                 count = self._counts.get(slot)
-            else:
+            elif len(self._counts) < self.max_sources:  # (else counted under OVERFLOW below)
                 self._group_keys[(start, group)] += 1
         if count is None and len(self._counts) >= self.max_sources:
             slot = (start, OVERFLOW)

@@ -49,3 +49,11 @@ def test_a_group_names_its_first_keys_and_counts_the_rest_together():
                        ("other", "192.0.2.2"): 1}
     # A new window names keys again.
     assert tally.note(("user9", "192.0.2.1"), "", 125.0, group="192.0.2.1") is True
+
+
+def test_groups_are_bounded_too():
+    tally = Tally(window=60.0, max_sources=3, max_per_group=2)
+    for i in range(1000):
+        tally.note(("u", f"2001:db8::{i:x}"), "", 10.0, group=f"2001:db8::{i:x}")
+    assert len(tally._group_keys) <= 3  # memory: no more groups than keys by name
+    assert {r["key"]: r["count"] for r in tally.drain()}[OVERFLOW] == 997
