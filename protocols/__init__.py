@@ -8,7 +8,7 @@ set of :mod:`protocols.signals`, reads length-prefixed frames with
 :mod:`protocols.auditor`.
 """
 
-from protocols.auditor import StreamAuditor
+from protocols.auditor import Statement, StatementReader, StreamAuditor
 from protocols.buffer import ReceiveBuffer
 from protocols.dial import (
     DIAL_VERSION,
@@ -52,6 +52,8 @@ __all__ = [
     "Role",
     "Signal",
     "State",
+    "Statement",
+    "StatementReader",
     "StreamAuditor",
     "refusal_for",
 ]

@@ -19,18 +19,140 @@ needed is kept whole only up to ``max_message`` bytes, else as a prefix the
 event is built from (flagged truncated). Memory is bounded by that, whatever
 the peer sends. ``_on_frame`` turns a kept frame into events
 (``self._events.append``), decoding only as far as they need.
+
+Statements are recorded so that nothing can hide in them (issue 15, item
+6: a 17 KiB leading comment once pushed a ``CREATE TABLE`` past a 16 KiB
+cut). Every statement event carries a :class:`Statement`: the statement's
+full length in bytes and its SHA-256, always, and its text whole when it
+fits ``max_text`` bytes, else its first and last ``max_text / 2`` bytes
+around a marker that says how many bytes are left out (``truncated``).
+A statement in a message kept only as a prefix is not cut short either: a
+subclass hands it to :meth:`StreamAuditor._statement`, which follows the
+rest of the message as it streams past (:meth:`FrameSplitter.follow`),
+into the digest and the tail, and queues the event when the message ends.
+So a statement of any size costs ``max_text`` bytes and a hash state.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
 
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.framing import Frame, FrameLayout, FrameSplitter
 from protocols.signals import NEED_DATA, ConnectionClosed
 
-__all__ = ["StreamAuditor"]
+__all__ = ["DEFAULT_MAX_TEXT", "Statement", "StatementReader", "StreamAuditor"]
+
+#: Statement text an event carries: the whole text up to this many bytes,
+#: else the first and the last half of it.
+DEFAULT_MAX_TEXT: Final = 16 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class Statement:
+    """A statement as the audit records it."""
+
+    #: The text (decoded leniently): whole, or its head and tail around a
+    #: marker saying how many bytes are left out between them.
+    text: str
+    #: The statement's full length in bytes, as sent.
+    length: int
+    #: SHA-256 (hex) of all of those bytes: compare it with the server's log.
+    sha256: str
+    #: The text is not all of the statement (cut in the middle, or the
+    #: stream ended inside it).
+    truncated: bool
+
+
+class StatementReader:
+    """A statement's bytes, fed in pieces of any size, into a
+    :class:`Statement`: it keeps the first ``max_text // 2`` bytes, the last
+    ``max_text - max_text // 2`` and a running SHA-256, whatever the
+    statement's size. With ``until`` (PostgreSQL's NUL), the statement ends at
+    that byte; :meth:`update` then says how much of a piece was statement.
+    With ``after`` as well, the statement starts only past that many
+    ``until`` bytes (PostgreSQL's Parse: the statement's name comes first)."""
+
+    __slots__ = ("_head_size", "_tail_size", "_head", "_tail", "_hash", "length", "ended", "until",
+                 "_after")
+
+    def __init__(self, max_text: int = DEFAULT_MAX_TEXT, *, until: bytes | None = None,
+                 after: int = 0) -> None:
+        if after and until is None:
+            raise ValueError("after counts until bytes: give until too")
+        if max_text < 1:
+            raise ValueError("max_text must be positive")
+        self._head_size = max_text // 2
+        self._tail_size = max_text - self._head_size
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._hash = hashlib.sha256()
+        #: The byte that ends the statement (None: the caller says where it ends).
+        self.until = until
+        self._after = after
+        #: Bytes of statement so far.
+        self.length = 0
+        #: The ``until`` byte has been seen: the statement is all in.
+        self.ended = False
+
+    def update(self, data: bytes | bytearray | memoryview) -> int:
+        """Take the next bytes; how many of them were statement (all, unless
+        ``until`` ended it among them; none once it has ended)."""
+        if self.ended:
+            return 0
+        if self.until is not None:
+            if type(data) is memoryview:
+                data = data.tobytes()  # (only the rest of an oversized message comes as views)
+            while self._after:
+                skip = data.find(self.until)
+                if skip < 0:
+                    return 0
+                data = data[skip + 1 :]
+                self._after -= 1
+            stop = data.find(self.until)
+            if stop >= 0:
+                data = data[:stop]
+                self.ended = True
+        taken = len(data)
+        self._hash.update(data)
+        self.length += taken
+        room = self._head_size - len(self._head)
+        if room > 0:
+            self._head += data[:room]
+            data = data[room:]
+        if data:
+            tail = self._tail
+            tail += data[-self._tail_size :]
+            if len(tail) > self._tail_size:
+                del tail[: len(tail) - self._tail_size]
+        return taken
+
+    def result(self, *, complete: bool = True) -> Statement:
+        """The statement read so far; ``complete=False``: its stream ended
+        before the statement did (it is then flagged truncated)."""
+        omitted = self.length - len(self._head) - len(self._tail)
+        if omitted:
+            text = (f"{self._head.decode('utf-8', 'replace')}\n/* [audit: {omitted} of {self.length} "
+                    f"bytes not shown; sha256 is of them all] */\n{self._tail.decode('utf-8', 'replace')}")
+        else:
+            text = (self._head + self._tail).decode("utf-8", "replace")
+        return Statement(text=text, length=self.length, sha256=self._hash.hexdigest(),
+                         truncated=bool(omitted) or not complete)
+
+    @classmethod
+    def of(cls, data: bytes, max_text: int = DEFAULT_MAX_TEXT) -> Statement:
+        """The :class:`Statement` of a statement held whole."""
+        if len(data) <= max_text:  # the common case, on every statement: no reader
+            return Statement(text=data.decode("utf-8", "replace"), length=len(data),
+                             sha256=hashlib.sha256(data).hexdigest(), truncated=False)
+        reader = cls(max_text)
+        reader.update(data)
+        return reader.result()
 
 
 class StreamAuditor:
@@ -45,6 +167,9 @@ class StreamAuditor:
         self._error: RemoteProtocolError | None = None
         #: Bytes received, parsed or not.
         self.bytes_seen = 0
+        # A statement whose message is still streaming past: its reader and
+        # what makes its event (see _statement).
+        self._following: tuple[StatementReader, Callable[[Statement], Any]] | None = None
 
     @property
     def messages_seen(self) -> int:
@@ -58,6 +183,10 @@ class StreamAuditor:
             if not self._eof:
                 self._eof = True
                 if self._error is None:
+                    if self._following is not None:  # the stream ended inside a statement
+                        reader, make = self._following
+                        self._following = None
+                        self._events.append(make(reader.result(complete=False)))
                     self._on_eof()
                     self._closed = ConnectionClosed(clean=self._splitter.at_boundary)
             return
@@ -86,6 +215,28 @@ class StreamAuditor:
         if self._closed is not None:
             return self._closed
         return NEED_DATA
+
+    # -- for a protocol's handlers ----------------------------------------------
+
+    def _statement(self, frame: Frame, reader: StatementReader,
+                   make: Callable[[Statement], Any]) -> Statement | None:
+        """The statement ``reader`` has read from ``frame``'s kept body. If
+        the frame is whole, or the statement ended inside what was kept, it
+        is returned at once. Else None: the rest of the frame is followed as
+        it streams past, and ``make(statement)`` is queued when the frame
+        ends (or the stream does), so the event carries the statement's full
+        length, digest and tail whatever its size."""
+        if frame.complete or reader.ended:
+            return reader.result(complete=frame.complete or reader.ended)
+        self._following = (reader, make)
+        self._splitter.follow(reader.update, self._followed)
+        return None
+
+    def _followed(self) -> None:
+        reader, make = self._following  # type: ignore[misc]
+        self._following = None
+        # Ended at its terminator, or (a protocol without one) with the frame.
+        self._events.append(make(reader.result(complete=reader.ended or reader.until is None)))
 
     # -- what a protocol provides ----------------------------------------------
 

@@ -37,7 +37,11 @@ ways:
   object: the per-message cost of a message nobody audits is one header
   unpack and that call), a number keeps that much of the body (whole, or a
   prefix, then the rest is counted down as it streams past). Memory is the
-  largest ``keep`` answer plus one header, whatever the peer sends.
+  largest ``keep`` answer plus one header, whatever the peer sends. A caller
+  that needs more of a frame it kept only a prefix of (a statement's tail
+  and digest) calls :meth:`~FrameSplitter.follow` when the frame comes out:
+  the rest of its body is then handed over as it streams past, still
+  uncopied, and a callback says when it has all gone by.
 
 A length below the layout's minimum or over the cap is a
 :class:`~protocols.errors.RemoteProtocolError` carrying the layout's wire
@@ -55,7 +59,7 @@ from typing import Final, NamedTuple
 import attrs
 
 from protocols.buffer import ReceiveBuffer
-from protocols.errors import ErrorCode, RemoteProtocolError
+from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "FrameLayout", "Frame", "FrameSplitter", "KeepPolicy",
@@ -207,7 +211,7 @@ class FrameSplitter:
     """Frames of one layout, at most ``max_length`` long; see the module doc."""
 
     __slots__ = ("layout", "max_length", "_keep", "_header", "_kind", "_length", "_kept",
-                 "_want", "_skip", "frames")
+                 "_want", "_skip", "_sink", "_sink_end", "frames")
 
     def __init__(self, layout: FrameLayout, *, keep: KeepPolicy | None = None,
                  max_length: int | None = None) -> None:
@@ -225,6 +229,8 @@ class FrameSplitter:
         self._kept = bytearray()
         self._want = 0  # body bytes still to keep
         self._skip = 0  # body bytes still to drop
+        self._sink: Callable[[bytes | memoryview], None] | None = None  # see follow()
+        self._sink_end: Callable[[], None] | None = None
         #: Frames whose header has been read (skipped ones included).
         self.frames = 0
 
@@ -277,6 +283,10 @@ class FrameSplitter:
             if self._skip:
                 step = min(self._skip, end - pos)
                 self._skip -= step
+                if self._sink is not None:
+                    self._sink(data[pos : pos + step])
+                    if not self._skip:
+                        self._followed()
                 pos += step
                 continue
             if self._want:
@@ -326,6 +336,21 @@ class FrameSplitter:
                 else:
                     self._kept = bytearray()
                     self._want = keep
+
+    def follow(self, sink: Callable[[bytes | memoryview], None], end: Callable[[], None]) -> None:
+        """Hand the rest of the frame :meth:`feed` has just yielded
+        incomplete to ``sink``, chunk by chunk as it streams past (views of
+        the caller's data: copy what you keep), then call ``end``. Call it
+        before the iterator advances. EOF before the frame's end calls
+        neither: the caller knows it reached EOF."""
+        if not self._skip or self._sink is not None:
+            raise LocalProtocolError("follow() is only for an incomplete frame feed() has just yielded")
+        self._sink, self._sink_end = sink, end
+
+    def _followed(self) -> None:
+        end = self._sink_end
+        self._sink = self._sink_end = None
+        end()  # type: ignore[misc]
 
     def _emit(self, kept: bytes) -> Frame:
         self._kept = bytearray()

@@ -298,9 +298,10 @@ class SessionAuditor:
 
     def _client_event(self, e: object) -> None:
         if isinstance(e, QueryEvent):
-            self._emit("pg.query", query=e.text, truncated=e.truncated)
+            self._emit("pg.query", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256)
         elif isinstance(e, ParseEvent):
-            self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated)
+            self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated, length=e.length,
+                       sha256=e.sha256)
         elif isinstance(e, BindEvent):
             # Remembered, not written: the Execute that runs the portal says
             # what ran (one event per execution instead of two).

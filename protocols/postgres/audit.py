@@ -32,8 +32,13 @@ Memory is bounded whatever the peer sends: a message is kept whole only
 when it is at most ``max_message`` bytes (1 MiB by default), else as a
 prefix (``max_text`` + 1 KiB): the event then carries what the prefix held
 and ``truncated=True``, and the rest of the body streams past uncounted
-except for its length. Statement text is cut to ``max_text`` bytes, with a
-flag.
+except for its length. A statement (Query, Parse) is the exception: its
+event carries its full length and SHA-256, and its text whole up to
+``max_text`` bytes or else its first and last halves of that around a
+marker (:class:`~protocols.auditor.Statement`); in a message kept only as a
+prefix, the rest of the statement is followed as it streams past and the
+event comes when the message ends. Other text is cut to ``max_text`` bytes,
+with a flag.
 
 Text is decoded as UTF-8 with replacement: the session's client_encoding
 may be anything, and an audit record must never fail over it. Framing, and
@@ -52,7 +57,7 @@ from typing import Final, Literal, NoReturn, Union
 
 import attrs
 
-from protocols.auditor import StreamAuditor
+from protocols.auditor import DEFAULT_MAX_TEXT, Statement, StatementReader, StreamAuditor
 from protocols.framing import POSTGRES_MESSAGE, Frame
 from protocols.postgres.messages import (
     FRONTEND_TYPES, MAX_MESSAGE_LENGTH, ConnectionClosed, Signal, protocol_violation,
@@ -66,7 +71,6 @@ __all__ = [
     "FrontendEvent", "BackendEvent", "FrontendAuditor", "BackendAuditor",
 ]
 
-DEFAULT_MAX_TEXT: Final = 16 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1024 * 1024
 _PREFIX_SLACK: Final = 1024  # room for names and counts ahead of the text
 _U16 = struct.Struct(">H")
@@ -89,8 +93,10 @@ _event = attrs.frozen(kw_only=True)
 class QueryEvent:
     """A simple Query: one or more statements, run now."""
 
-    text: str
-    truncated: bool  # text was cut to max_text bytes (or the message to its prefix)
+    text: str  # whole, or its head and tail (protocols.auditor.Statement)
+    truncated: bool  # text is not all of the statement
+    length: int  # the statement's full length in bytes
+    sha256: str  # of all of its bytes
     size: int  # the message body's full size in bytes
 
 
@@ -99,8 +105,10 @@ class ParseEvent:
     """Parse: prepare ``text`` as ``statement`` ("" is the unnamed one)."""
 
     statement: str
-    text: str
+    text: str  # as QueryEvent's
     truncated: bool
+    length: int
+    sha256: str
     size: int
     param_types: int | None  # how many parameter types were given; None if cut off
 
@@ -341,6 +349,10 @@ class _Auditor(StreamAuditor):
         return size if size <= self._max_message else self._prefix
 
 
+#: A handler's answer when its event comes once the message's rest has
+#: streamed past (a statement in a message over max_message).
+_LATER: Final = object()
+
 # How much of each frontend message the events need. Bodies of the types in
 # _EMPTY_FRONTEND must be empty; _QUIET ones make no event of their own and
 # are skipped by their length unless report_all asks for a MessageEvent.
@@ -396,19 +408,28 @@ class FrontendAuditor(_Auditor):
             self._flush_copy()
         handler = _FRONTEND_HANDLERS.get(frame.type_code)
         event = handler(self, frame) if handler is not None else None
+        if event is _LATER:  # queued when the rest of the message has gone by
+            return
         if event is None and self._report_all:
             event = MessageEvent(type_code=frame.type_code, size=frame.body_length)
         if event is not None:
             self._events.append(event)
 
-    def _query(self, frame: Frame) -> QueryEvent:
-        r = _Fields(frame, "Query")
-        raw, whole = r.cstring()
-        r.end()
-        text, cut = _text(raw, self._max_text)
-        return QueryEvent(text=text, truncated=cut or not whole, size=frame.body_length)
+    def _query(self, frame: Frame) -> QueryEvent | object:
+        size = frame.body_length
 
-    def _parse(self, frame: Frame) -> ParseEvent:
+        def event(s: Statement) -> QueryEvent:
+            return QueryEvent(text=s.text, truncated=s.truncated, length=s.length, sha256=s.sha256,
+                              size=size)
+
+        if frame.complete:
+            r = _Fields(frame, "Query")
+            raw, _ = r.cstring()
+            r.end()
+            return event(StatementReader.of(raw, self._max_text))
+        return self._statement_of(frame, StatementReader(self._max_text, until=b"\x00"), event)
+
+    def _parse(self, frame: Frame) -> ParseEvent | object:
         r = _Fields(frame, "Parse")
         name, raw, count, whole = b"", b"", None, False
         try:
@@ -420,11 +441,25 @@ class FrontendAuditor(_Auditor):
                 r.raw(4 * count)
                 r.end()
         except _Cut:
-            whole = False
-        text, cut = _text(raw, self._max_text)
-        return ParseEvent(statement=_text(name, self._max_text)[0], text=text,
-                          truncated=cut or not whole, size=frame.body_length,
-                          param_types=count)
+            pass
+        statement_name, size = _text(name, self._max_text)[0], frame.body_length
+
+        def event(s: Statement) -> ParseEvent:
+            return ParseEvent(statement=statement_name, text=s.text, truncated=s.truncated,
+                              length=s.length, sha256=s.sha256, size=size, param_types=count)
+
+        if frame.complete:
+            return event(StatementReader.of(raw, self._max_text))
+        # Past the name (however long) to the text's NUL: the rest streams past.
+        return self._statement_of(frame, StatementReader(self._max_text, until=b"\x00", after=1), event)
+
+    def _statement_of(self, frame: Frame, reader: StatementReader,
+                      event: Callable[[Statement], object]) -> object:
+        """The event of a statement in a message kept only as a prefix: now
+        if the prefix holds all of the statement, else :data:`_LATER`."""
+        reader.update(frame.body)
+        statement = self._statement(frame, reader, event)
+        return _LATER if statement is None else event(statement)
 
     def _bind(self, frame: Frame) -> BindEvent:
         if not self._bind_values and frame.complete:

@@ -521,6 +521,27 @@ def test_statements_are_audited(pg_env, gw, pg_port):
     assert ends and all(e["kind"] == "postgres" for e in ends)
 
 
+def test_a_statement_cannot_hide_behind_padding(pg_env, gw, pg_port):
+    """A 17 KiB leading comment once pushed a CREATE TABLE past the 16 KiB
+    the audit kept of a statement. Its tail is kept now, with its full
+    length and digest."""
+    import hashlib
+
+    cluster, _ = pg_env
+    table = f"t_hidden_{next(_n)}"
+    statement = "/* " + "x" * 17 * 1024 + f" */ create table {table} (x int)"
+    with psycopg.connect(dsn(pg_port), autocommit=True) as conn:
+        conn.execute(statement.encode(), prepare=False)  # (bytes: psycopg sends it as it is)
+
+    def recorded():
+        return [e for e in cluster.audit(user=gw.user, event="pg.") if e.get("length") == len(statement)]
+
+    [event] = wait_for(recorded, what="the padded statement's audit event")
+    assert f"create table {table} (x int)" in event["query"] and event["truncated"] is True
+    assert event["sha256"] == hashlib.sha256(statement.encode()).hexdigest()
+    assert len(event["query"]) < 17 * 1024
+
+
 def test_copy_is_audited(pg_env, gw, pg_port):
     cluster, _ = pg_env
     assert psql(pg_port, "-c", "drop table if exists t_audit_copy; create table t_audit_copy (x int)").returncode == 0

@@ -3,11 +3,13 @@ exercised through a small auditor of MySQL commands."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols.auditor import StreamAuditor
+from protocols.auditor import Statement, StatementReader, StreamAuditor
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.framing import MYSQL_PACKET, Frame
 from protocols.signals import ConnectionClosed
@@ -106,3 +108,56 @@ def test_fuzz(data: bytes, cut: int) -> None:
         pump(CommandAuditor(), [chunk for chunk in (data[:cut], data[cut:]) if chunk] + [b""])
     except RemoteProtocolError:
         pass
+
+
+# --- statements: whole, or head and tail, with their length and digest -------------------
+
+
+class QueryAuditor(StreamAuditor):
+    """COM_QUERY statements as the base records them (MySQL's text runs to
+    the end of the packet: no terminator). Only 20 bytes of a packet are
+    kept: the rest of a long query is followed."""
+
+    def __init__(self) -> None:
+        super().__init__(MYSQL_PACKET, max_length=4096)
+
+    def _keep(self, kind: int, body_length: int) -> int | None:
+        return None if kind else 20
+
+    def _on_frame(self, frame: Frame) -> None:
+        if frame.body[:1] == bytes([COM_QUERY]):
+            reader = StatementReader(8)
+            reader.update(frame.body[1:])
+            statement = self._statement(frame, reader, lambda s: s)
+            if statement is not None:
+                self._events.append(statement)
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_a_statement_of_any_size_keeps_its_head_tail_length_and_digest(how: str) -> None:
+    long = b"select /*" + b"." * 1000 + b"*/ 1; drop table t"
+    data = packet(0, bytes([COM_QUERY]) + long) + packet(0, bytes([COM_QUERY]) + b"select 1")
+    events = pump(QueryAuditor(), split(data, how))
+    assert events == [
+        Statement(text=f"sele\n/* [audit: {len(long) - 8} of {len(long)} bytes not shown; sha256 is of them all]"
+                       " */\nle t", length=len(long), sha256=hashlib.sha256(long).hexdigest(), truncated=True),
+        Statement(text="select 1", length=8, sha256=hashlib.sha256(b"select 1").hexdigest(), truncated=False),
+    ]
+
+
+def test_statement_reader_stops_at_its_terminator_and_skips_what_comes_first() -> None:
+    reader = StatementReader(100, until=b"\x00", after=1)
+    assert reader.update(b"name") == 0 and reader.update(memoryview(b"\x00sel")) == 3
+    assert reader.update(b"ect 1\x00\x00\x01types") == 5 and reader.ended
+    assert reader.update(b"more") == 0
+    assert reader.result() == Statement(text="select 1", length=8, sha256=hashlib.sha256(b"select 1").hexdigest(),
+                                        truncated=False)
+
+
+def test_statement_text_is_decoded_whole_when_nothing_is_left_out() -> None:
+    # A character split between the head and the tail is not mangled.
+    assert StatementReader.of("ab€".encode(), 6).text == "ab€"
+    cut = StatementReader.of(("é" * 10).encode(), 8)
+    assert cut.truncated and cut.length == 20 and cut.text.startswith("éé\n") and cut.text.endswith("\néé")
+    with pytest.raises(ValueError):
+        StatementReader(0)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.buffer import ReceiveBuffer
-from protocols.errors import ErrorCode, RemoteProtocolError
+from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.framing import (
     DIAL_FRAME, MONGODB_MESSAGE, MUX_FRAME, MYSQL_PACKET, POSTGRES_MESSAGE, POSTGRES_STARTUP, Frame,
     FrameLayout, FrameSplitter,
@@ -197,6 +197,31 @@ def test_a_frame_keeping_nothing_comes_out_after_its_header() -> None:
     assert not splitter.at_boundary
     assert feed_all(splitter, [STREAM[5:1005]]) == []
     assert splitter.at_boundary
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_follow_hands_over_the_rest_of_a_frame_kept_as_a_prefix(how: str) -> None:
+    splitter = FrameSplitter(POSTGRES_MESSAGE, keep=keep_policy)
+    rest: list[bytes] = []
+    ends: list[int] = []
+    frames = []
+    for chunk in split(STREAM, how):
+        for frame in splitter.feed(chunk):
+            frames.append(frame)
+            if frame.type_code == b"Q":
+                splitter.follow(lambda piece: rest.append(bytes(piece)), lambda: ends.append(len(frames)))
+    assert b"".join(rest) == b"ect 1\x00" and ends == [2]  # all of it, before the next frame
+    assert [f.type_code for f in frames] == [b"d", b"Q", b"Z"] and splitter.at_boundary
+
+
+def test_follow_is_only_for_a_frame_just_kept_in_part() -> None:
+    splitter = FrameSplitter(POSTGRES_MESSAGE, keep=keep_policy)
+    with pytest.raises(LocalProtocolError):
+        splitter.follow(print, print)
+    [whole] = feed_all(splitter, [STREAM[1005:]])[-1:]
+    assert whole.complete
+    with pytest.raises(LocalProtocolError):
+        splitter.follow(print, print)
 
 
 def test_keep_beyond_the_body_keeps_the_body() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import tracemalloc
 from collections.abc import Iterable
@@ -21,6 +22,23 @@ from protocols.postgres.messages import ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, pump, split
 
 IN, OUT = CopyDirection.IN, CopyDirection.OUT
+
+
+def digest(statement: bytes) -> dict[str, object]:
+    """The length and SHA-256 every statement event carries: of all of it."""
+    return {"length": len(statement), "sha256": hashlib.sha256(statement).hexdigest()}
+
+
+def query(text: str, size: int, *, truncated: bool = False, whole: bytes | None = None) -> QueryEvent:
+    """A QueryEvent for a statement ``whole`` (``text`` itself unless cut)."""
+    return QueryEvent(text=text, truncated=truncated, size=size,
+                      **digest(text.encode() if whole is None else whole))
+
+
+def parse(statement: str, text: str, size: int, param_types: int | None, *, truncated: bool = False,
+          whole: bytes | None = None) -> ParseEvent:
+    return ParseEvent(statement=statement, text=text, truncated=truncated, size=size, param_types=param_types,
+                      **digest(text.encode() if whole is None else whole))
 
 
 
@@ -52,15 +70,15 @@ SESSION = enc(
     m.Terminate(),
 )
 SESSION_EVENTS = [
-    QueryEvent(text="select 1", truncated=False, size=9),
-    ParseEvent(statement="s1", text="select $1::int", truncated=False, size=24, param_types=1),
+    query("select 1", 9),
+    parse("s1", "select $1::int", 24, 1),
     BindEvent(portal="p1", statement="s1", param_count=1, param_formats=(0,), values=None,
               truncated=False, size=20),
     ExecuteEvent(portal="p1", max_rows=0),
-    QueryEvent(text="copy t from stdin", truncated=False, size=18),
+    query("copy t from stdin", 18),
     CopyDataEvent(direction=IN, messages=3, bytes=5),
     CopyDoneEvent(direction=IN),
-    QueryEvent(text="copy t from stdin", truncated=False, size=18),
+    query("copy t from stdin", 18),
     CopyDataEvent(direction=IN, messages=1, bytes=1),
     CopyFailEvent(message="nope", truncated=False),
     FunctionCallEvent(oid=952, arg_count=1, size=20),
@@ -104,12 +122,56 @@ def test_frontend_text_is_truncated() -> None:
     events = pump(auditor, [enc(m.Query(text="select 1234567890"),
                                 m.Parse(statement="x" * 20, text="abcdefghijk"),
                                 m.CopyFail(message="f" * 11))])
+    # Statements keep their first and last five bytes around a marker,
+    # with the whole statement's length and digest.
     assert events == [
-        QueryEvent(text="select 123", truncated=True, size=18),
-        ParseEvent(statement="x" * 10, text="abcdefghij", truncated=True, size=35,
-                   param_types=0),
+        query("selec\n/* [audit: 7 of 17 bytes not shown; sha256 is of them all] */\n67890", 18,
+              truncated=True, whole=b"select 1234567890"),
+        parse("x" * 10, "abcde\n/* [audit: 1 of 11 bytes not shown; sha256 is of them all] */\nghijk", 35, 0,
+              truncated=True, whole=b"abcdefghijk"),
         CopyFailEvent(message="f" * 10, truncated=True),
     ]
+
+
+PADDED = b"/* " + b"x" * 17 * 1024 + b" */ CREATE TABLE hidden (x int)"
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_a_padded_statement_keeps_its_tail_length_and_digest(how: str) -> None:
+    """Issue 15, item 6: a 17 KiB leading comment hid a CREATE TABLE."""
+    events = pump(FrontendAuditor(), split(enc(m.Query(text=PADDED.decode()),
+                                                m.Parse(statement="s", text=PADDED.decode())), how))
+    for event in events:
+        assert isinstance(event, (QueryEvent, ParseEvent)) and event.truncated
+        assert event.text.endswith("*/ CREATE TABLE hidden (x int)") and event.text.startswith("/* xxx")
+        assert len(event.text.encode()) < 17 * 1024
+        assert (event.length, event.sha256) == (len(PADDED), hashlib.sha256(PADDED).hexdigest())
+    assert len(events) == 2
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_a_statement_in_a_message_over_max_message_is_followed_to_its_end(how: str) -> None:
+    """Only a prefix of such a message is kept: the rest of the statement
+    streams into the digest and the tail, and the event comes at its end."""
+    auditor = FrontendAuditor(max_text=16, max_message=64)
+    statement = b"-- " + b"p" * 500 + b"\nDROP TABLE t"
+    data = enc(m.Query(text=statement.decode()), m.Parse(statement="n" * 300, text=statement.decode(),
+                                                          param_types=(23, 25)), m.Query(text="after"))
+    events = pump(auditor, split(data, how))
+    tail = "\nDROP TABLE t"[-8:]
+    assert [(type(e), e.text[-8:], e.length, e.sha256, e.truncated) for e in events[:2]] == [
+        (kind, tail, len(statement), hashlib.sha256(statement).hexdigest(), True) for kind in (QueryEvent, ParseEvent)]
+    assert events[2] == query("after", 6)
+
+
+def test_a_stream_that_ends_inside_a_followed_statement_records_what_came() -> None:
+    auditor = FrontendAuditor(max_text=16, max_message=64)
+    whole = m.Query(text="s" * 3000 + "END").encode()  # over the kept prefix (max_text + 1 KiB)
+    events = pump(auditor, [whole[:2000], b""])
+    seen = whole[5:2000]
+    assert events == [query("s" * 8 + f"\n/* [audit: {len(seen) - 16} of {len(seen)} bytes not shown; sha256 is of "
+                            "them all] */\n" + "s" * 8, len(whole) - 5, truncated=True, whole=seen),
+                      ConnectionClosed(clean=False)]
 
 
 def test_frontend_text_in_any_encoding() -> None:
@@ -131,30 +193,30 @@ def huge(type_code: bytes, head: bytes, total: int, filler: bytes = b"x") -> Ite
         left -= step
 
 
-def test_oversized_query_keeps_a_prefix() -> None:
+def test_oversized_query_keeps_its_head_tail_length_and_digest() -> None:
     auditor = FrontendAuditor(max_text=100, max_message=1000)
     text = b"select '" + b"y" * 5000 + b"'\x00"
     events = pump(auditor, [m.frame(b"Q", text), m.Sync().encode()])
-    assert events == [QueryEvent(text="select '" + "y" * 92, truncated=True, size=len(text))]
+    assert events == [query("select '" + "y" * 42 + "\n/* [audit: 4909 of 5009 bytes not shown; sha256 is of "
+                            "them all] */\n" + "y" * 49 + "'", len(text), truncated=True, whole=text[:-1])]
 
 
 def test_oversized_parse_and_bind() -> None:
     auditor = FrontendAuditor(max_text=16, max_message=64, bind_values=True)
-    parse = m.Parse(statement="s", text="t" * 2000, param_types=(23,)).encode()
+    parse_ = m.Parse(statement="s", text="t" * 2000, param_types=(23,)).encode()
     named = m.Parse(statement="n" * 2000, text="x").encode()
     bind = m.Bind(portal="p", statement="s", param_formats=(1,),
                   values=(b"v" * 10, b"w" * 5000)).encode()
     many_types = m.Parse(statement="s", text="t", param_types=(23,) * 1000).encode()
     cut_names = m.Bind(portal="p" * 2000, statement="s").encode()
     cut_statement = m.Bind(portal="", statement="s" * 2000).encode()
-    events = pump(auditor, [parse + named + many_types + bind + cut_names + cut_statement])
+    events = pump(auditor, [parse_ + named + many_types + bind + cut_names + cut_statement])
+    cut = "\n/* [audit: 1984 of 2000 bytes not shown; sha256 is of them all] */\n"
     assert events == [
-        ParseEvent(statement="s", text="t" * 16, truncated=True, size=len(parse) - 5,
-                   param_types=None),
-        ParseEvent(statement="n" * 16, text="", truncated=True, size=len(named) - 5,
-                   param_types=None),
-        ParseEvent(statement="s", text="t", truncated=True, size=len(many_types) - 5,
-                   param_types=1000),
+        parse("s", "t" * 8 + cut + "t" * 8, len(parse_) - 5, None, truncated=True, whole=b"t" * 2000),
+        # The text after a name of over max_message bytes is read all the same.
+        parse("n" * 16, "x", len(named) - 5, None),
+        parse("s", "t", len(many_types) - 5, 1000),
         BindEvent(portal="p", statement="s", param_count=2, param_formats=(1,),
                   values=(b"v" * 10, b"w" * 256), truncated=True, size=len(bind) - 5),
         BindEvent(portal="p" * 16, statement="", param_count=None, param_formats=(),
@@ -240,9 +302,9 @@ def test_frontend_malformed(data: bytes, words: str, options: dict[str, bool]) -
     auditor = FrontendAuditor(**options)
     # Events before the error come out first.
     assert pump(auditor, [m.Query(text="ok").encode()]) == [
-        QueryEvent(text="ok", truncated=False, size=3)]
+        query("ok", 3)]
     auditor.receive_data(m.Query(text="before").encode() + data + m.Sync().encode())
-    assert auditor.next_event() == QueryEvent(text="before", truncated=False, size=7)
+    assert auditor.next_event() == query("before", 7)
     with pytest.raises(RemoteProtocolError) as info:
         auditor.next_event()
     assert words in info.value.message and info.value.wire_hint == "08P01"
@@ -258,7 +320,7 @@ def test_frontend_eof(how: str) -> None:
     auditor = FrontendAuditor()
     data = enc(m.Query(text="copy"), m.CopyData(data=b"abc"))
     events = pump(auditor, split(data + m.CopyData(data=b"abcdef").encode()[:7], how) + [b""])
-    assert events == [QueryEvent(text="copy", truncated=False, size=5),
+    assert events == [query("copy", 5),
                       CopyDataEvent(direction=IN, messages=2, bytes=9),
                       ConnectionClosed(clean=False)]
     assert auditor.next_event() == ConnectionClosed(clean=False)
