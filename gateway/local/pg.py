@@ -58,6 +58,8 @@ from protocols.postgres.options import session_parameters
 log = logging.getLogger("wicket.proxy.postgres")
 
 STARTUP_TIMEOUT = 60.0
+#: The ALPN id of PostgreSQL over TLS (PostgreSQL 17); required for direct TLS.
+ALPN_POSTGRESQL = "postgresql"
 READ = 65536
 MAX_FORWARDED_PARAMS = 24
 _BY_CODE = object()  # _refuse's default hint: the next step for the error's code
@@ -125,9 +127,22 @@ class PostgresProxy(MuxRoute):
                     await self._cancel(event, client_addr)
                 return None, client, b""
             elif isinstance(event, DirectTLS):
-                log.info("pg_direct_tls_refused client=%s hint=%s", client_addr,
-                         "use sslnegotiation=postgres (the default)")
-                return None, client, b""
+                # sslnegotiation=direct (PostgreSQL 17 clients): TLS from the
+                # first byte, which only a gateway with a certificate can take.
+                if self.tls_context is None:
+                    log.info("pg_direct_tls_refused client=%s hint=%r", client_addr,
+                             "the client starts with TLS (sslnegotiation=direct): start the proxy with "
+                             "--local-tls, or connect with sslnegotiation=postgres (the default)")
+                    return None, client, b""
+                client = TLSStream(tcp, self.tls_context, server_side=True, received=conn.accept_direct_tls())
+                await client.do_handshake()
+                secured.append(client)
+                if client.selected_alpn_protocol() != ALPN_POSTGRESQL:
+                    # As PostgreSQL 17 does: a direct TLS client must say it
+                    # speaks PostgreSQL (no cross-protocol confusion).
+                    raise RemoteProtocolError(
+                        "direct TLS connections must negotiate the ALPN protocol \"postgresql\"",
+                        code=ErrorCode.BAD_REQUEST, wire_hint="08P01")
             elif isinstance(event, ConnectionClosed):
                 return None, client, b""
             elif isinstance(event, StartupMessage):
@@ -277,7 +292,8 @@ def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluste
                    local_users: LocalUsers | None = None, db_user: str | None = None,
                    db_name: str | None = None, local_tls: bool = False) -> Listening:
     """The postgres kind's local route (gateway/kinds.py)."""
-    tls_context, ca_path = local_server_context(profile.home) if local_tls else (None, None)
+    tls_context, ca_path = (local_server_context(profile.home, alpn=(ALPN_POSTGRESQL,)) if local_tls
+                            else (None, None))
     pg = PostgresProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
                        wait_for_cluster=wait_for_cluster, local_users=local_users)
 

@@ -218,10 +218,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         server_side: bool,
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
+        received: bytes = b"",
     ) -> None:
+        """``received``: TLS bytes already read from ``transport`` (a
+        ClientHello a protocol peeked at to tell TLS from its own packets)."""
         self.transport_stream = transport
         self._sock = transport.socket
         self._incoming = ssl.MemoryBIO()
+        if received:
+            self._incoming.write(received)
         self._outgoing = ssl.MemoryBIO()
         self._obj = context.wrap_bio(
             self._incoming,

@@ -759,3 +759,48 @@ def test_another_local_user_is_told_no_in_its_own_protocol(gw, pg_port):
     _, open_port = gw.proxy("db", "pg", "--allow-uid", str(NOBODY))
     r = _as_nobody("psql", "-X", "-tA", dsn(open_port), "-c", "select current_user")
     assert r.returncode == 0 and r.stdout.strip() == "app", r.stderr
+
+
+def _direct_tls(port: int, ca, alpn: list[str] | None) -> bytes:
+    """A PostgreSQL 17 client's sslnegotiation=direct: TLS from the first
+    byte (no SSLRequest), then the StartupMessage and one query; what the
+    gateway answered, decrypted."""
+    import ssl
+
+    from protocols.postgres import StartupMessage
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(StartupMessage(parameters={"user": "app", "database": "app"}).encode())
+        out = bytearray()
+        deadline = time.monotonic() + 30
+        while b"Z\x00\x00\x00\x05" not in out and b"E\x00" not in out[:2] and time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+        if b"Z\x00\x00\x00\x05" in out:
+            s.sendall(b"Q" + (len(b"select 41 + 1\0") + 4).to_bytes(4, "big") + b"select 41 + 1\0")
+            while b"C\x00" not in out.split(b"Z\x00\x00\x00\x05", 1)[1] and time.monotonic() < deadline:
+                out += s.recv(65536)
+        return bytes(out)
+
+
+def test_direct_tls_with_local_tls(gw):
+    """sslnegotiation=direct works with --local-tls and ALPN "postgresql"; a
+    direct TLS client without that ALPN gets PostgreSQL 17's refusal; without
+    --local-tls the proxy says what to do in its log."""
+    proc, port = gw.proxy("db", "pg", "--local-tls")
+    ca = gw.home / "local-ca.crt"
+    answer = _direct_tls(port, ca, ["postgresql"])
+    assert b"42" in answer.split(b"Z\x00\x00\x00\x05", 1)[1]  # the DataRow of select 41 + 1
+    refused = _direct_tls(port, ca, None)
+    assert refused.startswith(b"E") and b"08P01" in refused and b"postgresql" in refused
+    plain_proc, plain_port = gw.proxy("db", "pg")
+    with pytest.raises(OSError):
+        _direct_tls(plain_port, ca, ["postgresql"])
+    wait_for(lambda: "pg_direct_tls_refused" in plain_proc.log() and "--local-tls" in plain_proc.log(),
+             what="the refusal in the proxy's log")
