@@ -51,7 +51,7 @@ from gateway.identity.pki import utcnow
 from gateway.net.engine import eligible, engine, reset_and_close
 from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay, reset_on_close
-from gateway.net.tcp import keep_alive
+from gateway.net.tcp import keep_alive, unacknowledged
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
 from protocols.errors import ErrorCode, RemoteProtocolError
@@ -279,7 +279,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     token = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
 
-        def in_trio(link: MuxLink, st: Stream, request: DialRequest, after: trio.Event | None) -> None:
+        def in_trio(link: MuxLink, st: Stream, request: DialRequest, after: _Ahead | None) -> None:
             if link.failed is None:
                 nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after)
 
@@ -304,29 +304,50 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
 
 
+#: What a control dial waits for before it acts (:func:`_after`).
+_Ahead = tuple["trio.Event | None", "socket.socket | None"]
+#: How often a cancel looks whether the server took its query's bytes.
+DELIVERED_POLL = 0.005
+
+
 def _after(cluster: Cluster, link: MuxLink, request: DialRequest,
-           routes: Mapping[str, RouteKind]) -> trio.Event | None:
+           routes: Mapping[str, RouteKind]) -> _Ahead | None:
     """(the engine's thread) For a control dial that acts on a session of
-    this connection (a cancel): set once the bytes that came for it before
-    this OPEN have been written to its upstream (``MuxLink.flushed``), so
-    the control cannot overtake them. None: nothing to wait for."""
+    this connection (a cancel): an event set once the bytes that came for
+    it before this OPEN have been written to its upstream socket
+    (``MuxLink.flushed``), and that socket, whose kernel then hands them to
+    the server (:func:`_delivered`), so the control cannot overtake them.
+    None: nothing to wait for."""
     for kind in routes.values():
         session = kind.acts_on(cluster, request)
         if session is not None:
             on = session.extra.get("stream")
             if on is not None and on[0] is link:
-                return link.flushed(on[1])
+                end = on[1].end
+                return link.flushed(on[1]), (end.sock if end is not None else None)
     return None
+
+
+async def _delivered(sock: socket.socket) -> None:
+    """Until the server's kernel has acknowledged everything written to
+    ``sock`` (SIOCOUTQ: a server reading a huge query slowly holds its
+    window shut, and the rest waits in our kernel)."""
+    while unacknowledged(sock):
+        await trio.sleep(DELIVERED_POLL)
 
 
 async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest,
                        cert: bytes | None, client_addr: str, routes: Mapping[str, RouteKind],
-                       after: trio.Event | None = None) -> None:
+                       after: _Ahead | None = None) -> None:
     try:
         async with cluster.connection_slots:
             if after is not None:
+                flushed, sock = after
                 with trio.move_on_after(DIAL_TIMEOUT):
-                    await after.wait()
+                    if flushed is not None:
+                        await flushed.wait()
+                    if sock is not None:
+                        await _delivered(sock)
             snap = await cluster.snapshot()
             resource = snap.resources.get(request.resource)
             # A resource of a kind this route does not carry is refused by

@@ -636,7 +636,12 @@ class SlowServer:
 
     def __init__(self, query_size: int) -> None:
         self.query_size = query_size
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        # A small receive buffer: the cluster's kernel holds the rest of the
+        # query, written but not yet taken, when the cancel comes.
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
         self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
         self.received = 0
         self.at_cancel: list[tuple[int, bool]] = []  # (query bytes by then, key right)
