@@ -463,6 +463,7 @@ class MuxLink:
         kernel still held for it (that moves in as the queue drains). The
         stream's window may hold the engine back (a server reading slowly),
         so this polls, for ``limit`` seconds at most."""
+        quiet = False  # the queue was empty at the last look
         with trio.move_on_after(limit):
             while True:
                 with self.engine._lock:
@@ -471,12 +472,11 @@ class MuxLink:
                         return
                     waiting = unread(end.sock)
                 if not waiting:
-                    # Once more after a pause: what the client's kernel held
-                    # back while our queue was full comes in now.
-                    await trio.sleep(CONTROL_DRAIN_PAUSE)
-                    with self.engine._lock:
-                        if stream.finished or stream.end is None or not unread(stream.end.sock):
-                            return
+                    if quiet:  # empty twice, a pause apart: the client's kernel held nothing back
+                        return
+                    quiet = True
+                else:
+                    quiet = False
                 await trio.sleep(CONTROL_DRAIN_PAUSE)
 
     def flushed(self, stream: Stream) -> trio.Event | None:
