@@ -344,11 +344,19 @@ def test_frontend_any_chunking(cuts: list[int]) -> None:
     assert pump(FrontendAuditor(), chunks) == SESSION_EVENTS
 
 
+#: Each auditor as the fuzz tests make it: with tiny limits, or reporting all.
+FUZZED = {
+    "frontend": (lambda: FrontendAuditor(max_text=4, max_message=16),
+                 lambda: FrontendAuditor(report_all=True, bind_values=True)),
+    "backend": (lambda: BackendAuditor(max_text=4, max_message=8), lambda: BackendAuditor(completions=True)),
+}
+
+
+@pytest.mark.parametrize("side", list(FUZZED))
 @fuzz
 @given(data=st.binary(max_size=200), eof=st.booleans(), small=st.booleans())
-def test_frontend_fuzz(data: bytes, eof: bool, small: bool) -> None:
-    auditor = FrontendAuditor(max_text=4, max_message=16) if small else FrontendAuditor(
-        report_all=True, bind_values=True)
+def test_random_bytes_give_events_or_a_protocol_error(side: str, data: bytes, eof: bool, small: bool) -> None:
+    auditor = FUZZED[side][0 if small else 1]()
     try:
         pump(auditor, [data] + ([b""] if eof else []))
     except RemoteProtocolError:
@@ -495,16 +503,6 @@ def test_backend_any_chunking(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(BACKEND_SESSION)]
     chunks = [BACKEND_SESSION[a:b] for a, b in zip(bounds, bounds[1:]) if a < b]
     assert pump(BackendAuditor(completions=True), chunks) == BACKEND_EVENTS
-
-
-@fuzz
-@given(data=st.binary(max_size=200), eof=st.booleans(), small=st.booleans())
-def test_backend_fuzz(data: bytes, eof: bool, small: bool) -> None:
-    auditor = BackendAuditor(max_text=4, max_message=8) if small else BackendAuditor(completions=True)
-    try:
-        pump(auditor, [data] + ([b""] if eof else []))
-    except RemoteProtocolError:
-        pass
 
 
 @fuzz
