@@ -77,6 +77,20 @@ class PostgresProxy(MuxRoute):
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         client_addr = peer_addr(tcp)
+        full = self.client_arrived(client_addr)
+        if full is not None:
+            # At once, before the startup packet, as the server does when it
+            # cannot take a connection (libpq reads an ErrorResponse in any
+            # answer to SSLRequest): a refused client holds nothing here.
+            await _send_and_close(tcp, error_response_for(
+                DialError(code=ErrorCode.RATE_LIMITED, message=full), hint=None).encode())
+            return
+        try:
+            await self._handle(tcp, client_addr)
+        finally:
+            self.client_left()
+
+    async def _handle(self, tcp: trio.SocketStream, client_addr: str) -> None:
         # Another local user is told why in its own protocol, after its
         # startup packet; its cancel requests cancel nothing.
         stranger = self.stranger(tcp.socket, client_addr)
@@ -304,7 +318,8 @@ def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluste
             conninfo += f" sslmode=verify-full sslrootcert={ca_path}"
         return f'Try: psql "{conninfo}"'
 
-    return Listening(handler=pg.handle, dialer=pg.dialer, try_line=try_line)
+    return Listening(handler=pg.handle, dialer=pg.dialer, try_line=try_line, route=pg,
+                     unix_name=lambda port: f".s.PGSQL.{port}")
 
 
 class _Session:
