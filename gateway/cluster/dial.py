@@ -44,7 +44,7 @@ import trio
 from gateway.cluster import rbac
 from gateway import kinds, printable
 from gateway.addresses import parse_hostport
-from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
+from gateway.cluster.core import MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
@@ -267,6 +267,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     # dial with the typed refusal (as a dial on its own connection would),
     # so it cannot hold one of the cluster's connection slots for long.
     max_streams = MAX_STREAMS
+    per_connection = cluster.limits.streams_per_connection
     try:
         identity, _user, _roles = await cluster.identify(cert)
         lifetime = (identity.not_after - utcnow()).total_seconds() if cluster.config.disconnect_expired_cert \
@@ -284,6 +285,15 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after)
 
         def on_open(link: MuxLink, st: Stream, request: DialRequest) -> None:  # the engine's thread
+            if len(link.streams) > per_connection:
+                # Each stream may cost the cluster an upstream descriptor.
+                audit = _DialAudit.of(request, TCP, client_addr)
+                audit.user = cluster.claimed_user(cert)
+                link.refuse(st, audit.limited(cluster, AtCapacity(
+                    f"this connection has {per_connection} sessions open, the most one gateway connection "
+                    f"may (the cluster's limits.streams_per_connection); close some and try again",
+                    "streams_per_connection")))
+                return
             if not _start_in_engine(cluster, link, st, request, cert, client_addr):
                 token.run_sync_soon(in_trio, link, st, request, _after(cluster, link, request, routes))
 
@@ -398,6 +408,17 @@ class _DialAudit:
         cluster.audit_soon("dial.denied", self.user, **self.fields, code=refusal.code.value, reason=refusal.reason)
         return DialError(code=refusal.code, message=refusal.message)
 
+    def limited(self, cluster: Cluster, exc: AtCapacity) -> DialError:
+        """Refused at a limit: audited (and logged) in full the first time
+        this minute for this user and limit, then counted
+        (``dial.limited``), so a flood of streams cannot flood the audit."""
+        if cluster.note_limit_refusal(self.user, exc.limit):
+            log.warning("dial_limited user=%s limit=%s client=%s message=%r", self.user, exc.limit,
+                        self.fields["client_addr"], exc.message)
+            cluster.audit_soon("dial.denied", self.user, **self.fields, code=ErrorCode.RATE_LIMITED.value,
+                               reason=f"limit {exc.limit}", limit=exc.limit)
+        return DialError(code=ErrorCode.RATE_LIMITED, message=exc.message)
+
     def allowed(self, cluster: Cluster, session: LiveSession, decision: rbac.Decision) -> None:
         session.identity = self.identity  # from now on, revoking it cuts the session
         cluster.audit_soon("dial.allowed", self.user, **self.fields, session_id=session.id, reason=decision.reason)
@@ -469,7 +490,10 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
         if control is not None:
             cluster.audit_soon("dial.control", audit.user, **audit.fields, reason=control)
             return DialAccept(session_id="-")
-        session = cluster.new_session(audit.user, resource.name, kind.kind)
+        try:
+            session = cluster.new_session(audit.user, resource.name, kind.kind)
+        except AtCapacity as exc:
+            return audit.limited(cluster, exc)
         try:
             opened = await kind.open(cluster, resource, params, session)
         except BaseException as exc:
@@ -513,7 +537,11 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     target = literal_address(resource.address)
     if target is None or len(cluster.sessions) >= MAX_CONNECTIONS:
         return False
-    session = cluster.new_session(audit.user, resource.name, TCP.kind)
+    try:
+        session = cluster.new_session(audit.user, resource.name, TCP.kind)
+    except AtCapacity as exc:
+        link.refuse(st, audit.limited(cluster, exc))
+        return True
     es = st.context = _EngineSession(session)
     # From now on a lock or a stop cuts the stream, even while the upstream
     # is still connecting (``connected`` then finds it finished). Both run
