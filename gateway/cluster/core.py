@@ -17,7 +17,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import attrs
 import trio
@@ -42,6 +42,11 @@ log = logging.getLogger("wicket.cluster")
 T = TypeVar("T")
 
 LOCK_POLL_INTERVAL = 0.5
+#: How long a cut waits for the kind's interrupt (a CancelRequest) before it
+#: closes the session anyway.
+INTERRUPT_TIMEOUT = 2.0
+#: Why a session may be cut: for these the kind interrupts it upstream first.
+CUT_REASONS = frozenset({"user_locked", "user_removed", "cert_revoked", "cert_expired"})
 IDENTITY_CACHE = 4096
 MAX_CONNECTIONS = 20_000
 AUDIT_FLUSH_INTERVAL = 0.2
@@ -99,6 +104,12 @@ class LiveSession:
     # The certificate the session was allowed with (set once allowed): a
     # revocation of it cuts the session.
     identity: pki.Identity | None = None
+    # The kind's hook that stops what the session is doing upstream (a
+    # PostgreSQL CancelRequest: RouteKind.interrupt), awaited before a lock,
+    # a revocation or the certificate's expiry cuts the session, so a
+    # running statement ends with it. Once.
+    interrupt: Callable[[str], Awaitable[str]] | None = None
+    interrupting: bool = False
 
     def cancel(self, reason: str) -> None:
         """End the session (from trio's thread), with ``reason`` in its
@@ -589,14 +600,43 @@ class Cluster:
         certificates that get revoked (within 2 s: the snapshot's freshness
         is checked every 0.5 s)."""
         task_status.started()
-        while True:
-            await trio.sleep(LOCK_POLL_INTERVAL)
-            snap = await self.snapshot()
-            for session in list(self.sessions.values()):
-                reason = None if session.cancelled else self.cut_reason(snap, session)
-                if reason is not None:
-                    log.info("session_cut session=%s user=%s reason=%s", session.id, session.user, reason)
-                    session.cancel(reason)
+        async with trio.open_nursery() as cuts:
+            while True:
+                await trio.sleep(LOCK_POLL_INTERVAL)
+                snap = await self.snapshot()
+                for session in list(self.sessions.values()):
+                    if session.cancelled or session.interrupting:
+                        continue
+                    reason = self.cut_reason(snap, session)
+                    if reason is None and self.expired(session):
+                        reason = "cert_expired"
+                    if reason is not None:
+                        log.info("session_cut session=%s user=%s reason=%s", session.id, session.user, reason)
+                        cuts.start_soon(self.cut, session, reason)
+
+    def expired(self, session: LiveSession) -> bool:
+        """An interruptible session whose certificate ran out: cut here,
+        with the interrupt, a moment before its own deadline would end it
+        without one (gateway/cluster/dial.py's ``_run_session``)."""
+        return (session.interrupt is not None and session.identity is not None
+                and self.config.disconnect_expired_cert and session.identity.not_after <= utcnow())
+
+    async def cut(self, session: LiveSession, reason: str) -> None:
+        """End ``session`` for ``reason`` (one of :data:`CUT_REASONS`): the
+        kind first stops what it runs upstream (``session.interrupt``, at
+        most INTERRUPT_TIMEOUT), audited, then the session is cut."""
+        if session.interrupt is not None and not session.interrupting:
+            session.interrupting = True
+            result = "timed out"
+            with trio.move_on_after(INTERRUPT_TIMEOUT):
+                try:
+                    result = await session.interrupt(reason)
+                except Exception as exc:  # the cut goes on whatever happened upstream
+                    log.warning("session_interrupt_failed session=%s error=%r", session.id, exc)
+                    result = f"failed: {exc}"
+            self.audit_soon("session.interrupt", session.user, session_id=session.id, resource=session.resource,
+                            kind=session.kind, reason=reason, result=result)
+        session.cancel(reason)
 
     @staticmethod
     def cut_reason(snap: "Snapshot", session: LiveSession) -> str | None:

@@ -44,7 +44,9 @@ import trio
 from gateway.cluster import rbac
 from gateway import kinds, printable
 from gateway.addresses import parse_hostport
-from gateway.cluster.core import MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot
+from gateway.cluster.core import (
+    INTERRUPT_TIMEOUT, LOCK_POLL_INTERVAL, MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot,
+)
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
@@ -66,6 +68,9 @@ CONNECT_TIMEOUT = 10.0
 #: it to make the cluster hold much (each may carry a window of early data).
 UNAUTHENTICATED_STREAMS = 8
 READ_CHUNK = 64 * 1024
+#: How much longer than its certificate an interruptible session may last:
+#: the lock watcher's look (every LOCK_POLL_INTERVAL) and the interrupt.
+CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 
 Tap = Callable[[bytes], None]
 
@@ -115,6 +120,16 @@ class RouteKind(Protocol):
         a multiplexed connection it is decided only once every byte that
         came for that session before it has reached the upstream. Called
         in the relay engine's thread: blocks on nothing."""
+
+    #: ``async interrupt(cluster, resource, session, reason) -> str``, or
+    #: None: stop what ``session`` runs upstream before a lock, a
+    #: revocation or the certificate's expiry cuts it (PostgreSQL: a
+    #: CancelRequest with the backend's key; MySQL would KILL QUERY,
+    #: MongoDB killOp), so that closing the connection does not leave a
+    #: statement running or let in-flight writes complete. Returns what it
+    #: did, for the audit (``session.interrupt``). None for kinds whose
+    #: upstream stops when its connection closes (tcp).
+    interrupt: Callable[[Cluster, Resource, LiveSession, str], Awaitable[str]] | None
 
 
 def unreachable(resource: Resource, why: str) -> Refused:
@@ -184,6 +199,7 @@ def literal_address(address: str) -> tuple[int, tuple] | None:
 
 class TcpKind:
     kind = "tcp"
+    interrupt = None  # closing the upstream connection is all there is
 
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         return dict(request.params)
@@ -305,6 +321,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 await link.closed.wait()
             if timer.cancelled_caught:
                 reason = expiry
+                await _interrupt_sessions(cluster, link)
                 with link.engine._lock:
                     for st in link.streams.values():
                         if isinstance(st.context, _EngineSession) and st.context.session.end_reason is None:
@@ -312,6 +329,18 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
         finally:
             link.close(reason)
     log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
+
+
+async def _interrupt_sessions(cluster: Cluster, link: MuxLink) -> None:
+    """The connection's certificate expired: its sessions that a kind
+    can interrupt upstream are cut that way first (Cluster.cut), all at
+    once, before the connection closes on them."""
+    on_link = [session for session in list(cluster.sessions.values())
+               if session.interrupt is not None and session.extra.get("stream", (None,))[0] is link]
+    if on_link:
+        async with trio.open_nursery() as nursery:
+            for session in on_link:
+                nursery.start_soon(cluster.cut, session, "cert_expired")
 
 
 #: What a control dial waits for before it acts (:func:`_after`).
@@ -503,6 +532,8 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
             raise
     except Refused as refusal:
         return audit.denied(cluster, refusal)
+    if kind.interrupt is not None:
+        session.interrupt = functools.partial(kind.interrupt, cluster, resource, session)
     audit.allowed(cluster, session, decision)
     return session, opened, identity
 
@@ -619,6 +650,10 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
         try:
             if cluster.config.disconnect_expired_cert:
                 left = (identity.not_after - utcnow()).total_seconds()
+                if session.interrupt is not None:
+                    # The lock watcher cuts it at expiry, interrupting it
+                    # upstream first (Cluster.cut); this is the backstop.
+                    left += CUT_GRACE
                 session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
             with session.cancel_scope:
                 error = await run(counters)
