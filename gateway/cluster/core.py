@@ -494,7 +494,7 @@ class Cluster:
         if not der_cert:
             raise pki.CertError(
                 ErrorCode.CERT_REQUIRED,
-                "this route needs a session certificate; run `wicket login` first",
+                "this route needs a session certificate",
             )
         identity = self.parse_identity(der_cert)
         if identity.cluster != self.config.name:

@@ -450,8 +450,8 @@ def check_validity(identity: Identity, now: dt.datetime) -> None:
     if now >= identity.not_after:
         raise CertError(
             ErrorCode.CERT_EXPIRED,
-            f"session certificate for {identity.user} expired at "
-            f"{identity.not_after:%Y-%m-%d %H:%M:%SZ}; run `wicket login` again",
+            # What happened only: the gateway, or the API, adds the next step.
+            f"session certificate for {identity.user} expired at {identity.not_after:%Y-%m-%d %H:%M:%SZ}",
         )
 
 

@@ -205,7 +205,9 @@ class PostgresProxy(MuxRoute):
             log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
             return
         except ProfileError as exc:
-            await self._refuse(client, client_addr, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
+            # The profile's message says what to run, with the cluster and user.
+            await self._refuse(client, client_addr, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)),
+                               hint=None)
             return
         except (ClusterError, trio.TooSlowError) as exc:
             message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"

@@ -63,7 +63,7 @@ _Resume = tuple[RelayCounters, bytes, bool]
 NEXT_STEP = {
     ErrorCode.CERT_EXPIRED: "run `wicket login` again",
     ErrorCode.CERT_INVALID: "run `wicket login` again",
-    ErrorCode.CERT_REQUIRED: "run `wicket login` again",
+    ErrorCode.CERT_REQUIRED: "run `wicket login` first",
     ErrorCode.ACCESS_DENIED: "ask a cluster administrator for a role that allows it",
     ErrorCode.USER_LOCKED: "ask a cluster administrator to unlock your user",
     ErrorCode.RESOURCE_NOT_FOUND: "`wicket ls` lists the resources you can reach",
