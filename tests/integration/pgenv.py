@@ -4,13 +4,14 @@ cluster logs in to with its client certificate, as db user ``app``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Cluster, Echo
+from tests.integration.harness import Cluster, Echo, Gateway
 
 NOBODY = 65534
 
@@ -30,6 +31,28 @@ def need_postgres() -> None:
         find_bindir()
     except Exception as exc:  # pragma: no cover - a machine without PostgreSQL
         pytest.skip(f"PostgreSQL server not installed: {exc}", allow_module_level=True)
+
+
+@contextlib.contextmanager
+def running(tmp: Path):
+    """(cluster, server), started, and stopped at the end."""
+    echo, cluster, server = start(tmp)
+    try:
+        yield cluster, server
+    finally:
+        server.stop()
+        cluster.stop()
+        echo.proc.stop()
+
+
+def user(tmp: Path, cluster: Cluster, name: str, roles: str = "pg", *login: str) -> Gateway:
+    """A Gateway for a new user with ``roles``, logged in (``login``: extra
+    ``wicket login`` options)."""
+    cluster.add_user(name, roles)
+    gw = Gateway(tmp, cluster, name)
+    r = gw.login(*login)
+    assert r.returncode == 0, r.stderr
+    return gw
 
 
 def start(tmp: Path):

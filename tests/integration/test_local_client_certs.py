@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from tests.integration import pgenv
-from tests.integration.harness import Gateway, wait_for
+from tests.integration.harness import wait_for
 
 pgenv.need_postgres()
 
@@ -19,17 +19,12 @@ pgenv.need_postgres()
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clientcert")
-    echo, cluster, server = pgenv.start(tmp)
-    cluster.add_user("certuser", "pg")
-    gw = Gateway(tmp, cluster, "certuser")
-    assert gw.login().returncode == 0
-    proc, port = gw.proxy("db", "pg", "--local-tls-client-cert")
-    line = wait_for(lambda: re.search(r'Try: psql "([^"]+)"', proc.log()), what="the try line")
-    yield gw, port, dict(part.split("=", 1) for part in line.group(1).split())
-    gw.stop()
-    server.stop()
-    cluster.stop()
-    echo.proc.stop()
+    with pgenv.running(tmp) as (cluster, _server):
+        gw = pgenv.user(tmp, cluster, "certuser")
+        proc, port = gw.proxy("db", "pg", "--local-tls-client-cert")
+        line = wait_for(lambda: re.search(r'Try: psql "([^"]+)"', proc.log()), what="the try line")
+        yield gw, port, dict(part.split("=", 1) for part in line.group(1).split())
+        gw.stop()
 
 
 def conninfo(port: int, **settings: str) -> str:

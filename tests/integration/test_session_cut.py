@@ -24,13 +24,10 @@ SLOW_INSERT = "insert into cut_rows select 1 from pg_sleep(600)"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cut")
-    echo, cluster, server = pgenv.start(tmp)
-    server.sql("CREATE TABLE cut_rows (n int)", dbname="app")
-    server.sql("GRANT ALL ON cut_rows TO app", dbname="app")
-    yield tmp, cluster, server
-    server.stop()
-    cluster.stop()
-    echo.proc.stop()
+    with pgenv.running(tmp) as (cluster, server):
+        server.sql("CREATE TABLE cut_rows (n int)", dbname="app")
+        server.sql("GRANT ALL ON cut_rows TO app", dbname="app")
+        yield tmp, cluster, server
 
 
 def count(server, query: str, dbname: str = "postgres") -> int:
@@ -49,16 +46,9 @@ def start_slow_insert(gw: Gateway, server) -> tuple[subprocess.Popen, int]:
     return client, port
 
 
-def gateway(tmp, cluster, name: str, *login: str) -> Gateway:
-    cluster.add_user(name, "pg")
-    gw = Gateway(tmp, cluster, name)
-    assert gw.login(*login).returncode == 0
-    return gw
-
-
 def test_a_lock_cancels_the_running_statement_and_its_write(env):
     tmp, cluster, server = env
-    gw = gateway(tmp, cluster, "locked-mid-query")
+    gw = pgenv.user(tmp, cluster, "locked-mid-query")
     try:
         client, _ = start_slow_insert(gw, server)
         cluster.admin("users", "lock", gw.user, "--reason", "laptop stolen")
@@ -80,7 +70,7 @@ def test_a_lock_cancels_the_running_statement_and_its_write(env):
 
 def test_the_certificates_expiry_cancels_the_running_statement(env):
     tmp, cluster, server = env
-    gw = gateway(tmp, cluster, "expires-mid-query", "--ttl", "6s")
+    gw = pgenv.user(tmp, cluster, "expires-mid-query", "pg", "--ttl", "6s")
     try:
         client, _ = start_slow_insert(gw, server)
         # No one does anything: the certificate runs out.

@@ -20,15 +20,10 @@ pgenv.need_postgres()
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("unix")
-    echo, cluster, server = pgenv.start(tmp)
-    cluster.add_user("sockuser", "pg,dev")
-    gw = Gateway(tmp, cluster, "sockuser")
-    assert gw.login().returncode == 0
-    yield gw
-    gw.stop()
-    server.stop()
-    cluster.stop()
-    echo.proc.stop()
+    with pgenv.running(tmp) as (cluster, _server):
+        gw = pgenv.user(tmp, cluster, "sockuser", "pg,dev")
+        yield gw
+        gw.stop()
 
 
 @pytest.fixture
