@@ -305,6 +305,9 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 # Each stream may cost the cluster an upstream descriptor.
                 audit = _DialAudit.of(request, TCP, client_addr)
                 audit.user = cluster.claimed_user(cert)
+                snap = cluster.fresh_snapshot()  # the resource's kind, for the record, if at hand
+                resource = snap.resources.get(request.resource) if snap is not None else None
+                audit.fields["kind"] = resource.kind if resource is not None else None
                 link.refuse(st, audit.limited(cluster, AtCapacity(
                     f"this connection has {per_connection} sessions open, the most one gateway connection "
                     f"may (the cluster's limits.streams_per_connection); close some and try again",
