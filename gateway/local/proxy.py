@@ -68,6 +68,7 @@ NEXT_STEP = {
     ErrorCode.USER_LOCKED: "ask a cluster administrator to unlock your user",
     ErrorCode.RESOURCE_NOT_FOUND: "`wicket ls` lists the resources you can reach",
     ErrorCode.UPSTREAM_UNREACHABLE: "the resource is down or unreachable from the cluster",
+    ErrorCode.RATE_LIMITED: None,  # the cluster's message names the limit and what to do
 }
 
 
