@@ -1,5 +1,6 @@
 """gateway.cluster.core: audit retention gives the store's thread back
-between batches. (Standing and cuts are in tests/unit/test_core.py.)"""
+between batches; the [limits] on sessions and the cut's interrupt.
+(Standing and which sessions a change cuts are in tests/unit/test_core.py.)"""
 
 from __future__ import annotations
 
