@@ -272,8 +272,8 @@ class SessionAuditor:
         self.portals: dict[str, tuple[str, int | None]] = {}
 
     def _emit(self, event: str, **fields: Any) -> None:
-        self.cluster.audit_soon(event, self.session.user, session_id=self.session.id,
-                                resource=self.session.resource, **fields)
+        self.cluster.audit_fields_soon(event, self.session.user, {
+            "session_id": self.session.id, "resource": self.session.resource, **fields})
 
     def from_client(self, data: bytes) -> None:
         self._feed(self.front, self._client_event, data, "client")
@@ -297,8 +297,11 @@ class SessionAuditor:
             raise trio.BrokenResourceError(f"unparseable PostgreSQL {side} stream: {exc.message}") from None
 
     def _client_event(self, e: object) -> None:
-        if isinstance(e, QueryEvent):
-            self._emit("pg.query", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256)
+        if type(e) is QueryEvent:  # once per statement: one dict, built here
+            session = self.session
+            self.cluster.audit_fields_soon("pg.query", session.user, {
+                "session_id": session.id, "resource": session.resource, "query": e.text,
+                "truncated": e.truncated, "length": e.length, "sha256": e.sha256})
         elif isinstance(e, ParseEvent):
             self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated, length=e.length,
                        sha256=e.sha256)

@@ -51,6 +51,7 @@ is skipped unread is not checked.
 from __future__ import annotations
 
 import enum
+from hashlib import sha256
 import struct
 from collections.abc import Callable
 from typing import Final, Literal, NoReturn, Union
@@ -423,6 +424,14 @@ class FrontendAuditor(_Auditor):
                               size=size)
 
         if frame.complete:
+            body = frame.body
+            nul = body.find(b"\x00")
+            if 0 <= nul == size - 1 and size <= self._max_text:
+                # The usual Query, whole and short (once per statement): the
+                # event straight from the bytes, the same as the general way.
+                raw = body[:nul]
+                return QueryEvent(text=raw.decode("utf-8", "replace"), truncated=False, length=nul,
+                                  sha256=sha256(raw).hexdigest(), size=size)
             r = _Fields(frame, "Query")
             raw, _ = r.cstring()
             r.end()
