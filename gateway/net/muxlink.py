@@ -89,9 +89,9 @@ from typing import Callable
 
 import trio
 
-from gateway.net.engine import (
-    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly,
-    reset_and_close, seal, watch_mask,
+from gateway.net.engine import PUMP_BUDGET, RelayEngine, Timer
+from gateway.net.ends import (
+    _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly, reset_and_close, seal, watch_mask,
 )
 from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, unread, written
 from gateway.net.tls import TLSStream

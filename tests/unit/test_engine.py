@@ -16,7 +16,8 @@ import time
 import pytest
 import trio
 
-from gateway.net.engine import _unacknowledged, engine
+from gateway.net.engine import engine
+from gateway.net.ends import _unacknowledged
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
@@ -546,7 +547,8 @@ def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
     # read must go on receiving (the kernel had more), not hand over that
     # small tail alone: on a bulk transfer that tail cost a second write to
     # the other socket and a trip through epoll for every read.
-    from gateway.net.engine import _CIPHER, _End
+    from gateway.net.engine import _CIPHER
+    from gateway.net.ends import _End
 
     client, server = tlsutil.memory_pair(pki)
     size = 256 * 1024

@@ -471,7 +471,7 @@ async def test_data_before_a_protocol_error_is_delivered_then_the_link_ends(pki)
 async def test_a_link_that_fails_while_delivering_reads_no_more(pki, monkeypatch):
     # The upstream's write fails, and so does the RESET that should tell
     # the gateway: the link is over, and must not touch its socket again.
-    from gateway.net.engine import _Failure
+    from gateway.net.ends import _Failure
     from protocols.mux import FrameType
 
     with trio.fail_after(HANG):
@@ -815,7 +815,7 @@ async def test_closing_the_link_cuts_its_streams_at_once(pki):
     # Our own close (the certificate's end, the process stopping) is a cut:
     # a stream's socket is reset at once, even with bytes still held for a
     # slow client, not drained as after the peer's abort.
-    from gateway.net.engine import _Draining
+    from gateway.net.draining import _Draining
 
     payload = random.Random(13).randbytes(1536 * 1024)
     async with linked(pki) as pair:
