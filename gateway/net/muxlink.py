@@ -687,82 +687,90 @@ class MuxLink:
             return
         if gathered_for is not None:  # every other event comes after that DATA
             self._deliver()
-        if isinstance(event, StreamWindow):
-            stream = self.streams.get(event.stream)
-            if stream is not None and stream.end is not None:
-                try:
-                    self._pump(stream)  # may read the socket's EOF: settle
-                    self._settle(stream)
-                except _Failure as exc:
-                    self._stream_failed(stream, exc)
-        elif isinstance(event, StreamFin):
-            stream = self.streams.get(event.stream)
-            if stream is None:
-                return
-            if stream.end is None:
-                stream.early_fin = True
-                return
-            stream.end.eof_wanted = True
+        _HANDLERS[type(event)](self, event)
+
+    # -- the other frames, one handler each (_HANDLERS) -----------------
+
+    def _on_window(self, event: StreamWindow) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is not None and stream.end is not None:
             try:
-                self._after_write(stream)
+                self._pump(stream)  # may read the socket's EOF: settle
                 self._settle(stream)
             except _Failure as exc:
                 self._stream_failed(stream, exc)
-        elif isinstance(event, StreamReset):
-            stream = self.streams.get(event.stream)
-            if stream is not None:
-                self._finish(stream, f"{self.name}: reset the stream: {event.reason}", reset=False)
-        elif isinstance(event, StreamOpened):
-            refusal = None
-            if self.on_open is None:
-                refusal = DialError(code=ErrorCode.BAD_REQUEST, message="this side does not accept streams")
-            elif len(self.streams) >= self.max_streams:
-                # Each stream costs the cluster a task and, once accepted,
-                # an upstream socket: a gateway cannot make it hold more.
-                refusal = DialError(
-                    code=ErrorCode.RATE_LIMITED,
-                    message=f"too many sessions on one connection (the limit is {self.max_streams}); "
-                            f"close some and try again",
-                )
-            if refusal is not None:
-                self._send(self.conn.send_reply(event.stream, refusal))
-                return
-            stream = Stream(event.stream, self.socket_name)
-            self.streams[event.stream] = stream
-            try:
-                self.on_open(self, stream, event.request)
-            except Exception:
-                log.exception("mux_on_open_failed link=%s", self.name)
-                self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR,
-                                              message="internal error in the cluster"))
-        elif isinstance(event, StreamReplied):
-            stream = self.streams.get(event.stream)
-            if stream is None:
-                return
-            stream.reply = event.reply
-            if stream.sent is not None:
-                self._unhold(stream, len(stream.sent))
-                stream.retry = stream.sent = None
-            if stream.timer is not None:
-                stream.timer.cancel()
-                stream.timer = None
-            if isinstance(event.reply, DialError):
-                self._finish(stream, event.reply.message, reset=False)
-            elif stream.control:  # the answer is all (see control)
-                self._finish(stream, None, reset=False)
-            elif stream.end is None:  # opened without a socket (open): reply() hears of it
-                if stream.done is not None:
-                    try:
-                        self.token.run_sync_soon(stream.done.set)
-                    except trio.RunFinishedError:
-                        pass
-            else:
-                # Its window may have been held at EARLY_DATA: read on now.
+
+    def _on_fin(self, event: StreamFin) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is None:
+            return
+        if stream.end is None:
+            stream.early_fin = True
+            return
+        stream.end.eof_wanted = True
+        try:
+            self._after_write(stream)
+            self._settle(stream)
+        except _Failure as exc:
+            self._stream_failed(stream, exc)
+
+    def _on_reset(self, event: StreamReset) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is not None:
+            self._finish(stream, f"{self.name}: reset the stream: {event.reason}", reset=False)
+
+    def _on_opened(self, event: StreamOpened) -> None:
+        refusal = None
+        if self.on_open is None:
+            refusal = DialError(code=ErrorCode.BAD_REQUEST, message="this side does not accept streams")
+        elif len(self.streams) >= self.max_streams:
+            # Each stream costs the cluster a task and, once accepted,
+            # an upstream socket: a gateway cannot make it hold more.
+            refusal = DialError(
+                code=ErrorCode.RATE_LIMITED,
+                message=f"too many sessions on one connection (the limit is {self.max_streams}); "
+                        f"close some and try again",
+            )
+        if refusal is not None:
+            self._send(self.conn.send_reply(event.stream, refusal))
+            return
+        stream = Stream(event.stream, self.socket_name)
+        self.streams[event.stream] = stream
+        try:
+            self.on_open(self, stream, event.request)
+        except Exception:
+            log.exception("mux_on_open_failed link=%s", self.name)
+            self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR,
+                                          message="internal error in the cluster"))
+
+    def _on_replied(self, event: StreamReplied) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is None:
+            return
+        stream.reply = event.reply
+        if stream.sent is not None:
+            self._unhold(stream, len(stream.sent))
+            stream.retry = stream.sent = None
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        if isinstance(event.reply, DialError):
+            self._finish(stream, event.reply.message, reset=False)
+        elif stream.control:  # the answer is all (see control)
+            self._finish(stream, None, reset=False)
+        elif stream.end is None:  # opened without a socket (open): reply() hears of it
+            if stream.done is not None:
                 try:
-                    self._pump(stream)
-                    self._settle(stream)
-                except _Failure as exc:
-                    self._stream_failed(stream, exc)
+                    self.token.run_sync_soon(stream.done.set)
+                except trio.RunFinishedError:
+                    pass
+        else:
+            # Its window may have been held at EARLY_DATA: read on now.
+            try:
+                self._pump(stream)
+                self._settle(stream)
+            except _Failure as exc:
+                self._stream_failed(stream, exc)
 
     def _stream_failed(self, stream: Stream, exc: _Failure) -> None:
         """One stream's socket failed: reset that stream. A failure of the
@@ -1202,6 +1210,17 @@ class MuxLink:
             self.token.run_sync_soon(self.closed.set)
         except trio.RunFinishedError:
             pass
+
+
+#: What MuxLink._dispatch does with each event but DATA (which it handles
+#: itself: it is most of them).
+_HANDLERS: dict[type, Callable[[MuxLink, object], None]] = {
+    StreamWindow: MuxLink._on_window,
+    StreamFin: MuxLink._on_fin,
+    StreamReset: MuxLink._on_reset,
+    StreamOpened: MuxLink._on_opened,
+    StreamReplied: MuxLink._on_replied,
+}
 
 
 def _close_notify_nowait(end: _End) -> None:

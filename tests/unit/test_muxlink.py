@@ -1146,3 +1146,13 @@ async def read_until_eof_or(stream, n: int) -> bytes:
             break
         data += chunk
     return bytes(data)
+
+
+def test_every_event_of_the_codec_has_a_handler():
+    # DATA is dispatched inline; each other frame type has its handler.
+    from typing import get_args
+
+    from gateway.net import muxlink
+    from protocols import mux
+
+    assert set(muxlink._HANDLERS) | {mux.StreamData} == set(get_args(mux.MuxEvent))
