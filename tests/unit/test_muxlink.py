@@ -15,7 +15,7 @@ import sys
 import pytest
 import trio
 
-from gateway.net import muxlink
+from gateway.net import muxlink, muxstreams
 from gateway.net.engine import engine
 from gateway.net.muxlink import LinkClosed, MuxLink
 from gateway.net.relay import RelayCounters
@@ -539,9 +539,9 @@ async def test_what_slow_upstreams_make_the_relay_hold_is_bounded(pki, monkeypat
     with trio.fail_after(HANG):
         raw = await RawGateway.open(pki, 3, sndbuf=4096)
         if limit == "LINK_HELD":
-            monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
+            monkeypatch.setattr(muxstreams, "LINK_HELD", 300 * 1024)
         else:
-            monkeypatch.setattr(muxlink, "HELD_LIMIT", held_before + 300 * 1024)
+            monkeypatch.setattr(muxstreams, "HELD_LIMIT", held_before + 300 * 1024)
         payload = random.Random(3).randbytes(200 * 1024)
         chunks = [payload[i:i + 20 * 1024] for i in range(0, len(payload), 20 * 1024)]
         wire = b"".join(b"".join(raw.gw.send_data(sid, c) for c in chunks) + raw.gw.send_fin(sid)
@@ -564,7 +564,7 @@ async def near_the_limit(pki, monkeypatch) -> RawGateway:
     """Two streams, LINK_HELD at 300 KiB, and the first one stuck holding
     about 280 KiB (its upstream does not read): 100 KiB more for the
     second would pass the limit."""
-    monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
+    monkeypatch.setattr(muxstreams, "LINK_HELD", 300 * 1024)
     raw = await RawGateway.open(pki, 2, sndbuf=4096)
     await raw.peer.send_all(raw.gw.send_data(raw.sids[0], b"s" * 280 * 1024))
     while raw.link.held < 200 * 1024:
@@ -609,7 +609,7 @@ async def test_making_room_on_a_connection_that_fails_ends_the_stream_cleanly(pk
 async def test_early_data_counts_against_what_the_relay_holds(pki, monkeypatch):
     from protocols.mux import EARLY_DATA, MuxConnection
 
-    monkeypatch.setattr(muxlink, "LINK_HELD", EARLY_DATA + EARLY_DATA // 2)
+    monkeypatch.setattr(muxstreams, "LINK_HELD", EARLY_DATA + EARLY_DATA // 2)
     held_before = engine().held
     peer, cl_tls = await tls_connection(pki)
     opened: list = []
@@ -679,7 +679,7 @@ def test_what_a_partial_sendmsg_left_is_copied_whole():
     pieces = [memoryview(b"abc"), memoryview(b""), memoryview(b"d"), memoryview(b"efgh")]
     whole = b"abcdefgh"
     for sent in range(len(whole) + 1):
-        assert muxlink._unsent(pieces, sent) == whole[sent:]
+        assert muxstreams._unsent(pieces, sent) == whole[sent:]
 
 
 @pytest.mark.skipif(tlsutil.OPENSSL is None, reason="needs the openssl command (requirements/apt.txt)")
