@@ -216,7 +216,10 @@ class FrameSplitter:
                  "_want", "_skip", "_sink", "_sink_end", "frames", "_plan")
 
     def __init__(self, layout: FrameLayout, *, keep: KeepPolicy | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, only: frozenset | None = None) -> None:
+        """``only``: the kinds ``keep`` is asked about; a frame of any other
+        kind is skipped unseen without asking (a server's rows, say: one
+        call fewer per message). None: ``keep`` is asked about every frame."""
         if max_length is None:
             max_length = layout.max_length
         if not layout.min_length <= max_length <= layout.max_length:
@@ -239,7 +242,7 @@ class FrameSplitter:
         # chunk a relay forwards, so its set-up is a per-message cost.
         self._plan = (layout.header.unpack_from, layout.header.size, layout.length_field,
                       layout.kind_field, layout.min_length, max_length,
-                      layout.uncounted - layout.header.size, layout.byteorder, self._keep)
+                      layout.uncounted - layout.header.size, layout.byteorder, self._keep, only)
 
     # -- a whole frame out of a buffer -----------------------------------------
 
@@ -278,7 +281,8 @@ class FrameSplitter:
         if type(data) is not bytes:
             data = memoryview(data).cast("B")
         # byteorder: for a three-byte length field (MySQL's).
-        unpack, header_size, length_field, kind_field, lowest, highest, to_body, byteorder, keep_of = self._plan
+        unpack, header_size, length_field, kind_field, lowest, highest, to_body, byteorder, keep_of, only = \
+            self._plan
         pos, end = 0, len(data)
         while pos < end:
             if self._skip:
@@ -317,7 +321,7 @@ class FrameSplitter:
             self.frames += 1
             body = length + to_body
             kind = None if kind_field is None else fields[kind_field]
-            keep = keep_of(kind, body)
+            keep = keep_of(kind, body) if only is None or kind in only else None
             if keep is None:  # skipped unseen, by its length
                 if end - pos >= body:
                     pos += body

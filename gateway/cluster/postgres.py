@@ -48,7 +48,7 @@ from gateway.net.tls import TLSStream
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.postgres import (
-    NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, ConnectionClosed, CopyDataEvent,
+    NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, CopyDataEvent,
     CopyDirection, CopyDoneEvent, CopyFailEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
     FunctionCallEvent, ParseEvent, QueryEvent, SSLRequest, StartupRelay, UpstreamLogin, UpstreamLoginError,
     parse_ssl_answer, replication_requested,
@@ -283,14 +283,14 @@ class SessionAuditor:
 
     def _feed(self, auditor, handler, data: bytes, side: str) -> None:
         """Give ``data`` (b"" at EOF) to ``auditor`` and handle every event
-        it completes."""
+        it completes (in the relay engine's thread, once per chunk)."""
         try:
             auditor.receive_data(data)
-            while True:
-                event = auditor.next_event()
-                if event is NEED_DATA or isinstance(event, ConnectionClosed):
-                    return
-                handler(event)
+            events = auditor.next_events()
+            while events:
+                for event in events:
+                    handler(event)
+                events = auditor.next_events()
         except ProtocolError as exc:
             # What we cannot parse we cannot audit: end the session.
             self._emit("pg.protocol_error", side=side, error=exc.message)

@@ -323,10 +323,11 @@ class _Auditor(StreamAuditor):
 
     _direction: CopyDirection
 
-    def __init__(self, *, max_text: int, max_message: int, max_length: int) -> None:
+    def __init__(self, *, max_text: int, max_message: int, max_length: int,
+                 only: frozenset | None = None) -> None:
         if max_text < 1 or max_message < 1:
             raise ValueError("max_text and max_message must be positive")
-        super().__init__(POSTGRES_MESSAGE, max_length=max_length)
+        super().__init__(POSTGRES_MESSAGE, max_length=max_length, only=only)
         self._max_text = max_text
         self._max_message = max_message
         self._prefix = max_text + _PREFIX_SLACK
@@ -633,8 +634,10 @@ class BackendAuditor(_Auditor):
     def __init__(self, *, max_text: int = DEFAULT_MAX_TEXT,
                  max_message: int = DEFAULT_MAX_MESSAGE, completions: bool = False,
                  max_length: int = MAX_MESSAGE_LENGTH) -> None:
-        super().__init__(max_text=max_text, max_message=max_message, max_length=max_length)
-        self._read = _BACKEND_READ | _COMPLETIONS if completions else _BACKEND_READ
+        read = _BACKEND_READ | _COMPLETIONS if completions else _BACKEND_READ
+        # Only these are looked at; the rest pass by their length unasked.
+        super().__init__(max_text=max_text, max_message=max_message, max_length=max_length, only=read)
+        self._read = read
 
     def next_event(self) -> BackendEvent | Literal[Signal.NEED_DATA]:
         """The next event, or NEED_DATA; after EOF, ConnectionClosed forever.
