@@ -11,7 +11,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from gateway.net.ends import _IN, _End, reset_and_close
+from gateway.net.ends import _IN, End, reset_and_close
 
 if TYPE_CHECKING:
     from gateway.net.engine import RelayEngine
@@ -38,11 +38,11 @@ class _Listener:
         self.engine = engine
         self.on_accept = on_accept
         sock.setblocking(False)
-        self.end = _End(sock, "listener", None, None)
+        self.end = End(sock, "listener", None, None)
         self.end.owner = self
         self.closed = False
 
-    def on_ready(self, end: _End, ev: int) -> None:
+    def on_ready(self, end: End, ev: int) -> None:
         accept = end.sock.accept
         for _ in range(ACCEPT_BATCH):
             try:
@@ -73,7 +73,7 @@ class _Listener:
 
     def close(self) -> None:
         """Stop accepting and close the socket (any thread)."""
-        with self.engine._lock:
+        with self.engine.lock:
             if self.closed:
                 return
             self.closed = True
@@ -88,11 +88,11 @@ class _Connecting:
     def __init__(self, engine: "RelayEngine", sock: socket.socket, done, timeout: float) -> None:
         self.engine = engine
         self.done = done
-        self.end = _End(sock, "connecting", None, None)
+        self.end = End(sock, "connecting", None, None)
         self.end.owner = self
         self.timer = engine.call_later(timeout, self._timed_out)
 
-    def on_ready(self, end: _End, ev: int) -> None:
+    def on_ready(self, end: End, ev: int) -> None:
         err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._end(None, os.strerror(err))
@@ -112,7 +112,7 @@ class _Connecting:
     def cancel(self, reason: str) -> None:
         """Give up now (any thread): ``done(None, reason)``, unless it is
         done already."""
-        with self.engine._lock:
+        with self.engine.lock:
             self._end(None, reason)
 
     def _end(self, sock: socket.socket | None, error: str | None) -> None:

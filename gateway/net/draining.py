@@ -8,7 +8,7 @@ import select
 import time
 from typing import TYPE_CHECKING, Callable
 
-from gateway.net.ends import _OUT, _WATCH, _End, _unacknowledged, reset_and_close
+from gateway.net.ends import _OUT, _WATCH, End, _unacknowledged, reset_and_close
 from gateway.net.tls import linger_reset
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class _Draining:
 
     __slots__ = ("engine", "end", "deadline", "timer", "delay", "held", "release")
 
-    def __init__(self, engine: "RelayEngine", end: "_End", held: int = 0,
+    def __init__(self, engine: "RelayEngine", end: "End", held: int = 0,
                  release: Callable[[int], None] | None = None) -> None:
         self.engine, self.end = engine, end
         self.held, self.release = held, release
@@ -50,13 +50,13 @@ class _Draining:
         linger_reset(end.sock)
         end.owner = self
         end.session = None
-        engine._ends[end.fd] = end
+        engine.ends[end.fd] = end
         # Errors and hang-ups reach on_ready whatever the mask: a peer that
         # fails meanwhile ends the wait.
         engine.set_mask(end, _OUT if end.tail is not None else _WATCH)
         self.timer = engine.call_later(self.delay, self._check)
 
-    def on_ready(self, end: "_End", ev: int) -> None:
+    def on_ready(self, end: "End", ev: int) -> None:
         if ev & select.EPOLLERR:
             self._reset()  # the peer is gone: nothing more will be delivered
             return

@@ -6,24 +6,24 @@ engine's (see :mod:`gateway.net.engine`, "TLS rules"); the two-socket relay
 (:mod:`gateway.net.pairs`) and the multiplexed connections
 (:mod:`gateway.net.muxlink`) share them. A mixin of
 :class:`~gateway.net.engine.RelayEngine`, whose scratch buffers and
-``_again`` list it uses."""
+``again`` list it uses."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 
-from gateway.net.ends import _TRUNCATED, _End, _Failure, _receive_failed, _ssl_text
+from gateway.net.ends import _TRUNCATED, End, Failure, _receive_failed, _ssl_text
 
 __all__ = ["EndIO"]
 
-_NOTHING = memoryview(b"")  # what _write_some returns when the kernel took everything
+_NOTHING = memoryview(b"")  # what write_some returns when the kernel took everything
 
 
 class EndIO:
     """The engine's reads and writes of single ends (see the module doc)."""
 
-    def read_into(self, src: _End, view: memoryview) -> int:
+    def read_into(self, src: End, view: memoryview) -> int:
         """:meth:`_read`, after the plaintext ``src`` holds in ``carry``
         (stashed before its close_notify went out): for an owner that needs
         the bytes in its own buffer (gateway/net/muxlink.py)."""
@@ -37,9 +37,9 @@ class EndIO:
             return n
         return self._read(src, view)
 
-    def _read(self, src: _End, view: memoryview) -> int:
+    def _read(self, src: End, view: memoryview) -> int:
         """Read plaintext from ``src`` into ``view``: the count, 0 for EOF,
-        -1 if it would block. Raises :class:`_Failure`."""
+        -1 if it would block. Raises :class:`Failure`."""
         if src.obj is None:
             try:
                 return src.sock.recv_into(view)
@@ -48,15 +48,15 @@ class EndIO:
             except OSError as exc:
                 src.failed = True
                 src.os_error = exc.errno
-                raise _Failure(f"{src.name}: receive failed: {exc.strerror or exc}") from None
-        return self._read_tls(src, view)
+                raise Failure(f"{src.name}: receive failed: {exc.strerror or exc}") from None
+        return self.read_tls(src, view)
 
-    def _read_tls(self, src: _End, view: memoryview) -> int:
+    def read_tls(self, src: End, view: memoryview) -> int:
         """:meth:`_read` for a TLS end. An error that came with data is
         reported by the next call, once that data is passed on."""
         if src.error_pending is not None:
             src.failed = True
-            raise _Failure(src.error_pending)
+            raise Failure(src.error_pending)
         if src.peer_closed:
             return 0
         ssl_obj, incoming = src.ssl, src.incoming
@@ -91,7 +91,7 @@ class EndIO:
                 # write_eof was fed and OpenSSL still wants data: unreachable
                 # in practice (it raises SSLEOFError), kept as a guard.
                 src.failed = True
-                raise _Failure(f"{src.name}: receive failed: {_TRUNCATED}")
+                raise Failure(f"{src.name}: receive failed: {_TRUNCATED}")
             try:
                 n = src.sock.recv_into(cipher)
             except BlockingIOError:
@@ -114,15 +114,15 @@ class EndIO:
             return total
         return 0 if src.peer_closed else -1
 
-    def _flush_protocol_output(self, end: _End) -> None:
+    def _flush_protocol_output(self, end: End) -> None:
         """Queue what OpenSSL wrote while reading (a KeyUpdate answer, an
         alert) for ``end``'s socket, after anything already queued."""
         data = end.outgoing.read()
         if not data or end.eof_sent:
             return  # nothing may follow our close_notify
-        self._write(end, memoryview(data), copy=False)
+        self.write(end, memoryview(data), copy=False)
 
-    def _write(self, dst: _End, data: memoryview | bytes, *, copy: bool) -> None:
+    def write(self, dst: End, data: memoryview | bytes, *, copy: bool) -> None:
         """Write ``data`` to ``dst`` after its tail; keep what the kernel
         does not take (a copy, when ``data`` is a scratch buffer)."""
         if dst.tail is not None:
@@ -130,16 +130,16 @@ class EndIO:
             dst.more_bytes += len(data)
             return
         try:
-            rest = self._write_some(dst, data)
+            rest = self.write_some(dst, data)
         except OSError as exc:
             dst.failed = True
             dst.os_error = exc.errno
-            raise _Failure(f"{dst.name}: send failed: {exc.strerror or exc}") from None
+            raise Failure(f"{dst.name}: send failed: {exc.strerror or exc}") from None
         if rest:
             dst.tail = memoryview(bytes(rest) if copy else rest)
 
     @staticmethod
-    def _write_some(end: _End, data: memoryview | bytes) -> memoryview | bytes:
+    def write_some(end: End, data: memoryview | bytes) -> memoryview | bytes:
         """Send as much of ``data`` as the kernel takes; the rest (empty if
         it took everything, as it nearly always does: one call then)."""
         send = end.sock.send
@@ -152,13 +152,13 @@ class EndIO:
             return data
         return _NOTHING
 
-    def drain(self, end: _End) -> int:
+    def drain(self, end: End) -> int:
         """Write ``end``'s tail, then what is queued behind it, as far as the
         kernel takes it; return how many bytes went. Raises ``OSError``."""
         written = 0
         while end.tail is not None:
             before = len(end.tail)
-            rest = self._write_some(end, end.tail)
+            rest = self.write_some(end, end.tail)
             written += before - len(rest)
             if rest:
                 end.tail = rest
@@ -171,11 +171,11 @@ class EndIO:
         return written
 
     @staticmethod
-    def backlog(end: _End) -> int:
+    def backlog(end: End) -> int:
         """Bytes waiting for ``end``'s socket."""
         return 0 if end.tail is None else len(end.tail) + end.more_bytes
 
-    def _send_eof(self, end: _End) -> None:
+    def send_eof(self, end: End) -> None:
         """The direction into ``end`` is over: close_notify (TLS) and FIN,
         after anything still queued for it."""
         if end.eof_sent:
@@ -189,16 +189,16 @@ class EndIO:
             except ssl.SSLError as exc:
                 if not end.peer_closed:
                     end.failed = True
-                    raise _Failure(f"{end.name}: send_eof failed: TLS error: {_ssl_text(exc)}") from None
+                    raise Failure(f"{end.name}: send_eof failed: TLS error: {_ssl_text(exc)}") from None
             data = end.outgoing.read()
             if data:
                 try:
-                    rest = self._write_some(end, memoryview(data))
+                    rest = self.write_some(end, memoryview(data))
                 except OSError as exc:
                     rest = None
                     if not end.peer_closed:
                         end.failed = True
-                        raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
+                        raise Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
                 if rest:
                     end.tail = rest  # flushed on EPOLLOUT, then shut down
                     end.eof_wanted = True
@@ -213,9 +213,9 @@ class EndIO:
             # sent may not have been read: an abort, not an end.
             if not end.peer_closed:
                 end.failed = True
-                raise _Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
+                raise Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
 
-    def _stash(self, end: _End) -> None:
+    def _stash(self, end: End) -> None:
         """Decrypt every complete record waiting in ``end``'s incoming BIO
         into ``end.carry`` (``unwrap`` would fail on them)."""
         obj, incoming = end.obj, end.incoming
@@ -237,4 +237,4 @@ class EndIO:
             end.error_pending = f"{end.name}: receive failed: TLS error: {_ssl_text(exc)}"
         if end.carry:
             # That plaintext goes to the other side as soon as it can take it.
-            self._again.append(end)
+            self.again.append(end)

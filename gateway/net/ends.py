@@ -1,4 +1,4 @@
-"""One side of a relayed session (:class:`_End`): a non-blocking socket,
+"""One side of a relayed session (:class:`End`): a non-blocking socket,
 its TLS state if it speaks TLS, and what waits to be written to it; with
 the few operations on an end alone that every owner shares: sealing
 records (:func:`seal`, a key update first when one is due), the epoll
@@ -77,7 +77,7 @@ class _Cut(Exception):
     sides are reset at once, with this message."""
 
 
-class _Failure(Exception):
+class Failure(Exception):
     """One side's operation failed; ends the session with this message."""
 
 
@@ -85,7 +85,7 @@ def _ssl_text(exc: ssl.SSLError) -> str:
     return exc.reason or str(exc)
 
 
-class _End:
+class End:
     """One side of a session: a non-blocking socket, TLS state if any, and
     what is waiting to be written to it."""
 
@@ -102,13 +102,13 @@ class _End:
         self.fd = sock.fileno()
         self.name = name
         # ``tls``: (SSLObject, incoming BIO, outgoing BIO[, records written
-        # under the current key so far]), as _detach hands it over.
+        # under the current key so far]), as detach hands it over.
         self.obj, self.incoming, self.outgoing, *written = tls if tls is not None else (None, None, None)
         # The C object behind the SSLObject: its read, write and pending are
         # the same calls without a Python frame around each (they are on
         # every message's path). ``obj`` itself if that ever moves.
         self.ssl = getattr(self.obj, "_sslobj", self.obj)
-        self.peer: _End | None = None
+        self.peer: End | None = None
         self.session: _Session | None = None
         self.tap = tap
         self.forward = True  # data read here counts as a_to_b
@@ -152,7 +152,7 @@ def eligible(stream: object) -> bool:
     return type(stream) is trio.SocketStream and stream.socket.fileno() >= 0
 
 
-def _detach(stream) -> tuple[socket.socket, tuple | None]:
+def detach(stream) -> tuple[socket.socket, tuple | None]:
     if isinstance(stream, TLSStream):
         fd, tls = stream.detach()
         tls = (*tls, stream.records)  # the count goes on (gateway/net/tlskeys.py)
@@ -163,38 +163,38 @@ def _detach(stream) -> tuple[socket.socket, tuple | None]:
     return sock, tls
 
 
-def seal(end: _End, data) -> bytes:
+def seal(end: End, data) -> bytes:
     """Encrypt ``data`` for the TLS ``end``: the records to write to its
-    socket (a key update first when one is due). Raises :class:`_Failure`."""
+    socket (a key update first when one is due). Raises :class:`Failure`."""
     if end.records >= end.rekey_at:
         rekey(end)  # right before a write, which sends the KeyUpdate: see tlskeys.rekey
     try:
         end.ssl.write(data)
     except ssl.SSLError as exc:
         end.failed = True
-        raise _Failure(f"{end.name}: send failed: TLS error: {_ssl_text(exc)}") from None
+        raise Failure(f"{end.name}: send failed: TLS error: {_ssl_text(exc)}") from None
     end.records += (len(data) >> end.shift) + 1  # tlskeys.records, inline: every message pays it
     return end.outgoing.read()
 
 
-def rekey(end: _End) -> None:
-    """:func:`tlskeys.rekey` for an end; raises :class:`_Failure`."""
+def rekey(end: End) -> None:
+    """:func:`tlskeys.rekey` for an end; raises :class:`Failure`."""
     try:
         tlskeys.rekey(end, end.obj, end.name)
     except tlskeys.KeysWornOut as exc:
         end.failed = True
-        raise _Failure(str(exc)) from None
+        raise Failure(str(exc)) from None
 
 
-def watch_mask(end: _End) -> int:
+def watch_mask(end: End) -> int:
     """The interest for an end that wants neither to read nor to write:
     ``_WATCH`` if it sent its EOF and we still owe it ours, else none."""
     return _WATCH if end.in_done and not end.eof_sent and end.tail is None and not end.failed else 0
 
 
-def _failed_quietly(end: _End, ev: int) -> None:
+def failed_quietly(end: End, ev: int) -> None:
     """An error or hang-up on an end we only watch (``_WATCH``): raise
-    :class:`_Failure` with what the socket says (keepalive's "Connection
+    :class:`Failure` with what the socket says (keepalive's "Connection
     timed out", a reset). Ends with any other interest meet their errors
     in their reads and writes."""
     if ev & _ALWAYS and end.mask == _WATCH:
@@ -204,14 +204,14 @@ def _failed_quietly(end: _End, ev: int) -> None:
             code = exc.errno or 0
         end.failed = True
         end.os_error = code or None
-        raise _Failure(f"{end.name}: connection failed: {os.strerror(code) if code else 'closed by the peer'}")
+        raise Failure(f"{end.name}: connection failed: {os.strerror(code) if code else 'closed by the peer'}")
 
 
-def _receive_failed(src: _End, error: str, got: int) -> None:
+def _receive_failed(src: End, error: str, got: int) -> None:
     """A read of ``src`` failed after ``got`` bytes of plaintext: with none,
-    raise :class:`_Failure` now; else the error waits in ``error_pending``
+    raise :class:`Failure` now; else the error waits in ``error_pending``
     for the next read, so the bytes that came before it are passed on."""
     if not got:
         src.failed = True
-        raise _Failure(error) from None  # the text says it all; no chained traceback
+        raise Failure(error) from None  # the text says it all; no chained traceback
     src.error_pending = error

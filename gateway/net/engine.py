@@ -19,9 +19,9 @@ state machine. No task, no buffer and no wake-up belongs to an idle
 session: its cost is two sockets, two small objects and, for TLS, OpenSSL's
 own state. Reads go into two scratch buffers shared by all sessions (they
 never hold data between events); only bytes a slow receiver has not taken
-yet are kept, per side, in ``_End.tail``.
+yet are kept, per side, in ``End.tail``.
 
-One side, ``_End``, is a socket plus, when it speaks TLS, its SSLObject. The
+One side, ``End``, is a socket plus, when it speaks TLS, its SSLObject. The
 direction *from* an end to its peer is pumped by :meth:`RelayEngine._pump`:
 
 1. plaintext the end produced earlier but could not deliver (``carry``)
@@ -46,7 +46,7 @@ neither is removed from the set, because epoll reports a hang-up whatever
 the mask, and a level-triggered hang-up nobody consumes would spin; except
 an end that sent its EOF while we still owe it data or ours, which stays
 registered for errors only (``_WATCH``), so that a peer that vanished
-meanwhile ends the session (:func:`_failed_quietly` consumes the event).
+meanwhile ends the session (:func:`failed_quietly` consumes the event).
 
 TLS rules kept from :mod:`gateway.net.tls`:
 - Reading can make OpenSSL write (a KeyUpdate answer, an alert): after every
@@ -109,7 +109,7 @@ set, the lock, timers (:meth:`RelayEngine.call_later`), the dispatch of
 events to an end's owner or its two-socket session, and aborts. The rest,
 one job a module:
 
-- :mod:`gateway.net.ends`: an end (``_End``), sealing records for it, the
+- :mod:`gateway.net.ends`: an end (``End``), sealing records for it, the
   epoll masks, how an operation on an end fails;
 - :mod:`gateway.net.endio`: reading an end (the TLS pump), writing to it
   (tails), draining it, its EOF (mixed into :class:`RelayEngine`);
@@ -119,6 +119,18 @@ one job a module:
 - :mod:`gateway.net.draining`: a socket's drain before its reset, after
   the other side aborted;
 - :mod:`gateway.net.muxlink`: a multiplexed connection as an owner of ends.
+
+The owner interface. An end whose ``owner`` is set (a link, a listener, a
+connect, a drain) gets its events in ``owner.on_ready(end, ev)``, in the
+engine's thread under ``lock``. Owners use the engine through public names
+only: ``lock`` (re-entrant; trio's thread takes it too), ``ends`` (an end
+is registered as ``ends[end.fd] = end``), ``again`` (ends to serve on the
+next turn without an event) and :meth:`wake`, :meth:`set_mask`,
+:meth:`forget`, :meth:`abort`, :meth:`call_later`; reading with
+:meth:`read_into` / :meth:`read_tls`, writing with :meth:`write`,
+:meth:`write_some`, :meth:`drain`, :meth:`backlog` and :meth:`send_eof`;
+and two scratch buffers, ``framed`` (a read with room for a frame header in
+front) and ``link_plain`` (a link's plaintext, parsed in place).
 """
 
 from __future__ import annotations
@@ -141,7 +153,7 @@ from gateway.net.acceptor import _Connecting, _Listener
 from gateway.net.draining import ABORT_DRAIN, _Draining
 from gateway.net.endio import EndIO
 from gateway.net.ends import (
-    _ALWAYS, _IN, _OUT, _Cut, _End, _Failure, _failed_quietly, _unacknowledged, eligible, reset_and_close,
+    _ALWAYS, _IN, _OUT, _Cut, End, Failure, failed_quietly, _unacknowledged, eligible, reset_and_close,
     seal,
 )
 from gateway.net.pairs import PUMP_BUDGET, PairRelay
@@ -183,15 +195,15 @@ class RelayEngine(PairRelay, EndIO):
     """See the module docstring. Use :func:`engine` for the process's one."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._epoll = select.epoll()
         self._timers: list[tuple[float, int, Timer]] = []  # a heap
         self._cancelled_timers = 0  # cancelled ones still in the heap
         self._timer_seq = itertools.count()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
-        self._ends: dict[int, _End] = {}
-        self._again: list[_End] = []  # directions to pump without an event
+        self.ends: dict[int, End] = {}
+        self.again: list[End] = []  # directions to pump without an event
         self._ended_since_trim = 0
         # Bytes the multiplexed connections hold for slow stream sockets
         # (gateway/net/muxlink.py, HELD_LIMIT), under the lock.
@@ -200,9 +212,9 @@ class RelayEngine(PairRelay, EndIO):
         self._cipher = memoryview(bytearray(_CIPHER))
         # The multiplexed connections' plaintext, parsed in place
         # (MuxLink._on_link is the only reader; it never nests).
-        self._link_plain = memoryview(bytearray(_READ))
+        self.link_plain = memoryview(bytearray(_READ))
         # A read with room in front for a frame header (gateway/net/muxlink.py).
-        self._framed = memoryview(bytearray(FRAME_HEADROOM + _READ))
+        self.framed = memoryview(bytearray(FRAME_HEADROOM + _READ))
         # Another thread running Python (trio's, a store worker encoding a
         # batch of audit events) keeps the GIL until it blocks or for the
         # switch interval, 5 ms by default: a relayed byte would wait that
@@ -212,14 +224,14 @@ class RelayEngine(PairRelay, EndIO):
         self._thread.start()
 
     def wake(self) -> None:
-        """Make the engine's thread look at ``_again`` now."""
+        """Make the engine's thread look at ``again`` now."""
         os.eventfd_write(self._wake_fd, 1)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
         """Run ``fn`` in the engine's thread, under the lock, after
         ``delay`` seconds (any thread may call this)."""
         timer = Timer(fn, self)
-        with self._lock:
+        with self.lock:
             timers = self._timers
             if self._cancelled_timers > max(1024, len(timers) // 2):
                 # Cancelled timers wait in the heap until their deadline (a
@@ -239,8 +251,8 @@ class RelayEngine(PairRelay, EndIO):
         new connection (non-blocking) goes to ``on_accept(sock, address)``,
         called under the lock. ``close()`` the result to stop."""
         listener = _Listener(self, sock, on_accept)
-        with self._lock:
-            self._ends[listener.end.fd] = listener.end
+        with self.lock:
+            self.ends[listener.end.fd] = listener.end
             self.set_mask(listener.end, _IN)
         return listener
 
@@ -282,9 +294,9 @@ class RelayEngine(PairRelay, EndIO):
             except Exception:
                 log.exception("connect_callback_failed action=report this as a bug with the traceback")
             return None
-        with self._lock:
+        with self.lock:
             connecting = _Connecting(self, sock, done, timeout)
-            self._ends[connecting.end.fd] = connecting.end
+            self.ends[connecting.end.fd] = connecting.end
             # Also when connect_ex already succeeded: EPOLLOUT comes at once.
             self.set_mask(connecting.end, _OUT)
         return connecting
@@ -295,13 +307,13 @@ class RelayEngine(PairRelay, EndIO):
     def _run(self) -> None:
         _name_thread(b"wicket-relay")
         poll = self._epoll.poll
-        ends = self._ends
+        ends = self.ends
         wake_fd = self._wake_fd
         timers = self._timers
         timeout = -1
         while True:
             events = poll(timeout, _MAX_EVENTS)
-            with self._lock:
+            with self.lock:
                 if timers and timers[0][0] <= time.monotonic():
                     self._run_timers()
                 for fd, ev in events:
@@ -313,8 +325,8 @@ class RelayEngine(PairRelay, EndIO):
                             os.eventfd_read(wake_fd)
                         except BlockingIOError:
                             pass
-                if self._again:
-                    again, self._again = self._again, []
+                if self.again:
+                    again, self.again = self.again, []
                     for end in again:
                         self._guarded(end, _IN)
                 if self._ended_since_trim >= TRIM_AFTER and self._ended_since_trim >= len(ends) // 2:
@@ -322,7 +334,7 @@ class RelayEngine(PairRelay, EndIO):
                     _trim_heap()
                 # The next poll's timeout, decided under the lock: another
                 # thread adding work or an earlier timer wakes us anyway.
-                if self._again:
+                if self.again:
                     timeout = 0
                 elif timers:
                     self._drop_cancelled()
@@ -354,7 +366,7 @@ class RelayEngine(PairRelay, EndIO):
             except Exception:
                 log.exception("relay_engine_timer_failed")
 
-    def _guarded(self, end: _End, ev: int) -> None:
+    def _guarded(self, end: End, ev: int) -> None:
         if end.owner is not None:
             try:
                 end.owner.on_ready(end, ev)
@@ -370,7 +382,7 @@ class RelayEngine(PairRelay, EndIO):
             if ev == _IN and end.mask == _IN and end.tail is None:
                 # The usual event: bytes to read, nothing queued here, and
                 # epoll set to wait for more (not so for a direction pumped
-                # from ``_again`` before it was first registered). A pump
+                # from ``again`` before it was first registered). A pump
                 # that only emptied the socket changed nothing _update looks
                 # at, on either end.
                 if self._pump(end):
@@ -380,10 +392,10 @@ class RelayEngine(PairRelay, EndIO):
                     self._flush(end)
                 if ev & (_IN | _ALWAYS):
                     self._pump(end)
-                _failed_quietly(end, ev)
+                failed_quietly(end, ev)
             self._update(end)
             self._update(peer)
-        except _Failure as exc:
+        except Failure as exc:
             self._finish(session, str(exc), drain=True)
         except _Cut as exc:
             self._finish(session, str(exc))
@@ -392,7 +404,7 @@ class RelayEngine(PairRelay, EndIO):
             self._finish(session, f"internal error in the relay engine: {exc!r}")
 
 
-    def set_mask(self, end: _End, mask: int) -> None:
+    def set_mask(self, end: End, mask: int) -> None:
         """Register ``end`` in the epoll set for ``mask`` (0: not at all)."""
         if mask == end.mask and end.registered == bool(mask):
             return
@@ -407,11 +419,11 @@ class RelayEngine(PairRelay, EndIO):
             end.registered = True
         end.mask = mask
 
-    def forget(self, end: _End) -> None:
+    def forget(self, end: End) -> None:
         """Drop ``end`` from the tables and the epoll set (not closing it);
         counted towards the next heap trim."""
-        if self._ends.get(end.fd) is end:
-            del self._ends[end.fd]
+        if self.ends.get(end.fd) is end:
+            del self.ends[end.fd]
         if end.registered:
             try:
                 self._epoll.unregister(end.fd)
@@ -420,7 +432,7 @@ class RelayEngine(PairRelay, EndIO):
             end.registered = False
         self._ended_since_trim += 1
 
-    def abort(self, end: _End, *, drain: bool, held: int = 0,
+    def abort(self, end: End, *, drain: bool, held: int = 0,
               release: Callable[[int], None] | None = None) -> bool:
         """Reset ``end``'s connection (already forgotten by its owner), at
         once, or with ``drain`` once what is queued for it has reached its

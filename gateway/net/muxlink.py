@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 :mod:`protocols.mux` says what goes on the wire; this module moves it. A
-:class:`MuxLink` owns one TLS connection (an engine ``_End`` whose
+:class:`MuxLink` owns one TLS connection (an engine ``End`` whose
 ``owner`` is the link) and, per session, a :class:`Stream` bound to a plain
 socket (the client's on the gateway, the upstream's on the cluster; another
-``_End`` owned by the link). The engine's thread calls :meth:`MuxLink.on_ready`
+``End`` owned by the link). The engine's thread calls :meth:`MuxLink.on_ready`
 for all of them, under the engine's lock; trio's thread calls the other
 public methods, which take the same lock.
 
@@ -62,7 +62,7 @@ thread (the engine's lock is re-entrant).
 A stream's socket may speak TLS (a PostgreSQL server with ``tls =
 require``, a client of ``--local-tls``): its end then carries the
 SSLObject, and the link reads and writes plaintext through the engine's
-TLS code (``read_into``, ``seal``, ``_send_eof``), the same that serves the
+TLS code (``read_into``, ``seal``, ``send_eof``), the same that serves the
 link's own connection. What the kernel does not take of the records is the
 tail, held as ciphertext; its plaintext is acknowledged once it drained.
 Taps (the cluster's audit parsers; the gateway's look at a PostgreSQL
@@ -96,7 +96,7 @@ import trio
 
 from gateway.net.engine import PUMP_BUDGET, RelayEngine
 from gateway.net.ends import (
-    _ALWAYS, _End, _Failure, _IN, _OUT, _detach, reset_and_close, seal, watch_mask,
+    _ALWAYS, End, Failure, _IN, _OUT, detach, reset_and_close, seal, watch_mask,
 )
 from gateway.net.muxstreams import Stream, StreamIO
 from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, unread, written
@@ -160,13 +160,13 @@ class MuxLink(StreamIO):
         self.gateway = role is Role.GATEWAY
         # Where _pump reads a stream's bytes: right behind room for a DATA
         # header in the engine's buffer, so a frame is sent without a copy.
-        self.payload = engine._framed[_HEADER_SIZE:]
+        self.payload = engine.framed[_HEADER_SIZE:]
         self.room = min(MAX_DATA, len(self.payload))
         self.name = name
         self.socket_name = socket_name
         self.conn = MuxConnection(role)
         self.streams: dict[int, Stream] = {}
-        self.blocked: dict[_End, None] = {}  # an ordered set
+        self.blocked: dict[End, None] = {}  # an ordered set
         # DATA received for one stream in this pass over the connection's
         # bytes, not written yet: written with one system call (a read of
         # the connection usually holds the end of one frame and the start
@@ -180,15 +180,15 @@ class MuxLink(StreamIO):
         self.failed: str | None = None
         self.held = 0  # over this link's streams (see LINK_HELD)
         self.closed = trio.Event()
-        sock, tls_state = _detach(tls)
+        sock, tls_state = detach(tls)
         # A peer that vanished must end the link, not leave it open forever
         # (gateway/net/tcp.py): the cluster would keep every session on it.
         keep_alive(sock, user_timeout=LINK_USER_TIMEOUT)
-        self.end = _End(sock, name, tls_state, None)
+        self.end = End(sock, name, tls_state, None)
         self.end.owner = self
-        with engine._lock:
-            engine._ends[self.end.fd] = self.end
-            engine._again.append(self.end)  # bytes may already wait inside the TLS object
+        with engine.lock:
+            engine.ends[self.end.fd] = self.end
+            engine.again.append(self.end)  # bytes may already wait inside the TLS object
         engine.wake()
 
     # ------------------------------------------------------------------
@@ -216,7 +216,7 @@ class MuxLink(StreamIO):
         a session started with ``early`` is not started again."""
         if retry is not None and (early or early_fin):
             raise ValueError("pass retry or early, not both: a session is started again once at most")
-        with self.engine._lock:
+        with self.engine.lock:
             stream = self._open(request, notify, reply_timeout, context, retry)
             sid = stream.sid
             self._bind(stream, sock, counters)
@@ -237,7 +237,7 @@ class MuxLink(StreamIO):
         cluster's first bytes wait until then), or turn the client away in
         its own protocol. ``retry(None, b"", False, reason)``: as for
         :meth:`start`. Raises :class:`LinkClosed`."""
-        with self.engine._lock:
+        with self.engine.lock:
             stream = self._open(request, None, reply_timeout, context, retry)
             stream.done = trio.Event()
         return stream
@@ -262,8 +262,8 @@ class MuxLink(StreamIO):
         :meth:`wait`. ``tap_in`` sees every chunk of the cluster's bytes
         before the client does. False if the stream ended meanwhile (the
         socket is reset then)."""
-        sock, tls = _detach(client)
-        with self.engine._lock:
+        sock, tls = detach(client)
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 reset_and_close(sock)
                 return False
@@ -315,8 +315,8 @@ class MuxLink(StreamIO):
         stream or the link ended meanwhile (``sock`` is reset then).
         Without ``sock`` (an upstream that already said no and left:
         ``first`` is its answer) the stream ends after ``first`` and FIN."""
-        raw, tls = (sock, None) if sock is None or isinstance(sock, socket.socket) else _detach(sock)
-        with self.engine._lock:
+        raw, tls = (sock, None) if sock is None or isinstance(sock, socket.socket) else detach(sock)
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 if raw is not None:
                     reset_and_close(raw)  # the session was cut while it connected
@@ -344,7 +344,7 @@ class MuxLink(StreamIO):
         self._bind(stream, raw, counters, tls, tap)
         if tls is not None:
             # Bytes may already wait inside the TLS object, not in the kernel.
-            self.engine._again.append(stream.end)
+            self.engine.again.append(stream.end)
             self.engine.wake()
         if stream.early:
             data, stream.early = memoryview(stream.early), None
@@ -356,7 +356,7 @@ class MuxLink(StreamIO):
 
     def refuse(self, stream: Stream, error: DialError) -> None:
         """(cluster) Turn the OPEN down."""
-        with self.engine._lock:
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 return
             self._send_guarded(self.conn.send_reply(stream.sid, error))
@@ -369,7 +369,7 @@ class MuxLink(StreamIO):
         if isinstance(reply, DialError):
             self.refuse(stream, reply)
             return
-        with self.engine._lock:
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 return
             self._send_guarded(self.conn.send_reply(stream.sid, reply))
@@ -388,7 +388,7 @@ class MuxLink(StreamIO):
         seconds)."""
         if after is not None:
             await self._read_up(after, min(timeout, CONTROL_DRAIN_LIMIT))
-        with self.engine._lock:
+        with self.engine.lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
             if after is not None and not after.finished and after.end is not None:
@@ -402,7 +402,7 @@ class MuxLink(StreamIO):
         try:
             await stream.done.wait()
         finally:
-            with self.engine._lock:
+            with self.engine.lock:
                 self._finish(stream, "cancelled", reset=True)  # nothing if it is over
         if stream.reply is None:
             raise LinkClosed(stream.error or self.failed or "the stream ended without an answer")
@@ -417,7 +417,7 @@ class MuxLink(StreamIO):
         quiet = False  # the queue was empty at the last look
         with trio.move_on_after(limit):
             while True:
-                with self.engine._lock:
+                with self.engine.lock:
                     end = stream.end
                     if stream.finished or end is None or end.in_done or self.failed is not None:
                         return
@@ -444,7 +444,7 @@ class MuxLink(StreamIO):
     async def wait(self, stream: Stream) -> str | None:
         """Until the stream is over: its error, or None. If cancelled, the
         stream is reset (the other side learns why) and closed at once."""
-        with self.engine._lock:
+        with self.engine.lock:
             if stream.done is None and not stream.finished:
                 stream.done = trio.Event()
         try:
@@ -453,7 +453,7 @@ class MuxLink(StreamIO):
             else:
                 await stream.done.wait()
         except BaseException:
-            with self.engine._lock:
+            with self.engine.lock:
                 if not stream.finished:
                     self._finish(stream, "cancelled", reset=True)
             raise
@@ -461,13 +461,13 @@ class MuxLink(StreamIO):
 
     def cut(self, stream: Stream, reason: str) -> None:
         """End a stream now (both ways), telling the other side why."""
-        with self.engine._lock:
+        with self.engine.lock:
             self._finish(stream, reason, reset=True)
 
     def close(self, reason: str) -> None:
         """End the link and every stream on it: a cut, so every stream's
         socket is reset at once."""
-        with self.engine._lock:
+        with self.engine.lock:
             self._fail(reason, drain=False)
 
     def __len__(self) -> int:
@@ -481,12 +481,12 @@ class MuxLink(StreamIO):
 
     def _bind(self, stream: Stream, raw: socket.socket, counters, tls: tuple | None = None,
               tap: Callable[[bytes], None] | None = None) -> None:
-        end = _End(raw, stream.name, tls, tap)
+        end = End(raw, stream.name, tls, tap)
         end.owner = self
         end.session = stream  # for the owner: which stream this socket is
         stream.end = end
         stream.counters = counters
-        self.engine._ends[end.fd] = end
+        self.engine.ends[end.fd] = end
         # Registered from this thread (epoll is thread-safe): the engine
         # sees whatever the socket already holds without being woken.
         self._update(end)
@@ -494,27 +494,27 @@ class MuxLink(StreamIO):
     def _send_guarded(self, frame: bytes) -> None:
         try:
             self._send(frame)
-        except _Failure as exc:
+        except Failure as exc:
             self._fail(str(exc))
 
-    def _run_guarded(self, end: _End, action) -> None:
+    def _run_guarded(self, end: End, action) -> None:
         stream = end.session
         try:
             action()
             self._settle(stream)
-        except _Failure as exc:
+        except Failure as exc:
             self._failure(end, exc)
 
     # ------------------------------------------------------------------
     # The engine's thread (or trio's, holding the lock).
 
-    def on_ready(self, end: _End, ev: int) -> None:
+    def on_ready(self, end: End, ev: int) -> None:
         try:
             if end is self.end:
                 self._on_link(ev)
             elif end.session is not None:
                 self._on_stream(end.session, ev)
-        except _Failure as exc:
+        except Failure as exc:
             self._failure(end, exc)
         except RemoteProtocolError as exc:
             self._fail(f"{self.name}: broke the multiplexing protocol: {exc}")
@@ -522,7 +522,7 @@ class MuxLink(StreamIO):
             log.exception("mux_link_error link=%s", self.name)
             self._fail(f"internal error in the relay engine: {exc!r}", drain=False)
 
-    def _failure(self, end: _End, exc: _Failure) -> None:
+    def _failure(self, end: End, exc: Failure) -> None:
         if end is self.end or self.end.failed:
             self._fail(str(exc))
         elif end.session is not None:
@@ -539,9 +539,9 @@ class MuxLink(StreamIO):
             except OSError as exc:
                 end.failed = True
                 end.os_error = exc.errno
-                raise _Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
+                raise Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
             if end.tail is None and self.blocked:
-                engine._again.extend(self.blocked)
+                engine.again.extend(self.blocked)
                 self.blocked.clear()
             if engine.backlog(end) < LINK_BACKLOG:
                 ev |= _IN  # reading may have been held back: catch up now
@@ -550,7 +550,7 @@ class MuxLink(StreamIO):
             # there without a copy (borrowed): whatever is still needed is
             # written or copied before the next read, and ``release`` keeps
             # what is not parsed yet.
-            plain = engine._link_plain
+            plain = engine.link_plain
             budget = PUMP_BUDGET
             conn = self.conn
             last = False
@@ -591,15 +591,15 @@ class MuxLink(StreamIO):
                                 return
                         conn.release()
                     parse = True
-                    n = engine._read_tls(end, plain)  # reports a TLS error that came with data
+                    n = engine.read_tls(end, plain)  # reports a TLS error that came with data
                     if n < 0:
                         break
                     if n == 0:
-                        raise _Failure(f"{self.name}: closed the multiplexed connection")
+                        raise Failure(f"{self.name}: closed the multiplexed connection")
                     conn.receive_data(plain[:n], borrowed=True)
                     budget -= n
                     if budget <= 0:
-                        engine._again.append(end)
+                        engine.again.append(end)
                         last = True
                     elif n < len(plain) and end.error_pending is None and not end.peer_closed:
                         last = True  # the kernel is empty: dispatch this, then wait for epoll
@@ -624,7 +624,7 @@ class MuxLink(StreamIO):
             if stream.end is None:  # sent ahead of our accept (cluster)
                 try:
                     self._hold(stream, len(event.data))
-                except _Failure as exc:
+                except Failure as exc:
                     self._finish(stream, str(exc), reset=True)
                     return
                 if stream.finished:  # making room ended the link, and this stream with it
@@ -648,7 +648,7 @@ class MuxLink(StreamIO):
             try:
                 self._pump(stream)  # may read the socket's EOF: settle
                 self._settle(stream)
-            except _Failure as exc:
+            except Failure as exc:
                 self._stream_failed(stream, exc)
 
     def _on_fin(self, event: StreamFin) -> None:
@@ -662,7 +662,7 @@ class MuxLink(StreamIO):
         try:
             self._after_write(stream)
             self._settle(stream)
-        except _Failure as exc:
+        except Failure as exc:
             self._stream_failed(stream, exc)
 
     def _on_reset(self, event: StreamReset) -> None:
@@ -720,10 +720,10 @@ class MuxLink(StreamIO):
             try:
                 self._pump(stream)
                 self._settle(stream)
-            except _Failure as exc:
+            except Failure as exc:
                 self._stream_failed(stream, exc)
 
-    def _stream_failed(self, stream: Stream, exc: _Failure) -> None:
+    def _stream_failed(self, stream: Stream, exc: Failure) -> None:
         """One stream's socket failed: reset that stream. A failure of the
         connection itself (while sending a frame) ends the link instead."""
         if self.end.failed:
@@ -736,13 +736,13 @@ class MuxLink(StreamIO):
         if not frame or self.failed is not None:
             return
         end = self.end
-        self.engine._write(end, seal(end, frame), copy=False)
+        self.engine.write(end, seal(end, frame), copy=False)
         if end.tail is not None and not end.mask & _OUT:
             # Also when trio's thread sent this (an OPEN, a REPLY, a RESET):
             # the engine must hear when the socket can take the rest.
             self._update_link()
 
-    def _update(self, end: _End) -> None:
+    def _update(self, end: End) -> None:
         stream = end.session
         if stream is None or stream.finished:
             return
@@ -781,7 +781,7 @@ class MuxLink(StreamIO):
         if reset and self.failed is None:
             try:
                 self._send(self.conn.send_reset(stream.sid, error or "closed"))
-            except _Failure as exc:
+            except Failure as exc:
                 self._fail(str(exc))
         end = stream.end
         if end is not None:
@@ -905,7 +905,7 @@ _HANDLERS: dict[type, Callable[[MuxLink, object], None]] = {
 }
 
 
-def _close_notify_nowait(end: _End) -> None:
+def _close_notify_nowait(end: End) -> None:
     """Tell a healthy TLS peer that the connection is over, if that fits in
     the kernel now (as ``TLSStream.aclose``). Every stream on it has ended
     already: the peer ends those it still has as failed."""
@@ -917,7 +917,7 @@ def _close_notify_nowait(end: _End) -> None:
         pass
     try:
         for data in (end.tail, *end.more, end.outgoing.read()):
-            if data is not None and RelayEngine._write_some(end, memoryview(data)):
+            if data is not None and RelayEngine.write_some(end, memoryview(data)):
                 break
     except OSError:
         pass

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from gateway.net.engine import PUMP_BUDGET, Timer
-from gateway.net.ends import _ALWAYS, _End, _Failure, _IN, _OUT, _failed_quietly, seal
+from gateway.net.ends import _ALWAYS, End, Failure, _IN, _OUT, failed_quietly, seal
 from protocols.dial import DialAccept, DialError
 from protocols.mux import HEADER
 
@@ -49,7 +49,7 @@ class Stream:
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
         self.name = name  # the socket's side, for error messages
-        self.end: _End | None = None
+        self.end: End | None = None
         self.early: bytearray | None = None  # DATA that came before the accept (cluster)
         self.early_fin = False
         self.reply: DialAccept | DialError | None = None
@@ -71,7 +71,7 @@ class Stream:
         # Shown every chunk from the connection before it goes to the
         # socket (the cluster's audit parsers, the gateway's look at a
         # session's start-up); one that raises resets the stream. The other
-        # direction's tap is the socket end's own (``_End.tap``).
+        # direction's tap is the socket end's own (``End.tap``).
         self.tap_in: Callable[[bytes], None] | None = None
         # Set once the socket has taken everything written to it so far
         # (see :meth:`MuxLink.flushed`).
@@ -102,7 +102,7 @@ class StreamIO:
             if ev & (_IN | _ALWAYS) and not stream.finished:
                 self._pump(stream)
             if not stream.finished:
-                _failed_quietly(end, ev)
+                failed_quietly(end, ev)
         self._settle(stream)
         self._update_link()
 
@@ -117,7 +117,7 @@ class StreamIO:
         end = stream.end
         conn, link_end = self.conn, self.end
         engine = self.engine
-        framed, payload, room = engine._framed, self.payload, self.room
+        framed, payload, room = engine.framed, self.payload, self.room
         budget = PUMP_BUDGET
         gateway = self.gateway
         sid = stream.sid
@@ -137,7 +137,7 @@ class StreamIO:
                     return True
                 except OSError as exc:
                     end.failed = True
-                    raise _Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
+                    raise Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
             else:
                 n = engine.read_into(end, payload[:want])  # reading may queue a KeyUpdate answer
                 if n < 0:
@@ -161,7 +161,7 @@ class StreamIO:
             self._send(framed[:_HEADER_SIZE + n])
             budget -= n
             if budget <= 0:
-                engine._again.append(end)
+                engine.again.append(end)
                 return False
             if n < want:
                 # The socket is empty (the window is not: n < want): epoll
@@ -180,7 +180,7 @@ class StreamIO:
             self._to_socket(stream, pieces)
             if not stream.finished and stream.end.tail is not None and not stream.end.mask & _OUT:
                 self._settle(stream)  # wait for the socket to take the rest
-        except _Failure as exc:
+        except Failure as exc:
             self._stream_failed(stream, exc)
 
     def _to_socket(self, stream: Stream, pieces: list[memoryview]) -> None:
@@ -205,12 +205,12 @@ class StreamIO:
             data = b"".join(pieces)
             self._hold(stream, len(data))
             if not stream.finished:
-                engine._write(end, data, copy=True)
+                engine.write(end, data, copy=True)
             return
         try:
             if len(pieces) == 1:
                 data = pieces[0]
-                rest = engine._write_some(end, data)
+                rest = engine.write_some(end, data)
                 sent = len(data) - len(rest)
                 rest = bytes(rest) if rest else None
             else:
@@ -221,7 +221,7 @@ class StreamIO:
                 rest = _unsent(pieces, sent)
         except OSError as exc:
             end.failed = True
-            raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
         self._written(stream, sent)
         if rest:
             self._hold(stream, len(rest))
@@ -241,22 +241,22 @@ class StreamIO:
             rest = records
         else:
             try:
-                rest = self.engine._write_some(end, records)
+                rest = self.engine.write_some(end, records)
             except OSError as exc:
                 end.failed = True
-                raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+                raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
             if not rest:
                 self._written(stream, n)
                 return
         # Acknowledged once the tail has drained (_flush), which is why the
-        # tail is set here and not through engine._write: that would try
+        # tail is set here and not through engine.write: that would try
         # the socket again and, finding room, leave no tail to drain.
         stream.sealed += n
         self._hold(stream, len(rest))
         if stream.finished:
             return
         if queued:
-            self.engine._write(end, rest, copy=False)  # behind the tail
+            self.engine.write(end, rest, copy=False)  # behind the tail
         else:
             end.tail = memoryview(rest)
 
@@ -264,7 +264,7 @@ class StreamIO:
         """Count ``n`` more bytes held for ``stream``'s socket. Past
         LINK_HELD or HELD_LIMIT the stream of this link that holds the most
         is reset to make room (a stuck one, rather than one that met a full
-        socket once), or, if that is this one, raise :class:`_Failure`."""
+        socket once), or, if that is this one, raise :class:`Failure`."""
         engine = self.engine
         while True:
             if self.held + n > LINK_HELD:
@@ -281,7 +281,7 @@ class StreamIO:
                       f"the session was reset")
             most = max(self.streams.values(), key=lambda s: s.held, default=stream)
             if most is stream or most.held <= stream.held + n or self.failed is not None:
-                raise _Failure(f"{stream.name}: {reason}")
+                raise Failure(f"{stream.name}: {reason}")
             self._finish(most, f"{most.name}: {reason}", reset=True)
             if stream.finished:  # its RESET could not be sent: the link, and this stream, ended
                 return
@@ -302,7 +302,7 @@ class StreamIO:
             written = self.engine.drain(end)
         except OSError as exc:
             end.failed = True
-            raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
         # Every byte of a stream's tail was held, but for what reading TLS
         # made OpenSSL write (a KeyUpdate answer).
         self._unhold(stream, min(written, stream.held))
@@ -332,7 +332,7 @@ class StreamIO:
         own: we come back here once that has drained)."""
         end = stream.end
         if end.tail is None and end.eof_wanted and not end.eof_sent:
-            self.engine._send_eof(end)
+            self.engine.send_eof(end)
 
     def _set_flushed(self, stream: Stream) -> None:
         event, stream.flushed = stream.flushed, None
@@ -362,7 +362,7 @@ def _show(tap: Callable[[bytes], None], data: memoryview, name: str) -> None:
     try:
         tap(bytes(data))
     except Exception as exc:
-        raise _Failure(f"{name}: {exc}") from None
+        raise Failure(f"{name}: {exc}") from None
 
 
 def _unsent(pieces: list[memoryview], sent: int) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from gateway.net.ends import (
-    _IN, _OUT, _Cut, _End, _Failure, _detach, Tap, seal, watch_mask,
+    _IN, _OUT, _Cut, End, Failure, detach, Tap, seal, watch_mask,
 )
 
 __all__ = ["PUMP_BUDGET", "PairRelay"]
@@ -20,7 +20,7 @@ PUMP_BUDGET = 1024 * 1024
 class _Session:
     __slots__ = ("a", "b", "counters", "token", "done", "error", "finished")
 
-    def __init__(self, a: _End, b: _End, counters, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, a: End, b: End, counters, token: trio.lowlevel.TrioToken) -> None:
         self.a, self.b = a, b
         self.counters = counters
         self.token = token
@@ -44,31 +44,31 @@ class PairRelay:
         :data:`ABORT_DRAIN` seconds; see :meth:`abort`)."""
         token = trio.lowlevel.current_trio_token()
         await trio.lowlevel.checkpoint_if_cancelled()
-        sock_a, tls_a = _detach(a)
-        sock_b, tls_b = _detach(b)
-        end_a = _End(sock_a, names[0], tls_a, taps[0])
-        end_b = _End(sock_b, names[1], tls_b, taps[1])
+        sock_a, tls_a = detach(a)
+        sock_b, tls_b = detach(b)
+        end_a = End(sock_a, names[0], tls_a, taps[0])
+        end_b = End(sock_b, names[1], tls_b, taps[1])
         end_a.peer, end_b.peer = end_b, end_a
         end_b.forward = False
         session = _Session(end_a, end_b, counters, token)
         end_a.session = end_b.session = session
-        with self._lock:
-            self._ends[end_a.fd] = end_a
-            self._ends[end_b.fd] = end_b
+        with self.lock:
+            self.ends[end_a.fd] = end_a
+            self.ends[end_b.fd] = end_b
             # Both directions start with a pump in the engine's thread:
             # bytes may already wait inside a TLS object, not in the kernel.
-            self._again += (end_a, end_b)
+            self.again += (end_a, end_b)
         self.wake()
         try:
             await session.done.wait()
         except BaseException:
-            with self._lock:
+            with self.lock:
                 if not session.finished:
                     self._finish(session, "cancelled")
             raise
         return session.error
 
-    def _update(self, end: _End) -> None:
+    def _update(self, end: End) -> None:
         """Make the epoll registration match what the end waits for, and
         finish the session once both directions are over."""
         session = end.session
@@ -115,7 +115,7 @@ class PairRelay:
 
     # -- moving bytes ---------------------------------------------------
 
-    def _pump(self, src: _End) -> bool:
+    def _pump(self, src: End) -> bool:
         """Move bytes from ``src`` to its peer; see the module docstring.
         True if it stopped only because ``src`` had nothing more, with
         nothing left queued for either end."""
@@ -124,7 +124,7 @@ class PairRelay:
         plain = self._plain
         while not src.in_done and dst.tail is None:
             if budget <= 0:
-                self._again.append(src)
+                self.again.append(src)
                 return False
             if src.carry:
                 data = memoryview(src.carry)
@@ -137,7 +137,7 @@ class PairRelay:
                     src.in_done = True
                     dst.eof_wanted = True
                     if dst.tail is None:
-                        self._send_eof(dst)
+                        self.send_eof(dst)
                     return False
                 data = plain[:n]
             self._deliver(src, dst, data)
@@ -149,7 +149,7 @@ class PairRelay:
                 return dst.tail is None and src.tail is None
         return False
 
-    def _deliver(self, src: _End, dst: _End, data: memoryview) -> None:
+    def _deliver(self, src: End, dst: End, data: memoryview) -> None:
         if src.tap is not None:
             try:
                 src.tap(bytes(data))
@@ -163,11 +163,11 @@ class PairRelay:
         else:
             counters.b_to_a += len(data)
         if dst.obj is None:
-            self._write(dst, data, copy=True)
+            self.write(dst, data, copy=True)
             return
-        self._write(dst, seal(dst, data), copy=False)
+        self.write(dst, seal(dst, data), copy=False)
 
-    def _flush(self, end: _End) -> None:
+    def _flush(self, end: End) -> None:
         """EPOLLOUT: write the tail; once it is gone, send a pending EOF and
         let the direction into this end read again."""
         try:
@@ -181,11 +181,11 @@ class PairRelay:
                 end.more = []
                 end.eof_sent = True
                 return
-            raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
         if end.tail is not None:
             return
         if end.eof_wanted and not end.eof_sent:
-            self._send_eof(end)
+            self.send_eof(end)
             if end.tail is not None:
                 return
         if not end.peer.in_done:
