@@ -458,7 +458,9 @@ def test_totp_login(tmp_path, cluster):
 
 async def test_expired_certificate(make_gateway, cluster):
     gw = make_gateway("dev", login=False)
-    r = gw.login("--ttl", "3s")
+    # Long enough for the proxy to start first on a loaded machine (at a
+    # load average of 9, 3 s were not: the proxy refused the expired login).
+    r = gw.login("--ttl", "10s")
     assert r.returncode == 0, r.stderr
     proc, port = gw.proxy_tcp("echo")
     wait_for(lambda: gw.run("status").returncode == 3, timeout=30, what="the certificate to expire",
