@@ -39,8 +39,7 @@ from pathlib import Path
 
 from benchmarks import paths
 from benchmarks.paths import Wicket, free_port
-from benchmarks.pgbench import _PW_ENV
-from gateway.local.pgserver import PgServer
+from benchmarks.pgbench import _PW_ENV, init_database, start_server, stop_all
 
 #: What each side's command line contains (the wrapper puts only that one
 #: under callgrind).
@@ -111,14 +110,8 @@ def main(argv=None) -> int:
                         settings=f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n',
                         cluster_env={_PW_ENV: "unused: the server trusts this user"})
         started.append(wicket)
-        server = PgServer(work / "pg", port=pg_port,
-                          client_ca_pem=(work / "wicket" / "cluster-state" / "db_client_ca.crt").read_bytes(),
-                          hba_extra="host all bench 127.0.0.1/32 trust\n")
-        server.start()
-        server.sql("CREATE ROLE bench LOGIN")
-        server.sql("CREATE DATABASE bench OWNER bench")
-        subprocess.run(["pgbench", "-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "bench",
-                        "bench"], check=True, capture_output=True, timeout=300)
+        server = start_server(work, pg_port, work / "wicket")
+        init_database(server, pg_port, scale=1)
         pid = wicket.gateway.pid if args.side == "gateway" else wicket.cluster.pid
         _pgbench(wicket.port, 20)  # warm-up: sessions open, code paths taken once
         subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True, timeout=300)
@@ -140,14 +133,7 @@ def main(argv=None) -> int:
         return 0
     finally:
         paths.PY = real_py
-        for path in reversed(started):
-            try:
-                path.stop()
-            except Exception as exc:
-                print(f"stopping {path.name}: {exc}")
-        if server is not None:
-            server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(started, server, work)
 
 
 if __name__ == "__main__":
