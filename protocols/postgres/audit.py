@@ -408,7 +408,7 @@ class FrontendAuditor(_Auditor):
     def _on_frame(self, frame: Frame) -> None:
         if self._copy_messages:
             self._flush_copy()
-        handler = _FRONTEND_HANDLERS.get(frame.type_code)
+        handler = _FRONTEND_HANDLERS.get(frame.kind)  # (type_code, without the property's call)
         event = handler(self, frame) if handler is not None else None
         if event is _LATER:  # queued when the rest of the message has gone by
             return
@@ -424,7 +424,7 @@ class FrontendAuditor(_Auditor):
             return QueryEvent(text=s.text, truncated=s.truncated, length=s.length, sha256=s.sha256,
                               size=size)
 
-        if frame.complete:
+        if len(frame.body) == size:  # frame.complete, inline: once per statement
             body = frame.body
             nul = body.find(b"\x00")
             if 0 <= nul == size - 1 and size <= self._max_text:
@@ -657,7 +657,7 @@ class BackendAuditor(_Auditor):
     def _on_frame(self, frame: Frame) -> None:
         if self._copy_messages:
             self._flush_copy()
-        type_code = frame.type_code
+        type_code = frame.kind
         r = _Fields(frame, f"backend message {type_code!r}")
         if type_code == b"E":
             self._events.append(self._error_event(r))
