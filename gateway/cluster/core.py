@@ -293,6 +293,11 @@ class Cluster:
         """Queue a high-volume event (a statement); written within
         AUDIT_FLUSH_INTERVAL, in order, many per transaction. Safe to call
         from any thread (the relay engine's audit taps do)."""
+        self.audit_fields_soon(event, user, fields)
+
+    def audit_fields_soon(self, event: str, user: str | None, fields: dict[str, Any]) -> None:
+        """:meth:`audit_soon` with the fields as a dict the caller gives up
+        (the statement taps build theirs once, not twice)."""
         self._audit_pending.append((event, user, fields, time.time()))
         if len(self._audit_pending) >= AUDIT_BATCH:
             if threading.get_ident() == self._trio_thread:

@@ -167,7 +167,7 @@ def abandon_engine_connects(cluster: Cluster) -> None:
     """(trio's thread) Give up on every upstream connect the relay engine
     still waits for: each dial is refused and audited now, not after the
     audit log's last flush."""
-    with engine()._lock:  # the engine's thread adds and removes them under it
+    with engine().lock:  # the engine's thread adds and removes them under it
         for connecting in list(cluster.engine_connects):
             connecting.cancel(ABANDONED)
 
@@ -325,7 +325,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
             if timer.cancelled_caught:
                 reason = expiry
                 await _interrupt_sessions(cluster, link)
-                with link.engine._lock:
+                with link.engine.lock:
                     for st in link.streams.values():
                         if isinstance(st.context, _EngineSession) and st.context.session.end_reason is None:
                             st.context.session.end_reason = "cert_expired"

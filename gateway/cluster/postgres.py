@@ -48,7 +48,7 @@ from gateway.net.tls import TLSStream
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.postgres import (
-    NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, ConnectionClosed, CopyDataEvent,
+    NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, CopyDataEvent,
     CopyDirection, CopyDoneEvent, CopyFailEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
     FunctionCallEvent, ParseEvent, QueryEvent, SSLRequest, StartupRelay, UpstreamLogin, UpstreamLoginError,
     parse_ssl_answer, replication_requested,
@@ -295,8 +295,8 @@ class SessionAuditor:
         self.portals: dict[str, tuple[str, int | None]] = {}
 
     def _emit(self, event: str, **fields: Any) -> None:
-        self.cluster.audit_soon(event, self.session.user, session_id=self.session.id,
-                                resource=self.session.resource, **fields)
+        self.cluster.audit_fields_soon(event, self.session.user, {
+            "session_id": self.session.id, "resource": self.session.resource, **fields})
 
     def from_client(self, data: bytes) -> None:
         self._feed(self.front, self._client_event, data, "client")
@@ -306,22 +306,25 @@ class SessionAuditor:
 
     def _feed(self, auditor, handler, data: bytes, side: str) -> None:
         """Give ``data`` (b"" at EOF) to ``auditor`` and handle every event
-        it completes."""
+        it completes (in the relay engine's thread, once per chunk)."""
         try:
             auditor.receive_data(data)
-            while True:
-                event = auditor.next_event()
-                if event is NEED_DATA or isinstance(event, ConnectionClosed):
-                    return
-                handler(event)
+            events = auditor.next_events()
+            while events:
+                for event in events:
+                    handler(event)
+                events = auditor.next_events()
         except ProtocolError as exc:
             # What we cannot parse we cannot audit: end the session.
             self._emit("pg.protocol_error", side=side, error=exc.message)
             raise trio.BrokenResourceError(f"unparseable PostgreSQL {side} stream: {exc.message}") from None
 
     def _client_event(self, e: object) -> None:
-        if isinstance(e, QueryEvent):
-            self._emit("pg.query", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256)
+        if type(e) is QueryEvent:  # once per statement: one dict, built here
+            session = self.session
+            self.cluster.audit_fields_soon("pg.query", session.user, {
+                "session_id": session.id, "resource": session.resource, "query": e.text,
+                "truncated": e.truncated, "length": e.length, "sha256": e.sha256})
         elif isinstance(e, ParseEvent):
             self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated, length=e.length,
                        sha256=e.sha256)

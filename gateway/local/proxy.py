@@ -251,7 +251,7 @@ class TcpProxy(MuxRoute):
                 self._again(sock, addr, (counters, early, fin), reason)
         else:
             (counters, early, fin), retry = resume, None
-        with self.engine._lock:
+        with self.engine.lock:
             self.started += 1
             try:
                 link.start(DialRequest(resource=self.resource, client_addr=client_addr), sock,
