@@ -1,0 +1,109 @@
+"""Many resources served by one process: `wicket exec`'s listeners (and
+the agent's). Each resource gets its kind's route (gateway/kinds.py's
+``gateway_route``) on its own local port, and one resource's trouble (an
+unknown kind, a port taken, a route that cannot be built) is that
+resource's alone: it is reported with the reason and the others serve on.
+
+Each resource's client environment is its kind's (``client_env``: PGHOST,
+DATABASE_URL ...) plus ``WICKET_<NAME>_HOST`` and ``WICKET_<NAME>_PORT``
+for every resource; where two resources of a kind would set the same
+variable (two PostgreSQL resources, one PGPORT), the first named wins and
+the others are reached through their ``WICKET_<NAME>_...`` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import attrs
+import trio
+
+from gateway.kinds import Kind
+from gateway.local.profile import Profile
+from gateway.local.proxy import Listening, run_listener
+from gateway.net.peercred import LocalUsers
+
+log = logging.getLogger("wicket.serving")
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Wanted:
+    """A resource to serve: its name and kind, the kind's proxy options
+    (``db_user`` ...), what its clients are told besides (``settings``: the
+    options and the defaults the cluster's grants imply), where to listen."""
+
+    name: str
+    kind: Kind
+    options: dict[str, Any] = attrs.field(factory=dict)
+    settings: dict[str, Any] = attrs.field(factory=dict)
+    bind: str = "127.0.0.1"
+    port: int = 0
+
+
+@attrs.define
+class Served:
+    """How a wanted resource stands: listening on ``host:port``, or not,
+    with ``error`` saying why."""
+
+    wanted: Wanted
+    host: str | None = None
+    port: int | None = None
+    error: str | None = None
+    route: Listening | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def env_name(resource: str) -> str:
+    """``pg-prod`` -> ``PG_PROD`` (for ``WICKET_PG_PROD_PORT``)."""
+    return re.sub(r"[^A-Za-z0-9]", "_", resource).upper()
+
+
+def client_environment(served: list[Served]) -> dict[str, str]:
+    """The variables a client process gets for the resources that serve."""
+    env: dict[str, str] = {}
+    for item in served:
+        if not item.ok:
+            continue
+        w, name = item.wanted, env_name(item.wanted.name)
+        env[f"WICKET_{name}_HOST"] = item.host
+        env[f"WICKET_{name}_PORT"] = str(item.port)
+        for key, value in w.kind.client_environment(w.name, item.host, item.port, w.settings).items():
+            env.setdefault(key, value)
+    return env
+
+
+async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: trio.Nursery, *,
+                wait_for_cluster: float, local_users: LocalUsers | None = None) -> list[Served]:
+    """Start every wanted resource's listener (and its connection to the
+    cluster) in ``nursery``; how each stands. Never raises for one
+    resource's trouble."""
+    served = []
+    for w in wanted:
+        item = Served(wanted=w)
+        served.append(item)
+        try:
+            route = w.kind.local_route()(profile, w.name, identity, wait_for_cluster=wait_for_cluster,
+                                         local_users=local_users, **w.options)
+            bound = await nursery.start(_listen, route.handler, w.bind, w.port)
+        except OSError as exc:
+            item.error = f"cannot listen on {w.bind}:{w.port}: {exc.strerror or exc}"
+        except Exception as exc:  # one resource's trouble, even a bug, is its own
+            item.error = f"{type(exc).__name__}: {exc}"
+        else:
+            item.host, item.port, item.route = bound[0], bound[1], route
+            if route.dialer is not None:
+                await nursery.start(route.dialer.run_pool)
+            log.info("resource_listening resource=%s kind=%s address=%s:%d", w.name, w.kind.name, item.host,
+                     item.port)
+            continue
+        log.warning("resource_failed resource=%s kind=%s error=%r", w.name, w.kind.name, item.error)
+    return served
+
+
+async def _listen(handler: Any, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await run_listener(handler, host=host, port=port, handle_signals=False, task_status=task_status)

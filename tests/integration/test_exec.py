@@ -1,0 +1,120 @@
+"""`wicket exec`, `wicket env` and `wicket config pg` end to end: a real
+PostgreSQL and cluster, psql and pgbench run by `wicket exec` as a person
+and as a bot joining with a token."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+
+import pytest
+
+from tests.integration.harness import PY, ROOT, Gateway, Proc, _env, wait_for
+from tests.integration.test_postgres import _gateway, pg_env  # noqa: F401  (the module's PostgreSQL)
+
+@pytest.fixture(scope="module")
+def person(pg_env, tmp_path_factory):  # noqa: F811
+    cluster, _ = pg_env
+    g = _gateway(cluster, tmp_path_factory.mktemp("exec"), "pg-app-only,dev")
+    yield g
+    g.stop()
+
+
+def wicket_exec(gw: Gateway, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "gateway.cli.wicket", "exec", *args], capture_output=True, text=True,
+                          env={**gw.env(), "PGCONNECT_TIMEOUT": "30", **(env or {})}, cwd=ROOT, timeout=300)
+
+
+def test_exec_runs_psql_with_the_clients_environment(person):
+    r = wicket_exec(person, "--db", "pg", "--tcp", "echo", "--",
+                    "sh", "-c", 'psql -X -tA -c "select current_user, current_database()" && '
+                                'echo "$PGHOST $PGPORT $PGUSER $PGDATABASE $WICKET_PG_PORT $WICKET_ECHO_PORT '
+                                '$DATABASE_URL"')
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.strip().splitlines()
+    assert first == "app|app"  # the grant's one db user and db name are the defaults
+    host, port, user, db, pg_port, echo_port, url = second.split()
+    assert (host, user, db, port) == ("127.0.0.1", "app", "app", pg_port) and echo_port != port
+    assert url == f"postgresql://app@127.0.0.1:{port}/app?sslmode=disable"
+
+
+def test_exec_runs_pgbench(person):
+    script = "pgbench -i -s 1 -q && pgbench -S -c 2 -t 50"
+    r = wicket_exec(person, "--db", "pg", "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    assert "number of transactions actually processed: 100/100" in r.stdout
+
+
+def test_exec_passes_the_exit_code_and_leaves_nothing_listening(person):
+    r = wicket_exec(person, "--db", "pg", "--", "sh", "-c", 'echo "$PGPORT"; exit 7')
+    assert r.returncode == 7, r.stderr
+    port = int(r.stdout.strip())
+    with pytest.raises(OSError):
+        import socket
+
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    r = wicket_exec(person, "--db", "pg", "--", "psql", "-X", "-c", "select * from no_such_table")
+    assert r.returncode == 1 and "no_such_table" in r.stderr
+    assert wicket_exec(person, "--db", "pg", "--", "no-such-command-here").returncode == 127
+
+
+def test_exec_refuses_a_resource_it_cannot_reach_before_running_anything(person, tmp_path):
+    marker = tmp_path / "ran"
+    r = wicket_exec(person, "--db", "pg-pw", "--", "touch", str(marker))
+    assert r.returncode == 4 and "no resource named 'pg-pw'" in r.stderr
+    assert not marker.exists()
+
+
+def test_exec_passes_signals_on(person, tmp_path):
+    ready = tmp_path / "ready"
+    script = (f"trap 'echo got-term; exit 3' TERM; touch {shlex.quote(str(ready))}; "
+              "while true; do sleep 0.05; done")
+    proc = Proc([PY, "-m", "gateway.cli.wicket", "exec", "--db", "pg", "--", "sh", "-c", script],
+                tmp_path / "exec.log", person.env())
+    wait_for(ready.exists, what="the command to start")
+    assert proc.stop(signal.SIGTERM) == 3  # the command's trap ran: it got the signal
+
+
+def test_exec_as_a_bot_with_a_join_token_in_the_environment(pg_env, tmp_path):  # noqa: F811
+    cluster, _ = pg_env
+    cluster.admin("bots", "add", "ci-exec", "--roles", "pg-app-only")
+    token = json.loads(cluster.admin("tokens", "add", "--bot", "ci-exec", "--format", "json").stdout)["token"]
+    env = {**_env(WICKET_HOME=str(tmp_path / "no-profile")), "WICKET_EXEC_TOKEN": token,
+           "WICKET_EXEC_CLUSTER": cluster.address, "WICKET_EXEC_CA_PIN": cluster.pin, "PGCONNECT_TIMEOUT": "30"}
+    args = [PY, "-m", "gateway.cli.wicket", "exec", "--db", "pg", "--", "sh", "-c",
+            'psql -X -tA -c "select 1"; env | grep -c WICKET_EXEC_TOKEN; echo "$WICKET_HOME"']
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    lines = r.stdout.split()
+    assert lines[:2] == ["1", "0"], (r.stdout, r.stderr)  # the token is not passed to the command
+    assert not os.path.exists(lines[2])  # its temporary profile is gone
+    events = cluster.wait_audit(lambda evs: len(evs) >= 1, event="session.start", user="ci-exec")
+    assert events[0]["resource"] == "pg"
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 4 and "has been used up" in r.stderr  # one use, one job
+
+
+def test_env_and_config_pg_name_the_remembered_port(person, tmp_path):
+    r = person.run("env", "--db", "pg", "--tcp", "echo")
+    assert r.returncode == 0, r.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines())
+    port = int(exports["PGPORT"])
+    assert exports["WICKET_PG_PORT"] == str(port) and exports["PGUSER"] == "app"
+    again = person.run("env", "--db", "pg", "--format", "json")
+    assert json.loads(again.stdout)["PGPORT"] == str(port)  # the same port tomorrow
+
+    service = tmp_path / "pg_service.conf"
+    service.write_text("[keep]\nhost=elsewhere\n")
+    r = person.run("config", "pg", "pg", "--file", str(service))
+    assert r.returncode == 0, r.stderr
+    assert service.read_text().startswith("[keep]\nhost=elsewhere\n\n[pg]\n")
+    assert f"port={port}\n" in service.read_text()
+
+    proc, _ = person.proxy("db", "pg", "--port", str(port))
+    r = subprocess.run(["psql", "-X", "-tA", "service=pg", "-c", "select current_user"], capture_output=True,
+                       text=True, env={**os.environ, "PGSERVICEFILE": str(service), "PGCONNECT_TIMEOUT": "30"},
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "app", r.stderr
+    proc.stop()
