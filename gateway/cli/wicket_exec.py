@@ -63,6 +63,17 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
     return token or None
 
 
+def _duration(text: str | None) -> float | None:
+    from gateway.durations import parse_duration
+
+    if not text:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from None
+
+
 def _grant_defaults(allowed: dict[str, list[str]]) -> dict[str, str]:
     """A parameter the cluster grants exactly one literal value of (one db
     user, no glob) is what a client will want: its default."""
@@ -159,18 +170,12 @@ def register(main: click.Group, cli: ModuleType) -> None:
         """Join the cluster at ADDRESS as a bot, with a join token; the bot's
         certificate goes into the profile ($WICKET_HOME), and `wicket renew`
         (or `wicket agent`) renews it with no token."""
-        from gateway.durations import parse_duration
         from gateway.identity.pki import utcnow
 
         secret = _read_token(token, token_file)
         if secret is None:
             raise click.UsageError("pass the join token with --token-file FILE (or WICKET_JOIN_TOKEN)")
-        seconds = None
-        if ttl:
-            try:
-                seconds = parse_duration(ttl)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--ttl") from None
+        seconds = _duration(ttl)
         profile = join_into(wicket_home(), address, ca_pin, secret, seconds)
         identity = profile.identity()
         if fmt == "json":
@@ -187,9 +192,11 @@ def register(main: click.Group, cli: ModuleType) -> None:
     @_identity_options
     @click.option("--wait-for-cluster", type=click.FloatRange(0, 300), default=10.0, show_default=True,
                   metavar="SECONDS", help="How long a new client waits while the cluster cannot be reached.")
+    @click.option("--ttl", help="With a token: ask for shorter bot certificates than the default hour (e.g. 20m); "
+                  "they are renewed in the background for as long as the command runs.")
     @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
     def exec_(command: tuple[str, ...], token: str | None, token_file: Path | None, cluster: str | None,
-              ca_pin: str | None, wait_for_cluster: float, **values: Any) -> None:
+              ca_pin: str | None, wait_for_cluster: float, ttl: str | None, **values: Any) -> None:
         """Run COMMAND with local ports to the named resources and their
         clients' variables in its environment (PGHOST, PGPORT, PGUSER,
         DATABASE_URL ..., and WICKET_<NAME>_HOST/PORT for each); everything
@@ -207,17 +214,18 @@ def register(main: click.Group, cli: ModuleType) -> None:
         logs.setup("text")
         names = chosen(values)
         secret = _read_token(token, token_file)
+        seconds = _duration(ttl)
         tmp = None
         try:
             if secret is not None:
                 tmp = Path(tempfile.mkdtemp(prefix="wicket-exec-"))  # 0700
-                profile = join_into(tmp / "profile", cluster, ca_pin, secret, None)
+                profile = join_into(tmp / "profile", cluster, ca_pin, secret, seconds)
             else:
                 profile = cli._load_profile()
             identity = cli._fresh_identity(profile)
             wanted = resolve(profile, names, values, "127.0.0.1", lambda name: 0)
             code = trio.run(_run_command, profile, identity, wanted, list(command), wait_for_cluster,
-                            secret is not None)
+                            secret is not None, seconds)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -313,9 +321,12 @@ def _config_command(cli: ModuleType, verb: str, kind: kinds.Kind, client_file: k
 
 
 async def _run_command(profile: Any, identity: Any, wanted: list[Wanted], argv: list[str], wait_for_cluster: float,
-                       renew: bool) -> int:
+                       joined: bool, bot_ttl: float | None) -> int:
     """Serve ``wanted``, run ``argv`` with the clients' environment, and
-    stop everything when it ends; its exit status as an exit code."""
+    stop everything when it ends; its exit status as an exit code. A bot
+    ``joined`` for the command renews its certificate meanwhile (``bot_ttl``
+    each); a profile's is left to its owner (a second renewer of one bot
+    certificate would look like a stolen copy and lock the bot)."""
     import logging
 
     from gateway.local import serving
@@ -333,8 +344,8 @@ async def _run_command(profile: Any, identity: Any, wanted: list[Wanted], argv: 
                     click.echo(f"wicket exec: {s.wanted.name}: {s.error}", err=True)
                 nursery.cancel_scope.cancel()
                 return 1
-            if renew:  # a bot's certificate lives an hour: a longer job keeps it fresh
-                await nursery.start(Renewer(profile).run)
+            if joined:  # a longer job keeps its bot certificate fresh
+                await nursery.start(Renewer(profile, ttl_seconds=bot_ttl).run)
             # The join token stays here; a wicket inside the command uses
             # this identity (a joined bot's temporary profile, or the person's).
             env = {k: v for k, v in os.environ.items() if not (k.startswith("WICKET_") and "TOKEN" in k)}

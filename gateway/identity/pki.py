@@ -54,6 +54,8 @@ _MAX_IDENTITY_BYTES = 16 * 1024
 # Allow a little clock skew between the cluster that signs and the peer that
 # checks: a certificate is valid from 1 minute before it was issued.
 _BACKDATE = dt.timedelta(minutes=1)
+#: Public: a certificate was issued this long after its not_before.
+BACKDATE = _BACKDATE
 
 
 def utcnow() -> dt.datetime:

@@ -86,8 +86,9 @@ async def renew(profile: Profile, *, ttl_seconds: float | None = None) -> Profil
 
 def renew_due(identity: pki.Identity, now: dt.datetime) -> float:
     """Seconds until a certificate should be renewed (0: now)."""
-    life = (identity.not_after - identity.not_before).total_seconds()
-    due = identity.not_before + dt.timedelta(seconds=life * RENEW_AT)
+    issued = min(identity.not_before + pki.BACKDATE, identity.not_after)
+    life = (identity.not_after - issued).total_seconds()
+    due = issued + dt.timedelta(seconds=life * RENEW_AT)
     return max(0.0, (due - now).total_seconds())
 
 
@@ -95,8 +96,9 @@ class Renewer:
     """Keeps a profile's certificate fresh (:meth:`run`), and says how it
     stands for probes and metrics."""
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, *, ttl_seconds: float | None = None) -> None:
         self.profile = profile
+        self.ttl_seconds = ttl_seconds  # what to ask for (None: the cluster's default)
         self.renewals = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -124,7 +126,7 @@ class Renewer:
             if self.identity() != identity:  # `wicket login` or another renewer meanwhile
                 continue
             try:
-                await renew(self.profile)
+                await renew(self.profile, ttl_seconds=self.ttl_seconds)
             except (ClusterError, OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError,
                     KeyError) as exc:
                 self.failures += 1

@@ -118,3 +118,29 @@ def test_env_and_config_pg_name_the_remembered_port(person, tmp_path):
                        timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "app", r.stderr
     proc.stop()
+
+
+@pytest.mark.heavy
+def test_a_bots_certificate_renews_under_a_live_session(pg_env, tmp_path):  # noqa: F811
+    """15-second certificates renewed in the background (at 10 s): a psql
+    session open across the renewal carries on, and new sessions keep
+    working past the first certificate's end and a second renewal. The
+    waits are the workload (certificates must age), not a synchronisation."""
+    cluster, _ = pg_env
+    cluster.admin("bots", "add", "ci-renew", "--roles", "pg-app-only")
+    token = json.loads(cluster.admin("tokens", "add", "--bot", "ci-renew", "--format", "json").stdout)["token"]
+    env = {**_env(WICKET_HOME=str(tmp_path / "no-profile")), "WICKET_EXEC_TOKEN": token,
+           "WICKET_EXEC_CLUSTER": cluster.address, "WICKET_EXEC_CA_PIN": cluster.pin, "PGCONNECT_TIMEOUT": "30"}
+    script = ('psql -X -tA -c "select 1 from pg_sleep(10)" || exit 1; '
+              'for i in $(seq 2 13); do psql -X -tA -c "select $i" || exit 1; sleep 1; done')
+    r = subprocess.run([PY, "-m", "gateway.cli.wicket", "exec", "--ttl", "15s", "--db", "pg", "--", "sh", "-c",
+                        script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(i) for i in range(1, 14)]
+    renewals = sorted(e["time"] for e in cluster.audit(event="bot.renew", user="ci-renew"))
+    assert len(renewals) >= 2, r.stderr
+    ends = sorted(cluster.wait_audit(lambda evs: len(evs) >= 13, event="session.end", user="ci-renew"),
+                  key=lambda e: e["time"])
+    first = ends[0]
+    assert first["time"] - first["duration"] < renewals[0] < first["time"]  # open across the renewal
+    assert ends[-1]["time"] > renewals[1]
