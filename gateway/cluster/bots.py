@@ -156,15 +156,13 @@ def list_bots(store: Store) -> list[Bot]:
 def delete_bot(store: Store, name: str, *, now: float) -> bool:
     """Remove a bot, its tokens, and (by its revocation generation) every
     certificate it holds: a bot re-created under the name starts afresh."""
+    if get_bot(store, name) is None:
+        return False
+    # Revoked first: if the removal then fails, its certificates are dead
+    # anyway, which is what removing it was for.
+    store.revoke_user_certs(name, "bot removed", now)
     with store.writing() as conn:
-        if conn.execute("DELETE FROM bots WHERE name = ?", (name,)).rowcount == 0:
-            return False
-        conn.execute(
-            "INSERT INTO user_revocations (user_name, generation, reason, revoked_at) VALUES (?, 1, ?, ?)"
-            " ON CONFLICT (user_name) DO UPDATE SET generation = generation + 1,"
-            "   reason = excluded.reason, revoked_at = excluded.revoked_at",
-            (name, "bot removed", now))
-        return True
+        return conn.execute("DELETE FROM bots WHERE name = ?", (name,)).rowcount == 1
 
 
 def advance_renewals(store: Store, bot: str, instance: str, presented: int, *, now: float) -> int | None:
