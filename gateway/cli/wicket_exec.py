@@ -169,7 +169,7 @@ def register(main: click.Group, cli: ModuleType) -> None:
              fmt: str) -> None:
         """Join the cluster at ADDRESS as a bot, with a join token; the bot's
         certificate goes into the profile ($WICKET_HOME), and `wicket renew`
-        (or `wicket agent`) renews it with no token."""
+        renews it with no token."""
         from gateway.identity.pki import utcnow
 
         secret = _read_token(token, token_file)
@@ -244,8 +244,7 @@ def register(main: click.Group, cli: ModuleType) -> None:
     def env(bind: str, ports: tuple[str, ...], fmt: str, **values: Any) -> None:
         """Print the clients' variables for the named resources, at their
         remembered ports: eval "$(wicket env --db pg)". Something must
-        serve them there: `wicket agent` (which uses the remembered ports)
-        or `wicket proxy ... --port PORT`."""
+        serve them there: `wicket proxy ... --port PORT`."""
         from gateway.local.serving import Served
 
         names = chosen(values)
@@ -303,7 +302,7 @@ def _config_command(cli: ModuleType, verb: str, kind: kinds.Kind, client_file: k
             text = ""
         update(path, client_file.merger()(text, name, entry))
         click.echo(f"{path}: entry {name} now points at {bind}:{chosen_port}; serve it there with "
-                   f"`wicket agent` or `{kinds.proxy_command(kind.name)} {name} --port {chosen_port}`")
+                   f"`{kinds.proxy_command(kind.name)} {name} --port {chosen_port}`")
 
     for option in reversed(kind.proxy_options):
         command = click.option(option.option, is_flag=option.is_flag, help=option.help)(command)

@@ -1,6 +1,7 @@
 """Local ports remembered per resource in the profile (``ports.json``), so
 a resource is on the same port tomorrow: `wicket env` and `wicket config`
-print and write it, `wicket agent` listens on it.
+print and write it (`wicket proxy ... --port` serves it there; the agent,
+when it lands, will listen on it by itself).
 """
 
 from __future__ import annotations
