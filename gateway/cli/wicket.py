@@ -425,9 +425,10 @@ def demo(state_dir: Path, port: int) -> None:
     run_demo(state_dir.resolve(), port)
 
 
-from gateway.cli import wicket_exec  # noqa: E402
+from gateway.cli import wicket_agent, wicket_exec  # noqa: E402
 
 wicket_exec.register(main, sys.modules[__name__])
+wicket_agent.register(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

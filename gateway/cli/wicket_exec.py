@@ -37,7 +37,7 @@ import click
 import trio
 
 from gateway import kinds
-from gateway.local.serving import Wanted, client_environment, env_name
+from gateway.local.serving import Wanted, client_environment, grant_defaults
 
 #: Signals passed on to the command.
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT,
@@ -72,12 +72,6 @@ def _duration(text: str | None) -> float | None:
         return parse_duration(text)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ttl") from None
-
-
-def _grant_defaults(allowed: dict[str, list[str]]) -> dict[str, str]:
-    """A parameter the cluster grants exactly one literal value of (one db
-    user, no glob) is what a client will want: its default."""
-    return {k: v[0] for k, v in allowed.items() if len(v) == 1 and not set(v[0]) & set("*?[")}
 
 
 def _identity_options(f: Callable) -> Callable:
@@ -130,7 +124,7 @@ def register(main: click.Group, cli: ModuleType) -> None:
                                       f"--{kinds.get(resource.get('kind')).proxy_verb}", 2)
             mine = {o.name for o in kind.proxy_options}
             options = {k: v for k, v in values.items() if k in mine and v}
-            settings = {**_grant_defaults(resource.get("allowed", {})), **options}
+            settings = {**grant_defaults(resource.get("allowed", {})), **options}
             wanted.append(Wanted(name=name, kind=kind, options=options, settings=settings, bind=bind,
                                  port=port_of(name)))
         return wanted

@@ -315,6 +315,12 @@ class MuxDialer:
                 drained.close(self._draining.pop(drained))
             return self._current[0]
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the cluster is up and usable now (for
+        readiness probes)."""
+        return self._usable() is not None
+
     def ready_link(self) -> MuxLink | None:
         """The current connection, if a session may start on it right now
         without trio: it is up, and the login on disk is the one it was

@@ -58,6 +58,13 @@ class Served:
         return self.error is None
 
 
+def grant_defaults(allowed: dict[str, list[str]]) -> dict[str, str]:
+    """A parameter the cluster grants exactly one literal value of (one db
+    user, no glob; `/v1/resources`' ``allowed``) is what a client will
+    want: its default."""
+    return {k: v[0] for k, v in allowed.items() if len(v) == 1 and not set(v[0]) & set("*?[")}
+
+
 def env_name(resource: str) -> str:
     """``pg-prod`` -> ``PG_PROD`` (for ``WICKET_PG_PROD_PORT``)."""
     return re.sub(r"[^A-Za-z0-9]", "_", resource).upper()
