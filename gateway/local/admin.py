@@ -67,8 +67,14 @@ class _Collector:
             kind = item.wanted.kind.name if item.wanted.kind else ""
             up.add_metric([item.wanted.name, kind], 1.0 if item.ok else 0.0)
             connected.add_metric([item.wanted.name], 1.0 if item.ok and item.route.dialer.connected else 0.0)
+        sessions = GaugeMetricFamily("wicket_agent_sessions", "Sessions open through the resource",
+                                     labels=["resource"])
+        for item in agent.served:
+            if item.ok:
+                sessions.add_metric([item.wanted.name], float(item.sessions))
         yield up
         yield connected
+        yield sessions
 
 
 def _text(status: int, text: str) -> Response:

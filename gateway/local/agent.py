@@ -21,9 +21,11 @@ status`, and the others serve. The certificate is renewed in the
 background (gateway/local/session.py's Renewer); new sessions use the new
 one, live ones carry on.
 
-SIGTERM (or SIGINT, or POST /quitquitquit when enabled): the agent keeps
-serving for ``min_sigterm_delay`` (the application's own shutdown may still
-need its database), then stops: live sessions are ended. The exit code is
+SIGTERM (or SIGINT, or POST /quitquitquit when enabled): /readyz turns
+503 at once; the agent keeps accepting for ``min_sigterm_delay`` (the
+application's own shutdown may still need its database), then stops
+accepting and lets live sessions finish until ``max_sigterm_delay``, then
+ends the rest (``sessions_cut`` in the last log line). The exit code is
 143 after SIGTERM, 130 after SIGINT, 0 after /quitquitquit or with
 ``exit_zero``.
 """
@@ -51,6 +53,8 @@ log = logging.getLogger("wicket.agent")
 
 #: How long to wait before trying the cluster again at start, at most.
 START_RETRY_MAX = 10.0
+#: How often a draining stop looks whether the live sessions have ended.
+DRAIN_POLL = 0.1
 
 
 class Agent:
@@ -135,12 +139,30 @@ class Agent:
             nursery.start_soon(self._serve, nursery)
             await self.stop_requested.wait()
             self.stopping = True
-            if self.config.min_sigterm_delay:
-                log.info("agent_stopping phase=still_serving seconds=%.0f", self.config.min_sigterm_delay)
-                await trio.sleep(self.config.min_sigterm_delay)
-            log.info("agent_stopped exit_code=%d", self.exit_code)
+            await self._stop()
             nursery.cancel_scope.cancel()
         return self.exit_code
+
+    def sessions(self) -> int:
+        return sum(item.sessions for item in self.served)
+
+    async def _stop(self) -> None:
+        """Serve on for min_sigterm_delay, stop accepting, let live sessions
+        finish until max_sigterm_delay, then end what is left."""
+        config = self.config
+        if config.min_sigterm_delay:
+            log.info("agent_stopping phase=still_accepting seconds=%.1f", config.min_sigterm_delay)
+            await trio.sleep(config.min_sigterm_delay)
+        for item in self.served:
+            item.stop_accepting()
+        left = config.max_sigterm_delay - config.min_sigterm_delay
+        if self.sessions():
+            log.info("agent_stopping phase=draining sessions=%d seconds=%.1f", self.sessions(), left)
+        with trio.move_on_after(left):
+            while self.sessions():
+                await trio.sleep(DRAIN_POLL)
+        cut = self.sessions()
+        log.info("agent_stopped exit_code=%d sessions_cut=%d", self.exit_code, cut)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

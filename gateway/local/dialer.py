@@ -321,6 +321,13 @@ class MuxDialer:
         readiness probes)."""
         return self._usable() is not None
 
+    @property
+    def sessions(self) -> int:
+        """Sessions open on this dialer's connections (the current one and
+        those replaced but not yet drained)."""
+        current = self._current
+        return (len(current[0]) if current is not None else 0) + sum(len(link) for link in list(self._draining))
+
     def ready_link(self) -> MuxLink | None:
         """The current connection, if a session may start on it right now
         without trio: it is up, and the login on disk is the one it was

@@ -24,6 +24,7 @@ unaffected by one client's trouble.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import socket
@@ -291,11 +292,14 @@ async def run_listener(
     port: int,
     task_status=trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    handler_nursery: trio.Nursery | None = None,
 ) -> None:
     """Listen on ``host:port`` and serve each connection with ``handler``
     (an async function of a trio stream, or an object with its own
     ``serve_listeners``) until SIGINT/SIGTERM (or cancellation). Started
-    value: the bound address."""
+    value: the bound address. With ``handler_nursery``, connections'
+    tasks run there: cancelling this function then only stops accepting,
+    and live sessions carry on (a graceful stop drains them)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
 
@@ -315,7 +319,8 @@ async def run_listener(
         if serve is not None:  # it accepts by itself (TcpProxy: in the relay engine)
             await nursery.start(serve, listeners)
         else:
-            nursery.start_soon(trio.serve_listeners, guarded, listeners)
+            nursery.start_soon(functools.partial(trio.serve_listeners, guarded, listeners,
+                                                 handler_nursery=handler_nursery))
         task_status.started(bound)
         if handle_signals:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -52,6 +52,16 @@ class Served:
     port: int | None = None
     error: str | None = None
     route: Listening | None = None
+    #: Cancelling it stops accepting; live sessions carry on.
+    accepting: trio.CancelScope | None = None
+
+    def stop_accepting(self) -> None:
+        if self.accepting is not None:
+            self.accepting.cancel()
+
+    @property
+    def sessions(self) -> int:
+        return self.route.dialer.sessions if self.route is not None else 0
 
     @property
     def ok(self) -> bool:
@@ -96,13 +106,13 @@ async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: 
         try:
             route = w.kind.local_route()(profile, w.name, identity, wait_for_cluster=wait_for_cluster,
                                          local_users=local_users, **w.options)
-            bound = await nursery.start(_listen, route.handler, w.bind, w.port)
+            bound, accepting = await nursery.start(_listen, route.handler, w.bind, w.port, nursery)
         except OSError as exc:
             item.error = f"cannot listen on {w.bind}:{w.port}: {exc.strerror or exc}"
         except Exception as exc:  # one resource's trouble, even a bug, is its own
             item.error = f"{type(exc).__name__}: {exc}"
         else:
-            item.host, item.port, item.route = bound[0], bound[1], route
+            item.host, item.port, item.route, item.accepting = bound[0], bound[1], route, accepting
             if route.dialer is not None:
                 await nursery.start(route.dialer.run_pool)
             log.info("resource_listening resource=%s kind=%s address=%s:%d", w.name, w.kind.name, item.host,
@@ -112,5 +122,15 @@ async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: 
     return served
 
 
-async def _listen(handler: Any, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    await run_listener(handler, host=host, port=port, handle_signals=False, task_status=task_status)
+async def _listen(handler: Any, host: str, port: int, handler_nursery: trio.Nursery, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Accept until the scope it starts with is cancelled; the sessions'
+    tasks run in ``handler_nursery``, so they outlive that."""
+    with trio.CancelScope() as accepting:
+        async def listening(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            await run_listener(handler, host=host, port=port, handle_signals=False, task_status=task_status,
+                               handler_nursery=handler_nursery)
+
+        async with trio.open_nursery() as inner:
+            bound = await inner.start(listening)
+            task_status.started((bound, accepting))

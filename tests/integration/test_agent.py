@@ -186,3 +186,44 @@ def test_every_agent_flag_has_an_environment_variable():
         finally:
             del os.environ[name]
     subprocess.run([PY, "-m", "gateway.cli.wicket", "agent", "--help"], check=True, cwd=ROOT, capture_output=True)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_sigterm_drains_live_sessions_then_cuts_what_is_left(make_gateway):
+    gw = make_gateway("dev")
+    # Finishes within the delay: the agent ends as soon as the last session does.
+    proc, admin = start_agent(gw, "--resource", "echo", "--max-sigterm-delay", "60s")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    port = status(admin)["resources"][0]["port"]
+    live = socket.create_connection(("127.0.0.1", port), timeout=30)
+    live.sendall(b"one!")
+    assert live.recv(4) == b"one!"
+    proc.popen.send_signal(signal.SIGTERM)
+    wait_for(lambda: _refused(port), what="the agent to stop accepting")
+    live.sendall(b"two!")
+    assert live.recv(4) == b"two!"  # the live transfer goes on
+    live.close()
+    assert proc.popen.wait(60) == 143
+    assert "sessions_cut=0" in proc.log()
+
+    # Still open at the end of the delay: cut.
+    proc, admin = start_agent(gw, "--resource", "echo", "--max-sigterm-delay", "1s")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    port = status(admin)["resources"][0]["port"]
+    live = socket.create_connection(("127.0.0.1", port), timeout=30)
+    live.sendall(b"one!")
+    assert live.recv(4) == b"one!"
+    assert proc.stop(signal.SIGTERM) == 143
+    try:
+        assert live.recv(4) == b""
+    except ConnectionResetError:
+        pass
+    live.close()
+    assert "sessions_cut=1" in proc.log()

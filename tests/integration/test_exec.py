@@ -144,3 +144,33 @@ def test_a_bots_certificate_renews_under_a_live_session(pg_env, tmp_path):  # no
     first = ends[0]
     assert first["time"] - first["duration"] < renewals[0] < first["time"]  # open across the renewal
     assert ends[-1]["time"] > renewals[1]
+
+
+def test_the_agent_drains_a_live_psql_session_on_sigterm(person):
+    """A PostgreSQL session (set up in trio, unlike tcp's) outlives the
+    listener: after SIGTERM the running query completes, then the agent
+    exits."""
+    from tests.integration.test_agent import _get, _refused, start_agent, status
+
+    proc, admin = start_agent(person, "--resource", "pg", "--max-sigterm-delay", "120s")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    port = status(admin)["resources"][0]["port"]
+    query = subprocess.Popen(
+        ["psql", "-X", "-tA", "-h", "127.0.0.1", "-p", str(port), "-U", "app", "-d", "app", "-c",
+         "select 42 from pg_sleep(3)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PGCONNECT_TIMEOUT": "30"})
+    wait_for(lambda: status(admin)["resources"][0]["ok"] and _sessions(admin) >= 1, what="the session to open")
+    proc.popen.send_signal(signal.SIGTERM)
+    wait_for(lambda: _refused(port), what="the agent to stop accepting")
+    out, err = query.communicate(timeout=120)
+    assert query.returncode == 0 and out.strip() == "42", err
+    assert proc.popen.wait(60) == 143
+    assert "sessions_cut=0" in proc.log()
+
+
+def _sessions(admin: str) -> int:
+    from tests.integration.test_agent import _get
+
+    text = _get(admin, "/metrics")[1]
+    return sum(int(float(line.split()[-1])) for line in text.splitlines()
+               if line.startswith("wicket_agent_sessions{"))
