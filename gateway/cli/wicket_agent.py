@@ -36,7 +36,8 @@ def _admin_get(address: str, path: str, timeout: float = 5.0) -> tuple[int, byte
 
 def register(main: click.Group, cli: ModuleType) -> None:
     @main.group(invoke_without_command=True)
-    @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    @click.option("--config", "config_path", envvar="WICKET_AGENT_CONFIG",
+                  type=click.Path(dir_okay=False, path_type=Path),
                   help="TOML file (see config/agent.toml); flags and WICKET_AGENT_* variables win over it.")
     @click.option("--profile", help="Profile directory (default $WICKET_HOME or ~/.wicket).")
     @click.option("--token-file", help="Join as a bot with this token when the profile has no valid bot certificate.")
@@ -44,7 +45,8 @@ def register(main: click.Group, cli: ModuleType) -> None:
     @click.option("--ca-pin", help="sha256:... pin of the cluster CA, for --token-file.")
     @click.option("--resource", "resources", multiple=True, metavar="NAME[=PORT]",
                   help="A resource to serve, on PORT or its remembered port (repeatable; replaces the file's "
-                       "list; none anywhere: every resource you may reach).")
+                       "list; none anywhere: every resource you may reach). WICKET_AGENT_RESOURCES: "
+                       "several, separated by spaces.")
     @click.option("--bind", help="Address the resources listen on (default 127.0.0.1).")
     @click.option("--allow-uid", "allow_uids", type=click.IntRange(0), multiple=True, metavar="UID",
                   help="Also let processes of this local uid connect (repeatable).")
@@ -128,6 +130,23 @@ def register(main: click.Group, cli: ModuleType) -> None:
             if time.monotonic() >= deadline:
                 raise cli.WicketError(f"not ready after {timeout:.0f}s:\n{last}")
             time.sleep(0.1)
+
+    @agent.command("check")
+    @click.argument("endpoint", type=click.Choice(["livez", "readyz", "startupz"]))
+    @click.option("--admin", envvar=ADMIN_ENV, default="127.0.0.1:9464", show_default=True,
+                  help="The agent's admin HOST:PORT.")
+    def check(endpoint: str, admin: str) -> None:
+        """Ask a running agent's probe endpoint once: exit 0 if it answers
+        200, else 1 with its answer (for exec probes: the admin address is
+        loopback, out of the kubelet's reach)."""
+        try:
+            code, body = _admin_get(admin, f"/{endpoint}?verbose" if endpoint == "readyz" else f"/{endpoint}")
+        except OSError as exc:
+            raise cli.WicketError(f"the agent at {admin} does not answer ({exc})") from None
+        text = body.decode("utf-8", "replace").strip()
+        if code != 200:
+            raise cli.WicketError(f"{endpoint}: {code}\n{text}")
+        click.echo(text.splitlines()[-1] if text else "ok")
 
     @agent.command("status")
     @click.option("--admin", envvar=ADMIN_ENV, default="127.0.0.1:9464", show_default=True,
