@@ -227,3 +227,20 @@ def test_sigterm_drains_live_sessions_then_cuts_what_is_left(make_gateway):
         pass
     live.close()
     assert "sessions_cut=1" in proc.log()
+
+
+def test_a_persons_agent_says_once_that_the_login_ended_and_serves_again_after_login(cluster, make_gateway):
+    """A role caps the session at 8 s: renewals stop at the cap, the
+    certificate runs out (as after a laptop's sleep), the agent says so
+    once and is not ready; `wicket login` brings it back."""
+    cluster.admin("roles", "add", "short-dev", "--allow-label", "env=dev", "--max-session-ttl", "8s")
+    gw = make_gateway("short-dev")
+    proc, admin = start_agent(gw, "--resource", "echo")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    wait_for(lambda: "run `wicket login" in _get(admin, "/readyz?verbose")[1], what="the login to run out")
+    assert _get(admin, "/readyz")[0] == 503
+    assert gw.login().returncode == 0
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready again after wicket login")
+    assert _echo(status(admin)["resources"][0]["port"]) == b"ping"
+    proc.stop()
+    assert proc.log().count("certificate_expired") == 1
