@@ -75,6 +75,31 @@ class _Collector:
         yield up
         yield connected
         yield sessions
+        ended = CounterMetricFamily("wicket_agent_sessions_ended", "Sessions that ended", labels=["resource"])
+        transferred = CounterMetricFamily("wicket_agent_bytes", "Bytes relayed by ended sessions",
+                                          labels=["resource", "direction"])
+        refused = CounterMetricFamily("wicket_agent_dial_refusals", "Dials the cluster refused, by error code",
+                                      labels=["resource", "code"])
+        failed = CounterMetricFamily("wicket_agent_dial_failures", "Dials that got no answer (cluster unreachable)",
+                                     labels=["resource"])
+        for item in agent.served:
+            # The route's MuxRoute keeps them: the handler is the route
+            # (tcp) or a method of it (postgres, and most kinds).
+            owner = getattr(item.route.handler, "__self__", item.route.handler) if item.ok else None
+            stats = getattr(owner, "stats", None)
+            if stats is None:
+                continue
+            name, snap = item.wanted.name, stats.snapshot()
+            ended.add_metric([name], snap["sessions"])
+            transferred.add_metric([name, "sent"], snap["sent"])
+            transferred.add_metric([name, "received"], snap["received"])
+            for code, count in sorted(snap["refused"].items()):
+                refused.add_metric([name, code], count)
+            failed.add_metric([name], snap["failed"])
+        yield ended
+        yield transferred
+        yield refused
+        yield failed
 
 
 def _text(status: int, text: str) -> Response:

@@ -39,6 +39,7 @@ from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
 from gateway.local.profile import Profile, ProfileError
+from gateway.local.route_stats import RouteStats
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.peercred import LocalUsers
@@ -101,6 +102,7 @@ class MuxRoute:
         self.room = WaitRoom(resource, wait_for_cluster)
         self.dialer = MuxDialer(profile)
         self.local_users = local_users or LocalUsers()
+        self.stats = RouteStats()
 
     def stranger(self, sock: socket.socket, client_addr: str) -> str | None:
         """Why the client on ``sock`` may not use this gateway (logged), or
@@ -128,6 +130,7 @@ class MuxRoute:
         raise AssertionError("unreachable")
 
     def log_refused(self, client_addr: str, error: DialError, next_step: str | None) -> None:
+        self.stats.refusal(error.raw_code or error.code.value)
         log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
                     client_addr, error.raw_code or error.code.value, error.message, next_step)
 
@@ -255,6 +258,7 @@ class TcpProxy(MuxRoute):
             except ClientGone:
                 log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
             except (ClusterError, trio.TooSlowError) as exc:
+                self.stats.failure()
                 log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
                             getattr(exc, "message", None) or "the cluster did not answer in time")
         except BaseException:
@@ -266,6 +270,7 @@ class TcpProxy(MuxRoute):
         reply, client_addr = stream.reply, stream.context
         if isinstance(reply, DialAccept):
             counters = stream.counters
+            self.stats.ended(counters.a_to_b, counters.b_to_a)
             log.info("session_end resource=%s client=%s session=%s sent=%d received=%d%s",
                      self.resource, client_addr, reply.session_id, counters.a_to_b, counters.b_to_a,
                      f" error={stream.error!r}" if stream.error else "")
@@ -275,6 +280,7 @@ class TcpProxy(MuxRoute):
             error = stream.error or "the session ended before the cluster answered"
             if link.failed is not None:
                 error += "; is `wicket-cluster start` still running?"
+            self.stats.failure()
             log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr, error)
 
 

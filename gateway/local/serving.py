@@ -124,13 +124,19 @@ async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: 
 
 async def _listen(handler: Any, host: str, port: int, handler_nursery: trio.Nursery, *,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Accept until the scope it starts with is cancelled; the sessions'
-    tasks run in ``handler_nursery``, so they outlive that."""
+    """Accept until the scope it starts with (the started value's second
+    half) is cancelled; the sessions' tasks run in ``handler_nursery``, so
+    they outlive that."""
     with trio.CancelScope() as accepting:
-        async def listening(task_status=trio.TASK_STATUS_IGNORED) -> None:
-            await run_listener(handler, host=host, port=port, handle_signals=False, task_status=task_status,
-                               handler_nursery=handler_nursery)
+        await run_listener(handler, host=host, port=port, handle_signals=False, handler_nursery=handler_nursery,
+                           task_status=_WithScope(task_status, accepting))
 
-        async with trio.open_nursery() as inner:
-            bound = await inner.start(listening)
-            task_status.started((bound, accepting))
+
+class _WithScope:
+    """A task status that reports the bound address with the scope."""
+
+    def __init__(self, task_status: Any, scope: trio.CancelScope) -> None:
+        self._task_status, self._scope = task_status, scope
+
+    def started(self, value: Any = None) -> None:
+        self._task_status.started((value, self._scope))

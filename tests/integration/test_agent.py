@@ -62,7 +62,31 @@ def test_one_bad_resource_never_takes_the_others_down(cluster, echo, make_gatewa
     assert code == 503 and "[-]resource:nope failed" in text and "[+]resource:echo ok" in text
     assert _get(admin, "/livez")[0] == 200 and _get(admin, "/startupz")[0] == 200
 
+    # Refusals by code: the cluster cannot reach echo-down's upstream.
+    with socket.create_connection(("127.0.0.1", by_name["echo-down"]["port"]), timeout=30) as s:
+        s.sendall(b"x")
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            pass
+
+    def refusals():
+        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+        return {(s.labels["resource"], s.labels["code"]): s.value
+                for s in families["wicket_agent_dial_refusals"].samples if s.name.endswith("_total")}
+
+    assert wait_for(lambda: refusals().get(("echo-down", "upstream_unreachable")), what="the refusal counted") == 1
+
+    def ended():
+        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+        return {s.labels["resource"]: s.value for s in families["wicket_agent_sessions_ended"].samples
+                if s.name.endswith("_total")}
+
+    wait_for(lambda: ended()["echo"] == 1 and ended()["echo-b"] == 1, what="both sessions' ends counted")
     families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+    sent = {(s.labels["resource"], s.labels["direction"]): s.value for s in families["wicket_agent_bytes"].samples
+            if s.name.endswith("_total")}
+    assert sent[("echo", "sent")] == 4 and sent[("echo", "received")] == 4
     up = {s.labels["resource"]: s.value for s in families["wicket_agent_resource_up"].samples}
     assert up["echo"] == 1.0 and up["nope"] == 0.0
     assert families["wicket_agent_certificate_expiry_timestamp_seconds"].samples[0].value > 0
