@@ -42,24 +42,21 @@ from gateway.local.serving import Wanted, client_environment, grant_defaults
 #: Signals passed on to the command.
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT,
              signal.SIGWINCH)
-#: The most a token file may hold.
-MAX_TOKEN_FILE = 4096
 
 
 def _read_token(token: str | None, token_file: Path | None) -> str | None:
+    from gateway.local.session import read_token_file
+
     if token and token_file:
         raise click.UsageError("pass --token or --token-file, not both")
     if token_file is not None:
         try:
-            with open(token_file, "rb") as f:
-                raw = f.read(MAX_TOKEN_FILE + 1)
+            return read_token_file(token_file)
         except OSError as exc:
             raise click.BadParameter(f"cannot read {token_file}: {exc.strerror}", param_hint="--token-file") \
                 from None
-        if len(raw) > MAX_TOKEN_FILE:
-            raise click.BadParameter(f"{token_file} is not a token file (over {MAX_TOKEN_FILE} bytes)",
-                                     param_hint="--token-file")
-        token = raw.decode("utf-8", "replace").strip()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--token-file") from None
     return token or None
 
 

@@ -191,17 +191,22 @@ class Agent:
         """The profile to serve with, once it holds a valid certificate."""
         config, delay, said = self.config, 0.5, None
         while True:
+            person = False
             try:
                 profile = Profile.load(self.home)
+                person = profile.identity().kind != "bot"
                 identity = profile.check_fresh(utcnow())
                 if config.token_file is None or identity.kind == "bot":
                     return profile
-                reason = "the profile holds a person's login, not a bot's"
             except (ProfileError, OSError, ValueError, pki.CertError) as exc:
                 reason = str(exc)
-            if config.token_file is not None:
+            if person and config.token_file is not None:
+                # Never replace a person's login with a bot's.
+                reason = (f"{self.home} holds a person's login; give the bot a profile of its own "
+                          f"(--profile DIR) or drop --token-file")
+            elif config.token_file is not None:
                 try:
-                    token = config.token_file.read_text().strip()
+                    token = session.read_token_file(config.token_file)
                     return await session.join(self.home, config.cluster, pki.normalize_pin(config.ca_pin), token)
                 except ClusterError as exc:
                     reason = f"joining with {config.token_file} failed: {exc.message}"

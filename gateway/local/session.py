@@ -28,7 +28,7 @@ from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
 from gateway.local import api
 from gateway.local.connect import ClusterError, connect_cluster
-from gateway.local.profile import Profile, ProfileError
+from gateway.local.profile import Profile
 from gateway.addresses import parse_hostport
 from gateway.net.http import HTTPClient
 
@@ -42,6 +42,23 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 #: How often a person's agent looks for a new login after theirs ended.
 LOGIN_POLL = 2.0
+
+
+#: The most a token file may hold (a token is 47 characters).
+MAX_TOKEN_FILE = 4096
+
+
+def read_token_file(path: Path) -> str:
+    """The join token in ``path`` (surrounding whitespace dropped);
+    OSError if it cannot be read, ValueError if it is no token file."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_TOKEN_FILE + 1)
+    if len(raw) > MAX_TOKEN_FILE:
+        raise ValueError(f"{path} is not a token file (over {MAX_TOKEN_FILE} bytes)")
+    token = raw.decode("utf-8", "replace").strip()
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
 
 
 def _public_pem(key: Any) -> str:
@@ -177,5 +194,3 @@ class Renewer:
                 self.stuck = None
                 return
 
-
-__all__ = ["Renewer", "join", "renew", "renew_due", "ProfileError"]

@@ -268,3 +268,18 @@ def test_a_persons_agent_says_once_that_the_login_ended_and_serves_again_after_l
     assert _echo(status(admin)["resources"][0]["port"]) == b"ping"
     proc.stop()
     assert proc.log().count("certificate_expired") == 1
+
+
+def test_a_token_never_replaces_a_persons_login(cluster, make_gateway, tmp_path):
+    gw = make_gateway("dev")
+    cluster.admin("bots", "add", "intruder", "--roles", "dev")
+    token_file = tmp_path / "token"
+    token_file.write_text(json.loads(cluster.admin("tokens", "add", "--bot", "intruder", "--format",
+                                                   "json").stdout)["token"])
+    proc, admin = start_agent(gw, "--token-file", str(token_file), "--cluster", cluster.address, "--ca-pin",
+                              cluster.pin, "--resource", "echo")
+    wait_for(lambda: "holds a person's login" in _get(admin, "/startupz")[1], what="the refusal to join")
+    assert _get(admin, "/startupz")[0] == 503
+    assert json.loads(gw.run("status", "--format", "json").stdout)["kind"] == "person"
+    assert cluster.audit(event="bot.join", user="intruder") == []
+    proc.stop()
