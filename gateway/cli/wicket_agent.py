@@ -62,6 +62,9 @@ def register(main: click.Group, cli: ModuleType) -> None:
                   help="The longest a stop may take (default 30s; at least --min-sigterm-delay).")
     @click.option("--exit-zero", is_flag=True, default=None, help="Exit 0 after SIGTERM/SIGINT (default 143/130).")
     @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON.")
+    @click.option("--check-upstreams", is_flag=True, default=None,
+                  help="At start, have the cluster reach every resource's upstream; exit 1 with the reasons if "
+                       "any cannot be served or reached.")
     @click.pass_context
     def agent(ctx: click.Context, config_path: Path | None, **overrides: Any) -> None:
         """Serve many resources in one process: a sidecar, a service, or a

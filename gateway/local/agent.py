@@ -47,7 +47,10 @@ from gateway.local import api, ports, serving, session
 from gateway.local.agent_config import AgentConfig
 from gateway.local.connect import ClusterError
 from gateway.local.profile import Profile, ProfileError, wicket_home
+from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.net.muxlink import LinkClosed
 from gateway.net.peercred import LocalUsers
+from protocols.dial import PARAM_PROBE, DialError, DialRequest
 
 log = logging.getLogger("wicket.agent")
 
@@ -55,6 +58,8 @@ log = logging.getLogger("wicket.agent")
 START_RETRY_MAX = 10.0
 #: How often a draining stop looks whether the live sessions have ended.
 DRAIN_POLL = 0.1
+#: The exit code when --check-upstreams finds a resource it cannot serve.
+EXIT_CHECK_FAILED = 1
 
 
 class Agent:
@@ -180,12 +185,49 @@ class Agent:
             self.profile, self.profile.identity(), wanted, nursery, wait_for_cluster=self.config.wait_for_cluster,
             local_users=local_users)
         self.served.sort(key=lambda s: s.wanted.name)
+        ok = sum(s.ok for s in self.served)
+        if self.config.check_upstreams:  # before the probes say ready
+            self.waiting = "checking that the cluster reaches every upstream"
+            failures = [(s.wanted.name, s.error) for s in self.served if not s.ok]
+            failures += await self._probe_upstreams()
+            for name, why in failures:
+                log.error("upstream_check_failed resource=%s error=%r", name, why)
+            if failures:
+                self.waiting = f"--check-upstreams: {len(failures)} resource(s) cannot be served or reached"
+                self.exit_code = EXIT_CHECK_FAILED
+                self.stop_requested.set()
+                return
+            log.info("upstream_check_passed resources=%d", ok)
         self.waiting = None
         self.started = True
-        ok = sum(s.ok for s in self.served)
         log.info("agent_serving resources=%d failed=%d %s", ok, len(self.served) - ok,
                  " ".join(f"{s.wanted.name}={s.host}:{s.port}" if s.ok else f"{s.wanted.name}=failed"
                           for s in self.served))
+
+    async def _probe_upstreams(self) -> list[tuple[str, str]]:
+        """Ask the cluster to reach every served resource's upstream, all at
+        once; the (resource, why) of those it cannot."""
+        failures: list[tuple[str, str]] = []
+
+        async def probe(item: serving.Served) -> None:
+            request = DialRequest(resource=item.wanted.name, params={PARAM_PROBE: "1"},
+                                  client_addr="check-upstreams")
+            try:
+                with trio.fail_after(DIAL_TIMEOUT):
+                    link = await item.route.dialer.link()
+                    reply = await link.control(request, timeout=DIAL_TIMEOUT)
+            except (ClusterError, LinkClosed, trio.TooSlowError) as exc:
+                failures.append((item.wanted.name, f"the cluster did not answer: "
+                                                   f"{getattr(exc, 'message', None) or exc}"))
+                return
+            if isinstance(reply, DialError):
+                failures.append((item.wanted.name, reply.message))
+
+        async with trio.open_nursery() as nursery:
+            for item in self.served:
+                if item.ok:
+                    nursery.start_soon(probe, item)
+        return sorted(failures)
 
     async def _identity(self) -> Profile:
         """The profile to serve with, once it holds a valid certificate."""

@@ -55,6 +55,9 @@ class AgentConfig:
     max_sigterm_delay: float = 30.0
     exit_zero: bool = False
     log_format: str = "text"
+    #: Dial every resource at start (the cluster connects to its upstream)
+    #: and stop with exit code 1, saying why, if any cannot be reached.
+    check_upstreams: bool = False
     #: Empty: every resource the identity may reach.
     resources: tuple[ResourceConfig, ...] = ()
 
@@ -67,10 +70,11 @@ SECTIONS = {
     "limits": ("wait_for_cluster",),
     "shutdown": ("min_sigterm_delay", "max_sigterm_delay", "exit_zero"),
     "log": ("log_format",),
+    "startup": ("check_upstreams",),
 }
 _DURATIONS = {"wait_for_cluster", "min_sigterm_delay", "max_sigterm_delay"}
 _PATHS = {"profile", "token_file"}
-_FLAGS = {"quitquitquit", "exit_zero"}
+_FLAGS = {"quitquitquit", "exit_zero", "check_upstreams"}
 
 
 def _fail(source: str, key: str, expected: str) -> AgentConfigError:

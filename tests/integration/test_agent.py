@@ -283,3 +283,22 @@ def test_a_token_never_replaces_a_persons_login(cluster, make_gateway, tmp_path)
     assert json.loads(gw.run("status", "--format", "json").stdout)["kind"] == "person"
     assert cluster.audit(event="bot.join", user="intruder") == []
     proc.stop()
+
+
+def test_check_upstreams_fails_fast_with_the_reasons(cluster, echo, make_gateway):
+    cluster.admin("resources", "add", "echo-gone", "--address", "127.0.0.1:9", "--label", "env=dev")
+    gw = make_gateway("dev")
+    proc, admin = start_agent(gw, "--resource", "echo", "--check-upstreams")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready after the check passed")
+    wait_for(lambda: "upstream_check_passed resources=1" in proc.log(), what="the check's log line")
+    proc.stop()
+    probes = cluster.wait_audit(event="dial.probe", user=gw.user)
+    assert probes[0]["resource"] == "echo"
+
+    proc, _ = start_agent(gw, "--resource", "echo", "--resource", "echo-gone", "--resource", "nope",
+                          "--check-upstreams")
+    assert proc.popen.wait(60) == 1
+    log = proc.log()
+    assert "upstream_check_failed resource=echo-gone" in log and "not reachable from the cluster" in log
+    assert "upstream_check_failed resource=nope" in log
+    assert "upstream_check_failed resource=echo " not in log

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -174,3 +175,17 @@ def _sessions(admin: str) -> int:
     text = _get(admin, "/metrics")[1]
     return sum(int(float(line.split()[-1])) for line in text.splitlines()
                if line.startswith("wicket_agent_sessions{"))
+
+
+def test_check_upstreams_probes_postgres_resources_without_a_login(pg_env, tmp_path):  # noqa: F811
+    """A probe asks for no session, so no db user: the cluster only
+    connects to each upstream (pg-down's port answers nothing)."""
+    from tests.integration.test_agent import start_agent
+
+    cluster, _ = pg_env
+    gw = _gateway(cluster, tmp_path, "pg")
+    proc, _ = start_agent(gw, "--resource", "pg", "--resource", "pg-down", "--check-upstreams")
+    assert proc.popen.wait(60) == 1
+    log = proc.log()
+    assert re.search(r"upstream_check_failed resource=pg-down error=.*not reachable from the cluster", log), log
+    assert "upstream_check_failed resource=pg " not in log
