@@ -177,7 +177,7 @@ class Agent:
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         self.profile = await self._identity()
-        self.renewer = session.Renewer(self.profile)
+        self.renewer = session.Renewer(self.profile, rejoin=self._join if self.config.token_file else None)
         nursery.start_soon(self.renewer.run)
         wanted, refused = await self._resources()
         local_users = LocalUsers(uids=LocalUsers().uids | set(self.config.allow_uids))
@@ -248,8 +248,7 @@ class Agent:
                           f"(--profile DIR) or drop --token-file")
             elif config.token_file is not None:
                 try:
-                    token = session.read_token_file(config.token_file)
-                    return await session.join(self.home, config.cluster, pki.normalize_pin(config.ca_pin), token)
+                    return await self._join()
                 except ClusterError as exc:
                     reason = f"joining with {config.token_file} failed: {exc.message}"
                 except (OSError, ValueError) as exc:
@@ -260,6 +259,14 @@ class Agent:
                 said = reason
             await trio.sleep(delay)
             delay = min(delay * 2, START_RETRY_MAX)
+
+    async def _join(self) -> Profile:
+        """Join as the bot with the token file (at start, or again after
+        the certificate ran out); the profile. Raises ClusterError, OSError,
+        ValueError."""
+        config = self.config
+        token = session.read_token_file(config.token_file)
+        return await session.join(self.home, config.cluster, pki.normalize_pin(config.ca_pin), token)
 
     async def _resources(self) -> tuple[list[serving.Wanted], list[serving.Served]]:
         """What to serve (and what cannot be, with why), once the cluster

@@ -11,8 +11,9 @@ A person's certificate renews up to the end of their login's maximum
 session; then, or after a laptop slept past its expiry, :func:`keep_fresh`
 says once what to run (``wicket login``) and waits for a new login on disk.
 A bot renews by itself for as long as it is not locked or removed; if its
-certificate expired while the machine slept, it cannot prove it any more
-and needs a new join token.
+certificate expired while the machine slept, it cannot prove it any more:
+it joins again with its token file (the agent's ``rejoin``) while the token
+has uses left, else it says so and waits for a new token.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -113,9 +114,14 @@ class Renewer:
     """Keeps a profile's certificate fresh (:meth:`run`), and says how it
     stands for probes and metrics."""
 
-    def __init__(self, profile: Profile, *, ttl_seconds: float | None = None) -> None:
+    def __init__(self, profile: Profile, *, ttl_seconds: float | None = None,
+                 rejoin: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.profile = profile
         self.ttl_seconds = ttl_seconds  # what to ask for (None: the cluster's default)
+        #: A bot whose certificate ran out (a sleep, the cluster out of
+        #: reach too long) cannot prove it any more: this joins again (the
+        #: agent's token file, if its token has uses left).
+        self.rejoin = rejoin
         self.renewals = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -186,7 +192,21 @@ class Renewer:
         if self.stuck != message:
             self.stuck = message
             log.warning("certificate_expired message=%r", message)
+        delay = RETRY_FIRST
         while True:
+            if self.rejoin is not None and (identity is None or identity.kind == "bot"):
+                try:
+                    await self.rejoin()
+                except (ClusterError, OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                    self.last_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                    log.warning("rejoin_failed error=%r retry_in=%.0f", self.last_error, delay)
+                else:
+                    log.info("rejoined user=%s", self.profile.user)
+                    self.stuck = None
+                    return
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
             await trio.sleep(LOGIN_POLL)
             fresh = self.identity()
             if fresh is not None and fresh != identity and utcnow() < fresh.not_after:

@@ -302,3 +302,30 @@ def test_check_upstreams_fails_fast_with_the_reasons(cluster, echo, make_gateway
     assert "upstream_check_failed resource=echo-gone" in log and "not reachable from the cluster" in log
     assert "upstream_check_failed resource=nope" in log
     assert "upstream_check_failed resource=echo " not in log
+
+
+@pytest.mark.heavy
+def test_a_bot_whose_certificate_ran_out_joins_again_with_its_token(echo, tmp_path):
+    """The cluster is away longer than the bot's 5-second certificates (as
+    a laptop asleep would be): the agent cannot renew, says so, and joins
+    again with its token's second use once the cluster is back."""
+    cluster = Cluster(tmp_path, echo)
+    try:
+        cluster.admin("roles", "add", "short-dev", "--allow-label", "env=dev", "--max-session-ttl", "5s")
+        cluster.admin("bots", "add", "laptop", "--roles", "short-dev")
+        token_file = tmp_path / "token"
+        token_file.write_text(json.loads(cluster.admin("tokens", "add", "--bot", "laptop", "--uses", "2", "--format",
+                                                       "json").stdout)["token"])
+        gw = Gateway(tmp_path, cluster, "laptop")
+        proc, admin = start_agent(gw, "--token-file", str(token_file), "--cluster", cluster.address, "--ca-pin",
+                                  cluster.pin, "--resource", "echo")
+        wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+        cluster.stop()
+        wait_for(lambda: "join again" in _get(admin, "/readyz?verbose")[1], what="the certificate to run out")
+        cluster.start()
+        wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready again after joining again")
+        assert _echo(status(admin)["resources"][0]["port"]) == b"ping"
+        assert len(cluster.audit(event="bot.join", user="laptop")) == 2
+        proc.stop()
+    finally:
+        cluster.stop()
