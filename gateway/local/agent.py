@@ -231,7 +231,7 @@ class Agent:
 
     async def _identity(self) -> Profile:
         """The profile to serve with, once it holds a valid certificate."""
-        config, delay, said = self.config, 0.5, None
+        config, backoff = self.config, _Backoff(self)
         while True:
             person = False
             try:
@@ -253,12 +253,7 @@ class Agent:
                     reason = f"joining with {config.token_file} failed: {exc.message}"
                 except (OSError, ValueError) as exc:
                     reason = f"cannot join with {config.token_file}: {exc}"
-            self.waiting = reason
-            if reason != said:
-                log.warning("agent_waiting reason=%r", reason)
-                said = reason
-            await trio.sleep(delay)
-            delay = min(delay * 2, START_RETRY_MAX)
+            await backoff.wait(reason)
 
     async def _join(self) -> Profile:
         """Join as the bot with the token file (at start, or again after
@@ -271,19 +266,14 @@ class Agent:
     async def _resources(self) -> tuple[list[serving.Wanted], list[serving.Served]]:
         """What to serve (and what cannot be, with why), once the cluster
         says what the identity may reach."""
-        delay, said = 0.5, None
+        backoff = _Backoff(self)
         while True:
             try:
                 doc = await api.api_call(self.profile, "GET", "/v1/resources")
                 break
             except (ClusterError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                reason = f"the cluster did not list the resources: {getattr(exc, 'message', None) or exc}"
-            self.waiting = reason
-            if reason != said:
-                log.warning("agent_waiting reason=%r", reason)
-                said = reason
-            await trio.sleep(delay)
-            delay = min(delay * 2, START_RETRY_MAX)
+                await backoff.wait(f"the cluster did not list the resources: "
+                                   f"{getattr(exc, 'message', None) or exc}")
         visible = {r.get("name"): r for r in doc.get("resources", [])}
         configured = self.config.resources or tuple(
             _Default(name) for name in sorted(n for n in visible if isinstance(n, str)))
@@ -309,6 +299,22 @@ class Agent:
             wanted.append(serving.Wanted(name=rc.name, kind=kind, options=dict(rc.options),
                                          settings={**grants, **rc.options}, bind=self.config.bind, port=port))
         return wanted, refused
+
+
+class _Backoff:
+    """Waits between start-up attempts, longer each time; says why the
+    agent waits (in /startupz and once in the log per new reason)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent, self.delay, self.said = agent, 0.5, None
+
+    async def wait(self, reason: str) -> None:
+        self.agent.waiting = reason
+        if reason != self.said:
+            log.warning("agent_waiting reason=%r", reason)
+            self.said = reason
+        await trio.sleep(self.delay)
+        self.delay = min(self.delay * 2, START_RETRY_MAX)
 
 
 class _Default:

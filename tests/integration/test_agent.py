@@ -220,15 +220,21 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_sigterm_drains_live_sessions_then_cuts_what_is_left(make_gateway):
-    gw = make_gateway("dev")
-    # Finishes within the delay: the agent ends as soon as the last session does.
-    proc, admin = start_agent(gw, "--resource", "echo", "--max-sigterm-delay", "60s")
+def _live_session_through(gw: Gateway, *args: str) -> tuple[Proc, int, socket.socket]:
+    """An agent serving echo, ready, with one session open through it."""
+    proc, admin = start_agent(gw, "--resource", "echo", *args)
     wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
     port = status(admin)["resources"][0]["port"]
     live = socket.create_connection(("127.0.0.1", port), timeout=30)
     live.sendall(b"one!")
     assert live.recv(4) == b"one!"
+    return proc, port, live
+
+
+def test_sigterm_drains_live_sessions_then_cuts_what_is_left(make_gateway):
+    gw = make_gateway("dev")
+    # Finishes within the delay: the agent ends as soon as the last session does.
+    proc, port, live = _live_session_through(gw, "--max-sigterm-delay", "60s")
     proc.popen.send_signal(signal.SIGTERM)
     wait_for(lambda: _refused(port), what="the agent to stop accepting")
     live.sendall(b"two!")
@@ -238,12 +244,7 @@ def test_sigterm_drains_live_sessions_then_cuts_what_is_left(make_gateway):
     assert "sessions_cut=0" in proc.log()
 
     # Still open at the end of the delay: cut.
-    proc, admin = start_agent(gw, "--resource", "echo", "--max-sigterm-delay", "1s")
-    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
-    port = status(admin)["resources"][0]["port"]
-    live = socket.create_connection(("127.0.0.1", port), timeout=30)
-    live.sendall(b"one!")
-    assert live.recv(4) == b"one!"
+    proc, _port, live = _live_session_through(gw, "--max-sigterm-delay", "1s")
     assert proc.stop(signal.SIGTERM) == 143
     try:
         assert live.recv(4) == b""
