@@ -8,7 +8,6 @@ Registered on ``wicket`` by :func:`register` with the CLI module
 
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 import time
@@ -22,6 +21,8 @@ ADMIN_ENV = "WICKET_AGENT_ADMIN"
 
 
 def _admin_get(address: str, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    import http.client
+
     from gateway.addresses import parse_hostport
 
     host, port = parse_hostport(address)

@@ -31,13 +31,15 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 import trio
 
 from gateway import kinds
-from gateway.local.serving import Wanted, client_environment, grant_defaults
+
+if TYPE_CHECKING:  # the relay's modules load only for the commands that serve
+    from gateway.local.serving import Wanted
 
 #: Signals passed on to the command.
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT,
@@ -105,6 +107,7 @@ def register(main: click.Group, cli: ModuleType) -> None:
         """Each (verb, name) as a Wanted, checked against what the cluster
         lets this identity reach."""
         from gateway.local import api
+        from gateway.local.serving import Wanted, grant_defaults
 
         doc = cli._run(api.api_call, profile, "GET", "/v1/resources")
         visible = {r.get("name"): r for r in doc.get("resources", [])}
@@ -236,7 +239,7 @@ def register(main: click.Group, cli: ModuleType) -> None:
         """Print the clients' variables for the named resources, at their
         remembered ports: eval "$(wicket env --db pg)". Something must
         serve them there: `wicket proxy ... --port PORT`."""
-        from gateway.local.serving import Served
+        from gateway.local.serving import Served, client_environment
 
         names = chosen(values)
         profile = cli._load_profile()
@@ -320,6 +323,7 @@ async def _run_command(profile: Any, identity: Any, wanted: list[Wanted], argv: 
     import logging
 
     from gateway.local import serving
+    from gateway.local.serving import client_environment
     from gateway.local.session import Renewer
 
     log = logging.getLogger("wicket.exec")
