@@ -350,6 +350,11 @@ class MuxDialer:
         try:
             while True:
                 try:
+                    # A certificate renewed on disk (`wicket renew`, the
+                    # agent's renewer) replaces the connection now, not at
+                    # the next client: the old one ends with its
+                    # certificate, and reconnecting with that would fail.
+                    self.dialer._reload_if_changed()
                     link = await self.link()
                 except (ClusterError, trio.TooSlowError) as exc:
                     outage.failed(exc)

@@ -330,3 +330,30 @@ def test_a_bot_whose_certificate_ran_out_joins_again_with_its_token(echo, tmp_pa
         proc.stop()
     finally:
         cluster.stop()
+
+
+@pytest.mark.heavy
+def test_an_idle_agent_reconnects_with_each_renewed_certificate(echo, tmp_path):
+    """No client connects: the agent's connection to the cluster is
+    replaced by one with the renewed certificate by itself, before the
+    old certificate ends (else the cluster would see a connection with an
+    expired certificate, and only the next client would set it right)."""
+    cluster = Cluster(tmp_path, echo)
+    try:
+        cluster.admin("roles", "add", "short6-dev", "--allow-label", "env=dev", "--max-session-ttl", "6s")
+        cluster.admin("bots", "add", "idle", "--roles", "short6-dev")
+        token_file = tmp_path / "token"
+        token_file.write_text(json.loads(cluster.admin("tokens", "add", "--bot", "idle", "--format",
+                                                       "json").stdout)["token"])
+        gw = Gateway(tmp_path, cluster, "idle")
+        proc, admin = start_agent(gw, "--token-file", str(token_file), "--cluster", cluster.address, "--ca-pin",
+                                  cluster.pin, "--resource", "echo")
+        wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+        wait_for(lambda: len(cluster.audit(event="bot.renew", user="idle")) >= 5, what="five renewals",
+                 interval=0.5)
+        assert "no valid session certificate" not in cluster.proc.log()
+        wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready on the renewed certificate")
+        assert _echo(status(admin)["resources"][0]["port"]) == b"ping"
+        proc.stop()
+    finally:
+        cluster.stop()
