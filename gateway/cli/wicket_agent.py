@@ -83,12 +83,14 @@ def register(main: click.Group, cli: ModuleType) -> None:
         from gateway import logs
         from gateway.local.agent import Agent
         from gateway.local.agent_config import AgentConfigError, load
+        from gateway.net.descriptors import raise_open_files_limit
 
         try:
             config = load(config_path, overrides)
         except AgentConfigError as exc:
             raise click.UsageError(str(exc)) from None
         logs.setup(config.log_format)
+        raise_open_files_limit()  # every client of every resource is a descriptor: take what the system allows
 
         async def run() -> int:
             agent_ = Agent(config)

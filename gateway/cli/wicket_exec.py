@@ -204,8 +204,10 @@ def register(main: click.Group, cli: ModuleType) -> None:
         Exit codes: the command's (128 + N if signal N ended it); before it
         starts, wicket's own (3 not logged in, 4 refused, 5 unreachable)."""
         from gateway import logs
+        from gateway.net.descriptors import raise_open_files_limit
 
         logs.setup("text")
+        raise_open_files_limit()
         names = chosen(values)
         secret = _read_token(token, token_file)
         seconds = _duration(ttl)

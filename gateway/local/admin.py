@@ -83,12 +83,9 @@ class _Collector:
         failed = CounterMetricFamily("wicket_agent_dial_failures", "Dials that got no answer (cluster unreachable)",
                                      labels=["resource"])
         for item in agent.served:
-            # The route's MuxRoute keeps them: the handler is the route
-            # (tcp) or a method of it (postgres, and most kinds).
-            owner = getattr(item.route.handler, "__self__", item.route.handler) if item.ok else None
-            stats = getattr(owner, "stats", None)
-            if stats is None:
+            if not item.ok:
                 continue
+            stats = item.route.route.stats  # every kind's MuxRoute keeps them
             name, snap = item.wanted.name, stats.snapshot()
             ended.add_metric([name], snap["sessions"])
             transferred.add_metric([name, "sent"], snap["sent"])
