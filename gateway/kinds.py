@@ -128,8 +128,21 @@ POSTGRES = Kind(
     is_database=True,
 )
 
+MYSQL = Kind(
+    name="mysql",
+    summary="MySQL and MariaDB: no password on the client, the cluster logs in as the db user, commands audited",
+    alpn="wicket-mysql",
+    proxy_verb="db",
+    spec=DATABASE,
+    params=(DB_USER, DB_NAME),
+    cluster_route="gateway.cluster.mysql:MYSQL",
+    gateway_route="gateway.local.mysql:mysql_route",
+    proxy_options=DATABASE_PROXY_OPTIONS,
+    is_database=True,
+)
+
 #: Every kind, by name. The one place a kind is plugged in.
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, MYSQL)}
 
 
 class UnknownKind(ValueError):

@@ -40,7 +40,7 @@ from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import ProfileError
 from gateway.local.proxy import NEXT_STEP, MuxRoute, peer_addr
 from gateway.local.waitroom import ClientGone
-from gateway.net.muxlink import MuxLink, Stream
+from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.relay import RelayCounters
 from gateway.net.tcp import peer_left
 from protocols.dial import DialError, DialRequest
@@ -125,30 +125,55 @@ class DatabaseRoute(MuxRoute):
     async def dial(self, phase: ClientPhase, params: Mapping[str, str]) -> tuple[MuxLink, Stream] | None:
         """A stream for a session with ``params``, accepted by the cluster;
         None once the client was turned away (or left)."""
-        client_addr = phase.client_addr
-        request = DialRequest(resource=self.resource, params=dict(params), client_addr=client_addr)
+        request = DialRequest(resource=self.resource, params=dict(params), client_addr=phase.client_addr)
         try:
             self.dialer.check_fresh()
-            link, stream = await self.open_stream(request, client_addr, phase.tcp.socket)
-        except ClientGone:
-            log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
-            return None
-        except ProfileError as exc:
-            await self.refuse(phase, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
-            return None
-        except (ClusterError, trio.TooSlowError) as exc:
-            message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
-            # The cluster, not the resource, is what failed: the message says
-            # what to do, with no hint about the resource.
-            unreachable = getattr(exc, "code", "unreachable") == "unreachable" or getattr(exc, "passing", False)
-            await self.refuse(phase, DialError(code=ErrorCode.UPSTREAM_UNREACHABLE, message=message),
-                              hint=CLUSTER_HINT if unreachable else None)
+            link, stream = await self.open_stream(request, phase.client_addr, phase.tcp.socket)
+        except (ClientGone, ProfileError, ClusterError, trio.TooSlowError) as exc:
+            await self._failed(phase, exc)
             return None
         if isinstance(stream.reply, DialError):
             await self.refuse(phase, stream.reply)
             self.dialer.release(link)
             return None
         return link, stream
+
+    async def control(self, phase: ClientPhase, params: Mapping[str, str]) -> Mapping[str, str] | None:
+        """A control dial (no session) with ``params``, for the client on
+        ``phase``: the cluster's answer's parameters; None once the client
+        was turned away (or left)."""
+        client_addr = phase.client_addr
+        request = DialRequest(resource=self.resource, params=dict(params), client_addr=client_addr)
+        try:
+            self.dialer.check_fresh()
+            link = await self.on_link(lambda link: link, self.room.deadline(), client_addr,
+                                      lambda: peer_left(phase.tcp.socket, eof=True))
+            try:
+                reply = await link.control(request, timeout=DIAL_TIMEOUT)
+            except LinkClosed as exc:
+                raise ClusterError("unreachable", f"the connection to the cluster failed ({exc})") from None
+        except (ClientGone, ProfileError, ClusterError, trio.TooSlowError) as exc:
+            await self._failed(phase, exc)
+            return None
+        if isinstance(reply, DialError):
+            await self.refuse(phase, reply)
+            return None
+        return reply.params
+
+    async def _failed(self, phase: ClientPhase, exc: Exception) -> None:
+        """No answer from the cluster (``exc``): tell the client why, in its protocol."""
+        if isinstance(exc, ClientGone):
+            log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource,
+                     phase.client_addr)
+        elif isinstance(exc, ProfileError):
+            await self.refuse(phase, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
+        else:
+            message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
+            # The cluster, not the resource, is what failed: the message says
+            # what to do, with no hint about the resource.
+            unreachable = getattr(exc, "code", "unreachable") == "unreachable" or getattr(exc, "passing", False)
+            await self.refuse(phase, DialError(code=ErrorCode.UPSTREAM_UNREACHABLE, message=message),
+                              hint=CLUSTER_HINT if unreachable else None)
 
     async def open_stream(self, request: DialRequest, client_addr: str, sock) -> tuple[MuxLink, Stream]:
         """A stream for ``request`` and the cluster's answer (in
