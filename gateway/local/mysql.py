@@ -49,8 +49,8 @@ from gateway.net.tls import TLSStream
 from protocols.dial import DialError
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocols.mysql import (
-    NEED_DATA, Capability, ClientLogin, ConnectionClosed, ErrPacket, GatewayHandshake, OkPacket,
-    ServerInfo, StartTLS, err_for, encode_packets,
+    DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ClientLogin, ConnectionClosed, ErrPacket,
+    GatewayHandshake, OkPacket, ServerInfo, StartTLS, advertised, err_for, encode_packets,
 )
 from protocols.mysql import dialparams as dp
 from protocols.mysql.constants import ErrorNumber
@@ -58,9 +58,9 @@ from protocols.mysql.constants import ErrorNumber
 log = logging.getLogger("wicket.proxy.mysql")
 
 READ = 65536
-#: Error numbers for a refusal, by its code, where the codec's default is
-#: not the one a MySQL user knows.
-_ERRNO = {ErrorCode.UPSTREAM_UNREACHABLE: ErrorNumber.ER_CONNECT_TO_FOREIGN_DATA_SOURCE}
+#: The greeting of a client about to be refused before the server was reached.
+REFUSING = ServerInfo(server_version="5.5.5-10.0.0-Wicket-no-server-reached",
+                      capabilities=advertised(DEFAULT_CLIENT_CAPABILITIES, tls=False))
 
 
 class MySqlProxy(DatabaseRoute):
@@ -117,17 +117,29 @@ class _MySqlClient(ClientPhase):
         if hint:
             message = f"{message}; {hint}"
         if isinstance(error, DialError):
-            errno = _ERRNO.get(error.code)
-            if errno is None and error.code is ErrorCode.ACCESS_DENIED and "db_name" in message:
-                errno = ErrorNumber.ER_DBACCESS_DENIED_ERROR
-            packet = ErrPacket.of(errno, message) if errno else err_for(
-                RemoteProtocolError(message, code=error.code))
+            packet = err_for(RemoteProtocolError(message, code=error.code))
         else:
             packet = err_for(error)
-            packet = ErrPacket(errno=packet.errno, sqlstate=packet.sqlstate, message=message[:4000])
-        if self.hs is None:  # before the greeting: the server's first packet may be an ERR
+            packet = ErrPacket(errno=packet.errno, sqlstate=packet.sqlstate, message=message)
+        if self.hs is None:  # no greeting: the server's first packet may be an ERR
             return encode_packets(packet.encode(), 0)[0]
         return self.hs.refuse(packet)
+
+    async def turn_away(self, error: DialError | ProtocolError, hint: str | None) -> None:
+        """A client refused before its greeting (the probe failed, another
+        local user) hears the ERR after its handshake response: clients
+        that wanted TLS (MariaDB 10.11's mysql) distrust an ERR in place
+        of the greeting and print a TLS error instead. The greeting then
+        cannot be the server's: it says so in its version string."""
+        if self.hs is None and not isinstance(error, ProtocolError):
+            self.hs = GatewayHandshake(REFUSING, connection_id=0, tls=self.route.tls_context is not None)
+            try:
+                if isinstance(await self._converse(), ConnectionClosed):
+                    await self.stream.aclose()
+                    return
+            except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # it hears the ERR anyway, as soon as it reads
+        await super().turn_away(error, hint)
 
     async def run(self) -> dict[str, str] | None:
         route = self.route
@@ -136,7 +148,16 @@ class _MySqlClient(ClientPhase):
         server = await route.server_info(self)
         if server is None:
             return None
-        hs = self.hs = GatewayHandshake(server, connection_id=0, tls=route.tls_context is not None)
+        self.hs = GatewayHandshake(server, connection_id=0, tls=route.tls_context is not None)
+        event = await self._converse()
+        if isinstance(event, ClientLogin):
+            self.login = event
+            return self._params(event)
+        return None
+
+    async def _converse(self) -> ClientLogin | ConnectionClosed:
+        """The handshake with the client, TLS included, up to its login (or its leaving)."""
+        hs = self.hs
         while True:
             out = hs.data_to_send()
             if out:
@@ -148,13 +169,10 @@ class _MySqlClient(ClientPhase):
             if event is NEED_DATA:
                 hs.receive_data(await self.stream.receive_some(READ))
             elif isinstance(event, StartTLS):
-                self.stream = TLSStream(self.tcp, route.tls_context, server_side=True, received=hs.start_tls())
+                self.stream = TLSStream(self.tcp, self.route.tls_context, server_side=True, received=hs.start_tls())
                 await self.stream.do_handshake()
-            elif isinstance(event, ClientLogin):
-                self.login = event
-                return self._params(event)
-            elif isinstance(event, ConnectionClosed):
-                return None
+            else:
+                return event
 
     def _params(self, login: ClientLogin) -> dict[str, str]:
         route = self.route

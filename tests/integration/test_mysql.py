@@ -140,3 +140,248 @@ def test_password_upstream_native_and_ed25519(pw_port):
         r = mysql(pw_port, "-e", "select current_user()", user=user)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == f"{user}@%"
+
+
+def test_mysql_cli_script_multi_statements_and_errors(my_port, tmp_path):
+    script = tmp_path / "s.sql"
+    script.write_text(
+        "drop table if exists t_script;\n"
+        "create table t_script (id int primary key, name varchar(20));\n"
+        "insert into t_script values (1, 'one'), (2, 'two'), (3, 'three');\n"
+        "select count(*) from t_script; select name from t_script where id = 2;\n"
+    )
+    r = mysql(my_port, input=script.read_text())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["3", "two"]
+    # A server error is the client's own, and the session goes on.
+    r = mysql(my_port, "--force", input="select * from no_such_table;\nselect 42;\n")
+    assert "ERROR 1146 (42S02)" in r.stderr
+    assert r.stdout.strip() == "42"
+
+
+def test_multi_results_and_prepared_statements_pymysql(my_port):
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app",
+                           client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select 1; select 2, 3; do 0")
+            assert cur.fetchall() == ((1,),)
+            assert cur.nextset() and cur.fetchall() == ((2, 3),)
+            cur.execute("prepare st from 'select ? + 1'")
+            cur.execute("set @a = 41")
+            cur.execute("execute st using @a")
+            assert cur.fetchall() == ((42,),)
+    finally:
+        conn.close()
+
+
+def test_pymysql_tls_preferred_without_local_tls(my_port):
+    """PyMySQL >= 1.2 asks for TLS when offered; without --local-tls it is not offered."""
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app", ssl={})
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def tls_port(gw):
+    return gw.proxy("db", "maria", "--local-tls")[1]
+
+
+def test_local_tls_with_the_cli_and_pymysql(tls_port, gw):
+    ca = next(gw.home.rglob("local-ca.crt"), None) or next(p for p in gw.home.rglob("*ca*.crt"))
+    r = mysql(tls_port, "--ssl", f"--ssl-ca={ca}", "--ssl-verify-server-cert", "-e",
+              "select 'tls ok'")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "tls ok"
+    conn = pymysql.connect(host="localhost", port=tls_port, user="app", database="app",
+                           ssl_ca=str(ca), ssl_verify_identity=True)
+    plain = pymysql.connect(host="127.0.0.1", port=tls_port, user="app", database="app")  # PyMySQL's defaults
+    try:
+        for c in (conn, plain):
+            with c.cursor() as cur:
+                cur.execute("select 2")
+                assert cur.fetchone() == (2,)
+        assert conn._sock.version() and conn._sock.version().startswith("TLS")
+    finally:
+        conn.close()
+        plain.close()
+
+
+# -- refusals, each the client's own error -----------------------------------------
+
+
+def test_database_the_role_does_not_allow(my_port, my_env, gw):
+    cluster, _ = my_env
+    r = mysql(my_port, "-e", "select 1", db="secret")
+    assert r.returncode != 0
+    assert "ERROR 1045 (28000)" in r.stderr and "db_name=secret" in r.stderr, r.stderr
+    cluster.wait_audit(lambda evs: any(e["params"].get("db_name") == "secret" for e in evs),
+                       user=gw.user, event="dial.denied")
+
+
+def test_db_user_the_role_does_not_allow(my_port):
+    r = mysql(my_port, "-e", "select 1", user="root")
+    assert r.returncode != 0
+    assert "ERROR 1045 (28000)" in r.stderr and "ask a cluster administrator" in r.stderr, r.stderr
+
+
+def test_the_servers_own_refusal(my_port):
+    """A db user the role allows but the server does not know: the server's ERR, verbatim."""
+    r = mysql(my_port, "-e", "select 1", user="nobody")
+    assert r.returncode != 0
+    assert "ERROR 1045 (28000)" in r.stderr and "nobody" in r.stderr, r.stderr
+
+
+def test_unknown_database_is_the_servers_1049(my_port):
+    r = mysql(my_port, "-e", "select 1", db="app_missing")
+    assert r.returncode != 0
+    assert "ERROR 1049 (42000)" in r.stderr, r.stderr
+
+
+def test_upstream_down(gw):
+    _, port = gw.proxy("db", "maria-down")
+    r = mysql(port, "-e", "select 1")
+    assert r.returncode != 0
+    assert "ERROR 1429" in r.stderr and "maria-down" in r.stderr, r.stderr
+
+
+def test_use_of_a_database_the_role_does_not_allow_never_reaches_the_server(my_port, my_env, gw):
+    cluster, _ = my_env
+    r = mysql(my_port, "-e", "use app_other; select database()")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "app_other"
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    try:
+        with pytest.raises(pymysql.err.OperationalError):
+            conn.select_db("secret")
+    finally:
+        conn.close()
+    cluster.wait_audit(lambda evs: any(e.get("schema") == "secret" and not e["allowed"] for e in evs),
+                       user=gw.user, event="mysql.init_db")
+
+
+# -- audit -----------------------------------------------------------------------
+
+
+def test_commands_are_audited(my_port, my_env, gw):
+    cluster, _ = my_env
+    marker = f"audit_marker_{next(_n)}"
+    r = mysql(my_port, "-e", f"select '{marker}'; select * from no_such_{marker}")
+    assert "ERROR 1146" in r.stderr
+    queries = cluster.wait_audit(lambda evs: any(marker in e["query"] for e in evs), user=gw.user,
+                                 event="mysql.query")
+    assert any(e["query"] == f"select '{marker}'" for e in queries)
+    errors = cluster.wait_audit(lambda evs: any(marker in e["message"] for e in evs), user=gw.user,
+                                event="mysql.error")
+    assert any(e["errno"] == 1146 and e["sqlstate"] == "42S02" for e in errors)
+    starts = cluster.wait_audit(user=gw.user, event="session.start")
+    assert any(e.get("db_user") == "app" and e.get("kind") == "mysql" for e in starts)
+
+
+# -- sysbench ----------------------------------------------------------------------
+
+SYSBENCH = shutil.which("sysbench")
+
+
+def sysbench(port: int, test: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sysbench", test, "--mysql-host=127.0.0.1", f"--mysql-port={port}",
+                           "--mysql-user=app", "--mysql-password=", "--mysql-db=sbtest", "--mysql-ssl=off",
+                           "--tables=1", "--table-size=1000", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(SYSBENCH is None, reason="sysbench not installed")
+def test_sysbench_point_select_and_read_write(my_port, my_env, gw):
+    cluster, _ = my_env
+    r = sysbench(my_port, "oltp_read_write", "prepare")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for test in ("oltp_point_select", "oltp_read_write"):
+        r = sysbench(my_port, test, "--threads=4", "--events=400", "--time=0", "run")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "errors:                              0 " in r.stdout.replace("\n", " ") or " 0 " in r.stdout
+    # Prepared statements: their text once, each execution without values.
+    prepares = cluster.wait_audit(lambda evs: any("sbtest1" in e["query"] for e in evs), user=gw.user,
+                                  event="mysql.prepare")
+    assert prepares
+    executes = cluster.wait_audit(lambda evs: len(evs) >= 100, user=gw.user, event="mysql.execute")
+    assert all(e["param_count"] is not None for e in executes[:50])
+
+
+# -- drivers -----------------------------------------------------------------------
+
+
+def test_mysqlclient(my_port):
+    MySQLdb = pytest.importorskip("MySQLdb")
+    conn = MySQLdb.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    try:
+        cur = conn.cursor()
+        cur.execute("select %s + 1", (41,))
+        assert cur.fetchone() == (42,)
+    finally:
+        conn.close()
+
+
+async def test_asyncmy_and_aiomysql(my_port):
+    import trio_asyncio  # the drivers are asyncio's
+
+    async def run_both():
+        out = []
+        asyncmy = pytest.importorskip("asyncmy")
+        conn = await asyncmy.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+        async with conn.cursor() as cur:
+            await cur.execute("select 7")
+            out.append(await cur.fetchone())
+        conn.close()
+        aiomysql = pytest.importorskip("aiomysql")
+        conn = await aiomysql.connect(host="127.0.0.1", port=my_port, user="app", db="app")
+        async with conn.cursor() as cur:
+            await cur.execute("select 8")
+            out.append(await cur.fetchone())
+        conn.close()
+        return out
+
+    async with trio_asyncio.open_loop():
+        out = await trio_asyncio.aio_as_trio(run_both)()
+    assert out == [(7,), (8,)]
+
+
+# -- kill from a second session ----------------------------------------------------
+
+
+def test_kill_query_from_a_second_session(my_port, my_env, gw):
+    cluster, _ = my_env
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    other = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    errors: list[BaseException] = []
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select connection_id()")
+            [thread] = cur.fetchone()
+
+        def sleep() -> None:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("select sleep(60)")
+                    errors.append(AssertionError(f"not interrupted: {cur.fetchall()}"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=sleep)
+        t.start()
+        with other.cursor() as cur:
+            wait_for(lambda: (cur.execute(f"select count(*) from information_schema.processlist where id = {thread} "
+                                          f"and info like 'select sleep%'"), cur.fetchone()[0])[1],
+                     what="the sleeping query")
+            cur.execute(f"kill query {thread}")
+        t.join(30)
+        # SLEEP() interrupted returns 1 (MariaDB), or the query fails with 1317.
+        assert not t.is_alive()
+    finally:
+        conn.close()
+        other.close()
+    cluster.wait_audit(lambda evs: any(e["query"] == f"kill query {thread}" for e in evs), user=gw.user,
+                       event="mysql.query")
