@@ -42,6 +42,7 @@ the session ends there, on record.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Mapping
 
 import trio
@@ -206,6 +207,12 @@ class MySqlKind(DatabaseKind):
 
 MYSQL = MySqlKind()
 
+#: ``USE db`` sent as a statement (drivers do; the mysql CLI sends
+#: COM_INIT_DB), also after comments or another statement: the database
+#: it switches to (quoted, or bare).
+_USE = re.compile(r"(?:^|;)(?:\s|/\*.*?\*/|--[^\n]*\n|#[^\n]*\n)*use\s+(?:`((?:[^`]|``)+)`|([^\s;`]+))",
+                  re.IGNORECASE | re.DOTALL)
+
 
 class MySqlSessionAuditor(SessionAuditor):
     """A MySQL session's commands and the server's errors as audit events;
@@ -234,6 +241,9 @@ class MySqlSessionAuditor(SessionAuditor):
     def _client_event(self, e: object) -> None:
         if isinstance(e, QueryEvent):
             self.emit("query", query=e.text, truncated=e.truncated, size=e.size, attributes=e.attributes)
+            if "use" in e.text[:4096].lower():
+                for quoted, bare in _USE.findall(e.text[:4096]):
+                    self._init_db(quoted.replace("``", "`") if quoted else bare)
         elif isinstance(e, ExecuteEvent):
             self.emit("execute", statement_id=e.statement_id, param_count=e.param_count, size=e.size)
         elif isinstance(e, PrepareEvent):

@@ -254,13 +254,15 @@ def test_use_of_a_database_the_role_does_not_allow_never_reaches_the_server(my_p
     r = mysql(my_port, "-e", "use app_other; select database()")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "app_other"
-    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
-    try:
-        with pytest.raises(pymysql.err.OperationalError):
-            conn.select_db("secret")
-    finally:
-        conn.close()
-    cluster.wait_audit(lambda evs: any(e.get("schema") == "secret" and not e["allowed"] for e in evs),
+    for use in (lambda c: c.select_db("secret"), lambda c: c.cursor().execute("/* as a statement */ USE `secret`")):
+        conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+        try:
+            with pytest.raises(pymysql.err.OperationalError):
+                use(conn)
+        finally:
+            conn.close()
+    # The server never switched: nothing of it in its general view of the session.
+    cluster.wait_audit(lambda evs: sum(e.get("schema") == "secret" and not e["allowed"] for e in evs) >= 2,
                        user=gw.user, event="mysql.init_db")
 
 
