@@ -387,3 +387,62 @@ def test_kill_query_from_a_second_session(my_port, my_env, gw):
         other.close()
     cluster.wait_audit(lambda evs: any(e["query"] == f"kill query {thread}" for e in evs), user=gw.user,
                        event="mysql.query")
+
+
+# -- mysqldump and restore, large values --------------------------------------------
+
+
+def _dump_and_restore(port: int, tmp_path, rows: int, width: int) -> None:
+    setup = ("drop table if exists app.t_dump; create table app.t_dump (id int primary key, v longtext);"
+             f"insert into app.t_dump select seq, repeat(char(65 + seq % 26), {width}) from seq_1_to_{rows};")
+    r = mysql(port, "-e", setup)
+    assert r.returncode == 0, r.stderr
+    dump = tmp_path / "app.sql"
+    with open(dump, "wb") as out:
+        r = subprocess.run(["mysqldump", "--no-defaults", "-h", "127.0.0.1", "-P", str(port), "-u", "app",
+                            "--single-transaction", "--skip-ssl", "app", "t_dump"], stdout=out,
+                           stderr=subprocess.PIPE, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert dump.stat().st_size > rows * width
+    with open(dump, "rb") as src:
+        r = subprocess.run(["mysql", "--no-defaults", "-h", "127.0.0.1", "-P", str(port), "-u", "app",
+                            "--skip-ssl", "dumped"], stdin=src, capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = mysql(port, "-e", "select count(*), sum(length(v)), md5(group_concat(md5(v) order by id)) from app.t_dump;"
+                          "select count(*), sum(length(v)), md5(group_concat(md5(v) order by id)) from dumped.t_dump")
+    assert r.returncode == 0, r.stderr
+    original, restored = r.stdout.strip().splitlines()
+    assert original == restored and original.startswith(f"{rows}\t{rows * width}\t")
+
+
+def test_mysqldump_and_restore(my_port, tmp_path):
+    _dump_and_restore(my_port, tmp_path, rows=2000, width=1000)
+
+
+@pytest.mark.heavy
+def test_mysqldump_and_restore_100_mib(my_port, tmp_path):
+    _dump_and_restore(my_port, tmp_path, rows=1600, width=64 * 1024)
+
+
+@pytest.mark.heavy
+def test_a_64_mib_blob(my_port):
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    blob = bytes(range(256)) * (64 * 1024 * 1024 // 256)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("drop table if exists t_blob")
+            cur.execute("create table t_blob (id int primary key, b longblob)")
+            cur.execute("insert into t_blob values (1, %s)", (blob,))
+            cur.execute("select b from t_blob where id = 1")
+            assert cur.fetchone()[0] == blob
+    finally:
+        conn.close()
+
+
+def test_load_data_local_is_refused_in_the_servers_words(my_port, tmp_path):
+    data = tmp_path / "in.tsv"
+    data.write_text("1\tone\n2\ttwo\n")
+    r = mysql(my_port, "--local-infile=1", "-e",
+              f"create table if not exists t_infile (id int, v text); load data local infile '{data}' into table t_infile")
+    assert r.returncode != 0
+    assert "ERROR 1148" in r.stderr or "ERROR 4166" in r.stderr or "not allowed" in r.stderr, r.stderr
