@@ -28,11 +28,10 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.dbbench import cpu_table, medians, ratio_table, run_rounds
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
-from benchmarks.procstat import thread_cpu
 from gateway.local.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,28 +52,6 @@ def _pgbench(port: int, user: str, args: list[str], seconds: int) -> tuple[float
     if not m or not n:
         raise RuntimeError(f"no tps in pgbench output:\n{r.stdout}")
     return float(m.group(1)), int(n.group(1))
-
-
-def _cpu(wicket) -> dict[str, dict[str, float]]:
-    """CPU seconds so far of a Wicket pair's processes, per thread name."""
-    return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": thread_cpu(wicket.cluster.pid)}
-
-
-def _cpu_table(label: str, cpu: dict[str, dict[str, dict[str, float]]], txns: dict[str, int]) -> list[str]:
-    """Rows: µs of CPU per transaction, per process and thread."""
-    rows = ["", f"| CPU per {label} transaction, µs (all rounds) | thread | " + " | ".join(cpu) + " |",
-            "|---|---|" + "---:|" * len(cpu)]
-    for proc in ("gateway", "cluster"):
-        names = sorted({t for path in cpu.values() for t in path[proc]})
-        for name in ["(all)", *names]:
-            cells = []
-            for path, by_proc in cpu.items():
-                used = by_proc[proc]
-                seconds = sum(used.values()) if name == "(all)" else used.get(name, 0.0)
-                cells.append(f"{seconds / max(txns[path], 1) * 1e6:.0f}")
-            if name == "(all)" or any(c != "0" for c in cells):
-                rows.append(f"| {proc} | {name} | " + " | ".join(cells) + " |")
-    return rows
 
 
 def main(argv=None) -> int:
@@ -124,43 +101,25 @@ def main(argv=None) -> int:
         started.append(st)
         routes = {"direct": (pg_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
-        results: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PATHS} for w in WORKLOADS}
         wickets = {"wicket": w_plain, "wicket-tls": w_tls}
-        # CPU of the Wicket processes per workload, per thread name.
-        cpu = {w: {p: {"gateway": {}, "cluster": {}} for p in wickets} for w in WORKLOADS}
-        txns = {w: {p: 0 for p in wickets} for w in WORKLOADS}
-        for rnd in range(args.rounds):
-            order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
-            for workload, wargs in WORKLOADS.items():
-                for path in order:
-                    port, user = routes[path]
-                    before = _cpu(wickets[path]) if path in wickets else None
-                    tps, n = _pgbench(port, user, wargs, args.seconds)
-                    if before is not None:
-                        after = _cpu(wickets[path])
-                        txns[workload][path] += n
-                        for proc, used in after.items():
-                            for name, seconds in used.items():
-                                total = cpu[workload][path][proc]
-                                total[name] = total.get(name, 0.0) + seconds - before[proc].get(name, 0.0)
-                    results[workload][path].append(tps)
-                    print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:7} "
-                          f"{path:10} {tps:10.0f} tps", flush=True)
-        medians = {w: {p: sorted(v)[len(v) // 2] for p, v in r.items()} for w, r in results.items()}
+
+        def measure(path: str, workload: str) -> tuple[float, int]:
+            port, user = routes[path]
+            return _pgbench(port, user, WORKLOADS[workload], args.seconds)
+
+        results, cpu, txns = run_rounds(PATHS, tuple(WORKLOADS), wickets, args.rounds, measure, "tps")
+        meds = medians(results)
         if args.format == "json":
             print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "tps": results,
-                              "median_tps": medians, "cpu_seconds": cpu, "transactions": txns},
+                              "median_tps": meds, "cpu_seconds": cpu, "transactions": txns},
                              indent=2))
         else:
-            print(f"\n| pgbench (median of {args.rounds} x {args.seconds}s) | " + " | ".join(PATHS) + " |")
-            print("|---|" + "---:|" * len(PATHS))
             labels = {"select": "-S, 4 connections, TPS ↑", "connect": "-S -C (connection per txn), TPS ↑"}
-            for w, m in medians.items():
-                base = m["stunnel"]
-                cells = [f"{m[p]:.0f}" + ("" if p == "stunnel" else f" ({m[p] / base:.2f}x)") for p in PATHS]
-                print(f"| {labels[w]} | " + " | ".join(cells) + " |")
+            print()
+            print("\n".join(ratio_table(f"pgbench (median of {args.rounds} x {args.seconds}s)", PATHS, meds,
+                                        labels)))
             for w, label in (("select", "-S"), ("connect", "-S -C")):
-                print("\n".join(_cpu_table(label, cpu[w], txns[w])))
+                print("\n".join(cpu_table(label, cpu[w], txns[w])))
         return 0
     finally:
         for path in reversed(started):
