@@ -42,7 +42,6 @@ the session ends there, on record.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Mapping
 
 import trio
@@ -57,6 +56,7 @@ from gateway.identity import pki
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.mysql import dialparams as dp
+from protocols.mysql.statements import use_targets
 from protocols.mysql import (
     DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ChangeUserEvent, Command, CommandAuditor,
     CommandEvent, CommandTracker, ErrorEvent, ExecuteEvent, InitDbEvent,
@@ -94,6 +94,8 @@ class MySqlKind(DatabaseKind):
         params = dict(request.params)
         if dp.PROBE in params:
             return {dp.PROBE: "handshake"}
+        if dp.USE in params:  # RBAC decides on the db user and this database, as for a dial
+            params[PARAM_DB_NAME] = params[dp.USE]
         db_user = params.get(PARAM_DB_USER) or identity.user
         out = {PARAM_DB_USER: db_user}
         db_name = params.get(PARAM_DB_NAME)
@@ -107,12 +109,16 @@ class MySqlKind(DatabaseKind):
         out[dp.MAX_PACKET] = str(_int(params, dp.MAX_PACKET, 32, 1 << 24))
         attrs = [(k, v) for k, v in params.items() if k.startswith(dp.ATTR_PREFIX) and len(k) > len(dp.ATTR_PREFIX)]
         out.update(attrs[:dp.MAX_ATTRIBUTES])
+        if dp.USE in params:
+            out[dp.USE] = params[dp.USE]
         return out
 
     # -- control dials: the handshake probe --------------------------------------
 
     async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
                       identity: pki.Identity) -> Answered | None:
+        if dp.USE in request.params:  # the checks before this decided: allowed
+            return Answered(f"database switch to {request.params[dp.USE]!r} allowed")
         if dp.PROBE not in request.params:
             return None
         upstream = await connect_tcp(resource)
@@ -172,6 +178,8 @@ class MySqlKind(DatabaseKind):
         reply = {**dp.server_params(outcome.server), dp.OK: ok_hex}
         auditor = MySqlSessionAuditor(cluster, session, outcome.capabilities, resource, db_user)
         auditor.roles = await self._roles(cluster, session)
+        if names_constrained(auditor.roles, resource, db_user):
+            reply[dp.GUARD] = "1"
         trailing, _ = login.trailing_data
         return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply,
                       tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
@@ -207,11 +215,20 @@ class MySqlKind(DatabaseKind):
 
 MYSQL = MySqlKind()
 
-#: ``USE db`` sent as a statement (drivers do; the mysql CLI sends
-#: COM_INIT_DB), also after comments or another statement: the database
-#: it switches to (quoted, or bare).
-_USE = re.compile(r"(?:^|;)(?:\s|/\*.*?\*/|--[^\n]*\n|#[^\n]*\n)*use\s+(?:`((?:[^`]|``)+)`|([^\s;`]+))",
-                  re.IGNORECASE | re.DOTALL)
+
+#: No database is called this (MySQL names have no "/"): only a catch-all glob matches it.
+_ANY_NAME = "/wicket/any/database/"
+
+
+def names_constrained(roles: list, resource: Resource, db_user: str) -> bool:
+    """Do ``roles`` allow ``db_user`` on ``resource`` only some databases?
+    (A name only a catch-all glob matches is refused, or a deny rule names
+    databases.)"""
+    anything = {PARAM_DB_USER: db_user, PARAM_DB_NAME: _ANY_NAME}
+    if not rbac.decide(roles, resource.name, resource.labels, anything).allowed:
+        return True
+    return any(rule.selects(resource.name, resource.labels) and any(k == PARAM_DB_NAME for k, _ in rule.params)
+               for role in roles for rule in role.deny)
 
 
 class MySqlSessionAuditor(SessionAuditor):
@@ -241,9 +258,8 @@ class MySqlSessionAuditor(SessionAuditor):
     def _client_event(self, e: object) -> None:
         if isinstance(e, QueryEvent):
             self.emit("query", query=e.text, truncated=e.truncated, size=e.size, attributes=e.attributes)
-            if "use" in e.text[:4096].lower():
-                for quoted, bare in _USE.findall(e.text[:4096]):
-                    self._init_db(quoted.replace("``", "`") if quoted else bare)
+            for schema in use_targets(e.text):
+                self._init_db(schema)
         elif isinstance(e, ExecuteEvent):
             self.emit("execute", statement_id=e.statement_id, param_count=e.param_count, size=e.size)
         elif isinstance(e, PrepareEvent):

@@ -212,16 +212,18 @@ class DatabaseRoute(MuxRoute):
             raise ClusterError("unreachable", error)
 
     async def relay(self, phase: ClientPhase, link: MuxLink, stream: Stream, *, early: bytes = b"",
-                    tap_in=None) -> tuple[RelayCounters, str | None, bool]:
+                    tap_in=None, client=None) -> tuple[RelayCounters, str | None, bool]:
         """Relay the client on ``stream`` until the session is over:
         ``early`` first (bytes of the gateway's own before the cluster's),
-        ``tap_in`` sees the cluster's bytes before the client does. Returns
-        the counters, the session's error, and whether it ran at all."""
+        ``tap_in`` sees the cluster's bytes before the client does;
+        ``client``: the stream to relay instead of the phase's (one end of
+        a pair, when the kind watches the session in trio). Returns the
+        counters, the session's error, and whether it ran at all."""
         counters = RelayCounters()
         try:
             if early:
                 await phase.stream.send_all(early)
-            if not link.bind(stream, phase.stream, counters, tap_in=tap_in):
+            if not link.bind(stream, client or phase.stream, counters, tap_in=tap_in):
                 return counters, stream.error, False
             return counters, await link.wait(stream), True
         except BaseException:

@@ -6,7 +6,8 @@ the local client said in its HandshakeResponse41, so the cluster logs in
 upstream the same way and the relayed command phase agrees end to end
 (:data:`CAPS`, :data:`CHARSET`, :data:`MAX_PACKET`, connection attributes
 under :data:`ATTR_PREFIX`); :data:`PROBE` makes a control dial that only
-reads the server's handshake.
+reads the server's handshake, :data:`USE` one that asks whether the db user
+may switch to a database (RBAC decides on ``db_user`` and ``db_name``).
 
 Cluster -> gateway (DialAccept): the server's handshake values
 (:func:`server_params` / :func:`server_info_of`), which the gateway greets
@@ -25,7 +26,7 @@ from protocols.errors import ProtocolError
 from protocols.mysql.messages import ServerInfo
 
 __all__ = [
-    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "ATTR_PREFIX", "MAX_ATTRIBUTES", "VERSION",
+    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "USE", "GUARD", "ATTR_PREFIX", "MAX_ATTRIBUTES", "VERSION",
     "SERVER_CAPS", "SERVER_CHARSET", "STATUS", "PLUGIN", "THREAD", "OK", "ERR",
     "server_params", "server_info_of",
 ]
@@ -34,6 +35,8 @@ CAPS: Final = "mysql.caps"
 CHARSET: Final = "mysql.charset"
 MAX_PACKET: Final = "mysql.max_packet"
 PROBE: Final = "mysql.probe"
+#: A control dial: may this session's db user switch to this database?
+USE: Final = "mysql.use"
 ATTR_PREFIX: Final = "mysql.attr."
 #: Connection attributes passed on at most (the dial carries 32 parameters).
 MAX_ATTRIBUTES: Final = 16
@@ -46,6 +49,9 @@ PLUGIN: Final = "mysql.plugin"
 THREAD: Final = "mysql.thread"
 OK: Final = "mysql.ok"
 ERR: Final = "mysql.err"
+#: "1": the roles allow this db user only some databases: switches of
+#: database need the cluster's word first (gateway/local/mysqlguard.py).
+GUARD: Final = "mysql.guard"
 
 
 def server_params(info: ServerInfo) -> dict[str, str]:

@@ -36,6 +36,12 @@ db_names = ["app", "app_*", "sbtest", "dumped"]
 [[roles.my.deny]]
 resources = ["maria*"]
 db_names = ["mysql"]
+
+[roles.my-any]
+[[roles.my-any.allow]]
+resources = ["maria"]
+db_users = ["app"]
+db_names = ["*"]
 """
 
 
@@ -95,6 +101,23 @@ def my_port(gw):
 
 
 @pytest.fixture(scope="module")
+def any_port(my_env, tmp_path_factory):
+    """A user whose role allows the db user every database: its sessions
+    are relayed by the engine alone (no guard)."""
+    cluster, _ = my_env
+    g = _gateway(cluster, tmp_path_factory.mktemp("gw-any"), "my-any")
+    yield g.proxy("db", "maria")[1]
+    g.stop()
+
+
+@pytest.fixture(params=["guarded", "engine"])
+def port(request, my_port, any_port):
+    """Both ways a session runs: through the gateway's guard (the role
+    allows some databases), and relayed by the engine alone."""
+    return my_port if request.param == "guarded" else any_port
+
+
+@pytest.fixture(scope="module")
 def pw_port(gw):
     return gw.proxy("db", "maria-pw")[1]
 
@@ -111,8 +134,8 @@ def mysql(port: int, *args: str, user: str = "app", db: str | None = "app", inpu
 # -- the mysql CLI -----------------------------------------------------------------
 
 
-def test_mysql_cli_no_password(my_port):
-    r = mysql(my_port, "-e", "select current_user(), database(), @@ssl_cipher is not null")
+def test_mysql_cli_no_password(port):
+    r = mysql(port, "-e", "select current_user(), database(), @@ssl_cipher is not null")
     assert r.returncode == 0, r.stderr
     user, db, _tls = r.stdout.strip().split("\t")
     assert user == "app@%" and db == "app"
@@ -142,7 +165,7 @@ def test_password_upstream_native_and_ed25519(pw_port):
         assert r.stdout.strip() == f"{user}@%"
 
 
-def test_mysql_cli_script_multi_statements_and_errors(my_port, tmp_path):
+def test_mysql_cli_script_multi_statements_and_errors(port, tmp_path):
     script = tmp_path / "s.sql"
     script.write_text(
         "drop table if exists t_script;\n"
@@ -150,17 +173,17 @@ def test_mysql_cli_script_multi_statements_and_errors(my_port, tmp_path):
         "insert into t_script values (1, 'one'), (2, 'two'), (3, 'three');\n"
         "select count(*) from t_script; select name from t_script where id = 2;\n"
     )
-    r = mysql(my_port, input=script.read_text())
+    r = mysql(port, input=script.read_text())
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["3", "two"]
     # A server error is the client's own, and the session goes on.
-    r = mysql(my_port, "--force", input="select * from no_such_table;\nselect 42;\n")
+    r = mysql(port, "--force", input="select * from no_such_table;\nselect 42;\n")
     assert "ERROR 1146 (42S02)" in r.stderr
     assert r.stdout.strip() == "42"
 
 
-def test_multi_results_and_prepared_statements_pymysql(my_port):
-    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app",
+def test_multi_results_and_prepared_statements_pymysql(port):
+    conn = pymysql.connect(host="127.0.0.1", port=port, user="app", database="app",
                            client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
     try:
         with conn.cursor() as cur:
@@ -249,21 +272,73 @@ def test_upstream_down(gw):
     assert "ERROR 1429" in r.stderr and "maria-down" in r.stderr, r.stderr
 
 
-def test_use_of_a_database_the_role_does_not_allow_never_reaches_the_server(my_port, my_env, gw):
+def test_use_of_a_database_the_role_does_not_allow_is_refused_and_the_session_goes_on(my_port, my_env, gw):
     cluster, _ = my_env
-    r = mysql(my_port, "-e", "use app_other; select database()")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "app_other"
-    for use in (lambda c: c.select_db("secret"), lambda c: c.cursor().execute("/* as a statement */ USE `secret`")):
-        conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
-        try:
-            with pytest.raises(pymysql.err.OperationalError):
-                use(conn)
-        finally:
-            conn.close()
-    # The server never switched: nothing of it in its general view of the session.
-    cluster.wait_audit(lambda evs: sum(e.get("schema") == "secret" and not e["allowed"] for e in evs) >= 2,
-                       user=gw.user, event="mysql.init_db")
+    r = mysql(my_port, "-e", "use app_other; select database(); use secret")
+    assert "ERROR 1044 (42000)" in r.stderr and "db_name=secret" in r.stderr, r.stderr
+    assert r.stdout.split() == ["app_other"]
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    try:
+        for use in (lambda: conn.select_db("secret"),
+                    lambda: conn.cursor().execute("/* as a statement */ USE `secret`"),
+                    lambda: conn.cursor().execute("select 1; use secret")):
+            with pytest.raises(pymysql.err.OperationalError) as info:
+                use()
+            assert info.value.args[0] == 1044
+            with conn.cursor() as cur:  # the session goes on, in the database it had
+                cur.execute("select database()")
+                assert cur.fetchone() == ("app",)
+    finally:
+        conn.close()
+    checks = cluster.wait_audit(lambda evs: any(e["params"].get("mysql.use") == "secret" for e in evs),
+                                user=gw.user, event="dial.denied")
+    assert checks
+
+
+def test_change_user_is_refused_and_the_session_goes_on(my_port):
+    from pymysql.constants import COMMAND
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    try:
+        conn._execute_command(COMMAND.COM_CHANGE_USER, b"root\x00\x00app\x00")
+        with pytest.raises(pymysql.err.MySQLError) as info:
+            conn._read_packet()
+        assert info.value.args[0] == 1047 and "connect again" in info.value.args[1]
+        with conn.cursor() as cur:
+            cur.execute("select current_user()")
+            assert cur.fetchone() == ("app@%",)
+    finally:
+        conn.close()
+
+
+def test_change_user_relayed_by_the_engine_ends_the_session_unsent(any_port, my_env):
+    """Without the guard, the cluster's auditor is what stops it: the
+    server never sees it, the session ends, the audit says why."""
+    from pymysql.constants import COMMAND
+    cluster, _ = my_env
+    conn = pymysql.connect(host="127.0.0.1", port=any_port, user="app", database="app")
+    try:
+        conn._execute_command(COMMAND.COM_CHANGE_USER, b"root\x00\x00app\x00")
+        with pytest.raises(pymysql.err.OperationalError):
+            conn._read_packet()
+    finally:
+        conn.close()
+    cluster.wait_audit(lambda evs: any(e["username"] == "root" and e["refused"] for e in evs),
+                       event="mysql.change_user")
+
+
+def test_reset_connection_is_the_servers(my_port):
+    from pymysql.constants import COMMAND
+    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("set @kept = 1")
+        conn._execute_command(0x1F, b"")  # COM_RESET_CONNECTION
+        conn._read_ok_packet()
+        with conn.cursor() as cur:
+            cur.execute("select @kept, current_user()")
+            assert cur.fetchone() == (None, "app@%")
+    finally:
+        conn.close()
 
 
 # -- audit -----------------------------------------------------------------------
@@ -297,19 +372,19 @@ def sysbench(port: int, test: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(SYSBENCH is None, reason="sysbench not installed")
-def test_sysbench_point_select_and_read_write(my_port, my_env, gw):
+def test_sysbench_point_select_and_read_write(port, my_env):
     cluster, _ = my_env
-    r = sysbench(my_port, "oltp_read_write", "prepare")
+    r = sysbench(port, "oltp_read_write", "cleanup")
+    r = sysbench(port, "oltp_read_write", "prepare")
     assert r.returncode == 0, r.stdout + r.stderr
     for test in ("oltp_point_select", "oltp_read_write"):
-        r = sysbench(my_port, test, "--threads=4", "--events=400", "--time=0", "run")
+        r = sysbench(port, test, "--threads=4", "--events=400", "--time=0", "run")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "errors:                              0 " in r.stdout.replace("\n", " ") or " 0 " in r.stdout
     # Prepared statements: their text once, each execution without values.
-    prepares = cluster.wait_audit(lambda evs: any("sbtest1" in e["query"] for e in evs), user=gw.user,
-                                  event="mysql.prepare")
+    prepares = cluster.wait_audit(lambda evs: any("sbtest1" in e["query"] for e in evs), event="mysql.prepare")
     assert prepares
-    executes = cluster.wait_audit(lambda evs: len(evs) >= 100, user=gw.user, event="mysql.execute")
+    executes = cluster.wait_audit(lambda evs: len(evs) >= 100, event="mysql.execute")
     assert all(e["param_count"] is not None for e in executes[:50])
 
 
@@ -415,8 +490,8 @@ def _dump_and_restore(port: int, tmp_path, rows: int, width: int) -> None:
     assert original == restored and original.startswith(f"{rows}\t{rows * width}\t")
 
 
-def test_mysqldump_and_restore(my_port, tmp_path):
-    _dump_and_restore(my_port, tmp_path, rows=2000, width=1000)
+def test_mysqldump_and_restore(port, tmp_path):
+    _dump_and_restore(port, tmp_path, rows=2000, width=1000)
 
 
 @pytest.mark.heavy
@@ -425,8 +500,8 @@ def test_mysqldump_and_restore_100_mib(my_port, tmp_path):
 
 
 @pytest.mark.heavy
-def test_a_64_mib_blob(my_port):
-    conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+def test_a_64_mib_blob(port):
+    conn = pymysql.connect(host="127.0.0.1", port=port, user="app", database="app")
     blob = bytes(range(256)) * (64 * 1024 * 1024 // 256)
     try:
         with conn.cursor() as cur:

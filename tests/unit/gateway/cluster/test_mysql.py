@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from gateway.cluster.dial import Refused
-from gateway.cluster.mysql import _USE, MySqlKind, MySqlSessionAuditor
+from gateway.cluster.mysql import MySqlKind, MySqlSessionAuditor, names_constrained
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource
 from gateway.identity.pki import Identity
@@ -17,6 +17,7 @@ from protocols.dial import DialRequest
 from protocols.errors import ErrorCode
 from protocols.mysql import Command
 from protocols.mysql import dialparams as dp
+from protocols.mysql.statements import use_targets
 from tests.unit.protocols.mysql.session import MODERN, command, err, ok, query
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
@@ -61,7 +62,7 @@ def test_bad_params_are_refused(params):
     ("select user()", []), ("select 'use'", []), ("update t set user = 1", []),
 ])
 def test_use_statements_are_found(text, schemas):
-    assert [q.replace("``", "`") if q else b for q, b in _USE.findall(text)] == schemas
+    assert use_targets(text) == schemas
 
 
 class FakeCluster:
@@ -110,3 +111,17 @@ def test_what_the_role_does_not_allow_ends_the_session_unsent(packet):
     with pytest.raises(trio.BrokenResourceError):
         a.from_client(packet)
     assert cluster.events[-1][0] in ("mysql.init_db", "mysql.change_user")
+
+
+@pytest.mark.parametrize("spec, constrained", [
+    ({"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["*"]}]}, False),
+    # No db_names list: no database at all (a session without one only).
+    ({"allow": [{"resources": ["maria"], "db_users": ["app"]}]}, True),
+    ({"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["app*"]}]}, True),
+    ({"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["*"]}],
+      "deny": [{"resources": ["maria"], "db_names": ["mysql"]}]}, True),
+])
+def test_names_constrained(spec, constrained):
+    role = Role.from_spec("r", spec)
+    resource = Resource(name="maria", kind="mysql", address="127.0.0.1:3306", labels={})
+    assert names_constrained([role], resource, "app") is constrained
