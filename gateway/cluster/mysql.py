@@ -18,9 +18,10 @@ The gateway's dial carries what its client said in its handshake response:
 (``mysql.caps``), character set and maximum packet size, and its connection
 attributes (``mysql.attr.*``, for the audit and passed on). The cluster logs
 in with those capabilities, so both ends of the relayed command phase agree
-(DEPRECATE_EOF, multi-statements, query attributes...), less LOCAL INFILE
-(the server could ask the client's machine for any file) and compression
-(it could not be audited), which the server then refuses in its own words. The DialAccept
+(DEPRECATE_EOF, multi-statements, query attributes...), less compression
+(it could not be audited) and, unless a role allows it, LOCAL INFILE (the
+server could ask the client's machine for any file), which the server
+then refuses in its own words. The DialAccept
 carries the server's handshake values (``mysql.version``, ``mysql.caps``,
 ``mysql.charset``, ``mysql.status``, ``mysql.plugin``, ``mysql.thread``,
 which the gateway caches to greet later clients with) and the login's
@@ -33,7 +34,8 @@ Every command is audited from a copy of the relayed bytes (protocols/mysql's
 auditors): COM_QUERY, COM_STMT_PREPARE (the text), COM_STMT_EXECUTE
 (statement id and parameter count, never values), COM_STMT_CLOSE,
 COM_INIT_DB, COM_CHANGE_USER, COM_RESET_CONNECTION, the server's errors,
-LOAD DATA LOCAL (file name, bytes). A COM_INIT_DB to a database the user's
+LOAD DATA LOCAL (file name, bytes; only where a role has ``local_infile =
+["on"]`` is the server told the client may send files). A COM_INIT_DB to a database the user's
 roles do not allow, and COM_CHANGE_USER (the gateway answers it itself;
 one reaching the cluster is a modified gateway's) never reach the server:
 the session ends there, on record.
@@ -66,6 +68,7 @@ from protocols.mysql import (
 
 log = logging.getLogger("wicket.cluster.mysql")
 
+PARAM_LOCAL_INFILE = "local_infile"
 #: MariaDB takes user names of up to 80 characters (MySQL 32), schema names of 64.
 MAX_USER, MAX_SCHEMA = 80, 64
 #: Bytes of a server's greeting we read for a probe (it is one packet of ~100).
@@ -152,16 +155,20 @@ class MySqlKind(DatabaseKind):
                     password: str | None) -> Opened:
         db_user, db_name = params[PARAM_DB_USER], params.get(PARAM_DB_NAME)
         caps = Capability(int(params.get(dp.CAPS, DEFAULT_CLIENT_CAPABILITIES.value)))
+        roles = await self._roles(cluster, session)
         # LOCAL INFILE lets the server read files of the client's machine:
-        # never offered to it through Wicket.
-        caps &= ~(Capability.LOCAL_FILES | Capability.COMPRESS | Capability.ZSTD_COMPRESSION_ALGORITHM)
+        # offered to it only where a role says local_infile = ["on"].
+        infile = Capability.LOCAL_FILES in caps and local_infile_allowed(roles, resource, params)
+        caps &= ~(Capability.COMPRESS | Capability.ZSTD_COMPRESSION_ALGORITHM)
+        if not infile:
+            caps &= ~Capability.LOCAL_FILES
         charset = int(params.get(dp.CHARSET, "0")) or None
         attributes = {k[len(dp.ATTR_PREFIX):]: v for k, v in params.items() if k.startswith(dp.ATTR_PREFIX)}
         login = UpstreamLogin(user=db_user, password=password, database=db_name, tls=spec.tls != "disable",
                               capabilities=caps, charset=charset, attributes=attributes or None,
                               max_packet_size=int(params.get(dp.MAX_PACKET, 1 << 24)) or (1 << 24))
         outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
-        details: dict[str, Any] = {"db_user": db_user, "db_name": db_name}
+        details: dict[str, Any] = {"db_user": db_user, "db_name": db_name, "local_infile": infile}
         if attributes:
             details["client_attributes"] = attributes
         if isinstance(outcome, LoginRefused):
@@ -175,10 +182,11 @@ class MySqlKind(DatabaseKind):
         ok_hex = outcome.ok_payload.hex()
         if len(ok_hex) > MAX_OK_HEX:  # keep the status and counts, drop session-state details
             ok_hex = outcome.ok_payload[:1].hex() + "0000" + outcome.ok.status.to_bytes(2, "little").hex() + "0000"
-        reply = {**dp.server_params(outcome.server), dp.OK: ok_hex}
+        reply = {**dp.server_params(outcome.server), dp.OK: ok_hex,
+                 dp.SESSION_CAPS: str(outcome.capabilities.value)}
         auditor = MySqlSessionAuditor(cluster, session, outcome.capabilities, resource, db_user)
-        auditor.roles = await self._roles(cluster, session)
-        if names_constrained(auditor.roles, resource, db_user):
+        auditor.roles = roles
+        if names_constrained(roles, resource, db_user):
             reply[dp.GUARD] = "1"
         trailing, _ = login.trailing_data
         return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply,
@@ -214,6 +222,12 @@ class MySqlKind(DatabaseKind):
 
 
 MYSQL = MySqlKind()
+
+
+def local_infile_allowed(roles: list, resource: Resource, params: Mapping[str, str]) -> bool:
+    """Does a role allow this session LOAD DATA LOCAL (``local_infile = ["on"]``)?"""
+    asked = {k: params[k] for k in (PARAM_DB_USER, PARAM_DB_NAME) if k in params}
+    return rbac.decide(roles, resource.name, resource.labels, {**asked, PARAM_LOCAL_INFILE: "on"}).allowed
 
 
 #: No database is called this (MySQL names have no "/"): only a catch-all glob matches it.

@@ -239,7 +239,8 @@ class _MySqlClient(ClientPhase):
                 return f"the cluster could not be asked whether {schema!r} is allowed ({exc})"
             return reply.message if isinstance(reply, DialError) else None
 
-        guard = Guard(self.stream, outer, check)
+        caps = Capability(int(stream.reply.params.get(dp.SESSION_CAPS, params[dp.CAPS])))
+        guard = Guard(self.stream, outer, check, caps)
         async with outer, trio.open_nursery() as nursery:
             nursery.start_soon(guard.run)
             _counters, error, _ran = await self.route.relay(self, link, stream, early=early, client=inner)

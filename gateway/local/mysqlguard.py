@@ -21,6 +21,11 @@ command it looks at the first byte only, and holds back
 * COM_CHANGE_USER: a session is one db user's, chosen at connect time, so
   the client gets ERR 1047 saying to connect again as the other user.
 
+Where a role allows LOAD DATA LOCAL, a file's packets follow the server's
+request with ids that wrap past 0: the guard then follows the session
+with the codec's auditors (protocols/mysql/commands.py, responses.py) to
+tell them from commands.
+
 The cluster's auditor enforces the same (it ends a session where a
 refused switch reaches it): the guard is what keeps the session usable.
 A command is held whole only up to :data:`MAX_HELD` bytes; a longer one
@@ -38,7 +43,10 @@ from typing import Awaitable, Callable
 import trio
 
 from gateway.net.relay import RelayCounters
-from protocols.mysql import Command, ErrPacket, encode_packets
+from protocols.errors import ProtocolError
+from protocols.mysql import (
+    NEED_DATA, Capability, Command, CommandAuditor, CommandTracker, ErrPacket, ResponseAuditor, encode_packets,
+)
 from protocols.mysql.constants import ErrorNumber
 from protocols.mysql.statements import use_targets
 
@@ -58,8 +66,16 @@ class Guard:
     socket is joined to), holding back what needs a word; see the module
     docstring. ``check`` asks the cluster about a database."""
 
-    def __init__(self, client: trio.abc.Stream, inner: trio.SocketStream, check: Check) -> None:
+    def __init__(self, client: trio.abc.Stream, inner: trio.SocketStream, check: Check,
+                 capabilities: Capability) -> None:
         self.client, self.inner, self.check = client, inner, check
+        # With LOCAL INFILE a file's packets follow the server's request,
+        # their ids wrapping past 0: following the session (the codec's
+        # auditors, joined by a tracker) tells them from commands.
+        self._tracker: CommandTracker | None = None
+        if Capability.LOCAL_FILES in capabilities:
+            self._tracker = CommandTracker(capabilities)
+            self._commands, self._responses = CommandAuditor(self._tracker), ResponseAuditor(self._tracker)
         self.counters = RelayCounters()
         self._buf = bytearray()
         self._continues = False  # the last packet was a full one: the next continues it
@@ -80,6 +96,8 @@ class Guard:
                 if not data:
                     break
                 self.counters.b_to_a += len(data)
+                if self._tracker is not None:
+                    _follow(self._responses, data)  # before the client can answer a file request
                 async with self._send_lock:
                     await self.client.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -106,7 +124,7 @@ class Guard:
         while len(buf) >= 4:
             length, seq = int.from_bytes(buf[:3], "little"), buf[3]
             command = buf[4] if len(buf) > 4 else None
-            starts = seq == 0 and not self._continues
+            starts = seq == 0 and not self._continues and not (self._tracker and self._tracker.infile)
             if starts and length and length <= MAX_HELD and (command is None or command in _LOOKED_AT):
                 if len(buf) < 4 + length:
                     break  # the whole command first
@@ -118,7 +136,7 @@ class Guard:
                     out += length.to_bytes(3, "little") + bytes([seq]) + payload
                     continue
                 if out:
-                    await self.inner.send_all(out)
+                    await self._send_up(out)
                     out.clear()
                 async with self._send_lock:
                     await self.client.send_all(encode_packets(refusal.encode(), 1)[0])
@@ -129,13 +147,13 @@ class Guard:
             del buf[:take]
             if take < 4 + length:  # the rest of this packet arrives later: count it off
                 self._pending = 4 + length - take
-                await self.inner.send_all(out)
+                await self._send_up(out)
                 await self._pass_rest()
                 out = bytearray()
                 continue
             self._continues = length == 0xFFFFFF
         if out:
-            await self.inner.send_all(out)
+            await self._send_up(out)
 
     async def _pass_rest(self) -> None:
         """Forward the rest of a packet that did not arrive whole, unseen."""
@@ -145,8 +163,13 @@ class Guard:
                 raise trio.BrokenResourceError("the client left in the middle of a packet")
             self.counters.a_to_b += len(data)
             self._pending -= len(data)
-            await self.inner.send_all(data)
+            await self._send_up(data)
         self._continues = False
+
+    async def _send_up(self, data) -> None:
+        if self._tracker is not None:
+            _follow(self._commands, bytes(data))
+        await self.inner.send_all(data)
 
     async def _refusal(self, payload: bytes) -> ErrPacket | None:
         command = payload[0]
@@ -165,6 +188,17 @@ class Guard:
                 return ErrPacket.of(ErrorNumber.ER_DBACCESS_DENIED_ERROR,
                                     f"{why}; ask a cluster administrator for a role that allows it")
         return None
+
+
+def _follow(auditor, data: bytes) -> None:
+    """Feed ``data`` to one of the session's auditors (its events are the
+    cluster's business; here only the tracker's state counts)."""
+    try:
+        auditor.receive_data(data)
+        while auditor.next_event() is not NEED_DATA:
+            pass
+    except ProtocolError as exc:
+        raise trio.BrokenResourceError(f"the MySQL session could not be followed: {exc.message}") from None
 
 
 def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:

@@ -26,7 +26,7 @@ from protocols.errors import ProtocolError
 from protocols.mysql.messages import ServerInfo
 
 __all__ = [
-    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "USE", "GUARD", "ATTR_PREFIX", "MAX_ATTRIBUTES", "VERSION",
+    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "USE", "GUARD", "SESSION_CAPS", "ATTR_PREFIX", "MAX_ATTRIBUTES", "VERSION",
     "SERVER_CAPS", "SERVER_CHARSET", "STATUS", "PLUGIN", "THREAD", "OK", "ERR",
     "server_params", "server_info_of",
 ]
@@ -49,6 +49,9 @@ PLUGIN: Final = "mysql.plugin"
 THREAD: Final = "mysql.thread"
 OK: Final = "mysql.ok"
 ERR: Final = "mysql.err"
+#: The capabilities the session runs with upstream (the client's, less
+#: what the cluster did not ask of the server).
+SESSION_CAPS: Final = "mysql.session_caps"
 #: "1": the roles allow this db user only some databases: switches of
 #: database need the cluster's word first (gateway/local/mysqlguard.py).
 GUARD: Final = "mysql.guard"

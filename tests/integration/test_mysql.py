@@ -37,6 +37,13 @@ db_names = ["app", "app_*", "sbtest", "dumped"]
 resources = ["maria*"]
 db_names = ["mysql"]
 
+[roles.my-infile]
+[[roles.my-infile.allow]]
+resources = ["maria"]
+db_users = ["app"]
+db_names = ["app"]
+local_infile = ["on"]
+
 [roles.my-any]
 [[roles.my-any.allow]]
 resources = ["maria"]
@@ -512,6 +519,28 @@ def test_a_64_mib_blob(port):
             assert cur.fetchone()[0] == blob
     finally:
         conn.close()
+
+
+def test_load_data_local_where_a_role_allows_it(my_env, tmp_path_factory, tmp_path):
+    cluster, _ = my_env
+    g = _gateway(cluster, tmp_path_factory.mktemp("gw-infile"), "my-infile")
+    try:
+        port = g.proxy("db", "maria")[1]
+        data = tmp_path / "in.tsv"
+        # Enough packets for their ids to wrap past 0 (the guard must not take one for a command).
+        data.write_text("".join(f"{i}\trow {i} " + "x" * 200 + "\n" for i in range(20000)))
+        r = mysql(port, "--local-infile=1", "-e",
+                  "drop table if exists t_infile_ok; create table t_infile_ok (id int, v text);"
+                  f"load data local infile '{data}' into table t_infile_ok; select count(*) from t_infile_ok;"
+                  "use app; select 'still here'")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[0] == "20000"
+        assert "still here" in r.stdout
+        [event] = cluster.wait_audit(lambda evs: any(e["file"] == str(data) for e in evs), user=g.user,
+                                     event="mysql.local_infile")
+        assert event["bytes"] == data.stat().st_size
+    finally:
+        g.stop()
 
 
 def test_load_data_local_is_refused_in_the_servers_words(my_port, tmp_path):
