@@ -57,14 +57,15 @@ from gateway.cluster.store import Resource
 from gateway.identity import pki
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
-from protocols.mysql import dialparams as dp
-from protocols.mysql.statements import use_targets
 from protocols.mysql import (
     DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ChangeUserEvent, Command, CommandAuditor,
-    CommandEvent, CommandTracker, ErrorEvent, ExecuteEvent, InitDbEvent,
-    LocalInfileDataEvent, LocalInfileRequestEvent, LoginReady, LoginRefused, PrepareEvent, QueryEvent, ResetConnectionEvent, ResponseAuditor, ServerInfo, StartTLS,
-    StatementCloseEvent, StatementResetEvent, UpstreamLogin,
+    CommandEvent, CommandTracker, ErrorEvent, ExecuteEvent, InitDbEvent, LocalInfileDataEvent,
+    LocalInfileRequestEvent, LoginReady, LoginRefused, PrepareEvent, QueryEvent, QuitEvent,
+    ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent, StatementResetEvent,
+    UpstreamLogin,
 )
+from protocols.mysql import dialparams as dp
+from protocols.mysql.statements import use_targets
 
 log = logging.getLogger("wicket.cluster.mysql")
 
@@ -289,6 +290,11 @@ class MySqlSessionAuditor(SessionAuditor):
             raise trio.BrokenResourceError("COM_CHANGE_USER reached the cluster; the gateway answers it itself")
         elif isinstance(e, ResetConnectionEvent):
             self.emit("reset_connection")
+        elif isinstance(e, QuitEvent):
+            # The server closes at once, often with a reset the relay would
+            # report as the session's end: it ended because the client quit.
+            if self.session.end_reason is None:
+                self.session.end_reason = "quit"
         elif isinstance(e, LocalInfileDataEvent):
             self.emit("local_infile", file=self.infile, bytes=e.bytes, packets=e.packets)
             self.infile = None

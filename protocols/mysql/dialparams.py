@@ -26,7 +26,8 @@ from protocols.errors import ProtocolError
 from protocols.mysql.messages import ServerInfo
 
 __all__ = [
-    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "USE", "GUARD", "SESSION_CAPS", "ATTR_PREFIX", "MAX_ATTRIBUTES", "VERSION",
+    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "USE", "GUARD", "SESSION_CAPS", "ATTR_PREFIX",
+    "MAX_ATTRIBUTES", "VERSION",
     "SERVER_CAPS", "SERVER_CHARSET", "STATUS", "PLUGIN", "THREAD", "OK", "ERR",
     "server_params", "server_info_of",
 ]

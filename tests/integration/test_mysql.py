@@ -547,6 +547,18 @@ def test_load_data_local_is_refused_in_the_servers_words(my_port, tmp_path):
     data = tmp_path / "in.tsv"
     data.write_text("1\tone\n2\ttwo\n")
     r = mysql(my_port, "--local-infile=1", "-e",
-              f"create table if not exists t_infile (id int, v text); load data local infile '{data}' into table t_infile")
+              "create table if not exists t_infile (id int, v text);"
+              f"load data local infile '{data}' into table t_infile")
     assert r.returncode != 0
     assert "ERROR 1148" in r.stderr or "ERROR 4166" in r.stderr or "not allowed" in r.stderr, r.stderr
+
+
+def test_a_session_that_quits_ends_as_quit(any_port, my_env):
+    cluster, _ = my_env
+    marker = f"quit_marker_{next(_n)}"
+    assert mysql(any_port, "-e", f"select '{marker}'").returncode == 0
+    queries = cluster.wait_audit(lambda evs: any(marker in e["query"] for e in evs), event="mysql.query")
+    [query] = [e for e in queries if marker in e["query"]]
+    ends = cluster.wait_audit(lambda evs: any(e["session_id"] == query["session_id"] for e in evs),
+                              event="session.end")
+    assert [e["reason"] for e in ends if e["session_id"] == query["session_id"]] == ["quit"]

@@ -17,7 +17,6 @@ from protocols.dial import DialRequest
 from protocols.errors import ErrorCode
 from protocols.mysql import Command
 from protocols.mysql import dialparams as dp
-from protocols.mysql.statements import use_targets
 from tests.unit.protocols.mysql.session import MODERN, command, err, ok, query
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
@@ -54,15 +53,6 @@ def test_bad_params_are_refused(params):
     with pytest.raises(Refused) as info:
         check(**params)
     assert info.value.code is ErrorCode.BAD_REQUEST
-
-
-@pytest.mark.parametrize("text, schemas", [
-    ("use app", ["app"]), ("USE `se``c`;", ["se`c"]), ("/* hint */ use secret", ["secret"]),
-    ("select 1; use other", ["other"]), ("-- note\nuse x", ["x"]),
-    ("select user()", []), ("select 'use'", []), ("update t set user = 1", []),
-])
-def test_use_statements_are_found(text, schemas):
-    assert use_targets(text) == schemas
 
 
 class FakeCluster:
