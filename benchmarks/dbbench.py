@@ -4,6 +4,9 @@ Wicket processes spend per transaction by thread, and the tables."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
 import time
 from typing import Callable
 
@@ -11,6 +14,34 @@ from benchmarks.procstat import thread_cpu
 
 #: measure(path, workload) -> (rate, transactions)
 Measure = Callable[[str, str], tuple[float, int]]
+
+
+def arguments(prog: str, doc: str, tool: str, install: str, argv=None) -> argparse.Namespace | None:
+    """The options every database benchmark takes; None (and why) when
+    ``tool`` is not installed."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=8, help=f"{tool}'s time per measurement (default 8)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
+    ap.add_argument("--format", choices=("table", "json"), default="table")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = 3, 1
+    if shutil.which(tool) is None:
+        print(f"{tool} is not installed ({install})")
+        return None
+    return args
+
+
+def stop_all(started: list, server) -> None:
+    """Stop the paths (last started first), then the database server."""
+    for path in reversed(started):
+        try:
+            path.stop()
+        except Exception as exc:
+            print(f"stopping {path.name}: {exc}")
+    if server is not None:
+        server.stop()
 
 
 def cpu_of(wicket) -> dict[str, dict[str, float]]:
@@ -75,3 +106,26 @@ def cpu_table(label: str, cpu: dict[str, dict[str, dict[str, float]]], txns: dic
             if name == "(all)" or any(c != "0" for c in cells):
                 rows.append(f"| {proc} | {name} | " + " | ".join(cells) + " |")
     return rows
+
+
+def measure_and_report(tool: str, args: argparse.Namespace, paths: tuple[str, ...], workloads: dict[str, list[str]],
+                       routes: dict[str, tuple[int, str]], wickets: dict, run_one, unit: str,
+                       labels: dict[str, str], cpu_labels: dict[str, str]) -> None:
+    """Run every workload on every path (``run_one(port, user, workload's
+    args, seconds) -> (rate, transactions)``) and print the tables, or
+    JSON under ``--format json``."""
+
+    def measure(path: str, workload: str) -> tuple[float, int]:
+        port, user = routes[path]
+        return run_one(port, user, workloads[workload], args.seconds)
+
+    results, cpu, txns = run_rounds(paths, tuple(workloads), wickets, args.rounds, measure, unit)
+    meds = medians(results)
+    if args.format == "json":
+        print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "rates": results, "median_rates": meds,
+                          "cpu_seconds": cpu, "transactions": txns}, indent=2))
+        return
+    print()
+    print("\n".join(ratio_table(f"{tool} (median of {args.rounds} x {args.seconds}s)", paths, meds, labels)))
+    for w, label in cpu_labels.items():
+        print("\n".join(cpu_table(label, cpu[w], txns[w])))

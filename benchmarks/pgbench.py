@@ -21,8 +21,6 @@ The table shows TPS and the ratio to the stunnel pair.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import shutil
@@ -30,7 +28,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.dbbench import cpu_table, medians, ratio_table, run_rounds
+from benchmarks.dbbench import arguments, measure_and_report, stop_all
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
 from gateway.local.pgserver import PgServer
 
@@ -55,17 +53,8 @@ def _pgbench(port: int, user: str, args: list[str], seconds: int) -> tuple[float
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.pgbench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=8, help="pgbench -T per measurement (default 8)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
-    ap.add_argument("--format", choices=("table", "json"), default="table")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds = 3, 1
-    if shutil.which("pgbench") is None:
-        print("pgbench is not installed (apt-get install postgresql-client-15)")
+    args = arguments("python -m benchmarks.pgbench", __doc__, "pgbench", "apt-get install postgresql-client-15", argv)
+    if args is None:
         return 1
 
     work = Path(tempfile.mkdtemp(prefix="wicket-pgbench-"))
@@ -101,34 +90,13 @@ def main(argv=None) -> int:
         started.append(st)
         routes = {"direct": (pg_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
-        wickets = {"wicket": w_plain, "wicket-tls": w_tls}
-
-        def measure(path: str, workload: str) -> tuple[float, int]:
-            port, user = routes[path]
-            return _pgbench(port, user, WORKLOADS[workload], args.seconds)
-
-        results, cpu, txns = run_rounds(PATHS, tuple(WORKLOADS), wickets, args.rounds, measure, "tps")
-        meds = medians(results)
-        if args.format == "json":
-            print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "tps": results,
-                              "median_tps": meds, "cpu_seconds": cpu, "transactions": txns},
-                             indent=2))
-        else:
-            labels = {"select": "-S, 4 connections, TPS ↑", "connect": "-S -C (connection per txn), TPS ↑"}
-            print()
-            print("\n".join(ratio_table(f"pgbench (median of {args.rounds} x {args.seconds}s)", PATHS, meds,
-                                        labels)))
-            for w, label in (("select", "-S"), ("connect", "-S -C")):
-                print("\n".join(cpu_table(label, cpu[w], txns[w])))
+        measure_and_report("pgbench", args, PATHS, WORKLOADS, routes, {"wicket": w_plain, "wicket-tls": w_tls},
+                           _pgbench, "tps",
+                           {"select": "-S, 4 connections, TPS ↑", "connect": "-S -C (connection per txn), TPS ↑"},
+                           {"select": "-S", "connect": "-S -C"})
         return 0
     finally:
-        for path in reversed(started):
-            try:
-                path.stop()
-            except Exception as exc:
-                print(f"stopping {path.name}: {exc}")
-        if server is not None:
-            server.stop()
+        stop_all(started, server)
         shutil.rmtree(work, ignore_errors=True)
 
 

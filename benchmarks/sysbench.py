@@ -23,16 +23,13 @@ The table shows the medians and the ratio to the stunnel pair.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.dbbench import cpu_table, medians, ratio_table, run_rounds
+from benchmarks.dbbench import arguments, measure_and_report, stop_all
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
 from gateway.local.mariadbserver import MariaDbServer
 
@@ -70,17 +67,8 @@ def _sysbench(port: int, user: str, args: list[str], seconds: int, *, action: st
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.sysbench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=8, help="sysbench --time per measurement (default 8)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
-    ap.add_argument("--format", choices=("table", "json"), default="table")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds = 3, 1
-    if shutil.which("sysbench") is None:
-        print("sysbench is not installed (apt-get install sysbench)")
+    args = arguments("python -m benchmarks.sysbench", __doc__, "sysbench", "apt-get install sysbench", argv)
+    if args is None:
         return 1
 
     work = Path(tempfile.mkdtemp(prefix="wicket-sysbench-"))
@@ -111,35 +99,15 @@ def main(argv=None) -> int:
         started.append(st)
         routes = {"direct": (my_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
-        wickets = {"wicket": w_plain, "wicket-tls": w_tls}
-
-        def measure(path: str, workload: str) -> tuple[float, int]:
-            port, user = routes[path]
-            return _sysbench(port, user, WORKLOADS[workload], args.seconds)
-
-        results, cpu, txns = run_rounds(PATHS, tuple(WORKLOADS), wickets, args.rounds, measure, "/s")
-        meds = medians(results)
-        if args.format == "json":
-            print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "rates": results,
-                              "median_rates": meds, "cpu_seconds": cpu, "events": txns}, indent=2))
-        else:
-            labels = {"point_select": "oltp_point_select, 4 threads, QPS ↑",
-                      "read_write": "oltp_read_write, 4 threads, QPS ↑",
-                      "connect": "connect + select 1, 2 threads, connections/s ↑"}
-            print()
-            print("\n".join(ratio_table(f"sysbench (median of {args.rounds} x {args.seconds}s)", PATHS, meds,
-                                        labels)))
-            for w in WORKLOADS:
-                print("\n".join(cpu_table(w, cpu[w], txns[w])))
+        measure_and_report("sysbench", args, PATHS, WORKLOADS, routes, {"wicket": w_plain, "wicket-tls": w_tls},
+                           _sysbench, "/s",
+                           {"point_select": "oltp_point_select, 4 threads, QPS ↑",
+                            "read_write": "oltp_read_write, 4 threads, QPS ↑",
+                            "connect": "connect + select 1, 2 threads, connections/s ↑"},
+                           {w: w for w in WORKLOADS})
         return 0
     finally:
-        for path in reversed(started):
-            try:
-                path.stop()
-            except Exception as exc:
-                print(f"stopping {path.name}: {exc}")
-        if server is not None:
-            server.stop()
+        stop_all(started, server)
         shutil.rmtree(work, ignore_errors=True)
 
 

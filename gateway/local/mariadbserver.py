@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from gateway.identity import pki
-from gateway.local.pgserver import free_port
+from gateway.local.pgserver import free_port, stop_child
 
 
 class MariaDbError(RuntimeError):
@@ -125,14 +125,7 @@ class MariaDbServer:
         return r.stdout
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        self._proc.send_signal(signal.SIGTERM)  # a normal shutdown
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_child(self._proc, signal.SIGTERM, timeout)  # SIGTERM: a normal shutdown
 
     @property
     def address(self) -> str:

@@ -33,7 +33,6 @@ query; ``SELECT CONNECTION_ID()`` gives the real one.
 from __future__ import annotations
 
 import logging
-import ssl
 from typing import Mapping
 
 import trio
@@ -44,7 +43,6 @@ from gateway.local.localtls import local_server_context
 from gateway.local.mysqlguard import Guard, socket_pair
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
-from gateway.local.waitroom import RIDE_OUT
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.peercred import LocalUsers
 from gateway.net.tls import TLSStream
@@ -68,12 +66,8 @@ REFUSING = ServerInfo(server_version="5.5.5-10.0.0-Wicket-no-server-reached",
 class MySqlProxy(DatabaseRoute):
     kind = "mysql"
 
-    def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
-                 db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
-                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
-        self.db_user, self.db_name = db_user, db_name
-        self.tls_context = tls_context
+    def __init__(self, profile: Profile, resource: str, **options) -> None:
+        super().__init__(profile, resource, **options)
         #: The upstream's handshake values (None until a probe or a session told us).
         self.server: ServerInfo | None = None
         self._probing = trio.Lock()
