@@ -150,7 +150,6 @@ class Guard:
                 await self._send_up(out)
                 await self._pass_rest()
                 out = bytearray()
-                continue
             self._continues = length == 0xFFFFFF
         if out:
             await self._send_up(out)
@@ -164,7 +163,6 @@ class Guard:
             self.counters.a_to_b += len(data)
             self._pending -= len(data)
             await self._send_up(data)
-        self._continues = False
 
     async def _send_up(self, data) -> None:
         if self._tracker is not None:
