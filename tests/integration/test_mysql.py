@@ -5,8 +5,8 @@ PyMySQL, mysqlclient, asyncmy, aiomysql)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import socket
 import subprocess
 import threading
 
@@ -562,3 +562,37 @@ def test_a_session_that_quits_ends_as_quit(any_port, my_env):
     ends = cluster.wait_audit(lambda evs: any(e["session_id"] == query["session_id"] for e in evs),
                               event="session.end")
     assert [e["reason"] for e in ends if e["session_id"] == query["session_id"]] == ["quit"]
+
+
+def test_a_cluster_that_cannot_be_reached_is_the_clients_error(my_env, tmp_path):
+    cluster, _ = my_env
+    g = _gateway(cluster, tmp_path, "my")
+    try:
+        profile = g.home / "profile.json"
+        doc = json.loads(profile.read_text())
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
+            profile.write_text(json.dumps(doc))
+            _, port = g.proxy("mysql", "maria", "--wait-for-cluster", "0.5")  # "db" would ask the cluster first
+            r = mysql(port, "-e", "select 1")
+        assert r.returncode != 0
+        assert "ERROR 1429" in r.stderr and "Wicket cluster is running" in r.stderr, r.stderr
+    finally:
+        g.stop()
+
+
+def test_expired_certificate(my_env, tmp_path):
+    cluster, _ = my_env
+    name = f"myuser{next(_n)}"
+    cluster.add_user(name, "my")
+    g = Gateway(tmp_path, cluster, name)
+    try:
+        assert g.login("--ttl", "10s").returncode == 0
+        _, port = g.proxy("db", "maria")
+        assert mysql(port, "-e", "select 1").returncode == 0  # the greeting is cached now
+        wait_for(lambda: g.run("status").returncode == 3, timeout=40, what="expiry", interval=0.2)
+        r = mysql(port, "-e", "select 1")
+        assert "ERROR 1045 (28000)" in r.stderr and "wicket login" in r.stderr, r.stderr
+    finally:
+        g.stop()
