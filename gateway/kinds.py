@@ -66,6 +66,10 @@ DATABASE_PROXY_OPTIONS = (
     ProxyOption(name="db_name", help="Database for every connection (default: what the client asks for)."),
     ProxyOption(name="local_tls", is_flag=True,
                 help="Offer TLS to local clients (sslmode=require / verify-full) with the gateway's local CA."),
+    ProxyOption(name="local_tls_client_cert", is_flag=True,
+                help="Implies --local-tls, and requires a client certificate the gateway issues "
+                     "($WICKET_HOME/local-client.crt and .key, printed at start): only who can read the "
+                     "key may connect."),
 )
 
 

@@ -167,9 +167,13 @@ def start(config_path: Path, log_format: str, log_level: str, ready_file: Path |
     from gateway import logs
     from gateway.cluster.core import Cluster
     from gateway.cluster.server import serve
+    from gateway.net.descriptors import raise_open_files_limit
 
     logs.setup(log_format, log_level)
     config = load_config(config_path)
+    # Every connection and upstream is a descriptor: take all the system
+    # allows; [limits] keeps a reserve of them (gateway/net/descriptors.py).
+    raise_open_files_limit()
     try:
         cluster = Cluster.open(config)
     except (OSError, ValueError, StoreError) as exc:

@@ -55,6 +55,8 @@ _STATUS = {
 #: answers are shown as they are, so they get it here (once either way).
 _NEXT_STEP = {
     ErrorCode.CERT_EXPIRED: "run `wicket login` again",
+    ErrorCode.CERT_INVALID: "run `wicket login` again",
+    ErrorCode.CERT_REQUIRED: "run `wicket login` first",
     ErrorCode.USER_LOCKED: "ask an administrator to unlock it",
     ErrorCode.ACCESS_DENIED: "ask an administrator",
 }

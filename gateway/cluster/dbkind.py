@@ -58,6 +58,10 @@ class DatabaseKind:
     """The shared part of a database kind's strategy; see the module docstring."""
 
     kind = "db"
+    #: A kind that can stop what a session runs upstream before a cut
+    #: defines ``async interrupt(cluster, resource, session, reason)``
+    #: (gateway/cluster/dial.py's RouteKind); None: closing is all there is.
+    interrupt = None
 
     def __init__(self) -> None:
         self._contexts = ClientContexts()

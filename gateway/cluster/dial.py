@@ -44,7 +44,9 @@ import trio
 from gateway.cluster import rbac
 from gateway import kinds, printable
 from gateway.addresses import parse_hostport
-from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
+from gateway.cluster.core import (
+    INTERRUPT_TIMEOUT, LOCK_POLL_INTERVAL, MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot,
+)
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
@@ -66,6 +68,9 @@ CONNECT_TIMEOUT = 10.0
 #: it to make the cluster hold much (each may carry a window of early data).
 UNAUTHENTICATED_STREAMS = 8
 READ_CHUNK = 64 * 1024
+#: How much longer than its certificate an interruptible session may last:
+#: the lock watcher's look (every LOCK_POLL_INTERVAL) and the interrupt.
+CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 
 Tap = Callable[[bytes], None]
 
@@ -129,6 +134,16 @@ class RouteKind(Protocol):
         a multiplexed connection it is decided only once every byte that
         came for that session before it has reached the upstream. Called
         in the relay engine's thread: blocks on nothing."""
+
+    #: ``async interrupt(cluster, resource, session, reason) -> str``, or
+    #: None: stop what ``session`` runs upstream before a lock, a
+    #: revocation or the certificate's expiry cuts it (PostgreSQL: a
+    #: CancelRequest with the backend's key; MySQL would KILL QUERY,
+    #: MongoDB killOp), so that closing the connection does not leave a
+    #: statement running or let in-flight writes complete. Returns what it
+    #: did, for the audit (``session.interrupt``). None for kinds whose
+    #: upstream stops when its connection closes (tcp).
+    interrupt: Callable[[Cluster, Resource, LiveSession, str], Awaitable[str]] | None
 
 
 def unreachable(resource: Resource, why: str) -> Refused:
@@ -198,6 +213,7 @@ def literal_address(address: str) -> tuple[int, tuple] | None:
 
 class TcpKind:
     kind = "tcp"
+    interrupt = None  # closing the upstream connection is all there is
 
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         return dict(request.params)
@@ -282,6 +298,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     # dial with the typed refusal (as a dial on its own connection would),
     # so it cannot hold one of the cluster's connection slots for long.
     max_streams = MAX_STREAMS
+    per_connection = cluster.limits.streams_per_connection
     try:
         identity, _user, _roles = await cluster.identify(cert)
         lifetime = (identity.not_after - utcnow()).total_seconds() if cluster.config.disconnect_expired_cert \
@@ -299,6 +316,18 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after)
 
         def on_open(link: MuxLink, st: Stream, request: DialRequest) -> None:  # the engine's thread
+            if len(link.streams) > per_connection:
+                # Each stream may cost the cluster an upstream descriptor.
+                audit = _DialAudit.of(request, TCP, client_addr)
+                audit.user = cluster.claimed_user(cert)
+                snap = cluster.fresh_snapshot()  # the resource's kind, for the record, if at hand
+                resource = snap.resources.get(request.resource) if snap is not None else None
+                audit.fields["kind"] = resource.kind if resource is not None else None
+                link.refuse(st, audit.limited(cluster, AtCapacity(
+                    f"this connection has {per_connection} sessions open, the most one gateway connection "
+                    f"may (the cluster's limits.streams_per_connection); close some and try again",
+                    "streams_per_connection")))
+                return
             if not _start_in_engine(cluster, link, st, request, cert, client_addr):
                 token.run_sync_soon(in_trio, link, st, request, _after(cluster, link, request, routes))
 
@@ -310,6 +339,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 await link.closed.wait()
             if timer.cancelled_caught:
                 reason = expiry
+                await _interrupt_sessions(cluster, link)
                 with link.engine._lock:
                     for st in link.streams.values():
                         if isinstance(st.context, _EngineSession) and st.context.session.end_reason is None:
@@ -317,6 +347,18 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
         finally:
             link.close(reason)
     log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
+
+
+async def _interrupt_sessions(cluster: Cluster, link: MuxLink) -> None:
+    """The connection's certificate expired: its sessions that a kind
+    can interrupt upstream are cut that way first (Cluster.cut), all at
+    once, before the connection closes on them."""
+    on_link = [session for session in list(cluster.sessions.values())
+               if session.interrupt is not None and session.extra.get("stream", (None,))[0] is link]
+    if on_link:
+        async with trio.open_nursery() as nursery:
+            for session in on_link:
+                nursery.start_soon(cluster.cut, session, "cert_expired")
 
 
 #: What a control dial waits for before it acts (:func:`_after`).
@@ -414,6 +456,17 @@ class _DialAudit:
         cluster.audit_soon("dial.denied", self.user, **self.fields, code=refusal.code.value, reason=refusal.reason)
         return DialError(code=refusal.code, message=refusal.message)
 
+    def limited(self, cluster: Cluster, exc: AtCapacity) -> DialError:
+        """Refused at a limit: audited (and logged) in full the first time
+        this minute for this user and limit, then counted
+        (``dial.limited``), so a flood of streams cannot flood the audit."""
+        if cluster.note_limit_refusal(self.user, exc.limit):
+            log.warning("dial_limited user=%s limit=%s client=%s message=%r", self.user, exc.limit,
+                        self.fields["client_addr"], exc.message)
+            cluster.audit_soon("dial.denied", self.user, **self.fields, code=ErrorCode.RATE_LIMITED.value,
+                               reason=f"limit {exc.limit}", limit=exc.limit)
+        return DialError(code=ErrorCode.RATE_LIMITED, message=exc.message)
+
     def allowed(self, cluster: Cluster, session: LiveSession, decision: rbac.Decision) -> None:
         session.identity = self.identity  # from now on, revoking it cuts the session
         cluster.audit_soon("dial.allowed", self.user, **self.fields, session_id=session.id, reason=decision.reason)
@@ -486,7 +539,10 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
             answer = control if isinstance(control, Answered) else Answered(control)
             cluster.audit_soon("dial.control", audit.user, **audit.fields, reason=answer.reason)
             return DialAccept(session_id="-", params=answer.params)
-        session = cluster.new_session(audit.user, resource.name, kind.kind)
+        try:
+            session = cluster.new_session(audit.user, resource.name, kind.kind)
+        except AtCapacity as exc:
+            return audit.limited(cluster, exc)
         try:
             opened = await kind.open(cluster, resource, params, session)
         except BaseException as exc:
@@ -496,6 +552,8 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
             raise
     except Refused as refusal:
         return audit.denied(cluster, refusal)
+    if kind.interrupt is not None:
+        session.interrupt = functools.partial(kind.interrupt, cluster, resource, session)
     audit.allowed(cluster, session, decision)
     return session, opened, identity
 
@@ -530,7 +588,11 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     target = literal_address(resource.address)
     if target is None or len(cluster.sessions) >= MAX_CONNECTIONS:
         return False
-    session = cluster.new_session(audit.user, resource.name, TCP.kind)
+    try:
+        session = cluster.new_session(audit.user, resource.name, TCP.kind)
+    except AtCapacity as exc:
+        link.refuse(st, audit.limited(cluster, exc))
+        return True
     es = st.context = _EngineSession(session)
     # From now on a lock or a stop cuts the stream, even while the upstream
     # is still connecting (``connected`` then finds it finished). Both run
@@ -608,6 +670,10 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
         try:
             if cluster.config.disconnect_expired_cert:
                 left = (identity.not_after - utcnow()).total_seconds()
+                if session.interrupt is not None:
+                    # The lock watcher cuts it at expiry, interrupting it
+                    # upstream first (Cluster.cut); this is the backstop.
+                    left += CUT_GRACE
                 session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
             with session.cancel_scope:
                 error = await run(counters)

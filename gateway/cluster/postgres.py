@@ -69,6 +69,22 @@ _BLANK_KEY = BackendKeyData(process_id=0, secret_key=bytes(4))
 PG_PREFIX = "pg."
 
 
+async def _send_cancel(resource: Resource, key: BackendKeyData) -> None:
+    """A CancelRequest with the backend's real key, on a connection of its
+    own, as PostgreSQL wants (raises :class:`Refused`)."""
+    upstream = await connect_tcp(resource)
+    async with upstream:
+        try:
+            await upstream.send_all(CancelRequest(process_id=key.process_id, secret_key=key.secret_key).encode())
+            # The server closes without answering once it has signalled the
+            # backend; wait for that (bounded).
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                while await upstream.receive_some(1024):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE, f"sending the cancel failed: {exc}") from None
+
+
 class PostgresKind(DatabaseKind):
     kind = "postgres"
 
@@ -119,18 +135,25 @@ class PostgresKind(DatabaseKind):
         key = session.extra.get("backend_key")
         if key is None:
             raise Refused(ErrorCode.BAD_REQUEST, "the session has no cancel key")
-        upstream = await connect_tcp(resource)
-        async with upstream:
-            try:
-                await upstream.send_all(CancelRequest(process_id=key.process_id,
-                                                      secret_key=key.secret_key).encode())
-                # The server closes without answering; wait for that (bounded).
-                with trio.move_on_after(CONNECT_TIMEOUT):
-                    while await upstream.receive_some(1024):
-                        pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise Refused(ErrorCode.UPSTREAM_UNREACHABLE, f"sending the cancel failed: {exc}") from None
+        await _send_cancel(resource, key)
         return f"cancel of session {session_id}"
+
+    async def interrupt(self, cluster: Cluster, resource: Resource, session: LiveSession, reason: str) -> str:
+        """The session is being cut (a lock, a revocation, the certificate's
+        end): cancel its running statement with the backend's key before
+        the connection closes, or PostgreSQL would run it to its end (a
+        backend notices a closed client only when it next writes), and an
+        in-flight write could still commit. The cut then closes the
+        connection, which ends the backend (and rolls back any open
+        transaction)."""
+        key = session.extra.get("backend_key")
+        if key is None:
+            return "no backend key"
+        try:
+            await _send_cancel(resource, key)
+        except Refused as refusal:
+            return f"cancel failed: {refusal.message}"
+        return "cancel sent"
 
     def acts_on(self, cluster: Cluster, request: DialRequest) -> LiveSession | None:
         session = cluster.sessions.get(request.params.get(PARAM_CANCEL, ""))

@@ -340,9 +340,11 @@ class CertificateAuthority:
         )
 
     def issue_host_cert(
-        self, public_key, names: Iterable[str], *, now: dt.datetime, days: int = 365
+        self, public_key, names: Iterable[str], *, now: dt.datetime, days: int = 365, client: bool = False
     ) -> x509.Certificate:
-        """Sign the cluster's TLS server certificate for ``names`` (DNS or IP)."""
+        """Sign the cluster's TLS server certificate for ``names`` (DNS or IP);
+        ``client``: a TLS client certificate instead (the gateway's local
+        clients, ``--local-tls-client-cert``)."""
         sans: list[x509.GeneralName] = []
         for name in dict.fromkeys(names):
             try:
@@ -355,7 +357,8 @@ class CertificateAuthority:
             self._builder(subject, public_key, now - _BACKDATE, now + dt.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                critical=False
             )
             .sign(self.key, hashes.SHA256())
         )
@@ -450,8 +453,8 @@ def check_validity(identity: Identity, now: dt.datetime) -> None:
     if now >= identity.not_after:
         raise CertError(
             ErrorCode.CERT_EXPIRED,
-            f"session certificate for {identity.user} expired at "
-            f"{identity.not_after:%Y-%m-%d %H:%M:%SZ}; run `wicket login` again",
+            # What happened only: the gateway, or the API, adds the next step.
+            f"session certificate for {identity.user} expired at {identity.not_after:%Y-%m-%d %H:%M:%SZ}",
         )
 
 

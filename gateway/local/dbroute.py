@@ -44,6 +44,7 @@ from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.peercred import LocalUsers
 from gateway.net.relay import RelayCounters
+from gateway.net.tls import TLSStream
 from gateway.net.tcp import peer_left
 from protocols.dial import DialError, DialRequest
 from protocols.errors import ErrorCode, ProtocolError
@@ -106,16 +107,34 @@ class DatabaseRoute(MuxRoute):
 
     def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
                  db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
-                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None) -> None:
+                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None,
+                 client_cert_line: str | None = None) -> None:
         super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
+        #: With --local-tls-client-cert: the connection settings that name
+        #: the client certificate (told to a client without one).
+        self.client_cert_line = client_cert_line
 
     def client_phase(self, tcp: trio.SocketStream, client_addr: str, *, may_control: bool) -> ClientPhase:
         raise NotImplementedError
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         client_addr = peer_addr(tcp)
+        full = self.client_arrived(client_addr)
+        if full is not None:
+            # At once, before the client's first packet, as a server does
+            # when it cannot take a connection: a refused client holds
+            # nothing here.
+            phase = self.client_phase(tcp, client_addr, may_control=False)
+            await send_and_close(tcp, phase.refusal(DialError(code=ErrorCode.RATE_LIMITED, message=full), None))
+            return
+        try:
+            await self._handle(tcp, client_addr)
+        finally:
+            self.client_left()
+
+    async def _handle(self, tcp: trio.SocketStream, client_addr: str) -> None:
         stranger = self.stranger(tcp.socket, client_addr)
         phase = self.client_phase(tcp, client_addr, may_control=stranger is None)
         try:
@@ -132,6 +151,14 @@ class DatabaseRoute(MuxRoute):
         if params is None:
             await phase.stream.aclose()
             return
+        if stranger is None and self.client_cert_line is not None and not (
+                isinstance(phase.stream, TLSStream) and phase.stream.getpeercert(binary_form=True)):
+            # Without the certificate only its owner can read: told why in
+            # its own protocol (a TLS alert would not say).
+            stranger = (f"this Wicket gateway requires a TLS client certificate it issued; connect with "
+                        f"{self.client_cert_line}")
+            log.warning("local_user_refused resource=%s client=%s reason=%r", self.resource, client_addr,
+                        "no client certificate")
         async with phase.stream:
             if stranger is not None:
                 await self.refuse(phase, DialError(code=ErrorCode.ACCESS_DENIED, message=stranger), hint=None)
@@ -184,7 +211,8 @@ class DatabaseRoute(MuxRoute):
             log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource,
                      phase.client_addr)
         elif isinstance(exc, ProfileError):
-            await self.refuse(phase, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
+            # The profile's message says what to run, with the cluster and user.
+            await self.refuse(phase, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)), hint=None)
         else:
             message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
             # The cluster, not the resource, is what failed: the message says

@@ -39,7 +39,7 @@ import trio
 
 from gateway.local.dbroute import ClientPhase, DatabaseRoute
 from gateway.local.dialer import DIAL_TIMEOUT
-from gateway.local.localtls import local_server_context
+from gateway.local.localtls import ensure_local_client_cert, local_server_context
 from gateway.local.mysqlguard import Guard, socket_pair
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
@@ -244,18 +244,26 @@ class _MySqlClient(ClientPhase):
 
 def mysql_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
                 local_users: LocalUsers | None = None, db_user: str | None = None,
-                db_name: str | None = None, local_tls: bool = False) -> Listening:
+                db_name: str | None = None, local_tls: bool = False,
+                local_tls_client_cert: bool = False) -> Listening:
     """The mysql kind's local route (gateway/kinds.py)."""
-    tls_context, ca_path = local_server_context(profile.home) if local_tls else (None, None)
+    local_tls = local_tls or local_tls_client_cert
+    tls_context, ca_path = (local_server_context(profile.home, client_certs=local_tls_client_cert)
+                            if local_tls else (None, None))
+    tls_line = f"--ssl-ca={ca_path} --ssl-verify-server-cert" if local_tls else ""
+    if local_tls_client_cert:
+        cert_path, key_path = ensure_local_client_cert(profile.home)
+        tls_line += f" --ssl-cert={cert_path} --ssl-key={key_path}"
     proxy = MySqlProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
-                       wait_for_cluster=wait_for_cluster, local_users=local_users)
+                       wait_for_cluster=wait_for_cluster, local_users=local_users,
+                       client_cert_line=tls_line if local_tls_client_cert else None)
 
     def try_line(host: str, port: int) -> str:
-        line = f"Try: mysql -h {host} -P {port} -u {db_user or identity.user}"
+        where = f"--socket={host}" if host.startswith("/") else f"-h {host} -P {port}"
+        line = f"Try: mysql {where} -u {db_user or identity.user}"
         if db_name:
             line += f" {db_name}"
-        if local_tls:
-            line += f" --ssl-ca={ca_path} --ssl-verify-server-cert"
-        return line
+        return f"{line} {tls_line}".rstrip()
 
-    return Listening(handler=proxy.handle, dialer=proxy.dialer, try_line=try_line)
+    # A unix socket is named by its own path (mysql --socket=PATH).
+    return Listening(handler=proxy.handle, dialer=proxy.dialer, try_line=try_line, route=proxy)

@@ -38,7 +38,7 @@ import trio
 from gateway.local.dbroute import ClientPhase, DatabaseRoute
 from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import Profile
-from gateway.local.localtls import local_server_context
+from gateway.local.localtls import ensure_local_client_cert, local_server_context
 from gateway.local.proxy import Listening
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.peercred import LocalUsers
@@ -197,21 +197,30 @@ class _PgClient(ClientPhase):
 
 def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
                    local_users: LocalUsers | None = None, db_user: str | None = None,
-                   db_name: str | None = None, local_tls: bool = False) -> Listening:
+                   db_name: str | None = None, local_tls: bool = False,
+                   local_tls_client_cert: bool = False) -> Listening:
     """The postgres kind's local route (gateway/kinds.py)."""
-    tls_context, ca_path = (local_server_context(profile.home, alpn=(ALPN_POSTGRESQL,)) if local_tls
+    local_tls = local_tls or local_tls_client_cert
+    tls_context, ca_path = (local_server_context(profile.home, alpn=(ALPN_POSTGRESQL,),
+                                                 client_certs=local_tls_client_cert) if local_tls
                             else (None, None))
+    tls_line = f"sslmode=verify-full sslrootcert={ca_path}" if local_tls else ""
+    if local_tls_client_cert:
+        cert_path, key_path = ensure_local_client_cert(profile.home)
+        tls_line += f" sslcert={cert_path} sslkey={key_path}"
     pg = PostgresProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
-                       wait_for_cluster=wait_for_cluster, local_users=local_users)
+                       wait_for_cluster=wait_for_cluster, local_users=local_users,
+                       client_cert_line=tls_line if local_tls_client_cert else None)
 
     def try_line(host: str, port: int) -> str:
         user = db_user or identity.user
         conninfo = f"host={host} port={port} user={user} dbname={db_name or user}"
         if local_tls:
-            conninfo += f" sslmode=verify-full sslrootcert={ca_path}"
+            conninfo += " " + tls_line
         return f'Try: psql "{conninfo}"'
 
-    return Listening(handler=pg.handle, dialer=pg.dialer, try_line=try_line)
+    return Listening(handler=pg.handle, dialer=pg.dialer, try_line=try_line, route=pg,
+                     unix_name=lambda port: f".s.PGSQL.{port}")
 
 
 class _Session:

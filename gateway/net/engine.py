@@ -125,6 +125,7 @@ from typing import Callable
 import trio
 
 from gateway.net import tlskeys
+from gateway.net.descriptors import ACCEPT_STARVED, Starvation
 from gateway.net.tcp import TCP_CLOSE, unacknowledged
 from gateway.net.tls import TLSStream, linger_reset
 
@@ -158,9 +159,6 @@ _DRAIN_POLL_MAX = 0.1
 
 #: Connections one listener accepts per turn of the loop.
 ACCEPT_BATCH = 64
-#: How long a listener pauses after running out of descriptors or memory.
-ACCEPT_BACKOFF = 0.1
-_ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ALWAYS = select.EPOLLERR | select.EPOLLHUP
@@ -386,6 +384,7 @@ class _Listener:
         self.end = _End(sock, "listener", None, None)
         self.end.owner = self
         self.closed = False
+        self.starved = Starvation("relay engine")
 
     def on_ready(self, end: _End, ev: int) -> None:
         accept = end.sock.accept
@@ -395,16 +394,15 @@ class _Listener:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _ACCEPT_TRANSIENT:
+                if exc.errno in ACCEPT_STARVED:
                     # Out of descriptors or memory: stop accepting for a
-                    # moment (level-triggered epoll would spin), as trio's
-                    # serve_listeners does; the clients wait in the backlog.
-                    log.warning("accept_failed error=%s action=%s", exc.strerror or exc,
-                                "raise the open files limit (ulimit -n) or close connections")
+                    # moment (level-triggered epoll would spin); the clients
+                    # wait in the backlog. One log line per episode.
                     self.engine.set_mask(end, 0)
-                    self.engine.call_later(ACCEPT_BACKOFF, self._resume)
+                    self.engine.call_later(self.starved.failed(exc), self._resume)
                     return
                 continue  # ECONNABORTED and the like: that client is gone already
+            self.starved.accepted()
             sock.setblocking(False)
             try:
                 self.on_accept(sock, addr)
