@@ -39,6 +39,11 @@ LOAD DATA LOCAL (file name, bytes; only where a role has ``local_infile =
 roles do not allow, and COM_CHANGE_USER (the gateway answers it itself;
 one reaching the cluster is a modified gateway's) never reach the server:
 the session ends there, on record.
+
+A session cut by a lock, a revocation or the certificate's end is first
+interrupted (``interrupt``: ``KILL QUERY`` for its connection id, from a
+connection of its own as the same db user), so a long statement does not
+run on, nor an in-flight write commit, after the cut.
 """
 
 from __future__ import annotations
@@ -56,13 +61,14 @@ from gateway.cluster.dial import Answered, Opened, Refused, connect_tcp
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from protocols.dial import DialRequest
+from protocols.buffer import ReceiveBuffer
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.mysql import (
     DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ChangeUserEvent, Command, CommandAuditor,
     CommandEvent, CommandTracker, ErrorEvent, ExecuteEvent, InitDbEvent, LocalInfileDataEvent,
     LocalInfileRequestEvent, LoginReady, LoginRefused, PrepareEvent, QueryEvent, QuitEvent,
-    ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent, StatementResetEvent,
-    UpstreamLogin,
+    ErrPacket, PacketChannel, ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent,
+    StatementResetEvent, UpstreamLogin,
 )
 from protocols.mysql import dialparams as dp
 from protocols.mysql.statements import use_targets
@@ -149,6 +155,50 @@ class MySqlKind(DatabaseKind):
                               f"{getattr(exc, 'message', None) or exc}") from None
         return Answered("handshake probe", dp.server_params(info))
 
+    # -- interrupting a session that is being cut ----------------------------------
+
+    async def interrupt(self, cluster: Cluster, resource: Resource, session: LiveSession, reason: str) -> str:
+        """The session is being cut (a lock, a revocation, the certificate's
+        end): stop its running statement with ``KILL QUERY`` from a
+        connection of its own, as the same db user (who may kill its own
+        threads), before the cut closes the session's connection; MariaDB
+        would otherwise run the statement to its end (it notices a closed
+        client only when it next writes), and an in-flight write could
+        still commit. Closing the connection then rolls back any open
+        transaction."""
+        thread, db_user = session.extra.get("mysql_thread"), session.extra.get("mysql_db_user")
+        if thread is None or db_user is None:
+            return "no connection id"
+        try:
+            answer = await self._kill_query(cluster, resource, db_user, int(thread))
+        except (Refused, ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError) as exc:
+            return f"KILL QUERY failed: {getattr(exc, 'message', None) or exc!r}"
+        return answer
+
+    async def _kill_query(self, cluster: Cluster, resource: Resource, db_user: str, thread: int) -> str:
+        spec = resource_specs.DatabaseSpec.of(resource.spec)
+        password = self.password(spec, resource, db_user)
+        upstream = Upstream(await connect_tcp(resource))
+        try:
+            with trio.fail_after(LOGIN_TIMEOUT):
+                login = UpstreamLogin(user=db_user, password=password, tls=spec.tls != "disable")
+                outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
+                if isinstance(outcome, LoginRefused):
+                    return f"KILL QUERY failed: the server refused the login ({outcome.error.errno})"
+                channel, buffer = PacketChannel(what="upstream server"), ReceiveBuffer(1 << 20)
+                await upstream.stream.send_all(channel.write(b"\x03" + f"KILL QUERY {thread}".encode()))
+                while (payload := channel.read(buffer)) is None:
+                    data = await upstream.stream.receive_some(65536)
+                    if not data:
+                        return "KILL QUERY failed: the server closed the connection"
+                    buffer.feed(data)
+        finally:
+            await upstream.stream.aclose()
+        if payload[:1] == b"\xff":
+            return f"KILL QUERY {thread} refused: {ErrPacket.decode(payload).message}"
+        return f"KILL QUERY {thread} sent"
+
     # -- sessions ------------------------------------------------------------------
 
     async def login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
@@ -187,6 +237,8 @@ class MySqlKind(DatabaseKind):
                  dp.SESSION_CAPS: str(outcome.capabilities.value)}
         auditor = MySqlSessionAuditor(cluster, session, outcome.capabilities, resource, db_user)
         auditor.roles = roles
+        session.extra["mysql_thread"] = outcome.server.connection_id  # for KILL QUERY (interrupt)
+        session.extra["mysql_db_user"] = db_user
         if names_constrained(roles, resource, db_user):
             reply[dp.GUARD] = "1"
         trailing, _ = login.trailing_data

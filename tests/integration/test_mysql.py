@@ -596,3 +596,32 @@ def test_expired_certificate(my_env, tmp_path):
         assert "ERROR 1045 (28000)" in r.stderr and "wicket login" in r.stderr, r.stderr
     finally:
         g.stop()
+
+
+@pytest.mark.parametrize("role", ["my", "my-any"])  # through the guard, and the engine alone
+def test_a_lock_kills_the_running_query(my_env, tmp_path, role):
+    cluster, server = my_env
+    g = _gateway(cluster, tmp_path, role)
+    alias = f"cut_{next(_n)}"
+
+    def running() -> int:
+        return int(server.sql(f"select count(*) from information_schema.processlist where info like "
+                              f"'select sleep(600) as {alias}%'").strip())
+
+    try:
+        _, port = g.proxy("db", "maria")
+        client = subprocess.Popen(["mysql", "--no-defaults", "-h", "127.0.0.1", "-P", str(port), "-u", "app",
+                                   "-e", f"select sleep(600) as {alias}", "app"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(running, what="the query to run")
+        cluster.admin("users", "lock", g.user, "--reason", "laptop stolen")
+        wait_for(lambda: not running(), timeout=20, what="the query to be killed")
+        client.communicate(timeout=30)
+        [event] = cluster.wait_audit(event="session.interrupt", user=g.user)
+        assert event["reason"] == "user_locked" and event["result"].startswith("KILL QUERY "), event
+        assert event["result"].endswith(" sent"), event
+        ended = cluster.wait_audit(event="session.end", user=g.user)
+        assert ended[-1]["reason"] == "user_locked"
+    finally:
+        g.stop()
+        cluster.admin("users", "unlock", g.user, check=False)
