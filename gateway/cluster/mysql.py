@@ -360,6 +360,8 @@ class MySqlSessionAuditor(SessionAuditor):
     def _init_db(self, schema: str) -> None:
         decision = rbac.decide(self.roles, self.resource.name, self.resource.labels,
                                {PARAM_DB_USER: self.db_user, PARAM_DB_NAME: schema})
+        if "\ufffd" in schema:  # not UTF-8: the server would name it otherwise than we read it
+            decision = rbac.Decision(False, "the database name is not UTF-8")
         self.emit("init_db", schema=schema, allowed=decision.allowed)
         if not decision.allowed:
             # Never passed on: the session ends here (the audit says why).

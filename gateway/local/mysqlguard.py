@@ -57,6 +57,7 @@ READ = 65536
 MAX_HELD = 64 * 1024
 _LOOKED_AT = frozenset({Command.INIT_DB, Command.QUERY, Command.CHANGE_USER})
 
+NOT_UTF8 = "database names must be UTF-8 through Wicket"
 #: check(schema) -> None if allowed, else why not (the role's words).
 Check = Callable[[str], Awaitable[str | None]]
 
@@ -180,7 +181,9 @@ class Guard:
         else:
             targets = use_targets(payload[1:].decode("utf-8", "replace"))
         for schema in targets:
-            why = await self.check(schema)
+            # Bytes that are not UTF-8 are named one way here and another by
+            # the server: refused rather than checked under a guessed name.
+            why = NOT_UTF8 if "\ufffd" in schema else await self.check(schema)
             if why is not None:
                 log.info("mysql_use_refused schema=%r reason=%r", schema, why)
                 return ErrPacket.of(ErrorNumber.ER_DBACCESS_DENIED_ERROR,

@@ -115,3 +115,11 @@ def test_names_constrained(spec, constrained):
     role = Role.from_spec("r", spec)
     resource = Resource(name="maria", kind="mysql", address="127.0.0.1:3306", labels={})
     assert names_constrained([role], resource, "app") is constrained
+
+
+def test_a_database_name_that_is_not_utf8_ends_the_session():
+    role = Role.from_spec("r", {"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["*"]}]})
+    cluster, a = auditor([role])
+    with pytest.raises(trio.BrokenResourceError):
+        a.from_client(command(Command.INIT_DB, b"app\xff"))
+    assert cluster.events[-1][1]["allowed"] is False

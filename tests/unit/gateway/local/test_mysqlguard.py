@@ -103,3 +103,10 @@ async def test_a_file_for_load_data_local_is_not_taken_for_commands():
             got += await inner.receive_some(65536)
         assert bytes(got) == file_packets + pkt((2 + 300) & 0xFF, b"")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_name_that_is_not_utf8_is_refused_unasked():
+    packets = [command(Command.INIT_DB, b"app\xff"), command(Command.QUERY, b"use `app\xfe`")]
+    up, back, asked = await run_guard(packets, allowed=("app\ufffd",))
+    assert up == b"" and asked == []
+    assert err_of(back).errno == 1044 and "UTF-8" in err_of(back).message
