@@ -38,6 +38,7 @@ import trio
 
 from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.localtls import ensure_local_client_cert, local_server_context
 from gateway.local.profile import Profile, ProfileError
 from gateway.local.proxy import NEXT_STEP, MuxRoute, peer_addr
 from gateway.local.waitroom import RIDE_OUT, ClientGone
@@ -280,6 +281,16 @@ class DatabaseRoute(MuxRoute):
             hint = NEXT_STEP.get(error.code)
         self.log_refused(phase.client_addr, error, hint)
         await phase.turn_away(error, hint)
+
+
+def local_tls(home, *, on: bool, client_cert: bool, alpn: tuple[str, ...] = ()):
+    """``--local-tls`` / ``--local-tls-client-cert`` for a database route:
+    (the server context or None, the local CA's path or None, the client
+    certificate's and key's paths or None). ``client_cert`` implies TLS."""
+    if not (on or client_cert):
+        return None, None, None
+    context, ca_path = local_server_context(home, alpn=alpn, client_certs=client_cert)
+    return context, ca_path, ensure_local_client_cert(home) if client_cert else None
 
 
 async def send_and_close(stream: trio.abc.HalfCloseableStream, data: bytes) -> None:

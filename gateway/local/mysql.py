@@ -37,9 +37,8 @@ from typing import Mapping
 
 import trio
 
-from gateway.local.dbroute import ClientPhase, DatabaseRoute
+from gateway.local.dbroute import ClientPhase, DatabaseRoute, local_tls as local_tls_setup
 from gateway.local.dialer import DIAL_TIMEOUT
-from gateway.local.localtls import ensure_local_client_cert, local_server_context
 from gateway.local.mysqlguard import Guard, socket_pair
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
@@ -247,13 +246,10 @@ def mysql_route(profile: Profile, resource: str, identity, *, wait_for_cluster: 
                 db_name: str | None = None, local_tls: bool = False,
                 local_tls_client_cert: bool = False) -> Listening:
     """The mysql kind's local route (gateway/kinds.py)."""
-    local_tls = local_tls or local_tls_client_cert
-    tls_context, ca_path = (local_server_context(profile.home, client_certs=local_tls_client_cert)
-                            if local_tls else (None, None))
-    tls_line = f"--ssl-ca={ca_path} --ssl-verify-server-cert" if local_tls else ""
-    if local_tls_client_cert:
-        cert_path, key_path = ensure_local_client_cert(profile.home)
-        tls_line += f" --ssl-cert={cert_path} --ssl-key={key_path}"
+    tls_context, ca_path, client_cert = local_tls_setup(profile.home, on=local_tls, client_cert=local_tls_client_cert)
+    tls_line = f"--ssl-ca={ca_path} --ssl-verify-server-cert" if tls_context is not None else ""
+    if client_cert is not None:
+        tls_line += f" --ssl-cert={client_cert[0]} --ssl-key={client_cert[1]}"
     proxy = MySqlProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
                        wait_for_cluster=wait_for_cluster, local_users=local_users,
                        client_cert_line=tls_line if local_tls_client_cert else None)

@@ -35,10 +35,9 @@ import logging
 
 import trio
 
-from gateway.local.dbroute import ClientPhase, DatabaseRoute
+from gateway.local.dbroute import ClientPhase, DatabaseRoute, local_tls as local_tls_setup
 from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import Profile
-from gateway.local.localtls import ensure_local_client_cert, local_server_context
 from gateway.local.proxy import Listening
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.peercred import LocalUsers
@@ -200,14 +199,12 @@ def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluste
                    db_name: str | None = None, local_tls: bool = False,
                    local_tls_client_cert: bool = False) -> Listening:
     """The postgres kind's local route (gateway/kinds.py)."""
-    local_tls = local_tls or local_tls_client_cert
-    tls_context, ca_path = (local_server_context(profile.home, alpn=(ALPN_POSTGRESQL,),
-                                                 client_certs=local_tls_client_cert) if local_tls
-                            else (None, None))
+    tls_context, ca_path, client_cert = local_tls_setup(profile.home, on=local_tls, client_cert=local_tls_client_cert,
+                                                        alpn=(ALPN_POSTGRESQL,))
+    local_tls = tls_context is not None
     tls_line = f"sslmode=verify-full sslrootcert={ca_path}" if local_tls else ""
-    if local_tls_client_cert:
-        cert_path, key_path = ensure_local_client_cert(profile.home)
-        tls_line += f" sslcert={cert_path} sslkey={key_path}"
+    if client_cert is not None:
+        tls_line += f" sslcert={client_cert[0]} sslkey={client_cert[1]}"
     pg = PostgresProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
                        wait_for_cluster=wait_for_cluster, local_users=local_users,
                        client_cert_line=tls_line if local_tls_client_cert else None)

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from tests.integration.harness import Cluster, Echo, Gateway, wait_for
+from tests.integration.harness import Cluster, Echo, Gateway, logged_in, wait_for
 
 pymysql = pytest.importorskip("pymysql")
 
@@ -86,12 +86,7 @@ _n = iter(range(1, 10_000))
 
 
 def _gateway(cluster, tmp, roles: str) -> Gateway:
-    name = f"myuser{next(_n)}"
-    cluster.add_user(name, roles)
-    g = Gateway(tmp, cluster, name)
-    r = g.login()
-    assert r.returncode == 0, r.stderr
-    return g
+    return logged_in(tmp, cluster, f"myuser{next(_n)}", roles)
 
 
 @pytest.fixture(scope="module")
@@ -625,3 +620,14 @@ def test_a_lock_kills_the_running_query(my_env, tmp_path, role):
     finally:
         g.stop()
         cluster.admin("users", "unlock", g.user, check=False)
+
+
+def test_local_tls_client_cert(gw):
+    proc, port = gw.proxy("db", "maria", "--local-tls-client-cert")
+    home = gw.home
+    ca, cert, key = home / "local-ca.crt", next(home.glob("local-client*.crt")), next(home.glob("local-client*.key"))
+    r = mysql(port, "--ssl", f"--ssl-ca={ca}", "-e", "select 1")
+    assert r.returncode != 0 and "requires a TLS client certificate" in r.stderr and "--ssl-cert=" in r.stderr, r.stderr
+    r = mysql(port, f"--ssl-ca={ca}", "--ssl-verify-server-cert", f"--ssl-cert={cert}", f"--ssl-key={key}",
+              "-e", "select 'with cert'")
+    assert r.returncode == 0 and r.stdout.strip() == "with cert", r.stderr
