@@ -631,3 +631,17 @@ def test_local_tls_client_cert(gw):
     r = mysql(port, f"--ssl-ca={ca}", "--ssl-verify-server-cert", f"--ssl-cert={cert}", f"--ssl-key={key}",
               "-e", "select 'with cert'")
     assert r.returncode == 0 and r.stdout.strip() == "with cert", r.stderr
+
+
+def test_unix_socket(gw, tmp_path):
+    """``--unix-socket PATH``: mysql --socket=PATH, the socket the owner's only."""
+    from tests.integration.harness import PY, Proc
+    path = tmp_path / "maria.sock"
+    log = gw.tmp / f"proxy-{gw.user}-maria-unix.log"
+    proc = Proc([PY, "-m", "gateway.cli.wicket", "proxy", "db", "maria", "--unix-socket", str(path)], log, gw.env())
+    gw.proxies.append(proc)
+    assert proc.read_line(r"listening on unix:(\S+)").group(1) == str(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    r = subprocess.run(["mysql", "--no-defaults", f"--socket={path}", "-u", "app", "-N", "-B", "-e",
+                        "select current_user()", "app"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "app@%", r.stderr
