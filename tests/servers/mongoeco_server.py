@@ -1,0 +1,164 @@
+"""The tests' MongoDB wire server: mongoeco's AsyncMongoEcoProxyServer,
+with the tests' own TLS terminator in front of it.
+
+This script runs in mongoeco's own virtual environment (Python >= 3.13,
+made by tests/servers/mongo.py), never in the project's: it imports
+mongoeco and asyncio, nothing of Wicket's.
+
+    python mongoeco_server.py --user app [--tls-cert C --tls-key K [--tls-ca CA]]
+
+The user's password comes from the environment (``MONGOECO_PASSWORD``),
+never the command line (process titles are public). Once listening it
+prints one JSON line on stdout: ``{"port": N, "tls_port": M or null}``,
+then serves until stdin closes or it is signalled.
+
+What the wrapper changes in mongoeco 4.11, all on this side of the wire
+(the gateway must cope with real servers, not with these quirks):
+
+* cursor ids start above 2**32 and always go out as BSON int64 (0 too),
+  as a real server's do: the Node.js driver and mongosh refuse a 32-bit
+  cursor id;
+* an int64 cursor id in ``getMore``/``killCursors`` is handed to the
+  cursor store as the integer it keys on;
+* ``buildinfo`` (lower case, which real servers accept) is renamed
+  ``buildInfo``, the only spelling mongoeco knows;
+* an error reply without a ``code`` gets the one a real server would send
+  (``CommandFailed``, 125): drivers read ``code`` to classify errors.
+
+The TLS terminator is a plain asyncio relay: it accepts TLS (requiring a
+client certificate signed by ``--tls-ca`` when given, as a MongoDB server
+with ``tlsCAFile`` does) and pipes the bytes to mongoeco's plain port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import sys
+
+from bson.int64 import Int64
+from mongoeco.core.bson_scalars import BsonInt64
+from mongoeco.wire import AsyncMongoEcoProxyServer
+from mongoeco.wire import auth as wire_auth
+from mongoeco.wire import cursors as wire_cursors
+from mongoeco.wire import proxy as wire_proxy
+
+CURSOR_ID_BASE = 1 << 33
+COMMAND_FAILED = 125
+
+
+def _patch_cursor_ids() -> None:
+    original = wire_cursors.WireCursorStore.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._next_cursor_id = CURSOR_ID_BASE
+
+    wire_cursors.WireCursorStore.__init__ = __init__
+
+
+def _plain(value):
+    """A cursor id as mongoeco's cursor store keys it (it decodes an int64
+    as a wrapper it then refuses)."""
+    return value.value if isinstance(value, BsonInt64) else value
+
+
+def _patch_commands() -> None:
+    """Rename ``buildinfo``; give code-less error replies a code."""
+    executor = wire_proxy.WireCommandExecutor
+    build = executor._build_request_context
+
+    def _build_request_context(self, body, **kwargs):
+        name = next(iter(body), None) if isinstance(body, dict) else None
+        if name == "buildinfo":
+            body = {("buildInfo" if k == "buildinfo" else k): v for k, v in body.items()}
+        elif name == "getMore":
+            body = {**body, "getMore": _plain(body["getMore"])}
+        elif name == "killCursors" and isinstance(body.get("cursors"), list):
+            body = {**body, "cursors": [_plain(c) for c in body["cursors"]]}
+        return build(self, body, **kwargs)
+
+    executor._build_request_context = _build_request_context
+    server = wire_proxy.AsyncMongoEcoProxyServer
+    render = server._render_wire_result
+
+    def _render_wire_result(self, header, request_id, state):
+        result = state.result
+        if isinstance(result, dict) and not result.get("ok") and result.get("code") is None:
+            result["code"], result["codeName"] = COMMAND_FAILED, "CommandFailed"
+        cursor = result.get("cursor") if isinstance(result, dict) else None
+        if isinstance(cursor, dict) and type(cursor.get("id")) is int:
+            cursor["id"] = Int64(cursor["id"])  # even 0: drivers read it as an int64 element
+        return render(self, header, request_id, state)
+
+    server._render_wire_result = _render_wire_result
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
+def _tls_terminator(plain_port: int):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", plain_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+    return handle
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--user", required=True)
+    parser.add_argument("--mechanisms", default="SCRAM-SHA-256,SCRAM-SHA-1")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--tls-ca", help="require client certificates signed by this CA")
+    args = parser.parse_args()
+    password = os.environ.get("MONGOECO_PASSWORD")
+    if not password:
+        parser.error("MONGOECO_PASSWORD must hold the user's password")
+    _patch_cursor_ids()
+    _patch_commands()
+    user = wire_auth.WireAuthUser(username=args.user, password=password,
+                                  mechanisms=tuple(args.mechanisms.split(",")),
+                                  roles=({"role": "root", "db": "admin"},))
+    server = AsyncMongoEcoProxyServer(port=0, auth_users=(user,))
+    address = await server.start()
+    tls_port = None
+    tls_server = None
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            ctx.load_verify_locations(cafile=args.tls_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        tls_server = await asyncio.start_server(_tls_terminator(address.port), "127.0.0.1", 0, ssl=ctx)
+        tls_port = tls_server.sockets[0].getsockname()[1]
+    print(json.dumps({"port": address.port, "tls_port": tls_port}), flush=True)
+    # Serve until the test closes our stdin (or kills us).
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    loop.add_reader(sys.stdin.fileno(), lambda: done.set() if not os.read(sys.stdin.fileno(), 4096) else None)
+    await done.wait()
+    if tls_server is not None:
+        tls_server.close()
+    await server.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
