@@ -128,8 +128,21 @@ POSTGRES = Kind(
     is_database=True,
 )
 
+MONGODB = Kind(
+    name="mongodb",
+    summary="MongoDB: drivers and mongosh without credentials, the cluster logs in, every command checked and audited",
+    alpn="wicket-mongodb",
+    proxy_verb="db",
+    spec=DATABASE,
+    params=(DB_USER, DB_NAME),
+    cluster_route="gateway.cluster.mongodb:MONGODB",
+    gateway_route="gateway.local.mongo:mongodb_route",
+    proxy_options=DATABASE_PROXY_OPTIONS[:2],
+    is_database=True,
+)
+
 #: Every kind, by name. The one place a kind is plugged in.
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, MONGODB)}
 
 
 class UnknownKind(ValueError):

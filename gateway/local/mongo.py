@@ -1,0 +1,197 @@
+"""``wicket proxy db`` (or ``wicket proxy mongodb``): the gateway as a
+MongoDB server on localhost.
+
+Per client connection (gateway/local/dbroute.py runs the steps):
+
+1. the driver's first message is its handshake, a ``hello`` (or a legacy
+   ``isMaster`` in OP_QUERY); anything else is turned away with
+   CommandNotSupported;
+2. the dial goes to the cluster with ``--db-user``/``--db-name`` when given
+   (a MongoDB URI names no user the gateway would use: the cluster logs
+   in as the db user, by default the Wicket user's own name); the cluster
+   connects, logs in and answers with the server's hello values
+   (``hello.*`` parameters of the accept);
+3. the gateway answers the hello itself from them (one server, the
+   server's limits and wire versions, only compressors both ends have:
+   protocols/mongodb/handshake.py), then the relay engine carries every
+   byte both ways. Every later command, later hellos included, is the
+   cluster's to check, answer or pass on (gateway/cluster/mongodb_gate.py).
+
+A refused dial (not allowed, login expired, server or cluster down) does
+not close the connection: a driver would only retry until its server
+selection timed out and then print something vague. The client's hellos
+are answered as by a healthy server and every other command gets the
+refusal as ``{ok: 0, errmsg, code, codeName}`` (Unauthorized 13,
+AuthenticationFailed 18, HostUnreachable 6, ...), which drivers raise as
+their own exception with the message and what to do, for as long as the
+client stays (at most :data:`REFUSED_LINGER` seconds between messages).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import trio
+
+from gateway.local.dbroute import BY_CODE, ClientPhase, DatabaseRoute
+from gateway.local.profile import Profile
+from gateway.local.proxy import NEXT_STEP, Listening
+from gateway.local.waitroom import RIDE_OUT
+from gateway.net.muxlink import MuxLink, Stream
+from gateway.net.peercred import LocalUsers
+from protocols.dial import DialAccept, DialError
+from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from protocols.mongodb import (
+    DEFAULT_HELLO, ClientHello, MessageReader, OpMsg, OpQuery, client_hello, error_code_for, error_reply,
+    gateway_hello, hello_from_params, reply_to,
+)
+from protocols.mongodb.commands import HANDSHAKE_COMMANDS
+from protocols.signals import NEED_DATA, ConnectionClosed
+
+log = logging.getLogger("wicket.proxy.mongodb")
+
+READ = 65536
+#: The largest first message (a hello is a few hundred bytes).
+MAX_HELLO = 1024 * 1024
+#: A refused connection's client may send this large a message (one
+#: document and its command) and go this long between messages.
+MAX_REFUSED_MESSAGE = 16 * 1024 * 1024 + 64 * 1024
+REFUSED_LINGER = 60.0
+
+
+def _body(message: OpMsg | OpQuery) -> Mapping:
+    if isinstance(message, OpMsg):
+        return message.body
+    query = message.query
+    inner = query.get("$query")
+    return inner if isinstance(inner, Mapping) else query
+
+
+class MongoProxy(DatabaseRoute):
+    kind = "mongodb"
+
+    def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
+                 db_name: str | None = None, wait_for_cluster: float = RIDE_OUT,
+                 local_users: LocalUsers | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+        self.db_user, self.db_name = db_user, db_name
+
+    def client_phase(self, tcp: trio.SocketStream, client_addr: str, *, may_control: bool) -> "_MongoClient":
+        return _MongoClient(self, tcp, client_addr, may_control=may_control)
+
+    async def refuse(self, phase: ClientPhase, error: DialError, *, hint: str | None | object = BY_CODE) -> None:
+        """Answer the client's commands with the refusal while it stays
+        (see the module docstring); then close."""
+        if hint is BY_CODE:
+            hint = NEXT_STEP.get(error.code)
+        self.log_refused(phase.client_addr, error, hint)
+        assert isinstance(phase, _MongoClient)
+        try:
+            await phase.answer_refused(error, hint)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, trio.TooSlowError):
+            pass
+        finally:
+            await phase.stream.aclose()
+
+
+class _MongoClient(ClientPhase):
+    """One client connection: its hello, its refusals, its session."""
+
+    route: MongoProxy
+
+    def __init__(self, route: MongoProxy, tcp: trio.SocketStream, client_addr: str, *,
+                 may_control: bool) -> None:
+        super().__init__(route, tcp, client_addr, may_control=may_control)
+        self.reader = MessageReader(max_message_size=MAX_HELLO, verify_checksums=False)
+        self.first: OpMsg | OpQuery | None = None
+        self.hello: ClientHello | None = None
+
+    async def _next(self, reader: MessageReader) -> OpMsg | OpQuery | None:
+        """The client's next message; None once it has left."""
+        while True:
+            event = reader.next_event()
+            if event is NEED_DATA:
+                reader.receive_data(await self.stream.receive_some(READ))
+                continue
+            if isinstance(event, ConnectionClosed):
+                return None
+            if isinstance(event, (OpMsg, OpQuery)):
+                return event
+            raise RemoteProtocolError(f"a client sent {type(event).__name__}, which is not a command",
+                                      code=ErrorCode.BAD_REQUEST, wire_hint=17)
+
+    async def run(self) -> dict[str, str] | None:
+        first = await self._next(self.reader)
+        if first is None:
+            return None
+        self.first = first
+        self.hello = client_hello(_body(first))  # CommandNotSupported if not a hello
+        params: dict[str, str] = {}
+        if self.route.db_user:
+            params["db_user"] = self.route.db_user
+        if self.route.db_name:
+            params["db_name"] = self.route.db_name
+        return params
+
+    def refusal(self, error: DialError | ProtocolError, hint: str | None) -> bytes:
+        message = error.message + (f"; {hint}" if hint else "")
+        if isinstance(error, ProtocolError):
+            code = error.wire_hint if isinstance(error.wire_hint, int) else 17
+        else:
+            code = error_code_for(error.code)
+        request = self.first or OpMsg(request_id=0, body={"hello": 1})
+        return error_reply(request, message, code).encode()
+
+    def _hello_reply(self, request: OpMsg | OpQuery, upstream: Mapping) -> bytes:
+        hello = client_hello(_body(request))
+        connection = upstream.get("connectionId")
+        body = gateway_hello(upstream, hello, connection_id=connection if isinstance(connection, int) else None,
+                             compressors=upstream.get("compression", ()))
+        return reply_to(request, body).encode()
+
+    async def session(self, params, link: MuxLink, stream: Stream) -> None:
+        route, client_addr = self.route, self.client_addr
+        accept = stream.reply
+        assert isinstance(accept, DialAccept) and self.first is not None
+        early = self._hello_reply(self.first, hello_from_params(accept.params))
+        if self.hello is not None and self.hello.wants_auth:
+            log.info("mongodb_client_credentials resource=%s client=%s hint=%r", route.resource, client_addr,
+                     "the client will try to log in; the cluster refuses that: drop the user name and "
+                     "password from its connection string")
+        log.info("mongodb_session_start resource=%s client=%s session=%s app=%r", route.resource, client_addr,
+                 accept.session_id, self.hello.application if self.hello else None)
+        counters, error, _ran = await route.relay(self, link, stream, early=early)
+        log.info("mongodb_session_end resource=%s client=%s session=%s sent=%d received=%d%s", route.resource,
+                 client_addr, accept.session_id, counters.a_to_b, counters.b_to_a,
+                 f" error={error!r}" if error else "")
+
+    async def answer_refused(self, error: DialError, hint: str | None) -> None:
+        """Hellos answered, every other command refused with ``error``,
+        until the client leaves or is silent for REFUSED_LINGER seconds."""
+        refusal = error.message + (f"; {hint}" if hint else "")
+        code = error_code_for(error.code)
+        reader = MessageReader(max_message_size=MAX_REFUSED_MESSAGE, verify_checksums=False)
+        message = self.first
+        while message is not None:
+            if next(iter(_body(message)), None) in HANDSHAKE_COMMANDS:
+                answer = self._hello_reply(message, DEFAULT_HELLO)
+            else:
+                answer = error_reply(message, refusal, code).encode()
+            if not (isinstance(message, OpMsg) and message.more_to_come):
+                await self.stream.send_all(answer)
+            with trio.fail_after(REFUSED_LINGER):
+                message = await self._next(reader)
+
+
+def mongodb_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
+                  local_users: LocalUsers | None = None, db_user: str | None = None,
+                  db_name: str | None = None) -> Listening:
+    """The mongodb kind's local route (gateway/kinds.py)."""
+    proxy = MongoProxy(profile, resource, db_user=db_user, db_name=db_name, wait_for_cluster=wait_for_cluster,
+                       local_users=local_users)
+
+    def try_line(host: str, port: int) -> str:
+        return f'Try: mongosh "mongodb://{host}:{port}/{db_name or ""}?directConnection=true"'
+
+    return Listening(handler=proxy.handle, dialer=proxy.dialer, try_line=try_line)
