@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 
 import pytest
@@ -110,3 +111,187 @@ def test_crud_through_the_gateway(port):
         assert t.find_one({"age": {"$gt": 36}})["_id"] == 1
         assert t.delete_one({"_id": 1}).deleted_count == 1
         assert t.count_documents({}) == 0
+
+
+def test_aggregation_and_a_cursor_over_many_batches(port):
+    with client(port) as c:
+        t = c.app.many
+        t.drop()
+        t.insert_many([{"_id": i, "group": i % 3} for i in range(2000)])
+        seen = [d["_id"] for d in t.find({}, batch_size=7).sort("_id", 1)]
+        assert seen == list(range(2000))  # ~285 getMores
+        groups = {d["_id"]: d["n"] for d in t.aggregate([{"$group": {"_id": "$group", "n": {"$sum": 1}}}])}
+        assert groups == {0: 667, 1: 667, 2: 666}
+
+
+def test_a_cursor_closed_early_then_the_session_goes_on(port):
+    with client(port, maxPoolSize=1) as c:
+        t = c.app.early
+        t.drop()
+        t.insert_many([{"_id": i} for i in range(100)])
+        cursor = t.find({}, batch_size=5)
+        assert next(cursor)["_id"] == 0
+        assert cursor.cursor_id  # open on the server: the close sends killCursors
+        cursor.close()
+        assert t.count_documents({}) == 100
+
+
+def test_a_15_mib_document_both_ways(port):
+    big = "x" * (15 * 1024 * 1024)
+    with client(port) as c:
+        t = c.app.big
+        t.drop()
+        t.insert_one({"_id": "big", "blob": big})
+        assert t.find_one({"_id": "big"})["blob"] == big
+
+
+def test_bulk_writes_and_a_session(port):
+    from pymongo import DeleteOne, InsertOne, UpdateOne
+
+    with client(port) as c:
+        t = c.app.bulk
+        t.drop()
+        result = t.bulk_write([InsertOne({"_id": i, "v": 0}) for i in range(500)]
+                              + [UpdateOne({"_id": 1}, {"$set": {"v": 1}}), DeleteOne({"_id": 2})])
+        assert (result.inserted_count, result.modified_count, result.deleted_count) == (500, 1, 1)
+        with c.start_session() as s:
+            t.insert_one({"_id": "s", "v": 1}, session=s)
+            assert t.find_one({"_id": "s"}, session=s)["v"] == 1
+
+
+def test_the_async_api(port):
+    from pymongo import AsyncMongoClient
+
+    async def main():
+        c = AsyncMongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=20_000)
+        try:
+            t = c.app.asyncapi
+            await t.drop()
+            await t.insert_many([{"_id": i} for i in range(50)])
+            return [d["_id"] async for d in t.find({}, batch_size=10).sort("_id", 1)]
+        finally:
+            await c.close()
+
+    assert asyncio.run(main()) == list(range(50))
+
+
+def test_the_hello_is_one_server_with_the_upstreams_limits(port, mongo_env):
+    _, server = mongo_env
+    with pymongo.MongoClient(server.uri(), serverSelectionTimeoutMS=20_000) as direct:
+        real = direct.admin.command("hello")
+    with client(port) as c:
+        hello = c.admin.command("hello")
+    for key in ("maxBsonObjectSize", "maxMessageSizeBytes", "maxWriteBatchSize", "maxWireVersion"):
+        assert hello[key] == real[key]
+    assert hello["isWritablePrimary"] is True
+    assert not {"hosts", "setName", "primary", "me", "saslSupportedMechs"} & set(hello)
+
+
+def test_a_database_the_roles_do_not_allow_is_refused_and_the_session_goes_on(port):
+    with client(port, maxPoolSize=1) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.shop_secret.items.find_one()
+        assert caught.value.code == 13
+        assert "shop_secret" in str(caught.value) and "db_names" in str(caught.value)
+        c.shop.items.insert_one({"_id": 1})  # the same connection, allowed
+        # $out to a database the roles refuse, from one they allow.
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            list(c.shop.items.aggregate([{"$match": {}}, {"$out": {"db": "shop_secret", "coll": "x"}}]))
+        assert caught.value.code == 13
+        assert c.app.command("ping")["ok"] == 1.0
+
+
+def test_credentials_in_the_uri_get_a_clear_answer(port):
+    with pymongo.MongoClient(f"mongodb://app:whatever@127.0.0.1:{port}/?directConnection=true",
+                             serverSelectionTimeoutMS=20_000) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.command("ping")
+    assert caught.value.code == 18
+    assert "remove the user name and password" in str(caught.value)
+
+
+def test_a_refused_dial_is_the_drivers_own_error(mongo_env, tmp_path):
+    cluster, _ = mongo_env
+    outsider = _gateway(cluster, tmp_path, "dev")  # no role reaches mongo*
+    try:
+        _, p = outsider.proxy("mongodb", "mongo", "--db-user", "app")
+        with client(p) as c:
+            with pytest.raises(mongo_errors.OperationFailure) as caught:
+                c.app.t.find_one()
+        assert caught.value.code == 13
+        assert "access to 'mongo' denied" in str(caught.value)
+    finally:
+        outsider.stop()
+
+
+def test_an_unreachable_server_is_host_unreachable(gw):
+    _, p = gw.proxy("mongodb", "mongo-down", "--db-user", "app")
+    with client(p, retryReads=False) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.t.find_one()
+    assert caught.value.code == 6
+    assert "not reachable" in str(caught.value)
+
+
+def test_the_tls_leg_to_the_server(gw):
+    _, p = gw.proxy("db", "mongo-tls", "--db-user", "app")
+    with client(p) as c:
+        c.app.tls.drop()
+        c.app.tls.insert_one({"_id": 1})
+        assert c.app.tls.find_one()["_id"] == 1
+
+
+def test_every_command_is_audited_with_shapes_never_values(port, mongo_env, gw):
+    cluster, _ = mongo_env
+    with client(port) as c:
+        c.app.audited.find_one({"email": "ada@example.com", "age": {"$gte": 30}})
+        with pytest.raises(mongo_errors.OperationFailure):
+            c.shop_secret.x.find_one()
+    events = cluster.wait_audit(
+        lambda evs: any(e["event"] == "mongodb.command" and e.get("collection") == "audited" for e in evs)
+        and any(e["event"] == "mongodb.denied" for e in evs), user=gw.user)
+    found = next(e for e in events if e["event"] == "mongodb.command" and e.get("collection") == "audited")
+    assert found["database"] == "app" and found["command"] == "find"
+    assert found["filters"] == [{"email": "string", "age": {"$gte": "int32"}}]
+    assert "ada@example.com" not in json.dumps(events)
+    denied = next(e for e in events if e["event"] == "mongodb.denied")
+    assert denied["denied_database"] == "shop_secret"
+    assert any(e["event"] == "session.start" and e.get("db_user") == "app" for e in events)
+
+
+def test_mongosh(port):
+    shell = mongo.mongosh()
+    r = subprocess.run([str(shell), "--quiet", "--norc", f"mongodb://127.0.0.1:{port}/app?directConnection=true",
+                        "--eval", "db.sh.drop(); db.sh.insertMany([...Array(120).keys()].map(i => ({_id: i}))); "
+                                  "print(db.sh.find().batchSize(10).toArray().length)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "120"
+    r = subprocess.run([str(shell), "--quiet", "--norc", f"mongodb://127.0.0.1:{port}/shop_secret?directConnection=true",
+                        "--eval", "db.x.findOne()"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not authorized on shop_secret" in r.stderr + r.stdout
+
+
+NODE_SCRIPT = """
+const { MongoClient } = require('mongodb');
+(async () => {
+  const c = new MongoClient(process.env.MONGO_URI, { serverSelectionTimeoutMS: 20000 });
+  try {
+    const t = c.db('app').collection('node');
+    await t.drop().catch(() => {});
+    await t.insertMany([...Array(300).keys()].map(i => ({ _id: i })));
+    const n = (await t.find().batchSize(25).toArray()).length;
+    let code = null;
+    try { await c.db('shop_secret').collection('x').findOne(); } catch (e) { code = e.code; }
+    console.log(JSON.stringify({ n, code }));
+  } finally { await c.close(); }
+})().catch(e => { console.error(String(e)); process.exit(1); });
+"""
+
+
+def test_the_nodejs_driver(port):
+    folder = mongo.node_clients()
+    env = {**os.environ, "MONGO_URI": f"mongodb://127.0.0.1:{port}/?directConnection=true"}
+    r = subprocess.run(["node", "-e", NODE_SCRIPT], capture_output=True, text=True, timeout=120, cwd=folder, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"n": 300, "code": 13}

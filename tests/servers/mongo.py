@@ -175,7 +175,7 @@ class MongoServer:
 
     def uri(self, db: str = "admin") -> str:
         return (f"mongodb://{self.user}:{self.password}@127.0.0.1:{self.port}/{db}"
-                f"?directConnection=true&authSource=admin")
+                f"?directConnection=true&authSource=admin&authMechanism=SCRAM-SHA-256")
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.popen.poll() is None:
