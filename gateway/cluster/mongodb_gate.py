@@ -281,7 +281,10 @@ class CommandGate:
                 if not data:
                     break
                 if not held:
-                    await lock.acquire()
+                    try:
+                        lock.acquire_nowait()  # the common case: no checkpoint
+                    except trio.WouldBlock:
+                        await lock.acquire()
                     held = True
                 for _ in boundaries.feed(data):
                     pass

@@ -22,6 +22,8 @@ What the wrapper changes in mongoeco 4.11, all on this side of the wire
   cursor store as the integer it keys on;
 * ``buildinfo`` (lower case, which real servers accept) is renamed
   ``buildInfo``, the only spelling mongoeco knows;
+* inserting a document with a non-numeric ``_id`` skips a scan of the
+  whole collection (``_patch_unique_scan``), which made inserts quadratic;
 * an error reply without a ``code`` gets the one a real server would send
   (``CommandFailed``, 125): drivers read ``code`` to classify errors.
 
@@ -41,6 +43,7 @@ import sys
 
 from bson.int64 import Int64
 from mongoeco.core.bson_scalars import BsonInt64
+from mongoeco.engines import memory
 from mongoeco.wire import AsyncMongoEcoProxyServer
 from mongoeco.wire import auth as wire_auth
 from mongoeco.wire import cursors as wire_cursors
@@ -58,6 +61,24 @@ def _patch_cursor_ids() -> None:
         self._next_cursor_id = CURSOR_ID_BASE
 
     wire_cursors.WireCursorStore.__init__ = __init__
+
+
+def _patch_unique_scan() -> None:
+    """mongoeco's wire path inserts one document per engine call, and for
+    a single document it scans the whole collection for an equal ``_id``
+    (numeric ids compare across int/long/double/decimal), on top of the
+    exact hashed lookup it does first: every insert is O(collection), an
+    insert_many of 1,000 takes 10 s. For an ``_id`` with no number in it
+    the hashed lookup is already exact, so the scan is skipped."""
+    engine = memory.MemoryEngine
+    original = engine._ensure_unique_indexes
+
+    def _ensure_unique_indexes(self, db_name, coll_name, candidate, **kwargs):
+        if kwargs.get("scan_payload_id") and not memory.id_contains_numeric_value(candidate.get("_id")):
+            kwargs["scan_payload_id"] = False
+        return original(self, db_name, coll_name, candidate, **kwargs)
+
+    engine._ensure_unique_indexes = _ensure_unique_indexes
 
 
 def _plain(value):
@@ -134,6 +155,7 @@ async def main() -> None:
         parser.error("MONGOECO_PASSWORD must hold the user's password")
     _patch_cursor_ids()
     _patch_commands()
+    _patch_unique_scan()
     user = wire_auth.WireAuthUser(username=args.user, password=password,
                                   mechanisms=tuple(args.mechanisms.split(",")),
                                   roles=({"role": "root", "db": "admin"},))

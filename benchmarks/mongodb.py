@@ -1,0 +1,187 @@
+"""``python -m benchmarks.mongodb``: pymongo through the gateway, beside a
+direct connection and a stunnel pair with mutual TLS, in one run.
+
+One MongoDB wire server (mongoeco, the tests' own: tests/servers/mongo.py
+makes its venv), three ways in:
+
+``direct``   pymongo -> mongoeco (SCRAM-SHA-256 once per client)
+``stunnel``  pymongo -> stunnel (client) == mutual TLS 1.3 ==> stunnel (server) -> mongoeco
+``wicket``   pymongo -> wicket proxy mongodb == mutual TLS 1.3 ==> wicket-cluster -> mongoeco
+             (no credentials on the client; the cluster logs in, checks and audits
+             every command; upstream leg plain, like stunnel's)
+
+Two workloads, 4 client processes each (a MongoClient of one connection
+each), interleaved per round with rotating path order:
+
+* ``find_one``: ``find_one({"_id": k})`` on a 10,000-document collection
+  in a loop (operations per second, all clients together);
+* ``insert_many``: ``insert_many`` of 1,000 small documents in a loop
+  (documents per second).
+
+The table shows the medians and the ratio to the stunnel pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.paths import Stunnel, Wicket, make_pki
+from benchmarks.procstat import thread_cpu
+from tests.servers.mongo import MongoServer
+
+PATHS = ("direct", "stunnel", "wicket")
+WORKLOADS = ("find_one", "insert_many")
+CLIENTS = 4
+DOCS = 10_000
+_USER, _PW_ENV = "bench", "WICKET_BENCH_MONGO_PASSWORD"
+_PASSWORD = "benchmark mongo password, thrown away with the run"
+
+
+def _client(uri: str):
+    import pymongo
+    return pymongo.MongoClient(uri, maxPoolSize=1, serverSelectionTimeoutMS=30_000)
+
+
+def _worker(uri: str, workload: str, seconds: float, start_at: float, seed: int, out) -> None:
+    """One client process: run ``workload`` for ``seconds`` from ``start_at``
+    (a shared start, so the clients overlap); put its count on ``out``."""
+    rng = random.Random(seed)
+    with _client(uri) as c:
+        t = c.bench.items
+        t.find_one({"_id": "item-0"})  # connected and logged in before the clock starts
+        batch = [{"n": i, "pad": "x" * 32} for i in range(1000)]
+        while time.time() < start_at:
+            time.sleep(0.001)
+        end = start_at + seconds
+        count = 0
+        if workload == "find_one":
+            while time.time() < end:
+                t.find_one({"_id": f"item-{rng.randrange(DOCS)}"})
+                count += 1
+        else:
+            w = c.bench[f"ins{seed}"]
+            while time.time() < end:
+                w.insert_many([dict(d) for d in batch], ordered=False)
+                count += len(batch)
+                if count % 10_000 == 0:
+                    w.drop()  # the test server's inserts slow down as a collection grows
+        out.put(count)
+
+
+def _measure(uri: str, workload: str, seconds: float) -> float:
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    start_at = time.time() + 2.0
+    procs = [ctx.Process(target=_worker, args=(uri, workload, seconds, start_at, i, out)) for i in range(CLIENTS)]
+    for p in procs:
+        p.start()
+    counts = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        if p.exitcode != 0:
+            raise RuntimeError(f"a {workload} client on {uri.split('@')[-1]} exited with {p.exitcode}")
+    return sum(counts) / seconds
+
+
+def _cpu(wicket: Wicket) -> dict[str, dict[str, float]]:
+    return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": thread_cpu(wicket.cluster.pid)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.mongodb", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8, help="per measurement (default 8)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
+    ap.add_argument("--format", choices=("table", "json"), default="table")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = 3, 1
+    work = Path(tempfile.mkdtemp(prefix="wicket-mongobench-"))
+    started: list = []
+    server = None
+    try:
+        server = MongoServer(work / "mongoeco.log", user=_USER, password=_PASSWORD)
+        with _client(server.uri()) as c:
+            c.bench.items.drop()
+            for start in range(0, DOCS, 1000):
+                c.bench.items.insert_many([{"_id": f"item-{i}", "name": f"item {i}", "price": i % 100}
+                                           for i in range(start, start + 1000)])
+        wicket = Wicket(work / "wicket", server.port, kind="mongodb",
+                        settings=f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n',
+                        cluster_env={_PW_ENV: _PASSWORD})
+        started.append(wicket)
+        st = Stunnel(work, make_pki(work / "pki"), server.port)
+        started.append(st)
+        creds = f"{_USER}:{_PASSWORD.replace(' ', '%20').replace(',', '%2C')}@"
+        options = "?directConnection=true&authSource=admin&authMechanism=SCRAM-SHA-256"
+        uris = {"direct": f"mongodb://{creds}127.0.0.1:{server.port}/{options}",
+                "stunnel": f"mongodb://{creds}127.0.0.1:{st.port}/{options}",
+                "wicket": f"mongodb://127.0.0.1:{wicket.port}/?directConnection=true"}
+        results: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PATHS} for w in WORKLOADS}
+        # CPU seconds of Wicket's processes per workload, per thread name, and the operations.
+        cpu: dict[str, dict[str, dict[str, float]]] = {w: {"gateway": {}, "cluster": {}} for w in WORKLOADS}
+        ops = {w: 0.0 for w in WORKLOADS}
+        for rnd in range(args.rounds):
+            order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
+            for workload in WORKLOADS:
+                for path in order:
+                    before = _cpu(wicket) if path == "wicket" else None
+                    rate = _measure(uris[path], workload, args.seconds)
+                    if before is not None:
+                        ops[workload] += rate * args.seconds
+                        for proc, used in _cpu(wicket).items():
+                            for name, seconds in used.items():
+                                total = cpu[workload][proc]
+                                total[name] = total.get(name, 0.0) + seconds - before[proc].get(name, 0.0)
+                    results[workload][path].append(rate)
+                    print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:11} "
+                          f"{path:8} {rate:10.0f}/s", flush=True)
+        medians = {w: {p: sorted(v)[len(v) // 2] for p, v in r.items()} for w, r in results.items()}
+        if args.format == "json":
+            print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "rates": results,
+                              "medians": medians}, indent=2))
+        else:
+            print(f"\n| pymongo, {CLIENTS} clients (median of {args.rounds} x {args.seconds:g}s) | "
+                  + " | ".join(PATHS) + " |")
+            print("|---|" + "---:|" * len(PATHS))
+            labels = {"find_one": "find_one by _id, operations/s ↑",
+                      "insert_many": "insert_many of 1,000, documents/s ↑"}
+            for w, m in medians.items():
+                base = m["stunnel"]
+                cells = [f"{m[p]:.0f}" + ("" if p == "stunnel" else f" ({m[p] / base:.2f}x)") for p in PATHS]
+                print(f"| {labels[w]} | " + " | ".join(cells) + " |")
+            unit = {"find_one": "find_one", "insert_many": "document inserted"}
+            print("\n| Wicket's CPU, µs per operation (all rounds) | " + " | ".join(unit.values()) + " |")
+            print("|---|" + "---:|" * len(WORKLOADS))
+            for proc in ("gateway", "cluster"):
+                names = sorted({t for w in WORKLOADS for t in cpu[w][proc]})
+                for name in ["(all)", *names]:
+                    cells = []
+                    for w in WORKLOADS:
+                        used = cpu[w][proc]
+                        seconds = sum(used.values()) if name == "(all)" else used.get(name, 0.0)
+                        cells.append(f"{seconds / max(ops[w], 1) * 1e6:.0f}")
+                    if name == "(all)" or any(c != "0" for c in cells):
+                        print(f"| {proc} {name} | " + " | ".join(cells) + " |")
+        return 0
+    finally:
+        for path in reversed(started):
+            try:
+                path.stop()
+            except Exception as exc:
+                print(f"stopping {path.name}: {exc}")
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
