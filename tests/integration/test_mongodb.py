@@ -295,3 +295,21 @@ def test_the_nodejs_driver(port):
     r = subprocess.run(["node", "-e", NODE_SCRIPT], capture_output=True, text=True, timeout=120, cwd=folder, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"n": 300, "code": 13}
+
+
+def test_a_lock_cuts_a_live_session_and_the_next_dial_says_why(mongo_env, tmp_path):
+    cluster, _ = mongo_env
+    g = _gateway(cluster, tmp_path, "mongo")
+    try:
+        _, p = g.proxy("mongodb", "mongo", "--db-user", "app")
+        with client(p, maxPoolSize=1) as c:
+            assert c.app.command("ping")["ok"] == 1.0
+            cluster.admin("users", "lock", g.user, "--reason", "incident 44")
+            ended = cluster.wait_audit(user=g.user, event="session.end")
+            assert ended[-1]["reason"] == "user_locked" and ended[-1]["kind"] == "mongodb"
+            with pytest.raises(mongo_errors.OperationFailure) as caught:  # the retry's new dial
+                c.app.items.find_one()
+            assert caught.value.code == 18 and "locked" in str(caught.value)
+    finally:
+        cluster.admin("users", "unlock", g.user)
+        g.stop()
