@@ -17,6 +17,13 @@ Per client connection (gateway/local/dbroute.py runs the steps):
    byte both ways. Every later command, later hellos included, is the
    cluster's to check, answer or pass on (gateway/cluster/mongodb_gate.py).
 
+A client that insists on logging in (a connection string with a user and
+password; its hello asks for ``saslSupportedMechs`` or sends
+``speculativeAuthenticate``) logs in here, with SCRAM, against a local
+credential made at each start and printed once in the URI ``wicket proxy``
+shows (user ``wicket``); any other credential gets AuthenticationFailed
+saying to drop it. The session starts once it has.
+
 A refused dial (not allowed, login expired, server or cluster down) does
 not close the connection: a driver would only retry until its server
 selection timed out and then print something vague. The client's hellos
@@ -30,11 +37,12 @@ client stays (at most :data:`REFUSED_LINGER` seconds between messages).
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 
 import trio
 
-from gateway.local.dbroute import BY_CODE, ClientPhase, DatabaseRoute
+from gateway.local.dbroute import BY_CODE, STARTUP_TIMEOUT, ClientPhase, DatabaseRoute
 from gateway.local.profile import Profile
 from gateway.local.proxy import NEXT_STEP, Listening
 from gateway.local.waitroom import RIDE_OUT
@@ -43,10 +51,11 @@ from gateway.net.peercred import LocalUsers
 from protocols.dial import DialAccept, DialError
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocols.mongodb import (
-    DEFAULT_HELLO, ClientHello, MessageReader, OpMsg, OpQuery, client_hello, error_code_for, error_reply,
-    gateway_hello, hello_from_params, reply_to,
+    DEFAULT_HELLO, ClientHello, LocalLogin, MessageReader, OpMsg, OpQuery, client_hello, error_code_for,
+    error_document, error_reply, gateway_hello, hello_from_params, reply_to,
 )
 from protocols.mongodb.commands import HANDSHAKE_COMMANDS
+from protocols.mongodb.scram import MECHANISMS
 from protocols.signals import NEED_DATA, ConnectionClosed
 
 log = logging.getLogger("wicket.proxy.mongodb")
@@ -58,6 +67,8 @@ MAX_HELLO = 1024 * 1024
 #: document and its command) and go this long between messages.
 MAX_REFUSED_MESSAGE = 16 * 1024 * 1024 + 64 * 1024
 REFUSED_LINGER = 60.0
+#: The user of the local credential (its password is made at each start).
+LOCAL_USER = "wicket"
 
 
 def _body(message: OpMsg | OpQuery) -> Mapping:
@@ -76,6 +87,13 @@ class MongoProxy(DatabaseRoute):
                  local_users: LocalUsers | None = None) -> None:
         super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
         self.db_user, self.db_name = db_user, db_name
+        # The local credential for clients that insist on logging in: made
+        # here, shown once at start (try_line), held only in memory.
+        self.local_password = secrets.token_urlsafe(18)
+        self._salt = secrets.token_bytes(16)
+
+    def local_login(self) -> LocalLogin:
+        return LocalLogin(username=LOCAL_USER, password=self.local_password, salt=self._salt)
 
     def client_phase(self, tcp: trio.SocketStream, client_addr: str, *, may_control: bool) -> "_MongoClient":
         return _MongoClient(self, tcp, client_addr, may_control=may_control)
@@ -144,27 +162,72 @@ class _MongoClient(ClientPhase):
         return error_reply(request, message, code).encode()
 
     def _hello_reply(self, request: OpMsg | OpQuery, upstream: Mapping) -> bytes:
-        hello = client_hello(_body(request))
+        body_in = _body(request)
+        hello = client_hello(body_in)
         connection = upstream.get("connectionId")
         body = gateway_hello(upstream, hello, connection_id=connection if isinstance(connection, int) else None,
                              compressors=upstream.get("compression", ()))
+        if body_in.get("saslSupportedMechs") == f"admin.{LOCAL_USER}":
+            body["saslSupportedMechs"] = list(MECHANISMS)  # the local credential's
         return reply_to(request, body).encode()
 
     async def session(self, params, link: MuxLink, stream: Stream) -> None:
         route, client_addr = self.route, self.client_addr
         accept = stream.reply
         assert isinstance(accept, DialAccept) and self.first is not None
-        early = self._hello_reply(self.first, hello_from_params(accept.params))
+        upstream = hello_from_params(accept.params)
+        early = self._hello_reply(self.first, upstream)
         if self.hello is not None and self.hello.wants_auth:
-            log.info("mongodb_client_credentials resource=%s client=%s hint=%r", route.resource, client_addr,
-                     "the client will try to log in; the cluster refuses that: drop the user name and "
-                     "password from its connection string")
+            # The client will log in: with the local credential it may.
+            try:
+                await self.stream.send_all(early)
+                with trio.fail_after(STARTUP_TIMEOUT):
+                    logged_in = await self._local_login(upstream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ProtocolError):
+                logged_in = False
+            if not logged_in:
+                link.cut(stream, "the client's local login failed")
+                route.dialer.release(link)
+                return
+            early = b""
         log.info("mongodb_session_start resource=%s client=%s session=%s app=%r", route.resource, client_addr,
                  accept.session_id, self.hello.application if self.hello else None)
         counters, error, _ran = await route.relay(self, link, stream, early=early)
         log.info("mongodb_session_end resource=%s client=%s session=%s sent=%d received=%d%s", route.resource,
                  client_addr, accept.session_id, counters.a_to_b, counters.b_to_a,
                  f" error={error!r}" if error else "")
+
+    async def _local_login(self, upstream: Mapping) -> bool:
+        """The client's SCRAM login against the local credential; True once
+        it has logged in (the session then starts), False once it failed
+        (it was told, and what to do)."""
+        login = self.route.local_login()
+        while not login.done:
+            message = await self._next(self.reader)
+            if message is None:
+                return False
+            body = _body(message)
+            name = next(iter(body), None)
+            if name in HANDSHAKE_COMMANDS:
+                await self.stream.send_all(self._hello_reply(message, upstream))
+                continue
+            if name in ("saslStart", "saslContinue"):
+                answer = login.answer(body)
+            else:
+                answer = error_document(
+                    f"log in first: the connection string names a user, so the driver must log in "
+                    f"before {str(name)[:64]!r}", "AuthenticationFailed")
+            if not answer.get("ok"):
+                answer["errmsg"] = (
+                    f"{answer['errmsg']} This proxy needs no credentials: remove the user name and password "
+                    f"from the connection string, or use the local login `wicket proxy` printed at start "
+                    f"(user {LOCAL_USER!r})")
+                log.info("mongodb_local_login_failed resource=%s client=%s", self.route.resource,
+                         self.client_addr)
+            await self.stream.send_all(reply_to(message, answer).encode())
+            if not answer.get("ok"):
+                return False
+        return True
 
     async def answer_refused(self, error: DialError, hint: str | None) -> None:
         """Hellos answered, every other command refused with ``error``,
@@ -192,6 +255,11 @@ def mongodb_route(profile: Profile, resource: str, identity, *, wait_for_cluster
                        local_users=local_users)
 
     def try_line(host: str, port: int) -> str:
-        return f'Try: mongosh "mongodb://{host}:{port}/{db_name or ""}?directConnection=true"'
+        # One URI for every tool: drivers and shells need no credentials, and
+        # tools that insist on a login get the local one (good while this
+        # proxy runs; only the owner's local uid may connect anyway).
+        return (f'Try: mongosh "mongodb://{LOCAL_USER}:{proxy.local_password}@{host}:{port}/'
+                f'{db_name or ""}?directConnection=true&authSource=admin"  (the user and password are '
+                f'optional: a local login for tools that insist on one)')
 
     return Listening(handler=proxy.handle, dialer=proxy.dialer, try_line=try_line)

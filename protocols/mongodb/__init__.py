@@ -20,7 +20,7 @@ from protocols.mongodb.commands import (
 from protocols.mongodb.handshake import (
     DEFAULT_HELLO, ClientHello, client_hello, gateway_hello, hello_from_params, hello_params,
 )
-from protocols.mongodb.scram import ScramLogin, ScramLoginError, password_digest
+from protocols.mongodb.scram import LocalLogin, ScramLogin, ScramLoginError, password_digest
 from protocols.mongodb.wire import (
     DEFAULT_MAX_MESSAGE_SIZE, SUPPORTED_COMPRESSORS, Compressor, DocumentSequence, Message,
     MessageReader, OpCompressed, OpMsg, OpQuery, OpReply, UnsupportedCompressor, compress,
@@ -29,7 +29,7 @@ from protocols.mongodb.wire import (
 
 __all__ = [
     "DEFAULT_HELLO", "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
-    "ClientAuditor", "ClientHello", "Command", "CommandEvent", "Compressor", "DocumentSequence",
+    "ClientAuditor", "ClientHello", "LocalLogin", "Command", "CommandEvent", "Compressor", "DocumentSequence",
     "ErrorReplyEvent", "Message", "MessageReader", "Namespace", "OpCompressed", "OpMsg",
     "OpQuery", "OpReply", "ScramLogin", "ScramLoginError", "ServerAuditor",
     "UnauditedMessageEvent", "UnsupportedCompressor",

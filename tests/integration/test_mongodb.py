@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -208,6 +209,36 @@ def test_credentials_in_the_uri_get_a_clear_answer(port):
             c.app.command("ping")
     assert caught.value.code == 18
     assert "remove the user name and password" in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def local_uri(gw):
+    """The one URI `wicket proxy` prints, with its local credential."""
+    proc, p = gw.proxy("mongodb", "mongo", "--db-user", "app")
+    found = re.search(r'"(mongodb://wicket:[^@"]+@127\.0\.0\.1:\d+/[^"]*)"', proc.log())
+    assert found, proc.log()
+    assert f":{p}/" in found.group(1)
+    return found.group(1)
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1", None])
+def test_tools_that_insist_on_a_login_use_the_printed_local_credential(local_uri, mechanism):
+    uri = local_uri + (f"&authMechanism={mechanism}" if mechanism else "")
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=20_000) as c:
+        c.app.local.replace_one({"_id": 1}, {"mechanism": str(mechanism)}, upsert=True)
+        assert c.app.local.find_one({"_id": 1})["mechanism"] == str(mechanism)
+    wrong = re.sub(r"wicket:[^@]+@", "wicket:not-the-password@", local_uri)
+    with pymongo.MongoClient(wrong, serverSelectionTimeoutMS=20_000) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.command("ping")
+    assert caught.value.code == 18 and "local login" in str(caught.value)
+
+
+def test_mongosh_with_the_printed_uri(local_uri):
+    r = subprocess.run([str(mongo.mongosh()), "--quiet", "--norc", local_uri, "--eval", "db.runCommand({ping: 1}).ok"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "1"
 
 
 def test_a_refused_dial_is_the_drivers_own_error(mongo_env, tmp_path):
