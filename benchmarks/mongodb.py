@@ -23,7 +23,6 @@ The table shows the medians and the ratio to the stunnel pair.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import random
@@ -32,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.paths import Stunnel, Wicket, make_pki
-from benchmarks.procstat import thread_cpu
+from benchmarks.paths import Stunnel, Wicket, make_pki, interleaved_args, ratio_cells, stop_all
+from benchmarks.procstat import add_thread_cpu, cpu_table
 from tests.servers.mongo import MongoServer
 
 PATHS = ("direct", "stunnel", "wicket")
@@ -90,20 +89,8 @@ def _measure(uri: str, workload: str, seconds: float) -> float:
     return sum(counts) / seconds
 
 
-def _cpu(wicket: Wicket) -> dict[str, dict[str, float]]:
-    return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": thread_cpu(wicket.cluster.pid)}
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.mongodb", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8, help="per measurement (default 8)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
-    ap.add_argument("--format", choices=("table", "json"), default="table")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds = 3, 1
+    args = interleaved_args("python -m benchmarks.mongodb", __doc__, argv, seconds_help="per measurement")
     work = Path(tempfile.mkdtemp(prefix="wicket-mongobench-"))
     started: list = []
     server = None
@@ -133,14 +120,12 @@ def main(argv=None) -> int:
             order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
             for workload in WORKLOADS:
                 for path in order:
-                    before = _cpu(wicket) if path == "wicket" else None
+                    before = wicket.thread_cpu() if path == "wicket" else None
                     rate = _measure(uris[path], workload, args.seconds)
                     if before is not None:
                         ops[workload] += rate * args.seconds
-                        for proc, used in _cpu(wicket).items():
-                            for name, seconds in used.items():
-                                total = cpu[workload][proc]
-                                total[name] = total.get(name, 0.0) + seconds - before[proc].get(name, 0.0)
+                        for proc, used in wicket.thread_cpu().items():
+                            add_thread_cpu(cpu[workload][proc], before[proc], used)
                     results[workload][path].append(rate)
                     print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:11} "
                           f"{path:8} {rate:10.0f}/s", flush=True)
@@ -155,29 +140,11 @@ def main(argv=None) -> int:
             labels = {"find_one": "find_one by _id, operations/s ↑",
                       "insert_many": "insert_many of 1,000, documents/s ↑"}
             for w, m in medians.items():
-                base = m["stunnel"]
-                cells = [f"{m[p]:.0f}" + ("" if p == "stunnel" else f" ({m[p] / base:.2f}x)") for p in PATHS]
-                print(f"| {labels[w]} | " + " | ".join(cells) + " |")
-            unit = {"find_one": "find_one", "insert_many": "document inserted"}
-            print("\n| Wicket's CPU, µs per operation (all rounds) | " + " | ".join(unit.values()) + " |")
-            print("|---|" + "---:|" * len(WORKLOADS))
-            for proc in ("gateway", "cluster"):
-                names = sorted({t for w in WORKLOADS for t in cpu[w][proc]})
-                for name in ["(all)", *names]:
-                    cells = []
-                    for w in WORKLOADS:
-                        used = cpu[w][proc]
-                        seconds = sum(used.values()) if name == "(all)" else used.get(name, 0.0)
-                        cells.append(f"{seconds / max(ops[w], 1) * 1e6:.0f}")
-                    if name == "(all)" or any(c != "0" for c in cells):
-                        print(f"| {proc} {name} | " + " | ".join(cells) + " |")
+                print(f"| {labels[w]} | " + " | ".join(ratio_cells(m, PATHS)) + " |")
+            print("\n".join(cpu_table("operation (find_one; insert_many: one document)", cpu, ops)))
         return 0
     finally:
-        for path in reversed(started):
-            try:
-                path.stop()
-            except Exception as exc:
-                print(f"stopping {path.name}: {exc}")
+        stop_all(started)
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)

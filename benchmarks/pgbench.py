@@ -21,7 +21,6 @@ The table shows TPS and the ratio to the stunnel pair.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -31,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
-from benchmarks.procstat import thread_cpu
+from benchmarks.paths import Stunnel, Wicket, free_port, make_pki, interleaved_args, ratio_cells, stop_all
+from benchmarks.procstat import add_thread_cpu, cpu_table
 from gateway.local.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,38 +54,8 @@ def _pgbench(port: int, user: str, args: list[str], seconds: int) -> tuple[float
     return float(m.group(1)), int(n.group(1))
 
 
-def _cpu(wicket) -> dict[str, dict[str, float]]:
-    """CPU seconds so far of a Wicket pair's processes, per thread name."""
-    return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": thread_cpu(wicket.cluster.pid)}
-
-
-def _cpu_table(label: str, cpu: dict[str, dict[str, dict[str, float]]], txns: dict[str, int]) -> list[str]:
-    """Rows: µs of CPU per transaction, per process and thread."""
-    rows = ["", f"| CPU per {label} transaction, µs (all rounds) | thread | " + " | ".join(cpu) + " |",
-            "|---|---|" + "---:|" * len(cpu)]
-    for proc in ("gateway", "cluster"):
-        names = sorted({t for path in cpu.values() for t in path[proc]})
-        for name in ["(all)", *names]:
-            cells = []
-            for path, by_proc in cpu.items():
-                used = by_proc[proc]
-                seconds = sum(used.values()) if name == "(all)" else used.get(name, 0.0)
-                cells.append(f"{seconds / max(txns[path], 1) * 1e6:.0f}")
-            if name == "(all)" or any(c != "0" for c in cells):
-                rows.append(f"| {proc} | {name} | " + " | ".join(cells) + " |")
-    return rows
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.pgbench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=8, help="pgbench -T per measurement (default 8)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
-    ap.add_argument("--format", choices=("table", "json"), default="table")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds = 3, 1
+    args = interleaved_args("python -m benchmarks.pgbench", __doc__, argv, seconds_help="pgbench -T per measurement")
     if shutil.which("pgbench") is None:
         print("pgbench is not installed (apt-get install postgresql-client-15)")
         return 1
@@ -134,15 +103,13 @@ def main(argv=None) -> int:
             for workload, wargs in WORKLOADS.items():
                 for path in order:
                     port, user = routes[path]
-                    before = _cpu(wickets[path]) if path in wickets else None
+                    before = wickets[path].thread_cpu() if path in wickets else None
                     tps, n = _pgbench(port, user, wargs, args.seconds)
                     if before is not None:
-                        after = _cpu(wickets[path])
+                        after = wickets[path].thread_cpu()
                         txns[workload][path] += n
                         for proc, used in after.items():
-                            for name, seconds in used.items():
-                                total = cpu[workload][path][proc]
-                                total[name] = total.get(name, 0.0) + seconds - before[proc].get(name, 0.0)
+                            add_thread_cpu(cpu[workload][path][proc], before[proc], used)
                     results[workload][path].append(tps)
                     print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:7} "
                           f"{path:10} {tps:10.0f} tps", flush=True)
@@ -156,18 +123,12 @@ def main(argv=None) -> int:
             print("|---|" + "---:|" * len(PATHS))
             labels = {"select": "-S, 4 connections, TPS ↑", "connect": "-S -C (connection per txn), TPS ↑"}
             for w, m in medians.items():
-                base = m["stunnel"]
-                cells = [f"{m[p]:.0f}" + ("" if p == "stunnel" else f" ({m[p] / base:.2f}x)") for p in PATHS]
-                print(f"| {labels[w]} | " + " | ".join(cells) + " |")
+                print(f"| {labels[w]} | " + " | ".join(ratio_cells(m, PATHS)) + " |")
             for w, label in (("select", "-S"), ("connect", "-S -C")):
-                print("\n".join(_cpu_table(label, cpu[w], txns[w])))
+                print("\n".join(cpu_table(f"{label} transaction", cpu[w], txns[w])))
         return 0
     finally:
-        for path in reversed(started):
-            try:
-                path.stop()
-            except Exception as exc:
-                print(f"stopping {path.name}: {exc}")
+        stop_all(started)
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)

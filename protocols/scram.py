@@ -120,7 +120,26 @@ class _ScramStep(enum.Enum):
     FAILED = "FAILED"
 
 
-class ScramClient:
+class _Exchange:
+    """What both halves share: the step they are at."""
+
+    _step: _ScramStep
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._step.name}>"
+
+    @property
+    def done(self) -> bool:
+        """True once the other side has proved it knows the password."""
+        return self._step is _ScramStep.DONE
+
+    def _advance(self, expected: _ScramStep, then: _ScramStep) -> None:
+        if self._step is not expected:
+            raise LocalProtocolError(f"SCRAM step out of order (at {self._step.name})")
+        self._step = then
+
+
+class ScramClient(_Exchange):
     """The client half of one SCRAM exchange (RFC 5802) with ``mechanism``'s
     hash; ``password`` is the prepared password, the bytes PBKDF2 is fed.
 
@@ -150,19 +169,6 @@ class ScramClient:
         self._max_iterations = max_iterations
         self._step = _ScramStep.FIRST
         self._server_signature = b""
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._step.name}>"
-
-    @property
-    def done(self) -> bool:
-        """True once the server's signature has verified."""
-        return self._step is _ScramStep.DONE
-
-    def _advance(self, expected: _ScramStep, then: _ScramStep) -> None:
-        if self._step is not expected:
-            raise LocalProtocolError(f"SCRAM step out of order (at {self._step.name})")
-        self._step = then
 
     def client_first(self) -> bytes:
         """The client-first-message (the SASLInitialResponse's data)."""
@@ -233,7 +239,7 @@ class ScramClient:
 
 
 
-class ScramServer:
+class ScramServer(_Exchange):
     """The server half of one SCRAM exchange for ``password`` (prepared, the
     bytes PBKDF2 is fed), with our ``salt``, ``iterations`` and nonce part.
     A malformed client message or a wrong proof raises what ``error`` makes
@@ -258,19 +264,6 @@ class ScramServer:
         self._nonce = ""
         #: The user name the client gave in its first message (SASLprep is the caller's).
         self.username = ""
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._step.name}>"
-
-    @property
-    def done(self) -> bool:
-        """True once the client's proof has verified."""
-        return self._step is _ScramStep.DONE
-
-    def _advance(self, expected: _ScramStep, then: _ScramStep) -> None:
-        if self._step is not expected:
-            raise LocalProtocolError(f"SCRAM step out of order (at {self._step.name})")
-        self._step = then
 
     def server_first(self, client_first: bytes) -> bytes:
         """The server-first-message for the client's first message."""

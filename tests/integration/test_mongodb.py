@@ -35,12 +35,6 @@ db_names = ["app", "shop*", "admin"]
 [[roles.mongo.deny]]
 resources = ["mongo*"]
 db_names = ["shop_secret"]
-
-[roles.mongo-app-only]
-[[roles.mongo-app-only.allow]]
-resources = ["mongo*"]
-db_users = ["app"]
-db_names = ["app"]
 """
 
 
@@ -75,12 +69,7 @@ _n = iter(range(1, 10_000))
 
 
 def _gateway(cluster, tmp, roles: str) -> Gateway:
-    name = f"mongouser{next(_n)}"
-    cluster.add_user(name, roles)
-    g = Gateway(tmp, cluster, name)
-    r = g.login()
-    assert r.returncode == 0, r.stderr
-    return g
+    return Gateway.logged_in(cluster, tmp, f"mongouser{next(_n)}", roles)
 
 
 @pytest.fixture(scope="module")
