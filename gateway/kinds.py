@@ -137,7 +137,10 @@ MONGODB = Kind(
     params=(DB_USER, DB_NAME),
     cluster_route="gateway.cluster.mongodb:MONGODB",
     gateway_route="gateway.local.mongo:mongodb_route",
-    proxy_options=DATABASE_PROXY_OPTIONS[:2],
+    proxy_options=(
+        ProxyOption(name="db_user", help="Database user the cluster logs in as (default: your Wicket user name)."),
+        ProxyOption(name="db_name", help="Keep every command to this database (default: any your roles allow)."),
+    ),
     is_database=True,
 )
 

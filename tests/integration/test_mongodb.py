@@ -333,3 +333,40 @@ def test_a_lock_cuts_a_live_session_and_the_next_dial_says_why(mongo_env, tmp_pa
     finally:
         cluster.admin("users", "unlock", g.user)
         g.stop()
+
+
+def test_compression_the_server_lacks_is_negotiated_away(port):
+    with client(port, compressors="zlib") as c:
+        assert c.admin.command("hello").get("compression") is None  # mongoeco offers none
+        c.app.zipped.replace_one({"_id": 1}, {"v": "x" * 10_000}, upsert=True)
+        assert len(c.app.zipped.find_one({"_id": 1})["v"]) == 10_000
+
+
+def test_a_session_kept_to_one_database(gw):
+    _, p = gw.proxy("mongodb", "mongo", "--db-user", "app", "--db-name", "app")
+    with client(p, maxPoolSize=1) as c:
+        c.app.pinned.replace_one({"_id": 1}, {"v": 1}, upsert=True)
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.shop.items.find_one()  # a role allows shop; this session keeps to app
+        assert caught.value.code == 13 and "--db-name" in str(caught.value)
+
+
+def test_a_cluster_that_cannot_be_reached_is_host_unreachable(tmp_path):
+    echo = Echo(tmp_path)
+    cluster = Cluster(tmp_path, echo, extra_config=ROLES)
+    try:
+        cluster.admin("resources", "add", "mongo", "--kind", "mongodb", "--address", "127.0.0.1:9",
+                      "--tls", "require")
+        g = _gateway(cluster, tmp_path, "mongo")
+        _, p = g.proxy("mongodb", "mongo", "--db-user", "app", "--wait-for-cluster", "0")
+        cluster.stop()
+        with client(p, retryReads=False) as c:
+            with pytest.raises(mongo_errors.OperationFailure) as caught:
+                c.app.t.find_one()
+        assert caught.value.code == 6
+        assert "check that the Wicket cluster is running" in str(caught.value)
+        g.stop()
+    finally:
+        if cluster.proc.popen.poll() is None:
+            cluster.stop()
+        echo.proc.stop()
