@@ -59,7 +59,14 @@ def mongo_env(tmp_path_factory):
                   "--server-name", "localhost", *password)
     cluster.admin("resources", "add", "mongo-down", "--kind", "mongodb", "--address", "127.0.0.1:9",
                   "--tls", "disable", *password)
+    # A server that trusts the cluster's database client CA: X.509 logins.
+    x509 = mongo.MongoServer(tmp / "mongoeco-x509.log", user="app", password=DB_PW, tls_cert=tmp / "server.crt",
+                             tls_key=tmp / "server.key", tls_ca=cluster.state / "db_client_ca.crt")
+    cluster.admin("resources", "add", "mongo-x509", "--kind", "mongodb", "--address",
+                  f"127.0.0.1:{x509.tls_port}", "--tls", "verify-full", "--ca-file", str(tmp / "server-ca.crt"),
+                  "--server-name", "localhost", "--auth", "cert")
     yield cluster, server
+    x509.stop()
     server.stop()
     cluster.stop()
     echo.proc.stop()
@@ -259,6 +266,17 @@ def test_the_tls_leg_to_the_server(gw):
         c.app.tls.drop()
         c.app.tls.insert_one({"_id": 1})
         assert c.app.tls.find_one()["_id"] == 1
+
+
+def test_the_cluster_logs_in_with_an_x509_certificate(gw, mongo_env):
+    cluster, _ = mongo_env
+    _, p = gw.proxy("mongodb", "mongo-x509", "--db-user", "app")
+    with client(p) as c:
+        c.app.x509.replace_one({"_id": 1}, {"v": 1}, upsert=True)
+        assert c.app.x509.find_one({"_id": 1})["v"] == 1
+    started = cluster.wait_audit(lambda evs: any(e.get("resource") == "mongo-x509" for e in evs),
+                                 user=gw.user, event="session.start")
+    assert {e.get("auth") for e in started if e.get("resource") == "mongo-x509"} == {"MONGODB-X509"}
 
 
 def test_every_command_is_audited_with_shapes_never_values(port, mongo_env, gw):

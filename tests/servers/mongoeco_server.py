@@ -27,9 +27,13 @@ What the wrapper changes in mongoeco 4.11, all on this side of the wire
 * an error reply without a ``code`` gets the one a real server would send
   (``CommandFailed``, 125): drivers read ``code`` to classify errors.
 
-The TLS terminator is a plain asyncio relay: it accepts TLS (requiring a
-client certificate signed by ``--tls-ca`` when given, as a MongoDB server
-with ``tlsCAFile`` does) and pipes the bytes to mongoeco's plain port.
+The TLS terminator is a plain asyncio relay: it accepts TLS and pipes the
+bytes to mongoeco's plain port. With ``--tls-ca`` it stands in for what
+mongoeco lacks, X.509 authentication: it requires a client certificate
+signed by that CA (as a server with ``tlsCAFile`` does), answers
+``authenticate`` with MONGODB-X509 on ``$external`` for a certificate whose
+CN is the user (mongod maps the subject to a ``$external`` user), and logs
+the connection in to mongoeco as that user before piping on.
 """
 
 from __future__ import annotations
@@ -39,9 +43,17 @@ import asyncio
 import json
 import os
 import ssl
+import struct
 import sys
+from pathlib import Path
+
+import bson
 
 from bson.int64 import Int64
+
+# The wrapper's own SCRAM login (for the X.509 stand-in) is Wicket's codec:
+# pure Python, no dependency but attrs, which mongoeco brings.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mongoeco.core.bson_scalars import BsonInt64
 from mongoeco.engines import memory
 from mongoeco.wire import AsyncMongoEcoProxyServer
@@ -142,6 +154,104 @@ def _tls_terminator(plain_port: int):
     return handle
 
 
+# -- MONGODB-X509, as mongod does it, for mongoeco (which has no X.509) -----------------
+
+_HEADER = struct.Struct("<iiii")
+
+
+async def _message(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readexactly(16)
+        length = _HEADER.unpack(head)[0]
+        if not 16 <= length <= 48_000_000:
+            return None
+        return head + await reader.readexactly(length - 16)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+def _op_msg_body(message: bytes) -> dict | None:
+    _, _, _, op_code = _HEADER.unpack_from(message)
+    if op_code != 2013 or message[20] != 0:
+        return None
+    return bson.decode(message[21:21 + int.from_bytes(message[21:25], "little")])
+
+
+def _reply(request: bytes, body: dict) -> bytes:
+    request_id = _HEADER.unpack_from(request)[1]
+    payload = b"\x00\x00\x00\x00\x00" + bson.encode(body)
+    return _HEADER.pack(16 + len(payload), 0, request_id, 2013) + payload
+
+
+async def _scram_login(reader, writer, user: str, password: str) -> bool:
+    """Log in to mongoeco over its wire with SCRAM-SHA-256 (the wrapper's
+    own login, standing for the X.509 user)."""
+    from protocols.mongodb.scram import ScramLogin, ScramLoginError
+
+    login = ScramLogin(username=user, password=password)
+    body = login.start()
+    request_id = 1000
+    try:
+        while body is not None:
+            request_id += 1
+            payload = b"\x00\x00\x00\x00\x00" + bson.encode(body)
+            writer.write(_HEADER.pack(16 + len(payload), request_id, 0, 2013) + payload)
+            await writer.drain()
+            answer = await _message(reader)
+            if answer is None:
+                return False
+            body = login.step(_op_msg_body(answer) or {})
+    except ScramLoginError:
+        return False
+    return True
+
+
+def _x509_terminator(plain_port: int, user: str, password: str):
+    """TLS that requires a client certificate (verified against --tls-ca,
+    as mongod's tlsCAFile); ``authenticate`` with MONGODB-X509 on
+    ``$external`` succeeds when the certificate's CN is ``user``, and the
+    connection to mongoeco is then logged in as that user. Commands before
+    it (a hello) pass through."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cert = writer.get_extra_info("peercert") or {}
+        subject = dict(pair[0] for pair in cert.get("subject", ()))
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", plain_port)
+        except OSError:
+            writer.close()
+            return
+        while True:
+            message = await _message(reader)
+            if message is None:
+                writer.close()
+                up_writer.close()
+                return
+            body = _op_msg_body(message) or {}
+            if next(iter(body), None) != "authenticate":
+                up_writer.write(message)
+                await up_writer.drain()
+                answer = await _message(up_reader)
+                if answer is None:
+                    writer.close()
+                    return
+                writer.write(answer)
+                await writer.drain()
+                continue
+            dn = f"CN={subject.get('commonName', '')}"
+            if (body.get("mechanism") == "MONGODB-X509" and body.get("$db") == "$external"
+                    and subject.get("commonName") == user and await _scram_login(up_reader, up_writer, user,
+                                                                               password)):
+                writer.write(_reply(message, {"dbname": "$external", "user": dn, "ok": 1.0}))
+                await writer.drain()
+                break
+            writer.write(_reply(message, {"ok": 0.0, "errmsg": f"Could not find user \"{dn}\" for db "
+                                                             f"\"$external\"", "code": 11,
+                                          "codeName": "UserNotFound"}))
+            await writer.drain()
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+    return handle
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--user", required=True)
@@ -166,10 +276,12 @@ async def main() -> None:
     if args.tls_cert:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        handler = _tls_terminator(address.port)
         if args.tls_ca:
             ctx.load_verify_locations(cafile=args.tls_ca)
             ctx.verify_mode = ssl.CERT_REQUIRED
-        tls_server = await asyncio.start_server(_tls_terminator(address.port), "127.0.0.1", 0, ssl=ctx)
+            handler = _x509_terminator(address.port, args.user, password)
+        tls_server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
         tls_port = tls_server.sockets[0].getsockname()[1]
     print(json.dumps({"port": address.port, "tls_port": tls_port}), flush=True)
     # Serve until the test closes our stdin (or kills us).
