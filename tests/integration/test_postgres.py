@@ -335,7 +335,11 @@ def test_denied_db_user(pg_env, tmp_path):
 
 
 def test_unknown_resource_and_unreachable(gw):
-    _, port = gw.proxy("db", "pg-nope")
+    # `wicket proxy db` must learn the kind from the cluster once several
+    # database kinds exist: for a name no role reaches it says so and exits.
+    r = gw.run("proxy", "db", "pg-nope", "--port", "0")
+    assert r.returncode == 4 and "no resource named 'pg-nope' that you can reach" in r.stderr
+    _, port = gw.proxy("postgres", "pg-nope")
     sqlstate, message = connect_error(port)
     # As a resource out of the user's reach: no one learns what exists.
     assert sqlstate == "28000" and "no such resource, or none of your roles reaches it" in message
