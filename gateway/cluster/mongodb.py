@@ -98,24 +98,34 @@ class MongoKind(DatabaseKind):
         if not hello.get("ok"):
             raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
                           f"{resource.name} answered hello with an error: {_errmsg(hello)}")
-        method = await self._login(conversation, resource, db_user, password, hello)
+        details: dict[str, Any] = {"db_user": db_user}
+        try:
+            details["auth"] = await self._login(conversation, resource, db_user, password, hello)
+            refusal = None
+        except _LoginRefused as exc:
+            # The server said no: as PostgreSQL's client gets the server's
+            # own error, the driver hears it for each command, in its terms.
+            details["login_error"] = refusal = exc.message
         gate = CommandGate.open(cluster, session, resource, upstream.stream, hello=hello, db_user=db_user,
-                                db_name=params.get(PARAM_DB_NAME))
+                                db_name=params.get(PARAM_DB_NAME), refusal=refusal)
         return Opened(upstream=gate.relay_end, task=gate.run, finish=gate.finish,
                       reply_params=hello_params(hello, gate.compressors),
-                      details={"db_user": db_user, "auth": method,
+                      details={**details,
                                "max_wire_version": integer(hello.get("maxWireVersion")),
                                **({"db_name": params[PARAM_DB_NAME]} if PARAM_DB_NAME in params else {})})
 
     async def _login(self, upstream: "_Conversation", resource: Resource, db_user: str,
                      password: str | None, hello: dict[str, Any]) -> str:
-        """Log in as ``db_user``; the mechanism used. Refused if the server says no."""
+        """Log in as ``db_user``; the mechanism used. _LoginRefused if the server says no."""
         if password is None:
             reply = await upstream.command({"authenticate": 1, "mechanism": "MONGODB-X509",
                                             "$db": X509_SOURCE})
             if not reply.get("ok"):
                 raise _login_refused(resource, db_user, "MONGODB-X509", _errmsg(reply))
             return "MONGODB-X509"
+        # SHA-1 only when the server says the user has SHA-1 and not SHA-256
+        # (saslSupportedMechs); a server that says nothing gets SHA-256, every
+        # server's default since 4.0, where drivers would fall back to SHA-1.
         offered = hello.get("saslSupportedMechs")
         mechanism = "SCRAM-SHA-256"
         if isinstance(offered, list) and "SCRAM-SHA-256" not in offered and "SCRAM-SHA-1" in offered:
@@ -136,13 +146,18 @@ def _errmsg(reply: dict[str, Any]) -> str:
     return (errmsg if isinstance(errmsg, str) else "no message")[:512]
 
 
-def _login_refused(resource: Resource, db_user: str, mechanism: str, why: str) -> Refused:
+class _LoginRefused(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _login_refused(resource: Resource, db_user: str, mechanism: str, why: str) -> _LoginRefused:
     log.warning("mongodb_login_refused resource=%s db_user=%s mechanism=%s error=%r", resource.name, db_user,
                 mechanism, why)
-    return Refused(ErrorCode.ACCESS_DENIED,
-                   f"{resource.name} refused the cluster's login as db user {db_user!r} ({mechanism}): {why}; "
-                   f"the cluster's credentials for that user need fixing (ask the cluster's admin)",
-                   reason=f"upstream login refused: {why}")
+    return _LoginRefused(f"{resource.name} refused the cluster's login as db user {db_user!r} ({mechanism}): "
+                         f"{why}; the cluster's credentials for that user need fixing (ask the cluster's "
+                         f"administrator)")
 
 
 class _Conversation:

@@ -39,6 +39,13 @@ and the logged-in server connection, in two trio tasks:
   last (a skip-everything splitter finds the boundaries), and the gate's own
   replies take the lock.
 
+When the server refused the cluster's login (``refusal``: a wrong secret
+in the cluster's config, a user missing on the server), the session still
+starts, as PostgreSQL's does with the server's ErrorResponse: the server's
+connection is closed at once, hellos are answered from its hello, and
+every other command gets AuthenticationFailed (18) with the server's
+words, so the driver raises them instead of retrying a dropped connection.
+
 Roles are read from the cluster's access snapshot at the first command and
 again at most every :data:`ROLE_RECHECK` seconds (a role change reaches a
 live session within that; a lock or a revocation cuts it at once, as for
@@ -90,10 +97,13 @@ class CommandGate:
 
     def __init__(self, cluster: Cluster, session: LiveSession, resource: Resource,
                  upstream: trio.abc.HalfCloseableStream, ours: trio.SocketStream, relay_end: trio.SocketStream,
-                 *, hello: dict[str, Any], db_user: str, db_name: str | None) -> None:
+                 *, hello: dict[str, Any], db_user: str, db_name: str | None,
+                 refusal: str | None = None) -> None:
         self.cluster, self.session, self.resource = cluster, session, resource
         self.upstream, self.ours, self.relay_end = upstream, ours, relay_end
         self.hello, self.db_user, self.db_name = hello, db_user, db_name
+        #: The server refused our login: every command gets this (18).
+        self.refusal = refusal
         size = hello.get("maxMessageSizeBytes")
         self.max_message = (min(size, DEFAULT_MAX_MESSAGE_SIZE)
                             if isinstance(size, int) and size >= 1024 * 1024 else DEFAULT_MAX_MESSAGE_SIZE)
@@ -122,7 +132,10 @@ class CommandGate:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guarded, self._from_client, nursery.cancel_scope)
-                nursery.start_soon(self._guarded, self._from_server, nursery.cancel_scope)
+                if self.refusal is None:
+                    nursery.start_soon(self._guarded, self._from_server, nursery.cancel_scope)
+                else:
+                    await self.upstream.aclose()  # nothing goes to a server that said no
         finally:
             with trio.CancelScope(shield=True):
                 await self.upstream.aclose()
@@ -155,7 +168,8 @@ class CommandGate:
             if frame is None:
                 data = await self.ours.receive_some(READ)
                 if not data:
-                    await self.upstream.send_eof()
+                    if self.refusal is None:
+                        await self.upstream.send_eof()
                     return
                 buffer.feed(data)
                 continue
@@ -181,6 +195,9 @@ class CommandGate:
             hello = gateway_hello(self.hello, client_hello(body), connection_id=integer(self.hello.get("connectionId")),
                                   compressors=self.compressors)
             await self._reply(reply_to(request, hello).encode())
+            return True
+        if self.refusal is not None:
+            await self._refuse(raw, event, self.refusal, "AuthenticationFailed")
             return True
         if name in AUTH_COMMANDS:
             self.audit.emit("denied", database=command.database, command=name,

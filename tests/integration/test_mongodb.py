@@ -42,7 +42,8 @@ db_names = ["shop_secret"]
 def mongo_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mongo")
     echo = Echo(tmp)
-    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_MONGO_PW": DB_PW})
+    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_MONGO_PW": DB_PW,
+                                                          "WICKET_TEST_WRONG_PW": "not the password"})
     now = pki.utcnow()
     ca = pki.CertificateAuthority.create("wicket test mongodb server CA", now=now)
     key = pki.generate_key()
@@ -65,6 +66,9 @@ def mongo_env(tmp_path_factory):
     cluster.admin("resources", "add", "mongo-x509", "--kind", "mongodb", "--address",
                   f"127.0.0.1:{x509.tls_port}", "--tls", "verify-full", "--ca-file", str(tmp / "server-ca.crt"),
                   "--server-name", "localhost", "--auth", "cert")
+    # The cluster's password for app is not the server's: its login fails.
+    cluster.admin("resources", "add", "mongo-wrong-pw", "--kind", "mongodb", "--address", server.address,
+                  "--tls", "disable", "--auth", "password", "--password-ref", "app=env:WICKET_TEST_WRONG_PW")
     yield cluster, server
     x509.stop()
     server.stop()
@@ -277,6 +281,20 @@ def test_the_cluster_logs_in_with_an_x509_certificate(gw, mongo_env):
     started = cluster.wait_audit(lambda evs: any(e.get("resource") == "mongo-x509" for e in evs),
                                  user=gw.user, event="session.start")
     assert {e.get("auth") for e in started if e.get("resource") == "mongo-x509"} == {"MONGODB-X509"}
+
+
+def test_the_servers_refusal_of_the_clusters_login_reaches_the_driver(gw, mongo_env):
+    cluster, _ = mongo_env
+    _, p = gw.proxy("mongodb", "mongo-wrong-pw", "--db-user", "app")
+    with client(p) as c:
+        assert c.admin.command("hello")["ok"] == 1.0  # the server's own values
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.t.find_one()
+    assert caught.value.code == 18
+    assert "refused the cluster's login as db user 'app'" in str(caught.value)
+    started = cluster.wait_audit(lambda evs: any(e.get("resource") == "mongo-wrong-pw" for e in evs),
+                                 user=gw.user, event="session.start")
+    assert any("login_error" in e for e in started if e.get("resource") == "mongo-wrong-pw")
 
 
 def test_every_command_is_audited_with_shapes_never_values(port, mongo_env, gw):

@@ -48,14 +48,14 @@ class RecordingCluster:
 class Session:
     """The gate with a client on its relay end and a scripted server."""
 
-    def __init__(self, nursery: trio.Nursery, *, db_name: str | None = None) -> None:
+    def __init__(self, nursery: trio.Nursery, *, db_name: str | None = None, refusal: str | None = None) -> None:
         self.cluster = RecordingCluster()
         a, b = trio.socket.socketpair()
         self.server = trio.SocketStream(b)
         session = types.SimpleNamespace(id="s1", user="alice", resource="db", identity=None)
         resource = types.SimpleNamespace(name="db", labels={})
         self.gate = CommandGate.open(self.cluster, session, resource, trio.SocketStream(a), hello=UPSTREAM_HELLO,
-                                     db_user="app", db_name=db_name)
+                                     db_user="app", db_name=db_name, refusal=refusal)
         self.client = self.gate.relay_end
         self.replies = MessageReader(verify_checksums=False)
         self.requests = MessageReader(verify_checksums=False)
@@ -182,3 +182,15 @@ async def test_a_malformed_message_ends_the_session_on_record() -> None:
         assert await s.client.receive_some(100) == b""
         (event,) = s.cluster.named("mongodb.protocol_error")
         assert event["side"] == "client"
+
+
+async def test_a_login_the_server_refused_is_every_commands_answer() -> None:
+    async with trio.open_nursery() as nursery:
+        s = Session(nursery, refusal="db refused the cluster's login as db user 'app'")
+        assert await s.server.receive_some(100) == b""  # nothing goes to that server
+        await s.send({"hello": 1, "$db": "admin"})
+        assert (await s.reply()).body["maxWireVersion"] == 21
+        await s.send({"find": "items", "$db": "app"})
+        reply = await s.reply()
+        assert reply.body["code"] == 18 and "refused the cluster's login" in reply.body["errmsg"]
+        nursery.cancel_scope.cancel()
