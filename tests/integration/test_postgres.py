@@ -363,7 +363,8 @@ def test_a_cluster_that_cannot_be_reached_is_waited_for_then_a_native_error(pg_e
             closed.bind(("127.0.0.1", 0))
             doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
             profile.write_text(json.dumps(doc))
-            proc, port = g.proxy("db", "pg", "--wait-for-cluster", "0.5")
+            # `postgres`, not `db`: `db` would ask the unreachable cluster for the kind.
+            proc, port = g.proxy("postgres", "pg", "--wait-for-cluster", "0.5")
             sqlstate, message = connect_error(port)
         assert sqlstate == "08006"
         assert re.search(r"waited [\d.]+s for the cluster", message) and "Connection refused" in message
