@@ -86,6 +86,12 @@ class ClientPhase:
         """Serve the session the cluster accepted on ``stream``."""
         raise NotImplementedError
 
+    async def turn_away(self, error: DialError | ProtocolError, hint: str | None) -> None:
+        """Send the refusal and close. A protocol whose client cannot be
+        told anything yet (MySQL, before its greeting) first brings the
+        exchange to where an error can be said."""
+        await send_and_close(self.stream, self.refusal(error, hint))
+
 
 class DatabaseRoute(MuxRoute):
     """A database kind's local route: see the module docstring. A kind
@@ -109,7 +115,7 @@ class DatabaseRoute(MuxRoute):
         except ProtocolError as exc:
             log.info("%s_startup_rejected resource=%s client=%s error=%s", self.kind, self.resource,
                      client_addr, exc)
-            await send_and_close(phase.stream, phase.refusal(exc, None))
+            await phase.turn_away(exc, None)
             return
         if params is None:
             await phase.stream.aclose()
@@ -206,7 +212,7 @@ class DatabaseRoute(MuxRoute):
         if hint is BY_CODE:
             hint = NEXT_STEP.get(error.code)
         self.log_refused(phase.client_addr, error, hint)
-        await send_and_close(phase.stream, phase.refusal(error, hint))
+        await phase.turn_away(error, hint)
 
 
 async def send_and_close(stream: trio.abc.HalfCloseableStream, data: bytes) -> None:
