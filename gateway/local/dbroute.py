@@ -31,16 +31,18 @@ and database, and what else the kind passes on). Per client connection
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Mapping
 
 import trio
 
 from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT
-from gateway.local.profile import ProfileError
+from gateway.local.profile import Profile, ProfileError
 from gateway.local.proxy import NEXT_STEP, MuxRoute, peer_addr
-from gateway.local.waitroom import ClientGone
+from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.muxlink import MuxLink, Stream
+from gateway.net.peercred import LocalUsers
 from gateway.net.relay import RelayCounters
 from gateway.net.tcp import peer_left
 from protocols.dial import DialError, DialRequest
@@ -95,9 +97,19 @@ class ClientPhase:
 
 class DatabaseRoute(MuxRoute):
     """A database kind's local route: see the module docstring. A kind
-    subclasses it with :meth:`client_phase` (and ``kind``, for the logs)."""
+    subclasses it with :meth:`client_phase` (and ``kind``, for the logs).
+    ``db_user``/``db_name``: what every connection uses whatever its client
+    asks (``--db-user``/``--db-name``); ``tls_context``: TLS towards local
+    clients (``--local-tls``), None for none."""
 
     kind = "db"
+
+    def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
+                 db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
+                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+        self.db_user, self.db_name = db_user, db_name
+        self.tls_context = tls_context
 
     def client_phase(self, tcp: trio.SocketStream, client_addr: str, *, may_control: bool) -> ClientPhase:
         raise NotImplementedError

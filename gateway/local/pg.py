@@ -32,7 +32,6 @@ this gateway did not hand out cancels nothing.
 from __future__ import annotations
 
 import logging
-import ssl
 
 import trio
 
@@ -41,7 +40,6 @@ from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import Profile
 from gateway.local.localtls import local_server_context
 from gateway.local.proxy import Listening
-from gateway.local.waitroom import RIDE_OUT
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.peercred import LocalUsers
 from gateway.net.tls import TLSStream
@@ -64,12 +62,8 @@ MAX_FORWARDED_PARAMS = 24
 class PostgresProxy(DatabaseRoute):
     kind = "pg"
 
-    def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
-                 db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
-                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
-        self.db_user, self.db_name = db_user, db_name
-        self.tls_context = tls_context
+    def __init__(self, profile: Profile, resource: str, **options) -> None:
+        super().__init__(profile, resource, **options)
         # The key a client got (its process id) -> its session, for a cancel.
         self._keys: dict[int, _Session] = {}
 
