@@ -42,10 +42,9 @@ from collections.abc import Mapping
 
 import trio
 
-from gateway.local.dbroute import BY_CODE, STARTUP_TIMEOUT, ClientPhase, DatabaseRoute
+from gateway.local.dbroute import STARTUP_TIMEOUT, ClientPhase, DatabaseRoute
 from gateway.local.profile import Profile
-from gateway.local.proxy import NEXT_STEP, Listening
-from gateway.local.waitroom import RIDE_OUT
+from gateway.local.proxy import Listening
 from gateway.net.muxlink import MuxLink, Stream
 from gateway.net.peercred import LocalUsers
 from protocols.dial import DialAccept, DialError
@@ -82,11 +81,8 @@ def _body(message: OpMsg | OpQuery) -> Mapping:
 class MongoProxy(DatabaseRoute):
     kind = "mongodb"
 
-    def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
-                 db_name: str | None = None, wait_for_cluster: float = RIDE_OUT,
-                 local_users: LocalUsers | None = None) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
-        self.db_user, self.db_name = db_user, db_name
+    def __init__(self, profile: Profile, resource: str, **options) -> None:
+        super().__init__(profile, resource, **options)
         # The local credential for clients that insist on logging in: made
         # here, shown once at start (try_line), held only in memory.
         self.local_password = secrets.token_urlsafe(18)
@@ -97,21 +93,6 @@ class MongoProxy(DatabaseRoute):
 
     def client_phase(self, tcp: trio.SocketStream, client_addr: str, *, may_control: bool) -> "_MongoClient":
         return _MongoClient(self, tcp, client_addr, may_control=may_control)
-
-    async def refuse(self, phase: ClientPhase, error: DialError, *, hint: str | None | object = BY_CODE) -> None:
-        """Answer the client's commands with the refusal while it stays
-        (see the module docstring); then close."""
-        if hint is BY_CODE:
-            hint = NEXT_STEP.get(error.code)
-        self.log_refused(phase.client_addr, error, hint)
-        assert isinstance(phase, _MongoClient)
-        try:
-            await phase.answer_refused(error, hint)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, trio.TooSlowError):
-            pass
-        finally:
-            await phase.stream.aclose()
-
 
 class _MongoClient(ClientPhase):
     """One client connection: its hello, its refusals, its session."""
@@ -160,6 +141,20 @@ class _MongoClient(ClientPhase):
             code = error_code_for(error.code)
         request = self.first or OpMsg(request_id=0, body={"hello": 1})
         return error_reply(request, message, code).encode()
+
+    async def turn_away(self, error: DialError | ProtocolError, hint: str | None) -> None:
+        """A refused dial: answer the client's commands with the refusal
+        while it stays (see the module docstring), then close. A client
+        that broke the protocol hears why, and is closed."""
+        try:
+            if isinstance(error, DialError):
+                await self.answer_refused(error, hint)
+            else:
+                await self.stream.send_all(self.refusal(error, hint))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, trio.TooSlowError):
+            pass
+        finally:
+            await self.stream.aclose()
 
     def _hello_reply(self, request: OpMsg | OpQuery, upstream: Mapping) -> bytes:
         body_in = _body(request)
