@@ -118,8 +118,9 @@ def test_aggregation_and_a_cursor_over_many_batches(port):
     with client(port) as c:
         t = c.app.many
         t.drop()
-        t.insert_many([{"_id": i, "group": i % 3} for i in range(2000)])
-        seen = [d["_id"] for d in t.find({}, batch_size=7).sort("_id", 1)]
+        # ObjectId ids: mongoeco checks a numeric _id against every document.
+        t.insert_many([{"n": i, "group": i % 3} for i in range(2000)])
+        seen = [d["n"] for d in t.find({}, batch_size=7).sort("n", 1)]
         assert seen == list(range(2000))  # ~285 getMores
         groups = {d["_id"]: d["n"] for d in t.aggregate([{"$group": {"_id": "$group", "n": {"$sum": 1}}}])}
         assert groups == {0: 667, 1: 667, 2: 666}
