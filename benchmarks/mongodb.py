@@ -23,16 +23,16 @@ The table shows the medians and the ratio to the stunnel pair.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.paths import Stunnel, Wicket, make_pki, interleaved_args, ratio_cells, stop_all
-from benchmarks.procstat import add_thread_cpu, cpu_table
+from benchmarks.dbbench import arguments, measure_and_report, stop_all
+from benchmarks.paths import Stunnel, Wicket, make_pki
 from tests.servers.mongo import MongoServer
 
 PATHS = ("direct", "stunnel", "wicket")
@@ -90,7 +90,8 @@ def _measure(uri: str, workload: str, seconds: float) -> float:
 
 
 def main(argv=None) -> int:
-    args = interleaved_args("python -m benchmarks.mongodb", __doc__, argv, seconds_help="per measurement")
+    # No tool to look for: the clients are this Python's pymongo.
+    args = arguments("python -m benchmarks.mongodb", __doc__, sys.executable, "", argv)
     work = Path(tempfile.mkdtemp(prefix="wicket-mongobench-"))
     started: list = []
     server = None
@@ -112,41 +113,22 @@ def main(argv=None) -> int:
         uris = {"direct": f"mongodb://{creds}127.0.0.1:{server.port}/{options}",
                 "stunnel": f"mongodb://{creds}127.0.0.1:{st.port}/{options}",
                 "wicket": f"mongodb://127.0.0.1:{wicket.port}/?directConnection=true"}
-        results: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PATHS} for w in WORKLOADS}
-        # CPU seconds of Wicket's processes per workload, per thread name, and the operations.
-        cpu: dict[str, dict[str, dict[str, float]]] = {w: {"gateway": {}, "cluster": {}} for w in WORKLOADS}
-        ops = {w: 0.0 for w in WORKLOADS}
-        for rnd in range(args.rounds):
-            order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
-            for workload in WORKLOADS:
-                for path in order:
-                    before = wicket.thread_cpu() if path == "wicket" else None
-                    rate = _measure(uris[path], workload, args.seconds)
-                    if before is not None:
-                        ops[workload] += rate * args.seconds
-                        for proc, used in wicket.thread_cpu().items():
-                            add_thread_cpu(cpu[workload][proc], before[proc], used)
-                    results[workload][path].append(rate)
-                    print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:11} "
-                          f"{path:8} {rate:10.0f}/s", flush=True)
-        medians = {w: {p: sorted(v)[len(v) // 2] for p, v in r.items()} for w, r in results.items()}
-        if args.format == "json":
-            print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "rates": results,
-                              "medians": medians}, indent=2))
-        else:
-            print(f"\n| pymongo, {CLIENTS} clients (median of {args.rounds} x {args.seconds:g}s) | "
-                  + " | ".join(PATHS) + " |")
-            print("|---|" + "---:|" * len(PATHS))
-            labels = {"find_one": "find_one by _id, operations/s ↑",
-                      "insert_many": "insert_many of 1,000, documents/s ↑"}
-            for w, m in medians.items():
-                print(f"| {labels[w]} | " + " | ".join(ratio_cells(m, PATHS)) + " |")
-            print("\n".join(cpu_table("operation (find_one; insert_many: one document)", cpu, ops)))
+        # dbbench's rounds hand run_one a route's (port, who) and the workload's
+        # arguments: here (port, the path's URI) and (the workload's name,).
+        routes = {path: (0, uri) for path, uri in uris.items()}
+
+        def run_one(_port: int, uri: str, workload: list[str], seconds: int) -> tuple[float, int]:
+            rate = _measure(uri, workload[0], seconds)
+            return rate, round(rate * seconds)
+
+        measure_and_report(f"pymongo, {CLIENTS} clients", args, PATHS, {w: [w] for w in WORKLOADS}, routes,
+                           {"wicket": wicket}, run_one, "/s",
+                           labels={"find_one": "find_one by _id, operations/s ↑",
+                                   "insert_many": "insert_many of 1,000, documents/s ↑"},
+                           cpu_labels={"find_one": "find_one", "insert_many": "inserted document"})
         return 0
     finally:
-        stop_all(started)
-        if server is not None:
-            server.stop()
+        stop_all(started, server)
         shutil.rmtree(work, ignore_errors=True)
 
 

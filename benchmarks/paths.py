@@ -460,11 +460,6 @@ class Wicket(BenchPath):
     def pids(self) -> dict[str, int]:
         return {"entry": self.gateway.pid, "exit": self.cluster.pid}
 
-    def thread_cpu(self) -> dict[str, dict[str, float]]:
-        """CPU seconds so far of the gateway's and the cluster's threads, by name."""
-        from benchmarks.procstat import thread_cpu
-        return {"gateway": thread_cpu(self.gateway.pid), "cluster": thread_cpu(self.cluster.pid)}
-
 
 def _listening(port: int) -> bool:
     """True once something LISTENs on 127.0.0.1:port (read from /proc, so the
@@ -477,34 +472,3 @@ def _listening(port: int) -> bool:
                 if len(parts) > 3 and parts[1] == want and parts[3] == "0A":
                     return True
     return False
-
-
-def stop_all(started: list) -> None:
-    """Stop every path (or server) in ``started``, the last started first;
-    one that fails to stop is reported, the others still stopped."""
-    for path in reversed(started):
-        try:
-            path.stop()
-        except Exception as exc:
-            print(f"stopping {path.name}: {exc}")
-
-
-def ratio_cells(medians: dict[str, float], paths: tuple[str, ...], base: str = "stunnel") -> list[str]:
-    """Each path's median, and its ratio to ``base``'s, for a table row."""
-    return [f"{medians[p]:.0f}" + ("" if p == base else f" ({medians[p] / medians[base]:.2f}x)") for p in paths]
-
-
-def interleaved_args(prog: str, doc: str | None, argv=None, *, seconds_help: str = "per measurement"):
-    """The options of a benchmark that interleaves paths over rounds:
-    ``--seconds``, ``--rounds``, ``--quick`` (3 s, one round), ``--format``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=8, help=f"{seconds_help} (default 8)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
-    ap.add_argument("--format", choices=("table", "json"), default="table")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds = 3, 1
-    return args

@@ -21,17 +21,15 @@ The table shows TPS and the ratio to the stunnel pair.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.paths import Stunnel, Wicket, free_port, make_pki, interleaved_args, ratio_cells, stop_all
-from benchmarks.procstat import add_thread_cpu, cpu_table
+from benchmarks.dbbench import arguments, measure_and_report, stop_all
+from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
 from gateway.local.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +53,8 @@ def _pgbench(port: int, user: str, args: list[str], seconds: int) -> tuple[float
 
 
 def main(argv=None) -> int:
-    args = interleaved_args("python -m benchmarks.pgbench", __doc__, argv, seconds_help="pgbench -T per measurement")
-    if shutil.which("pgbench") is None:
-        print("pgbench is not installed (apt-get install postgresql-client-15)")
+    args = arguments("python -m benchmarks.pgbench", __doc__, "pgbench", "apt-get install postgresql-client-15", argv)
+    if args is None:
         return 1
 
     work = Path(tempfile.mkdtemp(prefix="wicket-pgbench-"))
@@ -93,44 +90,13 @@ def main(argv=None) -> int:
         started.append(st)
         routes = {"direct": (pg_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
-        results: dict[str, dict[str, list[float]]] = {w: {p: [] for p in PATHS} for w in WORKLOADS}
-        wickets = {"wicket": w_plain, "wicket-tls": w_tls}
-        # CPU of the Wicket processes per workload, per thread name.
-        cpu = {w: {p: {"gateway": {}, "cluster": {}} for p in wickets} for w in WORKLOADS}
-        txns = {w: {p: 0 for p in wickets} for w in WORKLOADS}
-        for rnd in range(args.rounds):
-            order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
-            for workload, wargs in WORKLOADS.items():
-                for path in order:
-                    port, user = routes[path]
-                    before = wickets[path].thread_cpu() if path in wickets else None
-                    tps, n = _pgbench(port, user, wargs, args.seconds)
-                    if before is not None:
-                        after = wickets[path].thread_cpu()
-                        txns[workload][path] += n
-                        for proc, used in after.items():
-                            add_thread_cpu(cpu[workload][path][proc], before[proc], used)
-                    results[workload][path].append(tps)
-                    print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1}/{args.rounds} {workload:7} "
-                          f"{path:10} {tps:10.0f} tps", flush=True)
-        medians = {w: {p: sorted(v)[len(v) // 2] for p, v in r.items()} for w, r in results.items()}
-        if args.format == "json":
-            print(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "tps": results,
-                              "median_tps": medians, "cpu_seconds": cpu, "transactions": txns},
-                             indent=2))
-        else:
-            print(f"\n| pgbench (median of {args.rounds} x {args.seconds}s) | " + " | ".join(PATHS) + " |")
-            print("|---|" + "---:|" * len(PATHS))
-            labels = {"select": "-S, 4 connections, TPS ↑", "connect": "-S -C (connection per txn), TPS ↑"}
-            for w, m in medians.items():
-                print(f"| {labels[w]} | " + " | ".join(ratio_cells(m, PATHS)) + " |")
-            for w, label in (("select", "-S"), ("connect", "-S -C")):
-                print("\n".join(cpu_table(f"{label} transaction", cpu[w], txns[w])))
+        measure_and_report("pgbench", args, PATHS, WORKLOADS, routes, {"wicket": w_plain, "wicket-tls": w_tls},
+                           _pgbench, "tps",
+                           {"select": "-S, 4 connections, TPS ↑", "connect": "-S -C (connection per txn), TPS ↑"},
+                           {"select": "-S", "connect": "-S -C"})
         return 0
     finally:
-        stop_all(started)
-        if server is not None:
-            server.stop()
+        stop_all(started, server)
         shutil.rmtree(work, ignore_errors=True)
 
 

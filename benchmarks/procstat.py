@@ -92,28 +92,3 @@ def thread_cpu(pid: int) -> dict[str, float]:
         fields = stat[stat.rindex(b")") + 2:].split()
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
     return out
-
-
-def add_thread_cpu(total: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
-    """Add what each thread name used between two :func:`thread_cpu` reads."""
-    for name, seconds in after.items():
-        total[name] = total.get(name, 0.0) + seconds - before.get(name, 0.0)
-
-
-def cpu_table(label: str, cpu: dict[str, dict[str, dict[str, float]]], counts: dict[str, float]) -> list[str]:
-    """Markdown rows: µs of CPU per ``label`` operation, per process and thread
-    name, one column per key of ``cpu`` (``{column: {process: {thread:
-    seconds}}}``), each divided by its count in ``counts``."""
-    rows = ["", f"| CPU per {label}, µs (all rounds) | thread | " + " | ".join(cpu) + " |",
-            "|---|---|" + "---:|" * len(cpu)]
-    for proc in ("gateway", "cluster"):
-        names = sorted({t for column in cpu.values() for t in column[proc]})
-        for name in ["(all)", *names]:
-            cells = []
-            for column, by_proc in cpu.items():
-                used = by_proc[proc]
-                seconds = sum(used.values()) if name == "(all)" else used.get(name, 0.0)
-                cells.append(f"{seconds / max(counts[column], 1) * 1e6:.0f}")
-            if name == "(all)" or any(c != "0" for c in cells):
-                rows.append(f"| {proc} | {name} | " + " | ".join(cells) + " |")
-    return rows
