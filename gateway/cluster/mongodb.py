@@ -69,6 +69,11 @@ def _check_name(what: str, value: str, *, database: bool = False) -> None:
 
 class MongoKind(DatabaseKind):
     kind = "mongodb"
+    #: main's RouteKind (after the security branch) asks each kind how to
+    #: stop what a cut session runs upstream; for MongoDB that would be
+    #: killSessions with the session's lsids on a connection of its own.
+    #: Not done yet: a cut closes the server's connection, as for tcp.
+    interrupt = None
 
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         """``db_user`` (default: the user's own name); ``db_name`` only
