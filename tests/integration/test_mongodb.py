@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from gateway.identity import pki
-from tests.integration.harness import Cluster, Echo, Gateway
+from tests.integration.harness import Cluster, Echo, Gateway, wait_for
 from tests.servers import mongo
 
 pymongo = pytest.importorskip("pymongo")
@@ -407,3 +407,22 @@ def test_a_cluster_that_cannot_be_reached_is_host_unreachable(tmp_path):
         if cluster.proc.popen.poll() is None:
             cluster.stop()
         echo.proc.stop()
+
+
+def test_an_expired_login_says_to_log_in_again(mongo_env, tmp_path):
+    cluster, _ = mongo_env
+    name = f"mongouser{next(_n)}"
+    cluster.add_user(name, "mongo")
+    g = Gateway(tmp_path, cluster, name)
+    try:
+        # Long enough for the proxy to start on a busy machine (it refuses
+        # to start on an expired login), short enough to wait out.
+        assert g.login("--ttl", "10s").returncode == 0
+        _, p = g.proxy("mongodb", "mongo", "--db-user", "app")
+        wait_for(lambda: g.run("status").returncode == 3, timeout=40, what="expiry", interval=0.2)
+        with client(p) as c:
+            with pytest.raises(mongo_errors.OperationFailure) as caught:
+                c.app.t.find_one()
+        assert caught.value.code == 391 and "wicket login" in str(caught.value)
+    finally:
+        g.stop()
