@@ -426,3 +426,16 @@ def test_an_expired_login_says_to_log_in_again(mongo_env, tmp_path):
         assert caught.value.code == 391 and "wicket login" in str(caught.value)
     finally:
         g.stop()
+
+
+def test_an_exhaust_cursor(port):
+    from pymongo import CursorType
+
+    with client(port, maxPoolSize=2) as c:
+        t = c.app.exhaust
+        t.drop()
+        t.insert_many([{"n": i} for i in range(120)])
+        # exhaustAllowed getMores: the server may answer each with moreToCome.
+        got = [d["n"] for d in t.find({}, batch_size=10, cursor_type=CursorType.EXHAUST).sort("n", 1)]
+        assert got == list(range(120))
+        assert t.count_documents({}) == 120  # the connection is still in step
