@@ -32,6 +32,9 @@ class RecordingCluster:
     def audit_soon(self, event, user, **fields) -> None:
         self.events.append((event, fields))
 
+    def audit_fields_soon(self, event, user, fields) -> None:
+        self.events.append((event, fields))
+
     def fresh_snapshot(self):
         return self.snap
 
