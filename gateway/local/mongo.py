@@ -257,4 +257,4 @@ def mongodb_route(profile: Profile, resource: str, identity, *, wait_for_cluster
                 f'{db_name or ""}?directConnection=true&authSource=admin"  (the user and password are '
                 f'optional: a local login for tools that insist on one)')
 
-    return Listening(handler=proxy.handle, dialer=proxy.dialer, try_line=try_line)
+    return Listening(handler=proxy.handle, dialer=proxy.dialer, try_line=try_line, route=proxy)
