@@ -186,6 +186,11 @@ MYSQL = Kind(
     gateway_route="gateway.local.mysql:mysql_route",
     proxy_options=DATABASE_PROXY_OPTIONS,
     is_database=True,
+    client_env="gateway.local.mysql_client:client_env",
+    client_file=ClientFile(verb="mysql", default_path="~/.my.cnf",
+                           summary="a my.cnf group: `mysql --defaults-group-suffix=_NAME`",
+                           render="gateway.local.mysql_client:option_group",
+                           merge="gateway.local.client_files:merge_ini_section"),
 )
 
 MONGODB = Kind(
@@ -202,6 +207,7 @@ MONGODB = Kind(
         ProxyOption(name="db_name", help="Keep every command to this database (default: any your roles allow)."),
     ),
     is_database=True,
+    client_env="gateway.local.mongo_client:client_env",
 )
 
 #: Every kind, by name. The one place a kind is plugged in.
