@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from gateway.cluster.resource_specs import DATABASE, NO_SETTINGS, Schema
+from gateway.cluster.resource_specs import DATABASE, NO_SETTINGS, SSH_NODE, Schema
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -43,6 +43,7 @@ class Param:
 
 DB_USER = Param(name="db_user", role_key="db_users", help="db user globs the allow rule grants")
 DB_NAME = Param(name="db_name", role_key="db_names", help="database globs the allow rule grants")
+LOGIN = Param(name="login", role_key="logins", help="node login (OS user) globs the allow rule grants")
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -128,8 +129,24 @@ POSTGRES = Kind(
     is_database=True,
 )
 
+SSH = Kind(
+    name="ssh",
+    summary="OpenSSH nodes: a short-lived SSH certificate from the cluster's SSH user CA, no key on the node",
+    alpn="wicket-ssh",
+    proxy_verb="ssh",
+    spec=SSH_NODE,
+    params=(LOGIN,),
+    cluster_route="gateway.cluster.ssh:SSH",
+    gateway_route="gateway.local.ssh_stdio:ssh_route",
+    proxy_options=(
+        ProxyOption(name="stdio", is_flag=True,
+                    help="Carry one SSH connection on standard input and output, NAME being LOGIN@NODE[:PORT]: "
+                         "OpenSSH's ProxyCommand (see `wicket config ssh`)."),
+    ),
+)
+
 #: Every kind, by name. The one place a kind is plugged in.
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, SSH)}
 
 
 class UnknownKind(ValueError):

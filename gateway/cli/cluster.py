@@ -216,7 +216,7 @@ def ca_pin(config_path: Path) -> None:
 
 
 _CA_FILES = {"host": "host_ca.crt", "user": "user_ca.crt", "db-client": "db_client_ca.crt",
-             "ssh-user": "ssh_user_ca.pub"}
+             "ssh-user": "ssh_user_ca.pub", "ssh-host": "ssh_host_ca.pub"}
 
 
 @ca.command("show")
@@ -226,7 +226,8 @@ def ca_show(config_path: Path, which: str) -> None:
     """Print a CA's public certificate (or SSH public key).
 
     db-client is what a database's ssl_ca_file must trust for `auth = cert`;
-    ssh-user is what sshd's TrustedUserCAKeys must list."""
+    ssh-user is what sshd's TrustedUserCAKeys must list; ssh-host signs the
+    host certificates of nodes whose resource says host_ca = "cluster"."""
     config = load_config(config_path)
     path = config.state_dir / _CA_FILES[which]
     if not path.exists():

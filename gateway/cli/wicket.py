@@ -387,6 +387,7 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
                 wait_for_cluster: float, allow_uid: tuple[int, ...], allow_any_local_user: bool,
                 **values: Any) -> None:
         from gateway import logs
+        from gateway.local.proxy import Listening
         from gateway.net.peercred import LocalUsers
 
         _check_bind(bind, allow_non_loopback)
@@ -401,6 +402,8 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
         local_users = LocalUsers(uids=LocalUsers().uids | set(allow_uid), anyone=allow_any_local_user)
         route = kind.local_route()(profile, name, identity, wait_for_cluster=wait_for_cluster,
                                    local_users=local_users, **{k: v for k, v in values.items() if k in mine})
+        if not isinstance(route, Listening):  # one session on stdin/stdout (ssh's ProxyCommand)
+            sys.exit(_run(route.run))
         _serve(name, route.handler, bind=bind, port=port, log_format=log_format, identity=identity,
                try_line=route.try_line, dialer=route.dialer)
 
@@ -415,6 +418,40 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
 
 for _verb, _served in kinds.proxy_verbs().items():
     proxy.add_command(_proxy_command(_verb, _served))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configure other tools to use your session."""
+
+
+@config_group.command("ssh")
+@click.option("--wicket-command", metavar="COMMAND",
+              help="How ssh should run wicket in its ProxyCommand (default: `wicket` on PATH, else this Python).")
+@format_option
+def config_ssh(wicket_command: str | None, fmt: str) -> None:
+    """Make an SSH key and have the cluster sign it, then print the
+    ~/.ssh/config block for OpenSSH to the cluster's nodes:
+
+        wicket config ssh >> ~/.ssh/config; ssh root@NODE.CLUSTER
+
+    Run it again after `wicket login` or `wicket renew`: the certificate
+    ends with the session."""
+    from gateway.local import ssh_config
+
+    profile = _load_profile()
+    _fresh_identity(profile)
+    answer = _run(ssh_config.refresh, profile)
+    block = ssh_config.ssh_config(profile, command=wicket_command)
+    if fmt == "json":
+        files = ssh_config.SshFiles.of(profile)
+        click.echo(json.dumps({"ssh_config": block, "principals": answer["principals"],
+                               "expires_at": answer["expires_at"], "identity_file": str(files.key),
+                               "certificate_file": str(files.cert), "known_hosts_file": str(files.known_hosts)}))
+        return
+    click.echo(block, nl=False)
+    click.echo(f"SSH certificate for logins {', '.join(answer['principals'])}, valid until {answer['expires_at']}; "
+               f"append the block above to ~/.ssh/config, then: ssh LOGIN@NODE.{profile.cluster_name}", err=True)
 
 
 @main.command()

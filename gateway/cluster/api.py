@@ -98,6 +98,7 @@ class API:
             ("POST", "/v1/renew"): self.renew,
             ("GET", "/v1/whoami"): self.whoami,
             ("GET", "/v1/resources"): self.resources,
+            ("POST", "/v1/ssh/cert"): self.ssh_cert,
         }.get((request.method, request.path.split("?", 1)[0]))
         if route is None:
             raise HTTPError(404, "not_found", f"no route {request.method} {request.path}")
@@ -239,6 +240,13 @@ class API:
                     item["allowed"] = params
                 items.append(item)
         return Response(status=200, body={"resources": items})
+
+    async def ssh_cert(self, request: Request) -> Response:
+        """An SSH user certificate for the session (gateway/cluster/ssh.py)."""
+        from gateway.cluster import ssh
+
+        identity, _user, roles = await self._identify()
+        return await ssh.issue_user_cert(self.cluster, identity, roles, request.json(), client_addr=self.client_addr)
 
     # -- helpers ---------------------------------------------------------------
 

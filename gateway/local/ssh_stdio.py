@@ -1,0 +1,159 @@
+"""``wicket proxy ssh --stdio LOGIN@NODE[:PORT]``: one SSH connection on
+standard input and output, OpenSSH's ProxyCommand.
+
+OpenSSH does SSH end to end (its own key exchange with the node, host key
+checks against the known_hosts `wicket config ssh` wrote, the user
+certificate from the profile); Wicket only carries the bytes. This process
+opens a stream on a multiplexed connection to the cluster for the node's
+resource with the login as the dial's parameter, and, once the cluster has
+checked the certificate, the roles (node and login, deny wins) and reached
+the node, relays stdin to the stream and the stream to stdout until both
+ends are done. The stream's socket end belongs to the relay engine; stdin
+and stdout are pipes from ssh, relayed to the other end of a socket pair
+by two trio tasks.
+
+What goes wrong is printed on stderr, where ssh shows it, with what to do
+next; the exit status is 255, as ssh's own for a failed connection, or 0
+after a session that ended cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import trio
+
+from gateway.local.connect import ClusterError
+from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.profile import Profile, ProfileError
+from gateway.local.proxy import NEXT_STEP, MuxRoute
+from gateway.local.waitroom import RIDE_OUT, ClientGone
+from gateway.net.muxlink import MuxLink, Stream
+from gateway.net.relay import RelayCounters, relay
+from protocols.dial import DialError, DialRequest
+from protocols.errors import ErrorCode
+
+log = logging.getLogger("wicket.proxy.ssh")
+
+#: ssh's own exit status for a connection that failed.
+EXIT_FAILED = 255
+
+
+#: What to do after a refusal, where it differs from the other kinds'
+#: (gateway/local/proxy.py): an unreachable node's message says it already.
+_NEXT_STEP = {
+    ErrorCode.ACCESS_DENIED: "`wicket ls` lists the nodes you can reach and the logins your roles allow; ask a "
+                             "cluster administrator for a role that allows this one",
+    ErrorCode.UPSTREAM_UNREACHABLE: None,
+}
+
+
+class TargetError(ValueError):
+    pass
+
+
+def parse_target(target: str, cluster_name: str) -> tuple[str, str]:
+    """``LOGIN@NODE[:PORT]`` (what ssh's ``%r@%h:%p`` expands to) as
+    (login, resource name). NODE may carry the cluster's suffix
+    (``web-1.CLUSTER``, the name ssh_config's ``Host *.CLUSTER`` matches);
+    the port is the one ssh would use and is ignored: the cluster knows the
+    node's address."""
+    login, at, rest = target.rpartition("@")
+    if not at or not login or not rest:
+        raise TargetError(f"{target!r}: expected LOGIN@NODE (ssh's ProxyCommand passes %r@%h:%p)")
+    node = rest
+    if rest.startswith("["):
+        node = rest[1:].partition("]")[0]
+    elif rest.count(":") == 1:
+        node = rest.partition(":")[0]
+    suffix = "." + cluster_name
+    if node.endswith(suffix) and len(node) > len(suffix):
+        node = node[: -len(suffix)]
+    if not node:
+        raise TargetError(f"{target!r}: no node name")
+    return login, node
+
+
+class SshStdio(MuxRoute):
+    """One session on stdin/stdout (see the module docstring)."""
+
+    def __init__(self, profile: Profile, resource: str, login: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster)
+        self.login = login
+
+    def fail(self, message: str) -> int:
+        print(f"wicket: {message}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+    async def run(self) -> int:
+        """(trio) The session, start to end: the exit status."""
+        request = DialRequest(resource=self.resource, params={"login": self.login}, client_addr="stdio")
+        try:
+            self.dialer.check_fresh()
+            link, stream = await self.on_link(
+                lambda link: (link, link.open(request, reply_timeout=DIAL_TIMEOUT, context="stdio")),
+                self.room.deadline(), "stdio", lambda: False)
+            reply = await link.reply(stream)
+        except ProfileError as exc:
+            return self.fail(str(exc))
+        except ClientGone:  # not for us: stdin is read only once the session is up
+            return EXIT_FAILED
+        except (ClusterError, trio.TooSlowError) as exc:
+            return self.fail((getattr(exc, "message", None) or "the Wicket cluster did not answer in time")
+                             + "; check that the Wicket cluster is running and reachable from this machine")
+        if reply is None:
+            return self.fail(f"the session to {self.resource} ended before the cluster answered "
+                             f"({stream.error}); try again")
+        if isinstance(reply, DialError):
+            return self.fail(self._refusal(reply))
+        return await self._relay(link, stream)
+
+    def _refusal(self, error: DialError) -> str:
+        step = _NEXT_STEP.get(error.code, NEXT_STEP.get(error.code))
+        return error.message + (f"; {step}" if step else "")
+
+    async def _relay(self, link: MuxLink, stream: Stream) -> int:
+        ours, theirs = socket.socketpair()
+        counters = RelayCounters()
+        local = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+        if not link.bind(stream, trio.SocketStream(trio.socket.from_stdlib_socket(ours)), counters):
+            await local.aclose()
+            return self.fail(f"the session to {self.resource} ended before it began ({stream.error})")
+        # Duplicates: trio makes its descriptors non-blocking and closes them.
+        stdio = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
+        async with local, stdio:
+            async with trio.open_nursery() as nursery:
+                outcome: dict[str, str | None] = {}
+
+                async def carry() -> None:
+                    outcome["relay"] = (await relay(stdio, local, names=("ssh", "cluster"))).error
+
+                nursery.start_soon(carry)
+                outcome["stream"] = await link.wait(stream)
+                if outcome["stream"] is not None:  # cut: a lock, the certificate's end, the cluster gone
+                    nursery.cancel_scope.cancel()
+        error = outcome.get("stream")
+        if error is not None:
+            return self.fail(f"the session to {self.resource} was cut: {error}")
+        return 0
+
+
+def ssh_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float, local_users=None,
+              stdio: bool = False):
+    """The ssh kind's local route (gateway/kinds.py). With ``stdio``,
+    ``resource`` is ``LOGIN@NODE[:PORT]`` and the route is one session on
+    stdin/stdout (it has a ``run``, not a listener)."""
+    import click
+
+    if not stdio:
+        raise click.UsageError(
+            "`wicket proxy ssh` serves OpenSSH as its ProxyCommand for now: run `wicket config ssh >> "
+            "~/.ssh/config`, then `ssh LOGIN@NODE." + profile.cluster_name + "` (or pass --stdio LOGIN@NODE)")
+    try:
+        login, node = parse_target(resource, profile.cluster_name)
+    except TargetError as exc:
+        raise click.UsageError(str(exc)) from None
+    return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster)

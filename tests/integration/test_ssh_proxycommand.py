@@ -1,0 +1,221 @@
+"""OpenSSH end to end through ``ProxyCommand wicket proxy ssh --stdio``: a
+real cluster, a real sshd that trusts only the cluster's SSH user CA, and
+the real ssh, scp, sftp and rsync, configured by ``wicket config ssh``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import PY, wait_for
+from tests.servers import sshd as sshd_server
+from tests.servers.sshd import TEST_USER, Sshd
+
+pytestmark = pytest.mark.skipif(sshd_server.available() is not None, reason=str(sshd_server.available()))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, cluster):
+    server = Sshd(tmp_path_factory.mktemp("sshd"), cluster.state / "ssh_user_ca.pub")
+    cluster.admin("resources", "add", "web-1", "--kind", "ssh", "--address", server.address,
+                  "--host-key", server.host_key, "--label", "env=ssh")
+    # A node that is down: its port refuses connections.
+    cluster.admin("resources", "add", "down-1", "--kind", "ssh", "--address", "127.0.0.1:1",
+                  "--host-key", server.host_key, "--label", "env=ssh")
+    cluster.admin("roles", "add", "ssh-all", "--allow-label", "env=ssh", "--logins", f"root,{TEST_USER}")
+    cluster.admin("roles", "add", "ssh-user", "--allow-label", "env=ssh", "--logins", TEST_USER)
+    yield server
+    server.stop()
+
+
+class SshClient:
+    """A user's profile with `wicket config ssh` run, and OpenSSH's tools
+    pointed at the block it printed."""
+
+    def __init__(self, gw, tmp: Path) -> None:
+        self.gw = gw
+        r = gw.run("config", "ssh", "--wicket-command", f"{PY} -m gateway.cli.wicket")
+        assert r.returncode == 0, r.stderr
+        self.config = tmp / f"ssh_config-{gw.user}"
+        self.config.write_text(r.stdout)
+        self.printed = r
+
+    def run(self, tool: str, *args: str, timeout: float = 120, input: bytes | None = None
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run([tool, "-F", str(self.config), "-o", "BatchMode=yes", *args], input=input,
+                              capture_output=True, env=self.gw.env(), timeout=timeout)
+
+    def ssh(self, target: str, *command: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("ssh", target, *command, **kw)
+
+
+@pytest.fixture
+def ssh_client(make_gateway, tmp_path, node):
+    def make(roles: str = "ssh-all") -> SshClient:
+        return SshClient(make_gateway(roles), tmp_path)
+
+    return make
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    return path
+
+
+def test_config_ssh_writes_a_key_a_certificate_and_known_hosts(ssh_client, node, cluster):
+    client = ssh_client()
+    home = client.gw.home / "ssh"
+    assert stat.S_IMODE((home / "id_ed25519").stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    block = client.config.read_text()
+    assert "Host *.test" in block and "proxy ssh --stdio %r@%h:%p" in block
+    assert f"CertificateFile {home / 'id_ed25519-cert.pub'}" in block
+    assert f"web-1.test {' '.join(node.host_key.split()[:2])}" in (home / "known_hosts").read_text()
+    shown = subprocess.run(["ssh-keygen", "-L", "-f", str(home / "id_ed25519-cert.pub")], capture_output=True,
+                           text=True, check=True).stdout
+    assert "user certificate" in shown
+    principals = shown.split("Principals:")[1].split("Critical Options:")[0].split()
+    assert sorted(principals) == sorted(["root", TEST_USER])
+    assert f"wicket:test:{client.gw.user}:" in shown  # the key id names the person in sshd's log
+    assert "permit-pty" in shown and "permit-agent-forwarding" not in shown
+    # The user CA is what `ca show ssh-user` prints for TrustedUserCAKeys.
+    assert cluster.admin("ca", "show", "ssh-user").stdout.split()[:2] == \
+        (cluster.state / "ssh_user_ca.pub").read_text().split()[:2]
+    events = cluster.wait_audit(user=client.gw.user, event="ssh.cert")
+    assert sorted(events[-1]["principals"]) == sorted(["root", TEST_USER])
+
+
+def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
+    client = ssh_client()
+    r = client.ssh("root@web-1.test", "id -un; exit 7")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == b"root\n"
+    r = client.ssh(f"{TEST_USER}@web-1.test", "id -un")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == TEST_USER
+    # stdin reaches the command and its EOF too; stdout comes back whole.
+    payload = os.urandom(3 << 20)
+    r = client.ssh("root@web-1.test", "sha256sum", input=payload)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    # The node saw the certificate, whose key id names the person.
+    assert f"ID wicket:test:{client.gw.user}:" in node.log()
+    starts = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.start")
+    assert {e["login"] for e in starts} == {"root", TEST_USER}
+    assert all(e["kind"] == "ssh" and e["resource"] == "web-1" for e in starts)
+    ends = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.end")
+    assert max(e["bytes_from_client"] for e in ends) > len(payload)
+
+
+def test_scp_and_sftp_both_ways_checked_by_sha256(ssh_client, tmp_path):
+    client = ssh_client()
+    src = random_file(tmp_path / "up.bin", 24 << 20)
+    remote = f"/tmp/wicket-scp-{client.gw.user}.bin"
+    r = client.run("scp", "-q", str(src), f"root@web-1.test:{remote}")
+    assert r.returncode == 0, r.stderr
+    back = tmp_path / "back.bin"
+    r = client.run("scp", "-q", f"root@web-1.test:{remote}", str(back))
+    assert r.returncode == 0, r.stderr
+    assert sha256(back) == sha256(src)
+    batch = tmp_path / "sftp.batch"
+    sftp_back = tmp_path / "sftp-back.bin"
+    batch.write_text(f"put {src} {remote}.sftp\nget {remote}.sftp {sftp_back}\nrm {remote}.sftp\nrm {remote}\n")
+    r = client.run("sftp", "-q", "-b", str(batch), "root@web-1.test")
+    assert r.returncode == 0, r.stderr
+    assert sha256(sftp_back) == sha256(src)
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_rsync_over_ssh(ssh_client, tmp_path):
+    client = ssh_client()
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    random_file(tree / "a.bin", 1 << 20)
+    random_file(tree / "sub" / "b.bin", 300_000)
+    remote = f"/tmp/wicket-rsync-{client.gw.user}/"
+    rsh = f"ssh -F {client.config} -o BatchMode=yes"
+    r = subprocess.run(["rsync", "-a", "-e", rsh, f"{tree}/", f"root@web-1.test:{remote}"], capture_output=True,
+                       env=client.gw.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    back = tmp_path / "back"
+    r = subprocess.run(["rsync", "-a", "-e", rsh, f"root@web-1.test:{remote}", f"{back}/"], capture_output=True,
+                       env=client.gw.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sha256(back / "a.bin") == sha256(tree / "a.bin")
+    assert sha256(back / "sub" / "b.bin") == sha256(tree / "sub" / "b.bin")
+    client.ssh("root@web-1.test", f"rm -rf {remote}")
+
+
+def test_a_login_the_roles_do_not_allow_is_refused_before_the_node(ssh_client, cluster, node):
+    client = ssh_client("ssh-user")
+    r = client.ssh("root@web-1.test", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "wicket: access to 'web-1' denied: none of your roles allows login=root on it" in err
+    assert "`wicket ls` lists the nodes you can reach" in err
+    events = cluster.wait_audit(user=client.gw.user, event="dial.denied")
+    assert events[-1]["params"]["login"] == "root"
+    # The login it does allow works.
+    assert client.ssh(f"{TEST_USER}@web-1.test", "true").returncode == 0
+
+
+def test_an_unknown_node_and_a_node_that_is_down_say_what_to_do(ssh_client):
+    client = ssh_client()
+    r = client.ssh("root@nope.test", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "access to 'nope' denied: no such resource, or none of your roles reaches it" in err, err
+    r = client.ssh("root@down-1.test", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "down-1 (127.0.0.1:1) is not reachable from the cluster" in err, err
+
+
+def test_a_node_whose_host_key_differs_is_refused_by_ssh(ssh_client, cluster, node, tmp_path):
+    impostor = tmp_path / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    cluster.admin("resources", "add", "web-2", "--kind", "ssh", "--address", node.address,
+                  "--host-key", (tmp_path / "impostor.pub").read_text().strip(), "--label", "env=ssh")
+    try:
+        client = ssh_client()
+        r = client.ssh("root@web-2.test", "true")
+        assert r.returncode == 255
+        assert b"REMOTE HOST IDENTIFICATION HAS CHANGED" in r.stderr or b"Host key verification failed" in r.stderr
+    finally:
+        cluster.admin("resources", "rm", "web-2", check=False)
+
+
+def test_a_lock_cuts_a_live_ssh_session(ssh_client, cluster):
+    client = ssh_client()
+    proc = subprocess.Popen(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test",
+                             "echo started; exec sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=client.gw.env())
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        cluster.admin("users", "lock", client.gw.user, "--reason", "test")
+        wait_for(lambda: proc.poll() is not None, timeout=10, what="ssh to end after the lock")
+        assert proc.returncode == 255
+        assert b"was cut" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -1,0 +1,116 @@
+"""A throwaway OpenSSH sshd for tests: Debian's /usr/sbin/sshd by absolute
+path, with its own config, host key and pid file in a temporary directory,
+trusting the cluster's SSH user CA (``TrustedUserCAKeys``) and nothing else:
+no authorized_keys, no passwords. Logs go to a file the tests read.
+
+Run as root (as the tests' machines do), it lets root in and creates the
+non-root test user :data:`TEST_USER` once (``useradd``; its password field
+is ``*``, which sshd takes for "no password", not for a locked account).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+from tests.integration.harness import Proc, _env, wait_for
+
+SSHD = "/usr/sbin/sshd"
+SSH_KEYGEN = "/usr/bin/ssh-keygen"
+TEST_USER = "wicketssh"
+
+CONFIG = """\
+ListenAddress 127.0.0.1:{port}
+HostKey {dir}/ssh_host_ed25519_key
+PidFile {dir}/sshd.pid
+TrustedUserCAKeys {ca}
+AuthorizedKeysFile none
+AuthorizedPrincipalsFile none
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+PermitTTY yes
+Subsystem sftp internal-sftp
+LogLevel VERBOSE
+MaxStartups 100:30:200
+"""
+
+
+def available() -> str | None:
+    """Why this machine cannot run the fixture, or None."""
+    for tool in (SSHD, SSH_KEYGEN, "/usr/bin/ssh", "/usr/bin/scp", "/usr/bin/sftp"):
+        if not os.path.exists(tool):
+            return f"{tool} is missing (requirements/apt.txt: openssh-server, openssh-client)"
+    if os.geteuid() != 0:
+        return "sshd needs root to switch to the test users"
+    return None
+
+
+def ensure_test_user() -> None:
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", TEST_USER], check=True)
+    subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sshd:
+    def __init__(self, tmp: Path, user_ca: Path) -> None:
+        self.dir = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        ensure_test_user()
+        key = tmp / "ssh_host_ed25519_key"
+        if not key.exists():
+            subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "wicket-test-node", "-f", str(key)],
+                           check=True)
+        self.host_key = (tmp / "ssh_host_ed25519_key.pub").read_text().strip()
+        shutil.copy(user_ca, tmp / "user_ca.pub")
+        self.proc: Proc | None = None
+        self.port = 0
+        self.start()
+
+    def start(self) -> None:
+        for _attempt in range(5):
+            self.port = _free_port()
+            config = self.dir / "sshd_config"
+            config.write_text(CONFIG.format(port=self.port, dir=self.dir, ca=self.dir / "user_ca.pub"))
+            check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
+            if check.returncode:
+                raise RuntimeError(f"sshd refused its config:\n{check.stderr}")
+            self.proc = Proc([SSHD, "-D", "-e", "-f", str(config)], self.dir / "sshd.log", _env())
+
+            def listening():
+                if self.proc.popen.poll() is not None:
+                    return "exited"
+                return "Server listening" in self.proc.log() and "listening"
+
+            if wait_for(listening, what="sshd listening") == "listening":
+                return
+            self.proc.stop()
+        raise RuntimeError(f"sshd did not start:\n{self.proc.log()}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.proc.log() if self.proc else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
