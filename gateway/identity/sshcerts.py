@@ -23,6 +23,7 @@ import secrets
 from typing import Iterable
 
 import attrs
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
@@ -69,7 +70,7 @@ def parse_public_key(line: str, what: str = "public key") -> SSHPublicKey:
         raise SSHKeyError(f"{what}: expected `TYPE BASE64 [COMMENT]`, as in a .pub file")
     try:
         key = serialization.load_ssh_public_key(f"{fields[0]} {fields[1]}".encode("ascii"))
-    except (ValueError, UnicodeEncodeError, serialization.UnsupportedAlgorithm) as exc:
+    except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
         raise SSHKeyError(f"{what}: not an OpenSSH public key ({exc})") from None
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
         raise SSHKeyError(f"{what}: an RSA key of {key.key_size} bits is too weak (2048 at least)")
@@ -155,7 +156,7 @@ def load_cert(line: str | bytes) -> SSHCertificate:
         raise SSHKeyError("expected an OpenSSH certificate line")
     try:
         return serialization.load_ssh_public_identity(b" ".join(fields[:2]))
-    except (ValueError, serialization.UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise SSHKeyError(f"not an OpenSSH certificate ({exc})") from None
 
 
