@@ -30,7 +30,9 @@ character, no ``@`` or separator that could be read as something else.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import logging
 import re
 from typing import Any, Mapping
@@ -44,13 +46,19 @@ from gateway.identity import pki, sshcerts
 from gateway.identity.pki import utcnow
 from gateway.net.http import HTTPError, Response
 from protocols.dial import DialRequest
-from protocols.errors import ErrorCode
+from protocols.errors import ErrorCode, RemoteProtocolError
+from protocols.ssh import Handoff, KexWatcher, encode_handoff
 
 log = logging.getLogger("wicket.cluster.ssh")
 
 #: A login: what useradd takes (and a trailing ``$`` for machine accounts).
 LOGIN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\$?")
 _GLOB = re.compile(r"[*?\[\]]")
+#: The dial parameter of a terminated session: the gateway's in-memory public key.
+PUBLIC_KEY = "ssh.public_key"
+#: A terminated session's user certificate only has to last until the
+#: gateway has logged in to the node with it.
+HANDOFF_CERT_TTL = dt.timedelta(minutes=2)
 
 
 def check_login(login: object) -> str:
@@ -68,19 +76,113 @@ class SshKind:
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         params = dict(request.params)
         params["login"] = check_login(params.get("login"))
+        if PUBLIC_KEY in params:
+            try:
+                sshcerts.parse_public_key(params[PUBLIC_KEY], PUBLIC_KEY)
+            except sshcerts.SSHKeyError as exc:
+                raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
         return params
 
     async def open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
                    session: LiveSession) -> Opened:
+        login = params["login"]
+        terminated = PUBLIC_KEY in params
+        first = b""
+        if terminated:
+            first = self._handoff(cluster, resource, login, params[PUBLIC_KEY], session)
         upstream = await connect_tcp(resource)
-        return Opened(upstream=upstream, details={"login": params["login"], "node": resource.address,
-                                                  "mode": "proxycommand"})
+        check = HostKeyCheck(cluster, resource, session)
+        return Opened(upstream=upstream, first_bytes=first, tap_client=check.client_data,
+                      tap_server=check.server_data,
+                      details={"login": login, "node": resource.address,
+                               "mode": "terminated" if terminated else "proxycommand"})
+
+    @staticmethod
+    def _handoff(cluster: Cluster, resource: Resource, login: str, key_line: str, session: LiveSession) -> bytes:
+        """The hand-off frame for a terminated session: a user certificate
+        for the gateway's in-memory key, for this login only, valid long
+        enough to log in (the session's own life is the cluster's to end)."""
+        now = utcnow()
+        public_key = sshcerts.parse_public_key(key_line, PUBLIC_KEY)
+        request = sshcerts.UserCertRequest(key_id=f"wicket:{cluster.config.name}:{session.user}:{session.id}",
+                                           principals=(login,), not_before=now, not_after=now + HANDOFF_CERT_TTL)
+        cert = sshcerts.sign_user_cert(cluster.ssh_user_ca, public_key, request)
+        cluster.audit_soon("ssh.cert", session.user, session_id=session.id, resource=resource.name,
+                           principals=[login], serial=format(cert.serial, "x"), key=sshcerts.fingerprint(public_key),
+                           expires_at=(now + HANDOFF_CERT_TTL).isoformat())
+        host = node_name(resource.name, cluster.config.name)
+        return encode_handoff(Handoff(certificate=sshcerts.cert_line(cert), host=host,
+                                      known_hosts=node_known_hosts(cluster, resource)))
 
     async def control(self, cluster, resource, request, identity) -> str | None:
         return None
 
     def acts_on(self, cluster, request) -> LiveSession | None:
         return None
+
+
+class HostKeyCheck:
+    """The audit taps of an ssh session: the node's host key, read from the
+    plaintext key exchange (protocols/ssh/transport.py), must be the
+    registered one (or carry a certificate of the registered host CA for the
+    node's name); otherwise the stream is cut before the client sees the
+    reply, and ``ssh.hostkey_mismatch`` goes on record. Called in the relay
+    engine's thread."""
+
+    def __init__(self, cluster: Cluster, resource: Resource, session: LiveSession) -> None:
+        self.cluster, self.resource, self.session = cluster, resource, session
+        self.watcher = KexWatcher()
+        self.spec = SshNodeSpec.of(resource.spec)
+
+    def client_data(self, data: bytes) -> None:
+        if not self.watcher.done:
+            self.watcher.client_data(data)
+
+    def server_data(self, data: bytes) -> None:
+        if self.watcher.done:
+            return
+        try:
+            seen = self.watcher.server_data(data)
+        except RemoteProtocolError as exc:
+            self._mismatch(f"the node's key exchange could not be read: {exc}", None)
+            raise
+        if seen is None:
+            return
+        problem = host_key_problem(self.spec, seen.blob, node_name(self.resource.name, self.cluster.config.name),
+                                   self.cluster)
+        if problem is not None:
+            self._mismatch(problem, seen.blob)
+            raise RemoteProtocolError(f"the host key of {self.resource.name} is not the registered one ({problem}); "
+                                      f"the session was cut", code=ErrorCode.UPSTREAM_UNREACHABLE)
+
+    def _mismatch(self, problem: str, blob: bytes | None) -> None:
+        log.warning("ssh_hostkey_mismatch resource=%s address=%s problem=%r action=%s", self.resource.name,
+                    self.resource.address, problem, "check the node; if its key changed on purpose, update the "
+                    "resource's host_key (ssh-keyscan)")
+        self.cluster.audit_soon("ssh.hostkey_mismatch", self.session.user, session_id=self.session.id,
+                                resource=self.resource.name, node=self.resource.address, problem=problem,
+                                presented=_blob_fingerprint(blob) if blob else None)
+
+
+def _blob_fingerprint(blob: bytes) -> str:
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+
+
+def host_key_problem(spec: SshNodeSpec, blob: bytes, host: str, cluster: Cluster) -> str | None:
+    """Why the host key blob ``blob`` is not this node's (None: it is)."""
+    problems = []
+    if spec.host_key:
+        registered = base64.b64decode(spec.host_key.split()[1])
+        if blob == registered:
+            return None
+        problems.append(f"presented {_blob_fingerprint(blob)}, registered {_blob_fingerprint(registered)}")
+    if spec.host_ca:
+        ca_line = sshcerts.public_key_line(cluster.ssh_host_ca) if spec.host_ca == "cluster" else spec.host_ca
+        problem = sshcerts.host_cert_problem(blob, ca_line, host, now=utcnow())
+        if problem is None:
+            return None
+        problems.append(problem)
+    return "; ".join(problems) or "no host key or host CA is registered"
 
 
 SSH = SshKind()
@@ -108,25 +210,26 @@ def allowed_logins(roles: list[rbac.Role], resources: Mapping[str, Resource]) ->
     return sorted(logins)
 
 
+def node_known_hosts(cluster: Cluster, resource: Resource) -> list[str]:
+    """known_hosts lines that vouch for one node, under its name."""
+    spec, host = SshNodeSpec.of(resource.spec), node_name(resource.name, cluster.config.name)
+    lines = []
+    if spec.host_key:
+        lines.append(sshcerts.known_host_line([host], spec.host_key))
+    if spec.host_ca:
+        ca_line = sshcerts.public_key_line(cluster.ssh_host_ca) if spec.host_ca == "cluster" else spec.host_ca
+        lines.append(sshcerts.cert_authority_line([host], ca_line))
+    return lines
+
+
 def known_hosts(cluster: Cluster, roles: list[rbac.Role], resources: Mapping[str, Resource]) -> list[str]:
     """known_hosts lines for the nodes the roles reach: each node's pinned
     host key under its name, and an ``@cert-authority`` line for the host
-    CAs that vouch for them."""
-    name = cluster.config.name
+    CA that vouches for it."""
     lines: list[str] = []
-    cluster_ca = False
     for res in sorted(resources.values(), key=lambda r: r.name):
-        if res.kind != SSH.kind or not rbac.visible(roles, res.name, res.labels):
-            continue
-        spec = SshNodeSpec.of(res.spec)
-        if spec.host_key:
-            lines.append(sshcerts.known_host_line([node_name(res.name, name)], spec.host_key))
-        if spec.host_ca == "cluster":
-            cluster_ca = True
-        elif spec.host_ca:
-            lines.append(sshcerts.cert_authority_line([node_name(res.name, name)], spec.host_ca))
-    if cluster_ca:
-        lines.append(sshcerts.cert_authority_line([f"*.{name}"], sshcerts.public_key_line(cluster.ssh_host_ca)))
+        if res.kind == SSH.kind and rbac.visible(roles, res.name, res.labels):
+            lines += node_known_hosts(cluster, res)
     return lines
 
 

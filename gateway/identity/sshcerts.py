@@ -23,7 +23,7 @@ import secrets
 from typing import Iterable
 
 import attrs
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
@@ -173,3 +173,32 @@ def cert_authority_line(patterns: Iterable[str], ca_line: str) -> str:
     """An ``@cert-authority`` known_hosts line: host certificates that
     ``ca_line`` signed are trusted for ``patterns``."""
     return "@cert-authority " + known_host_line(patterns, ca_line)
+
+
+def host_cert_problem(blob: bytes, ca_line: str, host: str, *, now: dt.datetime) -> str | None:
+    """Why the wire-form host key ``blob`` is not a valid host certificate
+    of the CA ``ca_line`` for ``host`` at ``now`` (None: it is one)."""
+    import base64
+    import struct
+
+    if len(blob) < 4:
+        return "the host key is malformed"
+    (n,) = struct.unpack_from(">I", blob)
+    key_type = blob[4:4 + n]
+    if not key_type.endswith(b"-cert-v01@openssh.com"):
+        return "the node showed a plain host key, not a host certificate"
+    try:
+        cert = serialization.load_ssh_public_identity(key_type + b" " + base64.b64encode(blob))
+        cert.verify_cert_signature()
+    except (ValueError, UnsupportedAlgorithm, InvalidSignature) as exc:
+        return f"the host certificate does not verify ({exc})"
+    if cert.type is not SSHCertificateType.HOST:
+        return "the certificate is not a host certificate"
+    if public_key_line(cert.signature_key()).split()[:2] != ca_line.split()[:2]:
+        return "the host certificate was signed by another CA"
+    if host.encode() not in cert.valid_principals:
+        return f"the host certificate is not for {host}"
+    stamp = int(now.timestamp())
+    if not cert.valid_after <= stamp < cert.valid_before:
+        return "the host certificate is not valid now"
+    return None
