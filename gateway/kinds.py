@@ -137,11 +137,16 @@ SSH = Kind(
     spec=SSH_NODE,
     params=(LOGIN,),
     cluster_route="gateway.cluster.ssh:SSH",
-    gateway_route="gateway.local.ssh_stdio:ssh_route",
+    gateway_route="gateway.local.ssh:ssh_route",
     proxy_options=(
         ProxyOption(name="stdio", is_flag=True,
                     help="Carry one SSH connection on standard input and output, NAME being LOGIN@NODE[:PORT]: "
                          "OpenSSH's ProxyCommand (see `wicket config ssh`)."),
+        ProxyOption(name="authorized_keys", help="The public keys that may log in to the local SSH server "
+                    "(default: ~/.ssh/*.pub and the ssh-agent's)."),
+        ProxyOption(name="allow_no_auth", is_flag=True, help="Let every process of your own local user log in "
+                    "to the local SSH server without a key (ssh's `none` method)."),
+        ProxyOption(name="write_known_hosts", help="Append the local SSH server's known_hosts line to this file."),
     ),
 )
 

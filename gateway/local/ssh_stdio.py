@@ -29,26 +29,17 @@ import trio
 from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import Profile, ProfileError
-from gateway.local.proxy import NEXT_STEP, MuxRoute
+from gateway.local.proxy import MuxRoute
+from gateway.local.ssh import refusal_text
 from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.muxlink import MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay
 from protocols.dial import DialError, DialRequest
-from protocols.errors import ErrorCode
 
 log = logging.getLogger("wicket.proxy.ssh")
 
 #: ssh's own exit status for a connection that failed.
 EXIT_FAILED = 255
-
-
-#: What to do after a refusal, where it differs from the other kinds'
-#: (gateway/local/proxy.py): an unreachable node's message says it already.
-_NEXT_STEP = {
-    ErrorCode.ACCESS_DENIED: "`wicket ls` lists the nodes you can reach and the logins your roles allow; ask a "
-                             "cluster administrator for a role that allows this one",
-    ErrorCode.UPSTREAM_UNREACHABLE: None,
-}
 
 
 class TargetError(ValueError):
@@ -108,12 +99,8 @@ class SshStdio(MuxRoute):
             return self.fail(f"the session to {self.resource} ended before the cluster answered "
                              f"({stream.error}); try again")
         if isinstance(reply, DialError):
-            return self.fail(self._refusal(reply))
+            return self.fail(refusal_text(reply))
         return await self._relay(link, stream)
-
-    def _refusal(self, error: DialError) -> str:
-        step = _NEXT_STEP.get(error.code, NEXT_STEP.get(error.code))
-        return error.message + (f"; {step}" if step else "")
 
     async def _relay(self, link: MuxLink, stream: Stream) -> int:
         ours, theirs = socket.socketpair()
@@ -139,21 +126,3 @@ class SshStdio(MuxRoute):
         if error is not None:
             return self.fail(f"the session to {self.resource} was cut: {error}")
         return 0
-
-
-def ssh_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float, local_users=None,
-              stdio: bool = False):
-    """The ssh kind's local route (gateway/kinds.py). With ``stdio``,
-    ``resource`` is ``LOGIN@NODE[:PORT]`` and the route is one session on
-    stdin/stdout (it has a ``run``, not a listener)."""
-    import click
-
-    if not stdio:
-        raise click.UsageError(
-            "`wicket proxy ssh` serves OpenSSH as its ProxyCommand for now: run `wicket config ssh >> "
-            "~/.ssh/config`, then `ssh LOGIN@NODE." + profile.cluster_name + "` (or pass --stdio LOGIN@NODE)")
-    try:
-        login, node = parse_target(resource, profile.cluster_name)
-    except TargetError as exc:
-        raise click.UsageError(str(exc)) from None
-    return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster)

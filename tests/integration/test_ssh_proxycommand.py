@@ -14,24 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import PY, wait_for
+from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
+from tests.integration.ssh_fixtures import random_file, sha256
 from tests.servers import sshd as sshd_server
-from tests.servers.sshd import TEST_USER, Sshd
+from tests.servers.sshd import TEST_USER
 
 pytestmark = pytest.mark.skipif(sshd_server.available() is not None, reason=str(sshd_server.available()))
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, cluster):
-    server = Sshd(tmp_path_factory.mktemp("sshd"), cluster.state / "ssh_user_ca.pub")
-    cluster.admin("resources", "add", "web-1", "--kind", "ssh", "--address", server.address,
-                  "--host-key", server.host_key, "--label", "env=ssh")
-    # A node that is down: its port refuses connections.
-    cluster.admin("resources", "add", "down-1", "--kind", "ssh", "--address", "127.0.0.1:1",
-                  "--host-key", server.host_key, "--label", "env=ssh")
-    cluster.admin("roles", "add", "ssh-all", "--allow-label", "env=ssh", "--logins", f"root,{TEST_USER}")
-    cluster.admin("roles", "add", "ssh-user", "--allow-label", "env=ssh", "--logins", TEST_USER)
-    yield server
-    server.stop()
 
 
 class SshClient:
@@ -61,24 +49,6 @@ def ssh_client(make_gateway, tmp_path, node):
         return SshClient(make_gateway(roles), tmp_path)
 
     return make
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def random_file(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(os.urandom(n))
-            left -= n
-    return path
 
 
 def test_config_ssh_writes_a_key_a_certificate_and_known_hosts(ssh_client, node, cluster):

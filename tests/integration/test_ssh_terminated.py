@@ -1,0 +1,236 @@
+"""The gateway as an SSH server on localhost (``wicket proxy ssh NODE``): the
+real ssh, scp and sftp against it, a real sshd as the node that trusts only
+the cluster's SSH user CA, and the cluster between them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import wait_for
+from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
+from tests.integration.ssh_fixtures import random_file, sha256
+from tests.servers import sshd as sshd_server
+from tests.servers.sshd import TEST_USER
+
+pytestmark = pytest.mark.skipif(sshd_server.available() is not None, reason=str(sshd_server.available()))
+
+
+class LocalSsh:
+    """A user's gateway serving SSH on a local port, and OpenSSH's tools
+    with a key of the user's own and the gateway's known_hosts line."""
+
+    def __init__(self, gw, tmp: Path, node_name: str = "web-1", *extra: str) -> None:
+        self.gw = gw
+        self.tmp = tmp
+        self.key = tmp / f"id-{gw.user}"
+        if not self.key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
+        self.known_hosts = tmp / f"known_hosts-{gw.user}"
+        self.proc, self.port = gw.proxy("ssh", node_name, "--authorized-keys", f"{self.key}.pub",
+                                        "--write-known-hosts", str(self.known_hosts), *extra)
+
+    def options(self, tool: str = "ssh") -> list[str]:
+        port = ["-P" if tool in ("scp", "sftp") else "-p", str(self.port)]
+        return [*port, "-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-F", "/dev/null"]
+
+    def run(self, tool: str, *args: str, timeout: float = 120, input: bytes | None = None
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run([tool, *self.options(tool), *args], input=input, capture_output=True,
+                              env=self.gw.env(), timeout=timeout)
+
+    def ssh(self, user: str, *command: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("ssh", f"{user}@127.0.0.1", *command, **kw)
+
+
+@pytest.fixture
+def local_ssh(make_gateway, tmp_path, node):
+    def make(roles: str = "ssh-all", *extra: str) -> LocalSsh:
+        return LocalSsh(make_gateway(roles), tmp_path, "web-1", *extra)
+
+    return make
+
+
+def test_exec_with_exit_codes_stdin_and_stderr(local_ssh, cluster, node):
+    s = local_ssh()
+    r = s.ssh("root", "id -un; echo oops >&2; exit 7")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == b"root\n"
+    assert b"oops\n" in r.stderr
+    r = s.ssh(TEST_USER, "id -un")
+    assert (r.returncode, r.stdout.strip()) == (0, TEST_USER.encode()), r.stderr
+    payload = os.urandom(5 << 20)
+    r = s.ssh("root", "sha256sum", input=payload)
+    assert r.returncode == 0, r.stderr
+    import hashlib
+
+    assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    starts = cluster.wait_audit(lambda evs: len(evs) >= 3, user=s.gw.user, event="session.start")
+    assert {e["mode"] for e in starts} == {"terminated"}
+    assert {e["login"] for e in starts} == {"root", TEST_USER}
+    certs = cluster.wait_audit(lambda evs: len(evs) >= 3, user=s.gw.user, event="ssh.cert")
+    assert all(len(e["principals"]) == 1 for e in certs)  # one login per certificate
+    assert f"ID wicket:test:{s.gw.user}:" in node.log()
+
+
+def test_a_signal_ends_the_remote_command_and_comes_back(local_ssh):
+    s = local_ssh()
+    r = s.ssh("root", "kill -TERM $$")
+    assert r.returncode == 255 or r.returncode == 128 + 15, (r.returncode, r.stderr)
+
+
+def test_scp_and_sftp_both_ways(local_ssh, tmp_path):
+    s = local_ssh()
+    src = random_file(tmp_path / "up.bin", 24 << 20)
+    remote = f"/tmp/wicket-term-{s.gw.user}.bin"
+    r = s.run("scp", "-q", str(src), f"root@127.0.0.1:{remote}")
+    assert r.returncode == 0, r.stderr
+    back = tmp_path / "back.bin"
+    r = s.run("scp", "-q", "-O", f"root@127.0.0.1:{remote}", str(back))  # legacy scp: an exec of scp -f
+    assert r.returncode == 0, r.stderr
+    assert sha256(back) == sha256(src)
+    batch = tmp_path / "sftp.batch"
+    sftp_back = tmp_path / "sftp-back.bin"
+    batch.write_text(f"put {src} {remote}.sftp\nget {remote}.sftp {sftp_back}\nrm {remote}.sftp\nrm {remote}\n")
+    r = s.run("sftp", "-q", "-b", str(batch), "root@127.0.0.1")
+    assert r.returncode == 0, r.stderr
+    assert sha256(sftp_back) == sha256(src)
+
+
+def test_one_port_reaches_several_nodes(local_ssh, cluster, node):
+    cluster.admin("resources", "add", "web-3", "--kind", "ssh", "--address", node.address,
+                  "--host-key", node.host_key, "--label", "env=ssh")
+    try:
+        s = local_ssh()
+        assert s.ssh("root%web-3", "echo three").stdout == b"three\n"
+        assert s.ssh("root", "echo one").stdout == b"one\n"
+        starts = cluster.wait_audit(lambda evs: len(evs) >= 2, user=s.gw.user, event="session.start")
+        assert {e["resource"] for e in starts} == {"web-1", "web-3"}
+    finally:
+        cluster.admin("resources", "rm", "web-3", check=False)
+
+
+@pytest.mark.parametrize("user, expected", [
+    ("root%nope", "access to 'nope' denied: no such resource, or none of your roles reaches it; `wicket ls`"),
+    ("root%down-1", "down-1 (127.0.0.1:1) is not reachable from the cluster"),
+    ("nosuchuser", "did not let nosuchuser in"),
+])
+def test_errors_are_printed_by_ssh_before_it_fails(local_ssh, user, expected):
+    s = local_ssh("ssh-all" if user != "nosuchuser" else "ssh-any-login")
+    r = s.ssh(user, "true")
+    assert r.returncode == 255
+    assert expected in r.stderr.decode(), r.stderr.decode()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def any_login_role(cluster, node):
+    cluster.admin("roles", "add", "ssh-any-login", "--allow-label", "env=ssh", "--logins", "*")
+
+
+def test_a_login_the_roles_do_not_allow_is_a_banner(local_ssh):
+    s = local_ssh("ssh-user")
+    r = s.ssh("root", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "wicket: access to 'web-1' denied: none of your roles allows login=root on it" in err, err
+    assert s.ssh(TEST_USER, "true").returncode == 0
+
+
+def test_a_key_the_user_does_not_trust_gets_no_session(local_ssh, tmp_path):
+    s = local_ssh()
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    opts = s.options()
+    opts[opts.index(str(s.key))] = str(other)
+    r = subprocess.run(["ssh", *opts, "root@127.0.0.1", "true"], capture_output=True, env=s.gw.env(), timeout=60)
+    assert r.returncode == 255
+    assert b"Permission denied (publickey)" in r.stderr
+
+
+def test_local_and_remote_forwarding(local_ssh):
+    s = local_ssh()
+    # An echo server on the node's side (the same machine): -L reaches it through the node.
+    echo = socket.socket()
+    echo.bind(("127.0.0.1", 0))
+    echo.listen()
+    echo_port = echo.getsockname()[1]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = echo.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local_port = probe.getsockname()[1]
+    fwd = subprocess.Popen(["ssh", *s.options(), "-N", "-o", "ExitOnForwardFailure=yes",
+                            "-L", f"127.0.0.1:{local_port}:127.0.0.1:{echo_port}", "root@127.0.0.1"],
+                           env=s.gw.env(), stderr=subprocess.PIPE)
+    try:
+        def connected():
+            try:
+                return socket.create_connection(("127.0.0.1", local_port), timeout=5)
+            except OSError:
+                return None
+
+        conn = wait_for(connected, what="the -L port")
+        payload = os.urandom(8 << 20)
+        got = bytearray()
+
+        def read():
+            while len(got) < len(payload) and (data := conn.recv(1 << 16)):
+                got.extend(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        conn.sendall(payload)
+        reader.join(60)
+        conn.close()
+        assert bytes(got) == payload
+    finally:
+        fwd.terminate()
+        fwd.wait()
+        echo.close()
+    # -R: the node listens, and its connections come back to our echo server.
+    echo2 = socket.socket()
+    echo2.bind(("127.0.0.1", 0))
+    echo2.listen()
+    back_port = echo2.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        remote_port = probe.getsockname()[1]
+
+    def serve2():
+        try:
+            conn, _ = echo2.accept()
+        except OSError:
+            return
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=serve2, daemon=True).start()
+    r = s.run("ssh", "-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{remote_port}:127.0.0.1:{back_port}",
+              "root@127.0.0.1", f"head -c 3000000 /dev/urandom > /tmp/r.bin; python3 - <<'EOF'\n"
+              f"import socket, hashlib\n"
+              f"data = open('/tmp/r.bin', 'rb').read()\n"
+              f"s = socket.create_connection(('127.0.0.1', {remote_port}))\n"
+              f"s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
+              f"got = b''\n"
+              f"while chunk := s.recv(65536): got += chunk\n"
+              f"print(got == data)\n"
+              f"EOF")
+    echo2.close()
+    assert r.stdout.strip() == b"True", r.stderr
