@@ -94,6 +94,9 @@ class Hooks(Protocol):
     def watch(self, stream: NodeStream, on_cut: Callable[[str], None]) -> None:
         """(trio) Call ``on_cut(reason)`` if the cluster cuts the stream."""
 
+    def ended(self, stream: NodeStream) -> str | None:
+        """(either; blocks on nothing) Why the stream ended, if it was cut."""
+
 
 def split_user(username: str, default_node: str) -> tuple[str, str]:
     """(either) ``LOGIN%NODE`` or ``LOGIN`` (the route's node)."""
@@ -220,6 +223,10 @@ class _LocalSession(_Half, asyncssh.SSHServerSession):
         super().__init__()
         self.server = server
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.sessions.discard(self)
+        super().connection_lost(exc)
+
     def pty_requested(self, term_type, term_size, term_modes) -> bool:
         return True  # the channel keeps them; the node gets them with the session
 
@@ -238,7 +245,7 @@ class _LocalSession(_Half, asyncssh.SSHServerSession):
 
     async def _open_on_node(self) -> None:
         chan = self.chan
-        node = _NodeSession()
+        node = _NodeSession(self.server)
         try:
             await self.server.node.create_session(
                 lambda: node, chan.get_command(), subsystem=chan.get_subsystem(), env=chan.get_environment(),
@@ -271,10 +278,12 @@ class _LocalSession(_Half, asyncssh.SSHServerSession):
 
 class _NodeSession(_Half, asyncssh.SSHClientSession):
     """The node's session channel: its exit status or signal goes back to
-    the client when it closes. (asyncio)"""
+    the client when it closes; if the connection to the node is lost
+    instead, the whole client connection ends with the reason. (asyncio)"""
 
-    def __init__(self) -> None:
+    def __init__(self, server: "GatewayServer") -> None:
         super().__init__()
+        self.server = server
         self.exit: tuple | None = None
 
     def exit_status_received(self, status: int) -> None:
@@ -288,7 +297,9 @@ class _NodeSession(_Half, asyncssh.SSHClientSession):
         local = self.peer
         if local is None or local.closed:
             return
-        if self.exit is None:
+        if self.exit is None and exc is not None:
+            self.server.node_lost(exc)
+        elif self.exit is None:
             local.chan.close()
         elif self.exit[0] == "status":
             local.chan.exit(self.exit[1])
@@ -326,6 +337,17 @@ class _ReverseHalf(_TcpHalf):
         self.pair(local)
 
 
+class _NodeClient(asyncssh.SSHClient):
+    """The connection to the node. (asyncio)"""
+
+    def __init__(self, server: "GatewayServer") -> None:
+        self.server = server
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.server.stream is not None:
+            self.server.node_lost(exc)
+
+
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
@@ -341,6 +363,9 @@ class GatewayServer(asyncssh.SSHServer):
         self.conn: Any = None
         self.node: Any = None  # the SSH client connection to the node, once reached
         self._reaching: asyncio.Future | None = None
+        self.stream: NodeStream | None = None
+        self.sessions: set[_LocalSession] = set()  # the client's open session channels
+        self.ended = False
         self.target: tuple[str, str] | None = None
         self.closed = asyncio.Event()
 
@@ -398,7 +423,7 @@ class GatewayServer(asyncssh.SSHServer):
         try:
             cert = asyncssh.import_certificate(stream.certificate)
             self.node = await asyncssh.run_client(
-                stream.sock, config=None, username=login, client_keys=[(key, cert)], agent_path=None,
+                stream.sock, config=None, client_factory=lambda: _NodeClient(self), username=login, client_keys=[(key, cert)], agent_path=None,
                 known_hosts=asyncssh.import_known_hosts("".join(line + "\n" for line in stream.known_hosts)),
                 host_key_alias=stream.host, preferred_auth="publickey", keepalive_interval=KEEPALIVE,
                 encoding=None, connect_timeout=LOGIN_TIMEOUT)
@@ -413,18 +438,43 @@ class GatewayServer(asyncssh.SSHServer):
         except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
             stream.sock.close()
             return f"wicket: the SSH connection to {node} failed: {_reason(exc)}; try again"
+        self.stream = stream
         self.hooks.watch(stream, self._cut)
         return None
 
     def _cut(self, reason: str) -> None:
         """(asyncio or trio: only schedules) The cluster cut the session."""
-        if self.conn is not None:
-            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"wicket: the session was cut: {reason}")
+        self._end(asyncssh.DISC_BY_APPLICATION, f"wicket: the session was cut: {reason}")
+
+    def node_lost(self, exc: BaseException) -> None:
+        """(asyncio) The connection to the node is gone: say why to the client."""
+        reason = self.hooks.ended(self.stream) if self.stream is not None else None
+        if reason is not None:
+            self._cut(reason)
+        else:
+            self._end(asyncssh.DISC_CONNECTION_LOST,
+                      f"wicket: the connection to {self.target[1]} was lost: {_reason(exc)}")
+
+    def _end(self, code: int, message: str) -> None:
+        """(asyncio or trio: only schedules) End the client's connection,
+        saying why: on each session's stderr, which ssh prints before it sees
+        the channel close, and as the disconnect reason (what ``ssh -N``
+        prints)."""
+        if self.conn is None or self.ended:
+            return
+        self.ended = True
+        for session in list(self.sessions):
+            if not session.closed:
+                session.chan.write_stderr((message + "\r\n").encode())
+                session.chan.exit(255)
+        self.conn.disconnect(code, message)
 
     def session_requested(self) -> Any:
-        if self.node is None:
+        if self.node is None or self.ended:
             return False
-        return _LocalSession(self)
+        session = _LocalSession(self)
+        self.sessions.add(session)
+        return session
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         # ``ssh -L``: asyncssh opens the direct-tcpip channel on the node's

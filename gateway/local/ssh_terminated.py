@@ -135,6 +135,10 @@ class _Client:
         """(trio's thread) See ssh_asyncio.Hooks."""
         self.watchers.start_soon(self._watch, node_stream.handle, on_cut)
 
+    def ended(self, node_stream: ssh_asyncio.NodeStream) -> str | None:
+        """(either) See ssh_asyncio.Hooks."""
+        return node_stream.handle[1].error
+
     async def _watch(self, handle, on_cut) -> None:
         link, stream = handle
         try:

@@ -194,3 +194,23 @@ def test_a_lock_cuts_a_live_ssh_session(ssh_client, cluster):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_the_certificates_end_ends_a_live_ssh_stream(make_gateway, tmp_path, node):
+    gw = make_gateway("ssh-all", login=False)
+    assert gw.login("--ttl", "6s").returncode == 0
+    client = SshClient(gw, tmp_path)
+    proc = subprocess.Popen(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test",
+                             "echo started; exec sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=gw.env())
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        wait_for(lambda: proc.poll() is not None, timeout=20, what="ssh to end with the certificate")
+        assert proc.returncode == 255
+        assert b"was cut" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    r = client.ssh("root@web-1.test", "true")
+    assert r.returncode == 255 and b"expired" in r.stderr and b"wicket login" in r.stderr, r.stderr

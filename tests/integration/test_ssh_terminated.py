@@ -234,3 +234,104 @@ def test_local_and_remote_forwarding(local_ssh):
               f"EOF")
     echo2.close()
     assert r.stdout.strip() == b"True", r.stderr
+
+
+def test_an_interactive_shell_with_a_pty(local_ssh):
+    import pexpect
+
+    s = local_ssh()
+    child = pexpect.spawn("ssh", [*s.options(), "-tt", "root@127.0.0.1",
+                                  "env PS1='wicket> ' TERM=dumb bash --norc --noprofile -i"],
+                          env=s.gw.env(), dimensions=(24, 80), timeout=30)
+    try:
+        child.expect_exact("wicket> ")
+        child.sendline("tty; stty size")
+        child.expect(r"/dev/pts/\d+")
+        child.expect_exact("24 80")
+        child.setwinsize(40, 132)  # a window change reaches the node's pty
+        child.expect_exact("wicket> ")
+        child.sendline("stty size")
+        child.expect_exact("40 132")
+        child.sendline("sleep 600")
+        child.sendintr()  # Ctrl-C: the node's pty turns it into SIGINT for sleep
+        child.expect_exact("wicket> ")
+        child.sendline("exit 5")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 5
+
+
+def test_asyncssh_as_a_client_sees_exit_signals_and_environment(local_ssh):
+    import asyncio
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import asyncssh
+
+    s = local_ssh()
+
+    async def run():
+        async with asyncssh.connect("127.0.0.1", s.port, username="root", client_keys=[str(s.key)],
+                                    known_hosts=str(s.known_hosts), config=None, agent_path=None) as conn:
+            killed = await conn.run("kill -TERM $$", check=False)
+            plain = await conn.run("echo $LANG; exit 3", check=False, env={"LANG": "C.UTF-8"})
+            return killed, plain
+
+    killed, plain = asyncio.run(run())
+    assert killed.exit_signal is not None and killed.exit_signal[0] == "TERM"
+    assert plain.exit_status == 3
+    assert plain.stdout == "C.UTF-8\n"  # environment the node accepts (AcceptEnv LANG)
+
+
+def _long_session(s: LocalSsh) -> subprocess.Popen:
+    proc = subprocess.Popen(["ssh", *s.options(), "root@127.0.0.1", "echo started; exec sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=s.gw.env())
+    assert proc.stdout.readline() == b"started\n", proc.stderr.read()
+    return proc
+
+
+def test_a_lock_ends_a_live_session_with_the_reason(local_ssh, cluster):
+    s = local_ssh()
+    proc = _long_session(s)
+    try:
+        cluster.admin("users", "lock", s.gw.user, "--reason", "incident 42")
+        wait_for(lambda: proc.poll() is not None, timeout=10, what="ssh to end after the lock")
+        err = proc.stderr.read().decode()
+        assert proc.returncode == 255
+        assert "wicket: the session was cut" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_the_certificates_end_ends_a_live_session_and_later_logins_are_told(make_gateway, tmp_path, node):
+    gw = make_gateway("ssh-all", login=False)
+    assert gw.login("--ttl", "6s").returncode == 0
+    s = LocalSsh(gw, tmp_path)
+    proc = _long_session(s)
+    try:
+        wait_for(lambda: proc.poll() is not None, timeout=20, what="ssh to end with the certificate")
+        assert b"wicket: the session was cut" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    r = s.ssh("root", "true")
+    assert r.returncode == 255
+    assert b"expired" in r.stderr and b"wicket login" in r.stderr, r.stderr
+
+
+def test_an_unreachable_cluster_is_a_banner(local_ssh, cluster):
+    s = local_ssh("ssh-all", "--wait-for-cluster", "0")
+    assert s.ssh("root", "true").returncode == 0
+    cluster.stop()
+    try:
+        r = s.ssh("root", "true")
+        assert r.returncode == 255
+        err = r.stderr.decode()
+        assert "check that the Wicket cluster is running and reachable from this machine" in err, err
+    finally:
+        cluster.start()

@@ -39,6 +39,7 @@ StrictModes no
 AllowTcpForwarding yes
 PermitTTY yes
 Subsystem sftp internal-sftp
+AcceptEnv LANG LC_*
 LogLevel VERBOSE
 MaxStartups 100:30:200
 """
