@@ -214,3 +214,29 @@ def test_the_certificates_end_ends_a_live_ssh_stream(make_gateway, tmp_path, nod
         proc.wait()
     r = client.ssh("root@web-1.test", "true")
     assert r.returncode == 255 and b"expired" in r.stderr and b"wicket login" in r.stderr, r.stderr
+
+
+def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(ssh_client, cluster, tmp_path_factory):
+    from tests.servers.sshd import Sshd
+
+    def sign(pub: Path) -> str:
+        return cluster.admin("ca", "sign-ssh-host", "cert-1", "--key", str(pub), "--validity", "1h").stdout
+
+    server = Sshd(tmp_path_factory.mktemp("sshd-cert"), cluster.state / "ssh_user_ca.pub", host_cert=sign)
+    cluster.admin("resources", "add", "cert-1", "--kind", "ssh", "--address", server.address, "--host-ca", "cluster",
+                  "--label", "env=ssh")
+    try:
+        client = ssh_client()
+        known = (client.gw.home / "ssh" / "known_hosts").read_text()
+        assert "@cert-authority cert-1.test ssh-ed25519 " in known
+        r = client.ssh("root@cert-1.test", "echo ok")
+        assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
+        # A node whose certificate is not for its name is cut by the cluster.
+        cluster.admin("resources", "add", "cert-2", "--kind", "ssh", "--address", server.address, "--host-ca",
+                      "cluster", "--label", "env=ssh")
+        r = client.ssh("root@cert-2.test", "true")
+        assert r.returncode == 255 and b"the host certificate is not for cert-2.test" in r.stderr, r.stderr
+    finally:
+        cluster.admin("resources", "rm", "cert-1", check=False)
+        cluster.admin("resources", "rm", "cert-2", check=False)
+        server.stop()

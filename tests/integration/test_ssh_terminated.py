@@ -335,3 +335,20 @@ def test_an_unreachable_cluster_is_a_banner(local_ssh, cluster):
         assert "check that the Wicket cluster is running and reachable from this machine" in err, err
     finally:
         cluster.start()
+
+
+def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(local_ssh, cluster, tmp_path_factory):
+    from tests.servers.sshd import Sshd
+
+    def sign(pub: Path) -> str:
+        return cluster.admin("ca", "sign-ssh-host", "cert-9", "--key", str(pub), "--validity", "1h").stdout
+
+    server = Sshd(tmp_path_factory.mktemp("sshd-cert"), cluster.state / "ssh_user_ca.pub", host_cert=sign)
+    cluster.admin("resources", "add", "cert-9", "--kind", "ssh", "--address", server.address, "--host-ca", "cluster",
+                  "--label", "env=ssh")
+    try:
+        r = local_ssh().ssh("root%cert-9", "echo ok")
+        assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
+    finally:
+        cluster.admin("resources", "rm", "cert-9", check=False)
+        server.stop()

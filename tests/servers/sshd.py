@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 from tests.integration.harness import Proc, _env, wait_for
 
@@ -70,7 +71,10 @@ def _free_port() -> int:
 
 
 class Sshd:
-    def __init__(self, tmp: Path, user_ca: Path) -> None:
+    """``host_cert``: given the host public key's path, the host
+    certificate line to present (HostCertificate)."""
+
+    def __init__(self, tmp: Path, user_ca: Path, host_cert: Callable[[Path], str] | None = None) -> None:
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
@@ -80,6 +84,11 @@ class Sshd:
             subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "wicket-test-node", "-f", str(key)],
                            check=True)
         self.host_key = (tmp / "ssh_host_ed25519_key.pub").read_text().strip()
+        self.extra = ""
+        if host_cert is not None:
+            cert = tmp / "ssh_host_ed25519_key-cert.pub"
+            cert.write_text(host_cert(tmp / "ssh_host_ed25519_key.pub").strip() + "\n")
+            self.extra = f"HostCertificate {cert}\n"
         shutil.copy(user_ca, tmp / "user_ca.pub")
         self.proc: Proc | None = None
         self.port = 0
@@ -89,7 +98,7 @@ class Sshd:
         for _attempt in range(5):
             self.port = _free_port()
             config = self.dir / "sshd_config"
-            config.write_text(CONFIG.format(port=self.port, dir=self.dir, ca=self.dir / "user_ca.pub"))
+            config.write_text(CONFIG.format(port=self.port, dir=self.dir, ca=self.dir / "user_ca.pub") + self.extra)
             check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
             if check.returncode:
                 raise RuntimeError(f"sshd refused its config:\n{check.stderr}")
