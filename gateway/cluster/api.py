@@ -99,6 +99,7 @@ class API:
             ("GET", "/v1/whoami"): self.whoami,
             ("GET", "/v1/resources"): self.resources,
             ("POST", "/v1/ssh/cert"): self.ssh_cert,
+            ("POST", "/v1/ssh/audit"): self.ssh_audit,
         }.get((request.method, request.path.split("?", 1)[0]))
         if route is None:
             raise HTTPError(404, "not_found", f"no route {request.method} {request.path}")
@@ -247,6 +248,13 @@ class API:
 
         identity, _user, roles = await self._identify()
         return await ssh.issue_user_cert(self.cluster, identity, roles, request.json(), client_addr=self.client_addr)
+
+    async def ssh_audit(self, request: Request) -> Response:
+        """What a gateway saw inside its terminated SSH sessions (gateway/cluster/ssh.py)."""
+        from gateway.cluster import ssh
+
+        identity, _user, _roles = await self._identify()
+        return ssh.record_gateway_reports(self.cluster, identity, request.json())
 
     # -- helpers ---------------------------------------------------------------
 

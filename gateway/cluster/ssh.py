@@ -35,6 +35,7 @@ import datetime as dt
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from typing import Any, Mapping
 
 from gateway.cluster import rbac
@@ -59,6 +60,20 @@ PUBLIC_KEY = "ssh.public_key"
 #: A terminated session's user certificate only has to last until the
 #: gateway has logged in to the node with it.
 HANDOFF_CERT_TTL = dt.timedelta(minutes=2)
+#: Terminated sessions a gateway may still report events of (the newest).
+MAX_REPORTED_SESSIONS = 100_000
+MAX_REPORTS = 256
+#: The events a gateway reports, and the fields each may carry, with their types.
+REPORTED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "ssh.exec": {"command": str},
+    "ssh.shell": {"term": str},
+    "ssh.subsystem": {"name": str},
+    "ssh.exit": {"status": int, "signal": str},
+    "ssh.forward": {"direction": str, "host": str, "port": int},
+    "ssh.sftp": {"op": str, "path": str, "to": str, "mode": str, "ok": bool, "bytes_read": int,
+                 "bytes_written": int, "error": str},
+}
+MAX_REPORTED_TEXT = 16 * 1024
 
 
 def check_login(login: object) -> str:
@@ -72,6 +87,11 @@ def check_login(login: object) -> str:
 
 class SshKind:
     kind = "ssh"
+
+    def __init__(self) -> None:
+        #: Terminated sessions, by id: (user, resource), for the gateway's
+        #: reports of what happened inside them (:func:`record_gateway_reports`).
+        self.terminated: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         params = dict(request.params)
@@ -90,6 +110,9 @@ class SshKind:
         first = b""
         if terminated:
             first = self._handoff(cluster, resource, login, params[PUBLIC_KEY], session)
+            self.terminated[session.id] = (session.user, resource.name)
+            while len(self.terminated) > MAX_REPORTED_SESSIONS:
+                self.terminated.popitem(last=False)
         upstream = await connect_tcp(resource)
         check = HostKeyCheck(cluster, resource, session)
         return Opened(upstream=upstream, first_bytes=first, tap_client=check.client_data,
@@ -266,3 +289,44 @@ async def issue_user_cert(cluster: Cluster, identity: pki.Identity, roles: list[
         "cluster": cluster.config.name,
         "known_hosts": known_hosts(cluster, roles, snap.resources),
     })
+
+
+# -- what gateways report -----------------------------------------------------------
+
+
+def record_gateway_reports(cluster: Cluster, identity: pki.Identity, body: Mapping[str, Any]) -> Response:
+    """``POST /v1/ssh/audit``: events a gateway saw inside its terminated
+    sessions (``{"events": [{"session_id", "event", "fields"}]}``), recorded
+    with ``reported_by: "gateway"``: the cluster cannot see inside SSH, so
+    this is the gateway's word, for sessions of this user only. Fields are
+    checked against :data:`REPORTED`; text is cut at 16 KiB."""
+    events = body.get("events")
+    if not isinstance(events, list) or len(events) > MAX_REPORTS:
+        raise HTTPError(400, "bad_request", f"events must be a list of at most {MAX_REPORTS}")
+    recorded = refused = 0
+    for item in events:
+        if not isinstance(item, dict):
+            raise HTTPError(400, "bad_request", "each event must be an object")
+        session = SSH.terminated.get(item.get("session_id")) if isinstance(item.get("session_id"), str) else None
+        allowed = REPORTED.get(item.get("event"))
+        fields = item.get("fields")
+        if session is None or session[0] != identity.user or allowed is None or not isinstance(fields, dict):
+            refused += 1
+            continue
+        clean: dict[str, Any] = {}
+        for key, value in fields.items():
+            kind = allowed.get(key)
+            if kind is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                continue
+            if isinstance(value, str) and len(value) > MAX_REPORTED_TEXT:
+                value, clean["truncated"] = value[:MAX_REPORTED_TEXT], True
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 1 << 63:
+                continue
+            clean[key] = value
+        cluster.audit_soon(item["event"], identity.user, session_id=item["session_id"], resource=session[1],
+                           reported_by="gateway", **clean)
+        recorded += 1
+    if refused:
+        log.info("ssh_reports_refused user=%s count=%d reason=%s", identity.user, refused,
+                 "not a terminated session of this user, or an unknown event")
+    return Response(status=200, body={"recorded": recorded, "refused": refused})

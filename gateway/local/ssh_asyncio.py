@@ -79,6 +79,8 @@ class NodeStream:
     certificate: str
     host: str
     known_hosts: tuple[str, ...]
+    #: The cluster's session id (what the gateway's audit reports name).
+    session_id: str = ""
     #: The trio side's own (the link and its stream).
     handle: Any = None
 
@@ -96,6 +98,10 @@ class Hooks(Protocol):
 
     def ended(self, stream: NodeStream) -> str | None:
         """(either; blocks on nothing) Why the stream ended, if it was cut."""
+
+    def report(self, stream: NodeStream, event: str, fields: dict) -> None:
+        """(either; blocks on nothing) Queue an audit event the gateway saw
+        (a command, a file operation, a forward) for the cluster's log."""
 
 
 def split_user(username: str, default_node: str) -> tuple[str, str]:
@@ -171,6 +177,9 @@ class _Half:
         self.closed = False
         self.early: list[tuple[bytes, Any]] = []
         self.early_eof = False
+        #: Shown every chunk this channel receives, before it is passed on
+        #: (an sftp session's auditor).
+        self.tap: Callable[[bytes], None] | None = None
 
     def pair(self, peer: "_Half") -> None:
         """(asyncio) Join two halves whose channels are open; each reads again."""
@@ -178,7 +187,7 @@ class _Half:
         for half in (self, peer):
             early, half.early = half.early, []
             for data, datatype in early:
-                half.data_received(data, datatype)
+                half.peer.chan.write(data, datatype)
             if half.early_eof:
                 half.eof_received()
         for half in (self, peer):
@@ -189,6 +198,8 @@ class _Half:
         self.chan = chan
 
     def data_received(self, data: bytes, datatype: Any) -> None:
+        if self.tap is not None and datatype is None:
+            self.tap(data)
         if self.peer is None:
             self.early.append((data, datatype))
         elif not self.peer.closed:
@@ -246,6 +257,15 @@ class _LocalSession(_Half, asyncssh.SSHServerSession):
     async def _open_on_node(self) -> None:
         chan = self.chan
         node = _NodeSession(self.server)
+        command, subsystem = chan.get_command(), chan.get_subsystem()
+        if command is not None:
+            self.server.report("ssh.exec", command=command)
+        elif subsystem is not None:
+            self.server.report("ssh.subsystem", name=subsystem)
+            if subsystem == "sftp":
+                _SftpTaps(self.server).attach(self, node)
+        else:
+            self.server.report("ssh.shell", term=chan.get_terminal_type() or "")
         try:
             await self.server.node.create_session(
                 lambda: node, chan.get_command(), subsystem=chan.get_subsystem(), env=chan.get_environment(),
@@ -288,9 +308,11 @@ class _NodeSession(_Half, asyncssh.SSHClientSession):
 
     def exit_status_received(self, status: int) -> None:
         self.exit = ("status", status)
+        self.server.report("ssh.exit", status=status)
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
         self.exit = ("signal", signal, core_dumped, msg, lang)
+        self.server.report("ssh.exit", signal=signal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -305,6 +327,34 @@ class _NodeSession(_Half, asyncssh.SSHClientSession):
             local.chan.exit(self.exit[1])
         else:
             local.chan.exit_with_signal(*self.exit[1:])
+
+
+class _SftpTaps:
+    """An sftp session's file operations, read from both directions
+    (protocols/ssh/sftp.py) and reported as ``ssh.sftp``; input the auditor
+    cannot read stops the auditing, not the session. (asyncio)"""
+
+    def __init__(self, server: "GatewayServer") -> None:
+        from protocols.ssh.sftp import SftpAuditor
+
+        self.server = server
+        self.auditor: Any = SftpAuditor()
+
+    def attach(self, local: _Half, node: _Half) -> None:
+        local.tap = lambda data: self._feed("client_data", data)
+        node.tap = lambda data: self._feed("server_data", data)
+
+    def _feed(self, side: str, data: bytes) -> None:
+        from protocols.errors import RemoteProtocolError
+
+        if self.auditor is None:
+            return
+        try:
+            for event in getattr(self.auditor, side)(data):
+                self.server.report("ssh.sftp", **event.fields())
+        except RemoteProtocolError as exc:
+            self.auditor = None
+            self.server.report("ssh.sftp", op="audit_stopped", error=str(exc)[:200])
 
 
 class _TcpHalf(_Half, asyncssh.SSHTCPSession):
@@ -479,7 +529,10 @@ class GatewayServer(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         # ``ssh -L``: asyncssh opens the direct-tcpip channel on the node's
         # connection and bridges the two.
-        return self.node if self.node is not None else False
+        if self.node is None:
+            return False
+        self.report("ssh.forward", direction="local", host=dest_host, port=dest_port)
+        return self.node
 
     async def server_requested(self, listen_host: str, listen_port: int) -> Any:
         # ``ssh -R``: the node listens; each connection comes back to the client.
@@ -496,7 +549,13 @@ class GatewayServer(asyncssh.SSHServer):
             log.info("ssh_forward_refused node=%s listen=%s:%d error=%r", self.target[1], listen_host, listen_port,
                      _reason(exc))
             return False
+        self.report("ssh.forward", direction="remote", host=listen_host, port=listener.get_port())
         return listener
+
+    def report(self, event: str, **fields: Any) -> None:
+        """(asyncio) An audit event for the cluster's log (Hooks.report)."""
+        if self.stream is not None:
+            self.hooks.report(self.stream, event, fields)
 
 
 async def _serve(sock: Any, hooks: Hooks, keys: LocalKeys, host_key: Any, client_addr: str) -> None:

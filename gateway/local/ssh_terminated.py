@@ -50,6 +50,7 @@ class SshTerminated(MuxRoute):
         self.keys = keys
         self.use_agent = use_agent
         self.host_key = ssh_asyncio.load_host_key(host_key_path)
+        self.reports = AuditReports(profile)
 
     async def serve_listeners(self, listeners: list[trio.SocketListener], *,
                               task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -63,6 +64,7 @@ class SshTerminated(MuxRoute):
                             "ssh-agent): pass --authorized-keys FILE, or --allow-no-auth to let any local "
                             "process of yours in without a key")
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.reports.run)
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
                 task_status.started()
 
@@ -129,7 +131,8 @@ class _Client:
         log.info("ssh_session_start node=%s login=%s client=%s session=%s", node, login, client_addr,
                  reply.session_id)
         return ssh_asyncio.NodeStream(sock=theirs, certificate=handoff.certificate, host=handoff.host,
-                                      known_hosts=handoff.known_hosts, handle=(link, stream))
+                                      known_hosts=handoff.known_hosts, session_id=reply.session_id,
+                                      handle=(link, stream))
 
     def watch(self, node_stream: ssh_asyncio.NodeStream, on_cut) -> None:
         """(trio's thread) See ssh_asyncio.Hooks."""
@@ -138,6 +141,10 @@ class _Client:
     def ended(self, node_stream: ssh_asyncio.NodeStream) -> str | None:
         """(either) See ssh_asyncio.Hooks."""
         return node_stream.handle[1].error
+
+    def report(self, node_stream: ssh_asyncio.NodeStream, event: str, fields: dict) -> None:
+        """(either) See ssh_asyncio.Hooks."""
+        self.route.reports.add(node_stream.session_id, event, fields)
 
     async def _watch(self, handle, on_cut) -> None:
         link, stream = handle
@@ -170,6 +177,65 @@ def loopback_pair() -> tuple[socket.socket, socket.socket]:
     for sock in (ours, theirs):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return ours, theirs
+
+
+class AuditReports:
+    """What the gateway saw inside its SSH sessions (commands, sftp file
+    operations, forwards, exit statuses), sent to the cluster's audit log
+    in batches (``POST /v1/ssh/audit``). The cluster records them as
+    reported by the gateway: it cannot see inside SSH itself. Bounded: past
+    :data:`MAX_QUEUED` waiting, the oldest are dropped and counted."""
+
+    MAX_QUEUED = 10_000
+    BATCH = 256
+    #: A batch waits this long for company, so a burst is one request.
+    GATHER = 0.2
+    RETRY = 2.0
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.queue: list[dict] = []
+        self.dropped = 0
+        self._wake = trio.Event()
+
+    def add(self, session_id: str, event: str, fields: dict) -> None:
+        """(trio's thread, blocks on nothing)"""
+        self.queue.append({"session_id": session_id, "event": event, "fields": fields})
+        if len(self.queue) > self.MAX_QUEUED:
+            del self.queue[0]
+            self.dropped += 1
+        self._wake.set()
+
+    async def run(self) -> None:
+        """(trio) Send what is queued until cancelled; then what is left, briefly."""
+        from gateway.local import api
+
+        try:
+            while True:
+                await self._wake.wait()
+                await trio.sleep(self.GATHER)
+                await self.flush(api)
+        finally:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await self.flush(api)
+
+    async def flush(self, api) -> None:
+        """(trio)"""
+        while self.queue:
+            batch = self.queue[:self.BATCH]
+            try:
+                await api.api_call(self.profile, "POST", "/v1/ssh/audit", {"events": batch})
+            except Exception as exc:  # the cluster is away or refuses: keep them, try again later
+                log.warning("ssh_audit_report_failed events=%d error=%r action=%s", len(self.queue),
+                            getattr(exc, "message", None) or str(exc), "they are sent when the cluster answers")
+                await trio.sleep(self.RETRY)
+                return
+            del self.queue[:len(batch)]
+        self._wake = trio.Event()
+        if self.dropped:
+            log.warning("ssh_audit_reports_dropped count=%d", self.dropped)
+            self.dropped = 0
 
 
 async def _read_handoff(sock: trio.socket.SocketType):

@@ -77,6 +77,12 @@ def test_exec_with_exit_codes_stdin_and_stderr(local_ssh, cluster, node):
     certs = cluster.wait_audit(lambda evs: len(evs) >= 3, user=s.gw.user, event="ssh.cert")
     assert all(len(e["principals"]) == 1 for e in certs)  # one login per certificate
     assert f"ID wicket:test:{s.gw.user}:" in node.log()
+    # What the gateway saw inside the sessions, on record as its report.
+    execs = cluster.wait_audit(lambda evs: len(evs) >= 3, user=s.gw.user, event="ssh.exec")
+    assert {e["command"] for e in execs} == {"id -un; echo oops >&2; exit 7", "id -un", "sha256sum"}
+    assert all(e["reported_by"] == "gateway" and e["resource"] == "web-1" for e in execs)
+    exits = cluster.wait_audit(lambda evs: len(evs) >= 3, user=s.gw.user, event="ssh.exit")
+    assert sorted(e["status"] for e in exits) == [0, 0, 7]
 
 
 def test_a_signal_ends_the_remote_command_and_comes_back(local_ssh):
@@ -85,7 +91,7 @@ def test_a_signal_ends_the_remote_command_and_comes_back(local_ssh):
     assert r.returncode == 255 or r.returncode == 128 + 15, (r.returncode, r.stderr)
 
 
-def test_scp_and_sftp_both_ways(local_ssh, tmp_path):
+def test_scp_and_sftp_both_ways(local_ssh, tmp_path, cluster):
     s = local_ssh()
     src = random_file(tmp_path / "up.bin", 24 << 20)
     remote = f"/tmp/wicket-term-{s.gw.user}.bin"
@@ -101,6 +107,17 @@ def test_scp_and_sftp_both_ways(local_ssh, tmp_path):
     r = s.run("sftp", "-q", "-b", str(batch), "root@127.0.0.1")
     assert r.returncode == 0, r.stderr
     assert sha256(sftp_back) == sha256(src)
+    # scp (the SFTP protocol since OpenSSH 9) and sftp file operations, with their bytes.
+    files = cluster.wait_audit(lambda evs: len([e for e in evs if e["op"] == "remove"]) >= 2,
+                               user=s.gw.user, event="ssh.sftp")
+    ops = {(e["op"], e["path"], e.get("mode"), e.get("bytes_written", 0) + e.get("bytes_read", 0)) for e in files}
+    size = src.stat().st_size
+    assert ("file", remote, "write", size) in ops  # scp up
+    assert ("file", remote + ".sftp", "write", size) in ops  # sftp put
+    assert ("file", remote + ".sftp", "read", size) in ops  # sftp get
+    assert ("remove", remote, None, 0) in ops
+    legacy = cluster.wait_audit(user=s.gw.user, event="ssh.exec")
+    assert any(e["command"] == f"scp -f {remote}" for e in legacy)  # scp -O: an exec
 
 
 def test_one_port_reaches_several_nodes(local_ssh, cluster, node):
@@ -153,7 +170,7 @@ def test_a_key_the_user_does_not_trust_gets_no_session(local_ssh, tmp_path):
     assert b"Permission denied (publickey)" in r.stderr
 
 
-def test_local_and_remote_forwarding(local_ssh):
+def test_local_and_remote_forwarding(local_ssh, cluster):
     s = local_ssh()
     # An echo server on the node's side (the same machine): -L reaches it through the node.
     echo = socket.socket()
@@ -234,6 +251,8 @@ def test_local_and_remote_forwarding(local_ssh):
               f"EOF")
     echo2.close()
     assert r.stdout.strip() == b"True", r.stderr
+    forwards = cluster.wait_audit(lambda evs: len(evs) >= 2, user=s.gw.user, event="ssh.forward")
+    assert {(e["direction"], e["port"]) for e in forwards} == {("local", echo_port), ("remote", remote_port)}
 
 
 def test_an_interactive_shell_with_a_pty(local_ssh):
