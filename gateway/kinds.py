@@ -142,6 +142,9 @@ SSH = Kind(
         ProxyOption(name="stdio", is_flag=True,
                     help="Carry one SSH connection on standard input and output, NAME being LOGIN@NODE[:PORT]: "
                          "OpenSSH's ProxyCommand (see `wicket config ssh`)."),
+        ProxyOption(name="fdpass", is_flag=True,
+                    help="With --stdio: hand ssh a socket (ssh_config's ProxyUseFdpass yes) rather than relay "
+                         "standard input and output: faster."),
         ProxyOption(name="authorized_keys", help="The public keys that may log in to the local SSH server "
                     "(default: ~/.ssh/*.pub and the ssh-agent's)."),
         ProxyOption(name="allow_no_auth", is_flag=True, help="Let every process of your own local user log in "

@@ -34,15 +34,17 @@ def refusal_text(error: DialError) -> str:
 
 
 def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, local_users=None, stdio: bool = False,
-              authorized_keys: str | None = None, allow_no_auth: bool = False,
+              fdpass: bool = False, authorized_keys: str | None = None, allow_no_auth: bool = False,
               write_known_hosts: str | None = None):
     """With ``stdio``: one session on stdin/stdout, ``resource`` being
     ``LOGIN@NODE[:PORT]`` (it has a ``run``, not a listener). Else the SSH
     server on a local port, ``resource`` the node a plain login reaches."""
     import click
 
+    if fdpass and not stdio:
+        raise click.UsageError("--fdpass goes with --stdio (ssh's ProxyCommand with ProxyUseFdpass yes)")
     if stdio:
-        from gateway.local.ssh_stdio import SshStdio, TargetError, parse_target
+        from gateway.local.ssh_stdio import SshStdio, TargetError, hand_over, parse_target
 
         if authorized_keys or allow_no_auth or write_known_hosts:
             raise click.UsageError("--authorized-keys, --allow-no-auth and --write-known-hosts are for the local "
@@ -51,7 +53,7 @@ def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, loca
             login, node = parse_target(resource, profile.cluster_name)
         except TargetError as exc:
             raise click.UsageError(str(exc)) from None
-        return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster)
+        return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster, sock=hand_over() if fdpass else None)
 
     from gateway.local import ssh_asyncio
     from gateway.local.ssh_terminated import SshTerminated

@@ -71,9 +71,13 @@ def parse_target(target: str, cluster_name: str) -> tuple[str, str]:
 class SshStdio(MuxRoute):
     """One session on stdin/stdout (see the module docstring)."""
 
-    def __init__(self, profile: Profile, resource: str, login: str, *, wait_for_cluster: float = RIDE_OUT) -> None:
+    def __init__(self, profile: Profile, resource: str, login: str, *, wait_for_cluster: float = RIDE_OUT,
+                 sock: socket.socket | None = None) -> None:
+        """``sock``: the socket ssh holds the other end of (:func:`hand_over`);
+        None: stdin and stdout."""
         super().__init__(profile, resource, wait_for_cluster=wait_for_cluster)
         self.login = login
+        self.sock = sock
 
     def fail(self, message: str) -> int:
         print(f"wicket: {message}", file=sys.stderr, flush=True)
@@ -100,7 +104,19 @@ class SshStdio(MuxRoute):
                              f"({stream.error}); try again")
         if isinstance(reply, DialError):
             return self.fail(refusal_text(reply))
+        if self.sock is not None:
+            return await self._carry(link, stream)
         return await self._relay(link, stream)
+
+    async def _carry(self, link: MuxLink, stream: Stream) -> int:
+        """ssh's socket itself is the stream's end: the relay engine moves
+        every byte, nothing here does."""
+        if not link.bind(stream, trio.SocketStream(trio.socket.from_stdlib_socket(self.sock)), RelayCounters()):
+            return self.fail(f"the session to {self.resource} ended before it began ({stream.error})")
+        error = await link.wait(stream)
+        if error is not None:
+            return self.fail(f"the session to {self.resource} was cut: {error}")
+        return 0
 
     async def _relay(self, link: MuxLink, stream: Stream) -> int:
         ours, theirs = socket.socketpair()
@@ -126,3 +142,36 @@ class SshStdio(MuxRoute):
         if error is not None:
             return self.fail(f"the session to {self.resource} was cut: {error}")
         return 0
+
+
+def hand_over() -> socket.socket:
+    """(before trio, before any thread but the log writer) OpenSSH's
+    ``ProxyUseFdpass``: make a socket pair, pass one end to ssh on stdout
+    (SCM_RIGHTS) and keep the other in a child process of our own, which
+    carries the session while this process exits (ssh waits for its proxy
+    command to exit before it uses the socket). ssh then reads and writes
+    that socket itself: no byte goes through stdin, stdout or a task of
+    ours. Returns our end, in the child; the child's stdin and stdout are
+    /dev/null, its stderr is still ssh's (the terminal), where refusals are
+    printed."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid:  # the parent: hand ssh its end, and go
+        try:
+            with socket.fromfd(1, socket.AF_UNIX, socket.SOCK_STREAM) as out:
+                socket.send_fds(out, [b"\0"], [theirs.fileno()])
+        except OSError as exc:
+            print(f"wicket: cannot pass the connection to ssh ({exc.strerror}): --fdpass needs "
+                  f"`ProxyUseFdpass yes` in ssh_config", file=sys.stderr, flush=True)
+            os._exit(EXIT_FAILED)
+        os._exit(0)
+    theirs.close()
+    os.setsid()  # not in ssh's process group: ssh's Ctrl-C is for ssh
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    from gateway import logs
+
+    logs.setup()  # the writer thread did not survive the fork
+    return ours

@@ -57,7 +57,8 @@ def test_config_ssh_writes_a_key_a_certificate_and_known_hosts(ssh_client, node,
     assert stat.S_IMODE((home / "id_ed25519").stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
     block = client.config.read_text()
-    assert "Host *.test" in block and "proxy ssh --stdio %r@%h:%p" in block
+    assert "Host *.test" in block and "proxy ssh --stdio --fdpass %r@%h:%p" in block
+    assert "ProxyUseFdpass yes" in block
     assert f"CertificateFile {home / 'id_ed25519-cert.pub'}" in block
     assert f"web-1.test {' '.join(node.host_key.split()[:2])}" in (home / "known_hosts").read_text()
     shown = subprocess.run(["ssh-keygen", "-L", "-f", str(home / "id_ed25519-cert.pub")], capture_output=True,
@@ -94,6 +95,20 @@ def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
     assert all(e["kind"] == "ssh" and e["resource"] == "web-1" for e in starts)
     ends = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.end")
     assert max(e["bytes_from_client"] for e in ends) > len(payload)
+
+
+def test_stdin_and_stdout_relayed_without_fdpass(ssh_client):
+    # The ProxyCommand relaying stdin and stdout itself (an ssh_config
+    # written by hand, or an ssh without ProxyUseFdpass).
+    client = ssh_client()
+    text = client.config.read_text().replace(" --fdpass", "").replace("    ProxyUseFdpass yes\n", "")
+    client.config.write_text(text)
+    payload = os.urandom(3 << 20)
+    r = client.ssh("root@web-1.test", "sha256sum; exit 4", input=payload)
+    assert r.returncode == 4, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    r = client.ssh("root@nope.test", "true")
+    assert r.returncode == 255 and b"access to 'nope' denied" in r.stderr
 
 
 def test_scp_and_sftp_both_ways_checked_by_sha256(ssh_client, tmp_path):

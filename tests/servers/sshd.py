@@ -64,10 +64,38 @@ def ensure_test_user() -> None:
     subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def prepare(directory: Path, user_ca: Path, port: int, *, host_cert: Callable[[Path], str] | None = None
+            ) -> tuple[Path, str]:
+    """An sshd's files in ``directory`` (its host key once, its config for
+    ``port``; /run/sshd, the test user): the config's path and the host
+    public key line. Run ``sshd -D -e -f CONFIG``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    ensure_test_user()
+    key = directory / "ssh_host_ed25519_key"
+    if not key.exists():
+        subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "wicket-test-node", "-f", str(key)],
+                       check=True)
+    host_key = (directory / "ssh_host_ed25519_key.pub").read_text().strip()
+    shutil.copy(user_ca, directory / "user_ca.pub")
+    extra = ""
+    if host_cert is not None:
+        cert = directory / "ssh_host_ed25519_key-cert.pub"
+        if not cert.exists():
+            cert.write_text(host_cert(directory / "ssh_host_ed25519_key.pub").strip() + "\n")
+        extra = f"HostCertificate {cert}\n"
+    config = directory / "sshd_config"
+    config.write_text(CONFIG.format(port=port, dir=directory, ca=directory / "user_ca.pub") + extra)
+    check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
+    if check.returncode:
+        raise RuntimeError(f"sshd refused its config:\n{check.stderr}")
+    return config, host_key
 
 
 class Sshd:
@@ -75,33 +103,16 @@ class Sshd:
     certificate line to present (HostCertificate)."""
 
     def __init__(self, tmp: Path, user_ca: Path, host_cert: Callable[[Path], str] | None = None) -> None:
-        self.dir = tmp
-        tmp.mkdir(parents=True, exist_ok=True)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-        ensure_test_user()
-        key = tmp / "ssh_host_ed25519_key"
-        if not key.exists():
-            subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "wicket-test-node", "-f", str(key)],
-                           check=True)
-        self.host_key = (tmp / "ssh_host_ed25519_key.pub").read_text().strip()
-        self.extra = ""
-        if host_cert is not None:
-            cert = tmp / "ssh_host_ed25519_key-cert.pub"
-            cert.write_text(host_cert(tmp / "ssh_host_ed25519_key.pub").strip() + "\n")
-            self.extra = f"HostCertificate {cert}\n"
-        shutil.copy(user_ca, tmp / "user_ca.pub")
+        self.dir, self.user_ca, self.host_cert = tmp, user_ca, host_cert
         self.proc: Proc | None = None
         self.port = 0
+        self.host_key = ""
         self.start()
 
     def start(self) -> None:
         for _attempt in range(5):
-            self.port = _free_port()
-            config = self.dir / "sshd_config"
-            config.write_text(CONFIG.format(port=self.port, dir=self.dir, ca=self.dir / "user_ca.pub") + self.extra)
-            check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
-            if check.returncode:
-                raise RuntimeError(f"sshd refused its config:\n{check.stderr}")
+            self.port = free_port()
+            config, self.host_key = prepare(self.dir, self.user_ca, self.port, host_cert=self.host_cert)
             self.proc = Proc([SSHD, "-D", "-e", "-f", str(config)], self.dir / "sshd.log", _env())
 
             def listening():
