@@ -161,6 +161,7 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
         home, cluster_addr=address, cluster_name=answer["cluster"], user=answer["user"], ca_pin=ca.pin,
         key_pem=pki.key_to_pem(key), cert_pem=answer["certificate"].encode("ascii"), ca_pem=ca.pem,
     )
+    _refresh_ssh(profile)
     identity = profile.identity()
     left = identity.remaining(utcnow()).total_seconds()
     if fmt == "json":
@@ -169,6 +170,20 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
         click.echo(f"Logged in to {answer['cluster']} ({address}) as {identity.user}; roles: "
                    f"{', '.join(identity.roles) or '(none)'}; valid for {format_duration(left)}. "
                    f"Profile: {home}")
+
+
+def _refresh_ssh(profile: Profile) -> None:
+    """After a login or renewal: a new SSH certificate for a profile that
+    has one (`wicket config ssh`), so ssh keeps working with the session."""
+    from gateway.local import ssh_config
+
+    if not ssh_config.SshFiles.of(profile).cert.exists():
+        return
+    try:
+        _run(ssh_config.refresh, profile)
+    except WicketError as exc:
+        click.echo(f"WARNING: the SSH certificate was not renewed ({exc.message}); run `wicket config ssh`",
+                   err=True)
 
 
 def _status_doc(profile: Profile, identity: pki.Identity) -> dict[str, Any]:
@@ -264,6 +279,7 @@ def renew(ttl: str | None, fmt: str) -> None:
         user=profile.user, ca_pin=profile.ca_pin, key_pem=pki.key_to_pem(key),
         cert_pem=answer["certificate"].encode("ascii"), ca_pem=profile.ca_path.read_bytes(),
     )
+    _refresh_ssh(profile)
     identity = profile.identity()
     if fmt == "json":
         click.echo(json.dumps(_status_doc(profile, identity)))

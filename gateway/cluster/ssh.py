@@ -171,12 +171,24 @@ class HostKeyCheck:
             raise
         if seen is None:
             return
+        self._let_go()
         problem = host_key_problem(self.spec, seen.blob, node_name(self.resource.name, self.cluster.config.name),
                                    self.cluster)
         if problem is not None:
             self._mismatch(problem, seen.blob)
             raise RemoteProtocolError(f"the host key of {self.resource.name} is not the registered one ({problem}); "
                                       f"the session was cut", code=ErrorCode.UPSTREAM_UNREACHABLE)
+
+    def _let_go(self) -> None:
+        """The key is seen: the rest of the stream (encrypted) is not
+        looked at, and on the multiplexed connection not even shown to
+        these taps (a copy per chunk saved)."""
+        on = self.session.extra.get("stream")
+        if on is not None:
+            stream = on[1]
+            stream.tap_in = None
+            if stream.end is not None:
+                stream.end.tap = None
 
     def _mismatch(self, problem: str, blob: bytes | None) -> None:
         log.warning("ssh_hostkey_mismatch resource=%s address=%s problem=%r action=%s", self.resource.name,

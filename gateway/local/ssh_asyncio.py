@@ -62,6 +62,13 @@ logging.getLogger("asyncssh").setLevel(logging.WARNING)
 NODE_SEPARATOR = "%"
 LOGIN_TIMEOUT = 120.0
 KEEPALIVE = 30.0
+#: The ciphers the local server offers: AES-GCM only, which asyncssh does in
+#: one call into OpenSSL per packet (measured: scp ~1.5x faster than with
+#: chacha20-poly1305, which OpenSSH's client would pick first if offered: the
+#: client's order decides). Every OpenSSH since 6.2 has it.
+LOCAL_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+#: To the node, the same first, then what a node may insist on.
+NODE_CIPHERS = (*LOCAL_CIPHERS, "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
 
 
 class NodeRefused(Exception):
@@ -476,6 +483,7 @@ class GatewayServer(asyncssh.SSHServer):
                 stream.sock, config=None, client_factory=lambda: _NodeClient(self), username=login, client_keys=[(key, cert)], agent_path=None,
                 known_hosts=asyncssh.import_known_hosts("".join(line + "\n" for line in stream.known_hosts)),
                 host_key_alias=stream.host, preferred_auth="publickey", keepalive_interval=KEEPALIVE,
+                encryption_algs=NODE_CIPHERS,
                 encoding=None, connect_timeout=LOGIN_TIMEOUT)
         except asyncssh.PermissionDenied as exc:
             stream.sock.close()
@@ -566,7 +574,8 @@ async def _serve(sock: Any, hooks: Hooks, keys: LocalKeys, host_key: Any, client
             sock, server_factory=lambda: server, server_host_keys=[host_key], config=None,
             agent_forwarding=False, x11_forwarding=False, allow_pty=True, line_editor=False, encoding=None,
             login_timeout=LOGIN_TIMEOUT, keepalive_interval=KEEPALIVE,
-            public_key_auth=True, password_auth=False, kbdint_auth=False)
+            public_key_auth=True, password_auth=False, kbdint_auth=False,
+            encryption_algs=LOCAL_CIPHERS)
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
         log.info("ssh_client_failed client=%s error=%r", client_addr, _reason(exc))
         return

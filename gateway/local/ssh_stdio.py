@@ -86,6 +86,9 @@ class SshStdio(MuxRoute):
     async def run(self) -> int:
         """(trio) The session, start to end: the exit status."""
         request = DialRequest(resource=self.resource, params={"login": self.login}, client_addr="stdio")
+        stale = self._stale_certificate()
+        if stale is not None:
+            return self.fail(stale)
         try:
             self.dialer.check_fresh()
             link, stream = await self.on_link(
@@ -107,6 +110,21 @@ class SshStdio(MuxRoute):
         if self.sock is not None:
             return await self._carry(link, stream)
         return await self._relay(link, stream)
+
+    def _stale_certificate(self) -> str | None:
+        """Why the profile's SSH certificate, which ssh is about to show the
+        node, will be refused (None: it will do)."""
+        from gateway.identity.pki import utcnow
+        from gateway.local.ssh_config import SshFiles
+
+        files = SshFiles.of(self.profile)
+        ends = files.cert_expiry()
+        if ends is None and files.cert.exists():
+            return f"{files.cert} is unreadable; run `wicket config ssh`"
+        if ends is not None and ends <= utcnow():
+            return (f"your SSH certificate ({files.cert}) expired at {ends:%Y-%m-%d %H:%M:%SZ}; run `wicket login` "
+                    f"(it renews it) or `wicket config ssh`")
+        return None
 
     async def _carry(self, link: MuxLink, stream: Stream) -> int:
         """ssh's socket itself is the stream's end: the relay engine moves

@@ -4,12 +4,16 @@ file helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
+from tests.integration.harness import wait_for
 from tests.servers.sshd import TEST_USER, Sshd
 
 
@@ -45,3 +49,25 @@ def random_file(path: Path, size: int) -> Path:
             f.write(os.urandom(n))
             left -= n
     return path
+
+
+@contextlib.contextmanager
+def long_session(ssh: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """``ssh`` (a command line up to the destination) running a command that
+    lasts, once it has started; killed on the way out if still running."""
+    proc = subprocess.Popen([*ssh, "echo started; exec sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    try:
+        assert proc.stdout.readline() == b"started\n", proc.stderr.read()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def ended(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    """What ssh printed on stderr, once it ended (with 255: a failed connection)."""
+    wait_for(lambda: proc.poll() is not None, timeout=timeout, what=what)
+    assert proc.returncode == 255
+    return proc.stderr.read().decode()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import PY, wait_for
+from tests.integration.harness import PY
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
-from tests.integration.ssh_fixtures import random_file, sha256
+from tests.integration.ssh_fixtures import ended, long_session, random_file, sha256
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
 
@@ -73,6 +73,12 @@ def test_config_ssh_writes_a_key_a_certificate_and_known_hosts(ssh_client, node,
         (cluster.state / "ssh_user_ca.pub").read_text().split()[:2]
     events = cluster.wait_audit(user=client.gw.user, event="ssh.cert")
     assert sorted(events[-1]["principals"]) == sorted(["root", TEST_USER])
+    # A renewal (and a login) renews the SSH certificate with the session.
+    before = (home / "id_ed25519-cert.pub").read_text()
+    r = client.gw.run("renew")
+    assert r.returncode == 0, r.stderr
+    assert (home / "id_ed25519-cert.pub").read_text() != before
+    assert client.ssh("root@web-1.test", "true").returncode == 0
 
 
 def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
@@ -196,37 +202,18 @@ def test_a_node_whose_host_key_is_not_the_registered_one_is_cut_by_the_cluster(s
 
 def test_a_lock_cuts_a_live_ssh_session(ssh_client, cluster):
     client = ssh_client()
-    proc = subprocess.Popen(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test",
-                             "echo started; exec sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=client.gw.env())
-    try:
-        assert proc.stdout.readline() == b"started\n"
+    ssh = ["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test"]
+    with long_session(ssh, client.gw.env()) as proc:
         cluster.admin("users", "lock", client.gw.user, "--reason", "test")
-        wait_for(lambda: proc.poll() is not None, timeout=10, what="ssh to end after the lock")
-        assert proc.returncode == 255
-        assert b"was cut" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        assert "was cut" in ended(proc, 10, "ssh to end after the lock")
 
 
 def test_the_certificates_end_ends_a_live_ssh_stream(make_gateway, tmp_path, node):
     gw = make_gateway("ssh-all", login=False)
     assert gw.login("--ttl", "6s").returncode == 0
     client = SshClient(gw, tmp_path)
-    proc = subprocess.Popen(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test",
-                             "echo started; exec sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=gw.env())
-    try:
-        assert proc.stdout.readline() == b"started\n"
-        wait_for(lambda: proc.poll() is not None, timeout=20, what="ssh to end with the certificate")
-        assert proc.returncode == 255
-        assert b"was cut" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    with long_session(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test"], gw.env()) as proc:
+        assert "was cut" in ended(proc, 20, "ssh to end with the certificate")
     r = client.ssh("root@web-1.test", "true")
     assert r.returncode == 255 and b"expired" in r.stderr and b"wicket login" in r.stderr, r.stderr
 

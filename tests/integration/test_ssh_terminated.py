@@ -4,17 +4,19 @@ the cluster's SSH user CA, and the cluster between them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.integration.harness import wait_for
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
-from tests.integration.ssh_fixtures import random_file, sha256
+from tests.integration.ssh_fixtures import ended, long_session, random_file, sha256
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
 
@@ -170,18 +172,17 @@ def test_a_key_the_user_does_not_trust_gets_no_session(local_ssh, tmp_path):
     assert b"Permission denied (publickey)" in r.stderr
 
 
-def test_local_and_remote_forwarding(local_ssh, cluster):
-    s = local_ssh()
-    # An echo server on the node's side (the same machine): -L reaches it through the node.
-    echo = socket.socket()
-    echo.bind(("127.0.0.1", 0))
-    echo.listen()
-    echo_port = echo.getsockname()[1]
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A TCP echo server on 127.0.0.1 (its port), for forwarded connections."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
 
     def serve():
         while True:
             try:
-                conn, _ = echo.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
             with conn:
@@ -189,67 +190,63 @@ def test_local_and_remote_forwarding(local_ssh, cluster):
                     conn.sendall(data)
 
     threading.Thread(target=serve, daemon=True).start()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        local_port = probe.getsockname()[1]
-    fwd = subprocess.Popen(["ssh", *s.options(), "-N", "-o", "ExitOnForwardFailure=yes",
-                            "-L", f"127.0.0.1:{local_port}:127.0.0.1:{echo_port}", "root@127.0.0.1"],
-                           env=s.gw.env(), stderr=subprocess.PIPE)
     try:
-        def connected():
-            try:
-                return socket.create_connection(("127.0.0.1", local_port), timeout=5)
-            except OSError:
-                return None
-
-        conn = wait_for(connected, what="the -L port")
-        payload = os.urandom(8 << 20)
-        got = bytearray()
-
-        def read():
-            while len(got) < len(payload) and (data := conn.recv(1 << 16)):
-                got.extend(data)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        conn.sendall(payload)
-        reader.join(60)
-        conn.close()
-        assert bytes(got) == payload
+        yield listener.getsockname()[1]
     finally:
-        fwd.terminate()
-        fwd.wait()
-        echo.close()
-    # -R: the node listens, and its connections come back to our echo server.
-    echo2 = socket.socket()
-    echo2.bind(("127.0.0.1", 0))
-    echo2.listen()
-    back_port = echo2.getsockname()[1]
+        listener.close()
+
+
+def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        remote_port = probe.getsockname()[1]
+        return probe.getsockname()[1]
 
-    def serve2():
+
+def test_local_and_remote_forwarding(local_ssh, cluster):
+    s = local_ssh()
+    # -L: through the node (the same machine) to an echo server there.
+    local_port = unused_port()
+    with echo_server() as echo_port:
+        fwd = subprocess.Popen(["ssh", *s.options(), "-N", "-o", "ExitOnForwardFailure=yes",
+                                "-L", f"127.0.0.1:{local_port}:127.0.0.1:{echo_port}", "root@127.0.0.1"],
+                               env=s.gw.env(), stderr=subprocess.PIPE)
         try:
-            conn, _ = echo2.accept()
-        except OSError:
-            return
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
+            def connected():
+                try:
+                    return socket.create_connection(("127.0.0.1", local_port), timeout=5)
+                except OSError:
+                    return None
 
-    threading.Thread(target=serve2, daemon=True).start()
-    r = s.run("ssh", "-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{remote_port}:127.0.0.1:{back_port}",
-              "root@127.0.0.1", f"head -c 3000000 /dev/urandom > /tmp/r.bin; python3 - <<'EOF'\n"
-              f"import socket, hashlib\n"
-              f"data = open('/tmp/r.bin', 'rb').read()\n"
-              f"s = socket.create_connection(('127.0.0.1', {remote_port}))\n"
-              f"s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
-              f"got = b''\n"
-              f"while chunk := s.recv(65536): got += chunk\n"
-              f"print(got == data)\n"
-              f"EOF")
-    echo2.close()
+            conn = wait_for(connected, what="the -L port")
+            payload = os.urandom(8 << 20)
+            got = bytearray()
+
+            def read():
+                while len(got) < len(payload) and (data := conn.recv(1 << 16)):
+                    got.extend(data)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            conn.sendall(payload)
+            reader.join(60)
+            conn.close()
+            assert bytes(got) == payload
+        finally:
+            fwd.terminate()
+            fwd.wait()
+    # -R: the node listens, and its connections come back to our echo server.
+    remote_port = unused_port()
+    with echo_server() as back_port:
+        r = s.run("ssh", "-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{remote_port}:127.0.0.1:{back_port}",
+                  "root@127.0.0.1", f"head -c 3000000 /dev/urandom > /tmp/r.bin; python3 - <<'EOF'\n"
+                  f"import socket, hashlib\n"
+                  f"data = open('/tmp/r.bin', 'rb').read()\n"
+                  f"s = socket.create_connection(('127.0.0.1', {remote_port}))\n"
+                  f"s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
+                  f"got = b''\n"
+                  f"while chunk := s.recv(65536): got += chunk\n"
+                  f"print(got == data)\n"
+                  f"EOF")
     assert r.stdout.strip() == b"True", r.stderr
     forwards = cluster.wait_audit(lambda evs: len(evs) >= 2, user=s.gw.user, event="ssh.forward")
     assert {(e["direction"], e["port"]) for e in forwards} == {("local", echo_port), ("remote", remote_port)}
@@ -304,40 +301,19 @@ def test_asyncssh_as_a_client_sees_exit_signals_and_environment(local_ssh):
     assert plain.stdout == "C.UTF-8\n"  # environment the node accepts (AcceptEnv LANG)
 
 
-def _long_session(s: LocalSsh) -> subprocess.Popen:
-    proc = subprocess.Popen(["ssh", *s.options(), "root@127.0.0.1", "echo started; exec sleep 600"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=s.gw.env())
-    assert proc.stdout.readline() == b"started\n", proc.stderr.read()
-    return proc
-
-
 def test_a_lock_ends_a_live_session_with_the_reason(local_ssh, cluster):
     s = local_ssh()
-    proc = _long_session(s)
-    try:
+    with long_session(["ssh", *s.options(), "root@127.0.0.1"], s.gw.env()) as proc:
         cluster.admin("users", "lock", s.gw.user, "--reason", "incident 42")
-        wait_for(lambda: proc.poll() is not None, timeout=10, what="ssh to end after the lock")
-        err = proc.stderr.read().decode()
-        assert proc.returncode == 255
-        assert "wicket: the session was cut" in err, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        assert "wicket: the session was cut" in ended(proc, 10, "ssh to end after the lock")
 
 
 def test_the_certificates_end_ends_a_live_session_and_later_logins_are_told(make_gateway, tmp_path, node):
     gw = make_gateway("ssh-all", login=False)
     assert gw.login("--ttl", "6s").returncode == 0
     s = LocalSsh(gw, tmp_path)
-    proc = _long_session(s)
-    try:
-        wait_for(lambda: proc.poll() is not None, timeout=20, what="ssh to end with the certificate")
-        assert b"wicket: the session was cut" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    with long_session(["ssh", *s.options(), "root@127.0.0.1"], gw.env()) as proc:
+        assert "wicket: the session was cut" in ended(proc, 20, "ssh to end with the certificate")
     r = s.ssh("root", "true")
     assert r.returncode == 255
     assert b"expired" in r.stderr and b"wicket login" in r.stderr, r.stderr
