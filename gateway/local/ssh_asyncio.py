@@ -495,7 +495,8 @@ class GatewayServer(asyncssh.SSHServer):
                     f"ask a cluster administrator to check the node")
         except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
             stream.sock.close()
-            return f"wicket: the SSH connection to {node} failed: {_reason(exc)}; try again"
+            cut = self.hooks.ended(stream)  # the cluster's reason, if it cut the stream (a host key mismatch)
+            return f"wicket: the SSH connection to {node} failed: {cut or _reason(exc)}"
         self.stream = stream
         self.hooks.watch(stream, self._cut)
         return None

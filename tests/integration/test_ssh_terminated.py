@@ -347,3 +347,18 @@ def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(local_ssh, clust
     finally:
         cluster.admin("resources", "rm", "cert-9", check=False)
         server.stop()
+
+
+def test_a_node_whose_host_key_is_not_the_registered_one(local_ssh, cluster, node, tmp_path):
+    impostor = tmp_path / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    cluster.admin("resources", "add", "web-6", "--kind", "ssh", "--address", node.address,
+                  "--host-key", (tmp_path / "impostor.pub").read_text().strip(), "--label", "env=ssh")
+    try:
+        s = local_ssh()
+        r = s.ssh("root%web-6", "true")
+        assert r.returncode == 255
+        assert "the host key of web-6 is not the registered one" in r.stderr.decode(), r.stderr
+        cluster.wait_audit(user=s.gw.user, event="ssh.hostkey_mismatch")
+    finally:
+        cluster.admin("resources", "rm", "web-6", check=False)
