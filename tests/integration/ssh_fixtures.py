@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -71,3 +73,87 @@ def ended(proc: subprocess.Popen, timeout: float, what: str) -> str:
     wait_for(lambda: proc.poll() is not None, timeout=timeout, what=what)
     assert proc.returncode == 255
     return proc.stderr.read().decode()
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A TCP echo server on 127.0.0.1 (its port), for forwarded connections."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def check_forwarding(ssh: list[str], target: str, env: dict[str, str], mib: int) -> tuple[int, int]:
+    """``ssh -L`` and ``ssh -R`` through ``ssh`` (a command line up to the
+    destination) to ``target``, each carrying ``mib`` MiB to an echo server
+    and back, checked. Returns (the -L destination port, the -R port)."""
+    # -L: through the node (the same machine) to an echo server there.
+    local_port = unused_port()
+    with echo_server() as echo_port:
+        fwd = subprocess.Popen([*ssh, "-N", "-o", "ExitOnForwardFailure=yes",
+                                "-L", f"127.0.0.1:{local_port}:127.0.0.1:{echo_port}", target],
+                               env=env, stderr=subprocess.PIPE)
+        try:
+            def connected():
+                try:
+                    return socket.create_connection(("127.0.0.1", local_port), timeout=5)
+                except OSError:
+                    return None
+
+            conn = wait_for(connected, what="the -L port")
+            payload = os.urandom(mib << 20)
+            got = bytearray()
+
+            def read():
+                while len(got) < len(payload) and (data := conn.recv(1 << 16)):
+                    got.extend(data)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            conn.sendall(payload)
+            reader.join(60)
+            conn.close()
+            assert bytes(got) == payload
+        finally:
+            fwd.terminate()
+            fwd.wait()
+    # -R: the node listens, and its connections come back to our echo server.
+    remote_port = unused_port()
+    with echo_server() as back_port:
+        # Reading while it sends: an echo that cannot write back stops reading.
+        script = (f"import socket, threading\n"
+                  f"data = open('/dev/urandom', 'rb').read({mib << 20})\n"
+                  f"s = socket.create_connection(('127.0.0.1', {remote_port}))\n"
+                  f"def send():\n"
+                  f"    s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
+                  f"threading.Thread(target=send).start()\n"
+                  f"got = bytearray()\n"
+                  f"while chunk := s.recv(65536): got += chunk\n"
+                  f"print(got == data)\n")
+        r = subprocess.run([*ssh, "-o", "ExitOnForwardFailure=yes", "-R",
+                            f"127.0.0.1:{remote_port}:127.0.0.1:{back_port}", target, "python3", "-"],
+                           input=script.encode(), capture_output=True, env=env, timeout=300)
+    assert r.stdout.strip() == b"True", r.stderr
+    return echo_port, remote_port

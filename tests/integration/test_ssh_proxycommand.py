@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.harness import PY
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
-from tests.integration.ssh_fixtures import ended, long_session, random_file, sha256
+from tests.integration.ssh_fixtures import check_forwarding, ended, long_session, random_file, sha256
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
 
@@ -117,9 +117,10 @@ def test_stdin_and_stdout_relayed_without_fdpass(ssh_client):
     assert r.returncode == 255 and b"access to 'nope' denied" in r.stderr
 
 
-def test_scp_and_sftp_both_ways_checked_by_sha256(ssh_client, tmp_path):
+@pytest.mark.parametrize("mib", [24, pytest.param(200, marks=pytest.mark.heavy)])
+def test_scp_and_sftp_both_ways_checked_by_sha256(ssh_client, tmp_path, mib):
     client = ssh_client()
-    src = random_file(tmp_path / "up.bin", 24 << 20)
+    src = random_file(tmp_path / "up.bin", mib << 20)
     remote = f"/tmp/wicket-scp-{client.gw.user}.bin"
     r = client.run("scp", "-q", str(src), f"root@web-1.test:{remote}")
     assert r.returncode == 0, r.stderr
@@ -242,3 +243,10 @@ def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(ssh_client, clus
         cluster.admin("resources", "rm", "cert-1", check=False)
         cluster.admin("resources", "rm", "cert-2", check=False)
         server.stop()
+
+
+@pytest.mark.parametrize("mib", [8, pytest.param(50, marks=pytest.mark.heavy)])
+def test_local_and_remote_forwarding(ssh_client, mib):
+    client = ssh_client()
+    check_forwarding(["ssh", "-F", str(client.config), "-o", "BatchMode=yes"], "root@web-1.test", client.gw.env(),
+                     mib)

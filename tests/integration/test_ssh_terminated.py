@@ -4,19 +4,14 @@ the cluster's SSH user CA, and the cluster between them."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
-import threading
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.integration.harness import wait_for
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
-from tests.integration.ssh_fixtures import ended, long_session, random_file, sha256
+from tests.integration.ssh_fixtures import check_forwarding, ended, long_session, random_file, sha256
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
 
@@ -93,9 +88,10 @@ def test_a_signal_ends_the_remote_command_and_comes_back(local_ssh):
     assert r.returncode == 255 or r.returncode == 128 + 15, (r.returncode, r.stderr)
 
 
-def test_scp_and_sftp_both_ways(local_ssh, tmp_path, cluster):
+@pytest.mark.parametrize("mib", [24, pytest.param(200, marks=pytest.mark.heavy)])
+def test_scp_and_sftp_both_ways(local_ssh, tmp_path, cluster, mib):
     s = local_ssh()
-    src = random_file(tmp_path / "up.bin", 24 << 20)
+    src = random_file(tmp_path / "up.bin", mib << 20)
     remote = f"/tmp/wicket-term-{s.gw.user}.bin"
     r = s.run("scp", "-q", str(src), f"root@127.0.0.1:{remote}")
     assert r.returncode == 0, r.stderr
@@ -172,82 +168,10 @@ def test_a_key_the_user_does_not_trust_gets_no_session(local_ssh, tmp_path):
     assert b"Permission denied (publickey)" in r.stderr
 
 
-@contextlib.contextmanager
-def echo_server() -> Iterator[int]:
-    """A TCP echo server on 127.0.0.1 (its port), for forwarded connections."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_local_and_remote_forwarding(local_ssh, cluster):
+@pytest.mark.parametrize("mib", [8, pytest.param(50, marks=pytest.mark.heavy)])
+def test_local_and_remote_forwarding(local_ssh, cluster, mib):
     s = local_ssh()
-    # -L: through the node (the same machine) to an echo server there.
-    local_port = unused_port()
-    with echo_server() as echo_port:
-        fwd = subprocess.Popen(["ssh", *s.options(), "-N", "-o", "ExitOnForwardFailure=yes",
-                                "-L", f"127.0.0.1:{local_port}:127.0.0.1:{echo_port}", "root@127.0.0.1"],
-                               env=s.gw.env(), stderr=subprocess.PIPE)
-        try:
-            def connected():
-                try:
-                    return socket.create_connection(("127.0.0.1", local_port), timeout=5)
-                except OSError:
-                    return None
-
-            conn = wait_for(connected, what="the -L port")
-            payload = os.urandom(8 << 20)
-            got = bytearray()
-
-            def read():
-                while len(got) < len(payload) and (data := conn.recv(1 << 16)):
-                    got.extend(data)
-
-            reader = threading.Thread(target=read)
-            reader.start()
-            conn.sendall(payload)
-            reader.join(60)
-            conn.close()
-            assert bytes(got) == payload
-        finally:
-            fwd.terminate()
-            fwd.wait()
-    # -R: the node listens, and its connections come back to our echo server.
-    remote_port = unused_port()
-    with echo_server() as back_port:
-        r = s.run("ssh", "-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{remote_port}:127.0.0.1:{back_port}",
-                  "root@127.0.0.1", f"head -c 3000000 /dev/urandom > /tmp/r.bin; python3 - <<'EOF'\n"
-                  f"import socket, hashlib\n"
-                  f"data = open('/tmp/r.bin', 'rb').read()\n"
-                  f"s = socket.create_connection(('127.0.0.1', {remote_port}))\n"
-                  f"s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
-                  f"got = b''\n"
-                  f"while chunk := s.recv(65536): got += chunk\n"
-                  f"print(got == data)\n"
-                  f"EOF")
-    assert r.stdout.strip() == b"True", r.stderr
+    echo_port, remote_port = check_forwarding(["ssh", *s.options()], "root@127.0.0.1", s.gw.env(), mib)
     forwards = cluster.wait_audit(lambda evs: len(evs) >= 2, user=s.gw.user, event="ssh.forward")
     assert {(e["direction"], e["port"]) for e in forwards} == {("local", echo_port), ("remote", remote_port)}
 
