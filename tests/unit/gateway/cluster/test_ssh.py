@@ -63,3 +63,41 @@ def test_node_settings():
 
 def test_node_names_carry_the_cluster():
     assert node_name("web-1", "prod") == "web-1.prod"
+
+
+def test_gateway_reports_are_recorded_only_for_the_users_own_terminated_sessions():
+    import datetime as dt
+
+    from gateway.cluster import ssh
+    from gateway.identity import pki
+    from gateway.net.http import HTTPError
+
+    recorded = []
+
+    class Cluster:
+        def audit_soon(self, event, user, **fields):
+            recorded.append((event, user, fields))
+
+    now = dt.datetime.now(dt.timezone.utc)
+    alice = pki.Identity(user="alice", roles=(), cluster="c", not_before=now, not_after=now)
+    ssh.SSH.terminated["s-alice"] = ("alice", "web-1")
+    ssh.SSH.terminated["s-bob"] = ("bob", "web-1")
+    try:
+        answer = ssh.record_gateway_reports(Cluster(), alice, {"events": [
+            {"session_id": "s-alice", "event": "ssh.exec", "fields": {"command": "ls", "extra": "dropped"}},
+            {"session_id": "s-alice", "event": "ssh.sftp",
+             "fields": {"op": "file", "path": "/x", "bytes_written": 5, "ok": "yes", "bytes_read": True}},
+            {"session_id": "s-alice", "event": "ssh.exec", "fields": {"command": "x" * 20000}},
+            {"session_id": "s-bob", "event": "ssh.exec", "fields": {"command": "not hers"}},
+            {"session_id": "s-alice", "event": "login.ok", "fields": {}},
+            {"session_id": "nope", "event": "ssh.exec", "fields": {"command": "ls"}},
+        ]})
+    finally:
+        del ssh.SSH.terminated["s-alice"], ssh.SSH.terminated["s-bob"]
+    assert answer.body == {"recorded": 3, "refused": 3}
+    assert recorded[0] == ("ssh.exec", "alice", {"session_id": "s-alice", "resource": "web-1",
+                                                 "reported_by": "gateway", "command": "ls"})
+    assert recorded[1][2]["bytes_written"] == 5 and "ok" not in recorded[1][2] and "bytes_read" not in recorded[1][2]
+    assert len(recorded[2][2]["command"]) == ssh.MAX_REPORTED_TEXT and recorded[2][2]["truncated"] is True
+    with pytest.raises(HTTPError):
+        ssh.record_gateway_reports(Cluster(), alice, {"events": [{}] * 300})
