@@ -157,3 +157,34 @@ def check_forwarding(ssh: list[str], target: str, env: dict[str, str], mib: int)
                            input=script.encode(), capture_output=True, env=env, timeout=300)
     assert r.stdout.strip() == b"True", r.stderr
     return echo_port, remote_port
+
+
+@contextlib.contextmanager
+def node_with_host_cert(cluster, directory: Path, name: str) -> Iterator[Sshd]:
+    """A second sshd whose host certificate the cluster's SSH host CA signed
+    for ``name``, registered as ``name`` with ``host_ca = "cluster"``."""
+
+    def sign(pub: Path) -> str:
+        return cluster.admin("ca", "sign-ssh-host", name, "--key", str(pub), "--validity", "1h").stdout
+
+    server = Sshd(directory, cluster.state / "ssh_user_ca.pub", host_cert=sign)
+    cluster.admin("resources", "add", name, "--kind", "ssh", "--address", server.address, "--host-ca", "cluster",
+                  "--label", "env=ssh")
+    try:
+        yield server
+    finally:
+        cluster.admin("resources", "rm", name, check=False)
+        server.stop()
+
+
+@contextlib.contextmanager
+def impostor(cluster, node: Sshd, directory: Path, name: str) -> Iterator[None]:
+    """``name``: the node's address, registered with a host key it does not have."""
+    key = directory / f"impostor-{name}"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    cluster.admin("resources", "add", name, "--kind", "ssh", "--address", node.address,
+                  "--host-key", key.with_name(key.name + ".pub").read_text().strip(), "--label", "env=ssh")
+    try:
+        yield
+    finally:
+        cluster.admin("resources", "rm", name, check=False)

@@ -15,7 +15,9 @@ import pytest
 
 from tests.integration.harness import PY
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
-from tests.integration.ssh_fixtures import check_forwarding, ended, long_session, random_file, sha256
+from tests.integration.ssh_fixtures import (
+    check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
+)
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
 
@@ -183,11 +185,7 @@ def test_an_unknown_node_and_a_node_that_is_down_say_what_to_do(ssh_client):
 
 
 def test_a_node_whose_host_key_is_not_the_registered_one_is_cut_by_the_cluster(ssh_client, cluster, node, tmp_path):
-    impostor = tmp_path / "impostor"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
-    cluster.admin("resources", "add", "web-2", "--kind", "ssh", "--address", node.address,
-                  "--host-key", (tmp_path / "impostor.pub").read_text().strip(), "--label", "env=ssh")
-    try:
+    with impostor(cluster, node, tmp_path, "web-2"):
         client = ssh_client()
         r = client.ssh("root@web-2.test", "true")
         assert r.returncode == 255
@@ -197,8 +195,6 @@ def test_a_node_whose_host_key_is_not_the_registered_one_is_cut_by_the_cluster(s
         assert "the host key of web-2 is not the registered one (presented SHA256:" in err, err
         events = cluster.wait_audit(user=client.gw.user, event="ssh.hostkey_mismatch")
         assert events[-1]["resource"] == "web-2" and events[-1]["presented"].startswith("SHA256:")
-    finally:
-        cluster.admin("resources", "rm", "web-2", check=False)
 
 
 def test_a_lock_cuts_a_live_ssh_session(ssh_client, cluster):
@@ -220,15 +216,7 @@ def test_the_certificates_end_ends_a_live_ssh_stream(make_gateway, tmp_path, nod
 
 
 def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(ssh_client, cluster, tmp_path_factory):
-    from tests.servers.sshd import Sshd
-
-    def sign(pub: Path) -> str:
-        return cluster.admin("ca", "sign-ssh-host", "cert-1", "--key", str(pub), "--validity", "1h").stdout
-
-    server = Sshd(tmp_path_factory.mktemp("sshd-cert"), cluster.state / "ssh_user_ca.pub", host_cert=sign)
-    cluster.admin("resources", "add", "cert-1", "--kind", "ssh", "--address", server.address, "--host-ca", "cluster",
-                  "--label", "env=ssh")
-    try:
+    with node_with_host_cert(cluster, tmp_path_factory.mktemp("sshd-cert"), "cert-1") as server:
         client = ssh_client()
         known = (client.gw.home / "ssh" / "known_hosts").read_text()
         assert "@cert-authority cert-1.test ssh-ed25519 " in known
@@ -237,12 +225,11 @@ def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(ssh_client, clus
         # A node whose certificate is not for its name is cut by the cluster.
         cluster.admin("resources", "add", "cert-2", "--kind", "ssh", "--address", server.address, "--host-ca",
                       "cluster", "--label", "env=ssh")
-        r = client.ssh("root@cert-2.test", "true")
-        assert r.returncode == 255 and b"the host certificate is not for cert-2.test" in r.stderr, r.stderr
-    finally:
-        cluster.admin("resources", "rm", "cert-1", check=False)
-        cluster.admin("resources", "rm", "cert-2", check=False)
-        server.stop()
+        try:
+            r = client.ssh("root@cert-2.test", "true")
+            assert r.returncode == 255 and b"the host certificate is not for cert-2.test" in r.stderr, r.stderr
+        finally:
+            cluster.admin("resources", "rm", "cert-2", check=False)
 
 
 @pytest.mark.parametrize("mib", [8, pytest.param(50, marks=pytest.mark.heavy)])

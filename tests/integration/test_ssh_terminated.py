@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
-from tests.integration.ssh_fixtures import check_forwarding, ended, long_session, random_file, sha256
+from tests.integration.ssh_fixtures import (
+    check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
+)
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
 
@@ -257,32 +259,15 @@ def test_an_unreachable_cluster_is_a_banner(local_ssh, cluster):
 
 
 def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(local_ssh, cluster, tmp_path_factory):
-    from tests.servers.sshd import Sshd
-
-    def sign(pub: Path) -> str:
-        return cluster.admin("ca", "sign-ssh-host", "cert-9", "--key", str(pub), "--validity", "1h").stdout
-
-    server = Sshd(tmp_path_factory.mktemp("sshd-cert"), cluster.state / "ssh_user_ca.pub", host_cert=sign)
-    cluster.admin("resources", "add", "cert-9", "--kind", "ssh", "--address", server.address, "--host-ca", "cluster",
-                  "--label", "env=ssh")
-    try:
+    with node_with_host_cert(cluster, tmp_path_factory.mktemp("sshd-cert"), "cert-9"):
         r = local_ssh().ssh("root%cert-9", "echo ok")
         assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
-    finally:
-        cluster.admin("resources", "rm", "cert-9", check=False)
-        server.stop()
 
 
 def test_a_node_whose_host_key_is_not_the_registered_one(local_ssh, cluster, node, tmp_path):
-    impostor = tmp_path / "impostor"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
-    cluster.admin("resources", "add", "web-6", "--kind", "ssh", "--address", node.address,
-                  "--host-key", (tmp_path / "impostor.pub").read_text().strip(), "--label", "env=ssh")
-    try:
+    with impostor(cluster, node, tmp_path, "web-6"):
         s = local_ssh()
         r = s.ssh("root%web-6", "true")
         assert r.returncode == 255
         assert "the host key of web-6 is not the registered one" in r.stderr.decode(), r.stderr
         cluster.wait_audit(user=s.gw.user, event="ssh.hostkey_mismatch")
-    finally:
-        cluster.admin("resources", "rm", "web-6", check=False)
