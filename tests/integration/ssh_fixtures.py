@@ -188,3 +188,22 @@ def impostor(cluster, node: Sshd, directory: Path, name: str) -> Iterator[None]:
         yield
     finally:
         cluster.admin("resources", "rm", name, check=False)
+
+
+def check_file_transfers(run, target: str, tmp: Path, mib: int, remote: str) -> Path:
+    """scp up (SFTP), scp down (``scp -O``: the legacy protocol, an exec),
+    sftp put and get, each checked by sha256; the remote files removed.
+    ``run(tool, *args)`` runs scp or sftp with the path's options. Returns
+    the file sent."""
+    src = random_file(tmp / "up.bin", mib << 20)
+    for args in ((str(src), f"{target}:{remote}"), ("-O", f"{target}:{remote}", str(tmp / "back.bin"))):
+        r = run("scp", "-q", *args)
+        assert r.returncode == 0, r.stderr
+    assert sha256(tmp / "back.bin") == sha256(src)
+    batch = tmp / "sftp.batch"
+    batch.write_text(f"put {src} {remote}.sftp\nget {remote}.sftp {tmp / 'sftp-back.bin'}\n"
+                     f"rm {remote}.sftp\nrm {remote}\n")
+    r = run("sftp", "-q", "-b", str(batch), target)
+    assert r.returncode == 0, r.stderr
+    assert sha256(tmp / "sftp-back.bin") == sha256(src)
+    return src

@@ -16,7 +16,7 @@ import pytest
 from tests.integration.harness import PY
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
-    check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
+    check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
 )
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
@@ -122,20 +122,7 @@ def test_stdin_and_stdout_relayed_without_fdpass(ssh_client):
 @pytest.mark.parametrize("mib", [24, pytest.param(200, marks=pytest.mark.heavy)])
 def test_scp_and_sftp_both_ways_checked_by_sha256(ssh_client, tmp_path, mib):
     client = ssh_client()
-    src = random_file(tmp_path / "up.bin", mib << 20)
-    remote = f"/tmp/wicket-scp-{client.gw.user}.bin"
-    r = client.run("scp", "-q", str(src), f"root@web-1.test:{remote}")
-    assert r.returncode == 0, r.stderr
-    back = tmp_path / "back.bin"
-    r = client.run("scp", "-q", f"root@web-1.test:{remote}", str(back))
-    assert r.returncode == 0, r.stderr
-    assert sha256(back) == sha256(src)
-    batch = tmp_path / "sftp.batch"
-    sftp_back = tmp_path / "sftp-back.bin"
-    batch.write_text(f"put {src} {remote}.sftp\nget {remote}.sftp {sftp_back}\nrm {remote}.sftp\nrm {remote}\n")
-    r = client.run("sftp", "-q", "-b", str(batch), "root@web-1.test")
-    assert r.returncode == 0, r.stderr
-    assert sha256(sftp_back) == sha256(src)
+    check_file_transfers(client.run, "root@web-1.test", tmp_path, mib, f"/tmp/wicket-scp-{client.gw.user}.bin")
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")

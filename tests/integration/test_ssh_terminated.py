@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
-    check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
+    check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert,
 )
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
@@ -93,20 +93,8 @@ def test_a_signal_ends_the_remote_command_and_comes_back(local_ssh):
 @pytest.mark.parametrize("mib", [24, pytest.param(200, marks=pytest.mark.heavy)])
 def test_scp_and_sftp_both_ways(local_ssh, tmp_path, cluster, mib):
     s = local_ssh()
-    src = random_file(tmp_path / "up.bin", mib << 20)
     remote = f"/tmp/wicket-term-{s.gw.user}.bin"
-    r = s.run("scp", "-q", str(src), f"root@127.0.0.1:{remote}")
-    assert r.returncode == 0, r.stderr
-    back = tmp_path / "back.bin"
-    r = s.run("scp", "-q", "-O", f"root@127.0.0.1:{remote}", str(back))  # legacy scp: an exec of scp -f
-    assert r.returncode == 0, r.stderr
-    assert sha256(back) == sha256(src)
-    batch = tmp_path / "sftp.batch"
-    sftp_back = tmp_path / "sftp-back.bin"
-    batch.write_text(f"put {src} {remote}.sftp\nget {remote}.sftp {sftp_back}\nrm {remote}.sftp\nrm {remote}\n")
-    r = s.run("sftp", "-q", "-b", str(batch), "root@127.0.0.1")
-    assert r.returncode == 0, r.stderr
-    assert sha256(sftp_back) == sha256(src)
+    src = check_file_transfers(s.run, "root@127.0.0.1", tmp_path, mib, remote)
     # scp (the SFTP protocol since OpenSSH 9) and sftp file operations, with their bytes.
     files = cluster.wait_audit(lambda evs: len([e for e in evs if e["op"] == "remove"]) >= 2,
                                user=s.gw.user, event="ssh.sftp")
