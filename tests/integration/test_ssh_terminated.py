@@ -259,3 +259,17 @@ def test_a_node_whose_host_key_is_not_the_registered_one(local_ssh, cluster, nod
         assert r.returncode == 255
         assert "the host key of web-6 is not the registered one" in r.stderr.decode(), r.stderr
         cluster.wait_audit(user=s.gw.user, event="ssh.hostkey_mismatch")
+
+
+def test_the_none_opt_in_lets_the_owner_in_without_a_key(make_gateway, tmp_path, node):
+    gw = make_gateway("ssh-user")
+    proc, port = gw.proxy("ssh", "web-1", "--allow-no-auth", "--write-known-hosts", str(tmp_path / "kh"))
+    base = ["ssh", "-F", "/dev/null", "-p", str(port), "-o", f"UserKnownHostsFile={tmp_path / 'kh'}", "-o",
+            "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o",
+            "IdentityFile=/dev/null"]
+    r = subprocess.run([*base, f"{TEST_USER}@127.0.0.1", "id -un"], capture_output=True, env=gw.env(), timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, TEST_USER.encode()), r.stderr
+    # A refusal is still a banner, then no way in.
+    r = subprocess.run([*base, "root@127.0.0.1", "true"], capture_output=True, env=gw.env(), timeout=60)
+    assert r.returncode == 255
+    assert b"none of your roles allows login=root" in r.stderr, r.stderr
