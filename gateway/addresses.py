@@ -26,6 +26,10 @@ def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, 
 
 def format_addr(addr) -> str:
     """A socket address (``getpeername()``, ``accept()``) as ``host:port``,
-    IPv6 hosts in brackets."""
+    IPv6 hosts in brackets; a unix socket's as ``unix:PATH`` (a client's
+    is usually unnamed: ``unix:local``)."""
+    if isinstance(addr, (str, bytes)):
+        path = addr.decode("utf-8", "replace") if isinstance(addr, bytes) else addr
+        return f"unix:{path or 'local'}"
     host, port = addr[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -167,9 +167,13 @@ def start(config_path: Path, log_format: str, log_level: str, ready_file: Path |
     from gateway import logs
     from gateway.cluster.core import Cluster
     from gateway.cluster.server import serve
+    from gateway.net.descriptors import raise_open_files_limit
 
     logs.setup(log_format, log_level)
     config = load_config(config_path)
+    # Every connection and upstream is a descriptor: take all the system
+    # allows; [limits] keeps a reserve of them (gateway/net/descriptors.py).
+    raise_open_files_limit()
     try:
         cluster = Cluster.open(config)
     except (OSError, ValueError, StoreError) as exc:
@@ -309,6 +313,8 @@ def users_add(config_path: Path, name: str, roles: str, password_stdin: bool, to
             admin.store.add_user(name, hash_password(password), role_list, totp_secret=secret, now=time.time())
         except AlreadyExists:
             raise click.ClickException(f"user {name} already exists") from None
+        except StoreError as exc:  # the name is a bot's (gateway/cluster/bots.py)
+            raise click.ClickException(str(exc)) from None
         admin.audit.write("user.add", name, {"roles": role_list, "totp": totp})
     click.echo(f"user {name} added with roles: {', '.join(role_list) or '(none)'}")
     if secret is not None:
@@ -708,6 +714,11 @@ def audit_export(config_path: Path, since: str | None, until: str | None, fmt: s
             if out is not sys.stdout:
                 out.close()
     click.echo(f"{count} audit events exported" + (f" to {output}" if output else ""), err=True)
+
+
+from gateway.cli import cluster_bots  # noqa: E402
+
+cluster_bots.register(main, config_option=config_option, admin=_Admin, emit=_emit)
 
 
 if __name__ == "__main__":

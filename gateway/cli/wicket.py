@@ -8,6 +8,7 @@ Exit codes scripts can trust:
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ EXIT_NOT_LOGGED_IN = 3
 EXIT_REFUSED = 4
 EXIT_UNREACHABLE = 5
 
-_REFUSED = {"access_denied", "user_locked", "rate_limited", "totp_required", "bad_request"}
+_REFUSED = {"access_denied", "user_locked", "rate_limited", "totp_required", "bad_request",
+            "token_unknown", "token_used_up", "token_expired"}
 _EXPIRED = {"cert_expired", "cert_required"}
 
 
@@ -269,16 +271,9 @@ def renew(ttl: str | None, fmt: str) -> None:
             body["ttl_seconds"] = parse_duration(ttl)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--ttl") from None
-    key = pki.generate_key()
-    body["public_key"] = key.public_key().public_bytes(
-        pki.serialization.Encoding.PEM, pki.serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
-    answer = _run(api.api_call, profile, "POST", "/v1/renew", body)
-    profile = Profile.save(
-        profile.home, cluster_addr=profile.cluster_addr, cluster_name=profile.cluster_name,
-        user=profile.user, ca_pin=profile.ca_pin, key_pem=pki.key_to_pem(key),
-        cert_pem=answer["certificate"].encode("ascii"), ca_pem=profile.ca_path.read_bytes(),
-    )
+    from gateway.local import session
+
+    profile = _run(functools.partial(session.renew, profile, ttl_seconds=body.get("ttl_seconds")))
     _refresh_ssh(profile)
     identity = profile.identity()
     if fmt == "json":
@@ -317,6 +312,16 @@ def _listen_options(f: Callable) -> Callable:
                      help="Allow --bind on an address other hosts can reach (they would use YOUR identity).")(f)
     f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                      show_default=True, help="Log lines as key=value text or JSON.")(f)
+    f = click.option("--max-connections", type=click.IntRange(1), metavar="N",
+                     help="Local clients served at once; more are refused in their own protocol "
+                          "(default: the open files limit less a reserve).")(f)
+    f = click.option("--unix-socket-mode", default="0600", show_default=True, metavar="MODE",
+                     help="Octal permissions of the --unix-socket (0660 lets your group in as well).")(f)
+    f = click.option("--unix-socket", type=click.Path(path_type=Path), metavar="PATH",
+                     help="Listen on a unix socket instead of a TCP port: PATH itself, or in a directory "
+                          "PATH the kind's own name (PostgreSQL: .s.PGSQL.<--port, default 5432>, so "
+                          "`psql host=PATH` finds it). Only your uid may connect unless --unix-socket-mode "
+                          "or --allow-uid say otherwise.")(f)
     f = click.option("--bind", default="127.0.0.1", show_default=True, help="Local address to listen on.")(f)
     f = click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
                      help="Local port; 0 picks a free one and prints it.")(f)
@@ -340,7 +345,8 @@ def _check_bind(bind: str, allow_non_loopback: bool) -> None:
 
 
 def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identity: pki.Identity,
-           try_line: Callable[[str, int], str], dialer=None) -> None:
+           try_line: Callable[[str, int], str], dialer=None, unix_socket: Path | None = None,
+           unix_mode: int = 0o600) -> None:
     """Listen and serve until Ctrl-C / SIGTERM; print the address (stdout)
     and the line to try (stderr)."""
     from gateway.local.proxy import run_listener
@@ -349,10 +355,17 @@ def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identit
         async with trio.open_nursery() as nursery:
 
             async def listen(task_status=trio.TASK_STATUS_IGNORED) -> None:
-                await run_listener(handler, host=bind, port=port, task_status=task_status)
+                await run_listener(handler, host=bind, port=port, unix_socket=unix_socket, unix_mode=unix_mode,
+                                   task_status=task_status)
                 nursery.cancel_scope.cancel()  # a signal stopped the listener: stop the pool too
 
-            host, bound_port = (await nursery.start(listen))[:2]
+            bound = await nursery.start(listen)
+            if isinstance(bound, str):  # a unix socket: a directory and port for psql, or the path
+                path = Path(bound)
+                host, bound_port = (str(path.parent), port or 5432) if path.name.startswith(".s.PGSQL.") \
+                    else (bound, 0)
+            else:
+                host, bound_port = bound[:2]
             if dialer is not None:
                 # Ready connections to the cluster: a client pays only the
                 # dial's round trip, not a TLS handshake.
@@ -361,15 +374,20 @@ def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identit
             click.echo(f"Proxying {name} on {host}:{bound_port} as {identity.user} (session valid for {left}). "
                        f"Ctrl-C stops.", err=True)
             click.echo(try_line(host, bound_port), err=True)
-            click.echo(json.dumps({"resource": name, "host": host, "port": bound_port})
-                       if log_format == "json" else f"listening on {host}:{bound_port}")
+            if isinstance(bound, str):
+                click.echo(json.dumps({"resource": name, "unix_socket": bound})
+                           if log_format == "json" else f"listening on unix:{bound}")
+            else:
+                click.echo(json.dumps({"resource": name, "host": host, "port": bound_port})
+                           if log_format == "json" else f"listening on {host}:{bound_port}")
             sys.stdout.flush()
 
     try:
         trio.run(serve)
     except* OSError as group:
         exc = group.exceptions[0]
-        raise WicketError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+        where = unix_socket if unix_socket is not None else f"{bind}:{port}"
+        raise WicketError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
 
 def _fresh_identity(profile: Profile) -> pki.Identity:
@@ -401,12 +419,23 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
 
     def command(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
                 wait_for_cluster: float, allow_uid: tuple[int, ...], allow_any_local_user: bool,
+                unix_socket: Path | None, unix_socket_mode: str, max_connections: int | None,
                 **values: Any) -> None:
         from gateway import logs
         from gateway.local.proxy import Listening
+        from gateway.local.proxy import ListenError, unix_socket_path
+        from gateway.net.descriptors import raise_open_files_limit
         from gateway.net.peercred import LocalUsers
 
         _check_bind(bind, allow_non_loopback)
+        try:
+            unix_mode = int(unix_socket_mode, 8)
+        except ValueError:
+            unix_mode = -1
+        if not 0 < unix_mode <= 0o777 or unix_mode & 0o600 != 0o600:
+            raise click.BadParameter("an octal mode that lets you read and write, e.g. 0600 or 0660",
+                                     param_hint="--unix-socket-mode")
+        raise_open_files_limit()  # every client is a descriptor: take what the system allows
         logs.setup(log_format)
         profile = _load_profile()
         identity = _fresh_identity(profile)
@@ -420,8 +449,15 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
                                    local_users=local_users, **{k: v for k, v in values.items() if k in mine})
         if not isinstance(route, Listening):  # one session on stdin/stdout (ssh's ProxyCommand)
             sys.exit(_run(route.run))
+        if max_connections is not None:
+            route.route.max_clients = max_connections
+        if unix_socket is not None:
+            try:
+                unix_socket = unix_socket_path(unix_socket, port or 5432, route.unix_name)
+            except ListenError as exc:
+                raise click.BadParameter(str(exc), param_hint="--unix-socket") from None
         _serve(name, route.handler, bind=bind, port=port, log_format=log_format, identity=identity,
-               try_line=route.try_line, dialer=route.dialer)
+               try_line=route.try_line, dialer=route.dialer, unix_socket=unix_socket, unix_mode=unix_mode)
 
     for option in reversed(list(options.values())):
         command = click.option(option.option, is_flag=option.is_flag, help=option.help)(command)
@@ -436,12 +472,7 @@ for _verb, _served in kinds.proxy_verbs().items():
     proxy.add_command(_proxy_command(_verb, _served))
 
 
-@main.group("config")
-def config_group() -> None:
-    """Configure other tools to use your session."""
-
-
-@config_group.command("ssh")
+@click.command("ssh")
 @click.option("--wicket-command", metavar="COMMAND",
               help="How ssh should run wicket in its ProxyCommand (default: `wicket` on PATH, else this Python).")
 @format_option
@@ -481,6 +512,13 @@ def demo(state_dir: Path, port: int) -> None:
     from gateway.local.demo import run_demo
 
     run_demo(state_dir.resolve(), port)
+
+
+from gateway.cli import wicket_agent, wicket_exec  # noqa: E402
+
+wicket_exec.register(main, sys.modules[__name__])
+main.commands["config"].add_command(config_ssh)  # `wicket config ssh` beside the database clients' entries
+wicket_agent.register(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from gateway.addresses import parse_hostport
 from gateway.cluster import resource_specs
 from gateway.cluster.rbac import Role, RoleError
 from gateway.durations import format_duration, parse_duration
+from gateway.net.descriptors import default_reserve
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -36,6 +37,31 @@ class ResourceSpec:
 
 
 @attrs.frozen(slots=True, kw_only=True)
+class Limits:
+    """``[limits]``: what one user or one connection may hold, and the
+    descriptors kept back from sessions. None: derived from the open files
+    limit at start (:meth:`resolve`)."""
+
+    streams_per_connection: int | None = None
+    streams_per_user: int | None = None
+    reserve_fds: int | None = None
+
+    KEYS = ("streams_per_connection", "streams_per_user", "reserve_fds")
+
+    def resolve(self, open_files: int) -> "Limits":
+        """Every limit as a number, for a process that may open
+        ``open_files`` descriptors: the reserve is 1/8 of them (32 to
+        1,024); one user's sessions 1/8 of the rest, one connection's half
+        a user's, so no one user or gateway can take what others need."""
+        reserve = self.reserve_fds if self.reserve_fds is not None else default_reserve(open_files)
+        budget = max(0, open_files - reserve)
+        per_user = self.streams_per_user if self.streams_per_user is not None else max(8, budget // 8)
+        per_connection = self.streams_per_connection if self.streams_per_connection is not None else \
+            min(per_user, max(8, per_user // 2))
+        return Limits(streams_per_connection=per_connection, streams_per_user=per_user, reserve_fds=reserve)
+
+
+@attrs.frozen(slots=True, kw_only=True)
 class ClusterConfig:
     path: Path | None
     name: str
@@ -50,6 +76,7 @@ class ClusterConfig:
     #: How long the store keeps audit events (None: for ever).
     audit_keep: float | None = None
     disconnect_expired_cert: bool
+    limits: Limits = Limits()
     roles: tuple[Role, ...]
     resources: tuple[ResourceSpec, ...]
 
@@ -91,9 +118,10 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
     def fail(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: {msg}")
 
-    unknown = set(raw) - {"cluster", "login", "audit", "roles", "resources"}
+    unknown = set(raw) - {"cluster", "login", "audit", "limits", "roles", "resources"}
     if unknown:
-        raise fail(", ".join(sorted(unknown)), "unknown section (expected cluster, login, audit, roles, resources)")
+        raise fail(", ".join(sorted(unknown)),
+                   "unknown section (expected cluster, login, audit, limits, roles, resources)")
     c = raw.get("cluster", {})
     if not isinstance(c, Mapping):
         raise fail("cluster", "must be a table")
@@ -163,6 +191,14 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
         raise fail("audit.keep", f"must be at least login.failure_window ({format_duration(window)}): "
                                  "the login limit counts the failures it keeps")
 
+    limits_table = raw.get("limits", {})
+    if not isinstance(limits_table, Mapping) or set(limits_table) - set(Limits.KEYS):
+        raise fail("limits", f"expected a table with {', '.join(Limits.KEYS)}")
+    for key, value in limits_table.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 10_000_000:
+            raise fail(f"limits.{key}", "expected a positive integer")
+    limits = Limits(**limits_table)
+
     roles_raw = raw.get("roles", {})
     if not isinstance(roles_raw, Mapping):
         raise fail("roles", "must be a table of role tables")
@@ -213,6 +249,7 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
         audit_jsonl=audit_path,
         audit_keep=keep,
         disconnect_expired_cert=dec,
+        limits=limits,
         roles=tuple(roles),
         resources=tuple(resources),
     )

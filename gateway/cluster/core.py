@@ -17,7 +17,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import attrs
 import trio
@@ -26,6 +26,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from gateway import kinds
+from gateway.cluster import bots
 from gateway.cluster import config as cfg
 from gateway.cluster.admission import AddressSlots
 from gateway.cluster.audit import AuditLog
@@ -34,6 +35,7 @@ from gateway.cluster.store import Resource, Store, StoreError, User
 from gateway.cluster.tally import OVERFLOW, Tally
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
+from gateway.net.descriptors import open_files_limit
 from gateway.private_files import ensure_private_dir
 from protocols.errors import ErrorCode
 
@@ -41,6 +43,11 @@ log = logging.getLogger("wicket.cluster")
 T = TypeVar("T")
 
 LOCK_POLL_INTERVAL = 0.5
+#: How long a cut waits for the kind's interrupt (a CancelRequest) before it
+#: closes the session anyway.
+INTERRUPT_TIMEOUT = 2.0
+#: Why a session may be cut: for these the kind interrupts it upstream first.
+CUT_REASONS = frozenset({"user_locked", "user_removed", "cert_revoked", "cert_expired"})
 IDENTITY_CACHE = 4096
 MAX_CONNECTIONS = 20_000
 AUDIT_FLUSH_INTERVAL = 0.2
@@ -68,6 +75,17 @@ class Snapshot:
     revoked: frozenset[int] = frozenset()
     #: user -> why their certificates were last revoked at once.
     revocations: dict[str, str] = attrs.field(factory=dict)
+    #: Bots by name (gateway/cluster/bots.py): identities of kind "bot".
+    bots: dict[str, Any] = attrs.field(factory=dict)
+
+
+class AtCapacity(Exception):
+    """A new session would pass a limit (``[limits]``): the message names
+    it, for the user; ``limit`` is its key, for the audit."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.message, self.limit = message, limit
 
 
 @attrs.define(eq=False)
@@ -89,6 +107,12 @@ class LiveSession:
     # The certificate the session was allowed with (set once allowed): a
     # revocation of it cuts the session.
     identity: pki.Identity | None = None
+    # The kind's hook that stops what the session is doing upstream (a
+    # PostgreSQL CancelRequest: RouteKind.interrupt), awaited before a lock,
+    # a revocation or the certificate's expiry cuts the session, so a
+    # running statement ends with it. Once.
+    interrupt: Callable[[str], Awaitable[str]] | None = None
+    interrupting: bool = False
 
     def cancel(self, reason: str) -> None:
         """End the session (from trio's thread), with ``reason`` in its
@@ -111,6 +135,20 @@ class Cluster:
         self.store = store
         self._limiter = trio.CapacityLimiter(1)
         self.sessions: dict[str, LiveSession] = {}
+        # What one user and one connection may hold, and the descriptors
+        # sessions may not take (config [limits], resolved against the open
+        # files limit the CLI raised at start); sessions per user, and
+        # connections open, counted under _count_lock (trio's thread and
+        # the relay engine's both start and end sessions).
+        self.open_files = open_files_limit()
+        self.limits = config.limits.resolve(self.open_files)
+        self.user_sessions: collections.Counter[str] = collections.Counter()
+        self.open_connections = 0
+        self._count_lock = threading.Lock()
+        # Dials refused at a limit: the first per user, limit and minute is
+        # audited in full, the rest as one count (one user's flood of
+        # streams must not flood the audit).
+        self.limit_refusals = Tally()
         # Upstream connects the relay engine still waits for (a _Connecting
         # each; touched under the engine's lock): the cluster gives up on
         # them when it stops, so that their dials are on record.
@@ -259,6 +297,11 @@ class Cluster:
         """Queue a high-volume event (a statement); written within
         AUDIT_FLUSH_INTERVAL, in order, many per transaction. Safe to call
         from any thread (the relay engine's audit taps do)."""
+        self.audit_fields_soon(event, user, fields)
+
+    def audit_fields_soon(self, event: str, user: str | None, fields: dict[str, Any]) -> None:
+        """:meth:`audit_soon` with the fields as a dict the caller gives up
+        (the statement taps build theirs once, not twice)."""
         self._audit_pending.append((event, user, fields, time.time()))
         if len(self._audit_pending) >= AUDIT_BATCH:
             if threading.get_ident() == self._trio_thread:
@@ -307,6 +350,15 @@ class Cluster:
             if user == OVERFLOW:  # the address's users past LOGIN_REFUSAL_USERS, together
                 user, fields["other_users"] = None, True
             queue.append(("login.rate_limited", user, fields, r["last_seen"]))
+        with self._count_lock:
+            limited = over(self.limit_refusals)
+        for r in limited:
+            if r["count"] < 2:
+                continue
+            user, limit = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
+            queue.append(("dial.limited", None if user in ("-", OVERFLOW) else user, {
+                "limit": limit, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
+                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
 
     async def flush_audit(self) -> None:
         pending = self._audit_pending
@@ -413,6 +465,7 @@ class Cluster:
             resources={r.name: r for r in self.store.list_resources()},
             revoked=frozenset(r.serial for r in self.store.list_revoked_certs(live_at=time.time())),
             revocations=self.store.revocation_reasons(),
+            bots={b.name: b for b in bots.list_bots(self.store)},
         )
 
     async def snapshot(self) -> "Snapshot":
@@ -451,7 +504,7 @@ class Cluster:
         if not der_cert:
             raise pki.CertError(
                 ErrorCode.CERT_REQUIRED,
-                "this route needs a session certificate; run `wicket login` first",
+                "this route needs a session certificate",
             )
         identity = self.parse_identity(der_cert)
         if identity.cluster != self.config.name:
@@ -487,12 +540,18 @@ class Cluster:
         the certificate is not revoked; else :class:`pki.CertError`. The
         messages say what happened; the next step is added by whoever shows
         them (the gateway for a dial, :mod:`api` for the API), once."""
-        user = snap.users.get(identity.user)
-        if user is None:
-            raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
+        if identity.kind == "bot":
+            user = snap.bots.get(identity.user)
+            if user is None:
+                raise pki.CertError(ErrorCode.ACCESS_DENIED, f"bot {identity.user} no longer exists")
+        else:
+            user = snap.users.get(identity.user)
+            if user is None:
+                raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
         lock = snap.locks.get(identity.user)
         if lock is not None:
-            raise pki.CertError(ErrorCode.USER_LOCKED, f"user {identity.user} is locked ({lock.reason})")
+            raise pki.CertError(ErrorCode.USER_LOCKED, f"{'bot' if identity.kind == 'bot' else 'user'} "
+                                                         f"{identity.user} is locked ({lock.reason})")
         # cert_expired: every gateway knows it means "log in again".
         if identity.generation < user.cert_generation:
             why = snap.revocations.get(identity.user, "revoked by an administrator")
@@ -505,33 +564,95 @@ class Cluster:
     # -- live sessions -------------------------------------------------------
 
     def new_session(self, user: str, resource: str, kind: str) -> LiveSession:
-        session = LiveSession(
-            id=secrets.token_hex(8),
-            user=user,
-            resource=resource,
-            kind=kind,
-            started=time.time(),
-            cancel_scope=trio.CancelScope(),
-        )
-        self.sessions[session.id] = session
+        """A live session for ``user``; raises :class:`AtCapacity` past the
+        user's limit or when only the reserved descriptors are left (any
+        thread)."""
+        limits = self.limits
+        with self._count_lock:
+            if self.user_sessions[user] >= limits.streams_per_user:
+                raise AtCapacity(f"you have {limits.streams_per_user} sessions open, the most one user may "
+                                 f"(the cluster's limits.streams_per_user); close some and try again",
+                                 "streams_per_user")
+            if len(self.sessions) + self.open_connections >= self.open_files - limits.reserve_fds:
+                raise AtCapacity(f"the cluster holds as many sessions as its open files limit allows "
+                                 f"({self.open_files}, less limits.reserve_fds = {limits.reserve_fds} kept for "
+                                 f"its API); try again later", "open_files")
+            session = LiveSession(
+                id=secrets.token_hex(8),
+                user=user,
+                resource=resource,
+                kind=kind,
+                started=time.time(),
+                cancel_scope=trio.CancelScope(),
+            )
+            self.sessions[session.id] = session
+            self.user_sessions[user] += 1
         return session
 
     def end_session(self, session: LiveSession) -> None:
-        self.sessions.pop(session.id, None)
+        with self._count_lock:
+            if self.sessions.pop(session.id, None) is not None:
+                self.user_sessions[session.user] -= 1
+                if self.user_sessions[session.user] <= 0:
+                    del self.user_sessions[session.user]
+
+    def connection_opened(self) -> None:
+        with self._count_lock:
+            self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        with self._count_lock:
+            self.open_connections -= 1
+
+    def note_limit_refusal(self, user: str | None, limit: str) -> bool:
+        """(any thread) A dial refused at ``limit``; True if it is the first
+        for this user and limit this minute (audit and log that one now:
+        the rest are audited as one count when the minute is over)."""
+        with self._count_lock:
+            return self.limit_refusals.note((user or "-", limit), "", time.time())
 
     async def watch_locks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Cut the live sessions of users who get locked or removed, and of
         certificates that get revoked (within 2 s: the snapshot's freshness
         is checked every 0.5 s)."""
         task_status.started()
-        while True:
-            await trio.sleep(LOCK_POLL_INTERVAL)
-            snap = await self.snapshot()
-            for session in list(self.sessions.values()):
-                reason = None if session.cancelled else self.cut_reason(snap, session)
-                if reason is not None:
-                    log.info("session_cut session=%s user=%s reason=%s", session.id, session.user, reason)
-                    session.cancel(reason)
+        async with trio.open_nursery() as cuts:
+            while True:
+                await trio.sleep(LOCK_POLL_INTERVAL)
+                snap = await self.snapshot()
+                for session in list(self.sessions.values()):
+                    if session.cancelled or session.interrupting:
+                        continue
+                    reason = self.cut_reason(snap, session)
+                    if reason is None and self.expired(session):
+                        reason = "cert_expired"
+                    if reason is not None:
+                        log.info("session_cut session=%s user=%s reason=%s", session.id, session.user, reason)
+                        cuts.start_soon(self.cut, session, reason)
+
+    def expired(self, session: LiveSession) -> bool:
+        """An interruptible session whose certificate ran out: cut here,
+        with the interrupt, a moment before its own deadline would end it
+        without one (gateway/cluster/dial.py's ``_run_session``)."""
+        return (session.interrupt is not None and session.identity is not None
+                and self.config.disconnect_expired_cert and session.identity.not_after <= utcnow())
+
+    async def cut(self, session: LiveSession, reason: str) -> None:
+        """End ``session`` for ``reason`` (one of :data:`CUT_REASONS`): the
+        kind first stops what it runs upstream (``session.interrupt``, at
+        most INTERRUPT_TIMEOUT), audited, then the session is cut."""
+        if session.interrupt is not None and not session.interrupting:
+            session.interrupting = True
+            result = "timed out"
+            with trio.move_on_after(INTERRUPT_TIMEOUT):
+                try:
+                    result = await session.interrupt(reason)
+                except Exception as exc:  # the cut goes on whatever happened upstream
+                    log.warning("session_interrupt_failed session=%s error=%r", session.id, exc)
+                    result = f"failed: {exc}"
+            self.audit_soon("session.interrupt", session.user, session_id=session.id, resource=session.resource,
+                            kind=session.kind, reason=reason, result=result)
+        session.cancel(reason)
 
     @staticmethod
     def cut_reason(snap: "Snapshot", session: LiveSession) -> str | None:

@@ -18,6 +18,10 @@ byte moves, the cluster checks, in order:
 5. the route's kind opens the upstream (TCP connect; for PostgreSQL also TLS
    and the login as the db user), or refuses (``upstream_unreachable``...).
 
+A dial with the ``probe`` parameter stops after check 3: the cluster only
+connects to the upstream and closes (``dial.probe``), or refuses with
+``upstream_unreachable`` (`wicket agent --check-upstreams`).
+
 Any refusal is a typed DialError frame, audited as ``dial.denied``. On
 success the cluster answers DialAccept, sends whatever the kind produced for
 the client first (PostgreSQL: AuthenticationOk ... ReadyForQuery), and
@@ -44,7 +48,9 @@ import trio
 from gateway.cluster import rbac
 from gateway import kinds, printable
 from gateway.addresses import parse_hostport
-from gateway.cluster.core import MAX_CONNECTIONS, Cluster, LiveSession, Snapshot
+from gateway.cluster.core import (
+    INTERRUPT_TIMEOUT, LOCK_POLL_INTERVAL, MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot,
+)
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
@@ -53,7 +59,8 @@ from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay, reset_on_close
 from gateway.net.tcp import keep_alive, unacknowledged
 from gateway.net.tls import TLSStream
-from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
+from protocols.dial import (PARAM_PROBE, DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role,
+                            refusal_for)
 from protocols.errors import ErrorCode, RemoteProtocolError
 from protocols.mux import Role as MuxRole
 
@@ -66,6 +73,9 @@ CONNECT_TIMEOUT = 10.0
 #: it to make the cluster hold much (each may carry a window of early data).
 UNAUTHENTICATED_STREAMS = 8
 READ_CHUNK = 64 * 1024
+#: How much longer than its certificate an interruptible session may last:
+#: the lock watcher's look (every LOCK_POLL_INTERVAL) and the interrupt.
+CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 
 Tap = Callable[[bytes], None]
 
@@ -116,6 +126,16 @@ class RouteKind(Protocol):
         came for that session before it has reached the upstream. Called
         in the relay engine's thread: blocks on nothing."""
 
+    #: ``async interrupt(cluster, resource, session, reason) -> str``, or
+    #: None: stop what ``session`` runs upstream before a lock, a
+    #: revocation or the certificate's expiry cuts it (PostgreSQL: a
+    #: CancelRequest with the backend's key; MySQL would KILL QUERY,
+    #: MongoDB killOp), so that closing the connection does not leave a
+    #: statement running or let in-flight writes complete. Returns what it
+    #: did, for the audit (``session.interrupt``). None for kinds whose
+    #: upstream stops when its connection closes (tcp).
+    interrupt: Callable[[Cluster, Resource, LiveSession, str], Awaitable[str]] | None
+
 
 def unreachable(resource: Resource, why: str) -> Refused:
     return Refused(
@@ -152,7 +172,7 @@ def abandon_engine_connects(cluster: Cluster) -> None:
     """(trio's thread) Give up on every upstream connect the relay engine
     still waits for: each dial is refused and audited now, not after the
     audit log's last flush."""
-    with engine()._lock:  # the engine's thread adds and removes them under it
+    with engine().lock:  # the engine's thread adds and removes them under it
         for connecting in list(cluster.engine_connects):
             connecting.cancel(ABANDONED)
 
@@ -184,6 +204,7 @@ def literal_address(address: str) -> tuple[int, tuple] | None:
 
 class TcpKind:
     kind = "tcp"
+    interrupt = None  # closing the upstream connection is all there is
 
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         return dict(request.params)
@@ -267,6 +288,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     # dial with the typed refusal (as a dial on its own connection would),
     # so it cannot hold one of the cluster's connection slots for long.
     max_streams = MAX_STREAMS
+    per_connection = cluster.limits.streams_per_connection
     try:
         identity, _user, _roles = await cluster.identify(cert)
         lifetime = (identity.not_after - utcnow()).total_seconds() if cluster.config.disconnect_expired_cert \
@@ -284,6 +306,18 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after)
 
         def on_open(link: MuxLink, st: Stream, request: DialRequest) -> None:  # the engine's thread
+            if len(link.streams) > per_connection:
+                # Each stream may cost the cluster an upstream descriptor.
+                audit = _DialAudit.of(request, TCP, client_addr)
+                audit.user = cluster.claimed_user(cert)
+                snap = cluster.fresh_snapshot()  # the resource's kind, for the record, if at hand
+                resource = snap.resources.get(request.resource) if snap is not None else None
+                audit.fields["kind"] = resource.kind if resource is not None else None
+                link.refuse(st, audit.limited(cluster, AtCapacity(
+                    f"this connection has {per_connection} sessions open, the most one gateway connection "
+                    f"may (the cluster's limits.streams_per_connection); close some and try again",
+                    "streams_per_connection")))
+                return
             if not _start_in_engine(cluster, link, st, request, cert, client_addr):
                 token.run_sync_soon(in_trio, link, st, request, _after(cluster, link, request, routes))
 
@@ -295,13 +329,26 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 await link.closed.wait()
             if timer.cancelled_caught:
                 reason = expiry
-                with link.engine._lock:
+                await _interrupt_sessions(cluster, link)
+                with link.engine.lock:
                     for st in link.streams.values():
                         if isinstance(st.context, _EngineSession) and st.context.session.end_reason is None:
                             st.context.session.end_reason = "cert_expired"
         finally:
             link.close(reason)
     log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
+
+
+async def _interrupt_sessions(cluster: Cluster, link: MuxLink) -> None:
+    """The connection's certificate expired: its sessions that a kind
+    can interrupt upstream are cut that way first (Cluster.cut), all at
+    once, before the connection closes on them."""
+    on_link = [session for session in list(cluster.sessions.values())
+               if session.interrupt is not None and session.extra.get("stream", (None,))[0] is link]
+    if on_link:
+        async with trio.open_nursery() as nursery:
+            for session in on_link:
+                nursery.start_soon(cluster.cut, session, "cert_expired")
 
 
 #: What a control dial waits for before it acts (:func:`_after`).
@@ -398,6 +445,17 @@ class _DialAudit:
         cluster.audit_soon("dial.denied", self.user, **self.fields, code=refusal.code.value, reason=refusal.reason)
         return DialError(code=refusal.code, message=refusal.message)
 
+    def limited(self, cluster: Cluster, exc: AtCapacity) -> DialError:
+        """Refused at a limit: audited (and logged) in full the first time
+        this minute for this user and limit, then counted
+        (``dial.limited``), so a flood of streams cannot flood the audit."""
+        if cluster.note_limit_refusal(self.user, exc.limit):
+            log.warning("dial_limited user=%s limit=%s client=%s message=%r", self.user, exc.limit,
+                        self.fields["client_addr"], exc.message)
+            cluster.audit_soon("dial.denied", self.user, **self.fields, code=ErrorCode.RATE_LIMITED.value,
+                               reason=f"limit {exc.limit}", limit=exc.limit)
+        return DialError(code=ErrorCode.RATE_LIMITED, message=exc.message)
+
     def allowed(self, cluster: Cluster, session: LiveSession, decision: rbac.Decision) -> None:
         session.identity = self.identity  # from now on, revoking it cuts the session
         cluster.audit_soon("dial.allowed", self.user, **self.fields, session_id=session.id, reason=decision.reason)
@@ -408,6 +466,22 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
     """Checks 1 to 4 of the module docstring against ``snap``; raises
     :class:`Refused`. Blocks on nothing, so the relay engine's thread runs it
     too (:func:`_start_in_engine`)."""
+    identity, resource, roles = _reach(cluster, snap, cert, request, kind, audit)
+    params = kind.check_params(request, identity)
+    audit.fields["params"] = params
+    decision = rbac.decide(roles, resource.name, resource.labels, params)
+    if not decision.allowed:
+        # The next step is the gateway's to add (it knows the client's
+        # protocol), so the message says only what happened.
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
+                      reason=decision.reason)
+    return identity, resource, params, decision
+
+
+def _reach(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
+           audit: _DialAudit) -> tuple[pki.Identity, Resource, list]:
+    """Checks 1 to 3: the certificate, the resource within the holder's
+    reach and of this route's kind; raises :class:`Refused`."""
     try:
         identity, _user, roles = cluster.identify_in(snap, cert)
     except pki.CertError as exc:
@@ -441,15 +515,7 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
             f"resource {resource.name!r} is of kind {resource.kind}, not {kind.kind}; "
             f"use `{kinds.proxy_command(resource.kind)} {resource.name}`",
         )
-    params = kind.check_params(request, identity)
-    audit.fields["params"] = params
-    decision = rbac.decide(roles, resource.name, resource.labels, params)
-    if not decision.allowed:
-        # The next step is the gateway's to add (it knows the client's
-        # protocol), so the message says only what happened.
-        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
-                      reason=decision.reason)
-    return identity, resource, params, decision
+    return identity, resource, roles
 
 
 async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
@@ -464,12 +530,17 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
     try:
         if snap is None:
             snap = await cluster.snapshot()
+        if PARAM_PROBE in request.params:
+            return await _probe(cluster, snap, cert, request, kind, audit)
         identity, resource, params, decision = _authorize(cluster, snap, cert, request, kind, audit)
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
             cluster.audit_soon("dial.control", audit.user, **audit.fields, reason=control)
             return DialAccept(session_id="-")
-        session = cluster.new_session(audit.user, resource.name, kind.kind)
+        try:
+            session = cluster.new_session(audit.user, resource.name, kind.kind)
+        except AtCapacity as exc:
+            return audit.limited(cluster, exc)
         try:
             opened = await kind.open(cluster, resource, params, session)
         except BaseException as exc:
@@ -479,8 +550,26 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
             raise
     except Refused as refusal:
         return audit.denied(cluster, refusal)
+    if kind.interrupt is not None:
+        session.interrupt = functools.partial(kind.interrupt, cluster, resource, session)
     audit.allowed(cluster, session, decision)
     return session, opened, identity
+
+
+async def _probe(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
+                 audit: _DialAudit) -> DialAccept:
+    """A probe (``wicket agent --check-upstreams``): may the holder reach
+    the resource at all (checks 1 to 3; no session, so no parameters to
+    grant), and does its upstream take a TCP connection from the cluster?
+    No session and no protocol byte; audited as ``dial.probe``. Raises
+    :class:`Refused` (upstream_unreachable with the reason)."""
+    _identity, resource, _roles = _reach(cluster, snap, cert, request, kind, audit)
+    audit.fields["params"] = {}
+    upstream = await connect_tcp(resource)
+    reset_on_close(upstream)  # nothing was said: an abort, not an empty conversation
+    await upstream.aclose()
+    cluster.audit_soon("dial.probe", audit.user, **audit.fields, reason="reachable")
+    return DialAccept(session_id="-")
 
 
 @attrs.define(eq=False, slots=True)
@@ -499,7 +588,7 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     stale (reloading it reads the store), the upstream's host is a name to
     resolve, or the cluster is at its session limit."""
     snap = cluster.fresh_snapshot()
-    if snap is None:
+    if snap is None or PARAM_PROBE in request.params:  # a probe: trio's (it connects and closes)
         return False
     resource = snap.resources.get(request.resource)
     if resource is not None and resource.kind != TCP.kind:
@@ -513,7 +602,11 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     target = literal_address(resource.address)
     if target is None or len(cluster.sessions) >= MAX_CONNECTIONS:
         return False
-    session = cluster.new_session(audit.user, resource.name, TCP.kind)
+    try:
+        session = cluster.new_session(audit.user, resource.name, TCP.kind)
+    except AtCapacity as exc:
+        link.refuse(st, audit.limited(cluster, exc))
+        return True
     es = st.context = _EngineSession(session)
     # From now on a lock or a stop cuts the stream, even while the upstream
     # is still connecting (``connected`` then finds it finished). Both run
@@ -591,6 +684,10 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
         try:
             if cluster.config.disconnect_expired_cert:
                 left = (identity.not_after - utcnow()).total_seconds()
+                if session.interrupt is not None:
+                    # The lock watcher cuts it at expiry, interrupting it
+                    # upstream first (Cluster.cut); this is the backstop.
+                    left += CUT_GRACE
                 session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
             with session.cancel_scope:
                 error = await run(counters)

@@ -48,7 +48,7 @@ from gateway.net.tls import TLSStream
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.postgres import (
-    NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, ConnectionClosed, CopyDataEvent,
+    NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, CopyDataEvent,
     CopyDirection, CopyDoneEvent, CopyFailEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
     FunctionCallEvent, ParseEvent, QueryEvent, SSLRequest, StartupRelay, UpstreamLogin, UpstreamLoginError,
     parse_ssl_answer, replication_requested,
@@ -69,6 +69,22 @@ PARAM_DB_USER, PARAM_DB_NAME, PARAM_CANCEL = "db_user", "db_name", "cancel"
 MAX_PORTALS = 1024
 _BLANK_KEY = BackendKeyData(process_id=0, secret_key=bytes(4))
 PG_PREFIX = "pg."
+
+
+async def _send_cancel(resource: Resource, key: BackendKeyData) -> None:
+    """A CancelRequest with the backend's real key, on a connection of its
+    own, as PostgreSQL wants (raises :class:`Refused`)."""
+    upstream = await connect_tcp(resource)
+    async with upstream:
+        try:
+            await upstream.send_all(CancelRequest(process_id=key.process_id, secret_key=key.secret_key).encode())
+            # The server closes without answering once it has signalled the
+            # backend; wait for that (bounded).
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                while await upstream.receive_some(1024):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE, f"sending the cancel failed: {exc}") from None
 
 
 class PostgresKind:
@@ -124,18 +140,25 @@ class PostgresKind:
         key = session.extra.get("backend_key")
         if key is None:
             raise Refused(ErrorCode.BAD_REQUEST, "the session has no cancel key")
-        upstream = await connect_tcp(resource)
-        async with upstream:
-            try:
-                await upstream.send_all(CancelRequest(process_id=key.process_id,
-                                                      secret_key=key.secret_key).encode())
-                # The server closes without answering; wait for that (bounded).
-                with trio.move_on_after(CONNECT_TIMEOUT):
-                    while await upstream.receive_some(1024):
-                        pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise Refused(ErrorCode.UPSTREAM_UNREACHABLE, f"sending the cancel failed: {exc}") from None
+        await _send_cancel(resource, key)
         return f"cancel of session {session_id}"
+
+    async def interrupt(self, cluster: Cluster, resource: Resource, session: LiveSession, reason: str) -> str:
+        """The session is being cut (a lock, a revocation, the certificate's
+        end): cancel its running statement with the backend's key before
+        the connection closes, or PostgreSQL would run it to its end (a
+        backend notices a closed client only when it next writes), and an
+        in-flight write could still commit. The cut then closes the
+        connection, which ends the backend (and rolls back any open
+        transaction)."""
+        key = session.extra.get("backend_key")
+        if key is None:
+            return "no backend key"
+        try:
+            await _send_cancel(resource, key)
+        except Refused as refusal:
+            return f"cancel failed: {refusal.message}"
+        return "cancel sent"
 
     def acts_on(self, cluster: Cluster, request: DialRequest) -> LiveSession | None:
         session = cluster.sessions.get(request.params.get(PARAM_CANCEL, ""))
@@ -272,8 +295,8 @@ class SessionAuditor:
         self.portals: dict[str, tuple[str, int | None]] = {}
 
     def _emit(self, event: str, **fields: Any) -> None:
-        self.cluster.audit_soon(event, self.session.user, session_id=self.session.id,
-                                resource=self.session.resource, **fields)
+        self.cluster.audit_fields_soon(event, self.session.user, {
+            "session_id": self.session.id, "resource": self.session.resource, **fields})
 
     def from_client(self, data: bytes) -> None:
         self._feed(self.front, self._client_event, data, "client")
@@ -283,22 +306,25 @@ class SessionAuditor:
 
     def _feed(self, auditor, handler, data: bytes, side: str) -> None:
         """Give ``data`` (b"" at EOF) to ``auditor`` and handle every event
-        it completes."""
+        it completes (in the relay engine's thread, once per chunk)."""
         try:
             auditor.receive_data(data)
-            while True:
-                event = auditor.next_event()
-                if event is NEED_DATA or isinstance(event, ConnectionClosed):
-                    return
-                handler(event)
+            events = auditor.next_events()
+            while events:
+                for event in events:
+                    handler(event)
+                events = auditor.next_events()
         except ProtocolError as exc:
             # What we cannot parse we cannot audit: end the session.
             self._emit("pg.protocol_error", side=side, error=exc.message)
             raise trio.BrokenResourceError(f"unparseable PostgreSQL {side} stream: {exc.message}") from None
 
     def _client_event(self, e: object) -> None:
-        if isinstance(e, QueryEvent):
-            self._emit("pg.query", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256)
+        if type(e) is QueryEvent:  # once per statement: one dict, built here
+            session = self.session
+            self.cluster.audit_fields_soon("pg.query", session.user, {
+                "session_id": session.id, "resource": session.resource, "query": e.text,
+                "truncated": e.truncated, "length": e.length, "sha256": e.sha256})
         elif isinstance(e, ParseEvent):
             self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated, length=e.length,
                        sha256=e.sha256)

@@ -22,6 +22,7 @@ from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
 from gateway.cluster.dial import abandon_engine_connects, handle_mux, handle_route
 from gateway.identity import tlsconf
+from gateway.net.descriptors import serve_listeners
 from gateway.net.http import serve_http
 from gateway.net.relay import reset_on_close
 from gateway.net.tcp import keep_alive
@@ -36,6 +37,7 @@ GRACE_PERIOD = 2.0
 async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
     """One connection. Whatever goes wrong stays with it: a bug or a hostile
     peer ends this connection (logged), never the cluster."""
+    cluster.connection_opened()
     try:
         async with cluster.connection_slots:
             await _handle_connection(cluster, tcp)
@@ -43,6 +45,8 @@ async def handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
         log.exception("connection_failed action=%s", "report this as a bug with the traceback")
         reset_on_close(tcp)  # cut short, not ended
         await tcp.aclose()
+    finally:
+        cluster.connection_closed()
 
 
 async def _handle_connection(cluster: Cluster, tcp: trio.SocketStream) -> None:
@@ -119,14 +123,17 @@ async def serve(
             accept_scope = trio.CancelScope()
 
             async def accept_all() -> None:
-                # serve_listeners backs off on EMFILE/ENFILE instead of dying.
+                # Out of descriptors, it pauses quietly (gateway/net/descriptors.py).
                 with accept_scope:
-                    await trio.serve_listeners(functools.partial(handle_connection, cluster), listeners,
-                                               handler_nursery=handlers)
+                    await serve_listeners(functools.partial(handle_connection, cluster), listeners,
+                                          handler_nursery=handlers, name="cluster")
 
             handlers.start_soon(accept_all)
-            log.info("cluster_listening cluster=%s address=%s pin=%s", cluster.config.name,
-                     format_addr(bound), cluster.host_ca.pin)
+            limits = cluster.limits
+            log.info("cluster_listening cluster=%s address=%s pin=%s open_files=%d reserve_fds=%d "
+                     "streams_per_user=%d streams_per_connection=%d", cluster.config.name, format_addr(bound),
+                     cluster.host_ca.pin, cluster.open_files, limits.reserve_fds, limits.streams_per_user,
+                     limits.streams_per_connection)
             task_status.started(bound)
             if handle_signals:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

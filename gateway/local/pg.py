@@ -39,7 +39,7 @@ import trio
 from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.profile import Profile, ProfileError
-from gateway.local.localtls import local_server_context
+from gateway.local.localtls import ensure_local_client_cert, local_server_context
 from gateway.local.proxy import NEXT_STEP, Listening, MuxRoute, peer_addr
 from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
@@ -68,15 +68,33 @@ _BY_CODE = object()  # _refuse's default hint: the next step for the error's cod
 class PostgresProxy(MuxRoute):
     def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
                  db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
-                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None) -> None:
+                 wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None,
+                 client_cert_line: str | None = None) -> None:
         super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
+        #: With --local-tls-client-cert: the connection settings that name
+        #: the client certificate (told to a client without one).
+        self.client_cert_line = client_cert_line
         # The key a client got (its process id) -> its session, for a cancel.
         self._keys: dict[int, _Session] = {}
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         client_addr = peer_addr(tcp)
+        full = self.client_arrived(client_addr)
+        if full is not None:
+            # At once, before the startup packet, as the server does when it
+            # cannot take a connection (libpq reads an ErrorResponse in any
+            # answer to SSLRequest): a refused client holds nothing here.
+            await _send_and_close(tcp, error_response_for(
+                DialError(code=ErrorCode.RATE_LIMITED, message=full), hint=None).encode())
+            return
+        try:
+            await self._handle(tcp, client_addr)
+        finally:
+            self.client_left()
+
+    async def _handle(self, tcp: trio.SocketStream, client_addr: str) -> None:
         # Another local user is told why in its own protocol, after its
         # startup packet; its cancel requests cancel nothing.
         stranger = self.stranger(tcp.socket, client_addr)
@@ -96,6 +114,14 @@ class PostgresProxy(MuxRoute):
         if startup is None:
             await client.aclose()
             return
+        if stranger is None and self.client_cert_line is not None and \
+                not (secured and secured[0].getpeercert(binary_form=True)):
+            # Without the certificate only its owner can read: told why in
+            # its own protocol (a TLS alert would not say).
+            stranger = (f"this Wicket gateway requires a TLS client certificate it issued; connect with "
+                        f"{self.client_cert_line}")
+            log.warning("local_user_refused resource=%s client=%s reason=%r", self.resource, client_addr,
+                        "no client certificate")
         async with client:
             if stranger is not None:
                 await self._refuse(client, client_addr, DialError(code=ErrorCode.ACCESS_DENIED, message=stranger),
@@ -191,7 +217,9 @@ class PostgresProxy(MuxRoute):
             log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
             return
         except ProfileError as exc:
-            await self._refuse(client, client_addr, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)))
+            # The profile's message says what to run, with the cluster and user.
+            await self._refuse(client, client_addr, DialError(code=ErrorCode.CERT_EXPIRED, message=str(exc)),
+                               hint=None)
             return
         except (ClusterError, trio.TooSlowError) as exc:
             message = getattr(exc, "message", None) or "the Wicket cluster did not answer in time"
@@ -226,6 +254,7 @@ class PostgresProxy(MuxRoute):
                      self.resource, client_addr, params["db_user"], err.fields.get("C") if err else None,
                      err.fields.get("M") if err else None, error)
             return
+        self.stats.ended(counters.a_to_b, counters.b_to_a)
         log.info("pg_session_end resource=%s client=%s session=%s sent=%d received=%d%s",
                  self.resource, client_addr, session.id, counters.a_to_b, counters.b_to_a,
                  f" error={error!r}" if error else "")
@@ -290,21 +319,30 @@ class PostgresProxy(MuxRoute):
 
 def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
                    local_users: LocalUsers | None = None, db_user: str | None = None,
-                   db_name: str | None = None, local_tls: bool = False) -> Listening:
+                   db_name: str | None = None, local_tls: bool = False,
+                   local_tls_client_cert: bool = False) -> Listening:
     """The postgres kind's local route (gateway/kinds.py)."""
-    tls_context, ca_path = (local_server_context(profile.home, alpn=(ALPN_POSTGRESQL,)) if local_tls
+    local_tls = local_tls or local_tls_client_cert
+    tls_context, ca_path = (local_server_context(profile.home, alpn=(ALPN_POSTGRESQL,),
+                                                 client_certs=local_tls_client_cert) if local_tls
                             else (None, None))
+    tls_line = f"sslmode=verify-full sslrootcert={ca_path}" if local_tls else ""
+    if local_tls_client_cert:
+        cert_path, key_path = ensure_local_client_cert(profile.home)
+        tls_line += f" sslcert={cert_path} sslkey={key_path}"
     pg = PostgresProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
-                       wait_for_cluster=wait_for_cluster, local_users=local_users)
+                       wait_for_cluster=wait_for_cluster, local_users=local_users,
+                       client_cert_line=tls_line if local_tls_client_cert else None)
 
     def try_line(host: str, port: int) -> str:
         user = db_user or identity.user
         conninfo = f"host={host} port={port} user={user} dbname={db_name or user}"
         if local_tls:
-            conninfo += f" sslmode=verify-full sslrootcert={ca_path}"
+            conninfo += " " + tls_line
         return f'Try: psql "{conninfo}"'
 
-    return Listening(handler=pg.handle, dialer=pg.dialer, try_line=try_line)
+    return Listening(handler=pg.handle, dialer=pg.dialer, try_line=try_line, route=pg,
+                     unix_name=lambda port: f".s.PGSQL.{port}")
 
 
 class _Session:

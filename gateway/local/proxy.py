@@ -24,9 +24,14 @@ unaffected by one client's trouble.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 import socket
+import stat
+import threading
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import attrs
@@ -38,6 +43,8 @@ from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
 from gateway.local.profile import Profile, ProfileError
+from gateway.local.route_stats import RouteStats
+from gateway.net.descriptors import Budget, serve_listeners
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
 from gateway.net.peercred import LocalUsers
@@ -57,11 +64,12 @@ _Resume = tuple[RelayCounters, bytes, bool]
 NEXT_STEP = {
     ErrorCode.CERT_EXPIRED: "run `wicket login` again",
     ErrorCode.CERT_INVALID: "run `wicket login` again",
-    ErrorCode.CERT_REQUIRED: "run `wicket login` again",
+    ErrorCode.CERT_REQUIRED: "run `wicket login` first",
     ErrorCode.ACCESS_DENIED: "ask a cluster administrator for a role that allows it",
     ErrorCode.USER_LOCKED: "ask a cluster administrator to unlock your user",
     ErrorCode.RESOURCE_NOT_FOUND: "`wicket ls` lists the resources you can reach",
     ErrorCode.UPSTREAM_UNREACHABLE: "the resource is down or unreachable from the cluster",
+    ErrorCode.RATE_LIMITED: None,  # the cluster's message names the limit and what to do
 }
 
 
@@ -75,6 +83,12 @@ class Listening:
     handler: Any
     dialer: MuxDialer
     try_line: Callable[[str, int], str]
+    #: The route's shared part (its client limit is set from the command line).
+    route: "MuxRoute"
+    #: The name of the route's unix socket in a directory given to
+    #: ``--unix-socket``, from the port (PostgreSQL's ``.s.PGSQL.<port>``);
+    #: None: the kind's clients name the socket's own path.
+    unix_name: Callable[[int], str] | None = None
 
 
 def peer_addr(stream: trio.SocketStream) -> str:
@@ -100,6 +114,35 @@ class MuxRoute:
         self.room = WaitRoom(resource, wait_for_cluster)
         self.dialer = MuxDialer(profile)
         self.local_users = local_users or LocalUsers()
+        self.stats = RouteStats()
+        #: Local clients served at once (``--max-connections``): each holds
+        #: a descriptor; past it, a new client is refused (in its protocol
+        #: where it has one), and the gateway keeps its reserve for its own
+        #: connection to the cluster. Clients counted under ``_count_lock``.
+        self.max_clients = Budget.of_process().for_sessions
+        self.clients = 0
+        self._count_lock = threading.Lock()
+        self._over = False  # refusing now: logged once per episode
+
+    def client_arrived(self, client_addr: str) -> str | None:
+        """Count a new local client, or say why it is refused (logged once
+        per episode). Any thread; :meth:`client_left` when it is gone."""
+        with self._count_lock:
+            if self.clients < self.max_clients:
+                self.clients += 1
+                if self._over and self.clients < self.max_clients * 9 // 10:
+                    self._over = False
+                return None
+            first, self._over = not self._over, True
+        refusal = (f"this proxy already serves {self.max_clients} connections, its limit; close some, or "
+                   f"restart it with a higher --max-connections")
+        if first:
+            log.warning("clients_refused resource=%s client=%s reason=%r", self.resource, client_addr, refusal)
+        return refusal
+
+    def client_left(self) -> None:
+        with self._count_lock:
+            self.clients -= 1
 
     def stranger(self, sock: socket.socket, client_addr: str) -> str | None:
         """Why the client on ``sock`` may not use this gateway (logged), or
@@ -127,6 +170,7 @@ class MuxRoute:
         raise AssertionError("unreachable")
 
     def log_refused(self, client_addr: str, error: DialError, next_step: str | None) -> None:
+        self.stats.refusal(error.raw_code or error.code.value)
         log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
                     client_addr, error.raw_code or error.code.value, error.message, next_step)
 
@@ -168,10 +212,14 @@ class TcpProxy(MuxRoute):
     # -- the engine's thread (or trio's, holding the engine's lock) --------
 
     def _on_accept(self, sock: socket.socket, addr) -> None:
-        if self.stranger(sock, format_addr(addr)) is not None:
-            reset_and_close(sock)  # a tcp client has no protocol to be told in: the log says why
+        # A tcp client has no protocol to be told in why it is refused: it
+        # gets a reset, and the log says why.
+        if self.stranger(sock, format_addr(addr)) is not None or \
+                self.client_arrived(format_addr(addr)) is not None:
+            reset_and_close(sock)
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link = self.dialer.ready_link()
         if link is not None:
             try:
@@ -182,13 +230,18 @@ class TcpProxy(MuxRoute):
         try:
             self._token.run_sync_soon(self._spawn_slow, sock, addr)
         except trio.RunFinishedError:
-            reset_and_close(sock)
+            self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        """The client's connection ends with no session (so no ``_on_end``)."""
+        reset_and_close(sock)
+        self.client_left()
 
     def _spawn_slow(self, sock: socket.socket, addr, resume: _Resume | None = None) -> None:  # trio's thread
         try:
             self._nursery.start_soon(self._start_slowly, sock, addr, resume)
         except RuntimeError:  # stopping: the nursery takes no more
-            reset_and_close(sock)
+            self._drop(sock)
 
     def _start(self, link: MuxLink, sock: socket.socket, addr, resume: _Resume | None = None) -> None:
         """Start the session on ``link``; ``resume``: again, after its first
@@ -201,7 +254,7 @@ class TcpProxy(MuxRoute):
                 self._again(sock, addr, (counters, early, fin), reason)
         else:
             (counters, early, fin), retry = resume, None
-        with self.engine._lock:
+        with self.engine.lock:
             self.started += 1
             try:
                 link.start(DialRequest(resource=self.resource, client_addr=client_addr), sock,
@@ -221,10 +274,11 @@ class TcpProxy(MuxRoute):
         try:
             self._token.run_sync_soon(self._spawn_slow, sock, addr, resume)
         except trio.RunFinishedError:
-            reset_and_close(sock)
+            self._drop(sock)
 
     def _on_end(self, link: MuxLink, stream: Stream) -> None:
         self.ended += 1
+        self.client_left()
         self._log_end(link, stream)  # queued for the log's writer thread: cheap here
         if link is not self.dialer._link:
             # A replaced connection (a renewed login) closes after its last
@@ -254,17 +308,19 @@ class TcpProxy(MuxRoute):
             except ClientGone:
                 log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
             except (ClusterError, trio.TooSlowError) as exc:
+                self.stats.failure()
                 log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
                             getattr(exc, "message", None) or "the cluster did not answer in time")
         except BaseException:
-            reset_and_close(sock)
+            self._drop(sock)
             raise
-        reset_and_close(sock)  # no session: the client sees an abort, not an empty answer
+        self._drop(sock)  # no session: the client sees an abort, not an empty answer
 
     def _log_end(self, link: MuxLink, stream: Stream) -> None:
         reply, client_addr = stream.reply, stream.context
         if isinstance(reply, DialAccept):
             counters = stream.counters
+            self.stats.ended(counters.a_to_b, counters.b_to_a)
             log.info("session_end resource=%s client=%s session=%s sent=%d received=%d%s",
                      self.resource, client_addr, reply.session_id, counters.a_to_b, counters.b_to_a,
                      f" error={stream.error!r}" if stream.error else "")
@@ -274,6 +330,7 @@ class TcpProxy(MuxRoute):
             error = stream.error or "the session ended before the cluster answered"
             if link.failed is not None:
                 error += "; is `wicket-cluster start` still running?"
+            self.stats.failure()
             log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr, error)
 
 
@@ -281,7 +338,57 @@ def tcp_route(profile: Profile, resource: str, identity, *, wait_for_cluster: fl
               local_users: LocalUsers | None = None) -> Listening:
     """The tcp kind's local route (gateway/kinds.py)."""
     tcp = TcpProxy(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
-    return Listening(handler=tcp, dialer=tcp.dialer, try_line=lambda host, port: f"Try: nc {host} {port}")
+    return Listening(handler=tcp, dialer=tcp.dialer, route=tcp,
+                     try_line=lambda host, port: f"Try: nc -U {host}" if host.startswith("/") else
+                     f"Try: nc {host} {port}")
+
+
+class ListenError(OSError):
+    """The listener cannot be set up (the message says why and what to do)."""
+
+
+def unix_socket_path(path: Path, port: int, name: Callable[[int], str] | None) -> Path:
+    """Where ``--unix-socket PATH`` listens: PATH itself, or for a directory
+    the kind's socket name in it (PostgreSQL's ``.s.PGSQL.<port>``, so that
+    ``psql host=DIR port=PORT`` finds it)."""
+    if path.is_dir():
+        if name is None:
+            raise ListenError(f"{path} is a directory; this kind needs the socket's own path (e.g. {path}/NAME.sock)")
+        return path / name(port)
+    return path
+
+
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` with ``mode``, created with that
+    mode from the start (no moment where others could connect). A socket
+    file left by a gateway that died is replaced; one in use is not."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenError(f"{path} exists and is not a socket; choose another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            raise ListenError(f"{path} is in use by another listener; stop it or choose another path")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left behind by a listener that is gone
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(socket.SOMAXCONN)
+    return sock
 
 
 async def run_listener(
@@ -289,15 +396,27 @@ async def run_listener(
     *,
     host: str,
     port: int,
+    unix_socket: Path | None = None,
+    unix_mode: int = 0o600,
     task_status=trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    handler_nursery: trio.Nursery | None = None,
 ) -> None:
-    """Listen on ``host:port`` and serve each connection with ``handler``
-    (an async function of a trio stream, or an object with its own
-    ``serve_listeners``) until SIGINT/SIGTERM (or cancellation). Started
-    value: the bound address."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()
+    """Listen on ``host:port``, or on the unix socket at ``unix_socket``
+    (mode ``unix_mode``, removed at the end), and serve each connection
+    with ``handler`` (an async function of a trio stream, or an object with
+    its own ``serve_listeners``) until SIGINT/SIGTERM (or cancellation).
+    Started value: the bound address (a unix socket's path, as a str).
+    With ``handler_nursery``, connections' tasks run there: cancelling
+    this function then only stops accepting, and live sessions carry on
+    (a graceful stop drains them)."""
+    if unix_socket is not None:
+        sock = _bind_unix(unix_socket, unix_mode)
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+        bound = str(unix_socket)
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
 
     async def guarded(stream: trio.SocketStream) -> None:
         # One client's trouble, even a bug, ends that client's connection
@@ -310,16 +429,25 @@ async def run_listener(
             reset_on_close(stream)  # cut short, not ended
             await stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        serve = getattr(handler, "serve_listeners", None)
-        if serve is not None:  # it accepts by itself (TcpProxy: in the relay engine)
-            await nursery.start(serve, listeners)
-        else:
-            nursery.start_soon(trio.serve_listeners, guarded, listeners)
-        task_status.started(bound)
-        if handle_signals:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("proxy_stopping signal=%s", signal.Signals(signum).name)
-                    break
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            serve = getattr(handler, "serve_listeners", None)
+            if serve is not None:  # it accepts by itself (TcpProxy: in the relay engine)
+                await nursery.start(serve, listeners)
+            else:
+                # Out of descriptors, it pauses quietly (gateway/net/descriptors.py).
+                nursery.start_soon(functools.partial(serve_listeners, guarded, listeners, name="proxy",
+                                                     handler_nursery=handler_nursery))
+            task_status.started(bound)
+            if handle_signals:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("proxy_stopping signal=%s", signal.Signals(signum).name)
+                        break
+                nursery.cancel_scope.cancel()
+    finally:
+        if unix_socket is not None:
+            try:
+                os.unlink(unix_socket)
+            except FileNotFoundError:
+                pass

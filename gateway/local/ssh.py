@@ -86,4 +86,4 @@ def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, loca
                 f"The gateway's host key, for known_hosts"
                 f"{f' (added to {write_known_hosts})' if write_known_hosts else ''}:\n{line}")
 
-    return Listening(handler=route, dialer=route.dialer, try_line=try_line)
+    return Listening(handler=route, dialer=route.dialer, try_line=try_line, route=route)

@@ -71,16 +71,19 @@ class SshTerminated(MuxRoute):
     async def _handle(self, stream: trio.SocketStream) -> None:
         """(trio) One local client, start to end."""
         client_addr = peer_addr(stream)
-        if self.stranger(stream.socket, client_addr) is not None:
-            await stream.aclose()
+        if self.stranger(stream.socket, client_addr) is not None or self.client_arrived(client_addr) is not None:
+            await stream.aclose()  # the log says why
             return
-        sock = socket.socket(fileno=stream.socket.detach())
-        async with trio.open_nursery() as watchers:
-            try:
-                await ssh_asyncio.serve_connection(sock, _Client(self, watchers), self.keys, self.host_key,
-                                                   client_addr)
-            finally:
-                watchers.cancel_scope.cancel()
+        try:
+            sock = socket.socket(fileno=stream.socket.detach())
+            async with trio.open_nursery() as watchers:
+                try:
+                    await ssh_asyncio.serve_connection(sock, _Client(self, watchers), self.keys, self.host_key,
+                                                       client_addr)
+                finally:
+                    watchers.cancel_scope.cancel()
+        finally:
+            self.client_left()
 
 
 class _Client:

@@ -203,8 +203,10 @@ labels = {{ env = "dev" }}
 
 
 class Cluster:
-    def __init__(self, tmp: Path, echo: Echo, *, extra_config: str = "", env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, echo: Echo, *, extra_config: str = "", env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
+        self.wrapper = wrapper  # a command to run it under (prlimit ...)
         self.state = tmp / "cluster-state"
         self.config = tmp / "cluster.toml"
         self.port = 0
@@ -216,7 +218,7 @@ class Cluster:
     def start(self) -> None:
         ready = self.tmp / "cluster.ready"
         ready.unlink(missing_ok=True)
-        self.proc = Proc([PY, "-m", "gateway.cli.cluster", "start", "--config", str(self.config),
+        self.proc = Proc([*self.wrapper, PY, "-m", "gateway.cli.cluster", "start", "--config", str(self.config),
                           "--ready-file", str(ready)], self.tmp / "cluster.log", _env(**self.env))
 
         def is_ready():
@@ -283,10 +285,10 @@ class Gateway:
     def proxy_tcp(self, resource: str) -> tuple[Proc, int]:
         return self.proxy("tcp", resource)
 
-    def proxy(self, kind: str, resource: str, *extra: str) -> tuple[Proc, int]:
+    def proxy(self, kind: str, resource: str, *extra: str, wrapper: tuple[str, ...] = ()) -> tuple[Proc, int]:
         log = self.tmp / f"proxy-{self.user}-{resource}-{len(self.proxies)}.log"
-        proc = Proc([PY, "-m", "gateway.cli.wicket", "proxy", kind, resource, "--port", "0", *extra], log,
-                    self.env())
+        proc = Proc([*wrapper, PY, "-m", "gateway.cli.wicket", "proxy", kind, resource, "--port", "0", *extra],
+                    log, self.env())
         self.proxies.append(proc)
         port = int(proc.read_line(r"listening on [\d.]+:(\d+)").group(1))
         return proc, port

@@ -23,3 +23,9 @@ def test_format_addr():
 def test_round_trip():
     for addr in (("10.0.0.1", 1), ("fe80::1", 65535, 0, 0)):
         assert parse_hostport(format_addr(addr)) == addr[:2]
+
+
+def test_format_addr_of_a_unix_socket():
+    assert format_addr("") == "unix:local"  # an unnamed client
+    assert format_addr("/run/w.sock") == "unix:/run/w.sock"
+    assert format_addr(b"/run/w.sock") == "unix:/run/w.sock"

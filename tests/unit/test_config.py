@@ -44,6 +44,9 @@ def test_relative_state_dir(tmp_path):
         ('[cluster]\nstate_dir="s"\n[audit]\nkeep="forever"\n', "audit.keep"),
         ('[cluster]\nstate_dir="s"\n[audit]\nkept="90d"\n', "audit: expected a table with keep"),
         ("not toml [", "not valid TOML"),
+        ('[cluster]\nstate_dir="s"\n[limits]\nstreams_per_user=0\n', "limits.streams_per_user: expected a positive"),
+        ('[cluster]\nstate_dir="s"\n[limits]\nstreams_per_user=true\n', "limits.streams_per_user"),
+        ('[cluster]\nstate_dir="s"\n[limits]\nstreams=5\n', "limits: expected a table with"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, text, match):
@@ -83,3 +86,22 @@ def test_audit_keep(tmp_path):
     assert cfg.load(p).audit_keep is None  # for ever, unless told
     p.write_text('[cluster]\nstate_dir = "s"\n[audit]\nkeep = "90d"\n')
     assert cfg.load(p).audit_keep == 90 * 86400
+
+
+def test_limits_default_to_shares_of_the_open_files_limit():
+    c = cfg.from_dict({"cluster": {"state_dir": "/s"}})
+    assert c.limits == cfg.Limits()  # unset: derived at start
+    limits = c.limits.resolve(20_000)
+    assert limits.reserve_fds == 1024
+    assert limits.streams_per_user == (20_000 - 1024) // 8
+    assert limits.streams_per_connection == limits.streams_per_user // 2
+    small = c.limits.resolve(256)
+    assert small.reserve_fds == 32 and small.streams_per_user == 28 and small.streams_per_connection == 14
+    # Together, one user's sessions stay well under what the cluster may hold.
+    assert limits.streams_per_user < (20_000 - limits.reserve_fds) / 4
+
+
+def test_limits_given_are_kept_and_a_connection_never_exceeds_its_user():
+    c = cfg.from_dict({"cluster": {"state_dir": "/s"}, "limits": {"streams_per_user": 5, "reserve_fds": 100}})
+    limits = c.limits.resolve(20_000)
+    assert limits.streams_per_user == 5 and limits.reserve_fds == 100 and limits.streams_per_connection == 5

@@ -4,10 +4,13 @@ loopback names only (X.509 name constraints), and OpenSSL holds it to them."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
+import stat
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.identity import pki
 from gateway.local import localtls
@@ -76,3 +79,19 @@ def test_a_local_ca_from_before_the_constraints_is_replaced(tmp_path):
     assert pki.name_constraints(new) is not None and new != old.cert
     x509.load_pem_x509_certificate(cert_path.read_bytes()).verify_directly_issued_by(new)  # issued again
     assert localtls.ensure_local_tls(home)[0].read_bytes() == ca_path.read_bytes()  # stable from then on
+
+
+def test_the_local_client_certificate_is_private_for_client_auth_and_kept(tmp_path):
+    cert_path, key_path = localtls.ensure_local_client_cert(tmp_path)
+    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "local-ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]  # never a server's
+    # The server context asks for it, verified against the local CA.
+    ctx, _ = localtls.local_server_context(tmp_path, client_certs=True)
+    assert ctx.verify_mode is ssl.CERT_OPTIONAL
+    again = localtls.ensure_local_client_cert(tmp_path)
+    assert again == (cert_path, key_path)
+    assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == cert  # kept, not reissued

@@ -48,7 +48,8 @@ def test_expired_is_typed(ca):
     with pytest.raises(pki.CertError) as err:
         pki.verify_session_cert(cert, ca.cert, now=NOW + dt.timedelta(hours=8))
     assert err.value.code is ErrorCode.CERT_EXPIRED
-    assert "wicket login" in err.value.message
+    # What happened, when; the next step is the gateway's or the API's to add, once.
+    assert "expired at" in err.value.message and "wicket login" not in err.value.message
 
 
 def test_not_yet_valid(ca):

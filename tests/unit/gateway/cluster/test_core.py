@@ -1,10 +1,12 @@
 """gateway.cluster.core: audit retention gives the store's thread back
-between batches. (Standing and cuts are in tests/unit/test_core.py.)"""
+between batches; the [limits] on sessions and the cut's interrupt.
+(Standing and which sessions a change cuts are in tests/unit/test_core.py.)"""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 import trio
 
 from gateway.cluster import config as cfg
@@ -49,5 +51,79 @@ async def test_a_long_prune_lets_a_login_read_the_store_between_batches(tmp_path
         # login's read went in between them, not after the whole prune.
         assert len(batches) == 6 and batches_before_login[0] < len(batches)
         assert [e.event for e in cluster.store.query_audit()] == ["login.ok"]
+    finally:
+        cluster.close()
+
+
+def _limited(tmp_path, **limits) -> Cluster:
+    return Cluster.open(cfg.from_dict({"cluster": {"state_dir": str(tmp_path / "state")}, "limits": limits}))
+
+
+def test_a_user_past_streams_per_user_is_refused_naming_it_and_others_are_not(tmp_path):
+    cluster = _limited(tmp_path, streams_per_user=2)
+    try:
+        a = [cluster.new_session("alice", "db", "postgres") for _ in range(2)]
+        with pytest.raises(core.AtCapacity) as err:
+            cluster.new_session("alice", "db", "postgres")
+        assert err.value.limit == "streams_per_user" and "limits.streams_per_user" in err.value.message
+        cluster.new_session("bob", "db", "postgres")  # someone else is unaffected
+        cluster.end_session(a[0])
+        cluster.end_session(a[0])  # ending twice gives back one place, not two
+        cluster.new_session("alice", "db", "postgres")
+        with pytest.raises(core.AtCapacity):
+            cluster.new_session("alice", "db", "postgres")
+    finally:
+        cluster.close()
+
+
+def test_sessions_never_take_the_reserved_descriptors(tmp_path):
+    cluster = _limited(tmp_path, reserve_fds=10)
+    try:
+        room = cluster.open_files - 10
+        for _ in range(3):
+            cluster.connection_opened()
+        sessions = [cluster.new_session(f"u{i % 50}", "db", "tcp") for i in range(room - 3)]
+        with pytest.raises(core.AtCapacity) as err:
+            cluster.new_session("someone-else", "db", "tcp")
+        assert err.value.limit == "open_files" and "limits.reserve_fds = 10" in err.value.message
+        cluster.connection_closed()
+        cluster.new_session("someone-else", "db", "tcp")
+        assert len(sessions) == room - 3
+    finally:
+        cluster.close()
+
+
+def test_a_refusal_at_a_limit_is_audited_once_a_minute_then_counted(tmp_path):
+    cluster = _limited(tmp_path)
+    try:
+        firsts = [cluster.note_limit_refusal("alice", "streams_per_user") for _ in range(5)]
+        assert firsts == [True, False, False, False, False]
+        assert cluster.note_limit_refusal("alice", "streams_per_connection")  # another limit: its own first
+        cluster._queue_tallies(None)  # stopping: every window is over
+        counted = [e for e in cluster._audit_pending if e[0] == "dial.limited"]
+        assert len(counted) == 1
+        event, user, fields, _ = counted[0]
+        assert user == "alice" and fields["limit"] == "streams_per_user" and fields["repeats"] == 4
+    finally:
+        cluster.close()
+
+
+async def test_a_cut_interrupts_upstream_first_and_audits_it(tmp_path):
+    cluster = _limited(tmp_path)
+    try:
+        session = cluster.new_session("alice", "db", "postgres")
+        order: list[str] = []
+
+        async def interrupt(reason: str) -> str:
+            order.append(f"interrupt {reason}")
+            return "cancel sent"
+
+        session.interrupt = interrupt
+        session.cut = lambda reason: order.append(f"cut {reason}")
+        await cluster.cut(session, "user_locked")
+        await cluster.cut(session, "user_locked")  # once only
+        assert order == ["interrupt user_locked", "cut user_locked"]
+        events = [e for e in cluster._audit_pending if e[0] == "session.interrupt"]
+        assert len(events) == 1 and events[0][2]["result"] == "cancel sent"
     finally:
         cluster.close()
