@@ -87,6 +87,9 @@ def check_login(login: object) -> str:
 
 class SshKind:
     kind = "ssh"
+    #: Closing the node's connection ends what runs there: sshd hangs up the
+    #: session's processes (SIGHUP), as when any client goes away.
+    interrupt = None
 
     def __init__(self) -> None:
         #: Terminated sessions, by id: (user, resource), for the gateway's
