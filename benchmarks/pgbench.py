@@ -71,16 +71,10 @@ def main(argv=None) -> int:
                        settings=f'tls = "verify-full"\nca_file = "{server_ca}"\nserver_name = "localhost"\n'
                                 f'auth = "cert"\n')
         started.append(w_tls)
-        server = PgServer(work / "pg", port=pg_port,
-                          client_ca_pem=(work / "wicket-tls" / "cluster-state" / "db_client_ca.crt").read_bytes(),
-                          hba_extra="host all bench 127.0.0.1/32 trust\n")
-        server.start()
-        server.sql("CREATE ROLE bench LOGIN")
+        server = start_server(work, pg_port, work / "wicket-tls")
         server.sql("CREATE ROLE benchcert LOGIN")
-        server.sql("CREATE DATABASE bench OWNER bench")
+        init_database(server, pg_port, scale=4)
         server.sql("GRANT ALL ON SCHEMA public TO benchcert", dbname="bench")
-        subprocess.run(["pgbench", "-i", "-s", "4", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "bench",
-                        "bench"], check=True, capture_output=True, timeout=300)
         server.sql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO benchcert", dbname="bench")
         w_plain = Wicket(work / "wicket", pg_port, kind="postgres",
                          settings=f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n',
@@ -98,6 +92,25 @@ def main(argv=None) -> int:
     finally:
         stop_all(started, server)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def start_server(work: Path, port: int, wicket_dir: Path) -> PgServer:
+    """A throwaway PostgreSQL in ``work/pg`` on ``port`` that trusts the
+    ``bench`` user from 127.0.0.1 and the db client CA of the Wicket pair
+    in ``wicket_dir``."""
+    server = PgServer(work / "pg", port=port,
+                      client_ca_pem=(wicket_dir / "cluster-state" / "db_client_ca.crt").read_bytes(),
+                      hba_extra="host all bench 127.0.0.1/32 trust\n")
+    server.start()
+    return server
+
+
+def init_database(server: PgServer, port: int, *, scale: int) -> None:
+    """The ``bench`` role and database, filled by ``pgbench -i``."""
+    server.sql("CREATE ROLE bench LOGIN")
+    server.sql("CREATE DATABASE bench OWNER bench")
+    subprocess.run(["pgbench", "-i", "-s", str(scale), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "bench",
+                    "bench"], check=True, capture_output=True, timeout=300)
 
 
 if __name__ == "__main__":

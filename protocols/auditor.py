@@ -158,8 +158,11 @@ class StatementReader:
 class StreamAuditor:
     """One direction of a relayed session, turned into audit events."""
 
-    def __init__(self, layout: FrameLayout, *, max_length: int | None = None) -> None:
-        self._splitter = FrameSplitter(layout, keep=self._keep, max_length=max_length)
+    def __init__(self, layout: FrameLayout, *, max_length: int | None = None,
+                 only: frozenset | None = None) -> None:
+        """``only``: the kinds ``_keep`` is asked about, if not all: any
+        other message is skipped by its length without the call."""
+        self._splitter = FrameSplitter(layout, keep=self._keep, max_length=max_length, only=only)
         self._events: deque[Any] = deque()
         self._ended = False  # the stream said goodbye: parse nothing more
         self._eof = False
@@ -215,6 +218,20 @@ class StreamAuditor:
         if self._closed is not None:
             return self._closed
         return NEED_DATA
+
+    def next_events(self) -> list[Any]:
+        """Every event ready now, in order: what :meth:`next_event` gives
+        until ``NEED_DATA`` (or ``ConnectionClosed``, which is left out), in
+        one call; ``[]`` if none. Raises RemoteProtocolError for a
+        malformed stream once the events before it have been returned."""
+        events = self._events
+        if events:
+            out = list(events)
+            events.clear()
+            return out
+        if self._error is not None:
+            self.next_event()  # raises it, as next_event() does
+        return []
 
     # -- for a protocol's handlers ----------------------------------------------
 

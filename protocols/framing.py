@@ -97,6 +97,8 @@ class FrameLayout:
     length_end: int = attrs.field(init=False)
     #: Derived: the length field's own struct, or None for a three-byte one.
     _length: struct.Struct | None = attrs.field(init=False, repr=False)
+    #: Derived: the header's byte order, as ``int.from_bytes`` names it.
+    byteorder: str = attrs.field(init=False, repr=False)
 
     @min_length.default
     def _empty_body(self) -> int:
@@ -118,6 +120,10 @@ class FrameLayout:
             return None  # read with int.from_bytes (MySQL's three bytes)
         return struct.Struct(f"{self._order()}{start}x{code}")
 
+    @byteorder.default
+    def _byteorder(self) -> str:
+        return "little" if self._order() == "<" else "big"
+
     def __attrs_post_init__(self) -> None:
         if self.header.format[:1] not in ("<", ">", "!"):
             raise ValueError(f"{self.name}: the header format must name its byte order")
@@ -125,10 +131,6 @@ class FrameLayout:
             raise ValueError(f"{self.name}: min_length must be 0..max_length")
         if self.min_length + self.uncounted < self.header.size:
             raise ValueError(f"{self.name}: a frame of min_length would end inside its header")
-
-    @property
-    def byteorder(self) -> str:
-        return "little" if self._order() == "<" else "big"
 
     def length_of(self, head: bytes) -> int:
         """The length field of a header that starts ``head`` (at least
@@ -211,10 +213,13 @@ class FrameSplitter:
     """Frames of one layout, at most ``max_length`` long; see the module doc."""
 
     __slots__ = ("layout", "max_length", "_keep", "_header", "_kind", "_length", "_kept",
-                 "_want", "_skip", "_sink", "_sink_end", "frames")
+                 "_want", "_skip", "_sink", "_sink_end", "frames", "_plan")
 
     def __init__(self, layout: FrameLayout, *, keep: KeepPolicy | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, only: frozenset | None = None) -> None:
+        """``only``: the kinds ``keep`` is asked about; a frame of any other
+        kind is skipped unseen without asking (a server's rows, say: one
+        call fewer per message). None: ``keep`` is asked about every frame."""
         if max_length is None:
             max_length = layout.max_length
         if not layout.min_length <= max_length <= layout.max_length:
@@ -233,6 +238,11 @@ class FrameSplitter:
         self._sink_end: Callable[[], None] | None = None
         #: Frames whose header has been read (skipped ones included).
         self.frames = 0
+        # What feed() reads of the layout, in one tuple: feed runs once per
+        # chunk a relay forwards, so its set-up is a per-message cost.
+        self._plan = (layout.header.unpack_from, layout.header.size, layout.length_field,
+                      layout.kind_field, layout.min_length, max_length,
+                      layout.uncounted - layout.header.size, layout.byteorder, self._keep, only)
 
     # -- a whole frame out of a buffer -----------------------------------------
 
@@ -270,14 +280,9 @@ class FrameSplitter:
         it advances."""
         if type(data) is not bytes:
             data = memoryview(data).cast("B")
-        layout = self.layout
-        unpack = layout.header.unpack_from
-        header_size = layout.header.size
-        length_field, kind_field = layout.length_field, layout.kind_field
-        lowest, highest = layout.min_length, self.max_length
-        to_body = layout.uncounted - header_size
-        byteorder = layout.byteorder  # for a three-byte length field (MySQL's)
-        keep_of = self._keep
+        # byteorder: for a three-byte length field (MySQL's).
+        unpack, header_size, length_field, kind_field, lowest, highest, to_body, byteorder, keep_of, only = \
+            self._plan
         pos, end = 0, len(data)
         while pos < end:
             if self._skip:
@@ -312,11 +317,11 @@ class FrameSplitter:
             if type(length) is bytes:
                 length = int.from_bytes(length, byteorder)
             if not lowest <= length <= highest:
-                layout.frame_size(length, highest)  # raises, saying which bound
+                self.layout.frame_size(length, highest)  # raises, saying which bound
             self.frames += 1
             body = length + to_body
             kind = None if kind_field is None else fields[kind_field]
-            keep = keep_of(kind, body)
+            keep = keep_of(kind, body) if only is None or kind in only else None
             if keep is None:  # skipped unseen, by its length
                 if end - pos >= body:
                     pos += body

@@ -259,8 +259,11 @@ class PgSessionAuditor(SessionAuditor):
         self.feed(self.back, self._server_event, data, "server")
 
     def _client_event(self, e: object) -> None:
-        if isinstance(e, QueryEvent):
-            self.emit("query", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256)
+        if type(e) is QueryEvent:  # once per statement: one dict, built here
+            session = self.session
+            self.cluster.audit_fields_soon("pg.query", session.user, {
+                "session_id": session.id, "resource": session.resource, "query": e.text,
+                "truncated": e.truncated, "length": e.length, "sha256": e.sha256})
         elif isinstance(e, ParseEvent):
             self.emit("parse", statement=e.statement, query=e.text, truncated=e.truncated, length=e.length,
                        sha256=e.sha256)

@@ -266,7 +266,9 @@ class DatabaseRoute(MuxRoute):
                 await phase.stream.send_all(early)
             if not link.bind(stream, client or phase.stream, counters, tap_in=tap_in):
                 return counters, stream.error, False
-            return counters, await link.wait(stream), True
+            error = await link.wait(stream)
+            self.stats.ended(counters.a_to_b, counters.b_to_a)  # the agent's /metrics
+            return counters, error, True
         except BaseException:
             link.cut(stream, "cancelled")
             raise

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 :mod:`protocols.mux` says what goes on the wire; this module moves it. A
-:class:`MuxLink` owns one TLS connection (an engine ``_End`` whose
+:class:`MuxLink` owns one TLS connection (an engine ``End`` whose
 ``owner`` is the link) and, per session, a :class:`Stream` bound to a plain
 socket (the client's on the gateway, the upstream's on the cluster; another
-``_End`` owned by the link). The engine's thread calls :meth:`MuxLink.on_ready`
+``End`` owned by the link). The engine's thread calls :meth:`MuxLink.on_ready`
 for all of them, under the engine's lock; trio's thread calls the other
 public methods, which take the same lock.
 
@@ -62,7 +62,7 @@ thread (the engine's lock is re-entrant).
 A stream's socket may speak TLS (a PostgreSQL server with ``tls =
 require``, a client of ``--local-tls``): its end then carries the
 SSLObject, and the link reads and writes plaintext through the engine's
-TLS code (``read_into``, ``seal``, ``_send_eof``), the same that serves the
+TLS code (``read_into``, ``seal``, ``send_eof``), the same that serves the
 link's own connection. What the kernel does not take of the records is the
 tail, held as ciphertext; its plaintext is acknowledged once it drained.
 Taps (the cluster's audit parsers; the gateway's look at a PostgreSQL
@@ -77,6 +77,11 @@ dial (a cancel) is a stream without a socket whose REPLY is all
 (:meth:`MuxLink.control`); it goes behind what the client had sent on the
 session it acts on, and :meth:`MuxLink.flushed` lets the cluster wait until
 that has been written to the session's socket.
+
+Layout: this module has the link (its public methods, the connection's
+events, a handler per frame type, the ends of streams and of the link);
+:mod:`gateway.net.muxstreams` has :class:`Stream` and the moving of a
+stream's bytes (``StreamIO``, mixed into :class:`MuxLink`).
 """
 
 from __future__ import annotations
@@ -89,10 +94,11 @@ from typing import Callable
 
 import trio
 
-from gateway.net.engine import (
-    PUMP_BUDGET, RelayEngine, Timer, _ALWAYS, _End, _Failure, _IN, _OUT, _detach, _failed_quietly,
-    reset_and_close, seal, watch_mask,
+from gateway.net.engine import PUMP_BUDGET, RelayEngine
+from gateway.net.ends import (
+    _ALWAYS, End, Failure, _IN, _OUT, detach, reset_and_close, seal, watch_mask,
 )
+from gateway.net.muxstreams import Stream, StreamIO
 from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, unread, written
 from gateway.net.tls import TLSStream
 from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
@@ -123,15 +129,6 @@ MAX_STREAMS = 32768
 #: and FIN makes us answer) can make us hold.
 LINK_BACKLOG = 1024 * 1024
 
-#: Bytes a process may hold for stream sockets that do not take DATA as fast
-#: as it comes (their tails, and early data waiting for a decision), per
-#: connection and in all. Each stream alone is held to its window (2 MiB);
-#: these bound the sum, so that servers that stopped reading, times many
-#: streams, cannot exhaust the cluster's memory. Past either, the stream
-#: holding the most is reset, with the reason.
-LINK_HELD = 128 * 1024 * 1024
-HELD_LIMIT = 512 * 1024 * 1024
-_MiB = 1024 * 1024
 
 _HEADER_SIZE = HEADER.size
 
@@ -151,53 +148,7 @@ class LinkClosed(Exception):
     """The multiplexed connection is over; open a new one."""
 
 
-class Stream:
-    """One session on a link. ``counters`` (a RelayCounters) count
-    ``a_to_b`` from the gateway's side to the upstream's, as the relay does.
-    ``context`` is the owner's (the client's address, the cluster's live
-    session)."""
-
-    __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
-                 "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent",
-                 "tap_in", "flushed", "sealed", "control")
-
-    def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
-        self.sid = sid
-        self.name = name  # the socket's side, for error messages
-        self.end: _End | None = None
-        self.early: bytearray | None = None  # DATA that came before the accept (cluster)
-        self.early_fin = False
-        self.reply: DialAccept | DialError | None = None
-        self.done: trio.Event | None = None  # for wait()
-        self.error: str | None = None
-        self.finished = False
-        self.counters = None
-        self.notify = notify
-        self.timer: Timer | None = None  # the REPLY's deadline (gateway)
-        self.context = None
-        self.held = 0  # bytes in ``early`` and the socket's tail (see LINK_HELD)
-        # (gateway) Until the REPLY, for a start on another connection: the
-        # owner's callback, where the OPEN ends in the connection's bytes
-        # (as tcp.final_marks counts them), and a copy of the DATA
-        # sent on the stream.
-        self.retry: Callable[[socket.socket, bytes, bool, str], None] | None = None
-        self.opened = 0
-        self.sent: bytearray | None = None
-        # Shown every chunk from the connection before it goes to the
-        # socket (the cluster's audit parsers, the gateway's look at a
-        # session's start-up); one that raises resets the stream. The other
-        # direction's tap is the socket end's own (``_End.tap``).
-        self.tap_in: Callable[[bytes], None] | None = None
-        # Set once the socket has taken everything written to it so far
-        # (see :meth:`MuxLink.flushed`).
-        self.flushed: trio.Event | None = None
-        # A TLS socket: plaintext sealed into records that wait in its tail,
-        # acknowledged once they are written.
-        self.sealed = 0
-        self.control = False  # (gateway) a control dial: no session, the REPLY is all
-
-
-class MuxLink:
+class MuxLink(StreamIO):
     """See the module docstring. Create it in trio's thread."""
 
     def __init__(self, engine: RelayEngine, tls: TLSStream, role: Role, *, name: str,
@@ -209,13 +160,13 @@ class MuxLink:
         self.gateway = role is Role.GATEWAY
         # Where _pump reads a stream's bytes: right behind room for a DATA
         # header in the engine's buffer, so a frame is sent without a copy.
-        self.payload = engine._framed[_HEADER_SIZE:]
+        self.payload = engine.framed[_HEADER_SIZE:]
         self.room = min(MAX_DATA, len(self.payload))
         self.name = name
         self.socket_name = socket_name
         self.conn = MuxConnection(role)
         self.streams: dict[int, Stream] = {}
-        self.blocked: dict[_End, None] = {}  # an ordered set
+        self.blocked: dict[End, None] = {}  # an ordered set
         # DATA received for one stream in this pass over the connection's
         # bytes, not written yet: written with one system call (a read of
         # the connection usually holds the end of one frame and the start
@@ -229,15 +180,15 @@ class MuxLink:
         self.failed: str | None = None
         self.held = 0  # over this link's streams (see LINK_HELD)
         self.closed = trio.Event()
-        sock, tls_state = _detach(tls)
+        sock, tls_state = detach(tls)
         # A peer that vanished must end the link, not leave it open forever
         # (gateway/net/tcp.py): the cluster would keep every session on it.
         keep_alive(sock, user_timeout=LINK_USER_TIMEOUT)
-        self.end = _End(sock, name, tls_state, None)
+        self.end = End(sock, name, tls_state, None)
         self.end.owner = self
-        with engine._lock:
-            engine._ends[self.end.fd] = self.end
-            engine._again.append(self.end)  # bytes may already wait inside the TLS object
+        with engine.lock:
+            engine.ends[self.end.fd] = self.end
+            engine.again.append(self.end)  # bytes may already wait inside the TLS object
         engine.wake()
 
     # ------------------------------------------------------------------
@@ -265,7 +216,7 @@ class MuxLink:
         a session started with ``early`` is not started again."""
         if retry is not None and (early or early_fin):
             raise ValueError("pass retry or early, not both: a session is started again once at most")
-        with self.engine._lock:
+        with self.engine.lock:
             stream = self._open(request, notify, reply_timeout, context, retry)
             sid = stream.sid
             self._bind(stream, sock, counters)
@@ -286,7 +237,7 @@ class MuxLink:
         cluster's first bytes wait until then), or turn the client away in
         its own protocol. ``retry(None, b"", False, reason)``: as for
         :meth:`start`. Raises :class:`LinkClosed`."""
-        with self.engine._lock:
+        with self.engine.lock:
             stream = self._open(request, None, reply_timeout, context, retry)
             stream.done = trio.Event()
         return stream
@@ -311,8 +262,8 @@ class MuxLink:
         :meth:`wait`. ``tap_in`` sees every chunk of the cluster's bytes
         before the client does. False if the stream ended meanwhile (the
         socket is reset then)."""
-        sock, tls = _detach(client)
-        with self.engine._lock:
+        sock, tls = detach(client)
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 reset_and_close(sock)
                 return False
@@ -364,8 +315,8 @@ class MuxLink:
         stream or the link ended meanwhile (``sock`` is reset then).
         Without ``sock`` (an upstream that already said no and left:
         ``first`` is its answer) the stream ends after ``first`` and FIN."""
-        raw, tls = (sock, None) if sock is None or isinstance(sock, socket.socket) else _detach(sock)
-        with self.engine._lock:
+        raw, tls = (sock, None) if sock is None or isinstance(sock, socket.socket) else detach(sock)
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 if raw is not None:
                     reset_and_close(raw)  # the session was cut while it connected
@@ -393,7 +344,7 @@ class MuxLink:
         self._bind(stream, raw, counters, tls, tap)
         if tls is not None:
             # Bytes may already wait inside the TLS object, not in the kernel.
-            self.engine._again.append(stream.end)
+            self.engine.again.append(stream.end)
             self.engine.wake()
         if stream.early:
             data, stream.early = memoryview(stream.early), None
@@ -405,7 +356,7 @@ class MuxLink:
 
     def refuse(self, stream: Stream, error: DialError) -> None:
         """(cluster) Turn the OPEN down."""
-        with self.engine._lock:
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 return
             self._send_guarded(self.conn.send_reply(stream.sid, error))
@@ -418,7 +369,7 @@ class MuxLink:
         if isinstance(reply, DialError):
             self.refuse(stream, reply)
             return
-        with self.engine._lock:
+        with self.engine.lock:
             if stream.finished or self.failed is not None:
                 return
             self._send_guarded(self.conn.send_reply(stream.sid, reply))
@@ -437,7 +388,7 @@ class MuxLink:
         seconds)."""
         if after is not None:
             await self._read_up(after, min(timeout, CONTROL_DRAIN_LIMIT))
-        with self.engine._lock:
+        with self.engine.lock:
             if self.failed is not None:
                 raise LinkClosed(self.failed)
             if after is not None and not after.finished and after.end is not None:
@@ -451,7 +402,7 @@ class MuxLink:
         try:
             await stream.done.wait()
         finally:
-            with self.engine._lock:
+            with self.engine.lock:
                 self._finish(stream, "cancelled", reset=True)  # nothing if it is over
         if stream.reply is None:
             raise LinkClosed(stream.error or self.failed or "the stream ended without an answer")
@@ -466,7 +417,7 @@ class MuxLink:
         quiet = False  # the queue was empty at the last look
         with trio.move_on_after(limit):
             while True:
-                with self.engine._lock:
+                with self.engine.lock:
                     end = stream.end
                     if stream.finished or end is None or end.in_done or self.failed is not None:
                         return
@@ -493,7 +444,7 @@ class MuxLink:
     async def wait(self, stream: Stream) -> str | None:
         """Until the stream is over: its error, or None. If cancelled, the
         stream is reset (the other side learns why) and closed at once."""
-        with self.engine._lock:
+        with self.engine.lock:
             if stream.done is None and not stream.finished:
                 stream.done = trio.Event()
         try:
@@ -502,7 +453,7 @@ class MuxLink:
             else:
                 await stream.done.wait()
         except BaseException:
-            with self.engine._lock:
+            with self.engine.lock:
                 if not stream.finished:
                     self._finish(stream, "cancelled", reset=True)
             raise
@@ -510,13 +461,13 @@ class MuxLink:
 
     def cut(self, stream: Stream, reason: str) -> None:
         """End a stream now (both ways), telling the other side why."""
-        with self.engine._lock:
+        with self.engine.lock:
             self._finish(stream, reason, reset=True)
 
     def close(self, reason: str) -> None:
         """End the link and every stream on it: a cut, so every stream's
         socket is reset at once."""
-        with self.engine._lock:
+        with self.engine.lock:
             self._fail(reason, drain=False)
 
     def __len__(self) -> int:
@@ -530,12 +481,12 @@ class MuxLink:
 
     def _bind(self, stream: Stream, raw: socket.socket, counters, tls: tuple | None = None,
               tap: Callable[[bytes], None] | None = None) -> None:
-        end = _End(raw, stream.name, tls, tap)
+        end = End(raw, stream.name, tls, tap)
         end.owner = self
         end.session = stream  # for the owner: which stream this socket is
         stream.end = end
         stream.counters = counters
-        self.engine._ends[end.fd] = end
+        self.engine.ends[end.fd] = end
         # Registered from this thread (epoll is thread-safe): the engine
         # sees whatever the socket already holds without being woken.
         self._update(end)
@@ -543,27 +494,27 @@ class MuxLink:
     def _send_guarded(self, frame: bytes) -> None:
         try:
             self._send(frame)
-        except _Failure as exc:
+        except Failure as exc:
             self._fail(str(exc))
 
-    def _run_guarded(self, end: _End, action) -> None:
+    def _run_guarded(self, end: End, action) -> None:
         stream = end.session
         try:
             action()
             self._settle(stream)
-        except _Failure as exc:
+        except Failure as exc:
             self._failure(end, exc)
 
     # ------------------------------------------------------------------
     # The engine's thread (or trio's, holding the lock).
 
-    def on_ready(self, end: _End, ev: int) -> None:
+    def on_ready(self, end: End, ev: int) -> None:
         try:
             if end is self.end:
                 self._on_link(ev)
             elif end.session is not None:
                 self._on_stream(end.session, ev)
-        except _Failure as exc:
+        except Failure as exc:
             self._failure(end, exc)
         except RemoteProtocolError as exc:
             self._fail(f"{self.name}: broke the multiplexing protocol: {exc}")
@@ -571,7 +522,7 @@ class MuxLink:
             log.exception("mux_link_error link=%s", self.name)
             self._fail(f"internal error in the relay engine: {exc!r}", drain=False)
 
-    def _failure(self, end: _End, exc: _Failure) -> None:
+    def _failure(self, end: End, exc: Failure) -> None:
         if end is self.end or self.end.failed:
             self._fail(str(exc))
         elif end.session is not None:
@@ -588,9 +539,9 @@ class MuxLink:
             except OSError as exc:
                 end.failed = True
                 end.os_error = exc.errno
-                raise _Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
+                raise Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
             if end.tail is None and self.blocked:
-                engine._again.extend(self.blocked)
+                engine.again.extend(self.blocked)
                 self.blocked.clear()
             if engine.backlog(end) < LINK_BACKLOG:
                 ev |= _IN  # reading may have been held back: catch up now
@@ -599,7 +550,7 @@ class MuxLink:
             # there without a copy (borrowed): whatever is still needed is
             # written or copied before the next read, and ``release`` keeps
             # what is not parsed yet.
-            plain = engine._link_plain
+            plain = engine.link_plain
             budget = PUMP_BUDGET
             conn = self.conn
             last = False
@@ -640,15 +591,15 @@ class MuxLink:
                                 return
                         conn.release()
                     parse = True
-                    n = engine._read_tls(end, plain)  # reports a TLS error that came with data
+                    n = engine.read_tls(end, plain)  # reports a TLS error that came with data
                     if n < 0:
                         break
                     if n == 0:
-                        raise _Failure(f"{self.name}: closed the multiplexed connection")
+                        raise Failure(f"{self.name}: closed the multiplexed connection")
                     conn.receive_data(plain[:n], borrowed=True)
                     budget -= n
                     if budget <= 0:
-                        engine._again.append(end)
+                        engine.again.append(end)
                         last = True
                     elif n < len(plain) and end.error_pending is None and not end.peer_closed:
                         last = True  # the kernel is empty: dispatch this, then wait for epoll
@@ -673,7 +624,7 @@ class MuxLink:
             if stream.end is None:  # sent ahead of our accept (cluster)
                 try:
                     self._hold(stream, len(event.data))
-                except _Failure as exc:
+                except Failure as exc:
                     self._finish(stream, str(exc), reset=True)
                     return
                 if stream.finished:  # making room ended the link, and this stream with it
@@ -687,372 +638,111 @@ class MuxLink:
             return
         if gathered_for is not None:  # every other event comes after that DATA
             self._deliver()
-        if isinstance(event, StreamWindow):
-            stream = self.streams.get(event.stream)
-            if stream is not None and stream.end is not None:
-                try:
-                    self._pump(stream)  # may read the socket's EOF: settle
-                    self._settle(stream)
-                except _Failure as exc:
-                    self._stream_failed(stream, exc)
-        elif isinstance(event, StreamFin):
-            stream = self.streams.get(event.stream)
-            if stream is None:
-                return
-            if stream.end is None:
-                stream.early_fin = True
-                return
-            stream.end.eof_wanted = True
-            try:
-                self._after_write(stream)
-                self._settle(stream)
-            except _Failure as exc:
-                self._stream_failed(stream, exc)
-        elif isinstance(event, StreamReset):
-            stream = self.streams.get(event.stream)
-            if stream is not None:
-                self._finish(stream, f"{self.name}: reset the stream: {event.reason}", reset=False)
-        elif isinstance(event, StreamOpened):
-            refusal = None
-            if self.on_open is None:
-                refusal = DialError(code=ErrorCode.BAD_REQUEST, message="this side does not accept streams")
-            elif len(self.streams) >= self.max_streams:
-                # Each stream costs the cluster a task and, once accepted,
-                # an upstream socket: a gateway cannot make it hold more.
-                refusal = DialError(
-                    code=ErrorCode.RATE_LIMITED,
-                    message=f"too many sessions on one connection (the limit is {self.max_streams}); "
-                            f"close some and try again",
-                )
-            if refusal is not None:
-                self._send(self.conn.send_reply(event.stream, refusal))
-                return
-            stream = Stream(event.stream, self.socket_name)
-            self.streams[event.stream] = stream
-            try:
-                self.on_open(self, stream, event.request)
-            except Exception:
-                log.exception("mux_on_open_failed link=%s", self.name)
-                self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR,
-                                              message="internal error in the cluster"))
-        elif isinstance(event, StreamReplied):
-            stream = self.streams.get(event.stream)
-            if stream is None:
-                return
-            stream.reply = event.reply
-            if stream.sent is not None:
-                self._unhold(stream, len(stream.sent))
-                stream.retry = stream.sent = None
-            if stream.timer is not None:
-                stream.timer.cancel()
-                stream.timer = None
-            if isinstance(event.reply, DialError):
-                self._finish(stream, event.reply.message, reset=False)
-            elif stream.control:  # the answer is all (see control)
-                self._finish(stream, None, reset=False)
-            elif stream.end is None:  # opened without a socket (open): reply() hears of it
-                if stream.done is not None:
-                    try:
-                        self.token.run_sync_soon(stream.done.set)
-                    except trio.RunFinishedError:
-                        pass
-            else:
-                # Its window may have been held at EARLY_DATA: read on now.
-                try:
-                    self._pump(stream)
-                    self._settle(stream)
-                except _Failure as exc:
-                    self._stream_failed(stream, exc)
+        _HANDLERS[type(event)](self, event)
 
-    def _stream_failed(self, stream: Stream, exc: _Failure) -> None:
+    # -- the other frames, one handler each (_HANDLERS) -----------------
+
+    def _on_window(self, event: StreamWindow) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is not None and stream.end is not None:
+            try:
+                self._pump(stream)  # may read the socket's EOF: settle
+                self._settle(stream)
+            except Failure as exc:
+                self._stream_failed(stream, exc)
+
+    def _on_fin(self, event: StreamFin) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is None:
+            return
+        if stream.end is None:
+            stream.early_fin = True
+            return
+        stream.end.eof_wanted = True
+        try:
+            self._after_write(stream)
+            self._settle(stream)
+        except Failure as exc:
+            self._stream_failed(stream, exc)
+
+    def _on_reset(self, event: StreamReset) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is not None:
+            self._finish(stream, f"{self.name}: reset the stream: {event.reason}", reset=False)
+
+    def _on_opened(self, event: StreamOpened) -> None:
+        refusal = None
+        if self.on_open is None:
+            refusal = DialError(code=ErrorCode.BAD_REQUEST, message="this side does not accept streams")
+        elif len(self.streams) >= self.max_streams:
+            # Each stream costs the cluster a task and, once accepted,
+            # an upstream socket: a gateway cannot make it hold more.
+            refusal = DialError(
+                code=ErrorCode.RATE_LIMITED,
+                message=f"too many sessions on one connection (the limit is {self.max_streams}); "
+                        f"close some and try again",
+            )
+        if refusal is not None:
+            self._send(self.conn.send_reply(event.stream, refusal))
+            return
+        stream = Stream(event.stream, self.socket_name)
+        self.streams[event.stream] = stream
+        try:
+            self.on_open(self, stream, event.request)
+        except Exception:
+            log.exception("mux_on_open_failed link=%s", self.name)
+            self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR,
+                                          message="internal error in the cluster"))
+
+    def _on_replied(self, event: StreamReplied) -> None:
+        stream = self.streams.get(event.stream)
+        if stream is None:
+            return
+        stream.reply = event.reply
+        if stream.sent is not None:
+            self._unhold(stream, len(stream.sent))
+            stream.retry = stream.sent = None
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        if isinstance(event.reply, DialError):
+            self._finish(stream, event.reply.message, reset=False)
+        elif stream.control:  # the answer is all (see control)
+            self._finish(stream, None, reset=False)
+        elif stream.end is None:  # opened without a socket (open): reply() hears of it
+            if stream.done is not None:
+                try:
+                    self.token.run_sync_soon(stream.done.set)
+                except trio.RunFinishedError:
+                    pass
+        else:
+            # Its window may have been held at EARLY_DATA: read on now.
+            try:
+                self._pump(stream)
+                self._settle(stream)
+            except Failure as exc:
+                self._stream_failed(stream, exc)
+
+    def _stream_failed(self, stream: Stream, exc: Failure) -> None:
         """One stream's socket failed: reset that stream. A failure of the
         connection itself (while sending a frame) ends the link instead."""
         if self.end.failed:
             raise exc
         self._finish(stream, str(exc), reset=True)
 
-    def _on_stream(self, stream: Stream, ev: int) -> None:
-        end = stream.end
-        if stream.finished or end is None:
-            return
-        if ev == _IN and end.mask == _IN and end.tail is None:
-            # The usual event: bytes to read, nothing queued for the socket,
-            # and epoll set to wait for more (not so for a stream resumed
-            # from ``blocked``). A pump that only emptied the socket changed
-            # nothing that _settle and _update_link look at.
-            if self._pump(stream):
-                return
-        else:
-            if ev & (_OUT | _ALWAYS) and end.tail is not None:
-                self._flush(stream)
-            if ev & (_IN | _ALWAYS) and not stream.finished:
-                self._pump(stream)
-            if not stream.finished:
-                _failed_quietly(end, ev)
-        self._settle(stream)
-        self._update_link()
-
-    def _pump(self, stream: Stream, urgent: bool = False) -> bool:
-        """socket -> connection, within the window and the budget. Each read
-        lands right behind room for its DATA header, so the frame is
-        encrypted straight from the read buffer, never copied. True if it
-        stopped only because the socket was empty, with the window open and
-        the connection's socket taking everything (nothing to settle).
-        ``urgent``: read even while the connection's socket is backed up
-        (what must go before a control frame; still within the window)."""
-        end = stream.end
-        conn, link_end = self.conn, self.end
-        engine = self.engine
-        framed, payload, room = engine._framed, self.payload, self.room
-        budget = PUMP_BUDGET
-        gateway = self.gateway
-        sid = stream.sid
-        while not end.in_done:
-            if link_end.tail is not None and not urgent:
-                self.blocked[end] = None
-                return False
-            want = conn.send_window(sid)
-            if want > room:
-                want = room
-            elif want <= 0:
-                return False
-            if end.obj is None:
-                try:
-                    n = end.sock.recv_into(payload, want)
-                except BlockingIOError:
-                    return True
-                except OSError as exc:
-                    end.failed = True
-                    raise _Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
-            else:
-                n = engine.read_into(end, payload[:want])  # reading may queue a KeyUpdate answer
-                if n < 0:
-                    return end.tail is None
-            if n and end.tap is not None:
-                _show(end.tap, payload[:n], end.name)
-            if not n:
-                end.in_done = True
-                self._send(conn.send_fin(stream.sid))
-                return False
-            if gateway:
-                if stream.sent is not None:  # no REPLY yet: kept for a retry
-                    self._hold(stream, n)
-                    if stream.finished:  # making room ended the link, and this stream with it
-                        return False
-                    stream.sent += payload[:n]
-                stream.counters.a_to_b += n
-            else:
-                stream.counters.b_to_a += n
-            framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
-            self._send(framed[:_HEADER_SIZE + n])
-            budget -= n
-            if budget <= 0:
-                engine._again.append(end)
-                return False
-            if n < want:
-                # The socket is empty (the window is not: n < want): epoll
-                # says when there is more. Reading again now would only cost
-                # an EAGAIN, a syscall and a raised exception.
-                return link_end.tail is None and end.tail is None
-        return False
-
-    def _deliver(self) -> None:
-        """Write the DATA gathered for one stream (see ``gathered``)."""
-        stream, pieces = self.gathered_for, self.gathered
-        self.gathered_for, self.gathered = None, []
-        if stream.finished:
-            return
-        try:
-            self._to_socket(stream, pieces)
-            if not stream.finished and stream.end.tail is not None and not stream.end.mask & _OUT:
-                self._settle(stream)  # wait for the socket to take the rest
-        except _Failure as exc:
-            self._stream_failed(stream, exc)
-
-    def _to_socket(self, stream: Stream, pieces: list[memoryview]) -> None:
-        """connection -> socket: write now (several pieces with one
-        ``sendmsg``), keep a copy of the rest in the tail. Making room for
-        that copy may end the link, and this stream with it (see
-        :meth:`_hold`): its socket is then no longer its own, and the rest
-        goes nowhere."""
-        end = stream.end
-        engine = self.engine
-        if stream.tap_in is not None:
-            for piece in pieces:
-                tap = stream.tap_in  # a tap may let go of the stream midway (the gateway's start-up watch)
-                if tap is None:
-                    break
-                _show(tap, piece, end.name)
-        if end.obj is not None:
-            self._to_tls(stream, pieces)
-            return
-        if end.tail is not None:
-            # Queued (one copy of the run); acknowledged once written.
-            data = b"".join(pieces)
-            self._hold(stream, len(data))
-            if not stream.finished:
-                engine._write(end, data, copy=True)
-            return
-        try:
-            if len(pieces) == 1:
-                data = pieces[0]
-                rest = engine._write_some(end, data)
-                sent = len(data) - len(rest)
-                rest = bytes(rest) if rest else None
-            else:
-                try:
-                    sent = end.sock.sendmsg(pieces)
-                except BlockingIOError:
-                    sent = 0
-                rest = _unsent(pieces, sent)
-        except OSError as exc:
-            end.failed = True
-            raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
-        self._written(stream, sent)
-        if rest:
-            self._hold(stream, len(rest))
-            if not stream.finished:
-                end.tail = memoryview(rest)
-
-    def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
-        """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
-        records at once; what the kernel does not take waits in the tail
-        (held, as ciphertext), and its plaintext is acknowledged once the
-        tail has drained."""
-        end = stream.end
-        n = sum(len(piece) for piece in pieces)
-        records = seal(end, pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        queued = end.tail is not None
-        if queued:
-            rest = records
-        else:
-            try:
-                rest = self.engine._write_some(end, records)
-            except OSError as exc:
-                end.failed = True
-                raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
-            if not rest:
-                self._written(stream, n)
-                return
-        # Acknowledged once the tail has drained (_flush), which is why the
-        # tail is set here and not through engine._write: that would try
-        # the socket again and, finding room, leave no tail to drain.
-        stream.sealed += n
-        self._hold(stream, len(rest))
-        if stream.finished:
-            return
-        if queued:
-            self.engine._write(end, rest, copy=False)  # behind the tail
-        else:
-            end.tail = memoryview(rest)
-
-    def _hold(self, stream: Stream, n: int) -> None:
-        """Count ``n`` more bytes held for ``stream``'s socket. Past
-        LINK_HELD or HELD_LIMIT the stream of this link that holds the most
-        is reset to make room (a stuck one, rather than one that met a full
-        socket once), or, if that is this one, raise :class:`_Failure`."""
-        engine = self.engine
-        while True:
-            if self.held + n > LINK_HELD:
-                where, limit = "for the sessions of one connection", LINK_HELD
-            elif engine.held + n > HELD_LIMIT:
-                where, limit = "in all", HELD_LIMIT
-            else:
-                self.held += n
-                engine.held += n
-                stream.held += n
-                return
-            reason = (f"does not take data as fast as it comes, and the relay already holds "
-                      f"{limit / _MiB:g} MiB {where} for sockets that do not (its limit); "
-                      f"the session was reset")
-            most = max(self.streams.values(), key=lambda s: s.held, default=stream)
-            if most is stream or most.held <= stream.held + n or self.failed is not None:
-                raise _Failure(f"{stream.name}: {reason}")
-            self._finish(most, f"{most.name}: {reason}", reset=True)
-            if stream.finished:  # its RESET could not be sent: the link, and this stream, ended
-                return
-
-    def _unhold(self, stream: Stream, n: int) -> None:
-        self.held -= n
-        self.engine.held -= n
-        stream.held -= n
-
-    def _released(self, n: int) -> None:
-        """A drainer (an aborted stream's socket) let go of ``n`` bytes."""
-        self.held -= n
-        self.engine.held -= n
-
-    def _flush(self, stream: Stream) -> None:
-        end = stream.end
-        try:
-            written = self.engine.drain(end)
-        except OSError as exc:
-            end.failed = True
-            raise _Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
-        # Every byte of a stream's tail was held, but for what reading TLS
-        # made OpenSSL write (a KeyUpdate answer).
-        self._unhold(stream, min(written, stream.held))
-        if end.obj is None:
-            self._written(stream, written)
-        elif end.tail is None and stream.sealed:
-            sealed, stream.sealed = stream.sealed, 0
-            self._written(stream, sealed)
-        if end.tail is None and stream.flushed is not None:
-            self._set_flushed(stream)
-        self._after_write(stream)
-
-    def _written(self, stream: Stream, n: int) -> None:
-        if not n:
-            return
-        if self.gateway:
-            stream.counters.b_to_a += n
-        else:
-            stream.counters.a_to_b += n
-        frame = self.conn.acknowledge(stream.sid, n)
-        if frame:  # once a quarter of a window is due
-            self._send(frame)
-
-    def _after_write(self, stream: Stream) -> None:
-        """The peer's FIN becomes ours to the socket once its tail is gone
-        (a TLS socket's close_notify first, which may leave a tail of its
-        own: we come back here once that has drained)."""
-        end = stream.end
-        if end.tail is None and end.eof_wanted and not end.eof_sent:
-            self.engine._send_eof(end)
-
-    def _set_flushed(self, stream: Stream) -> None:
-        event, stream.flushed = stream.flushed, None
-        try:
-            self.token.run_sync_soon(event.set)
-        except trio.RunFinishedError:
-            pass
-
-    def _settle(self, stream: Stream) -> None:
-        """After anything that may have changed a stream's state: finish it
-        if both directions are over, else make its epoll interest match.
-        Every path that reads, writes, or takes a FIN or a WINDOW ends here."""
-        if stream.finished:
-            return
-        end = stream.end
-        if end is None:
-            return
-        if end.in_done and end.eof_sent and end.tail is None:
-            self._finish(stream, None, reset=False)
-        else:
-            self._update(end)
 
     def _send(self, frame: bytes) -> None:
         """Encrypt ``frame`` and write it to the connection (after its tail)."""
         if not frame or self.failed is not None:
             return
         end = self.end
-        self.engine._write(end, seal(end, frame), copy=False)
+        self.engine.write(end, seal(end, frame), copy=False)
         if end.tail is not None and not end.mask & _OUT:
             # Also when trio's thread sent this (an OPEN, a REPLY, a RESET):
             # the engine must hear when the socket can take the rest.
             self._update_link()
 
-    def _update(self, end: _End) -> None:
+    def _update(self, end: End) -> None:
         stream = end.session
         if stream is None or stream.finished:
             return
@@ -1091,7 +781,7 @@ class MuxLink:
         if reset and self.failed is None:
             try:
                 self._send(self.conn.send_reset(stream.sid, error or "closed"))
-            except _Failure as exc:
+            except Failure as exc:
                 self._fail(str(exc))
         end = stream.end
         if end is not None:
@@ -1204,7 +894,18 @@ class MuxLink:
             pass
 
 
-def _close_notify_nowait(end: _End) -> None:
+#: What MuxLink._dispatch does with each event but DATA (which it handles
+#: itself: it is most of them).
+_HANDLERS: dict[type, Callable[[MuxLink, object], None]] = {
+    StreamWindow: MuxLink._on_window,
+    StreamFin: MuxLink._on_fin,
+    StreamReset: MuxLink._on_reset,
+    StreamOpened: MuxLink._on_opened,
+    StreamReplied: MuxLink._on_replied,
+}
+
+
+def _close_notify_nowait(end: End) -> None:
     """Tell a healthy TLS peer that the connection is over, if that fits in
     the kernel now (as ``TLSStream.aclose``). Every stream on it has ended
     already: the peer ends those it still has as failed."""
@@ -1216,25 +917,9 @@ def _close_notify_nowait(end: _End) -> None:
         pass
     try:
         for data in (end.tail, *end.more, end.outgoing.read()):
-            if data is not None and RelayEngine._write_some(end, memoryview(data)):
+            if data is not None and RelayEngine.write_some(end, memoryview(data)):
                 break
     except OSError:
         pass
 
 
-def _show(tap: Callable[[bytes], None], data: memoryview, name: str) -> None:
-    """Show ``data`` to a tap; what it refuses (an audit parser that cannot
-    parse it) must not pass: the stream is reset."""
-    try:
-        tap(bytes(data))
-    except Exception as exc:
-        raise _Failure(f"{name}: {exc}") from None
-
-
-def _unsent(pieces: list[memoryview], sent: int) -> bytes:
-    """A copy of what ``sendmsg(pieces)`` did not send."""
-    for i, piece in enumerate(pieces):
-        if sent < len(piece):
-            return b"".join([piece[sent:], *pieces[i + 1:]])
-        sent -= len(piece)
-    return b""

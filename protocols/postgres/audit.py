@@ -51,6 +51,7 @@ is skipped unread is not checked.
 from __future__ import annotations
 
 import enum
+from hashlib import sha256
 import struct
 from collections.abc import Callable
 from typing import Final, Literal, NoReturn, Union
@@ -322,10 +323,11 @@ class _Auditor(StreamAuditor):
 
     _direction: CopyDirection
 
-    def __init__(self, *, max_text: int, max_message: int, max_length: int) -> None:
+    def __init__(self, *, max_text: int, max_message: int, max_length: int,
+                 only: frozenset | None = None) -> None:
         if max_text < 1 or max_message < 1:
             raise ValueError("max_text and max_message must be positive")
-        super().__init__(POSTGRES_MESSAGE, max_length=max_length)
+        super().__init__(POSTGRES_MESSAGE, max_length=max_length, only=only)
         self._max_text = max_text
         self._max_message = max_message
         self._prefix = max_text + _PREFIX_SLACK
@@ -406,7 +408,7 @@ class FrontendAuditor(_Auditor):
     def _on_frame(self, frame: Frame) -> None:
         if self._copy_messages:
             self._flush_copy()
-        handler = _FRONTEND_HANDLERS.get(frame.type_code)
+        handler = _FRONTEND_HANDLERS.get(frame.kind)  # (type_code, without the property's call)
         event = handler(self, frame) if handler is not None else None
         if event is _LATER:  # queued when the rest of the message has gone by
             return
@@ -422,7 +424,15 @@ class FrontendAuditor(_Auditor):
             return QueryEvent(text=s.text, truncated=s.truncated, length=s.length, sha256=s.sha256,
                               size=size)
 
-        if frame.complete:
+        if len(frame.body) == size:  # frame.complete, inline: once per statement
+            body = frame.body
+            nul = body.find(b"\x00")
+            if 0 <= nul == size - 1 and size <= self._max_text:
+                # The usual Query, whole and short (once per statement): the
+                # event straight from the bytes, the same as the general way.
+                raw = body[:nul]
+                return QueryEvent(text=raw.decode("utf-8", "replace"), truncated=False, length=nul,
+                                  sha256=sha256(raw).hexdigest(), size=size)
             r = _Fields(frame, "Query")
             raw, _ = r.cstring()
             r.end()
@@ -624,8 +634,10 @@ class BackendAuditor(_Auditor):
     def __init__(self, *, max_text: int = DEFAULT_MAX_TEXT,
                  max_message: int = DEFAULT_MAX_MESSAGE, completions: bool = False,
                  max_length: int = MAX_MESSAGE_LENGTH) -> None:
-        super().__init__(max_text=max_text, max_message=max_message, max_length=max_length)
-        self._read = _BACKEND_READ | _COMPLETIONS if completions else _BACKEND_READ
+        read = _BACKEND_READ | _COMPLETIONS if completions else _BACKEND_READ
+        # Only these are looked at; the rest pass by their length unasked.
+        super().__init__(max_text=max_text, max_message=max_message, max_length=max_length, only=read)
+        self._read = read
 
     def next_event(self) -> BackendEvent | Literal[Signal.NEED_DATA]:
         """The next event, or NEED_DATA; after EOF, ConnectionClosed forever.
@@ -645,7 +657,7 @@ class BackendAuditor(_Auditor):
     def _on_frame(self, frame: Frame) -> None:
         if self._copy_messages:
             self._flush_copy()
-        type_code = frame.type_code
+        type_code = frame.kind
         r = _Fields(frame, f"backend message {type_code!r}")
         if type_code == b"E":
             self._events.append(self._error_event(r))

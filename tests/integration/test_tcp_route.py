@@ -458,7 +458,9 @@ def test_totp_login(tmp_path, cluster):
 
 async def test_expired_certificate(make_gateway, cluster):
     gw = make_gateway("dev", login=False)
-    r = gw.login("--ttl", "3s")
+    # Long enough for the proxy to start first on a loaded machine (at a
+    # load average of 9, 3 s were not: the proxy refused the expired login).
+    r = gw.login("--ttl", "10s")
     assert r.returncode == 0, r.stderr
     proc, port = gw.proxy_tcp("echo")
     wait_for(lambda: gw.run("status").returncode == 3, timeout=30, what="the certificate to expire",
@@ -980,7 +982,9 @@ def test_one_address_cannot_hold_the_clusters_connections(cluster):
             idle.append(socket.create_connection((host, int(port)), timeout=10, source_address=("127.0.0.9", 0)))
         wait_for(lambda: not _health_from(cluster, "127.0.0.9"), what="the cap to refuse more from 127.0.0.9")
         assert _health_from(cluster, "127.0.0.10")  # everyone else is served
-        assert "connections_refused client_host=127.0.0.9" in cluster.proc.log()
+        # Log lines are written by a thread every 50 ms (gateway/logs.py): poll.
+        wait_for(lambda: "connections_refused client_host=127.0.0.9" in cluster.proc.log(),
+                 what="the refusal in the cluster's log")
     finally:
         for s in idle:
             s.close()

@@ -107,7 +107,7 @@ async def test_a_lock_while_the_upstream_connects_cuts_the_session(pki, monkeypa
         with socket.create_server(("127.0.0.1", 0)) as server:
             upstream = socket.create_connection(server.getsockname())
             far, _ = server.accept()
-        with eng._lock:
+        with eng.lock:
             connects[0](upstream, None)  # the connect completes after all
     assert upstream.fileno() == -1  # never relayed, and reset: the upstream saw a cut, not an end
     with pytest.raises(ConnectionResetError):

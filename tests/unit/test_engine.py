@@ -16,7 +16,8 @@ import time
 import pytest
 import trio
 
-from gateway.net.engine import _unacknowledged, engine
+from gateway.net.engine import engine
+from gateway.net.ends import _unacknowledged
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
@@ -117,7 +118,7 @@ async def test_a_receiver_that_stops_reading_bounds_what_the_engine_holds():
                     break
                 sent += len(chunk)
                 assert sent < 64 * 1024 * 1024, "the relay buffered without bound"
-            held = [len(end.tail) for end in engine()._ends.values() if end.tail is not None]
+            held = [len(end.tail) for end in engine().ends.values() if end.tail is not None]
             assert held and max(held) <= 256 * 1024 + 16 * 1024, held
             # Reading resumes the flow and everything arrives, once, in order.
             await client.send_eof()
@@ -182,7 +183,7 @@ async def test_many_sessions_leave_nothing_behind(pki):
                                     assert await read_until_eof(client) == b""
 
                         nursery.start_soon(session)
-    assert eng._ends == {} and eng._again == []
+    assert eng.ends == {} and eng.again == []
     assert open_fds() == fds_before
 
 
@@ -256,7 +257,7 @@ async def test_timers_run_in_deadline_order_and_a_cancelled_one_never():
     eng.call_later(0.03, lambda: seen("third"))
     eng.call_later(0.01, lambda: seen("second"))
     eng.call_later(0, lambda: seen("first"))
-    with eng._lock:
+    with eng.lock:
         cancelled.cancel()
     eng.call_later(0.05, lambda: seen("after the cancelled one was due"))
     assert await seen.wait_for(4) == ["first", "second", "third", "after the cancelled one was due"]
@@ -301,7 +302,7 @@ async def test_connect_gives_up_after_its_timeout():
     seen = FromEngine()
     eng.connect(socket.AF_INET, listener.getsockname(), 0.2, seen)
     assert await seen.wait_for(1) == [(None, "timed out")]
-    assert not any(type(e.owner).__name__ == "_Connecting" for e in eng._ends.values())
+    assert not any(type(e.owner).__name__ == "_Connecting" for e in eng.ends.values())
     for s in (*fillers, listener):
         s.close()
 
@@ -317,7 +318,7 @@ async def test_listen_hands_each_connection_to_the_callback_until_closed():
     assert sorted(a[1] for a in accepted) == sorted(c.getsockname() for c in clients)
     assert all(not a[0].getblocking() for a in accepted)
     acceptor.close()
-    assert sock.fileno() == -1 and acceptor.end.fd not in eng._ends
+    assert sock.fileno() == -1 and acceptor.end.fd not in eng.ends
     for s in (*clients, *(a[0] for a in accepted)):
         s.close()
 
@@ -331,8 +332,8 @@ async def test_connect_ignores_a_stale_event_and_reports_running_out_of_descript
     listener, fillers = full_listener()  # our connect stays in progress
     seen = FromEngine()
     eng.connect(socket.AF_INET, listener.getsockname(), HANG, seen)
-    with eng._lock:
-        (connecting,) = [e for e in eng._ends.values() if type(e.owner).__name__ == "_Connecting"]
+    with eng.lock:
+        (connecting,) = [e for e in eng.ends.values() if type(e.owner).__name__ == "_Connecting"]
         # An event meant for an earlier socket with the same descriptor.
         connecting.owner.on_ready(connecting, select.EPOLLOUT)
         assert connecting.owner is not None and not seen.items  # still waiting
@@ -371,7 +372,7 @@ async def test_a_failing_callback_does_not_stop_the_engine():
 
 def test_cancelled_timers_do_not_pile_up_in_the_heap():
     eng = engine()
-    with eng._lock:
+    with eng.lock:
         for _ in range(5000):
             eng.call_later(3600, lambda: None).cancel()
         assert len(eng._timers) <= 2 * 1024 + 2
@@ -546,7 +547,8 @@ def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
     # read must go on receiving (the kernel had more), not hand over that
     # small tail alone: on a bulk transfer that tail cost a second write to
     # the other socket and a trip through epoll for every read.
-    from gateway.net.engine import _CIPHER, _End
+    from gateway.net.engine import _CIPHER
+    from gateway.net.ends import End
 
     client, server = tlsutil.memory_pair(pki)
     size = 256 * 1024
@@ -562,7 +564,7 @@ def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
         ours.setblocking(False)
         theirs.setblocking(False)
         left = memoryview(ciphertext)
-        end = _End(ours, "tls", client, None)
+        end = End(ours, "tls", client, None)
         view = memoryview(bytearray(size))
         got = []
         while sum(got) < len(payload):
@@ -571,7 +573,7 @@ def test_a_tls_read_fills_the_buffer_while_the_kernel_holds_more(pki):
                     left = left[theirs.send(left):]
                 except BlockingIOError:
                     break
-            n = engine()._read_tls(end, view)
+            n = engine().read_tls(end, view)
             assert n > 0
             got.append(n)
         assert got == [size] * 4

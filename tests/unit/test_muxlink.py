@@ -15,7 +15,7 @@ import sys
 import pytest
 import trio
 
-from gateway.net import muxlink
+from gateway.net import muxlink, muxstreams
 from gateway.net.engine import engine
 from gateway.net.muxlink import LinkClosed, MuxLink
 from gateway.net.relay import RelayCounters
@@ -231,7 +231,7 @@ async def test_a_lost_connection_ends_every_stream_and_new_opens_fail(pki):
     # Every socket of both links and of the stream is closed, and the engine
     # holds none of them.
     assert all(e.sock.fileno() == -1 for e in ends)
-    assert not any(e in ends for e in engine()._ends.values())
+    assert not any(e in ends for e in engine().ends.values())
 
 
 async def test_a_client_reset_resets_the_stream_and_the_upstream(pki):
@@ -471,7 +471,7 @@ async def test_data_before_a_protocol_error_is_delivered_then_the_link_ends(pki)
 async def test_a_link_that_fails_while_delivering_reads_no_more(pki, monkeypatch):
     # The upstream's write fails, and so does the RESET that should tell
     # the gateway: the link is over, and must not touch its socket again.
-    from gateway.net.engine import _Failure
+    from gateway.net.ends import Failure
     from protocols.mux import FrameType
 
     with trio.fail_after(HANG):
@@ -488,7 +488,7 @@ async def test_a_link_that_fails_while_delivering_reads_no_more(pki, monkeypatch
         def send(frame) -> None:
             if frame and frame[0] == FrameType.RESET:
                 link.end.failed = True
-                raise _Failure("gateway: send failed: simulated")
+                raise Failure("gateway: send failed: simulated")
             real_send(frame)
 
         monkeypatch.setattr(eng, "_read", read)
@@ -508,7 +508,7 @@ async def held_becomes(link: MuxLink, value: int) -> None:
     """Until the link holds ``value`` bytes for its streams' sockets (read
     under the engine's lock: it counts after the bytes move)."""
     while True:
-        with link.engine._lock:
+        with link.engine.lock:
             if link.held == value:
                 return
         await trio.sleep(0.01)
@@ -539,9 +539,9 @@ async def test_what_slow_upstreams_make_the_relay_hold_is_bounded(pki, monkeypat
     with trio.fail_after(HANG):
         raw = await RawGateway.open(pki, 3, sndbuf=4096)
         if limit == "LINK_HELD":
-            monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
+            monkeypatch.setattr(muxstreams, "LINK_HELD", 300 * 1024)
         else:
-            monkeypatch.setattr(muxlink, "HELD_LIMIT", held_before + 300 * 1024)
+            monkeypatch.setattr(muxstreams, "HELD_LIMIT", held_before + 300 * 1024)
         payload = random.Random(3).randbytes(200 * 1024)
         chunks = [payload[i:i + 20 * 1024] for i in range(0, len(payload), 20 * 1024)]
         wire = b"".join(b"".join(raw.gw.send_data(sid, c) for c in chunks) + raw.gw.send_fin(sid)
@@ -564,7 +564,7 @@ async def near_the_limit(pki, monkeypatch) -> RawGateway:
     """Two streams, LINK_HELD at 300 KiB, and the first one stuck holding
     about 280 KiB (its upstream does not read): 100 KiB more for the
     second would pass the limit."""
-    monkeypatch.setattr(muxlink, "LINK_HELD", 300 * 1024)
+    monkeypatch.setattr(muxstreams, "LINK_HELD", 300 * 1024)
     raw = await RawGateway.open(pki, 2, sndbuf=4096)
     await raw.peer.send_all(raw.gw.send_data(raw.sids[0], b"s" * 280 * 1024))
     while raw.link.held < 200 * 1024:
@@ -592,7 +592,7 @@ async def test_making_room_on_a_connection_that_fails_ends_the_stream_cleanly(pk
     with trio.fail_after(HANG):
         raw = await near_the_limit(pki, monkeypatch)
         stuck, other = raw.sids
-        with raw.link.engine._lock:
+        with raw.link.engine.lock:
             raw.link.end.sock.shutdown(socket.SHUT_WR)  # the next frame out fails
         await raw.peer.send_all(raw.gw.send_data(other, b"o" * 100 * 1024))
         while len(raw.ended) < 2:
@@ -609,7 +609,7 @@ async def test_making_room_on_a_connection_that_fails_ends_the_stream_cleanly(pk
 async def test_early_data_counts_against_what_the_relay_holds(pki, monkeypatch):
     from protocols.mux import EARLY_DATA, MuxConnection
 
-    monkeypatch.setattr(muxlink, "LINK_HELD", EARLY_DATA + EARLY_DATA // 2)
+    monkeypatch.setattr(muxstreams, "LINK_HELD", EARLY_DATA + EARLY_DATA // 2)
     held_before = engine().held
     peer, cl_tls = await tls_connection(pki)
     opened: list = []
@@ -679,7 +679,7 @@ def test_what_a_partial_sendmsg_left_is_copied_whole():
     pieces = [memoryview(b"abc"), memoryview(b""), memoryview(b"d"), memoryview(b"efgh")]
     whole = b"abcdefgh"
     for sent in range(len(whole) + 1):
-        assert muxlink._unsent(pieces, sent) == whole[sent:]
+        assert muxstreams._unsent(pieces, sent) == whole[sent:]
 
 
 @pytest.mark.skipif(tlsutil.OPENSSL is None, reason="needs the openssl command (requirements/apt.txt)")
@@ -779,12 +779,12 @@ async def test_bytes_that_came_before_a_reset_reach_a_slow_client_first(pki):
             await upstream.aclose()
             assert "reset the stream" in await started.ended()
             # Only now does the client read: everything, then the reset.
-            with engine()._lock:
+            with engine().lock:
                 held_before = engine().held - pair.gateway.held
             assert await read_until_reset(client) == payload
             # What the drain held counted against the limits until it went.
             await held_becomes(pair.gateway, 0)
-            with engine()._lock:
+            with engine().lock:
                 assert engine().held == held_before
             await client.aclose()
 
@@ -815,7 +815,7 @@ async def test_closing_the_link_cuts_its_streams_at_once(pki):
     # Our own close (the certificate's end, the process stopping) is a cut:
     # a stream's socket is reset at once, even with bytes still held for a
     # slow client, not drained as after the peer's abort.
-    from gateway.net.engine import _Draining
+    from gateway.net.draining import _Draining
 
     payload = random.Random(13).randbytes(1536 * 1024)
     async with linked(pki) as pair:
@@ -826,8 +826,8 @@ async def test_closing_the_link_cuts_its_streams_at_once(pki):
             while pair.cluster_counters["a"].b_to_a < len(payload):
                 await trio.sleep(0.01)
             pair.gateway.close("the gateway is stopping")
-            with engine()._lock:
-                assert not [e for e in engine()._ends.values() if isinstance(e.owner, _Draining)]
+            with engine().lock:
+                assert not [e for e in engine().ends.values() if isinstance(e.owner, _Draining)]
             assert "the gateway is stopping" in await started.ended()
             assert len(await read_until_reset(client)) < len(payload)
             await client.aclose()
@@ -1027,7 +1027,7 @@ async def test_which_sessions_of_a_dead_connection_start_again(pki, monkeypatch,
     marks = {"the cluster's kernel": (opened, opened), "the wire, unacknowledged": (opened - 1, opened),
              "nowhere": (opened - 1, opened - 1)}[reached]
     monkeypatch.setattr(muxlink, "final_marks", lambda sock: marks)
-    with engine()._lock:
+    with engine().lock:
         link.end.os_error = errno.ECONNRESET if ended_by == "reset" else errno.ETIMEDOUT
         link._fail(f"cluster: receive failed: {ended_by}")
     with trio.fail_after(HANG):
@@ -1146,3 +1146,13 @@ async def read_until_eof_or(stream, n: int) -> bytes:
             break
         data += chunk
     return bytes(data)
+
+
+def test_every_event_of_the_codec_has_a_handler():
+    # DATA is dispatched inline; each other frame type has its handler.
+    from typing import get_args
+
+    from gateway.net import muxlink
+    from protocols import mux
+
+    assert set(muxlink._HANDLERS) | {mux.StreamData} == set(get_args(mux.MuxEvent))

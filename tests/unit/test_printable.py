@@ -8,6 +8,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import logs, printable
 from gateway.cluster import rbac
@@ -25,6 +27,13 @@ def test_unsafe_characters_are_found_and_escaped(char):
     assert printable.first_unsafe(text) == f"U+{ord(char[0]):04X}"
     assert printable.is_clean(printable.escape(text))
     assert "\\" in printable.escape(text)
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x2100)) | st.text(alphabet=st.characters(max_codepoint=0x7f)))
+def test_clean_means_no_character_of_the_pattern(text):
+    # ASCII text takes a quicker test than the pattern: both must agree.
+    assert printable.is_clean(text) is (printable._UNSAFE.search(text) is None)
+    assert printable.is_clean(text + "\x7f") is False and printable.is_clean(text + "\x1b") is False
 
 
 def test_ordinary_text_is_left_alone():

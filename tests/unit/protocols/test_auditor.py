@@ -58,6 +58,24 @@ def test_events_then_a_clean_close(how: str) -> None:
         auditor.receive_data(b"more")
 
 
+def test_next_events_gives_what_next_event_would_in_one_call() -> None:
+    auditor = CommandAuditor()
+    auditor.receive_data(SESSION)
+    assert auditor.next_events() == EVENTS and auditor.next_events() == []
+    # Events before a malformed packet first, then its error.
+    auditor = CommandAuditor()
+    auditor.receive_data(SESSION + packet(0, b""))
+    assert auditor.next_events() == EVENTS
+    with pytest.raises(RemoteProtocolError):
+        auditor.next_events()
+    # After EOF: the close is left out (next_event says it).
+    auditor = CommandAuditor()
+    auditor.receive_data(SESSION)
+    auditor.receive_data(b"")
+    assert auditor.next_events() == EVENTS and auditor.next_events() == []
+    assert auditor.next_event() == ConnectionClosed(clean=True)
+
+
 def test_eof_inside_a_message_is_unclean() -> None:
     auditor = CommandAuditor()
     cut = packet(0, bytes([COM_QUERY]) + b"select")[:7]

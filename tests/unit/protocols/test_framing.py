@@ -191,6 +191,21 @@ def test_keep_none_skips_a_frame_unseen_and_a_prefix_is_kept(how: str) -> None:
     assert splitter.frames == 4 and splitter.at_boundary
 
 
+@pytest.mark.parametrize("how", FEEDS)
+def test_only_some_kinds_are_asked_about_the_rest_pass_by_their_length(how: str) -> None:
+    asked: list[object] = []
+
+    def keep(kind: object, size: int) -> int | None:
+        asked.append(kind)
+        return keep_policy(kind, size)
+
+    splitter = FrameSplitter(POSTGRES_MESSAGE, keep=keep, only=frozenset({b"Q", b"D"}))
+    frames = feed_all(splitter, split(STREAM, how))
+    # As if keep had said None for the others: skipped unseen, still counted.
+    assert frames == [Frame(b"Q", 9, b"sel")] and asked == [b"Q", b"D"]
+    assert splitter.frames == 4 and splitter.at_boundary
+
+
 def test_a_frame_keeping_nothing_comes_out_after_its_header() -> None:
     splitter = FrameSplitter(POSTGRES_MESSAGE, keep=lambda kind, size: -5)
     assert feed_all(splitter, [STREAM[:5]]) == [Frame(b"d", 1000, b"")]

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from protocols.auditor import StatementReader
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.postgres import messages as m
 from protocols.postgres.audit import (
@@ -131,6 +132,23 @@ def test_frontend_text_is_truncated() -> None:
               truncated=True, whole=b"abcdefghijk"),
         CopyFailEvent(message="f" * 10, truncated=True),
     ]
+
+
+@given(st.binary(max_size=40), st.integers(min_value=1, max_value=24))
+def test_a_query_reads_the_same_whatever_its_size(body: bytes, max_text: int) -> None:
+    # A whole, short Query takes a quicker way than a long or cut one: both
+    # must record it alike (an empty body or a NUL inside it is malformed).
+    auditor = FrontendAuditor(max_text=max_text)
+    auditor.receive_data(m.frame(b"Q", body))
+    try:
+        event = auditor.next_event()
+    except RemoteProtocolError:
+        assert body.find(b"\x00") != len(body) - 1 or not body
+        return
+    statement = body[:-1]
+    assert body.find(b"\x00") == len(body) - 1
+    assert event == QueryEvent(text=StatementReader.of(statement, max_text).text,
+                               truncated=len(statement) > max_text, size=len(body), **digest(statement))
 
 
 PADDED = b"/* " + b"x" * 17 * 1024 + b" */ CREATE TABLE hidden (x int)"

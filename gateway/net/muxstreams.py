@@ -1,0 +1,374 @@
+"""A multiplexed connection's streams (see :mod:`gateway.net.muxlink`): a
+:class:`Stream`, one session on a link, and how its bytes move between its
+socket and the connection: its socket read into DATA frames within the
+stream's window (:meth:`StreamIO._pump`), DATA written to its socket
+(gathered, :meth:`StreamIO._deliver`), what the socket does not take held
+within the link's and the engine's limits (:meth:`StreamIO._hold`), its tail
+drained and its EOF passed on. A mixin of :class:`~gateway.net.muxlink.MuxLink`."""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Callable
+
+import trio
+
+from gateway.net.engine import PUMP_BUDGET, Timer
+from gateway.net.ends import _ALWAYS, End, Failure, _IN, _OUT, failed_quietly, seal
+from protocols.dial import DialAccept, DialError
+from protocols.mux import HEADER
+
+if TYPE_CHECKING:
+    from gateway.net.muxlink import MuxLink
+
+__all__ = ["HELD_LIMIT", "LINK_HELD", "Stream", "StreamIO"]
+
+_HEADER_SIZE = HEADER.size
+
+#: Bytes a process may hold for stream sockets that do not take DATA as fast
+#: as it comes (their tails, and early data waiting for a decision), per
+#: connection and in all. Each stream alone is held to its window (2 MiB);
+#: these bound the sum, so that servers that stopped reading, times many
+#: streams, cannot exhaust the cluster's memory. Past either, the stream
+#: holding the most is reset, with the reason.
+LINK_HELD = 128 * 1024 * 1024
+HELD_LIMIT = 512 * 1024 * 1024
+_MiB = 1024 * 1024
+
+
+class Stream:
+    """One session on a link. ``counters`` (a RelayCounters) count
+    ``a_to_b`` from the gateway's side to the upstream's, as the relay does.
+    ``context`` is the owner's (the client's address, the cluster's live
+    session)."""
+
+    __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
+                 "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent",
+                 "tap_in", "flushed", "sealed", "control")
+
+    def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
+        self.sid = sid
+        self.name = name  # the socket's side, for error messages
+        self.end: End | None = None
+        self.early: bytearray | None = None  # DATA that came before the accept (cluster)
+        self.early_fin = False
+        self.reply: DialAccept | DialError | None = None
+        self.done: trio.Event | None = None  # for wait()
+        self.error: str | None = None
+        self.finished = False
+        self.counters = None
+        self.notify = notify
+        self.timer: Timer | None = None  # the REPLY's deadline (gateway)
+        self.context = None
+        self.held = 0  # bytes in ``early`` and the socket's tail (see LINK_HELD)
+        # (gateway) Until the REPLY, for a start on another connection: the
+        # owner's callback, where the OPEN ends in the connection's bytes
+        # (as tcp.final_marks counts them), and a copy of the DATA
+        # sent on the stream.
+        self.retry: Callable[[socket.socket, bytes, bool, str], None] | None = None
+        self.opened = 0
+        self.sent: bytearray | None = None
+        # Shown every chunk from the connection before it goes to the
+        # socket (the cluster's audit parsers, the gateway's look at a
+        # session's start-up); one that raises resets the stream. The other
+        # direction's tap is the socket end's own (``End.tap``).
+        self.tap_in: Callable[[bytes], None] | None = None
+        # Set once the socket has taken everything written to it so far
+        # (see :meth:`MuxLink.flushed`).
+        self.flushed: trio.Event | None = None
+        # A TLS socket: plaintext sealed into records that wait in its tail,
+        # acknowledged once they are written.
+        self.sealed = 0
+        self.control = False  # (gateway) a control dial: no session, the REPLY is all
+
+
+class StreamIO:
+    """The bytes of a link's streams (see the module doc)."""
+
+    def _on_stream(self, stream: Stream, ev: int) -> None:
+        end = stream.end
+        if stream.finished or end is None:
+            return
+        if ev == _IN and end.mask == _IN and end.tail is None:
+            # The usual event: bytes to read, nothing queued for the socket,
+            # and epoll set to wait for more (not so for a stream resumed
+            # from ``blocked``). A pump that only emptied the socket changed
+            # nothing that _settle and _update_link look at.
+            if self._pump(stream):
+                return
+        else:
+            if ev & (_OUT | _ALWAYS) and end.tail is not None:
+                self._flush(stream)
+            if ev & (_IN | _ALWAYS) and not stream.finished:
+                self._pump(stream)
+            if not stream.finished:
+                failed_quietly(end, ev)
+        self._settle(stream)
+        self._update_link()
+
+    def _pump(self, stream: Stream, urgent: bool = False) -> bool:
+        """socket -> connection, within the window and the budget. Each read
+        lands right behind room for its DATA header, so the frame is
+        encrypted straight from the read buffer, never copied. True if it
+        stopped only because the socket was empty, with the window open and
+        the connection's socket taking everything (nothing to settle).
+        ``urgent``: read even while the connection's socket is backed up
+        (what must go before a control frame; still within the window)."""
+        end = stream.end
+        conn, link_end = self.conn, self.end
+        engine = self.engine
+        framed, payload, room = engine.framed, self.payload, self.room
+        budget = PUMP_BUDGET
+        gateway = self.gateway
+        sid = stream.sid
+        while not end.in_done:
+            if link_end.tail is not None and not urgent:
+                self.blocked[end] = None
+                return False
+            want = conn.send_window(sid)
+            if want > room:
+                want = room
+            elif want <= 0:
+                return False
+            if end.obj is None:
+                try:
+                    n = end.sock.recv_into(payload, want)
+                except BlockingIOError:
+                    return True
+                except OSError as exc:
+                    end.failed = True
+                    raise Failure(f"{end.name}: receive failed: {exc.strerror or exc}") from None
+            else:
+                n = engine.read_into(end, payload[:want])  # reading may queue a KeyUpdate answer
+                if n < 0:
+                    return end.tail is None
+            if n and end.tap is not None:
+                _show(end.tap, payload[:n], end.name)
+            if not n:
+                end.in_done = True
+                self._send(conn.send_fin(stream.sid))
+                return False
+            if gateway:
+                if stream.sent is not None:  # no REPLY yet: kept for a retry
+                    self._hold(stream, n)
+                    if stream.finished:  # making room ended the link, and this stream with it
+                        return False
+                    stream.sent += payload[:n]
+                stream.counters.a_to_b += n
+            else:
+                stream.counters.b_to_a += n
+            framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
+            self._send(framed[:_HEADER_SIZE + n])
+            budget -= n
+            if budget <= 0:
+                engine.again.append(end)
+                return False
+            if n < want:
+                # The socket is empty (the window is not: n < want): epoll
+                # says when there is more. Reading again now would only cost
+                # an EAGAIN, a syscall and a raised exception.
+                return link_end.tail is None and end.tail is None
+        return False
+
+    def _deliver(self) -> None:
+        """Write the DATA gathered for one stream (see ``gathered``)."""
+        stream, pieces = self.gathered_for, self.gathered
+        self.gathered_for, self.gathered = None, []
+        if stream.finished:
+            return
+        try:
+            self._to_socket(stream, pieces)
+            if not stream.finished and stream.end.tail is not None and not stream.end.mask & _OUT:
+                self._settle(stream)  # wait for the socket to take the rest
+        except Failure as exc:
+            self._stream_failed(stream, exc)
+
+    def _to_socket(self, stream: Stream, pieces: list[memoryview]) -> None:
+        """connection -> socket: write now (several pieces with one
+        ``sendmsg``), keep a copy of the rest in the tail. Making room for
+        that copy may end the link, and this stream with it (see
+        :meth:`_hold`): its socket is then no longer its own, and the rest
+        goes nowhere."""
+        end = stream.end
+        engine = self.engine
+        if stream.tap_in is not None:
+            for piece in pieces:
+                tap = stream.tap_in  # a tap may let go of the stream midway (the gateway's start-up watch)
+                if tap is None:
+                    break
+                _show(tap, piece, end.name)
+        if end.obj is not None:
+            self._to_tls(stream, pieces)
+            return
+        if end.tail is not None:
+            # Queued (one copy of the run); acknowledged once written.
+            data = b"".join(pieces)
+            self._hold(stream, len(data))
+            if not stream.finished:
+                engine.write(end, data, copy=True)
+            return
+        try:
+            if len(pieces) == 1:
+                data = pieces[0]
+                rest = engine.write_some(end, data)
+                sent = len(data) - len(rest)
+                rest = bytes(rest) if rest else None
+            else:
+                try:
+                    sent = end.sock.sendmsg(pieces)
+                except BlockingIOError:
+                    sent = 0
+                rest = _unsent(pieces, sent)
+        except OSError as exc:
+            end.failed = True
+            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+        self._written(stream, sent)
+        if rest:
+            self._hold(stream, len(rest))
+            if not stream.finished:
+                end.tail = memoryview(rest)
+
+    def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
+        """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
+        records at once; what the kernel does not take waits in the tail
+        (held, as ciphertext), and its plaintext is acknowledged once the
+        tail has drained."""
+        end = stream.end
+        n = sum(len(piece) for piece in pieces)
+        records = seal(end, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        queued = end.tail is not None
+        if queued:
+            rest = records
+        else:
+            try:
+                rest = self.engine.write_some(end, records)
+            except OSError as exc:
+                end.failed = True
+                raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            if not rest:
+                self._written(stream, n)
+                return
+        # Acknowledged once the tail has drained (_flush), which is why the
+        # tail is set here and not through engine.write: that would try
+        # the socket again and, finding room, leave no tail to drain.
+        stream.sealed += n
+        self._hold(stream, len(rest))
+        if stream.finished:
+            return
+        if queued:
+            self.engine.write(end, rest, copy=False)  # behind the tail
+        else:
+            end.tail = memoryview(rest)
+
+    def _hold(self, stream: Stream, n: int) -> None:
+        """Count ``n`` more bytes held for ``stream``'s socket. Past
+        LINK_HELD or HELD_LIMIT the stream of this link that holds the most
+        is reset to make room (a stuck one, rather than one that met a full
+        socket once), or, if that is this one, raise :class:`Failure`."""
+        engine = self.engine
+        while True:
+            if self.held + n > LINK_HELD:
+                where, limit = "for the sessions of one connection", LINK_HELD
+            elif engine.held + n > HELD_LIMIT:
+                where, limit = "in all", HELD_LIMIT
+            else:
+                self.held += n
+                engine.held += n
+                stream.held += n
+                return
+            reason = (f"does not take data as fast as it comes, and the relay already holds "
+                      f"{limit / _MiB:g} MiB {where} for sockets that do not (its limit); "
+                      f"the session was reset")
+            most = max(self.streams.values(), key=lambda s: s.held, default=stream)
+            if most is stream or most.held <= stream.held + n or self.failed is not None:
+                raise Failure(f"{stream.name}: {reason}")
+            self._finish(most, f"{most.name}: {reason}", reset=True)
+            if stream.finished:  # its RESET could not be sent: the link, and this stream, ended
+                return
+
+    def _unhold(self, stream: Stream, n: int) -> None:
+        self.held -= n
+        self.engine.held -= n
+        stream.held -= n
+
+    def _released(self, n: int) -> None:
+        """A drainer (an aborted stream's socket) let go of ``n`` bytes."""
+        self.held -= n
+        self.engine.held -= n
+
+    def _flush(self, stream: Stream) -> None:
+        end = stream.end
+        try:
+            written = self.engine.drain(end)
+        except OSError as exc:
+            end.failed = True
+            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+        # Every byte of a stream's tail was held, but for what reading TLS
+        # made OpenSSL write (a KeyUpdate answer).
+        self._unhold(stream, min(written, stream.held))
+        if end.obj is None:
+            self._written(stream, written)
+        elif end.tail is None and stream.sealed:
+            sealed, stream.sealed = stream.sealed, 0
+            self._written(stream, sealed)
+        if end.tail is None and stream.flushed is not None:
+            self._set_flushed(stream)
+        self._after_write(stream)
+
+    def _written(self, stream: Stream, n: int) -> None:
+        if not n:
+            return
+        if self.gateway:
+            stream.counters.b_to_a += n
+        else:
+            stream.counters.a_to_b += n
+        frame = self.conn.acknowledge(stream.sid, n)
+        if frame:  # once a quarter of a window is due
+            self._send(frame)
+
+    def _after_write(self, stream: Stream) -> None:
+        """The peer's FIN becomes ours to the socket once its tail is gone
+        (a TLS socket's close_notify first, which may leave a tail of its
+        own: we come back here once that has drained)."""
+        end = stream.end
+        if end.tail is None and end.eof_wanted and not end.eof_sent:
+            self.engine.send_eof(end)
+
+    def _set_flushed(self, stream: Stream) -> None:
+        event, stream.flushed = stream.flushed, None
+        try:
+            self.token.run_sync_soon(event.set)
+        except trio.RunFinishedError:
+            pass
+
+    def _settle(self, stream: Stream) -> None:
+        """After anything that may have changed a stream's state: finish it
+        if both directions are over, else make its epoll interest match.
+        Every path that reads, writes, or takes a FIN or a WINDOW ends here."""
+        if stream.finished:
+            return
+        end = stream.end
+        if end is None:
+            return
+        if end.in_done and end.eof_sent and end.tail is None:
+            self._finish(stream, None, reset=False)
+        else:
+            self._update(end)
+
+
+def _show(tap: Callable[[bytes], None], data: memoryview, name: str) -> None:
+    """Show ``data`` to a tap; what it refuses (an audit parser that cannot
+    parse it) must not pass: the stream is reset."""
+    try:
+        tap(bytes(data))
+    except Exception as exc:
+        raise Failure(f"{name}: {exc}") from None
+
+
+def _unsent(pieces: list[memoryview], sent: int) -> bytes:
+    """A copy of what ``sendmsg(pieces)`` did not send."""
+    for i, piece in enumerate(pieces):
+        if sent < len(piece):
+            return b"".join([piece[sent:], *pieces[i + 1:]])
+        sent -= len(piece)
+    return b""
