@@ -62,6 +62,9 @@ class FakeCluster:
     def audit_soon(self, event, user, **fields):
         self.events.append((event, fields))
 
+    def audit_fields_soon(self, event, user, fields):
+        self.events.append((event, fields))
+
 
 class FakeSession:
     id, user, resource = "s1", "alice", "maria"
