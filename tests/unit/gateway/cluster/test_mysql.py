@@ -59,9 +59,6 @@ class FakeCluster:
     def __init__(self):
         self.events = []
 
-    def audit_soon(self, event, user, **fields):
-        self.events.append((event, fields))
-
     def audit_fields_soon(self, event, user, fields):
         self.events.append((event, fields))
 
