@@ -84,10 +84,15 @@ class Guard:
         self._send_lock = trio.Lock()
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._down, nursery.cancel_scope)
-            await self._up()
-            nursery.cancel_scope.cancel()
+        """Until either side is done; then the pair's end is closed, so the
+        session ends too (a client gone mid-packet leaves nothing waiting)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._down, nursery.cancel_scope)
+                await self._up()
+                nursery.cancel_scope.cancel()
+        finally:
+            await self.inner.aclose()
 
     async def _down(self, scope: trio.CancelScope) -> None:
         """Cluster -> client, as it comes."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.local.mysqlguard import MAX_HELD, Guard, socket_pair
 from protocols.mysql import Capability, Command, ErrPacket
@@ -110,3 +112,31 @@ async def test_a_name_that_is_not_utf8_is_refused_unasked():
     up, back, asked = await run_guard(packets, allowed=("app\ufffd",))
     assert up == b"" and asked == []
     assert err_of(back).errno == 1044 and "UTF-8" in err_of(back).message
+
+
+_PASSING = [c for c in range(256) if c not in (Command.INIT_DB, Command.QUERY, Command.CHANGE_USER)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands=st.lists(st.tuples(st.sampled_from(_PASSING), st.binary(max_size=300)), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(min_value=1, max_value=200), max_size=10))
+def test_whatever_needs_no_word_passes_byte_for_byte_however_it_is_cut(commands, cuts):
+    stream = b"".join(command(code, body) for code, body in commands)
+    chunks, pos = [], 0
+    for cut in cuts:
+        if pos >= len(stream):
+            break
+        chunks.append(stream[pos:pos + cut])
+        pos += cut
+    chunks.append(stream[pos:])
+    up, back, asked = trio.run(run_guard, [c for c in chunks if c])
+    assert up == stream and back == b"" and asked == []
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=2000), cut=st.integers(min_value=1, max_value=64))
+def test_any_bytes_end_without_a_hang_or_a_crash(data, cut):
+    """A hostile client's bytes: the guard passes or refuses, never more than it got."""
+    chunks = [data[i:i + cut] for i in range(0, len(data), cut)]
+    up, _back, _asked = trio.run(run_guard, chunks, ())
+    assert len(up) <= len(data)
