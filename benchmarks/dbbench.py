@@ -8,6 +8,7 @@ import argparse
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Callable
 
 from benchmarks.procstat import thread_cpu
@@ -33,8 +34,9 @@ def arguments(prog: str, doc: str, tool: str, install: str, argv=None) -> argpar
     return args
 
 
-def stop_all(started: list, server) -> None:
-    """Stop the paths (last started first), then the database server."""
+def stop_all(started: list, server, work: Path) -> None:
+    """Stop the paths (last started first), then the database server;
+    remove the run's directory ``work``."""
     for path in reversed(started):
         try:
             path.stop()
@@ -42,6 +44,7 @@ def stop_all(started: list, server) -> None:
             print(f"stopping {path.name}: {exc}")
     if server is not None:
         server.stop()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def cpu_of(wicket) -> dict[str, dict[str, float]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -128,8 +127,7 @@ def main(argv=None) -> int:
                            cpu_labels={"find_one": "find_one", "insert_many": "inserted document"})
         return 0
     finally:
-        stop_all(started, server)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(started, server, work)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -90,8 +89,7 @@ def main(argv=None) -> int:
                            {"select": "-S", "connect": "-S -C"})
         return 0
     finally:
-        stop_all(started, server)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(started, server, work)
 
 
 def start_server(work: Path, port: int, wicket_dir: Path) -> PgServer:

@@ -134,8 +134,7 @@ def main(argv=None) -> int:
         return 0
     finally:
         paths.PY = real_py
-        stop_all(started, server)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(started, server, work)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ The table shows the medians and the ratio to the stunnel pair.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -107,8 +106,7 @@ def main(argv=None) -> int:
                            {w: w for w in WORKLOADS})
         return 0
     finally:
-        stop_all(started, server)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(started, server, work)
 
 
 if __name__ == "__main__":
