@@ -349,7 +349,7 @@ def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identit
            unix_mode: int = 0o600) -> None:
     """Listen and serve until Ctrl-C / SIGTERM; print the address (stdout)
     and the line to try (stderr)."""
-    from gateway.local.proxy import run_listener
+    from gateway.local.proxy import run_listener, unix_address
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
@@ -361,9 +361,7 @@ def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identit
 
             bound = await nursery.start(listen)
             if isinstance(bound, str):  # a unix socket: a directory and port for psql, or the path
-                path = Path(bound)
-                host, bound_port = (str(path.parent), port or 5432) if path.name.startswith(".s.PGSQL.") \
-                    else (bound, 0)
+                host, bound_port = unix_address(bound, port)
             else:
                 host, bound_port = bound[:2]
             if dialer is not None:
@@ -426,18 +424,15 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
                 **values: Any) -> None:
         from gateway import logs
         from gateway.local.proxy import Listening
-        from gateway.local.proxy import ListenError, unix_socket_path
+        from gateway.local.proxy import ListenError, parse_unix_mode, unix_socket_path
         from gateway.net.descriptors import raise_open_files_limit
         from gateway.net.peercred import LocalUsers
 
         _check_bind(bind, allow_non_loopback)
         try:
-            unix_mode = int(unix_socket_mode, 8)
-        except ValueError:
-            unix_mode = -1
-        if not 0 < unix_mode <= 0o777 or unix_mode & 0o600 != 0o600:
-            raise click.BadParameter("an octal mode that lets you read and write, e.g. 0600 or 0660",
-                                     param_hint="--unix-socket-mode")
+            unix_mode = parse_unix_mode(unix_socket_mode)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--unix-socket-mode") from None
         raise_open_files_limit()  # every client is a descriptor: take what the system allows
         logs.setup(log_format)
         profile = _load_profile()

@@ -44,10 +44,11 @@ def register(main: click.Group, cli: ModuleType) -> None:
     @click.option("--token-file", help="Join as a bot with this token when the profile has no valid bot certificate.")
     @click.option("--cluster", help="HOST:PORT of the cluster, for --token-file.")
     @click.option("--ca-pin", help="sha256:... pin of the cluster CA, for --token-file.")
-    @click.option("--resource", "resources", multiple=True, metavar="NAME[=PORT]",
-                  help="A resource to serve, on PORT or its remembered port (repeatable; replaces the file's "
-                       "list; none anywhere: every resource you may reach). WICKET_AGENT_RESOURCES: "
-                       "several, separated by spaces.")
+    @click.option("--resource", "resources", multiple=True, metavar="NAME[=PORT|=/PATH]",
+                  help="A resource to serve, on PORT or its remembered port, or on a unix socket at /PATH "
+                       "(mode 0600; a directory: PostgreSQL's .s.PGSQL.5432 in it) (repeatable; replaces "
+                       "the file's list; none anywhere: every resource you may reach). "
+                       "WICKET_AGENT_RESOURCES: several, separated by spaces.")
     @click.option("--bind", help="Address the resources listen on (default 127.0.0.1).")
     @click.option("--allow-uid", "allow_uids", type=click.IntRange(0), multiple=True, metavar="UID",
                   help="Also let processes of this local uid connect (repeatable).")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from gateway.addresses import parse_hostport
 from gateway.net.http import HTTPError, Request, Response, serve_http
@@ -82,6 +82,8 @@ class _Collector:
                                       labels=["resource", "code"])
         failed = CounterMetricFamily("wicket_agent_dial_failures", "Dials that got no answer (cluster unreachable)",
                                      labels=["resource"])
+        dial = HistogramMetricFamily("wicket_agent_dial_seconds", "From a client's arrival to the cluster's "
+                                     "answer to its dial (accepted or refused)", labels=["resource"])
         for item in agent.served:
             if not item.ok:
                 continue
@@ -93,10 +95,13 @@ class _Collector:
             for code, count in sorted(snap["refused"].items()):
                 refused.add_metric([name, code], count)
             failed.add_metric([name], snap["failed"])
+            buckets, total = stats.dial_histogram()
+            dial.add_metric([name], buckets, total)
         yield ended
         yield transferred
         yield refused
         yield failed
+        yield dial
 
 
 def _text(status: int, text: str) -> Response:

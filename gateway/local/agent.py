@@ -295,9 +295,14 @@ class Agent:
                 log.warning("resource_failed resource=%s error=%r", rc.name, why)
                 continue
             grants = serving.grant_defaults(resource.get("allowed", {}))
-            port = rc.port or ports.assign(self.home, rc.name, self.config.bind)
+            unix = rc.unix_socket
+            if unix is not None:  # a directory's socket is named after the port: PostgreSQL's default
+                port = rc.port or 5432
+            else:
+                port = rc.port or ports.assign(self.home, rc.name, self.config.bind)
             wanted.append(serving.Wanted(name=rc.name, kind=kind, options=dict(rc.options),
-                                         settings={**grants, **rc.options}, bind=self.config.bind, port=port))
+                                         settings={**grants, **rc.options}, bind=self.config.bind, port=port,
+                                         unix_socket=unix, unix_mode=rc.unix_socket_mode))
         return wanted, refused
 
 
@@ -322,3 +327,4 @@ class _Default:
 
     def __init__(self, name: str) -> None:
         self.name, self.port, self.options = name, 0, {}
+        self.unix_socket, self.unix_socket_mode = None, 0o600

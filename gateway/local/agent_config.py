@@ -20,6 +20,7 @@ import attrs
 
 from gateway.addresses import parse_hostport
 from gateway.durations import parse_duration
+from gateway.local.proxy import parse_unix_mode
 
 
 class AgentConfigError(ValueError):
@@ -34,6 +35,10 @@ class ResourceConfig:
     name: str
     port: int = 0
     options: dict[str, Any] = attrs.field(factory=dict)
+    #: Listen on this unix socket instead of a TCP port: the path, or a
+    #: directory for PostgreSQL's ``.s.PGSQL.<port>`` (port, else 5432).
+    unix_socket: Path | None = None
+    unix_socket_mode: int = 0o600
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -75,6 +80,8 @@ SECTIONS = {
 _DURATIONS = {"wait_for_cluster", "min_sigterm_delay", "max_sigterm_delay"}
 _PATHS = {"profile", "token_file"}
 _FLAGS = {"quitquitquit", "exit_zero", "check_upstreams"}
+#: A [[resources]] table's own keys; the others are its kind's options.
+_RESOURCE_KEYS = ("name", "port", "unix_socket", "unix_socket_mode")
 
 
 def _fail(source: str, key: str, expected: str) -> AgentConfigError:
@@ -140,20 +147,33 @@ def _resources(source: str, items: Any) -> tuple[ResourceConfig, ...]:
         port = item.get("port", 0)
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise _fail(source, f"{where}.port", "a port number")
-        options = {k: v for k, v in item.items() if k not in ("name", "port")}
+        unix_socket = item.get("unix_socket")
+        if unix_socket is not None and (not isinstance(unix_socket, str) or not unix_socket.startswith(("/", "~"))):
+            raise _fail(source, f"{where}.unix_socket", "an absolute path (a socket's, or a directory)")
+        try:
+            mode = parse_unix_mode(item.get("unix_socket_mode", 0o600))
+        except ValueError as exc:
+            raise _fail(source, f"{where}.unix_socket_mode", str(exc)) from None
+        if "unix_socket_mode" in item and unix_socket is None:
+            raise _fail(source, f"{where}.unix_socket_mode", "a unix_socket beside it")
+        options = {k: v for k, v in item.items() if k not in _RESOURCE_KEYS}
         for key, value in options.items():
             if not isinstance(value, (str, bool)):
                 raise _fail(source, f"{where}.{key}", "a string or true/false")
-        out.append(ResourceConfig(name=name, port=port, options=options))
+        out.append(ResourceConfig(name=name, port=port, options=options, unix_socket_mode=mode,
+                                  unix_socket=None if unix_socket is None else Path(unix_socket).expanduser()))
     return tuple(out)
 
 
 def parse_resource_flag(text: str) -> ResourceConfig:
-    """``--resource NAME`` or ``NAME=PORT``."""
-    name, sep, port = text.partition("=")
-    if not name or (sep and (not port.isdigit() or not 0 < int(port) < 65536)):
-        raise AgentConfigError(f"--resource {text!r}: expected NAME or NAME=PORT")
-    return ResourceConfig(name=name, port=int(port) if sep else 0)
+    """``--resource NAME``, ``NAME=PORT`` or ``NAME=/PATH`` (a unix socket,
+    mode 0600; its own path, or a directory for PostgreSQL's)."""
+    name, sep, where = text.partition("=")
+    if name and sep and where.startswith("/"):
+        return ResourceConfig(name=name, unix_socket=Path(where))
+    if not name or (sep and (not where.isdigit() or not 0 < int(where) < 65536)):
+        raise AgentConfigError(f"--resource {text!r}: expected NAME, NAME=PORT or NAME=/PATH (a unix socket)")
+    return ResourceConfig(name=name, port=int(where) if sep else 0)
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:

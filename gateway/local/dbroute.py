@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from typing import Mapping
 
 import trio
@@ -228,18 +229,19 @@ class DatabaseRoute(MuxRoute):
         if need be; once more on a new connection if the first died before
         the cluster could have seen the OPEN. Raises ClusterError,
         ClientGone, ProfileError."""
-        deadline = self.room.deadline()
+        deadline, arrived = self.room.deadline(), time.monotonic()
         retried = False
         while True:
             given_back: list[str] = []  # the connection died before the cluster saw the OPEN: why
 
             def start(link: MuxLink) -> tuple[MuxLink, Stream]:
-                return link, link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr,
+                return link, link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr, arrived=arrived,
                                        retry=None if retried else lambda _s, _e, _f, why: given_back.append(why))
 
             # A client waits for its answer in silence: its FIN means it left.
             link, stream = await self.on_link(start, deadline, client_addr, lambda: peer_left(sock, eof=True))
             if await link.reply(stream) is not None:
+                self.stats.answered(stream.dial_seconds)  # the agent's /metrics
                 return link, stream
             if given_back:
                 log.info("session_retry resource=%s client=%s reason=%r", self.resource, client_addr,

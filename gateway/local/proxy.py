@@ -31,6 +31,7 @@ import signal
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -243,7 +244,8 @@ class TcpProxy(MuxRoute):
         except RuntimeError:  # stopping: the nursery takes no more
             self._drop(sock)
 
-    def _start(self, link: MuxLink, sock: socket.socket, addr, resume: _Resume | None = None) -> None:
+    def _start(self, link: MuxLink, sock: socket.socket, addr, resume: _Resume | None = None,
+               arrived: float | None = None) -> None:
         """Start the session on ``link``; ``resume``: again, after its first
         connection died before the cluster saw it (once only)."""
         client_addr = format_addr(addr)
@@ -259,7 +261,7 @@ class TcpProxy(MuxRoute):
             try:
                 link.start(DialRequest(resource=self.resource, client_addr=client_addr), sock,
                            counters, self._on_end, reply_timeout=DIAL_TIMEOUT, context=client_addr,
-                           retry=retry, early=early, early_fin=fin)
+                           retry=retry, early=early, early_fin=fin, arrived=arrived)
             except LinkClosed:
                 self.started -= 1
                 raise
@@ -293,14 +295,14 @@ class TcpProxy(MuxRoute):
     async def _start_slowly(self, sock: socket.socket, addr, resume: _Resume | None = None) -> None:
         """No connection ready (or a new login on disk, or ``resume``): get
         one, then start the session as the engine would have."""
-        client_addr = format_addr(addr)
+        client_addr, arrived = format_addr(addr), time.monotonic()
         try:
             try:
                 self.dialer.check_fresh()
                 # A client may send and half-close before its session
                 # starts: only a reset says it left.
-                await self.on_link(lambda link: self._start(link, sock, addr, resume), self.room.deadline(),
-                                   client_addr, lambda: peer_left(sock, eof=False))
+                await self.on_link(lambda link: self._start(link, sock, addr, resume, arrived),
+                                   self.room.deadline(), client_addr, lambda: peer_left(sock, eof=False))
                 return
             except ProfileError as exc:
                 log.warning("dial_refused resource=%s client=%s code=cert_expired message=%r",
@@ -318,6 +320,8 @@ class TcpProxy(MuxRoute):
 
     def _log_end(self, link: MuxLink, stream: Stream) -> None:
         reply, client_addr = stream.reply, stream.context
+        if reply is not None:
+            self.stats.answered(stream.dial_seconds)
         if isinstance(reply, DialAccept):
             counters = stream.counters
             self.stats.ended(counters.a_to_b, counters.b_to_a)
@@ -356,6 +360,28 @@ def unix_socket_path(path: Path, port: int, name: Callable[[int], str] | None) -
             raise ListenError(f"{path} is a directory; this kind needs the socket's own path (e.g. {path}/NAME.sock)")
         return path / name(port)
     return path
+
+
+def parse_unix_mode(text: str | int) -> int:
+    """A unix socket's mode (``"0660"``, or an int): octal permissions that
+    let the owner read and write. Raises ValueError saying what is expected."""
+    try:
+        mode = text if isinstance(text, int) and not isinstance(text, bool) else int(str(text), 8)
+    except ValueError:
+        mode = -1
+    if not 0 < mode <= 0o777 or mode & 0o600 != 0o600:
+        raise ValueError("an octal mode that lets you read and write, e.g. 0600 or 0660")
+    return mode
+
+
+def unix_address(bound: str, port: int) -> tuple[str, int]:
+    """What clients are told of a unix socket ``bound``: PostgreSQL's
+    directory and port (``psql host=DIR port=PORT``), or the path and 0."""
+    path = Path(bound)
+    prefix = ".s.PGSQL."
+    if path.name.startswith(prefix) and path.name[len(prefix):].isdigit():
+        return str(path.parent), int(path.name[len(prefix):])
+    return bound, 0
 
 
 def _bind_unix(path: Path, mode: int) -> socket.socket:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -22,7 +23,7 @@ import trio
 
 from gateway.kinds import Kind
 from gateway.local.profile import Profile
-from gateway.local.proxy import Listening, run_listener
+from gateway.local.proxy import ListenError, Listening, run_listener, unix_address, unix_socket_path
 from gateway.net.peercred import LocalUsers
 
 log = logging.getLogger("wicket.serving")
@@ -40,6 +41,10 @@ class Wanted:
     settings: dict[str, Any] = attrs.field(factory=dict)
     bind: str = "127.0.0.1"
     port: int = 0
+    #: Listen on this unix socket instead (a directory: the kind's socket
+    #: name in it, from ``port``), created with ``unix_mode``.
+    unix_socket: Path | None = None
+    unix_mode: int = 0o600
 
 
 @attrs.define
@@ -106,12 +111,19 @@ async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: 
         try:
             route = w.kind.local_route()(profile, w.name, identity, wait_for_cluster=wait_for_cluster,
                                          local_users=local_users, **w.options)
-            bound, accepting = await nursery.start(_listen, route.handler, w.bind, w.port, nursery)
+            unix = None if w.unix_socket is None else unix_socket_path(w.unix_socket, w.port, route.unix_name)
+            bound, accepting = await nursery.start(_listen, route.handler, w.bind, w.port, nursery, unix,
+                                                   w.unix_mode)
+        except ListenError as exc:
+            item.error = str(exc)
         except OSError as exc:
-            item.error = f"cannot listen on {w.bind}:{w.port}: {exc.strerror or exc}"
+            where = w.unix_socket if w.unix_socket is not None else f"{w.bind}:{w.port}"
+            item.error = f"cannot listen on {where}: {exc.strerror or exc}"
         except Exception as exc:  # one resource's trouble, even a bug, is its own
             item.error = f"{type(exc).__name__}: {exc}"
         else:
+            if isinstance(bound, str):  # a unix socket
+                bound = unix_address(bound, w.port)
             item.host, item.port, item.route, item.accepting = bound[0], bound[1], route, accepting
             if route.dialer is not None:
                 await nursery.start(route.dialer.run_pool)
@@ -122,13 +134,14 @@ async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: 
     return served
 
 
-async def _listen(handler: Any, host: str, port: int, handler_nursery: trio.Nursery, *,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _listen(handler: Any, host: str, port: int, handler_nursery: trio.Nursery, unix_socket: Path | None,
+                  unix_mode: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Accept until the scope it starts with (the started value's second
     half) is cancelled; the sessions' tasks run in ``handler_nursery``, so
-    they outlive that."""
+    they outlive that. A unix socket is removed when accepting stops."""
     with trio.CancelScope() as accepting:
-        await run_listener(handler, host=host, port=port, handle_signals=False, handler_nursery=handler_nursery,
+        await run_listener(handler, host=host, port=port, unix_socket=unix_socket, unix_mode=unix_mode,
+                           handle_signals=False, handler_nursery=handler_nursery,
                            task_status=_WithScope(task_status, accepting))
 
 

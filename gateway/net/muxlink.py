@@ -90,6 +90,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from typing import Callable
 
 import trio
@@ -197,7 +198,7 @@ class MuxLink(StreamIO):
     def start(self, request: DialRequest, sock: socket.socket, counters,
               notify: Callable[["MuxLink", Stream], None], *, reply_timeout: float,
               context=None, retry: Callable[[socket.socket | None, bytes, bool, str], None] | None = None,
-              early: bytes = b"", early_fin: bool = False) -> Stream:
+              early: bytes = b"", early_fin: bool = False, arrived: float | None = None) -> Stream:
         """(gateway) Open a stream for ``request`` and relay ``sock`` (a
         connected non-blocking socket, now the link's) on it at once. A
         refusal, or no REPLY within ``reply_timeout`` seconds, ends the
@@ -213,11 +214,13 @@ class MuxLink(StreamIO):
         it, whether its EOF was, and why the connection ended: pass the
         first three to ``start`` on another link (``early`` is at most
         EARLY_DATA bytes). Use ``retry`` with ``notify``, not :meth:`wait`;
-        a session started with ``early`` is not started again."""
+        a session started with ``early`` is not started again. ``arrived``:
+        when the client came (time.monotonic()), if before the OPEN; the
+        stream's ``dial_seconds`` count from it."""
         if retry is not None and (early or early_fin):
             raise ValueError("pass retry or early, not both: a session is started again once at most")
         with self.engine.lock:
-            stream = self._open(request, notify, reply_timeout, context, retry)
+            stream = self._open(request, notify, reply_timeout, context, retry, arrived)
             sid = stream.sid
             self._bind(stream, sock, counters)
             if early:  # read from the socket for an OPEN on another link
@@ -231,14 +234,15 @@ class MuxLink(StreamIO):
         return stream
 
     def open(self, request: DialRequest, *, reply_timeout: float, context=None,
-             retry: Callable[[socket.socket | None, bytes, bool, str], None] | None = None) -> Stream:
+             retry: Callable[[socket.socket | None, bytes, bool, str], None] | None = None,
+             arrived: float | None = None) -> Stream:
         """(gateway) Open a stream for ``request`` without a socket yet:
         await :meth:`reply`, then :meth:`bind` the client's socket (the
         cluster's first bytes wait until then), or turn the client away in
-        its own protocol. ``retry(None, b"", False, reason)``: as for
-        :meth:`start`. Raises :class:`LinkClosed`."""
+        its own protocol. ``retry(None, b"", False, reason)`` and
+        ``arrived``: as for :meth:`start`. Raises :class:`LinkClosed`."""
         with self.engine.lock:
-            stream = self._open(request, None, reply_timeout, context, retry)
+            stream = self._open(request, None, reply_timeout, context, retry, arrived)
             stream.done = trio.Event()
         return stream
 
@@ -274,7 +278,8 @@ class MuxLink(StreamIO):
                 self._run_guarded(stream.end, lambda: self._pump(stream))
             return True
 
-    def _open(self, request: DialRequest, notify, reply_timeout: float, context, retry) -> Stream:
+    def _open(self, request: DialRequest, notify, reply_timeout: float, context, retry,
+              arrived: float | None = None) -> Stream:
         """(under the lock) Send the OPEN and register the stream, with its
         REPLY's deadline and what a ``retry`` needs. Raises
         :class:`LinkClosed`."""
@@ -290,6 +295,8 @@ class MuxLink(StreamIO):
             raise LinkClosed(self.failed)
         stream = Stream(sid, self.socket_name, notify)
         stream.context = context
+        if arrived is not None:
+            stream.arrived = arrived
         if retry is not None:
             opened = written(self.end.sock)  # the OPEN is in the kernel, or queued behind
             if opened is not None:
@@ -699,6 +706,7 @@ class MuxLink(StreamIO):
         if stream is None:
             return
         stream.reply = event.reply
+        stream.replied_at = time.monotonic()
         if stream.sent is not None:
             self._unhold(stream, len(stream.sent))
             stream.retry = stream.sent = None

@@ -9,6 +9,7 @@ drained and its EOF passed on. A mixin of :class:`~gateway.net.muxlink.MuxLink`.
 from __future__ import annotations
 
 import socket
+import time
 from typing import TYPE_CHECKING, Callable
 
 import trio
@@ -44,7 +45,7 @@ class Stream:
 
     __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
                  "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent",
-                 "tap_in", "flushed", "sealed", "control")
+                 "tap_in", "flushed", "sealed", "control", "arrived", "replied_at")
 
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
@@ -80,6 +81,15 @@ class Stream:
         # acknowledged once they are written.
         self.sealed = 0
         self.control = False  # (gateway) a control dial: no session, the REPLY is all
+        # (gateway) time.monotonic() when the client arrived (the OPEN's, or
+        # its owner's earlier one), and when the REPLY came (0.0: not yet).
+        self.arrived = time.monotonic()
+        self.replied_at = 0.0
+
+    @property
+    def dial_seconds(self) -> float | None:
+        """From the client's arrival to the cluster's answer; None before."""
+        return self.replied_at - self.arrived if self.replied_at else None
 
 
 class StreamIO:

@@ -97,6 +97,53 @@ def test_one_bad_resource_never_takes_the_others_down(cluster, echo, make_gatewa
     assert proc.stop(signal.SIGTERM) == 143
 
 
+def test_metrics_time_each_dial_from_the_clients_arrival_to_the_clusters_answer(make_gateway):
+    gw = make_gateway("dev")
+    proc, admin = start_agent(gw, "--resource", "echo")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    port = status(admin)["resources"][0]["port"]
+    for _ in range(3):
+        assert _echo(port) == b"ping"
+
+    def dials() -> dict[tuple[str, str | None], float]:
+        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+        return {(s.name, s.labels.get("le")): s.value for s in families["wicket_agent_dial_seconds"].samples
+                if s.labels["resource"] == "echo"}
+
+    samples = wait_for(lambda: (d := dials())[("wicket_agent_dial_seconds_count", None)] == 3 and d,
+                       what="three dials timed")
+    buckets = [(float(le), n) for (name, le), n in samples.items() if name.endswith("_bucket")]
+    counts = [n for _, n in sorted(buckets)]
+    assert counts == sorted(counts) and counts[-1] == 3  # cumulative, ending with +Inf
+    assert 0 < samples[("wicket_agent_dial_seconds_sum", None)]
+    assert proc.stop(signal.SIGTERM) == 143
+
+
+def test_a_resource_flag_with_a_path_serves_on_a_unix_socket_of_the_owner_only(cluster, echo, make_gateway):
+    import os
+    import stat
+    import tempfile
+
+    cluster.admin("resources", "add", "echo-dir", "--address", echo.address, "--label", "env=dev")
+    gw = make_gateway("dev")
+    with tempfile.TemporaryDirectory(prefix="wk-", dir="/tmp") as sockets:  # a socket path has ~100 bytes
+        path = os.path.join(sockets, "echo.sock")
+        proc, admin = start_agent(gw, "--resource", f"echo={path}", "--resource", f"echo-dir={sockets}")
+        wait_for(lambda: status(admin)["started"], what="the agent to start")
+        by_name = {r["name"]: r for r in status(admin)["resources"]}
+        assert (by_name["echo"]["host"], by_name["echo"]["port"]) == (path, 0)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        # tcp has no socket name of its own to put in a directory: that resource's trouble only
+        assert "is a directory" in by_name["echo-dir"]["error"]
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(path)
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+        assert proc.stop(signal.SIGTERM) == 143
+        assert not os.path.exists(path)
+
+
 def test_a_port_taken_is_that_resources_trouble_only(cluster, echo, make_gateway, tmp_path):
     gw = make_gateway("dev")
     held = socket.socket()

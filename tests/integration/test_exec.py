@@ -189,3 +189,35 @@ def test_check_upstreams_probes_postgres_resources_without_a_login(pg_env, tmp_p
     log = proc.log()
     assert re.search(r"upstream_check_failed resource=pg-down error=.*not reachable from the cluster", log), log
     assert "upstream_check_failed resource=pg " not in log
+
+
+def test_the_agent_serves_postgres_on_a_unix_socket_and_removes_it(person, tmp_path):
+    """``unix_socket`` (a directory) in the config: PostgreSQL's
+    ``.s.PGSQL.<port>`` there with the configured mode, psql host=DIR
+    reaches it, and the socket file goes with the agent."""
+    import stat
+    import tempfile
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.integration.test_agent import _get, start_agent, status
+
+    with tempfile.TemporaryDirectory(prefix="wk-", dir="/tmp") as sockets:  # a socket path has ~100 bytes
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[[resources]]\nname = "pg"\nunix_socket = "{sockets}"\nunix_socket_mode = "0660"\n')
+        proc, admin = start_agent(person, "--config", str(config))
+        wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+        (resource,) = status(admin)["resources"]
+        assert (resource["host"], resource["port"]) == (sockets, 5432)
+        path = os.path.join(sockets, ".s.PGSQL.5432")
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        r = subprocess.run(["psql", "-X", "-tA", f"host={sockets} port=5432 user=app dbname=app", "-c",
+                            "select current_user, current_database()"], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PGCONNECT_TIMEOUT": "30"})
+        assert r.returncode == 0 and r.stdout.strip() == "app|app", r.stderr
+        timed = [s.value for f in text_string_to_metric_families(_get(admin, "/metrics")[1])
+                 for s in f.samples if s.name == "wicket_agent_dial_seconds_count"]
+        assert timed == [1.0]  # PostgreSQL's dials are timed too
+        assert proc.stop(signal.SIGTERM) == 143
+        assert not os.path.exists(path)
