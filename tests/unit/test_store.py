@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.cluster import store as store_mod
+from gateway.cluster.store import core as store_mod
 from gateway.cluster.passwords import DUMMY_HASH
 from gateway.cluster.store import (
     MIGRATIONS,

@@ -1,4 +1,6 @@
-"""The cluster's persistent store: users, roles, resources, locks and audit.
+"""The store's core: the SQLite connection, its schema and migrations, the
+records it returns, and the argument checks every part shares. The methods by
+job are in the sibling modules; :class:`gateway.cluster.store.Store` joins them.
 
 Theory of operation
 -------------------
@@ -59,7 +61,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import attrs
 
@@ -75,7 +77,7 @@ __all__ = [
     "RevokedCert",
     "RoleRecord",
     "SchemaTooNew",
-    "Store",
+    "StoreBase",
     "StoreError",
     "User",
     "validate_name",
@@ -571,8 +573,9 @@ def _audit(row: sqlite3.Row) -> AuditEvent:
 # --- the store -----------------------------------------------------------------
 
 
-class Store:
-    """A handle on the cluster's SQLite store. Create with :meth:`Store.open`.
+class StoreBase:
+    """The connection and its transactions: what every part of :class:`Store`
+    (in ``__init__``) builds on. Create a store with :meth:`Store.open`.
 
     Methods raise :class:`StoreError` (or a subclass) for store problems and
     ValueError/TypeError for invalid arguments. Every ``now`` defaults to the
@@ -585,7 +588,7 @@ class Store:
         self._mutex = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, *, busy_timeout: float = _BUSY_TIMEOUT_S) -> Store:
+    def open(cls, path: Path, *, busy_timeout: float = _BUSY_TIMEOUT_S) -> Self:
         """Open (creating and migrating if needed) the store at *path*.
         *busy_timeout*: how long a call may wait for another writer."""
         path = Path(path)
@@ -625,7 +628,7 @@ class Store:
                 self._conn.close()
                 self._conn = None
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -684,115 +687,7 @@ class Store:
             row = conn.execute("SELECT value FROM meta WHERE key = 'change_counter'").fetchone()
             return row[0]
 
-    # -- users --
-
-    def add_user(
-        self,
-        name: str,
-        password_hash: str,
-        roles: Iterable[str] = (),
-        totp_secret: bytes | None = None,
-        now: float | None = None,
-    ) -> User:
-        """Create a user; raise :class:`AlreadyExists` if the name is taken."""
-        user = User(
-            name=validate_name("user", name),
-            roles=_check_roles(roles),
-            created_at=_now(now),
-            password_hash=_check_password_hash(password_hash),
-            totp_secret=_check_totp_secret(totp_secret),
-        )
-        with self._write() as conn:
-            try:
-                conn.execute(
-                    "INSERT INTO users (name, password_hash, totp_secret, roles, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (user.name, user.password_hash, user.totp_secret, _dumps(list(user.roles)),
-                     user.created_at),
-                )
-            except sqlite3.IntegrityError as exc:
-                # Only the primary key means "taken"; any other constraint
-                # failure is a real error and is reported as one.
-                if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
-                    raise
-                raise AlreadyExists("user", name) from None
-        return user
-
-    def get_user(self, name: str) -> User | None:
-        with self._read() as conn:
-            row = conn.execute(f"{_USERS} WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _user(row)
-
-    def list_users(self) -> list[User]:
-        with self._read() as conn:
-            return [_user(r) for r in conn.execute(f"{_USERS} ORDER BY name")]
-
-    def _update_user(self, name: str, assignments: str, params: tuple[Any, ...]) -> None:
-        with self._write() as conn:
-            cursor = conn.execute(f"UPDATE users SET {assignments} WHERE name = ?", (*params, name))
-            if cursor.rowcount == 0:
-                raise NotFound("user", name)
-
-    def set_user_roles(self, name: str, roles: Iterable[str]) -> None:
-        self._update_user(name, "roles = ?", (_dumps(list(_check_roles(roles))),))
-
-    def set_password_hash(self, name: str, password_hash: str, now: float | None = None) -> int:
-        """A new password: it revokes every certificate issued before it
-        (whoever had the old one may hold one). Returns the new generation."""
-        hashed = _check_password_hash(password_hash)
-        with self._write() as conn:
-            if conn.execute("UPDATE users SET password_hash = ? WHERE name = ?", (hashed, name)).rowcount == 0:
-                raise NotFound("user", name)
-            return self._revoke_generation(conn, name, "password changed", _now(now))
-
-    def replace_password_hash(self, name: str, old: str, new: str) -> bool:
-        """Set *new* only if the stored hash is still *old* (a re-hash at
-        login must not undo a password change made meanwhile)."""
-        with self._write() as conn:
-            cursor = conn.execute("UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
-                                  (_check_password_hash(new), name, old))
-            return cursor.rowcount == 1
-
-    def set_totp_secret(self, name: str, totp_secret: bytes | None) -> None:
-        """Enrol (or with None, un-enrol) TOTP; forgets the last accepted step."""
-        self._update_user(
-            name, "totp_secret = ?, totp_last_step = NULL", (_check_totp_secret(totp_secret),)
-        )
-
-    def set_totp_last_step(self, name: str, step: int) -> bool:
-        """Record *step* as the last accepted TOTP step, only if it is newer.
-
-        Returns False if the stored step is already >= *step*: another login
-        (perhaps in another cluster process) accepted this code first, and
-        this login must be refused. The compare-and-set is one SQL statement,
-        so two processes cannot both win.
-        """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError("TOTP step must be a non-negative integer")
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE users SET totp_last_step = ?"
-                " WHERE name = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
-                (step, name, step),
-            )
-            if cursor.rowcount:
-                return True
-            if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
-                raise NotFound("user", name)
-            return False
-
-    def delete_user(self, name: str, now: float | None = None) -> bool:
-        """Delete a user and revoke their certificates (a user re-created
-        under the name does not inherit them); False if there was none. Any
-        lock on the name stays."""
-        when = _now(now)
-        with self._write() as conn:
-            if conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
-                return False
-            self._revoke_generation(conn, name, "user removed", when)
-            return True
-
-    # -- revocation --
+    # -- shared by users and locks --
 
     @staticmethod
     def _revoke_generation(conn: sqlite3.Connection, user: str, reason: str, now: float) -> int:
@@ -803,412 +698,3 @@ class Store:
             " RETURNING generation",
             (user, reason, now),
         ).fetchone()[0]
-
-    def revoke_user_certs(self, user: str, reason: str, now: float | None = None) -> int:
-        """Revoke every certificate issued to *user* so far: bump their
-        generation (certificates carry the one they were issued with).
-        Returns the new generation."""
-        validate_name("user", user)
-        _check_text("revocation reason", reason)
-        when = _now(now)
-        with self._write() as conn:
-            return self._revoke_generation(conn, user, reason, when)
-
-    def revocation_reasons(self) -> dict[str, str]:
-        """user -> why their certificates were last revoked at once."""
-        with self._read() as conn:
-            return dict(conn.execute("SELECT user_name, reason FROM user_revocations").fetchall())
-
-    def revoke_cert(
-        self, serial: int, *, user: str | None, reason: str, revoked_by: str,
-        expires_at: float | None, now: float | None = None,
-    ) -> bool:
-        """Revoke one certificate by serial; False if it already was."""
-        if isinstance(serial, bool) or not isinstance(serial, int) or not 0 < serial < 1 << 160:
-            raise ValueError("a certificate serial is a positive integer below 2**160")
-        _check_text("revocation reason", reason, empty=True)
-        _check_text("revoked_by", revoked_by, max_len=256)
-        row = (serial_text(serial), user, reason, revoked_by, _now(now),
-               None if expires_at is None else _check_time("expires_at", expires_at))
-        with self._write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO revoked_certs (serial, user_name, reason, revoked_by, revoked_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING", row,
-            )
-            return cursor.rowcount > 0
-
-    def list_revoked_certs(self, *, live_at: float | None = None) -> list[RevokedCert]:
-        """Revoked certificates; with *live_at*, only those not yet expired then."""
-        with self._read() as conn:
-            if live_at is None:
-                rows = conn.execute("SELECT * FROM revoked_certs ORDER BY revoked_at")
-            else:
-                rows = conn.execute(
-                    "SELECT * FROM revoked_certs WHERE expires_at IS NULL OR expires_at > ?"
-                    " ORDER BY revoked_at", (_check_time("live_at", live_at),))
-            return [_revoked(r) for r in rows]
-
-    def prune_revoked_certs(self, before: float) -> int:
-        """Forget revocations of certificates that expired before *before*."""
-        with self._write() as conn:
-            return conn.execute("DELETE FROM revoked_certs WHERE expires_at < ?",
-                                (_check_time("before", before),)).rowcount
-
-    def find_issued_cert(self, serial: int) -> AuditEvent | None:
-        """The audit event that issued the certificate with *serial*
-        (``login.ok`` or ``login.renew``), if the audit still has it."""
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT * FROM audit WHERE event IN ('login.ok', 'login.renew')"
-                " AND json_extract(fields, '$.serial') = ? ORDER BY id DESC LIMIT 1",
-                (serial_text(serial),),
-            ).fetchone()
-        return None if row is None else _audit(row)
-
-    # -- roles --
-
-    def put_role(
-        self, name: str, spec: Mapping[str, Any], source: Source, now: float | None = None
-    ) -> bool:
-        """Create or replace a role; True if anything changed.
-
-        Writing identical content is a no-op (no change_counter bump), so
-        syncing roles from the config file at every start does not make every
-        server process reload.
-        """
-        role = RoleRecord(name=name, spec=spec, source=source)
-        with self._write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO roles (name, spec, source, updated_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET"
-                "   spec = excluded.spec, source = excluded.source,"
-                "   updated_at = excluded.updated_at"
-                " WHERE spec IS NOT excluded.spec OR source IS NOT excluded.source",
-                (role.name, _dumps(role.spec), role.source, _now(now)),
-            )
-            return cursor.rowcount > 0
-
-    def get_role(self, name: str) -> RoleRecord | None:
-        with self._read() as conn:
-            row = conn.execute("SELECT * FROM roles WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _role(row)
-
-    def list_roles(self) -> list[RoleRecord]:
-        with self._read() as conn:
-            return [_role(r) for r in conn.execute("SELECT * FROM roles ORDER BY name")]
-
-    def delete_role(self, name: str) -> bool:
-        """Delete a role; False if there was none. Users naming it keep the
-        name (an unknown role grants nothing)."""
-        with self._write() as conn:
-            return conn.execute("DELETE FROM roles WHERE name = ?", (name,)).rowcount > 0
-
-    # -- resources --
-
-    def put_resource(self, resource: Resource, now: float | None = None) -> bool:
-        """Create or replace a resource; True if anything changed (see put_role)."""
-        if not isinstance(resource, Resource):
-            raise TypeError(f"expected a Resource, not {type(resource).__name__}")
-        with self._write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO resources (name, kind, address, labels, spec, source, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET"
-                "   kind = excluded.kind, address = excluded.address, labels = excluded.labels,"
-                "   spec = excluded.spec, source = excluded.source,"
-                "   updated_at = excluded.updated_at"
-                " WHERE kind IS NOT excluded.kind OR address IS NOT excluded.address"
-                "   OR labels IS NOT excluded.labels OR spec IS NOT excluded.spec"
-                "   OR source IS NOT excluded.source",
-                (resource.name, resource.kind, resource.address, _dumps(resource.labels),
-                 _dumps(resource.spec), resource.source, _now(now)),
-            )
-            return cursor.rowcount > 0
-
-    def get_resource(self, name: str) -> Resource | None:
-        with self._read() as conn:
-            row = conn.execute("SELECT * FROM resources WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _resource(row)
-
-    def list_resources(self, kind: str | None = None) -> list[Resource]:
-        with self._read() as conn:
-            if kind is None:
-                rows = conn.execute("SELECT * FROM resources ORDER BY name")
-            else:
-                rows = conn.execute("SELECT * FROM resources WHERE kind = ? ORDER BY name", (kind,))
-            return [_resource(r) for r in rows]
-
-    def delete_resource(self, name: str) -> bool:
-        with self._write() as conn:
-            return conn.execute("DELETE FROM resources WHERE name = ?", (name,)).rowcount > 0
-
-    # -- locks --
-
-    def lock_user(self, user: str, reason: str, created_by: str, now: float | None = None) -> Lock:
-        """Lock *user* out (new logins and, via the poller, live sessions),
-        and revoke every certificate issued to them so far, in the same
-        transaction: an unlock does not revive a certificate that may have
-        been stolen (the user logs in again).
-
-        Locking an already locked user replaces the reason, author and time:
-        the newest decision is the one an operator wants to read.
-        """
-        lock = Lock(
-            user=validate_name("user", user),
-            reason=_check_text("lock reason", reason, empty=True),
-            created_by=_check_text("lock created_by", created_by, max_len=256),
-            created_at=_now(now),
-        )
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO locks (user_name, reason, created_by, created_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (user_name) DO UPDATE SET reason = excluded.reason,"
-                "   created_by = excluded.created_by, created_at = excluded.created_at",
-                (lock.user, lock.reason, lock.created_by, lock.created_at),
-            )
-            self._revoke_generation(conn, lock.user, f"user locked: {lock.reason}"[:_MAX_TEXT],
-                                    lock.created_at)
-        return lock
-
-    def unlock_user(self, user: str) -> bool:
-        """Remove a lock; False if the user was not locked."""
-        with self._write() as conn:
-            return conn.execute("DELETE FROM locks WHERE user_name = ?", (user,)).rowcount > 0
-
-    def get_lock(self, user: str) -> Lock | None:
-        with self._read() as conn:
-            row = conn.execute("SELECT * FROM locks WHERE user_name = ?", (user,)).fetchone()
-        return None if row is None else _lock(row)
-
-    def list_locks(self) -> list[Lock]:
-        with self._read() as conn:
-            return [_lock(r) for r in conn.execute("SELECT * FROM locks ORDER BY user_name")]
-
-    # -- audit --
-
-    def append_audit(
-        self,
-        event: str,
-        user: str | None,
-        fields: Mapping[str, Any] | None = None,
-        now: float | None = None,
-    ) -> int:
-        """Append an audit event; return its id.
-
-        *event* is dotted lower case (``login.failed``). *user* is free text
-        up to 256 characters (a failed login may name a user that does not
-        exist); the caller keeps secrets out of *fields*.
-        """
-        row = self._audit_row(event, user, fields, now)
-        with self._write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO audit (time, event, user_name, fields) VALUES (?, ?, ?, ?)", row
-            )
-            return cursor.lastrowid
-
-    def append_audit_many(
-        self, events: Iterable[tuple[str, str | None, Mapping[str, Any] | None, float | None]]
-    ) -> list[tuple[float, str, str | None, str]]:
-        """Append several events (event, user, fields, now) in one
-        transaction: a busy cluster's statement log costs one commit per
-        batch, not per statement. All or none are written. Returns the rows
-        as stored: (time, event, user, fields as JSON text)."""
-        rows = [self._audit_row(*e) for e in events]
-        if not rows:
-            return rows
-        with self._write() as conn:
-            conn.executemany(
-                "INSERT INTO audit (time, event, user_name, fields) VALUES (?, ?, ?, ?)", rows
-            )
-        return rows
-
-    @staticmethod
-    def _audit_row(
-        event: str, user: str | None, fields: Mapping[str, Any] | None, now: float | None
-    ) -> tuple[float, str, str | None, str]:
-        if not isinstance(event, str) or len(event) > 64 or _EVENT_RE.fullmatch(event) is None:
-            raise ValueError(f"invalid audit event name {event!r}: expected e.g. 'login.failed'")
-        if user is not None:
-            _check_text("audit user", user, max_len=256)
-        if fields is not None and not isinstance(fields, Mapping):
-            raise TypeError(f"audit fields must be a mapping, not {type(fields).__name__}")
-        try:
-            text = _AUDIT_JSON.encode(dict(fields or {}))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"audit fields for {event} are not JSON-serialisable: {exc}") from None
-        if len(text.encode("utf-8")) > _MAX_AUDIT_FIELDS_BYTES:
-            raise ValueError(
-                f"audit fields for {event} exceed {_MAX_AUDIT_FIELDS_BYTES} bytes; truncate them"
-            )
-        return (_now(now), event, user, text)
-
-    @staticmethod
-    def _audit_filters(
-        *,
-        since: float | None,
-        user: str | None,
-        event: str | None = None,
-        event_prefix: str | None = None,
-        field: tuple[str, str | int] | None = None,
-        after_id: int | None = None,
-    ) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if since is not None:
-            clauses.append("time >= ?")
-            params.append(_check_time("since", since))
-        if user is not None:
-            clauses.append("user_name = ?")
-            params.append(user)
-        if event is not None:
-            clauses.append("event = ?")
-            params.append(event)
-        if event_prefix:
-            if not isinstance(event_prefix, str) or not _EVENT_PREFIX_RE.fullmatch(event_prefix):
-                raise ValueError(f"invalid audit event prefix {event_prefix!r}")
-            # A range, so the (event, time) index serves it. Event names use
-            # only characters below U+007F, so prefix + U+007F bounds every
-            # name that starts with the prefix.
-            clauses.append("event >= ? AND event < ?")
-            params += [event_prefix, event_prefix + "\x7f"]
-        if after_id is not None:
-            clauses.append("id > ?")
-            params.append(int(after_id))
-        if field is not None:
-            key, value = field
-            if not isinstance(key, str) or _FIELD_KEY_RE.fullmatch(key) is None:
-                raise ValueError(f"invalid audit field name {key!r}")
-            if isinstance(value, bool) or not isinstance(value, (str, int)):
-                raise TypeError(f"audit field {key!r} can be matched only against str or int")
-            # The JSON path is inlined (the key is validated above) because
-            # SQLite uses an expression index only when the expression in the
-            # query is textually the same, path literal included.
-            clauses.append(f"json_extract(fields, '$.{key}') = ?")
-            params.append(value)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        return where, params
-
-    def query_audit(
-        self,
-        since: float | None = None,
-        user: str | None = None,
-        event_prefix: str | None = None,
-        limit: int = 1000,
-        *,
-        after_id: int | None = None,
-        latest: bool = False,
-    ) -> list[AuditEvent]:
-        """Audit events matching every given filter, in id (append) order.
-
-        At most *limit* events: the oldest matches, or with ``latest=True``
-        the newest ones (still returned oldest first). ``after_id`` pages
-        forward or tails the log: pass the last id seen.
-        """
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise ValueError(f"limit must be an integer from 1 to {_MAX_QUERY_LIMIT}")
-        if not 1 <= limit <= _MAX_QUERY_LIMIT:
-            raise ValueError(f"limit must be an integer from 1 to {_MAX_QUERY_LIMIT}")
-        where, params = self._audit_filters(
-            since=since, user=user, event_prefix=event_prefix, after_id=after_id
-        )
-        order = "DESC" if latest else "ASC"
-        with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT * FROM audit{where} ORDER BY id {order} LIMIT ?", (*params, limit)
-            ).fetchall()
-        events = [_audit(r) for r in rows]
-        if latest:
-            events.reverse()
-        return events
-
-    def count_audit(
-        self,
-        event: str,
-        user: str | None = None,
-        since: float | None = None,
-        *,
-        field: tuple[str, str | int] | None = None,
-    ) -> int:
-        """Count events named exactly *event*, optionally only those for
-        *user*, at or after *since*, and whose top-level JSON field equals a
-        value: ``field=("client_host", "192.0.2.7")``.
-
-        None means "any" for *user*, not "no user". Counting by
-        ``client_host`` is served by an index, for the login rate limiter;
-        other fields work but scan the event's rows in the time window.
-        """
-        where, params = self._audit_filters(since=since, user=user, event=event, field=field)
-        with self._read() as conn:
-            return conn.execute(f"SELECT count(*) FROM audit{where}", params).fetchone()[0]
-
-    def last_audit(
-        self, event: str, user: str | None = None, since: float | None = None,
-        *, field: tuple[str, str | int] | None = None,
-    ) -> tuple[int, float | None]:
-        """(how many, time of the newest) of the events :meth:`count_audit`
-        would count."""
-        where, params = self._audit_filters(since=since, user=user, event=event, field=field)
-        with self._read() as conn:
-            count, newest = conn.execute(f"SELECT count(*), max(time) FROM audit{where}", params).fetchone()
-        return count, newest
-
-    def prune_audit(self, before: float) -> int:
-        """Delete audit events older than *before*; return how many.
-
-        Deletes in batches, each its own transaction, so a large prune never
-        holds the write lock long enough to stall logins in other processes.
-        (The running cluster calls :meth:`prune_audit_batch` itself, one
-        batch per turn on its store thread, so its own logins get turns in
-        between too.)
-        """
-        total = 0
-        while True:
-            deleted = self.prune_audit_batch(before)
-            total += deleted
-            if deleted < _PRUNE_BATCH:
-                return total
-
-    def prune_audit_batch(self, before: float, limit: int = _PRUNE_BATCH) -> int:
-        """Delete up to *limit* of the oldest audit events older than
-        *before*, in one transaction; return how many (fewer than *limit*:
-        none older is left)."""
-        cutoff = _check_time("before", before)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError("limit must be a positive integer")
-        with self._write() as conn:
-            return conn.execute(
-                "DELETE FROM audit WHERE id IN"
-                " (SELECT id FROM audit WHERE time < ? ORDER BY time LIMIT ?)",
-                (cutoff, limit),
-            ).rowcount
-
-    def iter_audit(
-        self, since: float | None = None, until: float | None = None, *, page: int = 1000
-    ) -> Iterator[AuditEvent]:
-        """Every audit event with ``since <= time < until`` (either bound
-        optional), in id (append) order, read *page* events at a time: an
-        export of any size holds one page in memory, and each read is its
-        own short statement (no read transaction held open while the caller
-        writes the events out, which would keep the WAL from being
-        checkpointed)."""
-        if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= _MAX_QUERY_LIMIT:
-            raise ValueError(f"page must be an integer from 1 to {_MAX_QUERY_LIMIT}")
-        # "+time": not the time index. Pages follow the primary key, so each
-        # one starts where the last stopped; through the time index, every
-        # page would sort all the remaining matches again.
-        clauses, params = ["id > ?"], [0]
-        if since is not None:
-            clauses.append("+time >= ?")
-            params.append(_check_time("since", since))
-        if until is not None:
-            clauses.append("+time < ?")
-            params.append(_check_time("until", until))
-        query = f"SELECT * FROM audit WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"
-        while True:
-            with self._read() as conn:
-                rows = conn.execute(query, (*params, page)).fetchall()
-            events = [_audit(r) for r in rows]
-            yield from events
-            if len(rows) < page:
-                return
-            params[0] = events[-1].id
