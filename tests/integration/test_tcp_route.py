@@ -528,7 +528,7 @@ async def test_sessions_after_a_sleep_or_a_stall_take_a_new_multiplexed_connecti
     it would wait for nothing. Either way new sessions go over a new
     connection at once, while the sessions already on the old one keep it
     until they end. (The stall itself, as the kernel reports it, is
-    tests/unit/test_muxlink.py's.)"""
+    tests/unit/gateway/net/test_muxlink.py's.)"""
     import socket
 
     from gateway.local import dialer as dialing
@@ -869,7 +869,7 @@ async def test_dials_still_connecting_when_the_cluster_stops_are_on_record(tmp_p
     IP literal) and in trio (a name). Both dials are audited as given up,
     in the store, by the time the cluster has stopped."""
     from tests.integration.harness import Cluster, Gateway
-    from tests.unit.test_engine import full_listener
+    from tests.unit.gateway.net.test_engine import full_listener
 
     listener, fillers = full_listener()
     port = listener.getsockname()[1]
@@ -1023,7 +1023,7 @@ def test_a_user_name_with_control_characters_is_refused_and_logged_escaped(clust
     answer = _raw_api(cluster, "POST", "/v1/login", body)
     assert answer.split(b"\r\n")[0].split()[1] == b"400" and b"control characters" in answer, answer[:300]
     # A db user cannot pass an "ro_*" glob with one, nor forge a line in
-    # the cluster's log or its audit.jsonl (tests/unit/test_printable.py).
+    # the cluster's log or its audit.jsonl (tests/unit/gateway/test_printable.py).
     assert not any(line.startswith("2026-01-01T00:00:00.000Z") for line in cluster.proc.log().splitlines())
 
 

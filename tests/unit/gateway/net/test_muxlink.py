@@ -23,7 +23,7 @@ from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 from protocols.mux import Role
 from tests.unit import tlsutil
-from tests.unit.test_engine import tcp_pair, tls_connection, tls_pair
+from tests.unit.gateway.net.test_engine import tcp_pair, tls_connection, tls_pair
 from tests.unit.tlsutil import ask_and_answer, read_exactly, read_until_eof, read_until_reset
 
 HANG = 60
