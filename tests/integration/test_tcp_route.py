@@ -528,7 +528,7 @@ async def test_sessions_after_a_sleep_or_a_stall_take_a_new_multiplexed_connecti
     it would wait for nothing. Either way new sessions go over a new
     connection at once, while the sessions already on the old one keep it
     until they end. (The stall itself, as the kernel reports it, is
-    tests/unit/gateway/net/test_muxlink.py's.)"""
+    tests/unit/gateway/net/test_muxlink_retry.py's.)"""
     import socket
 
     from gateway.local import dialer as dialing

@@ -22,7 +22,7 @@ from gateway.net.muxlink import MuxLink
 from protocols.dial import DialRequest
 from protocols.mux import Role
 from tests.unit.gateway.net.test_engine import tcp_pair, tls_connection
-from tests.unit.gateway.net.test_muxlink import HANG, Started
+from tests.unit.gateway.net.muxenv import HANG, Started
 from tests.unit.tlsutil import read_until_reset
 
 

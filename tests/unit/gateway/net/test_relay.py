@@ -33,7 +33,7 @@ from protocols.dial import DialAccept, DialRequest
 from protocols.mux import Role as MuxRole
 from tests.unit.tlsutil import ask_and_answer, read_exactly, read_until_eof, read_until_reset
 from tests.unit.gateway.net.test_engine import tcp_pair, tls_pair
-from tests.unit.gateway.net.test_muxlink import Started
+from tests.unit.gateway.net.muxenv import Started
 
 HANG = 60  # seconds before a stuck test fails instead of hanging
 

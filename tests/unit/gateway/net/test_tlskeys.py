@@ -19,7 +19,7 @@ from gateway.net.relay import RelayCounters
 from protocols.dial import DialRequest
 from tests.unit import tlsutil
 from tests.unit.gateway.net.test_engine import tls_connection
-from tests.unit.gateway.net.test_muxlink import HANG, Started, linked, loopback_pair, socket_pair
+from tests.unit.gateway.net.muxenv import HANG, Started, linked, loopback_pair, socket_pair
 from tests.unit.tlsutil import read_exactly
 
 
