@@ -67,22 +67,6 @@ import attrs
 
 from gateway import printable
 
-__all__ = [
-    "AlreadyExists",
-    "AuditEvent",
-    "Lock",
-    "MIGRATIONS",
-    "NotFound",
-    "Resource",
-    "RevokedCert",
-    "RoleRecord",
-    "SchemaTooNew",
-    "StoreBase",
-    "StoreError",
-    "User",
-    "validate_name",
-]
-
 log = logging.getLogger(__name__)
 
 Source = Literal["config", "cli"]
