@@ -280,7 +280,7 @@ async def test_a_stream_opened_before_its_socket(pki):
 async def test_a_control_dial_is_answered_and_leaves_its_session_alone(pki):
     # A cancel: a stream of its own whose REPLY is all, sent behind what the
     # client had sent on the session it names (the ordering itself is
-    # tests/integration/test_postgres.py's, against a slow server).
+    # tests/integration/test_postgres_cancel.py's, against a slow server).
     async with linked(pki) as pair:
         with trio.fail_after(HANG):
             client, started = await pair.session("s", tcp=True)
