@@ -72,6 +72,30 @@ DATABASE_PROXY_OPTIONS = (
 
 
 @attrs.frozen(slots=True, kw_only=True)
+class ClientFile:
+    """A client's own configuration file that can name a local port
+    (``wicket config pg`` writes a pg_service.conf section)."""
+
+    #: `wicket config VERB NAME`.
+    verb: str
+    #: The file it edits by default (``~`` expanded).
+    default_path: str
+    #: One line for help texts.
+    summary: str
+    #: "module:attribute" of a function (resource, host, port, settings)
+    #: -> the entry's text, and of one (file text, resource, entry) -> the
+    #: file's new text with that entry in place of any earlier one.
+    render: str
+    merge: str
+
+    def renderer(self) -> Any:
+        return _load(self.render)
+
+    def merger(self) -> Any:
+        return _load(self.merge)
+
+
+@attrs.frozen(slots=True, kw_only=True)
 class Kind:
     name: str
     #: One line for help texts and `wicket ls`.
@@ -94,6 +118,14 @@ class Kind:
     #: The kind's own `wicket proxy` options.
     proxy_options: tuple[ProxyOption, ...] = ()
     is_database: bool = False
+    #: "module:attribute" of a function (resource, host, port, settings) ->
+    #: the environment variables the kind's clients read (PGHOST, ...) for
+    #: `wicket exec` and `wicket env`; settings are the proxy options and
+    #: the defaults the cluster's grants imply (a single db_user). None:
+    #: only the WICKET_<NAME>_HOST/PORT every resource gets.
+    client_env: str | None = None
+    #: The client configuration file `wicket config` writes, if any.
+    client_file: ClientFile | None = None
 
     def route(self) -> Any:
         """The cluster's strategy for this kind, imported on first use."""
@@ -102,6 +134,10 @@ class Kind:
     def local_route(self) -> Any:
         """The gateway's route factory for this kind, imported on first use."""
         return _load(self.gateway_route)
+
+    def client_environment(self, resource: str, host: str, port: int, settings: dict[str, Any]) -> dict[str, str]:
+        """The kind's client variables for a resource served on host:port."""
+        return {} if self.client_env is None else _load(self.client_env)(resource, host, port, settings)
 
 
 def _load(path: str) -> Any:
@@ -130,6 +166,11 @@ POSTGRES = Kind(
     gateway_route="gateway.local.pg:postgres_route",
     proxy_options=DATABASE_PROXY_OPTIONS,
     is_database=True,
+    client_env="gateway.local.pg_client:client_env",
+    client_file=ClientFile(verb="pg", default_path="~/.pg_service.conf",
+                           summary="a pg_service.conf section: `psql service=NAME`",
+                           render="gateway.local.pg_client:service_entry",
+                           merge="gateway.local.client_files:merge_ini_section"),
 )
 
 #: Every kind, by name. The one place a kind is plugged in.
@@ -177,6 +218,11 @@ def proxy_verbs() -> dict[str, tuple[Kind, ...]]:
         if kind.name != kind.proxy_verb:
             verbs.setdefault(kind.name, []).append(kind)
     return {verb: tuple(served) for verb, served in verbs.items()}
+
+
+def client_files() -> dict[str, tuple[Kind, ClientFile]]:
+    """`wicket config` verbs: the kinds whose clients have a file for it."""
+    return {kind.client_file.verb: (kind, kind.client_file) for kind in KINDS.values() if kind.client_file}
 
 
 def proxy_command(kind_name: str) -> str:

@@ -79,6 +79,9 @@ MAX_RESOURCE: Final = 253  # a DNS name's limit, so a resource name can be a hos
 MAX_PARAMS: Final = 32
 MAX_PARAM_KEY: Final = 64
 MAX_PARAM_VALUE: Final = 1024
+#: A dial with this parameter asks the cluster only to reach the resource's
+#: upstream and close, for every kind alike: no session (docs/wire.md).
+PARAM_PROBE: Final = "probe"
 MAX_CLIENT_ADDR: Final = 128
 MAX_SESSION_ID: Final = 128
 MAX_CODE: Final = 64

@@ -278,6 +278,8 @@ def users_add(config_path: Path, name: str, roles: str, password_stdin: bool, to
             admin.store.add_user(name, hash_password(password), role_list, totp_secret=secret, now=time.time())
         except AlreadyExists:
             raise click.ClickException(f"user {name} already exists") from None
+        except StoreError as exc:  # the name is a bot's (gateway/cluster/bots.py)
+            raise click.ClickException(str(exc)) from None
         admin.audit.write("user.add", name, {"roles": role_list, "totp": totp})
     click.echo(f"user {name} added with roles: {', '.join(role_list) or '(none)'}")
     if secret is not None:
@@ -677,6 +679,11 @@ def audit_export(config_path: Path, since: str | None, until: str | None, fmt: s
             if out is not sys.stdout:
                 out.close()
     click.echo(f"{count} audit events exported" + (f" to {output}" if output else ""), err=True)
+
+
+from gateway.cli import cluster_bots  # noqa: E402
+
+cluster_bots.register(main, config_option=config_option, admin=_Admin, emit=_emit)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Exit codes scripts can trust:
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ EXIT_NOT_LOGGED_IN = 3
 EXIT_REFUSED = 4
 EXIT_UNREACHABLE = 5
 
-_REFUSED = {"access_denied", "user_locked", "rate_limited", "totp_required", "bad_request"}
+_REFUSED = {"access_denied", "user_locked", "rate_limited", "totp_required", "bad_request",
+            "token_unknown", "token_used_up", "token_expired"}
 _EXPIRED = {"cert_expired", "cert_required"}
 
 
@@ -254,16 +256,9 @@ def renew(ttl: str | None, fmt: str) -> None:
             body["ttl_seconds"] = parse_duration(ttl)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--ttl") from None
-    key = pki.generate_key()
-    body["public_key"] = key.public_key().public_bytes(
-        pki.serialization.Encoding.PEM, pki.serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
-    answer = _run(api.api_call, profile, "POST", "/v1/renew", body)
-    profile = Profile.save(
-        profile.home, cluster_addr=profile.cluster_addr, cluster_name=profile.cluster_name,
-        user=profile.user, ca_pin=profile.ca_pin, key_pem=pki.key_to_pem(key),
-        cert_pem=answer["certificate"].encode("ascii"), ca_pem=profile.ca_path.read_bytes(),
-    )
+    from gateway.local import session
+
+    profile = _run(functools.partial(session.renew, profile, ttl_seconds=body.get("ttl_seconds")))
     identity = profile.identity()
     if fmt == "json":
         click.echo(json.dumps(_status_doc(profile, identity)))
@@ -469,6 +464,12 @@ def demo(state_dir: Path, port: int) -> None:
     from gateway.local.demo import run_demo
 
     run_demo(state_dir.resolve(), port)
+
+
+from gateway.cli import wicket_agent, wicket_exec  # noqa: E402
+
+wicket_exec.register(main, sys.modules[__name__])
+wicket_agent.register(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

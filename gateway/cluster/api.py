@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from gateway import __version__, printable
-from gateway.cluster import login_limits, rbac
+from gateway.cluster import join, login_limits, rbac
 from gateway.cluster.core import Cluster
 from gateway.identity.pki import utcnow
 from gateway.cluster.passwords import (
@@ -100,6 +100,7 @@ class API:
             ("POST", "/v1/renew"): self.renew,
             ("GET", "/v1/whoami"): self.whoami,
             ("GET", "/v1/resources"): self.resources,
+            ("POST", "/v1/join"): self.join,
         }.get((request.method, request.path.split("?", 1)[0]))
         if route is None:
             raise HTTPError(404, "not_found", f"no route {request.method} {request.path}")
@@ -200,6 +201,10 @@ class API:
         if replaced:
             log.info("password_rehashed user=%s reason=hash made with weaker parameters", user_name)
 
+    async def join(self, request: Request) -> Response:
+        """A bot's join token for a bot certificate (gateway/cluster/join.py)."""
+        return await join.join(self, request)
+
     # -- authenticated -------------------------------------------------------
 
     async def _identify(self):
@@ -213,6 +218,8 @@ class API:
         never past the end of the original login's maximum session."""
         identity, user, roles = await self._identify()
         body = request.json()
+        if identity.kind == "bot":
+            return await join.renew(self, identity, user, body)
         public_key = self._public_key(body.get("public_key"))
         auth_time = identity.auth_time or identity.not_before
         return await self._issue(user.name, await self.cluster.roles_of(user), public_key,
@@ -299,7 +306,8 @@ class API:
         raise HTTPError(401, "access_denied", "invalid user name, password or TOTP code")
 
     async def _issue(self, user_name, roles, public_key, requested_ttl, *, now: dt.datetime,
-                     auth_time: dt.datetime, event: str, generation: int) -> Response:
+                     auth_time: dt.datetime, event: str, generation: int, kind: str = "person",
+                     instance: str = "", renewal: int = 0, extra: dict[str, Any] | None = None) -> Response:
         cfg = self.cluster.config
         ttl = _ttl_seconds(requested_ttl)
         if ttl is None:
@@ -318,9 +326,9 @@ class API:
             raise HTTPError(401, "cert_expired", "the login this session came from has reached its "
                             "maximum lifetime; run `wicket login` again")
         identity = pki.Identity(
-            user=user_name, roles=tuple(r.name for r in roles), cluster=cfg.name, kind="person",
+            user=user_name, roles=tuple(r.name for r in roles), cluster=cfg.name, kind=kind,
             not_before=now - dt.timedelta(minutes=1), not_after=not_after, auth_time=auth_time,
-            generation=generation,
+            generation=generation, instance=instance, renewal=renewal,
         )
         try:
             cert = self.cluster.user_ca.issue_session_cert(public_key, identity)
@@ -328,7 +336,8 @@ class API:
             raise cert_http_error(exc) from None
         await self.cluster.audit(event, user_name, client_addr=self.client_addr,
                                  roles=list(identity.roles), serial=format(cert.serial_number, "x"),
-                                 expires_at=not_after.isoformat())
+                                 expires_at=not_after.isoformat(), **(extra or {}),
+                                 **({"instance": instance, "renewal": renewal} if instance else {}))
         return Response(status=200, body={
             "certificate": pki.cert_to_pem(cert).decode("ascii"),
             "host_ca": self.cluster.host_ca_pem(),
@@ -336,4 +345,5 @@ class API:
             "roles": list(identity.roles),
             "cluster": cfg.name,
             "expires_at": not_after.isoformat(),
+            "kind": kind,
         })

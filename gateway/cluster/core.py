@@ -26,6 +26,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from gateway import kinds
+from gateway.cluster import bots
 from gateway.cluster import config as cfg
 from gateway.cluster.admission import AddressSlots
 from gateway.cluster.audit import AuditLog
@@ -74,6 +75,8 @@ class Snapshot:
     revoked: frozenset[int] = frozenset()
     #: user -> why their certificates were last revoked at once.
     revocations: dict[str, str] = attrs.field(factory=dict)
+    #: Bots by name (gateway/cluster/bots.py): identities of kind "bot".
+    bots: dict[str, Any] = attrs.field(factory=dict)
 
 
 class AtCapacity(Exception):
@@ -461,6 +464,7 @@ class Cluster:
             resources={r.name: r for r in self.store.list_resources()},
             revoked=frozenset(r.serial for r in self.store.list_revoked_certs(live_at=time.time())),
             revocations=self.store.revocation_reasons(),
+            bots={b.name: b for b in bots.list_bots(self.store)},
         )
 
     async def snapshot(self) -> "Snapshot":
@@ -535,12 +539,18 @@ class Cluster:
         the certificate is not revoked; else :class:`pki.CertError`. The
         messages say what happened; the next step is added by whoever shows
         them (the gateway for a dial, :mod:`api` for the API), once."""
-        user = snap.users.get(identity.user)
-        if user is None:
-            raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
+        if identity.kind == "bot":
+            user = snap.bots.get(identity.user)
+            if user is None:
+                raise pki.CertError(ErrorCode.ACCESS_DENIED, f"bot {identity.user} no longer exists")
+        else:
+            user = snap.users.get(identity.user)
+            if user is None:
+                raise pki.CertError(ErrorCode.ACCESS_DENIED, f"user {identity.user} no longer exists")
         lock = snap.locks.get(identity.user)
         if lock is not None:
-            raise pki.CertError(ErrorCode.USER_LOCKED, f"user {identity.user} is locked ({lock.reason})")
+            raise pki.CertError(ErrorCode.USER_LOCKED, f"{'bot' if identity.kind == 'bot' else 'user'} "
+                                                         f"{identity.user} is locked ({lock.reason})")
         # cert_expired: every gateway knows it means "log in again".
         if identity.generation < user.cert_generation:
             why = snap.revocations.get(identity.user, "revoked by an administrator")

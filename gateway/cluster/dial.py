@@ -18,6 +18,10 @@ byte moves, the cluster checks, in order:
 5. the route's kind opens the upstream (TCP connect; for PostgreSQL also TLS
    and the login as the db user), or refuses (``upstream_unreachable``...).
 
+A dial with the ``probe`` parameter stops after check 3: the cluster only
+connects to the upstream and closes (``dial.probe``), or refuses with
+``upstream_unreachable`` (`wicket agent --check-upstreams`).
+
 Any refusal is a typed DialError frame, audited as ``dial.denied``. On
 success the cluster answers DialAccept, sends whatever the kind produced for
 the client first (PostgreSQL: AuthenticationOk ... ReadyForQuery), and
@@ -55,7 +59,8 @@ from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay, reset_on_close
 from gateway.net.tcp import keep_alive, unacknowledged
 from gateway.net.tls import TLSStream
-from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role, refusal_for
+from protocols.dial import (PARAM_PROBE, DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role,
+                            refusal_for)
 from protocols.errors import ErrorCode, RemoteProtocolError
 from protocols.mux import Role as MuxRole
 
@@ -461,6 +466,22 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
     """Checks 1 to 4 of the module docstring against ``snap``; raises
     :class:`Refused`. Blocks on nothing, so the relay engine's thread runs it
     too (:func:`_start_in_engine`)."""
+    identity, resource, roles = _reach(cluster, snap, cert, request, kind, audit)
+    params = kind.check_params(request, identity)
+    audit.fields["params"] = params
+    decision = rbac.decide(roles, resource.name, resource.labels, params)
+    if not decision.allowed:
+        # The next step is the gateway's to add (it knows the client's
+        # protocol), so the message says only what happened.
+        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
+                      reason=decision.reason)
+    return identity, resource, params, decision
+
+
+def _reach(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
+           audit: _DialAudit) -> tuple[pki.Identity, Resource, list]:
+    """Checks 1 to 3: the certificate, the resource within the holder's
+    reach and of this route's kind; raises :class:`Refused`."""
     try:
         identity, _user, roles = cluster.identify_in(snap, cert)
     except pki.CertError as exc:
@@ -494,15 +515,7 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
             f"resource {resource.name!r} is of kind {resource.kind}, not {kind.kind}; "
             f"use `{kinds.proxy_command(resource.kind)} {resource.name}`",
         )
-    params = kind.check_params(request, identity)
-    audit.fields["params"] = params
-    decision = rbac.decide(roles, resource.name, resource.labels, params)
-    if not decision.allowed:
-        # The next step is the gateway's to add (it knows the client's
-        # protocol), so the message says only what happened.
-        raise Refused(ErrorCode.ACCESS_DENIED, rbac.refusal(roles, resource.name, resource.labels, params),
-                      reason=decision.reason)
-    return identity, resource, params, decision
+    return identity, resource, roles
 
 
 async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
@@ -517,6 +530,8 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
     try:
         if snap is None:
             snap = await cluster.snapshot()
+        if PARAM_PROBE in request.params:
+            return await _probe(cluster, snap, cert, request, kind, audit)
         identity, resource, params, decision = _authorize(cluster, snap, cert, request, kind, audit)
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
@@ -541,6 +556,22 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
     return session, opened, identity
 
 
+async def _probe(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
+                 audit: _DialAudit) -> DialAccept:
+    """A probe (``wicket agent --check-upstreams``): may the holder reach
+    the resource at all (checks 1 to 3; no session, so no parameters to
+    grant), and does its upstream take a TCP connection from the cluster?
+    No session and no protocol byte; audited as ``dial.probe``. Raises
+    :class:`Refused` (upstream_unreachable with the reason)."""
+    _identity, resource, _roles = _reach(cluster, snap, cert, request, kind, audit)
+    audit.fields["params"] = {}
+    upstream = await connect_tcp(resource)
+    reset_on_close(upstream)  # nothing was said: an abort, not an empty conversation
+    await upstream.aclose()
+    cluster.audit_soon("dial.probe", audit.user, **audit.fields, reason="reachable")
+    return DialAccept(session_id="-")
+
+
 @attrs.define(eq=False, slots=True)
 class _EngineSession:
     """A mux stream's session run by the relay engine alone (no trio task)."""
@@ -557,7 +588,7 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
     stale (reloading it reads the store), the upstream's host is a name to
     resolve, or the cluster is at its session limit."""
     snap = cluster.fresh_snapshot()
-    if snap is None:
+    if snap is None or PARAM_PROBE in request.params:  # a probe: trio's (it connects and closes)
         return False
     resource = snap.resources.get(request.resource)
     if resource is not None and resource.kind != TCP.kind:

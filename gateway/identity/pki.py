@@ -54,6 +54,8 @@ _MAX_IDENTITY_BYTES = 16 * 1024
 # Allow a little clock skew between the cluster that signs and the peer that
 # checks: a certificate is valid from 1 minute before it was issued.
 _BACKDATE = dt.timedelta(minutes=1)
+#: Public: a certificate was issued this long after its not_before.
+BACKDATE = _BACKDATE
 
 
 def utcnow() -> dt.datetime:
@@ -96,6 +98,10 @@ class Identity:
     # certificate whose generation is below the user's current one (a lock,
     # a new password or a removal revoked it). Absent (0) before any.
     generation: int = 0
+    # A bot's certificate: the instance (one join) it belongs to and its
+    # place in that instance's renewal lineage (gateway/cluster/bots.py).
+    instance: str = ""
+    renewal: int = 0
 
     def to_document(self) -> bytes:
         doc = {
@@ -110,6 +116,8 @@ class Identity:
             doc["auth_time"] = int(self.auth_time.timestamp())
         if self.generation:
             doc["gen"] = self.generation
+        if self.instance:
+            doc["bot"] = {"instance": self.instance, "renewal": self.renewal}
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     def remaining(self, now: dt.datetime) -> dt.timedelta:
@@ -420,11 +428,20 @@ def identity_from_cert(cert: x509.Certificate) -> Identity:
             auth_time=_timestamp(doc.get("auth_time")),
             serial=cert.serial_number,
             generation=_generation(doc.get("gen", 0)),
+            **_bot_lineage(doc.get("bot")),
         )
     except CertError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CertError(ErrorCode.CERT_INVALID, f"identity extension is malformed: {exc}") from None
+
+
+def _bot_lineage(value: object) -> dict[str, object]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError("bot must be an object")
+    return {"instance": _str(value.get("instance")), "renewal": _generation(value.get("renewal"))}
 
 
 def _generation(value: object) -> int:

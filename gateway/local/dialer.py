@@ -315,6 +315,19 @@ class MuxDialer:
                 drained.close(self._draining.pop(drained))
             return self._current[0]
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the cluster is up and usable now (for
+        readiness probes)."""
+        return self._usable() is not None
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open on this dialer's connections (the current one and
+        those replaced but not yet drained)."""
+        current = self._current
+        return (len(current[0]) if current is not None else 0) + sum(len(link) for link in list(self._draining))
+
     def ready_link(self) -> MuxLink | None:
         """The current connection, if a session may start on it right now
         without trio: it is up, and the login on disk is the one it was
@@ -337,6 +350,11 @@ class MuxDialer:
         try:
             while True:
                 try:
+                    # A certificate renewed on disk (`wicket renew`, the
+                    # agent's renewer) replaces the connection now, not at
+                    # the next client: the old one ends with its
+                    # certificate, and reconnecting with that would fail.
+                    self.dialer._reload_if_changed()
                     link = await self.link()
                 except (ClusterError, trio.TooSlowError) as exc:
                     outage.failed(exc)

@@ -254,6 +254,7 @@ class PostgresProxy(MuxRoute):
                      self.resource, client_addr, params["db_user"], err.fields.get("C") if err else None,
                      err.fields.get("M") if err else None, error)
             return
+        self.stats.ended(counters.a_to_b, counters.b_to_a)
         log.info("pg_session_end resource=%s client=%s session=%s sent=%d received=%d%s",
                  self.resource, client_addr, session.id, counters.a_to_b, counters.b_to_a,
                  f" error={error!r}" if error else "")

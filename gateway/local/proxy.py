@@ -43,6 +43,7 @@ from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.waitroom import RIDE_OUT, ClientGone, WaitRoom
 from gateway.local.profile import Profile, ProfileError
+from gateway.local.route_stats import RouteStats
 from gateway.net.descriptors import Budget, serve_listeners
 from gateway.net.engine import engine, reset_and_close
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
@@ -113,6 +114,7 @@ class MuxRoute:
         self.room = WaitRoom(resource, wait_for_cluster)
         self.dialer = MuxDialer(profile)
         self.local_users = local_users or LocalUsers()
+        self.stats = RouteStats()
         #: Local clients served at once (``--max-connections``): each holds
         #: a descriptor; past it, a new client is refused (in its protocol
         #: where it has one), and the gateway keeps its reserve for its own
@@ -168,6 +170,7 @@ class MuxRoute:
         raise AssertionError("unreachable")
 
     def log_refused(self, client_addr: str, error: DialError, next_step: str | None) -> None:
+        self.stats.refusal(error.raw_code or error.code.value)
         log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
                     client_addr, error.raw_code or error.code.value, error.message, next_step)
 
@@ -305,6 +308,7 @@ class TcpProxy(MuxRoute):
             except ClientGone:
                 log.info("client_left resource=%s client=%s while=waiting_for_cluster", self.resource, client_addr)
             except (ClusterError, trio.TooSlowError) as exc:
+                self.stats.failure()
                 log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr,
                             getattr(exc, "message", None) or "the cluster did not answer in time")
         except BaseException:
@@ -316,6 +320,7 @@ class TcpProxy(MuxRoute):
         reply, client_addr = stream.reply, stream.context
         if isinstance(reply, DialAccept):
             counters = stream.counters
+            self.stats.ended(counters.a_to_b, counters.b_to_a)
             log.info("session_end resource=%s client=%s session=%s sent=%d received=%d%s",
                      self.resource, client_addr, reply.session_id, counters.a_to_b, counters.b_to_a,
                      f" error={stream.error!r}" if stream.error else "")
@@ -325,6 +330,7 @@ class TcpProxy(MuxRoute):
             error = stream.error or "the session ended before the cluster answered"
             if link.failed is not None:
                 error += "; is `wicket-cluster start` still running?"
+            self.stats.failure()
             log.warning("dial_failed resource=%s client=%s error=%r", self.resource, client_addr, error)
 
 
@@ -394,12 +400,16 @@ async def run_listener(
     unix_mode: int = 0o600,
     task_status=trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    handler_nursery: trio.Nursery | None = None,
 ) -> None:
     """Listen on ``host:port``, or on the unix socket at ``unix_socket``
     (mode ``unix_mode``, removed at the end), and serve each connection
     with ``handler`` (an async function of a trio stream, or an object with
     its own ``serve_listeners``) until SIGINT/SIGTERM (or cancellation).
-    Started value: the bound address (a unix socket's path, as a str)."""
+    Started value: the bound address (a unix socket's path, as a str).
+    With ``handler_nursery``, connections' tasks run there: cancelling
+    this function then only stops accepting, and live sessions carry on
+    (a graceful stop drains them)."""
     if unix_socket is not None:
         sock = _bind_unix(unix_socket, unix_mode)
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
@@ -426,7 +436,8 @@ async def run_listener(
                 await nursery.start(serve, listeners)
             else:
                 # Out of descriptors, it pauses quietly (gateway/net/descriptors.py).
-                nursery.start_soon(functools.partial(serve_listeners, guarded, listeners, name="proxy"))
+                nursery.start_soon(functools.partial(serve_listeners, guarded, listeners, name="proxy",
+                                                     handler_nursery=handler_nursery))
             task_status.started(bound)
             if handle_signals:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -176,9 +176,13 @@ async def serve_http(
 
 
 async def _send_response(conn: h11.Connection, stream, response: Response, *, close: bool) -> None:
-    payload = _encode(response.body)
+    # bytes go as they are (a Prometheus scrape, a probe's text), with the
+    # content-type the response names; anything else as JSON.
+    raw = isinstance(response.body, bytes)
+    payload = response.body if raw else _encode(response.body)
+    named = any(k.lower() == "content-type" for k, _ in response.headers)
     headers = [
-        ("content-type", "application/json"),
+        *([] if named else [("content-type", "text/plain; charset=utf-8" if raw else "application/json")]),
         ("content-length", str(len(payload))),
         ("cache-control", "no-store"),
         *response.headers,

@@ -427,6 +427,49 @@ MIGRATIONS: list[tuple[str, ...]] = [
         *_counter_triggers("user_revocations"),
         *_counter_triggers("revoked_certs"),
     ),
+    (
+        # Bots (gateway/cluster/bots.py): machine identities that join with
+        # a token and renew by proving their certificate. They share the
+        # users' name space (locks, revocation generations and the audit
+        # name a bot by its name), so neither table takes the other's names.
+        """CREATE TABLE bots (
+            name       TEXT PRIMARY KEY NOT NULL,
+            roles      TEXT NOT NULL DEFAULT '[]'
+                       CHECK (json_valid(roles) AND json_type(roles) = 'array'),
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL
+        )""",
+        # Join tokens, by the SHA-256 of the token (never the token itself).
+        """CREATE TABLE join_tokens (
+            id         TEXT PRIMARY KEY NOT NULL,
+            digest     TEXT NOT NULL UNIQUE,
+            bot_name   TEXT NOT NULL REFERENCES bots (name) ON DELETE CASCADE,
+            uses_left  INTEGER NOT NULL CHECK (uses_left >= 0),
+            used       INTEGER NOT NULL DEFAULT 0,
+            expires_at REAL NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL
+        )""",
+        "CREATE INDEX join_tokens_bot ON join_tokens (bot_name)",
+        # One row per join: the renewal lineage of that instance's
+        # certificates (a stale count presented means a copied certificate).
+        """CREATE TABLE bot_instances (
+            id         TEXT PRIMARY KEY NOT NULL,
+            bot_name   TEXT NOT NULL REFERENCES bots (name) ON DELETE CASCADE,
+            token_id   TEXT NOT NULL,
+            renewals   INTEGER NOT NULL DEFAULT 0 CHECK (renewals >= 0),
+            joined_at  REAL NOT NULL,
+            renewed_at REAL NOT NULL
+        )""",
+        "CREATE INDEX bot_instances_bot ON bot_instances (bot_name)",
+        """CREATE TRIGGER users_name_not_a_bot BEFORE INSERT ON users
+            WHEN EXISTS (SELECT 1 FROM bots WHERE name = NEW.name)
+            BEGIN SELECT RAISE(ABORT, 'the name is taken by a bot'); END""",
+        """CREATE TRIGGER bots_name_not_a_user BEFORE INSERT ON bots
+            WHEN EXISTS (SELECT 1 FROM users WHERE name = NEW.name)
+            BEGIN SELECT RAISE(ABORT, 'the name is taken by a user'); END""",
+        *_counter_triggers("bots"),
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -649,6 +692,15 @@ class StoreBase:
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(f"{self._path}: {exc}") from exc
+
+    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """The connection, for a module that keeps its own tables in this
+        file (gateway/cluster/bots.py); errors become StoreError."""
+        return self._read()
+
+    def writing(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction, for such a module (see :meth:`reading`)."""
+        return self._write()
 
     def _live(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -78,7 +78,7 @@ class Revocations(StoreBase):
         (``login.ok`` or ``login.renew``), if the audit still has it."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT * FROM audit WHERE event IN ('login.ok', 'login.renew')"
+                "SELECT * FROM audit WHERE event IN ('login.ok', 'login.renew', 'bot.join', 'bot.renew')"
                 " AND json_extract(fields, '$.serial') = ? ORDER BY id DESC LIMIT 1",
                 (serial_text(serial),),
             ).fetchone()
