@@ -5,8 +5,9 @@ locks and audit, in one SQLite file.
 live by job in this package's modules, over one connection and schema:
 
 * ``core``: the connection, transactions, schema :data:`MIGRATIONS`, change
-  detection, the records returned and the argument checks (its docstring is
-  the theory of operation);
+  detection and the argument checks (its docstring is the theory of
+  operation);
+* ``records``: the records returned, and their conversion from rows;
 * ``users``: users (password hashes, TOTP) and roles;
 * ``resources``: resources;
 * ``revocations``: certificate revocations and user locks;
@@ -20,19 +21,21 @@ from gateway.cluster.store.core import (
     MIGRATIONS,
     SCHEMA_VERSION,
     AlreadyExists,
-    AuditEvent,
-    Lock,
     NotFound,
-    Resource,
-    RevokedCert,
-    RoleRecord,
     SchemaTooNew,
     Source,
     StoreError,
+    validate_name,
+)
+from gateway.cluster.store.records import (
+    AuditEvent,
+    Lock,
+    Resource,
+    RevokedCert,
+    RoleRecord,
     User,
     parse_serial,
     serial_text,
-    validate_name,
 )
 from gateway.cluster.store.resources import Resources
 from gateway.cluster.store.revocations import Revocations

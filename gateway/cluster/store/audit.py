@@ -14,12 +14,14 @@ from gateway.cluster.store.core import (
     _MAX_AUDIT_FIELDS_BYTES,
     _MAX_QUERY_LIMIT,
     _PRUNE_BATCH,
-    AuditEvent,
     StoreBase,
-    _audit,
     _check_text,
     _check_time,
     _now,
+)
+from gateway.cluster.store.records import (
+    AuditEvent,
+    _audit,
 )
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from gateway.cluster.store.core import (
-    Resource,
     StoreBase,
     _dumps,
     _now,
+)
+from gateway.cluster.store.records import (
+    Resource,
     _resource,
 )
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 from gateway.cluster.store.core import (
     _MAX_TEXT,
+    StoreBase,
+    _check_text,
+    _check_time,
+    _now,
+    validate_name,
+)
+from gateway.cluster.store.records import (
     AuditEvent,
     Lock,
     RevokedCert,
-    StoreBase,
     _audit,
-    _check_text,
-    _check_time,
     _lock,
-    _now,
     _revoked,
     serial_text,
-    validate_name,
 )
 
 

@@ -7,21 +7,23 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gateway.cluster.store.core import (
-    _USERS,
     AlreadyExists,
     NotFound,
-    RoleRecord,
     Source,
     StoreBase,
-    User,
     _check_password_hash,
     _check_roles,
     _check_totp_secret,
     _dumps,
     _now,
+    validate_name,
+)
+from gateway.cluster.store.records import (
+    _USERS,
+    RoleRecord,
+    User,
     _role,
     _user,
-    validate_name,
 )
 
 

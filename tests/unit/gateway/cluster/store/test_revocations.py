@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cluster.store import core as store_mod
-from gateway.cluster.store import Lock, Store
+from gateway.cluster.store import Lock, Store, parse_serial
 from tests.unit.gateway.cluster.store.storeenv import HASH, OTHER_HASH
 
 
@@ -108,6 +107,6 @@ def test_find_issued_cert_and_parse_serial(store: Store) -> None:
     found = store.find_issued_cert(0xABC)
     assert found is not None and found.user == "alice"
     assert store.find_issued_cert(0xABD) is None  # only issuing events count
-    assert store_mod.parse_serial("0xAB:C") == 0xABC
+    assert parse_serial("0xAB:C") == 0xABC
     with pytest.raises(ValueError, match="hex digits"):
-        store_mod.parse_serial("xyz")
+        parse_serial("xyz")
