@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from gateway import kinds
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -444,7 +446,7 @@ class Wicket(BenchPath):
         home = work / "home"
         self._run(["gateway.cli.wicket", "login", info["address"], "--user", "bench", "--ca-pin", info["pin"],
                    "--password-stdin"], _wicket_env(home), "wicket login")
-        proxy = "db" if self.kind == "postgres" else self.kind
+        proxy = kinds.get(self.kind).proxy_verb  # tcp, or db
         self.gateway = Child("wicket proxy", [PY, "-m", "gateway.cli.wicket", "proxy", proxy, "upstream",
                                               "--port", "0"],
                              work / "gateway.log", stdout_pipe=True, env=_wicket_env(home))

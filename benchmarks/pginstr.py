@@ -39,7 +39,8 @@ from pathlib import Path
 
 from benchmarks import paths
 from benchmarks.paths import Wicket, free_port
-from benchmarks.pgbench import _PW_ENV, init_database, start_server, stop_all
+from benchmarks.dbbench import stop_all
+from benchmarks.pgbench import _PW_ENV, init_database, start_server
 
 #: What each side's command line contains (the wrapper puts only that one
 #: under callgrind).
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
         return 0
     finally:
         paths.PY = real_py
-        stop_all(started, server, work)
+        stop_all(started, server)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ class Param:
 
 DB_USER = Param(name="db_user", role_key="db_users", help="db user globs the allow rule grants")
 DB_NAME = Param(name="db_name", role_key="db_names", help="database globs the allow rule grants")
+LOCAL_INFILE = Param(name="local_infile", role_key="local_infile",
+                     help='"on": MySQL LOAD DATA LOCAL may send the client\'s files (off unless a rule says so)')
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -173,8 +175,21 @@ POSTGRES = Kind(
                            merge="gateway.local.client_files:merge_ini_section"),
 )
 
+MYSQL = Kind(
+    name="mysql",
+    summary="MySQL and MariaDB: no password on the client, the cluster logs in as the db user, commands audited",
+    alpn="wicket-mysql",
+    proxy_verb="db",
+    spec=DATABASE,
+    params=(DB_USER, DB_NAME, LOCAL_INFILE),
+    cluster_route="gateway.cluster.mysql:MYSQL",
+    gateway_route="gateway.local.mysql:mysql_route",
+    proxy_options=DATABASE_PROXY_OPTIONS,
+    is_database=True,
+)
+
 #: Every kind, by name. The one place a kind is plugged in.
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, MYSQL)}
 
 
 class UnknownKind(ValueError):

@@ -642,6 +642,11 @@ class Cluster:
         most INTERRUPT_TIMEOUT), audited, then the session is cut."""
         if session.interrupt is not None and not session.interrupting:
             session.interrupting = True
+            # The interrupt may end the session by itself (the client
+            # gives up on its cancelled statement and quits) before the cut
+            # below: it still ended for this reason.
+            if session.end_reason is None:
+                session.end_reason = reason
             result = "timed out"
             with trio.move_on_after(INTERRUPT_TIMEOUT):
                 try:

@@ -103,6 +103,19 @@ class Opened:
     finish: Callable[[], None] | None = None
     #: Extra fields for session.start.
     details: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Parameters for the gateway in the DialAccept (what the kind's
+    #: gateway route needs to know of the upstream: MySQL's handshake
+    #: values and login result).
+    reply_params: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Answered:
+    """A control dial's outcome with parameters for the gateway (what
+    ``RouteKind.control`` may return instead of a bare audit reason)."""
+
+    reason: str
+    params: Mapping[str, str] = attrs.field(factory=dict)
 
 
 class RouteKind(Protocol):
@@ -116,9 +129,10 @@ class RouteKind(Protocol):
         """Open the upstream (raise :class:`Refused`)."""
 
     async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
-                      identity: pki.Identity) -> str | None:
+                      identity: pki.Identity) -> str | Answered | None:
         """Handle a control dial (no session: e.g. a PostgreSQL cancel).
-        Return None if ``request`` is an ordinary dial, else an audit reason."""
+        Return None if ``request`` is an ordinary dial, else an audit
+        reason (:class:`Answered`: with parameters for the gateway)."""
 
     def acts_on(self, cluster: Cluster, request: DialRequest) -> LiveSession | None:
         """The live session a control dial acts on (a cancel's), if any: on
@@ -253,7 +267,8 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
 
     async def run(counters: RelayCounters) -> str | None:
         try:
-            await stream.send_all(conn.send(DialAccept(session_id=session.id)) + opened.first_bytes)
+            await stream.send_all(conn.send(DialAccept(session_id=session.id, params=opened.reply_params))
+                                  + opened.first_bytes)
             counters.b_to_a += len(opened.first_bytes)
             trailing, _eof = conn.trailing_data
             if trailing:
@@ -411,8 +426,9 @@ async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: Dia
             upstream = opened.upstream if eligible(opened.upstream) else None
 
             async def run(counters: RelayCounters) -> str | None:
-                if not link.accept(st, DialAccept(session_id=session.id), upstream, counters,
-                                   first=opened.first_bytes, taps=(opened.tap_client, opened.tap_server)):
+                accept = DialAccept(session_id=session.id, params=opened.reply_params)
+                if not link.accept(st, accept, upstream, counters, first=opened.first_bytes,
+                                   taps=(opened.tap_client, opened.tap_server)):
                     return st.error or "the gateway ended the stream before it started"
                 return await link.wait(st)
 
@@ -535,8 +551,9 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
         identity, resource, params, decision = _authorize(cluster, snap, cert, request, kind, audit)
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
-            cluster.audit_soon("dial.control", audit.user, **audit.fields, reason=control)
-            return DialAccept(session_id="-")
+            answer = control if isinstance(control, Answered) else Answered(control)
+            cluster.audit_soon("dial.control", audit.user, **audit.fields, reason=answer.reason)
+            return DialAccept(session_id="-", params=answer.params)
         try:
             session = cluster.new_session(audit.user, resource.name, kind.kind)
         except AtCapacity as exc:

@@ -33,18 +33,17 @@ from __future__ import annotations
 
 import logging
 import secrets
-import ssl
-from typing import Any
+from typing import Mapping
 
 import trio
 
 from gateway.cluster import resource_specs
 from gateway.cluster.core import Cluster, LiveSession
+from gateway.cluster.dbaudit import SessionAuditor
+from gateway.cluster.dbkind import PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
 from gateway.cluster.dial import CONNECT_TIMEOUT, Opened, Refused, connect_tcp
 from gateway.cluster.store import Resource
-from gateway.cluster.upstream_auth import ClientContexts
 from gateway.identity import pki
-from gateway.net.tls import TLSStream
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.postgres import (
@@ -58,14 +57,13 @@ from protocols.postgres.scram import AuthMethod
 
 log = logging.getLogger("wicket.cluster.postgres")
 
-LOGIN_TIMEOUT = 30.0
 #: PBKDF2 rounds a server may ask for: its default is 4096; more would let a
 #: hostile upstream burn the cluster's CPU on every login.
 MAX_SCRAM_ITERATIONS = 100_000
 #: Startup parameters a client may pass through to the server.
 _BLOCKED_PARAMS = {"user", "database", "replication"}
 
-PARAM_DB_USER, PARAM_DB_NAME, PARAM_CANCEL = "db_user", "db_name", "cancel"
+PARAM_CANCEL = "cancel"
 MAX_PORTALS = 1024
 _BLANK_KEY = BackendKeyData(process_id=0, secret_key=bytes(4))
 PG_PREFIX = "pg."
@@ -87,11 +85,8 @@ async def _send_cancel(resource: Resource, key: BackendKeyData) -> None:
             raise Refused(ErrorCode.UPSTREAM_UNREACHABLE, f"sending the cancel failed: {exc}") from None
 
 
-class PostgresKind:
+class PostgresKind(DatabaseKind):
     kind = "postgres"
-
-    def __init__(self) -> None:
-        self._contexts = ClientContexts()
 
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         params = dict(request.params)
@@ -166,65 +161,36 @@ class PostgresKind:
 
     # -- sessions ----------------------------------------------------------------
 
-    async def open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
-                   session: LiveSession) -> Opened:
-        try:
-            return await self._open(cluster, resource, params, session)
-        except (ProtocolError, ValueError, OSError, ssl.SSLError, trio.BrokenResourceError,
-                trio.ClosedResourceError) as exc:
-            log.warning("pg_open_failed resource=%s error=%r", resource.name, exc)
-            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
-                          f"talking to {resource.name} failed: {getattr(exc, 'message', None) or exc}") from None
-
-    async def _open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
-                    session: LiveSession) -> Opened:
-        spec = resource_specs.DatabaseSpec.of(resource.spec)
+    async def login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
+                    params: Mapping[str, str], session: LiveSession, upstream: Upstream,
+                    password: str | None) -> Opened:
         db_user, db_name = params[PARAM_DB_USER], params[PARAM_DB_NAME]
-        password = None
-        if spec.auth == "password":
-            try:
-                password = spec.password_for(db_user)
-            except resource_specs.SpecError as exc:
-                log.error("pg_password_missing resource=%s error=%s", resource.name, exc)
-                raise Refused(ErrorCode.ACCESS_DENIED,
-                              f"the cluster has no credentials for db user {db_user!r} on {resource.name}",
-                              reason=str(exc)) from None
-        tcp = await connect_tcp(resource)
-        stream: trio.abc.HalfCloseableStream = tcp
+        if spec.tls != "disable":
+            await self._start_tls(cluster, upstream, spec, resource, db_user)
+        stream = upstream.stream
+        login = UpstreamLogin(
+            user=db_user, database=db_name, password=password,
+            parameters={k[len(PG_PREFIX):]: v for k, v in params.items() if k.startswith(PG_PREFIX)},
+            # Never send a cleartext password over an unencrypted link.
+            # A cleartext password only to a server we verified.
+            methods={AuthMethod.TRUST, AuthMethod.MD5, AuthMethod.SCRAM_SHA_256}
+            | ({AuthMethod.CLEARTEXT} if spec.tls == "verify-full" else set()),
+            max_iterations=MAX_SCRAM_ITERATIONS,
+        )
         try:
-            with trio.fail_after(LOGIN_TIMEOUT):
-                if spec.tls != "disable":
-                    stream = await self._start_tls(cluster, tcp, spec, resource, db_user)
-                login = UpstreamLogin(
-                    user=db_user, database=db_name, password=password,
-                    parameters={k[len(PG_PREFIX):]: v for k, v in params.items() if k.startswith(PG_PREFIX)},
-                    # Never send a cleartext password over an unencrypted link.
-                    # A cleartext password only to a server we verified.
-                    methods={AuthMethod.TRUST, AuthMethod.MD5, AuthMethod.SCRAM_SHA_256}
-                    | ({AuthMethod.CLEARTEXT} if spec.tls == "verify-full" else set()),
-                    max_iterations=MAX_SCRAM_ITERATIONS,
-                )
-                try:
-                    ready = await self._login(stream, login)
-                except UpstreamLoginError as exc:
-                    if exc.response is None:
-                        raise Refused(exc.code, f"logging in to {resource.name} failed: {exc.message}") from None
-                    # The server said no in its own words: the client gets them verbatim.
-                    log.info("pg_login_refused resource=%s db_user=%s sqlstate=%s", resource.name, db_user,
-                             exc.wire_hint)
-                    return Opened(upstream=stream, first_bytes=exc.response.encode(),
-                                  details={"db_user": db_user, "db_name": db_name,
-                                           "login_error": f"{exc.wire_hint} {exc.message}"})
-        except trio.TooSlowError:
-            await stream.aclose()
-            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
-                          f"{resource.name} did not complete the login within {LOGIN_TIMEOUT:.0f}s") from None
-        except BaseException:
-            await stream.aclose()
-            raise
+            ready = await self._login(stream, login)
+        except UpstreamLoginError as exc:
+            if exc.response is None:
+                raise Refused(exc.code, f"logging in to {resource.name} failed: {exc.message}") from None
+            # The server said no in its own words: the client gets them verbatim.
+            log.info("pg_login_refused resource=%s db_user=%s sqlstate=%s", resource.name, db_user,
+                     exc.wire_hint)
+            return Opened(upstream=stream, first_bytes=exc.response.encode(),
+                          details={"db_user": db_user, "db_name": db_name,
+                                   "login_error": f"{exc.wire_hint} {exc.message}"})
         session.extra["backend_key"] = ready.backend_key
         trailing, _ = login.trailing_data
-        auditor = SessionAuditor(cluster, session)
+        auditor = PgSessionAuditor(cluster, session)
         # The backend's real secret stays here: the client gets the real
         # process id (what pg_backend_pid() says, as NOTIFY's sender and
         # pools expect) with a secret of our own, which only its gateway
@@ -237,8 +203,9 @@ class PostgresKind:
                       tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
                       details={"db_user": db_user, "db_name": db_name, "auth": ready.method.value})
 
-    async def _start_tls(self, cluster: Cluster, tcp: trio.SocketStream, spec, resource: Resource,
-                         db_user: str) -> TLSStream:
+    async def _start_tls(self, cluster: Cluster, upstream: Upstream, spec, resource: Resource,
+                         db_user: str) -> None:
+        tcp = upstream.tcp
         await tcp.send_all(SSLRequest().encode())
         answer = await tcp.receive_some(1)  # exactly one byte (CVE-2021-23222)
         try:
@@ -246,20 +213,8 @@ class PostgresKind:
         except ProtocolError:
             accepted = None
         if not accepted:
-            await tcp.aclose()
-            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
-                          f"{resource.name} does not accept TLS connections, and the resource requires TLS "
-                          f"(tls = {spec.tls!r})")
-        stream = TLSStream(tcp, self._contexts.get(cluster.db_client_ca, spec, db_user), server_side=False,
-                           server_hostname=spec.server_hostname(resource.address)
-                           if spec.tls == "verify-full" else None)
-        try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            await stream.aclose()
-            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
-                          f"TLS with {resource.name} failed: {exc.__cause__ or exc}") from None
-        return stream
+            raise self.refuse_plaintext(spec, resource)
+        await self.start_tls(cluster, upstream, spec, resource, db_user)
 
     async def _login(self, stream: trio.abc.HalfCloseableStream, login: UpstreamLogin):
         while True:
@@ -283,41 +238,25 @@ class PostgresKind:
 POSTGRES = PostgresKind()
 
 
-class SessionAuditor:
+class PgSessionAuditor(SessionAuditor):
     """Turns a session's two byte streams into audit events (batched)."""
 
+    prefix = "pg"
+    protocol = "PostgreSQL"
+
     def __init__(self, cluster: Cluster, session: LiveSession) -> None:
-        self.cluster, self.session = cluster, session
+        super().__init__(cluster, session)
         self.front = FrontendAuditor()
         self.back = BackendAuditor()
         self.copy_in = 0
         self.copy_out = 0
         self.portals: dict[str, tuple[str, int | None]] = {}
 
-    def _emit(self, event: str, **fields: Any) -> None:
-        self.cluster.audit_fields_soon(event, self.session.user, {
-            "session_id": self.session.id, "resource": self.session.resource, **fields})
-
     def from_client(self, data: bytes) -> None:
-        self._feed(self.front, self._client_event, data, "client")
+        self.feed(self.front, self._client_event, data, "client")
 
     def from_server(self, data: bytes) -> None:
-        self._feed(self.back, self._server_event, data, "server")
-
-    def _feed(self, auditor, handler, data: bytes, side: str) -> None:
-        """Give ``data`` (b"" at EOF) to ``auditor`` and handle every event
-        it completes (in the relay engine's thread, once per chunk)."""
-        try:
-            auditor.receive_data(data)
-            events = auditor.next_events()
-            while events:
-                for event in events:
-                    handler(event)
-                events = auditor.next_events()
-        except ProtocolError as exc:
-            # What we cannot parse we cannot audit: end the session.
-            self._emit("pg.protocol_error", side=side, error=exc.message)
-            raise trio.BrokenResourceError(f"unparseable PostgreSQL {side} stream: {exc.message}") from None
+        self.feed(self.back, self._server_event, data, "server")
 
     def _client_event(self, e: object) -> None:
         if type(e) is QueryEvent:  # once per statement: one dict, built here
@@ -326,7 +265,7 @@ class SessionAuditor:
                 "session_id": session.id, "resource": session.resource, "query": e.text,
                 "truncated": e.truncated, "length": e.length, "sha256": e.sha256})
         elif isinstance(e, ParseEvent):
-            self._emit("pg.parse", statement=e.statement, query=e.text, truncated=e.truncated, length=e.length,
+            self.emit("parse", statement=e.statement, query=e.text, truncated=e.truncated, length=e.length,
                        sha256=e.sha256)
         elif isinstance(e, BindEvent):
             # Remembered, not written: the Execute that runs the portal says
@@ -336,27 +275,27 @@ class SessionAuditor:
             self.portals[e.portal] = (e.statement, e.param_count)
         elif isinstance(e, ExecuteEvent):
             statement, params = self.portals.get(e.portal, (None, None))
-            self._emit("pg.execute", portal=e.portal, statement=statement, param_count=params)
+            self.emit("execute", portal=e.portal, statement=statement, param_count=params)
         elif isinstance(e, FunctionCallEvent):
-            self._emit("pg.function_call", oid=e.oid)
+            self.emit("function_call", oid=e.oid)
         elif isinstance(e, CopyDataEvent):
             self.copy_in += e.bytes
         elif isinstance(e, (CopyDoneEvent, CopyFailEvent)):
-            self._emit("pg.copy", direction="in", bytes=self.copy_in,
+            self.emit("copy", direction="in", bytes=self.copy_in,
                        failed=isinstance(e, CopyFailEvent))
             self.copy_in = 0
 
     def _server_event(self, e: object) -> None:
         if isinstance(e, ErrorEvent):
-            self._emit("pg.error", sqlstate=e.sqlstate, severity=e.severity, message=e.message)
+            self.emit("error", sqlstate=e.sqlstate, severity=e.severity, message=e.message)
         elif isinstance(e, CopyDataEvent) and e.direction is CopyDirection.OUT:
             self.copy_out += e.bytes
         elif isinstance(e, CopyDoneEvent) and e.direction is CopyDirection.OUT:
-            self._emit("pg.copy", direction="out", bytes=self.copy_out, failed=False)
+            self.emit("copy", direction="out", bytes=self.copy_out, failed=False)
             self.copy_out = 0
 
     def finish(self) -> None:
         if self.copy_in:
-            self._emit("pg.copy", direction="in", bytes=self.copy_in, failed=True)
+            self.emit("copy", direction="in", bytes=self.copy_in, failed=True)
         if self.copy_out:
-            self._emit("pg.copy", direction="out", bytes=self.copy_out, failed=True)
+            self.emit("copy", direction="out", bytes=self.copy_out, failed=True)

@@ -4,13 +4,15 @@
    state directory and a ``demo`` role in its config;
 2. a throwaway PostgreSQL (``initdb`` in the state directory) whose
    ``cert`` authentication trusts the cluster's database client CA,
-   registered as resource ``demo-pg``; and a TCP echo server as ``demo-echo``;
+   registered as resource ``demo-pg``; a throwaway MariaDB likewise
+   (``demo-maria``, an account ``REQUIRE SUBJECT '/CN=demo'``) when
+   ``mariadbd`` is installed; and a TCP echo server as ``demo-echo``;
 3. a ``demo`` user (random password kept 0600 in the state directory);
 4. ``wicket login`` as that user, pinned to the cluster's CA, into a profile
    inside the state directory (your ~/.wicket is not touched);
 5. the gateway serving both, and the psql line to paste.
 
-Ctrl-C stops the gateway, PostgreSQL and the cluster. Running it again
+Ctrl-C stops the gateway, the database servers and the cluster. Running it again
 reuses the state.
 """
 
@@ -98,6 +100,7 @@ def run_demo(state: Path, port: int) -> None:
         from gateway.local.proxy import TcpProxy
 
         pg: PgServer | None = None
+        maria = None
         async with trio.open_nursery() as nursery:
             echo_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             echo_port = echo_listeners[0].socket.getsockname()[1]
@@ -126,6 +129,8 @@ def run_demo(state: Path, port: int) -> None:
                        "--ca-file", str(pg.server_ca_path), "--server-name", "localhost", "--label", "env=demo")
                 _step(f"PostgreSQL {pg.address} registered as resource demo-pg (certificate auth, verify-full)")
 
+                maria = await _start_mariadb(state, cluster_state, config_path)
+
                 password_file = state / "demo-password"
                 if not password_file.exists():
                     password = secrets.token_urlsafe(18)
@@ -145,6 +150,14 @@ def run_demo(state: Path, port: int) -> None:
                 host, db_port = (await nursery.start(_listen, db.handle, port))[:2]
                 echo = TcpProxy(profile, "demo-echo")
                 _, echo_local = (await nursery.start(_listen, echo, 0))[:2]
+                maria_line = ""
+                if maria is not None:
+                    from gateway.local.mysql import MySqlProxy
+
+                    my = MySqlProxy(profile, "demo-maria")
+                    _, my_port = (await nursery.start(_listen, my.handle, 0))[:2]
+                    maria_line = (f"MariaDB resource demo-maria is on {host}:{my_port}:\n\n"
+                                  f"  mysql -h {host} -P {my_port} -u demo demo\n\n")
                 click.echo(
                     f"\nThe gateway is serving PostgreSQL resource demo-pg on {host}:{db_port}. Paste this:\n\n"
                     f'  psql "host={host} port={db_port} user=demo dbname=demo"\n\n'
@@ -152,9 +165,10 @@ def run_demo(state: Path, port: int) -> None:
                     f"A plain TCP resource, demo-echo, is on {host}:{echo_local}:\n\n"
                     f"  python3 -c \"import socket; s = socket.create_connection(('{host}', {echo_local})); "
                     f"s.sendall(b'hello wicket'); print(s.recv(100))\"\n\n"
+                    f"{maria_line}"
                     f"Use the CLI against this demo:  WICKET_HOME={home} wicket ls\n"
                     f"Audit log (every statement):  wicket-cluster audit --config {config_path}\n"
-                    f"Ctrl-C stops the gateway, PostgreSQL and the cluster.\n"
+                    f"Ctrl-C stops the gateway, the database servers and the cluster.\n"
                 )
                 sys.stdout.flush()
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -162,8 +176,9 @@ def run_demo(state: Path, port: int) -> None:
                         break
             finally:
                 with trio.CancelScope(shield=True):
-                    if pg is not None:
-                        await trio.to_thread.run_sync(pg.stop)
+                    for server in (pg, maria):
+                        if server is not None:
+                            await trio.to_thread.run_sync(server.stop)
                     proc.terminate()
                     try:
                         await trio.to_thread.run_sync(proc.wait, 10)
@@ -191,6 +206,28 @@ def _admin(config_path: Path, *args: str, input: str | None = None) -> None:
                        capture_output=True)
     if r.returncode != 0:
         raise click.ClickException(f"wicket-cluster {args[0]} {args[1]} failed: {r.stderr.strip()}")
+
+
+async def _start_mariadb(state: Path, cluster_state: Path, config_path: Path):
+    """A throwaway MariaDB registered as demo-maria; None (and a note) if
+    the server is not installed."""
+    from gateway.local.mariadbserver import MariaDbError, MariaDbServer, find_mariadbd
+
+    try:
+        find_mariadbd()
+    except MariaDbError as exc:
+        _step(f"no MariaDB resource: {exc}")
+        return None
+    _step("starting a throwaway MariaDB that trusts the cluster's database client CA")
+    maria = MariaDbServer(state / "mariadb", client_ca_pem=(cluster_state / "db_client_ca.crt").read_bytes())
+    await trio.to_thread.run_sync(maria.start)
+    await trio.to_thread.run_sync(maria.sql, "CREATE DATABASE IF NOT EXISTS demo;"
+                                  "CREATE USER IF NOT EXISTS demo@'%' REQUIRE SUBJECT '/CN=demo';"
+                                  "GRANT ALL ON demo.* TO demo@'%'")
+    _admin(config_path, "resources", "add", "demo-maria", "--kind", "mysql", "--address", maria.address,
+           "--ca-file", str(maria.server_ca_path), "--server-name", "localhost", "--label", "env=demo")
+    _step(f"MariaDB {maria.address} registered as resource demo-maria (certificate auth, verify-full)")
+    return maria
 
 
 def _prepare_database(pg) -> None:

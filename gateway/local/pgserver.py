@@ -52,6 +52,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_child(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
+    """Stop a server we started with ``sig``; killed if it is not gone within ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _traversable_by_others(path: Path) -> bool:
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.stat().st_mode & 0o001:
@@ -187,15 +199,8 @@ class PgServer:
                          "-tA", "-c", statement)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
         # SIGINT: PostgreSQL's "fast" shutdown (disconnect clients, checkpoint).
-        self._proc.send_signal(signal.SIGINT)
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_child(self._proc, signal.SIGINT, timeout)
 
     @property
     def address(self) -> str:

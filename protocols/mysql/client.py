@@ -166,6 +166,12 @@ class UpstreamLogin(ConnectionPhase[LoginState]):
     def __repr__(self) -> str:
         return f"<UpstreamLogin {self._state.name} plugin={self._plugin or '-'}>"
 
+    @property
+    def server_info(self) -> ServerInfo | None:
+        """What the server's handshake said, once it came (also when the
+        login is then refused: a gateway greets with it either way)."""
+        return None if self._handshake is None else self._handshake.info
+
     def _overflowed(self, exc: RemoteProtocolError) -> None:
         self._fail(_upstream_error(exc.message, ErrorNumber.ER_NET_PACKET_TOO_LARGE))
 

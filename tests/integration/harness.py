@@ -296,3 +296,13 @@ class Gateway:
     def stop(self) -> None:
         for p in self.proxies:
             p.stop()
+
+
+def logged_in(tmp: Path, cluster: Cluster, name: str, roles: str, *login: str) -> Gateway:
+    """A Gateway for a new user ``name`` with ``roles``, logged in
+    (``login``: extra ``wicket login`` options)."""
+    cluster.add_user(name, roles)
+    gw = Gateway(tmp, cluster, name)
+    r = gw.login(*login)
+    assert r.returncode == 0, r.stderr
+    return gw

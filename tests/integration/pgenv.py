@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Cluster, Echo, Gateway
+from tests.integration.harness import Cluster, Echo, Gateway, logged_in
 
 NOBODY = 65534
 
@@ -48,11 +48,7 @@ def running(tmp: Path):
 def user(tmp: Path, cluster: Cluster, name: str, roles: str = "pg", *login: str) -> Gateway:
     """A Gateway for a new user with ``roles``, logged in (``login``: extra
     ``wicket login`` options)."""
-    cluster.add_user(name, roles)
-    gw = Gateway(tmp, cluster, name)
-    r = gw.login(*login)
-    assert r.returncode == 0, r.stderr
-    return gw
+    return logged_in(tmp, cluster, name, roles, *login)
 
 
 def start(tmp: Path):

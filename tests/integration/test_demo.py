@@ -1,6 +1,7 @@
 """The README's first command: `wicket demo` brings up everything and the
 line it prints works."""
 
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -19,6 +20,11 @@ def test_demo_end_to_end(tmp_path):
         line = proc.read_line(r"^\s+(python3 -c .*)$").group(1)
         out = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=30)
         assert out.stdout.strip() == "b'hello wicket'", out.stderr
+        if shutil.which("mariadbd") or Path("/usr/sbin/mariadbd").exists():
+            line = proc.read_line(r"^\s+(mysql -h .*)$").group(1)
+            out = subprocess.run(line + " -N -B -e 'select current_user(), database()'", shell=True,
+                                 capture_output=True, text=True, timeout=60)
+            assert out.stdout.strip() == "demo@%\tdemo", out.stderr
         assert (state / "demo-password").stat().st_mode & 0o777 == 0o600
         assert (state / "home" / "key.pem").stat().st_mode & 0o777 == 0o600
     finally:

@@ -45,7 +45,12 @@ def test_denied_db_user(pg_env, tmp_path):
 
 
 def test_unknown_resource_and_unreachable(gw):
-    _, port = gw.proxy("db", "pg-nope")
+    # `wicket proxy db` asks the cluster which kind a resource is (postgres
+    # and mysql share the verb) and will not start for one out of reach.
+    r = gw.run("proxy", "db", "pg-nope", "--port", "0")
+    assert r.returncode == 4 and "no resource named 'pg-nope' that you can reach" in r.stderr
+    # The kind's own verb starts without asking: the client hears the refusal.
+    _, port = gw.proxy("postgres", "pg-nope")
     sqlstate, message = connect_error(port)
     # As a resource out of the user's reach: no one learns what exists.
     assert sqlstate == "28000" and "no such resource, or none of your roles reaches it" in message
@@ -69,7 +74,7 @@ def test_a_cluster_that_cannot_be_reached_is_waited_for_then_a_native_error(pg_e
             closed.bind(("127.0.0.1", 0))
             doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
             profile.write_text(json.dumps(doc))
-            proc, port = g.proxy("db", "pg", "--wait-for-cluster", "0.5")
+            proc, port = g.proxy("postgres", "pg", "--wait-for-cluster", "0.5")  # "db" would ask the cluster first
             sqlstate, message = connect_error(port)
         assert sqlstate == "08006"
         assert re.search(r"waited [\d.]+s for the cluster", message) and "Connection refused" in message

@@ -1,0 +1,378 @@
+"""The cluster as MySQL's and MariaDB's front door (a stream of ``wicket-mux``,
+or the ``wicket-mysql`` route).
+
+The gateway plays the server towards its local client (gateway/local/mysql.py);
+the cluster logs in to the real server *as the requested db user*, with
+credentials the client never sees (gateway/cluster/dbkind.py):
+
+* ``auth = "cert"``: over TLS, a short-lived client certificate with CN =
+  db user from the cluster's database client CA, which the server's
+  ``ssl_ca`` trusts; the account says ``REQUIRE SUBJECT '/CN=<user>'`` and
+  has no password;
+* ``auth = "password"``: ``mysql_native_password``, MariaDB's
+  ``client_ed25519``, or ``caching_sha2_password`` (fast auth, or full auth
+  over TLS), with the secret from the cluster's environment or a file.
+
+The gateway's dial carries what its client said in its handshake response:
+``db_user`` and ``db_name`` (RBAC decides on them), its capabilities
+(``mysql.caps``), character set and maximum packet size, and its connection
+attributes (``mysql.attr.*``, for the audit and passed on). The cluster logs
+in with those capabilities, so both ends of the relayed command phase agree
+(DEPRECATE_EOF, multi-statements, query attributes...), less compression
+(it could not be audited) and, unless a role allows it, LOCAL INFILE (the
+server could ask the client's machine for any file), which the server
+then refuses in its own words. The DialAccept
+carries the server's handshake values (``mysql.version``, ``mysql.caps``,
+``mysql.charset``, ``mysql.status``, ``mysql.plugin``, ``mysql.thread``,
+which the gateway caches to greet later clients with) and the login's
+verdict: ``mysql.ok`` (the server's OK payload, hex) or ``mysql.err`` (its
+ERR, verbatim, which the client gets with the gateway's sequence ids). A
+control dial ``mysql.probe`` reads a server's handshake for a gateway that
+has not greeted a client of the resource yet.
+
+Every command is audited from a copy of the relayed bytes (protocols/mysql's
+auditors): COM_QUERY, COM_STMT_PREPARE (the text), COM_STMT_EXECUTE
+(statement id and parameter count, never values), COM_STMT_CLOSE,
+COM_INIT_DB, COM_CHANGE_USER, COM_RESET_CONNECTION, the server's errors,
+LOAD DATA LOCAL (file name, bytes; only where a role has ``local_infile =
+["on"]`` is the server told the client may send files). A COM_INIT_DB to a database the user's
+roles do not allow, and COM_CHANGE_USER (the gateway answers it itself;
+one reaching the cluster is a modified gateway's) never reach the server:
+the session ends there, on record.
+
+A session cut by a lock, a revocation or the certificate's end is first
+interrupted (``interrupt``: ``KILL QUERY`` for its connection id, from a
+connection of its own as the same db user), so a long statement does not
+run on, nor an in-flight write commit, after the cut.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import trio
+
+from gateway.cluster import rbac, resource_specs
+from gateway.cluster.core import Cluster, LiveSession
+from gateway.cluster.dbaudit import SessionAuditor
+from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
+from gateway.cluster.dial import Answered, Opened, Refused, connect_tcp
+from gateway.cluster.store import Resource
+from gateway.identity import pki
+from protocols.dial import DialRequest
+from protocols.buffer import ReceiveBuffer
+from protocols.errors import ErrorCode, ProtocolError
+from protocols.mysql import (
+    DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ChangeUserEvent, Command, CommandAuditor,
+    CommandEvent, CommandTracker, ErrorEvent, ExecuteEvent, InitDbEvent, LocalInfileDataEvent,
+    LocalInfileRequestEvent, LoginReady, LoginRefused, PrepareEvent, QueryEvent, QuitEvent,
+    ErrPacket, PacketChannel, ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent,
+    StatementResetEvent, UpstreamLogin,
+)
+from protocols.mysql import dialparams as dp
+from protocols.mysql.statements import use_targets
+
+log = logging.getLogger("wicket.cluster.mysql")
+
+PARAM_LOCAL_INFILE = "local_infile"
+#: MariaDB takes user names of up to 80 characters (MySQL 32), schema names of 64.
+MAX_USER, MAX_SCHEMA = 80, 64
+#: Bytes of a server's greeting we read for a probe (it is one packet of ~100).
+MAX_GREETING = 4096
+#: An OK payload larger than this (hex) travels without its session-state part.
+MAX_OK_HEX = 1000
+
+
+def _int(params: Mapping[str, str], key: str, bits: int, default: int) -> int:
+    raw = params.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << bits:
+        raise Refused(ErrorCode.BAD_REQUEST, f"{key} must be an integer 0..2**{bits}-1")
+    return value
+
+
+class MySqlKind(DatabaseKind):
+    kind = "mysql"
+
+    def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
+        params = dict(request.params)
+        if dp.PROBE in params:
+            return {dp.PROBE: "handshake"}
+        if dp.USE in params:  # RBAC decides on the db user and this database, as for a dial
+            params[PARAM_DB_NAME] = params[dp.USE]
+        db_user = params.get(PARAM_DB_USER) or identity.user
+        out = {PARAM_DB_USER: db_user}
+        db_name = params.get(PARAM_DB_NAME)
+        if db_name:  # MySQL sessions may have no default database
+            out[PARAM_DB_NAME] = db_name
+        for what, value, limit in ((PARAM_DB_USER, db_user, MAX_USER), (PARAM_DB_NAME, db_name or "x", MAX_SCHEMA)):
+            if len(value) > limit or "\x00" in value:
+                raise Refused(ErrorCode.BAD_REQUEST, f"{what} must be 1-{limit} characters without NUL")
+        out[dp.CAPS] = str(_int(params, dp.CAPS, 64, DEFAULT_CLIENT_CAPABILITIES.value))
+        out[dp.CHARSET] = str(_int(params, dp.CHARSET, 8, 0))
+        out[dp.MAX_PACKET] = str(_int(params, dp.MAX_PACKET, 32, 1 << 24))
+        attrs = [(k, v) for k, v in params.items() if k.startswith(dp.ATTR_PREFIX) and len(k) > len(dp.ATTR_PREFIX)]
+        out.update(attrs[:dp.MAX_ATTRIBUTES])
+        if dp.USE in params:
+            out[dp.USE] = params[dp.USE]
+        return out
+
+    # -- control dials: the handshake probe --------------------------------------
+
+    async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
+                      identity: pki.Identity) -> Answered | None:
+        if dp.USE in request.params:  # the checks before this decided: allowed
+            return Answered(f"database switch to {request.params[dp.USE]!r} allowed")
+        if dp.PROBE not in request.params:
+            return None
+        upstream = await connect_tcp(resource)
+        login = UpstreamLogin(user="-")  # only its reading of the greeting is used
+        info = None
+        async with upstream:
+            try:
+                with trio.fail_after(LOGIN_TIMEOUT):
+                    while info is None:
+                        data = await upstream.receive_some(MAX_GREETING)
+                        login.receive_data(data)
+                        event = login.next_event()
+                        info = login.server_info
+                        if isinstance(event, LoginRefused):  # too many connections, a blocked host
+                            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                                          f"{resource.name} refused the connection: {event.error.errno} "
+                                          f"{event.error.message}")
+            except trio.TooSlowError:
+                raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                              f"{resource.name} sent no handshake within {LOGIN_TIMEOUT:.0f}s") from None
+            except (ProtocolError, OSError, trio.BrokenResourceError) as exc:
+                raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                              f"{resource.name} did not greet as a MySQL server: "
+                              f"{getattr(exc, 'message', None) or exc}") from None
+        return Answered("handshake probe", dp.server_params(info))
+
+    # -- interrupting a session that is being cut ----------------------------------
+
+    async def interrupt(self, cluster: Cluster, resource: Resource, session: LiveSession, reason: str) -> str:
+        """The session is being cut (a lock, a revocation, the certificate's
+        end): stop its running statement with ``KILL QUERY`` from a
+        connection of its own, as the same db user (who may kill its own
+        threads), before the cut closes the session's connection; MariaDB
+        would otherwise run the statement to its end (it notices a closed
+        client only when it next writes), and an in-flight write could
+        still commit. Closing the connection then rolls back any open
+        transaction."""
+        thread, db_user = session.extra.get("mysql_thread"), session.extra.get("mysql_db_user")
+        if thread is None or db_user is None:
+            return "no connection id"
+        try:
+            answer = await self._kill_query(cluster, resource, db_user, int(thread))
+        except (Refused, ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError) as exc:
+            return f"KILL QUERY failed: {getattr(exc, 'message', None) or exc!r}"
+        return answer
+
+    async def _kill_query(self, cluster: Cluster, resource: Resource, db_user: str, thread: int) -> str:
+        spec = resource_specs.DatabaseSpec.of(resource.spec)
+        password = self.password(spec, resource, db_user)
+        upstream = Upstream(await connect_tcp(resource))
+        try:
+            with trio.fail_after(LOGIN_TIMEOUT):
+                login = UpstreamLogin(user=db_user, password=password, tls=spec.tls != "disable")
+                outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
+                if isinstance(outcome, LoginRefused):
+                    return f"KILL QUERY failed: the server refused the login ({outcome.error.errno})"
+                channel, buffer = PacketChannel(what="upstream server"), ReceiveBuffer(1 << 20)
+                await upstream.stream.send_all(channel.write(b"\x03" + f"KILL QUERY {thread}".encode()))
+                while (payload := channel.read(buffer)) is None:
+                    data = await upstream.stream.receive_some(65536)
+                    if not data:
+                        return "KILL QUERY failed: the server closed the connection"
+                    buffer.feed(data)
+        finally:
+            await upstream.stream.aclose()
+        if payload[:1] == b"\xff":
+            return f"KILL QUERY {thread} refused: {ErrPacket.decode(payload).message}"
+        return f"KILL QUERY {thread} sent"
+
+    # -- sessions ------------------------------------------------------------------
+
+    async def login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
+                    params: Mapping[str, str], session: LiveSession, upstream: Upstream,
+                    password: str | None) -> Opened:
+        db_user, db_name = params[PARAM_DB_USER], params.get(PARAM_DB_NAME)
+        caps = Capability(int(params.get(dp.CAPS, DEFAULT_CLIENT_CAPABILITIES.value)))
+        roles = await self._roles(cluster, session)
+        # LOCAL INFILE lets the server read files of the client's machine:
+        # offered to it only where a role says local_infile = ["on"].
+        infile = Capability.LOCAL_FILES in caps and local_infile_allowed(roles, resource, params)
+        caps &= ~(Capability.COMPRESS | Capability.ZSTD_COMPRESSION_ALGORITHM)
+        if not infile:
+            caps &= ~Capability.LOCAL_FILES
+        charset = int(params.get(dp.CHARSET, "0")) or None
+        attributes = {k[len(dp.ATTR_PREFIX):]: v for k, v in params.items() if k.startswith(dp.ATTR_PREFIX)}
+        login = UpstreamLogin(user=db_user, password=password, database=db_name, tls=spec.tls != "disable",
+                              capabilities=caps, charset=charset, attributes=attributes or None,
+                              max_packet_size=int(params.get(dp.MAX_PACKET, 1 << 24)) or (1 << 24))
+        outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
+        details: dict[str, Any] = {"db_user": db_user, "db_name": db_name, "local_infile": infile}
+        if attributes:
+            details["client_attributes"] = attributes
+        if isinstance(outcome, LoginRefused):
+            err = outcome.error
+            log.info("mysql_login_refused resource=%s db_user=%s errno=%s", resource.name, db_user, err.errno)
+            reply = {dp.ERR: outcome.payload.hex()}
+            if login.server_info is not None:
+                reply.update(dp.server_params(login.server_info))
+            return Opened(upstream=upstream.stream, reply_params=reply,
+                          details={**details, "login_error": f"{err.errno} {err.sqlstate} {err.message}"})
+        ok_hex = outcome.ok_payload.hex()
+        if len(ok_hex) > MAX_OK_HEX:  # keep the status and counts, drop session-state details
+            ok_hex = outcome.ok_payload[:1].hex() + "0000" + outcome.ok.status.to_bytes(2, "little").hex() + "0000"
+        reply = {**dp.server_params(outcome.server), dp.OK: ok_hex,
+                 dp.SESSION_CAPS: str(outcome.capabilities.value)}
+        auditor = MySqlSessionAuditor(cluster, session, outcome.capabilities, resource, db_user)
+        auditor.roles = roles
+        session.extra["mysql_thread"] = outcome.server.connection_id  # for KILL QUERY (interrupt)
+        session.extra["mysql_db_user"] = db_user
+        if names_constrained(roles, resource, db_user):
+            reply[dp.GUARD] = "1"
+        trailing, _ = login.trailing_data
+        return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply,
+                      tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
+                      details={**details, "auth": outcome.plugin, "tls": outcome.tls,
+                               "server_version": outcome.server.server_version,
+                               "thread_id": outcome.server.connection_id})
+
+    async def _roles(self, cluster: Cluster, session: LiveSession) -> list:
+        snap = await cluster.snapshot()
+        user = snap.users.get(session.user)
+        return [] if user is None else cluster.roles_in(snap, user)
+
+    async def _login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
+                     db_user: str, upstream: Upstream, login: UpstreamLogin) -> LoginReady | LoginRefused:
+        while True:
+            event = login.next_event()
+            out = login.data_to_send()
+            if out:
+                await upstream.stream.send_all(out)
+            if event is NEED_DATA:
+                try:
+                    data = await upstream.stream.receive_some(65536)
+                except trio.BrokenResourceError as exc:
+                    raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                                  f"{resource.name} closed the connection during login: {exc}") from None
+                login.receive_data(data)
+            elif isinstance(event, StartTLS):
+                await self.start_tls(cluster, upstream, spec, resource, db_user)
+                login.tls_started()
+            elif isinstance(event, (LoginReady, LoginRefused)):
+                return event
+
+
+MYSQL = MySqlKind()
+
+
+def local_infile_allowed(roles: list, resource: Resource, params: Mapping[str, str]) -> bool:
+    """Does a role allow this session LOAD DATA LOCAL (``local_infile = ["on"]``)?"""
+    asked = {k: params[k] for k in (PARAM_DB_USER, PARAM_DB_NAME) if k in params}
+    return rbac.decide(roles, resource.name, resource.labels, {**asked, PARAM_LOCAL_INFILE: "on"}).allowed
+
+
+#: No database is called this (MySQL names have no "/"): only a catch-all glob matches it.
+_ANY_NAME = "/wicket/any/database/"
+
+
+def names_constrained(roles: list, resource: Resource, db_user: str) -> bool:
+    """Do ``roles`` allow ``db_user`` on ``resource`` only some databases?
+    (A name only a catch-all glob matches is refused, or a deny rule names
+    databases.)"""
+    anything = {PARAM_DB_USER: db_user, PARAM_DB_NAME: _ANY_NAME}
+    if not rbac.decide(roles, resource.name, resource.labels, anything).allowed:
+        return True
+    return any(rule.selects(resource.name, resource.labels) and any(k == PARAM_DB_NAME for k, _ in rule.params)
+               for role in roles for rule in role.deny)
+
+
+class MySqlSessionAuditor(SessionAuditor):
+    """A MySQL session's commands and the server's errors as audit events;
+    and the cluster's word on the commands a role may not run (see the
+    module docstring)."""
+
+    prefix = "mysql"
+    protocol = "MySQL"
+
+    def __init__(self, cluster: Cluster, session: LiveSession, capabilities: Capability, resource: Resource,
+                 db_user: str) -> None:
+        super().__init__(cluster, session)
+        tracker = CommandTracker(capabilities)
+        self.commands = CommandAuditor(tracker)
+        self.responses = ResponseAuditor(tracker)
+        self.resource, self.db_user = resource, db_user
+        self.roles: list = []
+        self.infile: str | None = None
+
+    def from_client(self, data: bytes) -> None:
+        self.feed(self.commands, self._client_event, data, "client")
+
+    def from_server(self, data: bytes) -> None:
+        self.feed(self.responses, self._server_event, data, "server")
+
+    def _client_event(self, e: object) -> None:
+        if isinstance(e, QueryEvent):
+            self.emit("query", query=e.text, truncated=e.truncated, size=e.size, attributes=e.attributes)
+            for schema in use_targets(e.text):
+                self._init_db(schema)
+        elif isinstance(e, ExecuteEvent):
+            self.emit("execute", statement_id=e.statement_id, param_count=e.param_count, size=e.size)
+        elif isinstance(e, PrepareEvent):
+            self.emit("prepare", query=e.text, truncated=e.truncated, size=e.size)
+        elif isinstance(e, StatementCloseEvent):
+            self.emit("stmt_close", statement_id=e.statement_id)
+        elif isinstance(e, StatementResetEvent):
+            self.emit("stmt_reset", statement_id=e.statement_id)
+        elif isinstance(e, InitDbEvent):
+            self._init_db(e.schema)
+        elif isinstance(e, ChangeUserEvent):
+            self.emit("change_user", username=e.username, database=e.database, refused=True)
+            raise trio.BrokenResourceError("COM_CHANGE_USER reached the cluster; the gateway answers it itself")
+        elif isinstance(e, ResetConnectionEvent):
+            self.emit("reset_connection")
+        elif isinstance(e, QuitEvent):
+            # The server closes at once, often with a reset the relay would
+            # report as the session's end: it ended because the client quit.
+            if self.session.end_reason is None:
+                self.session.end_reason = "quit"
+        elif isinstance(e, LocalInfileDataEvent):
+            self.emit("local_infile", file=self.infile, bytes=e.bytes, packets=e.packets)
+            self.infile = None
+        elif isinstance(e, CommandEvent):
+            try:
+                name = Command(e.command).name
+            except ValueError:
+                name = f"0x{e.command:02X}"
+            self.emit("command", command=name, size=e.size)
+
+    def _init_db(self, schema: str) -> None:
+        decision = rbac.decide(self.roles, self.resource.name, self.resource.labels,
+                               {PARAM_DB_USER: self.db_user, PARAM_DB_NAME: schema})
+        if "\ufffd" in schema:  # not UTF-8: the server would name it otherwise than we read it
+            decision = rbac.Decision(False, "the database name is not UTF-8")
+        self.emit("init_db", schema=schema, allowed=decision.allowed)
+        if not decision.allowed:
+            # Never passed on: the session ends here (the audit says why).
+            raise trio.BrokenResourceError(f"COM_INIT_DB {schema!r} refused: {decision.reason}")
+
+    def _server_event(self, e: object) -> None:
+        if isinstance(e, ErrorEvent):
+            self.emit("error", errno=e.errno, sqlstate=e.sqlstate, message=e.message)
+        elif isinstance(e, LocalInfileRequestEvent):
+            self.infile = e.file_name
+
+    def finish(self) -> None:
+        if self.infile is not None:
+            self.emit("local_infile", file=self.infile, bytes=None, packets=None, failed=True)

@@ -1,0 +1,80 @@
+"""The mysql kind's dial parameters: what the gateway and the cluster tell
+each other on the dial (protocols/dial.py) about a MySQL session.
+
+Gateway -> cluster (DialRequest), besides ``db_user`` and ``db_name``: what
+the local client said in its HandshakeResponse41, so the cluster logs in
+upstream the same way and the relayed command phase agrees end to end
+(:data:`CAPS`, :data:`CHARSET`, :data:`MAX_PACKET`, connection attributes
+under :data:`ATTR_PREFIX`); :data:`PROBE` makes a control dial that only
+reads the server's handshake, :data:`USE` one that asks whether the db user
+may switch to a database (RBAC decides on ``db_user`` and ``db_name``).
+
+Cluster -> gateway (DialAccept): the server's handshake values
+(:func:`server_params` / :func:`server_info_of`), which the gateway greets
+later clients with, and the login's verdict: :data:`OK` (the server's OK
+payload) or :data:`ERR` (its ERR payload, verbatim), both hex.
+
+Every value is text (the dial's rule); numbers are decimal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from protocols.errors import ProtocolError
+from protocols.mysql.messages import ServerInfo
+
+__all__ = [
+    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "USE", "GUARD", "SESSION_CAPS", "ATTR_PREFIX",
+    "MAX_ATTRIBUTES", "VERSION",
+    "SERVER_CAPS", "SERVER_CHARSET", "STATUS", "PLUGIN", "THREAD", "OK", "ERR",
+    "server_params", "server_info_of",
+]
+
+CAPS: Final = "mysql.caps"
+CHARSET: Final = "mysql.charset"
+MAX_PACKET: Final = "mysql.max_packet"
+PROBE: Final = "mysql.probe"
+#: A control dial: may this session's db user switch to this database?
+USE: Final = "mysql.use"
+ATTR_PREFIX: Final = "mysql.attr."
+#: Connection attributes passed on at most (the dial carries 32 parameters).
+MAX_ATTRIBUTES: Final = 16
+
+VERSION: Final = "mysql.version"
+SERVER_CAPS: Final = "mysql.server_caps"
+SERVER_CHARSET: Final = "mysql.server_charset"
+STATUS: Final = "mysql.status"
+PLUGIN: Final = "mysql.plugin"
+THREAD: Final = "mysql.thread"
+OK: Final = "mysql.ok"
+ERR: Final = "mysql.err"
+#: The capabilities the session runs with upstream (the client's, less
+#: what the cluster did not ask of the server).
+SESSION_CAPS: Final = "mysql.session_caps"
+#: "1": the roles allow this db user only some databases: switches of
+#: database need the cluster's word first (gateway/local/mysqlguard.py).
+GUARD: Final = "mysql.guard"
+
+
+def server_params(info: ServerInfo) -> dict[str, str]:
+    """A server's handshake values as DialAccept parameters."""
+    out = {VERSION: info.server_version[:255], SERVER_CAPS: str(info.capabilities.value),
+           SERVER_CHARSET: str(info.charset), STATUS: str(info.status),
+           THREAD: str(info.connection_id)}
+    if info.auth_plugin is not None:
+        out[PLUGIN] = info.auth_plugin
+    return out
+
+
+def server_info_of(params: Mapping[str, str]) -> ServerInfo | None:
+    """The server's handshake values from DialAccept parameters; None if
+    they are not there or not valid."""
+    try:
+        return ServerInfo(server_version=params[VERSION], capabilities=int(params[SERVER_CAPS]),
+                          charset=int(params[SERVER_CHARSET]), status=int(params[STATUS]),
+                          connection_id=int(params.get(THREAD, "0")),
+                          auth_plugin=params.get(PLUGIN))
+    except (KeyError, ValueError, TypeError, ProtocolError):
+        return None
