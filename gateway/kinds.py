@@ -188,8 +188,24 @@ MYSQL = Kind(
     is_database=True,
 )
 
+MONGODB = Kind(
+    name="mongodb",
+    summary="MongoDB: drivers and mongosh without credentials, the cluster logs in, every command checked and audited",
+    alpn="wicket-mongodb",
+    proxy_verb="db",
+    spec=DATABASE,
+    params=(DB_USER, DB_NAME),
+    cluster_route="gateway.cluster.mongodb:MONGODB",
+    gateway_route="gateway.local.mongo:mongodb_route",
+    proxy_options=(
+        ProxyOption(name="db_user", help="Database user the cluster logs in as (default: your Wicket user name)."),
+        ProxyOption(name="db_name", help="Keep every command to this database (default: any your roles allow)."),
+    ),
+    is_database=True,
+)
+
 #: Every kind, by name. The one place a kind is plugged in.
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, MYSQL)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, MYSQL, MONGODB)}
 
 
 class UnknownKind(ValueError):

@@ -1,6 +1,7 @@
-"""The client side of SCRAM (RFC 5802), shared by every protocol that logs in
-with it: PostgreSQL (SCRAM-SHA-256, RFC 7677) and MongoDB (SCRAM-SHA-1 and
-SCRAM-SHA-256). Also RFC 4013 SASLprep.
+"""SCRAM (RFC 5802), shared by every protocol that logs in with it:
+PostgreSQL (SCRAM-SHA-256, RFC 7677) and MongoDB (SCRAM-SHA-1 and
+SCRAM-SHA-256). The client side (the cluster's upstream logins), the
+server side (a gateway's local credential), and RFC 4013 SASLprep.
 
 Theory of operation
 -------------------
@@ -19,6 +20,12 @@ LocalProtocolError.
 
 PBKDF2 runs inside :meth:`client_final` (4096 iterations by default, about
 a millisecond); ``max_iterations`` bounds what a hostile server can ask for.
+
+:class:`ScramServer` is the other half, for a password the caller holds
+(its salt and iteration count the caller's too): :meth:`server_first`
+with the client's first message, :meth:`server_final` with its proof,
+which raises unless the proof shows the client knows the password (checked
+in constant time), and returns the server's signature.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Final
 
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
-__all__ = ["saslprep", "ScramClient", "DEFAULT_MAX_ITERATIONS", "HASHES"]
+__all__ = ["saslprep", "ScramClient", "ScramServer", "DEFAULT_MAX_ITERATIONS", "HASHES"]
 
 DEFAULT_MAX_ITERATIONS: Final = 1_000_000  # servers' defaults are 4096 (PostgreSQL) to 15000
 #: The hash of each mechanism this client speaks.
@@ -113,7 +120,26 @@ class _ScramStep(enum.Enum):
     FAILED = "FAILED"
 
 
-class ScramClient:
+class _Exchange:
+    """What both halves share: the step they are at."""
+
+    _step: _ScramStep
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._step.name}>"
+
+    @property
+    def done(self) -> bool:
+        """True once the other side has proved it knows the password."""
+        return self._step is _ScramStep.DONE
+
+    def _advance(self, expected: _ScramStep, then: _ScramStep) -> None:
+        if self._step is not expected:
+            raise LocalProtocolError(f"SCRAM step out of order (at {self._step.name})")
+        self._step = then
+
+
+class ScramClient(_Exchange):
     """The client half of one SCRAM exchange (RFC 5802) with ``mechanism``'s
     hash; ``password`` is the prepared password, the bytes PBKDF2 is fed.
 
@@ -143,19 +169,6 @@ class ScramClient:
         self._max_iterations = max_iterations
         self._step = _ScramStep.FIRST
         self._server_signature = b""
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._step.name}>"
-
-    @property
-    def done(self) -> bool:
-        """True once the server's signature has verified."""
-        return self._step is _ScramStep.DONE
-
-    def _advance(self, expected: _ScramStep, then: _ScramStep) -> None:
-        if self._step is not expected:
-            raise LocalProtocolError(f"SCRAM step out of order (at {self._step.name})")
-        self._step = then
 
     def client_first(self) -> bytes:
         """The client-first-message (the SASLInitialResponse's data)."""
@@ -224,3 +237,86 @@ class ScramClient:
         self._step = _ScramStep.DONE
 
 
+
+
+class ScramServer(_Exchange):
+    """The server half of one SCRAM exchange for ``password`` (prepared, the
+    bytes PBKDF2 is fed), with our ``salt``, ``iterations`` and nonce part.
+    A malformed client message or a wrong proof raises what ``error`` makes
+    of a message; calls out of order raise LocalProtocolError."""
+
+    def __init__(self, password: bytes, *, mechanism: str, salt: bytes, iterations: int,
+                 nonce: str | None = None,
+                 error: Callable[[str], RemoteProtocolError] = _default_error) -> None:
+        if mechanism not in HASHES:
+            raise ValueError(f"unknown SCRAM mechanism {mechanism!r}")
+        if nonce is None:
+            nonce = _b64(secrets.token_bytes(18))
+        if not _valid_nonce(nonce) or not salt or iterations < 1:
+            raise ValueError("a SCRAM server needs a nonce, a salt and a positive iteration count")
+        self.mechanism = mechanism
+        self._digest = HASHES[mechanism]
+        self._password, self._salt, self._iterations, self._our_nonce = password, salt, iterations, nonce
+        self._error = error
+        self._step = _ScramStep.FIRST
+        self._client_first_bare = b""
+        self._server_first = b""
+        self._nonce = ""
+        #: The user name the client gave in its first message (SASLprep is the caller's).
+        self.username = ""
+
+    def server_first(self, client_first: bytes) -> bytes:
+        """The server-first-message for the client's first message."""
+        self._advance(_ScramStep.FIRST, _ScramStep.FAILED)
+        try:
+            text = client_first.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._error("the client's first SCRAM message is not UTF-8") from None
+        if not (text.startswith("n,") or text.startswith("y,")):
+            raise self._error("the client asks for SCRAM channel binding, which this server does not offer")
+        header_end = text.find(",", 2)
+        bare = text[header_end + 1:] if header_end >= 0 else ""
+        parts = bare.split(",")
+        if len(parts) < 2 or not parts[0].startswith("n=") or not parts[1].startswith("r="):
+            raise self._error("the client's first SCRAM message is malformed")
+        if any(part.startswith("m=") for part in parts[2:3]):
+            raise self._error("the client demands a SCRAM extension we do not know")
+        client_nonce = parts[1][2:]
+        if not _valid_nonce(client_nonce):
+            raise self._error("the client's SCRAM nonce is not printable ASCII")
+        self.username = parts[0][2:].replace("=2C", ",").replace("=3D", "=")
+        self._client_first_bare = bare.encode("utf-8")
+        self._nonce = client_nonce + self._our_nonce
+        self._server_first = f"r={self._nonce},s={_b64(self._salt)},i={self._iterations}".encode("ascii")
+        self._step = _ScramStep.FINAL
+        return self._server_first
+
+    def server_final(self, client_final: bytes) -> bytes:
+        """The server-final-message (our signature) once the client's proof
+        checks; raises if it does not."""
+        self._advance(_ScramStep.FINAL, _ScramStep.FAILED)
+        try:
+            text = client_final.decode("ascii")
+        except UnicodeDecodeError:
+            raise self._error("the client's final SCRAM message is not ASCII") from None
+        without_proof, sep, proof_text = text.rpartition(",p=")
+        parts = without_proof.split(",")
+        if not sep or len(parts) < 2 or not parts[0].startswith("c=") or not parts[1].startswith("r="):
+            raise self._error("the client's final SCRAM message is malformed")
+        if parts[1][2:] != self._nonce:
+            raise self._error("the client's SCRAM nonce is not this exchange's")
+        proof = _unb64(proof_text, "proof", self._error)
+        digest = self._digest
+        salted = hashlib.pbkdf2_hmac(digest, self._password, self._salt, self._iterations)
+        stored_key = hashlib.new(digest, _hmac(salted, b"Client Key", digest)).digest()
+        auth_message = (self._client_first_bare + b"," + self._server_first + b","
+                        + without_proof.encode("ascii"))
+        signature = _hmac(stored_key, auth_message, digest)
+        if len(proof) != len(signature):
+            raise self._error("authentication failed")
+        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        if not hmac.compare_digest(hashlib.new(digest, client_key).digest(), stored_key):
+            raise self._error("authentication failed")
+        self._step = _ScramStep.DONE
+        server_signature = _hmac(_hmac(salted, b"Server Key", digest), auth_message, digest)
+        return b"v=" + _b64(server_signature).encode("ascii")

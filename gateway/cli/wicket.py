@@ -399,7 +399,10 @@ def _kind_for(verb: str, served: tuple, name: str, profile: Profile):
 
 def _proxy_command(verb: str, served: tuple) -> click.Command:
     """`wicket proxy VERB NAME` for the kinds in ``served`` (gateway/kinds.py)."""
-    options = {option.name: option for kind in served for option in kind.proxy_options}
+    options: dict[str, Any] = {}
+    for kind in served:  # a shared option keeps the first kind's help (postgres's for `db`)
+        for option in kind.proxy_options:
+            options.setdefault(option.name, option)
 
     def command(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
                 wait_for_cluster: float, allow_uid: tuple[int, ...], allow_any_local_user: bool,

@@ -107,6 +107,10 @@ class Opened:
     #: gateway route needs to know of the upstream: MySQL's handshake
     #: values and login result).
     reply_params: Mapping[str, str] = attrs.field(factory=dict)
+    #: Runs beside the relay for the session's life (MongoDB's command
+    #: gate between ``upstream``, one end of a socket pair, and the
+    #: server); the session ends when the relay does, cancelling it.
+    task: Callable[[], Awaitable[None]] | None = None
 
 
 @attrs.frozen
@@ -707,7 +711,10 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
                     left += CUT_GRACE
                 session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
             with session.cancel_scope:
-                error = await run(counters)
+                if opened.task is None:
+                    error = await run(counters)
+                else:
+                    error = await _beside(opened.task, run, counters)
             if session.cancel_scope.cancelled_caught and session.end_reason is None:
                 session.end_reason = "cert_expired"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -717,6 +724,18 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
             if opened.finish:
                 opened.finish()
             _audit_end(cluster, session, counters, started, session.end_reason or error or "closed")
+
+
+async def _beside(task: Callable[[], Awaitable[None]], run: Callable[[RelayCounters], Awaitable[str | None]],
+                  counters: RelayCounters) -> str | None:
+    """``run`` with the kind's ``task`` beside it; the task is cancelled
+    once the relay is over."""
+    error = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(task)
+        error = await run(counters)
+        nursery.cancel_scope.cancel()
+    return error
 
 
 async def _send_quietly(stream: TLSStream, data: bytes) -> None:

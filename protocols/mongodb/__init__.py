@@ -17,8 +17,10 @@ from protocols.mongodb.commands import (
     ERROR_CODES, Command, Namespace, error_code_for, error_document, error_reply, reply_to,
     view, view_message,
 )
-from protocols.mongodb.handshake import ClientHello, client_hello, gateway_hello
-from protocols.mongodb.scram import ScramLogin, ScramLoginError, password_digest
+from protocols.mongodb.handshake import (
+    DEFAULT_HELLO, ClientHello, client_hello, gateway_hello, hello_from_params, hello_params,
+)
+from protocols.mongodb.scram import LocalLogin, ScramLogin, ScramLoginError, password_digest
 from protocols.mongodb.wire import (
     DEFAULT_MAX_MESSAGE_SIZE, SUPPORTED_COMPRESSORS, Compressor, DocumentSequence, Message,
     MessageReader, OpCompressed, OpMsg, OpQuery, OpReply, UnsupportedCompressor, compress,
@@ -26,12 +28,12 @@ from protocols.mongodb.wire import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
-    "ClientAuditor", "ClientHello", "Command", "CommandEvent", "Compressor", "DocumentSequence",
+    "DEFAULT_HELLO", "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
+    "ClientAuditor", "ClientHello", "LocalLogin", "Command", "CommandEvent", "Compressor", "DocumentSequence",
     "ErrorReplyEvent", "Message", "MessageReader", "Namespace", "OpCompressed", "OpMsg",
     "OpQuery", "OpReply", "ScramLogin", "ScramLoginError", "ServerAuditor",
     "UnauditedMessageEvent", "UnsupportedCompressor",
     "compress", "decode_bson", "decode_message", "decompress", "encode_bson", "error_code_for",
-    "error_document", "error_reply", "client_hello", "gateway_hello", "password_digest",
+    "error_document", "error_reply", "client_hello", "gateway_hello", "hello_from_params", "hello_params", "password_digest",
     "reply_to", "view", "view_message",
 ]

@@ -59,7 +59,7 @@ from protocols.mongodb.commands import Command
 
 __all__ = [
     "MESSAGE_AFTER_LENGTH", "DEFAULT_MAX_MESSAGE", "DEFAULT_MAX_REPLY", "DEFAULT_MAX_TEXT",
-    "CommandEvent", "UnauditedMessageEvent", "ErrorReplyEvent", "ClientAuditor",
+    "CommandEvent", "UnauditedMessageEvent", "ErrorReplyEvent", "ClientAuditor", "client_event",
     "ServerAuditor",
 ]
 
@@ -129,6 +129,44 @@ def _command_event(request_id: int, command: Command, flags: int, size: int,
                         truncated=truncated)
 
 
+def client_event(frame: Frame, max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE
+                 ) -> CommandEvent | UnauditedMessageEvent:
+    """The event of one client message, framed by :data:`MESSAGE_AFTER_LENGTH`
+    (whole, or kept in part: see :class:`ClientAuditor`). The cluster's
+    command gate reads each whole message with it before deciding."""
+    request_id, _, op_code = _ids(frame)
+    size = frame.body_length + 4
+    body = frame.body[_IDS.size :]
+    if not frame.complete:
+        return _partial(request_id, op_code, body, size)
+    if op_code == wire.OP_MSG:
+        flags, command, found = wire.split_op_msg(body, sequences=_DECODED)
+        counts = {name: (docs if name in _DECODED else count) for name, docs, count in found}
+        return _command_event(request_id, commands.view(command, counts), flags, size)
+    message = wire.decode_message(_whole(frame), max_message_size=max_message_size)
+    if isinstance(message, wire.OpCompressed):
+        message = wire.decompress(message, max_message_size=max_message_size)
+    if isinstance(message, wire.OpReply):
+        raise wire.protocol_error("a client sent an OP_REPLY, which only servers send")
+    flags = message.flag_bits if isinstance(message, wire.OpMsg) else 0
+    return _command_event(request_id, commands.view_message(message), flags, size)
+
+
+def _partial(request_id: int, op_code: int, body: bytes, size: int) -> Any:
+    """A message kept in part: its command, if its body section is first
+    and whole (drivers put it first; a bulk write's documents follow)."""
+    if op_code == wire.OP_MSG and len(body) > 5 and body[4] == 0:
+        (flags,) = struct.unpack_from("<I", body)
+        try:
+            command, _ = bson.decode_at(body, 5)
+        except RemoteProtocolError:
+            command = None  # the body section itself goes past the prefix
+        if command is not None:
+            return _command_event(request_id, commands.view(command), flags, size,
+                                  truncated=True)
+    return UnauditedMessageEvent(request_id=request_id, op_code=op_code, size=size)
+
+
 class _MessageAuditor(StreamAuditor):
     """What both directions share: messages framed after their length, each
     kept up to ``keep`` bytes."""
@@ -150,41 +188,8 @@ class ClientAuditor(_MessageAuditor):
         super().__init__(max_message, max_message_size)
 
     def _on_frame(self, frame: Frame) -> None:
-        request_id, _, op_code = _ids(frame)
-        size = frame.body_length + 4
-        body = frame.body[_IDS.size :]
-        if not frame.complete:
-            self._events.append(self._partial(request_id, op_code, body, size))
-            return
-        if op_code == wire.OP_MSG:
-            flags, command, found = wire.split_op_msg(body, sequences=_DECODED)
-            counts = {name: (docs if name in _DECODED else count)
-                      for name, docs, count in found}
-            self._events.append(_command_event(request_id, commands.view(command, counts),
-                                               flags, size))
-            return
-        message = wire.decode_message(_whole(frame), max_message_size=self._max_message_size)
-        if isinstance(message, wire.OpCompressed):
-            message = wire.decompress(message, max_message_size=self._max_message_size)
-        if isinstance(message, wire.OpReply):
-            raise wire.protocol_error("a client sent an OP_REPLY, which only servers send")
-        flags = message.flag_bits if isinstance(message, wire.OpMsg) else 0
-        self._events.append(_command_event(request_id, commands.view_message(message), flags,
-                                           size))
+        self._events.append(client_event(frame, self._max_message_size))
 
-    def _partial(self, request_id: int, op_code: int, body: bytes, size: int) -> Any:
-        """A message kept in part: its command, if its body section is first
-        and whole (drivers put it first; a bulk write's documents follow)."""
-        if op_code == wire.OP_MSG and len(body) > 5 and body[4] == 0:
-            (flags,) = struct.unpack_from("<I", body)
-            try:
-                command, _ = bson.decode_at(body, 5)
-            except RemoteProtocolError:
-                command = None  # the body section itself goes past the prefix
-            if command is not None:
-                return _command_event(request_id, commands.view(command), flags, size,
-                                      truncated=True)
-        return UnauditedMessageEvent(request_id=request_id, op_code=op_code, size=size)
 
 
 class ServerAuditor(_MessageAuditor):

@@ -40,7 +40,8 @@ from protocols.mongodb.bson import Int64
 from protocols.mongodb.commands import ERROR_CODES, HANDSHAKE_COMMANDS
 from protocols.mongodb.wire import SUPPORTED_COMPRESSORS
 
-__all__ = ["COPIED_FIELDS", "ClientHello", "client_hello", "gateway_hello"]
+__all__ = ["COPIED_FIELDS", "DEFAULT_HELLO", "ClientHello", "client_hello", "gateway_hello",
+           "hello_params", "hello_from_params"]
 
 #: What the gateway's hello copies from the upstream's, when present.
 COPIED_FIELDS: Final = (
@@ -48,6 +49,15 @@ COPIED_FIELDS: Final = (
     "logicalSessionTimeoutMinutes", "minWireVersion", "maxWireVersion", "readOnly",
 )
 _ROUTED: Final = ("setName", "msg")  # an upstream with either is a set or a router
+#: What a hello says when there is no upstream to copy from (a refused
+#: dial: the driver must get as far as its first command to hear why):
+#: MongoDB 7.0's limits and wire version.
+DEFAULT_HELLO: Final[Mapping[str, Any]] = {
+    "maxBsonObjectSize": 16 * 1024 * 1024, "maxMessageSizeBytes": 48_000_000,
+    "maxWriteBatchSize": 100_000, "logicalSessionTimeoutMinutes": 30, "minWireVersion": 0,
+    "maxWireVersion": 21,
+}
+_PARAM: Final = "hello."
 
 
 @attrs.frozen(kw_only=True)
@@ -110,3 +120,49 @@ def gateway_hello(upstream: Mapping[str, Any], request: ClientHello, *,
         reply["compression"] = both
     reply["ok"] = 1.0
     return reply
+
+
+def hello_params(upstream: Mapping[str, Any], compressors: Iterable[str] = ()) -> dict[str, str]:
+    """What :func:`gateway_hello` needs of the upstream's hello, as the
+    string parameters of a dial's accept (``hello.<field>``): the cluster
+    sends them, the gateway answers a driver's first hello from them.
+    ``compressors``: those the cluster's connection to the upstream has."""
+    out: dict[str, str] = {}
+    for key in COPIED_FIELDS:
+        value = upstream.get(key)
+        if key == "localTime":
+            continue  # the gateway's own clock says it
+        if isinstance(value, bool):
+            out[_PARAM + key] = "1" if value else "0"
+        elif isinstance(value, int):
+            out[_PARAM + key] = str(int(value))
+    if any(key in upstream for key in _ROUTED):
+        out[_PARAM + "msg"] = "isdbgrid"
+    connection = upstream.get("connectionId")
+    if isinstance(connection, int) and not isinstance(connection, bool):
+        out[_PARAM + "connectionId"] = str(int(connection))
+    out[_PARAM + "compression"] = ",".join(c for c in compressors if c in SUPPORTED_COMPRESSORS)
+    return out
+
+
+def hello_from_params(params: Mapping[str, str]) -> dict[str, Any]:
+    """The upstream hello :func:`hello_params` carried (fields it cannot
+    read are left out: :func:`gateway_hello` then omits them)."""
+    hello: dict[str, Any] = {}
+    for key, value in params.items():
+        if not key.startswith(_PARAM):
+            continue
+        field = key[len(_PARAM):]
+        if field == "readOnly":
+            hello[field] = value == "1"
+        elif field == "msg":
+            hello[field] = "isdbgrid"
+        elif field == "compression":
+            hello[field] = [c for c in value.split(",") if c]
+        elif field in COPIED_FIELDS or field == "connectionId":
+            try:
+                number = int(value)
+            except ValueError:
+                continue
+            hello[field] = Int64(number) if not -2**31 <= number < 2**31 else number
+    return hello

@@ -32,10 +32,10 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from protocols.scram import DEFAULT_MAX_ITERATIONS, HASHES, ScramClient, saslprep
+from protocols.scram import DEFAULT_MAX_ITERATIONS, HASHES, ScramClient, ScramServer, saslprep
 
 __all__ = ["MECHANISMS", "AUTHENTICATION_FAILED", "password_digest", "ScramLoginError",
-           "ScramLogin"]
+           "ScramLogin", "LocalLogin"]
 
 #: What this login speaks, the strongest first.
 MECHANISMS: Final = ("SCRAM-SHA-256", "SCRAM-SHA-1")
@@ -149,3 +149,70 @@ class ScramLogin:
     def _continue(self, payload: bytes) -> dict[str, Any]:
         return {"saslContinue": 1, "conversationId": self._conversation, "payload": payload,
                 "$db": self._source}
+
+
+#: PBKDF2 rounds of the local credential (a server's defaults).
+_LOCAL_ITERATIONS: Final = {"SCRAM-SHA-256": 15000, "SCRAM-SHA-1": 10000}
+
+
+class LocalLogin:
+    """The server side of one SCRAM login against a single local credential
+    (``username``/``password``): a gateway that lets a client which insists
+    on logging in do so with the credential it printed. :meth:`answer` takes
+    each ``saslStart``/``saslContinue`` body and gives the reply body;
+    :attr:`done` once the client has proved it knows the password. Any
+    other user, a wrong password or a broken exchange gets
+    AuthenticationFailed (18), the same for all, and ends the login."""
+
+    def __init__(self, *, username: str, password: str, salt: bytes, nonce: str | None = None) -> None:
+        self._username, self._password, self._salt, self._nonce = username, password, salt, nonce
+        self._server: ScramServer | None = None
+        self._skip_empty = False
+        self._step = _Step.START
+
+    @property
+    def done(self) -> bool:
+        return self._step is _Step.DONE
+
+    def _failed(self, errmsg: str, code: int = AUTHENTICATION_FAILED,
+                name: str = "AuthenticationFailed") -> dict[str, Any]:
+        self._step = _Step.FAILED
+        return {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": name}
+
+    def answer(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        command = next(iter(body), None)
+        payload = body.get("payload")
+        if command == "saslStart" and self._step is _Step.START:
+            mechanism = body.get("mechanism")
+            if mechanism not in _LOCAL_ITERATIONS:
+                return self._failed(f"this proxy's local login speaks {', '.join(MECHANISMS)}, "
+                                    f"not {str(mechanism)[:32]!r}", 334, "MechanismUnavailable")
+            options = body.get("options")
+            self._skip_empty = isinstance(options, Mapping) and options.get("skipEmptyExchange") is True
+            prepared = (password_digest(self._username, self._password) if mechanism == "SCRAM-SHA-1"
+                        else saslprep(self._password))
+            self._server = ScramServer(prepared.encode("utf-8"), mechanism=mechanism, salt=self._salt,
+                                       iterations=_LOCAL_ITERATIONS[mechanism], nonce=self._nonce,
+                                       error=ScramLoginError)
+            try:
+                first = self._server.server_first(payload if isinstance(payload, bytes) else b"")
+            except ScramLoginError:
+                return self._failed("Authentication failed.")
+            self._step = _Step.FIRST_SENT
+            return {"conversationId": 1, "done": False, "payload": first, "ok": 1.0}
+        if command != "saslContinue" or body.get("conversationId") != 1 or not isinstance(payload, bytes):
+            return self._failed("Authentication failed.")
+        if self._step is _Step.FIRST_SENT:
+            assert self._server is not None
+            try:
+                final = self._server.server_final(payload)
+            except ScramLoginError:
+                return self._failed("Authentication failed.")
+            if self._server.username != self._username:
+                return self._failed("Authentication failed.")
+            self._step = _Step.DONE if self._skip_empty else _Step.EMPTY_SENT
+            return {"conversationId": 1, "done": self._skip_empty, "payload": final, "ok": 1.0}
+        if self._step is _Step.EMPTY_SENT and payload == b"":
+            self._step = _Step.DONE
+            return {"conversationId": 1, "done": True, "payload": b"", "ok": 1.0}
+        return self._failed("Authentication failed.")

@@ -271,6 +271,15 @@ class Gateway:
         self.user = name
         self.proxies: list[Proc] = []
 
+    @classmethod
+    def logged_in(cls, cluster: "Cluster", tmp: Path, name: str, roles: str) -> "Gateway":
+        """A new user ``name`` with ``roles``, logged in."""
+        cluster.add_user(name, roles)
+        gateway = cls(tmp, cluster, name)
+        r = gateway.login()
+        assert r.returncode == 0, r.stderr
+        return gateway
+
     def env(self) -> dict[str, str]:
         return _env(WICKET_HOME=str(self.home))
 

@@ -81,12 +81,7 @@ def gw(pg_env, tmp_path_factory):
 
 
 def _gateway(cluster, tmp, roles: str) -> Gateway:
-    name = f"pguser{next(_n)}"
-    cluster.add_user(name, roles)
-    g = Gateway(tmp, cluster, name)
-    r = g.login()
-    assert r.returncode == 0, r.stderr
-    return g
+    return Gateway.logged_in(cluster, tmp, f"pguser{next(_n)}", roles)
 
 
 @pytest.fixture(scope="package")

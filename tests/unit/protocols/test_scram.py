@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.scram import HASHES, ScramClient
+from tests.unit.protocols.feeding import fuzz
 
 # RFC 5802 section 5: SCRAM-SHA-1, user "user", password "pencil".
 NONCE = "fyko+d2lbbFgONRv9qkxdawL"
@@ -53,3 +56,33 @@ def test_mechanisms_and_order() -> None:
         ScramClient(b"pw", mechanism="SCRAM-MD5")
     with pytest.raises(LocalProtocolError):
         sha1_client().client_final(SERVER_FIRST)
+
+
+def test_the_server_half_checks_the_proof_in_both_directions() -> None:
+    from protocols.scram import ScramClient, ScramServer
+
+    for mechanism in ("SCRAM-SHA-1", "SCRAM-SHA-256"):
+        client = ScramClient(b"pencil", mechanism=mechanism, username="u=,x")
+        server = ScramServer(b"pencil", mechanism=mechanism, salt=b"salt", iterations=4096)
+        client.verify_server_final(server.server_final(client.client_final(server.server_first(
+            client.client_first()))))
+        assert client.done and server.done and server.username == "u=,x"
+    impostor = ScramClient(b"pen", mechanism="SCRAM-SHA-256", username="u")
+    server = ScramServer(b"pencil", mechanism="SCRAM-SHA-256", salt=b"salt", iterations=4096)
+    with pytest.raises(RemoteProtocolError, match="authentication failed"):
+        server.server_final(impostor.client_final(server.server_first(impostor.client_first())))
+    assert not server.done
+
+
+@fuzz
+@given(st.binary(max_size=120), st.binary(max_size=200))
+def test_the_server_half_takes_any_bytes_with_a_remote_error(first: bytes, final: bytes) -> None:
+    from protocols.scram import ScramServer
+
+    server = ScramServer(b"pencil", mechanism="SCRAM-SHA-256", salt=b"salt", iterations=1)
+    try:
+        server.server_first(first)
+        server.server_final(final)
+    except RemoteProtocolError:
+        return
+    raise AssertionError("a random proof verified")

@@ -34,7 +34,8 @@ def test_expired_unknown_and_malformed_tokens(store):
     with pytest.raises(bots.TokenRefused, match="has expired") as refused:
         bots.join(store, token, now=110.0)
     assert refused.value.reason == "expired"
-    for bad in (token[:-1] + "A", "not-a-token", 42, bots.TOKEN_PREFIX + "x" * 500):
+    altered = token[:-1] + ("B" if token.endswith("A") else "A")  # never the token itself
+    for bad in (altered, "not-a-token", 42, bots.TOKEN_PREFIX + "x" * 500):
         with pytest.raises(bots.TokenRefused) as refused:
             bots.join(store, bad, now=101.0)
         assert refused.value.reason == "unknown" and refused.value.token_id is None

@@ -59,7 +59,7 @@ class FakeCluster:
     def __init__(self):
         self.events = []
 
-    def audit_soon(self, event, user, **fields):
+    def audit_fields_soon(self, event, user, fields):
         self.events.append((event, fields))
 
 

@@ -19,9 +19,8 @@ from protocols.mongodb.bson import (
     Int64, ObjectId, Regex, Symbol, Timestamp,
 )
 from tests.unit.protocols.feeding import fuzz, malformed
-from tests.unit.protocols.mongodb.corpus import (
-    CORPUS_ENV, corpus_dir, decode_error_cases, valid_cases,
-)
+from tests.unit.protocols.mongodb import corpus
+from tests.unit.protocols.mongodb.corpus import corpus_dir, decode_error_cases, valid_cases
 
 
 def doc(*elements: bytes) -> bytes:
@@ -190,8 +189,7 @@ def test_decode_takes_any_bytes_like() -> None:
 
 # --- the official corpus ---------------------------------------------------------------
 
-_NO_CORPUS = pytest.mark.skipif(corpus_dir() is None,
-                                reason=f"set {CORPUS_ENV} to the BSON corpus (README.md)")
+_NO_CORPUS = pytest.mark.skipif(corpus_dir() is None, reason=corpus.why_missing or "no BSON corpus")
 
 
 @_NO_CORPUS

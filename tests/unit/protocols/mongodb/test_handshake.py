@@ -69,3 +69,31 @@ def test_the_reply_goes_in_the_request_s_kind() -> None:
     assert wire.decode_message(reply.encode()) == reply
     modern = wire.OpMsg(request_id=6, body={"hello": 1, "$db": "admin"})
     assert isinstance(reply_to(modern, {"ok": 1.0}), wire.OpMsg)
+
+
+# --- the upstream's hello as a dial accept's parameters ---------------------------------
+
+
+def test_the_upstream_hello_travels_as_accept_params_and_back() -> None:
+    from protocols.mongodb import hello_from_params, hello_params
+
+    upstream = {**REPLICA_SET_HELLO, "connectionId": 2**40, "compression": ["zlib", "snappy"]}
+    params = hello_params(upstream, ["snappy", "zlib"])
+    assert all(isinstance(v, str) and len(k) <= 64 for k, v in params.items())
+    assert params["hello.compression"] == "zlib"  # only what the codec can open
+    assert "hello.localTime" not in params  # the gateway's clock says it
+    back = hello_from_params(params)
+    assert back["msg"] == "isdbgrid"  # a replica set stays one router
+    reply = gateway_hello(back, client_hello({"hello": 1, "compression": ["zstd", "zlib"]}),
+                          connection_id=back["connectionId"], compressors=back["compression"])
+    for key in ("maxBsonObjectSize", "maxMessageSizeBytes", "maxWireVersion", "minWireVersion"):
+        assert reply[key] == upstream[key]
+    assert reply["compression"] == ["zlib"] and reply["connectionId"] == 2**40
+    assert not {"hosts", "setName", "primary", "me"} & set(reply)
+
+
+def test_params_that_do_not_read_are_left_out() -> None:
+    from protocols.mongodb import hello_from_params
+
+    assert hello_from_params({"hello.maxWireVersion": "many", "other": "1", "hello.unknown": "3",
+                              "hello.readOnly": "1"}) == {"readOnly": True}

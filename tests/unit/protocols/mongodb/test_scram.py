@@ -149,3 +149,61 @@ def test_misuse_is_local() -> None:
         ScramLogin(username="a", password="pw", mechanism="PLAIN")
     with pytest.raises(ValueError):
         ScramLogin(username="a", password="\u0007")  # SASLprep prohibits controls
+
+
+# --- the local credential: the server side -------------------------------------------
+
+
+def _local(**kwargs):
+    from protocols.mongodb.scram import LocalLogin
+    return LocalLogin(username="wicket", password="local token", salt=b"0123456789abcdef", **kwargs)
+
+
+def _converse(server, client) -> dict[str, Any]:
+    body = client.start()
+    reply: dict[str, Any] = {}
+    while body is not None:
+        reply = server.answer(body)
+        if not reply.get("ok"):
+            return reply
+        body = client.step(reply)
+    return reply
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+def test_the_local_credential_logs_a_client_in(mechanism: str) -> None:
+    server = _local()
+    client = ScramLogin(username="wicket", password="local token", mechanism=mechanism)
+    assert _converse(server, client)["done"] is True
+    assert server.done and client.done  # each proved it knows the password
+
+
+@pytest.mark.parametrize("user, password", [("wicket", "guess"), ("app", "local token")])
+def test_any_other_credential_is_one_failure(user: str, password: str) -> None:
+    server = _local()
+    reply = _converse(server, ScramLogin(username=user, password=password))
+    assert (reply["ok"], reply["code"], reply["errmsg"]) == (0.0, 18, "Authentication failed.")
+    assert not server.done
+
+
+def test_the_empty_exchange_when_the_client_wants_it() -> None:
+    server = _local()
+    client = ScramLogin(username="wicket", password="local token")
+    start = client.start()
+    start["options"] = {}  # an older driver: no skipEmptyExchange
+    final = server.answer({"saslContinue": 1, "conversationId": 1,
+                           "payload": client.step(server.answer(start))["payload"]})
+    assert final["done"] is False and not server.done
+    assert server.answer({"saslContinue": 1, "conversationId": 1, "payload": b""})["done"] is True
+    assert server.done
+
+
+@pytest.mark.parametrize("body", [
+    {"saslStart": 1, "mechanism": "PLAIN", "payload": b"\x00wicket\x00local token"},
+    {"saslContinue": 1, "conversationId": 1, "payload": b"c=biws"},  # no saslStart first
+    {"saslStart": 1, "mechanism": "SCRAM-SHA-256", "payload": b"p=tls-unique,,n=wicket,r=abc"},
+    {"saslStart": 1, "mechanism": "SCRAM-SHA-256", "payload": b"\xff\xfe"},
+])
+def test_bad_starts_are_refused(body: dict[str, Any]) -> None:
+    reply = _local().answer(body)
+    assert reply["ok"] == 0.0 and reply["code"] in (18, 334)

@@ -1,0 +1,441 @@
+"""MongoDB end to end: a MongoDB wire server (mongoeco, tests/servers/mongo.py),
+the real cluster and gateway processes, and real clients (pymongo sync and
+async, the Node.js driver, mongosh)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from gateway.identity import pki
+from tests.integration.harness import Cluster, Echo, Gateway, wait_for
+from tests.servers import mongo
+
+pymongo = pytest.importorskip("pymongo")
+from pymongo import errors as mongo_errors  # noqa: E402
+
+try:
+    mongo.mongoeco_python()
+except mongo.Unavailable as exc:  # pragma: no cover - a machine without Python 3.13
+    pytest.skip(str(exc), allow_module_level=True)
+
+DB_PW = "mongo secret for app"
+
+ROLES = """
+[roles.mongo]
+[[roles.mongo.allow]]
+resources = ["mongo*"]
+db_users = ["app"]
+db_names = ["app", "shop*", "admin"]
+[[roles.mongo.deny]]
+resources = ["mongo*"]
+db_names = ["shop_secret"]
+"""
+
+
+@pytest.fixture(scope="module")
+def mongo_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mongo")
+    echo = Echo(tmp)
+    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_MONGO_PW": DB_PW,
+                                                          "WICKET_TEST_WRONG_PW": "not the password"})
+    now = pki.utcnow()
+    ca = pki.CertificateAuthority.create("wicket test mongodb server CA", now=now)
+    key = pki.generate_key()
+    (tmp / "server.crt").write_bytes(pki.cert_to_pem(ca.issue_host_cert(key.public_key(), ["localhost"], now=now)))
+    (tmp / "server.key").write_bytes(pki.key_to_pem(key))
+    (tmp / "server-ca.crt").write_bytes(ca.pem)
+    server = mongo.MongoServer(tmp / "mongoeco.log", user="app", password=DB_PW,
+                               tls_cert=tmp / "server.crt", tls_key=tmp / "server.key")
+    password = ("--auth", "password", "--password-ref", "app=env:WICKET_TEST_MONGO_PW")
+    cluster.admin("resources", "add", "mongo", "--kind", "mongodb", "--address", server.address,
+                  "--tls", "disable", *password, "--label", "env=dev")
+    cluster.admin("resources", "add", "mongo-tls", "--kind", "mongodb", "--address",
+                  f"127.0.0.1:{server.tls_port}", "--tls", "verify-full", "--ca-file", str(tmp / "server-ca.crt"),
+                  "--server-name", "localhost", *password)
+    cluster.admin("resources", "add", "mongo-down", "--kind", "mongodb", "--address", "127.0.0.1:9",
+                  "--tls", "disable", *password)
+    # A server that trusts the cluster's database client CA: X.509 logins.
+    x509 = mongo.MongoServer(tmp / "mongoeco-x509.log", user="app", password=DB_PW, tls_cert=tmp / "server.crt",
+                             tls_key=tmp / "server.key", tls_ca=cluster.state / "db_client_ca.crt")
+    cluster.admin("resources", "add", "mongo-x509", "--kind", "mongodb", "--address",
+                  f"127.0.0.1:{x509.tls_port}", "--tls", "verify-full", "--ca-file", str(tmp / "server-ca.crt"),
+                  "--server-name", "localhost", "--auth", "cert")
+    # The cluster's password for app is not the server's: its login fails.
+    cluster.admin("resources", "add", "mongo-wrong-pw", "--kind", "mongodb", "--address", server.address,
+                  "--tls", "disable", "--auth", "password", "--password-ref", "app=env:WICKET_TEST_WRONG_PW")
+    yield cluster, server
+    x509.stop()
+    server.stop()
+    cluster.stop()
+    echo.proc.stop()
+
+
+_n = iter(range(1, 10_000))
+
+
+def _gateway(cluster, tmp, roles: str) -> Gateway:
+    return Gateway.logged_in(cluster, tmp, f"mongouser{next(_n)}", roles)
+
+
+@pytest.fixture(scope="module")
+def gw(mongo_env, tmp_path_factory):
+    cluster, _ = mongo_env
+    g = _gateway(cluster, tmp_path_factory.mktemp("gw"), "mongo")
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def port(gw):
+    _, port = gw.proxy("mongodb", "mongo", "--db-user", "app")
+    return port
+
+
+def client(port: int, db: str = "", **options):
+    options.setdefault("serverSelectionTimeoutMS", 20_000)
+    return pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/{db}?directConnection=true", **options)
+
+
+def test_crud_through_the_gateway(port):
+    with client(port) as c:
+        t = c.app.crud
+        t.drop()
+        t.insert_one({"_id": 1, "name": "ada", "age": 36})
+        assert t.find_one({"_id": 1})["name"] == "ada"
+        t.update_one({"_id": 1}, {"$set": {"age": 37}})
+        assert t.find_one({"age": {"$gt": 36}})["_id"] == 1
+        assert t.delete_one({"_id": 1}).deleted_count == 1
+        assert t.count_documents({}) == 0
+
+
+def test_aggregation_and_a_cursor_over_many_batches(port):
+    with client(port) as c:
+        t = c.app.many
+        t.drop()
+        # ObjectId ids: mongoeco checks a numeric _id against every document.
+        t.insert_many([{"n": i, "group": i % 3} for i in range(2000)])
+        seen = [d["n"] for d in t.find({}, batch_size=7).sort("n", 1)]
+        assert seen == list(range(2000))  # ~285 getMores
+        groups = {d["_id"]: d["n"] for d in t.aggregate([{"$group": {"_id": "$group", "n": {"$sum": 1}}}])}
+        assert groups == {0: 667, 1: 667, 2: 666}
+
+
+def test_a_cursor_closed_early_then_the_session_goes_on(port):
+    with client(port, maxPoolSize=1) as c:
+        t = c.app.early
+        t.drop()
+        t.insert_many([{"_id": i} for i in range(100)])
+        cursor = t.find({}, batch_size=5)
+        assert next(cursor)["_id"] == 0
+        assert cursor.cursor_id  # open on the server: the close sends killCursors
+        cursor.close()
+        assert t.count_documents({}) == 100
+
+
+def test_a_15_mib_document_both_ways(port):
+    big = "x" * (15 * 1024 * 1024)
+    with client(port) as c:
+        t = c.app.big
+        t.drop()
+        t.insert_one({"_id": "big", "blob": big})
+        assert t.find_one({"_id": "big"})["blob"] == big
+
+
+def test_bulk_writes_and_a_session(port):
+    from pymongo import DeleteOne, InsertOne, UpdateOne
+
+    with client(port) as c:
+        t = c.app.bulk
+        t.drop()
+        result = t.bulk_write([InsertOne({"_id": i, "v": 0}) for i in range(500)]
+                              + [UpdateOne({"_id": 1}, {"$set": {"v": 1}}), DeleteOne({"_id": 2})])
+        assert (result.inserted_count, result.modified_count, result.deleted_count) == (500, 1, 1)
+        with c.start_session() as s:
+            t.insert_one({"_id": "s", "v": 1}, session=s)
+            assert t.find_one({"_id": "s"}, session=s)["v"] == 1
+
+
+def test_the_async_api(port):
+    from pymongo import AsyncMongoClient
+
+    async def main():
+        c = AsyncMongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=20_000)
+        try:
+            t = c.app.asyncapi
+            await t.drop()
+            await t.insert_many([{"_id": i} for i in range(50)])
+            return [d["_id"] async for d in t.find({}, batch_size=10).sort("_id", 1)]
+        finally:
+            await c.close()
+
+    assert asyncio.run(main()) == list(range(50))
+
+
+def test_the_hello_is_one_server_with_the_upstreams_limits(port, mongo_env):
+    _, server = mongo_env
+    with pymongo.MongoClient(server.uri(), serverSelectionTimeoutMS=20_000) as direct:
+        real = direct.admin.command("hello")
+    with client(port) as c:
+        hello = c.admin.command("hello")
+    for key in ("maxBsonObjectSize", "maxMessageSizeBytes", "maxWriteBatchSize", "maxWireVersion"):
+        assert hello[key] == real[key]
+    assert hello["isWritablePrimary"] is True
+    assert not {"hosts", "setName", "primary", "me", "saslSupportedMechs"} & set(hello)
+
+
+def test_a_database_the_roles_do_not_allow_is_refused_and_the_session_goes_on(port):
+    with client(port, maxPoolSize=1) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.shop_secret.items.find_one()
+        assert caught.value.code == 13
+        assert "shop_secret" in str(caught.value) and "db_names" in str(caught.value)
+        c.shop.items.insert_one({"_id": 1})  # the same connection, allowed
+        # $out to a database the roles refuse, from one they allow.
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            list(c.shop.items.aggregate([{"$match": {}}, {"$out": {"db": "shop_secret", "coll": "x"}}]))
+        assert caught.value.code == 13
+        assert c.app.command("ping")["ok"] == 1.0
+
+
+def test_credentials_in_the_uri_get_a_clear_answer(port):
+    with pymongo.MongoClient(f"mongodb://app:whatever@127.0.0.1:{port}/?directConnection=true",
+                             serverSelectionTimeoutMS=20_000) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.command("ping")
+    assert caught.value.code == 18
+    assert "remove the user name and password" in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def local_uri(gw):
+    """The one URI `wicket proxy` prints, with its local credential."""
+    proc, p = gw.proxy("mongodb", "mongo", "--db-user", "app")
+    found = re.search(r'"(mongodb://wicket:[^@"]+@127\.0\.0\.1:\d+/[^"]*)"', proc.log())
+    assert found, proc.log()
+    assert f":{p}/" in found.group(1)
+    return found.group(1)
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1", None])
+def test_tools_that_insist_on_a_login_use_the_printed_local_credential(local_uri, mechanism):
+    uri = local_uri + (f"&authMechanism={mechanism}" if mechanism else "")
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=20_000) as c:
+        c.app.local.replace_one({"_id": 1}, {"mechanism": str(mechanism)}, upsert=True)
+        assert c.app.local.find_one({"_id": 1})["mechanism"] == str(mechanism)
+    wrong = re.sub(r"wicket:[^@]+@", "wicket:not-the-password@", local_uri)
+    with pymongo.MongoClient(wrong, serverSelectionTimeoutMS=20_000) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.command("ping")
+    assert caught.value.code == 18 and "local login" in str(caught.value)
+
+
+def test_mongosh_with_the_printed_uri(local_uri):
+    r = subprocess.run([str(mongo.mongosh()), "--quiet", "--norc", local_uri, "--eval", "db.runCommand({ping: 1}).ok"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_a_refused_dial_is_the_drivers_own_error(mongo_env, tmp_path):
+    cluster, _ = mongo_env
+    outsider = _gateway(cluster, tmp_path, "dev")  # no role reaches mongo*
+    try:
+        _, p = outsider.proxy("mongodb", "mongo", "--db-user", "app")
+        with client(p) as c:
+            with pytest.raises(mongo_errors.OperationFailure) as caught:
+                c.app.t.find_one()
+        assert caught.value.code == 13
+        assert "access to 'mongo' denied" in str(caught.value)
+    finally:
+        outsider.stop()
+
+
+def test_an_unreachable_server_is_host_unreachable(gw):
+    _, p = gw.proxy("mongodb", "mongo-down", "--db-user", "app")
+    with client(p, retryReads=False) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.t.find_one()
+    assert caught.value.code == 6
+    assert "not reachable" in str(caught.value)
+
+
+def test_the_tls_leg_to_the_server(gw):
+    _, p = gw.proxy("db", "mongo-tls", "--db-user", "app")
+    with client(p) as c:
+        c.app.tls.drop()
+        c.app.tls.insert_one({"_id": 1})
+        assert c.app.tls.find_one()["_id"] == 1
+
+
+def test_the_cluster_logs_in_with_an_x509_certificate(gw, mongo_env):
+    cluster, _ = mongo_env
+    _, p = gw.proxy("mongodb", "mongo-x509", "--db-user", "app")
+    with client(p) as c:
+        c.app.x509.replace_one({"_id": 1}, {"v": 1}, upsert=True)
+        assert c.app.x509.find_one({"_id": 1})["v"] == 1
+    started = cluster.wait_audit(lambda evs: any(e.get("resource") == "mongo-x509" for e in evs),
+                                 user=gw.user, event="session.start")
+    assert {e.get("auth") for e in started if e.get("resource") == "mongo-x509"} == {"MONGODB-X509"}
+
+
+def test_the_servers_refusal_of_the_clusters_login_reaches_the_driver(gw, mongo_env):
+    cluster, _ = mongo_env
+    _, p = gw.proxy("mongodb", "mongo-wrong-pw", "--db-user", "app")
+    with client(p) as c:
+        assert c.admin.command("hello")["ok"] == 1.0  # the server's own values
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.t.find_one()
+    assert caught.value.code == 18
+    assert "refused the cluster's login as db user 'app'" in str(caught.value)
+    started = cluster.wait_audit(lambda evs: any(e.get("resource") == "mongo-wrong-pw" for e in evs),
+                                 user=gw.user, event="session.start")
+    assert any("login_error" in e for e in started if e.get("resource") == "mongo-wrong-pw")
+
+
+def test_every_command_is_audited_with_shapes_never_values(port, mongo_env, gw):
+    cluster, _ = mongo_env
+    with client(port) as c:
+        c.app.audited.find_one({"email": "ada@example.com", "age": {"$gte": 30}})
+        with pytest.raises(mongo_errors.OperationFailure):
+            c.shop_secret.x.find_one()
+    events = cluster.wait_audit(
+        lambda evs: any(e["event"] == "mongodb.command" and e.get("collection") == "audited" for e in evs)
+        and any(e["event"] == "mongodb.denied" for e in evs), user=gw.user)
+    found = next(e for e in events if e["event"] == "mongodb.command" and e.get("collection") == "audited")
+    assert found["database"] == "app" and found["command"] == "find"
+    assert found["filters"] == [{"email": "string", "age": {"$gte": "int32"}}]
+    assert "ada@example.com" not in json.dumps(events)
+    denied = next(e for e in events if e["event"] == "mongodb.denied")
+    assert denied["denied_database"] == "shop_secret"
+    assert any(e["event"] == "session.start" and e.get("db_user") == "app" for e in events)
+
+
+def test_mongosh(port):
+    shell = mongo.mongosh()
+    r = subprocess.run([str(shell), "--quiet", "--norc", f"mongodb://127.0.0.1:{port}/app?directConnection=true",
+                        "--eval", "db.sh.drop(); db.sh.insertMany([...Array(120).keys()].map(i => ({_id: i}))); "
+                                  "print(db.sh.find().batchSize(10).toArray().length)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "120"
+    r = subprocess.run([str(shell), "--quiet", "--norc", f"mongodb://127.0.0.1:{port}/shop_secret?directConnection=true",
+                        "--eval", "db.x.findOne()"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not authorized on shop_secret" in r.stderr + r.stdout
+
+
+NODE_SCRIPT = """
+const { MongoClient } = require('mongodb');
+(async () => {
+  const c = new MongoClient(process.env.MONGO_URI, { serverSelectionTimeoutMS: 20000 });
+  try {
+    const t = c.db('app').collection('node');
+    await t.drop().catch(() => {});
+    await t.insertMany([...Array(300).keys()].map(i => ({ _id: i })));
+    const n = (await t.find().batchSize(25).toArray()).length;
+    let code = null;
+    try { await c.db('shop_secret').collection('x').findOne(); } catch (e) { code = e.code; }
+    console.log(JSON.stringify({ n, code }));
+  } finally { await c.close(); }
+})().catch(e => { console.error(String(e)); process.exit(1); });
+"""
+
+
+def test_the_nodejs_driver(port):
+    folder = mongo.node_clients()
+    env = {**os.environ, "MONGO_URI": f"mongodb://127.0.0.1:{port}/?directConnection=true"}
+    r = subprocess.run(["node", "-e", NODE_SCRIPT], capture_output=True, text=True, timeout=120, cwd=folder, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"n": 300, "code": 13}
+
+
+def test_a_lock_cuts_a_live_session_and_the_next_dial_says_why(mongo_env, tmp_path):
+    cluster, _ = mongo_env
+    g = _gateway(cluster, tmp_path, "mongo")
+    try:
+        _, p = g.proxy("mongodb", "mongo", "--db-user", "app")
+        with client(p, maxPoolSize=1) as c:
+            assert c.app.command("ping")["ok"] == 1.0
+            cluster.admin("users", "lock", g.user, "--reason", "incident 44")
+            ended = cluster.wait_audit(user=g.user, event="session.end")
+            assert ended[-1]["reason"] == "user_locked" and ended[-1]["kind"] == "mongodb"
+            with pytest.raises(mongo_errors.OperationFailure) as caught:  # the retry's new dial
+                c.app.items.find_one()
+            assert caught.value.code == 18 and "locked" in str(caught.value)
+    finally:
+        cluster.admin("users", "unlock", g.user)
+        g.stop()
+
+
+def test_compression_the_server_lacks_is_negotiated_away(port):
+    with client(port, compressors="zlib") as c:
+        assert c.admin.command("hello").get("compression") is None  # mongoeco offers none
+        c.app.zipped.replace_one({"_id": 1}, {"v": "x" * 10_000}, upsert=True)
+        assert len(c.app.zipped.find_one({"_id": 1})["v"]) == 10_000
+
+
+def test_a_session_kept_to_one_database(gw):
+    _, p = gw.proxy("mongodb", "mongo", "--db-user", "app", "--db-name", "app")
+    with client(p, maxPoolSize=1) as c:
+        c.app.pinned.replace_one({"_id": 1}, {"v": 1}, upsert=True)
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.shop.items.find_one()  # a role allows shop; this session keeps to app
+        assert caught.value.code == 13 and "--db-name" in str(caught.value)
+
+
+def test_a_cluster_that_cannot_be_reached_is_host_unreachable(tmp_path):
+    echo = Echo(tmp_path)
+    cluster = Cluster(tmp_path, echo, extra_config=ROLES)
+    try:
+        cluster.admin("resources", "add", "mongo", "--kind", "mongodb", "--address", "127.0.0.1:9",
+                      "--tls", "require")
+        g = _gateway(cluster, tmp_path, "mongo")
+        _, p = g.proxy("mongodb", "mongo", "--db-user", "app", "--wait-for-cluster", "0")
+        cluster.stop()
+        with client(p, retryReads=False) as c:
+            with pytest.raises(mongo_errors.OperationFailure) as caught:
+                c.app.t.find_one()
+        assert caught.value.code == 6
+        assert "check that the Wicket cluster is running" in str(caught.value)
+        g.stop()
+    finally:
+        if cluster.proc.popen.poll() is None:
+            cluster.stop()
+        echo.proc.stop()
+
+
+def test_an_expired_login_says_to_log_in_again(mongo_env, tmp_path):
+    cluster, _ = mongo_env
+    name = f"mongouser{next(_n)}"
+    cluster.add_user(name, "mongo")
+    g = Gateway(tmp_path, cluster, name)
+    try:
+        # Long enough for the proxy to start on a busy machine (it refuses
+        # to start on an expired login), short enough to wait out.
+        assert g.login("--ttl", "10s").returncode == 0
+        _, p = g.proxy("mongodb", "mongo", "--db-user", "app")
+        wait_for(lambda: g.run("status").returncode == 3, timeout=40, what="expiry", interval=0.2)
+        with client(p) as c:
+            with pytest.raises(mongo_errors.OperationFailure) as caught:
+                c.app.t.find_one()
+        assert caught.value.code == 391 and "wicket login" in str(caught.value)
+    finally:
+        g.stop()
+
+
+def test_an_exhaust_cursor(port):
+    from pymongo import CursorType
+
+    with client(port, maxPoolSize=2) as c:
+        t = c.app.exhaust
+        t.drop()
+        t.insert_many([{"n": i} for i in range(120)])
+        # exhaustAllowed getMores: the server may answer each with moreToCome.
+        got = [d["n"] for d in t.find({}, batch_size=10, cursor_type=CursorType.EXHAUST).sort("n", 1)]
+        assert got == list(range(120))
+        assert t.count_documents({}) == 120  # the connection is still in step
