@@ -380,6 +380,7 @@ max_session_ttl = "8h"
 resources = ["upstream"]
 db_users = ["*"]
 db_names = ["*"]
+logins = ["root", "*"]
 
 [resources.upstream]
 kind = "{kind}"
@@ -409,12 +410,14 @@ class Wicket(BenchPath):
     exit_label = "cluster"
 
     def __init__(self, work: Path, upstream_port: int, *, kind: str = "tcp", settings: str = "",
-                 cluster_env: dict[str, str] | None = None) -> None:
+                 cluster_env: dict[str, str] | None = None, proxy_args: tuple[str, ...] = ()) -> None:
         """``kind``/``settings``: the resource (``settings`` are extra TOML
         lines, e.g. a postgres resource's tls and auth); the gateway runs
-        ``wicket proxy tcp`` or, for postgres, ``wicket proxy db``."""
+        ``wicket proxy tcp`` or, for postgres, ``wicket proxy db``, with
+        ``proxy_args`` after."""
         super().__init__()
         self.kind, self.settings, self.cluster_env = kind, settings, cluster_env or {}
+        self.proxy_args = proxy_args
         self._started(self._start, work, upstream_port)
 
     def _run(self, args: list[str], env: dict[str, str], what: str) -> None:
@@ -448,7 +451,7 @@ class Wicket(BenchPath):
                    "--password-stdin"], _wicket_env(home), "wicket login")
         proxy = kinds.get(self.kind).proxy_verb  # tcp, or db
         self.gateway = Child("wicket proxy", [PY, "-m", "gateway.cli.wicket", "proxy", proxy, "upstream",
-                                              "--port", "0"],
+                                              "--port", "0", *self.proxy_args],
                              work / "gateway.log", stdout_pipe=True, env=_wicket_env(home))
         self.children.append(self.gateway)
         while True:

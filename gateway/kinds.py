@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from gateway.cluster.resource_specs import DATABASE, NO_SETTINGS, Schema
+from gateway.cluster.resource_specs import DATABASE, NO_SETTINGS, SSH_NODE, Schema
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -45,6 +45,7 @@ DB_USER = Param(name="db_user", role_key="db_users", help="db user globs the all
 DB_NAME = Param(name="db_name", role_key="db_names", help="database globs the allow rule grants")
 LOCAL_INFILE = Param(name="local_infile", role_key="local_infile",
                      help='"on": MySQL LOAD DATA LOCAL may send the client\'s files (off unless a rule says so)')
+LOGIN = Param(name="login", role_key="logins", help="node login (OS user) globs the allow rule grants")
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -186,6 +187,11 @@ MYSQL = Kind(
     gateway_route="gateway.local.mysql:mysql_route",
     proxy_options=DATABASE_PROXY_OPTIONS,
     is_database=True,
+    client_env="gateway.local.mysql_client:client_env",
+    client_file=ClientFile(verb="mysql", default_path="~/.my.cnf",
+                           summary="a my.cnf group: `mysql --defaults-group-suffix=_NAME`",
+                           render="gateway.local.mysql_client:option_group",
+                           merge="gateway.local.client_files:merge_ini_section"),
 )
 
 MONGODB = Kind(
@@ -202,10 +208,35 @@ MONGODB = Kind(
         ProxyOption(name="db_name", help="Keep every command to this database (default: any your roles allow)."),
     ),
     is_database=True,
+    client_env="gateway.local.mongo_client:client_env",
+)
+
+SSH = Kind(
+    name="ssh",
+    summary="OpenSSH nodes: a short-lived SSH certificate from the cluster's SSH user CA, no key on the node",
+    alpn="wicket-ssh",
+    proxy_verb="ssh",
+    spec=SSH_NODE,
+    params=(LOGIN,),
+    cluster_route="gateway.cluster.ssh:SSH",
+    gateway_route="gateway.local.ssh:ssh_route",
+    proxy_options=(
+        ProxyOption(name="stdio", is_flag=True,
+                    help="Carry one SSH connection on standard input and output, NAME being LOGIN@NODE[:PORT]: "
+                         "OpenSSH's ProxyCommand (see `wicket config ssh`)."),
+        ProxyOption(name="fdpass", is_flag=True,
+                    help="With --stdio: hand ssh a socket (ssh_config's ProxyUseFdpass yes) rather than relay "
+                         "standard input and output: faster."),
+        ProxyOption(name="authorized_keys", help="The public keys that may log in to the local SSH server "
+                    "(default: ~/.ssh/*.pub and the ssh-agent's)."),
+        ProxyOption(name="allow_no_auth", is_flag=True, help="Let every process of your own local user log in "
+                    "to the local SSH server without a key (ssh's `none` method)."),
+        ProxyOption(name="write_known_hosts", help="Append the local SSH server's known_hosts line to this file."),
+    ),
 )
 
 #: Every kind, by name. The one place a kind is plugged in.
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, MYSQL, MONGODB)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (TCP, POSTGRES, MYSQL, MONGODB, SSH)}
 
 
 class UnknownKind(ValueError):

@@ -163,6 +163,7 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
         home, cluster_addr=address, cluster_name=answer["cluster"], user=answer["user"], ca_pin=ca.pin,
         key_pem=pki.key_to_pem(key), cert_pem=answer["certificate"].encode("ascii"), ca_pem=ca.pem,
     )
+    _refresh_ssh(profile)
     identity = profile.identity()
     left = identity.remaining(utcnow()).total_seconds()
     if fmt == "json":
@@ -171,6 +172,20 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
         click.echo(f"Logged in to {answer['cluster']} ({address}) as {identity.user}; roles: "
                    f"{', '.join(identity.roles) or '(none)'}; valid for {format_duration(left)}. "
                    f"Profile: {home}")
+
+
+def _refresh_ssh(profile: Profile) -> None:
+    """After a login or renewal: a new SSH certificate for a profile that
+    has one (`wicket config ssh`), so ssh keeps working with the session."""
+    from gateway.local import ssh_config
+
+    if not ssh_config.SshFiles.of(profile).cert.exists():
+        return
+    try:
+        _run(ssh_config.refresh, profile)
+    except WicketError as exc:
+        click.echo(f"WARNING: the SSH certificate was not renewed ({exc.message}); run `wicket config ssh`",
+                   err=True)
 
 
 def _status_doc(profile: Profile, identity: pki.Identity) -> dict[str, Any]:
@@ -259,6 +274,7 @@ def renew(ttl: str | None, fmt: str) -> None:
     from gateway.local import session
 
     profile = _run(functools.partial(session.renew, profile, ttl_seconds=body.get("ttl_seconds")))
+    _refresh_ssh(profile)
     identity = profile.identity()
     if fmt == "json":
         click.echo(json.dumps(_status_doc(profile, identity)))
@@ -409,6 +425,7 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
                 unix_socket: Path | None, unix_socket_mode: str, max_connections: int | None,
                 **values: Any) -> None:
         from gateway import logs
+        from gateway.local.proxy import Listening
         from gateway.local.proxy import ListenError, unix_socket_path
         from gateway.net.descriptors import raise_open_files_limit
         from gateway.net.peercred import LocalUsers
@@ -433,6 +450,8 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
         local_users = LocalUsers(uids=LocalUsers().uids | set(allow_uid), anyone=allow_any_local_user)
         route = kind.local_route()(profile, name, identity, wait_for_cluster=wait_for_cluster,
                                    local_users=local_users, **{k: v for k, v in values.items() if k in mine})
+        if not isinstance(route, Listening):  # one session on stdin/stdout (ssh's ProxyCommand)
+            sys.exit(_run(route.run))
         if max_connections is not None:
             route.route.max_clients = max_connections
         if unix_socket is not None:
@@ -456,6 +475,35 @@ for _verb, _served in kinds.proxy_verbs().items():
     proxy.add_command(_proxy_command(_verb, _served))
 
 
+@click.command("ssh")
+@click.option("--wicket-command", metavar="COMMAND",
+              help="How ssh should run wicket in its ProxyCommand (default: `wicket` on PATH, else this Python).")
+@format_option
+def config_ssh(wicket_command: str | None, fmt: str) -> None:
+    """Make an SSH key and have the cluster sign it, then print the
+    ~/.ssh/config block for OpenSSH to the cluster's nodes:
+
+        wicket config ssh >> ~/.ssh/config; ssh root@NODE.CLUSTER
+
+    Run it again after `wicket login` or `wicket renew`: the certificate
+    ends with the session."""
+    from gateway.local import ssh_config
+
+    profile = _load_profile()
+    _fresh_identity(profile)
+    answer = _run(ssh_config.refresh, profile)
+    block = ssh_config.ssh_config(profile, command=wicket_command)
+    if fmt == "json":
+        files = ssh_config.SshFiles.of(profile)
+        click.echo(json.dumps({"ssh_config": block, "principals": answer["principals"],
+                               "expires_at": answer["expires_at"], "identity_file": str(files.key),
+                               "certificate_file": str(files.cert), "known_hosts_file": str(files.known_hosts)}))
+        return
+    click.echo(block, nl=False)
+    click.echo(f"SSH certificate for logins {', '.join(answer['principals'])}, valid until {answer['expires_at']}; "
+               f"append the block above to ~/.ssh/config, then: ssh LOGIN@NODE.{profile.cluster_name}", err=True)
+
+
 @main.command()
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".wicket-demo"),
               show_default=True, help="Where the demo cluster keeps its state.")
@@ -472,6 +520,7 @@ def demo(state_dir: Path, port: int) -> None:
 from gateway.cli import wicket_agent, wicket_exec  # noqa: E402
 
 wicket_exec.register(main, sys.modules[__name__])
+main.commands["config"].add_command(config_ssh)  # `wicket config ssh` beside the database clients' entries
 wicket_agent.register(main, sys.modules[__name__])
 
 

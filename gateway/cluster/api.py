@@ -100,6 +100,8 @@ class API:
             ("POST", "/v1/renew"): self.renew,
             ("GET", "/v1/whoami"): self.whoami,
             ("GET", "/v1/resources"): self.resources,
+            ("POST", "/v1/ssh/cert"): self.ssh_cert,
+            ("POST", "/v1/ssh/audit"): self.ssh_audit,
             ("POST", "/v1/join"): self.join,
         }.get((request.method, request.path.split("?", 1)[0]))
         if route is None:
@@ -248,6 +250,20 @@ class API:
                     item["allowed"] = params
                 items.append(item)
         return Response(status=200, body={"resources": items})
+
+    async def ssh_cert(self, request: Request) -> Response:
+        """An SSH user certificate for the session (gateway/cluster/ssh.py)."""
+        from gateway.cluster import ssh
+
+        identity, _user, roles = await self._identify()
+        return await ssh.issue_user_cert(self.cluster, identity, roles, request.json(), client_addr=self.client_addr)
+
+    async def ssh_audit(self, request: Request) -> Response:
+        """What a gateway saw inside its terminated SSH sessions (gateway/cluster/ssh.py)."""
+        from gateway.cluster import ssh
+
+        identity, _user, _roles = await self._identify()
+        return ssh.record_gateway_reports(self.cluster, identity, request.json())
 
     # -- helpers ---------------------------------------------------------------
 

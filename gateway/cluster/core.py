@@ -204,6 +204,7 @@ class Cluster:
             state, "db_client_ca", f"{config.name} database client CA", now=now
         )
         self.ssh_user_ca = pki.load_or_create_ssh_ca(state)
+        self.ssh_host_ca = pki.load_or_create_ssh_ca(state, "ssh_host_ca", "wicket-ssh-host-ca")
         self.host_cert_path, self.host_key_path = self._ensure_host_cert(now)
         self.server_context = tlsconf.cluster_server_context(
             self.host_cert_path, self.host_key_path, state / "user_ca.crt",

@@ -179,3 +179,61 @@ DATABASE = Schema(
                  help="auth=password: DB_USER=env:NAME or DB_USER=file:PATH ('*' for any user)."),
     ),
 )
+
+
+# -- ssh -------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class SshNodeSpec:
+    """How a node proves it is the node (kind ``ssh``)::
+
+        host_key = "ssh-ed25519 AAAA..."   # its host key (ssh-keyscan, /etc/ssh/*.pub)
+        host_ca = "cluster"                # or: it shows a host certificate of the
+                                           # cluster's SSH host CA (or of the CA
+                                           # whose public key line this is)
+
+    At least one. OpenSSH clients learn them from `wicket config ssh`'s
+    known_hosts; the cluster checks them where it speaks SSH itself."""
+
+    host_key: str | None = None
+    host_ca: str | None = None
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> "SshNodeSpec":
+        return cls(host_key=spec.get("host_key"), host_ca=spec.get("host_ca"))
+
+
+def _ssh_node(spec: Mapping[str, Any]) -> dict[str, Any]:
+    from gateway.identity.sshcerts import SSHKeyError, parse_public_key
+
+    known = {"host_key", "host_ca"}
+    unknown = set(spec) - known
+    if unknown:
+        raise SpecError(f"unknown setting(s) {', '.join(sorted(unknown))} (expected {', '.join(sorted(known))})")
+    out: dict[str, Any] = {}
+    try:
+        if spec.get("host_key") is not None:
+            parse_public_key(spec["host_key"], "host_key")
+            out["host_key"] = " ".join(spec["host_key"].split()[:2])
+        if spec.get("host_ca") is not None:
+            if spec["host_ca"] != "cluster":
+                parse_public_key(spec["host_ca"], 'host_ca (a CA\'s public key line, or "cluster")')
+            out["host_ca"] = spec["host_ca"] if spec["host_ca"] == "cluster" else " ".join(spec["host_ca"].split()[:2])
+    except SSHKeyError as exc:
+        raise SpecError(str(exc)) from None
+    if not out:
+        raise SpecError('an ssh node needs host_key = "ssh-ed25519 AAAA..." (its host key: ssh-keyscan -t ed25519 '
+                        'HOST) or host_ca = "cluster" (it shows a host certificate of the cluster\'s SSH host CA)')
+    return out
+
+
+SSH_NODE = Schema(
+    check=_ssh_node,
+    parse=SshNodeSpec.of,
+    flags=(
+        SpecFlag(key="host_key", help="the node's host public key line (ssh-keyscan -t ed25519 HOST)."),
+        SpecFlag(key="host_ca", help='"cluster" (the node shows a host certificate of the cluster\'s SSH '
+                                     'host CA), or another CA\'s public key line.'),
+    ),
+)

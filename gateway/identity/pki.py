@@ -12,8 +12,9 @@ directory (private keys 0600):
   cluster, traits) in a versioned JSON document;
 * the **host CA** (X.509) signs the cluster's own TLS server certificate; its
   public key is what a gateway pins (``sha256:<hex of SubjectPublicKeyInfo>``);
-* the **SSH user CA** (Ed25519) signs OpenSSH user certificates, for the SSH
-  route that builds on this foundation.
+* the **SSH user CA** (Ed25519) signs OpenSSH user certificates, and the
+  **SSH host CA** host certificates for nodes that want them
+  (gateway/identity/sshcerts.py).
 
 All X.509 keys are ECDSA P-256: every TLS 1.3 stack and every database client
 library accepts it, and signing is cheap (the cluster signs at every login).
@@ -495,7 +496,8 @@ def verify_session_cert(
 # --- SSH user CA --------------------------------------------------------------
 
 
-def load_or_create_ssh_ca(directory: Path, stem: str = "ssh_user_ca") -> ed25519.Ed25519PrivateKey:
+def load_or_create_ssh_ca(directory: Path, stem: str = "ssh_user_ca",
+                          comment: str = "wicket-ssh-user-ca") -> ed25519.Ed25519PrivateKey:
     key_path, pub_path = directory / stem, directory / f"{stem}.pub"
     if key_path.exists():
         _check_private_mode(key_path)
@@ -512,5 +514,5 @@ def load_or_create_ssh_ca(directory: Path, stem: str = "ssh_user_ca") -> ed25519
     pub = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    write_public(pub_path, pub + b" wicket-ssh-user-ca\n")
+    write_public(pub_path, pub + b" " + comment.encode() + b"\n")
     return key

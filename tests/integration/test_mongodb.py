@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -439,3 +440,12 @@ def test_an_exhaust_cursor(port):
         got = [d["n"] for d in t.find({}, batch_size=10, cursor_type=CursorType.EXHAUST).sort("n", 1)]
         assert got == list(range(120))
         assert t.count_documents({}) == 120  # the connection is still in step
+
+
+def test_exec_gives_drivers_the_connection_string(gw):
+    script = ("import os, pymongo; c = pymongo.MongoClient(os.environ['MONGODB_URI'], serverSelectionTimeoutMS=20000); "
+              "c.app.execd.insert_one({'n': 1}); print(c.app.execd.count_documents({}) >= 1, os.environ['MONGODB_URI'])")
+    r = gw.run("exec", "--mongodb", "mongo", "--db-user", "app", "--", sys.executable, "-c", script)
+    assert r.returncode == 0, r.stderr
+    ok, uri = r.stdout.split()
+    assert ok == "True" and uri.startswith("mongodb://127.0.0.1:") and uri.endswith("/?directConnection=true")

@@ -5,6 +5,7 @@ PyMySQL, mysqlclient, asyncmy, aiomysql)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -645,3 +646,33 @@ def test_unix_socket(gw, tmp_path):
     r = subprocess.run(["mysql", "--no-defaults", f"--socket={path}", "-u", "app", "-N", "-B", "-e",
                         "select current_user()", "app"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "app@%", r.stderr
+
+
+# -- wicket exec, env and config mysql ------------------------------------------------
+
+
+def test_exec_gives_the_mysql_clients_environment(gw):
+    r = gw.run("exec", "--db", "maria", "--", "sh", "-c",
+               'mysql --no-defaults -h "$MYSQL_HOST" -P "$MYSQL_TCP_PORT" -u app -N -B --connect-timeout=30 '
+               '-e "select database()" app && echo "url=$MYSQL_URL"')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "app" and lines[1].startswith("url=mysql://127.0.0.1:"), r.stdout
+
+
+def test_config_mysql_writes_a_group_the_cli_reads(gw, tmp_path):
+    cnf = tmp_path / "my.cnf"
+    cnf.write_text("[client]\nuser=mine\n")
+    r = gw.run("config", "mysql", "maria", "--file", str(cnf))
+    assert r.returncode == 0, r.stderr
+    text = cnf.read_text()
+    assert text.startswith("[client]\nuser=mine\n\n[client_maria]\n"), text  # the user's own group kept
+    port = int(re.search(r"^port=(\d+)$", text, re.M).group(1))
+    proc, _ = gw.proxy("db", "maria", "--port", str(port))
+    try:
+        r = subprocess.run(["mysql", f"--defaults-file={cnf}", "--defaults-group-suffix=_maria", "-u", "app",
+                            "-N", "-B", "--connect-timeout=30", "-e", "select 1", "app"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+    finally:
+        proc.stop()

@@ -1,0 +1,89 @@
+"""The ssh kind's local route (gateway/kinds.py): two ways in.
+
+* ``wicket proxy ssh NODE --port 2222``: the gateway is an SSH server on
+  localhost (gateway/local/ssh_terminated.py, asyncssh behind the fence of
+  gateway/local/ssh_asyncio.py): ``ssh -p 2222 LOGIN@127.0.0.1``, or
+  ``LOGIN%OTHER-NODE@127.0.0.1`` for another node on the same port;
+* ``wicket proxy ssh --stdio LOGIN@NODE``: OpenSSH's ProxyCommand, OpenSSH
+  end to end, the gateway carrying bytes (gateway/local/ssh_stdio.py;
+  ``wicket config ssh`` writes the ssh_config block).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gateway.local.proxy import NEXT_STEP, Listening
+from protocols.dial import DialError
+from protocols.errors import ErrorCode
+
+#: The next step after a refusal, for a person at an ssh client, where it
+#: differs from the other kinds' (gateway/local/proxy.py).
+_NEXT_STEP = {
+    ErrorCode.ACCESS_DENIED: "`wicket ls` lists the nodes you can reach and the logins your roles allow; ask a "
+                             "cluster administrator for a role that allows this one",
+    ErrorCode.UPSTREAM_UNREACHABLE: None,  # the message says it already
+}
+
+
+def refusal_text(error: DialError) -> str:
+    """A dial refusal as a person at an ssh client reads it, with what to do next."""
+    step = _NEXT_STEP.get(error.code, NEXT_STEP.get(error.code))
+    return error.message + (f"; {step}" if step else "")
+
+
+def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, local_users=None, stdio: bool = False,
+              fdpass: bool = False, authorized_keys: str | None = None, allow_no_auth: bool = False,
+              write_known_hosts: str | None = None):
+    """With ``stdio``: one session on stdin/stdout, ``resource`` being
+    ``LOGIN@NODE[:PORT]`` (it has a ``run``, not a listener). Else the SSH
+    server on a local port, ``resource`` the node a plain login reaches."""
+    import click
+
+    if fdpass and not stdio:
+        raise click.UsageError("--fdpass goes with --stdio (ssh's ProxyCommand with ProxyUseFdpass yes)")
+    if stdio:
+        from gateway.local.ssh_stdio import SshStdio, TargetError, hand_over, parse_target
+
+        if authorized_keys or allow_no_auth or write_known_hosts:
+            raise click.UsageError("--authorized-keys, --allow-no-auth and --write-known-hosts are for the local "
+                                   "SSH server, not --stdio")
+        try:
+            login, node = parse_target(resource, profile.cluster_name)
+        except TargetError as exc:
+            raise click.UsageError(str(exc)) from None
+        return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster, sock=hand_over() if fdpass else None)
+
+    from gateway.local import ssh_asyncio
+    from gateway.local.ssh_terminated import SshTerminated
+
+    if authorized_keys:
+        files = [Path(authorized_keys).expanduser()]
+        if not files[0].is_file():
+            raise click.BadParameter(f"{authorized_keys} is not a file", param_hint="--authorized-keys")
+    else:
+        files = sorted((Path.home() / ".ssh").glob("*.pub"))
+    keys = ssh_asyncio.LocalKeys(ssh_asyncio.LocalKeys.read_files(files), allow_none=allow_no_auth)
+    use_agent = not authorized_keys and bool(os.environ.get("SSH_AUTH_SOCK"))
+    if not keys.blobs and not use_agent and not allow_no_auth:
+        raise click.UsageError("no public key of yours was found (~/.ssh/*.pub, an ssh-agent): pass "
+                               "--authorized-keys FILE, or --allow-no-auth to let every process of your own local "
+                               "user in without a key")
+    from gateway.private_files import ensure_private_dir
+
+    ensure_private_dir(profile.home / "ssh")
+    route = SshTerminated(profile, resource, keys=keys, host_key_path=profile.home / "ssh" / "gateway_host_key",
+                          wait_for_cluster=wait_for_cluster, local_users=local_users, use_agent=use_agent)
+
+    def try_line(host: str, port: int) -> str:
+        line = ssh_asyncio.known_hosts_line(route.host_key, host, port)
+        if write_known_hosts:
+            path = Path(write_known_hosts).expanduser()
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        return (f"Try: ssh -p {port} LOGIN@{host}   (LOGIN%NODE@{host} for another node)\n"
+                f"The gateway's host key, for known_hosts"
+                f"{f' (added to {write_known_hosts})' if write_known_hosts else ''}:\n{line}")
+
+    return Listening(handler=route, dialer=route.dialer, try_line=try_line, route=route)

@@ -1,0 +1,226 @@
+"""OpenSSH end to end through ``ProxyCommand wicket proxy ssh --stdio``: a
+real cluster, a real sshd that trusts only the cluster's SSH user CA, and
+the real ssh, scp, sftp and rsync, configured by ``wicket config ssh``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import PY
+from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
+from tests.integration.ssh_fixtures import (
+    check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
+)
+from tests.servers import sshd as sshd_server
+from tests.servers.sshd import TEST_USER
+
+pytestmark = pytest.mark.skipif(sshd_server.available() is not None, reason=str(sshd_server.available()))
+
+
+class SshClient:
+    """A user's profile with `wicket config ssh` run, and OpenSSH's tools
+    pointed at the block it printed."""
+
+    def __init__(self, gw, tmp: Path) -> None:
+        self.gw = gw
+        r = gw.run("config", "ssh", "--wicket-command", f"{PY} -m gateway.cli.wicket")
+        assert r.returncode == 0, r.stderr
+        self.config = tmp / f"ssh_config-{gw.user}"
+        self.config.write_text(r.stdout)
+        self.printed = r
+
+    def run(self, tool: str, *args: str, timeout: float = 120, input: bytes | None = None
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run([tool, "-F", str(self.config), "-o", "BatchMode=yes", *args], input=input,
+                              capture_output=True, env=self.gw.env(), timeout=timeout)
+
+    def ssh(self, target: str, *command: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("ssh", target, *command, **kw)
+
+
+@pytest.fixture
+def ssh_client(make_gateway, tmp_path, node):
+    def make(roles: str = "ssh-all") -> SshClient:
+        return SshClient(make_gateway(roles), tmp_path)
+
+    return make
+
+
+def test_config_ssh_writes_a_key_a_certificate_and_known_hosts(ssh_client, node, cluster):
+    client = ssh_client()
+    home = client.gw.home / "ssh"
+    assert stat.S_IMODE((home / "id_ed25519").stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    block = client.config.read_text()
+    assert "Host *.test" in block and "proxy ssh --stdio --fdpass %r@%h:%p" in block
+    assert "ProxyUseFdpass yes" in block
+    assert f"CertificateFile {home / 'id_ed25519-cert.pub'}" in block
+    assert f"web-1.test {' '.join(node.host_key.split()[:2])}" in (home / "known_hosts").read_text()
+    shown = subprocess.run(["ssh-keygen", "-L", "-f", str(home / "id_ed25519-cert.pub")], capture_output=True,
+                           text=True, check=True).stdout
+    assert "user certificate" in shown
+    principals = shown.split("Principals:")[1].split("Critical Options:")[0].split()
+    assert sorted(principals) == sorted(["root", TEST_USER])
+    assert f"wicket:test:{client.gw.user}:" in shown  # the key id names the person in sshd's log
+    assert "permit-pty" in shown and "permit-agent-forwarding" not in shown
+    # The user CA is what `ca show ssh-user` prints for TrustedUserCAKeys.
+    assert cluster.admin("ca", "show", "ssh-user").stdout.split()[:2] == \
+        (cluster.state / "ssh_user_ca.pub").read_text().split()[:2]
+    events = cluster.wait_audit(user=client.gw.user, event="ssh.cert")
+    assert sorted(events[-1]["principals"]) == sorted(["root", TEST_USER])
+    # A renewal (and a login) renews the SSH certificate with the session.
+    before = (home / "id_ed25519-cert.pub").read_text()
+    r = client.gw.run("renew")
+    assert r.returncode == 0, r.stderr
+    assert (home / "id_ed25519-cert.pub").read_text() != before
+    assert client.ssh("root@web-1.test", "true").returncode == 0
+
+
+def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
+    client = ssh_client()
+    r = client.ssh("root@web-1.test", "id -un; exit 7")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == b"root\n"
+    r = client.ssh(f"{TEST_USER}@web-1.test", "id -un")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == TEST_USER
+    # stdin reaches the command and its EOF too; stdout comes back whole.
+    payload = os.urandom(3 << 20)
+    r = client.ssh("root@web-1.test", "sha256sum", input=payload)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    # The node saw the certificate, whose key id names the person.
+    assert f"ID wicket:test:{client.gw.user}:" in node.log()
+    starts = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.start")
+    assert {e["login"] for e in starts} == {"root", TEST_USER}
+    assert all(e["kind"] == "ssh" and e["resource"] == "web-1" for e in starts)
+    ends = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.end")
+    assert max(e["bytes_from_client"] for e in ends) > len(payload)
+
+
+def test_stdin_and_stdout_relayed_without_fdpass(ssh_client):
+    # The ProxyCommand relaying stdin and stdout itself (an ssh_config
+    # written by hand, or an ssh without ProxyUseFdpass).
+    client = ssh_client()
+    text = client.config.read_text().replace(" --fdpass", "").replace("    ProxyUseFdpass yes\n", "")
+    client.config.write_text(text)
+    payload = os.urandom(3 << 20)
+    r = client.ssh("root@web-1.test", "sha256sum; exit 4", input=payload)
+    assert r.returncode == 4, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    r = client.ssh("root@nope.test", "true")
+    assert r.returncode == 255 and b"access to 'nope' denied" in r.stderr
+
+
+@pytest.mark.parametrize("mib", [24, pytest.param(200, marks=pytest.mark.heavy)])
+def test_scp_and_sftp_both_ways_checked_by_sha256(ssh_client, tmp_path, mib):
+    client = ssh_client()
+    check_file_transfers(client.run, "root@web-1.test", tmp_path, mib, f"/tmp/wicket-scp-{client.gw.user}.bin")
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_rsync_over_ssh(ssh_client, tmp_path):
+    client = ssh_client()
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    random_file(tree / "a.bin", 1 << 20)
+    random_file(tree / "sub" / "b.bin", 300_000)
+    remote = f"/tmp/wicket-rsync-{client.gw.user}/"
+    rsh = f"ssh -F {client.config} -o BatchMode=yes"
+    r = subprocess.run(["rsync", "-a", "-e", rsh, f"{tree}/", f"root@web-1.test:{remote}"], capture_output=True,
+                       env=client.gw.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    back = tmp_path / "back"
+    r = subprocess.run(["rsync", "-a", "-e", rsh, f"root@web-1.test:{remote}", f"{back}/"], capture_output=True,
+                       env=client.gw.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sha256(back / "a.bin") == sha256(tree / "a.bin")
+    assert sha256(back / "sub" / "b.bin") == sha256(tree / "sub" / "b.bin")
+    client.ssh("root@web-1.test", f"rm -rf {remote}")
+
+
+def test_a_login_the_roles_do_not_allow_is_refused_before_the_node(ssh_client, cluster, node):
+    client = ssh_client("ssh-user")
+    r = client.ssh("root@web-1.test", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "wicket: access to 'web-1' denied: none of your roles allows login=root on it" in err
+    assert "`wicket ls` lists the nodes you can reach" in err
+    events = cluster.wait_audit(user=client.gw.user, event="dial.denied")
+    assert events[-1]["params"]["login"] == "root"
+    # The login it does allow works.
+    assert client.ssh(f"{TEST_USER}@web-1.test", "true").returncode == 0
+
+
+def test_an_unknown_node_and_a_node_that_is_down_say_what_to_do(ssh_client):
+    client = ssh_client()
+    r = client.ssh("root@nope.test", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "access to 'nope' denied: no such resource, or none of your roles reaches it" in err, err
+    r = client.ssh("root@down-1.test", "true")
+    assert r.returncode == 255
+    err = r.stderr.decode()
+    assert "down-1 (127.0.0.1:1) is not reachable from the cluster" in err, err
+
+
+def test_a_node_whose_host_key_is_not_the_registered_one_is_cut_by_the_cluster(ssh_client, cluster, node, tmp_path):
+    with impostor(cluster, node, tmp_path, "web-2"):
+        client = ssh_client()
+        r = client.ssh("root@web-2.test", "true")
+        assert r.returncode == 255
+        err = r.stderr.decode()
+        # The cluster reads the key exchange and cuts the stream before the
+        # reply with the node's key reaches ssh, which would refuse it too.
+        assert "the host key of web-2 is not the registered one (presented SHA256:" in err, err
+        events = cluster.wait_audit(user=client.gw.user, event="ssh.hostkey_mismatch")
+        assert events[-1]["resource"] == "web-2" and events[-1]["presented"].startswith("SHA256:")
+
+
+def test_a_lock_cuts_a_live_ssh_session(ssh_client, cluster):
+    client = ssh_client()
+    ssh = ["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test"]
+    with long_session(ssh, client.gw.env()) as proc:
+        cluster.admin("users", "lock", client.gw.user, "--reason", "test")
+        assert "was cut" in ended(proc, 10, "ssh to end after the lock")
+
+
+def test_the_certificates_end_ends_a_live_ssh_stream(make_gateway, tmp_path, node):
+    gw = make_gateway("ssh-all", login=False)
+    assert gw.login("--ttl", "6s").returncode == 0
+    client = SshClient(gw, tmp_path)
+    with long_session(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test"], gw.env()) as proc:
+        assert "was cut" in ended(proc, 20, "ssh to end with the certificate")
+    r = client.ssh("root@web-1.test", "true")
+    assert r.returncode == 255 and b"expired" in r.stderr and b"wicket login" in r.stderr, r.stderr
+
+
+def test_a_node_with_a_host_certificate_of_the_clusters_host_ca(ssh_client, cluster, tmp_path_factory):
+    with node_with_host_cert(cluster, tmp_path_factory.mktemp("sshd-cert"), "cert-1") as server:
+        client = ssh_client()
+        known = (client.gw.home / "ssh" / "known_hosts").read_text()
+        assert "@cert-authority cert-1.test ssh-ed25519 " in known
+        r = client.ssh("root@cert-1.test", "echo ok")
+        assert (r.returncode, r.stdout) == (0, b"ok\n"), r.stderr
+        # A node whose certificate is not for its name is cut by the cluster.
+        cluster.admin("resources", "add", "cert-2", "--kind", "ssh", "--address", server.address, "--host-ca",
+                      "cluster", "--label", "env=ssh")
+        try:
+            r = client.ssh("root@cert-2.test", "true")
+            assert r.returncode == 255 and b"the host certificate is not for cert-2.test" in r.stderr, r.stderr
+        finally:
+            cluster.admin("resources", "rm", "cert-2", check=False)
+
+
+@pytest.mark.parametrize("mib", [8, pytest.param(50, marks=pytest.mark.heavy)])
+def test_local_and_remote_forwarding(ssh_client, mib):
+    client = ssh_client()
+    check_forwarding(["ssh", "-F", str(client.config), "-o", "BatchMode=yes"], "root@web-1.test", client.gw.env(),
+                     mib)
