@@ -4,6 +4,8 @@ import pytest
 
 from tests.integration import harness
 from tests.integration.harness import Cluster, Echo, Gateway
+# The test_postgres*.py topic files' shared PostgreSQL set-up:
+from tests.integration.pgclients import gw, pg_env, pg_port  # noqa: F401
 
 _names = itertools.count(1)
 

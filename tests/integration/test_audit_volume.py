@@ -19,7 +19,7 @@ import pytest
 
 from gateway.cluster.store import Store
 from tests.integration.harness import PASSWORD, Cluster, wait_for
-from tests.integration.test_tcp_route import _login_from
+from tests.integration.tcpenv import _login_from
 
 
 @pytest.fixture

@@ -14,7 +14,11 @@ import subprocess
 import pytest
 
 from tests.integration.harness import PY, ROOT, Gateway, Proc, _env, wait_for
-from tests.integration.test_postgres import _gateway, pg_env  # noqa: F401  (the module's PostgreSQL)
+from tests.integration.pgclients import _gateway  # pg_env: the test_postgres*.py files' PostgreSQL
+from tests.integration.pgenv import need_postgres
+
+need_postgres()
+
 
 @pytest.fixture(scope="module")
 def person(pg_env, tmp_path_factory):  # noqa: F811

@@ -10,7 +10,7 @@ import time
 import trio
 
 from tests.integration.harness import PASSWORD, Gateway, wait_for
-from tests.integration.test_tcp_route import connect, refused, roundtrip, until_reset
+from tests.integration.tcpenv import connect, refused, roundtrip, until_reset
 
 NEW_PASSWORD = "a quite different passphrase"
 

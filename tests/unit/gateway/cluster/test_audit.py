@@ -1,6 +1,6 @@
 """gateway.cluster.audit: the JSON-lines file that the cluster and the admin
 CLI (other processes) append to at once. (The store's side, and one file
-written from two threads, are in test_store.py.)"""
+written from two threads, are in store/test_audit.py and below.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -175,4 +177,75 @@ def test_other_lock_errors_are_write_failures(tmp_path: Path, monkeypatch, caplo
     monkeypatch.undo()
     log.close()  # writes what waited
     assert [d["n"] for d in lines_of(tmp_path / "audit.jsonl")] == [1]
+    log.store.close()
+
+
+def test_audit_jsonl_lines_from_two_writers_never_interleave(tmp_path: Path) -> None:
+    # The cluster and the admin CLI append to one file, each from its own
+    # descriptor (as two processes do): every line stays whole.
+    import json
+
+    from gateway.cluster.audit import AuditLog
+
+    jsonl = tmp_path / "audit.jsonl"
+    logs = [AuditLog(Store.open(tmp_path / f"w{i}.db"), jsonl) for i in range(2)]
+    big = {"statement": "x" * 20_000, "params": {"é": "ü"}}
+
+    def writer(log: AuditLog, who: str) -> None:
+        for i in range(20):
+            log.write_many([("session.statement", who, {**big, "n": i}, 1.0)] * 10)
+
+    threads = [threading.Thread(target=writer, args=(log, f"user{i}")) for i, log in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = jsonl.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 * 20 * 10
+    docs = [json.loads(line) for line in lines]
+    assert {d["user"] for d in docs} == {"user0", "user1"}
+    assert all(d["params"] == {"é": "ü"} and d["event"] == "session.statement" for d in docs)
+    assert stat.S_IMODE(jsonl.stat().st_mode) == 0o600
+    for log in logs:
+        log.close()
+        log.store.close()
+
+
+def test_audit_jsonl_that_cannot_be_written_catches_up_and_never_duplicates(tmp_path: Path, monkeypatch,
+                                                                           caplog) -> None:
+    # The file fails after the store committed (disk full: /dev/full in
+    # its place). write_many must not raise (a caller retrying the batch
+    # would store it twice); the file gets the lines once it can.
+    import json
+
+    from gateway.cluster import audit
+
+    jsonl = tmp_path / "audit.jsonl"
+    log = audit.AuditLog(Store.open(tmp_path / "a.db"), jsonl)
+    real = os.dup(log._fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, log._fd)
+    log.write_many([("test.event", "u", {"n": 1}, 1.0), ("test.event", "u", {"n": 2}, 2.0)])
+    log.write_many([("test.event", "u", {"n": 3}, 3.0)])
+    assert "audit_jsonl_write_failed" in caplog.text and caplog.text.count("audit_jsonl_write_failed") == 1
+    assert jsonl.read_text() == ""
+    os.dup2(real, log._fd)
+    log.write_many([("test.event", "u", {"n": 4}, 4.0)])
+    assert [json.loads(line)["n"] for line in jsonl.read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(e.fields["n"] for e in log.store.query_audit()) == [1, 2, 3, 4]  # each once
+    assert "audit_jsonl_caught_up dropped_lines=0" in caplog.text
+
+    # Past JSONL_BACKLOG the oldest whole lines go, and are counted.
+    monkeypatch.setattr(audit, "JSONL_BACKLOG", 100)
+    os.dup2(full, log._fd)
+    log.write_many([("test.event", "u", {"n": n}, 5.0) for n in range(5, 15)])
+    os.dup2(real, log._fd)
+    log.write_many([("test.event", "u", {"n": 15}, 6.0)])
+    kept = [json.loads(line)["n"] for line in jsonl.read_text().splitlines()][4:]
+    assert 1 <= len(kept) < 11 and kept == list(range(16 - len(kept), 16))  # the newest, in order
+    assert log.jsonl_dropped == 11 - len(kept)
+    assert sorted(e.fields["n"] for e in log.store.query_audit()) == list(range(1, 16))
+    for fd in (real, full):
+        os.close(fd)
+    log.close()
     log.store.close()

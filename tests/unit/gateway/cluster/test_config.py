@@ -1,10 +1,96 @@
-"""gateway.cluster.config: the [audit] table. (The rest: tests/unit/test_config.py.)"""
+"""gateway.cluster.config: the example file, errors naming file and key,
+[audit] and [limits]."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from gateway.cluster import config as cfg
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def test_example_config_parses():
+    c = cfg.load(ROOT / "config" / "cluster.toml")
+    assert c.name == "example"
+    assert c.listen == ("0.0.0.0", 3025)
+    assert {r.name for r in c.roles} == {"developer", "oncall"}
+    assert c.resources[0].labels == {"env": "dev", "team": "platform"}
+    assert c.session_ttl == 8 * 3600
+
+
+def test_relative_state_dir(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[cluster]\nstate_dir = "state"\n')
+    c = cfg.load(p)
+    assert c.state_dir == tmp_path / "state"
+    assert c.audit_jsonl == tmp_path / "state" / "audit.jsonl"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[cluster]\n", "cluster.state_dir: required"),
+        ('[cluster]\nstate_dir="s"\nlisten="nope"\n', "cluster.listen"),
+        ('[cluster]\nstate_dir="s"\nsession_ttl="10h"\nmax_session_ttl="1h"\n', "cluster.session_ttl"),
+        ('[cluster]\nstate_dir="s"\nbogus=1\n', "cluster.bogus: unknown key"),
+        ('[cluster]\nstate_dir="s"\nname="Bad Name"\n', "cluster.name"),
+        ('[cluster]\nstate_dir="s"\n[resources.x]\nkind="tcp"\n', "resources.x.address"),
+        ('[cluster]\nstate_dir="s"\n[resources.x]\nkind="ftp"\naddress="a:1"\n', "kind 'ftp'"),
+        ('[cluster]\nstate_dir="s"\n[roles.r]\nallow=[{}]\n', "roles.r"),
+        ('[cluster]\nstate_dir="s"\n[resources.x]\naddress="a:1"\nlabels={env="dev\\u202e"}\n',
+         "resources.x.labels.env: contains a control character"),
+        ('[cluster]\nstate_dir="s"\n[roles.r]\nallow=[{resources=["a\\n*"]}]\n', "control character"),
+        ('[cluster]\nstate_dir="s"\n[login]\nmax_failures=0\n', "login.max_failures"),
+        ('[nope]\n', "unknown section"),
+        ('[cluster]\nstate_dir="s"\n[audit]\nkeep="forever"\n', "audit.keep"),
+        ('[cluster]\nstate_dir="s"\n[audit]\nkept="90d"\n', "audit: expected a table with keep"),
+        ("not toml [", "not valid TOML"),
+        ('[cluster]\nstate_dir="s"\n[limits]\nstreams_per_user=0\n', "limits.streams_per_user: expected a positive"),
+        ('[cluster]\nstate_dir="s"\n[limits]\nstreams_per_user=true\n', "limits.streams_per_user"),
+        ('[cluster]\nstate_dir="s"\n[limits]\nstreams=5\n', "limits: expected a table with"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, text, match):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=match) as err:
+        cfg.load(p)
+    assert str(p) in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="no such file"):
+        cfg.load(tmp_path / "missing.toml")
+
+
+def test_audit_keep(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[cluster]\nstate_dir = "s"\n')
+    assert cfg.load(p).audit_keep is None  # for ever, unless told
+    p.write_text('[cluster]\nstate_dir = "s"\n[audit]\nkeep = "90d"\n')
+    assert cfg.load(p).audit_keep == 90 * 86400
+
+
+def test_limits_default_to_shares_of_the_open_files_limit():
+    c = cfg.from_dict({"cluster": {"state_dir": "/s"}})
+    assert c.limits == cfg.Limits()  # unset: derived at start
+    limits = c.limits.resolve(20_000)
+    assert limits.reserve_fds == 1024
+    assert limits.streams_per_user == (20_000 - 1024) // 8
+    assert limits.streams_per_connection == limits.streams_per_user // 2
+    small = c.limits.resolve(256)
+    assert small.reserve_fds == 32 and small.streams_per_user == 28 and small.streams_per_connection == 14
+    # Together, one user's sessions stay well under what the cluster may hold.
+    assert limits.streams_per_user < (20_000 - limits.reserve_fds) / 4
+
+
+def test_limits_given_are_kept_and_a_connection_never_exceeds_its_user():
+    c = cfg.from_dict({"cluster": {"state_dir": "/s"}, "limits": {"streams_per_user": 5, "reserve_fds": 100}})
+    limits = c.limits.resolve(20_000)
+    assert limits.streams_per_user == 5 and limits.reserve_fds == 100 and limits.streams_per_connection == 5
 
 
 def _load(tmp_path, text: str) -> cfg.ClusterConfig:

@@ -2,7 +2,7 @@
 cluster a new session waits out (:func:`ride_out`, :class:`WaitRoom`), for
 how long, and what the person is told. Time is trio's mock clock, so the
 waits cost nothing; the real thing (a cluster restarted under a running
-proxy) is in tests/integration/test_tcp_route.py.
+proxy) is in tests/integration/test_tcp_cluster_restarts.py.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from gateway.net import tlskeys
 from gateway.net.relay import RelayCounters
 from protocols.dial import DialRequest
 from tests.unit import tlsutil
-from tests.unit.test_engine import tls_connection
-from tests.unit.test_muxlink import HANG, Started, linked, loopback_pair, socket_pair
+from tests.unit.gateway.net.test_engine import tls_connection
+from tests.unit.gateway.net.muxenv import HANG, Started, linked, loopback_pair, socket_pair
 from tests.unit.tlsutil import read_exactly
 
 
@@ -147,7 +147,7 @@ async def test_the_multiplexed_connection_updates_its_keys_every_so_many_records
 async def test_a_relayed_tls_session_updates_its_keys(pki, monkeypatch):
     # The engine's other TLS path (a session relayed as is: PostgreSQL's).
     from gateway.net.relay import relay
-    from tests.unit.test_engine import tcp_pair
+    from tests.unit.gateway.net.test_engine import tcp_pair
 
     monkeypatch.setattr(tlskeys, "UPDATE_AFTER", 8)
     watch = KeyUpdatesRead(monkeypatch)

@@ -32,8 +32,8 @@ from tests.unit import tlsutil
 from protocols.dial import DialAccept, DialRequest
 from protocols.mux import Role as MuxRole
 from tests.unit.tlsutil import ask_and_answer, read_exactly, read_until_eof, read_until_reset
-from tests.unit.test_engine import tcp_pair, tls_pair
-from tests.unit.test_muxlink import Started
+from tests.unit.gateway.net.test_engine import tcp_pair, tls_pair
+from tests.unit.gateway.net.muxenv import Started
 
 HANG = 60  # seconds before a stuck test fails instead of hanging
 
@@ -551,7 +551,7 @@ async def test_stress_heavy(pki, seed):
 # stream of one TLS connection between a gateway link and a cluster link
 # (gateway/net/muxlink.py), as `wicket proxy tcp` runs them. A crash of that
 # connection ends every stream on it, so "cluster_crash" is left to
-# tests/unit/test_muxlink.py.
+# tests/unit/gateway/net/test_muxlink.py.
 
 MUX_KINDS = tuple(k for k in KINDS if k != "cluster_crash")
 

@@ -21,8 +21,8 @@ from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
 from protocols.dial import DialRequest
 from protocols.mux import Role
-from tests.unit.test_engine import tcp_pair, tls_connection
-from tests.unit.test_muxlink import HANG, Started
+from tests.unit.gateway.net.test_engine import tcp_pair, tls_connection
+from tests.unit.gateway.net.muxenv import HANG, Started
 from tests.unit.tlsutil import read_until_reset
 
 
@@ -124,7 +124,7 @@ async def test_a_connect_given_up_at_shutdown_is_on_record_at_once(pki, monkeypa
     # the cluster stops it gives up on the connect, and the dial is audited
     # then, before the audit log's last flush, not whenever the connect
     # would have timed out.
-    from tests.unit.test_engine import full_listener
+    from tests.unit.gateway.net.test_engine import full_listener
 
     listener, fillers = full_listener()
     host, port = listener.getsockname()
