@@ -24,6 +24,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from gateway.identity import pki
+
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "mongoeco-requirements.txt"
 SERVER_SCRIPT = HERE / "mongoeco_server.py"
@@ -110,6 +112,20 @@ def mongoeco_python() -> Path:
                       "-r", str(REQUIREMENTS)], f"pip install -r {REQUIREMENTS.name}")
         stamp.write_text(pins.decode())
     return python
+
+
+def make_server_tls(directory: Path, ca_name: str) -> tuple[Path, Path, Path]:
+    """A server CA made here and a ``localhost`` certificate it signs, in
+    ``directory``, once: the certificate's, key's (0600) and CA's paths."""
+    cert, key, ca = directory / "server.crt", directory / "server.key", directory / "server-ca.crt"
+    if not (cert.exists() and key.exists() and ca.exists()):
+        now = pki.utcnow()
+        authority = pki.CertificateAuthority.create(ca_name, now=now)
+        private = pki.generate_key()
+        pki.write_private(key, pki.key_to_pem(private))
+        cert.write_bytes(pki.cert_to_pem(authority.issue_host_cert(private.public_key(), ["localhost"], now=now)))
+        ca.write_bytes(authority.pem)
+    return cert, key, ca
 
 
 class MongoServer:
