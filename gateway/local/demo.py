@@ -259,14 +259,18 @@ def _login() -> str:
 async def _start_mongo(state: Path, cluster_state: Path, config_path: Path):
     """A throwaway MongoDB wire server registered as demo-mongo (X.509
     login as demo); None (and a note) if it cannot run here."""
-    from gateway.local.mongoserver import MongoServer, Unavailable, make_server_tls, mongoeco_python
+    from gateway.local.mongoserver import (MongoServer, Unavailable, find_python, make_server_tls, mongoeco_python,
+                                           venv_dir)
 
-    _step("starting a throwaway MongoDB wire server (mongoeco; its venv is made once, in ~/.cache/wicket)")
     try:
+        if not (venv_dir() / ".installed").exists():
+            await trio.to_thread.run_sync(find_python)
+            _step(f"making mongoeco's venv, once, in {venv_dir()} (the demo's MongoDB wire server)")
         await trio.to_thread.run_sync(mongoeco_python)
     except Unavailable as exc:
         _step(f"no MongoDB resource: {str(exc).splitlines()[0]}")
         return None
+    _step("starting a throwaway MongoDB wire server (mongoeco) that trusts the cluster's database client CA")
     base = state / "mongodb"
     ensure_private_dir(base)
     cert, key, server_ca = make_server_tls(base, "wicket demo mongodb server CA")

@@ -94,10 +94,15 @@ def _run_install(args: list[str], what: str, cwd: Path | None = None) -> None:
                           f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
 
 
+def venv_dir() -> Path:
+    """Where mongoeco's venv for the current pins is (or will be)."""
+    return cache_dir() / f"mongoeco-{hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]}"
+
+
 def mongoeco_python() -> Path:
     """The Python of mongoeco's venv, made on first use (see the module doc)."""
     pins = REQUIREMENTS.read_bytes()
-    venv = cache_dir() / f"mongoeco-{hashlib.sha256(pins).hexdigest()[:12]}"
+    venv = venv_dir()
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
     if stamp.exists():

@@ -29,7 +29,7 @@ def test_demo_end_to_end(tmp_path):
                                  capture_output=True, text=True, timeout=60)
             assert out.stdout.strip() == "demo@%\tdemo", out.stderr
         try:
-            mongoserver.find_python()
+            mongoserver.mongoeco_python()
         except mongoserver.Unavailable:
             wait_for(lambda: "no MongoDB resource: mongoeco needs Python >= 3.13" in proc.log(), what="the note")
         else:
