@@ -1,7 +1,7 @@
 """``python -m benchmarks.mongodb``: pymongo through the gateway, beside a
 direct connection and a stunnel pair with mutual TLS, in one run.
 
-One MongoDB wire server (mongoeco, the tests' own: tests/servers/mongo.py
+One MongoDB wire server (mongoeco, the demo's and tests': gateway/local/mongoserver.py
 makes its venv), three ways in:
 
 ``direct``   pymongo -> mongoeco (SCRAM-SHA-256 once per client)
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.dbbench import arguments, measure_and_report, stop_all
 from benchmarks.paths import Stunnel, Wicket, make_pki
-from tests.servers.mongo import MongoServer
+from gateway.local.mongoserver import MongoServer
 
 PATHS = ("direct", "stunnel", "wicket")
 WORKLOADS = ("find_one", "insert_many")

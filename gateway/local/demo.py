@@ -6,13 +6,18 @@
    ``cert`` authentication trusts the cluster's database client CA,
    registered as resource ``demo-pg``; a throwaway MariaDB likewise
    (``demo-maria``, an account ``REQUIRE SUBJECT '/CN=demo'``) when
-   ``mariadbd`` is installed; and a TCP echo server as ``demo-echo``;
+   ``mariadbd`` is installed; a throwaway MongoDB wire server (mongoeco,
+   gateway/local/mongoserver.py, when a Python >= 3.13 is found) whose TLS
+   front accepts X.509 logins from the same CA, as ``demo-mongo``; a
+   throwaway sshd trusting the cluster's SSH user CA (when OpenSSH's server
+   is installed) as ``demo-ssh``, for your own OS user as login; and a TCP
+   echo server as ``demo-echo``;
 3. a ``demo`` user (random password kept 0600 in the state directory);
 4. ``wicket login`` as that user, pinned to the cluster's CA, into a profile
    inside the state directory (your ~/.wicket is not touched);
-5. the gateway serving both, and the psql line to paste.
+5. the gateway serving them, and a line to paste for each kind.
 
-Ctrl-C stops the gateway, the database servers and the cluster. Running it again
+Ctrl-C stops the gateway, the servers and the cluster. Running it again
 reuses the state.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import getpass
 import secrets
 import signal
 import subprocess
@@ -47,6 +53,7 @@ max_session_ttl = "8h"
 labels = {{ env = "demo" }}
 db_users = ["demo"]
 db_names = ["demo"]
+logins = ["{login}"]
 
 [resources.demo-echo]
 kind = "tcp"
@@ -100,13 +107,13 @@ def run_demo(state: Path, port: int) -> None:
         from gateway.local.proxy import TcpProxy
 
         pg: PgServer | None = None
-        maria = None
+        maria = mongo = sshd = None
         async with trio.open_nursery() as nursery:
             echo_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             echo_port = echo_listeners[0].socket.getsockname()[1]
             nursery.start_soon(trio.serve_listeners, _echo, echo_listeners)
 
-            config_path.write_text(CLUSTER_CONFIG.format(state=cluster_state, echo_port=echo_port))
+            config_path.write_text(CLUSTER_CONFIG.format(state=cluster_state, echo_port=echo_port, login=_login()))
             ready.unlink(missing_ok=True)
             _step(f"starting the cluster (state: {cluster_state}, log: {log_path})")
             with open(log_path, "ab") as log:
@@ -130,6 +137,8 @@ def run_demo(state: Path, port: int) -> None:
                 _step(f"PostgreSQL {pg.address} registered as resource demo-pg (certificate auth, verify-full)")
 
                 maria = await _start_mariadb(state, cluster_state, config_path)
+                mongo = await _start_mongo(state, cluster_state, config_path)
+                sshd = await _start_sshd(state, cluster_state, config_path)
 
                 password_file = state / "demo-password"
                 if not password_file.exists():
@@ -150,14 +159,22 @@ def run_demo(state: Path, port: int) -> None:
                 host, db_port = (await nursery.start(_listen, db.handle, port))[:2]
                 echo = TcpProxy(profile, "demo-echo")
                 _, echo_local = (await nursery.start(_listen, echo, 0))[:2]
-                maria_line = ""
+                maria_line = mongo_line = ""
                 if maria is not None:
                     from gateway.local.mysql import MySqlProxy
 
-                    my = MySqlProxy(profile, "demo-maria")
-                    _, my_port = (await nursery.start(_listen, my.handle, 0))[:2]
+                    my_port = await _serve_db(nursery, MySqlProxy(profile, "demo-maria"))
                     maria_line = (f"MariaDB resource demo-maria is on {host}:{my_port}:\n\n"
                                   f"  mysql -h {host} -P {my_port} -u demo demo\n\n")
+                if mongo is not None:
+                    from gateway.local.mongo import MongoProxy
+
+                    mg_port = await _serve_db(nursery, MongoProxy(profile, "demo-mongo"))
+                    mongo_line = (f"MongoDB resource demo-mongo is on {host}:{mg_port} (mongosh, or any driver):\n\n"
+                                  f'  mongosh "mongodb://{host}:{mg_port}/demo?directConnection=true"\n\n')
+                ssh_line = ""
+                if sshd is not None:
+                    ssh_line = await trio.to_thread.run_sync(_ssh_lines, state, home, env)
                 click.echo(
                     f"\nThe gateway is serving PostgreSQL resource demo-pg on {host}:{db_port}. Paste this:\n\n"
                     f'  psql "host={host} port={db_port} user=demo dbname=demo"\n\n'
@@ -166,9 +183,11 @@ def run_demo(state: Path, port: int) -> None:
                     f"  python3 -c \"import socket; s = socket.create_connection(('{host}', {echo_local})); "
                     f"s.sendall(b'hello wicket'); print(s.recv(100))\"\n\n"
                     f"{maria_line}"
+                    f"{mongo_line}"
+                    f"{ssh_line}"
                     f"Use the CLI against this demo:  WICKET_HOME={home} wicket ls\n"
                     f"Audit log (every statement):  wicket-cluster audit --config {config_path}\n"
-                    f"Ctrl-C stops the gateway, the database servers and the cluster.\n"
+                    f"Ctrl-C stops the gateway, the servers and the cluster.\n"
                 )
                 sys.stdout.flush()
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -176,7 +195,7 @@ def run_demo(state: Path, port: int) -> None:
                         break
             finally:
                 with trio.CancelScope(shield=True):
-                    for server in (pg, maria):
+                    for server in (pg, maria, mongo, sshd):
                         if server is not None:
                             await trio.to_thread.run_sync(server.stop)
                     proc.terminate()
@@ -230,12 +249,87 @@ async def _start_mariadb(state: Path, cluster_state: Path, config_path: Path):
     return maria
 
 
+def _login() -> str:
+    """The node login the demo's role allows: the OS user running the demo
+    (the throwaway sshd runs as that user, and can only let that user in
+    unless it is root)."""
+    return "root" if os.geteuid() == 0 else getpass.getuser()
+
+
+async def _start_mongo(state: Path, cluster_state: Path, config_path: Path):
+    """A throwaway MongoDB wire server registered as demo-mongo (X.509
+    login as demo); None (and a note) if it cannot run here."""
+    from gateway.local.mongoserver import (MongoServer, Unavailable, find_python, make_server_tls, mongoeco_python,
+                                           venv_dir)
+
+    try:
+        if not (venv_dir() / ".installed").exists():
+            await trio.to_thread.run_sync(find_python)
+            _step(f"making mongoeco's venv, once, in {venv_dir()} (the demo's MongoDB wire server)")
+        await trio.to_thread.run_sync(mongoeco_python)
+    except Unavailable as exc:
+        _step(f"no MongoDB resource: {str(exc).splitlines()[0]}")
+        return None
+    _step("starting a throwaway MongoDB wire server (mongoeco) that trusts the cluster's database client CA")
+    base = state / "mongodb"
+    ensure_private_dir(base)
+    cert, key, server_ca = make_server_tls(base, "wicket demo mongodb server CA")
+    mongo = await trio.to_thread.run_sync(lambda: MongoServer(
+        base / "mongoeco.log", user="demo", password=secrets.token_urlsafe(18), tls_cert=cert, tls_key=key,
+        tls_ca=cluster_state / "db_client_ca.crt"))
+    _admin(config_path, "resources", "add", "demo-mongo", "--kind", "mongodb", "--address",
+           f"127.0.0.1:{mongo.tls_port}", "--tls", "verify-full", "--ca-file", str(server_ca),
+           "--server-name", "localhost", "--auth", "cert", "--label", "env=demo")
+    _step(f"MongoDB 127.0.0.1:{mongo.tls_port} registered as resource demo-mongo (X.509 auth, verify-full)")
+    return mongo
+
+
+async def _start_sshd(state: Path, cluster_state: Path, config_path: Path):
+    """A throwaway sshd registered as demo-ssh with its host key; None (and
+    a note) if OpenSSH's server is not installed."""
+    from gateway.local.sshserver import SshServer, missing
+
+    why = missing()
+    if why:
+        _step(f"no SSH resource: {why}")
+        return None
+    _step("starting a throwaway sshd that trusts the cluster's SSH user CA")
+    sshd = SshServer(state / "sshd", cluster_state / "ssh_user_ca.pub")
+    await trio.to_thread.run_sync(sshd.start)
+    _admin(config_path, "resources", "add", "demo-ssh", "--kind", "ssh", "--address", sshd.address,
+           "--host-key", sshd.host_key, "--label", "env=demo")
+    _step(f"sshd {sshd.address} registered as resource demo-ssh (certificates only, login {_login()})")
+    return sshd
+
+
+def _ssh_lines(state: Path, home: Path, env: dict[str, str]) -> str:
+    """``wicket config ssh`` into the state directory, and both ways in."""
+    r = subprocess.run([sys.executable, "-m", "gateway.cli.wicket", "config", "ssh"], capture_output=True,
+                       text=True, env=env)
+    if r.returncode != 0:
+        raise click.ClickException(f"wicket config ssh failed: {r.stderr.strip()}")
+    config = state / "ssh_config"
+    pki.write_private(config, r.stdout.encode())
+    login = _login()
+    return (f"SSH resource demo-ssh, OpenSSH end to end with a certificate the cluster signed "
+            f"(the ssh_config block `wicket config ssh` printed, in {config}):\n\n"
+            f"  ssh -F {config} {login}@demo-ssh.demo\n\n"
+            f"or through the gateway's own SSH server (your ~/.ssh keys or agent let you in to it):\n\n"
+            f"  WICKET_HOME={home} wicket proxy ssh demo-ssh --port 2222 &\n"
+            f"  ssh -p 2222 {login}@127.0.0.1\n\n")
+
+
 def _prepare_database(pg) -> None:
     """The demo's db user and database (idempotent)."""
     exists = pg.sql("SELECT 1 FROM pg_roles WHERE rolname = 'demo'").strip()
     if not exists:
         pg.sql("CREATE ROLE demo LOGIN")
         pg.sql("CREATE DATABASE demo OWNER demo")
+
+
+async def _serve_db(nursery: trio.Nursery, route) -> int:
+    """A database kind's route served on a free loopback port: the port."""
+    return (await nursery.start(_listen, route.handle, 0))[1]
 
 
 async def _listen(handler, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -1,12 +1,15 @@
-"""The README's first command: `wicket demo` brings up everything and the
-line it prints works."""
+"""The README's first command: `wicket demo` brings up everything and each
+line it prints works, one connection through every kind."""
 
+import getpass
+import os
 import shutil
 import signal
 import subprocess
 from pathlib import Path
 
-from tests.integration.harness import PY, Proc, _env
+from gateway.local import mongoserver, sshserver
+from tests.integration.harness import PY, Proc, _env, wait_for
 
 
 def test_demo_end_to_end(tmp_path):
@@ -25,18 +28,38 @@ def test_demo_end_to_end(tmp_path):
             out = subprocess.run(line + " -N -B -e 'select current_user(), database()'", shell=True,
                                  capture_output=True, text=True, timeout=60)
             assert out.stdout.strip() == "demo@%\tdemo", out.stderr
+        try:
+            mongoserver.mongoeco_python()
+        except mongoserver.Unavailable:
+            wait_for(lambda: "no MongoDB resource: mongoeco needs Python >= 3.13" in proc.log(), what="the note")
+        else:
+            uri = proc.read_line(r'^\s+mongosh "(mongodb://[^"]+)"$').group(1)
+            import pymongo
+
+            with pymongo.MongoClient(uri, serverSelectionTimeoutMS=30_000) as client:
+                client.demo.things.insert_one({"_id": 1, "via": "wicket"})
+                assert client.demo.things.find_one({"_id": 1}) == {"_id": 1, "via": "wicket"}
+        if sshserver.missing() is None:
+            line = proc.read_line(r"^\s+(ssh -F \S+ \S+@demo-ssh\.demo)$").group(1)
+            assert line.split()[-1].split("@")[0] == ("root" if os.geteuid() == 0 else getpass.getuser())
+            out = subprocess.run(line + " -o BatchMode=yes true", shell=True, capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert proc.read_line(r"^\s+ssh -p (\d+) \S+@127\.0\.0\.1$")
+        else:
+            wait_for(lambda: "no SSH resource: " in proc.log(), what="the note")
         assert (state / "demo-password").stat().st_mode & 0o777 == 0o600
         assert (state / "home" / "key.pem").stat().st_mode & 0o777 == 0o600
     finally:
         rc = proc.stop(signal.SIGINT)
     assert rc == 0, proc.log()
     assert "stopped" in proc.log()
-    # The cluster child went away with it.
-    needle = str(state / "cluster.toml").encode()
+    # The cluster and sshd children went away with it.
+    needles = (str(state / "cluster.toml").encode(), str(state / "sshd").encode())
     alive = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if needle in cmdline.read_bytes():
+            if any(needle in cmdline.read_bytes() for needle in needles):
                 alive.append(cmdline.parent.name)
         except OSError:
             pass

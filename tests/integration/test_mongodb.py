@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from gateway.identity import pki
+from gateway.local.mongoserver import make_server_tls
 from tests.integration.harness import Cluster, Echo, Gateway, wait_for
 from tests.servers import mongo
 
@@ -45,12 +45,7 @@ def mongo_env(tmp_path_factory):
     echo = Echo(tmp)
     cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_MONGO_PW": DB_PW,
                                                           "WICKET_TEST_WRONG_PW": "not the password"})
-    now = pki.utcnow()
-    ca = pki.CertificateAuthority.create("wicket test mongodb server CA", now=now)
-    key = pki.generate_key()
-    (tmp / "server.crt").write_bytes(pki.cert_to_pem(ca.issue_host_cert(key.public_key(), ["localhost"], now=now)))
-    (tmp / "server.key").write_bytes(pki.key_to_pem(key))
-    (tmp / "server-ca.crt").write_bytes(ca.pem)
+    make_server_tls(tmp, "wicket test mongodb server CA")
     server = mongo.MongoServer(tmp / "mongoeco.log", user="app", password=DB_PW,
                                tls_cert=tmp / "server.crt", tls_key=tmp / "server.key")
     password = ("--auth", "password", "--password-ref", "app=env:WICKET_TEST_MONGO_PW")

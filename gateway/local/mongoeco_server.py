@@ -1,8 +1,8 @@
-"""The tests' MongoDB wire server: mongoeco's AsyncMongoEcoProxyServer,
+"""The demo's and the tests' MongoDB wire server: mongoeco's AsyncMongoEcoProxyServer,
 with the tests' own TLS terminator in front of it.
 
 This script runs in mongoeco's own virtual environment (Python >= 3.13,
-made by tests/servers/mongo.py), never in the project's: it imports
+made by gateway/local/mongoserver.py), never in the project's: it imports
 mongoeco and asyncio, nothing of Wicket's.
 
     python mongoeco_server.py --user app [--tls-cert C --tls-key K [--tls-ca CA]]
