@@ -50,7 +50,7 @@ ERROR_CODES: Final[Mapping[str, int]] = {
     "BadValue": 2, "HostUnreachable": 6, "HostNotFound": 7, "FailedToParse": 9,
     "UserNotFound": 11, "Unauthorized": 13, "ProtocolError": 17, "AuthenticationFailed": 18,
     "IllegalOperation": 20, "InvalidBSON": 22, "CommandNotFound": 59, "NetworkTimeout": 89,
-    "ShutdownInProgress": 91, "CommandNotSupported": 115, "ZLibError": 147,
+    "ShutdownInProgress": 91, "CommandNotSupported": 115, "SSLHandshakeFailed": 141, "ZLibError": 147,
     "IllegalOpMsgFlag": 223, "ChecksumMismatch": 288, "MechanismUnavailable": 334,
     "UnsupportedOpQueryCommand": 352, "ReauthenticationRequired": 391,
 }
