@@ -206,6 +206,7 @@ MONGODB = Kind(
     proxy_options=(
         ProxyOption(name="db_user", help="Database user the cluster logs in as (default: your Wicket user name)."),
         ProxyOption(name="db_name", help="Keep every command to this database (default: any your roles allow)."),
+        *DATABASE_PROXY_OPTIONS[2:],  # --local-tls, --local-tls-client-cert
     ),
     is_database=True,
     client_env="gateway.local.mongo_client:client_env",

@@ -36,13 +36,14 @@ import trio
 
 from gateway.cluster import resource_specs
 from gateway.cluster.core import Cluster, LiveSession
-from gateway.cluster.dbkind import PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
-from gateway.cluster.dial import Opened, Refused
+from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
+from gateway.cluster.dial import Opened, Refused, connect_tcp
 from gateway.cluster.mongodb_gate import CommandGate, integer
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from protocols.dial import DialRequest
-from protocols.errors import ErrorCode
+from protocols.errors import ErrorCode, ProtocolError
+from protocols.mongodb.bson import Binary, Int64
 from protocols.mongodb import MessageReader, OpMsg, OpReply, ScramLogin, ScramLoginError, hello_params
 from protocols.signals import NEED_DATA, ConnectionClosed
 
@@ -69,12 +70,6 @@ def _check_name(what: str, value: str, *, database: bool = False) -> None:
 
 class MongoKind(DatabaseKind):
     kind = "mongodb"
-    #: main's RouteKind (after the security branch) asks each kind how to
-    #: stop what a cut session runs upstream; for MongoDB that would be
-    #: killSessions with the session's lsids on a connection of its own.
-    #: Not done yet: a cut closes the server's connection, as for tcp.
-    interrupt = None
-
     def check_params(self, request: DialRequest, identity: pki.Identity) -> dict[str, str]:
         """``db_user`` (default: the user's own name); ``db_name`` only
         when the dial names one (``--db-name``): then the session keeps to
@@ -88,10 +83,47 @@ class MongoKind(DatabaseKind):
             out[PARAM_DB_NAME] = params[PARAM_DB_NAME]
         return out
 
-    async def login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
-                    params: Mapping[str, str], session: LiveSession, upstream: Upstream,
-                    password: str | None) -> Opened:
-        db_user = params[PARAM_DB_USER]
+    # -- interrupting a session that is being cut ----------------------------------
+
+    async def interrupt(self, cluster: Cluster, resource: Resource, session: LiveSession, reason: str) -> str:
+        """The session is being cut (a lock, a revocation, the certificate's
+        end): before the cut closes its connection, stop what it runs on
+        the server, from a connection of our own logged in as the same db
+        user: ``killSessions`` with the logical sessions its commands named
+        (a server ends their running operations and cursors, and aborts
+        their transactions), then ``killCursors`` for the cursors it was
+        reading (for a server without killSessions; a cursor the client
+        never continued is only known to the server). A closed connection
+        alone would leave both: MongoDB keeps a session's cursors open for
+        10 minutes and its operations running to their end."""
+        gate = session.extra.get("mongodb_gate")
+        if not isinstance(gate, CommandGate) or gate.refusal is not None:
+            return "no server session"
+        lsids, cursors = list(gate.lsids), dict(gate.cursors)
+        if not lsids and not cursors:
+            return "nothing to stop (no logical session or cursor seen)"
+        spec = resource_specs.DatabaseSpec.of(resource.spec)
+        try:
+            password = self.password(spec, resource, gate.db_user)
+            upstream = Upstream(await connect_tcp(resource))
+            try:
+                with trio.fail_after(LOGIN_TIMEOUT):
+                    conversation, hello = await self._hello(cluster, resource, spec, gate.db_user, upstream, password)
+                    await self._login(conversation, resource, gate.db_user, password, hello)
+                    return await _kill(conversation, lsids, cursors)
+            finally:
+                await upstream.stream.aclose()
+        except _LoginRefused:
+            return "killSessions failed: the server refused the cluster's login"
+        except (Refused, ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError) as exc:
+            return f"killSessions failed: {getattr(exc, 'message', None) or exc!r}"
+
+    # -- sessions ------------------------------------------------------------------
+
+    async def _hello(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec, db_user: str,
+                     upstream: Upstream, password: str | None) -> tuple["_Conversation", dict[str, Any]]:
+        """A fresh server connection, to the hello before the login."""
         if spec.tls != "disable":
             # MongoDB has no in-band upgrade: TLS from the first byte.
             await self.start_tls(cluster, upstream, spec, resource, db_user)
@@ -103,6 +135,13 @@ class MongoKind(DatabaseKind):
         if not hello.get("ok"):
             raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
                           f"{resource.name} answered hello with an error: {_errmsg(hello)}")
+        return conversation, hello
+
+    async def login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
+                    params: Mapping[str, str], session: LiveSession, upstream: Upstream,
+                    password: str | None) -> Opened:
+        db_user = params[PARAM_DB_USER]
+        conversation, hello = await self._hello(cluster, resource, spec, db_user, upstream, password)
         details: dict[str, Any] = {"db_user": db_user}
         try:
             details["auth"] = await self._login(conversation, resource, db_user, password, hello)
@@ -113,6 +152,7 @@ class MongoKind(DatabaseKind):
             details["login_error"] = refusal = exc.message
         gate = CommandGate.open(cluster, session, resource, upstream.stream, hello=hello, db_user=db_user,
                                 db_name=params.get(PARAM_DB_NAME), refusal=refusal)
+        session.extra["mongodb_gate"] = gate  # for the interrupt: its lsids and cursors
         return Opened(upstream=gate.relay_end, task=gate.run, finish=gate.finish,
                       reply_params=hello_params(hello, gate.compressors),
                       details={**details,
@@ -144,6 +184,29 @@ class MongoKind(DatabaseKind):
         except ScramLoginError as exc:
             raise _login_refused(resource, db_user, mechanism, exc.message) from None
         return mechanism
+
+
+async def _kill(conversation: "_Conversation", lsids: list[bytes], cursors: dict[int, tuple[str, str]]) -> str:
+    """killSessions, then killCursors per collection: what each did."""
+    said = []
+    if lsids:
+        reply = await conversation.command({"killSessions": [{"id": Binary(4, lsid)} for lsid in lsids],
+                                            "$db": AUTH_SOURCE})
+        said.append(f"killSessions ({len(lsids)} sessions) "
+                    + ("sent" if reply.get("ok") else f"refused: {_errmsg(reply)}"))
+    by_collection: dict[tuple[str, str], list[int]] = {}
+    for cursor, where in cursors.items():
+        by_collection.setdefault(where, []).append(cursor)
+    killed = unknown = 0
+    for (database, collection), ids in by_collection.items():
+        reply = await conversation.command({"killCursors": collection, "cursors": [Int64(i) for i in ids],
+                                            "$db": database})
+        if reply.get("ok"):
+            killed += len(reply.get("cursorsKilled") or ())
+            unknown += len(reply.get("cursorsNotFound") or reply.get("cursorsUnknown") or ())
+    if cursors:
+        said.append(f"killCursors: {killed} killed, {unknown} already closed")
+    return "; ".join(said)
 
 
 def _errmsg(reply: dict[str, Any]) -> str:

@@ -72,7 +72,7 @@ from protocols.mongodb import (
     gateway_hello, reply_to,
 )
 from protocols.mongodb.audit import MESSAGE_AFTER_LENGTH, ErrorReplyEvent, client_event
-from protocols.mongodb.commands import AUTH_COMMANDS, HANDSHAKE_COMMANDS
+from protocols.mongodb.commands import AUTH_COMMANDS, HANDSHAKE_COMMANDS, Command
 from protocols.mongodb.wire import DEFAULT_MAX_MESSAGE_SIZE, OpMsg, OpQuery
 
 log = logging.getLogger("wicket.cluster.mongodb")
@@ -88,6 +88,10 @@ NO_DATABASE = frozenset({
 })
 #: Requests whose command the audit pairs with an error reply, at most.
 MAX_PENDING = 1024
+#: Logical sessions (``lsid``) and open cursors (seen in ``getMore``) a
+#: session remembers for its interrupt (killSessions, killCursors), at most:
+#: the most recent ones.
+MAX_LSIDS, MAX_CURSORS = 64, 256
 _SKIP_ALL = lambda _kind, _length: None  # noqa: E731 (a keep policy: count frames, keep nothing)
 
 
@@ -117,6 +121,9 @@ class CommandGate:
         self._roles: list[rbac.Role] | None = None
         self._roles_read = 0.0
         self._decided: dict[str, bool] = {}
+        #: What a cut stops on the server (MongoKind.interrupt), oldest first.
+        self.lsids: dict[bytes, None] = {}
+        self.cursors: dict[int, tuple[str, str]] = {}  # id -> (database, collection)
 
     @classmethod
     def open(cls, cluster: Cluster, session: LiveSession, resource: Resource,
@@ -222,8 +229,22 @@ class CommandGate:
         self._audit_command(event)
         return None
 
+    def _remember(self, command: Command) -> None:
+        """The session's logical session and cursor, for the interrupt."""
+        if command.lsid is not None:
+            self.lsids.pop(command.lsid, None)
+            self.lsids[command.lsid] = None
+            if len(self.lsids) > MAX_LSIDS:
+                del self.lsids[next(iter(self.lsids))]
+        if command.cursor_id and command.collection is not None:
+            self.cursors.pop(command.cursor_id, None)
+            self.cursors[command.cursor_id] = (command.database, command.collection)
+            if len(self.cursors) > MAX_CURSORS:
+                del self.cursors[next(iter(self.cursors))]
+
     def _audit_command(self, event: CommandEvent) -> None:
         command = event.command
+        self._remember(command)
         if not event.more_to_come:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.clear()

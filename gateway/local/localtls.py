@@ -74,6 +74,17 @@ def ensure_local_client_cert(home: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def ensure_local_client_pem(home: Path) -> Path:
+    """The local clients' certificate and key in one PEM file (0600), for
+    clients that take them so (MongoDB's ``tlsCertificateKeyFile``)."""
+    cert_path, key_path = ensure_local_client_cert(home)
+    pem_path = home / "local-client.pem"
+    combined = cert_path.read_bytes() + key_path.read_bytes()
+    if not pem_path.exists() or pem_path.read_bytes() != combined:
+        pki.write_private(pem_path, combined)
+    return pem_path
+
+
 def _signed_by(cert: x509.Certificate, ca: pki.CertificateAuthority) -> bool:
     """By this CA's key (a replaced CA keeps the same name)."""
     try:

@@ -42,11 +42,13 @@ from collections.abc import Mapping
 
 import trio
 
-from gateway.local.dbroute import STARTUP_TIMEOUT, ClientPhase, DatabaseRoute
+from gateway.local.dbroute import STARTUP_TIMEOUT, ClientPhase, DatabaseRoute, local_tls as local_tls_setup
+from gateway.local.localtls import ensure_local_client_pem
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
 from gateway.net.muxlink import MuxLink, Stream
 from gateway.net.peercred import LocalUsers
+from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialError
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocols.mongodb import (
@@ -81,8 +83,10 @@ def _body(message: OpMsg | OpQuery) -> Mapping:
 class MongoProxy(DatabaseRoute):
     kind = "mongodb"
 
-    def __init__(self, profile: Profile, resource: str, **options) -> None:
+    def __init__(self, profile: Profile, resource: str, *, tls_hint: str = "", **options) -> None:
         super().__init__(profile, resource, **options)
+        #: With --local-tls: the URI options that make a client do TLS.
+        self.tls_hint = tls_hint
         # The local credential for clients that insist on logging in: made
         # here, shown once at start (try_line), held only in memory.
         self.local_password = secrets.token_urlsafe(18)
@@ -120,7 +124,40 @@ class _MongoClient(ClientPhase):
             raise RemoteProtocolError(f"a client sent {type(event).__name__}, which is not a command",
                                       code=ErrorCode.BAD_REQUEST, wire_hint=17)
 
+    async def _start_tls(self) -> bool:
+        """``--local-tls``: TLS from the client's first byte (MongoDB has no
+        in-band upgrade). A plaintext client's hello is answered, in plain,
+        with what to add to its URI; False when there is no TLS session."""
+        received = b""
+        while len(received) < 3:
+            data = await self.tcp.receive_some(READ)
+            if not data:
+                return False
+            received += data
+        # A TLS handshake record: 0x16, then the record version 3.1 or 3.3.
+        # A MongoDB message starting so would be 66 KiB long: no hello is.
+        if received[:3] not in (b"\x16\x03\x01", b"\x16\x03\x03"):
+            log.warning("local_tls_refused resource=%s client=%s reason=%r", self.route.resource,
+                        self.client_addr, "a plaintext client")
+            self.reader.receive_data(received)
+            first = await self._next(self.reader)
+            if first is not None:
+                await self.stream.send_all(error_reply(first, (
+                    f"this Wicket gateway requires TLS (wicket proxy --local-tls): add "
+                    f"{self.route.tls_hint} to the connection string"), "SSLHandshakeFailed").encode())
+            return False
+        self.stream = TLSStream(self.tcp, self.route.tls_context, server_side=True, received=received)
+        try:
+            await self.stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            log.warning("local_tls_failed resource=%s client=%s error=%s", self.route.resource, self.client_addr,
+                        exc.__cause__ or exc)
+            return False
+        return True
+
     async def run(self) -> dict[str, str] | None:
+        if self.route.tls_context is not None and not await self._start_tls():
+            return None
         first = await self._next(self.reader)
         if first is None:
             return None
@@ -244,17 +281,23 @@ class _MongoClient(ClientPhase):
 
 def mongodb_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
                   local_users: LocalUsers | None = None, db_user: str | None = None,
-                  db_name: str | None = None) -> Listening:
+                  db_name: str | None = None, local_tls: bool = False,
+                  local_tls_client_cert: bool = False) -> Listening:
     """The mongodb kind's local route (gateway/kinds.py)."""
+    tls_context, ca_path, client_cert = local_tls_setup(profile.home, on=local_tls, client_cert=local_tls_client_cert)
+    tls_query = f"&tls=true&tlsCAFile={ca_path}" if tls_context is not None else ""
+    if client_cert is not None:
+        tls_query += f"&tlsCertificateKeyFile={ensure_local_client_pem(profile.home)}"
     proxy = MongoProxy(profile, resource, db_user=db_user, db_name=db_name, wait_for_cluster=wait_for_cluster,
-                       local_users=local_users)
+                       local_users=local_users, tls_context=tls_context, tls_hint=tls_query.lstrip("&"),
+                       client_cert_line=tls_query.lstrip("&") if client_cert is not None else None)
 
     def try_line(host: str, port: int) -> str:
         # One URI for every tool: drivers and shells need no credentials, and
         # tools that insist on a login get the local one (good while this
         # proxy runs; only the owner's local uid may connect anyway).
         return (f'Try: mongosh "mongodb://{LOCAL_USER}:{proxy.local_password}@{host}:{port}/'
-                f'{db_name or ""}?directConnection=true&authSource=admin"  (the user and password are '
+                f'{db_name or ""}?directConnection=true&authSource=admin{tls_query}"  (the user and password are '
                 f'optional: a local login for tools that insist on one)')
 
     return Listening(handler=proxy.handle, dialer=proxy.dialer, try_line=try_line, route=proxy)

@@ -50,7 +50,7 @@ ERROR_CODES: Final[Mapping[str, int]] = {
     "BadValue": 2, "HostUnreachable": 6, "HostNotFound": 7, "FailedToParse": 9,
     "UserNotFound": 11, "Unauthorized": 13, "ProtocolError": 17, "AuthenticationFailed": 18,
     "IllegalOperation": 20, "InvalidBSON": 22, "CommandNotFound": 59, "NetworkTimeout": 89,
-    "ShutdownInProgress": 91, "CommandNotSupported": 115, "ZLibError": 147,
+    "ShutdownInProgress": 91, "CommandNotSupported": 115, "SSLHandshakeFailed": 141, "ZLibError": 147,
     "IllegalOpMsgFlag": 223, "ChecksumMismatch": 288, "MechanismUnavailable": 334,
     "UnsupportedOpQueryCommand": 352, "ReauthenticationRequired": 391,
 }
@@ -115,6 +115,11 @@ class Command:
     mechanism: str | None = None
     #: The command came in a legacy OP_QUERY.
     legacy: bool = False
+    #: The logical session's id (``lsid.id``, a UUID's 16 bytes), if sent:
+    #: what ``killSessions`` names when the session is cut.
+    lsid: bytes | None = None
+    #: ``getMore``'s cursor id: a cursor the session holds open.
+    cursor_id: int | None = None
 
     @property
     def is_auth(self) -> bool:
@@ -304,11 +309,16 @@ def view(body: Mapping[str, Any], sequences: Mapping[str, Any] | None = None, *,
             writes.append(Namespace(_text(out.get("db", database), "mapReduce's out.db"),
                                     target if isinstance(target, str) else None))
     mechanism = body.get("mechanism") if name == "saslStart" else None
+    lsid = body.get("lsid")
+    lsid = lsid.get("id") if isinstance(lsid, Mapping) else None
+    cursor_id = value if name == "getMore" and isinstance(value, int) and not isinstance(value, bool) else None
     return Command(name=name, database=database, collection=collection,
                    filters=[shape(f) for f in filters[:MAX_FILTERS]],
                    filters_truncated=len(filters) > MAX_FILTERS, pipeline=stages,
                    writes_to=tuple(writes), reads_from=tuple(reads), documents=documents,
-                   mechanism=mechanism if isinstance(mechanism, str) else None, legacy=legacy)
+                   mechanism=mechanism if isinstance(mechanism, str) else None, legacy=legacy,
+                   lsid=lsid.data if isinstance(lsid, bson.Binary) and lsid.subtype == 4 and len(lsid.data) == 16
+                   else None, cursor_id=cursor_id)
 
 
 def view_message(message: OpMsg | OpQuery) -> Command:

@@ -368,6 +368,83 @@ def test_a_lock_cuts_a_live_session_and_the_next_dial_says_why(mongo_env, tmp_pa
         g.stop()
 
 
+def test_a_cut_stops_the_sessions_cursors_on_the_server(mongo_env, tmp_path):
+    """A lock interrupts the session upstream (RouteKind.interrupt): the
+    cluster logs in as the same db user and sends killSessions with the
+    client's lsids, then killCursors for the cursors it was reading.
+    mongoeco has no killSessions (its refusal is in the audit's result);
+    the cursor is gone from the server all the same."""
+    cluster, server = mongo_env
+    g = _gateway(cluster, tmp_path, "mongo")
+    try:
+        _, p = g.proxy("mongodb", "mongo", "--db-user", "app")
+        with client(p, maxPoolSize=1) as c:
+            t = c.app.cut_cursor
+            t.drop()
+            t.insert_many([{"n": i} for i in range(10)])
+            cursor = t.find({}, batch_size=2)
+            assert [next(cursor)["n"] for _ in range(3)] == [0, 1, 2]  # one getMore
+            cursor_id = cursor.cursor_id
+            assert cursor_id
+            cluster.admin("users", "lock", g.user, "--reason", "incident 45")
+            # Each of the driver's connections is a session (its monitors' too).
+            events = cluster.wait_audit(event="session.interrupt", user=g.user)
+            assert {e["reason"] for e in events} == {"user_locked"}, events
+            [event] = [e for e in events if e["result"] != "nothing to stop (no logical session or cursor seen)"]
+            assert event["result"].startswith("killSessions (1 sessions) "), event
+            assert event["result"].endswith("killCursors: 1 killed, 0 already closed"), event
+            # On the server, as the same db user: the cursor is no more.
+            with pymongo.MongoClient(f"mongodb://{server.address}/?directConnection=true", username="app",
+                                     password=DB_PW, authMechanism="SCRAM-SHA-256",
+                                     serverSelectionTimeoutMS=20_000) as direct:
+                reply = direct.app.command({"killCursors": "cut_cursor", "cursors": [cursor_id]})
+            assert reply["cursorsKilled"] == [] and cursor_id in reply["cursorsNotFound"], reply
+    finally:
+        cluster.admin("users", "unlock", g.user, check=False)
+        g.stop()
+
+
+def _try_uri(proc) -> str:
+    found = re.search(r'Try: mongosh "([^"]+)"', proc.log())
+    assert found, proc.log()
+    return found.group(1)
+
+
+def test_local_tls_with_the_printed_uri_and_a_plain_client_told_why(gw):
+    proc, p = gw.proxy("mongodb", "mongo", "--db-user", "app", "--local-tls")
+    uri = _try_uri(proc)
+    ca = gw.home / "local-ca.crt"
+    assert uri.endswith(f"&tls=true&tlsCAFile={ca}") and f"127.0.0.1:{p}/" in uri, uri
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=20_000) as c:  # the local login, over TLS
+        c.app.tls_local.replace_one({"_id": 1}, {"v": "over tls"}, upsert=True)
+        assert c.app.tls_local.find_one({"_id": 1})["v"] == "over tls"
+    with pymongo.MongoClient(f"mongodb://127.0.0.1:{p}/?directConnection=true&tls=true&tlsCAFile={ca}",
+                             serverSelectionTimeoutMS=20_000) as c:  # no credentials
+        assert c.app.command("ping")["ok"] == 1.0
+    # A plaintext driver's hello is answered, in plain, with what to add.
+    with client(p, serverSelectionTimeoutMS=3000) as c:
+        with pytest.raises(mongo_errors.PyMongoError) as caught:
+            c.app.command("ping")
+    assert "requires TLS" in str(caught.value) and f"tlsCAFile={ca}" in str(caught.value), caught.value
+    wait_for(lambda: re.search(r"local_tls_refused .*a plaintext client", proc.log()), what="the log line")
+
+
+def test_local_tls_client_cert(gw):
+    proc, p = gw.proxy("mongodb", "mongo", "--db-user", "app", "--local-tls-client-cert")
+    uri = _try_uri(proc)
+    pem = gw.home / "local-client.pem"
+    assert uri.endswith(f"&tlsCertificateKeyFile={pem}"), uri
+    assert pem.stat().st_mode & 0o077 == 0
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=20_000) as c:
+        assert c.app.command("ping")["ok"] == 1.0
+    # TLS without the certificate: told in MongoDB's words what to add.
+    ca = gw.home / "local-ca.crt"
+    with client(p, tls=True, tlsCAFile=str(ca), serverSelectionTimeoutMS=20_000, retryReads=False) as c:
+        with pytest.raises(mongo_errors.OperationFailure) as caught:
+            c.app.t.find_one()
+    assert caught.value.code == 13 and "tlsCertificateKeyFile=" in str(caught.value), caught.value
+
+
 def test_compression_the_server_lacks_is_negotiated_away(port):
     with client(port, compressors="zlib") as c:
         assert c.admin.command("hello").get("compression") is None  # mongoeco offers none

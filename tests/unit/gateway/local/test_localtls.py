@@ -95,3 +95,15 @@ def test_the_local_client_certificate_is_private_for_client_auth_and_kept(tmp_pa
     again = localtls.ensure_local_client_cert(tmp_path)
     assert again == (cert_path, key_path)
     assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == cert  # kept, not reissued
+
+
+def test_the_client_pem_is_the_certificate_and_key_private_and_follows_a_renewal(tmp_path):
+    pem = localtls.ensure_local_client_pem(tmp_path)
+    cert_path, key_path = localtls.ensure_local_client_cert(tmp_path)
+    assert stat.S_IMODE(os.stat(pem).st_mode) == 0o600
+    assert pem.read_bytes() == cert_path.read_bytes() + key_path.read_bytes()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(pem)  # one file, as MongoDB clients take it
+    cert_path.unlink()  # a renewal: a new certificate and key
+    localtls.ensure_local_client_pem(tmp_path)
+    assert pem.read_bytes() == cert_path.read_bytes() + key_path.read_bytes()

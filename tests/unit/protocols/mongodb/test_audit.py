@@ -51,7 +51,7 @@ CLIENT_EVENTS = [
                                                filters=[{"name": "string"}]),
                  more_to_come=True, size=size(UPDATE)),
     CommandEvent(request_id=5, command=Command(name="getMore", database="app",
-                                               collection="users"),
+                                               collection="users", cursor_id=77),
                  exhaust_allowed=True, size=size(GET_MORE)),
 ]
 CLIENT_STREAM = b"".join(m.encode() for m in CLIENT)

@@ -76,6 +76,18 @@ def test_the_collection_of_each_command(body: dict[str, Any], collection: str | 
     assert view(body).collection == collection
 
 
+def test_the_logical_session_and_the_cursor_a_command_names() -> None:
+    uuid = bytes(range(16))
+    got = view({"getMore": bson.Int64(7), "collection": "users", "lsid": {"id": bson.Binary(4, uuid)}, "$db": "app"})
+    assert (got.lsid, got.cursor_id) == (uuid, 7)
+    plain = view({"find": "users", "$db": "app"})
+    assert (plain.lsid, plain.cursor_id) == (None, None)
+    # Not a UUID (subtype 4, 16 bytes): not kept.
+    for lsid in ({"id": bson.Binary(3, uuid)}, {"id": bson.Binary(4, b"short")}, {"id": "x"}, "x"):
+        assert view({"find": "users", "lsid": lsid, "$db": "app"}).lsid is None
+    assert view({"getMore": True, "collection": "users", "$db": "app"}).cursor_id is None
+
+
 def test_explain_is_seen_through() -> None:
     cmd = view({"explain": {"find": "users", "filter": {"a": 1}}, "verbosity": "queryPlanner",
                 "$db": "app"})
