@@ -39,6 +39,8 @@ def test_demo_end_to_end(tmp_path):
             with pymongo.MongoClient(uri, serverSelectionTimeoutMS=30_000) as client:
                 client.demo.things.insert_one({"_id": 1, "via": "wicket"})
                 assert client.demo.things.find_one({"_id": 1}) == {"_id": 1, "via": "wicket"}
+            # The check after the stop sees this server too (by its open log).
+            assert any(b"mongoeco_server" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _using(state))
         if sshserver.missing() is None:
             line = proc.read_line(r"^\s+(ssh -F \S+ \S+@demo-ssh\.demo)$").group(1)
             assert line.split()[-1].split("@")[0] == ("root" if os.geteuid() == 0 else getpass.getuser())
@@ -54,13 +56,22 @@ def test_demo_end_to_end(tmp_path):
         rc = proc.stop(signal.SIGINT)
     assert rc == 0, proc.log()
     assert "stopped" in proc.log()
-    # The cluster and sshd children went away with it.
-    needles = (str(state / "cluster.toml").encode(), str(state / "sshd").encode())
-    alive = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    # Every child went away with it: the cluster, sshd and each database
+    # server, each of which names a path under the demo's state directory
+    # on its command line or holds a file there open (mongoeco's log).
+    assert not _using(state)
+
+
+def _using(directory: Path) -> list[str]:
+    """The processes whose command line names a path under ``directory``,
+    or that hold a file there open."""
+    needle = str(directory) + "/"
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if any(needle in cmdline.read_bytes() for needle in needles):
-                alive.append(cmdline.parent.name)
+            if needle.encode() in (proc / "cmdline").read_bytes() or any(
+                    os.readlink(fd).startswith(needle) for fd in (proc / "fd").iterdir()):
+                found.append(proc.name)
         except OSError:
-            pass
-    assert not alive
+            pass  # gone meanwhile, or not ours to look at
+    return found
