@@ -7,10 +7,12 @@ by sleeping a fixed time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -270,6 +272,19 @@ class Gateway:
         self.cluster = cluster
         self.user = name
         self.proxies: list[Proc] = []
+
+    @contextlib.contextmanager
+    def cluster_unreachable(self):
+        """The profile points at a port nobody listens on (bound, never
+        listening) while the block runs: every connect is refused at once,
+        as while the cluster restarts."""
+        profile = self.home / "profile.json"
+        doc = json.loads(profile.read_text())
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
+            profile.write_text(json.dumps(doc))
+            yield
 
     @classmethod
     def logged_in(cls, cluster: "Cluster", tmp: Path, name: str, roles: str) -> "Gateway":

@@ -4,10 +4,8 @@ PyMySQL, mysqlclient, asyncmy, aiomysql)."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 
@@ -330,7 +328,6 @@ def test_change_user_relayed_by_the_engine_ends_the_session_unsent(any_port, my_
 
 
 def test_reset_connection_is_the_servers(my_port):
-    from pymysql.constants import COMMAND
     conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
     try:
         with conn.cursor() as cur:
@@ -564,12 +561,7 @@ def test_a_cluster_that_cannot_be_reached_is_the_clients_error(my_env, tmp_path)
     cluster, _ = my_env
     g = _gateway(cluster, tmp_path, "my")
     try:
-        profile = g.home / "profile.json"
-        doc = json.loads(profile.read_text())
-        with socket.socket() as closed:
-            closed.bind(("127.0.0.1", 0))
-            doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
-            profile.write_text(json.dumps(doc))
+        with g.cluster_unreachable():
             _, port = g.proxy("mysql", "maria", "--wait-for-cluster", "0.5")  # "db" would ask the cluster first
             r = mysql(port, "-e", "select 1")
         assert r.returncode != 0

@@ -4,10 +4,8 @@ malformed start-ups, replication, other local users)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import subprocess
 
 import pytest
@@ -68,12 +66,7 @@ def test_a_cluster_that_cannot_be_reached_is_waited_for_then_a_native_error(pg_e
     cluster, _ = pg_env
     g = _gateway(cluster, tmp_path, "pg")
     try:
-        profile = g.home / "profile.json"
-        doc = json.loads(profile.read_text())
-        with socket.socket() as closed:
-            closed.bind(("127.0.0.1", 0))
-            doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
-            profile.write_text(json.dumps(doc))
+        with g.cluster_unreachable():
             proc, port = g.proxy("postgres", "pg", "--wait-for-cluster", "0.5")  # "db" would ask the cluster first
             sqlstate, message = connect_error(port)
         assert sqlstate == "08006"
