@@ -325,3 +325,24 @@ def test_env_ssh_prints_an_ssh_config_for_a_shell(make_gateway, node, tmp_path):
               'ssh -F "$WICKET_WEB_1_SSH_CONFIG" -o BatchMode=yes root@web-1.test true || echo root-refused')
     r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=gw.env(), cwd=ROOT, timeout=120)
     assert r.stdout.split() == ["via-alias", "root-refused"], r.stderr  # ssh-user grants no root
+
+
+@needs_sshd
+def test_exec_ssh_as_a_bot_joining_with_a_token(cluster, node, tmp_path):
+    """A CI job: no profile and no SSH key of its own; the joined bot's
+    temporary profile holds the SSH files too, and goes with the rest."""
+    from tests.servers.sshd import TEST_USER
+
+    cluster.admin("bots", "add", "ci-ssh", "--roles", "ssh-user")
+    token = json.loads(cluster.admin("tokens", "add", "--bot", "ci-ssh", "--format", "json").stdout)["token"]
+    env = {**_env(WICKET_HOME=str(tmp_path / "no-profile"), HOME=str(tmp_path)), "WICKET_EXEC_TOKEN": token,
+           "WICKET_EXEC_CLUSTER": cluster.address, "WICKET_EXEC_CA_PIN": cluster.pin}
+    r = subprocess.run([PY, "-m", "gateway.cli.wicket", "exec", "--ssh", "web-1", "--", "sh", "-c",
+                        'ssh web-1 id -un && dirname "$WICKET_WEB_1_SSH_CONFIG"'],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    login, workdir = r.stdout.split()
+    assert login == TEST_USER
+    assert wait_for(lambda: not _left_behind(workdir), what="the exec's directory and ProxyCommands to go")
+    assert not (tmp_path / "no-profile").exists() and not (tmp_path / ".ssh").exists()
+    assert "ID wicket:test:ci-ssh:" in node.log()
