@@ -144,7 +144,8 @@ def register(main: click.Group, cli: ModuleType) -> None:
         return names
 
     def resource_options(f: Callable) -> Callable:
-        options = {o.name: o for k in kinds.KINDS.values() for o in k.proxy_options}
+        # A kind served without a listener (ssh) has no use for its listener's options.
+        options = {o.name: o for k in kinds.KINDS.values() if k.client_setup is None for o in k.proxy_options}
         for option in reversed(list(options.values())):
             f = click.option(option.option, is_flag=option.is_flag, help=option.help)(f)
         for verb, served in reversed(list(kinds.proxy_verbs().items())):
@@ -204,6 +205,7 @@ def register(main: click.Group, cli: ModuleType) -> None:
 
         \b
         wicket exec --db pg-prod -- ./migrate.sh
+        wicket exec --ssh web-1 -- sh -c 'ssh web-1 uptime && git clone root@web-1:/srv/app.git'
         WICKET_EXEC_TOKEN_FILE=/run/secrets/join wicket exec --cluster c:3025 \\
             --ca-pin sha256:... --db pg -- pgbench -S -T 30
 
