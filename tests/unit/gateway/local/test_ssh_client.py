@@ -55,3 +55,4 @@ def test_wrappers_give_the_real_tools_the_config(tmp_path):
             continue
         assert stat.S_IMODE(path.stat().st_mode) == 0o700
         assert path.read_text().splitlines()[-1] == f"exec {real} -F '{config}' \"$@\""
+
