@@ -15,10 +15,10 @@ from protocols.mysql.constants import Command, ErrorNumber, ServerStatus
 from protocols.mysql.commands import LocalInfileDataEvent, QueryEvent
 from protocols.mysql.packets import iter_packets
 from protocols.mysql.responses import ErrorEvent, LocalInfileRequestEvent, ResponseAuditor
-from protocols.signals import NEED_DATA, ConnectionClosed
+from protocols.signals import ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, split
 from tests.unit.protocols.mysql.session import (
-    CAPS, COLUMN, MODERN, Session, command, definitions, eof, err, ok, pkt, query, result_set,
+    CAPS, COLUMN, MODERN, Session, command, cut, definitions, eof, err, ok, outcome, pkt, query, result_set,
 )
 
 SYNTAX = ErrorEvent(errno=1064, sqlstate="42000", message="You have an error", truncated=False)
@@ -290,26 +290,6 @@ def test_generated_sessions_report_exactly_their_events(
 
 # --- the usual packets straight from the chunk (ResponseAuditor._scan) --------------------
 
-def _outcome(session: Session, chunks: list[bytes]) -> tuple[list[object], str | None]:
-    """The events of ``chunks`` fed one by one, and the protocol error that
-    ended them (its message), if any."""
-    events: list[object] = []
-    auditor = session.responses
-    try:
-        for chunk in chunks:
-            auditor.receive_data(chunk)
-            while (event := auditor.next_event()) is not NEED_DATA:
-                events.append(event)
-    except RemoteProtocolError as exc:
-        return events, exc.message
-    return events, None
-
-
-def _cut(data: bytes, points: list[int]) -> list[bytes]:
-    bounds = sorted({p % (len(data) + 1) for p in points} | {0, len(data)})
-    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
 @fuzz
 @given(st.lists(st.sampled_from([
     result_set([b"\x01a"], deprecate_eof=True), result_set(TRICKY_ROWS, deprecate_eof=False),
@@ -325,12 +305,12 @@ def test_the_fast_path_says_what_the_packet_by_packet_path_says(
     path: no packet is whole in one byte)."""
     stream = b"".join(parts)
     outcomes = []
-    for chunks in (_cut(stream, points), split(stream, "bytewise")):
+    for chunks in (cut(stream, points), split(stream, "bytewise")):
         session = Session(MODERN if deprecate_eof else CAPS)
         session.client((command(Command.STMT_PREPARE, b"c") if prepare_first else b"")
                        + query("a") + command(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00")
                        + query("b") + command(Command.STATISTICS) + query("d") * 4)
-        events, error = _outcome(session, chunks)
+        events, error = outcome(session.responses, chunks)
         r = session.responses
         outcomes.append((events, error, None if error else (r._phase, r._seq, r._left, len(session.tracker.pending),
                                                             r.messages_seen, r.bytes_seen)))
