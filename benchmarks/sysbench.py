@@ -9,6 +9,8 @@ One throwaway MariaDB 10.11 (``gateway.local.mariadbserver``), four ways in:
                 (upstream leg plain, mysql_native_password: like stunnel's, the fair comparison)
 ``wicket-tls``  the same, with the production default upstream leg: TLS verify-full and a
                 client certificate from the cluster's db client CA (REQUIRE SUBJECT)
+``wicket-ab``   with ``--ab TREE``: ``wicket`` run from another checkout (an A/B of two
+                commits, in the same rounds as everything else)
 
 Workloads, interleaved per round with rotating path order, every command
 audited on the Wicket paths (the cluster's default):
@@ -29,11 +31,11 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.dbbench import arguments, measure_and_report, stop_all
+from benchmarks import paths
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
 from gateway.local.mariadbserver import MariaDbServer
 
 HERE = Path(__file__).resolve().parent
-PATHS = ("direct", "stunnel", "wicket", "wicket-tls")
 WORKLOADS = {
     "point_select": ["oltp_point_select", "--threads=4"],
     "read_write": ["oltp_read_write", "--threads=4"],
@@ -80,7 +82,7 @@ def run(port: int, user: str, args: list[str], seconds: int, *, action: str = "r
 
 
 def main(argv=None) -> int:
-    args = arguments("python -m benchmarks.sysbench", __doc__, "sysbench", "apt-get install sysbench", argv)
+    args = arguments("python -m benchmarks.sysbench", __doc__, "sysbench", "apt-get install sysbench", argv, ab=True)
     if args is None:
         return 1
 
@@ -107,7 +109,13 @@ def main(argv=None) -> int:
         started.append(st)
         routes = {"direct": (my_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
-        measure_and_report("sysbench", args, PATHS, WORKLOADS, routes, {"wicket": w_plain, "wicket-tls": w_tls},
+        wickets = {"wicket": w_plain, "wicket-tls": w_tls}
+        if args.ab is not None:
+            with paths.tree(args.ab):
+                w_ab = Wicket(work / "wicket-ab", my_port, kind="mysql", settings=PLAIN_LEG, cluster_env=PLAIN_ENV)
+            started.append(w_ab)
+            routes["wicket-ab"], wickets["wicket-ab"] = (w_ab.port, "bench"), w_ab
+        measure_and_report("sysbench", args, tuple(routes), WORKLOADS, routes, wickets,
                            run, "/s",
                            {"point_select": "oltp_point_select, 4 threads, QPS ↑",
                             "read_write": "oltp_read_write, 4 threads, QPS ↑",
