@@ -97,7 +97,9 @@ class CommandTracker:
                 Capability.ZSTD_COMPRESSION_ALGORITHM in capabilities):
             raise LocalProtocolError("a compressed MySQL session cannot be audited")
         self.capabilities = capabilities
+        # (Flag membership is a Python call: asked once, not per packet.)
         self.deprecate_eof = Capability.DEPRECATE_EOF in capabilities
+        self.query_attributes = Capability.QUERY_ATTRIBUTES in capabilities
         self.pending: deque[tuple[int, Expect]] = deque()
         self.infile = False
         self._statements: dict[int, int] = {}
@@ -223,6 +225,7 @@ def _text(data: bytes, limit: int) -> tuple[str, bool]:
 # Binary Protocol Value sizes by field type (the low byte of the type).
 _QUIT: Final = int(Command.QUIT)
 _EXECUTE: Final = int(Command.STMT_EXECUTE)
+_QUERY: Final = int(Command.QUERY)
 _FIXED_SIZE: Final = {0x01: 1, 0x02: 2, 0x0D: 2, 0x03: 4, 0x09: 4, 0x04: 4, 0x08: 8, 0x05: 8,
                       0x06: 0}
 _LENGTH_BYTE: Final = frozenset({0x07, 0x0A, 0x0B, 0x0C})  # TIMESTAMP DATE TIME DATETIME
@@ -289,14 +292,18 @@ class CommandAuditor(StreamAuditor):
                 pos = body + length
                 count += 1
                 try:
-                    if data[body] == _EXECUTE and length >= 6:
-                        # The usual prepared statement's execution (once per
-                        # statement): its event straight from the bytes, the
-                        # same as _on_frame's.
+                    # The usual statements (once per statement): their
+                    # events straight from the bytes, the same as _on_frame's.
+                    command = data[body]
+                    if command == _EXECUTE and length >= 6:
                         tracker.sent(_EXECUTE)
                         self._events.append(self._execute_event(
                             data[body + 1] | data[body + 2] << 8 | data[body + 3] << 16 | data[body + 4] << 24,
                             data[body + 5], length))
+                    elif command == _QUERY and not tracker.query_attributes:
+                        tracker.sent(_QUERY)
+                        text, cut = _text(data[body + 1:pos], self._max_text)
+                        self._events.append(QueryEvent(text=text, truncated=cut, size=length))
                     else:
                         on_frame(Frame(0, length, bytes(data[body:pos])))
                 except RemoteProtocolError as exc:
@@ -351,7 +358,7 @@ class CommandAuditor(StreamAuditor):
 
     def _query(self, reader: Reader, frame: Frame) -> QueryEvent:
         count = 0
-        if Capability.QUERY_ATTRIBUTES in self._tracker.capabilities:
+        if self._tracker.query_attributes:
             try:
                 count = _skip_query_attributes(reader)
             except Cut:

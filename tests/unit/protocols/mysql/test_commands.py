@@ -230,17 +230,19 @@ def test_shuffled_sessions_raise_only_protocol_errors(parts: list[bytes]) -> Non
     *SESSION.split(b"\x00\x00\x00"), query("x" * 80), command(Command.STMT_EXECUTE, struct.pack("<IB", 7, 1)),
     command(Command.STMT_EXECUTE, b"\x07\x00"), command(Command.STMT_EXECUTE, struct.pack("<IBI", 2**32 - 1, 0, 1)),
     command(Command.STMT_EXECUTE, b"x" * 70), pkt(0, b""), pkt(1, b"\x17abc"), pkt(2, b""), command(Command.QUIT),
-    query("select 2")[:5],
-]), max_size=8), st.lists(st.integers(min_value=0), max_size=6), st.booleans())
+    query("select 2")[:5], query(""), query("\u00e9t\u00e9 " * 4), query_with(attributes_block(), "select 3"),
+]), max_size=8), st.lists(st.integers(min_value=0), max_size=6), st.booleans(), st.booleans())
 def test_the_fast_path_says_what_the_packet_by_packet_path_says(parts: list[bytes], points: list[int],
-                                                                 infile: bool) -> None:
+                                                                 infile: bool, attributes: bool) -> None:
     """Whatever the client sends, cut anywhere, during a LOCAL INFILE
-    transfer or not: the same events, the same error, the same state as
-    one byte at a time (which never takes the fast path)."""
+    transfer or not, with query attributes or not: the same events, the
+    same error, the same state as one byte at a time (which never takes
+    the fast path)."""
     stream = b"".join(parts)
     outcomes = []
     for chunks in (cut(stream, points), split(stream, "bytewise")):
-        session = Session(MODERN, max_text=16, max_message=64)
+        session = Session(MODERN | Capability.QUERY_ATTRIBUTES if attributes else MODERN, max_text=16,
+                          max_message=64)
         session.tracker.prepared(7, 2)
         session.tracker.infile = infile  # as the server's request would set it
         events, error = outcome(session.commands, chunks)
