@@ -17,13 +17,19 @@ from benchmarks.procstat import thread_cpu
 Measure = Callable[[str, str], tuple[float, int]]
 
 
-def arguments(prog: str, doc: str, tool: str, install: str, argv=None) -> argparse.Namespace | None:
-    """The options every database benchmark takes; None (and why) when
-    ``tool`` is not installed."""
+def arguments(prog: str, doc: str, tool: str, install: str, argv=None, *,
+              ab: bool = False) -> argparse.Namespace | None:
+    """The options every database benchmark takes (``ab``: and ``--ab
+    TREE``); None (and why) when ``tool`` is not installed."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if ab:
+        ap.add_argument("--ab", type=Path, metavar="TREE",
+                        help="also a path wicket-ab: the plain-leg pair run from another checkout (an A/B of "
+                             "two commits in the same rounds)")
     ap.add_argument("--seconds", type=int, default=8, help=f"{tool}'s time per measurement (default 8)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
+    ap.add_argument("--workloads", help="only these workloads (comma-separated names from the table)")
     ap.add_argument("--format", choices=("table", "json"), default="table")
     args = ap.parse_args(argv)
     if args.quick:
@@ -117,6 +123,15 @@ def measure_and_report(tool: str, args: argparse.Namespace, paths: tuple[str, ..
     """Run every workload on every path (``run_one(port, user, workload's
     args, seconds) -> (rate, transactions)``) and print the tables, or
     JSON under ``--format json``."""
+
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        unknown = set(wanted) - set(workloads)
+        if unknown:
+            raise SystemExit(f"unknown workloads {', '.join(sorted(unknown))}: the names are {', '.join(workloads)}")
+        workloads = {w: a for w, a in workloads.items() if w in wanted}
+        labels = {w: label for w, label in labels.items() if w in wanted}
+        cpu_labels = {w: label for w, label in cpu_labels.items() if w in wanted}
 
     def measure(path: str, workload: str) -> tuple[float, int]:
         port, user = routes[path]

@@ -16,6 +16,7 @@ the handshakes cost the same kind of signature.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -80,6 +81,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+@contextlib.contextmanager
+def tree(root: Path):
+    """Start what is started inside from the checkout at ``root`` (its
+    code on PYTHONPATH, its directory the working one)."""
+    global ROOT
+    saved, ROOT = ROOT, root.resolve()
+    try:
+        yield
+    finally:
+        ROOT = saved
 
 
 class Child:

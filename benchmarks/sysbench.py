@@ -9,6 +9,8 @@ One throwaway MariaDB 10.11 (``gateway.local.mariadbserver``), four ways in:
                 (upstream leg plain, mysql_native_password: like stunnel's, the fair comparison)
 ``wicket-tls``  the same, with the production default upstream leg: TLS verify-full and a
                 client certificate from the cluster's db client CA (REQUIRE SUBJECT)
+``wicket-ab``   with ``--ab TREE``: ``wicket`` run from another checkout (an A/B of two
+                commits, in the same rounds as everything else)
 
 Workloads, interleaved per round with rotating path order, every command
 audited on the Wicket paths (the cluster's default):
@@ -29,11 +31,11 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.dbbench import arguments, measure_and_report, stop_all
+from benchmarks import paths
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
 from gateway.local.mariadbserver import MariaDbServer
 
 HERE = Path(__file__).resolve().parent
-PATHS = ("direct", "stunnel", "wicket", "wicket-tls")
 WORKLOADS = {
     "point_select": ["oltp_point_select", "--threads=4"],
     "read_write": ["oltp_read_write", "--threads=4"],
@@ -42,15 +44,29 @@ WORKLOADS = {
 TABLE = ["--tables=4", "--table-size=10000"]
 _PW_ENV = "WICKET_BENCH_MY_PASSWORD"
 _PASSWORD = "sysbench password, thrown away with the run"
+#: The ``wicket`` path's resource settings and the cluster's environment for them.
+PLAIN_LEG = f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n'
+PLAIN_ENV = {_PW_ENV: _PASSWORD}
 
 
-def _sysbench(port: int, user: str, args: list[str], seconds: int, *, action: str = "run") -> tuple[float, int]:
-    """(queries per second, or events per second for connect; events)."""
+def create_database(server: MariaDbServer) -> None:
+    """The ``sbtest`` database and its users: ``bench`` (a password) and
+    ``benchcert`` (a client certificate)."""
+    server.sql("CREATE DATABASE sbtest;"
+               f"CREATE USER bench@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{_PASSWORD}');"
+               "CREATE USER benchcert@'%' REQUIRE SUBJECT '/CN=benchcert';"
+               "GRANT ALL ON sbtest.* TO bench@'%'; GRANT ALL ON sbtest.* TO benchcert@'%';")
+
+
+def run(port: int, user: str, args: list[str], seconds: int, *, action: str = "run",
+        events: int = 0) -> tuple[float, int]:
+    """(queries per second, or events per second for connect; events):
+    for ``seconds``, or until ``events`` (then give ``seconds`` 0)."""
     password = _PASSWORD if user == "bench" else ""
     r = subprocess.run(["sysbench", *args, *TABLE, "--mysql-host=127.0.0.1", f"--mysql-port={port}",
                         f"--mysql-user={user}", f"--mysql-password={password}", "--mysql-db=sbtest",
-                        "--mysql-ssl=off", f"--time={seconds}", "--events=0", "--report-interval=0", action],
-                       capture_output=True, text=True, timeout=seconds + 300)
+                        "--mysql-ssl=off", f"--time={seconds}", f"--events={events}", "--report-interval=0",
+                        action], capture_output=True, text=True, timeout=seconds + 3600)
     if r.returncode != 0:
         raise RuntimeError(f"sysbench {' '.join(args)} {action} on port {port} failed: "
                            f"{(r.stderr or r.stdout).strip()[-800:]}")
@@ -66,7 +82,7 @@ def _sysbench(port: int, user: str, args: list[str], seconds: int, *, action: st
 
 
 def main(argv=None) -> int:
-    args = arguments("python -m benchmarks.sysbench", __doc__, "sysbench", "apt-get install sysbench", argv)
+    args = arguments("python -m benchmarks.sysbench", __doc__, "sysbench", "apt-get install sysbench", argv, ab=True)
     if args is None:
         return 1
 
@@ -85,21 +101,22 @@ def main(argv=None) -> int:
         server = MariaDbServer(work / "mariadb", port=my_port,
                                client_ca_pem=(work / "wicket-tls" / "cluster-state" / "db_client_ca.crt").read_bytes())
         server.start()
-        server.sql("CREATE DATABASE sbtest;"
-                   f"CREATE USER bench@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{_PASSWORD}');"
-                   "CREATE USER benchcert@'%' REQUIRE SUBJECT '/CN=benchcert';"
-                   "GRANT ALL ON sbtest.* TO bench@'%'; GRANT ALL ON sbtest.* TO benchcert@'%';")
-        _sysbench(my_port, "bench", ["oltp_read_write"], 0, action="prepare")
-        w_plain = Wicket(work / "wicket", my_port, kind="mysql",
-                         settings=f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n',
-                         cluster_env={_PW_ENV: _PASSWORD})
+        create_database(server)
+        run(my_port, "bench", ["oltp_read_write"], 0, action="prepare")
+        w_plain = Wicket(work / "wicket", my_port, kind="mysql", settings=PLAIN_LEG, cluster_env=PLAIN_ENV)
         started.append(w_plain)
         st = Stunnel(work, make_pki(work / "pki"), my_port)
         started.append(st)
         routes = {"direct": (my_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
-        measure_and_report("sysbench", args, PATHS, WORKLOADS, routes, {"wicket": w_plain, "wicket-tls": w_tls},
-                           _sysbench, "/s",
+        wickets = {"wicket": w_plain, "wicket-tls": w_tls}
+        if args.ab is not None:
+            with paths.tree(args.ab):
+                w_ab = Wicket(work / "wicket-ab", my_port, kind="mysql", settings=PLAIN_LEG, cluster_env=PLAIN_ENV)
+            started.append(w_ab)
+            routes["wicket-ab"], wickets["wicket-ab"] = (w_ab.port, "bench"), w_ab
+        measure_and_report("sysbench", args, tuple(routes), WORKLOADS, routes, wickets,
+                           run, "/s",
                            {"point_select": "oltp_point_select, 4 threads, QPS ↑",
                             "read_write": "oltp_read_write, 4 threads, QPS ↑",
                             "connect": "connect + select 1, 2 threads, connections/s ↑"},

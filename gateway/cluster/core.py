@@ -360,7 +360,12 @@ class Cluster:
                 "limit": limit, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
                 "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
 
-    async def flush_audit(self) -> None:
+    async def flush_audit(self, *, backlog: bool = False) -> None:
+        """Write the queued events, in batches. ``backlog``: only while a
+        full batch (AUDIT_BATCH) is waiting after the first: the flusher's
+        timer takes the rest with the next interval's, so a steady stream
+        of statements is written in a few large transactions a second,
+        not in one small one per store round trip."""
         pending = self._audit_pending
         while pending:
             # popleft, not a swap: another thread may append meanwhile.
@@ -376,6 +381,8 @@ class Cluster:
                     except Exception:
                         log.exception("audit_write_failed event=%s user=%s action=%s", event[0], event[1],
                                       "check the store (disk full? permissions?)")
+            if backlog and len(pending) < AUDIT_BATCH:
+                break
 
     async def run_audit_flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._trio_token = trio.lowlevel.current_trio_token()
@@ -388,7 +395,7 @@ class Cluster:
                 self._audit_wakeup = trio.Event()
                 if self.unknown_ca or self.login_refusals:
                     self._queue_tallies(time.time())
-                await self.flush_audit()
+                await self.flush_audit(backlog=True)
         finally:
             self._queue_tallies(None)
             with trio.CancelScope(shield=True):

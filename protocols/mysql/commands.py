@@ -41,7 +41,7 @@ from typing import Final, Union
 import attrs
 
 from protocols.auditor import StreamAuditor
-from protocols.errors import LocalProtocolError
+from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.framing import MYSQL_PACKET, Frame
 from protocols.mysql.constants import MAX_PAYLOAD, Capability, Command, ErrorNumber
 from protocols.mysql.packets import Cut, Reader, malformed
@@ -82,6 +82,7 @@ _EXPECT: Final[Mapping[int, Expect]] = {
     Command.BINLOG_DUMP_GTID: Expect.STREAM, Command.CLONE: Expect.STREAM,
     Command.MARIADB_MULTI: Expect.STREAM,
 }
+_SIMPLE: Final = Expect.SIMPLE  # (an Enum member read per command: bound once)
 #: Commands the server does not answer.
 _UNANSWERED: Final = frozenset({Command.QUIT, Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA})
 
@@ -96,7 +97,9 @@ class CommandTracker:
                 Capability.ZSTD_COMPRESSION_ALGORITHM in capabilities):
             raise LocalProtocolError("a compressed MySQL session cannot be audited")
         self.capabilities = capabilities
+        # (Flag membership is a Python call: asked once, not per packet.)
         self.deprecate_eof = Capability.DEPRECATE_EOF in capabilities
+        self.query_attributes = Capability.QUERY_ATTRIBUTES in capabilities
         self.pending: deque[tuple[int, Expect]] = deque()
         self.infile = False
         self._statements: dict[int, int] = {}
@@ -110,7 +113,7 @@ class CommandTracker:
         if len(self.pending) >= self._max_pending:
             malformed(f"the client sent over {self._max_pending} commands without waiting "
                       f"for an answer")
-        self.pending.append((command, _EXPECT.get(command, Expect.SIMPLE)))
+        self.pending.append((command, _EXPECT.get(command, _SIMPLE)))
 
     def prepared(self, statement_id: int, params: int) -> None:
         if len(self._statements) < self._max_statements:
@@ -220,6 +223,9 @@ def _text(data: bytes, limit: int) -> tuple[str, bool]:
 
 
 # Binary Protocol Value sizes by field type (the low byte of the type).
+_QUIT: Final = int(Command.QUIT)
+_EXECUTE: Final = int(Command.STMT_EXECUTE)
+_QUERY: Final = int(Command.QUERY)
 _FIXED_SIZE: Final = {0x01: 1, 0x02: 2, 0x0D: 2, 0x03: 4, 0x09: 4, 0x04: 4, 0x08: 8, 0x05: 8,
                       0x06: 0}
 _LENGTH_BYTE: Final = frozenset({0x07, 0x0A, 0x0B, 0x0C})  # TIMESTAMP DATE TIME DATETIME
@@ -270,6 +276,49 @@ class CommandAuditor(StreamAuditor):
         self._continues = False  # the previous packet was a full one
         self._file_bytes = self._file_packets = 0
 
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        # A client waits for each answer: a chunk is usually one whole
+        # command, which goes to _on_frame without the splitter's generator
+        # and _keep (what _keep says of it: keep it whole).
+        if data and not self._continues and not self._tracker.infile and self._error is None and \
+                not self._eof and not self._ended and self._splitter.at_boundary:
+            end, pos, count = len(data), 0, 0
+            on_frame, limit, tracker = self._on_frame, min(self._max_message, MAX_PAYLOAD - 1), self._tracker
+            while end - pos >= 5 and not data[pos + 3]:  # sequence id 0: a command
+                length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+                body = pos + 4
+                if not 0 < length <= limit or body + length > end:
+                    break
+                pos = body + length
+                count += 1
+                try:
+                    # The usual statements (once per statement): their
+                    # events straight from the bytes, the same as _on_frame's.
+                    command = data[body]
+                    if command == _EXECUTE and length >= 6:
+                        tracker.sent(_EXECUTE)
+                        self._events.append(self._execute_event(
+                            data[body + 1] | data[body + 2] << 8 | data[body + 3] << 16 | data[body + 4] << 24,
+                            data[body + 5], length))
+                    elif command == _QUERY and not tracker.query_attributes:
+                        tracker.sent(_QUERY)
+                        text, cut = _text(data[body + 1:pos], self._max_text)
+                        self._events.append(QueryEvent(text=text, truncated=cut, size=length))
+                    else:
+                        on_frame(Frame(0, length, bytes(data[body:pos])))
+                except RemoteProtocolError as exc:
+                    self._error = exc
+                if self._ended or self._error is not None or tracker.infile:
+                    break
+            if count:
+                self.bytes_seen += pos
+                self._splitter.frames += count
+                if pos == end or self._ended or self._error is not None:
+                    self.bytes_seen += end - pos  # (what StreamAuditor counts, parsed or not)
+                    return
+                data = memoryview(data)[pos:]
+        super().receive_data(data)
+
     def _keep(self, seq: int, length: int) -> int | None:
         continues, self._continues = self._continues, length == MAX_PAYLOAD
         if self._tracker.infile:
@@ -305,11 +354,11 @@ class CommandAuditor(StreamAuditor):
             self._events.append(handler(self, reader, frame))
         except Cut:
             self._events.append(CommandEvent(command=command, size=frame.body_length))
-        self._ended = command == Command.QUIT
+        self._ended = command == _QUIT
 
     def _query(self, reader: Reader, frame: Frame) -> QueryEvent:
         count = 0
-        if Capability.QUERY_ATTRIBUTES in self._tracker.capabilities:
+        if self._tracker.query_attributes:
             try:
                 count = _skip_query_attributes(reader)
             except Cut:
@@ -324,10 +373,13 @@ class CommandAuditor(StreamAuditor):
                             size=frame.body_length)
 
     def _execute(self, reader: Reader, frame: Frame) -> ExecuteEvent:
-        statement = self._tracker.resolve(reader.int4())
-        flags = reader.int1()
+        statement = reader.int4()
+        return self._execute_event(statement, reader.int1(), frame.body_length)
+
+    def _execute_event(self, statement: int, flags: int, size: int) -> ExecuteEvent:
+        statement = self._tracker.resolve(statement)
         return ExecuteEvent(statement_id=statement, param_count=self._tracker.params(statement),
-                            flags=flags, size=frame.body_length)
+                            flags=flags, size=size)
 
     def _close(self, reader: Reader, _frame: Frame) -> StatementCloseEvent:
         statement = self._tracker.resolve(reader.int4())

@@ -40,7 +40,6 @@ between (after a LOCAL INFILE request, in COM_CHANGE_USER's exchange).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from typing import Final, Union
 
@@ -62,6 +61,9 @@ _EOF_MAX: Final = 9
 # Plain ints: an IntFlag operation per packet costs more than the rest.
 _MORE_RESULTS: Final = int(ServerStatus.MORE_RESULTS_EXISTS)
 _CURSOR: Final = int(ServerStatus.CURSOR_EXISTS)
+# Enum members read per response, bound once (see _Phase).
+_RESULT: Final = Expect.RESULT
+_PREPARE: Final = Expect.PREPARE
 
 
 @attrs.frozen(kw_only=True)
@@ -85,7 +87,11 @@ class LocalInfileRequestEvent:
 ResponseAuditEvent = Union[ErrorEvent, LocalInfileRequestEvent, ConnectionClosed]
 
 
-class _Phase(enum.Enum):
+class _Phase:
+    """Where a response is (plain strings compared by identity: on Python
+    3.11 reading an Enum member costs ten times a class attribute, and
+    this is read several times per packet)."""
+
     IDLE = "IDLE"  # between responses
     FIRST = "FIRST"  # a response's (or a further result's) first packet
     DEFINITIONS = "DEFINITIONS"  # column/parameter definitions, skipped by count
@@ -114,6 +120,90 @@ class ResponseAuditor(StreamAuditor):
         self._left = 0  # definitions left in the current run
         self._seq = -1  # the id the next packet must carry; -1: any
         self._continues = False
+        self._scanned = 0  # packets the last _scan took
+
+    # -- the usual packets, straight from the chunk ------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if data and not self._continues and self._error is None and not self._eof and \
+                self._splitter.at_boundary:
+            taken = self._scan(data)
+            if taken:
+                self.bytes_seen += taken
+                self._splitter.frames += self._scanned
+                if taken == len(data):
+                    return
+                data = memoryview(data)[taken:]
+        super().receive_data(data)
+
+    def _scan(self, data: bytes | bytearray | memoryview) -> int:
+        """Follow the whole packets at the start of ``data`` that make no
+        event (definitions, rows, EOFs, OKs, a result's column count) the
+        way ``_keep`` and ``_on_frame`` would, without a frame or a call per
+        packet: a point select's answer is five packets, read here in one
+        loop. Stops before the first packet that needs more (an ERR, a
+        LOCAL INFILE request, a PREPARE_OK, a split or 16 MiB packet, a
+        phase of its own, anything out of the way) and returns how many
+        bytes it took; :meth:`receive_data` gives the rest to the splitter,
+        which is at a packet boundary there. ``_scanned``: packets taken."""
+        self._scanned = 0
+        phase = self._phase
+        if phase is not _Phase.IDLE and self._expect is not _RESULT:
+            return 0
+        end = len(data)
+        pos = count = 0
+        seq_due, left = self._seq, self._left
+        deprecate_eof = self._tracker.deprecate_eof
+        while end - pos >= 5:
+            length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+            body = pos + 4
+            if not 0 < length < MAX_PAYLOAD or body + length > end:
+                break
+            seq = data[pos + 3]
+            if phase is _Phase.IDLE:
+                pending = self._tracker.pending
+                if not pending or pending[0][1] is not _RESULT:
+                    break
+                self._command, self._expect = pending.popleft()
+                phase, seq_due = _Phase.FIRST, -1
+            if seq_due >= 0 and seq != seq_due:
+                break
+            first = data[body]
+            if phase is _Phase.DEFINITIONS:  # skipped by count, unseen
+                left -= 1
+                if not left:
+                    phase = _Phase.ROWS if deprecate_eof else _Phase.DEFINITIONS_EOF
+            elif first == 0xFF:
+                break
+            elif phase is _Phase.ROWS:
+                if first == 0xFE and (length < _EOF_MAX or deprecate_eof):
+                    if length < 5 or data[body + 1] >= 0xFB or data[body + 2] >= 0xFB:
+                        break
+                    status = data[body + 3] | data[body + 4] << 8
+                    phase = _Phase.FIRST if status & _MORE_RESULTS and not status & _CURSOR else _Phase.IDLE
+            elif phase is _Phase.DEFINITIONS_EOF:
+                if first != 0xFE or not 5 <= length < _EOF_MAX:
+                    break
+                status = data[body + 3] | data[body + 4] << 8
+                phase = _Phase.IDLE if status & _CURSOR else _Phase.ROWS
+            elif phase is _Phase.FIRST:
+                if first == 0x00 or (first == 0xFE and length < _EOF_MAX):  # OK, EOF
+                    if length < 5 or data[body + 1] >= 0xFB or data[body + 2] >= 0xFB:
+                        break
+                    status = data[body + 3] | data[body + 4] << 8
+                    phase = _Phase.FIRST if status & _MORE_RESULTS and not status & _CURSOR else _Phase.IDLE
+                elif length == 1 and first < 0xFB:  # a column count (a RESULT's runs are [])
+                    phase, left = _Phase.DEFINITIONS, first
+                else:
+                    break
+            else:
+                break
+            seq_due = -1 if phase is _Phase.IDLE else (seq + 1) & 0xFF
+            pos = body + length
+            count += 1
+        self._phase, self._seq, self._left = phase, seq_due, left
+        self._scanned = count
+        return pos
 
     # -- keeping: decided from the header alone ----------------------------------------
 
@@ -169,7 +259,7 @@ class ResponseAuditor(StreamAuditor):
             self._left = self._runs.pop(0)
             if self._left:
                 return _Phase.DEFINITIONS
-        if self._expect is Expect.PREPARE:
+        if self._expect is _PREPARE:
             self._done()
             return _Phase.IDLE
         return _Phase.ROWS
@@ -208,7 +298,7 @@ class ResponseAuditor(StreamAuditor):
 
     def _on_first(self, frame: Frame, first: int) -> None:
         if first == 0x00:
-            if self._expect is Expect.PREPARE:
+            if self._expect is _PREPARE:
                 self._on_prepare_ok(frame)
             else:
                 self._terminated(frame)
@@ -222,7 +312,7 @@ class ResponseAuditor(StreamAuditor):
             self._tracker.infile = True
             self._phase = _Phase.INFILE_RESULT
             self._seq = -1
-        elif self._expect is Expect.RESULT:
+        elif self._expect is _RESULT:
             if frame.body_length == 1 and first < 0xFB:
                 columns = first  # the common case: under 251 columns
             else:
@@ -272,7 +362,7 @@ class ResponseAuditor(StreamAuditor):
     def _on_definitions_eof(self, frame: Frame, first: int) -> None:
         if first != 0xFE or frame.body_length >= _EOF_MAX:
             Reader(b"", "a result set").fail("definitions not followed by EOF")
-        if self._expect is Expect.RESULT and self._status_of(frame) & _CURSOR:
+        if self._expect is _RESULT and self._status_of(frame) & _CURSOR:
             self._done()  # the rows come with COM_STMT_FETCH
             return
         self._phase = self._after_definitions()

@@ -61,6 +61,40 @@ async def test_a_long_prune_lets_a_login_read_the_store_between_batches(tmp_path
         cluster.close()
 
 
+@pytest.mark.parametrize("arriving", [10, core.AUDIT_BATCH])
+async def test_statements_arriving_during_a_write_wait_for_the_next_interval_unless_a_batch_is_full(
+        tmp_path, monkeypatch, arriving):
+    """A steady stream of statements is written in a few large
+    transactions a second: what arrives while a batch is being written
+    waits for the flusher's next turn, unless a whole batch is waiting
+    already; a write that must happen now (``audit``) takes everything."""
+    cluster = _cluster(tmp_path)
+    try:
+        writes: list[int] = []
+        write_many = cluster.audit_log.write_many
+
+        def write(batch):
+            if not writes:  # the relay's taps go on queueing meanwhile
+                for i in range(arriving):
+                    cluster.audit_soon("mysql.execute", "alice", i=i)
+            writes.append(len(batch))
+            write_many(batch)
+
+        monkeypatch.setattr(cluster.audit_log, "write_many", write)
+        for i in range(3):
+            cluster.audit_soon("mysql.execute", "alice", i=i)
+        with trio.fail_after(30):
+            await cluster.flush_audit(backlog=True)
+        assert writes == ([3] if arriving < core.AUDIT_BATCH else [3, arriving])
+        assert len(cluster._audit_pending) == (arriving if arriving < core.AUDIT_BATCH else 0)
+        with trio.fail_after(30):
+            await cluster.audit("session.end", "alice")
+        assert not cluster._audit_pending
+        assert len(cluster.store.query_audit(limit=10_000)) == 3 + arriving + 1
+    finally:
+        cluster.close()
+
+
 def _limited(tmp_path, **limits) -> Cluster:
     return Cluster.open(cfg.from_dict({"cluster": {"state_dir": str(tmp_path / "state")}, "limits": limits}))
 

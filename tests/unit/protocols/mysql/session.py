@@ -8,6 +8,8 @@ from protocols.mysql.commands import CommandAuditor, CommandTracker
 from protocols.mysql.constants import Capability, Command
 from protocols.mysql.packets import lenenc_bytes
 from protocols.mysql.responses import ResponseAuditor
+from protocols.errors import RemoteProtocolError
+from protocols.signals import NEED_DATA
 from tests.unit.protocols.feeding import pump, split
 
 CAPS = (Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION | Capability.PLUGIN_AUTH
@@ -85,3 +87,23 @@ class Session:
 
     def server(self, data: bytes, how: str = "whole") -> list[object]:
         return pump(self.responses, split(data, how) if data else [b""])
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    """``data`` cut at ``points`` (taken modulo its length + 1)."""
+    bounds = sorted({p % (len(data) + 1) for p in points} | {0, len(data)})
+    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def outcome(auditor, chunks: list[bytes]) -> tuple[list[object], str | None]:
+    """The events of ``chunks`` fed one by one to ``auditor``, and the
+    message of the protocol error that ended them, if any."""
+    events: list[object] = []
+    try:
+        for chunk in chunks:
+            auditor.receive_data(chunk)
+            while (event := auditor.next_event()) is not NEED_DATA:
+                events.append(event)
+    except RemoteProtocolError as exc:
+        return events, exc.message
+    return events, None

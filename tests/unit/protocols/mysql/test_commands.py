@@ -17,9 +17,9 @@ from protocols.mysql.commands import (
 from protocols.mysql.constants import MAX_PAYLOAD, Capability, Command, ErrorNumber
 from protocols.mysql.packets import lenenc_bytes
 from protocols.signals import ConnectionClosed
-from tests.unit.protocols.feeding import FEEDS, fuzz, malformed
+from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, split
 from tests.unit.protocols.mysql.session import (
-    CAPS, MODERN, Session, command, pkt, query,
+    CAPS, MODERN, Session, command, cut, outcome, pkt, query,
 )
 
 PREPARE_OK = pkt(1, b"\x00" + struct.pack("<IHHxH", 7, 0, 2, 0))  # statement 7, 2 params
@@ -223,3 +223,31 @@ def test_shuffled_sessions_raise_only_protocol_errors(parts: list[bytes]) -> Non
         Session().client(b"\x00\x00\x00".join(parts))
     except RemoteProtocolError:
         pass
+
+
+@fuzz
+@given(st.lists(st.sampled_from([
+    *SESSION.split(b"\x00\x00\x00"), query("x" * 80), command(Command.STMT_EXECUTE, struct.pack("<IB", 7, 1)),
+    command(Command.STMT_EXECUTE, b"\x07\x00"), command(Command.STMT_EXECUTE, struct.pack("<IBI", 2**32 - 1, 0, 1)),
+    command(Command.STMT_EXECUTE, b"x" * 70), pkt(0, b""), pkt(1, b"\x17abc"), pkt(2, b""), command(Command.QUIT),
+    query("select 2")[:5], query(""), query("\u00e9t\u00e9 " * 4), query_with(attributes_block(), "select 3"),
+]), max_size=8), st.lists(st.integers(min_value=0), max_size=6), st.booleans(), st.booleans())
+def test_the_fast_path_says_what_the_packet_by_packet_path_says(parts: list[bytes], points: list[int],
+                                                                 infile: bool, attributes: bool) -> None:
+    """Whatever the client sends, cut anywhere, during a LOCAL INFILE
+    transfer or not, with query attributes or not: the same events, the
+    same error, the same state as one byte at a time (which never takes
+    the fast path)."""
+    stream = b"".join(parts)
+    outcomes = []
+    for chunks in (cut(stream, points), split(stream, "bytewise")):
+        session = Session(MODERN | Capability.QUERY_ATTRIBUTES if attributes else MODERN, max_text=16,
+                          max_message=64)
+        session.tracker.prepared(7, 2)
+        session.tracker.infile = infile  # as the server's request would set it
+        events, error = outcome(session.commands, chunks)
+        c = session.commands
+        # (after an error, how much was fed depends on where the chunks end)
+        outcomes.append((events, error, list(session.tracker.pending), session.tracker.infile,
+                         None if error else (c.messages_seen, c.bytes_seen, c._ended)))
+    assert outcomes[0] == outcomes[1]

@@ -16,9 +16,9 @@ from protocols.mysql.commands import LocalInfileDataEvent, QueryEvent
 from protocols.mysql.packets import iter_packets
 from protocols.mysql.responses import ErrorEvent, LocalInfileRequestEvent, ResponseAuditor
 from protocols.signals import ConnectionClosed
-from tests.unit.protocols.feeding import FEEDS, fuzz, malformed
+from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, split
 from tests.unit.protocols.mysql.session import (
-    CAPS, COLUMN, MODERN, Session, command, definitions, eof, err, ok, pkt, query, result_set,
+    CAPS, COLUMN, MODERN, Session, command, cut, definitions, eof, err, ok, outcome, pkt, query, result_set,
 )
 
 SYNTAX = ErrorEvent(errno=1064, sqlstate="42000", message="You have an error", truncated=False)
@@ -286,3 +286,44 @@ def test_generated_sessions_report_exactly_their_events(
         else:
             assert session.server(server, how) == server_events
         assert not session.tracker.pending and not session.tracker.infile
+
+
+# --- the usual packets straight from the chunk (ResponseAuditor._scan) --------------------
+
+@fuzz
+@given(st.lists(st.sampled_from([
+    result_set([b"\x01a"], deprecate_eof=True), result_set(TRICKY_ROWS, deprecate_eof=False),
+    result_set([b"\x01a"], deprecate_eof=False, status=MORE), err(1), ok(1), ok(1, MORE), eof(1),
+    pkt(1, b"\xfbf"), pkt(2, COLUMN), pkt(1, b"\x00" + struct.pack("<IHHxH", 1, 1, 1, 0)), pkt(1, b""),
+    pkt(1, b"\x01"), pkt(1, b"\xfe" + b"\x00" * 10), pkt(3, b"\x02"), eof(2, ServerStatus.CURSOR_EXISTS),
+    pkt(1, b"\x00\xfc\x00\x01\x02\x00\x00\x00"), pkt(1, b"\xff\xff\xff\x00\x00"),
+]), max_size=8), st.lists(st.integers(min_value=0), max_size=6), st.booleans(), st.booleans())
+def test_the_fast_path_says_what_the_packet_by_packet_path_says(
+        parts: list[bytes], points: list[int], deprecate_eof: bool, prepare_first: bool) -> None:
+    """Whatever the server sends, cut anywhere: the same events, the same
+    error, the same state as one byte at a time (which never takes the fast
+    path: no packet is whole in one byte)."""
+    stream = b"".join(parts)
+    outcomes = []
+    for chunks in (cut(stream, points), split(stream, "bytewise")):
+        session = Session(MODERN if deprecate_eof else CAPS)
+        session.client((command(Command.STMT_PREPARE, b"c") if prepare_first else b"")
+                       + query("a") + command(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00")
+                       + query("b") + command(Command.STATISTICS) + query("d") * 4)
+        events, error = outcome(session.responses, chunks)
+        r = session.responses
+        outcomes.append((events, error, None if error else (r._phase, r._seq, r._left, len(session.tracker.pending),
+                                                            r.messages_seen, r.bytes_seen)))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_point_selects_answers_are_read_in_one_go() -> None:
+    """sysbench's point select through the gateway (no cached metadata):
+    column count, one definition, EOF, the row, EOF; twenty of them in one
+    chunk make no event and leave the auditor between responses."""
+    session = Session(CAPS)
+    answer = result_set([b"\x05hello"], deprecate_eof=False, columns=1)
+    session.client(command(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00") * 20)
+    assert session.server(answer * 20) == []
+    assert session.responses._scanned == 100 and session.responses.messages_seen == 100
+    assert not session.tracker.pending
