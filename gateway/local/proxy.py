@@ -109,11 +109,14 @@ class MuxRoute:
     would act with the owner's identity; gateway/net/peercred.py)."""
 
     def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT,
-                 local_users: LocalUsers | None = None) -> None:
+                 local_users: LocalUsers | None = None, dialer: MuxDialer | None = None) -> None:
         self.profile = profile
         self.resource = resource
         self.room = WaitRoom(resource, wait_for_cluster)
-        self.dialer = MuxDialer(profile)
+        #: The connection to the cluster: this route's own, or one that the
+        #: other routes of the process share (``dialer``: `wicket agent`
+        #: keeps one connection, and its renewal, for all its resources).
+        self.dialer = dialer if dialer is not None else MuxDialer(profile)
         self.local_users = local_users or LocalUsers()
         self.stats = RouteStats()
         #: Local clients served at once (``--max-connections``): each holds
@@ -181,8 +184,9 @@ class TcpProxy(MuxRoute):
     :func:`run_listener`."""
 
     def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT,
-                 local_users: LocalUsers | None = None) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+                 local_users: LocalUsers | None = None, dialer: MuxDialer | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users,
+                         dialer=dialer)
         self.engine = engine()
         self.started = 0  # sessions started / ended (under the engine's lock)
         self.ended = 0
@@ -339,9 +343,9 @@ class TcpProxy(MuxRoute):
 
 
 def tcp_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
-              local_users: LocalUsers | None = None) -> Listening:
+              local_users: LocalUsers | None = None, dialer: MuxDialer | None = None) -> Listening:
     """The tcp kind's local route (gateway/kinds.py)."""
-    tcp = TcpProxy(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+    tcp = TcpProxy(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users, dialer=dialer)
     return Listening(handler=tcp, dialer=tcp.dialer, route=tcp,
                      try_line=lambda host, port: f"Try: nc -U {host}" if host.startswith("/") else
                      f"Try: nc {host} {port}")

@@ -24,7 +24,7 @@ import trio
 
 from gateway.local import ssh_asyncio
 from gateway.local.connect import ClusterError
-from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.profile import Profile, ProfileError
 from gateway.local.proxy import MuxRoute, peer_addr
 from gateway.local.ssh import refusal_text
@@ -44,8 +44,9 @@ class SshTerminated(MuxRoute):
 
     def __init__(self, profile: Profile, resource: str, *, keys: ssh_asyncio.LocalKeys, host_key_path: Path,
                  wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None,
-                 use_agent: bool = True) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+                 use_agent: bool = True, dialer: MuxDialer | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users,
+                         dialer=dialer)
         self.default_node = resource
         self.keys = keys
         self.use_agent = use_agent

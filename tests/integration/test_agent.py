@@ -4,6 +4,7 @@ endpoints scraped over HTTP, signals."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -94,6 +95,48 @@ def test_one_bad_resource_never_takes_the_others_down(cluster, echo, make_gatewa
 
     r = gw.run("agent", "status", "--admin", admin)
     assert r.returncode == 1 and "NOT READY" in r.stdout and "nope" in r.stdout
+    assert proc.stop(signal.SIGTERM) == 143
+
+
+def _connections_to(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` to 127.0.0.1:``port``
+    (its sockets' inodes matched in the kernel's table)."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and fields[2] == f"0100007F:{port:04X}":
+                inodes.add(fields[9])
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        count += target.startswith("socket:[") and target[8:-1] in inodes
+    return count
+
+
+def test_an_agent_carries_every_resource_on_one_connection_to_the_cluster(cluster, echo, make_gateway):
+    """Three resources, a live session on each: one TLS connection from the
+    agent to the cluster carries them all."""
+    for name in ("echo-s1", "echo-s2"):
+        cluster.admin("resources", "add", name, "--address", echo.address, "--label", "env=dev")
+    gw = make_gateway("dev")
+    proc, admin = start_agent(gw, "--resource", "echo", "--resource", "echo-s1", "--resource", "echo-s2")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    live = []
+    for item in status(admin)["resources"]:
+        s = socket.create_connection(("127.0.0.1", item["port"]), timeout=30)
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+        live.append(s)
+    wait_for(lambda: _connections_to(proc.popen.pid, cluster.port) == 1, what="one connection to the cluster")
+    families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+    open_now = {s.labels["resource"]: s.value for s in families["wicket_agent_sessions"].samples}
+    assert open_now == {"echo": 1.0, "echo-s1": 1.0, "echo-s2": 1.0}
+    for s in live:
+        s.close()
     assert proc.stop(signal.SIGTERM) == 143
 
 
