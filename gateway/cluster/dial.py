@@ -49,8 +49,9 @@ from gateway.cluster import rbac
 from gateway import kinds, printable
 from gateway.addresses import parse_hostport
 from gateway.cluster.core import (
-    INTERRUPT_TIMEOUT, LOCK_POLL_INTERVAL, MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot,
+    MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot,
 )
+from gateway.cluster.linkrenewal import LinkCredential, on_link_dial
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
@@ -61,6 +62,7 @@ from gateway.net.tcp import keep_alive, unacknowledged
 from gateway.net.tls import TLSStream
 from protocols.dial import (PARAM_PROBE, DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role,
                             refusal_for)
+from protocols import linkrenewal
 from protocols.errors import ErrorCode, RemoteProtocolError
 from protocols.mux import Role as MuxRole
 
@@ -73,9 +75,6 @@ CONNECT_TIMEOUT = 10.0
 #: it to make the cluster hold much (each may carry a window of early data).
 UNAUTHENTICATED_STREAMS = 8
 READ_CHUNK = 64 * 1024
-#: How much longer than its certificate an interruptible session may last:
-#: the lock watcher's look (every LOCK_POLL_INTERVAL) and the interrupt.
-CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 
 Tap = Callable[[bytes], None]
 
@@ -302,12 +301,14 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     engine relays them."""
     routes = {name: kind.route() for name, kind in kinds.KINDS.items()}
     cert = stream.getpeercert(binary_form=True)
-    # The connection lives as long as the identity it was opened with. One
-    # without a valid identity lives only long enough to answer its first
-    # dial with the typed refusal (as a dial on its own connection would),
-    # so it cannot hold one of the cluster's connection slots for long.
+    # The connection lives as long as the identity it was opened with, or
+    # the one it was renewed with since (gateway/cluster/linkrenewal.py).
+    # One without a valid identity lives only long enough to answer its
+    # first dial with the typed refusal (as a dial on its own connection
+    # would), so it cannot hold one of the cluster's connection slots for long.
     max_streams = MAX_STREAMS
     per_connection = cluster.limits.streams_per_connection
+    identity = None
     try:
         identity, _user, _roles = await cluster.identify(cert)
         lifetime = (identity.not_after - utcnow()).total_seconds() if cluster.config.disconnect_expired_cert \
@@ -317,14 +318,27 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
         lifetime = DIAL_TIMEOUT
         expiry = f"no valid session certificate ({exc.code.value})"
         max_streams = UNAUTHENTICATED_STREAMS
+    cred = LinkCredential(cert=cert, identity=identity,
+                          expiry=trio.CancelScope(deadline=trio.current_time() + max(0.0, lifetime)))
     token = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
 
-        def in_trio(link: MuxLink, st: Stream, request: DialRequest, after: _Ahead | None) -> None:
+        def in_trio(link: MuxLink, st: Stream, request: DialRequest, cert: bytes | None,
+                    after: _Ahead | None) -> None:
             if link.failed is None:
-                nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after)
+                nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after, cred)
+
+        def spawn(fn, *args) -> None:
+            try:
+                token.run_sync_soon(nursery.start_soon, fn, *args)
+            except trio.RunFinishedError:
+                pass
 
         def on_open(link: MuxLink, st: Stream, request: DialRequest) -> None:  # the engine's thread
+            if linkrenewal.is_link_request(request):  # about the connection itself
+                on_link_dial(cluster, link, cred, st, request, client_addr, spawn)
+                return
+            cert = cred.cert  # the connection's certificate as it is now
             if len(link.streams) > per_connection:
                 # Each stream may cost the cluster an upstream descriptor.
                 audit = _DialAudit.of(request, TCP, client_addr)
@@ -337,16 +351,16 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                     f"may (the cluster's limits.streams_per_connection); close some and try again",
                     "streams_per_connection")))
                 return
-            if not _start_in_engine(cluster, link, st, request, cert, client_addr):
-                token.run_sync_soon(in_trio, link, st, request, _after(cluster, link, request, routes))
+            if not _start_in_engine(cluster, link, st, request, cert, client_addr, cred):
+                token.run_sync_soon(in_trio, link, st, request, cert, _after(cluster, link, request, routes))
 
         link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
                        on_open=on_open, max_streams=max_streams)
         reason = "the cluster is stopping"
         try:
-            with trio.move_on_after(max(0.0, lifetime)) as timer:
+            with cred.expiry:
                 await link.closed.wait()
-            if timer.cancelled_caught:
+            if cred.expiry.cancelled_caught:
                 reason = expiry
                 await _interrupt_sessions(cluster, link)
                 with link.engine.lock:
@@ -404,7 +418,7 @@ async def _delivered(sock: socket.socket) -> None:
 
 async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest,
                        cert: bytes | None, client_addr: str, routes: Mapping[str, RouteKind],
-                       after: _Ahead | None = None) -> None:
+                       after: _Ahead | None = None, cred: LinkCredential | None = None) -> None:
     try:
         async with cluster.connection_slots:
             if after is not None:
@@ -425,6 +439,8 @@ async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: Dia
                 return
             session, opened, identity = outcome
             session.extra["stream"] = (link, st)
+            if cred is not None:
+                cred.adopt(session)  # renewed while this dial was decided: by the new certificate
             # An upstream that refused the login and left cannot be handed
             # over: its answer (``first_bytes``) is all there is to relay.
             upstream = opened.upstream if eligible(opened.upstream) else None
@@ -602,7 +618,7 @@ class _EngineSession:
 
 
 def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest, cert: bytes | None,
-                     client_addr: str) -> bool:
+                     client_addr: str, cred: LinkCredential | None = None) -> bool:
     """(the engine's thread, under its lock) Decide an OPEN and connect the
     upstream without trio, as :func:`_mux_session` would: same checks, same
     audit events. False if this one needs trio: the access snapshot is
@@ -647,6 +663,9 @@ def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialR
             return
         keep_alive(sock)
         audit.allowed(cluster, session, decision)
+        session.extra["stream"] = (link, st)  # a renewal of the connection extends it
+        if cred is not None:
+            cred.adopt(session)
         _audit_start(cluster, session, client_addr, {})
         es.started = time.monotonic()
         if st.finished or link.failed is not None:  # cut, or the gateway gave up, meanwhile
@@ -703,13 +722,11 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
         started = time.monotonic()
         _audit_start(cluster, session, client_addr, opened.details)
         try:
-            if cluster.config.disconnect_expired_cert:
-                left = (identity.not_after - utcnow()).total_seconds()
-                if session.interrupt is not None:
-                    # The lock watcher cuts it at expiry, interrupting it
-                    # upstream first (Cluster.cut); this is the backstop.
-                    left += CUT_GRACE
-                session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
+            if session.identity is None:
+                session.identity = identity
+            # At the certificate's end (a renewal of the connection moves
+            # it: gateway/cluster/linkrenewal.py).
+            session.cancel_scope.deadline = cluster.expiry_deadline(session)
             with session.cancel_scope:
                 if opened.task is None:
                     error = await run(counters)

@@ -47,7 +47,7 @@ from gateway.local import api, ports, serving, session
 from gateway.local.agent_config import AgentConfig
 from gateway.local.connect import ClusterError
 from gateway.local.profile import Profile, ProfileError, wicket_home
-from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.net.muxlink import LinkClosed
 from gateway.net.peercred import LocalUsers
 from protocols.dial import PARAM_PROBE, DialError, DialRequest
@@ -177,13 +177,16 @@ class Agent:
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         self.profile = await self._identity()
-        self.renewer = session.Renewer(self.profile, rejoin=self._join if self.config.token_file else None)
+        # One connection to the cluster for every resource, renewed in place.
+        dialer = MuxDialer(self.profile)
+        self.renewer = session.Renewer(self.profile, rejoin=self._join if self.config.token_file else None,
+                                       on_renewed=dialer.wake)
         nursery.start_soon(self.renewer.run)
         wanted, refused = await self._resources()
         local_users = LocalUsers(uids=LocalUsers().uids | set(self.config.allow_uids))
         self.served = refused + await serving.serve(
             self.profile, self.profile.identity(), wanted, nursery, wait_for_cluster=self.config.wait_for_cluster,
-            local_users=local_users)
+            local_users=local_users, dialer=dialer)
         self.served.sort(key=lambda s: s.wanted.name)
         ok = sum(s.ok for s in self.served)
         if self.config.check_upstreams:  # before the probes say ready

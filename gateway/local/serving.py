@@ -103,14 +103,15 @@ def client_environment(served: list[Served]) -> dict[str, str]:
 
 
 async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: trio.Nursery, *,
-                wait_for_cluster: float, local_users: LocalUsers | None = None) -> list[Served]:
+                wait_for_cluster: float, local_users: LocalUsers | None = None,
+                dialer: MuxDialer | None = None) -> list[Served]:
     """Start every wanted resource's listener in ``nursery``, and the one
     connection to the cluster they share (its streams carry every
     resource's sessions; a renewed certificate is presented on it once for
     all of them); how each stands. Never raises for one resource's
     trouble."""
     served = []
-    dialer = MuxDialer(profile)
+    dialer = dialer if dialer is not None else MuxDialer(profile)
     if wanted:
         await nursery.start(dialer.run_pool)
     for w in wanted:

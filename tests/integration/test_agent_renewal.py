@@ -1,0 +1,85 @@
+"""An agent's renewed certificate presented on its live connection to the
+cluster (protocols/linkrenewal.py): sessions outlive the certificate they
+were opened with, and a lock still cuts them. A bot's role caps its
+certificates at a few seconds, so renewals come every few seconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.integration import pgenv
+from tests.integration.harness import Gateway, wait_for
+from tests.integration.test_agent import _get, start_agent, status
+
+pgenv.need_postgres()
+
+TTL = "9s"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("renewal")
+    with pgenv.running(tmp) as (cluster, server):
+        cluster.admin("roles", "add", "pg-short", "--allow-resources", "pg", "--db-users", "app", "--db-names", "app",
+                      "--max-session-ttl", TTL)
+        yield tmp, cluster, server
+
+
+def bot_agent(tmp, cluster, name: str):
+    cluster.admin("bots", "add", name, "--roles", "pg-short")
+    token_file = tmp / f"{name}.token"
+    token_file.write_text(json.loads(cluster.admin("tokens", "add", "--bot", name, "--format", "json").stdout)["token"])
+    gw = Gateway(tmp, cluster, name)
+    proc, admin = start_agent(gw, "--token-file", str(token_file), "--cluster", cluster.address, "--ca-pin",
+                              cluster.pin, "--resource", "pg")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    return gw, proc, status(admin)["resources"][0]["port"]
+
+
+def psql(port: int, sql: str) -> subprocess.Popen:
+    return subprocess.Popen(["psql", "-X", "-tA", f"host=127.0.0.1 port={port} user=app dbname=app", "-c", sql],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def renewals(cluster, user: str) -> list[dict]:
+    return cluster.audit(event="link.renew", user=user)
+
+
+def test_a_live_psql_session_outlives_the_certificate_it_was_opened_with(env):
+    tmp, cluster, server = env
+    gw, proc, port = bot_agent(tmp, cluster, "steady")
+    first = json.loads(gw.run("status", "--format", "json").stdout)
+    # A statement that runs across two of the bot's certificates' ends.
+    client = psql(port, "select 'alive' from pg_sleep(20)")
+    wait_for(lambda: len([e for e in renewals(cluster, "steady") if e["sessions"] >= 1]) >= 2, timeout=60,
+             what="two renewals of the connection with the session on it")
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    assert out.strip() == "alive"
+    ended = cluster.wait_audit(event="session.end", user="steady")
+    assert ended[0]["reason"] == "closed", ended
+    assert json.loads(gw.run("status", "--format", "json").stdout)["expires_at"] != first["expires_at"]
+    assert "link_renewed" in proc.log() and "link_renewal_refused" not in proc.log()
+    assert "the session certificate expired" not in cluster.proc.log()
+    proc.stop()
+
+
+def test_a_lock_still_cuts_a_session_on_a_renewed_connection(env):
+    tmp, cluster, server = env
+    gw, proc, port = bot_agent(tmp, cluster, "cut-later")
+    slow = "select 1 from pg_sleep(600)"
+    client = psql(port, slow)
+    wait_for(lambda: len([e for e in renewals(cluster, "cut-later") if e["sessions"] >= 1]) >= 1, timeout=60,
+             what="a renewal of the connection with the session on it")
+    cluster.admin("bots", "lock", "cut-later", "--reason", "compromised")
+    wait_for(lambda: client.poll() is not None, timeout=30, what="the session to be cut")
+    assert client.returncode != 0
+    ended = cluster.wait_audit(event="session.end", user="cut-later")
+    assert ended[0]["reason"] == "user_locked", ended
+    # Locked, the bot can renew neither its certificate nor its connection.
+    wait_for(lambda: cluster.audit(event="link.renew_denied", user="cut-later") or
+             "renewal_failed" in proc.log(), timeout=30, what="a refused renewal")
+    proc.stop()
