@@ -84,6 +84,8 @@ class _Collector:
                                      labels=["resource"])
         dial = HistogramMetricFamily("wicket_agent_dial_seconds", "From a client's arrival to the cluster's "
                                      "answer to its dial (accepted or refused)", labels=["resource"])
+        control = HistogramMetricFamily("wicket_agent_control_dial_seconds", "From the start of a control dial "
+                                        "(a cancel, a probe) to the cluster's answer", labels=["resource"])
         for item in agent.served:
             if not item.ok:
                 continue
@@ -97,11 +99,14 @@ class _Collector:
             failed.add_metric([name], snap["failed"])
             buckets, total = stats.dial_histogram()
             dial.add_metric([name], buckets, total)
+            buckets, total = stats.control_histogram()
+            control.add_metric([name], buckets, total)
         yield ended
         yield transferred
         yield refused
         yield failed
         yield dial
+        yield control
 
 
 def _text(status: int, text: str) -> Response:

@@ -218,7 +218,7 @@ class Agent:
             try:
                 with trio.fail_after(DIAL_TIMEOUT):
                     link = await item.route.dialer.link()
-                    reply = await link.control(request, timeout=DIAL_TIMEOUT)
+                    reply = await item.route.route.control_dial(link, request)
             except (ClusterError, LinkClosed, trio.TooSlowError) as exc:
                 failures.append((item.wanted.name, f"the cluster did not answer: "
                                                    f"{getattr(exc, 'message', None) or exc}"))

@@ -197,7 +197,7 @@ class DatabaseRoute(MuxRoute):
             link = await self.on_link(lambda link: link, self.room.deadline(), client_addr,
                                       lambda: peer_left(phase.tcp.socket, eof=True))
             try:
-                reply = await link.control(request, timeout=DIAL_TIMEOUT)
+                reply = await self.control_dial(link, request)
             except LinkClosed as exc:
                 raise ClusterError("unreachable", f"the connection to the cluster failed ({exc})") from None
         except (ClientGone, ProfileError, ClusterError, trio.TooSlowError) as exc:

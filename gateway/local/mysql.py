@@ -38,7 +38,7 @@ from typing import Mapping
 import trio
 
 from gateway.local.dbroute import ClientPhase, DatabaseRoute, local_tls as local_tls_setup
-from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
+from gateway.local.dialer import MuxDialer
 from gateway.local.mysqlguard import Guard, socket_pair
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
@@ -227,7 +227,7 @@ class _MySqlClient(ClientPhase):
             request = DialRequest(resource=self.route.resource, client_addr=self.client_addr,
                                   params={"db_user": params["db_user"], dp.USE: schema})
             try:
-                reply = await link.control(request, timeout=DIAL_TIMEOUT)
+                reply = await self.route.control_dial(link, request)
             except LinkClosed as exc:
                 return f"the cluster could not be asked whether {schema!r} is allowed ({exc})"
             return reply.message if isinstance(reply, DialError) else None

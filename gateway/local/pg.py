@@ -36,7 +36,7 @@ import logging
 import trio
 
 from gateway.local.dbroute import ClientPhase, DatabaseRoute, local_tls as local_tls_setup
-from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
+from gateway.local.dialer import MuxDialer
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
@@ -76,7 +76,7 @@ class PostgresProxy(DatabaseRoute):
             return
         request = DialRequest(resource=self.resource, params={"cancel": session.id}, client_addr=client_addr)
         try:
-            reply = await session.link.control(request, after=session.stream, timeout=DIAL_TIMEOUT)
+            reply = await self.control_dial(session.link, request, after=session.stream)
         except LinkClosed as exc:
             log.warning("pg_cancel_failed session=%s error=%s", session.id, exc)
             return

@@ -141,17 +141,23 @@ def test_an_agent_carries_every_resource_on_one_connection_to_the_cluster(cluste
 
 
 def test_metrics_time_each_dial_from_the_clients_arrival_to_the_clusters_answer(make_gateway):
+    """Sessions' dials in one histogram; control dials (here the
+    --check-upstreams probe) in another."""
     gw = make_gateway("dev")
-    proc, admin = start_agent(gw, "--resource", "echo")
+    proc, admin = start_agent(gw, "--resource", "echo", "--check-upstreams")
     wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
     port = status(admin)["resources"][0]["port"]
+
+    def dials(family: str = "wicket_agent_dial_seconds") -> dict[tuple[str, str | None], float]:
+        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+        return {(s.name, s.labels.get("le")): s.value for s in families[family].samples
+                if s.labels["resource"] == "echo"}
+
+    control = dials("wicket_agent_control_dial_seconds")
+    assert control[("wicket_agent_control_dial_seconds_count", None)] == 1  # the probe
+    assert dials()[("wicket_agent_dial_seconds_count", None)] == 0
     for _ in range(3):
         assert _echo(port) == b"ping"
-
-    def dials() -> dict[tuple[str, str | None], float]:
-        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
-        return {(s.name, s.labels.get("le")): s.value for s in families["wicket_agent_dial_seconds"].samples
-                if s.labels["resource"] == "echo"}
 
     samples = wait_for(lambda: (d := dials())[("wicket_agent_dial_seconds_count", None)] == 3 and d,
                        what="three dials timed")
