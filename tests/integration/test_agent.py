@@ -4,7 +4,6 @@ endpoints scraped over HTTP, signals."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import PY, ROOT, Cluster, Gateway, Proc, wait_for
+from tests.integration.harness import PY, ROOT, Cluster, Gateway, Proc, established_fds, wait_for
 
 
 def _get(admin: str, path: str) -> tuple[int, str]:
@@ -98,25 +97,6 @@ def test_one_bad_resource_never_takes_the_others_down(cluster, echo, make_gatewa
     assert proc.stop(signal.SIGTERM) == 143
 
 
-def _connections_to(pid: int, port: int) -> int:
-    """Established TCP connections of process ``pid`` to 127.0.0.1:``port``
-    (its sockets' inodes matched in the kernel's table)."""
-    inodes = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and fields[2] == f"0100007F:{port:04X}":
-                inodes.add(fields[9])
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        count += target.startswith("socket:[") and target[8:-1] in inodes
-    return count
-
-
 def test_an_agent_carries_every_resource_on_one_connection_to_the_cluster(cluster, echo, make_gateway):
     """Three resources, a live session on each: one TLS connection from the
     agent to the cluster carries them all."""
@@ -131,7 +111,7 @@ def test_an_agent_carries_every_resource_on_one_connection_to_the_cluster(cluste
         s.sendall(b"ping")
         assert s.recv(4) == b"ping"
         live.append(s)
-    wait_for(lambda: _connections_to(proc.popen.pid, cluster.port) == 1, what="one connection to the cluster")
+    wait_for(lambda: len(established_fds(proc.popen.pid, cluster.port, remote=True)) == 1, what="one connection to the cluster")
     families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
     open_now = {s.labels["resource"]: s.value for s in families["wicket_agent_sessions"].samples}
     assert open_now == {"echo": 1.0, "echo-s1": 1.0, "echo-s2": 1.0}
