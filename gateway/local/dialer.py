@@ -13,6 +13,7 @@ import logging
 import os
 import ssl
 import time
+from typing import Awaitable, Callable
 
 import attrs
 import trio
@@ -172,6 +173,14 @@ class Dialer:
             return False
         return (st.st_mtime_ns, st.st_ino) == self._cert_stamp and time.time() < self._not_after
 
+    def changed_on_disk(self) -> bool:
+        """Whether the certificate on disk is not the one loaded (one stat)."""
+        try:
+            st = os.stat(self._cert_file)
+        except OSError:
+            return True
+        return (st.st_mtime_ns, st.st_ino) != self._cert_stamp
+
     def check_fresh(self) -> pki.Identity:
         """The current identity, or :class:`ProfileError` if it expired."""
         self._reload_if_changed()
@@ -246,6 +255,10 @@ class MuxDialer:
     #: the monotonic clock, which stops during a sleep, so this long after
     #: waking at most.
     CHECK_INTERVAL = 5.0
+    #: How often it looks whether the certificate on disk changed (a
+    #: renewal in another process, `wicket renew`; one stat()), to present
+    #: it while the old one is still good; :meth:`wake` says so at once.
+    CERT_POLL = 0.5
 
     def __init__(self, profile: Profile) -> None:
         self.dialer = Dialer(profile, tlsconf.ALPN_MUX)
@@ -369,6 +382,10 @@ class MuxDialer:
         log.info("link_renewed expires_at=%s sessions=%d", reply.params.get("expires_at", "-"), len(link))
         return True
 
+    async def _cert_changed(self) -> None:
+        while not self.dialer.changed_on_disk():
+            await trio.sleep(self.CERT_POLL)
+
     @property
     def connected(self) -> bool:
         """Whether a connection to the cluster is up and usable now (for
@@ -419,7 +436,7 @@ class MuxDialer:
                     continue
                 outage.ended()
                 with trio.move_on_after(self.CHECK_INTERVAL):
-                    await _either(link.closed, self._wakeup)
+                    await _first_of(link.closed.wait, self._wakeup.wait, self._cert_changed)
                 if self._wakeup.is_set():
                     self._wakeup = trio.Event()
                 if link.failed is not None:
@@ -442,12 +459,12 @@ async def present(link: MuxLink, certificate: bytes, key) -> DialAccept | DialEr
     return await link.control(linkrenewal.renew_request(certificate, nonce, signature), timeout=RENEW_TIMEOUT)
 
 
-async def _either(*events: trio.Event) -> None:
-    """Until one of ``events`` is set."""
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Until the first of ``waits`` returns."""
     async with trio.open_nursery() as nursery:
-        async def one(event: trio.Event) -> None:
-            await event.wait()
+        async def one(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
             nursery.cancel_scope.cancel()
 
-        for event in events:
-            nursery.start_soon(one, event)
+        for wait in waits:
+            nursery.start_soon(one, wait)

@@ -5,7 +5,9 @@ certificates at a few seconds, so renewals come every few seconds."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import socket
 import subprocess
 
 import pytest
@@ -83,3 +85,25 @@ def test_a_lock_still_cuts_a_session_on_a_renewed_connection(env):
     wait_for(lambda: cluster.audit(event="link.renew_denied", user="cut-later") or
              "renewal_failed" in proc.log(), timeout=30, what="a refused renewal")
     proc.stop()
+
+
+def test_a_proxy_presents_a_renewal_made_by_another_process(env):
+    """`wicket renew` in another terminal while `wicket proxy tcp` carries a
+    live session: the proxy sees the new certificate on disk and presents
+    it on its connection, and the session lives past the old certificate's
+    end. (Waiting for that end is the workload: the certificate must age.)"""
+    tmp, cluster, _ = env
+    gw = pgenv.user(tmp, cluster, "person-renews", "dev", "--ttl", "8s")
+    first = json.loads(gw.run("status", "--format", "json").stdout)["expires_at"]
+    proc, port = gw.proxy("tcp", "echo")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as live:
+        live.sendall(b"one!")
+        assert live.recv(4) == b"one!"
+        assert gw.run("renew", "--ttl", "10m").returncode == 0
+        wait_for(lambda: "link_renewed" in proc.log(), what="the proxy to present the renewed certificate")
+        wait_for(lambda: dt.datetime.now(dt.timezone.utc) > dt.datetime.fromisoformat(first) + dt.timedelta(seconds=2),
+                 timeout=30, what="the first certificate to end")
+        live.sendall(b"two!")
+        assert live.recv(4) == b"two!"
+    proc.stop()
+    assert cluster.wait_audit(event="link.renew", user="person-renews")[0]["sessions"] == 1
