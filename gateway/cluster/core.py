@@ -641,7 +641,7 @@ class Cluster:
     def expired(self, session: LiveSession) -> bool:
         """An interruptible session whose certificate ran out: cut here,
         with the interrupt, a moment before its own deadline would end it
-        without one (gateway/cluster/dial.py's ``_run_session``)."""
+        without one (gateway/cluster/dial.py's ``run_session``)."""
         return (session.interrupt is not None and session.identity is not None
                 and self.config.disconnect_expired_cert and session.identity.not_after <= utcnow())
 

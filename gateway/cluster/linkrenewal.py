@@ -5,7 +5,7 @@ Theory of operation
 -------------------
 Each multiplexed connection has a :class:`LinkCredential`: the certificate
 its dials are decided with now, its identity, the cancel scope whose
-deadline is that certificate's end (gateway/cluster/dial.py's
+deadline is that certificate's end (gateway/cluster/muxroute.py's
 ``handle_mux`` closes the connection when it passes), the serials of the
 earlier certificates it was renewed from that are still in date, and the
 challenge it may answer. A challenge is answered in the relay engine's
