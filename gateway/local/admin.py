@@ -58,6 +58,10 @@ class _Collector:
         yield renewals
         failures = CounterMetricFamily("wicket_agent_certificate_renewal_failures", "Renewals that failed")
         failures.add_metric([], renewer.failures if renewer else 0)
+        presented = CounterMetricFamily("wicket_agent_connection_renewals",
+                                        "Renewed certificates the cluster took on the live connection")
+        presented.add_metric([], agent.dialer.renewed_in_place if agent.dialer else 0)
+        yield presented
         yield failures
         up = GaugeMetricFamily("wicket_agent_resource_up", "1 when the resource's listener is up",
                                labels=["resource", "kind"])

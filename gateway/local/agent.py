@@ -68,6 +68,8 @@ class Agent:
         self.home: Path = config.profile or wicket_home()
         self.profile: Profile | None = None
         self.renewer: session.Renewer | None = None
+        #: The one connection to the cluster every resource shares.
+        self.dialer: MuxDialer | None = None
         self.served: list[serving.Served] = []
         #: Why the agent does not serve yet (None once it does).
         self.waiting: str | None = "starting"
@@ -178,7 +180,7 @@ class Agent:
     async def _serve(self, nursery: trio.Nursery) -> None:
         self.profile = await self._identity()
         # One connection to the cluster for every resource, renewed in place.
-        dialer = MuxDialer(self.profile)
+        dialer = self.dialer = MuxDialer(self.profile)
         self.renewer = session.Renewer(self.profile, rejoin=self._join if self.config.token_file else None,
                                        on_renewed=dialer.wake)
         nursery.start_soon(self.renewer.run)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration import pgenv
 from tests.integration.harness import Gateway, wait_for
@@ -18,7 +19,9 @@ from tests.integration.test_agent import _get, start_agent, status
 
 pgenv.need_postgres()
 
-TTL = "9s"
+#: Long enough that a renewal (at two thirds) lands well before the end on a
+#: loaded machine; short enough that a test sees several.
+TTL = "12s"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def bot_agent(tmp, cluster, name: str):
     proc, admin = start_agent(gw, "--token-file", str(token_file), "--cluster", cluster.address, "--ca-pin",
                               cluster.pin, "--resource", "pg")
     wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
-    return gw, proc, status(admin)["resources"][0]["port"]
+    return gw, proc, admin, status(admin)["resources"][0]["port"]
 
 
 def psql(port: int, sql: str) -> subprocess.Popen:
@@ -50,12 +53,13 @@ def renewals(cluster, user: str) -> list[dict]:
     return cluster.audit(event="link.renew", user=user)
 
 
+@pytest.mark.heavy
 def test_a_live_psql_session_outlives_the_certificate_it_was_opened_with(env):
     tmp, cluster, server = env
-    gw, proc, port = bot_agent(tmp, cluster, "steady")
+    gw, proc, admin, port = bot_agent(tmp, cluster, "steady")
     first = json.loads(gw.run("status", "--format", "json").stdout)
     # A statement that runs across two of the bot's certificates' ends.
-    client = psql(port, "select 'alive' from pg_sleep(20)")
+    client = psql(port, "select 'alive' from pg_sleep(26)")
     wait_for(lambda: len([e for e in renewals(cluster, "steady") if e["sessions"] >= 1]) >= 2, timeout=60,
              what="two renewals of the connection with the session on it")
     out, err = client.communicate(timeout=60)
@@ -67,13 +71,15 @@ def test_a_live_psql_session_outlives_the_certificate_it_was_opened_with(env):
     assert cluster.audit(event="session.interrupt", user="steady") == []
     assert json.loads(gw.run("status", "--format", "json").stdout)["expires_at"] != first["expires_at"]
     assert "link_renewed" in proc.log() and "link_renewal_refused" not in proc.log()
+    families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+    assert families["wicket_agent_connection_renewals"].samples[0].value >= 2
     assert "the session certificate expired" not in cluster.proc.log()
     proc.stop()
 
 
 def test_a_lock_still_cuts_a_session_on_a_renewed_connection(env):
     tmp, cluster, server = env
-    gw, proc, port = bot_agent(tmp, cluster, "cut-later")
+    gw, proc, _admin, port = bot_agent(tmp, cluster, "cut-later")
     slow = "select 1 from pg_sleep(600)"
     client = psql(port, slow)
     wait_for(lambda: len([e for e in renewals(cluster, "cut-later") if e["sessions"] >= 1]) >= 1, timeout=60,
