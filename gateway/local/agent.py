@@ -188,7 +188,7 @@ class Agent:
         local_users = LocalUsers(uids=LocalUsers().uids | set(self.config.allow_uids))
         self.served = refused + await serving.serve(
             self.profile, self.profile.identity(), wanted, nursery, wait_for_cluster=self.config.wait_for_cluster,
-            local_users=local_users, dialer=dialer)
+            local_users=local_users, dialer=dialer, max_connections=self.config.max_connections)
         self.served.sort(key=lambda s: s.wanted.name)
         ok = sum(s.ok for s in self.served)
         if self.config.check_upstreams:  # before the probes say ready

@@ -104,7 +104,7 @@ def client_environment(served: list[Served]) -> dict[str, str]:
 
 async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: trio.Nursery, *,
                 wait_for_cluster: float, local_users: LocalUsers | None = None,
-                dialer: MuxDialer | None = None) -> list[Served]:
+                dialer: MuxDialer | None = None, max_connections: int | None = None) -> list[Served]:
     """Start every wanted resource's listener in ``nursery``, and the one
     connection to the cluster they share (its streams carry every
     resource's sessions; a renewed certificate is presented on it once for
@@ -120,6 +120,8 @@ async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: 
         try:
             route = w.kind.local_route()(profile, w.name, identity, wait_for_cluster=wait_for_cluster,
                                          local_users=local_users, dialer=dialer, **w.options)
+            if max_connections is not None:
+                route.route.max_clients = max_connections
             unix = None if w.unix_socket is None else unix_socket_path(w.unix_socket, w.port, route.unix_name)
             bound, accepting = await nursery.start(_listen, route.handler, w.bind, w.port, nursery, unix,
                                                    w.unix_mode)

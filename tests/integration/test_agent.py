@@ -120,6 +120,30 @@ def test_an_agent_carries_every_resource_on_one_connection_to_the_cluster(cluste
     assert proc.stop(signal.SIGTERM) == 143
 
 
+def test_max_connections_limits_each_resources_clients(make_gateway):
+    gw = make_gateway("dev")
+    proc, admin = start_agent(gw, "--resource", "echo", env={"WICKET_AGENT_MAX_CONNECTIONS": "1"})
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    port = status(admin)["resources"][0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as live:
+        live.sendall(b"one!")
+        assert live.recv(4) == b"one!"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as second:
+            try:
+                assert second.recv(1) == b""
+            except ConnectionResetError:
+                pass  # a tcp client has no protocol to be told in: a reset, and the log says why
+        wait_for(lambda: "clients_refused resource=echo" in proc.log(), what="the refusal logged")
+
+    def open_now() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+        return families["wicket_agent_sessions"].samples[0].value
+
+    wait_for(lambda: open_now() == 0, what="the first client's end counted")
+    assert _echo(port) == b"ping"  # room again
+    assert proc.stop(signal.SIGTERM) == 143
+
+
 def test_metrics_time_each_dial_from_the_clients_arrival_to_the_clusters_answer(make_gateway):
     """Sessions' dials in one histogram; control dials (here the
     --check-upstreams probe) in another."""
