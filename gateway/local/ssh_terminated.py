@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from pathlib import Path
 
 import trio
@@ -101,10 +102,12 @@ class _Client:
         route = self.route
         request = DialRequest(resource=node, params={"login": login, PUBLIC_KEY_PARAM: public_key},
                               client_addr=client_addr)
+        arrived = time.monotonic()
         try:
             route.dialer.check_fresh()
             link, stream = await route.on_link(
-                lambda link: (link, link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr)),
+                lambda link: (link, link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr,
+                                              arrived=arrived)),
                 route.room.deadline(), client_addr, lambda: False)
             reply = await link.reply(stream)
         except ProfileError as exc:
@@ -112,10 +115,14 @@ class _Client:
         except ClientGone:
             raise ssh_asyncio.NodeRefused("the client left") from None
         except (ClusterError, trio.TooSlowError) as exc:
+            route.stats.failure()
             raise ssh_asyncio.NodeRefused(
                 (getattr(exc, "message", None) or "the Wicket cluster did not answer in time")
                 + "; check that the Wicket cluster is running and reachable from this machine") from None
+        if reply is not None:
+            route.stats.answered(stream.dial_seconds)  # the agent's /metrics
         if reply is None:
+            route.stats.failure()
             raise ssh_asyncio.NodeRefused(f"the session to {node} ended before the cluster answered "
                                           f"({stream.error}); try again")
         if isinstance(reply, DialError):
@@ -140,7 +147,7 @@ class _Client:
 
     def watch(self, node_stream: ssh_asyncio.NodeStream, on_cut) -> None:
         """(trio's thread) See ssh_asyncio.Hooks."""
-        self.watchers.start_soon(self._watch, node_stream.handle, on_cut)
+        self.watchers.start_soon(self._watch, node_stream, on_cut)
 
     def ended(self, node_stream: ssh_asyncio.NodeStream) -> str | None:
         """(either) See ssh_asyncio.Hooks."""
@@ -150,12 +157,17 @@ class _Client:
         """(either) See ssh_asyncio.Hooks."""
         self.route.reports.add(node_stream.session_id, event, fields)
 
-    async def _watch(self, handle, on_cut) -> None:
-        link, stream = handle
+    async def _watch(self, node_stream: ssh_asyncio.NodeStream, on_cut) -> None:
+        link, stream = node_stream.handle
         try:
             error = await link.wait(stream)
         finally:
             self.route.dialer.release(link)
+            counters = stream.counters
+            self.route.stats.ended(counters.a_to_b, counters.b_to_a)  # the agent's /metrics
+            log.info("ssh_session_end node=%s client=%s session=%s sent=%d received=%d%s", node_stream.host,
+                     stream.context, node_stream.session_id, counters.a_to_b, counters.b_to_a,
+                     f" error={stream.error!r}" if stream.error else "")
         if error is not None:
             on_cut(error)
 
