@@ -57,6 +57,9 @@ def register(main: click.Group, cli: ModuleType) -> None:
     @click.option("--quitquitquit", is_flag=True, default=None, help="Serve POST /quitquitquit (stops, exit 0).")
     @click.option("--wait-for-cluster", metavar="DURATION",
                   help="How long a new client waits while the cluster cannot be reached (default 10s).")
+    @click.option("--max-connections", type=click.IntRange(1), metavar="N",
+                  help="Local clients each resource serves at once; more are refused in their own protocol "
+                       "(default: the open files limit less a reserve).")
     @click.option("--min-sigterm-delay", metavar="DURATION",
                   help="After SIGTERM keep serving this long (default 0s), so the application's own shutdown "
                        "still reaches its resources.")

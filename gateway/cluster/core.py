@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import logging
+import math
 import secrets
 import threading
 import time
@@ -46,6 +47,9 @@ LOCK_POLL_INTERVAL = 0.5
 #: How long a cut waits for the kind's interrupt (a CancelRequest) before it
 #: closes the session anyway.
 INTERRUPT_TIMEOUT = 2.0
+#: How much longer than its certificate an interruptible session may last:
+#: the lock watcher's look (every LOCK_POLL_INTERVAL) and the interrupt.
+CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 #: Why a session may be cut: for these the kind interrupts it upstream first.
 CUT_REASONS = frozenset({"user_locked", "user_removed", "cert_revoked", "cert_expired"})
 IDENTITY_CACHE = 4096
@@ -104,9 +108,13 @@ class LiveSession:
     # stream started in the engine's thread); others are cut by their scope.
     cut: Callable[[str], None] | None = None
     cancelled: bool = False
-    # The certificate the session was allowed with (set once allowed): a
-    # revocation of it cuts the session.
+    # The certificate the session was allowed with (set once allowed), or
+    # the one its multiplexed connection was renewed with since
+    # (gateway/cluster/linkrenewal.py): a revocation of it cuts the session.
     identity: pki.Identity | None = None
+    # The serials of the connection's earlier certificates still in date:
+    # revoking one of them cuts the session too.
+    earlier_serials: tuple[int, ...] = ()
     # The kind's hook that stops what the session is doing upstream (a
     # PostgreSQL CancelRequest: RouteKind.interrupt), awaited before a lock,
     # a revocation or the certificate's expiry cuts the session, so a
@@ -640,9 +648,21 @@ class Cluster:
     def expired(self, session: LiveSession) -> bool:
         """An interruptible session whose certificate ran out: cut here,
         with the interrupt, a moment before its own deadline would end it
-        without one (gateway/cluster/dial.py's ``_run_session``)."""
+        without one (gateway/cluster/dial.py's ``run_session``)."""
         return (session.interrupt is not None and session.identity is not None
                 and self.config.disconnect_expired_cert and session.identity.not_after <= utcnow())
+
+    def expiry_deadline(self, session: LiveSession) -> float:
+        """(trio) When ``session``'s cancel scope is to end it for its
+        certificate's expiry: never without ``disconnect_expired_cert``; an
+        interruptible one CUT_GRACE later, since the lock watcher cuts it at
+        expiry with the interrupt first (this is the backstop)."""
+        if not self.config.disconnect_expired_cert or session.identity is None:
+            return math.inf
+        left = (session.identity.not_after - utcnow()).total_seconds()
+        if session.interrupt is not None:
+            left += CUT_GRACE
+        return trio.current_time() + max(0.0, left)
 
     async def cut(self, session: LiveSession, reason: str) -> None:
         """End ``session`` for ``reason`` (one of :data:`CUT_REASONS`): the
@@ -673,6 +693,8 @@ class Cluster:
             return "user_locked"
         if session.identity is None:  # not allowed yet: checked once it is
             return None
+        if session.earlier_serials and not snap.revoked.isdisjoint(session.earlier_serials):
+            return "cert_revoked"
         try:
             Cluster.check_standing(snap, session.identity)
         except pki.CertError as exc:

@@ -30,7 +30,10 @@ relays. The session runs inside a cancel scope registered with
 deadline is the certificate's expiry.
 
 What differs per kind lives in a :class:`RouteKind`; this module is the one
-place the checks and the session bookkeeping are written.
+place the checks and the session bookkeeping are written. A dial on the
+multiplexed connection is one of its streams (gateway/cluster/muxroute.py),
+decided with the same :func:`decide` (or, in the relay engine's thread, the
+same :func:`authorize`) and run by the same :func:`run_session`.
 """
 
 from __future__ import annotations
@@ -48,21 +51,16 @@ import trio
 from gateway.cluster import rbac
 from gateway import kinds, printable
 from gateway.addresses import parse_hostport
-from gateway.cluster.core import (
-    INTERRUPT_TIMEOUT, LOCK_POLL_INTERVAL, MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession, Snapshot,
-)
+from gateway.cluster.core import AtCapacity, Cluster, LiveSession, Snapshot
 from gateway.cluster.store import Resource
 from gateway.identity import pki
-from gateway.identity.pki import utcnow
-from gateway.net.engine import eligible, engine, reset_and_close
-from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
+from gateway.net.engine import engine
 from gateway.net.relay import RelayCounters, relay, reset_on_close
-from gateway.net.tcp import keep_alive, unacknowledged
+from gateway.net.tcp import keep_alive
 from gateway.net.tls import TLSStream
 from protocols.dial import (PARAM_PROBE, DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role,
                             refusal_for)
 from protocols.errors import ErrorCode, RemoteProtocolError
-from protocols.mux import Role as MuxRole
 
 log = logging.getLogger("wicket.cluster.dial")
 
@@ -73,9 +71,6 @@ CONNECT_TIMEOUT = 10.0
 #: it to make the cluster hold much (each may carry a window of early data).
 UNAUTHENTICATED_STREAMS = 8
 READ_CHUNK = 64 * 1024
-#: How much longer than its certificate an interruptible session may last:
-#: the lock watcher's look (every LOCK_POLL_INTERVAL) and the interrupt.
-CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 
 Tap = Callable[[bytes], None]
 
@@ -272,7 +267,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
         return
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
         return
-    outcome = await _decide(cluster, stream.getpeercert(binary_form=True), request, kind, client_addr)
+    outcome = await decide(cluster, stream.getpeercert(binary_form=True), request, kind, client_addr)
     if isinstance(outcome, (DialAccept, DialError)):
         await _send_quietly(stream, conn.send(outcome))
         return
@@ -300,161 +295,11 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
                             taps=(opened.tap_client, opened.tap_server))
         return stats.error
 
-    await _run_session(cluster, session, opened, identity, client_addr, run)
-
-
-async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -> None:
-    """Serve a multiplexed connection (protocols/mux.py): each stream is a
-    dial for a resource of any kind (gateway/kinds.py), decided and audited
-    exactly as on its own connection. A tcp stream is started in the relay
-    engine's thread when it can be (:func:`_start_in_engine`); the others go
-    through trio (the kind's ``open``: PostgreSQL's TLS and login), then the
-    engine relays them."""
-    routes = {name: kind.route() for name, kind in kinds.KINDS.items()}
-    cert = stream.getpeercert(binary_form=True)
-    # The connection lives as long as the identity it was opened with. One
-    # without a valid identity lives only long enough to answer its first
-    # dial with the typed refusal (as a dial on its own connection would),
-    # so it cannot hold one of the cluster's connection slots for long.
-    max_streams = MAX_STREAMS
-    per_connection = cluster.limits.streams_per_connection
-    try:
-        identity, _user, _roles = await cluster.identify(cert)
-        lifetime = (identity.not_after - utcnow()).total_seconds() if cluster.config.disconnect_expired_cert \
-            else float("inf")
-        expiry = "the session certificate expired"
-    except pki.CertError as exc:
-        lifetime = DIAL_TIMEOUT
-        expiry = f"no valid session certificate ({exc.code.value})"
-        max_streams = UNAUTHENTICATED_STREAMS
-    token = trio.lowlevel.current_trio_token()
-    async with trio.open_nursery() as nursery:
-
-        def in_trio(link: MuxLink, st: Stream, request: DialRequest, after: _Ahead | None) -> None:
-            if link.failed is None:
-                nursery.start_soon(_mux_session, cluster, link, st, request, cert, client_addr, routes, after)
-
-        def on_open(link: MuxLink, st: Stream, request: DialRequest) -> None:  # the engine's thread
-            if len(link.streams) > per_connection:
-                # Each stream may cost the cluster an upstream descriptor.
-                audit = _DialAudit.of(request, TCP, client_addr)
-                audit.user = cluster.claimed_user(cert)
-                snap = cluster.fresh_snapshot()  # the resource's kind, for the record, if at hand
-                resource = snap.resources.get(request.resource) if snap is not None else None
-                audit.fields["kind"] = resource.kind if resource is not None else None
-                link.refuse(st, audit.limited(cluster, AtCapacity(
-                    f"this connection has {per_connection} sessions open, the most one gateway connection "
-                    f"may (the cluster's limits.streams_per_connection); close some and try again",
-                    "streams_per_connection")))
-                return
-            if not _start_in_engine(cluster, link, st, request, cert, client_addr):
-                token.run_sync_soon(in_trio, link, st, request, _after(cluster, link, request, routes))
-
-        link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
-                       on_open=on_open, max_streams=max_streams)
-        reason = "the cluster is stopping"
-        try:
-            with trio.move_on_after(max(0.0, lifetime)) as timer:
-                await link.closed.wait()
-            if timer.cancelled_caught:
-                reason = expiry
-                await _interrupt_sessions(cluster, link)
-                with link.engine.lock:
-                    for st in link.streams.values():
-                        if isinstance(st.context, _EngineSession) and st.context.session.end_reason is None:
-                            st.context.session.end_reason = "cert_expired"
-        finally:
-            link.close(reason)
-    log.info("mux_closed client=%s reason=%s", client_addr, link.failed)
-
-
-async def _interrupt_sessions(cluster: Cluster, link: MuxLink) -> None:
-    """The connection's certificate expired: its sessions that a kind
-    can interrupt upstream are cut that way first (Cluster.cut), all at
-    once, before the connection closes on them."""
-    on_link = [session for session in list(cluster.sessions.values())
-               if session.interrupt is not None and session.extra.get("stream", (None,))[0] is link]
-    if on_link:
-        async with trio.open_nursery() as nursery:
-            for session in on_link:
-                nursery.start_soon(cluster.cut, session, "cert_expired")
-
-
-#: What a control dial waits for before it acts (:func:`_after`).
-_Ahead = tuple["trio.Event | None", "socket.socket | None"]
-#: How often a cancel looks whether the server took its query's bytes.
-DELIVERED_POLL = 0.005
-
-
-def _after(cluster: Cluster, link: MuxLink, request: DialRequest,
-           routes: Mapping[str, RouteKind]) -> _Ahead | None:
-    """(the engine's thread) For a control dial that acts on a session of
-    this connection (a cancel): an event set once the bytes that came for
-    it before this OPEN have been written to its upstream socket
-    (``MuxLink.flushed``), and that socket, whose kernel then hands them to
-    the server (:func:`_delivered`), so the control cannot overtake them.
-    None: nothing to wait for."""
-    for kind in routes.values():
-        session = kind.acts_on(cluster, request)
-        if session is not None:
-            on = session.extra.get("stream")
-            if on is not None and on[0] is link:
-                end = on[1].end
-                return link.flushed(on[1]), (end.sock if end is not None else None)
-    return None
-
-
-async def _delivered(sock: socket.socket) -> None:
-    """Until the server's kernel has acknowledged everything written to
-    ``sock`` (SIOCOUTQ: a server reading a huge query slowly holds its
-    window shut, and the rest waits in our kernel)."""
-    while unacknowledged(sock):
-        await trio.sleep(DELIVERED_POLL)
-
-
-async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest,
-                       cert: bytes | None, client_addr: str, routes: Mapping[str, RouteKind],
-                       after: _Ahead | None = None) -> None:
-    try:
-        async with cluster.connection_slots:
-            if after is not None:
-                flushed, sock = after
-                with trio.move_on_after(DIAL_TIMEOUT):
-                    if flushed is not None:
-                        await flushed.wait()
-                    if sock is not None:
-                        await _delivered(sock)
-            snap = await cluster.snapshot()
-            resource = snap.resources.get(request.resource)
-            # A resource of a kind this route does not carry is refused by
-            # the checks, as being of another kind than tcp.
-            kind = routes.get(resource.kind, TCP) if resource is not None else TCP
-            outcome = await _decide(cluster, cert, request, kind, client_addr, snap)
-            if not isinstance(outcome, tuple):  # a refusal, or a control dial's answer
-                link.answer(st, outcome)
-                return
-            session, opened, identity = outcome
-            session.extra["stream"] = (link, st)
-            # An upstream that refused the login and left cannot be handed
-            # over: its answer (``first_bytes``) is all there is to relay.
-            upstream = opened.upstream if eligible(opened.upstream) else None
-
-            async def run(counters: RelayCounters) -> str | None:
-                accept = DialAccept(session_id=session.id, params=opened.reply_params)
-                if not link.accept(st, accept, upstream, counters, first=opened.first_bytes,
-                                   taps=(opened.tap_client, opened.tap_server)):
-                    return st.error or "the gateway ended the stream before it started"
-                return await link.wait(st)
-
-            await _run_session(cluster, session, opened, identity, client_addr, run)
-    except Exception:
-        log.exception("mux_session_failed client=%s action=%s", client_addr,
-                      "report this as a bug with the traceback")
-        link.refuse(st, DialError(code=ErrorCode.INTERNAL_ERROR, message="internal error in the cluster"))
+    await run_session(cluster, session, opened, identity, client_addr, run)
 
 
 @attrs.define(eq=False)
-class _DialAudit:
+class DialAudit:
     """What a dial's audit events say, gathered as the checks go."""
 
     fields: dict[str, Any]
@@ -462,7 +307,7 @@ class _DialAudit:
     identity: pki.Identity | None = None
 
     @classmethod
-    def of(cls, request: DialRequest, kind: RouteKind, client_addr: str) -> "_DialAudit":
+    def of(cls, request: DialRequest, kind: RouteKind, client_addr: str) -> "DialAudit":
         return cls({
             "resource": request.resource,
             "kind": kind.kind,
@@ -491,11 +336,11 @@ class _DialAudit:
         cluster.audit_soon("dial.allowed", self.user, **self.fields, session_id=session.id, reason=decision.reason)
 
 
-def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
-               audit: _DialAudit) -> tuple[pki.Identity, Resource, dict[str, str], rbac.Decision]:
+def authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
+               audit: DialAudit) -> tuple[pki.Identity, Resource, dict[str, str], rbac.Decision]:
     """Checks 1 to 4 of the module docstring against ``snap``; raises
     :class:`Refused`. Blocks on nothing, so the relay engine's thread runs it
-    too (:func:`_start_in_engine`)."""
+    too (:func:`start_in_engine`)."""
     identity, resource, roles = _reach(cluster, snap, cert, request, kind, audit)
     params = kind.check_params(request, identity)
     audit.fields["params"] = params
@@ -509,7 +354,7 @@ def _authorize(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: Di
 
 
 def _reach(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
-           audit: _DialAudit) -> tuple[pki.Identity, Resource, list]:
+           audit: DialAudit) -> tuple[pki.Identity, Resource, list]:
     """Checks 1 to 3: the certificate, the resource within the holder's
     reach and of this route's kind; raises :class:`Refused`."""
     try:
@@ -548,7 +393,7 @@ def _reach(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRe
     return identity, resource, roles
 
 
-async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
+async def decide(cluster: Cluster, cert: bytes | None, request: DialRequest, kind: RouteKind,
                   client_addr: str, snap: Snapshot | None = None
                   ) -> tuple[LiveSession, Opened, pki.Identity] | DialAccept | DialError:
     """Every check of the module docstring, in order, then open the
@@ -556,13 +401,13 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
     for a control dial, or the live session with its upstream (audited as
     ``dial.allowed``). ``snap``: the access snapshot, if the caller just
     read it."""
-    audit = _DialAudit.of(request, kind, client_addr)
+    audit = DialAudit.of(request, kind, client_addr)
     try:
         if snap is None:
             snap = await cluster.snapshot()
         if PARAM_PROBE in request.params:
             return await _probe(cluster, snap, cert, request, kind, audit)
-        identity, resource, params, decision = _authorize(cluster, snap, cert, request, kind, audit)
+        identity, resource, params, decision = authorize(cluster, snap, cert, request, kind, audit)
         control = await kind.control(cluster, resource, request, identity)
         if control is not None:
             answer = control if isinstance(control, Answered) else Answered(control)
@@ -588,7 +433,7 @@ async def _decide(cluster: Cluster, cert: bytes | None, request: DialRequest, ki
 
 
 async def _probe(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: DialRequest, kind: RouteKind,
-                 audit: _DialAudit) -> DialAccept:
+                 audit: DialAudit) -> DialAccept:
     """A probe (``wicket agent --check-upstreams``): may the holder reach
     the resource at all (checks 1 to 3; no session, so no parameters to
     grant), and does its upstream take a TCP connection from the cluster?
@@ -603,95 +448,12 @@ async def _probe(cluster: Cluster, snap: Snapshot, cert: bytes | None, request: 
     return DialAccept(session_id="-")
 
 
-@attrs.define(eq=False, slots=True)
-class _EngineSession:
-    """A mux stream's session run by the relay engine alone (no trio task)."""
-
-    session: LiveSession
-    started: float = 0.0  # when the upstream connected (the session's start)
-
-
-def _start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest, cert: bytes | None,
-                     client_addr: str) -> bool:
-    """(the engine's thread, under its lock) Decide an OPEN and connect the
-    upstream without trio, as :func:`_mux_session` would: same checks, same
-    audit events. False if this one needs trio: the access snapshot is
-    stale (reloading it reads the store), the upstream's host is a name to
-    resolve, or the cluster is at its session limit."""
-    snap = cluster.fresh_snapshot()
-    if snap is None or PARAM_PROBE in request.params:  # a probe: trio's (it connects and closes)
-        return False
-    resource = snap.resources.get(request.resource)
-    if resource is not None and resource.kind != TCP.kind:
-        return False  # its kind's open is trio's
-    audit = _DialAudit.of(request, TCP, client_addr)
-    try:
-        _identity, resource, _params, decision = _authorize(cluster, snap, cert, request, TCP, audit)
-    except Refused as refusal:
-        link.refuse(st, audit.denied(cluster, refusal))
-        return True
-    target = literal_address(resource.address)
-    if target is None or len(cluster.sessions) >= MAX_CONNECTIONS:
-        return False
-    try:
-        session = cluster.new_session(audit.user, resource.name, TCP.kind)
-    except AtCapacity as exc:
-        link.refuse(st, audit.limited(cluster, exc))
-        return True
-    es = st.context = _EngineSession(session)
-    # From now on a lock or a stop cuts the stream, even while the upstream
-    # is still connecting (``connected`` then finds it finished). Both run
-    # under the engine's lock, so neither can slip between the other's steps.
-    session.cut = functools.partial(link.cut, st)
-
-    def connected(sock: socket.socket | None, error: str | None) -> None:
-        cluster.engine_connects.difference_update(in_flight)
-        if sock is None:
-            session.cut = None
-            cluster.end_session(session)
-            if error is ABANDONED:
-                refusal = abandoned(resource, session.end_reason)
-            else:
-                refusal = unreachable(resource, error)
-            link.refuse(st, audit.denied(cluster, refusal))
-            return
-        keep_alive(sock)
-        audit.allowed(cluster, session, decision)
-        _audit_start(cluster, session, client_addr, {})
-        es.started = time.monotonic()
-        if st.finished or link.failed is not None:  # cut, or the gateway gave up, meanwhile
-            reset_and_close(sock)
-            _engine_session_ended(cluster, es, RelayCounters(), st.error or "the gateway ended the stream "
-                                  "before it started")
-            return
-        st.notify = functools.partial(_engine_stream_ended, cluster)
-        link.accept(st, DialAccept(session_id=session.id), sock, RelayCounters())
-
-    in_flight: list = []
-    connecting = link.engine.connect(target[0], target[1], CONNECT_TIMEOUT, connected)
-    if connecting is not None:  # ``connected`` runs later, in this thread, under the same lock
-        in_flight.append(connecting)
-        cluster.engine_connects.add(connecting)
-    return True
-
-
-def _engine_stream_ended(cluster: Cluster, link: MuxLink, st: Stream) -> None:
-    _engine_session_ended(cluster, st.context, st.counters, st.error)
-
-
-def _engine_session_ended(cluster: Cluster, es: _EngineSession, counters: RelayCounters, error: str | None) -> None:
-    session = es.session
-    session.cut = None
-    cluster.end_session(session)
-    _audit_end(cluster, session, counters, es.started, session.end_reason or error or "closed")
-
-
-def _audit_start(cluster: Cluster, session: LiveSession, client_addr: str, details: Mapping[str, Any]) -> None:
+def audit_start(cluster: Cluster, session: LiveSession, client_addr: str, details: Mapping[str, Any]) -> None:
     cluster.audit_soon("session.start", session.user, session_id=session.id, resource=session.resource,
                        kind=session.kind, client_addr=client_addr, **details)
 
 
-def _audit_end(cluster: Cluster, session: LiveSession, counters: RelayCounters, started: float, reason: str) -> None:
+def audit_end(cluster: Cluster, session: LiveSession, counters: RelayCounters, started: float, reason: str) -> None:
     cluster.audit_soon(
         "session.end", session.user, session_id=session.id, resource=session.resource,
         kind=session.kind,
@@ -702,7 +464,7 @@ def _audit_end(cluster: Cluster, session: LiveSession, counters: RelayCounters, 
     )
 
 
-async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, identity: pki.Identity,
+async def run_session(cluster: Cluster, session: LiveSession, opened: Opened, identity: pki.Identity,
                        client_addr: str, run: Callable[[RelayCounters], Awaitable[str | None]]) -> None:
     """The session's bookkeeping around ``run`` (which relays and returns
     the relay's error): session.start/end, the cancel scope a lock or the
@@ -711,15 +473,13 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
     error = None
     async with opened.upstream:
         started = time.monotonic()
-        _audit_start(cluster, session, client_addr, opened.details)
+        audit_start(cluster, session, client_addr, opened.details)
         try:
-            if cluster.config.disconnect_expired_cert:
-                left = (identity.not_after - utcnow()).total_seconds()
-                if session.interrupt is not None:
-                    # The lock watcher cuts it at expiry, interrupting it
-                    # upstream first (Cluster.cut); this is the backstop.
-                    left += CUT_GRACE
-                session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
+            if session.identity is None:
+                session.identity = identity
+            # At the certificate's end (a renewal of the connection moves
+            # it: gateway/cluster/linkrenewal.py).
+            session.cancel_scope.deadline = cluster.expiry_deadline(session)
             with session.cancel_scope:
                 if opened.task is None:
                     error = await run(counters)
@@ -733,7 +493,7 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
             cluster.end_session(session)
             if opened.finish:
                 opened.finish()
-            _audit_end(cluster, session, counters, started, session.end_reason or error or "closed")
+            audit_end(cluster, session, counters, started, session.end_reason or error or "closed")
 
 
 async def _beside(task: Callable[[], Awaitable[None]], run: Callable[[RelayCounters], Awaitable[str | None]],

@@ -213,6 +213,29 @@ def acceptable_session_key(public_key: object) -> bool:
     return isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)
 
 
+def sign_possession(key, message: bytes) -> bytes:
+    """A session key's signature over ``message``: proof that its holder
+    has the private key (protocols/linkrenewal.py)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(message)
+    return key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_possession(public_key: object, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is :func:`sign_possession`'s by the private half
+    of ``public_key`` (a session key: :func:`acceptable_session_key`)."""
+    try:
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, message)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
 def normalize_pin(pin: str) -> str:
     """Accept ``sha256:HEX`` (any case, optional colons in the hex)."""
     algo, sep, digest = pin.strip().partition(":")

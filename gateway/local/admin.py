@@ -58,6 +58,10 @@ class _Collector:
         yield renewals
         failures = CounterMetricFamily("wicket_agent_certificate_renewal_failures", "Renewals that failed")
         failures.add_metric([], renewer.failures if renewer else 0)
+        presented = CounterMetricFamily("wicket_agent_connection_renewals",
+                                        "Renewed certificates the cluster took on the live connection")
+        presented.add_metric([], agent.dialer.renewed_in_place if agent.dialer else 0)
+        yield presented
         yield failures
         up = GaugeMetricFamily("wicket_agent_resource_up", "1 when the resource's listener is up",
                                labels=["resource", "kind"])
@@ -84,6 +88,8 @@ class _Collector:
                                      labels=["resource"])
         dial = HistogramMetricFamily("wicket_agent_dial_seconds", "From a client's arrival to the cluster's "
                                      "answer to its dial (accepted or refused)", labels=["resource"])
+        control = HistogramMetricFamily("wicket_agent_control_dial_seconds", "From the start of a control dial "
+                                        "(a cancel, a probe) to the cluster's answer", labels=["resource"])
         for item in agent.served:
             if not item.ok:
                 continue
@@ -97,11 +103,14 @@ class _Collector:
             failed.add_metric([name], snap["failed"])
             buckets, total = stats.dial_histogram()
             dial.add_metric([name], buckets, total)
+            buckets, total = stats.control_histogram()
+            control.add_metric([name], buckets, total)
         yield ended
         yield transferred
         yield refused
         yield failed
         yield dial
+        yield control
 
 
 def _text(status: int, text: str) -> Response:

@@ -47,7 +47,7 @@ from gateway.local import api, ports, serving, session
 from gateway.local.agent_config import AgentConfig
 from gateway.local.connect import ClusterError
 from gateway.local.profile import Profile, ProfileError, wicket_home
-from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.net.muxlink import LinkClosed
 from gateway.net.peercred import LocalUsers
 from protocols.dial import PARAM_PROBE, DialError, DialRequest
@@ -68,6 +68,8 @@ class Agent:
         self.home: Path = config.profile or wicket_home()
         self.profile: Profile | None = None
         self.renewer: session.Renewer | None = None
+        #: The one connection to the cluster every resource shares.
+        self.dialer: MuxDialer | None = None
         self.served: list[serving.Served] = []
         #: Why the agent does not serve yet (None once it does).
         self.waiting: str | None = "starting"
@@ -177,13 +179,16 @@ class Agent:
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         self.profile = await self._identity()
-        self.renewer = session.Renewer(self.profile, rejoin=self._join if self.config.token_file else None)
+        # One connection to the cluster for every resource, renewed in place.
+        dialer = self.dialer = MuxDialer(self.profile)
+        self.renewer = session.Renewer(self.profile, rejoin=self._join if self.config.token_file else None,
+                                       on_renewed=dialer.wake)
         nursery.start_soon(self.renewer.run)
         wanted, refused = await self._resources()
         local_users = LocalUsers(uids=LocalUsers().uids | set(self.config.allow_uids))
         self.served = refused + await serving.serve(
             self.profile, self.profile.identity(), wanted, nursery, wait_for_cluster=self.config.wait_for_cluster,
-            local_users=local_users)
+            local_users=local_users, dialer=dialer, max_connections=self.config.max_connections)
         self.served.sort(key=lambda s: s.wanted.name)
         ok = sum(s.ok for s in self.served)
         if self.config.check_upstreams:  # before the probes say ready
@@ -215,7 +220,7 @@ class Agent:
             try:
                 with trio.fail_after(DIAL_TIMEOUT):
                     link = await item.route.dialer.link()
-                    reply = await link.control(request, timeout=DIAL_TIMEOUT)
+                    reply = await item.route.route.control_dial(link, request)
             except (ClusterError, LinkClosed, trio.TooSlowError) as exc:
                 failures.append((item.wanted.name, f"the cluster did not answer: "
                                                    f"{getattr(exc, 'message', None) or exc}"))

@@ -56,6 +56,9 @@ class AgentConfig:
     admin: str = "127.0.0.1:9464"
     quitquitquit: bool = False
     wait_for_cluster: float = 10.0
+    #: Local clients each resource serves at once (None: the open files
+    #: limit less a reserve); more are refused in their own protocol.
+    max_connections: int | None = None
     min_sigterm_delay: float = 0.0
     max_sigterm_delay: float = 30.0
     exit_zero: bool = False
@@ -72,7 +75,7 @@ SECTIONS = {
     "identity": ("profile", "token_file", "cluster", "ca_pin"),
     "listen": ("bind", "allow_uids"),
     "admin": ("admin", "quitquitquit"),
-    "limits": ("wait_for_cluster",),
+    "limits": ("wait_for_cluster", "max_connections"),
     "shutdown": ("min_sigterm_delay", "max_sigterm_delay", "exit_zero"),
     "log": ("log_format",),
     "startup": ("check_upstreams",),
@@ -105,6 +108,10 @@ def _value(source: str, key: str, value: Any) -> Any:
     if key in _FLAGS:
         if not isinstance(value, bool):
             raise _fail(source, key, "true or false")
+        return value
+    if key == "max_connections":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _fail(source, key, "a number of connections, at least 1")
         return value
     if key == "allow_uids":
         if not isinstance(value, (list, tuple)) or not all(isinstance(u, int) and u >= 0 for u in value):

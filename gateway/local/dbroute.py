@@ -38,7 +38,7 @@ from typing import Mapping
 import trio
 
 from gateway.local.connect import ClusterError
-from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.localtls import ensure_local_client_cert, local_server_context
 from gateway.local.profile import Profile, ProfileError
 from gateway.local.proxy import NEXT_STEP, MuxRoute, peer_addr
@@ -110,8 +110,9 @@ class DatabaseRoute(MuxRoute):
     def __init__(self, profile: Profile, resource: str, *, db_user: str | None = None,
                  db_name: str | None = None, tls_context: ssl.SSLContext | None = None,
                  wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None,
-                 client_cert_line: str | None = None) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+                 client_cert_line: str | None = None, dialer: MuxDialer | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users,
+                         dialer=dialer)
         self.db_user, self.db_name = db_user, db_name
         self.tls_context = tls_context
         #: With --local-tls-client-cert: the connection settings that name
@@ -196,7 +197,7 @@ class DatabaseRoute(MuxRoute):
             link = await self.on_link(lambda link: link, self.room.deadline(), client_addr,
                                       lambda: peer_left(phase.tcp.socket, eof=True))
             try:
-                reply = await link.control(request, timeout=DIAL_TIMEOUT)
+                reply = await self.control_dial(link, request)
             except LinkClosed as exc:
                 raise ClusterError("unreachable", f"the connection to the cluster failed ({exc})") from None
         except (ClientGone, ProfileError, ClusterError, trio.TooSlowError) as exc:

@@ -2,8 +2,9 @@
 
 :class:`Dialer` opens a TLS connection per dial (a warm pool of them ready
 ahead of need); :class:`MuxDialer` carries sessions as streams of one
-multiplexed connection (protocols/mux.py), replaced after a renewed login,
-a sleep or a stall.
+multiplexed connection (protocols/mux.py), which a renewed certificate is
+presented on (protocols/linkrenewal.py), replaced after a new login, a
+sleep or a stall.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import ssl
 import time
+from typing import Awaitable, Callable
 
 import attrs
 import trio
@@ -20,16 +22,20 @@ from gateway.identity import pki, tlsconf
 from gateway.local.connect import ClusterError, Outage, connect_cluster
 from gateway.local.profile import Profile, ProfileError, expired_message
 from gateway.net.engine import engine
-from gateway.net.muxlink import MuxLink
+from gateway.net.muxlink import LinkClosed, MuxLink
 from gateway.net.tcp import SLEEP_LIMIT, time_suspended
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialConnection, DialError, DialRequest, NEED_DATA, Role
+from protocols import linkrenewal
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.mux import Role as MuxRole
 
 # Longer than the cluster's own worst case (10 s to connect upstream plus 30 s
 # to log in), so its typed answer arrives rather than our timeout.
 DIAL_TIMEOUT = 60.0
+#: How long presenting a renewed certificate on a live connection may take
+#: (two small exchanges and a look at the cluster's store).
+RENEW_TIMEOUT = 10.0
 
 log = logging.getLogger("wicket.client")
 
@@ -80,6 +86,9 @@ class Dialer:
         self._not_after = 0.0
         self._ctx: ssl.SSLContext
         self.identity: pki.Identity
+        #: The certificate (DER) and key ``_ctx`` was made with, to present
+        #: on a live connection (:meth:`MuxDialer.link`); replaced with it.
+        self.credential: tuple[bytes, object]
         self._session: ssl.SSLSession | None = None
         self._pool: list[_Pooled] = []
         self._pool_wakeup = trio.Event()
@@ -143,7 +152,9 @@ class Dialer:
             st = self.profile.cert_path.stat()
             stamp = (st.st_mtime_ns, st.st_ino)
             if stamp != self._cert_stamp:
+                credential = self.profile.credential()
                 self._ctx = self.profile.client_context((self.alpn,))
+                self.credential = credential
                 self.identity = self.profile.identity()
                 self._not_after = self.identity.not_after.timestamp()
                 self._session = None
@@ -161,6 +172,14 @@ class Dialer:
         except OSError:
             return False
         return (st.st_mtime_ns, st.st_ino) == self._cert_stamp and time.time() < self._not_after
+
+    def changed_on_disk(self) -> bool:
+        """Whether the certificate on disk is not the one loaded (one stat)."""
+        try:
+            st = os.stat(self._cert_file)
+        except OSError:
+            return True
+        return (st.st_mtime_ns, st.st_ino) != self._cert_stamp
 
     def check_fresh(self) -> pki.Identity:
         """The current identity, or :class:`ProfileError` if it expired."""
@@ -218,12 +237,15 @@ class MuxDialer:
     cluster (protocols/mux.py): after the first connection, a session costs
     one small frame each way, no TLS handshake and no socket to the cluster.
 
-    The connection is opened with the profile's current certificate. After a
-    ``wicket login`` or ``renew`` replaced it, after the machine slept (the
-    cluster will have let go of it meanwhile), or once it stopped getting
-    answers (the network changed under it: gateway/net/tcp.py), new sessions
-    go over a new connection, and the old one is closed once its sessions
-    are over. A connection that failed (cluster restarted,
+    The connection is opened with the profile's current certificate. When a
+    renewal (or ``wicket login`` as the same user) replaced it, the new one
+    is presented on the live connection (:func:`present`), which the cluster
+    then keeps, with every session on it, until the new one ends. Where the
+    cluster does not take it (another user's login, a cluster from before
+    this), after the machine slept (the cluster will have let go of it
+    meanwhile), or once it stopped getting answers (the network changed
+    under it: gateway/net/tcp.py), new sessions go over a new connection,
+    and the old one is closed once its sessions are over. A connection that failed (cluster restarted,
     network) is replaced on the next dial; :meth:`run_pool` opens it ahead
     of the first client and reopens it when it fails."""
 
@@ -233,6 +255,10 @@ class MuxDialer:
     #: the monotonic clock, which stops during a sleep, so this long after
     #: waking at most.
     CHECK_INTERVAL = 5.0
+    #: How often it looks whether the certificate on disk changed (a
+    #: renewal in another process, `wicket renew`; one stat()), to present
+    #: it while the old one is still good; :meth:`wake` says so at once.
+    CERT_POLL = 0.5
 
     def __init__(self, profile: Profile) -> None:
         self.dialer = Dialer(profile, tlsconf.ALPN_MUX)
@@ -248,9 +274,18 @@ class MuxDialer:
         # :meth:`link`). Plain values: the exception would keep its frames.
         self._failures = 0
         self._failure: tuple[str, str, bool, ssl.SSLContext] | None = None
+        self._wakeup = trio.Event()
+        self._presentable = True  # False once the cluster showed it does not know link renewals
+        #: Renewed certificates the cluster took on a live connection.
+        self.renewed_in_place = 0
 
     def check_fresh(self) -> pki.Identity:
         return self.dialer.check_fresh()
+
+    def wake(self) -> None:
+        """(trio) The certificate on disk was just renewed: :meth:`run_pool`
+        presents it now rather than at its next look."""
+        self._wakeup.set()
 
     @property
     def _link(self) -> MuxLink | None:
@@ -288,6 +323,8 @@ class MuxDialer:
             ctx = d._ctx
             slept = time_suspended()  # before connecting: see Dialer.run_pool
             old = self._current
+            if old is not None and await self._renewed_in_place(old, ctx, d.credential, slept):
+                return old[0]
             why = None  # why the old one goes, as it stands now (it may change during the connect)
             if old is not None and old[0].failed is None:
                 if slept - old[2] > SLEEP_LIMIT:
@@ -314,6 +351,40 @@ class MuxDialer:
             for drained in [o for o in self._draining if o.failed is not None or not len(o)]:
                 drained.close(self._draining.pop(drained))
             return self._current[0]
+
+    async def _renewed_in_place(self, current: tuple[MuxLink, ssl.SSLContext, float], ctx: ssl.SSLContext,
+                                credential: tuple[bytes, object], slept: float) -> bool:
+        """(holding the lock) Whether ``current``, a live connection that only
+        lacks the certificate ``ctx`` was made with, took it (it goes on as
+        the current one then)."""
+        link, old_ctx, since = current
+        if (old_ctx is ctx or link.failed is not None or slept - since > SLEEP_LIMIT or link.stalled()
+                or not self._presentable):
+            return False
+        try:
+            with trio.fail_after(RENEW_TIMEOUT):
+                reply = await present(link, *credential)
+        except (LinkClosed, trio.TooSlowError, ValueError) as exc:
+            log.info("link_renewal_failed error=%r sessions=%d action=%s", str(exc) or "no answer in time",
+                     len(link), "a new connection with the renewed certificate")
+            return False
+        if isinstance(reply, DialError):
+            if reply.code in (ErrorCode.RESOURCE_NOT_FOUND, ErrorCode.ACCESS_DENIED) and \
+                    reply.message.find(linkrenewal.RESOURCE) >= 0:
+                self._presentable = False  # a cluster from before renewals in place: say so once
+            log.warning("link_renewal_refused code=%s message=%r sessions=%d action=%s",
+                        reply.raw_code or reply.code.value, reply.message, len(link),
+                        "a new connection with the renewed certificate; the sessions on this one end with "
+                        "its certificate")
+            return False
+        self._current = (link, ctx, since)
+        self.renewed_in_place += 1
+        log.info("link_renewed expires_at=%s sessions=%d", reply.params.get("expires_at", "-"), len(link))
+        return True
+
+    async def _cert_changed(self) -> None:
+        while not self.dialer.changed_on_disk():
+            await trio.sleep(self.CERT_POLL)
 
     @property
     def connected(self) -> bool:
@@ -365,10 +436,35 @@ class MuxDialer:
                     continue
                 outage.ended()
                 with trio.move_on_after(self.CHECK_INTERVAL):
-                    await link.closed.wait()
+                    await _first_of(link.closed.wait, self._wakeup.wait, self._cert_changed)
+                if self._wakeup.is_set():
+                    self._wakeup = trio.Event()
                 if link.failed is not None:
                     await trio.sleep(self.RETRY_DELAY)  # do not spin on a cluster that keeps refusing
         finally:
             for link in [self._link, *self._draining]:
                 if link is not None:
                     link.close("the gateway is stopping")
+
+
+async def present(link: MuxLink, certificate: bytes, key) -> DialAccept | DialError:
+    """Present a renewed certificate (DER) on ``link``, proving ``key``
+    (protocols/linkrenewal.py): the cluster's verdict. Raises LinkClosed,
+    ValueError (a challenge without a nonce)."""
+    reply = await link.control(linkrenewal.challenge_request(), timeout=RENEW_TIMEOUT)
+    if isinstance(reply, DialError):
+        return reply
+    nonce = linkrenewal.nonce_of(reply)
+    signature = pki.sign_possession(key, linkrenewal.proof_message(nonce, certificate))
+    return await link.control(linkrenewal.renew_request(certificate, nonce, signature), timeout=RENEW_TIMEOUT)
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Until the first of ``waits`` returns."""
+    async with trio.open_nursery() as nursery:
+        async def one(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(one, wait)

@@ -43,6 +43,7 @@ from collections.abc import Mapping
 import trio
 
 from gateway.local.dbroute import STARTUP_TIMEOUT, ClientPhase, DatabaseRoute, local_tls as local_tls_setup
+from gateway.local.dialer import MuxDialer
 from gateway.local.localtls import ensure_local_client_pem
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
@@ -282,14 +283,14 @@ class _MongoClient(ClientPhase):
 def mongodb_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
                   local_users: LocalUsers | None = None, db_user: str | None = None,
                   db_name: str | None = None, local_tls: bool = False,
-                  local_tls_client_cert: bool = False) -> Listening:
+                  local_tls_client_cert: bool = False, dialer: MuxDialer | None = None) -> Listening:
     """The mongodb kind's local route (gateway/kinds.py)."""
     tls_context, ca_path, client_cert = local_tls_setup(profile.home, on=local_tls, client_cert=local_tls_client_cert)
     tls_query = f"&tls=true&tlsCAFile={ca_path}" if tls_context is not None else ""
     if client_cert is not None:
         tls_query += f"&tlsCertificateKeyFile={ensure_local_client_pem(profile.home)}"
     proxy = MongoProxy(profile, resource, db_user=db_user, db_name=db_name, wait_for_cluster=wait_for_cluster,
-                       local_users=local_users, tls_context=tls_context, tls_hint=tls_query.lstrip("&"),
+                       local_users=local_users, dialer=dialer, tls_context=tls_context, tls_hint=tls_query.lstrip("&"),
                        client_cert_line=tls_query.lstrip("&") if client_cert is not None else None)
 
     def try_line(host: str, port: int) -> str:

@@ -38,7 +38,7 @@ from typing import Mapping
 import trio
 
 from gateway.local.dbroute import ClientPhase, DatabaseRoute, local_tls as local_tls_setup
-from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.dialer import MuxDialer
 from gateway.local.mysqlguard import Guard, socket_pair
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
@@ -227,7 +227,7 @@ class _MySqlClient(ClientPhase):
             request = DialRequest(resource=self.route.resource, client_addr=self.client_addr,
                                   params={"db_user": params["db_user"], dp.USE: schema})
             try:
-                reply = await link.control(request, timeout=DIAL_TIMEOUT)
+                reply = await self.route.control_dial(link, request)
             except LinkClosed as exc:
                 return f"the cluster could not be asked whether {schema!r} is allowed ({exc})"
             return reply.message if isinstance(reply, DialError) else None
@@ -244,14 +244,14 @@ class _MySqlClient(ClientPhase):
 def mysql_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
                 local_users: LocalUsers | None = None, db_user: str | None = None,
                 db_name: str | None = None, local_tls: bool = False,
-                local_tls_client_cert: bool = False) -> Listening:
+                local_tls_client_cert: bool = False, dialer: MuxDialer | None = None) -> Listening:
     """The mysql kind's local route (gateway/kinds.py)."""
     tls_context, ca_path, client_cert = local_tls_setup(profile.home, on=local_tls, client_cert=local_tls_client_cert)
     tls_line = f"--ssl-ca={ca_path} --ssl-verify-server-cert" if tls_context is not None else ""
     if client_cert is not None:
         tls_line += f" --ssl-cert={client_cert[0]} --ssl-key={client_cert[1]}"
     proxy = MySqlProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
-                       wait_for_cluster=wait_for_cluster, local_users=local_users,
+                       wait_for_cluster=wait_for_cluster, local_users=local_users, dialer=dialer,
                        client_cert_line=tls_line if local_tls_client_cert else None)
 
     def try_line(host: str, port: int) -> str:

@@ -36,7 +36,7 @@ import logging
 import trio
 
 from gateway.local.dbroute import ClientPhase, DatabaseRoute, local_tls as local_tls_setup
-from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.dialer import MuxDialer
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
 from gateway.net.muxlink import LinkClosed, MuxLink, Stream
@@ -76,7 +76,7 @@ class PostgresProxy(DatabaseRoute):
             return
         request = DialRequest(resource=self.resource, params={"cancel": session.id}, client_addr=client_addr)
         try:
-            reply = await session.link.control(request, after=session.stream, timeout=DIAL_TIMEOUT)
+            reply = await self.control_dial(session.link, request, after=session.stream)
         except LinkClosed as exc:
             log.warning("pg_cancel_failed session=%s error=%s", session.id, exc)
             return
@@ -197,7 +197,7 @@ class _PgClient(ClientPhase):
 def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
                    local_users: LocalUsers | None = None, db_user: str | None = None,
                    db_name: str | None = None, local_tls: bool = False,
-                   local_tls_client_cert: bool = False) -> Listening:
+                   local_tls_client_cert: bool = False, dialer: MuxDialer | None = None) -> Listening:
     """The postgres kind's local route (gateway/kinds.py)."""
     tls_context, ca_path, client_cert = local_tls_setup(profile.home, on=local_tls, client_cert=local_tls_client_cert,
                                                         alpn=(ALPN_POSTGRESQL,))
@@ -206,7 +206,7 @@ def postgres_route(profile: Profile, resource: str, identity, *, wait_for_cluste
     if client_cert is not None:
         tls_line += f" sslcert={client_cert[0]} sslkey={client_cert[1]}"
     pg = PostgresProxy(profile, resource, db_user=db_user, db_name=db_name, tls_context=tls_context,
-                       wait_for_cluster=wait_for_cluster, local_users=local_users,
+                       wait_for_cluster=wait_for_cluster, local_users=local_users, dialer=dialer,
                        client_cert_line=tls_line if local_tls_client_cert else None)
 
     def try_line(host: str, port: int) -> str:

@@ -85,6 +85,18 @@ class Profile:
             raise ProfileError(expired_message(self.cluster_addr, identity))
         return identity
 
+    def credential(self) -> tuple[bytes, object]:
+        """The certificate (DER) and its private key, to prove on a live
+        connection (protocols/linkrenewal.py); ValueError if they are not
+        a pair (read while a renewal was writing them)."""
+        cert = self.certificate()
+        key = pki.serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        spki = pki.serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(pki.serialization.Encoding.DER, spki) != \
+                cert.public_key().public_bytes(pki.serialization.Encoding.DER, spki):
+            raise ValueError(f"the key in {self.key_path} is not the certificate's")
+        return cert.public_bytes(pki.serialization.Encoding.DER), key
+
     def client_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
         return tlsconf.gateway_client_context(
             self.ca_path.read_bytes(), cert=self.cert_path, key=self.key_path, alpn=alpn

@@ -59,8 +59,9 @@ log = logging.getLogger("wicket.proxy")
 T = TypeVar("T")
 
 #: A session to start again: its counters, the bytes already read from the
-#: client and whether the client's EOF was among them.
-_Resume = tuple[RelayCounters, bytes, bool]
+#: client, whether the client's EOF was among them, and when the client
+#: arrived (time.monotonic(): its dial is timed from then, not the retry).
+_Resume = tuple[RelayCounters, bytes, bool, float]
 
 NEXT_STEP = {
     ErrorCode.CERT_EXPIRED: "run `wicket login` again",
@@ -109,11 +110,14 @@ class MuxRoute:
     would act with the owner's identity; gateway/net/peercred.py)."""
 
     def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT,
-                 local_users: LocalUsers | None = None) -> None:
+                 local_users: LocalUsers | None = None, dialer: MuxDialer | None = None) -> None:
         self.profile = profile
         self.resource = resource
         self.room = WaitRoom(resource, wait_for_cluster)
-        self.dialer = MuxDialer(profile)
+        #: The connection to the cluster: this route's own, or one that the
+        #: other routes of the process share (``dialer``: `wicket agent`
+        #: keeps one connection, and its renewal, for all its resources).
+        self.dialer = dialer if dialer is not None else MuxDialer(profile)
         self.local_users = local_users or LocalUsers()
         self.stats = RouteStats()
         #: Local clients served at once (``--max-connections``): each holds
@@ -170,6 +174,16 @@ class MuxRoute:
                                        f"is `wicket-cluster start` still running?") from None
         raise AssertionError("unreachable")
 
+    async def control_dial(self, link: MuxLink, request: DialRequest, *, after: Stream | None = None,
+                           timeout: float = DIAL_TIMEOUT) -> DialAccept | DialError:
+        """``link.control(...)``, timed into the route's control dial
+        histogram (a cancel's time includes its wait for the session's
+        earlier bytes: ``after``). Raises LinkClosed."""
+        started = time.monotonic()
+        reply = await link.control(request, after=after, timeout=timeout)
+        self.stats.control_answered(time.monotonic() - started)
+        return reply
+
     def log_refused(self, client_addr: str, error: DialError, next_step: str | None) -> None:
         self.stats.refusal(error.raw_code or error.code.value)
         log.warning("dial_refused resource=%s client=%s code=%s message=%r next_step=%r", self.resource,
@@ -181,8 +195,9 @@ class TcpProxy(MuxRoute):
     :func:`run_listener`."""
 
     def __init__(self, profile: Profile, resource: str, *, wait_for_cluster: float = RIDE_OUT,
-                 local_users: LocalUsers | None = None) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+                 local_users: LocalUsers | None = None, dialer: MuxDialer | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users,
+                         dialer=dialer)
         self.engine = engine()
         self.started = 0  # sessions started / ended (under the engine's lock)
         self.ended = 0
@@ -221,15 +236,16 @@ class TcpProxy(MuxRoute):
             return
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        arrived = time.monotonic()
         link = self.dialer.ready_link()
         if link is not None:
             try:
-                self._start(link, sock, addr)
+                self._start(link, sock, addr, arrived=arrived)
                 return
             except LinkClosed:
                 pass
         try:
-            self._token.run_sync_soon(self._spawn_slow, sock, addr)
+            self._token.run_sync_soon(self._spawn_slow, sock, addr, None, arrived)
         except trio.RunFinishedError:
             self._drop(sock)
 
@@ -238,9 +254,10 @@ class TcpProxy(MuxRoute):
         reset_and_close(sock)
         self.client_left()
 
-    def _spawn_slow(self, sock: socket.socket, addr, resume: _Resume | None = None) -> None:  # trio's thread
+    def _spawn_slow(self, sock: socket.socket, addr, resume: _Resume | None = None,
+                    arrived: float | None = None) -> None:  # trio's thread
         try:
-            self._nursery.start_soon(self._start_slowly, sock, addr, resume)
+            self._nursery.start_soon(self._start_slowly, sock, addr, resume, arrived)
         except RuntimeError:  # stopping: the nursery takes no more
             self._drop(sock)
 
@@ -251,11 +268,14 @@ class TcpProxy(MuxRoute):
         client_addr = format_addr(addr)
         if resume is None:
             counters, early, fin = RelayCounters(), b"", False
+            if arrived is None:
+                arrived = time.monotonic()
+            first = arrived
 
             def retry(sock: socket.socket, early: bytes, fin: bool, reason: str) -> None:
-                self._again(sock, addr, (counters, early, fin), reason)
+                self._again(sock, addr, (counters, early, fin, first), reason)
         else:
-            (counters, early, fin), retry = resume, None
+            (counters, early, fin, arrived), retry = resume, None
         with self.engine.lock:
             self.started += 1
             try:
@@ -292,10 +312,14 @@ class TcpProxy(MuxRoute):
 
     # -- trio's thread -----------------------------------------------------
 
-    async def _start_slowly(self, sock: socket.socket, addr, resume: _Resume | None = None) -> None:
+    async def _start_slowly(self, sock: socket.socket, addr, resume: _Resume | None = None,
+                            arrived: float | None = None) -> None:
         """No connection ready (or a new login on disk, or ``resume``): get
-        one, then start the session as the engine would have."""
-        client_addr, arrived = format_addr(addr), time.monotonic()
+        one, then start the session as the engine would have. ``arrived``:
+        when the client came (time.monotonic()), if before this."""
+        client_addr = format_addr(addr)
+        if arrived is None:
+            arrived = time.monotonic()
         try:
             try:
                 self.dialer.check_fresh()
@@ -339,9 +363,9 @@ class TcpProxy(MuxRoute):
 
 
 def tcp_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
-              local_users: LocalUsers | None = None) -> Listening:
+              local_users: LocalUsers | None = None, dialer: MuxDialer | None = None) -> Listening:
     """The tcp kind's local route (gateway/kinds.py)."""
-    tcp = TcpProxy(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+    tcp = TcpProxy(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users, dialer=dialer)
     return Listening(handler=tcp, dialer=tcp.dialer, route=tcp,
                      try_line=lambda host, port: f"Try: nc -U {host}" if host.startswith("/") else
                      f"Try: nc {host} {port}")

@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from gateway.kinds import Kind
+from gateway.local.dialer import MuxDialer
 from gateway.local.profile import Profile
 from gateway.local.proxy import ListenError, Listening, run_listener, unix_address, unix_socket_path
 from gateway.net.peercred import LocalUsers
@@ -66,7 +67,9 @@ class Served:
 
     @property
     def sessions(self) -> int:
-        return self.route.dialer.sessions if self.route is not None else 0
+        """This resource's local clients now (their sessions, and those
+        still starting)."""
+        return self.route.route.clients if self.route is not None else 0
 
     @property
     def ok(self) -> bool:
@@ -100,17 +103,25 @@ def client_environment(served: list[Served]) -> dict[str, str]:
 
 
 async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: trio.Nursery, *,
-                wait_for_cluster: float, local_users: LocalUsers | None = None) -> list[Served]:
-    """Start every wanted resource's listener (and its connection to the
-    cluster) in ``nursery``; how each stands. Never raises for one
-    resource's trouble."""
+                wait_for_cluster: float, local_users: LocalUsers | None = None,
+                dialer: MuxDialer | None = None, max_connections: int | None = None) -> list[Served]:
+    """Start every wanted resource's listener in ``nursery``, and the one
+    connection to the cluster they share (its streams carry every
+    resource's sessions; a renewed certificate is presented on it once for
+    all of them); how each stands. Never raises for one resource's
+    trouble."""
     served = []
+    dialer = dialer if dialer is not None else MuxDialer(profile)
+    if wanted:
+        await nursery.start(dialer.run_pool)
     for w in wanted:
         item = Served(wanted=w)
         served.append(item)
         try:
             route = w.kind.local_route()(profile, w.name, identity, wait_for_cluster=wait_for_cluster,
-                                         local_users=local_users, **w.options)
+                                         local_users=local_users, dialer=dialer, **w.options)
+            if max_connections is not None:
+                route.route.max_clients = max_connections
             unix = None if w.unix_socket is None else unix_socket_path(w.unix_socket, w.port, route.unix_name)
             bound, accepting = await nursery.start(_listen, route.handler, w.bind, w.port, nursery, unix,
                                                    w.unix_mode)
@@ -125,8 +136,6 @@ async def serve(profile: Profile, identity: Any, wanted: list[Wanted], nursery: 
             if isinstance(bound, str):  # a unix socket
                 bound = unix_address(bound, w.port)
             item.host, item.port, item.route, item.accepting = bound[0], bound[1], route, accepting
-            if route.dialer is not None:
-                await nursery.start(route.dialer.run_pool)
             log.info("resource_listening resource=%s kind=%s address=%s:%d", w.name, w.kind.name, item.host,
                      item.port)
             continue

@@ -3,9 +3,10 @@ keyboard: a bot's join with a token, a renewal, and a task that renews in
 the background well before expiry.
 
 A renewal writes a new key and certificate into the profile; the dialers
-pick them up at their next dial (gateway/local/dialer.py) and the live
-connections carry on with the certificate they started with, so renewing
-cuts nothing.
+pick them up (at once when told through ``on_renewed``, else within
+seconds) and present them on their live connection to the cluster
+(gateway/local/dialer.py, protocols/linkrenewal.py), so the sessions on it
+live on with the new certificate and renewing cuts nothing.
 
 A person's certificate renews up to the end of their login's maximum
 session; then, or after a laptop slept past its expiry, :func:`keep_fresh`
@@ -115,8 +116,12 @@ class Renewer:
     stands for probes and metrics."""
 
     def __init__(self, profile: Profile, *, ttl_seconds: float | None = None,
-                 rejoin: Callable[[], Awaitable[Any]] | None = None) -> None:
+                 rejoin: Callable[[], Awaitable[Any]] | None = None,
+                 on_renewed: Callable[[], None] | None = None) -> None:
         self.profile = profile
+        #: Told (in trio) after each renewal: the dialers present the new
+        #: certificate on their connections at once.
+        self.on_renewed = on_renewed
         self.ttl_seconds = ttl_seconds  # what to ask for (None: the cluster's default)
         #: A bot whose certificate ran out (a sleep, the cluster out of
         #: reach too long) cannot prove it any more: this joins again (the
@@ -168,6 +173,8 @@ class Renewer:
             retry = RETRY_FIRST
             self.renewals += 1
             self.stuck = None
+            if self.on_renewed is not None:
+                self.on_renewed()
             fresh = self.identity()
             log.info("certificate_renewed user=%s kind=%s expires_at=%s", fresh.user if fresh else "-",
                      fresh.kind if fresh else "-", fresh.not_after.isoformat() if fresh else "-")

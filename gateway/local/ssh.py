@@ -35,7 +35,7 @@ def refusal_text(error: DialError) -> str:
 
 def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, local_users=None, stdio: bool = False,
               fdpass: bool = False, authorized_keys: str | None = None, allow_no_auth: bool = False,
-              write_known_hosts: str | None = None):
+              write_known_hosts: str | None = None, dialer=None):
     """With ``stdio``: one session on stdin/stdout, ``resource`` being
     ``LOGIN@NODE[:PORT]`` (it has a ``run``, not a listener). Else the SSH
     server on a local port, ``resource`` the node a plain login reaches."""
@@ -74,7 +74,8 @@ def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, loca
 
     ensure_private_dir(profile.home / "ssh")
     route = SshTerminated(profile, resource, keys=keys, host_key_path=profile.home / "ssh" / "gateway_host_key",
-                          wait_for_cluster=wait_for_cluster, local_users=local_users, use_agent=use_agent)
+                          wait_for_cluster=wait_for_cluster, local_users=local_users, use_agent=use_agent,
+                          dialer=dialer)
 
     def try_line(host: str, port: int) -> str:
         line = ssh_asyncio.known_hosts_line(route.host_key, host, port)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from pathlib import Path
 
 import trio
 
 from gateway.local import ssh_asyncio
 from gateway.local.connect import ClusterError
-from gateway.local.dialer import DIAL_TIMEOUT
+from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.profile import Profile, ProfileError
 from gateway.local.proxy import MuxRoute, peer_addr
 from gateway.local.ssh import refusal_text
@@ -44,8 +45,9 @@ class SshTerminated(MuxRoute):
 
     def __init__(self, profile: Profile, resource: str, *, keys: ssh_asyncio.LocalKeys, host_key_path: Path,
                  wait_for_cluster: float = RIDE_OUT, local_users: LocalUsers | None = None,
-                 use_agent: bool = True) -> None:
-        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users)
+                 use_agent: bool = True, dialer: MuxDialer | None = None) -> None:
+        super().__init__(profile, resource, wait_for_cluster=wait_for_cluster, local_users=local_users,
+                         dialer=dialer)
         self.default_node = resource
         self.keys = keys
         self.use_agent = use_agent
@@ -100,10 +102,12 @@ class _Client:
         route = self.route
         request = DialRequest(resource=node, params={"login": login, PUBLIC_KEY_PARAM: public_key},
                               client_addr=client_addr)
+        arrived = time.monotonic()
         try:
             route.dialer.check_fresh()
             link, stream = await route.on_link(
-                lambda link: (link, link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr)),
+                lambda link: (link, link.open(request, reply_timeout=DIAL_TIMEOUT, context=client_addr,
+                                              arrived=arrived)),
                 route.room.deadline(), client_addr, lambda: False)
             reply = await link.reply(stream)
         except ProfileError as exc:
@@ -111,10 +115,14 @@ class _Client:
         except ClientGone:
             raise ssh_asyncio.NodeRefused("the client left") from None
         except (ClusterError, trio.TooSlowError) as exc:
+            route.stats.failure()
             raise ssh_asyncio.NodeRefused(
                 (getattr(exc, "message", None) or "the Wicket cluster did not answer in time")
                 + "; check that the Wicket cluster is running and reachable from this machine") from None
+        if reply is not None:
+            route.stats.answered(stream.dial_seconds)  # the agent's /metrics
         if reply is None:
+            route.stats.failure()
             raise ssh_asyncio.NodeRefused(f"the session to {node} ended before the cluster answered "
                                           f"({stream.error}); try again")
         if isinstance(reply, DialError):
@@ -139,7 +147,7 @@ class _Client:
 
     def watch(self, node_stream: ssh_asyncio.NodeStream, on_cut) -> None:
         """(trio's thread) See ssh_asyncio.Hooks."""
-        self.watchers.start_soon(self._watch, node_stream.handle, on_cut)
+        self.watchers.start_soon(self._watch, node_stream, on_cut)
 
     def ended(self, node_stream: ssh_asyncio.NodeStream) -> str | None:
         """(either) See ssh_asyncio.Hooks."""
@@ -149,12 +157,17 @@ class _Client:
         """(either) See ssh_asyncio.Hooks."""
         self.route.reports.add(node_stream.session_id, event, fields)
 
-    async def _watch(self, handle, on_cut) -> None:
-        link, stream = handle
+    async def _watch(self, node_stream: ssh_asyncio.NodeStream, on_cut) -> None:
+        link, stream = node_stream.handle
         try:
             error = await link.wait(stream)
         finally:
             self.route.dialer.release(link)
+            counters = stream.counters
+            self.route.stats.ended(counters.a_to_b, counters.b_to_a)  # the agent's /metrics
+            log.info("ssh_session_end node=%s client=%s session=%s sent=%d received=%d%s", node_stream.host,
+                     stream.context, node_stream.session_id, counters.a_to_b, counters.b_to_a,
+                     f" error={stream.error!r}" if stream.error else "")
         if error is not None:
             on_cut(error)
 

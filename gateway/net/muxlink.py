@@ -78,10 +78,14 @@ dial (a cancel) is a stream without a socket whose REPLY is all
 session it acts on, and :meth:`MuxLink.flushed` lets the cluster wait until
 that has been written to the session's socket.
 
-Layout: this module has the link (its public methods, the connection's
-events, a handler per frame type, the ends of streams and of the link);
-:mod:`gateway.net.muxstreams` has :class:`Stream` and the moving of a
-stream's bytes (``StreamIO``, mixed into :class:`MuxLink`).
+Layout: this module has the link (what both sides share of its public
+methods, the connection's events, a handler per frame type, the ends of
+streams and of the link); mixed into :class:`MuxLink`, by job:
+:mod:`gateway.net.muxopening` (the gateway's side: opening streams,
+control dials, the REPLY), :mod:`gateway.net.muxanswering` (the
+cluster's side: the decision on each OPEN, the answers) and
+:mod:`gateway.net.muxstreams` (:class:`Stream` and the moving of a
+stream's bytes, ``StreamIO``).
 """
 
 from __future__ import annotations
@@ -90,7 +94,6 @@ import errno
 import logging
 import socket
 import ssl
-import time
 from typing import Callable
 
 import trio
@@ -99,11 +102,13 @@ from gateway.net.engine import PUMP_BUDGET, RelayEngine
 from gateway.net.ends import (
     _ALWAYS, End, Failure, _IN, _OUT, detach, reset_and_close, seal, watch_mask,
 )
+from gateway.net.muxanswering import StreamAnswering
+from gateway.net.muxopening import LinkClosed, StreamOpening
 from gateway.net.muxstreams import Stream, StreamIO
-from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, unread, written
+from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled
 from gateway.net.tls import TLSStream
-from protocols.dial import NEED_DATA, DialAccept, DialError, DialRequest
-from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from protocols.dial import NEED_DATA, DialRequest
+from protocols.errors import RemoteProtocolError
 from protocols.mux import (
     HEADER,
     MAX_DATA,
@@ -133,23 +138,12 @@ LINK_BACKLOG = 1024 * 1024
 
 _HEADER_SIZE = HEADER.size
 
-#: A cancel (a control dial after a session) waits until the engine has read
-#: what the client had sent on the session before it, polling every
-#: CONTROL_DRAIN_PAUSE, for CONTROL_DRAIN_LIMIT at most: a server that reads
-#: a huge query slowly holds the stream's window shut meanwhile.
-CONTROL_DRAIN_PAUSE = 0.005
-CONTROL_DRAIN_LIMIT = 10.0
-
 #: DATA pieces for one stream written with one ``sendmsg`` at most (IOV_MAX
 #: is 1024; a peer sending tiny frames must not make us exceed it).
 GATHER_MAX = 64
 
 
-class LinkClosed(Exception):
-    """The multiplexed connection is over; open a new one."""
-
-
-class MuxLink(StreamIO):
+class MuxLink(StreamOpening, StreamAnswering, StreamIO):
     """See the module docstring. Create it in trio's thread."""
 
     def __init__(self, engine: RelayEngine, tls: TLSStream, role: Role, *, name: str,
@@ -195,156 +189,6 @@ class MuxLink(StreamIO):
     # ------------------------------------------------------------------
     # trio's thread.
 
-    def start(self, request: DialRequest, sock: socket.socket, counters,
-              notify: Callable[["MuxLink", Stream], None], *, reply_timeout: float,
-              context=None, retry: Callable[[socket.socket | None, bytes, bool, str], None] | None = None,
-              early: bytes = b"", early_fin: bool = False, arrived: float | None = None) -> Stream:
-        """(gateway) Open a stream for ``request`` and relay ``sock`` (a
-        connected non-blocking socket, now the link's) on it at once. A
-        refusal, or no REPLY within ``reply_timeout`` seconds, ends the
-        stream and resets ``sock``; ``notify(link, stream)`` hears of the end
-        (``stream.reply`` says which). Raises :class:`LinkClosed` (``sock``
-        is still the caller's then).
-
-        If the connection ends before the cluster could have read the OPEN
-        (see the module docstring), the stream ends without a word to
-        ``notify`` and ``retry(sock, early, early_fin, reason)`` gets
-        ``sock`` back (in whichever thread saw the reset, under the lock,
-        maybe before ``start`` returns), with the bytes already read from
-        it, whether its EOF was, and why the connection ended: pass the
-        first three to ``start`` on another link (``early`` is at most
-        EARLY_DATA bytes). Use ``retry`` with ``notify``, not :meth:`wait`;
-        a session started with ``early`` is not started again. ``arrived``:
-        when the client came (time.monotonic()), if before the OPEN; the
-        stream's ``dial_seconds`` count from it."""
-        if retry is not None and (early or early_fin):
-            raise ValueError("pass retry or early, not both: a session is started again once at most")
-        with self.engine.lock:
-            stream = self._open(request, notify, reply_timeout, context, retry, arrived)
-            sid = stream.sid
-            self._bind(stream, sock, counters)
-            if early:  # read from the socket for an OPEN on another link
-                self._send_guarded(self.conn.send_data_header(sid, len(early)) + early)
-            if early_fin and not stream.finished:
-                stream.end.in_done = True
-                self._send_guarded(self.conn.send_fin(sid))
-            if not stream.finished:
-                # What the client sent already goes right behind the OPEN.
-                self._run_guarded(stream.end, lambda: self._pump(stream))
-        return stream
-
-    def open(self, request: DialRequest, *, reply_timeout: float, context=None,
-             retry: Callable[[socket.socket | None, bytes, bool, str], None] | None = None,
-             arrived: float | None = None) -> Stream:
-        """(gateway) Open a stream for ``request`` without a socket yet:
-        await :meth:`reply`, then :meth:`bind` the client's socket (the
-        cluster's first bytes wait until then), or turn the client away in
-        its own protocol. ``retry(None, b"", False, reason)`` and
-        ``arrived``: as for :meth:`start`. Raises :class:`LinkClosed`."""
-        with self.engine.lock:
-            stream = self._open(request, None, reply_timeout, context, retry, arrived)
-            stream.done = trio.Event()
-        return stream
-
-    async def reply(self, stream: Stream) -> DialAccept | DialError | None:
-        """(gateway) The cluster's answer to :meth:`open`; None if the
-        stream ended first (``stream.error`` says why). If cancelled, the
-        stream is reset."""
-        try:
-            if stream.reply is None and not stream.finished:
-                await stream.done.wait()
-        except BaseException:
-            self.cut(stream, "cancelled")
-            raise
-        return stream.reply
-
-    def bind(self, stream: Stream, client: trio.SocketStream | TLSStream, counters, *,
-             tap_in: Callable[[bytes], None] | None = None) -> bool:
-        """(gateway) Relay ``client`` (its socket is the link's now; one of
-        our TLS streams: the link carries its records) on a stream that
-        :meth:`open` started and the cluster accepted; end it with
-        :meth:`wait`. ``tap_in`` sees every chunk of the cluster's bytes
-        before the client does. False if the stream ended meanwhile (the
-        socket is reset then)."""
-        sock, tls = detach(client)
-        with self.engine.lock:
-            if stream.finished or self.failed is not None:
-                reset_and_close(sock)
-                return False
-            stream.tap_in = tap_in
-            stream.done = None  # now for wait()
-            self._attach(stream, sock, counters, tls, None)
-            if not stream.finished:
-                self._run_guarded(stream.end, lambda: self._pump(stream))
-            return True
-
-    def _open(self, request: DialRequest, notify, reply_timeout: float, context, retry,
-              arrived: float | None = None) -> Stream:
-        """(under the lock) Send the OPEN and register the stream, with its
-        REPLY's deadline and what a ``retry`` needs. Raises
-        :class:`LinkClosed`."""
-        if self.failed is not None:
-            raise LinkClosed(self.failed)
-        try:
-            sid, frame = self.conn.send_open(request)
-        except LocalProtocolError as exc:  # stream ids used up, after 2**32 - 1 sessions
-            self._fail(str(exc))
-            raise LinkClosed(self.failed) from None
-        self._send_guarded(frame)
-        if self.failed is not None:
-            raise LinkClosed(self.failed)
-        stream = Stream(sid, self.socket_name, notify)
-        stream.context = context
-        if arrived is not None:
-            stream.arrived = arrived
-        if retry is not None:
-            opened = written(self.end.sock)  # the OPEN is in the kernel, or queued behind
-            if opened is not None:
-                stream.retry, stream.sent = retry, bytearray()
-                stream.opened = opened + self.engine.backlog(self.end)
-        self.streams[sid] = stream
-        stream.timer = self.engine.call_later(reply_timeout, lambda: self._overdue(stream, reply_timeout))
-        return stream
-
-    def _overdue(self, stream: Stream, timeout: float) -> None:
-        if stream.reply is None and not stream.finished:
-            self._finish(stream, f"the cluster did not answer within {timeout:.0f}s", reset=True)
-
-    def accept(self, stream: Stream, reply: DialAccept,
-               sock: trio.SocketStream | TLSStream | socket.socket | None,
-               counters, *, first: bytes = b"", taps: tuple[Callable[[bytes], None] | None, ...] = (None, None)
-               ) -> bool:
-        """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` (a
-        socket, or one of our TLS streams: the link carries its records) for
-        it: ``first`` goes to the gateway right behind the REPLY, then what
-        the gateway sent early goes to ``sock``. ``taps``: (shown the
-        gateway's bytes, shown the socket's), as ``relay``'s. False if the
-        stream or the link ended meanwhile (``sock`` is reset then).
-        Without ``sock`` (an upstream that already said no and left:
-        ``first`` is its answer) the stream ends after ``first`` and FIN."""
-        raw, tls = (sock, None) if sock is None or isinstance(sock, socket.socket) else detach(sock)
-        with self.engine.lock:
-            if stream.finished or self.failed is not None:
-                if raw is not None:
-                    reset_and_close(raw)  # the session was cut while it connected
-                return False
-            frames = self.conn.send_reply(stream.sid, reply)
-            if first:
-                frames += self.conn.send_data(stream.sid, first)
-                counters.b_to_a += len(first)
-            if raw is None:
-                self._send_guarded(frames + self.conn.send_fin(stream.sid))
-                stream.counters = counters
-                self._finish(stream, None, reset=False)
-                return True
-            self._send_guarded(frames)
-            if stream.finished:
-                reset_and_close(raw)
-                return False
-            stream.tap_in = taps[0]
-            self._attach(stream, raw, counters, tls, taps[1])
-        return True
-
     def _attach(self, stream: Stream, raw: socket.socket, counters, tls: tuple | None, tap) -> None:
         """(under the lock) Bind ``raw`` to an answered stream and hand it
         what came for it meanwhile (the bytes, the FIN)."""
@@ -360,93 +204,6 @@ class MuxLink(StreamIO):
         if stream.early_fin and not stream.finished:
             stream.end.eof_wanted = True
             self._run_guarded(stream.end, lambda: self._after_write(stream))
-
-    def refuse(self, stream: Stream, error: DialError) -> None:
-        """(cluster) Turn the OPEN down."""
-        with self.engine.lock:
-            if stream.finished or self.failed is not None:
-                return
-            self._send_guarded(self.conn.send_reply(stream.sid, error))
-            self._finish(stream, error.message, reset=False)
-
-    def answer(self, stream: Stream, reply: DialAccept | DialError) -> None:
-        """(cluster) Answer a control OPEN (one that asks for no session: a
-        cancel): the REPLY, and with an accept our FIN, and the stream is
-        over (the gateway's FIN came with its OPEN)."""
-        if isinstance(reply, DialError):
-            self.refuse(stream, reply)
-            return
-        with self.engine.lock:
-            if stream.finished or self.failed is not None:
-                return
-            self._send_guarded(self.conn.send_reply(stream.sid, reply))
-            if self.failed is None:
-                self._send_guarded(self.conn.send_fin(stream.sid))
-            self._finish(stream, None, reset=False)
-
-    async def control(self, request: DialRequest, *, after: Stream | None = None,
-                      timeout: float) -> DialAccept | DialError:
-        """(gateway) A control dial (no session: a cancel) on a stream of its
-        own, and the cluster's answer. ``after``: a session whose bytes the
-        client sent before this must reach the cluster first: what its
-        socket holds is read and sent ahead of the OPEN, and the cluster
-        acts once it has written all of it (:meth:`flushed`). Raises
-        :class:`LinkClosed` (also when no answer came within ``timeout``
-        seconds)."""
-        if after is not None:
-            await self._read_up(after, min(timeout, CONTROL_DRAIN_LIMIT))
-        with self.engine.lock:
-            if self.failed is not None:
-                raise LinkClosed(self.failed)
-            if after is not None and not after.finished and after.end is not None:
-                self._run_guarded(after.end, lambda: self._pump(after, urgent=True))
-            stream = self._open(request, None, timeout, None, None)
-            stream.control = True
-            stream.done = trio.Event()
-            self._send_guarded(self.conn.send_fin(stream.sid))
-            if self.failed is not None:
-                raise LinkClosed(self.failed)
-        try:
-            await stream.done.wait()
-        finally:
-            with self.engine.lock:
-                self._finish(stream, "cancelled", reset=True)  # nothing if it is over
-        if stream.reply is None:
-            raise LinkClosed(stream.error or self.failed or "the stream ended without an answer")
-        return stream.reply
-
-    async def _read_up(self, stream: Stream, limit: float) -> None:
-        """Until the engine has read what the client had sent on ``stream``
-        when this was called: its socket's queue, and what the client's
-        kernel still held for it (that moves in as the queue drains). The
-        stream's window may hold the engine back (a server reading slowly),
-        so this polls, for ``limit`` seconds at most."""
-        quiet = False  # the queue was empty at the last look
-        with trio.move_on_after(limit):
-            while True:
-                with self.engine.lock:
-                    end = stream.end
-                    if stream.finished or end is None or end.in_done or self.failed is not None:
-                        return
-                    waiting = unread(end.sock)
-                if not waiting:
-                    if quiet:  # empty twice, a pause apart: the client's kernel held nothing back
-                        return
-                    quiet = True
-                else:
-                    quiet = False
-                await trio.sleep(CONTROL_DRAIN_PAUSE)
-
-    def flushed(self, stream: Stream) -> trio.Event | None:
-        """(cluster, the engine's thread or under its lock) An event set once
-        ``stream``'s socket has taken every byte that came for it so far, or
-        None if it has (or the stream is over)."""
-        end = stream.end
-        if stream.finished or end is None or (end.tail is None and not stream.early):
-            return None
-        if stream.flushed is None:
-            stream.flushed = trio.Event()
-        return stream.flushed
 
     async def wait(self, stream: Stream) -> str | None:
         """Until the stream is over: its error, or None. If cancelled, the
@@ -676,60 +433,6 @@ class MuxLink(StreamIO):
         stream = self.streams.get(event.stream)
         if stream is not None:
             self._finish(stream, f"{self.name}: reset the stream: {event.reason}", reset=False)
-
-    def _on_opened(self, event: StreamOpened) -> None:
-        refusal = None
-        if self.on_open is None:
-            refusal = DialError(code=ErrorCode.BAD_REQUEST, message="this side does not accept streams")
-        elif len(self.streams) >= self.max_streams:
-            # Each stream costs the cluster a task and, once accepted,
-            # an upstream socket: a gateway cannot make it hold more.
-            refusal = DialError(
-                code=ErrorCode.RATE_LIMITED,
-                message=f"too many sessions on one connection (the limit is {self.max_streams}); "
-                        f"close some and try again",
-            )
-        if refusal is not None:
-            self._send(self.conn.send_reply(event.stream, refusal))
-            return
-        stream = Stream(event.stream, self.socket_name)
-        self.streams[event.stream] = stream
-        try:
-            self.on_open(self, stream, event.request)
-        except Exception:
-            log.exception("mux_on_open_failed link=%s", self.name)
-            self.refuse(stream, DialError(code=ErrorCode.INTERNAL_ERROR,
-                                          message="internal error in the cluster"))
-
-    def _on_replied(self, event: StreamReplied) -> None:
-        stream = self.streams.get(event.stream)
-        if stream is None:
-            return
-        stream.reply = event.reply
-        stream.replied_at = time.monotonic()
-        if stream.sent is not None:
-            self._unhold(stream, len(stream.sent))
-            stream.retry = stream.sent = None
-        if stream.timer is not None:
-            stream.timer.cancel()
-            stream.timer = None
-        if isinstance(event.reply, DialError):
-            self._finish(stream, event.reply.message, reset=False)
-        elif stream.control:  # the answer is all (see control)
-            self._finish(stream, None, reset=False)
-        elif stream.end is None:  # opened without a socket (open): reply() hears of it
-            if stream.done is not None:
-                try:
-                    self.token.run_sync_soon(stream.done.set)
-                except trio.RunFinishedError:
-                    pass
-        else:
-            # Its window may have been held at EARLY_DATA: read on now.
-            try:
-                self._pump(stream)
-                self._settle(stream)
-            except Failure as exc:
-                self._stream_failed(stream, exc)
 
     def _stream_failed(self, stream: Stream, exc: Failure) -> None:
         """One stream's socket failed: reset that stream. A failure of the

@@ -138,30 +138,40 @@ def vanish_on_exit(pid: int, port: int) -> int:
 
     from tests.unit.tlsutil import vanish
 
-    inodes = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and fields[1] == f"0100007F:{port:04X}":
-                inodes.add(fields[9])
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
     done = 0
     try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                mine = libc.syscall(438, pidfd, int(fd), 0)  # pidfd_getfd (Linux >= 5.6)
-                if mine < 0:
-                    raise OSError(ctypes.get_errno(), f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
-                vanish(socket.socket(fileno=mine))
-                done += 1
+        for fd in established_fds(pid, port):
+            mine = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd (Linux >= 5.6)
+            if mine < 0:
+                raise OSError(ctypes.get_errno(), f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+            vanish(socket.socket(fileno=mine))
+            done += 1
     finally:
         os.close(pidfd)
     return done
+
+
+def established_fds(pid: int, port: int, *, remote: bool = False) -> list[int]:
+    """The descriptors of process ``pid`` that are established TCP
+    connections with 127.0.0.1:``port`` at their own end (``remote``: at
+    the far end), from the kernel's socket table."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and fields[2 if remote else 1] == f"0100007F:{port:04X}":
+                inodes.add(fields[9])
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            fds.append(int(fd))
+    return fds
 
 
 class Echo:

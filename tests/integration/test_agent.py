@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import PY, ROOT, Cluster, Gateway, Proc, wait_for
+from tests.integration.harness import PY, ROOT, Cluster, Gateway, Proc, established_fds, wait_for
 
 
 def _get(admin: str, path: str) -> tuple[int, str]:
@@ -97,18 +97,71 @@ def test_one_bad_resource_never_takes_the_others_down(cluster, echo, make_gatewa
     assert proc.stop(signal.SIGTERM) == 143
 
 
-def test_metrics_time_each_dial_from_the_clients_arrival_to_the_clusters_answer(make_gateway):
+def test_an_agent_carries_every_resource_on_one_connection_to_the_cluster(cluster, echo, make_gateway):
+    """Three resources, a live session on each: one TLS connection from the
+    agent to the cluster carries them all."""
+    for name in ("echo-s1", "echo-s2"):
+        cluster.admin("resources", "add", name, "--address", echo.address, "--label", "env=dev")
     gw = make_gateway("dev")
-    proc, admin = start_agent(gw, "--resource", "echo")
+    proc, admin = start_agent(gw, "--resource", "echo", "--resource", "echo-s1", "--resource", "echo-s2")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    live = []
+    for item in status(admin)["resources"]:
+        s = socket.create_connection(("127.0.0.1", item["port"]), timeout=30)
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+        live.append(s)
+    wait_for(lambda: len(established_fds(proc.popen.pid, cluster.port, remote=True)) == 1, what="one connection to the cluster")
+    families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+    open_now = {s.labels["resource"]: s.value for s in families["wicket_agent_sessions"].samples}
+    assert open_now == {"echo": 1.0, "echo-s1": 1.0, "echo-s2": 1.0}
+    for s in live:
+        s.close()
+    assert proc.stop(signal.SIGTERM) == 143
+
+
+def test_max_connections_limits_each_resources_clients(make_gateway):
+    gw = make_gateway("dev")
+    proc, admin = start_agent(gw, "--resource", "echo", env={"WICKET_AGENT_MAX_CONNECTIONS": "1"})
     wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
     port = status(admin)["resources"][0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as live:
+        live.sendall(b"one!")
+        assert live.recv(4) == b"one!"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as second:
+            try:
+                assert second.recv(1) == b""
+            except ConnectionResetError:
+                pass  # a tcp client has no protocol to be told in: a reset, and the log says why
+        wait_for(lambda: "clients_refused resource=echo" in proc.log(), what="the refusal logged")
+
+    def open_now() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+        return families["wicket_agent_sessions"].samples[0].value
+
+    wait_for(lambda: open_now() == 0, what="the first client's end counted")
+    assert _echo(port) == b"ping"  # room again
+    assert proc.stop(signal.SIGTERM) == 143
+
+
+def test_metrics_time_each_dial_from_the_clients_arrival_to_the_clusters_answer(make_gateway):
+    """Sessions' dials in one histogram; control dials (here the
+    --check-upstreams probe) in another."""
+    gw = make_gateway("dev")
+    proc, admin = start_agent(gw, "--resource", "echo", "--check-upstreams")
+    wait_for(lambda: _get(admin, "/readyz")[0] == 200, what="ready")
+    port = status(admin)["resources"][0]["port"]
+
+    def dials(family: str = "wicket_agent_dial_seconds") -> dict[tuple[str, str | None], float]:
+        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
+        return {(s.name, s.labels.get("le")): s.value for s in families[family].samples
+                if s.labels["resource"] == "echo"}
+
+    control = dials("wicket_agent_control_dial_seconds")
+    assert control[("wicket_agent_control_dial_seconds_count", None)] == 1  # the probe
+    assert dials()[("wicket_agent_dial_seconds_count", None)] == 0
     for _ in range(3):
         assert _echo(port) == b"ping"
-
-    def dials() -> dict[tuple[str, str | None], float]:
-        families = {f.name: f for f in text_string_to_metric_families(_get(admin, "/metrics")[1])}
-        return {(s.name, s.labels.get("le")): s.value for s in families["wicket_agent_dial_seconds"].samples
-                if s.labels["resource"] == "echo"}
 
     samples = wait_for(lambda: (d := dials())[("wicket_agent_dial_seconds_count", None)] == 3 and d,
                        what="three dials timed")

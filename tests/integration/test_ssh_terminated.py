@@ -5,11 +5,13 @@ the cluster's SSH user CA, and the cluster between them."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.integration.harness import wait_for
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
     check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert,
@@ -82,6 +84,10 @@ def test_exec_with_exit_codes_stdin_and_stderr(local_ssh, cluster, node):
     assert all(e["reported_by"] == "gateway" and e["resource"] == "web-1" for e in execs)
     exits = cluster.wait_audit(lambda evs: len(evs) >= 3, user=s.gw.user, event="ssh.exit")
     assert sorted(e["status"] for e in exits) == [0, 0, 7]
+    # One line per session's end in the gateway's log, with the bytes each way.
+    ends = wait_for(lambda: (lines := re.findall(r"ssh_session_end node=\S+ .* sent=(\d+) received=\d+",
+                                                 s.proc.log())) and len(lines) >= 3 and lines, what="three ends logged")
+    assert max(int(sent) for sent in ends) > 5 << 20  # the 5 MiB sent to sha256sum
 
 
 def test_a_signal_ends_the_remote_command_and_comes_back(local_ssh):

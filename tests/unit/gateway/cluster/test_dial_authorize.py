@@ -1,4 +1,4 @@
-"""The cluster's dial checks (gateway/cluster/dial.py ``_authorize``): what
+"""The cluster's dial checks (gateway/cluster/dial.py ``authorize``): what
 a refused user is told and what the audit keeps. The cluster is a small
 stand-in: the checks read only the access snapshot and the identity."""
 
@@ -35,7 +35,7 @@ SNAPSHOT = Snapshot(counter=1, users={}, locks={}, roles={}, resources=RESOURCES
 
 @attrs.define
 class StandIn:
-    """What _authorize uses of a Cluster."""
+    """What authorize uses of a Cluster."""
 
     def identify_in(self, snap, cert):
         identity = pki.Identity(user="alice", roles=("readers",), cluster="c", not_before=NOW,
@@ -44,9 +44,9 @@ class StandIn:
 
 
 def refusal(resource: str, kind=dial.TCP, **params: str) -> tuple[ErrorCode, str, str]:
-    audit = dial._DialAudit.of(DialRequest(resource=resource, params=params), kind, "127.0.0.1:1")
+    audit = dial.DialAudit.of(DialRequest(resource=resource, params=params), kind, "127.0.0.1:1")
     with pytest.raises(dial.Refused) as err:
-        dial._authorize(StandIn(), SNAPSHOT, b"cert", DialRequest(resource=resource, params=params), kind, audit)
+        dial.authorize(StandIn(), SNAPSHOT, b"cert", DialRequest(resource=resource, params=params), kind, audit)
     return err.value.code, err.value.message, err.value.reason
 
 

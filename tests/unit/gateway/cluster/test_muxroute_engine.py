@@ -1,7 +1,7 @@
 """The cluster deciding a multiplexed dial in the relay engine's thread
-(gateway/cluster/dial.py, ``_start_in_engine``), over a real pair of links:
+(gateway/cluster/muxroute.py, ``start_in_engine``), over a real pair of links:
 what happens between the decision and the upstream's connect. The checks
-themselves (``_authorize``) and the trio path are tested end to end in
+themselves (gateway/cluster/dial.py's ``authorize``) and the trio path are tested end to end in
 tests/integration/test_tcp_route.py; here the cluster is a small stand-in
 with the same session and audit calls."""
 
@@ -15,7 +15,7 @@ import attrs
 import pytest
 import trio
 
-from gateway.cluster import dial
+from gateway.cluster import dial, muxroute
 from gateway.cluster.core import LiveSession
 from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
@@ -28,7 +28,7 @@ from tests.unit.tlsutil import read_until_reset
 
 @attrs.define
 class StandIn:
-    """What _start_in_engine uses of a Cluster."""
+    """What start_in_engine uses of a Cluster."""
 
     sessions: dict = attrs.Factory(dict)
     events: list = attrs.Factory(list)
@@ -52,7 +52,7 @@ class StandIn:
 
 @attrs.define
 class EngineDial:
-    """One mux dial decided by _start_in_engine (checks stubbed: alice may
+    """One mux dial decided by start_in_engine (checks stubbed: alice may
     reach ``resource``): both links, the gateway's session, its client."""
 
     cluster: StandIn
@@ -67,12 +67,12 @@ class EngineDial:
             audit.user = "alice"
             return None, resource, {}, types.SimpleNamespace(reason="allowed by role 'dev'")
 
-        monkeypatch.setattr(dial, "_authorize", authorize)
+        monkeypatch.setattr(muxroute, "authorize", authorize)
         cluster = StandIn()
         gw_tls, cl_tls = await tls_connection(pki)
 
         def on_open(link, stream, request) -> None:  # the engine's thread
-            assert dial._start_in_engine(cluster, link, stream, request, b"cert", "gw")
+            assert muxroute.start_in_engine(cluster, link, stream, request, b"cert", "gw")
 
         cluster_link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
                                on_open=on_open)
