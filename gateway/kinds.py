@@ -46,6 +46,8 @@ DB_NAME = Param(name="db_name", role_key="db_names", help="database globs the al
 LOCAL_INFILE = Param(name="local_infile", role_key="local_infile",
                      help='"on": MySQL LOAD DATA LOCAL may send the client\'s files (off unless a rule says so)')
 LOGIN = Param(name="login", role_key="logins", help="node login (OS user) globs the allow rule grants")
+AGENT_FORWARDING = Param(name="agent_forwarding", role_key="ssh_agent_forwarding",
+                         help='"on": ssh -A may forward the client\'s ssh-agent to the node (off unless a rule says so)')
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -218,7 +220,7 @@ SSH = Kind(
     alpn="wicket-ssh",
     proxy_verb="ssh",
     spec=SSH_NODE,
-    params=(LOGIN,),
+    params=(LOGIN, AGENT_FORWARDING),
     cluster_route="gateway.cluster.ssh:SSH",
     gateway_route="gateway.local.ssh:ssh_route",
     proxy_options=(

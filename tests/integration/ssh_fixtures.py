@@ -207,3 +207,17 @@ def check_file_transfers(run, target: str, tmp: Path, mib: int, remote: str) -> 
     assert r.returncode == 0, r.stderr
     assert sha256(tmp / "sftp-back.bin") == sha256(src)
     return src
+
+
+@contextlib.contextmanager
+def ssh_agent(directory: Path) -> Iterator[Path]:
+    """A running ssh-agent (its socket), stopped on the way out."""
+    sock = directory / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, what="ssh-agent's socket")
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait()
