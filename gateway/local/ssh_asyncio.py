@@ -14,17 +14,20 @@ Theory of operation
 A local client connects; :func:`serve_connection` runs asyncssh's server
 on the accepted socket (the host key from the profile, no password or
 keyboard-interactive method ever offered). The user name is ``LOGIN`` or
-``LOGIN%NODE`` (:func:`split_user`). When the client offers one of the
-keys the local user trusts (:class:`LocalKeys`), or at once under the
-explicit ``none`` opt-in, :meth:`GatewayServer._reach_node` asks the trio
-side to dial the node with that login and an in-memory key pair's public
-key: the cluster checks RBAC for node and login, signs a user certificate
-for that key and login only, and hands it over with the node's known_hosts
-lines (protocols/ssh/handoff.py); then asyncssh's client logs in to the
-node over the dialled stream, checking its host key. Any refusal (the
-login, the node, the cluster, the node's own sshd) is sent to the client as
-an authentication banner, which ssh prints, and the authentication fails:
-never a bare "Connection closed".
+``LOGIN%NODE`` (:func:`split_user`). Only once the client has proved it
+holds one of the keys the local user trusts (:class:`LocalKeys`: asyncssh
+has checked its signature over the session id), or at once under the
+explicit ``none`` opt-in, :meth:`GatewayServer.auth_completed` asks the
+trio side to dial the node with that login and an in-memory key pair's
+public key: a key merely offered (the client's query, RFC 4252 §7) dials
+nothing. The cluster checks RBAC for node and login, signs a user
+certificate for that key and login only, and hands it over with the node's
+known_hosts lines (protocols/ssh/handoff.py); then asyncssh's client logs
+in to the node over the dialled stream, checking its host key. Channels the
+client opens meanwhile wait for the node. Any refusal (the login, the node,
+the cluster, the node's own sshd) ends the connection with the reason as
+the disconnect message, which ssh prints ("Received disconnect ...:
+wicket: ..."): never a bare "Connection closed".
 
 After that every channel the client opens is bridged to one of the node's:
 a session (shell with its pty, exec, a subsystem such as sftp; its
@@ -262,6 +265,8 @@ class _LocalSession(_Half, asyncssh.SSHServerSession):
         asyncio.get_running_loop().create_task(self._open_on_node())
 
     async def _open_on_node(self) -> None:
+        if not await self.server.wait_node():
+            return  # the connection ends with the reason
         chan = self.chan
         node = _NodeSession(self.server)
         command, subsystem = chan.get_command(), chan.get_subsystem()
@@ -436,9 +441,7 @@ class GatewayServer(asyncssh.SSHServer):
 
     async def begin_auth(self, username: str) -> bool:
         self.target = split_user(username, self.hooks.default_node)
-        if self.keys.allow_none:
-            return not await self._reach_node()
-        return True
+        return not self.keys.allow_none  # the none opt-in: no authentication asked for
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -450,23 +453,35 @@ class GatewayServer(asyncssh.SSHServer):
         return False
 
     async def validate_public_key(self, username: str, key: Any) -> bool:
-        if key not in self.keys:
-            return False
-        return await self._reach_node()
+        # Asked both for a query (is this key acceptable?) and for the signed
+        # request, before asyncssh checks the signature: nothing is dialled
+        # here, only once the client has proved it holds the key.
+        return key in self.keys
 
-    async def _reach_node(self) -> bool:
-        """(asyncio) Dial the node and log in to it, once per connection;
-        a refusal is sent as a banner. True if the node is reached."""
+    def auth_completed(self) -> None:
+        """The client proved it holds a trusted key (or the ``none`` opt-in
+        let it in): now the node is dialled, once per connection. Channels
+        the client opens meanwhile wait for it (:meth:`wait_node`); a refusal
+        ends the connection with the reason, which ssh prints."""
+        self._reaching = asyncio.ensure_future(self._connect_node())
+        self._reaching.add_done_callback(self._reached)
+
+    def _reached(self, reaching: asyncio.Future) -> None:
+        if reaching.cancelled():
+            return
+        exc = reaching.exception()
+        message = f"wicket: the node could not be reached ({_reason(exc)})" if exc is not None else reaching.result()
+        if exc is not None:
+            log.warning("ssh_reach_failed client=%s error=%r", self.client_addr, _reason(exc))
+        if message is not None:
+            self._end(asyncssh.DISC_BY_APPLICATION, message)
+
+    async def wait_node(self) -> bool:
+        """(asyncio) Wait until the node is reached or refused: True if reached."""
         if self._reaching is None:
-            self._reaching = asyncio.ensure_future(self._connect_node())
-        message = await asyncio.shield(self._reaching)
-        if message is None:
-            return True
-        if message:  # sent once; later attempts fail quietly
-            self.conn.send_auth_banner(message + "\r\n")
-            self._reaching = asyncio.get_running_loop().create_future()
-            self._reaching.set_result("")
-        return False
+            return False
+        await asyncio.wait([self._reaching])
+        return self.node is not None and not self.ended
 
     async def _connect_node(self) -> str | None:
         """(asyncio) None once the node is reached, else what to tell the client."""
@@ -516,20 +531,21 @@ class GatewayServer(asyncssh.SSHServer):
 
     def _end(self, code: int, message: str) -> None:
         """(asyncio or trio: only schedules) End the client's connection,
-        saying why: on each session's stderr, which ssh prints before it sees
-        the channel close, and as the disconnect reason (what ``ssh -N``
-        prints)."""
+        saying why: on each open session's stderr, which ssh prints before it
+        sees the channel close (asyncssh closes the channels before it sends
+        the disconnect), and as the disconnect reason (what ``ssh -N``
+        prints, and ssh when no session was open yet)."""
         if self.conn is None or self.ended:
             return
         self.ended = True
         for session in list(self.sessions):
-            if not session.closed:
+            if not session.closed and session.chan is not None:
                 session.chan.write_stderr((message + "\r\n").encode())
                 session.chan.exit(255)
         self.conn.disconnect(code, message)
 
     def session_requested(self) -> Any:
-        if self.node is None or self.ended:
+        if self._reaching is None or self.ended:
             return False
         session = _LocalSession(self)
         self.sessions.add(session)
@@ -537,15 +553,21 @@ class GatewayServer(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         # ``ssh -L``: asyncssh opens the direct-tcpip channel on the node's
-        # connection and bridges the two.
-        if self.node is None:
+        # connection and bridges the two (once the node is reached).
+        if self._reaching is None or self.ended:
             return False
-        self.report("ssh.forward", direction="local", host=dest_host, port=dest_port)
-        return self.node
+
+        async def through_node() -> Any:
+            if not await self.wait_node():
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "the node was not reached")
+            self.report("ssh.forward", direction="local", host=dest_host, port=dest_port)
+            return await self.conn.forward_tunneled_connection(self.node, dest_host, dest_port)
+
+        return through_node()
 
     async def server_requested(self, listen_host: str, listen_port: int) -> Any:
         # ``ssh -R``: the node listens; each connection comes back to the client.
-        if self.node is None:
+        if not await self.wait_node():
             return False
         listener: Any = None
 

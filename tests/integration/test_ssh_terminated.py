@@ -158,6 +158,28 @@ def test_a_key_the_user_does_not_trust_gets_no_session(local_ssh, tmp_path):
     assert b"Permission denied (publickey)" in r.stderr
 
 
+def test_a_key_offered_but_not_proven_dials_nothing(local_ssh, cluster, tmp_path):
+    # The client offers a trusted key (a query, RFC 4252 section 7: the
+    # gateway answers that it would take it) but does not hold the private
+    # half: nothing is dialled, no session starts, no certificate is signed.
+    s = local_ssh()
+    only_public = tmp_path / "only-public.pub"  # ssh offers it, and cannot sign with it
+    only_public.write_bytes(s.key.with_name(s.key.name + ".pub").read_bytes())
+    opts = s.options()
+    opts[opts.index(str(s.key))] = str(only_public)
+    r = subprocess.run(["ssh", "-v", *opts, "root@127.0.0.1", "true"], capture_output=True, env=s.gw.env(),
+                       timeout=60)
+    assert r.returncode == 255
+    assert b"Server accepts key" in r.stderr and b"Permission denied (publickey)" in r.stderr, r.stderr
+    # Then the key proven, as another login: its session is on record, and
+    # nothing of root's before it (events reach the store in order).
+    assert s.ssh(TEST_USER, "true").returncode == 0
+    cluster.wait_audit(lambda evs: any(e["login"] == TEST_USER for e in evs), user=s.gw.user, event="session.start")
+    assert [e["login"] for e in cluster.audit(user=s.gw.user, event="session.start")] == [TEST_USER]
+    assert [e["params"]["login"] for e in cluster.audit(user=s.gw.user, event="dial.allowed")] == [TEST_USER]
+    assert [e["principals"] for e in cluster.audit(user=s.gw.user, event="ssh.cert")] == [[TEST_USER]]
+
+
 @pytest.mark.parametrize("mib", [8, pytest.param(50, marks=pytest.mark.heavy)])
 def test_local_and_remote_forwarding(local_ssh, cluster, mib):
     s = local_ssh()
