@@ -233,7 +233,8 @@ SSH = Kind(
         ProxyOption(name="authorized_keys", help="The public keys that may log in to the local SSH server "
                     "(default: ~/.ssh/*.pub and the ssh-agent's)."),
         ProxyOption(name="allow_no_auth", is_flag=True, help="Let every process of your own local user log in "
-                    "to the local SSH server without a key (ssh's `none` method)."),
+                    "to the local SSH server without a key (ssh's `none` method), this once; the profile's "
+                    "setting: `wicket profile set ssh.allow_no_auth true`."),
         ProxyOption(name="write_known_hosts", help="Append the local SSH server's known_hosts line to this file."),
     ),
 )

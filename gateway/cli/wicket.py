@@ -514,11 +514,12 @@ def demo(state_dir: Path, port: int) -> None:
     run_demo(state_dir.resolve(), port)
 
 
-from gateway.cli import wicket_agent, wicket_exec  # noqa: E402
+from gateway.cli import wicket_agent, wicket_exec, wicket_profile  # noqa: E402
 
 wicket_exec.register(main, sys.modules[__name__])
 main.commands["config"].add_command(config_ssh)  # `wicket config ssh` beside the database clients' entries
 wicket_agent.register(main, sys.modules[__name__])
+wicket_profile.register(main)
 
 
 if __name__ == "__main__":

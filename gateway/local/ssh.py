@@ -80,8 +80,13 @@ def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, loca
         sock = hand_over(files, login, host, timeout=wait_for_cluster + 2 * DIAL_TIMEOUT) if fdpass else None
         return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster, sock=sock)
 
-    from gateway.local import ssh_asyncio
+    from gateway.local import settings, ssh_asyncio
     from gateway.local.ssh_terminated import SshTerminated
+
+    try:  # the flag, or the profile's own opt-in (`wicket profile set ssh.allow_no_auth true`)
+        allow_no_auth = allow_no_auth or settings.get(profile.home, "ssh.allow_no_auth")
+    except settings.SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
 
     if authorized_keys:
         files = [Path(authorized_keys).expanduser()]
@@ -93,8 +98,8 @@ def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, loca
     use_agent = not authorized_keys and bool(os.environ.get("SSH_AUTH_SOCK"))
     if not keys.blobs and not use_agent and not allow_no_auth:
         raise click.UsageError("no public key of yours was found (~/.ssh/*.pub, an ssh-agent): pass "
-                               "--authorized-keys FILE, or --allow-no-auth to let every process of your own local "
-                               "user in without a key")
+                               "--authorized-keys FILE, or let every process of your own local user in without a "
+                               "key: `wicket profile set ssh.allow_no_auth true` (or --allow-no-auth once)")
     from gateway.private_files import ensure_private_dir
 
     ensure_private_dir(profile.home / "ssh")

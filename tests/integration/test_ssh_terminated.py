@@ -283,15 +283,36 @@ def test_a_node_whose_host_key_is_not_the_registered_one(local_ssh, cluster, nod
         cluster.wait_audit(user=s.gw.user, event="ssh.hostkey_mismatch")
 
 
-def test_the_none_opt_in_lets_the_owner_in_without_a_key(make_gateway, tmp_path, node):
+def test_the_none_opt_in_is_the_profiles_setting_and_lets_the_owner_in_without_a_key(make_gateway, tmp_path, node):
     gw = make_gateway("ssh-user")
-    proc, port = gw.proxy("ssh", "web-1", "--allow-no-auth", "--write-known-hosts", str(tmp_path / "kh"))
-    base = ["ssh", "-F", "/dev/null", "-p", str(port), "-o", f"UserKnownHostsFile={tmp_path / 'kh'}", "-o",
-            "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o",
-            "IdentityFile=/dev/null"]
-    r = subprocess.run([*base, f"{TEST_USER}@127.0.0.1", "id -un"], capture_output=True, env=gw.env(), timeout=60)
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+
+    def keyless(port: int, user: str, command: str = "true") -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", "-F", "/dev/null", "-p", str(port), "-o", f"UserKnownHostsFile={tmp_path / 'kh'}",
+                               "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                               "-o", "IdentityFile=/dev/null", "-o", "IdentityAgent=none", f"{user}@127.0.0.1",
+                               command], capture_output=True, env=gw.env(), timeout=60)
+
+    # Without the opt-in a key is needed.
+    _proc, port = gw.proxy("ssh", "web-1", "--authorized-keys", f"{key}.pub", "--write-known-hosts",
+                           str(tmp_path / "kh"))
+    r = keyless(port, TEST_USER)
+    assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr, r.stderr
+    # The profile's opt-in, kept across logins.
+    r = gw.run("profile", "set", "ssh.allow_no_auth", "true")
+    assert r.returncode == 0 and "ssh.allow_no_auth = true" in r.stdout, r.stderr
+    assert gw.login().returncode == 0
+    assert '"ssh.allow_no_auth": true' in gw.run("profile", "show", "--format", "json").stdout
+    _proc, port = gw.proxy("ssh", "web-1", "--authorized-keys", f"{key}.pub", "--write-known-hosts",
+                           str(tmp_path / "kh"))
+    r = keyless(port, TEST_USER, "id -un")
     assert (r.returncode, r.stdout.strip()) == (0, TEST_USER.encode()), r.stderr
-    # A refusal is still a banner, then no way in.
-    r = subprocess.run([*base, "root@127.0.0.1", "true"], capture_output=True, env=gw.env(), timeout=60)
+    # A refusal still says why, then no way in.
+    r = keyless(port, "root")
     assert r.returncode == 255
     assert b"none of your roles allows login=root" in r.stderr, r.stderr
+    # The flag is the opt-in for one run, whatever the profile says.
+    assert gw.run("profile", "unset", "ssh.allow_no_auth").returncode == 0
+    _proc, port = gw.proxy("ssh", "web-1", "--allow-no-auth", "--write-known-hosts", str(tmp_path / "kh"))
+    assert keyless(port, TEST_USER).returncode == 0
