@@ -85,6 +85,7 @@ REPORTED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ssh.subsystem": {"name": str},
     "ssh.exit": {"status": int, "signal": str},
     "ssh.forward": {"direction": str, "host": str, "port": int},
+    "ssh.agent_forwarding": {"allowed": bool},
     "ssh.sftp": {"op": str, "path": str, "to": str, "mode": str, "ok": bool, "bytes_read": int,
                  "bytes_written": int, "error": str},
 }

@@ -39,7 +39,9 @@ per channel: what one receives is written to the other; when a channel's
 send buffer fills (asyncssh calls ``pause_writing``) the other channel
 stops reading (``pause_reading``), so the SSH windows apply flow control
 end to end and no buffer grows past asyncssh's own limits. EOF is carried
-as a half-close, each way. Agent and X11 forwarding are never offered.
+as a half-close, each way. ``ssh -A`` reaches the node only where a role
+allows agent forwarding (:meth:`GatewayServer.forward_agent`); X11
+forwarding is never offered.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ class NodeStream:
     known_hosts: tuple[str, ...]
     #: The cluster's session id (what the gateway's audit reports name).
     session_id: str = ""
+    #: Whether the user's roles let ``ssh -A`` reach the node (the
+    #: certificate then permits it).
+    agent_forwarding: bool = False
     #: The trio side's own (the link and its stream).
     handle: Any = None
 
@@ -268,6 +273,7 @@ class _LocalSession(_Half, asyncssh.SSHServerSession):
         if not await self.server.wait_node():
             return  # the connection ends with the reason
         chan = self.chan
+        self.server.forward_agent(self)
         node = _NodeSession(self.server)
         command, subsystem = chan.get_command(), chan.get_subsystem()
         if command is not None:
@@ -429,6 +435,7 @@ class GatewayServer(asyncssh.SSHServer):
         self.sessions: set[_LocalSession] = set()  # the client's open session channels
         self.ended = False
         self.target: tuple[str, str] | None = None
+        self.agent_decided = False
         self.closed = asyncio.Event()
 
     def connection_made(self, conn: Any) -> None:
@@ -583,6 +590,29 @@ class GatewayServer(asyncssh.SSHServer):
         self.report("ssh.forward", direction="remote", host=listen_host, port=listener.get_port())
         return listener
 
+    def forward_agent(self, session: "_LocalSession") -> None:
+        """(asyncio) ``ssh -A``: the client asked (asyncssh made a socket
+        here whose connections become auth-agent channels to the client;
+        channel requests run in order, so it exists before the session
+        starts). Where a role allows it, the node's sessions ask for agent
+        forwarding and the node's auth-agent channels are carried to that
+        socket (asyncssh has no public knob for it after connecting: the
+        attribute ``run_client(agent_forwarding=PATH)`` sets); else the
+        client is told on stderr, once. Audited either way, once."""
+        path = self.conn.get_agent_path()
+        if path is None or self.agent_decided:
+            return
+        self.agent_decided = True
+        allowed = self.stream is not None and self.stream.agent_forwarding
+        self.report("ssh.agent_forwarding", allowed=allowed)
+        if allowed:
+            self.node._agent_forward_path = path
+        else:
+            session.chan.write_stderr(
+                f"wicket: agent forwarding to {self.target[1]} as {self.target[0]} is not allowed by your roles; "
+                f"the session goes on without it (a cluster administrator can allow it: roles add "
+                f"--ssh-agent-forwarding on)\r\n".encode())
+
     def report(self, event: str, **fields: Any) -> None:
         """(asyncio) An audit event for the cluster's log (Hooks.report)."""
         if self.stream is not None:
@@ -595,7 +625,7 @@ async def _serve(sock: Any, hooks: Hooks, keys: LocalKeys, host_key: Any, client
     try:
         conn = await asyncssh.run_server(
             sock, server_factory=lambda: server, server_host_keys=[host_key], config=None,
-            agent_forwarding=False, x11_forwarding=False, allow_pty=True, line_editor=False, encoding=None,
+            agent_forwarding=True, x11_forwarding=False, allow_pty=True, line_editor=False, encoding=None,
             login_timeout=LOGIN_TIMEOUT, keepalive_interval=KEEPALIVE,
             public_key_auth=True, password_auth=False, kbdint_auth=False,
             encryption_algs=LOCAL_CIPHERS)

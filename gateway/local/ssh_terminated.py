@@ -131,6 +131,7 @@ class _Client:
         log.info("ssh_session_start node=%s login=%s client=%s session=%s", node, login, client_addr,
                  reply.session_id)
         return ssh_asyncio.NodeStream(sock=theirs, certificate=handoff.certificate, host=handoff.host,
+                                      agent_forwarding=handoff.agent_forwarding,
                                       known_hosts=handoff.known_hosts, session_id=reply.session_id,
                                       handle=(link, stream))
 

@@ -18,7 +18,7 @@ from tests.integration.harness import PY
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
     check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
-    ssh_agent,
+    agent_listing, agent_with_a_key, ssh_agent,
 )
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
@@ -198,6 +198,19 @@ def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ss
     r = client.ssh("root@web-1.test", "true")
     assert r.returncode == 255 and b"no ssh-agent (SSH_AUTH_SOCK)" in r.stderr, r.stderr
     assert b"ProxyUseFdpass yes" in r.stderr
+
+
+def test_agent_forwarding_only_with_a_certificate_that_permits_it(ssh_client, tmp_path):
+    # The node's sshd decides, from the connection's certificate: the
+    # cluster adds permit-agent-forwarding only where a role allows it.
+    allowed, refused = ssh_client("ssh-agent-fwd"), ssh_client("ssh-all")
+    with agent_with_a_key(tmp_path) as (sock, fingerprint):
+        for client, works in ((allowed, True), (refused, False)):
+            r = agent_listing(["ssh", "-F", str(client.config), "-o", "BatchMode=yes"], "root@web-1.test",
+                              client.gw.env(), sock)
+            assert (r.returncode == 0 and fingerprint in r.stdout) if works else r.returncode == 2, r.stderr
+            shown = _cert(client.gw.home / "ssh" / "certs" / "root@web-1.test-cert.pub")
+            assert ("permit-agent-forwarding" in shown) is works
 
 
 @pytest.mark.parametrize("mib", [24, pytest.param(200, marks=pytest.mark.heavy)])

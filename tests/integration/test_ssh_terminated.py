@@ -12,7 +12,8 @@ import pytest
 
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
-    check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert,
+    agent_listing, agent_with_a_key, check_file_transfers, check_forwarding, ended, impostor, long_session,
+    node_with_host_cert,
 )
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
@@ -186,6 +187,23 @@ def test_local_and_remote_forwarding(local_ssh, cluster, mib):
     echo_port, remote_port = check_forwarding(["ssh", *s.options()], "root@127.0.0.1", s.gw.env(), mib)
     forwards = cluster.wait_audit(lambda evs: len(evs) >= 2, user=s.gw.user, event="ssh.forward")
     assert {(e["direction"], e["port"]) for e in forwards} == {("local", echo_port), ("remote", remote_port)}
+
+
+def test_agent_forwarding_where_a_role_allows_it_and_a_clear_refusal_elsewhere(local_ssh, cluster, tmp_path):
+    allowed, refused = local_ssh("ssh-agent-fwd"), local_ssh("ssh-all")
+    with agent_with_a_key(tmp_path) as (sock, fingerprint):
+        r = agent_listing(["ssh", *allowed.options()], "root@127.0.0.1", allowed.gw.env(), sock)
+        assert r.returncode == 0 and fingerprint in r.stdout, r.stderr
+        r = agent_listing(["ssh", *refused.options()], "root@127.0.0.1", refused.gw.env(), sock)
+        assert r.returncode == 2, (r.stdout, r.stderr)  # ssh-add -l: no agent on the node
+        assert "wicket: agent forwarding to web-1 as root is not allowed by your roles" in r.stderr, r.stderr
+    for s, verdict in ((allowed, True), (refused, False)):
+        events = cluster.wait_audit(user=s.gw.user, event="ssh.agent_forwarding")
+        assert [e["allowed"] for e in events] == [verdict] and events[0]["reported_by"] == "gateway"
+        starts = cluster.wait_audit(user=s.gw.user, event="session.start")
+        assert starts[-1]["agent_forwarding"] is verdict
+        certs = cluster.wait_audit(user=s.gw.user, event="ssh.cert")
+        assert certs[-1]["agent_forwarding"] is verdict
 
 
 def test_an_interactive_shell_with_a_pty(local_ssh):
