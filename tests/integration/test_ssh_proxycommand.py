@@ -167,11 +167,18 @@ def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
     assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
     # The node saw the certificate, whose key id names the person.
     assert f"ID wicket:test:{client.gw.user}:" in node.log()
+    # The cluster's own record of each stream: who, which login on which
+    # node, and at its end the bytes each way and how long (the commands
+    # are inside SSH's encryption: not seen in this mode).
     starts = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.start")
     assert {e["login"] for e in starts} == {"root", TEST_USER}
-    assert all(e["kind"] == "ssh" and e["resource"] == "web-1" for e in starts)
+    assert all(e["kind"] == "ssh" and e["resource"] == "web-1" and e["node"] == node.address
+               and e["mode"] == "proxycommand" for e in starts)
     ends = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.end")
+    assert {e["session_id"] for e in ends} == {e["session_id"] for e in starts}
+    assert all(e["bytes_from_client"] > 0 and e["bytes_to_client"] > 0 and e["duration"] > 0 for e in ends)
     assert max(e["bytes_from_client"] for e in ends) > len(payload)
+    assert not cluster.audit(user=client.gw.user, event="ssh.exec")
 
 
 def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ssh_client, tmp_path):
