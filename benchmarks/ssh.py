@@ -2,7 +2,9 @@
 a direct connection and a stunnel pair, in one run.
 
 One throwaway OpenSSH sshd (trusting the cluster's SSH user CA), four ways in,
-the same user certificate (from ``wicket config ssh``) on each:
+certificates of the same CA on each (``direct`` and ``stunnel`` use one the
+benchmark signs itself with the cluster's CA for an hour, for
+``wicket config ssh``'s key; ``proxycommand`` gets one per connection):
 
 ``direct``        ssh -> sshd
 ``stunnel``       ssh -> stunnel (client) == mutual TLS 1.3 ==> stunnel (server) -> sshd
@@ -46,6 +48,24 @@ def _random_file(path: Path, mib: int) -> Path:
     return path
 
 
+def _sign_for_an_hour(work: Path, public_key: Path) -> Path:
+    """A root certificate of the cluster's SSH user CA for ``public_key``,
+    valid an hour: what the direct and stunnel paths log in with (the
+    cluster itself signs only one per connection, for two minutes)."""
+    import datetime as dt
+
+    from gateway.identity import pki, sshcerts
+
+    ca = pki.load_or_create_ssh_ca(work / "wicket" / "cluster-state")
+    now = pki.utcnow()
+    request = sshcerts.UserCertRequest(key_id="wicket-bench", principals=("root",), not_before=now,
+                                       not_after=now + dt.timedelta(hours=1))
+    cert = sshcerts.sign_user_cert(ca, sshcerts.parse_public_key(public_key.read_text()), request)
+    path = work / "bench-cert.pub"
+    path.write_text(sshcerts.cert_line(cert) + "\n")
+    return path
+
+
 class Clients:
     """The ssh command line for each path: the same user key and
     certificate, the node's host key checked everywhere."""
@@ -63,8 +83,9 @@ class Clients:
         known = work / "known_hosts"
         known.write_text(f"node {' '.join(host_key.split()[:2])}\n")
         common = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"]
+        cert_file = _sign_for_an_hour(work, ssh_dir / "id_ed25519.pub")
         cert = ["-F", "/dev/null", "-i", str(ssh_dir / "id_ed25519"), "-o",
-                f"CertificateFile={ssh_dir / 'id_ed25519-cert.pub'}", "-o", f"UserKnownHostsFile={known}",
+                f"CertificateFile={cert_file}", "-o", f"UserKnownHostsFile={known}",
                 "-o", "HostKeyAlias=node", *common]
         gateway_known = work / "gateway_known_hosts"
         gateway_known.write_text(f"[127.0.0.1]:{wicket.port} "

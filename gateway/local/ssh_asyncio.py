@@ -510,7 +510,8 @@ class GatewayServer(asyncssh.SSHServer):
         except asyncssh.PermissionDenied as exc:
             stream.sock.close()
             return (f"wicket: {node} did not let {login} in ({_reason(exc)}): its sshd must trust the cluster's SSH "
-                    f"user CA (TrustedUserCAKeys; `wicket-cluster ca show ssh-user`) and have a user {login}")
+                    f"user CA (TrustedUserCAKeys; `wicket-cluster ca show ssh-user [--node {node}]`) and have a "
+                    f"user {login}")
         except asyncssh.HostKeyNotVerifiable as exc:
             stream.sock.close()
             return (f"wicket: the host key of {node} is not the one the cluster registered ({_reason(exc)}); "
@@ -519,6 +520,9 @@ class GatewayServer(asyncssh.SSHServer):
             stream.sock.close()
             cut = self.hooks.ended(stream)  # the cluster's reason, if it cut the stream (a host key mismatch)
             return f"wicket: the SSH connection to {node} failed: {cut or _reason(exc)}"
+        except asyncio.CancelledError:  # the client left meanwhile (_serve)
+            stream.sock.close()
+            raise
         self.stream = stream
         self.hooks.watch(stream, self._cut)
         return None
@@ -636,6 +640,8 @@ async def _serve(sock: Any, hooks: Hooks, keys: LocalKeys, host_key: Any, client
         await conn.wait_closed()
     finally:
         conn.close()
+        if server._reaching is not None and not server._reaching.done():
+            server._reaching.cancel()  # the client left while the node was being reached
         if server.node is not None:
             server.node.close()
 

@@ -261,6 +261,7 @@ def _pass_when_signed(theirs: socket.socket, files: SshFiles, login: str, host: 
         while need := reader.needed():
             reader.receive_data(theirs.recv(need))
         files.write_cert(login, host, reader.next_event().certificate)
+        theirs.settimeout(None)  # blocking again: ssh gets the socket as a plain one
     except ProtocolError:  # the stream ended: the child has said why
         return EXIT_FAILED
     except (OSError, ValueError) as exc:
