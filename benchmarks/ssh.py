@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from benchmarks.paths import PY, ROOT, Child, Stunnel, Wicket, _wicket_env, free_port, make_pki, wait_for
+from benchmarks.procstat import cpu_seconds
 from tests.servers.sshd import SSHD, available, prepare
 
 PATHS = ("direct", "stunnel", "proxycommand", "terminated")
@@ -157,12 +158,22 @@ def main(argv=None) -> int:
         connect: dict[str, list[float]] = {p: [] for p in paths}
         for path in paths:  # warm-up: each path works, caches are hot
             clients.run("ssh", path, "true")
+        # The relay's CPU per MiB on the node's side of the chain: the
+        # cluster for Wicket's paths, stunnel's server for stunnel (the
+        # other side is symmetric: the gateway's fdpass child, stunnel's
+        # client). A load-independent view of what each byte costs.
+        exit_pid = {"stunnel": st.pids()["exit"], "proxycommand": wicket.pids()["exit"],
+                    "terminated": wicket.pids()["exit"]}
+        cpu_ms_per_mib: dict[str, list[float]] = {p: [] for p in paths if p in exit_pid}
         for rnd in range(args.rounds):
             order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
             for path in order:
+                before = cpu_seconds(exit_pid[path]) if path in exit_pid else 0.0
                 t0 = time.perf_counter()
                 clients.run("scp", path, str(payload), "TARGET:/dev/null")
                 mbps[path].append(args.mib * 1.048576 / (time.perf_counter() - t0))
+                if path in exit_pid:
+                    cpu_ms_per_mib[path].append((cpu_seconds(exit_pid[path]) - before) * 1000 / args.mib)
             for path in order:
                 for _ in range(args.count):
                     t0 = time.perf_counter()
@@ -170,7 +181,9 @@ def main(argv=None) -> int:
                     connect[path].append((time.perf_counter() - t0) * 1000)
         result = {"mib": args.mib, "count": args.count, "rounds": args.rounds,
                   "scp_mb_per_s": {p: statistics.median(v) for p, v in mbps.items()},
-                  "ssh_true_ms": {p: statistics.median(v) for p, v in connect.items()}}
+                  "ssh_true_ms": {p: statistics.median(v) for p, v in connect.items()},
+                  "exit_cpu_ms_per_mib": {p: statistics.median(v) for p, v in cpu_ms_per_mib.items()},
+                  "load_average": os.getloadavg()[0]}
         if args.format == "json":
             print(json.dumps(result))
         else:
@@ -191,6 +204,9 @@ def _table(r: dict) -> str:
     for p in scp:
         rows.append(f"| {p} | {scp[p]:.0f} | {scp[p] / scp['stunnel']:.2f}x | {scp[p] / scp['direct']:.2f}x "
                     f"| {conn[p]:.0f} | {conn[p] / conn['stunnel']:.2f}x | {conn[p] / conn['direct']:.2f}x |")
+    cpu = r["exit_cpu_ms_per_mib"]
+    rows += ["", "CPU of the relay's node-side process per MiB of scp (cluster; stunnel's server): "
+             + ", ".join(f"{p} {v:.2f} ms" for p, v in cpu.items()), f"load average {r['load_average']:.1f}"]
     return "\n".join(rows)
 
 
