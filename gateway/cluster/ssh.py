@@ -138,6 +138,7 @@ class SshKind:
                 while len(self.terminated) > MAX_REPORTED_SESSIONS:
                     self.terminated.popitem(last=False)
         upstream = await connect_tcp(resource)
+        session.extra["end_fields"] = {"login": login, "node": resource.address, "mode": mode}
         check = HostKeyCheck(cluster, resource, session)
         return Opened(upstream=upstream, first_bytes=first, tap_client=check.client_data,
                       tap_server=check.server_data,

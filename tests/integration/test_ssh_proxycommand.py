@@ -176,6 +176,8 @@ def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
                and e["mode"] == "proxycommand" for e in starts)
     ends = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.end")
     assert {e["session_id"] for e in ends} == {e["session_id"] for e in starts}
+    assert {(e["login"], e["node"], e["mode"]) for e in ends} == {(login, node.address, "proxycommand")
+                                                                   for login in ("root", TEST_USER)}
     assert all(e["bytes_from_client"] > 0 and e["bytes_to_client"] > 0 and e["duration"] > 0 for e in ends)
     assert max(e["bytes_from_client"] for e in ends) > len(payload)
     assert not cluster.audit(user=client.gw.user, event="ssh.exec")
