@@ -2,7 +2,9 @@
 a direct connection and a stunnel pair, in one run.
 
 One throwaway OpenSSH sshd (trusting the cluster's SSH user CA), four ways in,
-the same user certificate (from ``wicket config ssh``) on each:
+certificates of the same CA on each (``direct`` and ``stunnel`` use one the
+benchmark signs itself with the cluster's CA for an hour, for
+``wicket config ssh``'s key; ``proxycommand`` gets one per connection):
 
 ``direct``        ssh -> sshd
 ``stunnel``       ssh -> stunnel (client) == mutual TLS 1.3 ==> stunnel (server) -> sshd
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 from benchmarks.paths import PY, ROOT, Child, Stunnel, Wicket, _wicket_env, free_port, make_pki, wait_for
+from benchmarks.procstat import cpu_seconds
 from tests.servers.sshd import SSHD, available, prepare
 
 PATHS = ("direct", "stunnel", "proxycommand", "terminated")
@@ -43,6 +46,24 @@ def _random_file(path: Path, mib: int) -> Path:
     with open(path, "wb") as f:
         for _ in range(mib):
             f.write(os.urandom(1 << 20))
+    return path
+
+
+def _sign_for_an_hour(work: Path, public_key: Path) -> Path:
+    """A root certificate of the cluster's SSH user CA for ``public_key``,
+    valid an hour: what the direct and stunnel paths log in with (the
+    cluster itself signs only one per connection, for two minutes)."""
+    import datetime as dt
+
+    from gateway.identity import pki, sshcerts
+
+    ca = pki.load_or_create_ssh_ca(work / "wicket" / "cluster-state")
+    now = pki.utcnow()
+    request = sshcerts.UserCertRequest(key_id="wicket-bench", principals=("root",), not_before=now,
+                                       not_after=now + dt.timedelta(hours=1))
+    cert = sshcerts.sign_user_cert(ca, sshcerts.parse_public_key(public_key.read_text()), request)
+    path = work / "bench-cert.pub"
+    path.write_text(sshcerts.cert_line(cert) + "\n")
     return path
 
 
@@ -63,8 +84,9 @@ class Clients:
         known = work / "known_hosts"
         known.write_text(f"node {' '.join(host_key.split()[:2])}\n")
         common = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"]
+        cert_file = _sign_for_an_hour(work, ssh_dir / "id_ed25519.pub")
         cert = ["-F", "/dev/null", "-i", str(ssh_dir / "id_ed25519"), "-o",
-                f"CertificateFile={ssh_dir / 'id_ed25519-cert.pub'}", "-o", f"UserKnownHostsFile={known}",
+                f"CertificateFile={cert_file}", "-o", f"UserKnownHostsFile={known}",
                 "-o", "HostKeyAlias=node", *common]
         gateway_known = work / "gateway_known_hosts"
         gateway_known.write_text(f"[127.0.0.1]:{wicket.port} "
@@ -136,12 +158,22 @@ def main(argv=None) -> int:
         connect: dict[str, list[float]] = {p: [] for p in paths}
         for path in paths:  # warm-up: each path works, caches are hot
             clients.run("ssh", path, "true")
+        # The relay's CPU per MiB on the node's side of the chain: the
+        # cluster for Wicket's paths, stunnel's server for stunnel (the
+        # other side is symmetric: the gateway's fdpass child, stunnel's
+        # client). A load-independent view of what each byte costs.
+        exit_pid = {"stunnel": st.pids()["exit"], "proxycommand": wicket.pids()["exit"],
+                    "terminated": wicket.pids()["exit"]}
+        cpu_ms_per_mib: dict[str, list[float]] = {p: [] for p in paths if p in exit_pid}
         for rnd in range(args.rounds):
             order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
             for path in order:
+                before = cpu_seconds(exit_pid[path]) if path in exit_pid else 0.0
                 t0 = time.perf_counter()
                 clients.run("scp", path, str(payload), "TARGET:/dev/null")
                 mbps[path].append(args.mib * 1.048576 / (time.perf_counter() - t0))
+                if path in exit_pid:
+                    cpu_ms_per_mib[path].append((cpu_seconds(exit_pid[path]) - before) * 1000 / args.mib)
             for path in order:
                 for _ in range(args.count):
                     t0 = time.perf_counter()
@@ -149,7 +181,9 @@ def main(argv=None) -> int:
                     connect[path].append((time.perf_counter() - t0) * 1000)
         result = {"mib": args.mib, "count": args.count, "rounds": args.rounds,
                   "scp_mb_per_s": {p: statistics.median(v) for p, v in mbps.items()},
-                  "ssh_true_ms": {p: statistics.median(v) for p, v in connect.items()}}
+                  "ssh_true_ms": {p: statistics.median(v) for p, v in connect.items()},
+                  "exit_cpu_ms_per_mib": {p: statistics.median(v) for p, v in cpu_ms_per_mib.items()},
+                  "load_average": os.getloadavg()[0]}
         if args.format == "json":
             print(json.dumps(result))
         else:
@@ -170,6 +204,9 @@ def _table(r: dict) -> str:
     for p in scp:
         rows.append(f"| {p} | {scp[p]:.0f} | {scp[p] / scp['stunnel']:.2f}x | {scp[p] / scp['direct']:.2f}x "
                     f"| {conn[p]:.0f} | {conn[p] / conn['stunnel']:.2f}x | {conn[p] / conn['direct']:.2f}x |")
+    cpu = r["exit_cpu_ms_per_mib"]
+    rows += ["", "CPU of the relay's node-side process per MiB of scp (cluster; stunnel's server): "
+             + ", ".join(f"{p} {v:.2f} ms" for p, v in cpu.items()), f"load average {r['load_average']:.1f}"]
     return "\n".join(rows)
 
 

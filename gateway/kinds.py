@@ -46,6 +46,8 @@ DB_NAME = Param(name="db_name", role_key="db_names", help="database globs the al
 LOCAL_INFILE = Param(name="local_infile", role_key="local_infile",
                      help='"on": MySQL LOAD DATA LOCAL may send the client\'s files (off unless a rule says so)')
 LOGIN = Param(name="login", role_key="logins", help="node login (OS user) globs the allow rule grants")
+AGENT_FORWARDING = Param(name="agent_forwarding", role_key="ssh_agent_forwarding",
+                         help='"on": ssh -A may forward the client\'s ssh-agent to the node (off unless a rule says so)')
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -230,7 +232,7 @@ SSH = Kind(
     alpn="wicket-ssh",
     proxy_verb="ssh",
     spec=SSH_NODE,
-    params=(LOGIN,),
+    params=(LOGIN, AGENT_FORWARDING),
     cluster_route="gateway.cluster.ssh:SSH",
     gateway_route="gateway.local.ssh:ssh_route",
     proxy_options=(
@@ -243,7 +245,8 @@ SSH = Kind(
         ProxyOption(name="authorized_keys", help="The public keys that may log in to the local SSH server "
                     "(default: ~/.ssh/*.pub and the ssh-agent's)."),
         ProxyOption(name="allow_no_auth", is_flag=True, help="Let every process of your own local user log in "
-                    "to the local SSH server without a key (ssh's `none` method)."),
+                    "to the local SSH server without a key (ssh's `none` method), this once; the profile's "
+                    "setting: `wicket profile set ssh.allow_no_auth true`."),
         ProxyOption(name="write_known_hosts", help="Append the local SSH server's known_hosts line to this file."),
     ),
     client_setup="gateway.local.ssh_client:client_setup",

@@ -45,7 +45,9 @@ def register(main: click.Group, *, config_option: Callable, load_config: Callabl
     @ca.command("show")
     @config_option
     @click.argument("which", type=click.Choice(list(_CA_FILES)))
-    def ca_show(config_path: Path, which: str) -> None:
+    @click.option("--node", help="With ssh-user: print NODE's sshd_config lines instead, for a resource whose "
+                  "principals = \"node\" (certificates valid on that node only).")
+    def ca_show(config_path: Path, which: str, node: str | None) -> None:
         """Print a CA's public certificate (or SSH public key).
 
         db-client is what a database's ssl_ca_file must trust for `auth = cert`;
@@ -55,6 +57,13 @@ def register(main: click.Group, *, config_option: Callable, load_config: Callabl
         path = config.state_dir / _CA_FILES[which]
         if not path.exists():
             raise click.ClickException(f"no {which} CA in {config.state_dir}; start the cluster once to create it")
+        if node is not None:
+            if which != "ssh-user":
+                raise click.UsageError("--node goes with ssh-user")
+            from gateway.cluster.ssh import sshd_config_lines
+
+            click.echo(sshd_config_lines(node, config.name), nl=False)
+            return
         click.echo(path.read_text(), nl=False)
 
     @ca.command("sign-ssh-host")

@@ -175,16 +175,16 @@ def login(address: str, user: str, ca_pin: str | None, insecure: bool, password_
 
 
 def _refresh_ssh(profile: Profile) -> None:
-    """After a login or renewal: a new SSH certificate for a profile that
-    has one (`wicket config ssh`), so ssh keeps working with the session."""
+    """After a login or renewal: the known_hosts of a profile set up for
+    OpenSSH (`wicket config ssh`), for the nodes the roles reach now."""
     from gateway.local import ssh_config
 
-    if not ssh_config.SshFiles.of(profile).cert.exists():
+    if not ssh_config.SshFiles.of(profile).known_hosts.exists():
         return
     try:
         _run(ssh_config.refresh, profile)
     except WicketError as exc:
-        click.echo(f"WARNING: the SSH certificate was not renewed ({exc.message}); run `wicket config ssh`",
+        click.echo(f"WARNING: the nodes' SSH host keys were not refreshed ({exc.message}); run `wicket config ssh`",
                    err=True)
 
 
@@ -492,13 +492,14 @@ for _verb, _served in kinds.proxy_verbs().items():
               help="How ssh should run wicket in its ProxyCommand (default: `wicket` on PATH, else this Python).")
 @format_option
 def config_ssh(wicket_command: str | None, fmt: str) -> None:
-    """Make an SSH key and have the cluster sign it, then print the
-    ~/.ssh/config block for OpenSSH to the cluster's nodes:
+    """Make an SSH key (once) and fetch the nodes' host keys, then print
+    the ~/.ssh/config block for OpenSSH to the cluster's nodes:
 
         wicket config ssh >> ~/.ssh/config; ssh root@NODE.CLUSTER
 
-    Run it again after `wicket login` or `wicket renew`: the certificate
-    ends with the session."""
+    Each connection's ProxyCommand gets a certificate from the cluster for
+    that login on that node only, valid two minutes; `wicket login` and
+    `wicket renew` refresh the host keys."""
     from gateway.local import ssh_config
 
     profile = _load_profile()
@@ -507,13 +508,14 @@ def config_ssh(wicket_command: str | None, fmt: str) -> None:
     block = ssh_config.ssh_config(profile, command=wicket_command)
     if fmt == "json":
         files = ssh_config.SshFiles.of(profile)
-        click.echo(json.dumps({"ssh_config": block, "principals": answer["principals"],
-                               "expires_at": answer["expires_at"], "identity_file": str(files.key),
-                               "certificate_file": str(files.cert), "known_hosts_file": str(files.known_hosts)}))
+        click.echo(json.dumps({"ssh_config": block, "logins": answer["logins"], "identity_file": str(files.key),
+                               "certificate_file": str(files.certs / files.CERT_PATTERN),
+                               "known_hosts_file": str(files.known_hosts)}))
         return
     click.echo(block, nl=False)
-    click.echo(f"SSH certificate for logins {', '.join(answer['principals'])}, valid until {answer['expires_at']}; "
-               f"append the block above to ~/.ssh/config, then: ssh LOGIN@NODE.{profile.cluster_name}", err=True)
+    logins = ", ".join(answer["logins"]) or "none by name (ask for a role with logins)"
+    click.echo(f"Logins your roles allow by name: {logins}. Append the block above to ~/.ssh/config, then: "
+               f"ssh LOGIN@NODE.{profile.cluster_name}", err=True)
 
 
 @main.command()
@@ -529,11 +531,12 @@ def demo(state_dir: Path, port: int) -> None:
     run_demo(state_dir.resolve(), port)
 
 
-from gateway.cli import wicket_agent, wicket_exec  # noqa: E402
+from gateway.cli import wicket_agent, wicket_exec, wicket_profile  # noqa: E402
 
 wicket_exec.register(main, sys.modules[__name__])
 main.commands["config"].add_command(config_ssh)  # `wicket config ssh` beside the database clients' entries
 wicket_agent.register(main, sys.modules[__name__])
+wicket_profile.register(main)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class API:
             ("POST", "/v1/renew"): self.renew,
             ("GET", "/v1/whoami"): self.whoami,
             ("GET", "/v1/resources"): self.resources,
+            ("GET", "/v1/ssh/hosts"): self.ssh_hosts,
             ("POST", "/v1/ssh/cert"): self.ssh_cert,
             ("POST", "/v1/ssh/audit"): self.ssh_audit,
             ("POST", "/v1/join"): self.join,
@@ -251,12 +252,17 @@ class API:
                 items.append(item)
         return Response(status=200, body={"resources": items})
 
-    async def ssh_cert(self, request: Request) -> Response:
-        """An SSH user certificate for the session (gateway/cluster/ssh.py)."""
+    async def ssh_hosts(self, request: Request) -> Response:
+        """known_hosts lines and allowed logins for `wicket config ssh` (gateway/cluster/ssh.py)."""
         from gateway.cluster import ssh
 
         identity, _user, roles = await self._identify()
-        return await ssh.issue_user_cert(self.cluster, identity, roles, request.json(), client_addr=self.client_addr)
+        return await ssh.ssh_hosts(self.cluster, identity, roles)
+
+    async def ssh_cert(self, request: Request) -> Response:
+        """Gone: it signed every allowed login for the session's life."""
+        raise HTTPError(410, "gone", "session-long SSH certificates are no longer signed: each ssh connection gets "
+                        "its own on its dial; upgrade wicket and run `wicket config ssh` again")
 
     async def ssh_audit(self, request: Request) -> Response:
         """What a gateway saw inside its terminated SSH sessions (gateway/cluster/ssh.py)."""

@@ -443,6 +443,15 @@ class Cluster:
     async def roles_of(self, user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
         return self.roles_in(await self.snapshot(), user, claimed)
 
+    async def session_roles(self, session: "LiveSession") -> list[Role]:
+        """The roles a live session's user holds now (none if the user is
+        gone), limited to those its certificate claims, for what a kind
+        decides beside the dial (LOAD DATA LOCAL, agent forwarding)."""
+        snap = await self.snapshot()
+        user = snap.users.get(session.user)
+        claimed = session.identity.roles if session.identity is not None else None
+        return [] if user is None else self.roles_in(snap, user, claimed)
+
     @staticmethod
     def roles_in(snap: "Snapshot", user: User, claimed: tuple[str, ...] | None = None) -> list[Role]:
         """The user's current roles (intersected with those in a certificate,

@@ -461,6 +461,7 @@ def audit_end(cluster: Cluster, session: LiveSession, counters: RelayCounters, s
         bytes_to_client=counters.b_to_a,
         duration=round(time.monotonic() - started, 3),
         reason=reason,
+        **session.extra.get("end_fields", {}),  # what a kind repeats at the end (ssh: login, node)
     )
 
 

@@ -206,7 +206,7 @@ class MySqlKind(DatabaseKind):
                     password: str | None) -> Opened:
         db_user, db_name = params[PARAM_DB_USER], params.get(PARAM_DB_NAME)
         caps = Capability(int(params.get(dp.CAPS, DEFAULT_CLIENT_CAPABILITIES.value)))
-        roles = await self._roles(cluster, session)
+        roles = await cluster.session_roles(session)
         # LOCAL INFILE lets the server read files of the client's machine:
         # offered to it only where a role says local_infile = ["on"].
         infile = Capability.LOCAL_FILES in caps and local_infile_allowed(roles, resource, params)
@@ -247,11 +247,6 @@ class MySqlKind(DatabaseKind):
                       details={**details, "auth": outcome.plugin, "tls": outcome.tls,
                                "server_version": outcome.server.server_version,
                                "thread_id": outcome.server.connection_id})
-
-    async def _roles(self, cluster: Cluster, session: LiveSession) -> list:
-        snap = await cluster.snapshot()
-        user = snap.users.get(session.user)
-        return [] if user is None else cluster.roles_in(snap, user)
 
     async def _login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
                      db_user: str, upstream: Upstream, login: UpstreamLogin) -> LoginReady | LoginRefused:

@@ -184,6 +184,9 @@ DATABASE = Schema(
 # -- ssh -------------------------------------------------------------------
 
 
+SSH_PRINCIPALS = ("login", "node")
+
+
 @attrs.frozen(slots=True, kw_only=True)
 class SshNodeSpec:
     """How a node proves it is the node (kind ``ssh``)::
@@ -194,20 +197,29 @@ class SshNodeSpec:
                                            # whose public key line this is)
 
     At least one. OpenSSH clients learn them from `wicket config ssh`'s
-    known_hosts; the cluster checks them where it speaks SSH itself."""
+    known_hosts; the cluster checks them where it speaks SSH itself. And
+    what the user certificates for the node name::
+
+        principals = "node"   # LOGIN@NODE.CLUSTER: valid on this node only; its
+                              # sshd maps logins to them (AuthorizedPrincipalsCommand,
+                              # `wicket-cluster ca show ssh-user --node NODE`)
+        principals = "login"  # the default: LOGIN, which every node that trusts
+                              # the CA takes for that login"""
 
     host_key: str | None = None
     host_ca: str | None = None
+    principals: str = "login"
 
     @classmethod
     def of(cls, spec: Mapping[str, Any]) -> "SshNodeSpec":
-        return cls(host_key=spec.get("host_key"), host_ca=spec.get("host_ca"))
+        return cls(host_key=spec.get("host_key"), host_ca=spec.get("host_ca"),
+                   principals=spec.get("principals") or "login")
 
 
 def _ssh_node(spec: Mapping[str, Any]) -> dict[str, Any]:
     from gateway.identity.sshcerts import SSHKeyError, parse_public_key
 
-    known = {"host_key", "host_ca"}
+    known = {"host_key", "host_ca", "principals"}
     unknown = set(spec) - known
     if unknown:
         raise SpecError(f"unknown setting(s) {', '.join(sorted(unknown))} (expected {', '.join(sorted(known))})")
@@ -222,7 +234,11 @@ def _ssh_node(spec: Mapping[str, Any]) -> dict[str, Any]:
             out["host_ca"] = spec["host_ca"] if spec["host_ca"] == "cluster" else " ".join(spec["host_ca"].split()[:2])
     except SSHKeyError as exc:
         raise SpecError(str(exc)) from None
-    if not out:
+    if spec.get("principals") is not None:
+        if spec["principals"] not in SSH_PRINCIPALS:
+            raise SpecError(f"principals must be one of {', '.join(SSH_PRINCIPALS)}")
+        out["principals"] = spec["principals"]
+    if not out.keys() - {"principals"}:
         raise SpecError('an ssh node needs host_key = "ssh-ed25519 AAAA..." (its host key: ssh-keyscan -t ed25519 '
                         'HOST) or host_ca = "cluster" (it shows a host certificate of the cluster\'s SSH host CA)')
     return out
@@ -232,6 +248,10 @@ SSH_NODE = Schema(
     check=_ssh_node,
     parse=SshNodeSpec.of,
     flags=(
+        SpecFlag(key="principals", choices=SSH_PRINCIPALS,
+                 help='what user certificates name: "login" (default) or "node" (LOGIN@NODE.CLUSTER, valid on this '
+                      'node only; its sshd needs the AuthorizedPrincipalsCommand `wicket-cluster ca show ssh-user '
+                      '--node NODE` prints).'),
         SpecFlag(key="host_key", help="the node's host public key line (ssh-keyscan -t ed25519 HOST)."),
         SpecFlag(key="host_ca", help='"cluster" (the node shows a host certificate of the cluster\'s SSH '
                                      'host CA), or another CA\'s public key line.'),

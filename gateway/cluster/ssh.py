@@ -10,19 +10,28 @@ for a key of theirs, valid no longer than their session certificate, whose
 principals are the logins their roles allow (sshd lets the holder in only
 as one of those).
 
-ProxyCommand mode (``wicket config ssh``): OpenSSH runs end to end and the
-cluster only carries bytes. The gateway's profile holds an SSH key pair
-made on the machine; :func:`issue_user_cert` signs its public key (the API's
-``POST /v1/ssh/cert``) with every login the roles allow on some node, by
-name: a login glob (``"*"``) cannot be a principal, so it only works where
-the cluster speaks SSH itself. ``ssh LOGIN@NODE.CLUSTER`` runs ``wicket
-proxy ssh --stdio``, which dials the node's resource with ``login`` as the
-dial's parameter: RBAC decides on node and login (deny wins) before a byte
-reaches the node, and the session is audited (``session.start``/``end``
-with login and bytes, cut by a lock or the certificate's end). What the
-cluster cannot see in this mode is inside the encryption: the node's sshd
-checks the certificate and its principals, and its log names the person
-through the certificate's key id (``wicket:CLUSTER:USER:SERIAL``).
+Every certificate is signed for one connection: the gateway puts a public
+key on the dial (``ssh.public_key``) and the cluster, once RBAC has allowed
+the node and the login, signs it for **that login only**, valid two minutes
+(long enough to log in; the session's life is the cluster's to end), and
+sends it in the hand-off frame ahead of the node's bytes
+(protocols/ssh/handoff.py). ``permit-agent-forwarding`` is in it only when
+a role allows ``ssh_agent_forwarding = ["on"]`` for the node and login.
+
+* Terminated mode (``ssh.mode`` absent or ``terminated``): the key is the
+  gateway's in-memory one; asyncssh logs in to the node with it.
+* ProxyCommand mode (``ssh.mode = proxycommand``, ``wicket config ssh``):
+  OpenSSH runs end to end and the cluster only carries bytes. The key is
+  the profile's; ``wicket proxy ssh --stdio`` writes the certificate where
+  ssh's ``CertificateFile`` looks for this login and host before ssh reads
+  it. What the cluster cannot see in this mode is inside the encryption:
+  the node's sshd checks the certificate, and its log names the person
+  through the certificate's key id (``wicket:CLUSTER:USER:SESSION``).
+
+No certificate lists more than one login or outlives its connection's
+start by more than two minutes, so one allowed login on one node cannot be
+turned into another login elsewhere (``POST /v1/ssh/cert``, which signed
+every allowed login for the session's life, is gone).
 
 A login is checked here as sshd would need it: a name, no control
 character, no ``@`` or separator that could be read as something else.
@@ -55,11 +64,17 @@ log = logging.getLogger("wicket.cluster.ssh")
 #: A login: what useradd takes (and a trailing ``$`` for machine accounts).
 LOGIN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\$?")
 _GLOB = re.compile(r"[*?\[\]]")
-#: The dial parameter of a terminated session: the gateway's in-memory public key.
+#: The dial parameter that asks for a certificate: the public key to sign.
 PUBLIC_KEY = "ssh.public_key"
-#: A terminated session's user certificate only has to last until the
-#: gateway has logged in to the node with it.
+#: Which way in a dial is: ``terminated`` (the default with a key) or
+#: ``proxycommand`` (the default without: an older wicket's, no certificate).
+MODE = "ssh.mode"
+MODES = ("terminated", "proxycommand")
+#: A connection's user certificate only has to last until ssh (or the
+#: gateway) has logged in to the node with it.
 HANDOFF_CERT_TTL = dt.timedelta(minutes=2)
+#: The role key that lets ``ssh -A`` reach a node (gateway/kinds.py AGENT_FORWARDING).
+AGENT_FORWARDING = "agent_forwarding"
 #: Terminated sessions a gateway may still report events of (the newest).
 MAX_REPORTED_SESSIONS = 100_000
 MAX_REPORTS = 256
@@ -70,6 +85,7 @@ REPORTED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ssh.subsystem": {"name": str},
     "ssh.exit": {"status": int, "signal": str},
     "ssh.forward": {"direction": str, "host": str, "port": int},
+    "ssh.agent_forwarding": {"allowed": bool},
     "ssh.sftp": {"op": str, "path": str, "to": str, "mode": str, "ok": bool, "bytes_read": int,
                  "bytes_written": int, "error": str},
 }
@@ -104,41 +120,50 @@ class SshKind:
                 sshcerts.parse_public_key(params[PUBLIC_KEY], PUBLIC_KEY)
             except sshcerts.SSHKeyError as exc:
                 raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if params.setdefault(MODE, MODES[0] if PUBLIC_KEY in params else MODES[1]) not in MODES:
+            raise Refused(ErrorCode.BAD_REQUEST, f"{MODE} must be one of {', '.join(MODES)}")
+        if AGENT_FORWARDING in params:  # the cluster decides it, not the dial
+            raise Refused(ErrorCode.BAD_REQUEST, f"{AGENT_FORWARDING} is not a dial parameter")
         return params
 
     async def open(self, cluster: Cluster, resource: Resource, params: dict[str, str],
                    session: LiveSession) -> Opened:
-        login = params["login"]
-        terminated = PUBLIC_KEY in params
-        first = b""
-        if terminated:
-            first = self._handoff(cluster, resource, login, params[PUBLIC_KEY], session)
-            self.terminated[session.id] = (session.user, resource.name)
-            while len(self.terminated) > MAX_REPORTED_SESSIONS:
-                self.terminated.popitem(last=False)
+        login, mode = params["login"], params[MODE]
+        first, agent = b"", False
+        if PUBLIC_KEY in params:
+            agent = agent_forwarding_allowed(await cluster.session_roles(session), resource, login)
+            first = self._handoff(cluster, resource, login, params[PUBLIC_KEY], session, mode=mode, agent=agent)
+            if mode == "terminated":
+                self.terminated[session.id] = (session.user, resource.name)
+                while len(self.terminated) > MAX_REPORTED_SESSIONS:
+                    self.terminated.popitem(last=False)
         upstream = await connect_tcp(resource)
+        session.extra["end_fields"] = {"login": login, "node": resource.address, "mode": mode}
         check = HostKeyCheck(cluster, resource, session)
         return Opened(upstream=upstream, first_bytes=first, tap_client=check.client_data,
                       tap_server=check.server_data,
-                      details={"login": login, "node": resource.address,
-                               "mode": "terminated" if terminated else "proxycommand"})
+                      details={"login": login, "node": resource.address, "mode": mode, "agent_forwarding": agent})
 
     @staticmethod
-    def _handoff(cluster: Cluster, resource: Resource, login: str, key_line: str, session: LiveSession) -> bytes:
-        """The hand-off frame for a terminated session: a user certificate
-        for the gateway's in-memory key, for this login only, valid long
-        enough to log in (the session's own life is the cluster's to end)."""
+    def _handoff(cluster: Cluster, resource: Resource, login: str, key_line: str, session: LiveSession, *,
+                 mode: str, agent: bool) -> bytes:
+        """The hand-off frame: a user certificate for the dial's key, for
+        this login only, valid long enough to log in (the session's own
+        life is the cluster's to end)."""
         now = utcnow()
         public_key = sshcerts.parse_public_key(key_line, PUBLIC_KEY)
+        host = node_name(resource.name, cluster.config.name)
+        extensions = sshcerts.USER_EXTENSIONS + ((sshcerts.AGENT_FORWARDING,) if agent else ())
         request = sshcerts.UserCertRequest(key_id=f"wicket:{cluster.config.name}:{session.user}:{session.id}",
-                                           principals=(login,), not_before=now, not_after=now + HANDOFF_CERT_TTL)
+                                           principals=(principal(resource, login, host),), not_before=now,
+                                           not_after=now + HANDOFF_CERT_TTL, extensions=extensions)
         cert = sshcerts.sign_user_cert(cluster.ssh_user_ca, public_key, request)
         cluster.audit_soon("ssh.cert", session.user, session_id=session.id, resource=resource.name,
-                           principals=[login], serial=format(cert.serial, "x"), key=sshcerts.fingerprint(public_key),
-                           expires_at=(now + HANDOFF_CERT_TTL).isoformat())
-        host = node_name(resource.name, cluster.config.name)
+                           principals=list(request.principals), serial=format(cert.serial, "x"),
+                           key=sshcerts.fingerprint(public_key), expires_at=(now + HANDOFF_CERT_TTL).isoformat(),
+                           mode=mode, agent_forwarding=agent)
         return encode_handoff(Handoff(certificate=sshcerts.cert_line(cert), host=host,
-                                      known_hosts=node_known_hosts(cluster, resource)))
+                                      known_hosts=node_known_hosts(cluster, resource), agent_forwarding=agent))
 
     async def control(self, cluster, resource, request, identity) -> str | None:
         return None
@@ -271,37 +296,43 @@ def known_hosts(cluster: Cluster, roles: list[rbac.Role], resources: Mapping[str
     return lines
 
 
-async def issue_user_cert(cluster: Cluster, identity: pki.Identity, roles: list[rbac.Role],
-                          body: Mapping[str, Any], *, client_addr: str) -> Response:
-    """``POST /v1/ssh/cert``: sign ``body["public_key"]`` (an OpenSSH public
-    key line) as a user certificate for the session's holder, valid until
-    the session certificate ends; with the known_hosts lines for the nodes
-    the holder reaches."""
-    try:
-        public_key = sshcerts.parse_public_key(body.get("public_key"), "public_key")
-    except sshcerts.SSHKeyError as exc:
-        raise HTTPError(400, "bad_request", str(exc)) from None
-    snap = await cluster.snapshot()
-    logins = allowed_logins(roles, snap.resources)
-    if not logins:
-        raise HTTPError(403, "access_denied", "none of your roles allows a login (by name) on any ssh node; "
-                        "ask a cluster administrator for a role with logins")
-    now = utcnow()
-    if identity.not_after <= now:
+def principal(resource: Resource, login: str, host: str) -> str:
+    """What a certificate for ``login`` on the node names: the login, or
+    ``LOGIN@NODE.CLUSTER`` for a node whose resource says ``principals =
+    "node"`` (only that node's sshd maps its logins to such names)."""
+    return f"{login}@{host}" if SshNodeSpec.of(resource.spec).principals == "node" else login
+
+
+def sshd_config_lines(node: str, cluster_name: str, ca_path: str = "/etc/ssh/wicket_user_ca.pub") -> str:
+    """The sshd_config lines of a node: trust the cluster's SSH user CA and,
+    for a node whose certificates name it (``principals = "node"``), take
+    ``LOGIN@NODE.CLUSTER`` as the principal that lets one in as LOGIN, and
+    nothing else (no certificate for another node gets in)."""
+    host = node_name(node, cluster_name)
+    return (f"# sshd_config of {host} (resource principals = \"node\"); {ca_path} is `wicket-cluster ca show "
+            f"ssh-user`\n"
+            f"TrustedUserCAKeys {ca_path}\n"
+            f"AuthorizedPrincipalsCommand /bin/echo %u@{host}\n"
+            f"AuthorizedPrincipalsCommandUser nobody\n")
+
+
+def agent_forwarding_allowed(roles: list[rbac.Role], resource: Resource, login: str) -> bool:
+    """Does a role let ``ssh -A`` reach ``resource`` as ``login``
+    (``ssh_agent_forwarding = ["on"]``, deny rules considered)?"""
+    return rbac.decide(roles, resource.name, resource.labels, {"login": login, AGENT_FORWARDING: "on"}).allowed
+
+
+async def ssh_hosts(cluster: Cluster, identity: pki.Identity, roles: list[rbac.Role]) -> Response:
+    """``GET /v1/ssh/hosts``: the known_hosts lines for the nodes the
+    holder reaches and the logins (by name) the roles allow on some node,
+    for ``wicket config ssh``. No certificate: each connection gets its
+    own, for one login, on its dial."""
+    if identity.not_after <= utcnow():
         raise HTTPError(401, "cert_expired", "the session certificate has expired; run `wicket login` again")
-    request = sshcerts.UserCertRequest(
-        key_id=f"wicket:{cluster.config.name}:{identity.user}:{identity.serial:x}",
-        principals=logins[:sshcerts.MAX_PRINCIPALS], not_before=now, not_after=identity.not_after,
-    )
-    cert = sshcerts.sign_user_cert(cluster.ssh_user_ca, public_key, request)
-    await cluster.audit("ssh.cert", identity.user, client_addr=client_addr, principals=list(request.principals),
-                        serial=format(cert.serial, "x"), key=sshcerts.fingerprint(public_key),
-                        expires_at=identity.not_after.isoformat())
+    snap = await cluster.snapshot()
     return Response(status=200, body={
-        "certificate": sshcerts.cert_line(cert, f"wicket:{identity.user}"),
-        "principals": list(request.principals),
-        "expires_at": dt.datetime.fromtimestamp(cert.valid_before, dt.timezone.utc).isoformat(),
         "cluster": cluster.config.name,
+        "logins": allowed_logins(roles, snap.resources),
         "known_hosts": known_hosts(cluster, roles, snap.resources),
     })
 

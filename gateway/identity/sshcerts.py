@@ -36,10 +36,10 @@ from cryptography.hazmat.primitives.serialization import (
 #: skew between the cluster and a node).
 BACKDATE = dt.timedelta(minutes=1)
 #: What a session's user certificate lets its holder do on the node
-#: (PROTOCOL.certkeys, "Extensions"). Agent and X11 forwarding and
-#: ~/.ssh/rc are left out: nothing asks for them yet, and a role that wants
-#: agent forwarding will have to say so.
+#: (PROTOCOL.certkeys, "Extensions"). X11 forwarding and ~/.ssh/rc are left
+#: out; agent forwarding is added only where a role allows it.
 USER_EXTENSIONS = ("permit-port-forwarding", "permit-pty")
+AGENT_FORWARDING = "permit-agent-forwarding"
 #: Principals per certificate: sshd reads at most 256 (SSHKEY_CERT_MAX_PRINCIPALS).
 MAX_PRINCIPALS = 256
 #: Bounds on a public key line from the network.
@@ -147,6 +147,13 @@ def sign_host_cert(ca: ed25519.Ed25519PrivateKey, public_key: SSHPublicKey, *, n
 def cert_line(cert: SSHCertificate, comment: str = "") -> str:
     line = cert.public_bytes().decode("ascii")
     return f"{line} {comment}" if comment else line
+
+
+def cert_blob(cert: SSHCertificate) -> bytes:
+    """The certificate's wire form (what an ssh-agent is given)."""
+    import base64
+
+    return base64.b64decode(cert.public_bytes().split()[1])
 
 
 def load_cert(line: str | bytes) -> SSHCertificate:

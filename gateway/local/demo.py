@@ -339,8 +339,8 @@ def _ssh_lines(state: Path, home: Path, env: dict[str, str], ssh_port: int) -> s
     config = state / "ssh_config"
     pki.write_private(config, r.stdout.encode())
     login = _login()
-    return (f"SSH resource demo-ssh, OpenSSH end to end with a certificate the cluster signed "
-            f"(the ssh_config block `wicket config ssh` printed, in {config}):\n\n"
+    return (f"SSH resource demo-ssh, OpenSSH end to end, each connection with a certificate the cluster "
+            f"signs for it (the ssh_config block `wicket config ssh` printed, in {config}):\n\n"
             f"  ssh -F {config} {login}@demo-ssh.demo\n\n"
             f"or through the gateway's own SSH server, which the demo runs on port {ssh_port} (what "
             f"`WICKET_HOME={home} wicket proxy ssh demo-ssh --port 2222 --allow-no-auth` runs; your own "

@@ -14,9 +14,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import trio
+
+from gateway.local.dialer import DIAL_TIMEOUT
 from gateway.local.proxy import NEXT_STEP, Listening
 from protocols.dial import DialError
 from protocols.errors import ErrorCode
+from protocols.ssh import Handoff, HandoffReader
+
+#: The dial parameters that ask the cluster for a connection's certificate
+#: (gateway/cluster/ssh.py): the public key to sign, and which way in.
+PUBLIC_KEY_PARAM = "ssh.public_key"
+MODE_PARAM = "ssh.mode"
 
 #: The next step after a refusal, for a person at an ssh client, where it
 #: differs from the other kinds' (gateway/local/proxy.py).
@@ -31,6 +40,17 @@ def refusal_text(error: DialError) -> str:
     """A dial refusal as a person at an ssh client reads it, with what to do next."""
     step = _NEXT_STEP.get(error.code, NEXT_STEP.get(error.code))
     return error.message + (f"; {step}" if step else "")
+
+
+async def read_handoff(sock: trio.socket.SocketType) -> Handoff:
+    """(trio) The cluster's hand-off frame on a dialled stream's socket,
+    read to its last byte and no further: what follows is the node's."""
+    reader = HandoffReader()
+    with trio.fail_after(DIAL_TIMEOUT):
+        while need := reader.needed():
+            data = await sock.recv(need)
+            reader.receive_data(data)  # b"": the stream ended, a RemoteProtocolError
+    return reader.next_event()
 
 
 def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, local_users=None, stdio: bool = False,
@@ -49,14 +69,24 @@ def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, loca
         if authorized_keys or allow_no_auth or write_known_hosts:
             raise click.UsageError("--authorized-keys, --allow-no-auth and --write-known-hosts are for the local "
                                    "SSH server, not --stdio")
-        try:
-            login, node = parse_target(resource, profile.cluster_name)
-        except TargetError as exc:
-            raise click.UsageError(str(exc)) from None
-        return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster, sock=hand_over() if fdpass else None)
+        from gateway.local.ssh_config import SshFiles
 
-    from gateway.local import ssh_asyncio
+        try:
+            login, node, host = parse_target(resource, profile.cluster_name)
+            files = SshFiles.of(profile)
+            files.cert_for(login, host)  # a name ssh's %r@%h can be
+        except (TargetError, ValueError) as exc:
+            raise click.UsageError(str(exc)) from None
+        sock = hand_over(files, login, host, timeout=wait_for_cluster + 2 * DIAL_TIMEOUT) if fdpass else None
+        return SshStdio(profile, node, login, wait_for_cluster=wait_for_cluster, sock=sock)
+
+    from gateway.local import settings, ssh_asyncio
     from gateway.local.ssh_terminated import SshTerminated
+
+    try:  # the flag, or the profile's own opt-in (`wicket profile set ssh.allow_no_auth true`)
+        allow_no_auth = allow_no_auth or settings.get(profile.home, "ssh.allow_no_auth")
+    except settings.SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
 
     if authorized_keys:
         files = [Path(authorized_keys).expanduser()]
@@ -68,8 +98,8 @@ def ssh_route(profile, resource: str, identity, *, wait_for_cluster: float, loca
     use_agent = not authorized_keys and bool(os.environ.get("SSH_AUTH_SOCK"))
     if not keys.blobs and not use_agent and not allow_no_auth:
         raise click.UsageError("no public key of yours was found (~/.ssh/*.pub, an ssh-agent): pass "
-                               "--authorized-keys FILE, or --allow-no-auth to let every process of your own local "
-                               "user in without a key")
+                               "--authorized-keys FILE, or let every process of your own local user in without a "
+                               "key: `wicket profile set ssh.allow_no_auth true` (or --allow-no-auth once)")
     from gateway.private_files import ensure_private_dir
 
     ensure_private_dir(profile.home / "ssh")

@@ -14,17 +14,20 @@ Theory of operation
 A local client connects; :func:`serve_connection` runs asyncssh's server
 on the accepted socket (the host key from the profile, no password or
 keyboard-interactive method ever offered). The user name is ``LOGIN`` or
-``LOGIN%NODE`` (:func:`split_user`). When the client offers one of the
-keys the local user trusts (:class:`LocalKeys`), or at once under the
-explicit ``none`` opt-in, :meth:`GatewayServer._reach_node` asks the trio
-side to dial the node with that login and an in-memory key pair's public
-key: the cluster checks RBAC for node and login, signs a user certificate
-for that key and login only, and hands it over with the node's known_hosts
-lines (protocols/ssh/handoff.py); then asyncssh's client logs in to the
-node over the dialled stream, checking its host key. Any refusal (the
-login, the node, the cluster, the node's own sshd) is sent to the client as
-an authentication banner, which ssh prints, and the authentication fails:
-never a bare "Connection closed".
+``LOGIN%NODE`` (:func:`split_user`). Only once the client has proved it
+holds one of the keys the local user trusts (:class:`LocalKeys`: asyncssh
+has checked its signature over the session id), or at once under the
+explicit ``none`` opt-in, :meth:`GatewayServer.auth_completed` asks the
+trio side to dial the node with that login and an in-memory key pair's
+public key: a key merely offered (the client's query, RFC 4252 §7) dials
+nothing. The cluster checks RBAC for node and login, signs a user
+certificate for that key and login only, and hands it over with the node's
+known_hosts lines (protocols/ssh/handoff.py); then asyncssh's client logs
+in to the node over the dialled stream, checking its host key. Channels the
+client opens meanwhile wait for the node. Any refusal (the login, the node,
+the cluster, the node's own sshd) ends the connection with the reason as
+the disconnect message, which ssh prints ("Received disconnect ...:
+wicket: ..."): never a bare "Connection closed".
 
 After that every channel the client opens is bridged to one of the node's:
 a session (shell with its pty, exec, a subsystem such as sftp; its
@@ -36,7 +39,9 @@ per channel: what one receives is written to the other; when a channel's
 send buffer fills (asyncssh calls ``pause_writing``) the other channel
 stops reading (``pause_reading``), so the SSH windows apply flow control
 end to end and no buffer grows past asyncssh's own limits. EOF is carried
-as a half-close, each way. Agent and X11 forwarding are never offered.
+as a half-close, each way. ``ssh -A`` reaches the node only where a role
+allows agent forwarding (:meth:`GatewayServer.forward_agent`); X11
+forwarding is never offered.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ class NodeStream:
     known_hosts: tuple[str, ...]
     #: The cluster's session id (what the gateway's audit reports name).
     session_id: str = ""
+    #: Whether the user's roles let ``ssh -A`` reach the node (the
+    #: certificate then permits it).
+    agent_forwarding: bool = False
     #: The trio side's own (the link and its stream).
     handle: Any = None
 
@@ -262,7 +270,10 @@ class _LocalSession(_Half, asyncssh.SSHServerSession):
         asyncio.get_running_loop().create_task(self._open_on_node())
 
     async def _open_on_node(self) -> None:
+        if not await self.server.wait_node():
+            return  # the connection ends with the reason
         chan = self.chan
+        self.server.forward_agent(self)
         node = _NodeSession(self.server)
         command, subsystem = chan.get_command(), chan.get_subsystem()
         if command is not None:
@@ -424,6 +435,7 @@ class GatewayServer(asyncssh.SSHServer):
         self.sessions: set[_LocalSession] = set()  # the client's open session channels
         self.ended = False
         self.target: tuple[str, str] | None = None
+        self.agent_decided = False
         self.closed = asyncio.Event()
 
     def connection_made(self, conn: Any) -> None:
@@ -436,9 +448,7 @@ class GatewayServer(asyncssh.SSHServer):
 
     async def begin_auth(self, username: str) -> bool:
         self.target = split_user(username, self.hooks.default_node)
-        if self.keys.allow_none:
-            return not await self._reach_node()
-        return True
+        return not self.keys.allow_none  # the none opt-in: no authentication asked for
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -450,23 +460,35 @@ class GatewayServer(asyncssh.SSHServer):
         return False
 
     async def validate_public_key(self, username: str, key: Any) -> bool:
-        if key not in self.keys:
-            return False
-        return await self._reach_node()
+        # Asked both for a query (is this key acceptable?) and for the signed
+        # request, before asyncssh checks the signature: nothing is dialled
+        # here, only once the client has proved it holds the key.
+        return key in self.keys
 
-    async def _reach_node(self) -> bool:
-        """(asyncio) Dial the node and log in to it, once per connection;
-        a refusal is sent as a banner. True if the node is reached."""
+    def auth_completed(self) -> None:
+        """The client proved it holds a trusted key (or the ``none`` opt-in
+        let it in): now the node is dialled, once per connection. Channels
+        the client opens meanwhile wait for it (:meth:`wait_node`); a refusal
+        ends the connection with the reason, which ssh prints."""
+        self._reaching = asyncio.ensure_future(self._connect_node())
+        self._reaching.add_done_callback(self._reached)
+
+    def _reached(self, reaching: asyncio.Future) -> None:
+        if reaching.cancelled():
+            return
+        exc = reaching.exception()
+        message = f"wicket: the node could not be reached ({_reason(exc)})" if exc is not None else reaching.result()
+        if exc is not None:
+            log.warning("ssh_reach_failed client=%s error=%r", self.client_addr, _reason(exc))
+        if message is not None:
+            self._end(asyncssh.DISC_BY_APPLICATION, message)
+
+    async def wait_node(self) -> bool:
+        """(asyncio) Wait until the node is reached or refused: True if reached."""
         if self._reaching is None:
-            self._reaching = asyncio.ensure_future(self._connect_node())
-        message = await asyncio.shield(self._reaching)
-        if message is None:
-            return True
-        if message:  # sent once; later attempts fail quietly
-            self.conn.send_auth_banner(message + "\r\n")
-            self._reaching = asyncio.get_running_loop().create_future()
-            self._reaching.set_result("")
-        return False
+            return False
+        await asyncio.wait([self._reaching])
+        return self.node is not None and not self.ended
 
     async def _connect_node(self) -> str | None:
         """(asyncio) None once the node is reached, else what to tell the client."""
@@ -488,7 +510,8 @@ class GatewayServer(asyncssh.SSHServer):
         except asyncssh.PermissionDenied as exc:
             stream.sock.close()
             return (f"wicket: {node} did not let {login} in ({_reason(exc)}): its sshd must trust the cluster's SSH "
-                    f"user CA (TrustedUserCAKeys; `wicket-cluster ca show ssh-user`) and have a user {login}")
+                    f"user CA (TrustedUserCAKeys; `wicket-cluster ca show ssh-user [--node {node}]`) and have a "
+                    f"user {login}")
         except asyncssh.HostKeyNotVerifiable as exc:
             stream.sock.close()
             return (f"wicket: the host key of {node} is not the one the cluster registered ({_reason(exc)}); "
@@ -497,6 +520,9 @@ class GatewayServer(asyncssh.SSHServer):
             stream.sock.close()
             cut = self.hooks.ended(stream)  # the cluster's reason, if it cut the stream (a host key mismatch)
             return f"wicket: the SSH connection to {node} failed: {cut or _reason(exc)}"
+        except asyncio.CancelledError:  # the client left meanwhile (_serve)
+            stream.sock.close()
+            raise
         self.stream = stream
         self.hooks.watch(stream, self._cut)
         return None
@@ -516,20 +542,21 @@ class GatewayServer(asyncssh.SSHServer):
 
     def _end(self, code: int, message: str) -> None:
         """(asyncio or trio: only schedules) End the client's connection,
-        saying why: on each session's stderr, which ssh prints before it sees
-        the channel close, and as the disconnect reason (what ``ssh -N``
-        prints)."""
+        saying why: on each open session's stderr, which ssh prints before it
+        sees the channel close (asyncssh closes the channels before it sends
+        the disconnect), and as the disconnect reason (what ``ssh -N``
+        prints, and ssh when no session was open yet)."""
         if self.conn is None or self.ended:
             return
         self.ended = True
         for session in list(self.sessions):
-            if not session.closed:
+            if not session.closed and session.chan is not None:
                 session.chan.write_stderr((message + "\r\n").encode())
                 session.chan.exit(255)
         self.conn.disconnect(code, message)
 
     def session_requested(self) -> Any:
-        if self.node is None or self.ended:
+        if self._reaching is None or self.ended:
             return False
         session = _LocalSession(self)
         self.sessions.add(session)
@@ -537,15 +564,21 @@ class GatewayServer(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         # ``ssh -L``: asyncssh opens the direct-tcpip channel on the node's
-        # connection and bridges the two.
-        if self.node is None:
+        # connection and bridges the two (once the node is reached).
+        if self._reaching is None or self.ended:
             return False
-        self.report("ssh.forward", direction="local", host=dest_host, port=dest_port)
-        return self.node
+
+        async def through_node() -> Any:
+            if not await self.wait_node():
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "the node was not reached")
+            self.report("ssh.forward", direction="local", host=dest_host, port=dest_port)
+            return await self.conn.forward_tunneled_connection(self.node, dest_host, dest_port)
+
+        return through_node()
 
     async def server_requested(self, listen_host: str, listen_port: int) -> Any:
         # ``ssh -R``: the node listens; each connection comes back to the client.
-        if self.node is None:
+        if not await self.wait_node():
             return False
         listener: Any = None
 
@@ -561,6 +594,29 @@ class GatewayServer(asyncssh.SSHServer):
         self.report("ssh.forward", direction="remote", host=listen_host, port=listener.get_port())
         return listener
 
+    def forward_agent(self, session: "_LocalSession") -> None:
+        """(asyncio) ``ssh -A``: the client asked (asyncssh made a socket
+        here whose connections become auth-agent channels to the client;
+        channel requests run in order, so it exists before the session
+        starts). Where a role allows it, the node's sessions ask for agent
+        forwarding and the node's auth-agent channels are carried to that
+        socket (asyncssh has no public knob for it after connecting: the
+        attribute ``run_client(agent_forwarding=PATH)`` sets); else the
+        client is told on stderr, once. Audited either way, once."""
+        path = self.conn.get_agent_path()
+        if path is None or self.agent_decided:
+            return
+        self.agent_decided = True
+        allowed = self.stream is not None and self.stream.agent_forwarding
+        self.report("ssh.agent_forwarding", allowed=allowed)
+        if allowed:
+            self.node._agent_forward_path = path
+        else:
+            session.chan.write_stderr(
+                f"wicket: agent forwarding to {self.target[1]} as {self.target[0]} is not allowed by your roles; "
+                f"the session goes on without it (a cluster administrator can allow it: roles add "
+                f"--ssh-agent-forwarding on)\r\n".encode())
+
     def report(self, event: str, **fields: Any) -> None:
         """(asyncio) An audit event for the cluster's log (Hooks.report)."""
         if self.stream is not None:
@@ -573,7 +629,7 @@ async def _serve(sock: Any, hooks: Hooks, keys: LocalKeys, host_key: Any, client
     try:
         conn = await asyncssh.run_server(
             sock, server_factory=lambda: server, server_host_keys=[host_key], config=None,
-            agent_forwarding=False, x11_forwarding=False, allow_pty=True, line_editor=False, encoding=None,
+            agent_forwarding=True, x11_forwarding=False, allow_pty=True, line_editor=False, encoding=None,
             login_timeout=LOGIN_TIMEOUT, keepalive_interval=KEEPALIVE,
             public_key_auth=True, password_auth=False, kbdint_auth=False,
             encryption_algs=LOCAL_CIPHERS)
@@ -584,6 +640,8 @@ async def _serve(sock: Any, hooks: Hooks, keys: LocalKeys, host_key: Any, client
         await conn.wait_closed()
     finally:
         conn.close()
+        if server._reaching is not None and not server._reaching.done():
+            server._reaching.cancel()  # the client left while the node was being reached
         if server.node is not None:
             server.node.close()
 

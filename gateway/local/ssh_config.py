@@ -2,22 +2,29 @@
 
 ``$WICKET_HOME/ssh/`` (0700)::
 
-    id_ed25519            a key pair made here, new at every refresh (0600)
-    id_ed25519.pub
-    id_ed25519-cert.pub   its user certificate from the cluster's SSH user CA,
-                          ending with the session certificate
+    id_ed25519            a key pair made here once (0600); useless on its own:
+    id_ed25519.pub        no node trusts it, only certificates for it
+    certs/LOGIN@HOST-cert.pub
+                          one connection's user certificate, for that login
+                          only, valid two minutes: written by the ProxyCommand
+                          (``wicket proxy ssh --stdio --fdpass``) from its
+                          dial's hand-off before ssh reads it
     known_hosts           the nodes' host keys and host CAs, as the cluster has them
 
-:func:`refresh` makes the key, has the cluster sign it (``POST
-/v1/ssh/cert``) and writes the four files; :func:`ssh_config` renders the
-block for ``~/.ssh/config`` that points OpenSSH at them, with ``wicket
-proxy ssh --stdio`` as the ProxyCommand of every ``Host *.CLUSTER``.
+:func:`refresh` makes the key if there is none and writes known_hosts
+(``GET /v1/ssh/hosts``); :func:`ssh_config` renders the block for
+``~/.ssh/config`` that points OpenSSH at them, with ``wicket proxy ssh
+--stdio --fdpass`` as the ProxyCommand of every ``Host *.CLUSTER``, and
+``CertificateFile .../certs/%r@%h-cert.pub``: ssh reads the certificate
+files after its ProxyCommand has passed it the connection, and the
+ProxyCommand passes it only once the cluster has signed that connection's
+certificate (gateway/local/ssh_stdio.py).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -51,35 +58,60 @@ class SshFiles:
         return self.directory / "id_ed25519.pub"
 
     @property
-    def cert(self) -> Path:
-        return self.directory / "id_ed25519-cert.pub"
+    def certs(self) -> Path:
+        return self.directory / "certs"
+
+    #: What ssh_config's CertificateFile names, under :attr:`certs`.
+    CERT_PATTERN = "%r@%h-cert.pub"
+
+    def cert_for(self, login: str, host: str) -> Path:
+        """The certificate file ssh looks for when it connects as ``login``
+        to ``host`` (its ``%r`` and ``%h``); ValueError for a name that
+        cannot be a file name here."""
+        name = f"{login}@{host}"
+        if not _FILE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} cannot name a certificate file (letters, digits, . _ - and one @)")
+        return self.certs / f"{name}-cert.pub"
 
     @property
     def known_hosts(self) -> Path:
         return self.directory / "known_hosts"
 
-    def cert_expiry(self) -> dt.datetime | None:
-        """When the certificate on disk ends (None: there is none, or it is unreadable)."""
-        try:
-            return sshcerts.cert_valid_before(sshcerts.load_cert(self.cert.read_bytes()))
-        except (OSError, sshcerts.SSHKeyError):
-            return None
+    def public_key_line(self) -> str:
+        """The profile key's public line (OSError if there is none: run `wicket config ssh`)."""
+        return self.public_key.read_text().strip()
+
+    def write_cert(self, login: str, host: str, line: str) -> Path:
+        """One connection's certificate where ssh will read it (atomically:
+        another connection to the same login and host may be writing its
+        own, which serves as well: same key, same login, same node)."""
+        path = self.cert_for(login, host)
+        ensure_private_dir(self.certs)
+        pki.write_public(path, (line + "\n").encode())
+        return path
 
 
-async def refresh(profile: Profile) -> dict[str, Any]:
-    """(trio) A new key pair and its certificate, and the known_hosts lines,
-    written to the profile. Returns the cluster's answer (principals,
-    expires_at, ...). Raises what ``api.api_call`` raises."""
-    files = SshFiles.of(profile)
-    key = ed25519.Ed25519PrivateKey.generate()
-    comment = f"wicket:{profile.user}@{profile.cluster_name}"
-    answer = await api.api_call(profile, "POST", "/v1/ssh/cert",
-                                {"public_key": sshcerts.public_key_line(key)})
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._$-]{0,63}@[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def ensure_key(files: SshFiles, comment: str) -> None:
+    """The profile's key pair, made if there is none."""
     ensure_private_dir(files.directory)
+    if files.key.exists() and files.public_key.exists():
+        return
+    key = ed25519.Ed25519PrivateKey.generate()
     pki.write_private(files.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                    serialization.NoEncryption()))
     pki.write_public(files.public_key, (sshcerts.public_key_line(key, comment) + "\n").encode())
-    pki.write_public(files.cert, (answer["certificate"] + "\n").encode())
+
+
+async def refresh(profile: Profile) -> dict[str, Any]:
+    """(trio) The profile's key pair (made once) and the known_hosts lines
+    of the nodes the user reaches. Returns the cluster's answer (logins,
+    known_hosts). Raises what ``api.api_call`` raises."""
+    files = SshFiles.of(profile)
+    answer = await api.api_call(profile, "GET", "/v1/ssh/hosts")
+    ensure_key(files, f"wicket:{profile.user}@{profile.cluster_name}")
     pki.write_public(files.known_hosts, "".join(line + "\n" for line in answer.get("known_hosts", [])).encode())
     return answer
 
@@ -100,19 +132,19 @@ def ssh_config(profile: Profile, *, command: str | None = None) -> str:
     if os.environ.get("WICKET_HOME"):  # ssh runs it with its own environment: say which profile
         command = f"env WICKET_HOME={shlex.quote(str(wicket_home()))} {command}"
 
-    def path(p: Path) -> str:
+    def path(p: Path, tokens: str = "") -> str:
         # ssh_config expands %-tokens in these: a literal % is %%.
-        text = str(p).replace("%", "%%")
+        text = str(p).replace("%", "%%") + tokens
         return f'"{text}"' if " " in text else text
 
     return "\n".join([
         f"# Wicket: OpenSSH to the nodes of cluster {profile.cluster_name} ({profile.cluster_addr}).",
-        "# The certificate ends with your session: after `wicket login`, run `wicket config ssh` again.",
+        "# Each connection gets its own certificate, for its login only, from its ProxyCommand.",
         f"Host *.{profile.cluster_name}",
         f"    ProxyCommand {command.replace('%', '%%')} proxy ssh --stdio --fdpass %r@%h:%p",
         "    ProxyUseFdpass yes",
         f"    IdentityFile {path(files.key)}",
-        f"    CertificateFile {path(files.cert)}",
+        f"    CertificateFile {path(files.certs, '/' + SshFiles.CERT_PATTERN)}",
         "    IdentitiesOnly yes",
         f"    UserKnownHostsFile {path(files.known_hosts)}",
         "    StrictHostKeyChecking yes",

@@ -28,17 +28,14 @@ from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.profile import Profile, ProfileError
 from gateway.local.proxy import MuxRoute, peer_addr
-from gateway.local.ssh import refusal_text
+from gateway.local.ssh import PUBLIC_KEY_PARAM, read_handoff, refusal_text
 from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.peercred import LocalUsers
 from gateway.net.relay import RelayCounters
 from protocols.dial import DialError, DialRequest
 from protocols.errors import ProtocolError
-from protocols.ssh import HandoffReader
 
 log = logging.getLogger("wicket.proxy.ssh")
-
-PUBLIC_KEY_PARAM = "ssh.public_key"
 
 class SshTerminated(MuxRoute):
     """Serves one port; ``resource`` is the node a plain ``LOGIN`` reaches."""
@@ -133,7 +130,7 @@ class _Client:
             theirs.close()
             raise ssh_asyncio.NodeRefused(f"the session to {node} ended before it began ({stream.error}); try again")
         try:
-            handoff = await _read_handoff(trio.socket.from_stdlib_socket(theirs))
+            handoff = await read_handoff(trio.socket.from_stdlib_socket(theirs))
         except (ProtocolError, trio.TooSlowError, OSError) as exc:
             link.cut(stream, "no hand-off from the cluster")
             theirs.close()
@@ -142,6 +139,7 @@ class _Client:
         log.info("ssh_session_start node=%s login=%s client=%s session=%s", node, login, client_addr,
                  reply.session_id)
         return ssh_asyncio.NodeStream(sock=theirs, certificate=handoff.certificate, host=handoff.host,
+                                      agent_forwarding=handoff.agent_forwarding,
                                       known_hosts=handoff.known_hosts, session_id=reply.session_id,
                                       handle=(link, stream))
 
@@ -252,14 +250,3 @@ class AuditReports:
         if self.dropped:
             log.warning("ssh_audit_reports_dropped count=%d", self.dropped)
             self.dropped = 0
-
-
-async def _read_handoff(sock: trio.socket.SocketType):
-    """(trio) The hand-off frame, read to its last byte and no further: what
-    follows is the node's, for asyncssh."""
-    reader = HandoffReader()
-    with trio.fail_after(DIAL_TIMEOUT):
-        while need := reader.needed():
-            data = await sock.recv(need)
-            reader.receive_data(data)  # b"": the stream ended, a RemoteProtocolError
-    return reader.next_event()

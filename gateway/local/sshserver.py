@@ -57,11 +57,12 @@ def missing() -> str | None:
 
 
 def prepare(directory: Path, user_ca: Path, port: int, *, host_cert: Callable[[Path], str] | None = None,
-            comment: str = "wicket-node") -> tuple[Path, str]:
+            comment: str = "wicket-node", extra_config: str = "") -> tuple[Path, str]:
     """An sshd's files in ``directory`` (its host key once, its config for
     ``port``, /run/sshd): the config's path and the host public key line.
     ``host_cert``: given the host public key's path, the host certificate
-    line to present (HostCertificate). Run ``sshd -D -e -f CONFIG``."""
+    line to present (HostCertificate); ``extra_config``: more sshd_config
+    lines. Run ``sshd -D -e -f CONFIG``."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
@@ -79,7 +80,7 @@ def prepare(directory: Path, user_ca: Path, port: int, *, host_cert: Callable[[P
             cert.write_text(host_cert(directory / "ssh_host_ed25519_key.pub").strip() + "\n")
         extra = f"HostCertificate {cert}\n"
     config = directory / "sshd_config"
-    config.write_text(CONFIG.format(port=port, dir=directory, ca=directory / "user_ca.pub") + extra)
+    config.write_text(CONFIG.format(port=port, dir=directory, ca=directory / "user_ca.pub") + extra + extra_config)
     check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
     if check.returncode:
         raise SshdError(f"sshd refused its config:\n{check.stderr}")
@@ -91,8 +92,9 @@ class SshServer:
     port; ``host_key`` is its public host key line once started."""
 
     def __init__(self, directory: Path, user_ca: Path, *, host_cert: Callable[[Path], str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, extra_config: str = "") -> None:
         self.dir, self.user_ca, self.host_cert, self.env = directory, user_ca, host_cert, env
+        self.extra_config = extra_config
         self.log_path = directory / "sshd.log"
         self.port = 0
         self.host_key = ""
@@ -101,7 +103,8 @@ class SshServer:
     def start(self, timeout: float = 30.0) -> None:
         for _attempt in range(5):  # a free port can be taken before sshd binds it
             self.port = free_port()
-            config, self.host_key = prepare(self.dir, self.user_ca, self.port, host_cert=self.host_cert)
+            config, self.host_key = prepare(self.dir, self.user_ca, self.port, host_cert=self.host_cert,
+                                            extra_config=self.extra_config)
             start = self.log_path.stat().st_size if self.log_path.exists() else 0
             with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,

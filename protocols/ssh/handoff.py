@@ -10,8 +10,10 @@ node's bytes, one frame::
     length:u32be   JSON: {"v": 1, "certificate": "ssh-ed25519-cert-v01@openssh.com AAAA...",
                           "host": "web-1.prod", "known_hosts": ["web-1.prod ssh-ed25519 AAAA..."]}
 
-``host`` is the name the known_hosts lines are for. Everything after the
-frame is the node's SSH stream. The version rule is the dial's
+``host`` is the name the known_hosts lines are for; ``agent_forwarding``
+(optional, false when absent) says whether the user's roles let ``ssh -A``
+reach the node (the certificate then carries ``permit-agent-forwarding``).
+Everything after the frame is the node's SSH stream. The version rule is the dial's
 (docs/wire.md): a reader refuses a ``v`` it does not know; additions old
 readers may ignore are new keys within the same version.
 """
@@ -56,11 +58,13 @@ class Handoff:
     certificate: str = attrs.field(converter=_line)
     host: str = attrs.field(converter=_line)
     known_hosts: tuple[str, ...] = attrs.field(converter=_lines)
+    agent_forwarding: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
 def encode_handoff(handoff: Handoff) -> bytes:
     body = json.dumps({"v": HANDOFF_VERSION, "certificate": handoff.certificate, "host": handoff.host,
-                       "known_hosts": list(handoff.known_hosts)}, separators=(",", ":")).encode()
+                       "known_hosts": list(handoff.known_hosts), "agent_forwarding": handoff.agent_forwarding},
+                      separators=(",", ":")).encode()
     if len(body) > MAX_HANDOFF:
         raise LocalProtocolError(f"hand-off frame of {len(body)} bytes exceeds {MAX_HANDOFF}")
     return struct.pack(">I", len(body)) + body
@@ -98,7 +102,8 @@ class HandoffReader:
                 raise RemoteProtocolError(f"hand-off frame version {doc.get('v')!r} is not {HANDOFF_VERSION}: "
                                           f"upgrade wicket", code=ErrorCode.UNSUPPORTED_VERSION)
             self._done = Handoff(certificate=doc.get("certificate"), host=doc.get("host"),
-                                 known_hosts=doc.get("known_hosts"))
+                                 known_hosts=doc.get("known_hosts"),
+                                 agent_forwarding=doc.get("agent_forwarding", False))
         except RemoteProtocolError:
             raise
         except (ValueError, TypeError) as exc:

@@ -22,7 +22,8 @@ from tests.servers.sshd import TEST_USER, Sshd
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, cluster):
     """web-1 (the sshd), down-1 (nothing listens), roles ssh-all (root and
-    the test user) and ssh-user (the test user only)."""
+    the test user), ssh-user (the test user only) and ssh-agent-fwd (root,
+    with ssh -A)."""
     server = Sshd(tmp_path_factory.mktemp("sshd"), cluster.state / "ssh_user_ca.pub")
     cluster.admin("resources", "add", "web-1", "--kind", "ssh", "--address", server.address,
                   "--host-key", server.host_key, "--label", "env=ssh")
@@ -31,6 +32,8 @@ def node(tmp_path_factory, cluster):
                   "--host-key", server.host_key, "--label", "env=ssh")
     cluster.admin("roles", "add", "ssh-all", "--allow-label", "env=ssh", "--logins", f"root,{TEST_USER}")
     cluster.admin("roles", "add", "ssh-user", "--allow-label", "env=ssh", "--logins", TEST_USER)
+    cluster.admin("roles", "add", "ssh-agent-fwd", "--allow-label", "env=ssh", "--logins", "root",
+                  "--ssh-agent-forwarding", "on")
     yield server
     server.stop()
 
@@ -207,3 +210,36 @@ def check_file_transfers(run, target: str, tmp: Path, mib: int, remote: str) -> 
     assert r.returncode == 0, r.stderr
     assert sha256(tmp / "sftp-back.bin") == sha256(src)
     return src
+
+
+@contextlib.contextmanager
+def ssh_agent(directory: Path) -> Iterator[Path]:
+    """A running ssh-agent (its socket), stopped on the way out."""
+    sock = directory / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, what="ssh-agent's socket")
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def agent_with_a_key(directory: Path) -> Iterator[tuple[Path, str]]:
+    """A running ssh-agent holding a new key: (its socket, the key's
+    fingerprint as ``ssh-add -l`` prints it)."""
+    key = directory / "agent-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    with ssh_agent(directory) as sock:
+        subprocess.run(["ssh-add", "-q", str(key)], check=True, env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
+        shown = subprocess.run(["ssh-keygen", "-l", "-f", f"{key}.pub"], capture_output=True, text=True, check=True)
+        yield sock, shown.stdout.split()[1]
+
+
+def agent_listing(ssh: list[str], target: str, env: dict[str, str], sock: Path) -> subprocess.CompletedProcess:
+    """``ssh -A TARGET ssh-add -l`` with the agent at ``sock``: what the
+    node sees of the forwarded agent (exit 2: no agent reached it)."""
+    return subprocess.run([*ssh, "-A", "-o", f"IdentityAgent={sock}", target, "ssh-add -l"], capture_output=True,
+                          text=True, env={**env, "SSH_AUTH_SOCK": str(sock)}, timeout=60)

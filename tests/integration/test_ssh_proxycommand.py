@@ -4,6 +4,7 @@ the real ssh, scp, sftp and rsync, configured by ``wicket config ssh``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import shutil
@@ -17,6 +18,7 @@ from tests.integration.harness import PY
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
     check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
+    agent_listing, agent_with_a_key, ssh_agent,
 )
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
@@ -53,7 +55,16 @@ def ssh_client(make_gateway, tmp_path, node):
     return make
 
 
-def test_config_ssh_writes_a_key_a_certificate_and_known_hosts(ssh_client, node, cluster):
+def _cert(path: Path) -> str:
+    return subprocess.run(["ssh-keygen", "-L", "-f", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def _principals(shown: str) -> list[str]:
+    return shown.split("Principals:")[1].split("Critical Options:")[0].split()
+
+
+def test_config_ssh_writes_a_key_and_known_hosts_and_each_connection_gets_its_own_certificate(
+        ssh_client, node, cluster):
     client = ssh_client()
     home = client.gw.home / "ssh"
     assert stat.S_IMODE((home / "id_ed25519").stat().st_mode) == 0o600
@@ -61,26 +72,84 @@ def test_config_ssh_writes_a_key_a_certificate_and_known_hosts(ssh_client, node,
     block = client.config.read_text()
     assert "Host *.test" in block and "proxy ssh --stdio --fdpass %r@%h:%p" in block
     assert "ProxyUseFdpass yes" in block
-    assert f"CertificateFile {home / 'id_ed25519-cert.pub'}" in block
+    assert f"CertificateFile {home / 'certs'}/%r@%h-cert.pub" in block
     assert f"web-1.test {' '.join(node.host_key.split()[:2])}" in (home / "known_hosts").read_text()
-    shown = subprocess.run(["ssh-keygen", "-L", "-f", str(home / "id_ed25519-cert.pub")], capture_output=True,
-                           text=True, check=True).stdout
-    assert "user certificate" in shown
-    principals = shown.split("Principals:")[1].split("Critical Options:")[0].split()
-    assert sorted(principals) == sorted(["root", TEST_USER])
-    assert f"wicket:test:{client.gw.user}:" in shown  # the key id names the person in sshd's log
-    assert "permit-pty" in shown and "permit-agent-forwarding" not in shown
-    # The user CA is what `ca show ssh-user` prints for TrustedUserCAKeys.
+    assert not (home / "certs").exists()  # no certificate until a connection asks for one
+    assert "Logins your roles allow by name: root, " in client.printed.stderr
+    # The ssh-user CA is what `ca show ssh-user` prints for TrustedUserCAKeys.
     assert cluster.admin("ca", "show", "ssh-user").stdout.split()[:2] == \
         (cluster.state / "ssh_user_ca.pub").read_text().split()[:2]
-    events = cluster.wait_audit(user=client.gw.user, event="ssh.cert")
-    assert sorted(events[-1]["principals"]) == sorted(["root", TEST_USER])
-    # A renewal (and a login) renews the SSH certificate with the session.
-    before = (home / "id_ed25519-cert.pub").read_text()
+    for login in ("root", TEST_USER):
+        r = client.ssh(f"{login}@web-1.test", "id -un")
+        assert (r.returncode, r.stdout.decode().strip()) == (0, login), r.stderr
+        shown = _cert(home / "certs" / f"{login}@web-1.test-cert.pub")
+        assert "user certificate" in shown
+        assert _principals(shown) == [login]  # that connection's login, and no other
+        assert f"wicket:test:{client.gw.user}:" in shown  # the key id names the person in sshd's log
+        assert "permit-pty" in shown and "permit-agent-forwarding" not in shown
+        valid = shown.split("Valid: from ")[1].split()[:3]  # FROM to TO
+        span = dt.datetime.fromisoformat(valid[2]) - dt.datetime.fromisoformat(valid[0])
+        assert span <= dt.timedelta(minutes=3)  # two minutes, and one back for clock skew
+    events = cluster.wait_audit(lambda evs: len(evs) >= 2, user=client.gw.user, event="ssh.cert")
+    assert sorted(e["principals"][0] for e in events) == sorted(["root", TEST_USER])
+    assert all(len(e["principals"]) == 1 and e["mode"] == "proxycommand" for e in events)
+    # The old session-long certificate for every login is no longer signed.
     r = client.gw.run("renew")
     assert r.returncode == 0, r.stderr
-    assert (home / "id_ed25519-cert.pub").read_text() != before
     assert client.ssh("root@web-1.test", "true").returncode == 0
+
+
+def _by_hand(client: SshClient, target: str, dial: str, cert: Path) -> subprocess.CompletedProcess:
+    """ssh to ``target`` through a ProxyCommand run by hand that dials
+    ``dial`` (LOGIN@NODE), offering ``cert``: what a user could try."""
+    home = client.gw.home / "ssh"
+    proxy = f"{PY} -m gateway.cli.wicket proxy ssh --stdio {dial}"
+    return subprocess.run(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", f"ProxyCommand={proxy}",
+                           "-o", f"IdentityFile={home / 'id_ed25519'}", "-o", f"CertificateFile={cert}",
+                           "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={home / 'known_hosts'}",
+                           "-o", "StrictHostKeyChecking=yes", "-o", "IdentityAgent=none", target, "true"],
+                          capture_output=True, env=client.gw.env(), timeout=120)
+
+
+def test_a_certificate_for_one_node_is_refused_on_a_node_whose_certificates_name_it(
+        ssh_client, cluster, node, tmp_path_factory):
+    # web-4's resource says principals = "node" and its sshd takes
+    # LOGIN@web-4.test for LOGIN (`ca show ssh-user --node web-4`). The
+    # user may be root on web-1 and the test user on web-4.
+    lines = cluster.admin("ca", "show", "ssh-user", "--node", "web-4").stdout
+    assert "AuthorizedPrincipalsCommand /bin/echo %u@web-4.test" in lines
+    scoped = sshd_server.Sshd(tmp_path_factory.mktemp("sshd-web-4"), cluster.state / "ssh_user_ca.pub",
+                              extra_config="".join(line + "\n" for line in lines.splitlines()
+                                                   if line.startswith("AuthorizedPrincipals")))
+    cluster.admin("resources", "add", "web-4", "--kind", "ssh", "--address", scoped.address,
+                  "--host-key", scoped.host_key, "--principals", "node", "--label", "split=4")
+    cluster.admin("roles", "add", "ssh-split-1", "--allow-resources", "web-1", "--logins", "root")
+    cluster.admin("roles", "add", "ssh-split-4", "--allow-label", "split=4", "--logins", TEST_USER)
+    stolen = tmp_path_factory.mktemp("stolen")
+    try:
+        client = ssh_client("ssh-split-1,ssh-split-4")
+        certs = client.gw.home / "ssh" / "certs"
+        assert client.ssh("root@web-1.test", "true").returncode == 0
+        assert _principals(_cert(certs / "root@web-1.test-cert.pub")) == ["root"]
+        r = client.ssh(f"{TEST_USER}@web-4.test", "id -un")
+        assert (r.returncode, r.stdout.strip()) == (0, TEST_USER.encode()), r.stderr
+        assert _principals(_cert(certs / f"{TEST_USER}@web-4.test-cert.pub")) == [f"{TEST_USER}@web-4.test"]
+        r = client.ssh("root@web-4.test", "true")
+        assert r.returncode == 255 and b"none of your roles allows login=root on it" in r.stderr, r.stderr
+        # By hand: a stream to web-4 dialled as the test user (allowed),
+        # and root's certificate from the web-1 connection offered to it.
+        (stolen / "root-cert.pub").write_bytes((certs / "root@web-1.test-cert.pub").read_bytes())
+        r = _by_hand(client, "root@web-4.test", f"{TEST_USER}@web-4.test:22", stolen / "root-cert.pub")
+        assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr, r.stderr
+        # And web-4's certificate is no use on web-1 as the test user.
+        (stolen / "user-cert.pub").write_bytes((certs / f"{TEST_USER}@web-4.test-cert.pub").read_bytes())
+        r = _by_hand(client, f"{TEST_USER}@web-1.test", "root@web-1.test:22", stolen / "user-cert.pub")
+        assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr, r.stderr
+    finally:
+        for role in ("ssh-split-1", "ssh-split-4"):
+            cluster.admin("roles", "rm", role, check=False)
+        cluster.admin("resources", "rm", "web-4", check=False)
+        scoped.stop()
 
 
 def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
@@ -98,25 +167,59 @@ def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
     assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
     # The node saw the certificate, whose key id names the person.
     assert f"ID wicket:test:{client.gw.user}:" in node.log()
+    # The cluster's own record of each stream: who, which login on which
+    # node, and at its end the bytes each way and how long (the commands
+    # are inside SSH's encryption: not seen in this mode).
     starts = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.start")
     assert {e["login"] for e in starts} == {"root", TEST_USER}
-    assert all(e["kind"] == "ssh" and e["resource"] == "web-1" for e in starts)
+    assert all(e["kind"] == "ssh" and e["resource"] == "web-1" and e["node"] == node.address
+               and e["mode"] == "proxycommand" for e in starts)
     ends = cluster.wait_audit(lambda evs: len(evs) >= 3, user=client.gw.user, event="session.end")
+    assert {e["session_id"] for e in ends} == {e["session_id"] for e in starts}
+    assert {(e["login"], e["node"], e["mode"]) for e in ends} == {(login, node.address, "proxycommand")
+                                                                   for login in ("root", TEST_USER)}
+    assert all(e["bytes_from_client"] > 0 and e["bytes_to_client"] > 0 and e["duration"] > 0 for e in ends)
     assert max(e["bytes_from_client"] for e in ends) > len(payload)
+    assert not cluster.audit(user=client.gw.user, event="ssh.exec")
 
 
-def test_stdin_and_stdout_relayed_without_fdpass(ssh_client):
+def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ssh_client, tmp_path):
     # The ProxyCommand relaying stdin and stdout itself (an ssh_config
-    # written by hand, or an ssh without ProxyUseFdpass).
+    # written by hand, or an ssh without ProxyUseFdpass): ssh read its
+    # certificate files before the dial, so the connection's key and
+    # certificate go to the ssh-agent, for the certificate's two minutes.
     client = ssh_client()
     text = client.config.read_text().replace(" --fdpass", "").replace("    ProxyUseFdpass yes\n", "")
-    client.config.write_text(text)
+    client.config.write_text(text.replace("    IdentitiesOnly yes\n", ""))
     payload = os.urandom(3 << 20)
-    r = client.ssh("root@web-1.test", "sha256sum; exit 4", input=payload)
-    assert r.returncode == 4, r.stderr
-    assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
-    r = client.ssh("root@nope.test", "true")
-    assert r.returncode == 255 and b"access to 'nope' denied" in r.stderr
+    with ssh_agent(tmp_path) as sock:
+        env = {**client.gw.env(), "SSH_AUTH_SOCK": str(sock)}
+        r = subprocess.run(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test",
+                            "sha256sum; exit 4"], input=payload, capture_output=True, env=env, timeout=120)
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+        listed = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, env=env).stdout
+        assert "ssh-ed25519-cert-v01@openssh.com" in listed and f"wicket:test:{client.gw.user}:" in listed
+        r = subprocess.run(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@nope.test", "true"],
+                           capture_output=True, env=env, timeout=120)
+        assert r.returncode == 255 and b"access to 'nope' denied" in r.stderr
+    # Without an agent, the ProxyCommand says what to use instead.
+    r = client.ssh("root@web-1.test", "true")
+    assert r.returncode == 255 and b"no ssh-agent (SSH_AUTH_SOCK)" in r.stderr, r.stderr
+    assert b"ProxyUseFdpass yes" in r.stderr
+
+
+def test_agent_forwarding_only_with_a_certificate_that_permits_it(ssh_client, tmp_path):
+    # The node's sshd decides, from the connection's certificate: the
+    # cluster adds permit-agent-forwarding only where a role allows it.
+    allowed, refused = ssh_client("ssh-agent-fwd"), ssh_client("ssh-all")
+    with agent_with_a_key(tmp_path) as (sock, fingerprint):
+        for client, works in ((allowed, True), (refused, False)):
+            r = agent_listing(["ssh", "-F", str(client.config), "-o", "BatchMode=yes"], "root@web-1.test",
+                              client.gw.env(), sock)
+            assert (r.returncode == 0 and fingerprint in r.stdout) if works else r.returncode == 2, r.stderr
+            shown = _cert(client.gw.home / "ssh" / "certs" / "root@web-1.test-cert.pub")
+            assert ("permit-agent-forwarding" in shown) is works
 
 
 @pytest.mark.parametrize("mib", [24, pytest.param(200, marks=pytest.mark.heavy)])

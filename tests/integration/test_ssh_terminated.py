@@ -14,7 +14,8 @@ import pytest
 from tests.integration.harness import wait_for
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
-    check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert,
+    agent_listing, agent_with_a_key, check_file_transfers, check_forwarding, ended, impostor, long_session,
+    node_with_host_cert,
 )
 from tests.servers import sshd as sshd_server
 from tests.servers.sshd import TEST_USER
@@ -164,12 +165,51 @@ def test_a_key_the_user_does_not_trust_gets_no_session(local_ssh, tmp_path):
     assert b"Permission denied (publickey)" in r.stderr
 
 
+def test_a_key_offered_but_not_proven_dials_nothing(local_ssh, cluster, tmp_path):
+    # The client offers a trusted key (a query, RFC 4252 section 7: the
+    # gateway answers that it would take it) but does not hold the private
+    # half: nothing is dialled, no session starts, no certificate is signed.
+    s = local_ssh()
+    only_public = tmp_path / "only-public.pub"  # ssh offers it, and cannot sign with it
+    only_public.write_bytes(s.key.with_name(s.key.name + ".pub").read_bytes())
+    opts = s.options()
+    opts[opts.index(str(s.key))] = str(only_public)
+    r = subprocess.run(["ssh", "-v", *opts, "root@127.0.0.1", "true"], capture_output=True, env=s.gw.env(),
+                       timeout=60)
+    assert r.returncode == 255
+    assert b"Server accepts key" in r.stderr and b"Permission denied (publickey)" in r.stderr, r.stderr
+    # Then the key proven, as another login: its session is on record, and
+    # nothing of root's before it (events reach the store in order).
+    assert s.ssh(TEST_USER, "true").returncode == 0
+    cluster.wait_audit(lambda evs: any(e["login"] == TEST_USER for e in evs), user=s.gw.user, event="session.start")
+    assert [e["login"] for e in cluster.audit(user=s.gw.user, event="session.start")] == [TEST_USER]
+    assert [e["params"]["login"] for e in cluster.audit(user=s.gw.user, event="dial.allowed")] == [TEST_USER]
+    assert [e["principals"] for e in cluster.audit(user=s.gw.user, event="ssh.cert")] == [[TEST_USER]]
+
+
 @pytest.mark.parametrize("mib", [8, pytest.param(50, marks=pytest.mark.heavy)])
 def test_local_and_remote_forwarding(local_ssh, cluster, mib):
     s = local_ssh()
     echo_port, remote_port = check_forwarding(["ssh", *s.options()], "root@127.0.0.1", s.gw.env(), mib)
     forwards = cluster.wait_audit(lambda evs: len(evs) >= 2, user=s.gw.user, event="ssh.forward")
     assert {(e["direction"], e["port"]) for e in forwards} == {("local", echo_port), ("remote", remote_port)}
+
+
+def test_agent_forwarding_where_a_role_allows_it_and_a_clear_refusal_elsewhere(local_ssh, cluster, tmp_path):
+    allowed, refused = local_ssh("ssh-agent-fwd"), local_ssh("ssh-all")
+    with agent_with_a_key(tmp_path) as (sock, fingerprint):
+        r = agent_listing(["ssh", *allowed.options()], "root@127.0.0.1", allowed.gw.env(), sock)
+        assert r.returncode == 0 and fingerprint in r.stdout, r.stderr
+        r = agent_listing(["ssh", *refused.options()], "root@127.0.0.1", refused.gw.env(), sock)
+        assert r.returncode == 2, (r.stdout, r.stderr)  # ssh-add -l: no agent on the node
+        assert "wicket: agent forwarding to web-1 as root is not allowed by your roles" in r.stderr, r.stderr
+    for s, verdict in ((allowed, True), (refused, False)):
+        events = cluster.wait_audit(user=s.gw.user, event="ssh.agent_forwarding")
+        assert [e["allowed"] for e in events] == [verdict] and events[0]["reported_by"] == "gateway"
+        starts = cluster.wait_audit(user=s.gw.user, event="session.start")
+        assert starts[-1]["agent_forwarding"] is verdict
+        certs = cluster.wait_audit(user=s.gw.user, event="ssh.cert")
+        assert certs[-1]["agent_forwarding"] is verdict
 
 
 def test_an_interactive_shell_with_a_pty(local_ssh):
@@ -267,15 +307,36 @@ def test_a_node_whose_host_key_is_not_the_registered_one(local_ssh, cluster, nod
         cluster.wait_audit(user=s.gw.user, event="ssh.hostkey_mismatch")
 
 
-def test_the_none_opt_in_lets_the_owner_in_without_a_key(make_gateway, tmp_path, node):
+def test_the_none_opt_in_is_the_profiles_setting_and_lets_the_owner_in_without_a_key(make_gateway, tmp_path, node):
     gw = make_gateway("ssh-user")
-    proc, port = gw.proxy("ssh", "web-1", "--allow-no-auth", "--write-known-hosts", str(tmp_path / "kh"))
-    base = ["ssh", "-F", "/dev/null", "-p", str(port), "-o", f"UserKnownHostsFile={tmp_path / 'kh'}", "-o",
-            "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o",
-            "IdentityFile=/dev/null"]
-    r = subprocess.run([*base, f"{TEST_USER}@127.0.0.1", "id -un"], capture_output=True, env=gw.env(), timeout=60)
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+
+    def keyless(port: int, user: str, command: str = "true") -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", "-F", "/dev/null", "-p", str(port), "-o", f"UserKnownHostsFile={tmp_path / 'kh'}",
+                               "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                               "-o", "IdentityFile=/dev/null", "-o", "IdentityAgent=none", f"{user}@127.0.0.1",
+                               command], capture_output=True, env=gw.env(), timeout=60)
+
+    # Without the opt-in a key is needed.
+    _proc, port = gw.proxy("ssh", "web-1", "--authorized-keys", f"{key}.pub", "--write-known-hosts",
+                           str(tmp_path / "kh"))
+    r = keyless(port, TEST_USER)
+    assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr, r.stderr
+    # The profile's opt-in, kept across logins.
+    r = gw.run("profile", "set", "ssh.allow_no_auth", "true")
+    assert r.returncode == 0 and "ssh.allow_no_auth = true" in r.stdout, r.stderr
+    assert gw.login().returncode == 0
+    assert '"ssh.allow_no_auth": true' in gw.run("profile", "show", "--format", "json").stdout
+    _proc, port = gw.proxy("ssh", "web-1", "--authorized-keys", f"{key}.pub", "--write-known-hosts",
+                           str(tmp_path / "kh"))
+    r = keyless(port, TEST_USER, "id -un")
     assert (r.returncode, r.stdout.strip()) == (0, TEST_USER.encode()), r.stderr
-    # A refusal is still a banner, then no way in.
-    r = subprocess.run([*base, "root@127.0.0.1", "true"], capture_output=True, env=gw.env(), timeout=60)
+    # A refusal still says why, then no way in.
+    r = keyless(port, "root")
     assert r.returncode == 255
     assert b"none of your roles allows login=root" in r.stderr, r.stderr
+    # The flag is the opt-in for one run, whatever the profile says.
+    assert gw.run("profile", "unset", "ssh.allow_no_auth").returncode == 0
+    _proc, port = gw.proxy("ssh", "web-1", "--allow-no-auth", "--write-known-hosts", str(tmp_path / "kh"))
+    assert keyless(port, TEST_USER).returncode == 0

@@ -50,7 +50,8 @@ def prepare(directory: Path, user_ca: Path, port: int, *, host_cert: Callable[[P
 class Sshd(SshServer):
     """Started on construction, the test user made first."""
 
-    def __init__(self, tmp: Path, user_ca: Path, host_cert: Callable[[Path], str] | None = None) -> None:
-        super().__init__(tmp, user_ca, host_cert=host_cert, env=_env())
+    def __init__(self, tmp: Path, user_ca: Path, host_cert: Callable[[Path], str] | None = None, *,
+                 extra_config: str = "") -> None:
+        super().__init__(tmp, user_ca, host_cert=host_cert, env=_env(), extra_config=extra_config)
         ensure_test_user()
         self.start()

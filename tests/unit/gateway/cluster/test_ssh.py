@@ -7,7 +7,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.cluster import config as cfg
 from gateway.cluster.dial import Refused
 from gateway.cluster.rbac import Role
-from gateway.cluster.ssh import allowed_logins, check_login, node_name
+from gateway.cluster.ssh import (
+    agent_forwarding_allowed, allowed_logins, check_login, node_name, principal, sshd_config_lines,
+)
 from gateway.cluster.store import Resource
 from gateway.identity.sshcerts import public_key_line
 
@@ -59,6 +61,34 @@ def test_node_settings():
         cfg.validate_resource("n", "ssh", "h:22", {"host_key": "ssh-ed25519 AAAA"})
     with pytest.raises(ValueError, match="unknown setting.*tls"):
         cfg.validate_resource("n", "ssh", "h:22", {"host_key": HOST_KEY, "tls": "require"})
+    assert cfg.validate_resource("n", "ssh", "h:22", {"host_ca": "cluster", "principals": "node"}) == \
+        {"host_ca": "cluster", "principals": "node"}
+    with pytest.raises(ValueError, match="principals must be one of login, node"):
+        cfg.validate_resource("n", "ssh", "h:22", {"host_ca": "cluster", "principals": "any"})
+    with pytest.raises(ValueError, match="needs host_key"):
+        cfg.validate_resource("n", "ssh", "h:22", {"principals": "node"})
+
+
+def test_a_certificate_names_the_login_or_the_login_on_the_node():
+    login_node = _node("web-1")
+    scoped = Resource(name="web-2", kind="ssh", address="h:22", labels={}, source="cli",
+                      spec={"host_key": HOST_KEY, "principals": "node"})
+    assert principal(login_node, "root", "web-1.prod") == "root"
+    assert principal(scoped, "root", "web-2.prod") == "root@web-2.prod"
+    lines = sshd_config_lines("web-2", "prod")
+    assert "AuthorizedPrincipalsCommand /bin/echo %u@web-2.prod\n" in lines
+    assert "TrustedUserCAKeys " in lines and "AuthorizedPrincipalsCommandUser nobody" in lines
+
+
+def test_agent_forwarding_only_where_a_role_says_on_deny_winning():
+    roles = [Role.from_spec("ops", {"allow": [{"labels": {"env": "prod"}, "logins": ["root", "deploy"]},
+                                              {"resources": ["web-*"], "logins": ["deploy"],
+                                               "ssh_agent_forwarding": ["on"]}],
+                                    "deny": [{"resources": ["web-9"], "ssh_agent_forwarding": ["on"]}]})]
+    assert agent_forwarding_allowed(roles, _node("web-1", env="prod"), "deploy")
+    assert not agent_forwarding_allowed(roles, _node("web-1", env="prod"), "root")
+    assert not agent_forwarding_allowed(roles, _node("app-1", env="prod"), "deploy")
+    assert not agent_forwarding_allowed(roles, _node("web-9", env="prod"), "deploy")
 
 
 def test_node_names_carry_the_cluster():

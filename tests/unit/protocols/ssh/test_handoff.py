@@ -49,6 +49,7 @@ def test_needed_says_exactly_how_much_to_read():
     (b'{"v": 1, "certificate": "a\\nb", "host": "h", "known_hosts": []}', "one non-empty line"),
     (b'{"v": 1, "certificate": "c", "host": "h", "known_hosts": "x"}', "known_hosts must be"),
     (b"{not json", "malformed"),
+    (b'{"v": 1, "certificate": "c", "host": "h", "known_hosts": [], "agent_forwarding": "yes"}', "malformed"),
 ])
 def test_malformed_frames_are_named(body, message):
     r = HandoffReader()
@@ -81,3 +82,14 @@ def test_random_bytes_are_a_frame_an_error_or_need_data(data):
     except RemoteProtocolError:
         return
     assert got is NEED_DATA or isinstance(got, Handoff)
+
+
+def test_agent_forwarding_round_trips_and_is_off_when_absent():
+    allowed = Handoff(certificate="c", host="h", known_hosts=[], agent_forwarding=True)
+    r = HandoffReader()
+    r.receive_data(encode_handoff(allowed))
+    assert r.next_event() == allowed
+    body = b'{"v": 1, "certificate": "c", "host": "h", "known_hosts": []}'  # an older cluster's frame
+    r = HandoffReader()
+    r.receive_data(struct.pack(">I", len(body)) + body)
+    assert r.next_event().agent_forwarding is False
