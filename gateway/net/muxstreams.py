@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from gateway.net.engine import PUMP_BUDGET, Timer
-from gateway.net.ends import _ALWAYS, End, Failure, _IN, _OUT, failed_quietly, seal
+from gateway.net.ends import _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, failed_quietly, seal
 from protocols.dial import DialAccept, DialError
 from protocols.mux import HEADER
 
@@ -71,8 +71,10 @@ class Stream:
         self.sent: bytearray | None = None
         # Shown every chunk from the connection before it goes to the
         # socket (the cluster's audit parsers, the gateway's look at a
-        # session's start-up); one that raises resets the stream. The other
-        # direction's tap is the socket end's own (``End.tap``).
+        # session's start-up); one that raises resets the stream, one that
+        # returns an ``Answer`` has part of the chunk answered back on the
+        # stream (:meth:`StreamIO._answered`). The other direction's tap is
+        # the socket end's own (``End.tap``), which cannot answer.
         self.tap_in: Callable[[bytes], None] | None = None
         # Set once the socket has taken everything written to it so far
         # (see :meth:`MuxLink.flushed`).
@@ -152,8 +154,10 @@ class StreamIO:
                 n = engine.read_into(end, payload[:want])  # reading may queue a KeyUpdate answer
                 if n < 0:
                     return end.tail is None
-            if n and end.tap is not None:
-                _show(end.tap, payload[:n], end.name)
+            if n and end.tap is not None and _show(end.tap, payload[:n], end.name) is not None:
+                # Only the connection's side answers (tap_in): an answer to
+                # the socket would pass through the stream's flow control.
+                raise Failure(f"{end.name}: a tap of a stream's socket cannot answer")
             if not n:
                 end.in_done = True
                 self._send(conn.send_fin(stream.sid))
@@ -202,11 +206,15 @@ class StreamIO:
         end = stream.end
         engine = self.engine
         if stream.tap_in is not None:
-            for piece in pieces:
+            for i, piece in enumerate(pieces):
                 tap = stream.tap_in  # a tap may let go of the stream midway (the gateway's start-up watch)
                 if tap is None:
                     break
-                _show(tap, piece, end.name)
+                said = _show(tap, piece, end.name)
+                if said is not None:  # part of it answered here (ends.Answer)
+                    pieces = self._answered(stream, pieces, i, said)
+            if not any(pieces):
+                return
         if end.obj is not None:
             self._to_tls(stream, pieces)
             return
@@ -237,6 +245,28 @@ class StreamIO:
             self._hold(stream, len(rest))
             if not stream.finished:
                 end.tail = memoryview(rest)
+
+    def _answered(self, stream: Stream, pieces: list[memoryview], i: int, said: Answer) -> list[memoryview]:
+        """A tap answered part of ``pieces[i]``: the answer goes back on the
+        stream now (behind everything the socket sent that way: its reads
+        go out as they come), and the rest of the piece goes on in its
+        place; what was taken out is acknowledged, as if written. Returns
+        the new list."""
+        piece = pieces[i]
+        pieces = [*pieces[:i], memoryview(said.forward), *pieces[i + 1:]]
+        frame = self.conn.acknowledge(stream.sid, len(piece) - len(said.forward))
+        if frame:
+            self._send(frame)
+        answer = said.answer
+        if answer:
+            if self.conn.send_window(stream.sid) < len(answer):
+                raise Failure(f"{stream.end.name}: the other side does not read the answers to what it sends")
+            self._send(self.conn.send_data(stream.sid, answer))
+            if self.gateway:
+                stream.counters.a_to_b += len(answer)
+            else:
+                stream.counters.b_to_a += len(answer)
+        return pieces
 
     def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
         """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
@@ -366,11 +396,11 @@ class StreamIO:
             self._update(end)
 
 
-def _show(tap: Callable[[bytes], None], data: memoryview, name: str) -> None:
+def _show(tap: Tap, data: memoryview, name: str) -> Answer | None:
     """Show ``data`` to a tap; what it refuses (an audit parser that cannot
     parse it) must not pass: the stream is reset."""
     try:
-        tap(bytes(data))
+        return tap(bytes(data))
     except Exception as exc:
         raise Failure(f"{name}: {exc}") from None
 

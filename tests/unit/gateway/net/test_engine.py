@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from gateway.net.engine import engine
-from gateway.net.ends import _unacknowledged
+from gateway.net.ends import Answer, _unacknowledged
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tls import accept_tls, open_tls_connection
 from tests.unit import tlsutil
@@ -213,6 +213,50 @@ async def test_a_tap_that_raises_ends_the_session_before_those_bytes_pass():
             await client.send_all(b"evil")
             assert await read_until_reset(server) == b""
     assert stats[0].error == "client: unparseable stream" and stats[0].a_to_b == 4
+    for s in (client, server):
+        await s.aclose()
+
+
+@pytest.mark.parametrize("way", ["engine", "trio"])
+async def test_a_tap_that_answers_part_of_a_chunk_and_the_session_goes_on(way, monkeypatch):
+    # The cluster answering a command itself: the answer goes back to the
+    # side the chunk came from, the rest goes on, the session goes on; in
+    # the engine and in the task-based relay alike.
+    if way == "trio":
+        monkeypatch.setenv("WICKET_RELAY", "trio")
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        client, relay_a = await tcp_pair(listener)
+        relay_b, server = await tcp_pair(listener)
+
+    def tap(data: bytes) -> Answer | None:
+        if b"x" not in data:
+            return None
+        return Answer(forward=data.replace(b"x", b""), answer=b"no")
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            stats: list = []
+
+            async def run_relay() -> None:
+                stats.append(await relay(relay_a, relay_b, names=("client", "server"), taps=(tap, None)))
+
+            nursery.start_soon(run_relay)
+            await client.send_all(b"hello")
+            assert await read_exactly(server, 5) == b"hello"
+            await server.send_all(b"hi")
+            assert await read_exactly(client, 2) == b"hi"
+            await client.send_all(b"x")
+            assert await read_exactly(client, 2) == b"no"
+            await client.send_all(b"axb")
+            assert await read_exactly(client, 2) == b"no"
+            assert await read_exactly(server, 2) == b"ab"
+            await client.send_eof()
+            assert await read_until_eof(server) == b""
+            await server.send_all(b"bye")
+            await server.send_eof()
+            assert await read_until_eof(client) == b"bye"
+    assert (stats[0].a_to_b, stats[0].b_to_a, stats[0].error) == (7, 2 + 2 + 2 + 3, None)
     for s in (client, server):
         await s.aclose()
 

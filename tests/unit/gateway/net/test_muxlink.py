@@ -19,6 +19,7 @@ import trio
 
 from gateway.net import muxlink
 from gateway.net.engine import engine
+from gateway.net.ends import Answer
 from gateway.net.muxlink import LinkClosed, MuxLink
 from gateway.net.relay import RelayCounters
 from protocols.dial import DialAccept, DialError, DialRequest
@@ -313,3 +314,45 @@ def test_every_event_of_the_codec_has_a_handler():
     from protocols import mux
 
     assert set(muxlink._HANDLERS) | {mux.StreamData} == set(get_args(mux.MuxEvent))
+
+
+def _refusing_tap(data: bytes) -> Answer | None:
+    """Answers every "x" itself (one "no" per chunk that had some), passes the rest."""
+    if b"x" not in data:
+        return None
+    return Answer(forward=data.replace(b"x", b""), answer=b"no")
+
+
+async def test_the_clusters_tap_answers_part_of_a_chunk_and_the_session_goes_on(pki):
+    # The cluster answering a command itself (a MySQL USE the roles do not
+    # allow): the answer goes back on the stream, the rest goes on, and the
+    # bytes taken out are acknowledged, or the window would close on them.
+    async with linked(pki) as pair:
+        pair.taps["t"] = (_refusing_tap, None)
+        with trio.fail_after(HANG):
+            client, started = await pair.session("t")
+            upstream = pair.upstreams["t"]
+            await client.send_all(b"hello")
+            assert await read_exactly(upstream, 5) == b"hello"
+            await client.send_all(b"x")
+            assert await read_exactly(client, 2) == b"no"
+            await client.send_all(b"axb")
+            assert await read_exactly(client, 2) == b"no"
+            assert await read_exactly(upstream, 2) == b"ab"
+            # Three windows' worth taken out: acknowledged as if written.
+            flood = b"x" * (6 * 1024 * 1024)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, flood + b"done")
+                answers = b""
+                while len(answers) < 2:  # at least one answer: the client must read them
+                    answers += await client.receive_some(65536)
+                assert await read_exactly(upstream, 4) == b"done"
+                nursery.cancel_scope.cancel()
+            counters = pair.cluster_counters["t"]
+            while counters.a_to_b < len(b"hello" + b"ab" + b"done"):  # counted right after the write
+                await trio.sleep(0.001)
+            assert counters.a_to_b == len(b"hello" + b"ab" + b"done")
+            await client.send_eof()
+            await upstream.send_eof()
+            assert await started.ended() is None
+        await client.aclose()
