@@ -35,10 +35,10 @@ auditors): COM_QUERY, COM_STMT_PREPARE (the text), COM_STMT_EXECUTE
 (statement id and parameter count, never values), COM_STMT_CLOSE,
 COM_INIT_DB, COM_CHANGE_USER, COM_RESET_CONNECTION, the server's errors,
 LOAD DATA LOCAL (file name, bytes; only where a role has ``local_infile =
-["on"]`` is the server told the client may send files). A COM_INIT_DB to a database the user's
-roles do not allow, and COM_CHANGE_USER (the gateway answers it itself;
-one reaching the cluster is a modified gateway's) never reach the server:
-the session ends there, on record.
+["on"]`` is the server told the client may send files). A COM_INIT_DB or
+``USE`` of a database the user's roles do not allow, and COM_CHANGE_USER
+(a session is one db user's), never reach the server: the cluster answers
+them with an ERR and the session goes on (:class:`MySqlSessionAuditor`).
 
 A session cut by a lock, a revocation or the certificate's end is first
 interrupted (``interrupt``: ``KILL QUERY`` for its connection id, from a
@@ -58,6 +58,7 @@ from gateway.cluster.core import Cluster, LiveSession
 from gateway.cluster.dbaudit import SessionAuditor
 from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
 from gateway.cluster.dial import Answered, Opened, Refused, connect_tcp
+from gateway.net.ends import Answer
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from protocols.dial import DialRequest
@@ -67,7 +68,7 @@ from protocols.mysql import (
     DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ChangeUserEvent, Command, CommandAuditor,
     CommandEvent, CommandTracker, ErrorEvent, ExecuteEvent, InitDbEvent, LocalInfileDataEvent,
     LocalInfileRequestEvent, LoginReady, LoginRefused, PrepareEvent, QueryEvent, QuitEvent,
-    ErrPacket, PacketChannel, ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent,
+    ErrorNumber, ErrPacket, PacketChannel, encode_packets, ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent,
     StatementResetEvent, UpstreamLogin,
 )
 from protocols.mysql import dialparams as dp
@@ -104,8 +105,6 @@ class MySqlKind(DatabaseKind):
         params = dict(request.params)
         if dp.PROBE in params:
             return {dp.PROBE: "handshake"}
-        if dp.USE in params:  # RBAC decides on the db user and this database, as for a dial
-            params[PARAM_DB_NAME] = params[dp.USE]
         db_user = params.get(PARAM_DB_USER) or identity.user
         out = {PARAM_DB_USER: db_user}
         db_name = params.get(PARAM_DB_NAME)
@@ -119,16 +118,12 @@ class MySqlKind(DatabaseKind):
         out[dp.MAX_PACKET] = str(_int(params, dp.MAX_PACKET, 32, 1 << 24))
         attrs = [(k, v) for k, v in params.items() if k.startswith(dp.ATTR_PREFIX) and len(k) > len(dp.ATTR_PREFIX)]
         out.update(attrs[:dp.MAX_ATTRIBUTES])
-        if dp.USE in params:
-            out[dp.USE] = params[dp.USE]
         return out
 
     # -- control dials: the handshake probe --------------------------------------
 
     async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
                       identity: pki.Identity) -> Answered | None:
-        if dp.USE in request.params:  # the checks before this decided: allowed
-            return Answered(f"database switch to {request.params[dp.USE]!r} allowed")
         if dp.PROBE not in request.params:
             return None
         upstream = await connect_tcp(resource)
@@ -239,8 +234,6 @@ class MySqlKind(DatabaseKind):
         auditor.roles = roles
         session.extra["mysql_thread"] = outcome.server.connection_id  # for KILL QUERY (interrupt)
         session.extra["mysql_db_user"] = db_user
-        if names_constrained(roles, resource, db_user):
-            reply[dp.GUARD] = "1"
         trailing, _ = login.trailing_data
         return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply,
                       tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
@@ -283,25 +276,26 @@ def local_infile_allowed(roles: list, resource: Resource, params: Mapping[str, s
     return rbac.decide(roles, resource.name, resource.labels, {**asked, PARAM_LOCAL_INFILE: "on"}).allowed
 
 
-#: No database is called this (MySQL names have no "/"): only a catch-all glob matches it.
-_ANY_NAME = "/wicket/any/database/"
-
-
-def names_constrained(roles: list, resource: Resource, db_user: str) -> bool:
-    """Do ``roles`` allow ``db_user`` on ``resource`` only some databases?
-    (A name only a catch-all glob matches is refused, or a deny rule names
-    databases.)"""
-    anything = {PARAM_DB_USER: db_user, PARAM_DB_NAME: _ANY_NAME}
-    if not rbac.decide(roles, resource.name, resource.labels, anything).allowed:
-        return True
-    return any(rule.selects(resource.name, resource.labels) and any(k == PARAM_DB_NAME for k, _ in rule.params)
-               for role in roles for rule in role.deny)
+#: The commands the cluster may answer itself (a first-byte look per chunk):
+#: a switch of database, a USE inside a query, a change of user.
+_ANSWERABLE = frozenset({Command.INIT_DB, Command.QUERY, Command.CHANGE_USER})
 
 
 class MySqlSessionAuditor(SessionAuditor):
     """A MySQL session's commands and the server's errors as audit events;
-    and the cluster's word on the commands a role may not run (see the
-    module docstring)."""
+    and the cluster's word on the commands a role may not run.
+
+    Refused commands never reach the server. A COM_INIT_DB or ``USE`` of a
+    database the user's roles do not allow gets ERR 1044 (42000), a
+    COM_CHANGE_USER ERR 1235 (42000), each saying what to do, answered by
+    the cluster (an ``ends.Answer`` from the client's tap: the command is
+    taken out of the chunk, the ERR goes back with sequence id 1) and the
+    session goes on. That needs the command to be the first packet of the
+    chunk it came in, whole, with no answer of the server's still due
+    before its own (as every client sends them: one command per write,
+    waiting for its result); otherwise it cannot be answered in its place,
+    and the session ends there instead, on record. Only chunks that start
+    with one of these commands (a first-byte look) are set up for that."""
 
     prefix = "mysql"
     protocol = "MySQL"
@@ -309,15 +303,34 @@ class MySqlSessionAuditor(SessionAuditor):
     def __init__(self, cluster: Cluster, session: LiveSession, capabilities: Capability, resource: Resource,
                  db_user: str) -> None:
         super().__init__(cluster, session)
-        tracker = CommandTracker(capabilities)
+        self.tracker = tracker = CommandTracker(capabilities)
         self.commands = CommandAuditor(tracker)
         self.responses = ResponseAuditor(tracker)
         self.resource, self.db_user = resource, db_user
         self.roles: list = []
         self.infile: str | None = None
+        # The chunk being fed starts with a whole-able command the cluster
+        # may answer (until its event has been handled), and that answer.
+        self._answerable = False
+        self._refusal: ErrPacket | None = None
 
-    def from_client(self, data: bytes) -> None:
+    def from_client(self, data: bytes) -> Answer | None:
+        self._answerable = (len(data) > 4 and data[4] in _ANSWERABLE and not data[3]
+                            and self.commands.at_command and not self.tracker.pending
+                            and 4 + int.from_bytes(data[:3], "little") <= len(data)
+                            and data[:3] != b"\xff\xff\xff")  # whole, and not continued
         self.feed(self.commands, self._client_event, data, "client")
+        if self._refusal is None:
+            return None
+        return self._answer(data)
+
+    def _answer(self, data: bytes) -> Answer:
+        """The chunk's first packet (its whole command: see _refuse) taken
+        out and answered with the refusal."""
+        err, self._refusal = self._refusal, None
+        size = 4 + int.from_bytes(data[:3], "little")
+        self.tracker.pending.popleft()  # the server will not answer it: it never sees it
+        return Answer(forward=data[size:], answer=encode_packets(err.encode(), 1)[0])
 
     def from_server(self, data: bytes) -> None:
         self.feed(self.responses, self._server_event, data, "server")
@@ -326,7 +339,9 @@ class MySqlSessionAuditor(SessionAuditor):
         if isinstance(e, QueryEvent):
             self.emit("query", query=e.text, truncated=e.truncated, size=e.size, attributes=e.attributes)
             for schema in use_targets(e.text):
-                self._init_db(schema)
+                if not self._init_db(schema):
+                    break
+            self._answerable = False
         elif isinstance(e, ExecuteEvent):
             self.emit("execute", statement_id=e.statement_id, param_count=e.param_count, size=e.size)
         elif isinstance(e, PrepareEvent):
@@ -337,9 +352,10 @@ class MySqlSessionAuditor(SessionAuditor):
             self.emit("stmt_reset", statement_id=e.statement_id)
         elif isinstance(e, InitDbEvent):
             self._init_db(e.schema)
+            self._answerable = False
         elif isinstance(e, ChangeUserEvent):
             self.emit("change_user", username=e.username, database=e.database, refused=True)
-            raise trio.BrokenResourceError("COM_CHANGE_USER reached the cluster; the gateway answers it itself")
+            self._refuse(change_user_refused(e.username, self.db_user), f"COM_CHANGE_USER to {e.username!r}")
         elif isinstance(e, ResetConnectionEvent):
             self.emit("reset_connection")
         elif isinstance(e, QuitEvent):
@@ -351,21 +367,42 @@ class MySqlSessionAuditor(SessionAuditor):
             self.emit("local_infile", file=self.infile, bytes=e.bytes, packets=e.packets)
             self.infile = None
         elif isinstance(e, CommandEvent):
+            if e.command == Command.CHANGE_USER:  # one too odd to read: refused all the same
+                self.emit("change_user", username=None, database=None, refused=True)
+                self._refuse(change_user_refused(None, self.db_user), "COM_CHANGE_USER")
+                return
+            self._answerable = False
             try:
                 name = Command(e.command).name
             except ValueError:
                 name = f"0x{e.command:02X}"
             self.emit("command", command=name, size=e.size)
 
-    def _init_db(self, schema: str) -> None:
+    def _init_db(self, schema: str) -> bool:
+        """Whether the roles allow switching to ``schema``; if not, the
+        command is refused (see _refuse)."""
         decision = rbac.decide(self.roles, self.resource.name, self.resource.labels,
                                {PARAM_DB_USER: self.db_user, PARAM_DB_NAME: schema})
         if "\ufffd" in schema:  # not UTF-8: the server would name it otherwise than we read it
-            decision = rbac.Decision(False, "the database name is not UTF-8")
+            decision = rbac.Decision(False, "database names must be UTF-8 through Wicket")
         self.emit("init_db", schema=schema, allowed=decision.allowed)
         if not decision.allowed:
-            # Never passed on: the session ends here (the audit says why).
-            raise trio.BrokenResourceError(f"COM_INIT_DB {schema!r} refused: {decision.reason}")
+            self._refuse(ErrPacket.of(ErrorNumber.ER_DBACCESS_DENIED_ERROR,
+                                      f"{decision.reason}; the session stays in the database it had. "
+                                      f"Ask a cluster administrator for a role that allows it"),
+                         f"COM_INIT_DB {schema!r} refused: {decision.reason}")
+        return decision.allowed
+
+    def _refuse(self, err: ErrPacket, what: str) -> None:
+        """The command being handled never reaches the server: answered
+        with ``err`` where it can be (the chunk's first packet, whole, with
+        nothing of the server's due before it), else the session ends here
+        (the audit says why)."""
+        if not self._answerable:
+            raise trio.BrokenResourceError(f"{what}; the session ends (it did not come as a command the "
+                                           f"cluster can answer in its place)")
+        self._answerable = False
+        self._refusal = err
 
     def _server_event(self, e: object) -> None:
         if isinstance(e, ErrorEvent):
@@ -376,3 +413,14 @@ class MySqlSessionAuditor(SessionAuditor):
     def finish(self) -> None:
         if self.infile is not None:
             self.emit("local_infile", file=self.infile, bytes=None, packets=None, failed=True)
+
+
+def change_user_refused(username: str | None, db_user: str) -> ErrPacket:
+    """The ERR for a COM_CHANGE_USER: what happened and what to do."""
+    other = f"db user {username!r}" if username else "another db user"
+    return ErrPacket.of(
+        ErrorNumber.ER_NOT_SUPPORTED_YET,
+        f"changing to {other} inside a session (COM_CHANGE_USER) is not supported through Wicket: this "
+        f"session stays db user {db_user!r}. Connect again as the other user (mysql -u "
+        f"{username or 'NEWUSER'} ...) through the same wicket proxy port; your roles decide which db "
+        f"users you may use")

@@ -270,6 +270,14 @@ class CommandAuditor(StreamAuditor):
         self._continues = False  # the previous packet was a full one
         self._file_bytes = self._file_packets = 0
 
+    @property
+    def at_command(self) -> bool:
+        """Whether the next byte starts a command: a packet's first, not
+        the rest of a full one, nor a file's contents. (A relay that
+        answers a command itself looks, before it feeds a chunk, whether
+        the chunk starts with one.)"""
+        return self._splitter.at_boundary and not (self._continues or self._tracker.infile or self._ended)
+
     def _keep(self, seq: int, length: int) -> int | None:
         continues, self._continues = self._continues, length == MAX_PAYLOAD
         if self._tracker.infile:

@@ -103,19 +103,19 @@ def my_port(gw):
 
 @pytest.fixture(scope="module")
 def any_port(my_env, tmp_path_factory):
-    """A user whose role allows the db user every database: its sessions
-    are relayed by the engine alone (no guard)."""
+    """A user whose role allows the db user every database."""
     cluster, _ = my_env
     g = _gateway(cluster, tmp_path_factory.mktemp("gw-any"), "my-any")
     yield g.proxy("db", "maria")[1]
     g.stop()
 
 
-@pytest.fixture(params=["guarded", "engine"])
-def port(request, my_port, any_port):
-    """Both ways a session runs: through the gateway's guard (the role
-    allows some databases), and relayed by the engine alone."""
-    return my_port if request.param == "guarded" else any_port
+@pytest.fixture
+def port(my_port):
+    """Where the client tests connect. Every session runs one way (relayed
+    by the engine, the cluster answering what the roles do not allow), so
+    the stricter role (some databases) stands for both."""
+    return my_port
 
 
 @pytest.fixture(scope="module")
@@ -274,57 +274,77 @@ def test_upstream_down(gw):
 
 
 def test_use_of_a_database_the_role_does_not_allow_is_refused_and_the_session_goes_on(my_port, my_env, gw):
+    """The cluster answers it (ERR 1044) in the command's place; the server
+    never sees it, the session goes on in the database it had."""
     cluster, _ = my_env
-    r = mysql(my_port, "-e", "use app_other; select database(); use secret")
+    r = mysql(my_port, "-e", "use app_other; select database(); use secret")  # the CLI's use: COM_INIT_DB
     assert "ERROR 1044 (42000)" in r.stderr and "db_name=secret" in r.stderr, r.stderr
+    assert "ask a cluster administrator" in r.stderr.lower(), r.stderr
     assert r.stdout.split() == ["app_other"]
+    r = mysql(my_port, "--force", input="use secret\nselect database();\n\\u secret\nselect 'still here';\n")
+    assert r.stderr.count("ERROR 1044 (42000)") == 2, r.stderr
+    assert r.stdout.split() == ["app", "still", "here"]
     conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
     try:
-        for use in (lambda: conn.select_db("secret"),
+        for use in (lambda: conn.select_db("secret"),  # COM_INIT_DB
                     lambda: conn.cursor().execute("/* as a statement */ USE `secret`"),
                     lambda: conn.cursor().execute("select 1; use secret")):
             with pytest.raises(pymysql.err.OperationalError) as info:
                 use()
             assert info.value.args[0] == 1044
             with conn.cursor() as cur:  # the session goes on, in the database it had
+                cur.execute("select 1")
+                assert cur.fetchone() == (1,)
                 cur.execute("select database()")
                 assert cur.fetchone() == ("app",)
+        conn.select_db("app_other")  # an allowed one goes through
+        with conn.cursor() as cur:
+            cur.execute("select database()")
+            assert cur.fetchone() == ("app_other",)
     finally:
         conn.close()
-    checks = cluster.wait_audit(lambda evs: any(e["params"].get("mysql.use") == "secret" for e in evs),
-                                user=gw.user, event="dial.denied")
-    assert checks
+    refused = cluster.wait_audit(lambda evs: sum(e["schema"] == "secret" for e in evs) >= 5,
+                                 user=gw.user, event="mysql.init_db")
+    assert not any(e["allowed"] for e in refused if e["schema"] == "secret")
 
 
-def test_change_user_is_refused_and_the_session_goes_on(my_port):
+def test_change_user_is_refused_and_the_session_goes_on(my_port, any_port, my_env):
+    """No re-dial yet: COM_CHANGE_USER, to a db user the role allows or
+    not, gets ERR 1235 saying to connect again as that user; the server
+    never sees it and the session stays what it was (mysqlclient's
+    change_user, libmariadb's mysql_change_user)."""
+    MySQLdb = pytest.importorskip("MySQLdb")
+    cluster, _ = my_env
+    for port in (my_port, any_port):
+        conn = MySQLdb.connect(host="127.0.0.1", port=port, user="app", database="app")
+        try:
+            for user, db in (("nativeuser", "app"), ("root", None)):  # allowed by the role, and not
+                with pytest.raises(MySQLdb.MySQLError) as info:
+                    conn.change_user(user, "", db) if db else conn.change_user(user)
+                errno, message = info.value.args
+                assert errno == 1235, info.value
+                assert f"mysql -u {user}" in message and "stays db user 'app'" in message, message
+                cur = conn.cursor()
+                cur.execute("select current_user(), database()")
+                assert cur.fetchone() == ("app@%", "app")
+        finally:
+            conn.close()
+    # PyMySQL has no change_user: the packet by hand.
     from pymysql.constants import COMMAND
     conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
     try:
         conn._execute_command(COMMAND.COM_CHANGE_USER, b"root\x00\x00app\x00")
         with pytest.raises(pymysql.err.MySQLError) as info:
             conn._read_packet()
-        assert info.value.args[0] == 1047 and "connect again" in info.value.args[1]
+        assert info.value.args[0] == 1235
         with conn.cursor() as cur:
             cur.execute("select current_user()")
             assert cur.fetchone() == ("app@%",)
     finally:
         conn.close()
-
-
-def test_change_user_relayed_by_the_engine_ends_the_session_unsent(any_port, my_env):
-    """Without the guard, the cluster's auditor is what stops it: the
-    server never sees it, the session ends, the audit says why."""
-    from pymysql.constants import COMMAND
-    cluster, _ = my_env
-    conn = pymysql.connect(host="127.0.0.1", port=any_port, user="app", database="app")
-    try:
-        conn._execute_command(COMMAND.COM_CHANGE_USER, b"root\x00\x00app\x00")
-        with pytest.raises(pymysql.err.OperationalError):
-            conn._read_packet()
-    finally:
-        conn.close()
-    cluster.wait_audit(lambda evs: any(e["username"] == "root" and e["refused"] for e in evs),
-                       event="mysql.change_user")
+    events = cluster.wait_audit(lambda evs: sum(e["username"] == "root" for e in evs) >= 3,
+                                event="mysql.change_user")
+    assert all(e["refused"] for e in events)
 
 
 def test_reset_connection_is_the_servers(my_port):
@@ -520,7 +540,7 @@ def test_load_data_local_where_a_role_allows_it(my_env, tmp_path_factory, tmp_pa
     try:
         port = g.proxy("db", "maria")[1]
         data = tmp_path / "in.tsv"
-        # Enough packets for their ids to wrap past 0 (the guard must not take one for a command).
+        # Enough packets for their ids to wrap past 0 (none may be taken for a command).
         data.write_text("".join(f"{i}\trow {i} " + "x" * 200 + "\n" for i in range(20000)))
         r = mysql(port, "--local-infile=1", "-e",
                   "drop table if exists t_infile_ok; create table t_infile_ok (id int, v text);"
@@ -586,7 +606,7 @@ def test_expired_certificate(my_env, tmp_path):
         g.stop()
 
 
-@pytest.mark.parametrize("role", ["my", "my-any"])  # through the guard, and the engine alone
+@pytest.mark.parametrize("role", ["my", "my-any"])  # some databases, every database
 def test_a_lock_kills_the_running_query(my_env, tmp_path, role):
     cluster, server = my_env
     g = _gateway(cluster, tmp_path, role)
