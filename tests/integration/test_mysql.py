@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from tests.integration.harness import Cluster, Echo, Gateway, logged_in, wait_for
+from tests.integration.dbenv import add_down_resource, add_resource, database_env, new_gateway
+from tests.integration.harness import Gateway, wait_for
 
 pymysql = pytest.importorskip("pymysql")
 
@@ -54,38 +55,32 @@ db_names = ["*"]
 @pytest.fixture(scope="module")
 def my_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("my")
-    echo = Echo(tmp)
     ed_file = tmp / "ed.pass"
     ed_file.write_text(ED_PW + "\n")
-    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_MY_PW": NATIVE_PW})
-    server = MariaDbServer(tmp / "mariadb", client_ca_pem=(cluster.state / "db_client_ca.crt").read_bytes())
-    server.start()
-    server.sql("CREATE DATABASE app; CREATE DATABASE app_other; CREATE DATABASE sbtest; CREATE DATABASE dumped; "
-               "CREATE DATABASE secret;"
-               "CREATE USER app@'%' REQUIRE SUBJECT '/CN=app';"
-               f"CREATE USER nativeuser@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{NATIVE_PW}');"
-               f"CREATE USER eduser@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');"
-               "GRANT ALL ON *.* TO app@'%' REQUIRE SUBJECT '/CN=app';"
-               "GRANT ALL ON app.* TO nativeuser@'%'; GRANT ALL ON app.* TO eduser@'%';")
-    ca = str(server.server_ca_path)
-    cluster.admin("resources", "add", "maria", "--kind", "mysql", "--address", server.address,
-                  "--ca-file", ca, "--server-name", "localhost", "--label", "env=dev")
-    cluster.admin("resources", "add", "maria-pw", "--kind", "mysql", "--address", server.address,
-                  "--ca-file", ca, "--server-name", "localhost", "--auth", "password",
-                  "--password-ref", "nativeuser=env:WICKET_TEST_MY_PW", "--password-ref", f"eduser=file:{ed_file}")
-    cluster.admin("resources", "add", "maria-down", "--kind", "mysql", "--address", "127.0.0.1:9",
-                  "--tls", "require")
-    yield cluster, server
-    server.stop()
-    cluster.stop()
-    echo.proc.stop()
+
+    def make_server(client_ca_pem: bytes) -> MariaDbServer:
+        return MariaDbServer(tmp / "mariadb", client_ca_pem=client_ca_pem)
+
+    with database_env(tmp, make_server, roles=ROLES, env={"WICKET_TEST_MY_PW": NATIVE_PW}) as (cluster, server):
+        server.sql("CREATE DATABASE app; CREATE DATABASE app_other; CREATE DATABASE sbtest; CREATE DATABASE dumped; "
+                   "CREATE DATABASE secret;"
+                   "CREATE USER app@'%' REQUIRE SUBJECT '/CN=app';"
+                   f"CREATE USER nativeuser@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{NATIVE_PW}');"
+                   f"CREATE USER eduser@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');"
+                   "GRANT ALL ON *.* TO app@'%' REQUIRE SUBJECT '/CN=app';"
+                   "GRANT ALL ON app.* TO nativeuser@'%'; GRANT ALL ON app.* TO eduser@'%';")
+        add_resource(cluster, server, "maria", "mysql", "--label", "env=dev")
+        add_resource(cluster, server, "maria-pw", "mysql", "--auth", "password",
+                     "--password-ref", "nativeuser=env:WICKET_TEST_MY_PW", "--password-ref", f"eduser=file:{ed_file}")
+        add_down_resource(cluster, "maria-down", "mysql")
+        yield cluster, server
 
 
-_n = iter(range(1, 10_000))
+_n = iter(range(1, 10_000))  # unique names for the tests' own objects
 
 
 def _gateway(cluster, tmp, roles: str) -> Gateway:
-    return logged_in(tmp, cluster, f"myuser{next(_n)}", roles)
+    return new_gateway(cluster, tmp, roles, "myuser")
 
 
 @pytest.fixture(scope="module")
@@ -592,7 +587,7 @@ def test_a_cluster_that_cannot_be_reached_is_the_clients_error(my_env, tmp_path)
 
 def test_expired_certificate(my_env, tmp_path):
     cluster, _ = my_env
-    name = f"myuser{next(_n)}"
+    name = f"myexpiry{next(_n)}"
     cluster.add_user(name, "my")
     g = Gateway(tmp_path, cluster, name)
     try:
