@@ -49,7 +49,7 @@ run on, nor an in-flight write commit, after the cut.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import trio
 
@@ -58,6 +58,7 @@ from gateway.cluster.core import Cluster, LiveSession
 from gateway.cluster.dbaudit import SessionAuditor
 from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
 from gateway.cluster.dial import Answered, Opened, Refused, connect_tcp
+from gateway.cluster.mysql_change_user import UserChanger
 from gateway.net.ends import Answer
 from gateway.cluster.store import Resource
 from gateway.identity import pki
@@ -77,8 +78,6 @@ from protocols.mysql.statements import use_targets
 log = logging.getLogger("wicket.cluster.mysql")
 
 PARAM_LOCAL_INFILE = "local_infile"
-#: MariaDB takes user names of up to 80 characters (MySQL 32), schema names of 64.
-MAX_USER, MAX_SCHEMA = 80, 64
 #: Bytes of a server's greeting we read for a probe (it is one packet of ~100).
 MAX_GREETING = 4096
 #: An OK payload larger than this (hex) travels without its session-state part.
@@ -110,7 +109,7 @@ class MySqlKind(DatabaseKind):
         db_name = params.get(PARAM_DB_NAME)
         if db_name:  # MySQL sessions may have no default database
             out[PARAM_DB_NAME] = db_name
-        for what, value, limit in ((PARAM_DB_USER, db_user, MAX_USER), (PARAM_DB_NAME, db_name or "x", MAX_SCHEMA)):
+        for what, value, limit in ((PARAM_DB_USER, db_user, dp.MAX_USER), (PARAM_DB_NAME, db_name or "x", dp.MAX_SCHEMA)):
             if len(value) > limit or "\x00" in value:
                 raise Refused(ErrorCode.BAD_REQUEST, f"{what} must be 1-{limit} characters without NUL")
         out[dp.CAPS] = str(_int(params, dp.CAPS, 64, DEFAULT_CLIENT_CAPABILITIES.value))
@@ -178,7 +177,7 @@ class MySqlKind(DatabaseKind):
         try:
             with trio.fail_after(LOGIN_TIMEOUT):
                 login = UpstreamLogin(user=db_user, password=password, tls=spec.tls != "disable")
-                outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
+                outcome = await self.upstream_login(cluster, resource, spec, db_user, upstream, login)
                 if isinstance(outcome, LoginRefused):
                     return f"KILL QUERY failed: the server refused the login ({outcome.error.errno})"
                 channel, buffer = PacketChannel(what="upstream server"), ReceiveBuffer(1 << 20)
@@ -201,7 +200,7 @@ class MySqlKind(DatabaseKind):
                     password: str | None) -> Opened:
         db_user, db_name = params[PARAM_DB_USER], params.get(PARAM_DB_NAME)
         caps = Capability(int(params.get(dp.CAPS, DEFAULT_CLIENT_CAPABILITIES.value)))
-        roles = await self._roles(cluster, session)
+        roles = await self.roles(cluster, session)
         # LOCAL INFILE lets the server read files of the client's machine:
         # offered to it only where a role says local_infile = ["on"].
         infile = Capability.LOCAL_FILES in caps and local_infile_allowed(roles, resource, params)
@@ -210,10 +209,11 @@ class MySqlKind(DatabaseKind):
             caps &= ~Capability.LOCAL_FILES
         charset = int(params.get(dp.CHARSET, "0")) or None
         attributes = {k[len(dp.ATTR_PREFIX):]: v for k, v in params.items() if k.startswith(dp.ATTR_PREFIX)}
-        login = UpstreamLogin(user=db_user, password=password, database=db_name, tls=spec.tls != "disable",
-                              capabilities=caps, charset=charset, attributes=attributes or None,
-                              max_packet_size=int(params.get(dp.MAX_PACKET, 1 << 24)) or (1 << 24))
-        outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
+        asked = {"tls": spec.tls != "disable", "capabilities": caps, "charset": charset,
+                 "attributes": attributes or None,
+                 "max_packet_size": int(params.get(dp.MAX_PACKET, 1 << 24)) or (1 << 24)}
+        login = UpstreamLogin(user=db_user, password=password, database=db_name, **asked)
+        outcome = await self.upstream_login(cluster, resource, spec, db_user, upstream, login)
         details: dict[str, Any] = {"db_user": db_user, "db_name": db_name, "local_infile": infile}
         if attributes:
             details["client_attributes"] = attributes
@@ -234,19 +234,21 @@ class MySqlKind(DatabaseKind):
         auditor.roles = roles
         session.extra["mysql_thread"] = outcome.server.connection_id  # for KILL QUERY (interrupt)
         session.extra["mysql_db_user"] = db_user
+        changer = UserChanger(self, cluster, resource, spec, session, auditor, asked)
+        auditor.change_user = changer.ask
         trailing, _ = login.trailing_data
-        return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply,
+        return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply, task=changer.run,
                       tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
                       details={**details, "auth": outcome.plugin, "tls": outcome.tls,
                                "server_version": outcome.server.server_version,
                                "thread_id": outcome.server.connection_id})
 
-    async def _roles(self, cluster: Cluster, session: LiveSession) -> list:
+    async def roles(self, cluster: Cluster, session: LiveSession) -> list:
         snap = await cluster.snapshot()
         user = snap.users.get(session.user)
         return [] if user is None else cluster.roles_in(snap, user)
 
-    async def _login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
+    async def upstream_login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
                      db_user: str, upstream: Upstream, login: UpstreamLogin) -> LoginReady | LoginRefused:
         while True:
             event = login.next_event()
@@ -309,12 +311,20 @@ class MySqlSessionAuditor(SessionAuditor):
         self.resource, self.db_user = resource, db_user
         self.roles: list = []
         self.infile: str | None = None
-        # The chunk being fed starts with a whole-able command the cluster
-        # may answer (until its event has been handled), and that answer.
+        # The chunk being fed starts with a whole command the cluster may
+        # answer (until its event has been handled), and that answer (b"":
+        # a COM_CHANGE_USER handed to ``change_user``).
         self._answerable = False
-        self._refusal: ErrPacket | None = None
+        self._refusal: bytes | None = None
+        self._change: ChangeUserEvent | None = None
+        #: Re-dials a COM_CHANGE_USER in trio (gateway/cluster/mysql_change_user.py).
+        self.change_user: Callable[[ChangeUserEvent], None] | None = None
+        #: A COM_CHANGE_USER is being re-dialled: the client must wait.
+        self.changing = False
 
     def from_client(self, data: bytes) -> Answer | None:
+        if self.changing:
+            raise trio.BrokenResourceError("the client sent more before its COM_CHANGE_USER was answered")
         self._answerable = (len(data) > 4 and data[4] in _ANSWERABLE and not data[3]
                             and self.commands.at_command and not self.tracker.pending
                             and 4 + int.from_bytes(data[:3], "little") <= len(data)
@@ -327,10 +337,17 @@ class MySqlSessionAuditor(SessionAuditor):
     def _answer(self, data: bytes) -> Answer:
         """The chunk's first packet (its whole command: see _refuse) taken
         out and answered with the refusal."""
-        err, self._refusal = self._refusal, None
+        answer, self._refusal = self._refusal, None
         size = 4 + int.from_bytes(data[:3], "little")
         self.tracker.pending.popleft()  # the server will not answer it: it never sees it
-        return Answer(forward=data[size:], answer=encode_packets(err.encode(), 1)[0])
+        if not answer:  # a COM_CHANGE_USER, answered once re-dialled
+            if len(data) > size:
+                raise trio.BrokenResourceError("the client sent more behind its COM_CHANGE_USER, before "
+                                               "its answer")
+            change, self._change = self._change, None
+            self.changing = True
+            self.change_user(change)
+        return Answer(forward=data[size:], answer=answer)
 
     def from_server(self, data: bytes) -> None:
         self.feed(self.responses, self._server_event, data, "server")
@@ -354,7 +371,12 @@ class MySqlSessionAuditor(SessionAuditor):
             self._init_db(e.schema)
             self._answerable = False
         elif isinstance(e, ChangeUserEvent):
-            self.emit("change_user", username=e.username, database=e.database, refused=True)
+            if self.change_user is not None and "stream" in self.session.extra:  # can be re-dialled
+                self._refuse(None, f"COM_CHANGE_USER to {e.username!r}")
+                self._change = e
+                return
+            self.emit("change_user", username=e.username, database=e.database, refused=True,
+                      outcome="a session on a connection of its own cannot change its db user")
             self._refuse(change_user_refused(e.username, self.db_user), f"COM_CHANGE_USER to {e.username!r}")
         elif isinstance(e, ResetConnectionEvent):
             self.emit("reset_connection")
@@ -393,16 +415,16 @@ class MySqlSessionAuditor(SessionAuditor):
                          f"COM_INIT_DB {schema!r} refused: {decision.reason}")
         return decision.allowed
 
-    def _refuse(self, err: ErrPacket, what: str) -> None:
+    def _refuse(self, err: ErrPacket | None, what: str) -> None:
         """The command being handled never reaches the server: answered
-        with ``err`` where it can be (the chunk's first packet, whole, with
-        nothing of the server's due before it), else the session ends here
-        (the audit says why)."""
+        with ``err`` (None: by the re-dial) where it can be (the chunk's
+        first packet, whole, with nothing of the server's due before it),
+        else the session ends here (the audit says why)."""
         if not self._answerable:
             raise trio.BrokenResourceError(f"{what}; the session ends (it did not come as a command the "
                                            f"cluster can answer in its place)")
         self._answerable = False
-        self._refusal = err
+        self._refusal = b"" if err is None else encode_packets(err.encode(), 1)[0]
 
     def _server_event(self, e: object) -> None:
         if isinstance(e, ErrorEvent):
@@ -416,11 +438,12 @@ class MySqlSessionAuditor(SessionAuditor):
 
 
 def change_user_refused(username: str | None, db_user: str) -> ErrPacket:
-    """The ERR for a COM_CHANGE_USER: what happened and what to do."""
+    """The ERR for a COM_CHANGE_USER that cannot be re-dialled (a session on
+    a connection of its own; one too odd to read): what happened and what
+    to do."""
     other = f"db user {username!r}" if username else "another db user"
     return ErrPacket.of(
         ErrorNumber.ER_NOT_SUPPORTED_YET,
-        f"changing to {other} inside a session (COM_CHANGE_USER) is not supported through Wicket: this "
-        f"session stays db user {db_user!r}. Connect again as the other user (mysql -u "
-        f"{username or 'NEWUSER'} ...) through the same wicket proxy port; your roles decide which db "
-        f"users you may use")
+        f"changing to {other} inside this session (COM_CHANGE_USER) is not supported through Wicket: it "
+        f"stays db user {db_user!r}. Connect again as the other user (mysql -u {username or 'NEWUSER'} "
+        f"...) through the same wicket proxy port; your roles decide which db users you may use")

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from gateway.net.engine import PUMP_BUDGET, Timer
-from gateway.net.ends import _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, failed_quietly, seal
+from gateway.net.ends import (
+    _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, detach, failed_quietly, reset_and_close, seal,
+)
 from protocols.dial import DialAccept, DialError
 from protocols.mux import HEADER
 
@@ -96,6 +98,65 @@ class Stream:
 
 class StreamIO:
     """The bytes of a link's streams (see the module doc)."""
+
+    # -- (cluster) what a kind does to a running session from trio ----------
+
+    def send_back(self, stream: Stream, data: bytes) -> bool:
+        """(cluster) ``data`` to the gateway on a running stream, behind
+        what its socket sent so far: an answer the cluster gives later than
+        its tap could (MySQL's COM_CHANGE_USER, re-dialled in trio). False
+        if the stream is over, or, when its window has no room, ended."""
+        with self.engine.lock:
+            if stream.finished or self.failed is not None or stream.end is None:
+                return False
+            if self.conn.send_window(stream.sid) < len(data):
+                self._finish(stream, f"{stream.end.name}: the other side does not read the answers to what it "
+                                     f"sends", reset=True)
+                return False
+            self._send_guarded(self.conn.send_data(stream.sid, data))
+            stream.counters.b_to_a += len(data)
+            return stream.finished is False and self.failed is None
+
+    def switch(self, stream: Stream, sock, *, goodbye: bytes = b"", first: bytes = b"") -> bool:
+        """(cluster) Go on with ``sock`` (a socket, or one of our TLS
+        streams: the link carries its records) as ``stream``'s upstream,
+        with the old socket's tap, then send ``first`` to the gateway: the
+        session carries on with another connection to the server (MySQL's
+        COM_CHANGE_USER re-dialled as the new db user). The old socket gets
+        ``goodbye`` (what the protocol says before it leaves), as far as
+        its kernel takes it at once, and is closed. Only between exchanges:
+        nothing may be waiting to be written to the old socket, nor its
+        EOF. False (``sock`` reset) if the stream is over or is not
+        between exchanges."""
+        raw, tls = (sock, None) if isinstance(sock, socket.socket) else detach(sock)
+        with self.engine.lock:
+            old = stream.end
+            if (stream.finished or self.failed is not None or old is None or old.tail is not None
+                    or old.in_done or old.eof_wanted):
+                reset_and_close(raw)
+                return False
+            self.blocked.pop(old, None)
+            self.engine.forget(old)
+            if goodbye:
+                try:
+                    self.engine.write_some(old, goodbye if old.obj is None else seal(old, goodbye))
+                except (OSError, Failure):
+                    pass  # it is going anyway
+            old.sock.close()
+            tap, old.tap, old.owner, old.session = old.tap, None, None, None
+            old.obj = old.ssl = old.incoming = old.outgoing = old.key_update = old.carry = None
+            stream.end = None
+            self._bind(stream, raw, stream.counters, tls, tap)
+            if tls is not None:  # bytes may already wait inside the TLS object
+                self.engine.again.append(stream.end)
+                self.engine.wake()
+            if first:
+                if self.conn.send_window(stream.sid) < len(first):
+                    self._finish(stream, "the gateway does not read what the session sends", reset=True)
+                    return False
+                self._send_guarded(self.conn.send_data(stream.sid, first))
+                stream.counters.b_to_a += len(first)
+            return not stream.finished and self.failed is None
 
     def _on_stream(self, stream: Stream, ev: int) -> None:
         end = stream.end

@@ -27,10 +27,14 @@ from protocols.mysql.messages import ServerInfo
 
 __all__ = [
     "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "SESSION_CAPS", "ATTR_PREFIX",
-    "MAX_ATTRIBUTES", "VERSION",
+    "MAX_ATTRIBUTES", "MAX_USER", "MAX_SCHEMA", "VERSION",
     "SERVER_CAPS", "SERVER_CHARSET", "STATUS", "PLUGIN", "THREAD", "OK", "ERR",
     "server_params", "server_info_of",
 ]
+
+#: MariaDB takes user names of up to 80 characters (MySQL 32), schema names of 64.
+MAX_USER: Final = 80
+MAX_SCHEMA: Final = 64
 
 CAPS: Final = "mysql.caps"
 CHARSET: Final = "mysql.charset"

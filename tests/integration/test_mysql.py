@@ -303,43 +303,67 @@ def test_use_of_a_database_the_role_does_not_allow_is_refused_and_the_session_go
     assert not any(e["allowed"] for e in refused if e["schema"] == "secret")
 
 
-def test_change_user_is_refused_and_the_session_goes_on(my_port, any_port, my_env):
-    """No re-dial yet: COM_CHANGE_USER, to a db user the role allows or
-    not, gets ERR 1235 saying to connect again as that user; the server
-    never sees it and the session stays what it was (mysqlclient's
-    change_user, libmariadb's mysql_change_user)."""
+def test_change_user_redials_as_the_new_db_user(pw_port, my_port, my_env, gw):
+    """COM_CHANGE_USER (mysqlclient's change_user, libmariadb's
+    mysql_change_user): the cluster checks the roles for the new db user
+    and database, logs in as it on a new connection and switches the
+    session to it; a refusal is an ERR and the session stays as it was."""
     MySQLdb = pytest.importorskip("MySQLdb")
     cluster, _ = my_env
-    for port in (my_port, any_port):
-        conn = MySQLdb.connect(host="127.0.0.1", port=port, user="app", database="app")
-        try:
-            for user, db in (("nativeuser", "app"), ("root", None)):  # allowed by the role, and not
-                with pytest.raises(MySQLdb.MySQLError) as info:
-                    conn.change_user(user, "", db) if db else conn.change_user(user)
-                errno, message = info.value.args
-                assert errno == 1235, info.value
-                assert f"mysql -u {user}" in message and "stays db user 'app'" in message, message
-                cur = conn.cursor()
-                cur.execute("select current_user(), database()")
-                assert cur.fetchone() == ("app@%", "app")
-        finally:
-            conn.close()
-    # PyMySQL has no change_user: the packet by hand.
+
+    def who(conn) -> tuple:
+        cur = conn.cursor()
+        cur.execute("select current_user(), database(), connection_id()")
+        return cur.fetchone()
+
+    conn = MySQLdb.connect(host="127.0.0.1", port=pw_port, user="nativeuser", password="", database="app")
+    try:
+        _, _, first = who(conn)
+        conn.change_user("eduser", "", "app")  # password auth: the cluster's secret for eduser
+        user, db, thread = who(conn)
+        assert (user, db) == ("eduser@%", "app") and thread != first
+        for user, errno, words in (("root", 1045, "db_user=root"),  # the role does not allow it
+                                   ("nobody", 1045, "no credentials for db user 'nobody'")):
+            with pytest.raises(MySQLdb.MySQLError) as info:
+                conn.change_user(user, "", "app")
+            assert info.value.args[0] == errno and words in info.value.args[1], info.value
+            assert "stays db user 'eduser'" in info.value.args[1], info.value
+            assert who(conn)[:2] == ("eduser@%", "app")  # the session goes on as it was
+        conn.change_user("nativeuser", "", "app")
+        assert who(conn)[:2] == ("nativeuser@%", "app")
+    finally:
+        conn.close()
+    conn = MySQLdb.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    try:
+        conn.change_user("app", "", "app_other")  # certificate auth; another database the role allows
+        assert who(conn)[:2] == ("app@%", "app_other")
+        with pytest.raises(MySQLdb.MySQLError) as info:
+            conn.change_user("app", "", "secret")
+        assert info.value.args[0] == 1044 and "db_name=secret" in info.value.args[1], info.value
+        assert who(conn)[:2] == ("app@%", "app_other")
+    finally:
+        conn.close()
+    events = cluster.wait_audit(lambda evs: len(evs) >= 6, user=gw.user, event="mysql.change_user")
+    outcomes = [(e["username"], e["refused"]) for e in events]
+    assert ("eduser", False) in outcomes and ("root", True) in outcomes and ("nobody", True) in outcomes
+    assert any(e["outcome"].startswith("switched") for e in events)
+
+
+def test_change_user_by_hand_without_a_driver_api(my_port):
+    """PyMySQL has no change_user: the packet by hand, to a db user the
+    role does not allow; the answer is the ERR, then the session goes on."""
     from pymysql.constants import COMMAND
     conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
     try:
         conn._execute_command(COMMAND.COM_CHANGE_USER, b"root\x00\x00app\x00")
         with pytest.raises(pymysql.err.MySQLError) as info:
             conn._read_packet()
-        assert info.value.args[0] == 1235
+        assert info.value.args[0] == 1045 and "stays db user 'app'" in info.value.args[1]
         with conn.cursor() as cur:
             cur.execute("select current_user()")
             assert cur.fetchone() == ("app@%",)
     finally:
         conn.close()
-    events = cluster.wait_audit(lambda evs: sum(e["username"] == "root" for e in evs) >= 3,
-                                event="mysql.change_user")
-    assert all(e["refused"] for e in events)
 
 
 def test_reset_connection_is_the_servers(my_port):

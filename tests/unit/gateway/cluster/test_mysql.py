@@ -69,6 +69,9 @@ class FakeCluster:
 class FakeSession:
     id, user, resource = "s1", "alice", "maria"
 
+    def __init__(self):
+        self.extra = {}
+
 
 def auditor(roles=()):
     cluster = FakeCluster()
@@ -128,6 +131,24 @@ def test_what_the_role_does_not_allow_is_answered_unsent_and_the_session_goes_on
     assert a.from_client(command(Command.PING)) is None
     a.from_server(ok(1))
     assert not a.tracker.pending
+
+
+def test_a_change_user_on_the_multiplexed_connection_is_handed_to_the_redial():
+    cluster, a = auditor([ROLE])
+    a.session.extra["stream"] = ("link", "stream")  # where a re-dial can switch the session
+    asked = []
+    a.change_user = asked.append
+    packet = command(Command.CHANGE_USER, b"eduser\x00\x00app\x00")
+    answer = a.from_client(packet)
+    assert answer == Answer(forward=b"", answer=b"")  # the answer comes once re-dialled
+    assert [(e.username, e.database) for e in asked] == [("eduser", "app")] and a.changing
+    with pytest.raises(trio.BrokenResourceError):  # the client must wait for it
+        a.from_client(query("select 1"))
+    _, a = auditor([ROLE])
+    a.session.extra["stream"] = ("link", "stream")
+    a.change_user = asked.append
+    with pytest.raises(trio.BrokenResourceError):  # nor send more behind it
+        a.from_client(packet + query("select 1"))
 
 
 def test_the_errors_say_what_to_do():

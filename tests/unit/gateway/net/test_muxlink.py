@@ -356,3 +356,35 @@ async def test_the_clusters_tap_answers_part_of_a_chunk_and_the_session_goes_on(
             await upstream.send_eof()
             assert await started.ended() is None
         await client.aclose()
+
+
+async def test_the_cluster_switches_a_sessions_upstream_between_exchanges(pki):
+    # MySQL's COM_CHANGE_USER re-dialled: the session goes on with a new
+    # connection to the server, the old one says goodbye and is closed,
+    # and the gateway gets the answer right after the switch.
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            client, started = await pair.session("w")
+            old = pair.upstreams["w"]
+            await client.send_all(b"a")
+            assert await read_exactly(old, 1) == b"a"
+            near, new = loopback_pair()
+            stream = pair.cluster_streams["w"]
+            assert pair.cluster.switch(stream, near, goodbye=b"bye", first=b"OK")
+            assert await read_exactly(client, 2) == b"OK"
+            assert await read_until_eof(old) == b"bye"
+            await client.send_all(b"b")
+            assert await read_exactly(new, 1) == b"b"
+            await new.send_all(b"c")
+            assert await read_exactly(client, 1) == b"c"
+            assert pair.cluster.send_back(stream, b"later")
+            assert await read_exactly(client, 5) == b"later"
+            await client.send_eof()
+            assert await read_until_eof(new) == b""
+            await new.send_eof()
+            assert await read_until_eof(client) == b""
+            assert await started.ended() is None
+            late, late_far = loopback_pair()
+            assert not pair.cluster.switch(stream, late)  # over: the socket is reset
+        for s in (client, new, late_far):
+            await s.aclose()
