@@ -36,9 +36,12 @@ auditors): COM_QUERY, COM_STMT_PREPARE (the text), COM_STMT_EXECUTE
 COM_INIT_DB, COM_CHANGE_USER, COM_RESET_CONNECTION, the server's errors,
 LOAD DATA LOCAL (file name, bytes; only where a role has ``local_infile =
 ["on"]`` is the server told the client may send files). A COM_INIT_DB or
-``USE`` of a database the user's roles do not allow, and COM_CHANGE_USER
-(a session is one db user's), never reach the server: the cluster answers
-them with an ERR and the session goes on (:class:`MySqlSessionAuditor`).
+``USE`` of a database the user's roles do not allow never reaches the
+server: the cluster answers it with an ERR and the session goes on
+(:class:`MySqlSessionAuditor`). A COM_CHANGE_USER never reaches it either:
+the cluster logs in again as the new db user, if the roles allow it, and
+switches the session to that connection
+(gateway/cluster/mysql_change_user.py).
 
 A session cut by a lock, a revocation or the certificate's end is first
 interrupted (``interrupt``: ``KILL QUERY`` for its connection id, from a
@@ -288,11 +291,13 @@ class MySqlSessionAuditor(SessionAuditor):
     and the cluster's word on the commands a role may not run.
 
     Refused commands never reach the server. A COM_INIT_DB or ``USE`` of a
-    database the user's roles do not allow gets ERR 1044 (42000), a
-    COM_CHANGE_USER ERR 1235 (42000), each saying what to do, answered by
-    the cluster (an ``ends.Answer`` from the client's tap: the command is
-    taken out of the chunk, the ERR goes back with sequence id 1) and the
-    session goes on. That needs the command to be the first packet of the
+    database the user's roles do not allow gets ERR 1044 (42000) saying
+    what to do, answered by the cluster (an ``ends.Answer`` from the
+    client's tap: the command is taken out of the chunk, the ERR goes back
+    with sequence id 1) and the session goes on. A COM_CHANGE_USER is
+    taken out the same way and handed to ``change_user`` (the re-dial,
+    gateway/cluster/mysql_change_user.py), which answers it later; where
+    the session cannot be switched (a connection of its own), ERR 1235. That needs the command to be the first packet of the
     chunk it came in, whole, with no answer of the server's still due
     before its own (as every client sends them: one command per write,
     waiting for its result); otherwise it cannot be answered in its place,
