@@ -88,12 +88,16 @@ class UserChanger:
             self.auditor.changing = False  # the client waits for the answer before it sends more
             if upstream is None:
                 link.send_back(stream, answer)
-            elif link.switch(stream, upstream, goodbye=COM_QUIT, first=answer):
+                switched = False
+            else:
+                self.auditor.tracker.new_connection()  # (the old server sends nothing now: no race)
+                switched = link.switch(stream, upstream, goodbye=COM_QUIT, first=answer)
+            if switched:
                 self.auditor.db_user = event.username
                 self.session.extra["mysql_db_user"] = event.username  # for KILL QUERY (interrupt)
                 self.session.extra["mysql_thread"] = outcome
                 outcome = f"switched (thread {outcome})"
-            else:
+            elif upstream is not None:
                 outcome = "the session ended first"
             log.info("mysql_change_user resource=%s session=%s db_user=%s outcome=%r", self.resource.name,
                      self.session.id, event.username, outcome)

@@ -128,6 +128,13 @@ class CommandTracker:
     def closed(self, statement_id: int) -> None:
         self._statements.pop(statement_id, None)
 
+    def new_connection(self) -> None:
+        """The session goes on with another connection to the server (a
+        COM_CHANGE_USER re-dialled): the statements prepared on the old
+        one are gone with it, and their ids will be given again."""
+        self._statements.clear()
+        self._last_prepared = None
+
 
 _event = attrs.frozen(kw_only=True)
 

@@ -223,3 +223,12 @@ def test_shuffled_sessions_raise_only_protocol_errors(parts: list[bytes]) -> Non
         Session().client(b"\x00\x00\x00".join(parts))
     except RemoteProtocolError:
         pass
+
+
+def test_a_new_connection_forgets_the_prepared_statements():
+    # A COM_CHANGE_USER re-dialled: the old connection's statements are gone.
+    tracker = CommandTracker(MODERN)
+    tracker.prepared(1, 3)
+    assert tracker.params(1) == 3 and tracker.resolve(0xFFFFFFFF) == 1
+    tracker.new_connection()
+    assert tracker.params(1) is None and tracker.resolve(0xFFFFFFFF) == 0xFFFFFFFF
