@@ -267,6 +267,7 @@ class StreamIO:
         end = stream.end
         engine = self.engine
         if stream.tap_in is not None:
+            answered = False
             for i, piece in enumerate(pieces):
                 tap = stream.tap_in  # a tap may let go of the stream midway (the gateway's start-up watch)
                 if tap is None:
@@ -274,8 +275,11 @@ class StreamIO:
                 said = _show(tap, piece, end.name)
                 if said is not None:  # part of it answered here (ends.Answer)
                     pieces = self._answered(stream, pieces, i, said)
-            if not any(pieces):
-                return
+                    answered = True
+            if answered:
+                pieces = [piece for piece in pieces if piece]
+                if not pieces:
+                    return
         if end.obj is not None:
             self._to_tls(stream, pieces)
             return
