@@ -35,10 +35,13 @@ auditors): COM_QUERY, COM_STMT_PREPARE (the text), COM_STMT_EXECUTE
 (statement id and parameter count, never values), COM_STMT_CLOSE,
 COM_INIT_DB, COM_CHANGE_USER, COM_RESET_CONNECTION, the server's errors,
 LOAD DATA LOCAL (file name, bytes; only where a role has ``local_infile =
-["on"]`` is the server told the client may send files). A COM_INIT_DB to a database the user's
-roles do not allow, and COM_CHANGE_USER (the gateway answers it itself;
-one reaching the cluster is a modified gateway's) never reach the server:
-the session ends there, on record.
+["on"]`` is the server told the client may send files). A COM_INIT_DB or
+``USE`` of a database the user's roles do not allow never reaches the
+server: the cluster answers it with an ERR and the session goes on
+(:class:`MySqlSessionAuditor`). A COM_CHANGE_USER never reaches it either:
+the cluster logs in again as the new db user, if the roles allow it, and
+switches the session to that connection
+(gateway/cluster/mysql_change_user.py).
 
 A session cut by a lock, a revocation or the certificate's end is first
 interrupted (``interrupt``: ``KILL QUERY`` for its connection id, from a
@@ -49,7 +52,7 @@ run on, nor an in-flight write commit, after the cut.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import trio
 
@@ -58,6 +61,8 @@ from gateway.cluster.core import Cluster, LiveSession
 from gateway.cluster.dbaudit import SessionAuditor
 from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
 from gateway.cluster.dial import Answered, Opened, Refused, connect_tcp
+from gateway.cluster.mysql_change_user import UserChanger
+from gateway.net.ends import Answer
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from protocols.dial import DialRequest
@@ -67,7 +72,7 @@ from protocols.mysql import (
     DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ChangeUserEvent, Command, CommandAuditor,
     CommandEvent, CommandTracker, ErrorEvent, ExecuteEvent, InitDbEvent, LocalInfileDataEvent,
     LocalInfileRequestEvent, LoginReady, LoginRefused, PrepareEvent, QueryEvent, QuitEvent,
-    ErrPacket, PacketChannel, ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent,
+    ErrorNumber, ErrPacket, PacketChannel, encode_packets, ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent,
     StatementResetEvent, UpstreamLogin,
 )
 from protocols.mysql import dialparams as dp
@@ -76,8 +81,6 @@ from protocols.mysql.statements import use_targets
 log = logging.getLogger("wicket.cluster.mysql")
 
 PARAM_LOCAL_INFILE = "local_infile"
-#: MariaDB takes user names of up to 80 characters (MySQL 32), schema names of 64.
-MAX_USER, MAX_SCHEMA = 80, 64
 #: Bytes of a server's greeting we read for a probe (it is one packet of ~100).
 MAX_GREETING = 4096
 #: An OK payload larger than this (hex) travels without its session-state part.
@@ -104,14 +107,12 @@ class MySqlKind(DatabaseKind):
         params = dict(request.params)
         if dp.PROBE in params:
             return {dp.PROBE: "handshake"}
-        if dp.USE in params:  # RBAC decides on the db user and this database, as for a dial
-            params[PARAM_DB_NAME] = params[dp.USE]
         db_user = params.get(PARAM_DB_USER) or identity.user
         out = {PARAM_DB_USER: db_user}
         db_name = params.get(PARAM_DB_NAME)
         if db_name:  # MySQL sessions may have no default database
             out[PARAM_DB_NAME] = db_name
-        for what, value, limit in ((PARAM_DB_USER, db_user, MAX_USER), (PARAM_DB_NAME, db_name or "x", MAX_SCHEMA)):
+        for what, value, limit in ((PARAM_DB_USER, db_user, dp.MAX_USER), (PARAM_DB_NAME, db_name or "x", dp.MAX_SCHEMA)):
             if len(value) > limit or "\x00" in value:
                 raise Refused(ErrorCode.BAD_REQUEST, f"{what} must be 1-{limit} characters without NUL")
         out[dp.CAPS] = str(_int(params, dp.CAPS, 64, DEFAULT_CLIENT_CAPABILITIES.value))
@@ -119,16 +120,12 @@ class MySqlKind(DatabaseKind):
         out[dp.MAX_PACKET] = str(_int(params, dp.MAX_PACKET, 32, 1 << 24))
         attrs = [(k, v) for k, v in params.items() if k.startswith(dp.ATTR_PREFIX) and len(k) > len(dp.ATTR_PREFIX)]
         out.update(attrs[:dp.MAX_ATTRIBUTES])
-        if dp.USE in params:
-            out[dp.USE] = params[dp.USE]
         return out
 
     # -- control dials: the handshake probe --------------------------------------
 
     async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
                       identity: pki.Identity) -> Answered | None:
-        if dp.USE in request.params:  # the checks before this decided: allowed
-            return Answered(f"database switch to {request.params[dp.USE]!r} allowed")
         if dp.PROBE not in request.params:
             return None
         upstream = await connect_tcp(resource)
@@ -183,7 +180,7 @@ class MySqlKind(DatabaseKind):
         try:
             with trio.fail_after(LOGIN_TIMEOUT):
                 login = UpstreamLogin(user=db_user, password=password, tls=spec.tls != "disable")
-                outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
+                outcome = await self.upstream_login(cluster, resource, spec, db_user, upstream, login)
                 if isinstance(outcome, LoginRefused):
                     return f"KILL QUERY failed: the server refused the login ({outcome.error.errno})"
                 channel, buffer = PacketChannel(what="upstream server"), ReceiveBuffer(1 << 20)
@@ -215,10 +212,11 @@ class MySqlKind(DatabaseKind):
             caps &= ~Capability.LOCAL_FILES
         charset = int(params.get(dp.CHARSET, "0")) or None
         attributes = {k[len(dp.ATTR_PREFIX):]: v for k, v in params.items() if k.startswith(dp.ATTR_PREFIX)}
-        login = UpstreamLogin(user=db_user, password=password, database=db_name, tls=spec.tls != "disable",
-                              capabilities=caps, charset=charset, attributes=attributes or None,
-                              max_packet_size=int(params.get(dp.MAX_PACKET, 1 << 24)) or (1 << 24))
-        outcome = await self._login(cluster, resource, spec, db_user, upstream, login)
+        asked = {"tls": spec.tls != "disable", "capabilities": caps, "charset": charset,
+                 "attributes": attributes or None,
+                 "max_packet_size": int(params.get(dp.MAX_PACKET, 1 << 24)) or (1 << 24)}
+        login = UpstreamLogin(user=db_user, password=password, database=db_name, **asked)
+        outcome = await self.upstream_login(cluster, resource, spec, db_user, upstream, login)
         details: dict[str, Any] = {"db_user": db_user, "db_name": db_name, "local_infile": infile}
         if attributes:
             details["client_attributes"] = attributes
@@ -239,16 +237,16 @@ class MySqlKind(DatabaseKind):
         auditor.roles = roles
         session.extra["mysql_thread"] = outcome.server.connection_id  # for KILL QUERY (interrupt)
         session.extra["mysql_db_user"] = db_user
-        if names_constrained(roles, resource, db_user):
-            reply[dp.GUARD] = "1"
+        changer = UserChanger(self, cluster, resource, spec, session, auditor, asked)
+        auditor.change_user = changer.ask
         trailing, _ = login.trailing_data
-        return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply,
+        return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply, task=changer.run,
                       tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
                       details={**details, "auth": outcome.plugin, "tls": outcome.tls,
                                "server_version": outcome.server.server_version,
                                "thread_id": outcome.server.connection_id})
 
-    async def _login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
+    async def upstream_login(self, cluster: Cluster, resource: Resource, spec: resource_specs.DatabaseSpec,
                      db_user: str, upstream: Upstream, login: UpstreamLogin) -> LoginReady | LoginRefused:
         while True:
             event = login.next_event()
@@ -278,25 +276,28 @@ def local_infile_allowed(roles: list, resource: Resource, params: Mapping[str, s
     return rbac.decide(roles, resource.name, resource.labels, {**asked, PARAM_LOCAL_INFILE: "on"}).allowed
 
 
-#: No database is called this (MySQL names have no "/"): only a catch-all glob matches it.
-_ANY_NAME = "/wicket/any/database/"
-
-
-def names_constrained(roles: list, resource: Resource, db_user: str) -> bool:
-    """Do ``roles`` allow ``db_user`` on ``resource`` only some databases?
-    (A name only a catch-all glob matches is refused, or a deny rule names
-    databases.)"""
-    anything = {PARAM_DB_USER: db_user, PARAM_DB_NAME: _ANY_NAME}
-    if not rbac.decide(roles, resource.name, resource.labels, anything).allowed:
-        return True
-    return any(rule.selects(resource.name, resource.labels) and any(k == PARAM_DB_NAME for k, _ in rule.params)
-               for role in roles for rule in role.deny)
+#: The commands the cluster may answer itself (a first-byte look per chunk):
+#: a switch of database, a USE inside a query, a change of user.
+_ANSWERABLE = frozenset({Command.INIT_DB, Command.QUERY, Command.CHANGE_USER})
 
 
 class MySqlSessionAuditor(SessionAuditor):
     """A MySQL session's commands and the server's errors as audit events;
-    and the cluster's word on the commands a role may not run (see the
-    module docstring)."""
+    and the cluster's word on the commands a role may not run.
+
+    Refused commands never reach the server. A COM_INIT_DB or ``USE`` of a
+    database the user's roles do not allow gets ERR 1044 (42000) saying
+    what to do, answered by the cluster (an ``ends.Answer`` from the
+    client's tap: the command is taken out of the chunk, the ERR goes back
+    with sequence id 1) and the session goes on. A COM_CHANGE_USER is
+    taken out the same way and handed to ``change_user`` (the re-dial,
+    gateway/cluster/mysql_change_user.py), which answers it later; where
+    the session cannot be switched (a connection of its own), ERR 1235. That needs the command to be the first packet of the
+    chunk it came in, whole, with no answer of the server's still due
+    before its own (as every client sends them: one command per write,
+    waiting for its result); otherwise it cannot be answered in its place,
+    and the session ends there instead, on record. Only chunks that start
+    with one of these commands (a first-byte look) are set up for that."""
 
     prefix = "mysql"
     protocol = "MySQL"
@@ -304,15 +305,49 @@ class MySqlSessionAuditor(SessionAuditor):
     def __init__(self, cluster: Cluster, session: LiveSession, capabilities: Capability, resource: Resource,
                  db_user: str) -> None:
         super().__init__(cluster, session)
-        tracker = CommandTracker(capabilities)
+        self.tracker = tracker = CommandTracker(capabilities)
         self.commands = CommandAuditor(tracker)
         self.responses = ResponseAuditor(tracker)
         self.resource, self.db_user = resource, db_user
         self.roles: list = []
         self.infile: str | None = None
+        # The chunk being fed starts with a whole command the cluster may
+        # answer (until its event has been handled), and that answer (b"":
+        # a COM_CHANGE_USER handed to ``change_user``).
+        self._answerable = False
+        self._refusal: bytes | None = None
+        self._change: ChangeUserEvent | None = None
+        #: Re-dials a COM_CHANGE_USER in trio (gateway/cluster/mysql_change_user.py).
+        self.change_user: Callable[[ChangeUserEvent], None] | None = None
+        #: A COM_CHANGE_USER is being re-dialled: the client must wait.
+        self.changing = False
 
-    def from_client(self, data: bytes) -> None:
+    def from_client(self, data: bytes) -> Answer | None:
+        if self.changing:
+            raise trio.BrokenResourceError("the client sent more before its COM_CHANGE_USER was answered")
+        self._answerable = (len(data) > 4 and data[4] in _ANSWERABLE and not data[3]
+                            and self.commands.at_command and not self.tracker.pending
+                            and 4 + int.from_bytes(data[:3], "little") <= len(data)
+                            and data[:3] != b"\xff\xff\xff")  # whole, and not continued
         self.feed(self.commands, self._client_event, data, "client")
+        if self._refusal is None:
+            return None
+        return self._answer(data)
+
+    def _answer(self, data: bytes) -> Answer:
+        """The chunk's first packet (its whole command: see _refuse) taken
+        out and answered with the refusal."""
+        answer, self._refusal = self._refusal, None
+        size = 4 + int.from_bytes(data[:3], "little")
+        self.tracker.pending.popleft()  # the server will not answer it: it never sees it
+        if not answer:  # a COM_CHANGE_USER, answered once re-dialled
+            if len(data) > size:
+                raise trio.BrokenResourceError("the client sent more behind its COM_CHANGE_USER, before "
+                                               "its answer")
+            change, self._change = self._change, None
+            self.changing = True
+            self.change_user(change)
+        return Answer(forward=data[size:], answer=answer)
 
     def from_server(self, data: bytes) -> None:
         self.feed(self.responses, self._server_event, data, "server")
@@ -321,7 +356,9 @@ class MySqlSessionAuditor(SessionAuditor):
         if isinstance(e, QueryEvent):
             self.emit("query", query=e.text, truncated=e.truncated, size=e.size, attributes=e.attributes)
             for schema in use_targets(e.text):
-                self._init_db(schema)
+                if not self._init_db(schema):
+                    break
+            self._answerable = False
         elif isinstance(e, ExecuteEvent):
             self.emit("execute", statement_id=e.statement_id, param_count=e.param_count, size=e.size)
         elif isinstance(e, PrepareEvent):
@@ -332,9 +369,15 @@ class MySqlSessionAuditor(SessionAuditor):
             self.emit("stmt_reset", statement_id=e.statement_id)
         elif isinstance(e, InitDbEvent):
             self._init_db(e.schema)
+            self._answerable = False
         elif isinstance(e, ChangeUserEvent):
-            self.emit("change_user", username=e.username, database=e.database, refused=True)
-            raise trio.BrokenResourceError("COM_CHANGE_USER reached the cluster; the gateway answers it itself")
+            if self.change_user is not None and "stream" in self.session.extra:  # can be re-dialled
+                self._refuse(None, f"COM_CHANGE_USER to {e.username!r}")
+                self._change = e
+                return
+            self.emit("change_user", username=e.username, database=e.database, refused=True,
+                      outcome="a session on a connection of its own cannot change its db user")
+            self._refuse(change_user_refused(e.username, self.db_user), f"COM_CHANGE_USER to {e.username!r}")
         elif isinstance(e, ResetConnectionEvent):
             self.emit("reset_connection")
         elif isinstance(e, QuitEvent):
@@ -346,21 +389,42 @@ class MySqlSessionAuditor(SessionAuditor):
             self.emit("local_infile", file=self.infile, bytes=e.bytes, packets=e.packets)
             self.infile = None
         elif isinstance(e, CommandEvent):
+            if e.command == Command.CHANGE_USER:  # one too odd to read: refused all the same
+                self.emit("change_user", username=None, database=None, refused=True)
+                self._refuse(change_user_refused(None, self.db_user), "COM_CHANGE_USER")
+                return
+            self._answerable = False
             try:
                 name = Command(e.command).name
             except ValueError:
                 name = f"0x{e.command:02X}"
             self.emit("command", command=name, size=e.size)
 
-    def _init_db(self, schema: str) -> None:
+    def _init_db(self, schema: str) -> bool:
+        """Whether the roles allow switching to ``schema``; if not, the
+        command is refused (see _refuse)."""
         decision = rbac.decide(self.roles, self.resource.name, self.resource.labels,
                                {PARAM_DB_USER: self.db_user, PARAM_DB_NAME: schema})
         if "\ufffd" in schema:  # not UTF-8: the server would name it otherwise than we read it
-            decision = rbac.Decision(False, "the database name is not UTF-8")
+            decision = rbac.Decision(False, "database names must be UTF-8 through Wicket")
         self.emit("init_db", schema=schema, allowed=decision.allowed)
         if not decision.allowed:
-            # Never passed on: the session ends here (the audit says why).
-            raise trio.BrokenResourceError(f"COM_INIT_DB {schema!r} refused: {decision.reason}")
+            self._refuse(ErrPacket.of(ErrorNumber.ER_DBACCESS_DENIED_ERROR,
+                                      f"{decision.reason}; the session stays in the database it had. "
+                                      f"Ask a cluster administrator for a role that allows it"),
+                         f"COM_INIT_DB {schema!r} refused: {decision.reason}")
+        return decision.allowed
+
+    def _refuse(self, err: ErrPacket | None, what: str) -> None:
+        """The command being handled never reaches the server: answered
+        with ``err`` (None: by the re-dial) where it can be (the chunk's
+        first packet, whole, with nothing of the server's due before it),
+        else the session ends here (the audit says why)."""
+        if not self._answerable:
+            raise trio.BrokenResourceError(f"{what}; the session ends (it did not come as a command the "
+                                           f"cluster can answer in its place)")
+        self._answerable = False
+        self._refusal = b"" if err is None else encode_packets(err.encode(), 1)[0]
 
     def _server_event(self, e: object) -> None:
         if isinstance(e, ErrorEvent):
@@ -371,3 +435,15 @@ class MySqlSessionAuditor(SessionAuditor):
     def finish(self) -> None:
         if self.infile is not None:
             self.emit("local_infile", file=self.infile, bytes=None, packets=None, failed=True)
+
+
+def change_user_refused(username: str | None, db_user: str) -> ErrPacket:
+    """The ERR for a COM_CHANGE_USER that cannot be re-dialled (a session on
+    a connection of its own; one too odd to read): what happened and what
+    to do."""
+    other = f"db user {username!r}" if username else "another db user"
+    return ErrPacket.of(
+        ErrorNumber.ER_NOT_SUPPORTED_YET,
+        f"changing to {other} inside this session (COM_CHANGE_USER) is not supported through Wicket: it "
+        f"stays db user {db_user!r}. Connect again as the other user (mysql -u {username or 'NEWUSER'} "
+        f"...) through the same wicket proxy port; your roles decide which db users you may use")

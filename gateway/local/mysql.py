@@ -39,13 +39,12 @@ import trio
 
 from gateway.local.dbroute import ClientPhase, DatabaseRoute, local_tls as local_tls_setup
 from gateway.local.dialer import MuxDialer
-from gateway.local.mysqlguard import Guard, socket_pair
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
-from gateway.net.muxlink import LinkClosed, MuxLink, Stream
+from gateway.net.muxlink import MuxLink, Stream
 from gateway.net.peercred import LocalUsers
 from gateway.net.tls import TLSStream
-from protocols.dial import DialError, DialRequest
+from protocols.dial import DialError
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocols.mysql import (
     DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, ClientLogin, ConnectionClosed, ErrPacket,
@@ -208,37 +207,13 @@ class _MySqlClient(ClientPhase):
             link.cut(stream, "the client sent commands before its login was answered")
             route.dialer.release(link)
             return
-        log.info("mysql_session_start resource=%s client=%s db_user=%s db_name=%s session=%s%s", route.resource,
-                 client_addr, params["db_user"], params.get("db_name"), session_id,
-                 " guarded=yes" if dp.GUARD in reply else "")
-        if dp.GUARD in reply:
-            counters, error = await self._guarded(params, link, stream, early)
-        else:
-            counters, error, _ran = await route.relay(self, link, stream, early=early)
+        log.info("mysql_session_start resource=%s client=%s db_user=%s db_name=%s session=%s", route.resource,
+                 client_addr, params["db_user"], params.get("db_name"), session_id)
+        # Byte for byte from here: the cluster answers what the roles do not
+        # allow (a USE, a COM_CHANGE_USER) itself (gateway/cluster/mysql.py).
+        counters, error, _ran = await route.relay(self, link, stream, early=early)
         log.info("mysql_session_end resource=%s client=%s session=%s sent=%d received=%d%s", route.resource,
                  client_addr, session_id, counters.a_to_b, counters.b_to_a, f" error={error!r}" if error else "")
-
-
-    async def _guarded(self, params: Mapping[str, str], link: MuxLink, stream: Stream, early: bytes):
-        """The session through a :class:`Guard` (gateway/local/mysqlguard.py)."""
-        inner, outer = socket_pair()
-
-        async def check(schema: str) -> str | None:
-            request = DialRequest(resource=self.route.resource, client_addr=self.client_addr,
-                                  params={"db_user": params["db_user"], dp.USE: schema})
-            try:
-                reply = await self.route.control_dial(link, request)
-            except LinkClosed as exc:
-                return f"the cluster could not be asked whether {schema!r} is allowed ({exc})"
-            return reply.message if isinstance(reply, DialError) else None
-
-        caps = Capability(int(stream.reply.params.get(dp.SESSION_CAPS, params[dp.CAPS])))
-        guard = Guard(self.stream, outer, check, caps)
-        async with outer, trio.open_nursery() as nursery:
-            nursery.start_soon(guard.run)
-            _counters, error, _ran = await self.route.relay(self, link, stream, early=early, client=inner)
-            nursery.cancel_scope.cancel()
-        return guard.counters, error
 
 
 def mysql_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,

@@ -80,7 +80,10 @@ descriptors and closes them) and awaits an event; the engine reports the
 end with ``TrioToken.run_sync_soon``. Tap callbacks (the audit parsers) are
 called in the engine's thread, in order, with a copy of the bytes, before
 those bytes are forwarded; a tap that raises ends the session (what cannot
-be audited does not pass). So a tap must be safe to call from another
+be audited does not pass); a tap that returns an ``ends.Answer`` has
+part of the chunk answered back to where it came from, and only the rest
+forwarded (the cluster answering a command it refuses, the session going
+on). So a tap must be safe to call from another
 thread than trio's: the cluster's auditors only parse and queue events
 (``Cluster.audit_soon`` is thread-safe).
 A single lock guards the engine's tables: the engine takes it for each

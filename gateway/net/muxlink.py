@@ -67,7 +67,9 @@ link's own connection. What the kernel does not take of the records is the
 tail, held as ciphertext; its plaintext is acknowledged once it drained.
 Taps (the cluster's audit parsers; the gateway's look at a PostgreSQL
 session's first bytes) see each direction's plaintext before it moves on;
-one that raises resets the stream.
+one that raises resets the stream. The tap of the connection's side may
+answer part of a chunk itself (``ends.Answer``: the cluster refusing a
+MySQL ``USE``): the answer goes back on the stream, the rest goes on.
 
 Where the gateway must answer a refusal in the client's own protocol, it
 :meth:`MuxLink.open` s a stream without a socket, awaits :meth:`MuxLink.reply`,

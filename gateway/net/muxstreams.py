@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from gateway.net.engine import PUMP_BUDGET, Timer
-from gateway.net.ends import _ALWAYS, End, Failure, _IN, _OUT, failed_quietly, seal
+from gateway.net.ends import (
+    _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, detach, failed_quietly, reset_and_close, seal,
+)
 from protocols.dial import DialAccept, DialError
 from protocols.mux import HEADER
 
@@ -71,8 +73,10 @@ class Stream:
         self.sent: bytearray | None = None
         # Shown every chunk from the connection before it goes to the
         # socket (the cluster's audit parsers, the gateway's look at a
-        # session's start-up); one that raises resets the stream. The other
-        # direction's tap is the socket end's own (``End.tap``).
+        # session's start-up); one that raises resets the stream, one that
+        # returns an ``Answer`` has part of the chunk answered back on the
+        # stream (:meth:`StreamIO._answered`). The other direction's tap is
+        # the socket end's own (``End.tap``), which cannot answer.
         self.tap_in: Callable[[bytes], None] | None = None
         # Set once the socket has taken everything written to it so far
         # (see :meth:`MuxLink.flushed`).
@@ -94,6 +98,65 @@ class Stream:
 
 class StreamIO:
     """The bytes of a link's streams (see the module doc)."""
+
+    # -- (cluster) what a kind does to a running session from trio ----------
+
+    def send_back(self, stream: Stream, data: bytes) -> bool:
+        """(cluster) ``data`` to the gateway on a running stream, behind
+        what its socket sent so far: an answer the cluster gives later than
+        its tap could (MySQL's COM_CHANGE_USER, re-dialled in trio). False
+        if the stream is over, or, when its window has no room, ended."""
+        with self.engine.lock:
+            if stream.finished or self.failed is not None or stream.end is None:
+                return False
+            if self.conn.send_window(stream.sid) < len(data):
+                self._finish(stream, f"{stream.end.name}: the other side does not read the answers to what it "
+                                     f"sends", reset=True)
+                return False
+            self._send_guarded(self.conn.send_data(stream.sid, data))
+            stream.counters.b_to_a += len(data)
+            return stream.finished is False and self.failed is None
+
+    def switch(self, stream: Stream, sock, *, goodbye: bytes = b"", first: bytes = b"") -> bool:
+        """(cluster) Go on with ``sock`` (a socket, or one of our TLS
+        streams: the link carries its records) as ``stream``'s upstream,
+        with the old socket's tap, then send ``first`` to the gateway: the
+        session carries on with another connection to the server (MySQL's
+        COM_CHANGE_USER re-dialled as the new db user). The old socket gets
+        ``goodbye`` (what the protocol says before it leaves), as far as
+        its kernel takes it at once, and is closed. Only between exchanges:
+        nothing may be waiting to be written to the old socket, nor its
+        EOF. False (``sock`` reset) if the stream is over or is not
+        between exchanges."""
+        raw, tls = (sock, None) if isinstance(sock, socket.socket) else detach(sock)
+        with self.engine.lock:
+            old = stream.end
+            if (stream.finished or self.failed is not None or old is None or old.tail is not None
+                    or old.in_done or old.eof_wanted):
+                reset_and_close(raw)
+                return False
+            self.blocked.pop(old, None)
+            self.engine.forget(old)
+            if goodbye:
+                try:
+                    self.engine.write_some(old, goodbye if old.obj is None else seal(old, goodbye))
+                except (OSError, Failure):
+                    pass  # it is going anyway
+            old.sock.close()
+            tap, old.tap, old.owner, old.session = old.tap, None, None, None
+            old.obj = old.ssl = old.incoming = old.outgoing = old.key_update = old.carry = None
+            stream.end = None
+            self._bind(stream, raw, stream.counters, tls, tap)
+            if tls is not None:  # bytes may already wait inside the TLS object
+                self.engine.again.append(stream.end)
+                self.engine.wake()
+            if first:
+                if self.conn.send_window(stream.sid) < len(first):
+                    self._finish(stream, "the gateway does not read what the session sends", reset=True)
+                    return False
+                self._send_guarded(self.conn.send_data(stream.sid, first))
+                stream.counters.b_to_a += len(first)
+            return not stream.finished and self.failed is None
 
     def _on_stream(self, stream: Stream, ev: int) -> None:
         end = stream.end
@@ -152,8 +215,10 @@ class StreamIO:
                 n = engine.read_into(end, payload[:want])  # reading may queue a KeyUpdate answer
                 if n < 0:
                     return end.tail is None
-            if n and end.tap is not None:
-                _show(end.tap, payload[:n], end.name)
+            if n and end.tap is not None and _show(end.tap, payload[:n], end.name) is not None:
+                # Only the connection's side answers (tap_in): an answer to
+                # the socket would pass through the stream's flow control.
+                raise Failure(f"{end.name}: a tap of a stream's socket cannot answer")
             if not n:
                 end.in_done = True
                 self._send(conn.send_fin(stream.sid))
@@ -202,11 +267,19 @@ class StreamIO:
         end = stream.end
         engine = self.engine
         if stream.tap_in is not None:
-            for piece in pieces:
+            answered = False
+            for i, piece in enumerate(pieces):
                 tap = stream.tap_in  # a tap may let go of the stream midway (the gateway's start-up watch)
                 if tap is None:
                     break
-                _show(tap, piece, end.name)
+                said = _show(tap, piece, end.name)
+                if said is not None:  # part of it answered here (ends.Answer)
+                    pieces = self._answered(stream, pieces, i, said)
+                    answered = True
+            if answered:
+                pieces = [piece for piece in pieces if piece]
+                if not pieces:
+                    return
         if end.obj is not None:
             self._to_tls(stream, pieces)
             return
@@ -237,6 +310,28 @@ class StreamIO:
             self._hold(stream, len(rest))
             if not stream.finished:
                 end.tail = memoryview(rest)
+
+    def _answered(self, stream: Stream, pieces: list[memoryview], i: int, said: Answer) -> list[memoryview]:
+        """A tap answered part of ``pieces[i]``: the answer goes back on the
+        stream now (behind everything the socket sent that way: its reads
+        go out as they come), and the rest of the piece goes on in its
+        place; what was taken out is acknowledged, as if written. Returns
+        the new list."""
+        piece = pieces[i]
+        pieces = [*pieces[:i], memoryview(said.forward), *pieces[i + 1:]]
+        frame = self.conn.acknowledge(stream.sid, len(piece) - len(said.forward))
+        if frame:
+            self._send(frame)
+        answer = said.answer
+        if answer:
+            if self.conn.send_window(stream.sid) < len(answer):
+                raise Failure(f"{stream.end.name}: the other side does not read the answers to what it sends")
+            self._send(self.conn.send_data(stream.sid, answer))
+            if self.gateway:
+                stream.counters.a_to_b += len(answer)
+            else:
+                stream.counters.b_to_a += len(answer)
+        return pieces
 
     def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
         """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
@@ -366,11 +461,11 @@ class StreamIO:
             self._update(end)
 
 
-def _show(tap: Callable[[bytes], None], data: memoryview, name: str) -> None:
+def _show(tap: Tap, data: memoryview, name: str) -> Answer | None:
     """Show ``data`` to a tap; what it refuses (an audit parser that cannot
     parse it) must not pass: the stream is reset."""
     try:
-        tap(bytes(data))
+        return tap(bytes(data))
     except Exception as exc:
         raise Failure(f"{name}: {exc}") from None
 

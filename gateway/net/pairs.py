@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from gateway.net.ends import (
-    _IN, _OUT, _Cut, End, Failure, detach, Tap, seal, watch_mask,
+    ANSWER_BACKLOG, _IN, _OUT, _Cut, End, Failure, detach, Tap, seal, watch_mask,
 )
 
 __all__ = ["PUMP_BUDGET", "PairRelay"]
@@ -152,11 +152,16 @@ class PairRelay:
     def _deliver(self, src: End, dst: End, data: memoryview) -> None:
         if src.tap is not None:
             try:
-                src.tap(bytes(data))
+                said = src.tap(bytes(data))
             except Exception as exc:
                 # What the tap (an audit parser) cannot take must not pass:
                 # the session ends here, before these bytes are forwarded.
                 raise _Cut(f"{src.name}: {exc}") from None
+            if said is not None:  # part of it answered here (ends.Answer)
+                self._answer(src, said.answer)
+                if not said.forward:
+                    return
+                data = memoryview(said.forward)
         counters = src.session.counters
         if src.forward:
             counters.a_to_b += len(data)
@@ -166,6 +171,19 @@ class PairRelay:
             self.write(dst, data, copy=True)
             return
         self.write(dst, seal(dst, data), copy=False)
+
+    def _answer(self, src: End, data: bytes) -> None:
+        """A tap's answer back to ``src``, behind what it was sent already."""
+        if not data:
+            return
+        if src.tail is not None and len(src.tail) + src.more_bytes > ANSWER_BACKLOG:
+            raise _Cut(f"{src.name}: does not read the answers to what it sends")
+        counters = src.session.counters
+        if src.forward:
+            counters.b_to_a += len(data)
+        else:
+            counters.a_to_b += len(data)
+        self.write(src, data if src.obj is None else seal(src, data), copy=False)
 
     def _flush(self, end: End) -> None:
         """EPOLLOUT: write the tail; once it is gone, send a pending EOF and

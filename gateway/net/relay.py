@@ -48,7 +48,9 @@ Semantics
 - ``taps`` (one per side, or ``None``) are shown every chunk received from
   that side, in order, before it is forwarded and before the relay returns:
   the audit parsers read the session this way. A tap that raises ends the
-  relay with that error. The engine calls taps from its own thread, so
+  relay with that error. A tap that returns an
+  :class:`~gateway.net.ends.Answer` has the relay answer part of the
+  chunk itself: its ``forward`` goes on instead, its ``answer`` goes back. The engine calls taps from its own thread, so
   they must not touch trio.
 
 Counting. A byte is counted once ``send_all`` has handed it to the
@@ -57,6 +59,7 @@ destination, so the counts are what actually left toward each side.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from typing import Awaitable, Callable
@@ -65,6 +68,7 @@ import attrs
 import trio
 
 from gateway.net import engine as engine_mod
+from gateway.net.ends import Tap
 from gateway.net.tls import linger_reset
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay", "reset_on_close"]
@@ -134,9 +138,6 @@ def _receiver(stream: trio.abc.ReceiveStream) -> Callable[[memoryview], Awaitabl
     return generic_receive_into
 
 
-Tap = Callable[[bytes], None]
-
-
 def reset_on_close(stream: trio.abc.Stream) -> None:
     """Make the caller's ``aclose`` of ``stream`` an abort (TCP RST, no
     close_notify) when it is a socket or one of our TLS streams; nothing for
@@ -177,11 +178,21 @@ async def relay(
             raise
         return RelayStats(a_to_b=counters.a_to_b, b_to_a=counters.b_to_a, error=error)
     errors: list[str] = []
+    # A tap's answer goes back the way its chunk came, while the other
+    # direction may be sending there too: with taps, sends take turns.
+    turns = {id(s): trio.StrictFIFOLock() if taps != (None, None) else contextlib.nullcontext()
+             for s in (a, b)}
 
     async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
                    src_name: str, dst_name: str, forward: bool, tap: Tap | None,
                    cancel_scope: trio.CancelScope) -> None:
-        receive_into, send = _receiver(src), dst.send_all
+        receive_into, send_all = _receiver(src), dst.send_all
+        dst_turn, src_turn = turns[id(dst)], turns[id(src)]
+
+        async def send(data) -> None:
+            async with dst_turn:
+                await send_all(data)
+
         # Start small and double while reads fill the buffer: an interactive
         # session keeps a few KiB per direction, a bulk one reaches
         # buffer_size after a handful of reads.
@@ -193,19 +204,32 @@ async def relay(
                 n = await receive_into(buffer)
                 if not n:
                     break
+                data = buffer[:n]
                 if tap is not None:
-                    tap(bytes(buffer[:n]))
+                    said = tap(bytes(data))
+                    if said is not None:  # part of it answered here (ends.Answer)
+                        failed = f"{src_name}: send failed"
+                        if said.answer:
+                            async with src_turn:
+                                await src.send_all(said.answer)
+                            if forward:
+                                counters.b_to_a += len(said.answer)
+                            else:
+                                counters.a_to_b += len(said.answer)
+                        data = memoryview(said.forward)
                 failed = send_failed
-                await send(buffer[:n])
+                if data:
+                    await send(data)
                 failed = receive_failed
                 if forward:
-                    counters.a_to_b += n
+                    counters.a_to_b += len(data)
                 else:
-                    counters.b_to_a += n
+                    counters.b_to_a += len(data)
                 if n == len(buffer) < buffer_size:
                     buffer = memoryview(bytearray(min(2 * n, buffer_size)))
             failed = f"{dst_name}: send_eof failed"
-            await dst.send_eof()
+            async with dst_turn:
+                await dst.send_eof()
         except _STREAM_ERRORS as exc:
             errors.append(f"{failed}: {exc or type(exc).__name__}")
             cancel_scope.cancel()

@@ -131,6 +131,13 @@ class CommandTracker:
     def closed(self, statement_id: int) -> None:
         self._statements.pop(statement_id, None)
 
+    def new_connection(self) -> None:
+        """The session goes on with another connection to the server (a
+        COM_CHANGE_USER re-dialled): the statements prepared on the old
+        one are gone with it, and their ids will be given again."""
+        self._statements.clear()
+        self._last_prepared = None
+
 
 _event = attrs.frozen(kw_only=True)
 
@@ -318,6 +325,14 @@ class CommandAuditor(StreamAuditor):
                     return
                 data = memoryview(data)[pos:]
         super().receive_data(data)
+
+    @property
+    def at_command(self) -> bool:
+        """Whether the next byte starts a command: a packet's first, not
+        the rest of a full one, nor a file's contents. (A relay that
+        answers a command itself looks, before it feeds a chunk, whether
+        the chunk starts with one.)"""
+        return self._splitter.at_boundary and not (self._continues or self._tracker.infile or self._ended)
 
     def _keep(self, seq: int, length: int) -> int | None:
         continues, self._continues = self._continues, length == MAX_PAYLOAD

@@ -26,18 +26,20 @@ from protocols.errors import ProtocolError
 from protocols.mysql.messages import ServerInfo
 
 __all__ = [
-    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "USE", "GUARD", "SESSION_CAPS", "ATTR_PREFIX",
-    "MAX_ATTRIBUTES", "VERSION",
+    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "SESSION_CAPS", "ATTR_PREFIX",
+    "MAX_ATTRIBUTES", "MAX_USER", "MAX_SCHEMA", "VERSION",
     "SERVER_CAPS", "SERVER_CHARSET", "STATUS", "PLUGIN", "THREAD", "OK", "ERR",
     "server_params", "server_info_of",
 ]
+
+#: MariaDB takes user names of up to 80 characters (MySQL 32), schema names of 64.
+MAX_USER: Final = 80
+MAX_SCHEMA: Final = 64
 
 CAPS: Final = "mysql.caps"
 CHARSET: Final = "mysql.charset"
 MAX_PACKET: Final = "mysql.max_packet"
 PROBE: Final = "mysql.probe"
-#: A control dial: may this session's db user switch to this database?
-USE: Final = "mysql.use"
 ATTR_PREFIX: Final = "mysql.attr."
 #: Connection attributes passed on at most (the dial carries 32 parameters).
 MAX_ATTRIBUTES: Final = 16
@@ -53,10 +55,6 @@ ERR: Final = "mysql.err"
 #: The capabilities the session runs with upstream (the client's, less
 #: what the cluster did not ask of the server).
 SESSION_CAPS: Final = "mysql.session_caps"
-#: "1": the roles allow this db user only some databases: switches of
-#: database need the cluster's word first (gateway/local/mysqlguard.py).
-GUARD: Final = "mysql.guard"
-
 
 def server_params(info: ServerInfo) -> dict[str, str]:
     """A server's handshake values as DialAccept parameters."""

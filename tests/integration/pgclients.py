@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from gateway.local.pgserver import PgServer
-from tests.integration.harness import Cluster, Echo, Gateway
+from tests.integration.dbenv import add_down_resource, add_resource, database_env, new_gateway
+from tests.integration.harness import Gateway
 
 
 PG_PW = "scram secret for pwuser"
@@ -38,37 +39,28 @@ db_names = ["app"]
 @pytest.fixture(scope="package")
 def pg_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pg")
-    echo = Echo(tmp)
     md5_file = tmp / "md5.pass"
     md5_file.write_text(MD5_PW + "\n")
-    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_PG_PW": PG_PW})
-    server = PgServer(tmp / "pgserver", client_ca_pem=(cluster.state / "db_client_ca.crt").read_bytes(),
-                      hba_extra="hostssl all pwuser 127.0.0.1/32 scram-sha-256\n"
-                                "host all md5user 127.0.0.1/32 md5\n")
-    server.start()
-    server.sql("CREATE ROLE app LOGIN")
-    server.sql("CREATE DATABASE app OWNER app")
-    server.sql(f"CREATE ROLE pwuser LOGIN PASSWORD '{PG_PW}'")
-    server.sql(f"SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD '{MD5_PW}'")
-    server.sql("GRANT ALL ON DATABASE app TO pwuser, md5user")
-    server.sql("GRANT ALL ON SCHEMA public TO pwuser, md5user", dbname="app")
-    ca = str(server.server_ca_path)
-    cluster.admin("resources", "add", "pg", "--kind", "postgres", "--address", server.address,
-                  "--ca-file", ca, "--server-name", "localhost", "--label", "env=dev")
-    cluster.admin("resources", "add", "pg-pw", "--kind", "postgres", "--address", server.address,
-                  "--ca-file", ca, "--server-name", "localhost", "--auth", "password",
-                  "--password-ref", "pwuser=env:WICKET_TEST_PG_PW")
-    cluster.admin("resources", "add", "pg-md5", "--kind", "postgres", "--address", server.address,
-                  "--tls", "disable", "--auth", "password", "--password-ref", f"md5user=file:{md5_file}")
-    cluster.admin("resources", "add", "pg-down", "--kind", "postgres", "--address", "127.0.0.1:9",
-                  "--tls", "require")
-    yield cluster, server
-    server.stop()
-    cluster.stop()
-    echo.proc.stop()
 
+    def make_server(client_ca_pem: bytes) -> PgServer:
+        return PgServer(tmp / "pgserver", client_ca_pem=client_ca_pem,
+                        hba_extra="hostssl all pwuser 127.0.0.1/32 scram-sha-256\n"
+                                  "host all md5user 127.0.0.1/32 md5\n")
 
-_n = iter(range(1, 10_000))
+    with database_env(tmp, make_server, roles=ROLES, env={"WICKET_TEST_PG_PW": PG_PW}) as (cluster, server):
+        server.sql("CREATE ROLE app LOGIN")
+        server.sql("CREATE DATABASE app OWNER app")
+        server.sql(f"CREATE ROLE pwuser LOGIN PASSWORD '{PG_PW}'")
+        server.sql(f"SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD '{MD5_PW}'")
+        server.sql("GRANT ALL ON DATABASE app TO pwuser, md5user")
+        server.sql("GRANT ALL ON SCHEMA public TO pwuser, md5user", dbname="app")
+        add_resource(cluster, server, "pg", "postgres", "--label", "env=dev")
+        add_resource(cluster, server, "pg-pw", "postgres", "--auth", "password",
+                     "--password-ref", "pwuser=env:WICKET_TEST_PG_PW")
+        cluster.admin("resources", "add", "pg-md5", "--kind", "postgres", "--address", server.address,
+                      "--tls", "disable", "--auth", "password", "--password-ref", f"md5user=file:{md5_file}")
+        add_down_resource(cluster, "pg-down", "postgres")
+        yield cluster, server
 
 
 @pytest.fixture(scope="package")
@@ -80,8 +72,11 @@ def gw(pg_env, tmp_path_factory):
     g.stop()
 
 
+_n = iter(range(1, 10_000))  # unique names for the tests' own objects
+
+
 def _gateway(cluster, tmp, roles: str) -> Gateway:
-    return Gateway.logged_in(cluster, tmp, f"pguser{next(_n)}", roles)
+    return new_gateway(cluster, tmp, roles, "pguser")
 
 
 @pytest.fixture(scope="package")

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from tests.integration.harness import Cluster, Echo, Gateway, logged_in, wait_for
+from tests.integration.dbenv import add_down_resource, add_resource, database_env, new_gateway
+from tests.integration.harness import Gateway, wait_for
 
 pymysql = pytest.importorskip("pymysql")
 
@@ -54,38 +55,32 @@ db_names = ["*"]
 @pytest.fixture(scope="module")
 def my_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("my")
-    echo = Echo(tmp)
     ed_file = tmp / "ed.pass"
     ed_file.write_text(ED_PW + "\n")
-    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_MY_PW": NATIVE_PW})
-    server = MariaDbServer(tmp / "mariadb", client_ca_pem=(cluster.state / "db_client_ca.crt").read_bytes())
-    server.start()
-    server.sql("CREATE DATABASE app; CREATE DATABASE app_other; CREATE DATABASE sbtest; CREATE DATABASE dumped; "
-               "CREATE DATABASE secret;"
-               "CREATE USER app@'%' REQUIRE SUBJECT '/CN=app';"
-               f"CREATE USER nativeuser@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{NATIVE_PW}');"
-               f"CREATE USER eduser@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');"
-               "GRANT ALL ON *.* TO app@'%' REQUIRE SUBJECT '/CN=app';"
-               "GRANT ALL ON app.* TO nativeuser@'%'; GRANT ALL ON app.* TO eduser@'%';")
-    ca = str(server.server_ca_path)
-    cluster.admin("resources", "add", "maria", "--kind", "mysql", "--address", server.address,
-                  "--ca-file", ca, "--server-name", "localhost", "--label", "env=dev")
-    cluster.admin("resources", "add", "maria-pw", "--kind", "mysql", "--address", server.address,
-                  "--ca-file", ca, "--server-name", "localhost", "--auth", "password",
-                  "--password-ref", "nativeuser=env:WICKET_TEST_MY_PW", "--password-ref", f"eduser=file:{ed_file}")
-    cluster.admin("resources", "add", "maria-down", "--kind", "mysql", "--address", "127.0.0.1:9",
-                  "--tls", "require")
-    yield cluster, server
-    server.stop()
-    cluster.stop()
-    echo.proc.stop()
+
+    def make_server(client_ca_pem: bytes) -> MariaDbServer:
+        return MariaDbServer(tmp / "mariadb", client_ca_pem=client_ca_pem)
+
+    with database_env(tmp, make_server, roles=ROLES, env={"WICKET_TEST_MY_PW": NATIVE_PW}) as (cluster, server):
+        server.sql("CREATE DATABASE app; CREATE DATABASE app_other; CREATE DATABASE sbtest; CREATE DATABASE dumped; "
+                   "CREATE DATABASE secret;"
+                   "CREATE USER app@'%' REQUIRE SUBJECT '/CN=app';"
+                   f"CREATE USER nativeuser@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{NATIVE_PW}');"
+                   f"CREATE USER eduser@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');"
+                   "GRANT ALL ON *.* TO app@'%' REQUIRE SUBJECT '/CN=app';"
+                   "GRANT ALL ON app.* TO nativeuser@'%'; GRANT ALL ON app.* TO eduser@'%';")
+        add_resource(cluster, server, "maria", "mysql", "--label", "env=dev")
+        add_resource(cluster, server, "maria-pw", "mysql", "--auth", "password",
+                     "--password-ref", "nativeuser=env:WICKET_TEST_MY_PW", "--password-ref", f"eduser=file:{ed_file}")
+        add_down_resource(cluster, "maria-down", "mysql")
+        yield cluster, server
 
 
-_n = iter(range(1, 10_000))
+_n = iter(range(1, 10_000))  # unique names for the tests' own objects
 
 
 def _gateway(cluster, tmp, roles: str) -> Gateway:
-    return logged_in(tmp, cluster, f"myuser{next(_n)}", roles)
+    return new_gateway(cluster, tmp, roles, "myuser")
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +98,19 @@ def my_port(gw):
 
 @pytest.fixture(scope="module")
 def any_port(my_env, tmp_path_factory):
-    """A user whose role allows the db user every database: its sessions
-    are relayed by the engine alone (no guard)."""
+    """A user whose role allows the db user every database."""
     cluster, _ = my_env
     g = _gateway(cluster, tmp_path_factory.mktemp("gw-any"), "my-any")
     yield g.proxy("db", "maria")[1]
     g.stop()
 
 
-@pytest.fixture(params=["guarded", "engine"])
-def port(request, my_port, any_port):
-    """Both ways a session runs: through the gateway's guard (the role
-    allows some databases), and relayed by the engine alone."""
-    return my_port if request.param == "guarded" else any_port
+@pytest.fixture
+def port(my_port):
+    """Where the client tests connect. Every session runs one way (relayed
+    by the engine, the cluster answering what the roles do not allow), so
+    the stricter role (some databases) stands for both."""
+    return my_port
 
 
 @pytest.fixture(scope="module")
@@ -274,57 +269,102 @@ def test_upstream_down(gw):
 
 
 def test_use_of_a_database_the_role_does_not_allow_is_refused_and_the_session_goes_on(my_port, my_env, gw):
+    """The cluster answers it (ERR 1044) in the command's place; the server
+    never sees it, the session goes on in the database it had."""
     cluster, _ = my_env
-    r = mysql(my_port, "-e", "use app_other; select database(); use secret")
+    r = mysql(my_port, "-e", "use app_other; select database(); use secret")  # the CLI's use: COM_INIT_DB
     assert "ERROR 1044 (42000)" in r.stderr and "db_name=secret" in r.stderr, r.stderr
+    assert "ask a cluster administrator" in r.stderr.lower(), r.stderr
     assert r.stdout.split() == ["app_other"]
+    r = mysql(my_port, "--force", input="use secret\nselect database();\n\\u secret\nselect 'still here';\n")
+    assert r.stderr.count("ERROR 1044 (42000)") == 2, r.stderr
+    assert r.stdout.split() == ["app", "still", "here"]
     conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
     try:
-        for use in (lambda: conn.select_db("secret"),
+        for use in (lambda: conn.select_db("secret"),  # COM_INIT_DB
                     lambda: conn.cursor().execute("/* as a statement */ USE `secret`"),
+                    lambda: conn.cursor().execute("/*!USE secret*/"),  # the server runs what it holds
                     lambda: conn.cursor().execute("select 1; use secret")):
             with pytest.raises(pymysql.err.OperationalError) as info:
                 use()
             assert info.value.args[0] == 1044
             with conn.cursor() as cur:  # the session goes on, in the database it had
+                cur.execute("select 1")
+                assert cur.fetchone() == (1,)
                 cur.execute("select database()")
                 assert cur.fetchone() == ("app",)
+        conn.select_db("app_other")  # an allowed one goes through
+        with conn.cursor() as cur:
+            cur.execute("select database()")
+            assert cur.fetchone() == ("app_other",)
     finally:
         conn.close()
-    checks = cluster.wait_audit(lambda evs: any(e["params"].get("mysql.use") == "secret" for e in evs),
-                                user=gw.user, event="dial.denied")
-    assert checks
+    refused = cluster.wait_audit(lambda evs: sum(e["schema"] == "secret" for e in evs) >= 6,
+                                 user=gw.user, event="mysql.init_db")
+    assert not any(e["allowed"] for e in refused if e["schema"] == "secret")
 
 
-def test_change_user_is_refused_and_the_session_goes_on(my_port):
+def test_change_user_redials_as_the_new_db_user(pw_port, my_port, my_env, gw):
+    """COM_CHANGE_USER (mysqlclient's change_user, libmariadb's
+    mysql_change_user): the cluster checks the roles for the new db user
+    and database, logs in as it on a new connection and switches the
+    session to it; a refusal is an ERR and the session stays as it was."""
+    MySQLdb = pytest.importorskip("MySQLdb")
+    cluster, _ = my_env
+
+    def who(conn) -> tuple:
+        cur = conn.cursor()
+        cur.execute("select current_user(), database(), connection_id()")
+        return cur.fetchone()
+
+    conn = MySQLdb.connect(host="127.0.0.1", port=pw_port, user="nativeuser", password="", database="app")
+    try:
+        _, _, first = who(conn)
+        conn.change_user("eduser", "", "app")  # password auth: the cluster's secret for eduser
+        user, db, thread = who(conn)
+        assert (user, db) == ("eduser@%", "app") and thread != first
+        for user, errno, words in (("root", 1045, "db_user=root"),  # the role does not allow it
+                                   ("nobody", 1045, "no credentials for db user 'nobody'")):
+            with pytest.raises(MySQLdb.MySQLError) as info:
+                conn.change_user(user, "", "app")
+            assert info.value.args[0] == errno and words in info.value.args[1], info.value
+            assert "stays db user 'eduser'" in info.value.args[1], info.value
+            assert who(conn)[:2] == ("eduser@%", "app")  # the session goes on as it was
+        conn.change_user("nativeuser", "", "app")
+        assert who(conn)[:2] == ("nativeuser@%", "app")
+    finally:
+        conn.close()
+    conn = MySQLdb.connect(host="127.0.0.1", port=my_port, user="app", database="app")
+    try:
+        conn.change_user("app", "", "app_other")  # certificate auth; another database the role allows
+        assert who(conn)[:2] == ("app@%", "app_other")
+        with pytest.raises(MySQLdb.MySQLError) as info:
+            conn.change_user("app", "", "secret")
+        assert info.value.args[0] == 1044 and "db_name=secret" in info.value.args[1], info.value
+        assert who(conn)[:2] == ("app@%", "app_other")
+    finally:
+        conn.close()
+    events = cluster.wait_audit(lambda evs: len(evs) >= 6, user=gw.user, event="mysql.change_user")
+    outcomes = [(e["username"], e["refused"]) for e in events]
+    assert ("eduser", False) in outcomes and ("root", True) in outcomes and ("nobody", True) in outcomes
+    assert any(e["outcome"].startswith("switched") for e in events)
+
+
+def test_change_user_by_hand_without_a_driver_api(my_port):
+    """PyMySQL has no change_user: the packet by hand, to a db user the
+    role does not allow; the answer is the ERR, then the session goes on."""
     from pymysql.constants import COMMAND
     conn = pymysql.connect(host="127.0.0.1", port=my_port, user="app", database="app")
     try:
         conn._execute_command(COMMAND.COM_CHANGE_USER, b"root\x00\x00app\x00")
         with pytest.raises(pymysql.err.MySQLError) as info:
             conn._read_packet()
-        assert info.value.args[0] == 1047 and "connect again" in info.value.args[1]
+        assert info.value.args[0] == 1045 and "stays db user 'app'" in info.value.args[1]
         with conn.cursor() as cur:
             cur.execute("select current_user()")
             assert cur.fetchone() == ("app@%",)
     finally:
         conn.close()
-
-
-def test_change_user_relayed_by_the_engine_ends_the_session_unsent(any_port, my_env):
-    """Without the guard, the cluster's auditor is what stops it: the
-    server never sees it, the session ends, the audit says why."""
-    from pymysql.constants import COMMAND
-    cluster, _ = my_env
-    conn = pymysql.connect(host="127.0.0.1", port=any_port, user="app", database="app")
-    try:
-        conn._execute_command(COMMAND.COM_CHANGE_USER, b"root\x00\x00app\x00")
-        with pytest.raises(pymysql.err.OperationalError):
-            conn._read_packet()
-    finally:
-        conn.close()
-    cluster.wait_audit(lambda evs: any(e["username"] == "root" and e["refused"] for e in evs),
-                       event="mysql.change_user")
 
 
 def test_reset_connection_is_the_servers(my_port):
@@ -520,7 +560,7 @@ def test_load_data_local_where_a_role_allows_it(my_env, tmp_path_factory, tmp_pa
     try:
         port = g.proxy("db", "maria")[1]
         data = tmp_path / "in.tsv"
-        # Enough packets for their ids to wrap past 0 (the guard must not take one for a command).
+        # Enough packets for their ids to wrap past 0 (none may be taken for a command).
         data.write_text("".join(f"{i}\trow {i} " + "x" * 200 + "\n" for i in range(20000)))
         r = mysql(port, "--local-infile=1", "-e",
                   "drop table if exists t_infile_ok; create table t_infile_ok (id int, v text);"
@@ -572,7 +612,7 @@ def test_a_cluster_that_cannot_be_reached_is_the_clients_error(my_env, tmp_path)
 
 def test_expired_certificate(my_env, tmp_path):
     cluster, _ = my_env
-    name = f"myuser{next(_n)}"
+    name = f"myexpiry{next(_n)}"
     cluster.add_user(name, "my")
     g = Gateway(tmp_path, cluster, name)
     try:
@@ -586,7 +626,7 @@ def test_expired_certificate(my_env, tmp_path):
         g.stop()
 
 
-@pytest.mark.parametrize("role", ["my", "my-any"])  # through the guard, and the engine alone
+@pytest.mark.parametrize("role", ["my", "my-any"])  # some databases, every database
 def test_a_lock_kills_the_running_query(my_env, tmp_path, role):
     cluster, server = my_env
     g = _gateway(cluster, tmp_path, role)

@@ -106,7 +106,7 @@ def test_upstream_error_is_native(pg_port):
 
 def test_expired_certificate(pg_env, tmp_path):
     cluster, _ = pg_env
-    name = f"pguser{next(_n)}"
+    name = f"pgexpiry{next(_n)}"
     cluster.add_user(name, "pg")
     g = Gateway(tmp_path, cluster, name)
     try:

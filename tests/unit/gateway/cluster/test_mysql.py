@@ -7,17 +7,20 @@ import datetime as dt
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.cluster.dial import Refused
-from gateway.cluster.mysql import MySqlKind, MySqlSessionAuditor, names_constrained
+from gateway.cluster.mysql import MySqlKind, MySqlSessionAuditor
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource
 from gateway.identity.pki import Identity
+from gateway.net.ends import Answer
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode
-from protocols.mysql import Command
+from protocols.mysql import Command, ErrPacket
 from protocols.mysql import dialparams as dp
-from tests.unit.protocols.mysql.session import MODERN, command, err, ok, query
+from tests.unit.protocols.mysql.session import MODERN, command, err, ok, pkt, query
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
 ALICE = Identity(user="alice", roles=("dev",), cluster="test", not_before=NOW,
@@ -66,6 +69,9 @@ class FakeCluster:
 class FakeSession:
     id, user, resource = "s1", "alice", "maria"
 
+    def __init__(self):
+        self.extra = {}
+
 
 def auditor(roles=()):
     cluster = FakeCluster()
@@ -94,32 +100,144 @@ def test_commands_and_errors_are_audited():
     assert cluster.events[3][1]["command"] == "PING"
 
 
-@pytest.mark.parametrize("packet", [command(Command.INIT_DB, b"secret"), query("USE secret"),
-                                    command(Command.CHANGE_USER, b"root\x00\x00")])
-def test_what_the_role_does_not_allow_ends_the_session_unsent(packet):
+def _err(answer) -> ErrPacket:
+    """The ERR an Answer carries, checked to be one packet with sequence id 1."""
+    assert answer.answer[3] == 1 and int.from_bytes(answer.answer[:3], "little") == len(answer.answer) - 4
+    return ErrPacket.decode(answer.answer[4:])
+
+
+@pytest.mark.parametrize("packet, errno", [
+    (command(Command.INIT_DB, b"secret"), 1044),
+    (query("USE secret"), 1044),
+    (query("/* a comment */ use `secret`"), 1044),
+    (query("select 1; use secret"), 1044),
+    (query("use app_one; use secret"), 1044),
+    (command(Command.INIT_DB, b"app\xff"), 1044),  # not UTF-8: refused rather than guessed
+    (command(Command.CHANGE_USER, b"root\x00\x00app\x00"), 1235),
+    # Longer than the auditor keeps, and so not read: refused all the same.
+    (command(Command.CHANGE_USER, b"u" * (1 << 20) + b"\x00\x00"), 1235),
+], ids=["init_db", "use", "use-after-comment", "multi-statement", "second-use", "not-utf8", "change_user",
+        "change_user-unread"])
+def test_what_the_role_does_not_allow_is_answered_unsent_and_the_session_goes_on(packet, errno):
     cluster, a = auditor([ROLE])
-    with pytest.raises(trio.BrokenResourceError):
-        a.from_client(packet)
+    answer = a.from_client(packet)
+    assert isinstance(answer, Answer) and answer.forward == b""
+    error = _err(answer)
+    assert error.errno == errno and error.sqlstate == "42000"
     assert cluster.events[-1][0] in ("mysql.init_db", "mysql.change_user")
+    # The server never saw it, so it owes no answer: the next command's is the next.
+    assert a.from_client(query("select 1")) is None
+    a.from_server(ok(1))
+    assert a.from_client(command(Command.PING)) is None
+    a.from_server(ok(1))
+    assert not a.tracker.pending
 
 
-@pytest.mark.parametrize("spec, constrained", [
-    ({"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["*"]}]}, False),
-    # No db_names list: no database at all (a session without one only).
-    ({"allow": [{"resources": ["maria"], "db_users": ["app"]}]}, True),
-    ({"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["app*"]}]}, True),
-    ({"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["*"]}],
-      "deny": [{"resources": ["maria"], "db_names": ["mysql"]}]}, True),
+def test_a_change_user_on_the_multiplexed_connection_is_handed_to_the_redial():
+    cluster, a = auditor([ROLE])
+    a.session.extra["stream"] = ("link", "stream")  # where a re-dial can switch the session
+    asked = []
+    a.change_user = asked.append
+    packet = command(Command.CHANGE_USER, b"eduser\x00\x00app\x00")
+    answer = a.from_client(packet)
+    assert answer == Answer(forward=b"", answer=b"")  # the answer comes once re-dialled
+    assert [(e.username, e.database) for e in asked] == [("eduser", "app")] and a.changing
+    with pytest.raises(trio.BrokenResourceError):  # the client must wait for it
+        a.from_client(query("select 1"))
+    _, a = auditor([ROLE])
+    a.session.extra["stream"] = ("link", "stream")
+    a.change_user = asked.append
+    with pytest.raises(trio.BrokenResourceError):  # nor send more behind it
+        a.from_client(packet + query("select 1"))
+
+
+def test_the_errors_say_what_to_do():
+    _, a = auditor([ROLE])
+    use = _err(a.from_client(command(Command.INIT_DB, b"secret")))
+    assert "db_name=secret" in use.message and "ask a cluster administrator" in use.message.lower()
+    change = _err(a.from_client(command(Command.CHANGE_USER, b"root\x00\x00")))
+    assert "COM_CHANGE_USER" in change.message and "mysql -u root" in change.message
+    assert "stays db user 'app'" in change.message
+
+
+def test_what_follows_a_refused_command_in_its_chunk_goes_on():
+    cluster, a = auditor([ROLE])
+    answer = a.from_client(command(Command.INIT_DB, b"secret") + query("select 2"))
+    assert answer.forward == query("select 2") and _err(answer).errno == 1044
+    assert [e for e, _ in cluster.events][-2:] == ["mysql.init_db", "mysql.query"]
+    a.from_server(ok(1))
+    assert not a.tracker.pending
+
+
+def test_an_allowed_switch_goes_on_as_it_is():
+    cluster, a = auditor([ROLE])
+    assert a.from_client(command(Command.INIT_DB, b"app_two")) is None
+    assert a.from_client(query("use app_three")) is None  # (pipelined: nothing refused, nothing answered)
+    assert [f["allowed"] for e, f in cluster.events if e == "mysql.init_db"] == [True, True]
+
+
+@pytest.mark.parametrize("stream", [
+    # The server still owes an answer to what came before: ours would come first.
+    [query("select sleep(1)"), command(Command.INIT_DB, b"secret")],
+    # Not the first packet of its chunk.
+    [query("select 1") + command(Command.INIT_DB, b"secret")],
+    # Not whole in one chunk.
+    [command(Command.INIT_DB, b"secret")[:6], command(Command.INIT_DB, b"secret")[6:]],
+    # A packet that is no command (sequence id 5) ahead of it, in one chunk.
+    [pkt(5, bytes([Command.INIT_DB]) + b"app") + command(Command.INIT_DB, b"secret")],
+    # Two refusals in one chunk: only the first packet can be answered.
+    [query("use secret") + query("use secret")],
 ])
-def test_names_constrained(spec, constrained):
-    role = Role.from_spec("r", spec)
-    resource = Resource(name="maria", kind="mysql", address="127.0.0.1:3306", labels={})
-    assert names_constrained([role], resource, "app") is constrained
+def test_what_cannot_be_answered_in_place_ends_the_session_unsent(stream):
+    cluster, a = auditor([ROLE])
+    with pytest.raises(trio.BrokenResourceError) as info:
+        for chunk in stream:
+            assert a.from_client(chunk) is None
+    assert "the session ends" in str(info.value)
+    assert cluster.events[-1][0] == "mysql.init_db" and not cluster.events[-1][1]["allowed"]
 
 
-def test_a_database_name_that_is_not_utf8_ends_the_session():
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["select 1", "use app_two", "use secret", "init secret", "init app",
+                                 "change"]), min_size=1, max_size=6),
+       st.data())
+def test_fuzzed_chunking_never_lets_a_refused_command_through(commands, data):
+    """However the client's bytes are cut into chunks, a refused command
+    reaches the server never: answered in place, or the session ends."""
+    packets = {"select 1": query("select 1"), "use app_two": query("use app_two"),
+               "use secret": query("use secret"), "init secret": command(Command.INIT_DB, b"secret"),
+               "init app": command(Command.INIT_DB, b"app"),
+               "change": command(Command.CHANGE_USER, b"root\x00\x00")}
+    refused = {"use secret", "init secret", "change"}
+    _, a = auditor([ROLE])
+    sent = bytearray()
+    try:
+        for name in commands:
+            raw = packets[name]
+            cuts = sorted(data.draw(st.sets(st.integers(1, len(raw) - 1), max_size=3)))
+            forwarded, answers = bytearray(), bytearray()
+            for start, end in zip([0, *cuts], [*cuts, len(raw)]):
+                said = a.from_client(raw[start:end])
+                if said is None:
+                    forwarded += raw[start:end]
+                else:
+                    forwarded += said.forward
+                    answers += said.answer
+            sent += forwarded
+            if name in refused:
+                assert forwarded == b"" and _err(Answer(b"", bytes(answers))).errno in (1044, 1235)
+            else:
+                assert forwarded == raw and not answers
+                a.from_server(ok(1))
+    except trio.BrokenResourceError:
+        pass  # cut short: what was forwarded so far is what the server got
+    for name in refused:
+        assert packets[name] not in sent
+
+
+def test_a_database_name_that_is_not_utf8_is_refused_even_where_every_name_is_allowed():
     role = Role.from_spec("r", {"allow": [{"resources": ["maria"], "db_users": ["app"], "db_names": ["*"]}]})
     cluster, a = auditor([role])
-    with pytest.raises(trio.BrokenResourceError):
-        a.from_client(command(Command.INIT_DB, b"app\xff"))
+    answer = a.from_client(command(Command.INIT_DB, b"app\xff"))
+    assert "UTF-8" in _err(answer).message
     assert cluster.events[-1][1]["allowed"] is False

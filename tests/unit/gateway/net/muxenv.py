@@ -72,6 +72,8 @@ class Pair:
         self.accepted: dict[str, trio.Event] = collections.defaultdict(trio.Event)
         self.results: dict[str, str | None] = {}
         self.cluster_counters: dict[str, RelayCounters] = {}
+        self.taps: dict[str, tuple] = {}  # the cluster's taps for a resource's sessions
+        self.cluster_streams: dict[str, object] = {}
         self.cluster = MuxLink(engine(), cluster_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
                                on_open=self.on_open)
         self.gateway = MuxLink(engine(), gateway_tls, Role.GATEWAY, name="cluster", socket_name="client")
@@ -89,7 +91,9 @@ class Pair:
         near, far = loopback_pair()
         self.upstreams[request.resource] = far
         counters = self.cluster_counters[request.resource] = RelayCounters()
-        if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters):
+        self.cluster_streams[request.resource] = stream
+        if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters,
+                               taps=self.taps.get(request.resource, (None, None))):
             self.accepted[request.resource].set()
             self.results[request.resource] = await self.cluster.wait(stream)
 

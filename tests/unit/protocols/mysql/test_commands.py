@@ -251,3 +251,12 @@ def test_the_fast_path_says_what_the_packet_by_packet_path_says(parts: list[byte
         outcomes.append((events, error, list(session.tracker.pending), session.tracker.infile,
                          None if error else (c.messages_seen, c.bytes_seen, c._ended)))
     assert outcomes[0] == outcomes[1]
+
+
+def test_a_new_connection_forgets_the_prepared_statements():
+    # A COM_CHANGE_USER re-dialled: the old connection's statements are gone.
+    tracker = CommandTracker(MODERN)
+    tracker.prepared(1, 3)
+    assert tracker.params(1) == 3 and tracker.resolve(0xFFFFFFFF) == 1
+    tracker.new_connection()
+    assert tracker.params(1) is None and tracker.resolve(0xFFFFFFFF) == 0xFFFFFFFF

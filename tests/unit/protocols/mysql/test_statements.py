@@ -11,6 +11,9 @@ from protocols.mysql.statements import MAX_TEXT, use_targets
     ("use app", ["app"]), ("USE `se``c`;", ["se`c"]), ("/* hint */ use secret", ["secret"]),
     ("select 1; use other", ["other"]), ("-- note\nuse x", ["x"]),
     ("select user()", []), ("select 'use'", []), ("update t set user = 1", []),
+    # Executable comments: the server runs what they hold.
+    ("/*!USE secret*/", ["secret"]), ("/*!40101 use secret */", ["secret"]),
+    ("select 1 /*M!100000 ; use secret */", ["secret"]), ("/* not !use x */ select 1", []),
 ])
 def test_use_statements_are_found(text, schemas):
     assert use_targets(text) == schemas
