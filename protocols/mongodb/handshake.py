@@ -289,6 +289,18 @@ class HandshakeReader(BufferedReceiver):
         return SessionBegins()
 
     @property
+    def begun(self) -> bool:
+        """Whether the session began (:class:`SessionBegins` was returned,
+        or :meth:`stop` called)."""
+        return self._begun
+
+    def stop(self) -> bytes:
+        """The session begins now, whatever comes next (the caller relays
+        from here): what is buffered, ``trailing_data``'s bytes."""
+        self._begun = True
+        return self.trailing_data[0]
+
+    @property
     def trailing_data(self) -> tuple[bytes, bool]:
         """The session's first bytes (from the message that began it) and
         whether EOF came; only once :class:`SessionBegins` was returned."""
