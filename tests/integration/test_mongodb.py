@@ -666,3 +666,7 @@ def test_an_awaitable_hello_is_answered_at_once_without_exhaust(port):
     # A legacy OP_QUERY isMaster (old drivers' first message) gets an OP_REPLY.
     legacy = _raw_command(port, OpQuery(request_id=8, collection="admin.$cmd", query={"isMaster": 1}, limit=-1))
     assert isinstance(legacy, OpReply) and legacy.response_to == 8 and legacy.documents[0]["ismaster"] is True
+    # A first message that is not a hello: told so, in reply to it.
+    refused = _raw_command(port, OpMsg(request_id=9, body={"find": "t", "$db": "app"}))
+    assert isinstance(refused, OpMsg) and refused.response_to == 9
+    assert refused.body["codeName"] == "CommandNotSupported" and "must be hello" in refused.body["errmsg"]
