@@ -554,6 +554,23 @@ def _sessions(cluster, user: str) -> list[dict]:
     return [e for e in cluster.audit(user=user) if e["event"] == "session.start"]
 
 
+NODE_IDLE_SCRIPT = """
+const { MongoClient } = require('mongodb');
+(async () => {
+  const c = new MongoClient(process.env.MONGO_URI, { serverSelectionTimeoutMS: 20000, heartbeatFrequencyMS: 500 });
+  const beats = [];
+  c.on('serverHeartbeatSucceeded', (e) => beats.push(e));
+  await c.connect();
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('no heartbeats in 20 s')), 20000);
+    c.on('serverHeartbeatSucceeded', () => { if (beats.length >= 3) { clearTimeout(timer); resolve(); } });
+  });
+  console.log(JSON.stringify({ heartbeats: 3, awaited: beats.some((e) => e.awaited) }));
+  await c.close();
+})().catch(e => { console.error(String(e)); process.exit(1); });
+"""
+
+
 def test_a_client_left_idle_opens_no_upstream_session_and_its_first_find_does(mongo_env, tmp_path):
     cluster, _ = mongo_env
     g = _gateway(cluster, tmp_path, "mongo")
@@ -605,6 +622,17 @@ def test_a_client_left_idle_opens_no_upstream_session_and_its_first_find_does(mo
         find = next(e for e in events if e.get("collection") == "lazy_async")
         started = fresh()
         assert [e["session_id"] for e in started][1:] == [find["session_id"]], started
+        # The Node.js driver connects (its monitor's hellos) and leaves: no session.
+        env = {**os.environ, "MONGO_URI": f"mongodb://127.0.0.1:{p}/?directConnection=true"}
+        r = subprocess.run(["node", "-e", NODE_IDLE_SCRIPT], capture_output=True, text=True, timeout=120,
+                           cwd=mongo.node_clients(), env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == {"heartbeats": 3, "awaited": False}
+        with client(p) as c:
+            assert c.app.lazy_node.find_one() is None
+        events = cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_node" for e in evs), user=g.user)
+        find = next(e for e in events if e.get("collection") == "lazy_node")
+        assert [e["session_id"] for e in fresh()][2:] == [find["session_id"]]
     finally:
         g.stop()
 
