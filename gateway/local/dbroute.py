@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import trio
 
@@ -155,16 +155,8 @@ class DatabaseRoute(MuxRoute):
     async def _handle(self, tcp: trio.SocketStream, client_addr: str) -> None:
         stranger = self.stranger(tcp.socket, client_addr)
         phase = self.client_phase(tcp, client_addr, may_control=stranger is None)
-        try:
-            with trio.fail_after(STARTUP_TIMEOUT):
-                params = await phase.run()
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await phase.stream.aclose()
-            return
-        except ProtocolError as exc:
-            log.info("%s_startup_rejected resource=%s client=%s error=%s", self.kind, self.resource,
-                     client_addr, exc)
-            await phase.turn_away(exc, None)
+        ran, params = await self._step(phase, phase.run, "startup", trio.current_time() + STARTUP_TIMEOUT)
+        if not ran:
             return
         if params is None:
             await phase.stream.aclose()
@@ -181,20 +173,28 @@ class DatabaseRoute(MuxRoute):
             if stranger is not None:
                 await self.refuse(phase, DialError(code=ErrorCode.ACCESS_DENIED, message=stranger), hint=None)
                 return
-            try:
-                needed = await phase.until_needed()
-            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            except ProtocolError as exc:
-                log.info("%s_client_rejected resource=%s client=%s error=%s", self.kind, self.resource,
-                         client_addr, exc)
-                await phase.turn_away(exc, None)
-                return
-            if not needed:
+            ran, needed = await self._step(phase, phase.until_needed, "client", float("inf"))
+            if not (ran and needed):
                 return
             dialed = await self.dial(phase, params)
             if dialed is not None:
                 await phase.session(params, *dialed)
+
+    async def _step(self, phase: ClientPhase, step, what: str, deadline: float) -> tuple[bool, Any]:
+        """Run one of the phase's own steps (``run``, ``until_needed``) by
+        ``deadline``: (True, what it returned), or (False, None) once the
+        client left, was too slow (closed) or broke the protocol (told why,
+        in its protocol, and closed)."""
+        try:
+            with trio.fail_at(deadline):
+                return True, await step()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await phase.stream.aclose()
+        except ProtocolError as exc:
+            log.info("%s_%s_rejected resource=%s client=%s error=%s", self.kind, what, self.resource,
+                     phase.client_addr, exc)
+            await phase.turn_away(exc, None)
+        return False, None
 
     async def dial(self, phase: ClientPhase, params: Mapping[str, str]) -> tuple[MuxLink, Stream] | None:
         """A stream for a session with ``params``, accepted by the cluster;
