@@ -27,7 +27,8 @@ Per client connection (gateway/local/dbroute.py runs the steps):
 
 A client that insists on logging in (a connection string with a user and
 password; its hello asks for ``saslSupportedMechs`` or sends
-``speculativeAuthenticate``) logs in here, with SCRAM, against a local
+``speculativeAuthenticate``, or it just sends ``saslStart``) logs in here,
+with SCRAM, against a local
 credential made at each start and printed once in the URI ``wicket proxy``
 shows (user ``wicket``), before any dial: a wrong credential costs no
 session upstream (but on a connection that had to dial for the values,
@@ -81,8 +82,9 @@ MAX_REFUSED_MESSAGE = 16 * 1024 * 1024 + 64 * 1024
 REFUSED_LINGER = 60.0
 #: The user of the local credential (its password is made at each start).
 LOCAL_USER = "wicket"
-#: What the gateway reads as a login against the local credential.
-_LOGIN_STEPS = frozenset({"saslStart", "saslContinue"})
+#: What the gateway reads as a login against the local credential (any
+#: other way to log in, ``authenticate``, is told the same as a wrong one).
+_LOGIN_STEPS = frozenset({"saslStart", "saslContinue", "authenticate"})
 
 
 def _placeholder(data: bytes) -> OpMsg | OpQuery:
@@ -133,7 +135,7 @@ class _MongoClient(ClientPhase):
     def __init__(self, route: MongoProxy, tcp: trio.SocketStream, client_addr: str, *,
                  may_control: bool) -> None:
         super().__init__(route, tcp, client_addr, may_control=may_control)
-        self.reader = HandshakeReader(HANDSHAKE_COMMANDS)
+        self.reader = HandshakeReader(HANDSHAKE_COMMANDS | _LOGIN_STEPS)
         #: The client's first hello until it is answered.
         self.first: OpMsg | OpQuery | None = None
         self.hello = None  # what the first hello asked for (a ClientHello)
@@ -256,7 +258,9 @@ class _MongoClient(ClientPhase):
                 if not (isinstance(message, OpMsg) and message.more_to_come):
                     await self.stream.send_all(self._hello_reply(message, upstream, connection_id))
                 self.answered += 1
-            else:  # a login step (the reader takes them only while a login is under way)
+            else:  # a login step (the reader takes them until a login is done)
+                if self.login is None:  # a tool that logs in without saying so in its hello
+                    self._begin_login()
                 answer = self.login.answer(body)
                 if not answer.get("ok"):
                     await self._login_refused(message, answer)

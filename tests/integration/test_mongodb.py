@@ -663,24 +663,34 @@ def test_a_wrong_local_credential_is_refused_before_any_dial(mongo_env, tmp_path
         g.stop()
 
 
-def _raw_command(port: int, message) -> object:
-    """Send one message on a new connection; the reply, decoded."""
+def _raw_conversation(port: int, messages: list, replies: int = 1) -> list:
+    """Send ``messages`` at once on a new connection; the first ``replies``
+    replies, decoded."""
     import socket
 
     from protocols.mongodb import MessageReader
     from protocols.signals import NEED_DATA
 
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(message.encode())
+        s.sendall(b"".join(m.encode() for m in messages))
         reader = MessageReader(verify_checksums=False)
-        while (event := reader.next_event()) is NEED_DATA:
-            reader.receive_data(s.recv(65536))
-        return event
+        out = []
+        while len(out) < replies:
+            while (event := reader.next_event()) is NEED_DATA:
+                reader.receive_data(s.recv(65536))
+            out.append(event)
+        return out
 
 
-def test_an_awaitable_hello_is_answered_at_once_without_exhaust(port):
+def _raw_command(port: int, message) -> object:
+    return _raw_conversation(port, [message])[0]
+
+
+def test_what_the_gateway_answers_itself_before_a_session(port):
     from protocols.mongodb import OpMsg, OpQuery, OpReply, bson
 
+    with client(port) as c:  # the gateway has the server's values: what follows is answered here
+        assert c.admin.command("ping")["ok"] == 1.0
     # Say the gateway once offered a topologyVersion (it never does): a
     # server whose processId is not the request's answers at once, and the
     # driver, seeing none in the answer, goes back to polling. The reply
@@ -698,3 +708,20 @@ def test_an_awaitable_hello_is_answered_at_once_without_exhaust(port):
     refused = _raw_command(port, OpMsg(request_id=9, body={"find": "t", "$db": "app"}))
     assert isinstance(refused, OpMsg) and refused.response_to == 9
     assert refused.body["codeName"] == "CommandNotSupported" and "must be hello" in refused.body["errmsg"]
+    # moreToCome: no reply; a checksummed hello is answered.
+    quiet = OpMsg(request_id=10, more_to_come=True, body={"hello": 1, "$db": "admin"})
+    summed = OpMsg(request_id=11, checksum=True, body={"hello": 1, "$db": "admin"})
+    (reply,) = _raw_conversation(port, [quiet, summed])
+    assert reply.response_to == 11 and reply.body["ok"] == 1.0
+    # A login nobody announced in its hello is the local credential's (its
+    # SCRAM challenge, where the cluster would refuse any); the other way
+    # to log in is told what to do.
+    hello = OpMsg(request_id=12, body={"hello": 1, "$db": "admin"})
+    start = OpMsg(request_id=13, body={"saslStart": 1, "mechanism": "SCRAM-SHA-256",
+                                       "payload": b"n,,n=wicket,r=abcdefghijkl", "$db": "admin"})
+    _, challenge = _raw_conversation(port, [hello, start], replies=2)
+    assert challenge.response_to == 13 and challenge.body["ok"] == 1.0 and b"r=abcdefghijkl" in challenge.body["payload"]
+    x509 = OpMsg(request_id=14, body={"authenticate": 1, "mechanism": "MONGODB-X509", "$db": "$external"})
+    _, failed = _raw_conversation(port, [hello, x509], replies=2)
+    assert failed.response_to == 14 and failed.body["code"] == 18
+    assert "remove the user name and password" in failed.body["errmsg"]
