@@ -691,6 +691,7 @@ def test_what_the_gateway_answers_itself_before_a_session(port):
 
     with client(port) as c:  # the gateway has the server's values: what follows is answered here
         assert c.admin.command("ping")["ok"] == 1.0
+        in_session = c.admin.command("hello")  # the cluster's answer, on a session
     # Say the gateway once offered a topologyVersion (it never does): a
     # server whose processId is not the request's answers at once, and the
     # driver, seeing none in the answer, goes back to polling. The reply
@@ -701,6 +702,9 @@ def test_what_the_gateway_answers_itself_before_a_session(port):
     reply = _raw_command(port, awaitable)
     assert isinstance(reply, OpMsg) and reply.response_to == 7 and not reply.more_to_come
     assert reply.body["isWritablePrimary"] is True and "topologyVersion" not in reply.body
+    assert "connectionId" not in reply.body  # no server connection stands behind this answer
+    for key in ("maxWireVersion", "maxMessageSizeBytes", "maxBsonObjectSize"):  # the server's, cached
+        assert reply.body[key] == in_session[key], key
     # A legacy OP_QUERY isMaster (old drivers' first message) gets an OP_REPLY.
     legacy = _raw_command(port, OpQuery(request_id=8, collection="admin.$cmd", query={"isMaster": 1}, limit=-1))
     assert isinstance(legacy, OpReply) and legacy.response_to == 8 and legacy.documents[0]["ismaster"] is True
