@@ -208,9 +208,9 @@ class _MongoClient(ClientPhase):
         if isinstance(first, SessionBegins):
             self.ahead = self.reader.stop()
             raise RemoteProtocolError("the first command must be hello (a driver's handshake)",
-                                code=ErrorCode.BAD_REQUEST, wire_hint=ERROR_CODES["CommandNotSupported"])
-        self.first = first
-        self.hello = client_hello(command_of(first))
+                                      code=ErrorCode.BAD_REQUEST, wire_hint=ERROR_CODES["CommandNotSupported"])
+        self.first = first  # (a refusal answers it)
+        self.hello = client_hello(command_of(first))  # CommandNotSupported if a login step
         params: dict[str, str] = {}
         if self.route.db_user:
             params["db_user"] = self.route.db_user
