@@ -130,6 +130,14 @@ class Kind:
     client_env: str | None = None
     #: The client configuration file `wicket config` writes, if any.
     client_file: ClientFile | None = None
+    #: "module:attribute" of an async function (profile, [(resource,
+    #: settings)], directory or None) -> the environment variables with
+    #: which the kind's clients reach those resources by themselves, with
+    #: no local listener (ssh's ProxyCommand); it writes what they need into
+    #: ``directory`` (private, removed by `wicket exec` at the end), or into
+    #: the profile for `wicket env` (None). A kind with one gets no listener
+    #: from `wicket exec` and `wicket env`.
+    client_setup: str | None = None
 
     def route(self) -> Any:
         """The cluster's strategy for this kind, imported on first use."""
@@ -142,6 +150,10 @@ class Kind:
     def client_environment(self, resource: str, host: str, port: int, settings: dict[str, Any]) -> dict[str, str]:
         """The kind's client variables for a resource served on host:port."""
         return {} if self.client_env is None else _load(self.client_env)(resource, host, port, settings)
+
+    def client_setup_function(self) -> Any:
+        """The kind's ``client_setup``, imported on first use (None: none)."""
+        return None if self.client_setup is None else _load(self.client_setup)
 
 
 def _load(path: str) -> Any:
@@ -235,6 +247,7 @@ SSH = Kind(
                     "to the local SSH server without a key (ssh's `none` method)."),
         ProxyOption(name="write_known_hosts", help="Append the local SSH server's known_hosts line to this file."),
     ),
+    client_setup="gateway.local.ssh_client:client_setup",
 )
 
 #: Every kind, by name. The one place a kind is plugged in.

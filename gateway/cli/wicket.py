@@ -229,6 +229,8 @@ def status(fmt: str) -> None:
 @format_option
 def ls(fmt: str) -> None:
     """Resources you may reach, with their kind and labels."""
+    from gateway.local import resource_kinds
+
     profile = _load_profile()
     try:
         profile.check_fresh(utcnow())
@@ -236,6 +238,7 @@ def ls(fmt: str) -> None:
         raise WicketError(str(exc), EXIT_NOT_LOGGED_IN) from None
     doc = _run(api.api_call, profile, "GET", "/v1/resources")
     items = doc.get("resources", [])
+    resource_kinds.remember(profile.home, items)
     if fmt == "json":
         click.echo(json.dumps(items))
         return
@@ -398,9 +401,23 @@ def _fresh_identity(profile: Profile) -> pki.Identity:
 def _kind_for(verb: str, served: tuple, name: str, profile: Profile):
     """The kind of resource ``name`` among those ``verb`` serves: known at
     once when only one is, else asked of the cluster."""
+    from gateway.local import resource_kinds
+
     if len(served) == 1:
         return served[0]
-    doc = _run(api.api_call, profile, "GET", "/v1/resources")
+    try:
+        doc = _run(api.api_call, profile, "GET", "/v1/resources")
+    except WicketError as exc:
+        if exc.exit_code != EXIT_UNREACHABLE:
+            raise
+        seen = resource_kinds.recall(profile.home, name)
+        kind = next((k for k in served if k.name == seen), None)
+        if kind is None:  # never listed: no way to know which protocol to speak
+            verbs = " or ".join(f"`wicket proxy {k.name} {name}`" for k in served)
+            raise WicketError(f"{exc.message}; the kind of {name} is not known yet, so name it: {verbs}",
+                              EXIT_UNREACHABLE) from None
+        return kind  # the client hears about the cluster in its own protocol
+    resource_kinds.remember(profile.home, doc.get("resources", []))
     for resource in doc.get("resources", []):
         if resource.get("name") == name:
             for kind in served:

@@ -10,10 +10,13 @@ the profile), so this module does not import it.
 (joined into a private temporary profile, removed at the end) or from the
 profile; asks the cluster which of the named resources it may reach (an
 unknown or hidden one stops it before anything starts, exit 4); serves each
-on a free loopback port (gateway/local/serving.py); runs the command with
+on a free loopback port (gateway/local/serving.py), except the kinds whose
+clients reach their resources by themselves (ssh: an ssh_config with
+`wicket proxy ssh --stdio` as its ProxyCommand, gateway/local/ssh_client.py),
+whose files go into a private temporary directory; runs the command with
 the clients' variables in its environment; passes signals on to it; and
-when it ends, stops every listener and exits with its exit code (128 + N
-if a signal N ended it). SIGINT and SIGQUIT are passed on only when wicket
+when it ends, stops every listener, removes the directory and exits with
+its exit code (128 + N if a signal N ended it). SIGINT and SIGQUIT are passed on only when wicket
 is not in a terminal's foreground, where the terminal already sends them
 to the command (it is in wicket's process group) and a second one would
 make psql cancel twice.
@@ -126,8 +129,8 @@ def register(main: click.Group, cli: ModuleType) -> None:
             options = {k: v for k, v in values.items() if k in mine and v}
             # The profile's home: where a local TLS CA a client must trust lives.
             settings = {**grant_defaults(resource.get("allowed", {})), **options, "wicket_home": str(profile.home)}
-            wanted.append(Wanted(name=name, kind=kind, options=options, settings=settings, bind=bind,
-                                 port=port_of(name)))
+            port = port_of(name) if kind.client_setup is None else 0  # no listener for it
+            wanted.append(Wanted(name=name, kind=kind, options=options, settings=settings, bind=bind, port=port))
         return wanted
 
     def chosen(values: dict[str, Any]) -> list[tuple[str, str]]:
@@ -142,7 +145,8 @@ def register(main: click.Group, cli: ModuleType) -> None:
         return names
 
     def resource_options(f: Callable) -> Callable:
-        options = {o.name: o for k in kinds.KINDS.values() for o in k.proxy_options}
+        # A kind served without a listener (ssh) has no use for its listener's options.
+        options = {o.name: o for k in kinds.KINDS.values() if k.client_setup is None for o in k.proxy_options}
         for option in reversed(list(options.values())):
             f = click.option(option.option, is_flag=option.is_flag, help=option.help)(f)
         for verb, served in reversed(list(kinds.proxy_verbs().items())):
@@ -194,11 +198,15 @@ def register(main: click.Group, cli: ModuleType) -> None:
               ca_pin: str | None, wait_for_cluster: float, ttl: str | None, **values: Any) -> None:
         """Run COMMAND with local ports to the named resources and their
         clients' variables in its environment (PGHOST, PGPORT, PGUSER,
-        DATABASE_URL ..., and WICKET_<NAME>_HOST/PORT for each); everything
-        stops when it ends, and its exit code is wicket's.
+        DATABASE_URL ..., and WICKET_<NAME>_HOST/PORT for each); for --ssh
+        nodes an ssh_config (ssh NODE, scp, sftp, rsync -e ssh, git through
+        GIT_SSH_COMMAND; WICKET_<NODE>_SSH_CONFIG) with its key and
+        certificate in a private temporary directory. Everything stops, and
+        that directory goes, when it ends; its exit code is wicket's.
 
         \b
         wicket exec --db pg-prod -- ./migrate.sh
+        wicket exec --ssh web-1 -- sh -c 'ssh web-1 uptime && git clone root@web-1:/srv/app.git'
         WICKET_EXEC_TOKEN_FILE=/run/secrets/join wicket exec --cluster c:3025 \\
             --ca-pin sha256:... --db pg -- pgbench -S -T 30
 
@@ -212,20 +220,18 @@ def register(main: click.Group, cli: ModuleType) -> None:
         names = chosen(values)
         secret = _read_token(token, token_file)
         seconds = _duration(ttl)
-        tmp = None
+        tmp = Path(tempfile.mkdtemp(prefix="wicket-exec-"))  # 0700: a bot's profile, the ssh files
         try:
             if secret is not None:
-                tmp = Path(tempfile.mkdtemp(prefix="wicket-exec-"))  # 0700
                 profile = join_into(tmp / "profile", cluster, ca_pin, secret, seconds)
             else:
                 profile = cli._load_profile()
             identity = cli._fresh_identity(profile)
             wanted = resolve(profile, names, values, "127.0.0.1", lambda name: 0)
             code = trio.run(_run_command, profile, identity, wanted, list(command), wait_for_cluster,
-                            secret is not None, seconds)
+                            secret is not None, seconds, tmp)
         finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(code)
 
     # -- env -------------------------------------------------------------------
@@ -241,7 +247,11 @@ def register(main: click.Group, cli: ModuleType) -> None:
     def env(bind: str, ports: tuple[str, ...], fmt: str, **values: Any) -> None:
         """Print the clients' variables for the named resources, at their
         remembered ports: eval "$(wicket env --db pg)". Something must
-        serve them there: `wicket proxy ... --port PORT`."""
+        serve them there: `wicket proxy ... --port PORT`. --ssh nodes need
+        no server: their ssh_config (ProxyCommand `wicket proxy ssh
+        --stdio`) is written into $WICKET_HOME/ssh with the key and the
+        certificate `wicket config ssh` writes, and GIT_SSH_COMMAND, RSYNC_RSH
+        and WICKET_<NODE>_SSH_CONFIG name it."""
         from gateway.local.serving import Served, client_environment
 
         names = chosen(values)
@@ -250,7 +260,10 @@ def register(main: click.Group, cli: ModuleType) -> None:
         given = _port_pairs(ports)
         wanted = resolve(profile, names, values, bind,
                          lambda name: given.get(name) or remembered.assign(profile.home, name, bind))
-        variables = client_environment([Served(wanted=w, host=w.bind, port=w.port) for w in wanted])
+        variables = client_environment([Served(wanted=w, host=w.bind, port=w.port) for w in wanted
+                                        if w.kind.client_setup is None])
+        for setup, nodes in _setups(wanted).items():
+            variables.update(cli._run(setup, profile, nodes, None))
         if fmt == "json":
             click.echo(json.dumps(variables, indent=2, sort_keys=True))
         else:
@@ -265,6 +278,17 @@ def register(main: click.Group, cli: ModuleType) -> None:
 
     for verb, (kind, client_file) in kinds.client_files().items():
         config.add_command(_config_command(cli, verb, kind, client_file, remembered, resolve))
+
+
+def _setups(wanted: list[Wanted]) -> dict[Callable, list[tuple[str, dict[str, Any]]]]:
+    """The kinds' ``client_setup`` functions and the (resource, settings)
+    each is for: the resources that get no listener."""
+    out: dict[Callable, list[tuple[str, dict[str, Any]]]] = {}
+    for w in wanted:
+        setup = w.kind.client_setup_function()
+        if setup is not None:
+            out.setdefault(setup, []).append((w.name, w.settings))
+    return out
 
 
 def _port_pairs(values: tuple[str, ...]) -> dict[str, int]:
@@ -317,15 +341,17 @@ def _config_command(cli: ModuleType, verb: str, kind: kinds.Kind, client_file: k
 
 
 async def _run_command(profile: Any, identity: Any, wanted: list[Wanted], argv: list[str], wait_for_cluster: float,
-                       joined: bool, bot_ttl: float | None) -> int:
+                       joined: bool, bot_ttl: float | None, tmp: Path) -> int:
     """Serve ``wanted``, run ``argv`` with the clients' environment, and
     stop everything when it ends; its exit status as an exit code. A bot
     ``joined`` for the command renews its certificate meanwhile (``bot_ttl``
     each); a profile's is left to its owner (a second renewer of one bot
-    certificate would look like a stolen copy and lock the bot)."""
+    certificate would look like a stolen copy and lock the bot). The kinds
+    whose clients need no listener write their files into ``tmp``."""
     import logging
 
     from gateway.local import serving
+    from gateway.local.connect import ClusterError
     from gateway.local.serving import client_environment
     from gateway.local.session import Renewer
 
@@ -334,19 +360,25 @@ async def _run_command(profile: Any, identity: Any, wanted: list[Wanted], argv: 
     # does is passed on once it runs) until every task here has ended.
     with trio.open_signal_receiver(*FORWARDED) as signals:
         async with trio.open_nursery() as nursery:
-            served = await serving.serve(profile, identity, wanted, nursery, wait_for_cluster=wait_for_cluster)
-            failed = [s for s in served if not s.ok]
-            if failed:
-                for s in failed:
-                    click.echo(f"wicket exec: {s.wanted.name}: {s.error}", err=True)
-                nursery.cancel_scope.cancel()
-                return 1
-            if joined:  # a longer job keeps its bot certificate fresh
-                await nursery.start(Renewer(profile, ttl_seconds=bot_ttl).run)
+            listened = [w for w in wanted if w.kind.client_setup is None]
+            served = await serving.serve(profile, identity, listened, nursery, wait_for_cluster=wait_for_cluster)
+            failed = [(s.wanted.name, s.error) for s in served if not s.ok]
             # The join token stays here; a wicket inside the command uses
             # this identity (a joined bot's temporary profile, or the person's).
             env = {k: v for k, v in os.environ.items() if not (k.startswith("WICKET_") and "TOKEN" in k)}
             env.update(client_environment(served), WICKET_HOME=str(profile.home))
+            for setup, nodes in _setups(wanted).items():
+                try:
+                    env.update(await setup(profile, nodes, tmp))
+                except (ClusterError, OSError, ValueError, trio.TooSlowError) as exc:
+                    failed.append((", ".join(name for name, _ in nodes), getattr(exc, "message", None) or str(exc)))
+            if failed:
+                for name, error in failed:
+                    click.echo(f"wicket exec: {name}: {error}", err=True)
+                nursery.cancel_scope.cancel()
+                return 1
+            if joined:  # a longer job keeps its bot certificate fresh
+                await nursery.start(Renewer(profile, ttl_seconds=bot_ttl).run)
             try:
                 process = await trio.lowlevel.open_process(argv, env=env)
             except OSError as exc:

@@ -26,7 +26,7 @@ from gateway.net.descriptors import serve_listeners
 from gateway.net.http import serve_http
 from gateway.net.relay import reset_on_close
 from gateway.net.tcp import keep_alive
-from gateway.net.tls import accept_tls
+from gateway.net.tlsconnect import accept_tls
 
 log = logging.getLogger("wicket.cluster")
 

@@ -18,7 +18,8 @@ import ssl
 import trio
 
 from gateway.net.tcp import keep_alive
-from gateway.net.tls import TLSStream, open_tls_connection
+from gateway.net.tls import TLSStream
+from gateway.net.tlsconnect import open_tls_connection
 
 CONNECT_TIMEOUT = 15.0
 #: What a connect meets then: an answer at once, not a silence (that one

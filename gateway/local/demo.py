@@ -15,7 +15,8 @@
 3. a ``demo`` user (random password kept 0600 in the state directory);
 4. ``wicket login`` as that user, pinned to the cluster's CA, into a profile
    inside the state directory (your ~/.wicket is not touched);
-5. the gateway serving them, and a line to paste for each kind.
+5. the gateway serving them (demo-ssh also through the gateway's own SSH
+   server, on port 2222 when it is free), and a line to paste for each kind.
 
 Ctrl-C stops the gateway, the servers and the cluster. Running it again
 reuses the state.
@@ -174,7 +175,8 @@ def run_demo(state: Path, port: int) -> None:
                                   f'  mongosh "mongodb://{host}:{mg_port}/demo?directConnection=true"\n\n')
                 ssh_line = ""
                 if sshd is not None:
-                    ssh_line = await trio.to_thread.run_sync(_ssh_lines, state, home, env)
+                    ssh_port = await _serve_ssh(nursery, profile, state)
+                    ssh_line = await trio.to_thread.run_sync(_ssh_lines, state, home, env, ssh_port)
                 click.echo(
                     f"\nThe gateway is serving PostgreSQL resource demo-pg on {host}:{db_port}. Paste this:\n\n"
                     f'  psql "host={host} port={db_port} user=demo dbname=demo"\n\n'
@@ -240,11 +242,16 @@ async def _start_mariadb(state: Path, cluster_state: Path, config_path: Path):
     _step("starting a throwaway MariaDB that trusts the cluster's database client CA")
     maria = MariaDbServer(state / "mariadb", client_ca_pem=(cluster_state / "db_client_ca.crt").read_bytes())
     await trio.to_thread.run_sync(maria.start)
-    await trio.to_thread.run_sync(maria.sql, "CREATE DATABASE IF NOT EXISTS demo;"
-                                  "CREATE USER IF NOT EXISTS demo@'%' REQUIRE SUBJECT '/CN=demo';"
-                                  "GRANT ALL ON demo.* TO demo@'%'")
-    _admin(config_path, "resources", "add", "demo-maria", "--kind", "mysql", "--address", maria.address,
-           "--ca-file", str(maria.server_ca_path), "--server-name", "localhost", "--label", "env=demo")
+    try:
+        await trio.to_thread.run_sync(maria.sql, "CREATE DATABASE IF NOT EXISTS demo;"
+                                      "CREATE USER IF NOT EXISTS demo@'%' REQUIRE SUBJECT '/CN=demo';"
+                                      "GRANT ALL ON demo.* TO demo@'%'")
+        _admin(config_path, "resources", "add", "demo-maria", "--kind", "mysql", "--address", maria.address,
+               "--ca-file", str(maria.server_ca_path), "--server-name", "localhost", "--label", "env=demo")
+    except BaseException:  # not the demo's yet: its stop would not reach this server
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(maria.stop)
+        raise
     _step(f"MariaDB {maria.address} registered as resource demo-maria (certificate auth, verify-full)")
     return maria
 
@@ -302,7 +309,28 @@ async def _start_sshd(state: Path, cluster_state: Path, config_path: Path):
     return sshd
 
 
-def _ssh_lines(state: Path, home: Path, env: dict[str, str]) -> str:
+async def _serve_ssh(nursery: trio.Nursery, profile, state: Path) -> int:
+    """The gateway's own SSH server for demo-ssh (what `wicket proxy ssh
+    demo-ssh --port 2222` runs), on 2222 or, if that is taken, a free
+    port; its known_hosts line in the state directory. Any process of
+    the demo's own OS user may log in to it without a key (the gateway lets
+    no other local user in): the profile it would act with is theirs
+    already. The port."""
+    from gateway.local import ssh_asyncio
+    from gateway.local.ssh import ssh_route
+    from gateway.local.waitroom import RIDE_OUT
+
+    route = ssh_route(profile, "demo-ssh", None, wait_for_cluster=RIDE_OUT, allow_no_auth=True)
+    try:
+        port = (await nursery.start(_listen, route.handler, 2222))[1]
+    except OSError:  # 2222 is taken
+        port = (await nursery.start(_listen, route.handler, 0))[1]
+    line = ssh_asyncio.known_hosts_line(route.route.host_key, "127.0.0.1", port)
+    pki.write_public(state / "gateway_known_hosts", (line + "\n").encode())
+    return port
+
+
+def _ssh_lines(state: Path, home: Path, env: dict[str, str], ssh_port: int) -> str:
     """``wicket config ssh`` into the state directory, and both ways in."""
     r = subprocess.run([sys.executable, "-m", "gateway.cli.wicket", "config", "ssh"], capture_output=True,
                        text=True, env=env)
@@ -314,9 +342,10 @@ def _ssh_lines(state: Path, home: Path, env: dict[str, str]) -> str:
     return (f"SSH resource demo-ssh, OpenSSH end to end with a certificate the cluster signed "
             f"(the ssh_config block `wicket config ssh` printed, in {config}):\n\n"
             f"  ssh -F {config} {login}@demo-ssh.demo\n\n"
-            f"or through the gateway's own SSH server (your ~/.ssh keys or agent let you in to it):\n\n"
-            f"  WICKET_HOME={home} wicket proxy ssh demo-ssh --port 2222 &\n"
-            f"  ssh -p 2222 {login}@127.0.0.1\n\n")
+            f"or through the gateway's own SSH server, which the demo runs on port {ssh_port} (what "
+            f"`WICKET_HOME={home} wicket proxy ssh demo-ssh --port 2222 --allow-no-auth` runs; your own "
+            f"processes need no key for it):\n\n"
+            f"  ssh -o UserKnownHostsFile={state / 'gateway_known_hosts'} -p {ssh_port} {login}@127.0.0.1\n\n")
 
 
 def _prepare_database(pg) -> None:

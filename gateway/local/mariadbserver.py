@@ -12,6 +12,7 @@ over the server's unix socket without a password.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -116,7 +117,10 @@ class MariaDbServer:
 
     def sql(self, statement: str, database: str | None = None) -> str:
         """Run SQL as the superuser over the unix socket; tab-separated rows."""
-        args = ["mysql", "--no-defaults", f"--socket={self.socket}", "-uroot", "-N", "-B", "-e", statement]
+        # mariadb-install-db made root@localhost and, run by anyone else, an
+        # account of that OS user's name: unix_socket logs each in as itself.
+        superuser = "root" if os.geteuid() == 0 else getpass.getuser()
+        args = ["mysql", "--no-defaults", f"--socket={self.socket}", f"-u{superuser}", "-N", "-B", "-e", statement]
         if database:
             args.append(database)
         r = subprocess.run(args, capture_output=True, text=True, timeout=120)

@@ -24,6 +24,8 @@ from gateway.identity import pki, tlsconf
 from gateway.private_files import ensure_private_dir
 
 PROFILE_VERSION = 1
+#: The files that are the login (the key first).
+FILES = ("key.pem", "cert.pem", "profile.json", "cluster-ca.pem")
 
 
 class ProfileError(Exception):
@@ -88,6 +90,15 @@ class Profile:
             self.ca_path.read_bytes(), cert=self.cert_path, key=self.key_path, alpn=alpn
         )
 
+    def linked_into(self, home: Path) -> "Profile":
+        """This login as seen from ``home`` (made, 0700): its files linked,
+        not copied, so a renewal or a new login shows there too; anything
+        else in ``home`` (an ``ssh/`` directory) is that directory's own."""
+        ensure_private_dir(home)
+        for name in FILES:
+            (home / name).symlink_to(self.home.absolute() / name)
+        return attrs.evolve(self, home=home)
+
     # -- persistence -----------------------------------------------------------
 
     @classmethod
@@ -150,7 +161,7 @@ def remove(home: Path | None = None) -> bool:
     """Forget the login (the key first). True if there was one."""
     home = home or wicket_home()
     existed = (home / "profile.json").exists() or (home / "key.pem").exists()
-    for name in ("key.pem", "cert.pem", "profile.json", "cluster-ca.pem"):
+    for name in FILES:
         (home / name).unlink(missing_ok=True)
     if home.exists() and not any(home.iterdir()):
         shutil.rmtree(home, ignore_errors=True)

@@ -4,7 +4,8 @@ small HTTP/1.1 layer of the cluster's API (``gateway.net.http``).
 """
 
 from gateway.net.relay import RelayCounters, RelayStats, relay
-from gateway.net.tls import TLSStream, accept_tls, open_tls_connection
+from gateway.net.tls import TLSStream
+from gateway.net.tlsconnect import accept_tls, open_tls_connection
 
 __all__ = [
     "RelayCounters",

@@ -128,8 +128,6 @@ __all__ = [
     "linger_reset",
     "SEND_CHUNK",
     "TLSStream",
-    "accept_tls",
-    "open_tls_connection",
 ]
 
 #: ``receive_some()`` without ``max_bytes`` returns up to this much; it is
@@ -727,41 +725,3 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._sock.close()
         await checkpoint()
 
-
-async def open_tls_connection(
-    host: str | bytes,
-    port: int,
-    context: ssl.SSLContext,
-    *,
-    server_hostname: str | None,
-    session: ssl.SSLSession | None = None,
-) -> TLSStream:
-    """Connect over TCP and complete a client-side TLS handshake.
-
-    Raises :class:`OSError` if the TCP connection fails and
-    :class:`trio.BrokenResourceError` (cause: the ``ssl`` error) if the
-    handshake does. Nothing is left open on failure. No timeout inside."""
-    tcp = await trio.open_tcp_stream(host, port)
-    try:
-        stream = TLSStream(
-            tcp, context, server_side=False, server_hostname=server_hostname, session=session
-        )
-        await stream.do_handshake()
-    except BaseException:
-        tcp.socket.close()
-        raise
-    return stream
-
-
-async def accept_tls(sock_stream: trio.SocketStream, context: ssl.SSLContext) -> TLSStream:
-    """Complete a server-side TLS handshake on an accepted connection.
-
-    On failure (including cancellation) the socket is closed and the error
-    raised, as for :func:`open_tls_connection`."""
-    try:
-        stream = TLSStream(sock_stream, context, server_side=True)
-        await stream.do_handshake()
-    except BaseException:
-        sock_stream.socket.close()
-        raise
-    return stream

@@ -10,7 +10,8 @@
 * :mod:`.scram`: the cluster logging in upstream: :class:`UpstreamLogin`
   (cleartext, md5, SCRAM-SHA-256 with server verification).
 * :mod:`.audit`: the cluster's audit of a relayed session:
-  :class:`FrontendAuditor` and :class:`BackendAuditor`.
+  :class:`FrontendAuditor` (``audit/frontend.py``) and
+  :class:`BackendAuditor` (``audit/backend.py``).
 
 Every parser here raises only :class:`~protocols.errors.RemoteProtocolError`
 for bad input, with ``wire_hint`` set to the SQLSTATE to answer with.

@@ -277,14 +277,18 @@ class Gateway:
     def cluster_unreachable(self):
         """The profile points at a port nobody listens on (bound, never
         listening) while the block runs: every connect is refused at once,
-        as while the cluster restarts."""
+        as while the cluster restarts. The real address is back after it."""
         profile = self.home / "profile.json"
-        doc = json.loads(profile.read_text())
+        saved = profile.read_text()
+        doc = json.loads(saved)
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))
             doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
             profile.write_text(json.dumps(doc))
-            yield
+            try:
+                yield
+            finally:
+                profile.write_text(saved)
 
     @classmethod
     def logged_in(cls, cluster: "Cluster", tmp: Path, name: str, roles: str) -> "Gateway":

@@ -5,8 +5,11 @@ import getpass
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from gateway.local import mongoserver, sshserver
 from tests.integration.harness import PY, Proc, _env, wait_for
@@ -41,13 +44,19 @@ def test_demo_end_to_end(tmp_path):
                 assert client.demo.things.find_one({"_id": 1}) == {"_id": 1, "via": "wicket"}
             # The check after the stop sees this server too (by its open log).
             assert any(b"mongoeco_server" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _using(state))
+        local_ssh_port = None
         if sshserver.missing() is None:
             line = proc.read_line(r"^\s+(ssh -F \S+ \S+@demo-ssh\.demo)$").group(1)
             assert line.split()[-1].split("@")[0] == ("root" if os.geteuid() == 0 else getpass.getuser())
             out = subprocess.run(line + " -o BatchMode=yes true", shell=True, capture_output=True, text=True,
                                  timeout=60)
             assert out.returncode == 0, out.stderr
-            assert proc.read_line(r"^\s+ssh -p (\d+) \S+@127\.0\.0\.1$")
+            # The gateway's own SSH server, which the demo runs: the line as printed.
+            line = proc.read_line(r"^\s+(ssh -o UserKnownHostsFile=\S+ -p \d+ \S+@127\.0\.0\.1)$").group(1)
+            local_ssh_port = int(line.split(" -p ")[1].split()[0])
+            out = subprocess.run(line + " -o BatchMode=yes echo terminated", shell=True, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.stdout == "terminated\n", out.stderr
         else:
             wait_for(lambda: "no SSH resource: " in proc.log(), what="the note")
         assert (state / "demo-password").stat().st_mode & 0o777 == 0o600
@@ -56,6 +65,9 @@ def test_demo_end_to_end(tmp_path):
         rc = proc.stop(signal.SIGINT)
     assert rc == 0, proc.log()
     assert "stopped" in proc.log()
+    if local_ssh_port is not None:  # the gateway's SSH server stopped with it
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", local_ssh_port), timeout=5).close()
     # Every child went away with it: the cluster, sshd and each database
     # server, each of which names a path under the demo's state directory
     # on its command line or holds a file there open (mongoeco's log).

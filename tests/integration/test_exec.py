@@ -8,14 +8,17 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.integration.harness import PY, ROOT, Gateway, Proc, _env, wait_for
 from tests.integration.pgclients import _gateway  # pg_env: the test_postgres*.py files' PostgreSQL
 from tests.integration.pgenv import need_postgres
+from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 
 need_postgres()
 
@@ -225,3 +228,121 @@ def test_the_agent_serves_postgres_on_a_unix_socket_and_removes_it(person, tmp_p
         assert timed == [1.0]  # PostgreSQL's dials are timed too
         assert proc.stop(signal.SIGTERM) == 143
         assert not os.path.exists(path)
+
+
+# -- ssh: an ssh_config with `wicket proxy ssh --stdio` as ProxyCommand, no listener --------
+
+
+def _sshd_missing() -> str | None:
+    from tests.servers import sshd as sshd_server
+
+    return sshd_server.available() or (None if shutil.which("git") and shutil.which("rsync")
+                                        else "git or rsync is not installed")
+
+
+needs_sshd = pytest.mark.skipif(_sshd_missing() is not None, reason=str(_sshd_missing()))
+
+
+def _left_behind(directory: str) -> list[str]:
+    """What still names ``directory``: the path itself, or a process (a
+    ProxyCommand, its carrier) with it on its command line."""
+    from tests.integration.test_demo import _using
+
+    return ([directory] if os.path.exists(directory) else []) + _using(Path(directory))
+
+
+@needs_sshd
+def test_exec_ssh_reaches_a_node_with_ssh_scp_and_rsync_and_leaves_nothing_behind(make_gateway, node, tmp_path):
+    """`ssh web-1` as is (the role grants one login: the alias's User), scp
+    and rsync -e ssh, with no key of the person's own; the temporary
+    directory (config, key, certificate, wrappers) and every ProxyCommand
+    gone afterwards, the person's profile untouched."""
+    from tests.integration.ssh_fixtures import random_file, sha256
+    from tests.servers.sshd import TEST_USER
+
+    gw = make_gateway("ssh-user")
+    src = random_file(tmp_path / "up.bin", 3 << 20)
+    remote = f"/tmp/wicket-exec-{gw.user}"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    random_file(tree / "a.bin", 300_000)
+    script = (f'ssh web-1 id -un && scp -q {src} web-1:{remote}.bin && ssh web-1 sha256sum {remote}.bin && '
+              f'rsync -a -e ssh {tree}/ web-1:{remote}-tree/ && ssh web-1 sha256sum {remote}-tree/a.bin && '
+              f'ssh web-1 rm -r {remote}.bin {remote}-tree && '
+              'echo "$WICKET_WEB_1_SSH_CONFIG" && echo "$GIT_SSH_COMMAND" && command -v ssh')
+    r = wicket_exec(gw, "--ssh", "web-1", "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    login, up, tree_sum, config, git_ssh, ssh = r.stdout.splitlines()
+    assert login == TEST_USER
+    assert up.split()[0] == sha256(src) and tree_sum.split()[0] == sha256(tree / "a.bin")
+    workdir = os.path.dirname(config)
+    assert git_ssh == f"ssh -F {config}" and ssh == os.path.join(workdir, "bin", "ssh")
+    assert wait_for(lambda: not _left_behind(workdir), what="the exec's directory and ProxyCommands to go")
+    assert not (gw.home / "ssh").exists()  # the person's own SSH files were never written
+    assert f"ID wicket:test:{gw.user}:" in node.log()  # the node saw the person's certificate
+
+
+@needs_sshd
+def test_exec_ssh_git_clone_over_git_ssh_command(make_gateway, node, tmp_path):
+    """git clones a bare repository on the node with GIT_SSH_COMMAND alone
+    (the wrappers taken off PATH), and pushes back to it."""
+    gw = make_gateway("ssh-all")
+    git = ["git", "-c", "user.name=wicket", "-c", "user.email=wicket@example.invalid",
+           "-c", "init.defaultBranch=main"]
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    subprocess.run([*git, "init", "-q", "--bare", str(bare)], check=True)
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README").write_text("over wicket\n")
+    subprocess.run([*git, "-C", str(work), "add", "README"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "first"], check=True)
+    subprocess.run([*git, "-C", str(work), "push", "-q", str(bare), "main"], check=True)
+    clone = tmp_path / "clone"
+    script = ('PATH="${PATH#*:}"; '  # without the exec's bin/: GIT_SSH_COMMAND must do it alone
+              f'git clone -q root@web-1:{bare} {clone} && cd {clone} && echo more >> README && '
+              f'git -c user.name=w -c user.email=w@example.invalid commit -qam second && git push -q origin HEAD')
+    r = wicket_exec(gw, "--ssh", "web-1", "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    assert (clone / "README").read_text() == "over wicket\nmore\n"
+    log = subprocess.run(["git", "-C", str(bare), "log", "--format=%s", "main"], capture_output=True, text=True,
+                         check=True).stdout
+    assert log.split() == ["second", "first"]
+
+
+@needs_sshd
+def test_env_ssh_prints_an_ssh_config_for_a_shell(make_gateway, node, tmp_path):
+    gw = make_gateway("ssh-user")
+    r = gw.run("env", "--ssh", "web-1", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    variables = json.loads(r.stdout)
+    config = variables["WICKET_WEB_1_SSH_CONFIG"]
+    assert config == str(gw.home / "ssh" / "config-web-1")
+    assert variables["GIT_SSH_COMMAND"] == variables["RSYNC_RSH"] == f"ssh -F {config}"
+    assert "PATH" not in variables and "WICKET_WEB_1_PORT" not in variables  # no listener, no wrappers
+    assert "Host web-1\n    HostName web-1.test\n    User wicketssh\n" in Path(config).read_text()
+    # The shell's way: eval, then ssh by the alias and git's command.
+    script = (f'eval "$({shlex.quote(PY)} -m gateway.cli.wicket env --ssh web-1)" && '
+              '$GIT_SSH_COMMAND -o BatchMode=yes web-1 echo via-alias && '
+              'ssh -F "$WICKET_WEB_1_SSH_CONFIG" -o BatchMode=yes root@web-1.test true || echo root-refused')
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=gw.env(), cwd=ROOT, timeout=120)
+    assert r.stdout.split() == ["via-alias", "root-refused"], r.stderr  # ssh-user grants no root
+
+
+@needs_sshd
+def test_exec_ssh_as_a_bot_joining_with_a_token(cluster, node, tmp_path):
+    """A CI job: no profile and no SSH key of its own; the joined bot's
+    temporary profile holds the SSH files too, and goes with the rest."""
+    from tests.servers.sshd import TEST_USER
+
+    cluster.admin("bots", "add", "ci-ssh", "--roles", "ssh-user")
+    token = json.loads(cluster.admin("tokens", "add", "--bot", "ci-ssh", "--format", "json").stdout)["token"]
+    env = {**_env(WICKET_HOME=str(tmp_path / "no-profile"), HOME=str(tmp_path)), "WICKET_EXEC_TOKEN": token,
+           "WICKET_EXEC_CLUSTER": cluster.address, "WICKET_EXEC_CA_PIN": cluster.pin}
+    r = subprocess.run([PY, "-m", "gateway.cli.wicket", "exec", "--ssh", "web-1", "--", "sh", "-c",
+                        'ssh web-1 id -un && dirname "$WICKET_WEB_1_SSH_CONFIG"'],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    login, workdir = r.stdout.split()
+    assert login == TEST_USER
+    assert wait_for(lambda: not _left_behind(workdir), what="the exec's directory and ProxyCommands to go")
+    assert not (tmp_path / "no-profile").exists() and not (tmp_path / ".ssh").exists()
+    assert "ID wicket:test:ci-ssh:" in node.log()

@@ -78,6 +78,26 @@ def test_a_cluster_that_cannot_be_reached_is_waited_for_then_a_native_error(pg_e
         g.stop()
 
 
+def test_db_verb_starts_without_the_cluster_once_it_knows_the_kind(pg_env, tmp_path):
+    # `wicket proxy db` learns a resource's kind from the cluster; when the
+    # cluster is away it goes by the last listing, so the client still hears
+    # why in its own protocol instead of the gateway not starting.
+    cluster, _ = pg_env
+    g = _gateway(cluster, tmp_path, "pg")
+    try:
+        with g.cluster_unreachable():
+            r = g.run("proxy", "db", "pg", "--port", "0")
+        assert r.returncode == 5, r.stderr
+        assert "the kind of pg is not known yet" in r.stderr and "`wicket proxy postgres pg`" in r.stderr
+        assert g.run("ls").returncode == 0  # the listing is remembered
+        with g.cluster_unreachable():
+            _, port = g.proxy("db", "pg", "--wait-for-cluster", "0.5")
+            sqlstate, message = connect_error(port)
+        assert sqlstate == "08006" and re.search(r"waited [\d.]+s for the cluster", message)
+    finally:
+        g.stop()
+
+
 def test_upstream_error_is_native(pg_port):
     r = psql(pg_port, "-c", "select 1", db="no_such_db")
     assert r.returncode == 2

@@ -1,5 +1,7 @@
 """The registry of kinds: everything kind-specific is derived from it."""
 
+import inspect
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -20,6 +22,8 @@ def test_each_entry_is_whole(kind):
     assert callable(kind.spec.check) and callable(kind.spec.parse)
     for param in kind.params:
         assert rbac.PARAM_KEYS[param.role_key] == param.name
+    if kind.client_setup is not None:  # `wicket exec` awaits it
+        assert inspect.iscoroutinefunction(kind.client_setup_function())
 
 
 def test_ids_and_names_are_unique():

@@ -19,7 +19,7 @@ import trio
 from gateway.net.engine import engine
 from gateway.net.ends import _unacknowledged
 from gateway.net.relay import RelayCounters, relay
-from gateway.net.tls import accept_tls, open_tls_connection
+from gateway.net.tlsconnect import accept_tls, open_tls_connection
 from tests.unit import tlsutil
 from tests.unit.tlsutil import read_exactly, read_until_eof, read_until_reset
 

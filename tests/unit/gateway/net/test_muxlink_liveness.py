@@ -25,7 +25,7 @@ async def test_key_updates_on_the_multiplexed_connection(pki):
     # openssl s_client plays the gateway, writing mux frames made here, and
     # sends KeyUpdates (asking for ours back, or not): the stream keeps
     # flowing both ways after each, our DATA under our new keys.
-    from gateway.net.tls import accept_tls
+    from gateway.net.tlsconnect import accept_tls
     from protocols.mux import MuxConnection
 
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]

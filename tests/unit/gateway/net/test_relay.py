@@ -27,7 +27,7 @@ import trio.testing
 from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
 from gateway.net.relay import RelayCounters, RelayStats, relay
-from gateway.net.tls import accept_tls, open_tls_connection
+from gateway.net.tlsconnect import accept_tls, open_tls_connection
 from tests.unit import tlsutil
 from protocols.dial import DialAccept, DialRequest
 from protocols.mux import Role as MuxRole

@@ -19,7 +19,8 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.net.tls import DEFAULT_RECEIVE_SIZE, TLSStream, accept_tls, open_tls_connection
+from gateway.net.tls import DEFAULT_RECEIVE_SIZE, TLSStream
+from gateway.net.tlsconnect import accept_tls, open_tls_connection
 from tests.unit import tlsutil
 from tests.unit.tlsutil import read_exactly, read_until_eof
 
