@@ -125,8 +125,9 @@ class Kind:
     is_database: bool = False
     #: "module:attribute" of a function (resource, host, port, settings) ->
     #: the environment variables the kind's clients read (PGHOST, ...) for
-    #: `wicket exec` and `wicket env`; settings are the proxy options and
-    #: the defaults the cluster's grants imply (a single db_user). None:
+    #: `wicket exec` and `wicket env`; settings are the proxy options,
+    #: the defaults the cluster's grants imply (a single db_user) and
+    #: ``wicket_home`` (the profile's directory, with the local CA). None:
     #: only the WICKET_<NAME>_HOST/PORT every resource gets.
     client_env: str | None = None
     #: The client configuration file `wicket config` writes, if any.

@@ -127,7 +127,8 @@ def register(main: click.Group, cli: ModuleType) -> None:
                                       f"--{kinds.get(resource.get('kind')).proxy_verb}", 2)
             mine = {o.name for o in kind.proxy_options}
             options = {k: v for k, v in values.items() if k in mine and v}
-            settings = {**grant_defaults(resource.get("allowed", {})), **options}
+            # The profile's home: where a local TLS CA a client must trust lives.
+            settings = {**grant_defaults(resource.get("allowed", {})), **options, "wicket_home": str(profile.home)}
             port = port_of(name) if kind.client_setup is None else 0  # no listener for it
             wanted.append(Wanted(name=name, kind=kind, options=options, settings=settings, bind=bind, port=port))
         return wanted

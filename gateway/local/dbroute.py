@@ -15,14 +15,19 @@ and database, and what else the kind passes on). Per client connection
    protocol hears the phase's native error;
 2. turns away another local user (``MuxRoute.stranger``) in its own
    protocol, after its startup, so it learns why;
-3. opens a stream on the profile's multiplexed connection with those
+3. lets the kind answer alone what it can before the session is needed
+   (:meth:`ClientPhase.until_needed`: MongoDB's hellos, on monitoring
+   connections that never send anything else), bound by no deadline, as
+   an idle session is not; what the client sent that the kind did not
+   answer goes to the cluster first (``ClientPhase.ahead``);
+4. opens a stream on the profile's multiplexed connection with those
    parameters and waits for the cluster's REPLY (:meth:`dial`), waiting
    out a cluster that cannot be reached (``WaitRoom``) and starting once
    more on a new connection a stream whose connection died before the
    cluster saw it; every refusal (the cluster's ``DialError``, an expired
    login, a cluster that does not answer) reaches the client as the
    phase's native error with the next step to take;
-4. hands the accepted stream to the kind (:meth:`ClientPhase.session`),
+5. hands the accepted stream to the kind (:meth:`ClientPhase.session`),
    which relays it with :meth:`DatabaseRoute.relay`: the client's socket
    goes to the relay engine (the cluster's first bytes were waiting for
    it), and the call returns when the session is over.
@@ -33,7 +38,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import trio
 
@@ -75,12 +80,23 @@ class ClientPhase:
         #: False for another local user: its control requests (a
         #: PostgreSQL cancel) do nothing.
         self.may_control = may_control
+        #: Bytes read from the client that are the session's (read past
+        #: what the kind answered itself): the cluster gets them first.
+        self.ahead = b""
 
     async def run(self) -> Mapping[str, str] | None:
         """The connection phase: the dial's parameters, or None when there
         is no session to open (a cancel request, a client that left).
         Raises ProtocolError for a client that broke the protocol."""
         raise NotImplementedError
+
+    async def until_needed(self) -> bool:
+        """After :meth:`run`, before the dial, with no deadline: what the
+        kind answers alone until the client needs the session; True once
+        it does (anything it read for the session in ``ahead``), False if
+        it left first. Raises ProtocolError for a client that broke the
+        protocol. By default the session is needed at once."""
+        return True
 
     def refusal(self, error: DialError | ProtocolError, hint: str | None) -> bytes:
         """The bytes that turn the client away with ``error`` (``hint``:
@@ -140,16 +156,8 @@ class DatabaseRoute(MuxRoute):
     async def _handle(self, tcp: trio.SocketStream, client_addr: str) -> None:
         stranger = self.stranger(tcp.socket, client_addr)
         phase = self.client_phase(tcp, client_addr, may_control=stranger is None)
-        try:
-            with trio.fail_after(STARTUP_TIMEOUT):
-                params = await phase.run()
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await phase.stream.aclose()
-            return
-        except ProtocolError as exc:
-            log.info("%s_startup_rejected resource=%s client=%s error=%s", self.kind, self.resource,
-                     client_addr, exc)
-            await phase.turn_away(exc, None)
+        ran, params = await self._step(phase, phase.run, "startup", trio.current_time() + STARTUP_TIMEOUT)
+        if not ran:
             return
         if params is None:
             await phase.stream.aclose()
@@ -166,9 +174,28 @@ class DatabaseRoute(MuxRoute):
             if stranger is not None:
                 await self.refuse(phase, DialError(code=ErrorCode.ACCESS_DENIED, message=stranger), hint=None)
                 return
+            ran, needed = await self._step(phase, phase.until_needed, "client", float("inf"))
+            if not (ran and needed):
+                return
             dialed = await self.dial(phase, params)
             if dialed is not None:
                 await phase.session(params, *dialed)
+
+    async def _step(self, phase: ClientPhase, step, what: str, deadline: float) -> tuple[bool, Any]:
+        """Run one of the phase's own steps (``run``, ``until_needed``) by
+        ``deadline``: (True, what it returned), or (False, None) once the
+        client left, was too slow (closed) or broke the protocol (told why,
+        in its protocol, and closed)."""
+        try:
+            with trio.fail_at(deadline):
+                return True, await step()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await phase.stream.aclose()
+        except ProtocolError as exc:
+            log.info("%s_%s_rejected resource=%s client=%s error=%s", self.kind, what, self.resource,
+                     phase.client_addr, exc)
+            await phase.turn_away(exc, None)
+        return False, None
 
     async def dial(self, phase: ClientPhase, params: Mapping[str, str]) -> tuple[MuxLink, Stream] | None:
         """A stream for a session with ``params``, accepted by the cluster;
@@ -258,7 +285,8 @@ class DatabaseRoute(MuxRoute):
     async def relay(self, phase: ClientPhase, link: MuxLink, stream: Stream, *, early: bytes = b"",
                     tap_in=None, client=None) -> tuple[RelayCounters, str | None, bool]:
         """Relay the client on ``stream`` until the session is over:
-        ``early`` first (bytes of the gateway's own before the cluster's),
+        ``early`` first (bytes of the gateway's own before the cluster's;
+        ``phase.ahead`` goes the other way first),
         ``tap_in`` sees the cluster's bytes before the client does;
         ``client``: the stream to relay instead of the phase's (one end of
         a pair, when the kind watches the session in trio). Returns the
@@ -267,7 +295,7 @@ class DatabaseRoute(MuxRoute):
         try:
             if early:
                 await phase.stream.send_all(early)
-            if not link.bind(stream, client or phase.stream, counters, tap_in=tap_in):
+            if not link.bind(stream, client or phase.stream, counters, tap_in=tap_in, ahead=phase.ahead):
                 return counters, stream.error, False
             error = await link.wait(stream)
             self.stats.ended(counters.a_to_b, counters.b_to_a)  # the agent's /metrics

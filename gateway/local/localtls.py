@@ -35,24 +35,35 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_NAME = "Wicket local gateway CA"
 
 
+def local_ca_path(home: Path) -> Path:
+    """Where the local CA's certificate is (made by :func:`ensure_local_tls`)."""
+    return home / "local-ca.crt"
+
+
+def local_client_pem_path(home: Path) -> Path:
+    """Where the local clients' certificate and key are, in one PEM (made by
+    :func:`ensure_local_client_pem`)."""
+    return home / "local-client.pem"
+
+
 def ensure_local_tls(home: Path) -> tuple[Path, Path, Path]:
     """(ca_cert, server_cert, server_key) paths, created or renewed as needed."""
     ensure_private_dir(home)
     now = pki.utcnow()
     ca = pki.CertificateAuthority.load_or_create(home, "local-ca", CA_NAME, now=now, permitted=LOCAL_NAMES)
     if pki.name_constraints(ca.cert) is None:  # made before the constraints: replace it
-        (home / "local-ca.crt").unlink()
+        local_ca_path(home).unlink()
         ca = pki.CertificateAuthority.load_or_create(home, "local-ca", CA_NAME, now=now, permitted=LOCAL_NAMES)
     cert_path, key_path = home / "local-server.crt", home / "local-server.key"
     if cert_path.exists() and key_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         if _signed_by(cert, ca) and cert.not_valid_after_utc - now > dt.timedelta(days=7):
-            return home / "local-ca.crt", cert_path, key_path
+            return local_ca_path(home), cert_path, key_path
     key = pki.generate_key()
     cert = ca.issue_host_cert(key.public_key(), LOCAL_NAMES, now=now, days=90)
     pki.write_private(key_path, pki.key_to_pem(key))
     pki.write_public(cert_path, pki.cert_to_pem(cert))
-    return home / "local-ca.crt", cert_path, key_path
+    return local_ca_path(home), cert_path, key_path
 
 
 def ensure_local_client_cert(home: Path) -> tuple[Path, Path]:
@@ -78,7 +89,7 @@ def ensure_local_client_pem(home: Path) -> Path:
     """The local clients' certificate and key in one PEM file (0600), for
     clients that take them so (MongoDB's ``tlsCertificateKeyFile``)."""
     cert_path, key_path = ensure_local_client_cert(home)
-    pem_path = home / "local-client.pem"
+    pem_path = local_client_pem_path(home)
     combined = cert_path.read_bytes() + key_path.read_bytes()
     if not pem_path.exists() or pem_path.read_bytes() != combined:
         pki.write_private(pem_path, combined)

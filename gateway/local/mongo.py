@@ -6,23 +6,33 @@ Per client connection (gateway/local/dbroute.py runs the steps):
 1. the driver's first message is its handshake, a ``hello`` (or a legacy
    ``isMaster`` in OP_QUERY); anything else is turned away with
    CommandNotSupported;
-2. the dial goes to the cluster with ``--db-user``/``--db-name`` when given
-   (a MongoDB URI names no user the gateway would use: the cluster logs
-   in as the db user, by default the Wicket user's own name); the cluster
-   connects, logs in and answers with the server's hello values
-   (``hello.*`` parameters of the accept);
-3. the gateway answers the hello itself from them (one server, the
-   server's limits and wire versions, only compressors both ends have:
-   protocols/mongodb/handshake.py), then the relay engine carries every
-   byte both ways. Every later command, later hellos included, is the
-   cluster's to check, answer or pass on (gateway/cluster/mongodb_gate.py).
+2. the gateway answers hellos itself, from the server's values the last
+   session brought (wire versions, limits, only compressors both ends
+   have: protocols/mongodb/handshake.py), for as long as the client sends
+   nothing else (:meth:`_MongoClient.until_needed`). A driver's monitoring
+   connections only ever do: they cost no session upstream (no dial, no
+   login on the server, no audit). Before a session ever brought the
+   values, the first connection dials at once, as step 3, and its first
+   hello is answered from the dial's answer;
+3. at the first other command the dial goes to the cluster with
+   ``--db-user``/``--db-name`` when given (a MongoDB URI names no user the
+   gateway would use: the cluster logs in as the db user, by default the
+   Wicket user's own name); the cluster connects, logs in and answers with
+   the server's hello values (``hello.*`` parameters of the accept, kept
+   for the next connections);
+4. that command's bytes, as the client sent them, go to the cluster first,
+   then the relay engine carries every byte both ways. Every later
+   command, later hellos included, is the cluster's to check, answer or
+   pass on (gateway/cluster/mongodb_gate.py).
 
 A client that insists on logging in (a connection string with a user and
 password; its hello asks for ``saslSupportedMechs`` or sends
-``speculativeAuthenticate``) logs in here, with SCRAM, against a local
+``speculativeAuthenticate``, or it just sends ``saslStart``) logs in here,
+with SCRAM, against a local
 credential made at each start and printed once in the URI ``wicket proxy``
-shows (user ``wicket``); any other credential gets AuthenticationFailed
-saying to drop it. The session starts once it has.
+shows (user ``wicket``), before any dial: a wrong credential costs no
+session upstream (but on a connection that had to dial for the values,
+step 2). Any other credential gets AuthenticationFailed saying to drop it.
 
 A refused dial (not allowed, login expired, server or cluster down) does
 not close the connection: a driver would only retry until its server
@@ -39,12 +49,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 import trio
 
 from gateway.local.dbroute import STARTUP_TIMEOUT, ClientPhase, DatabaseRoute, local_tls as local_tls_setup
 from gateway.local.dialer import MuxDialer
 from gateway.local.localtls import ensure_local_client_pem
+from gateway.local.mongo_client import tls_options
 from gateway.local.profile import Profile
 from gateway.local.proxy import Listening
 from gateway.net.muxlink import MuxLink, Stream
@@ -53,32 +65,37 @@ from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialError
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocols.mongodb import (
-    DEFAULT_HELLO, ClientHello, LocalLogin, MessageReader, OpMsg, OpQuery, client_hello, error_code_for,
-    error_document, error_reply, gateway_hello, hello_from_params, reply_to,
+    DEFAULT_HELLO, HandshakeReader, LocalLogin, MessageReader, OpCompressed, OpMsg, OpQuery, SessionBegins,
+    client_hello, command_of, decompress, error_code_for, error_document, error_reply, gateway_hello,
+    hello_from_params, reply_to,
 )
-from protocols.mongodb.commands import HANDSHAKE_COMMANDS
+from protocols.mongodb.commands import ERROR_CODES, HANDSHAKE_COMMANDS
 from protocols.mongodb.scram import MECHANISMS
+from protocols.mongodb.wire import HEADER, OP_QUERY
 from protocols.signals import NEED_DATA, ConnectionClosed
 
 log = logging.getLogger("wicket.proxy.mongodb")
 
 READ = 65536
-#: The largest first message (a hello is a few hundred bytes).
-MAX_HELLO = 1024 * 1024
 #: A refused connection's client may send this large a message (one
 #: document and its command) and go this long between messages.
 MAX_REFUSED_MESSAGE = 16 * 1024 * 1024 + 64 * 1024
 REFUSED_LINGER = 60.0
 #: The user of the local credential (its password is made at each start).
 LOCAL_USER = "wicket"
+#: What the gateway reads as a login against the local credential (any
+#: other way to log in, ``authenticate``, is told the same as a wrong one).
+_LOGIN_STEPS = frozenset({"saslStart", "saslContinue", "authenticate"})
 
 
-def _body(message: OpMsg | OpQuery) -> Mapping:
-    if isinstance(message, OpMsg):
-        return message.body
-    query = message.query
-    inner = query.get("$query")
-    return inner if isinstance(inner, Mapping) else query
+def _placeholder(data: bytes) -> OpMsg | OpQuery:
+    """A request to reply to, from the header of a message not decoded
+    here (the session's first): the reply's kind and responseTo are all
+    a reply takes from it."""
+    _, request_id, _, op_code = HEADER.unpack_from(data) if len(data) >= HEADER.size else (0, 0, 0, 0)
+    if op_code == OP_QUERY:
+        return OpQuery(request_id=request_id, collection="admin.$cmd", query={"hello": 1})
+    return OpMsg(request_id=request_id, body={"hello": 1})
 
 
 class MongoProxy(DatabaseRoute):
@@ -92,38 +109,64 @@ class MongoProxy(DatabaseRoute):
         # here, shown once at start (try_line), held only in memory.
         self.local_password = secrets.token_urlsafe(18)
         self._salt = secrets.token_bytes(16)
+        #: The server's hello values from the last session's accept, for
+        #: hellos answered before a dial; None until a session brought them.
+        self.upstream_hello: dict[str, Any] | None = None
 
     def local_login(self) -> LocalLogin:
         return LocalLogin(username=LOCAL_USER, password=self.local_password, salt=self._salt)
 
+    def learn(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """The server's hello values in an accept's ``params``, kept for
+        the next connections (without ``connectionId``: a hello answered
+        here is no server connection's)."""
+        hello = hello_from_params(params)
+        self.upstream_hello = {k: v for k, v in hello.items() if k != "connectionId"}
+        return hello
+
     def client_phase(self, tcp: trio.SocketStream, client_addr: str, *, may_control: bool) -> "_MongoClient":
         return _MongoClient(self, tcp, client_addr, may_control=may_control)
 
+
 class _MongoClient(ClientPhase):
-    """One client connection: its hello, its refusals, its session."""
+    """One client connection: its hellos and login, its refusals, its session."""
 
     route: MongoProxy
 
     def __init__(self, route: MongoProxy, tcp: trio.SocketStream, client_addr: str, *,
                  may_control: bool) -> None:
         super().__init__(route, tcp, client_addr, may_control=may_control)
-        self.reader = MessageReader(max_message_size=MAX_HELLO, verify_checksums=False)
+        self.reader = HandshakeReader(HANDSHAKE_COMMANDS | _LOGIN_STEPS)
+        #: The client's first hello until it is answered.
         self.first: OpMsg | OpQuery | None = None
-        self.hello: ClientHello | None = None
+        self.hello = None  # what the first hello asked for (a ClientHello)
+        self.answered = 0  # hellos answered here
+        #: A login against the local credential under way, and when it must end.
+        self.login: LocalLogin | None = None
+        self.login_deadline = float("inf")
+        self.login_failed = False
 
-    async def _next(self, reader: MessageReader) -> OpMsg | OpQuery | None:
-        """The client's next message; None once it has left."""
+    async def _next(self) -> OpMsg | OpQuery | SessionBegins | None:
+        """The client's next handshake message (:class:`SessionBegins` at
+        the session's first), None once it left. Between messages the
+        client may take its time, as a driver's monitor does between
+        heartbeats; a message once begun, and a login once begun, must
+        be done within STARTUP_TIMEOUT."""
         while True:
-            event = reader.next_event()
+            event = self.reader.next_event()
             if event is NEED_DATA:
-                reader.receive_data(await self.stream.receive_some(READ))
+                deadline = self.login_deadline
+                if self.reader.pending:
+                    deadline = min(deadline, trio.current_time() + STARTUP_TIMEOUT)
+                with trio.fail_at(deadline):
+                    data = await self.stream.receive_some(READ)
+                self.reader.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
                 return None
-            if isinstance(event, (OpMsg, OpQuery)):
+            if isinstance(event, (OpMsg, OpQuery, SessionBegins)):
                 return event
-            raise RemoteProtocolError(f"a client sent {type(event).__name__}, which is not a command",
-                                      code=ErrorCode.BAD_REQUEST, wire_hint=17)
+            return SessionBegins()  # PAUSED: the session began before
 
     async def _start_tls(self) -> bool:
         """``--local-tls``: TLS from the client's first byte (MongoDB has no
@@ -141,9 +184,10 @@ class _MongoClient(ClientPhase):
             log.warning("local_tls_refused resource=%s client=%s reason=%r", self.route.resource,
                         self.client_addr, "a plaintext client")
             self.reader.receive_data(received)
-            first = await self._next(self.reader)
+            first = await self._next()
             if first is not None:
-                await self.stream.send_all(error_reply(first, (
+                request = _placeholder(self.reader.stop()) if isinstance(first, SessionBegins) else first
+                await self.stream.send_all(error_reply(request, (
                     f"this Wicket gateway requires TLS (wicket proxy --local-tls): add "
                     f"{self.route.tls_hint} to the connection string"), "SSLHandshakeFailed").encode())
             return False
@@ -159,11 +203,15 @@ class _MongoClient(ClientPhase):
     async def run(self) -> dict[str, str] | None:
         if self.route.tls_context is not None and not await self._start_tls():
             return None
-        first = await self._next(self.reader)
+        first = await self._next()
         if first is None:
             return None
-        self.first = first
-        self.hello = client_hello(_body(first))  # CommandNotSupported if not a hello
+        if isinstance(first, SessionBegins):
+            self.ahead = self.reader.stop()
+            raise RemoteProtocolError("the first command must be hello (a driver's handshake)",
+                                      code=ErrorCode.BAD_REQUEST, wire_hint=ERROR_CODES["CommandNotSupported"])
+        self.first = first  # (a refusal answers it)
+        self.hello = client_hello(command_of(first))  # CommandNotSupported if a login step
         params: dict[str, str] = {}
         if self.route.db_user:
             params["db_user"] = self.route.db_user
@@ -171,13 +219,83 @@ class _MongoClient(ClientPhase):
             params["db_name"] = self.route.db_name
         return params
 
+    async def until_needed(self) -> bool:
+        """Hellos (and a local login) answered here until the session's
+        first command; before a session brought the server's values, the
+        dial goes at once (the first hello is answered from its answer)."""
+        upstream = self.route.upstream_hello
+        if upstream is None:
+            return True
+        needed = await self._handshake(upstream, until_session=True)
+        if not needed and not self.login_failed:
+            log.info("mongodb_client_left resource=%s client=%s hellos=%d session=none", self.route.resource,
+                     self.client_addr, self.answered)
+        return needed
+
+    async def _handshake(self, upstream: Mapping[str, Any], *, connection_id: int | None = None,
+                         until_session: bool) -> bool:
+        """Answer the client's hellos from ``upstream`` and its login
+        against the local credential, the first hello first;
+        ``until_session``: on until the session's first command (its bytes
+        in ``ahead``), else only until no login is under way. False once
+        the client left or failed its login (it was told why)."""
+        message: OpMsg | OpQuery | SessionBegins | None = self.first
+        self.first = None
+        while True:
+            if message is None:
+                return False
+            if isinstance(message, SessionBegins):
+                self.ahead = self.reader.stop()
+                if self.login is not None and not self.login.done:
+                    await self._login_refused(_placeholder(self.ahead), error_document(
+                        "log in first: the connection string names a user, so the driver must log in "
+                        "before its first command", "AuthenticationFailed"))
+                    return False
+                return True
+            body = command_of(message)
+            if next(iter(body), None) in HANDSHAKE_COMMANDS:
+                if self.login is None and client_hello(body).wants_auth:
+                    self._begin_login()
+                if not (isinstance(message, OpMsg) and message.more_to_come):
+                    await self.stream.send_all(self._hello_reply(message, upstream, connection_id))
+                self.answered += 1
+            else:  # a login step (the reader takes them until a login is done)
+                if self.login is None:  # a tool that logs in without saying so in its hello
+                    self._begin_login()
+                answer = self.login.answer(body)
+                if not answer.get("ok"):
+                    await self._login_refused(message, answer)
+                    return False
+                await self.stream.send_all(reply_to(message, answer).encode())
+                if self.login.done:
+                    self.reader.handled = HANDSHAKE_COMMANDS
+                    self.login_deadline = float("inf")
+            if not until_session and (self.login is None or self.login.done):
+                self.ahead = self.reader.stop()  # what came behind, for the session
+                return True
+            message = await self._next()
+
+    def _begin_login(self) -> None:
+        self.login = self.route.local_login()
+        self.reader.handled = HANDSHAKE_COMMANDS | _LOGIN_STEPS
+        self.login_deadline = trio.current_time() + STARTUP_TIMEOUT
+
+    async def _login_refused(self, request: OpMsg | OpQuery, answer: dict[str, Any]) -> None:
+        answer["errmsg"] = (
+            f"{answer['errmsg']} This proxy needs no credentials: remove the user name and password "
+            f"from the connection string, or use the local login `wicket proxy` printed at start "
+            f"(user {LOCAL_USER!r})")
+        self.login_failed = True
+        log.info("mongodb_local_login_failed resource=%s client=%s", self.route.resource, self.client_addr)
+        await self.stream.send_all(reply_to(request, answer).encode())
+
     def refusal(self, error: DialError | ProtocolError, hint: str | None) -> bytes:
         message = error.message + (f"; {hint}" if hint else "")
         if isinstance(error, ProtocolError):
             code = error.wire_hint if isinstance(error.wire_hint, int) else 17
         else:
             code = error_code_for(error.code)
-        request = self.first or OpMsg(request_id=0, body={"hello": 1})
+        request = self.first or _placeholder(self.ahead)
         return error_reply(request, message, code).encode()
 
     async def turn_away(self, error: DialError | ProtocolError, hint: str | None) -> None:
@@ -194,11 +312,9 @@ class _MongoClient(ClientPhase):
         finally:
             await self.stream.aclose()
 
-    def _hello_reply(self, request: OpMsg | OpQuery, upstream: Mapping) -> bytes:
-        body_in = _body(request)
-        hello = client_hello(body_in)
-        connection = upstream.get("connectionId")
-        body = gateway_hello(upstream, hello, connection_id=connection if isinstance(connection, int) else None,
+    def _hello_reply(self, request: OpMsg | OpQuery, upstream: Mapping, connection_id: int | None = None) -> bytes:
+        body_in = command_of(request)
+        body = gateway_hello(upstream, client_hello(body_in), connection_id=connection_id,
                              compressors=upstream.get("compression", ()))
         if body_in.get("saslSupportedMechs") == f"admin.{LOCAL_USER}":
             body["saslSupportedMechs"] = list(MECHANISMS)  # the local credential's
@@ -207,77 +323,67 @@ class _MongoClient(ClientPhase):
     async def session(self, params, link: MuxLink, stream: Stream) -> None:
         route, client_addr = self.route, self.client_addr
         accept = stream.reply
-        assert isinstance(accept, DialAccept) and self.first is not None
-        upstream = hello_from_params(accept.params)
-        early = self._hello_reply(self.first, upstream)
-        if self.hello is not None and self.hello.wants_auth:
-            # The client will log in: with the local credential it may.
+        assert isinstance(accept, DialAccept)
+        upstream = route.learn(accept.params)
+        if self.first is not None:
+            # Dialled at once (no values were known): the first hello, and
+            # a login if the client asked for one, answered from the accept.
+            connection = upstream.get("connectionId")
             try:
-                await self.stream.send_all(early)
                 with trio.fail_after(STARTUP_TIMEOUT):
-                    logged_in = await self._local_login(upstream)
+                    ready = await self._handshake(
+                        upstream, connection_id=connection if isinstance(connection, int) else None,
+                        until_session=False)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ProtocolError):
-                logged_in = False
-            if not logged_in:
-                link.cut(stream, "the client's local login failed")
+                ready = False
+            if not ready:
+                link.cut(stream, "the client's local login failed" if self.login_failed else "the client left")
                 route.dialer.release(link)
                 return
-            early = b""
-        log.info("mongodb_session_start resource=%s client=%s session=%s app=%r", route.resource, client_addr,
-                 accept.session_id, self.hello.application if self.hello else None)
-        counters, error, _ran = await route.relay(self, link, stream, early=early)
+        log.info("mongodb_session_start resource=%s client=%s session=%s app=%r hellos_before=%d", route.resource,
+                 client_addr, accept.session_id, self.hello.application if self.hello else None, self.answered)
+        counters, error, _ran = await route.relay(self, link, stream)
         log.info("mongodb_session_end resource=%s client=%s session=%s sent=%d received=%d%s", route.resource,
                  client_addr, accept.session_id, counters.a_to_b, counters.b_to_a,
                  f" error={error!r}" if error else "")
-
-    async def _local_login(self, upstream: Mapping) -> bool:
-        """The client's SCRAM login against the local credential; True once
-        it has logged in (the session then starts), False once it failed
-        (it was told, and what to do)."""
-        login = self.route.local_login()
-        while not login.done:
-            message = await self._next(self.reader)
-            if message is None:
-                return False
-            body = _body(message)
-            name = next(iter(body), None)
-            if name in HANDSHAKE_COMMANDS:
-                await self.stream.send_all(self._hello_reply(message, upstream))
-                continue
-            if name in ("saslStart", "saslContinue"):
-                answer = login.answer(body)
-            else:
-                answer = error_document(
-                    f"log in first: the connection string names a user, so the driver must log in "
-                    f"before {str(name)[:64]!r}", "AuthenticationFailed")
-            if not answer.get("ok"):
-                answer["errmsg"] = (
-                    f"{answer['errmsg']} This proxy needs no credentials: remove the user name and password "
-                    f"from the connection string, or use the local login `wicket proxy` printed at start "
-                    f"(user {LOCAL_USER!r})")
-                log.info("mongodb_local_login_failed resource=%s client=%s", self.route.resource,
-                         self.client_addr)
-            await self.stream.send_all(reply_to(message, answer).encode())
-            if not answer.get("ok"):
-                return False
-        return True
 
     async def answer_refused(self, error: DialError, hint: str | None) -> None:
         """Hellos answered, every other command refused with ``error``,
         until the client leaves or is silent for REFUSED_LINGER seconds."""
         refusal = error.message + (f"; {hint}" if hint else "")
         code = error_code_for(error.code)
-        reader = MessageReader(max_message_size=MAX_REFUSED_MESSAGE, verify_checksums=False)
-        message = self.first
-        while message is not None:
-            if next(iter(_body(message)), None) in HANDSHAKE_COMMANDS:
-                answer = self._hello_reply(message, DEFAULT_HELLO)
-            else:
-                answer = error_reply(message, refusal, code).encode()
+        upstream = self.route.upstream_hello or DEFAULT_HELLO
+        message: OpMsg | OpQuery | SessionBegins | None = self.first
+        self.first = None
+        self.reader.handled = HANDSHAKE_COMMANDS  # a login is refused with the rest
+        if message is None and self.reader.begun:
+            message = SessionBegins()  # the command that dialled (in ``ahead``)
+        while isinstance(message, (OpMsg, OpQuery)):  # hellos, until the first other command
             if not (isinstance(message, OpMsg) and message.more_to_come):
-                await self.stream.send_all(answer)
+                await self.stream.send_all(self._hello_reply(message, upstream))
             with trio.fail_after(REFUSED_LINGER):
-                message = await self._next(reader)
+                message = await self._next()
+        if message is None:
+            return
+        reader = MessageReader(max_message_size=MAX_REFUSED_MESSAGE, verify_checksums=False)
+        reader.receive_data(self.reader.stop())
+        while True:
+            with trio.fail_after(REFUSED_LINGER):
+                while (event := reader.next_event()) is NEED_DATA:
+                    reader.receive_data(await self.stream.receive_some(READ))
+            if isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, OpCompressed):  # the hello offered a compressor both ends have
+                event = decompress(event, max_message_size=MAX_REFUSED_MESSAGE)
+            if not isinstance(event, (OpMsg, OpQuery)):
+                raise ProtocolError(f"a client sent {type(event).__name__}, which is not a command",
+                                    code=ErrorCode.BAD_REQUEST, wire_hint=17)
+            if next(iter(command_of(event)), None) in HANDSHAKE_COMMANDS:
+                answer = self._hello_reply(event, upstream)
+            else:
+                answer = error_reply(event, refusal, code).encode()
+            if not (isinstance(event, OpMsg) and event.more_to_come):
+                await self.stream.send_all(answer)
 
 
 def mongodb_route(profile: Profile, resource: str, identity, *, wait_for_cluster: float,
@@ -286,12 +392,12 @@ def mongodb_route(profile: Profile, resource: str, identity, *, wait_for_cluster
                   local_tls_client_cert: bool = False, dialer: MuxDialer | None = None) -> Listening:
     """The mongodb kind's local route (gateway/kinds.py)."""
     tls_context, ca_path, client_cert = local_tls_setup(profile.home, on=local_tls, client_cert=local_tls_client_cert)
-    tls_query = f"&tls=true&tlsCAFile={ca_path}" if tls_context is not None else ""
-    if client_cert is not None:
-        tls_query += f"&tlsCertificateKeyFile={ensure_local_client_pem(profile.home)}"
+    options = tls_options(ca_path if tls_context is not None else None,
+                          ensure_local_client_pem(profile.home) if client_cert is not None else None)
+    tls_query = "&" + options if options else ""
     proxy = MongoProxy(profile, resource, db_user=db_user, db_name=db_name, wait_for_cluster=wait_for_cluster,
-                       local_users=local_users, dialer=dialer, tls_context=tls_context, tls_hint=tls_query.lstrip("&"),
-                       client_cert_line=tls_query.lstrip("&") if client_cert is not None else None)
+                       local_users=local_users, dialer=dialer, tls_context=tls_context, tls_hint=options,
+                       client_cert_line=options if client_cert is not None else None)
 
     def try_line(host: str, port: int) -> str:
         # One URI for every tool: drivers and shells need no credentials, and

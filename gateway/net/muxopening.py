@@ -110,21 +110,30 @@ class StreamOpening:
         return stream.reply
 
     def bind(self, stream: Stream, client: trio.SocketStream | TLSStream, counters, *,
-             tap_in: Callable[[bytes], None] | None = None) -> bool:
+             tap_in: Callable[[bytes], None] | None = None, ahead: bytes = b"") -> bool:
         """(gateway) Relay ``client`` (its socket is the link's now; one of
         our TLS streams: the link carries its records) on a stream that
         :meth:`open` started and the cluster accepted; end it with
         :meth:`wait`. ``tap_in`` sees every chunk of the cluster's bytes
-        before the client does. False if the stream ended meanwhile (the
-        socket is reset then)."""
+        before the client does. ``ahead``: bytes the gateway already read
+        from the client (the session's first: a MongoDB client's first
+        command after hellos answered here), sent before any the socket
+        holds; at most the stream's first window (INITIAL_WINDOW). False if
+        the stream ended meanwhile (the socket is reset then)."""
         sock, tls = detach(client)
         with self.engine.lock:
             if stream.finished or self.failed is not None:
                 reset_and_close(sock)
                 return False
+            if len(ahead) > self.conn.send_window(stream.sid):
+                reset_and_close(sock)
+                raise ValueError(f"{len(ahead)} bytes ahead do not fit the stream's window")
             stream.tap_in = tap_in
             stream.done = None  # now for wait()
             self._attach(stream, sock, counters, tls, None)
+            if ahead and not stream.finished:
+                counters.a_to_b += len(ahead)
+                self._send_guarded(self.conn.send_data(stream.sid, ahead))
             if not stream.finished:
                 self._run_guarded(stream.end, lambda: self._pump(stream))
             return True

@@ -26,6 +26,17 @@ would have to keep open). Authentication fields (``saslSupportedMechs``,
 the session certificate. ``compression`` is the client's list, in its
 order, kept to what the codec can open: a compressor neither end offers
 is never used.
+
+Before its session needs the server, a connection is read with a
+:class:`HandshakeReader`: the messages the gateway answers itself (hellos;
+a login against the local credential) one by one, and at the first message
+that is the session's, its bytes untouched, to hand to the cluster
+(``trailing_data``). Monitoring connections, which only ever send hello
+(server-discovery-and-monitoring/server-monitoring.md), never need the
+server. With no ``topologyVersion`` in the gateway's hello a driver never
+asks for an awaitable or exhaust hello, and one that does anyway is
+answered at once (server-monitoring.md: a server replies immediately when
+the request's ``topologyVersion.processId`` is not its own).
 """
 
 from __future__ import annotations
@@ -33,15 +44,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from typing import Literal
+
 import attrs
 
-from protocols.errors import ErrorCode, RemoteProtocolError
+from protocols.buffer import BufferedReceiver, ReceiveBuffer
+from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.mongodb.bson import Int64
 from protocols.mongodb.commands import ERROR_CODES, HANDSHAKE_COMMANDS
-from protocols.mongodb.wire import SUPPORTED_COMPRESSORS
+from protocols.mongodb.wire import (
+    HEADER, OP_MSG, OP_QUERY, SUPPORTED_COMPRESSORS, OpMsg, OpQuery, decode_message, protocol_error,
+)
+from protocols.signals import NEED_DATA, PAUSED, ConnectionClosed, Signal
 
-__all__ = ["COPIED_FIELDS", "DEFAULT_HELLO", "ClientHello", "client_hello", "gateway_hello",
-           "hello_params", "hello_from_params"]
+__all__ = ["COPIED_FIELDS", "DEFAULT_HELLO", "MAX_HANDSHAKE_MESSAGE", "ClientHello", "HandshakeReader",
+           "SessionBegins", "client_hello", "command_of", "gateway_hello", "hello_params", "hello_from_params"]
 
 #: What the gateway's hello copies from the upstream's, when present.
 COPIED_FIELDS: Final = (
@@ -166,3 +183,127 @@ def hello_from_params(params: Mapping[str, str]) -> dict[str, Any]:
                 continue
             hello[field] = Int64(number) if not -2**31 <= number < 2**31 else number
     return hello
+
+
+#: The largest message a :class:`HandshakeReader` reads as one of the
+#: handshake's: a hello is a few hundred bytes (the handshake spec caps its
+#: ``client`` document at 512), a SCRAM step less. A longer one is the
+#: session's, unread.
+MAX_HANDSHAKE_MESSAGE: Final = 64 * 1024
+
+
+def command_of(message: OpMsg | OpQuery) -> Mapping[str, Any]:
+    """A command's document: an OP_MSG's body, or a legacy OP_QUERY's
+    query (its ``$query`` when wrapped)."""
+    if isinstance(message, OpMsg):
+        return message.body
+    inner = message.query.get("$query")
+    return inner if isinstance(inner, Mapping) else message.query
+
+
+@attrs.frozen
+class SessionBegins:
+    """The next message is the session's (not one the reader was asked to
+    stop at): it and what follows are ``trailing_data``."""
+
+
+class HandshakeReader(BufferedReceiver):
+    """A client's messages while the gateway answers them itself (see the
+    module docstring), h11 style: ``receive_data`` (``b""`` for EOF), then
+    ``next_event()``: an :class:`OpMsg` or :class:`OpQuery` whose command
+    is in ``handled``, NEED_DATA, ConnectionClosed, or, at the first other
+    message, :class:`SessionBegins` (then PAUSED), after which
+    ``trailing_data`` holds its bytes and all that came behind them, for
+    the session.
+
+    A message is the session's without being decoded when it is compressed
+    (the compression spec never compresses hello or a login) or longer
+    than ``max_message_size``; a malformed handshake-sized one raises
+    RemoteProtocolError and poisons the reader."""
+
+    def __init__(self, handled: frozenset[str] | set[str], *,
+                 max_message_size: int = MAX_HANDSHAKE_MESSAGE) -> None:
+        self.handled = handled
+        self._max = max_message_size
+        # One whole message and the start of the next (a client that pipelines).
+        self._buffer = ReceiveBuffer(max_message_size + 64 * 1024)
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+        self._begun = False
+
+    def _overflowed(self, exc: RemoteProtocolError) -> None:
+        if not self._begun:
+            self._error = protocol_error(f"a client sent more than a handshake's worth of bytes ahead "
+                                         f"({exc.message})")
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._begun and data:
+            raise LocalProtocolError("the session has begun: relay its bytes, do not feed them here")
+        super().receive_data(data)
+
+    @property
+    def pending(self) -> bool:
+        """Part of a message is here: the client owes the rest (the caller
+        bounds how long it may take)."""
+        return bool(self._buffer) and not self._begun
+
+    def next_event(self) -> OpMsg | OpQuery | SessionBegins | ConnectionClosed | Signal:
+        if self._error is not None:
+            err = self._error
+            raise RemoteProtocolError(err.message, code=err.code, wire_hint=err.wire_hint)
+        if self._begun:
+            return PAUSED  # as h11 after a protocol switch: the rest is not ours
+        head = self._buffer.peek(HEADER.size)
+        if head is None:
+            return self._need()
+        length, _request_id, _response_to, op_code = HEADER.unpack(head)
+        if length < HEADER.size:
+            self._error = protocol_error(f"a message's length {length} is shorter than its header")
+            return self.next_event()
+        if op_code not in (OP_MSG, OP_QUERY) or length > self._max:
+            return self._begin()
+        data = self._buffer.peek(length)
+        if data is None:
+            return self._need()
+        try:
+            message = decode_message(data, max_message_size=self._max)
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        assert isinstance(message, (OpMsg, OpQuery))
+        if isinstance(message, OpQuery) and not message.collection.endswith(".$cmd"):
+            return self._begin()  # a legacy query on a collection, not a command
+        if next(iter(command_of(message)), None) not in self.handled:
+            return self._begin()
+        self._buffer.consume_exactly(length)
+        self._buffer.commit()
+        return message
+
+    def _need(self) -> ConnectionClosed | Literal[Signal.NEED_DATA]:
+        if self._eof:
+            return ConnectionClosed(clean=not self._buffer)
+        return NEED_DATA
+
+    def _begin(self) -> SessionBegins:
+        self._begun = True
+        return SessionBegins()
+
+    @property
+    def begun(self) -> bool:
+        """Whether the session began (:class:`SessionBegins` was returned,
+        or :meth:`stop` called)."""
+        return self._begun
+
+    def stop(self) -> bytes:
+        """The session begins now, whatever comes next (the caller relays
+        from here): what is buffered, ``trailing_data``'s bytes."""
+        self._begun = True
+        return self.trailing_data[0]
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        """The session's first bytes (from the message that began it) and
+        whether EOF came; only once :class:`SessionBegins` was returned."""
+        if not self._begun:
+            raise LocalProtocolError("no trailing data before the session begins")
+        return self._buffer.peek(len(self._buffer)) or b"", self._eof

@@ -1,10 +1,11 @@
-"""What clients are told: gateway/local/pg_client.py, client_files.py, ports.py, serving.env_name."""
+"""What clients are told: gateway/local/pg_client.py, mongo_client.py, client_files.py, ports.py,
+serving.env_name."""
 
 import os
 import stat
 
 from gateway import kinds
-from gateway.local import client_files, pg_client, ports
+from gateway.local import client_files, mongo_client, pg_client, ports
 from gateway.local.serving import env_name
 
 
@@ -15,6 +16,16 @@ def test_postgres_client_environment():
     env = pg_client.client_env("pg", "::1", 5433, {"local_tls": True})
     assert env["DATABASE_URL"] == "postgresql://[::1]:5433?sslmode=require" and "PGUSER" not in env
     assert kinds.get("tcp").client_environment("echo", "127.0.0.1", 1, {}) == {}
+
+
+def test_mongodb_client_environment_says_tls_as_the_printed_uri_does():
+    env = kinds.get("mongodb").client_environment("m", "127.0.0.1", 27018, {"db_name": "app", "wicket_home": "/h"})
+    assert env == {"MONGODB_URI": "mongodb://127.0.0.1:27018/app?directConnection=true"}
+    env = mongo_client.client_env("m", "::1", 1, {"local_tls": True, "wicket_home": "/home/a b/.wicket"})
+    assert env["MONGODB_URI"] == ("mongodb://[::1]:1/?directConnection=true&tls=true"
+                                  "&tlsCAFile=/home/a%20b/.wicket/local-ca.crt")
+    env = mongo_client.client_env("m", "127.0.0.1", 1, {"local_tls_client_cert": True, "wicket_home": "/h"})
+    assert env["MONGODB_URI"].endswith("&tls=true&tlsCAFile=/h/local-ca.crt&tlsCertificateKeyFile=/h/local-client.pem")
 
 
 def test_a_service_entry_replaces_its_own_section_only():

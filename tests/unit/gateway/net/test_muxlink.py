@@ -23,7 +23,7 @@ from gateway.net.muxlink import LinkClosed, MuxLink
 from gateway.net.relay import RelayCounters
 from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
-from protocols.mux import Role
+from protocols.mux import INITIAL_WINDOW, Role
 from tests.unit.gateway.net.muxenv import HANG, Started, linked, loopback_pair, socket_pair
 from tests.unit.gateway.net.test_engine import answered_exchange, answering_tap, tls_connection, tls_pair
 from tests.unit.tlsutil import ask_and_answer, read_exactly, read_until_eof, read_until_reset
@@ -275,6 +275,30 @@ async def test_a_stream_opened_before_its_socket(pki):
             assert await pair.gateway.wait(stream) is None
         assert b"".join(seen) == b"welcomebye"
         await client.aclose()
+
+
+async def test_bytes_read_ahead_go_before_the_sockets(pki):
+    # A MongoDB client's first command, read by the gateway while it
+    # answered hellos itself, reaches the server before what the client
+    # sends next; more than the stream's window is the caller's error.
+    async with linked(pki) as pair:
+        with trio.fail_after(HANG):
+            stream = pair.gateway.open(DialRequest(resource="m"), reply_timeout=HANG)
+            assert await pair.gateway.reply(stream) == DialAccept(session_id="m")
+            client, near = loopback_pair()
+            await client.send_all(b" and after")
+            counters = RelayCounters()
+            assert pair.gateway.bind(stream, near, counters, ahead=b"first command")
+            assert await read_exactly(pair.upstreams["m"], 23) == b"first command and after"
+            assert counters.a_to_b == 23
+            too_much = pair.gateway.open(DialRequest(resource="n"), reply_timeout=HANG)
+            await pair.gateway.reply(too_much)
+            other, near2 = loopback_pair()
+            with pytest.raises(ValueError):
+                pair.gateway.bind(too_much, near2, RelayCounters(), ahead=bytes(INITIAL_WINDOW + 1))
+            pair.gateway.cut(too_much, "test over")
+        await client.aclose()
+        await other.aclose()
 
 
 async def test_a_control_dial_is_answered_and_leaves_its_session_alone(pki):

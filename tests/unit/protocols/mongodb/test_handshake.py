@@ -97,3 +97,123 @@ def test_params_that_do_not_read_are_left_out() -> None:
 
     assert hello_from_params({"hello.maxWireVersion": "many", "other": "1", "hello.unknown": "3",
                               "hello.readOnly": "1"}) == {"readOnly": True}
+
+
+# -- HandshakeReader: the messages a gateway answers before the session ------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from protocols.errors import LocalProtocolError  # noqa: E402
+from protocols.mongodb.commands import HANDSHAKE_COMMANDS  # noqa: E402
+from protocols.mongodb.handshake import HandshakeReader, SessionBegins  # noqa: E402
+from protocols.errors import RemoteProtocolError  # noqa: E402
+from protocols.signals import NEED_DATA, PAUSED, ConnectionClosed  # noqa: E402
+from tests.unit.protocols.feeding import FEEDS, fuzz, split  # noqa: E402
+
+HELLO = wire.OpMsg(request_id=1, body={"hello": 1, "$db": "admin"})
+HEARTBEAT = wire.OpMsg(request_id=2, body={"hello": 1, "topologyVersion": {"processId": bson.ObjectId(bytes(12)),
+                                                                          "counter": bson.Int64(0)},
+                                           "maxAwaitTimeMS": 10_000, "$db": "admin"}, exhaust_allowed=True)
+LEGACY = wire.OpQuery(request_id=3, collection="admin.$cmd", query={"isMaster": 1}, limit=-1)
+FIND = wire.OpMsg(request_id=4, body={"find": "t", "filter": {"hello": 1}, "$db": "app"})
+
+
+def _drain(reader: HandshakeReader, chunks: list[bytes]) -> list:
+    """Feed ``chunks`` until the session begins or the client leaves."""
+    events: list = []
+    for chunk in chunks:
+        reader.receive_data(chunk)
+        while (event := reader.next_event()) is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, (SessionBegins, ConnectionClosed)):
+                return events
+    return events
+
+
+def _read(data: bytes, how: str, *, handled=HANDSHAKE_COMMANDS, eof: bool = False) -> tuple[HandshakeReader, list]:
+    reader = HandshakeReader(handled)
+    return reader, _drain(reader, split(data, how) + ([b""] if eof else []))
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_hellos_are_read_until_the_sessions_first_message(how: str) -> None:
+    session = FIND.encode() + b"\x01\x02trailing"
+    reader, events = _read(HELLO.encode() + LEGACY.encode() + HEARTBEAT.encode() + session, how)
+    assert events[:3] == [HELLO, LEGACY, HEARTBEAT] and events[3:4] == [SessionBegins()]
+    assert reader.next_event() is PAUSED  # the rest is the session's
+    # What came so far: a byte at a time, the session begins as its first
+    # message is whole (the rest is the relay's to read).
+    assert reader.trailing_data == (session if how == "whole" else FIND.encode(), False)
+    with pytest.raises(LocalProtocolError):
+        reader.receive_data(b"more")  # the session's bytes go to the cluster
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_a_login_is_read_when_asked_for(how: str) -> None:
+    start = wire.OpMsg(request_id=5, body={"saslStart": 1, "mechanism": "SCRAM-SHA-256", "$db": "admin"})
+    reader, events = _read(HELLO.encode() + start.encode(), how, handled=HANDSHAKE_COMMANDS | {"saslStart"})
+    assert events == [HELLO, start] and not reader.pending
+
+
+def test_the_session_begins_at_a_compressed_or_long_message_without_reading_it() -> None:
+    compressed = wire.compress(HELLO).encode()  # a hello is never compressed: not the handshake's
+    reader, events = _read(compressed[:16], "whole")
+    assert events == [SessionBegins()] and reader.trailing_data == (compressed[:16], False)
+    big = wire.OpMsg(body={"insert": "t", "documents": [{"x": "y" * 70_000}], "$db": "app"}).encode()
+    reader, events = _read(big[:16], "whole")
+    assert events == [SessionBegins()] and reader.trailing_data == (big[:16], False)
+
+
+def test_a_legacy_query_on_a_collection_is_the_sessions() -> None:
+    query = wire.OpQuery(collection="app.t", query={"hello": 1}).encode()
+    reader, events = _read(query, "whole")
+    assert events == [SessionBegins()] and reader.trailing_data[0] == query
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_a_client_that_leaves(how: str) -> None:
+    reader, events = _read(HELLO.encode(), how, eof=True)
+    assert events == [HELLO, ConnectionClosed(clean=True)]
+    reader, events = _read(HELLO.encode()[:-3], how, eof=True)
+    assert events == [ConnectionClosed(clean=False)]
+
+
+def test_pending_says_a_message_is_half_here() -> None:
+    reader = HandshakeReader(HANDSHAKE_COMMANDS)
+    assert not reader.pending and reader.next_event() is NEED_DATA
+    reader.receive_data(HELLO.encode()[:5])
+    assert reader.pending and reader.next_event() is NEED_DATA
+    with pytest.raises(LocalProtocolError):
+        reader.trailing_data
+
+
+def test_a_malformed_message_poisons_the_reader() -> None:
+    reader = HandshakeReader(HANDSHAKE_COMMANDS)
+    reader.receive_data(b"\x08\x00\x00\x00" + bytes(12))
+    first = malformed(reader.next_event)
+    assert "shorter than its header" in first.message
+    assert malformed(reader.next_event).message == first.message
+    reader = HandshakeReader(HANDSHAKE_COMMANDS)
+    broken = bytearray(HELLO.encode())
+    broken[21] = 0x7F  # an unknown BSON type in the body
+    reader.receive_data(bytes(broken))
+    malformed(reader.next_event)
+
+
+def test_more_than_a_handshake_ahead_is_refused() -> None:
+    reader = HandshakeReader(HANDSHAKE_COMMANDS, max_message_size=1024)
+    half = wire.OpMsg(body={"hello": 1, "pad": "x" * 900}).encode()[:-1]
+    reader.receive_data(half)
+    reader.receive_data(bytes(70_000))
+    assert "handshake's worth" in malformed(reader.next_event).message
+
+
+@fuzz
+@given(st.binary(max_size=300))
+def test_fuzzed_bytes_are_messages_the_session_or_a_protocol_error(data: bytes) -> None:
+    reader = HandshakeReader(HANDSHAKE_COMMANDS)
+    try:
+        events = _drain(reader, [HELLO.encode() + data, b""])
+    except RemoteProtocolError:  # only the peer's fault, said so
+        return
+    assert events[0] == HELLO and isinstance(events[-1], (SessionBegins, ConnectionClosed))
