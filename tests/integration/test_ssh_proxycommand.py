@@ -183,6 +183,25 @@ def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
     assert not cluster.audit(user=client.gw.user, event="ssh.exec")
 
 
+def test_sessions_that_end_cleanly_say_nothing_and_end_closed(ssh_client, cluster, tmp_path):
+    # ssh closes its socket (the one --fdpass handed it) right after its
+    # own EOF, before the node's comes: that is ssh ending the session, not
+    # a cut. The carrying child shares ssh's stderr, which capture_output
+    # reads to its end, so anything it printed is in r.stderr.
+    client = ssh_client()
+    src = random_file(tmp_path / "up.bin", 1 << 20)
+    remote = f"/tmp/wicket-clean-{client.gw.user}.bin"
+    runs = [client.ssh("root@web-1.test", "true"),
+            client.run("scp", "-q", str(src), f"root@web-1.test:{remote}"),
+            client.run("scp", "-q", "-O", f"root@web-1.test:{remote}", str(tmp_path / "back.bin")),
+            client.ssh("root@web-1.test", "rm", remote)]
+    for r in runs:
+        assert r.returncode == 0 and b"wicket:" not in r.stderr, r.stderr
+    assert sha256(tmp_path / "back.bin") == sha256(src)
+    ends = cluster.wait_audit(lambda evs: len(evs) >= len(runs), user=client.gw.user, event="session.end")
+    assert [e["reason"] for e in ends] == ["closed"] * len(runs), ends
+
+
 def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ssh_client, tmp_path):
     # The ProxyCommand relaying stdin and stdout itself (an ssh_config
     # written by hand, or an ssh without ProxyUseFdpass): ssh read its
