@@ -17,6 +17,7 @@ import trio
 from gateway.net.engine import engine
 from gateway.net.ends import _WATCH, End, Failure, failed_quietly, watch_mask
 from gateway.net.relay import relay
+from tests.unit.gateway.net.test_engine import tcp_pair
 from tests.unit.tlsutil import read_until_eof
 
 HANG = 60
@@ -101,8 +102,7 @@ async def test_a_client_that_closes_after_its_eof_ends_the_session(server_sends)
     fd = relay_sock.fileno()
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     async with listener:
-        relay_b = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
-        server = await listener.accept()
+        relay_b, server = await tcp_pair(listener)
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
             stats: list = []
