@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -230,6 +231,24 @@ def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ss
     r = client.ssh("root@web-1.test", "true")
     assert r.returncode == 255 and b"no ssh-agent (SSH_AUTH_SOCK)" in r.stderr, r.stderr
     assert b"ProxyUseFdpass yes" in r.stderr
+
+
+def test_a_hang_up_on_the_stdio_proxy_cuts_a_session_the_node_does_not_end(ssh_client, cluster, tmp_path):
+    # The same SIGHUP while the session goes on (ssh still there, the node's
+    # command running): after HANGUP_GRACE the session is cut, with why.
+    client = ssh_client()
+    text = client.config.read_text().replace(" --fdpass", "").replace("    ProxyUseFdpass yes\n", "")
+    client.config.write_text(text.replace("    IdentitiesOnly yes\n", ""))
+    with ssh_agent(tmp_path) as sock:
+        env = {**client.gw.env(), "SSH_AUTH_SOCK": str(sock)}
+        with long_session(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test"], env) as proc:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            assert len(children) == 1, children  # the ProxyCommand
+            os.kill(int(children[0]), signal.SIGHUP)
+            err = ended(proc, 60, "ssh to end once its proxy was hung up on")
+    assert "ssh exited and the node had not ended the session" in err, err
+    ends = cluster.wait_audit(user=client.gw.user, event="session.end")
+    assert "ssh exited and the node had not ended the session" in ends[0]["reason"], ends
 
 
 def test_agent_forwarding_only_with_a_certificate_that_permits_it(ssh_client, tmp_path):
