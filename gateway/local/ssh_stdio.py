@@ -27,6 +27,10 @@ ahead of the node's bytes (protocols/ssh/handoff.py). How ssh gets it:
   (protocols/ssh/agent.py) before the node's first byte is relayed; ssh
   asks the agent when it authenticates (after the key exchange). Then stdin
   and stdout are relayed to the other end of a socket pair by two trio tasks.
+  ssh hangs up on this process (SIGHUP) as it exits: the session then has
+  ``HANGUP_GRACE`` to end cleanly (ssh's EOF is on its way to the node)
+  before it is cut, rather than this process dying with it, which the
+  cluster would record as a connection cut short.
 
 What goes wrong is printed on stderr, where ssh shows it, with what to do
 next; the exit status is 255, as ssh's own for a failed connection, or 0
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -66,6 +71,12 @@ log = logging.getLogger("wicket.proxy.ssh")
 
 #: ssh's own exit status for a connection that failed.
 EXIT_FAILED = 255
+
+#: Plain ``--stdio``: ssh hangs up on its ProxyCommand (SIGHUP) as it exits,
+#: right after closing its end of the pipes, so before the node's EOF has
+#: come back. How long the session then has to end cleanly (the node sees
+#: ssh's EOF and closes: well under a second) before it is cut.
+HANGUP_GRACE = 5.0
 
 
 class TargetError(ValueError):
@@ -175,17 +186,30 @@ class SshStdio(MuxRoute):
             print(f"wicket: {problem}", file=sys.stderr, flush=True)  # ssh may still get in another way
         # Duplicates: trio makes its descriptors non-blocking and closes them.
         stdio = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
-        async with local, stdio:
-            async with trio.open_nursery() as nursery:
-                outcome: dict[str, str | None] = {}
+        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            async with local, stdio:
+                async with trio.open_nursery() as nursery:
+                    outcome: dict[str, str | None] = {}
 
-                async def carry() -> None:
-                    outcome["relay"] = (await relay(stdio, local, names=("ssh", "cluster"))).error
+                    async def carry() -> None:
+                        outcome["relay"] = (await relay(stdio, local, names=("ssh", "cluster"))).error
 
-                nursery.start_soon(carry)
-                outcome["stream"] = await link.wait(stream)
-                if outcome["stream"] is not None:  # cut: a lock, the certificate's end, the cluster gone
-                    nursery.cancel_scope.cancel()
+                    async def hung_up(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                        with trio.CancelScope() as scope:
+                            task_status.started(scope)
+                            async for _ in hangups:
+                                break
+                            await trio.sleep(HANGUP_GRACE)
+                            link.cut(stream, f"ssh exited and the node had not ended the session "
+                                             f"{HANGUP_GRACE:g} s later")
+
+                    nursery.start_soon(carry)
+                    watcher = await nursery.start(hung_up)
+                    outcome["stream"] = await link.wait(stream)
+                    if outcome["stream"] is not None:  # cut: a lock, the certificate's end, the cluster gone
+                        nursery.cancel_scope.cancel()
+                    else:
+                        watcher.cancel()  # the rest reaches ssh (carry) if it is still there
         error = outcome.get("stream")
         if error is not None:
             return self.fail(f"the session to {self.resource} was cut: {error}")

@@ -36,8 +36,10 @@ _ALWAYS = select.EPOLLERR | select.EPOLLHUP
 #: fail: one that sent us its EOF while we owe it more (a half-closed,
 #: quiet session), so that keepalive's verdict on a peer that vanished
 #: (gateway/net/tcp.py) ends the session. Only errors and hang-ups are
-#: reported for it, and a hang-up only comes with an error here (our side
-#: of the socket is still open for writing).
+#: reported for it. On TCP a hang-up only comes with an error here (our
+#: side of the socket is still open for writing); on a unix socket it also
+#: comes when the peer closed its socket after its EOF: the peer ending the
+#: session, not a failure (:func:`failed_quietly`).
 _WATCH = select.EPOLLERR
 
 
@@ -122,7 +124,7 @@ class End:
         "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward",
         "owner",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
-        "tcp_eof", "failed", "error_pending", "os_error", "kernel_full",
+        "tcp_eof", "failed", "hung_up", "error_pending", "os_error", "kernel_full",
         "records", "rekey_at", "key_update", "shift",
     )
 
@@ -158,6 +160,10 @@ class End:
         self.peer_closed = False  # TLS: their close_notify was read
         self.tcp_eof = False  # TLS: the socket reported EOF
         self.failed = False  # an operation on this end failed
+        # A unix socket's peer closed it after its EOF, with no error: it
+        # reads nothing more (a write to it fails: EPIPE), so it is no
+        # longer watched; the session ends when the other side's EOF comes.
+        self.hung_up = False
         self.error_pending: str | None = None  # an error to report after delivering data
         self.os_error: int | None = None  # the errno a read or write of the socket failed with
         # TLS: the last receive filled the buffer, so the kernel likely holds
@@ -217,20 +223,34 @@ def rekey(end: End) -> None:
 
 def watch_mask(end: End) -> int:
     """The interest for an end that wants neither to read nor to write:
-    ``_WATCH`` if it sent its EOF and we still owe it ours, else none."""
-    return _WATCH if end.in_done and not end.eof_sent and end.tail is None and not end.failed else 0
+    ``_WATCH`` if it sent its EOF and we still owe it ours (unless it has
+    hung up since: nothing more to hear from it), else none."""
+    return (_WATCH if end.in_done and not end.eof_sent and end.tail is None and not end.failed and not end.hung_up
+            else 0)
 
 
 def failed_quietly(end: End, ev: int) -> None:
     """An error or hang-up on an end we only watch (``_WATCH``): raise
     :class:`Failure` with what the socket says (keepalive's "Connection
     timed out", a reset). Ends with any other interest meet their errors
-    in their reads and writes."""
+    in their reads and writes.
+
+    But a unix socket whose peer closed it after its EOF (only watched
+    ends sent theirs) hangs up with no error: that peer ending the session
+    (ssh closes its socket once it has sent its EOF, before the node's
+    comes), not a failure. The end is marked :attr:`End.hung_up`; its
+    owner stops watching it and the session ends as the other side's EOF
+    comes, as for a TCP client that closed its socket, whose hang-up we
+    cannot see: bytes still to deliver to it fail as writes to a closed
+    socket do. On TCP a hang-up without an error stays a failure."""
     if ev & _ALWAYS and end.mask == _WATCH:
         try:
             code = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError as exc:
             code = exc.errno or 0
+        if not code and ev & select.EPOLLHUP and end.sock.family == socket.AF_UNIX:
+            end.hung_up = True
+            return
         end.failed = True
         end.os_error = code or None
         raise Failure(f"{end.name}: connection failed: {os.strerror(code) if code else 'closed by the peer'}")

@@ -46,7 +46,10 @@ neither is removed from the set, because epoll reports a hang-up whatever
 the mask, and a level-triggered hang-up nobody consumes would spin; except
 an end that sent its EOF while we still owe it data or ours, which stays
 registered for errors only (``_WATCH``), so that a peer that vanished
-meanwhile ends the session (:func:`failed_quietly` consumes the event).
+meanwhile ends the session (:func:`failed_quietly` consumes the event);
+a unix socket whose peer closed it after that EOF (no error) is that peer
+ending the session: no longer watched, and the session ends cleanly with
+the other side's EOF (a byte still sent to it fails, as on TCP).
 
 TLS rules kept from :mod:`gateway.net.tls`:
 - Reading can make OpenSSL write (a KeyUpdate answer, an alert): after every

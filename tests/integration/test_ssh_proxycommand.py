@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -183,7 +184,26 @@ def test_exec_with_exit_codes_as_root_and_as_a_user(ssh_client, node, cluster):
     assert not cluster.audit(user=client.gw.user, event="ssh.exec")
 
 
-def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ssh_client, tmp_path):
+def test_sessions_that_end_cleanly_say_nothing_and_end_closed(ssh_client, cluster, tmp_path):
+    # ssh closes its socket (the one --fdpass handed it) right after its
+    # own EOF, before the node's comes: that is ssh ending the session, not
+    # a cut. The carrying child shares ssh's stderr, which capture_output
+    # reads to its end, so anything it printed is in r.stderr.
+    client = ssh_client()
+    src = random_file(tmp_path / "up.bin", 1 << 20)
+    remote = f"/tmp/wicket-clean-{client.gw.user}.bin"
+    runs = [client.ssh("root@web-1.test", "true"),
+            client.run("scp", "-q", str(src), f"root@web-1.test:{remote}"),
+            client.run("scp", "-q", "-O", f"root@web-1.test:{remote}", str(tmp_path / "back.bin")),
+            client.ssh("root@web-1.test", "rm", remote)]
+    for r in runs:
+        assert r.returncode == 0 and b"wicket:" not in r.stderr, r.stderr
+    assert sha256(tmp_path / "back.bin") == sha256(src)
+    ends = cluster.wait_audit(lambda evs: len(evs) >= len(runs), user=client.gw.user, event="session.end")
+    assert [e["reason"] for e in ends] == ["closed"] * len(runs), ends
+
+
+def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ssh_client, cluster, tmp_path):
     # The ProxyCommand relaying stdin and stdout itself (an ssh_config
     # written by hand, or an ssh without ProxyUseFdpass): ssh read its
     # certificate files before the dial, so the connection's key and
@@ -196,8 +216,12 @@ def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ss
         env = {**client.gw.env(), "SSH_AUTH_SOCK": str(sock)}
         r = subprocess.run(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test",
                             "sha256sum; exit 4"], input=payload, capture_output=True, env=env, timeout=120)
-        assert r.returncode == 4, r.stderr
+        assert r.returncode == 4 and b"wicket:" not in r.stderr, r.stderr
         assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+        # ssh hangs up on its ProxyCommand as it exits (SIGHUP), before the
+        # node's EOF came back: the session still ends cleanly.
+        ended = cluster.wait_audit(user=client.gw.user, event="session.end")
+        assert [e["reason"] for e in ended] == ["closed"], ended
         listed = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, env=env).stdout
         assert "ssh-ed25519-cert-v01@openssh.com" in listed and f"wicket:test:{client.gw.user}:" in listed
         r = subprocess.run(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@nope.test", "true"],
@@ -207,6 +231,24 @@ def test_stdin_and_stdout_relayed_without_fdpass_the_certificate_in_the_agent(ss
     r = client.ssh("root@web-1.test", "true")
     assert r.returncode == 255 and b"no ssh-agent (SSH_AUTH_SOCK)" in r.stderr, r.stderr
     assert b"ProxyUseFdpass yes" in r.stderr
+
+
+def test_a_hang_up_on_the_stdio_proxy_cuts_a_session_the_node_does_not_end(ssh_client, cluster, tmp_path):
+    # The same SIGHUP while the session goes on (ssh still there, the node's
+    # command running): after HANGUP_GRACE the session is cut, with why.
+    client = ssh_client()
+    text = client.config.read_text().replace(" --fdpass", "").replace("    ProxyUseFdpass yes\n", "")
+    client.config.write_text(text.replace("    IdentitiesOnly yes\n", ""))
+    with ssh_agent(tmp_path) as sock:
+        env = {**client.gw.env(), "SSH_AUTH_SOCK": str(sock)}
+        with long_session(["ssh", "-F", str(client.config), "-o", "BatchMode=yes", "root@web-1.test"], env) as proc:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            assert len(children) == 1, children  # the ProxyCommand
+            os.kill(int(children[0]), signal.SIGHUP)
+            err = ended(proc, 60, "ssh to end once its proxy was hung up on")
+    assert "ssh exited and the node had not ended the session" in err, err
+    ends = cluster.wait_audit(user=client.gw.user, event="session.end")
+    assert "ssh exited and the node had not ended the session" in ends[0]["reason"], ends
 
 
 def test_agent_forwarding_only_with_a_certificate_that_permits_it(ssh_client, tmp_path):
