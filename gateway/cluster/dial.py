@@ -55,6 +55,7 @@ from gateway.cluster.store import Resource
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
 from gateway.net.engine import eligible, engine, reset_and_close
+from gateway.net.filters import Filtered, MessageFilter
 from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters, relay, reset_on_close
 from gateway.net.tcp import keep_alive, unacknowledged
@@ -107,10 +108,14 @@ class Opened:
     #: gateway route needs to know of the upstream: MySQL's handshake
     #: values and login result).
     reply_params: Mapping[str, str] = attrs.field(factory=dict)
-    #: Runs beside the relay for the session's life (MongoDB's command
-    #: gate between ``upstream``, one end of a socket pair, and the
-    #: server); the session ends when the relay does, cancelling it.
-    task: Callable[[], Awaitable[None]] | None = None
+    #: Given each whole message from the gateway before it goes on, in the
+    #: relay's thread (MongoDB's command gate): pass it, answer it, or end
+    #: the session (gateway/net/filters.py).
+    filter: MessageFilter | None = None
+
+    def filtered(self) -> Filtered | None:
+        """The relay's state for :attr:`filter`, one per session."""
+        return None if self.filter is None else Filtered(self.filter)
 
 
 @attrs.frozen
@@ -268,6 +273,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
         return
     session, opened, identity = outcome
     upstream = opened.upstream
+    filtered = opened.filtered()
 
     async def run(counters: RelayCounters) -> str | None:
         try:
@@ -278,8 +284,18 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
             if trailing:
                 if opened.tap_client:
                     opened.tap_client(trailing)
-                await upstream.send_all(trailing)
                 counters.a_to_b += len(trailing)
+                if filtered is not None:
+                    try:
+                        passed, answers = filtered.from_client(trailing)
+                    except Exception as exc:  # what the filter cannot read must not pass
+                        raise trio.BrokenResourceError(f"gateway: {exc}") from None
+                    if answers:
+                        await stream.send_all(answers)
+                        counters.b_to_a += len(answers)
+                    trailing = b"".join(passed)
+                if trailing:
+                    await upstream.send_all(trailing)
         except BaseException:
             # Cut (a lock, the certificate's end) or broken before the relay
             # began: an abort on both sides, as the relay would make it.
@@ -287,7 +303,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
             reset_on_close(upstream)
             raise
         stats = await relay(stream, upstream, counters=counters, names=("gateway", "upstream"),
-                            taps=(opened.tap_client, opened.tap_server))
+                            taps=(opened.tap_client, opened.tap_server), filtered=filtered)
         return stats.error
 
     await _run_session(cluster, session, opened, identity, client_addr, run)
@@ -432,7 +448,7 @@ async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: Dia
             async def run(counters: RelayCounters) -> str | None:
                 accept = DialAccept(session_id=session.id, params=opened.reply_params)
                 if not link.accept(st, accept, upstream, counters, first=opened.first_bytes,
-                                   taps=(opened.tap_client, opened.tap_server)):
+                                   taps=(opened.tap_client, opened.tap_server), filtered=opened.filtered()):
                     return st.error or "the gateway ended the stream before it started"
                 return await link.wait(st)
 
@@ -711,10 +727,7 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
                     left += CUT_GRACE
                 session.cancel_scope.deadline = trio.current_time() + max(0.0, left)
             with session.cancel_scope:
-                if opened.task is None:
-                    error = await run(counters)
-                else:
-                    error = await _beside(opened.task, run, counters)
+                error = await run(counters)
             if session.cancel_scope.cancelled_caught and session.end_reason is None:
                 session.end_reason = "cert_expired"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -724,18 +737,6 @@ async def _run_session(cluster: Cluster, session: LiveSession, opened: Opened, i
             if opened.finish:
                 opened.finish()
             _audit_end(cluster, session, counters, started, session.end_reason or error or "closed")
-
-
-async def _beside(task: Callable[[], Awaitable[None]], run: Callable[[RelayCounters], Awaitable[str | None]],
-                  counters: RelayCounters) -> str | None:
-    """``run`` with the kind's ``task`` beside it; the task is cancelled
-    once the relay is over."""
-    error = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(task)
-        error = await run(counters)
-        nursery.cancel_scope.cancel()
-    return error
 
 
 async def _send_quietly(stream: TLSStream, data: bytes) -> None:

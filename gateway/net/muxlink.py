@@ -99,6 +99,7 @@ from gateway.net.engine import PUMP_BUDGET, RelayEngine
 from gateway.net.ends import (
     _ALWAYS, End, Failure, _IN, _OUT, detach, reset_and_close, seal, watch_mask,
 )
+from gateway.net.filters import Filtered
 from gateway.net.muxstreams import Stream, StreamIO
 from gateway.net.tcp import LINK_USER_TIMEOUT, final_marks, keep_alive, stalled, unread, written
 from gateway.net.tls import TLSStream
@@ -312,13 +313,14 @@ class MuxLink(StreamIO):
 
     def accept(self, stream: Stream, reply: DialAccept,
                sock: trio.SocketStream | TLSStream | socket.socket | None,
-               counters, *, first: bytes = b"", taps: tuple[Callable[[bytes], None] | None, ...] = (None, None)
-               ) -> bool:
+               counters, *, first: bytes = b"", taps: tuple[Callable[[bytes], None] | None, ...] = (None, None),
+               filtered: Filtered | None = None) -> bool:
         """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` (a
         socket, or one of our TLS streams: the link carries its records) for
         it: ``first`` goes to the gateway right behind the REPLY, then what
         the gateway sent early goes to ``sock``. ``taps``: (shown the
-        gateway's bytes, shown the socket's), as ``relay``'s. False if the
+        gateway's bytes, shown the socket's), as ``relay``'s; ``filtered``:
+        the gateway's messages go through it (gateway/net/filters.py). False if the
         stream or the link ended meanwhile (``sock`` is reset then).
         Without ``sock`` (an upstream that already said no and left:
         ``first`` is its answer) the stream ends after ``first`` and FIN."""
@@ -342,6 +344,7 @@ class MuxLink(StreamIO):
                 reset_and_close(raw)
                 return False
             stream.tap_in = taps[0]
+            stream.filter = filtered
             self._attach(stream, raw, counters, tls, taps[1])
         return True
 
@@ -359,7 +362,7 @@ class MuxLink(StreamIO):
             self._run_guarded(stream.end, lambda: self._to_socket(stream, [data]))
         if stream.early_fin and not stream.finished:
             stream.end.eof_wanted = True
-            self._run_guarded(stream.end, lambda: self._after_write(stream))
+            self._run_guarded(stream.end, lambda: self._fin_to_socket(stream))
 
     def refuse(self, stream: Stream, error: DialError) -> None:
         """(cluster) Turn the OPEN down."""
@@ -667,7 +670,7 @@ class MuxLink(StreamIO):
             return
         stream.end.eof_wanted = True
         try:
-            self._after_write(stream)
+            self._fin_to_socket(stream)
             self._settle(stream)
         except Failure as exc:
             self._stream_failed(stream, exc)
@@ -815,7 +818,7 @@ class MuxLink(StreamIO):
             end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
             end.carry = end.tap = None
             stream.end = None
-        stream.early = stream.retry = stream.sent = stream.tap_in = None
+        stream.early = stream.retry = stream.sent = stream.tap_in = stream.filter = None
         if stream.flushed is not None:
             self._set_flushed(stream)
         if stream.held:

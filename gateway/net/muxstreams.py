@@ -16,6 +16,7 @@ import trio
 
 from gateway.net.engine import PUMP_BUDGET, Timer
 from gateway.net.ends import _ALWAYS, End, Failure, _IN, _OUT, failed_quietly, seal
+from gateway.net.filters import Filtered
 from protocols.dial import DialAccept, DialError
 from protocols.mux import HEADER
 
@@ -45,7 +46,7 @@ class Stream:
 
     __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
                  "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent",
-                 "tap_in", "flushed", "sealed", "control", "arrived", "replied_at")
+                 "tap_in", "flushed", "sealed", "control", "arrived", "replied_at", "filter", "preacked")
 
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
@@ -74,6 +75,12 @@ class Stream:
         # session's start-up); one that raises resets the stream. The other
         # direction's tap is the socket end's own (``End.tap``).
         self.tap_in: Callable[[bytes], None] | None = None
+        # (cluster) The session's message filter (gateway/net/filters.py):
+        # the connection's bytes go through it to the socket; and bytes it
+        # held (a message split over reads) were acknowledged as it took
+        # them, so as many written bytes are not acknowledged again.
+        self.filter: Filtered | None = None
+        self.preacked = 0
         # Set once the socket has taken everything written to it so far
         # (see :meth:`MuxLink.flushed`).
         self.flushed: trio.Event | None = None
@@ -169,6 +176,14 @@ class StreamIO:
                 stream.counters.b_to_a += n
             framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
             self._send(framed[:_HEADER_SIZE + n])
+            if stream.filter is not None:
+                # The server's bytes went on: the filter's answers that waited
+                # for the end of a server message may follow them now.
+                answers = _filtered(stream.filter.from_server, payload[:n], end.name)
+                if answers:
+                    self._answer(stream, answers)
+                    if stream.finished:
+                        return False
             budget -= n
             if budget <= 0:
                 engine.again.append(end)
@@ -207,6 +222,10 @@ class StreamIO:
                 if tap is None:
                     break
                 _show(tap, piece, end.name)
+        if stream.filter is not None:
+            pieces = self._filter(stream, pieces)
+            if not pieces or stream.finished:
+                return
         if end.obj is not None:
             self._to_tls(stream, pieces)
             return
@@ -237,6 +256,42 @@ class StreamIO:
             self._hold(stream, len(rest))
             if not stream.finished:
                 end.tail = memoryview(rest)
+
+    def _filter(self, stream: Stream, pieces: list[memoryview]) -> list:
+        """(cluster) The connection's bytes for ``stream`` through its
+        filter: the whole messages it passes (to write to the socket), its
+        answers sent back at once. Every byte it took is either passed on,
+        and acknowledged once written, or not (held, answered, dropped), and
+        acknowledged now."""
+        filtered = stream.filter
+        data = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        passed, answers = _filtered(filtered.from_client, data, stream.name)
+        carried = filtered.carried
+        taken_now = len(data) - (sum(len(piece) for piece in passed) - carried)
+        if taken_now:
+            self._written(stream, taken_now)
+        stream.preacked += carried
+        if answers:
+            self._answer(stream, answers)
+        return passed
+
+    def _answer(self, stream: Stream, answers: bytes) -> None:
+        """(cluster) The filter's answers to the gateway on ``stream``,
+        within its window: a gateway whose client sends on without reading
+        what it is answered ends its stream, not the cluster's memory."""
+        if self.conn.send_window(stream.sid) < len(answers):
+            self._finish(stream, f"{stream.name}: the client sends commands without reading the answers to "
+                         f"them (a stream window of answers is waiting); the session was reset", reset=True)
+            return
+        self._send(self.conn.send_data(stream.sid, answers))
+        stream.counters.b_to_a += len(answers)
+
+    def _fin_to_socket(self, stream: Stream) -> None:
+        """The gateway's FIN: on to the socket (after its tail), then, with
+        a filter, to the filter."""
+        self._after_write(stream)
+        if stream.filter is not None:
+            stream.filter.eof()
 
     def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
         """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
@@ -328,6 +383,12 @@ class StreamIO:
     def _written(self, stream: Stream, n: int) -> None:
         if not n:
             return
+        if stream.preacked:  # see Stream.preacked
+            done = min(n, stream.preacked)
+            stream.preacked -= done
+            n -= done
+            if not n:
+                return
         if self.gateway:
             stream.counters.b_to_a += n
         else:
@@ -371,6 +432,15 @@ def _show(tap: Callable[[bytes], None], data: memoryview, name: str) -> None:
     parse it) must not pass: the stream is reset."""
     try:
         tap(bytes(data))
+    except Exception as exc:
+        raise Failure(f"{name}: {exc}") from None
+
+
+def _filtered(step: Callable, data, name: str):
+    """A filter's ``step`` on ``data``; what it raises (a message it cannot
+    read, a bad length) resets the stream, never the connection."""
+    try:
+        return step(data)
     except Exception as exc:
         raise Failure(f"{name}: {exc}") from None
 

@@ -65,6 +65,7 @@ import attrs
 import trio
 
 from gateway.net import engine as engine_mod
+from gateway.net.filters import Filtered
 from gateway.net.tls import linger_reset
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay", "reset_on_close"]
@@ -137,6 +138,27 @@ def _receiver(stream: trio.abc.ReceiveStream) -> Callable[[memoryview], Awaitabl
 Tap = Callable[[bytes], None]
 
 
+async def _through_filter(filtered: Filtered, data: bytes, a: trio.abc.Stream, b: trio.abc.Stream,
+                          to_a: trio.Lock, counters: RelayCounters) -> None:
+    """``a``'s bytes through the filter: whole messages on to ``b``, the
+    answers back to ``a`` (counted as ``b`` -> ``a``)."""
+    async with to_a:
+        passed, answers = _step(filtered.from_client, data, "client")
+        if answers:
+            await a.send_all(answers)
+            counters.b_to_a += len(answers)
+    if passed:
+        await b.send_all(b"".join(passed))
+
+
+def _step(step: Callable, data, name: str):
+    """A filter's ``step``: what it raises ends the relay as a broken stream."""
+    try:
+        return step(data)
+    except Exception as exc:
+        raise trio.BrokenResourceError(f"{name}: {exc}") from None
+
+
 def reset_on_close(stream: trio.abc.Stream) -> None:
     """Make the caller's ``aclose`` of ``stream`` an abort (TCP RST, no
     close_notify) when it is a socket or one of our TLS streams; nothing for
@@ -156,11 +178,13 @@ async def relay(
     counters: RelayCounters | None = None,
     names: tuple[str, str] = ("a", "b"),
     taps: tuple[Tap | None, Tap | None] = (None, None),
+    filtered: Filtered | None = None,
 ) -> RelayStats:
     """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both directions end.
 
     ``names`` label the two sides in ``RelayStats.error`` (for logs, e.g.
-    ``("client", "cluster")``). See the module docstring for the rules."""
+    ``("client", "cluster")``). ``filtered``: ``a``'s messages go through
+    it (gateway/net/filters.py). See the module docstring for the rules."""
     if buffer_size < 1:
         raise ValueError("buffer_size must be >= 1")
     if counters is None:
@@ -168,7 +192,8 @@ async def relay(
     if (buffer_size == DEFAULT_BUFFER_SIZE and os.environ.get("WICKET_RELAY") != "trio"
             and engine_mod.eligible(a) and engine_mod.eligible(b)):
         try:
-            error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps)
+            error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps,
+                                                    filtered=filtered)
         except BaseException:
             # Cancelled before the engine took the sockets: the caller's
             # close must still be an abort.
@@ -177,6 +202,10 @@ async def relay(
             raise
         return RelayStats(a_to_b=counters.a_to_b, b_to_a=counters.b_to_a, error=error)
     errors: list[str] = []
+    # With a filter, what goes to ``a`` (the server's bytes, the filter's
+    # answers) is decided and sent under one lock, so an answer never lands
+    # inside a server message (gateway/net/filters.py).
+    to_a = trio.Lock()
 
     async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
                    src_name: str, dst_name: str, forward: bool, tap: Tap | None,
@@ -196,7 +225,17 @@ async def relay(
                 if tap is not None:
                     tap(bytes(buffer[:n]))
                 failed = send_failed
-                await send(buffer[:n])
+                if filtered is None:
+                    await send(buffer[:n])
+                elif forward:
+                    await _through_filter(filtered, bytes(buffer[:n]), src, dst, to_a, counters)
+                else:
+                    async with to_a:
+                        answers = _step(filtered.from_server, buffer[:n], src_name)
+                        await send(buffer[:n])
+                        if answers:
+                            await send(answers)
+                            counters.b_to_a += len(answers)
                 failed = receive_failed
                 if forward:
                     counters.a_to_b += n
@@ -206,6 +245,8 @@ async def relay(
                     buffer = memoryview(bytearray(min(2 * n, buffer_size)))
             failed = f"{dst_name}: send_eof failed"
             await dst.send_eof()
+            if filtered is not None and forward:
+                filtered.eof()
         except _STREAM_ERRORS as exc:
             errors.append(f"{failed}: {exc or type(exc).__name__}")
             cancel_scope.cancel()

@@ -64,6 +64,9 @@ class Started:
 class Pair:
     """Both ends of one link, plus what the cluster side did."""
 
+    #: Message filters (gateway/net/filters.py) for the cluster's side, by resource.
+    filtered: dict = {}
+
     def __init__(self, nursery: trio.Nursery, listener, gateway_tls, cluster_tls) -> None:
         self.listener = listener
         self.nursery = nursery
@@ -89,7 +92,8 @@ class Pair:
         near, far = loopback_pair()
         self.upstreams[request.resource] = far
         counters = self.cluster_counters[request.resource] = RelayCounters()
-        if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters):
+        if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters,
+                               filtered=self.filtered.get(request.resource)):
             self.accepted[request.resource].set()
             self.results[request.resource] = await self.cluster.wait(stream)
 
