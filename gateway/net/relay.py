@@ -50,6 +50,11 @@ Semantics
   the audit parsers read the session this way. A tap that raises ends the
   relay with that error. The engine calls taps from its own thread, so
   they must not touch trio.
+- ``filtered`` (gateway/net/filters.py): ``a``'s bytes reach ``b`` only as
+  whole messages its filter passed; its answers go back to ``a``, never
+  inside one of ``b``'s messages (here: decided and sent under one lock
+  with ``b``'s bytes to ``a``). What the filter raises ends the relay, as
+  a broken stream.
 
 Counting. A byte is counted once ``send_all`` has handed it to the
 destination, so the counts are what actually left toward each side.
@@ -139,11 +144,11 @@ Tap = Callable[[bytes], None]
 
 
 async def _through_filter(filtered: Filtered, data: bytes, a: trio.abc.Stream, b: trio.abc.Stream,
-                          to_a: trio.Lock, counters: RelayCounters) -> None:
+                          to_a: trio.Lock, counters: RelayCounters, name: str) -> None:
     """``a``'s bytes through the filter: whole messages on to ``b``, the
     answers back to ``a`` (counted as ``b`` -> ``a``)."""
     async with to_a:
-        passed, answers = _step(filtered.from_client, data, "client")
+        passed, answers = _step(filtered.from_client, data, name)
         if answers:
             await a.send_all(answers)
             counters.b_to_a += len(answers)
@@ -228,7 +233,7 @@ async def relay(
                 if filtered is None:
                     await send(buffer[:n])
                 elif forward:
-                    await _through_filter(filtered, bytes(buffer[:n]), src, dst, to_a, counters)
+                    await _through_filter(filtered, bytes(buffer[:n]), src, dst, to_a, counters, src_name)
                 else:
                     async with to_a:
                         answers = _step(filtered.from_server, buffer[:n], src_name)
