@@ -127,7 +127,8 @@ class Filtered:
             size = self._size(partial[pos:pos + head])
             if end - pos < size:
                 break
-            raw = bytes(partial[pos:pos + size])
+            with memoryview(partial) as view:  # one copy, not two
+                raw = bytes(view[pos:pos + size])
             answer = on_message(raw)
             if answer is None:
                 passed.append(raw)
