@@ -11,6 +11,7 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
+from gateway.net.ends import Answer
 from gateway.net.filters import Filtered
 from gateway.net.relay import RelayCounters, relay
 from protocols.errors import RemoteProtocolError
@@ -218,3 +219,60 @@ async def test_a_stream_of_a_multiplexed_connection_filters_the_gateways_side(pk
                 await trio.sleep(0.01)
         assert "a bad message" in pair.results["f"] and error
         assert pair.cluster.failed is None and toy.seen[-1] == b"bad"
+
+
+def _answering_tap(chunk: bytes) -> Answer | None:
+    """A tap as MySQL's (ends.Answer): a chunk starting with TAP has those
+    three bytes taken out and answered with ``tapped``."""
+    if chunk.startswith(b"TAP"):
+        return Answer(forward=chunk[3:], answer=b"tapped")
+    return None
+
+
+@pytest.mark.parametrize("kind", ["engine", "trio"])
+async def test_an_answering_tap_and_a_filter_work_side_by_side(kind, monkeypatch) -> None:
+    """The tap sees the chunk first; the filter gets what the tap let go on."""
+    if kind == "trio":
+        monkeypatch.setenv("WICKET_RELAY", "trio")
+    else:
+        monkeypatch.delenv("WICKET_RELAY", raising=False)
+    client, gateway_side = socket_pair()
+    upstream, server = socket_pair()
+    toy = Toy()
+    counters = RelayCounters()
+    async with trio.open_nursery() as nursery:
+        async def run() -> None:
+            async with gateway_side, upstream:
+                await relay(gateway_side, upstream, counters=counters, taps=(_answering_tap, None),
+                            filtered=Filtered(toy))
+
+        nursery.start_soon(run)
+        await client.send_all(b"TAP" + msg(b"ask 1") + msg(b"pass x"))
+        assert await _read_exactly(client, len(b"tapped" + msg(b"ok 1"))) == b"tapped" + msg(b"ok 1")
+        assert await _read_exactly(server, len(msg(b"pass x"))) == msg(b"pass x")
+        await server.send_all(msg(b"reply"))
+        assert await _read_exactly(client, len(msg(b"reply"))) == msg(b"reply")
+        await client.send_eof()
+        assert await server.receive_some(10) == b""
+        await server.send_eof()
+        assert await client.receive_some(10) == b""
+    assert toy.seen == [b"ask 1", b"pass x"] and toy.ended == 1
+    assert counters.a_to_b == len(msg(b"ask 1") + msg(b"pass x"))
+    assert counters.b_to_a == len(b"tapped" + msg(b"ok 1") + msg(b"reply"))
+
+
+async def test_an_answering_tap_and_a_filter_on_a_stream_of_a_multiplexed_connection(pki, monkeypatch) -> None:
+    from tests.unit.gateway.net import muxenv
+
+    toy = Toy()
+    monkeypatch.setattr(muxenv.Pair, "filtered", {"f": Filtered(toy)}, raising=False)
+    async with linked(pki) as pair:
+        pair.taps["f"] = (_answering_tap, None)
+        client, _started = await pair.session("f")
+        server = pair.upstreams["f"]
+        await client.send_all(b"TAP" + msg(b"ask 1") + msg(b"pass x"))
+        assert await _read_exactly(client, len(b"tapped" + msg(b"ok 1"))) == b"tapped" + msg(b"ok 1")
+        assert await _read_exactly(server, len(msg(b"pass x"))) == msg(b"pass x")
+        await server.send_all(msg(b"reply"))
+        assert await _read_exactly(client, len(msg(b"reply"))) == msg(b"reply")
+    assert toy.seen == [b"ask 1", b"pass x"]
