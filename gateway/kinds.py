@@ -5,7 +5,7 @@ from an entry here: the ALPN id of the kind's own data route, the settings a
 resource of the kind takes (validated, with ``wicket-cluster resources add``
 flags), the dial parameters RBAC sees (and the role keys and ``roles add``
 flags that constrain them), the cluster's strategy for opening the upstream
-(gateway/cluster/dial.py's ``RouteKind``), and the ``wicket proxy`` verb.
+(gateway/cluster/routekind.py's ``RouteKind``), and the ``wicket proxy`` verb.
 
 Adding a kind is: a sans-I/O codec in ``protocols/<kind>/``, a cluster
 module with its ``RouteKind``, a gateway module of hooks, an entry in

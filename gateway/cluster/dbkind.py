@@ -60,7 +60,7 @@ class DatabaseKind:
     kind = "db"
     #: A kind that can stop what a session runs upstream before a cut
     #: defines ``async interrupt(cluster, resource, session, reason)``
-    #: (gateway/cluster/dial.py's RouteKind); None: closing is all there is.
+    #: (gateway/cluster/routekind.py's RouteKind); None: closing is all there is.
     interrupt = None
 
     def __init__(self) -> None:

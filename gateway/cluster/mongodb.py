@@ -20,9 +20,10 @@ The server's hello (wire versions, limits, compressors) is kept for the
 session: the gateway's client is answered from it, as one server that is
 the whole deployment (protocols/mongodb/handshake.py).
 
-Then the session is a :class:`~gateway.cluster.mongodb_gate.CommandGate`
-between the relay and the server: every command is checked against the
-user's roles (each database it touches, ``$db`` and ``$out``/``$merge``/
+Then the relay carries the session with a
+:class:`~gateway.cluster.mongodb_gate.CommandGate` as its message filter
+(gateway/net/filters.py): every command is checked against the user's
+roles (each database it touches, ``$db`` and ``$out``/``$merge``/
 ``$lookup`` targets alike), answered in place when it is a hello, a login
 attempt or not allowed, and audited. See that module.
 """
@@ -38,9 +39,10 @@ from gateway.cluster import resource_specs
 from gateway.cluster.core import Cluster, LiveSession
 from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
 from gateway.cluster.dial import Opened, Refused, connect_tcp
-from gateway.cluster.mongodb_gate import CommandGate, integer
+from gateway.cluster.mongodb_gate import CommandGate, integer, stand_in_for
 from gateway.cluster.store import Resource
 from gateway.identity import pki
+from gateway.net.engine import engine
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.mongodb.bson import Binary, Int64
@@ -99,7 +101,8 @@ class MongoKind(DatabaseKind):
         gate = session.extra.get("mongodb_gate")
         if not isinstance(gate, CommandGate) or gate.refusal is not None:
             return "no server session"
-        lsids, cursors = list(gate.lsids), dict(gate.cursors)
+        with engine().lock:  # the relay's thread writes them under it
+            lsids, cursors = list(gate.lsids), dict(gate.cursors)
         if not lsids and not cursors:
             return "nothing to stop (no logical session or cursor seen)"
         spec = resource_specs.DatabaseSpec.of(resource.spec)
@@ -150,10 +153,16 @@ class MongoKind(DatabaseKind):
             # The server said no: as PostgreSQL's client gets the server's
             # own error, the driver hears it for each command, in its terms.
             details["login_error"] = refusal = exc.message
-        gate = CommandGate.open(cluster, session, resource, upstream.stream, hello=hello, db_user=db_user,
-                                db_name=params.get(PARAM_DB_NAME), refusal=refusal)
+        stream, stand_in = upstream.stream, None
+        if refusal is not None:
+            # Nothing goes to a server that said no: the relay's upstream is
+            # a stand-in the gate closes once the client's side ends.
+            stream, stand_in = await stand_in_for(stream)
+        gate = CommandGate(cluster, session, resource, hello=hello, db_user=db_user,
+                           db_name=params.get(PARAM_DB_NAME), refusal=refusal, stand_in=stand_in,
+                           snapshot=await cluster.snapshot())
         session.extra["mongodb_gate"] = gate  # for the interrupt: its lsids and cursors
-        return Opened(upstream=gate.relay_end, task=gate.run, finish=gate.finish,
+        return Opened(upstream=stream, filter=gate, tap_server=gate.tap_server, finish=gate.finish,
                       reply_params=hello_params(hello, gate.compressors),
                       details={**details,
                                "max_wire_version": integer(hello.get("maxWireVersion")),

@@ -9,7 +9,7 @@ bookkeeping), with the connection's certificate as it stands: the one it
 was opened with, or the one it was renewed with since
 (gateway/cluster/linkrenewal.py, whose dials for ``@link`` are handed over
 first). A tcp stream is decided and its upstream connected in the relay
-engine's thread when it can be (:func:`start_in_engine`: a fresh access
+engine's thread when it can be (gateway/cluster/enginedial.py: a fresh access
 snapshot, a literal address, room for the session), so a session costs no
 trio task; the others go through trio (the kind's ``open``: PostgreSQL's
 TLS and login), then the engine relays them. A control dial that acts on a
@@ -25,35 +25,32 @@ typed refusal.
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
-import time
 from typing import Mapping
 
-import attrs
 import trio
 
 from gateway import kinds
-from gateway.cluster.core import MAX_CONNECTIONS, AtCapacity, Cluster, LiveSession
-from gateway.cluster.dial import (
-    ABANDONED, CONNECT_TIMEOUT, DIAL_TIMEOUT, TCP, UNAUTHENTICATED_STREAMS, DialAudit, Refused, RouteKind,
-    abandoned, audit_end, audit_start, authorize, decide, literal_address, run_session, unreachable,
-)
+from gateway.cluster.core import Cluster
+from gateway.cluster.dial import DIAL_TIMEOUT, UNAUTHENTICATED_STREAMS, decide, run_session
+from gateway.cluster.dialaudit import refuse_over_cap
+from gateway.cluster.enginedial import EngineSession, start_in_engine
 from gateway.cluster.linkrenewal import LinkCredential, on_link_dial
+from gateway.cluster.routekind import TCP, RouteKind
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
-from gateway.net.engine import eligible, engine, reset_and_close
+from gateway.net.engine import eligible, engine
 from gateway.net.muxlink import MAX_STREAMS, MuxLink, Stream
 from gateway.net.relay import RelayCounters
-from gateway.net.tcp import keep_alive, unacknowledged
+from gateway.net.tcp import unacknowledged
 from gateway.net.tls import TLSStream
 from protocols import linkrenewal
-from protocols.dial import PARAM_PROBE, DialAccept, DialError, DialRequest
+from protocols.dial import DialAccept, DialError, DialRequest
 from protocols.errors import ErrorCode
 from protocols.mux import Role as MuxRole
 
-__all__ = ["handle_mux", "start_in_engine"]
+__all__ = ["handle_mux"]
 
 log = logging.getLogger("wicket.cluster.dial")
 
@@ -62,7 +59,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
     """Serve a multiplexed connection (protocols/mux.py): each stream is a
     dial for a resource of any kind (gateway/kinds.py), decided and audited
     exactly as on its own connection. A tcp stream is started in the relay
-    engine's thread when it can be (:func:`start_in_engine`); the others go
+    engine's thread when it can be (:func:`~gateway.cluster.enginedial.start_in_engine`); the others go
     through trio (the kind's ``open``: PostgreSQL's TLS and login), then the
     engine relays them."""
     routes = {name: kind.route() for name, kind in kinds.KINDS.items()}
@@ -106,16 +103,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
                 return
             cert = cred.cert  # the connection's certificate as it is now
             if len(link.streams) > per_connection:
-                # Each stream may cost the cluster an upstream descriptor.
-                audit = DialAudit.of(request, TCP, client_addr)
-                audit.user = cluster.claimed_user(cert)
-                snap = cluster.fresh_snapshot()  # the resource's kind, for the record, if at hand
-                resource = snap.resources.get(request.resource) if snap is not None else None
-                audit.fields["kind"] = resource.kind if resource is not None else None
-                link.refuse(st, audit.limited(cluster, AtCapacity(
-                    f"this connection has {per_connection} sessions open, the most one gateway connection "
-                    f"may (the cluster's limits.streams_per_connection); close some and try again",
-                    "streams_per_connection")))
+                refuse_over_cap(cluster, link, st, request, cert, client_addr, per_connection)
                 return
             if not start_in_engine(cluster, link, st, request, cert, client_addr, cred):
                 token.run_sync_soon(in_trio, link, st, request, cert, _after(cluster, link, request, routes))
@@ -214,7 +202,7 @@ async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: Dia
             async def run(counters: RelayCounters) -> str | None:
                 accept = DialAccept(session_id=session.id, params=opened.reply_params)
                 if not link.accept(st, accept, upstream, counters, first=opened.first_bytes,
-                                   taps=(opened.tap_client, opened.tap_server)):
+                                   taps=(opened.tap_client, opened.tap_server), filtered=opened.filtered()):
                     return st.error or "the gateway ended the stream before it started"
                 return await link.wait(st)
 
@@ -223,89 +211,3 @@ async def _mux_session(cluster: Cluster, link: MuxLink, st: Stream, request: Dia
         log.exception("mux_session_failed client=%s action=%s", client_addr,
                       "report this as a bug with the traceback")
         link.refuse(st, DialError(code=ErrorCode.INTERNAL_ERROR, message="internal error in the cluster"))
-
-
-@attrs.define(eq=False, slots=True)
-class EngineSession:
-    """A mux stream's session run by the relay engine alone (no trio task)."""
-
-    session: LiveSession
-    started: float = 0.0  # when the upstream connected (the session's start)
-
-
-def start_in_engine(cluster: Cluster, link: MuxLink, st: Stream, request: DialRequest, cert: bytes | None,
-                     client_addr: str, cred: LinkCredential | None = None) -> bool:
-    """(the engine's thread, under its lock) Decide an OPEN and connect the
-    upstream without trio, as :func:`_mux_session` would: same checks, same
-    audit events. False if this one needs trio: the access snapshot is
-    stale (reloading it reads the store), the upstream's host is a name to
-    resolve, or the cluster is at its session limit."""
-    snap = cluster.fresh_snapshot()
-    if snap is None or PARAM_PROBE in request.params:  # a probe: trio's (it connects and closes)
-        return False
-    resource = snap.resources.get(request.resource)
-    if resource is not None and resource.kind != TCP.kind:
-        return False  # its kind's open is trio's
-    audit = DialAudit.of(request, TCP, client_addr)
-    try:
-        _identity, resource, _params, decision = authorize(cluster, snap, cert, request, TCP, audit)
-    except Refused as refusal:
-        link.refuse(st, audit.denied(cluster, refusal))
-        return True
-    target = literal_address(resource.address)
-    if target is None or len(cluster.sessions) >= MAX_CONNECTIONS:
-        return False
-    try:
-        session = cluster.new_session(audit.user, resource.name, TCP.kind)
-    except AtCapacity as exc:
-        link.refuse(st, audit.limited(cluster, exc))
-        return True
-    es = st.context = EngineSession(session)
-    # From now on a lock or a stop cuts the stream, even while the upstream
-    # is still connecting (``connected`` then finds it finished). Both run
-    # under the engine's lock, so neither can slip between the other's steps.
-    session.cut = functools.partial(link.cut, st)
-
-    def connected(sock: socket.socket | None, error: str | None) -> None:
-        cluster.engine_connects.difference_update(in_flight)
-        if sock is None:
-            session.cut = None
-            cluster.end_session(session)
-            if error is ABANDONED:
-                refusal = abandoned(resource, session.end_reason)
-            else:
-                refusal = unreachable(resource, error)
-            link.refuse(st, audit.denied(cluster, refusal))
-            return
-        keep_alive(sock)
-        audit.allowed(cluster, session, decision)
-        session.extra["stream"] = (link, st)  # a renewal of the connection extends it
-        if cred is not None:
-            cred.adopt(session)
-        audit_start(cluster, session, client_addr, {})
-        es.started = time.monotonic()
-        if st.finished or link.failed is not None:  # cut, or the gateway gave up, meanwhile
-            reset_and_close(sock)
-            _engine_session_ended(cluster, es, RelayCounters(), st.error or "the gateway ended the stream "
-                                  "before it started")
-            return
-        st.notify = functools.partial(_engine_stream_ended, cluster)
-        link.accept(st, DialAccept(session_id=session.id), sock, RelayCounters())
-
-    in_flight: list = []
-    connecting = link.engine.connect(target[0], target[1], CONNECT_TIMEOUT, connected)
-    if connecting is not None:  # ``connected`` runs later, in this thread, under the same lock
-        in_flight.append(connecting)
-        cluster.engine_connects.add(connecting)
-    return True
-
-
-def _engine_stream_ended(cluster: Cluster, link: MuxLink, st: Stream) -> None:
-    _engine_session_ended(cluster, st.context, st.counters, st.error)
-
-
-def _engine_session_ended(cluster: Cluster, es: EngineSession, counters: RelayCounters, error: str | None) -> None:
-    session = es.session
-    session.cut = None
-    cluster.end_session(session)
-    audit_end(cluster, session, counters, es.started, session.end_reason or error or "closed")

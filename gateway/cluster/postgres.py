@@ -26,7 +26,7 @@ A cancel arrives as a control dial naming the session: only the user who
 owns that session may cancel it, and the cluster sends the CancelRequest with
 the upstream backend's real key, which never leaves the cluster. On the
 multiplexed connection it waits until the bytes that came for the session
-before it are written upstream (``acts_on``; gateway/cluster/dial.py).
+before it are written upstream (``acts_on``; gateway/cluster/muxroute.py).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from gateway.addresses import format_addr
 from gateway.cluster.admission import Slot
 from gateway.cluster.api import API
 from gateway.cluster.core import Cluster
-from gateway.cluster.dial import abandon_engine_connects, handle_route
+from gateway.cluster.dial import handle_route
+from gateway.cluster.enginedial import abandon_engine_connects
 from gateway.cluster.muxroute import handle_mux
 from gateway.identity import tlsconf
 from gateway.net.descriptors import serve_listeners

@@ -122,7 +122,7 @@ class End:
 
     __slots__ = (
         "sock", "fd", "name", "obj", "ssl", "incoming", "outgoing", "peer", "session", "tap", "forward",
-        "owner",
+        "owner", "filter",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
         "tcp_eof", "failed", "hung_up", "error_pending", "os_error", "kernel_full",
         "records", "rekey_at", "key_update", "shift",
@@ -142,6 +142,9 @@ class End:
         self.peer: End | None = None
         self.session: _Session | None = None
         self.tap = tap
+        # A two-socket session's client side may carry a message filter
+        # (gateway/net/filters.py): what is read here goes through it.
+        self.filter = None
         self.forward = True  # data read here counts as a_to_b
         # Not None for the ends of a multiplexed connection and its streams
         # (gateway/net/muxlink.py), which handles their events itself.

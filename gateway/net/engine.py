@@ -125,6 +125,10 @@ one job a module:
 - :mod:`gateway.net.draining`: a socket's drain before its reset, after
   the other side aborted;
 - :mod:`gateway.net.muxlink`: a multiplexed connection as an owner of ends.
+- :mod:`gateway.net.filters`: a kind's message filter, which the two-socket
+  relay and the multiplexed streams run on the client's whole messages
+  (pass, answer, or end), after the taps (which see chunks, and may answer
+  part of one: ``ends.Answer``).
 
 The owner interface. An end whose ``owner`` is set (a link, a listener, a
 connect, a drain) gets its events in ``owner.on_ready(end, ev)``, in the

@@ -19,6 +19,7 @@ from typing import Callable
 import trio
 
 from gateway.net.ends import detach, reset_and_close
+from gateway.net.filters import Filtered
 from gateway.net.muxstreams import Stream
 from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialError
@@ -59,13 +60,14 @@ class StreamAnswering:
 
     def accept(self, stream: Stream, reply: DialAccept,
                sock: trio.SocketStream | TLSStream | socket.socket | None,
-               counters, *, first: bytes = b"", taps: tuple[Callable[[bytes], None] | None, ...] = (None, None)
-               ) -> bool:
+               counters, *, first: bytes = b"", taps: tuple[Callable[[bytes], None] | None, ...] = (None, None),
+               filtered: Filtered | None = None) -> bool:
         """(cluster) Answer the OPEN with ``reply`` and relay ``sock`` (a
         socket, or one of our TLS streams: the link carries its records) for
         it: ``first`` goes to the gateway right behind the REPLY, then what
         the gateway sent early goes to ``sock``. ``taps``: (shown the
-        gateway's bytes, shown the socket's), as ``relay``'s. False if the
+        gateway's bytes, shown the socket's), as ``relay``'s; ``filtered``:
+        the gateway's messages go through it (gateway/net/filters.py). False if the
         stream or the link ended meanwhile (``sock`` is reset then).
         Without ``sock`` (an upstream that already said no and left:
         ``first`` is its answer) the stream ends after ``first`` and FIN."""
@@ -89,6 +91,7 @@ class StreamAnswering:
                 reset_and_close(raw)
                 return False
             stream.tap_in = taps[0]
+            stream.filter = filtered
             self._attach(stream, raw, counters, tls, taps[1])
         return True
 

@@ -205,7 +205,7 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
             self._run_guarded(stream.end, lambda: self._to_socket(stream, [data]))
         if stream.early_fin and not stream.finished:
             stream.end.eof_wanted = True
-            self._run_guarded(stream.end, lambda: self._after_write(stream))
+            self._run_guarded(stream.end, lambda: self._fin_to_socket(stream))
 
     async def wait(self, stream: Stream) -> str | None:
         """Until the stream is over: its error, or None. If cancelled, the
@@ -426,7 +426,7 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
             return
         stream.end.eof_wanted = True
         try:
-            self._after_write(stream)
+            self._fin_to_socket(stream)
             self._settle(stream)
         except Failure as exc:
             self._stream_failed(stream, exc)
@@ -520,7 +520,7 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
             end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
             end.carry = end.tap = None
             stream.end = None
-        stream.early = stream.retry = stream.sent = stream.tap_in = None
+        stream.early = stream.retry = stream.sent = stream.tap_in = stream.filter = None
         if stream.flushed is not None:
             self._set_flushed(stream)
         if stream.held:

@@ -18,6 +18,7 @@ from gateway.net.engine import PUMP_BUDGET, Timer
 from gateway.net.ends import (
     _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, detach, failed_quietly, reset_and_close, seal,
 )
+from gateway.net.filters import Filtered
 from protocols.dial import DialAccept, DialError
 from protocols.mux import HEADER
 
@@ -47,7 +48,7 @@ class Stream:
 
     __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
                  "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent",
-                 "tap_in", "flushed", "sealed", "control", "arrived", "replied_at")
+                 "tap_in", "flushed", "sealed", "control", "arrived", "replied_at", "filter", "preacked")
 
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
@@ -78,6 +79,12 @@ class Stream:
         # stream (:meth:`StreamIO._answered`). The other direction's tap is
         # the socket end's own (``End.tap``), which cannot answer.
         self.tap_in: Callable[[bytes], None] | None = None
+        # (cluster) The session's message filter (gateway/net/filters.py):
+        # the connection's bytes go through it to the socket; and bytes it
+        # held (a message split over reads) were acknowledged as it took
+        # them, so as many written bytes are not acknowledged again.
+        self.filter: Filtered | None = None
+        self.preacked = 0
         # Set once the socket has taken everything written to it so far
         # (see :meth:`MuxLink.flushed`).
         self.flushed: trio.Event | None = None
@@ -234,6 +241,14 @@ class StreamIO:
                 stream.counters.b_to_a += n
             framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
             self._send(framed[:_HEADER_SIZE + n])
+            if stream.filter is not None:
+                # The server's bytes went on: the filter's answers that waited
+                # for the end of a server message may follow them now.
+                answers = _filtered(stream.filter.from_server, payload[:n], end.name)
+                if answers:
+                    self._filter_answer(stream, answers)
+                    if stream.finished:
+                        return False
             budget -= n
             if budget <= 0:
                 engine.again.append(end)
@@ -280,6 +295,10 @@ class StreamIO:
                 pieces = [piece for piece in pieces if piece]
                 if not pieces:
                     return
+        if stream.filter is not None:
+            pieces = self._filter(stream, pieces)
+            if not pieces or stream.finished:
+                return
         if end.obj is not None:
             self._to_tls(stream, pieces)
             return
@@ -332,6 +351,42 @@ class StreamIO:
             else:
                 stream.counters.b_to_a += len(answer)
         return pieces
+
+    def _filter(self, stream: Stream, pieces: list[memoryview]) -> list:
+        """(cluster) The connection's bytes for ``stream`` through its
+        filter: the whole messages it passes (to write to the socket), its
+        answers sent back at once. Every byte it took is either passed on,
+        and acknowledged once written, or not (held, answered, dropped), and
+        acknowledged now."""
+        filtered = stream.filter
+        data = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        passed, answers = _filtered(filtered.from_client, data, stream.name)
+        carried = filtered.carried
+        taken_now = len(data) - (sum(len(piece) for piece in passed) - carried)
+        if taken_now:
+            self._written(stream, taken_now)
+        stream.preacked += carried
+        if answers:
+            self._filter_answer(stream, answers)
+        return passed
+
+    def _filter_answer(self, stream: Stream, answers: bytes) -> None:
+        """(cluster) The filter's answers to the gateway on ``stream``,
+        within its window: a gateway whose client sends on without reading
+        what it is answered ends its stream, not the cluster's memory."""
+        if self.conn.send_window(stream.sid) < len(answers):
+            self._finish(stream, f"{stream.name}: the client sends commands without reading the answers to "
+                         f"them (a stream window of answers is waiting); the session was reset", reset=True)
+            return
+        self._send(self.conn.send_data(stream.sid, answers))
+        stream.counters.b_to_a += len(answers)
+
+    def _fin_to_socket(self, stream: Stream) -> None:
+        """The gateway's FIN: on to the socket (after its tail), then, with
+        a filter, to the filter."""
+        self._after_write(stream)
+        if stream.filter is not None:
+            stream.filter.eof()
 
     def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
         """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
@@ -423,6 +478,12 @@ class StreamIO:
     def _written(self, stream: Stream, n: int) -> None:
         if not n:
             return
+        if stream.preacked:  # see Stream.preacked
+            done = min(n, stream.preacked)
+            stream.preacked -= done
+            n -= done
+            if not n:
+                return
         if self.gateway:
             stream.counters.b_to_a += n
         else:
@@ -466,6 +527,15 @@ def _show(tap: Tap, data: memoryview, name: str) -> Answer | None:
     parse it) must not pass: the stream is reset."""
     try:
         return tap(bytes(data))
+    except Exception as exc:
+        raise Failure(f"{name}: {exc}") from None
+
+
+def _filtered(step: Callable, data, name: str):
+    """A filter's ``step`` on ``data``; what it raises (a message it cannot
+    read, a bad length) resets the stream, never the connection."""
+    try:
+        return step(data)
     except Exception as exc:
         raise Failure(f"{name}: {exc}") from None
 

@@ -11,6 +11,7 @@ import trio
 from gateway.net.ends import (
     ANSWER_BACKLOG, _IN, _OUT, _Cut, End, Failure, detach, Tap, seal, watch_mask,
 )
+from gateway.net.filters import Filtered
 
 __all__ = ["PUMP_BUDGET", "PairRelay"]
 
@@ -36,12 +37,13 @@ class PairRelay:
     # trio's side.
 
     async def relay(self, a, b, *, counters, names: tuple[str, str],
-                    taps: tuple[Tap | None, Tap | None] = (None, None)):
+                    taps: tuple[Tap | None, Tap | None] = (None, None), filtered: Filtered | None = None):
         """Relay between two :func:`eligible` streams until both directions
         end or one fails; returns the error text or ``None``. Takes the
         streams' descriptors: they are closed when this returns (or, after
         an abort that came from one side, the other is reset within
-        :data:`ABORT_DRAIN` seconds; see :meth:`abort`)."""
+        :data:`ABORT_DRAIN` seconds; see :meth:`abort`). ``filtered``: the
+        messages from ``a`` go through it (gateway/net/filters.py)."""
         token = trio.lowlevel.current_trio_token()
         await trio.lowlevel.checkpoint_if_cancelled()
         sock_a, tls_a = detach(a)
@@ -50,6 +52,7 @@ class PairRelay:
         end_b = End(sock_b, names[1], tls_b, taps[1])
         end_a.peer, end_b.peer = end_b, end_a
         end_b.forward = False
+        end_a.filter = filtered
         session = _Session(end_a, end_b, counters, token)
         end_a.session = end_b.session = session
         with self.lock:
@@ -79,7 +82,8 @@ class PairRelay:
             self._finish(session, None)
             return
         mask = 0
-        if not end.in_done and end.peer.tail is None and not end.failed:
+        if not end.in_done and end.peer.tail is None and not end.failed and (end.filter is None
+                                                                             or end.tail is None):
             mask |= _IN
         if end.tail is not None:
             mask |= _OUT
@@ -102,7 +106,7 @@ class PairRelay:
             # Break the cycles (end <-> peer, end <-> session): the OpenSSL
             # state hanging off them is freed now, by reference counting,
             # not whenever the cyclic collector next gets to it.
-            end.session = end.peer = end.tap = None
+            end.session = end.peer = end.tap = end.filter = None
             end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
             end.carry = None
             if not draining:
@@ -123,6 +127,8 @@ class PairRelay:
         budget = PUMP_BUDGET
         plain = self._plain
         while not src.in_done and dst.tail is None:
+            if src.filter is not None and src.tail is not None:
+                return False  # its answers wait for the client to read them: so does the rest
             if budget <= 0:
                 self.again.append(src)
                 return False
@@ -138,6 +144,8 @@ class PairRelay:
                     dst.eof_wanted = True
                     if dst.tail is None:
                         self.send_eof(dst)
+                    if src.filter is not None:
+                        src.filter.eof()
                     return False
                 data = plain[:n]
             self._deliver(src, dst, data)
@@ -162,6 +170,9 @@ class PairRelay:
                 if not said.forward:
                     return
                 data = memoryview(said.forward)
+        if src.filter is not None:
+            self._filter(src, dst, data)
+            return
         counters = src.session.counters
         if src.forward:
             counters.a_to_b += len(data)
@@ -169,8 +180,38 @@ class PairRelay:
             counters.b_to_a += len(data)
         if dst.obj is None:
             self.write(dst, data, copy=True)
-            return
-        self.write(dst, seal(dst, data), copy=False)
+        else:
+            self.write(dst, seal(dst, data), copy=False)
+        if dst.filter is not None:
+            # The server's bytes went on: the filter's answers that waited
+            # for the end of a server message may follow them now.
+            try:
+                answers = dst.filter.from_server(data)
+            except Exception as exc:
+                raise _Cut(f"{src.name}: {exc}") from None
+            if answers:
+                self._filter_answer(dst, answers)
+
+    def _filter(self, src: End, dst: End, data: memoryview) -> None:
+        """client -> server through the session's filter: whole messages
+        pass (in one write), answers go back to the client."""
+        try:
+            passed, answers = src.filter.from_client(bytes(data))
+        except Exception as exc:
+            raise _Cut(f"{src.name}: {exc}") from None
+        src.session.counters.a_to_b += len(data)
+        if passed:
+            out = passed[0] if len(passed) == 1 else b"".join(passed)
+            self.write(dst, out if dst.obj is None else seal(dst, out), copy=False)
+        if answers:
+            self._filter_answer(src, answers)
+
+    def _filter_answer(self, end: End, answers: bytes) -> None:
+        """The filter's answers to the client's ``end``, behind what waits there
+        (unlike a tap's :meth:`_answer`, not bounded by ANSWER_BACKLOG: one may
+        wait behind a large server reply)."""
+        end.session.counters.b_to_a += len(answers)
+        self.write(end, answers if end.obj is None else seal(end, answers), copy=False)
 
     def _answer(self, src: End, data: bytes) -> None:
         """A tap's answer back to ``src``, behind what it was sent already."""
@@ -208,3 +249,5 @@ class PairRelay:
                 return
         if not end.peer.in_done:
             self._pump(end.peer)
+        if end.filter is not None and not end.in_done:
+            self._pump(end)  # its answers were read: so may the rest be

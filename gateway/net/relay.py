@@ -52,6 +52,11 @@ Semantics
   :class:`~gateway.net.ends.Answer` has the relay answer part of the
   chunk itself: its ``forward`` goes on instead, its ``answer`` goes back. The engine calls taps from its own thread, so
   they must not touch trio.
+- ``filtered`` (gateway/net/filters.py): ``a``'s bytes reach ``b`` only as
+  whole messages its filter passed; its answers go back to ``a``, never
+  inside one of ``b``'s messages (here: decided and sent under one lock
+  with ``b``'s bytes to ``a``). What the filter raises ends the relay, as
+  a broken stream.
 
 Counting. A byte is counted once ``send_all`` has handed it to the
 destination, so the counts are what actually left toward each side.
@@ -69,6 +74,7 @@ import trio
 
 from gateway.net import engine as engine_mod
 from gateway.net.ends import Tap
+from gateway.net.filters import Filtered
 from gateway.net.tls import linger_reset
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay", "reset_on_close"]
@@ -138,6 +144,29 @@ def _receiver(stream: trio.abc.ReceiveStream) -> Callable[[memoryview], Awaitabl
     return generic_receive_into
 
 
+async def _through_filter(filtered: Filtered, data: bytes, a: trio.abc.Stream, b: trio.abc.Stream,
+                          to_a, to_b, counters: RelayCounters, name: str) -> None:
+    """``a``'s bytes through the filter: whole messages on to ``b``, the
+    answers back to ``a`` (counted as ``b`` -> ``a``). ``to_a``, ``to_b``:
+    the turns of the sends to each side."""
+    async with to_a:
+        passed, answers = _step(filtered.from_client, data, name)
+        if answers:
+            await a.send_all(answers)
+            counters.b_to_a += len(answers)
+    if passed:
+        async with to_b:
+            await b.send_all(b"".join(passed))
+
+
+def _step(step: Callable, data, name: str):
+    """A filter's ``step``: what it raises ends the relay as a broken stream."""
+    try:
+        return step(data)
+    except Exception as exc:
+        raise trio.BrokenResourceError(f"{name}: {exc}") from None
+
+
 def reset_on_close(stream: trio.abc.Stream) -> None:
     """Make the caller's ``aclose`` of ``stream`` an abort (TCP RST, no
     close_notify) when it is a socket or one of our TLS streams; nothing for
@@ -157,11 +186,13 @@ async def relay(
     counters: RelayCounters | None = None,
     names: tuple[str, str] = ("a", "b"),
     taps: tuple[Tap | None, Tap | None] = (None, None),
+    filtered: Filtered | None = None,
 ) -> RelayStats:
     """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both directions end.
 
     ``names`` label the two sides in ``RelayStats.error`` (for logs, e.g.
-    ``("client", "cluster")``). See the module docstring for the rules."""
+    ``("client", "cluster")``). ``filtered``: ``a``'s messages go through
+    it (gateway/net/filters.py). See the module docstring for the rules."""
     if buffer_size < 1:
         raise ValueError("buffer_size must be >= 1")
     if counters is None:
@@ -169,7 +200,8 @@ async def relay(
     if (buffer_size == DEFAULT_BUFFER_SIZE and os.environ.get("WICKET_RELAY") != "trio"
             and engine_mod.eligible(a) and engine_mod.eligible(b)):
         try:
-            error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps)
+            error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps,
+                                                    filtered=filtered)
         except BaseException:
             # Cancelled before the engine took the sockets: the caller's
             # close must still be an abort.
@@ -179,8 +211,12 @@ async def relay(
         return RelayStats(a_to_b=counters.a_to_b, b_to_a=counters.b_to_a, error=error)
     errors: list[str] = []
     # A tap's answer goes back the way its chunk came, while the other
-    # direction may be sending there too: with taps, sends take turns.
-    turns = {id(s): trio.StrictFIFOLock() if taps != (None, None) else contextlib.nullcontext()
+    # direction may be sending there too: with taps, sends take turns. With
+    # a filter, what goes to ``a`` (the server's bytes, the filter's
+    # answers) is decided and sent in one turn, so an answer never lands
+    # inside a server message (gateway/net/filters.py).
+    turns = {id(s): trio.StrictFIFOLock() if taps != (None, None) or filtered is not None
+             else contextlib.nullcontext()
              for s in (a, b)}
 
     async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
@@ -218,8 +254,19 @@ async def relay(
                                 counters.a_to_b += len(said.answer)
                         data = memoryview(said.forward)
                 failed = send_failed
-                if data:
+                if not data:
+                    pass  # a tap answered all of it
+                elif filtered is None:
                     await send(data)
+                elif forward:
+                    await _through_filter(filtered, bytes(data), src, dst, src_turn, dst_turn, counters, src_name)
+                else:
+                    async with dst_turn:  # the turn of what goes to ``a``
+                        answers = _step(filtered.from_server, data, src_name)
+                        await send_all(data)
+                        if answers:
+                            await send_all(answers)
+                            counters.b_to_a += len(answers)
                 failed = receive_failed
                 if forward:
                     counters.a_to_b += len(data)
@@ -230,6 +277,8 @@ async def relay(
             failed = f"{dst_name}: send_eof failed"
             async with dst_turn:
                 await dst.send_eof()
+            if filtered is not None and forward:
+                filtered.eof()
         except _STREAM_ERRORS as exc:
             errors.append(f"{failed}: {exc or type(exc).__name__}")
             cancel_scope.cancel()

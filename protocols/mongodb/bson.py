@@ -70,6 +70,7 @@ DEFAULT_MAX_DEPTH: Final = 200
 INVALID_BSON: Final = 22
 
 _I32 = struct.Struct("<i")
+_I32_FROM = _I32.unpack_from
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
@@ -111,29 +112,55 @@ class _Decoder:
             raise _invalid("a document does not end with NUL")
         body_end = end - 1
         items: list[Any] = []
-        keys: set[str] = set()
+        fields: dict[str, Any] = {}
         pos += 4
         readers = _READERS
+        find = data.find
         while pos < body_end:
             kind = data[pos]
-            key_end = data.find(b"\x00", pos + 1, body_end)
+            key_end = find(b"\x00", pos + 1, body_end)
             if kind == 0:
                 raise _invalid("a document ends before its length says")
             if key_end < 0:
                 raise _invalid("a key is not NUL-terminated inside its document")
-            key = _utf8(data[pos + 1 : key_end], "a key")
-            reader = readers.get(kind)
-            if reader is None:
-                raise _invalid(f"unknown element type 0x{kind:02x}")
-            value, pos = reader(self, key_end + 1, body_end, depth)
+            try:
+                key = data[pos + 1 : key_end].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _invalid("a key is not valid UTF-8") from None
+            pos = key_end + 1
+            # The commonest values read here, without a call (a command is
+            # read per message relayed): each as its reader below reads it.
+            if kind == 0x02:
+                if body_end - pos < 4:
+                    raise _invalid("a string's length is cut short")
+                (length,) = _I32_FROM(data, pos)
+                if length < 1 or length > body_end - pos - 4:
+                    raise _invalid(f"a string's length {length} does not fit its document")
+                value_end = pos + 4 + length
+                if data[value_end - 1]:
+                    raise _invalid("a string is not NUL-terminated")
+                try:
+                    value = data[pos + 4 : value_end - 1].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _invalid("a string is not valid UTF-8") from None
+                pos = value_end
+            elif kind == 0x10:
+                if body_end - pos < 4:
+                    raise _invalid("an int32 is cut short")
+                (value,) = _I32_FROM(data, pos)
+                pos += 4
+            else:
+                reader = readers.get(kind)
+                if reader is None:
+                    raise _invalid(f"unknown element type 0x{kind:02x}")
+                value, pos = reader(self, pos, body_end, depth)
             if array:
                 items.append(value)
             else:
-                if key in keys:
+                if key in fields:
                     raise _invalid(f"the key {key[:64]!r} appears twice in one document")
-                keys.add(key)
-                items.append((key, value))
-        return (items if array else dict(items)), end
+                fields[key] = value
+        return (items if array else fields), end
 
     def _fixed(self, pos: int, limit: int, size: int, what: str) -> int:
         if limit - pos < size:

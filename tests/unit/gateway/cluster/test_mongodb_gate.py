@@ -1,16 +1,20 @@
 """gateway.cluster.mongodb_gate: a MongoDB session's commands checked,
-answered or passed, and audited; over real socket pairs, with a scripted
-server and a cluster that records its audit events."""
+answered or passed, and audited; the gate as the relay's message filter
+over real socket pairs (in the relay engine, and in the task-based relay),
+with a scripted server and a cluster that records its audit events."""
 
 from __future__ import annotations
 
 import types
 
+import pytest
 import trio
 import trio.testing
 
 from gateway.cluster import rbac
-from gateway.cluster.mongodb_gate import CommandGate
+from gateway.cluster.mongodb_gate import CommandGate, stand_in_for
+from gateway.net.filters import Filtered
+from gateway.net.relay import relay
 from protocols.mongodb import MessageReader, OpMsg, OpQuery, OpReply
 from protocols.signals import NEED_DATA
 
@@ -21,6 +25,16 @@ ROLE = rbac.Role.from_spec("mongo", {
 UPSTREAM_HELLO = {"isWritablePrimary": True, "setName": "rs0", "hosts": ["a:1", "b:2"],
                   "maxBsonObjectSize": 16777216, "maxMessageSizeBytes": 48000000, "maxWriteBatchSize": 100000,
                   "minWireVersion": 0, "maxWireVersion": 21, "connectionId": 42, "ok": 1.0}
+
+
+@pytest.fixture(autouse=True, params=["engine", "trio"])
+def relay_kind(request, monkeypatch):
+    """Every case through both relays: the engine's, and the task-based one."""
+    if request.param == "trio":
+        monkeypatch.setenv("WICKET_RELAY", "trio")
+    else:
+        monkeypatch.delenv("WICKET_RELAY", raising=False)
+    return request.param
 
 
 class RecordingCluster:
@@ -49,21 +63,38 @@ class RecordingCluster:
 
 
 class Session:
-    """The gate with a client on its relay end and a scripted server."""
+    """The gate as the relay's filter, a client on the relay's gateway side
+    and a scripted server on its upstream side (as MongoKind.login makes it)."""
 
     def __init__(self, nursery: trio.Nursery, *, db_name: str | None = None, refusal: str | None = None) -> None:
         self.cluster = RecordingCluster()
-        a, b = trio.socket.socketpair()
-        self.server = trio.SocketStream(b)
-        session = types.SimpleNamespace(id="s1", user="alice", resource="db", identity=None)
-        resource = types.SimpleNamespace(name="db", labels={})
-        self.gate = CommandGate.open(self.cluster, session, resource, trio.SocketStream(a), hello=UPSTREAM_HELLO,
-                                     db_user="app", db_name=db_name, refusal=refusal)
-        self.client = self.gate.relay_end
+        self.nursery = nursery
+        self.db_name, self.refusal = db_name, refusal
+        client, gateway_side = trio.socket.socketpair()
+        upstream, server = trio.socket.socketpair()
+        self.client, self.server = trio.SocketStream(client), trio.SocketStream(server)
+        self._relay_ends = trio.SocketStream(gateway_side), trio.SocketStream(upstream)
         self.replies = MessageReader(verify_checksums=False)
         self.requests = MessageReader(verify_checksums=False)
         self._ids = 0
-        nursery.start_soon(self.gate.run)
+
+    async def start(self) -> "Session":
+        gateway_side, upstream = self._relay_ends
+        stand_in = None
+        if self.refusal is not None:
+            upstream, stand_in = await stand_in_for(upstream)
+        session = types.SimpleNamespace(id="s1", user="alice", resource="db", identity=None)
+        resource = types.SimpleNamespace(name="db", labels={})
+        self.gate = CommandGate(self.cluster, session, resource, hello=UPSTREAM_HELLO, db_user="app",
+                                db_name=self.db_name, refusal=self.refusal, stand_in=stand_in)
+        self.nursery.start_soon(self._relay, gateway_side, upstream)
+        return self
+
+    async def _relay(self, gateway_side, upstream) -> None:
+        async with gateway_side, upstream:  # as the cluster's session closes them
+            await relay(gateway_side, upstream, names=("gateway", "upstream"), taps=(None, self.gate.tap_server),
+                        filtered=Filtered(self.gate))
+        self.gate.finish()
 
     async def send(self, body: dict, **flags) -> int:
         self._ids += 1
@@ -85,7 +116,7 @@ async def _next(stream, reader):
 
 async def test_a_hello_is_answered_from_the_servers_own_as_one_server() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery)
+        s = await Session(nursery).start()
         rid = await s.send({"hello": 1, "helloOk": True, "$db": "admin"})
         reply = await s.reply()
         assert reply.response_to == rid
@@ -100,7 +131,7 @@ async def test_a_hello_is_answered_from_the_servers_own_as_one_server() -> None:
 
 async def test_a_denied_database_is_unauthorized_and_the_session_goes_on() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery)
+        s = await Session(nursery).start()
         rid = await s.send({"find": "items", "filter": {"price": {"$gt": 10}}, "$db": "shop_secret"})
         reply = await s.reply()
         assert reply.response_to == rid and reply.body["code"] == 13 and reply.body["codeName"] == "Unauthorized"
@@ -129,7 +160,7 @@ async def test_a_denied_database_is_unauthorized_and_the_session_goes_on() -> No
 
 async def test_a_session_kept_to_one_database() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery, db_name="app")
+        s = await Session(nursery, db_name="app").start()
         await s.send({"find": "items", "$db": "shop"})  # a role allows shop, the dial said app
         reply = await s.reply()
         assert reply.body["code"] == 13 and "keeps to database 'app'" in reply.body["errmsg"]
@@ -140,7 +171,7 @@ async def test_a_session_kept_to_one_database() -> None:
 
 async def test_a_client_login_is_refused_and_never_reaches_the_server() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery)
+        s = await Session(nursery).start()
         await s.send({"saslStart": 1, "mechanism": "SCRAM-SHA-256", "payload": b"n,,n=x,r=y", "$db": "admin"})
         reply = await s.reply()
         assert reply.body["code"] == 18 and "remove the user name and password" in reply.body["errmsg"]
@@ -151,7 +182,7 @@ async def test_a_client_login_is_refused_and_never_reaches_the_server() -> None:
 
 async def test_an_unacknowledged_denied_write_gets_no_reply() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery)
+        s = await Session(nursery).start()
         await s.send({"insert": "x", "documents": [{"a": 1}], "$db": "shop_secret"}, more_to_come=True)
         rid = await s.send({"ping": 1, "$db": "admin"})
         assert (await s.request()).request_id == rid  # the write was dropped, not passed
@@ -162,7 +193,7 @@ async def test_an_unacknowledged_denied_write_gets_no_reply() -> None:
 
 async def test_a_reply_of_the_gates_own_never_lands_inside_the_servers() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery)
+        s = await Session(nursery).start()
         rid = await s.send({"find": "items", "$db": "app"})
         await s.request()
         whole = OpMsg(request_id=5, response_to=rid, body={"cursor": {"firstBatch": [{"x": "y" * 5000}],
@@ -179,7 +210,7 @@ async def test_a_reply_of_the_gates_own_never_lands_inside_the_servers() -> None
 
 async def test_a_malformed_message_ends_the_session_on_record() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery)
+        s = await Session(nursery).start()
         await s.client.send_all(b"\x05\x00\x00\x00garbage")  # a length shorter than any header
         assert await s.server.receive_some(100) == b""  # the server's connection is closed
         assert await s.client.receive_some(100) == b""
@@ -189,7 +220,7 @@ async def test_a_malformed_message_ends_the_session_on_record() -> None:
 
 async def test_a_login_the_server_refused_is_every_commands_answer() -> None:
     async with trio.open_nursery() as nursery:
-        s = Session(nursery, refusal="db refused the cluster's login as db user 'app'")
+        s = await Session(nursery, refusal="db refused the cluster's login as db user 'app'").start()
         assert await s.server.receive_some(100) == b""  # nothing goes to that server
         await s.send({"hello": 1, "$db": "admin"})
         assert (await s.reply()).body["maxWireVersion"] == 21

@@ -64,6 +64,9 @@ class Started:
 class Pair:
     """Both ends of one link, plus what the cluster side did."""
 
+    #: Message filters (gateway/net/filters.py) for the cluster's side, by resource.
+    filtered: dict = {}
+
     def __init__(self, nursery: trio.Nursery, listener, gateway_tls, cluster_tls) -> None:
         self.listener = listener
         self.nursery = nursery
@@ -93,7 +96,8 @@ class Pair:
         counters = self.cluster_counters[request.resource] = RelayCounters()
         self.cluster_streams[request.resource] = stream
         if self.cluster.accept(stream, DialAccept(session_id=request.resource), near, counters,
-                               taps=self.taps.get(request.resource, (None, None))):
+                               taps=self.taps.get(request.resource, (None, None)),
+                               filtered=self.filtered.get(request.resource)):
             self.accepted[request.resource].set()
             self.results[request.resource] = await self.cluster.wait(stream)
 

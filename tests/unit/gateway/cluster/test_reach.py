@@ -1,4 +1,4 @@
-"""The cluster's dial checks (gateway/cluster/dial.py ``authorize``): what
+"""The cluster's dial checks (gateway/cluster/reach.py ``authorize``): what
 a refused user is told and what the audit keeps. The cluster is a small
 stand-in: the checks read only the access snapshot and the identity."""
 
@@ -9,7 +9,9 @@ import datetime as dt
 import attrs
 import pytest
 
-from gateway.cluster import dial
+from gateway.cluster import reach
+from gateway.cluster.dialaudit import DialAudit
+from gateway.cluster.routekind import TCP, Refused
 from gateway.cluster.core import Snapshot
 from gateway.cluster.postgres import POSTGRES
 from gateway.cluster.rbac import Role
@@ -43,10 +45,10 @@ class StandIn:
         return identity, None, [ROLE]
 
 
-def refusal(resource: str, kind=dial.TCP, **params: str) -> tuple[ErrorCode, str, str]:
-    audit = dial.DialAudit.of(DialRequest(resource=resource, params=params), kind, "127.0.0.1:1")
-    with pytest.raises(dial.Refused) as err:
-        dial.authorize(StandIn(), SNAPSHOT, b"cert", DialRequest(resource=resource, params=params), kind, audit)
+def refusal(resource: str, kind=TCP, **params: str) -> tuple[ErrorCode, str, str]:
+    audit = DialAudit.of(DialRequest(resource=resource, params=params), kind, "127.0.0.1:1")
+    with pytest.raises(Refused) as err:
+        reach.authorize(StandIn(), SNAPSHOT, b"cert", DialRequest(resource=resource, params=params), kind, audit)
     return err.value.code, err.value.message, err.value.reason
 
 

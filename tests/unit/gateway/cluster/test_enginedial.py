@@ -1,7 +1,7 @@
 """The cluster deciding a multiplexed dial in the relay engine's thread
-(gateway/cluster/muxroute.py, ``start_in_engine``), over a real pair of links:
+(gateway/cluster/enginedial.py, ``start_in_engine``), over a real pair of links:
 what happens between the decision and the upstream's connect. The checks
-themselves (gateway/cluster/dial.py's ``authorize``) and the trio path are tested end to end in
+themselves (gateway/cluster/reach.py) and the trio path are tested end to end in
 tests/integration/test_tcp_route.py; here the cluster is a small stand-in
 with the same session and audit calls."""
 
@@ -15,7 +15,8 @@ import attrs
 import pytest
 import trio
 
-from gateway.cluster import dial, muxroute
+from gateway.cluster import enginedial
+from gateway.cluster.routekind import connect_tcp
 from gateway.cluster.core import LiveSession
 from gateway.net.engine import engine
 from gateway.net.muxlink import MuxLink
@@ -67,12 +68,12 @@ class EngineDial:
             audit.user = "alice"
             return None, resource, {}, types.SimpleNamespace(reason="allowed by role 'dev'")
 
-        monkeypatch.setattr(muxroute, "authorize", authorize)
+        monkeypatch.setattr(enginedial, "authorize", authorize)
         cluster = StandIn()
         gw_tls, cl_tls = await tls_connection(pki)
 
         def on_open(link, stream, request) -> None:  # the engine's thread
-            assert muxroute.start_in_engine(cluster, link, stream, request, b"cert", "gw")
+            assert enginedial.start_in_engine(cluster, link, stream, request, b"cert", "gw")
 
         cluster_link = MuxLink(engine(), cl_tls, Role.CLUSTER, name="gateway", socket_name="upstream",
                                on_open=on_open)
@@ -135,7 +136,7 @@ async def test_a_connect_given_up_at_shutdown_is_on_record_at_once(pki, monkeypa
             await trio.sleep(0.01)
         for session in list(d.cluster.sessions.values()):  # as the server stops
             session.cancel("cluster_stopping")
-        dial.abandon_engine_connects(d.cluster)
+        enginedial.abandon_engine_connects(d.cluster)
         assert [(e, f["code"], f["reason"]) for e, f in d.cluster.events] == [
             ("dial.denied", "upstream_unreachable", "cluster_stopping")]
         assert not d.cluster.engine_connects and not d.cluster.sessions
@@ -173,7 +174,7 @@ async def test_upstream_connections_are_probed_when_quiet(pki, monkeypatch):
         await upstream.aclose()
         await d.close()
 
-        by_name = await dial.connect_tcp(types.SimpleNamespace(name="named", address=f"localhost:{port}"))
+        by_name = await connect_tcp(types.SimpleNamespace(name="named", address=f"localhost:{port}"))
         async with by_name:
             assert keepalive_of(by_name.socket) == (1, tcp.KEEPALIVE_IDLE)
             (await listener.accept()).socket.close()
