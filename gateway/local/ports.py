@@ -1,29 +1,21 @@
 """Local ports remembered per resource in the profile (``ports.json``), so
 a resource is on the same port tomorrow: `wicket env` and `wicket config`
-print and write it (`wicket proxy ... --port` serves it there; the agent,
-when it lands, will listen on it by itself).
+print and write it (`wicket proxy ... --port` serves it there; `wicket
+agent` listens on it by itself).
 """
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
-from gateway.identity import pki
-from gateway.private_files import ensure_private_dir
+from gateway.local import remembered
 
 FILE = "ports.json"
 
 
 def load(home: Path) -> dict[str, int]:
-    try:
-        doc = json.loads((home / FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    if not isinstance(doc, dict):
-        return {}
-    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, int) and 0 < v < 65536}
+    return remembered.load(home / FILE, lambda v: isinstance(v, int) and 0 < v < 65536)  # type: ignore[return-value]
 
 
 def _free_port(bind: str, taken: set[int]) -> int:
@@ -44,6 +36,5 @@ def assign(home: Path, resource: str, bind: str = "127.0.0.1") -> int:
     if port is None:
         port = _free_port(bind, set(ports.values()))
         ports[resource] = port
-        ensure_private_dir(home)
-        pki.write_public(home / FILE, json.dumps(ports, indent=2, sort_keys=True).encode() + b"\n")
+        remembered.save(home / FILE, ports)
     return port

@@ -9,24 +9,16 @@ anyway and answer its clients in their own protocol while it waits.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from gateway.identity import pki
-from gateway.private_files import ensure_private_dir
+from gateway.local import remembered
 
 FILE = "kinds.json"
 
 
 def load(home: Path) -> dict[str, str]:
-    try:
-        doc = json.loads((home / FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    if not isinstance(doc, dict):
-        return {}
-    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)}
+    return remembered.load(home / FILE, lambda v: isinstance(v, str))  # type: ignore[return-value]
 
 
 def remember(home: Path, resources: Iterable[dict[str, Any]]) -> None:
@@ -38,8 +30,7 @@ def remember(home: Path, resources: Iterable[dict[str, Any]]) -> None:
     merged = {**seen, **listed}
     if merged == seen:
         return
-    ensure_private_dir(home)
-    pki.write_public(home / FILE, json.dumps(merged, indent=2, sort_keys=True).encode() + b"\n")
+    remembered.save(home / FILE, merged)
 
 
 def recall(home: Path, name: str) -> str | None:
