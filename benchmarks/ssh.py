@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -40,6 +41,33 @@ from benchmarks.procstat import cpu_seconds
 from tests.servers.sshd import SSHD, available, prepare
 
 PATHS = ("direct", "stunnel", "proxycommand", "terminated")
+
+#: The system calls ``--syscalls`` counts (a relay's socket reads and
+#: writes and its event waits; stunnel reads and writes with read/write).
+SYSCALLS = ("read", "write", "recvfrom", "sendto", "sendmsg", "epoll_wait", "epoll_ctl", "poll", "futex")
+
+
+class SyscallCounter:
+    """``perf stat`` counting :data:`SYSCALLS` of one process while it
+    runs; :meth:`stop` returns the counts (Linux tracepoints: root, or
+    ``kernel.perf_event_paranoid`` <= -1)."""
+
+    def __init__(self, pid: int) -> None:
+        events = ",".join(f"syscalls:sys_enter_{name}" for name in SYSCALLS)
+        self.proc = subprocess.Popen(["perf", "stat", "-x,", "-e", events, "-p", str(pid)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(self) -> dict[str, int]:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=30)
+        counts = {}
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[0].strip().isdigit():
+                counts[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0])
+        if not counts:
+            raise RuntimeError(f"perf stat counted nothing: {err.strip()[-300:]}")
+        return counts
 
 
 def _random_file(path: Path, mib: int) -> Path:
@@ -121,12 +149,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--quick", action="store_true", help="--mib 128 --count 5 --rounds 1")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset (stunnel and direct always run)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="also count the node-side relay's system calls per MiB of scp (needs perf, as root)")
     ap.add_argument("--format", choices=("table", "json"), default="table")
     args = ap.parse_args(argv)
     paths = tuple(p for p in PATHS if p in {"direct", "stunnel", *args.paths.split(",")})
     if args.quick:
         args.mib, args.count, args.rounds = 128, 5, 1
-    why = available()
+    why = available() or (args.syscalls and not shutil.which("perf") and "--syscalls needs perf (linux-perf)")
     if why:
         print(f"cannot run: {why}")
         return 1
@@ -165,13 +195,17 @@ def main(argv=None) -> int:
         exit_pid = {"stunnel": st.pids()["exit"], "proxycommand": wicket.pids()["exit"],
                     "terminated": wicket.pids()["exit"]}
         cpu_ms_per_mib: dict[str, list[float]] = {p: [] for p in paths if p in exit_pid}
+        syscalls: dict[str, list[dict[str, int]]] = {p: [] for p in paths if p in exit_pid}
         for rnd in range(args.rounds):
             order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
             for path in order:
                 before = cpu_seconds(exit_pid[path]) if path in exit_pid else 0.0
+                counter = SyscallCounter(exit_pid[path]) if args.syscalls and path in exit_pid else None
                 t0 = time.perf_counter()
                 clients.run("scp", path, str(payload), "TARGET:/dev/null")
                 mbps[path].append(args.mib * 1.048576 / (time.perf_counter() - t0))
+                if counter is not None:
+                    syscalls[path].append(counter.stop())
                 if path in exit_pid:
                     cpu_ms_per_mib[path].append((cpu_seconds(exit_pid[path]) - before) * 1000 / args.mib)
             for path in order:
@@ -184,6 +218,10 @@ def main(argv=None) -> int:
                   "ssh_true_ms": {p: statistics.median(v) for p, v in connect.items()},
                   "exit_cpu_ms_per_mib": {p: statistics.median(v) for p, v in cpu_ms_per_mib.items()},
                   "load_average": os.getloadavg()[0]}
+        if args.syscalls:
+            result["exit_syscalls_per_mib"] = {
+                p: {name: statistics.median(c.get(name, 0) for c in v) / args.mib for name in SYSCALLS}
+                for p, v in syscalls.items()}
         if args.format == "json":
             print(json.dumps(result))
         else:
@@ -206,7 +244,11 @@ def _table(r: dict) -> str:
                     f"| {conn[p]:.0f} | {conn[p] / conn['stunnel']:.2f}x | {conn[p] / conn['direct']:.2f}x |")
     cpu = r["exit_cpu_ms_per_mib"]
     rows += ["", "CPU of the relay's node-side process per MiB of scp (cluster; stunnel's server): "
-             + ", ".join(f"{p} {v:.2f} ms" for p, v in cpu.items()), f"load average {r['load_average']:.1f}"]
+             + ", ".join(f"{p} {v:.2f} ms" for p, v in cpu.items())]
+    for p, counts in r.get("exit_syscalls_per_mib", {}).items():
+        rows.append(f"{p}: system calls of that process per MiB: "
+                    + ", ".join(f"{name} {n:.1f}" for name, n in counts.items() if n >= 0.05))
+    rows.append(f"load average {r['load_average']:.1f}")
     return "\n".join(rows)
 
 
