@@ -152,12 +152,17 @@ async def _read_exactly(stream, n: int) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("kind", ["engine", "trio"])
-async def test_a_two_socket_relay_filters_the_clients_side(kind, monkeypatch) -> None:
-    if kind == "trio":
+@pytest.fixture(params=["engine", "trio"])
+def relay_kind(request, monkeypatch) -> str:
+    """Each two-socket relay test runs through the engine and the trio relay."""
+    if request.param == "trio":
         monkeypatch.setenv("WICKET_RELAY", "trio")
     else:
         monkeypatch.delenv("WICKET_RELAY", raising=False)
+    return request.param
+
+
+async def test_a_two_socket_relay_filters_the_clients_side(relay_kind) -> None:
     client, gateway_side = socket_pair()
     upstream, server = socket_pair()
     toy = Toy()
@@ -233,13 +238,8 @@ def _answering_tap(chunk: bytes) -> Answer | None:
     return None
 
 
-@pytest.mark.parametrize("kind", ["engine", "trio"])
-async def test_an_answering_tap_and_a_filter_work_side_by_side(kind, monkeypatch) -> None:
+async def test_an_answering_tap_and_a_filter_work_side_by_side(relay_kind) -> None:
     """The tap sees the chunk first; the filter gets what the tap let go on."""
-    if kind == "trio":
-        monkeypatch.setenv("WICKET_RELAY", "trio")
-    else:
-        monkeypatch.delenv("WICKET_RELAY", raising=False)
     client, gateway_side = socket_pair()
     upstream, server = socket_pair()
     toy = Toy()
