@@ -10,6 +10,7 @@ Real processes: the supervisor, its workers, gateways, PostgreSQL, psql."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -151,8 +152,10 @@ def test_a_worker_that_dies_is_reported_and_started_again(env):
     after = wait_for(lambda: (lambda w: len(w) == 2 and before[0] not in w and w)(workers_of(cluster)),
                      what="the worker started again")
     assert before[1] in after
-    wait_for(lambda: "cluster_worker_died worker=0" in cluster.proc.log(), what="the death reported")
-    wait_for(lambda: cluster.proc.log().count("cluster_worker_ready worker=0") >= 2, what="the new worker ready")
+    died = wait_for(lambda: re.search(rf"cluster_worker_died worker=(\d) pid={before[0]} status=-9", cluster.proc.log()),
+                    what="the death reported")
+    wait_for(lambda: cluster.proc.log().count(f"cluster_worker_ready worker={died.group(1)}") >= 2,
+             what="the new worker ready")
     gw = new_gateway(cluster, tmp, "dev", "after")  # its login and links go to both
     _, port = gw.proxy("tcp", "echo", "--cluster-links", "2")
     try:
