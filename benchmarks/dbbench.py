@@ -26,6 +26,10 @@ def arguments(prog: str, doc: str, tool: str, install: str, argv=None, *,
         ap.add_argument("--ab", type=Path, metavar="TREE",
                         help="also a path wicket-ab: the plain-leg pair run from another checkout (an A/B of "
                              "two commits in the same rounds)")
+    ap.add_argument("--workers", type=int, action="append", default=[], metavar="N",
+                    help="also a path wicket-wN: the plain-leg pair with a cluster of N worker processes "
+                         "and a gateway with N links to it (repeatable; an A/B of workers in the same rounds)")
+    ap.add_argument("--paths", help="only these paths (comma-separated, e.g. stunnel,wicket,wicket-w2)")
     ap.add_argument("--seconds", type=int, default=8, help=f"{tool}'s time per measurement (default 8)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--quick", action="store_true", help="--seconds 3 --rounds 1")
@@ -54,8 +58,34 @@ def stop_all(started: list, server, work: Path) -> None:
 
 
 def cpu_of(wicket) -> dict[str, dict[str, float]]:
-    """CPU seconds so far of a Wicket pair's processes, per thread name."""
-    return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": thread_cpu(wicket.cluster.pid)}
+    """CPU seconds so far of a Wicket pair's processes, per thread name (a
+    cluster's workers' threads summed by name)."""
+    cluster: dict[str, float] = {}
+    for pid in wicket.cluster_pids():
+        for name, seconds in thread_cpu(pid).items():
+            cluster[name] = cluster.get(name, 0.0) + seconds
+    return {"gateway": thread_cpu(wicket.gateway.pid), "cluster": cluster}
+
+
+def add_worker_paths(args: argparse.Namespace, routes: dict, wickets: dict, started: list,
+                     make: Callable[[str, int], object], user: str = "bench") -> None:
+    """The ``--workers N`` paths: ``make(name, N)`` starts each pair."""
+    for n in args.workers:
+        name = f"wicket-w{n}"
+        w = make(name, n)
+        started.append(w)
+        routes[name], wickets[name] = (w.port, user), w
+
+
+def chosen_paths(args: argparse.Namespace, routes: dict) -> tuple[str, ...]:
+    """The paths to measure: ``--paths``, else all (stunnel always: the ratios' base)."""
+    if not args.paths:
+        return tuple(routes)
+    wanted = args.paths.split(",")
+    unknown = set(wanted) - set(routes)
+    if unknown:
+        raise SystemExit(f"unknown paths {', '.join(sorted(unknown))}: the names are {', '.join(routes)}")
+    return tuple(p for p in routes if p in wanted or p == "stunnel")
 
 
 def run_rounds(paths: tuple[str, ...], workloads: tuple[str, ...], wickets: dict, rounds: int,

@@ -423,14 +423,18 @@ class Wicket(BenchPath):
     exit_label = "cluster"
 
     def __init__(self, work: Path, upstream_port: int, *, kind: str = "tcp", settings: str = "",
-                 cluster_env: dict[str, str] | None = None, proxy_args: tuple[str, ...] = ()) -> None:
+                 cluster_env: dict[str, str] | None = None, proxy_args: tuple[str, ...] = (),
+                 workers: int = 1) -> None:
         """``kind``/``settings``: the resource (``settings`` are extra TOML
         lines, e.g. a postgres resource's tls and auth); the gateway runs
         ``wicket proxy tcp`` or, for postgres, ``wicket proxy db``, with
-        ``proxy_args`` after."""
+        ``proxy_args`` after. ``workers``: the cluster runs that many
+        worker processes (``--workers``) and the gateway as many links to
+        it (``--cluster-links``)."""
         super().__init__()
         self.kind, self.settings, self.cluster_env = kind, settings, cluster_env or {}
-        self.proxy_args = proxy_args
+        self.workers = workers
+        self.proxy_args = proxy_args if workers == 1 else (*proxy_args, "--cluster-links", str(workers))
         self._started(self._start, work, upstream_port)
 
     def _run(self, args: list[str], env: dict[str, str], what: str) -> None:
@@ -447,8 +451,9 @@ class Wicket(BenchPath):
         config.write_text(_CLUSTER_CONFIG.format(state=work / "cluster-state", port=upstream_port,
                                                  kind=self.kind, settings=self.settings))
         ready = work / "cluster.ready"
+        workers = () if self.workers == 1 else ("--workers", str(self.workers))
         self.cluster = Child("wicket-cluster", [PY, "-m", "gateway.cli.cluster", "start", "--config",
-                                                str(config), "--ready-file", str(ready)],
+                                                str(config), "--ready-file", str(ready), *workers],
                              work / "cluster.log", env={**_wicket_env(), **self.cluster_env})
         self.children.append(self.cluster)
 
@@ -477,6 +482,16 @@ class Wicket(BenchPath):
 
     def pids(self) -> dict[str, int]:
         return {"entry": self.gateway.pid, "exit": self.cluster.pid}
+
+    def cluster_pids(self) -> list[int]:
+        """The cluster's process and its workers' (``workers`` > 1)."""
+        if self.workers == 1:
+            return [self.cluster.pid]
+        try:
+            with open(f"/proc/{self.cluster.pid}/task/{self.cluster.pid}/children") as f:
+                return [self.cluster.pid, *map(int, f.read().split())]
+        except OSError:
+            return [self.cluster.pid]
 
 
 def _listening(port: int) -> bool:

@@ -9,6 +9,8 @@ One throwaway PostgreSQL 15 (``gateway.local.pgserver``), four ways in:
                 (upstream leg plain, like stunnel's: the fair comparison)
 ``wicket-tls``  the same, with the production default upstream leg: TLS verify-full and a
                 per-connection client certificate from the cluster's db client CA
+``wicket-wN``   (``--workers N``) ``wicket`` with a cluster of N worker processes and a
+                gateway with N links to it
 
 Two workloads, interleaved per round with rotating path order:
 
@@ -27,12 +29,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.dbbench import arguments, measure_and_report, stop_all
+from benchmarks.dbbench import add_worker_paths, arguments, chosen_paths, measure_and_report, stop_all
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
 from gateway.local.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ("direct", "stunnel", "wicket", "wicket-tls")
 WORKLOADS = {"select": ["-S", "-c", "4", "-j", "2"], "connect": ["-S", "-C", "-c", "2", "-j", "2"]}
 _PW_ENV = "WICKET_BENCH_PG_PASSWORD"
 
@@ -83,7 +84,12 @@ def main(argv=None) -> int:
         started.append(st)
         routes = {"direct": (pg_port, "bench"), "stunnel": (st.port, "bench"), "wicket": (w_plain.port, "bench"),
                   "wicket-tls": (w_tls.port, "benchcert")}
-        measure_and_report("pgbench", args, PATHS, WORKLOADS, routes, {"wicket": w_plain, "wicket-tls": w_tls},
+        wickets = {"wicket": w_plain, "wicket-tls": w_tls}
+        add_worker_paths(args, routes, wickets, started, lambda name, n: Wicket(
+            work / name, pg_port, kind="postgres", workers=n,
+            settings=f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n',
+            cluster_env={_PW_ENV: "unused: the server trusts this user"}))
+        measure_and_report("pgbench", args, chosen_paths(args, routes), WORKLOADS, routes, wickets,
                            _pgbench, "tps",
                            {"select": "-S, 4 connections, TPS ↑", "connect": "-S -C (connection per txn), TPS ↑"},
                            {"select": "-S", "connect": "-S -C"})

@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.dbbench import arguments, measure_and_report, stop_all
+from benchmarks.dbbench import add_worker_paths, arguments, chosen_paths, measure_and_report, stop_all
 from benchmarks import paths
 from benchmarks.paths import Stunnel, Wicket, free_port, make_pki
 from gateway.local.mariadbserver import MariaDbServer
@@ -115,7 +115,9 @@ def main(argv=None) -> int:
                 w_ab = Wicket(work / "wicket-ab", my_port, kind="mysql", settings=PLAIN_LEG, cluster_env=PLAIN_ENV)
             started.append(w_ab)
             routes["wicket-ab"], wickets["wicket-ab"] = (w_ab.port, "bench"), w_ab
-        measure_and_report("sysbench", args, tuple(routes), WORKLOADS, routes, wickets,
+        add_worker_paths(args, routes, wickets, started, lambda name, n: Wicket(
+            work / name, my_port, kind="mysql", settings=PLAIN_LEG, cluster_env=PLAIN_ENV, workers=n))
+        measure_and_report("sysbench", args, chosen_paths(args, routes), WORKLOADS, routes, wickets,
                            run, "/s",
                            {"point_select": "oltp_point_select, 4 threads, QPS ↑",
                             "read_write": "oltp_read_write, 4 threads, QPS ↑",

@@ -158,7 +158,11 @@ def main() -> None:
               show_default=True)
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Once listening, write {address, pin} as JSON here (for supervisors and tests).")
-def start(config_path: Path, log_format: str, log_level: str, ready_file: Path | None) -> None:
+@click.option("--workers", type=click.IntRange(1, cfg.MAX_WORKERS), default=None,
+              help="Processes serving connections (each its own relay engine), instead of the config's "
+                   "[server] workers (default 1).")
+def start(config_path: Path, log_format: str, log_level: str, ready_file: Path | None,
+          workers: int | None) -> None:
     """Run the cluster in the foreground (SIGTERM or Ctrl-C stops it cleanly)."""
     import functools
 
@@ -167,6 +171,7 @@ def start(config_path: Path, log_format: str, log_level: str, ready_file: Path |
     from gateway import logs
     from gateway.cluster.core import Cluster
     from gateway.cluster.server import serve
+    from gateway.cluster.workers import WorkersFailing
     from gateway.net.descriptors import raise_open_files_limit
 
     logs.setup(log_format, log_level)
@@ -178,9 +183,17 @@ def start(config_path: Path, log_format: str, log_level: str, ready_file: Path |
         cluster = Cluster.open(config)
     except (OSError, ValueError, StoreError) as exc:
         raise click.ClickException(f"cannot open cluster state in {config.state_dir}: {exc}") from None
+    workers = workers if workers is not None else config.workers
+    if workers > 1:
+        from gateway.cluster.workers import supervise
+        serving = functools.partial(supervise, cluster, config_path=config_path, workers=workers,
+                                    log_format=log_format, log_level=log_level)
+    else:
+        serving = functools.partial(serve, cluster)
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            host, port = (await nursery.start(functools.partial(serve, cluster)))[:2]
+            host, port = (await nursery.start(serving))[:2]
             if ready_file is not None:
                 address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 doc = {"address": address, "pin": cluster.host_ca.pin, "cluster": config.name}
@@ -194,6 +207,8 @@ def start(config_path: Path, log_format: str, log_level: str, ready_file: Path |
         exc = group.exceptions[0]
         host, port = config.listen
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except* WorkersFailing:
+        raise click.ClickException("the cluster's workers kept dying (see the log above); stopped") from None
     finally:
         cluster.close()
 

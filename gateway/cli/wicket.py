@@ -315,6 +315,9 @@ def _listen_options(f: Callable) -> Callable:
                      help="Allow --bind on an address other hosts can reach (they would use YOUR identity).")(f)
     f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                      show_default=True, help="Log lines as key=value text or JSON.")(f)
+    f = click.option("--cluster-links", type=click.IntRange(1, 16), default=1, show_default=True, metavar="N",
+                     help="Multiplexed connections to the cluster the sessions are spread over (the fewest "
+                          "sessions first): a cluster of several workers relays them in several processes.")(f)
     f = click.option("--max-connections", type=click.IntRange(1), metavar="N",
                      help="Local clients served at once; more are refused in their own protocol "
                           "(default: the open files limit less a reserve).")(f)
@@ -438,8 +441,9 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
     def command(name: str, port: int, bind: str, log_format: str, allow_non_loopback: bool,
                 wait_for_cluster: float, allow_uid: tuple[int, ...], allow_any_local_user: bool,
                 unix_socket: Path | None, unix_socket_mode: str, max_connections: int | None,
-                **values: Any) -> None:
+                cluster_links: int, **values: Any) -> None:
         from gateway import logs
+        from gateway.local.dialer import MuxLinks
         from gateway.local.proxy import Listening
         from gateway.local.proxy import ListenError, parse_unix_mode, unix_socket_path
         from gateway.net.descriptors import raise_open_files_limit
@@ -460,8 +464,9 @@ def _proxy_command(verb: str, served: tuple) -> click.Command:
         if stray:
             raise click.UsageError(f"{', '.join(stray)} does not apply to {kind.name} resources")
         local_users = LocalUsers(uids=LocalUsers().uids | set(allow_uid), anyone=allow_any_local_user)
+        links = {} if cluster_links == 1 else {"dialer": MuxLinks(profile, cluster_links)}
         route = kind.local_route()(profile, name, identity, wait_for_cluster=wait_for_cluster,
-                                   local_users=local_users, **{k: v for k, v in values.items() if k in mine})
+                                   local_users=local_users, **links, **{k: v for k, v in values.items() if k in mine})
         if not isinstance(route, Listening):  # one session on stdin/stdout (ssh's ProxyCommand)
             sys.exit(_run(route.run))
         if max_connections is not None:

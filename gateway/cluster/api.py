@@ -134,20 +134,16 @@ class API:
         if not printable.is_clean(user_name):
             raise HTTPError(400, "bad_request", "user names have no control characters")
         public_key = self._public_key(body.get("public_key"))
-        inflight = self.cluster.login_attempts
         keys = (("pair", user_name, self.client_host), ("host", self.client_host))
         # Attempts in progress count against the limit too, so a burst of
-        # parallel guesses cannot all slip in before the first is recorded.
-        for key in keys:
-            inflight[key] += 1
+        # parallel guesses cannot all slip in before the first is recorded
+        # (in whichever of the cluster's workers they land).
+        pair, host = self.cluster.logins_started(keys)
         try:
-            await self._check_rate(user_name, inflight[keys[0]] - 1, inflight[keys[1]] - 1)
+            await self._check_rate(user_name, pair, host)
             return await self._login_checked(body, user_name, password, public_key)
         finally:
-            for key in keys:
-                inflight[key] -= 1
-                if not inflight[key]:
-                    del inflight[key]
+            self.cluster.logins_ended(keys)
 
     async def _login_checked(self, body: dict[str, Any], user_name: str, password: str, public_key) -> Response:
         limiter = self.cluster.password_limiter

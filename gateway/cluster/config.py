@@ -20,6 +20,9 @@ from gateway.cluster.rbac import Role, RoleError
 from gateway.durations import format_duration, parse_duration
 from gateway.net.descriptors import default_reserve
 
+#: The most worker processes a cluster runs (``[server] workers``).
+MAX_WORKERS = 64
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -77,6 +80,9 @@ class ClusterConfig:
     audit_keep: float | None = None
     disconnect_expired_cert: bool
     limits: Limits = Limits()
+    #: ``[server] workers``: cluster processes serving connections (see
+    #: gateway/cluster/workers.py); 1 serves them in the one process.
+    workers: int = 1
     roles: tuple[Role, ...]
     resources: tuple[ResourceSpec, ...]
 
@@ -118,10 +124,10 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
     def fail(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: {msg}")
 
-    unknown = set(raw) - {"cluster", "login", "audit", "limits", "roles", "resources"}
+    unknown = set(raw) - {"cluster", "server", "login", "audit", "limits", "roles", "resources"}
     if unknown:
         raise fail(", ".join(sorted(unknown)),
-                   "unknown section (expected cluster, login, audit, limits, roles, resources)")
+                   "unknown section (expected cluster, server, login, audit, limits, roles, resources)")
     c = raw.get("cluster", {})
     if not isinstance(c, Mapping):
         raise fail("cluster", "must be a table")
@@ -199,6 +205,13 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
             raise fail(f"limits.{key}", "expected a positive integer")
     limits = Limits(**limits_table)
 
+    server = raw.get("server", {})
+    if not isinstance(server, Mapping) or set(server) - {"workers"}:
+        raise fail("server", "expected a table with workers")
+    workers = server.get("workers", 1)
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= MAX_WORKERS:
+        raise fail("server.workers", f"expected a whole number of processes from 1 to {MAX_WORKERS}")
+
     roles_raw = raw.get("roles", {})
     if not isinstance(roles_raw, Mapping):
         raise fail("roles", "must be a table of role tables")
@@ -250,6 +263,7 @@ def from_dict(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterCon
         audit_keep=keep,
         disconnect_expired_cert=dec,
         limits=limits,
+        workers=workers,
         roles=tuple(roles),
         resources=tuple(resources),
     )

@@ -29,9 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from gateway import kinds
 from gateway.cluster import bots
 from gateway.cluster import config as cfg
-from gateway.cluster.admission import AddressSlots
+from gateway.cluster.admission import UNAUTHENTICATED_PER_ADDRESS, AddressSlots
 from gateway.cluster.audit import AuditLog
 from gateway.cluster.rbac import Role
+from gateway.cluster.sharedcounts import SharedCounts, WorkerPlace
 from gateway.cluster.store import Resource, Store, StoreError, User
 from gateway.cluster.tally import OVERFLOW, Tally
 from gateway.identity import pki, tlsconf
@@ -54,6 +55,8 @@ CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 CUT_REASONS = frozenset({"user_locked", "user_removed", "cert_revoked", "cert_expired"})
 IDENTITY_CACHE = 4096
 MAX_CONNECTIONS = 20_000
+#: Argon2 hashes (19 MiB each) computing at once, in all workers together.
+PASSWORD_SLOTS = 4
 AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
@@ -136,11 +139,19 @@ class LiveSession:
 
 
 class Cluster:
-    """Open with :meth:`open`; one per process."""
+    """Open with :meth:`open`; one per process. ``worker``: this process is
+    one of several serving connections (gateway/cluster/workers.py): the
+    supervisor wrote the config's roles and resources and the host
+    certificate before it started, sessions per user and logins in progress
+    are counted across the workers (gateway/cluster/sharedcounts.py), and
+    the caps on what one process holds at once (Argon2 slots,
+    unauthenticated connections per address) are split between them."""
 
-    def __init__(self, config: cfg.ClusterConfig, store: Store) -> None:
+    def __init__(self, config: cfg.ClusterConfig, store: Store, worker: WorkerPlace | None = None) -> None:
         self.config = config
         self.store = store
+        self.worker = worker
+        self.shared = None if worker is None else SharedCounts(worker.counts, worker.count, worker.index)
         self._limiter = trio.CapacityLimiter(1)
         self.sessions: dict[str, LiveSession] = {}
         # What one user and one connection may hold, and the descriptors
@@ -165,8 +176,10 @@ class Cluster:
         # Argon2 hashes (19 MiB each) computing at once.
         self.connection_slots = trio.Semaphore(MAX_CONNECTIONS)
         # Connections per address that have not shown a session certificate.
-        self.unauthenticated = AddressSlots()
-        self.password_limiter = trio.CapacityLimiter(4)
+        self.unauthenticated = AddressSlots(UNAUTHENTICATED_PER_ADDRESS if worker is None
+                                            else worker.share(UNAUTHENTICATED_PER_ADDRESS, least=8))
+        self.password_limiter = trio.CapacityLimiter(PASSWORD_SLOTS if worker is None
+                                                     else worker.share(PASSWORD_SLOTS))
         # Logins in progress per ("user", name) and ("host", address).
         self.login_attempts: collections.Counter = collections.Counter()
         # A second connection, used only from the event loop for the cheap
@@ -213,7 +226,9 @@ class Cluster:
         )
         self.ssh_user_ca = pki.load_or_create_ssh_ca(state)
         self.ssh_host_ca = pki.load_or_create_ssh_ca(state, "ssh_host_ca", "wicket-ssh-host-ca")
-        self.host_cert_path, self.host_key_path = self._ensure_host_cert(now)
+        # A worker takes the certificate its supervisor made sure of.
+        self.host_cert_path, self.host_key_path = self.ensure_host_cert(now) if worker is None else \
+            (state / "host.crt", state / "host.key")
         self.server_context = tlsconf.cluster_server_context(
             self.host_cert_path, self.host_key_path, state / "user_ca.crt",
             alpn=(tlsconf.ALPN_HTTP, tlsconf.ALPN_MUX, *kinds.alpn_ids()),
@@ -221,12 +236,13 @@ class Cluster:
         self.audit_log = AuditLog(store, config.audit_jsonl)
 
     @classmethod
-    def open(cls, config: cfg.ClusterConfig) -> "Cluster":
+    def open(cls, config: cfg.ClusterConfig, worker: WorkerPlace | None = None) -> "Cluster":
         ensure_private_dir(config.state_dir)
         store = Store.open(config.state_dir / "wicket.db")
         try:
-            cluster = cls(config, store)
-            cluster._sync_config()
+            cluster = cls(config, store, worker)
+            if worker is None:
+                cluster._sync_config()
         except BaseException:
             store.close()
             raise
@@ -237,10 +253,12 @@ class Cluster:
         self._reader.close()
         self._engine_reader.close()
         self.store.close()
+        if self.shared is not None:
+            self.shared.close()
 
     # -- start-up ------------------------------------------------------------
 
-    def _ensure_host_cert(self, now: dt.datetime) -> tuple[Path, Path]:
+    def ensure_host_cert(self, now: dt.datetime) -> tuple[Path, Path]:
         """Issue the listener's certificate from the host CA, again whenever
         the configured names change or it nears its end."""
         state = self.config.state_dir
@@ -592,15 +610,20 @@ class Cluster:
         user's limit or when only the reserved descriptors are left (any
         thread)."""
         limits = self.limits
+        per_user = AtCapacity(f"you have {limits.streams_per_user} sessions open, the most one user may "
+                              f"(the cluster's limits.streams_per_user); close some and try again",
+                              "streams_per_user")
         with self._count_lock:
-            if self.user_sessions[user] >= limits.streams_per_user:
-                raise AtCapacity(f"you have {limits.streams_per_user} sessions open, the most one user may "
-                                 f"(the cluster's limits.streams_per_user); close some and try again",
-                                 "streams_per_user")
+            if self.shared is None and self.user_sessions[user] >= limits.streams_per_user:
+                raise per_user
+            # Descriptors are each process's own: counted here alone.
             if len(self.sessions) + self.open_connections >= self.open_files - limits.reserve_fds:
                 raise AtCapacity(f"the cluster holds as many sessions as its open files limit allows "
                                  f"({self.open_files}, less limits.reserve_fds = {limits.reserve_fds} kept for "
                                  f"its API); try again later", "open_files")
+            # One user's sessions in all the workers together.
+            if self.shared is not None and not self.shared.take(("user", user), limits.streams_per_user):
+                raise per_user
             session = LiveSession(
                 id=secrets.token_hex(8),
                 user=user,
@@ -616,9 +639,33 @@ class Cluster:
     def end_session(self, session: LiveSession) -> None:
         with self._count_lock:
             if self.sessions.pop(session.id, None) is not None:
+                if self.shared is not None:
+                    self.shared.add(("user", session.user), -1)
                 self.user_sessions[session.user] -= 1
                 if self.user_sessions[session.user] <= 0:
                     del self.user_sessions[session.user]
+
+    def logins_started(self, keys: tuple[tuple[str, ...], ...]) -> list[int]:
+        """(trio) A login began for each of ``keys`` (a user and address, an
+        address): how many others were in progress for each, in every
+        worker. :meth:`logins_ended` when it is over."""
+        if self.shared is not None:
+            return [self.shared.add(key) - 1 for key in keys]
+        inflight = self.login_attempts
+        for key in keys:
+            inflight[key] += 1
+        return [inflight[key] - 1 for key in keys]
+
+    def logins_ended(self, keys: tuple[tuple[str, ...], ...]) -> None:
+        if self.shared is not None:
+            for key in keys:
+                self.shared.add(key, -1)
+            return
+        inflight = self.login_attempts
+        for key in keys:
+            inflight[key] -= 1
+            if not inflight[key]:
+                del inflight[key]
 
     def connection_opened(self) -> None:
         with self._count_lock:

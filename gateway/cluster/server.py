@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import ssl
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,6 +31,9 @@ from gateway.net.http import serve_http
 from gateway.net.relay import reset_on_close
 from gateway.net.tcp import keep_alive
 from gateway.net.tlsconnect import accept_tls
+
+if TYPE_CHECKING:
+    from gateway.cluster.worker import Handoff
 
 log = logging.getLogger("wicket.cluster")
 
@@ -110,16 +115,28 @@ async def serve(
     *,
     task_status=trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    handoff: "Handoff | None" = None,
 ) -> None:
-    host, port = cluster.config.listen
+    """Serve until SIGTERM/SIGINT. ``handoff``: this is one of several
+    worker processes (gateway/cluster/workers.py), whose connections come
+    from the supervisor, which listens, prunes the store and renews the
+    host certificate; the worker stops when the supervisor goes, too."""
     for kind in kinds.KINDS.values():
         kind.route()  # imported now, not on a client's first dial
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()
+    handler = functools.partial(handle_connection, cluster)
+    if handoff is None:
+        host, port = cluster.config.listen
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
+        accept = functools.partial(serve_listeners, handler, listeners, name="cluster")
+    else:
+        bound = handoff.address
+        accept = functools.partial(handoff.serve, handler)
     async with trio.open_nursery() as outer:
         await outer.start(cluster.watch_locks)
         await outer.start(cluster.run_audit_flusher)
-        await outer.start(cluster.run_retention)
+        if cluster.worker is None:
+            await outer.start(cluster.run_retention)
         async with trio.open_nursery() as handlers:
 
             accept_scope = trio.CancelScope()
@@ -127,24 +144,18 @@ async def serve(
             async def accept_all() -> None:
                 # Out of descriptors, it pauses quietly (gateway/net/descriptors.py).
                 with accept_scope:
-                    await serve_listeners(functools.partial(handle_connection, cluster), listeners,
-                                          handler_nursery=handlers, name="cluster")
+                    await accept(handler_nursery=handlers)
 
             handlers.start_soon(accept_all)
             limits = cluster.limits
+            worker = "" if cluster.worker is None else f" worker={cluster.worker.index} pid={os.getpid()}"
             log.info("cluster_listening cluster=%s address=%s pin=%s open_files=%d reserve_fds=%d "
-                     "streams_per_user=%d streams_per_connection=%d", cluster.config.name, format_addr(bound),
+                     "streams_per_user=%d streams_per_connection=%d%s", cluster.config.name, format_addr(bound),
                      cluster.host_ca.pin, cluster.open_files, limits.reserve_fds, limits.streams_per_user,
-                     limits.streams_per_connection)
+                     limits.streams_per_connection, worker)
             task_status.started(bound)
-            if handle_signals:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("cluster_stopping signal=%s live_sessions=%d",
-                                 signal.Signals(signum).name, len(cluster.sessions))
-                        break
-            else:
-                await trio.sleep_forever()
+            why = await wait_for_stop(handle_signals, handoff.closed if handoff is not None else None)
+            log.info("cluster_stopping %s live_sessions=%d%s", why, len(cluster.sessions), worker)
             accept_scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + GRACE_PERIOD
             for session in list(cluster.sessions.values()):
@@ -155,3 +166,29 @@ async def serve(
         abandon_engine_connects(cluster)
         outer.cancel_scope.cancel()
     log.info("cluster_stopped")
+
+
+async def wait_for_stop(handle_signals: bool, gone: trio.Event | None = None) -> str:
+    """Until SIGTERM or SIGINT (if ``handle_signals``) or ``gone`` is set
+    (a worker's supervisor went); what it was, for the log."""
+    why = "signal=none"
+    async with trio.open_nursery() as nursery:
+        if handle_signals:
+            async def signalled() -> None:
+                nonlocal why
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        why = f"signal={signal.Signals(signum).name}"
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(signalled)
+        if gone is not None:
+            async def supervisor_gone() -> None:
+                nonlocal why
+                await gone.wait()
+                why = "signal=none reason=supervisor_gone"
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(supervisor_gone)
+        await trio.sleep_forever()
+    return why

@@ -392,6 +392,11 @@ class MuxDialer:
         readiness probes)."""
         return self._usable() is not None
 
+    def is_current(self, link: MuxLink) -> bool:
+        """Whether ``link`` is the connection new sessions take (not one
+        replaced and draining). Any thread may ask."""
+        return link is self._link
+
     @property
     def sessions(self) -> int:
         """Sessions open on this dialer's connections (the current one and
@@ -445,6 +450,84 @@ class MuxDialer:
             for link in [self._link, *self._draining]:
                 if link is not None:
                     link.close("the gateway is stopping")
+
+
+class MuxLinks:
+    """Sessions spread over several multiplexed connections to the cluster
+    (``wicket proxy --cluster-links N``), each a :class:`MuxDialer` of its
+    own (opened, renewed in place, replaced and drained on its own): a new
+    session takes the usable one carrying the fewest. A cluster of several
+    worker processes (gateway/cluster/workers.py) hands each new connection
+    to the worker holding the fewest, so one gateway's sessions are relayed
+    by several of them at once, each in its own process and core. The same
+    interface as :class:`MuxDialer`."""
+
+    def __init__(self, profile: Profile, links: int) -> None:
+        if links < 1:
+            raise ValueError("at least one link")
+        self.parts = [MuxDialer(profile) for _ in range(links)]
+        self.dialer = self.parts[0].dialer
+        self._turn = 0
+
+    def check_fresh(self) -> pki.Identity:
+        identity = None
+        for part in self.parts:  # each reloads a new login on disk (one stat)
+            identity = part.check_fresh()
+        return identity
+
+    def wake(self) -> None:
+        for part in self.parts:
+            part.wake()
+
+    def _least(self, links: list[MuxLink | None]) -> MuxLink | None:
+        best = None
+        for link in links:
+            if link is not None and (best is None or len(link) < len(best)):
+                best = link
+        return best
+
+    async def link(self) -> MuxLink:
+        """The usable connection carrying the fewest sessions; with none
+        usable, one of them opened (in turn)."""
+        link = self._least([part._usable() for part in self.parts])
+        if link is not None:
+            return link
+        self._turn = (self._turn + 1) % len(self.parts)
+        return await self.parts[self._turn].link()
+
+    def ready_link(self) -> MuxLink | None:
+        return self._least([part.ready_link() for part in self.parts])
+
+    def is_current(self, link: MuxLink) -> bool:
+        return any(part.is_current(link) for part in self.parts)
+
+    def release(self, link: MuxLink) -> None:
+        for part in self.parts:
+            part.release(link)
+
+    @property
+    def connected(self) -> bool:
+        return any(part.connected for part in self.parts)
+
+    @property
+    def sessions(self) -> int:
+        return sum(part.sessions for part in self.parts)
+
+    @property
+    def renewed_in_place(self) -> int:
+        return sum(part.renewed_in_place for part in self.parts)
+
+    async def run_pool(self, size: int = 1, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep every connection open until cancelled (MuxDialer.run_pool)."""
+        async with trio.open_nursery() as nursery:
+            for part in self.parts:
+                await nursery.start(part.run_pool)
+            task_status.started()
+
+
+def mux_dialer(profile: Profile, links: int = 1) -> "MuxDialer | MuxLinks":
+    """The dialer for ``links`` multiplexed connections to the cluster."""
+    return MuxDialer(profile) if links == 1 else MuxLinks(profile, links)
 
 
 async def present(link: MuxLink, certificate: bytes, key) -> DialAccept | DialError:

@@ -302,7 +302,7 @@ class TcpProxy(MuxRoute):
         self.ended += 1
         self.client_left()
         self._log_end(link, stream)  # queued for the log's writer thread: cheap here
-        if link is not self.dialer._link:
+        if not self.dialer.is_current(link):
             # A replaced connection (a renewed login) closes after its last
             # session: trio's business, as is everything about connections.
             try:

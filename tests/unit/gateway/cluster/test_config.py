@@ -106,3 +106,13 @@ def test_keep_must_outlast_the_login_failure_window(tmp_path):
     assert str(tmp_path / "cluster.toml") in message and "audit.keep" in message
     assert "at least login.failure_window (10m00s)" in message
     assert _load(tmp_path, '[login]\nfailure_window = "10m"\n[audit]\nkeep = "10m"\n').audit_keep == 600
+
+
+def test_server_workers_default_to_one_and_are_bounded(tmp_path):
+    assert cfg.from_dict({"cluster": {"state_dir": "/s"}}).workers == 1
+    assert _load(tmp_path, "[server]\nworkers = 3\n").workers == 3
+    for bad in ("0", "true", '"2"', str(cfg.MAX_WORKERS + 1)):
+        with pytest.raises(cfg.ConfigError, match="server.workers"):
+            _load(tmp_path, f"[server]\nworkers = {bad}\n")
+    with pytest.raises(cfg.ConfigError, match="server: expected a table with workers"):
+        _load(tmp_path, "[server]\nthreads = 2\n")
