@@ -113,10 +113,10 @@ const { MongoClient } = require('mongodb');
 """
 
 
-def test_a_cold_gateways_first_client_costs_a_probe_not_a_session(mongo_env, tmp_path):
+def test_clients_left_idle_cost_no_session_even_on_a_cold_gateway_and_a_first_find_does(mongo_env, tmp_path):
     """Nothing known of the server yet: the first hello waits for a hello
-    probe (a control dial, no login on the server), so the first client's
-    monitors cost no session; its first command is the only one."""
+    probe (a control dial, no login on the server), so even the first
+    client's monitors cost no session; each client's first command does."""
     cluster, server = mongo_env
     with pymongo.MongoClient(server.uri(), serverSelectionTimeoutMS=20_000) as direct:
         real = direct.admin.command("hello")["maxWireVersion"]
@@ -125,46 +125,20 @@ def test_a_cold_gateways_first_client_costs_a_probe_not_a_session(mongo_env, tmp
         proc, p = g.proxy("mongodb", "mongo", "--db-user", "app")
         beats = _Heartbeats()
         with client(p, heartbeatFrequencyMS=500, event_listeners=[beats]) as c:
-            wait_for(lambda: len(beats.checks) >= 3, what="three heartbeats")
-            # The server's own value, from the probe (not a default).
-            assert beats.checks[0].reply.max_wire_version == real
-            assert c.app.cold.find_one() is None
-            events = cluster.wait_audit(lambda evs: any(e.get("collection") == "cold" for e in evs), user=g.user)
-        find = next(e for e in events if e.get("collection") == "cold")
-        assert [e["session_id"] for e in sessions_started(cluster, g.user)] == [find["session_id"]]
-        probes = [e for e in events if e["event"] == "dial.control"]
-        assert [(e["reason"], e["params"]["db_user"]) for e in probes] == [("hello probe", "app")], probes
-        assert "mongodb_server_learnt" in proc.log()
-    finally:
-        g.stop()
-
-
-def test_a_client_left_idle_opens_no_upstream_session_and_its_first_find_does(mongo_env, tmp_path):
-    cluster, _ = mongo_env
-    g = new_gateway(cluster, tmp_path, "mongo")
-    try:
-        proc, p = g.proxy("mongodb", "mongo", "--db-user", "app")
-        # The first client's command: a session (its values kept for the
-        # next connections).
-        with client(p) as c:
-            assert c.admin.command("ping")["ok"] == 1.0
-        wait_for(lambda: "mongodb_session_end" in proc.log(), what="the first client's sessions to end")
-        warm = {e["session_id"] for e in sessions_started(cluster, g.user)}
-        assert warm
-
-        def fresh() -> list[dict]:
-            return [e for e in sessions_started(cluster, g.user) if e["session_id"] not in warm]
-
-        beats = _Heartbeats()
-        with client(p, heartbeatFrequencyMS=500, event_listeners=[beats]) as c:
             # The monitor's hellos, every heartbeat, answered here. The
             # gateway's hello has no topologyVersion: the driver polls.
             wait_for(lambda: len(beats.checks) >= 4, what="four heartbeats")
             assert not any(e.awaited for e in beats.checks)
+            # The server's own value, from the probe (not a default).
+            assert beats.checks[0].reply.max_wire_version == real
             assert c.app.lazy_sync.find_one({"n": 1}) is None  # the pool's first command dials
-            cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_sync" for e in evs), user=g.user)
-            started = fresh()
-            assert len(started) == 1, started
+            events = cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_sync" for e in evs),
+                                        user=g.user)
+            find = next(e for e in events if e.get("collection") == "lazy_sync")
+            assert [e["session_id"] for e in sessions_started(cluster, g.user)] == [find["session_id"]]
+        probes = [e for e in events if e["event"] == "dial.control"]
+        assert [(e["reason"], e["params"]["db_user"]) for e in probes] == [("hello probe", "app")], probes
+        assert "mongodb_server_learnt" in proc.log()
         # The monitor left without ever needing the server.
         wait_for(lambda: re.search(r"mongodb_client_left .*hellos=\d+ session=none", proc.log()),
                  what="the monitor's leaving")
@@ -188,7 +162,7 @@ def test_a_client_left_idle_opens_no_upstream_session_and_its_first_find_does(mo
         asyncio.run(main())
         events = cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_async" for e in evs), user=g.user)
         find = next(e for e in events if e.get("collection") == "lazy_async")
-        started = fresh()
+        started = sessions_started(cluster, g.user)
         assert [e["session_id"] for e in started][1:] == [find["session_id"]], started
         # The Node.js driver connects (its monitor's hellos) and leaves: no session.
         env = {**os.environ, "MONGO_URI": f"mongodb://127.0.0.1:{p}/?directConnection=true"}
@@ -200,7 +174,7 @@ def test_a_client_left_idle_opens_no_upstream_session_and_its_first_find_does(mo
             assert c.app.lazy_node.find_one() is None
         events = cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_node" for e in evs), user=g.user)
         find = next(e for e in events if e.get("collection") == "lazy_node")
-        assert [e["session_id"] for e in fresh()][2:] == [find["session_id"]]
+        assert [e["session_id"] for e in sessions_started(cluster, g.user)][2:] == [find["session_id"]]
     finally:
         g.stop()
 
@@ -210,10 +184,6 @@ def test_a_wrong_local_credential_is_refused_before_any_dial(mongo_env, tmp_path
     g = new_gateway(cluster, tmp_path, "mongo")
     try:
         proc, p = g.proxy("mongodb", "mongo", "--db-user", "app")
-        with client(p) as c:  # the gateway learns the server's hello values
-            assert c.admin.command("ping")["ok"] == 1.0
-        wait_for(lambda: "mongodb_session_end" in proc.log(), what="the first client's sessions to end")
-        warm = {e["session_id"] for e in sessions_started(cluster, g.user)}
         wrong = f"mongodb://wicket:not-the-password@127.0.0.1:{p}/?directConnection=true&authSource=admin"
         with pymongo.MongoClient(wrong, serverSelectionTimeoutMS=20_000) as c:
             with pytest.raises(mongo_errors.OperationFailure) as caught:
@@ -225,7 +195,7 @@ def test_a_wrong_local_credential_is_refused_before_any_dial(mongo_env, tmp_path
             assert c.app.right_pw.find_one() is None
         events = cluster.wait_audit(lambda evs: any(e.get("collection") == "right_pw" for e in evs), user=g.user)
         find = next(e for e in events if e.get("collection") == "right_pw")
-        started = [e for e in events if e["event"] == "session.start" and e["session_id"] not in warm]
+        started = [e for e in events if e["event"] == "session.start"]
         assert [e["session_id"] for e in started] == [find["session_id"]], started  # none for the wrong one
     finally:
         g.stop()
