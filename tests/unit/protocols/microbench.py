@@ -19,7 +19,12 @@ machine.
 * mongo: the cluster's command gate reading a pymongo ``find_one`` by
   ``_id`` (``client_event``: the command, its database, collection,
   filter shape and lsid), as it does for every message relayed; µs per
-  message. ``--only mongo`` (or pg, mux) runs one.
+  message. ``--only mongo`` (or pg, mux) runs one. ``--mongo-reads N``
+  only does N such reads (after one), untimed: run it under callgrind with
+  N and with 0 and divide the difference by N for instructions per read
+  (load-independent)::
+
+      valgrind --tool=callgrind python -m tests.unit.protocols.microbench --mongo-reads 2000
 """
 
 from __future__ import annotations
@@ -137,6 +142,12 @@ def mongo_gate_reads(frames: list) -> int:
 
 
 def main() -> None:
+    if "--mongo-reads" in sys.argv:
+        from protocols.framing import Frame
+
+        raw = find_one_message()
+        mongo_gate_reads([Frame(None, len(raw) - 4, raw[4:])] * (1 + int(sys.argv[sys.argv.index("--mongo-reads") + 1])))
+        return
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     print(f"python {sys.version.split()[0]}; best of {ROUNDS}")
     if only in (None, "pg"):
