@@ -18,7 +18,9 @@ each), interleaved per round with rotating path order:
 * ``insert_many``: ``insert_many`` of 1,000 small documents in a loop
   (documents per second).
 
-The table shows the medians and the ratio to the stunnel pair.
+The table shows the medians and the ratio to the stunnel pair. ``--ab
+TREE`` adds ``wicket-ab``: the same pair run from another checkout, in the
+same rounds (an A/B of two commits).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import paths
 from benchmarks.dbbench import arguments, measure_and_report, stop_all
 from benchmarks.paths import Stunnel, Wicket, make_pki
 from gateway.local.mongoserver import MongoServer
 
-PATHS = ("direct", "stunnel", "wicket")
 WORKLOADS = ("find_one", "insert_many")
 CLIENTS = 4
 DOCS = 10_000
@@ -90,7 +92,7 @@ def _measure(uri: str, workload: str, seconds: float) -> float:
 
 def main(argv=None) -> int:
     # No tool to look for: the clients are this Python's pymongo.
-    args = arguments("python -m benchmarks.mongodb", __doc__, sys.executable, "", argv)
+    args = arguments("python -m benchmarks.mongodb", __doc__, sys.executable, "", argv, ab=True)
     work = Path(tempfile.mkdtemp(prefix="wicket-mongobench-"))
     started: list = []
     server = None
@@ -101,10 +103,11 @@ def main(argv=None) -> int:
             for start in range(0, DOCS, 1000):
                 c.bench.items.insert_many([{"_id": f"item-{i}", "name": f"item {i}", "price": i % 100}
                                            for i in range(start, start + 1000)])
-        wicket = Wicket(work / "wicket", server.port, kind="mongodb",
-                        settings=f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n',
+        settings = f'tls = "disable"\nauth = "password"\npasswords = {{ "*" = "env:{_PW_ENV}" }}\n'
+        wicket = Wicket(work / "wicket", server.port, kind="mongodb", settings=settings,
                         cluster_env={_PW_ENV: _PASSWORD})
         started.append(wicket)
+        wickets = {"wicket": wicket}
         st = Stunnel(work, make_pki(work / "pki"), server.port)
         started.append(st)
         creds = f"{_USER}:{_PASSWORD.replace(' ', '%20').replace(',', '%2C')}@"
@@ -114,14 +117,21 @@ def main(argv=None) -> int:
                 "wicket": f"mongodb://127.0.0.1:{wicket.port}/?directConnection=true"}
         # dbbench's rounds hand run_one a route's (port, who) and the workload's
         # arguments: here (port, the path's URI) and (the workload's name,).
+        if args.ab is not None:
+            with paths.tree(args.ab):
+                w_ab = Wicket(work / "wicket-ab", server.port, kind="mongodb", settings=settings,
+                              cluster_env={_PW_ENV: _PASSWORD})
+            started.append(w_ab)
+            wickets["wicket-ab"] = w_ab
+            uris["wicket-ab"] = f"mongodb://127.0.0.1:{w_ab.port}/?directConnection=true"
         routes = {path: (0, uri) for path, uri in uris.items()}
 
         def run_one(_port: int, uri: str, workload: list[str], seconds: int) -> tuple[float, int]:
             rate = _measure(uri, workload[0], seconds)
             return rate, round(rate * seconds)
 
-        measure_and_report(f"pymongo, {CLIENTS} clients", args, PATHS, {w: [w] for w in WORKLOADS}, routes,
-                           {"wicket": wicket}, run_one, "/s",
+        measure_and_report(f"pymongo, {CLIENTS} clients", args, tuple(routes), {w: [w] for w in WORKLOADS},
+                           routes, wickets, run_one, "/s",
                            labels={"find_one": "find_one by _id, operations/s ↑",
                                    "insert_many": "insert_many of 1,000, documents/s ↑"},
                            cpu_labels={"find_one": "find_one", "insert_many": "inserted document"})

@@ -18,7 +18,11 @@ database kind):
 
 The server's hello (wire versions, limits, compressors) is kept for the
 session: the gateway's client is answered from it, as one server that is
-the whole deployment (protocols/mongodb/handshake.py).
+the whole deployment (protocols/mongodb/handshake.py). A hello probe (a
+control dial with ``mongodb.probe``) gets only that: a connection of the
+cluster's own sends one hello, no login, and closes, and the values go
+back in the answer's parameters, so a gateway answers its clients' hellos
+before any of them needs a session (gateway/local/mongo.py).
 
 Then the relay carries the session with a
 :class:`~gateway.cluster.mongodb_gate.CommandGate` as its message filter
@@ -38,7 +42,7 @@ import trio
 from gateway.cluster import resource_specs
 from gateway.cluster.core import Cluster, LiveSession
 from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
-from gateway.cluster.dial import Opened, Refused, connect_tcp
+from gateway.cluster.dial import Answered, Opened, Refused, connect_tcp
 from gateway.cluster.mongodb_gate import CommandGate, integer, stand_in_for
 from gateway.cluster.store import Resource
 from gateway.identity import pki
@@ -46,7 +50,9 @@ from gateway.net.engine import engine
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.mongodb.bson import Binary, Int64
-from protocols.mongodb import MessageReader, OpMsg, OpReply, ScramLogin, ScramLoginError, hello_params
+from protocols.mongodb import (
+    HELLO_PROBE, MessageReader, OpMsg, OpReply, ScramLogin, ScramLoginError, compressors_of, hello_params,
+)
 from protocols.signals import NEED_DATA, ConnectionClosed
 
 log = logging.getLogger("wicket.cluster.mongodb")
@@ -83,7 +89,37 @@ class MongoKind(DatabaseKind):
         if params.get(PARAM_DB_NAME):
             _check_name("db_name", params[PARAM_DB_NAME], database=True)
             out[PARAM_DB_NAME] = params[PARAM_DB_NAME]
+        if HELLO_PROBE in params:
+            # The roles are asked about the same db user and database as
+            # for the session the probe stands before.
+            out[HELLO_PROBE] = "hello"
         return out
+
+    # -- control dials: the hello probe ---------------------------------------------
+
+    async def control(self, cluster: Cluster, resource: Resource, request: DialRequest,
+                      identity: pki.Identity) -> Answered | None:
+        """A hello probe: the server's hello values, from a connection that
+        sends one hello (TLS first, with the db user's certificate under
+        ``auth = "cert"``) and closes; no login, no session."""
+        if HELLO_PROBE not in request.params:
+            return None
+        spec = resource_specs.DatabaseSpec.of(resource.spec)
+        db_user = request.params.get(PARAM_DB_USER) or identity.user
+        upstream = Upstream(await connect_tcp(resource))
+        try:
+            with trio.fail_after(LOGIN_TIMEOUT):
+                _, hello = await self._hello(cluster, resource, spec, db_user, upstream, None)
+        except trio.TooSlowError:
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                          f"{resource.name} did not answer hello within {LOGIN_TIMEOUT:.0f}s") from None
+        except (ProtocolError, ValueError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.warning("mongodb_probe_failed resource=%s error=%r", resource.name, exc)
+            raise Refused(ErrorCode.UPSTREAM_UNREACHABLE,
+                          f"talking to {resource.name} failed: {getattr(exc, 'message', None) or exc}") from None
+        finally:
+            await upstream.stream.aclose()
+        return Answered("hello probe", hello_params(hello, compressors_of(hello)))
 
     # -- interrupting a session that is being cut ----------------------------------
 

@@ -71,12 +71,12 @@ from gateway.cluster.store import Resource
 from protocols.errors import RemoteProtocolError
 from protocols.framing import Frame
 from protocols.mongodb import (
-    SUPPORTED_COMPRESSORS, CommandEvent, ServerAuditor, client_hello, decode_message, error_reply,
-    gateway_hello, reply_to,
+    CommandEvent, ServerAuditor, client_hello, compressors_of, decode_message, error_reply, gateway_hello,
+    max_message_size, reply_to,
 )
 from protocols.mongodb.audit import MESSAGE_AFTER_LENGTH, ErrorReplyEvent, client_event
 from protocols.mongodb.commands import AUTH_COMMANDS, HANDSHAKE_COMMANDS, Command
-from protocols.mongodb.wire import DEFAULT_MAX_MESSAGE_SIZE, OpMsg, OpQuery
+from protocols.mongodb.wire import OpMsg, OpQuery
 
 log = logging.getLogger("wicket.cluster.mongodb")
 
@@ -112,12 +112,8 @@ class CommandGate:
         self.refusal = refusal
         #: Then: the far end of the relay's upstream, closed with the client's side.
         self.stand_in = stand_in
-        size = hello.get("maxMessageSizeBytes")
-        self.max_length = (min(size, DEFAULT_MAX_MESSAGE_SIZE)
-                           if isinstance(size, int) and size >= 1024 * 1024 else DEFAULT_MAX_MESSAGE_SIZE)
-        offered = hello.get("compression")
-        self.compressors = tuple(c for c in offered if c in SUPPORTED_COMPRESSORS) if isinstance(
-            offered, list) else ()
+        self.max_length = max_message_size(hello)
+        self.compressors = compressors_of(hello)
         self.audit = CommandAudit(cluster, session)
         self._server_audit = ServerAuditor(max_message_size=self.max_length)
         self._pending: dict[int, tuple[str, str]] = {}  # request id -> (command, database)

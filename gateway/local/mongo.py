@@ -6,14 +6,16 @@ Per client connection (gateway/local/dbroute.py runs the steps):
 1. the driver's first message is its handshake, a ``hello`` (or a legacy
    ``isMaster`` in OP_QUERY); anything else is turned away with
    CommandNotSupported;
-2. the gateway answers hellos itself, from the server's values the last
-   session brought (wire versions, limits, only compressors both ends
-   have: protocols/mongodb/handshake.py), for as long as the client sends
+2. the gateway answers hellos itself, from the server's values (wire
+   versions, limits, only compressors both ends have:
+   protocols/mongodb/handshake.py), for as long as the client sends
    nothing else (:meth:`_MongoClient.until_needed`). A driver's monitoring
-   connections only ever do: they cost no session upstream (no dial, no
-   login on the server, no audit). Before a session ever brought the
-   values, the first connection dials at once, as step 3, and its first
-   hello is answered from the dial's answer;
+   connections only ever do: they cost no session upstream (no login on
+   the server, no ``session.start``). The values come from the last
+   session's accept, or from a hello probe (a control dial the cluster
+   answers from one hello of its own, no login) when none are known or
+   they are older than :data:`HELLO_MAX_AGE`: the first client of a
+   ``wicket proxy`` costs a probe, not a session;
 3. at the first other command the dial goes to the cluster with
    ``--db-user``/``--db-name`` when given (a MongoDB URI names no user the
    gateway would use: the cluster logs in as the db user, by default the
@@ -31,17 +33,20 @@ password; its hello asks for ``saslSupportedMechs`` or sends
 with SCRAM, against a local
 credential made at each start and printed once in the URI ``wicket proxy``
 shows (user ``wicket``), before any dial: a wrong credential costs no
-session upstream (but on a connection that had to dial for the values,
-step 2). Any other credential gets AuthenticationFailed saying to drop it.
+session upstream. Any other credential gets AuthenticationFailed saying
+to drop it.
 
-A refused dial (not allowed, login expired, server or cluster down) does
-not close the connection: a driver would only retry until its server
-selection timed out and then print something vague. The client's hellos
+A refused dial or probe (not allowed, login expired, server or cluster
+down) does not close the connection, and its hellos are not refused:
+a driver takes a hello's error or a closed connection as a server it
+cannot select, retries in silence until its server selection times out
+(30 s by default) and then prints something vague. The client's hellos
 are answered as by a healthy server and every other command gets the
 refusal as ``{ok: 0, errmsg, code, codeName}`` (Unauthorized 13,
-AuthenticationFailed 18, HostUnreachable 6, ...), which drivers raise as
-their own exception with the message and what to do, for as long as the
-client stays (at most :data:`REFUSED_LINGER` seconds between messages).
+AuthenticationFailed 18, HostUnreachable 6, ...), which drivers raise at
+once as their own exception with the message and what to do, for as long
+as the client stays (at most :data:`REFUSED_LINGER` seconds between
+messages).
 """
 
 from __future__ import annotations
@@ -65,9 +70,9 @@ from gateway.net.tls import TLSStream
 from protocols.dial import DialAccept, DialError
 from protocols.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocols.mongodb import (
-    DEFAULT_HELLO, HandshakeReader, LocalLogin, MessageReader, OpCompressed, OpMsg, OpQuery, SessionBegins,
-    client_hello, command_of, decompress, error_code_for, error_document, error_reply, gateway_hello,
-    hello_from_params, reply_to,
+    DEFAULT_HELLO, HELLO_PROBE, HandshakeReader, LocalLogin, MessageReader, OpCompressed, OpMsg, OpQuery,
+    SessionBegins, client_hello, command_of, decompress, error_code_for, error_document, error_reply,
+    gateway_hello, hello_from_params, max_message_size, reply_to,
 )
 from protocols.mongodb.commands import ERROR_CODES, HANDSHAKE_COMMANDS
 from protocols.mongodb.scram import MECHANISMS
@@ -77,10 +82,13 @@ from protocols.signals import NEED_DATA, ConnectionClosed
 log = logging.getLogger("wicket.proxy.mongodb")
 
 READ = 65536
-#: A refused connection's client may send this large a message (one
-#: document and its command) and go this long between messages.
-MAX_REFUSED_MESSAGE = 16 * 1024 * 1024 + 64 * 1024
+#: A refused connection's client may go this long between messages (and
+#: send messages as large as the hello it was answered said).
 REFUSED_LINGER = 60.0
+#: The server's hello values are probed again when older than this (a
+#: session's accept refreshes them too): a new connection's first hello,
+#: and a long-lived one's hellos at most this often, may wait for a probe.
+HELLO_MAX_AGE = 60.0
 #: The user of the local credential (its password is made at each start).
 LOCAL_USER = "wicket"
 #: What the gateway reads as a login against the local credential (any
@@ -109,9 +117,17 @@ class MongoProxy(DatabaseRoute):
         # here, shown once at start (try_line), held only in memory.
         self.local_password = secrets.token_urlsafe(18)
         self._salt = secrets.token_bytes(16)
-        #: The server's hello values from the last session's accept, for
-        #: hellos answered before a dial; None until a session brought them.
+        #: The server's hello values from the last session's accept or
+        #: probe, for hellos answered before a dial; None until one
+        #: brought them, and when (trio's clock).
         self.upstream_hello: dict[str, Any] | None = None
+        self.learnt_at = float("-inf")
+        self._probing = trio.Lock()
+        #: Probes done, and the last one's refusal (None if it was answered):
+        #: connections that waited for a probe that was refused are told
+        #: the same, not made to wait for one each in turn.
+        self._probes = 0
+        self._refused: tuple[DialError | ProtocolError, str | None] | None = None
 
     def local_login(self) -> LocalLogin:
         return LocalLogin(username=LOCAL_USER, password=self.local_password, salt=self._salt)
@@ -122,7 +138,39 @@ class MongoProxy(DatabaseRoute):
         here is no server connection's)."""
         hello = hello_from_params(params)
         self.upstream_hello = {k: v for k, v in hello.items() if k != "connectionId"}
+        self.learnt_at = trio.current_time()
         return hello
+
+    async def hello_values(self, phase: "_MongoClient") -> Mapping[str, Any] | None:
+        """The server's hello values, probed through the cluster (a control
+        dial: no session, no login on the server) when none are known or
+        they are older than HELLO_MAX_AGE; one probe at a time, for every
+        connection waiting. None when the probe was refused (the refusal
+        in ``phase.held``, not yet told) or the client left."""
+        probes = self._probes
+        async with self._probing:
+            if self.upstream_hello is not None and trio.current_time() - self.learnt_at < HELLO_MAX_AGE:
+                return self.upstream_hello
+            if self._probes != probes and self._refused is not None:
+                phase.held = self._refused  # refused while this one waited
+                return None
+            phase.holding, phase.held = True, None
+            try:
+                params = await self.control(phase, {**phase.params, HELLO_PROBE: "hello"})
+            finally:
+                phase.holding = False
+            if params is not None and "maxWireVersion" not in hello_from_params(params):
+                phase.held = (DialError(code=ErrorCode.UPSTREAM_UNREACHABLE,
+                                        message="the cluster did not say what the server is"), None)
+                params = None
+            self._probes += 1
+            self._refused = phase.held
+            if params is None:
+                return None
+            self.learn(params)
+            log.info("mongodb_server_learnt resource=%s max_wire_version=%s", self.resource,
+                     self.upstream_hello.get("maxWireVersion"))
+            return self.upstream_hello
 
     def client_phase(self, tcp: trio.SocketStream, client_addr: str, *, may_control: bool) -> "_MongoClient":
         return _MongoClient(self, tcp, client_addr, may_control=may_control)
@@ -145,6 +193,14 @@ class _MongoClient(ClientPhase):
         self.login: LocalLogin | None = None
         self.login_deadline = float("inf")
         self.login_failed = False
+        #: The dial's parameters (``run``'s), a probe's too.
+        self.params: dict[str, str] = {}
+        #: While a probe is under way a refusal is held (``held``: the
+        #: error and hint), to be told outside the route's probe lock.
+        self.holding = False
+        self.held: tuple[DialError | ProtocolError, str | None] | None = None
+        #: When this connection last made sure its hello values are fresh.
+        self.checked_at = float("-inf")
 
     async def _next(self) -> OpMsg | OpQuery | SessionBegins | None:
         """The client's next handshake message (:class:`SessionBegins` at
@@ -217,28 +273,51 @@ class _MongoClient(ClientPhase):
             params["db_user"] = self.route.db_user
         if self.route.db_name:
             params["db_name"] = self.route.db_name
+        self.params = params
         return params
 
     async def until_needed(self) -> bool:
         """Hellos (and a local login) answered here until the session's
-        first command; before a session brought the server's values, the
-        dial goes at once (the first hello is answered from its answer)."""
-        upstream = self.route.upstream_hello
+        first command, from the server's values (probed if need be: a
+        refused probe is told as a refused dial is)."""
+        upstream = await self._fresh(None)
         if upstream is None:
-            return True
-        needed = await self._handshake(upstream, until_session=True)
+            if self.held is not None:
+                await self.turn_away(*self.held)
+            return False
+        needed = await self._handshake(upstream)
         if not needed and not self.login_failed:
             log.info("mongodb_client_left resource=%s client=%s hellos=%d session=none", self.route.resource,
                      self.client_addr, self.answered)
         return needed
 
-    async def _handshake(self, upstream: Mapping[str, Any], *, connection_id: int | None = None,
-                         until_session: bool) -> bool:
-        """Answer the client's hellos from ``upstream`` and its login
-        against the local credential, the first hello first;
-        ``until_session``: on until the session's first command (its bytes
-        in ``ahead``), else only until no login is under way. False once
-        the client left or failed its login (it was told why)."""
+    async def _fresh(self, known: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """The hello values to answer with: ``known`` if this connection
+        made sure of them less than HELLO_MAX_AGE ago, else the route's
+        (probed if stale). On a connection that has values, a refused
+        refresh keeps them (and is not told: the driver hears it at its
+        first command, from the dial); without, None (``held`` says why)."""
+        now = trio.current_time()
+        if known is not None and now - self.checked_at < HELLO_MAX_AGE:
+            return known
+        self.checked_at = now
+        values = await self.route.hello_values(self)
+        if values is None and known is not None:
+            self.held = None
+            return known
+        return values
+
+    async def turn_away(self, error: DialError | ProtocolError, hint: str | None) -> None:
+        if self.holding:  # told once the probe lock is let go (until_needed)
+            self.held = (error, hint)
+            return
+        await self._turn_away(error, hint)
+
+    async def _handshake(self, upstream: Mapping[str, Any]) -> bool:
+        """Answer the client's hellos (from ``upstream``, refreshed when
+        stale) and its login against the local credential, the first hello
+        first, until the session's first command (its bytes in ``ahead``).
+        False once the client left or failed its login (it was told why)."""
         message: OpMsg | OpQuery | SessionBegins | None = self.first
         self.first = None
         while True:
@@ -256,8 +335,9 @@ class _MongoClient(ClientPhase):
             if next(iter(body), None) in HANDSHAKE_COMMANDS:
                 if self.login is None and client_hello(body).wants_auth:
                     self._begin_login()
+                upstream = await self._fresh(upstream) or upstream
                 if not (isinstance(message, OpMsg) and message.more_to_come):
-                    await self.stream.send_all(self._hello_reply(message, upstream, connection_id))
+                    await self.stream.send_all(self._hello_reply(message, upstream))
                 self.answered += 1
             else:  # a login step (the reader takes them until a login is done)
                 if self.login is None:  # a tool that logs in without saying so in its hello
@@ -270,9 +350,6 @@ class _MongoClient(ClientPhase):
                 if self.login.done:
                     self.reader.handled = HANDSHAKE_COMMANDS
                     self.login_deadline = float("inf")
-            if not until_session and (self.login is None or self.login.done):
-                self.ahead = self.reader.stop()  # what came behind, for the session
-                return True
             message = await self._next()
 
     def _begin_login(self) -> None:
@@ -298,7 +375,7 @@ class _MongoClient(ClientPhase):
         request = self.first or _placeholder(self.ahead)
         return error_reply(request, message, code).encode()
 
-    async def turn_away(self, error: DialError | ProtocolError, hint: str | None) -> None:
+    async def _turn_away(self, error: DialError | ProtocolError, hint: str | None) -> None:
         """A refused dial: answer the client's commands with the refusal
         while it stays (see the module docstring), then close. A client
         that broke the protocol hears why, and is closed."""
@@ -312,10 +389,9 @@ class _MongoClient(ClientPhase):
         finally:
             await self.stream.aclose()
 
-    def _hello_reply(self, request: OpMsg | OpQuery, upstream: Mapping, connection_id: int | None = None) -> bytes:
+    def _hello_reply(self, request: OpMsg | OpQuery, upstream: Mapping) -> bytes:
         body_in = command_of(request)
-        body = gateway_hello(upstream, client_hello(body_in), connection_id=connection_id,
-                             compressors=upstream.get("compression", ()))
+        body = gateway_hello(upstream, client_hello(body_in), compressors=upstream.get("compression", ()))
         if body_in.get("saslSupportedMechs") == f"admin.{LOCAL_USER}":
             body["saslSupportedMechs"] = list(MECHANISMS)  # the local credential's
         return reply_to(request, body).encode()
@@ -324,22 +400,7 @@ class _MongoClient(ClientPhase):
         route, client_addr = self.route, self.client_addr
         accept = stream.reply
         assert isinstance(accept, DialAccept)
-        upstream = route.learn(accept.params)
-        if self.first is not None:
-            # Dialled at once (no values were known): the first hello, and
-            # a login if the client asked for one, answered from the accept.
-            connection = upstream.get("connectionId")
-            try:
-                with trio.fail_after(STARTUP_TIMEOUT):
-                    ready = await self._handshake(
-                        upstream, connection_id=connection if isinstance(connection, int) else None,
-                        until_session=False)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ProtocolError):
-                ready = False
-            if not ready:
-                link.cut(stream, "the client's local login failed" if self.login_failed else "the client left")
-                route.dialer.release(link)
-                return
+        route.learn(accept.params)
         log.info("mongodb_session_start resource=%s client=%s session=%s app=%r hellos_before=%d", route.resource,
                  client_addr, accept.session_id, self.hello.application if self.hello else None, self.answered)
         counters, error, _ran = await route.relay(self, link, stream)
@@ -353,6 +414,7 @@ class _MongoClient(ClientPhase):
         refusal = error.message + (f"; {hint}" if hint else "")
         code = error_code_for(error.code)
         upstream = self.route.upstream_hello or DEFAULT_HELLO
+        limit = max_message_size(upstream)  # what the hellos it is answered say
         message: OpMsg | OpQuery | SessionBegins | None = self.first
         self.first = None
         self.reader.handled = HANDSHAKE_COMMANDS  # a login is refused with the rest
@@ -365,7 +427,7 @@ class _MongoClient(ClientPhase):
                 message = await self._next()
         if message is None:
             return
-        reader = MessageReader(max_message_size=MAX_REFUSED_MESSAGE, verify_checksums=False)
+        reader = MessageReader(max_message_size=limit, verify_checksums=False)
         reader.receive_data(self.reader.stop())
         while True:
             with trio.fail_after(REFUSED_LINGER):
@@ -374,7 +436,7 @@ class _MongoClient(ClientPhase):
             if isinstance(event, ConnectionClosed):
                 return
             if isinstance(event, OpCompressed):  # the hello offered a compressor both ends have
-                event = decompress(event, max_message_size=MAX_REFUSED_MESSAGE)
+                event = decompress(event, max_message_size=limit)
             if not isinstance(event, (OpMsg, OpQuery)):
                 raise ProtocolError(f"a client sent {type(event).__name__}, which is not a command",
                                     code=ErrorCode.BAD_REQUEST, wire_hint=17)

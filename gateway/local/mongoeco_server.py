@@ -5,7 +5,7 @@ This script runs in mongoeco's own virtual environment (Python >= 3.13,
 made by gateway/local/mongoserver.py), never in the project's: it imports
 mongoeco and asyncio, nothing of Wicket's.
 
-    python mongoeco_server.py --user app [--tls-cert C --tls-key K [--tls-ca CA]]
+    python mongoeco_server.py --user app [--tls-cert C --tls-key K [--tls-ca CA]] [--compressors zlib]
 
 The user's password comes from the environment (``MONGOECO_PASSWORD``),
 never the command line (process titles are public). Once listening it
@@ -25,7 +25,14 @@ What the wrapper changes in mongoeco 4.11, all on this side of the wire
 * inserting a document with a non-numeric ``_id`` skips a scan of the
   whole collection (``_patch_unique_scan``), which made inserts quadratic;
 * an error reply without a ``code`` gets the one a real server would send
-  (``CommandFailed``, 125): drivers read ``code`` to classify errors.
+  (``CommandFailed``, 125): drivers read ``code`` to classify errors;
+* with ``--compressors zlib``, OP_COMPRESSED as mongod does it
+  (mongodb/specifications ``source/compression/OP_COMPRESSED.md``), which
+  mongoeco lacks: the hello agrees to zlib when the client offers it, a
+  compressed request (zlib or noop) is opened and handed on, and its reply
+  goes back compressed the same way. The first compressed request of each
+  connection is logged on stderr (``compressed_request``), so a test can
+  tell compression went end to end.
 
 The TLS terminator is a plain asyncio relay: it accepts TLS and pipes the
 bytes to mongoeco's plain port. With ``--tls-ca`` it stands in for what
@@ -45,6 +52,7 @@ import os
 import ssl
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import bson
@@ -59,6 +67,8 @@ from mongoeco.engines import memory
 from mongoeco.wire import AsyncMongoEcoProxyServer
 from mongoeco.wire import auth as wire_auth
 from mongoeco.wire import cursors as wire_cursors
+from mongoeco.wire import handshake as wire_handshake
+from mongoeco.wire import protocol as wire_protocol
 from mongoeco.wire import proxy as wire_proxy
 
 CURSOR_ID_BASE = 1 << 33
@@ -128,6 +138,55 @@ def _patch_commands() -> None:
         return render(self, header, request_id, state)
 
     server._render_wire_result = _render_wire_result
+
+
+OP_COMPRESSED, NOOP, ZLIB = 2012, 0, 2
+_COMPRESSED = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
+
+
+def _patch_compression(compressors: tuple[str, ...]) -> None:
+    """OP_COMPRESSED with ``compressors`` (only zlib is known here); see the module doc."""
+    hello = wire_handshake.WireHandshakeService.build_hello_response
+
+    def build_hello_response(self, *, command_name, body, connection):
+        response = hello(self, command_name=command_name, body=body, connection=connection)
+        offered = body.get("compression") if isinstance(body, dict) else None
+        agreed = [c for c in offered if c in compressors] if isinstance(offered, list) else []
+        if agreed:
+            response["compression"] = agreed
+        return response
+
+    wire_handshake.WireHandshakeService.build_hello_response = build_hello_response
+    server = wire_proxy.AsyncMongoEcoProxyServer
+    dispatch = server._dispatch_wire_request
+    logged: set[int] = set()
+
+    async def _dispatch_wire_request(self, header, payload, *, connection):
+        if header.op_code != OP_COMPRESSED:
+            return await dispatch(self, header, payload, connection=connection)
+        original, size, compressor = _COMPRESSED.unpack_from(payload)
+        data = payload[_COMPRESSED.size:]
+        if compressor == ZLIB and "zlib" in compressors:
+            data = zlib.decompress(data)
+        elif compressor != NOOP:
+            raise wire_proxy.WireProtocolError(f"unsupported compressor {compressor}", fatal=True)
+        if len(data) != size:
+            raise wire_proxy.WireProtocolError("uncompressedSize does not match", fatal=True)
+        if connection.connection_id not in logged:
+            logged.add(connection.connection_id)
+            print(f"compressed_request connection={connection.connection_id} op={original} "
+                  f"compressor={compressor}", file=sys.stderr, flush=True)
+        inner = wire_protocol.MessageHeader(16 + len(data), header.request_id, header.response_to, original)
+        response = await dispatch(self, inner, data, connection=connection)
+        if response is None:
+            return None
+        length, request_id, response_to, op_code = _HEADER.unpack_from(response)
+        body = response[16:]
+        packed = zlib.compress(body) if compressor == ZLIB else body
+        head = _COMPRESSED.pack(op_code, len(body), compressor)
+        return _HEADER.pack(16 + len(head) + len(packed), request_id, response_to, OP_COMPRESSED) + head + packed
+
+    server._dispatch_wire_request = _dispatch_wire_request
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -259,6 +318,8 @@ async def main() -> None:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca", help="require client certificates signed by this CA")
+    parser.add_argument("--compressors", default="", help="OP_COMPRESSED with these (zlib), as mongod's "
+                                                          "net.compression.compressors")
     args = parser.parse_args()
     password = os.environ.get("MONGOECO_PASSWORD")
     if not password:
@@ -266,6 +327,8 @@ async def main() -> None:
     _patch_cursor_ids()
     _patch_commands()
     _patch_unique_scan()
+    if args.compressors:
+        _patch_compression(tuple(c for c in args.compressors.split(",") if c))
     user = wire_auth.WireAuthUser(username=args.user, password=password,
                                   mechanisms=tuple(args.mechanisms.split(",")),
                                   roles=({"role": "root", "db": "admin"},))

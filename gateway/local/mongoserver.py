@@ -135,12 +135,16 @@ def make_server_tls(directory: Path, ca_name: str) -> tuple[Path, Path, Path]:
 
 class MongoServer:
     """A running mongoeco with one SCRAM user (``user``/``password``), on
-    ``port`` and, given a certificate, TLS on ``tls_port``. Stop with
-    :meth:`stop` (closing its stdin ends it)."""
+    ``port`` and, given a certificate, TLS on ``tls_port``; ``compressors``
+    (``"zlib"``): OP_COMPRESSED as mongod's ``net.compression.compressors``
+    (mongoeco has none). Stop with :meth:`stop` (closing its stdin ends it)."""
 
     def __init__(self, log: Path, *, user: str, password: str, mechanisms: str = "SCRAM-SHA-256,SCRAM-SHA-1",
-                 tls_cert: Path | None = None, tls_key: Path | None = None, tls_ca: Path | None = None) -> None:
+                 tls_cert: Path | None = None, tls_key: Path | None = None, tls_ca: Path | None = None,
+                 compressors: str = "") -> None:
         args = [str(mongoeco_python()), str(SERVER_SCRIPT), "--user", user, "--mechanisms", mechanisms]
+        if compressors:
+            args += ["--compressors", compressors]
         if tls_cert is not None:
             args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
             if tls_ca is not None:

@@ -18,8 +18,8 @@ from protocols.mongodb.commands import (
     view, view_message,
 )
 from protocols.mongodb.handshake import (
-    DEFAULT_HELLO, ClientHello, HandshakeReader, SessionBegins, client_hello, command_of, gateway_hello,
-    hello_from_params, hello_params,
+    DEFAULT_HELLO, HELLO_PROBE, ClientHello, HandshakeReader, SessionBegins, client_hello, command_of,
+    compressors_of, gateway_hello, hello_from_params, hello_params, max_message_size,
 )
 from protocols.mongodb.scram import LocalLogin, ScramLogin, ScramLoginError, password_digest
 from protocols.mongodb.wire import (
@@ -29,12 +29,12 @@ from protocols.mongodb.wire import (
 )
 
 __all__ = [
-    "DEFAULT_HELLO", "DEFAULT_MAX_MESSAGE_SIZE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
+    "DEFAULT_HELLO", "DEFAULT_MAX_MESSAGE_SIZE", "HELLO_PROBE", "ERROR_CODES", "SUPPORTED_COMPRESSORS",
     "ClientAuditor", "ClientHello", "HandshakeReader", "LocalLogin", "SessionBegins", "Command", "CommandEvent", "Compressor", "DocumentSequence",
     "ErrorReplyEvent", "Message", "MessageReader", "Namespace", "OpCompressed", "OpMsg",
     "OpQuery", "OpReply", "ScramLogin", "ScramLoginError", "ServerAuditor",
     "UnauditedMessageEvent", "UnsupportedCompressor",
     "compress", "decode_bson", "decode_message", "decompress", "encode_bson", "error_code_for",
-    "error_document", "error_reply", "client_hello", "command_of", "gateway_hello", "hello_from_params", "hello_params", "password_digest",
+    "error_document", "error_reply", "client_hello", "command_of", "compressors_of", "gateway_hello", "hello_from_params", "hello_params", "max_message_size", "password_digest",
     "reply_to", "view", "view_message",
 ]

@@ -19,7 +19,10 @@ before it, as OP_MSG.md says of moreToCome).
 around it, so a 15 MiB insert is kept; a 48 MB bulk write keeps its first
 ``max_message`` bytes). An OP_MSG gives a :class:`CommandEvent`: the
 :class:`~protocols.mongodb.commands.Command` (name, ``$db``, collection,
-namespaces, filter shapes; never a value) from its body, while document
+namespaces, filter shapes; never a value) from its body, of which only
+the fields the view reads are decoded (``commands.READ_FIELDS``, with
+``bson.decode_fields``: a find's ``$readPreference`` or an insert's
+documents in the body cost no Python objects), while document
 sequences are counted by their lengths and only ``updates``/``deletes`` (for
 their filters) and bulkWrite's ``nsInfo`` are decoded (never an insert's
 documents).
@@ -140,7 +143,8 @@ def client_event(frame: Frame, max_message_size: int = wire.DEFAULT_MAX_MESSAGE_
     if not frame.complete:
         return _partial(request_id, op_code, body, size)
     if op_code == wire.OP_MSG:
-        flags, command, found = wire.split_op_msg(body, sequences=_DECODED)
+        flags, command, found = wire.split_op_msg(
+            body, sequences=_DECODED, fields=(commands.READ_FIELDS, commands.COUNTED_FIELDS))
         counts = {name: (docs if name in _DECODED else count) for name, docs, count in found}
         return _command_event(request_id, commands.view(command, counts), flags, size)
     message = wire.decode_message(_whole(frame), max_message_size=max_message_size)

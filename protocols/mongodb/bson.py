@@ -40,12 +40,21 @@ may follow the top-level document. Anything else is a
 (22) as the wire hint. Nesting is bounded (``max_depth``, as the server
 bounds it) and so is a document's declared size (``max_size``), so a hostile
 peer can cost neither the stack nor memory beyond the bytes it sent.
+
+:func:`decode_fields` reads a document's top level as strictly (its
+lengths, keys unique and UTF-8) but decodes only the values asked for: the
+others are walked by their lengths (checked to fit and to end as their
+type ends) and stand as :data:`SKIPPED`, and an array asked to be counted
+becomes its length. The command gate reads every relayed command so: what
+it decides on is decoded, strictly, and what the server alone reads
+(``$readPreference``, ``$clusterTime``, an insert's documents) costs no
+Python objects; the server checks those itself.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from typing import Any, Final
 
 from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -58,7 +67,7 @@ __all__ = [
     "DEFAULT_MAX_SIZE", "DEFAULT_MAX_DEPTH", "INVALID_BSON",
     "Int64", "Binary", "ObjectId", "DateTime", "Regex", "DBPointer", "Code", "Symbol",
     "CodeWithScope", "Timestamp", "Decimal128", "Constant", "UNDEFINED", "MIN_KEY", "MAX_KEY",
-    "decode", "decode_at", "encode", "type_name", "elements", "decode_element",
+    "decode", "decode_at", "decode_fields", "encode", "type_name", "elements", "decode_element", "SKIPPED",
 ]
 
 #: The server's maxBSONObjectSize (16 MiB) plus its 16 KiB allowance for a
@@ -94,8 +103,11 @@ class _Decoder:
         self.data = data
         self.max_depth = max_depth
 
-    def document(self, pos: int, limit: int, depth: int, array: bool = False
-                 ) -> tuple[Any, int]:
+    def document(self, pos: int, limit: int, depth: int, array: bool = False,
+                 keep: Container[str] | None = None, count: Container[str] = ()) -> tuple[Any, int]:
+        """``keep`` (a document, not an array): only the first field and
+        those named are decoded, arrays under ``count`` counted, the rest
+        walked by their lengths (:func:`decode_fields`)."""
         if depth > self.max_depth:
             raise _invalid(f"nested deeper than {self.max_depth} levels")
         data = self.data
@@ -128,6 +140,19 @@ class _Decoder:
             except UnicodeDecodeError:
                 raise _invalid("a key is not valid UTF-8") from None
             pos = key_end + 1
+            if keep is not None and fields and key not in keep:
+                if key in fields:
+                    raise _invalid(f"the key {key[:64]!r} appears twice in one document")
+                if kind == 0x04 and key in count:
+                    fields[key], pos = _count(data, pos, body_end)
+                    continue
+                size = _FIXED.get(kind)
+                if size is not None and pos + size <= body_end:
+                    pos += size
+                else:
+                    pos = _skip(data, kind, pos, body_end)
+                fields[key] = SKIPPED
+                continue
             # The commonest values read here, without a call (a command is
             # read per message relayed): each as its reader below reads it.
             if kind == 0x02:
@@ -211,7 +236,7 @@ class _Decoder:
             if length < 4 or _I32.unpack_from(data, start)[0] != length - 4:
                 raise _invalid("an old binary (subtype 2)'s inner length disagrees")
             start += 4
-        return Binary(subtype, data[start:end]), end
+        return _binary(subtype, data[start:end]), end
 
     def undefined(self, pos: int, _limit: int, _depth: int) -> tuple[Constant, int]:
         return UNDEFINED, pos
@@ -290,6 +315,15 @@ class _Decoder:
         return MAX_KEY, pos
 
 
+def _binary(subtype: int, data: bytes) -> Binary:
+    """A :class:`Binary` of parts the decoder already checked (a byte, bytes),
+    made without its validators: every command's ``lsid`` is one."""
+    value = object.__new__(Binary)
+    object.__setattr__(value, "subtype", subtype)
+    object.__setattr__(value, "data", data)
+    return value
+
+
 def _utf8(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -340,6 +374,61 @@ def decode(data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_
 _FIXED: Final = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8,
                  0x12: 8, 0x13: 16, 0xFF: 0, 0x7F: 0}
 _COUNTED: Final = {0x02: 4, 0x0D: 4, 0x0E: 4, 0x0C: 16, 0x05: 5, 0x03: 0, 0x04: 0, 0x0F: 0}
+
+
+class _Skipped:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+#: A value :func:`decode_fields` walked past without decoding.
+SKIPPED: Final = _Skipped()
+_ENDS_WITH_NUL: Final = frozenset({0x02, 0x03, 0x04, 0x0D, 0x0E})  # string-like and documents
+
+
+def _skip(data: bytes, kind: int, pos: int, limit: int) -> int:
+    """Past the value of type ``kind`` at ``pos`` by its length: it must fit
+    ``limit``, a string or document be at least its empty self and end with
+    NUL. Nothing inside is checked."""
+    end = _value_end(data, kind, pos, limit)
+    if end is None:
+        raise _invalid("a value's length exceeds its document")
+    if kind in _ENDS_WITH_NUL:
+        smallest = 5 if kind in (0x03, 0x04) else 1
+        if _I32_FROM(data, pos)[0] < smallest or data[end - 1]:
+            raise _invalid("a value's length disagrees with its bytes")
+    return end
+
+
+def _count(data: bytes, pos: int, limit: int) -> tuple[int, int]:
+    """The number of elements of the array at ``pos``, and its end."""
+    end = _skip(data, 0x04, pos, limit)
+    n, pos, body_end = 0, pos + 4, end - 1
+    while pos < body_end:
+        kind = data[pos]
+        key_end = data.find(b"\x00", pos + 1, body_end)
+        if kind == 0 or key_end < 0:
+            raise _invalid("an array's element is cut short")
+        pos = _skip(data, kind, key_end + 1, body_end)
+        n += 1
+    return n, end
+
+
+def decode_fields(data: bytes, pos: int = 0, end: int | None = None, *, keep: Container[str],
+                  count: Container[str] = (), max_size: int = DEFAULT_MAX_SIZE,
+                  max_depth: int = DEFAULT_MAX_DEPTH) -> tuple[dict[str, Any], int]:
+    """As :func:`decode_at`, but only the first field's value and those whose
+    key is in ``keep`` are decoded; an array under a key in ``count`` is its
+    number of elements; every other value is :data:`SKIPPED` (see the
+    module docstring). The keys are all there, in order, each once."""
+    if end is None:
+        end = len(data)
+    limit = min(end, pos + max_size)
+    if end - pos >= 4 and _I32_FROM(data, pos)[0] > max_size:
+        raise _invalid(f"a document of {_I32_FROM(data, pos)[0]} bytes exceeds the maximum of {max_size}")
+    return _Decoder(data, max_depth).document(pos, limit, 0, keep=keep, count=count)
 
 
 def _value_end(data: bytes, kind: int, pos: int, limit: int) -> int | None:

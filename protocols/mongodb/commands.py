@@ -40,7 +40,7 @@ from protocols.mongodb.wire import OpMsg, OpQuery, OpReply
 
 __all__ = [
     "ERROR_CODES", "AUTH_COMMANDS", "HANDSHAKE_COMMANDS", "MAX_SHAPE_DEPTH", "MAX_SHAPE_KEYS",
-    "MAX_FILTERS", "Namespace", "Command", "shape", "view", "view_message", "error_document",
+    "MAX_FILTERS", "READ_FIELDS", "COUNTED_FIELDS", "Namespace", "Command", "shape", "view", "view_message", "error_document",
     "error_reply", "error_code_for", "reply_to",
 ]
 
@@ -61,6 +61,9 @@ HANDSHAKE_COMMANDS: Final = frozenset({"hello", "isMaster", "ismaster"})
 AUTH_COMMANDS: Final = HANDSHAKE_COMMANDS | frozenset(
     {"saslStart", "saslContinue", "authenticate", "logout", "getnonce", "speculativeAuthenticate"})
 
+#: What a document is: a dict first (every decoded one; a C-level check),
+#: then any Mapping (an ABC check, slower, for callers' own).
+_MAPPING: Final = (dict, Mapping)
 MAX_SHAPE_DEPTH: Final = 8
 MAX_SHAPE_KEYS: Final = 32
 MAX_FILTERS: Final = 16
@@ -83,6 +86,14 @@ _FILTERS: Final[Mapping[str, tuple[str, bool]]] = {
 }
 # The document sequence (or body array) whose length counts a write.
 _WRITES: Final = {"insert": "documents", "update": "updates", "delete": "deletes"}
+#: The body fields :func:`view` reads (besides the first, the command's own):
+#: a reader may leave every other one undecoded (bson.decode_fields), and
+#: need only count those of :data:`COUNTED_FIELDS`.
+READ_FIELDS: Final = frozenset({
+    "$db", "lsid", "collection", "pipeline", "to", "nsInfo", "out", "mechanism",
+    *(field for field, _ in _FILTERS.values()),
+})
+COUNTED_FIELDS: Final = frozenset({"documents", "ops"})
 
 
 @attrs.frozen
@@ -145,7 +156,7 @@ def shape(value: Any, depth: int = 0) -> Any:
     keep their keys (field names and operators), arrays their elements'
     shapes. Cut at MAX_SHAPE_DEPTH levels and MAX_SHAPE_KEYS entries per
     level, the cut marked with "..."."""
-    if isinstance(value, Mapping):
+    if isinstance(value, _MAPPING):
         if depth >= MAX_SHAPE_DEPTH:
             return _TRUNCATED
         out: dict[str, Any] = {}
@@ -188,7 +199,7 @@ class _Pipeline:
         if depth > MAX_SHAPE_DEPTH:
             raise _bad("aggregation pipelines are nested too deep to audit")
         for stage in pipeline:
-            if not isinstance(stage, Mapping) or len(stage) != 1:
+            if not isinstance(stage, _MAPPING) or len(stage) != 1:
                 raise _bad("a pipeline stage must be a document with one field")
             ((name, spec),) = stage.items()
             if depth == 0:
@@ -198,11 +209,11 @@ class _Pipeline:
             elif name == "$out":
                 self.writes.append(self._target(spec, "coll"))
             elif name == "$merge":
-                into = spec.get("into") if isinstance(spec, Mapping) else spec
+                into = spec.get("into") if isinstance(spec, _MAPPING) else spec
                 self.writes.append(self._target(into, "coll"))
             elif name in ("$lookup", "$graphLookup", "$unionWith"):
                 self._joined(name, spec, depth)
-            elif name == "$facet" and isinstance(spec, Mapping):
+            elif name == "$facet" and isinstance(spec, _MAPPING):
                 for sub in spec.values():
                     self.walk(sub, depth + 1)
 
@@ -210,7 +221,7 @@ class _Pipeline:
         if isinstance(spec, str) and name == "$unionWith":  # {$unionWith: "coll"}
             self.reads.append(Namespace(self.database, spec))
             return
-        if not isinstance(spec, Mapping):
+        if not isinstance(spec, _MAPPING):
             raise _bad(f"{name} takes a document")
         source = spec.get("from", spec.get("coll"))
         if source is not None:
@@ -222,7 +233,7 @@ class _Pipeline:
         """A stage's collection: a name in this database, or {db, coll}."""
         if isinstance(spec, str):
             return Namespace(self.database, spec)
-        if isinstance(spec, Mapping):
+        if isinstance(spec, _MAPPING):
             database = _text(spec.get("db", self.database), "a stage's db")
             return Namespace(database, _text(spec.get(key), "a stage's collection"))
         raise _bad("a stage's target must be a collection name or {db, coll}")
@@ -239,7 +250,7 @@ def _documents(value: Any) -> list[Any]:
 
 
 def _statement_filters(statements: Iterable[Any]) -> list[Any]:
-    return [s.get("q") for s in statements if isinstance(s, Mapping) and "q" in s]
+    return [s.get("q") for s in statements if isinstance(s, _MAPPING) and "q" in s]
 
 
 def view(body: Mapping[str, Any], sequences: Mapping[str, Any] | None = None, *,
@@ -256,7 +267,7 @@ def view(body: Mapping[str, Any], sequences: Mapping[str, Any] | None = None, *,
         database = _text(body.get("$db"), "$db") if "$db" in body else None
         if database is None:
             raise _bad(f"the command {name[:64]!r} has no $db")
-    if name == "explain" and isinstance(body[name], Mapping) and body[name]:
+    if name == "explain" and isinstance(body[name], _MAPPING) and body[name]:
         inner = view({**body[name], "$db": database}, sequences, legacy=legacy)
         return attrs.evolve(inner, name="explain")
     sequences = sequences or {}
@@ -279,7 +290,7 @@ def view(body: Mapping[str, Any], sequences: Mapping[str, Any] | None = None, *,
         found = sequences.get(field, body.get(field)) if statements else body.get(field)
         if statements and isinstance(found, list):
             filters = _statement_filters(found)
-        elif isinstance(found, Mapping):
+        elif isinstance(found, _MAPPING):
             filters = [found]
     if name in _WRITES:
         field = _WRITES[name]
@@ -295,7 +306,7 @@ def view(body: Mapping[str, Any], sequences: Mapping[str, Any] | None = None, *,
         # MongoDB 8.0: one command writes to any collection of any database
         # its nsInfo names; ops counts the writes.
         for info in _documents(sequences.get("nsInfo", body.get("nsInfo"))):
-            if isinstance(info, Mapping) and isinstance(info.get("ns"), str):
+            if isinstance(info, _MAPPING) and isinstance(info.get("ns"), str):
                 writes.append(_namespace(info["ns"]))
         ops = sequences.get("ops", body.get("ops"))
         documents = ops if isinstance(ops, int) else len(_documents(ops))
@@ -303,14 +314,14 @@ def view(body: Mapping[str, Any], sequences: Mapping[str, Any] | None = None, *,
         out = body.get("out")
         if isinstance(out, str):
             writes.append(Namespace(database, out))
-        elif isinstance(out, Mapping) and "inline" not in out:
+        elif isinstance(out, _MAPPING) and "inline" not in out:
             target = next((v for k, v in out.items() if k in ("replace", "merge", "reduce")),
                           None)
             writes.append(Namespace(_text(out.get("db", database), "mapReduce's out.db"),
                                     target if isinstance(target, str) else None))
     mechanism = body.get("mechanism") if name == "saslStart" else None
     lsid = body.get("lsid")
-    lsid = lsid.get("id") if isinstance(lsid, Mapping) else None
+    lsid = lsid.get("id") if isinstance(lsid, _MAPPING) else None
     cursor_id = value if name == "getMore" and isinstance(value, int) and not isinstance(value, bool) else None
     return Command(name=name, database=database, collection=collection,
                    filters=[shape(f) for f in filters[:MAX_FILTERS]],
@@ -334,7 +345,7 @@ def view_message(message: OpMsg | OpQuery) -> Command:
             f"supported in OP_QUERY", code=ErrorCode.BAD_REQUEST,
             wire_hint=ERROR_CODES["UnsupportedOpQueryCommand"])
     query = message.query
-    if "$query" in query and isinstance(query["$query"], Mapping):
+    if "$query" in query and isinstance(query["$query"], _MAPPING):
         query = query["$query"]  # the legacy wrapper around a read preference
     return view(query, database=database, legacy=True)
 

@@ -53,12 +53,14 @@ from protocols.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocols.mongodb.bson import Int64
 from protocols.mongodb.commands import ERROR_CODES, HANDSHAKE_COMMANDS
 from protocols.mongodb.wire import (
-    HEADER, OP_MSG, OP_QUERY, SUPPORTED_COMPRESSORS, OpMsg, OpQuery, decode_message, protocol_error,
+    DEFAULT_MAX_MESSAGE_SIZE, HEADER, OP_MSG, OP_QUERY, SUPPORTED_COMPRESSORS, OpMsg, OpQuery, decode_message,
+    protocol_error,
 )
 from protocols.signals import NEED_DATA, PAUSED, ConnectionClosed, Signal
 
-__all__ = ["COPIED_FIELDS", "DEFAULT_HELLO", "MAX_HANDSHAKE_MESSAGE", "ClientHello", "HandshakeReader",
-           "SessionBegins", "client_hello", "command_of", "gateway_hello", "hello_params", "hello_from_params"]
+__all__ = ["COPIED_FIELDS", "DEFAULT_HELLO", "HELLO_PROBE", "MAX_HANDSHAKE_MESSAGE", "ClientHello", "HandshakeReader",
+           "SessionBegins", "client_hello", "command_of", "compressors_of", "gateway_hello", "hello_params",
+           "hello_from_params", "max_message_size"]
 
 #: What the gateway's hello copies from the upstream's, when present.
 COPIED_FIELDS: Final = (
@@ -75,6 +77,34 @@ DEFAULT_HELLO: Final[Mapping[str, Any]] = {
     "maxWireVersion": 21,
 }
 _PARAM: Final = "hello."
+#: The dial parameter of a hello probe: a control dial the cluster answers
+#: with the server's hello values (:func:`hello_params`), from a
+#: connection of its own that sends one hello and closes (no login, no
+#: session).
+HELLO_PROBE: Final = "mongodb.probe"
+#: A server's maxMessageSizeBytes below this is not believed (a hello or a
+#: login would not fit): the default is used instead.
+_MIN_MESSAGE_SIZE: Final = 1024 * 1024
+
+
+def max_message_size(hello: Mapping[str, Any]) -> int:
+    """The largest message a client may send, from a server's hello: its
+    ``maxMessageSizeBytes``, at most :data:`DEFAULT_MAX_MESSAGE_SIZE` (what
+    every MongoDB server says: anything larger is not a server we would
+    buffer for)."""
+    size = hello.get("maxMessageSizeBytes")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= _MIN_MESSAGE_SIZE:
+        return min(int(size), DEFAULT_MAX_MESSAGE_SIZE)
+    return DEFAULT_MAX_MESSAGE_SIZE
+
+
+def compressors_of(hello: Mapping[str, Any]) -> tuple[str, ...]:
+    """The compressors a server's hello agreed to that the codec can open,
+    in the server's order."""
+    offered = hello.get("compression")
+    if not isinstance(offered, list):
+        return ()
+    return tuple(c for c in offered if c in SUPPORTED_COMPRESSORS)
 
 
 @attrs.frozen(kw_only=True)

@@ -287,14 +287,18 @@ def _cstring(body: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
 
 def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
                  max_depth: int = bson.DEFAULT_MAX_DEPTH,
-                 sequences: bool | Collection[str] = True
+                 sequences: bool | Collection[str] = True,
+                 fields: tuple[Collection[str], Collection[str]] | None = None,
                  ) -> tuple[int, dict[str, Any], list[tuple[str, list[Any], int]]]:
     """An OP_MSG body (after the header) as (flagBits, command body,
     [(identifier, documents, count)]); checks everything OpMsg does but the
     checksum. The documents of kind-1 sections are decoded if ``sequences``
     is True or names their identifier; others are walked by their lengths
     and not decoded (their list stays empty): what an auditor wants of a
-    1,000-document insert, while it reads an update's filters."""
+    1,000-document insert, while it reads an update's filters. ``fields``
+    (keep, count): the command body is read with
+    :func:`~protocols.mongodb.bson.decode_fields`, only its first field and
+    those in ``keep`` decoded, arrays in ``count`` counted."""
     if len(body) < 5:
         raise protocol_error("an OP_MSG is shorter than its flags and one section")
     (flags,) = _U32.unpack_from(body)
@@ -316,8 +320,12 @@ def split_op_msg(body: bytes, *, max_document_size: int = bson.DEFAULT_MAX_SIZE,
         if kind == 0:
             if command is not None:
                 raise protocol_error("an OP_MSG has two body (kind 0) sections")
-            command, pos = bson.decode_at(body, pos, end, max_size=max_document_size,
-                                          max_depth=max_depth)
+            if fields is None:
+                command, pos = bson.decode_at(body, pos, end, max_size=max_document_size,
+                                              max_depth=max_depth)
+            else:
+                command, pos = bson.decode_fields(body, pos, end, keep=fields[0], count=fields[1],
+                                                  max_size=max_document_size, max_depth=max_depth)
         elif kind == 1:
             if end - pos < 4:
                 raise protocol_error("a document sequence is cut short")

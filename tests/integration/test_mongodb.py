@@ -1,6 +1,8 @@
 """MongoDB end to end: a MongoDB wire server (mongoeco, tests/servers/mongo.py),
 the real cluster and gateway processes, and real clients (pymongo sync and
-async, the Node.js driver, mongosh)."""
+async, the Node.js driver, mongosh): CRUD, cursors, sizes, refusals, TLS,
+audit, cuts. What the gateway answers before a session (hellos, the local
+login, probes) is test_mongodb_handshake.py's; the set-up is mongoenv.py's."""
 
 from __future__ import annotations
 
@@ -13,89 +15,13 @@ import sys
 
 import pytest
 
-from gateway.local.mongoserver import make_server_tls
 from tests.integration.harness import Cluster, Echo, Gateway, wait_for
+from tests.integration.mongoenv import (  # noqa: F401 (gw, mongo_env, port: fixtures)
+    DB_PW, ROLES, client, gw, mongo_env, new_gateway, port, pymongo, user_name,
+)
 from tests.servers import mongo
 
-pymongo = pytest.importorskip("pymongo")
 from pymongo import errors as mongo_errors  # noqa: E402
-
-try:
-    mongo.mongoeco_python()
-except mongo.Unavailable as exc:  # pragma: no cover - a machine without Python 3.13
-    pytest.skip(str(exc), allow_module_level=True)
-
-DB_PW = "mongo secret for app"
-
-ROLES = """
-[roles.mongo]
-[[roles.mongo.allow]]
-resources = ["mongo*"]
-db_users = ["app"]
-db_names = ["app", "shop*", "admin"]
-[[roles.mongo.deny]]
-resources = ["mongo*"]
-db_names = ["shop_secret"]
-"""
-
-
-@pytest.fixture(scope="module")
-def mongo_env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mongo")
-    echo = Echo(tmp)
-    cluster = Cluster(tmp, echo, extra_config=ROLES, env={"WICKET_TEST_MONGO_PW": DB_PW,
-                                                          "WICKET_TEST_WRONG_PW": "not the password"})
-    make_server_tls(tmp, "wicket test mongodb server CA")
-    server = mongo.MongoServer(tmp / "mongoeco.log", user="app", password=DB_PW,
-                               tls_cert=tmp / "server.crt", tls_key=tmp / "server.key")
-    password = ("--auth", "password", "--password-ref", "app=env:WICKET_TEST_MONGO_PW")
-    cluster.admin("resources", "add", "mongo", "--kind", "mongodb", "--address", server.address,
-                  "--tls", "disable", *password, "--label", "env=dev")
-    cluster.admin("resources", "add", "mongo-tls", "--kind", "mongodb", "--address",
-                  f"127.0.0.1:{server.tls_port}", "--tls", "verify-full", "--ca-file", str(tmp / "server-ca.crt"),
-                  "--server-name", "localhost", *password)
-    cluster.admin("resources", "add", "mongo-down", "--kind", "mongodb", "--address", "127.0.0.1:9",
-                  "--tls", "disable", *password)
-    # A server that trusts the cluster's database client CA: X.509 logins.
-    x509 = mongo.MongoServer(tmp / "mongoeco-x509.log", user="app", password=DB_PW, tls_cert=tmp / "server.crt",
-                             tls_key=tmp / "server.key", tls_ca=cluster.state / "db_client_ca.crt")
-    cluster.admin("resources", "add", "mongo-x509", "--kind", "mongodb", "--address",
-                  f"127.0.0.1:{x509.tls_port}", "--tls", "verify-full", "--ca-file", str(tmp / "server-ca.crt"),
-                  "--server-name", "localhost", "--auth", "cert")
-    # The cluster's password for app is not the server's: its login fails.
-    cluster.admin("resources", "add", "mongo-wrong-pw", "--kind", "mongodb", "--address", server.address,
-                  "--tls", "disable", "--auth", "password", "--password-ref", "app=env:WICKET_TEST_WRONG_PW")
-    yield cluster, server
-    x509.stop()
-    server.stop()
-    cluster.stop()
-    echo.proc.stop()
-
-
-_n = iter(range(1, 10_000))
-
-
-def _gateway(cluster, tmp, roles: str) -> Gateway:
-    return Gateway.logged_in(cluster, tmp, f"mongouser{next(_n)}", roles)
-
-
-@pytest.fixture(scope="module")
-def gw(mongo_env, tmp_path_factory):
-    cluster, _ = mongo_env
-    g = _gateway(cluster, tmp_path_factory.mktemp("gw"), "mongo")
-    yield g
-    g.stop()
-
-
-@pytest.fixture(scope="module")
-def port(gw):
-    _, port = gw.proxy("mongodb", "mongo", "--db-user", "app")
-    return port
-
-
-def client(port: int, db: str = "", **options):
-    options.setdefault("serverSelectionTimeoutMS", 20_000)
-    return pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/{db}?directConnection=true", **options)
 
 
 def test_crud_through_the_gateway(port):
@@ -173,18 +99,6 @@ def test_the_async_api(port):
     assert asyncio.run(main()) == list(range(50))
 
 
-def test_the_hello_is_one_server_with_the_upstreams_limits(port, mongo_env):
-    _, server = mongo_env
-    with pymongo.MongoClient(server.uri(), serverSelectionTimeoutMS=20_000) as direct:
-        real = direct.admin.command("hello")
-    with client(port) as c:
-        hello = c.admin.command("hello")
-    for key in ("maxBsonObjectSize", "maxMessageSizeBytes", "maxWriteBatchSize", "maxWireVersion"):
-        assert hello[key] == real[key]
-    assert hello["isWritablePrimary"] is True
-    assert not {"hosts", "setName", "primary", "me", "saslSupportedMechs"} & set(hello)
-
-
 def test_a_database_the_roles_do_not_allow_is_refused_and_the_session_goes_on(port):
     with client(port, maxPoolSize=1) as c:
         with pytest.raises(mongo_errors.OperationFailure) as caught:
@@ -197,59 +111,6 @@ def test_a_database_the_roles_do_not_allow_is_refused_and_the_session_goes_on(po
             list(c.shop.items.aggregate([{"$match": {}}, {"$out": {"db": "shop_secret", "coll": "x"}}]))
         assert caught.value.code == 13
         assert c.app.command("ping")["ok"] == 1.0
-
-
-def test_credentials_in_the_uri_get_a_clear_answer(port):
-    with pymongo.MongoClient(f"mongodb://app:whatever@127.0.0.1:{port}/?directConnection=true",
-                             serverSelectionTimeoutMS=20_000) as c:
-        with pytest.raises(mongo_errors.OperationFailure) as caught:
-            c.app.command("ping")
-    assert caught.value.code == 18
-    assert "remove the user name and password" in str(caught.value)
-
-
-@pytest.fixture(scope="module")
-def local_uri(gw):
-    """The one URI `wicket proxy` prints, with its local credential."""
-    proc, p = gw.proxy("mongodb", "mongo", "--db-user", "app")
-    found = re.search(r'"(mongodb://wicket:[^@"]+@127\.0\.0\.1:\d+/[^"]*)"', proc.log())
-    assert found, proc.log()
-    assert f":{p}/" in found.group(1)
-    return found.group(1)
-
-
-@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1", None])
-def test_tools_that_insist_on_a_login_use_the_printed_local_credential(local_uri, mechanism):
-    uri = local_uri + (f"&authMechanism={mechanism}" if mechanism else "")
-    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=20_000) as c:
-        c.app.local.replace_one({"_id": 1}, {"mechanism": str(mechanism)}, upsert=True)
-        assert c.app.local.find_one({"_id": 1})["mechanism"] == str(mechanism)
-    wrong = re.sub(r"wicket:[^@]+@", "wicket:not-the-password@", local_uri)
-    with pymongo.MongoClient(wrong, serverSelectionTimeoutMS=20_000) as c:
-        with pytest.raises(mongo_errors.OperationFailure) as caught:
-            c.app.command("ping")
-    assert caught.value.code == 18 and "local login" in str(caught.value)
-
-
-def test_mongosh_with_the_printed_uri(local_uri):
-    r = subprocess.run([str(mongo.mongosh()), "--quiet", "--norc", local_uri, "--eval", "db.runCommand({ping: 1}).ok"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr + r.stdout
-    assert r.stdout.strip().splitlines()[-1] == "1"
-
-
-def test_a_refused_dial_is_the_drivers_own_error(mongo_env, tmp_path):
-    cluster, _ = mongo_env
-    outsider = _gateway(cluster, tmp_path, "dev")  # no role reaches mongo*
-    try:
-        _, p = outsider.proxy("mongodb", "mongo", "--db-user", "app")
-        with client(p) as c:
-            with pytest.raises(mongo_errors.OperationFailure) as caught:
-                c.app.t.find_one()
-        assert caught.value.code == 13
-        assert "access to 'mongo' denied" in str(caught.value)
-    finally:
-        outsider.stop()
 
 
 def test_an_unreachable_server_is_host_unreachable(gw):
@@ -352,7 +213,7 @@ def test_the_nodejs_driver(port):
 
 def test_a_lock_cuts_a_live_session_and_the_next_dial_says_why(mongo_env, tmp_path):
     cluster, _ = mongo_env
-    g = _gateway(cluster, tmp_path, "mongo")
+    g = new_gateway(cluster, tmp_path, "mongo")
     try:
         _, p = g.proxy("mongodb", "mongo", "--db-user", "app")
         with client(p, maxPoolSize=1) as c:
@@ -375,7 +236,7 @@ def test_a_cut_stops_the_sessions_cursors_on_the_server(mongo_env, tmp_path):
     mongoeco has no killSessions (its refusal is in the audit's result);
     the cursor is gone from the server all the same."""
     cluster, server = mongo_env
-    g = _gateway(cluster, tmp_path, "mongo")
+    g = new_gateway(cluster, tmp_path, "mongo")
     try:
         _, p = g.proxy("mongodb", "mongo", "--db-user", "app")
         with client(p, maxPoolSize=1) as c:
@@ -456,6 +317,57 @@ def test_compression_the_server_lacks_is_negotiated_away(port):
         assert len(c.app.zipped.find_one({"_id": 1})["v"]) == 10_000
 
 
+@pytest.fixture(scope="module")
+def zlib_server(mongo_env, gw, tmp_path_factory):
+    """A server that does OP_COMPRESSED with zlib, as mongod does by
+    default, behind resource mongo-zlib: (the proxy's port, the server's log)."""
+    cluster, _ = mongo_env
+    log = tmp_path_factory.mktemp("zlib") / "mongoeco-zlib.log"
+    server = mongo.MongoServer(log, user="app", password=DB_PW, compressors="zlib")
+    try:
+        cluster.admin("resources", "add", "mongo-zlib", "--kind", "mongodb", "--address", server.address,
+                      "--tls", "disable", "--auth", "password", "--password-ref", "app=env:WICKET_TEST_MONGO_PW")
+        _, p = gw.proxy("mongodb", "mongo-zlib", "--db-user", "app")
+        yield p, log
+    finally:
+        server.stop()
+
+
+def test_op_compressed_goes_end_to_end_and_is_opened_for_the_audit(zlib_server, mongo_env, gw):
+    """The server agrees to zlib in its hello, so the gateway's hellos offer
+    it to a driver that asks: commands and replies then travel compressed
+    from the driver to the server and back (the relay passes them as they
+    are), and the cluster's gate opens each to check and audit it."""
+    cluster, _ = mongo_env
+    p, log = zlib_server
+    with client(p, compressors="zlib") as c:
+        # What the gate offers a hello that asks: what both ends have.
+        assert c.admin.command({"hello": 1, "compression": ["snappy", "zlib"]})["compression"] == ["zlib"]
+        t = c.app.zlibbed
+        t.drop()
+        t.insert_many([{"_id": i, "v": "x" * 10_000} for i in range(50)])
+        assert len(t.find_one({"_id": 7, "v": {"$exists": True}})["v"]) == 10_000
+        assert [d["_id"] for d in t.find({}, batch_size=7).sort("_id", 1)] == list(range(50))  # getMores
+        with pytest.raises(mongo_errors.OperationFailure) as caught:  # a compressed error reply
+            c.app.command({"noSuchCommand": 1})
+        assert caught.value.code != 13
+        with pytest.raises(mongo_errors.OperationFailure) as caught:  # refused by the gate, not the server
+            c.shop_secret.x.find_one()
+        assert caught.value.code == 13
+    with client(p) as c:  # a driver that offers no compressor: plain, to the same server
+        assert c.app.zlibbed.count_documents({}) == 50
+    wait_for(lambda: "compressed_request" in log.read_text(), what="the server's compressed requests")
+    events = cluster.wait_audit(
+        lambda evs: any(e.get("collection") == "zlibbed" and e.get("command") == "find" for e in evs)
+        and any(e["event"] == "mongodb.error" and e.get("command") == "noSuchCommand" for e in evs)
+        and any(e["event"] == "mongodb.denied" and e.get("denied_database") == "shop_secret" for e in evs),
+        user=gw.user)
+    find = next(e for e in events if e.get("collection") == "zlibbed" and e.get("command") == "find")
+    assert find["filters"] == [{"_id": "int32", "v": {"$exists": "bool"}}]
+    insert = next(e for e in events if e.get("collection") == "zlibbed" and e.get("command") == "insert")
+    assert insert["documents"] == 50
+
+
 def test_a_session_kept_to_one_database(gw):
     _, p = gw.proxy("mongodb", "mongo", "--db-user", "app", "--db-name", "app")
     with client(p, maxPoolSize=1) as c:
@@ -471,7 +383,7 @@ def test_a_cluster_that_cannot_be_reached_is_host_unreachable(tmp_path):
     try:
         cluster.admin("resources", "add", "mongo", "--kind", "mongodb", "--address", "127.0.0.1:9",
                       "--tls", "require")
-        g = _gateway(cluster, tmp_path, "mongo")
+        g = new_gateway(cluster, tmp_path, "mongo")
         _, p = g.proxy("mongodb", "mongo", "--db-user", "app", "--wait-for-cluster", "0")
         cluster.stop()
         with client(p, retryReads=False) as c:
@@ -488,7 +400,7 @@ def test_a_cluster_that_cannot_be_reached_is_host_unreachable(tmp_path):
 
 def test_an_expired_login_says_to_log_in_again(mongo_env, tmp_path):
     cluster, _ = mongo_env
-    name = f"mongouser{next(_n)}"
+    name = user_name()
     cluster.add_user(name, "mongo")
     g = Gateway(tmp_path, cluster, name)
     try:
@@ -534,202 +446,3 @@ def test_exec_gives_drivers_the_connection_string(gw):
         ok, uri = r.stdout.split()
         assert ok == "True" and uri.endswith(tail), uri
 
-
-# -- hellos answered by the gateway, sessions only for commands ------------------------
-
-
-class _Heartbeats(pymongo.monitoring.ServerHeartbeatListener):
-    """The driver's monitor's successful checks of the gateway."""
-
-    def __init__(self) -> None:
-        self.checks: list = []
-
-    def started(self, event) -> None:
-        pass
-
-    def succeeded(self, event) -> None:
-        self.checks.append(event)
-
-    def failed(self, event) -> None:
-        pass
-
-
-def _sessions(cluster, user: str) -> list[dict]:
-    return [e for e in cluster.audit(user=user) if e["event"] == "session.start"]
-
-
-NODE_IDLE_SCRIPT = """
-const { MongoClient } = require('mongodb');
-(async () => {
-  const c = new MongoClient(process.env.MONGO_URI, { serverSelectionTimeoutMS: 20000, heartbeatFrequencyMS: 500 });
-  const beats = [];
-  c.on('serverHeartbeatSucceeded', (e) => beats.push(e));
-  await c.connect();
-  await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('no heartbeats in 20 s')), 20000);
-    c.on('serverHeartbeatSucceeded', () => { if (beats.length >= 3) { clearTimeout(timer); resolve(); } });
-  });
-  console.log(JSON.stringify({ heartbeats: 3, awaited: beats.some((e) => e.awaited) }));
-  await c.close();
-})().catch(e => { console.error(String(e)); process.exit(1); });
-"""
-
-
-def test_a_client_left_idle_opens_no_upstream_session_and_its_first_find_does(mongo_env, tmp_path):
-    cluster, _ = mongo_env
-    g = _gateway(cluster, tmp_path, "mongo")
-    try:
-        proc, p = g.proxy("mongodb", "mongo", "--db-user", "app")
-        # A gateway that has not seen the server yet dials for its first
-        # client's hello; the values are kept for the next connections.
-        with client(p) as c:
-            assert c.admin.command("ping")["ok"] == 1.0
-        wait_for(lambda: "mongodb_session_end" in proc.log(), what="the first client's sessions to end")
-        warm = {e["session_id"] for e in _sessions(cluster, g.user)}
-        assert warm
-
-        def fresh() -> list[dict]:
-            return [e for e in _sessions(cluster, g.user) if e["session_id"] not in warm]
-
-        beats = _Heartbeats()
-        with client(p, heartbeatFrequencyMS=500, event_listeners=[beats]) as c:
-            # The monitor's hellos, every heartbeat, answered here. The
-            # gateway's hello has no topologyVersion: the driver polls.
-            wait_for(lambda: len(beats.checks) >= 4, what="four heartbeats")
-            assert not any(e.awaited for e in beats.checks)
-            assert c.app.lazy_sync.find_one({"n": 1}) is None  # the pool's first command dials
-            cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_sync" for e in evs), user=g.user)
-            started = fresh()
-            assert len(started) == 1, started
-        # The monitor left without ever needing the server.
-        wait_for(lambda: re.search(r"mongodb_client_left .*hellos=\d+ session=none", proc.log()),
-                 what="the monitor's leaving")
-
-        async def main():
-            beats = _Heartbeats()
-            c = pymongo.AsyncMongoClient(f"mongodb://127.0.0.1:{p}/?directConnection=true",
-                                         heartbeatFrequencyMS=500, event_listeners=[beats],
-                                         serverSelectionTimeoutMS=20_000)
-            try:
-                await c.aconnect()  # the async client's monitor starts here
-                for _ in range(400):  # at most 20 s
-                    if len(beats.checks) >= 3:
-                        break
-                    await asyncio.sleep(0.05)
-                assert len(beats.checks) >= 3 and not any(e.awaited for e in beats.checks)
-                assert await c.app.lazy_async.find_one() is None
-            finally:
-                await c.close()
-
-        asyncio.run(main())
-        events = cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_async" for e in evs), user=g.user)
-        find = next(e for e in events if e.get("collection") == "lazy_async")
-        started = fresh()
-        assert [e["session_id"] for e in started][1:] == [find["session_id"]], started
-        # The Node.js driver connects (its monitor's hellos) and leaves: no session.
-        env = {**os.environ, "MONGO_URI": f"mongodb://127.0.0.1:{p}/?directConnection=true"}
-        r = subprocess.run(["node", "-e", NODE_IDLE_SCRIPT], capture_output=True, text=True, timeout=120,
-                           cwd=mongo.node_clients(), env=env)
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout.strip().splitlines()[-1]) == {"heartbeats": 3, "awaited": False}
-        with client(p) as c:
-            assert c.app.lazy_node.find_one() is None
-        events = cluster.wait_audit(lambda evs: any(e.get("collection") == "lazy_node" for e in evs), user=g.user)
-        find = next(e for e in events if e.get("collection") == "lazy_node")
-        assert [e["session_id"] for e in fresh()][2:] == [find["session_id"]]
-    finally:
-        g.stop()
-
-
-def test_a_wrong_local_credential_is_refused_before_any_dial(mongo_env, tmp_path):
-    cluster, _ = mongo_env
-    g = _gateway(cluster, tmp_path, "mongo")
-    try:
-        proc, p = g.proxy("mongodb", "mongo", "--db-user", "app")
-        with client(p) as c:  # the gateway learns the server's hello values
-            assert c.admin.command("ping")["ok"] == 1.0
-        wait_for(lambda: "mongodb_session_end" in proc.log(), what="the first client's sessions to end")
-        warm = {e["session_id"] for e in _sessions(cluster, g.user)}
-        wrong = f"mongodb://wicket:not-the-password@127.0.0.1:{p}/?directConnection=true&authSource=admin"
-        with pymongo.MongoClient(wrong, serverSelectionTimeoutMS=20_000) as c:
-            with pytest.raises(mongo_errors.OperationFailure) as caught:
-                c.app.wrong_pw.find_one()
-        assert caught.value.code == 18 and "local login" in str(caught.value)
-        wait_for(lambda: "mongodb_local_login_failed" in proc.log(), what="the refusal's log line")
-        right = re.search(r'"(mongodb://wicket:[^@"]+@[^"]+)"', proc.log()).group(1)
-        with pymongo.MongoClient(right, serverSelectionTimeoutMS=20_000) as c:
-            assert c.app.right_pw.find_one() is None
-        events = cluster.wait_audit(lambda evs: any(e.get("collection") == "right_pw" for e in evs), user=g.user)
-        find = next(e for e in events if e.get("collection") == "right_pw")
-        started = [e for e in events if e["event"] == "session.start" and e["session_id"] not in warm]
-        assert [e["session_id"] for e in started] == [find["session_id"]], started  # none for the wrong one
-    finally:
-        g.stop()
-
-
-def _raw_conversation(port: int, messages: list, replies: int = 1) -> list:
-    """Send ``messages`` at once on a new connection; the first ``replies``
-    replies, decoded."""
-    import socket
-
-    from protocols.mongodb import MessageReader
-    from protocols.signals import NEED_DATA
-
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(b"".join(m.encode() for m in messages))
-        reader = MessageReader(verify_checksums=False)
-        out = []
-        while len(out) < replies:
-            while (event := reader.next_event()) is NEED_DATA:
-                reader.receive_data(s.recv(65536))
-            out.append(event)
-        return out
-
-
-def _raw_command(port: int, message) -> object:
-    return _raw_conversation(port, [message])[0]
-
-
-def test_what_the_gateway_answers_itself_before_a_session(port):
-    from protocols.mongodb import OpMsg, OpQuery, OpReply, bson
-
-    with client(port) as c:  # the gateway has the server's values: what follows is answered here
-        assert c.admin.command("ping")["ok"] == 1.0
-        in_session = c.admin.command("hello")  # the cluster's answer, on a session
-    # Say the gateway once offered a topologyVersion (it never does): a
-    # server whose processId is not the request's answers at once, and the
-    # driver, seeing none in the answer, goes back to polling. The reply
-    # comes well within the socket's 20 s, a third of maxAwaitTimeMS.
-    awaitable = OpMsg(request_id=7, exhaust_allowed=True, body={
-        "hello": 1, "$db": "admin", "maxAwaitTimeMS": bson.Int64(60_000),
-        "topologyVersion": {"processId": bson.ObjectId(bytes(12)), "counter": bson.Int64(0)}})
-    reply = _raw_command(port, awaitable)
-    assert isinstance(reply, OpMsg) and reply.response_to == 7 and not reply.more_to_come
-    assert reply.body["isWritablePrimary"] is True and "topologyVersion" not in reply.body
-    assert "connectionId" not in reply.body  # no server connection stands behind this answer
-    for key in ("maxWireVersion", "maxMessageSizeBytes", "maxBsonObjectSize"):  # the server's, cached
-        assert reply.body[key] == in_session[key], key
-    # A legacy OP_QUERY isMaster (old drivers' first message) gets an OP_REPLY.
-    legacy = _raw_command(port, OpQuery(request_id=8, collection="admin.$cmd", query={"isMaster": 1}, limit=-1))
-    assert isinstance(legacy, OpReply) and legacy.response_to == 8 and legacy.documents[0]["ismaster"] is True
-    # A first message that is not a hello: told so, in reply to it.
-    refused = _raw_command(port, OpMsg(request_id=9, body={"find": "t", "$db": "app"}))
-    assert isinstance(refused, OpMsg) and refused.response_to == 9
-    assert refused.body["codeName"] == "CommandNotSupported" and "must be hello" in refused.body["errmsg"]
-    # moreToCome: no reply; a checksummed hello is answered.
-    quiet = OpMsg(request_id=10, more_to_come=True, body={"hello": 1, "$db": "admin"})
-    summed = OpMsg(request_id=11, checksum=True, body={"hello": 1, "$db": "admin"})
-    (reply,) = _raw_conversation(port, [quiet, summed])
-    assert reply.response_to == 11 and reply.body["ok"] == 1.0
-    # A login nobody announced in its hello is the local credential's (its
-    # SCRAM challenge, where the cluster would refuse any); the other way
-    # to log in is told what to do.
-    hello = OpMsg(request_id=12, body={"hello": 1, "$db": "admin"})
-    start = OpMsg(request_id=13, body={"saslStart": 1, "mechanism": "SCRAM-SHA-256",
-                                       "payload": b"n,,n=wicket,r=abcdefghijkl", "$db": "admin"})
-    _, challenge = _raw_conversation(port, [hello, start], replies=2)
-    assert challenge.response_to == 13 and challenge.body["ok"] == 1.0 and b"r=abcdefghijkl" in challenge.body["payload"]
-    x509 = OpMsg(request_id=14, body={"authenticate": 1, "mechanism": "MONGODB-X509", "$db": "$external"})
-    _, failed = _raw_conversation(port, [hello, x509], replies=2)
-    assert failed.response_to == 14 and failed.body["code"] == 18
-    assert "remove the user name and password" in failed.body["errmsg"]

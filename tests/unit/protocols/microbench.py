@@ -16,6 +16,15 @@ machine.
 * mux: DATA frames of 100 bytes (a query-sized message) and of 16 KiB,
   fed borrowed in 64 KiB chunks, as muxlink does; ns per frame. With
   ``--splitter``, the same frames through the shared FrameSplitter too.
+* mongo: the cluster's command gate reading a pymongo ``find_one`` by
+  ``_id`` (``client_event``: the command, its database, collection,
+  filter shape and lsid), as it does for every message relayed; µs per
+  message. ``--only mongo`` (or pg, mux) runs one. ``--mongo-reads N``
+  only does N such reads (after one), untimed: run it under callgrind with
+  N and with 0 and divide the difference by N for instructions per read
+  (load-independent)::
+
+      valgrind --tool=callgrind python -m tests.unit.protocols.microbench --mongo-reads 2000
 """
 
 from __future__ import annotations
@@ -111,15 +120,61 @@ def mux_via_splitter(pieces: list[bytes]) -> int:
     return n
 
 
+def find_one_message(key: int = 1234) -> bytes:
+    """What pymongo 4 sends for ``coll.find_one({"_id": key})`` on a
+    directly connected server."""
+    from protocols.mongodb import OpMsg, bson
+
+    return OpMsg(request_id=7, body={
+        "find": "bench", "filter": {"_id": key}, "limit": 1, "singleBatch": True,
+        "lsid": {"id": bson.Binary(4, bytes(range(16)))}, "$db": "bench",
+        "$readPreference": {"mode": "primaryPreferred"}}).encode()
+
+
+def mongo_gate_reads(frames: list) -> int:
+    from protocols.mongodb.audit import client_event
+
+    n = 0
+    for frame in frames:
+        client_event(frame)
+        n += 1
+    return n
+
+
 def main() -> None:
+    if "--mongo-reads" in sys.argv:
+        from protocols.framing import Frame
+
+        raw = find_one_message()
+        mongo_gate_reads([Frame(None, len(raw) - 4, raw[4:])] * (1 + int(sys.argv[sys.argv.index("--mongo-reads") + 1])))
+        return
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    print(f"python {sys.version.split()[0]}; best of {ROUNDS}")
+    if only in (None, "pg"):
+        pg()
+    if only in (None, "mux"):
+        mux()
+    if only in (None, "mongo"):
+        from protocols.framing import Frame
+
+        raw = find_one_message()
+        frames = [Frame(None, len(raw) - 4, raw[4:])] * TRANSACTIONS
+        t = best(mongo_gate_reads, frames) / TRANSACTIONS * 1e6
+        print(f"mongo gate, a find_one read ({len(raw)} B): {t:6.2f} µs/message")
+
+
+def pg() -> None:
     client, server = pgbench_streams(TRANSACTIONS)
     cpieces, spieces = chunks(client, 16384), chunks(server, 16384)
-    print(f"python {sys.version.split()[0]}; {TRANSACTIONS} transactions; best of {ROUNDS}")
+    print(f"{TRANSACTIONS} transactions")
     print(f"client stream {len(client) // TRANSACTIONS} B/tx, server stream {len(server) // TRANSACTIONS} B/tx")
     front = best(audit, FrontendAuditor, cpieces) / TRANSACTIONS * 1e6
     back = best(audit, BackendAuditor, spieces) / TRANSACTIONS * 1e6
     print(f"pg FrontendAuditor: {front:6.2f} µs/transaction (client -> server)")
     print(f"pg BackendAuditor:  {back:6.2f} µs/transaction (server -> client)")
+
+
+def mux() -> None:
     for payload, count in ((100, 200_000), (16384, 20_000)):
         pieces = chunks(mux_stream(payload, count), 65536)
         t = best(mux_decode, pieces) / count * 1e9

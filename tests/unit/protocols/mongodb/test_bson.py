@@ -322,3 +322,110 @@ def test_decode_element_checks_the_span() -> None:
     ((_, kind, start, end),) = bson.elements(data)
     malformed(partial(bson.decode_element, data, kind, start), end + 1)
     malformed(partial(bson.decode_element, data, 0x20, start), end)
+
+
+# --- the top level, only the fields asked for decoded ------------------------------------
+
+
+def test_decode_fields_decodes_the_first_and_the_kept_and_skips_the_rest() -> None:
+    fields, end = bson.decode_fields(WALKED, keep={"oid", "cws"})
+    assert end == len(WALKED)
+    full = bson.decode(WALKED)
+    assert list(fields) == list(full)  # every key, in order
+    assert {k: v for k, v in fields.items() if v is not bson.SKIPPED} == {
+        "d": full["d"], "oid": full["oid"], "cws": full["cws"]}
+    assert bson.decode_fields(WALKED, keep=set(full)) == (full, len(WALKED))
+
+
+def test_decode_fields_counts_arrays_asked_to_be_counted() -> None:
+    data = bson.encode({"insert": "t", "documents": [{"a": 1}, {"b": [1, 2]}, {}], "other": [1],
+                        "ops": "not an array", "$db": "app"})
+    fields, _ = bson.decode_fields(data, keep={"$db"}, count={"documents", "ops"})
+    assert fields == {"insert": "t", "documents": 3, "other": bson.SKIPPED, "ops": bson.SKIPPED,
+                      "$db": "app"}
+    empty, _ = bson.decode_fields(bson.encode({"x": 1, "documents": []}), keep=(), count={"documents"})
+    assert empty["documents"] == 0
+
+
+@pytest.mark.parametrize("data, words", [
+    # A top-level key twice is refused even when neither is decoded.
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00") + element(0x10, "b", b"\x01\x00\x00\x00")
+         + element(0x10, "b", b"\x01\x00\x00\x00")), "twice"),
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00") + element(0x02, "s", struct.pack("<i", 2) + b"xy")),
+     "disagrees"),  # a skipped string without its NUL
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00") + element(0x03, "d", struct.pack("<i", 9))),
+     "exceeds"),  # a skipped document longer than its parent
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00") + element(0x03, "d", struct.pack("<i", 4) + b"\x00\x00")),
+     "disagrees"),  # a skipped document shorter than an empty one
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00") + element(0x04, "n", struct.pack("<i", 8) + b"\x10\x00\x00\x00")),
+     "exceeds"),  # a counted array's element cut short
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00") + element(0x20, "x", b"")), "unknown element type"),
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00") + b"\x0a\xff\x00"), "UTF-8"),
+    (struct.pack("<i", 17 * 1024 * 1024) + b"\x00", "exceeds the maximum"),
+    (doc(element(0x10, "a", b"\x01\x00\x00\x00"))[:-1] + b"\x01", "NUL"),
+])
+def test_decode_fields_still_checks_what_it_walks(data: bytes, words: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        bson.decode_fields(data, keep=(), count={"n"})
+    assert words in info.value.message
+
+
+@_NO_CORPUS
+@pytest.mark.parametrize("name, suite, case", valid_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_corpus_valid_documents_read_by_their_fields(name: str, suite: dict[str, Any],
+                                                      case: dict[str, Any]) -> None:
+    canonical = bytes.fromhex(case["canonical_bson"])
+    full = bson.decode(canonical)
+    every, end = bson.decode_fields(canonical, keep=set(full))
+    assert end == len(canonical) and bson.encode(every) == canonical  # NaN is not equal to itself
+    fields, _ = bson.decode_fields(canonical, keep=())
+    assert list(fields) == list(full)
+
+
+@_NO_CORPUS
+@pytest.mark.parametrize("name, suite, case", decode_error_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_corpus_decode_errors_when_every_field_is_read(name: str, suite: dict[str, Any],
+                                                        case: dict[str, Any]) -> None:
+    data = bytes.fromhex(case["bson"])
+    try:
+        keys = [key for key, *_ in bson.elements(data)]
+    except RemoteProtocolError:
+        keys = []
+    try:
+        fields, end = bson.decode_fields(data, keep=set(keys))
+    except RemoteProtocolError:
+        return
+    assert end != len(data)  # only bytes after the document are left to the caller to refuse
+
+
+@fuzz
+@given(st.binary(min_size=5, max_size=120), st.booleans())
+def test_decode_fields_of_random_bodies_only_ever_raise_a_remote_error(body: bytes, keep_all: bool) -> None:
+    data = struct.pack("<i", len(body) + 4) + body
+    try:
+        keys = {key for key, *_ in bson.elements(data)} if keep_all else ()
+        fields, _ = bson.decode_fields(data, keep=keys, count={"0", "a"})
+    except RemoteProtocolError:
+        return
+    full = None
+    try:
+        full = bson.decode(data)
+    except RemoteProtocolError:
+        pass
+    if full is not None:  # what decodes whole reads the same, field by field
+        assert list(fields) == list(full)
+        assert all(v is bson.SKIPPED or isinstance(v, int) or bson.encode({k: v}) == bson.encode({k: full[k]})
+                   for k, v in fields.items())
+
+
+@settings(parent=fuzz, max_examples=100)
+@given(st.dictionaries(_keys, _values, min_size=1, max_size=5), st.data())
+def test_decode_fields_agrees_with_decode(document: dict[str, Any], data) -> None:
+    encoded = bson.encode(document)
+    keep = data.draw(st.sets(st.sampled_from(sorted(document))))
+    fields, end = bson.decode_fields(encoded, keep=keep)
+    assert end == len(encoded)
+    first = next(iter(document))
+    assert fields == {k: (v if k == first or k in keep else bson.SKIPPED) for k, v in document.items()}

@@ -8,7 +8,9 @@ import pytest
 
 from protocols.mongodb import bson, wire
 from protocols.mongodb.commands import reply_to
-from protocols.mongodb.handshake import ClientHello, client_hello, gateway_hello
+from protocols.mongodb.handshake import (
+    ClientHello, client_hello, compressors_of, gateway_hello, hello_from_params, hello_params, max_message_size,
+)
 from tests.unit.protocols.feeding import malformed
 
 REPLICA_SET_HELLO = {
@@ -90,6 +92,28 @@ def test_the_upstream_hello_travels_as_accept_params_and_back() -> None:
         assert reply[key] == upstream[key]
     assert reply["compression"] == ["zlib"] and reply["connectionId"] == 2**40
     assert not {"hosts", "setName", "primary", "me"} & set(reply)
+
+
+@pytest.mark.parametrize(("size", "limit"), [
+    (48_000_000, 48_000_000), (8 * 1024 * 1024, 8 * 1024 * 1024), (1024 * 1024, 1024 * 1024),
+    (1024 * 1024 - 1, wire.DEFAULT_MAX_MESSAGE_SIZE), (2**40, wire.DEFAULT_MAX_MESSAGE_SIZE),
+    (True, wire.DEFAULT_MAX_MESSAGE_SIZE), ("48000000", wire.DEFAULT_MAX_MESSAGE_SIZE),
+    (None, wire.DEFAULT_MAX_MESSAGE_SIZE),
+])
+def test_the_message_size_a_client_may_send_is_the_servers_within_bounds(size: object, limit: int) -> None:
+    assert max_message_size({} if size is None else {"maxMessageSizeBytes": size}) == limit
+
+
+def test_a_message_size_that_travelled_as_a_param_is_the_servers() -> None:
+    carried = hello_from_params(hello_params({"maxMessageSizeBytes": 8_000_000, "maxWireVersion": 21}))
+    assert max_message_size(carried) == 8_000_000
+
+
+def test_the_compressors_kept_are_those_the_codec_opens_in_the_servers_order() -> None:
+    assert compressors_of(REPLICA_SET_HELLO) == ("zlib",)
+    assert compressors_of({"compression": ["zlib", "snappy"]}) == ("zlib",)
+    assert compressors_of({"compression": "zlib"}) == ()
+    assert compressors_of({}) == ()
 
 
 def test_params_that_do_not_read_are_left_out() -> None:
