@@ -354,7 +354,8 @@ class MySqlSessionAuditor(SessionAuditor):
 
     def _client_event(self, e: object) -> None:
         if isinstance(e, QueryEvent):
-            self.emit("query", query=e.text, truncated=e.truncated, size=e.size, attributes=e.attributes)
+            self.emit("query", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256, size=e.size,
+                      attributes=e.attributes)
             for schema in use_targets(e.text):
                 if not self._init_db(schema):
                     break
@@ -362,7 +363,8 @@ class MySqlSessionAuditor(SessionAuditor):
         elif isinstance(e, ExecuteEvent):
             self.emit("execute", statement_id=e.statement_id, param_count=e.param_count, size=e.size)
         elif isinstance(e, PrepareEvent):
-            self.emit("prepare", query=e.text, truncated=e.truncated, size=e.size)
+            self.emit("prepare", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256,
+                      size=e.size)
         elif isinstance(e, StatementCloseEvent):
             self.emit("stmt_close", statement_id=e.statement_id)
         elif isinstance(e, StatementResetEvent):

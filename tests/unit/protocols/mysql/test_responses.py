@@ -12,13 +12,14 @@ from hypothesis import strategies as st
 from protocols.errors import RemoteProtocolError
 from protocols.mysql.commands import CommandTracker
 from protocols.mysql.constants import Command, ErrorNumber, ServerStatus
-from protocols.mysql.commands import LocalInfileDataEvent, QueryEvent
+from protocols.mysql.commands import LocalInfileDataEvent
 from protocols.mysql.packets import iter_packets
 from protocols.mysql.responses import ErrorEvent, LocalInfileRequestEvent, ResponseAuditor
 from protocols.signals import ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, split
 from tests.unit.protocols.mysql.session import (
-    CAPS, COLUMN, MODERN, Session, command, cut, definitions, eof, err, ok, outcome, pkt, query, result_set,
+    CAPS, COLUMN, MODERN, Session, command, cut, definitions, eof, err, ok, outcome, pkt, query, query_event,
+    result_set,
 )
 
 SYNTAX = ErrorEvent(errno=1064, sqlstate="42000", message="You have an error", truncated=False)
@@ -275,8 +276,7 @@ def test_generated_sessions_report_exactly_their_events(
     session = Session(MODERN if deprecate_eof else CAPS)
     for index, (kind, rows) in enumerate(script):
         text = f"q{index}"
-        assert session.client(query(text), how) == [
-            QueryEvent(text=text, truncated=False, size=len(text) + 1)]
+        assert session.client(query(text), how) == [query_event(text)]
         more_client, server, client_events, server_events = exchange(index, kind, rows,
                                                                      deprecate_eof)
         if kind == "infile":  # the request reaches the client before its file
