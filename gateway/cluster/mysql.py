@@ -231,8 +231,7 @@ class MySqlKind(DatabaseKind):
         ok_hex = outcome.ok_payload.hex()
         if len(ok_hex) > MAX_OK_HEX:  # keep the status and counts, drop session-state details
             ok_hex = outcome.ok_payload[:1].hex() + "0000" + outcome.ok.status.to_bytes(2, "little").hex() + "0000"
-        reply = {**dp.server_params(outcome.server), dp.OK: ok_hex,
-                 dp.SESSION_CAPS: str(outcome.capabilities.value)}
+        reply = {**dp.server_params(outcome.server), dp.OK: ok_hex}
         auditor = MySqlSessionAuditor(cluster, session, outcome.capabilities, resource, db_user)
         auditor.roles = roles
         session.extra["mysql_thread"] = outcome.server.connection_id  # for KILL QUERY (interrupt)

@@ -6,15 +6,20 @@ the local client said in its HandshakeResponse41, so the cluster logs in
 upstream the same way and the relayed command phase agrees end to end
 (:data:`CAPS`, :data:`CHARSET`, :data:`MAX_PACKET`, connection attributes
 under :data:`ATTR_PREFIX`); :data:`PROBE` makes a control dial that only
-reads the server's handshake, :data:`USE` one that asks whether the db user
-may switch to a database (RBAC decides on ``db_user`` and ``db_name``).
+reads the server's handshake.
 
 Cluster -> gateway (DialAccept): the server's handshake values
 (:func:`server_params` / :func:`server_info_of`), which the gateway greets
 later clients with, and the login's verdict: :data:`OK` (the server's OK
 payload) or :data:`ERR` (its ERR payload, verbatim), both hex.
 
-Every value is text (the dial's rule); numbers are decimal.
+Every value is text (the dial's rule); numbers are decimal. Within the
+dial's version, receivers ignore names they do not know, and a name is
+only dropped once no receiver still in use reads it
+(docs/wire.md, "Version rule"): ``mysql.session_caps`` (the capabilities
+the cluster logged in with) is no longer sent; the gateways that read it
+(for their own guard of ``USE``, gone since) fell back to the
+capabilities they had sent, which the cluster's never exceed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from protocols.errors import ProtocolError
 from protocols.mysql.messages import ServerInfo
 
 __all__ = [
-    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "SESSION_CAPS", "ATTR_PREFIX",
+    "CAPS", "CHARSET", "MAX_PACKET", "PROBE", "ATTR_PREFIX",
     "MAX_ATTRIBUTES", "MAX_USER", "MAX_SCHEMA", "VERSION",
     "SERVER_CAPS", "SERVER_CHARSET", "STATUS", "PLUGIN", "THREAD", "OK", "ERR",
     "server_params", "server_info_of",
@@ -52,9 +57,6 @@ PLUGIN: Final = "mysql.plugin"
 THREAD: Final = "mysql.thread"
 OK: Final = "mysql.ok"
 ERR: Final = "mysql.err"
-#: The capabilities the session runs with upstream (the client's, less
-#: what the cluster did not ask of the server).
-SESSION_CAPS: Final = "mysql.session_caps"
 
 def server_params(info: ServerInfo) -> dict[str, str]:
     """A server's handshake values as DialAccept parameters."""
