@@ -207,7 +207,11 @@ class MySqlKind(DatabaseKind):
         # LOCAL INFILE lets the server read files of the client's machine:
         # offered to it only where a role says local_infile = ["on"].
         infile = Capability.LOCAL_FILES in caps and local_infile_allowed(roles, resource, params)
-        caps &= ~(Capability.COMPRESS | Capability.ZSTD_COMPRESSION_ALGORITHM)
+        # Compression could not be audited, nor MySQL 8's result sets
+        # without metadata followed (no gateway asks for them: one that did
+        # would not get them).
+        caps &= ~(Capability.COMPRESS | Capability.ZSTD_COMPRESSION_ALGORITHM
+                  | Capability.OPTIONAL_RESULTSET_METADATA)
         if not infile:
             caps &= ~Capability.LOCAL_FILES
         charset = int(params.get(dp.CHARSET, "0")) or None

@@ -106,6 +106,8 @@ class CommandTracker:
         # (Flag membership is a Python call: asked once, not per packet.)
         self.deprecate_eof = Capability.DEPRECATE_EOF in capabilities
         self.query_attributes = Capability.QUERY_ATTRIBUTES in capabilities
+        # MariaDB: a column count carries a "metadata follows" byte.
+        self.cache_metadata = Capability.MARIADB_CACHE_METADATA in capabilities
         self.pending: deque[tuple[int, Expect]] = deque()
         self.infile = False
         self._statements: dict[int, int] = {}

@@ -80,11 +80,13 @@ def definitions(count: int, seq: int, *, deprecate_eof: bool) -> tuple[bytes, in
 
 
 def result_set(rows: list[bytes], *, deprecate_eof: bool, status: int = 2,
-               columns: int = 2, start: int = 1) -> bytes:
-    """A text result set: count, definitions, [EOF], rows, EOF or OK(0xFE)."""
+               columns: int = 2, start: int = 1, metadata: int | None = None) -> bytes:
+    """A text result set: count, definitions, [EOF], rows, EOF or OK(0xFE).
+    ``metadata``: the byte after the count with MariaDB's cached metadata
+    (MARIADB_CACHE_METADATA), 1: the definitions follow, 0: they do not."""
     seq = start
-    out = bytearray(pkt(seq, bytes([columns])))
-    defs, seq = definitions(columns, seq, deprecate_eof=deprecate_eof)
+    out = bytearray(pkt(seq, bytes([columns] if metadata is None else [columns, metadata])))
+    defs, seq = definitions(0 if metadata == 0 else columns, seq, deprecate_eof=deprecate_eof)
     out += defs
     for row in rows:
         seq += 1
