@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import shutil
 import socket
+import struct
 import subprocess
 
 import re
@@ -25,7 +26,10 @@ from tests.integration.dbenv import add_resource, database_env, new_gateway
 from tests.integration.harness import wait_for
 
 from gateway.local.mariadbserver import MariaDbServer, find_mariadbd  # noqa: E402
-from protocols.mysql import Capability, Handshake  # noqa: E402
+from protocols.buffer import ReceiveBuffer  # noqa: E402
+from protocols.mysql import (  # noqa: E402
+    DEFAULT_CLIENT_CAPABILITIES, NEED_DATA, Capability, Handshake, LoginReady, PacketChannel, UpstreamLogin,
+)
 from protocols.mysql import dialparams as dp  # noqa: E402
 from protocols.mysql.packets import iter_packets  # noqa: E402
 
@@ -168,4 +172,87 @@ def test_pymysql_and_mysqlclient_with_and_without_cached_metadata(audit_env):
         assert cur.fetchone() == (42,)
     finally:
         conn.close()
+    assert not cluster.audit(user=gw.user, event="mysql.protocol_error")
+
+
+def _login(port: int, caps: Capability) -> tuple[socket.socket, bytes]:
+    """A raw session through the gateway, logged in with ``caps`` by the
+    codec's own client; (socket, bytes left over)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    login = UpstreamLogin(user="app", database="app", capabilities=caps)
+    while True:
+        event = login.next_event()
+        out = login.data_to_send()
+        if out:
+            sock.sendall(out)
+        if event is NEED_DATA:
+            login.receive_data(sock.recv(65536))
+        elif isinstance(event, LoginReady):
+            assert Capability.MARIADB_CACHE_METADATA in event.capabilities
+            return sock, login.trailing_data[0]
+        else:
+            raise AssertionError(f"login: {event!r}")
+
+
+class _Raw:
+    """A command at a time over a raw session: send one, read its answers."""
+
+    def __init__(self, sock: socket.socket, left: bytes) -> None:
+        self.sock, self.buffer = sock, ReceiveBuffer(1 << 20)
+        if left:
+            self.buffer.feed(left)
+        self.channel = PacketChannel(what="gateway")
+
+    def send(self, payload: bytes) -> None:
+        self.channel.reset()
+        self.sock.sendall(self.channel.write(payload))
+
+    def read(self, n: int = 1) -> list[bytes]:
+        out: list[bytes] = []
+        while len(out) < n:
+            got = self.channel.read(self.buffer)
+            if got is None:
+                data = self.sock.recv(65536)
+                assert data, "the session was closed"
+                self.buffer.feed(data)
+            else:
+                out.append(got)
+        return out
+
+
+def test_an_execution_without_its_definitions_is_followed(audit_env):
+    """MariaDB leaves out the column definitions of a second execution
+    (the column count's byte says 0): seen here with the codec's own
+    client through the gateway, and the cluster follows it (the next
+    command's ERR is on record, so the response was not misread)."""
+    cluster, gw, port = audit_env
+    caps = DEFAULT_CLIENT_CAPABILITIES | Capability.MARIADB_CACHE_METADATA
+    eofs = 0 if Capability.DEPRECATE_EOF in caps else 1
+    sock, left = _login(port, caps)
+    with sock:
+        raw = _Raw(sock, left)
+        raw.send(b"\x16select ? + 1, 'c'")
+        (ok,) = raw.read()
+        statement, columns, params = struct.unpack_from("<IHH", ok, 1)
+        assert (columns, params) == (2, 1)
+        raw.read(params + columns + 2 * eofs)
+        execute = (b"\x17" + struct.pack("<IBI", statement, 0, 1) + b"\x00\x01" + b"\x08\x00"
+                   + struct.pack("<q", 41))
+        counts, rows = [], []
+        for _ in range(3):
+            raw.send(execute)
+            (count,) = raw.read()
+            counts.append(count)
+            answer = raw.read((columns if count[1:] == b"\x01" else 0) + eofs + 2)
+            rows.append(answer[-2])
+        assert counts == [b"\x02\x01", b"\x02\x00", b"\x02\x00"]
+        assert rows[0] == rows[1] == rows[2] and rows[0].endswith(b"\x01c")
+        raw.send(b"\x03select * from no_such_table_cached")
+        (err,) = raw.read()
+        assert err[:1] == b"\xff"
+    errors = cluster.wait_audit(lambda evs: any("no_such_table_cached" in e["message"] for e in evs), user=gw.user,
+                                event="mysql.error")
+    session = next(e["session_id"] for e in errors if "no_such_table_cached" in e["message"])
+    executes = [e for e in cluster.audit(user=gw.user, event="mysql.execute") if e["session_id"] == session]
+    assert len(executes) == 3 and all(e["param_count"] == 1 for e in executes)
     assert not cluster.audit(user=gw.user, event="mysql.protocol_error")
