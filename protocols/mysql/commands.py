@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from hashlib import sha256 as _sha256
 from collections.abc import Callable, Mapping
 from typing import Final, Union
 
@@ -331,9 +332,16 @@ class CommandAuditor(StreamAuditor):
                     elif command == _QUERY and not tracker.query_attributes:
                         tracker.sent(_QUERY)
                         raw = data[body + 1:pos]
-                        s = StatementReader.of(raw if type(raw) is bytes else bytes(raw), self._max_text)
-                        self._events.append(QueryEvent(text=s.text, truncated=s.truncated, length=s.length,
-                                                       sha256=s.sha256, size=length))
+                        if type(raw) is not bytes:
+                            raw = bytes(raw)
+                        if length <= self._max_text:  # whole: the event straight from the bytes
+                            self._events.append(QueryEvent(text=raw.decode("utf-8", "replace"), truncated=False,
+                                                           length=length - 1, sha256=_sha256(raw).hexdigest(),
+                                                           size=length))
+                        else:
+                            s = StatementReader.of(raw, self._max_text)
+                            self._events.append(QueryEvent(text=s.text, truncated=s.truncated, length=s.length,
+                                                           sha256=s.sha256, size=length))
                     else:
                         on_frame(Frame(0, length, bytes(data[body:pos])))
                 except RemoteProtocolError as exc:
