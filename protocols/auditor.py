@@ -30,7 +30,13 @@ A statement in a message kept only as a prefix is not cut short either: a
 subclass hands it to :meth:`StreamAuditor._statement`, which follows the
 rest of the message as it streams past (:meth:`FrameSplitter.follow`),
 into the digest and the tail, and queues the event when the message ends.
-So a statement of any size costs ``max_text`` bytes and a hash state.
+A statement may also go on past its frame, in frames of its own (MySQL
+sends a payload of 2^24-1 bytes or more as several packets): the subclass
+says so (``continued``) and hands each further frame to
+:meth:`StreamAuditor._statement_goes_on`, keeping as little of it as it
+likes; the rest of each is followed the same way, and the event comes
+with the last. So a statement of any size costs ``max_text`` bytes and a
+hash state.
 """
 
 from __future__ import annotations
@@ -46,11 +52,15 @@ from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.framing import Frame, FrameLayout, FrameSplitter
 from protocols.signals import NEED_DATA, ConnectionClosed
 
-__all__ = ["DEFAULT_MAX_TEXT", "Statement", "StatementReader", "StreamAuditor"]
+__all__ = ["DEFAULT_MAX_TEXT", "LATER", "Statement", "StatementReader", "StreamAuditor"]
 
 #: Statement text an event carries: the whole text up to this many bytes,
 #: else the first and the last half of it.
 DEFAULT_MAX_TEXT: Final = 16 * 1024
+
+#: What :meth:`StreamAuditor._statement_event` answers when the event comes
+#: later, once the rest of its statement has streamed past.
+LATER: Final = object()
 
 
 @attrs.frozen(kw_only=True)
@@ -171,8 +181,10 @@ class StreamAuditor:
         #: Bytes received, parsed or not.
         self.bytes_seen = 0
         # A statement whose message is still streaming past: its reader and
-        # what makes its event (see _statement).
+        # what makes its event (see _statement); and whether it goes on in
+        # frames after this one (``continued``).
         self._following: tuple[StatementReader, Callable[[Statement], Any]] | None = None
+        self._continued = False
 
     @property
     def messages_seen(self) -> int:
@@ -186,12 +198,13 @@ class StreamAuditor:
             if not self._eof:
                 self._eof = True
                 if self._error is None:
+                    clean = self._splitter.at_boundary
                     if self._following is not None:  # the stream ended inside a statement
                         reader, make = self._following
-                        self._following = None
+                        self._following, clean = None, False
                         self._events.append(make(reader.result(complete=False)))
                     self._on_eof()
-                    self._closed = ConnectionClosed(clean=self._splitter.at_boundary)
+                    self._closed = ConnectionClosed(clean=clean)
             return
         if self._eof:
             raise LocalProtocolError("receive_data() got bytes after EOF (b'')")
@@ -236,20 +249,46 @@ class StreamAuditor:
     # -- for a protocol's handlers ----------------------------------------------
 
     def _statement(self, frame: Frame, reader: StatementReader,
-                   make: Callable[[Statement], Any]) -> Statement | None:
+                   make: Callable[[Statement], Any], *, continued: bool = False) -> Statement | None:
         """The statement ``reader`` has read from ``frame``'s kept body. If
-        the frame is whole, or the statement ended inside what was kept, it
-        is returned at once. Else None: the rest of the frame is followed as
-        it streams past, and ``make(statement)`` is queued when the frame
-        ends (or the stream does), so the event carries the statement's full
-        length, digest and tail whatever its size."""
-        if frame.complete or reader.ended:
-            return reader.result(complete=frame.complete or reader.ended)
-        self._following = (reader, make)
-        self._splitter.follow(reader.update, self._followed)
+        the frame is whole (and the statement does not go on past it), or
+        the statement ended inside what was kept, it is returned at once.
+        Else None: the rest of the frame is followed as it streams past, and
+        ``make(statement)`` is queued when the frame ends (or the stream
+        does), so the event carries the statement's full length, digest and
+        tail whatever its size. ``continued``: the statement goes on in the
+        frames after this one, which the subclass hands to
+        :meth:`_statement_goes_on`; the event then comes with the last."""
+        if reader.ended or (frame.complete and not continued):
+            return reader.result()
+        self._following, self._continued = (reader, make), continued
+        if not frame.complete:
+            self._splitter.follow(reader.update, self._followed)
         return None
 
+    def _statement_event(self, frame: Frame, reader: StatementReader,
+                         make: Callable[[Statement], Any], *, continued: bool = False) -> Any:
+        """:meth:`_statement`, for a handler: ``make``'s event now, or
+        :data:`LATER` (it is queued when the statement has streamed past)."""
+        statement = self._statement(frame, reader, make, continued=continued)
+        return LATER if statement is None else make(statement)
+
+    def _statement_goes_on(self, frame: Frame, *, last: bool) -> None:
+        """A frame that carries more of the statement being followed (see
+        :meth:`_statement`): its kept body, then the rest of it as it
+        streams past, into the statement; ``last``: the statement ends
+        with this frame."""
+        reader, _ = self._following  # type: ignore[misc]
+        reader.update(frame.body)
+        self._continued = not last
+        if not frame.complete:
+            self._splitter.follow(reader.update, self._followed)
+        elif last:
+            self._followed()
+
     def _followed(self) -> None:
+        if self._continued:
+            return  # the statement goes on in the next frame
         reader, make = self._following  # type: ignore[misc]
         self._following = None
         # Ended at its terminator, or (a protocol without one) with the frame.

@@ -25,22 +25,30 @@ LOCAL INFILE transfer starts, and which prepared statement has how many
 parameters (so COM_STMT_EXECUTE can report the count; values never are).
 
 A command is kept whole up to ``max_message`` bytes, else as a prefix of
-``max_text`` + 1 KiB; statement text is cut to ``max_text`` bytes, with a
-flag. Text is decoded as UTF-8 with replacement (an audit record never
-fails over a charset). Compressed sessions cannot be read: the tracker
-refuses a CLIENT_COMPRESS session.
+``max_text`` + 1 KiB. A statement (COM_QUERY, COM_STMT_PREPARE) is
+recorded as :class:`~protocols.auditor.StreamAuditor` records every
+statement (issue 15's rule): its full length and the SHA-256 of all of its
+bytes, always, and its text whole up to ``max_text`` bytes, else its first
+and last halves of that around a marker. A statement longer than what was
+kept, or than one packet (a payload of 2^24-1 bytes or more goes on in the
+packets after it), is followed to its end as it streams past, into the
+digest and the tail: its event comes with its last packet. Other text is
+cut to ``max_text`` bytes. Text is decoded as UTF-8 with replacement (an
+audit record never fails over a charset). Compressed sessions cannot be
+read: the tracker refuses a CLIENT_COMPRESS session.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from hashlib import sha256 as _sha256
+from collections.abc import Callable, Mapping
 from typing import Final, Union
 
 import attrs
 
-from protocols.auditor import StreamAuditor
+from protocols.auditor import DEFAULT_MAX_TEXT, LATER, Statement, StatementReader, StreamAuditor
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.framing import MYSQL_PACKET, Frame
 from protocols.mysql.constants import MAX_PAYLOAD, Capability, Command, ErrorNumber
@@ -54,7 +62,6 @@ __all__ = [
     "LocalInfileDataEvent", "CommandAuditEvent", "CommandAuditor",
 ]
 
-DEFAULT_MAX_TEXT: Final = 16 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1024 * 1024
 _PREFIX_SLACK: Final = 1024
 _LAST_PREPARED: Final = 0xFFFFFFFF  # MariaDB: "the statement prepared last"
@@ -100,6 +107,8 @@ class CommandTracker:
         # (Flag membership is a Python call: asked once, not per packet.)
         self.deprecate_eof = Capability.DEPRECATE_EOF in capabilities
         self.query_attributes = Capability.QUERY_ATTRIBUTES in capabilities
+        # MariaDB: a column count carries a "metadata follows" byte.
+        self.cache_metadata = Capability.MARIADB_CACHE_METADATA in capabilities
         self.pending: deque[tuple[int, Expect]] = deque()
         self.infile = False
         self._statements: dict[int, int] = {}
@@ -145,18 +154,31 @@ _event = attrs.frozen(kw_only=True)
 @_event
 class QueryEvent:
     """COM_QUERY. ``attributes``: how many query attributes came with it
-    (their values are not reported)."""
+    (their values are not reported).
+
+    ``text`` is the statement whole, or its head and tail around a marker
+    (:class:`~protocols.auditor.Statement`); ``length`` its full length in
+    bytes and ``sha256`` the digest of all of them. Both are None only when
+    query attributes ahead of the text were too long to read past (over
+    ``max_text`` + 1 KiB in a command over ``max_message``): ``text`` is
+    then empty and ``truncated`` set."""
 
     text: str
     truncated: bool
-    size: int
+    length: int | None
+    sha256: str | None
+    size: int  # the command's payload, in bytes
     attributes: int = 0
 
 
 @_event
 class PrepareEvent:
+    """COM_STMT_PREPARE: the statement as :class:`QueryEvent` has it."""
+
     text: str
     truncated: bool
+    length: int
+    sha256: str
     size: int
 
 
@@ -309,8 +331,17 @@ class CommandAuditor(StreamAuditor):
                             data[body + 5], length))
                     elif command == _QUERY and not tracker.query_attributes:
                         tracker.sent(_QUERY)
-                        text, cut = _text(data[body + 1:pos], self._max_text)
-                        self._events.append(QueryEvent(text=text, truncated=cut, size=length))
+                        raw = data[body + 1:pos]
+                        if type(raw) is not bytes:
+                            raw = bytes(raw)
+                        if length <= self._max_text:  # whole: the event straight from the bytes
+                            self._events.append(QueryEvent(text=raw.decode("utf-8", "replace"), truncated=False,
+                                                           length=length - 1, sha256=_sha256(raw).hexdigest(),
+                                                           size=length))
+                        else:
+                            s = StatementReader.of(raw, self._max_text)
+                            self._events.append(QueryEvent(text=s.text, truncated=s.truncated, length=s.length,
+                                                           sha256=s.sha256, size=length))
                     else:
                         on_frame(Frame(0, length, bytes(data[body:pos])))
                 except RemoteProtocolError as exc:
@@ -343,7 +374,11 @@ class CommandAuditor(StreamAuditor):
             else:  # the empty packet: end of file
                 self._flush_file()
             return None
-        if continues or seq:
+        if continues:
+            # The rest of a payload of 2^24-1 bytes or more: followed,
+            # unkept, if it is a statement's (see _on_frame), else skipped.
+            return None if self._following is None else 0
+        if seq:
             return None
         if not length:
             malformed("an empty command packet", ErrorNumber.ER_UNKNOWN_COM_ERROR)
@@ -360,32 +395,58 @@ class CommandAuditor(StreamAuditor):
             self._flush_file()
 
     def _on_frame(self, frame: Frame) -> None:
+        if self._following is not None:  # the next packet of a statement's payload
+            self._statement_goes_on(frame, last=frame.body_length < MAX_PAYLOAD)
+            return
         command = frame.body[0]
         handler = _HANDLERS.get(command, CommandAuditor._other)
         reader = Reader(frame.body, "a command", complete=frame.complete)
         reader.skip(1)
         self._tracker.sent(command)
         try:
-            self._events.append(handler(self, reader, frame))
+            event = handler(self, reader, frame)
         except Cut:
-            self._events.append(CommandEvent(command=command, size=frame.body_length))
+            event = CommandEvent(command=command, size=frame.body_length)
+        if event is not LATER:  # (else queued once the statement has streamed past)
+            self._events.append(event)
         self._ended = command == _QUIT
 
-    def _query(self, reader: Reader, frame: Frame) -> QueryEvent:
+    def _query(self, reader: Reader, frame: Frame) -> QueryEvent | object:
         count = 0
         if self._tracker.query_attributes:
             try:
                 count = _skip_query_attributes(reader)
             except Cut:
-                return QueryEvent(text="", truncated=True, size=frame.body_length)
-        text, cut = _text(reader.rest(), self._max_text)
-        return QueryEvent(text=text, truncated=cut or not frame.complete,
-                          size=frame.body_length, attributes=count)
+                return QueryEvent(text="", truncated=True, length=None, sha256=None,
+                                  size=frame.body_length)
 
-    def _prepare(self, reader: Reader, frame: Frame) -> PrepareEvent:
-        text, cut = _text(reader.rest(), self._max_text)
-        return PrepareEvent(text=text, truncated=cut or not frame.complete,
-                            size=frame.body_length)
+        def event(s: Statement, size: int) -> QueryEvent:
+            return QueryEvent(text=s.text, truncated=s.truncated, length=s.length, sha256=s.sha256,
+                              size=size, attributes=count)
+
+        return self._statement_of(reader, frame, event)
+
+    def _prepare(self, reader: Reader, frame: Frame) -> PrepareEvent | object:
+        def event(s: Statement, size: int) -> PrepareEvent:
+            return PrepareEvent(text=s.text, truncated=s.truncated, length=s.length, sha256=s.sha256,
+                                size=size)
+
+        return self._statement_of(reader, frame, event)
+
+    def _statement_of(self, reader: Reader, frame: Frame,
+                      event: Callable[[Statement, int], object]) -> object:
+        """The event of the statement that runs from ``reader``'s position
+        to the end of the payload: now if it is all in ``frame``, else
+        :data:`LATER` (followed through the rest of the frame and the
+        packets that continue it)."""
+        continued = frame.body_length == MAX_PAYLOAD
+        if frame.complete and not continued:
+            return event(StatementReader.of(reader.rest(), self._max_text), frame.body_length)
+        ahead = reader.consumed  # the command byte and any query attributes
+        statement = StatementReader(self._max_text)
+        statement.update(reader.rest())
+        return self._statement_event(frame, statement, lambda s: event(s, ahead + s.length),
+                                     continued=continued)
 
     def _execute(self, reader: Reader, frame: Frame) -> ExecuteEvent:
         statement = reader.int4()

@@ -156,6 +156,11 @@ class Reader:
         return out
 
     @property
+    def consumed(self) -> int:
+        """Bytes read so far."""
+        return self._pos
+
+    @property
     def remaining(self) -> int:
         return len(self._data) - self._pos
 

@@ -18,7 +18,11 @@ follows each response's structure, knowing from the shared
 
     RESULT:  OK | ERR | 0xFB file name | column count, N column definitions,
              [EOF], rows ..., EOF or OK(0xFE) or ERR;
-             another result follows while the status says MORE_RESULTS_EXISTS
+             another result follows while the status says MORE_RESULTS_EXISTS;
+             with MariaDB's MARIADB_CLIENT_CACHE_METADATA the column count
+             has a byte after it, "metadata follows": 0 (an execution whose
+             columns did not change since the client last saw them) and no
+             definitions come, only the [EOF]
     PREPARE: ERR | PREPARE_OK, P parameter and C column definitions, each
              run followed by EOF unless CLIENT_DEPRECATE_EOF
     ROWS:    rows ..., EOF/OK(0xFE) or ERR        (COM_STMT_FETCH)
@@ -154,6 +158,7 @@ class ResponseAuditor(StreamAuditor):
         pos = count = 0
         seq_due, left = self._seq, self._left
         deprecate_eof = self._tracker.deprecate_eof
+        count_length = 2 if self._tracker.cache_metadata else 1  # (and the metadata byte)
         while end - pos >= 5:
             length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
             body = pos + 4
@@ -192,8 +197,13 @@ class ResponseAuditor(StreamAuditor):
                         break
                     status = data[body + 3] | data[body + 4] << 8
                     phase = _Phase.FIRST if status & _MORE_RESULTS and not status & _CURSOR else _Phase.IDLE
-                elif length == 1 and first < 0xFB:  # a column count (a RESULT's runs are [])
-                    phase, left = _Phase.DEFINITIONS, first
+                elif length == count_length and first < 0xFB:  # a column count (a RESULT's runs are [])
+                    if length == 1 or data[body + 1] == 1:
+                        phase, left = _Phase.DEFINITIONS, first
+                    elif data[body + 1]:
+                        break  # (the general way says what is wrong)
+                    else:  # metadata cached: no definitions
+                        phase = _Phase.ROWS if deprecate_eof else _Phase.DEFINITIONS_EOF
                 else:
                     break
             else:
@@ -313,16 +323,20 @@ class ResponseAuditor(StreamAuditor):
             self._phase = _Phase.INFILE_RESULT
             self._seq = -1
         elif self._expect is _RESULT:
-            if frame.body_length == 1 and first < 0xFB:
-                columns = first  # the common case: under 251 columns
-            else:
-                reader = Reader(frame.body, "a column count")
-                columns = reader.lenenc_int()
-                reader.end()
+            reader = Reader(frame.body, "a column count")
+            columns = reader.lenenc_int()
+            follows = reader.int1() if self._tracker.cache_metadata else 1
+            reader.end()
             if not 0 < columns <= 0xFFFF:
                 reader.fail(f"a result set of {columns} columns")
-            self._runs, self._left = [], columns
-            self._phase = _Phase.DEFINITIONS
+            if follows not in (0, 1):
+                reader.fail(f"metadata follows is {follows}, not 0 or 1")
+            self._runs = []
+            if follows:
+                self._left, self._phase = columns, _Phase.DEFINITIONS
+            else:  # the client has them from before: only the [EOF] comes
+                self._left = 0
+                self._end_run()
         else:  # COM_STATISTICS' text, or whatever a simple command got
             self._done()
 

@@ -73,10 +73,11 @@ GATEWAY_DROPS: Final = (Capability.SSL | Capability.COMPRESS
                         | Capability.SSL_VERIFY_SERVER_CERT | Capability.REMEMBER_OPTIONS
                         | Capability.MULTI_FACTOR_AUTHENTICATION
                         | Capability.CAPABILITY_EXTENSION
-                        # Result sets without column definitions: the
-                        # auditor follows result sets by their metadata.
-                        | Capability.OPTIONAL_RESULTSET_METADATA
-                        | Capability.MARIADB_CACHE_METADATA)
+                        # MySQL 8's result sets without column definitions:
+                        # the auditor follows result sets by their metadata.
+                        # (MariaDB's cached metadata, which it follows, is
+                        # offered where the cluster says so: dialparams.)
+                        | Capability.OPTIONAL_RESULTSET_METADATA)
 #: What the gateway's own connection phase needs.
 _GATEWAY_NEEDS: Final = (Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION
                          | Capability.PLUGIN_AUTH)

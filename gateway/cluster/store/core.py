@@ -389,6 +389,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
             BEGIN SELECT RAISE(ABORT, 'the name is taken by a user'); END""",
         *_counter_triggers("bots"),
     ),
+    (
+        # The login limiters count failures per client host: their index
+        # held a json_extract of every audit row, every audited statement
+        # included. Now only of the events they count, which their queries
+        # name literally (a partial index serves a query whose WHERE has
+        # one of its WHERE's terms as it is: Store._audit_filters).
+        "DROP INDEX audit_event_client_host_time",
+        "CREATE INDEX audit_event_client_host_time"
+        " ON audit (event, json_extract(fields, '$.client_host'), time)"
+        " WHERE event = 'login.failed' OR event = 'bot.join_failed'",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from hashlib import sha256
 from typing import Final, Literal
 
-from protocols.auditor import DEFAULT_MAX_TEXT, Statement, StatementReader
+from protocols.auditor import DEFAULT_MAX_TEXT, LATER, Statement, StatementReader
 from protocols.framing import Frame
 from protocols.postgres.audit.events import (
     BindEvent, CopyDirection, CopyDoneEvent, CopyFailEvent, ExecuteEvent, FrontendEvent, FunctionCallEvent,
@@ -20,10 +20,6 @@ from protocols.postgres.messages import FRONTEND_TYPES, MAX_MESSAGE_LENGTH, Sign
 
 _U16 = struct.Struct(">H")
 _I32 = struct.Struct(">i")
-
-#: A handler's answer when its event comes once the message's rest has
-#: streamed past (a statement in a message over max_message).
-_LATER: Final = object()
 
 # How much of each frontend message the events need. Bodies of the types in
 # _EMPTY_FRONTEND must be empty; _QUIET ones make no event of their own and
@@ -80,7 +76,7 @@ class FrontendAuditor(Auditor):
             self._flush_copy()
         handler = _FRONTEND_HANDLERS.get(frame.kind)  # (type_code, without the property's call)
         event = handler(self, frame) if handler is not None else None
-        if event is _LATER:  # queued when the rest of the message has gone by
+        if event is LATER:  # queued when the rest of the message has gone by
             return
         if event is None and self._report_all:
             event = MessageEvent(type_code=frame.type_code, size=frame.body_length)
@@ -136,10 +132,9 @@ class FrontendAuditor(Auditor):
     def _statement_of(self, frame: Frame, reader: StatementReader,
                       event: Callable[[Statement], object]) -> object:
         """The event of a statement in a message kept only as a prefix: now
-        if the prefix holds all of the statement, else :data:`_LATER`."""
+        if the prefix holds all of the statement, else :data:`LATER`."""
         reader.update(frame.body)
-        statement = self._statement(frame, reader, event)
-        return _LATER if statement is None else event(statement)
+        return self._statement_event(frame, reader, event)
 
     def _bind(self, frame: Frame) -> BindEvent:
         if not self._bind_values and frame.complete:

@@ -4,7 +4,9 @@ builders for the packets either side sends."""
 
 from __future__ import annotations
 
-from protocols.mysql.commands import CommandAuditor, CommandTracker
+import hashlib
+
+from protocols.mysql.commands import CommandAuditor, CommandTracker, PrepareEvent, QueryEvent
 from protocols.mysql.constants import Capability, Command
 from protocols.mysql.packets import lenenc_bytes
 from protocols.mysql.responses import ResponseAuditor
@@ -27,6 +29,25 @@ def command(code: int, body: bytes = b"") -> bytes:
 
 def query(text: str) -> bytes:
     return command(Command.QUERY, text.encode())
+
+
+def statement_fields(text: str | bytes) -> dict[str, object]:
+    """What an event of a statement short enough to be kept whole says of it."""
+    raw = text.encode() if isinstance(text, str) else text
+    return {"text": raw.decode("utf-8", "replace"), "truncated": False, "length": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def query_event(text: str | bytes, *, size: int | None = None, attributes: int = 0) -> QueryEvent:
+    """The QueryEvent of a whole, short COM_QUERY ``text``."""
+    fields = statement_fields(text)
+    return QueryEvent(**fields, size=1 + fields["length"] if size is None else size,  # type: ignore[arg-type]
+                      attributes=attributes)
+
+
+def prepare_event(text: str | bytes) -> PrepareEvent:
+    fields = statement_fields(text)
+    return PrepareEvent(**fields, size=1 + fields["length"])  # type: ignore[arg-type]
 
 
 def ok(seq: int, status: int = 2, header: int = 0x00) -> bytes:
@@ -59,11 +80,13 @@ def definitions(count: int, seq: int, *, deprecate_eof: bool) -> tuple[bytes, in
 
 
 def result_set(rows: list[bytes], *, deprecate_eof: bool, status: int = 2,
-               columns: int = 2, start: int = 1) -> bytes:
-    """A text result set: count, definitions, [EOF], rows, EOF or OK(0xFE)."""
+               columns: int = 2, start: int = 1, metadata: int | None = None) -> bytes:
+    """A text result set: count, definitions, [EOF], rows, EOF or OK(0xFE).
+    ``metadata``: the byte after the count with MariaDB's cached metadata
+    (MARIADB_CACHE_METADATA), 1: the definitions follow, 0: they do not."""
     seq = start
-    out = bytearray(pkt(seq, bytes([columns])))
-    defs, seq = definitions(columns, seq, deprecate_eof=deprecate_eof)
+    out = bytearray(pkt(seq, bytes([columns] if metadata is None else [columns, metadata])))
+    defs, seq = definitions(0 if metadata == 0 else columns, seq, deprecate_eof=deprecate_eof)
     out += defs
     for row in rows:
         seq += 1

@@ -28,6 +28,20 @@ def test_missing_or_bad_values_are_none(broken):
     assert dp.server_info_of(params) is None
 
 
+def test_what_the_cluster_follows_is_offered_and_nothing_else():
+    info = ServerInfo(server_version="5.5.5-10.11.19-MariaDB", capabilities=INFO.capabilities
+                      | Capability.MARIADB_CACHE_METADATA | Capability.MARIADB_PROGRESS, charset=45, status=2)
+    params = dp.server_params(info)
+    assert params[dp.FOLLOWS] == str(Capability.MARIADB_CACHE_METADATA.value)
+    assert dp.server_info_of(params) == info
+    # An older cluster does not say: the gateway does not offer what that
+    # cluster's auditor could not follow, and keeps the rest.
+    older = {k: v for k, v in params.items() if k != dp.FOLLOWS}
+    learnt = dp.server_info_of(older)
+    assert learnt is not None
+    assert learnt.capabilities == info.capabilities & ~Capability.MARIADB_CACHE_METADATA
+
+
 def test_the_login_tells_the_servers_handshake_before_its_verdict():
     from protocols.mysql import Handshake
     login = UpstreamLogin(user="app")

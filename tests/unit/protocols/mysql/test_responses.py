@@ -11,14 +11,15 @@ from hypothesis import strategies as st
 
 from protocols.errors import RemoteProtocolError
 from protocols.mysql.commands import CommandTracker
-from protocols.mysql.constants import Command, ErrorNumber, ServerStatus
-from protocols.mysql.commands import LocalInfileDataEvent, QueryEvent
+from protocols.mysql.constants import Capability, Command, ErrorNumber, ServerStatus
+from protocols.mysql.commands import LocalInfileDataEvent
 from protocols.mysql.packets import iter_packets
 from protocols.mysql.responses import ErrorEvent, LocalInfileRequestEvent, ResponseAuditor
 from protocols.signals import ConnectionClosed
 from tests.unit.protocols.feeding import FEEDS, fuzz, malformed, split
 from tests.unit.protocols.mysql.session import (
-    CAPS, COLUMN, MODERN, Session, command, cut, definitions, eof, err, ok, outcome, pkt, query, result_set,
+    CAPS, COLUMN, MODERN, Session, command, cut, definitions, eof, err, ok, outcome, pkt, query, query_event,
+    result_set,
 )
 
 SYNTAX = ErrorEvent(errno=1064, sqlstate="42000", message="You have an error", truncated=False)
@@ -275,8 +276,7 @@ def test_generated_sessions_report_exactly_their_events(
     session = Session(MODERN if deprecate_eof else CAPS)
     for index, (kind, rows) in enumerate(script):
         text = f"q{index}"
-        assert session.client(query(text), how) == [
-            QueryEvent(text=text, truncated=False, size=len(text) + 1)]
+        assert session.client(query(text), how) == [query_event(text)]
         more_client, server, client_events, server_events = exchange(index, kind, rows,
                                                                      deprecate_eof)
         if kind == "infile":  # the request reaches the client before its file
@@ -297,16 +297,18 @@ def test_generated_sessions_report_exactly_their_events(
     pkt(1, b"\xfbf"), pkt(2, COLUMN), pkt(1, b"\x00" + struct.pack("<IHHxH", 1, 1, 1, 0)), pkt(1, b""),
     pkt(1, b"\x01"), pkt(1, b"\xfe" + b"\x00" * 10), pkt(3, b"\x02"), eof(2, ServerStatus.CURSOR_EXISTS),
     pkt(1, b"\x00\xfc\x00\x01\x02\x00\x00\x00"), pkt(1, b"\xff\xff\xff\x00\x00"),
-]), max_size=8), st.lists(st.integers(min_value=0), max_size=6), st.booleans(), st.booleans())
+    result_set([b"\x01a"], deprecate_eof=True, metadata=0), result_set([b"\x01a"], deprecate_eof=False, metadata=1),
+    result_set([b"\x01a"], deprecate_eof=False, metadata=0, status=MORE), pkt(1, b"\x01\x02"), pkt(1, b"\x01\x00"),
+]), max_size=8), st.lists(st.integers(min_value=0), max_size=6), st.booleans(), st.booleans(), st.booleans())
 def test_the_fast_path_says_what_the_packet_by_packet_path_says(
-        parts: list[bytes], points: list[int], deprecate_eof: bool, prepare_first: bool) -> None:
+        parts: list[bytes], points: list[int], deprecate_eof: bool, prepare_first: bool, cache: bool) -> None:
     """Whatever the server sends, cut anywhere: the same events, the same
     error, the same state as one byte at a time (which never takes the fast
     path: no packet is whole in one byte)."""
     stream = b"".join(parts)
     outcomes = []
     for chunks in (cut(stream, points), split(stream, "bytewise")):
-        session = Session(MODERN if deprecate_eof else CAPS)
+        session = Session((MODERN if deprecate_eof else CAPS) | (CACHE if cache else Capability(0)))
         session.client((command(Command.STMT_PREPARE, b"c") if prepare_first else b"")
                        + query("a") + command(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00")
                        + query("b") + command(Command.STATISTICS) + query("d") * 4)
@@ -315,6 +317,45 @@ def test_the_fast_path_says_what_the_packet_by_packet_path_says(
         outcomes.append((events, error, None if error else (r._phase, r._seq, r._left, len(session.tracker.pending),
                                                             r.messages_seen, r.bytes_seen)))
     assert outcomes[0] == outcomes[1]
+
+
+CACHE = Capability.MARIADB_CACHE_METADATA
+
+
+@pytest.mark.parametrize("how", FEEDS)
+@pytest.mark.parametrize("deprecate_eof", [True, False])
+@pytest.mark.parametrize("metadata", [0, 1])
+def test_cached_metadata(how: str, deprecate_eof: bool, metadata: int) -> None:
+    """MariaDB's MARIADB_CLIENT_CACHE_METADATA: a column count has a
+    "metadata follows" byte; at 0 (an execution whose columns the client
+    already has) no definitions come, only the EOF without DEPRECATE_EOF."""
+    session = Session((MODERN if deprecate_eof else CAPS) | CACHE)
+    assert session.tracker.cache_metadata
+    session.client(command(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00") + query("x")
+                   + query("select 1"))
+    stream = (result_set(TRICKY_ROWS, deprecate_eof=deprecate_eof, metadata=metadata) + err(1)
+              + result_set([b"\x011"], deprecate_eof=deprecate_eof, columns=1, metadata=1))
+    assert session.server(stream, how) == [SYNTAX]
+    assert not session.tracker.pending and session.responses._phase == "IDLE"
+
+
+@pytest.mark.parametrize(("count", "words"), [
+    (b"\x02", "truncated"), (b"\x02\x02", "metadata follows is 2"), (b"\x02\x01\x00", "trailing"),
+])
+def test_a_column_count_without_its_metadata_byte(count: bytes, words: str) -> None:
+    session = Session(MODERN | CACHE)
+    session.client(query("select 1, 2"))
+    assert words in malformed(session.server, pkt(1, count)).message
+
+
+def test_a_point_select_with_cached_metadata_is_read_in_one_go() -> None:
+    """sysbench's point select with MariaDB's cached metadata: column count
+    (and its byte), EOF, the row, EOF; no definition."""
+    session = Session(CAPS | CACHE)
+    answer = result_set([b"\x05hello"], deprecate_eof=False, columns=1, metadata=0)
+    session.client(command(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00") * 20)
+    assert session.server(answer * 20) == []
+    assert session.responses._scanned == 80 and not session.tracker.pending
 
 
 def test_a_point_selects_answers_are_read_in_one_go() -> None:

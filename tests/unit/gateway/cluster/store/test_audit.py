@@ -184,3 +184,62 @@ def test_iter_audit_holds_one_page(filled, monkeypatch):
     assert first.fields["i"] == 0 and len(fetched) == 1  # one page read, not the table
     assert len(list(events)) == 24 and len(fetched) == 3
 
+
+
+# --- what the indexes serve ------------------------------------------------------
+
+
+def _plan(db_path: Path, sql: str, params: list) -> str:
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    try:
+        return " | ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("event", ["login.failed", "bot.join_failed"])
+@pytest.mark.parametrize("user", [None, "alice"])
+def test_the_limiters_counts_use_the_client_host_index(audited: Store, db_path: Path, event: str,
+                                                       user: str | None) -> None:
+    # What gateway/cluster/api.py and join.py ask (Store.last_audit).
+    where, params = Store._audit_filters(since=1.0, user=user, event=event, field=("client_host", "192.0.2.1"))
+    plan = _plan(db_path, f"SELECT count(*), max(time) FROM audit{where}", params)
+    assert "USING INDEX audit_event_client_host_time" in plan, plan
+    assert audited.last_audit(event, user=user, since=0.0, field=("client_host", "192.0.2.1"))[0] == (
+        {("login.failed", None): 3, ("login.failed", "alice"): 1}.get((event, user), 0))
+
+
+def test_the_client_host_index_holds_only_the_limiters_events(audited: Store, db_path: Path) -> None:
+    """Statement events (most rows) no longer cost a json_extract each."""
+    import sqlite3
+
+    audited.append_audit_many([("mysql.execute", "alice", {"client_host": "192.0.2.1"}, 8.0)] * 5)
+    conn = sqlite3.connect(db_path)
+    try:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_event_client_host_time'").fetchone()
+        indexed = conn.execute("SELECT count(*) FROM audit INDEXED BY audit_event_client_host_time"
+                               " WHERE event = 'login.failed' OR event = 'bot.join_failed'").fetchone()[0]
+    finally:
+        conn.close()
+    assert "WHERE event = 'login.failed' OR event = 'bot.join_failed'" in sql
+    assert indexed == 4
+    # Counting other events by a field still works, by the (event, time) index.
+    assert audited.count_audit("mysql.execute", field=("client_host", "192.0.2.1")) == 5
+    assert audited.count_audit("login.ok", field=("client_host", "192.0.2.1")) == 1
+
+
+@pytest.mark.parametrize("filters", [
+    {}, {"since": 3.0}, {"user": "alice"}, {"event_prefix": "login."}, {"after_id": 2},
+    {"since": 3.0, "user": "bob", "event_prefix": "login."},
+])
+@pytest.mark.parametrize("latest", [True, False])
+def test_the_audit_commands_queries_use_an_index(audited: Store, db_path: Path, filters: dict,
+                                                 latest: bool) -> None:
+    # What `wicket-cluster audit` asks (Store.query_audit): served by an
+    # index or the primary key, never a scan of the table in another order.
+    where, params = Store._audit_filters(**{"since": None, "user": None, **filters})
+    order = "DESC" if latest else "ASC"
+    plan = _plan(db_path, f"SELECT * FROM audit{where} ORDER BY id {order} LIMIT ?", [*params, 10])
+    assert "USING" in plan or plan == "SCAN audit", plan
