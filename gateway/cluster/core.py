@@ -31,6 +31,7 @@ from gateway.cluster import bots
 from gateway.cluster import config as cfg
 from gateway.cluster.admission import AddressSlots
 from gateway.cluster.audit import AuditLog
+from gateway.cluster.auditflush import AuditFlusher
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource, Store, StoreError, User
 from gateway.cluster.tally import OVERFLOW, Tally
@@ -54,8 +55,6 @@ CUT_GRACE = INTERRUPT_TIMEOUT + 2 * LOCK_POLL_INTERVAL
 CUT_REASONS = frozenset({"user_locked", "user_removed", "cert_revoked", "cert_expired"})
 IDENTITY_CACHE = 4096
 MAX_CONNECTIONS = 20_000
-AUDIT_FLUSH_INTERVAL = 0.2
-AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
 #: How often the store's audit is pruned to ``[audit] keep`` (and at start).
 RETENTION_INTERVAL = 3600.0
@@ -180,11 +179,6 @@ class Cluster:
         # Parsed identities of recent certificates (parsing is pure, and a
         # gateway presents the same certificate on every dial).
         self._identities: dict[bytes, pki.Identity] = {}
-        # Appended to from trio's thread and from the relay engine's (the
-        # PostgreSQL auditors run there): a deque, drained with popleft.
-        self._audit_pending: collections.deque[tuple[str, str | None, dict[str, Any], float]] = \
-            collections.deque()
-        self._audit_wakeup = trio.Event()
         # Handshakes refused for a certificate from an unknown CA: audited
         # once per source and minute (gateway/cluster/tally.py).
         self.unknown_ca = Tally()
@@ -194,9 +188,6 @@ class Cluster:
         # address's others are counted together (a client may name a new
         # user on every try).
         self.login_refusals = Tally(max_per_group=LOGIN_REFUSAL_USERS)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._trio_thread: int | None = None
-        self._wake_requested = False
         now = utcnow()
         state = config.state_dir
         self.user_ca = pki.CertificateAuthority.load_or_create(
@@ -219,6 +210,12 @@ class Cluster:
             alpn=(tlsconf.ALPN_HTTP, tlsconf.ALPN_MUX, *kinds.alpn_ids()),
         )
         self.audit_log = AuditLog(store, config.audit_jsonl)
+        # Events queued from any thread, written in batches by trio's
+        # (gateway/cluster/auditflush.py); the tallies queue theirs there too.
+        self.audit_flusher = AuditFlusher(
+            lambda batch: self.db(self.audit_log.write_many, batch), self._queue_tallies,
+            lambda: bool(self.unknown_ca or self.login_refusals))
+        self._audit_pending = self.audit_flusher.pending
 
     @classmethod
     def open(cls, config: cfg.ClusterConfig) -> "Cluster":
@@ -298,32 +295,18 @@ class Cluster:
 
     async def audit(self, event: str, user: str | None, **fields: Any) -> None:
         """Write an event now (after any batched ones, so order is kept)."""
-        self._audit_pending.append((event, user, fields, time.time()))
-        await self.flush_audit()
+        await self.audit_flusher.audit(event, user, **fields)
 
     def audit_soon(self, event: str, user: str | None, **fields: Any) -> None:
         """Queue a high-volume event (a statement); written within
         AUDIT_FLUSH_INTERVAL, in order, many per transaction. Safe to call
         from any thread (the relay engine's audit taps do)."""
-        self.audit_fields_soon(event, user, fields)
+        self.audit_flusher.audit_fields_soon(event, user, fields)
 
     def audit_fields_soon(self, event: str, user: str | None, fields: dict[str, Any]) -> None:
         """:meth:`audit_soon` with the fields as a dict the caller gives up
         (the statement taps build theirs once, not twice)."""
-        self._audit_pending.append((event, user, fields, time.time()))
-        if len(self._audit_pending) >= AUDIT_BATCH:
-            if threading.get_ident() == self._trio_thread:
-                self._audit_wakeup.set()
-            elif self._trio_token is not None and not self._wake_requested:
-                self._wake_requested = True
-                try:
-                    self._trio_token.run_sync_soon(self._wake_flusher)
-                except trio.RunFinishedError:
-                    pass
-
-    def _wake_flusher(self) -> None:
-        self._wake_requested = False
-        self._audit_wakeup.set()
+        self.audit_flusher.audit_fields_soon(event, user, fields)
 
     def note_unknown_ca(self, client_host: str, error: str) -> None:
         """(trio's thread) A handshake refused: the peer's certificate is
@@ -369,45 +352,11 @@ class Cluster:
                 "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
 
     async def flush_audit(self, *, backlog: bool = False) -> None:
-        """Write the queued events, in batches. ``backlog``: only while a
-        full batch (AUDIT_BATCH) is waiting after the first: the flusher's
-        timer takes the rest with the next interval's, so a steady stream
-        of statements is written in a few large transactions a second,
-        not in one small one per store round trip."""
-        pending = self._audit_pending
-        while pending:
-            # popleft, not a swap: another thread may append meanwhile.
-            batch = [pending.popleft() for _ in range(len(pending))]
-            try:
-                await self.db(self.audit_log.write_many, batch)
-            except Exception:
-                # One bad event must not lose the batch or stop auditing:
-                # write them one by one and log what cannot be written.
-                for event in batch:
-                    try:
-                        await self.db(self.audit_log.write_many, [event])
-                    except Exception:
-                        log.exception("audit_write_failed event=%s user=%s action=%s", event[0], event[1],
-                                      "check the store (disk full? permissions?)")
-            if backlog and len(pending) < AUDIT_BATCH:
-                break
+        """Write the queued events (see AuditFlusher.flush_audit)."""
+        await self.audit_flusher.flush_audit(backlog=backlog)
 
     async def run_audit_flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
-        self._trio_thread = threading.get_ident()
-        task_status.started()
-        try:
-            while True:
-                with trio.move_on_after(AUDIT_FLUSH_INTERVAL):
-                    await self._audit_wakeup.wait()
-                self._audit_wakeup = trio.Event()
-                if self.unknown_ca or self.login_refusals:
-                    self._queue_tallies(time.time())
-                await self.flush_audit(backlog=True)
-        finally:
-            self._queue_tallies(None)
-            with trio.CancelScope(shield=True):
-                await self.flush_audit()
+        await self.audit_flusher.run(task_status=task_status)
 
     async def run_retention(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Prune the store at start and every hour: audit events older than

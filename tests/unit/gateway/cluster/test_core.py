@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from gateway.cluster import config as cfg
-from gateway.cluster import core
+from gateway.cluster import auditflush, core
 from gateway.cluster.core import Cluster, LiveSession, Snapshot
 from gateway.cluster.passwords import DUMMY_HASH
 from gateway.cluster.store import Lock, User
@@ -61,7 +61,7 @@ async def test_a_long_prune_lets_a_login_read_the_store_between_batches(tmp_path
         cluster.close()
 
 
-@pytest.mark.parametrize("arriving", [10, core.AUDIT_BATCH])
+@pytest.mark.parametrize("arriving", [10, auditflush.AUDIT_BATCH])
 async def test_statements_arriving_during_a_write_wait_for_the_next_interval_unless_a_batch_is_full(
         tmp_path, monkeypatch, arriving):
     """A steady stream of statements is written in a few large
@@ -85,8 +85,8 @@ async def test_statements_arriving_during_a_write_wait_for_the_next_interval_unl
             cluster.audit_soon("mysql.execute", "alice", i=i)
         with trio.fail_after(30):
             await cluster.flush_audit(backlog=True)
-        assert writes == ([3] if arriving < core.AUDIT_BATCH else [3, arriving])
-        assert len(cluster._audit_pending) == (arriving if arriving < core.AUDIT_BATCH else 0)
+        assert writes == ([3] if arriving < auditflush.AUDIT_BATCH else [3, arriving])
+        assert len(cluster._audit_pending) == (arriving if arriving < auditflush.AUDIT_BATCH else 0)
         with trio.fail_after(30):
             await cluster.audit("session.end", "alice")
         assert not cluster._audit_pending
