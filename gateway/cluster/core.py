@@ -2,8 +2,8 @@
 
 Everything here is shared by the API route and the data routes. The store is
 synchronous SQLite; every call goes through :meth:`Cluster.db`, which runs it
-on a worker thread one at a time, so the event loop never blocks on a disk
-sync. The CLI (another process) writes to the same store; the lock watcher
+on the store's own thread (gateway/cluster/storethread.py) one at a time, so
+the event loop never blocks on a disk sync. The CLI (another process) writes to the same store; the lock watcher
 notices its changes through the store's change counter.
 """
 
@@ -34,6 +34,7 @@ from gateway.cluster.audit import AuditLog
 from gateway.cluster.auditflush import AuditFlusher
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource, Store, StoreError, User
+from gateway.cluster.storethread import StoreThread
 from gateway.cluster.tally import OVERFLOW, Tally
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
@@ -140,7 +141,8 @@ class Cluster:
     def __init__(self, config: cfg.ClusterConfig, store: Store) -> None:
         self.config = config
         self.store = store
-        self._limiter = trio.CapacityLimiter(1)
+        # The store's calls, one at a time, in order (gateway/cluster/storethread.py).
+        self.store_thread = StoreThread()
         self.sessions: dict[str, LiveSession] = {}
         # What one user and one connection may hold, and the descriptors
         # sessions may not take (config [limits], resolved against the open
@@ -169,7 +171,7 @@ class Cluster:
         # Logins in progress per ("user", name) and ("host", address).
         self.login_attempts: collections.Counter = collections.Counter()
         # A second connection, used only from the event loop for the cheap
-        # freshness check (the worker thread owns the first).
+        # freshness check (the store's thread owns the first).
         self._reader = Store.open(config.state_dir / "wicket.db")
         # And one for the relay engine's thread, which must never wait on
         # the file (every session's bytes would wait with it): if SQLite is
@@ -230,6 +232,7 @@ class Cluster:
         return cluster
 
     def close(self) -> None:
+        self.store_thread.close()
         self.audit_log.close()
         self._reader.close()
         self._engine_reader.close()
@@ -291,7 +294,7 @@ class Cluster:
     # -- store access --------------------------------------------------------
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
+        return await self.store_thread.run(partial(fn, *args, **kwargs))
 
     async def audit(self, event: str, user: str | None, **fields: Any) -> None:
         """Write an event now (after any batched ones, so order is kept)."""
@@ -447,7 +450,7 @@ class Cluster:
         Checking freshness is one indexed read on a connection of the event
         loop's own (WAL readers never wait for writers), so a lock written by
         the CLI a moment ago refuses the very next dial; the tables are
-        re-read, on the worker thread, only after something changed."""
+        re-read, on the store's thread, only after something changed."""
         snap = self._snapshot
         if snap is None or self._reader.change_counter() != snap.counter:
             snap = self._snapshot = await self.db(self._load_snapshot)

@@ -34,11 +34,12 @@ async def test_a_long_prune_lets_a_login_read_the_store_between_batches(tmp_path
         batches: list[int] = []
         first_batch_done = trio.Event()
         prune_batch = cluster.store.prune_audit_batch
+        token = trio.lowlevel.current_trio_token()  # the store's thread is not one of trio's
 
         def counted(before: float, limit: int) -> int:
             deleted = prune_batch(before, limit)
             batches.append(deleted)
-            trio.from_thread.run_sync(first_batch_done.set)  # (a worker thread of this trio run)
+            trio.from_thread.run_sync(first_batch_done.set, trio_token=token)
             return deleted
 
         monkeypatch.setattr(cluster.store, "prune_audit_batch", counted)
