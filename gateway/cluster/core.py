@@ -216,7 +216,7 @@ class Cluster:
         # (gateway/cluster/auditflush.py); the tallies queue theirs there too.
         self.audit_flusher = AuditFlusher(
             lambda batch: self.db(self.audit_log.write_many, batch), self._queue_tallies,
-            lambda: bool(self.unknown_ca or self.login_refusals))
+            lambda: bool(self.unknown_ca or self.login_refusals or self.limit_refusals))
         self._audit_pending = self.audit_flusher.pending
 
     @classmethod

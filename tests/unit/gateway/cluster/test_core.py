@@ -149,6 +149,25 @@ def test_a_refusal_at_a_limit_is_audited_once_a_minute_then_counted(tmp_path):
         cluster.close()
 
 
+async def test_a_running_cluster_writes_counted_refusals_once_their_minute_is_over(tmp_path):
+    """Not only when it stops: the flusher asks every tally each turn."""
+    cluster = _limited(tmp_path)
+    try:
+        a_while_ago = time.time() - 120
+        for _ in range(3):
+            cluster.limit_refusals.note(("alice", "x"), "", a_while_ago)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cluster.run_audit_flusher)
+            with trio.fail_after(30):
+                while not cluster.store.query_audit(event_prefix="dial.limited"):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        [written] = cluster.store.query_audit(event_prefix="dial.limited")
+        assert written.user == "alice" and written.fields["repeats"] == 2
+    finally:
+        cluster.close()
+
+
 async def test_a_cut_interrupts_upstream_first_and_audits_it(tmp_path):
     cluster = _limited(tmp_path)
     try:
