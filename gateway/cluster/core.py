@@ -190,6 +190,10 @@ class Cluster:
         # address's others are counted together (a client may name a new
         # user on every try).
         self.login_refusals = Tally(max_per_group=LOGIN_REFUSAL_USERS)
+        # Renewals refused on a multiplexed connection (linkrenewal.py): the
+        # first per user, code and minute is audited in full, the rest as
+        # one count (an agent retrying a refused renewal must not flood it).
+        self.renew_refusals = Tally()
         now = utcnow()
         state = config.state_dir
         self.user_ca = pki.CertificateAuthority.load_or_create(
@@ -216,7 +220,7 @@ class Cluster:
         # (gateway/cluster/auditflush.py); the tallies queue theirs there too.
         self.audit_flusher = AuditFlusher(
             lambda batch: self.db(self.audit_log.write_many, batch), self._queue_tallies,
-            lambda: bool(self.unknown_ca or self.login_refusals or self.limit_refusals))
+            lambda: bool(self.unknown_ca or self.login_refusals or self.limit_refusals or self.renew_refusals))
         self._audit_pending = self.audit_flusher.pending
 
     @classmethod
@@ -323,6 +327,12 @@ class Cluster:
         now: the rest are audited as one count when the minute is over)."""
         return self.login_refusals.note((user, client_host), "", time.time(), group=client_host)
 
+    def note_renew_refusal(self, user: str | None, code: str) -> bool:
+        """(trio's thread) A connection's renewal refused; True if it is the
+        first for this user and code this minute (audit and log that one
+        now: the rest are audited as one count when the minute is over)."""
+        return self.renew_refusals.note((user or "-", code), "", time.time())
+
     def _queue_tallies(self, now: float | None) -> None:
         """Audit the tallies' records of windows that are over (``now``
         None: all of them, the cluster is stopping)."""
@@ -352,6 +362,13 @@ class Cluster:
             user, limit = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
             queue.append(("dial.limited", None if user in ("-", OVERFLOW) else user, {
                 "limit": limit, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
+                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
+        for r in over(self.renew_refusals):
+            if r["count"] < 2:
+                continue
+            user, code = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
+            queue.append(("link.renew_denied", None if user in ("-", OVERFLOW) else user, {
+                "code": code, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
                 "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
 
     async def flush_audit(self, *, backlog: bool = False) -> None:

@@ -149,20 +149,36 @@ def test_a_refusal_at_a_limit_is_audited_once_a_minute_then_counted(tmp_path):
         cluster.close()
 
 
-async def test_a_running_cluster_writes_counted_refusals_once_their_minute_is_over(tmp_path):
+def test_refused_renewals_past_the_first_are_audited_as_one_count(tmp_path):
+    cluster = _limited(tmp_path)
+    try:
+        firsts = [cluster.note_renew_refusal("alice", "cert_invalid") for _ in range(5)]
+        assert firsts == [True, False, False, False, False]
+        assert cluster.note_renew_refusal("alice", "access_denied")  # another code: its own first
+        cluster._queue_tallies(None)  # stopping: every window is over
+        counted = [e for e in cluster._audit_pending if e[0] == "link.renew_denied"]
+        assert len(counted) == 1
+        event, user, fields, _ = counted[0]
+        assert user == "alice" and fields["code"] == "cert_invalid" and fields["repeats"] == 4
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("tally, event", [("limit_refusals", "dial.limited"), ("renew_refusals", "link.renew_denied")])
+async def test_a_running_cluster_writes_counted_refusals_once_their_minute_is_over(tmp_path, tally, event):
     """Not only when it stops: the flusher asks every tally each turn."""
     cluster = _limited(tmp_path)
     try:
         a_while_ago = time.time() - 120
         for _ in range(3):
-            cluster.limit_refusals.note(("alice", "x"), "", a_while_ago)
+            getattr(cluster, tally).note(("alice", "x"), "", a_while_ago)
         async with trio.open_nursery() as nursery:
             await nursery.start(cluster.run_audit_flusher)
             with trio.fail_after(30):
-                while not cluster.store.query_audit(event_prefix="dial.limited"):
+                while not cluster.store.query_audit(event_prefix=event):
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
-        [written] = cluster.store.query_audit(event_prefix="dial.limited")
+        [written] = cluster.store.query_audit(event_prefix=event)
         assert written.user == "alice" and written.fields["repeats"] == 2
     finally:
         cluster.close()
