@@ -135,6 +135,21 @@ class LiveSession:
             self.cancel_scope.cancel()
 
 
+def _repeats(event: str, field: str, records: list[dict[str, Any]]) -> list[tuple]:
+    """The audit events of a (user, ``field``) tally's finished windows: the
+    refusals after each window's first (audited when it happened), as one
+    ``event`` with ``repeats``."""
+    out = []
+    for r in records:
+        if r["count"] < 2:
+            continue
+        user, value = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
+        out.append((event, None if user in ("-", OVERFLOW) else user, {
+            field: value, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
+            "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
+    return out
+
+
 class Cluster:
     """Open with :meth:`open`; one per process."""
 
@@ -356,20 +371,8 @@ class Cluster:
             queue.append(("login.rate_limited", user, fields, r["last_seen"]))
         with self._count_lock:
             limited = over(self.limit_refusals)
-        for r in limited:
-            if r["count"] < 2:
-                continue
-            user, limit = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
-            queue.append(("dial.limited", None if user in ("-", OVERFLOW) else user, {
-                "limit": limit, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
-                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
-        for r in over(self.renew_refusals):
-            if r["count"] < 2:
-                continue
-            user, code = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
-            queue.append(("link.renew_denied", None if user in ("-", OVERFLOW) else user, {
-                "code": code, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
-                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
+        queue.extend(_repeats("dial.limited", "limit", limited))
+        queue.extend(_repeats("link.renew_denied", "code", over(self.renew_refusals)))
 
     async def flush_audit(self, *, backlog: bool = False) -> None:
         """Write the queued events (see AuditFlusher.flush_audit)."""
