@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks import load, procstat
 from benchmarks.paths import Stunnel, Upstream, Wicket, free_port, make_pki
-from benchmarks.run import pct
+from benchmarks.relaytests import pct
 
 WARMUP = 200  # load.round_trips' own warm-up exchanges, which run under the CPU meter too
 

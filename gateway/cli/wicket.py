@@ -390,6 +390,8 @@ def _serve(name: str, handler, *, bind: str, port: int, log_format: str, identit
         trio.run(serve)
     except* OSError as group:
         exc = group.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):  # raised deeper than the listener's own nursery
+            exc = exc.exceptions[0]
         where = unix_socket if unix_socket is not None else f"{bind}:{port}"
         raise WicketError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 

@@ -2,8 +2,8 @@
 
 Everything here is shared by the API route and the data routes. The store is
 synchronous SQLite; every call goes through :meth:`Cluster.db`, which runs it
-on a worker thread one at a time, so the event loop never blocks on a disk
-sync. The CLI (another process) writes to the same store; the lock watcher
+on the store's own thread (gateway/cluster/storethread.py) one at a time, so
+the event loop never blocks on a disk sync. The CLI (another process) writes to the same store; the lock watcher
 notices its changes through the store's change counter.
 """
 
@@ -31,9 +31,11 @@ from gateway.cluster import bots
 from gateway.cluster import config as cfg
 from gateway.cluster.admission import UNAUTHENTICATED_PER_ADDRESS, AddressSlots
 from gateway.cluster.audit import AuditLog
+from gateway.cluster.auditflush import AuditFlusher
 from gateway.cluster.rbac import Role
 from gateway.cluster.sharedcounts import SharedCounts, WorkerPlace
 from gateway.cluster.store import Resource, Store, StoreError, User
+from gateway.cluster.storethread import StoreThread
 from gateway.cluster.tally import OVERFLOW, Tally
 from gateway.identity import pki, tlsconf
 from gateway.identity.pki import utcnow
@@ -57,8 +59,6 @@ IDENTITY_CACHE = 4096
 MAX_CONNECTIONS = 20_000
 #: Argon2 hashes (19 MiB each) computing at once, in all workers together.
 PASSWORD_SLOTS = 4
-AUDIT_FLUSH_INTERVAL = 0.2
-AUDIT_BATCH = 500
 HOST_CERT_RENEW_BEFORE = dt.timedelta(days=30)
 #: How often the store's audit is pruned to ``[audit] keep`` (and at start).
 RETENTION_INTERVAL = 3600.0
@@ -138,6 +138,21 @@ class LiveSession:
             self.cancel_scope.cancel()
 
 
+def _repeats(event: str, field: str, records: list[dict[str, Any]]) -> list[tuple]:
+    """The audit events of a (user, ``field``) tally's finished windows: the
+    refusals after each window's first (audited when it happened), as one
+    ``event`` with ``repeats``."""
+    out = []
+    for r in records:
+        if r["count"] < 2:
+            continue
+        user, value = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
+        out.append((event, None if user in ("-", OVERFLOW) else user, {
+            field: value, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
+            "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
+    return out
+
+
 class Cluster:
     """Open with :meth:`open`; one per process. ``worker``: this process is
     one of several serving connections (gateway/cluster/workers.py): the
@@ -152,7 +167,8 @@ class Cluster:
         self.store = store
         self.worker = worker
         self.shared = None if worker is None else SharedCounts(worker.counts, worker.count, worker.index)
-        self._limiter = trio.CapacityLimiter(1)
+        # The store's calls, one at a time, in order (gateway/cluster/storethread.py).
+        self.store_thread = StoreThread()
         self.sessions: dict[str, LiveSession] = {}
         # What one user and one connection may hold, and the descriptors
         # sessions may not take (config [limits], resolved against the open
@@ -183,7 +199,7 @@ class Cluster:
         # Logins in progress per ("user", name) and ("host", address).
         self.login_attempts: collections.Counter = collections.Counter()
         # A second connection, used only from the event loop for the cheap
-        # freshness check (the worker thread owns the first).
+        # freshness check (the store's thread owns the first).
         self._reader = Store.open(config.state_dir / "wicket.db")
         # And one for the relay engine's thread, which must never wait on
         # the file (every session's bytes would wait with it): if SQLite is
@@ -193,11 +209,6 @@ class Cluster:
         # Parsed identities of recent certificates (parsing is pure, and a
         # gateway presents the same certificate on every dial).
         self._identities: dict[bytes, pki.Identity] = {}
-        # Appended to from trio's thread and from the relay engine's (the
-        # PostgreSQL auditors run there): a deque, drained with popleft.
-        self._audit_pending: collections.deque[tuple[str, str | None, dict[str, Any], float]] = \
-            collections.deque()
-        self._audit_wakeup = trio.Event()
         # Handshakes refused for a certificate from an unknown CA: audited
         # once per source and minute (gateway/cluster/tally.py).
         self.unknown_ca = Tally()
@@ -207,9 +218,10 @@ class Cluster:
         # address's others are counted together (a client may name a new
         # user on every try).
         self.login_refusals = Tally(max_per_group=LOGIN_REFUSAL_USERS)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._trio_thread: int | None = None
-        self._wake_requested = False
+        # Renewals refused on a multiplexed connection (linkrenewal.py): the
+        # first per user, code and minute is audited in full, the rest as
+        # one count (an agent retrying a refused renewal must not flood it).
+        self.renew_refusals = Tally()
         now = utcnow()
         state = config.state_dir
         self.user_ca = pki.CertificateAuthority.load_or_create(
@@ -234,6 +246,12 @@ class Cluster:
             alpn=(tlsconf.ALPN_HTTP, tlsconf.ALPN_MUX, *kinds.alpn_ids()),
         )
         self.audit_log = AuditLog(store, config.audit_jsonl)
+        # Events queued from any thread, written in batches by trio's
+        # (gateway/cluster/auditflush.py); the tallies queue theirs there too.
+        self.audit_flusher = AuditFlusher(
+            lambda batch: self.db(self.audit_log.write_many, batch), self._queue_tallies,
+            lambda: bool(self.unknown_ca or self.login_refusals or self.limit_refusals or self.renew_refusals))
+        self._audit_pending = self.audit_flusher.pending
 
     @classmethod
     def open(cls, config: cfg.ClusterConfig, worker: WorkerPlace | None = None) -> "Cluster":
@@ -249,6 +267,7 @@ class Cluster:
         return cluster
 
     def close(self) -> None:
+        self.store_thread.close()
         self.audit_log.close()
         self._reader.close()
         self._engine_reader.close()
@@ -312,36 +331,22 @@ class Cluster:
     # -- store access --------------------------------------------------------
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self._limiter)
+        return await self.store_thread.run(partial(fn, *args, **kwargs))
 
     async def audit(self, event: str, user: str | None, **fields: Any) -> None:
         """Write an event now (after any batched ones, so order is kept)."""
-        self._audit_pending.append((event, user, fields, time.time()))
-        await self.flush_audit()
+        await self.audit_flusher.audit(event, user, **fields)
 
     def audit_soon(self, event: str, user: str | None, **fields: Any) -> None:
         """Queue a high-volume event (a statement); written within
         AUDIT_FLUSH_INTERVAL, in order, many per transaction. Safe to call
         from any thread (the relay engine's audit taps do)."""
-        self.audit_fields_soon(event, user, fields)
+        self.audit_flusher.audit_fields_soon(event, user, fields)
 
     def audit_fields_soon(self, event: str, user: str | None, fields: dict[str, Any]) -> None:
         """:meth:`audit_soon` with the fields as a dict the caller gives up
         (the statement taps build theirs once, not twice)."""
-        self._audit_pending.append((event, user, fields, time.time()))
-        if len(self._audit_pending) >= AUDIT_BATCH:
-            if threading.get_ident() == self._trio_thread:
-                self._audit_wakeup.set()
-            elif self._trio_token is not None and not self._wake_requested:
-                self._wake_requested = True
-                try:
-                    self._trio_token.run_sync_soon(self._wake_flusher)
-                except trio.RunFinishedError:
-                    pass
-
-    def _wake_flusher(self) -> None:
-        self._wake_requested = False
-        self._audit_wakeup.set()
+        self.audit_flusher.audit_fields_soon(event, user, fields)
 
     def note_unknown_ca(self, client_host: str, error: str) -> None:
         """(trio's thread) A handshake refused: the peer's certificate is
@@ -354,6 +359,12 @@ class Cluster:
         the first for this user and address this minute (audit that one
         now: the rest are audited as one count when the minute is over)."""
         return self.login_refusals.note((user, client_host), "", time.time(), group=client_host)
+
+    def note_renew_refusal(self, user: str | None, code: str) -> bool:
+        """(trio's thread) A connection's renewal refused; True if it is the
+        first for this user and code this minute (audit and log that one
+        now: the rest are audited as one count when the minute is over)."""
+        return self.renew_refusals.note((user or "-", code), "", time.time())
 
     def _queue_tallies(self, now: float | None) -> None:
         """Audit the tallies' records of windows that are over (``now``
@@ -378,54 +389,15 @@ class Cluster:
             queue.append(("login.rate_limited", user, fields, r["last_seen"]))
         with self._count_lock:
             limited = over(self.limit_refusals)
-        for r in limited:
-            if r["count"] < 2:
-                continue
-            user, limit = r["key"] if isinstance(r["key"], tuple) else (None, r["key"])
-            queue.append(("dial.limited", None if user in ("-", OVERFLOW) else user, {
-                "limit": limit, "repeats": r["count"] - 1, "first_seen": r["first_seen"],
-                "last_seen": r["last_seen"], "window_seconds": r["window_seconds"]}, r["last_seen"]))
+        queue.extend(_repeats("dial.limited", "limit", limited))
+        queue.extend(_repeats("link.renew_denied", "code", over(self.renew_refusals)))
 
     async def flush_audit(self, *, backlog: bool = False) -> None:
-        """Write the queued events, in batches. ``backlog``: only while a
-        full batch (AUDIT_BATCH) is waiting after the first: the flusher's
-        timer takes the rest with the next interval's, so a steady stream
-        of statements is written in a few large transactions a second,
-        not in one small one per store round trip."""
-        pending = self._audit_pending
-        while pending:
-            # popleft, not a swap: another thread may append meanwhile.
-            batch = [pending.popleft() for _ in range(len(pending))]
-            try:
-                await self.db(self.audit_log.write_many, batch)
-            except Exception:
-                # One bad event must not lose the batch or stop auditing:
-                # write them one by one and log what cannot be written.
-                for event in batch:
-                    try:
-                        await self.db(self.audit_log.write_many, [event])
-                    except Exception:
-                        log.exception("audit_write_failed event=%s user=%s action=%s", event[0], event[1],
-                                      "check the store (disk full? permissions?)")
-            if backlog and len(pending) < AUDIT_BATCH:
-                break
+        """Write the queued events (see AuditFlusher.flush_audit)."""
+        await self.audit_flusher.flush_audit(backlog=backlog)
 
     async def run_audit_flusher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
-        self._trio_thread = threading.get_ident()
-        task_status.started()
-        try:
-            while True:
-                with trio.move_on_after(AUDIT_FLUSH_INTERVAL):
-                    await self._audit_wakeup.wait()
-                self._audit_wakeup = trio.Event()
-                if self.unknown_ca or self.login_refusals:
-                    self._queue_tallies(time.time())
-                await self.flush_audit(backlog=True)
-        finally:
-            self._queue_tallies(None)
-            with trio.CancelScope(shield=True):
-                await self.flush_audit()
+        await self.audit_flusher.run(task_status=task_status)
 
     async def run_retention(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Prune the store at start and every hour: audit events older than
@@ -516,7 +488,7 @@ class Cluster:
         Checking freshness is one indexed read on a connection of the event
         loop's own (WAL readers never wait for writers), so a lock written by
         the CLI a moment ago refuses the very next dial; the tables are
-        re-read, on the worker thread, only after something changed."""
+        re-read, on the store's thread, only after something changed."""
         snap = self._snapshot
         if snap is None or self._reader.change_counter() != snap.counter:
             snap = self._snapshot = await self.db(self._load_snapshot)

@@ -57,7 +57,7 @@ from gateway.cluster.dialaudit import DialAudit, audit_end, audit_start
 from gateway.cluster.reach import authorize, probe
 # What a kind gives the dial: the kinds import these names from here.
 from gateway.cluster.routekind import (
-    CONNECT_TIMEOUT, TCP, Answered, Opened, Refused, RouteKind, abandoned, connect_tcp,
+    CONNECT_TIMEOUT, TCP, UPSTREAM, Answered, Opened, Refused, RouteKind, abandoned, connect_tcp,
 )
 from gateway.identity import pki
 from gateway.net.relay import RelayCounters, relay, reset_on_close
@@ -147,7 +147,7 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
             reset_on_close(stream)
             reset_on_close(upstream)
             raise
-        stats = await relay(stream, upstream, counters=counters, names=("gateway", "upstream"),
+        stats = await relay(stream, upstream, counters=counters, names=("gateway", UPSTREAM),
                             taps=(opened.tap_client, opened.tap_server), filtered=filtered)
         return stats.error
 
@@ -222,7 +222,18 @@ async def run_session(cluster: Cluster, session: LiveSession, opened: Opened, id
             cluster.end_session(session)
             if opened.finish:
                 opened.finish()
-            audit_end(cluster, session, counters, started, session.end_reason or error or "closed")
+            audit_end(cluster, session, counters, started,
+                      session.end_reason or _upstream_failure(opened, error) or "closed")
+
+
+def _upstream_failure(opened: Opened, error: str | None) -> str | None:
+    """The relay's ``error``, unless it is the upstream's after the client
+    said goodbye (a PostgreSQL server closes, or resets, the connection once
+    it has read Terminate: our FIN or close_notify may meet the reset)."""
+    if error is not None and error.startswith(f"{UPSTREAM}: ") and opened.said_goodbye is not None \
+            and opened.said_goodbye():
+        return None
+    return error
 
 
 async def _beside(task: Callable[[], Awaitable[None]], run: Callable[[RelayCounters], Awaitable[str | None]],

@@ -26,7 +26,8 @@ live session on it is re-pointed at the new identity (its cancel scope's
 deadline too, and the lock watcher's expiry check follows), keeps the
 earlier serials (revoking one still cuts it), and later dials on the
 connection are decided with the new certificate. Audited as ``link.renew``
-or ``link.renew_denied``.
+or ``link.renew_denied`` (the first per user, code and minute; the rest of
+that minute as one ``link.renew_denied`` with ``repeats``).
 """
 
 from __future__ import annotations
@@ -118,10 +119,14 @@ async def renew(cluster: Cluster, link: MuxLink, cred: LinkCredential, st: Strea
     try:
         der, identity = await _check(cluster, cred, request)
     except pki.CertError as exc:
-        log.warning("link_renewal_refused client=%s user=%s code=%s message=%r", client_addr,
-                    old.user if old else "-", exc.code.value, exc.message)
-        cluster.audit_soon("link.renew_denied", old.user if old else None, client_addr=client_addr,
-                           code=exc.code.value, reason=exc.message)
+        user = old.user if old else None
+        # The first per user, code and minute in full, the rest counted
+        # (gateway/cluster/core.py audits them as one event with `repeats`).
+        if cluster.note_renew_refusal(user, exc.code.value):
+            log.warning("link_renewal_refused client=%s user=%s code=%s message=%r", client_addr,
+                        user or "-", exc.code.value, exc.message)
+            cluster.audit_soon("link.renew_denied", user, client_addr=client_addr, code=exc.code.value,
+                               reason=exc.message)
         link.answer(st, DialError(code=exc.code, message=exc.message))
         return
     now = utcnow()

@@ -37,7 +37,7 @@ from gateway.cluster.dial import DIAL_TIMEOUT, UNAUTHENTICATED_STREAMS, decide, 
 from gateway.cluster.dialaudit import refuse_over_cap
 from gateway.cluster.enginedial import EngineSession, start_in_engine
 from gateway.cluster.linkrenewal import LinkCredential, on_link_dial
-from gateway.cluster.routekind import TCP, RouteKind
+from gateway.cluster.routekind import TCP, UPSTREAM, RouteKind
 from gateway.identity import pki
 from gateway.identity.pki import utcnow
 from gateway.net.engine import eligible, engine
@@ -108,7 +108,7 @@ async def handle_mux(cluster: Cluster, stream: TLSStream, *, client_addr: str) -
             if not start_in_engine(cluster, link, st, request, cert, client_addr, cred):
                 token.run_sync_soon(in_trio, link, st, request, cert, _after(cluster, link, request, routes))
 
-        link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name="upstream",
+        link = MuxLink(engine(), stream, MuxRole.CLUSTER, name="gateway", socket_name=UPSTREAM,
                        on_open=on_open, max_streams=max_streams)
         reason = "the cluster is stopping"
         try:

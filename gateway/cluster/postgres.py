@@ -50,7 +50,7 @@ from protocols.postgres import (
     NEED_DATA, BackendAuditor, BackendKeyData, BindEvent, CancelRequest, CopyDataEvent,
     CopyDirection, CopyDoneEvent, CopyFailEvent, ErrorEvent, ExecuteEvent, FrontendAuditor,
     FunctionCallEvent, ParseEvent, QueryEvent, SSLRequest, StartupRelay, UpstreamLogin, UpstreamLoginError,
-    parse_ssl_answer, replication_requested,
+    TerminateEvent, parse_ssl_answer, replication_requested,
 )
 from protocols.postgres.options import session_parameters
 from protocols.postgres.scram import AuthMethod
@@ -201,6 +201,7 @@ class PostgresKind(DatabaseKind):
         client_bytes = StartupRelay(client_key).feed(ready.client_bytes)
         return Opened(upstream=stream, first_bytes=client_bytes + trailing,
                       tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
+                      said_goodbye=auditor.said_goodbye,
                       details={"db_user": db_user, "db_name": db_name, "auth": ready.method.value})
 
     async def _start_tls(self, cluster: Cluster, upstream: Upstream, spec, resource: Resource,
@@ -251,6 +252,7 @@ class PgSessionAuditor(SessionAuditor):
         self.copy_in = 0
         self.copy_out = 0
         self.portals: dict[str, tuple[str, int | None]] = {}
+        self.terminated = False  # the client sent Terminate (set in the relay's thread)
 
     def from_client(self, data: bytes) -> None:
         self.feed(self.front, self._client_event, data, "client")
@@ -284,6 +286,12 @@ class PgSessionAuditor(SessionAuditor):
             self.emit("copy", direction="in", bytes=self.copy_in,
                        failed=isinstance(e, CopyFailEvent))
             self.copy_in = 0
+        elif isinstance(e, TerminateEvent):
+            self.terminated = True
+
+    def said_goodbye(self) -> bool:
+        """Whether the client sent Terminate (Opened.said_goodbye)."""
+        return self.terminated
 
     def _server_event(self, e: object) -> None:
         if isinstance(e, ErrorEvent):

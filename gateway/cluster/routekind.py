@@ -24,6 +24,8 @@ from protocols.dial import DialRequest
 from protocols.errors import ErrorCode
 
 CONNECT_TIMEOUT = 10.0
+#: The relay's name for the upstream's end: its errors read "upstream: ...".
+UPSTREAM = "upstream"
 
 Tap = Callable[[bytes], None]
 
@@ -49,6 +51,10 @@ class Opened:
     tap_server: Tap | None = None
     #: Called once the relay is over (flush an auditor, say).
     finish: Callable[[], None] | None = None
+    #: Whether the client has said goodbye in its protocol (PostgreSQL's
+    #: Terminate): after that, the server closing or resetting the
+    #: connection is the session's clean end, not an upstream failure.
+    said_goodbye: Callable[[], bool] | None = None
     #: Extra fields for session.start.
     details: Mapping[str, Any] = attrs.field(factory=dict)
     #: Parameters for the gateway in the DialAccept (what the kind's

@@ -441,6 +441,23 @@ def _bind_unix(path: Path, mode: int) -> socket.socket:
     return sock
 
 
+def guarded(handler: Callable[[trio.SocketStream], Any]) -> Callable[[trio.SocketStream], Any]:
+    """``handler`` (an async function of a client's stream) such that one
+    client's trouble, even a bug, ends that client's connection only: every
+    other client keeps its session, and the listener goes on."""
+
+    async def run(stream: trio.SocketStream) -> None:
+        try:
+            await handler(stream)
+        except Exception:
+            log.exception("connection_failed client=%s action=%s", peer_addr(stream),
+                          "report this as a bug with the traceback")
+            reset_on_close(stream)  # cut short, not ended
+            await stream.aclose()
+
+    return run
+
+
 async def run_listener(
     handler,
     *,
@@ -468,17 +485,6 @@ async def run_listener(
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()
 
-    async def guarded(stream: trio.SocketStream) -> None:
-        # One client's trouble, even a bug, ends that client's connection
-        # only: every other client keeps its session.
-        try:
-            await handler(stream)
-        except Exception:
-            log.exception("connection_failed client=%s action=%s", peer_addr(stream),
-                          "report this as a bug with the traceback")
-            reset_on_close(stream)  # cut short, not ended
-            await stream.aclose()
-
     try:
         async with trio.open_nursery() as nursery:
             serve = getattr(handler, "serve_listeners", None)
@@ -486,7 +492,7 @@ async def run_listener(
                 await nursery.start(serve, listeners)
             else:
                 # Out of descriptors, it pauses quietly (gateway/net/descriptors.py).
-                nursery.start_soon(functools.partial(serve_listeners, guarded, listeners, name="proxy",
+                nursery.start_soon(functools.partial(serve_listeners, guarded(handler), listeners, name="proxy",
                                                      handler_nursery=handler_nursery))
             task_status.started(bound)
             if handle_signals:

@@ -551,8 +551,11 @@ class GatewayServer(asyncssh.SSHServer):
         self.ended = True
         for session in list(self.sessions):
             if not session.closed and session.chan is not None:
-                session.chan.write_stderr((message + "\r\n").encode())
-                session.chan.exit(255)
+                try:
+                    session.chan.write_stderr((message + "\r\n").encode())
+                    session.chan.exit(255)
+                except BrokenPipeError:  # the client closed the channel already: no one to tell
+                    pass
         self.conn.disconnect(code, message)
 
     def session_requested(self) -> Any:

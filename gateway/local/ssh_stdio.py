@@ -30,7 +30,9 @@ ahead of the node's bytes (protocols/ssh/handoff.py). How ssh gets it:
   ssh hangs up on this process (SIGHUP) as it exits: the session then has
   ``HANGUP_GRACE`` to end cleanly (ssh's EOF is on its way to the node)
   before it is cut, rather than this process dying with it, which the
-  cluster would record as a connection cut short.
+  cluster would record as a connection cut short. A hang-up that comes
+  while the dial is on its way is kept: the grace starts once the session
+  is up.
 
 What goes wrong is printed on stderr, where ssh shows it, with what to do
 next; the exit status is 255, as ssh's own for a failed connection, or 0
@@ -44,6 +46,7 @@ import os
 import signal
 import socket
 import sys
+from typing import AsyncIterator
 
 import trio
 
@@ -123,6 +126,15 @@ class SshStdio(MuxRoute):
 
     async def run(self) -> int:
         """(trio) The session, start to end: the exit status."""
+        if self.sock is not None:
+            return await self._run(None)
+        # ssh may hang up on us while the dial is still on its way: that
+        # hang-up is kept, and the session gets its HANGUP_GRACE once it is
+        # up, as after one later, instead of this process dying at once.
+        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            return await self._run(hangups)
+
+    async def _run(self, hangups: AsyncIterator[int] | None) -> int:
         key = None
         if self.sock is not None:  # the profile's key: ssh has it as its IdentityFile
             files = SshFiles.of(self.profile)
@@ -155,7 +167,7 @@ class SshStdio(MuxRoute):
             return self.fail(refusal_text(reply))
         if self.sock is not None:
             return await self._carry(link, stream)
-        return await self._relay(link, stream, key)
+        return await self._relay(link, stream, key, hangups)
 
     async def _carry(self, link: MuxLink, stream: Stream) -> int:
         """ssh's socket itself is the stream's end: the relay engine moves
@@ -167,7 +179,8 @@ class SshStdio(MuxRoute):
             return self.fail(f"the session to {self.resource} was cut: {error}")
         return 0
 
-    async def _relay(self, link: MuxLink, stream: Stream, key: ed25519.Ed25519PrivateKey) -> int:
+    async def _relay(self, link: MuxLink, stream: Stream, key: ed25519.Ed25519PrivateKey,
+                     hangups: AsyncIterator[int]) -> int:
         ours, theirs = socket.socketpair()
         counters = RelayCounters()
         local = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
@@ -186,30 +199,29 @@ class SshStdio(MuxRoute):
             print(f"wicket: {problem}", file=sys.stderr, flush=True)  # ssh may still get in another way
         # Duplicates: trio makes its descriptors non-blocking and closes them.
         stdio = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
-        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
-            async with local, stdio:
-                async with trio.open_nursery() as nursery:
-                    outcome: dict[str, str | None] = {}
+        async with local, stdio:
+            async with trio.open_nursery() as nursery:
+                outcome: dict[str, str | None] = {}
 
-                    async def carry() -> None:
-                        outcome["relay"] = (await relay(stdio, local, names=("ssh", "cluster"))).error
+                async def carry() -> None:
+                    outcome["relay"] = (await relay(stdio, local, names=("ssh", "cluster"))).error
 
-                    async def hung_up(task_status=trio.TASK_STATUS_IGNORED) -> None:
-                        with trio.CancelScope() as scope:
-                            task_status.started(scope)
-                            async for _ in hangups:
-                                break
-                            await trio.sleep(HANGUP_GRACE)
-                            link.cut(stream, f"ssh exited and the node had not ended the session "
-                                             f"{HANGUP_GRACE:g} s later")
+                async def hung_up(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    with trio.CancelScope() as scope:
+                        task_status.started(scope)
+                        async for _ in hangups:
+                            break
+                        await trio.sleep(HANGUP_GRACE)
+                        link.cut(stream, f"ssh exited and the node had not ended the session "
+                                         f"{HANGUP_GRACE:g} s later")
 
-                    nursery.start_soon(carry)
-                    watcher = await nursery.start(hung_up)
-                    outcome["stream"] = await link.wait(stream)
-                    if outcome["stream"] is not None:  # cut: a lock, the certificate's end, the cluster gone
-                        nursery.cancel_scope.cancel()
-                    else:
-                        watcher.cancel()  # the rest reaches ssh (carry) if it is still there
+                nursery.start_soon(carry)
+                watcher = await nursery.start(hung_up)
+                outcome["stream"] = await link.wait(stream)
+                if outcome["stream"] is not None:  # cut: a lock, the certificate's end, the cluster gone
+                    nursery.cancel_scope.cancel()
+                else:
+                    watcher.cancel()  # the rest reaches ssh (carry) if it is still there
         error = outcome.get("stream")
         if error is not None:
             return self.fail(f"the session to {self.resource} was cut: {error}")

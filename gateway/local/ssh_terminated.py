@@ -27,7 +27,7 @@ from gateway.local import ssh_asyncio
 from gateway.local.connect import ClusterError
 from gateway.local.dialer import DIAL_TIMEOUT, MuxDialer
 from gateway.local.profile import Profile, ProfileError
-from gateway.local.proxy import MuxRoute, peer_addr
+from gateway.local.proxy import MuxRoute, guarded, peer_addr
 from gateway.local.ssh import PUBLIC_KEY_PARAM, read_handoff, refusal_text
 from gateway.local.waitroom import RIDE_OUT, ClientGone
 from gateway.net.peercred import LocalUsers
@@ -64,7 +64,8 @@ class SshTerminated(MuxRoute):
                             "process of yours in without a key")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.reports.run)
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                # One client's trouble ends that client's connection only.
+                await nursery.start(trio.serve_listeners, guarded(self._handle), listeners)
                 task_status.started()
 
     async def _handle(self, stream: trio.SocketStream) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import ssl
 
-from gateway.net.ends import _TRUNCATED, End, Failure, _receive_failed, _ssl_text
+from gateway.net.ends import _TRUNCATED, End, Failure, _receive_failed, _ssl_text, send_failure
 
 __all__ = ["EndIO"]
 
@@ -132,9 +132,7 @@ class EndIO:
         try:
             rest = self.write_some(dst, data)
         except OSError as exc:
-            dst.failed = True
-            dst.os_error = exc.errno
-            raise Failure(f"{dst.name}: send failed: {exc.strerror or exc}") from None
+            raise send_failure(dst, exc) from None
         if rest:
             dst.tail = memoryview(bytes(rest) if copy else rest)
 
@@ -197,8 +195,7 @@ class EndIO:
                 except OSError as exc:
                     rest = None
                     if not end.peer_closed:
-                        end.failed = True
-                        raise Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
+                        raise send_failure(end, exc, "send_eof") from None
                 if rest:
                     end.tail = rest  # flushed on EPOLLOUT, then shut down
                     end.eof_wanted = True
@@ -212,8 +209,7 @@ class EndIO:
             # reset the connection, perhaps after its own EOF, and what we
             # sent may not have been read: an abort, not an end.
             if not end.peer_closed:
-                end.failed = True
-                raise Failure(f"{end.name}: send_eof failed: {exc.strerror or exc}") from None
+                raise send_failure(end, exc, "send_eof") from None
 
     def _stash(self, end: End) -> None:
         """Decrypt every complete record waiting in ``end``'s incoming BIO

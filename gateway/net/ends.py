@@ -116,6 +116,15 @@ def _ssl_text(exc: ssl.SSLError) -> str:
     return exc.reason or str(exc)
 
 
+def send_failure(end: "End", exc: OSError, doing: str = "send") -> Failure:
+    """``end``'s socket refused a write (``doing``: "send", "send_eof"):
+    mark it failed and return the :class:`Failure` to raise, whose text the
+    session's end is audited with ("client: send failed: Broken pipe")."""
+    end.failed = True
+    end.os_error = exc.errno
+    return Failure(f"{end.name}: {doing} failed: {exc.strerror or exc}")
+
+
 class End:
     """One side of a session: a non-blocking socket, TLS state if any, and
     what is waiting to be written to it."""

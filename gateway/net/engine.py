@@ -167,6 +167,7 @@ from gateway.net.ends import (
     seal,
 )
 from gateway.net.pairs import PUMP_BUDGET, PairRelay
+from gateway.net.threadname import name_os_thread
 
 __all__ = ["ABORT_DRAIN", "PUMP_BUDGET", "RelayEngine", "Timer", "engine", "eligible", "reset_and_close", "seal"]
 
@@ -315,7 +316,7 @@ class RelayEngine(PairRelay, EndIO):
     # The engine's thread.
 
     def _run(self) -> None:
-        _name_thread(b"wicket-relay")
+        name_os_thread(b"wicket-relay")
         poll = self._epoll.poll
         ends = self.ends
         wake_fd = self._wake_fd
@@ -469,15 +470,6 @@ def _load_malloc_trim():
 
 
 _malloc_trim = _load_malloc_trim()
-
-
-def _name_thread(name: bytes) -> None:
-    """Give the calling thread ``name`` where the system shows it (``top
-    -H``, /proc/PID/task/TID/comm): Python does not pass thread names on."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError, TypeError):
-        pass  # not Linux, or no libc: only the name is missing
 
 
 def _trim_heap() -> None:

@@ -102,7 +102,7 @@ import trio
 
 from gateway.net.engine import PUMP_BUDGET, RelayEngine
 from gateway.net.ends import (
-    _ALWAYS, End, Failure, _IN, _OUT, detach, reset_and_close, seal, watch_mask,
+    _ALWAYS, End, Failure, _IN, _OUT, detach, reset_and_close, seal, send_failure, watch_mask,
 )
 from gateway.net.muxanswering import StreamAnswering
 from gateway.net.muxopening import LinkClosed, StreamOpening
@@ -303,9 +303,7 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
             try:
                 engine.drain(end)
             except OSError as exc:
-                end.failed = True
-                end.os_error = exc.errno
-                raise Failure(f"{self.name}: send failed: {exc.strerror or exc}") from None
+                raise send_failure(end, exc) from None
             if end.tail is None and self.blocked:
                 engine.again.extend(self.blocked)
                 self.blocked.clear()

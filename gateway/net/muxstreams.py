@@ -16,7 +16,7 @@ import trio
 
 from gateway.net.engine import PUMP_BUDGET, Timer
 from gateway.net.ends import (
-    _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, detach, failed_quietly, reset_and_close, seal,
+    _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, detach, failed_quietly, reset_and_close, seal, send_failure,
 )
 from gateway.net.filters import Filtered
 from protocols.dial import DialAccept, DialError
@@ -322,8 +322,7 @@ class StreamIO:
                     sent = 0
                 rest = _unsent(pieces, sent)
         except OSError as exc:
-            end.failed = True
-            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            raise send_failure(end, exc) from None
         self._written(stream, sent)
         if rest:
             self._hold(stream, len(rest))
@@ -403,8 +402,7 @@ class StreamIO:
             try:
                 rest = self.engine.write_some(end, records)
             except OSError as exc:
-                end.failed = True
-                raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+                raise send_failure(end, exc) from None
             if not rest:
                 self._written(stream, n)
                 return
@@ -461,8 +459,7 @@ class StreamIO:
         try:
             written = self.engine.drain(end)
         except OSError as exc:
-            end.failed = True
-            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            raise send_failure(end, exc) from None
         # Every byte of a stream's tail was held, but for what reading TLS
         # made OpenSSL write (a KeyUpdate answer).
         self._unhold(stream, min(written, stream.held))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from gateway.net.ends import (
-    ANSWER_BACKLOG, _IN, _OUT, _Cut, End, Failure, detach, Tap, seal, watch_mask,
+    ANSWER_BACKLOG, _IN, _OUT, _Cut, End, detach, Tap, seal, send_failure, watch_mask,
 )
 from gateway.net.filters import Filtered
 
@@ -240,7 +240,7 @@ class PairRelay:
                 end.more = []
                 end.eof_sent = True
                 return
-            raise Failure(f"{end.name}: send failed: {exc.strerror or exc}") from None
+            raise send_failure(end, exc) from None
         if end.tail is not None:
             return
         if end.eof_wanted and not end.eof_sent:

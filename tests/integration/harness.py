@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -288,17 +289,75 @@ class Gateway:
         """The profile points at a port nobody listens on (bound, never
         listening) while the block runs: every connect is refused at once,
         as while the cluster restarts. The real address is back after it."""
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            with self._cluster_at(closed.getsockname()[1]):
+                yield
+
+    @contextlib.contextmanager
+    def cluster_held(self):
+        """The profile points at a port of ours while the block runs: each
+        connection to it is accepted, then held until the ``release`` event
+        yielded (with ``accepted``) is set, then carried to the cluster. So
+        a test can act while a dial is on its way."""
+        host, port = self.cluster.address.rsplit(":", 1)
+        accepted, release = threading.Event(), threading.Event()
+        taken: list[socket.socket] = []
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        def carry(conn: socket.socket) -> None:
+            release.wait()
+            try:
+                up = socket.create_connection((host, int(port)), timeout=30)
+            except OSError:
+                conn.close()
+                return
+            up.settimeout(None)
+            taken.append(up)
+            threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+            pump(up, conn)
+
+        def accept(listener: socket.socket) -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return  # closed: the block is over
+                taken.append(conn)
+                accepted.set()
+                threading.Thread(target=carry, args=(conn,), daemon=True).start()
+
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            threading.Thread(target=accept, args=(listener,), daemon=True).start()
+            try:
+                with self._cluster_at(listener.getsockname()[1]):
+                    yield accepted, release
+            finally:
+                release.set()
+                listener.shutdown(socket.SHUT_RDWR)
+                for sock in taken:
+                    sock.close()
+
+    @contextlib.contextmanager
+    def _cluster_at(self, port: int):
+        """The profile's cluster address is 127.0.0.1:``port`` while the
+        block runs; the real one is back after it."""
         profile = self.home / "profile.json"
         saved = profile.read_text()
         doc = json.loads(saved)
-        with socket.socket() as closed:
-            closed.bind(("127.0.0.1", 0))
-            doc["cluster_addr"] = f"127.0.0.1:{closed.getsockname()[1]}"
-            profile.write_text(json.dumps(doc))
-            try:
-                yield
-            finally:
-                profile.write_text(saved)
+        doc["cluster_addr"] = f"127.0.0.1:{port}"
+        profile.write_text(json.dumps(doc))
+        try:
+            yield
+        finally:
+            profile.write_text(saved)
 
     @classmethod
     def logged_in(cls, cluster: "Cluster", tmp: Path, name: str, roles: str) -> "Gateway":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -59,16 +60,35 @@ def random_file(path: Path, size: int) -> Path:
 @contextlib.contextmanager
 def long_session(ssh: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
     """``ssh`` (a command line up to the destination) running a command that
-    lasts, once it has started; killed on the way out if still running."""
-    proc = subprocess.Popen([*ssh, "echo started; exec sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+    lasts, once it has started; killed on the way out if still running, and
+    so is the command on the node. (A cut connection does not end it: sshd
+    signals only a pty's processes, and ``sleep`` never writes to find out.
+    The test node is on this machine, so its process id is ours to end.)"""
+    proc = subprocess.Popen([*ssh, "echo started $$; exec sleep 600"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    remote = None
     try:
-        assert proc.stdout.readline() == b"started\n", proc.stderr.read()
+        line = proc.stdout.readline()
+        assert line.startswith(b"started "), (line, proc.stderr.read())
+        remote = int(line.split()[1])
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if remote is not None:
+            end_remote_sleep(remote)
+
+
+def end_remote_sleep(pid: int) -> None:
+    """Kill ``pid`` if it is still the node's ``sleep 600``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f.read() != b"sleep\x00600\x00":
+                return  # gone (and perhaps the number reused)
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
 
 
 def ended(proc: subprocess.Popen, timeout: float, what: str) -> str:

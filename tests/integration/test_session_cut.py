@@ -38,8 +38,9 @@ def running(server, text: str) -> bool:
     return count(server, f"select count(*) from pg_stat_activity where query = '{text}' and state = 'active'") > 0
 
 
-def start_slow_insert(gw: Gateway, server) -> tuple[subprocess.Popen, int]:
-    _, port = gw.proxy("db", "pg")
+def start_slow_insert(gw: Gateway, server, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    if port is None:
+        _, port = gw.proxy("db", "pg")
     client = subprocess.Popen(["psql", "-X", "-tA", f"host=127.0.0.1 port={port} user=app dbname=app",
                                "-c", SLOW_INSERT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: running(server, SLOW_INSERT), what="the statement to run")
@@ -70,9 +71,15 @@ def test_a_lock_cancels_the_running_statement_and_its_write(env):
 
 def test_the_certificates_expiry_cancels_the_running_statement(env):
     tmp, cluster, server = env
-    gw = pgenv.user(tmp, cluster, "expires-mid-query", "pg", "--ttl", "6s")
+    gw = pgenv.user(tmp, cluster, "expires-mid-query", "pg")
     try:
-        client, _ = start_slow_insert(gw, server)
+        _, port = gw.proxy("db", "pg")
+        # The short certificate is made once the proxy is up (its start-up,
+        # slow on a loaded machine, must not use it up); the proxy takes the
+        # new login for its next dial.
+        r = gw.login("--ttl", "6s")
+        assert r.returncode == 0, r.stderr
+        client, _ = start_slow_insert(gw, server, port)
         # No one does anything: the certificate runs out.
         wait_for(lambda: not running(server, SLOW_INSERT), timeout=30, what="the statement to be cancelled")
         client.communicate(timeout=30)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import PY
+from tests.integration.harness import PY, ROOT
 from tests.integration.ssh_fixtures import node  # noqa: F401 (a fixture)
 from tests.integration.ssh_fixtures import (
     check_file_transfers, check_forwarding, ended, impostor, long_session, node_with_host_cert, random_file, sha256,
@@ -248,6 +248,32 @@ def test_a_hang_up_on_the_stdio_proxy_cuts_a_session_the_node_does_not_end(ssh_c
             err = ended(proc, 60, "ssh to end once its proxy was hung up on")
     assert "ssh exited and the node had not ended the session" in err, err
     ends = cluster.wait_audit(user=client.gw.user, event="session.end")
+    assert "ssh exited and the node had not ended the session" in ends[0]["reason"], ends
+
+
+def test_a_hang_up_during_the_dial_gets_the_same_grace(make_gateway, cluster, node):
+    # ssh may hang up on its ProxyCommand while the dial is still on its
+    # way: the proxy keeps it, and once the session is up it has the same
+    # grace as after a later hang-up, then is cut with why; it does not die
+    # at once (killed by SIGHUP, with nothing on record but a cut stream).
+    gw = make_gateway("ssh-all")
+    with gw.cluster_held() as (accepted, release):
+        proc = subprocess.Popen([PY, "-m", "gateway.cli.wicket", "proxy", "ssh", "--stdio", "root@web-1:22"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=gw.env(), cwd=ROOT)
+        try:
+            assert accepted.wait(60), "the proxy's dial never reached the cluster"
+            os.kill(proc.pid, signal.SIGHUP)  # while its connection to the cluster is held
+            release.set()
+            proc.wait(timeout=60)  # stdin stays open: ssh's EOF never comes, the node waits
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 255, (proc.returncode, err)
+    assert b"ssh exited and the node had not ended the session" in err, err
+    ends = cluster.wait_audit(user=gw.user, event="session.end")
     assert "ssh exited and the node had not ended the session" in ends[0]["reason"], ends
 
 

@@ -15,8 +15,8 @@ at the same time, by ``wicket-cluster`` CLI commands. So:
   instead of failing. Every write opens with ``BEGIN IMMEDIATE`` so the write
   lock is taken up front; a read-then-upgrade transaction could instead fail
   with SQLITE_BUSY without waiting at all.
-* The API is synchronous. The async server calls it through
-  ``trio.to_thread.run_sync`` behind a ``CapacityLimiter(1)``; the single
+* The API is synchronous. The async server calls it on a thread of its
+  own, one call at a time (gateway/cluster/storethread.py); the single
   connection is opened with ``check_same_thread=False`` and every method holds
   an internal lock, so the object is also safe from several threads.
 * Transactions are explicit (the connection is in autocommit mode), so

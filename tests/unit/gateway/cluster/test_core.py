@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from gateway.cluster import config as cfg
-from gateway.cluster import core
+from gateway.cluster import auditflush, core
 from gateway.cluster.core import Cluster, LiveSession, Snapshot
 from gateway.cluster.passwords import DUMMY_HASH
 from gateway.cluster.store import Lock, User
@@ -34,11 +34,12 @@ async def test_a_long_prune_lets_a_login_read_the_store_between_batches(tmp_path
         batches: list[int] = []
         first_batch_done = trio.Event()
         prune_batch = cluster.store.prune_audit_batch
+        token = trio.lowlevel.current_trio_token()  # the store's thread is not one of trio's
 
         def counted(before: float, limit: int) -> int:
             deleted = prune_batch(before, limit)
             batches.append(deleted)
-            trio.from_thread.run_sync(first_batch_done.set)  # (a worker thread of this trio run)
+            trio.from_thread.run_sync(first_batch_done.set, trio_token=token)
             return deleted
 
         monkeypatch.setattr(cluster.store, "prune_audit_batch", counted)
@@ -61,7 +62,7 @@ async def test_a_long_prune_lets_a_login_read_the_store_between_batches(tmp_path
         cluster.close()
 
 
-@pytest.mark.parametrize("arriving", [10, core.AUDIT_BATCH])
+@pytest.mark.parametrize("arriving", [10, auditflush.AUDIT_BATCH])
 async def test_statements_arriving_during_a_write_wait_for_the_next_interval_unless_a_batch_is_full(
         tmp_path, monkeypatch, arriving):
     """A steady stream of statements is written in a few large
@@ -85,8 +86,8 @@ async def test_statements_arriving_during_a_write_wait_for_the_next_interval_unl
             cluster.audit_soon("mysql.execute", "alice", i=i)
         with trio.fail_after(30):
             await cluster.flush_audit(backlog=True)
-        assert writes == ([3] if arriving < core.AUDIT_BATCH else [3, arriving])
-        assert len(cluster._audit_pending) == (arriving if arriving < core.AUDIT_BATCH else 0)
+        assert writes == ([3] if arriving < auditflush.AUDIT_BATCH else [3, arriving])
+        assert len(cluster._audit_pending) == (arriving if arriving < auditflush.AUDIT_BATCH else 0)
         with trio.fail_after(30):
             await cluster.audit("session.end", "alice")
         assert not cluster._audit_pending
@@ -144,6 +145,41 @@ def test_a_refusal_at_a_limit_is_audited_once_a_minute_then_counted(tmp_path):
         assert len(counted) == 1
         event, user, fields, _ = counted[0]
         assert user == "alice" and fields["limit"] == "streams_per_user" and fields["repeats"] == 4
+    finally:
+        cluster.close()
+
+
+def test_refused_renewals_past_the_first_are_audited_as_one_count(tmp_path):
+    cluster = _limited(tmp_path)
+    try:
+        firsts = [cluster.note_renew_refusal("alice", "cert_invalid") for _ in range(5)]
+        assert firsts == [True, False, False, False, False]
+        assert cluster.note_renew_refusal("alice", "access_denied")  # another code: its own first
+        cluster._queue_tallies(None)  # stopping: every window is over
+        counted = [e for e in cluster._audit_pending if e[0] == "link.renew_denied"]
+        assert len(counted) == 1
+        event, user, fields, _ = counted[0]
+        assert user == "alice" and fields["code"] == "cert_invalid" and fields["repeats"] == 4
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("tally, event", [("limit_refusals", "dial.limited"), ("renew_refusals", "link.renew_denied")])
+async def test_a_running_cluster_writes_counted_refusals_once_their_minute_is_over(tmp_path, tally, event):
+    """Not only when it stops: the flusher asks every tally each turn."""
+    cluster = _limited(tmp_path)
+    try:
+        a_while_ago = time.time() - 120
+        for _ in range(3):
+            getattr(cluster, tally).note(("alice", "x"), "", a_while_ago)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cluster.run_audit_flusher)
+            with trio.fail_after(30):
+                while not cluster.store.query_audit(event_prefix=event):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        [written] = cluster.store.query_audit(event_prefix=event)
+        assert written.user == "alice" and written.fields["repeats"] == 2
     finally:
         cluster.close()
 

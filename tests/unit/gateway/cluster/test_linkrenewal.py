@@ -15,6 +15,7 @@ import trio
 
 from gateway.cluster import linkrenewal
 from gateway.cluster.core import Cluster, LiveSession
+from gateway.cluster.tally import Tally
 from gateway.identity import pki
 from protocols import linkrenewal as lr
 from protocols.dial import DialAccept, DialError
@@ -33,11 +34,13 @@ class StandIn:
         bots={"ci": types.SimpleNamespace(cert_generation=0)}, locks={}, revoked=frozenset(), revocations={}))
     sessions: dict = attrs.Factory(dict)
     events: list = attrs.Factory(list)
+    renew_refusals: Tally = attrs.Factory(Tally)
 
     async def snapshot(self):
         return self.snap
 
     check_standing = staticmethod(Cluster.check_standing)
+    note_renew_refusal = Cluster.note_renew_refusal
     expiry_deadline = Cluster.expiry_deadline
 
     def audit_soon(self, event, user, **fields) -> None:
@@ -131,6 +134,23 @@ async def test_a_nonce_this_connection_was_not_sent_is_refused(ca):
     answer = await renew(cluster, cred, renewal(cred, der, key, nonce=bytes(32)))
     assert isinstance(answer, DialError) and "no open challenge" in answer.message
     assert cluster.events[0][0] == "link.renew_denied"
+
+
+async def test_refusals_are_audited_once_per_user_code_and_minute_then_counted(ca):
+    """An agent retrying a refused renewal must not flood the audit: the
+    first refusal per user, code and minute is on record at once, the rest
+    are counted (gateway/cluster/core.py writes them as one event)."""
+    cluster = StandIn(ca)
+    cred = credential(issue(ca)[2])
+    der, key, _ = issue(ca)
+    for _ in range(5):
+        cred.challenge()
+        assert isinstance(await renew(cluster, cred, renewal(cred, der, key, nonce=bytes(32))), DialError)
+    bobs, bobs_key, _ = issue(ca, "bob")
+    await renew(cluster, cred, renewal(cred, bobs, bobs_key))  # another code: its own first
+    assert [(e[0], e[1], e[2]["code"]) for e in cluster.events] == [
+        ("link.renew_denied", "alice", "cert_invalid"), ("link.renew_denied", "alice", "access_denied")]
+    assert {r["key"][1]: r["count"] for r in cluster.renew_refusals.drain()} == {"cert_invalid": 5, "access_denied": 1}
 
 
 async def test_the_signature_must_be_the_new_keys(ca):
