@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from benchmarks.paths import PY, ROOT, Child, Stunnel, Wicket, _wicket_env, free_port, make_pki, wait_for
-from benchmarks.procstat import cpu_seconds
+from benchmarks.procstat import cpu_seconds, rss_kib
 from tests.servers.sshd import SSHD, available, prepare
 
 PATHS = ("direct", "stunnel", "proxycommand", "terminated")
@@ -195,11 +195,18 @@ def main(argv=None) -> int:
         exit_pid = {"stunnel": st.pids()["exit"], "proxycommand": wicket.pids()["exit"],
                     "terminated": wicket.pids()["exit"]}
         cpu_ms_per_mib: dict[str, list[float]] = {p: [] for p in paths if p in exit_pid}
+        # The client-side relay too where it outlives one ssh: stunnel's
+        # client, and terminated mode's gateway (its two SSH legs and the
+        # link), with the gateway's resident memory after each scp.
+        entry_pid = {"stunnel": st.pids()["entry"], "terminated": wicket.pids()["entry"]}
+        entry_cpu: dict[str, list[float]] = {p: [] for p in paths if p in entry_pid}
+        entry_rss: dict[str, list[int]] = {p: [] for p in paths if p in entry_pid}
         syscalls: dict[str, list[dict[str, int]]] = {p: [] for p in paths if p in exit_pid}
         for rnd in range(args.rounds):
             order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
             for path in order:
                 before = cpu_seconds(exit_pid[path]) if path in exit_pid else 0.0
+                entry_before = cpu_seconds(entry_pid[path]) if path in entry_pid else 0.0
                 counter = SyscallCounter(exit_pid[path]) if args.syscalls and path in exit_pid else None
                 t0 = time.perf_counter()
                 clients.run("scp", path, str(payload), "TARGET:/dev/null")
@@ -208,6 +215,9 @@ def main(argv=None) -> int:
                     syscalls[path].append(counter.stop())
                 if path in exit_pid:
                     cpu_ms_per_mib[path].append((cpu_seconds(exit_pid[path]) - before) * 1000 / args.mib)
+                if path in entry_pid:
+                    entry_cpu[path].append((cpu_seconds(entry_pid[path]) - entry_before) * 1000 / args.mib)
+                    entry_rss[path].append(rss_kib(entry_pid[path]))
             for path in order:
                 for _ in range(args.count):
                     t0 = time.perf_counter()
@@ -217,6 +227,9 @@ def main(argv=None) -> int:
                   "scp_mb_per_s": {p: statistics.median(v) for p, v in mbps.items()},
                   "ssh_true_ms": {p: statistics.median(v) for p, v in connect.items()},
                   "exit_cpu_ms_per_mib": {p: statistics.median(v) for p, v in cpu_ms_per_mib.items()},
+                  "entry_cpu_ms_per_mib": {p: statistics.median(v) for p, v in entry_cpu.items()},
+                  "entry_rss_mib": {p: max(v) / 1024 for p, v in entry_rss.items()},
+                  "scp_mb_per_s_each": mbps,
                   "load_average": os.getloadavg()[0]}
         if args.syscalls:
             result["exit_syscalls_per_mib"] = {
@@ -245,6 +258,12 @@ def _table(r: dict) -> str:
     cpu = r["exit_cpu_ms_per_mib"]
     rows += ["", "CPU of the relay's node-side process per MiB of scp (cluster; stunnel's server): "
              + ", ".join(f"{p} {v:.2f} ms" for p, v in cpu.items())]
+    rows.append("CPU of the client-side process per MiB of scp (stunnel's client; the gateway): "
+                + ", ".join(f"{p} {v:.2f} ms" for p, v in r["entry_cpu_ms_per_mib"].items())
+                + "; its largest resident size after an scp: "
+                + ", ".join(f"{p} {v:.0f} MiB" for p, v in r["entry_rss_mib"].items()))
+    rows.append("scp MB/s, each round: " + ", ".join(f"{p} " + "/".join(f"{x:.0f}" for x in v)
+                                                     for p, v in r["scp_mb_per_s_each"].items()))
     for p, counts in r.get("exit_syscalls_per_mib", {}).items():
         rows.append(f"{p}: system calls of that process per MiB: "
                     + ", ".join(f"{name} {n:.1f}" for name, n in counts.items() if n >= 0.05))
