@@ -141,6 +141,31 @@ class Clients:
                                f"{r.stderr.decode(errors='replace').strip()[-500:]}")
 
 
+def start_node(work: Path, started: list) -> tuple[Wicket, int, str, Path]:
+    """The node (a throwaway sshd trusting the cluster's SSH user CA) and a
+    Wicket pair whose gateway serves terminated mode (``wicket proxy ssh``)
+    for a user key of its own; each appended to ``started``. Returns the
+    pair, the node's port, its host key line and the user's private key."""
+    node_port = free_port()
+    node_dir = work / "sshd"
+    node_dir.mkdir()
+    # The node's host key first: the cluster's resource names it, and the
+    # node trusts the SSH user CA the cluster makes when it starts.
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node_dir / "ssh_host_ed25519_key")],
+                   check=True)
+    host_key = (node_dir / "ssh_host_ed25519_key.pub").read_text().strip()
+    user_key = work / "id_user"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(user_key)], check=True)
+    wicket = Wicket(work / "wicket", node_port, kind="ssh", settings=f'host_key = "{host_key}"\n',
+                    proxy_args=("--authorized-keys", f"{user_key}.pub"))
+    started.append(wicket)
+    config, _ = prepare(node_dir, work / "wicket" / "cluster-state" / "ssh_user_ca.pub", node_port)
+    sshd = Child("sshd", [SSHD, "-D", "-e", "-f", str(config)], work / "sshd.log")
+    started.append(sshd)
+    wait_for(lambda: (sshd.check(), "Server listening" in sshd.log())[1], what="sshd listening")
+    return wicket, node_port, host_key, user_key
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ssh", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,23 +188,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="wicket-ssh-bench-"))
     started: list = []
     try:
-        node_port = free_port()
-        node_dir = work / "sshd"
-        node_dir.mkdir()
-        # The node's host key first: the cluster's resource names it, and the
-        # node trusts the SSH user CA the cluster makes when it starts.
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node_dir / "ssh_host_ed25519_key")],
-                       check=True)
-        host_key = (node_dir / "ssh_host_ed25519_key.pub").read_text().strip()
-        user_key = work / "id_user"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(user_key)], check=True)
-        wicket = Wicket(work / "wicket", node_port, kind="ssh", settings=f'host_key = "{host_key}"\n',
-                        proxy_args=("--authorized-keys", f"{user_key}.pub"))
-        started.append(wicket)
-        config, _ = prepare(node_dir, work / "wicket" / "cluster-state" / "ssh_user_ca.pub", node_port)
-        sshd = Child("sshd", [SSHD, "-D", "-e", "-f", str(config)], work / "sshd.log")
-        started.append(sshd)
-        wait_for(lambda: (sshd.check(), "Server listening" in sshd.log())[1], what="sshd listening")
+        wicket, node_port, host_key, user_key = start_node(work, started)
         st = Stunnel(work, make_pki(work / "pki"), node_port)
         started.append(st)
         clients = Clients(work, wicket, node_port, st.port, host_key, user_key)
