@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from benchmarks.paths import PY, ROOT, Child, Stunnel, Wicket, _wicket_env, free_port, make_pki, wait_for
-from benchmarks.procstat import cpu_seconds
+from benchmarks.procstat import cpu_seconds, rss_kib
 from tests.servers.sshd import SSHD, available, prepare
 
 PATHS = ("direct", "stunnel", "proxycommand", "terminated")
@@ -141,6 +141,31 @@ class Clients:
                                f"{r.stderr.decode(errors='replace').strip()[-500:]}")
 
 
+def start_node(work: Path, started: list) -> tuple[Wicket, int, str, Path]:
+    """The node (a throwaway sshd trusting the cluster's SSH user CA) and a
+    Wicket pair whose gateway serves terminated mode (``wicket proxy ssh``)
+    for a user key of its own; each appended to ``started``. Returns the
+    pair, the node's port, its host key line and the user's private key."""
+    node_port = free_port()
+    node_dir = work / "sshd"
+    node_dir.mkdir()
+    # The node's host key first: the cluster's resource names it, and the
+    # node trusts the SSH user CA the cluster makes when it starts.
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node_dir / "ssh_host_ed25519_key")],
+                   check=True)
+    host_key = (node_dir / "ssh_host_ed25519_key.pub").read_text().strip()
+    user_key = work / "id_user"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(user_key)], check=True)
+    wicket = Wicket(work / "wicket", node_port, kind="ssh", settings=f'host_key = "{host_key}"\n',
+                    proxy_args=("--authorized-keys", f"{user_key}.pub"))
+    started.append(wicket)
+    config, _ = prepare(node_dir, work / "wicket" / "cluster-state" / "ssh_user_ca.pub", node_port)
+    sshd = Child("sshd", [SSHD, "-D", "-e", "-f", str(config)], work / "sshd.log")
+    started.append(sshd)
+    wait_for(lambda: (sshd.check(), "Server listening" in sshd.log())[1], what="sshd listening")
+    return wicket, node_port, host_key, user_key
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ssh", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,23 +188,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="wicket-ssh-bench-"))
     started: list = []
     try:
-        node_port = free_port()
-        node_dir = work / "sshd"
-        node_dir.mkdir()
-        # The node's host key first: the cluster's resource names it, and the
-        # node trusts the SSH user CA the cluster makes when it starts.
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node_dir / "ssh_host_ed25519_key")],
-                       check=True)
-        host_key = (node_dir / "ssh_host_ed25519_key.pub").read_text().strip()
-        user_key = work / "id_user"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(user_key)], check=True)
-        wicket = Wicket(work / "wicket", node_port, kind="ssh", settings=f'host_key = "{host_key}"\n',
-                        proxy_args=("--authorized-keys", f"{user_key}.pub"))
-        started.append(wicket)
-        config, _ = prepare(node_dir, work / "wicket" / "cluster-state" / "ssh_user_ca.pub", node_port)
-        sshd = Child("sshd", [SSHD, "-D", "-e", "-f", str(config)], work / "sshd.log")
-        started.append(sshd)
-        wait_for(lambda: (sshd.check(), "Server listening" in sshd.log())[1], what="sshd listening")
+        wicket, node_port, host_key, user_key = start_node(work, started)
         st = Stunnel(work, make_pki(work / "pki"), node_port)
         started.append(st)
         clients = Clients(work, wicket, node_port, st.port, host_key, user_key)
@@ -195,11 +204,18 @@ def main(argv=None) -> int:
         exit_pid = {"stunnel": st.pids()["exit"], "proxycommand": wicket.pids()["exit"],
                     "terminated": wicket.pids()["exit"]}
         cpu_ms_per_mib: dict[str, list[float]] = {p: [] for p in paths if p in exit_pid}
+        # The client-side relay too where it outlives one ssh: stunnel's
+        # client, and terminated mode's gateway (its two SSH legs and the
+        # link), with the gateway's resident memory after each scp.
+        entry_pid = {"stunnel": st.pids()["entry"], "terminated": wicket.pids()["entry"]}
+        entry_cpu: dict[str, list[float]] = {p: [] for p in paths if p in entry_pid}
+        entry_rss: dict[str, list[int]] = {p: [] for p in paths if p in entry_pid}
         syscalls: dict[str, list[dict[str, int]]] = {p: [] for p in paths if p in exit_pid}
         for rnd in range(args.rounds):
             order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
             for path in order:
                 before = cpu_seconds(exit_pid[path]) if path in exit_pid else 0.0
+                entry_before = cpu_seconds(entry_pid[path]) if path in entry_pid else 0.0
                 counter = SyscallCounter(exit_pid[path]) if args.syscalls and path in exit_pid else None
                 t0 = time.perf_counter()
                 clients.run("scp", path, str(payload), "TARGET:/dev/null")
@@ -208,6 +224,9 @@ def main(argv=None) -> int:
                     syscalls[path].append(counter.stop())
                 if path in exit_pid:
                     cpu_ms_per_mib[path].append((cpu_seconds(exit_pid[path]) - before) * 1000 / args.mib)
+                if path in entry_pid:
+                    entry_cpu[path].append((cpu_seconds(entry_pid[path]) - entry_before) * 1000 / args.mib)
+                    entry_rss[path].append(rss_kib(entry_pid[path]))
             for path in order:
                 for _ in range(args.count):
                     t0 = time.perf_counter()
@@ -217,6 +236,9 @@ def main(argv=None) -> int:
                   "scp_mb_per_s": {p: statistics.median(v) for p, v in mbps.items()},
                   "ssh_true_ms": {p: statistics.median(v) for p, v in connect.items()},
                   "exit_cpu_ms_per_mib": {p: statistics.median(v) for p, v in cpu_ms_per_mib.items()},
+                  "entry_cpu_ms_per_mib": {p: statistics.median(v) for p, v in entry_cpu.items()},
+                  "entry_rss_mib": {p: max(v) / 1024 for p, v in entry_rss.items()},
+                  "scp_mb_per_s_each": mbps,
                   "load_average": os.getloadavg()[0]}
         if args.syscalls:
             result["exit_syscalls_per_mib"] = {
@@ -245,6 +267,12 @@ def _table(r: dict) -> str:
     cpu = r["exit_cpu_ms_per_mib"]
     rows += ["", "CPU of the relay's node-side process per MiB of scp (cluster; stunnel's server): "
              + ", ".join(f"{p} {v:.2f} ms" for p, v in cpu.items())]
+    rows.append("CPU of the client-side process per MiB of scp (stunnel's client; the gateway): "
+                + ", ".join(f"{p} {v:.2f} ms" for p, v in r["entry_cpu_ms_per_mib"].items())
+                + "; its largest resident size after an scp: "
+                + ", ".join(f"{p} {v:.0f} MiB" for p, v in r["entry_rss_mib"].items()))
+    rows.append("scp MB/s, each round: " + ", ".join(f"{p} " + "/".join(f"{x:.0f}" for x in v)
+                                                     for p, v in r["scp_mb_per_s_each"].items()))
     for p, counts in r.get("exit_syscalls_per_mib", {}).items():
         rows.append(f"{p}: system calls of that process per MiB: "
                     + ", ".join(f"{name} {n:.1f}" for name, n in counts.items() if n >= 0.05))

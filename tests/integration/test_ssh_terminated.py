@@ -27,7 +27,7 @@ class LocalSsh:
     """A user's gateway serving SSH on a local port, and OpenSSH's tools
     with a key of the user's own and the gateway's known_hosts line."""
 
-    def __init__(self, gw, tmp: Path, node_name: str = "web-1", *extra: str) -> None:
+    def __init__(self, gw, tmp: Path, node_name: str = "web-1", *extra: str, wrapper: tuple[str, ...] = ()) -> None:
         self.gw = gw
         self.tmp = tmp
         self.key = tmp / f"id-{gw.user}"
@@ -35,7 +35,7 @@ class LocalSsh:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
         self.known_hosts = tmp / f"known_hosts-{gw.user}"
         self.proc, self.port = gw.proxy("ssh", node_name, "--authorized-keys", f"{self.key}.pub",
-                                        "--write-known-hosts", str(self.known_hosts), *extra)
+                                        "--write-known-hosts", str(self.known_hosts), *extra, wrapper=wrapper)
 
     def options(self, tool: str = "ssh") -> list[str]:
         port = ["-P" if tool in ("scp", "sftp") else "-p", str(self.port)]
@@ -53,8 +53,8 @@ class LocalSsh:
 
 @pytest.fixture
 def local_ssh(make_gateway, tmp_path, node):
-    def make(roles: str = "ssh-all", *extra: str) -> LocalSsh:
-        return LocalSsh(make_gateway(roles), tmp_path, "web-1", *extra)
+    def make(roles: str = "ssh-all", *extra: str, **kw) -> LocalSsh:
+        return LocalSsh(make_gateway(roles), tmp_path, "web-1", *extra, **kw)
 
     return make
 
@@ -196,16 +196,29 @@ def test_local_and_remote_forwarding(local_ssh, cluster, mib):
 
 
 def test_agent_forwarding_where_a_role_allows_it_and_a_clear_refusal_elsewhere(local_ssh, cluster, tmp_path):
-    allowed, refused = local_ssh("ssh-agent-fwd"), local_ssh("ssh-all")
+    # Each gateway's temporary directory, where asyncssh makes the agent
+    # socket a forwarded agent is reached through (the node is this host).
+    tmp = {role: tmp_path / f"tmp-{role}" for role in ("ssh-agent-fwd", "ssh-all")}
+    for path in tmp.values():
+        path.mkdir()
+    allowed, refused = (local_ssh(role, wrapper=("env", f"TMPDIR={tmp[role]}")) for role in tmp)
     with agent_with_a_key(tmp_path) as (sock, fingerprint):
         r = agent_listing(["ssh", *allowed.options()], "root@127.0.0.1", allowed.gw.env(), sock)
         assert r.returncode == 0 and fingerprint in r.stdout, r.stderr
         r = agent_listing(["ssh", *refused.options()], "root@127.0.0.1", refused.gw.env(), sock)
         assert r.returncode == 2, (r.stdout, r.stderr)  # ssh-add -l: no agent on the node
         assert "wicket: agent forwarding to web-1 as root is not allowed by your roles" in r.stderr, r.stderr
+        # The socket is made only where forwarding is allowed: a refused
+        # client's request makes none, not even for the session's length.
+        for s, role, made in ((allowed, "ssh-agent-fwd", True), (refused, "ssh-all", False)):
+            listing = subprocess.run(["ssh", *s.options(), "-A", "-o", f"IdentityAgent={sock}", "root@127.0.0.1",
+                                      f"ls -A {tmp[role]}"], capture_output=True, text=True,
+                                     env={**s.gw.env(), "SSH_AUTH_SOCK": str(sock)}, timeout=60)
+            assert listing.returncode == 0, listing.stderr
+            assert ("asyncssh-" in listing.stdout) is made, (role, listing.stdout)
     for s, verdict in ((allowed, True), (refused, False)):
-        events = cluster.wait_audit(user=s.gw.user, event="ssh.agent_forwarding")
-        assert [e["allowed"] for e in events] == [verdict] and events[0]["reported_by"] == "gateway"
+        events = cluster.wait_audit(lambda evs: len(evs) >= 2, user=s.gw.user, event="ssh.agent_forwarding")
+        assert [e["allowed"] for e in events] == [verdict, verdict] and events[0]["reported_by"] == "gateway"
         starts = cluster.wait_audit(user=s.gw.user, event="session.start")
         assert starts[-1]["agent_forwarding"] is verdict
         certs = cluster.wait_audit(user=s.gw.user, event="ssh.cert")
