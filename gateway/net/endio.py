@@ -19,11 +19,6 @@ __all__ = ["EndIO"]
 
 _NOTHING = memoryview(b"")  # what write_some returns when the kernel took everything
 
-#: The longest TLS record on the wire (RFC 8446 section 5.2: a 5-byte header
-#: and at most 2^14 + 256 bytes): at least this much ciphertext holds one
-#: whole record.
-_RECORD_MAX = 5 + 2**14 + 256
-
 
 class EndIO:
     """The engine's reads and writes of single ends (see the module doc)."""
@@ -68,35 +63,19 @@ class EndIO:
         limit = len(view)
         total = 0
         cipher = self._cipher
-        got = 0  # ciphertext the last receive of this call put in cipher
-        whole_at = src.whole_at
         read = ssl_obj.read
         while True:
             try:
                 # SSL_read costs a raised exception when it can only say
-                # "want read": skip it when no complete record can be
-                # waiting (nothing, or less than ``whole_at``: see End).
-                while total < limit:
-                    left = incoming.pending
-                    if (left < whole_at or not left) and not (incoming.eof or ssl_obj.pending()):
-                        break
+                # "want read": skip it when no complete record can be waiting.
+                while total < limit and (incoming.pending or incoming.eof or ssl_obj.pending()):
                     n = read(limit - total, view[total:] if total else view)
                     if not n:
                         src.peer_closed = True
                         break
                     total += n
-                    # OpenSSL took whole records only: what is left starts
-                    # one. If it came with the last receive, its header says
-                    # when it is whole (a receive rarely ends where a record
-                    # does: this saves a failed read on most wake-ups).
-                    left = incoming.pending
-                    if left and left <= got and left < _RECORD_MAX:
-                        at = got - left
-                        whole_at = 5 if left < 5 else 5 + int.from_bytes(cipher[at + 3:at + 5], "big")
-                    else:
-                        whole_at = 0
             except ssl.SSLWantReadError:
-                whole_at = 0  # OpenSSL holds the start of a record: its end is unknown here
+                pass
             except ssl.SSLZeroReturnError:
                 src.peer_closed = True
             except ssl.SSLError as exc:
@@ -124,13 +103,11 @@ class EndIO:
                 break
             if n:
                 incoming.write(cipher[:n])
-                got = n
                 src.kernel_full = n == len(cipher)
             else:
                 src.tcp_eof = True
                 incoming.write_eof()
                 src.kernel_full = False
-        src.whole_at = whole_at
         if src.outgoing.pending:
             self._flush_protocol_output(src)
         if total:
@@ -242,7 +219,6 @@ class EndIO:
         """Decrypt every complete record waiting in ``end``'s incoming BIO
         into ``end.carry`` (``unwrap`` would fail on them)."""
         obj, incoming = end.obj, end.incoming
-        end.whole_at = 0  # reading here (and unwrap) may leave part of a record inside OpenSSL
         plain = self._plain
         try:
             while not end.peer_closed and (incoming.pending or obj.pending()):

@@ -125,7 +125,7 @@ class End:
         "owner", "filter",
         "tail", "more", "more_bytes", "carry", "mask", "registered", "in_done", "eof_wanted", "eof_sent", "peer_closed",
         "tcp_eof", "failed", "hung_up", "error_pending", "os_error", "kernel_full",
-        "records", "rekey_at", "key_update", "shift", "whole_at",
+        "records", "rekey_at", "key_update", "shift",
     )
 
     def __init__(self, sock: socket.socket, name: str, tls: tuple | None, tap: Tap | None) -> None:
@@ -179,10 +179,6 @@ class End:
         self.rekey_at = tlskeys.UPDATE_AFTER
         self.key_update: Callable[[], None] | None | bool = None
         self.shift = 14 if self.obj is None else tlskeys.record_shift(self.obj)  # see tlskeys.records
-        # TLS: the incoming BIO starts with a record that is whole once it
-        # holds this many bytes (0: not known; OpenSSL may hold part of it),
-        # so the engine does not ask OpenSSL before (``EndIO.read_tls``).
-        self.whole_at = 0
 
 
 def eligible(stream: object) -> bool:
