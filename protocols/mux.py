@@ -312,6 +312,61 @@ class MuxConnection:
             return None  # skipping the payload of an ended stream
         return StreamData(self._data_stream, memoryview(buf)[pos:pos + take])
 
+    def take_data(self, pieces: list, limit: int) -> int | None:
+        """The relay's fast path through the usual bytes: the DATA of one
+        established stream at the head of what was received, without an
+        event per frame. Its payload pieces (memoryviews, as
+        :class:`StreamData` carries them) are appended to ``pieces``, frame
+        after frame, until a frame that is not DATA of that stream, the end
+        of what was received, or ``limit`` pieces in the list; returns the
+        stream's id. None when it took nothing: nothing came, or the head
+        is anything else (a control frame, a DATA header that needs the full
+        checks, the payload of an ended stream, a failed connection); then
+        :meth:`next_event` says what it is. The same pieces as the
+        :class:`StreamData` events :meth:`next_event` would return, in the
+        same order, with the same checks (a header beyond them is left to
+        it); the run may be empty when only a header came."""
+        if self._error is not None:
+            return None
+        buf, pos = self._buf, self._pos
+        start, end = pos, len(buf)
+        left = self._data_left
+        sid = self._data_stream if left else None
+        if left and sid is None:
+            return None  # skipping an ended stream's payload
+        streams = self._streams
+        view = None
+        while len(pieces) < limit:
+            if not left:
+                if end - pos < _HEADER_SIZE:
+                    break
+                kind, stream, length = _unpack_header(buf, pos)
+                if kind != _DATA or (sid is not None and stream != sid):
+                    break
+                s = streams.get(stream)
+                if s is None or not s.accepted or s.remote_fin or not 0 < length <= s.recv_window \
+                        or length > MAX_DATA:
+                    break  # next_event's full checks (and errors)
+                s.recv_window -= length
+                pos += _HEADER_SIZE
+                sid = self._data_stream = stream
+                left = length
+            take = end - pos
+            if not take:
+                break
+            if take > left:
+                take = left
+            if view is None:
+                view = memoryview(buf)
+            pieces.append(view[pos:pos + take])
+            pos += take
+            left -= take
+        if pos == start:
+            return None
+        self._pos = pos
+        self._data_left = left
+        return sid
+
     def _control(self, buf, pos: int, kind: int, stream: int,
                  length: int) -> MuxEvent | Literal[Signal.NEED_DATA] | None:
         """A frame other than DATA, whose header starts at ``pos``."""

@@ -21,7 +21,10 @@ Moving bytes, in the engine's thread:
   readable (never blocked by a slow stream), decrypts into a scratch
   buffer, parses it there without a copy, and writes each stream's DATA to
   its socket at once: the DATA of one stream that came in one read (a read
-  usually ends inside a frame) goes out in one ``sendmsg``. What the socket
+  usually ends inside a frame) goes out in one ``sendmsg``. Such a run is
+  taken whole (``MuxConnection.take_data``), with no event object, dispatch
+  or gathering per frame: most wake-ups of a bulk transfer are nothing
+  else; the other frames go through ``next_event`` and a handler each. What the socket
   does not take is copied into that end's tail, at most one window's worth,
   because the peer may not send more than we acknowledged; the sum over
   streams is bounded too (LINK_HELD, HELD_LIMIT: past them a stream is
@@ -330,6 +333,19 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
                         # peer that does not read cannot make us answer more
                         # than one frame beyond the limit.
                         while end.tail is None or engine.backlog(end) < LINK_BACKLOG:
+                            if self.gathered_for is None:
+                                # The usual bytes: one stream's DATA, taken
+                                # as a run of pieces without an event each.
+                                pieces: list[memoryview] = []
+                                sid = conn.take_data(pieces, GATHER_MAX)
+                                if sid is not None:
+                                    if pieces:
+                                        self._run_of_data(sid, pieces)
+                                        if self.failed is not None:
+                                            return
+                                    if not conn.unparsed():
+                                        break
+                                    continue
                             try:
                                 event = conn.next_event()
                             except RemoteProtocolError:

@@ -20,7 +20,7 @@ from gateway.net.ends import (
 )
 from gateway.net.filters import Filtered
 from protocols.dial import DialAccept, DialError
-from protocols.mux import HEADER
+from protocols.mux import HEADER, StreamData
 
 if TYPE_CHECKING:
     from gateway.net.muxlink import MuxLink
@@ -264,8 +264,23 @@ class StreamIO:
         """Write the DATA gathered for one stream (see ``gathered``)."""
         stream, pieces = self.gathered_for, self.gathered
         self.gathered_for, self.gathered = None, []
-        if stream.finished:
+        if not stream.finished:
+            self._deliver_to(stream, pieces)
+
+    def _run_of_data(self, sid: int, pieces: list[memoryview]) -> None:
+        """The link's fast path: DATA for one stream taken as a run
+        (``MuxConnection.take_data``), written at once, without an event,
+        a dispatch or a gathering per frame."""
+        stream = self.streams.get(sid)
+        if stream is None:
+            return  # it ended; these crossed its end
+        if stream.end is None:  # no socket yet: held as early data
+            for piece in pieces:
+                self._dispatch(StreamData(sid, piece))
             return
+        self._deliver_to(stream, pieces)
+
+    def _deliver_to(self, stream: Stream, pieces: list[memoryview]) -> None:
         try:
             self._to_socket(stream, pieces)
             if not stream.finished and stream.end.tail is not None and not stream.end.mask & _OUT:
