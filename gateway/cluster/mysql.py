@@ -291,6 +291,13 @@ MAX_CHECKED_COMMAND = 64 * 1024 * 1024
 #: A statement whose cut text may hide a USE further on (a bytes search,
 #: before any decoding).
 _MAY_USE = re.compile(rb"use", re.IGNORECASE)
+_FULL_PACKET = 4 + 0xFFFFFF
+#: In a command too long to hold: a USE anywhere (a superset of the
+#: statements' USEs, read across packets through a carry of the text's end;
+#: a "use" followed by nothing but whitespace so far is carried as "use ").
+_USE_ANYWHERE = re.compile(rb"\buse\s+(?:`((?:[^`]|``)+)`|([^\s;`*/]+))", re.IGNORECASE)
+_USE_AT_END = re.compile(rb"(?:^|\W)use\Z", re.IGNORECASE)
+_CARRY = 256
 
 
 class MySqlSessionAuditor(SessionAuditor):
@@ -339,6 +346,8 @@ class MySqlSessionAuditor(SessionAuditor):
         self._change: ChangeUserEvent | None = None
         self._raw = b""
         self._joining = 0  # a command's packets being joined: where its last one starts
+        self._streaming = False  # a command too long to join passes, read as it goes (_stream)
+        self._carry = b""  # the end of its text so far, for a USE across packets
         #: Re-dials a COM_CHANGE_USER in trio: its answer for the client
         #: (gateway/cluster/mysql_change_user.py).
         self.change_user: Callable[[ChangeUserEvent], Awaitable[bytes]] | None = None
@@ -349,9 +358,13 @@ class MySqlSessionAuditor(SessionAuditor):
         """One whole client packet (or a command's joined packets)."""
         if self._joining:
             if raw[self._joining:self._joining + 3] == _FULL:
+                if len(raw) + _FULL_PACKET > MAX_CHECKED_COMMAND:
+                    return self._stream(raw)  # too long to hold: the rest is checked as it passes
                 self._joining = len(raw)
                 return MORE
             self._joining = 0
+        elif self._streaming:
+            return self._stream(raw)
         elif len(raw) > 4 and raw[4] in _ANSWERABLE and not raw[3] and self.commands.at_command:
             if raw[:3] == _FULL:  # the first of several packets: read it whole
                 self._joining = len(raw)
@@ -372,6 +385,32 @@ class MySqlSessionAuditor(SessionAuditor):
             return answer
         change, self._change = self._change, None
         return Hold(functools.partial(self.change_user, change))
+
+    def _stream(self, raw: bytes) -> None:
+        """Part of a command longer than MAX_CHECKED_COMMAND (its first
+        packets, joined, then each next one): passed on as it comes, and
+        read for a ``USE`` anywhere in it, not only at a statement's start
+        (``_USE_ANYWHERE``, across packets). A refused one ends the session
+        before the rest passes: the server runs a command only once all
+        its packets are in, so this one never runs."""
+        self._answerable = False  # too late to answer it in its place: a refusal ends the session
+        self._joining = 0
+        self.feed(self.commands, self._client_event, raw, "client")
+        pos, carry = 0, self._carry
+        while pos < len(raw):
+            length = int.from_bytes(raw[pos:pos + 3], "little")
+            text = carry + raw[pos + 4:pos + 4 + length]
+            for use in _USE_ANYWHERE.finditer(text):
+                quoted, bare = use.groups()
+                name = (quoted.replace(b"``", b"`") if quoted else bare).decode("utf-8", "replace")
+                self._init_db(name)
+            stripped = text.rstrip()  # a "use", then only whitespace so far: the name is to come
+            carry = (b"use " if len(stripped) < len(text) and _USE_AT_END.search(stripped[-4:]) is not None
+                     else text[-_CARRY:])
+            pos += 4 + length
+        self._streaming = raw[pos - 4 - length:pos - 4 - length + 3] == _FULL
+        self._carry = carry if self._streaming else b""
+        return None
 
     def eof(self) -> None:
         pass

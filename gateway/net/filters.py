@@ -163,9 +163,9 @@ class Filtered:
     """One session's filter with its framing state (see the module doc).
     Made in trio's thread (it keeps trio's token for :class:`Hold`)."""
 
-    __slots__ = ("filter", "_layout", "_max", "_max_message", "_head", "_partial", "_taken", "_joined",
+    __slots__ = ("filter", "_layout", "_length_of", "_frame_size", "_max", "_max_message", "_head", "_partial", "_taken", "_joined",
                  "_server", "_waiting", "_stopped", "held", "_reply", "_send", "_receive", "_token",
-                 "resume", "carried", "taken", "_eof", "holds")
+                 "resume", "carried", "taken", "_eof", "holds", "follows_server")
 
     def __init__(self, message_filter: MessageFilter) -> None:
         self.filter = message_filter
@@ -173,11 +173,14 @@ class Filtered:
         self._max = message_filter.max_length
         self._max_message = getattr(message_filter, "max_message", self._max)
         self._head = layout.length_end
+        self._length_of, self._frame_size = layout.length_of, layout.frame_size  # on every message
         self._partial = bytearray()  # client bytes not handed to the filter yet
         self._taken = 0  # how many of them were taken (an incomplete frame's start)
         self._joined: bytearray | None = None  # frames of a message the filter said MORE to
         self._server = (None if getattr(message_filter, "between_replies", False)
                         else FrameSplitter(layout, keep=_skip, max_length=layout.max_length))
+        #: The relay must show it the server's bytes (:meth:`from_server`).
+        self.follows_server = self._server is not None
         self._waiting: list[bytes] = []  # answers behind a half-relayed server message
         self._stopped = False  # whole messages wait in _partial (room ran out, or one is held)
         #: A message is with trio (:class:`Hold`): nothing more is looked at.
@@ -224,9 +227,8 @@ class Filtered:
         reach ``room``: (messages to pass on, in order; the answers to
         write to the client now). Raises what the filter or the framing
         raises (``RemoteProtocolError`` for a bad length)."""
-        head = self._head
-        if (not self._partial and not self._stopped and not self.held and self._joined is None
-                and len(data) >= head and self._reply is None and room > 0):
+        if (not self._partial and not self.held and not self._stopped and self._joined is None
+                and self._reply is None and len(data) >= self._head and room > 0):
             size = self._size(data)
             if size == len(data):
                 # The usual read: exactly one whole message.
@@ -323,9 +325,8 @@ class Filtered:
     def _size(self, head: bytes | bytearray) -> int:
         """The size of the frame ``head`` starts; a bad length is the filter's
         to record, then ends the session (RemoteProtocolError)."""
-        layout = self._layout
         try:
-            return layout.frame_size(layout.length_of(head), self._max)
+            return self._frame_size(self._length_of(head), self._max)
         except RemoteProtocolError as exc:
             self.filter.broken(exc)
             raise

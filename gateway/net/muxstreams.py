@@ -231,7 +231,7 @@ class StreamIO:
                 stream.counters.b_to_a += n
             framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
             self._send(framed[:_HEADER_SIZE + n])
-            if stream.filter is not None:
+            if stream.filter is not None and stream.filter.follows_server:
                 # The server's bytes went on: the filter's answers that waited
                 # for the end of a server message may follow them now.
                 answers = _filtered(stream.filter.from_server, payload[:n], end.name)
@@ -330,13 +330,18 @@ class StreamIO:
         not (an incomplete frame, answered, dropped), and acknowledged now."""
         filtered = stream.filter
         data = b"" if not pieces else bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
-        room = self.conn.send_window(stream.sid) - (len(stream.owed) if stream.owed is not None else 0)
-        passed, answers = _filtered(filtered.from_client, data, stream.name, room)
+        owed = stream.owed
+        room = self.conn.send_window(stream.sid) - (len(owed) if owed is not None else 0)
+        try:
+            passed, answers = filtered.from_client(data, room)
+        except Exception as exc:  # a message it cannot read, a bad length: the stream, never the link
+            raise Failure(f"{stream.name}: {exc}") from None
         carried = filtered.carried
-        taken_now = filtered.taken - (sum(len(piece) for piece in passed) - carried)
+        taken_now = filtered.taken - ((len(passed[0]) if len(passed) == 1 else sum(map(len, passed))) - carried)
         if taken_now:
             self._written(stream, taken_now)
-        stream.preacked += carried
+        if carried:
+            stream.preacked += carried
         if answers:
             self._answer(stream, answers)
         return passed

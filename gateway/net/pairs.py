@@ -199,7 +199,7 @@ class PairRelay:
             self.write(dst, data, copy=True)
         else:
             self.write(dst, seal(dst, data), copy=False)
-        if dst.filter is not None:
+        if dst.filter is not None and dst.filter.follows_server:
             # The server's bytes went on: the filter's answers that waited
             # for the end of a server message may follow them now.
             try:

@@ -246,6 +246,47 @@ def test_what_cannot_be_answered_in_place_ends_the_session_unsent(stream):
     assert cluster.events[-1][0] == "mysql.init_db" and not cluster.events[-1][1]["allowed"]
 
 
+FULL = 0xFFFFFF
+
+
+def _long_query(text: bytes) -> bytes:
+    """A COM_QUERY of ``text`` (16 MiB and more: several packets)."""
+    payload, out, seq = bytes([Command.QUERY]) + text, b"", 0
+    while True:
+        part, payload = payload[:FULL], payload[FULL:]
+        out += len(part).to_bytes(3, "little") + bytes([seq]) + part
+        seq += 1
+        if len(part) < FULL:
+            return out
+
+
+@pytest.mark.parametrize("tail, refused", [
+    (b"secret", True),  # "use", 600 spaces (more than is carried), the packet ends, "secret"
+    (b"app_two; select 'use secret'", True),  # a USE anywhere: too much refused, never too little
+    (b"app_two", False),
+    (b"", False),
+])
+def test_a_command_too_long_to_hold_passes_as_it_comes_and_a_use_in_it_ends_the_session(monkeypatch, tail,
+                                                                                         refused):
+    from gateway.cluster import mysql
+
+    monkeypatch.setattr(mysql, "MAX_CHECKED_COMMAND", 20 * 1024 * 1024)  # two packets joined is over
+    _, a = auditor([ROLE])
+    head, use = b"insert into t values ('", b"') ; use" + b" " * 600
+    text = head + b"x" * (2 * FULL - 1 - len(head) - len(use)) + use  # two full packets' worth
+    raw = _long_query(text + tail)
+    first = raw[:2 * (FULL + 4)]
+    passed, answer = a.from_client(first)
+    assert passed == first and answer == b""  # over the bound: passed as it comes
+    if refused:
+        with pytest.raises(trio.BrokenResourceError, match="the session ends"):
+            a.from_client(raw[len(first):])
+    else:
+        passed, answer = a.from_client(raw[len(first):])
+        assert passed == raw[len(first):] and answer == b""
+        assert a.commands.at_command  # the next command is read as one
+
+
 def test_a_refused_command_behind_a_packet_out_of_order_is_still_refused():
     # (A packet with sequence id 5 where a command belongs: the server's to
     # refuse; the filter sees the next command whole all the same.)
