@@ -305,7 +305,10 @@ class MySqlSessionAuditor(SessionAuditor):
     and the cluster's word on the commands a role may not run: the
     session's message filter (gateway/net/filters.py), shown each whole
     client packet (a command of 16 MiB and more that the cluster may
-    answer: its packets joined, at most ``MAX_CHECKED_COMMAND``).
+    answer: its packets joined, up to ``MAX_CHECKED_COMMAND``; past that
+    it passes as it comes, read for a ``USE`` anywhere, and a refused one
+    ends the session before its last packet, so the server never runs it:
+    :meth:`_stream`).
 
     Refused commands never reach the server. A COM_INIT_DB or ``USE`` of a
     database the user's roles do not allow gets ERR 1044 (42000) saying
