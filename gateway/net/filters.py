@@ -163,7 +163,7 @@ class Filtered:
     """One session's filter with its framing state (see the module doc).
     Made in trio's thread (it keeps trio's token for :class:`Hold`)."""
 
-    __slots__ = ("filter", "_layout", "_length_of", "_frame_size", "_max", "_max_message", "_head", "_partial", "_taken", "_joined",
+    __slots__ = ("filter", "_layout", "_length_of", "_frame_size", "_uncounted", "_min_size", "_max_size", "_max", "_max_message", "_head", "_partial", "_taken", "_joined",
                  "_server", "_waiting", "_stopped", "held", "_reply", "_send", "_receive", "_token",
                  "resume", "carried", "taken", "_eof", "holds", "follows_server")
 
@@ -174,6 +174,8 @@ class Filtered:
         self._max_message = getattr(message_filter, "max_message", self._max)
         self._head = layout.length_end
         self._length_of, self._frame_size = layout.length_of, layout.frame_size  # on every message
+        self._uncounted = layout.uncounted
+        self._min_size, self._max_size = layout.min_length + layout.uncounted, self._max + layout.uncounted
         self._partial = bytearray()  # client bytes not handed to the filter yet
         self._taken = 0  # how many of them were taken (an incomplete frame's start)
         self._joined: bytearray | None = None  # frames of a message the filter said MORE to
@@ -229,8 +231,10 @@ class Filtered:
         raises (``RemoteProtocolError`` for a bad length)."""
         if (not self._partial and not self.held and not self._stopped and self._joined is None
                 and self._reply is None and len(data) >= self._head and room > 0):
-            size = self._size(data)
-            if size == len(data):
+            # (The frame's size without _size's calls; a length out of
+            # bounds goes the long way, which says so.)
+            size = self._length_of(data) + self._uncounted
+            if size == len(data) and self._min_size <= size <= self._max_size:
                 # The usual read: exactly one whole message.
                 self.carried = 0
                 self.taken = size
