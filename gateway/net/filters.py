@@ -48,7 +48,8 @@ message at a time, in the relay itself.
   (under the engine's lock; in the task-based relay, within the turn of
   what goes to the client).
 * **the client's EOF** is told to the filter (``eof``) after it went on to
-  the server.
+  the server; while messages are held back (below), the EOF waits behind
+  them.
 
 Holding back. Nothing is buffered without bound, and the relay learns
 when to stop reading from the filter's state alone (:attr:`Filtered.stalled`):
@@ -65,10 +66,16 @@ when to stop reading from the filter's state alone (:attr:`Filtered.stalled`):
 * a held message: nothing after it is looked at until its answer is in.
   One message is held at a time, and ``Hold.work`` is the kind's to bound
   (a re-dial's login timeout); if the session ends first, the task is
-  cancelled with it. The answer comes from trio's thread:
-  :meth:`Filtered.serve` stores it and calls the relay's ``resume``
-  callback, which only schedules the relay's own thread (nothing is
-  written from trio's), so there is no lock order to get wrong.
+  cancelled with it (the relay's end cancels :meth:`Filtered.serve`, and
+  the relay does not wait for the work: no deadlock either way). The
+  answer comes from trio's thread: :meth:`Filtered.serve` stores it
+  (``_reply`` before ``held`` is cleared, so the relay's thread, which
+  reads them without a lock, never sees a message neither held nor
+  answered) and calls the relay's ``resume`` callback: the two-socket
+  relay queues the client's end for its own thread (``again``), a stream
+  of a multiplexed connection goes on under the engine's lock
+  (``MuxLink.resume_filter``, as every call from trio into a link does),
+  the task-based relay sets an event its client direction waits on.
 
 Acknowledging (for a multiplexed connection, whose peer may send only what
 was acknowledged): after each :meth:`Filtered.from_client`, ``taken`` is
