@@ -99,6 +99,9 @@ class FrameLayout:
     _length: struct.Struct | None = attrs.field(init=False, repr=False)
     #: Derived: the header's byte order, as ``int.from_bytes`` names it.
     byteorder: str = attrs.field(init=False, repr=False)
+    #: Derived: where the length field starts (read on every frame: worked
+    #: out once, not from the format each time).
+    _length_start: int = attrs.field(init=False, repr=False)
 
     @min_length.default
     def _empty_body(self) -> int:
@@ -124,6 +127,10 @@ class FrameLayout:
     def _byteorder(self) -> str:
         return "little" if self._order() == "<" else "big"
 
+    @_length_start.default
+    def _start(self) -> int:
+        return self._field_span(self.length_field)[0]
+
     def __attrs_post_init__(self) -> None:
         if self.header.format[:1] not in ("<", ">", "!"):
             raise ValueError(f"{self.name}: the header format must name its byte order")
@@ -137,8 +144,7 @@ class FrameLayout:
         ``length_end`` bytes)."""
         if self._length is not None:
             return int(self._length.unpack_from(head)[0])
-        start, end = self._field_span(self.length_field)
-        return int.from_bytes(head[start:end], self.byteorder)
+        return int.from_bytes(head[self._length_start:self.length_end], self.byteorder)
 
     def frame_size(self, length: int, max_length: int) -> int:
         """The size of the whole frame whose length field says ``length``;

@@ -118,37 +118,24 @@ async def handle_route(cluster: Cluster, stream: TLSStream, kind: RouteKind, *, 
         return
     session, opened, identity = outcome
     upstream = opened.upstream
-    filtered = opened.filtered()
 
     async def run(counters: RelayCounters) -> str | None:
         try:
             await stream.send_all(conn.send(DialAccept(session_id=session.id, params=opened.reply_params))
                                   + opened.first_bytes)
             counters.b_to_a += len(opened.first_bytes)
-            trailing, _eof = conn.trailing_data
-            if trailing:
-                if opened.tap_client:
-                    opened.tap_client(trailing)
-                counters.a_to_b += len(trailing)
-                if filtered is not None:
-                    try:
-                        passed, answers = filtered.from_client(trailing)
-                    except Exception as exc:  # what the filter cannot read must not pass
-                        raise trio.BrokenResourceError(f"gateway: {exc}") from None
-                    if answers:
-                        await stream.send_all(answers)
-                        counters.b_to_a += len(answers)
-                    trailing = b"".join(passed)
-                if trailing:
-                    await upstream.send_all(trailing)
         except BaseException:
             # Cut (a lock, the certificate's end) or broken before the relay
             # began: an abort on both sides, as the relay would make it.
             reset_on_close(stream)
             reset_on_close(upstream)
             raise
+        # What the gateway sent behind its dial frame is the relay's first
+        # read: tapped and filtered like the rest (a USE there is refused).
+        trailing, _eof = conn.trailing_data
         stats = await relay(stream, upstream, counters=counters, names=("gateway", UPSTREAM),
-                            taps=(opened.tap_client, opened.tap_server), filtered=filtered)
+                            taps=(opened.tap_client, opened.tap_server), filtered=opened.filtered(),
+                            early=trailing)
         return stats.error
 
     await run_session(cluster, session, opened, identity, client_addr, run)
@@ -210,10 +197,11 @@ async def run_session(cluster: Cluster, session: LiveSession, opened: Opened, id
             # it: gateway/cluster/linkrenewal.py).
             session.cancel_scope.deadline = cluster.expiry_deadline(session)
             with session.cancel_scope:
-                if opened.task is None:
+                filtered = opened.filtered()
+                if filtered is None or not filtered.holds:
                     error = await run(counters)
-                else:
-                    error = await _beside(opened.task, run, counters)
+                else:  # what the filter holds for trio runs beside the relay
+                    error = await _beside(filtered.serve, run, counters)
             if session.cancel_scope.cancelled_caught and session.end_reason is None:
                 session.end_reason = "cert_expired"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

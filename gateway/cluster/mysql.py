@@ -51,8 +51,10 @@ run on, nor an in-flight write commit, after the cut.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Callable, Mapping
+import re
+from typing import Any, Awaitable, Callable, Mapping
 
 import trio
 
@@ -62,7 +64,7 @@ from gateway.cluster.dbaudit import SessionAuditor
 from gateway.cluster.dbkind import LOGIN_TIMEOUT, PARAM_DB_NAME, PARAM_DB_USER, DatabaseKind, Upstream
 from gateway.cluster.dial import Answered, Opened, Refused, connect_tcp
 from gateway.cluster.mysql_change_user import UserChanger
-from gateway.net.ends import Answer
+from gateway.net.filters import MORE, Hold
 from gateway.cluster.store import Resource
 from gateway.identity import pki
 from protocols.dial import DialRequest
@@ -75,7 +77,9 @@ from protocols.mysql import (
     ErrorNumber, ErrPacket, PacketChannel, encode_packets, ResetConnectionEvent, ResponseAuditor, StartTLS, StatementCloseEvent,
     StatementResetEvent, UpstreamLogin,
 )
+from protocols.framing import MYSQL_PACKET
 from protocols.mysql import dialparams as dp
+from protocols.mysql.commands import query_text
 from protocols.mysql.statements import use_targets
 
 log = logging.getLogger("wicket.cluster.mysql")
@@ -240,11 +244,10 @@ class MySqlKind(DatabaseKind):
         auditor.roles = roles
         session.extra["mysql_thread"] = outcome.server.connection_id  # for KILL QUERY (interrupt)
         session.extra["mysql_db_user"] = db_user
-        changer = UserChanger(self, cluster, resource, spec, session, auditor, asked)
-        auditor.change_user = changer.ask
+        auditor.change_user = UserChanger(self, cluster, resource, spec, session, auditor, asked).change
         trailing, _ = login.trailing_data
-        return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply, task=changer.run,
-                      tap_client=auditor.from_client, tap_server=auditor.from_server, finish=auditor.finish,
+        return Opened(upstream=upstream.stream, first_bytes=trailing, reply_params=reply, filter=auditor,
+                      tap_server=auditor.from_server, finish=auditor.finish,
                       details={**details, "auth": outcome.plugin, "tls": outcome.tls,
                                "server_version": outcome.server.server_version,
                                "thread_id": outcome.server.connection_id})
@@ -279,31 +282,58 @@ def local_infile_allowed(roles: list, resource: Resource, params: Mapping[str, s
     return rbac.decide(roles, resource.name, resource.labels, {**asked, PARAM_LOCAL_INFILE: "on"}).allowed
 
 
-#: The commands the cluster may answer itself (a first-byte look per chunk):
-#: a switch of database, a USE inside a query, a change of user.
+#: The commands the cluster may answer itself (a first-byte look per
+#: command): a switch of database, a USE inside a query, a change of user.
 _ANSWERABLE = frozenset({Command.INIT_DB, Command.QUERY, Command.CHANGE_USER})
+#: A packet this long goes on in the next one (a payload of 16 MiB and more).
+_FULL = b"\xff\xff\xff"
+#: The largest of those commands the filter reads whole (its packets
+#: joined); a larger one ends the session, as one that cannot be checked.
+#: MariaDB's and MySQL's max_allowed_packet default to 16 and 64 MiB.
+MAX_CHECKED_COMMAND = 64 * 1024 * 1024
+#: A statement whose cut text may hide a USE further on (a bytes search,
+#: before any decoding).
+_MAY_USE = re.compile(rb"use", re.IGNORECASE)
+_FULL_PACKET = 4 + 0xFFFFFF
+#: In a command too long to hold: a USE anywhere (a superset of the
+#: statements' USEs, read across packets through a carry of the text's end;
+#: a "use" followed by nothing but whitespace so far is carried as "use ").
+_USE_ANYWHERE = re.compile(rb"\buse\s+(?:`((?:[^`]|``)+)`|([^\s;`*/]+))", re.IGNORECASE)
+_USE_AT_END = re.compile(rb"(?:^|\W)use\Z", re.IGNORECASE)
+_CARRY = 256
 
 
 class MySqlSessionAuditor(SessionAuditor):
     """A MySQL session's commands and the server's errors as audit events;
-    and the cluster's word on the commands a role may not run.
+    and the cluster's word on the commands a role may not run: the
+    session's message filter (gateway/net/filters.py), shown each whole
+    client packet (a command of 16 MiB and more that the cluster may
+    answer: its packets joined, up to ``MAX_CHECKED_COMMAND``; past that
+    it passes as it comes, read for a ``USE`` anywhere, and a refused one
+    ends the session before its last packet, so the server never runs it:
+    :meth:`_stream`).
 
     Refused commands never reach the server. A COM_INIT_DB or ``USE`` of a
     database the user's roles do not allow gets ERR 1044 (42000) saying
-    what to do, answered by the cluster (an ``ends.Answer`` from the
-    client's tap: the command is taken out of the chunk, the ERR goes back
-    with sequence id 1) and the session goes on. A COM_CHANGE_USER is
-    taken out the same way and handed to ``change_user`` (the re-dial,
-    gateway/cluster/mysql_change_user.py), which answers it later; where
-    the session cannot be switched (a connection of its own), ERR 1235. That needs the command to be the first packet of the
-    chunk it came in, whole, with no answer of the server's still due
-    before its own (as every client sends them: one command per write,
-    waiting for its result); otherwise it cannot be answered in its place,
-    and the session ends there instead, on record. Only chunks that start
-    with one of these commands (a first-byte look) are set up for that."""
+    what to do, with sequence id 1, and the session goes on; the whole
+    statement text is read for a ``USE``. A COM_CHANGE_USER is held
+    (:class:`~gateway.net.filters.Hold`) for ``change_user``, the re-dial
+    (gateway/cluster/mysql_change_user.py), whose answer comes later; the
+    client's next bytes wait for it. Where the session cannot be switched
+    (a connection of its own), ERR 1235. A command is answered in the
+    server's place only when nothing of the server's is still due before
+    its answer (as every client sends them: one command, then its
+    result; a pipelining client's commands after a refused one are
+    answered in turn, since the refused one is answered at once);
+    otherwise the session ends there instead, on record."""
 
     prefix = "mysql"
     protocol = "MySQL"
+    layout = MYSQL_PACKET
+    max_length = MYSQL_PACKET.max_length
+    max_message = MAX_CHECKED_COMMAND
+    holds = True  # a COM_CHANGE_USER, for the re-dial
+    between_replies = True  # it answers only where the server owes nothing (``tracker.pending``)
 
     def __init__(self, cluster: Cluster, session: LiveSession, capabilities: Capability, resource: Resource,
                  db_user: str) -> None:
@@ -314,43 +344,86 @@ class MySqlSessionAuditor(SessionAuditor):
         self.resource, self.db_user = resource, db_user
         self.roles: list = []
         self.infile: str | None = None
-        # The chunk being fed starts with a whole command the cluster may
-        # answer (until its event has been handled), and that answer (b"":
-        # a COM_CHANGE_USER handed to ``change_user``).
+        # The command being fed is one the cluster may answer (until its
+        # event has been handled), and that answer (b"": a COM_CHANGE_USER
+        # handed to ``change_user``); the command as it came.
         self._answerable = False
         self._refusal: bytes | None = None
         self._change: ChangeUserEvent | None = None
-        #: Re-dials a COM_CHANGE_USER in trio (gateway/cluster/mysql_change_user.py).
-        self.change_user: Callable[[ChangeUserEvent], None] | None = None
-        #: A COM_CHANGE_USER is being re-dialled: the client must wait.
-        self.changing = False
+        self._raw = b""
+        self._joining = 0  # a command's packets being joined: where its last one starts
+        self._streaming = False  # a command too long to join passes, read as it goes (_stream)
+        self._carry = b""  # the end of its text so far, for a USE across packets
+        #: Re-dials a COM_CHANGE_USER in trio: its answer for the client
+        #: (gateway/cluster/mysql_change_user.py).
+        self.change_user: Callable[[ChangeUserEvent], Awaitable[bytes]] | None = None
 
-    def from_client(self, data: bytes) -> Answer | None:
-        if self.changing:
-            raise trio.BrokenResourceError("the client sent more before its COM_CHANGE_USER was answered")
-        self._answerable = (len(data) > 4 and data[4] in _ANSWERABLE and not data[3]
-                            and self.commands.at_command and not self.tracker.pending
-                            and 4 + int.from_bytes(data[:3], "little") <= len(data)
-                            and data[:3] != b"\xff\xff\xff")  # whole, and not continued
-        self.feed(self.commands, self._client_event, data, "client")
+    # -- the filter (gateway/net/filters.py) ------------------------------------
+
+    def on_message(self, raw: bytes) -> bytes | Hold | object | None:
+        """One whole client packet (or a command's joined packets)."""
+        if self._joining:
+            if raw[self._joining:self._joining + 3] == _FULL:
+                if len(raw) + _FULL_PACKET > MAX_CHECKED_COMMAND:
+                    return self._stream(raw)  # too long to hold: the rest is checked as it passes
+                self._joining = len(raw)
+                return MORE
+            self._joining = 0
+        elif self._streaming:
+            return self._stream(raw)
+        elif len(raw) > 4 and raw[4] in _ANSWERABLE and not raw[3] and self.commands.at_command:
+            if raw[:3] == _FULL:  # the first of several packets: read it whole
+                self._joining = len(raw)
+                return MORE
+        else:
+            self._answerable = False
+            self.feed(self.commands, self._client_event, raw, "client")
+            return None
+        self._answerable = not self.tracker.pending
+        self._raw = raw
+        self.feed(self.commands, self._client_event, raw, "client")
+        self._raw = b""
         if self._refusal is None:
             return None
-        return self._answer(data)
-
-    def _answer(self, data: bytes) -> Answer:
-        """The chunk's first packet (its whole command: see _refuse) taken
-        out and answered with the refusal."""
         answer, self._refusal = self._refusal, None
-        size = 4 + int.from_bytes(data[:3], "little")
         self.tracker.pending.popleft()  # the server will not answer it: it never sees it
-        if not answer:  # a COM_CHANGE_USER, answered once re-dialled
-            if len(data) > size:
-                raise trio.BrokenResourceError("the client sent more behind its COM_CHANGE_USER, before "
-                                               "its answer")
-            change, self._change = self._change, None
-            self.changing = True
-            self.change_user(change)
-        return Answer(forward=data[size:], answer=answer)
+        if answer:
+            return answer
+        change, self._change = self._change, None
+        return Hold(functools.partial(self.change_user, change))
+
+    def _stream(self, raw: bytes) -> None:
+        """Part of a command longer than MAX_CHECKED_COMMAND (its first
+        packets, joined, then each next one): passed on as it comes, and
+        read for a ``USE`` anywhere in it, not only at a statement's start
+        (``_USE_ANYWHERE``, across packets). A refused one ends the session
+        before the rest passes: the server runs a command only once all
+        its packets are in, so this one never runs."""
+        self._answerable = False  # too late to answer it in its place: a refusal ends the session
+        self._joining = 0
+        self.feed(self.commands, self._client_event, raw, "client")
+        pos, carry = 0, self._carry
+        while pos < len(raw):
+            length = int.from_bytes(raw[pos:pos + 3], "little")
+            text = carry + raw[pos + 4:pos + 4 + length]
+            for use in _USE_ANYWHERE.finditer(text):
+                quoted, bare = use.groups()
+                name = (quoted.replace(b"``", b"`") if quoted else bare).decode("utf-8", "replace")
+                self._init_db(name)
+            stripped = text.rstrip()  # a "use", then only whitespace so far: the name is to come
+            carry = (b"use " if len(stripped) < len(text) and _USE_AT_END.search(stripped[-4:]) is not None
+                     else text[-_CARRY:])
+            pos += 4 + length
+        self._streaming = raw[pos - 4 - length:pos - 4 - length + 3] == _FULL
+        self._carry = carry if self._streaming else b""
+        return None
+
+    def eof(self) -> None:
+        pass
+
+    def broken(self, error: Exception) -> None:
+        message = getattr(error, "message", None) or str(error)
+        self.emit("protocol_error", side="client", error=message)
 
     def from_server(self, data: bytes) -> None:
         self.feed(self.responses, self._server_event, data, "server")
@@ -359,7 +432,10 @@ class MySqlSessionAuditor(SessionAuditor):
         if isinstance(e, QueryEvent):
             self.emit("query", query=e.text, truncated=e.truncated, length=e.length, sha256=e.sha256, size=e.size,
                       attributes=e.attributes)
-            for schema in use_targets(e.text):
+            text = e.text
+            if e.truncated and self._raw and _MAY_USE.search(self._raw) is not None:
+                text = query_text(self._raw, self.tracker.query_attributes)  # the whole of it
+            for schema in use_targets(text):
                 if not self._init_db(schema):
                     break
             self._answerable = False
@@ -422,9 +498,9 @@ class MySqlSessionAuditor(SessionAuditor):
 
     def _refuse(self, err: ErrPacket | None, what: str) -> None:
         """The command being handled never reaches the server: answered
-        with ``err`` (None: by the re-dial) where it can be (the chunk's
-        first packet, whole, with nothing of the server's due before it),
-        else the session ends here (the audit says why)."""
+        with ``err`` (None: by the re-dial) where it can be (nothing of the
+        server's due before its answer), else the session ends here (the
+        audit says why)."""
         if not self._answerable:
             raise trio.BrokenResourceError(f"{what}; the session ends (it did not come as a command the "
                                            f"cluster can answer in its place)")

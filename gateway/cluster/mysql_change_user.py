@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 A session is one upstream connection, logged in by the cluster as the db
 user the dial named (gateway/cluster/mysql.py). When the client sends
-COM_CHANGE_USER, the session auditor (in the relay engine's thread) takes
-the command out of the relayed bytes, so the server never sees it, and
-hands it to :class:`UserChanger`, a trio task beside the relay. That task:
+COM_CHANGE_USER, the session's message filter (the auditor, in the relay
+engine's thread) holds the command (``filters.Hold``), so the server never
+sees it, and the relay holds whatever the client sends after it; the
+session's trio task runs :meth:`UserChanger.change`, which:
 
 1. asks the roles, fresh, whether this user may be the new db user (and
    use the database the command names), exactly as a dial would be
@@ -21,11 +22,14 @@ hands it to :class:`UserChanger`, a trio task beside the relay. That task:
    client named that plugin), with the sequence ids COM_CHANGE_USER's
    answer has (from 1).
 
-Whatever the outcome the session goes on: as the new db user, or as the
-one it was. The client's password in the command is not looked at:
-identity is the session certificate, as at the dial. The client must wait
-for the answer before it sends more (the protocol says so); one that does
-not ends the session. A session on a connection of its own (the kind's
+What it returns is the answer the relay sends the client, after which it
+goes on with the client's bytes. Whatever the outcome the session goes
+on: as the new db user, or as the one it was. The client's password in
+the command is not looked at: identity is the session certificate, as at
+the dial. A client should wait for the answer before it sends more (the
+protocol says so); what one sends meanwhile waits, unread. Bounded: one
+command is held at a time, and the re-dial by the login's timeout. A
+session on a connection of its own (the kind's
 ALPN route, not the multiplexed connection) cannot be switched: its
 COM_CHANGE_USER gets ERR 1235 (gateway/cluster/mysql.py). Audited as
 ``mysql.change_user`` with the outcome.
@@ -72,37 +76,32 @@ class UserChanger:
                  login: Mapping[str, Any]) -> None:
         self.kind, self.cluster, self.resource, self.spec = kind, cluster, resource, spec
         self.session, self.auditor, self.login = session, auditor, dict(login)
-        self._token = trio.lowlevel.current_trio_token()
-        self._send, self._receive = trio.open_memory_channel[ChangeUserEvent](1)
 
-    def ask(self, event: ChangeUserEvent) -> None:
-        """(the engine's thread) Re-dial for ``event``; the auditor holds the
-        session's client bytes meanwhile (one at a time)."""
-        self._token.run_sync_soon(self._send.send_nowait, event)
-
-    async def run(self) -> None:
-        """Beside the relay, for the session's life (``Opened.task``)."""
-        async for event in self._receive:
-            link, stream = self.session.extra["stream"]
-            answer, upstream, outcome = await self._redial(event)
-            self.auditor.changing = False  # the client waits for the answer before it sends more
-            if upstream is None:
-                link.send_back(stream, answer)
-                switched = False
-            else:
-                self.auditor.tracker.new_connection()  # (the old server sends nothing now: no race)
-                switched = link.switch(stream, upstream, goodbye=COM_QUIT, first=answer)
-            if switched:
-                self.auditor.db_user = event.username
-                self.session.extra["mysql_db_user"] = event.username  # for KILL QUERY (interrupt)
-                self.session.extra["mysql_thread"] = outcome
-                outcome = f"switched (thread {outcome})"
-            elif upstream is not None:
-                outcome = "the session ended first"
-            log.info("mysql_change_user resource=%s session=%s db_user=%s outcome=%r", self.resource.name,
-                     self.session.id, event.username, outcome)
-            self.auditor.emit("change_user", username=event.username, database=event.database,
-                              refused=upstream is None, outcome=outcome)
+    async def change(self, event: ChangeUserEvent) -> bytes:
+        """(trio, the filter's Hold) Re-dial for ``event``: the answer for
+        the client, once the stream's upstream is switched or not."""
+        link, stream = self.session.extra["stream"]
+        answer, upstream, outcome = await self._redial(event)
+        if upstream is None:
+            switched = False
+        else:
+            self.auditor.tracker.new_connection()  # (the old server sends nothing now: no race)
+            switched = link.switch(stream, upstream, goodbye=COM_QUIT)
+        if switched:
+            self.auditor.db_user = event.username
+            self.session.extra["mysql_db_user"] = event.username  # for KILL QUERY (interrupt)
+            self.session.extra["mysql_thread"] = outcome
+            outcome = f"switched (thread {outcome})"
+        elif upstream is not None:
+            # Over, or (a client that broke the protocol) not between
+            # exchanges: the OK would not be true.
+            raise trio.BrokenResourceError("COM_CHANGE_USER: the session could not be switched to the new "
+                                           "connection; it ends")
+        log.info("mysql_change_user resource=%s session=%s db_user=%s outcome=%r", self.resource.name,
+                 self.session.id, event.username, outcome)
+        self.auditor.emit("change_user", username=event.username, database=event.database,
+                          refused=upstream is None, outcome=outcome)
+        return answer
 
     async def _redial(self, event: ChangeUserEvent) -> tuple[bytes, Any, Any]:
         """(the answer for the client, the new upstream or None, what

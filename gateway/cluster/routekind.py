@@ -62,18 +62,18 @@ class Opened:
     #: values and login result).
     reply_params: Mapping[str, str] = attrs.field(factory=dict)
     #: Given each whole message from the gateway before it goes on, in the
-    #: relay's thread (MongoDB's command gate): pass it, answer it, or end
-    #: the session (gateway/net/filters.py).
+    #: relay's thread (MongoDB's command gate, MySQL's session auditor):
+    #: pass it, answer it, hold it for trio, or end the session
+    #: (gateway/net/filters.py).
     filter: MessageFilter | None = None
-    #: Runs beside the relay for the session's life (MySQL's COM_CHANGE_USER
-    #: re-dial, gateway/cluster/mysql_change_user.py); the session ends
-    #: when the relay does, cancelling it (gateway/cluster/dial.py's
-    #: ``_beside``).
-    task: Callable[[], Awaitable[None]] | None = None
+    _filtered: Filtered | None = attrs.field(default=None, init=False, repr=False)
 
     def filtered(self) -> Filtered | None:
-        """The relay's state for :attr:`filter`, one per session."""
-        return None if self.filter is None else Filtered(self.filter)
+        """The relay's state for :attr:`filter`, one per session (made at
+        the first call, in trio's thread)."""
+        if self._filtered is None and self.filter is not None:
+            self._filtered = Filtered(self.filter)
+        return self._filtered
 
 
 @attrs.frozen

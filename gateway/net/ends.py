@@ -14,7 +14,6 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Callable
 
-import attrs
 import trio
 
 from gateway.net import tlskeys
@@ -24,7 +23,7 @@ from gateway.net.tls import TLSStream, linger_reset
 if TYPE_CHECKING:
     from gateway.net.pairs import _Session
 
-__all__ = ["ANSWER_BACKLOG", "Answer", "Tap", "eligible", "reset_and_close", "seal", "watch_mask"]
+__all__ = ["Tap", "eligible", "reset_and_close", "seal", "watch_mask"]
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 
@@ -49,35 +48,10 @@ _TRUNCATED = (
 )
 
 
-@attrs.frozen(slots=True)
-class Answer:
-    """What a tap returns, instead of None, when the chunk it was shown must
-    not go on as it is, because the relay answers part of it itself (the
-    cluster refusing a MySQL client's ``USE`` of a database the roles do
-    not allow, with an ERR, the session going on).
-
-    ``forward`` goes on in the chunk's place: the chunk less what was
-    answered (its other messages, in order); ``answer`` goes back to the
-    side the chunk came from, behind everything already sent that way. The
-    bytes taken out (``len(chunk) - len(forward)``) are acknowledged to a
-    multiplexed connection as if written. A tap answers only where the
-    protocol allows it (nothing from the other side is still due before
-    its answer: the tap's own business); what it cannot answer it refuses
-    by raising, as any tap."""
-
-    forward: bytes
-    answer: bytes
-
-
-#: Shown every chunk one side sent, before it goes on: None (it goes on as
-#: it is), or an :class:`Answer`; raising ends the session.
-Tap = Callable[[bytes], "Answer | None"]
-
-#: The most bytes a side may have waiting to be written to it when a tap
-#: answers it: past this it does not read its answers, and the session ends
-#: (an answer is larger than what it answers: a client sending commands to
-#: be refused without reading would otherwise grow our memory).
-ANSWER_BACKLOG = 1024 * 1024
+#: Shown every chunk one side sent, before it goes on; raising ends the
+#: session. A tap only looks: what the cluster answers itself goes through
+#: a message filter (gateway/net/filters.py).
+Tap = Callable[[bytes], None]
 
 
 def reset_and_close(sock: socket.socket) -> None:

@@ -83,10 +83,10 @@ descriptors and closes them) and awaits an event; the engine reports the
 end with ``TrioToken.run_sync_soon``. Tap callbacks (the audit parsers) are
 called in the engine's thread, in order, with a copy of the bytes, before
 those bytes are forwarded; a tap that raises ends the session (what cannot
-be audited does not pass); a tap that returns an ``ends.Answer`` has
-part of the chunk answered back to where it came from, and only the rest
-forwarded (the cluster answering a command it refuses, the session going
-on). So a tap must be safe to call from another
+be audited does not pass). A tap only looks: what the cluster answers
+itself (a command it refuses, the session going on) goes through the
+session's message filter (:mod:`gateway.net.filters`), run in this thread
+too. So a tap must be safe to call from another
 thread than trio's: the cluster's auditors only parse and queue events
 (``Cluster.audit_soon`` is thread-safe).
 A single lock guards the engine's tables: the engine takes it for each
@@ -127,8 +127,11 @@ one job a module:
 - :mod:`gateway.net.muxlink`: a multiplexed connection as an owner of ends.
 - :mod:`gateway.net.filters`: a kind's message filter, which the two-socket
   relay and the multiplexed streams run on the client's whole messages
-  (pass, answer, or end), after the taps (which see chunks, and may answer
-  part of one: ``ends.Answer``).
+  (pass, answer, hold for trio, or end), after the taps (which see
+  chunks). A two-socket session's answers are written to the client by
+  one helper (``PairRelay._answer``) under one rule: while they wait, the
+  client is not read (its filter's ``stalled``), so they need no cap of
+  their own; a held message's answer comes from trio through ``again``.
 
 The owner interface. An end whose ``owner`` is set (a link, a listener, a
 connect, a drain) gets its events in ``owner.on_ready(end, ev)``, in the

@@ -92,6 +92,8 @@ class StreamAnswering:
                 return False
             stream.tap_in = taps[0]
             stream.filter = filtered
+            if filtered is not None:
+                filtered.resume = lambda: self.resume_filter(stream)
             self._attach(stream, raw, counters, tls, taps[1])
         return True
 

@@ -70,9 +70,16 @@ link's own connection. What the kernel does not take of the records is the
 tail, held as ciphertext; its plaintext is acknowledged once it drained.
 Taps (the cluster's audit parsers; the gateway's look at a PostgreSQL
 session's first bytes) see each direction's plaintext before it moves on;
-one that raises resets the stream. The tap of the connection's side may
-answer part of a chunk itself (``ends.Answer``: the cluster refusing a
-MySQL ``USE``): the answer goes back on the stream, the rest goes on.
+one that raises resets the stream. What the cluster answers itself (a
+MySQL ``USE`` it refuses, a MongoDB command, a COM_CHANGE_USER re-dialled
+in trio) goes through the stream's message filter
+(gateway/net/filters.py; ``StreamIO._filter``): its answers go back on the
+stream within the stream's window, and what the window has no room for
+waits (``Stream.owed``) with the gateway's later bytes left unacknowledged,
+so a client that pipelines without reading is slowed to its own pace, not
+reset; the answers go out as the gateway's WINDOW frames come
+(``StreamIO._filter_more``), or, for a held message, when trio calls
+``MuxLink.resume_filter``.
 
 Where the gateway must answer a refusal in the client's own protocol, it
 :meth:`MuxLink.open` s a stream without a socket, awaits :meth:`MuxLink.reply`,
@@ -426,7 +433,10 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
         stream = self.streams.get(event.stream)
         if stream is not None and stream.end is not None:
             try:
-                self._pump(stream)  # may read the socket's EOF: settle
+                if stream.filter is not None and (stream.owed is not None or stream.filter.pending):
+                    self._filter_more(stream)  # answers owed, messages held back for them
+                if stream.owed is None and not stream.finished:
+                    self._pump(stream)  # may read the socket's EOF: settle
                 self._settle(stream)
             except Failure as exc:
                 self._stream_failed(stream, exc)
@@ -474,7 +484,7 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
         if stream is None or stream.finished:
             return
         mask = 0
-        if not end.in_done and not end.failed and self.conn.send_window(stream.sid) > 0:
+        if not end.in_done and not end.failed and self.conn.send_window(stream.sid) > 0 and stream.owed is None:
             if self.end.tail is None:
                 mask |= _IN
             else:
@@ -534,7 +544,9 @@ class MuxLink(StreamOpening, StreamAnswering, StreamIO):
             end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
             end.carry = end.tap = None
             stream.end = None
-        stream.early = stream.retry = stream.sent = stream.tap_in = stream.filter = None
+        if stream.filter is not None:
+            stream.filter.resume = None
+        stream.early = stream.retry = stream.sent = stream.tap_in = stream.filter = stream.owed = None
         if stream.flushed is not None:
             self._set_flushed(stream)
         if stream.held:

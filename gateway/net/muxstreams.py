@@ -16,7 +16,7 @@ import trio
 
 from gateway.net.engine import PUMP_BUDGET, Timer
 from gateway.net.ends import (
-    _ALWAYS, Answer, End, Failure, _IN, _OUT, Tap, detach, failed_quietly, reset_and_close, seal, send_failure,
+    _ALWAYS, End, Failure, _IN, _OUT, Tap, detach, failed_quietly, reset_and_close, seal, send_failure,
 )
 from gateway.net.filters import Filtered
 from protocols.dial import DialAccept, DialError
@@ -48,7 +48,8 @@ class Stream:
 
     __slots__ = ("sid", "end", "early", "early_fin", "reply", "done", "error", "finished",
                  "counters", "name", "notify", "timer", "context", "held", "retry", "opened", "sent",
-                 "tap_in", "flushed", "sealed", "control", "arrived", "replied_at", "filter", "preacked")
+                 "tap_in", "flushed", "sealed", "control", "arrived", "replied_at", "filter", "preacked",
+                 "owed")
 
     def __init__(self, sid: int, name: str, notify: Callable[["MuxLink", "Stream"], None] | None = None) -> None:
         self.sid = sid
@@ -74,10 +75,8 @@ class Stream:
         self.sent: bytearray | None = None
         # Shown every chunk from the connection before it goes to the
         # socket (the cluster's audit parsers, the gateway's look at a
-        # session's start-up); one that raises resets the stream, one that
-        # returns an ``Answer`` has part of the chunk answered back on the
-        # stream (:meth:`StreamIO._answered`). The other direction's tap is
-        # the socket end's own (``End.tap``), which cannot answer.
+        # session's start-up); one that raises resets the stream. The other
+        # direction's tap is the socket end's own (``End.tap``).
         self.tap_in: Callable[[bytes], None] | None = None
         # (cluster) The session's message filter (gateway/net/filters.py):
         # the connection's bytes go through it to the socket; and bytes it
@@ -85,6 +84,11 @@ class Stream:
         # them, so as many written bytes are not acknowledged again.
         self.filter: Filtered | None = None
         self.preacked = 0
+        # (cluster) The filter's answers the stream's window had no room
+        # for: sent as the gateway acknowledges (:meth:`StreamIO._filter_more`);
+        # meanwhile neither the socket's bytes nor the filter's next
+        # messages go on.
+        self.owed: bytearray | None = None
         # Set once the socket has taken everything written to it so far
         # (see :meth:`MuxLink.flushed`).
         self.flushed: trio.Event | None = None
@@ -108,28 +112,13 @@ class StreamIO:
 
     # -- (cluster) what a kind does to a running session from trio ----------
 
-    def send_back(self, stream: Stream, data: bytes) -> bool:
-        """(cluster) ``data`` to the gateway on a running stream, behind
-        what its socket sent so far: an answer the cluster gives later than
-        its tap could (MySQL's COM_CHANGE_USER, re-dialled in trio). False
-        if the stream is over, or, when its window has no room, ended."""
-        with self.engine.lock:
-            if stream.finished or self.failed is not None or stream.end is None:
-                return False
-            if self.conn.send_window(stream.sid) < len(data):
-                self._finish(stream, f"{stream.end.name}: the other side does not read the answers to what it "
-                                     f"sends", reset=True)
-                return False
-            self._send_guarded(self.conn.send_data(stream.sid, data))
-            stream.counters.b_to_a += len(data)
-            return stream.finished is False and self.failed is None
-
-    def switch(self, stream: Stream, sock, *, goodbye: bytes = b"", first: bytes = b"") -> bool:
+    def switch(self, stream: Stream, sock, *, goodbye: bytes = b"") -> bool:
         """(cluster) Go on with ``sock`` (a socket, or one of our TLS
         streams: the link carries its records) as ``stream``'s upstream,
-        with the old socket's tap, then send ``first`` to the gateway: the
-        session carries on with another connection to the server (MySQL's
-        COM_CHANGE_USER re-dialled as the new db user). The old socket gets
+        with the old socket's tap: the session carries on with another
+        connection to the server (MySQL's COM_CHANGE_USER re-dialled as the
+        new db user, from a message its filter holds: the answer goes to
+        the gateway as the held message's, filters.Hold). The old socket gets
         ``goodbye`` (what the protocol says before it leaves), as far as
         its kernel takes it at once, and is closed. Only between exchanges:
         nothing may be waiting to be written to the old socket, nor its
@@ -157,13 +146,16 @@ class StreamIO:
             if tls is not None:  # bytes may already wait inside the TLS object
                 self.engine.again.append(stream.end)
                 self.engine.wake()
-            if first:
-                if self.conn.send_window(stream.sid) < len(first):
-                    self._finish(stream, "the gateway does not read what the session sends", reset=True)
-                    return False
-                self._send_guarded(self.conn.send_data(stream.sid, first))
-                stream.counters.b_to_a += len(first)
             return not stream.finished and self.failed is None
+
+    def resume_filter(self, stream: Stream) -> None:
+        """(trio's thread: ``Filtered.resume``) A message the stream's
+        filter held has its answer: send it, and go on with what the
+        gateway sent meanwhile."""
+        with self.engine.lock:
+            if stream.finished or self.failed is not None or stream.end is None:
+                return
+            self._run_guarded(stream.end, lambda: self._filter_more(stream))
 
     def _on_stream(self, stream: Stream, ev: int) -> None:
         end = stream.end
@@ -179,7 +171,7 @@ class StreamIO:
         else:
             if ev & (_OUT | _ALWAYS) and end.tail is not None:
                 self._flush(stream)
-            if ev & (_IN | _ALWAYS) and not stream.finished:
+            if ev & (_IN | _ALWAYS) and not stream.finished and stream.owed is None:
                 self._pump(stream)
             if not stream.finished:
                 failed_quietly(end, ev)
@@ -222,10 +214,8 @@ class StreamIO:
                 n = engine.read_into(end, payload[:want])  # reading may queue a KeyUpdate answer
                 if n < 0:
                     return end.tail is None
-            if n and end.tap is not None and _show(end.tap, payload[:n], end.name) is not None:
-                # Only the connection's side answers (tap_in): an answer to
-                # the socket would pass through the stream's flow control.
-                raise Failure(f"{end.name}: a tap of a stream's socket cannot answer")
+            if n and end.tap is not None:
+                _show(end.tap, payload[:n], end.name)
             if not n:
                 end.in_done = True
                 self._send(conn.send_fin(stream.sid))
@@ -241,12 +231,16 @@ class StreamIO:
                 stream.counters.b_to_a += n
             framed[:_HEADER_SIZE] = conn.send_data_header(sid, n)
             self._send(framed[:_HEADER_SIZE + n])
-            if stream.filter is not None:
+            if stream.filter is not None and stream.filter.follows_server:
                 # The server's bytes went on: the filter's answers that waited
                 # for the end of a server message may follow them now.
                 answers = _filtered(stream.filter.from_server, payload[:n], end.name)
                 if answers:
-                    self._filter_answer(stream, answers)
+                    self._answer(stream, answers)
+                    if stream.owed is not None:
+                        return False  # the rest waits for the answers (_filter_more)
+                    if stream.filter.pending:
+                        self._filter_more(stream)  # messages that waited behind the reply
                     if stream.finished:
                         return False
             budget -= n
@@ -294,26 +288,22 @@ class StreamIO:
         that copy may end the link, and this stream with it (see
         :meth:`_hold`): its socket is then no longer its own, and the rest
         goes nowhere."""
-        end = stream.end
-        engine = self.engine
         if stream.tap_in is not None:
-            answered = False
-            for i, piece in enumerate(pieces):
+            for piece in pieces:
                 tap = stream.tap_in  # a tap may let go of the stream midway (the gateway's start-up watch)
                 if tap is None:
                     break
-                said = _show(tap, piece, end.name)
-                if said is not None:  # part of it answered here (ends.Answer)
-                    pieces = self._answered(stream, pieces, i, said)
-                    answered = True
-            if answered:
-                pieces = [piece for piece in pieces if piece]
-                if not pieces:
-                    return
+                _show(tap, piece, stream.end.name)
         if stream.filter is not None:
             pieces = self._filter(stream, pieces)
             if not pieces or stream.finished:
                 return
+        self._write_out(stream, pieces)
+
+    def _write_out(self, stream: Stream, pieces: list) -> None:
+        """:meth:`_to_socket` past the tap and the filter."""
+        end = stream.end
+        engine = self.engine
         if end.obj is not None:
             self._to_tls(stream, pieces)
             return
@@ -344,63 +334,82 @@ class StreamIO:
             if not stream.finished:
                 end.tail = memoryview(rest)
 
-    def _answered(self, stream: Stream, pieces: list[memoryview], i: int, said: Answer) -> list[memoryview]:
-        """A tap answered part of ``pieces[i]``: the answer goes back on the
-        stream now (behind everything the socket sent that way: its reads
-        go out as they come), and the rest of the piece goes on in its
-        place; what was taken out is acknowledged, as if written. Returns
-        the new list."""
-        piece = pieces[i]
-        pieces = [*pieces[:i], memoryview(said.forward), *pieces[i + 1:]]
-        frame = self.conn.acknowledge(stream.sid, len(piece) - len(said.forward))
-        if frame:
-            self._send(frame)
-        answer = said.answer
-        if answer:
-            if self.conn.send_window(stream.sid) < len(answer):
-                raise Failure(f"{stream.end.name}: the other side does not read the answers to what it sends")
-            self._send(self.conn.send_data(stream.sid, answer))
-            if self.gateway:
-                stream.counters.a_to_b += len(answer)
-            else:
-                stream.counters.b_to_a += len(answer)
-        return pieces
-
-    def _filter(self, stream: Stream, pieces: list[memoryview]) -> list:
+    def _filter(self, stream: Stream, pieces: list) -> list:
         """(cluster) The connection's bytes for ``stream`` through its
         filter: the whole messages it passes (to write to the socket), its
-        answers sent back at once. Every byte it took is either passed on,
-        and acknowledged once written, or not (held, answered, dropped), and
-        acknowledged now."""
+        answers sent back at once, within the room its window leaves (what
+        the filter did not take for want of room stays unacknowledged: the
+        gateway's window closes, and with it its client's socket). Every
+        byte it took is either passed on, and acknowledged once written, or
+        not (an incomplete frame, answered, dropped), and acknowledged now."""
         filtered = stream.filter
-        data = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
-        passed, answers = _filtered(filtered.from_client, data, stream.name)
+        data = b"" if not pieces else bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        owed = stream.owed
+        room = self.conn.send_window(stream.sid) - (len(owed) if owed is not None else 0)
+        try:
+            passed, answers = filtered.from_client(data, room)
+        except Exception as exc:  # a message it cannot read, a bad length: the stream, never the link
+            raise Failure(f"{stream.name}: {exc}") from None
         carried = filtered.carried
-        taken_now = len(data) - (sum(len(piece) for piece in passed) - carried)
+        taken_now = filtered.taken - ((len(passed[0]) if len(passed) == 1 else sum(map(len, passed))) - carried)
         if taken_now:
             self._written(stream, taken_now)
-        stream.preacked += carried
+        if carried:
+            stream.preacked += carried
         if answers:
-            self._filter_answer(stream, answers)
+            self._answer(stream, answers)
         return passed
 
-    def _filter_answer(self, stream: Stream, answers: bytes) -> None:
-        """(cluster) The filter's answers to the gateway on ``stream``,
-        within its window: a gateway whose client sends on without reading
-        what it is answered ends its stream, not the cluster's memory."""
-        if self.conn.send_window(stream.sid) < len(answers):
-            self._finish(stream, f"{stream.name}: the client sends commands without reading the answers to "
-                         f"them (a stream window of answers is waiting); the session was reset", reset=True)
-            return
-        self._send(self.conn.send_data(stream.sid, answers))
-        stream.counters.b_to_a += len(answers)
+    def _answer(self, stream: Stream, answers: bytes) -> None:
+        """(cluster) The filter's answers to the gateway on ``stream``: what
+        its window takes now, the rest owed until the gateway acknowledges
+        (a client that sends without reading its answers is held back,
+        :meth:`_filter`, not reset)."""
+        owed = stream.owed
+        if owed is None:
+            n = min(len(answers), self.conn.send_window(stream.sid))
+            if n:
+                self._send(self.conn.send_data(stream.sid, answers if n == len(answers) else answers[:n]))
+                stream.counters.b_to_a += n
+            if n == len(answers):
+                return
+            stream.owed = bytearray(answers[n:])
+        else:
+            owed += answers
+
+    def _filter_more(self, stream: Stream) -> None:
+        """(cluster) The window opened, or trio answered a held message:
+        send what is owed, then let the filter go on with what waited,
+        and pass the gateway's EOF on once nothing waits before it."""
+        owed = stream.owed
+        if owed is not None:
+            n = min(len(owed), self.conn.send_window(stream.sid))
+            if n:
+                self._send(self.conn.send_data(stream.sid, bytes(owed[:n])))
+                stream.counters.b_to_a += n
+                del owed[:n]
+            if owed:
+                return
+            stream.owed = None
+        filtered = stream.filter
+        while (filtered.pending and not stream.finished and stream.owed is None
+               and self.conn.send_window(stream.sid) > 0):
+            pieces = self._filter(stream, [])
+            if pieces and not stream.finished:
+                self._write_out(stream, pieces)
+        if not stream.finished and stream.end.eof_wanted and not filtered.stalled:
+            self._fin_to_socket(stream)
 
     def _fin_to_socket(self, stream: Stream) -> None:
         """The gateway's FIN: on to the socket (after its tail), then, with
-        a filter, to the filter."""
+        a filter, to the filter; with a filter still holding messages back,
+        once they went on (:meth:`_filter_more`)."""
+        filtered = stream.filter
+        if filtered is not None and filtered.stalled:
+            return
         self._after_write(stream)
-        if stream.filter is not None:
-            stream.filter.eof()
+        if filtered is not None:
+            filtered.eof()
 
     def _to_tls(self, stream: Stream, pieces: list[memoryview]) -> None:
         """:meth:`_to_socket` for a TLS socket: the plaintext is sealed into
@@ -509,7 +518,8 @@ class StreamIO:
         (a TLS socket's close_notify first, which may leave a tail of its
         own: we come back here once that has drained)."""
         end = stream.end
-        if end.tail is None and end.eof_wanted and not end.eof_sent:
+        if end.tail is None and end.eof_wanted and not end.eof_sent and (stream.filter is None
+                                                                         or not stream.filter.stalled):
             self.engine.send_eof(end)
 
     def _set_flushed(self, stream: Stream) -> None:
@@ -534,20 +544,20 @@ class StreamIO:
             self._update(end)
 
 
-def _show(tap: Tap, data: memoryview, name: str) -> Answer | None:
+def _show(tap: Tap, data: memoryview, name: str) -> None:
     """Show ``data`` to a tap; what it refuses (an audit parser that cannot
     parse it) must not pass: the stream is reset."""
     try:
-        return tap(bytes(data))
+        tap(bytes(data))
     except Exception as exc:
         raise Failure(f"{name}: {exc}") from None
 
 
-def _filtered(step: Callable, data, name: str):
+def _filtered(step: Callable, data, name: str, *args):
     """A filter's ``step`` on ``data``; what it raises (a message it cannot
     read, a bad length) resets the stream, never the connection."""
     try:
-        return step(data)
+        return step(data, *args)
     except Exception as exc:
         raise Failure(f"{name}: {exc}") from None
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import trio
 
-from gateway.net.ends import (
-    ANSWER_BACKLOG, _IN, _OUT, _Cut, End, detach, Tap, seal, send_failure, watch_mask,
-)
-from gateway.net.filters import Filtered
+from gateway.net.ends import _IN, _OUT, _Cut, End, detach, Tap, seal, send_failure, watch_mask
+from gateway.net.filters import ANSWER_ROOM, Filtered
 
 __all__ = ["PUMP_BUDGET", "PairRelay"]
 
@@ -37,13 +35,16 @@ class PairRelay:
     # trio's side.
 
     async def relay(self, a, b, *, counters, names: tuple[str, str],
-                    taps: tuple[Tap | None, Tap | None] = (None, None), filtered: Filtered | None = None):
+                    taps: tuple[Tap | None, Tap | None] = (None, None), filtered: Filtered | None = None,
+                    early: bytes = b""):
         """Relay between two :func:`eligible` streams until both directions
         end or one fails; returns the error text or ``None``. Takes the
         streams' descriptors: they are closed when this returns (or, after
         an abort that came from one side, the other is reset within
         :data:`ABORT_DRAIN` seconds; see :meth:`abort`). ``filtered``: the
-        messages from ``a`` go through it (gateway/net/filters.py)."""
+        messages from ``a`` go through it (gateway/net/filters.py);
+        ``early``: bytes ``a`` sent before the relay began, relayed (tapped,
+        filtered) first, as if just read."""
         token = trio.lowlevel.current_trio_token()
         await trio.lowlevel.checkpoint_if_cancelled()
         sock_a, tls_a = detach(a)
@@ -53,8 +54,12 @@ class PairRelay:
         end_a.peer, end_b.peer = end_b, end_a
         end_b.forward = False
         end_a.filter = filtered
+        if early:
+            end_a.carry = bytearray(early)
         session = _Session(end_a, end_b, counters, token)
         end_a.session = end_b.session = session
+        if filtered is not None:
+            filtered.resume = lambda: self._resume(end_a)
         with self.lock:
             self.ends[end_a.fd] = end_a
             self.ends[end_b.fd] = end_b
@@ -71,6 +76,14 @@ class PairRelay:
             raise
         return session.error
 
+    def _resume(self, end: End) -> None:
+        """(trio's thread) A held message's answer is in: the engine's
+        thread writes it and goes on with the client (see filters.py)."""
+        with self.lock:
+            if end.session is not None and not end.session.finished:
+                self.again.append(end)
+        self.wake()
+
     def _update(self, end: End) -> None:
         """Make the epoll registration match what the end waits for, and
         finish the session once both directions are over."""
@@ -82,8 +95,8 @@ class PairRelay:
             self._finish(session, None)
             return
         mask = 0
-        if not end.in_done and end.peer.tail is None and not end.failed and (end.filter is None
-                                                                             or end.tail is None):
+        if not end.in_done and end.peer.tail is None and not end.failed and (
+                end.filter is None or (end.tail is None and not end.filter.stalled)):
             mask |= _IN
         if end.tail is not None:
             mask |= _OUT
@@ -106,6 +119,8 @@ class PairRelay:
             # Break the cycles (end <-> peer, end <-> session): the OpenSSL
             # state hanging off them is freed now, by reference counting,
             # not whenever the cyclic collector next gets to it.
+            if end.filter is not None:
+                end.filter.resume = None
             end.session = end.peer = end.tap = end.filter = None
             end.obj = end.ssl = end.incoming = end.outgoing = end.key_update = None
             end.carry = None
@@ -127,8 +142,14 @@ class PairRelay:
         budget = PUMP_BUDGET
         plain = self._plain
         while not src.in_done and dst.tail is None:
-            if src.filter is not None and src.tail is not None:
-                return False  # its answers wait for the client to read them: so does the rest
+            filtered = src.filter
+            if filtered is not None and (src.tail is not None or filtered.stalled):
+                # Its answers wait for the client to read them, or a message
+                # for trio: so does the rest. Messages that waited go first.
+                if src.tail is not None or not filtered.pending:
+                    return False
+                self._filter(src, dst, b"")
+                continue
             if budget <= 0:
                 self.again.append(src)
                 return False
@@ -160,18 +181,14 @@ class PairRelay:
     def _deliver(self, src: End, dst: End, data: memoryview) -> None:
         if src.tap is not None:
             try:
-                said = src.tap(bytes(data))
+                src.tap(bytes(data))
             except Exception as exc:
                 # What the tap (an audit parser) cannot take must not pass:
                 # the session ends here, before these bytes are forwarded.
                 raise _Cut(f"{src.name}: {exc}") from None
-            if said is not None:  # part of it answered here (ends.Answer)
-                self._answer(src, said.answer)
-                if not said.forward:
-                    return
-                data = memoryview(said.forward)
         if src.filter is not None:
-            self._filter(src, dst, data)
+            src.session.counters.a_to_b += len(data)
+            self._filter(src, dst, bytes(data))
             return
         counters = src.session.counters
         if src.forward:
@@ -182,7 +199,7 @@ class PairRelay:
             self.write(dst, data, copy=True)
         else:
             self.write(dst, seal(dst, data), copy=False)
-        if dst.filter is not None:
+        if dst.filter is not None and dst.filter.follows_server:
             # The server's bytes went on: the filter's answers that waited
             # for the end of a server message may follow them now.
             try:
@@ -190,41 +207,31 @@ class PairRelay:
             except Exception as exc:
                 raise _Cut(f"{src.name}: {exc}") from None
             if answers:
-                self._filter_answer(dst, answers)
+                self._answer(dst, answers)
+                if dst.filter.pending:
+                    self.again.append(dst)  # messages that waited for room may go on
 
-    def _filter(self, src: End, dst: End, data: memoryview) -> None:
+    def _filter(self, src: End, dst: End, data: bytes) -> None:
         """client -> server through the session's filter: whole messages
         pass (in one write), answers go back to the client."""
         try:
-            passed, answers = src.filter.from_client(bytes(data))
+            passed, answers = src.filter.from_client(data, ANSWER_ROOM)
         except Exception as exc:
             raise _Cut(f"{src.name}: {exc}") from None
-        src.session.counters.a_to_b += len(data)
         if passed:
             out = passed[0] if len(passed) == 1 else b"".join(passed)
             self.write(dst, out if dst.obj is None else seal(dst, out), copy=False)
         if answers:
-            self._filter_answer(src, answers)
+            self._answer(src, answers)
 
-    def _filter_answer(self, end: End, answers: bytes) -> None:
-        """The filter's answers to the client's ``end``, behind what waits there
-        (unlike a tap's :meth:`_answer`, not bounded by ANSWER_BACKLOG: one may
-        wait behind a large server reply)."""
+    def _answer(self, end: End, answers: bytes) -> None:
+        """The filter's answers to the client's ``end``, behind what waits
+        there. No cap of their own: while they wait (``end.tail``), the
+        client is not read and its filter takes nothing more (``_pump``,
+        ``_update``), so one read's answers (at most ANSWER_ROOM and one
+        answer more) are all a client can make us hold."""
         end.session.counters.b_to_a += len(answers)
         self.write(end, answers if end.obj is None else seal(end, answers), copy=False)
-
-    def _answer(self, src: End, data: bytes) -> None:
-        """A tap's answer back to ``src``, behind what it was sent already."""
-        if not data:
-            return
-        if src.tail is not None and len(src.tail) + src.more_bytes > ANSWER_BACKLOG:
-            raise _Cut(f"{src.name}: does not read the answers to what it sends")
-        counters = src.session.counters
-        if src.forward:
-            counters.b_to_a += len(data)
-        else:
-            counters.a_to_b += len(data)
-        self.write(src, data if src.obj is None else seal(src, data), copy=False)
 
     def _flush(self, end: End) -> None:
         """EPOLLOUT: write the tail; once it is gone, send a pending EOF and
@@ -250,4 +257,4 @@ class PairRelay:
         if not end.peer.in_done:
             self._pump(end.peer)
         if end.filter is not None and not end.in_done:
-            self._pump(end)  # its answers were read: so may the rest be
+            self._pump(end)  # its answers were read: the rest may go on

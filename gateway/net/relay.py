@@ -48,15 +48,16 @@ Semantics
 - ``taps`` (one per side, or ``None``) are shown every chunk received from
   that side, in order, before it is forwarded and before the relay returns:
   the audit parsers read the session this way. A tap that raises ends the
-  relay with that error. A tap that returns an
-  :class:`~gateway.net.ends.Answer` has the relay answer part of the
-  chunk itself: its ``forward`` goes on instead, its ``answer`` goes back. The engine calls taps from its own thread, so
-  they must not touch trio.
+  relay with that error; a tap only looks. The engine calls taps from its
+  own thread, so they must not touch trio.
 - ``filtered`` (gateway/net/filters.py): ``a``'s bytes reach ``b`` only as
   whole messages its filter passed; its answers go back to ``a``, never
   inside one of ``b``'s messages (here: decided and sent under one lock
-  with ``b``'s bytes to ``a``). What the filter raises ends the relay, as
-  a broken stream.
+  with ``b``'s bytes to ``a``); a message it holds for trio stops this
+  direction until its answer is in. What the filter raises ends the
+  relay, as a broken stream.
+- ``early``: bytes ``a`` sent before the relay began go first, through
+  the tap and the filter like any others.
 
 Counting. A byte is counted once ``send_all`` has handed it to the
 destination, so the counts are what actually left toward each side.
@@ -74,7 +75,7 @@ import trio
 
 from gateway.net import engine as engine_mod
 from gateway.net.ends import Tap
-from gateway.net.filters import Filtered
+from gateway.net.filters import ANSWER_ROOM, Filtered
 from gateway.net.tls import linger_reset
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "RelayCounters", "RelayStats", "relay", "reset_on_close"]
@@ -145,24 +146,33 @@ def _receiver(stream: trio.abc.ReceiveStream) -> Callable[[memoryview], Awaitabl
 
 
 async def _through_filter(filtered: Filtered, data: bytes, a: trio.abc.Stream, b: trio.abc.Stream,
-                          to_a, to_b, counters: RelayCounters, name: str) -> None:
+                          to_a, to_b, counters: RelayCounters, name: str, wake: list[trio.Event]) -> None:
     """``a``'s bytes through the filter: whole messages on to ``b``, the
-    answers back to ``a`` (counted as ``b`` -> ``a``). ``to_a``, ``to_b``:
-    the turns of the sends to each side."""
-    async with to_a:
-        passed, answers = _step(filtered.from_client, data, name)
-        if answers:
-            await a.send_all(answers)
-            counters.b_to_a += len(answers)
-    if passed:
-        async with to_b:
-            await b.send_all(b"".join(passed))
+    answers back to ``a`` (counted as ``b`` -> ``a``); then what waited in
+    the filter (messages past the room for answers, a held message's
+    answer), until it waits for nothing. ``to_a``, ``to_b``: the turns of
+    the sends to each side; ``wake[0]``: set when the filter may go on."""
+    while True:
+        async with to_a:
+            passed, answers = _step(filtered.from_client, data, name, ANSWER_ROOM)
+            if answers:
+                await a.send_all(answers)
+                counters.b_to_a += len(answers)
+        if passed:
+            async with to_b:
+                await b.send_all(b"".join(passed))
+        data = b""
+        while filtered.stalled and not filtered.pending:  # a message with trio, answers behind a reply
+            await wake[0].wait()
+            wake[0] = trio.Event()
+        if not filtered.pending:
+            return
 
 
-def _step(step: Callable, data, name: str):
+def _step(step: Callable, data, name: str, *args):
     """A filter's ``step``: what it raises ends the relay as a broken stream."""
     try:
-        return step(data)
+        return step(data, *args)
     except Exception as exc:
         raise trio.BrokenResourceError(f"{name}: {exc}") from None
 
@@ -187,12 +197,16 @@ async def relay(
     names: tuple[str, str] = ("a", "b"),
     taps: tuple[Tap | None, Tap | None] = (None, None),
     filtered: Filtered | None = None,
+    early: bytes = b"",
 ) -> RelayStats:
     """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both directions end.
 
     ``names`` label the two sides in ``RelayStats.error`` (for logs, e.g.
     ``("client", "cluster")``). ``filtered``: ``a``'s messages go through
-    it (gateway/net/filters.py). See the module docstring for the rules."""
+    it (gateway/net/filters.py). ``early``: bytes ``a`` sent before the
+    relay began (after a dial frame, in its read), relayed first as if
+    just read: tapped, filtered, counted. See the module docstring for
+    the rules."""
     if buffer_size < 1:
         raise ValueError("buffer_size must be >= 1")
     if counters is None:
@@ -201,7 +215,7 @@ async def relay(
             and engine_mod.eligible(a) and engine_mod.eligible(b)):
         try:
             error = await engine_mod.engine().relay(a, b, counters=counters, names=names, taps=taps,
-                                                    filtered=filtered)
+                                                    filtered=filtered, early=early)
         except BaseException:
             # Cancelled before the engine took the sockets: the caller's
             # close must still be an abort.
@@ -210,14 +224,14 @@ async def relay(
             raise
         return RelayStats(a_to_b=counters.a_to_b, b_to_a=counters.b_to_a, error=error)
     errors: list[str] = []
-    # A tap's answer goes back the way its chunk came, while the other
-    # direction may be sending there too: with taps, sends take turns. With
-    # a filter, what goes to ``a`` (the server's bytes, the filter's
+    # With a filter, what goes to ``a`` (the server's bytes, the filter's
     # answers) is decided and sent in one turn, so an answer never lands
     # inside a server message (gateway/net/filters.py).
-    turns = {id(s): trio.StrictFIFOLock() if taps != (None, None) or filtered is not None
-             else contextlib.nullcontext()
+    turns = {id(s): trio.StrictFIFOLock() if filtered is not None else contextlib.nullcontext()
              for s in (a, b)}
+    wake = [trio.Event()]
+    if filtered is not None:
+        filtered.resume = lambda: wake[0].set()
 
     async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
                    src_name: str, dst_name: str, forward: bool, tap: Tap | None,
@@ -236,37 +250,34 @@ async def relay(
         receive_failed = failed = f"{src_name}: receive failed"
         send_failed = f"{dst_name}: send failed"
         try:
+            first = early if forward else b""
             while True:
-                n = await receive_into(buffer)
-                if not n:
-                    break
-                data = buffer[:n]
-                if tap is not None:
-                    said = tap(bytes(data))
-                    if said is not None:  # part of it answered here (ends.Answer)
-                        failed = f"{src_name}: send failed"
-                        if said.answer:
-                            async with src_turn:
-                                await src.send_all(said.answer)
-                            if forward:
-                                counters.b_to_a += len(said.answer)
-                            else:
-                                counters.a_to_b += len(said.answer)
-                        data = memoryview(said.forward)
+                if first:
+                    data, n, first = memoryview(first), -1, b""
+                else:
+                    n = await receive_into(buffer)
+                    if not n:
+                        break
+                    data = buffer[:n]
+                if tap is not None and (forward or filtered is None):
+                    tap(bytes(data))
                 failed = send_failed
-                if not data:
-                    pass  # a tap answered all of it
-                elif filtered is None:
+                if filtered is None:
                     await send(data)
                 elif forward:
-                    await _through_filter(filtered, bytes(data), src, dst, src_turn, dst_turn, counters, src_name)
+                    await _through_filter(filtered, bytes(data), src, dst, src_turn, dst_turn, counters, src_name,
+                                          wake)
                 else:
-                    async with dst_turn:  # the turn of what goes to ``a``
+                    async with dst_turn:  # the turn of what goes to ``a``: tapped and sent in one
+                        if tap is not None:
+                            tap(bytes(data))
                         answers = _step(filtered.from_server, data, src_name)
                         await send_all(data)
                         if answers:
                             await send_all(answers)
                             counters.b_to_a += len(answers)
+                    if answers and filtered.pending:
+                        wake[0].set()  # messages that waited behind the reply may go on
                 failed = receive_failed
                 if forward:
                     counters.a_to_b += len(data)

@@ -59,7 +59,7 @@ __all__ = [
     "DEFAULT_MAX_TEXT", "DEFAULT_MAX_MESSAGE", "Expect", "CommandTracker", "QueryEvent",
     "PrepareEvent", "ExecuteEvent", "StatementCloseEvent", "StatementResetEvent",
     "InitDbEvent", "ChangeUserEvent", "ResetConnectionEvent", "QuitEvent", "CommandEvent",
-    "LocalInfileDataEvent", "CommandAuditEvent", "CommandAuditor",
+    "LocalInfileDataEvent", "CommandAuditEvent", "CommandAuditor", "query_text",
 ]
 
 DEFAULT_MAX_MESSAGE: Final = 1024 * 1024
@@ -288,6 +288,23 @@ def _skip_query_attributes(reader: Reader) -> int:
         if not nulls[index // 8] >> (index % 8) & 1:
             _skip_value(reader, field_type)
     return count
+
+
+def query_text(packets: bytes, query_attributes: bool) -> str:
+    """A COM_QUERY's whole statement text, as its event's would read were
+    it not cut: ``packets`` is the command as it came (its packets, headers
+    and all: one of 16 MiB and more is several); ``query_attributes``:
+    the session has CLIENT_QUERY_ATTRIBUTES."""
+    parts, pos = [], 0
+    while pos < len(packets):
+        length = int.from_bytes(packets[pos:pos + 3], "little")
+        parts.append(packets[pos + 4:pos + 4 + length])
+        pos += 4 + length
+    reader = Reader(parts[0] if len(parts) == 1 else b"".join(parts), "a command")
+    reader.skip(1)
+    if query_attributes:
+        _skip_query_attributes(reader)
+    return reader.rest().decode("utf-8", "replace")
 
 
 class CommandAuditor(StreamAuditor):

@@ -15,7 +15,7 @@ from gateway.cluster.mysql import MySqlKind, MySqlSessionAuditor
 from gateway.cluster.rbac import Role
 from gateway.cluster.store import Resource
 from gateway.identity.pki import Identity
-from gateway.net.ends import Answer
+from gateway.net.filters import Filtered
 from protocols.dial import DialRequest
 from protocols.errors import ErrorCode
 from protocols.mysql import Command, ErrPacket
@@ -73,11 +73,21 @@ class FakeSession:
         self.extra = {}
 
 
+class Auditor(MySqlSessionAuditor):
+    """The auditor, and its filter as the relay runs it: ``from_client``
+    gives (what goes on to the server, the answer to the client)."""
+
+    def from_client(self, data: bytes) -> tuple[bytes, bytes]:
+        if not hasattr(self, "filtered"):
+            self.filtered = Filtered(self)
+        passed, answers = self.filtered.from_client(data)
+        return b"".join(passed), answers
+
+
 def auditor(roles=()):
     cluster = FakeCluster()
-    a = MySqlSessionAuditor(cluster, FakeSession(), MODERN,
-                            Resource(name="maria", kind="mysql", address="127.0.0.1:3306", labels={}),
-                            "app")
+    a = Auditor(cluster, FakeSession(), MODERN,
+                Resource(name="maria", kind="mysql", address="127.0.0.1:3306", labels={}), "app")
     a.roles = list(roles)
     return cluster, a
 
@@ -100,10 +110,14 @@ def test_commands_and_errors_are_audited():
     assert cluster.events[3][1]["command"] == "PING"
 
 
-def _err(answer) -> ErrPacket:
-    """The ERR an Answer carries, checked to be one packet with sequence id 1."""
-    assert answer.answer[3] == 1 and int.from_bytes(answer.answer[:3], "little") == len(answer.answer) - 4
-    return ErrPacket.decode(answer.answer[4:])
+def _err(answer: tuple[bytes, bytes] | bytes) -> ErrPacket:
+    """The ERR answered (with nothing passed on), checked to be one packet
+    with sequence id 1."""
+    if isinstance(answer, tuple):
+        passed, answer = answer
+        assert passed == b""
+    assert answer[3] == 1 and int.from_bytes(answer[:3], "little") == len(answer) - 4
+    return ErrPacket.decode(answer[4:])
 
 
 @pytest.mark.parametrize("packet, errno", [
@@ -116,39 +130,54 @@ def _err(answer) -> ErrPacket:
     (command(Command.CHANGE_USER, b"root\x00\x00app\x00"), 1235),
     # Longer than the auditor keeps, and so not read: refused all the same.
     (command(Command.CHANGE_USER, b"u" * (1 << 20) + b"\x00\x00"), 1235),
+    # A USE far into a statement (past what its audit record keeps): read whole.
+    (query("/* " + "x" * (64 * 1024) + " */ use secret"), 1044),
+    (query("select '" + "x" * (64 * 1024) + "'; USE secret"), 1044),
 ], ids=["init_db", "use", "use-after-comment", "multi-statement", "second-use", "not-utf8", "change_user",
-        "change_user-unread"])
+        "change_user-unread", "use-after-64k-comment", "use-after-64k-statement"])
 def test_what_the_role_does_not_allow_is_answered_unsent_and_the_session_goes_on(packet, errno):
     cluster, a = auditor([ROLE])
-    answer = a.from_client(packet)
-    assert isinstance(answer, Answer) and answer.forward == b""
-    error = _err(answer)
+    error = _err(a.from_client(packet))
     assert error.errno == errno and error.sqlstate == "42000"
     assert cluster.events[-1][0] in ("mysql.init_db", "mysql.change_user")
     # The server never saw it, so it owes no answer: the next command's is the next.
-    assert a.from_client(query("select 1")) is None
+    assert a.from_client(query("select 1")) == (query("select 1"), b"")
     a.from_server(ok(1))
-    assert a.from_client(command(Command.PING)) is None
+    assert a.from_client(command(Command.PING)) == (command(Command.PING), b"")
     a.from_server(ok(1))
     assert not a.tracker.pending
 
 
-def test_a_change_user_on_the_multiplexed_connection_is_handed_to_the_redial():
+async def test_a_change_user_on_the_multiplexed_connection_is_held_for_the_redial():
     cluster, a = auditor([ROLE])
     a.session.extra["stream"] = ("link", "stream")  # where a re-dial can switch the session
     asked = []
-    a.change_user = asked.append
+    answered = trio.Event()
+
+    async def change_user(event):
+        asked.append((event.username, event.database))
+        await answered.wait()
+        return ok(1)
+
+    a.change_user = change_user
     packet = command(Command.CHANGE_USER, b"eduser\x00\x00app\x00")
-    answer = a.from_client(packet)
-    assert answer == Answer(forward=b"", answer=b"")  # the answer comes once re-dialled
-    assert [(e.username, e.database) for e in asked] == [("eduser", "app")] and a.changing
-    with pytest.raises(trio.BrokenResourceError):  # the client must wait for it
-        a.from_client(query("select 1"))
-    _, a = auditor([ROLE])
-    a.session.extra["stream"] = ("link", "stream")
-    a.change_user = asked.append
-    with pytest.raises(trio.BrokenResourceError):  # nor send more behind it
-        a.from_client(packet + query("select 1"))
+    assert a.from_client(packet + query("select 1")) == (b"", b"")  # held, and what follows it
+    filtered = a.filtered
+    assert filtered.held and filtered.stalled
+    assert a.from_client(query("select 2")) == (b"", b"")  # the client did not wait: it waits here
+    resumed = trio.Event()
+    filtered.resume = resumed.set
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(filtered.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        assert asked == [("eduser", "app")] and not resumed.is_set()
+        answered.set()
+        await resumed.wait()
+        assert filtered.pending
+        # The answer first, then what waited goes on, in order.
+        assert a.from_client(b"") == (query("select 1") + query("select 2"), ok(1))
+        assert not filtered.stalled
+        nursery.cancel_scope.cancel()
 
 
 def test_the_errors_say_what_to_do():
@@ -162,8 +191,8 @@ def test_the_errors_say_what_to_do():
 
 def test_what_follows_a_refused_command_in_its_chunk_goes_on():
     cluster, a = auditor([ROLE])
-    answer = a.from_client(command(Command.INIT_DB, b"secret") + query("select 2"))
-    assert answer.forward == query("select 2") and _err(answer).errno == 1044
+    passed, answer = a.from_client(command(Command.INIT_DB, b"secret") + query("select 2"))
+    assert passed == query("select 2") and _err(answer).errno == 1044
     assert [e for e, _ in cluster.events][-2:] == ["mysql.init_db", "mysql.query"]
     a.from_server(ok(1))
     assert not a.tracker.pending
@@ -171,30 +200,100 @@ def test_what_follows_a_refused_command_in_its_chunk_goes_on():
 
 def test_an_allowed_switch_goes_on_as_it_is():
     cluster, a = auditor([ROLE])
-    assert a.from_client(command(Command.INIT_DB, b"app_two")) is None
-    assert a.from_client(query("use app_three")) is None  # (pipelined: nothing refused, nothing answered)
+    assert a.from_client(command(Command.INIT_DB, b"app_two")) == (command(Command.INIT_DB, b"app_two"), b"")
+    # (pipelined: nothing refused, nothing answered)
+    assert a.from_client(query("use app_three")) == (query("use app_three"), b"")
     assert [f["allowed"] for e, f in cluster.events if e == "mysql.init_db"] == [True, True]
+
+
+@pytest.mark.parametrize("stream", [
+    # Split over reads: the filter sees it whole.
+    [command(Command.INIT_DB, b"secret")[:6], command(Command.INIT_DB, b"secret")[6:]],
+    # Pipelined: each is answered in turn (nothing of the server's is due).
+    [query("use secret") + query("use secret") + command(Command.INIT_DB, b"secret")],
+])
+def test_refused_commands_split_or_pipelined_are_each_answered(stream):
+    _, a = auditor([ROLE])
+    answers = b""
+    for chunk in stream:
+        passed, answer = a.from_client(chunk)
+        assert passed == b""
+        answers += answer
+    errs, pos = [], 0
+    while pos < len(answers):
+        end = pos + 4 + int.from_bytes(answers[pos:pos + 3], "little")
+        assert answers[pos + 3] == 1  # each as its command's answer
+        errs.append(ErrPacket.decode(answers[pos + 4:end]).errno)
+        pos = end
+    assert errs == [1044] * (1 if len(stream) == 2 else 3)
+    assert not a.tracker.pending
 
 
 @pytest.mark.parametrize("stream", [
     # The server still owes an answer to what came before: ours would come first.
     [query("select sleep(1)"), command(Command.INIT_DB, b"secret")],
-    # Not the first packet of its chunk.
     [query("select 1") + command(Command.INIT_DB, b"secret")],
-    # Not whole in one chunk.
-    [command(Command.INIT_DB, b"secret")[:6], command(Command.INIT_DB, b"secret")[6:]],
-    # A packet that is no command (sequence id 5) ahead of it, in one chunk.
-    [pkt(5, bytes([Command.INIT_DB]) + b"app") + command(Command.INIT_DB, b"secret")],
-    # Two refusals in one chunk: only the first packet can be answered.
-    [query("use secret") + query("use secret")],
 ])
 def test_what_cannot_be_answered_in_place_ends_the_session_unsent(stream):
     cluster, a = auditor([ROLE])
+    sent = b""
     with pytest.raises(trio.BrokenResourceError) as info:
         for chunk in stream:
-            assert a.from_client(chunk) is None
-    assert "the session ends" in str(info.value)
+            passed, answer = a.from_client(chunk)
+            assert answer == b""
+            sent += passed
+    assert "the session ends" in str(info.value) and command(Command.INIT_DB, b"secret") not in sent
     assert cluster.events[-1][0] == "mysql.init_db" and not cluster.events[-1][1]["allowed"]
+
+
+FULL = 0xFFFFFF
+
+
+def _long_query(text: bytes) -> bytes:
+    """A COM_QUERY of ``text`` (16 MiB and more: several packets)."""
+    payload, out, seq = bytes([Command.QUERY]) + text, b"", 0
+    while True:
+        part, payload = payload[:FULL], payload[FULL:]
+        out += len(part).to_bytes(3, "little") + bytes([seq]) + part
+        seq += 1
+        if len(part) < FULL:
+            return out
+
+
+@pytest.mark.parametrize("tail, refused", [
+    (b"secret", True),  # "use", 600 spaces (more than is carried), the packet ends, "secret"
+    (b"app_two; select 'use secret'", True),  # a USE anywhere: too much refused, never too little
+    (b"app_two", False),
+    (b"", False),
+])
+def test_a_command_too_long_to_hold_passes_as_it_comes_and_a_use_in_it_ends_the_session(monkeypatch, tail,
+                                                                                         refused):
+    from gateway.cluster import mysql
+
+    monkeypatch.setattr(mysql, "MAX_CHECKED_COMMAND", 20 * 1024 * 1024)  # two packets joined is over
+    _, a = auditor([ROLE])
+    head, use = b"insert into t values ('", b"') ; use" + b" " * 600
+    text = head + b"x" * (2 * FULL - 1 - len(head) - len(use)) + use  # two full packets' worth
+    raw = _long_query(text + tail)
+    first = raw[:2 * (FULL + 4)]
+    passed, answer = a.from_client(first)
+    assert passed == first and answer == b""  # over the bound: passed as it comes
+    if refused:
+        with pytest.raises(trio.BrokenResourceError, match="the session ends"):
+            a.from_client(raw[len(first):])
+    else:
+        passed, answer = a.from_client(raw[len(first):])
+        assert passed == raw[len(first):] and answer == b""
+        assert a.commands.at_command  # the next command is read as one
+
+
+def test_a_refused_command_behind_a_packet_out_of_order_is_still_refused():
+    # (A packet with sequence id 5 where a command belongs: the server's to
+    # refuse; the filter sees the next command whole all the same.)
+    _, a = auditor([ROLE])
+    odd = pkt(5, bytes([Command.INIT_DB]) + b"app")
+    passed, answer = a.from_client(odd + command(Command.INIT_DB, b"secret"))
+    assert passed == odd and _err(answer).errno == 1044
 
 
 @settings(max_examples=300, deadline=None)
@@ -217,15 +316,12 @@ def test_fuzzed_chunking_never_lets_a_refused_command_through(commands, data):
             cuts = sorted(data.draw(st.sets(st.integers(1, len(raw) - 1), max_size=3)))
             forwarded, answers = bytearray(), bytearray()
             for start, end in zip([0, *cuts], [*cuts, len(raw)]):
-                said = a.from_client(raw[start:end])
-                if said is None:
-                    forwarded += raw[start:end]
-                else:
-                    forwarded += said.forward
-                    answers += said.answer
+                passed, answer = a.from_client(raw[start:end])
+                forwarded += passed
+                answers += answer
             sent += forwarded
             if name in refused:
-                assert forwarded == b"" and _err(Answer(b"", bytes(answers))).errno in (1044, 1235)
+                assert forwarded == b"" and _err(bytes(answers)).errno in (1044, 1235)
             else:
                 assert forwarded == raw and not answers
                 a.from_server(ok(1))

@@ -7,7 +7,6 @@ behind in the engine's tables, its epoll set or the process's descriptors.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import random
@@ -18,24 +17,16 @@ import pytest
 import trio
 
 from gateway.net.engine import engine
-from gateway.net.ends import Answer, _unacknowledged
+from gateway.net.ends import _unacknowledged
 from gateway.net.relay import RelayCounters, relay
 from gateway.net.tlsconnect import accept_tls, open_tls_connection
 from tests.unit import tlsutil
+from tests.unit.gateway.net.relaypair import HANG, relayed, tcp_pair
 from tests.unit.tlsutil import read_exactly, read_until_eof, read_until_reset
-
-HANG = 60
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def tcp_pair(listener) -> tuple[trio.SocketStream, trio.SocketStream]:
-    port = listener.socket.getsockname()[1]
-    near = await trio.open_tcp_stream("127.0.0.1", port)
-    far = await listener.accept()
-    return near, far
 
 
 async def tls_pair(pki, listener):
@@ -188,27 +179,6 @@ async def test_many_sessions_leave_nothing_behind(pki):
     assert open_fds() == fds_before
 
 
-@contextlib.asynccontextmanager
-async def client_relay_server(tap):
-    """(client, server, stats): a relay between them, with ``tap`` on the
-    client's side, running for the block; ``stats`` gets its RelayStats."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener:
-        client, relay_a = await tcp_pair(listener)
-        relay_b, server = await tcp_pair(listener)
-    stats: list = []
-
-    async def run_relay() -> None:
-        stats.append(await relay(relay_a, relay_b, names=("client", "server"), taps=(tap, None)))
-
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_relay)
-            yield client, server, stats
-    for s in (client, server):
-        await s.aclose()
-
-
 async def test_a_tap_that_raises_ends_the_session_before_those_bytes_pass():
     # An audit parser that cannot parse a chunk: the session must end there,
     # and the chunk must not reach the other side (what cannot be audited
@@ -217,50 +187,12 @@ async def test_a_tap_that_raises_ends_the_session_before_those_bytes_pass():
         if b"evil" in data:
             raise ValueError("unparseable stream")
 
-    async with client_relay_server(tap) as (client, server, stats):
-        await client.send_all(b"fine")
-        assert await read_exactly(server, 4) == b"fine"
-        await client.send_all(b"evil")
-        assert await read_until_reset(server) == b""
-    assert stats[0].error == "client: unparseable stream" and stats[0].a_to_b == 4
-
-
-def answering_tap(data: bytes) -> Answer | None:
-    """Answers every "x" itself (one "no" per chunk that had some), passes the rest."""
-    if b"x" not in data:
-        return None
-    return Answer(forward=data.replace(b"x", b""), answer=b"no")
-
-
-async def answered_exchange(client, server) -> None:
-    """Through :func:`answering_tap`: "x" answered, "axb" answered and its
-    rest passed on."""
-    await client.send_all(b"x")
-    assert await read_exactly(client, 2) == b"no"
-    await client.send_all(b"axb")
-    assert await read_exactly(client, 2) == b"no"
-    assert await read_exactly(server, 2) == b"ab"
-
-
-@pytest.mark.parametrize("way", ["engine", "trio"])
-async def test_a_tap_that_answers_part_of_a_chunk_and_the_session_goes_on(way, monkeypatch):
-    # The cluster answering a command itself: the answer goes back to the
-    # side the chunk came from, the rest goes on, the session goes on; in
-    # the engine and in the task-based relay alike.
-    if way == "trio":
-        monkeypatch.setenv("WICKET_RELAY", "trio")
-    async with client_relay_server(answering_tap) as (client, server, stats):
-        await client.send_all(b"hello")
-        assert await read_exactly(server, 5) == b"hello"
-        await server.send_all(b"hi")
-        assert await read_exactly(client, 2) == b"hi"
-        await answered_exchange(client, server)
-        await client.send_eof()
-        assert await read_until_eof(server) == b""
-        await server.send_all(b"bye")
-        await server.send_eof()
-        assert await read_until_eof(client) == b"bye"
-    assert (stats[0].a_to_b, stats[0].b_to_a, stats[0].error) == (7, 2 + 2 + 2 + 3, None)
+    async with relayed(taps=(tap, None)) as pair:
+        await pair.client.send_all(b"fine")
+        assert await read_exactly(pair.server, 4) == b"fine"
+        await pair.client.send_all(b"evil")
+        assert await read_until_reset(pair.server) == b""
+    assert pair.stats[0].error == "client: unparseable stream" and pair.stats[0].a_to_b == 4
 
 
 # ----------------------------------------------------------------------
@@ -532,25 +464,15 @@ async def test_a_reset_after_the_servers_eof_ends_the_session_as_failed(pki, cli
     # the client sent after the server's EOF was never read.
     import struct
 
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener:
-        client, relay_a = await tcp_pair(listener)
-        relay_b, server = await tcp_pair(listener)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            stats: list = []
-
-            async def run_relay() -> None:
-                stats.append(await relay(relay_a, relay_b, names=("client", "server")))
-
-            nursery.start_soon(run_relay)
-            await server.send_all(b"bye")
-            await server.send_eof()
-            assert await read_until_eof(client) == b"bye"
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await server.aclose()
-            if client_eof:
-                await client.send_eof()
+    async with relayed(close=False) as pair:
+        client, server, stats = pair.client, pair.server, pair.stats
+        await server.send_all(b"bye")
+        await server.send_eof()
+        assert await read_until_eof(client) == b"bye"
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await server.aclose()
+        if client_eof:
+            await client.send_eof()
     if client_eof:
         assert stats[0].error is not None and stats[0].error.startswith("server: "), stats
     else:

@@ -1,7 +1,10 @@
 """gateway.net.filters: a kind's filter of whole client messages inside the
-relay. The framing state on bytes (whole, one byte at a time, with
-trailing data, fuzzed), then a filter in the two-socket relay (engine and
-task-based) and on a stream of a multiplexed connection."""
+relay, the one way the cluster answers a client itself. The framing state
+on bytes (whole, one byte at a time, with trailing data, fuzzed; joined
+messages; room for answers; held messages), then a filter in the two-socket
+relay (engine and task-based) and on a stream of a multiplexed connection:
+answering, holding a message for trio, and holding a client back that does
+not read its answers."""
 
 from __future__ import annotations
 
@@ -11,13 +14,16 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from gateway.net.ends import Answer
-from gateway.net.filters import Filtered
-from gateway.net.relay import RelayCounters, relay
+import trio.testing
+
+from gateway.net.filters import MORE, Filtered, Hold
+from gateway.net.relay import RelayCounters
 from protocols.errors import RemoteProtocolError
 from protocols.framing import FrameLayout
 from protocols.mux import INITIAL_WINDOW
-from tests.unit.gateway.net.muxenv import HANG, linked, socket_pair
+from tests.unit.gateway.net.muxenv import linked
+from tests.unit.gateway.net.relaypair import HANG, relayed
+from tests.unit.tlsutil import read_exactly
 
 #: A toy protocol: a length that counts itself, then a verb.
 LAYOUT = FrameLayout(name="toy message", header=">I", length_field=0, uncounted=0, min_length=5,
@@ -28,28 +34,52 @@ def msg(body: bytes) -> bytes:
     return struct.pack(">I", len(body) + 4) + body
 
 
+def _last_frame(raw: bytes) -> bytes:
+    """The body of the last frame of ``raw`` (frames joined: MORE)."""
+    pos = 0
+    while True:
+        size = struct.unpack(">I", raw[pos:pos + 4])[0]
+        if pos + size == len(raw):
+            return raw[pos + 4:]
+        pos += size
+
+
 class Toy:
     """pass... goes on, ask... is answered with ok..., drop... vanishes,
-    bad... cannot be read."""
+    bad... cannot be read, more... goes on in the next message (the two
+    shown joined), hold... is answered by trio (held...) once ``release``
+    is set."""
 
     layout = LAYOUT
+    holds = True
 
-    def __init__(self, max_length: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_length: int = 16 * 1024 * 1024, max_message: int | None = None) -> None:
         self.max_length = max_length
+        self.max_message = max_message or max_length
         self.seen: list[bytes] = []
         self.ended = 0
         self.broken_with: list[str] = []
+        self.release: trio.Event | None = None
 
-    def on_message(self, raw: bytes) -> bytes | None:
-        body = raw[4:]
-        self.seen.append(body)
-        if body.startswith(b"ask"):
-            return msg(b"ok" + body[3:])
-        if body.startswith(b"drop"):
+    def on_message(self, raw: bytes) -> bytes | Hold | object | None:
+        self.seen.append(raw[4:])
+        verb = _last_frame(raw)  # a joined message's verb is its last frame's
+        if verb.startswith(b"more"):
+            return MORE
+        if verb.startswith(b"ask"):
+            return msg(b"ok" + verb[3:])
+        if verb.startswith(b"drop"):
             return b""
-        if body.startswith(b"bad"):
+        if verb.startswith(b"bad"):
             raise RemoteProtocolError("a bad message")
+        if verb.startswith(b"hold"):
+            return Hold(lambda: self._held(verb[4:]))
         return None
+
+    async def _held(self, tail: bytes) -> bytes:
+        if self.release is not None:
+            await self.release.wait()
+        return msg(b"held" + tail)
 
     def eof(self) -> None:
         self.ended += 1
@@ -139,17 +169,81 @@ def test_any_split_gives_the_same_messages(bodies, cuts) -> None:
     assert filtered.buffered == 0
 
 
+def test_messages_past_the_room_for_answers_wait_untaken() -> None:
+    filtered = Filtered(Toy())
+    asks = msg(b"ask 1") + msg(b"ask 2") + msg(b"pass 3")
+    passed, answers = filtered.from_client(asks, room=1)  # one answer, then no room
+    assert (passed, answers) == ([], msg(b"ok 1"))
+    assert filtered.taken == len(msg(b"ask 1")) and filtered.stalled and filtered.pending
+    assert filtered.buffered == len(asks) - len(msg(b"ask 1"))
+    passed, answers = filtered.from_client(b"", room=0)  # still none: nothing looked at
+    assert (passed, answers, filtered.taken) == ([], b"", 0)
+    passed, answers = filtered.from_client(b"")
+    assert (passed, answers) == ([msg(b"pass 3")], msg(b"ok 2"))
+    assert filtered.taken == len(msg(b"ask 2") + msg(b"pass 3")) and not filtered.stalled
+
+
+def test_an_incomplete_frame_is_taken_and_its_bytes_passed_later_are_carried() -> None:
+    filtered = Filtered(Toy())
+    whole = msg(b"pass " + b"x" * 100)
+    filtered.from_client(whole[:30])
+    assert filtered.taken == 30  # acknowledged at once: a frame may be larger than a window
+    passed, _ = filtered.from_client(whole[30:])
+    assert passed == [whole] and filtered.carried == 30 and filtered.taken == len(whole) - 30
+
+
+@pytest.mark.parametrize("step", [None, 1, 5])
+def test_a_message_of_several_frames_is_shown_joined(step) -> None:
+    toy = Toy()
+    filtered = Filtered(toy)
+    asked = msg(b"more a") + msg(b"more b") + msg(b"ask c")
+    passing = msg(b"more d") + msg(b"pass e")
+    passed, answered, carried = feed(filtered, asked + passing, step)
+    assert answered == msg(b"ok c")  # answered as one message
+    assert toy.seen[-1] == passing[4:]  # shown whole
+    assert passed == passing  # and passed whole, as it came
+    assert filtered.buffered == 0
+    if step == 1:
+        assert carried == len(passing) - 1  # all but the last byte was taken by an earlier call
+
+
+def test_a_joined_message_over_its_bound_ends_the_session() -> None:
+    toy = Toy(max_message=40)
+    filtered = Filtered(toy)
+    with pytest.raises(RemoteProtocolError, match="over 40 bytes cannot be checked"):
+        filtered.from_client(msg(b"more " + b"x" * 20) + msg(b"more " + b"y" * 20))
+    assert toy.broken_with
+
+
+def test_a_filter_that_does_not_say_it_holds_cannot() -> None:
+    toy = Toy()
+    toy.holds = False
+    with pytest.raises(RuntimeError, match="does not say it holds"):
+        Filtered(toy).from_client(msg(b"hold"))
+
+
+async def test_a_held_message_waits_for_trio_and_so_does_what_follows() -> None:
+    toy = Toy()
+    toy.release = trio.Event()
+    filtered = Filtered(toy)
+    resumed = trio.Event()
+    filtered.resume = resumed.set
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(filtered.serve)
+        assert filtered.from_client(msg(b"pass 1") + msg(b"hold 2") + msg(b"ask 3")) == ([msg(b"pass 1")], b"")
+        assert filtered.held and filtered.stalled and not filtered.pending
+        assert filtered.taken == len(msg(b"pass 1") + msg(b"hold 2"))  # not ask 3: not looked at
+        assert filtered.from_client(msg(b"pass 4")) == ([], b"")  # later bytes wait too
+        assert toy.seen == [b"pass 1", b"hold 2"]
+        toy.release.set()
+        await resumed.wait()
+        assert filtered.pending
+        assert filtered.from_client(b"") == ([msg(b"pass 4")], msg(b"held 2") + msg(b"ok 3"))
+        assert not filtered.stalled
+        nursery.cancel_scope.cancel()
+
+
 # -- in the relays -----------------------------------------------------------------
-
-
-async def _read_exactly(stream, n: int) -> bytes:
-    data = bytearray()
-    with trio.fail_after(HANG):
-        while len(data) < n:
-            chunk = await stream.receive_some(n - len(data))
-            assert chunk, f"EOF after {len(data)} of {n} bytes"
-            data += chunk
-    return bytes(data)
 
 
 @pytest.fixture(params=["engine", "trio"])
@@ -163,30 +257,76 @@ def relay_kind(request, monkeypatch) -> str:
 
 
 async def test_a_two_socket_relay_filters_the_clients_side(relay_kind) -> None:
-    client, gateway_side = socket_pair()
-    upstream, server = socket_pair()
     toy = Toy()
     counters = RelayCounters()
-    async with trio.open_nursery() as nursery:
-        async def run() -> None:
-            async with gateway_side, upstream:
-                await relay(gateway_side, upstream, counters=counters, filtered=Filtered(toy))
-
-        nursery.start_soon(run)
+    early = msg(b"ask 0") + msg(b"pass 0")  # sent behind a dial frame: filtered too
+    async with relayed(tcp=False, counters=counters, filtered=Filtered(toy), early=early) as pair:
+        client, server = pair.client, pair.server
+        assert await read_exactly(client, len(msg(b"ok 0"))) == msg(b"ok 0")
+        assert await read_exactly(server, len(msg(b"pass 0"))) == msg(b"pass 0")
         big = msg(b"pass " + b"b" * (3 * 1024 * 1024))  # over many reads
         await client.send_all(msg(b"ask 1") + big[:1000])
-        assert await _read_exactly(client, len(msg(b"ok 1"))) == msg(b"ok 1")
+        assert await read_exactly(client, len(msg(b"ok 1"))) == msg(b"ok 1")
         await client.send_all(big[1000:] + msg(b"drop"))
-        assert await _read_exactly(server, len(big)) == big
+        assert await read_exactly(server, len(big)) == big
         await server.send_all(msg(b"reply"))
-        assert await _read_exactly(client, len(msg(b"reply"))) == msg(b"reply")
+        assert await read_exactly(client, len(msg(b"reply"))) == msg(b"reply")
         await client.send_eof()
         assert await server.receive_some(10) == b""  # the EOF went on ...
         await server.send_eof()
         assert await client.receive_some(10) == b""
     assert toy.ended == 1  # ... and the filter heard of it
-    assert counters.a_to_b == len(msg(b"ask 1") + big + msg(b"drop"))
-    assert counters.b_to_a == len(msg(b"ok 1") + msg(b"reply"))
+    assert counters.a_to_b == len(early + msg(b"ask 1") + big + msg(b"drop"))
+    assert counters.b_to_a == len(msg(b"ok 0") + msg(b"ok 1") + msg(b"reply"))
+
+
+async def _until(condition) -> None:
+    """Poll (the relay engine runs in its own thread) until ``condition()``."""
+    with trio.fail_after(HANG):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+ASK = msg(b"ask " + b"q" * 1000)
+OK = msg(b"ok " + b"q" * 1000)
+
+
+async def test_a_two_socket_relay_holds_a_message_for_trio(relay_kind) -> None:
+    toy = Toy()
+    toy.release = trio.Event()
+    filtered = Filtered(toy)
+    async with relayed(tcp=False, filtered=filtered) as pair:
+        pair.nursery.start_soon(filtered.serve)
+        client, server = pair.client, pair.server
+        await client.send_all(msg(b"hold x") + msg(b"pass after") + msg(b"ask y"))
+        await client.send_eof()  # the EOF too waits behind the held message
+        await _until(lambda: toy.seen)
+        assert toy.seen == [b"hold x"]  # nothing after it was looked at
+        toy.release.set()
+        assert await read_exactly(client, len(msg(b"held x") + msg(b"ok y"))) == msg(b"held x") + msg(b"ok y")
+        assert await read_exactly(server, len(msg(b"pass after"))) == msg(b"pass after")
+        assert await server.receive_some(10) == b""
+        await server.send_eof()
+        assert await client.receive_some(10) == b""
+        pair.nursery.cancel_scope.cancel()
+    assert toy.ended == 1
+
+
+async def test_a_two_socket_client_that_does_not_read_its_answers_is_held_back(relay_kind) -> None:
+    # Far more answers than the sockets' buffers and the room hold: the
+    # client's writes block, nothing is cut, and all arrive once it reads.
+    count = 8 * 1024 * 1024 // len(ASK)
+    async with relayed(tcp=False, filtered=Filtered(Toy())) as pair:
+        client = pair.client
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, ASK * count)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await read_exactly(client, len(OK) * count) == OK * count
+        await client.send_eof()
+        assert await pair.server.receive_some(10) == b""
+        await pair.server.send_eof()
+        assert await client.receive_some(10) == b""
+    assert pair.stats[0].error is None
 
 
 async def test_a_stream_of_a_multiplexed_connection_filters_the_gateways_side(pki, monkeypatch) -> None:
@@ -197,32 +337,31 @@ async def test_a_stream_of_a_multiplexed_connection_filters_the_gateways_side(pk
     async with linked(pki) as pair:
         client, started = await pair.session("f")
         server = pair.upstreams["f"]
-        # More answered bytes than a window, over the session: each is
-        # acknowledged as it is taken. (A client waits for its answers, as
-        # drivers do: answers to more than a window of pipelined asks in one
-        # read would overrun the window and reset the stream.)
-        asks = [msg(b"ask " + b"q" * 1000) for _ in range(3 * INITIAL_WINDOW // 1008)]
-        batch = INITIAL_WINDOW // 4 // len(asks[0])
-        for i in range(0, len(asks), batch):
-            await client.send_all(b"".join(asks[i:i + batch]))
-            got = await _read_exactly(client, len(asks[i:i + batch]) * len(msg(b"ok " + b"q" * 1000)))
-            assert got == b"".join(msg(b"ok " + b"q" * 1000) for _ in asks[i:i + batch])
-        # A message larger than the window passes whole.
-        big = msg(b"pass " + b"b" * (3 * INITIAL_WINDOW))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.send_all, big)
-            assert await _read_exactly(server, len(big)) == big
-        # An answer waits for the end of the server's message.
-        reply = msg(b"r" * 5000)
-        await server.send_all(reply[:2500])
-        assert await _read_exactly(client, 2500) == reply[:2500]
-        await client.send_all(msg(b"ask late"))
-        await server.send_all(reply[2500:])
-        assert await _read_exactly(client, len(reply) - 2500 + len(msg(b"ok late")))\
-            == reply[2500:] + msg(b"ok late")
-        # A message the filter cannot read resets the stream, not the link.
-        await client.send_all(msg(b"bad"))
         with trio.fail_after(HANG):
+            # More answered bytes than a window, pipelined in one go by a
+            # client that reads nothing until it has sent them all: its
+            # bytes are left unacknowledged while the answers wait, and
+            # the stream lives.
+            count = 3 * INITIAL_WINDOW // len(ASK)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, ASK * count)
+                await trio.testing.wait_all_tasks_blocked()
+                assert await read_exactly(client, len(OK) * count) == OK * count
+            # A message larger than the window passes whole.
+            big = msg(b"pass " + b"b" * (3 * INITIAL_WINDOW))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, big)
+                assert await read_exactly(server, len(big)) == big
+            # An answer waits for the end of the server's message.
+            reply = msg(b"r" * 5000)
+            await server.send_all(reply[:2500])
+            assert await read_exactly(client, 2500) == reply[:2500]
+            await client.send_all(msg(b"ask late"))
+            await server.send_all(reply[2500:])
+            assert await read_exactly(client, len(reply) - 2500 + len(msg(b"ok late")))\
+                == reply[2500:] + msg(b"ok late")
+            # A message the filter cannot read resets the stream, not the link.
+            await client.send_all(msg(b"bad"))
             error = await started.ended()
             while "f" not in pair.results:
                 await trio.sleep(0.01)
@@ -230,53 +369,27 @@ async def test_a_stream_of_a_multiplexed_connection_filters_the_gateways_side(pk
         assert pair.cluster.failed is None and toy.seen[-1] == b"bad"
 
 
-def _answering_tap(chunk: bytes) -> Answer | None:
-    """A tap as MySQL's (ends.Answer): a chunk starting with TAP has those
-    three bytes taken out and answered with ``tapped``."""
-    if chunk.startswith(b"TAP"):
-        return Answer(forward=chunk[3:], answer=b"tapped")
-    return None
-
-
-async def test_an_answering_tap_and_a_filter_work_side_by_side(relay_kind) -> None:
-    """The tap sees the chunk first; the filter gets what the tap let go on."""
-    client, gateway_side = socket_pair()
-    upstream, server = socket_pair()
-    toy = Toy()
-    counters = RelayCounters()
-    async with trio.open_nursery() as nursery:
-        async def run() -> None:
-            async with gateway_side, upstream:
-                await relay(gateway_side, upstream, counters=counters, taps=(_answering_tap, None),
-                            filtered=Filtered(toy))
-
-        nursery.start_soon(run)
-        await client.send_all(b"TAP" + msg(b"ask 1") + msg(b"pass x"))
-        assert await _read_exactly(client, len(b"tapped" + msg(b"ok 1"))) == b"tapped" + msg(b"ok 1")
-        assert await _read_exactly(server, len(msg(b"pass x"))) == msg(b"pass x")
-        await server.send_all(msg(b"reply"))
-        assert await _read_exactly(client, len(msg(b"reply"))) == msg(b"reply")
-        await client.send_eof()
-        assert await server.receive_some(10) == b""
-        await server.send_eof()
-        assert await client.receive_some(10) == b""
-    assert toy.seen == [b"ask 1", b"pass x"] and toy.ended == 1
-    assert counters.a_to_b == len(msg(b"ask 1") + msg(b"pass x"))
-    assert counters.b_to_a == len(b"tapped" + msg(b"ok 1") + msg(b"reply"))
-
-
-async def test_an_answering_tap_and_a_filter_on_a_stream_of_a_multiplexed_connection(pki, monkeypatch) -> None:
+async def test_a_stream_of_a_multiplexed_connection_holds_a_message_for_trio(pki, monkeypatch) -> None:
     from tests.unit.gateway.net import muxenv
 
     toy = Toy()
-    monkeypatch.setattr(muxenv.Pair, "filtered", {"f": Filtered(toy)}, raising=False)
+    toy.release = trio.Event()
+    filtered = Filtered(toy)
+    monkeypatch.setattr(muxenv.Pair, "filtered", {"h": filtered}, raising=False)
     async with linked(pki) as pair:
-        pair.taps["f"] = (_answering_tap, None)
-        client, _started = await pair.session("f")
-        server = pair.upstreams["f"]
-        await client.send_all(b"TAP" + msg(b"ask 1") + msg(b"pass x"))
-        assert await _read_exactly(client, len(b"tapped" + msg(b"ok 1"))) == b"tapped" + msg(b"ok 1")
-        assert await _read_exactly(server, len(msg(b"pass x"))) == msg(b"pass x")
-        await server.send_all(msg(b"reply"))
-        assert await _read_exactly(client, len(msg(b"reply"))) == msg(b"reply")
-    assert toy.seen == [b"ask 1", b"pass x"]
+        pair.nursery.start_soon(filtered.serve)
+        client, started = await pair.session("h")
+        server = pair.upstreams["h"]
+        with trio.fail_after(HANG):
+            await client.send_all(msg(b"hold x") + msg(b"pass after"))
+            await client.send_eof()  # passed on only after what was held
+            await _until(lambda: toy.seen)
+            assert toy.seen == [b"hold x"]
+            toy.release.set()
+            assert await read_exactly(client, len(msg(b"held x"))) == msg(b"held x")
+            assert await read_exactly(server, len(msg(b"pass after"))) == msg(b"pass after")
+            assert await server.receive_some(10) == b""
+            await server.send_eof()
+            assert await client.receive_some(10) == b""
+            assert await started.ended() is None
+        assert toy.ended == 1

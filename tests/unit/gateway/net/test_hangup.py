@@ -16,11 +16,8 @@ import trio
 
 from gateway.net.engine import engine
 from gateway.net.ends import _WATCH, End, Failure, failed_quietly, watch_mask
-from gateway.net.relay import relay
-from tests.unit.gateway.net.test_engine import tcp_pair
+from tests.unit.gateway.net.relaypair import HANG, relayed
 from tests.unit.tlsutil import read_until_eof
-
-HANG = 60
 
 
 def _watched(sock: socket.socket) -> End:
@@ -97,32 +94,20 @@ async def test_a_client_that_closes_after_its_eof_ends_the_session(server_sends)
     # a request and its EOF and closes its socket at once (as ssh does);
     # the server reads it all and ends too: a clean end. Bytes the server
     # sends after the client closed can no longer be delivered: a failure.
-    client_sock, relay_sock = trio.socket.socketpair()
-    client, relay_a = trio.SocketStream(client_sock), trio.SocketStream(relay_sock)
-    fd = relay_sock.fileno()
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    async with listener:
-        relay_b, server = await tcp_pair(listener)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            stats: list = []
-
-            async def run_relay() -> None:
-                stats.append(await relay(relay_a, relay_b, names=("client", "server")))
-
-            nursery.start_soon(run_relay)
-            await client.send_all(b"request")
-            await client.send_eof()
-            await client.aclose()
-            assert await read_until_eof(server) == b"request"
-            await _hung_up(fd)
-            if server_sends:
-                await server.send_all(b"too late")  # the relay then resets the server
-            else:
-                await server.send_eof()
+    async with relayed(unix_client=True, close=False) as pair:
+        client, server, stats = pair.client, pair.server, pair.stats
+        await client.send_all(b"request")
+        await client.send_eof()
+        await client.aclose()
+        assert await read_until_eof(server) == b"request"
+        await _hung_up(pair.client_fd)
         if server_sends:
-            assert stats[0].error.startswith("client: send failed: "), stats
+            await server.send_all(b"too late")  # the relay then resets the server
         else:
-            assert stats[0].error is None, stats
-            assert await read_until_eof(server) == b""
+            await server.send_eof()
+    if server_sends:
+        assert stats[0].error.startswith("client: send failed: "), stats
+    else:
+        assert stats[0].error is None, stats
+        assert await read_until_eof(server) == b""
     await server.aclose()
