@@ -403,7 +403,11 @@ class MySqlSessionAuditor(SessionAuditor):
             length = int.from_bytes(raw[pos:pos + 3], "little")
             last = raw[pos:pos + 3] != _FULL
             # Latin-1: one character a byte, whatever the packets cut.
-            uses = self._uses.feed(raw[pos + 4:pos + 4 + length].decode("latin-1"), last=last)
+            try:
+                uses = self._uses.feed(raw[pos + 4:pos + 4 + length].decode("latin-1"), last=last)
+            except ValueError as exc:  # too costly to read: refused, as one that cannot be checked
+                raise trio.BrokenResourceError(f"a command too long to hold with {exc}; the session ends "
+                                               f"(it cannot be checked for a USE)") from None
             for use in dict.fromkeys(uses):  # each name once a packet
                 self._init_db(use.encode("latin-1").decode("utf-8", "replace"))
             pos += 4 + length

@@ -168,8 +168,12 @@ class UseSearch:
     Feed it text read as Latin-1 (one character a byte, as it comes off
     the wire: a UTF-8 character cut between pieces is joined again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_uses: int = 65536) -> None:
         self._carry = ""
+        #: The most ``use`` words a piece may hold (each is read, a few
+        #: microseconds apiece): past that, :meth:`feed` raises ValueError,
+        #: as a text too costly to check.
+        self.max_uses = max_uses
 
     def feed(self, piece: str, *, last: bool = False) -> list[str]:
         """The names of the USEs in ``piece`` (and what was carried of the
@@ -180,8 +184,11 @@ class UseSearch:
         ends = _Ends(text)
         found: list[str] = []
         cut: list[tuple[list[str], int, int]] = []
-        pos = 0
+        pos = count = 0
         while (use := _USE_ANYWHERE.search(text, pos)) is not None:
+            count += 1
+            if count > self.max_uses:
+                raise ValueError(f"more than {self.max_uses} 'use' words in {len(piece)} bytes")
             names, stop, at = _names(text, use.end(), ends)
             if not last and _cut(text, stop, ends):
                 cut.append((names, use.start(), at))
@@ -211,7 +218,9 @@ def _cut(text: str, stop: int, ends: _Ends) -> bool:
         return ends.close(stop + 2) < 0
     if _LINE.match(text, stop) is not None:
         return ends.newline(stop) < 0
-    return text[stop] in "`\"" and text.find(text[stop], stop + 1) < 0
+    # A quote that is no name yet (``````, a doubled one cut): more text
+    # may make one, as long as a name fits in what is left.
+    return text[stop] in "`\"" and len(text) - stop <= 2 * 256 + 2
 
 
 def _shrunk(text: str, at: int, ends: _Ends, inside: bool = False) -> str:

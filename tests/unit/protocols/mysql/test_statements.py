@@ -109,8 +109,14 @@ def test_a_use_cut_between_pieces_is_read_whole(text, names):
 
 @pytest.mark.parametrize("unit", ["use /*", "use --", "use #", "use `", "use /*!1 ", "use ", "use/**/"])
 def test_a_hostile_text_in_pieces_costs_its_length_not_its_square(unit):
-    search = UseSearch()
+    search = UseSearch(max_uses=1 << 30)  # (its own bound set aside: below)
     started = time.process_time()
     for _ in range(4):  # each piece a text of "use"s whose reading the piece's end may cut
         search.feed(unit * 100_000)
     assert time.process_time() - started < 10.0  # quadratic would take hours
+
+
+def test_a_piece_with_too_many_uses_is_refused_as_too_costly():
+    assert UseSearch(max_uses=3).feed("use a; use b; use c", last=True) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="more than 3 'use' words"):
+        UseSearch(max_uses=3).feed("use /*" * 4)
