@@ -344,3 +344,16 @@ def test_a_database_name_that_is_not_utf8_is_refused_even_where_every_name_is_al
     answer = a.from_client(command(Command.INIT_DB, b"app\xff"))
     assert "UTF-8" in _err(answer).message
     assert cluster.events[-1][1]["allowed"] is False
+
+
+def test_a_command_too_long_to_hold_with_too_many_uses_to_read_ends_the_session(monkeypatch):
+    from gateway.cluster import mysql
+
+    monkeypatch.setattr(mysql, "MAX_CHECKED_COMMAND", 20 * 1024 * 1024)
+    _, a = auditor([ROLE])
+    a._uses.max_uses = 3  # (65536 a packet: too slow to build here)
+    raw = _long_query(b"select '" + b"x" * (2 * FULL) + b"' /* use /* use /* use /* use /*")
+    first = raw[:2 * (FULL + 4)]
+    a.from_client(first)
+    with pytest.raises(trio.BrokenResourceError, match="more than 3 'use' words"):
+        a.from_client(raw[len(first):])
