@@ -80,7 +80,7 @@ from protocols.mysql import (
 from protocols.framing import MYSQL_PACKET
 from protocols.mysql import dialparams as dp
 from protocols.mysql.commands import query_text
-from protocols.mysql.statements import use_targets
+from protocols.mysql.statements import UseSearch, use_targets
 
 log = logging.getLogger("wicket.cluster.mysql")
 
@@ -295,12 +295,6 @@ MAX_CHECKED_COMMAND = 64 * 1024 * 1024
 #: before any decoding).
 _MAY_USE = re.compile(rb"use", re.IGNORECASE)
 _FULL_PACKET = 4 + 0xFFFFFF
-#: In a command too long to hold: a USE anywhere (a superset of the
-#: statements' USEs, read across packets through a carry of the text's end;
-#: a "use" followed by nothing but whitespace so far is carried as "use ").
-_USE_ANYWHERE = re.compile(rb"\buse\s+(?:`((?:[^`]|``)+)`|([^\s;`*/]+))", re.IGNORECASE)
-_USE_AT_END = re.compile(rb"(?:^|\W)use\Z", re.IGNORECASE)
-_CARRY = 256
 
 
 class MySqlSessionAuditor(SessionAuditor):
@@ -353,7 +347,7 @@ class MySqlSessionAuditor(SessionAuditor):
         self._raw = b""
         self._joining = 0  # a command's packets being joined: where its last one starts
         self._streaming = False  # a command too long to join passes, read as it goes (_stream)
-        self._carry = b""  # the end of its text so far, for a USE across packets
+        self._uses = UseSearch()  # a USE anywhere in it, read across its packets
         #: Re-dials a COM_CHANGE_USER in trio: its answer for the client
         #: (gateway/cluster/mysql_change_user.py).
         self.change_user: Callable[[ChangeUserEvent], Awaitable[bytes]] | None = None
@@ -396,26 +390,30 @@ class MySqlSessionAuditor(SessionAuditor):
         """Part of a command longer than MAX_CHECKED_COMMAND (its first
         packets, joined, then each next one): passed on as it comes, and
         read for a ``USE`` anywhere in it, not only at a statement's start
-        (``_USE_ANYWHERE``, across packets). A refused one ends the session
-        before the rest passes: the server runs a command only once all
-        its packets are in, so this one never runs."""
+        (:class:`~protocols.mysql.statements.UseSearch`, across packets:
+        its name read by the rule :func:`use_targets` reads a statement's).
+        A refused one ends the session before the rest passes: the server
+        runs a command only once all its packets are in, so this one never
+        runs."""
         self._answerable = False  # too late to answer it in its place: a refusal ends the session
         self._joining = 0
         self.feed(self.commands, self._client_event, raw, "client")
-        pos, carry = 0, self._carry
+        pos = 0
         while pos < len(raw):
             length = int.from_bytes(raw[pos:pos + 3], "little")
-            text = carry + raw[pos + 4:pos + 4 + length]
-            for use in _USE_ANYWHERE.finditer(text):
-                quoted, bare = use.groups()
-                name = (quoted.replace(b"``", b"`") if quoted else bare).decode("utf-8", "replace")
-                self._init_db(name)
-            stripped = text.rstrip()  # a "use", then only whitespace so far: the name is to come
-            carry = (b"use " if len(stripped) < len(text) and _USE_AT_END.search(stripped[-4:]) is not None
-                     else text[-_CARRY:])
+            last = raw[pos:pos + 3] != _FULL
+            # Latin-1: one character a byte, whatever the packets cut.
+            try:
+                uses = self._uses.feed(raw[pos + 4:pos + 4 + length].decode("latin-1"), last=last)
+            except ValueError as exc:  # too costly to read: refused, as one that cannot be checked
+                raise trio.BrokenResourceError(f"a command too long to hold with {exc}; the session ends "
+                                               f"(it cannot be checked for a USE)") from None
+            for use in dict.fromkeys(uses):  # each name once a packet
+                self._init_db(use.encode("latin-1").decode("utf-8", "replace"))
             pos += 4 + length
-        self._streaming = raw[pos - 4 - length:pos - 4 - length + 3] == _FULL
-        self._carry = carry if self._streaming else b""
+        self._streaming = not last
+        if last:
+            self._uses = UseSearch()
         return None
 
     def eof(self) -> None:

@@ -379,6 +379,14 @@ class Gateway:
         return self.run("login", self.cluster.address, "--user", self.user, "--ca-pin",
                         pin or self.cluster.pin, "--password-stdin", *extra, input=password + "\n")
 
+    def login_briefly(self, seconds: int) -> float:
+        """Log in again for ``seconds`` (a certificate whose end a test
+        waits for): the ``time.monotonic()`` by which that certificate has
+        ended (the cluster made it before the login returned)."""
+        r = self.login("--ttl", f"{seconds}s")
+        assert r.returncode == 0, r.stderr
+        return time.monotonic() + seconds
+
     def proxy_tcp(self, resource: str) -> tuple[Proc, int]:
         return self.proxy("tcp", resource)
 

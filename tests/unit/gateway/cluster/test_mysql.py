@@ -126,6 +126,8 @@ def _err(answer: tuple[bytes, bytes] | bytes) -> ErrPacket:
     (query("/* a comment */ use `secret`"), 1044),
     (query("select 1; use secret"), 1044),
     (query("use app_one; use secret"), 1044),
+    (query("use/**/secret"), 1044), (query("use /* x */ `secret`"), 1044),  # comments between: the server's
+    (query("use -- x\n secret"), 1044), (query("use#x\nsecret"), 1044),    # reading, not a word's
     (command(Command.INIT_DB, b"app\xff"), 1044),  # not UTF-8: refused rather than guessed
     (command(Command.CHANGE_USER, b"root\x00\x00app\x00"), 1235),
     # Longer than the auditor keeps, and so not read: refused all the same.
@@ -133,7 +135,8 @@ def _err(answer: tuple[bytes, bytes] | bytes) -> ErrPacket:
     # A USE far into a statement (past what its audit record keeps): read whole.
     (query("/* " + "x" * (64 * 1024) + " */ use secret"), 1044),
     (query("select '" + "x" * (64 * 1024) + "'; USE secret"), 1044),
-], ids=["init_db", "use", "use-after-comment", "multi-statement", "second-use", "not-utf8", "change_user",
+], ids=["init_db", "use", "use-after-comment", "multi-statement", "second-use", "comment-between",
+         "comment-between-quoted", "line-comment-between", "hash-comment-between", "not-utf8", "change_user",
         "change_user-unread", "use-after-64k-comment", "use-after-64k-statement"])
 def test_what_the_role_does_not_allow_is_answered_unsent_and_the_session_goes_on(packet, errno):
     cluster, a = auditor([ROLE])
@@ -260,19 +263,23 @@ def _long_query(text: bytes) -> bytes:
             return out
 
 
-@pytest.mark.parametrize("tail, refused", [
-    (b"secret", True),  # "use", 600 spaces (more than is carried), the packet ends, "secret"
-    (b"app_two; select 'use secret'", True),  # a USE anywhere: too much refused, never too little
-    (b"app_two", False),
-    (b"", False),
+@pytest.mark.parametrize("gap, tail, refused", [
+    (b" " * 600, b"secret", True),  # "use", 600 spaces (more than is carried), the packet ends, "secret"
+    (b"/*" + b"x" * 600 + b"*/ ", b"secret", True),  # a comment between: the server reads past it
+    (b"/*" + b"x" * 600, b"*/secret", True),  # one the packet's end cuts
+    (b" -- " + b"c" * 600, b"\nsecret", True),
+    (b" ", b"app_two; select 'use secret'", True),  # a USE anywhere: too much refused, never too little
+    (b" ", b"app_two", False),
+    (b" ", b"/**/app_two", False),
+    (b" ", b"", False),
 ])
-def test_a_command_too_long_to_hold_passes_as_it_comes_and_a_use_in_it_ends_the_session(monkeypatch, tail,
+def test_a_command_too_long_to_hold_passes_as_it_comes_and_a_use_in_it_ends_the_session(monkeypatch, gap, tail,
                                                                                          refused):
     from gateway.cluster import mysql
 
     monkeypatch.setattr(mysql, "MAX_CHECKED_COMMAND", 20 * 1024 * 1024)  # two packets joined is over
     _, a = auditor([ROLE])
-    head, use = b"insert into t values ('", b"') ; use" + b" " * 600
+    head, use = b"insert into t values ('", b"') ; use" + gap
     text = head + b"x" * (2 * FULL - 1 - len(head) - len(use)) + use  # two full packets' worth
     raw = _long_query(text + tail)
     first = raw[:2 * (FULL + 4)]
@@ -337,3 +344,16 @@ def test_a_database_name_that_is_not_utf8_is_refused_even_where_every_name_is_al
     answer = a.from_client(command(Command.INIT_DB, b"app\xff"))
     assert "UTF-8" in _err(answer).message
     assert cluster.events[-1][1]["allowed"] is False
+
+
+def test_a_command_too_long_to_hold_with_too_many_uses_to_read_ends_the_session(monkeypatch):
+    from gateway.cluster import mysql
+
+    monkeypatch.setattr(mysql, "MAX_CHECKED_COMMAND", 20 * 1024 * 1024)
+    _, a = auditor([ROLE])
+    a._uses.max_uses = 3  # (65536 a packet: too slow to build here)
+    raw = _long_query(b"select '" + b"x" * (2 * FULL) + b"' /* use /* use /* use /* use /*")
+    first = raw[:2 * (FULL + 4)]
+    a.from_client(first)
+    with pytest.raises(trio.BrokenResourceError, match="more than 3 'use' words"):
+        a.from_client(raw[len(first):])
