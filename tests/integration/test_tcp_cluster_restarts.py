@@ -5,6 +5,7 @@ cluster forgot), and dials still connecting when it stops."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -250,14 +251,26 @@ async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(own_c
     assert len(starts) == 2, starts  # one before the crash, and the retried one once
 
 
-def _connecting_to(port: int) -> int:
-    """How many sockets on this machine are in SYN-SENT towards ``port``."""
+def _connecting_to(port: int, pid: int | None = None) -> int:
+    """How many sockets on this machine (of process ``pid`` only, if given)
+    are in SYN-SENT towards ``port``."""
+    inodes = None
+    if pid is not None:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
     n = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
-                n += fields[3] == "02" and int(fields[2].rsplit(":", 1)[1], 16) == port
+                n += fields[3] == "02" and int(fields[2].rsplit(":", 1)[1], 16) == port \
+                    and (inodes is None or fields[9] in inodes)
     return n
 
 
@@ -279,14 +292,13 @@ async def test_dials_still_connecting_when_the_cluster_stops_are_on_record(tmp_p
         gw = Gateway(tmp_path, c, "erin")
         assert gw.login().returncode == 0
         clients = []
-        # A filler whose SYN the full queue dropped is connecting too: count
-        # only the cluster's connects on top of those.
-        fillers_connecting = _connecting_to(port)
+        # Fillers whose SYN the full queue dropped are connecting too, and
+        # their number moves: count only the cluster process's own connects.
         for name in ("slow-literal", "slow-named"):
             _, proxy_port = gw.proxy_tcp(name)
             clients.append(await connect(proxy_port))
             await clients[-1].send_all(b"hello")
-            wait_for(lambda: _connecting_to(port) >= fillers_connecting + len(clients),
+            wait_for(lambda: _connecting_to(port, c.proc.popen.pid) >= len(clients),
                      what=f"{name}: the cluster connecting")
         assert c.stop() == 0
         denied = {e["resource"]: e for e in c.audit(event="dial.denied")}
