@@ -411,3 +411,21 @@ def logged_in(tmp: Path, cluster: Cluster, name: str, roles: str, *login: str) -
     r = gw.login(*login)
     assert r.returncode == 0, r.stderr
     return gw
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of process ``pid``'s sockets (to match /proc/net/tcp's
+    inode column); empty once the process is gone."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes

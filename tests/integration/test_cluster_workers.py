@@ -21,7 +21,7 @@ import pytest
 
 from gateway.local.pgserver import PgServer
 from tests.integration.dbenv import add_resource, database_env, new_gateway
-from tests.integration.harness import wait_for
+from tests.integration.harness import socket_inodes, wait_for
 from tests.integration.pgclients import dsn
 from tests.integration.test_limits import echoes
 
@@ -64,16 +64,8 @@ def workers_of(cluster) -> list[int]:
 
 def connections_to(pid: int, port: int) -> int:
     """Established TCP connections of process ``pid`` to 127.0.0.1:``port``."""
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
+    inodes = socket_inodes(pid)
+    if not inodes:
         return 0
     remote = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as f:

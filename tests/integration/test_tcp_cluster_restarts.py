@@ -5,14 +5,13 @@ cluster forgot), and dials still connecting when it stops."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 import trio
 import trio.testing
 
-from tests.integration.harness import wait_for
+from tests.integration.harness import socket_inodes, wait_for
 from tests.integration.tcpenv import connect, refused, roundtrip, until_reset
 from tests.unit.tlsutil import read_exactly
 
@@ -254,16 +253,7 @@ async def test_a_session_into_a_connection_the_cluster_forgot_goes_through(own_c
 def _connecting_to(port: int, pid: int | None = None) -> int:
     """How many sockets on this machine (of process ``pid`` only, if given)
     are in SYN-SENT towards ``port``."""
-    inodes = None
-    if pid is not None:
-        inodes = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except FileNotFoundError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
+    inodes = None if pid is None else socket_inodes(pid)
     n = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
